@@ -1,0 +1,1 @@
+"""Non-cooperative live migration of Xen HVM guests for OpenStack Nova."""
