@@ -10,6 +10,11 @@ by the tables of these rows and know no record by name.
 
 Type bit 31 marks an optional record that a reader may skip; every other
 type is mandatory, and an unknown mandatory record is an error.
+
+The stream headers (the ``xl`` save-file header, the libxl header, the libxc
+image and domain headers) are not records, but the decoder hands them out in
+the same shape so that a reader sees one sequence of events. Their rows carry
+negative pseudo-types, outside the 32-bit space of record types.
 """
 
 from __future__ import annotations
@@ -55,21 +60,37 @@ class RecordType:
 
     @property
     def mandatory(self) -> bool:
-        return not self.type & OPTIONAL_BIT
+        return self.is_header or not self.type & OPTIONAL_BIT
+
+    @property
+    def is_header(self) -> bool:
+        return self.type < 0
 
 
 @dataclasses.dataclass
 class Record:
-    """A decoded record: its type row, its value, where it was found."""
+    """A decoded record: its type row, its value, where it was found.
+
+    ``offset`` is the stream offset of the record header and ``length`` the
+    body length (without padding); for a header, its offset and whole size.
+    An optional record of a type the table
+    does not know is ``skipped``: its body was discarded unread and its value
+    is None.
+    """
 
     rtype: RecordType
     value: Any
     offset: int = 0
     length: int = 0
+    skipped: bool = False
 
     @property
     def name(self) -> str:
         return self.rtype.name
+
+    @property
+    def layer(self) -> str:
+        return self.rtype.layer
 
 
 class RecordTable:
