@@ -8,7 +8,7 @@ GROUP = cfg.OptGroup(
     help="Options of the nova-xen-ncm migration engine and its tools.",
 )
 
-OPTS = [
+HOST_OPTS = [
     cfg.StrOpt(
         "host_driver",
         default="sim",
@@ -19,6 +19,241 @@ OPTS = [
         help="Which host driver the engine runs on.",
     ),
 ]
+
+TRANSPORT_OPTS = [
+    cfg.HostAddressOpt(
+        "listen_address",
+        default="0.0.0.0",
+        help="Address the destination listens on for incoming migrations.",
+    ),
+    cfg.PortOpt(
+        "port_min",
+        default=49152,
+        help="Lowest TCP port a destination may listen on; each "
+        "incoming migration takes the first free port of "
+        "[port_min, port_max].",
+    ),
+    cfg.PortOpt(
+        "port_max",
+        default=49215,
+        help="Highest TCP port a destination may listen on.",
+    ),
+    cfg.FloatOpt(
+        "connect_timeout",
+        default=10.0,
+        min=0.1,
+        max=600.0,
+        help="Seconds one attempt to connect to the destination may "
+        "take, handshake included.",
+    ),
+    cfg.FloatOpt(
+        "io_timeout",
+        default=60.0,
+        min=0.1,
+        max=3600.0,
+        help="Seconds a send or receive may block before the connection "
+        "is declared broken.",
+    ),
+    cfg.FloatOpt(
+        "accept_timeout",
+        default=120.0,
+        min=1.0,
+        max=3600.0,
+        help="Seconds the destination waits for the source to connect "
+        "before it gives up the incoming migration.",
+    ),
+    cfg.IntOpt(
+        "channels",
+        default=1,
+        min=1,
+        max=16,
+        help="TCP connections per migration. The first carries control "
+        "messages and data; more spread page data over several "
+        "connections.",
+    ),
+    cfg.StrOpt(
+        "compression",
+        default="none",
+        choices=[
+            ("none", "Page data is sent as it is."),
+            (
+                "lz4",
+                "Each data frame is lz4-frame compressed when that "
+                "makes it smaller.",
+            ),
+        ],
+        help="Compression of page data on the wire.",
+    ),
+    cfg.IntOpt(
+        "max_frame_bytes",
+        default=16 * 1024 * 1024,
+        min=64 * 1024,
+        max=256 * 1024 * 1024,
+        help="Largest data frame payload accepted from the peer, in "
+        "bytes (after decompression); bigger frames are a protocol "
+        "error.",
+    ),
+]
+
+RETRY_OPTS = [
+    cfg.IntOpt(
+        "connect_retry_attempts",
+        default=5,
+        min=1,
+        max=100,
+        help="Attempts to connect to the destination.",
+    ),
+    cfg.FloatOpt(
+        "connect_retry_timeout",
+        default=60.0,
+        min=0.0,
+        max=3600.0,
+        help="Seconds all attempts to connect may take together.",
+    ),
+    cfg.IntOpt(
+        "transfer_retry_attempts",
+        default=3,
+        min=1,
+        max=100,
+        help="Attempts to finish a precopy round after the connection "
+        "dropped (reconnect and resume from the last acknowledged "
+        "frame).",
+    ),
+    cfg.FloatOpt(
+        "transfer_retry_timeout",
+        default=120.0,
+        min=0.0,
+        max=3600.0,
+        help="Seconds the attempts of one precopy round may take together.",
+    ),
+    cfg.IntOpt(
+        "commit_query_attempts",
+        default=10,
+        min=1,
+        max=1000,
+        help="Queries to the destination after COMMIT was sent and no "
+        "acknowledgement came, before the migration is reported in "
+        "doubt.",
+    ),
+    cfg.FloatOpt(
+        "commit_query_timeout",
+        default=120.0,
+        min=0.0,
+        max=3600.0,
+        help="Seconds the commit queries may take together.",
+    ),
+    cfg.FloatOpt(
+        "retry_initial_delay",
+        default=0.5,
+        min=0.0,
+        max=60.0,
+        help="Seconds before the first retry; the delay doubles with "
+        "each further retry.",
+    ),
+    cfg.FloatOpt(
+        "retry_max_delay",
+        default=10.0,
+        min=0.0,
+        max=600.0,
+        help="Longest delay between two retries, in seconds.",
+    ),
+]
+
+POLICY_OPTS = [
+    cfg.StrOpt(
+        "precopy_policy",
+        default="downtime",
+        help="Name of the precopy policy (an entry point in the "
+        "nova_xen_ncm.policies namespace): 'downtime' stops when the "
+        "remaining data fits downtime_target at the measured "
+        "bandwidth; 'xen-simple' is Xen's own (under 50 dirty pages "
+        "or after 5 rounds).",
+    ),
+    cfg.FloatOpt(
+        "downtime_target",
+        default=0.5,
+        min=0.01,
+        max=60.0,
+        help="Pause of the guest, in seconds, the 'downtime' policy aims "
+        "for when it decides to stop and copy.",
+    ),
+    cfg.FloatOpt(
+        "downtime_budget",
+        default=30.0,
+        min=0.1,
+        max=600.0,
+        help="Longest pause, in seconds, stop-and-copy and restore may "
+        "take including retries; past it the migration rolls back and "
+        "the guest resumes on the source.",
+    ),
+    cfg.IntOpt(
+        "max_rounds",
+        default=30,
+        min=1,
+        max=10000,
+        help="Precopy rounds after which the 'downtime' policy stops and "
+        "copies whatever is left.",
+    ),
+    cfg.FloatOpt(
+        "throttle_step",
+        default=0.2,
+        min=0.01,
+        max=0.9,
+        help="Share of vCPU time taken away each time the 'downtime' "
+        "policy throttles the guest.",
+    ),
+    cfg.FloatOpt(
+        "throttle_min",
+        default=0.1,
+        min=0.01,
+        max=1.0,
+        help="Smallest share of time the guest's vCPUs are left to run "
+        "when throttled; 1.0 disables throttling.",
+    ),
+    cfg.FloatOpt(
+        "throttle_trigger_ratio",
+        default=0.5,
+        min=0.01,
+        max=10.0,
+        help="The guest keeps pace with the migration when it dirties "
+        "memory at this ratio or more of the measured bandwidth.",
+    ),
+    cfg.IntOpt(
+        "throttle_trigger_rounds",
+        default=2,
+        min=1,
+        max=100,
+        help="Consecutive rounds keeping pace after which the guest is "
+        "throttled one step further.",
+    ),
+    cfg.IntOpt(
+        "completion_timeout_per_gib",
+        default=800,
+        min=0,
+        help="Seconds per GiB of guest memory (at least 2 GiB counted) "
+        "a migration may take before completion_timeout_action is "
+        "taken, like Nova's [libvirt] "
+        "live_migration_completion_timeout; 0 disables the timeout.",
+    ),
+    cfg.StrOpt(
+        "completion_timeout_action",
+        default="abort",
+        choices=[
+            ("abort", "Cancel the migration; the guest stays on the source."),
+            ("force_complete", "Stop and copy now, whatever the downtime."),
+        ],
+        help="What to do when the completion timeout expires.",
+    ),
+    cfg.FloatOpt(
+        "progress_interval",
+        default=5.0,
+        min=0.1,
+        max=3600.0,
+        help="Seconds between two progress reports of a running migration.",
+    ),
+]
+
+OPTS = HOST_OPTS + TRANSPORT_OPTS + RETRY_OPTS + POLICY_OPTS
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:

@@ -1,0 +1,235 @@
+"""Precopy policies: after each round, continue, stop, throttle or abort.
+
+A policy is a pure function of :class:`~nova_xen_ncm.engine.stats.
+PrecopyStats` returning a :class:`Decision`, as Xen's ``precopy_policy_t``
+callback is of ``struct precopy_stats`` (tools/include/xenguest.h); the
+loop that calls it lives in the sender. Policies are found by name through
+the ``nova_xen_ncm.policies`` entry points (stevedore), each entry point a
+factory taking :class:`PolicyParams`. The completion timeout follows
+Nova's ``[libvirt] live_migration_completion_timeout`` and
+``live_migration_timeout_action`` (nova/virt/libvirt/migration.py) and is
+checked by the sender before the policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+
+import stevedore
+from oslo_config import cfg
+
+from nova_xen_ncm.engine.errors import PolicyNotFound
+from nova_xen_ncm.engine.stats import PrecopyStats
+
+NAMESPACE = "nova_xen_ncm.policies"
+
+# Xen's simple_precopy_policy (tools/libs/guest/xg_sr_save.c).
+SPP_MAX_ITERATIONS = 5
+SPP_TARGET_DIRTY_COUNT = 50
+
+# Nova counts at least 2 GiB of RAM when scaling the completion timeout
+# (LibvirtDriver._live_migration_data_gb), so small guests get a usable
+# budget too.
+COMPLETION_TIMEOUT_MIN_GIB = 2.0
+
+GIB = 1024**3
+
+
+class Action(str, enum.Enum):
+    CONTINUE = "continue"
+    STOP_AND_COPY = "stop_and_copy"
+    #: Continue precopy with the vCPUs limited to ``Decision.throttle``.
+    THROTTLE = "throttle"
+    ABORT = "abort"
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    action: Action
+    #: For THROTTLE: the share of time the vCPUs may run (0 < f < 1).
+    throttle: float | None = None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.action is Action.THROTTLE) != (self.throttle is not None):
+            raise ValueError("a throttle fraction goes with THROTTLE only")
+        if self.throttle is not None and not 0 < self.throttle <= 1:
+            raise ValueError(f"throttle fraction {self.throttle} not in (0,1]")
+
+
+Policy = Callable[[PrecopyStats], Decision]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyParams:
+    """The knobs of the policies, from [xen_ncm] options."""
+
+    downtime_target: float = 0.5
+    max_rounds: int = 30
+    throttle_step: float = 0.2
+    throttle_min: float = 0.1
+    throttle_trigger_ratio: float = 0.5
+    throttle_trigger_rounds: int = 2
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> PolicyParams:
+        group = conf.xen_ncm
+        return cls(
+            downtime_target=group.downtime_target,
+            max_rounds=group.max_rounds,
+            throttle_step=group.throttle_step,
+            throttle_min=group.throttle_min,
+            throttle_trigger_ratio=group.throttle_trigger_ratio,
+            throttle_trigger_rounds=group.throttle_trigger_rounds,
+        )
+
+
+# -- xen-simple -------------------------------------------------------
+
+
+def xen_simple(stats: PrecopyStats) -> Decision:
+    """Xen's default: stop under 50 dirty pages or after 5 rounds."""
+    if 0 <= stats.dirty_count < SPP_TARGET_DIRTY_COUNT:
+        return Decision(
+            Action.STOP_AND_COPY,
+            reason=f"{stats.dirty_count} dirty pages left",
+        )
+    if stats.iteration >= SPP_MAX_ITERATIONS:
+        return Decision(
+            Action.STOP_AND_COPY,
+            reason=f"{stats.iteration} rounds done",
+        )
+    return Decision(Action.CONTINUE)
+
+
+def xen_simple_factory(params: PolicyParams) -> Policy:
+    return xen_simple
+
+
+# -- downtime ---------------------------------------------------------
+
+
+def fits_downtime(stats: PrecopyStats, downtime_target: float) -> bool:
+    """QEMU's switch-over rule: remaining <= bandwidth x downtime."""
+    return stats.remaining_bytes <= stats.bandwidth * downtime_target
+
+
+def rounds_at_pace(stats: PrecopyStats, ratio: float) -> int:
+    """How many of the last rounds in a row the guest dirtied memory at
+    ``ratio`` or more of the rate the wire carried it away."""
+    count = 0
+    for rnd in reversed(stats.rounds):
+        if rnd.bandwidth <= 0 or rnd.dirty_rate < ratio * rnd.bandwidth:
+            break
+        count += 1
+    return count
+
+
+def next_throttle(current: float, params: PolicyParams) -> float | None:
+    """The next step down from ``current``, or None at the floor."""
+    if current <= params.throttle_min:
+        return None
+    return max(params.throttle_min, round(current - params.throttle_step, 6))
+
+
+def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
+    """Stop when the rest fits the downtime target; else throttle a step
+    each time the dirty rate kept pace with the bandwidth for
+    ``throttle_trigger_rounds`` rounds (QEMU's auto-converge trigger);
+    stop anyway after ``max_rounds``."""
+    if fits_downtime(stats, params.downtime_target):
+        return Decision(
+            Action.STOP_AND_COPY,
+            reason=(
+                f"{stats.remaining_bytes} bytes fit "
+                f"{params.downtime_target}s at {stats.bandwidth:.0f} B/s"
+            ),
+        )
+    if stats.iteration >= params.max_rounds:
+        return Decision(
+            Action.STOP_AND_COPY,
+            reason=f"{stats.iteration} rounds done (max_rounds)",
+        )
+    pace = rounds_at_pace(stats, params.throttle_trigger_ratio)
+    if pace and pace % params.throttle_trigger_rounds == 0:
+        fraction = next_throttle(stats.throttle, params)
+        if fraction is not None:
+            return Decision(
+                Action.THROTTLE,
+                throttle=fraction,
+                reason=f"dirty rate kept pace for {pace} rounds",
+            )
+    return Decision(Action.CONTINUE)
+
+
+def downtime_factory(params: PolicyParams) -> Policy:
+    def policy(stats: PrecopyStats) -> Decision:
+        return downtime(stats, params)
+
+    return policy
+
+
+# -- completion timeout -----------------------------------------------
+
+
+class TimeoutAction(str, enum.Enum):
+    ABORT = "abort"
+    FORCE_COMPLETE = "force_complete"
+
+
+def completion_timeout(memory_bytes: int, per_gib: float) -> float:
+    """Seconds a migration may take, scaled by guest memory like Nova's
+    ``live_migration_completion_timeout``; 0 means no limit."""
+    if per_gib <= 0:
+        return 0.0
+    gib = max(memory_bytes / GIB, COMPLETION_TIMEOUT_MIN_GIB)
+    return per_gib * gib
+
+
+def timeout_decision(
+    stats: PrecopyStats, timeout: float, action: TimeoutAction
+) -> Decision | None:
+    """The decision forced by an expired completion timeout, or None."""
+    if timeout <= 0 or stats.elapsed <= timeout:
+        return None
+    reason = f"completion timeout {timeout:.0f}s exceeded"
+    if TimeoutAction(action) is TimeoutAction.FORCE_COMPLETE:
+        return Decision(Action.STOP_AND_COPY, reason=reason)
+    return Decision(Action.ABORT, reason=reason)
+
+
+def decide(
+    stats: PrecopyStats,
+    policy: Policy,
+    timeout: float = 0.0,
+    action: TimeoutAction = TimeoutAction.ABORT,
+) -> Decision:
+    """The decision after a round: an expired completion timeout first
+    (Nova checks it before anything else), then the policy."""
+    forced = timeout_decision(stats, timeout, action)
+    return forced if forced is not None else policy(stats)
+
+
+# -- registry ---------------------------------------------------------
+
+
+def load_policy(name: str, params: PolicyParams) -> Policy:
+    """The policy registered as ``name`` under ``nova_xen_ncm.policies``."""
+    try:
+        manager = stevedore.DriverManager(
+            NAMESPACE, name, invoke_on_load=False
+        )
+    except stevedore.exception.NoMatches as exc:
+        raise PolicyNotFound(
+            f"no precopy policy {name!r}; known: "
+            f"{', '.join(available_policies()) or 'none'}"
+        ) from exc
+    return manager.driver(params)
+
+
+def available_policies() -> list[str]:
+    return sorted(
+        stevedore.ExtensionManager(NAMESPACE, invoke_on_load=False).names()
+    )

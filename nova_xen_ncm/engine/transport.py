@@ -1,0 +1,495 @@
+"""Sockets for the migration protocol: the destination's listener and the
+channels both ends talk over.
+
+The protocol itself is :mod:`nova_xen_ncm.engine.protocol` (sans-I/O);
+this module only moves its bytes. Page data goes out by ``sendmsg`` of
+the caller's buffers (the guest's mapped pages) without joining them, and
+comes in by ``recv_into`` straight into a caller's buffer (the restoring
+guest's pages), as ARCHITECTURE.md section 5 asks of the data path. Socket
+failures and timeouts become :class:`TransportError`, which the retry
+helper retries; protocol violations stay :class:`ProtocolError`, which it
+does not.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable
+from collections.abc import Sequence
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine.errors import AuthenticationError
+from nova_xen_ncm.engine.errors import ProtocolError
+from nova_xen_ncm.engine.errors import Refused
+from nova_xen_ncm.engine.errors import TransportError
+
+LOG = logging.getLogger(__name__)
+
+try:
+    IOV_MAX = os.sysconf("SC_IOV_MAX")
+except (ValueError, OSError):
+    IOV_MAX = 1024
+if IOV_MAX <= 0:
+    IOV_MAX = 1024
+
+RECV_SIZE = 256 * 1024
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Listener:
+    """The destination's listening socket for one incoming migration.
+
+    Binds the first free port of ``[port_min, port_max]`` and accepts at
+    most ``expected`` connections (the migration's channels); a reconnect
+    is admitted only after :meth:`allow`. :meth:`accept` gives up after
+    ``accept_timeout`` seconds without a connection.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port_min: int,
+        port_max: int,
+        *,
+        expected: int = 1,
+        accept_timeout: float = 120.0,
+    ) -> None:
+        if not 0 <= port_min <= port_max <= 65535:
+            raise ValueError(f"bad port range {port_min}-{port_max}")
+        if expected < 1:
+            raise ValueError("a listener expects at least one connection")
+        self.accept_timeout = accept_timeout
+        self._admitted = expected
+        self.accepted = 0
+        self._sock = self._bind(host, port_min, port_max, expected)
+        self.address: tuple[str, int] = self._sock.getsockname()[:2]
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts, expected: int) -> Listener:
+        group = conf.xen_ncm
+        return cls(
+            group.listen_address,
+            group.port_min,
+            group.port_max,
+            expected=expected,
+            accept_timeout=group.accept_timeout,
+        )
+
+    @staticmethod
+    def _bind(
+        host: str, port_min: int, port_max: int, backlog: int
+    ) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        last: OSError | None = None
+        for port in range(port_min, port_max + 1):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+                sock.listen(backlog)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if exc.errno != errno.EADDRINUSE:
+                    raise TransportError(
+                        f"cannot listen on {host}:{port}: {exc}"
+                    ) from exc
+                last = exc
+        raise TransportError(
+            f"no free port in {port_min}-{port_max} on {host}"
+        ) from last
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    def allow(self, count: int = 1) -> None:
+        """Admit ``count`` more connections (a channel reconnecting)."""
+        self._admitted += count
+
+    def accept(self) -> socket.socket:
+        if self.accepted >= self._admitted:
+            raise TransportError(
+                f"all {self._admitted} expected connections were accepted"
+            )
+        self._sock.settimeout(self.accept_timeout)
+        try:
+            sock, peer = self._sock.accept()
+        except TimeoutError as exc:
+            raise TransportError(
+                f"no connection on port {self.port} within "
+                f"{self.accept_timeout}s"
+            ) from exc
+        except OSError as exc:
+            raise TransportError(f"accept failed: {exc}") from exc
+        self.accepted += 1
+        LOG.debug("Accepted migration connection from %s", peer)
+        return sock
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Channel:
+    """One connection of a migration: a socket and its protocol state.
+
+    Used by one thread at a time (several channels: one thread each).
+    After a :class:`TransportError` a frame may be half written or half
+    read, so the channel is closed and replaced by a new connection that
+    RESUMEs.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        connection: protocol.Connection,
+        *,
+        io_timeout: float = 60.0,
+    ) -> None:
+        self.sock = sock
+        self.connection = connection
+        self.io_timeout = io_timeout
+        self._recv_buf = bytearray(RECV_SIZE)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Control messages are small and latency counts in downtime.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(io_timeout)
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float = 10.0,
+        io_timeout: float = 60.0,
+        max_data: int = protocol.DEFAULT_MAX_DATA,
+    ) -> Channel:
+        """Connect as the client (source). The handshake follows."""
+        try:
+            sock = socket.create_connection(
+                (host, port), timeout=connect_timeout
+            )
+        except OSError as exc:
+            raise TransportError(
+                f"cannot connect to {host}:{port}: {exc}"
+            ) from exc
+        conn = protocol.Connection(protocol.Role.CLIENT, max_data=max_data)
+        channel = cls(sock, conn, io_timeout=io_timeout)
+        # The handshake runs under the connect timeout.
+        sock.settimeout(connect_timeout)
+        return channel
+
+    @classmethod
+    def accept(
+        cls,
+        listener: Listener,
+        *,
+        io_timeout: float = 60.0,
+        max_data: int = protocol.DEFAULT_MAX_DATA,
+        direct_payload: bool = False,
+    ) -> Channel:
+        """Accept the next connection as the server (destination)."""
+        sock = listener.accept()
+        conn = protocol.Connection(
+            protocol.Role.SERVER,
+            max_data=max_data,
+            direct_payload=direct_payload,
+        )
+        return cls(sock, conn, io_timeout=io_timeout)
+
+    # -- writing --
+
+    def send_buffers(self, buffers: Sequence[Buffer]) -> int:
+        """Write every buffer, in order, with vectored writes; returns the
+        byte count. Partial writes resume mid-buffer without copying."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        views = [v for v in views if v.nbytes]
+        total = sum(v.nbytes for v in views)
+        i = 0
+        try:
+            while i < len(views):
+                sent = self.sock.sendmsg(views[i : i + IOV_MAX])
+                while sent:
+                    if sent >= views[i].nbytes:
+                        sent -= views[i].nbytes
+                        i += 1
+                    else:
+                        views[i] = views[i][sent:]
+                        sent = 0
+        except OSError as exc:
+            raise TransportError(f"send failed: {exc}") from exc
+        return total
+
+    def send(self, msg: protocol.Message) -> None:
+        self.send_buffers(self.connection.send(msg))
+
+    def send_data(
+        self, seq: int, buffers: Sequence[Buffer], *, compress: bool = False
+    ) -> int:
+        """Send one DATA frame; returns the bytes put on the wire."""
+        return self.send_buffers(
+            self.connection.send_data(seq, buffers, compress=compress)
+        )
+
+    # -- reading --
+
+    def _fill(self) -> None:
+        try:
+            n = self.sock.recv_into(self._recv_buf)
+        except OSError as exc:
+            raise TransportError(f"receive failed: {exc}") from exc
+        self.connection.receive_data(memoryview(self._recv_buf)[:n])
+
+    def next_event(self) -> protocol.Event:
+        """The next protocol event, reading as needed (never NEED_DATA)."""
+        while True:
+            event = self.connection.next_event()
+            if event is not protocol.NEED_DATA:
+                return event
+            self._fill()
+
+    def receive(
+        self,
+    ) -> (
+        protocol.Message
+        | protocol.Data
+        | protocol.DataHeader
+        | (protocol.DataEnd)
+    ):
+        """The next event; a closed connection is a TransportError."""
+        event = self.next_event()
+        if isinstance(event, protocol.ConnectionClosed):
+            raise TransportError("the peer closed the connection")
+        return event
+
+    def recv_into_exact(self, view: memoryview) -> None:
+        """Fill ``view`` from the socket, straight, or raise."""
+        got = 0
+        size = view.nbytes
+        try:
+            while got < size:
+                n = self.sock.recv_into(view[got:])
+                if n == 0:
+                    raise TransportError(
+                        f"connection closed with {size - got} of {size} "
+                        "bytes outstanding"
+                    )
+                got += n
+        except OSError as exc:
+            raise TransportError(f"receive failed: {exc}") from exc
+
+    def read_payload_into(self, view: memoryview) -> None:
+        """Direct mode: read the next ``len(view)`` body bytes of the
+        current data frame into ``view`` (e.g. a mapped guest page)."""
+        view = view.cast("B")
+        if view.nbytes > self.connection.payload_left:
+            raise ValueError(
+                f"{view.nbytes} bytes asked, "
+                f"{self.connection.payload_left} left in the frame"
+            )
+        n = self.connection.take_payload(view)
+        rest = view[n:]
+        if rest.nbytes:
+            self.recv_into_exact(rest)
+            self.connection.payload_received(rest)
+
+    # -- handshake --
+
+    def client_handshake(
+        self,
+        migration_id: str,
+        token: bytes,
+        *,
+        channel: int = 0,
+        capabilities: Sequence[str] = (),
+        last_acked: int | None = None,
+    ) -> protocol.Welcome:
+        """Authenticate to the destination (RESUME if ``last_acked``).
+
+        Raises :class:`Refused` with the destination's reason code,
+        :class:`AuthenticationError` if the destination cannot prove the
+        token, :class:`TransportError` on a socket failure.
+        """
+        self.send_buffers(
+            self.connection.send_hello(migration_id, channel, capabilities)
+        )
+        reply = self.receive()
+        if isinstance(reply, protocol.Refuse):
+            raise Refused(reply.code, reply.text)
+        self.send_buffers(self.connection.send_auth(token, last_acked))
+        reply = self.receive()
+        if isinstance(reply, protocol.Refuse):
+            raise Refused(reply.code, reply.text)
+        # The protocol's table lets only WELCOME or REFUSE through here.
+        self.sock.settimeout(self.io_timeout)
+        return reply
+
+    def server_handshake(
+        self,
+        token_for: Callable[[protocol.Hello], bytes],
+        *,
+        capabilities: Sequence[str] = (),
+        resume_from: Callable[[protocol.Hello, protocol.Resume], int]
+        | None = None,
+    ) -> tuple[protocol.Hello, protocol.Auth | protocol.Resume]:
+        """Authenticate the source.
+
+        ``token_for`` returns the token of the HELLO's migration or raises
+        :class:`Refused` (unknown migration, too many channels);
+        ``resume_from`` gives the highest sequence applied on a resumed
+        channel. A refusal is sent to the peer and raised here.
+        """
+        hello = self.receive()
+        if not isinstance(hello, protocol.Hello):
+            raise ProtocolError(f"expected HELLO, got {hello!r}")
+        try:
+            token = token_for(hello)
+            try:
+                self.send_buffers(
+                    self.connection.send_challenge(token, capabilities)
+                )
+            except ProtocolError as exc:
+                raise Refused(protocol.RefuseReason.VERSION, str(exc)) from exc
+            try:
+                proof = self.receive()
+            except AuthenticationError as exc:
+                raise Refused(
+                    protocol.RefuseReason.AUTHENTICATION, str(exc)
+                ) from exc
+            # The protocol's table lets only AUTH or RESUME through here.
+            if isinstance(proof, protocol.Resume):
+                if resume_from is None:
+                    raise Refused(
+                        protocol.RefuseReason.BAD_REQUEST,
+                        "nothing to resume on this connection",
+                    )
+                start = resume_from(hello, proof)
+            else:
+                start = 0
+        except Refused as exc:
+            LOG.warning(
+                "Refusing migration %s channel %d: %s",
+                hello.migration_id,
+                hello.channel,
+                exc,
+            )
+            self.send_buffers(
+                self.connection.refuse(
+                    protocol.RefuseReason(exc.code), exc.text
+                )
+            )
+            raise
+        self.send_buffers(self.connection.send_welcome(start))
+        return hello, proof
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            # Already reset by the peer; closing is all that is left.
+            pass
+        self.sock.close()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect_channels(
+    host: str,
+    port: int,
+    migration_id: str,
+    token: bytes,
+    count: int,
+    *,
+    capabilities: Sequence[str] = (),
+    connect_timeout: float = 10.0,
+    io_timeout: float = 60.0,
+    max_data: int = protocol.DEFAULT_MAX_DATA,
+) -> list[Channel]:
+    """Open and authenticate the ``count`` channels of a migration, in
+    channel order (channel 0 carries the control messages)."""
+    caps = list(capabilities)
+    if count > 1 and protocol.Capability.MULTI_CHANNEL.value not in caps:
+        caps.append(protocol.Capability.MULTI_CHANNEL.value)
+    channels: list[Channel] = []
+    try:
+        for index in range(count):
+            channel = Channel.connect(
+                host,
+                port,
+                connect_timeout=connect_timeout,
+                io_timeout=io_timeout,
+                max_data=max_data,
+            )
+            channels.append(channel)
+            channel.client_handshake(
+                migration_id, token, channel=index, capabilities=caps
+            )
+    except BaseException:
+        for channel in channels:
+            channel.close()
+        raise
+    return channels
+
+
+def accept_channels(
+    listener: Listener,
+    count: int,
+    token_for: Callable[[protocol.Hello], bytes],
+    *,
+    capabilities: Sequence[str] = (),
+    io_timeout: float = 60.0,
+    max_data: int = protocol.DEFAULT_MAX_DATA,
+    direct_payload: bool = False,
+) -> list[Channel]:
+    """Accept and authenticate the ``count`` channels of a migration;
+    returned in channel order whatever order they arrived in. A channel
+    index out of range or seen twice is refused."""
+    caps = list(capabilities)
+    if count > 1:
+        caps.append(protocol.Capability.MULTI_CHANNEL.value)
+    by_index: dict[int, Channel] = {}
+
+    def check(hello: protocol.Hello) -> bytes:
+        if hello.channel >= count or hello.channel in by_index:
+            raise Refused(
+                protocol.RefuseReason.TOO_MANY_CONNECTIONS,
+                f"channel {hello.channel} of {count} is not expected",
+            )
+        return token_for(hello)
+
+    try:
+        while len(by_index) < count:
+            channel = Channel.accept(
+                listener,
+                io_timeout=io_timeout,
+                max_data=max_data,
+                direct_payload=direct_payload,
+            )
+            try:
+                hello, _ = channel.server_handshake(check, capabilities=caps)
+            except BaseException:
+                channel.close()
+                raise
+            by_index[hello.channel] = channel
+    except BaseException:
+        for channel in by_index.values():
+            channel.close()
+        raise
+    return [by_index[index] for index in range(count)]

@@ -1,0 +1,270 @@
+"""Precopy policies as pure functions, on tables of statistics (the way
+nova's test_migration.py tests its migration policy)."""
+
+import pytest
+
+from nova_xen_ncm.engine import policy
+from nova_xen_ncm.engine.errors import PolicyNotFound
+from nova_xen_ncm.engine.policy import Action
+from nova_xen_ncm.engine.policy import Decision
+from nova_xen_ncm.engine.policy import PolicyParams
+from nova_xen_ncm.engine.policy import TimeoutAction
+from nova_xen_ncm.engine.stats import PrecopyStats
+from nova_xen_ncm.engine.stats import RoundStats
+
+GIB = 1024**3
+MB = 1_000_000
+
+
+def snap(
+    iteration=1,
+    dirty=1000,
+    bandwidth=100 * MB,
+    throttle=1.0,
+    rounds=(),
+    elapsed=1.0,
+    memory=GIB,
+):
+    return PrecopyStats(
+        iteration=iteration,
+        dirty_count=dirty,
+        total_written=0,
+        bytes_sent=0,
+        remaining_bytes=max(dirty, 0) * 4096,
+        bandwidth=bandwidth,
+        dirty_rate=0.0,
+        elapsed=elapsed,
+        expected_downtime=0.0,
+        memory_bytes=memory,
+        throttle=throttle,
+        rounds=tuple(rounds),
+    )
+
+
+def rnd(n, sent_bytes, dirty_pages, duration=1.0):
+    return RoundStats(
+        round=n,
+        pages_sent=sent_bytes // 4096,
+        bytes_sent=sent_bytes,
+        zero_pages=0,
+        dirty_pages=dirty_pages,
+        duration=duration,
+    )
+
+
+# Pages dirtied at 60% of the bytes sent: keeps pace at ratio 0.5.
+HOT = 60 * MB // 4096
+COLD = 10 * MB // 4096
+
+
+@pytest.mark.parametrize(
+    "iteration,dirty,expected",
+    [
+        (0, -1, Action.CONTINUE),  # unknown dirty count
+        (1, 100_000, Action.CONTINUE),
+        (1, 50, Action.CONTINUE),
+        (1, 49, Action.STOP_AND_COPY),
+        (1, 0, Action.STOP_AND_COPY),
+        (4, 100_000, Action.CONTINUE),
+        (5, 100_000, Action.STOP_AND_COPY),
+        (9, 100_000, Action.STOP_AND_COPY),
+    ],
+)
+def test_xen_simple(iteration, dirty, expected):
+    assert policy.xen_simple(snap(iteration, dirty)).action is expected
+
+
+PARAMS = PolicyParams(
+    downtime_target=0.5,
+    max_rounds=10,
+    throttle_step=0.2,
+    throttle_min=0.2,
+    throttle_trigger_ratio=0.5,
+    throttle_trigger_rounds=2,
+)
+
+
+@pytest.mark.parametrize(
+    "stats,expected,fraction",
+    [
+        # 100 MB/s x 0.5 s = 50 MB: 12207 pages fit, 12208 do not.
+        (snap(dirty=12207), Action.STOP_AND_COPY, None),
+        (snap(dirty=12208), Action.CONTINUE, None),
+        # No bandwidth measured yet: only an empty remainder fits.
+        (snap(dirty=1, bandwidth=0.0), Action.CONTINUE, None),
+        (snap(dirty=0, bandwidth=0.0), Action.STOP_AND_COPY, None),
+        # The round bound.
+        (snap(iteration=10, dirty=10**6), Action.STOP_AND_COPY, None),
+        (snap(iteration=9, dirty=10**6), Action.CONTINUE, None),
+        # One hot round is not a trend.
+        (
+            snap(
+                dirty=10**6,
+                rounds=[rnd(0, 100 * MB, COLD), rnd(1, 100 * MB, HOT)],
+            ),
+            Action.CONTINUE,
+            None,
+        ),
+        # Two in a row: throttle one step.
+        (
+            snap(
+                dirty=10**6,
+                rounds=[rnd(0, 100 * MB, HOT), rnd(1, 100 * MB, HOT)],
+            ),
+            Action.THROTTLE,
+            0.8,
+        ),
+        # A third: wait for the next pair (QEMU resets its counter).
+        (
+            snap(
+                dirty=10**6,
+                throttle=0.8,
+                rounds=[rnd(i, 100 * MB, HOT) for i in range(3)],
+            ),
+            Action.CONTINUE,
+            None,
+        ),
+        (
+            snap(
+                dirty=10**6,
+                throttle=0.8,
+                rounds=[rnd(i, 100 * MB, HOT) for i in range(4)],
+            ),
+            Action.THROTTLE,
+            0.6,
+        ),
+        # Stepping stops at the floor.
+        (
+            snap(
+                dirty=10**6,
+                throttle=0.3,
+                rounds=[rnd(i, 100 * MB, HOT) for i in range(2)],
+            ),
+            Action.THROTTLE,
+            0.2,
+        ),
+        (
+            snap(
+                dirty=10**6,
+                throttle=0.2,
+                rounds=[rnd(i, 100 * MB, HOT) for i in range(2)],
+            ),
+            Action.CONTINUE,
+            None,
+        ),
+        # Fitting the target wins over throttling.
+        (
+            snap(dirty=100, rounds=[rnd(i, 100 * MB, HOT) for i in range(2)]),
+            Action.STOP_AND_COPY,
+            None,
+        ),
+    ],
+)
+def test_downtime(stats, expected, fraction):
+    decision = policy.downtime(stats, PARAMS)
+    assert decision.action is expected
+    if fraction is None:
+        assert decision.throttle is None
+    else:
+        assert decision.throttle == pytest.approx(fraction)
+
+
+def test_rounds_at_pace_counts_the_tail():
+    rounds = [rnd(0, 100 * MB, HOT), rnd(1, 100 * MB, COLD)] + [
+        rnd(i, 100 * MB, HOT) for i in range(2, 5)
+    ]
+    assert policy.rounds_at_pace(snap(rounds=rounds), 0.5) == 3
+    assert policy.rounds_at_pace(snap(rounds=rounds), 0.7) == 0
+    assert policy.rounds_at_pace(snap(rounds=[rnd(0, 0, HOT)]), 0.5) == 0
+
+
+def test_decision_checks_throttle():
+    with pytest.raises(ValueError):
+        Decision(Action.THROTTLE)
+    with pytest.raises(ValueError):
+        Decision(Action.CONTINUE, throttle=0.5)
+    with pytest.raises(ValueError):
+        Decision(Action.THROTTLE, throttle=0.0)
+
+
+@pytest.mark.parametrize(
+    "memory,per_gib,expected",
+    [
+        (8 * GIB, 800, 6400.0),
+        (GIB, 800, 1600.0),  # at least 2 GiB counted, like Nova
+        (512 * 1024**2, 100, 200.0),
+        (3 * GIB, 10, 30.0),
+        (64 * GIB, 0, 0.0),  # disabled
+    ],
+)
+def test_completion_timeout(memory, per_gib, expected):
+    assert policy.completion_timeout(memory, per_gib) == expected
+
+
+@pytest.mark.parametrize(
+    "elapsed,timeout,action,expected",
+    [
+        (99.0, 100.0, TimeoutAction.ABORT, None),
+        (100.0, 100.0, TimeoutAction.ABORT, None),
+        (100.5, 100.0, TimeoutAction.ABORT, Action.ABORT),
+        (100.5, 100.0, TimeoutAction.FORCE_COMPLETE, Action.STOP_AND_COPY),
+        (10**6, 0.0, TimeoutAction.ABORT, None),
+        (100.5, 100.0, "force_complete", Action.STOP_AND_COPY),
+    ],
+)
+def test_timeout_decision(elapsed, timeout, action, expected):
+    decision = policy.timeout_decision(snap(elapsed=elapsed), timeout, action)
+    if expected is None:
+        assert decision is None
+    else:
+        assert decision.action is expected
+        assert "completion timeout" in decision.reason
+
+
+def test_registry_loads_by_name():
+    assert {"xen-simple", "downtime"} <= set(policy.available_policies())
+    simple = policy.load_policy("xen-simple", PARAMS)
+    assert simple(snap(dirty=10)).action is Action.STOP_AND_COPY
+    down = policy.load_policy("downtime", PARAMS)
+    assert down(snap(iteration=10, dirty=10**6)).action is (
+        Action.STOP_AND_COPY
+    )
+    assert down(snap(iteration=3, dirty=10**6)).action is Action.CONTINUE
+
+
+def test_registry_unknown_name():
+    with pytest.raises(PolicyNotFound, match="downtime"):
+        policy.load_policy("no-such-policy", PARAMS)
+
+
+def test_params_from_conf():
+    from oslo_config import cfg
+
+    from nova_xen_ncm.conf import xen_ncm
+
+    conf = cfg.ConfigOpts()
+    xen_ncm.register_opts(conf)
+    conf([])
+    conf.set_override("downtime_target", 0.25, group="xen_ncm")
+    conf.set_override("max_rounds", 7, group="xen_ncm")
+    params = PolicyParams.from_conf(conf)
+    assert params.downtime_target == 0.25
+    assert params.max_rounds == 7
+    assert params.throttle_trigger_rounds == 2
+
+
+def test_decide_checks_the_timeout_before_the_policy():
+    late = snap(elapsed=500.0, dirty=10)
+    assert policy.decide(late, policy.xen_simple).action is (
+        Action.STOP_AND_COPY
+    )
+    assert policy.decide(late, policy.xen_simple, 100.0).action is (
+        Action.ABORT
+    )
+    early = snap(elapsed=5.0, dirty=10**6, iteration=1)
+    assert (
+        policy.decide(
+            early, policy.xen_simple, 100.0, TimeoutAction.FORCE_COMPLETE
+        ).action
+        is Action.CONTINUE
+    )

@@ -1,0 +1,623 @@
+"""The sans-I/O protocol: two Connection objects driven against each
+other in memory (h11's testing model)."""
+
+import json
+import os
+import struct
+
+import lz4.frame
+import pytest
+
+from nova_xen_ncm.engine import protocol as p
+from nova_xen_ncm.engine.errors import AuthenticationError
+from nova_xen_ncm.engine.errors import ProtocolError
+
+TOKEN = b"t" * 32
+
+
+def wire(buffers):
+    return b"".join(bytes(b) for b in buffers)
+
+
+def deliver(buffers, conn):
+    conn.receive_data(wire(buffers))
+
+
+def handshake(
+    client=None,
+    server=None,
+    token=TOKEN,
+    server_token=TOKEN,
+    last_acked=None,
+    resume_from=0,
+    caps=("lz4", "resume"),
+    server_caps=("lz4",),
+):
+    client = client or p.Connection(p.Role.CLIENT)
+    server = server or p.Connection(p.Role.SERVER)
+    deliver(client.send_hello("mig-7", 2, caps), server)
+    hello = server.next_event()
+    assert isinstance(hello, p.Hello)
+    deliver(server.send_challenge(server_token, server_caps), client)
+    assert isinstance(client.next_event(), p.Challenge)
+    deliver(client.send_auth(token, last_acked), server)
+    proof = server.next_event()
+    deliver(server.send_welcome(resume_from), client)
+    welcome = client.next_event()
+    return client, server, hello, proof, welcome
+
+
+def test_handshake_establishes_both_ends():
+    client, server, hello, proof, welcome = handshake()
+    assert client.established and server.established
+    assert hello.migration_id == "mig-7" and hello.channel == 2
+    assert isinstance(proof, p.Auth)
+    assert welcome.resume_from == 0
+    assert client.capabilities == server.capabilities == {"lz4"}
+    assert client.version == server.version == p.PROTOCOL_VERSION
+
+
+def test_token_never_on_the_wire():
+    client = p.Connection(p.Role.CLIENT)
+    server = p.Connection(p.Role.SERVER)
+    sent = wire(client.send_hello("m", 0))
+    deliver([sent], server)
+    server.next_event()
+    challenge = wire(server.send_challenge(TOKEN))
+    deliver([challenge], client)
+    client.next_event()
+    auth = wire(client.send_auth(TOKEN))
+    for data in (sent, challenge, auth):
+        assert TOKEN not in data
+        assert TOKEN.hex().encode() not in data
+
+
+def test_wrong_token_is_rejected_and_refused():
+    client = p.Connection(p.Role.CLIENT)
+    server = p.Connection(p.Role.SERVER)
+    deliver(client.send_hello("m", 0), server)
+    server.next_event()
+    deliver(server.send_challenge(TOKEN), client)
+    client.next_event()
+    deliver(client.send_auth(b"w" * 32), server)
+    with pytest.raises(AuthenticationError, match="wrong token proof"):
+        server.next_event()
+    assert not server.established
+    deliver(server.refuse(p.RefuseReason.AUTHENTICATION, "bad token"), client)
+    refuse = client.next_event()
+    assert refuse == p.Refuse(code="authentication", text="bad token")
+    assert client.state is p.State.CLOSED
+
+
+def test_server_without_the_token_is_caught_by_the_client():
+    # A rogue destination that cannot check the proof and welcomes
+    # anyway: its WELCOME proof cannot be right.
+    client = p.Connection(p.Role.CLIENT)
+    rogue = p.Connection(p.Role.SERVER)
+    deliver(client.send_hello("m", 0), rogue)
+    rogue.next_event()
+    deliver(rogue.send_challenge(b"x" * 32), client)
+    client.next_event()
+    client.send_auth(TOKEN)
+    welcome = p.Welcome(proof="00" * 32, resume_from=0)
+    client.receive_data(
+        raw_frame(p.MessageType.WELCOME, p.encode_message(welcome), counter=1)
+    )
+    with pytest.raises(AuthenticationError, match="destination's proof"):
+        client.next_event()
+    assert not client.established
+
+
+def test_wrong_token_on_the_server_side_fails_the_proof():
+    with pytest.raises(AuthenticationError, match="wrong token proof"):
+        handshake(server_token=b"x" * 32)
+
+
+def test_resume_carries_last_acked_and_resume_point():
+    client, server, _, proof, welcome = handshake(last_acked=5, resume_from=7)
+    assert proof == server.resume
+    assert proof.last_acked == 5
+    assert welcome.resume_from == 7 == client.resume_from
+
+
+def test_no_common_version():
+    client = p.Connection(p.Role.CLIENT)
+    server = p.Connection(p.Role.SERVER)
+    deliver(client.send_hello("m", 0, versions=(99,)), server)
+    server.next_event()
+    with pytest.raises(ProtocolError, match="no common protocol version"):
+        server.send_challenge(TOKEN)
+    deliver(server.refuse(p.RefuseReason.VERSION, "v99"), client)
+    assert client.next_event().code == "version"
+
+
+SETUP = p.Setup(
+    domid=12,
+    name="guest",
+    uuid="u-1",
+    memory_bytes=1 << 30,
+    vcpus=2,
+    pv_drivers=True,
+    required=("event_channels", "xenstore"),
+)
+FROM_CLIENT = [
+    SETUP,
+    p.Commit(),
+    p.Query(),
+    p.Abort(reason="operator"),
+    p.Error(code="io", text="disk"),
+]
+FROM_SERVER = [
+    p.SetupReply(accepted=True, domid=12, code="", text=""),
+    p.SetupReply(
+        accepted=False,
+        domid=12,
+        code="domid-taken",
+        text="domid 12 runs guest-b",
+    ),
+    p.Ack(seq=0),
+    p.Ready(digest="ab" * 32),
+    p.Committed(),
+    p.Status(phase="commit", committed=True),
+    p.Abort(reason="restore failed"),
+]
+
+
+@pytest.mark.parametrize("msg", FROM_CLIENT)
+def test_client_messages_round_trip(msg):
+    client, server, *_ = handshake()
+    deliver(client.send(msg), server)
+    assert server.next_event() == msg
+    assert server.next_event() is p.NEED_DATA
+
+
+@pytest.mark.parametrize("msg", FROM_SERVER)
+def test_server_messages_round_trip(msg):
+    client, server, *_ = handshake()
+    deliver(server.send(msg), client)
+    assert client.next_event() == msg
+
+
+def test_messages_in_the_wrong_direction_or_state():
+    client, server, *_ = handshake()
+    with pytest.raises(ProtocolError, match="not allowed"):
+        server.send(SETUP)
+    with pytest.raises(ProtocolError, match="not allowed"):
+        client.send(p.Ack(seq=1))
+    fresh = p.Connection(p.Role.CLIENT)
+    with pytest.raises(ProtocolError, match="not allowed"):
+        fresh.send(p.Commit())
+
+
+def test_data_frames_in_order():
+    client, server, *_ = handshake()
+    for seq in (1, 2, 3):
+        deliver(client.send_data(seq, [b"a" * seq, memoryview(b"bc")]), server)
+    got = [server.next_event() for _ in range(3)]
+    assert [(d.seq, bytes(d.payload)) for d in got] == [
+        (1, b"abc"),
+        (2, b"aabc"),
+        (3, b"aaabc"),
+    ]
+
+
+def test_send_data_hands_back_the_callers_buffers():
+    client, _, *_ = handshake()
+    page = memoryview(bytearray(4096))
+    out = client.send_data(1, [page])
+    assert any(b is page for b in out)
+
+
+def test_replayed_frame_is_rejected():
+    client, server, *_ = handshake()
+    frame = wire(client.send_data(1, [b"page"]))
+    server.receive_data(frame)
+    assert server.next_event().seq == 1
+    server.receive_data(frame)
+    with pytest.raises(ProtocolError, match="replayed"):
+        server.next_event()
+    # The connection stays failed.
+    with pytest.raises(ProtocolError):
+        server.next_event()
+
+
+def test_reordered_frames_are_rejected():
+    client, server, *_ = handshake()
+    first = wire(client.send_data(1, [b"one"]))
+    second = wire(client.send_data(2, [b"two"]))
+    server.receive_data(second + first)
+    with pytest.raises(ProtocolError, match="skipped"):
+        server.next_event()
+
+
+def test_tampered_frame_is_rejected():
+    client, server, *_ = handshake()
+    frame = bytearray(wire(client.send_data(1, [b"page-content"])))
+    frame[p.FRAME_HEADER.size + p.DATA_HEADER.size] ^= 1
+    server.receive_data(frame)
+    with pytest.raises(AuthenticationError, match="tag mismatch"):
+        server.next_event()
+
+
+def test_frame_of_another_connection_is_rejected():
+    # Same token and migration, different nonces: different keys.
+    c1, s1, *_ = handshake()
+    c2, s2, *_ = handshake()
+    s2.receive_data(wire(c1.send_data(1, [b"x"])))
+    with pytest.raises(AuthenticationError):
+        s2.next_event()
+
+
+def raw_frame(mtype, payload, flags=0, counter=0, reserved=0, length=None):
+    length = len(payload) if length is None else length
+    return p.FRAME_HEADER.pack(mtype, flags, reserved, length, counter) + (
+        payload
+    )
+
+
+def fresh_server():
+    return p.Connection(p.Role.SERVER, max_data=1 << 20)
+
+
+@pytest.mark.parametrize(
+    "frame,match",
+    [
+        (raw_frame(0x7777, b"{}"), "unknown message type"),
+        (raw_frame(p.MessageType.HELLO, b"{}", flags=0x80), "flags"),
+        (raw_frame(p.MessageType.HELLO, b"{}", reserved=1), "flags"),
+        (
+            raw_frame(p.MessageType.HELLO, b"{}", flags=p.FLAG_LZ4),
+            "compressed",
+        ),
+        (
+            raw_frame(
+                p.MessageType.HELLO, b"", length=p.MAX_CONTROL_PAYLOAD + 1
+            ),
+            "limit",
+        ),
+        (raw_frame(p.MessageType.HELLO, b"", length=2**32 - 1), "limit"),
+        (raw_frame(p.MessageType.HELLO, b"{}", counter=3), "skipped"),
+        (raw_frame(p.MessageType.SETUP, b"{}"), "not allowed"),
+        (raw_frame(p.MessageType.HELLO, b"[1]"), "not an object"),
+        (raw_frame(p.MessageType.HELLO, b"\xff{"), "bad HELLO"),
+        (raw_frame(p.MessageType.HELLO, b'{"versions": [1]}'), "fields"),
+    ],
+)
+def test_bad_frames(frame, match):
+    server = fresh_server()
+    server.receive_data(frame)
+    with pytest.raises(ProtocolError, match=match):
+        server.next_event()
+
+
+def hello_payload(**override):
+    fields = dict(
+        versions=[1],
+        capabilities=[],
+        migration_id="m",
+        channel=0,
+        nonce="00" * 32,
+    )
+    fields.update(override)
+    return json.dumps(fields).encode()
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (dict(channel="0"), "channel must be int"),
+        (dict(channel=True), "channel must be int"),
+        (dict(channel=99), "channel 99 out of range"),
+        (dict(versions=[]), "no protocol version"),
+        (dict(versions="1"), "list"),
+        (dict(nonce="00"), "nonce"),
+        (dict(nonce="zz" * 32), "bad HELLO"),
+        (dict(migration_id=""), "empty migration id"),
+        (dict(migration_id="m" * 5000), "longer than"),
+        (dict(capabilities=["x"] * 1000), "at most"),
+        (dict(extra=1), "fields"),
+    ],
+)
+def test_bad_hello_fields(override, match):
+    server = fresh_server()
+    server.receive_data(
+        raw_frame(p.MessageType.HELLO, hello_payload(**override))
+    )
+    with pytest.raises(ProtocolError, match=match):
+        server.next_event()
+
+
+def test_oversized_frame_rejected_before_its_payload_arrives():
+    client, server, *_ = handshake(
+        server=p.Connection(p.Role.SERVER, max_data=1024)
+    )
+    header = p.FRAME_HEADER.pack(p.MessageType.DATA, 0, 0, 10**9, 4)
+    server.receive_data(header)
+    with pytest.raises(ProtocolError, match="limit"):
+        server.next_event()
+
+
+def test_data_frame_shorter_than_its_header():
+    client, server, *_ = handshake()
+    server.receive_data(p.FRAME_HEADER.pack(p.MessageType.DATA, 0, 0, 4, 4))
+    with pytest.raises(ProtocolError, match="shorter"):
+        server.next_event()
+
+
+def test_truncated_frame_then_eof():
+    client, server, *_ = handshake()
+    frame = wire(client.send_data(1, [b"x" * 100]))
+    server.receive_data(frame[:50])
+    assert server.next_event() is p.NEED_DATA
+    server.receive_data(b"")
+    with pytest.raises(ProtocolError, match="closed inside a frame"):
+        server.next_event()
+
+
+def test_truncated_header_then_eof():
+    server = fresh_server()
+    server.receive_data(b"\x00\x01\x00")
+    server.receive_data(b"")
+    with pytest.raises(ProtocolError, match="closed inside a frame"):
+        server.next_event()
+
+
+def test_clean_eof_between_frames():
+    client, server, *_ = handshake()
+    deliver(client.send(p.Query()), server)
+    server.receive_data(b"")
+    assert server.next_event() == p.Query()
+    assert isinstance(server.next_event(), p.ConnectionClosed)
+
+
+def test_byte_at_a_time_delivery():
+    client, server, *_ = handshake()
+    data = wire(client.send(SETUP)) + wire(client.send_data(1, [b"zz"]))
+    events = []
+    for i in range(len(data)):
+        server.receive_data(data[i : i + 1])
+        event = server.next_event()
+        if event is not p.NEED_DATA:
+            events.append(event)
+    assert events[0] == SETUP
+    assert (events[1].seq, bytes(events[1].payload)) == (1, b"zz")
+
+
+def test_lz4_compressed_data_round_trip():
+    client, server, *_ = handshake()
+    pages = [bytes([i]) * 4096 for i in range(8)]
+    frame = wire(client.send_data(1, pages, compress=True))
+    assert len(frame) < 8 * 4096 // 4
+    header = p.FRAME_HEADER.unpack_from(frame)
+    assert header[1] & p.FLAG_LZ4
+    server.receive_data(frame)
+    event = server.next_event()
+    assert event.seq == 1
+    assert bytes(event.payload) == b"".join(pages)
+
+
+def test_incompressible_data_goes_uncompressed():
+    client, server, *_ = handshake()
+    page = os.urandom(4096)
+    frame = wire(client.send_data(1, [page], compress=True))
+    assert not p.FRAME_HEADER.unpack_from(frame)[1] & p.FLAG_LZ4
+    server.receive_data(frame)
+    assert bytes(server.next_event().payload) == page
+
+
+def test_decompression_bomb_is_refused():
+    client, server, *_ = handshake(
+        server=p.Connection(p.Role.SERVER, max_data=64 * 1024)
+    )
+    # Build a valid compressed frame whose content exceeds the limit, by
+    # sending from a client that allows more.
+    client.max_data = 1 << 20
+    deliver(client.send_data(1, [b"\0" * (1 << 20)], compress=True), server)
+    with pytest.raises(ProtocolError, match="limit"):
+        server.next_event()
+
+
+def test_send_data_over_limit():
+    client, *_ = handshake(client=p.Connection(p.Role.CLIENT, max_data=10))
+    with pytest.raises(ValueError, match="limit"):
+        client.send_data(1, [b"x" * 11])
+
+
+def test_direct_payload_reads_into_caller_memory():
+    client, server, *_ = handshake(
+        server=p.Connection(p.Role.SERVER, direct_payload=True)
+    )
+    body = bytes(range(256)) * 64
+    deliver(client.send_data(1, [body[:1000], body[1000:]]), server)
+    header = server.next_event()
+    assert header == p.DataHeader(seq=1, length=len(body))
+    target = memoryview(bytearray(len(body)))
+    # All of it is buffered already here; take it in two pieces.
+    assert server.take_payload(target[:100]) == 100
+    assert server.take_payload(target[100:]) == len(body) - 100
+    assert server.next_event() == p.DataEnd(seq=1)
+    assert bytes(target) == body
+    deliver(client.send(p.Commit()), server)
+    assert server.next_event() == p.Commit()
+
+
+def test_direct_payload_tampered_body_fails_at_the_end():
+    client, server, *_ = handshake(
+        server=p.Connection(p.Role.SERVER, direct_payload=True)
+    )
+    frame = bytearray(wire(client.send_data(1, [b"q" * 64])))
+    frame[-p.TAG_SIZE - 1] ^= 0xFF
+    server.receive_data(frame)
+    server.next_event()
+    target = memoryview(bytearray(64))
+    server.take_payload(target)
+    with pytest.raises(AuthenticationError):
+        server.next_event()
+
+
+def test_direct_payload_must_be_read_before_the_next_event():
+    client, server, *_ = handshake(
+        server=p.Connection(p.Role.SERVER, direct_payload=True)
+    )
+    deliver(client.send_data(1, [b"q" * 64]), server)
+    server.next_event()
+    with pytest.raises(RuntimeError, match="not read"):
+        server.next_event()
+
+
+def test_direct_mode_hands_compressed_frames_whole():
+    client, server, *_ = handshake(
+        server=p.Connection(p.Role.SERVER, direct_payload=True)
+    )
+    deliver(client.send_data(1, [b"\0" * 8192], compress=True), server)
+    event = server.next_event()
+    assert isinstance(event, p.Data)
+    assert bytes(event.payload) == b"\0" * 8192
+
+
+def test_corrupt_compressed_body_is_protocol_error():
+    # An authenticated but corrupt lz4 body (the peer's bug).
+    client, server, *_ = handshake()
+    bad = lz4.frame.compress(b"a" * 5000)[:-6]
+    parts = [p.DATA_HEADER.pack(1), bad]
+    header = p.FRAME_HEADER.pack(
+        p.MessageType.DATA,
+        p.FLAG_LZ4,
+        0,
+        sum(map(len, parts)),
+        client._send_counter,
+    )
+    tag = p._mac(client._send_key, header, *parts)
+    server.receive_data(header + b"".join(parts) + tag)
+    with pytest.raises(ProtocolError, match="lz4"):
+        server.next_event()
+
+
+def test_frame_header_layout():
+    assert p.FRAME_HEADER.size == 16
+    assert struct.calcsize("!HBBIQ") == p.FRAME_HEADER.size
+    assert p.TAG_SIZE == 32
+
+
+def test_short_token_refused():
+    client = p.Connection(p.Role.CLIENT)
+    server = p.Connection(p.Role.SERVER)
+    deliver(client.send_hello("m", 0), server)
+    server.next_event()
+    with pytest.raises(ValueError, match="token"):
+        server.send_challenge(b"short")
+
+
+def test_sequences_and_acks():
+    client, server, *_ = handshake()
+    with pytest.raises(ValueError, match="does not follow"):
+        client.send_data(2, [b"gap"])
+    for seq in (1, 2, 3):
+        deliver(client.send_data(seq, [b"d"]), server)
+        server.next_event()
+    assert server.last_seq == client.last_seq == 3
+    with pytest.raises(ValueError, match="outside the received range"):
+        server.send(p.Ack(seq=4))
+    deliver(server.send(p.Ack(seq=2)), client)
+    assert client.next_event() == p.Ack(seq=2)
+    assert client.acked == server.acked == 2
+    with pytest.raises(ValueError, match="outside"):
+        server.send(p.Ack(seq=1))
+
+
+def test_resumed_channel_continues_after_resume_from():
+    client, server, *_ = handshake(last_acked=4, resume_from=6)
+    assert client.last_seq == server.last_seq == 6
+    with pytest.raises(ValueError):
+        client.send_data(1, [b"old round"])
+    deliver(client.send_data(7, [b"next"]), server)
+    assert server.next_event().seq == 7
+
+
+def forged_data(client, seq, body=b"x", flags=0):
+    # A correctly authenticated frame with an arbitrary sequence number,
+    # as a buggy peer would send it.
+    parts = [p.DATA_HEADER.pack(seq), body]
+    header = p.FRAME_HEADER.pack(
+        p.MessageType.DATA,
+        flags,
+        0,
+        sum(map(len, parts)),
+        client._send_counter,
+    )
+    client._send_counter += 1
+    return header + b"".join(parts) + p._mac(client._send_key, header, *parts)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_data_sequence_gap_or_repeat_is_refused(direct):
+    client, server, *_ = handshake(
+        server=p.Connection(p.Role.SERVER, direct_payload=direct)
+    )
+    deliver(client.send_data(1, [b"a"]), server)
+    server.next_event()
+    if direct:
+        server.take_payload(memoryview(bytearray(1)))
+        server.next_event()
+    server.receive_data(forged_data(client, 1))
+    with pytest.raises(ProtocolError, match="does not follow 1"):
+        server.next_event()
+
+
+def test_ack_beyond_what_was_sent_is_refused():
+    client, server, *_ = handshake()
+    deliver(client.send_data(1, [b"a"]), server)
+    server.next_event()
+    # The server acknowledges more than it got (its bug, forged here).
+    server.last_seq = 5
+    deliver(server.send(p.Ack(seq=5)), client)
+    with pytest.raises(ProtocolError, match="outside the sent range"):
+        client.next_event()
+
+
+def test_deeply_nested_json_is_a_protocol_error():
+    server = fresh_server()
+    server.receive_data(raw_frame(p.MessageType.HELLO, b"[" * 60000))
+    with pytest.raises(ProtocolError):
+        server.next_event()
+
+
+def valid_client_stream():
+    client, server = p.Connection(p.Role.CLIENT), fresh_server()
+    data = wire(client.send_hello("m", 0, ["lz4"]))
+    deliver([data], server)
+    server.next_event()
+    deliver(server.send_challenge(TOKEN, ["lz4"]), client)
+    client.next_event()
+    return data + wire(client.send_auth(TOKEN))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_mutated_streams_fail_only_with_protocol_error(seed):
+    import random
+
+    rng = random.Random(seed)
+    data = bytearray(valid_client_stream())
+    for _ in range(rng.randint(1, 4)):
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    server = fresh_server()
+    server.receive_data(bytes(data))
+    server.receive_data(b"")
+    try:
+        for _ in range(4):
+            event = server.next_event()
+            if isinstance(event, p.Hello):
+                server.send_challenge(TOKEN)
+    except ProtocolError:
+        pass
+
+
+def test_lz4_only_when_negotiated():
+    client, server, *_ = handshake(server_caps=())
+    assert client.capabilities == server.capabilities == frozenset()
+    with pytest.raises(ValueError, match="not negotiated"):
+        client.send_data(1, [b"\0" * 4096], compress=True)
+    packed = lz4.frame.compress(b"\0" * 4096)
+    server.receive_data(forged_data(client, 1, packed, flags=p.FLAG_LZ4))
+    with pytest.raises(ProtocolError, match="not negotiated"):
+        server.next_event()

@@ -1,0 +1,348 @@
+"""Listener and Channel over real sockets: a socketpair, or loopback TCP,
+with the two protocol ends in two threads."""
+
+import hashlib
+import socket
+import threading
+
+import pytest
+
+from nova_xen_ncm.engine import protocol as p
+from nova_xen_ncm.engine import transport
+from nova_xen_ncm.engine.errors import Refused
+from nova_xen_ncm.engine.errors import TransportError
+from nova_xen_ncm.engine.transport import Channel
+from nova_xen_ncm.engine.transport import Listener
+
+TOKEN = b"k" * 32
+TIMEOUT = 10.0
+
+
+class Background:
+    """Run ``fn`` in a thread; ``result()`` returns or re-raises."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self._value = None
+        self._error = None
+
+        def run():
+            try:
+                self._value = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the test thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join(TIMEOUT)
+        assert not self._thread.is_alive(), "background side hung"
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def pair(direct_payload=False, max_data=p.DEFAULT_MAX_DATA):
+    a, b = socket.socketpair()
+    client = Channel(
+        a, p.Connection(p.Role.CLIENT, max_data=max_data), io_timeout=TIMEOUT
+    )
+    server = Channel(
+        b,
+        p.Connection(
+            p.Role.SERVER, max_data=max_data, direct_payload=direct_payload
+        ),
+        io_timeout=TIMEOUT,
+    )
+    return client, server
+
+
+def token_for(expected_id="mig"):
+    def lookup(hello):
+        if hello.migration_id != expected_id:
+            raise Refused(
+                p.RefuseReason.UNKNOWN_MIGRATION,
+                f"no migration {hello.migration_id}",
+            )
+        return TOKEN
+
+    return lookup
+
+
+def established_pair(**kwargs):
+    client, server = pair(**kwargs)
+    bg = Background(server.server_handshake, token_for(), capabilities=["lz4"])
+    client.client_handshake("mig", TOKEN, capabilities=["lz4", "resume"])
+    bg.result()
+    return client, server
+
+
+def test_vectored_send_and_recv_into_deliver_exact_bytes():
+    client, server = pair()
+    # Many small buffers (more than one sendmsg's iovec limit) and big
+    # ones (bigger than the socket buffer: partial writes).
+    small = [
+        bytes([i % 251]) * (i % 7 + 1)
+        for i in range(2 * transport.IOV_MAX + 5)
+    ]
+    big = [
+        memoryview(bytearray(hashlib.sha256(bytes([i])).digest() * 65536))
+        for i in range(3)
+    ]
+    buffers = small + big + [b""]
+    expected = b"".join(bytes(b) for b in buffers)
+    target = memoryview(bytearray(len(expected)))
+    reader = Background(server.recv_into_exact, target)
+    assert client.send_buffers(buffers) == len(expected)
+    reader.result()
+    assert bytes(target) == expected
+
+
+def test_recv_into_exact_reports_early_close():
+    client, server = pair()
+    client.send_buffers([b"abc"])
+    client.close()
+    with pytest.raises(TransportError, match="outstanding"):
+        server.recv_into_exact(memoryview(bytearray(10)))
+
+
+def test_handshake_and_messages_over_a_socketpair():
+    client, server = established_pair()
+    assert client.connection.established and server.connection.established
+    assert client.connection.capabilities == {"lz4"}
+    client.send(
+        p.Setup(
+            domid=3,
+            name="g",
+            uuid="u",
+            memory_bytes=4096,
+            vcpus=1,
+            pv_drivers=False,
+            required=(),
+        )
+    )
+    assert server.receive().domid == 3
+    server.send(p.SetupReply(accepted=True, domid=3, code="", text=""))
+    assert client.receive().accepted
+
+
+def test_page_payload_read_straight_into_caller_memory():
+    client, server = established_pair(direct_payload=True)
+    pages = [memoryview(bytearray(bytes([n]) * 4096)) for n in range(64)]
+    sender = Background(client.send_data, 1, pages)
+    header = server.next_event()
+    assert header == p.DataHeader(seq=1, length=64 * 4096)
+    guest = memoryview(bytearray(64 * 4096))
+    # Page by page, as into mapped destination pages.
+    for n in range(64):
+        server.read_payload_into(guest[n * 4096 : (n + 1) * 4096])
+    assert server.next_event() == p.DataEnd(seq=1)
+    sender.result()
+    assert bytes(guest) == b"".join(bytes(pg) for pg in pages)
+    server.send(p.Ack(seq=1))
+    assert client.receive() == p.Ack(seq=1)
+
+
+def test_read_payload_into_more_than_the_frame():
+    client, server = established_pair(direct_payload=True)
+    client.send_data(1, [b"x" * 10])
+    server.next_event()
+    with pytest.raises(ValueError, match="left in the frame"):
+        server.read_payload_into(memoryview(bytearray(11)))
+
+
+def test_lz4_frames_over_the_wire():
+    client, server = established_pair()
+    body = b"".join(bytes([i]) * 4096 for i in range(16))
+    wire_bytes = client.send_data(1, [body], compress=True)
+    assert wire_bytes < len(body) // 4
+    event = server.receive()
+    assert (event.seq, bytes(event.payload)) == (1, body)
+
+
+def test_wrong_token_refused_on_both_ends():
+    client, server = pair()
+    bg = Background(server.server_handshake, token_for())
+    with pytest.raises(Refused) as info:
+        client.client_handshake("mig", b"w" * 32)
+    assert info.value.code == "authentication"
+    with pytest.raises(Refused):
+        bg.result()
+
+
+def test_unknown_migration_refused():
+    client, server = pair()
+    bg = Background(server.server_handshake, token_for("other"))
+    with pytest.raises(Refused) as info:
+        client.client_handshake("mig", TOKEN)
+    assert info.value.code == "unknown-migration"
+    with pytest.raises(Refused):
+        bg.result()
+
+
+def test_resume_without_a_resume_handler_is_refused():
+    client, server = pair()
+    bg = Background(server.server_handshake, token_for())
+    with pytest.raises(Refused, match="bad-request"):
+        client.client_handshake("mig", TOKEN, last_acked=3)
+    with pytest.raises(Refused):
+        bg.result()
+
+
+def test_resume_reports_where_to_continue():
+    client, server = pair()
+    seen = []
+
+    def resume_from(hello, resume):
+        seen.append(resume.last_acked)
+        return 12
+
+    bg = Background(
+        server.server_handshake, token_for(), resume_from=resume_from
+    )
+    welcome = client.client_handshake("mig", TOKEN, channel=1, last_acked=9)
+    hello, proof = bg.result()
+    assert welcome.resume_from == 12
+    assert seen == [9]
+    assert hello.channel == 1
+    assert isinstance(proof, p.Resume)
+
+
+def test_peer_close_is_a_transport_error():
+    client, server = established_pair()
+    client.close()
+    with pytest.raises(TransportError, match="closed"):
+        server.receive()
+
+
+def loopback_listener(**kwargs):
+    # Ports 0..0 let the kernel pick one: tests never collide.
+    return Listener("127.0.0.1", 0, 0, **kwargs)
+
+
+def test_listener_accepts_the_expected_channels_only():
+    with loopback_listener(expected=2, accept_timeout=TIMEOUT) as listener:
+        port = listener.port
+        assert port > 0
+
+        def serve():
+            channels = []
+            for _ in range(2):
+                ch = Channel.accept(listener, io_timeout=TIMEOUT)
+                ch.server_handshake(token_for(), capabilities=["lz4"])
+                channels.append(ch)
+            return channels
+
+        bg = Background(serve)
+        clients = []
+        for index in range(2):
+            ch = Channel.connect(
+                "127.0.0.1", port, connect_timeout=TIMEOUT, io_timeout=TIMEOUT
+            )
+            ch.client_handshake("mig", TOKEN, channel=index)
+            clients.append(ch)
+        servers = bg.result()
+        with pytest.raises(TransportError, match="expected connections"):
+            listener.accept()
+        for index, ch in enumerate(clients):
+            ch.send_data(1, [b"chan%d" % index])
+        got = sorted(bytes(s.receive().payload) for s in servers)
+        assert got == [b"chan0", b"chan1"]
+        listener.allow()
+        assert listener.accepted == 2
+        for ch in clients + servers:
+            ch.close()
+
+
+def test_listener_idle_timeout():
+    with loopback_listener(accept_timeout=0.05) as listener:
+        with pytest.raises(TransportError, match="no connection"):
+            listener.accept()
+
+
+def test_listener_port_range_exhausted():
+    with loopback_listener() as first:
+        with pytest.raises(TransportError, match="no free port"):
+            Listener("127.0.0.1", first.port, first.port)
+
+
+def test_listener_rejects_bad_range():
+    with pytest.raises(ValueError):
+        Listener("127.0.0.1", 5000, 4000)
+
+
+def test_connect_refused_is_a_transport_error():
+    with loopback_listener() as listener:
+        port = listener.port
+    with pytest.raises(TransportError, match="cannot connect"):
+        Channel.connect("127.0.0.1", port, connect_timeout=TIMEOUT)
+
+
+def test_listener_from_conf():
+    from oslo_config import cfg
+
+    from nova_xen_ncm.conf import xen_ncm
+
+    conf = cfg.ConfigOpts()
+    xen_ncm.register_opts(conf)
+    conf([])
+    conf.set_override("listen_address", "127.0.0.1", group="xen_ncm")
+    conf.set_override("port_min", 0, group="xen_ncm")
+    conf.set_override("port_max", 0, group="xen_ncm")
+    conf.set_override("accept_timeout", 3.0, group="xen_ncm")
+    with Listener.from_conf(conf, expected=3) as listener:
+        assert listener.accept_timeout == 3.0
+        assert listener.address[0] == "127.0.0.1"
+
+
+def test_several_channels_per_migration():
+    with loopback_listener(expected=3, accept_timeout=TIMEOUT) as listener:
+        bg = Background(
+            transport.accept_channels,
+            listener,
+            3,
+            token_for(),
+            capabilities=["lz4"],
+            io_timeout=TIMEOUT,
+        )
+        clients = transport.connect_channels(
+            "127.0.0.1",
+            listener.port,
+            "mig",
+            TOKEN,
+            3,
+            capabilities=["lz4"],
+            connect_timeout=TIMEOUT,
+            io_timeout=TIMEOUT,
+        )
+        servers = bg.result()
+        assert [c.connection.hello.channel for c in clients] == [0, 1, 2]
+        assert [s.connection.hello.channel for s in servers] == [0, 1, 2]
+        assert servers[0].connection.capabilities == {
+            "lz4",
+            p.Capability.MULTI_CHANNEL.value,
+        }
+        for index, ch in enumerate(clients):
+            ch.send_data(1, [b"page of channel %d" % index])
+        for index, ch in enumerate(servers):
+            assert bytes(ch.receive().payload) == (
+                b"page of channel %d" % index
+            )
+        for ch in clients + servers:
+            ch.close()
+
+
+def test_unexpected_channel_index_is_refused():
+    with loopback_listener(expected=1, accept_timeout=TIMEOUT) as listener:
+        bg = Background(transport.accept_channels, listener, 1, token_for())
+        ch = Channel.connect(
+            "127.0.0.1",
+            listener.port,
+            connect_timeout=TIMEOUT,
+            io_timeout=TIMEOUT,
+        )
+        with pytest.raises(Refused, match="too-many-connections"):
+            ch.client_handshake("mig", TOKEN, channel=1)
+        with pytest.raises(Refused):
+            bg.result()
+        ch.close()
