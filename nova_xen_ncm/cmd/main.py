@@ -13,14 +13,10 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from nova_xen_ncm.cmd import CommandError
+
 # Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = (
-    "nova_xen_ncm.cmd.inspect",
-)
-
-
-class CommandError(Exception):
-    """An error the user can act on; printed as one line, exit status 2."""
+SUBCOMMANDS = ("nova_xen_ncm.cmd.inspect", "nova_xen_ncm.cmd.watch")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,11 +7,13 @@ share (inside Nova it is ``nova.conf.CONF``'s underlying object).
 
 from oslo_config import cfg
 
+from nova_xen_ncm.conf import progress
+from nova_xen_ncm.conf import sim
 from nova_xen_ncm.conf import xen_ncm
 
 CONF = cfg.CONF
 
-_MODULES = (xen_ncm,)
+_MODULES = (xen_ncm, sim, progress)
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:

@@ -2,6 +2,8 @@
 
 from oslo_config import cfg
 
+from nova_xen_ncm.conf.utils import register_group_opts
+
 GROUP = cfg.OptGroup(
     "xen_ncm",
     title="Xen non-cooperative migration",
@@ -257,8 +259,7 @@ OPTS = HOST_OPTS + TRANSPORT_OPTS + RETRY_OPTS + POLICY_OPTS
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
-    conf.register_group(GROUP)
-    conf.register_opts(OPTS, group=GROUP)
+    register_group_opts(conf, GROUP, OPTS)
 
 
 def list_opts() -> dict:

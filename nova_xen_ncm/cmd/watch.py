@@ -1,0 +1,293 @@
+"""``nova-xen-ncm watch``: live progress of migrations, from the bus.
+
+Listens to the notifications topics (``[oslo_messaging_notifications]
+topics``, ``notifications`` by default) for ``xen_ncm.migration.*`` and
+shows a live progress bar per running migration and a line per finished
+one (plain lines when stdout is not a terminal). It listens in its own
+pool, so it takes copies of the notifications and steals none from other
+consumers such as ceilometer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import getpass
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import oslo_messaging
+
+from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.progress.terminal import Display
+from nova_xen_ncm.progress.tracker import unwrap
+
+POOL_PREFIX = "nova-xen-ncm-watch"
+EVENT_TYPES = r"^xen_ncm\.migration\."
+# The pool's queue outlives a watch and collects notifications until the
+# next one starts; those older than this (seconds before the start, which
+# also absorbs clock skew between hosts) are not shown.
+STALE_GRACE = 60.0
+# How often the main thread wakes up to check the timeout.
+_POLL = 0.2
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "watch",
+        help="Show live progress of migrations from the message bus.",
+        description=(
+            "Listen for xen_ncm.migration.* notifications and show a live "
+            "progress bar per running migration and a line per finished "
+            "one. Stop with Ctrl-C."
+        ),
+    )
+    parser.add_argument(
+        "--transport-url",
+        metavar="URL",
+        help="transport URL of the bus (default: [oslo_messaging_"
+        "notifications] transport_url, else [DEFAULT] transport_url)",
+    )
+    parser.add_argument(
+        "--pool",
+        default=default_pool(),
+        help="listener pool (a queue of its own on the bus); watchers in "
+        "the same pool share the notifications between them (default: "
+        "%(default)s, one per user and host)",
+    )
+    parser.add_argument(
+        "--migration",
+        metavar="ID",
+        help="show only this migration",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="exit when the first migration ends on its source; the exit "
+        "status is 0 if it is DONE, 1 otherwise",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="stop after this many seconds (with --once, an error when no "
+        "migration ended by then)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="plain lines even on a terminal",
+    )
+    parser.set_defaults(func=run)
+
+
+def default_pool() -> str:
+    """A pool per user and host: two operators watching do not split the
+    notifications between them, and one operator's pool is reused from
+    one watch to the next rather than left behind on the broker."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{POOL_PREFIX}.{socket.gethostname()}.{user}"
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+class Endpoint:
+    """Receives our notifications in the listener's threads and hands
+    them to the main thread."""
+
+    filter_rule = oslo_messaging.NotificationFilter(event_type=EVENT_TYPES)
+
+    def __init__(self, inbox: queue.Queue) -> None:
+        self.inbox = inbox
+
+    def _receive(
+        self,
+        ctxt: Any,
+        publisher_id: str,
+        event_type: str,
+        payload: Any,
+        metadata: Mapping[str, Any],
+    ) -> None:
+        self.inbox.put((event_type, payload, dict(metadata)))
+
+    info = warn = error = _receive
+
+
+class Watch:
+    """What ``watch`` shows, fed one notification at a time."""
+
+    def __init__(
+        self,
+        display: Display,
+        *,
+        migration: str | None = None,
+        once: bool = False,
+        not_before: float | None = None,
+    ) -> None:
+        self.display = display
+        self.migration = migration
+        self.once = once
+        self.not_before = not_before
+        #: The outcome that ends a --once watch, when it came.
+        self.outcome: str | None = None
+
+    def feed(
+        self,
+        event_type: str,
+        payload: Any,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Show one notification; True when the watch is over."""
+        try:
+            data = unwrap(payload)
+        except ValueError as exc:
+            print(f"ignored {event_type}: {exc}", file=sys.stderr)
+            return False
+        if self.migration and data.get("migration_id") != self.migration:
+            return False
+        if self._stale(metadata or {}):
+            return False
+        self.display.show(event_type, data)
+        if (
+            self.once
+            and event_type.endswith(".end")
+            and data.get("role", "source") == "source"
+        ):
+            self.outcome = str(data.get("outcome"))
+            return True
+        return False
+
+    def _stale(self, metadata: Mapping[str, Any]) -> bool:
+        if self.not_before is None:
+            return False
+        sent = _parse_time(metadata.get("timestamp"))
+        return sent is not None and sent < self.not_before
+
+
+def _parse_time(text: Any) -> float | None:
+    # oslo.messaging stamps str(timeutils.utcnow()): naive UTC.
+    if not isinstance(text, str):
+        return None
+    try:
+        stamp = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=datetime.timezone.utc)
+    return stamp.timestamp()
+
+
+def run(args: argparse.Namespace) -> int:
+    from nova_xen_ncm import conf
+
+    started = time.time()
+    deadline = (
+        None if args.timeout is None else time.monotonic() + args.timeout
+    )
+    transport = oslo_messaging.get_notification_transport(
+        conf.CONF, url=args.transport_url
+    )
+    inbox: queue.Queue = queue.Queue()
+    listener = oslo_messaging.get_notification_listener(
+        transport,
+        [
+            oslo_messaging.Target(topic=topic)
+            for topic in conf.CONF.oslo_messaging_notifications.topics
+        ],
+        [Endpoint(inbox)],
+        executor="threading",
+        pool=args.pool,
+    )
+    watch = Watch(
+        Display(sys.stdout, tty=False if args.plain else None),
+        migration=args.migration,
+        once=args.once,
+        not_before=started - STALE_GRACE,
+    )
+    # Connecting retries for as long as the bus is away; in a thread of
+    # its own so that --timeout and Ctrl-C still work meanwhile.
+    listening = threading.Event()
+    failed: list[BaseException] = []
+    threading.Thread(
+        target=_listen,
+        args=(listener, args.pool, listening, failed),
+        name="watch-listener",
+        daemon=True,
+    ).start()
+    try:
+        return _loop(watch, inbox, listening, failed, deadline, args)
+    finally:
+        watch.display.close()
+        if listening.is_set():
+            listener.stop()
+            listener.wait()
+            transport.cleanup()
+
+
+def _listen(
+    listener: Any,
+    pool: str,
+    listening: threading.Event,
+    failed: list[BaseException],
+) -> None:
+    try:
+        listener.start()
+    except Exception as exc:
+        failed.append(exc)
+        return
+    listening.set()
+    # On stderr: stdout carries only migrations, and a caller waits for
+    # this line before it expects any.
+    print(
+        f"nova-xen-ncm watch: listening in pool {pool}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _loop(
+    watch: Watch,
+    inbox: queue.Queue,
+    listening: threading.Event,
+    failed: list[BaseException],
+    deadline: float | None,
+    args: argparse.Namespace,
+) -> int:
+    while True:
+        if failed:
+            raise CommandError(f"cannot listen on the bus: {failed[0]}")
+        wait = _POLL
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if not listening.is_set():
+                    raise CommandError(
+                        f"could not listen on the bus within "
+                        f"{args.timeout:g} seconds"
+                    )
+                if args.once:
+                    raise CommandError(
+                        f"no migration ended within {args.timeout:g} seconds"
+                    )
+                return 0
+            wait = min(wait, left)
+        try:
+            event_type, payload, metadata = inbox.get(timeout=wait)
+        except queue.Empty:
+            continue
+        if watch.feed(event_type, payload, metadata):
+            return 0 if watch.outcome == "done" else 1

@@ -1,0 +1,128 @@
+"""Options of the simulated Xen host: group [xen_ncm_sim]."""
+
+from oslo_config import cfg
+
+from nova_xen_ncm.conf.utils import register_group_opts
+
+GROUP = cfg.OptGroup(
+    "xen_ncm_sim",
+    title="Simulated Xen host",
+    help="Knobs of the simulated Xen host embedded in nova-xen-ncm: the "
+    "host's size, the default guest and its workload, and injected "
+    "faults for testing.",
+)
+
+OPTS = [
+    cfg.IntOpt(
+        "host_memory_mb",
+        default=16384,
+        min=64,
+        max=16 * 1024 * 1024,
+        help="Memory of the simulated host that guests may be given, in "
+        "MiB. Creating a guest beyond it fails with InsufficientMemory.",
+    ),
+    cfg.IntOpt(
+        "guest_memory_mb",
+        default=1024,
+        min=4,
+        max=1024 * 1024,
+        help="Memory of a guest created without an explicit size, in MiB.",
+    ),
+    cfg.IntOpt(
+        "guest_vcpus",
+        default=2,
+        min=1,
+        max=32,
+        help="vCPUs of a guest created without an explicit count.",
+    ),
+    cfg.ListOpt(
+        "guest_devices",
+        default=["vif:0", "vbd:51712"],
+        help="PV devices of a default guest, as kind:devid.",
+    ),
+    cfg.IntOpt(
+        "dirty_rate_bytes",
+        default=8 * 1024 * 1024,
+        min=0,
+        max=16 * 1024 * 1024 * 1024,
+        help="Bytes per second the guest's vCPUs write to its RAM (all "
+        "vCPUs together). 0 leaves the guest idle.",
+    ),
+    cfg.StrOpt(
+        "dirty_pattern",
+        default="hotcold",
+        choices=[
+            ("uniform", "Any page of the guest's heap, equally likely."),
+            ("hotcold", "Mostly a small hot working set, sometimes the rest."),
+            ("sequential", "Walk the heap page after page, wrapping."),
+        ],
+        help="Which pages the guest's writes land on.",
+    ),
+    cfg.FloatOpt(
+        "hot_fraction",
+        default=0.05,
+        min=0.0001,
+        max=1.0,
+        help="Size of the hot working set as a fraction of the heap "
+        "(pattern hotcold).",
+    ),
+    cfg.FloatOpt(
+        "hot_probability",
+        default=0.9,
+        min=0.0,
+        max=1.0,
+        help="Probability that a write lands in the hot set (pattern "
+        "hotcold).",
+    ),
+    cfg.StrOpt(
+        "memory_fill",
+        default="guestlike",
+        choices=[
+            ("zero", "Leave RAM zero (nothing touched at boot)."),
+            ("random", "Fill every page with random bytes."),
+            (
+                "guestlike",
+                "A mix of zero pages, repeated patterns and "
+                "random pages, as an OS's RAM looks.",
+            ),
+        ],
+        help="What the guest's RAM holds when it boots.",
+    ),
+    cfg.IntOpt(
+        "io_rate_requests",
+        default=200,
+        min=0,
+        max=1000000,
+        help="Requests per second each PV frontend issues to its backend.",
+    ),
+    cfg.FloatOpt(
+        "call_latency_s",
+        default=0.0,
+        min=0.0,
+        max=60.0,
+        help="Latency injected into every host driver call, in seconds.",
+    ),
+    cfg.FloatOpt(
+        "call_failure_probability",
+        default=0.0,
+        min=0.0,
+        max=1.0,
+        help="Probability that a host driver call fails with HostError "
+        "(fault injection; 0 disables).",
+    ),
+    cfg.IntOpt(
+        "fault_seed",
+        default=None,
+        min=0,
+        help="Seed of the fault injection's random generator, to make a "
+        "faulty run repeatable. Unset: a fresh seed per host.",
+    ),
+]
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    register_group_opts(conf, GROUP, OPTS)
+
+
+def list_opts() -> dict:
+    return {GROUP: OPTS}

@@ -1,0 +1,142 @@
+"""One live migration as an orchestrator (the Nova driver, a console
+command) drives it: each side runs in its own thread.
+
+The destination is prepared first (:class:`IncomingMigration`: a
+one-time token and a listening port, handed to the source out of band,
+in Nova's migrate_data); the source then starts
+(:class:`OutgoingMigration`) and may be cancelled or forced to complete
+while it runs. Both ends report through progress sinks and end in a
+terminal phase; ``wait`` returns it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from oslo_config import cfg
+
+from nova_xen_ncm.engine import policy as policies
+from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine.receiver import Receiver
+from nova_xen_ncm.engine.sender import Sender
+from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.engine.stats import MigrationStats
+from nova_xen_ncm.host import base
+from nova_xen_ncm.progress.model import ProgressSink
+
+
+class _Runner:
+    """A migration side run in a daemon thread."""
+
+    def __init__(self, name: str, target) -> None:
+        self._result: Phase | None = None
+        self._done = threading.Event()
+
+        def run() -> None:
+            try:
+                self._result = target()
+            finally:
+                self._done.set()
+
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> Phase | None:
+        """The final phase, or None if not finished within ``timeout``."""
+        self._done.wait(timeout)
+        return self._result
+
+
+class IncomingMigration:
+    """The destination of ``migration_id`` on ``host``.
+
+    ``token`` and ``endpoint`` go to the source; ``advertise`` is the
+    address it should connect to when the listener is bound to a
+    wildcard address.
+    """
+
+    def __init__(
+        self,
+        host: base.HostDriver,
+        migration_id: str,
+        *,
+        conf: cfg.ConfigOpts | None = None,
+        sinks: Iterable[ProgressSink] = (),
+        advertise: str | None = None,
+    ) -> None:
+        self.token = protocol.generate_token()
+        self.receiver = Receiver(
+            host, migration_id, self.token, conf=conf, sinks=sinks
+        )
+        address, port = self.receiver.address
+        self.endpoint = (advertise or address, port)
+        self._runner = _Runner(
+            f"migration-{migration_id}-in", self.receiver.run
+        )
+
+    @property
+    def phase(self) -> Phase:
+        return self.receiver.state.phase
+
+    def start(self) -> None:
+        self._runner.start()
+
+    def wait(self, timeout: float | None = None) -> Phase | None:
+        return self._runner.wait(timeout)
+
+
+class OutgoingMigration:
+    """The source: migrates ``domid`` of ``host`` to ``endpoint``."""
+
+    def __init__(
+        self,
+        host: base.HostDriver,
+        domid: int,
+        endpoint: tuple[str, int],
+        migration_id: str,
+        token: bytes,
+        *,
+        conf: cfg.ConfigOpts | None = None,
+        policy: policies.Policy | None = None,
+        sinks: Iterable[ProgressSink] = (),
+    ) -> None:
+        self.sender = Sender(
+            host,
+            domid,
+            endpoint,
+            migration_id,
+            token,
+            conf=conf,
+            policy=policy,
+            sinks=sinks,
+        )
+        self._runner = _Runner(
+            f"migration-{migration_id}-out", self.sender.run
+        )
+
+    @property
+    def phase(self) -> Phase:
+        return self.sender.state.phase
+
+    @property
+    def stats(self) -> MigrationStats:
+        return self.sender.stats
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.sender.error
+
+    def start(self) -> None:
+        self._runner.start()
+
+    def wait(self, timeout: float | None = None) -> Phase | None:
+        return self._runner.wait(timeout)
+
+    def cancel(self) -> bool:
+        return self.sender.cancel()
+
+    def force_complete(self) -> bool:
+        return self.sender.force_complete()

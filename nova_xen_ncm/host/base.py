@@ -1,0 +1,535 @@
+"""The hypervisor boundary: what a Xen host can do for a migration.
+
+This module is the one place that says what a host offers. The engine, the
+Nova driver and the console commands use a :class:`HostDriver` and the state
+types below and nothing else of ``nova_xen_ncm.host``; the simulated host
+(``host/sim``) and the real Xen host (``host/xen``) implement it.
+
+The state types describe what the guest can see (ARCHITECTURE.md section 2),
+in host terms. They are not the wire format: ``nova_xen_ncm.stream`` owns the
+byte layouts and the engine translates between the two.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+
+import numpy as np
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+# Domain ids (xen/include/public/xen.h).
+DOMID_FIRST_RESERVED = 0x7FF0
+DOMID_SELF = 0x7FF0
+DOMID_INVALID = 0x7FF4
+
+
+# -- errors ---------------------------------------------------------------
+
+
+class HostError(Exception):
+    """A host operation failed; ``call`` names it, ``errno`` if known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        call: str | None = None,
+        errno: int | None = None,
+    ) -> None:
+        self.call = call
+        self.errno = errno
+        text = f"{call}: {message}" if call else message
+        if errno is not None:
+            text += f" (errno {errno})"
+        super().__init__(text)
+
+
+class DomainNotFound(HostError):
+    """No domain with that domid (or name) exists on this host."""
+
+
+class DomidInUse(HostError):
+    """A domain was to be created with a domid another domain holds."""
+
+
+class InsufficientMemory(HostError):
+    """The host cannot give the domain the memory it needs."""
+
+
+class NotSupported(HostError):
+    """This host cannot do what was asked; the message says why."""
+
+
+# -- domain lifecycle -----------------------------------------------------
+
+
+class DomainState(str, enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    CRASHED = "crashed"
+    DYING = "dying"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceConfig:
+    """A PV device of a guest: ``kind`` is "vif" or "vbd"."""
+
+    kind: str
+    devid: int
+    backend_domid: int = 0
+    mac: str | None = None
+    disk_bytes: int | None = None
+    extra: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainConfig:
+    """What a guest is made of.
+
+    ``pv_drivers`` says whether the guest's OS runs PV frontends (it sets
+    HVM_PARAM_CALLBACK_IRQ, connects its devices through xenstore). The
+    ``workload`` mapping is host-specific (the simulated host reads dirty
+    rate, pattern and fill from it; real Xen ignores it).
+    """
+
+    name: str
+    memory_bytes: int
+    vcpus: int = 1
+    uuid: str | None = None
+    devices: tuple[DeviceConfig, ...] = ()
+    pv_drivers: bool = True
+    workload: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainInfo:
+    domid: int
+    name: str
+    uuid: str
+    state: DomainState
+    memory_bytes: int
+    vcpus: int
+    # Pages actually populated (RAM the guest was given plus special pages).
+    populated_pages: int
+    pv_drivers: bool
+    cpu_time_ns: int = 0
+
+
+# -- platform state -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TscInfo:
+    """XEN_DOMCTL_{get,set}tscinfo (libxc-migration-stream X86_TSC_INFO)."""
+
+    mode: int
+    khz: int
+    nsec: int
+    incarnation: int
+
+
+# -- PV state (ARCHITECTURE.md section 2, items 3 to 8) -------------------
+
+
+class EvtchnType(enum.IntEnum):
+    """EVTCHNSTAT_* of xen/include/public/event_channel.h."""
+
+    CLOSED = 0
+    UNBOUND = 1
+    INTERDOMAIN = 2
+    PIRQ = 3
+    VIRQ = 4
+    IPI = 5
+
+
+class EvtchnAbi(enum.IntEnum):
+    TWO_LEVEL = 2
+    FIFO = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class EventChannel:
+    """One port of the guest's table, as EVTCHNOP_status reports it plus
+    the pending and mask bits (and FIFO priority where the ABI is FIFO)."""
+
+    port: int
+    type: EvtchnType
+    vcpu: int = 0
+    # UNBOUND: the domid allowed to bind; INTERDOMAIN: the peer.
+    remote_domid: int = 0
+    remote_port: int = 0
+    virq: int = 0
+    pirq: int = 0
+    pending: bool = False
+    masked: bool = False
+    priority: int = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class EventChannelState:
+    abi: EvtchnAbi
+    ports: tuple[EventChannel, ...]
+    # FIFO control block GFN and offset per vCPU (empty for 2-level).
+    fifo_control_blocks: tuple[tuple[int, int], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class GrantTableState:
+    """The guest's grant table: version, where its frames sit in the
+    guest's physmap, and their content (v1 or v2 entries, raw)."""
+
+    version: int
+    frame_gfns: tuple[int, ...]
+    # Raw content of every grant frame, PAGE_SIZE each, in frame order.
+    frames: tuple[bytes, ...]
+    status_gfns: tuple[int, ...] = ()
+    status_frames: tuple[bytes, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class VcpuInfoPlacement:
+    """Where a vCPU's vcpu_info lives: the legacy slot in shared info
+    (``gfn`` None) or a page registered with VCPUOP_register_vcpu_info."""
+
+    vcpu: int
+    gfn: int | None = None
+    offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedInfoState:
+    gfn: int | None
+    content: bytes
+    vcpu_info: tuple[VcpuInfoPlacement, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class XenstoreNode:
+    """A node with its permissions in xs_wire form: the first entry is the
+    owner with the default access for everybody else, then the ACL."""
+
+    path: str
+    value: bytes
+    # (access, domid): access is one of "r", "w", "b" (both), "n" (none).
+    perms: tuple[tuple[str, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class XenstoreWatch:
+    path: str
+    token: str
+    depth: int = -1  # -1: no depth limit
+
+
+@dataclasses.dataclass(frozen=True)
+class XenstoreTransaction:
+    """A transaction the guest had open at pause time.
+
+    ``tx_id`` keeps its number; ``writes`` are the changes it had made
+    (value None for a removal). A host that cannot carry the content may
+    restore it marked so that its commit fails with EAGAIN, which the
+    xenstore protocol allows.
+    """
+
+    tx_id: int
+    base_generation: int
+    writes: tuple[XenstoreNode | tuple[str, None], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class XenstoreState:
+    """Everything of the guest's xenstore connection: its nodes (the
+    guest's own tree and its device areas), the watches it registered, the
+    transactions it had open, and the store ring's event channel and pfn."""
+
+    nodes: tuple[XenstoreNode, ...]
+    watches: tuple[XenstoreWatch, ...]
+    transactions: tuple[XenstoreTransaction, ...]
+    store_port: int
+    store_gfn: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InflightRequest:
+    """A request the backend had taken off a ring and not yet answered."""
+
+    ring: str
+    id: int
+    request: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendState:
+    """A PV backend's connection to one frontend, as quiesced at pause.
+
+    The destination backend reconnects with these: it maps the same ring
+    grant references, binds the same ports, continues from the same ring
+    indices and completes the in-flight requests.
+    """
+
+    kind: str
+    devid: int
+    backend_domid: int
+    frontend_path: str
+    backend_path: str
+    state: int
+    ring_refs: tuple[int, ...]
+    event_channels: tuple[int, ...]
+    # ring name -> (req_cons, rsp_prod_pvt) the backend had reached.
+    ring_indices: Mapping[str, tuple[int, int]]
+    inflight: tuple[InflightRequest, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PvState:
+    """All PV state of a guest that a non-cooperative migration carries."""
+
+    domid: int
+    backend_domids: tuple[int, ...]
+    event_channels: EventChannelState
+    grant_table: GrantTableState
+    shared_info: SharedInfoState
+    xenstore: XenstoreState
+    backends: tuple[BackendState, ...]
+
+
+# -- what a host can do ---------------------------------------------------
+
+
+class Item(str, enum.Enum):
+    """The items of the transparency invariant (ARCHITECTURE.md 2)."""
+
+    MEMORY = "memory"
+    PLATFORM = "platform"
+    DOMID = "domid"
+    XENSTORE = "xenstore"
+    EVENT_CHANNELS = "event_channels"
+    GRANT_TABLE = "grant_table"
+    SHARED_INFO = "shared_info"
+    PV_DEVICES = "pv_devices"
+    HVM_PARAMS = "hvm_params"
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What this host can save and restore.
+
+    ``restore`` maps each invariant item to None when the host can restore
+    it, or to the reason it cannot. A guest with PV drivers needs every
+    item; a guest without PV drivers needs MEMORY, PLATFORM and HVM_PARAMS.
+    """
+
+    host: str
+    hypervisor: str
+    restore: Mapping[Item, str | None]
+    log_dirty: bool = True
+    preserve_domid: bool = True
+    vcpu_throttle: bool = True
+    max_vcpus: int = 128
+    free_memory_bytes: int = 0
+
+    def missing(self, pv_drivers: bool) -> dict[Item, str]:
+        """The items a guest would need that this host cannot restore."""
+        needed = (
+            list(Item)
+            if pv_drivers
+            else [Item.MEMORY, Item.PLATFORM, Item.HVM_PARAMS]
+        )
+        return {
+            item: self.restore[item]
+            for item in needed
+            if self.restore.get(item) is not None
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestState:
+    """The guest-visible state of ARCHITECTURE.md section 2 at an instant,
+    for the transparency checker: per item a comparable value (digests and
+    small tuples) and, for PV devices, what the frontends observed."""
+
+    items: Mapping[Item, object]
+    # Per device: the xenbus states the frontend ever saw and its I/O
+    # sequence counters (host-specific; empty where unknown).
+    frontends: Mapping[str, Mapping[str, object]] = dataclasses.field(
+        default_factory=dict
+    )
+
+
+class PageMapping(AbstractContextManager):
+    """Guest pages mapped into this process, one ``memoryview`` each.
+
+    Views are valid until :meth:`close`; writable when mapped so. The
+    engine writes them to sockets (vectored) and receives into them, so a
+    view must be the guest's memory itself, not a copy.
+    """
+
+    pfns: np.ndarray
+    pages: Sequence[memoryview]
+
+    def close(self) -> None:  # pragma: no cover - trivial default
+        pass
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class HostDriver(abc.ABC):
+    """A Xen host as the migration engine sees it.
+
+    All calls are synchronous and safe to make from one thread at a time per
+    domain. Errors are :class:`HostError` subclasses.
+    """
+
+    #: The host's name, as the stream and progress report it.
+    hostname: str
+
+    # -- lifecycle --
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abc.abstractmethod
+    def list_domains(self) -> list[DomainInfo]:
+        """Every guest domain (not dom0 or service domains)."""
+
+    @abc.abstractmethod
+    def domain_info(self, domid: int) -> DomainInfo: ...
+
+    @abc.abstractmethod
+    def find_domain(self, name_or_uuid: str) -> DomainInfo: ...
+
+    @abc.abstractmethod
+    def create_domain(self, config: DomainConfig) -> int:
+        """Build and start a new guest; returns its domid."""
+
+    @abc.abstractmethod
+    def create_empty_domain(self, config: DomainConfig, domid: int) -> int:
+        """Create a paused domain with exactly ``domid`` and no memory
+        populated, to restore a guest into. Raises DomidInUse or
+        InsufficientMemory before anything is created."""
+
+    @abc.abstractmethod
+    def destroy_domain(self, domid: int) -> None: ...
+
+    @abc.abstractmethod
+    def pause(self, domid: int) -> None:
+        """Stop the guest's vCPUs; when this returns, nothing in the
+        guest writes its memory."""
+
+    @abc.abstractmethod
+    def unpause(self, domid: int) -> None: ...
+
+    def shutdown(self, domid: int, reboot: bool = False) -> None:
+        """Ask the guest to shut down (or reboot); default: destroy."""
+        if reboot:
+            raise NotSupported("reboot is not supported", call="shutdown")
+        self.destroy_domain(domid)
+
+    @abc.abstractmethod
+    def free_memory(self) -> int:
+        """Bytes of memory a new domain could still be given."""
+
+    @abc.abstractmethod
+    def console_output(self, domid: int) -> str: ...
+
+    # -- memory --
+
+    @abc.abstractmethod
+    def populated_pfns(self, domid: int) -> np.ndarray:
+        """Sorted uint64 array of the guest's populated pfns."""
+
+    @abc.abstractmethod
+    def populate(self, domid: int, pfns: np.ndarray) -> None:
+        """Populate ``pfns`` in an empty (restoring) domain."""
+
+    @abc.abstractmethod
+    def map_pages(
+        self, domid: int, pfns: np.ndarray, writable: bool = False
+    ) -> PageMapping: ...
+
+    @abc.abstractmethod
+    def enable_log_dirty(self, domid: int) -> None: ...
+
+    @abc.abstractmethod
+    def harvest_dirty(self, domid: int) -> np.ndarray:
+        """Return (sorted uint64) and clear the pfns written since the
+        previous harvest or enable; a write racing the harvest is in this
+        result or the next, never lost."""
+
+    @abc.abstractmethod
+    def disable_log_dirty(self, domid: int) -> None: ...
+
+    @abc.abstractmethod
+    def set_vcpu_throttle(self, domid: int, fraction: float) -> None:
+        """Let the guest's vCPUs run only ``fraction`` (0 < f <= 1) of
+        the time; 1.0 removes the throttle."""
+
+    # -- platform state --
+
+    @abc.abstractmethod
+    def get_hvm_context(self, domid: int) -> bytes:
+        """The HVM context blob in Xen's save-descriptor framing."""
+
+    @abc.abstractmethod
+    def set_hvm_context(self, domid: int, blob: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def get_hvm_params(self, domid: int) -> dict[int, int]: ...
+
+    @abc.abstractmethod
+    def set_hvm_params(
+        self, domid: int, params: Mapping[int, int]
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def get_tsc_info(self, domid: int) -> TscInfo: ...
+
+    @abc.abstractmethod
+    def set_tsc_info(self, domid: int, info: TscInfo) -> None: ...
+
+    # -- PV state --
+
+    @abc.abstractmethod
+    def quiesce_backends(self, domid: int) -> None:
+        """Stop the guest's backends taking new requests (at pause);
+        what they had in flight stays recorded for export."""
+
+    @abc.abstractmethod
+    def resume_backends(self, domid: int) -> None:
+        """Undo :meth:`quiesce_backends` (rollback on the source)."""
+
+    @abc.abstractmethod
+    def export_pv_state(self, domid: int) -> PvState:
+        """The guest's PV state; the guest must be paused and its
+        backends quiesced."""
+
+    @abc.abstractmethod
+    def import_pv_state(self, domid: int, state: PvState) -> None:
+        """Rebuild the PV state in a restoring domain and reconnect its
+        backends (state 4, same rings and ports, in-flight completed).
+        Validates first: nothing is applied if any of it is refused."""
+
+    # -- observation --
+
+    @abc.abstractmethod
+    def guest_state(self, domid: int) -> GuestState:
+        """The guest-visible state for the transparency checker."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the driver holds (not the guests)."""
+
+
+def iter_batches(pfns: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """Split a pfn array into batches of at most ``size``."""
+    for start in range(0, len(pfns), size):
+        yield pfns[start : start + size]

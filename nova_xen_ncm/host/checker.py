@@ -1,0 +1,960 @@
+"""The transparency checker: did the guest notice its migration?
+
+It compares the guest-visible state (ARCHITECTURE.md section 2) of the
+source at pause with the destination's at resume (after the PV state is
+imported and the backends reconnected, before the guest runs), and,
+optionally, a later state of the destination after the guest has run, for
+the continuation of I/O. Each item of :class:`~.base.Item` passes or
+fails with a reason that names what differs. It knows nothing of any
+particular host: only the types of ``host/base.py``.
+
+What :attr:`GuestState.items` should hold, per item (a host that cannot
+give the detailed form may give any other value: it is then compared for
+equality, and a difference is reported without detail):
+
+``MEMORY``
+    Page digests of every populated pfn: a ``Mapping[int, bytes | str]``
+    pfn -> digest of the page's 4096 bytes (any fixed digest function),
+    or a pair ``(pfns, digests)`` of a uint64 array and an array with one
+    row (or one element) per pfn, as :func:`page_digests` makes it.
+    Rule: identical, except pages written on the guest's behalf between
+    pause and resume: the ring pages of PV devices whose reconnected
+    backend answered in-flight requests (found through ``PV_DEVICES``
+    ring references and the ``GRANT_TABLE`` entries), and the registered
+    vcpu_info pages (``SHARED_INFO`` placements) when a port gained a
+    pending event (delivery writes ``evtchn_upcall_pending`` there);
+    those are vouched for by ``PV_DEVICES`` and ``EVENT_CHANNELS``.
+``PLATFORM``
+    ``Mapping[str, object]``: one entry per HVM context record (suggested
+    key ``"<TYPECODE name>:<instance>"``, value its bytes or digest) plus
+    ``"tsc"`` (a :class:`~.base.TscInfo`). Rule: equal key by key.
+``DOMID``
+    ``(domid, backend_domids)``: an int and a tuple of ints. Rule: equal.
+``XENSTORE``
+    A :class:`~.base.XenstoreState` (or the tuple ``(nodes, watches,
+    tx_ids, store_port, store_gfn)`` with nodes as ``(path, value,
+    perms)`` and watches as ``(path, token, depth)``). Rule: the same
+    nodes with the same values and permissions, the same watches, the
+    same open transactions (a transaction restored with no writes, to
+    fail its commit with EAGAIN as xenstore.txt allows, passes), the same
+    store port and pfn.
+``EVENT_CHANNELS``
+    An :class:`~.base.EventChannelState` (or ``(abi, ports)``). Rule: the
+    same ABI and FIFO control blocks, every port with the same type,
+    vCPU, binding (remote domid and port, VIRQ, PIRQ), mask bit and
+    priority; a pending bit set at pause stays set, one may become set (an
+    event raised after pause, such as a reconnected backend's
+    notification, is delivered, not invented).
+``GRANT_TABLE``
+    A :class:`~.base.GrantTableState`. Rule: the same version, frame
+    GFNs and status frame GFNs, every entry byte for byte (including
+    GTF_reading/GTF_writing: the backends map the same references again),
+    the same status frames.
+``SHARED_INFO``
+    A :class:`~.base.SharedInfoState` with ``content`` the raw x86_64
+    ``struct shared_info`` page (xen.h). Rule: the same GFN and
+    ``vcpu_info`` placements; in the page, the same wallclock
+    (``wc_version``, ``wc_sec``, ``wc_nsec``, ``wc_sec_hi``), mask words,
+    per-vCPU ``evtchn_upcall_mask`` and arch area; pending words,
+    ``evtchn_pending_sel`` and ``evtchn_upcall_pending`` may gain bits but
+    not lose them; ``vcpu_time_info`` is not compared (Xen rewrites it
+    whenever a vCPU is scheduled).
+``PV_DEVICES``
+    The :class:`~.base.BackendState` of every device: at pause as the
+    backend quiesced it; at resume as the destination's backend exports
+    it after reconnecting. A tuple (or a mapping whose values are
+    BackendState). Rule: the same devices, paths, backend domid, state
+    (4 for a connected device), ring grant references and ports; ring
+    indices never go back; every request in flight at pause, and every
+    request taken off the ring since, is at resume either answered (the
+    response producer advanced) or still in flight (none lost, none
+    answered twice).
+``HVM_PARAMS``
+    ``Mapping[int, int]`` index -> value (or ``(index, value)`` pairs).
+    Rule: equal, HVM_PARAM_CALLBACK_IRQ included.
+
+:attr:`GuestState.frontends` maps a device key ``"<kind>/<devid>"``
+(``"vbd/51712"``) to what the guest's frontend recorded in its RAM (the
+simulated host's ``Frontend.observation()``): ``"states"``, a tuple of
+``(who, state)`` with who ``"frontend"`` (a state it set) or
+``"backend"`` (a backend state it saw), in order; the counters
+``"next_seq"``, ``"last_rsp_seq"``, ``"sent"``, ``"completed"``,
+``"lost"``, ``"duplicated"``, ``"reordered"``, ``"bad_payload"``; and
+``"outstanding"``, the sequence numbers sent and not answered. Rule,
+part of ``PV_DEVICES``: at resume and later the frontend saw no state it
+had not seen at pause; later, no counter of damage grew, sequence numbers
+continued, and every request outstanding at pause was answered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+
+import numpy as np
+
+from nova_xen_ncm.host.base import PAGE_SIZE
+from nova_xen_ncm.host.base import BackendState
+from nova_xen_ncm.host.base import EventChannel
+from nova_xen_ncm.host.base import EventChannelState
+from nova_xen_ncm.host.base import GrantTableState
+from nova_xen_ncm.host.base import GuestState
+from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.base import SharedInfoState
+from nova_xen_ncm.host.base import VcpuInfoPlacement
+from nova_xen_ncm.host.base import XenstoreState
+
+# How many differences a reason lists before it summarises.
+MAX_LISTED = 5
+
+# HVM params by name (xen/include/public/hvm/params.h), for reasons.
+HVM_PARAM_NAMES = {
+    0: "CALLBACK_IRQ",
+    1: "STORE_PFN",
+    2: "STORE_EVTCHN",
+    4: "PAE_ENABLED",
+    5: "IOREQ_PFN",
+    6: "BUFIOREQ_PFN",
+    8: "VIRIDIAN",
+    9: "TIMER_MODE",
+    10: "HPET_ENABLED",
+    12: "IDENT_PT",
+    14: "ACPI_S_STATE",
+    15: "VM86_TSS",
+    16: "VPT_ALIGN",
+    17: "CONSOLE_PFN",
+    18: "CONSOLE_EVTCHN",
+    19: "ACPI_IOPORTS_LOCATION",
+    27: "MONITOR_RING_PFN",
+    28: "SHARING_RING_PFN",
+    30: "TRIPLE_FAULT_REASON",
+    31: "IOREQ_SERVER_PFN",
+    32: "NR_IOREQ_SERVER_PAGES",
+    35: "ALTP2M",
+    36: "X87_FIP_WIDTH",
+    37: "VM86_TSS_SIZED",
+    38: "MCA_CAP",
+}
+
+# struct shared_info / vcpu_info, x86_64 (xen.h, arch-x86/xen.h).
+XEN_LEGACY_MAX_VCPUS = 32
+VCPU_INFO_SIZE = 64
+VI_UPCALL_PENDING = 0
+VI_UPCALL_MASK = 1
+VI_PENDING_SEL = 8
+VI_ARCH = 16
+VI_TIME = 32
+SHINFO_PENDING = 2048
+SHINFO_MASK = 2560
+SHINFO_WC = 3072  # wc_version, wc_sec, wc_nsec, wc_sec_hi
+SHINFO_ARCH = 3088
+
+# Grant entry sizes and the Xen-owned status bits of a v1 entry
+# (grant_table.h).
+GRANT_ENTRY_SIZE = {1: 8, 2: 16}
+GTF_reading = 1 << 3
+GTF_writing = 1 << 4
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemResult:
+    passed: bool
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckReport:
+    """The verdict per item of ARCHITECTURE.md section 2."""
+
+    results: Mapping[Item, ItemResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results.values())
+
+    def failures(self) -> dict[Item, str]:
+        return {i: r.reason for i, r in self.results.items() if not r.passed}
+
+    def to_dict(self) -> dict[str, dict[str, object]]:
+        return {
+            item.value: {"passed": r.passed, "reason": r.reason}
+            for item, r in self.results.items()
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"{item.value}: {'ok' if r.passed else 'FAILED'}"
+            + (f" ({r.reason})" if r.reason else "")
+            for item, r in self.results.items()
+        ]
+        return "\n".join(lines)
+
+
+def check(
+    paused: GuestState,
+    resumed: GuestState,
+    later: GuestState | None = None,
+) -> CheckReport:
+    """Check every item: ``paused`` is the source's state at pause,
+    ``resumed`` the destination's at resume, ``later`` the destination's
+    after some run time (optional: without it, I/O continuation is not
+    checked)."""
+    results: dict[Item, ItemResult] = {}
+    for item in Item:
+        if item not in paused.items or item not in resumed.items:
+            side = "source" if item not in paused.items else "destination"
+            results[item] = ItemResult(False, f"the {side} reported no value")
+            continue
+        a, b = paused.items[item], resumed.items[item]
+        if item is Item.MEMORY:
+            problems = _memory(a, b, _rewritten_pfns(paused, resumed))
+        elif item is Item.PV_DEVICES:
+            problems = _pv_devices(a, b, paused, resumed, later)
+        else:
+            problems = _CHECKS[item](a, b)
+        results[item] = ItemResult(not problems, _reason(problems))
+    return CheckReport(results)
+
+
+def _reason(problems: list[str]) -> str:
+    if len(problems) <= MAX_LISTED:
+        return "; ".join(problems)
+    shown = "; ".join(problems[:MAX_LISTED])
+    return f"{shown}; and {len(problems) - MAX_LISTED} more"
+
+
+def _opaque(a: object, b: object, what: str) -> list[str]:
+    return [] if a == b else [f"{what} differs"]
+
+
+def _listed(values: Iterable[object]) -> str:
+    values = list(values)
+    text = ", ".join(str(v) for v in values[:MAX_LISTED])
+    if len(values) > MAX_LISTED:
+        text += f" and {len(values) - MAX_LISTED} more"
+    return text
+
+
+# -- memory -----------------------------------------------------------------
+
+
+def page_digests(
+    pfns: np.ndarray, pages: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``MEMORY`` value of a GuestState: ``pages`` is an (n, 4096)
+    uint8 array of the pages at ``pfns``; returns (pfns, digests) with a
+    16-byte BLAKE2b digest per page."""
+    digests = np.empty((len(pfns), 16), dtype=np.uint8)
+    for i in range(len(pfns)):
+        digests[i] = np.frombuffer(
+            hashlib.blake2b(pages[i].tobytes(), digest_size=16).digest(),
+            dtype=np.uint8,
+        )
+    return np.asarray(pfns, dtype=np.uint64), digests
+
+
+def _page_digests(value: object) -> tuple[np.ndarray, np.ndarray] | None:
+    """Either MEMORY form as (sorted uint64 pfns, one digest row each)."""
+    if isinstance(value, Mapping):
+        pfns = np.array(sorted(int(k) for k in value), dtype=np.uint64)
+        rows = [_as_bytes(value[int(p)]) for p in pfns]
+    elif (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], np.ndarray)
+    ):
+        pfns = np.asarray(value[0], dtype=np.uint64)
+        digests = np.asarray(value[1])
+        if len(digests) != len(pfns):
+            return None
+        order = np.argsort(pfns, kind="stable")
+        pfns = pfns[order]
+        if digests.dtype == np.uint8 and digests.ndim == 2:
+            return pfns, digests[order]
+        rows = [_as_bytes(digests[i]) for i in order]
+    else:
+        return None
+    width = max((len(r) for r in rows), default=0)
+    table = np.zeros((len(rows), width + 1), dtype=np.uint8)
+    for i, r in enumerate(rows):
+        # The length goes in too, so digests of different sizes differ.
+        table[i, 0] = len(r) & 0xFF
+        table[i, 1 : 1 + len(r)] = np.frombuffer(r, dtype=np.uint8)
+    return pfns, table
+
+
+def _as_bytes(v: object) -> bytes:
+    if isinstance(v, np.ndarray):
+        return v.tobytes()
+    if isinstance(v, str):
+        return v.encode()
+    return bytes(v)  # type: ignore[arg-type]
+
+
+def _memory(a: object, b: object, exempt: set[int]) -> list[str]:
+    da, db = _page_digests(a), _page_digests(b)
+    if da is None or db is None:
+        return _opaque(a, b, "memory digest")
+    (pa, ta), (pb, tb) = da, db
+    problems = []
+    missing = np.setdiff1d(pa, pb)
+    extra = np.setdiff1d(pb, pa)
+    if len(missing):
+        problems.append(
+            f"{len(missing)} pfns not populated on the destination: "
+            + _listed(hex(int(p)) for p in missing)
+        )
+    if len(extra):
+        problems.append(
+            f"{len(extra)} pfns populated only on the destination: "
+            + _listed(hex(int(p)) for p in extra)
+        )
+    common, ia, ib = np.intersect1d(pa, pb, return_indices=True)
+    if ta.shape[1:] != tb.shape[1:]:
+        differ = np.ones(len(common), dtype=bool)
+    else:
+        differ = (ta[ia] != tb[ib]).reshape(len(common), -1).any(axis=1)
+    changed = [int(p) for p in common[differ] if int(p) not in exempt]
+    if changed:
+        problems.append(
+            f"{len(changed)} pages differ: pfn "
+            + _listed(hex(p) for p in changed)
+        )
+    return problems
+
+
+def _rewritten_pfns(paused: GuestState, resumed: GuestState) -> set[int]:
+    """Pages written on the guest's behalf between pause and resume:
+    ring pages a reconnected backend answered in, and the registered
+    vcpu_info areas if an event was delivered meanwhile (Xen sets
+    evtchn_upcall_pending and evtchn_pending_sel there)."""
+    return _answered_ring_pfns(paused, resumed) | _notified_vcpu_info_pfns(
+        paused, resumed
+    )
+
+
+def _notified_vcpu_info_pfns(
+    paused: GuestState, resumed: GuestState
+) -> set[int]:
+    ea = _evtchn_view(paused.items.get(Item.EVENT_CHANNELS))
+    eb = _evtchn_view(resumed.items.get(Item.EVENT_CHANNELS))
+    if ea is None or eb is None:
+        return set()
+    was_pending = {p.port for p in ea[1] if p.pending}
+    if not any(p.pending and p.port not in was_pending for p in eb[1]):
+        return set()
+    si = paused.items.get(Item.SHARED_INFO)
+    if isinstance(si, SharedInfoState):
+        placements = si.vcpu_info
+    elif isinstance(si, tuple) and len(si) == 3:
+        placements = si[2]
+    else:
+        return set()
+    return {
+        v.gfn
+        for v in placements
+        if isinstance(v, VcpuInfoPlacement) and v.gfn is not None
+    }
+
+
+def _answered_ring_pfns(paused: GuestState, resumed: GuestState) -> set[int]:
+    gt = paused.items.get(Item.GRANT_TABLE)
+    before = _backends(paused.items.get(Item.PV_DEVICES))
+    after = _backends(resumed.items.get(Item.PV_DEVICES))
+    if not isinstance(gt, GrantTableState) or before is None or not after:
+        return set()
+    pfns = set()
+    for path, old in before.items():
+        new = after.get(path)
+        if new is None:
+            continue
+        answered = any(
+            _idx_diff(new.ring_indices[r][1], idx[1]) != 0
+            for r, idx in old.ring_indices.items()
+            if r in new.ring_indices
+        )
+        if not answered:
+            continue
+        for ref in old.ring_refs:
+            gfn = _grant_frame(gt, ref)
+            if gfn is not None:
+                pfns.add(gfn)
+    return pfns
+
+
+# -- platform, domid, HVM params ---------------------------------------------
+
+
+def _platform(a: object, b: object) -> list[str]:
+    if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+        return _opaque(a, b, "platform state")
+    return _mapping_diff(a, b, "platform record", str)
+
+
+def _mapping_diff(
+    a: Mapping, b: Mapping, what: str, name: Callable[[object], str]
+) -> list[str]:
+    problems = []
+    for key in sorted(set(a) | set(b), key=str):
+        if key not in b:
+            problems.append(f"{what} {name(key)} missing on the destination")
+        elif key not in a:
+            problems.append(f"{what} {name(key)} appeared on the destination")
+        elif a[key] != b[key]:
+            problems.append(
+                f"{what} {name(key)} changed from {_short(a[key])} to "
+                f"{_short(b[key])}"
+            )
+    return problems
+
+
+def _short(v: object) -> str:
+    text = v.hex() if isinstance(v, bytes) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _domid(a: object, b: object) -> list[str]:
+    if not (
+        isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 2
+    ):
+        return _opaque(a, b, "domid")
+    problems = []
+    if a[0] != b[0]:
+        problems.append(f"domid changed from {a[0]} to {b[0]}")
+    if tuple(a[1]) != tuple(b[1]):
+        problems.append(
+            f"backend domids changed from {tuple(a[1])} to {tuple(b[1])}"
+        )
+    return problems
+
+
+def _hvm_param_name(index: int) -> str:
+    name = HVM_PARAM_NAMES.get(index)
+    return f"{index} ({name})" if name else str(index)
+
+
+def _hvm_params(a: object, b: object) -> list[str]:
+    try:
+        pa, pb = dict(a), dict(b)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return _opaque(a, b, "HVM params")
+    return _mapping_diff(pa, pb, "HVM param", _hvm_param_name)
+
+
+# -- xenstore ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Xs:
+    nodes: dict[str, tuple[bytes, tuple]]
+    watches: set[tuple[str, str, int]]
+    txs: dict[int, tuple | None]
+    port: int
+    gfn: int
+
+
+def _xenstore_view(value: object) -> _Xs | None:
+    if isinstance(value, XenstoreState):
+        return _Xs(
+            {n.path: (n.value, tuple(n.perms)) for n in value.nodes},
+            {(w.path, w.token, w.depth) for w in value.watches},
+            {t.tx_id: tuple(t.writes) for t in value.transactions},
+            value.store_port,
+            value.store_gfn,
+        )
+    if isinstance(value, tuple) and len(value) == 5:
+        nodes, watches, txs, port, gfn = value
+        return _Xs(
+            {p: (v, tuple(perms)) for p, v, perms in nodes},
+            {tuple(w) for w in watches},
+            {t: None for t in txs},
+            port,
+            gfn,
+        )
+    return None
+
+
+def _xenstore(a: object, b: object) -> list[str]:
+    xa, xb = _xenstore_view(a), _xenstore_view(b)
+    if xa is None or xb is None:
+        return _opaque(a, b, "xenstore state")
+    problems = []
+    for path in sorted(set(xa.nodes) | set(xb.nodes)):
+        if path not in xb.nodes:
+            problems.append(f"node {path} missing")
+        elif path not in xa.nodes:
+            problems.append(f"node {path} appeared")
+        else:
+            (va, pa), (vb, pb) = xa.nodes[path], xb.nodes[path]
+            if va != vb:
+                problems.append(f"node {path} changed from {va!r} to {vb!r}")
+            if pa != pb:
+                problems.append(
+                    f"node {path} permissions changed from {pa} to {pb}"
+                )
+    for w in sorted(xa.watches - xb.watches):
+        problems.append(f"watch {w[0]} token {w[1]!r} depth {w[2]} missing")
+    for w in sorted(xb.watches - xa.watches):
+        problems.append(f"watch {w[0]} token {w[1]!r} appeared")
+    for tx in sorted(set(xa.txs) | set(xb.txs)):
+        if tx not in xb.txs:
+            problems.append(f"transaction {tx} missing")
+        elif tx not in xa.txs:
+            problems.append(f"transaction {tx} appeared")
+        elif xa.txs[tx] != xb.txs[tx] and xb.txs[tx] != ():
+            problems.append(f"transaction {tx} has other writes")
+    if xa.port != xb.port:
+        problems.append(f"store port renumbered from {xa.port} to {xb.port}")
+    if xa.gfn != xb.gfn:
+        problems.append(f"store pfn moved from {xa.gfn:#x} to {xb.gfn:#x}")
+    return problems
+
+
+# -- event channels ---------------------------------------------------------
+
+
+def _evtchn_view(value: object) -> tuple | None:
+    if isinstance(value, EventChannelState):
+        return value.abi, value.ports, tuple(value.fifo_control_blocks)
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(p, EventChannel) for p in value[1])
+    ):
+        return value[0], tuple(value[1]), ()
+    return None
+
+
+def _binding(p: EventChannel) -> tuple:
+    return (
+        int(p.type),
+        p.vcpu,
+        p.remote_domid,
+        p.remote_port,
+        p.virq,
+        p.pirq,
+        p.masked,
+        p.priority,
+    )
+
+
+def _describe(p: EventChannel) -> str:
+    text = f"{p.type.name.lower()}"
+    if p.type.name in ("INTERDOMAIN", "UNBOUND"):
+        text += f" dom{p.remote_domid}"
+        if p.type.name == "INTERDOMAIN":
+            text += f":{p.remote_port}"
+    elif p.type.name == "VIRQ":
+        text += f" {p.virq}"
+    elif p.type.name == "PIRQ":
+        text += f" {p.pirq}"
+    return text + f" vcpu {p.vcpu}"
+
+
+def _event_channels(a: object, b: object) -> list[str]:
+    va, vb = _evtchn_view(a), _evtchn_view(b)
+    if va is None or vb is None:
+        return _opaque(a, b, "event channel state")
+    problems = []
+    if va[0] != vb[0]:
+        problems.append(f"ABI changed from {va[0]!r} to {vb[0]!r}")
+    if va[2] != vb[2]:
+        problems.append("FIFO control blocks moved")
+    pa = {p.port: p for p in va[1] if p.type != 0}
+    pb = {p.port: p for p in vb[1] if p.type != 0}
+    new_ports = {port: p for port, p in pb.items() if port not in pa}
+    for port in sorted(pa):
+        p = pa[port]
+        q = pb.get(port)
+        if q is None:
+            twin = next(
+                (
+                    n
+                    for n, c in new_ports.items()
+                    if _binding(c)[:6] == _binding(p)[:6]
+                ),
+                None,
+            )
+            if twin is not None:
+                problems.append(
+                    f"port {port} ({_describe(p)}) renumbered to {twin}"
+                )
+                del new_ports[twin]
+            else:
+                problems.append(f"port {port} ({_describe(p)}) missing")
+            continue
+        if _binding(p) != _binding(q):
+            problems.append(
+                f"port {port} changed from {_describe(p)} "
+                f"(masked {p.masked}) to {_describe(q)} (masked {q.masked})"
+            )
+        if p.pending and not q.pending:
+            problems.append(f"port {port} lost its pending event")
+    for port, q in sorted(new_ports.items()):
+        problems.append(f"port {port} ({_describe(q)}) appeared")
+    return problems
+
+
+# -- grant table ------------------------------------------------------------
+
+
+def _grant_frame(gt: GrantTableState, ref: int) -> int | None:
+    """The frame (gfn) a grant reference grants, from its raw entry."""
+    size = GRANT_ENTRY_SIZE.get(gt.version)
+    if size is None:
+        return None
+    per_frame = PAGE_SIZE // size
+    frame, index = divmod(ref, per_frame)
+    if frame >= len(gt.frames):
+        return None
+    raw = gt.frames[frame][index * size : (index + 1) * size]
+    if gt.version == 1:
+        return struct.unpack_from("<I", raw, 4)[0]
+    return struct.unpack_from("<Q", raw, 8)[0]
+
+
+def _grant_entry_text(version: int, raw: bytes) -> str:
+    flags, domid = struct.unpack_from("<HH", raw)
+    if version == 1:
+        frame = struct.unpack_from("<I", raw, 4)[0]
+    else:
+        frame = struct.unpack_from("<Q", raw, 8)[0]
+    return f"(flags {flags:#x}, dom{domid}, frame {frame:#x})"
+
+
+def _grant_table(a: object, b: object) -> list[str]:
+    if not isinstance(a, GrantTableState) or not isinstance(
+        b, GrantTableState
+    ):
+        return _opaque(a, b, "grant table")
+    problems = []
+    if a.version != b.version:
+        problems.append(f"version changed from {a.version} to {b.version}")
+        return problems
+    if tuple(a.frame_gfns) != tuple(b.frame_gfns):
+        problems.append(
+            f"frames moved from gfns {_listed(hex(g) for g in a.frame_gfns)}"
+            f" to {_listed(hex(g) for g in b.frame_gfns)}"
+        )
+    if tuple(a.status_gfns) != tuple(b.status_gfns):
+        problems.append("status frames moved")
+    if tuple(a.status_frames) != tuple(b.status_frames):
+        problems.append("status frames differ")
+    size = GRANT_ENTRY_SIZE.get(a.version, 8)
+    ea = b"".join(a.frames)
+    eb = b"".join(b.frames)
+    n = max(len(ea), len(eb)) // size
+    for ref in range(n):
+        ra = ea[ref * size : (ref + 1) * size]
+        rb = eb[ref * size : (ref + 1) * size]
+        if ra == rb:
+            continue
+        if not rb.strip(b"\0") and ra.strip(b"\0"):
+            problems.append(
+                f"grant ref {ref} {_grant_entry_text(a.version, ra)} lost"
+            )
+        elif not ra.strip(b"\0"):
+            problems.append(
+                f"grant ref {ref} {_grant_entry_text(a.version, rb)} appeared"
+            )
+        else:
+            problems.append(
+                f"grant ref {ref} changed from "
+                f"{_grant_entry_text(a.version, ra)} to "
+                f"{_grant_entry_text(a.version, rb)}"
+            )
+    return problems
+
+
+# -- shared info ------------------------------------------------------------
+
+
+def _u64s(raw: bytes, off: int, n: int) -> np.ndarray:
+    return np.frombuffer(raw, dtype="<u8", count=n, offset=off)
+
+
+def _shared_info(a: object, b: object) -> list[str]:
+    if isinstance(a, SharedInfoState) and isinstance(b, SharedInfoState):
+        problems = _placements(a, b)
+        if len(a.content) == len(b.content) == PAGE_SIZE:
+            problems += _shared_info_page(a.content, b.content)
+        elif a.content != b.content:
+            problems.append("shared info content differs")
+        return problems
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 3:
+        # (gfn, content digest, placements)
+        problems = []
+        if a[0] != b[0]:
+            problems.append(f"shared info moved from gfn {a[0]} to {b[0]}")
+        if a[2] != b[2]:
+            problems.append(f"vcpu_info placement changed: {a[2]} -> {b[2]}")
+        if a[1] != b[1]:
+            problems.append("shared info content differs")
+        return problems
+    return _opaque(a, b, "shared info")
+
+
+def _placements(a: SharedInfoState, b: SharedInfoState) -> list[str]:
+    problems = []
+    if a.gfn != b.gfn:
+        problems.append(f"shared info moved from gfn {a.gfn} to {b.gfn}")
+    pa = {v.vcpu: v for v in a.vcpu_info}
+    pb = {v.vcpu: v for v in b.vcpu_info}
+    for vcpu in sorted(set(pa) | set(pb)):
+        va, vb = pa.get(vcpu), pb.get(vcpu)
+        if va == vb:
+            continue
+
+        problems.append(
+            f"vcpu {vcpu}'s vcpu_info moved from {_where(va)} to {_where(vb)}"
+        )
+    return problems
+
+
+def _where(v: VcpuInfoPlacement | None) -> str:
+    if v is None:
+        return "nowhere"
+    if v.gfn is None:
+        return "the legacy slot"
+    return f"gfn {v.gfn:#x}+{v.offset:#x}"
+
+
+def _shared_info_page(ra: bytes, rb: bytes) -> list[str]:
+    problems = []
+    if ra[SHINFO_WC:SHINFO_ARCH] != rb[SHINFO_WC:SHINFO_ARCH]:
+        wa = struct.unpack_from("<IIII", ra, SHINFO_WC)
+        wb = struct.unpack_from("<IIII", rb, SHINFO_WC)
+        problems.append(f"wallclock changed from {wa} to {wb}")
+    if ra[SHINFO_ARCH:] != rb[SHINFO_ARCH:]:
+        problems.append("arch_shared_info differs")
+    ma, mb = _u64s(ra, SHINFO_MASK, 64), _u64s(rb, SHINFO_MASK, 64)
+    if not np.array_equal(ma, mb):
+        ports = _bit_ports(ma ^ mb)
+        problems.append(f"mask bits of ports {_listed(ports)} changed")
+    pa, pb = _u64s(ra, SHINFO_PENDING, 64), _u64s(rb, SHINFO_PENDING, 64)
+    lost = pa & ~pb
+    if lost.any():
+        problems.append(
+            f"pending events of ports {_listed(_bit_ports(lost))} lost"
+        )
+    for v in range(XEN_LEGACY_MAX_VCPUS):
+        base = v * VCPU_INFO_SIZE
+        if ra[base + VI_UPCALL_MASK] != rb[base + VI_UPCALL_MASK]:
+            problems.append(f"vcpu {v} evtchn_upcall_mask changed")
+        if ra[base + VI_UPCALL_PENDING] and not rb[base + VI_UPCALL_PENDING]:
+            problems.append(f"vcpu {v} evtchn_upcall_pending lost")
+        sa = struct.unpack_from("<Q", ra, base + VI_PENDING_SEL)[0]
+        sb = struct.unpack_from("<Q", rb, base + VI_PENDING_SEL)[0]
+        if sa & ~sb:
+            problems.append(f"vcpu {v} evtchn_pending_sel lost bits")
+        if (
+            ra[base + VI_ARCH : base + VI_TIME]
+            != rb[base + VI_ARCH : base + VI_TIME]
+        ):
+            problems.append(f"vcpu {v} arch_vcpu_info changed")
+    return problems
+
+
+def _bit_ports(words: np.ndarray) -> list[int]:
+    ports = []
+    for w, word in enumerate(words.tolist()):
+        while word:
+            bit = (word & -word).bit_length() - 1
+            word &= word - 1
+            ports.append(w * 64 + bit)
+    return ports
+
+
+# -- PV devices ---------------------------------------------------------------
+
+
+def _idx_diff(a: int, b: int) -> int:
+    return (a - b) & _MASK32
+
+
+def _backends(value: object) -> dict[str, BackendState] | None:
+    if isinstance(value, Mapping):
+        value = tuple(value.values())
+    if isinstance(value, tuple) and all(
+        isinstance(v, BackendState) for v in value
+    ):
+        return {b.frontend_path: b for b in value}
+    return None
+
+
+def _device_key(b: BackendState) -> str:
+    return f"{b.kind}/{b.devid}"
+
+
+def _pv_devices(
+    a: object,
+    b: object,
+    paused: GuestState,
+    resumed: GuestState,
+    later: GuestState | None,
+) -> list[str]:
+    ba, bb = _backends(a), _backends(b)
+    if ba is None or bb is None:
+        problems = _opaque(a, b, "PV device state")
+    else:
+        problems = []
+        for path in sorted(set(ba) | set(bb)):
+            if path not in bb:
+                problems.append(f"device {path} has no backend")
+            elif path not in ba:
+                problems.append(f"device {path} appeared")
+            else:
+                problems += _backend(ba[path], bb[path])
+    problems += _frontends(paused, resumed, later)
+    return problems
+
+
+def _backend(a: BackendState, b: BackendState) -> list[str]:
+    key = _device_key(a)
+    problems = []
+    for field in ("kind", "devid", "backend_domid", "backend_path"):
+        if getattr(a, field) != getattr(b, field):
+            problems.append(
+                f"{key}: {field} changed from {getattr(a, field)!r} to "
+                f"{getattr(b, field)!r}"
+            )
+    if a.state != b.state:
+        problems.append(
+            f"{key}: backend state changed from {a.state} to {b.state}"
+        )
+    if tuple(a.ring_refs) != tuple(b.ring_refs):
+        problems.append(
+            f"{key}: ring grant references changed from "
+            f"{tuple(a.ring_refs)} to {tuple(b.ring_refs)}"
+        )
+    if tuple(a.event_channels) != tuple(b.event_channels):
+        problems.append(
+            f"{key}: event channel ports changed from "
+            f"{tuple(a.event_channels)} to {tuple(b.event_channels)}"
+        )
+    for ring in sorted(set(a.ring_indices) | set(b.ring_indices)):
+        if ring not in b.ring_indices or ring not in a.ring_indices:
+            problems.append(f"{key}: ring {ring} not on both sides")
+            continue
+        problems += _ring(key, ring, a, b)
+    return problems
+
+
+def _ring(key: str, ring: str, a: BackendState, b: BackendState) -> list[str]:
+    (req_a, rsp_a), (req_b, rsp_b) = a.ring_indices[ring], b.ring_indices[ring]
+    took = _idx_diff(req_b, req_a)
+    answered = _idx_diff(rsp_b, rsp_a)
+    if took >= 1 << 31 or answered >= 1 << 31:
+        return [
+            f"{key}: ring {ring} indices went back from "
+            f"{(req_a, rsp_a)} to {(req_b, rsp_b)}"
+        ]
+    inflight_a = [r.request for r in a.inflight if r.ring == ring]
+    inflight_b = [r.request for r in b.inflight if r.ring == ring]
+    # A request in flight at pause is answered by the destination before
+    # resume, or carried over and still in flight (the later state then
+    # shows its answer); anything else is lost.
+    n = len(inflight_a)
+    carried = len(set(inflight_a) & set(inflight_b))
+    owed = n + took
+    have = answered + len(inflight_b)
+    problems = []
+    if have < owed:
+        # Answers go to the oldest requests first: those in flight.
+        from_inflight = max(0, n - carried - answered)
+        if from_inflight:
+            problems.append(
+                f"{key}: {from_inflight} of the {n} requests in flight at "
+                f"pause lost (neither answered nor in flight at the "
+                f"destination)"
+            )
+        rest = owed - have - from_inflight
+        if rest:
+            problems.append(
+                f"{key}: {rest} requests taken off ring {ring} lost"
+            )
+    elif have > owed:
+        problems.append(
+            f"{key}: {have - owed} requests answered more than once"
+        )
+    return problems
+
+
+DAMAGE = ("lost", "duplicated", "reordered", "bad_payload")
+
+
+def _frontends(
+    paused: GuestState, resumed: GuestState, later: GuestState | None
+) -> list[str]:
+    problems = []
+    for key, fa in sorted(paused.frontends.items()):
+        states = tuple(fa.get("states", ()))
+        for when, gs in (("resume", resumed), ("later", later)):
+            if gs is None:
+                continue
+            fb = gs.frontends.get(key)
+            if fb is None:
+                problems.append(f"{key}: frontend not reported at {when}")
+                continue
+            seen = tuple(fb.get("states", ()))
+            if seen[: len(states)] != states:
+                problems.append(
+                    f"{key}: frontend state history rewritten by {when}"
+                )
+            elif len(seen) > len(states):
+                new = ", ".join(
+                    f"{who} {state}" for who, state in seen[len(states) :]
+                )
+                problems.append(
+                    f"{key}: frontend saw a state change after pause: {new}"
+                )
+        if later is not None and key in later.frontends:
+            problems += _io_continues(key, fa, later.frontends[key])
+    return problems
+
+
+def _io_continues(
+    key: str, fa: Mapping[str, object], fb: Mapping[str, object]
+) -> list[str]:
+    problems = []
+    for name in DAMAGE:
+        before, after = int(fa.get(name, 0)), int(fb.get(name, 0))
+        if after > before:
+            problems.append(
+                f"{key}: {after - before} {name.replace('_', ' ')} "
+                f"responses since pause"
+            )
+    for name in ("next_seq", "last_rsp_seq", "sent", "completed"):
+        before, after = int(fa.get(name, 0)), int(fb.get(name, 0))
+        if after < before:
+            problems.append(
+                f"{key}: I/O sequence discontinuity: {name} went from "
+                f"{before} to {after}"
+            )
+    outstanding_after = set(fb.get("outstanding", ()))
+    unanswered = sorted(
+        s for s in fa.get("outstanding", ()) if s in outstanding_after
+    )
+    if unanswered:
+        problems.append(
+            f"{key}: requests outstanding at pause never answered: seq "
+            + _listed(unanswered)
+        )
+    return problems
+
+
+_CHECKS = {
+    Item.PLATFORM: _platform,
+    Item.DOMID: _domid,
+    Item.XENSTORE: _xenstore,
+    Item.EVENT_CHANNELS: _event_channels,
+    Item.GRANT_TABLE: _grant_table,
+    Item.SHARED_INFO: _shared_info,
+    Item.HVM_PARAMS: _hvm_params,
+}

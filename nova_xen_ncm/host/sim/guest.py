@@ -1,0 +1,653 @@
+"""The simulated guest: its vCPUs and its kernel, in their own process.
+
+Started by the host with ``python -m nova_xen_ncm.host.sim.guest ARGS``
+(works under eventlet, no fork of the host). It maps the domain's memory,
+then obeys the control channel: ``start`` (boot, or resume from RAM plus
+the vCPU registers of the HVM context), ``pause`` (answered only when no
+vCPU writes any more, with the vCPU registers), ``unpause``, ``throttle``,
+``upcall`` (an event is pending: the HVM_PARAM_CALLBACK_IRQ vector),
+``stop``, and a few guest-kernel actions the host's tests ask for
+(``grant_access``, ``end_access``, ``write``, ``hypercall``).
+
+All of the guest's state is in its RAM (kernel.py) and in the registers
+the host holds while it is paused; the process keeps nothing else, so a
+new process on another host continues where this one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+
+from nova_xen_ncm.host.base import DOMID_SELF
+from nova_xen_ncm.host.base import PAGE_SIZE
+from nova_xen_ncm.host.sim import devices
+from nova_xen_ncm.host.sim import evtchn
+from nova_xen_ncm.host.sim import grant
+from nova_xen_ncm.host.sim import hvm
+from nova_xen_ncm.host.sim import ipc
+from nova_xen_ncm.host.sim import kernel
+from nova_xen_ncm.host.sim import layout
+from nova_xen_ncm.host.sim import xenbus
+from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
+from nova_xen_ncm.host.sim.memory import GuestMemory
+
+BATCH_INTERVAL = 0.01
+XENBUS_TICK = 0.005
+XENBUS_IDLE_TICK = 0.05
+IPI_INTERVAL = 0.25
+FILL_CHUNK = 16384
+FILL_POOL_PAGES = 2048
+
+
+class GuestHypercallError(Exception):
+    def __init__(self, op: str, err: int, msg: str) -> None:
+        self.err = err
+        super().__init__(f"{op}: {msg} ({err})")
+
+
+class GuestKernel:
+    def __init__(
+        self,
+        mem: GuestMemory,
+        hc: socket.socket,
+        memory_bytes: int,
+        vcpus: int,
+    ) -> None:
+        self.mem = mem
+        self.hc = hc
+        self.hc_lock = threading.Lock()
+        self.layout = layout.HvmLayout.for_memory(memory_bytes)
+        self.heap = kernel.Heap(self.layout.heap_ranges())
+        self.nr_vcpus = vcpus
+        self.ram64 = mem.ram.view(np.uint64)
+        self.cond = threading.Condition()
+        self.paused = True
+        self.throttle = 1.0
+        self.upcall_deferred = False
+        self.counters = [0] * vcpus
+        self.header: dict = {}
+        self.io_rate = 0.0
+        self.store_pfn = layout.special_pfn(layout.SPECIALPAGE_XENSTORE)
+        self.xs: xenbus.XenbusClient | None = None
+        self.frontends: list[devices.Frontend] = []
+
+    # -- hypercalls --
+
+    def hypercall(self, op: str, **args: object) -> object:
+        with self.hc_lock:
+            ipc.send(self.hc, {"op": op, "args": args})
+            reply = ipc.recv(self.hc)
+        if "err" in reply:
+            raise GuestHypercallError(op, reply["err"], reply.get("msg", ""))
+        return reply.get("ok")
+
+    # -- memory --
+
+    def header_page(self) -> np.ndarray:
+        return self.mem.ram[kernel.HEADER_PFN]
+
+    def store_header(self) -> None:
+        kernel.write_header(self.header_page(), self.header)
+        self.mem.mark_dirty(kernel.HEADER_PFN)
+
+    def fill(self, mode: int, seed: int) -> None:
+        """Give RAM the content an OS's memory has (layout.heap_ranges).
+
+        ``guestlike``: 55% zero pages (left untouched), 25% pages of a
+        repeated 8-byte pattern, 20% random pages. Random pages are
+        copied from a pool and stamped with their pfn, so that each one
+        is distinct and incompressible without generating gigabytes of
+        random numbers at boot.
+        """
+        if mode == kernel.FILLS["zero"]:
+            return
+        rng = np.random.default_rng(seed)
+        pool = rng.integers(
+            0, 2**63, size=(FILL_POOL_PAGES, 512), dtype=np.uint64
+        )
+        for start, end in self.layout.heap_ranges():
+            for s in range(start, end, FILL_CHUNK):
+                e = min(end, s + FILL_CHUNK)
+                pfns = np.arange(s, e, dtype=np.uint64)
+                if mode == kernel.FILLS["random"]:
+                    pat = pfns[:0]
+                    rnd = pfns
+                else:
+                    kind = rng.random(len(pfns))
+                    pat = pfns[(kind >= 0.55) & (kind < 0.8)]
+                    rnd = pfns[kind >= 0.8]
+                values = rng.integers(
+                    0, 2**63, size=(len(pat), 1), dtype=np.uint64
+                )
+                data = pool[rng.integers(0, FILL_POOL_PAGES, len(rnd))]
+                data[:, 0] = rnd ^ np.uint64(seed)
+                with self.mem.lock():
+                    self.ram64[pat] = values
+                    self.ram64[rnd] = data
+                    self.mem.mark_dirty(pat)
+                    self.mem.mark_dirty(rnd)
+
+    # -- boot and resume --
+
+    def boot(self, config: dict) -> None:
+        self.header = {
+            "magic": kernel.MAGIC,
+            "version": kernel.VERSION,
+            "nr_vcpus": self.nr_vcpus,
+            "pattern": kernel.PATTERNS[config["pattern"]],
+            "fill": kernel.FILLS[config["fill"]],
+            "seed": config["seed"],
+            "dirty_rate": config["dirty_rate"],
+            "hot_fraction": config["hot_fraction"],
+            "hot_probability": config["hot_probability"],
+            "pv_drivers": int(config["pv_drivers"]),
+            "nr_grant_frames": config["nr_grant_frames"],
+            "shared_info_gfn": 0,
+            "grant_gfn": 0,
+            "callback_via": 0,
+            "store_port": 0,
+            "console_port": 0,
+            "debug_port": 0,
+            "nr_frontends": 0,
+            "upcalls": 0,
+            "domid": config["domid"],
+            "xenbus_ready": 0,
+            "next_driver_page": 0,
+            "next_grant_ref": kernel.FIRST_GRANT_REF,
+        }
+        self.fill(self.header["fill"], config["seed"])
+        with self.mem.lock():
+            self.store_header()
+            for v in range(self.nr_vcpus):
+                self._store_vcpu(
+                    v,
+                    counter=0,
+                    ipi_port=0,
+                    vcpu_info_gfn=0,
+                    vcpu_info_offset=0,
+                )
+        if config["pv_drivers"]:
+            self.init_pv()
+
+    def _store_vcpu(self, v: int, **fields: int) -> None:
+        page = self.header_page()
+        slot = kernel.read_vcpu(page, v)
+        slot.update(fields)
+        kernel.write_vcpu(page, v, slot)
+        self.mem.mark_dirty(kernel.HEADER_PFN)
+
+    def init_pv(self) -> None:
+        """What Linux's Xen HVM support does at boot: the callback
+        vector, shared info and grant frames in the platform device's
+        BAR, vcpu_info registered per vCPU, IPIs, and its ports masked
+        until bound."""
+        via = hvm.CALLBACK_TYPE_VECTOR | hvm.CALLBACK_VECTOR
+        self.hypercall(
+            "hvm_set_param", index=hvm.HVM_PARAM_CALLBACK_IRQ, value=via
+        )
+        shinfo_gfn = layout.PLATFORM_BAR_PFN
+        self.hypercall(
+            "add_to_physmap", space="shared_info", idx=0, gfn=shinfo_gfn
+        )
+        with self.mem.lock():
+            shinfo = self.mem.xen_pages[XENPAGE_SHARED_INFO].view(np.uint64)
+            mask = evtchn.SHINFO_MASK // 8
+            shinfo[mask : mask + 64] = np.uint64(0xFFFFFFFFFFFFFFFF)
+        grant_gfn = shinfo_gfn + 1
+        for i in range(self.header["nr_grant_frames"]):
+            self.hypercall(
+                "add_to_physmap", space="grant_table", idx=i, gfn=grant_gfn + i
+            )
+        for v in range(self.nr_vcpus):
+            off = v * evtchn.VCPU_INFO_SIZE
+            self.hypercall(
+                "register_vcpu_info",
+                vcpu=v,
+                gfn=kernel.VCPU_INFO_PFN,
+                offset=off,
+            )
+        ports = []
+        ipis = [
+            self.hypercall("evtchn_bind_ipi", vcpu=v)
+            for v in range(self.nr_vcpus)
+        ]
+        debug = self.hypercall(
+            "evtchn_bind_virq", virq=evtchn.VIRQ_DEBUG, vcpu=0
+        )
+        store = self.hypercall(
+            "hvm_get_param", index=hvm.HVM_PARAM_STORE_EVTCHN
+        )
+        console = self.hypercall(
+            "hvm_get_param", index=hvm.HVM_PARAM_CONSOLE_EVTCHN
+        )
+        ports = [*ipis, debug, store, console]
+        with self.mem.lock():
+            self.header.update(
+                shared_info_gfn=shinfo_gfn,
+                grant_gfn=grant_gfn,
+                callback_via=via,
+                store_port=store,
+                console_port=console,
+                debug_port=debug,
+            )
+            self.store_header()
+            for v, port in enumerate(ipis):
+                self._store_vcpu(
+                    v,
+                    ipi_port=port,
+                    vcpu_info_gfn=kernel.VCPU_INFO_PFN,
+                    vcpu_info_offset=v * evtchn.VCPU_INFO_SIZE,
+                )
+        for port in ports:
+            if port:
+                self.hypercall("evtchn_unmask", port=port)
+
+    def resume(self, regs: list[dict]) -> None:
+        page = bytes(self.header_page())
+        self.header = kernel.read_header(page)
+        if self.header["magic"] != kernel.MAGIC:
+            raise RuntimeError("guest RAM holds no kernel state to resume")
+        self.set_registers(regs)
+
+    def set_registers(self, regs: list[dict]) -> None:
+        for v, r in enumerate(regs[: self.nr_vcpus]):
+            self.counters[v] = int(r["rip"])
+
+    def registers(self) -> list[dict]:
+        return [{"rip": c} for c in self.counters]
+
+    # -- vCPUs --
+
+    def vcpu_loop(self, v: int) -> None:
+        rate = self.header["dirty_rate"] / max(1, self.nr_vcpus)
+        pages_per_s = rate / PAGE_SIZE
+        if pages_per_s > 0:
+            batch = max(1, math.ceil(pages_per_s * BATCH_INTERVAL))
+            period = batch / pages_per_s
+        else:
+            batch, period = 0, IPI_INTERVAL
+        next_ipi = time.monotonic() + IPI_INTERVAL
+        deadline = time.monotonic()
+        while True:
+            with self.cond:
+                while self.paused:
+                    self.cond.wait()
+                    deadline = time.monotonic()
+                if batch:
+                    self._write_batch(v, batch)
+                now = time.monotonic()
+                if now >= next_ipi and self.header["pv_drivers"]:
+                    self._send_ipi(v)
+                    next_ipi = now + IPI_INTERVAL
+            deadline += period / self.throttle
+            delay = deadline - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                deadline = time.monotonic()
+
+    def _write_batch(self, v: int, n: int) -> None:
+        c = self.counters[v]
+        counters = np.arange(c + 1, c + 1 + n, dtype=np.uint64)
+        pfns = kernel.workload_pages(self.heap, self.header, v, counters)
+        stamp = np.uint64(kernel.STAMP_MAGIC | (v << 32))
+        with self.mem.lock():
+            self.ram64[pfns, 0] = stamp
+            self.ram64[pfns, 1] = counters
+            self.mem.mark_dirty(pfns)
+            self.counters[v] = c + n
+            self._store_vcpu(v, counter=c + n)
+
+    def _send_ipi(self, v: int) -> None:
+        if self.nr_vcpus < 2:
+            return
+        target = (v + 1) % self.nr_vcpus
+        page = self.header_page()
+        port = kernel.read_vcpu(page, target)["ipi_port"]
+        if not port:
+            return
+        self.hypercall("evtchn_send", port=port)
+        with self.mem.lock():
+            sent = kernel.read_vcpu(page, v)["ipis_sent"]
+            self._store_vcpu(v, ipis_sent=sent + 1)
+
+    # -- what PV drivers ask of the kernel (devices.GuestOps) --
+
+    def alloc_page(self) -> int:
+        with self.mem.lock():
+            n = self.header["next_driver_page"]
+            if n >= kernel.DRIVER_PAGES:
+                raise RuntimeError("no driver page left")
+            self.header["next_driver_page"] = n + 1
+            self.store_header()
+        return kernel.DRIVER_PFN + n
+
+    def grant_access(self, domid: int, gfn: int, readonly: bool) -> int:
+        """gnttab_grant_foreign_access: frame and domid, then flags."""
+        flags = grant.GTF_permit_access
+        if readonly:
+            flags |= grant.GTF_readonly
+        with self.mem.lock():
+            ref = self.header["next_grant_ref"]
+            entry = self.grant_entry(ref)
+            self.header["next_grant_ref"] = ref + 1
+            self.store_header()
+            grant.GRANT_ENTRY_V1.pack_into(entry, 0, 0, domid, gfn)
+            entry[0:2] = flags.to_bytes(2, "little")
+        return ref
+
+    def evtchn_alloc_unbound(self, remote_domid: int) -> int:
+        port = self.hypercall(
+            "evtchn_alloc_unbound", dom=DOMID_SELF, remote_dom=remote_domid
+        )
+        self.hypercall("evtchn_unmask", port=port)
+        return port
+
+    def evtchn_send(self, port: int) -> None:
+        self.hypercall("evtchn_send", port=port)
+
+    # -- xenbus and the PV frontends --
+
+    def _xenbus_pages(self) -> np.ndarray:
+        pfns = [
+            self.store_pfn,
+            *range(
+                kernel.XENBUS_STATE_PFN,
+                kernel.XENBUS_STATE_PFN + kernel.XENBUS_STATE_PAGES,
+            ),
+        ]
+        return np.array(pfns, dtype=np.uint64)
+
+    def start_xenbus(self) -> None:
+        """Connect the xenbus client (its state is in RAM) and, on first
+        boot, probe the devices the toolstack gave us; after a restart
+        attach to the frontends RAM already holds."""
+        off = kernel.XENBUS_STATE_PFN * PAGE_SIZE
+        state = memoryview(self.mem.ram_map)[
+            off : off + kernel.XENBUS_STATE_PAGES * PAGE_SIZE
+        ]
+        store_port = self.header["store_port"]
+        self.xs = xenbus.XenbusClient(
+            self.mem.page(self.store_pfn, writable=True),
+            state,
+            notify=lambda: self.evtchn_send(store_port),
+        )
+        size = devices.FRONTEND_STATE_SIZE
+        if self.header["xenbus_ready"]:
+            for i in range(self.header["nr_frontends"]):
+                pfn, off = kernel.frontend_place(i, size)
+                fe = devices.Frontend.attach(self.mem, pfn, off, self.xs, self)
+                self._adopt(fe)
+            return
+        domid = self.header["domid"]
+        base_path = f"/local/domain/{domid}/device"
+        found = []
+        for kind in sorted(devices.KINDS):
+            try:
+                devids = self.xs.directory(f"{base_path}/{kind}")
+            except Exception:  # no such device class: ENOENT
+                continue
+            found += [(kind, int(d)) for d in devids]
+        for i, (kind, devid) in enumerate(found[: kernel.MAX_FRONTENDS]):
+            pfn, off = kernel.frontend_place(i, size)
+            fe = devices.Frontend.probe(
+                self.mem,
+                pfn,
+                off,
+                self.xs,
+                self,
+                domid=domid,
+                kind=kind,
+                devid=devid,
+            )
+            self._adopt(fe)
+        with self.mem.lock():
+            self.header["nr_frontends"] = len(self.frontends)
+            self.header["xenbus_ready"] = 1
+            self.store_header()
+
+    def _adopt(self, fe: devices.Frontend) -> None:
+        self.frontends.append(fe)
+        self.xs.set_handler(
+            fe.token, lambda path, token, fe=fe: fe.handle_watch(path)
+        )
+
+    def xenbus_loop(self) -> None:
+        credit = 0.0
+        last = time.monotonic()
+        while True:
+            with self.cond:
+                while self.paused:
+                    self.cond.wait()
+                    last = time.monotonic()
+                try:
+                    credit = self._xenbus_step(credit, last)
+                except Exception as exc:  # the driver retries next tick
+                    print(
+                        f"xenbus: {type(exc).__name__}: {exc}", file=sys.stderr
+                    )
+                last = time.monotonic()
+            # Without devices only watch events arrive: poll less often.
+            time.sleep(XENBUS_TICK if self.frontends else XENBUS_IDLE_TICK)
+
+    def _xenbus_step(self, credit: float, last: float) -> float:
+        try:
+            if self.xs is None:
+                self.start_xenbus()
+            self.xs.poll()
+            now = time.monotonic()
+            credit = min(
+                credit + (now - last) * self.io_rate * self.throttle, 8.0
+            )
+            for fe in self.frontends:
+                fe.handle_event()
+                if credit >= 1:
+                    fe.issue(int(credit))
+            if credit >= 1:
+                credit -= int(credit)
+            return credit
+        finally:
+            with self.mem.lock():
+                self.mem.mark_dirty(self._xenbus_pages())
+
+    # -- events --
+
+    def handle_upcall(self) -> None:
+        """Linux's __xen_evtchn_do_upcall for the 2-level ABI."""
+        if not self.header.get("shared_info_gfn"):
+            return
+        with self.mem.lock():
+            words = self.mem.xen_pages[XENPAGE_SHARED_INFO].view(np.uint64)
+            counts = self.mem.ram[kernel.COUNTERS_PFN].view(np.uint32)
+            page = self.header_page()
+            handled = 0
+            for v in range(self.nr_vcpus):
+                slot = kernel.read_vcpu(page, v)
+                gfn = slot["vcpu_info_gfn"]
+                off = slot["vcpu_info_offset"]
+                if gfn:
+                    vi = self.mem.ram[gfn][off : off + 64]
+                    self.mem.mark_dirty(gfn)
+                else:
+                    vi = self.mem.xen_pages[XENPAGE_SHARED_INFO][
+                        v * 64 : v * 64 + 64
+                    ]
+                if not vi[evtchn.VI_UPCALL_PENDING]:
+                    continue
+                vi[evtchn.VI_UPCALL_PENDING] = 0
+                sel_view = vi[8:16].view(np.uint64)
+                sel = int(sel_view[0])
+                sel_view[0] = 0
+                events = 0
+                for w in range(64):
+                    if not sel >> w & 1:
+                        continue
+                    pi = evtchn.SHINFO_PENDING // 8 + w
+                    mi = evtchn.SHINFO_MASK // 8 + w
+                    ready = int(words[pi] & ~words[mi])
+                    words[pi] &= np.uint64(~ready & (2**64 - 1))
+                    while ready:
+                        bit = (ready & -ready).bit_length() - 1
+                        ready &= ready - 1
+                        port = w * 64 + bit
+                        if port < kernel.NR_COUNTED_PORTS:
+                            counts[port] += 1
+                        events += 1
+                if events:
+                    self._store_vcpu(v, events=slot["events"] + events)
+                    handled += events
+            self.mem.mark_dirty(kernel.COUNTERS_PFN)
+            self.header["upcalls"] += 1
+            self.store_header()
+
+    # -- guest kernel actions the host's tests ask for --
+
+    def grant_entry(self, ref: int) -> memoryview:
+        frame, index = divmod(ref, grant.ENTRIES_PER_FRAME)
+        if frame >= self.header["nr_grant_frames"]:
+            raise ValueError(f"grant reference {ref} beyond the table")
+        xen = self.mem.xen_page_at(self.header["grant_gfn"] + frame)
+        if xen is None:
+            raise ValueError(f"grant frame {frame} is not mapped")
+        off = index * grant.GRANT_ENTRY_V1.size
+        return memoryview(self.mem.xen_pages[xen])[off : off + 8]
+
+    def action(self, msg: dict) -> object:
+        cmd = msg["cmd"]
+        if cmd == "grant_access":
+            flags = grant.GTF_permit_access
+            if msg.get("readonly"):
+                flags |= grant.GTF_readonly
+            with self.mem.lock():
+                entry = self.grant_entry(msg["ref"])
+                grant.GRANT_ENTRY_V1.pack_into(
+                    entry, 0, 0, msg["domid"], msg["gfn"]
+                )
+                entry[0:2] = flags.to_bytes(2, "little")
+            return True
+        if cmd == "end_access":
+            with self.mem.lock():
+                entry = self.grant_entry(msg["ref"])
+                flags = int.from_bytes(entry[0:2], "little")
+                if flags & (grant.GTF_reading | grant.GTF_writing):
+                    return False
+                entry[:] = bytes(8)
+            return True
+        if cmd == "write":
+            data = bytes.fromhex(msg["data"])
+            pfn, off = msg["pfn"], msg["offset"]
+            if not (0 <= pfn < self.mem.max_pfn and self.mem.p2m[pfn] == 1):
+                raise ValueError(f"gfn {pfn:#x} is not RAM")
+            if not 0 <= off <= PAGE_SIZE - len(data):
+                raise ValueError(
+                    f"{len(data)} bytes at offset {off} cross the page"
+                )
+            with self.mem.lock():
+                self.mem.ram[pfn][off : off + len(data)] = np.frombuffer(
+                    data, dtype=np.uint8
+                )
+                self.mem.mark_dirty(pfn)
+            return True
+        if cmd == "hypercall":
+            return self.hypercall(msg["op"], **msg.get("args", {}))
+        raise ValueError(f"unknown command {cmd!r}")
+
+
+def serve(ctl: socket.socket, gk: GuestKernel, config: dict) -> None:
+    threads = [
+        threading.Thread(
+            target=gk.vcpu_loop, args=(v,), daemon=True, name=f"vcpu{v}"
+        )
+        for v in range(gk.nr_vcpus)
+    ]
+    if config["pv_drivers"]:
+        threads.append(
+            threading.Thread(target=gk.xenbus_loop, daemon=True, name="xenbus")
+        )
+    gk.io_rate = float(config.get("io_rate", 0))
+    started = False
+    while True:
+        try:
+            msg = ipc.recv(ctl)
+        except ipc.ChannelClosed:
+            return
+        cmd = msg.get("cmd")
+        reply: dict = {"id": msg.get("id")}
+        try:
+            if cmd == "start":
+                if msg["mode"] == "boot":
+                    gk.boot(config)
+                else:
+                    gk.resume(msg["regs"])
+                reply["ok"] = gk.registers()
+            elif cmd == "pause":
+                with gk.cond:
+                    gk.paused = True
+                reply["ok"] = gk.registers()
+            elif cmd == "unpause":
+                with gk.cond:
+                    gk.set_registers(msg["regs"])
+                    gk.throttle = msg.get("throttle", gk.throttle)
+                    gk.paused = False
+                    gk.cond.notify_all()
+                if not started:
+                    for t in threads:
+                        t.start()
+                    started = True
+                if gk.upcall_deferred:
+                    gk.upcall_deferred = False
+                    gk.handle_upcall()
+                reply["ok"] = True
+            elif cmd == "throttle":
+                gk.throttle = float(msg["fraction"])
+                reply["ok"] = True
+            elif cmd == "upcall":
+                with gk.cond:
+                    if gk.paused:
+                        gk.upcall_deferred = True
+                    else:
+                        gk.handle_upcall()
+                continue
+            elif cmd == "stop":
+                ipc.send(ctl, {"id": msg.get("id"), "ok": True})
+                return
+            else:
+                with gk.cond:
+                    if gk.paused:
+                        raise RuntimeError("the guest is paused")
+                    reply["ok"] = gk.action(msg)
+        except GuestHypercallError as exc:
+            reply = {"id": msg.get("id"), "err": exc.err, "msg": str(exc)}
+        except Exception as exc:  # reported to the host, not fatal here
+            reply = {
+                "id": msg.get("id"),
+                "err": -1,
+                "msg": f"{type(exc).__name__}: {exc}",
+            }
+        ipc.send(ctl, reply)
+
+
+def main(argv: list[str]) -> int:
+    args = json.loads(argv[1])
+    mem = GuestMemory.attach(args["ram_fd"], args["ctl_fd"])
+    hc = socket.socket(fileno=args["hc_fd"])
+    ctl = socket.socket(fileno=args["ctl_sock_fd"])
+    # A host under eventlet made its sockets non-blocking, and the flag
+    # is shared with the descriptors we inherited.
+    hc.setblocking(True)
+    ctl.setblocking(True)
+    config = args["config"]
+    gk = GuestKernel(mem, hc, config["memory_bytes"], config["vcpus"])
+    serve(ctl, gk, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,1801 @@
+"""The simulated Xen host: hypervisor model and dom0 in this process.
+
+``SimHost`` implements :class:`nova_xen_ncm.host.base.HostDriver`. Each
+guest's RAM and the hypervisor's tables for it are shared memory
+(memory.py); its vCPUs and kernel run in a separate process (guest.py)
+that reaches the hypervisor through a hypercall channel served by a
+plain thread here. Dom0 (xenstored, the console daemon, backends) lives
+in this process: its event channel handlers run on a dom0 thread.
+
+Several SimHost objects may live in one process (two compute services
+in Nova's functional tests); guests are started with ``subprocess`` and
+host threads are plain threads, so eventlet monkey-patching is fine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno as errnos
+import functools
+import hashlib
+import json
+import queue
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+
+import numpy as np
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from nova_xen_ncm.conf import sim as sim_conf
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.base import DOMID_FIRST_RESERVED
+from nova_xen_ncm.host.base import PAGE_SIZE
+from nova_xen_ncm.host.base import DomainState
+from nova_xen_ncm.host.base import EvtchnType
+from nova_xen_ncm.host.base import HostError
+from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.sim import devices
+from nova_xen_ncm.host.sim import evtchn
+from nova_xen_ncm.host.sim import grant
+from nova_xen_ncm.host.sim import hvm
+from nova_xen_ncm.host.sim import ipc
+from nova_xen_ncm.host.sim import kernel
+from nova_xen_ncm.host.sim import layout
+from nova_xen_ncm.host.sim import xs_wire
+from nova_xen_ncm.host.sim.memory import INVALID_GFN
+from nova_xen_ncm.host.sim.memory import MAX_GRANT_FRAMES
+from nova_xen_ncm.host.sim.memory import XENPAGE_GRANT_BASE
+from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
+from nova_xen_ncm.host.sim.memory import GuestMemory
+from nova_xen_ncm.host.sim.xenstore import ImportPolicy
+from nova_xen_ncm.host.sim.xenstore import LocalClient
+from nova_xen_ncm.host.sim.xenstore import Xenstore
+from nova_xen_ncm.host.sim.xenstore import XenstoreMigrationError
+from nova_xen_ncm.host.sim.xs_wire import XenstoreError
+
+LOG = logging.getLogger(__name__)
+
+MiB = 1 << 20
+DOM0 = 0
+START_TIMEOUT = 300.0
+CONTROL_TIMEOUT = 30.0
+NR_GRANT_FRAMES = 4
+# Xen lets a domain hold its RAM plus the special pages and some slack
+# (max_pages is set a little above the target by the toolstack).
+EXTRA_PAGES = layout.X86_HVM_NR_SPECIAL_PAGES + 1024
+TSC_KHZ = 2994000
+DOM0_TICK = 0.01
+# Disks are shared storage: the backends of one disk on every simulated
+# host of this process use one BlockStore, keyed by (domain uuid, devid).
+_DISKS: dict[tuple[str, int], devices.BlockStore] = {}
+_DISKS_LOCK = threading.Lock()
+DEFAULT_PARAMS_FLAGS = {
+    hvm.HVM_PARAM_PAE_ENABLED: 1,
+    hvm.HVM_PARAM_TIMER_MODE: 1,  # HVMPTM_no_delay_for_missed_ticks
+    hvm.HVM_PARAM_HPET_ENABLED: 1,
+    hvm.HVM_PARAM_NR_IOREQ_SERVER_PAGES: 0,
+    hvm.HVM_PARAM_VM86_TSS_SIZED: 0,
+}
+
+# The host operations that fault injection may delay or fail.
+FAULTY_CALLS = (
+    "list_domains domain_info find_domain create_domain "
+    "create_empty_domain destroy_domain pause unpause populated_pfns "
+    "populate map_pages enable_log_dirty harvest_dirty disable_log_dirty "
+    "set_vcpu_throttle get_hvm_context set_hvm_context get_hvm_params "
+    "set_hvm_params get_tsc_info set_tsc_info quiesce_backends "
+    "resume_backends export_pv_state import_pv_state"
+).split()
+
+
+class _Dom0:
+    """The control domain: privileged, no RAM of its own here; its event
+    channel bits are private arrays and its upcalls run handlers."""
+
+    domid = DOM0
+    vcpus = 1
+    privileged = True
+
+    def __init__(self, hostname: str) -> None:
+        self.ports: dict[int, evtchn.Channel] = {}
+        self._shinfo = np.zeros(PAGE_SIZE, dtype=np.uint8)
+        self.bits = evtchn.PendingBits(self._shinfo, self._vcpu_info)
+        self._lock = threading.Lock()
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        self._kicks: queue.Queue = queue.Queue()
+        self.on_tick: Callable[[], None] = lambda: None
+        self.on_wake: Callable[[], None] = lambda: None
+        self._thread = threading.Thread(
+            target=self._run, name=f"{hostname}-dom0-events", daemon=True
+        )
+        self._thread.start()
+
+    def _vcpu_info(self, vcpu: int) -> np.ndarray:
+        return self._shinfo[: evtchn.VCPU_INFO_SIZE]
+
+    @contextlib.contextmanager
+    def mem_lock(self):
+        with self._lock:
+            yield
+
+    def kick(self, vcpu: int) -> None:
+        self._kicks.put(vcpu)
+
+    def stop(self) -> None:
+        self._kicks.put(None)
+
+    def wake(self) -> None:
+        """Watch events are queued for dom0's xenstore connection."""
+        self._kicks.put("watch")
+
+    def _take_pending(self) -> list[int]:
+        ports = []
+        with self._lock:
+            vi = self._vcpu_info(0)
+            vi[evtchn.VI_UPCALL_PENDING] = 0
+            sel_view = vi[8:16].view(np.uint64)
+            sel = int(sel_view[0])
+            sel_view[0] = 0
+            words = self.bits.words
+            for w in range(64):
+                if not sel >> w & 1:
+                    continue
+                pi = evtchn.SHINFO_PENDING // 8 + w
+                ready = int(words[pi] & ~words[evtchn.SHINFO_MASK // 8 + w])
+                words[pi] &= np.uint64(~ready & (2**64 - 1))
+                ports += [w * 64 + b for b in range(64) if ready >> b & 1]
+        return ports
+
+    def _call(self, what: str, fn: Callable, *args: object) -> None:
+        try:
+            fn(*args)
+        except Exception:  # a dom0 service failing is not fatal
+            LOG.exception("dom0: %s failed", what)
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + DOM0_TICK
+        while True:
+            try:
+                item = self._kicks.get(
+                    timeout=max(0.0, next_tick - time.monotonic())
+                )
+            except queue.Empty:
+                item = "tick"
+            if item is None:
+                return
+            if item == "watch":
+                self._call("watch dispatch", self.on_wake)
+            elif item != "tick":
+                for port in self._take_pending():
+                    handler = self.handlers.get(port)
+                    if handler is not None:
+                        self._call(f"handler of port {port}", handler, port)
+            if time.monotonic() >= next_tick:
+                self._call("tick", self.on_tick)
+                next_tick = time.monotonic() + DOM0_TICK
+
+
+class _Domain:
+    """A guest domain: the hypervisor's view of it."""
+
+    privileged = False
+
+    def __init__(
+        self,
+        host: SimHost,
+        domid: int,
+        config: base.DomainConfig,
+        hvm_layout: layout.HvmLayout,
+    ) -> None:
+        self.host = host
+        self.domid = domid
+        self.config = config
+        self.name = config.name
+        self.uuid = config.uuid or str(uuidlib.uuid4())
+        self.vcpus = config.vcpus
+        self.layout = hvm_layout
+        self.mem = GuestMemory.create(
+            hvm_layout.max_pfn, f"{host.hostname}-d{domid}"
+        )
+        self.ports: dict[int, evtchn.Channel] = {}
+        self.bits = evtchn.PendingBits(
+            self.mem.xen_pages[XENPAGE_SHARED_INFO], self._vcpu_info
+        )
+        self.vcpu_info_at: dict[int, tuple[int, int]] = {}
+        self.grants = grant.GrantTable(self.mem.xen_pages[XENPAGE_GRANT_BASE:])
+        self.params: dict[int, int] = {}
+        self.records = hvm.default_records(self.vcpus, TSC_KHZ)
+        self.tsc = base.TscInfo(mode=0, khz=TSC_KHZ, nsec=0, incarnation=0)
+        self.state = DomainState.PAUSED
+        self.throttle = 1.0
+        self.backends_quiesced = False
+        self.proc: subprocess.Popen | None = None
+        self.ctl: socket.socket | None = None
+        self.hc: socket.socket | None = None
+        self.send_lock = threading.Lock()
+        self.request_lock = threading.Lock()
+        self.next_id = 0
+        self.writable_maps: dict[int, np.ndarray] = {}
+        self.dom0_ports: list[int] = []
+        self.backends: dict[str, devices.Backend] = {}
+        self.dom0_store_port = 0
+        self.pending_backends: list[base.BackendState] = []
+        self.detached_ring: memoryview | None = None
+        self.booted = False
+        self.run_started = 0.0
+        self.cpu_time = 0.0
+
+    # -- what evtchn.EventChannelOps needs --
+
+    def mem_lock(self):
+        return self.mem.lock()
+
+    def _vcpu_info(self, vcpu: int) -> np.ndarray:
+        placed = self.vcpu_info_at.get(vcpu)
+        if placed is None:
+            if vcpu >= evtchn.XEN_LEGACY_MAX_VCPUS:
+                raise HostError(f"vCPU {vcpu} has no vcpu_info registered")
+            off = vcpu * evtchn.VCPU_INFO_SIZE
+            return self.mem.xen_pages[XENPAGE_SHARED_INFO][
+                off : off + evtchn.VCPU_INFO_SIZE
+            ]
+        gfn, off = placed
+        self.mem.mark_dirty(gfn)
+        return self.mem.ram[gfn][off : off + evtchn.VCPU_INFO_SIZE]
+
+    def kick(self, vcpu: int) -> None:
+        """Inject the callback vector: tell the guest process."""
+        if self.ctl is None:
+            return
+        try:
+            with self.send_lock:
+                ipc.send(self.ctl, {"cmd": "upcall", "vcpu": vcpu})
+        except OSError:
+            LOG.debug("dom%d: upcall not delivered, guest gone", self.domid)
+
+    # -- the guest process --
+
+    def request(self, msg: dict, timeout: float = CONTROL_TIMEOUT) -> object:
+        call = msg["cmd"]
+        if self.ctl is None:
+            raise HostError(
+                f"domain {self.domid} has no running guest", call=call
+            )
+        with self.request_lock:
+            self.next_id += 1
+            msg = dict(msg, id=self.next_id)
+            try:
+                with self.send_lock:
+                    ipc.send(self.ctl, msg)
+                self.ctl.settimeout(timeout)
+                while True:
+                    reply = ipc.recv(self.ctl)
+                    if reply.get("id") == self.next_id:
+                        break
+            except (OSError, ipc.ChannelClosed) as exc:
+                raise HostError(
+                    f"guest of domain {self.domid} did not answer: {exc}",
+                    call=call,
+                ) from exc
+            finally:
+                with contextlib.suppress(OSError):
+                    self.ctl.settimeout(None)
+        if "err" in reply:
+            raise HostError(
+                f"guest of domain {self.domid}: {reply.get('msg')}",
+                call=call,
+                errno=reply["err"],
+            )
+        return reply.get("ok")
+
+    def cpu_registers(self) -> list[dict]:
+        regs = []
+        for rec in self.records:
+            if rec.typecode == hvm.CODE_CPU:
+                regs.append(hvm.cpu_registers(rec.data))
+        return regs
+
+    def save_registers(self, regs: Sequence[Mapping[str, int]]) -> None:
+        guest_tsc = int((time.monotonic_ns() * self.tsc.khz) // 1_000_000)
+        for rec in self.records:
+            if rec.typecode == hvm.CODE_CPU and rec.instance < len(regs):
+                values = dict(regs[rec.instance], tsc=guest_tsc)
+                rec.data = hvm.with_cpu_registers(rec.data, values)
+
+
+def _faulty(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(self: SimHost, *args: object, **kwargs: object) -> object:
+        self._inject_fault(method.__name__)
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class SimHost(base.HostDriver):
+    """A Xen host simulated in this process (see the module docstring)."""
+
+    def __init__(
+        self,
+        hostname: str = "sim",
+        conf: cfg.ConfigOpts | None = None,
+        *,
+        prelaunch: bool = True,
+    ) -> None:
+        """``prelaunch``: start a restoring domain's guest process when
+        the domain is created, so that its start-up is not downtime
+        (tests of the hypervisor model alone turn it off)."""
+        if conf is None:
+            from nova_xen_ncm.conf import CONF as conf
+        if "xen_ncm_sim" not in conf:
+            sim_conf.register_opts(conf)
+        self.hostname = hostname
+        self.opts = conf.xen_ncm_sim
+        self.memory_bytes = self.opts.host_memory_mb * MiB
+        self._lock = threading.RLock()
+        self._domains: dict[int, _Domain] = {}
+        self.dom0 = _Dom0(hostname)
+        self.evtchn = evtchn.EventChannelOps(self._lookup)
+        self.xenstore = Xenstore()
+        self._xs_conn = self.xenstore.connect(DOM0, wakeup=self.dom0.wake)
+        self.dom0_xs = devices.XenstoreConnectionClient(
+            self.xenstore, self._xs_conn
+        )
+        # The toolstack's own connection (device directories).
+        self._toolstack_xs = LocalClient(self.xenstore)
+        self._backends: dict[str, devices.Backend] = {}
+        # Guest ports an import linked to dom0 for a backend to take over.
+        self._prelinked: set[tuple[int, int]] = set()
+        self.dom0.on_wake = self._dispatch_watches
+        self.dom0.on_tick = self._service_backends
+        self._maptrack: dict[int, tuple[int, int, bool]] = {}
+        self._next_handle = 1
+        self._faults = random.Random(self.opts.fault_seed)
+        self._prelaunch = prelaunch
+        self._closed = False
+
+    # -- internals --
+
+    def _inject_fault(self, call: str) -> None:
+        if self.opts.call_latency_s:
+            time.sleep(self.opts.call_latency_s)
+        p = self.opts.call_failure_probability
+        if p and self._faults.random() < p:
+            raise HostError("injected failure", call=call, errno=errnos.EIO)
+
+    def _lookup(self, domid: int) -> object:
+        if domid == DOM0:
+            return self.dom0
+        dom = self._domains.get(domid)
+        if dom is None:
+            raise evtchn.HypercallError(
+                "domain lookup", errnos.ESRCH, f"no domain {domid}"
+            )
+        return dom
+
+    def _domain(self, domid: int, call: str) -> _Domain:
+        dom = self._domains.get(domid)
+        if dom is None:
+            raise base.DomainNotFound(
+                f"no domain {domid} on {self.hostname}", call=call
+            )
+        return dom
+
+    def _check_config(self, config: base.DomainConfig, call: str) -> None:
+        if not 1 <= config.vcpus <= kernel.MAX_VCPUS:
+            raise HostError(
+                f"vcpus must be 1..{kernel.MAX_VCPUS}, got {config.vcpus}",
+                call=call,
+            )
+        try:
+            layout.HvmLayout.for_memory(config.memory_bytes)
+        except ValueError as exc:
+            raise HostError(str(exc), call=call) from None
+        workload = dict(config.workload)
+        pattern = workload.get("pattern", self.opts.dirty_pattern)
+        if pattern not in kernel.PATTERNS:
+            raise HostError(
+                f"workload pattern {pattern!r} is not one of "
+                f"{sorted(kernel.PATTERNS)}",
+                call=call,
+            )
+        fill = workload.get("fill", self.opts.memory_fill)
+        if fill not in kernel.FILLS:
+            raise HostError(
+                f"workload fill {fill!r} is not one of {sorted(kernel.FILLS)}",
+                call=call,
+            )
+        for dev in config.devices:
+            if dev.kind not in devices.BACKENDS:
+                raise HostError(
+                    f"device kind {dev.kind!r} is not one of "
+                    f"{sorted(devices.BACKENDS)}",
+                    call=call,
+                )
+            if dev.backend_domid != DOM0:
+                raise HostError(
+                    f"{dev.kind} {dev.devid}: backend domain "
+                    f"{dev.backend_domid} does not exist (only "
+                    f"dom0 runs backends here)",
+                    call=call,
+                )
+        keys = [(d.kind, d.devid) for d in config.devices]
+        if len(set(keys)) != len(keys):
+            raise HostError("two devices share a kind and devid", call=call)
+        rate = workload.get("dirty_rate", self.opts.dirty_rate_bytes)
+        if not isinstance(rate, int) or rate < 0:
+            raise HostError(
+                f"workload dirty_rate must be a non-negative "
+                f"integer, got {rate!r}",
+                call=call,
+            )
+
+    def _reserve(
+        self, config: base.DomainConfig, domid: int, call: str
+    ) -> _Domain:
+        """Check and create the domain record (host lock held)."""
+        if not 0 < domid < DOMID_FIRST_RESERVED:
+            raise HostError(
+                f"domid {domid} is outside 1..{DOMID_FIRST_RESERVED - 1}",
+                call=call,
+            )
+        if domid in self._domains:
+            raise base.DomidInUse(
+                f"domid {domid} is held by {self._domains[domid].name!r}",
+                call=call,
+            )
+        self._check_config(config, call)
+        if config.memory_bytes > self._free_memory():
+            raise base.InsufficientMemory(
+                f"{config.memory_bytes} bytes asked, "
+                f"{self._free_memory()} free",
+                call=call,
+            )
+        dom = _Domain(
+            self,
+            domid,
+            config,
+            layout.HvmLayout.for_memory(config.memory_bytes),
+        )
+        self._domains[domid] = dom
+        return dom
+
+    def _free_memory(self) -> int:
+        used = sum(d.config.memory_bytes for d in self._domains.values())
+        return self.memory_bytes - used
+
+    def _workload(self, dom: _Domain) -> dict:
+        w = dict(dom.config.workload)
+        o = self.opts
+        return {
+            "memory_bytes": dom.config.memory_bytes,
+            "vcpus": dom.vcpus,
+            "pv_drivers": dom.config.pv_drivers,
+            "dirty_rate": int(w.get("dirty_rate", o.dirty_rate_bytes)),
+            "pattern": w.get("pattern", o.dirty_pattern),
+            "fill": w.get("fill", o.memory_fill),
+            "seed": int(w.get("seed", dom.domid * 7919 + 17)),
+            "hot_fraction": float(w.get("hot_fraction", o.hot_fraction)),
+            "hot_probability": float(
+                w.get("hot_probability", o.hot_probability)
+            ),
+            "nr_grant_frames": NR_GRANT_FRAMES,
+            "domid": dom.domid,
+            "io_rate": float(w.get("io_rate", o.io_rate_requests)),
+        }
+
+    def _build(self, dom: _Domain) -> None:
+        """What the toolstack does for a new HVM guest (xg_dom_x86.c
+        meminit_hvm/bootlate_hvm, libxl__build_hvm): populate RAM and
+        special pages, set the params, allocate the store and console
+        event channels for dom0, introduce the domain to xenstored."""
+        mem = dom.mem
+        mem.populate(dom.layout.initial_pfns())
+        sp = layout.special_pfn
+        dom.params = {
+            hvm.HVM_PARAM_STORE_PFN: sp(layout.SPECIALPAGE_XENSTORE),
+            hvm.HVM_PARAM_CONSOLE_PFN: sp(layout.SPECIALPAGE_CONSOLE),
+            hvm.HVM_PARAM_IOREQ_PFN: sp(layout.SPECIALPAGE_IOREQ),
+            hvm.HVM_PARAM_BUFIOREQ_PFN: sp(layout.SPECIALPAGE_BUFIOREQ),
+            hvm.HVM_PARAM_PAGING_RING_PFN: sp(layout.SPECIALPAGE_PAGING),
+            hvm.HVM_PARAM_MONITOR_RING_PFN: sp(layout.SPECIALPAGE_ACCESS),
+            hvm.HVM_PARAM_SHARING_RING_PFN: sp(layout.SPECIALPAGE_SHARING),
+            hvm.HVM_PARAM_IDENT_PT: sp(layout.SPECIALPAGE_IDENT_PT)
+            << base.PAGE_SHIFT,
+            hvm.HVM_PARAM_CALLBACK_IRQ: 0,
+            **DEFAULT_PARAMS_FLAGS,
+        }
+        for param in (
+            hvm.HVM_PARAM_STORE_EVTCHN,
+            hvm.HVM_PARAM_CONSOLE_EVTCHN,
+        ):
+            port = self.evtchn.alloc_unbound(self.dom0, dom.domid, DOM0)
+            dom.params[param] = port
+        store_pfn = dom.params[hvm.HVM_PARAM_STORE_PFN]
+        xs_wire.init_interface(mem.page(store_pfn, writable=True))
+        self._xenstore_connect(dom)
+        self._bind_dom0_services(dom)
+        for dev in dom.config.devices:
+            devices.add_device(self.dom0_xs, dom.domid, dev)
+            be = devices.BACKENDS[dev.kind](
+                domid=dom.domid,
+                devid=dev.devid,
+                backend_domid=dev.backend_domid,
+                xs=self.dom0_xs,
+                grants=self,
+                evtchn=self,
+                **self._backend_extra(dom, dev.kind, dev.devid),
+            )
+            # Started by create_domain once the host lock is released: a
+            # backend calls into the host with its own lock held.
+            dom.backends[be.token] = be
+
+    def _xenstore_connect(
+        self,
+        dom: _Domain,
+        xs_state: base.XenstoreState | None = None,
+        policy: ImportPolicy | None = None,
+    ) -> None:
+        """Introduce the domain to xenstored, or import its xenstore
+        (which validates everything before it changes anything)."""
+        domid = dom.domid
+        store_pfn = dom.params[hvm.HVM_PARAM_STORE_PFN]
+        page = dom.mem.page(store_pfn, writable=True)
+        notify = self._store_notify(dom)
+
+        if xs_state is not None:
+            # The ring is attached at unpause: the import fires each
+            # restored watch once (a legal spurious event), and until the
+            # guest runs its memory must stay exactly as at pause.
+            self.xenstore.import_domain(domid, xs_state, policy, notify=notify)
+            dom.detached_ring = page
+        else:
+            self.xenstore.create_domain_home(domid)
+            self.xenstore.introduce_domain(
+                domid,
+                page=page,
+                notify=notify,
+                store_gfn=store_pfn,
+                store_port=dom.params[hvm.HVM_PARAM_STORE_EVTCHN],
+            )
+
+    def _store_notify(self, dom: _Domain) -> Callable[[], None]:
+        """xenstored signalling the guest after writing its ring."""
+        store_pfn = dom.params[hvm.HVM_PARAM_STORE_PFN]
+
+        def notify() -> None:
+            dom.mem.mark_dirty(store_pfn)
+            if dom.dom0_store_port:
+                self.evtchn.send(self.dom0, dom.dom0_store_port)
+
+        return notify
+
+    def _bind_dom0_services(self, dom: _Domain) -> None:
+        """Bind xenstored's and the console daemon's ends of the store
+        and console channels (an import has linked them already)."""
+        domid = dom.domid
+        store_pfn = dom.params[hvm.HVM_PARAM_STORE_PFN]
+
+        def serve(port: int) -> None:
+            if domid in self._domains and not dom.backends_quiesced:
+                self.xenstore.service_ring(domid)
+                dom.mem.mark_dirty(store_pfn)
+
+        for param, handler in (
+            (hvm.HVM_PARAM_STORE_EVTCHN, serve),
+            (hvm.HVM_PARAM_CONSOLE_EVTCHN, lambda port: None),
+        ):
+            guest_port = dom.params[param]
+            ch = dom.ports[guest_port]
+            if ch.type == EvtchnType.INTERDOMAIN:
+                local = ch.remote_port
+                self._prelinked.discard((domid, guest_port))
+            else:
+                local = self._dom0_bind(dom, guest_port)
+            self.dom0.handlers[local] = handler
+            if param == hvm.HVM_PARAM_STORE_EVTCHN:
+                dom.dom0_store_port = local
+
+    def _backend_extra(self, dom: _Domain, kind: str, devid: int) -> dict:
+        if kind != "vbd":
+            return {}
+        with _DISKS_LOCK:
+            store = _DISKS.setdefault((dom.uuid, devid), devices.BlockStore())
+        return {"store": store}
+
+    def _backend_states(self, dom: _Domain) -> tuple[base.BackendState, ...]:
+        """The connections of the guest's backends, live or about to
+        reconnect, in (kind, devid) order."""
+        states = [be.export() for be in list(dom.backends.values())]
+        states += dom.pending_backends
+        return tuple(sorted(states, key=lambda b: (b.kind, b.devid)))
+
+    def _add_backend(self, dom: _Domain, be: devices.Backend) -> None:
+        dom.backends[be.token] = be
+        self._backends[be.token] = be
+
+    def _dispatch_watches(self) -> None:
+        events = self.dom0_xs.pop_events()
+        for token in devices.dispatch_watch_events(events, self._backends):
+            LOG.debug("dom0: watch event for unknown token %s", token)
+
+    def _service_backends(self) -> None:
+        for be in list(self._backends.values()):
+            if not be.quiesced:
+                be.service()
+
+    def _dom0_bind(self, dom: _Domain, guest_port: int) -> int:
+        port = self.evtchn.bind_interdomain(self.dom0, dom.domid, guest_port)
+        dom.dom0_ports.append(port)
+        return port
+
+    def _launch(self, dom: _Domain) -> None:
+        """Start the guest process; it maps the domain's memory and waits
+        for ``start``. A restoring domain gets it at creation, so that
+        the interpreter's start-up is not part of the downtime."""
+        hc_host, hc_guest = socket.socketpair()
+        ctl_host, ctl_guest = socket.socketpair()
+        fds = (
+            dom.mem.ram_fd,
+            dom.mem.ctl_fd,
+            hc_guest.fileno(),
+            ctl_guest.fileno(),
+        )
+        args = {
+            "ram_fd": fds[0],
+            "ctl_fd": fds[1],
+            "hc_fd": fds[2],
+            "ctl_sock_fd": fds[3],
+            "config": self._workload(dom),
+        }
+        try:
+            dom.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "nova_xen_ncm.host.sim.guest",
+                    json.dumps(args),
+                ],
+                pass_fds=fds,
+                close_fds=True,
+            )
+        finally:
+            hc_guest.close()
+            ctl_guest.close()
+        dom.ctl, dom.hc = ctl_host, hc_host
+        threading.Thread(
+            target=self._serve_hypercalls,
+            args=(dom,),
+            name=f"{self.hostname}-d{dom.domid}-hypercalls",
+            daemon=True,
+        ).start()
+
+    def _spawn(self, dom: _Domain, mode: str) -> None:
+        """Boot the guest, or resume it from RAM and the HVM context."""
+        if dom.proc is None:
+            self._launch(dom)
+        regs = dom.request(
+            {"cmd": "start", "mode": mode, "regs": dom.cpu_registers()},
+            timeout=START_TIMEOUT,
+        )
+        dom.save_registers(regs)
+        dom.booted = True
+
+    def _stop_guest(self, dom: _Domain) -> None:
+        proc, dom.proc = dom.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(HostError):
+            dom.request({"cmd": "stop"}, timeout=5.0)
+        try:
+            proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for sock in (dom.ctl, dom.hc):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+        dom.ctl = dom.hc = None
+
+    # -- hypercalls from guests --
+
+    def _serve_hypercalls(self, dom: _Domain) -> None:
+        sock = dom.hc
+        while True:
+            try:
+                msg = ipc.recv(sock)
+            except (OSError, ipc.ChannelClosed):
+                return
+            try:
+                reply = {
+                    "ok": self._hypercall(dom, msg["op"], msg.get("args", {}))
+                }
+            except evtchn.HypercallError as exc:
+                reply = {"err": -(exc.errno or errnos.EINVAL), "msg": str(exc)}
+            except grant.GrantError as exc:
+                reply = {"err": exc.status, "msg": str(exc)}
+            except (HostError, KeyError, TypeError, ValueError) as exc:
+                reply = {"err": -errnos.EINVAL, "msg": str(exc)}
+            try:
+                ipc.send(sock, reply)
+            except OSError:
+                return
+
+    def _hypercall(self, dom: _Domain, op: str, args: dict) -> object:
+        with self._lock:
+            if dom.domid not in self._domains:
+                raise evtchn.HypercallError(op, errnos.ESRCH, "domain gone")
+            if op.startswith("evtchn_"):
+                result = getattr(self.evtchn, op[len("evtchn_") :])(
+                    dom, **args
+                )
+                if isinstance(result, base.EventChannel):
+                    return dataclasses.asdict(result)
+                return result
+            handler = getattr(self, f"_hc_{op}", None)
+            if handler is None:
+                raise evtchn.HypercallError(
+                    op, errnos.ENOSYS, f"no hypercall {op}"
+                )
+            return handler(dom, **args)
+
+    def _hc_hvm_set_param(self, dom: _Domain, index: int, value: int) -> None:
+        """HVMOP_set_param from the guest (hvm_allow_set_param)."""
+        if index not in hvm.GUEST_SETTABLE_PARAMS:
+            raise evtchn.HypercallError(
+                "HVMOP_set_param",
+                errnos.EPERM,
+                f"param {index} is not settable by the guest",
+            )
+        dom.params[index] = int(value)
+
+    def _hc_hvm_get_param(self, dom: _Domain, index: int) -> int:
+        if not 0 <= index < hvm.HVM_NR_PARAMS:
+            raise evtchn.HypercallError(
+                "HVMOP_get_param", errnos.EINVAL, f"no param {index}"
+            )
+        return dom.params.get(index, 0)
+
+    def _hc_add_to_physmap(
+        self, dom: _Domain, space: str, idx: int, gfn: int
+    ) -> None:
+        """XENMEM_add_to_physmap, XENMAPSPACE_shared_info/grant_table."""
+        call = "XENMEM_add_to_physmap"
+        if not 0 <= gfn < dom.mem.max_pfn:
+            raise evtchn.HypercallError(
+                call, errnos.EINVAL, f"gfn {gfn:#x} out of range"
+            )
+        with dom.mem.lock():
+            if space == "shared_info":
+                if idx != 0:
+                    raise evtchn.HypercallError(
+                        call, errnos.EINVAL, "shared info idx must be 0"
+                    )
+                dom.mem.map_xen_page(XENPAGE_SHARED_INFO, gfn)
+            elif space == "grant_table":
+                if not 0 <= idx < MAX_GRANT_FRAMES:
+                    raise evtchn.HypercallError(
+                        call,
+                        errnos.EINVAL,
+                        f"grant frame {idx} beyond {MAX_GRANT_FRAMES}",
+                    )
+                dom.grants.grow(idx + 1)
+                dom.mem.map_xen_page(XENPAGE_GRANT_BASE + idx, gfn)
+            else:
+                raise evtchn.HypercallError(
+                    call, errnos.EINVAL, f"no map space {space!r}"
+                )
+
+    def _hc_register_vcpu_info(
+        self, dom: _Domain, vcpu: int, gfn: int, offset: int
+    ) -> None:
+        """VCPUOP_register_vcpu_info: the legacy slot's content moves."""
+        call = "VCPUOP_register_vcpu_info"
+        if not 0 <= vcpu < dom.vcpus:
+            raise evtchn.HypercallError(call, errnos.ENOENT, f"no vCPU {vcpu}")
+        if vcpu in dom.vcpu_info_at:
+            raise evtchn.HypercallError(
+                call, errnos.EINVAL, f"vCPU {vcpu} already registered"
+            )
+        if not 0 <= offset <= PAGE_SIZE - evtchn.VCPU_INFO_SIZE:
+            raise evtchn.HypercallError(
+                call, errnos.EINVAL, f"offset {offset} crosses the page"
+            )
+        if not 0 <= gfn < dom.mem.max_pfn or dom.mem.p2m[gfn] != 1:
+            raise evtchn.HypercallError(
+                call, errnos.EINVAL, f"gfn {gfn:#x} is not RAM"
+            )
+        with dom.mem.lock():
+            old = bytes(dom._vcpu_info(vcpu))
+            dom.vcpu_info_at[vcpu] = (gfn, offset)
+            dom._vcpu_info(vcpu)[:] = np.frombuffer(old, dtype=np.uint8)
+
+    # -- dom0 services for other parts of the simulated host --
+
+    def dom0_bind_interdomain(
+        self, domid: int, port: int, handler: Callable[[int], None]
+    ) -> int:
+        """Bind a dom0 port to a guest's unbound port (a backend
+        connecting); ``handler(dom0_port)`` runs on the dom0 thread."""
+        with self._lock:
+            dom = self._domains.get(domid)
+            if (domid, port) in self._prelinked and dom is not None:
+                # Restored by import_pv_state with dom0's end in place:
+                # the reconnecting backend takes that end over.
+                self._prelinked.discard((domid, port))
+                local = dom.ports[port].remote_port
+            else:
+                local = self.evtchn.bind_interdomain(self.dom0, domid, port)
+            self.dom0.handlers[local] = handler
+            return local
+
+    def dom0_notify(self, port: int) -> None:
+        with self._lock:
+            self.evtchn.send(self.dom0, port)
+
+    def dom0_close(self, port: int) -> None:
+        with self._lock:
+            self.dom0.handlers.pop(port, None)
+            self.evtchn.close(self.dom0, port)
+
+    def grant_map(
+        self, domid: int, ref: int, readonly: bool = False, mapper: int = DOM0
+    ) -> tuple[int, memoryview]:
+        """GNTTABOP_map_grant_ref by ``mapper``: a handle and the granted
+        page itself (read-only view for a read-only map)."""
+        call = "GNTTABOP_map_grant_ref"
+        with self._lock:
+            dom = self._domains.get(domid)
+            if dom is None:
+                raise grant.GrantError(
+                    call, grant.GNTST_bad_domain, f"no domain {domid}"
+                )
+            with dom.mem.lock():
+                gfn = dom.grants.pin(ref, mapper, readonly)
+                if not (0 <= gfn < dom.mem.max_pfn and dom.mem.p2m[gfn] == 1):
+                    dom.grants.unpin(ref, readonly)
+                    raise grant.GrantError(
+                        call,
+                        grant.GNTST_bad_page,
+                        f"grant reference {ref} names gfn {gfn:#x}, not RAM",
+                    )
+                if not readonly:
+                    dom.mem.mark_dirty(gfn)
+            handle = self._next_handle
+            self._next_handle += 1
+            self._maptrack[handle] = (domid, ref, readonly)
+            return handle, dom.mem.page(gfn, writable=not readonly)
+
+    def grant_unmap(self, handle: int) -> None:
+        """GNTTABOP_unmap_grant_ref: the page is marked dirty if it was
+        mapped writable (gnttab_mark_dirty)."""
+        with self._lock:
+            entry = self._maptrack.pop(handle, None)
+            if entry is None:
+                raise grant.GrantError(
+                    "GNTTABOP_unmap_grant_ref",
+                    grant.GNTST_bad_handle,
+                    f"no grant handle {handle}",
+                )
+            domid, ref, readonly = entry
+            dom = self._domains.get(domid)
+            if dom is None:
+                return
+            with dom.mem.lock():
+                gfn = dom.grants.unpin(ref, readonly)
+                if not readonly:
+                    dom.mem.mark_dirty(gfn)
+
+    def guest_command(self, domid: int, cmd: str, /, **args: object) -> object:
+        """Ask the guest's kernel to act (grant_access, end_access,
+        write, hypercall): what its drivers would do on their own."""
+        dom = self._domain(domid, cmd)
+        return dom.request(dict(args, cmd=cmd))
+
+    def default_config(self, name: str) -> base.DomainConfig:
+        """A guest made of the [xen_ncm_sim] defaults (for demos)."""
+        devs = []
+        for spec in self.opts.guest_devices:
+            kind, _, devid = spec.partition(":")
+            if kind not in devices.BACKENDS or not devid.isdigit():
+                raise HostError(
+                    f"guest_devices entry {spec!r} is not "
+                    f"kind:devid with kind one of "
+                    f"{sorted(devices.BACKENDS)}"
+                )
+            devs.append(base.DeviceConfig(kind, int(devid)))
+        return base.DomainConfig(
+            name=name,
+            memory_bytes=self.opts.guest_memory_mb * MiB,
+            vcpus=self.opts.guest_vcpus,
+            devices=tuple(devs),
+        )
+
+    # -- HostDriver: lifecycle --
+
+    def capabilities(self) -> base.Capabilities:
+        return base.Capabilities(
+            host=self.hostname,
+            hypervisor="nova-xen-ncm simulated Xen 4.17",
+            restore={item: None for item in Item},
+            max_vcpus=kernel.MAX_VCPUS,
+            free_memory_bytes=self.free_memory(),
+        )
+
+    def _info(self, dom: _Domain) -> base.DomainInfo:
+        if (
+            dom.state == DomainState.RUNNING
+            and dom.proc is not None
+            and dom.proc.poll() is not None
+        ):
+            LOG.error(
+                "dom%d: guest process exited with %s",
+                dom.domid,
+                dom.proc.returncode,
+            )
+            dom.cpu_time += time.monotonic() - dom.run_started
+            dom.state = DomainState.CRASHED
+        cpu = dom.cpu_time
+        if dom.state == DomainState.RUNNING:
+            cpu += time.monotonic() - dom.run_started
+        return base.DomainInfo(
+            domid=dom.domid,
+            name=dom.name,
+            uuid=dom.uuid,
+            state=dom.state,
+            memory_bytes=dom.config.memory_bytes,
+            vcpus=dom.vcpus,
+            populated_pages=int(np.count_nonzero(dom.mem.p2m == 1)),
+            pv_drivers=dom.config.pv_drivers,
+            cpu_time_ns=int(cpu * 1e9 * dom.vcpus),
+        )
+
+    @_faulty
+    def list_domains(self) -> list[base.DomainInfo]:
+        with self._lock:
+            return [self._info(d) for _, d in sorted(self._domains.items())]
+
+    @_faulty
+    def domain_info(self, domid: int) -> base.DomainInfo:
+        with self._lock:
+            return self._info(self._domain(domid, "domain_info"))
+
+    @_faulty
+    def find_domain(self, name_or_uuid: str) -> base.DomainInfo:
+        with self._lock:
+            for dom in self._domains.values():
+                if name_or_uuid in (dom.name, dom.uuid):
+                    return self._info(dom)
+        raise base.DomainNotFound(
+            f"no domain named {name_or_uuid!r}", call="find_domain"
+        )
+
+    @_faulty
+    def create_domain(self, config: base.DomainConfig) -> int:
+        call = "create_domain"
+        with self._lock:
+            for d in self._domains.values():
+                if d.name == config.name:
+                    raise HostError(
+                        f"a domain named {config.name!r} exists", call=call
+                    )
+            domid = next(
+                i
+                for i in range(1, DOMID_FIRST_RESERVED)
+                if i not in self._domains
+            )
+            dom = self._reserve(config, domid, call)
+            try:
+                self._build(dom)
+            except BaseException:
+                self._teardown(dom)
+                raise
+        try:
+            for be in list(dom.backends.values()):
+                self._add_backend(dom, be)
+                be.start()
+            self._spawn(dom, "boot")
+            self._start_running(dom)
+        except BaseException:
+            self._teardown(dom)
+            raise
+        return domid
+
+    @_faulty
+    def create_empty_domain(
+        self, config: base.DomainConfig, domid: int
+    ) -> int:
+        with self._lock:
+            dom = self._reserve(config, domid, "create_empty_domain")
+            # The toolstack's device directories in dom0's backend tree,
+            # which the restored backend areas go under.
+            for parent in self._backend_parents(dom):
+                self._toolstack_xs.write(parent, b"")
+        if self._prelaunch:
+            try:
+                self._launch(dom)
+            except BaseException:
+                self._teardown(dom)
+                raise
+        return domid
+
+    def _xs_exists(self, path: str) -> bool:
+        try:
+            self._toolstack_xs.read(path)
+        except XenstoreError as exc:
+            if exc.name == "ENOENT":
+                return False
+            raise
+        return True
+
+    def _backend_parents(self, dom: _Domain) -> set[str]:
+        """dom0's per-domain directories above the backend areas."""
+        parents = {
+            f"/local/domain/{d.backend_domid}/backend/{d.kind}/{dom.domid}"
+            for d in dom.config.devices
+        }
+        return parents | {
+            b.backend_path.rsplit("/", 1)[0]
+            for b in [*dom.backends.values(), *dom.pending_backends]
+        }
+
+    def _start_running(self, dom: _Domain) -> None:
+        dom.request(
+            {
+                "cmd": "unpause",
+                "regs": dom.cpu_registers(),
+                "throttle": dom.throttle,
+            }
+        )
+        dom.state = DomainState.RUNNING
+        dom.run_started = time.monotonic()
+
+    def _teardown(self, dom: _Domain) -> None:
+        self._stop_guest(dom)
+        with self._lock:
+            parents = self._backend_parents(dom)
+            backends = list(dom.backends.items())
+            for token, _ in backends:
+                self._backends.pop(token, None)
+            dom.backends.clear()
+        for _, be in backends:
+            with contextlib.suppress(Exception):
+                be.close()
+        # libxl removes the device areas of a destroyed domain.
+        for parent in parents:
+            with contextlib.suppress(XenstoreError):
+                self._toolstack_xs.rm(parent)
+        with self._lock:
+            self._prelinked = {k for k in self._prelinked if k[0] != dom.domid}
+            for handle, (domid, _, _) in list(self._maptrack.items()):
+                if domid == dom.domid:
+                    del self._maptrack[handle]
+            for port in sorted(dom.ports):
+                with contextlib.suppress(HostError):
+                    self.evtchn.close(dom, port)
+            for port in dom.dom0_ports:
+                self.dom0.handlers.pop(port, None)
+                with contextlib.suppress(HostError):
+                    self.evtchn.close(self.dom0, port)
+            if self.xenstore.is_introduced(dom.domid):
+                self.xenstore.release_domain(dom.domid)
+            self._domains.pop(dom.domid, None)
+        dom.mem.close()
+
+    @_faulty
+    def destroy_domain(self, domid: int) -> None:
+        with self._lock:
+            dom = self._domain(domid, "destroy_domain")
+            dom.state = DomainState.DYING
+        self._teardown(dom)
+
+    @_faulty
+    def pause(self, domid: int) -> None:
+        dom = self._domain(domid, "pause")
+        if dom.state != DomainState.RUNNING:
+            return
+        regs = dom.request({"cmd": "pause"})
+        dom.save_registers(regs)
+        dom.state = DomainState.PAUSED
+        dom.cpu_time += time.monotonic() - dom.run_started
+
+    @_faulty
+    def unpause(self, domid: int) -> None:
+        dom = self._domain(domid, "unpause")
+        if dom.state == DomainState.RUNNING:
+            return
+        self._reconnect_backends(dom)
+        if dom.detached_ring is not None:
+            page, dom.detached_ring = dom.detached_ring, None
+            self.xenstore.attach_ring(domid, page, self._store_notify(dom))
+        if not dom.booted:
+            try:
+                self._spawn(dom, "resume")
+            except BaseException:
+                self._stop_guest(dom)
+                raise
+        self._start_running(dom)
+
+    def _reconnect_backends(self, dom: _Domain) -> None:
+        """Backends of a restored guest take over (import_pv_state):
+        same grant references, same ports, same indices, in-flight
+        requests answered. Called without the host lock, which a backend
+        takes with its own lock held."""
+        while dom.pending_backends:
+            bs = dom.pending_backends[0]
+            try:
+                be = devices.Backend.reconnect(
+                    bs,
+                    xs=self.dom0_xs,
+                    grants=self,
+                    evtchn=self,
+                    **self._backend_extra(dom, bs.kind, bs.devid),
+                )
+            except (devices.BackendError, HostError) as exc:
+                raise HostError(
+                    f"backend {bs.kind}/{bs.devid} cannot reconnect: {exc}",
+                    call="unpause",
+                ) from None
+            self._add_backend(dom, be)
+            dom.pending_backends.pop(0)
+
+    def shutdown(self, domid: int, reboot: bool = False) -> None:
+        if reboot:
+            raise base.NotSupported(
+                "the simulated guest has no reboot path", call="shutdown"
+            )
+        self.destroy_domain(domid)
+
+    def free_memory(self) -> int:
+        with self._lock:
+            return self._free_memory()
+
+    def console_output(self, domid: int) -> str:
+        dom = self._domain(domid, "console_output")
+        page = bytes(dom.mem.ram[kernel.HEADER_PFN])
+        hdr = kernel.read_header(page)
+        if hdr["magic"] != kernel.MAGIC:
+            return ""
+        lines = [
+            f"simulated guest {dom.name}: {hdr['nr_vcpus']} vCPUs, "
+            f"pattern {hdr['pattern']}, {hdr['upcalls']} upcalls"
+        ]
+        for v in range(hdr["nr_vcpus"]):
+            slot = kernel.read_vcpu(page, v)
+            lines.append(
+                f"vcpu{v}: counter {slot['counter']} events "
+                f"{slot['events']} ipis {slot['ipis_sent']}"
+            )
+        return "\n".join(lines) + "\n"
+
+    # -- HostDriver: memory --
+
+    @_faulty
+    def populated_pfns(self, domid: int) -> np.ndarray:
+        return self._domain(domid, "populated_pfns").mem.populated()
+
+    @_faulty
+    def populate(self, domid: int, pfns: np.ndarray) -> None:
+        call = "populate"
+        dom = self._domain(domid, call)
+        if dom.booted:
+            raise HostError(f"domain {domid} is not being restored", call=call)
+        pfns = np.unique(np.asarray(pfns, dtype=np.uint64))
+        if len(pfns) and int(pfns[-1]) >= dom.mem.max_pfn:
+            raise HostError(
+                f"pfn {int(pfns[-1]):#x} beyond the guest's "
+                f"physmap (max {dom.mem.max_pfn:#x})",
+                call=call,
+            )
+        with dom.mem.lock():
+            if np.any(dom.mem.p2m[pfns] == 2):
+                raise HostError(
+                    "pfns overlap a Xen page in the physmap", call=call
+                )
+            new = int(np.count_nonzero(dom.mem.p2m[pfns] == 0))
+            have = int(np.count_nonzero(dom.mem.p2m == 1))
+            limit = dom.config.memory_bytes // PAGE_SIZE + EXTRA_PAGES
+            if have + new > limit:
+                raise base.InsufficientMemory(
+                    f"{have + new} pages exceed domain {domid}'s "
+                    f"allocation of {limit}",
+                    call=call,
+                )
+            dom.mem.populate(pfns)
+
+    @_faulty
+    def map_pages(
+        self, domid: int, pfns: np.ndarray, writable: bool = False
+    ) -> base.PageMapping:
+        dom = self._domain(domid, "map_pages")
+        pfns = dom.mem.check_ram(pfns, "map_pages")
+        return _SimPageMapping(dom, pfns, writable)
+
+    @_faulty
+    def enable_log_dirty(self, domid: int) -> None:
+        self._domain(domid, "enable_log_dirty").mem.set_log_dirty(True)
+
+    @_faulty
+    def harvest_dirty(self, domid: int) -> np.ndarray:
+        call = "harvest_dirty"
+        dom = self._domain(domid, call)
+        if not dom.mem.log_dirty:
+            raise HostError(
+                f"log-dirty is not enabled for domain {domid}", call=call
+            )
+        with self._lock:
+            # Pages others may write at any time without the memory lock:
+            # writable grant maps and mappings, and the xenstore ring.
+            extra = [
+                dom.grants.writably_mapped_gfns(),
+                *dom.writable_maps.values(),
+            ]
+            store = dom.params.get(hvm.HVM_PARAM_STORE_PFN)
+            if store:
+                extra.append(np.array([store], dtype=np.uint64))
+        return dom.mem.harvest(np.concatenate(extra).astype(np.uint64))
+
+    @_faulty
+    def disable_log_dirty(self, domid: int) -> None:
+        self._domain(domid, "disable_log_dirty").mem.set_log_dirty(False)
+
+    @_faulty
+    def set_vcpu_throttle(self, domid: int, fraction: float) -> None:
+        call = "set_vcpu_throttle"
+        dom = self._domain(domid, call)
+        if not 0.0 < fraction <= 1.0:
+            raise HostError(
+                f"throttle fraction must be in (0, 1], got {fraction}",
+                call=call,
+            )
+        dom.throttle = float(fraction)
+        if dom.ctl is not None:
+            dom.request({"cmd": "throttle", "fraction": dom.throttle})
+
+    # -- HostDriver: platform state --
+
+    @_faulty
+    def get_hvm_context(self, domid: int) -> bytes:
+        dom = self._domain(domid, "get_hvm_context")
+        if dom.state == DomainState.RUNNING:
+            # Xen pauses the domain around the copy (hvm_save).
+            dom.save_registers(dom.request({"cmd": "pause"}))
+            dom.request(
+                {
+                    "cmd": "unpause",
+                    "regs": dom.cpu_registers(),
+                    "throttle": dom.throttle,
+                }
+            )
+        return hvm.encode(dom.records)
+
+    @_faulty
+    def set_hvm_context(self, domid: int, blob: bytes) -> None:
+        call = "set_hvm_context"
+        dom = self._domain(domid, call)
+        if dom.state == DomainState.RUNNING:
+            raise HostError(f"domain {domid} must be paused", call=call)
+        dom.records = hvm.decode(blob, dom.vcpus)
+
+    @_faulty
+    def get_hvm_params(self, domid: int) -> dict[int, int]:
+        return dict(self._domain(domid, "get_hvm_params").params)
+
+    @_faulty
+    def set_hvm_params(self, domid: int, params: Mapping[int, int]) -> None:
+        call = "set_hvm_params"
+        dom = self._domain(domid, call)
+        for index, value in params.items():
+            if not 0 <= int(index) < hvm.HVM_NR_PARAMS:
+                raise HostError(f"HVM param {index} does not exist", call=call)
+            if not 0 <= int(value) < 1 << 64:
+                raise HostError(
+                    f"HVM param {index} value {value} is not a u64", call=call
+                )
+        dom.params.update({int(k): int(v) for k, v in params.items()})
+
+    @_faulty
+    def get_tsc_info(self, domid: int) -> base.TscInfo:
+        return self._domain(domid, "get_tsc_info").tsc
+
+    @_faulty
+    def set_tsc_info(self, domid: int, info: base.TscInfo) -> None:
+        call = "set_tsc_info"
+        dom = self._domain(domid, call)
+        if info.mode not in (0, 1, 2, 3):
+            raise HostError(
+                f"TSC mode {info.mode} is not a TSC_MODE_*", call=call
+            )
+        if not 0 < info.khz < 1 << 32:
+            raise HostError(
+                f"TSC frequency {info.khz} kHz out of range", call=call
+            )
+        if info.nsec < 0 or not 0 <= info.incarnation < 1 << 32:
+            raise HostError("TSC nsec/incarnation out of range", call=call)
+        dom.tsc = info
+
+    # -- HostDriver: PV state --
+
+    @_faulty
+    def quiesce_backends(self, domid: int) -> None:
+        dom = self._domain(domid, "quiesce_backends")
+        dom.backends_quiesced = True
+        for be in list(dom.backends.values()):
+            be.quiesce()
+
+    @_faulty
+    def resume_backends(self, domid: int) -> None:
+        dom = self._domain(domid, "resume_backends")
+        dom.backends_quiesced = False
+        for be in list(dom.backends.values()):
+            be.resume()
+        if self.xenstore.is_introduced(domid):
+            self.xenstore.service_ring(domid)
+
+    def _export_shared_info(self, dom: _Domain) -> base.SharedInfoState:
+        gfn = int(dom.mem.xen_gfns[XENPAGE_SHARED_INFO])
+        placements = []
+        for v in range(dom.vcpus):
+            placed = dom.vcpu_info_at.get(v)
+            if placed is None:
+                placements.append(base.VcpuInfoPlacement(v))
+            else:
+                placements.append(base.VcpuInfoPlacement(v, *placed))
+        return base.SharedInfoState(
+            gfn=None if gfn == INVALID_GFN else gfn,
+            content=bytes(dom.mem.xen_pages[XENPAGE_SHARED_INFO]),
+            vcpu_info=tuple(placements),
+        )
+
+    def _export_grants(self, dom: _Domain) -> base.GrantTableState:
+        n = dom.grants.nr_frames
+        gfns = tuple(
+            int(g)
+            for g in dom.mem.xen_gfns[
+                XENPAGE_GRANT_BASE : XENPAGE_GRANT_BASE + n
+            ]
+        )
+        return base.GrantTableState(
+            version=1,
+            frame_gfns=gfns,
+            frames=tuple(bytes(dom.grants.frames[i]) for i in range(n)),
+        )
+
+    def _backend_domids(self, dom: _Domain) -> tuple[int, ...]:
+        ids = {d.backend_domid for d in dom.config.devices}
+        ids |= {
+            ch.remote_domid
+            for ch in dom.ports.values()
+            if ch.type in (EvtchnType.INTERDOMAIN, EvtchnType.UNBOUND)
+            and ch.remote_domid != dom.domid
+        }
+        return tuple(sorted(ids))
+
+    @_faulty
+    def export_pv_state(self, domid: int) -> base.PvState:
+        call = "export_pv_state"
+        dom = self._domain(domid, call)
+        # Backends lock themselves and then the host: ask them first.
+        backends = self._backend_states(dom)
+        with self._lock:
+            if dom.state == DomainState.RUNNING:
+                raise HostError(f"domain {domid} must be paused", call=call)
+            if dom.backends and not dom.backends_quiesced:
+                raise HostError(
+                    f"domain {domid}'s backends must be quiesced", call=call
+                )
+            areas = tuple(b.backend_path for b in backends)
+            try:
+                xs_state = self.xenstore.export_domain(domid, areas)
+            except XenstoreMigrationError as exc:
+                raise HostError(f"xenstore: {exc}", call=call) from None
+            return base.PvState(
+                domid=domid,
+                backend_domids=self._backend_domids(dom),
+                event_channels=base.EventChannelState(
+                    abi=base.EvtchnAbi.TWO_LEVEL, ports=self.evtchn.table(dom)
+                ),
+                grant_table=self._export_grants(dom),
+                shared_info=self._export_shared_info(dom),
+                xenstore=xs_state,
+                backends=backends,
+            )
+
+    def _validate_pv_state(self, dom: _Domain, state: base.PvState) -> None:
+        call = "import_pv_state"
+
+        def refuse(what: str) -> HostError:
+            return HostError(what, call=call)
+
+        if state.domid != dom.domid:
+            raise refuse(f"state is of domain {state.domid}, not {dom.domid}")
+        if dom.booted or dom.ports:
+            raise refuse(
+                f"domain {dom.domid} is not an empty restoring domain"
+            )
+        ports_by_number = {p.port: p for p in state.event_channels.ports}
+        seen_devices = set()
+        for bs in state.backends:
+            where = f"backend {bs.kind}/{bs.devid}"
+            if bs.kind not in devices.BACKENDS:
+                raise refuse(f"{where}: unknown device kind")
+            if bs.backend_domid != DOM0:
+                raise refuse(
+                    f"{where}: backend domain {bs.backend_domid} "
+                    f"does not exist here"
+                )
+            try:
+                fe_domid, kind, devid = devices.parse_frontend_area(
+                    bs.frontend_path
+                )
+            except Exception as exc:
+                raise refuse(f"{where}: {exc}") from None
+            if (fe_domid, kind, devid) != (dom.domid, bs.kind, bs.devid):
+                raise refuse(
+                    f"{where}: frontend area {bs.frontend_path} "
+                    f"is not this guest's"
+                )
+            if (kind, devid) in seen_devices:
+                raise refuse(f"{where}: listed twice")
+            seen_devices.add((kind, devid))
+            for port in bs.event_channels:
+                p = ports_by_number.get(port)
+                if (
+                    p is None
+                    or p.type != EvtchnType.INTERDOMAIN
+                    or p.remote_domid != bs.backend_domid
+                ):
+                    raise refuse(
+                        f"{where}: port {port} is not a channel to "
+                        f"domain {bs.backend_domid}"
+                    )
+            limit = len(state.grant_table.frames) * grant.ENTRIES_PER_FRAME
+            for ref in bs.ring_refs:
+                if not 0 <= ref < limit:
+                    raise refuse(
+                        f"{where}: grant reference {ref} beyond "
+                        f"the table's {limit} entries"
+                    )
+        for b in state.backend_domids:
+            if b != DOM0 and b not in self._domains:
+                raise refuse(f"backend domain {b} does not exist here")
+        ec = state.event_channels
+        if ec.abi != base.EvtchnAbi.TWO_LEVEL:
+            raise base.NotSupported(
+                "only the 2-level event channel ABI is implemented", call=call
+            )
+        allowed = set(state.backend_domids) | {dom.domid}
+        self.evtchn.validate_table(dom, ec.ports, allowed)
+        for p in ec.ports:
+            if p.type == EvtchnType.INTERDOMAIN and p.remote_domid != DOM0:
+                raise base.NotSupported(
+                    f"port {p.port}: interdomain channels to domain "
+                    f"{p.remote_domid} (not dom0) cannot be rebound",
+                    call=call,
+                )
+        gt = state.grant_table
+        if gt.version != 1:
+            raise base.NotSupported(
+                f"grant table v{gt.version}: only v1 is implemented", call=call
+            )
+        if not 1 <= len(gt.frames) <= MAX_GRANT_FRAMES:
+            raise refuse(
+                f"{len(gt.frames)} grant frames, limit {MAX_GRANT_FRAMES}"
+            )
+        if len(gt.frame_gfns) != len(gt.frames) or gt.status_frames:
+            raise refuse("grant frame GFNs do not match the frames")
+        gfns = [g for g in gt.frame_gfns if g != INVALID_GFN]
+        si = state.shared_info
+        if si.gfn is not None:
+            gfns.append(si.gfn)
+        if len(set(gfns)) != len(gfns):
+            raise refuse("two Xen pages share one GFN")
+        for g in gfns:
+            if not 0 <= g < dom.mem.max_pfn:
+                raise refuse(
+                    f"Xen page GFN {g:#x} is outside the guest's "
+                    f"physmap (max {dom.mem.max_pfn:#x})"
+                )
+            if dom.mem.p2m[g] == 1:
+                raise refuse(f"Xen page GFN {g:#x} is populated RAM")
+        for f in gt.frames:
+            if len(f) != PAGE_SIZE:
+                raise refuse(f"grant frame of {len(f)} bytes")
+        if len(si.content) != PAGE_SIZE:
+            raise refuse(f"shared info of {len(si.content)} bytes")
+        seen = set()
+        for vi in si.vcpu_info:
+            if not 0 <= vi.vcpu < dom.vcpus or vi.vcpu in seen:
+                raise refuse(
+                    f"vcpu_info of vCPU {vi.vcpu} invalid or repeated"
+                )
+            seen.add(vi.vcpu)
+            if vi.gfn is not None:
+                if (
+                    not 0 <= vi.gfn < dom.mem.max_pfn
+                    or dom.mem.p2m[vi.gfn] != 1
+                ):
+                    raise refuse(
+                        f"vcpu_info of vCPU {vi.vcpu} at gfn "
+                        f"{vi.gfn:#x}, not populated RAM"
+                    )
+                if not 0 <= vi.offset <= PAGE_SIZE - evtchn.VCPU_INFO_SIZE:
+                    raise refuse(
+                        f"vcpu_info offset {vi.offset} crosses the page"
+                    )
+            elif vi.vcpu >= evtchn.XEN_LEGACY_MAX_VCPUS:
+                raise refuse(f"vCPU {vi.vcpu} has no legacy vcpu_info slot")
+        for param in (
+            hvm.HVM_PARAM_STORE_EVTCHN,
+            hvm.HVM_PARAM_CONSOLE_EVTCHN,
+            hvm.HVM_PARAM_STORE_PFN,
+        ):
+            if param not in dom.params:
+                raise refuse(
+                    f"HVM param {param} must be restored before the PV state"
+                )
+        xs = state.xenstore
+        if xs.store_port != dom.params[hvm.HVM_PARAM_STORE_EVTCHN]:
+            raise refuse(
+                f"xenstore port {xs.store_port} is not the "
+                f"HVM_PARAM_STORE_EVTCHN port"
+            )
+        by_port = {p.port: p for p in ec.ports}
+        for param in (
+            hvm.HVM_PARAM_STORE_EVTCHN,
+            hvm.HVM_PARAM_CONSOLE_EVTCHN,
+        ):
+            p = by_port.get(dom.params[param])
+            if (
+                p is None
+                or p.type != EvtchnType.INTERDOMAIN
+                or p.remote_domid != DOM0
+            ):
+                raise refuse(
+                    f"HVM param {param} names port "
+                    f"{dom.params[param]}, not a channel to dom0"
+                )
+
+    @_faulty
+    def import_pv_state(self, domid: int, state: base.PvState) -> None:
+        call = "import_pv_state"
+        with self._lock:
+            dom = self._domain(domid, call)
+            self._validate_pv_state(dom, state)
+            policy = ImportPolicy(
+                areas=tuple(b.backend_path for b in state.backends),
+                max_access={DOM0: "b"},
+            )
+            # xenstored validates the whole store state before it changes
+            # anything; ours is validated above and cannot fail below.
+            # The toolstack's directories above the backend areas.
+            made = []
+            for b in state.backends:
+                parent = b.backend_path.rsplit("/", 1)[0]
+                if parent not in made and not self._xs_exists(parent):
+                    self._toolstack_xs.write(parent, b"")
+                    made.append(parent)
+            try:
+                self._xenstore_connect(dom, state.xenstore, policy)
+            except XenstoreMigrationError as exc:
+                for parent in made:
+                    with contextlib.suppress(XenstoreError):
+                        self._toolstack_xs.rm(parent)
+                raise HostError(f"xenstore: {exc}", call=call) from None
+            mem = dom.mem
+            # The Xen pages first, then the event channels whose bits
+            # live in them, then dom0's ends, then the backends.
+            with mem.lock():
+                si = state.shared_info
+                page = mem.xen_pages[XENPAGE_SHARED_INFO]
+                page[:] = np.frombuffer(si.content, dtype=np.uint8)
+                if si.gfn is not None:
+                    mem.map_xen_page(XENPAGE_SHARED_INFO, si.gfn)
+                gt = state.grant_table
+                dom.grants.nr_frames = len(gt.frames)
+                for i, (g, f) in enumerate(
+                    zip(gt.frame_gfns, gt.frames, strict=True)
+                ):
+                    dom.grants.frames[i] = np.frombuffer(f, dtype=np.uint8)
+                    if g != INVALID_GFN:
+                        mem.map_xen_page(XENPAGE_GRANT_BASE + i, g)
+                # Only the incoming backends' maps stay (they map again).
+                dom.grants.clear_status_bits(
+                    keep={r for b in state.backends for r in b.ring_refs}
+                )
+                for vi in si.vcpu_info:
+                    if vi.gfn is not None:
+                        dom.vcpu_info_at[vi.vcpu] = (vi.gfn, vi.offset)
+            self._import_ports(dom, state.event_channels.ports)
+            self._bind_dom0_services(dom)
+            # The backends take over when the guest is unpaused: answering
+            # what was in flight writes guest memory and raises ports, and
+            # until the commit the guest must look exactly as it did when
+            # the source paused it.
+            dom.pending_backends = list(state.backends)
+
+    def _import_ports(
+        self, dom: _Domain, ports: Sequence[base.EventChannel]
+    ) -> None:
+        """Rebuild the port table with the same numbers. Dom0's end of
+        each interdomain channel takes the port number it had when that
+        is free here, else the lowest free one (then EVTCHNOP_status
+        shows the guest a different remote port)."""
+        for p in ports:
+            dom.ports[p.port] = evtchn.Channel(
+                type=p.type,
+                vcpu=p.vcpu,
+                remote_domid=p.remote_domid,
+                remote_port=p.remote_port,
+                virq=p.virq,
+                pirq=p.pirq,
+            )
+        for p in ports:
+            if p.type != EvtchnType.INTERDOMAIN or p.remote_domid != DOM0:
+                continue
+            local = p.remote_port
+            if not 0 < local < evtchn.NR_2L_PORTS or local in self.dom0.ports:
+                local = self.evtchn.free_port(self.dom0, "import_pv_state")
+            self.dom0.ports[local] = evtchn.Channel(
+                EvtchnType.INTERDOMAIN,
+                remote_domid=dom.domid,
+                remote_port=p.port,
+            )
+            dom.ports[p.port].remote_port = local
+            dom.dom0_ports.append(local)
+            self._prelinked.add((dom.domid, p.port))
+
+    # -- observation --
+
+    def memory_digest(self, domid: int) -> str:
+        """SHA-256 over (pfn, content) of every populated non-zero page
+        and the set of populated pfns: equal for equal guest memory,
+        however the pages came to be (written zeros or never touched)."""
+        dom = self._domain(domid, "memory_digest")
+        mem = dom.mem
+        h = hashlib.sha256()
+        which = hashlib.sha256()
+        data = hashlib.sha256()
+        populated = mem.populated()
+        h.update(populated.tobytes())
+        is_ram = mem.p2m == 1
+        for start, end in mem.data_extents():
+            for s in range(start, end, 8192):
+                e = min(end, s + 8192)
+                block = mem.ram[s:e]
+                nz = np.flatnonzero(
+                    block.view(np.uint64).any(axis=1) & is_ram[s:e]
+                )
+                if len(nz):
+                    # Two streams, so that how the pages fall into blocks
+                    # (holes differ between hosts) does not matter.
+                    which.update((nz + s).astype("<u8").tobytes())
+                    data.update(block[nz].tobytes())
+        h.update(which.digest())
+        h.update(data.digest())
+        return h.hexdigest()
+
+    def guest_state(self, domid: int) -> base.GuestState:
+        dom = self._domain(domid, "guest_state")
+        exports = self._backend_states(dom)
+        with self._lock:
+            items: dict[Item, object] = {
+                Item.MEMORY: self.memory_digest(domid),
+                Item.PLATFORM: (
+                    hashlib.sha256(hvm.encode(dom.records)).hexdigest(),
+                    dataclasses.astuple(dom.tsc),
+                ),
+                Item.DOMID: (dom.domid, self._backend_domids(dom)),
+                Item.HVM_PARAMS: tuple(sorted(dom.params.items())),
+                Item.EVENT_CHANNELS: (
+                    base.EvtchnAbi.TWO_LEVEL,
+                    self.evtchn.table(dom),
+                ),
+                Item.GRANT_TABLE: self._digest_grants(dom),
+                Item.SHARED_INFO: self._digest_shared_info(dom),
+            }
+            if self.xenstore.is_introduced(domid):
+                xs = self.xenstore.export_domain(domid)
+                items[Item.XENSTORE] = (
+                    tuple(
+                        sorted((n.path, n.value, n.perms) for n in xs.nodes)
+                    ),
+                    tuple(
+                        sorted((w.path, w.token, w.depth) for w in xs.watches)
+                    ),
+                    tuple(sorted(t.tx_id for t in xs.transactions)),
+                    xs.store_port,
+                    xs.store_gfn,
+                )
+            items[Item.PV_DEVICES] = tuple(
+                (
+                    b.kind,
+                    b.devid,
+                    b.backend_domid,
+                    b.frontend_path,
+                    b.backend_path,
+                    b.state,
+                    b.ring_refs,
+                    b.event_channels,
+                )
+                for b in exports
+            )
+            return base.GuestState(items=items, frontends=self._frontends(dom))
+
+    def _frontends(self, dom: _Domain) -> dict[str, dict[str, object]]:
+        """What each PV frontend observed, read from guest RAM."""
+        hdr = kernel.read_header(bytes(dom.mem.ram[kernel.HEADER_PFN]))
+        if hdr["magic"] != kernel.MAGIC:
+            return {}
+        out = {}
+        for i in range(min(hdr["nr_frontends"], kernel.MAX_FRONTENDS)):
+            pfn, off = kernel.frontend_place(i, devices.FRONTEND_STATE_SIZE)
+            try:
+                fe = devices.Frontend.attach(dom.mem, pfn, off, None, None)
+            except devices.FrontendError:
+                continue
+            out[fe.key] = fe.observation()
+        return out
+
+    def _digest_grants(self, dom: _Domain) -> tuple:
+        gt = self._export_grants(dom)
+        h = hashlib.sha256(b"".join(gt.frames)).hexdigest()
+        return (gt.version, gt.frame_gfns, h)
+
+    def _digest_shared_info(self, dom: _Domain) -> tuple:
+        si = self._export_shared_info(dom)
+        return (si.gfn, hashlib.sha256(si.content).hexdigest(), si.vcpu_info)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for domid in list(self._domains):
+            with contextlib.suppress(HostError):
+                self.destroy_domain(domid)
+        self.dom0.stop()
+
+
+class _SimPageMapping(base.PageMapping):
+    """Views onto the domain's shared RAM itself."""
+
+    def __init__(self, dom: _Domain, pfns: np.ndarray, writable: bool) -> None:
+        self.pfns = pfns
+        self._dom = dom
+        self._writable = writable
+        base_view = memoryview(dom.mem.ram_map)
+        if not writable:
+            base_view = base_view.toreadonly()
+        self.pages = [
+            base_view[int(p) * PAGE_SIZE : (int(p) + 1) * PAGE_SIZE]
+            for p in pfns
+        ]
+        del base_view
+        if writable:
+            self._key = id(self)
+            with dom.mem.lock():
+                dom.mem.mark_dirty(pfns)
+            dom.writable_maps[self._key] = pfns
+
+    def close(self) -> None:
+        pages, self.pages = self.pages, []
+        for view in pages:
+            view.release()
+        if (
+            self._writable
+            and self._dom.writable_maps.pop(self._key, None) is not None
+        ):
+            if self._dom.mem.dirty is not None:
+                with self._dom.mem.lock():
+                    self._dom.mem.mark_dirty(self.pfns)

@@ -1,0 +1,239 @@
+"""Guest RAM and the hypervisor's per-domain tables in shared memory.
+
+Two memfds are shared by the host process (hypervisor and dom0) and the
+guest process (the guest's vCPUs):
+
+* ``ram``: guest physical memory, one page per pfn up to the layout's
+  highest pfn, sparse (a page costs nothing until written);
+* ``ctl``: hypervisor-owned memory the guest cannot write through its
+  physmap: the p2m type of every pfn, the log-dirty map, the table of
+  Xen pages (shared info, grant frames) and the GFNs they are mapped at,
+  and the Xen pages themselves.
+
+Log-dirty: every writer (guest vCPUs, guest kernel, hypervisor, dom0
+backends) writes pages and marks them in the dirty map while holding the
+domain's memory lock; the harvest copies and clears the map under the
+same lock, so a write is either complete and in this harvest or in the
+next one (base.HostDriver.harvest_dirty). The lock is a thread lock plus
+a POSIX record lock on ``ctl``, which orders the two processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from nova_xen_ncm.host.base import PAGE_SHIFT
+from nova_xen_ncm.host.base import PAGE_SIZE
+
+P2M_NONE = 0
+P2M_RAM = 1
+P2M_XEN = 2  # a Xen page (shared info, grant frame) in the physmap
+
+# Xen pages: index 0 is shared info, 1.. are grant frames.
+XENPAGE_SHARED_INFO = 0
+XENPAGE_GRANT_BASE = 1
+MAX_GRANT_FRAMES = 32
+NR_XEN_PAGES = XENPAGE_GRANT_BASE + MAX_GRANT_FRAMES
+INVALID_GFN = (1 << 64) - 1
+
+# ctl header: magic, max_pfn, log-dirty enabled.
+_CTL_MAGIC = 0x4E434D43544C0001
+_CTL_HEADER = struct.Struct("<QQQ")
+
+
+def _round_up(n: int) -> int:
+    return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+class GuestMemory:
+    """The shared memory of one domain, as seen by either process."""
+
+    def __init__(self, ram_fd: int, ctl_fd: int, max_pfn: int) -> None:
+        self.ram_fd = ram_fd
+        self.ctl_fd = ctl_fd
+        self.max_pfn = max_pfn
+        self._p2m_off = PAGE_SIZE
+        self._dirty_off = self._p2m_off + _round_up(max_pfn)
+        self._xgfn_off = self._dirty_off + _round_up(max_pfn)
+        self._xen_off = self._xgfn_off + PAGE_SIZE
+        self.ctl_size = self.ctl_bytes(max_pfn)
+        self.ram_size = max_pfn * PAGE_SIZE
+        self.ram_map = mmap.mmap(ram_fd, self.ram_size)
+        self.ctl_map = mmap.mmap(ctl_fd, self.ctl_size)
+        self.ram = np.frombuffer(self.ram_map, dtype=np.uint8).reshape(
+            max_pfn, PAGE_SIZE
+        )
+        ctl = np.frombuffer(self.ctl_map, dtype=np.uint8)
+        self.header = ctl[:PAGE_SIZE].view(np.uint64)
+        self.p2m = ctl[self._p2m_off : self._p2m_off + max_pfn]
+        self.dirty = ctl[self._dirty_off : self._dirty_off + max_pfn]
+        self.xen_gfns = ctl[self._xgfn_off : self._xgfn_off + 8 * NR_XEN_PAGES]
+        self.xen_gfns = self.xen_gfns.view(np.uint64)
+        self.xen_pages = ctl[self._xen_off :].reshape(NR_XEN_PAGES, PAGE_SIZE)
+        self._thread_lock = threading.Lock()
+
+    @staticmethod
+    def ctl_bytes(max_pfn: int) -> int:
+        """Header, p2m types, dirty map, Xen page GFNs, Xen pages."""
+        return (
+            PAGE_SIZE
+            + 2 * _round_up(max_pfn)
+            + PAGE_SIZE
+            + NR_XEN_PAGES * PAGE_SIZE
+        )
+
+    # -- creation (host side) --
+
+    @classmethod
+    def create(cls, max_pfn: int, name: str) -> GuestMemory:
+        ram_fd = os.memfd_create(f"{name}-ram", os.MFD_CLOEXEC)
+        ctl_fd = os.memfd_create(f"{name}-ctl", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(ram_fd, max_pfn * PAGE_SIZE)
+            os.ftruncate(ctl_fd, cls.ctl_bytes(max_pfn))
+            mem = cls(ram_fd, ctl_fd, max_pfn)
+        except BaseException:
+            os.close(ram_fd)
+            os.close(ctl_fd)
+            raise
+        mem.header[0] = _CTL_MAGIC
+        mem.header[1] = max_pfn
+        mem.xen_gfns[:] = INVALID_GFN
+        return mem
+
+    @classmethod
+    def attach(cls, ram_fd: int, ctl_fd: int) -> GuestMemory:
+        """Map the memory of an existing domain (the guest process)."""
+        magic, max_pfn, _ = _CTL_HEADER.unpack(os.pread(ctl_fd, 24, 0))
+        if magic != _CTL_MAGIC:
+            raise ValueError(f"fd {ctl_fd} is not a domain control area")
+        return cls(ram_fd, ctl_fd, max_pfn)
+
+    def close(self) -> None:
+        self.ram = self.p2m = self.dirty = None  # type: ignore[assignment]
+        self.header = self.xen_gfns = self.xen_pages = None  # type: ignore
+        for m in (self.ram_map, self.ctl_map):
+            with contextlib.suppress(BufferError):
+                m.close()
+        for fd in (self.ram_fd, self.ctl_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # -- the memory lock --
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        with self._thread_lock:
+            fcntl.lockf(self.ctl_fd, fcntl.LOCK_EX, 1, 0)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self.ctl_fd, fcntl.LOCK_UN, 1, 0)
+
+    # -- log-dirty --
+
+    @property
+    def log_dirty(self) -> bool:
+        return bool(self.header[2])
+
+    def set_log_dirty(self, enabled: bool) -> None:
+        with self.lock():
+            self.dirty[:] = 0
+            self.header[2] = 1 if enabled else 0
+
+    def mark_dirty(self, pfns: np.ndarray | int) -> None:
+        """Record writes; the caller holds :meth:`lock`."""
+        if self.header[2]:
+            self.dirty[pfns] = 1
+
+    def harvest(self, extra: np.ndarray | None = None) -> np.ndarray:
+        with self.lock():
+            pfns = np.flatnonzero(self.dirty).astype(np.uint64)
+            self.dirty[pfns] = 0
+        if extra is not None and len(extra):
+            pfns = np.union1d(pfns, extra.astype(np.uint64))
+        return pfns
+
+    # -- physmap --
+
+    def populated(self) -> np.ndarray:
+        return np.flatnonzero(self.p2m == P2M_RAM).astype(np.uint64)
+
+    def check_ram(self, pfns: np.ndarray, call: str) -> np.ndarray:
+        from nova_xen_ncm.host.base import HostError
+
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        if len(pfns) and int(pfns.max()) >= self.max_pfn:
+            raise HostError(
+                f"pfn {int(pfns.max()):#x} beyond the guest's physmap "
+                f"(max {self.max_pfn:#x})",
+                call=call,
+            )
+        bad = pfns[self.p2m[pfns] != P2M_RAM]
+        if len(bad):
+            raise HostError(
+                f"pfn {int(bad[0]):#x} is not populated RAM "
+                f"({len(bad)} such pfns)",
+                call=call,
+            )
+        return pfns
+
+    def populate(self, pfns: np.ndarray) -> None:
+        self.p2m[np.asarray(pfns, dtype=np.uint64)] = P2M_RAM
+
+    def release(self, pfn: int) -> None:
+        """Take a RAM page out of the physmap and free its memory."""
+        self.p2m[pfn] = P2M_NONE
+        self.ram_map.madvise(mmap.MADV_REMOVE, pfn * PAGE_SIZE, PAGE_SIZE)
+
+    def map_xen_page(self, index: int, gfn: int) -> None:
+        """XENMEM_add_to_physmap of a Xen page: whatever RAM was at
+        ``gfn`` is freed; the page leaves its previous GFN."""
+        old = int(self.xen_gfns[index])
+        if old != INVALID_GFN:
+            self.p2m[old] = P2M_NONE
+        if self.p2m[gfn] == P2M_RAM:
+            self.release(gfn)
+        elif self.p2m[gfn] == P2M_XEN:
+            other = np.flatnonzero(self.xen_gfns == gfn)
+            self.xen_gfns[other] = INVALID_GFN
+        self.p2m[gfn] = P2M_XEN
+        self.xen_gfns[index] = gfn
+
+    def xen_page_at(self, gfn: int) -> int | None:
+        hits = np.flatnonzero(self.xen_gfns == gfn)
+        return int(hits[0]) if len(hits) else None
+
+    def page(self, pfn: int, writable: bool = False) -> memoryview:
+        """A view of a RAM page or of the Xen page mapped at ``pfn``."""
+        if self.p2m[pfn] == P2M_XEN:
+            index = self.xen_page_at(pfn)
+            off = self._xen_off + index * PAGE_SIZE  # type: ignore
+            view = memoryview(self.ctl_map)[off : off + PAGE_SIZE]
+        else:
+            off = pfn << PAGE_SHIFT
+            view = memoryview(self.ram_map)[off : off + PAGE_SIZE]
+        return view if writable else view.toreadonly()
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """[start, end) pfn ranges of RAM that hold data (not holes)."""
+        out = []
+        pos = 0
+        end = self.ram_size
+        while pos < end:
+            try:
+                start = os.lseek(self.ram_fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            stop = os.lseek(self.ram_fd, start, os.SEEK_HOLE)
+            out.append((start >> PAGE_SHIFT, _round_up(stop) >> PAGE_SHIFT))
+            pos = stop
+        return out

@@ -1,0 +1,395 @@
+"""Migration progress as versioned notifications on the message bus.
+
+:class:`BusSink` is a :class:`~nova_xen_ncm.progress.model.ProgressSink`
+that publishes ``xen_ncm.migration.{start,phase,progress,retry,error,end}``
+with an oslo.messaging Notifier (publisher ``xen-ncm.<host>``, topics of
+``[oslo_messaging_notifications]``, ``notifications`` by default). The
+payloads are described in ``doc/source/progress.rst``.
+
+A bus that is slow or gone must never slow or fail a migration, so
+:meth:`BusSink.emit` only translates the event and appends it to a
+bounded queue; one background thread publishes. When the queue is full a
+progress notification is dropped; when the bus refuses one, it is
+dropped too. Drops are counted per migration and reported in its end
+notification and in the log.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging as std_logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol
+
+import oslo_messaging
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from nova_xen_ncm.progress.model import ProgressEvent
+from nova_xen_ncm.progress.tracker import MigrationTracker
+from nova_xen_ncm.progress.tracker import Notice
+from nova_xen_ncm.progress.tracker import Notification
+from nova_xen_ncm.progress.tracker import ProgressTranslator
+
+LOG = logging.getLogger(__name__)
+
+PUBLISHER_PREFIX = "xen-ncm"
+DEFAULT_DRIVER = "messagingv2"
+
+# After the bus refused a notification, progress is dropped without
+# trying for a while (doubling up to the maximum), so that a bus that is
+# gone costs one failed attempt per backoff, not one per notification.
+BACKOFF_INITIAL = 1.0
+BACKOFF_MAX = 60.0
+
+# An oslo.messaging Notifier never raises: the messaging driver logs and
+# swallows a failed send, the Notifier any other driver error. These are
+# the loggers they do that on (oslo_messaging/notify/{messaging,
+# notifier}.py).
+_FAILURE_LOGGERS = (
+    "oslo_messaging.notify.messaging",
+    "oslo_messaging.notify.notifier",
+)
+
+
+class Publisher(Protocol):
+    """The part of ``oslo_messaging.Notifier`` the sink uses."""
+
+    def info(self, ctxt: Any, event_type: str, payload: Any) -> None: ...
+
+    def warn(self, ctxt: Any, event_type: str, payload: Any) -> None: ...
+
+    def error(self, ctxt: Any, event_type: str, payload: Any) -> None: ...
+
+
+class _DeliveryFailures(std_logging.Filter):
+    """Learns that the Notifier failed to deliver in a given thread.
+
+    The Notifier does not raise when a send fails; it logs the error with
+    a traceback and the whole payload. The publishing thread needs to
+    know, to count the notification as dropped, and one concise warning
+    from the sink replaces that record.
+    """
+
+    def __init__(self, thread_id: int) -> None:
+        super().__init__()
+        self.thread_id = thread_id
+        self.failed: str | None = None
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if (
+            record.thread == self.thread_id
+            and record.levelno >= std_logging.ERROR
+        ):
+            error = record.exc_info[1] if record.exc_info else None
+            self.failed = str(error if error is not None else record.msg)
+            return False
+        return True
+
+
+def make_notifier(
+    conf: cfg.ConfigOpts,
+    host: str,
+    *,
+    url: str | None = None,
+    transport: Any = None,
+) -> oslo_messaging.Notifier:
+    """An oslo.messaging Notifier for progress notifications.
+
+    Transport, topics and driver come from ``[oslo_messaging_notifications]``
+    (``url`` overrides the transport URL); with no driver configured the
+    ``messagingv2`` driver is used, so progress is published out of the
+    box. ``[xen_ncm_progress] publish_retry`` bounds the retries.
+    """
+    if transport is None:
+        transport = oslo_messaging.get_notification_transport(conf, url=url)
+    # None: the drivers configured in [oslo_messaging_notifications].
+    driver = (
+        None if conf.oslo_messaging_notifications.driver else (DEFAULT_DRIVER)
+    )
+    return oslo_messaging.Notifier(
+        transport,
+        publisher_id=f"{PUBLISHER_PREFIX}.{host}",
+        driver=driver,
+        retry=conf.xen_ncm_progress.publish_retry,
+    )
+
+
+class BusSink:
+    """A ProgressSink publishing migration progress on the bus.
+
+    ``publisher`` is an oslo.messaging Notifier (built from ``conf`` by
+    :func:`make_notifier` when not given). ``interval`` defaults to
+    ``[xen_ncm] progress_interval`` and ``queue_size`` to
+    ``[xen_ncm_progress] queue_size``. Call :meth:`start` when a
+    migration begins to give its instance and hosts (otherwise the first
+    event starts it with what the event says), and :meth:`close` at
+    shutdown.
+    """
+
+    def __init__(
+        self,
+        conf: cfg.ConfigOpts,
+        *,
+        host: str | None = None,
+        publisher: Publisher | None = None,
+        url: str | None = None,
+        interval: float | None = None,
+        queue_size: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host or socket.gethostname()
+        self.publisher_id = f"{PUBLISHER_PREFIX}.{self.host}"
+        # A transport the sink made is the sink's to clean up.
+        self._transport = None
+        if publisher is None:
+            self._transport = oslo_messaging.get_notification_transport(
+                conf, url=url
+            )
+            publisher = make_notifier(
+                conf, self.host, transport=self._transport
+            )
+        self.publisher = publisher
+        self.queue_size = (
+            queue_size
+            if queue_size is not None
+            else conf.xen_ncm_progress.queue_size
+        )
+        if self.queue_size < 1:
+            raise ValueError("the notification queue holds at least one")
+        self.close_timeout = conf.xen_ncm_progress.close_timeout
+        self._clock = clock
+        self._translator = ProgressTranslator(
+            self.host,
+            (
+                interval
+                if interval is not None
+                else conf.xen_ncm.progress_interval
+            ),
+            clock=clock,
+            wallclock=wallclock,
+        )
+        self._lock = threading.Lock()
+        # Two conditions on one lock: the publishing thread waits for
+        # work, flush() waits for the thread to be idle.
+        self._work = threading.Condition(self._lock)
+        self._drained = threading.Condition(self._lock)
+        self._queue: collections.deque[Notification] = collections.deque()
+        self._closing = False
+        self._idle = True
+        self._retry_at = 0.0
+        self._backoff = BACKOFF_INITIAL
+        #: Notifications dropped by all migrations, since the sink started.
+        self.dropped_total = 0
+        self._thread = threading.Thread(
+            target=self._run, name="xen-ncm-progress-bus", daemon=True
+        )
+        self._thread.start()
+        self._failures = _DeliveryFailures(self._thread.ident or 0)
+        for name in _FAILURE_LOGGERS:
+            std_logging.getLogger(name).addFilter(self._failures)
+
+    # -- the migration's side: never blocks on the bus --
+
+    def start(
+        self,
+        migration_id: str,
+        *,
+        role: str = "source",
+        instance_uuid: str | None = None,
+        source_host: str | None = None,
+        destination_host: str | None = None,
+    ) -> None:
+        """Announce a migration (``xen_ncm.migration.start``)."""
+        with self._lock:
+            self._enqueue(
+                self._translator.start(
+                    migration_id,
+                    role=role,
+                    instance_uuid=instance_uuid,
+                    source_host=source_host,
+                    destination_host=destination_host,
+                )
+            )
+
+    def emit(self, event: ProgressEvent) -> None:
+        with self._lock:
+            self._enqueue(self._translator.translate(event))
+
+    def _enqueue(self, notifications: list[Notification]) -> None:
+        for note in notifications:
+            if self._closing:
+                self._drop(note, "the sink is closed")
+                continue
+            if len(self._queue) >= self.queue_size:
+                if not note.final:
+                    self._drop(note, "the queue is full")
+                    continue
+                self._evict_oldest_progress()
+            self._queue.append(note)
+            self._work.notify()
+
+    def _evict_oldest_progress(self) -> None:
+        for index, queued in enumerate(self._queue):
+            if not queued.final:
+                del self._queue[index]
+                self._drop(queued, "the queue is full")
+                return
+
+    def _drop(self, note: Notification, why: str) -> None:
+        # Called with the lock held.
+        note.tracker.dropped += 1
+        self.dropped_total += 1
+        LOG.debug(
+            "Dropped %s of migration %s: %s",
+            note.event_type,
+            note.tracker.migration_id,
+            why,
+        )
+        if note.notice is Notice.END:
+            self._log_summary(
+                note.tracker, "; the end notification was dropped"
+            )
+
+    # -- the publishing thread --
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._idle = not self._queue
+                if self._idle:
+                    self._drained.notify_all()
+                while not self._queue and not self._closing:
+                    self._work.wait()
+                if not self._queue:
+                    return
+                self._idle = False
+                note = self._queue.popleft()
+                if note.notice is Notice.END:
+                    # Counted now: everything before it was attempted.
+                    note.data["statistics"]["notifications"] = _counts(
+                        note.tracker
+                    )
+                skip = not note.final and self._clock() < self._retry_at
+                if skip:
+                    self._drop(note, "the bus failed recently")
+                    continue
+            delivered = self._publish(note)
+            with self._lock:
+                if delivered:
+                    note.tracker.published += 1
+                    self._retry_at = 0.0
+                    self._backoff = BACKOFF_INITIAL
+                else:
+                    self._drop(note, "the bus refused it")
+                    self._retry_at = self._clock() + self._backoff
+                    self._backoff = min(BACKOFF_MAX, self._backoff * 2)
+                if delivered and note.notice is Notice.END:
+                    self._log_summary(note.tracker)
+
+    def _publish(self, note: Notification) -> bool:
+        self._failures.failed = None
+        try:
+            getattr(self.publisher, note.priority)(
+                {}, note.event_type, note.payload()
+            )
+        except Exception as exc:
+            # The Notifier swallows driver errors; a publisher that raises
+            # must not end the thread either.
+            self._failures.failed = str(exc)
+        if self._failures.failed is None:
+            return True
+        LOG.warning(
+            "Could not publish %s of migration %s: %s",
+            note.event_type,
+            note.tracker.migration_id,
+            self._failures.failed,
+        )
+        return False
+
+    def _log_summary(self, tracker: MigrationTracker, note: str = "") -> None:
+        produced = tracker.sequence
+        log = LOG.warning if tracker.dropped else LOG.info
+        log(
+            "Migration %s (%s): %d of %d progress notifications published, "
+            "%d dropped (bus slow or unreachable), %d merged by the rate "
+            "limit%s",
+            tracker.migration_id,
+            tracker.role,
+            tracker.published,
+            produced,
+            tracker.dropped,
+            tracker.rate_limited,
+            note,
+        )
+
+    # -- lifecycle --
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued notification was handled; True if so."""
+        # Real time: the injected clock drives rate limit and back-off only.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._queue or not self._idle:
+                if not self._thread.is_alive():
+                    return False
+                if deadline is None:
+                    self._drained.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._drained.wait(remaining)
+            return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Publish what is queued (at most ``timeout`` seconds, by default
+        ``[xen_ncm_progress] close_timeout``), then stop; what is left is
+        dropped and logged."""
+        timeout = self.close_timeout if timeout is None else timeout
+        with self._lock:
+            self._closing = True
+            self._work.notify_all()
+        self._thread.join(timeout)
+        with self._lock:
+            left = list(self._queue)
+            self._queue.clear()
+            for note in left:
+                self._drop(note, "the sink closed before it was published")
+            for tracker in self._translator.active:
+                if tracker.dropped:
+                    self._log_summary(tracker, "; the migration had not ended")
+        for name in _FAILURE_LOGGERS:
+            std_logging.getLogger(name).removeFilter(self._failures)
+        if self._transport is not None and not self._thread.is_alive():
+            self._transport.cleanup()
+            self._transport = None
+
+    def __enter__(self) -> BusSink:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _counts(tracker: MigrationTracker) -> dict[str, int]:
+    return {
+        "published": tracker.published,
+        "dropped": tracker.dropped,
+        "rate_limited": tracker.rate_limited,
+    }
+
+
+def from_conf(
+    conf: cfg.ConfigOpts, *, host: str | None = None
+) -> BusSink | None:
+    """The bus sink a service attaches to its migrations, or None when
+    ``[xen_ncm_progress] notifications`` is off."""
+    if not conf.xen_ncm_progress.notifications:
+        return None
+    return BusSink(conf, host=host)

@@ -1,0 +1,85 @@
+"""The two-phase commit when the destination's answer goes missing, and
+rollback when the destination fails before COMMIT."""
+
+from __future__ import annotations
+
+import pytest
+
+from nova_xen_ncm.engine.receiver import Receiver
+from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.host import base
+
+from .conftest import guest_config
+
+
+class LosesCommitted(Receiver):
+    """Acts on COMMIT, but its COMMITTED never reaches the source."""
+
+    def _commit(self):
+        self.host.unpause(self.domid)
+        self.state.transition(Phase.COMMIT, Phase.CLEANUP)
+        self.state.transition(Phase.CLEANUP, Phase.DONE)
+        self._close_channel()
+
+
+class VanishesAtCommit(Receiver):
+    """Goes away when COMMIT arrives, without acting on it."""
+
+    def _commit(self):
+        self._close_channel()
+        self.listener.close()
+        self._source_knows = True
+        self.state.transition(Phase.COMMIT, Phase.IN_DOUBT, reason="went away")
+
+
+def state_of(host, domid):
+    try:
+        return host.domain_info(domid).state
+    except base.DomainNotFound:
+        return None
+
+
+def test_lost_acknowledgement_is_settled_by_query(
+    source, destination, migration
+):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination, receiver_class=LosesCommitted)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert m.sender.state.reason(Phase.CLEANUP) == (
+        "destination reported the guest running"
+    )
+    assert state_of(source, domid) is None
+    assert state_of(destination, domid) == base.DomainState.RUNNING
+
+
+def test_unreachable_destination_after_commit_is_in_doubt(
+    source, destination, migration
+):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination, receiver_class=VanishesAtCommit)
+    assert m.run() is Phase.IN_DOUBT
+    assert "unreachable" in m.sender.state.reason(Phase.IN_DOUBT)
+    assert m.sender.stats.retries > 0
+    # Never resumed on a guess, never two running copies.
+    assert state_of(source, domid) == base.DomainState.PAUSED
+    assert state_of(destination, domid) == base.DomainState.PAUSED
+    with pytest.raises(base.HostError, match="log-dirty"):
+        source.harvest_dirty(domid)
+
+
+def test_destination_failure_before_commit_rolls_back(
+    source, destination, migration, monkeypatch
+):
+    domid = source.create_domain(guest_config())
+
+    def refuse(domid, state):
+        raise base.HostError("no room for the ports", call="import_pv_state")
+
+    monkeypatch.setattr(destination, "import_pv_state", refuse)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert "no room for the ports" in str(m.sender.error)
+    assert m.receiver.state.phase is Phase.FAILED
+    assert state_of(source, domid) == base.DomainState.RUNNING
+    assert destination.list_domains() == []
+    assert m.sender.stats.actual_downtime is not None

@@ -1,0 +1,49 @@
+"""Refusals in setup: nothing moves, the guest runs on."""
+
+from __future__ import annotations
+
+from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine.errors import AuthenticationError
+from nova_xen_ncm.engine.errors import Refused
+from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.host import base
+
+from .conftest import guest_config
+
+
+def running(host, domid):
+    return host.domain_info(domid).state == base.DomainState.RUNNING
+
+
+def test_wrong_token_is_refused(source, destination, migration):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    m.sender.token = protocol.generate_token()
+    assert m.run() is Phase.FAILED
+    assert isinstance(m.sender.error, (Refused, AuthenticationError))
+    assert m.receiver.state.phase is Phase.FAILED
+    assert m.source_events.phases() == ["rollback", "failed"]
+    assert running(source, domid)
+    assert destination.list_domains() == []
+
+
+def test_missing_capability_is_refused(
+    source, destination, migration, monkeypatch
+):
+    domid = source.create_domain(guest_config())
+    caps = destination.capabilities()
+    restore = dict(caps.restore)
+    restore[base.Item.EVENT_CHANNELS] = "VIRQ bindings cannot be restored"
+    monkeypatch.setattr(
+        destination,
+        "capabilities",
+        lambda: base.Capabilities(
+            host=caps.host, hypervisor=caps.hypervisor, restore=restore
+        ),
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert m.sender.error.code == "missing-capability"
+    assert "VIRQ bindings cannot be restored" in m.sender.error.text
+    assert running(source, domid)
+    assert destination.list_domains() == []

@@ -1,0 +1,217 @@
+"""The guest stream and the sender's decisions, on empty simulated
+domains (no guest process runs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from oslo_config import cfg
+
+from nova_xen_ncm.conf import register_opts
+from nova_xen_ncm.engine import policy
+from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine.errors import EngineError
+from nova_xen_ncm.engine.sender import GuestStream
+from nova_xen_ncm.engine.sender import Sender
+from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.sim.host import SimHost
+from nova_xen_ncm.stream import decoder
+from nova_xen_ncm.stream import encoder
+from nova_xen_ncm.stream import libxc
+
+DOMID = 3
+PAGE = base.PAGE_SIZE
+PFNS = np.array([0, 1, 2, 3, 4], dtype=np.uint64)
+
+
+@pytest.fixture
+def conf():
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    conf([])
+    conf.set_override("host_memory_mb", 64, group="xen_ncm_sim")
+    conf.set_override("listen_address", "127.0.0.1", group="xen_ncm")
+    conf.set_override("connect_retry_attempts", 1, group="xen_ncm")
+    conf.set_override("io_timeout", 10.0, group="xen_ncm")
+    conf.set_override("accept_timeout", 10.0, group="xen_ncm")
+    return conf
+
+
+@pytest.fixture
+def host(conf):
+    h = SimHost("unit", conf)
+    h.create_empty_domain(
+        base.DomainConfig(
+            name="s", memory_bytes=4 << 20, vcpus=1, pv_drivers=False
+        ),
+        DOMID,
+    )
+    h.populate(DOMID, PFNS)
+    with h.map_pages(DOMID, PFNS[1:], writable=True) as mapping:
+        for i, page in enumerate(mapping.pages):
+            page[:] = bytes([i + 1]) * PAGE
+    yield h
+    h.close()
+
+
+def write_page(host, pfn, fill):
+    pfns = np.array([pfn], dtype=np.uint64)
+    with host.map_pages(DOMID, pfns, writable=True) as mapping:
+        mapping.pages[0][:] = bytes([fill]) * PAGE
+
+
+def decode_batch(stream, batch):
+    out = encoder.join(stream.start() + batch.buffers)
+    records = decoder.Decoder("libxl")
+    records.feed(out)
+    (pages,) = [r.value for r in records.records() if r.name == "PAGE_DATA"]
+    return pages
+
+
+def test_batches_split_and_zero_pages_are_xalloc(host):
+    stream = GuestStream(host, DOMID, batch_pages=2)
+    batches = []
+    for batch in stream.pages(PFNS, copy=True):
+        batches.append(
+            (batch.pages, batch.zero_pages, decode_batch(stream, batch))
+        )
+    assert [(n, z) for n, z, _ in batches] == [(2, 1), (2, 0), (1, 0)]
+    first = batches[0][2]
+    assert first.types.tolist() == [libxc.XALLOC, libxc.NOTAB]
+    assert bytes(first.data) == b"\x01" * PAGE
+
+
+def test_without_copy_the_buffers_are_guest_memory(host):
+    stream = GuestStream(host, DOMID)
+    for batch in stream.pages(PFNS[1:2]):
+        write_page(host, 1, 0x77)
+        assert encoder.join(batch.buffers).endswith(b"\x77" * PAGE)
+
+
+def test_copied_pages_do_not_change_under_the_sender(host):
+    # A running guest may write a page between the frame's authentication
+    # tag and the write to the socket: live migration sends copies.
+    stream = GuestStream(host, DOMID)
+    for batch in stream.pages(PFNS[1:2], copy=True):
+        write_page(host, 1, 0x77)
+        assert encoder.join(batch.buffers).endswith(b"\x01" * PAGE)
+
+
+def test_xen_compatible_stream_cannot_carry_pv_state(host):
+    stream = GuestStream(host, DOMID, xen_compatible=True)
+    with pytest.raises(EngineError, match="PV state"):
+        stream.finish(object())
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def make_sender(conf, host, **kwargs):
+    return Sender(
+        host,
+        DOMID,
+        ("127.0.0.1", 9),
+        "m-1",
+        protocol.generate_token(),
+        conf=conf,
+        **kwargs,
+    )
+
+
+def test_force_complete_decides_stop_and_copy(conf, host):
+    sender = make_sender(
+        conf, host, policy=lambda s: policy.Decision(policy.Action.CONTINUE)
+    )
+    assert sender._decide().action is policy.Action.CONTINUE
+    assert sender.force_complete() is True
+    decision = sender._decide()
+    assert decision.action is policy.Action.STOP_AND_COPY
+    assert decision.reason == "force-complete"
+
+
+def test_completion_timeout_aborts(conf, host):
+    conf.set_override("completion_timeout_per_gib", 10, group="xen_ncm")
+    clock = FakeClock()
+    sender = make_sender(
+        conf,
+        host,
+        clock=clock,
+        policy=lambda s: policy.Decision(policy.Action.CONTINUE),
+    )
+    assert sender._decide().action is policy.Action.CONTINUE
+    clock.now += 21.0  # 2 GiB counted at least: 20 s
+    decision = sender._decide()
+    assert decision.action is policy.Action.ABORT
+    assert "timeout" in decision.reason
+
+
+def test_cancel_and_force_complete_are_refused_after_commit(conf, host):
+    sender = make_sender(conf, host)
+    for old, new in [
+        (Phase.SETUP, Phase.PRECOPY),
+        (Phase.PRECOPY, Phase.STOP_AND_COPY),
+        (Phase.STOP_AND_COPY, Phase.RESTORE),
+        (Phase.RESTORE, Phase.COMMIT),
+    ]:
+        sender.state.transition(old, new)
+    assert sender.cancel() is False
+    assert sender.force_complete() is False
+
+
+def test_paused_guest_is_refused_before_connecting(conf, host):
+    # Nothing listens at the endpoint: the refusal comes first.
+    sender = make_sender(conf, host)
+    assert sender.run() is Phase.FAILED
+    assert "paused" in str(sender.error)
+    assert [p for p, _ in sender.state.history()] == [
+        Phase.SETUP,
+        Phase.ROLLBACK,
+        Phase.FAILED,
+    ]
+    assert host.domain_info(DOMID).state == base.DomainState.PAUSED
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, event):
+        self.events.append(event)
+
+
+class CountingChannel:
+    """Stands for the connection: counts what would be written; each
+    frame takes 3 s of ``clock``."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.connection = protocol.Connection(protocol.Role.CLIENT)
+
+    def send_data(self, seq, buffers, compress=False):
+        assert seq == self.connection.last_seq + 1
+        self.connection.last_seq = seq
+        self.clock.now += 3.0
+        return encoder.buffers_size(buffers)
+
+
+def test_progress_is_reported_while_a_round_runs(conf, host):
+    conf.set_override("progress_interval", 5.0, group="xen_ncm")
+    sink = Recorder()
+    clock = FakeClock()
+    sender = make_sender(conf, host, clock=clock, sinks=[sink])
+    sender.stream.batch_pages = 1
+    sender._channel = CountingChannel(clock)
+    pages, zero, nbytes = sender._send_pages(PFNS)
+    assert (pages, zero) == (5, 1)
+    progress = [e for e in sink.events if e.kind.value == "progress"]
+    # Every other frame crosses the 5 s interval.
+    assert len(progress) == 2
+    assert progress[0].memory_total == 4 << 20
+    assert progress[0].memory_processed == 2 * PAGE
+    assert progress[-1].memory_remaining == 1 * PAGE

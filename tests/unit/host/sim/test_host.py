@@ -1,0 +1,186 @@
+"""SimHost operations that need no guest process."""
+
+import numpy as np
+import pytest
+
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.sim import hvm
+from nova_xen_ncm.host.sim import layout
+from nova_xen_ncm.host.sim.memory import P2M_XEN
+
+from .conftest import empty
+
+
+def _config(name="g", mb=16, vcpus=1):
+    return base.DomainConfig(name=name, memory_bytes=mb << 20, vcpus=vcpus)
+
+
+def test_domid_rules(host):
+    assert host.create_empty_domain(_config("a"), 5) == 5
+    with pytest.raises(base.DomidInUse, match="domid 5"):
+        host.create_empty_domain(_config("b"), 5)
+    for bad in (0, base.DOMID_FIRST_RESERVED, base.DOMID_INVALID):
+        with pytest.raises(base.HostError, match="outside"):
+            host.create_empty_domain(_config("c"), bad)
+    assert [d.domid for d in host.list_domains()] == [5]
+
+
+def test_domid_in_use_refused_before_anything_is_created(host):
+    host.create_empty_domain(_config("a", mb=128), 3)
+    free = host.free_memory()
+    with pytest.raises(base.DomidInUse):
+        host.create_empty_domain(_config("b", mb=64), 3)
+    assert host.free_memory() == free
+    assert host.domain_info(3).name == "a"
+
+
+def test_insufficient_memory(host):
+    host.create_empty_domain(_config("a", mb=200), 1)
+    with pytest.raises(base.InsufficientMemory):
+        host.create_empty_domain(_config("b", mb=64), 2)
+    with pytest.raises(base.DomainNotFound):
+        host.domain_info(2)
+
+
+def test_capabilities_restore_everything(host):
+    caps = host.capabilities()
+    assert caps.missing(pv_drivers=True) == {}
+    assert set(caps.restore) == set(Item)
+
+
+def test_populate_and_map_pages_zero_copy(host):
+    d = empty(host, 1)
+    pfns = np.array([0x10, 0x11, 0x200], dtype=np.uint64)
+    host.populate(1, pfns)
+    assert list(host.populated_pfns(1)) == [0x10, 0x11, 0x200]
+    with host.map_pages(1, pfns, writable=True) as m:
+        m.pages[2][:5] = b"hello"
+    assert bytes(d.mem.ram[0x200][:5]) == b"hello"
+    with host.map_pages(1, pfns[2:]) as m:
+        assert m.pages[0].readonly and bytes(m.pages[0][:5]) == b"hello"
+    with pytest.raises(base.HostError, match="not populated"):
+        host.map_pages(1, np.array([0x12], dtype=np.uint64))
+    with pytest.raises(base.HostError, match="beyond"):
+        host.populate(1, np.array([1 << 30], dtype=np.uint64))
+
+
+def test_populate_is_bounded_by_the_allocation(host):
+    empty(host, 1, mb=1)
+    with pytest.raises(base.InsufficientMemory):
+        host.populate(1, np.arange(0, 2000, dtype=np.uint64))
+
+
+def test_harvest_returns_and_clears(host):
+    d = empty(host, 1)
+    host.populate(1, np.arange(0x100, 0x110, dtype=np.uint64))
+    with pytest.raises(base.HostError, match="not enabled"):
+        host.harvest_dirty(1)
+    host.enable_log_dirty(1)
+    with d.mem.lock():
+        d.mem.mark_dirty(np.array([0x105, 0x101]))
+    assert list(host.harvest_dirty(1)) == [0x101, 0x105]
+    assert len(host.harvest_dirty(1)) == 0
+
+
+def test_xen_page_replaces_ram_at_its_gfn(host):
+    d = empty(host, 1)
+    host.populate(1, np.array([0x500], dtype=np.uint64))
+    host._hc_add_to_physmap(d, "shared_info", 0, 0x500)
+    assert d.mem.p2m[0x500] == P2M_XEN
+    assert 0x500 not in host.populated_pfns(1)
+    host._hc_add_to_physmap(d, "shared_info", 0, layout.PLATFORM_BAR_PFN)
+    assert d.mem.p2m[0x500] == 0
+
+
+def test_hvm_context_and_params(host):
+    empty(host, 1, vcpus=2)
+    blob = host.get_hvm_context(1)
+    records = hvm.decode(blob, 2)
+    records[1].data = hvm.with_cpu_registers(records[1].data, {"rip": 77})
+    host.set_hvm_context(1, hvm.encode(records))
+    assert host.get_hvm_context(1) == hvm.encode(records)
+    with pytest.raises(base.HostError, match="set_hvm_context"):
+        host.set_hvm_context(1, blob[:-8])
+    host.set_hvm_params(1, {hvm.HVM_PARAM_CALLBACK_IRQ: 1 << 57})
+    assert host.get_hvm_params(1)[hvm.HVM_PARAM_CALLBACK_IRQ] == 1 << 57
+    with pytest.raises(base.HostError, match="param 99"):
+        host.set_hvm_params(1, {99: 1})
+    info = base.TscInfo(mode=2, khz=1000000, nsec=5, incarnation=3)
+    host.set_tsc_info(1, info)
+    assert host.get_tsc_info(1) == info
+    with pytest.raises(base.HostError, match="TSC mode"):
+        host.set_tsc_info(1, base.TscInfo(9, 1, 0, 0))
+
+
+def test_guest_cannot_set_toolstack_params(host):
+    import errno
+
+    from nova_xen_ncm.host.sim.evtchn import HypercallError
+
+    d = empty(host, 1)
+    with pytest.raises(HypercallError) as e:
+        host._hc_hvm_set_param(d, hvm.HVM_PARAM_STORE_PFN, 5)
+    assert e.value.errno == errno.EPERM
+
+
+def test_vcpu_throttle_bounds(host):
+    empty(host, 1)
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(base.HostError, match="throttle"):
+            host.set_vcpu_throttle(1, bad)
+    host.set_vcpu_throttle(1, 0.25)
+    assert host._domains[1].throttle == 0.25
+
+
+def test_injected_failures(conf):
+    from nova_xen_ncm.host.sim.host import SimHost
+
+    conf.set_override("call_failure_probability", 1.0, group="xen_ncm_sim")
+    h = SimHost("faulty", conf)
+    try:
+        with pytest.raises(base.HostError, match="injected failure"):
+            h.list_domains()
+    finally:
+        h.close()
+
+
+def test_injected_latency(conf, monkeypatch):
+    from nova_xen_ncm.host.sim import host as host_mod
+
+    slept = []
+    monkeypatch.setattr(host_mod.time, "sleep", slept.append)
+    conf.set_override("call_latency_s", 0.25, group="xen_ncm_sim")
+    h = host_mod.SimHost("slow", conf)
+    try:
+        h.list_domains()
+        h.free_memory()  # not a faulty call
+    finally:
+        h.close()
+    assert slept == [0.25]
+
+
+def test_default_config_from_options(host):
+    cfg = host.default_config("demo")
+    assert cfg.memory_bytes == 1024 << 20 and cfg.vcpus == 2
+    assert [(d.kind, d.devid) for d in cfg.devices] == [
+        ("vif", 0),
+        ("vbd", 51712),
+    ]
+
+
+def test_memory_digest_sees_content_not_how_it_is_stored(host):
+    a, b = empty(host, 1, mb=80), empty(host, 2, mb=80)
+    pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
+    host.populate(1, pfns)
+    host.populate(2, pfns)
+    a.mem.ram[0x3000][:4] = [1, 2, 3, 4]
+    b.mem.ram[0x3000][:4] = [1, 2, 3, 4]
+    # Written zeros on one side, never-touched pages on the other.
+    a.mem.ram[0x200:0x2200] = 0
+    assert host.memory_digest(1) == host.memory_digest(2)
+    b.mem.ram[0x3000][4] = 9
+    assert host.memory_digest(1) != host.memory_digest(2)
+    host.populate(2, np.array([0x5000], dtype=np.uint64))
+    b.mem.ram[0x3000][4] = 0
+    assert host.memory_digest(1) != host.memory_digest(2)

@@ -1,0 +1,485 @@
+"""The transparency checker catches each kind of damage and passes an
+undamaged migration."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+
+from nova_xen_ncm.host import checker
+from nova_xen_ncm.host.base import BackendState
+from nova_xen_ncm.host.base import EventChannel
+from nova_xen_ncm.host.base import EventChannelState
+from nova_xen_ncm.host.base import EvtchnAbi
+from nova_xen_ncm.host.base import EvtchnType
+from nova_xen_ncm.host.base import GrantTableState
+from nova_xen_ncm.host.base import GuestState
+from nova_xen_ncm.host.base import InflightRequest
+from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.base import SharedInfoState
+from nova_xen_ncm.host.base import TscInfo
+from nova_xen_ncm.host.base import VcpuInfoPlacement
+from nova_xen_ncm.host.base import XenstoreNode
+from nova_xen_ncm.host.base import XenstoreState
+from nova_xen_ncm.host.base import XenstoreTransaction
+from nova_xen_ncm.host.base import XenstoreWatch
+
+DOMID = 5
+RING_GFN = 0x201
+FE = f"/local/domain/{DOMID}/device/vbd/51712"
+BE = f"/local/domain/0/backend/vbd/{DOMID}/51712"
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def pages() -> dict[int, bytes]:
+    return {
+        pfn: bytes([pfn & 0xFF]) * 4096
+        for pfn in (*range(0x100, 0x110), RING_GFN)
+    }
+
+
+def grant_frame() -> bytes:
+    frame = bytearray(4096)
+    # ref 8: the ring page, granted to dom0, mapped writable by it.
+    struct.pack_into("<HHI", frame, 8 * 8, 0x1 | 0x8 | 0x10, 0, RING_GFN)
+    struct.pack_into("<HHI", frame, 9 * 8, 0x1, 0, 0x300)
+    return bytes(frame)
+
+
+def shared_info_page() -> bytes:
+    page = bytearray(4096)
+    struct.pack_into("<IIII", page, checker.SHINFO_WC, 2, 1700000000, 5, 0)
+    struct.pack_into("<Q", page, checker.SHINFO_MASK, 0x1)  # port 0
+    struct.pack_into("<Q", page, checker.SHINFO_PENDING, 1 << 3)
+    return bytes(page)
+
+
+def inflight(id: int, seq: int) -> InflightRequest:
+    return InflightRequest("ring", id, struct.pack("<QI", seq, id))
+
+
+def backend(**changes) -> BackendState:
+    state = BackendState(
+        kind="vbd",
+        devid=51712,
+        backend_domid=0,
+        frontend_path=FE,
+        backend_path=BE,
+        state=4,
+        ring_refs=(8,),
+        event_channels=(6,),
+        ring_indices={"ring": (14, 12)},
+        inflight=(inflight(0, 13), inflight(1, 14)),
+    )
+    return dataclasses.replace(state, **changes)
+
+
+def frontend(**changes) -> dict:
+    obs = {
+        "states": (
+            ("frontend", 1),
+            ("backend", 1),
+            ("backend", 2),
+            ("frontend", 4),
+            ("backend", 4),
+        ),
+        "next_seq": 17,
+        "last_rsp_seq": 12,
+        "sent": 16,
+        "completed": 12,
+        "lost": 0,
+        "duplicated": 0,
+        "reordered": 0,
+        "bad_payload": 0,
+        "outstanding": (13, 14, 15, 16),
+    }
+    obs.update(changes)
+    return obs
+
+
+def guest_state(**items) -> GuestState:
+    frontends = items.pop("frontends", {"vbd/51712": frontend()})
+    base = {
+        Item.MEMORY: {pfn: digest(p) for pfn, p in pages().items()},
+        Item.PLATFORM: {
+            "CPU:0": b"\x01" * 32,
+            "LAPIC:0": b"\x02" * 32,
+            "tsc": TscInfo(mode=0, khz=2_000_000, nsec=0, incarnation=0),
+        },
+        Item.DOMID: (DOMID, (0,)),
+        Item.XENSTORE: XenstoreState(
+            nodes=(
+                XenstoreNode(f"{FE}/state", b"4", (("n", DOMID), ("r", 0))),
+                XenstoreNode(f"{BE}/state", b"4", (("n", 0), ("r", DOMID))),
+            ),
+            watches=(XenstoreWatch(f"{BE}/state", "fe:vbd/51712"),),
+            transactions=(
+                XenstoreTransaction(
+                    3, 10, (XenstoreNode("data/x", b"1", (("n", DOMID),)),)
+                ),
+            ),
+            store_port=1,
+            store_gfn=0xFEFFC,
+        ),
+        Item.EVENT_CHANNELS: EventChannelState(
+            abi=EvtchnAbi.TWO_LEVEL,
+            ports=(
+                EventChannel(1, EvtchnType.INTERDOMAIN, 0, 0, 1),
+                EventChannel(3, EvtchnType.IPI, vcpu=1, pending=True),
+                EventChannel(4, EvtchnType.VIRQ, virq=1),
+                EventChannel(6, EvtchnType.INTERDOMAIN, 0, 0, 12),
+            ),
+        ),
+        Item.GRANT_TABLE: GrantTableState(1, (0xF0001,), (grant_frame(),)),
+        Item.SHARED_INFO: SharedInfoState(
+            gfn=0xF0000,
+            content=shared_info_page(),
+            vcpu_info=(
+                VcpuInfoPlacement(0, 0x102, 0),
+                VcpuInfoPlacement(1, 0x102, 64),
+            ),
+        ),
+        Item.PV_DEVICES: (backend(),),
+        Item.HVM_PARAMS: {0: (2 << 56) | 0xF3, 1: 0xFEFFC, 2: 1},
+    }
+    base.update(items)
+    return GuestState(items=base, frontends=frontends)
+
+
+def resumed_state(**items) -> GuestState:
+    """The destination after reconnecting: the two in-flight requests and
+    the two left on the ring were taken, all four answered; the answers
+    went into the ring page."""
+    mem = {pfn: digest(p) for pfn, p in pages().items()}
+    mem[RING_GFN] = digest(b"answers")
+    defaults = {
+        Item.MEMORY: mem,
+        Item.PV_DEVICES: (
+            backend(ring_indices={"ring": (16, 16)}, inflight=()),
+        ),
+    }
+    defaults.update(items)
+    return guest_state(**defaults)
+
+
+def failed(report, item: Item) -> str:
+    assert not report.results[item].passed, report.to_dict()
+    others = [i for i in report.failures() if i is not item]
+    assert others == [], report.to_dict()
+    return report.results[item].reason
+
+
+def test_identical_states_pass():
+    report = checker.check(guest_state(), guest_state())
+    assert report.passed, str(report)
+    assert set(report.to_dict()) == {i.value for i in Item}
+    assert report.to_dict()["memory"] == {"passed": True, "reason": ""}
+
+
+def test_reconnect_with_inflight_answered_passes():
+    later = guest_state(
+        frontends={
+            "vbd/51712": frontend(
+                next_seq=30,
+                last_rsp_seq=29,
+                sent=29,
+                completed=29,
+                outstanding=(),
+            )
+        }
+    )
+    report = checker.check(guest_state(), resumed_state(), later)
+    assert report.passed, str(report)
+
+
+def test_flipped_memory_byte():
+    damaged = pages()
+    page = bytearray(damaged[0x105])
+    page[100] ^= 1
+    mem = {pfn: digest(p) for pfn, p in damaged.items()}
+    mem[0x105] = digest(bytes(page))
+    reason = failed(
+        checker.check(guest_state(), guest_state(**{Item.MEMORY: mem})),
+        Item.MEMORY,
+    )
+    assert "pfn 0x105" in reason
+
+
+def test_ring_page_is_exempt_only_when_the_backend_answered():
+    # Same ring page change without any answer from the backend.
+    mem = {pfn: digest(p) for pfn, p in pages().items()}
+    mem[RING_GFN] = digest(b"scribbled")
+    reason = failed(
+        checker.check(guest_state(), guest_state(**{Item.MEMORY: mem})),
+        Item.MEMORY,
+    )
+    assert hex(RING_GFN) in reason
+
+
+def test_dropped_watch():
+    xs = guest_state().items[Item.XENSTORE]
+    damaged = dataclasses.replace(xs, watches=())
+    reason = failed(
+        checker.check(guest_state(), guest_state(**{Item.XENSTORE: damaged})),
+        Item.XENSTORE,
+    )
+    assert f"watch {BE}/state token 'fe:vbd/51712'" in reason
+    assert "missing" in reason
+
+
+def test_transaction_restored_to_fail_with_eagain_passes():
+    xs = guest_state().items[Item.XENSTORE]
+    eagain = dataclasses.replace(
+        xs, transactions=(XenstoreTransaction(3, 99),)
+    )
+    report = checker.check(
+        guest_state(), guest_state(**{Item.XENSTORE: eagain})
+    )
+    assert report.passed, str(report)
+
+
+def test_renumbered_port():
+    evs = guest_state().items[Item.EVENT_CHANNELS]
+    ports = tuple(
+        dataclasses.replace(p, port=9) if p.port == 6 else p for p in evs.ports
+    )
+    damaged = dataclasses.replace(evs, ports=ports)
+    reason = failed(
+        checker.check(
+            guest_state(), guest_state(**{Item.EVENT_CHANNELS: damaged})
+        ),
+        Item.EVENT_CHANNELS,
+    )
+    assert "port 6 (interdomain dom0:12 vcpu 0) renumbered to 9" in reason
+
+
+def test_pending_event_may_arrive_but_not_vanish():
+    evs = guest_state().items[Item.EVENT_CHANNELS]
+    gained = dataclasses.replace(
+        evs,
+        ports=tuple(
+            dataclasses.replace(p, pending=True) if p.port == 6 else p
+            for p in evs.ports
+        ),
+    )
+    assert checker.check(
+        guest_state(), guest_state(**{Item.EVENT_CHANNELS: gained})
+    ).passed
+    lost = dataclasses.replace(
+        evs,
+        ports=tuple(dataclasses.replace(p, pending=False) for p in evs.ports),
+    )
+    reason = failed(
+        checker.check(
+            guest_state(), guest_state(**{Item.EVENT_CHANNELS: lost})
+        ),
+        Item.EVENT_CHANNELS,
+    )
+    assert "port 3 lost its pending event" in reason
+
+
+def test_changed_domid():
+    reason = failed(
+        checker.check(guest_state(), guest_state(**{Item.DOMID: (6, (0,))})),
+        Item.DOMID,
+    )
+    assert reason == "domid changed from 5 to 6"
+
+
+def test_lost_grant_entry():
+    frame = bytearray(grant_frame())
+    frame[9 * 8 : 10 * 8] = bytes(8)
+    damaged = GrantTableState(1, (0xF0001,), (bytes(frame),))
+    reason = failed(
+        checker.check(
+            guest_state(), guest_state(**{Item.GRANT_TABLE: damaged})
+        ),
+        Item.GRANT_TABLE,
+    )
+    assert reason == "grant ref 9 (flags 0x1, dom0, frame 0x300) lost"
+
+
+def test_moved_vcpu_info():
+    si = guest_state().items[Item.SHARED_INFO]
+    damaged = dataclasses.replace(
+        si,
+        vcpu_info=(
+            VcpuInfoPlacement(0, 0x102, 0),
+            VcpuInfoPlacement(1, None),
+        ),
+    )
+    reason = failed(
+        checker.check(
+            guest_state(), guest_state(**{Item.SHARED_INFO: damaged})
+        ),
+        Item.SHARED_INFO,
+    )
+    assert "vcpu 1's vcpu_info moved from gfn 0x102+0x40 to the legacy" in (
+        reason
+    )
+
+
+def test_shared_info_pending_bit_lost():
+    si = guest_state().items[Item.SHARED_INFO]
+    page = bytearray(si.content)
+    struct.pack_into("<Q", page, checker.SHINFO_PENDING, 0)
+    damaged = dataclasses.replace(si, content=bytes(page))
+    reason = failed(
+        checker.check(
+            guest_state(), guest_state(**{Item.SHARED_INFO: damaged})
+        ),
+        Item.SHARED_INFO,
+    )
+    assert "pending events of ports 3 lost" in reason
+
+
+def test_lost_inflight_request():
+    # The destination attached at the right indices but dropped the
+    # requests that were in flight: nothing answered them.
+    damaged = backend(ring_indices={"ring": (16, 12)}, inflight=())
+    reason = failed(
+        checker.check(
+            guest_state(), guest_state(**{Item.PV_DEVICES: (damaged,)})
+        ),
+        Item.PV_DEVICES,
+    )
+    assert "2 of the 2 requests in flight at pause lost" in reason
+    assert "2 requests taken off ring ring lost" in reason
+
+
+def test_frontend_state_change():
+    seen = frontend()["states"] + (("backend", 1),)
+    resumed = guest_state(frontends={"vbd/51712": frontend(states=seen)})
+    reason = failed(checker.check(guest_state(), resumed), Item.PV_DEVICES)
+    assert (
+        reason == "vbd/51712: frontend saw a state change after pause: "
+        "backend 1"
+    )
+
+
+def test_io_damage_after_resume():
+    later = guest_state(
+        frontends={
+            "vbd/51712": frontend(
+                next_seq=30,
+                last_rsp_seq=29,
+                sent=29,
+                completed=28,
+                lost=1,
+                outstanding=(14,),
+            )
+        }
+    )
+    reason = failed(
+        checker.check(guest_state(), resumed_state(), later),
+        Item.PV_DEVICES,
+    )
+    assert "vbd/51712: 1 lost responses since pause" in reason
+    assert "never answered: seq 14" in reason
+
+
+def test_backend_state_change():
+    reason = failed(
+        checker.check(
+            guest_state(),
+            resumed_state(
+                **{
+                    Item.PV_DEVICES: (
+                        backend(
+                            state=1,
+                            ring_indices={"ring": (16, 16)},
+                            inflight=(),
+                        ),
+                    )
+                }
+            ),
+        ),
+        Item.PV_DEVICES,
+    )
+    assert "backend state changed from 4 to 1" in reason
+
+
+@pytest.mark.parametrize(
+    "item, value, words",
+    [
+        (Item.HVM_PARAMS, {0: 0, 1: 0xFEFFC, 2: 1}, "CALLBACK_IRQ"),
+        (Item.PLATFORM, {"CPU:0": b"\x09" * 32}, "CPU:0"),
+    ],
+)
+def test_params_and_platform_name_what_changed(item, value, words):
+    base = guest_state().items[item]
+    reason = failed(
+        checker.check(guest_state(), guest_state(**{item: {**base, **value}})),
+        item,
+    )
+    assert words in reason
+
+
+def test_opaque_values_are_compared_for_equality():
+    a = guest_state(**{Item.MEMORY: "abc"})
+    b = guest_state(**{Item.MEMORY: "abd"})
+    assert checker.check(a, a).passed
+    assert failed(checker.check(a, b), Item.MEMORY) == "memory digest differs"
+
+
+def test_missing_item_fails():
+    items = dict(guest_state().items)
+    del items[Item.XENSTORE]
+    resumed = GuestState(items=items, frontends=guest_state().frontends)
+    report = checker.check(guest_state(), resumed)
+    assert failed(report, Item.XENSTORE) == "the destination reported no value"
+
+
+def test_memory_as_digest_arrays():
+    pfns = np.array(sorted(pages()), dtype=np.uint64)
+    ram = np.stack([np.frombuffer(pages()[int(p)], np.uint8) for p in pfns])
+    before = checker.page_digests(pfns, ram)
+    ram[3, 4095] ^= 0x80
+    after = checker.page_digests(pfns[::-1].copy(), ram[::-1].copy())
+    reason = failed(
+        checker.check(
+            guest_state(**{Item.MEMORY: before}),
+            guest_state(**{Item.MEMORY: after}),
+        ),
+        Item.MEMORY,
+    )
+    assert reason == f"1 pages differ: pfn {hex(int(pfns[3]))}"
+    # The ring page, rewritten by the reconnected backend, is exempt.
+    ring = int(np.flatnonzero(pfns == RING_GFN)[0])
+    ram[3, 4095] ^= 0x80
+    ram[ring, 0] ^= 1
+    report = checker.check(
+        guest_state(**{Item.MEMORY: before}),
+        resumed_state(**{Item.MEMORY: checker.page_digests(pfns, ram)}),
+    )
+    assert report.passed, str(report)
+
+
+def test_vcpu_info_page_is_exempt_only_when_an_event_arrived():
+    mem = {pfn: digest(p) for pfn, p in pages().items()}
+    mem[0x102] = digest(b"upcall pending set")
+    reason = failed(
+        checker.check(guest_state(), guest_state(**{Item.MEMORY: mem})),
+        Item.MEMORY,
+    )
+    assert reason == "1 pages differ: pfn 0x102"
+    evs = guest_state().items[Item.EVENT_CHANNELS]
+    notified = dataclasses.replace(
+        evs,
+        ports=tuple(
+            dataclasses.replace(p, pending=True) if p.port == 6 else p
+            for p in evs.ports
+        ),
+    )
+    report = checker.check(
+        guest_state(),
+        guest_state(**{Item.MEMORY: mem, Item.EVENT_CHANNELS: notified}),
+    )
+    assert report.passed, str(report)

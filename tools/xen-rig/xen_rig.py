@@ -1,0 +1,731 @@
+#!/usr/bin/env python3
+"""Xen 4.17 test rig: Xen under QEMU with a Debian dom0.
+
+Subcommands:
+
+  build            build Xen, the dom0 kernel, initramfs and root image
+                   from Debian packages (cached outside the repository)
+  boot             boot Xen under QEMU (builds first when needed) and wait
+                   until dom0 accepts commands
+  run CMD...       run a shell command in dom0; its stdout, stderr and
+                   exit status become this command's (125 means the rig
+                   itself failed)
+  run-script FILE  run a bash script (``-`` for stdin) in dom0
+  stop             power dom0 off and make sure QEMU is gone
+  status           say whether the rig is running
+  log              print the boot log
+
+Build artefacts live in ``${XDG_CACHE_HOME:-/var/cache}/nova-xen-ncm/
+xen-rig`` (``XEN_RIG_CACHE`` overrides) under a key derived from the build
+inputs, so a second build is a no-op.  The running rig's pid file, boot log
+and command share live in ``state/`` there (``XEN_RIG_STATE`` overrides).
+dom0 sees the repository read-only at ``/project``, installed there as if
+with ``pip install -e`` (see ``dom0_project.py``), and runs commands with
+``/project`` as working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+DOM0_INIT = HERE / "dom0-init"
+
+SUITE = "bookworm"
+XEN_SERIES = "4.17"
+BUILD_FORMAT = 2
+
+DOM0_PACKAGES = (
+    "linux-image-amd64",
+    f"xen-hypervisor-{XEN_SERIES}-amd64",
+    f"xen-utils-{XEN_SERIES}",
+    "xenstore-utils",
+    "qemu-system-xen",
+    "seabios",
+    "python3",
+    "kmod",
+    "iproute2",
+    "procps",
+    "zstd",
+)
+EXTRA_PYTHON_REQUIREMENTS = ("pytest", "pytest-timeout")
+WHEEL_PLATFORMS = (
+    "manylinux2014_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux_2_28_x86_64",
+    "linux_x86_64",
+)
+# Kernel module trees dom0 never needs under QEMU; dropping them halves
+# the root image.
+PRUNED_MODULE_DIRS = (
+    "kernel/drivers/gpu",
+    "kernel/drivers/media",
+    "kernel/drivers/net/wireless",
+    "kernel/drivers/infiniband",
+    "kernel/drivers/staging",
+    "kernel/drivers/bluetooth",
+    "kernel/drivers/iio",
+    "kernel/sound",
+    "kernel/net/wireless",
+    "kernel/net/mac80211",
+    "kernel/net/bluetooth",
+)
+NODOC = """\
+path-exclude=/usr/share/doc/*
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/locale/*
+"""
+
+QEMU = "qemu-system-x86_64"
+# qemu64 plus SVM with nested paging for HVM guests and the x86-64-v2
+# features the NumPy wheels in dom0 require.
+CPU = "qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+lahf-lm"
+XEN_ARGS = (
+    "dom0_mem=1536M,max:1536M dom0_max_vcpus=1 console=com1 com1=115200,8n1"
+)
+DOM0_ARGS = (
+    "root=/dev/vda rw console=hvc0 init=/usr/local/sbin/rig-init "
+    "net.ifnames=0 panic=10"
+)
+
+BOOT_TIMEOUT = int(os.environ.get("XEN_RIG_BOOT_TIMEOUT", "900"))
+RUN_TIMEOUT = int(os.environ.get("XEN_RIG_RUN_TIMEOUT", "1800"))
+LIFETIME = int(os.environ.get("XEN_RIG_LIFETIME", str(4 * 3600)))
+STEP_TIMEOUT = 3600
+
+
+# Exit status of the rig itself failing, as opposed to the status of a
+# command it ran in dom0.
+RIG_FAILURE = 125
+
+
+class RigError(Exception):
+    """A failure with a message meant for the user."""
+
+
+def log(msg: str) -> None:
+    print(f"xen-rig: {msg}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("XEN_RIG_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or "/var/cache"
+    return Path(base) / "nova-xen-ncm" / "xen-rig"
+
+
+def state_dir() -> Path:
+    explicit = os.environ.get("XEN_RIG_STATE")
+    if explicit:
+        return Path(explicit)
+    return cache_dir() / "state"
+
+
+def sh(
+    cmd: list[str],
+    *,
+    timeout: float = STEP_TIMEOUT,
+    logfile: Path | None = None,
+) -> None:
+    """Run a build step, its output going to ``logfile`` when given."""
+    log("$ " + shlex.join(cmd))
+    if logfile is None:
+        result = subprocess.run(cmd, timeout=timeout, check=False)
+    else:
+        with logfile.open("ab") as out:
+            result = subprocess.run(
+                cmd,
+                timeout=timeout,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+    if result.returncode != 0:
+        tail = ""
+        if logfile is not None:
+            tail = "\n" + log_tail(logfile)
+        raise RigError(
+            f"{shlex.join(cmd)} failed with status {result.returncode}" + tail
+        )
+
+
+def log_tail(path: Path, lines: int = 60) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    text = text.replace("\r", "")
+    return f"--- last lines of {path} ---\n" + "\n".join(
+        text.splitlines()[-lines:]
+    )
+
+
+# -- Debian sources -------------------------------------------------------
+
+
+def _apt_source_files() -> list[Path]:
+    files = [Path("/etc/apt/sources.list")]
+    parts = Path("/etc/apt/sources.list.d")
+    if parts.is_dir():
+        files += sorted(parts.glob("*.list")) + sorted(parts.glob("*.sources"))
+    return [f for f in files if f.is_file()]
+
+
+def apt_sources() -> list[tuple[str, str]]:
+    """(URI, suite) pairs of the host's Debian sources for ``SUITE``."""
+    wanted = {SUITE, f"{SUITE}-updates", f"{SUITE}-security"}
+    found: list[tuple[str, str]] = []
+    for path in _apt_source_files():
+        text = path.read_text(errors="replace")
+        if path.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields: dict[str, str] = {}
+                for line in stanza.splitlines():
+                    if line.startswith("#") or ":" not in line:
+                        continue
+                    key, value = line.split(":", 1)
+                    fields[key.strip().lower()] = value.strip()
+                if "deb" not in fields.get("types", "").split():
+                    continue
+                if fields.get("enabled", "yes").lower() == "no":
+                    continue
+                if "main" not in fields.get("components", "").split():
+                    continue
+                for uri in fields.get("uris", "").split():
+                    for suite in fields.get("suites", "").split():
+                        if suite in wanted:
+                            found.append((uri.rstrip("/"), suite))
+        else:
+            for line in text.splitlines():
+                line = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0])
+                words = line.split()
+                if len(words) >= 4 and words[0] == "deb":
+                    uri, suite, comps = words[1], words[2], words[3:]
+                    if suite in wanted and "main" in comps:
+                        found.append((uri.rstrip("/"), suite))
+    return list(dict.fromkeys(found))
+
+
+def debian_mirror(sources: list[tuple[str, str]]) -> str:
+    explicit = os.environ.get("XEN_RIG_MIRROR")
+    if explicit:
+        return explicit.rstrip("/")
+    for uri, suite in sources:
+        if suite == SUITE:
+            return uri
+    raise RigError(
+        f"no Debian {SUITE} 'main' source in /etc/apt/sources.list*; "
+        "set XEN_RIG_MIRROR"
+    )
+
+
+# -- build ----------------------------------------------------------------
+
+
+def python_requirements() -> list[str]:
+    reqs = []
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            reqs.append(line)
+    return reqs + list(EXTRA_PYTHON_REQUIREMENTS)
+
+
+def build_key(mirror: str) -> str:
+    inputs = {
+        "format": BUILD_FORMAT,
+        "suite": SUITE,
+        "mirror": mirror,
+        "packages": DOM0_PACKAGES,
+        "pruned": PRUNED_MODULE_DIRS,
+        "requirements": python_requirements(),
+        "platforms": WHEEL_PLATFORMS,
+        "init": DOM0_INIT.read_text(),
+    }
+    blob = json.dumps(inputs, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def image_dir() -> Path:
+    sources = apt_sources()
+    return cache_dir() / "images" / build_key(debian_mirror(sources))
+
+
+ARTEFACTS = ("xen", "vmlinuz", "initrd.img", "rootfs.img", "build.json")
+
+
+def is_built(images: Path) -> bool:
+    return all((images / name).is_file() for name in ARTEFACTS)
+
+
+def mounts_under(path: Path) -> list[Path]:
+    prefix = str(path.resolve()) + "/"
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point.startswith(prefix):
+            found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf`` that first detaches what a failed build left mounted."""
+    for point in mounts_under(path):
+        subprocess.run(["umount", "-l", str(point)], timeout=60)
+    if mounts_under(path):
+        raise RigError(f"cannot unmount everything under {path}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def chroot_mounts(root: Path, archives: Path) -> Iterator[None]:
+    targets: list[Path] = []
+    try:
+        for fstype, src, sub, opts in (
+            ("proc", "proc", "proc", None),
+            ("sysfs", "sysfs", "sys", None),
+            (None, "/dev", "dev", "bind"),
+            (None, "/dev/pts", "dev/pts", "bind"),
+            (None, str(archives), "var/cache/apt/archives", "bind"),
+        ):
+            target = root / sub
+            target.mkdir(parents=True, exist_ok=True)
+            cmd = ["mount"]
+            if fstype:
+                cmd += ["-t", fstype]
+            if opts:
+                cmd += ["--" + opts]
+            subprocess.run(cmd + [src, str(target)], check=True, timeout=60)
+            targets.append(target)
+        yield
+    finally:
+        for target in reversed(targets):
+            subprocess.run(["umount", "-l", str(target)], timeout=60)
+
+
+def download_wheels(dest: Path, logfile: Path) -> None:
+    reqs = python_requirements()
+    key = hashlib.sha256(
+        json.dumps([reqs, WHEEL_PLATFORMS]).encode()
+    ).hexdigest()[:16]
+    cached = cache_dir() / "wheels" / key
+    if not (cached / ".complete").exists():
+        tmp = cached.with_name(key + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--quiet",
+            "--dest", str(tmp), "--only-binary=:all:",
+            "--python-version", "3.11", "--implementation", "cp",
+            "--abi", "cp311",
+        ]  # fmt: skip
+        for platform in WHEEL_PLATFORMS:
+            cmd += ["--platform", platform]
+        sh(cmd + reqs, logfile=logfile)
+        (tmp / ".complete").touch()
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)
+    shutil.copytree(cached, dest)
+    (dest / "requirements.txt").write_text("\n".join(reqs) + "\n")
+
+
+def build(force: bool = False) -> Path:
+    for tool in ("debootstrap", "mke2fs", "mount", "chroot"):
+        if shutil.which(tool) is None:
+            raise RigError(f"{tool} not found (apt-get install debootstrap)")
+    if os.geteuid() != 0:
+        raise RigError("build needs root (debootstrap, chroot, mount)")
+    sources = apt_sources()
+    mirror = debian_mirror(sources)
+    images = cache_dir() / "images" / build_key(mirror)
+    if is_built(images) and not force:
+        log(f"up to date: {images}")
+        return images
+    started = time.monotonic()
+    work = cache_dir() / "work"
+    remove_tree(work)
+    work.mkdir(parents=True)
+    logfile = work / "build.log"
+    log(f"building in {work} (log: {logfile}), mirror {mirror}")
+    root = work / "root"
+    debs = cache_dir() / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    sh(
+        [
+            "debootstrap", "--variant=minbase",
+            f"--cache-dir={debs}", SUITE, str(root), mirror,
+        ],
+        logfile=logfile,
+    )  # fmt: skip
+
+    lines = [f"deb {uri} {suite} main" for uri, suite in sources]
+    if not any(suite == SUITE for _, suite in sources):
+        lines.insert(0, f"deb {mirror} {SUITE} main")
+    (root / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    (root / "etc/dpkg/dpkg.cfg.d/01-xen-rig-nodoc").write_text(NODOC)
+    modules = root / "etc/initramfs-tools/modules"
+    modules.parent.mkdir(parents=True, exist_ok=True)
+    modules.write_text("virtio_pci\nvirtio_blk\next4\n")
+    # Only those modules: dom0 boots faster when udev in the initramfs
+    # has less to load.
+    conf = modules.parent / "conf.d"
+    conf.mkdir(exist_ok=True)
+    (conf / "xen-rig").write_text("MODULES=list\n")
+    download_wheels(root / "tmp/wheels", logfile)
+
+    apt = (
+        "export DEBIAN_FRONTEND=noninteractive; set -e; "
+        "apt-get update -q; "
+        "apt-get install -y -q --no-install-recommends "
+        "-o Dpkg::Options::=--force-confold " + " ".join(DOM0_PACKAGES)
+    )
+    with chroot_mounts(root, debs):
+        sh(["chroot", str(root), "sh", "-c", apt], logfile=logfile)
+        kvers = sorted(p.name for p in (root / "lib/modules").iterdir())
+        for kver in kvers:
+            for sub in PRUNED_MODULE_DIRS:
+                shutil.rmtree(
+                    root / "lib/modules" / kver / sub, ignore_errors=True
+                )
+            sh(["chroot", str(root), "depmod", "-a", kver], logfile=logfile)
+        sh(
+            [
+                "chroot", str(root), "sh", "-c",
+                "apt-get install -y -q --no-install-recommends python3-pip "
+                "&& python3 -m pip install --quiet --no-index "
+                "--break-system-packages --find-links /tmp/wheels "
+                "-r /tmp/wheels/requirements.txt",
+            ],
+            logfile=logfile,
+        )  # fmt: skip
+    if len(kvers) != 1:
+        raise RigError(f"expected one dom0 kernel, found {kvers}")
+    kver = kvers[0]
+
+    init = root / "usr/local/sbin/rig-init"
+    shutil.copyfile(DOM0_INIT, init)
+    init.chmod(0o755)
+    (root / "etc/hostname").write_text("rig-dom0\n")
+    (root / "etc/fstab").write_text("")
+    for sub in ("project", "rig"):
+        (root / sub).mkdir(exist_ok=True)
+    for junk in ("tmp/wheels", "var/lib/apt/lists", "root/.cache"):
+        shutil.rmtree(root / junk, ignore_errors=True)
+    (root / "var/lib/apt/lists/partial").mkdir(parents=True)
+    for pkgcache in (root / "var/cache/apt").glob("*.bin"):
+        pkgcache.unlink()
+    policy.unlink()
+
+    out = work / "out"
+    out.mkdir()
+    with gzip.open(root / f"boot/xen-{XEN_SERIES}-amd64.gz") as src:
+        with (out / "xen").open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+    shutil.copyfile(root / f"boot/vmlinuz-{kver}", out / "vmlinuz")
+    shutil.copyfile(root / f"boot/initrd.img-{kver}", out / "initrd.img")
+    versions = subprocess.run(
+        [
+            "chroot", str(root), "dpkg-query", "-W",
+            "-f", "${Package} ${Version}\\n",
+        ] + list(DOM0_PACKAGES),
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    used = int(
+        subprocess.run(
+            ["du", "-sxm", str(root)],
+            capture_output=True, text=True, check=True, timeout=600,
+        ).stdout.split()[0]
+    )  # fmt: skip
+    size_mb = used + used // 3 + 1024
+    sh(
+        [
+            "mke2fs", "-q", "-F", "-t", "ext4", "-L", "rig-root",
+            "-E", "lazy_itable_init=1,root_owner=0:0",
+            "-d", str(root), str(out / "rootfs.img"), f"{size_mb}M",
+        ],
+        logfile=logfile,
+    )  # fmt: skip
+    (out / "build.json").write_text(
+        json.dumps(
+            {
+                "mirror": mirror,
+                "suite": SUITE,
+                "kernel": kver,
+                "packages": versions.splitlines(),
+                "seconds": round(time.monotonic() - started),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    shutil.rmtree(images, ignore_errors=True)
+    images.parent.mkdir(parents=True, exist_ok=True)
+    out.rename(images)
+    shutil.copyfile(logfile, images / "build.log")
+    remove_tree(work)
+    for old in images.parent.iterdir():
+        if old != images:
+            shutil.rmtree(old, ignore_errors=True)
+    log(f"built {images} in {time.monotonic() - started:.0f}s")
+    return images
+
+
+# -- running QEMU ---------------------------------------------------------
+
+
+def qemu_pid() -> int | None:
+    """PID of the rig's QEMU when it is running."""
+    try:
+        pid = int((state_dir() / "qemu.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    if QEMU.encode() not in cmdline or b"xen-rig" not in cmdline:
+        return None
+    return pid
+
+
+def share_dir() -> Path:
+    return state_dir() / "share"
+
+
+def project_version() -> str:
+    """The version pbr gave the project installed on the host."""
+    try:
+        return importlib.metadata.version("nova-xen-ncm")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+def boot() -> None:
+    if qemu_pid() is not None:
+        if (share_dir() / "ready").exists():
+            log("already running")
+            return
+        raise RigError("QEMU is running but dom0 is not ready; run 'stop'")
+    if shutil.which(QEMU) is None:
+        raise RigError(f"{QEMU} not found (apt-get install qemu-system-x86)")
+    images = build()
+    state = state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(share_dir(), ignore_errors=True)
+    (share_dir() / "jobs").mkdir(parents=True)
+    (share_dir() / "project-version").write_text(project_version() + "\n")
+    bootlog = state / "boot.log"
+    bootlog.unlink(missing_ok=True)
+    pidfile = state / "qemu.pid"
+    pidfile.unlink(missing_ok=True)
+    cmd = [
+        "timeout", "--kill-after=10", str(LIFETIME),
+        QEMU, "-name", "xen-rig",
+        "-machine", "q35", "-accel", "tcg,thread=multi",
+        "-smp", "2", "-m", "4096", "-cpu", CPU,
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-monitor", "none", "-serial", f"file:{bootlog}",
+        "-pidfile", str(pidfile),
+        "-kernel", str(images / "xen"),
+        "-append", XEN_ARGS,
+        "-initrd",
+        f"{images / 'vmlinuz'} {DOM0_ARGS},{images / 'initrd.img'}",
+        "-drive",
+        f"file={images / 'rootfs.img'},format=raw,if=virtio,snapshot=on",
+        "-virtfs",
+        f"local,path={REPO},mount_tag=project,security_model=none,"
+        "readonly=on",
+        "-virtfs",
+        f"local,path={share_dir()},mount_tag=rig,security_model=none",
+    ]  # fmt: skip
+    log(f"booting Xen (log: {bootlog})")
+    started = time.monotonic()
+    with (state / "qemu.out").open("wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_ready(proc, started + BOOT_TIMEOUT)
+    except BaseException:
+        abort_boot(proc)
+        raise
+    log(f"dom0 ready after {time.monotonic() - started:.0f}s")
+
+
+def wait_ready(proc: subprocess.Popen[bytes], deadline: float) -> None:
+    bootlog = state_dir() / "boot.log"
+    while not (share_dir() / "ready").exists():
+        failed = share_dir() / "failed"
+        if failed.exists():
+            raise RigError(
+                f"dom0 init failed: {failed.read_text().strip()}\n"
+                + log_tail(bootlog)
+            )
+        if proc.poll() is not None:
+            qemu_out = (state_dir() / "qemu.out").read_text(errors="replace")
+            raise RigError(
+                f"QEMU exited with status {proc.returncode} during boot\n"
+                + qemu_out
+                + log_tail(bootlog)
+            )
+        if time.monotonic() > deadline:
+            raise RigError(
+                f"dom0 not ready after {BOOT_TIMEOUT}s\n" + log_tail(bootlog)
+            )
+        time.sleep(0.5)
+
+
+def abort_boot(proc: subprocess.Popen[bytes]) -> None:
+    """Kill QEMU (and its lifetime wrapper) after a failed boot."""
+    stop()
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def run(script: str, timeout: int = RUN_TIMEOUT) -> int:
+    """Run ``script`` with bash in dom0, relaying its output and status."""
+    if qemu_pid() is None or not (share_dir() / "ready").exists():
+        raise RigError("the rig is not running; run 'boot' first")
+    jobs = share_dir() / "jobs"
+    job_id = f"{time.time_ns()}-{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=jobs))
+    (tmp / "cmd").write_text(script)
+    (tmp / "timeout").write_text(f"{timeout}\n")
+    tmp.chmod(0o755)
+    job = jobs / job_id
+    tmp.rename(job)
+    deadline = time.monotonic() + timeout + 60
+    while not (job / "rc").exists():
+        if qemu_pid() is None:
+            raise RigError(
+                "QEMU exited while the command ran\n"
+                + log_tail(state_dir() / "boot.log")
+            )
+        if time.monotonic() > deadline:
+            raise RigError(
+                f"no result from dom0 after {timeout + 60}s\n"
+                + log_tail(state_dir() / "boot.log")
+            )
+        time.sleep(0.1)
+    rc = int((job / "rc").read_text().strip())
+    sys.stdout.buffer.write((job / "stdout").read_bytes())
+    sys.stdout.flush()
+    sys.stderr.buffer.write((job / "stderr").read_bytes())
+    sys.stderr.flush()
+    shutil.rmtree(job, ignore_errors=True)
+    return rc
+
+
+def stop(grace: float = 30.0) -> None:
+    pid = qemu_pid()
+    if pid is None:
+        log("not running")
+        return
+    if (share_dir() / "ready").exists():
+        (share_dir() / "poweroff").touch()
+    else:
+        grace = 0.0  # dom0 is not listening
+    deadline = time.monotonic() + grace
+    sig = None
+    while qemu_pid() is not None:
+        if time.monotonic() > deadline:
+            if sig == signal.SIGKILL:
+                raise RigError(f"QEMU {pid} does not die")
+            sig = signal.SIGTERM if sig is None else signal.SIGKILL
+            log(f"sending {sig.name} to QEMU {pid}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + 10
+        time.sleep(0.2)
+    (state_dir() / "qemu.pid").unlink(missing_ok=True)
+    log("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="xen-rig",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_build = sub.add_parser("build", help="build the images")
+    p_build.add_argument("--force", action="store_true")
+    sub.add_parser("boot", help="boot Xen and wait for dom0")
+    p_run = sub.add_parser("run", help="run a command in dom0")
+    p_run.add_argument("--timeout", type=int, default=RUN_TIMEOUT)
+    p_run.add_argument("argv", nargs=argparse.REMAINDER)
+    p_script = sub.add_parser("run-script", help="run a script in dom0")
+    p_script.add_argument("--timeout", type=int, default=RUN_TIMEOUT)
+    p_script.add_argument("file")
+    sub.add_parser("stop", help="power off and kill QEMU")
+    sub.add_parser("status", help="is the rig running")
+    sub.add_parser("log", help="print the boot log")
+    args = parser.parse_args(argv)
+    # Unwind (and so kill a QEMU that is still booting) on SIGTERM too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        if args.command == "build":
+            print(build(force=args.force))
+        elif args.command == "boot":
+            boot()
+        elif args.command == "run":
+            if not args.argv:
+                parser.error("run needs a command")
+            if len(args.argv) == 1:
+                script = args.argv[0]
+            else:
+                script = shlex.join(args.argv)
+            return run(script + "\n", args.timeout)
+        elif args.command == "run-script":
+            if args.file == "-":
+                script = sys.stdin.read()
+            else:
+                script = Path(args.file).read_text()
+            return run(script, args.timeout)
+        elif args.command == "stop":
+            stop()
+        elif args.command == "status":
+            running = qemu_pid() is not None
+            ready = (share_dir() / "ready").exists()
+            print("running" if running and ready else "stopped")
+            return 0 if running and ready else 3
+        elif args.command == "log":
+            sys.stdout.write(
+                (state_dir() / "boot.log").read_text(errors="replace")
+            )
+    except RigError as exc:
+        log(f"error: {exc}")
+        return RIG_FAILURE
+    except subprocess.TimeoutExpired as exc:
+        log(f"error: timed out: {exc}")
+        return RIG_FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
