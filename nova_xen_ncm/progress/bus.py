@@ -29,10 +29,10 @@ import oslo_messaging
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_xen_ncm.progress.model import ProgressEvent
 from nova_xen_ncm.progress.tracker import MigrationTracker
 from nova_xen_ncm.progress.tracker import Notice
 from nova_xen_ncm.progress.tracker import Notification
+from nova_xen_ncm.progress.tracker import NotificationSink
 from nova_xen_ncm.progress.tracker import ProgressTranslator
 
 LOG = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def make_notifier(
     )
 
 
-class BusSink:
+class BusSink(NotificationSink):
     """A ProgressSink publishing migration progress on the bus.
 
     ``publisher`` is an oslo.messaging Notifier (built from ``conf`` by
@@ -164,17 +164,18 @@ class BusSink:
             raise ValueError("the notification queue holds at least one")
         self.close_timeout = conf.xen_ncm_progress.close_timeout
         self._clock = clock
-        self._translator = ProgressTranslator(
-            self.host,
-            (
-                interval
-                if interval is not None
-                else conf.xen_ncm.progress_interval
-            ),
-            clock=clock,
-            wallclock=wallclock,
+        super().__init__(
+            ProgressTranslator(
+                self.host,
+                (
+                    interval
+                    if interval is not None
+                    else conf.xen_ncm.progress_interval
+                ),
+                clock=clock,
+                wallclock=wallclock,
+            )
         )
-        self._lock = threading.Lock()
         # Two conditions on one lock: the publishing thread waits for
         # work, flush() waits for the thread to be idle.
         self._work = threading.Condition(self._lock)
@@ -196,32 +197,7 @@ class BusSink:
 
     # -- the migration's side: never blocks on the bus --
 
-    def start(
-        self,
-        migration_id: str,
-        *,
-        role: str = "source",
-        instance_uuid: str | None = None,
-        source_host: str | None = None,
-        destination_host: str | None = None,
-    ) -> None:
-        """Announce a migration (``xen_ncm.migration.start``)."""
-        with self._lock:
-            self._enqueue(
-                self._translator.start(
-                    migration_id,
-                    role=role,
-                    instance_uuid=instance_uuid,
-                    source_host=source_host,
-                    destination_host=destination_host,
-                )
-            )
-
-    def emit(self, event: ProgressEvent) -> None:
-        with self._lock:
-            self._enqueue(self._translator.translate(event))
-
-    def _enqueue(self, notifications: list[Notification]) -> None:
+    def _deliver(self, notifications: list[Notification]) -> None:
         for note in notifications:
             if self._closing:
                 self._drop(note, "the sink is closed")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import shutil
 import socket
 import sys
-import threading
 from collections.abc import Mapping
 from typing import Any
 from typing import TextIO
@@ -22,7 +21,8 @@ from typing import TextIO
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import CONF as GLOBAL_CONF
-from nova_xen_ncm.progress.model import ProgressEvent
+from nova_xen_ncm.progress.tracker import Notification
+from nova_xen_ncm.progress.tracker import NotificationSink
 from nova_xen_ncm.progress.tracker import ProgressTranslator
 
 BAR_WIDTH = 24
@@ -232,7 +232,7 @@ class Display:
         self.stream.flush()
 
 
-class TerminalSink:
+class TerminalSink(NotificationSink):
     """A ProgressSink showing migrations of this process on a terminal.
 
     Progress is shown at most every ``interval`` seconds per migration
@@ -257,36 +257,15 @@ class TerminalSink:
                 interval = TTY_INTERVAL
             else:
                 interval = (conf or GLOBAL_CONF).xen_ncm.progress_interval
-        self._translator = ProgressTranslator(
-            host or socket.gethostname(), interval
+        super().__init__(
+            ProgressTranslator(host or socket.gethostname(), interval)
         )
-        self._lock = threading.Lock()
 
     @property
     def interval(self) -> float:
         """Seconds between two progress lines of one migration."""
         return self._translator.limiter.interval
 
-    def start(
-        self,
-        migration_id: str,
-        *,
-        role: str = "source",
-        instance_uuid: str | None = None,
-        source_host: str | None = None,
-        destination_host: str | None = None,
-    ) -> None:
-        with self._lock:
-            for note in self._translator.start(
-                migration_id,
-                role=role,
-                instance_uuid=instance_uuid,
-                source_host=source_host,
-                destination_host=destination_host,
-            ):
-                self.display.show(note.event_type, note.data)
-
-    def emit(self, event: ProgressEvent) -> None:
-        with self._lock:
-            for note in self._translator.translate(event):
-                self.display.show(note.event_type, note.data)
+    def _deliver(self, notifications: list[Notification]) -> None:
+        for note in notifications:
+            self.display.show(note.event_type, note.data)

@@ -7,18 +7,21 @@ progress, retries). Operators want fewer, richer reports: one
 at most every ``[xen_ncm] progress_interval``, ``.retry`` per retry, an
 ``.error`` when the migration fails or ends in doubt and always a last
 ``.end`` with the outcome and the statistics. :class:`ProgressTranslator`
-does that translation once, for the bus sink and the terminal sink alike;
-the payloads are versioned like Nova's versioned notifications and are
-documented in ``doc/source/progress.rst``.
+does that translation once and :class:`NotificationSink` drives it, for
+the bus sink and the terminal sink alike; the payloads are versioned like
+Nova's versioned notifications and are documented in
+``doc/source/progress.rst``.
 """
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import datetime
 import enum
 import numbers
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -530,6 +533,46 @@ class ProgressTranslator:
         self._ended[key] = None
         while len(self._ended) > _ENDED_MEMORY:
             self._ended.popitem(last=False)
+
+
+class NotificationSink(abc.ABC):
+    """A ProgressSink that reports notifications: :meth:`start` and
+    :meth:`emit` translate with ``translator`` and hand what comes out, in
+    order, to :meth:`_deliver`. Both hold ``_lock`` throughout, so the
+    translator is serialised and deliveries keep the events' order."""
+
+    def __init__(self, translator: ProgressTranslator) -> None:
+        self._translator = translator
+        self._lock = threading.Lock()
+
+    @abc.abstractmethod
+    def _deliver(self, notifications: list[Notification]) -> None:
+        """Publish or show ``notifications``; called with ``_lock`` held."""
+
+    def start(
+        self,
+        migration_id: str,
+        *,
+        role: str = "source",
+        instance_uuid: str | None = None,
+        source_host: str | None = None,
+        destination_host: str | None = None,
+    ) -> None:
+        """Announce a migration (``xen_ncm.migration.start``)."""
+        with self._lock:
+            self._deliver(
+                self._translator.start(
+                    migration_id,
+                    role=role,
+                    instance_uuid=instance_uuid,
+                    source_host=source_host,
+                    destination_host=destination_host,
+                )
+            )
+
+    def emit(self, event: ProgressEvent) -> None:
+        with self._lock:
+            self._deliver(self._translator.translate(event))
 
 
 # numbers.Real, not (int, float): the engine's figures may be numpy scalars.

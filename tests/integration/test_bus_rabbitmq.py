@@ -14,31 +14,24 @@ sink's own thread).
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import socket
 import time
-import urllib.parse
 import uuid
 
-import kombu
 import oslo_messaging
 import pytest
 from oslo_config import cfg
 
-from nova_xen_ncm.conf import progress as progress_conf
-from nova_xen_ncm.conf import xen_ncm as xen_ncm_conf
 from nova_xen_ncm.progress.bus import BusSink
 from nova_xen_ncm.progress.bus import make_notifier
 from nova_xen_ncm.progress.model import EventKind
 from nova_xen_ncm.progress.model import ProgressEvent
 from nova_xen_ncm.progress.tracker import unwrap
 
+from ..conftest import delete_queue
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-RABBIT_URL = os.environ.get(
-    "NOVA_XEN_NCM_RABBIT_URL", "rabbit://guest:guest@127.0.0.1:5672/"
-)
 UNREACHABLE_URL = "rabbit://guest:guest@127.0.0.1:1/"
 # The bound the issue sets on one publish call from the migration.
 EMIT_BOUND = 0.050
@@ -47,35 +40,6 @@ ARRIVAL_BOUND = 30.0
 
 PAGE = 4096
 GIB = 1 << 30
-
-
-def broker_url() -> str:
-    parts = urllib.parse.urlsplit(RABBIT_URL)
-    try:
-        socket.create_connection(
-            (parts.hostname, parts.port or 5672), timeout=5
-        ).close()
-    except OSError as exc:
-        message = f"RabbitMQ is not reachable at {RABBIT_URL}: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return RABBIT_URL
-
-
-def make_conf() -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    xen_ncm_conf.register_opts(conf)
-    progress_conf.register_opts(conf)
-    conf([])
-    return conf
-
-
-def delete_queue(url: str, name: str) -> None:
-    """Pool queues outlive their listener; a test removes its own."""
-    amqp = urllib.parse.urlsplit(url)._replace(scheme="amqp").geturl()
-    with kombu.Connection(amqp) as connection:
-        connection.default_channel.queue_delete(name)
 
 
 class Collector:
@@ -190,12 +154,12 @@ def a_migration(migration_id: str, rounds: list[tuple[int, int, int]]):
 ROUNDS = [(200000, 62144, 5000), (5000, 0, 800), (800, 0, 40)]
 
 
-def test_events_arrive_in_order_with_final_statistics():
-    url = broker_url()
-    conf = make_conf()
+def test_events_arrive_in_order_with_final_statistics(rabbit_url, sink_conf):
     migration_id = str(uuid.uuid4())
-    with Collector(conf, url, migration_id) as collector:
-        with BusSink(conf, host="node-a", url=url, interval=0.0) as sink:
+    with Collector(sink_conf, rabbit_url, migration_id) as collector:
+        with BusSink(
+            sink_conf, host="node-a", url=rabbit_url, interval=0.0
+        ) as sink:
             sink.start(
                 migration_id,
                 instance_uuid="7d3c1c5e-94a4-4f1e-9c9b-1f1a1b2c3d4e",
@@ -260,13 +224,16 @@ class Spy:
         self._send("error", ctxt, event_type, payload)
 
 
-def test_unreachable_bus_neither_blocks_nor_raises(caplog, record_property):
+def test_unreachable_bus_neither_blocks_nor_raises(
+    caplog, record_property, sink_conf
+):
     caplog.set_level(logging.INFO, logger="nova_xen_ncm.progress.bus")
-    conf = make_conf()
     migration_id = str(uuid.uuid4())
-    spy = Spy(make_notifier(conf, "node-a", url=UNREACHABLE_URL))
+    spy = Spy(make_notifier(sink_conf, "node-a", url=UNREACHABLE_URL))
     costs = []
-    with BusSink(conf, host="node-a", publisher=spy, interval=0.0) as sink:
+    with BusSink(
+        sink_conf, host="node-a", publisher=spy, interval=0.0
+    ) as sink:
         start = time.perf_counter()
         sink.start(migration_id)
         costs.append(time.perf_counter() - start)

@@ -97,7 +97,7 @@ class XenbusError(Exception):
     state struct); xenstore's own errors are XenstoreError."""
 
 
-class XenbusClient:
+class XenbusClient(xs_wire.XenstoreClient):
     """A guest's xenstore client over its ring page.
 
     ``page``: the xenstore ring page (``struct xenstore_domain_interface``)
@@ -446,8 +446,8 @@ class XenbusClient:
         self._set_flags(self._flags | FLAG_INFLIGHT)
         return self._await_reply()
 
-    def _call(self, mtype: XsType, payload: bytes, tx_id: int = 0) -> bytes:
-        reply = self.request(mtype, payload, tx_id)
+    def _call(self, mtype: XsType, payload: bytes, tx: int = 0) -> bytes:
+        reply = self.request(mtype, payload, tx)
         err = reply.error()
         if err is not None:
             raise XenstoreError(err.name, f"{mtype.name} failed")
@@ -457,74 +457,10 @@ class XenbusClient:
             )
         return reply.payload
 
-    # -- operations (docs/misc/xenstore.txt) ----------------------------
-
-    def read(self, path: str, tx: int = 0) -> bytes:
-        return self._call(XsType.READ, xs_wire.join_strings(path), tx)
-
-    def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
-        if isinstance(value, str):
-            value = value.encode()
-        self._call(
-            XsType.WRITE,
-            xs_wire.join_strings(path, value, terminate=False),
-            tx,
-        )
-
-    def mkdir(self, path: str, tx: int = 0) -> None:
-        self._call(XsType.MKDIR, xs_wire.join_strings(path), tx)
-
-    def rm(self, path: str, tx: int = 0) -> None:
-        self._call(XsType.RM, xs_wire.join_strings(path), tx)
-
-    def directory(self, path: str, tx: int = 0) -> list[str]:
-        return xs_wire.split_strings(
-            self._call(XsType.DIRECTORY, xs_wire.join_strings(path), tx)
-        )
-
-    def get_perms(self, path: str, tx: int = 0) -> list[tuple[str, int]]:
-        raw = self._call(XsType.GET_PERMS, xs_wire.join_strings(path), tx)
-        perms = xs_wire.decode_perms(xs_wire.split_strings(raw))
-        return list(xs_wire.letter_perms(perms))
-
-    def set_perms(
-        self, path: str, perms: list[tuple[str, int]], tx: int = 0
-    ) -> None:
-        bits = xs_wire.bit_perms(tuple(perms))
-        self._call(
-            XsType.SET_PERMS,
-            xs_wire.join_strings(path) + xs_wire.encode_perms(bits),
-            tx,
-        )
-
-    def watch(self, path: str, token: str, depth: int | None = None) -> None:
-        args = [path, token] + ([] if depth is None else [str(depth)])
-        self._call(XsType.WATCH, xs_wire.join_strings(*args))
-
-    def unwatch(self, path: str, token: str) -> None:
-        self._call(XsType.UNWATCH, xs_wire.join_strings(path, token))
+    # -- operations beyond xs_wire.XenstoreClient's (docs/misc/xenstore.txt)
 
     def reset_watches(self) -> None:
         self._call(XsType.RESET_WATCHES, b"\0")
-
-    def transaction_start(self) -> int:
-        raw = self._call(XsType.TRANSACTION_START, b"\0")
-        return int(xs_wire.split_strings(raw)[0])
-
-    def transaction_end(self, tx: int, commit: bool = True) -> bool:
-        """End ``tx``; False when the commit met a conflict (EAGAIN) and
-        the caller should run the transaction again."""
-        try:
-            self._call(
-                XsType.TRANSACTION_END,
-                xs_wire.join_strings("T" if commit else "F"),
-                tx,
-            )
-        except XenstoreError as exc:
-            if exc.name == "EAGAIN":
-                return False
-            raise
-        return True
 
     def get_domain_path(self, domid: int) -> str:
         raw = self._call(

@@ -1599,7 +1599,7 @@ class Xenstore:
                     )
 
 
-class LocalClient:
+class LocalClient(xs_wire.XenstoreClient):
     """An in-process client for dom0's tools and backends: the requests
     of docs/misc/xenstore.txt as method calls on a connection of its own.
 
@@ -1630,62 +1630,6 @@ class LocalClient:
         if err is not None:
             raise XenstoreError(err.name, f"{mtype.name} failed")
         return reply.payload
-
-    def read(self, path: str, tx: int = 0) -> bytes:
-        return self._call(XsType.READ, xs_wire.join_strings(path), tx)
-
-    def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
-        if isinstance(value, str):
-            value = value.encode()
-        payload = xs_wire.join_strings(path, value, terminate=False)
-        self._call(XsType.WRITE, payload, tx)
-
-    def mkdir(self, path: str, tx: int = 0) -> None:
-        self._call(XsType.MKDIR, xs_wire.join_strings(path), tx)
-
-    def rm(self, path: str, tx: int = 0) -> None:
-        self._call(XsType.RM, xs_wire.join_strings(path), tx)
-
-    def directory(self, path: str, tx: int = 0) -> list[str]:
-        raw = self._call(XsType.DIRECTORY, xs_wire.join_strings(path), tx)
-        return xs_wire.split_strings(raw)
-
-    def get_perms(self, path: str, tx: int = 0) -> list[tuple[str, int]]:
-        raw = self._call(XsType.GET_PERMS, xs_wire.join_strings(path), tx)
-        perms = xs_wire.decode_perms(xs_wire.split_strings(raw))
-        return list(xs_wire.letter_perms(perms))
-
-    def set_perms(
-        self, path: str, perms: list[tuple[str, int]], tx: int = 0
-    ) -> None:
-        bits = xs_wire.bit_perms(tuple(perms))
-        payload = xs_wire.join_strings(path) + xs_wire.encode_perms(bits)
-        self._call(XsType.SET_PERMS, payload, tx)
-
-    def watch(self, path: str, token: str, depth: int | None = None) -> None:
-        args = [path, token] + ([] if depth is None else [str(depth)])
-        self._call(XsType.WATCH, xs_wire.join_strings(*args))
-
-    def unwatch(self, path: str, token: str) -> None:
-        self._call(XsType.UNWATCH, xs_wire.join_strings(path, token))
-
-    def transaction_start(self) -> int:
-        raw = self._call(XsType.TRANSACTION_START, b"\0")
-        return int(xs_wire.split_strings(raw)[0])
-
-    def transaction_end(self, tx: int, commit: bool = True) -> bool:
-        """False when the commit met a conflict (EAGAIN): run it again."""
-        try:
-            self._call(
-                XsType.TRANSACTION_END,
-                xs_wire.join_strings("T" if commit else "F"),
-                tx,
-            )
-        except XenstoreError as exc:
-            if exc.name == "EAGAIN":
-                return False
-            raise
-        return True
 
     def events(self) -> list[tuple[str, str]]:
         """(path, token) of the watch events queued since the last call."""

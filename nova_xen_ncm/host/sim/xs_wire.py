@@ -13,6 +13,10 @@ Follows ``xen/include/public/io/xs_wire.h`` and ``docs/misc/xenstore.txt``:
   one page holding a request ring and a response ring of
   ``XENSTORE_RING_SIZE`` (1024) bytes each with free-running u32 indices.
 
+:class:`XenstoreClient` holds the one encoding of each request's payload
+and decoding of its reply, over a transport its subclasses provide (the
+guest's ring in ``xenbus``, an in-process connection in ``xenstore``).
+
 The ring functions work on a ``memoryview`` of that page, which lives in
 guest RAM and is shared between processes: data is written before the
 producer index that publishes it, and read before the consumer index that
@@ -24,6 +28,7 @@ xenstored and the guest drivers do.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 import errno as _errno
@@ -303,6 +308,81 @@ def decode_perms(strings: list[str]) -> tuple[Perm, ...]:
     if not strings:
         raise XsWireError("a permission list needs at least the owner")
     return tuple(parse_perm(s) for s in strings)
+
+
+# -- requests (docs/misc/xenstore.txt) ------------------------------------
+
+
+class XenstoreClient(abc.ABC):
+    """The requests of docs/misc/xenstore.txt as method calls.
+
+    Subclasses provide the transport, :meth:`_call`. Errors raise
+    XenstoreError with xenstored's errno name.
+    """
+
+    @abc.abstractmethod
+    def _call(self, mtype: XsType, payload: bytes, tx: int = 0) -> bytes:
+        """Send one request in transaction ``tx`` (0: none) and return
+        the payload of its reply; raise XenstoreError on XS_ERROR."""
+
+    def read(self, path: str, tx: int = 0) -> bytes:
+        return self._call(XsType.READ, join_strings(path), tx)
+
+    def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
+        if isinstance(value, str):
+            value = value.encode()
+        self._call(
+            XsType.WRITE, join_strings(path, value, terminate=False), tx
+        )
+
+    def mkdir(self, path: str, tx: int = 0) -> None:
+        self._call(XsType.MKDIR, join_strings(path), tx)
+
+    def rm(self, path: str, tx: int = 0) -> None:
+        self._call(XsType.RM, join_strings(path), tx)
+
+    def directory(self, path: str, tx: int = 0) -> list[str]:
+        return split_strings(
+            self._call(XsType.DIRECTORY, join_strings(path), tx)
+        )
+
+    def get_perms(self, path: str, tx: int = 0) -> list[tuple[str, int]]:
+        raw = self._call(XsType.GET_PERMS, join_strings(path), tx)
+        return list(letter_perms(decode_perms(split_strings(raw))))
+
+    def set_perms(
+        self, path: str, perms: list[tuple[str, int]], tx: int = 0
+    ) -> None:
+        bits = bit_perms(tuple(perms))
+        self._call(
+            XsType.SET_PERMS, join_strings(path) + encode_perms(bits), tx
+        )
+
+    def watch(self, path: str, token: str, depth: int | None = None) -> None:
+        args = [path, token] + ([] if depth is None else [str(depth)])
+        self._call(XsType.WATCH, join_strings(*args))
+
+    def unwatch(self, path: str, token: str) -> None:
+        self._call(XsType.UNWATCH, join_strings(path, token))
+
+    def transaction_start(self) -> int:
+        raw = self._call(XsType.TRANSACTION_START, b"\0")
+        return int(split_strings(raw)[0])
+
+    def transaction_end(self, tx: int, commit: bool = True) -> bool:
+        """End ``tx``; False when the commit met a conflict (EAGAIN) and
+        the caller should run the transaction again."""
+        try:
+            self._call(
+                XsType.TRANSACTION_END,
+                join_strings("T" if commit else "F"),
+                tx,
+            )
+        except XenstoreError as exc:
+            if exc.name == "EAGAIN":
+                return False
+            raise
+        return True
 
 
 # -- the ring page --------------------------------------------------------

@@ -14,30 +14,23 @@ import io
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.parse
 import uuid
 
-import kombu
 import pytest
-from oslo_config import cfg
 
 from nova_xen_ncm.cmd import main
 from nova_xen_ncm.cmd import watch
-from nova_xen_ncm.conf import progress as progress_conf
-from nova_xen_ncm.conf import xen_ncm as xen_ncm_conf
 from nova_xen_ncm.progress.bus import BusSink
 from nova_xen_ncm.progress.model import EventKind
 from nova_xen_ncm.progress.model import ProgressEvent
 from nova_xen_ncm.progress.terminal import Display
 from nova_xen_ncm.progress.tracker import envelope
 
-RABBIT_URL = os.environ.get(
-    "NOVA_XEN_NCM_RABBIT_URL", "rabbit://guest:guest@127.0.0.1:5672/"
-)
+from ...conftest import delete_queue
+
 # Bounds on the subprocess, so that a broken watch fails the test rather
 # than hanging it.
 READY_BOUND = 60.0
@@ -184,20 +177,6 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "nova_xen_ncm.cmd.main", "watch", *args]
 
 
-def broker_url() -> str:
-    parts = urllib.parse.urlsplit(RABBIT_URL)
-    try:
-        socket.create_connection(
-            (parts.hostname, parts.port or 5672), timeout=5
-        ).close()
-    except OSError as exc:
-        message = f"RabbitMQ is not reachable at {RABBIT_URL}: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return RABBIT_URL
-
-
 class Watcher:
     """``nova-xen-ncm watch`` running in a pool of its own."""
 
@@ -229,23 +208,7 @@ class Watcher:
             self.proc.kill()
             self.proc.wait()
         self.stderr.close()
-        amqp = urllib.parse.urlsplit(self.url)._replace(scheme="amqp")
-        with kombu.Connection(amqp.geturl()) as connection:
-            connection.default_channel.queue_delete(self.pool)
-
-
-@pytest.fixture
-def rabbit():
-    return broker_url()
-
-
-@pytest.fixture
-def sink_conf():
-    conf = cfg.ConfigOpts()
-    xen_ncm_conf.register_opts(conf)
-    progress_conf.register_opts(conf)
-    conf([])
-    return conf
+        delete_queue(self.url, self.pool)
 
 
 def publish(conf, url, migration_id, outcome):
@@ -292,10 +255,10 @@ def publish(conf, url, migration_id, outcome):
 
 
 @pytest.mark.integration
-def test_watch_shows_a_migration_from_the_bus(rabbit, sink_conf, tmp_path):
+def test_watch_shows_a_migration_from_the_bus(rabbit_url, sink_conf, tmp_path):
     migration_id = str(uuid.uuid4())
     watcher = Watcher(
-        rabbit,
+        rabbit_url,
         tmp_path,
         "--once",
         "--migration",
@@ -305,7 +268,7 @@ def test_watch_shows_a_migration_from_the_bus(rabbit, sink_conf, tmp_path):
     )
     try:
         watcher.wait_ready()
-        publish(sink_conf, rabbit, migration_id, "done")
+        publish(sink_conf, rabbit_url, migration_id, "done")
         status, lines = watcher.finish()
     finally:
         watcher.close()
@@ -329,10 +292,12 @@ def test_watch_shows_a_migration_from_the_bus(rabbit, sink_conf, tmp_path):
 
 
 @pytest.mark.integration
-def test_watch_once_exits_1_on_a_failed_migration(rabbit, sink_conf, tmp_path):
+def test_watch_once_exits_1_on_a_failed_migration(
+    rabbit_url, sink_conf, tmp_path
+):
     migration_id = str(uuid.uuid4())
     watcher = Watcher(
-        rabbit,
+        rabbit_url,
         tmp_path,
         "--once",
         "--migration",
@@ -342,7 +307,7 @@ def test_watch_once_exits_1_on_a_failed_migration(rabbit, sink_conf, tmp_path):
     )
     try:
         watcher.wait_ready()
-        publish(sink_conf, rabbit, migration_id, "failed")
+        publish(sink_conf, rabbit_url, migration_id, "failed")
         status, lines = watcher.finish()
     finally:
         watcher.close()
@@ -352,12 +317,14 @@ def test_watch_once_exits_1_on_a_failed_migration(rabbit, sink_conf, tmp_path):
 
 
 @pytest.mark.integration
-def test_watch_timeout_bounds_an_idle_watch(rabbit, tmp_path):
+def test_watch_timeout_bounds_an_idle_watch(rabbit_url, tmp_path):
     # Long enough to connect to a local broker even on a loaded machine.
     idle = "5"
-    plain = Watcher(rabbit, tmp_path, "--migration", "none", "--timeout", idle)
+    plain = Watcher(
+        rabbit_url, tmp_path, "--migration", "none", "--timeout", idle
+    )
     once = Watcher(
-        rabbit,
+        rabbit_url,
         tmp_path,
         "--once",
         "--migration",
@@ -379,8 +346,8 @@ def test_watch_timeout_bounds_an_idle_watch(rabbit, tmp_path):
 
 
 @pytest.mark.integration
-def test_watch_exits_on_ctrl_c(rabbit, tmp_path):
-    watcher = Watcher(rabbit, tmp_path)
+def test_watch_exits_on_ctrl_c(rabbit_url, tmp_path):
+    watcher = Watcher(rabbit_url, tmp_path)
     try:
         watcher.wait_ready()
         watcher.proc.send_signal(signal.SIGINT)
