@@ -12,9 +12,11 @@ terminal phase; ``wait`` returns it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from collections.abc import Iterable
 
 from oslo_config import cfg
+from oslo_log import log as logging
 
 from nova_xen_ncm.engine import policy as policies
 from nova_xen_ncm.engine import protocol
@@ -25,17 +27,29 @@ from nova_xen_ncm.engine.stats import MigrationStats
 from nova_xen_ncm.host import base
 from nova_xen_ncm.progress.model import ProgressSink
 
+LOG = logging.getLogger(__name__)
+
 
 class _Runner:
-    """A migration side run in a daemon thread."""
+    """A migration side run in a daemon thread.
 
-    def __init__(self, name: str, target) -> None:
+    A side ends in a terminal phase even when it fails; an exception
+    escaping it is a defect, which :meth:`wait` re-raises in the
+    caller's thread rather than reporting an unfinished migration.
+    """
+
+    def __init__(self, name: str, target: Callable[[], Phase]) -> None:
         self._result: Phase | None = None
+        self._error: BaseException | None = None
         self._done = threading.Event()
 
         def run() -> None:
             try:
                 self._result = target()
+            except BaseException as exc:
+                # Logged here too: nobody may be waiting.
+                LOG.exception("Migration thread %s failed", name)
+                self._error = exc
             finally:
                 self._done.set()
 
@@ -47,6 +61,8 @@ class _Runner:
     def wait(self, timeout: float | None = None) -> Phase | None:
         """The final phase, or None if not finished within ``timeout``."""
         self._done.wait(timeout)
+        if self._error is not None:
+            raise self._error
         return self._result
 
 
@@ -86,6 +102,18 @@ class IncomingMigration:
 
     def wait(self, timeout: float | None = None) -> Phase | None:
         return self._runner.wait(timeout)
+
+    def cancel(self) -> bool:
+        """Stop waiting for a source that has not connected; False once
+        one has (from then on the source decides, and rolls back both
+        ends on failure)."""
+        if (
+            self.receiver.state.phase != Phase.SETUP
+            or self.receiver.connected
+        ):
+            return False
+        self.receiver.listener.close()
+        return True
 
 
 class OutgoingMigration:

@@ -226,6 +226,9 @@ class Setup(Message):
     vcpus: int
     pv_drivers: bool
     required: tuple[str, ...]
+    #: Whether the guest ran on the source: a paused guest stays paused
+    #: on the destination after COMMIT.
+    running: bool = True
 
     def validate(self) -> None:
         # DOMID_FIRST_RESERVED (xen/include/public/xen.h) and above are

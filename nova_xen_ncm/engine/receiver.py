@@ -274,6 +274,8 @@ class Receiver:
         self.error: BaseException | None = None
         self._channel: Channel | None = None
         self._created = False
+        # SETUP's word on whether the guest ran on the source.
+        self._running = True
         self._ready_sent = False
         self._source_knows = False
         # Highest data frame applied: where a resumed channel goes on.
@@ -284,6 +286,11 @@ class Receiver:
     @property
     def address(self) -> tuple[str, int]:
         return self.listener.address
+
+    @property
+    def connected(self) -> bool:
+        """Whether a source has completed the handshake."""
+        return self._channel is not None
 
     def run(self) -> Phase:
         try:
@@ -373,6 +380,7 @@ class Receiver:
             raise
         self._created = True
         self.domid = setup.domid
+        self._running = setup.running
         self._channel.send(
             protocol.SetupReply(
                 accepted=True, domid=setup.domid, code="", text=""
@@ -518,7 +526,8 @@ class Receiver:
 
     def _commit(self) -> None:
         try:
-            self.host.unpause(self.domid)
+            if self._running:
+                self.host.unpause(self.domid)
         except base.HostError as exc:
             self.error = exc
             LOG.error(

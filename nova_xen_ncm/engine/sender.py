@@ -137,20 +137,25 @@ class GuestStream:
         for batch in base.iter_batches(pfns, self.batch_pages):
             with self.host.map_pages(self.domid, batch) as mapping:
                 pages = mapping.pages
+                # One copy of the batch, tested for zero pages at once: a
+                # test per page costs more than the copy.
+                snapshot = memoryview(b"".join(pages))
                 if copy:
-                    snapshot = memoryview(b"".join(pages))
                     pages = [
                         snapshot[i : i + base.PAGE_SIZE]
                         for i in range(0, len(snapshot), base.PAGE_SIZE)
                     ]
-                types = np.empty(len(batch), dtype=np.uint8)
-                data = []
-                for i, page in enumerate(pages):
-                    if np.frombuffer(page, dtype=np.uint64).any():
-                        types[i] = _DATA_TYPE
-                        data.append(page)
-                    else:
-                        types[i] = _ZERO_TYPE
+                nonzero = (
+                    np.frombuffer(snapshot, dtype=np.uint64)
+                    .reshape(len(batch), -1)
+                    .any(axis=1)
+                )
+                types = np.where(nonzero, _DATA_TYPE, _ZERO_TYPE).astype(
+                    np.uint8
+                )
+                data = [
+                    p for p, keep in zip(pages, nonzero, strict=True) if keep
+                ]
                 yield PageBatch(
                     buffers=self.encoder.page_data(batch, types, data),
                     pages=len(batch),
@@ -267,6 +272,9 @@ class Sender:
             migration_id, self.info.memory_bytes, clock=clock
         )
         self.stream = GuestStream(host, domid)
+        # A paused guest is migrated paused and stays so: SETUP tells the
+        # destination not to unpause it on COMMIT.
+        self._running = True
         self.timeout = policies.completion_timeout(
             self.info.memory_bytes, self.opts.completion_timeout_per_gib
         )
@@ -320,8 +328,8 @@ class Sender:
         return self.state.phase
 
     def _setup(self) -> None:
-        info = self.info
         self._check_source()
+        info = self.info
         budget = retry.RetryBudget.from_conf(self.conf, retry.Step.CONNECT)
         self._channel = retry.call(
             self._connect,
@@ -343,6 +351,7 @@ class Sender:
                 vcpus=info.vcpus,
                 pv_drivers=info.pv_drivers,
                 required=tuple(i.value for i in needed_items(info.pv_drivers)),
+                running=self._running,
             )
         )
         reply = _expect(self._channel.receive(), protocol.SetupReply)
@@ -352,18 +361,24 @@ class Sender:
             raise ProtocolError(
                 f"destination reserved domid {reply.domid}, not {self.domid}"
             )
+        # The destination holds an empty domain now: a cancel rolls it
+        # back before any page moves.
+        self._check_cancel()
         self.state.transition(
             Phase.SETUP, Phase.PRECOPY, detail={"domid": self.domid}
         )
 
     def _check_source(self) -> None:
         """Refuse here what cannot work whatever the destination."""
-        if self.info.state != base.DomainState.RUNNING:
-            # The destination unpauses on COMMIT; a guest paused here
-            # would start running there.
+        self.info = self.host.domain_info(self.domid)
+        self._running = self.info.state == base.DomainState.RUNNING
+        if self.info.state not in (
+            base.DomainState.RUNNING,
+            base.DomainState.PAUSED,
+        ):
             raise EngineError(
                 f"domain {self.domid} is {self.info.state.value}: live "
-                "migration moves running guests"
+                "migration moves running or paused guests"
             )
         if not self.host.capabilities().log_dirty:
             raise EngineError(
@@ -481,9 +496,11 @@ class Sender:
         self.state.transition(
             Phase.PRECOPY, Phase.STOP_AND_COPY, reason=decision.reason
         )
-        self.host.pause(self.domid)
-        self._paused = True
-        self.stats.paused()
+        if self._running:
+            self.host.pause(self.domid)
+            # Only what was paused here is unpaused on rollback.
+            self._paused = True
+            self.stats.paused()
         self._deadline = self._clock() + self.opts.downtime_budget
         if self.info.pv_drivers:
             self.host.quiesce_backends(self.domid)

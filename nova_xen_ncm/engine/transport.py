@@ -13,8 +13,10 @@ does not.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import select
 import socket
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -133,6 +135,10 @@ class Listener:
         return sock
 
     def close(self) -> None:
+        # shutdown wakes a thread blocked in accept(); close alone does
+        # not on Linux.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
     def __enter__(self) -> Listener:
@@ -221,7 +227,14 @@ class Channel:
         i = 0
         try:
             while i < len(views):
-                sent = self.sock.sendmsg(views[i : i + IOV_MAX])
+                try:
+                    sent = self.sock.sendmsg(views[i : i + IOV_MAX])
+                except BlockingIOError:
+                    # eventlet's green socket (Nova's compute service)
+                    # passes sendmsg straight to the non-blocking socket
+                    # underneath; wait for room as a blocking socket would.
+                    self._wait_writable()
+                    continue
                 while sent:
                     if sent >= views[i].nbytes:
                         sent -= views[i].nbytes
@@ -232,6 +245,13 @@ class Channel:
         except OSError as exc:
             raise TransportError(f"send failed: {exc}") from exc
         return total
+
+    def _wait_writable(self) -> None:
+        _, ready, _ = select.select([], [self.sock], [], self.io_timeout)
+        if not ready:
+            raise TransportError(
+                f"send timed out after {self.io_timeout}s"
+            )
 
     def send(self, msg: protocol.Message) -> None:
         self.send_buffers(self.connection.send(msg))

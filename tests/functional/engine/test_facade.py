@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 import uuid
 
+import pytest
+
+from nova_xen_ncm.engine import migration
 from nova_xen_ncm.engine import policy
 from nova_xen_ncm.engine.migration import IncomingMigration
 from nova_xen_ncm.engine.migration import OutgoingMigration
@@ -67,3 +70,23 @@ def test_cancel_from_the_orchestrator(conf, source, destination):
     assert incoming.wait() is Phase.CANCELLED
     assert source.domain_info(domid).state == base.DomainState.RUNNING
     assert destination.list_domains() == []
+
+
+def test_cancel_an_incoming_migration_nobody_connected_to(
+    conf, destination
+):
+    incoming = IncomingMigration(destination, str(uuid.uuid4()), conf=conf)
+    incoming.start()
+    assert incoming.cancel() is True
+    assert incoming.wait(20.0) in (Phase.FAILED, Phase.CANCELLED)
+    assert destination.list_domains() == []
+
+
+def test_a_defect_in_a_side_is_raised_by_wait():
+    def broken() -> Phase:
+        raise RuntimeError("defect")
+
+    runner = migration._Runner("broken", broken)
+    runner.start()
+    with pytest.raises(RuntimeError, match="defect"):
+        runner.wait(20.0)

@@ -1,6 +1,7 @@
 """The sans-I/O protocol: two Connection objects driven against each
 other in memory (h11's testing model)."""
 
+import dataclasses
 import json
 import os
 import struct
@@ -142,6 +143,7 @@ SETUP = p.Setup(
 )
 FROM_CLIENT = [
     SETUP,
+    dataclasses.replace(SETUP, running=False),
     p.Commit(),
     p.Query(),
     p.Abort(reason="operator"),
@@ -621,3 +623,12 @@ def test_lz4_only_when_negotiated():
     server.receive_data(forged_data(client, 1, packed, flags=p.FLAG_LZ4))
     with pytest.raises(ProtocolError, match="not negotiated"):
         server.next_event()
+
+
+def test_setup_says_whether_the_guest_runs():
+    paused = dataclasses.replace(SETUP, running=False)
+    payload = p.encode_message(paused)
+    assert p.decode_message(p.MessageType.SETUP, payload).running is False
+    assert SETUP.running is True
+    with pytest.raises(ProtocolError, match="running must be bool"):
+        p.decode_message(p.MessageType.SETUP, payload.replace(b"false", b"0"))

@@ -3,6 +3,8 @@ domains (no guest process runs)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from oslo_config import cfg
@@ -164,17 +166,28 @@ def test_cancel_and_force_complete_are_refused_after_commit(conf, host):
     assert sender.force_complete() is False
 
 
-def test_paused_guest_is_refused_before_connecting(conf, host):
-    # Nothing listens at the endpoint: the refusal comes first.
+def test_paused_guest_is_not_unpaused_by_rollback(conf, host):
+    # A paused guest may migrate; nothing listens at the endpoint, so the
+    # migration fails in SETUP and the guest is left as it was.
     sender = make_sender(conf, host)
     assert sender.run() is Phase.FAILED
-    assert "paused" in str(sender.error)
+    assert "connect to" in str(sender.error)
     assert [p for p, _ in sender.state.history()] == [
         Phase.SETUP,
         Phase.ROLLBACK,
         Phase.FAILED,
     ]
     assert host.domain_info(DOMID).state == base.DomainState.PAUSED
+
+
+def test_crashed_guest_is_refused_before_connecting(conf, host, monkeypatch):
+    info = host.domain_info(DOMID)
+    crashed = dataclasses.replace(info, state=base.DomainState.CRASHED)
+    monkeypatch.setattr(host, "domain_info", lambda domid: crashed)
+    sender = make_sender(conf, host)
+    assert sender.run() is Phase.FAILED
+    assert "crashed" in str(sender.error)
+    assert "connect to" not in str(sender.error)
 
 
 class Recorder:

@@ -98,6 +98,28 @@ def test_vectored_send_and_recv_into_deliver_exact_bytes():
     assert bytes(target) == expected
 
 
+def test_send_waits_for_room_on_a_non_blocking_socket():
+    # eventlet's green socket hands sendmsg to a non-blocking socket:
+    # a batch bigger than the socket buffer must wait, not fail.
+    client, server = pair()
+    client.sock.setblocking(False)
+    data = bytes(range(256)) * (16 << 12)
+    target = memoryview(bytearray(len(data)))
+    reader = Background(server.recv_into_exact, target)
+    assert client.send_buffers([data]) == len(data)
+    reader.result()
+    assert bytes(target) == data
+
+
+def test_send_times_out_when_the_peer_never_reads():
+    client, server = pair()
+    client.sock.setblocking(False)
+    client.io_timeout = 0.2
+    with pytest.raises(TransportError, match="send timed out"):
+        client.send_buffers([bytes(64 << 20)])
+    server.sock.close()
+
+
 def test_recv_into_exact_reports_early_close():
     client, server = pair()
     client.send_buffers([b"abc"])

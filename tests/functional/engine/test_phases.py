@@ -1,0 +1,299 @@
+"""Each phase of a migration between two simulated hosts, ended every way
+an orchestrator or the policy can end it: the guest is always on exactly
+one host afterwards."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from nova_xen_ncm.engine import policy
+from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host import checker
+
+from .conftest import DEVICES
+from .conftest import MiB
+from .conftest import guest_config
+
+
+def never_stop(stats):
+    """Precopy forever: only cancel, force-complete or a timeout end it."""
+    return policy.Decision(policy.Action.CONTINUE)
+
+
+def state_of(host, domid):
+    try:
+        return host.domain_info(domid).state
+    except base.DomainNotFound:
+        return None
+
+
+def assert_only_on(host, other, domid, state=base.DomainState.RUNNING):
+    assert state_of(host, domid) == state
+    assert state_of(other, domid) is None
+
+
+def snapshots(source, destination, domid):
+    """Hooks keeping the source's guest state at pause and the
+    destination's before it runs, for the transparency checker."""
+    seen = {}
+
+    def at_source_restore(event):
+        seen["paused"] = source.guest_state(domid)
+
+    def at_destination_commit(event):
+        seen["resumed"] = destination.guest_state(domid)
+
+    return (
+        seen,
+        {("state", "restore"): at_source_restore},
+        {("state", "commit"): at_destination_commit},
+    )
+
+
+def test_downtime_policy_completes_transparently(
+    conf, source, destination, migration
+):
+    # xen-simple: test_migration.test_completed_migration_is_transparent.
+    conf.set_override("precopy_policy", "downtime", group="xen_ncm")
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    seen, src_hooks, dst_hooks = snapshots(source, destination, domid)
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks=src_hooks,
+        destination_hooks=dst_hooks,
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    report = checker.check(seen["paused"], seen["resumed"])
+    assert report.passed, str(report)
+    assert_only_on(destination, source, domid)
+    assert m.sender.stats.to_dict()["actual_downtime"] is not None
+
+
+def test_paused_guest_stays_paused(source, destination, migration):
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    source.pause(domid)
+    seen, src_hooks, dst_hooks = snapshots(source, destination, domid)
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks=src_hooks,
+        destination_hooks=dst_hooks,
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    assert m.receiver.state.phase is Phase.DONE, m.receiver.error
+    report = checker.check(seen["paused"], seen["resumed"])
+    assert report.passed, str(report)
+    # Committed, not unpaused: the guest is where it was, as it was.
+    assert_only_on(destination, source, domid, base.DomainState.PAUSED)
+    destination.unpause(domid)
+    assert state_of(destination, domid) == base.DomainState.RUNNING
+
+
+def test_cancel_in_setup(source, destination, migration, monkeypatch):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    created = []
+    create = destination.create_empty_domain
+
+    def create_then_cancel(config, domid):
+        # The destination reserved the domain; the orchestrator cancels.
+        create(config, domid)
+        created.append(m.sender.cancel())
+
+    monkeypatch.setattr(destination, "create_empty_domain", create_then_cancel)
+    assert m.run() is Phase.CANCELLED
+    assert created == [True]
+    assert m.receiver.state.phase is Phase.CANCELLED
+    assert "precopy" not in m.source_events.phases()
+    assert_only_on(source, destination, domid)
+
+
+def test_cancel_in_stop_and_copy(source, destination, migration):
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    accepted = []
+    m = migration(source, domid, destination)
+    m.source_events.hooks[("state", "stop_and_copy")] = lambda e: (
+        accepted.append(m.sender.cancel())
+    )
+    assert m.run() is Phase.CANCELLED
+    assert accepted == [True]
+    assert m.receiver.state.phase is Phase.CANCELLED
+    assert m.source_events.phases()[-3:] == [
+        "stop_and_copy",
+        "rollback",
+        "cancelled",
+    ]
+    # Paused for stop-and-copy, running again after the rollback.
+    assert m.sender.stats.actual_downtime is not None
+    assert_only_on(source, destination, domid)
+
+
+def test_cancel_in_restore(source, destination, migration):
+    domid = source.create_domain(guest_config())
+    accepted = []
+    m = migration(source, domid, destination)
+    m.source_events.hooks[("state", "restore")] = lambda e: accepted.append(
+        m.sender.cancel()
+    )
+    assert m.run() is Phase.CANCELLED
+    assert accepted == [True]
+    assert m.receiver.state.phase is Phase.CANCELLED
+    assert "commit" not in m.source_events.phases()
+    assert_only_on(source, destination, domid)
+
+
+def test_cancel_after_commit_is_refused(source, destination, migration):
+    domid = source.create_domain(guest_config())
+    accepted = []
+    m = migration(source, domid, destination)
+    m.source_events.hooks[("state", "commit")] = lambda e: accepted.append(
+        m.sender.cancel()
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    assert accepted == [False]
+    assert_only_on(destination, source, domid)
+
+
+@pytest.mark.parametrize(
+    "action, outcome",
+    [("abort", Phase.CANCELLED), ("force_complete", Phase.DONE)],
+)
+def test_completion_timeout(
+    conf, source, destination, migration, action, outcome
+):
+    conf.set_override("completion_timeout_per_gib", 1, group="xen_ncm")
+    conf.set_override("completion_timeout_action", action, group="xen_ncm")
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination, policy=never_stop)
+    # At least 2 GiB are counted, as by Nova.
+    assert m.sender.timeout == 2.0
+    # Shortened so that it expires in the first round.
+    m.sender.timeout = 1e-3
+    assert m.run() is outcome, m.sender.error
+    assert len(m.sender.stats.rounds) == 1
+    if outcome is Phase.DONE:
+        assert "completion timeout" in m.sender.state.reason(
+            Phase.STOP_AND_COPY
+        )
+        assert_only_on(destination, source, domid)
+    else:
+        assert "completion timeout" in str(m.sender.error)
+        assert m.receiver.state.phase is Phase.CANCELLED
+        assert_only_on(source, destination, domid)
+
+
+def test_dropped_connection_resumes_without_resending_rounds(
+    source, destination, migration, monkeypatch
+):
+    domid = source.create_domain(guest_config())
+
+    def three_rounds(stats):
+        if stats.iteration >= 3:
+            return policy.Decision(policy.Action.STOP_AND_COPY, reason="3")
+        return policy.Decision(policy.Action.CONTINUE)
+
+    m = migration(source, domid, destination, policy=three_rounds)
+    source_pfns = source.populated_pfns(domid)
+    applied = []
+
+    def drop_after_round_0(event):
+        if event.detail["round"] == 0:
+            # Round 0 was acknowledged (end-of-round flush); then the
+            # network breaks.
+            applied.append(m.sender._acked)
+            m.sender._channel.sock.shutdown(socket.SHUT_RDWR)
+
+    received = []
+    populate = destination.populate
+
+    def count(domid, pfns):
+        # The destination's restorer populates every page batch it gets.
+        received.append(len(pfns))
+        populate(domid, pfns)
+
+    monkeypatch.setattr(destination, "populate", count)
+    m.source_events.hooks[("round", "precopy")] = drop_after_round_0
+    assert m.run() is Phase.DONE, m.sender.error
+    assert m.sender.stats.retries == 1
+    rounds = m.sender.stats.rounds
+    assert len(rounds) == 3
+    first = rounds[0].pages_sent + rounds[0].zero_pages
+    assert first == len(source_pfns)
+    # Round 0 arrived once; after it only dirtied pages.
+    assert first < sum(received) < 2 * first
+    # The resumed connection went on after the acknowledged frames.
+    assert applied and applied[0] > 0
+    assert_only_on(destination, source, domid)
+
+
+def test_downtime_policy_throttles_a_fast_dirtying_guest(
+    conf, source, destination, migration, monkeypatch
+):
+    for name, value in {
+        "precopy_policy": "downtime",
+        "downtime_target": 0.01,
+        "throttle_trigger_ratio": 0.01,
+        "throttle_trigger_rounds": 1,
+        "throttle_step": 0.3,
+        "max_rounds": 6,
+    }.items():
+        conf.set_override(name, value, group="xen_ncm")
+    domid = source.create_domain(
+        guest_config(dirty_rate=256 * MiB, hot_fraction=1.0)
+    )
+    applied = []
+    throttle = source.set_vcpu_throttle
+
+    def record(domid, fraction):
+        applied.append(fraction)
+        throttle(domid, fraction)
+
+    monkeypatch.setattr(source, "set_vcpu_throttle", record)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert applied, "the guest was never throttled"
+    assert applied == sorted(applied, reverse=True)
+    assert all(0 < f < 1 for f in applied)
+    assert m.sender.stats.throttle == applied[-1]
+    rounds = [e for e in m.source_events.events if e.kind.value == "round"]
+    assert len(rounds) >= 2
+    assert_only_on(destination, source, domid)
+
+
+def test_rollback_lifts_the_throttle(
+    conf, source, destination, migration, monkeypatch
+):
+    for name, value in {
+        "precopy_policy": "downtime",
+        "downtime_target": 0.01,
+        "throttle_trigger_ratio": 0.01,
+        "throttle_trigger_rounds": 1,
+    }.items():
+        conf.set_override(name, value, group="xen_ncm")
+    domid = source.create_domain(guest_config(dirty_rate=256 * MiB))
+    applied = []
+    throttle = source.set_vcpu_throttle
+
+    def record(domid, fraction):
+        applied.append(fraction)
+        throttle(domid, fraction)
+
+    monkeypatch.setattr(source, "set_vcpu_throttle", record)
+    m = migration(source, domid, destination)
+
+    def cancel_once_throttled(event):
+        if applied and applied[-1] < 1:
+            m.sender.cancel()
+
+    m.source_events.hooks[("round", "precopy")] = cancel_once_throttled
+    assert m.run() is Phase.CANCELLED
+    assert applied[0] < 1
+    assert applied[-1] == 1.0
+    assert m.sender.stats.throttle == 1.0
+    assert_only_on(source, destination, domid)
