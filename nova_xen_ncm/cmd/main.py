@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from nova_xen_ncm.cmd import CommandError
 
 # Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = ("nova_xen_ncm.cmd.inspect", "nova_xen_ncm.cmd.watch")
+SUBCOMMANDS = (
+    "nova_xen_ncm.cmd.demo",
+    "nova_xen_ncm.cmd.migrate",
+    "nova_xen_ncm.cmd.save",
+    "nova_xen_ncm.cmd.inspect",
+    "nova_xen_ncm.cmd.watch",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

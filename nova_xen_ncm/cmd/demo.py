@@ -1,0 +1,933 @@
+"""``nova-xen-ncm demo``: a live migration between two simulated hosts.
+
+Each simulated host runs in its own process (multiprocessing, spawn),
+driven from this one over a pipe by :func:`host_agent`: the source boots
+a guest with two vifs, a vbd and a memory workload, the destination
+listens on loopback, and the guest migrates live while a progress bar
+runs. The transparency checker then compares the guest-visible state the
+source had at pause with the destination's at resume, item by item
+(ARCHITECTURE.md section 2). With ``--save`` the guest is saved to a file
+instead and restored on the second host, and the same items are checked.
+
+The exit status is 0 only when the migration (or save and restore)
+completed and every item passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import types
+import uuid
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+from oslo_config import cfg
+
+from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.engine import policy as policies
+from nova_xen_ncm.host import base
+from nova_xen_ncm.progress.model import EventKind
+from nova_xen_ncm.progress.model import ProgressEvent
+from nova_xen_ncm.progress.model import ProgressSink
+
+MiB = 1 << 20
+DEFAULT_MEMORY = "256M"
+DEFAULT_DIRTY_RATE = "8M"
+HOST_DRIVER = "sim"
+# How long the loopback bandwidth is measured for a fractional dirty rate.
+MEASURE_SECONDS = 0.25
+# Room on each simulated host beyond the guest (special pages, slack).
+HOST_HEADROOM = 64 * MiB
+GUEST_NAME = "demo-guest"
+# xenbus state Connected (xen/include/public/io/xenbus.h).
+XENBUS_CONNECTED = 4
+BOOT_TIMEOUT = 60.0
+BOOT_POLL = 0.1
+GUEST_DEVICES = (
+    base.DeviceConfig("vif", 0, mac="00:16:3e:5e:00:01"),
+    base.DeviceConfig("vif", 1, mac="00:16:3e:5e:00:02"),
+    base.DeviceConfig("vbd", 51712, disk_bytes=1 * MiB),
+)
+IO_NOTE = (
+    "the checker compares the state at pause with the state at resume; "
+    "it does not follow the guest's PV I/O after resume, because each "
+    "simulated host keeps its vbd's disk in its own process (the hosts "
+    "share no storage)"
+)
+PAUSED_NOTE = (
+    "the guest was paused after it booted and migrated paused: it "
+    "neither runs nor writes during the migration and stays paused on "
+    "the destination, so there is no downtime to measure"
+)
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+
+
+# -- option values ----------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``512M``, ``2G``, ``1.5GiB``, ``65536``; binary units."""
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: give a number with an optional "
+            "unit K, M, G or T (binary, e.g. 512M or 2G)"
+        )
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole byte")
+    return int(value)
+
+
+def parse_memory(text: str) -> int:
+    """A guest's memory: a positive whole number of MiB."""
+    size = parse_size(text)
+    if size <= 0 or size % MiB:
+        raise argparse.ArgumentTypeError(
+            f"guest memory {text!r} must be a positive whole number of "
+            "MiB (e.g. 64M, 512M, 2G)"
+        )
+    return size
+
+
+@dataclasses.dataclass(frozen=True)
+class DirtyRate:
+    """``--dirty-rate``: bytes per second, or a share of the bandwidth."""
+
+    bytes_per_second: int | None = None
+    fraction: float | None = None
+
+    def resolve(self, measure: Callable[[], float]) -> tuple[int, str]:
+        """Bytes per second and how they were found."""
+        if self.fraction is None:
+            return int(self.bytes_per_second or 0), "given"
+        bandwidth = measure()
+        return (
+            int(self.fraction * bandwidth),
+            f"{self.fraction:g} x loopback bandwidth "
+            f"{bandwidth / MiB:.0f} MiB/s measured over "
+            f"{MEASURE_SECONDS:g} s",
+        )
+
+
+def parse_dirty_rate(text: str) -> DirtyRate:
+    """A plain number from 0 to 1 is a fraction of the bandwidth; a
+    number with a unit, or above 1, is bytes per second."""
+    match = _SIZE_RE.match(text)
+    if match is not None and not match.group(2):
+        value = float(match.group(1))
+        if value <= 1:
+            return DirtyRate(fraction=value)
+    try:
+        return DirtyRate(bytes_per_second=parse_size(text))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dirty rate: give bytes per second (64M) "
+            "or a fraction of the loopback bandwidth (0.5)"
+        ) from None
+
+
+def parse_channels(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError(
+            f"channels must be a whole number from 1 to 16, got {text!r}"
+        )
+    return value
+
+
+def parse_downtime_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 10 <= value <= 60000:
+        raise argparse.ArgumentTypeError(
+            f"downtime must be 10 to 60000 milliseconds, got {text!r}"
+        )
+    return value
+
+
+def measure_loopback_bandwidth(seconds: float = MEASURE_SECONDS) -> float:
+    """Bytes per second one TCP connection carries over loopback."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received = [0]
+
+    def drain(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(1 << 20):
+                received[0] += len(data)
+
+    client = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()
+    listener.close()
+    reader = threading.Thread(target=drain, args=(conn,), daemon=True)
+    reader.start()
+    chunk = bytes(1 << 20)
+    start = time.monotonic()
+    with client:
+        while time.monotonic() - start < seconds:
+            client.sendall(chunk)
+        client.shutdown(socket.SHUT_WR)
+        reader.join()
+    return received[0] / (time.monotonic() - start)
+
+
+# -- the host process -------------------------------------------------------
+
+
+def make_conf(
+    config_files: list[str], overrides: Mapping[str, Mapping[str, Any]]
+) -> cfg.ConfigOpts:
+    """A private ConfigOpts: the command's config files, then
+    ``{group: {option: value}}`` on top."""
+    from nova_xen_ncm.conf import register_opts
+
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    conf([], project="nova-xen-ncm", default_config_files=config_files)
+    for group, values in overrides.items():
+        for name, value in values.items():
+            conf.set_override(name, value, group=group)
+    return conf
+
+
+class _Snapshot:
+    """A progress sink that takes the guest's visible state when the
+    migration enters ``phase`` (the source at restore: paused as it last
+    ran; the destination at commit: restored, not yet running)."""
+
+    def __init__(self, host: base.HostDriver, domid: int, phase: str) -> None:
+        self.host = host
+        self.domid = domid
+        self.phase = phase
+        self.state: base.GuestState | None = None
+        self.seconds = 0.0
+
+    def emit(self, event: ProgressEvent) -> None:
+        if event.kind is EventKind.STATE and event.phase == self.phase:
+            start = time.monotonic()
+            self.state = self.host.guest_state(self.domid)
+            self.seconds = time.monotonic() - start
+
+
+class _PipeSink:
+    """Forwards progress events to the controlling process."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def emit(self, event: ProgressEvent) -> None:
+        self.conn.send(("event", event.to_dict()))
+
+
+def event_from_dict(data: Mapping[str, Any]) -> ProgressEvent:
+    """The inverse of ProgressEvent.to_dict (events cross the pipe as
+    dicts: their detail is a read-only mapping, which cannot pickle)."""
+    return ProgressEvent(
+        migration_id=data["migration_id"],
+        kind=EventKind(data["kind"]),
+        phase=data["phase"],
+        timestamp=data["timestamp"],
+        role=data["role"],
+        previous=data["previous"],
+        reason=data["reason"],
+        memory_total=data["memory_total"],
+        memory_processed=data["memory_processed"],
+        memory_remaining=data["memory_remaining"],
+        detail=types.MappingProxyType(dict(data["detail"])),
+    )
+
+
+class _Agent:
+    """The commands a host process serves; each returns a picklable
+    value."""
+
+    def __init__(
+        self, conn: Any, hostname: str, config_files: list, overrides: dict
+    ) -> None:
+        from nova_xen_ncm.host import factory
+
+        self.conn = conn
+        self.conf = make_conf(config_files, overrides)
+        self.host = factory.load_host_driver(HOST_DRIVER, hostname, self.conf)
+        self.incoming: Any = None
+        self.snapshot: _Snapshot | None = None
+
+    def create(self, config: base.DomainConfig) -> int:
+        domid = self.host.create_domain(config)
+        if config.devices:
+            self._await_devices(domid, len(config.devices))
+        return domid
+
+    def _await_devices(self, domid: int, count: int) -> None:
+        """Wait until the guest's frontends are connected: its OS brings
+        them up after boot, and a demo moves a guest in service."""
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while True:
+            frontends = self.host.guest_state(domid).frontends
+            connected = [
+                key
+                for key, seen in frontends.items()
+                if seen.get("state") == XENBUS_CONNECTED
+            ]
+            if len(connected) == count:
+                return
+            if time.monotonic() > deadline:
+                raise base.HostError(
+                    f"{len(connected)} of the guest's {count} PV devices "
+                    f"connected within {BOOT_TIMEOUT:g} s",
+                    call="create",
+                )
+            time.sleep(BOOT_POLL)
+
+    def pause(self, domid: int) -> None:
+        self.host.pause(domid)
+
+    def listen(self, migration_id: str, domid: int) -> tuple:
+        from nova_xen_ncm.engine.migration import IncomingMigration
+
+        self.snapshot = _Snapshot(self.host, domid, "commit")
+        self.incoming = IncomingMigration(
+            self.host,
+            migration_id,
+            conf=self.conf,
+            sinks=[self.snapshot],
+            advertise="127.0.0.1",
+        )
+        self.incoming.start()
+        return self.incoming.token, self.incoming.endpoint
+
+    def send(
+        self, domid: int, endpoint: tuple, migration_id: str, token: bytes
+    ) -> dict:
+        from nova_xen_ncm.engine.sender import Sender
+
+        snapshot = _Snapshot(self.host, domid, "restore")
+        sender = Sender(
+            self.host,
+            domid,
+            tuple(endpoint),
+            migration_id,
+            token,
+            conf=self.conf,
+            sinks=[snapshot, _PipeSink(self.conn)],
+        )
+        phase = sender.run()
+        return {
+            "phase": phase.value,
+            "error": _error_text(sender.error),
+            "stats": sender.stats.to_dict(),
+            "state": snapshot.state,
+            "snapshot_seconds": snapshot.seconds,
+            "domains": [d.domid for d in self.host.list_domains()],
+        }
+
+    def wait_incoming(self) -> dict:
+        phase = self.incoming.wait()
+        receiver = self.incoming.receiver
+        return {
+            "phase": phase.value if phase is not None else None,
+            "error": _error_text(receiver.error),
+            "state": self.snapshot.state,
+            "snapshot_seconds": self.snapshot.seconds,
+            "domains": [
+                (d.domid, d.state.value) for d in self.host.list_domains()
+            ],
+        }
+
+    def save(self, domid: int, path: str, xen_compatible: bool) -> dict:
+        from nova_xen_ncm.engine import savefile
+
+        # Paused and with its backends quiet, the guest stays as the
+        # snapshot shows it until save has written it (save quiesces
+        # again, harmlessly, and resumes the backends when done: after
+        # that they may answer requests, so the snapshot is taken now).
+        info = self.host.domain_info(domid)
+        if info.state == base.DomainState.RUNNING:
+            self.host.pause(domid)
+        if info.pv_drivers:
+            self.host.quiesce_backends(domid)
+        state = self.host.guest_state(domid)
+        start = time.monotonic()
+        savefile.save_to_path(
+            self.host, domid, path, xen_compatible=xen_compatible
+        )
+        seconds = time.monotonic() - start
+        self.host.destroy_domain(domid)
+        return {"seconds": seconds, "state": state}
+
+    def restore(self, path: str, unpause: bool) -> dict:
+        from nova_xen_ncm.engine import savefile
+
+        start = time.monotonic()
+        domid = savefile.restore_from_path(self.host, path, unpause=False)
+        seconds = time.monotonic() - start
+        # Restored, not running yet: what the guest will resume with.
+        state = self.host.guest_state(domid)
+        if unpause:
+            self.host.unpause(domid)
+        return {"seconds": seconds, "state": state, "domid": domid}
+
+
+AGENT_COMMANDS = frozenset(
+    {"create", "pause", "listen", "send", "wait_incoming", "save", "restore"}
+)
+
+
+def _error_text(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    return f"{type(error).__name__}: {error}"
+
+
+def host_agent(
+    conn: Any, hostname: str, config_files: list, overrides: dict
+) -> None:
+    """Entry point of a host process: serves ``(command, args)`` from
+    ``conn`` and answers ``("ok", value)`` or ``("error", text)``."""
+    try:
+        agent = _Agent(conn, hostname, config_files, overrides)
+    except Exception as exc:
+        conn.send(("error", _error_text(exc)))
+        return
+    conn.send(("ok", hostname))
+    try:
+        while True:
+            try:
+                command, args = conn.recv()
+            except EOFError:
+                return
+            if command == "close":
+                conn.send(("ok", None))
+                return
+            if command not in AGENT_COMMANDS:
+                conn.send(("error", f"unknown command {command!r}"))
+                continue
+            try:
+                conn.send(("ok", getattr(agent, command)(*args)))
+            except Exception as exc:
+                conn.send(("error", _error_text(exc)))
+    finally:
+        agent.host.close()
+
+
+class HostProcess:
+    """A simulated host in a child process, called like an object."""
+
+    def __init__(
+        self, hostname: str, config_files: list[str], overrides: dict
+    ) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.hostname = hostname
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=host_agent,
+            args=(child, hostname, config_files, overrides),
+            name=f"nova-xen-ncm-{hostname}",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        self.on_event: Callable[[Mapping[str, Any]], None] = lambda e: None
+        self._answer()
+
+    def _answer(self) -> Any:
+        while True:
+            try:
+                kind, value = self.conn.recv()
+            except EOFError:
+                raise CommandError(
+                    f"the {self.hostname} host process died "
+                    f"(exit status {self.process.exitcode})"
+                ) from None
+            if kind == "event":
+                self.on_event(value)
+            elif kind == "error":
+                raise CommandError(f"{self.hostname}: {value}")
+            else:
+                return value
+
+    def call(self, command: str, *args: Any) -> Any:
+        self.conn.send((command, args))
+        return self._answer()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.call("close")
+            except (CommandError, OSError):
+                pass
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+# -- the run ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DemoReport:
+    """What the demo found; ``as_dict`` is the ``--json`` output."""
+
+    mode: str
+    completed: bool
+    checks: dict[str, dict[str, Any]]
+    policy: str
+    downtime_ms: float | None = None
+    total_ms: float | None = None
+    bytes_sent: int = 0
+    rounds: int = 0
+    phase: str | None = None
+    error: str | None = None
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def transparent(self) -> bool:
+        return bool(self.checks) and all(
+            c["passed"] for c in self.checks.values()
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "completed": self.completed,
+            "transparent": self.transparent,
+            "checks": self.checks,
+            "downtime_ms": self.downtime_ms,
+            "total_ms": self.total_ms,
+            "bytes_sent": self.bytes_sent,
+            "rounds": self.rounds,
+            "policy": self.policy,
+            "phase": self.phase,
+            "error": self.error,
+            "settings": self.settings,
+            "notes": self.notes,
+            **self.extra,
+        }
+
+    def as_text(self) -> str:
+        verb = "migration" if self.mode == "migrate" else "save and restore"
+        lines = [
+            "",
+            f"{verb}: "
+            + ("completed" if self.completed else f"FAILED ({self.phase})"),
+        ]
+        if self.error:
+            lines.append(f"  error: {self.error}")
+        lines.append("transparency (ARCHITECTURE.md section 2):")
+        for item, result in self.checks.items():
+            verdict = "passed" if result["passed"] else "FAILED"
+            reason = f": {result['reason']}" if result["reason"] else ""
+            lines.append(f"  {item:<15} {verdict}{reason}")
+        lines.append(f"  => {'transparent' if self.transparent else 'NOT'}")
+        downtime = _ms(self.downtime_ms)
+        snapshots = self.extra.get("checker_snapshot_ms")
+        if snapshots is not None and self.downtime_ms is not None:
+            downtime += (
+                f" (includes {snapshots:.1f} ms the checker took to "
+                "snapshot the paused guest)"
+            )
+        lines += [
+            f"policy:       {self.policy}",
+            f"downtime:     {downtime}",
+            f"total time:   {_ms(self.total_ms)}",
+            f"bytes sent:   {self.bytes_sent} "
+            f"({self.bytes_sent / MiB:.1f} MiB)",
+            f"rounds:       {self.rounds}",
+        ]
+        stats = self.extra.get("stats")
+        if stats:
+            lines.append(
+                f"measured:     bandwidth {stats['bandwidth'] / MiB:.1f} "
+                f"MiB/s, guest dirtying {stats['dirty_rate'] / MiB:.1f} "
+                "MiB/s (last round)"
+            )
+        for key, value in self.settings.items():
+            lines.append(f"{key + ':':<13} {value}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
+def exit_status(report: DemoReport) -> int:
+    """0 only for a completed run whose every item passed."""
+    return 0 if report.completed and report.transparent else 1
+
+
+def not_checked(reason: str) -> dict[str, dict[str, Any]]:
+    return {
+        item.value: {"passed": False, "reason": reason} for item in base.Item
+    }
+
+
+def compare(
+    paused: base.GuestState | None,
+    resumed: base.GuestState | None,
+    items: tuple[base.Item, ...] = tuple(base.Item),
+) -> dict[str, dict[str, Any]]:
+    """The checker's verdict on ``items``, as a dict."""
+    from nova_xen_ncm.host import checker
+
+    if paused is None or resumed is None:
+        side = "source at pause" if paused is None else "destination"
+        return not_checked(f"no state was captured on the {side}")
+    result = checker.check(paused, resumed).to_dict()
+    return {i.value: result[i.value] for i in items}
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="Live-migrate a guest between two simulated hosts.",
+        description=(
+            "Start two simulated Xen hosts in separate processes, boot a "
+            "guest with two vifs, a vbd and a memory workload on the "
+            "first, migrate it live to the second over loopback and "
+            "check that nothing the guest can see changed. Exits 0 only "
+            "when the migration completed and every item passed."
+        ),
+    )
+    parser.add_argument(
+        "--memory",
+        type=parse_memory,
+        default=parse_memory(DEFAULT_MEMORY),
+        metavar="SIZE",
+        help=f"guest memory, e.g. 512M or 2G (default {DEFAULT_MEMORY})",
+    )
+    parser.add_argument(
+        "--dirty-rate",
+        type=parse_dirty_rate,
+        default=parse_dirty_rate(DEFAULT_DIRTY_RATE),
+        metavar="RATE",
+        help=(
+            "bytes per second the guest writes, e.g. 64M; a plain number "
+            "from 0 to 1 is a fraction of the loopback bandwidth, "
+            f"measured for {MEASURE_SECONDS:g} s before the guest boots "
+            f"(default {DEFAULT_DIRTY_RATE})"
+        ),
+    )
+    parser.add_argument(
+        "--pattern",
+        choices=("uniform", "hotcold", "sequential"),
+        default="hotcold",
+        help="which pages the workload writes (default hotcold)",
+    )
+    parser.add_argument(
+        "--fill",
+        choices=("zero", "random", "guestlike"),
+        default="guestlike",
+        help="what the guest's RAM holds at boot (default guestlike)",
+    )
+    parser.add_argument(
+        "--paused",
+        action="store_true",
+        help="pause the guest once it booted and migrate it paused; it "
+        "stays paused on the destination",
+    )
+    parser.add_argument(
+        "--policy",
+        default=None,
+        help="precopy policy (default: [xen_ncm] precopy_policy)",
+    )
+    parser.add_argument(
+        "--downtime-ms",
+        type=parse_downtime_ms,
+        default=None,
+        metavar="MS",
+        help="downtime target of the 'downtime' policy, in milliseconds",
+    )
+    parser.add_argument(
+        "--channels",
+        type=parse_channels,
+        default=None,
+        help="TCP connections per migration (1-16)",
+    )
+    parser.add_argument(
+        "--compress",
+        action="store_true",
+        help="lz4-compress page data on the wire",
+    )
+    parser.add_argument(
+        "--transport-url",
+        default=None,
+        metavar="URL",
+        help="also publish progress on this oslo.messaging bus",
+    )
+    parser.add_argument(
+        "--save",
+        default=None,
+        metavar="FILE",
+        help="save the guest to FILE instead of migrating it, then "
+        "restore it on the second host and check it",
+    )
+    parser.add_argument(
+        "--xen-compatible",
+        action="store_true",
+        help="with --save: write only Xen's record types (the guest then "
+        "boots without PV drivers and devices, since their state needs "
+        "the project's records)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the report as JSON"
+    )
+    parser.set_defaults(func=run)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.xen_compatible and not args.save:
+        raise CommandError("--xen-compatible goes with --save FILE")
+    if args.policy is not None:
+        names = policies.available_policies()
+        if args.policy not in names:
+            raise CommandError(
+                f"unknown policy {args.policy!r} (available: "
+                f"{', '.join(names)})"
+            )
+    if args.save:
+        directory = os.path.dirname(os.path.abspath(args.save))
+        if not os.path.isdir(directory):
+            raise CommandError(f"cannot save to {args.save}: no directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nova_xen_ncm.conf import CONF
+
+    _validate(args)
+    notes = []
+    dirty_rate, how = args.dirty_rate.resolve(measure_loopback_bandwidth)
+    if args.paused:
+        notes.append(PAUSED_NOTE)
+    policy = args.policy or CONF.xen_ncm.precopy_policy
+    overrides = _overrides(args, policy, CONF)
+    settings = {
+        "guest": f"{args.memory // MiB} MiB, 2 vCPUs, "
+        + (
+            "no PV drivers or devices"
+            if args.xen_compatible
+            else "vif 0, vif 1, vbd 51712"
+        ),
+        "workload": f"{dirty_rate / MiB:.1f} MiB/s ({how}), "
+        f"{args.pattern}, fill {args.fill}"
+        + (", paused" if args.paused else ""),
+        "transport": f"{overrides['xen_ncm'].get('channels', 1)} channel(s)"
+        + (", lz4" if args.compress else ""),
+    }
+    out = sys.stderr if args.json else sys.stdout
+    hosts: list[HostProcess] = []
+    try:
+        for name in ("source", "destination"):
+            hosts.append(
+                HostProcess(
+                    f"demo-{name}",
+                    list(CONF.default_config_files or []),
+                    overrides,
+                )
+            )
+        source, destination = hosts
+        config = _guest_config(args, dirty_rate)
+        domid = source.call("create", config)
+        if args.paused:
+            source.call("pause", domid)
+        if args.save:
+            report = _save_and_restore(args, source, destination, domid)
+        else:
+            report = _migrate(args, source, destination, domid, config, out)
+    finally:
+        for host in hosts:
+            host.close()
+    report.policy = policy
+    report.settings = settings
+    report.notes = notes
+    if not args.xen_compatible:
+        report.notes.append(IO_NOTE)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        print(report.as_text(), file=out)
+    return exit_status(report)
+
+
+def _overrides(
+    args: argparse.Namespace, policy: str, conf: cfg.ConfigOpts
+) -> dict[str, dict[str, Any]]:
+    xen_ncm: dict[str, Any] = {
+        "listen_address": "127.0.0.1",
+        "precopy_policy": policy,
+    }
+    if args.downtime_ms is not None:
+        xen_ncm["downtime_target"] = args.downtime_ms / 1000.0
+    if args.channels is not None:
+        xen_ncm["channels"] = args.channels
+    if args.compress:
+        xen_ncm["compression"] = "lz4"
+    host_mb = (args.memory + HOST_HEADROOM) // MiB
+    return {
+        "xen_ncm": xen_ncm,
+        "xen_ncm_sim": {"host_memory_mb": max(host_mb, 128)},
+    }
+
+
+def _guest_config(
+    args: argparse.Namespace, dirty_rate: int
+) -> base.DomainConfig:
+    workload: dict[str, Any] = {
+        "dirty_rate": dirty_rate,
+        "pattern": args.pattern,
+        "fill": args.fill,
+    }
+    pv = not args.xen_compatible
+    return base.DomainConfig(
+        name=GUEST_NAME,
+        memory_bytes=args.memory,
+        vcpus=2,
+        uuid=str(uuid.uuid4()),
+        devices=GUEST_DEVICES if pv else (),
+        pv_drivers=pv,
+        workload=workload,
+    )
+
+
+def _progress_sinks(
+    args: argparse.Namespace, out: Any
+) -> tuple[list[ProgressSink], Any]:
+    from nova_xen_ncm.conf import CONF
+    from nova_xen_ncm.progress.terminal import TerminalSink
+
+    sinks: list[ProgressSink] = [TerminalSink(out, conf=CONF, host="demo")]
+    bus = None
+    if args.transport_url:
+        from nova_xen_ncm.progress.bus import BusSink
+
+        try:
+            bus = BusSink(CONF, host="demo", url=args.transport_url)
+        except Exception as exc:
+            raise CommandError(
+                f"cannot use transport {args.transport_url}: {exc}"
+            ) from None
+        sinks.append(bus)
+    return sinks, bus
+
+
+def _migrate(
+    args: argparse.Namespace,
+    source: HostProcess,
+    destination: HostProcess,
+    domid: int,
+    config: base.DomainConfig,
+    out: Any,
+) -> DemoReport:
+    migration_id = str(uuid.uuid4())
+    sinks, bus = _progress_sinks(args, out)
+    for sink in sinks:
+        sink.start(
+            migration_id,
+            instance_uuid=config.uuid,
+            source_host=source.hostname,
+            destination_host=destination.hostname,
+        )
+
+    def show(data: Mapping[str, Any]) -> None:
+        event = event_from_dict(data)
+        for sink in sinks:
+            sink.emit(event)
+
+    source.on_event = show
+    try:
+        token, endpoint = destination.call("listen", migration_id, domid)
+        sent = source.call("send", domid, endpoint, migration_id, token)
+        received = destination.call("wait_incoming")
+    finally:
+        if bus is not None:
+            bus.close()
+    stats = sent["stats"]
+    completed = (
+        sent["phase"] == "done"
+        and received["phase"] == "done"
+        and sent["domains"] == []
+        and received["domains"]
+        == [(domid, "paused" if args.paused else "running")]
+    )
+    checks = (
+        compare(sent["state"], received["state"])
+        if completed
+        else not_checked("the migration did not complete")
+    )
+    downtime = stats["actual_downtime"]
+    report = DemoReport(
+        mode="migrate",
+        completed=completed,
+        checks=checks,
+        policy="",
+        downtime_ms=None if downtime is None else downtime * 1000,
+        total_ms=stats["total_time"] * 1000,
+        bytes_sent=stats["bytes_sent"],
+        rounds=len(stats["rounds"]),
+        phase=sent["phase"],
+        error=sent["error"] or received["error"],
+        extra={
+            "stats": stats,
+            # The checker's snapshots are taken while the guest is
+            # paused, so the measured downtime includes them.
+            "checker_snapshot_ms": (
+                sent["snapshot_seconds"] + received["snapshot_seconds"]
+            )
+            * 1000,
+            "source_domains": sent["domains"],
+            "destination_domains": received["domains"],
+        },
+    )
+    return report
+
+
+def _save_and_restore(
+    args: argparse.Namespace,
+    source: HostProcess,
+    destination: HostProcess,
+    domid: int,
+) -> DemoReport:
+    from nova_xen_ncm.engine.receiver import needed_items
+
+    saved = source.call("save", domid, args.save, args.xen_compatible)
+    restored = destination.call("restore", args.save, not args.paused)
+    items = needed_items(not args.xen_compatible)
+    size = os.path.getsize(args.save)
+    return DemoReport(
+        mode="save",
+        completed=restored["domid"] == domid,
+        checks=compare(saved["state"], restored["state"], items),
+        policy="",
+        downtime_ms=(saved["seconds"] + restored["seconds"]) * 1000,
+        total_ms=(saved["seconds"] + restored["seconds"]) * 1000,
+        bytes_sent=size,
+        rounds=1,
+        phase="done",
+        extra={
+            "save_file": os.path.abspath(args.save),
+            "xen_compatible": args.xen_compatible,
+            "save_ms": saved["seconds"] * 1000,
+            "restore_ms": restored["seconds"] * 1000,
+        },
+    )

@@ -1,0 +1,403 @@
+"""``nova-xen-ncm receive`` and ``nova-xen-ncm migrate``: one live
+migration between two hosts, outside Nova.
+
+The destination runs ``receive``: it prepares the incoming migration,
+writes its endpoint and one-time token to ``--token-file`` and waits for
+the source. The file goes to the source host out of band (as Nova's
+migrate_data carries it); the source runs ``migrate DOMAIN --to HOST:PORT
+--token-file FILE``.
+
+The host driver is ``[xen_ncm] host_driver`` or ``--host-driver``. On a
+driver whose guests live in the process holding the driver (the
+simulated host), the guest runs inside the command's process: ``migrate
+--create`` boots it there first, and ``receive`` keeps the migrated guest
+running until interrupted (``--no-hold`` ends, and destroys it, at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from oslo_config import cfg
+
+from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import demo
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host import factory
+
+TOKEN_FILE_VERSION = 1
+
+
+# -- helpers shared with save and restore -----------------------------------
+
+
+def add_host_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host-driver",
+        default=None,
+        metavar="NAME",
+        help="host driver (default: [xen_ncm] host_driver)",
+    )
+    parser.add_argument(
+        "--hostname",
+        default=socket.gethostname(),
+        help="this host's name in progress reports",
+    )
+
+
+def add_create_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--create",
+        action="store_true",
+        help="boot DOMAIN here first, with two vifs and a vbd (the way to "
+        "have a guest on the simulated host, whose guests live in this "
+        "command's process)",
+    )
+    parser.add_argument(
+        "--memory",
+        type=demo.parse_memory,
+        default=None,
+        metavar="SIZE",
+        help="with --create: guest memory, e.g. 256M",
+    )
+    parser.add_argument(
+        "--dirty-rate",
+        type=demo.parse_size,
+        default=None,
+        metavar="BYTES",
+        help="with --create: bytes per second the guest writes, e.g. 8M",
+    )
+
+
+def driver_name(args: argparse.Namespace, conf: cfg.ConfigOpts) -> str:
+    return args.host_driver or conf.xen_ncm.host_driver
+
+
+def open_host(
+    args: argparse.Namespace, conf: cfg.ConfigOpts
+) -> base.HostDriver:
+    try:
+        return factory.load_host_driver(
+            driver_name(args, conf), args.hostname, conf
+        )
+    except base.HostError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def find_domain(host: base.HostDriver, name: str) -> base.DomainInfo:
+    """A domain by domid, name or uuid."""
+    try:
+        if name.isdigit():
+            return host.domain_info(int(name))
+        return host.find_domain(name)
+    except base.DomainNotFound:
+        known = ", ".join(f"{d.domid} ({d.name})" for d in host.list_domains())
+        raise CommandError(
+            f"no domain {name!r} on {host.hostname} (domains: "
+            f"{known or 'none'})"
+        ) from None
+
+
+def create_guest(
+    args: argparse.Namespace, host: base.HostDriver
+) -> base.DomainInfo:
+    """Boot ``args.domain`` with two vifs and a vbd."""
+    if args.domain.isdigit():
+        raise CommandError("--create needs a name, not a domid")
+    workload = {}
+    if args.dirty_rate is not None:
+        workload["dirty_rate"] = args.dirty_rate
+    config = base.DomainConfig(
+        name=args.domain,
+        memory_bytes=args.memory or demo.parse_memory(demo.DEFAULT_MEMORY),
+        vcpus=2,
+        uuid=str(uuid.uuid4()),
+        devices=demo.GUEST_DEVICES
+        if not getattr(args, "xen_compatible", False)
+        else (),
+        pv_drivers=not getattr(args, "xen_compatible", False),
+        workload=workload,
+    )
+    try:
+        return host.domain_info(host.create_domain(config))
+    except base.HostError as exc:
+        raise CommandError(f"cannot boot {args.domain}: {exc}") from None
+
+
+def check_create_options(args: argparse.Namespace) -> None:
+    if not args.create and (
+        args.memory is not None or args.dirty_rate is not None
+    ):
+        raise CommandError("--memory and --dirty-rate go with --create")
+
+
+@contextlib.contextmanager
+def closing_host(host: base.HostDriver) -> Iterator[base.HostDriver]:
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+def hold(domids: list[int], name: str) -> None:
+    """Keep this process, and so its guests, alive until a signal."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(
+        f"domain(s) {domids} run in this process on the {name} host "
+        "driver; interrupt (Ctrl-C or SIGTERM) to destroy them and exit",
+        flush=True,
+    )
+    stop.wait()
+
+
+def terminal_sink(
+    conf: cfg.ConfigOpts, hostname: str, stream: Any = None
+) -> Any:
+    from nova_xen_ncm.progress.terminal import TerminalSink
+
+    return TerminalSink(stream or sys.stdout, conf=conf, host=hostname)
+
+
+# -- token file -------------------------------------------------------------
+
+
+def write_token_file(
+    path: str, migration_id: str, token: bytes, endpoint: tuple[str, int]
+) -> None:
+    """Written to a temporary name, then renamed: a reader never sees
+    half a file. Mode 0600: the token lets anyone migrate to us."""
+    data = {
+        "version": TOKEN_FILE_VERSION,
+        "migration_id": migration_id,
+        "token": token.hex(),
+        "endpoint": [endpoint[0], endpoint[1]],
+    }
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(data, out)
+    os.replace(tmp, path)
+
+
+def read_token_file(path: str) -> tuple[str, bytes, tuple[str, int]]:
+    try:
+        with open(path) as source:
+            data = json.load(source)
+        if data.get("version") != TOKEN_FILE_VERSION:
+            raise ValueError(f"version {data.get('version')!r}")
+        host, port = data["endpoint"]
+        return (
+            str(data["migration_id"]),
+            bytes.fromhex(data["token"]),
+            (str(host), int(port)),
+        )
+    except OSError as exc:
+        raise CommandError(f"cannot read token file {path}: {exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CommandError(
+            f"{path} is not a token file written by receive: {exc}"
+        ) from None
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT (e.g. 192.0.2.10:49152)"
+        )
+    return host.strip("[]"), int(port)
+
+
+# -- the commands -----------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "migrate",
+        help="Live-migrate a guest to a host running 'receive'.",
+        description=(
+            "Migrate DOMAIN (domid, name or uuid) live to the destination "
+            "that wrote --token-file with 'nova-xen-ncm receive'. Exits 0 "
+            "when the guest runs on the destination."
+        ),
+    )
+    parser.add_argument("domain", help="domid, name or uuid")
+    parser.add_argument(
+        "--to",
+        type=parse_endpoint,
+        default=None,
+        metavar="HOST:PORT",
+        help="the destination (default: the endpoint in the token file)",
+    )
+    parser.add_argument(
+        "--token-file",
+        required=True,
+        metavar="FILE",
+        help="the file 'receive' wrote",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the statistics as JSON"
+    )
+    add_host_options(parser)
+    add_create_options(parser)
+    parser.set_defaults(func=run_migrate)
+
+    parser = subparsers.add_parser(
+        "receive",
+        help="Wait for one incoming live migration.",
+        description=(
+            "Prepare an incoming migration, write its endpoint and one-time "
+            "token to --token-file (hand it to the source) and wait for "
+            "the source. Exits 0 when the guest runs here."
+        ),
+    )
+    parser.add_argument(
+        "--token-file",
+        required=True,
+        metavar="FILE",
+        help="where to write the endpoint and token (mode 0600)",
+    )
+    parser.add_argument(
+        "--listen",
+        default=None,
+        metavar="ADDRESS",
+        help="address to listen on (default: [xen_ncm] listen_address)",
+    )
+    parser.add_argument(
+        "--advertise",
+        default=None,
+        metavar="ADDRESS",
+        help="address the source should connect to, when listening on a "
+        "wildcard address (default: this host's name)",
+    )
+    parser.add_argument(
+        "--no-hold",
+        dest="hold",
+        action="store_false",
+        help="on a host driver whose guests live in this process: exit "
+        "(destroying the guest) once the migration ended",
+    )
+    add_host_options(parser)
+    parser.set_defaults(func=run_receive)
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from nova_xen_ncm.conf import CONF
+    from nova_xen_ncm.engine.migration import OutgoingMigration
+
+    check_create_options(args)
+    migration_id, token, endpoint = read_token_file(args.token_file)
+    endpoint = args.to or endpoint
+    with closing_host(open_host(args, CONF)) as host:
+        if args.create:
+            info = create_guest(args, host)
+        else:
+            info = find_domain(host, args.domain)
+        # --json keeps stdout for the statistics.
+        sink = terminal_sink(
+            CONF, host.hostname, sys.stderr if args.json else None
+        )
+        sink.start(
+            migration_id,
+            instance_uuid=info.uuid,
+            source_host=host.hostname,
+            destination_host=f"{endpoint[0]}:{endpoint[1]}",
+        )
+        try:
+            outgoing = OutgoingMigration(
+                host,
+                info.domid,
+                endpoint,
+                migration_id,
+                token,
+                conf=CONF,
+                sinks=[sink],
+            )
+        except Exception as exc:
+            raise CommandError(f"cannot migrate: {exc}") from None
+        outgoing.start()
+        phase = outgoing.wait()
+        stats = outgoing.stats.to_dict()
+        if args.json:
+            print(json.dumps(stats, indent=2, default=str))
+        if phase is None or phase.value != "done":
+            raise CommandError(
+                f"migration of domain {info.domid} ended in "
+                f"{getattr(phase, 'value', phase)}: {outgoing.error}"
+            )
+    return 0
+
+
+def run_receive(args: argparse.Namespace) -> int:
+    from nova_xen_ncm.conf import CONF
+    from nova_xen_ncm.engine.migration import IncomingMigration
+
+    if args.listen:
+        CONF.set_override("listen_address", args.listen, group="xen_ncm")
+    name = driver_name(args, CONF)
+    migration_id = str(uuid.uuid4())
+    with closing_host(open_host(args, CONF)) as host:
+        sink = terminal_sink(CONF, host.hostname)
+        try:
+            incoming = IncomingMigration(
+                host,
+                migration_id,
+                conf=CONF,
+                sinks=[sink],
+                advertise=args.advertise or _advertise(args),
+            )
+        except (OSError, base.HostError) as exc:
+            raise CommandError(f"cannot listen: {exc}") from None
+        sink.start(migration_id, role="destination")
+        incoming.start()
+        try:
+            write_token_file(
+                args.token_file,
+                migration_id,
+                incoming.token,
+                incoming.endpoint,
+            )
+        except OSError as exc:
+            raise CommandError(
+                f"cannot write {args.token_file}: {exc}"
+            ) from None
+        print(
+            f"waiting for the source on "
+            f"{incoming.endpoint[0]}:{incoming.endpoint[1]}",
+            flush=True,
+        )
+        phase = incoming.wait()
+        if phase is None or phase.value != "done":
+            raise CommandError(
+                f"incoming migration ended in "
+                f"{getattr(phase, 'value', phase)}: "
+                f"{incoming.receiver.error}"
+            )
+        domids = [d.domid for d in host.list_domains()]
+        print(f"domain(s) {domids} now run on {host.hostname}", flush=True)
+        if args.hold and factory.guests_live_in_process(name):
+            hold(domids, name)
+    return 0
+
+
+def _advertise(args: argparse.Namespace) -> str | None:
+    # A wildcard listener is reached by the host's name; a specific
+    # address is advertised as it is.
+    if args.listen in (None, "0.0.0.0", "::"):
+        from nova_xen_ncm.conf import CONF
+
+        if CONF.xen_ncm.listen_address in ("0.0.0.0", "::"):
+            return socket.getfqdn()
+    return None

@@ -1,0 +1,186 @@
+"""``nova-xen-ncm demo``: the real command, run as a user runs it, and
+the logic that turns checker verdicts into its exit status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from nova_xen_ncm.cmd import demo
+from nova_xen_ncm.host import base
+
+ITEMS = {item.value for item in base.Item}
+
+
+def nova_xen_ncm(*args, check_json=False):
+    script = shutil.which("nova-xen-ncm")
+    if script is None:
+        pytest.fail("the nova-xen-ncm console script is not installed")
+    return subprocess.run(
+        [script, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_demo_json_migrates_transparently():
+    result = nova_xen_ncm("demo", "--memory", "48M", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["completed"] is True
+    assert report["transparent"] is True
+    assert set(report["checks"]) == ITEMS
+    for item, verdict in report["checks"].items():
+        assert verdict == {"passed": True, "reason": ""}, item
+    assert report["rounds"] >= 1
+    # Round 0 carries at least the pages the guest filled at boot.
+    assert report["bytes_sent"] > 4 << 20
+    assert report["downtime_ms"] > 0
+    assert report["total_ms"] >= report["downtime_ms"]
+    assert report["policy"] == "downtime"
+    # Exactly one copy of the guest: gone from the source, running on
+    # the destination.
+    assert report["source_domains"] == []
+    assert [state for _, state in report["destination_domains"]] == ["running"]
+    # --json keeps stdout for the report; progress went to stderr.
+    assert "phase setup -> precopy" in result.stderr
+
+
+def test_demo_paused_with_options_in_text():
+    result = nova_xen_ncm(
+        "demo",
+        "--memory",
+        "32M",
+        "--paused",
+        "--policy",
+        "xen-simple",
+        "--channels",
+        "2",
+        "--compress",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "migration: completed" in out
+    assert "=> transparent" in out
+    assert "policy:       xen-simple" in out
+    assert "2 channel(s), lz4" in out
+    assert "migrated paused" in out
+    # A guest that never ran during the migration had no downtime.
+    assert "downtime:     n/a" in out
+    for item in ITEMS:
+        assert f"  {item:<15} passed" in out
+
+
+def test_demo_paused_guest_arrives_paused():
+    result = nova_xen_ncm("demo", "--memory", "32M", "--paused", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["completed"] and report["transparent"]
+    assert report["downtime_ms"] is None
+    assert [state for _, state in report["destination_domains"]] == ["paused"]
+
+
+def test_demo_save_and_restore_with_pv_drivers(tmp_path):
+    path = tmp_path / "guest.xl"
+    result = nova_xen_ncm(
+        "demo", "--memory", "32M", "--save", str(path), "--json"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["mode"] == "save"
+    assert report["completed"] and report["transparent"]
+    assert set(report["checks"]) == ITEMS
+    assert report["bytes_sent"] == path.stat().st_size
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--memory", "12x"], "'12x' is not a size"),
+        (["--memory", "1000K"], "whole number of MiB"),
+        (["--dirty-rate", "fast"], "'fast' is not a dirty rate"),
+        (["--channels", "0"], "channels must be"),
+        (["--downtime-ms", "1"], "downtime must be"),
+        (["--xen-compatible"], "--xen-compatible goes with --save"),
+        (["--policy", "nope"], "unknown policy 'nope'"),
+    ],
+)
+def test_demo_rejects_bad_input(args, message):
+    result = nova_xen_ncm("demo", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+# -- option values and the exit status, without hosts ------------------------
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("512M", 512 << 20),
+        ("2G", 2 << 30),
+        ("1.5GiB", 3 << 29),
+        ("64k", 64 << 10),
+        ("4096", 4096),
+    ],
+)
+def test_parse_size(text, size):
+    assert demo.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1M", "1.5", "2X", "1e3"])
+def test_parse_size_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        demo.parse_size(text)
+
+
+def test_dirty_rate_bytes_or_fraction():
+    assert demo.parse_dirty_rate("64M") == demo.DirtyRate(64 << 20)
+    assert demo.parse_dirty_rate("0.5") == demo.DirtyRate(fraction=0.5)
+    assert demo.parse_dirty_rate("1") == demo.DirtyRate(fraction=1.0)
+    assert demo.parse_dirty_rate("100") == demo.DirtyRate(100)
+
+    def measured():
+        return 1000.0
+
+    rate, how = demo.DirtyRate(fraction=0.25).resolve(measured)
+    assert rate == 250 and "0.25 x loopback bandwidth" in how
+    assert demo.DirtyRate(64).resolve(measured) == (64, "given")
+
+
+def test_loopback_bandwidth_is_measured():
+    assert demo.measure_loopback_bandwidth(0.05) > 0
+
+
+def report(checks, completed=True):
+    return demo.DemoReport(
+        mode="migrate", completed=completed, checks=checks, policy="x"
+    )
+
+
+PASSED = {item: {"passed": True, "reason": ""} for item in ITEMS}
+
+
+def test_exit_status_zero_only_when_complete_and_every_item_passed():
+    assert demo.exit_status(report(PASSED)) == 0
+    failed = dict(PASSED, memory={"passed": False, "reason": "pfn 7"})
+    bad = report(failed)
+    assert not bad.transparent
+    assert demo.exit_status(bad) == 1
+    assert "memory          FAILED: pfn 7" in bad.as_text()
+    assert bad.as_dict()["transparent"] is False
+    assert demo.exit_status(report(PASSED, completed=False)) == 1
+    # No verdict at all is no proof of transparency.
+    assert demo.exit_status(report({})) == 1
+
+
+def test_incomplete_migration_fails_every_item():
+    checks = demo.not_checked("the migration did not complete")
+    assert set(checks) == ITEMS
+    assert not report(checks).transparent
+    assert demo.compare(None, None)["memory"]["passed"] is False
