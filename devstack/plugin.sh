@@ -14,7 +14,11 @@ function install_xen_ncm {
         # xl and the Xen 4.17 libraries the real host driver binds to.
         install_package xen-utils-4.17
     fi
-    setup_develop "$XEN_NCM_DIR"
+    # Not setup_develop: an editable install ships neither the
+    # nova.virt.xen_ncm shim Nova loads the driver through nor the .pth
+    # that registers the driver's objects in nova-conductor
+    # (doc/source/nova.rst).
+    pip_install "$XEN_NCM_DIR"
 }
 
 function configure_xen_ncm {

@@ -2,7 +2,7 @@
 
 The stages run in bash with DevStack's functions stubbed: ``iniset``
 writes a real ini file (a minimal implementation on configparser), and
-``setup_develop``, ``run_process``, ``stop_process``, ``install_package``
+``pip_install``, ``run_process``, ``stop_process``, ``install_package``
 and ``sudo`` only record their arguments.
 """
 
@@ -37,7 +37,7 @@ disable_service() {
     ENABLED_SERVICES=$(echo ",$ENABLED_SERVICES," | sed "s/,$1,/,/g")
 }
 record() { printf '%s\n' "$*" >> "$CALLS"; }
-setup_develop() { record setup_develop "$@"; }
+pip_install() { record pip_install "$@"; }
 run_process() { record run_process "$@"; }
 stop_process() { record stop_process "$@"; }
 install_package() { record install_package "$@"; }
@@ -132,7 +132,7 @@ def test_stages_configure_nova(tmp_path):
         "progress_interval": "5.0",
     }
     assert ini["xen_ncm_progress"]["notifications"] == "True"
-    assert calls == [f"setup_develop {tmp_path / 'opt' / 'nova-xen-ncm'}"]
+    assert calls == [f"pip_install {tmp_path / 'opt' / 'nova-xen-ncm'}"]
     # The values are valid for the options they set.
     conf = cfg.ConfigOpts()
     nova_xen_ncm_conf.register_opts(conf)

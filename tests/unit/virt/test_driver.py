@@ -1,0 +1,103 @@
+"""The driver as Nova loads it: through the nova.virt shim, on the host
+driver [xen_ncm] host_driver names, with Nova's exceptions outside."""
+
+import importlib.util
+import os
+import sys
+from unittest import mock
+
+import nova.conf
+import os_resource_classes as orc
+import pytest
+from nova import context
+from nova import exception
+from nova import objects
+from nova.compute import provider_tree
+from nova.tests.unit import fake_instance
+from nova.virt import driver as nova_driver
+
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host import factory
+from nova_xen_ncm.virt import driver
+
+CONF = nova.conf.CONF
+SHIM = os.path.join(
+    os.path.dirname(__file__),
+    "..",
+    "..",
+    "..",
+    "nova",
+    "virt",
+    "xen_ncm",
+    "__init__.py",
+)
+
+
+@pytest.fixture
+def shim(monkeypatch):
+    """nova.virt.xen_ncm as a wheel installs it, from this tree."""
+    spec = importlib.util.spec_from_file_location("nova.virt.xen_ncm", SHIM)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "nova.virt.xen_ncm", module)
+    return module
+
+
+@pytest.fixture
+def xen_driver(tmp_path, monkeypatch):
+    monkeypatch.setattr(CONF, "instances_path", str(tmp_path))
+    # Nova reads the node identity from its state_path normally.
+    monkeypatch.setattr(
+        driver.node, "get_local_node_uuid", lambda: "node-uuid-1"
+    )
+    drv = driver.XenNCMDriver(mock.Mock())
+    drv.init_host("unit-host")
+    yield drv
+    drv.cleanup_host("unit-host")
+
+
+def test_nova_loads_the_driver_through_the_shim(shim):
+    loaded = nova_driver.load_compute_driver(
+        mock.Mock(), "xen_ncm.XenNCMDriver"
+    )
+    assert type(loaded) is driver.XenNCMDriver
+    assert shim.XenNCMDriver is driver.XenNCMDriver
+
+
+def test_unknown_host_driver_is_refused():
+    with pytest.raises(
+        base.NotSupported, match="'no-such-host'.*available: .*sim"
+    ):
+        factory.load_host_driver("no-such-host", "h", CONF)
+
+
+def test_node_and_resources(xen_driver):
+    assert xen_driver.get_available_nodes() == ["unit-host"]
+    assert xen_driver.get_nodenames_by_uuid() == {"node-uuid-1": "unit-host"}
+    node_uuid = "node-uuid-1"
+    resources = xen_driver.get_available_resource("unit-host")
+    assert resources["uuid"] == node_uuid
+    assert resources["memory_mb"] == CONF.xen_ncm_sim.host_memory_mb
+    tree = provider_tree.ProviderTree()
+    tree.new_root("unit-host", node_uuid)
+    xen_driver.update_provider_tree(tree, "unit-host")
+    inventory = tree.data("unit-host").inventory
+    assert {orc.VCPU, orc.MEMORY_MB} <= set(inventory)
+    assert inventory[orc.MEMORY_MB]["total"] == resources["memory_mb"]
+
+
+def test_host_errors_leave_as_nova_exceptions(xen_driver):
+    objects.register_all()
+    instance = fake_instance.fake_instance_obj(context.get_admin_context())
+    with pytest.raises(exception.InstanceNotFound):
+        xen_driver.get_info(instance)
+    with pytest.raises(exception.InstanceNotFound):
+        xen_driver.pause(instance)
+    assert xen_driver.list_instances() == []
+    assert not xen_driver.instance_exists(instance)
+
+
+def test_capabilities():
+    caps = driver.XenNCMDriver.capabilities
+    assert set(nova_driver.ComputeDriver.capabilities) <= set(caps)
+    assert caps["supports_evacuate"] is False

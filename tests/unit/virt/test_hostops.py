@@ -1,0 +1,59 @@
+"""Resources and placement inventory of a host."""
+
+from unittest import mock
+
+import os_resource_classes as orc
+from oslo_serialization import jsonutils
+
+from nova_xen_ncm.host import base
+from nova_xen_ncm.virt import hostops
+
+MiB = 1 << 20
+
+
+def make_host():
+    host = mock.create_autospec(base.HostDriver, instance=True)
+    host.hostname = "unit"
+    host.list_domains.return_value = [
+        base.DomainInfo(
+            domid=1,
+            name="a",
+            uuid="u",
+            state=base.DomainState.RUNNING,
+            memory_bytes=512 * MiB,
+            vcpus=2,
+            populated_pages=1,
+            pv_drivers=True,
+        )
+    ]
+    host.free_memory.return_value = 1536 * MiB
+    host.capabilities.return_value = base.Capabilities(
+        host="unit", hypervisor="test", restore={}, max_vcpus=4
+    )
+    return host
+
+
+def test_available_resource(tmp_path, monkeypatch):
+    monkeypatch.setattr(hostops.CONF, "instances_path", str(tmp_path))
+    ops = hostops.HostOps(make_host())
+    res = ops.get_available_resource("node1", "uuid-1")
+    assert res["memory_mb"] == 2048
+    assert res["memory_mb_used"] == 512
+    assert res["vcpus_used"] == 2
+    assert res["hypervisor_type"] == "xen"
+    assert res["hypervisor_hostname"] == "node1"
+    assert res["uuid"] == "uuid-1"
+    assert res["supported_instances"] == [("x86_64", "xen", "hvm")]
+    assert jsonutils.loads(res["cpu_info"])["max_vcpus_per_domain"] == 4
+
+
+def test_inventory(tmp_path, monkeypatch):
+    monkeypatch.setattr(hostops.CONF, "instances_path", str(tmp_path / "x"))
+    ops = hostops.HostOps(make_host())
+    ratios = {orc.VCPU: 16.0, orc.MEMORY_MB: 1.5, orc.DISK_GB: 1.0}
+    inventory = ops.inventory(ratios, reserved_disk_gb=2)
+    assert inventory[orc.MEMORY_MB]["total"] == 2048
+    assert inventory[orc.MEMORY_MB]["allocation_ratio"] == 1.5
+    assert inventory[orc.VCPU]["total"] == ops.vcpus()
+    assert inventory[orc.VCPU]["max_unit"] == min(4, ops.vcpus())
+    assert inventory[orc.DISK_GB]["reserved"] == 2
