@@ -155,6 +155,9 @@ class MigrationState:
             (Phase.SETUP, PhaseTiming(clock(), entered_at=wallclock()))
         ]
         self._reasons: dict[Phase, str] = {}
+        #: The migration's statistics, attached to the event of the
+        #: terminal transition (the end notification reports them).
+        self.statistics: Callable[[], Mapping[str, Any]] | None = None
 
     @property
     def phase(self) -> Phase:
@@ -231,6 +234,9 @@ class MigrationState:
                 new,
                 f": {reason}" if reason else "",
             )
+            detail = dict(detail or {})
+            if new in TERMINAL and self.statistics is not None:
+                detail.setdefault("statistics", self.statistics())
             self.progress.emit(
                 ProgressEvent(
                     migration_id=self.migration_id,
@@ -240,7 +246,7 @@ class MigrationState:
                     reason=reason,
                     role=self.role.value,
                     timestamp=wall,
-                    detail=dict(detail or {}),
+                    detail=detail,
                 )
             )
 

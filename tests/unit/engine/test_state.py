@@ -258,3 +258,14 @@ def test_report_stamps_the_current_phase():
     assert (event.memory_total, event.memory_remaining) == (8, 2)
     with pytest.raises(ValueError):
         sm.report(EventKind.STATE)
+
+
+def test_terminal_transition_carries_the_statistics():
+    rec = Recorder()
+    sm = machine_in(Phase.PRECOPY, sinks=[rec])
+    sm.statistics = lambda: {"actual_downtime": 0.25}
+    sm.transition(Phase.PRECOPY, Phase.STOP_AND_COPY)
+    assert "statistics" not in rec.events[-1].detail
+    sm.transition(Phase.STOP_AND_COPY, Phase.ROLLBACK)
+    sm.transition(Phase.ROLLBACK, Phase.CANCELLED)
+    assert rec.events[-1].detail["statistics"] == {"actual_downtime": 0.25}
