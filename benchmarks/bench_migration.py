@@ -2,7 +2,8 @@
 figure a ratio or a comparison measured in the same run.
 
 Not a test: run ``python benchmarks/bench_migration.py [--memory 512M]
-[--workload-memory 64M] [--runs 3]``. It measures:
+[--workload-memory 64M] [--runs 3] [--channels 1]
+[--downtime-target 0.01]``. It measures:
 
 - ``throughput``: a paused guest of incompressible (random) RAM against a
   plain socket transfer of the same octets (``sendall`` of 1 MiB buffers
@@ -197,6 +198,7 @@ def main() -> None:
     parser.add_argument("--workload-memory", default="64M", type=parse_size)
     parser.add_argument("--runs", default=3, type=int)
     parser.add_argument("--downtime-target", default=0.5, type=float)
+    parser.add_argument("--channels", default=1, type=int)
     args = parser.parse_args()
     results: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -205,6 +207,8 @@ def main() -> None:
         "memory": args.memory,
         "workload_memory": args.workload_memory,
         "runs": args.runs,
+        "channels": args.channels,
+        "downtime_target": args.downtime_target,
     }
 
     # (a) and (d): the data path against a plain socket, same octets.
@@ -212,7 +216,7 @@ def main() -> None:
     mig = migrate(
         args.memory,
         {"fill": "random", "dirty_rate": 0},
-        {"precopy_policy": "xen-simple"},
+        {"precopy_policy": "xen-simple", "channels": args.channels},
         paused=True,
         sample_rss=True,
     )
@@ -237,7 +241,7 @@ def main() -> None:
     zero = migrate(
         args.memory,
         {"fill": "zero", "dirty_rate": 0},
-        {"precopy_policy": "xen-simple"},
+        {"precopy_policy": "xen-simple", "channels": args.channels},
         paused=True,
     )
     results["zero"] = {
@@ -273,6 +277,7 @@ def main() -> None:
                     {
                         "precopy_policy": pol,
                         "downtime_target": args.downtime_target,
+                        "channels": args.channels,
                     },
                 )
                 for _ in range(args.runs)

@@ -58,3 +58,109 @@ def delete_queue(url: str, name: str) -> None:
     amqp = urllib.parse.urlsplit(url)._replace(scheme="amqp").geturl()
     with kombu.Connection(amqp) as connection:
         connection.default_channel.queue_delete(name)
+
+
+class TlsFiles:
+    """PEM files of a test certificate authority and of certificates it
+    signed for 127.0.0.1 (server and client use), plus a stranger's."""
+
+    def __init__(self, directory) -> None:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+        from cryptography.x509.oid import NameOID
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+
+        def write(name, data):
+            path = directory / name
+            path.write_bytes(data)
+            return str(path)
+
+        def key_pem(key):
+            return key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+
+        def authority(cn):
+            key = ec.generate_private_key(ec.SECP256R1())
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(name)
+                .issuer_name(name)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(
+                    x509.BasicConstraints(ca=True, path_length=None), True
+                )
+                .sign(key, hashes.SHA256())
+            )
+            return key, cert
+
+        def leaf(ca_key, ca_cert, cn, san):
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(
+                    x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+                )
+                .issuer_name(ca_cert.subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(san), False)
+                .add_extension(
+                    x509.ExtendedKeyUsage(
+                        [
+                            ExtendedKeyUsageOID.SERVER_AUTH,
+                            ExtendedKeyUsageOID.CLIENT_AUTH,
+                        ]
+                    ),
+                    False,
+                )
+                .sign(ca_key, hashes.SHA256())
+            )
+            return key, cert
+
+        pem = serialization.Encoding.PEM
+        ca_key, ca_cert = authority("migration CA")
+        self.ca = write("ca.pem", ca_cert.public_bytes(pem))
+        loopback = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        key, cert = leaf(ca_key, ca_cert, "host", loopback)
+        self.cert = write("host.pem", cert.public_bytes(pem))
+        self.key = write("host.key", key_pem(key))
+        other = [x509.DNSName("elsewhere.example")]
+        key, cert = leaf(ca_key, ca_cert, "elsewhere", other)
+        self.misnamed_cert = write("elsewhere.pem", cert.public_bytes(pem))
+        self.misnamed_key = write("elsewhere.key", key_pem(key))
+        rogue_key, rogue_ca = authority("rogue CA")
+        key, cert = leaf(rogue_key, rogue_ca, "rogue", loopback)
+        self.rogue_cert = write("rogue.pem", cert.public_bytes(pem))
+        self.rogue_key = write("rogue.key", key_pem(key))
+
+    def enable(self, conf, cert=None, key=None) -> None:
+        """Turn on mutual TLS in ``conf`` with this host's files."""
+        for name, value in {
+            "tls_enabled": True,
+            "tls_cert_file": cert or self.cert,
+            "tls_key_file": key or self.key,
+            "tls_ca_file": self.ca,
+        }.items():
+            conf.set_override(name, value, group="xen_ncm")
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> TlsFiles:
+    """A CA and certificates generated for this test run."""
+    return TlsFiles(tmp_path_factory.mktemp("tls"))

@@ -20,6 +20,15 @@ HOST_OPTS = [
         ],
         help="Which host driver the engine runs on.",
     ),
+    cfg.StrOpt(
+        "state_path",
+        default=None,
+        help="Directory where the source keeps a journal of its "
+        "migrations in flight (phase and commit decision), so that "
+        "`nova-xen-ncm recover` or a restarted compute service can "
+        "finish or roll back what a crash interrupted. Unset: no "
+        "journal, and a crash leaves the guest for an operator.",
+    ),
 ]
 
 TRANSPORT_OPTS = [
@@ -255,7 +264,51 @@ POLICY_OPTS = [
     ),
 ]
 
-OPTS = HOST_OPTS + TRANSPORT_OPTS + RETRY_OPTS + POLICY_OPTS
+SECURITY_OPTS = [
+    cfg.ListOpt(
+        "allowed_sources",
+        default=[],
+        help="Addresses or networks (CIDR) migration connections may come "
+        "from. A connection from anywhere else is closed and logged "
+        "before it takes a channel of the migration. Empty: any "
+        "address; the one-time token still authenticates the source. "
+        "The Nova driver adds the source host of each migration.",
+    ),
+    cfg.BoolOpt(
+        "tls_enabled",
+        default=False,
+        help="Carry migration connections over mutual TLS, as Nova's "
+        "[libvirt] live_migration_with_native_tls does: each end "
+        "presents tls_cert_file and requires a peer certificate signed "
+        "by tls_ca_file. The one-time migration token is checked inside "
+        "TLS as without it. Both hosts must agree on this option.",
+    ),
+    cfg.StrOpt(
+        "tls_cert_file",
+        help="PEM certificate (chain) this host presents to its migration "
+        "peers; it must be valid for both server and client "
+        "authentication. Required with tls_enabled.",
+    ),
+    cfg.StrOpt(
+        "tls_key_file",
+        help="PEM private key of tls_cert_file. Required with tls_enabled.",
+    ),
+    cfg.StrOpt(
+        "tls_ca_file",
+        help="PEM certificate(s) of the authority that signs the "
+        "migration peers' certificates; no other is trusted. Required "
+        "with tls_enabled.",
+    ),
+    cfg.BoolOpt(
+        "tls_check_hostname",
+        default=True,
+        help="Whether the source checks that the destination's "
+        "certificate names the address it connects to (DNS name or IP "
+        "address in subjectAltName).",
+    ),
+]
+
+OPTS = HOST_OPTS + TRANSPORT_OPTS + SECURITY_OPTS + RETRY_OPTS + POLICY_OPTS
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:

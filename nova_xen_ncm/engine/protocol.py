@@ -17,7 +17,10 @@ counter is not the next one is refused, so a replayed or reordered frame
 is caught. Control payloads are JSON objects with exactly the fields of
 their message; a DATA payload is the channel sequence number (!Q) and the
 body (the stream codec's records), lz4-compressed when flag LZ4 is set
-(allowed once both ends negotiated the ``lz4`` capability). Sequence
+(allowed once both ends negotiated the ``lz4`` capability). Flag PAGES
+says the body is exactly one libxc PAGE_DATA record, which a destination
+may read straight into guest memory and which may travel on any channel
+(several channels share out the page batches of a round). Sequence
 numbers run 1, 2, ... per channel; ACK carries the highest one applied.
 Every length is checked against a limit before anything is buffered.
 
@@ -67,7 +70,8 @@ NONCE_SIZE = 32
 TOKEN_MIN_SIZE = 16
 
 FLAG_LZ4 = 0x01
-KNOWN_FLAGS = FLAG_LZ4
+FLAG_PAGES = 0x02
+KNOWN_FLAGS = FLAG_LZ4 | FLAG_PAGES
 
 # Control messages are small; anything bigger is an attack or a bug.
 MAX_CONTROL_PAYLOAD = 64 * 1024
@@ -229,6 +233,9 @@ class Setup(Message):
     #: Whether the guest ran on the source: a paused guest stays paused
     #: on the destination after COMMIT.
     running: bool = True
+    #: Connections of the migration: this one, then data channels
+    #: 1 .. channels-1, which connect once SETUP is accepted.
+    channels: int = 1
 
     def validate(self) -> None:
         # DOMID_FIRST_RESERVED (xen/include/public/xen.h) and above are
@@ -237,6 +244,10 @@ class Setup(Message):
             raise ValueError(f"domid {self.domid} is not a guest domid")
         if self.memory_bytes <= 0 or self.vcpus <= 0:
             raise ValueError("memory and vcpus must be positive")
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise ValueError(
+                f"{self.channels} channels: from 1 to {MAX_CHANNELS}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,10 +349,12 @@ MESSAGES: dict[MessageType, type[Message]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    """A whole data frame: its channel sequence number and body."""
+    """A whole data frame: its channel sequence number and body;
+    ``pages``: the body is one PAGE_DATA record (flag PAGES)."""
 
     seq: int
     payload: bytes | memoryview
+    pages: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +364,7 @@ class DataHeader:
 
     seq: int
     length: int
+    pages: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -601,10 +615,12 @@ class Connection:
         buffers: Sequence[Buffer],
         *,
         compress: bool = False,
+        pages: bool = False,
     ) -> list[Buffer]:
         """A DATA frame of sequence ``seq`` carrying ``buffers``, which
         are handed back in the result uncopied unless compressed.
-        ``seq`` must follow the previous frame's (or ``resume_from``)."""
+        ``seq`` must follow the previous frame's (or ``resume_from``);
+        ``pages`` flags a body of exactly one PAGE_DATA record."""
         if seq != self.last_seq + 1:
             raise ValueError(
                 f"DATA sequence {seq} does not follow {self.last_seq}"
@@ -616,13 +632,13 @@ class Connection:
             )
         if compress and Capability.LZ4.value not in self.capabilities:
             raise ValueError("lz4 was not negotiated on this connection")
-        flags = 0
+        flags = FLAG_PAGES if pages else 0
         body: list[Buffer] = list(buffers)
         if compress:
             packed = compression.compress(buffers)
             # Incompressible pages go as they are.
             if len(packed) < length:
-                body, flags = [packed], FLAG_LZ4
+                body, flags = [packed], flags | FLAG_LZ4
         out = self._frame_out(
             MessageType.DATA, flags, [DATA_HEADER.pack(seq), *body]
         )
@@ -806,7 +822,7 @@ class Connection:
         ):
             if self.buffered < FRAME_HEADER.size + DATA_HEADER.size:
                 return self._need(FRAME_HEADER.size + DATA_HEADER.size)
-            return self._start_direct(length)
+            return self._start_direct(length, flags)
         total = FRAME_HEADER.size + length + tag
         if self.buffered < total:
             return self._need(total)
@@ -860,6 +876,8 @@ class Connection:
             )
         if flags & FLAG_LZ4 and mtype is not MessageType.DATA:
             raise ProtocolError(f"{mtype.name} frame marked compressed")
+        if flags & FLAG_PAGES and mtype is not MessageType.DATA:
+            raise ProtocolError(f"{mtype.name} frame marked as page data")
         if flags & FLAG_LZ4 and Capability.LZ4.value not in self.capabilities:
             raise ProtocolError("lz4 frame, but lz4 was not negotiated")
         limit = (
@@ -897,7 +915,7 @@ class Connection:
         body = memoryview(payload)[DATA_HEADER.size :]
         if flags & FLAG_LZ4:
             body = compression.decompress(body, self.max_data)
-        return Data(seq=seq, payload=body)
+        return Data(seq=seq, payload=body, pages=bool(flags & FLAG_PAGES))
 
     def _receive_message(self, mtype: MessageType, payload: bytes) -> Event:
         msg = decode_message(mtype, payload)
@@ -965,7 +983,7 @@ class Connection:
 
     # -- direct payload --
 
-    def _start_direct(self, length: int) -> DataHeader:
+    def _start_direct(self, length: int, flags: int) -> DataHeader:
         header = memoryview(self._buf)[
             self._pos : self._pos + FRAME_HEADER.size + DATA_HEADER.size
         ]
@@ -983,7 +1001,11 @@ class Connection:
         self._frame_seq = seq
         self._payload_left = length - DATA_HEADER.size
         self._recv = _Recv.PAYLOAD if self._payload_left else _Recv.TAG
-        return DataHeader(seq=seq, length=self._payload_left)
+        return DataHeader(
+            seq=seq,
+            length=self._payload_left,
+            pages=bool(flags & FLAG_PAGES),
+        )
 
     @property
     def payload_left(self) -> int:
@@ -997,7 +1019,8 @@ class Connection:
             raise RuntimeError("no data frame body is being read")
         n = min(len(view), self._payload_left, self.buffered)
         if n:
-            view[:n] = self._buf[self._pos : self._pos + n]
+            with memoryview(self._buf) as buf:
+                view[:n] = buf[self._pos : self._pos + n]
             self._consume(view[:n])
             self._pos += n
         return n

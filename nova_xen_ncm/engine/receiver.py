@@ -15,7 +15,11 @@ COMMIT. Before COMMIT any failure destroys the domain it created.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import select
+import socket
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -27,6 +31,7 @@ from oslo_log import log as logging
 
 from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine import pvstate
+from nova_xen_ncm.engine import validate
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.errors import ProtocolError
 from nova_xen_ncm.engine.errors import Refused
@@ -42,6 +47,7 @@ from nova_xen_ncm.stream import decoder as stream_decoder
 from nova_xen_ncm.stream import encoder as stream_encoder
 from nova_xen_ncm.stream import libxc
 from nova_xen_ncm.stream import libxl
+from nova_xen_ncm.stream.errors import BodyError
 from nova_xen_ncm.stream.records import Record
 
 LOG = logging.getLogger(__name__)
@@ -108,6 +114,10 @@ class Restorer:
         self._seen: set[str] = set()
         self._params: dict[int, int] = {}
         self._pv = pvstate.PvRecordCollector()
+        self._lock = threading.Lock()
+        # What the stream's content is checked against before it is
+        # applied (forged memory, xenstore, ports, grants).
+        self.limits = validate.GuestLimits.from_host(host, domid)
         # Pfns populated so far: a later XALLOC of one of them means the
         # page became zero and must be cleared.
         self._populated = np.zeros(0, dtype=bool)
@@ -145,28 +155,73 @@ class Restorer:
         """Markers whose only effect is their place in the stream."""
 
     def _page_data(self, value: libxc.PageData) -> None:
-        pfns = np.asarray(value.pfns, dtype=np.uint64)
-        has_data = value.has_data
-        alloc = np.asarray(value.types) == libxc.XALLOC
-        self.host.populate(self.domid, pfns)
-        seen = self._mark(pfns)
-        data_pfns = pfns[has_data]
-        if len(data_pfns):
-            src = memoryview(value.data)
-            with self.host.map_pages(
-                self.domid, data_pfns, writable=True
-            ) as mapping:
-                for i, page in enumerate(mapping.pages):
-                    off = i * libxc.PAGE_SIZE
-                    page[:] = src[off : off + libxc.PAGE_SIZE]
-        cleared = pfns[alloc & seen]
-        if len(cleared):
-            with self.host.map_pages(
-                self.domid, cleared, writable=True
-            ) as mapping:
-                for page in mapping.pages:
-                    page[:] = bytes(libxc.PAGE_SIZE)
-        self.pages += len(pfns)
+        data = memoryview(value.data).cast("B")
+        mapping = self.page_targets(value.pfns, value.types, data.nbytes)
+        if mapping is None:
+            return
+        with mapping:
+            pos = 0
+            for _, view in mapping.runs():
+                view[:] = data[pos : pos + view.nbytes]
+                pos += view.nbytes
+
+    def page_record(self, record: bytes | memoryview) -> None:
+        """Apply a frame that holds exactly one PAGE_DATA record (flag
+        PAGES, compressed: it was not read into place)."""
+        view = memoryview(record)
+        if len(view) < libxc.RHDR.size:
+            raise ProtocolError("page frame shorter than a record header")
+        rtype, rlen = libxc.RHDR.unpack_from(view)
+        if rtype != libxc.PAGE_DATA or libxc.RHDR.size + rlen != len(view):
+            raise ProtocolError(
+                f"a page frame of {len(view)} octets holds record type "
+                f"{rtype:#x} of {rlen} octets, not one PAGE_DATA record"
+            )
+        try:
+            value = _PAGE_CODEC.decode(view[libxc.RHDR.size :])
+        except BodyError as exc:
+            raise ProtocolError(f"PAGE_DATA frame: {exc}") from exc
+        self._page_data(value)
+
+    def page_targets(
+        self, pfns: np.ndarray, types: np.ndarray, data_bytes: int
+    ) -> base.PageMapping | None:
+        """Apply a PAGE_DATA batch but for its page contents: checked,
+        populated, pages that became zero cleared. Returns the pages that
+        carry data mapped writable, to be filled in pfn order (straight
+        from the socket) and closed by the caller, or None. Several
+        channels may call this at once."""
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        types = np.asarray(types)
+        has_data = libxc.carries_data(types)
+        alloc = types == libxc.XALLOC
+        # Host calls one at a time (base.HostDriver); the filling of the
+        # mapped pages runs in parallel.
+        with self._lock:
+            validate.check_pages(
+                self.limits,
+                pfns,
+                types,
+                int(np.count_nonzero(has_data)),
+                data_bytes,
+            )
+            # XTAB and BROKEN entries name pfns the guest does not have
+            # (xg_sr_restore.c populates only the others).
+            real = (types != libxc.XTAB) & (types != libxc.BROKEN)
+            self.host.populate(self.domid, pfns[real])
+            seen = self._mark(pfns)
+            cleared = pfns[alloc & seen]
+            if len(cleared):
+                with self.host.map_pages(
+                    self.domid, cleared, writable=True
+                ) as mapping:
+                    for _, view in mapping.runs():
+                        view[:] = bytes(view.nbytes)
+            self.pages += len(pfns)
+            data_pfns = pfns[has_data]
+            if not len(data_pfns):
+                return None
+            return self.host.map_pages(self.domid, data_pfns, writable=True)
 
     def _mark(self, pfns: np.ndarray) -> np.ndarray:
         """Record ``pfns`` as populated; which of them already were."""
@@ -179,6 +234,17 @@ class Restorer:
         seen = self._populated[idx].copy()
         self._populated[idx] = True
         return seen
+
+    def _cpu_policy(self, value: np.ndarray) -> None:
+        if value.dtype == libxc.MSR_ENTRY:
+            self.host.set_cpu_policy(self.domid, b"", value.tobytes())
+        else:
+            self.host.set_cpu_policy(self.domid, value.tobytes(), b"")
+
+    def _emulator_context(self, value: libxl.EmulatorContext) -> None:
+        self.host.set_emulator_context(
+            self.domid, value.emulator_id, bytes(value.context)
+        )
 
     def _tsc_info(self, value: libxc.X86TscInfo) -> None:
         self.stopped = True
@@ -215,7 +281,9 @@ class Restorer:
                     "PV state"
                 )
         else:
-            state = self._pv.result().to_pv_state(self._params)
+            records = self._pv.result()
+            validate.check_pv_records(self.limits, records, self._populated)
+            state = records.to_pv_state(self._params)
             if self._before_pv_import is not None:
                 self._before_pv_import()
             self.host.import_pv_state(self.domid, state)
@@ -224,7 +292,10 @@ class Restorer:
 
 _HANDLERS = {
     (libxl.LAYER, "LIBXC_CONTEXT"): Restorer._ignore,
+    (libxc.LAYER, "X86_CPUID_POLICY"): Restorer._cpu_policy,
+    (libxc.LAYER, "X86_MSR_POLICY"): Restorer._cpu_policy,
     (libxc.LAYER, "STATIC_DATA_END"): Restorer._ignore,
+    (libxl.LAYER, "EMULATOR_CONTEXT"): Restorer._emulator_context,
     (libxc.LAYER, "PAGE_DATA"): Restorer._page_data,
     (libxc.LAYER, "X86_TSC_INFO"): Restorer._tsc_info,
     (libxc.LAYER, "HVM_CONTEXT"): Restorer._hvm_context,
@@ -232,6 +303,73 @@ _HANDLERS = {
     (libxc.LAYER, "END"): Restorer._libxc_end,
     (libxl.LAYER, "END"): Restorer._libxl_end,
 }
+
+
+_PAGE_CODEC = libxc.PageDataCodec()
+_PAGE_HEAD = libxc.RHDR.size + libxc.PAGE_DATA_HDR.size
+_DATA_CAPABILITIES = (
+    protocol.Capability.LZ4.value,
+    protocol.Capability.MULTI_CHANNEL.value,
+)
+
+
+def _read_frame(
+    channel: Channel, header: protocol.DataHeader, restorer: Restorer
+) -> protocol.Data | None:
+    """Read the body of a data frame whose header came (direct mode).
+
+    A page batch (flag PAGES) is read straight into the restoring guest's
+    memory and None returned; any other body comes back as Data. The
+    guest is paused and a frame failing its tag fails the migration, so
+    pages written before the tag is checked are never run.
+    """
+    if header.pages:
+        _read_pages(channel, header.length, restorer)
+        body: bytearray | None = None
+    else:
+        body = bytearray(header.length)
+        if header.length:
+            channel.read_payload_into(memoryview(body))
+    end = channel.receive()
+    if not isinstance(end, protocol.DataEnd):
+        raise ProtocolError(
+            f"{type(end).__name__} inside data frame {header.seq}"
+        )
+    if body is None:
+        return None
+    return protocol.Data(seq=header.seq, payload=body)
+
+
+def _read_pages(channel: Channel, length: int, restorer: Restorer) -> None:
+    """One PAGE_DATA record of ``length`` octets from ``channel``: header
+    and pfns first, checked and applied, then the contents into place."""
+    if length < _PAGE_HEAD:
+        raise ProtocolError(f"PAGE_DATA frame of {length} octets")
+    head = bytearray(_PAGE_HEAD)
+    channel.read_payload_into(memoryview(head))
+    rtype, rlen = libxc.RHDR.unpack_from(head)
+    # A PAGE_DATA body is a multiple of 8 octets: no padding.
+    if rtype != libxc.PAGE_DATA or libxc.RHDR.size + rlen != length:
+        raise ProtocolError(
+            f"a page frame of {length} octets holds record type "
+            f"{rtype:#x} of {rlen} octets, not one PAGE_DATA record"
+        )
+    try:
+        size = _PAGE_CODEC.head_size(memoryview(head)[libxc.RHDR.size :], rlen)
+        pfn_head = bytearray(size)
+        pfn_head[: libxc.PAGE_DATA_HDR.size] = head[libxc.RHDR.size :]
+        channel.read_payload_into(
+            memoryview(pfn_head)[libxc.PAGE_DATA_HDR.size :]
+        )
+        pfns, types = _PAGE_CODEC.decode_head(memoryview(pfn_head), rlen)
+    except BodyError as exc:
+        raise ProtocolError(f"PAGE_DATA frame: {exc}") from exc
+    mapping = restorer.page_targets(pfns, types, rlen - size)
+    if mapping is None:
+        return
+    with mapping:
+        for _, view in mapping.runs():
+            channel.read_payload_into(view)
 
 
 class MigrationAborted(EngineError):
@@ -259,6 +397,7 @@ class Receiver:
         conf: cfg.ConfigOpts | None = None,
         sinks: Iterable[ProgressSink] = (),
         listener: Listener | None = None,
+        source_address: str | None = None,
     ) -> None:
         if conf is None:
             from nova_xen_ncm.conf import CONF as conf
@@ -267,7 +406,13 @@ class Receiver:
         self.host = host
         self.migration_id = migration_id
         self._token = token
-        self.listener = listener or Listener.from_conf(conf, expected=1)
+        # ``source_address``: the only address the source may connect
+        # from (with [xen_ncm] allowed_sources), where the caller knows.
+        self.listener = listener or Listener.from_conf(
+            conf,
+            expected=1,
+            allowed_sources=[source_address] if source_address else (),
+        )
         self.state = MigrationState(migration_id, Role.DESTINATION, sinks)
         self.domid: int | None = None
         #: The failure that ended the migration, if any.
@@ -280,6 +425,21 @@ class Receiver:
         self._source_knows = False
         # Highest data frame applied: where a resumed channel goes on.
         self._applied = 0
+        # Data channels 1..n-1 (SETUP's channels), each served by its
+        # own thread; the highest frame each applied.
+        self._data: dict[int, Channel] = {}
+        self._data_applied: dict[int, int] = {}
+        self._data_threads: list[threading.Thread] = []
+        self._data_error: BaseException | None = None
+        # Set once no channel may resume any more (stream done or over).
+        self._transfer_over = threading.Event()
+        # Dropped channels waiting for the source to resume them, and
+        # resumed connections not yet taken by their channel's thread;
+        # one thread at a time accepts for all of them.
+        self._resume = threading.Condition()
+        self._dropped: set[int] = set()
+        self._resumed: dict[int, Channel] = {}
+        self._accepting = False
         # Digests of the items complete before the PV state is imported.
         self._platform_digests: dict[str, str] = {}
 
@@ -296,7 +456,10 @@ class Receiver:
         try:
             self._accept()
             restorer = self._setup()
-            self._receive(restorer)
+            try:
+                self._receive(restorer)
+            finally:
+                self._end_transfer()
             self._restore(restorer)
             message = self._channel.receive()
             if isinstance(message, protocol.Abort):
@@ -331,6 +494,7 @@ class Receiver:
             self.listener,
             io_timeout=self.opts.io_timeout,
             max_data=self.opts.max_frame_bytes,
+            direct_payload=True,
         )
         try:
             channel.server_handshake(
@@ -343,7 +507,35 @@ class Receiver:
         return channel
 
     def _accept(self) -> None:
-        self._channel = self._handshake()
+        """The source's first connection. A stray one (another
+        migration's, or one that never completes a HELLO) is dropped and
+        the source still awaited; a wrong token for this migration ends
+        it, the token being good for one attempt."""
+        deadline = time.monotonic() + self.listener.accept_timeout
+        while True:
+            accepted = self.listener.accepted
+            try:
+                self._channel = self._handshake()
+                return
+            except Refused as exc:
+                if exc.code != protocol.RefuseReason.UNKNOWN_MIGRATION:
+                    raise
+                why: Exception = exc
+            except TransportError as exc:
+                if self.listener.accepted == accepted:
+                    raise  # nobody connected in time
+                why = exc
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise why
+            LOG.warning(
+                "Migration %s: dropped a stray connection (%s); still "
+                "waiting for the source",
+                self.migration_id,
+                why,
+            )
+            self.listener.allow()
+            self.listener.accept_timeout = left
 
     def _setup(self) -> Restorer:
         setup = self._channel.receive()
@@ -381,6 +573,8 @@ class Receiver:
         self._created = True
         self.domid = setup.domid
         self._running = setup.running
+        # The data channels connect once the source has this reply.
+        self.listener.allow(setup.channels - 1)
         self._channel.send(
             protocol.SetupReply(
                 accepted=True, domid=setup.domid, code="", text=""
@@ -389,18 +583,59 @@ class Receiver:
         self.state.transition(
             Phase.SETUP, Phase.PRECOPY, detail={"domid": setup.domid}
         )
-        return Restorer(
+        restorer = Restorer(
             self.host,
             setup.domid,
             pv_drivers=setup.pv_drivers,
             before_pv_import=self._digest_platform,
         )
+        self._open_data_channels(setup.channels, restorer)
+        return restorer
+
+    def _open_data_channels(self, count: int, restorer: Restorer) -> None:
+        """Accept data channels 1..count-1 (in any order) and serve each
+        in its own thread."""
+
+        def token_for(hello: protocol.Hello) -> bytes:
+            if not 0 < hello.channel < count or hello.channel in self._data:
+                raise Refused(
+                    protocol.RefuseReason.TOO_MANY_CONNECTIONS,
+                    f"channel {hello.channel} of {count} is not expected",
+                )
+            return self._token_for(hello)
+
+        while len(self._data) < count - 1:
+            channel = Channel.accept(
+                self.listener,
+                io_timeout=self.opts.io_timeout,
+                max_data=self.opts.max_frame_bytes,
+                direct_payload=True,
+            )
+            try:
+                hello, _ = channel.server_handshake(
+                    token_for, capabilities=_DATA_CAPABILITIES
+                )
+            except BaseException:
+                channel.close()
+                raise
+            self._data[hello.channel] = channel
+            self._data_applied[hello.channel] = 0
+        for index in sorted(self._data):
+            thread = threading.Thread(
+                target=self._serve_data,
+                args=(index, restorer),
+                name=f"migration-{self.migration_id}-in-{index}",
+                daemon=True,
+            )
+            thread.start()
+            self._data_threads.append(thread)
 
     def _digest_platform(self) -> None:
         # Memory as the source paused it: a reconnecting backend may then
         # answer in-flight requests into the ring pages.
         self._platform_digests = guest_digests(
-            self.host.guest_state(self.domid), _PLATFORM_ITEMS
+            self.host.guest_state(self.domid, _PLATFORM_ITEMS),
+            _PLATFORM_ITEMS,
         )
 
     def _check(self, setup: protocol.Setup) -> None:
@@ -448,6 +683,12 @@ class Receiver:
         while True:
             try:
                 event = self._channel.receive()
+                if isinstance(event, protocol.DataHeader):
+                    seq = event.seq
+                    event = _read_frame(self._channel, event, restorer)
+                    if event is None:
+                        self._applied = seq
+                        continue
                 if isinstance(event, protocol.Data) and not len(event.payload):
                     self._channel.send(protocol.Ack(seq=event.seq))
                     self._applied = event.seq
@@ -455,6 +696,8 @@ class Receiver:
                         return
                     continue
             except TransportError as exc:
+                if self._data_error is not None:
+                    raise self._data_error from exc
                 self._await_resume(exc)
                 continue
             if isinstance(event, protocol.Abort):
@@ -467,6 +710,10 @@ class Receiver:
                 )
             if restorer.done:
                 raise ProtocolError("data after the end of the stream")
+            if event.pages:
+                restorer.page_record(event.payload)
+                self._applied = event.seq
+                continue
             decoder.feed(event.payload)
             for record in decoder.records():
                 if restorer.stopped is False and self._stops(record):
@@ -476,49 +723,207 @@ class Receiver:
             if restorer.done:
                 self.state.transition(Phase.STOP_AND_COPY, Phase.RESTORE)
 
+    def _serve_data(self, index: int, restorer: Restorer) -> None:
+        """Data channel ``index``: page batches, each applied as it comes
+        (a round's pages are distinct, so channels never race for a
+        page), and the flush that ends each round, acknowledged once all
+        before it is applied."""
+        channel = self._data[index]
+        while True:
+            try:
+                event = channel.receive()
+                seq = getattr(event, "seq", None)
+                if isinstance(event, protocol.DataHeader):
+                    event = _read_frame(channel, event, restorer)
+                if event is None:
+                    # A page batch, read straight into guest memory.
+                    self._data_applied[index] = seq
+                    continue
+                if not isinstance(event, protocol.Data):
+                    raise ProtocolError(
+                        f"{type(event).__name__} on data channel {index}"
+                    )
+                if not len(event.payload):
+                    channel.send(protocol.Ack(seq=event.seq))
+                elif not event.pages:
+                    raise ProtocolError(
+                        f"stream records on data channel {index}: only "
+                        "page batches travel there"
+                    )
+                else:
+                    restorer.page_record(event.payload)
+                self._data_applied[index] = event.seq
+            except TransportError as exc:
+                channel.close()
+                if self._transfer_over.is_set() or self.state.phase not in (
+                    Phase.PRECOPY,
+                    Phase.STOP_AND_COPY,
+                ):
+                    # The stream is complete: the source closed it.
+                    return
+                try:
+                    channel = self._accept_resume(index, exc)
+                except (EngineError, OSError) as again:
+                    LOG.debug("Data channel %d ends: %s", index, again)
+                    return
+                self._data[index] = channel
+            except Exception as exc:
+                # The control channel's thread raises it: waking it with
+                # a shut-down socket is the one way to reach it promptly.
+                LOG.error(
+                    "Migration %s: data channel %d failed: %s",
+                    self.migration_id,
+                    index,
+                    exc,
+                )
+                self._data_error = exc
+                channel.close()
+                control = self._channel
+                if control is not None:
+                    with contextlib.suppress(OSError):
+                        control.sock.shutdown(socket.SHUT_RD)
+                return
+
     def _await_resume(self, cause: Exception) -> None:
         """The source reconnects with RESUME after a dropped connection;
         frames are whole or not applied, so the stream goes on."""
+        self._close_channel()
+        self._channel = self._accept_resume(0, cause)
+
+    def _accept_resume(self, index: int, cause: Exception) -> Channel:
+        """The new connection of channel ``index``, which dropped.
+
+        One thread at a time accepts, for every dropped channel: a
+        connection resuming another channel is handed to that channel's
+        thread.
+        """
         LOG.warning(
-            "Migration %s: connection lost in %s (%s); waiting for the "
+            "Migration %s: channel %d lost in %s (%s); waiting for the "
             "source to resume",
             self.migration_id,
+            index,
             self.state.phase,
             cause,
         )
-        self._close_channel()
-        self.listener.allow()
         wait = self.opts.transfer_retry_timeout
         if self.state.phase is not Phase.PRECOPY:
             # The source gives up when its downtime budget is spent.
             wait = min(wait, self.opts.downtime_budget)
-        self.listener.accept_timeout = wait
+        deadline = time.monotonic() + wait
+        with self._resume:
+            self._dropped.add(index)
+            self.listener.allow()
+            while True:
+                channel = self._resumed.pop(index, None)
+                if channel is not None:
+                    return channel
+                left = deadline - time.monotonic()
+                if left <= 0 or self._transfer_over.is_set():
+                    self._dropped.discard(index)
+                    raise TransportError(
+                        f"channel {index} was not resumed within {wait}s"
+                    )
+                if not self._accepting:
+                    self._accepting = True
+                    break
+                self._resume.wait(left)
+        try:
+            while True:
+                if self._transfer_over.is_set():
+                    raise TransportError("the transfer is over")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransportError(
+                        f"channel {index} was not resumed within {wait}s"
+                    )
+                # Short waits: the stream may end while this one waits.
+                self.listener.accept_timeout = min(left, 0.2)
+                try:
+                    channel = self._accept_resumed()
+                except TransportError:
+                    if time.monotonic() < deadline:
+                        continue
+                    raise
+                except Refused:
+                    # Refused and told (a channel that is not waiting
+                    # yet): the source tries again.
+                    continue
+                with self._resume:
+                    self._dropped.discard(channel.connection.hello.channel)
+                    if channel.connection.hello.channel == index:
+                        return channel
+                    self._resumed[channel.connection.hello.channel] = channel
+                    self._resume.notify_all()
+        finally:
+            with self._resume:
+                self._accepting = False
+                self._dropped.discard(index)
+                self._resume.notify_all()
+
+    def _accept_resumed(self) -> Channel:
+        """Accept a connection that RESUMEs a dropped channel."""
+
+        def token_for(hello: protocol.Hello) -> bytes:
+            if hello.channel not in self._dropped:
+                raise Refused(
+                    protocol.RefuseReason.BAD_REQUEST,
+                    f"channel {hello.channel} is not waiting to resume",
+                )
+            return self._token_for(hello)
+
+        def resume_from(hello: protocol.Hello, resume: protocol.Resume) -> int:
+            if hello.channel == 0:
+                return self._applied
+            return self._data_applied[hello.channel]
+
         channel = Channel.accept(
             self.listener,
             io_timeout=self.opts.io_timeout,
             max_data=self.opts.max_frame_bytes,
+            direct_payload=True,
         )
         try:
             _, proof = channel.server_handshake(
-                self._token_for,
-                capabilities=[protocol.Capability.LZ4.value],
-                resume_from=lambda hello, resume: self._applied,
+                token_for,
+                capabilities=_DATA_CAPABILITIES,
+                resume_from=resume_from,
             )
             if not isinstance(proof, protocol.Resume):
                 raise ProtocolError("expected RESUME of the dropped channel")
         except BaseException:
             channel.close()
             raise
-        self._channel = channel
+        return channel
+
+    def _end_transfer(self) -> None:
+        """No channel resumes any more; the data channels close."""
+        self._transfer_over.set()
+        with self._resume:
+            self._resume.notify_all()
+        for channel in list(self._data.values()):
+            channel.close()
+        for thread in self._data_threads:
+            # Each wakes within a short accept wait or a closed socket.
+            thread.join(timeout=5.0)
+        with self._resume:
+            resumed, self._resumed = self._resumed, {}
+        for channel in resumed.values():
+            channel.close()
 
     @staticmethod
     def _stops(record: Record) -> bool:
         return record.layer == libxc.LAYER and record.name in _REQUIRED
 
     def _restore(self, restorer: Restorer) -> None:
+        # Memory and platform were digested before the PV import (if
+        # there was one): all RAM is hashed once in the downtime.
+        items = [
+            i
+            for i in needed_items(restorer.pv_drivers)
+            if i.value not in self._platform_digests
+        ]
         digests = guest_digests(
-            self.host.guest_state(self.domid),
-            needed_items(restorer.pv_drivers),
+            self.host.guest_state(self.domid, items), items
         )
         digests.update(self._platform_digests)
         self._channel.send(protocol.Ready(digest=format_digests(digests)))
@@ -542,10 +947,15 @@ class Receiver:
             return
         self.state.transition(Phase.COMMIT, Phase.CLEANUP)
         try:
+            # A source that closed before COMMITTED went out died after
+            # COMMIT: its close says nothing, and a restarted source asks.
+            early = _peer_closed(self._channel.sock)
             self._channel.send(protocol.Committed())
             closed = self._channel.next_event()
             # The source closes once it has COMMITTED.
-            self._source_knows = isinstance(closed, protocol.ConnectionClosed)
+            self._source_knows = not early and isinstance(
+                closed, protocol.ConnectionClosed
+            )
         except (EngineError, OSError) as exc:
             LOG.warning(
                 "Migration %s: COMMITTED may not have reached the source: %s",
@@ -601,7 +1011,8 @@ class Receiver:
 
     def _serve_queries(self) -> None:
         """After READY the source may not know the outcome: answer its
-        QUERY on new connections for the commit query window."""
+        QUERY on new connections for the commit query window (every
+        query: a source restarted after a crash asks again)."""
         self._close_channel()
         deadline = time.monotonic() + self.opts.commit_query_timeout
         while time.monotonic() < deadline:
@@ -627,11 +1038,18 @@ class Receiver:
                     )
                 except (EngineError, OSError) as exc:
                     LOG.debug("Commit query failed: %s", exc)
-                    continue
-            # Answered: the source knows the outcome.
-            return
 
     def _close_channel(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the peer's end of the stream (FIN) is already here."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        # Reset, or a socket that cannot peek (TLS): no early close seen.
+        return False

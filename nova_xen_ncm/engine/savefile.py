@@ -92,7 +92,13 @@ def save(
         host.pause(domid)
     stream = GuestStream(host, domid, xen_compatible=xen_compatible)
     # NUL-terminated, as xl writes it (strlen + 1) and reads it back.
-    config = json.dumps(libxl_config(info), sort_keys=True).encode() + b"\0"
+    libxl_json = host.libxl_config(domid)
+    if libxl_json is None:
+        libxl_json = libxl_config(info)
+    else:
+        # LIBXL_HAVE_CREATEINFO_DOMID: restore with the same domid.
+        libxl_json.setdefault("c_info", {})["domid"] = domid
+    config = json.dumps(libxl_json, sort_keys=True).encode() + b"\0"
     extra = json.dumps(
         {EXTRA_KEY: {"domid": domid, "pv_drivers": info.pv_drivers}},
         sort_keys=True,

@@ -19,7 +19,9 @@ runs on here; after COMMIT the guest is never resumed here on a guess.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -31,10 +33,12 @@ import numpy as np
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from nova_xen_ncm.engine import journal
 from nova_xen_ncm.engine import policy as policies
 from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine import pvstate
 from nova_xen_ncm.engine import retry
+from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.errors import CancelRequested
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.errors import ProtocolError
@@ -55,6 +59,7 @@ from nova_xen_ncm.progress.model import ProgressEvent
 from nova_xen_ncm.progress.model import ProgressSink
 from nova_xen_ncm.stream import encoder as stream_encoder
 from nova_xen_ncm.stream import libxc
+from nova_xen_ncm.stream import libxl
 from nova_xen_ncm.stream import tables
 from nova_xen_ncm.stream.records import Buffers
 
@@ -104,6 +109,7 @@ class GuestStream:
         self.domid = domid
         self.xen_compatible = xen_compatible
         self.batch_pages = batch_pages
+        self._host_lock = threading.Lock()
         if xen_compatible:
             self.encoder = stream_encoder.Encoder(
                 libxc_table=tables.xen_libxc_table(),
@@ -122,7 +128,7 @@ class GuestStream:
         return out
 
     def pages(
-        self, pfns: np.ndarray, *, copy: bool = False
+        self, pfns: np.ndarray, *, copy: bool = False, reuse: bool = False
     ) -> Iterator[PageBatch]:
         """PAGE_DATA batches of ``pfns``. A zero page goes as XALLOC
         (populate, no data), so it costs 8 octets on the wire.
@@ -131,36 +137,86 @@ class GuestStream:
         themselves, for a guest that cannot write them (paused, saving to
         a file). A running guest's pages are copied first: the frame's
         authentication tag is computed before the bytes are written, and
-        the guest may change them in between.
+        the guest may change them in between. ``reuse`` copies every
+        batch into the same buffer, for a caller done with a batch
+        before it asks for the next.
         """
         pfns = np.asarray(pfns, dtype=np.uint64)
-        for batch in base.iter_batches(pfns, self.batch_pages):
-            with self.host.map_pages(self.domid, batch) as mapping:
-                pages = mapping.pages
-                # One copy of the batch, tested for zero pages at once: a
-                # test per page costs more than the copy.
-                snapshot = memoryview(b"".join(pages))
+        return self.batches(
+            base.iter_batches(pfns, self.batch_pages), copy=copy, reuse=reuse
+        )
+
+    def batches(
+        self,
+        batches: Iterable[np.ndarray],
+        *,
+        copy: bool = False,
+        reuse: bool = False,
+    ) -> Iterator[PageBatch]:
+        """:meth:`pages` of pfn batches already cut (several threads may
+        each send their share of a round)."""
+        scratch: bytearray | None = None
+        for batch in batches:
+            batch = np.asarray(batch, dtype=np.uint64)
+            # Host calls one at a time (base.HostDriver); the mapped pages
+            # are read by each thread on its own.
+            with self._host_lock:
+                mapping = self.host.map_pages(self.domid, batch)
+            try:
+                runs = mapping.runs()
                 if copy:
-                    pages = [
-                        snapshot[i : i + base.PAGE_SIZE]
-                        for i in range(0, len(snapshot), base.PAGE_SIZE)
-                    ]
-                nonzero = (
-                    np.frombuffer(snapshot, dtype=np.uint64)
-                    .reshape(len(batch), -1)
-                    .any(axis=1)
-                )
-                types = np.where(nonzero, _DATA_TYPE, _ZERO_TYPE).astype(
-                    np.uint8
-                )
-                data = [
-                    p for p, keep in zip(pages, nonzero, strict=True) if keep
-                ]
-                yield PageBatch(
-                    buffers=self.encoder.page_data(batch, types, data),
-                    pages=len(batch),
-                    zero_pages=len(batch) - len(data),
-                )
+                    size = len(batch) * base.PAGE_SIZE
+                    if not reuse or scratch is None or len(scratch) < size:
+                        scratch = bytearray(size)
+                    snapshot = memoryview(scratch)[:size]
+                    pos = 0
+                    for _, view in runs:
+                        snapshot[pos : pos + view.nbytes] = view
+                        pos += view.nbytes
+                    runs = [(0, snapshot)]
+                yield self._batch(batch, runs)
+            finally:
+                with self._host_lock:
+                    mapping.close()
+
+    def _batch(
+        self, batch: np.ndarray, runs: list[tuple[int, memoryview]]
+    ) -> PageBatch:
+        """The PAGE_DATA record of ``batch`` whose contents are ``runs``
+        (base.PageMapping.runs); the data goes as views of the runs, one
+        per stretch of non-zero pages, so no page is copied here."""
+        # Zero pages found a run at a time: a test per page costs more
+        # than reading the batch.
+        nonzero = np.concatenate(
+            [
+                np.frombuffer(view, dtype=np.uint64)
+                .reshape(-1, base.PAGE_SIZE // 8)
+                .any(axis=1)
+                for _, view in runs
+            ]
+        )
+        types = np.where(nonzero, _DATA_TYPE, _ZERO_TYPE).astype(np.uint8)
+        data: list[memoryview] = []
+        keep = np.flatnonzero(nonzero)
+        if len(keep):
+            firsts = np.array([first for first, _ in runs])
+            run_start = np.zeros(len(batch), dtype=bool)
+            run_start[firsts] = True
+            cut = np.flatnonzero((np.diff(keep) != 1) | run_start[keep[1:]])
+            lo = keep[np.concatenate(([0], cut + 1))]
+            hi = keep[np.concatenate((cut, [len(keep) - 1]))] + 1
+            which = np.searchsorted(firsts, lo, side="right") - 1
+            for a, b, r in zip(
+                lo.tolist(), hi.tolist(), which.tolist(), strict=True
+            ):
+                first, view = runs[r]
+                lo_off = (a - first) * base.PAGE_SIZE
+                data.append(view[lo_off : (b - first) * base.PAGE_SIZE])
+        return PageBatch(
+            buffers=self.encoder.page_data(batch, types, data),
+            pages=len(batch),
+            zero_pages=len(batch) - len(keep),
+        )
 
     def platform(self) -> Buffers:
         """X86_TSC_INFO, HVM_CONTEXT and HVM_PARAMS of the paused guest."""
@@ -189,6 +245,15 @@ class GuestStream:
             for name, value in pv.libxc_records():
                 out += enc.libxc(name, value)
         out += enc.libxc("END")
+        # The device model's state, where libxl writes it (after libxc).
+        emulator = self.host.get_emulator_context(self.domid)
+        if emulator is not None:
+            out += enc.libxl(
+                "EMULATOR_CONTEXT",
+                libxl.EmulatorContext(
+                    emulator[0], 0, memoryview(emulator[1])
+                ),
+            )
         if pv is not None:
             for name, value in pv.libxl_records():
                 out += enc.libxl(name, value)
@@ -203,6 +268,11 @@ class GuestStream:
 
 class MigrationAborted(EngineError):
     """The migration was cancelled, or the policy gave up."""
+
+
+class _Halted(TransportError):
+    """A channel stopped because another channel of the round failed; it
+    is not broken itself."""
 
 
 class RemoteError(EngineError):
@@ -266,11 +336,19 @@ class Sender:
         self.policy = policy or policies.load_policy(
             self.opts.precopy_policy, policies.PolicyParams.from_conf(conf)
         )
+        # What a restarted engine needs to settle this migration
+        # (recovery.py); None without [xen_ncm] state_path.
+        self.journal = journal.sink_from_conf(
+            conf, migration_id, domid, endpoint, token
+        )
+        if self.journal is not None:
+            sinks = [*sinks, self.journal]
         self.state = MigrationState(migration_id, Role.SOURCE, sinks)
         self.info = host.domain_info(domid)
         self.stats = MigrationStats(
             migration_id, self.info.memory_bytes, clock=clock
         )
+        self.state.statistics = self.stats.to_dict
         self.stream = GuestStream(host, domid)
         # A paused guest is migrated paused and stays so: SETUP tells the
         # destination not to unpause it on COMMIT.
@@ -281,9 +359,17 @@ class Sender:
         #: The failure that ended the migration, if any.
         self.error: BaseException | None = None
         self._force = threading.Event()
-        self._channel: Channel | None = None
+        # Channel 0 carries control messages and the stream's records;
+        # page batches are shared out over all channels, each with its
+        # own frame sequence and the highest frame acknowledged on it.
+        self._channels: list[Channel | None] = [None] * self.opts.channels
+        self._acked_by = [0] * self.opts.channels
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Set when a channel of a round failed: the others stop too.
+        self._halt = threading.Event()
+        self._thread_channel = threading.local()
+        self._progress_lock = threading.Lock()
         self._compress = False
-        self._acked = 0
         self._log_dirty = False
         self._throttled = False
         self._paused = False
@@ -294,6 +380,31 @@ class Sender:
         self._last_progress = clock()
         # Digests of the paused guest's visible state, for READY's.
         self._digests: dict[str, str] | None = None
+
+    @property
+    def _channel(self) -> Channel | None:
+        """The control channel (channel 0)."""
+        return self._channels[0]
+
+    @_channel.setter
+    def _channel(self, channel: Channel | None) -> None:
+        self._channels[0] = channel
+
+    @property
+    def _acked(self) -> int:
+        return self._acked_by[0]
+
+    @_acked.setter
+    def _acked(self, seq: int) -> None:
+        self._acked_by[0] = seq
+
+    @property
+    def _copy_pages(self) -> bool:
+        """Whether pages must be copied before they are sent: unless the
+        guest is paused and nothing else writes its memory (no PV
+        backends), it may change a page between its authentication tag
+        and the socket write."""
+        return self._running or self.info.pv_drivers
 
     # -- control from other threads --
 
@@ -317,6 +428,9 @@ class Sender:
             decision, pending = self._precopy()
             self._stop_and_copy(decision, pending)
             self._restore()
+            if self.journal is not None:
+                # Durable before COMMIT goes out, or no COMMIT at all.
+                self.journal.decide_commit()
             self.state.transition(Phase.RESTORE, Phase.COMMIT)
         except CancelRequested as exc:
             self._rollback(MigrationAborted(f"cancelled before commit: {exc}"))
@@ -324,6 +438,8 @@ class Sender:
             self._rollback(exc)
         else:
             self._commit()
+        if self._pool is not None:
+            self._pool.shutdown()
         self.stats.finish()
         return self.state.phase
 
@@ -352,6 +468,7 @@ class Sender:
                 pv_drivers=info.pv_drivers,
                 required=tuple(i.value for i in needed_items(info.pv_drivers)),
                 running=self._running,
+                channels=len(self._channels),
             )
         )
         reply = _expect(self._channel.receive(), protocol.SetupReply)
@@ -361,11 +478,20 @@ class Sender:
             raise ProtocolError(
                 f"destination reserved domid {reply.domid}, not {self.domid}"
             )
+        for index in range(1, len(self._channels)):
+            self._channels[index] = retry.call(
+                functools.partial(self._connect, index=index),
+                what=f"connect data channel {index}",
+                budget=budget,
+                on_retry=self._on_retry,
+            )
         # The destination holds an empty domain now: a cancel rolls it
         # back before any page moves.
         self._check_cancel()
         self.state.transition(
-            Phase.SETUP, Phase.PRECOPY, detail={"domid": self.domid}
+            Phase.SETUP,
+            Phase.PRECOPY,
+            detail={"domid": self.domid, "running": self._running},
         )
 
     def _check_source(self) -> None:
@@ -385,22 +511,29 @@ class Sender:
                 f"{self.host.hostname} cannot track dirty pages (log-dirty)"
             )
 
-    def _connect(self, last_acked: int | None = None) -> Channel:
-        """A new authenticated connection; ``last_acked`` resumes the
-        migration's channel after a drop (RESUME instead of AUTH)."""
+    def _connect(
+        self, last_acked: int | None = None, index: int = 0
+    ) -> Channel:
+        """A new authenticated connection of channel ``index``;
+        ``last_acked`` resumes the channel after a drop (RESUME instead
+        of AUTH)."""
         caps = []
         if self.opts.compression == "lz4":
             caps.append(protocol.Capability.LZ4.value)
+        if len(self._channels) > 1:
+            caps.append(protocol.Capability.MULTI_CHANNEL.value)
         channel = Channel.connect(
             *self.endpoint,
             connect_timeout=self.opts.connect_timeout,
             io_timeout=self.opts.io_timeout,
             max_data=self.opts.max_frame_bytes,
+            tls=transport.tls_context(self.conf, server=False),
         )
         try:
             channel.client_handshake(
                 self.migration_id,
                 self.token,
+                channel=index,
                 capabilities=caps,
                 last_acked=last_acked,
             )
@@ -457,18 +590,26 @@ class Sender:
         idempotent, and the destination applies whole frames only."""
         budget = retry.RetryBudget.from_conf(self.conf, retry.Step.TRANSFER)
 
-        def attempt() -> tuple[int, int, int]:
-            if self._channel is None:
-                # Frames go on after the last one the destination applied
-                # (the connection numbers them from its resume_from).
-                self._channel = self._connect(last_acked=self._acked)
-            try:
-                sent = self._send_pages(pfns)
-                self._flush()
-            except TransportError:
-                self._close_channel()
-                raise
+        batches = list(base.iter_batches(pfns, self.stream.batch_pages))
+        count = len(self._channels)
+        done = [0]
+
+        def share(index: int) -> tuple[int, int, int]:
+            sent = self._send_pages(
+                pfns, share=batches[index::count], done=done
+            )
+            self._flush_channel(index)
             return sent
+
+        def attempt() -> tuple[int, int, int]:
+            self._reconnect()
+            done[0] = 0
+            sent = self._on_channels(share)
+            return (
+                sum(s[0] for s in sent),
+                sum(s[1] for s in sent),
+                sum(s[2] for s in sent),
+            )
 
         return retry.call(
             attempt,
@@ -518,44 +659,62 @@ class Sender:
         # Pages populated since round 0 were never sent.
         added = np.setdiff1d(populated, self._sent_populated)
         final = np.union1d(np.union1d(pending, dirty), added)
-        # Numbered up front and kept until acknowledged, so that a resumed
-        # connection sends exactly the frames the destination lacks.
         frames: list[Buffers] = []
         for batch in self.stream.pages(final, copy=True):
             frames.append(batch.buffers)
             self._check_cancel()
-        frames += [platform, end]
-        self._send_final(frames)
+        self._send_final(frames, [platform, end])
+        # Page data is all there: the data channels are done.
+        for index in range(1, len(self._channels)):
+            self._close_channel(index)
         self.state.transition(Phase.STOP_AND_COPY, Phase.RESTORE)
 
-    def _send_final(self, frames: list[Buffers]) -> None:
-        """Send the stop-and-copy frames and have them acknowledged,
+    def _send_final(
+        self, pages: list[Buffers], records: list[Buffers]
+    ) -> None:
+        """Send the stop-and-copy page batches over all channels, then
+        (all of them acknowledged) the state ``records`` on channel 0,
         resuming a dropped connection until the downtime budget is spent
         (then the migration rolls back)."""
-        first = self._channel.connection.last_seq + 1
-        numbered = list(enumerate(frames, start=first))
+        count = len(self._channels)
+        # Numbered up front and kept until acknowledged, so that a resumed
+        # connection sends exactly the frames the destination lacks.
+        numbered = [
+            list(
+                enumerate(
+                    pages[index::count],
+                    start=self._channels[index].connection.last_seq + 1,
+                )
+            )
+            for index in range(count)
+        ]
+        first = numbered[0][-1][0] + 1 if numbered[0] else None
+        if first is None:
+            first = self._channel.connection.last_seq + 1
+        state = list(enumerate(records, start=first))
         budget = retry.RetryBudget.from_conf(self.conf, retry.Step.TRANSFER)
 
+        def share(index: int) -> None:
+            self._send_numbered(index, numbered[index], pages=True)
+            if index:
+                self._flush_channel(index)
+
         def attempt() -> None:
-            if self._channel is None:
-                self._channel = self._connect(last_acked=self._acked)
-            applied = self._channel.connection.last_seq
+            self._reconnect()
+            # The PV state is imported at the stream's end: every page
+            # must be in place by then, whichever channel carried it.
+            self._on_channels(share)
             try:
-                for seq, buffers in numbered:
-                    if seq > applied:
-                        self._bound_io()
-                        self._channel.send_data(
-                            seq, buffers, compress=self._compress
-                        )
+                self._send_numbered(0, state, pages=False)
                 if self._digests is None:
                     # While the destination applies what it got.
+                    items = needed_items(self.info.pv_drivers)
                     self._digests = guest_digests(
-                        self.host.guest_state(self.domid),
-                        needed_items(self.info.pv_drivers),
+                        self.host.guest_state(self.domid, items), items
                     )
                 self._flush()
             except TransportError:
-                self._close_channel()
+                self._close_channel(0)
                 raise
 
         retry.call(
@@ -733,7 +892,7 @@ class Sender:
         if self.state.cancel_requested:
             raise MigrationAborted("cancelled")
 
-    def _bound_io(self) -> None:
+    def _bound_io(self, index: int = 0) -> None:
         """While the guest is paused, no socket call may outlast the
         downtime budget: past it the migration rolls back."""
         if self._deadline is None:
@@ -743,50 +902,174 @@ class Sender:
             raise TransportError(
                 f"downtime budget of {self.opts.downtime_budget}s spent"
             )
-        self._channel.sock.settimeout(min(self.opts.io_timeout, left))
+        self._channels[index].sock.settimeout(min(self.opts.io_timeout, left))
 
     def _receive(self) -> Any:
         self._bound_io()
         return self._channel.receive()
 
-    def _send(self, buffers: Buffers) -> int:
+    def _send(self, buffers: Buffers, *, pages: bool = False) -> int:
         self._bound_io()
         seq = self._channel.connection.last_seq + 1
-        return self._channel.send_data(seq, buffers, compress=self._compress)
+        return self._channel.send_data(
+            seq, buffers, compress=self._compress, pages=pages
+        )
 
-    def _send_pages(self, pfns: np.ndarray) -> tuple[int, int, int]:
+    def _send_pages(
+        self,
+        pfns: np.ndarray,
+        *,
+        share: list[np.ndarray] | None = None,
+        done: list[int] | None = None,
+    ) -> tuple[int, int, int]:
+        """Send the round of ``pfns``, or the ``share`` of its batches
+        that falls to the calling thread's channel (the thread of channel
+        0 reports progress; ``done`` counts the round's pages sent on all
+        channels)."""
+        if share is None:
+            share = list(base.iter_batches(pfns, self.stream.batch_pages))
+        if done is None:
+            done = [0]
+        total = len(pfns)
+        index = self._channel_index()
+        channel = self._channels[index]
         pages = zero = nbytes = 0
-        for batch in self.stream.pages(pfns, copy=True):
-            nbytes += self._send(batch.buffers)
+        for batch in self.stream.batches(
+            share, copy=self._copy_pages, reuse=True
+        ):
+            if self._halt.is_set():
+                raise _Halted("another channel of the round failed")
+            self._bound_io(index)
+            seq = channel.connection.last_seq + 1
+            nbytes += channel.send_data(
+                seq, batch.buffers, compress=self._compress, pages=True
+            )
             pages += batch.pages
             zero += batch.zero_pages
+            with self._progress_lock:
+                done[0] += batch.pages
+                so_far = done[0]
             self._check_cancel()
             now = self._clock()
-            if now - self._last_progress >= self.opts.progress_interval:
+            if (
+                index == 0
+                and now - self._last_progress >= self.opts.progress_interval
+            ):
                 self._last_progress = now
                 self._emit(
                     EventKind.PROGRESS,
-                    {"round": len(self.stats.rounds), "pages_done": pages},
-                    done_pages=pages,
-                    left_pages=len(pfns) - pages,
+                    {"round": len(self.stats.rounds), "pages_done": so_far},
+                    done_pages=so_far,
+                    left_pages=total - so_far,
                 )
         return pages, zero, nbytes
+
+    def _send_numbered(
+        self, index: int, frames: list[tuple[int, Buffers]], *, pages: bool
+    ) -> None:
+        """Send the numbered frames the destination lacks on channel
+        ``index``."""
+        channel = self._channels[index]
+        applied = channel.connection.last_seq
+        for seq, buffers in frames:
+            if seq > applied:
+                if self._halt.is_set():
+                    raise _Halted("another channel failed")
+                self._bound_io(index)
+                channel.send_data(
+                    seq, buffers, compress=self._compress, pages=pages
+                )
+
+    def _channel_index(self) -> int:
+        return getattr(self._thread_channel, "index", 0)
+
+    def _on_channels(self, work: Callable[[int], Any]) -> list[Any]:
+        """``work(index)`` for every channel, in parallel: channel 0 on
+        this thread, the others on the pool's (hashing and socket writes
+        release the GIL). If one fails, the others stop at their next
+        frame; a channel whose socket failed is closed, to be resumed.
+        Raises the failure (a transport one last: it is retried)."""
+        count = len(self._channels)
+
+        def run(index: int) -> Any:
+            self._thread_channel.index = index
+            try:
+                return work(index)
+            except _Halted:
+                raise
+            except TransportError:
+                self._close_channel(index)
+                self._halt.set()
+                raise
+            except BaseException:
+                self._halt.set()
+                raise
+
+        if count == 1:
+            try:
+                return [run(0)]
+            finally:
+                self._halt.clear()
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=count - 1,
+                thread_name_prefix=f"migration-{self.migration_id}-out",
+            )
+        futures = [self._pool.submit(run, i) for i in range(1, count)]
+        results: list[Any] = []
+        errors: list[BaseException] = []
+        try:
+            results.append(run(0))
+        except BaseException as exc:
+            errors.append(exc)
+        for future in futures:
+            try:
+                results.append(future.result())
+            except BaseException as exc:
+                errors.append(exc)
+        self._halt.clear()
+        if errors:
+            errors.sort(
+                key=lambda e: (
+                    isinstance(e, TransportError),
+                    isinstance(e, _Halted),
+                )
+            )
+            raise errors[0]
+        return results
+
+    def _reconnect(self) -> None:
+        """Resume every channel that dropped: frames go on after the last
+        one the destination applied (the connection numbers them from
+        its resume_from)."""
+        for index, channel in enumerate(self._channels):
+            if channel is None:
+                self._channels[index] = self._connect(
+                    last_acked=self._acked_by[index], index=index
+                )
 
     def _flush(self) -> None:
         """An empty DATA frame asks the destination to acknowledge all it
         applied: the end of a round, measured end to end."""
-        self._bound_io()
-        seq = self._channel.connection.last_seq + 1
-        self._channel.send_data(seq, [])
-        ack = _expect(self._receive(), protocol.Ack)
+        self._flush_channel(0)
+
+    def _flush_channel(self, index: int) -> None:
+        self._bound_io(index)
+        channel = self._channels[index]
+        seq = channel.connection.last_seq + 1
+        channel.send_data(seq, [])
+        ack = _expect(channel.receive(), protocol.Ack)
         if ack.seq != seq:
             raise ProtocolError(f"ACK of frame {ack.seq}, expected {seq}")
-        self._acked = seq
+        self._acked_by[index] = seq
 
-    def _close_channel(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            channel.close()
+    def _close_channel(self, index: int | None = None) -> None:
+        """Close channel ``index``, or all of them."""
+        which = range(len(self._channels)) if index is None else [index]
+        for i in which:
+            channel, self._channels[i] = self._channels[i], None
+            if channel is not None:
+                channel.close()
 
     # -- reporting --
 

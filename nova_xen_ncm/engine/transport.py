@@ -13,12 +13,18 @@ does not.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
+import ipaddress
 import os
 import select
 import socket
+import ssl
+import threading
+import time
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Sequence
 
 from oslo_config import cfg
@@ -44,13 +50,136 @@ RECV_SIZE = 256 * 1024
 Buffer = bytes | bytearray | memoryview
 
 
+class TlsSocket:
+    """A TLS connection that a :class:`Channel` uses like its socket.
+
+    ``ssl.SSLSocket`` has no ``sendmsg``: this wrapper gives the Channel
+    one that writes the buffers through TLS, a few pages per TLS record
+    (TLS copies while it encrypts anyway). Everything else (``recv_into``,
+    timeouts, ``shutdown``) is the SSLSocket's own.
+    """
+
+    #: Octets gathered into one write: a TLS record is at most 16 KiB.
+    CHUNK = 64 * 1024
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self._sock = sock
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+    @property
+    def tls(self) -> ssl.SSLSocket:
+        return self._sock
+
+    def sendmsg(self, buffers: Sequence[Buffer]) -> int:
+        pending: list[memoryview] = []
+        size = total = 0
+        for buf in buffers:
+            view = memoryview(buf).cast("B")
+            if size + view.nbytes > self.CHUNK and pending:
+                self._sock.sendall(b"".join(pending))
+                pending, size = [], 0
+            if view.nbytes >= self.CHUNK:
+                self._sock.sendall(view)
+            else:
+                pending.append(view)
+                size += view.nbytes
+            total += view.nbytes
+        if pending:
+            self._sock.sendall(b"".join(pending))
+        return total
+
+
+def tls_context(
+    conf: cfg.ConfigOpts, *, server: bool
+) -> ssl.SSLContext | None:
+    """The mutual TLS context of ``[xen_ncm] tls_*``, None when TLS is
+    off. Both ends present a certificate and require the peer's, signed
+    by ``tls_ca_file``; TLS 1.2 at least."""
+    group = conf.xen_ncm
+    if not group.tls_enabled:
+        return None
+    missing = [
+        name
+        for name in ("tls_cert_file", "tls_key_file", "tls_ca_file")
+        if not getattr(group, name)
+    ]
+    if missing:
+        raise TransportError(
+            f"[xen_ncm] tls_enabled needs {', '.join(missing)}"
+        )
+    purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
+    try:
+        context = ssl.create_default_context(purpose, cafile=group.tls_ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(group.tls_cert_file, group.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TransportError(f"cannot set up TLS: {exc}") from exc
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = not server and group.tls_check_hostname
+    return context
+
+
+def _wrap_tls(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    *,
+    server_hostname: str | None = None,
+) -> TlsSocket:
+    """Run the TLS handshake on a connected socket (under its timeout)."""
+    server = server_hostname is None
+    try:
+        tls = context.wrap_socket(
+            sock, server_side=server, server_hostname=server_hostname
+        )
+    except (OSError, ssl.SSLError) as exc:
+        sock.close()
+        raise TransportError(f"TLS handshake failed: {exc}") from exc
+    return TlsSocket(tls)
+
+
+def _source_networks(
+    sources: Iterable[str],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(
+            ipaddress.ip_network(s.strip(), strict=False)
+            for s in sources
+            if s.strip()
+        )
+    except ValueError as exc:
+        raise ValueError(f"bad allowed source address: {exc}") from exc
+
+
+def _address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    addr = ipaddress.ip_address(peer[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return mapped or addr
+
+
+def _peer(sock: socket.socket | TlsSocket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except (OSError, TypeError, ValueError):
+        return "an unknown peer"
+    return f"{host}:{port}"
+
+
 class Listener:
     """The destination's listening socket for one incoming migration.
 
-    Binds the first free port of ``[port_min, port_max]`` and accepts at
+    Binds the first free port of ``[port_min, port_max]`` and admits at
     most ``expected`` connections (the migration's channels); a reconnect
-    is admitted only after :meth:`allow`. :meth:`accept` gives up after
-    ``accept_timeout`` seconds without a connection.
+    is admitted only after :meth:`allow`. A thread of the listener takes
+    every connection as it comes, so one the migration does not expect is
+    closed and logged, never left waiting: one from an address outside
+    ``allowed_sources`` (addresses or networks; empty admits any) at
+    once, one beyond the admitted connections after ``handshake_timeout``
+    seconds (the grace a reconnecting channel has to be admitted), one
+    that fails the TLS handshake when ``tls`` is given. :meth:`accept`
+    hands out the next admitted connection, or gives up after
+    ``accept_timeout`` seconds.
     """
 
     def __init__(
@@ -61,19 +190,44 @@ class Listener:
         *,
         expected: int = 1,
         accept_timeout: float = 120.0,
+        allowed_sources: Sequence[str] = (),
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         if not 0 <= port_min <= port_max <= 65535:
             raise ValueError(f"bad port range {port_min}-{port_max}")
         if expected < 1:
             raise ValueError("a listener expects at least one connection")
         self.accept_timeout = accept_timeout
+        self.handshake_timeout = handshake_timeout
+        self.allowed_sources = _source_networks(allowed_sources)
+        self.tls = tls
         self._admitted = expected
         self.accepted = 0
+        #: Connections closed on arrival, with the reason.
+        self.rejected: list[tuple[str, str]] = []
+        # Connections taken by the thread, not yet accepted or refused:
+        # (socket, peer, arrival time), oldest first.
+        self._waiting: collections.deque = collections.deque()
+        self._cond = threading.Condition()
         self._sock = self._bind(host, port_min, port_max, expected)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._serve, name=f"listener-{self.port}", daemon=True
+        )
+        self._thread.start()
 
     @classmethod
-    def from_conf(cls, conf: cfg.ConfigOpts, expected: int) -> Listener:
+    def from_conf(
+        cls,
+        conf: cfg.ConfigOpts,
+        expected: int,
+        *,
+        allowed_sources: Sequence[str] = (),
+    ) -> Listener:
+        """``allowed_sources`` add to ``[xen_ncm] allowed_sources`` (the
+        source host of this migration, where the caller knows it)."""
         group = conf.xen_ncm
         return cls(
             group.listen_address,
@@ -81,6 +235,9 @@ class Listener:
             group.port_max,
             expected=expected,
             accept_timeout=group.accept_timeout,
+            allowed_sources=[*group.allowed_sources, *allowed_sources],
+            tls=tls_context(conf, server=True),
+            handshake_timeout=group.connect_timeout,
         )
 
     @staticmethod
@@ -113,33 +270,115 @@ class Listener:
 
     def allow(self, count: int = 1) -> None:
         """Admit ``count`` more connections (a channel reconnecting)."""
-        self._admitted += count
+        with self._cond:
+            self._admitted += count
 
-    def accept(self) -> socket.socket:
+    def _refuse(self, sock: socket.socket, peer: object, why: str) -> None:
+        LOG.warning(
+            "Refusing migration connection from %s on port %d: %s",
+            peer,
+            self.port,
+            why,
+        )
+        self.rejected.append((str(peer), why))
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                ready, _, _ = select.select([self._sock], [], [], 0.1)
+                if ready:
+                    self._take()
+            except (OSError, ValueError) as exc:
+                if not self._closed:
+                    LOG.error("Listener on port %d failed: %s", self.port, exc)
+                return
+            self._expire()
+
+    def _take(self) -> None:
+        sock, peer = self._sock.accept()
+        if self.allowed_sources and not any(
+            _address(peer) in net for net in self.allowed_sources
+        ):
+            self._refuse(
+                sock,
+                peer,
+                "not an allowed source of this migration "
+                f"({', '.join(map(str, self.allowed_sources))})",
+            )
+            return
+        with self._cond:
+            self._waiting.append((sock, peer, time.monotonic()))
+            self._cond.notify_all()
+
+    def _expire(self) -> None:
+        """Refuse connections beyond the free slots that waited longer
+        than the grace."""
+        now = time.monotonic()
+        late = []
+        with self._cond:
+            free = max(0, self._admitted - self.accepted)
+            keep = collections.deque()
+            for index, entry in enumerate(self._waiting):
+                if index >= free and now - entry[2] > self.handshake_timeout:
+                    late.append(entry)
+                else:
+                    keep.append(entry)
+            self._waiting = keep
+            admitted = self._admitted
+        for sock, peer, _ in late:
+            self._refuse(
+                sock,
+                peer,
+                f"all {admitted} expected connections of the migration "
+                "are established",
+            )
+
+    def accept(self) -> socket.socket | TlsSocket:
         if self.accepted >= self._admitted:
             raise TransportError(
                 f"all {self._admitted} expected connections were accepted"
             )
-        self._sock.settimeout(self.accept_timeout)
-        try:
-            sock, peer = self._sock.accept()
-        except TimeoutError as exc:
-            raise TransportError(
-                f"no connection on port {self.port} within "
-                f"{self.accept_timeout}s"
-            ) from exc
-        except OSError as exc:
-            raise TransportError(f"accept failed: {exc}") from exc
+        deadline = time.monotonic() + self.accept_timeout
+        while True:
+            with self._cond:
+                while not self._waiting:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._closed:
+                        raise TransportError(
+                            f"no connection on port {self.port} within "
+                            f"{self.accept_timeout}s"
+                        )
+                    self._cond.wait(left)
+                sock, peer, _ = self._waiting.popleft()
+            if self.tls is None:
+                break
+            sock.settimeout(self.handshake_timeout)
+            try:
+                sock = _wrap_tls(sock, self.tls)
+            except TransportError as exc:
+                # The slot stays free for the real source.
+                self._refuse(sock, peer, str(exc))
+                continue
+            break
         self.accepted += 1
         LOG.debug("Accepted migration connection from %s", peer)
         return sock
 
     def close(self) -> None:
+        self._closed = True
         # shutdown wakes a thread blocked in accept(); close alone does
         # not on Linux.
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join()
         self._sock.close()
+        with self._cond:
+            waiting, self._waiting = self._waiting, collections.deque()
+            self._cond.notify_all()
+        for sock, _, _ in waiting:
+            sock.close()
 
     def __enter__(self) -> Listener:
         return self
@@ -182,8 +421,10 @@ class Channel:
         connect_timeout: float = 10.0,
         io_timeout: float = 60.0,
         max_data: int = protocol.DEFAULT_MAX_DATA,
+        tls: ssl.SSLContext | None = None,
     ) -> Channel:
-        """Connect as the client (source). The handshake follows."""
+        """Connect as the client (source), through TLS when ``tls`` is
+        given. The handshake follows."""
         try:
             sock = socket.create_connection(
                 (host, port), timeout=connect_timeout
@@ -192,6 +433,8 @@ class Channel:
             raise TransportError(
                 f"cannot connect to {host}:{port}: {exc}"
             ) from exc
+        if tls is not None:
+            sock = _wrap_tls(sock, tls, server_hostname=host)
         conn = protocol.Connection(protocol.Role.CLIENT, max_data=max_data)
         channel = cls(sock, conn, io_timeout=io_timeout)
         # The handshake runs under the connect timeout.
@@ -214,7 +457,11 @@ class Channel:
             max_data=max_data,
             direct_payload=direct_payload,
         )
-        return cls(sock, conn, io_timeout=io_timeout)
+        channel = cls(sock, conn, io_timeout=io_timeout)
+        # An idle peer is dropped after the handshake timeout, not the
+        # (longer) I/O timeout of an established migration.
+        sock.settimeout(min(io_timeout, listener.handshake_timeout))
+        return channel
 
     # -- writing --
 
@@ -257,11 +504,19 @@ class Channel:
         self.send_buffers(self.connection.send(msg))
 
     def send_data(
-        self, seq: int, buffers: Sequence[Buffer], *, compress: bool = False
+        self,
+        seq: int,
+        buffers: Sequence[Buffer],
+        *,
+        compress: bool = False,
+        pages: bool = False,
     ) -> int:
-        """Send one DATA frame; returns the bytes put on the wire."""
+        """Send one DATA frame (``pages``: one PAGE_DATA record); returns
+        the bytes put on the wire."""
         return self.send_buffers(
-            self.connection.send_data(seq, buffers, compress=compress)
+            self.connection.send_data(
+                seq, buffers, compress=compress, pages=pages
+            )
         )
 
     # -- reading --
@@ -372,7 +627,20 @@ class Channel:
         ``resume_from`` gives the highest sequence applied on a resumed
         channel. A refusal is sent to the peer and raised here.
         """
-        hello = self.receive()
+        try:
+            hello = self.receive()
+        except TransportError as exc:
+            timeout = self.sock.gettimeout()
+            LOG.warning(
+                "Dropping migration connection from %s without a HELLO "
+                "(timeout %ss): %s",
+                _peer(self.sock),
+                timeout,
+                exc,
+            )
+            raise TransportError(
+                f"no HELLO from {_peer(self.sock)} within {timeout}s: {exc}"
+            ) from exc
         if not isinstance(hello, protocol.Hello):
             raise ProtocolError(f"expected HELLO, got {hello!r}")
         try:
@@ -406,13 +674,18 @@ class Channel:
                 hello.channel,
                 exc,
             )
-            self.send_buffers(
-                self.connection.refuse(
-                    protocol.RefuseReason(exc.code), exc.text
+            try:
+                self.send_buffers(
+                    self.connection.refuse(
+                        protocol.RefuseReason(exc.code), exc.text
+                    )
                 )
-            )
+            except TransportError as gone:
+                # The refusal stands whether or not the peer hears it.
+                LOG.debug("Could not send the refusal: %s", gone)
             raise
         self.send_buffers(self.connection.send_welcome(start))
+        self.sock.settimeout(self.io_timeout)
         return hello, proof
 
     def close(self) -> None:

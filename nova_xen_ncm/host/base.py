@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+from collections.abc import Collection
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -376,6 +377,12 @@ class PageMapping(AbstractContextManager):
     pfns: np.ndarray
     pages: Sequence[memoryview]
 
+    def runs(self) -> list[tuple[int, memoryview]]:
+        """The pages as runs adjacent in this process's memory: (index of
+        the run's first page, one view of the whole run), in order. A
+        socket call or a hash update then covers a run, not a page."""
+        return list(enumerate(self.pages))
+
     def close(self) -> None:  # pragma: no cover - trivial default
         pass
 
@@ -497,6 +504,36 @@ class HostDriver(abc.ABC):
     @abc.abstractmethod
     def set_tsc_info(self, domid: int, info: TscInfo) -> None: ...
 
+    # Hosts whose guests have a device model and a CPU policy (real Xen)
+    # carry them in Xen's own records; the defaults say there are none.
+
+    def set_cpu_policy(self, domid: int, leaves: bytes, msrs: bytes) -> None:
+        """Apply X86_CPUID_POLICY (``leaves``) or X86_MSR_POLICY
+        (``msrs``), xen_cpuid_leaf_t and xen_msr_entry_t arrays, to a
+        restoring domain; the other may be empty."""
+        raise NotSupported(
+            "this host cannot apply a CPU policy", call="set_cpu_policy"
+        )
+
+    def get_emulator_context(self, domid: int) -> tuple[int, bytes] | None:
+        """The paused guest's device model state as (libxl emulator id,
+        blob) for EMULATOR_CONTEXT, or None when it has no device model."""
+        return None
+
+    def set_emulator_context(
+        self, domid: int, emulator_id: int, blob: bytes
+    ) -> None:
+        """Load EMULATOR_CONTEXT into a restoring domain's device model."""
+        raise NotSupported(
+            "this host has no device model to load EMULATOR_CONTEXT into",
+            call="set_emulator_context",
+        )
+
+    def libxl_config(self, domid: int) -> dict | None:
+        """The guest's libxl domain configuration for a save file's xl
+        header, or None to describe it from :meth:`domain_info`."""
+        return None
+
     # -- PV state --
 
     @abc.abstractmethod
@@ -522,8 +559,11 @@ class HostDriver(abc.ABC):
     # -- observation --
 
     @abc.abstractmethod
-    def guest_state(self, domid: int) -> GuestState:
-        """The guest-visible state for the transparency checker."""
+    def guest_state(
+        self, domid: int, items: Collection[Item] | None = None
+    ) -> GuestState:
+        """The guest-visible state for the transparency checker; only
+        ``items`` of it if given (memory is costly to digest)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the driver holds (not the guests)."""

@@ -225,8 +225,11 @@ class PageData:
 class PageDataCodec:
     """PAGE_DATA: count, reserved, pfn[count], page_data[N]."""
 
-    def decode(self, body: memoryview) -> PageData:
-        if len(body) < PAGE_DATA_HDR.size:
+    @staticmethod
+    def head_size(body: memoryview, length: int) -> int:
+        """Octets of header and pfns of a body of ``length`` octets that
+        begins with ``body`` (at least the PAGE_DATA header)."""
+        if length < PAGE_DATA_HDR.size or len(body) < PAGE_DATA_HDR.size:
             raise BodyError("shorter than the PAGE_DATA header")
         count, reserved = PAGE_DATA_HDR.unpack_from(body)
         if reserved:
@@ -234,12 +237,34 @@ class PageDataCodec:
         if count == 0:
             raise BodyError("count is 0 (it is strictly > 0)")
         pfn_end = PAGE_DATA_HDR.size + 8 * count
-        if pfn_end > len(body):
+        if pfn_end > length:
             raise BodyError(
                 f"count {count} needs {pfn_end} octets of header and pfns, "
-                f"body has {len(body)}"
+                f"body has {length}"
             )
+        return pfn_end
+
+    def decode_head(
+        self, head: memoryview, length: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """pfns and types of a body of ``length`` octets from its header
+        and pfns alone (``head_size`` octets), checked as :meth:`decode`
+        does: the page contents can then be read straight into place."""
+        pfn_end = self.head_size(head, length)
+        raw = np.frombuffer(head[PAGE_DATA_HDR.size : pfn_end], dtype="<u8")
+        return self._entries(raw, pfn_end, length)
+
+    def decode(self, body: memoryview) -> PageData:
+        pfn_end = self.head_size(body, len(body))
         raw = np.frombuffer(body[PAGE_DATA_HDR.size : pfn_end], dtype="<u8")
+        pfns, types = self._entries(raw, pfn_end, len(body))
+        return PageData(pfns, types, body[pfn_end:])
+
+    @staticmethod
+    def _entries(
+        raw: np.ndarray, pfn_end: int, length: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        count = len(raw)
         if (raw & PFN_RESERVED_MASK).any():
             index = int(np.flatnonzero(raw & PFN_RESERVED_MASK)[0])
             raise BodyError(
@@ -254,12 +279,12 @@ class PageDataCodec:
             )
         with_data = int(np.count_nonzero(_HAS_DATA[types]))
         expected = pfn_end + with_data * PAGE_SIZE
-        if len(body) != expected:
+        if length != expected:
             raise BodyError(
                 f"{count} pfns with {with_data} pages of data need "
-                f"{expected} octets, body has {len(body)}"
+                f"{expected} octets, body has {length}"
             )
-        return PageData(raw & PFN_MASK, types, body[pfn_end:])
+        return raw & PFN_MASK, types
 
     def encode(self, value: PageData) -> Buffers:
         pfns = np.asarray(value.pfns, dtype=np.uint64)

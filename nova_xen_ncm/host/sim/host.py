@@ -29,6 +29,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Mapping
 from collections.abc import Sequence
 
@@ -69,6 +70,12 @@ MiB = 1 << 20
 DOM0 = 0
 START_TIMEOUT = 300.0
 CONTROL_TIMEOUT = 30.0
+# The memory digest's cache: pfns per block (512 KiB: a block a write
+# touched is cheap to read again) and seconds between two refreshes of
+# a migrating domain's cache.
+_DIGEST_BLOCK = 128
+_DIGEST_CHUNK = 32
+DIGEST_WARM_INTERVAL = 0.1
 NR_GRANT_FRAMES = 4
 # Xen lets a domain hold its RAM plus the special pages and some slack
 # (max_pages is set a little above the target by the toolstack).
@@ -234,6 +241,17 @@ class _Domain:
         self.booted = False
         self.run_started = 0.0
         self.cpu_time = 0.0
+        # The memory digest's cache: per block of _DIGEST_BLOCK pfns with
+        # non-zero RAM, the digest of those pages; the p2m it was taken
+        # with. Kept warm while the domain migrates (SimHost._warm).
+        self.digest_lock = threading.Lock()
+        self.digest_blocks: dict[int, bytes] = {}
+        self.digest_p2m: np.ndarray | None = None
+        self.digest_populated = b""
+        self.digest_version = 0
+        self.digest_pending: set[int] = set()
+        self.digest_mask: np.ndarray | None = None
+        self.warming = False
 
     # -- what evtchn.EventChannelOps needs --
 
@@ -1028,6 +1046,7 @@ class SimHost(base.HostDriver):
             except BaseException:
                 self._teardown(dom)
                 raise
+        self._warm(dom, lambda: dom.booted)
         return domid
 
     def _xs_exists(self, path: str) -> bool:
@@ -1224,7 +1243,12 @@ class SimHost(base.HostDriver):
 
     @_faulty
     def enable_log_dirty(self, domid: int) -> None:
-        self._domain(domid, "enable_log_dirty").mem.set_log_dirty(True)
+        dom = self._domain(domid, "enable_log_dirty")
+        dom.mem.set_log_dirty(True)
+        if dom.state == DomainState.RUNNING:
+            # A paused guest has no downtime to save: its digest is
+            # taken once, at the end.
+            self._warm(dom, lambda: not dom.mem.log_dirty)
 
     @_faulty
     def harvest_dirty(self, domid: int) -> np.ndarray:
@@ -1234,9 +1258,12 @@ class SimHost(base.HostDriver):
             raise HostError(
                 f"log-dirty is not enabled for domain {domid}", call=call
             )
+        return dom.mem.harvest(self._unlocked_writes(dom))
+
+    def _unlocked_writes(self, dom: _Domain) -> np.ndarray:
+        """Pages others may write at any time without the memory lock:
+        writable grant maps and mappings, and the xenstore ring."""
         with self._lock:
-            # Pages others may write at any time without the memory lock:
-            # writable grant maps and mappings, and the xenstore ring.
             extra = [
                 dom.grants.writably_mapped_gfns(),
                 *dom.writable_maps.values(),
@@ -1244,7 +1271,7 @@ class SimHost(base.HostDriver):
             store = dom.params.get(hvm.HVM_PARAM_STORE_PFN)
             if store:
                 extra.append(np.array([store], dtype=np.uint64))
-        return dom.mem.harvest(np.concatenate(extra).astype(np.uint64))
+        return np.concatenate(extra).astype(np.uint64)
 
     @_faulty
     def disable_log_dirty(self, domid: int) -> None:
@@ -1659,39 +1686,134 @@ class SimHost(base.HostDriver):
     # -- observation --
 
     def memory_digest(self, domid: int) -> str:
-        """SHA-256 over (pfn, content) of every populated non-zero page
-        and the set of populated pfns: equal for equal guest memory,
-        however the pages came to be (written zeros or never touched)."""
-        dom = self._domain(domid, "memory_digest")
-        mem = dom.mem
-        h = hashlib.sha256()
-        which = hashlib.sha256()
-        data = hashlib.sha256()
-        populated = mem.populated()
-        h.update(populated.tobytes())
-        is_ram = mem.p2m == 1
-        for start, end in mem.data_extents():
-            for s in range(start, end, 8192):
-                e = min(end, s + 8192)
-                block = mem.ram[s:e]
-                nz = np.flatnonzero(
-                    block.view(np.uint64).any(axis=1) & is_ram[s:e]
-                )
-                if len(nz):
-                    # Two streams, so that how the pages fall into blocks
-                    # (holes differ between hosts) does not matter.
-                    which.update((nz + s).astype("<u8").tobytes())
-                    data.update(block[nz].tobytes())
-        h.update(which.digest())
-        h.update(data.digest())
-        return h.hexdigest()
+        """SHA-256 over the set of populated pfns and, block by block
+        (_DIGEST_BLOCK pfns), over (pfn, content) of every populated
+        non-zero page: equal for equal guest memory, however the pages
+        came to be (written zeros or never touched).
 
-    def guest_state(self, domid: int) -> base.GuestState:
+        Every writer marks what it writes (GuestMemory.mark_dirty), so a
+        block that no write touched since the previous digest is not read
+        again: a paused guest is digested in the time its last writes
+        take, not its size's."""
+        dom = self._domain(domid, "memory_digest")
+        with dom.digest_lock:
+            self._digest_refresh(dom)
+            h = hashlib.sha256(dom.digest_populated)
+            for block in sorted(dom.digest_blocks):
+                h.update(dom.digest_blocks[block])
+            return h.hexdigest()
+
+    def _digest_refresh(self, dom: _Domain, limit: int | None = None) -> bool:
+        """Note the blocks written since the previous refresh and read up
+        to ``limit`` of those pending (all if None); the caller holds the
+        digest lock. Returns whether some remain pending."""
+        mem = dom.mem
+        pfns = np.concatenate(
+            (mem.take_changed(), self._unlocked_writes(dom))
+        ).astype(np.int64)
+        if dom.digest_mask is not None:
+            # A page written since the first look holds data now.
+            dom.digest_mask[pfns] = True
+        version = mem.p2m_version
+        if dom.digest_p2m is None or version != dom.digest_version:
+            p2m = mem.p2m.copy()
+            is_ram = p2m == 1
+            if dom.digest_p2m is None:
+                dom.digest_mask = np.zeros(mem.max_pfn, dtype=bool)
+                for start, end in mem.data_extents():
+                    dom.digest_mask[start:end] = True
+                moved = np.flatnonzero(dom.digest_mask & is_ram)
+                dom.digest_blocks.clear()
+                dom.digest_pending.clear()
+            else:
+                moved = np.flatnonzero(p2m != dom.digest_p2m)
+            dom.digest_populated = hashlib.sha256(
+                np.flatnonzero(is_ram).astype("<u8")
+            ).digest()
+            dom.digest_p2m = p2m
+            dom.digest_version = version
+            pfns = np.concatenate((pfns, moved))
+        dom.digest_pending.update(np.unique(pfns // _DIGEST_BLOCK).tolist())
+        todo = sorted(dom.digest_pending)
+        if limit is not None:
+            todo = todo[:limit]
+        for block in todo:
+            dom.digest_pending.discard(block)
+            self._digest_block(dom, block, dom.digest_mask)
+        if not dom.digest_pending:
+            # Holes found since are found by the blocks' own look-up.
+            dom.digest_mask = None
+        return bool(dom.digest_pending)
+
+    @staticmethod
+    def _digest_block(
+        dom: _Domain, block: int, mask: np.ndarray | None
+    ) -> None:
+        mem = dom.mem
+        start = block * _DIGEST_BLOCK
+        end = min(start + _DIGEST_BLOCK, mem.max_pfn)
+        ram = dom.digest_p2m[start:end] == 1
+        if not ram.any():
+            dom.digest_blocks.pop(block, None)
+            return
+        data = mem.data_mask(start, end) if mask is None else mask[start:end]
+        pfns = np.flatnonzero(data & ram) + start
+        if len(pfns) and pfns[-1] - pfns[0] + 1 == len(pfns):
+            pages = mem.ram[pfns[0] : pfns[-1] + 1]
+        else:
+            pages = mem.ram[pfns]
+        nonzero = pages.view(np.uint64).any(axis=1)
+        if not nonzero.any():
+            dom.digest_blocks.pop(block, None)
+            return
+        d = hashlib.sha256(pfns[nonzero].astype("<u8"))
+        # In place when every page is kept: no copy, no GIL held.
+        d.update(pages if nonzero.all() else pages[nonzero])
+        dom.digest_blocks[block] = d.digest()
+
+    def _warm(self, dom: _Domain, until: Callable[[], bool]) -> None:
+        """Keep the memory digest's cache warm while the domain migrates
+        (source: log-dirty on; destination: being restored), so that the
+        digest taken while it is paused reads only its last writes."""
+        if dom.warming:
+            return
+        dom.warming = True
+
+        def run() -> None:
+            try:
+                while self._domains.get(dom.domid) is dom and not until():
+                    # A few blocks at a time: a digest asked for while the
+                    # guest is paused does not wait for a whole pass.
+                    with dom.digest_lock:
+                        more = self._digest_refresh(dom, _DIGEST_CHUNK)
+                    time.sleep(0.001 if more else DIGEST_WARM_INTERVAL)
+            except (
+                HostError,
+                AttributeError,
+                TypeError,
+                ValueError,
+                OSError,
+            ) as exc:
+                # The domain was destroyed under the digest.
+                LOG.debug(
+                    "dom%d: digest cache no longer kept: %s", dom.domid, exc
+                )
+            finally:
+                dom.warming = False
+
+        threading.Thread(
+            target=run,
+            name=f"{self.hostname}-d{dom.domid}-digest",
+            daemon=True,
+        ).start()
+
+    def guest_state(
+        self, domid: int, items: Collection[Item] | None = None
+    ) -> base.GuestState:
         dom = self._domain(domid, "guest_state")
         exports = self._backend_states(dom)
         with self._lock:
-            items: dict[Item, object] = {
-                Item.MEMORY: self.memory_digest(domid),
+            state: dict[Item, object] = {
                 Item.PLATFORM: (
                     hashlib.sha256(hvm.encode(dom.records)).hexdigest(),
                     dataclasses.astuple(dom.tsc),
@@ -1707,7 +1829,7 @@ class SimHost(base.HostDriver):
             }
             if self.xenstore.is_introduced(domid):
                 xs = self.xenstore.export_domain(domid)
-                items[Item.XENSTORE] = (
+                state[Item.XENSTORE] = (
                     tuple(
                         sorted((n.path, n.value, n.perms) for n in xs.nodes)
                     ),
@@ -1718,7 +1840,7 @@ class SimHost(base.HostDriver):
                     xs.store_port,
                     xs.store_gfn,
                 )
-            items[Item.PV_DEVICES] = tuple(
+            state[Item.PV_DEVICES] = tuple(
                 (
                     b.kind,
                     b.devid,
@@ -1731,7 +1853,12 @@ class SimHost(base.HostDriver):
                 )
                 for b in exports
             )
-            return base.GuestState(items=items, frontends=self._frontends(dom))
+            if items is not None:
+                state = {k: v for k, v in state.items() if k in items}
+        if items is None or Item.MEMORY in items:
+            # Outside the host lock: hashing all RAM takes a while.
+            state = {Item.MEMORY: self.memory_digest(domid), **state}
+        return base.GuestState(items=state, frontends=self._frontends(dom))
 
     def _frontends(self, dom: _Domain) -> dict[str, dict[str, object]]:
         """What each PV frontend observed, read from guest RAM."""
@@ -1774,24 +1901,56 @@ class _SimPageMapping(base.PageMapping):
         self.pfns = pfns
         self._dom = dom
         self._writable = writable
-        base_view = memoryview(dom.mem.ram_map)
-        if not writable:
-            base_view = base_view.toreadonly()
-        self.pages = [
-            base_view[int(p) * PAGE_SIZE : (int(p) + 1) * PAGE_SIZE]
-            for p in pfns
-        ]
-        del base_view
+        self._views: list[memoryview] = []
+        self._pages: list[memoryview] | None = None
         if writable:
             self._key = id(self)
             with dom.mem.lock():
                 dom.mem.mark_dirty(pfns)
             dom.writable_maps[self._key] = pfns
 
+    def _view(self) -> memoryview:
+        view = memoryview(self._dom.mem.ram_map)
+        return view if self._writable else view.toreadonly()
+
+    @property
+    def pages(self) -> list[memoryview]:  # type: ignore[override]
+        # Built on demand: the engine's data path uses runs().
+        if self._pages is None:
+            whole = self._view()
+            self._pages = [
+                whole[int(p) * PAGE_SIZE : (int(p) + 1) * PAGE_SIZE]
+                for p in self.pfns
+            ]
+            self._views += self._pages
+            whole.release()
+        return self._pages
+
+    def runs(self) -> list[tuple[int, memoryview]]:
+        pfns = self.pfns
+        if not len(pfns):
+            return []
+        starts = np.flatnonzero(np.diff(pfns.astype(np.int64)) != 1) + 1
+        starts = np.concatenate(([0], starts))
+        ends = np.concatenate((starts[1:], [len(pfns)]))
+        whole = self._view()
+        out = []
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            first = int(pfns[start]) * PAGE_SIZE
+            view = whole[first : first + (end - start) * PAGE_SIZE]
+            self._views.append(view)
+            out.append((start, view))
+        whole.release()
+        return out
+
     def close(self) -> None:
-        pages, self.pages = self.pages, []
-        for view in pages:
-            view.release()
+        views, self._views = self._views, []
+        self._pages = []
+        for view in views:
+            # A view still exported (a numpy array over it) is left to
+            # the garbage collector.
+            with contextlib.suppress(BufferError):
+                view.release()
         if (
             self._writable
             and self._dom.writable_maps.pop(self._key, None) is not None

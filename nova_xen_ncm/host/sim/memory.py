@@ -6,9 +6,10 @@ guest process (the guest's vCPUs):
 * ``ram``: guest physical memory, one page per pfn up to the layout's
   highest pfn, sparse (a page costs nothing until written);
 * ``ctl``: hypervisor-owned memory the guest cannot write through its
-  physmap: the p2m type of every pfn, the log-dirty map, the table of
-  Xen pages (shared info, grant frames) and the GFNs they are mapped at,
-  and the Xen pages themselves.
+  physmap: the p2m type of every pfn, the log-dirty map, the changed map
+  (pages written since the memory digest last read them, kept whether
+  log-dirty is on or not), the table of Xen pages (shared info, grant
+  frames) and the GFNs they are mapped at, and the Xen pages themselves.
 
 Log-dirty: every writer (guest vCPUs, guest kernel, hypervisor, dom0
 backends) writes pages and marks them in the dirty map while holding the
@@ -62,7 +63,8 @@ class GuestMemory:
         self.max_pfn = max_pfn
         self._p2m_off = PAGE_SIZE
         self._dirty_off = self._p2m_off + _round_up(max_pfn)
-        self._xgfn_off = self._dirty_off + _round_up(max_pfn)
+        self._changed_off = self._dirty_off + _round_up(max_pfn)
+        self._xgfn_off = self._changed_off + _round_up(max_pfn)
         self._xen_off = self._xgfn_off + PAGE_SIZE
         self.ctl_size = self.ctl_bytes(max_pfn)
         self.ram_size = max_pfn * PAGE_SIZE
@@ -75,17 +77,22 @@ class GuestMemory:
         self.header = ctl[:PAGE_SIZE].view(np.uint64)
         self.p2m = ctl[self._p2m_off : self._p2m_off + max_pfn]
         self.dirty = ctl[self._dirty_off : self._dirty_off + max_pfn]
+        self.changed = ctl[self._changed_off : self._changed_off + max_pfn]
         self.xen_gfns = ctl[self._xgfn_off : self._xgfn_off + 8 * NR_XEN_PAGES]
         self.xen_gfns = self.xen_gfns.view(np.uint64)
         self.xen_pages = ctl[self._xen_off :].reshape(NR_XEN_PAGES, PAGE_SIZE)
         self._thread_lock = threading.Lock()
+        #: Bumped by every change of the p2m (made by the host process
+        #: only: the guest cannot write it).
+        self.p2m_version = 0
 
     @staticmethod
     def ctl_bytes(max_pfn: int) -> int:
-        """Header, p2m types, dirty map, Xen page GFNs, Xen pages."""
+        """Header, p2m types, dirty and changed maps, Xen page GFNs, Xen
+        pages."""
         return (
             PAGE_SIZE
-            + 2 * _round_up(max_pfn)
+            + 3 * _round_up(max_pfn)
             + PAGE_SIZE
             + NR_XEN_PAGES * PAGE_SIZE
         )
@@ -119,6 +126,7 @@ class GuestMemory:
 
     def close(self) -> None:
         self.ram = self.p2m = self.dirty = None  # type: ignore[assignment]
+        self.changed = None  # type: ignore[assignment]
         self.header = self.xen_gfns = self.xen_pages = None  # type: ignore
         for m in (self.ram_map, self.ctl_map):
             with contextlib.suppress(BufferError):
@@ -151,8 +159,37 @@ class GuestMemory:
 
     def mark_dirty(self, pfns: np.ndarray | int) -> None:
         """Record writes; the caller holds :meth:`lock`."""
+        self.changed[pfns] = 1
         if self.header[2]:
             self.dirty[pfns] = 1
+
+    def take_changed(self) -> np.ndarray:
+        """The pfns written since the previous call, and forget them: a
+        write racing this is in this result or the next (as harvest)."""
+        with self.lock():
+            pfns = np.flatnonzero(self.changed)
+            self.changed[pfns] = 0
+        return pfns
+
+    def data_mask(self, start: int, end: int) -> np.ndarray:
+        """Which pfns of ``[start, end)`` hold data (not holes): reading
+        a hole of the shared memory would allocate it."""
+        mask = np.zeros(end - start, dtype=bool)
+        pos = start * PAGE_SIZE
+        stop = end * PAGE_SIZE
+        while pos < stop:
+            try:
+                first = os.lseek(self.ram_fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            if first >= stop:
+                break
+            last = min(os.lseek(self.ram_fd, first, os.SEEK_HOLE), stop)
+            lo = (first >> PAGE_SHIFT) - start
+            hi = (_round_up(last) >> PAGE_SHIFT) - start
+            mask[lo:hi] = True
+            pos = last
+        return mask
 
     def harvest(self, extra: np.ndarray | None = None) -> np.ndarray:
         with self.lock():
@@ -188,10 +225,12 @@ class GuestMemory:
 
     def populate(self, pfns: np.ndarray) -> None:
         self.p2m[np.asarray(pfns, dtype=np.uint64)] = P2M_RAM
+        self.p2m_version += 1
 
     def release(self, pfn: int) -> None:
         """Take a RAM page out of the physmap and free its memory."""
         self.p2m[pfn] = P2M_NONE
+        self.p2m_version += 1
         self.ram_map.madvise(mmap.MADV_REMOVE, pfn * PAGE_SIZE, PAGE_SIZE)
 
     def map_xen_page(self, index: int, gfn: int) -> None:
@@ -206,6 +245,7 @@ class GuestMemory:
             other = np.flatnonzero(self.xen_gfns == gfn)
             self.xen_gfns[other] = INVALID_GFN
         self.p2m[gfn] = P2M_XEN
+        self.p2m_version += 1
         self.xen_gfns[index] = gfn
 
     def xen_page_at(self, gfn: int) -> int | None:

@@ -206,7 +206,8 @@ class CountingChannel:
         self.clock = clock
         self.connection = protocol.Connection(protocol.Role.CLIENT)
 
-    def send_data(self, seq, buffers, compress=False):
+    def send_data(self, seq, buffers, compress=False, pages=False):
+        assert pages
         assert seq == self.connection.last_seq + 1
         self.connection.last_seq = seq
         self.clock.now += 3.0

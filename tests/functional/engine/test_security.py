@@ -1,0 +1,244 @@
+"""The authenticated data plane between two simulated hosts: mutual TLS,
+the allowed source, stray and extra connections, a replayed session."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+
+import pytest
+
+from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine.errors import Refused
+from nova_xen_ncm.engine.receiver import Receiver
+from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.engine.transport import Channel
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host import checker
+from nova_xen_ncm.host.sim.host import SimHost
+
+from .conftest import guest_config
+
+
+def running(host, domid):
+    try:
+        return host.domain_info(domid).state == base.DomainState.RUNNING
+    except base.DomainNotFound:
+        return False
+
+
+def closed_by_peer(sock, within=10.0):
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_migration_over_mutual_tls_is_transparent(
+    conf, tls_files, source, destination, migration
+):
+    tls_files.enable(conf)
+    domid = source.create_domain(guest_config())
+    seen = {}
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks={
+            ("state", "restore"): lambda e: seen.setdefault(
+                "paused", source.guest_state(domid)
+            )
+        },
+        destination_hooks={
+            ("state", "commit"): lambda e: seen.setdefault(
+                "resumed", destination.guest_state(domid)
+            )
+        },
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    report = checker.check(seen["paused"], seen["resumed"])
+    assert report.passed, str(report)
+    assert running(destination, domid)
+    assert not running(source, domid)
+
+
+def test_source_without_tls_cannot_reach_a_tls_destination(
+    conf, tls_files, source, destination, migration
+):
+    conf.set_override("accept_timeout", 2.0, group="xen_ncm")
+    conf.set_override("connect_timeout", 1.0, group="xen_ncm")
+    conf.set_override("connect_retry_attempts", 2, group="xen_ncm")
+    tls_files.enable(conf)
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    conf.set_override("tls_enabled", False, group="xen_ncm")
+    assert m.run() is Phase.FAILED
+    assert m.receiver.state.phase is Phase.FAILED
+    assert any("TLS" in why for _, why in m.receiver.listener.rejected)
+    assert running(source, domid)
+    assert destination.list_domains() == []
+
+
+def test_source_from_another_address_is_refused(
+    conf, source, destination, migration
+):
+    conf.set_override("accept_timeout", 2.0, group="xen_ncm")
+    conf.set_override("connect_retry_attempts", 2, group="xen_ncm")
+    domid = source.create_domain(guest_config())
+    m = migration(
+        source,
+        domid,
+        destination,
+        receiver_class=lambda *a, **kw: Receiver(
+            *a, source_address="192.0.2.10", **kw
+        ),
+    )
+    assert m.run() is Phase.FAILED
+    assert m.receiver.state.phase is Phase.FAILED
+    rejected = m.receiver.listener.rejected
+    assert rejected and "not an allowed source" in rejected[0][1]
+    assert running(source, domid)
+    assert destination.list_domains() == []
+
+
+def test_extra_connection_during_a_migration_is_closed(
+    conf, source, destination, migration
+):
+    # The grace of a connection beyond the expected ones.
+    conf.set_override("connect_timeout", 0.5, group="xen_ncm")
+    domid = source.create_domain(guest_config())
+    intruders = []
+
+    def intrude(event):
+        if not intruders:
+            sock = socket.create_connection(m.receiver.address, timeout=5)
+            intruders.append(sock)
+            intruders.append(closed_by_peer(sock))
+
+    m = migration(
+        source,
+        domid,
+        destination,
+        destination_hooks={("state", "precopy"): intrude},
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    assert intruders[1] is True
+    intruders[0].close()
+    assert any(
+        "expected connections" in why
+        for _, why in m.receiver.listener.rejected
+    )
+    assert running(destination, domid)
+
+
+def test_connection_of_another_migration_does_not_spoil_this_one(
+    conf, source, destination, migration
+):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    # A stray source of another migration reaches this listener first.
+    stray = Channel.connect(*m.receiver.address, connect_timeout=5)
+    worker = threading.Thread(target=m.receiver.run, daemon=True)
+    worker.start()
+    with pytest.raises(Refused) as caught:
+        stray.client_handshake(str(uuid.uuid4()), protocol.generate_token())
+    stray.close()
+    assert caught.value.code == protocol.RefuseReason.UNKNOWN_MIGRATION
+    assert m.sender.run() is Phase.DONE, m.sender.error
+    worker.join(30)
+    assert m.receiver.state.phase is Phase.DONE
+    assert running(destination, domid)
+
+
+class Recorder:
+    """A TCP relay in front of ``target`` that keeps what the client
+    sent: what an eavesdropper on the path captures."""
+
+    def __init__(self, target):
+        self.target = target
+        self.sent = bytearray()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.address = self._server.getsockname()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        try:
+            client, _ = self._server.accept()
+        except OSError:
+            return
+        upstream = socket.create_connection(self.target)
+        pumps = [
+            threading.Thread(target=self._pump, args=(a, b, keep))
+            for a, b, keep in (
+                (client, upstream, True),
+                (upstream, client, False),
+            )
+        ]
+        for pump in pumps:
+            pump.start()
+        for pump in pumps:
+            pump.join()
+        client.close()
+        upstream.close()
+
+    def _pump(self, src, dst, keep):
+        while True:
+            try:
+                data = src.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                for sock in (dst, src):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+            if keep:
+                self.sent.extend(data)
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self):
+        self._server.close()
+
+
+def test_replayed_stream_is_refused_by_a_new_migration(
+    conf, source, destination, migration
+):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    relay = Recorder(m.receiver.address)
+    m.sender.endpoint = relay.address
+    assert m.run() is Phase.DONE, m.sender.error
+    relay.close()
+    captured = bytes(relay.sent)
+    assert len(captured) > 8 << 20 // 2
+
+    # Replay it all into a new migration of the same id and even the same
+    # token (a token is one-time: the worst case) on a third host.
+    other = SimHost("other", conf)
+    try:
+        replayed = Receiver(
+            other, m.receiver.migration_id, m.sender.token, conf=conf
+        )
+        worker = threading.Thread(target=replayed.run, daemon=True)
+        worker.start()
+        with socket.create_connection(replayed.address, timeout=10) as sock:
+            try:
+                sock.sendall(captured)
+            except OSError:
+                pass  # refused midway: the destination closed
+        worker.join(30)
+        assert replayed.state.phase is Phase.FAILED
+        assert isinstance(replayed.error, Refused)
+        assert replayed.error.code == protocol.RefuseReason.AUTHENTICATION
+        assert other.list_domains() == []
+    finally:
+        other.close()

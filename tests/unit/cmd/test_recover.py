@@ -1,0 +1,50 @@
+"""``nova-xen-ncm recover``: the journal it reads and what it prints."""
+
+import json
+
+from nova_xen_ncm.cmd import main
+from nova_xen_ncm.engine.journal import Entry
+from nova_xen_ncm.engine.journal import Journal
+
+
+def run(capsys, *argv):
+    status = main.main(["recover", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_without_a_journal_it_says_what_to_set(capsys):
+    status, _, err = run(capsys)
+    assert status == 2
+    assert "state_path" in err
+
+
+def test_an_empty_journal_has_nothing_in_flight(tmp_path, capsys):
+    status, out, _ = run(capsys, "--state-path", str(tmp_path))
+    assert status == 0
+    assert "nothing in flight" in out
+
+
+def test_settles_and_prints_each_migration(tmp_path, capsys):
+    Journal(str(tmp_path)).write(
+        Entry("m-1", 42, "192.0.2.1", 1, "00" * 16, True, "restore")
+    )
+    status, out, _ = run(
+        capsys, "--state-path", str(tmp_path), "--host-driver", "sim", "--json"
+    )
+    assert status == 0
+    (outcome,) = json.loads(out)
+    assert outcome["migration_id"] == "m-1"
+    assert outcome["journalled"] == "restore"
+    # The simulated host of a new process holds no domain 42.
+    assert outcome["phase"] == "failed"
+    assert "no longer on" in outcome["reason"]
+    assert Journal(str(tmp_path)).entries() == []
+
+
+def test_a_damaged_journal_is_an_error(tmp_path, capsys):
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations" / "m-2.json").write_text("not json")
+    status, _, err = run(capsys, "--state-path", str(tmp_path))
+    assert status == 2
+    assert "m-2.json: unreadable" in err

@@ -1,0 +1,342 @@
+"""Who may connect to a destination's listener: allowed sources, the
+expected number of connections, idle connections, mutual TLS, and the
+one-time token inside TLS."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import pytest
+from oslo_config import cfg
+
+from nova_xen_ncm.conf import register_opts
+from nova_xen_ncm.engine import protocol as p
+from nova_xen_ncm.engine import transport
+from nova_xen_ncm.engine.errors import AuthenticationError
+from nova_xen_ncm.engine.errors import Refused
+from nova_xen_ncm.engine.errors import TransportError
+from nova_xen_ncm.engine.transport import Channel
+from nova_xen_ncm.engine.transport import Listener
+
+TOKEN = b"t" * 32
+TIMEOUT = 10.0
+
+
+def run(fn, *args, **kwargs):
+    """Run ``fn`` in a thread; the returned callable joins and returns
+    its result or raises its exception."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def result():
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), "background side hung"
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    return result
+
+
+def token_for(hello):
+    if hello.migration_id != "mig":
+        raise Refused(p.RefuseReason.UNKNOWN_MIGRATION, "unknown")
+    return TOKEN
+
+
+def closed_by_peer(sock, within=TIMEOUT):
+    """Whether the peer closed ``sock`` (EOF or reset) within the time."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_connection_from_a_source_not_allowed_is_closed(caplog):
+    caplog.set_level(logging.WARNING)
+    with Listener(
+        "127.0.0.1",
+        0,
+        0,
+        accept_timeout=0.5,
+        allowed_sources=["192.0.2.0/24", "198.51.100.7"],
+    ) as listener:
+        with socket.create_connection(listener.address) as stranger:
+            assert closed_by_peer(stranger)
+        with pytest.raises(TransportError, match="no connection"):
+            listener.accept()
+        assert listener.accepted == 0
+    assert "not an allowed source" in caplog.text
+    assert listener.rejected[0][1].startswith("not an allowed source")
+
+
+def test_connection_from_an_allowed_source_is_accepted():
+    with Listener(
+        "127.0.0.1",
+        0,
+        0,
+        accept_timeout=TIMEOUT,
+        allowed_sources=["127.0.0.1"],
+    ) as listener:
+        with socket.create_connection(listener.address) as client:
+            server = listener.accept()
+            server.sendall(b"x")
+            assert client.recv(1) == b"x"
+            server.close()
+        assert listener.rejected == []
+
+
+def test_bad_allowed_source_is_a_clear_error():
+    with pytest.raises(ValueError, match="bad allowed source"):
+        Listener("127.0.0.1", 0, 0, allowed_sources=["not-an-address"])
+
+
+def test_connection_beyond_the_expected_ones_is_closed_and_logged(caplog):
+    caplog.set_level(logging.WARNING)
+    with Listener(
+        "127.0.0.1", 0, 0, accept_timeout=TIMEOUT, handshake_timeout=0.2
+    ) as listener:
+        first = socket.create_connection(listener.address)
+        accepted = listener.accept()
+        second = socket.create_connection(listener.address)
+        assert closed_by_peer(second)
+        # The established connection is untouched.
+        first.sendall(b"ok")
+        assert accepted.recv(2) == b"ok"
+        for sock in (first, second, accepted):
+            sock.close()
+    assert "expected connections of the migration are established" in (
+        caplog.text
+    )
+
+
+def test_a_reconnect_admitted_within_the_grace_is_accepted():
+    with Listener(
+        "127.0.0.1", 0, 0, accept_timeout=TIMEOUT, handshake_timeout=2.0
+    ) as listener:
+        first = socket.create_connection(listener.address)
+        listener.accept().close()
+        # The channel broke: the source reconnects before the
+        # destination noticed and admitted it.
+        again = socket.create_connection(listener.address)
+        time.sleep(0.3)
+        listener.allow()
+        server = listener.accept()
+        again.sendall(b"r")
+        assert server.recv(1) == b"r"
+        for sock in (first, again, server):
+            sock.close()
+        assert listener.rejected == []
+
+
+def test_idle_connection_times_out(caplog):
+    caplog.set_level(logging.WARNING)
+    with Listener(
+        "127.0.0.1", 0, 0, accept_timeout=TIMEOUT, handshake_timeout=0.2
+    ) as listener:
+        with socket.create_connection(listener.address):
+            channel = Channel.accept(listener, io_timeout=TIMEOUT)
+            started = time.monotonic()
+            with pytest.raises(TransportError, match="no HELLO"):
+                channel.server_handshake(token_for)
+            assert time.monotonic() - started < TIMEOUT / 2
+            channel.close()
+    assert "without a HELLO" in caplog.text
+
+
+# -- TLS ---------------------------------------------------------------
+
+
+def tls_conf(tls_files, **files):
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    conf([])
+    tls_files.enable(conf, **files)
+    return conf
+
+
+def tls_listener(tls_files, **kwargs):
+    server = transport.tls_context(tls_conf(tls_files), server=True)
+    return Listener(
+        "127.0.0.1",
+        0,
+        0,
+        accept_timeout=kwargs.pop("accept_timeout", TIMEOUT),
+        tls=server,
+        handshake_timeout=2.0,
+        **kwargs,
+    )
+
+
+def serve(listener, token=token_for):
+    channel = Channel.accept(listener, io_timeout=TIMEOUT)
+    channel.server_handshake(token)
+    return channel
+
+
+def connect(listener, context, token=TOKEN):
+    channel = Channel.connect(
+        "127.0.0.1",
+        listener.port,
+        connect_timeout=TIMEOUT,
+        io_timeout=TIMEOUT,
+        tls=context,
+    )
+    channel.client_handshake("mig", token)
+    return channel
+
+
+def test_mutual_tls_carries_the_authenticated_protocol(tls_files):
+    client_ctx = transport.tls_context(tls_conf(tls_files), server=False)
+    with tls_listener(tls_files) as listener:
+        served = run(serve, listener)
+        client = connect(listener, client_ctx)
+        server = served()
+        assert isinstance(client.sock, transport.TlsSocket)
+        assert client.sock.tls.version() in ("TLSv1.2", "TLSv1.3")
+        # Page-sized buffers and a large one, vectored as the data path
+        # sends them.
+        pages = [bytes([i]) * 4096 for i in range(40)] + [b"z" * 300_000]
+        client.send_data(1, pages)
+        got = server.receive()
+        assert bytes(got.payload) == b"".join(pages)
+        server.send(p.Ack(seq=1))
+        assert client.receive() == p.Ack(seq=1)
+        peer = server.sock.tls.getpeercert()
+        assert dict(x[0] for x in peer["subject"])["commonName"] == "host"
+        client.close()
+        server.close()
+
+
+def test_token_is_still_checked_inside_tls(tls_files):
+    client_ctx = transport.tls_context(tls_conf(tls_files), server=False)
+    with tls_listener(tls_files) as listener:
+        served = run(serve, listener)
+        with pytest.raises(Refused) as caught:
+            connect(listener, client_ctx, token=b"w" * 32)
+        assert caught.value.code == p.RefuseReason.AUTHENTICATION
+        with pytest.raises(Refused):
+            served()
+
+
+def test_client_with_a_certificate_of_another_authority_is_refused(
+    tls_files, caplog
+):
+    caplog.set_level(logging.WARNING)
+    rogue_conf = tls_conf(
+        tls_files, cert=tls_files.rogue_cert, key=tls_files.rogue_key
+    )
+    rogue = transport.tls_context(rogue_conf, server=False)
+    genuine = transport.tls_context(tls_conf(tls_files), server=False)
+    with tls_listener(tls_files) as listener:
+        served = run(serve, listener)
+        with pytest.raises((TransportError, OSError)):
+            # The server refuses the handshake (or closes right after it
+            # under TLS 1.3, which the first read sees).
+            connect(listener, rogue)
+        # The slot stayed free: the genuine source gets in.
+        client = connect(listener, genuine)
+        server = served()
+        assert listener.accepted == 1
+        client.close()
+        server.close()
+    assert "TLS handshake failed" in caplog.text
+
+
+def test_client_without_a_certificate_is_refused(tls_files):
+    import ssl
+
+    bare = ssl.create_default_context(cafile=tls_files.ca)
+    with tls_listener(tls_files, accept_timeout=1.0) as listener:
+        served = run(serve, listener)
+        with pytest.raises((TransportError, OSError)):
+            connect(listener, bare)
+        with pytest.raises(TransportError, match="no connection"):
+            served()
+
+
+def test_destination_certificate_must_name_the_address(tls_files):
+    client_ctx = transport.tls_context(tls_conf(tls_files), server=False)
+    misnamed = tls_conf(
+        tls_files, cert=tls_files.misnamed_cert, key=tls_files.misnamed_key
+    )
+    server_ctx = transport.tls_context(misnamed, server=True)
+    with Listener(
+        "127.0.0.1", 0, 0, accept_timeout=1.0, tls=server_ctx
+    ) as listener:
+        served = run(serve, listener)
+        with pytest.raises(TransportError, match="TLS handshake failed"):
+            connect(listener, client_ctx)
+        # The destination dropped the connection and waits on.
+        with pytest.raises(TransportError, match="no connection"):
+            served()
+
+
+def test_tls_without_its_files_is_a_clear_error():
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    conf([])
+    assert transport.tls_context(conf, server=True) is None
+    conf.set_override("tls_enabled", True, group="xen_ncm")
+    with pytest.raises(TransportError, match="tls_cert_file, tls_key_file"):
+        transport.tls_context(conf, server=False)
+    conf.set_override("tls_cert_file", "/nonexistent.pem", group="xen_ncm")
+    conf.set_override("tls_key_file", "/nonexistent.key", group="xen_ncm")
+    conf.set_override("tls_ca_file", "/nonexistent-ca.pem", group="xen_ncm")
+    with pytest.raises(TransportError, match="cannot set up TLS"):
+        transport.tls_context(conf, server=True)
+
+
+# -- replay --------------------------------------------------------------
+
+
+def _session(server_conn):
+    """A client's whole session with ``server_conn`` in memory: the
+    octets the client sent (what an eavesdropper captures)."""
+    client = p.Connection(p.Role.CLIENT)
+    sent = bytearray()
+
+    def to_server(buffers):
+        data = b"".join(bytes(b) for b in buffers)
+        sent.extend(data)
+        server_conn.receive_data(data)
+        return server_conn.next_event()
+
+    def to_client(buffers):
+        client.receive_data(b"".join(bytes(b) for b in buffers))
+        return client.next_event()
+
+    hello = to_server(client.send_hello("mig", 0))
+    to_client(server_conn.send_challenge(token_for(hello)))
+    to_server(client.send_auth(TOKEN))
+    to_client(server_conn.send_welcome())
+    to_server(client.send_data(1, [b"pages"]))
+    return bytes(sent)
+
+
+def test_replayed_session_fails_authentication_on_a_new_connection():
+    captured = _session(p.Connection(p.Role.SERVER))
+    # The same migration id and even the same token: the new server's
+    # nonce makes the captured proof worthless.
+    server = p.Connection(p.Role.SERVER)
+    server.receive_data(captured)
+    hello = server.next_event()
+    assert isinstance(hello, p.Hello)
+    server.send_challenge(token_for(hello))
+    with pytest.raises(AuthenticationError, match="wrong token"):
+        server.next_event()
+    assert not server.established
