@@ -1,0 +1,1021 @@
+"""The real Xen host: :class:`XenHost` on Xen 4.17's libraries and xl.
+
+Guests are ordinary xl domains. ``create_domain`` runs ``xl create`` on a
+generated configuration. ``create_empty_domain`` builds the domain that a
+stream is restored into with libxl itself, from the JSON ``xl create -n``
+makes of the same configuration plus the domid (``c_info.domid``, which
+``xl`` has no option for): libxl creates it paused with its device model
+running, the stream then overwrites memory, HVM context, params, TSC,
+CPU policy and the device model's state, as ``xl restore`` would.
+
+Memory, log-dirty, HVM context and params, TSC and event channel status
+go through libxenctrl, guest pages through libxenforeignmemory, names
+through libxenstore, and the device model's state over QMP (``qmp``).
+What stock Xen cannot restore (PV state) is refused with the capability
+probe's reasons (``probe``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno as errnos
+import hashlib
+import json
+import os
+import threading
+import uuid as uuidlib
+from collections.abc import Collection
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from nova_xen_ncm.conf import xen as xen_conf
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.base import PAGE_SIZE
+from nova_xen_ncm.host.base import DomainState
+from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.xen import libs
+from nova_xen_ncm.host.xen import probe
+from nova_xen_ncm.host.xen import qmp
+from nova_xen_ncm.host.xen import xl as xl_mod
+
+LOG = logging.getLogger(__name__)
+
+# xen/include/public/version.h
+XENVER_version = 0
+XENVER_extraversion = 1
+# xen/include/public/domctl.h
+SHADOW_OP_OFF = 0
+SHADOW_OP_ENABLE_LOGDIRTY = 2
+SHADOW_OP_CLEAN = 11
+# xen/include/public/sysctl.h
+XEN_SCHEDULER_CREDIT = 5
+XEN_SCHEDULER_CREDIT2 = 6
+CAP_UNCHANGED = 0xFFFF
+# xentoollog.h: XTL_ERROR
+XTL_ERROR = 8
+PROT_READ = 1
+PROT_WRITE = 2
+# xen/include/public/memory.h
+XENMEM_resource_grant_table = 1
+# Pages per foreign mapping (Xen's own save maps 1024 at a time).
+MAP_BATCH = 1024
+# libxl_types.idl: libxl_device_model_version QEMU_XEN is emulator 2 in
+# the stream (libxl-migration-stream EMULATOR_CONTEXT).
+EMULATOR_QEMU_UPSTREAM = 2
+# The HVM params Xen's save writes (xg_sr_save_x86_hvm.c write_hvm_params)
+# and HVM_PARAM_CALLBACK_IRQ, the "PV drivers are installed" signal.
+HVM_PARAM_CALLBACK_IRQ = 0
+SAVED_HVM_PARAMS = (
+    0,  # CALLBACK_IRQ
+    1,  # STORE_PFN
+    5,  # IOREQ_PFN
+    6,  # BUFIOREQ_PFN
+    27,  # PAGING_RING_PFN
+    28,  # MONITOR_RING_PFN
+    29,  # SHARING_RING_PFN
+    37,  # VM86_TSS_SIZED
+    17,  # CONSOLE_PFN
+    19,  # ACPI_IOPORTS_LOCATION
+    9,  # VIRIDIAN
+    12,  # IDENT_PT
+    34,  # VM_GENERATION_ID_ADDR
+    32,  # IOREQ_SERVER_PFN
+    33,  # NR_IOREQ_SERVER_PAGES
+    36,  # X87_FIP_WIDTH
+    38,  # MCA_CAP
+)
+# HVM save record types whose content moves with wall-clock time while
+# the guest is paused (the CPU record's TSC, the HPET main counter, the
+# PM timer); the PLATFORM digest covers the rest, and their type and
+# instance (xen/include/public/arch-x86/hvm/save.h).
+HVM_SAVE_CPU = 2
+TIME_VARYING_SAVE_TYPES = frozenset({12, 13})  # HPET, PMTIMER
+# struct hvm_hw_cpu: fpu_regs[512], 18 GPRs and flags, 4 CRs, 6 DRs,
+# segment selectors, limits, bases and attributes, SYSENTER, shadow_gs,
+# 7 MSRs, then tsc.
+HVM_CPU_TSC_OFFSET = 1008
+# How long a freshly destroyed domid stays unusable for libxl (libxl
+# LIBXL_DOMID_REUSE_TIMEOUT); a restore puts the same guest back under its
+# own domid, which is what the delay guards against for a different one.
+DOMID_REUSE_ENV = "LIBXL_DOMID_REUSE_TIMEOUT"
+CONTEXT_LIMIT = 1 << 24
+
+
+class _Fns(libs.Functions):
+    pass
+
+
+FN = _Fns()
+
+
+def _domain_state(flags: int) -> DomainState:
+    if flags & libs.XEN_DOMINF_dying:
+        return DomainState.DYING
+    if flags & libs.XEN_DOMINF_shutdown:
+        reason = (
+            flags >> libs.XEN_DOMINF_shutdownshift
+        ) & libs.XEN_DOMINF_shutdownmask
+        if reason == libs.SHUTDOWN_crash:
+            return DomainState.CRASHED
+        return DomainState.SHUTDOWN
+    if flags & libs.XEN_DOMINF_paused:
+        return DomainState.PAUSED
+    return DomainState.RUNNING
+
+
+def normalized_hvm_context(blob: bytes) -> list[tuple[int, int, str]]:
+    """(type, instance, SHA-256) per save record of an HVM context, with
+    what wall-clock time changes in a paused guest left out: two reads of
+    one paused guest, or of a guest and its restored copy, compare
+    equal."""
+    out = []
+    offset = 0
+    view = memoryview(blob)
+    while offset + 8 <= len(view):
+        typecode = int.from_bytes(view[offset : offset + 2], "little")
+        instance = int.from_bytes(view[offset + 2 : offset + 4], "little")
+        length = int.from_bytes(view[offset + 4 : offset + 8], "little")
+        body = bytearray(view[offset + 8 : offset + 8 + length])
+        offset += 8 + length
+        if typecode == HVM_SAVE_CPU and len(body) >= HVM_CPU_TSC_OFFSET + 8:
+            body[HVM_CPU_TSC_OFFSET : HVM_CPU_TSC_OFFSET + 8] = bytes(8)
+        if typecode in TIME_VARYING_SAVE_TYPES:
+            body = bytearray()
+        out.append((typecode, instance, hashlib.sha256(body).hexdigest()))
+        if typecode == 0:  # END
+            break
+    return out
+
+
+class XenHost(base.HostDriver):
+    """The host driver of a real Xen 4.17 dom0 (``host_driver = xen``)."""
+
+    def __init__(self, hostname: str, conf: cfg.ConfigOpts) -> None:
+        self.hostname = hostname
+        if xen_conf.GROUP.name not in conf:
+            xen_conf.register_opts(conf)
+        self.opts = getattr(conf, xen_conf.GROUP.name)
+        self._xl = xl_mod.Xl(self.opts.xl_path, self.opts.command_timeout)
+        self._lock = threading.RLock()
+        self._xch = libs.check_ptr(
+            "xc_interface_open", FN.xc_interface_open(None, None, 0)
+        )
+        try:
+            self._fmem = libs.check_ptr(
+                "xenforeignmemory_open", FN.xenforeignmemory_open(None, 0)
+            )
+        except BaseException:
+            FN.xc_interface_close(self._xch)
+            raise
+        self._xsh: int | None = None
+        self._caps: base.Capabilities | None = None
+        # domid -> bool array of the pfns populated in a restoring domain.
+        self._populated: dict[int, np.ndarray] = {}
+        # domid -> ((tot_pages, max gpfn), populated pfns).
+        self._pfn_cache: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
+        # domid -> hypercall buffer of the log-dirty bitmap.
+        self._dirty_bufs: dict[int, tuple[libs.HypercallBuffer, int]] = {}
+        # domids whose device model this driver stopped.
+        self._dm_stopped: set[int] = set()
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.free.argtypes = [ctypes.c_void_p]
+        self._libc.free.restype = None
+
+    # -- helpers --
+
+    def _xs(self) -> int:
+        if self._xsh is None:
+            self._xsh = libs.check_ptr("xs_open", FN.xs_open(0))
+        return self._xsh
+
+    def _xs_read(self, path: str) -> bytes | None:
+        length = ctypes.c_uint()
+        ptr = FN.xs_read(self._xs(), 0, path.encode(), ctypes.byref(length))
+        if not ptr:
+            err = ctypes.get_errno()
+            if err in (errnos.ENOENT, errnos.EACCES, 0):
+                return None
+            libs.raise_for("xs_read", path)
+        try:
+            return ctypes.string_at(ptr, length.value)
+        finally:
+            self._libc.free(ptr)
+
+    def _getinfo(self, first: int, count: int) -> list[Any]:
+        infos = (libs.XenDomctlGetDomainInfo * count)()
+        n = libs.check(
+            "xc_domain_getinfolist",
+            FN.xc_domain_getinfolist(self._xch, first, count, infos),
+        )
+        return list(infos[:n])
+
+    def _raw_info(self, domid: int, call: str) -> Any:
+        found = self._getinfo(domid, 1)
+        if not found or found[0].domain != domid:
+            raise base.DomainNotFound(f"no domain {domid}", call=call)
+        return found[0]
+
+    def _param(self, domid: int, index: int) -> int:
+        value = ctypes.c_uint64()
+        libs.check(
+            "xc_hvm_param_get",
+            FN.xc_hvm_param_get(self._xch, domid, index, ctypes.byref(value)),
+            domid=domid,
+        )
+        return value.value
+
+    def _info(self, raw: Any) -> base.DomainInfo:
+        domid = raw.domain
+        name = self._xs_read(f"/local/domain/{domid}/name")
+        target = self._xs_read(f"/local/domain/{domid}/memory/target")
+        memory = int(target) * 1024 if target else raw.tot_pages * PAGE_SIZE
+        pv = False
+        if raw.flags & libs.XEN_DOMINF_hvm_guest and not (
+            raw.flags & libs.XEN_DOMINF_dying
+        ):
+            with contextlib.suppress(base.HostError):
+                pv = self._param(domid, HVM_PARAM_CALLBACK_IRQ) != 0
+        return base.DomainInfo(
+            domid=domid,
+            name=name.decode(errors="replace") if name else f"domain-{domid}",
+            uuid=str(uuidlib.UUID(bytes=bytes(raw.handle))),
+            state=_domain_state(raw.flags),
+            memory_bytes=memory,
+            vcpus=raw.max_vcpu_id + 1,
+            populated_pages=raw.tot_pages,
+            pv_drivers=pv,
+            cpu_time_ns=raw.cpu_time,
+        )
+
+    def _config_path(self, name: str) -> str:
+        os.makedirs(self.opts.state_dir, exist_ok=True)
+        return os.path.join(self.opts.state_dir, f"{name}.cfg")
+
+    def _write_config(self, config: base.DomainConfig) -> str:
+        path = self._config_path(config.name)
+        with open(path, "w") as out:
+            out.write(xl_mod.config_text(config))
+        return path
+
+    def hypervisor_facts(self) -> probe.HypervisorFacts:
+        version = FN.xc_version(self._xch, XENVER_version, None)
+        libs.check("xc_version", version)
+        extra = ctypes.create_string_buffer(16)
+        libs.check(
+            "xc_version",
+            FN.xc_version(self._xch, XENVER_extraversion, extra),
+        )
+        phys = libs.XenSysctlPhysinfo()
+        libs.check("xc_physinfo", FN.xc_physinfo(self._xch, phys))
+        return probe.HypervisorFacts(
+            major=version >> 16,
+            minor=version & 0xFFFF,
+            extra=extra.value.decode(errors="replace"),
+            physcaps=phys.capabilities,
+        )
+
+    # -- lifecycle --
+
+    def capabilities(self) -> base.Capabilities:
+        if self._caps is None:
+            facts = self.hypervisor_facts()
+            self._caps = base.Capabilities(
+                host=self.hostname,
+                hypervisor=f"Xen {facts.version}",
+                restore=probe.restore_items(facts),
+                log_dirty=bool(facts.physcaps & probe.PHYSCAP_HAP),
+                preserve_domid=facts.major * 100 + facts.minor
+                >= probe.DOMID_SINCE[0] * 100 + probe.DOMID_SINCE[1],
+                max_vcpus=128,
+            )
+        return base.Capabilities(
+            **{
+                **self._caps.__dict__,
+                "free_memory_bytes": self.free_memory(),
+            }
+        )
+
+    def list_domains(self) -> list[base.DomainInfo]:
+        with self._lock:
+            return [
+                self._info(raw)
+                for raw in self._getinfo(1, 1024)
+                if raw.domain < base.DOMID_FIRST_RESERVED
+            ]
+
+    def domain_info(self, domid: int) -> base.DomainInfo:
+        if domid == 0 or not 0 < domid < base.DOMID_FIRST_RESERVED:
+            raise base.DomainNotFound(
+                f"{domid} is not a guest domid", call="domain_info"
+            )
+        with self._lock:
+            return self._info(self._raw_info(domid, "domain_info"))
+
+    def find_domain(self, name_or_uuid: str) -> base.DomainInfo:
+        for info in self.list_domains():
+            if name_or_uuid in (info.name, info.uuid):
+                return info
+        raise base.DomainNotFound(
+            f"no domain named {name_or_uuid!r}", call="find_domain"
+        )
+
+    def create_domain(self, config: base.DomainConfig) -> int:
+        with contextlib.suppress(base.DomainNotFound):
+            self.find_domain(config.name)
+            raise base.HostError(
+                f"a domain named {config.name!r} exists", call="create_domain"
+            )
+        path = self._write_config(config)
+        self._xl.run("create", path)
+        return self.find_domain(config.name).domid
+
+    def libxl_json(self, config: base.DomainConfig, domid: int) -> str:
+        """The libxl domain configuration xl makes of ``config``, with
+        ``domid`` as the domain's id."""
+        path = self._write_config(config)
+        try:
+            parsed = json.loads(self._xl.run("create", "-n", path))
+        except ValueError as exc:
+            raise base.HostError(
+                f"xl create -n printed no JSON: {exc}", call="xl create"
+            ) from None
+        parsed.setdefault("c_info", {})["domid"] = domid
+        return json.dumps(parsed)
+
+    def create_empty_domain(
+        self, config: base.DomainConfig, domid: int
+    ) -> int:
+        call = "create_empty_domain"
+        if not 0 < domid < base.DOMID_FIRST_RESERVED:
+            raise base.HostError(f"{domid} is not a guest domid", call=call)
+        try:
+            holder = self.domain_info(domid)
+        except base.DomainNotFound:
+            pass
+        else:
+            raise base.DomidInUse(
+                f"domid {domid} is held by {holder.name!r}", call=call
+            )
+        with contextlib.suppress(base.DomainNotFound):
+            other = self.find_domain(config.name)
+            raise base.HostError(
+                f"a domain named {config.name!r} exists (domid {other.domid})",
+                call=call,
+            )
+        free = self.free_memory()
+        if free < config.memory_bytes:
+            raise base.InsufficientMemory(
+                f"{config.memory_bytes} bytes needed, {free} free", call=call
+            )
+        text = self.libxl_json(config, domid)
+        created = self._libxl_create(text, call)
+        if created != domid:
+            self._best_effort_destroy(created)
+            raise base.HostError(
+                f"libxl created domain {created}, not {domid}", call=call
+            )
+        mask = np.zeros(self._max_gpfn(domid) + 1, dtype=bool)
+        mask[self.populated_pfns(domid).astype(np.int64)] = True
+        self._populated[domid] = mask
+        return domid
+
+    def _libxl_create(self, config_json: str, call: str) -> int:
+        lib_log = libs.check_ptr(
+            "xtl_createlogger_stdiostream",
+            FN.xtl_createlogger_stdiostream(self._stderr(), XTL_ERROR, 0),
+        )
+        ctx = ctypes.c_void_p()
+        # Large enough for libxl_domain_config, which libxl fills in.
+        d_config = ctypes.create_string_buffer(1 << 16)
+        saved = os.environ.get(DOMID_REUSE_ENV)
+        try:
+            if FN.libxl_ctx_alloc(ctypes.byref(ctx), 0, 0, lib_log) != 0:
+                libs.raise_for("libxl_ctx_alloc")
+            FN.libxl_domain_config_init(d_config)
+            try:
+                rc = FN.libxl_domain_config_from_json(
+                    ctx, d_config, config_json.encode()
+                )
+                if rc != 0:
+                    raise base.HostError(
+                        f"libxl rejected the configuration (error {rc})",
+                        call="libxl_domain_config_from_json",
+                    )
+                os.environ[DOMID_REUSE_ENV] = "0"
+                domid = ctypes.c_uint32(0)
+                rc = FN.libxl_domain_create_new(
+                    ctx, d_config, ctypes.byref(domid), None, None
+                )
+                if rc != 0:
+                    raise base.HostError(
+                        f"libxl could not create the domain (error {rc}; "
+                        "its log is on stderr)",
+                        call="libxl_domain_create_new",
+                    )
+                return domid.value
+            finally:
+                FN.libxl_domain_config_dispose(d_config)
+        finally:
+            if saved is None:
+                os.environ.pop(DOMID_REUSE_ENV, None)
+            else:
+                os.environ[DOMID_REUSE_ENV] = saved
+            FN.libxl_ctx_free(ctx)
+            FN.xtl_logger_destroy(lib_log)
+
+    def _stderr(self) -> int:
+        self._libc.fdopen.restype = ctypes.c_void_p
+        self._libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        return libs.check_ptr("fdopen", self._libc.fdopen(os.dup(2), b"w"))
+
+    def _best_effort_destroy(self, domid: int) -> None:
+        try:
+            self._xl.run("destroy", str(domid))
+        except base.HostError as exc:
+            LOG.error("Could not destroy domain %d: %s", domid, exc)
+
+    def destroy_domain(self, domid: int) -> None:
+        self.domain_info(domid)
+        self._forget(domid)
+        self._xl.run("destroy", str(domid))
+
+    def _forget(self, domid: int) -> None:
+        self._populated.pop(domid, None)
+        self._pfn_cache.pop(domid, None)
+        self._dm_stopped.discard(domid)
+        buf = self._dirty_bufs.pop(domid, None)
+        if buf is not None:
+            FN.xc__hypercall_buffer_free_pages(self._xch, buf[0], buf[1])
+
+    def pause(self, domid: int) -> None:
+        libs.check(
+            "xc_domain_pause",
+            FN.xc_domain_pause(self._xch, domid),
+            domid=domid,
+        )
+
+    def unpause(self, domid: int) -> None:
+        if domid in self._dm_stopped:
+            with qmp.Qmp(self._qmp_path(domid)) as session:
+                session.execute("cont")
+            self._dm_stopped.discard(domid)
+        libs.check(
+            "xc_domain_unpause",
+            FN.xc_domain_unpause(self._xch, domid),
+            domid=domid,
+        )
+        self._populated.pop(domid, None)
+
+    def free_memory(self) -> int:
+        phys = libs.XenSysctlPhysinfo()
+        libs.check("xc_physinfo", FN.xc_physinfo(self._xch, phys))
+        return phys.free_pages * PAGE_SIZE
+
+    def console_output(self, domid: int) -> str:
+        info = self.domain_info(domid)
+        path = f"/var/log/xen/console/guest-{info.name}.log"
+        try:
+            with open(path, errors="replace") as log:
+                return log.read()
+        except FileNotFoundError:
+            raise base.NotSupported(
+                f"no console log {path}: start xenconsoled with --log=guest",
+                call="console_output",
+            ) from None
+
+    def libxl_config(self, domid: int) -> dict[str, Any] | None:
+        """The domain's libxl configuration (``xl list -l``), for the
+        ``xl`` header of a save file."""
+        self.domain_info(domid)
+        configs = self._xl.list_long(domid)
+        if domid not in configs:
+            # xl keeps no configuration for domains it did not create
+            # (or lost it): the save file then describes the guest from
+            # its domain info.
+            LOG.warning("xl list -l has no configuration of domain %d", domid)
+            return None
+        return configs[domid]
+
+    # -- memory --
+
+    def _max_gpfn(self, domid: int) -> int:
+        gpfn = ctypes.c_ulong()
+        libs.check(
+            "xc_domain_maximum_gpfn",
+            FN.xc_domain_maximum_gpfn(self._xch, domid, ctypes.byref(gpfn)),
+            domid=domid,
+        )
+        return gpfn.value
+
+    def _populated_mask(self, domid: int) -> np.ndarray:
+        """Which pfns up to the maximum gpfn are populated: Xen maps
+        those and refuses the others."""
+        top = self._max_gpfn(domid) + 1
+        mask = np.zeros(top, dtype=bool)
+        for start in range(0, top, MAP_BATCH):
+            n = min(MAP_BATCH, top - start)
+            pfns = np.arange(start, start + n, dtype=np.uint64)
+            arr = (ctypes.c_ulong * n).from_buffer(pfns)
+            err = (ctypes.c_int * n)()
+            addr = FN.xenforeignmemory_map(
+                self._fmem, domid, PROT_READ, n, arr, err
+            )
+            if not addr:
+                libs.raise_for("xenforeignmemory_map", domid=domid)
+            FN.xenforeignmemory_unmap(self._fmem, addr, n)
+            mask[start : start + n] = np.frombuffer(err, dtype=np.int32) == 0
+        return mask
+
+    def populated_pfns(self, domid: int) -> np.ndarray:
+        # Probing every pfn costs a hypercall each, so the answer is kept
+        # while the domain's page count and top gpfn stay the same: an HVM
+        # guest without a balloon driver never changes its physmap.
+        raw = self._raw_info(domid, "populated_pfns")
+        key = (raw.tot_pages, self._max_gpfn(domid))
+        cached = self._pfn_cache.get(domid)
+        if cached is None or cached[0] != key:
+            pfns = np.flatnonzero(self._populated_mask(domid))
+            cached = (key, pfns.astype(np.uint64))
+            self._pfn_cache[domid] = cached
+        return cached[1].copy()
+
+    def populate(self, domid: int, pfns: np.ndarray) -> None:
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        if not len(pfns):
+            return
+        mask = self._populated.get(domid)
+        if mask is None:
+            mask = self._populated_mask(domid)
+            self._populated[domid] = mask
+        top = int(pfns.max()) + 1
+        if top > len(mask):
+            grown = np.zeros(top, dtype=bool)
+            grown[: len(mask)] = mask
+            mask = self._populated[domid] = grown
+        new = np.unique(pfns[~mask[pfns.astype(np.int64)]])
+        for start in range(0, len(new), MAP_BATCH):
+            chunk = new[start : start + MAP_BATCH]
+            arr = (ctypes.c_ulong * len(chunk))(*chunk.tolist())
+            rc = FN.xc_domain_populate_physmap_exact(
+                self._xch, domid, len(chunk), 0, 0, arr
+            )
+            if rc < 0 and ctypes.get_errno() == errnos.EBUSY:
+                # Some of them already have a p2m entry that a foreign
+                # mapping does not show (Xen-owned pages): one at a time,
+                # keeping those.
+                for pfn in chunk.tolist():
+                    one = (ctypes.c_ulong * 1)(pfn)
+                    rc = FN.xc_domain_populate_physmap_exact(
+                        self._xch, domid, 1, 0, 0, one
+                    )
+                    if rc < 0 and ctypes.get_errno() != errnos.EBUSY:
+                        libs.raise_for(
+                            "xc_domain_populate_physmap_exact",
+                            f"pfn {pfn:#x}",
+                            domid=domid,
+                        )
+                rc = 0
+            libs.check("xc_domain_populate_physmap_exact", rc, domid=domid)
+            mask[chunk.astype(np.int64)] = True
+        if len(new):
+            self._pfn_cache.pop(domid, None)
+
+    def map_pages(
+        self, domid: int, pfns: np.ndarray, writable: bool = False
+    ) -> base.PageMapping:
+        return _XenPageMapping(self, domid, pfns, writable)
+
+    def enable_log_dirty(self, domid: int) -> None:
+        rc = FN.xc_shadow_control(
+            self._xch, domid, SHADOW_OP_ENABLE_LOGDIRTY, None, 0
+        )
+        if rc < 0:
+            # Already on (there is no query): off and on again, as Xen's
+            # own save does (xg_sr_save.c enable_logdirty).
+            libs.check(
+                "xc_shadow_control",
+                FN.xc_shadow_control(self._xch, domid, SHADOW_OP_OFF, None, 0),
+                domid=domid,
+            )
+            libs.check(
+                "xc_shadow_control",
+                FN.xc_shadow_control(
+                    self._xch, domid, SHADOW_OP_ENABLE_LOGDIRTY, None, 0
+                ),
+                domid=domid,
+            )
+
+    def _dirty_buffer(self, domid: int, bits: int) -> libs.HypercallBuffer:
+        pages = max(1, -(-bits // (8 * PAGE_SIZE)))
+        held = self._dirty_bufs.get(domid)
+        if held is not None and held[1] >= pages:
+            return held[0]
+        if held is not None:
+            FN.xc__hypercall_buffer_free_pages(self._xch, held[0], held[1])
+            del self._dirty_bufs[domid]
+        buf = libs.HypercallBuffer()
+        buf.ubuf = ctypes.c_void_p(-1 & (2**64 - 1))
+        libs.check_ptr(
+            "xc__hypercall_buffer_alloc_pages",
+            FN.xc__hypercall_buffer_alloc_pages(self._xch, buf, pages),
+        )
+        self._dirty_bufs[domid] = (buf, pages)
+        return buf
+
+    def harvest_dirty(self, domid: int) -> np.ndarray:
+        bits = self._max_gpfn(domid) + 1
+        buf = self._dirty_buffer(domid, bits)
+        stats = libs.ShadowOpStats()
+        rc = FN.xc_logdirty_control(
+            self._xch, domid, SHADOW_OP_CLEAN, buf, bits, 0, stats
+        )
+        libs.check("xc_logdirty_control", rc, domid=domid)
+        raw = ctypes.string_at(buf.hbuf, -(-bits // 8))
+        bitmap = np.unpackbits(
+            np.frombuffer(raw, dtype=np.uint8), bitorder="little"
+        )[:bits]
+        return np.flatnonzero(bitmap).astype(np.uint64)
+
+    def disable_log_dirty(self, domid: int) -> None:
+        libs.check(
+            "xc_shadow_control",
+            FN.xc_shadow_control(self._xch, domid, SHADOW_OP_OFF, None, 0),
+            domid=domid,
+        )
+        buf = self._dirty_bufs.pop(domid, None)
+        if buf is not None:
+            FN.xc__hypercall_buffer_free_pages(self._xch, buf[0], buf[1])
+
+    def set_vcpu_throttle(self, domid: int, fraction: float) -> None:
+        if not 0 < fraction <= 1:
+            raise base.HostError(
+                f"throttle {fraction} is not in (0, 1]",
+                call="set_vcpu_throttle",
+            )
+        info = self.domain_info(domid)
+        # The cap is in percent of one physical CPU, for all vCPUs.
+        cap = (
+            0 if fraction >= 1 else max(1, round(fraction * 100 * info.vcpus))
+        )
+        sched = ctypes.c_int()
+        libs.check(
+            "xc_sched_id", FN.xc_sched_id(self._xch, ctypes.byref(sched))
+        )
+        params = libs.SchedCredit(weight=0, cap=cap)
+        if sched.value == XEN_SCHEDULER_CREDIT:
+            rc = FN.xc_sched_credit_domain_set(self._xch, domid, params)
+            libs.check("xc_sched_credit_domain_set", rc, domid=domid)
+        elif sched.value == XEN_SCHEDULER_CREDIT2:
+            rc = FN.xc_sched_credit2_domain_set(self._xch, domid, params)
+            libs.check("xc_sched_credit2_domain_set", rc, domid=domid)
+        else:
+            raise base.NotSupported(
+                f"scheduler {sched.value} has no cap (credit or credit2 "
+                "needed)",
+                call="set_vcpu_throttle",
+            )
+
+    # -- platform state --
+
+    def get_hvm_context(self, domid: int) -> bytes:
+        size = FN.xc_domain_hvm_getcontext(self._xch, domid, None, 0)
+        libs.check("xc_domain_hvm_getcontext", size, domid=domid)
+        buf = (ctypes.c_uint8 * size)()
+        used = FN.xc_domain_hvm_getcontext(self._xch, domid, buf, size)
+        libs.check("xc_domain_hvm_getcontext", used, domid=domid)
+        return bytes(buf)[:used]
+
+    def set_hvm_context(self, domid: int, blob: bytes) -> None:
+        if not 0 < len(blob) <= CONTEXT_LIMIT:
+            raise base.HostError(
+                f"HVM context of {len(blob)} octets", call="set_hvm_context"
+            )
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        libs.check(
+            "xc_domain_hvm_setcontext",
+            FN.xc_domain_hvm_setcontext(self._xch, domid, buf, len(blob)),
+            domid=domid,
+        )
+
+    def get_hvm_params(self, domid: int) -> dict[int, int]:
+        params = {}
+        for index in SAVED_HVM_PARAMS:
+            value = self._param(domid, index)
+            if value:
+                params[index] = value
+        return params
+
+    def set_hvm_params(self, domid: int, params: Mapping[int, int]) -> None:
+        for index, value in sorted(params.items()):
+            rc = FN.xc_hvm_param_set(self._xch, domid, index, value)
+            if rc < 0:
+                libs.raise_for(
+                    "xc_hvm_param_set", f"param {index} = {value:#x}"
+                )
+
+    def get_tsc_info(self, domid: int) -> base.TscInfo:
+        mode = ctypes.c_uint32()
+        nsec = ctypes.c_uint64()
+        khz = ctypes.c_uint32()
+        incarnation = ctypes.c_uint32()
+        libs.check(
+            "xc_domain_get_tsc_info",
+            FN.xc_domain_get_tsc_info(
+                self._xch,
+                domid,
+                ctypes.byref(mode),
+                ctypes.byref(nsec),
+                ctypes.byref(khz),
+                ctypes.byref(incarnation),
+            ),
+            domid=domid,
+        )
+        return base.TscInfo(
+            mode.value, khz.value, nsec.value, incarnation.value
+        )
+
+    def set_tsc_info(self, domid: int, info: base.TscInfo) -> None:
+        libs.check(
+            "xc_domain_set_tsc_info",
+            FN.xc_domain_set_tsc_info(
+                self._xch, domid, info.mode, info.nsec, info.khz,
+                info.incarnation,
+            ),
+            domid=domid,
+        )  # fmt: skip
+
+    def set_cpu_policy(self, domid: int, leaves: bytes, msrs: bytes) -> None:
+        nl = len(leaves) // ctypes.sizeof(libs.CpuidLeaf)
+        nm = len(msrs) // ctypes.sizeof(libs.MsrEntry)
+        if nl * ctypes.sizeof(libs.CpuidLeaf) != len(leaves) or (
+            nm * ctypes.sizeof(libs.MsrEntry) != len(msrs)
+        ):
+            raise base.HostError(
+                "CPU policy arrays are not whole leaves and MSR entries",
+                call="set_cpu_policy",
+            )
+        leaf_arr = (libs.CpuidLeaf * max(nl, 1)).from_buffer_copy(
+            leaves or bytes(ctypes.sizeof(libs.CpuidLeaf))
+        )
+        msr_arr = (libs.MsrEntry * max(nm, 1)).from_buffer_copy(
+            msrs or bytes(ctypes.sizeof(libs.MsrEntry))
+        )
+        err_leaf = ctypes.c_uint32(~0 & 0xFFFFFFFF)
+        err_sub = ctypes.c_uint32(~0 & 0xFFFFFFFF)
+        err_msr = ctypes.c_uint32(~0 & 0xFFFFFFFF)
+        rc = FN.xc_set_domain_cpu_policy(
+            self._xch, domid, nl, leaf_arr, nm, msr_arr,
+            ctypes.byref(err_leaf), ctypes.byref(err_sub),
+            ctypes.byref(err_msr),
+        )  # fmt: skip
+        if rc < 0:
+            libs.raise_for(
+                "xc_set_domain_cpu_policy",
+                f"rejected leaf {err_leaf.value:#x}/{err_sub.value:#x}, "
+                f"msr {err_msr.value:#x}",
+            )
+
+    # -- the device model --
+
+    def _qmp_path(self, domid: int) -> str:
+        return qmp.socket_path(self.opts.qmp_dir, domid)
+
+    def get_emulator_context(self, domid: int) -> tuple[int, bytes] | None:
+        """The device model's state of the paused guest (emulator id,
+        blob), None when the domain has no device model. The device model
+        stays stopped until :meth:`unpause`."""
+        path = self._qmp_path(domid)
+        if not os.path.exists(path):
+            return None
+        os.makedirs(self.opts.state_dir, exist_ok=True)
+        state = os.path.join(self.opts.state_dir, f"qemu-save.{domid}")
+        with qmp.Qmp(path, self.opts.command_timeout) as session:
+            session.execute("stop")
+            self._dm_stopped.add(domid)
+            session.execute(
+                "xen-save-devices-state", filename=state, live=False
+            )
+        try:
+            with open(state, "rb") as saved:
+                return EMULATOR_QEMU_UPSTREAM, saved.read()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(state)
+
+    def set_emulator_context(
+        self, domid: int, emulator_id: int, blob: bytes
+    ) -> None:
+        if emulator_id != EMULATOR_QEMU_UPSTREAM:
+            raise base.NotSupported(
+                f"emulator {emulator_id}: only QEMU upstream (2) is supported",
+                call="set_emulator_context",
+            )
+        os.makedirs(self.opts.state_dir, exist_ok=True)
+        state = os.path.join(self.opts.state_dir, f"qemu-resume.{domid}")
+        with open(state, "wb") as out:
+            out.write(blob)
+        try:
+            with qmp.Qmp(
+                self._qmp_path(domid), self.opts.command_timeout
+            ) as session:
+                session.execute("stop")
+                self._dm_stopped.add(domid)
+                session.execute("xen-load-devices-state", filename=state)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(state)
+
+    # -- PV state --
+
+    def _backends(self, domid: int) -> list[str]:
+        """The backend areas dom0 serves for the guest."""
+        found = []
+        for kind in ("vif", "vbd", "qdisk", "console", "vkbd"):
+            base_path = f"/local/domain/0/backend/{kind}/{domid}"
+            if self._xs_read(base_path) is not None:
+                found.append(base_path)
+        return found
+
+    def _refuse_pv(self, call: str) -> base.NotSupported:
+        reasons = {
+            k: v
+            for k, v in self.capabilities().restore.items()
+            if v is not None
+        }
+        text = "; ".join(f"{k.value}: {v}" for k, v in reasons.items())
+        return base.NotSupported(
+            f"{self.capabilities().hypervisor} cannot carry PV state: {text}",
+            call=call,
+        )
+
+    def quiesce_backends(self, domid: int) -> None:
+        if self._backends(domid):
+            raise self._refuse_pv("quiesce_backends")
+
+    def resume_backends(self, domid: int) -> None:
+        if self._backends(domid):
+            raise self._refuse_pv("resume_backends")
+
+    def export_pv_state(self, domid: int) -> base.PvState:
+        self.domain_info(domid)
+        raise self._refuse_pv("export_pv_state")
+
+    def import_pv_state(self, domid: int, state: base.PvState) -> None:
+        self.domain_info(domid)
+        raise self._refuse_pv("import_pv_state")
+
+    def event_channels(self, domid: int) -> tuple[base.EventChannel, ...]:
+        """The guest's open ports as EVTCHNOP_status reports them."""
+        ports = []
+        port = 1
+        while True:
+            status = libs.EvtchnStatus(dom=domid, port=port)
+            if FN.xc_evtchn_status(self._xch, status) < 0:
+                err = ctypes.get_errno()
+                if err == errnos.EINVAL:
+                    break  # past the last allocated port
+                if err == errnos.EACCES:
+                    # A port Xen itself consumes (an ioreq server's).
+                    port += 1
+                    continue
+                libs.raise_for("xc_evtchn_status", domid=domid)
+            if status.status != base.EvtchnType.CLOSED:
+                kind = base.EvtchnType(status.status)
+                ports.append(
+                    base.EventChannel(
+                        port=port,
+                        type=kind,
+                        vcpu=status.vcpu,
+                        remote_domid=(
+                            status.u.unbound_dom
+                            if kind is base.EvtchnType.UNBOUND
+                            else status.u.interdomain.dom
+                            if kind is base.EvtchnType.INTERDOMAIN
+                            else 0
+                        ),
+                        remote_port=(
+                            status.u.interdomain.port
+                            if kind is base.EvtchnType.INTERDOMAIN
+                            else 0
+                        ),
+                        virq=status.u.virq
+                        if kind is base.EvtchnType.VIRQ
+                        else 0,
+                        pirq=status.u.pirq
+                        if kind is base.EvtchnType.PIRQ
+                        else 0,
+                    )
+                )
+            port += 1
+        return tuple(ports)
+
+    # -- observation --
+
+    def memory_digest(self, domid: int) -> str:
+        """SHA-256 over the populated pfns and the content of the
+        non-zero ones (the simulated host's digest, on real memory)."""
+        pfns = self.populated_pfns(domid)
+        h = hashlib.sha256(pfns.astype("<u8").tobytes())
+        which = hashlib.sha256()
+        data = hashlib.sha256()
+        for batch in base.iter_batches(pfns, MAP_BATCH):
+            with self.map_pages(domid, batch) as mapping:
+                block = np.frombuffer(
+                    b"".join(mapping.pages), dtype=np.uint64
+                ).reshape(len(batch), -1)
+                nz = np.flatnonzero(block.any(axis=1))
+                which.update(batch[nz].astype("<u8").tobytes())
+                data.update(block[nz].tobytes())
+        h.update(which.digest())
+        h.update(data.digest())
+        return h.hexdigest()
+
+    def guest_state(
+        self, domid: int, items: Collection[Item] | None = None
+    ) -> base.GuestState:
+        wanted = set(Item if items is None else items)
+        out: dict[Item, object] = {}
+        if Item.MEMORY in wanted:
+            out[Item.MEMORY] = self.memory_digest(domid)
+        if Item.PLATFORM in wanted:
+            tsc = self.get_tsc_info(domid)
+            out[Item.PLATFORM] = (
+                tuple(normalized_hvm_context(self.get_hvm_context(domid))),
+                (tsc.mode, tsc.khz, tsc.incarnation),
+            )
+        if Item.HVM_PARAMS in wanted:
+            out[Item.HVM_PARAMS] = tuple(
+                sorted(self.get_hvm_params(domid).items())
+            )
+        if Item.DOMID in wanted:
+            out[Item.DOMID] = (domid, ())
+        if Item.EVENT_CHANNELS in wanted:
+            out[Item.EVENT_CHANNELS] = self.event_channels(domid)
+        return base.GuestState(items=out)
+
+    def close(self) -> None:
+        for domid in list(self._dirty_bufs):
+            buf = self._dirty_bufs.pop(domid)
+            FN.xc__hypercall_buffer_free_pages(self._xch, buf[0], buf[1])
+        if self._xsh is not None:
+            FN.xs_close(self._xsh)
+            self._xsh = None
+        if self._fmem is not None:
+            FN.xenforeignmemory_close(self._fmem)
+            self._fmem = None
+        if self._xch is not None:
+            FN.xc_interface_close(self._xch)
+            self._xch = None
+
+
+class _XenPageMapping(base.PageMapping):
+    """Guest pages mapped with xenforeignmemory_map, one view each."""
+
+    def __init__(
+        self, host: XenHost, domid: int, pfns: np.ndarray, writable: bool
+    ) -> None:
+        self._host = host
+        self.pfns = np.asarray(pfns, dtype=np.uint64)
+        n = len(self.pfns)
+        self._n = n
+        self._addr: int | None = None
+        if not n:
+            self.pages = []
+            return
+        arr = (ctypes.c_ulong * n)(*self.pfns.tolist())
+        err = (ctypes.c_int * n)()
+        prot = PROT_READ | (PROT_WRITE if writable else 0)
+        addr = FN.xenforeignmemory_map(host._fmem, domid, prot, n, arr, err)
+        if not addr:
+            libs.raise_for("xenforeignmemory_map", f"{n} pages", domid=domid)
+        self._addr = addr
+        errs = np.frombuffer(err, dtype=np.int32)
+        bad = np.flatnonzero(errs)
+        if len(bad):
+            self.close()
+            first = int(bad[0])
+            raise libs.XenCallError(
+                f"domain {domid}: {len(bad)} of {n} pages not mapped, "
+                f"first pfn {int(self.pfns[first]):#x}: "
+                f"{os.strerror(-int(errs[first]))}",
+                call="xenforeignmemory_map",
+                errno=-int(errs[first]),
+            )
+        region = (ctypes.c_char * (n * PAGE_SIZE)).from_address(addr)
+        view = memoryview(region).cast("B")
+        if not writable:
+            view = view.toreadonly()
+        self.pages = [
+            view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(n)
+        ]
+
+    def close(self) -> None:
+        if self._addr is not None:
+            self.pages = []
+            FN.xenforeignmemory_unmap(self._host._fmem, self._addr, self._n)
+            self._addr = None

@@ -1,0 +1,219 @@
+"""The real Xen host driver against Xen 4.17 (``host_driver = xen``).
+
+Each test runs in the rig's dom0 (one boot for the whole tier): guests are
+the small HVM guest of ``test_xen_rig`` (SeaBIOS with nothing to boot).
+"The guest runs" is observed, not assumed: its state is running and its
+vCPU time, as Xen accounts it, advances.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import XenRig
+
+pytestmark = [pytest.mark.xen, pytest.mark.timeout(3600)]
+
+# Waits for a vCPU time that advances by at least MIN_CPU_NS within
+# RUN_SECONDS, then prints the domain's info as JSON.
+RUNS = """\
+import json, sys, time
+from nova_xen_ncm.conf import CONF
+CONF([], project="nova-xen-ncm")
+from nova_xen_ncm.host import factory
+host = factory.load_host_driver("xen", "rig", CONF)
+info = host.find_domain(sys.argv[1])
+first = info.cpu_time_ns
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    time.sleep(1)
+    info = host.domain_info(info.domid)
+    if info.cpu_time_ns - first >= 1000000:
+        break
+print(json.dumps({"domid": info.domid, "state": info.state.value,
+                  "advanced_ns": info.cpu_time_ns - first,
+                  "pv_drivers": info.pv_drivers}))
+"""
+
+PROBE = """\
+import json
+from nova_xen_ncm.conf import CONF
+CONF([], project="nova-xen-ncm")
+from nova_xen_ncm.host import factory
+caps = factory.load_host_driver("xen", "rig", CONF).capabilities()
+print(json.dumps({"hypervisor": caps.hypervisor,
+                  "restore": {k.value: v for k, v in caps.restore.items()},
+                  "missing_pv": {k.value: v
+                                 for k, v in caps.missing(True).items()},
+                  "missing_plain": {k.value: v
+                                    for k, v in caps.missing(False).items()},
+                  "log_dirty": caps.log_dirty,
+                  "preserve_domid": caps.preserve_domid}))
+"""
+
+# A guest's PV drivers announce themselves by setting
+# HVM_PARAM_CALLBACK_IRQ; the toolstack can set it for a guest without an
+# OS to stand in for them.
+SET_CALLBACK = """\
+import ctypes, sys
+from nova_xen_ncm.host.xen.host import FN
+xch = FN.xc_interface_open(None, None, 0)
+# HVM_PARAM_CALLBACK_IRQ = 0; type 2 (vector) in bits 63:56, vector 0xf3.
+assert FN.xc_hvm_param_set(xch, int(sys.argv[1]), 0, (2 << 56) | 0xF3) == 0
+"""
+
+
+def guest_config(name: str) -> str:
+    return (
+        f'name = "{name}"\ntype = "hvm"\nmemory = 32\nvcpus = 1\n'
+        'vga = "none"\nserial = "pty"\nvif = []\ndisk = []\n'
+    )
+
+
+def dom0_python(code: str, *args: str) -> str:
+    return (
+        f"cat > /tmp/step.py <<'PY'\n{code}PY\n"
+        f"python3 /tmp/step.py {' '.join(args)}"
+    )
+
+
+def create(rig: XenRig, name: str) -> None:
+    result = rig.run(
+        f"xl destroy {name} 2>/dev/null\n"
+        f"cat > /tmp/{name}.cfg <<'CFG'\n{guest_config(name)}CFG\n"
+        f"xl create /tmp/{name}.cfg"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def runs(rig: XenRig, name: str) -> dict:
+    result = rig.run(dom0_python(RUNS, name))
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["state"] == "running", info
+    assert info["advanced_ns"] >= 1_000_000, info
+    return info
+
+
+def destroy(rig: XenRig, *names: str) -> None:
+    rig.run(
+        "".join(
+            f"xl destroy {n} 2>/dev/null; rm -f /tmp/{n}.*\n" for n in names
+        )
+        + "true"
+    )
+
+
+def domid_of(rig: XenRig, name: str) -> int:
+    result = rig.run(f"xl domid {name}")
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.strip())
+
+
+def test_project_save_restored_by_xl(xen_rig: XenRig) -> None:
+    """A running guest saved by the project (Xen-compatible) and restored
+    by ``xl restore`` runs."""
+    try:
+        create(xen_rig, "ncm1")
+        domid = domid_of(xen_rig, "ncm1")
+        saved = xen_rig.run(
+            "nova-xen-ncm save ncm1 /tmp/ncm1.save --xen-compatible "
+            "--host-driver xen"
+        )
+        assert saved.returncode == 0, saved.stdout + saved.stderr
+        assert "Xen-compatible" in saved.stdout
+        verified = xen_rig.run(
+            "PYTHONPATH=/usr/lib/xen-4.17/lib/python "
+            "/usr/lib/xen-4.17/bin/verify-stream-v2 -f xl -i /tmp/ncm1.save"
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        # The saved config asks for the same domid, freed a moment ago.
+        restored = xen_rig.run(
+            "LIBXL_DOMID_REUSE_TIMEOUT=0 xl restore /tmp/ncm1.save"
+        )
+        assert restored.returncode == 0, restored.stderr
+        assert runs(xen_rig, "ncm1")["domid"] == domid
+    finally:
+        destroy(xen_rig, "ncm1")
+
+
+def test_xl_save_restored_by_project(xen_rig: XenRig) -> None:
+    """A guest saved by ``xl save`` (CPU policy, emulator context and
+    all) and restored by the project runs, under the domid asked for."""
+    try:
+        create(xen_rig, "ncm2")
+        saved = xen_rig.run("xl save ncm2 /tmp/ncm2.save")
+        assert saved.returncode == 0, saved.stderr
+        restored = xen_rig.run(
+            "nova-xen-ncm restore /tmp/ncm2.save --domid 77 --host-driver xen"
+        )
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert "as domain 77 (ncm2), running" in restored.stdout
+        assert runs(xen_rig, "ncm2")["domid"] == 77
+    finally:
+        destroy(xen_rig, "ncm2")
+
+
+def test_project_save_and_restore_keep_the_domid(xen_rig: XenRig) -> None:
+    """Saved while running and restored by the project, the guest comes
+    back under its own domid and runs."""
+    try:
+        create(xen_rig, "ncm3")
+        domid = domid_of(xen_rig, "ncm3")
+        runs(xen_rig, "ncm3")
+        saved = xen_rig.run(
+            "nova-xen-ncm save ncm3 /tmp/ncm3.save --host-driver xen"
+        )
+        assert saved.returncode == 0, saved.stdout + saved.stderr
+        gone = xen_rig.run("xl domid ncm3")
+        assert gone.returncode != 0, "the saved guest was not destroyed"
+        restored = xen_rig.run(
+            "nova-xen-ncm restore /tmp/ncm3.save --host-driver xen"
+        )
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert runs(xen_rig, "ncm3")["domid"] == domid
+    finally:
+        destroy(xen_rig, "ncm3")
+
+
+def test_capability_probe_refuses_pv_drivers(xen_rig: XenRig) -> None:
+    """Stock Xen restores what a guest without PV drivers needs and not
+    the PV state; a guest with PV drivers is refused with the reason."""
+    probed = xen_rig.run(dom0_python(PROBE))
+    assert probed.returncode == 0, probed.stdout + probed.stderr
+    caps = json.loads(probed.stdout.strip().splitlines()[-1])
+    assert caps["hypervisor"].startswith("Xen 4.17"), caps
+    assert caps["missing_plain"] == {}, caps
+    assert caps["log_dirty"] and caps["preserve_domid"], caps
+    for item in ("memory", "platform", "hvm_params", "domid"):
+        assert caps["restore"][item] is None, caps
+    assert "VIRQ/IPI" in caps["missing_pv"]["event_channels"], caps
+    assert set(caps["missing_pv"]) == {
+        "xenstore",
+        "event_channels",
+        "grant_table",
+        "shared_info",
+        "pv_devices",
+    }, caps
+    try:
+        create(xen_rig, "ncm4")
+        domid = domid_of(xen_rig, "ncm4")
+        assert runs(xen_rig, "ncm4")["pv_drivers"] is False
+        signalled = xen_rig.run(dom0_python(SET_CALLBACK, str(domid)))
+        assert signalled.returncode == 0, signalled.stderr
+        assert runs(xen_rig, "ncm4")["pv_drivers"] is True
+        refused = xen_rig.run(
+            "nova-xen-ncm save ncm4 /tmp/ncm4.save --host-driver xen"
+        )
+        assert refused.returncode != 0, refused.stdout
+        assert "cannot carry PV state" in refused.stderr, refused.stderr
+        assert "VIRQ/IPI" in refused.stderr, refused.stderr
+        left = xen_rig.run("test ! -e /tmp/ncm4.save && xl domid ncm4")
+        assert left.returncode == 0, "a refused save lost the guest"
+        assert int(left.stdout.strip()) == domid
+    finally:
+        destroy(xen_rig, "ncm4")
