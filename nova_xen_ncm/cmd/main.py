@@ -22,6 +22,8 @@ SUBCOMMANDS = (
     "nova_xen_ncm.cmd.save",
     "nova_xen_ncm.cmd.inspect",
     "nova_xen_ncm.cmd.watch",
+    "nova_xen_ncm.cmd.recover",
+    "nova_xen_ncm.cmd.drain",
 )
 
 

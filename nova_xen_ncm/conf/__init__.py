@@ -7,13 +7,15 @@ share (inside Nova it is ``nova.conf.CONF``'s underlying object).
 
 from oslo_config import cfg
 
+from nova_xen_ncm.conf import drain
 from nova_xen_ncm.conf import progress
 from nova_xen_ncm.conf import sim
+from nova_xen_ncm.conf import xen
 from nova_xen_ncm.conf import xen_ncm
 
 CONF = cfg.CONF
 
-_MODULES = (xen_ncm, sim, progress)
+_MODULES = (xen_ncm, sim, xen, progress, drain)
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:

@@ -14,6 +14,9 @@ from nova.virt import node
 from oslo_log import log as logging
 
 from nova_xen_ncm import conf as xen_ncm_conf
+from nova_xen_ncm.engine import recovery
+from nova_xen_ncm.engine.errors import EngineError
+from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host import factory
 from nova_xen_ncm.virt import exceptions
@@ -65,6 +68,18 @@ class XenNCMDriver(driver.ComputeDriver):
             host,
             self._host.capabilities().hypervisor,
         )
+        self._recover_migrations()
+
+    def _recover_migrations(self) -> None:
+        """Settle the migrations a previous run of this service left in
+        flight (engine/recovery.py); a journal that cannot be read is
+        reported, and the service starts anyway."""
+        try:
+            journal = Journal.from_conf(CONF)
+            if journal is not None:
+                recovery.recover(self._host, journal, CONF)
+        except EngineError as exc:
+            LOG.error("Interrupted migrations not recovered: %s", exc)
 
     def cleanup_host(self, host: str) -> None:
         if self._host is not None:

@@ -4,23 +4,33 @@ fixture (``nova.tests.functional.integrated_helpers``)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib.util
+import io
+import json
 import os
 import sys
+import threading
 import time
 import warnings
 
 import fixtures
 import nova.virt
+import openstack.proxy
+from keystoneauth1 import noauth
+from keystoneauth1 import session as ks_session
 from nova import context as nova_context
 from nova import objects
 from nova.compute import power_state
 from nova.objects import base as obj_base
 from nova.tests.functional import integrated_helpers
 from nova.virt import node
+from openstack import connection
 from sqlalchemy import exc as sqla_exc
 
 from nova_xen_ncm import conf as xen_ncm_conf  # noqa: F401 - options
+from nova_xen_ncm.cmd import drain
 from nova_xen_ncm.host import base
 from nova_xen_ncm.virt.migrate_data import XenNCMLiveMigrateData
 
@@ -31,6 +41,11 @@ SHIM_PATH = os.path.join(
     os.path.dirname(__file__), "..", "..", "..", "nova", "virt"
 )
 HOSTS = ("host1", "host2")
+# Nova's OpenStackSDKFixture (in every nova.test.TestCase) replaces this
+# with a mock; a real Connection needs the original, taken at import.
+REAL_GET_ENDPOINT = openstack.proxy.Proxy.get_endpoint
+# Nova's live-migration notifications, by the side that sends them.
+LIVE_MIGRATION_EVENTS = "instance.live_migration_"
 
 
 def guest_processes() -> list[tuple[int, str]]:
@@ -221,6 +236,26 @@ class LiveMigrationBase(XenNCMTestBase):
             ctxt, {"instance_uuid": server["id"]}
         ).objects
 
+    def api_progress(self, server: dict, timeout: float = 30.0) -> dict:
+        """The running migration as ``GET /servers/{id}/migrations``
+        shows it, once it shows memory processed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for migration in self.api.get_active_migrations(server["id"]):
+                if migration["memory_processed_bytes"]:
+                    return migration
+            time.sleep(0.05)
+        self.fail("GET /servers/{id}/migrations showed no memory progress")
+
+    def live_migration_events(self) -> list[tuple[str, str]]:
+        """(event type, sending host) of Nova's versioned live-migration
+        notifications so far, in the order they were sent."""
+        return [
+            (n["event_type"], n["publisher_id"].split(":", 1)[1])
+            for n in self.notifier.versioned_notifications
+            if n["event_type"].startswith(LIVE_MIGRATION_EVENTS)
+        ]
+
 
 class TestLiveMigration(LiveMigrationBase):
     def test_live_migrate(self):
@@ -236,9 +271,48 @@ class TestLiveMigration(LiveMigrationBase):
                 source_driver, "cleanup", wraps=source_driver.cleanup
             )
         ).mock
+        # Precopy is over in a moment: the source pauses the guest for
+        # stop-and-copy only once the API has shown memory progress
+        # (before the pause, so the downtime budget is not spent).
+        seen = threading.Event()
+        source_host = self.sim_host(source)
+        real_pause = source_host.pause
 
-        server = self._live_migrate(server, host=dest)
+        def pause(domid):
+            seen.wait(30)
+            return real_pause(domid)
+
+        self.useFixture(
+            fixtures.MockPatchObject(source_host, "pause", side_effect=pause)
+        )
+
+        self.api.post_server_action(
+            server["id"],
+            {"os-migrateLive": {"host": dest, "block_migration": "auto"}},
+        )
+        progress = self.api_progress(server)
+        seen.set()
+        self.assertEqual("running", progress["status"])
+        self.assertEqual(32 << 20, progress["memory_total_bytes"])
+        self.assertGreater(progress["memory_processed_bytes"], 0)
+        self.assertIsNotNone(progress["memory_remaining_bytes"])
+        self.assertEqual(dest, progress["dest_compute"])
+        self._wait_for_migration_status(server, ["completed"])
+        server = self._wait_for_state_change(server, "ACTIVE")
         cleanup.assert_called_once()
+        # Nova's notifications of the phases, each from the side that
+        # runs it; the destination's post step is a call from the source.
+        self.assertEqual(
+            [
+                ("instance.live_migration_pre.start", dest),
+                ("instance.live_migration_pre.end", dest),
+                ("instance.live_migration_post.start", source),
+                ("instance.live_migration_post_dest.start", dest),
+                ("instance.live_migration_post_dest.end", dest),
+                ("instance.live_migration_post.end", source),
+            ],
+            self.live_migration_events(),
+        )
 
         self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
         after = self.domain_of(server)
@@ -249,6 +323,7 @@ class TestLiveMigration(LiveMigrationBase):
         self.assertEqual(1, len(guest_processes()))
         (migration,) = self.migrations(server)
         self.assertEqual("completed", migration.status)
+        self.assertEqual(progress["id"], migration.id)
         self.assertEqual(32 << 20, migration.memory_total)
         self.assertGreater(migration.memory_processed, 0)
         self.assertIsNotNone(migration.memory_remaining)
@@ -322,6 +397,31 @@ class TestLiveMigration(LiveMigrationBase):
         )
         (migration,) = self.migrations(server)
         self.assertEqual("failed", migration.status)
+        # The source rolls back and casts the destination's rollback:
+        # each side's notifications are in order, the two interleave.
+        self.notifier.wait_for_versioned_notifications(
+            "instance.live_migration_rollback_dest.end", timeout=30.0
+        )
+        events = self.live_migration_events()
+        self.assertEqual(
+            [
+                "instance.live_migration_rollback.start",
+                "instance.live_migration_rollback.end",
+            ],
+            [event for event, host in events if host == source],
+        )
+        self.assertEqual(
+            [
+                "instance.live_migration_pre.start",
+                "instance.live_migration_pre.end",
+                "instance.live_migration_rollback_dest.start",
+                "instance.live_migration_rollback_dest.end",
+            ],
+            [event for event, host in events if host == dest],
+        )
+        self.assertEqual(
+            ("instance.live_migration_rollback.start", source), events[2]
+        )
 
 
 class TestLiveMigrationControl(LiveMigrationBase):
@@ -383,3 +483,113 @@ class TestLiveMigrationControl(LiveMigrationBase):
             base.DomainState.RUNNING, self.domain_of(server).state
         )
         self.assertEqual([], self.sim_host(dest).list_domains())
+
+
+class TestDrain(LiveMigrationBase):
+    """``nova-xen-ncm drain`` through openstacksdk on the in-process API:
+    three servers leave host1 for host2, two migrations at a time, and
+    the one whose first attempt fails at the destination is retried."""
+
+    def setUp(self):
+        super().setUp()
+        for name, value in {
+            "poll_interval": 0.05,
+            "retry_delay": 0.1,
+            "retry_max_delay": 0.2,
+            "server_timeout": 120.0,
+        }.items():
+            self.flags(group="xen_ncm_drain", **{name: value})
+
+    def sdk_connection(self) -> connection.Connection:
+        """An admin Connection to the wsgi-intercepted API; the headers
+        are what Nova's stubbed keystone middleware reads."""
+        self.useFixture(
+            fixtures.MonkeyPatch(
+                "openstack.proxy.Proxy.get_endpoint", REAL_GET_ENDPOINT
+            )
+        )
+        session = ks_session.Session(
+            auth=noauth.NoAuth(endpoint=self.api_fixture.base_url),
+            additional_headers={
+                "X-Auth-User": "admin",
+                "X-Auth-Project-Id": self.api_fixture.project_id,
+                "X-Roles": "reader,member,admin",
+            },
+        )
+        return connection.Connection(session=session)
+
+    def test_drain_host(self):
+        servers = [
+            self._create_server(
+                flavor_id=self.flavor_id, networks="none", host="host1"
+            )
+            for _ in range(3)
+        ]
+        self.assertEqual(
+            ["host1"] * 3, [s["OS-EXT-SRV-ATTR:host"] for s in servers]
+        )
+        domids = {s["id"]: self.domain_of(s).domid for s in servers}
+        # The destination cannot rebuild one guest's PV state, once.
+        unlucky = servers[1]["id"]
+        dest_host = self.sim_host("host2")
+        real_import = dest_host.import_pv_state
+        failed = []
+
+        def import_pv_state(domid, state):
+            if domid == domids[unlucky] and not failed:
+                failed.append(domid)
+                raise base.HostError("injected", call="import_pv_state")
+            return real_import(domid, state)
+
+        self.useFixture(
+            fixtures.MockPatchObject(
+                dest_host, "import_pv_state", side_effect=import_pv_state
+            )
+        )
+        args = argparse.Namespace(
+            host="host1",
+            reason="firmware upgrade",
+            concurrency=2,
+            retries=1,
+            dry_run=False,
+            json=True,
+            os_cloud=None,
+        )
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = drain.run(args, conn=self.sdk_connection())
+
+        self.assertEqual(0, status, out.getvalue() + err.getvalue())
+        self.assertEqual([domids[unlucky]], failed)
+        summary = json.loads(out.getvalue())
+        self.assertEqual([], summary["left_on_host"])
+        self.assertEqual("firmware upgrade", summary["service"]["reason"])
+        by_id = {s["id"]: s for s in summary["servers"]}
+        self.assertEqual(sorted(domids), sorted(by_id))
+        for server_id, result in by_id.items():
+            self.assertEqual("migrated", result["outcome"], result)
+            self.assertEqual("host2", result["destination"])
+            self.assertEqual(
+                2 if server_id == unlucky else 1, result["attempts"]
+            )
+            self.assertGreater(result["seconds"], 0)
+        # The progress on stderr came from GET /servers/{id}/migrations.
+        self.assertIn(f"{unlucky} ", err.getvalue())
+        self.assertIn("memory ", err.getvalue())
+        self.assertIn("ended failed", err.getvalue())
+
+        for server in servers:
+            server = self.api.get_server(server["id"])
+            self.assertEqual("ACTIVE", server["status"])
+            self.assertEqual("host2", server["OS-EXT-SRV-ATTR:host"])
+            info = self.domain_of(server)
+            self.assertEqual(base.DomainState.RUNNING, info.state)
+            self.assertEqual(domids[server["id"]], info.domid)
+        self.assertEqual([], self.sim_host("host1").list_domains())
+        (service,) = self.admin_api.get_services(
+            host="host1", binary="nova-compute"
+        )
+        self.assertEqual("disabled", service["status"])
+        self.assertEqual("firmware upgrade", service["disabled_reason"])
+        statuses = sorted(m.status for m in self.migrations({"id": unlucky}))
+        self.assertEqual(["completed", "failed"], statuses)

@@ -101,3 +101,38 @@ def test_capabilities():
     caps = driver.XenNCMDriver.capabilities
     assert set(nova_driver.ComputeDriver.capabilities) <= set(caps)
     assert caps["supports_evacuate"] is False
+
+
+def test_init_host_settles_interrupted_migrations(tmp_path, monkeypatch):
+    from nova_xen_ncm.engine import recovery
+    from nova_xen_ncm.engine.journal import Entry
+    from nova_xen_ncm.engine.journal import Journal
+
+    state = tmp_path / "state"
+    monkeypatch.setattr(CONF, "instances_path", str(tmp_path))
+    monkeypatch.setattr(
+        driver.node, "get_local_node_uuid", lambda: "node-uuid-1"
+    )
+    CONF.set_override("state_path", str(state), group="xen_ncm")
+    try:
+        # Journalled in PRECOPY: a domain no longer here is reported.
+        Journal(str(state)).write(
+            Entry("m-9", 42, "192.0.2.1", 1, "00" * 16, True, "precopy")
+        )
+        settled = []
+        recover = recovery.recover
+        monkeypatch.setattr(
+            recovery,
+            "recover",
+            lambda *a, **k: settled.extend(recover(*a, **k)) or settled,
+        )
+        drv = driver.XenNCMDriver(mock.Mock())
+        drv.init_host("unit-host")
+        drv.cleanup_host("unit-host")
+    finally:
+        CONF.clear_override("state_path", group="xen_ncm")
+    assert [(o.migration_id, o.phase.value) for o in settled] == [
+        ("m-9", "failed")
+    ]
+    assert "no longer on" in settled[0].reason
+    assert Journal(str(state)).entries() == []
