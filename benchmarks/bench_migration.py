@@ -16,9 +16,12 @@ Not a test: run ``python benchmarks/bench_migration.py [--memory 512M]
   the share of runs whose downtime stayed within ``downtime_target``;
 - ``zero``: a guest whose RAM is all zero, total time against the random
   guest of the same size;
-- ``rss``: the growth of this process's resident memory during the
-  throughput run beyond the guest RAM of both hosts (both live in this
-  process and map the guest's RAM).
+- ``rss``: the growth of the two hosts' resident memory during the
+  throughput run beyond the guest RAM of both (each maps its guest's
+  RAM).
+
+The source host runs in this process, the destination in a child
+process (``nova-xen-ncm demo``'s host process), as on two machines.
 
 Prints a table and writes JSON to ``benchmarks/results/``.
 """
@@ -37,11 +40,7 @@ import threading
 import time
 import uuid
 
-from oslo_config import cfg
-
-from nova_xen_ncm.conf import register_opts
-from nova_xen_ncm.engine import protocol
-from nova_xen_ncm.engine.receiver import Receiver
+from nova_xen_ncm.cmd import demo
 from nova_xen_ncm.engine.sender import Sender
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
@@ -60,59 +59,66 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def make_conf(host_mb: int, overrides: dict) -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    register_opts(conf)
-    conf([])
-    conf.set_override("host_memory_mb", host_mb, group="xen_ncm_sim")
-    settings = {
+def overrides(host_mb: int, settings: dict) -> dict:
+    """``{group: {option: value}}`` of a host of this benchmark."""
+    xen_ncm = {
         "listen_address": "127.0.0.1",
         "io_timeout": 120.0,
         "accept_timeout": 120.0,
         "completion_timeout_per_gib": 0,
     }
-    settings.update(overrides)
-    for name, value in settings.items():
-        conf.set_override(name, value, group="xen_ncm")
-    return conf
+    xen_ncm.update(settings)
+    return {
+        "xen_ncm": xen_ncm,
+        "xen_ncm_sim": {"host_memory_mb": host_mb},
+    }
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
+def rss(pid: str | int = "self") -> int:
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class RssSampler(threading.Thread):
-    """The peak resident memory of this process while it runs."""
+    """The peak resident memory of the processes ``pids`` together
+    while it runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, pids: list[str | int]) -> None:
         super().__init__(daemon=True)
-        self.peak = rss()
+        self.pids = pids
+        self.peak = self.now()
         self._done = threading.Event()
+
+    def now(self) -> int:
+        return sum(rss(pid) for pid in self.pids)
 
     def run(self) -> None:
         while not self._done.wait(0.01):
-            self.peak = max(self.peak, rss())
+            self.peak = max(self.peak, self.now())
 
     def stop(self) -> int:
         self._done.set()
         self.join()
-        return max(self.peak, rss())
+        return max(self.peak, self.now())
 
 
 def migrate(
     memory: int,
     workload: dict,
-    overrides: dict,
+    settings: dict,
     *,
     paused: bool = False,
     sample_rss: bool = False,
 ) -> dict:
-    """One migration between two fresh hosts; its figures."""
+    """One migration between two fresh hosts; its figures. The source
+    runs in this process, the destination in its own, as two hosts do:
+    neither waits for the other's share of one interpreter."""
     host_mb = memory // MIB + 64
-    conf = make_conf(host_mb, overrides)
+    conf = demo.make_conf([], overrides(host_mb, settings))
+    destination = demo.HostProcess(
+        "destination", [], overrides(host_mb, settings)
+    )
     source = SimHost("source", conf)
-    destination = SimHost("destination", conf)
     try:
         domid = source.create_domain(
             base.DomainConfig(
@@ -125,24 +131,27 @@ def migrate(
         if paused:
             source.pause(domid)
         migration_id = str(uuid.uuid4())
-        token = protocol.generate_token()
-        receiver = Receiver(destination, migration_id, token, conf=conf)
-        sender = Sender(
-            source, domid, receiver.address, migration_id, token, conf=conf
+        token, endpoint = destination.call(
+            "listen", migration_id, domid, False
         )
-        thread = threading.Thread(target=receiver.run, daemon=True)
-        sampler = RssSampler() if sample_rss else None
-        before = rss()
+        sender = Sender(
+            source, domid, tuple(endpoint), migration_id, token, conf=conf
+        )
+        sampler = None
+        if sample_rss:
+            sampler = RssSampler(["self", destination.process.pid])
+        before = sampler.now() if sampler is not None else 0
         if sampler is not None:
             sampler.start()
-        thread.start()
         start = time.perf_counter()
         phase = sender.run()
         elapsed = time.perf_counter() - start
-        thread.join()
+        incoming = destination.call("wait_incoming")
         peak = sampler.stop() if sampler is not None else None
         if phase is not Phase.DONE:
             raise RuntimeError(f"migration ended {phase}: {sender.error}")
+        if incoming["phase"] != Phase.DONE.value:
+            raise RuntimeError(f"destination ended {incoming}")
         stats = sender.stats.to_dict()
         out = {
             "seconds": elapsed,
@@ -230,8 +239,8 @@ def main() -> None:
         "round_mib_s": mig["bandwidth"] / MIB,
         "round_ratio": mig["bandwidth"] * plain / args.memory,
     }
-    # Both hosts live in this process: the source's guest RAM becomes
-    # resident here as it is read, the destination's as it is written.
+    # Each host maps its guest's RAM: the source's becomes resident as
+    # it is read, the destination's as it is written.
     results["rss"] = {
         "growth": mig["rss_growth"],
         "beyond_guest_ram": mig["rss_growth"] - 2 * args.memory,

@@ -554,7 +554,7 @@ class Sender:
             start = self._clock()
             pages, zero, nbytes = self._transfer_round(pfns)
             populated = self.host.populated_pfns(self.domid)
-            dirty = np.intersect1d(
+            dirty = base.pfn_intersection(
                 self.host.harvest_dirty(self.domid), populated
             )
             rnd = self.stats.record_round(
@@ -655,10 +655,12 @@ class Sender:
             pv = self.stream.pv_records(self.info.uuid)
         end = self.stream.finish(pv)
         populated = self.host.populated_pfns(self.domid)
-        dirty = np.intersect1d(self.host.harvest_dirty(self.domid), populated)
+        dirty = base.pfn_intersection(
+            self.host.harvest_dirty(self.domid), populated
+        )
         # Pages populated since round 0 were never sent.
-        added = np.setdiff1d(populated, self._sent_populated)
-        final = np.union1d(np.union1d(pending, dirty), added)
+        added = base.pfn_difference(populated, self._sent_populated)
+        final = base.pfn_union(pending, dirty, added)
         frames: list[Buffers] = []
         for batch in self.stream.pages(final, copy=True):
             frames.append(batch.buffers)

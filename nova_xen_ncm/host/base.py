@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 import numpy as np
+import xxhash
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -567,6 +568,66 @@ class HostDriver(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the driver holds (not the guests)."""
+
+
+def memory_hasher(data: bytes = b"") -> xxhash.xxh3_128:
+    """The hash of :meth:`HostDriver.memory_digest`: XXH3-128. The digest
+    catches a copy that went wrong (a page missed, misplaced or torn); it
+    is no authenticator (the stream is authenticated frame by frame), and
+    a cryptographic hash of all RAM would cost more than moving it."""
+    return xxhash.xxh3_128(data)
+
+
+# Pfn sets up to this bound go through a bitmap over the pfn space
+# (1 octet per pfn): numpy's sort-based set operations cost tens of
+# milliseconds per hundred thousand pfns, which a downtime cannot spare.
+PFN_BITMAP_LIMIT = 1 << 26
+
+
+def _as_pfns(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [np.asarray(a, dtype=np.uint64).ravel() for a in arrays]
+
+
+def _bitmap_size(arrays: Sequence[np.ndarray]) -> int | None:
+    top = max((int(a.max()) + 1 for a in arrays if len(a)), default=0)
+    return top if top <= PFN_BITMAP_LIMIT else None
+
+
+def pfn_union(*arrays: np.ndarray) -> np.ndarray:
+    """The sorted distinct pfns of all ``arrays``."""
+    parts = _as_pfns(arrays)
+    size = _bitmap_size(parts)
+    if size is None:
+        return np.unique(np.concatenate(parts))
+    mask = np.zeros(size, dtype=bool)
+    for a in parts:
+        mask[a] = True
+    return np.flatnonzero(mask).astype(np.uint64)
+
+
+def pfn_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The sorted distinct pfns in both ``a`` and ``b``."""
+    a, b = _as_pfns((a, b))
+    size = _bitmap_size((a, b))
+    if size is None:
+        return np.intersect1d(a, b)
+    mask = np.zeros(size, dtype=bool)
+    mask[a] = True
+    keep = np.zeros(size, dtype=bool)
+    keep[b] = True
+    return np.flatnonzero(mask & keep).astype(np.uint64)
+
+
+def pfn_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The sorted distinct pfns of ``a`` not in ``b``."""
+    a, b = _as_pfns((a, b))
+    size = _bitmap_size((a, b))
+    if size is None:
+        return np.setdiff1d(a, b)
+    mask = np.zeros(size, dtype=bool)
+    mask[a] = True
+    mask[b] = False
+    return np.flatnonzero(mask).astype(np.uint64)
 
 
 def iter_batches(pfns: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -73,8 +73,8 @@ CONTROL_TIMEOUT = 30.0
 # The memory digest's cache: pfns per block (512 KiB: a block a write
 # touched is cheap to read again) and seconds between two refreshes of
 # a migrating domain's cache.
-_DIGEST_BLOCK = 128
-_DIGEST_CHUNK = 32
+_DIGEST_BLOCK = 512
+_DIGEST_CHUNK = 8
 DIGEST_WARM_INTERVAL = 0.1
 NR_GRANT_FRAMES = 4
 # Xen lets a domain hold its RAM plus the special pages and some slack
@@ -1210,13 +1210,14 @@ class SimHost(base.HostDriver):
         dom = self._domain(domid, call)
         if dom.booted:
             raise HostError(f"domain {domid} is not being restored", call=call)
-        pfns = np.unique(np.asarray(pfns, dtype=np.uint64))
-        if len(pfns) and int(pfns[-1]) >= dom.mem.max_pfn:
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        if len(pfns) and int(pfns.max()) >= dom.mem.max_pfn:
             raise HostError(
-                f"pfn {int(pfns[-1]):#x} beyond the guest's "
+                f"pfn {int(pfns.max()):#x} beyond the guest's "
                 f"physmap (max {dom.mem.max_pfn:#x})",
                 call=call,
             )
+        pfns = base.pfn_union(pfns)
         with dom.mem.lock():
             if np.any(dom.mem.p2m[pfns] == 2):
                 raise HostError(
@@ -1686,8 +1687,8 @@ class SimHost(base.HostDriver):
     # -- observation --
 
     def memory_digest(self, domid: int) -> str:
-        """SHA-256 over the set of populated pfns and, block by block
-        (_DIGEST_BLOCK pfns), over (pfn, content) of every populated
+        """base.memory_hasher over the set of populated pfns and, block by
+        block (_DIGEST_BLOCK pfns), over (pfn, content) of every populated
         non-zero page: equal for equal guest memory, however the pages
         came to be (written zeros or never touched).
 
@@ -1698,7 +1699,7 @@ class SimHost(base.HostDriver):
         dom = self._domain(domid, "memory_digest")
         with dom.digest_lock:
             self._digest_refresh(dom)
-            h = hashlib.sha256(dom.digest_populated)
+            h = base.memory_hasher(dom.digest_populated)
             for block in sorted(dom.digest_blocks):
                 h.update(dom.digest_blocks[block])
             return h.hexdigest()
@@ -1727,13 +1728,15 @@ class SimHost(base.HostDriver):
                 dom.digest_pending.clear()
             else:
                 moved = np.flatnonzero(p2m != dom.digest_p2m)
-            dom.digest_populated = hashlib.sha256(
+            dom.digest_populated = base.memory_hasher(
                 np.flatnonzero(is_ram).astype("<u8")
             ).digest()
             dom.digest_p2m = p2m
             dom.digest_version = version
             pfns = np.concatenate((pfns, moved))
-        dom.digest_pending.update(np.unique(pfns // _DIGEST_BLOCK).tolist())
+        dom.digest_pending.update(
+            base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
+        )
         todo = sorted(dom.digest_pending)
         if limit is not None:
             todo = todo[:limit]
@@ -1766,7 +1769,7 @@ class SimHost(base.HostDriver):
         if not nonzero.any():
             dom.digest_blocks.pop(block, None)
             return
-        d = hashlib.sha256(pfns[nonzero].astype("<u8"))
+        d = base.memory_hasher(pfns[nonzero].astype("<u8"))
         # In place when every page is kept: no copy, no GIL held.
         d.update(pages if nonzero.all() else pages[nonzero])
         dom.digest_blocks[block] = d.digest()

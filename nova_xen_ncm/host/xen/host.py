@@ -38,6 +38,7 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import PAGE_SIZE
 from nova_xen_ncm.host.base import DomainState
 from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.xen import dm
 from nova_xen_ncm.host.xen import libs
 from nova_xen_ncm.host.xen import probe
 from nova_xen_ncm.host.xen import qmp
@@ -205,6 +206,11 @@ class XenHost(base.HostDriver):
             return ctypes.string_at(ptr, length.value)
         finally:
             self._libc.free(ptr)
+
+    def _xs_write(self, path: str, value: str) -> None:
+        data = value.encode()
+        if not FN.xs_write(self._xs(), 0, path.encode(), data, len(data)):
+            libs.raise_for("xs_write", path)
 
     def _getinfo(self, first: int, count: int) -> list[Any]:
         infos = (libs.XenDomctlGetDomainInfo * count)()
@@ -810,25 +816,65 @@ class XenHost(base.HostDriver):
     def set_emulator_context(
         self, domid: int, emulator_id: int, blob: bytes
     ) -> None:
+        """Load the device model's saved state: its QEMU is restarted
+        with ``-incoming``, as libxl starts it on restore (dm.py says why
+        not ``xen-load-devices-state``)."""
+        call = "set_emulator_context"
         if emulator_id != EMULATOR_QEMU_UPSTREAM:
             raise base.NotSupported(
                 f"emulator {emulator_id}: only QEMU upstream (2) is supported",
-                call="set_emulator_context",
+                call=call,
             )
+        pid_node = f"/local/domain/{domid}/image/device-model-pid"
+        raw = self._xs_read(pid_node)
+        if raw is None:
+            raise base.HostError(
+                f"domain {domid} has no device model to restore", call=call
+            )
+        old = int(raw)
+        argv = dm.command_line(old)
+        try:
+            log_path: str | None = os.readlink(f"/proc/{old}/fd/2")
+        except OSError:
+            log_path = None
+        if log_path is not None and not log_path.startswith("/"):
+            log_path = None
         os.makedirs(self.opts.state_dir, exist_ok=True)
         state = os.path.join(self.opts.state_dir, f"qemu-resume.{domid}")
         with open(state, "wb") as out:
             out.write(blob)
+        qmp_path = self._qmp_path(domid)
         try:
-            with qmp.Qmp(
-                self._qmp_path(domid), self.opts.command_timeout
-            ) as session:
-                session.execute("stop")
-                self._dm_stopped.add(domid)
-                session.execute("xen-load-devices-state", filename=state)
+            dm.stop(old, qmp_path, self.opts.command_timeout)
+            pid = dm.start_incoming(
+                argv,
+                state,
+                pidfile=os.path.join(self.opts.state_dir, f"qemu.{domid}.pid"),
+                log_path=log_path,
+                qmp_path=qmp_path,
+                timeout=self.opts.command_timeout,
+            )
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(state)
+        # libxl finds the device model to kill on destroy here.
+        self._xs_write(pid_node, str(pid))
+        self._dm_stopped.discard(domid)
+        self._record_serial(domid)
+
+    def _record_serial(self, domid: int) -> None:
+        """Point xenstore's serial tty (``xl console``) at the new
+        device model's pty, as libxl does after starting it."""
+        node = f"/local/domain/{domid}/serial/0/tty"
+        if self._xs_read(node) is None:
+            return
+        with qmp.Qmp(
+            self._qmp_path(domid), self.opts.command_timeout
+        ) as session:
+            for dev in session.execute("query-chardev"):
+                name = dev.get("filename", "")
+                if dev.get("label") == "serial0" and name.startswith("pty:"):
+                    self._xs_write(node, name[4:])
 
     # -- PV state --
 
@@ -917,12 +963,12 @@ class XenHost(base.HostDriver):
     # -- observation --
 
     def memory_digest(self, domid: int) -> str:
-        """SHA-256 over the populated pfns and the content of the
+        """base.memory_hasher over the populated pfns and the content of the
         non-zero ones (the simulated host's digest, on real memory)."""
         pfns = self.populated_pfns(domid)
-        h = hashlib.sha256(pfns.astype("<u8").tobytes())
-        which = hashlib.sha256()
-        data = hashlib.sha256()
+        h = base.memory_hasher(pfns.astype("<u8").tobytes())
+        which = base.memory_hasher()
+        data = base.memory_hasher()
         for batch in base.iter_batches(pfns, MAP_BATCH):
             with self.map_pages(domid, batch) as mapping:
                 block = np.frombuffer(

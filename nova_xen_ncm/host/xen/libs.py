@@ -440,6 +440,17 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "void *",
         ("xs_handle *", "xs_transaction_t", "char *", "unsigned int *"),
     ),
+    "xs_write": (
+        "xenstore",
+        "bool",
+        (
+            "xs_handle *",
+            "xs_transaction_t",
+            "char *",
+            "void *",
+            "unsigned int",
+        ),
+    ),
     "xs_directory": (
         "xenstore",
         "char **",

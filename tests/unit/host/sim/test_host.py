@@ -7,6 +7,7 @@ import pytest
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.sim import host as sim_host
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import layout
 from nova_xen_ncm.host.sim.memory import P2M_XEN
@@ -217,7 +218,7 @@ def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
     second = host.memory_digest(1)
     assert second != first
     # One block read again, not the 16384 pages.
-    assert read == [0x2345 // 128]
+    assert read == [0x2345 // sim_host._DIGEST_BLOCK]
     # The same as a digest that reads everything.
     a.digest_p2m = None
     assert host.memory_digest(1) == second
@@ -229,7 +230,8 @@ def test_memory_digest_of_a_pass_in_parts_sees_later_writes(host):
     a.booted = True
     while a.warming:
         time.sleep(0.01)
-    write(a, slice(0x100, 0x200), 3)
+    # Pages in two blocks, so that a pass of one block leaves one.
+    write(a, slice(0x100, 0x100 + 2 * sim_host._DIGEST_BLOCK), 3)
     a.digest_p2m = None
     # Part of a first pass, as the warming thread does it; then a page
     # that was a hole is written in a block not read yet.
@@ -239,3 +241,26 @@ def test_memory_digest_of_a_pass_in_parts_sees_later_writes(host):
     parts = host.memory_digest(1)
     a.digest_p2m = None
     assert host.memory_digest(1) == parts
+
+
+def test_data_mask_finds_written_pages_and_holes() -> None:
+    from nova_xen_ncm.host.sim.memory import GuestMemory
+
+    mem = GuestMemory.create(4096, "mask-test")
+    try:
+        written = [0, 1, 2, 700, 2048, 4095]
+        for pfn in written:
+            mem.ram[pfn, 0] = 1
+        want = np.zeros(4096, dtype=bool)
+        want[written] = True
+        np.testing.assert_array_equal(mem.data_mask(0, 4096), want)
+        np.testing.assert_array_equal(
+            mem.data_mask(600, 2100), want[600:2100]
+        )
+        # The SEEK_HOLE fallback answers the same.
+        np.testing.assert_array_equal(
+            mem._seek_data_mask(600, 2100), want[600:2100]
+        )
+        assert len(mem.data_mask(5, 5)) == 0
+    finally:
+        mem.close()

@@ -1,0 +1,47 @@
+"""The pfn set operations of the data path, against numpy's own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nova_xen_ncm.host import base
+
+
+def arrays(seed: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, top, 5000, dtype=np.uint64)
+    b = rng.integers(0, top, 3000, dtype=np.uint64)
+    return a, b
+
+
+# A small space goes through the bitmap, a huge one through numpy.
+@pytest.mark.parametrize("top", [20_000, base.PFN_BITMAP_LIMIT * 4])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_set_operations_agree_with_numpy(seed: int, top: int) -> None:
+    a, b = arrays(seed, top)
+    for got, want in (
+        (base.pfn_union(a, b), np.union1d(a, b)),
+        (base.pfn_intersection(a, b), np.intersect1d(a, b)),
+        (base.pfn_difference(a, b), np.setdiff1d(a, b)),
+    ):
+        assert got.dtype == np.uint64
+        np.testing.assert_array_equal(got, want)
+
+
+def test_empty_sets() -> None:
+    empty = np.zeros(0, dtype=np.uint64)
+    some = np.array([3, 1, 3], dtype=np.uint64)
+    np.testing.assert_array_equal(base.pfn_union(empty, some), [1, 3])
+    np.testing.assert_array_equal(base.pfn_union(empty), empty)
+    assert len(base.pfn_intersection(some, empty)) == 0
+    np.testing.assert_array_equal(base.pfn_difference(some, empty), [1, 3])
+    assert len(base.pfn_difference(empty, some)) == 0
+
+
+def test_memory_hasher_sees_every_octet() -> None:
+    page = bytearray(base.PAGE_SIZE)
+    first = base.memory_hasher(page).digest()
+    page[-1] = 1
+    assert base.memory_hasher(page).digest() != first
+    assert len(first) == 16
