@@ -70,7 +70,10 @@ def overrides(host_mb: int, settings: dict) -> dict:
     xen_ncm.update(settings)
     return {
         "xen_ncm": xen_ncm,
-        "xen_ncm_sim": {"host_memory_mb": host_mb},
+        "xen_ncm_sim": {
+            "host_memory_mb": host_mb,
+            "spare_guest_process": True,
+        },
     }
 
 

@@ -791,7 +791,12 @@ def _overrides(
     host_mb = (args.memory + HOST_HEADROOM) // MiB
     return {
         "xen_ncm": xen_ncm,
-        "xen_ncm_sim": {"host_memory_mb": max(host_mb, 128)},
+        "xen_ncm_sim": {
+            "host_memory_mb": max(host_mb, 128),
+            # The destination's guest process is ready before the guest
+            # arrives, as a real host has nothing to start.
+            "spare_guest_process": True,
+        },
     }
 
 

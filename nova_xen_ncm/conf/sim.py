@@ -110,6 +110,15 @@ OPTS = [
         help="Probability that a host driver call fails with HostError "
         "(fault injection; 0 disables).",
     ),
+    cfg.BoolOpt(
+        "spare_guest_process",
+        default=False,
+        help="Keep a guest process started ahead, with its interpreter "
+        "and modules loaded, for the next domain: a short migration's "
+        "destination then does not wait in its downtime for a Python "
+        "process to start (a real hypervisor has nothing to start). "
+        "Costs one idle process per host.",
+    ),
     cfg.IntOpt(
         "fault_seed",
         default=None,

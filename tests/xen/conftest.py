@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -55,6 +56,11 @@ class XenRig:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
 
+    @property
+    def share(self) -> Path:
+        """The host side of dom0's ``/rig``."""
+        return Path(self.env["XEN_RIG_STATE"]) / "share"
+
     def rig(
         self, *args: str, timeout: float, script: str | None = None
     ) -> subprocess.CompletedProcess[str]:
@@ -95,6 +101,61 @@ def _tail(result: subprocess.CompletedProcess[str]) -> str:
     return (result.stdout + result.stderr)[-OUTPUT_TAIL:]
 
 
+def _free_udp_ports(count: int) -> list[int]:
+    socks = [
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)
+    ]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+# The two rigs' ends of their loopback-only UDP link (XEN_RIG_NET): the
+# first rig has its NIC from the start, the second boots only for the
+# test that migrates between them.
+_LINK = _free_udp_ports(2)
+
+
+def _boot(rig: XenRig) -> None:
+    started = time.monotonic()
+    built = rig.rig("build", timeout=BUILD_TIMEOUT)
+    if built.returncode != 0:
+        pytest.fail(f"xen-rig build failed:\n{_tail(built)}", pytrace=False)
+    print(f"xen-rig build: {time.monotonic() - started:.0f}s")
+    started = time.monotonic()
+    booted = rig.rig("boot", timeout=BOOT_TIMEOUT)
+    if booted.returncode != 0:
+        pytest.fail(f"xen-rig boot failed:\n{_tail(booted)}", pytrace=False)
+    print(f"xen-rig boot: {time.monotonic() - started:.0f}s")
+
+
+def _stop(rig: XenRig) -> None:
+    stopped = rig.rig("stop", timeout=STOP_TIMEOUT)
+    if stopped.returncode != 0:
+        print(f"xen-rig stop failed:\n{_tail(stopped)}")
+
+
+@pytest.fixture(scope="session")
+def second_xen_rig(
+    xen_rig: XenRig, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[XenRig]:
+    """Another Xen host, linked to ``xen_rig`` by a loopback-only UDP
+    network (dom0 eth0 on both)."""
+    env = dict(xen_rig.env)
+    env["XEN_RIG_STATE"] = str(tmp_path_factory.mktemp("xen-rig-2"))
+    env["XEN_RIG_NET"] = f"{_LINK[1]}:{_LINK[0]}"
+    rig = XenRig(env)
+    try:
+        _boot(rig)
+        yield rig
+    finally:
+        _stop(rig)
+
+
 @pytest.fixture(scope="session")
 def xen_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenRig]:
     if not _enabled():
@@ -109,22 +170,10 @@ def xen_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenRig]:
             )
     env = dict(os.environ)
     env["XEN_RIG_STATE"] = str(tmp_path_factory.mktemp("xen-rig"))
+    env["XEN_RIG_NET"] = f"{_LINK[0]}:{_LINK[1]}"
     rig = XenRig(env)
-    started = time.monotonic()
-    built = rig.rig("build", timeout=BUILD_TIMEOUT)
-    if built.returncode != 0:
-        pytest.fail(f"xen-rig build failed:\n{_tail(built)}", pytrace=False)
-    print(f"xen-rig build: {time.monotonic() - started:.0f}s")
-    started = time.monotonic()
     try:
-        booted = rig.rig("boot", timeout=BOOT_TIMEOUT)
-        if booted.returncode != 0:
-            pytest.fail(
-                f"xen-rig boot failed:\n{_tail(booted)}", pytrace=False
-            )
-        print(f"xen-rig boot: {time.monotonic() - started:.0f}s")
+        _boot(rig)
         yield rig
     finally:
-        stopped = rig.rig("stop", timeout=STOP_TIMEOUT)
-        if stopped.returncode != 0:
-            print(f"xen-rig stop failed:\n{_tail(stopped)}")
+        _stop(rig)

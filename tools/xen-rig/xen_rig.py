@@ -519,6 +519,29 @@ def project_version() -> str:
         return "0"
 
 
+def network_args() -> list[str]:
+    """A NIC on a loopback-only UDP link to another rig, when
+    XEN_RIG_NET is ``LOCAL_PORT:REMOTE_PORT`` (two rigs give each other's
+    ports; dom0 sees it as eth0, virtio-net)."""
+    spec = os.environ.get("XEN_RIG_NET")
+    if not spec:
+        return []
+    try:
+        local, remote = (int(p) for p in spec.split(":"))
+    except ValueError:
+        raise RigError(
+            f"XEN_RIG_NET={spec!r}: expected LOCAL_PORT:REMOTE_PORT"
+        ) from None
+    mac = f"52:54:00:4e:{(local >> 8) & 0xFF:02x}:{local & 0xFF:02x}"
+    return [
+        "-netdev",
+        f"dgram,id=net0,local.type=inet,local.host=127.0.0.1,"
+        f"local.port={local},remote.type=inet,remote.host=127.0.0.1,"
+        f"remote.port={remote}",
+        "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
+    ]  # fmt: skip
+
+
 def boot() -> None:
     if qemu_pid() is not None:
         if (share_dir() / "ready").exists():
@@ -557,6 +580,7 @@ def boot() -> None:
         "-virtfs",
         f"local,path={share_dir()},mount_tag=rig,security_model=none",
     ]  # fmt: skip
+    cmd += network_args()
     log(f"booting Xen (log: {bootlog})")
     started = time.monotonic()
     with (state / "qemu.out").open("wb") as out:

@@ -634,8 +634,29 @@ def serve(ctl: socket.socket, gk: GuestKernel, config: dict) -> None:
         ipc.send(ctl, reply)
 
 
+def _wait_for_domain(fd: int) -> dict | None:
+    """A spare guest process: its interpreter and modules are loaded;
+    the host sends the domain (the arguments, then the four descriptors)
+    when it needs a guest, or closes the channel."""
+    chan = socket.socket(fileno=fd)
+    chan.setblocking(True)
+    with chan:
+        msg, fds, _, _ = socket.recv_fds(chan, 1 << 20, 4)
+    if not msg or len(fds) != 4:
+        return None
+    args = json.loads(msg)
+    args.update(ram_fd=fds[0], ctl_fd=fds[1], hc_fd=fds[2], ctl_sock_fd=fds[3])
+    return args
+
+
 def main(argv: list[str]) -> int:
-    args = json.loads(argv[1])
+    if argv[1] == "--spare":
+        spare = _wait_for_domain(int(argv[2]))
+        if spare is None:
+            return 0
+        args = spare
+    else:
+        args = json.loads(argv[1])
     mem = GuestMemory.attach(args["ram_fd"], args["ctl_fd"])
     hc = socket.socket(fileno=args["hc_fd"])
     ctl = socket.socket(fileno=args["ctl_sock_fd"])

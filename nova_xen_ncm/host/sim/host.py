@@ -381,6 +381,9 @@ class SimHost(base.HostDriver):
         self._faults = random.Random(self.opts.fault_seed)
         self._prelaunch = prelaunch
         self._closed = False
+        self._spare: tuple[subprocess.Popen, socket.socket] | None = None
+        if self.opts.spare_guest_process:
+            self._start_spare()
 
     # -- internals --
 
@@ -657,6 +660,72 @@ class SimHost(base.HostDriver):
         dom.dom0_ports.append(port)
         return port
 
+    def _start_spare(self) -> None:
+        """Start the guest process of the next domain ahead of it
+        ([xen_ncm_sim] spare_guest_process)."""
+        host_end, guest_end = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET
+        )
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "nova_xen_ncm.host.sim.guest",
+                    "--spare",
+                    str(guest_end.fileno()),
+                ],
+                pass_fds=(guest_end.fileno(),),
+                close_fds=True,
+            )
+        except OSError:
+            host_end.close()
+            raise
+        finally:
+            guest_end.close()
+        self._spare = (proc, host_end)
+
+    def _take_spare(
+        self, args: dict, fds: tuple[int, ...]
+    ) -> subprocess.Popen | None:
+        """Hand the domain to the spare guest process, if there is one
+        alive; a new spare starts for the next domain."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+            if self._closed or not self.opts.spare_guest_process:
+                spare_next = False
+            else:
+                spare_next = True
+        proc = None
+        if spare is not None:
+            candidate, chan = spare
+            try:
+                if candidate.poll() is None:
+                    socket.send_fds(chan, [json.dumps(args).encode()], fds)
+                    proc = candidate
+            except OSError:
+                candidate.kill()
+            finally:
+                chan.close()
+            if proc is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    candidate.wait(timeout=5)
+        if spare_next:
+            self._start_spare()
+        return proc
+
+    def _stop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return
+        proc, chan = spare
+        chan.close()  # the spare exits when its channel closes
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     def _launch(self, dom: _Domain) -> None:
         """Start the guest process; it maps the domain's memory and waits
         for ``start``. A restoring domain gets it at creation, so that
@@ -677,16 +746,19 @@ class SimHost(base.HostDriver):
             "config": self._workload(dom),
         }
         try:
-            dom.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "nova_xen_ncm.host.sim.guest",
-                    json.dumps(args),
-                ],
-                pass_fds=fds,
-                close_fds=True,
-            )
+            config = {"config": args["config"]}
+            dom.proc = self._take_spare(config, fds)
+            if dom.proc is None:
+                dom.proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "nova_xen_ncm.host.sim.guest",
+                        json.dumps(args),
+                    ],
+                    pass_fds=fds,
+                    close_fds=True,
+                )
         finally:
             hc_guest.close()
             ctl_guest.close()
@@ -1894,6 +1966,7 @@ class SimHost(base.HostDriver):
         for domid in list(self._domains):
             with contextlib.suppress(HostError):
                 self.destroy_domain(domid)
+        self._stop_spare()
         self.dom0.stop()
 
 

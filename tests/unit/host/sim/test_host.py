@@ -264,3 +264,44 @@ def test_data_mask_finds_written_pages_and_holes() -> None:
         assert len(mem.data_mask(5, 5)) == 0
     finally:
         mem.close()
+
+
+def test_a_spare_guest_process_becomes_the_next_domain(conf) -> None:
+    conf.set_override("spare_guest_process", True, group="xen_ncm_sim")
+    h = sim_host.SimHost("spare", conf)
+    try:
+        first_spare = h._spare[0]
+        domid = h.create_domain(
+            base.DomainConfig(name="g", memory_bytes=16 << 20, vcpus=1)
+        )
+        dom = h._domains[domid]
+        # The guest runs in the process started ahead, and another one
+        # waits for the next domain.
+        assert dom.proc is first_spare
+        assert h._spare is not None and h._spare[0] is not first_spare
+        assert h.domain_info(domid).state is base.DomainState.RUNNING
+        h.pause(domid)
+        h.unpause(domid)
+        assert "--spare" in first_spare.args
+        spare = h._spare[0]
+    finally:
+        h.close()
+    # Closing the host ends the spare that never got a domain.
+    assert spare.wait(timeout=10) == 0
+    assert first_spare.poll() is not None
+
+
+def test_a_dead_spare_is_replaced_by_a_fresh_process(conf) -> None:
+    conf.set_override("spare_guest_process", True, group="xen_ncm_sim")
+    h = sim_host.SimHost("spare", conf)
+    try:
+        dead = h._spare[0]
+        dead.kill()
+        dead.wait()
+        domid = h.create_domain(
+            base.DomainConfig(name="g", memory_bytes=16 << 20, vcpus=1)
+        )
+        assert h._domains[domid].proc is not dead
+        assert h.domain_info(domid).state is base.DomainState.RUNNING
+    finally:
+        h.close()
