@@ -75,6 +75,7 @@ CONTROL_TIMEOUT = 30.0
 # a migrating domain's cache.
 _DIGEST_BLOCK = 512
 _DIGEST_CHUNK = 8
+_DIGEST_P2M_INTERVAL = 0.2
 DIGEST_WARM_INTERVAL = 0.1
 NR_GRANT_FRAMES = 4
 # Xen lets a domain hold its RAM plus the special pages and some slack
@@ -249,6 +250,7 @@ class _Domain:
         self.digest_p2m: np.ndarray | None = None
         self.digest_populated = b""
         self.digest_version = 0
+        self.digest_p2m_at = 0.0
         self.digest_pending: set[int] = set()
         self.digest_mask: np.ndarray | None = None
         self.warming = False
@@ -1788,7 +1790,20 @@ class SimHost(base.HostDriver):
             # A page written since the first look holds data now.
             dom.digest_mask[pfns] = True
         version = mem.p2m_version
-        if dom.digest_p2m is None or version != dom.digest_version:
+        now = time.monotonic()
+        # Comparing the whole p2m costs time in its size: while a restore
+        # populates batch after batch, the warming pass does it at most
+        # every _DIGEST_P2M_INTERVAL (written pages are noted anyway);
+        # the digest itself (no limit) always does.
+        p2m_due = (
+            limit is None
+            or dom.digest_p2m is None
+            or now - dom.digest_p2m_at >= _DIGEST_P2M_INTERVAL
+        )
+        if p2m_due and (
+            dom.digest_p2m is None or version != dom.digest_version
+        ):
+            dom.digest_p2m_at = now
             p2m = mem.p2m.copy()
             is_ram = p2m == 1
             if dom.digest_p2m is None:
