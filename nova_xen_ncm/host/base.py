@@ -593,16 +593,25 @@ def _bitmap_size(arrays: Sequence[np.ndarray]) -> int | None:
     return top if top <= PFN_BITMAP_LIMIT else None
 
 
+def _bitmap(size: int, pfns: np.ndarray) -> np.ndarray:
+    mask = np.zeros(size, dtype=bool)
+    mask[pfns] = True
+    return mask
+
+
+def _pfns_of(mask: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(mask).astype(np.uint64)
+
+
 def pfn_union(*arrays: np.ndarray) -> np.ndarray:
     """The sorted distinct pfns of all ``arrays``."""
     parts = _as_pfns(arrays)
+    if not parts:
+        return np.zeros(0, dtype=np.uint64)
     size = _bitmap_size(parts)
     if size is None:
         return np.unique(np.concatenate(parts))
-    mask = np.zeros(size, dtype=bool)
-    for a in parts:
-        mask[a] = True
-    return np.flatnonzero(mask).astype(np.uint64)
+    return _pfns_of(_bitmap(size, np.concatenate(parts)))
 
 
 def pfn_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -611,11 +620,7 @@ def pfn_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     size = _bitmap_size((a, b))
     if size is None:
         return np.intersect1d(a, b)
-    mask = np.zeros(size, dtype=bool)
-    mask[a] = True
-    keep = np.zeros(size, dtype=bool)
-    keep[b] = True
-    return np.flatnonzero(mask & keep).astype(np.uint64)
+    return _pfns_of(_bitmap(size, a) & _bitmap(size, b))
 
 
 def pfn_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -624,10 +629,7 @@ def pfn_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     size = _bitmap_size((a, b))
     if size is None:
         return np.setdiff1d(a, b)
-    mask = np.zeros(size, dtype=bool)
-    mask[a] = True
-    mask[b] = False
-    return np.flatnonzero(mask).astype(np.uint64)
+    return _pfns_of(_bitmap(size, a) & ~_bitmap(size, b))
 
 
 def iter_batches(pfns: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -34,6 +34,7 @@ def test_empty_sets() -> None:
     some = np.array([3, 1, 3], dtype=np.uint64)
     np.testing.assert_array_equal(base.pfn_union(empty, some), [1, 3])
     np.testing.assert_array_equal(base.pfn_union(empty), empty)
+    assert len(base.pfn_union()) == 0
     assert len(base.pfn_intersection(some, empty)) == 0
     np.testing.assert_array_equal(base.pfn_difference(some, empty), [1, 3])
     assert len(base.pfn_difference(empty, some)) == 0
