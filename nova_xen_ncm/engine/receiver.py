@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -490,6 +491,19 @@ class Receiver:
         return self._token
 
     def _handshake(self) -> Channel:
+        channel, _, _ = self._accept_channel(
+            self._token_for, [protocol.Capability.LZ4.value]
+        )
+        return channel
+
+    def _accept_channel(
+        self,
+        token_for: Callable[[protocol.Hello], bytes],
+        capabilities: Sequence[str],
+        resume_from: Callable[[protocol.Hello, protocol.Resume], int]
+        | None = None,
+    ) -> tuple[Channel, protocol.Hello, protocol.Auth | protocol.Resume]:
+        """The next connection, authenticated (closed if it fails)."""
         channel = Channel.accept(
             self.listener,
             io_timeout=self.opts.io_timeout,
@@ -497,14 +511,13 @@ class Receiver:
             direct_payload=True,
         )
         try:
-            channel.server_handshake(
-                self._token_for,
-                capabilities=[protocol.Capability.LZ4.value],
+            hello, proof = channel.server_handshake(
+                token_for, capabilities=capabilities, resume_from=resume_from
             )
         except BaseException:
             channel.close()
             raise
-        return channel
+        return channel, hello, proof
 
     def _accept(self) -> None:
         """The source's first connection. A stray one (another
@@ -605,19 +618,9 @@ class Receiver:
             return self._token_for(hello)
 
         while len(self._data) < count - 1:
-            channel = Channel.accept(
-                self.listener,
-                io_timeout=self.opts.io_timeout,
-                max_data=self.opts.max_frame_bytes,
-                direct_payload=True,
+            channel, hello, _ = self._accept_channel(
+                token_for, _DATA_CAPABILITIES
             )
-            try:
-                hello, _ = channel.server_handshake(
-                    token_for, capabilities=_DATA_CAPABILITIES
-                )
-            except BaseException:
-                channel.close()
-                raise
             self._data[hello.channel] = channel
             self._data_applied[hello.channel] = 0
         for index in sorted(self._data):
@@ -876,23 +879,12 @@ class Receiver:
                 return self._applied
             return self._data_applied[hello.channel]
 
-        channel = Channel.accept(
-            self.listener,
-            io_timeout=self.opts.io_timeout,
-            max_data=self.opts.max_frame_bytes,
-            direct_payload=True,
+        channel, _, proof = self._accept_channel(
+            token_for, _DATA_CAPABILITIES, resume_from
         )
-        try:
-            _, proof = channel.server_handshake(
-                token_for,
-                capabilities=_DATA_CAPABILITIES,
-                resume_from=resume_from,
-            )
-            if not isinstance(proof, protocol.Resume):
-                raise ProtocolError("expected RESUME of the dropped channel")
-        except BaseException:
+        if not isinstance(proof, protocol.Resume):
             channel.close()
-            raise
+            raise ProtocolError("expected RESUME of the dropped channel")
         return channel
 
     def _end_transfer(self) -> None:

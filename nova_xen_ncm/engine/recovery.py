@@ -158,15 +158,17 @@ def _settle(
             entry.migration_id, entry.domid, journalled, phase, reason
         )
 
-    if journalled in _BEFORE_COMMIT:
+    def rolled_back(what: str) -> Outcome:
         try:
             why = _roll_back(host, entry)
         except EngineError as exc:
             # Kept for another attempt: the guest may still be paused.
             return done(Phase.IN_DOUBT, str(exc))
-        return done(
-            Phase.FAILED,
-            f"stopped in {journalled} before the commit decision; {why}",
+        return done(Phase.FAILED, f"{what}; {why}")
+
+    if journalled in _BEFORE_COMMIT:
+        return rolled_back(
+            f"stopped in {journalled} before the commit decision"
         )
     if journalled is Phase.CLEANUP:
         return done(Phase.DONE, _destroy(host, entry, "acknowledged"))
@@ -195,14 +197,7 @@ def _settle(
             _destroy(host, entry, f"the destination is in {status.phase}"),
         )
     if status.phase in _DESTINATION_ROLLED_BACK:
-        try:
-            why = _roll_back(host, entry)
-        except EngineError as exc:
-            return done(Phase.IN_DOUBT, str(exc))
-        return done(
-            Phase.FAILED,
-            f"the destination rolled back ({status.phase}); {why}",
-        )
+        return rolled_back(f"the destination rolled back ({status.phase})")
     return done(
         Phase.IN_DOUBT,
         f"the destination is in {status.phase} and does not run the "
