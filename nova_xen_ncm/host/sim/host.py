@@ -694,10 +694,7 @@ class SimHost(base.HostDriver):
         alive; a new spare starts for the next domain."""
         with self._lock:
             spare, self._spare = self._spare, None
-            if self._closed or not self.opts.spare_guest_process:
-                spare_next = False
-            else:
-                spare_next = True
+            spare_next = self.opts.spare_guest_process and not self._closed
         proc = None
         if spare is not None:
             candidate, chan = spare

@@ -82,8 +82,7 @@ def alive(pid: int) -> bool:
 def stop(pid: int, qmp_path: str, timeout: float) -> None:
     """Ask device model ``pid`` to quit (QMP), kill it if it does not."""
     with contextlib.suppress(qmp.QmpError), qmp.Qmp(qmp_path, timeout) as s:
-        with contextlib.suppress(qmp.QmpError):
-            s.execute("quit")
+        s.execute("quit")
     deadline = time.monotonic() + timeout
     while alive(pid):
         if time.monotonic() > deadline:
