@@ -73,6 +73,7 @@ def overrides(host_mb: int, settings: dict) -> dict:
         "xen_ncm_sim": {
             "host_memory_mb": host_mb,
             "spare_guest_process": True,
+            "prefault_memory_mb": host_mb,
         },
     }
 

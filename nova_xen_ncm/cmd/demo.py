@@ -796,6 +796,8 @@ def _overrides(
             # The destination's guest process is ready before the guest
             # arrives, as a real host has nothing to start.
             "spare_guest_process": True,
+            # And its memory is there, as a real host's is.
+            "prefault_memory_mb": args.memory // MiB,
         },
     }
 

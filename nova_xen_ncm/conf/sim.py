@@ -120,6 +120,21 @@ OPTS = [
         "Costs one idle process per host.",
     ),
     cfg.IntOpt(
+        "prefault_memory_mb",
+        default=0,
+        min=0,
+        max=16 * 1024 * 1024,
+        help="Free memory, in MiB, that the simulated host keeps faulted "
+        "in (allocated, zeroed and mapped) for its next domain, as a real "
+        "host's RAM is there before a guest is built. The next domain "
+        "created or restored takes it, so that the pages of an incoming "
+        "migration land in memory that is already mapped; on a virtual "
+        "machine, first touching a page costs more than moving it. "
+        "Bounded by the host's free memory; the host faults in the next "
+        "share once the domain that took it runs. 0: a guest's memory is "
+        "faulted in as it is first written.",
+    ),
+    cfg.IntOpt(
         "fault_seed",
         default=None,
         min=0,

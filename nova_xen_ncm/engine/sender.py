@@ -188,12 +188,7 @@ class GuestStream:
         # Zero pages found a run at a time: a test per page costs more
         # than reading the batch.
         nonzero = np.concatenate(
-            [
-                np.frombuffer(view, dtype=np.uint64)
-                .reshape(-1, base.PAGE_SIZE // 8)
-                .any(axis=1)
-                for _, view in runs
-            ]
+            [base.nonzero_pages(view) for _, view in runs]
         )
         types = np.where(nonzero, _DATA_TYPE, _ZERO_TYPE).astype(np.uint8)
         data: list[memoryview] = []

@@ -578,6 +578,30 @@ def memory_hasher(data: bytes = b"") -> xxhash.xxh3_128:
     return xxhash.xxh3_128(data)
 
 
+def nonzero_pages(
+    pages: np.ndarray | memoryview | bytes, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """Which of the whole pages in ``pages`` (or of those at indices
+    ``rows`` only) hold a non-zero octet.
+
+    A page whose first word is non-zero is settled by that word alone:
+    guest memory is mostly such pages, and reading every word of every
+    page would pull all of it through the cache before it is sent.
+    Only the pages that begin with a zero word are read whole."""
+    if isinstance(pages, np.ndarray):
+        words = pages.view(np.uint64)
+    else:
+        words = np.frombuffer(pages, dtype=np.uint64)
+    words = words.reshape(-1, PAGE_SIZE // 8)
+    first = words[:, 0] if rows is None else words[rows, 0]
+    nonzero = first != 0
+    maybe = np.flatnonzero(~nonzero)
+    if len(maybe):
+        which = maybe if rows is None else rows[maybe]
+        nonzero[maybe] = words[which].max(axis=1) != 0
+    return nonzero
+
+
 # Pfn sets up to this bound go through a bitmap over the pfn space
 # (1 octet per pfn): numpy's sort-based set operations cost tens of
 # milliseconds per hundred thousand pfns, which a downtime cannot spare.
@@ -599,8 +623,26 @@ def _bitmap(size: int, pfns: np.ndarray) -> np.ndarray:
     return mask
 
 
+def marked(mask: np.ndarray) -> np.ndarray:
+    """The indices of the non-zero octets of ``mask`` (bool or uint8),
+    as uint64 pfns: np.flatnonzero, but eight octets at a time while few
+    are set (a dirty map of a mostly idle guest is scanned in the
+    downtime, a byte at a time it costs milliseconds)."""
+    octets = mask.view(np.uint8)
+    whole = len(octets) // 8 * 8
+    words = np.flatnonzero(octets[:whole].view(np.uint64))
+    if len(words) > whole // 64:
+        return np.flatnonzero(octets).astype(np.uint64)
+    rows, cols = np.nonzero(octets[:whole].reshape(-1, 8)[words])
+    out = (words[rows] * 8 + cols).astype(np.uint64)
+    if whole < len(octets):
+        tail = np.flatnonzero(octets[whole:]).astype(np.uint64) + whole
+        out = np.concatenate((out, tail))
+    return out
+
+
 def _pfns_of(mask: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(mask).astype(np.uint64)
+    return marked(mask)
 
 
 def pfn_union(*arrays: np.ndarray) -> np.ndarray:

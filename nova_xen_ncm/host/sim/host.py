@@ -55,9 +55,12 @@ from nova_xen_ncm.host.sim import layout
 from nova_xen_ncm.host.sim import xs_wire
 from nova_xen_ncm.host.sim.memory import INVALID_GFN
 from nova_xen_ncm.host.sim.memory import MAX_GRANT_FRAMES
+from nova_xen_ncm.host.sim.memory import P2M_RAM
 from nova_xen_ncm.host.sim.memory import XENPAGE_GRANT_BASE
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 from nova_xen_ncm.host.sim.memory import GuestMemory
+from nova_xen_ncm.host.sim.memory import SpareRam
+from nova_xen_ncm.host.sim.memory import SpareRamAbandoned
 from nova_xen_ncm.host.sim.xenstore import ImportPolicy
 from nova_xen_ncm.host.sim.xenstore import LocalClient
 from nova_xen_ncm.host.sim.xenstore import Xenstore
@@ -77,6 +80,10 @@ _DIGEST_BLOCK = 512
 _DIGEST_CHUNK = 8
 _DIGEST_P2M_INTERVAL = 0.2
 DIGEST_WARM_INTERVAL = 0.1
+# The next spare guest process and spare RAM are prepared this long after
+# the domain that took the previous ones runs, so that preparing them does
+# not compete with the migration that brought the domain.
+REPLENISH_DELAY = 1.0
 NR_GRANT_FRAMES = 4
 # Xen lets a domain hold its RAM plus the special pages and some slack
 # (max_pages is set a little above the target by the toolstack).
@@ -204,6 +211,7 @@ class _Domain:
         domid: int,
         config: base.DomainConfig,
         hvm_layout: layout.HvmLayout,
+        spare_ram: SpareRam | None = None,
     ) -> None:
         self.host = host
         self.domid = domid
@@ -213,7 +221,10 @@ class _Domain:
         self.vcpus = config.vcpus
         self.layout = hvm_layout
         self.mem = GuestMemory.create(
-            hvm_layout.max_pfn, f"{host.hostname}-d{domid}"
+            hvm_layout.max_pfn,
+            f"{host.hostname}-d{domid}",
+            spare_ram,
+            hvm_layout.ram_ranges,
         )
         self.ports: dict[int, evtchn.Channel] = {}
         self.bits = evtchn.PendingBits(
@@ -243,13 +254,14 @@ class _Domain:
         self.run_started = 0.0
         self.cpu_time = 0.0
         # The memory digest's cache: per block of _DIGEST_BLOCK pfns with
-        # non-zero RAM, the digest of those pages; the p2m it was taken
-        # with. Kept warm while the domain migrates (SimHost._warm).
+        # non-zero RAM, the digest of those pages; the hash of the
+        # populated set and the p2m version it was taken at. Kept warm
+        # while the domain migrates (SimHost._warm, _digest_written).
         self.digest_lock = threading.Lock()
         self.digest_blocks: dict[int, bytes] = {}
-        self.digest_p2m: np.ndarray | None = None
+        self.digest_started = False
         self.digest_populated = b""
-        self.digest_version = 0
+        self.digest_version = -1
         self.digest_p2m_at = 0.0
         self.digest_pending: set[int] = set()
         self.digest_mask: np.ndarray | None = None
@@ -384,8 +396,12 @@ class SimHost(base.HostDriver):
         self._prelaunch = prelaunch
         self._closed = False
         self._spare: tuple[subprocess.Popen, socket.socket] | None = None
+        self._spare_ram: SpareRam | None = None
+        self._replenish_stop = threading.Event()
+        self._replenish_thread: threading.Thread | None = None
         if self.opts.spare_guest_process:
-            self._start_spare()
+            self._spare = self._start_spare()
+        self._spare_ram = self._new_spare_ram()
 
     # -- internals --
 
@@ -484,12 +500,18 @@ class SimHost(base.HostDriver):
                 f"{self._free_memory()} free",
                 call=call,
             )
-        dom = _Domain(
-            self,
-            domid,
-            config,
-            layout.HvmLayout.for_memory(config.memory_bytes),
-        )
+        hvm_layout = layout.HvmLayout.for_memory(config.memory_bytes)
+        spare_ram = self._spare_ram
+        if spare_ram is not None and spare_ram.max_pfn == hvm_layout.max_pfn:
+            self._spare_ram = None
+        else:
+            spare_ram = None
+        try:
+            dom = _Domain(self, domid, config, hvm_layout, spare_ram)
+        except BaseException:
+            if spare_ram is not None:
+                spare_ram.close()
+            raise
         self._domains[domid] = dom
         return dom
 
@@ -662,7 +684,70 @@ class SimHost(base.HostDriver):
         dom.dom0_ports.append(port)
         return port
 
-    def _start_spare(self) -> None:
+    def _new_spare_ram(self) -> SpareRam | None:
+        """Free memory faulted in for the next domain ([xen_ncm_sim]
+        prefault_memory_mb), if the option and the free memory allow."""
+        with self._lock:
+            size = min(
+                self.opts.prefault_memory_mb * MiB, self._free_memory()
+            )
+        # Spare RAM fits guests of up to 3.75 GiB: their RAM below the
+        # MMIO hole starts at pfn 0, and they share one max_pfn.
+        pages = min(size // PAGE_SIZE, layout.MMIO_HOLE_START_PFN)
+        if pages <= 0:
+            return None
+        return SpareRam(
+            layout.X86_HVM_END_SPECIAL_REGION,
+            pages,
+            f"{self.hostname}-spare",
+            self._replenish_stop,
+        )
+
+    def _replenish(self) -> None:
+        """Prepare the next spare guest process and spare RAM, after
+        REPLENISH_DELAY and in the background."""
+        wanted = self.opts.spare_guest_process or self.opts.prefault_memory_mb
+        with self._lock:
+            if not wanted or self._closed or self._replenish_thread:
+                return
+            self._replenish_thread = threading.Thread(
+                target=self._run_replenish,
+                name=f"{self.hostname}-replenish",
+                daemon=True,
+            )
+        self._replenish_thread.start()
+
+    def _run_replenish(self) -> None:
+        try:
+            if self._replenish_stop.wait(REPLENISH_DELAY):
+                return
+            if self.opts.spare_guest_process and self._spare is None:
+                spare = self._start_spare()
+                with self._lock:
+                    if self._spare is None and not self._closed:
+                        spare, self._spare = None, spare
+                if spare is not None:
+                    self._end_spare(spare)
+            if self._spare_ram is None:
+                ram = self._new_spare_ram()
+                with self._lock:
+                    if self._spare_ram is None and not self._closed:
+                        ram, self._spare_ram = None, ram
+                if ram is not None:
+                    ram.close()
+        except SpareRamAbandoned:
+            pass
+        except OSError as exc:
+            LOG.warning(
+                "%s: spare guest resources not prepared: %s",
+                self.hostname,
+                exc,
+            )
+        finally:
+            with self._lock:
+                self._replenish_thread = None
+
+    def _start_spare(self) -> tuple[subprocess.Popen, socket.socket]:
         """Start the guest process of the next domain ahead of it
         ([xen_ncm_sim] spare_guest_process)."""
         host_end, guest_end = socket.socketpair(
@@ -685,7 +770,7 @@ class SimHost(base.HostDriver):
             raise
         finally:
             guest_end.close()
-        self._spare = (proc, host_end)
+        return proc, host_end
 
     def _take_spare(
         self, args: dict, fds: tuple[int, ...]
@@ -694,7 +779,6 @@ class SimHost(base.HostDriver):
         alive; a new spare starts for the next domain."""
         with self._lock:
             spare, self._spare = self._spare, None
-            spare_next = self.opts.spare_guest_process and not self._closed
         proc = None
         if spare is not None:
             candidate, chan = spare
@@ -709,14 +793,19 @@ class SimHost(base.HostDriver):
             if proc is None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     candidate.wait(timeout=5)
-        if spare_next:
-            self._start_spare()
         return proc
 
     def _stop_spare(self) -> None:
-        spare, self._spare = self._spare, None
-        if spare is None:
-            return
+        with self._lock:
+            spare, self._spare = self._spare, None
+            ram, self._spare_ram = self._spare_ram, None
+        if ram is not None:
+            ram.close()
+        if spare is not None:
+            self._end_spare(spare)
+
+    @staticmethod
+    def _end_spare(spare: tuple[subprocess.Popen, socket.socket]) -> None:
         proc, chan = spare
         chan.close()  # the spare exits when its channel closes
         try:
@@ -1045,7 +1134,7 @@ class SimHost(base.HostDriver):
             state=dom.state,
             memory_bytes=dom.config.memory_bytes,
             vcpus=dom.vcpus,
-            populated_pages=int(np.count_nonzero(dom.mem.p2m == 1)),
+            populated_pages=dom.mem.nr_ram,
             pv_drivers=dom.config.pv_drivers,
             cpu_time_ns=int(cpu * 1e9 * dom.vcpus),
         )
@@ -1099,6 +1188,7 @@ class SimHost(base.HostDriver):
         except BaseException:
             self._teardown(dom)
             raise
+        self._replenish()
         return domid
 
     @_faulty
@@ -1182,6 +1272,7 @@ class SimHost(base.HostDriver):
                 self.xenstore.release_domain(dom.domid)
             self._domains.pop(dom.domid, None)
         dom.mem.close()
+        self._replenish()
 
     @_faulty
     def destroy_domain(self, domid: int) -> None:
@@ -1215,6 +1306,7 @@ class SimHost(base.HostDriver):
             except BaseException:
                 self._stop_guest(dom)
                 raise
+            self._replenish()
         self._start_running(dom)
 
     def _reconnect_backends(self, dom: _Domain) -> None:
@@ -1295,7 +1387,7 @@ class SimHost(base.HostDriver):
                     "pfns overlap a Xen page in the physmap", call=call
                 )
             new = int(np.count_nonzero(dom.mem.p2m[pfns] == 0))
-            have = int(np.count_nonzero(dom.mem.p2m == 1))
+            have = dom.mem.nr_ram
             limit = dom.config.memory_bytes // PAGE_SIZE + EXTRA_PAGES
             if have + new > limit:
                 raise base.InsufficientMemory(
@@ -1778,7 +1870,14 @@ class SimHost(base.HostDriver):
     def _digest_refresh(self, dom: _Domain, limit: int | None = None) -> bool:
         """Note the blocks written since the previous refresh and read up
         to ``limit`` of those pending (all if None); the caller holds the
-        digest lock. Returns whether some remain pending."""
+        digest lock. Returns whether some remain pending.
+
+        A change of the p2m is noted as a write of its pfns
+        (GuestMemory.populate), so a block is read against the p2m of
+        the moment; only the hash of the populated set looks at all of
+        the p2m, which a warming pass does at most every
+        _DIGEST_P2M_INTERVAL while a restore populates batch after
+        batch (the digest itself, no limit, always does)."""
         mem = dom.mem
         pfns = np.concatenate(
             (mem.take_changed(), self._unlocked_writes(dom))
@@ -1786,41 +1885,29 @@ class SimHost(base.HostDriver):
         if dom.digest_mask is not None:
             # A page written since the first look holds data now.
             dom.digest_mask[pfns] = True
+        if not dom.digest_started:
+            # The first look: every block with data in it.
+            dom.digest_started = True
+            dom.digest_mask = np.zeros(mem.max_pfn, dtype=bool)
+            for start, end in mem.data_extents():
+                dom.digest_mask[start:end] = True
+            dom.digest_blocks.clear()
+            dom.digest_pending.clear()
+            pfns = np.concatenate((pfns, np.flatnonzero(dom.digest_mask)))
         version = mem.p2m_version
         now = time.monotonic()
-        # Comparing the whole p2m costs time in its size: while a restore
-        # populates batch after batch, the warming pass does it at most
-        # every _DIGEST_P2M_INTERVAL (written pages are noted anyway);
-        # the digest itself (no limit) always does.
-        p2m_due = (
-            limit is None
-            or dom.digest_p2m is None
-            or now - dom.digest_p2m_at >= _DIGEST_P2M_INTERVAL
-        )
-        if p2m_due and (
-            dom.digest_p2m is None or version != dom.digest_version
+        if version != dom.digest_version and (
+            limit is None or now - dom.digest_p2m_at >= _DIGEST_P2M_INTERVAL
         ):
             dom.digest_p2m_at = now
-            p2m = mem.p2m.copy()
-            is_ram = p2m == 1
-            if dom.digest_p2m is None:
-                dom.digest_mask = np.zeros(mem.max_pfn, dtype=bool)
-                for start, end in mem.data_extents():
-                    dom.digest_mask[start:end] = True
-                moved = np.flatnonzero(dom.digest_mask & is_ram)
-                dom.digest_blocks.clear()
-                dom.digest_pending.clear()
-            else:
-                moved = np.flatnonzero(p2m != dom.digest_p2m)
             dom.digest_populated = base.memory_hasher(
-                np.flatnonzero(is_ram).astype("<u8")
+                np.flatnonzero(mem.p2m == P2M_RAM).astype("<u8")
             ).digest()
-            dom.digest_p2m = p2m
             dom.digest_version = version
-            pfns = np.concatenate((pfns, moved))
-        dom.digest_pending.update(
-            base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
-        )
+        if len(pfns):
+            dom.digest_pending.update(
+                base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
+            )
         todo = sorted(dom.digest_pending)
         if limit is not None:
             todo = todo[:limit]
@@ -1839,24 +1926,57 @@ class SimHost(base.HostDriver):
         mem = dom.mem
         start = block * _DIGEST_BLOCK
         end = min(start + _DIGEST_BLOCK, mem.max_pfn)
-        ram = dom.digest_p2m[start:end] == 1
+        ram = mem.p2m[start:end] == P2M_RAM
         if not ram.any():
             dom.digest_blocks.pop(block, None)
             return
         data = mem.data_mask(start, end) if mask is None else mask[start:end]
-        pfns = np.flatnonzero(data & ram) + start
-        if len(pfns) and pfns[-1] - pfns[0] + 1 == len(pfns):
-            pages = mem.ram[pfns[0] : pfns[-1] + 1]
-        else:
-            pages = mem.ram[pfns]
-        nonzero = pages.view(np.uint64).any(axis=1)
-        if not nonzero.any():
+        # Holes are not read (reading one would allocate it).
+        pfns = np.flatnonzero(data & ram)
+        pfns = pfns[base.nonzero_pages(mem.ram[start:end], pfns)]
+        if not len(pfns):
             dom.digest_blocks.pop(block, None)
             return
-        d = base.memory_hasher(pfns[nonzero].astype("<u8"))
-        # In place when every page is kept: no copy, no GIL held.
-        d.update(pages if nonzero.all() else pages[nonzero])
+        d = base.memory_hasher((pfns + start).astype("<u8"))
+        # Run by run, in place: no copy of the pages, no GIL held.
+        cuts = np.flatnonzero(np.diff(pfns) != 1) + 1
+        firsts = pfns[np.concatenate(([0], cuts))].tolist()
+        lasts = pfns[np.concatenate((cuts - 1, [len(pfns) - 1]))].tolist()
+        for first, last in zip(firsts, lasts, strict=True):
+            d.update(mem.ram[start + first : start + last + 1])
         dom.digest_blocks[block] = d.digest()
+
+    def _digest_written(self, dom: _Domain, pfns: np.ndarray) -> None:
+        """Digest the blocks of ``pfns``, just written by a restore, while
+        they are in the cache: the warming thread would read them again
+        later, and what it has not read when the guest is paused is
+        downtime."""
+        if dom.booted or not dom.digest_started or not len(pfns):
+            return
+        blocks = base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
+        if not dom.digest_lock.acquire(blocking=False):
+            return  # the warming thread is at it
+        try:
+            mem = dom.mem
+            first = blocks[0] * _DIGEST_BLOCK
+            last = min((blocks[-1] + 1) * _DIGEST_BLOCK, mem.max_pfn)
+            with mem.lock():
+                # Read after the marks are taken: a write racing this is
+                # marked again and read again.
+                written = np.flatnonzero(mem.changed[first:last]) + first
+                mem.changed[written] = 0
+            if dom.digest_mask is not None:
+                dom.digest_mask[written] = True
+            # A p2m change of these blocks is a mark taken here: the hash
+            # of the populated set follows at the warming pass's pace.
+            done = set(blocks)
+            other = base.pfn_union(written // _DIGEST_BLOCK).tolist()
+            dom.digest_pending.update(b for b in other if b not in done)
+            for block in blocks:
+                dom.digest_pending.discard(block)
+                self._digest_block(dom, block, dom.digest_mask)
+        finally:
+            dom.digest_lock.release()
 
     def _warm(self, dom: _Domain, until: Callable[[], bool]) -> None:
         """Keep the memory digest's cache warm while the domain migrates
@@ -1975,9 +2095,13 @@ class SimHost(base.HostDriver):
         if self._closed:
             return
         self._closed = True
+        self._replenish_stop.set()
         for domid in list(self._domains):
             with contextlib.suppress(HostError):
                 self.destroy_domain(domid)
+        thread = self._replenish_thread
+        if thread is not None:
+            thread.join()
         self._stop_spare()
         self.dom0.stop()
 
@@ -2046,3 +2170,4 @@ class _SimPageMapping(base.PageMapping):
             if self._dom.mem.dirty is not None:
                 with self._dom.mem.lock():
                     self._dom.mem.mark_dirty(self.pfns)
+                self._dom.host._digest_written(self._dom, self.pfns)

@@ -58,6 +58,78 @@ _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _mincore.restype = ctypes.c_int
 
 
+# Linux 5.14's madvise(MADV_POPULATE_WRITE): fault a range in, writable.
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+# SpareRam faults its pages in by this much at a time, so that a host
+# closing meanwhile does not wait for all of it.
+_FAULT_IN_STEP = 64 << 20
+
+
+class SpareRamAbandoned(Exception):
+    """The host closed while spare RAM was being faulted in."""
+
+
+class SpareRam:
+    """Guest RAM faulted in ahead of the domain that will take it
+    ([xen_ncm_sim] prefault_memory_mb).
+
+    A real host's memory is there before a guest is built; a memfd page
+    is allocated, zeroed and mapped when first written, which on a
+    virtual machine costs more than the octets a migration moves into
+    it. This is the memfd of a domain of ``max_pfn`` pages whose first
+    ``pages`` are allocated, zero and mapped in the host process.
+    """
+
+    def __init__(
+        self,
+        max_pfn: int,
+        pages: int,
+        name: str,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.max_pfn = max_pfn
+        self.pages = max(0, min(pages, max_pfn))
+        self.fd = os.memfd_create(f"{name}-ram", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, max_pfn * PAGE_SIZE)
+            self.map = mmap.mmap(self.fd, max_pfn * PAGE_SIZE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        try:
+            self._fault_in(stop)
+        except BaseException:
+            self.close()
+            raise
+
+    def _fault_in(self, stop: threading.Event | None) -> None:
+        step = _FAULT_IN_STEP // PAGE_SIZE
+        for start in range(0, self.pages, step):
+            if stop is not None and stop.is_set():
+                raise SpareRamAbandoned("the host closed")
+            count = min(step, self.pages - start)
+            try:
+                self.map.madvise(
+                    MADV_POPULATE_WRITE, start * PAGE_SIZE, count * PAGE_SIZE
+                )
+            except OSError:
+                # Before Linux 5.14: write a zero into every page.
+                pages = np.frombuffer(
+                    self.map,
+                    dtype=np.uint8,
+                    count=count * PAGE_SIZE,
+                    offset=start * PAGE_SIZE,
+                )
+                pages[::PAGE_SIZE] = 0
+                del pages
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self.map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 def _round_up(n: int) -> int:
     return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
@@ -65,7 +137,13 @@ def _round_up(n: int) -> int:
 class GuestMemory:
     """The shared memory of one domain, as seen by either process."""
 
-    def __init__(self, ram_fd: int, ctl_fd: int, max_pfn: int) -> None:
+    def __init__(
+        self,
+        ram_fd: int,
+        ctl_fd: int,
+        max_pfn: int,
+        ram_map: mmap.mmap | None = None,
+    ) -> None:
         self.ram_fd = ram_fd
         self.ctl_fd = ctl_fd
         self.max_pfn = max_pfn
@@ -76,7 +154,9 @@ class GuestMemory:
         self._xen_off = self._xgfn_off + PAGE_SIZE
         self.ctl_size = self.ctl_bytes(max_pfn)
         self.ram_size = max_pfn * PAGE_SIZE
-        self.ram_map = mmap.mmap(ram_fd, self.ram_size)
+        if ram_map is None:
+            ram_map = mmap.mmap(ram_fd, self.ram_size)
+        self.ram_map = ram_map
         self.ctl_map = mmap.mmap(ctl_fd, self.ctl_size)
         self.ram = np.frombuffer(self.ram_map, dtype=np.uint8).reshape(
             max_pfn, PAGE_SIZE
@@ -93,6 +173,8 @@ class GuestMemory:
         #: Bumped by every change of the p2m (made by the host process
         #: only: the guest cannot write it).
         self.p2m_version = 0
+        #: RAM pages in the p2m (kept by the host process, as the p2m).
+        self.nr_ram = int(np.count_nonzero(self.p2m == P2M_RAM))
 
     @staticmethod
     def ctl_bytes(max_pfn: int) -> int:
@@ -108,21 +190,61 @@ class GuestMemory:
     # -- creation (host side) --
 
     @classmethod
-    def create(cls, max_pfn: int, name: str) -> GuestMemory:
-        ram_fd = os.memfd_create(f"{name}-ram", os.MFD_CLOEXEC)
+    def create(
+        cls,
+        max_pfn: int,
+        name: str,
+        spare: SpareRam | None = None,
+        ram_ranges: tuple[tuple[int, int], ...] = (),
+    ) -> GuestMemory:
+        """The memory of a new domain, in ``spare`` if given (its
+        pages outside ``ram_ranges``, [start, end) pfns, are freed)."""
         ctl_fd = os.memfd_create(f"{name}-ctl", os.MFD_CLOEXEC)
+        ram_map = None
         try:
-            os.ftruncate(ram_fd, max_pfn * PAGE_SIZE)
-            os.ftruncate(ctl_fd, cls.ctl_bytes(max_pfn))
-            mem = cls(ram_fd, ctl_fd, max_pfn)
+            if spare is not None:
+                if spare.max_pfn != max_pfn:
+                    raise ValueError(
+                        f"spare RAM of {spare.max_pfn} pfns for a domain "
+                        f"of {max_pfn}"
+                    )
+                ram_fd, ram_map = spare.fd, spare.map
+            else:
+                ram_fd = os.memfd_create(f"{name}-ram", os.MFD_CLOEXEC)
+                os.ftruncate(ram_fd, max_pfn * PAGE_SIZE)
         except BaseException:
+            os.close(ctl_fd)
+            raise
+        try:
+            os.ftruncate(ctl_fd, cls.ctl_bytes(max_pfn))
+            mem = cls(ram_fd, ctl_fd, max_pfn, ram_map)
+        except BaseException:
+            if ram_map is not None:
+                ram_map.close()
             os.close(ram_fd)
             os.close(ctl_fd)
             raise
+        if spare is not None:
+            mem._free_outside(ram_ranges, spare.pages)
         mem.header[0] = _CTL_MAGIC
         mem.header[1] = max_pfn
         mem.xen_gfns[:] = INVALID_GFN
         return mem
+
+    def _free_outside(
+        self, ranges: tuple[tuple[int, int], ...], end: int
+    ) -> None:
+        """Free the pages below ``end`` that are not in ``ranges``."""
+        pos = 0
+        for start, stop in [*sorted(ranges), (end, end)]:
+            start = min(start, end)
+            if pos < start:
+                self.ram_map.madvise(
+                    mmap.MADV_REMOVE,
+                    pos * PAGE_SIZE,
+                    (start - pos) * PAGE_SIZE,
+                )
+            pos = max(pos, stop)
 
     @classmethod
     def attach(cls, ram_fd: int, ctl_fd: int) -> GuestMemory:
@@ -175,7 +297,7 @@ class GuestMemory:
         """The pfns written since the previous call, and forget them: a
         write racing this is in this result or the next (as harvest)."""
         with self.lock():
-            pfns = np.flatnonzero(self.changed)
+            pfns = base.marked(self.changed)
             self.changed[pfns] = 0
         return pfns
 
@@ -216,7 +338,7 @@ class GuestMemory:
 
     def harvest(self, extra: np.ndarray | None = None) -> np.ndarray:
         with self.lock():
-            pfns = np.flatnonzero(self.dirty).astype(np.uint64)
+            pfns = base.marked(self.dirty)
             self.dirty[pfns] = 0
         if extra is not None and len(extra):
             pfns = base.pfn_union(pfns, extra)
@@ -246,13 +368,26 @@ class GuestMemory:
             )
         return pfns
 
+    # A change of the p2m is marked as a write of its pfns (the changed
+    # map): the memory digest reads a block again when its RAM changes.
+    # The caller holds :meth:`lock`.
+
     def populate(self, pfns: np.ndarray) -> None:
-        self.p2m[np.asarray(pfns, dtype=np.uint64)] = P2M_RAM
-        self.p2m_version += 1
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        new = pfns[self.p2m[pfns] != P2M_RAM]
+        if len(new):
+            new = np.unique(new)
+            self.p2m[new] = P2M_RAM
+            self.nr_ram += len(new)
+            self.changed[new] = 1
+            self.p2m_version += 1
 
     def release(self, pfn: int) -> None:
         """Take a RAM page out of the physmap and free its memory."""
+        if self.p2m[pfn] == P2M_RAM:
+            self.nr_ram -= 1
         self.p2m[pfn] = P2M_NONE
+        self.changed[pfn] = 1
         self.p2m_version += 1
         self.ram_map.madvise(mmap.MADV_REMOVE, pfn * PAGE_SIZE, PAGE_SIZE)
 
@@ -262,12 +397,14 @@ class GuestMemory:
         old = int(self.xen_gfns[index])
         if old != INVALID_GFN:
             self.p2m[old] = P2M_NONE
+            self.changed[old] = 1
         if self.p2m[gfn] == P2M_RAM:
             self.release(gfn)
         elif self.p2m[gfn] == P2M_XEN:
             other = np.flatnonzero(self.xen_gfns == gfn)
             self.xen_gfns[other] = INVALID_GFN
         self.p2m[gfn] = P2M_XEN
+        self.changed[gfn] = 1
         self.p2m_version += 1
         self.xen_gfns[index] = gfn
 

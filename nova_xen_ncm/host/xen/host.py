@@ -1060,7 +1060,7 @@ class XenHost(base.HostDriver):
                 block = np.frombuffer(
                     b"".join(mapping.pages), dtype=np.uint64
                 ).reshape(len(batch), -1)
-                nz = np.flatnonzero(block.any(axis=1))
+                nz = np.flatnonzero(base.nonzero_pages(block))
                 which.update(batch[nz].astype("<u8").tobytes())
                 data.update(block[nz].tobytes())
         h.update(which.digest())

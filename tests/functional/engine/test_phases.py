@@ -276,7 +276,7 @@ def test_rollback_lifts_the_throttle(
         "throttle_trigger_rounds": 1,
     }.items():
         conf.set_override(name, value, group="xen_ncm")
-    domid = source.create_domain(guest_config(dirty_rate=256 * MiB))
+    domid = source.create_domain(guest_config(dirty_rate=1024 * MiB))
     applied = []
     throttle = source.set_vcpu_throttle
 

@@ -46,3 +46,32 @@ def test_memory_hasher_sees_every_octet() -> None:
     page[-1] = 1
     assert base.memory_hasher(page).digest() != first
     assert len(first) == 16
+
+
+# Sparse maps go eight octets at a time, dense ones octet by octet; the
+# lengths leave a tail that is not a whole word.
+@pytest.mark.parametrize("length", [0, 7, 8, 9, 4096, 0xFF003])
+@pytest.mark.parametrize("density", [0.0, 0.0001, 0.01, 0.5, 1.0])
+def test_marked_agrees_with_flatnonzero(length: int, density: float) -> None:
+    rng = np.random.default_rng(length)
+    mask = (rng.random(length) < density).astype(np.uint8)
+    if length:
+        mask[-1] = 1  # the tail is looked at
+    for m in (mask, mask.astype(bool)):
+        got = base.marked(m)
+        assert got.dtype == np.uint64
+        np.testing.assert_array_equal(got, np.flatnonzero(mask))
+
+
+def test_nonzero_pages_reads_whole_pages_that_begin_with_zero() -> None:
+    pages = np.zeros((6, base.PAGE_SIZE), dtype=np.uint8)
+    pages[1, 0] = 1  # settled by its first word
+    pages[3, base.PAGE_SIZE - 1] = 1  # only its last octet is set
+    pages[5, 9] = 2
+    want = [False, True, False, True, False, True]
+    assert base.nonzero_pages(pages).tolist() == want
+    assert base.nonzero_pages(memoryview(pages.tobytes())).tolist() == want
+    rows = np.array([0, 3, 4, 5])
+    assert base.nonzero_pages(pages, rows).tolist() == [
+        want[r] for r in rows
+    ]

@@ -1,5 +1,6 @@
 """SimHost operations that need no guest process."""
 
+import threading
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.sim import host as sim_host
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import layout
+from nova_xen_ncm.host.sim import memory as sim_memory
 from nova_xen_ncm.host.sim.memory import P2M_XEN
 
 from .conftest import empty
@@ -220,8 +222,43 @@ def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
     # One block read again, not the 16384 pages.
     assert read == [0x2345 // sim_host._DIGEST_BLOCK]
     # The same as a digest that reads everything.
-    a.digest_p2m = None
+    a.digest_started = False
     assert host.memory_digest(1) == second
+
+
+def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
+    host, monkeypatch
+):
+    a = empty(host, 1, mb=80)
+    while not a.digest_started:
+        time.sleep(0.01)
+    # The warming thread stopped, so that only the closing thread reads.
+    a.booted = True
+    while a.warming:
+        time.sleep(0.01)
+    a.booted = False
+    read = []
+    block = type(host)._digest_block
+
+    def spy(dom, index, mask):
+        read.append(index)
+        return block(dom, index, mask)
+
+    monkeypatch.setattr(type(host), "_digest_block", staticmethod(spy))
+    pfns = np.arange(0x1000, 0x1000 + 2 * sim_host._DIGEST_BLOCK)
+    for batch in np.split(pfns.astype(np.uint64), 4):
+        host.populate(1, batch)
+        with host.map_pages(1, batch, writable=True) as m:
+            for _, view in m.runs():
+                view[:] = b"\x5a" * view.nbytes
+            assert read == []
+        # In the closing thread: the block the batch is in, once.
+        assert read == [int(batch[0]) // sim_host._DIGEST_BLOCK]
+        read.clear()
+    digest = host.memory_digest(1)
+    assert read == []
+    a.digest_started = False
+    assert host.memory_digest(1) == digest
 
 
 def test_memory_digest_of_a_pass_in_parts_sees_later_writes(host):
@@ -232,14 +269,14 @@ def test_memory_digest_of_a_pass_in_parts_sees_later_writes(host):
         time.sleep(0.01)
     # Pages in two blocks, so that a pass of one block leaves one.
     write(a, slice(0x100, 0x100 + 2 * sim_host._DIGEST_BLOCK), 3)
-    a.digest_p2m = None
+    a.digest_started = False
     # Part of a first pass, as the warming thread does it; then a page
     # that was a hole is written in a block not read yet.
     with a.digest_lock:
         assert host._digest_refresh(a, limit=1)
     write(a, 0x3FFF, 5)
     parts = host.memory_digest(1)
-    a.digest_p2m = None
+    a.digest_started = False
     assert host.memory_digest(1) == parts
 
 
@@ -276,8 +313,9 @@ def test_a_spare_guest_process_becomes_the_next_domain(conf) -> None:
         )
         dom = h._domains[domid]
         # The guest runs in the process started ahead, and another one
-        # waits for the next domain.
+        # is started for the next domain once this one runs.
         assert dom.proc is first_spare
+        _replenished(h)
         assert h._spare is not None and h._spare[0] is not first_spare
         assert h.domain_info(domid).state is base.DomainState.RUNNING
         h.pause(domid)
@@ -305,3 +343,109 @@ def test_a_dead_spare_is_replaced_by_a_fresh_process(conf) -> None:
         assert h.domain_info(domid).state is base.DomainState.RUNNING
     finally:
         h.close()
+
+
+def _replenished(h: sim_host.SimHost) -> None:
+    """Wait for the host's spare guest process and RAM to be prepared."""
+    thread = h._replenish_thread
+    if thread is not None:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+
+
+def _ram_mask(lay: layout.HvmLayout, end: int) -> np.ndarray:
+    mask = np.zeros(end, dtype=bool)
+    for start, stop in lay.ram_ranges:
+        mask[min(start, end) : min(stop, end)] = True
+    return mask
+
+
+def test_a_domain_takes_the_ram_faulted_in_ahead(conf, host) -> None:
+    conf.set_override("prefault_memory_mb", 32, group="xen_ncm_sim")
+    h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
+    try:
+        spare = h._spare_ram
+        assert spare is not None
+        assert spare.pages == (32 << 20) // base.PAGE_SIZE
+        dom = empty(h, 1, mb=16)
+        assert h._spare_ram is None
+        assert dom.mem.ram_fd == spare.fd
+        # Faulted in where the layout has RAM; the VGA hole and what lies
+        # beyond the guest's 16 MiB were given back.
+        np.testing.assert_array_equal(
+            dom.mem.data_mask(0, spare.pages),
+            _ram_mask(dom.layout, spare.pages),
+        )
+        assert not dom.mem.ram[: (16 << 20) // base.PAGE_SIZE].any()
+        # The same writes digest the same as in memory faulted in as it
+        # is written.
+        other = empty(host, 1, mb=16)
+        pfns = np.arange(0x100, 0x900, dtype=np.uint64)
+        for h_, d in ((h, dom), (host, other)):
+            h_.populate(1, pfns)
+            d.mem.ram[0x100:0x900:3, 5] = 0x5A
+            d.booted = True
+        assert h.memory_digest(1) == host.memory_digest(1)
+    finally:
+        h.close()
+
+
+def test_spare_ram_is_bounded_by_free_memory_and_comes_back(
+    conf, monkeypatch
+) -> None:
+    monkeypatch.setattr(sim_host, "REPLENISH_DELAY", 0.0)
+    conf.set_override("prefault_memory_mb", 4096, group="xen_ncm_sim")
+    h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
+    try:
+        assert h._spare_ram.pages == (256 << 20) // base.PAGE_SIZE
+        empty(h, 1, mb=200)
+        # A restoring domain leaves the host's CPU to its migration.
+        assert h._spare_ram is None and h._replenish_thread is None
+        h.destroy_domain(1)
+        _replenished(h)
+        spare = h._spare_ram
+        assert spare.pages == (256 << 20) // base.PAGE_SIZE
+        assert empty(h, 2, mb=16).mem.ram_fd == spare.fd
+    finally:
+        h.close()
+    assert h._spare_ram is None
+
+
+def test_a_guest_above_the_mmio_hole_gets_memory_of_its_own(conf) -> None:
+    conf.set_override("host_memory_mb", 5120, group="xen_ncm_sim")
+    conf.set_override("prefault_memory_mb", 16, group="xen_ncm_sim")
+    h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
+    try:
+        spare = h._spare_ram
+        # 4 GiB of RAM reaches above 4 GiB: a physmap spare RAM lacks.
+        big = empty(h, 1, mb=4096)
+        assert big.mem.max_pfn > spare.max_pfn
+        assert big.mem.ram_fd != spare.fd
+        assert h._spare_ram is spare
+        assert empty(h, 2, mb=16).mem.ram_fd == spare.fd
+    finally:
+        h.close()
+
+
+def test_spare_ram_stops_faulting_in_when_the_host_closes() -> None:
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(sim_memory.SpareRamAbandoned):
+        sim_memory.SpareRam(0x1000, 0x800, "stopped", stop)
+
+
+def test_spare_ram_without_madv_populate_writes_every_page(
+    monkeypatch,
+) -> None:
+    # An unknown advice fails as MADV_POPULATE_WRITE does before 5.14.
+    monkeypatch.setattr(sim_memory, "MADV_POPULATE_WRITE", 0x7FFF)
+    spare = sim_memory.SpareRam(0x1000, 0x300, "old-kernel")
+    mem = sim_memory.GuestMemory.create(
+        0x1000, "old-kernel", spare, ((0, 0x200),)
+    )
+    try:
+        want = np.zeros(0x1000, dtype=bool)
+        want[:0x200] = True
+        np.testing.assert_array_equal(mem.data_mask(0, 0x1000), want)
+    finally:
+        mem.close()
