@@ -13,8 +13,10 @@ byte layouts and the engine translates between the two.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import enum
+import threading
 from collections.abc import Collection
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -617,10 +619,27 @@ def _bitmap_size(arrays: Sequence[np.ndarray]) -> int | None:
     return top if top <= PFN_BITMAP_LIMIT else None
 
 
-def _bitmap(size: int, pfns: np.ndarray) -> np.ndarray:
-    mask = np.zeros(size, dtype=bool)
-    mask[pfns] = True
-    return mask
+_scratch = threading.local()
+
+
+@contextlib.contextmanager
+def _bitmaps(size: int, count: int) -> Iterator[list[np.ndarray]]:
+    """``count`` all-false bitmaps of ``size`` pfns, this thread's own,
+    reused from call to call: a fresh megabyte is faulted in page by
+    page, which in a downtime costs more than the set operation. The
+    caller clears what it set before it leaves."""
+    masks: list[np.ndarray] = getattr(_scratch, "masks", [])
+    if len(masks) < count or len(masks[0]) < size:
+        length = max(size, len(masks[0]) if masks else 0)
+        masks = [
+            np.zeros(length, dtype=bool) for _ in range(max(count, 3))
+        ]
+        _scratch.masks = masks
+    # Taken while in use, so that a nested call gets masks of its own;
+    # given back only if left clean (no exception on the way).
+    _scratch.masks = []
+    yield [m[:size] for m in masks[:count]]
+    _scratch.masks = masks
 
 
 def marked(mask: np.ndarray) -> np.ndarray:
@@ -641,8 +660,18 @@ def marked(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _pfns_of(mask: np.ndarray) -> np.ndarray:
-    return marked(mask)
+_FEW = 256
+
+
+def _collect(mask: np.ndarray, pfns: np.ndarray) -> np.ndarray:
+    """Set ``pfns`` in the all-false ``mask``; the sorted distinct pfns;
+    ``mask`` all false again."""
+    if len(pfns) <= _FEW:
+        return np.unique(pfns)
+    mask[pfns] = True
+    out = marked(mask)
+    mask[out] = False
+    return out
 
 
 def pfn_union(*arrays: np.ndarray) -> np.ndarray:
@@ -651,9 +680,11 @@ def pfn_union(*arrays: np.ndarray) -> np.ndarray:
     if not parts:
         return np.zeros(0, dtype=np.uint64)
     size = _bitmap_size(parts)
-    if size is None:
+    # A handful is sorted faster than a bitmap over the pfn space is read.
+    if size is None or sum(len(p) for p in parts) <= _FEW:
         return np.unique(np.concatenate(parts))
-    return _pfns_of(_bitmap(size, np.concatenate(parts)))
+    with _bitmaps(size, 1) as (mask,):
+        return _collect(mask, np.concatenate(parts))
 
 
 def pfn_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -662,7 +693,12 @@ def pfn_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     size = _bitmap_size((a, b))
     if size is None:
         return np.intersect1d(a, b)
-    return _pfns_of(_bitmap(size, a) & _bitmap(size, b))
+    with _bitmaps(size, 2) as (out, other):
+        other[b] = True
+        try:
+            return _collect(out, a[other[a]])
+        finally:
+            other[b] = False
 
 
 def pfn_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -671,7 +707,12 @@ def pfn_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     size = _bitmap_size((a, b))
     if size is None:
         return np.setdiff1d(a, b)
-    return _pfns_of(_bitmap(size, a) & ~_bitmap(size, b))
+    with _bitmaps(size, 2) as (out, other):
+        other[b] = True
+        try:
+            return _collect(out, a[~other[a]])
+        finally:
+            other[b] = False
 
 
 def iter_batches(pfns: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -266,6 +266,11 @@ class GuestKernel:
     # -- vCPUs --
 
     def vcpu_loop(self, v: int) -> None:
+        # Started with the process, before there is a kernel to run: the
+        # first unpause finds the vCPUs waiting for it.
+        with self.cond:
+            while self.paused:
+                self.cond.wait()
         rate = self.header["dirty_rate"] / max(1, self.nr_vcpus)
         pages_per_s = rate / PAGE_SIZE
         if pages_per_s > 0:
@@ -572,7 +577,22 @@ def serve(ctl: socket.socket, gk: GuestKernel, config: dict) -> None:
             threading.Thread(target=gk.xenbus_loop, daemon=True, name="xenbus")
         )
     gk.io_rate = float(config.get("io_rate", 0))
+    # They wait for the first unpause: started here, they are no part of
+    # it (a restored guest's unpause ends its downtime).
+    for t in threads:
+        t.start()
     started = False
+
+    def run(regs: list[dict], throttle: float) -> None:
+        with gk.cond:
+            gk.set_registers(regs)
+            gk.throttle = throttle
+            gk.paused = False
+            gk.cond.notify_all()
+        if gk.upcall_deferred:
+            gk.upcall_deferred = False
+            gk.handle_upcall()
+
     while True:
         try:
             msg = ipc.recv(ctl)
@@ -586,24 +606,18 @@ def serve(ctl: socket.socket, gk: GuestKernel, config: dict) -> None:
                     gk.boot(config)
                 else:
                     gk.resume(msg["regs"])
+                started = True
                 reply["ok"] = gk.registers()
+                if msg.get("run"):
+                    run(reply["ok"], msg.get("throttle", gk.throttle))
             elif cmd == "pause":
                 with gk.cond:
                     gk.paused = True
                 reply["ok"] = gk.registers()
             elif cmd == "unpause":
-                with gk.cond:
-                    gk.set_registers(msg["regs"])
-                    gk.throttle = msg.get("throttle", gk.throttle)
-                    gk.paused = False
-                    gk.cond.notify_all()
                 if not started:
-                    for t in threads:
-                        t.start()
-                    started = True
-                if gk.upcall_deferred:
-                    gk.upcall_deferred = False
-                    gk.handle_upcall()
+                    raise RuntimeError("the guest was not started")
+                run(msg["regs"], msg.get("throttle", gk.throttle))
                 reply["ok"] = True
             elif cmd == "throttle":
                 gk.throttle = float(msg["fraction"])

@@ -78,6 +78,9 @@ CONTROL_TIMEOUT = 30.0
 # a migrating domain's cache.
 _DIGEST_BLOCK = 512
 _DIGEST_CHUNK = 8
+# A restore's mapping of at least this many pages is digested as it
+# closes (SimHost._digest_written).
+_DIGEST_INLINE_MIN = 64
 _DIGEST_P2M_INTERVAL = 0.2
 DIGEST_WARM_INTERVAL = 0.1
 # The next spare guest process and spare RAM are prepared this long after
@@ -859,15 +862,23 @@ class SimHost(base.HostDriver):
         ).start()
 
     def _spawn(self, dom: _Domain, mode: str) -> None:
-        """Boot the guest, or resume it from RAM and the HVM context."""
+        """Boot the guest, or resume it from RAM and the HVM context, and
+        run it (one request: a restored guest's downtime ends here)."""
         if dom.proc is None:
             self._launch(dom)
         regs = dom.request(
-            {"cmd": "start", "mode": mode, "regs": dom.cpu_registers()},
+            {
+                "cmd": "start",
+                "mode": mode,
+                "regs": dom.cpu_registers(),
+                "run": True,
+                "throttle": dom.throttle,
+            },
             timeout=START_TIMEOUT,
         )
         dom.save_registers(regs)
         dom.booted = True
+        self._running(dom)
 
     def _stop_guest(self, dom: _Domain) -> None:
         proc, dom.proc = dom.proc, None
@@ -1184,7 +1195,6 @@ class SimHost(base.HostDriver):
                 self._add_backend(dom, be)
                 be.start()
             self._spawn(dom, "boot")
-            self._start_running(dom)
         except BaseException:
             self._teardown(dom)
             raise
@@ -1238,6 +1248,10 @@ class SimHost(base.HostDriver):
                 "throttle": dom.throttle,
             }
         )
+        self._running(dom)
+
+    @staticmethod
+    def _running(dom: _Domain) -> None:
         dom.state = DomainState.RUNNING
         dom.run_started = time.monotonic()
 
@@ -1307,7 +1321,8 @@ class SimHost(base.HostDriver):
                 self._stop_guest(dom)
                 raise
             self._replenish()
-        self._start_running(dom)
+        else:
+            self._start_running(dom)
 
     def _reconnect_backends(self, dom: _Domain) -> None:
         """Backends of a restored guest take over (import_pv_state):
@@ -1951,27 +1966,33 @@ class SimHost(base.HostDriver):
         they are in the cache: the warming thread would read them again
         later, and what it has not read when the guest is paused is
         downtime."""
-        if dom.booted or not dom.digest_started or not len(pfns):
+        if dom.booted or not dom.digest_started:
+            return
+        if len(pfns) < _DIGEST_INLINE_MIN:
+            # A few pages (the last round of a quiet guest) are left to
+            # the digest itself, which reads their blocks once for all
+            # the mappings that wrote them.
             return
         blocks = base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
         if not dom.digest_lock.acquire(blocking=False):
             return  # the warming thread is at it
         try:
             mem = dom.mem
-            first = blocks[0] * _DIGEST_BLOCK
-            last = min((blocks[-1] + 1) * _DIGEST_BLOCK, mem.max_pfn)
             with mem.lock():
                 # Read after the marks are taken: a write racing this is
                 # marked again and read again.
-                written = np.flatnonzero(mem.changed[first:last]) + first
-                mem.changed[written] = 0
-            if dom.digest_mask is not None:
-                dom.digest_mask[written] = True
+                for block in blocks:
+                    marks = mem.changed[
+                        block * _DIGEST_BLOCK : (block + 1) * _DIGEST_BLOCK
+                    ]
+                    if dom.digest_mask is not None:
+                        start = block * _DIGEST_BLOCK
+                        dom.digest_mask[start : start + len(marks)] |= (
+                            marks != 0
+                        )
+                    marks[:] = 0
             # A p2m change of these blocks is a mark taken here: the hash
             # of the populated set follows at the warming pass's pace.
-            done = set(blocks)
-            other = base.pfn_union(written // _DIGEST_BLOCK).tolist()
-            dom.digest_pending.update(b for b in other if b not in done)
             for block in blocks:
                 dom.digest_pending.discard(block)
                 self._digest_block(dom, block, dom.digest_mask)

@@ -173,6 +173,7 @@ class GuestMemory:
         #: Bumped by every change of the p2m (made by the host process
         #: only: the guest cannot write it).
         self.p2m_version = 0
+        self._populated: tuple[int, np.ndarray] | None = None
         #: RAM pages in the p2m (kept by the host process, as the p2m).
         self.nr_ram = int(np.count_nonzero(self.p2m == P2M_RAM))
 
@@ -347,7 +348,13 @@ class GuestMemory:
     # -- physmap --
 
     def populated(self) -> np.ndarray:
-        return np.flatnonzero(self.p2m == P2M_RAM).astype(np.uint64)
+        """The RAM pfns, sorted (read-only: kept until the p2m changes)."""
+        cached = self._populated
+        if cached is None or cached[0] != self.p2m_version:
+            pfns = base.marked(self.p2m == P2M_RAM)
+            pfns.flags.writeable = False
+            cached = self._populated = (self.p2m_version, pfns)
+        return cached[1]
 
     def check_ram(self, pfns: np.ndarray, call: str) -> np.ndarray:
         from nova_xen_ncm.host.base import HostError

@@ -430,7 +430,7 @@ class TestLiveMigrationControl(LiveMigrationBase):
 
     def setUp(self):
         super().setUp()
-        self.flags(group="xen_ncm_sim", dirty_rate_bytes=64 << 20)
+        self.flags(group="xen_ncm_sim", dirty_rate_bytes=512 << 20)
         self.flags(group="xen_ncm_sim", dirty_pattern="uniform")
         for name, value in {
             "precopy_policy": "downtime",

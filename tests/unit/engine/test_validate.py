@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import time
 
 import numpy as np
 import pytest
@@ -54,11 +55,23 @@ def saved():
     host = SimHost("source", _conf())
     try:
         domid = host.create_domain(CONFIG)
+        # The frontends connected: their grants and ports are in the save.
+        deadline = time.monotonic() + 30
+        while not _connected(host, domid):
+            assert time.monotonic() < deadline, "frontends never connected"
+            time.sleep(0.01)
         out = io.BytesIO()
         savefile.save(host, domid, out)
     finally:
         host.close()
     return domid, out.getvalue()
+
+
+def _connected(host, domid):
+    fronts = host.guest_state(domid).frontends
+    return len(fronts) == len(CONFIG.devices) and all(
+        f["state"] == 4 for f in fronts.values()
+    )
 
 
 def records(data):

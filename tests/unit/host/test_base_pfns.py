@@ -48,6 +48,22 @@ def test_memory_hasher_sees_every_octet() -> None:
     assert len(first) == 16
 
 
+def test_set_operations_leave_no_trace_for_the_next() -> None:
+    big = np.arange(0, 1 << 20, 3, dtype=np.uint64)
+    small = np.array([5, 9, 12], dtype=np.uint64)
+    for _ in range(2):
+        np.testing.assert_array_equal(
+            base.pfn_intersection(big, small), [9, 12]
+        )
+        np.testing.assert_array_equal(
+            base.pfn_difference(small, big), [5]
+        )
+        np.testing.assert_array_equal(
+            base.pfn_union(small, small[:1]), small
+        )
+        assert len(base.pfn_union(big)) == len(big)
+
+
 # Sparse maps go eight octets at a time, dense ones octet by octet; the
 # lengths leave a tail that is not a whole word.
 @pytest.mark.parametrize("length", [0, 7, 8, 9, 4096, 0xFF003])
