@@ -78,9 +78,6 @@ CONTROL_TIMEOUT = 30.0
 # a migrating domain's cache.
 _DIGEST_BLOCK = 512
 _DIGEST_CHUNK = 8
-# A restore's mapping of at least this many pages is digested as it
-# closes (SimHost._digest_written).
-_DIGEST_INLINE_MIN = 64
 _DIGEST_P2M_INTERVAL = 0.2
 DIGEST_WARM_INTERVAL = 0.1
 # The next spare guest process and spare RAM are prepared this long after
@@ -402,6 +399,7 @@ class SimHost(base.HostDriver):
         self._spare_ram: SpareRam | None = None
         self._replenish_stop = threading.Event()
         self._replenish_thread: threading.Thread | None = None
+        self._reaping: list[threading.Thread] = []
         if self.opts.spare_guest_process:
             self._spare = self._start_spare()
         self._spare_ram = self._new_spare_ram()
@@ -880,22 +878,55 @@ class SimHost(base.HostDriver):
         dom.booted = True
         self._running(dom)
 
-    def _stop_guest(self, dom: _Domain) -> None:
+    def _stop_guest(self, dom: _Domain, *, wait: bool = True) -> None:
+        """Stop the guest process. Without ``wait`` its exit (which
+        unmaps all of guest RAM) is awaited in the background: the
+        process runs no vCPU once it answered ``stop``."""
         proc, dom.proc = dom.proc, None
         if proc is None:
             return
         with contextlib.suppress(HostError):
             dom.request({"cmd": "stop"}, timeout=5.0)
-        try:
-            proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for sock in (dom.ctl, dom.hc):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
+        socks = (dom.ctl, dom.hc)
         dom.ctl = dom.hc = None
+
+        def reap() -> None:
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for sock in socks:
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+
+        if wait:
+            reap()
+        else:
+            self._in_background(reap)
+
+    def _in_background(self, work: Callable[[], None]) -> None:
+        """Run the slow end of a destroyed domain (its process's exit,
+        the release of its memory) in a thread of its own, as Xen frees a
+        dead domain's memory after ``destroy`` returns; close() waits for
+        it."""
+
+        def run() -> None:
+            try:
+                work()
+            except Exception:  # nothing is left to tell
+                LOG.exception(
+                    "%s: releasing a destroyed domain", self.hostname
+                )
+
+        thread = threading.Thread(
+            target=run, name=f"{self.hostname}-reap", daemon=True
+        )
+        with self._lock:
+            self._reaping = [t for t in self._reaping if t.is_alive()]
+            self._reaping.append(thread)
+        thread.start()
 
     # -- hypercalls from guests --
 
@@ -1256,7 +1287,7 @@ class SimHost(base.HostDriver):
         dom.run_started = time.monotonic()
 
     def _teardown(self, dom: _Domain) -> None:
-        self._stop_guest(dom)
+        self._stop_guest(dom, wait=False)
         with self._lock:
             parents = self._backend_parents(dom)
             backends = list(dom.backends.items())
@@ -1285,7 +1316,7 @@ class SimHost(base.HostDriver):
             if self.xenstore.is_introduced(dom.domid):
                 self.xenstore.release_domain(dom.domid)
             self._domains.pop(dom.domid, None)
-        dom.mem.close()
+        self._in_background(dom.mem.close)
         self._replenish()
 
     @_faulty
@@ -1395,7 +1426,8 @@ class SimHost(base.HostDriver):
                 f"physmap (max {dom.mem.max_pfn:#x})",
                 call=call,
             )
-        pfns = base.pfn_union(pfns)
+        if len(pfns) > 1 and not np.all(pfns[1:] > pfns[:-1]):
+            pfns = base.pfn_union(pfns)
         with dom.mem.lock():
             if np.any(dom.mem.p2m[pfns] == 2):
                 raise HostError(
@@ -1924,7 +1956,13 @@ class SimHost(base.HostDriver):
                 base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
             )
         todo = sorted(dom.digest_pending)
+        busy: set[int] = set()
         if limit is not None:
+            if not dom.booted:
+                # A restore writes these now; closing the mapping marks
+                # them again (and digests them, _digest_written).
+                busy = self._blocks_being_written(dom)
+                todo = [b for b in todo if b not in busy]
             todo = todo[:limit]
         for block in todo:
             dom.digest_pending.discard(block)
@@ -1932,7 +1970,15 @@ class SimHost(base.HostDriver):
         if not dom.digest_pending:
             # Holes found since are found by the blocks' own look-up.
             dom.digest_mask = None
-        return bool(dom.digest_pending)
+        return bool(dom.digest_pending - busy)
+
+    @staticmethod
+    def _blocks_being_written(dom: _Domain) -> set[int]:
+        maps = list(dom.writable_maps.values())
+        if not maps:
+            return set()
+        blocks = np.concatenate(maps) // _DIGEST_BLOCK
+        return set(np.unique(blocks).tolist())
 
     @staticmethod
     def _digest_block(
@@ -1966,18 +2012,11 @@ class SimHost(base.HostDriver):
         they are in the cache: the warming thread would read them again
         later, and what it has not read when the guest is paused is
         downtime."""
-        if dom.booted or not dom.digest_started:
-            return
-        if len(pfns) < _DIGEST_INLINE_MIN:
-            # A few pages (the last round of a quiet guest) are left to
-            # the digest itself, which reads their blocks once for all
-            # the mappings that wrote them.
+        if dom.booted or not dom.digest_started or not len(pfns):
             return
         blocks = base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
-        if not dom.digest_lock.acquire(blocking=False):
-            return  # the warming thread is at it
-        try:
-            mem = dom.mem
+        mem = dom.mem
+        with dom.digest_lock:
             with mem.lock():
                 # Read after the marks are taken: a write racing this is
                 # marked again and read again.
@@ -1991,13 +2030,9 @@ class SimHost(base.HostDriver):
                             marks != 0
                         )
                     marks[:] = 0
-            # A p2m change of these blocks is a mark taken here: the hash
-            # of the populated set follows at the warming pass's pace.
             for block in blocks:
                 dom.digest_pending.discard(block)
                 self._digest_block(dom, block, dom.digest_mask)
-        finally:
-            dom.digest_lock.release()
 
     def _warm(self, dom: _Domain, until: Callable[[], bool]) -> None:
         """Keep the memory digest's cache warm while the domain migrates
@@ -2014,7 +2049,10 @@ class SimHost(base.HostDriver):
                     # guest is paused does not wait for a whole pass.
                     with dom.digest_lock:
                         more = self._digest_refresh(dom, _DIGEST_CHUNK)
-                    time.sleep(0.001 if more else DIGEST_WARM_INTERVAL)
+                    # A restore's pages are digested as they are written:
+                    # this pass only picks up what else changed.
+                    pace = more and dom.booted
+                    time.sleep(0.001 if pace else DIGEST_WARM_INTERVAL)
             except (
                 HostError,
                 AttributeError,
@@ -2122,6 +2160,10 @@ class SimHost(base.HostDriver):
                 self.destroy_domain(domid)
         thread = self._replenish_thread
         if thread is not None:
+            thread.join()
+        with self._lock:
+            reaping, self._reaping = self._reaping, []
+        for thread in reaping:
             thread.join()
         self._stop_spare()
         self.dom0.stop()

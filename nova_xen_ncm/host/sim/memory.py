@@ -375,18 +375,20 @@ class GuestMemory:
             )
         return pfns
 
-    # A change of the p2m is marked as a write of its pfns (the changed
-    # map): the memory digest reads a block again when its RAM changes.
-    # The caller holds :meth:`lock`.
+    # A page that leaves RAM is marked as written (the changed map): the
+    # memory digest reads its block again. A page populated is zero until
+    # written, and zero pages are not in the blocks' digests (the hash of
+    # the populated set follows p2m_version). The caller holds
+    # :meth:`lock`.
 
     def populate(self, pfns: np.ndarray) -> None:
         pfns = np.asarray(pfns, dtype=np.uint64)
         new = pfns[self.p2m[pfns] != P2M_RAM]
         if len(new):
-            new = np.unique(new)
+            if not np.all(new[1:] > new[:-1]):
+                new = np.unique(new)
             self.p2m[new] = P2M_RAM
             self.nr_ram += len(new)
-            self.changed[new] = 1
             self.p2m_version += 1
 
     def release(self, pfn: int) -> None:
