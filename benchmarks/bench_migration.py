@@ -17,8 +17,15 @@ Not a test: run ``python benchmarks/bench_migration.py [--memory 512M]
 - ``zero``: a guest whose RAM is all zero, total time against the random
   guest of the same size;
 - ``rss``: the growth of the two hosts' resident memory during the
-  throughput run beyond the guest RAM of both (each maps its guest's
-  RAM).
+  throughput run. Both hold the guest's RAM before it starts (the
+  source its guest's, the destination the RAM it faulted in ahead,
+  ``[xen_ncm_sim] prefault_memory_mb``), so the growth is the engine's
+  own memory beyond guest RAM.
+
+The ``downtime`` policy of the workloads other than ``idle`` is told the
+switch-over time measured on the idle guest in the same run (the median
+of its ``downtime`` runs, ``[xen_ncm] switchover_estimate``) unless
+``--switchover`` gives one.
 
 The source host runs in this process, the destination in a child
 process (``nova-xen-ncm demo``'s host process), as on two machines.
@@ -212,6 +219,13 @@ def main() -> None:
     parser.add_argument("--runs", default=3, type=int)
     parser.add_argument("--downtime-target", default=0.5, type=float)
     parser.add_argument("--channels", default=1, type=int)
+    parser.add_argument(
+        "--switchover",
+        default=None,
+        type=float,
+        help="[xen_ncm] switchover_estimate of the downtime policy "
+        "(default: the idle guest's median downtime in this run)",
+    )
     args = parser.parse_args()
     results: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -245,10 +259,7 @@ def main() -> None:
     }
     # Each host maps its guest's RAM: the source's becomes resident as
     # it is read, the destination's as it is written.
-    results["rss"] = {
-        "growth": mig["rss_growth"],
-        "beyond_guest_ram": mig["rss_growth"] - 2 * args.memory,
-    }
+    results["rss"] = {"beyond_guest_ram": mig["rss_growth"]}
 
     # (c): zero RAM, same size.
     zero = migrate(
@@ -281,18 +292,20 @@ def main() -> None:
         }
     results["bandwidth"] = bandwidth
     table = {}
+    switchover = args.switchover
     for name, workload in workloads.items():
         for pol in ("downtime", "xen-simple"):
-            runs = [
-                migrate(
-                    args.workload_memory,
-                    dict(workload),
-                    {
-                        "precopy_policy": pol,
-                        "downtime_target": args.downtime_target,
-                        "channels": args.channels,
-                    },
+            settings = {
+                "precopy_policy": pol,
+                "downtime_target": args.downtime_target,
+                "channels": args.channels,
+            }
+            if pol == "downtime" and name != "idle" and switchover:
+                settings["switchover_estimate"] = min(
+                    switchover, args.downtime_target
                 )
+            runs = [
+                migrate(args.workload_memory, dict(workload), settings)
                 for _ in range(args.runs)
             ]
             downtimes = [r["downtime"] for r in runs]
@@ -312,6 +325,9 @@ def main() -> None:
                 "rounds_median": statistics.median(r["rounds"] for r in runs),
                 "min_throttle": min(r["throttle"] for r in runs),
             }
+            if name == "idle" and pol == "downtime" and switchover is None:
+                switchover = statistics.median(downtimes)
+    results["switchover_estimate"] = switchover
     results["workloads"] = {f"{n}/{p}": v for (n, p), v in table.items()}
 
     t = results["throughput"]
@@ -326,11 +342,14 @@ def main() -> None:
         f"{results['zero']['against_random']:.2f} of the random guest's"
     )
     print(
-        f"RSS growth {mig['rss_growth'] / MIB:.0f} MiB, beyond both hosts' "
-        f"guest RAM "
+        f"resident memory beyond guest RAM (both hosts) "
         f"{results['rss']['beyond_guest_ram'] / MIB:.0f} MiB"
     )
     print(f"measured bandwidth {bandwidth / MIB:.0f} MiB/s")
+    print(
+        f"downtime policy: target {args.downtime_target * 1e3:.0f} ms, "
+        f"switch-over estimate {(switchover or 0) * 1e3:.1f} ms"
+    )
     header = (
         f"{'workload':<18}{'policy':<12}{'downtime':>10}{'max':>8}"
         f"{'in target':>10}{'total s':>9}{'MiB sent':>10}{'rounds':>7}"

@@ -189,6 +189,19 @@ POLICY_OPTS = [
         "for when it decides to stop and copy.",
     ),
     cfg.FloatOpt(
+        "switchover_estimate",
+        default=0.0,
+        min=0.0,
+        max=60.0,
+        help="The part of the pause, in seconds, that does not depend on "
+        "the memory left (pausing, moving the platform and PV state, "
+        "restoring, the commit): the 'downtime' policy stops and copies "
+        "only when the rest fits downtime_target less this. 0 is QEMU's "
+        "rule (remaining data over bandwidth only). The downtime of a "
+        "migration of an idle guest between the same hosts is a good "
+        "value.",
+    ),
+    cfg.FloatOpt(
         "downtime_budget",
         default=30.0,
         min=0.1,

@@ -67,6 +67,8 @@ class PolicyParams:
     """The knobs of the policies, from [xen_ncm] options."""
 
     downtime_target: float = 0.5
+    #: The fixed part of the pause ([xen_ncm] switchover_estimate).
+    switchover_estimate: float = 0.0
     max_rounds: int = 30
     throttle_step: float = 0.2
     throttle_min: float = 0.1
@@ -78,6 +80,7 @@ class PolicyParams:
         group = conf.xen_ncm
         return cls(
             downtime_target=group.downtime_target,
+            switchover_estimate=group.switchover_estimate,
             max_rounds=group.max_rounds,
             throttle_step=group.throttle_step,
             throttle_min=group.throttle_min,
@@ -111,9 +114,15 @@ def xen_simple_factory(params: PolicyParams) -> Policy:
 # -- downtime ---------------------------------------------------------
 
 
-def fits_downtime(stats: PrecopyStats, downtime_target: float) -> bool:
-    """QEMU's switch-over rule: remaining <= bandwidth x downtime."""
-    return stats.remaining_bytes <= stats.bandwidth * downtime_target
+def fits_downtime(
+    stats: PrecopyStats, downtime_target: float, switchover: float = 0.0
+) -> bool:
+    """QEMU's switch-over rule, remaining <= bandwidth x downtime, with
+    the fixed part of the pause (``switchover``) taken off the target."""
+    budget = downtime_target - switchover
+    if budget <= 0:
+        return stats.remaining_bytes == 0
+    return stats.remaining_bytes <= stats.bandwidth * budget
 
 
 def rounds_at_pace(stats: PrecopyStats, ratio: float) -> int:
@@ -139,12 +148,19 @@ def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
     each time the dirty rate kept pace with the bandwidth for
     ``throttle_trigger_rounds`` rounds (QEMU's auto-converge trigger);
     stop anyway after ``max_rounds``."""
-    if fits_downtime(stats, params.downtime_target):
+    if fits_downtime(
+        stats, params.downtime_target, params.switchover_estimate
+    ):
         return Decision(
             Action.STOP_AND_COPY,
             reason=(
                 f"{stats.remaining_bytes} bytes fit "
                 f"{params.downtime_target}s at {stats.bandwidth:.0f} B/s"
+                + (
+                    f" after {params.switchover_estimate}s of switch-over"
+                    if params.switchover_estimate
+                    else ""
+                )
             ),
         )
     if stats.iteration >= params.max_rounds:

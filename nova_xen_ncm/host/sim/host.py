@@ -30,6 +30,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable
 from collections.abc import Collection
+from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 
@@ -76,8 +77,11 @@ CONTROL_TIMEOUT = 30.0
 # The memory digest's cache: pfns per block (512 KiB: a block a write
 # touched is cheap to read again) and seconds between two refreshes of
 # a migrating domain's cache.
-_DIGEST_BLOCK = 512
-_DIGEST_CHUNK = 8
+_DIGEST_BLOCK = 64
+_DIGEST_CHUNK = 64
+# A restore's mapping of at least this many pages is digested as it
+# closes (SimHost._digest_written).
+_DIGEST_INLINE_MIN = 64
 _DIGEST_P2M_INTERVAL = 0.2
 DIGEST_WARM_INTERVAL = 0.1
 # The next spare guest process and spare RAM are prepared this long after
@@ -343,6 +347,17 @@ class _Domain:
             if rec.typecode == hvm.CODE_CPU and rec.instance < len(regs):
                 values = dict(regs[rec.instance], tsc=guest_tsc)
                 rec.data = hvm.with_cpu_registers(rec.data, values)
+
+
+def _spans(blocks: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """[first, last) of each stretch of consecutive ``blocks`` (sorted)."""
+    i = 0
+    while i < len(blocks):
+        j = i
+        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
+            j += 1
+        yield blocks[i], blocks[j] + 1
+        i = j + 1
 
 
 def _faulty(method: Callable) -> Callable:
@@ -1910,8 +1925,8 @@ class SimHost(base.HostDriver):
         with dom.digest_lock:
             self._digest_refresh(dom)
             h = base.memory_hasher(dom.digest_populated)
-            for block in sorted(dom.digest_blocks):
-                h.update(dom.digest_blocks[block])
+            blocks = dom.digest_blocks
+            h.update(b"".join([blocks[b] for b in sorted(blocks)]))
             return h.hexdigest()
 
     def _digest_refresh(self, dom: _Domain, limit: int | None = None) -> bool:
@@ -1940,7 +1955,9 @@ class SimHost(base.HostDriver):
                 dom.digest_mask[start:end] = True
             dom.digest_blocks.clear()
             dom.digest_pending.clear()
-            pfns = np.concatenate((pfns, np.flatnonzero(dom.digest_mask)))
+            # A page populated later is zero until written (and marked).
+            held = dom.digest_mask & (mem.p2m == P2M_RAM)
+            pfns = np.concatenate((pfns, np.flatnonzero(held)))
         version = mem.p2m_version
         now = time.monotonic()
         if version != dom.digest_version and (
@@ -1964,9 +1981,8 @@ class SimHost(base.HostDriver):
                 busy = self._blocks_being_written(dom)
                 todo = [b for b in todo if b not in busy]
             todo = todo[:limit]
-        for block in todo:
-            dom.digest_pending.discard(block)
-            self._digest_block(dom, block, dom.digest_mask)
+        dom.digest_pending.difference_update(todo)
+        self._digest_blocks(dom, todo, dom.digest_mask)
         if not dom.digest_pending:
             # Holes found since are found by the blocks' own look-up.
             dom.digest_mask = None
@@ -1978,61 +1994,98 @@ class SimHost(base.HostDriver):
         if not maps:
             return set()
         blocks = np.concatenate(maps) // _DIGEST_BLOCK
-        return set(np.unique(blocks).tolist())
+        return set(base.pfn_union(blocks).tolist())
 
     @staticmethod
-    def _digest_block(
-        dom: _Domain, block: int, mask: np.ndarray | None
+    def _digest_blocks(
+        dom: _Domain, blocks: Sequence[int], mask: np.ndarray | None
     ) -> None:
+        """Digest ``blocks`` (sorted). A stretch of consecutive blocks is
+        looked at in one go (the p2m, the holes, the zero pages); only
+        the hashing goes block by block."""
+        for first, last in _spans(blocks):
+            SimHost._digest_span(dom, first, last, mask)
+
+    @staticmethod
+    def _digest_span(
+        dom: _Domain, first: int, last: int, mask: np.ndarray | None
+    ) -> None:
+        """Digest blocks ``[first, last)``."""
         mem = dom.mem
-        start = block * _DIGEST_BLOCK
-        end = min(start + _DIGEST_BLOCK, mem.max_pfn)
+        start = first * _DIGEST_BLOCK
+        end = min(last * _DIGEST_BLOCK, mem.max_pfn)
         ram = mem.p2m[start:end] == P2M_RAM
-        if not ram.any():
-            dom.digest_blocks.pop(block, None)
-            return
-        data = mem.data_mask(start, end) if mask is None else mask[start:end]
-        # Holes are not read (reading one would allocate it).
-        pfns = np.flatnonzero(data & ram)
-        pfns = pfns[base.nonzero_pages(mem.ram[start:end], pfns)]
+        rows = np.zeros(0, dtype=np.int64)
+        if ram.any():
+            data = (
+                mem.data_mask(start, end) if mask is None else mask[start:end]
+            )
+            # Holes are not read (reading one would allocate it).
+            rows = np.flatnonzero(data & ram)
+            rows = rows[base.nonzero_pages(mem.ram[start:end], rows)]
+        pfns = rows + start
+        digests = dom.digest_blocks
         if not len(pfns):
-            dom.digest_blocks.pop(block, None)
+            for block in range(first, last):
+                digests.pop(block, None)
             return
-        d = base.memory_hasher((pfns + start).astype("<u8"))
-        # Run by run, in place: no copy of the pages, no GIL held.
-        cuts = np.flatnonzero(np.diff(pfns) != 1) + 1
-        firsts = pfns[np.concatenate(([0], cuts))].tolist()
-        lasts = pfns[np.concatenate((cuts - 1, [len(pfns) - 1]))].tolist()
-        for first, last in zip(firsts, lasts, strict=True):
-            d.update(mem.ram[start + first : start + last + 1])
-        dom.digest_blocks[block] = d.digest()
+        # Where each block's pfns begin and end in ``pfns``.
+        bounds = np.searchsorted(
+            pfns, np.arange(first, last + 1) * _DIGEST_BLOCK
+        ).tolist()
+        # Runs of consecutive pfns within a block: hashed in place, no
+        # copy of the pages, no GIL held.
+        cut = (np.diff(pfns) != 1) | (
+            np.diff(pfns // _DIGEST_BLOCK) != 0
+        )
+        lo_index = np.concatenate(([0], np.flatnonzero(cut) + 1))
+        hi_index = np.concatenate((lo_index[1:], [len(pfns)]))
+        run_lo = lo_index.tolist()
+        # Each run's pfns [a, b).
+        run_a = pfns[lo_index].tolist()
+        run_b = (pfns[hi_index - 1] + 1).tolist()
+        keys = memoryview(pfns.astype("<u8")).cast("B")
+        run = 0
+        for k, block in enumerate(range(first, last)):
+            lo, hi = bounds[k], bounds[k + 1]
+            if lo == hi:
+                digests.pop(block, None)
+                continue
+            d = base.memory_hasher(keys[lo * 8 : hi * 8])
+            while run < len(run_lo) and run_lo[run] < hi:
+                d.update(mem.ram[run_a[run] : run_b[run]])
+                run += 1
+            digests[block] = d.digest()
 
     def _digest_written(self, dom: _Domain, pfns: np.ndarray) -> None:
         """Digest the blocks of ``pfns``, just written by a restore, while
         they are in the cache: the warming thread would read them again
         later, and what it has not read when the guest is paused is
         downtime."""
-        if dom.booted or not dom.digest_started or not len(pfns):
+        if dom.booted or not dom.digest_started:
+            return
+        if len(pfns) < _DIGEST_INLINE_MIN:
+            # A few pages (the last round of a quiet guest) are left to
+            # the digest itself, which reads their blocks once for all
+            # the mappings that wrote them.
             return
         blocks = base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
         mem = dom.mem
+        # A warming pass holds the lock for _DIGEST_CHUNK blocks at most.
         with dom.digest_lock:
             with mem.lock():
                 # Read after the marks are taken: a write racing this is
                 # marked again and read again.
-                for block in blocks:
-                    marks = mem.changed[
-                        block * _DIGEST_BLOCK : (block + 1) * _DIGEST_BLOCK
-                    ]
+                for first, last in _spans(blocks):
+                    start = first * _DIGEST_BLOCK
+                    marks = mem.changed[start : last * _DIGEST_BLOCK]
                     if dom.digest_mask is not None:
-                        start = block * _DIGEST_BLOCK
                         dom.digest_mask[start : start + len(marks)] |= (
                             marks != 0
                         )
                     marks[:] = 0
-            for block in blocks:
-                dom.digest_pending.discard(block)
-                self._digest_block(dom, block, dom.digest_mask)
+            dom.digest_pending.difference_update(blocks)
+            self._digest_blocks(dom, blocks, dom.digest_mask)
 
     def _warm(self, dom: _Domain, until: Callable[[], bool]) -> None:
         """Keep the memory digest's cache warm while the domain migrates
@@ -2049,10 +2102,7 @@ class SimHost(base.HostDriver):
                     # guest is paused does not wait for a whole pass.
                     with dom.digest_lock:
                         more = self._digest_refresh(dom, _DIGEST_CHUNK)
-                    # A restore's pages are digested as they are written:
-                    # this pass only picks up what else changed.
-                    pace = more and dom.booted
-                    time.sleep(0.001 if pace else DIGEST_WARM_INTERVAL)
+                    time.sleep(0.001 if more else DIGEST_WARM_INTERVAL)
             except (
                 HostError,
                 AttributeError,

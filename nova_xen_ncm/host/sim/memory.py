@@ -386,7 +386,7 @@ class GuestMemory:
         new = pfns[self.p2m[pfns] != P2M_RAM]
         if len(new):
             if not np.all(new[1:] > new[:-1]):
-                new = np.unique(new)
+                new = base.pfn_union(new)
             self.p2m[new] = P2M_RAM
             self.nr_ram += len(new)
             self.p2m_version += 1

@@ -1,6 +1,8 @@
 """Precopy policies as pure functions, on tables of statistics (the way
 nova's test_migration.py tests its migration policy)."""
 
+import dataclasses
+
 import pytest
 
 from nova_xen_ncm.engine import policy
@@ -169,6 +171,26 @@ def test_downtime(stats, expected, fraction):
         assert decision.throttle == pytest.approx(fraction)
 
 
+@pytest.mark.parametrize(
+    "switchover,dirty,expected",
+    [
+        # 100 MB/s x (0.5 - 0.1) s = 40 MB: 9765 pages fit, 9766 do not.
+        (0.1, 9765, Action.STOP_AND_COPY),
+        (0.1, 9766, Action.CONTINUE),
+        # A switch-over as long as the target leaves room for no page.
+        (0.5, 1, Action.CONTINUE),
+        (0.5, 0, Action.STOP_AND_COPY),
+        (0.7, 0, Action.STOP_AND_COPY),
+    ],
+)
+def test_downtime_leaves_the_switchover_out_of_the_target(
+    switchover, dirty, expected
+):
+    params = dataclasses.replace(PARAMS, switchover_estimate=switchover)
+    decision = policy.downtime(snap(dirty=dirty), params)
+    assert decision.action is expected
+
+
 def test_rounds_at_pace_counts_the_tail():
     rounds = [rnd(0, 100 * MB, HOT), rnd(1, 100 * MB, COLD)] + [
         rnd(i, 100 * MB, HOT) for i in range(2, 5)
@@ -247,8 +269,10 @@ def test_params_from_conf():
     conf([])
     conf.set_override("downtime_target", 0.25, group="xen_ncm")
     conf.set_override("max_rounds", 7, group="xen_ncm")
+    conf.set_override("switchover_estimate", 0.008, group="xen_ncm")
     params = PolicyParams.from_conf(conf)
     assert params.downtime_target == 0.25
+    assert params.switchover_estimate == 0.008
     assert params.max_rounds == 7
     assert params.throttle_trigger_rounds == 2
 

@@ -209,13 +209,13 @@ def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
     write(a, slice(0x100, 0x4100), 7)
     first = host.memory_digest(1)
     read = []
-    block = type(host)._digest_block
+    blocks = type(host)._digest_blocks
 
-    def spy(dom, index, mask):
-        read.append(index)
-        return block(dom, index, mask)
+    def spy(dom, indices, mask):
+        read.extend(indices)
+        return blocks(dom, indices, mask)
 
-    monkeypatch.setattr(type(host), "_digest_block", staticmethod(spy))
+    monkeypatch.setattr(type(host), "_digest_blocks", staticmethod(spy))
     write(a, 0x2345, 8)
     second = host.memory_digest(1)
     assert second != first
@@ -238,22 +238,25 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
         time.sleep(0.01)
     a.booted = False
     read = []
-    block = type(host)._digest_block
+    blocks = type(host)._digest_blocks
 
-    def spy(dom, index, mask):
-        read.append(index)
-        return block(dom, index, mask)
+    def spy(dom, indices, mask):
+        read.extend(indices)
+        return blocks(dom, indices, mask)
 
-    monkeypatch.setattr(type(host), "_digest_block", staticmethod(spy))
-    pfns = np.arange(0x1000, 0x1000 + 2 * sim_host._DIGEST_BLOCK)
+    monkeypatch.setattr(type(host), "_digest_blocks", staticmethod(spy))
+    size = max(sim_host._DIGEST_INLINE_MIN, 2 * sim_host._DIGEST_BLOCK)
+    pfns = np.arange(0x1000, 0x1000 + 4 * size)
     for batch in np.split(pfns.astype(np.uint64), 4):
         host.populate(1, batch)
         with host.map_pages(1, batch, writable=True) as m:
             for _, view in m.runs():
                 view[:] = b"\x5a" * view.nbytes
             assert read == []
-        # In the closing thread: the block the batch is in, once.
-        assert read == [int(batch[0]) // sim_host._DIGEST_BLOCK]
+        # In the closing thread: the blocks the batch is in, once each.
+        assert read == sorted(
+            {int(p) // sim_host._DIGEST_BLOCK for p in batch}
+        )
         read.clear()
     digest = host.memory_digest(1)
     assert read == []
@@ -383,7 +386,7 @@ def test_a_domain_takes_the_ram_faulted_in_ahead(conf, host) -> None:
         pfns = np.arange(0x100, 0x900, dtype=np.uint64)
         for h_, d in ((h, dom), (host, other)):
             h_.populate(1, pfns)
-            d.mem.ram[0x100:0x900:3, 5] = 0x5A
+            write(d, slice(0x100, 0x900, 3), 0x5A)
             d.booted = True
         assert h.memory_digest(1) == host.memory_digest(1)
     finally:
@@ -449,3 +452,41 @@ def test_spare_ram_without_madv_populate_writes_every_page(
         np.testing.assert_array_equal(mem.data_mask(0, 0x1000), want)
     finally:
         mem.close()
+
+
+def _reference_digest(dom) -> str:
+    """memory_digest's definition, page by page (SimHost.memory_digest)."""
+    mem = dom.mem
+    ram = np.flatnonzero(mem.p2m == 1)
+    h = base.memory_hasher(base.memory_hasher(ram.astype("<u8")).digest())
+    block = sim_host._DIGEST_BLOCK
+    parts = []
+    for b in sorted(set((ram // block).tolist())):
+        pfns = [
+            int(p)
+            for p in ram[(ram >= b * block) & (ram < (b + 1) * block)]
+            if mem.ram[p].any()
+        ]
+        if pfns:
+            d = base.memory_hasher(np.array(pfns, dtype="<u8"))
+            for p in pfns:
+                d.update(mem.ram[p])
+            parts.append(d.digest())
+    h.update(b"".join(parts))
+    return h.hexdigest()
+
+
+def test_memory_digest_matches_its_page_by_page_definition(host):
+    a = empty(host, 1, mb=16)
+    rng = np.random.default_rng(7)
+    pfns = np.unique(rng.integers(0x100, 0x1000, 600)).astype(np.uint64)
+    host.populate(1, pfns)
+    a.booted = True
+    while a.warming:
+        time.sleep(0.01)
+    # Runs, single pages, zero pages among them, several blocks apart.
+    write(a, pfns[::2], 0x11)
+    write(a, pfns[1::7], 0)
+    assert host.memory_digest(1) == _reference_digest(a)
+    write(a, pfns[5:40], 0x22)
+    assert host.memory_digest(1) == _reference_digest(a)
