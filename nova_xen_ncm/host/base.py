@@ -598,10 +598,31 @@ def nonzero_pages(
     first = words[:, 0] if rows is None else words[rows, 0]
     nonzero = first != 0
     maybe = np.flatnonzero(~nonzero)
-    if len(maybe):
-        which = maybe if rows is None else rows[maybe]
-        nonzero[maybe] = words[which].max(axis=1) != 0
+    if not len(maybe):
+        return nonzero
+    which = maybe if rows is None else rows[maybe]
+    # Read in place, a stretch of consecutive pages at a time (zero
+    # memory comes in stretches); gathering them would copy them, which
+    # for a zero guest is all of its RAM.
+    cuts = np.flatnonzero(np.diff(which) != 1) + 1
+    if len(cuts) <= len(which) // 8:
+        los = [0, *cuts.tolist()]
+        his = [*cuts.tolist(), len(which)]
+        for lo, hi in zip(los, his, strict=True):
+            page = int(which[lo])
+            nonzero[maybe[lo:hi]] = (
+                words[page : page + hi - lo].max(axis=1) != 0
+            )
+    else:
+        for lo in range(0, len(which), _GATHER):
+            part = which[lo : lo + _GATHER]
+            nonzero[maybe[lo : lo + _GATHER]] = words[part].max(axis=1) != 0
     return nonzero
+
+
+# Pages gathered at a time by nonzero_pages: small enough for the
+# allocator to reuse the buffer rather than map fresh memory for each.
+_GATHER = 16
 
 
 # Pfn sets up to this bound go through a bitmap over the pfn space

@@ -91,3 +91,22 @@ def test_nonzero_pages_reads_whole_pages_that_begin_with_zero() -> None:
     assert base.nonzero_pages(pages, rows).tolist() == [
         want[r] for r in rows
     ]
+
+
+@pytest.mark.parametrize("layout", ["stretches", "scattered"])
+def test_nonzero_pages_agrees_with_a_page_by_page_test(layout: str) -> None:
+    rng = np.random.default_rng(3)
+    pages = np.zeros((300, base.PAGE_SIZE), dtype=np.uint8)
+    if layout == "stretches":
+        pages[100:140] = 7  # data; the rest is two zero stretches
+        pages[20, base.PAGE_SIZE // 2] = 1  # zero first word, not zero
+    else:
+        # Every other page begins with a zero word: many short runs.
+        pages[::2, 8:] = rng.integers(0, 2, (150, base.PAGE_SIZE - 8))
+        pages[1::2, 0] = 9
+    want = pages.any(axis=1)
+    np.testing.assert_array_equal(base.nonzero_pages(pages), want)
+    rows = np.arange(5, 300, 3)
+    np.testing.assert_array_equal(
+        base.nonzero_pages(pages, rows), want[rows]
+    )
