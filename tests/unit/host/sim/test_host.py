@@ -199,6 +199,19 @@ def test_memory_digest_sees_content_not_how_it_is_stored(host):
     assert host.memory_digest(1) != host.memory_digest(2)
 
 
+def _digest_reads(host, monkeypatch) -> list[int]:
+    """The blocks the host's memory digest reads from now on."""
+    read: list[int] = []
+    blocks = type(host)._digest_blocks
+
+    def spy(dom, indices, mask):
+        read.extend(indices)
+        return blocks(dom, indices, mask)
+
+    monkeypatch.setattr(type(host), "_digest_blocks", staticmethod(spy))
+    return read
+
+
 def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
     a = empty(host, 1, mb=80)
     host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
@@ -208,14 +221,7 @@ def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
         time.sleep(0.01)
     write(a, slice(0x100, 0x4100), 7)
     first = host.memory_digest(1)
-    read = []
-    blocks = type(host)._digest_blocks
-
-    def spy(dom, indices, mask):
-        read.extend(indices)
-        return blocks(dom, indices, mask)
-
-    monkeypatch.setattr(type(host), "_digest_blocks", staticmethod(spy))
+    read = _digest_reads(host, monkeypatch)
     write(a, 0x2345, 8)
     second = host.memory_digest(1)
     assert second != first
@@ -237,14 +243,7 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
     while a.warming:
         time.sleep(0.01)
     a.booted = False
-    read = []
-    blocks = type(host)._digest_blocks
-
-    def spy(dom, indices, mask):
-        read.extend(indices)
-        return blocks(dom, indices, mask)
-
-    monkeypatch.setattr(type(host), "_digest_blocks", staticmethod(spy))
+    read = _digest_reads(host, monkeypatch)
     size = max(sim_host._DIGEST_INLINE_MIN, 2 * sim_host._DIGEST_BLOCK)
     pfns = np.arange(0x1000, 0x1000 + 4 * size)
     for batch in np.split(pfns.astype(np.uint64), 4):
