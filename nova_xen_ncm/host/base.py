@@ -653,7 +653,8 @@ def _bitmaps(size: int, count: int) -> Iterator[list[np.ndarray]]:
     if len(masks) < count or len(masks[0]) < size:
         length = max(size, len(masks[0]) if masks else 0)
         masks = [
-            np.zeros(length, dtype=bool) for _ in range(max(count, 3))
+            # Two: the most any set operation takes.
+            np.zeros(length, dtype=bool) for _ in range(max(count, 2))
         ]
         _scratch.masks = masks
     # Taken while in use, so that a nested call gets masks of its own;
@@ -681,7 +682,12 @@ def marked(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+# A handful is sorted faster than a bitmap over the pfn space is read.
 _FEW = 256
+
+
+def _strictly_increasing(pfns: np.ndarray) -> bool:
+    return bool(np.all(pfns[1:] > pfns[:-1]))
 
 
 def _distinct(pfns: np.ndarray) -> np.ndarray:
@@ -710,12 +716,12 @@ def pfn_union(*arrays: np.ndarray) -> np.ndarray:
     parts = _as_pfns(arrays)
     if not parts:
         return np.zeros(0, dtype=np.uint64)
+    if len(parts) == 1 and _strictly_increasing(parts[0]):
+        # Already a set (a batch of a round): checked faster than made.
+        return parts[0].copy()
     size = _bitmap_size(parts)
-    # A handful is sorted faster than a bitmap over the pfn space is read.
     if size is None:
         return np.unique(np.concatenate(parts))
-    if sum(len(p) for p in parts) <= _FEW:
-        return _distinct(np.concatenate(parts))
     with _bitmaps(size, 1) as (mask,):
         return _collect(mask, np.concatenate(parts))
 

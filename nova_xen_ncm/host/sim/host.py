@@ -74,9 +74,9 @@ MiB = 1 << 20
 DOM0 = 0
 START_TIMEOUT = 300.0
 CONTROL_TIMEOUT = 30.0
-# The memory digest's cache: pfns per block (512 KiB: a block a write
-# touched is cheap to read again) and seconds between two refreshes of
-# a migrating domain's cache.
+# The memory digest's cache: pfns per block (256 KiB: a block a write
+# touched is cheap to read again), blocks a warming pass reads at most,
+# and seconds between two refreshes of a migrating domain's cache.
 _DIGEST_BLOCK = 64
 _DIGEST_CHUNK = 64
 # A restore's mapping of at least this many pages is digested as it
@@ -792,7 +792,7 @@ class SimHost(base.HostDriver):
         self, args: dict, fds: tuple[int, ...]
     ) -> subprocess.Popen | None:
         """Hand the domain to the spare guest process, if there is one
-        alive; a new spare starts for the next domain."""
+        alive (the next one is started by _replenish)."""
         with self._lock:
             spare, self._spare = self._spare, None
         proc = None
@@ -1441,8 +1441,7 @@ class SimHost(base.HostDriver):
                 f"physmap (max {dom.mem.max_pfn:#x})",
                 call=call,
             )
-        if len(pfns) > 1 and not np.all(pfns[1:] > pfns[:-1]):
-            pfns = base.pfn_union(pfns)
+        pfns = base.pfn_union(pfns)
         with dom.mem.lock():
             if np.any(dom.mem.p2m[pfns] == 2):
                 raise HostError(
@@ -1934,12 +1933,12 @@ class SimHost(base.HostDriver):
         to ``limit`` of those pending (all if None); the caller holds the
         digest lock. Returns whether some remain pending.
 
-        A change of the p2m is noted as a write of its pfns
-        (GuestMemory.populate), so a block is read against the p2m of
-        the moment; only the hash of the populated set looks at all of
-        the p2m, which a warming pass does at most every
-        _DIGEST_P2M_INTERVAL while a restore populates batch after
-        batch (the digest itself, no limit, always does)."""
+        A page leaving RAM is noted as a write of it (GuestMemory.release,
+        map_xen_page), so a block is read against the p2m of the moment;
+        a page populated is zero until written. Only the hash of the
+        populated set looks at all of the p2m, which a warming pass does
+        at most every _DIGEST_P2M_INTERVAL while a restore populates
+        batch after batch (the digest itself, no limit, always does)."""
         mem = dom.mem
         pfns = np.concatenate(
             (mem.take_changed(), self._unlocked_writes(dom))
@@ -1948,7 +1947,7 @@ class SimHost(base.HostDriver):
             # A page written since the first look holds data now.
             dom.digest_mask[pfns] = True
         if not dom.digest_started:
-            # The first look: every block with data in it.
+            # The first look: every block with data in RAM.
             dom.digest_started = True
             dom.digest_mask = np.zeros(mem.max_pfn, dtype=bool)
             for start, end in mem.data_extents():

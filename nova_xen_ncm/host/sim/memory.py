@@ -4,7 +4,8 @@ Two memfds are shared by the host process (hypervisor and dom0) and the
 guest process (the guest's vCPUs):
 
 * ``ram``: guest physical memory, one page per pfn up to the layout's
-  highest pfn, sparse (a page costs nothing until written);
+  highest pfn, sparse (a page costs nothing until written), unless it
+  was faulted in ahead (SpareRam);
 * ``ctl``: hypervisor-owned memory the guest cannot write through its
   physmap: the p2m type of every pfn, the log-dirty map, the changed map
   (pages written since the memory digest last read them, kept whether
@@ -385,8 +386,7 @@ class GuestMemory:
         pfns = np.asarray(pfns, dtype=np.uint64)
         new = pfns[self.p2m[pfns] != P2M_RAM]
         if len(new):
-            if not np.all(new[1:] > new[:-1]):
-                new = base.pfn_union(new)
+            new = base.pfn_union(new)
             self.p2m[new] = P2M_RAM
             self.nr_ram += len(new)
             self.p2m_version += 1

@@ -110,3 +110,14 @@ def test_nonzero_pages_agrees_with_a_page_by_page_test(layout: str) -> None:
     np.testing.assert_array_equal(
         base.nonzero_pages(pages, rows), want[rows]
     )
+
+
+def test_union_of_one_set_is_a_copy_of_it() -> None:
+    pfns = np.array([3, 8, 9, 4000], dtype=np.uint64)
+    out = base.pfn_union(pfns)
+    np.testing.assert_array_equal(out, pfns)
+    assert not np.shares_memory(out, pfns)
+    # Not a set: sorted and made distinct.
+    np.testing.assert_array_equal(
+        base.pfn_union(np.array([9, 3, 9], dtype=np.uint64)), [3, 9]
+    )
