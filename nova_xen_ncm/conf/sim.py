@@ -134,6 +134,17 @@ OPTS = [
         "share once the domain that took it runs. 0: a guest's memory is "
         "faulted in as it is first written.",
     ),
+    cfg.StrOpt(
+        "disk_dir",
+        default=None,
+        help="Directory of the guests' vbd disks: one file per disk, "
+        "<instance uuid>-<devid>.disk, of the device's size. It stands "
+        "for a cloud's shared storage: every simulated host that a guest "
+        "may migrate between must see the same directory, since the "
+        "destination's backend opens the file the source's wrote (a "
+        "missing file makes the migration roll back). Unset: "
+        "nova-xen-ncm-sim-disks in the system's temporary directory.",
+    ),
     cfg.IntOpt(
         "fault_seed",
         default=None,

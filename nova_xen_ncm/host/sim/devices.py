@@ -8,8 +8,8 @@ what a migration has to carry:
   a request is (seq, id, op, payload), a response (seq, id, status,
   payload); the backend answers with the request's id and seq;
 * a ``vbd`` backend serves WRITE and READ of 32-byte sectors from a
-  :class:`BlockStore` in dom0 (shared storage: the source's and the
-  destination's backend of one disk use the same store); a ``vif``
+  :class:`BlockStore`, a file (shared storage: the source's and the
+  destination's backend of one disk open the same file); a ``vif``
   backend delivers every packet on a loopback network and answers with
   a receipt (a digest of the packet);
 * the xenbus handshake of ``io/xenbus.h`` (Initialising 1, InitWait 2,
@@ -63,7 +63,9 @@ import abc
 import contextlib
 import enum
 import hashlib
+import os
 import struct
+import tempfile
 import threading
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -220,16 +222,30 @@ def _digest(*parts: object) -> bytes:
     return hashlib.blake2b(text, digest_size=SECTOR_BYTES).digest()
 
 
+# A vbd's read checks the sector written READ_LAG writes (2 * READ_LAG
+# requests) earlier, so that a read after a pause checks data written
+# before it: a disk that is not the same one on both sides is found.
+READ_LAG = DEFAULT_SECTORS // 2
+
+
 def schedule(kind: str, devid: int, seq: int) -> tuple[int, bytes]:
     """The request the frontend sends as ``seq`` (1, 2, ...): a vif sends
-    a packet; a vbd writes a sector (odd seq) and reads it back (even)."""
+    a packet; a vbd writes a sector (odd seq) and reads (even seq) the
+    sector it wrote READ_LAG writes earlier."""
     if kind == "vif":
         return OP_PACKET, _digest("pkt", devid, seq)
     if seq % 2:
         sector = (seq - 1) // 2 % DEFAULT_SECTORS
         return OP_WRITE, SECTOR.pack(sector) + _digest("blk", devid, seq)
-    sector = (seq - 2) // 2 % DEFAULT_SECTORS
+    sector = ((seq - 2) // 2 - READ_LAG) % DEFAULT_SECTORS
     return OP_READ, SECTOR.pack(sector)
+
+
+def written_by(seq: int) -> int:
+    """The write request whose data the vbd read ``seq`` (even) reads:
+    0 for none (the sector was never written)."""
+    write = seq - 1 - 2 * READ_LAG
+    return max(write, 0)
 
 
 def receipt(packet: bytes) -> bytes:
@@ -245,7 +261,10 @@ def expected_payload(kind: str, devid: int, seq: int) -> bytes:
         return receipt(_digest("pkt", devid, seq))
     if seq % 2:
         return b""
-    return _digest("blk", devid, seq - 1)
+    write = written_by(seq)
+    if not write:
+        return bytes(SECTOR_BYTES)
+    return _digest("blk", devid, write)
 
 
 def encode_request(seq: int, id: int, op: int, payload: bytes) -> bytes:
@@ -292,6 +311,14 @@ def parse_frontend_area(path: str) -> tuple[int, str, int]:
     return int(parts[2]), parts[4], int(parts[5])
 
 
+def disk_sectors(config: DeviceConfig) -> int:
+    """The sectors of a vbd's disk: ``disk_bytes`` of it, or the default
+    disk's."""
+    if config.disk_bytes is None:
+        return DEFAULT_SECTORS
+    return config.disk_bytes // SECTOR_BYTES
+
+
 def device_key(kind: str, devid: int) -> str:
     """The name of a device in GuestState.frontends: ``vbd/51712``."""
     return f"{kind}/{devid}"
@@ -319,7 +346,7 @@ def add_device(xs: XenstoreAdmin, domid: int, config: DeviceConfig) -> None:
         fe_nodes["mac"] = config.mac.encode()
         be_nodes["mac"] = config.mac.encode()
     if config.kind == "vbd":
-        be_nodes["sectors"] = str(DEFAULT_SECTORS).encode()
+        be_nodes["sectors"] = str(disk_sectors(config)).encode()
     for key, value in config.extra.items():
         be_nodes[key] = value.encode()
     for area, nodes, perms in (
@@ -775,22 +802,72 @@ def observe_frontend(
 
 
 class BlockStore:
-    """A disk of ``sectors`` 32-byte sectors (shared storage)."""
+    """A disk of ``sectors`` 32-byte sectors in a file: shared storage
+    when every host opens the same file (:meth:`open`), private when
+    made without one (an anonymous temporary file)."""
 
-    def __init__(self, sectors: int = DEFAULT_SECTORS) -> None:
+    def __init__(
+        self, sectors: int = DEFAULT_SECTORS, *, fd: int | None = None
+    ) -> None:
+        if sectors <= 0:
+            raise ValueError(f"a disk of {sectors} sectors")
         self.sectors = sectors
-        self._data: dict[int, bytes] = {}
-        self._lock = threading.Lock()
+        self.path: str | None = None
+        if fd is None:
+            fd, name = tempfile.mkstemp(prefix="nova-xen-ncm-disk-")
+            os.unlink(name)
+            os.ftruncate(fd, sectors * SECTOR_BYTES)
+        self._fd = fd
+
+    @classmethod
+    def open(cls, path: str, size: int | None = None) -> BlockStore:
+        """The disk in file ``path``: created with ``size`` bytes if it
+        does not exist (``size`` None: it must exist, as on a host that
+        takes over a disk from another); an existing file must be of
+        ``size`` bytes when one is given."""
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        if size is not None:
+            flags |= os.O_CREAT
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise BackendError(
+                f"disk {path} cannot be opened: {exc.strerror}"
+            ) from None
+        try:
+            have = os.fstat(fd).st_size
+            if size is not None and have == 0:
+                os.ftruncate(fd, size)
+                have = size
+            if size is not None and have != size:
+                raise BackendError(
+                    f"disk {path} holds {have} bytes, the device has {size}"
+                )
+            if have < SECTOR_BYTES or have % SECTOR_BYTES:
+                raise BackendError(
+                    f"disk {path} of {have} bytes is not a whole number "
+                    f"of {SECTOR_BYTES}-byte sectors"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        store = cls(have // SECTOR_BYTES, fd=fd)
+        store.path = path
+        return store
 
     def read(self, sector: int) -> bytes:
-        with self._lock:
-            return self._data.get(sector, bytes(SECTOR_BYTES))
+        return os.pread(self._fd, SECTOR_BYTES, sector * SECTOR_BYTES).ljust(
+            SECTOR_BYTES, b"\0"
+        )
 
     def write(self, sector: int, data: bytes) -> None:
-        with self._lock:
-            self._data[sector] = bytes(data[:SECTOR_BYTES]).ljust(
-                SECTOR_BYTES, b"\0"
-            )
+        data = bytes(data[:SECTOR_BYTES]).ljust(SECTOR_BYTES, b"\0")
+        os.pwrite(self._fd, data, sector * SECTOR_BYTES)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class BackendError(Exception):
@@ -1010,10 +1087,14 @@ class Backend(abc.ABC):
             return self.export()
 
     def resume(self) -> None:
-        """Undo :meth:`quiesce` (the migration rolled back)."""
+        """Undo :meth:`quiesce` (the migration rolled back, or the guest
+        now runs here): answer what is in flight, and take up a
+        handshake a watch event found quiesced."""
         with self._lock:
             self.quiesced = False
         self.service()
+        if self.ring is None:
+            self.handle_watch()
 
     def export(self) -> BackendState:
         with self._lock:
@@ -1044,6 +1125,7 @@ class Backend(abc.ABC):
         xs: XenbusClient,
         grants: GrantMapper,
         evtchn: Dom0Evtchn,
+        quiesced: bool = False,
         **kwargs: object,
     ) -> Backend:
         """The destination's backend: take over a device from ``state``
@@ -1054,7 +1136,9 @@ class Backend(abc.ABC):
         frontend's same port, continue from the same ring indices and
         answer the in-flight requests. A device still in its handshake
         (Initialising, InitWait) or closed: take up the handshake where
-        it stood, by watching the frontend's state again."""
+        it stood, by watching the frontend's state again. ``quiesced``:
+        map and bind, but answer nothing and take no step of the
+        handshake until :meth:`resume` (the guest is not ours yet)."""
         validate_backend_state(state)
         backend_cls = BACKENDS[state.kind]
         if cls is not Backend and cls is not backend_cls:
@@ -1066,6 +1150,7 @@ class Backend(abc.ABC):
                 state, xs=xs, grants=grants, evtchn=evtchn, **kwargs
             )
             be.state = XenbusState(state.state)
+            be.quiesced = quiesced
             be.start()
             return be
         req_cons, rsp_prod_pvt = state.ring_indices[RING_NAME]
@@ -1080,6 +1165,7 @@ class Backend(abc.ABC):
             )
             be.state = XenbusState.CONNECTED
             be.inflight = [bytes(r.request) for r in state.inflight]
+            be.quiesced = quiesced
             be.complete_requests()
             be.take_requests()
         be.start()

@@ -20,11 +20,13 @@ import errno as errnos
 import functools
 import hashlib
 import json
+import os
 import queue
 import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid as uuidlib
@@ -53,6 +55,7 @@ from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import ipc
 from nova_xen_ncm.host.sim import kernel
 from nova_xen_ncm.host.sim import layout
+from nova_xen_ncm.host.sim import ring as ringmod
 from nova_xen_ncm.host.sim import xs_wire
 from nova_xen_ncm.host.sim.memory import INVALID_GFN
 from nova_xen_ncm.host.sim.memory import MAX_GRANT_FRAMES
@@ -94,10 +97,8 @@ NR_GRANT_FRAMES = 4
 EXTRA_PAGES = layout.X86_HVM_NR_SPECIAL_PAGES + 1024
 TSC_KHZ = 2994000
 DOM0_TICK = 0.01
-# Disks are shared storage: the backends of one disk on every simulated
-# host of this process use one BlockStore, keyed by (domain uuid, devid).
-_DISKS: dict[tuple[str, int], devices.BlockStore] = {}
-_DISKS_LOCK = threading.Lock()
+# Where the vbd disks are when [xen_ncm_sim] disk_dir is unset.
+DEFAULT_DISK_DIR = "nova-xen-ncm-sim-disks"
 DEFAULT_PARAMS_FLAGS = {
     hvm.HVM_PARAM_PAE_ENABLED: 1,
     hvm.HVM_PARAM_TIMER_MODE: 1,  # HVMPTM_no_delay_for_missed_ticks
@@ -252,7 +253,9 @@ class _Domain:
         self.dom0_ports: list[int] = []
         self.backends: dict[str, devices.Backend] = {}
         self.dom0_store_port = 0
-        self.pending_backends: list[base.BackendState] = []
+        # Backends an import reconnected, held quiescent until unpause.
+        self.backends_held = False
+        self.disks: list[devices.BlockStore] = []
         self.detached_ring: memoryview | None = None
         self.booted = False
         self.run_started = 0.0
@@ -484,6 +487,18 @@ class SimHost(base.HostDriver):
                     f"dom0 runs backends here)",
                     call=call,
                 )
+            if dev.kind == "vbd" and dev.disk_bytes is not None:
+                least = devices.DEFAULT_SECTORS * devices.SECTOR_BYTES
+                if (
+                    dev.disk_bytes < least
+                    or dev.disk_bytes % devices.SECTOR_BYTES
+                ):
+                    raise HostError(
+                        f"vbd {dev.devid}: disk_bytes {dev.disk_bytes} must "
+                        f"be a multiple of {devices.SECTOR_BYTES} of at "
+                        f"least {least}",
+                        call=call,
+                    )
         keys = [(d.kind, d.devid) for d in config.devices]
         if len(set(keys)) != len(keys):
             raise HostError("two devices share a kind and devid", call=call)
@@ -595,7 +610,12 @@ class SimHost(base.HostDriver):
                 xs=self.dom0_xs,
                 grants=self,
                 evtchn=self,
-                **self._backend_extra(dom, dev.kind, dev.devid),
+                **self._backend_extra(
+                    dom,
+                    dev.kind,
+                    dev.devid,
+                    devices.disk_sectors(dev) * devices.SECTOR_BYTES,
+                ),
             )
             # Started by create_domain once the host lock is released: a
             # backend calls into the host with its own lock held.
@@ -667,18 +687,34 @@ class SimHost(base.HostDriver):
             if param == hvm.HVM_PARAM_STORE_EVTCHN:
                 dom.dom0_store_port = local
 
-    def _backend_extra(self, dom: _Domain, kind: str, devid: int) -> dict:
+    def disk_path(self, uuid: str, devid: int) -> str:
+        """The file of a guest's vbd on the storage the hosts share."""
+        where = self.opts.disk_dir or os.path.join(
+            tempfile.gettempdir(), DEFAULT_DISK_DIR
+        )
+        return os.path.join(where, f"{uuid}-{devid}.disk")
+
+    def _backend_extra(
+        self, dom: _Domain, kind: str, devid: int, size: int | None = None
+    ) -> dict:
+        """A vbd backend's disk: made afresh with ``size`` bytes for a
+        guest that boots (its simulated OS starts from an empty disk),
+        the existing file for one restored (``size`` None)."""
         if kind != "vbd":
             return {}
-        with _DISKS_LOCK:
-            store = _DISKS.setdefault((dom.uuid, devid), devices.BlockStore())
+        path = self.disk_path(dom.uuid, devid)
+        if size is not None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        store = devices.BlockStore.open(path, size)
+        dom.disks.append(store)
         return {"store": store}
 
     def _backend_states(self, dom: _Domain) -> tuple[base.BackendState, ...]:
-        """The connections of the guest's backends, live or about to
-        reconnect, in (kind, devid) order."""
+        """The connections of the guest's backends, in (kind, devid)
+        order."""
         states = [be.export() for be in list(dom.backends.values())]
-        states += dom.pending_backends
         return tuple(sorted(states, key=lambda b: (b.kind, b.devid)))
 
     def _add_backend(self, dom: _Domain, be: devices.Backend) -> None:
@@ -1283,7 +1319,7 @@ class SimHost(base.HostDriver):
         }
         return parents | {
             b.backend_path.rsplit("/", 1)[0]
-            for b in [*dom.backends.values(), *dom.pending_backends]
+            for b in dom.backends.values()
         }
 
     def _start_running(self, dom: _Domain) -> None:
@@ -1312,6 +1348,8 @@ class SimHost(base.HostDriver):
         for _, be in backends:
             with contextlib.suppress(Exception):
                 be.close()
+        for disk in dom.disks:
+            disk.close()
         # libxl removes the device areas of a destroyed domain.
         for parent in parents:
             with contextlib.suppress(XenstoreError):
@@ -1356,7 +1394,7 @@ class SimHost(base.HostDriver):
         dom = self._domain(domid, "unpause")
         if dom.state == DomainState.RUNNING:
             return
-        self._reconnect_backends(dom)
+        self._release_backends(dom)
         if dom.detached_ring is not None:
             page, dom.detached_ring = dom.detached_ring, None
             self.xenstore.attach_ring(domid, page, self._store_notify(dom))
@@ -1370,28 +1408,52 @@ class SimHost(base.HostDriver):
         else:
             self._start_running(dom)
 
-    def _reconnect_backends(self, dom: _Domain) -> None:
+    def _reconnect_backends(
+        self, dom: _Domain, states: Sequence[base.BackendState]
+    ) -> None:
         """Backends of a restored guest take over (import_pv_state):
-        same grant references, same ports, same indices, in-flight
-        requests answered. Called without the host lock, which a backend
-        takes with its own lock held."""
-        while dom.pending_backends:
-            bs = dom.pending_backends[0]
+        same grant references, same ports, same indices; held quiescent
+        (no storage write, no response) until the guest is unpaused.
+        Called without the host lock, which a backend takes with its own
+        lock held."""
+        dom.backends_held = True
+        dom.backends_quiesced = True
+        for bs in states:
             try:
                 be = devices.Backend.reconnect(
                     bs,
                     xs=self.dom0_xs,
                     grants=self,
                     evtchn=self,
+                    quiesced=True,
                     **self._backend_extra(dom, bs.kind, bs.devid),
                 )
-            except (devices.BackendError, HostError) as exc:
+            except (
+                devices.BackendError,
+                ringmod.RingError,
+                HostError,
+                OSError,
+            ) as exc:
                 raise HostError(
                     f"backend {bs.kind}/{bs.devid} cannot reconnect: {exc}",
-                    call="unpause",
+                    call="import_pv_state",
                 ) from None
             self._add_backend(dom, be)
-            dom.pending_backends.pop(0)
+
+    def _release_backends(self, dom: _Domain) -> None:
+        """The guest runs here now (COMMIT): the reconnected backends
+        answer the requests in flight and take new ones."""
+        if not dom.backends_held:
+            return
+        dom.backends_held = False
+        dom.backends_quiesced = False
+        for be in list(dom.backends.values()):
+            try:
+                be.resume()
+            except (devices.BackendError, OSError) as exc:
+                raise HostError(
+                    f"backend {be.key} cannot resume: {exc}", call="unpause"
+                ) from None
 
     def shutdown(self, domid: int, reboot: bool = False) -> None:
         if reboot:
@@ -1871,11 +1933,12 @@ class SimHost(base.HostDriver):
                         dom.vcpu_info_at[vi.vcpu] = (vi.gfn, vi.offset)
             self._import_ports(dom, state.event_channels.ports)
             self._bind_dom0_services(dom)
-            # The backends take over when the guest is unpaused: answering
-            # what was in flight writes guest memory and raises ports, and
-            # until the commit the guest must look exactly as it did when
-            # the source paused it.
-            dom.pending_backends = list(state.backends)
+        # The backends map their rings and bind their ports now, so that
+        # one that cannot makes the migration roll back; answering what
+        # was in flight writes guest memory and raises ports, and until
+        # the commit the guest must look exactly as the source paused
+        # it, so they wait for the unpause.
+        self._reconnect_backends(dom, state.backends)
 
     def _import_ports(
         self, dom: _Domain, ports: Sequence[base.EventChannel]
@@ -2155,19 +2218,7 @@ class SimHost(base.HostDriver):
                     xs.store_port,
                     xs.store_gfn,
                 )
-            state[Item.PV_DEVICES] = tuple(
-                (
-                    b.kind,
-                    b.devid,
-                    b.backend_domid,
-                    b.frontend_path,
-                    b.backend_path,
-                    b.state,
-                    b.ring_refs,
-                    b.event_channels,
-                )
-                for b in exports
-            )
+            state[Item.PV_DEVICES] = exports
             if items is not None:
                 state = {k: v for k, v in state.items() if k in items}
         if items is None or Item.MEMORY in items:

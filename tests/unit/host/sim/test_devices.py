@@ -457,17 +457,45 @@ def test_migration_is_invisible_to_the_frontend(kind):
 
 def test_reconnect_without_shared_disk_is_caught_by_the_frontend():
     rig = Rig("vbd")
-    rig.run_io(2)
-    rig.frontend.issue(1)  # seq 11 writes a sector on the source's disk
-    rig.pump()
-    rig.backend.service()
-    rig.pump()
-    # seq 12 reads it back, in flight at pause; the destination's backend
-    # has a disk of its own, empty.
+    # Enough I/O that the reads after the migration check sectors
+    # written before it (devices.READ_LAG).
+    rig.run_io(14)
+    assert counters(rig.frontend)["bad_payload"] == 0
+    # The destination's backend has a disk of its own, empty.
     migrate(rig, store=BlockStore())
     rig.pump()
     rig.run_io(2)
     assert counters(rig.frontend)["bad_payload"] > 0
+
+
+def test_reads_check_data_written_long_before():
+    seq = 2 * devices.READ_LAG + 10
+    op, payload = devices.schedule("vbd", 1, seq)
+    write = devices.written_by(seq)
+    wop, wpayload = devices.schedule("vbd", 1, write)
+    assert (op, wop) == (devices.OP_READ, devices.OP_WRITE)
+    # The read is of the sector that write wrote, and expects its data.
+    assert payload == wpayload[: devices.SECTOR.size]
+    assert devices.expected_payload("vbd", 1, seq) == wpayload[8:]
+    # Early reads are of sectors never written: zeros.
+    assert devices.expected_payload("vbd", 1, 2) == bytes(
+        devices.SECTOR_BYTES
+    )
+
+
+def test_block_store_file_is_shared_and_sized(tmp_path):
+    path = str(tmp_path / "disk")
+    a = devices.BlockStore.open(path, 4096)
+    b = devices.BlockStore.open(path)
+    a.write(3, b"x" * 40)
+    assert b.read(3) == b"x" * devices.SECTOR_BYTES
+    assert b.sectors == 4096 // devices.SECTOR_BYTES
+    with pytest.raises(devices.BackendError, match="holds 4096 bytes"):
+        devices.BlockStore.open(path, 8192)
+    with pytest.raises(devices.BackendError, match="cannot be opened"):
+        devices.BlockStore.open(str(tmp_path / "missing"))
+    a.close()
+    b.close()
 
 
 def test_quiesce_then_resume_completes_in_flight():
