@@ -367,6 +367,12 @@ class GuestState:
     frontends: Mapping[str, Mapping[str, object]] = dataclasses.field(
         default_factory=dict
     )
+    # What the guest's kernel recorded in its RAM (host-specific; empty
+    # where unknown): "ports", events received per port; "vcpus", per
+    # vCPU a mapping with "progress" (work done) and "system_time" (its
+    # vcpu_time_info, ns; 0 where not kept); "dirty_rate", bytes per
+    # second its vCPUs write (0: idle vCPUs make no progress).
+    kernel: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 
 class PageMapping(AbstractContextManager):
@@ -567,6 +573,16 @@ class HostDriver(abc.ABC):
     ) -> GuestState:
         """The guest-visible state for the transparency checker; only
         ``items`` of it if given (memory is costly to digest)."""
+
+    def raise_guest_events(self, domid: int) -> tuple[int, ...]:
+        """Raise an event on each bound port of the guest from its other
+        end (the peer of an interdomain channel, the VIRQ, the IPI), as
+        the transparency checker's probe that every port still delivers;
+        returns the ports raised."""
+        raise NotSupported(
+            "this host cannot raise the guest's events",
+            call="raise_guest_events",
+        )
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the driver holds (not the guests)."""

@@ -96,13 +96,16 @@ from collections.abc import Iterable
 from collections.abc import Mapping
 
 import numpy as np
+import xxhash
 
 from nova_xen_ncm.host.base import PAGE_SIZE
 from nova_xen_ncm.host.base import BackendState
 from nova_xen_ncm.host.base import EventChannel
 from nova_xen_ncm.host.base import EventChannelState
+from nova_xen_ncm.host.base import EvtchnType
 from nova_xen_ncm.host.base import GrantTableState
 from nova_xen_ncm.host.base import GuestState
+from nova_xen_ncm.host.base import HostDriver
 from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.base import SharedInfoState
 from nova_xen_ncm.host.base import VcpuInfoPlacement
@@ -239,6 +242,48 @@ def _listed(values: Iterable[object]) -> str:
     if len(values) > MAX_LISTED:
         text += f" and {len(values) - MAX_LISTED} more"
     return text
+
+
+# -- the oracle's own reading of the guest ----------------------------------
+
+# Pages mapped at a time to digest them.
+READ_BATCH = 4096
+
+
+def read_memory(host: HostDriver, domid: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``MEMORY`` value of the guest as the checker reads it itself:
+    a digest of every populated page, read now from the guest's RAM
+    mapped read-only. Nothing of the host's own digest, its log-dirty
+    bookkeeping or the migration's send path is used, so a write that
+    escapes them all is still seen. XXH3-128 per page: it finds a page
+    copied wrong, and reads a gigabyte in a fraction of a second."""
+    pfns = np.sort(np.asarray(host.populated_pfns(domid), dtype=np.uint64))
+    digests = np.empty((len(pfns), 16), dtype=np.uint8)
+    digest = xxhash.xxh3_128_digest
+    for start in range(0, len(pfns), READ_BATCH):
+        part = pfns[start : start + READ_BATCH]
+        out = []
+        with host.map_pages(domid, part, writable=False) as mapping:
+            for _, run in mapping.runs():
+                out += [
+                    digest(run[off : off + PAGE_SIZE])
+                    for off in range(0, len(run), PAGE_SIZE)
+                ]
+        digests[start : start + len(part)] = np.frombuffer(
+            b"".join(out), dtype=np.uint8
+        ).reshape(len(part), 16)
+    return pfns, digests
+
+
+def snapshot(host: HostDriver, domid: int) -> GuestState:
+    """The guest's state for :func:`check`: the host's report of every
+    item but memory, and memory as :func:`read_memory` reads it."""
+    items = [i for i in Item if i is not Item.MEMORY]
+    state = host.guest_state(domid, items)
+    return dataclasses.replace(
+        state,
+        items={**state.items, Item.MEMORY: read_memory(host, domid)},
+    )
 
 
 # -- memory -----------------------------------------------------------------
@@ -958,3 +1003,203 @@ _CHECKS = {
     Item.SHARED_INFO: _shared_info,
     Item.HVM_PARAMS: _hvm_params,
 }
+
+
+# -- after resume -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AfterResume:
+    """What the guest found when it ran on the destination, read from its
+    own RAM: the frontends' records and the kernel's counters."""
+
+    requests_completed: int
+    lost: int
+    duplicated: int
+    reordered: int
+    bad_payloads: int
+    # Requests in flight at pause that were never answered, "key:seq".
+    unanswered: tuple[str, ...]
+    # Reads after resume that checked data written before the pause.
+    vbd_reads_checked: int
+    ports_silent: tuple[int, ...]
+    vcpus_stalled: tuple[int, ...]
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "passed": self.passed,
+            "requests_completed": self.requests_completed,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "reordered": self.reordered,
+            "bad_payloads": self.bad_payloads,
+            "unanswered": list(self.unanswered),
+            "vbd_reads_checked": self.vbd_reads_checked,
+            "ports_silent": list(self.ports_silent),
+            "vcpus_stalled": list(self.vcpus_stalled),
+            "reason": _reason(list(self.problems)),
+        }
+
+
+def after_resume(
+    paused: GuestState,
+    resumed: GuestState,
+    later: GuestState,
+    raised: Iterable[int] = (),
+) -> AfterResume:
+    """Judge the guest's run on the destination: ``paused`` is the source
+    at pause, ``resumed`` the destination before the guest ran,
+    ``later`` the destination after it ran for a while and ``raised``
+    (the ports :meth:`HostDriver.raise_guest_events` raised) were raised.
+
+    Every request in flight at pause is answered exactly once; no
+    response is lost, duplicated, out of order or wrong; I/O completed
+    after resume with sequence numbers continuing; a vbd read after
+    resume checked data written before the pause; every bound port
+    unmasked at pause received an event; every vCPU made progress and
+    its time did not go back."""
+    problems: list[str] = []
+    totals = dict.fromkeys(
+        ("completed", "lost", "duplicated", "reordered", "bad_payload"), 0
+    )
+    unanswered: list[str] = []
+    checked = 0
+    for key, fa in sorted(paused.frontends.items()):
+        fb = later.frontends.get(key)
+        if fb is None:
+            problems.append(f"{key}: frontend not found after resume")
+            continue
+        for name in totals:
+            grew = int(fb.get(name, 0)) - int(fa.get(name, 0))
+            totals[name] += grew
+            if name != "completed" and grew:
+                problems.append(
+                    f"{key}: {grew} {name.replace('_', ' ')} responses "
+                    f"after resume"
+                )
+        if int(fb.get("completed", 0)) <= int(fa.get("completed", 0)):
+            problems.append(f"{key}: no request completed after resume")
+        for name in ("next_seq", "last_rsp_seq", "sent"):
+            if int(fb.get(name, 0)) < int(fa.get(name, 0)):
+                problems.append(
+                    f"{key}: {name} went back from {fa.get(name)} to "
+                    f"{fb.get(name)}"
+                )
+        still = set(fb.get("outstanding", ()))
+        lost = sorted(s for s in fa.get("outstanding", ()) if s in still)
+        unanswered += [f"{key}:{s}" for s in lost]
+        if lost:
+            problems.append(
+                f"{key}: requests in flight at pause never answered: seq "
+                + _listed(lost)
+            )
+        if "verified_write" in fa:
+            n = _reads_checked(fa, fb)
+            checked += n
+            if not n:
+                problems.append(
+                    f"{key}: no read after resume checked data written "
+                    f"before the pause"
+                )
+    problems += _rings_after(paused, later)
+    silent = _silent_ports(paused, resumed, later, set(raised))
+    if silent:
+        problems.append(
+            f"bound ports with no event after resume: {_listed(silent)}"
+        )
+    stalled = _vcpus(resumed, later, problems)
+    return AfterResume(
+        requests_completed=totals["completed"],
+        lost=totals["lost"],
+        duplicated=totals["duplicated"],
+        reordered=totals["reordered"],
+        bad_payloads=totals["bad_payload"],
+        unanswered=tuple(unanswered),
+        vbd_reads_checked=checked,
+        ports_silent=tuple(silent),
+        vcpus_stalled=tuple(stalled),
+        problems=tuple(problems),
+    )
+
+
+def _reads_checked(fa: Mapping[str, object], fb: Mapping[str, object]) -> int:
+    """Writes issued before the pause whose data a read after it found
+    (``verified_write``: the latest write a read found intact; reads
+    find writes in order, and each is a write request, odd seq)."""
+    before = int(fa.get("verified_write", 0))
+    issued = int(fa.get("next_seq", 0))  # requests up to this one
+    after = min(int(fb.get("verified_write", 0)), issued - 1)
+    return max(0, (after - before + 1) // 2)
+
+
+def _rings_after(paused: GuestState, later: GuestState) -> list[str]:
+    """The backends' ring rules from pause to the later state."""
+    ba = _backends(paused.items.get(Item.PV_DEVICES))
+    bb = _backends(later.items.get(Item.PV_DEVICES))
+    if ba is None or bb is None:
+        return []
+    problems = []
+    for path, a in sorted(ba.items()):
+        b = bb.get(path)
+        if b is None:
+            problems.append(f"device {path} has no backend after resume")
+            continue
+        for ring in sorted(set(a.ring_indices) & set(b.ring_indices)):
+            problems += _ring(_device_key(a), ring, a, b)
+    return problems
+
+
+def _silent_ports(
+    paused: GuestState,
+    resumed: GuestState,
+    later: GuestState,
+    raised: set[int],
+) -> list[int]:
+    view = _evtchn_view(paused.items.get(Item.EVENT_CHANNELS))
+    if view is None:
+        return []
+    counts_before = resumed.kernel.get("ports", {})
+    counts_after = later.kernel.get("ports", {})
+    silent = []
+    for p in view[1]:
+        if p.type in (EvtchnType.CLOSED, EvtchnType.UNBOUND) or p.masked:
+            continue
+        if p.port not in counts_before:
+            continue  # the guest does not count it
+        if raised and p.port not in raised:
+            silent.append(p.port)
+        elif counts_after.get(p.port, 0) <= counts_before[p.port]:
+            silent.append(p.port)
+    return silent
+
+
+def _vcpus(
+    resumed: GuestState, later: GuestState, problems: list[str]
+) -> list[int]:
+    before = resumed.kernel.get("vcpus", ())
+    after = later.kernel.get("vcpus", ())
+    if len(before) != len(after):
+        problems.append(
+            f"{len(before)} vCPUs at resume, {len(after)} after running"
+        )
+        return []
+    stalled = []
+    working = int(resumed.kernel.get("dirty_rate", 0)) > 0
+    for v, (a, b) in enumerate(zip(before, after, strict=True)):
+        if working and b["progress"] <= a["progress"]:
+            stalled.append(v)
+        if b["system_time"] < a["system_time"]:
+            problems.append(
+                f"vcpu {v}'s system time went back from "
+                f"{a['system_time']} to {b['system_time']}"
+            )
+    if stalled:
+        problems.append(
+            f"vCPUs {_listed(stalled)} made no progress after resume"
+        )
+    return stalled

@@ -401,6 +401,8 @@ FRONTEND_FIELDS = (
     ("bad_payload", "Q"),
     ("backend_path", "96s"),
     ("area_path", "64s"),
+    # vbd: the latest write request whose data a read found intact.
+    ("verified_write", "Q"),
 )
 _FE_OFFSETS: dict[str, tuple[int, struct.Struct]] = {}
 _off = 0
@@ -641,6 +643,8 @@ class Frontend:
         """What GuestState.frontends holds for this device (checker.py)."""
         out: dict[str, object] = {name: self._get(name) for name in COUNTERS}
         out["states"] = self.history()
+        if self.kind == "vbd":
+            out["verified_write"] = self._get("verified_write")
         out["outstanding"] = self.outstanding()
         out["state"] = self.state
         out["port"] = self.port
@@ -780,6 +784,10 @@ class Frontend:
             self.kind, self.devid, seq
         ):
             self._add("bad_payload", 1)
+        elif self.kind == "vbd" and not seq % 2:
+            write = written_by(seq)
+            if write > self._get("verified_write"):
+                self._set("verified_write", write)
         self._set_slot(id, 0, SLOT_FREE)
         self._add("completed", 1)
         if seq > self._get("last_rsp_seq"):

@@ -24,6 +24,7 @@ import os
 import queue
 import random
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,8 @@ TSC_KHZ = 2994000
 DOM0_TICK = 0.01
 # Where the vbd disks are when [xen_ncm_sim] disk_dir is unset.
 DEFAULT_DISK_DIR = "nova-xen-ncm-sim-disks"
+# vcpu_time_info.system_time in a vcpu_info (xen.h, x86_64).
+_SYSTEM_TIME = 32 + 16
 DEFAULT_PARAMS_FLAGS = {
     hvm.HVM_PARAM_PAE_ENABLED: 1,
     hvm.HVM_PARAM_TIMER_MODE: 1,  # HVMPTM_no_delay_for_missed_ticks
@@ -2224,7 +2227,69 @@ class SimHost(base.HostDriver):
         if items is None or Item.MEMORY in items:
             # Outside the host lock: hashing all RAM takes a while.
             state = {Item.MEMORY: self.memory_digest(domid), **state}
-        return base.GuestState(items=state, frontends=self._frontends(dom))
+        return base.GuestState(
+            items=state,
+            frontends=self._frontends(dom),
+            kernel=self._kernel_record(dom),
+        )
+
+    def _kernel_record(self, dom: _Domain) -> dict[str, object]:
+        """What the guest's kernel counted in its RAM (kernel.py): events
+        per port, and per vCPU its progress and its time info."""
+        with dom.mem.lock():
+            page = bytes(dom.mem.ram[kernel.HEADER_PFN])
+            hdr = kernel.read_header(page)
+            if hdr["magic"] != kernel.MAGIC:
+                return {}
+            counts = dom.mem.ram[kernel.COUNTERS_PFN].view(np.uint32)
+            ports = {
+                int(p): int(counts[p])
+                for p in dom.ports
+                if p < kernel.NR_COUNTED_PORTS
+            }
+            vcpus = []
+            for v in range(min(hdr["nr_vcpus"], dom.vcpus)):
+                placed = dom.vcpu_info_at.get(v)
+                if placed is None:
+                    area = dom.mem.xen_pages[XENPAGE_SHARED_INFO]
+                    off = v * evtchn.VCPU_INFO_SIZE
+                else:
+                    area, off = dom.mem.ram[placed[0]], placed[1]
+                at = off + _SYSTEM_TIME
+                (system_time,) = struct.unpack("<Q", bytes(area[at : at + 8]))
+                vcpus.append(
+                    {
+                        "progress": kernel.read_vcpu(page, v)["counter"],
+                        "system_time": system_time,
+                    }
+                )
+        return {
+            "ports": ports,
+            "vcpus": tuple(vcpus),
+            "dirty_rate": hdr["dirty_rate"],
+        }
+
+    def raise_guest_events(self, domid: int) -> tuple[int, ...]:
+        dom = self._domain(domid, "raise_guest_events")
+        raised = []
+        with self._lock:
+            for port, ch in sorted(dom.ports.items()):
+                if ch.type == EvtchnType.INTERDOMAIN:
+                    # The peer notifies, as a backend or daemon does.
+                    peer = self._lookup(ch.remote_domid)
+                    self.evtchn.send(peer, ch.remote_port)
+                elif ch.type in (
+                    EvtchnType.VIRQ,
+                    EvtchnType.IPI,
+                    EvtchnType.PIRQ,
+                ):
+                    # Xen raising the VIRQ or interrupt, another vCPU
+                    # its IPI.
+                    self.evtchn.set_pending(dom, port)
+                else:
+                    continue
+                raised.append(port)
+        return tuple(raised)
 
     def _frontends(self, dom: _Domain) -> dict[str, dict[str, object]]:
         """What each PV frontend observed, read from guest RAM."""

@@ -1,0 +1,290 @@
+"""The transparency oracle on real migrations between simulated hosts.
+
+The checker reads each side itself (:func:`checker.snapshot`: memory
+digested from RAM, not from the host's digest or log-dirty), and after
+the guest ran on the destination it reads the guest's verdicts from its
+RAM (:func:`checker.after_resume`). Each mutation test injects one fault
+into the destination of a real migration with a hook that lives here,
+and the migration rolls back or the report fails that item by name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host import checker
+from nova_xen_ncm.host.base import EvtchnType
+from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.sim import evtchn
+from nova_xen_ncm.host.sim import grant
+from nova_xen_ncm.host.sim import hvm
+
+from .conftest import DEVICES
+from .conftest import guest_config
+
+# How long the guest runs on the destination before it is judged, and
+# how long the events raised then take to be handled.
+RUN_SECONDS = 1.0
+DELIVERY_SECONDS = 0.3
+LATER_ITEMS = (Item.EVENT_CHANNELS, Item.PV_DEVICES)
+
+
+@pytest.fixture
+def disks(conf, tmp_path):
+    conf.set_override("disk_dir", str(tmp_path / "disks"), "xen_ncm_sim")
+    return tmp_path / "disks"
+
+
+class Checked:
+    """A migration of a guest with PV devices, snapshotted by the
+    checker at the source's pause and at the destination's resume;
+    ``fault(destination, domid)`` runs on the destination as it enters
+    COMMIT (restored, backends reconnected, not running), before its
+    snapshot."""
+
+    def __init__(self, source, destination, migration, fault=None):
+        self.source = source
+        self.destination = destination
+        self.domid = source.create_domain(
+            guest_config(devices=DEVICES, io_rate=400)
+        )
+        # The guest's I/O has gone on long enough that reads after the
+        # migration check data written before it.
+        time.sleep(0.5)
+        self.seen = {}
+
+        def at_source_restore(event):
+            self.seen["paused"] = checker.snapshot(source, self.domid)
+
+        def at_destination_commit(event):
+            if fault is not None:
+                fault(destination, self.domid)
+            self.seen["resumed"] = checker.snapshot(destination, self.domid)
+
+        self.migration = migration(
+            source,
+            self.domid,
+            destination,
+            source_hooks={("state", "restore"): at_source_restore},
+            destination_hooks={("state", "commit"): at_destination_commit},
+        )
+        self.phase = self.migration.run()
+
+    def report(self):
+        return checker.check(self.seen["paused"], self.seen["resumed"])
+
+    def after(self):
+        time.sleep(RUN_SECONDS)
+        raised = self.destination.raise_guest_events(self.domid)
+        time.sleep(DELIVERY_SECONDS)
+        later = self.destination.guest_state(self.domid, LATER_ITEMS)
+        return checker.after_resume(
+            self.seen["paused"], self.seen["resumed"], later, raised
+        )
+
+
+def test_migration_passes_every_item_and_after_resume(
+    disks, source, destination, migration
+):
+    run = Checked(source, destination, migration)
+    assert run.phase is Phase.DONE, run.migration.sender.error
+    report = run.report()
+    assert report.passed, str(report)
+    verdict = run.after()
+    assert verdict.passed, verdict.problems
+    assert verdict.requests_completed > 0
+    assert verdict.vbd_reads_checked > 0
+    assert verdict.lost == verdict.duplicated == verdict.bad_payloads == 0
+    assert verdict.ports_silent == ()
+    # The vbd is on the shared storage, and the destination uses it.
+    uuid = destination.domain_info(run.domid).uuid
+    assert os.listdir(disks) == [f"{uuid}-51712.disk"]
+    paused = run.seen["paused"].items[Item.PV_DEVICES]
+    # The backends' real states: ring indices and what was in flight.
+    assert all(b.ring_indices for b in paused)
+
+
+def _dom(host, domid):
+    return host._domains[domid]
+
+
+def _some_data_page(host, domid):
+    pfns, digests = checker.read_memory(host, domid)
+    zero = np.frombuffer(
+        checker.xxhash.xxh3_128_digest(bytes(base.PAGE_SIZE)), np.uint8
+    )
+    return int(pfns[np.flatnonzero((digests != zero).any(axis=1))[-1]])
+
+
+def raw_write(host, domid):
+    """A page changed behind every bookkeeping: no mark, no map."""
+    pfn = _some_data_page(host, domid)
+    _dom(host, domid).mem.ram[pfn][100] ^= 0xFF
+
+
+def mask_port(host, domid):
+    dom = _dom(host, domid)
+    port = next(
+        p for p, ch in dom.ports.items() if ch.type == EvtchnType.INTERDOMAIN
+    )
+    with dom.mem.lock():
+        dom.bits.test_and_set(evtchn.SHINFO_MASK, port)
+
+
+def change_grant(host, domid):
+    dom = _dom(host, domid)
+    entry = dom.grants.frames[0][
+        grant.GRANT_ENTRY_V1.size * 9 : grant.GRANT_ENTRY_V1.size * 10
+    ]
+    entry[4] ^= 0x01
+
+
+def move_vcpu_info(host, domid):
+    dom = _dom(host, domid)
+    gfn, off = dom.vcpu_info_at[0]
+    dom.vcpu_info_at[0] = (gfn, off + 512)
+
+
+def change_param(host, domid):
+    host.set_hvm_params(domid, {hvm.HVM_PARAM_TIMER_MODE: 3})
+
+
+def widen_permission(host, domid):
+    path = f"/local/domain/{domid}/device/vif/0/state"
+    host._toolstack_xs.set_perms(path, (("b", domid),))
+
+
+MUTATIONS = [
+    (raw_write, {Item.MEMORY}),
+    # The mask bit is in the shared info page.
+    (mask_port, {Item.EVENT_CHANNELS, Item.SHARED_INFO}),
+    (change_grant, {Item.GRANT_TABLE}),
+    (move_vcpu_info, {Item.SHARED_INFO}),
+    (change_param, {Item.HVM_PARAMS}),
+    (widen_permission, {Item.XENSTORE}),
+]
+
+
+@pytest.mark.parametrize(
+    ("fault", "items"), MUTATIONS, ids=[f.__name__ for f, _ in MUTATIONS]
+)
+def test_a_destination_fault_fails_its_item(
+    disks, source, destination, migration, fault, items
+):
+    run = Checked(source, destination, migration, fault)
+    assert run.phase is Phase.DONE, run.migration.sender.error
+    failures = run.report().failures()
+    assert set(failures) == items, failures
+
+
+def test_a_port_left_masked_is_silent_after_resume(
+    disks, source, destination, migration
+):
+    masked = {}
+
+    def fault(host, domid):
+        dom = _dom(host, domid)
+        port = dom.params[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+        with dom.mem.lock():
+            dom.bits.test_and_set(evtchn.SHINFO_MASK, port)
+        masked["port"] = port
+
+    run = Checked(source, destination, migration, fault)
+    assert run.phase is Phase.DONE
+    verdict = run.after()
+    assert verdict.ports_silent == (masked["port"],)
+    assert not verdict.passed
+
+
+def _patch_backends(host, domid, change):
+    """Wrap each reconnected backend's put_responses with ``change``
+    (of the list of answers), once."""
+    for be in list(_dom(host, domid).backends.values()):
+        original = be.put_responses
+        done = []
+
+        def put(answers, original=original, done=done):
+            if not done and len(answers) >= 2:
+                done.append(True)
+                answers = change(answers)
+            original(answers)
+
+        be.put_responses = put
+
+
+def test_a_duplicated_response_is_found_after_resume(
+    disks, source, destination, migration
+):
+    def fault(host, domid):
+        _patch_backends(host, domid, lambda a: [a[0], a[0], *a[2:]])
+
+    run = Checked(source, destination, migration, fault)
+    assert run.phase is Phase.DONE
+    verdict = run.after()
+    assert verdict.duplicated > 0
+    assert "duplicated responses after resume" in " ".join(verdict.problems)
+
+
+def test_a_lost_response_is_found_after_resume(
+    disks, source, destination, migration
+):
+    def fault(host, domid):
+        _patch_backends(host, domid, lambda a: a[1:])
+
+    run = Checked(source, destination, migration, fault)
+    assert run.phase is Phase.DONE
+    verdict = run.after()
+    assert verdict.lost > 0 or verdict.unanswered
+    assert not verdict.passed
+
+
+def test_a_disk_not_shared_gives_bad_payloads(
+    disks, source, destination, migration
+):
+    def fault(host, domid):
+        # The destination's disk is another one: empty.
+        for disk in _dom(host, domid).disks:
+            size = os.fstat(disk._fd).st_size
+            os.ftruncate(disk._fd, 0)
+            os.ftruncate(disk._fd, size)
+
+    run = Checked(source, destination, migration, fault)
+    assert run.phase is Phase.DONE
+    verdict = run.after()
+    assert verdict.bad_payloads > 0
+    assert not verdict.passed
+
+
+def test_a_backend_that_cannot_map_its_ring_rolls_back(
+    disks, source, destination, migration
+):
+    def refuse(domid, ref, readonly=False, mapper=0):
+        raise grant.GrantError(
+            "GNTTABOP_map_grant_ref", grant.GNTST_bad_page, "injected"
+        )
+
+    destination.grant_map = refuse
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert "cannot reconnect" in str(m.sender.error)
+    # One copy, running where it was; nothing left on the destination.
+    assert source.domain_info(domid).state == base.DomainState.RUNNING
+    assert destination.list_domains() == []
+
+
+def test_a_missing_disk_rolls_back(disks, source, destination, migration):
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    uuid = source.domain_info(domid).uuid
+    os.unlink(disks / f"{uuid}-51712.disk")
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert "cannot be opened" in str(m.sender.error)
+    assert source.domain_info(domid).state == base.DomainState.RUNNING
+    assert destination.list_domains() == []
