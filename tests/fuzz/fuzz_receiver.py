@@ -60,6 +60,9 @@ CONFIG = base.DomainConfig(
     name="fuzz",
     memory_bytes=2 * MiB,
     vcpus=2,
+    # The restored guest is the same instance: its vbd's disk, on the
+    # storage the hosts share, is found by it.
+    uuid="5d1d8f4c-2f4e-4a8e-9d6b-6c1a2b3c4d5e",
     devices=(
         base.DeviceConfig("vif", 0, mac="00:16:3e:00:00:01"),
         base.DeviceConfig("vbd", 51712, disk_bytes=MiB),
@@ -179,6 +182,7 @@ class Target:
                 name="restoring",
                 memory_bytes=CONFIG.memory_bytes,
                 vcpus=CONFIG.vcpus,
+                uuid=CONFIG.uuid,
                 pv_drivers=True,
             ),
             self.domid,

@@ -33,6 +33,8 @@ CONFIG = base.DomainConfig(
     name="guest",
     memory_bytes=8 * MiB,
     vcpus=2,
+    # The same instance on both hosts: its vbd's disk is found by uuid.
+    uuid="0b9c6f0e-7d1a-4c3e-9a51-2f0e8d7c6b5a",
     devices=(
         base.DeviceConfig("vif", 0, mac="00:16:3e:00:00:01"),
         base.DeviceConfig("vbd", 51712, disk_bytes=1 * MiB),
