@@ -21,8 +21,10 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -58,12 +60,19 @@ GUEST_DEVICES = (
     base.DeviceConfig("vif", 1, mac="00:16:3e:5e:00:02"),
     base.DeviceConfig("vbd", 51712, disk_bytes=1 * MiB),
 )
+# How long the guest runs on the destination before its own verdicts
+# are read, and how long the events the checker then raises take.
+AFTER_RESUME_SECONDS = 1.0
+DELIVERY_SECONDS = 0.3
+AFTER_RESUME_ITEMS = (base.Item.EVENT_CHANNELS, base.Item.PV_DEVICES)
 IO_NOTE = (
-    "the checker compares the state at pause with the state at resume; "
-    "it does not follow the guest's PV I/O after resume, because each "
-    "simulated host keeps its vbd's disk in its own process (the hosts "
-    "share no storage)"
+    "the checker digests the guest's memory itself at the source's pause "
+    "and at the destination's resume; after resume the guest ran "
+    f"{AFTER_RESUME_SECONDS:g} s on the destination, one event was raised "
+    "on each of its bound ports, and the after-resume verdicts were read "
+    "from its own RAM"
 )
+STAYS_PAUSED = "the guest stays paused on the destination: it did not run"
 PAUSED_NOTE = (
     "the guest was paused after it booted and migrated paused: it "
     "neither runs nor writes during the migration and stays paused on "
@@ -221,8 +230,10 @@ class _Snapshot:
 
     def emit(self, event: ProgressEvent) -> None:
         if event.kind is EventKind.STATE and event.phase == self.phase:
+            from nova_xen_ncm.host import checker
+
             start = time.monotonic()
-            self.state = self.host.guest_state(self.domid)
+            self.state = checker.snapshot(self.host, self.domid)
             self.seconds = time.monotonic() - start
 
 
@@ -356,6 +367,22 @@ class _Agent:
             ],
         }
 
+    def after_resume(self, domid: int) -> dict:
+        """Let the guest run, raise an event on each of its bound ports,
+        and take what its RAM then records (checker.after_resume)."""
+        time.sleep(AFTER_RESUME_SECONDS)
+        raised = self.host.raise_guest_events(domid)
+        time.sleep(DELIVERY_SECONDS)
+        return {
+            "state": self.host.guest_state(domid, AFTER_RESUME_ITEMS),
+            "raised": raised,
+        }
+
+    def disks(self) -> list[str]:
+        """The vbd disk files on the storage the hosts share."""
+        where = self.conf.xen_ncm_sim.disk_dir
+        return sorted(os.listdir(where)) if where else []
+
     def save(self, domid: int, path: str, xen_compatible: bool) -> dict:
         from nova_xen_ncm.engine import savefile
 
@@ -368,7 +395,9 @@ class _Agent:
             self.host.pause(domid)
         if info.pv_drivers:
             self.host.quiesce_backends(domid)
-        state = self.host.guest_state(domid)
+        from nova_xen_ncm.host import checker
+
+        state = checker.snapshot(self.host, domid)
         start = time.monotonic()
         savefile.save_to_path(
             self.host, domid, path, xen_compatible=xen_compatible
@@ -383,15 +412,27 @@ class _Agent:
         start = time.monotonic()
         domid = savefile.restore_from_path(self.host, path, unpause=False)
         seconds = time.monotonic() - start
+        from nova_xen_ncm.host import checker
+
         # Restored, not running yet: what the guest will resume with.
-        state = self.host.guest_state(domid)
+        state = checker.snapshot(self.host, domid)
         if unpause:
             self.host.unpause(domid)
         return {"seconds": seconds, "state": state, "domid": domid}
 
 
 AGENT_COMMANDS = frozenset(
-    {"create", "pause", "listen", "send", "wait_incoming", "save", "restore"}
+    {
+        "create",
+        "pause",
+        "listen",
+        "send",
+        "wait_incoming",
+        "after_resume",
+        "disks",
+        "save",
+        "restore",
+    }
 )
 
 
@@ -505,12 +546,21 @@ class DemoReport:
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # checker.AfterResume.to_dict(); "passed" None when the guest did
+    # not run on the destination (it stays paused there).
+    after_resume: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {
+            "passed": False,
+            "reason": "the guest was not judged after resume",
+        }
+    )
 
     @property
     def transparent(self) -> bool:
-        return bool(self.checks) and all(
+        items = bool(self.checks) and all(
             c["passed"] for c in self.checks.values()
         )
+        return items and self.after_resume.get("passed") is not False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -518,6 +568,7 @@ class DemoReport:
             "completed": self.completed,
             "transparent": self.transparent,
             "checks": self.checks,
+            "after_resume": self.after_resume,
             "downtime_ms": self.downtime_ms,
             "total_ms": self.total_ms,
             "bytes_sent": self.bytes_sent,
@@ -544,6 +595,7 @@ class DemoReport:
             verdict = "passed" if result["passed"] else "FAILED"
             reason = f": {result['reason']}" if result["reason"] else ""
             lines.append(f"  {item:<15} {verdict}{reason}")
+        lines += _after_resume_lines(self.after_resume)
         lines.append(f"  => {'transparent' if self.transparent else 'NOT'}")
         downtime = _ms(self.downtime_ms)
         snapshots = self.extra.get("checker_snapshot_ms")
@@ -571,6 +623,24 @@ class DemoReport:
             lines.append(f"{key + ':':<13} {value}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _after_resume_lines(verdict: Mapping[str, Any]) -> list[str]:
+    passed = verdict.get("passed")
+    head = {True: "passed", False: "FAILED", None: "not run"}[passed]
+    lines = [f"  {'after resume':<15} {head}"]
+    if "requests_completed" in verdict:
+        lines.append(
+            f"    {verdict['requests_completed']} requests completed, "
+            f"{verdict['lost']} lost, {verdict['duplicated']} duplicated, "
+            f"{verdict['bad_payloads']} bad payloads, "
+            f"{verdict['vbd_reads_checked']} vbd reads of data written "
+            f"before the pause, silent ports: "
+            f"{', '.join(map(str, verdict['ports_silent'])) or 'none'}"
+        )
+    if verdict.get("reason"):
+        lines.append(f"    {verdict['reason']}")
+    return lines
 
 
 def _ms(value: float | None) -> str:
@@ -727,6 +797,10 @@ def run(args: argparse.Namespace) -> int:
         notes.append(PAUSED_NOTE)
     policy = args.policy or CONF.xen_ncm.precopy_policy
     overrides = _overrides(args, policy, CONF)
+    # The vbd's disk, on storage both hosts open (as a cloud's shared
+    # storage), for this run only.
+    disk_dir = tempfile.mkdtemp(prefix="nova-xen-ncm-demo-disks-")
+    overrides["xen_ncm_sim"]["disk_dir"] = disk_dir
     settings = {
         "guest": f"{args.memory // MiB} MiB, 2 vCPUs, "
         + (
@@ -739,6 +813,7 @@ def run(args: argparse.Namespace) -> int:
         + (", paused" if args.paused else ""),
         "transport": f"{overrides['xen_ncm'].get('channels', 1)} channel(s)"
         + (", lz4" if args.compress else ""),
+        "storage": f"vbd disks shared by both hosts under {disk_dir}",
     }
     out = sys.stderr if args.json else sys.stdout
     hosts: list[HostProcess] = []
@@ -763,10 +838,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for host in hosts:
             host.close()
+        shutil.rmtree(disk_dir, ignore_errors=True)
     report.policy = policy
     report.settings = settings
     report.notes = notes
-    if not args.xen_compatible:
+    if not args.xen_compatible and not args.paused:
         report.notes.append(IO_NOTE)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
@@ -887,6 +963,14 @@ def _migrate(
         if completed
         else not_checked("the migration did not complete")
     )
+    if not completed:
+        verdict = {"passed": False, "reason": "the migration did not complete"}
+    elif args.paused:
+        verdict = {"passed": None, "reason": STAYS_PAUSED}
+    else:
+        verdict = judge_after_resume(
+            destination, domid, sent["state"], received["state"]
+        )
     downtime = stats["actual_downtime"]
     report = DemoReport(
         mode="migrate",
@@ -899,8 +983,11 @@ def _migrate(
         rounds=len(stats["rounds"]),
         phase=sent["phase"],
         error=sent["error"] or received["error"],
+        after_resume=verdict,
         extra={
             "stats": stats,
+            "instance_uuid": config.uuid,
+            "vbd_disks": destination.call("disks"),
             # The checker's snapshots are taken while the guest is
             # paused, so the measured downtime includes them.
             "checker_snapshot_ms": (
@@ -912,6 +999,24 @@ def _migrate(
         },
     )
     return report
+
+
+def judge_after_resume(
+    destination: HostProcess,
+    domid: int,
+    paused: base.GuestState | None,
+    resumed: base.GuestState | None,
+) -> dict[str, Any]:
+    """Run the guest on the destination for a while and judge it from
+    its own RAM (checker.after_resume)."""
+    from nova_xen_ncm.host import checker
+
+    if paused is None or resumed is None:
+        return {"passed": False, "reason": "no state captured at pause"}
+    later = destination.call("after_resume", domid)
+    return checker.after_resume(
+        paused, resumed, later["state"], later["raised"]
+    ).to_dict()
 
 
 def _save_and_restore(
@@ -926,6 +1031,17 @@ def _save_and_restore(
     restored = destination.call("restore", args.save, not args.paused)
     items = needed_items(not args.xen_compatible)
     size = os.path.getsize(args.save)
+    if args.paused:
+        verdict = {"passed": None, "reason": STAYS_PAUSED}
+    elif args.xen_compatible:
+        verdict = {
+            "passed": None,
+            "reason": "a guest without PV drivers has no I/O to judge",
+        }
+    else:
+        verdict = judge_after_resume(
+            destination, domid, saved["state"], restored["state"]
+        )
     return DemoReport(
         mode="save",
         completed=restored["domid"] == domid,
@@ -936,6 +1052,7 @@ def _save_and_restore(
         bytes_sent=size,
         rounds=1,
         phase="done",
+        after_resume=verdict,
         extra={
             "save_file": os.path.abspath(args.save),
             "xen_compatible": args.xen_compatible,

@@ -34,6 +34,14 @@ def test_demo_json_migrates_transparently():
     report = json.loads(result.stdout)
     assert report["completed"] is True
     assert report["transparent"] is True
+    after = report["after_resume"]
+    assert after["passed"] is True, after
+    assert after["requests_completed"] > 0
+    assert after["lost"] == after["duplicated"] == after["bad_payloads"] == 0
+    assert after["ports_silent"] == []
+    assert after["vbd_reads_checked"] > 0
+    # The vbd was on the storage both hosts share.
+    assert report["vbd_disks"] == [f"{report['instance_uuid']}-51712.disk"]
     assert set(report["checks"]) == ITEMS
     for item, verdict in report["checks"].items():
         assert verdict == {"passed": True, "reason": ""}, item
@@ -157,9 +165,13 @@ def test_loopback_bandwidth_is_measured():
     assert demo.measure_loopback_bandwidth(0.05) > 0
 
 
-def report(checks, completed=True):
+def report(checks, completed=True, after_resume=None):
     return demo.DemoReport(
-        mode="migrate", completed=completed, checks=checks, policy="x"
+        mode="migrate",
+        completed=completed,
+        checks=checks,
+        policy="x",
+        after_resume=after_resume or {"passed": True},
     )
 
 
@@ -177,6 +189,18 @@ def test_exit_status_zero_only_when_complete_and_every_item_passed():
     assert demo.exit_status(report(PASSED, completed=False)) == 1
     # No verdict at all is no proof of transparency.
     assert demo.exit_status(report({})) == 1
+    # Nine items passed are not enough: the guest must also have found
+    # nothing wrong when it ran on the destination.
+    after = {"passed": False, "reason": "vbd/51712: 3 lost responses"}
+    bad = report(PASSED, after_resume=after)
+    assert not bad.transparent and demo.exit_status(bad) == 1
+    assert bad.as_dict()["after_resume"] == after
+    assert "after resume    FAILED" in bad.as_text()
+    # Never judged is no proof either.
+    unjudged = demo.DemoReport(
+        mode="migrate", completed=True, checks=PASSED, policy="x"
+    )
+    assert not unjudged.transparent
 
 
 def test_incomplete_migration_fails_every_item():
