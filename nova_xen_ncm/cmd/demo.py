@@ -6,11 +6,15 @@ a guest with two vifs, a vbd and a memory workload, the destination
 listens on loopback, and the guest migrates live while a progress bar
 runs. The transparency checker then compares the guest-visible state the
 source had at pause with the destination's at resume, item by item
-(ARCHITECTURE.md section 2). With ``--save`` the guest is saved to a file
+(ARCHITECTURE.md section 2), reading the guest's memory itself, and
+judges the guest from its own RAM after it ran on the destination
+(``after_resume``). The vbd's disk is in a directory both host processes
+open, as on shared storage. With ``--save`` the guest is saved to a file
 instead and restored on the second host, and the same items are checked.
 
 The exit status is 0 only when the migration (or save and restore)
-completed and every item passed.
+completed, every item passed and the after-resume verdict passed (or, for
+a guest that stays paused, could not be taken).
 """
 
 from __future__ import annotations

@@ -8,6 +8,13 @@ the continuation of I/O. Each item of :class:`~.base.Item` passes or
 fails with a reason that names what differs. It knows nothing of any
 particular host: only the types of ``host/base.py``.
 
+It shares nothing with what it checks: :func:`snapshot` takes the
+``MEMORY`` item by reading every populated page itself
+(:func:`read_memory`), not from the host's digest or log-dirty
+bookkeeping. :func:`after_resume` judges the guest after it ran on the
+destination from what it recorded in its own RAM
+(:attr:`GuestState.frontends` and :attr:`GuestState.kernel`).
+
 What :attr:`GuestState.items` should hold, per item (a host that cannot
 give the detailed form may give any other value: it is then compared for
 equality, and a difference is reported without detail):
