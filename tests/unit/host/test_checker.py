@@ -483,3 +483,180 @@ def test_vcpu_info_page_is_exempt_only_when_an_event_arrived():
         guest_state(**{Item.MEMORY: mem, Item.EVENT_CHANNELS: notified}),
     )
     assert report.passed, str(report)
+
+
+# -- after resume ------------------------------------------------------------
+
+
+def kernel(ports=None, progress=(100, 200), time=(5_000, 6_000), rate=1):
+    return {
+        "ports": dict(ports or {1: 10, 3: 4, 4: 0, 6: 30}),
+        "vcpus": tuple(
+            {"progress": p, "system_time": t}
+            for p, t in zip(progress, time, strict=True)
+        ),
+        "dirty_rate": rate,
+    }
+
+
+def judged(later_frontend=None, later_kernel=None, raised=(1, 3, 4, 6), **kw):
+    """after_resume of the reference guest: paused as guest_state(),
+    resumed identical, later as given (by default: all well)."""
+    paused = dataclasses.replace(
+        guest_state(frontends={"vbd/51712": frontend(verified_write=5)}),
+        kernel=kernel(),
+    )
+    resumed = dataclasses.replace(paused)
+    good_later = frontend(
+        next_seq=41,
+        last_rsp_seq=40,
+        sent=40,
+        completed=40,
+        outstanding=(),
+        verified_write=9,
+    )
+    good_later.update(later_frontend or {})
+    later = dataclasses.replace(
+        resumed_state(
+            **{
+                Item.PV_DEVICES: (
+                    backend(ring_indices={"ring": (40, 40)}, inflight=()),
+                )
+            }
+        ),
+        frontends={"vbd/51712": good_later},
+        kernel=later_kernel
+        or kernel(
+            ports={1: 11, 3: 5, 4: 1, 6: 40},
+            progress=(150, 250),
+            time=(9_000, 9_500),
+        ),
+    )
+    return checker.after_resume(paused, resumed, later, raised, **kw)
+
+
+def test_after_resume_passes_a_guest_that_noticed_nothing():
+    verdict = judged()
+    assert verdict.passed, verdict.problems
+    assert verdict.requests_completed == 28
+    # Writes 7 and 9, issued before the pause (next_seq 17), read back.
+    assert verdict.vbd_reads_checked == 2
+    assert verdict.to_dict()["passed"] is True
+    assert verdict.to_dict()["ports_silent"] == []
+
+
+@pytest.mark.parametrize(
+    ("later", "field", "words"),
+    [
+        ({"duplicated": 1}, "duplicated", "1 duplicated responses"),
+        ({"lost": 2}, "lost", "2 lost responses"),
+        ({"bad_payload": 1}, "bad_payloads", "1 bad payload"),
+        ({"reordered": 1}, "reordered", "1 reordered"),
+    ],
+)
+def test_after_resume_counts_damage(later, field, words):
+    verdict = judged(later)
+    assert not verdict.passed
+    assert getattr(verdict, field) > 0
+    assert words in verdict.to_dict()["reason"]
+
+
+def test_after_resume_finds_a_request_never_answered():
+    verdict = judged({"outstanding": (14,)})
+    assert verdict.unanswered == ("vbd/51712:14",)
+    assert "never answered: seq 14" in verdict.to_dict()["reason"]
+
+
+def test_after_resume_needs_io_and_continuing_sequences():
+    verdict = judged({"completed": 12, "next_seq": 3, "verified_write": 5})
+    reason = verdict.to_dict()["reason"]
+    assert "no request completed after resume" in reason
+    assert "next_seq went back from 17 to 3" in reason
+    assert "no read after resume checked data written before" in reason
+
+
+def test_after_resume_finds_a_silent_port():
+    quiet = kernel(ports={1: 11, 3: 4, 4: 1, 6: 40}, progress=(150, 250))
+    verdict = judged(later_kernel=quiet)
+    assert verdict.ports_silent == (3,)
+    # A port the probe could not raise is silent too.
+    verdict = judged(raised=(1, 4, 6))
+    assert verdict.ports_silent == (3,)
+
+
+def test_after_resume_finds_stalled_vcpus_and_time_going_back():
+    stuck = kernel(
+        ports={1: 11, 3: 5, 4: 1, 6: 40},
+        progress=(100, 250),
+        time=(4_000, 9_500),
+    )
+    verdict = judged(later_kernel=stuck)
+    assert verdict.vcpus_stalled == (0,)
+    reason = verdict.to_dict()["reason"]
+    assert "vCPUs 0 made no progress" in reason
+    assert "vcpu 0's system time went back from 5000 to 4000" in reason
+
+
+def test_after_resume_applies_the_ring_rules_to_the_later_state():
+    paused = guest_state()
+    later = dataclasses.replace(
+        guest_state(),
+        # Two requests in flight at pause, none answered, none in flight.
+        items={
+            **guest_state().items,
+            Item.PV_DEVICES: (
+                backend(ring_indices={"ring": (14, 12)}, inflight=()),
+            ),
+        },
+    )
+    verdict = checker.after_resume(paused, paused, later)
+    assert "2 of the 2 requests in flight at pause lost" in " ".join(
+        verdict.problems
+    )
+
+
+class _Mapping:
+    def __init__(self, ram, pfns):
+        self._runs = [(i, memoryview(ram[int(p)])) for i, p in enumerate(pfns)]
+
+    def runs(self):
+        return self._runs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+class _Ram:
+    """What read_memory asks of a host: populated pfns, read-only maps."""
+
+    def __init__(self):
+        self.ram = {p: bytearray([p]) * 4096 for p in (3, 1, 2)}
+        self.maps = []
+
+    def populated_pfns(self, domid):
+        return np.array(list(self.ram), dtype=np.uint64)
+
+    def map_pages(self, domid, pfns, writable=False):
+        self.maps.append(writable)
+        return _Mapping(self.ram, pfns)
+
+
+def test_read_memory_digests_every_page_as_it_is_now():
+    host = _Ram()
+    pfns, digests = checker.read_memory(host, DOMID)
+    assert pfns.tolist() == [1, 2, 3]
+    assert host.maps == [False]
+    before = checker.check(
+        guest_state(**{Item.MEMORY: (pfns, digests)}),
+        guest_state(**{Item.MEMORY: checker.read_memory(host, DOMID)}),
+    )
+    assert before.passed
+    host.ram[2][7] ^= 1  # no bookkeeping of any kind
+    report = checker.check(
+        guest_state(**{Item.MEMORY: (pfns, digests)}),
+        guest_state(**{Item.MEMORY: checker.read_memory(host, DOMID)}),
+    )
+    assert "1 pages differ: pfn 0x2" in failed(report, Item.MEMORY)
