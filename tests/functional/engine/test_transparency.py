@@ -10,6 +10,7 @@ and the migration rolls back or the report fails that item by name.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -108,6 +109,9 @@ def test_migration_passes_every_item_and_after_resume(
     paused = run.seen["paused"].items[Item.PV_DEVICES]
     # The backends' real states: ring indices and what was in flight.
     assert all(b.ring_indices for b in paused)
+    # Reconnected before the commit but quiescent: nothing answered,
+    # nothing taken, until the guest ran here.
+    assert run.seen["resumed"].items[Item.PV_DEVICES] == paused
 
 
 def _dom(host, domid):
@@ -155,6 +159,25 @@ def change_param(host, domid):
     host.set_hvm_params(domid, {hvm.HVM_PARAM_TIMER_MODE: 3})
 
 
+def drop_watch(host, domid):
+    conn = host.xenstore.domain_connection(domid)
+    assert conn.watches
+    del conn.watches[0]
+
+
+def change_tsc(host, domid):
+    info = host.get_tsc_info(domid)
+    host.set_tsc_info(domid, dataclasses.replace(info, khz=info.khz + 1))
+
+
+def rebind_backend(host, domid):
+    """A backend bound to another ring than the one the guest granted."""
+    be = next(
+        b for b in _dom(host, domid).backends.values() if b.kind == "vif"
+    )
+    be.ring_ref += 1
+
+
 def widen_permission(host, domid):
     path = f"/local/domain/{domid}/device/vif/0/state"
     host._toolstack_xs.set_perms(path, (("b", domid),))
@@ -168,6 +191,9 @@ MUTATIONS = [
     (move_vcpu_info, {Item.SHARED_INFO}),
     (change_param, {Item.HVM_PARAMS}),
     (widen_permission, {Item.XENSTORE}),
+    (drop_watch, {Item.XENSTORE}),
+    (change_tsc, {Item.PLATFORM}),
+    (rebind_backend, {Item.PV_DEVICES}),
 ]
 
 
