@@ -562,8 +562,11 @@ class HostDriver(abc.ABC):
     @abc.abstractmethod
     def import_pv_state(self, domid: int, state: PvState) -> None:
         """Rebuild the PV state in a restoring domain and reconnect its
-        backends (state 4, same rings and ports, in-flight completed).
-        Validates first: nothing is applied if any of it is refused."""
+        backends (state 4, same rings mapped, same ports bound), which
+        fails here if a backend cannot. The backends stay quiescent (no
+        storage write, no response) until :meth:`unpause`, which has
+        them complete the requests in flight. Validates first: nothing
+        is applied if any of it is refused."""
 
     # -- observation --
 
