@@ -65,10 +65,8 @@ GUEST_DEVICES = (
     base.DeviceConfig("vbd", 51712, disk_bytes=1 * MiB),
 )
 # How long the guest runs on the destination before its own verdicts
-# are read, and how long the events the checker then raises take.
+# are read.
 AFTER_RESUME_SECONDS = 1.0
-DELIVERY_SECONDS = 0.3
-AFTER_RESUME_ITEMS = (base.Item.EVENT_CHANNELS, base.Item.PV_DEVICES)
 IO_NOTE = (
     "the checker digests the guest's memory itself at the source's pause "
     "and at the destination's resume; after resume the guest ran "
@@ -374,13 +372,12 @@ class _Agent:
     def after_resume(self, domid: int) -> dict:
         """Let the guest run, raise an event on each of its bound ports,
         and take what its RAM then records (checker.after_resume)."""
-        time.sleep(AFTER_RESUME_SECONDS)
-        raised = self.host.raise_guest_events(domid)
-        time.sleep(DELIVERY_SECONDS)
-        return {
-            "state": self.host.guest_state(domid, AFTER_RESUME_ITEMS),
-            "raised": raised,
-        }
+        from nova_xen_ncm.host import checker
+
+        later, raised = checker.run_after_resume(
+            self.host, domid, AFTER_RESUME_SECONDS
+        )
+        return {"state": later, "raised": raised}
 
     def disks(self) -> list[str]:
         """The vbd disk files on the storage the hosts share."""

@@ -98,6 +98,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
+import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -1051,6 +1052,38 @@ class AfterResume:
             "vcpus_stalled": list(self.vcpus_stalled),
             "reason": _reason(list(self.problems)),
         }
+
+
+# What after_resume reads of the destination's state.
+AFTER_RESUME_ITEMS = (Item.EVENT_CHANNELS, Item.PV_DEVICES)
+
+
+def run_after_resume(
+    host: HostDriver,
+    domid: int,
+    seconds: float = 1.0,
+    delivery_timeout: float = 3.0,
+) -> tuple[GuestState, tuple[int, ...]]:
+    """Let the guest run on ``host`` for ``seconds``, raise one event on
+    each of its bound ports (:meth:`HostDriver.raise_guest_events`) and
+    wait until the guest counted each of them, at most
+    ``delivery_timeout``: the ``later`` state and ``raised`` ports of
+    :func:`after_resume`."""
+    time.sleep(seconds)
+    before = host.guest_state(domid, ()).kernel.get("ports", {})
+    raised = host.raise_guest_events(domid)
+    deadline = time.monotonic() + delivery_timeout
+    while True:
+        later = host.guest_state(domid, AFTER_RESUME_ITEMS)
+        counts = later.kernel.get("ports", {})
+        waiting = [
+            p
+            for p in raised
+            if p in before and counts.get(p, 0) <= before[p]
+        ]
+        if not waiting or time.monotonic() > deadline:
+            return later, raised
+        time.sleep(0.02)
 
 
 def after_resume(

@@ -29,11 +29,8 @@ from nova_xen_ncm.host.sim import hvm
 from .conftest import DEVICES
 from .conftest import guest_config
 
-# How long the guest runs on the destination before it is judged, and
-# how long the events raised then take to be handled.
+# How long the guest runs on the destination before it is judged.
 RUN_SECONDS = 1.0
-DELIVERY_SECONDS = 0.3
-LATER_ITEMS = (Item.EVENT_CHANNELS, Item.PV_DEVICES)
 
 
 @pytest.fixture
@@ -81,10 +78,9 @@ class Checked:
         return checker.check(self.seen["paused"], self.seen["resumed"])
 
     def after(self):
-        time.sleep(RUN_SECONDS)
-        raised = self.destination.raise_guest_events(self.domid)
-        time.sleep(DELIVERY_SECONDS)
-        later = self.destination.guest_state(self.domid, LATER_ITEMS)
+        later, raised = checker.run_after_resume(
+            self.destination, self.domid, RUN_SECONDS
+        )
         return checker.after_resume(
             self.seen["paused"], self.seen["resumed"], later, raised
         )
