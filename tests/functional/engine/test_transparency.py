@@ -128,6 +128,12 @@ def raw_write(host, domid):
     _dom(host, domid).mem.ram[pfn][100] ^= 0xFF
 
 
+def unwritten_page(host, domid):
+    """A page that never arrived: zero, as the destination made it."""
+    pfn = _some_data_page(host, domid)
+    _dom(host, domid).mem.ram[pfn][:] = 0
+
+
 def mask_port(host, domid):
     dom = _dom(host, domid)
     port = next(
@@ -181,6 +187,7 @@ def widen_permission(host, domid):
 
 MUTATIONS = [
     (raw_write, {Item.MEMORY}),
+    (unwritten_page, {Item.MEMORY}),
     # The mask bit is in the shared info page.
     (mask_port, {Item.EVENT_CHANNELS, Item.SHARED_INFO}),
     (change_grant, {Item.GRANT_TABLE}),
