@@ -24,6 +24,15 @@ RABBIT_URL = os.environ.get(
 )
 
 
+@pytest.fixture(autouse=True)
+def private_sim_disks(tmp_path, monkeypatch) -> None:
+    """The simulated hosts' default disk directory is under
+    ``$XDG_STATE_HOME``: every test gets its own, so no test leaves disk
+    files behind or finds another's (guest processes and the demo's
+    hosts inherit it)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
 @pytest.fixture
 def rabbit_url() -> str:
     """The broker's URL, once a connection to it was made."""

@@ -142,8 +142,11 @@ OPTS = [
         "for a cloud's shared storage: every simulated host that a guest "
         "may migrate between must see the same directory, since the "
         "destination's backend opens the file the source's wrote (a "
-        "missing file makes the migration roll back). Unset: "
-        "nova-xen-ncm-sim-disks in the system's temporary directory.",
+        "missing file makes the migration roll back). A disk is made at "
+        "the guest's first boot, kept across reboots, and deleted with "
+        "the instance (Nova's destroy_disks) on the host it last ran "
+        "on. Unset: $XDG_STATE_HOME/nova-xen-ncm/sim-disks (default "
+        "~/.local/state/nova-xen-ncm/sim-disks), made private (0700).",
     ),
     cfg.IntOpt(
         "fault_seed",

@@ -435,7 +435,11 @@ class HostDriver(abc.ABC):
         InsufficientMemory before anything is created."""
 
     @abc.abstractmethod
-    def destroy_domain(self, domid: int) -> None: ...
+    def destroy_domain(self, domid: int, delete_disks: bool = False) -> None:
+        """Destroy the domain. ``delete_disks`` (Nova's destroy_disks):
+        also delete the disks the host made for it, if the guest did not
+        leave this host; a host whose disks are the cloud's volumes and
+        images makes none."""
 
     @abc.abstractmethod
     def pause(self, domid: int) -> None:

@@ -157,7 +157,7 @@ class XenNCMDriver(driver.ComputeDriver):
         destroy_disks: bool = True,
         destroy_secrets: bool = True,
     ) -> None:
-        self._vmops.destroy(instance)
+        self._vmops.destroy(instance, destroy_disks=destroy_disks)
 
     def cleanup(
         self,
@@ -172,7 +172,7 @@ class XenNCMDriver(driver.ComputeDriver):
     ) -> None:
         # After a live migration (source) or a failed one (destination)
         # the domain is normally gone already; a leftover goes here.
-        self._vmops.cleanup(instance)
+        self._vmops.cleanup(instance, destroy_disks=destroy_disks)
 
     def reboot(
         self,

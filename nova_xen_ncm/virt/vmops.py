@@ -141,7 +141,7 @@ class VMOps:
         )
         return domid
 
-    def destroy(self, instance) -> None:
+    def destroy(self, instance, destroy_disks: bool = False) -> None:
         info = self.find(instance)
         if info is None:
             LOG.warning(
@@ -150,16 +150,16 @@ class VMOps:
                 instance=instance,
             )
         else:
-            self._host.destroy_domain(info.domid)
+            self._host.destroy_domain(info.domid, delete_disks=destroy_disks)
             LOG.info("Destroyed domain %d", info.domid, instance=instance)
         self._powered_off.discard(instance.uuid)
         self._remove_save_file(instance)
 
-    def cleanup(self, instance) -> None:
+    def cleanup(self, instance, destroy_disks: bool = False) -> None:
         """Destroy what is left of ``instance`` here, if anything."""
         info = self.find(instance)
         if info is not None:
-            self._host.destroy_domain(info.domid)
+            self._host.destroy_domain(info.domid, delete_disks=destroy_disks)
             LOG.info(
                 "Destroyed leftover domain %d", info.domid, instance=instance
             )

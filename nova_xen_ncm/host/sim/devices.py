@@ -267,6 +267,15 @@ def expected_payload(kind: str, devid: int, seq: int) -> bytes:
     return _digest("blk", devid, write)
 
 
+def _payload_ok(kind: str, devid: int, seq: int, payload: bytes) -> bool:
+    """Whether ``payload`` answers request ``seq``. A read of a sector
+    not written since this boot finds what the disk held (zeros on a new
+    disk, an earlier boot's data after a reboot): any whole sector."""
+    if kind == "vbd" and not seq % 2 and not written_by(seq):
+        return len(payload) == SECTOR_BYTES
+    return payload == expected_payload(kind, devid, seq)
+
+
 def encode_request(seq: int, id: int, op: int, payload: bytes) -> bytes:
     return REQUEST.pack(seq, id, op, len(payload), payload)
 
@@ -780,8 +789,8 @@ class Frontend:
             if other_flags == SLOT_OUTSTANDING and other_seq < seq:
                 self._set_slot(other, other_seq, SLOT_LOST)
                 self._add("lost", 1)
-        if status != RSP_OKAY or payload != expected_payload(
-            self.kind, self.devid, seq
+        if status != RSP_OKAY or not _payload_ok(
+            self.kind, self.devid, seq, payload
         ):
             self._add("bad_payload", 1)
         elif self.kind == "vbd" and not seq % 2:
@@ -829,24 +838,31 @@ class BlockStore:
 
     @classmethod
     def open(cls, path: str, size: int | None = None) -> BlockStore:
-        """The disk in file ``path``: created with ``size`` bytes if it
-        does not exist (``size`` None: it must exist, as on a host that
-        takes over a disk from another); an existing file must be of
-        ``size`` bytes when one is given."""
+        """The disk in file ``path``. With ``size``: created with ``size``
+        bytes if it does not exist (a guest's first boot), kept as it is
+        if it does (a reboot: a disk outlives its domain), and then it
+        must be of ``size`` bytes. Without: it must exist, as on a host
+        that takes over a disk from another. A symbolic link is refused."""
         flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
-        if size is not None:
-            flags |= os.O_CREAT
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+        created = False
         try:
-            fd = os.open(path, flags, 0o600)
+            if size is None:
+                fd = os.open(path, flags)
+            else:
+                try:
+                    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                    created = True
+                except FileExistsError:
+                    fd = os.open(path, flags)
         except OSError as exc:
             raise BackendError(
                 f"disk {path} cannot be opened: {exc.strerror}"
             ) from None
         try:
-            have = os.fstat(fd).st_size
-            if size is not None and have == 0:
+            if created:
                 os.ftruncate(fd, size)
-                have = size
+            have = os.fstat(fd).st_size
             if size is not None and have != size:
                 raise BackendError(
                     f"disk {path} holds {have} bytes, the device has {size}"
@@ -858,6 +874,9 @@ class BlockStore:
                 )
         except BaseException:
             os.close(fd)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             raise
         store = cls(have // SECTOR_BYTES, fd=fd)
         store.path = path
@@ -1270,7 +1289,15 @@ class VbdBackend(Backend):
         self, *, store: BlockStore | None = None, **kw: object
     ) -> None:
         super().__init__(**kw)
+        # A store made here is this backend's to close; one given is the
+        # host's (it may outlive the backend).
+        self._own_store = store is None
         self.store = store if store is not None else BlockStore()
+
+    def close(self) -> None:
+        super().close()
+        if self._own_store:
+            self.store.close()
 
     def details(self) -> Mapping[str, bytes]:
         return {

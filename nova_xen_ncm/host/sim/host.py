@@ -27,7 +27,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid as uuidlib
@@ -98,8 +97,10 @@ NR_GRANT_FRAMES = 4
 EXTRA_PAGES = layout.X86_HVM_NR_SPECIAL_PAGES + 1024
 TSC_KHZ = 2994000
 DOM0_TICK = 0.01
-# Where the vbd disks are when [xen_ncm_sim] disk_dir is unset.
-DEFAULT_DISK_DIR = "nova-xen-ncm-sim-disks"
+# Where the vbd disks are when [xen_ncm_sim] disk_dir is unset: under
+# the user's private state directory (XDG), not a name in /tmp that
+# another user could take first.
+DEFAULT_DISK_SUBDIR = os.path.join("nova-xen-ncm", "sim-disks")
 # vcpu_time_info.system_time in a vcpu_info (xen.h, x86_64).
 _SYSTEM_TIME = 32 + 16
 DEFAULT_PARAMS_FLAGS = {
@@ -259,6 +260,9 @@ class _Domain:
         # Backends an import reconnected, held quiescent until unpause.
         self.backends_held = False
         self.disks: list[devices.BlockStore] = []
+        # Whether the guest's disks are this host's to delete: it booted
+        # or was committed here, and its state has not left since.
+        self.disks_here = False
         self.detached_ring: memoryview | None = None
         self.booted = False
         self.run_started = 0.0
@@ -364,6 +368,14 @@ def _spans(blocks: Sequence[int]) -> Iterator[tuple[int, int]]:
             j += 1
         yield blocks[i], blocks[j] + 1
         i = j + 1
+
+
+def canonical_uuid(text: str) -> str:
+    """``text`` as a canonical UUID; ValueError naming it otherwise."""
+    try:
+        return str(uuidlib.UUID(str(text)))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a UUID") from None
 
 
 def _faulty(method: Callable) -> Callable:
@@ -528,6 +540,18 @@ class SimHost(base.HostDriver):
                 call=call,
             )
         self._check_config(config, call)
+        if config.uuid is not None:
+            try:
+                wanted = canonical_uuid(config.uuid)
+            except ValueError as exc:
+                raise HostError(str(exc), call=call) from None
+            for other in self._domains.values():
+                if canonical_uuid(other.uuid) == wanted:
+                    raise HostError(
+                        f"uuid {wanted} is held by domain {other.domid} "
+                        f"({other.name!r})",
+                        call=call,
+                    )
         if config.memory_bytes > self._free_memory():
             raise base.InsufficientMemory(
                 f"{config.memory_bytes} bytes asked, "
@@ -690,29 +714,66 @@ class SimHost(base.HostDriver):
             if param == hvm.HVM_PARAM_STORE_EVTCHN:
                 dom.dom0_store_port = local
 
-    def disk_path(self, uuid: str, devid: int) -> str:
-        """The file of a guest's vbd on the storage the hosts share."""
-        where = self.opts.disk_dir or os.path.join(
-            tempfile.gettempdir(), DEFAULT_DISK_DIR
+    def disk_dir(self) -> str:
+        """The directory of the vbd disks: ``[xen_ncm_sim] disk_dir``, or
+        the user's own ``$XDG_STATE_HOME/nova-xen-ncm/sim-disks``."""
+        if self.opts.disk_dir:
+            return self.opts.disk_dir
+        state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".local", "state"
         )
-        return os.path.join(where, f"{uuid}-{devid}.disk")
+        return os.path.join(state, DEFAULT_DISK_SUBDIR)
+
+    def disk_path(self, uuid: str, devid: int) -> str:
+        """The file of a guest's vbd on the storage the hosts share.
+        ``uuid`` must be a UUID (any spelling; the file has its canonical
+        form), so it cannot name a file outside the directory."""
+        return os.path.join(
+            self.disk_dir(), f"{canonical_uuid(uuid)}-{int(devid)}.disk"
+        )
 
     def _backend_extra(
         self, dom: _Domain, kind: str, devid: int, size: int | None = None
     ) -> dict:
-        """A vbd backend's disk: made afresh with ``size`` bytes for a
-        guest that boots (its simulated OS starts from an empty disk),
-        the existing file for one restored (``size`` None)."""
+        """A vbd backend's disk: created with ``size`` bytes at the
+        guest's first boot and kept as it is on a later one (``size``
+        given), the existing file for a guest restored (``size`` None)."""
         if kind != "vbd":
             return {}
-        path = self.disk_path(dom.uuid, devid)
+        call = "create_domain" if size is not None else "import_pv_state"
+        try:
+            path = self.disk_path(dom.uuid, devid)
+        except ValueError as exc:
+            raise HostError(str(exc), call=call) from None
         if size is not None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        store = devices.BlockStore.open(path, size)
+            try:
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise HostError(
+                    f"disk directory {os.path.dirname(path)} cannot be "
+                    f"made: {exc.strerror}",
+                    call=call,
+                ) from None
+        try:
+            store = devices.BlockStore.open(path, size)
+        except devices.BackendError as exc:
+            raise HostError(str(exc), call=call) from None
         dom.disks.append(store)
         return {"store": store}
+
+    def _delete_disks(self, dom: _Domain) -> None:
+        """Remove the files of the guest's vbds (its disks are gone with
+        it: Nova's destroy_disks)."""
+        for dev in dom.config.devices:
+            if dev.kind != "vbd":
+                continue
+            path = self.disk_path(dom.uuid, dev.devid)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                LOG.warning("Could not delete disk %s: %s", path, exc)
 
     def _backend_states(self, dom: _Domain) -> tuple[base.BackendState, ...]:
         """The connections of the guest's backends, in (kind, devid)
@@ -1270,6 +1331,7 @@ class SimHost(base.HostDriver):
                 if i not in self._domains
             )
             dom = self._reserve(config, domid, call)
+            dom.disks_here = True
             try:
                 self._build(dom)
             except BaseException:
@@ -1376,11 +1438,17 @@ class SimHost(base.HostDriver):
         self._replenish()
 
     @_faulty
-    def destroy_domain(self, domid: int) -> None:
+    def destroy_domain(self, domid: int, delete_disks: bool = False) -> None:
+        """Destroy the domain; with ``delete_disks``, its vbd files too,
+        unless the guest left (its state was exported: it runs on another
+        host or from a save file) or never ran here (a restore rolled
+        back: the disks are the source's)."""
         with self._lock:
             dom = self._domain(domid, "destroy_domain")
             dom.state = DomainState.DYING
         self._teardown(dom)
+        if delete_disks and dom.disks_here:
+            self._delete_disks(dom)
 
     @_faulty
     def pause(self, domid: int) -> None:
@@ -1398,6 +1466,7 @@ class SimHost(base.HostDriver):
         if dom.state == DomainState.RUNNING:
             return
         self._release_backends(dom)
+        dom.disks_here = True
         if dom.detached_ring is not None:
             page, dom.detached_ring = dom.detached_ring, None
             self.xenstore.attach_ring(domid, page, self._store_notify(dom))
@@ -1717,6 +1786,9 @@ class SimHost(base.HostDriver):
                 xs_state = self.xenstore.export_domain(domid, areas)
             except XenstoreMigrationError as exc:
                 raise HostError(f"xenstore: {exc}", call=call) from None
+            # The guest may now run elsewhere on these disks (unpause
+            # takes them back if it stays).
+            dom.disks_here = False
             return base.PvState(
                 domid=domid,
                 backend_domids=self._backend_domids(dom),

@@ -111,6 +111,19 @@ def test_power_on(ops, host, instance):
     host.create_domain.assert_called_once()
 
 
+def test_destroy_deletes_disks_only_when_nova_says_so(ops, host, instance):
+    host.find_domain.return_value = info()
+    ops.destroy(instance, destroy_disks=True)
+    host.destroy_domain.assert_called_once_with(7, delete_disks=True)
+    host.destroy_domain.reset_mock()
+    ops.cleanup(instance)
+    host.destroy_domain.assert_called_once_with(7, delete_disks=False)
+    host.destroy_domain.reset_mock()
+    # A hard reboot keeps the disks.
+    ops.reboot(instance, [], "HARD")
+    host.destroy_domain.assert_called_once_with(7)
+
+
 def test_power_off_destroys(ops, host, instance):
     host.find_domain.return_value = info()
     ops.power_off(instance)

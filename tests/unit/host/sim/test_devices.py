@@ -720,3 +720,45 @@ def test_a_failed_connect_step_is_retried_without_leaks():
     assert len(rig.host.grants) == 1 and len(rig.host.ports) == 1
     rig.run_io(2)
     assert counters(rig.frontend)["completed"] == 10
+
+
+def test_a_backend_closes_the_disk_it_made_not_one_it_was_given():
+    host = Host()
+    devices.add_device(host.dom0, DOMID, DeviceConfig("vbd", 51712))
+    given = BlockStore()
+
+    def backend(**extra):
+        return devices.VbdBackend(
+            domid=DOMID,
+            devid=51712,
+            backend_domid=0,
+            xs=host.dom0,
+            grants=host,
+            evtchn=host,
+            **extra,
+        )
+
+    own = backend()
+    own.close()
+    # Its anonymous file is closed with it.
+    assert own.store._fd == -1
+    shared = backend(store=given)
+    shared.close()
+    assert given._fd >= 0
+    given.close()
+
+
+def test_an_early_read_accepts_what_a_kept_disk_holds():
+    # A read of a sector this boot has not written finds an earlier
+    # boot's data on a disk kept across a reboot; later reads must find
+    # this boot's writes.
+    early = 2
+    assert not devices.written_by(early)
+    old = b"\x5a" * devices.SECTOR_BYTES
+    assert devices._payload_ok("vbd", 1, early, old)
+    assert not devices._payload_ok("vbd", 1, early, old[:-1])
+    late = 2 + 2 * devices.READ_LAG
+    assert devices.written_by(late)
+    assert not devices._payload_ok("vbd", 1, late, old)
+    good = devices.expected_payload("vbd", 1, late)
+    assert devices._payload_ok("vbd", 1, late, good)

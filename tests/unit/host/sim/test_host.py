@@ -1,5 +1,7 @@
 """SimHost operations that need no guest process."""
 
+import os
+import stat
 import threading
 import time
 
@@ -489,3 +491,92 @@ def test_memory_digest_matches_its_page_by_page_definition(host):
     assert host.memory_digest(1) == _reference_digest(a)
     write(a, pfns[5:40], 0x22)
     assert host.memory_digest(1) == _reference_digest(a)
+
+
+VBD = 51712
+
+
+def _vbd_guest(uuid: str, name: str = "g") -> base.DomainConfig:
+    return base.DomainConfig(
+        name=name,
+        memory_bytes=16 << 20,
+        vcpus=1,
+        uuid=uuid,
+        devices=(base.DeviceConfig("vbd", VBD, disk_bytes=4096),),
+    )
+
+
+def test_a_disk_is_made_at_first_boot_and_kept_on_reboot(
+    conf, host, tmp_path
+) -> None:
+    conf.set_override("disk_dir", str(tmp_path / "disks"), "xen_ncm_sim")
+    uuid = "0B9C6F0E-7D1A-4C3E-9A51-2F0E8D7C6B5A"
+    domid = host.create_domain(_vbd_guest(uuid))
+    path = host.disk_path(uuid, VBD)
+    # The file has the canonical spelling of the uuid.
+    assert os.path.basename(path) == f"{uuid.lower()}-{VBD}.disk"
+    assert os.path.getsize(path) == 4096
+    inode = os.stat(path).st_ino
+    with open(path, "r+b") as f:
+        f.seek(4000)
+        f.write(b"written before the reboot")
+    host.destroy_domain(domid)
+    # A reboot (Nova's destroy without destroy_disks, then create).
+    domid = host.create_domain(_vbd_guest(uuid))
+    assert os.stat(path).st_ino == inode
+    with open(path, "rb") as f:
+        f.seek(4000)
+        assert f.read(25) == b"written before the reboot"
+    host.destroy_domain(domid, delete_disks=True)
+    assert not os.path.exists(path)
+
+
+def test_disks_of_a_guest_that_left_are_not_deleted(
+    conf, host, tmp_path
+) -> None:
+    conf.set_override("disk_dir", str(tmp_path / "disks"), "xen_ncm_sim")
+    uuid = "5d3f4b0e-1c2a-4f6e-8a9b-0c1d2e3f4a5b"
+    domid = host.create_domain(_vbd_guest(uuid))
+    path = host.disk_path(uuid, VBD)
+    host.pause(domid)
+    host.quiesce_backends(domid)
+    host.export_pv_state(domid)
+    # Its state went to another host (or a save file): the disk is now
+    # that copy's.
+    host.destroy_domain(domid, delete_disks=True)
+    assert os.path.exists(path)
+
+
+def test_the_default_disk_directory_is_private(host, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    uuid = "5d3f4b0e-1c2a-4f6e-8a9b-0c1d2e3f4a5b"
+    domid = host.create_domain(_vbd_guest(uuid))
+    where = tmp_path / "state" / "nova-xen-ncm" / "sim-disks"
+    assert host.disk_path(uuid, VBD).startswith(str(where) + os.sep)
+    assert os.path.exists(host.disk_path(uuid, VBD))
+    assert stat.S_IMODE(os.stat(where).st_mode) == 0o700
+    host.destroy_domain(domid, delete_disks=True)
+
+
+def test_disk_uuid_and_path_errors_name_what_was_wrong(
+    conf, host, tmp_path
+) -> None:
+    with pytest.raises(ValueError, match="'../x' is not a UUID"):
+        host.disk_path("../x", VBD)
+    conf.set_override("disk_dir", str(tmp_path / "file"), "xen_ncm_sim")
+    (tmp_path / "file").write_bytes(b"")
+    uuid = "5d3f4b0e-1c2a-4f6e-8a9b-0c1d2e3f4a5b"
+    with pytest.raises(base.HostError, match=f"{tmp_path / 'file'}"):
+        host.create_domain(_vbd_guest(uuid))
+    conf.set_override("disk_dir", str(tmp_path / "disks"), "xen_ncm_sim")
+    os.makedirs(tmp_path / "disks")
+    # A symbolic link where the disk goes is not followed.
+    os.symlink(tmp_path / "elsewhere", host.disk_path(uuid, VBD))
+    with pytest.raises(base.HostError, match="cannot be opened"):
+        host.create_domain(_vbd_guest(uuid))
+    assert not (tmp_path / "elsewhere").exists()
+    os.unlink(host.disk_path(uuid, VBD))
+    domid = host.create_domain(_vbd_guest(uuid))
+    with pytest.raises(base.HostError, match=f"uuid {uuid} is held"):
+        host.create_domain(_vbd_guest(uuid.upper(), name="other"))
+    host.destroy_domain(domid, delete_disks=True)
