@@ -259,6 +259,8 @@ class _Domain:
         self.dom0_store_port = 0
         # Backends an import reconnected, held quiescent until unpause.
         self.backends_held = False
+        # Tokens of the held backends an unpause already resumed.
+        self.released_backends: set[str] = set()
         self.disks: list[devices.BlockStore] = []
         # Whether the guest's disks are this host's to delete: it booted
         # or was committed here, and its state has not left since.
@@ -1514,18 +1516,25 @@ class SimHost(base.HostDriver):
 
     def _release_backends(self, dom: _Domain) -> None:
         """The guest runs here now (COMMIT): the reconnected backends
-        answer the requests in flight and take new ones."""
+        answer the requests in flight and take new ones. A backend counts
+        as released only once its own resume succeeded, so a failed
+        unpause can be retried and releases the rest; any failure is a
+        HostError, which the receiver's commit path handles."""
         if not dom.backends_held:
             return
-        dom.backends_held = False
-        dom.backends_quiesced = False
-        for be in list(dom.backends.values()):
+        for token, be in list(dom.backends.items()):
+            if token in dom.released_backends:
+                continue
             try:
                 be.resume()
-            except (devices.BackendError, OSError) as exc:
+            except Exception as exc:
                 raise HostError(
                     f"backend {be.key} cannot resume: {exc}", call="unpause"
                 ) from None
+            dom.released_backends.add(token)
+        dom.backends_held = False
+        dom.backends_quiesced = False
+        dom.released_backends.clear()
 
     def shutdown(self, domid: int, reboot: bool = False) -> None:
         if reboot:

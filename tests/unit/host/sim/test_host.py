@@ -580,3 +580,44 @@ def test_disk_uuid_and_path_errors_name_what_was_wrong(
     with pytest.raises(base.HostError, match=f"uuid {uuid} is held"):
         host.create_domain(_vbd_guest(uuid.upper(), name="other"))
     host.destroy_domain(domid, delete_disks=True)
+
+
+def test_an_unpause_that_failed_on_one_backend_releases_the_rest_after(
+    conf, host, tmp_path
+) -> None:
+    conf.set_override("disk_dir", str(tmp_path / "disks"), "xen_ncm_sim")
+    config = base.DomainConfig(
+        name="g",
+        memory_bytes=16 << 20,
+        vcpus=1,
+        devices=(
+            base.DeviceConfig("vif", 0, mac="00:16:3e:00:00:01"),
+            base.DeviceConfig("vbd", VBD, disk_bytes=4096),
+        ),
+    )
+    domid = host.create_domain(config)
+    host.pause(domid)
+    host.quiesce_backends(domid)
+    dom = host._domains[domid]
+    # As after an import: the backends are held until the guest runs.
+    dom.backends_held = True
+    first, second = list(dom.backends.values())
+    calls = []
+    real = first.resume
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("ring gone")
+        real()
+
+    first.resume = flaky
+    with pytest.raises(base.HostError, match=f"{first.key} cannot resume"):
+        host.unpause(domid)
+    assert second.quiesced and dom.backends_held
+    host.unpause(domid)
+    assert len(calls) == 2
+    assert not first.quiesced and not second.quiesced
+    assert not dom.backends_held
+    assert host.domain_info(domid).state is base.DomainState.RUNNING
+    host.destroy_domain(domid, delete_disks=True)
