@@ -58,6 +58,7 @@ import json
 import secrets
 import struct
 import typing
+import uuid as uuidlib
 from collections.abc import Sequence
 from typing import Any
 from typing import ClassVar
@@ -253,6 +254,11 @@ class Setup(Message):
         # not guest domids.
         if not 0 < self.domid < 0x7FF0:
             raise ValueError(f"domid {self.domid} is not a guest domid")
+        # The destination names files after it (the sim's disks).
+        try:
+            uuidlib.UUID(self.uuid)
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"uuid {self.uuid!r} is not a UUID") from None
         if self.memory_bytes <= 0 or self.vcpus <= 0:
             raise ValueError("memory and vcpus must be positive")
         if not 1 <= self.channels <= MAX_CHANNELS:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid as uuidlib
 from collections.abc import Iterator
 from typing import Any
 from typing import BinaryIO
@@ -162,9 +163,16 @@ def _domain_config(header: xl.Header) -> tuple[base.DomainConfig, dict]:
         config = json.loads(header.config.rstrip(b"\0"))
         ours = json.loads(header.extra or b"{}").get(EXTRA_KEY, {})
         c_info, b_info = config["c_info"], config["b_info"]
+        uuid = c_info.get("uuid")
+        if uuid is not None:
+            # The host names files after it (the sim's disks).
+            try:
+                uuid = str(uuidlib.UUID(str(uuid)))
+            except ValueError:
+                raise ValueError(f"uuid {uuid!r} is not a UUID") from None
         domain = base.DomainConfig(
             name=str(c_info["name"]),
-            uuid=c_info.get("uuid"),
+            uuid=uuid,
             memory_bytes=int(b_info["max_memkb"]) * KiB,
             vcpus=int(b_info["max_vcpus"]),
             pv_drivers=bool(ours.get("pv_drivers", False)),

@@ -135,7 +135,7 @@ def test_no_common_version():
 SETUP = p.Setup(
     domid=12,
     name="guest",
-    uuid="u-1",
+    uuid="8f0c3a52-6f4e-4d2b-9c1a-3e5d7b9f1a2c",
     memory_bytes=1 << 30,
     vcpus=2,
     pv_drivers=True,
@@ -178,6 +178,12 @@ def test_server_messages_round_trip(msg):
     client, server, *_ = handshake()
     deliver(server.send(msg), client)
     assert client.next_event() == msg
+
+
+@pytest.mark.parametrize("uuid", ["../../etc/x", "u-1", "", None])
+def test_setup_refuses_a_uuid_that_is_not_one(uuid):
+    with pytest.raises(ValueError, match="is not a UUID"):
+        dataclasses.replace(SETUP, uuid=uuid).validate()
 
 
 def test_messages_in_the_wrong_direction_or_state():

@@ -19,6 +19,7 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.host.sim.host import SimHost
 from nova_xen_ncm.stream import decoder
 from nova_xen_ncm.stream import libxc
+from nova_xen_ncm.stream import xl
 
 DOMID = 9
 PFNS = np.array([0, 1, 2, 5, 300], dtype=np.uint64)
@@ -181,3 +182,19 @@ def test_xl_save_image_is_refused_not_half_restored(hosts):
         with pytest.raises(RestoreError, match="X86_CPUID_POLICY"):
             savefile.restore(b, image, domid=5, unpause=False)
     assert b.list_domains() == []
+
+
+@pytest.mark.parametrize("uuid", ["../../etc/passwd", "not-a-uuid"])
+def test_a_save_file_uuid_that_is_not_one_is_refused(uuid):
+    # The host names files after the uuid: it is checked before use.
+    config = {
+        "c_info": {"name": "g", "uuid": uuid},
+        "b_info": {"max_memkb": 4096, "max_vcpus": 1},
+    }
+    header = xl.Header(0, 0, json.dumps(config).encode())
+    with pytest.raises(RestoreError, match="is not a UUID"):
+        savefile._domain_config(header)
+    config["c_info"]["uuid"] = "5D3F4B0E-1C2A-4F6E-8A9B-0C1D2E3F4A5B"
+    header = xl.Header(0, 0, json.dumps(config).encode())
+    domain, _ = savefile._domain_config(header)
+    assert domain.uuid == "5d3f4b0e-1c2a-4f6e-8a9b-0c1d2e3f4a5b"

@@ -136,7 +136,7 @@ def test_handshake_and_messages_over_a_socketpair():
         p.Setup(
             domid=3,
             name="g",
-            uuid="u",
+            uuid="8f0c3a52-6f4e-4d2b-9c1a-3e5d7b9f1a2c",
             memory_bytes=4096,
             vcpus=1,
             pv_drivers=False,

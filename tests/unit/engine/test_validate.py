@@ -43,18 +43,25 @@ CONFIG = base.DomainConfig(
 )
 
 
-def _conf():
+def _conf(disk_dir):
     conf = cfg.ConfigOpts()
     register_opts(conf)
     conf([])
     conf.set_override("host_memory_mb", 64, group="xen_ncm_sim")
+    # Shared by the module's hosts, as the saved guest's storage.
+    conf.set_override("disk_dir", str(disk_dir), group="xen_ncm_sim")
     return conf
 
 
 @pytest.fixture(scope="module")
-def saved():
+def disk_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("disks")
+
+
+@pytest.fixture(scope="module")
+def saved(disk_dir):
     """(domid, stream bytes) of a guest with a vif and a vbd."""
-    host = SimHost("source", _conf())
+    host = SimHost("source", _conf(disk_dir))
     try:
         domid = host.create_domain(CONFIG)
         # The frontends connected: their grants and ports are in the save.
@@ -84,8 +91,8 @@ def records(data):
 
 
 @pytest.fixture
-def destination(saved):
-    host = SimHost("destination", _conf(), prelaunch=False)
+def destination(saved, disk_dir):
+    host = SimHost("destination", _conf(disk_dir), prelaunch=False)
     host.create_empty_domain(
         dataclasses.replace(CONFIG, devices=(), workload={}), saved[0]
     )
@@ -286,7 +293,9 @@ def test_event_channel_on_a_vcpu_the_guest_lacks(saved, destination):
 
 def test_backend_that_is_another_guest_here(saved, destination):
     other = destination.create_empty_domain(
-        dataclasses.replace(CONFIG, name="other", devices=(), workload={}),
+        dataclasses.replace(
+            CONFIG, name="other", uuid=None, devices=(), workload={}
+        ),
         saved[0] + 1,
     )
 
