@@ -24,13 +24,11 @@ equality, and a difference is reported without detail):
     pfn -> digest of the page's 4096 bytes (any fixed digest function),
     or a pair ``(pfns, digests)`` of a uint64 array and an array with one
     row (or one element) per pfn, as :func:`page_digests` makes it.
-    Rule: identical, except pages written on the guest's behalf between
-    pause and resume: the ring pages of PV devices whose reconnected
-    backend answered in-flight requests (found through ``PV_DEVICES``
-    ring references and the ``GRANT_TABLE`` entries), and the registered
-    vcpu_info pages (``SHARED_INFO`` placements) when a port gained a
-    pending event (delivery writes ``evtchn_upcall_pending`` there);
-    those are vouched for by ``PV_DEVICES`` and ``EVENT_CHANNELS``.
+    Rule: identical, except the registered vcpu_info pages
+    (``SHARED_INFO`` placements) when a port gained a pending event
+    between pause and resume (delivery writes ``evtchn_upcall_pending``
+    there; vouched for by ``EVENT_CHANNELS``). Ring pages are not
+    exempt: the backends stay quiescent until the guest runs.
 ``PLATFORM``
     ``Mapping[str, object]``: one entry per HVM context record (suggested
     key ``"<TYPECODE name>:<instance>"``, value its bytes or digest) plus
@@ -71,10 +69,12 @@ equality, and a difference is reported without detail):
     backend quiesced it; at resume as the destination's backend exports
     it after reconnecting. A tuple (or a mapping whose values are
     BackendState). Rule: the same devices, paths, backend domid, state
-    (4 for a connected device), ring grant references and ports; ring
-    indices never go back; every request in flight at pause, and every
-    request taken off the ring since, is at resume either answered (the
-    response producer advanced) or still in flight (none lost, none
+    (4 for a connected device), ring grant references and ports; since
+    the backends are quiescent from pause until the guest runs, the
+    same ring indices and the same requests in flight. From pause to
+    the ``later`` state (and in :func:`after_resume`): ring indices
+    never go back, and every request in flight at pause or taken off
+    the ring since is answered or still in flight (none lost, none
     answered twice).
 ``HVM_PARAMS``
     ``Mapping[int, int]`` index -> value (or ``(index, value)`` pairs).
@@ -102,6 +102,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 import xxhash
@@ -383,13 +384,12 @@ def _memory(a: object, b: object, exempt: set[int]) -> list[str]:
 
 
 def _rewritten_pfns(paused: GuestState, resumed: GuestState) -> set[int]:
-    """Pages written on the guest's behalf between pause and resume:
-    ring pages a reconnected backend answered in, and the registered
-    vcpu_info areas if an event was delivered meanwhile (Xen sets
-    evtchn_upcall_pending and evtchn_pending_sel there)."""
-    return _answered_ring_pfns(paused, resumed) | _notified_vcpu_info_pfns(
-        paused, resumed
-    )
+    """Pages written on the guest's behalf between pause and resume: the
+    registered vcpu_info areas if an event was delivered meanwhile (Xen
+    sets evtchn_upcall_pending and evtchn_pending_sel there). Ring pages
+    are not among them: the backends are quiescent until the guest
+    runs, so nothing answers on a ring in between."""
+    return _notified_vcpu_info_pfns(paused, resumed)
 
 
 def _notified_vcpu_info_pfns(
@@ -414,31 +414,6 @@ def _notified_vcpu_info_pfns(
         for v in placements
         if isinstance(v, VcpuInfoPlacement) and v.gfn is not None
     }
-
-
-def _answered_ring_pfns(paused: GuestState, resumed: GuestState) -> set[int]:
-    gt = paused.items.get(Item.GRANT_TABLE)
-    before = _backends(paused.items.get(Item.PV_DEVICES))
-    after = _backends(resumed.items.get(Item.PV_DEVICES))
-    if not isinstance(gt, GrantTableState) or before is None or not after:
-        return set()
-    pfns = set()
-    for path, old in before.items():
-        new = after.get(path)
-        if new is None:
-            continue
-        answered = any(
-            _idx_diff(new.ring_indices[r][1], idx[1]) != 0
-            for r, idx in old.ring_indices.items()
-            if r in new.ring_indices
-        )
-        if not answered:
-            continue
-        for ref in old.ring_refs:
-            gfn = _grant_frame(gt, ref)
-            if gfn is not None:
-                pfns.add(gfn)
-    return pfns
 
 
 # -- platform, domid, HVM params ---------------------------------------------
@@ -891,11 +866,27 @@ def _backend(a: BackendState, b: BackendState) -> list[str]:
             f"{key}: event channel ports changed from "
             f"{tuple(a.event_channels)} to {tuple(b.event_channels)}"
         )
+    # The backends are quiescent from pause until the guest runs on the
+    # destination: at resume each ring is where it was, with the same
+    # requests in flight (answered later, after_resume judges that).
     for ring in sorted(set(a.ring_indices) | set(b.ring_indices)):
         if ring not in b.ring_indices or ring not in a.ring_indices:
             problems.append(f"{key}: ring {ring} not on both sides")
-            continue
-        problems += _ring(key, ring, a, b)
+        elif tuple(a.ring_indices[ring]) != tuple(b.ring_indices[ring]):
+            problems.append(
+                f"{key}: ring {ring} indices (req_cons, rsp_prod) moved "
+                f"from {tuple(a.ring_indices[ring])} to "
+                f"{tuple(b.ring_indices[ring])} before the guest ran"
+            )
+    fa = sorted((r.ring, r.id, r.request) for r in a.inflight)
+    fb = sorted((r.ring, r.id, r.request) for r in b.inflight)
+    if fa != fb:
+        lost = len([r for r in fa if r not in fb])
+        new = len([r for r in fb if r not in fa])
+        problems.append(
+            f"{key}: requests in flight changed before the guest ran: "
+            f"{lost} of the {len(fa)} in flight at pause gone, {new} new"
+        )
     return problems
 
 
@@ -1033,9 +1024,17 @@ class AfterResume:
     ports_silent: tuple[int, ...]
     vcpus_stalled: tuple[int, ...]
     problems: tuple[str, ...]
+    # Why the guest could not be judged at all (no frontend, no kernel
+    # record in its RAM): then passed is None.
+    not_judged: str = ""
+    # Whether vCPU time was judged: not when the host writes no time
+    # (system_time 0 at both snapshots).
+    time_judged: bool = True
 
     @property
-    def passed(self) -> bool:
+    def passed(self) -> bool | None:
+        if self.not_judged:
+            return None
         return not self.problems
 
     def to_dict(self) -> dict[str, object]:
@@ -1050,7 +1049,12 @@ class AfterResume:
             "vbd_reads_checked": self.vbd_reads_checked,
             "ports_silent": list(self.ports_silent),
             "vcpus_stalled": list(self.vcpus_stalled),
-            "reason": _reason(list(self.problems)),
+            "time_judged": self.time_judged,
+            "reason": self.not_judged
+            or _reason(
+                list(self.problems)
+                + ([] if self.time_judged else ["time not judged"])
+            ),
         }
 
 
@@ -1063,24 +1067,23 @@ def run_after_resume(
     domid: int,
     seconds: float = 1.0,
     delivery_timeout: float = 3.0,
-) -> tuple[GuestState, tuple[int, ...]]:
+) -> tuple[GuestState, dict[int, int]]:
     """Let the guest run on ``host`` for ``seconds``, raise one event on
     each of its bound ports (:meth:`HostDriver.raise_guest_events`) and
     wait until the guest counted each of them, at most
-    ``delivery_timeout``: the ``later`` state and ``raised`` ports of
-    :func:`after_resume`."""
+    ``delivery_timeout``: the ``later`` state and the ``raised`` ports of
+    :func:`after_resume`, each with the guest's count of its events just
+    before the raise."""
     time.sleep(seconds)
     before = host.guest_state(domid, ()).kernel.get("ports", {})
-    raised = host.raise_guest_events(domid)
+    raised = {
+        p: int(before.get(p, 0)) for p in host.raise_guest_events(domid)
+    }
     deadline = time.monotonic() + delivery_timeout
     while True:
         later = host.guest_state(domid, AFTER_RESUME_ITEMS)
         counts = later.kernel.get("ports", {})
-        waiting = [
-            p
-            for p in raised
-            if p in before and counts.get(p, 0) <= before[p]
-        ]
+        waiting = [p for p, n in raised.items() if counts.get(p, 0) <= n]
         if not waiting or time.monotonic() > deadline:
             return later, raised
         time.sleep(0.02)
@@ -1090,19 +1093,40 @@ def after_resume(
     paused: GuestState,
     resumed: GuestState,
     later: GuestState,
-    raised: Iterable[int] = (),
+    raised: Mapping[int, int] = MappingProxyType({}),
 ) -> AfterResume:
     """Judge the guest's run on the destination: ``paused`` is the source
     at pause, ``resumed`` the destination before the guest ran,
-    ``later`` the destination after it ran for a while and ``raised``
-    (the ports :meth:`HostDriver.raise_guest_events` raised) were raised.
+    ``later`` the destination after it ran for a while and the ports of
+    ``raised`` were raised (:func:`run_after_resume`: port -> the
+    guest's count of its events just before the raise).
 
     Every request in flight at pause is answered exactly once; no
     response is lost, duplicated, out of order or wrong; I/O completed
     after resume with sequence numbers continuing; a vbd read after
-    resume checked data written before the pause; every bound port
-    unmasked at pause received an event; every vCPU made progress and
-    its time did not go back."""
+    resume checked data written before the pause; every port bound and
+    unmasked at pause (the source's event channel table, so a port the
+    destination lost counts) was raised and its count went up after the
+    raise; every vCPU made progress and its system time moved forward
+    (not judged when the host writes no time: 0 at both snapshots).
+    A guest whose RAM holds no frontend or no kernel record is not
+    judged: ``passed`` is None."""
+    if not paused.frontends or not paused.kernel or not later.kernel:
+        return AfterResume(
+            requests_completed=0,
+            lost=0,
+            duplicated=0,
+            reordered=0,
+            bad_payloads=0,
+            unanswered=(),
+            vbd_reads_checked=0,
+            ports_silent=(),
+            vcpus_stalled=(),
+            problems=(),
+            not_judged="not judged: the guest's RAM holds no "
+            + ("PV frontend" if not paused.frontends else "kernel record"),
+            time_judged=False,
+        )
     problems: list[str] = []
     totals = dict.fromkeys(
         ("completed", "lost", "duplicated", "reordered", "bad_payload"), 0
@@ -1147,12 +1171,12 @@ def after_resume(
                     f"before the pause"
                 )
     problems += _rings_after(paused, later)
-    silent = _silent_ports(paused, resumed, later, set(raised))
+    silent = _silent_ports(paused, later, raised)
     if silent:
         problems.append(
             f"bound ports with no event after resume: {_listed(silent)}"
         )
-    stalled = _vcpus(resumed, later, problems)
+    stalled, time_judged = _vcpus(resumed, later, problems)
     return AfterResume(
         requests_completed=totals["completed"],
         lost=totals["lost"],
@@ -1164,6 +1188,7 @@ def after_resume(
         ports_silent=tuple(silent),
         vcpus_stalled=tuple(stalled),
         problems=tuple(problems),
+        time_judged=time_judged,
     )
 
 
@@ -1195,51 +1220,59 @@ def _rings_after(paused: GuestState, later: GuestState) -> list[str]:
 
 
 def _silent_ports(
-    paused: GuestState,
-    resumed: GuestState,
-    later: GuestState,
-    raised: set[int],
+    paused: GuestState, later: GuestState, raised: Mapping[int, int]
 ) -> list[int]:
+    """Ports bound and unmasked at pause (the source's table) that the
+    guest counts, and that were not raised or whose count did not go up
+    after the raise."""
     view = _evtchn_view(paused.items.get(Item.EVENT_CHANNELS))
     if view is None:
         return []
-    counts_before = resumed.kernel.get("ports", {})
+    counted = paused.kernel.get("ports", {})
     counts_after = later.kernel.get("ports", {})
     silent = []
     for p in view[1]:
         if p.type in (EvtchnType.CLOSED, EvtchnType.UNBOUND) or p.masked:
             continue
-        if p.port not in counts_before:
+        if p.port not in counted:
             continue  # the guest does not count it
-        if raised and p.port not in raised:
+        if p.port not in raised:
             silent.append(p.port)
-        elif counts_after.get(p.port, 0) <= counts_before[p.port]:
+        elif counts_after.get(p.port, 0) <= raised[p.port]:
             silent.append(p.port)
     return silent
 
 
 def _vcpus(
     resumed: GuestState, later: GuestState, problems: list[str]
-) -> list[int]:
+) -> tuple[list[int], bool]:
+    """vCPUs that made no progress, and whether time was judged."""
     before = resumed.kernel.get("vcpus", ())
     after = later.kernel.get("vcpus", ())
     if len(before) != len(after):
         problems.append(
             f"{len(before)} vCPUs at resume, {len(after)} after running"
         )
-        return []
+        return [], False
     stalled = []
     working = int(resumed.kernel.get("dirty_rate", 0)) > 0
+    # The host writes vcpu_time_info (Xen: at schedule-in); a host that
+    # writes none leaves system_time 0, and time is then not judged.
+    time_judged = any(
+        a["system_time"] or b["system_time"]
+        for a, b in zip(before, after, strict=True)
+    )
     for v, (a, b) in enumerate(zip(before, after, strict=True)):
         if working and b["progress"] <= a["progress"]:
             stalled.append(v)
-        if b["system_time"] < a["system_time"]:
+        if time_judged and b["system_time"] <= a["system_time"]:
             problems.append(
-                f"vcpu {v}'s system time went back from "
-                f"{a['system_time']} to {b['system_time']}"
+                f"vcpu {v}'s system time did not move forward: "
+                f"{a['system_time']} at resume, {b['system_time']} after "
+                f"running"
             )
     if stalled:
         problems.append(
             f"vCPUs {_listed(stalled)} made no progress after resume"
         )
-    return stalled
+    return stalled, time_judged

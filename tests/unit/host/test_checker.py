@@ -154,19 +154,24 @@ def guest_state(**items) -> GuestState:
 
 
 def resumed_state(**items) -> GuestState:
-    """The destination after reconnecting: the two in-flight requests and
-    the two left on the ring were taken, all four answered; the answers
-    went into the ring page."""
+    """The destination after reconnecting, before the guest runs: its
+    backends are quiescent, so the rings and the requests in flight are
+    as at pause."""
+    return guest_state(**items)
+
+
+def answered_early() -> dict:
+    """A destination whose backend answered before the guest ran: the
+    two in-flight requests and the two left on the ring taken and
+    answered, the answers in the ring page."""
     mem = {pfn: digest(p) for pfn, p in pages().items()}
     mem[RING_GFN] = digest(b"answers")
-    defaults = {
+    return {
         Item.MEMORY: mem,
         Item.PV_DEVICES: (
             backend(ring_indices={"ring": (16, 16)}, inflight=()),
         ),
     }
-    defaults.update(items)
-    return guest_state(**defaults)
 
 
 def failed(report, item: Item) -> str:
@@ -183,7 +188,17 @@ def test_identical_states_pass():
     assert report.to_dict()["memory"] == {"passed": True, "reason": ""}
 
 
-def test_reconnect_with_inflight_answered_passes():
+def test_a_backend_that_answers_before_the_guest_runs_fails():
+    report = checker.check(guest_state(), resumed_state(**answered_early()))
+    assert not report.passed
+    pv = report.results[Item.PV_DEVICES].reason
+    assert "ring ring indices (req_cons, rsp_prod) moved" in pv
+    assert "2 of the 2 in flight at pause gone" in pv
+    # Its answers in the ring page are not exempt either.
+    assert hex(RING_GFN) in report.results[Item.MEMORY].reason
+
+
+def test_quiescent_reconnect_then_answers_passes():
     later = guest_state(
         frontends={
             "vbd/51712": frontend(
@@ -350,8 +365,8 @@ def test_lost_inflight_request():
         ),
         Item.PV_DEVICES,
     )
-    assert "2 of the 2 requests in flight at pause lost" in reason
-    assert "2 requests taken off ring ring lost" in reason
+    assert "ring ring indices (req_cons, rsp_prod) moved" in reason
+    assert "2 of the 2 in flight at pause gone, 0 new" in reason
 
 
 def test_frontend_state_change():
@@ -451,7 +466,7 @@ def test_memory_as_digest_arrays():
         Item.MEMORY,
     )
     assert reason == f"1 pages differ: pfn {hex(int(pfns[3]))}"
-    # The ring page, rewritten by the reconnected backend, is exempt.
+    # The ring page is not exempt: the backends are quiescent.
     ring = int(np.flatnonzero(pfns == RING_GFN)[0])
     ram[3, 4095] ^= 0x80
     ram[ring, 0] ^= 1
@@ -459,7 +474,7 @@ def test_memory_as_digest_arrays():
         guest_state(**{Item.MEMORY: before}),
         resumed_state(**{Item.MEMORY: checker.page_digests(pfns, ram)}),
     )
-    assert report.passed, str(report)
+    assert hex(RING_GFN) in failed(report, Item.MEMORY)
 
 
 def test_vcpu_info_page_is_exempt_only_when_an_event_arrived():
@@ -499,7 +514,11 @@ def kernel(ports=None, progress=(100, 200), time=(5_000, 6_000), rate=1):
     }
 
 
-def judged(later_frontend=None, later_kernel=None, raised=(1, 3, 4, 6), **kw):
+# Ports raised by the probe, with the guest's count just before.
+RAISED = {1: 10, 3: 4, 4: 0, 6: 39}
+
+
+def judged(later_frontend=None, later_kernel=None, raised=RAISED, **kw):
     """after_resume of the reference guest: paused as guest_state(),
     resumed identical, later as given (by default: all well)."""
     paused = dataclasses.replace(
@@ -580,8 +599,49 @@ def test_after_resume_finds_a_silent_port():
     verdict = judged(later_kernel=quiet)
     assert verdict.ports_silent == (3,)
     # A port the probe could not raise is silent too.
-    verdict = judged(raised=(1, 4, 6))
+    verdict = judged(raised={1: 10, 4: 0, 6: 39})
     assert verdict.ports_silent == (3,)
+    # Port 6's count grew after resume (ordinary traffic) but not after
+    # the probe raised it.
+    verdict = judged(raised={**RAISED, 6: 40})
+    assert verdict.ports_silent == (6,)
+
+
+def test_after_resume_takes_the_ports_from_the_source_at_pause():
+    # Port 3 is bound at pause and gone on the destination: silent.
+    paused = dataclasses.replace(
+        guest_state(frontends={"vbd/51712": frontend(verified_write=5)}),
+        kernel=kernel(),
+    )
+    dropped = {1: 10, 4: 0, 6: 39}
+    later = dataclasses.replace(
+        paused,
+        frontends={
+            "vbd/51712": frontend(
+                next_seq=41,
+                last_rsp_seq=40,
+                sent=40,
+                completed=40,
+                outstanding=(),
+                verified_write=9,
+            )
+        },
+        kernel=kernel(ports={1: 11, 4: 1, 6: 40}, progress=(150, 250)),
+    )
+    verdict = checker.after_resume(paused, paused, later, dropped)
+    assert verdict.ports_silent == (3,)
+
+
+def test_a_guest_without_frontends_or_kernel_record_is_not_judged():
+    bare = guest_state(frontends={})
+    verdict = checker.after_resume(bare, bare, bare)
+    assert verdict.passed is None
+    assert verdict.to_dict()["passed"] is None
+    assert "no PV frontend" in verdict.to_dict()["reason"]
+    no_kernel = guest_state()
+    verdict = checker.after_resume(no_kernel, no_kernel, no_kernel)
+    assert verdict.passed is None
+    assert "no kernel record" in verdict.to_dict()["reason"]
 
 
 def test_after_resume_finds_stalled_vcpus_and_time_going_back():
@@ -594,13 +654,44 @@ def test_after_resume_finds_stalled_vcpus_and_time_going_back():
     assert verdict.vcpus_stalled == (0,)
     reason = verdict.to_dict()["reason"]
     assert "vCPUs 0 made no progress" in reason
-    assert "vcpu 0's system time went back from 5000 to 4000" in reason
+    assert "vcpu 0's system time did not move forward: 5000 at" in reason
+    # Standing still fails too, where the host writes time.
+    still = kernel(ports={1: 11, 3: 5, 4: 1, 6: 40}, progress=(150, 250))
+    reason = judged(later_kernel=still).to_dict()["reason"]
+    assert "vcpu 1's system time did not move forward" in reason
+
+
+def test_time_is_not_judged_when_the_host_writes_none():
+    paused = dataclasses.replace(
+        guest_state(frontends={"vbd/51712": frontend(verified_write=5)}),
+        kernel=kernel(time=(0, 0)),
+    )
+    later = dataclasses.replace(
+        paused,
+        frontends={
+            "vbd/51712": frontend(
+                next_seq=41,
+                last_rsp_seq=40,
+                sent=40,
+                completed=40,
+                outstanding=(),
+                verified_write=9,
+            )
+        },
+        kernel=kernel(
+            ports={1: 11, 3: 5, 4: 1, 6: 40}, progress=(150, 250), time=(0, 0)
+        ),
+    )
+    verdict = checker.after_resume(paused, paused, later, RAISED)
+    assert verdict.passed, verdict.problems
+    assert verdict.time_judged is False
+    assert verdict.to_dict()["reason"] == "time not judged"
 
 
 def test_after_resume_applies_the_ring_rules_to_the_later_state():
-    paused = guest_state()
+    paused = dataclasses.replace(guest_state(), kernel=kernel())
     later = dataclasses.replace(
-        guest_state(),
+        paused,
         # Two requests in flight at pause, none answered, none in flight.
         items={
             **guest_state().items,
