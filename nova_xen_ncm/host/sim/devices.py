@@ -1018,9 +1018,27 @@ class Backend(abc.ABC):
                 f"{self.frontend_path} is Connected without ring-ref and "
                 f"event-channel"
             )
-        self._attach(ref, port, (0, 0))
+        if self.ring is not None and (self.ring_ref, self.frontend_port) != (
+            ref,
+            port,
+        ):
+            self._disconnect()
+        if self.ring is None:
+            self._attach(ref, port, (0, 0))
         self._set_state(XenbusState.CONNECTED)
         self.service()
+
+    def _attach_published(self) -> None:
+        """Map and bind the ring and port the frontend published, if it
+        did (it is Initialised or Connected): what :meth:`_connect` does
+        but the step to Connected."""
+        seen = _read_int(self._xs, self.frontend_path + "/state")
+        if seen not in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+            return
+        ref = _read_int(self._xs, self.frontend_path + "/ring-ref")
+        port = _read_int(self._xs, self.frontend_path + "/event-channel")
+        if ref is not None and port is not None:
+            self._attach(ref, port, (0, 0))
 
     def _attach(self, ref: int, port: int, indices: tuple[int, int]) -> None:
         handle, page = self._grants.grant_map(self.domid, ref)
@@ -1120,7 +1138,7 @@ class Backend(abc.ABC):
         with self._lock:
             self.quiesced = False
         self.service()
-        if self.ring is None:
+        if self.ring is None or self.state != XenbusState.CONNECTED:
             self.handle_watch()
 
     def export(self) -> BackendState:
@@ -1178,6 +1196,13 @@ class Backend(abc.ABC):
             )
             be.state = XenbusState(state.state)
             be.quiesced = quiesced
+            if be.state == XenbusState.INIT_WAIT:
+                # The frontend may have published its ring and port
+                # already: map and bind them now, so that a ring that
+                # cannot be mapped fails the import, not the handshake
+                # after the guest runs here.
+                with be._lock:
+                    be._attach_published()
             be.start()
             return be
         req_cons, rsp_prod_pvt = state.ring_indices[RING_NAME]

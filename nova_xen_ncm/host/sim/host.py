@@ -2317,6 +2317,11 @@ class SimHost(base.HostDriver):
     def _kernel_record(self, dom: _Domain) -> dict[str, object]:
         """What the guest's kernel counted in its RAM (kernel.py): events
         per port, and per vCPU its progress and its time info."""
+        # Hypercalls change these under the host lock: a copy taken
+        # under it, so the walk below sees one consistent table.
+        with self._lock:
+            bound = sorted(dom.ports)
+            placements = dict(dom.vcpu_info_at)
         with dom.mem.lock():
             page = bytes(dom.mem.ram[kernel.HEADER_PFN])
             hdr = kernel.read_header(page)
@@ -2325,12 +2330,12 @@ class SimHost(base.HostDriver):
             counts = dom.mem.ram[kernel.COUNTERS_PFN].view(np.uint32)
             ports = {
                 int(p): int(counts[p])
-                for p in dom.ports
+                for p in bound
                 if p < kernel.NR_COUNTED_PORTS
             }
             vcpus = []
             for v in range(min(hdr["nr_vcpus"], dom.vcpus)):
-                placed = dom.vcpu_info_at.get(v)
+                placed = placements.get(v)
                 if placed is None:
                     area = dom.mem.xen_pages[XENPAGE_SHARED_INFO]
                     off = v * evtchn.VCPU_INFO_SIZE

@@ -595,12 +595,14 @@ def test_checker_passes_a_migration_of_the_devices():
     rig = Rig("vbd")
     rig.run_io(3)
     disk = rig.disk
-    paused_obs, state = migrate(rig, store=disk)
+    paused_obs, state = migrate(rig, store=disk, quiesced=True)
     paused = GuestState(
         items={Item.PV_DEVICES: (state,)},
         frontends={rig.frontend.key: paused_obs},
     )
+    # Quiescent until the guest runs: as at pause.
     resumed = pv_state(rig, rig.backend.export())
+    rig.backend.resume()
     rig.pump()
     rig.run_io(4)
     later = pv_state(rig, rig.backend.export())
@@ -622,20 +624,25 @@ def forget_two_in_flight(state):
 def test_checker_catches_a_backend_that_dropped_in_flight_requests():
     rig = Rig("vif")
     rig.run_io(2)
-    paused_obs, state = migrate(rig, tamper=forget_two_in_flight)
+    paused_obs, state = migrate(
+        rig, tamper=forget_two_in_flight, quiesced=True
+    )
     paused = GuestState(
         items={Item.PV_DEVICES: (state,)},
         frontends={rig.frontend.key: paused_obs},
     )
     resumed = pv_state(rig, rig.backend.export())
+    rig.backend.resume()
     rig.pump()
     rig.run_io(2)
     later = pv_state(rig, rig.backend.export())
     passed, reason = pv_verdict(checker.check(paused, resumed, later))
     assert not passed
-    # The indices it claims hide the loss from the backend's side; the
+    # At resume its ring is not where it was at pause; later the
     # frontend finds its two requests' slots answered with nothing.
-    assert reason == "vif/0: 2 bad payload responses since pause"
+    assert "vif/0: ring ring indices (req_cons, rsp_prod) moved" in reason
+    assert "2 of the 4 in flight at pause gone" in reason
+    assert "vif/0: 2 bad payload responses since pause" in reason
 
 
 def test_observe_frontend_reads_guest_ram():
@@ -762,3 +769,63 @@ def test_an_early_read_accepts_what_a_kept_disk_holds():
     assert not devices._payload_ok("vbd", 1, late, old)
     good = devices.expected_payload("vbd", 1, late)
     assert devices._payload_ok("vbd", 1, late, good)
+
+
+def _paused_mid_handshake_with_ring_published():
+    """A vbd whose frontend published ring-ref and event-channel while
+    the backend, at InitWait, had not yet seen it: paused there."""
+    rig = Rig("vbd", pump=False)
+    for path, _ in rig.host.dom0.pop_events():
+        rig.backend.handle_watch(path)
+    for path, token in rig.host.guest_xs.pop_events():
+        if token == rig.frontend.token:
+            rig.frontend.handle_watch(path)
+    front = f"/local/domain/{DOMID}/device/vbd/{rig.devid}"
+    assert rig.host.store.nodes.get(f"{front}/ring-ref") is not None
+    assert rig.backend.state == 2
+    state = rig.backend.quiesce()
+    assert state.ring_refs == ()
+    copy_guest(rig)
+    return rig, state, front
+
+
+def test_reconnect_maps_a_published_ring_at_import_and_connects_later():
+    rig, state, _ = _paused_mid_handshake_with_ring_published()
+    rig.backend = Backend.reconnect(
+        state,
+        xs=rig.host.dom0,
+        grants=rig.host,
+        evtchn=rig.host,
+        quiesced=True,
+        store=rig.disk,
+    )
+    # Mapped and bound at import, still at InitWait, nothing written.
+    assert rig.backend.ring is not None and rig.backend.state == 2
+    assert len(rig.host.maps) == 1
+    assert rig.host.store.writes == []
+    rig.frontend = Frontend.attach(
+        rig.host.ram, STATE_PFN, 0, rig.host.guest_xs, rig.host
+    )
+    rig.backend.resume()
+    rig.pump()
+    assert rig.frontend.state == rig.backend.state == 4
+    # The ring mapped at import is the one used: no second mapping.
+    assert len(rig.host.maps) == 1
+    rig.run_io(3)
+    c = counters(rig.frontend)
+    assert c["completed"] > 0 and c["bad_payload"] == 0
+
+
+def test_reconnect_of_a_published_ring_that_cannot_be_mapped_fails():
+    rig, state, front = _paused_mid_handshake_with_ring_published()
+    ref = int(rig.host.store.nodes[f"{front}/ring-ref"])
+    del rig.host.grants[ref]
+    with pytest.raises(KeyError):
+        Backend.reconnect(
+            state,
+            xs=rig.host.dom0,
+            grants=rig.host,
+            evtchn=rig.host,
+            quiesced=True,
+            store=rig.disk,
+        )
