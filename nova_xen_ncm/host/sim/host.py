@@ -1810,6 +1810,45 @@ class SimHost(base.HostDriver):
                 backends=backends,
             )
 
+    def _check_ring_grant(
+        self,
+        dom: _Domain,
+        state: base.PvState,
+        bs: base.BackendState,
+        ref: int,
+        where: str,
+    ) -> None:
+        """A ring's grant entry in the incoming table: in use, for the
+        backend's domain, of a page the guest has (what the backend's
+        map will need)."""
+        gt = state.grant_table
+        if gt.version != 1:
+            return  # refused with the table's version below
+        frame, index = divmod(ref, grant.ENTRIES_PER_FRAME)
+        off = index * grant.GRANT_ENTRY_V1.size
+        flags, domid, gfn = grant.GRANT_ENTRY_V1.unpack(
+            bytes(gt.frames[frame][off : off + grant.GRANT_ENTRY_V1.size])
+        )
+        if flags & grant.GTF_type_mask != grant.GTF_permit_access:
+            raise HostError(
+                f"{where}: ring grant reference {ref} is not in use "
+                f"(flags {flags:#x})",
+                call="import_pv_state",
+            )
+        if domid != bs.backend_domid:
+            raise HostError(
+                f"{where}: ring grant reference {ref} is for domain "
+                f"{domid}, not the backend's {bs.backend_domid}",
+                call="import_pv_state",
+            )
+        p2m = dom.mem.p2m
+        if not 0 <= gfn < len(p2m) or p2m[gfn] != P2M_RAM:
+            raise HostError(
+                f"{where}: ring grant reference {ref} grants gfn "
+                f"{gfn:#x}, which the guest has not populated",
+                call="import_pv_state",
+            )
+
     def _validate_pv_state(self, dom: _Domain, state: base.PvState) -> None:
         call = "import_pv_state"
 
@@ -1865,6 +1904,15 @@ class SimHost(base.HostDriver):
                         f"{where}: grant reference {ref} beyond "
                         f"the table's {limit} entries"
                     )
+                self._check_ring_grant(dom, state, bs, ref, where)
+            if bs.kind == "vbd":
+                # The reconnect below opens it: found missing now, before
+                # anything is applied.
+                try:
+                    path = self.disk_path(dom.uuid, bs.devid)
+                    devices.BlockStore.open(path).close()
+                except (ValueError, devices.BackendError) as exc:
+                    raise refuse(f"{where}: {exc}") from None
         for b in state.backend_domids:
             if b != DOM0 and b not in self._domains:
                 raise refuse(f"backend domain {b} does not exist here")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import time
 
 import numpy as np
@@ -21,6 +22,7 @@ from nova_xen_ncm.conf import register_opts
 from nova_xen_ncm.engine import receiver
 from nova_xen_ncm.engine import savefile
 from nova_xen_ncm.engine import validate
+from nova_xen_ncm.engine.receiver import RestoreError
 from nova_xen_ncm.engine.validate import ForgedContent
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.sim.host import SimHost
@@ -403,3 +405,49 @@ def test_page_data_limits_from_the_host(destination, saved):
     types = np.full(1, libxc.XALLOC, dtype=np.uint8)
     with pytest.raises(ForgedContent, match="0xff000"):
         validate.check_pages(limits, pfns, types, 0, 0)
+
+
+def _refused_by_the_host(saved, host, recs, match):
+    """The host refuses the PV state before it applies any of it."""
+    domid, _ = saved
+    restorer = receiver.Restorer(host, domid, pv_drivers=True)
+    for record in recs[:-1]:
+        restorer.apply(record)
+    before = snapshot(host, domid)
+    with pytest.raises(RestoreError, match=match):
+        restorer.apply(recs[-1])
+    assert snapshot(host, domid) == before
+    assert not restorer.done
+
+
+def test_a_ring_grant_not_in_use_is_refused_before_anything(
+    saved, destination, monkeypatch
+):
+    # The stream's validation refuses it too: the host's own check is
+    # what is tested here.
+    monkeypatch.setattr(
+        receiver.validate, "check_pv_records", lambda *args: None
+    )
+    recs = records(saved[1])
+
+    def change(gt):
+        # The frontends' grants to dom0 (their rings) revoked.
+        entries = gt.entries.copy()
+        entries["flags"][entries["domid"] == 0] = 0
+        return dataclasses.replace(gt, entries=entries)
+
+    forge(recs, "NCM_GRANT_TABLE", change)
+    _refused_by_the_host(saved, destination, recs, "is not in use")
+
+
+def test_a_vbd_whose_disk_is_missing_is_refused_before_anything(
+    saved, destination, disk_dir
+):
+    recs = records(saved[1])
+    disk = disk_dir / f"{CONFIG.uuid}-51712.disk"
+    hidden = disk_dir / "hidden"
+    os.rename(disk, hidden)
+    try:
+        _refused_by_the_host(saved, destination, recs, "cannot be opened")
+    finally:
+        os.rename(hidden, disk)
