@@ -173,11 +173,26 @@ def change_tsc(host, domid):
 
 
 def rebind_backend(host, domid):
-    """A backend bound to another ring than the one the guest granted."""
-    be = next(
-        b for b in _dom(host, domid).backends.values() if b.kind == "vif"
-    )
-    be.ring_ref += 1
+    """The vif's backend maps another of the guest's grants to dom0 (the
+    vbd's ring) instead of the one the vif granted, at the same indices,
+    with the same port and requests in flight."""
+    backends = {b.kind: b for b in _dom(host, domid).backends.values()}
+    vif, vbd = backends["vif"], backends["vbd"]
+    with vif._lock:
+        indices, port = vif.ring.indices, vif.frontend_port
+        inflight = list(vif.inflight)
+        vif._disconnect()
+        vif._attach(vbd.ring_ref, port, indices)
+        vif.inflight = inflight
+
+
+def move_backend_domain(host, domid):
+    """The destination offers the guest a channel to a domain it had no
+    dealings with on the source (a driver domain, domid 7)."""
+    dom = _dom(host, domid)
+    with host._lock:
+        host.evtchn.alloc_unbound(host.dom0, domid, 7)
+    assert 7 in host._backend_domids(dom)
 
 
 def widen_permission(host, domid):
@@ -196,7 +211,10 @@ MUTATIONS = [
     (widen_permission, {Item.XENSTORE}),
     (drop_watch, {Item.XENSTORE}),
     (change_tsc, {Item.PLATFORM}),
-    (rebind_backend, {Item.PV_DEVICES}),
+    # Mapping another reference moves GTF_reading/GTF_writing too.
+    (rebind_backend, {Item.PV_DEVICES, Item.GRANT_TABLE}),
+    # The new port is guest-visible in the event channel table too.
+    (move_backend_domain, {Item.DOMID, Item.EVENT_CHANNELS}),
 ]
 
 
@@ -210,6 +228,22 @@ def test_a_destination_fault_fails_its_item(
     assert run.phase is Phase.DONE, run.migration.sender.error
     failures = run.report().failures()
     assert set(failures) == items, failures
+
+
+def test_a_backend_on_another_ring_fails_after_resume(
+    disks, source, destination, migration
+):
+    run = Checked(source, destination, migration, rebind_backend)
+    assert run.phase is Phase.DONE, run.migration.sender.error
+    assert "ring grant references changed" in run.report().failures()[
+        Item.PV_DEVICES
+    ]
+    verdict = run.after()
+    assert verdict.passed is False
+    # The vif's requests go unanswered; the vbd's ring gets answers from
+    # a backend that is not its own.
+    reason = verdict.to_dict()["reason"]
+    assert "vif/0" in reason, reason
 
 
 def test_a_port_left_masked_is_silent_after_resume(
