@@ -50,6 +50,11 @@ def test_demo_json_migrates_transparently():
     assert report["bytes_sent"] > 4 << 20
     assert report["downtime_ms"] > 0
     assert report["total_ms"] >= report["downtime_ms"]
+    # The checker's snapshots of the paused guest are inside the
+    # downtime; the report gives it without them too.
+    assert report["downtime_without_checker_ms"] == pytest.approx(
+        report["downtime_ms"] - report["checker_snapshot_ms"]
+    )
     assert report["policy"] == "downtime"
     # Exactly one copy of the guest: gone from the source, running on
     # the destination.
