@@ -265,7 +265,16 @@ def read_memory(host: HostDriver, domid: int) -> tuple[np.ndarray, np.ndarray]:
     mapped read-only. Nothing of the host's own digest, its log-dirty
     bookkeeping or the migration's send path is used, so a write that
     escapes them all is still seen. XXH3-128 per page: it finds a page
-    copied wrong, and reads a gigabyte in a fraction of a second."""
+    copied wrong, and reads a gigabyte in a fraction of a second. The
+    reads are the host's :meth:`~.base.HostDriver.observing` calls: no
+    injected fault fails them."""
+    with host.observing():
+        return _read_memory(host, domid)
+
+
+def _read_memory(
+    host: HostDriver, domid: int
+) -> tuple[np.ndarray, np.ndarray]:
     pfns = np.sort(np.asarray(host.populated_pfns(domid), dtype=np.uint64))
     digests = np.empty((len(pfns), 16), dtype=np.uint8)
     digest = xxhash.xxh3_128_digest
@@ -288,7 +297,8 @@ def snapshot(host: HostDriver, domid: int) -> GuestState:
     """The guest's state for :func:`check`: the host's report of every
     item but memory, and memory as :func:`read_memory` reads it."""
     items = [i for i in Item if i is not Item.MEMORY]
-    state = host.guest_state(domid, items)
+    with host.observing():
+        state = host.guest_state(domid, items)
     return dataclasses.replace(
         state,
         items={**state.items, Item.MEMORY: read_memory(host, domid)},
@@ -1075,13 +1085,15 @@ def run_after_resume(
     :func:`after_resume`, each with the guest's count of its events just
     before the raise."""
     time.sleep(seconds)
-    before = host.guest_state(domid, ()).kernel.get("ports", {})
-    raised = {
-        p: int(before.get(p, 0)) for p in host.raise_guest_events(domid)
-    }
+    with host.observing():
+        before = host.guest_state(domid, ()).kernel.get("ports", {})
+        raised = {
+            p: int(before.get(p, 0)) for p in host.raise_guest_events(domid)
+        }
     deadline = time.monotonic() + delivery_timeout
     while True:
-        later = host.guest_state(domid, AFTER_RESUME_ITEMS)
+        with host.observing():
+            later = host.guest_state(domid, AFTER_RESUME_ITEMS)
         counts = later.kernel.get("ports", {})
         waiting = [p for p, n in raised.items() if counts.get(p, 0) <= n]
         if not waiting or time.monotonic() > deadline:

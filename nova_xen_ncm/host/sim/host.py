@@ -383,7 +383,8 @@ def canonical_uuid(text: str) -> str:
 def _faulty(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: SimHost, *args: object, **kwargs: object) -> object:
-        self._inject_fault(method.__name__)
+        if not getattr(self._observer, "depth", 0):
+            self._inject_fault(method.__name__)
         return method(self, *args, **kwargs)
 
     return wrapper
@@ -428,6 +429,8 @@ class SimHost(base.HostDriver):
         self._maptrack: dict[int, tuple[int, int, bool]] = {}
         self._next_handle = 1
         self._faults = random.Random(self.opts.fault_seed)
+        # Threads inside observing(): the checker's calls, not faulted.
+        self._observer = threading.local()
         self._prelaunch = prelaunch
         self._closed = False
         self._spare: tuple[subprocess.Popen, socket.socket] | None = None
@@ -440,6 +443,14 @@ class SimHost(base.HostDriver):
         self._spare_ram = self._new_spare_ram()
 
     # -- internals --
+
+    @contextlib.contextmanager
+    def observing(self) -> Iterator[None]:
+        self._observer.depth = getattr(self._observer, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._observer.depth -= 1
 
     def _inject_fault(self, call: str) -> None:
         if self.opts.call_latency_s:

@@ -621,3 +621,21 @@ def test_an_unpause_that_failed_on_one_backend_releases_the_rest_after(
     assert not dom.backends_held
     assert host.domain_info(domid).state is base.DomainState.RUNNING
     host.destroy_domain(domid, delete_disks=True)
+
+
+def test_the_checkers_reads_meet_no_injected_fault(conf, host) -> None:
+    from nova_xen_ncm.host import checker
+
+    empty(host, 1)
+    host.populate(1, np.arange(16, dtype=np.uint64))
+    conf.set_override("call_failure_probability", 1.0, "xen_ncm_sim")
+    with pytest.raises(base.HostError, match="injected failure"):
+        host.populated_pfns(1)
+    draws = host._faults.getstate()
+    pfns, _ = checker.read_memory(host, 1)
+    state = checker.snapshot(host, 1)
+    assert len(pfns) == 16 and len(state.items[Item.MEMORY][0]) == 16
+    # The oracle drew nothing from the migration's sequence of faults.
+    assert host._faults.getstate() == draws
+    with pytest.raises(base.HostError, match="injected failure"):
+        host.populated_pfns(1)
