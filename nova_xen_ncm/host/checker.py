@@ -642,21 +642,6 @@ def _event_channels(a: object, b: object) -> list[str]:
 # -- grant table ------------------------------------------------------------
 
 
-def _grant_frame(gt: GrantTableState, ref: int) -> int | None:
-    """The frame (gfn) a grant reference grants, from its raw entry."""
-    size = GRANT_ENTRY_SIZE.get(gt.version)
-    if size is None:
-        return None
-    per_frame = PAGE_SIZE // size
-    frame, index = divmod(ref, per_frame)
-    if frame >= len(gt.frames):
-        return None
-    raw = gt.frames[frame][index * size : (index + 1) * size]
-    if gt.version == 1:
-        return struct.unpack_from("<I", raw, 4)[0]
-    return struct.unpack_from("<Q", raw, 8)[0]
-
-
 def _grant_entry_text(version: int, raw: bytes) -> str:
     flags, domid = struct.unpack_from("<HH", raw)
     if version == 1:

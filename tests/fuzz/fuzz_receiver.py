@@ -28,11 +28,14 @@ a simulated destination, as the receiver does. The oracle:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import random
+import shutil
 import struct
 import sys
+import tempfile
 
 if __name__ == "__main__":
     import atheris
@@ -73,11 +76,25 @@ RHDR = struct.Struct("<II")
 _EDIT = struct.Struct("<HHB")
 
 
+_DISK_DIR: list[str] = []
+
+
+def _disk_dir() -> str:
+    """The disks of the captured guest and of every restore, shared as
+    on a cloud's storage; one private directory per process, removed at
+    exit."""
+    if not _DISK_DIR:
+        _DISK_DIR.append(tempfile.mkdtemp(prefix="nova-xen-ncm-fuzz-disks-"))
+        atexit.register(shutil.rmtree, _DISK_DIR[0], True)
+    return _DISK_DIR[0]
+
+
 def _conf() -> cfg.ConfigOpts:
     conf = cfg.ConfigOpts()
     register_opts(conf)
     conf([])
     conf.set_override("host_memory_mb", 64, group="xen_ncm_sim")
+    conf.set_override("disk_dir", _disk_dir(), group="xen_ncm_sim")
     return conf
 
 
