@@ -31,6 +31,8 @@ from typing import Any
 from oslo_config import cfg
 
 from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import EnvironmentProblem
+from nova_xen_ncm.cmd import bus
 from nova_xen_ncm.cmd import demo
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host import factory
@@ -55,6 +57,38 @@ def add_host_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_bus_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--transport-url",
+        default=None,
+        metavar="URL",
+        help="also publish progress on this oslo.messaging bus (default: "
+        "the transport URL of the configuration file, if it sets one)",
+    )
+
+
+def progress_sinks(
+    args: argparse.Namespace,
+    conf: cfg.ConfigOpts,
+    hostname: str,
+    stream: Any = None,
+) -> list[Any]:
+    """The terminal display, and the bus when a transport is configured
+    (``--transport-url`` or a configuration file's)."""
+    sinks = [terminal_sink(conf, hostname, stream)]
+    url = bus.configured_url(conf, getattr(args, "transport_url", None))
+    if url:
+        sinks.append(bus.bus_sink(conf, hostname, url))
+    return sinks
+
+
+def close_sinks(sinks: list[Any]) -> None:
+    for sink in sinks:
+        close = getattr(sink, "close", None)
+        if close is not None:
+            close()
+
+
 def add_create_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--create",
@@ -72,10 +106,11 @@ def add_create_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dirty-rate",
-        type=demo.parse_size,
+        type=demo.parse_rate,
         default=None,
-        metavar="BYTES",
-        help="with --create: bytes per second the guest writes, e.g. 8M",
+        metavar="RATE",
+        help="with --create: bytes per second the guest writes, e.g. 8M "
+        "or 512K",
     )
 
 
@@ -211,6 +246,26 @@ def read_token_file(path: str) -> tuple[str, bytes, tuple[str, int]]:
         ) from None
 
 
+def remove_token_file(path: str) -> None:
+    """A token serves one migration: once it was presented, the file is
+    useless and is removed, so that it is not tried again."""
+    for name in (path, f"{path}.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
+
+
+def check_listen_address(address: str) -> None:
+    """A usage error for what cannot be an address; whether it is one of
+    this host's is found when the listener binds."""
+    try:
+        socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise CommandError(
+            f"--listen {address!r} is not an address or a name that "
+            f"resolves ({exc})"
+        ) from None
+
+
 def parse_endpoint(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -306,81 +361,152 @@ def run_migrate(args: argparse.Namespace) -> int:
         else:
             info = find_domain(host, args.domain)
         # --json keeps stdout for the statistics.
-        sink = terminal_sink(
-            CONF, host.hostname, sys.stderr if args.json else None
-        )
-        sink.start(
-            migration_id,
-            instance_uuid=info.uuid,
-            source_host=host.hostname,
-            destination_host=f"{endpoint[0]}:{endpoint[1]}",
+        sinks = progress_sinks(
+            args, CONF, host.hostname, sys.stderr if args.json else None
         )
         try:
-            outgoing = OutgoingMigration(
-                host,
-                info.domid,
-                endpoint,
-                migration_id,
-                token,
-                conf=CONF,
-                sinks=[sink],
-            )
-        except Exception as exc:
-            raise CommandError(f"cannot migrate: {exc}") from None
-        outgoing.start()
-        phase = outgoing.wait()
+            for sink in sinks:
+                sink.start(
+                    migration_id,
+                    instance_uuid=info.uuid,
+                    source_host=host.hostname,
+                    destination_host=f"{endpoint[0]}:{endpoint[1]}",
+                )
+            try:
+                outgoing = OutgoingMigration(
+                    host,
+                    info.domid,
+                    endpoint,
+                    migration_id,
+                    token,
+                    conf=CONF,
+                    sinks=sinks,
+                )
+            except Exception as exc:
+                raise CommandError(f"cannot migrate: {exc}") from None
+            outgoing.start()
+            phase = wait_or_cancel(outgoing, info.domid)
+        finally:
+            close_sinks(sinks)
+        if _token_presented(outgoing):
+            remove_token_file(args.token_file)
         stats = outgoing.stats.to_dict()
         if args.json:
             print(json.dumps(stats, indent=2, default=str))
         if phase is None or phase.value != "done":
-            raise CommandError(
+            raise FailedMigration(
                 f"migration of domain {info.domid} ended in "
                 f"{getattr(phase, 'value', phase)}: {outgoing.error}"
             )
     return 0
 
 
+class FailedMigration(CommandError):
+    """The migration ran and did not complete: exit status 1."""
+
+    exit_status = 1
+
+
+def wait_or_cancel(outgoing: Any, domid: int) -> Any:
+    """The migration's final phase; an interrupt cancels it, waits for
+    the rollback and says where the guest is."""
+    from nova_xen_ncm.cmd import Interrupted
+
+    try:
+        return outgoing.wait()
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        cancelled = outgoing.cancel()
+        phase = _wait_through(outgoing)
+        raise Interrupted(signum, _outcome(phase, cancelled, domid)) from None
+
+
+def _wait_through(outgoing: Any) -> Any:
+    """Wait for the end, ignoring further interrupts: the engine's
+    rollback is bounded, and leaving during it would leave the guest
+    paused."""
+    while True:
+        try:
+            return outgoing.wait()
+        except KeyboardInterrupt:
+            continue
+
+
+def _outcome(phase: Any, cancelled: bool, domid: int) -> str:
+    value = getattr(phase, "value", phase)
+    if value == "done":
+        return (
+            f"too late to cancel (the commit decision was made): domain "
+            f"{domid} completed its migration and runs on the destination"
+        )
+    if value in ("cancelled", "rolled_back", "failed"):
+        return (
+            f"migration cancelled ({value}); domain {domid} rolled back "
+            "and runs on the source"
+        )
+    return f"migration ended in {value}; domain {domid} is paused here"
+
+
+def _token_presented(outgoing: Any) -> bool:
+    """Whether the destination saw the token: the migration got past
+    SETUP, or ended there after connecting."""
+    from nova_xen_ncm.engine.state import Phase
+
+    phases = {phase for phase, _ in outgoing.sender.state.history()}
+    return bool(phases - {Phase.SETUP, Phase.FAILED, Phase.ROLLBACK})
+
+
 def run_receive(args: argparse.Namespace) -> int:
     from nova_xen_ncm.conf import CONF
+    from nova_xen_ncm.engine.errors import EngineError
     from nova_xen_ncm.engine.migration import IncomingMigration
 
     if args.listen:
+        check_listen_address(args.listen)
         CONF.set_override("listen_address", args.listen, group="xen_ncm")
     name = driver_name(args, CONF)
     migration_id = str(uuid.uuid4())
     with closing_host(open_host(args, CONF)) as host:
-        sink = terminal_sink(CONF, host.hostname)
+        sinks = progress_sinks(args, CONF, host.hostname)
         try:
-            incoming = IncomingMigration(
-                host,
-                migration_id,
-                conf=CONF,
-                sinks=[sink],
-                advertise=args.advertise or _advertise(args),
-            )
-        except (OSError, base.HostError) as exc:
-            raise CommandError(f"cannot listen: {exc}") from None
-        sink.start(migration_id, role="destination")
-        incoming.start()
-        try:
-            write_token_file(
-                args.token_file,
-                migration_id,
-                incoming.token,
-                incoming.endpoint,
-            )
-        except OSError as exc:
-            raise CommandError(
-                f"cannot write {args.token_file}: {exc}"
-            ) from None
-        print(
-            f"waiting for the source on "
-            f"{incoming.endpoint[0]}:{incoming.endpoint[1]}",
-            flush=True,
-        )
-        phase = incoming.wait()
+            try:
+                incoming = IncomingMigration(
+                    host,
+                    migration_id,
+                    conf=CONF,
+                    sinks=sinks,
+                    advertise=args.advertise or _advertise(args),
+                )
+            except (OSError, EngineError, base.HostError) as exc:
+                raise EnvironmentProblem(f"cannot listen: {exc}") from None
+            for sink in sinks:
+                sink.start(migration_id, role="destination")
+            incoming.start()
+            try:
+                try:
+                    write_token_file(
+                        args.token_file,
+                        migration_id,
+                        incoming.token,
+                        incoming.endpoint,
+                    )
+                except OSError as exc:
+                    incoming.cancel()
+                    raise CommandError(
+                        f"cannot write {args.token_file}: {exc}"
+                    ) from None
+                print(
+                    f"waiting for the source on "
+                    f"{incoming.endpoint[0]}:{incoming.endpoint[1]}",
+                    flush=True,
+                )
+                phase = _receive_or_cancel(incoming)
+            finally:
+                remove_token_file(args.token_file)
+        finally:
+            close_sinks(sinks)
         if phase is None or phase.value != "done":
-            raise CommandError(
+            raise FailedMigration(
                 f"incoming migration ended in "
                 f"{getattr(phase, 'value', phase)}: "
                 f"{incoming.receiver.error}"
@@ -390,6 +516,36 @@ def run_receive(args: argparse.Namespace) -> int:
         if args.hold and factory.guests_live_in_process(name):
             hold(domids, name)
     return 0
+
+
+def _receive_or_cancel(incoming: Any) -> Any:
+    """The incoming migration's final phase. An interrupt before the
+    source connected stops waiting; once it has, the source decides and
+    this end follows it to the end (a rollback destroys the copy here)."""
+    from nova_xen_ncm.cmd import Interrupted
+
+    try:
+        return incoming.wait()
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if incoming.cancel():
+            incoming.wait()
+            raise Interrupted(
+                signum, "no source had connected; nothing was received"
+            ) from None
+        while True:
+            try:
+                phase = incoming.wait()
+                break
+            except KeyboardInterrupt:
+                continue
+        value = getattr(phase, "value", phase)
+        raise Interrupted(
+            signum,
+            "the source had connected, so the migration went on; it "
+            f"ended in {value}"
+            + (" and the guest runs here" if value == "done" else ""),
+        ) from None
 
 
 def _advertise(args: argparse.Namespace) -> str | None:
