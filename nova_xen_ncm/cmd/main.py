@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
+from typing import NoReturn
 
 from nova_xen_ncm.cmd import EXIT_CONFIG
 from nova_xen_ncm.cmd import EXIT_ENVIRONMENT
@@ -65,8 +66,20 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (the usage it would
+    print first is one ``--help`` away); subcommands' parsers are of
+    this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            EXIT_USAGE,
+            f"{self.prog}: error: {message} (see {self.prog} --help)\n",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nova-xen-ncm",
         description="Non-cooperative live migration of Xen HVM guests.",
         epilog=EPILOG,

@@ -67,16 +67,25 @@ def add_bus_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def bus_url(args: argparse.Namespace, conf: cfg.ConfigOpts) -> str | None:
+    """The transport URL to publish progress on (``--transport-url`` or
+    a configuration file's), checked before anything starts; None when
+    no transport is configured."""
+    url = bus.configured_url(conf, args.transport_url)
+    if url:
+        # A transport connects lazily: this checks the URL and driver.
+        bus.notification_transport(conf, url).cleanup()
+    return url
+
+
 def progress_sinks(
-    args: argparse.Namespace,
+    url: str | None,
     conf: cfg.ConfigOpts,
     hostname: str,
     stream: Any = None,
 ) -> list[Any]:
-    """The terminal display, and the bus when a transport is configured
-    (``--transport-url`` or a configuration file's)."""
+    """The terminal display, and the bus when ``url`` is given."""
     sinks = [terminal_sink(conf, hostname, stream)]
-    url = bus.configured_url(conf, getattr(args, "transport_url", None))
     if url:
         sinks.append(bus.bus_sink(conf, hostname, url))
     return sinks
@@ -306,6 +315,7 @@ def register(subparsers: Any) -> None:
         "--json", action="store_true", help="print the statistics as JSON"
     )
     add_host_options(parser)
+    add_bus_options(parser)
     add_create_options(parser)
     parser.set_defaults(func=run_migrate)
 
@@ -345,6 +355,7 @@ def register(subparsers: Any) -> None:
         "(destroying the guest) once the migration ended",
     )
     add_host_options(parser)
+    add_bus_options(parser)
     parser.set_defaults(func=run_receive)
 
 
@@ -355,6 +366,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     check_create_options(args)
     migration_id, token, endpoint = read_token_file(args.token_file)
     endpoint = args.to or endpoint
+    url = bus_url(args, CONF)
     with closing_host(open_host(args, CONF)) as host:
         if args.create:
             info = create_guest(args, host)
@@ -362,7 +374,7 @@ def run_migrate(args: argparse.Namespace) -> int:
             info = find_domain(host, args.domain)
         # --json keeps stdout for the statistics.
         sinks = progress_sinks(
-            args, CONF, host.hostname, sys.stderr if args.json else None
+            url, CONF, host.hostname, sys.stderr if args.json else None
         )
         try:
             for sink in sinks:
@@ -466,8 +478,9 @@ def run_receive(args: argparse.Namespace) -> int:
         CONF.set_override("listen_address", args.listen, group="xen_ncm")
     name = driver_name(args, CONF)
     migration_id = str(uuid.uuid4())
+    url = bus_url(args, CONF)
     with closing_host(open_host(args, CONF)) as host:
-        sinks = progress_sinks(args, CONF, host.hostname)
+        sinks = progress_sinks(url, CONF, host.hostname)
         try:
             try:
                 incoming = IncomingMigration(
