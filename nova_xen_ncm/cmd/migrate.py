@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging as std_logging
 import os
 import signal
 import socket
@@ -397,7 +398,8 @@ def run_migrate(args: argparse.Namespace) -> int:
             except Exception as exc:
                 raise CommandError(f"cannot migrate: {exc}") from None
             outgoing.start()
-            phase = wait_or_cancel(outgoing, info.domid)
+            with quiet_engine_warnings():
+                phase = wait_or_cancel(outgoing, host, info.domid)
         finally:
             close_sinks(sinks)
         if _token_presented(outgoing):
@@ -419,7 +421,21 @@ class FailedMigration(CommandError):
     exit_status = 1
 
 
-def wait_or_cancel(outgoing: Any, domid: int) -> Any:
+@contextlib.contextmanager
+def quiet_engine_warnings() -> Iterator[None]:
+    """While a progress display shows the migration, the engine's
+    warnings (a rollback and its reason) would say it twice: only its
+    errors go to the console meanwhile."""
+    logger = std_logging.getLogger("nova_xen_ncm.engine")
+    level = logger.level
+    logger.setLevel(std_logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def wait_or_cancel(outgoing: Any, host: base.HostDriver, domid: int) -> Any:
     """The migration's final phase; an interrupt cancels it, waits for
     the rollback and says where the guest is."""
     from nova_xen_ncm.cmd import Interrupted
@@ -428,9 +444,9 @@ def wait_or_cancel(outgoing: Any, domid: int) -> Any:
         return outgoing.wait()
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        cancelled = outgoing.cancel()
+        outgoing.cancel()
         phase = _wait_through(outgoing)
-        raise Interrupted(signum, _outcome(phase, cancelled, domid)) from None
+        raise Interrupted(signum, _outcome(phase, host, domid)) from None
 
 
 def _wait_through(outgoing: Any) -> Any:
@@ -444,19 +460,28 @@ def _wait_through(outgoing: Any) -> Any:
             continue
 
 
-def _outcome(phase: Any, cancelled: bool, domid: int) -> str:
+def _outcome(phase: Any, host: base.HostDriver, domid: int) -> str:
+    """Where the guest is after an interrupted migration, as the host
+    says (not as the phase suggests)."""
     value = getattr(phase, "value", phase)
     if value == "done":
         return (
             f"too late to cancel (the commit decision was made): domain "
             f"{domid} completed its migration and runs on the destination"
         )
-    if value in ("cancelled", "rolled_back", "failed"):
+    try:
+        state = host.domain_info(domid).state.value
+    except base.HostError:
         return (
-            f"migration cancelled ({value}); domain {domid} rolled back "
-            "and runs on the source"
+            f"the migration ended in {value} and domain {domid} is no "
+            "longer on this host"
         )
-    return f"migration ended in {value}; domain {domid} is paused here"
+    if value == "cancelled":
+        return (
+            f"the migration was cancelled; domain {domid} rolled back "
+            f"and is {state} on the source"
+        )
+    return f"the migration ended in {value}; domain {domid} is {state} here"
 
 
 def _token_presented(outgoing: Any) -> bool:
@@ -513,7 +538,8 @@ def run_receive(args: argparse.Namespace) -> int:
                     f"{incoming.endpoint[0]}:{incoming.endpoint[1]}",
                     flush=True,
                 )
-                phase = _receive_or_cancel(incoming)
+                with quiet_engine_warnings():
+                    phase = _receive_or_cancel(incoming)
             finally:
                 remove_token_file(args.token_file)
         finally:

@@ -117,3 +117,76 @@ def test_an_interrupt_mid_migration_rolls_back(signum, status):
     while alive(processes) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(processes), alive(processes)
+
+
+def test_ctrl_c_on_migrate_rolls_back(tmp_path):
+    token = tmp_path / "token.json"
+    receiver = subprocess.Popen(
+        [
+            script(),
+            "receive",
+            "--token-file",
+            str(token),
+            "--listen",
+            "127.0.0.1",
+            "--no-hold",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    source = None
+    try:
+        deadline = time.monotonic() + HANG_LIMIT
+        while not token.exists():
+            assert receiver.poll() is None, receiver.communicate()[1]
+            assert time.monotonic() < deadline, "no token file written"
+            time.sleep(0.05)
+        source = subprocess.Popen(
+            [
+                script(),
+                "migrate",
+                "guest",
+                "--create",
+                "--memory",
+                "256M",
+                "--dirty-rate",
+                "1G",
+                "--token-file",
+                str(token),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        seen = []
+        for line in source.stdout:
+            seen.append(line)
+            if "(source) phase setup -> precopy" in line:
+                break
+        else:
+            pytest.fail("the migration never started: " + "".join(seen))
+        # The guest runs in this command's process tree; the terminal's
+        # Ctrl-C reaches the command's whole group.
+        os.killpg(source.pid, signal.SIGINT)
+        rest, err = source.communicate(timeout=HANG_LIMIT)
+        received, received_err = receiver.communicate(timeout=HANG_LIMIT)
+    finally:
+        for process in (source, receiver):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    out = "".join(seen) + rest
+    everything = out + err + received + received_err
+    assert "Traceback" not in everything, everything[-4000:]
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "nova-xen-ncm migrate: interrupted by SIGINT: the migration was "
+        "cancelled; domain 1 rolled back and is running on the source"
+    ], err
+    assert source.returncode == 130
+    # The destination followed the source's rollback and says so.
+    assert receiver.returncode == 1
+    assert "ended in cancelled" in received_err
+    assert not token.exists()
