@@ -6,7 +6,7 @@ a guest with two vifs, a vbd and a memory workload, the destination
 listens on loopback, and the guest migrates live while a progress bar
 runs. The transparency checker then compares the guest-visible state the
 source had at pause with the destination's at resume, item by item
-(ARCHITECTURE.md section 2). With ``--save`` the guest is saved to a file
+(architecture.rst section 2). With ``--save`` the guest is saved to a file
 instead and restored on the second host, and the same items are checked.
 
 The exit status is 0 only when the migration (or save and restore)
@@ -780,7 +780,7 @@ class DemoReport:
         ]
         if self.error:
             lines.append(f"  error: {self.error}")
-        lines.append("transparency (ARCHITECTURE.md section 2):")
+        lines.append("transparency (doc/source/architecture.rst section 2):")
         for item, result in self.checks.items():
             verdict = "passed" if result["passed"] else "FAILED"
             reason = f": {result['reason']}" if result["reason"] else ""

@@ -6,7 +6,7 @@ arrive, then TSC, HVM context and params, and at the end of the stream
 the PV state (:mod:`nova_xen_ncm.engine.pvstate`). Live migration and
 restore from file use it alike.
 
-:class:`Receiver` serves one incoming migration (ARCHITECTURE.md section
+:class:`Receiver` serves one incoming migration (architecture.rst section
 5): it authenticates the source with the one-time token, refuses early
 what it cannot restore, reserves the domid, applies the stream, reports a
 digest of the guest-visible state (READY) and unpauses the guest only on
@@ -659,7 +659,7 @@ class Receiver:
         )
 
     def _check(self, setup: protocol.Setup) -> None:
-        """Refuse before anything moves (ARCHITECTURE.md section 2)."""
+        """Refuse before anything moves (architecture.rst section 2)."""
         caps = self.host.capabilities()
         missing = dict(caps.missing(setup.pv_drivers))
         for name in setup.required:
