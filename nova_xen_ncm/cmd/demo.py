@@ -602,6 +602,9 @@ class HostProcess:
         self.on_poll: Callable[[], None] = lambda: None
         self.peers: list[HostProcess] = []
         self._held: collections.deque = collections.deque()
+        # Set when a peer's wait found this process dead: its pipe is at
+        # EOF for good, and its own next call reports it.
+        self._died = False
         self._answer()
 
     def _take(self) -> tuple[str, Any] | None:
@@ -623,7 +626,9 @@ class HostProcess:
         while True:
             message = self._held.popleft() if self._held else None
             while message is None:
-                peers = [p for p in self.peers if not p.conn.closed]
+                peers = [
+                    p for p in self.peers if not (p._died or p.conn.closed)
+                ]
                 ready = multiprocessing.connection.wait(
                     [self.conn, *(p.conn for p in peers)],
                     timeout=POLL_SECONDS,
@@ -631,17 +636,27 @@ class HostProcess:
                 self.on_poll()
                 for peer in peers:
                     if peer.conn in ready:
-                        # An answer for the peer's own next call waits.
-                        with _suppress_death():
-                            held = peer._take()
-                            if held is not None:
-                                peer._held.append(held)
+                        peer._take_for_later()
                 if self.conn in ready:
                     message = self._take()
             kind, value = message
+            if kind == "died":
+                raise CommandError(value)
             if kind == "error":
                 raise CommandError(f"{self.hostname}: {value}")
             return value
+
+    def _take_for_later(self) -> None:
+        """Take a message while another host's answer is awaited: events
+        are handed on, an answer waits for this host's own call, and a
+        death is reported by that call too."""
+        try:
+            held = self._take()
+        except CommandError as exc:
+            self._died = True
+            held = ("died", str(exc))
+        if held is not None:
+            self._held.append(held)
 
     def call(self, command: str, *args: Any) -> Any:
         self.conn.send((command, args))
@@ -663,17 +678,6 @@ class HostProcess:
             self.process.kill()
             self.process.join()
         self.conn.close()
-
-
-class _suppress_death:
-    """A peer that died is reported by its own next call, not by the
-    host whose answer is awaited."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, value: Any, traceback: Any) -> bool:
-        return kind is CommandError
 
 
 def _ignore_sigint() -> Any:
