@@ -86,12 +86,16 @@ def bar_line(data: Mapping[str, Any], columns: int | None = None) -> str:
         f"{str(data.get('migration_id'))[:8]} {role} "
         f"{data.get('phase', '?')} r{'-' if rnd is None else rnd} "
     )
-    right = (
-        f" {'  ?' if percent is None else f'{percent:5.1f}'}% "
-        f"{human_rate(data.get('bandwidth'))} "
-        f"ETA {human_duration(data.get('eta'))} "
-        f"downtime {human_seconds(data.get('expected_downtime'))}"
-    )
+    right = f" {'  ?' if percent is None else f'{percent:5.1f}'}% "
+    if role == "dst":
+        # The destination measures what arrived, not rates or times.
+        right += f"arrived {human_bytes(data.get('bytes_sent'))}"
+    else:
+        right += (
+            f"{human_rate(data.get('bandwidth'))} "
+            f"ETA {human_duration(data.get('eta'))} "
+            f"downtime {human_seconds(data.get('expected_downtime'))}"
+        )
     width = BAR_WIDTH
     if columns is not None:
         width = min(BAR_WIDTH, columns - 1 - len(left) - len(right) - 2)
@@ -166,6 +170,13 @@ def plain_line(notice: str, data: Mapping[str, Any]) -> str:
     if notice == "end":
         return f"{data.get('emitted_at', '')} {end_line(data)}".lstrip()
     percent = data.get("percent")
+    if data.get("role") == "destination":
+        return (
+            f"{head} progress {data.get('phase')} "
+            f"{'?' if percent is None else f'{percent:.1f}'}% arrived "
+            f"{human_bytes(data.get('bytes_sent'))} of "
+            f"{human_bytes(data.get('bytes_total'))}"
+        )
     return (
         f"{head} progress {data.get('phase')} round {data.get('round')} "
         f"{'?' if percent is None else f'{percent:.1f}'}% "

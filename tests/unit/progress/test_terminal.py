@@ -211,3 +211,18 @@ def test_terminal_sink_interval_from_options():
     assert sink.interval == CONF.xen_ncm.progress_interval
     tty = TerminalSink(io.StringIO(), host="h", tty=True)
     assert tty.interval == 0.5
+
+
+def test_the_destination_shows_what_arrived():
+    data = running("a", role="destination", percent=40.0)
+    data.update(bytes_sent=40 * MIB, bytes_total=100 * MIB, round=None)
+    line = bar_line(data, 120)
+    assert line.startswith("a dst precopy r- [")
+    assert line.endswith(" 40.0% arrived 40.0 MiB")
+    assert "ETA" not in line and "/s" not in line
+    display_out = io.StringIO()
+    Display(display_out, tty=False).show("xen_ncm.migration.progress", data)
+    assert display_out.getvalue().rstrip().endswith(
+        "(destination) progress precopy 40.0% arrived 40.0 MiB of 100.0 MiB"
+    )
+
