@@ -517,10 +517,9 @@ def run_receive(args: argparse.Namespace) -> int:
                 )
             except (OSError, EngineError, base.HostError) as exc:
                 raise EnvironmentProblem(f"cannot listen: {exc}") from None
-            for sink in sinks:
-                sink.start(migration_id, role="destination")
-            incoming.start()
             try:
+                # The listener is bound: a source that connects now waits
+                # in its backlog until the receiver runs.
                 try:
                     write_token_file(
                         args.token_file,
@@ -533,11 +532,16 @@ def run_receive(args: argparse.Namespace) -> int:
                     raise CommandError(
                         f"cannot write {args.token_file}: {exc}"
                     ) from None
+                # Before the progress display starts: a line printed
+                # under a live bar would be drawn over.
                 print(
                     f"waiting for the source on "
                     f"{incoming.endpoint[0]}:{incoming.endpoint[1]}",
                     flush=True,
                 )
+                for sink in sinks:
+                    sink.start(migration_id, role="destination")
+                incoming.start()
                 with quiet_engine_warnings():
                     phase = _receive_or_cancel(incoming)
             finally:

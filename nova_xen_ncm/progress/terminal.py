@@ -115,11 +115,13 @@ def end_line(data: Mapping[str, Any]) -> str:
     outcome = str(data.get("outcome") or data.get("phase") or "?")
     retries = f"{stats.get('retries', data.get('retries', 0))} retries"
     if data.get("role") == "destination":
-        parts = [
+        arrived = (
             f"{human_bytes(data.get('bytes_sent'))} of "
-            f"{human_bytes(data.get('bytes_total'))} guest memory arrived",
-            retries,
-        ]
+            f"{human_bytes(data.get('bytes_total'))} guest memory arrived"
+            if data.get("bytes_total")
+            else "no guest memory arrived"
+        )
+        parts = [arrived, retries]
     else:
         parts = [
             f"{stats.get('rounds', 0)} rounds",
