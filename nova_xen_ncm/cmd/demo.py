@@ -613,7 +613,10 @@ class HostProcess:
         try:
             kind, value = self.conn.recv()
         except EOFError:
-            raise CommandError(
+            # Killed from outside (the kernel's OOM killer, kill -9): an
+            # environment problem, not a mistake of the command line.
+            self.process.join(timeout=5)
+            raise EnvironmentProblem(
                 f"the {self.hostname} host process died "
                 f"(exit status {self.process.exitcode})"
             ) from None
@@ -641,7 +644,7 @@ class HostProcess:
                     message = self._take()
             kind, value = message
             if kind == "died":
-                raise CommandError(value)
+                raise EnvironmentProblem(value)
             if kind == "error":
                 raise CommandError(f"{self.hostname}: {value}")
             return value
