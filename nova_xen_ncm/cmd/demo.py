@@ -868,7 +868,9 @@ def register(subparsers: Any) -> None:
         type=parse_memory,
         default=parse_memory(DEFAULT_MEMORY),
         metavar="SIZE",
-        help=f"guest memory, e.g. 512M or 2G (default {DEFAULT_MEMORY})",
+        help="guest memory, a whole number of MiB: e.g. 512M, 2G or "
+        f"65536K (default {DEFAULT_MEMORY}); refused when the machine's "
+        "free memory cannot hold it on both hosts",
     )
     parser.add_argument(
         "--dirty-rate",
@@ -876,9 +878,10 @@ def register(subparsers: Any) -> None:
         default=parse_dirty_rate(DEFAULT_DIRTY_RATE),
         metavar="RATE",
         help=(
-            "bytes per second the guest writes, e.g. 64M; a plain number "
-            "from 0 to 1 is a fraction of the loopback bandwidth, "
-            f"measured for {MEASURE_SECONDS:g} s before the guest boots "
+            "bytes per second the guest writes, with a unit: e.g. 64M, "
+            "512K or 100B; or a share of the loopback bandwidth in "
+            "percent, e.g. 50%%, measured for "
+            f"{MEASURE_SECONDS:g} s before the guest boots "
             f"(default {DEFAULT_DIRTY_RATE})"
         ),
     )

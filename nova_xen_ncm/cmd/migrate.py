@@ -310,7 +310,8 @@ def register(subparsers: Any) -> None:
         "--token-file",
         required=True,
         metavar="FILE",
-        help="the file 'receive' wrote",
+        help="the file 'receive' wrote; removed once the destination "
+        "took its token",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the statistics as JSON"
@@ -333,7 +334,8 @@ def register(subparsers: Any) -> None:
         "--token-file",
         required=True,
         metavar="FILE",
-        help="where to write the endpoint and token (mode 0600)",
+        help="where to write the endpoint and token (mode 0600); removed "
+        "once the migration ended, as the token serves once",
     )
     parser.add_argument(
         "--listen",
