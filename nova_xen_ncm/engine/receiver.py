@@ -703,7 +703,12 @@ class Receiver:
         report too many."""
         now = time.monotonic()
         if not self._memory_bytes or (
-            not final and now - self._reported_at < RECEIVE_REPORT_INTERVAL
+            not final
+            and (
+                now - self._reported_at < RECEIVE_REPORT_INTERVAL
+                # Nothing that is not needed while the guest is paused.
+                or self.state.phase is not Phase.PRECOPY
+            )
         ):
             return
         self._reported_at = now
