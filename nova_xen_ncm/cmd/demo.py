@@ -6,7 +6,7 @@ a guest with two vifs, a vbd and a memory workload, the destination
 listens on loopback, and the guest migrates live while a progress bar
 runs. The transparency checker then compares the guest-visible state the
 source had at pause with the destination's at resume, item by item
-(ARCHITECTURE.md section 2), reading the guest's memory itself, and
+(architecture.rst section 2), reading the guest's memory itself, and
 judges the guest from its own RAM after it ran on the destination
 (``after_resume``). The vbd's disk is in a directory both host processes
 open, as on shared storage. With ``--save`` the guest is saved to a file
@@ -20,12 +20,16 @@ a guest that stays paused, could not be taken).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
+import logging as std_logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -40,6 +44,8 @@ from typing import Any
 from oslo_config import cfg
 
 from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import EnvironmentProblem
+from nova_xen_ncm.cmd import Interrupted
 from nova_xen_ncm.engine import policy as policies
 from nova_xen_ncm.host import base
 from nova_xen_ncm.progress.model import EventKind
@@ -54,6 +60,15 @@ HOST_DRIVER = "sim"
 MEASURE_SECONDS = 0.25
 # Room on each simulated host beyond the guest (special pages, slack).
 HOST_HEADROOM = 64 * MiB
+# What the demo's processes need besides the guest's RAM on each host:
+# three interpreters, the guests' processes, buffers.
+PROCESS_OVERHEAD = 384 * MiB
+# How often the controlling process looks for an interrupt while it
+# waits for a host process.
+POLL_SECONDS = 0.2
+# The signal that asks a host process to cancel its outgoing migration
+# (SIGINT and SIGTERM go to the controlling process, which decides).
+CANCEL_SIGNAL = signal.SIGUSR1
 GUEST_NAME = "demo-guest"
 # xenbus state Connected (xen/include/public/io/xenbus.h).
 XENBUS_CONNECTED = 4
@@ -108,9 +123,43 @@ def parse_memory(text: str) -> int:
     if size <= 0 or size % MiB:
         raise argparse.ArgumentTypeError(
             f"guest memory {text!r} must be a positive whole number of "
-            "MiB (e.g. 64M, 512M, 2G)"
+            "MiB (e.g. 64M, 512M, 2G, or 65536K)"
         )
     return size
+
+
+def needed_memory(guest_bytes: int) -> int:
+    """Bytes of free memory the demo needs for a guest of this size: the
+    guest's RAM on each of the two hosts, their headroom, the processes."""
+    return 2 * (guest_bytes + HOST_HEADROOM) + PROCESS_OVERHEAD
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, None where there is none."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(guest_bytes: int) -> None:
+    """Refuse, before anything starts, a guest this machine cannot hold."""
+    from nova_xen_ncm.progress.terminal import human_bytes as _size
+
+    available = available_memory()
+    needed = needed_memory(guest_bytes)
+    if available is not None and needed > available:
+        raise EnvironmentProblem(
+            f"a {_size(guest_bytes)} guest needs about {_size(needed)} of "
+            f"free memory (its RAM on both simulated hosts, plus "
+            f"{_size(needed - 2 * guest_bytes)} for the hosts and their "
+            f"processes); this machine has {_size(available)} available "
+            "(MemAvailable in /proc/meminfo): give a smaller --memory"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,20 +182,44 @@ class DirtyRate:
         )
 
 
-def parse_dirty_rate(text: str) -> DirtyRate:
-    """A plain number from 0 to 1 is a fraction of the bandwidth; a
-    number with a unit, or above 1, is bytes per second."""
+_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+_RATE_HELP = (
+    "give bytes per second with a unit (64M, 512K, or 100B for bytes), "
+    "or a share of the loopback bandwidth in percent (50%)"
+)
+
+
+def parse_rate(text: str) -> int:
+    """Bytes per second: a size with a unit (``64M``, ``512K``,
+    ``100B``), or ``0``. A bare number is refused: ``2`` reads as
+    2 MiB/s as easily as 2 bytes/s."""
     match = _SIZE_RE.match(text)
-    if match is not None and not match.group(2):
-        value = float(match.group(1))
-        if value <= 1:
-            return DirtyRate(fraction=value)
-    try:
-        return DirtyRate(bytes_per_second=parse_size(text))
-    except argparse.ArgumentTypeError:
+    if match is None:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a dirty rate: give bytes per second (64M) "
-            "or a fraction of the loopback bandwidth (0.5)"
+            f"{text!r} is not a rate: {_RATE_HELP}"
+        )
+    has_unit = re.search(r"[a-z]", text, re.I) is not None
+    if not has_unit and float(match.group(1)) != 0:
+        raise argparse.ArgumentTypeError(f"{text!r} has no unit: {_RATE_HELP}")
+    return parse_size(text)
+
+
+def parse_dirty_rate(text: str) -> DirtyRate:
+    """``50%``: that share of the loopback bandwidth; anything else is
+    bytes per second (:func:`parse_rate`)."""
+    match = _PERCENT_RE.match(text)
+    if match is not None:
+        percent = float(match.group(1))
+        if percent > 100:
+            raise argparse.ArgumentTypeError(
+                f"dirty rate {text!r} is more than 100% of the bandwidth"
+            )
+        return DirtyRate(fraction=percent / 100)
+    try:
+        return DirtyRate(bytes_per_second=parse_rate(text))
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(
+            str(exc).replace("is not a rate", "is not a dirty rate")
         ) from None
 
 
@@ -239,6 +312,23 @@ class _Snapshot:
             self.seconds = time.monotonic() - start
 
 
+class _Channel:
+    """A host process's end of its pipe. The agent answers from its main
+    thread while migration threads forward events: one lock keeps their
+    messages whole."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        with self._lock:
+            self.conn.send(message)
+
+    def recv(self) -> Any:
+        return self.conn.recv()
+
+
 class _PipeSink:
     """Forwards progress events to the controlling process."""
 
@@ -281,6 +371,22 @@ class _Agent:
         self.host = factory.load_host_driver(HOST_DRIVER, hostname, self.conf)
         self.incoming: Any = None
         self.snapshot: _Snapshot | None = None
+        self.sender: Any = None
+        self.cancelled = False
+        self._cancel_lock = threading.Lock()
+
+    def cancel(self, signum: int = 0, frame: Any = None) -> None:
+        """Signal handler (CANCEL_SIGNAL): ask the outgoing migration to
+        roll back. The request takes the engine's lock, so it is made
+        from a thread of its own, never inside the interrupted code."""
+
+        def request() -> None:
+            with self._cancel_lock:
+                self.cancelled = True
+                if self.sender is not None:
+                    self.sender.cancel()
+
+        threading.Thread(target=request, name="demo-cancel").start()
 
     def create(self, config: base.DomainConfig) -> int:
         domid = self.host.create_domain(config)
@@ -313,19 +419,25 @@ class _Agent:
         self.host.pause(domid)
 
     def listen(
-        self, migration_id: str, domid: int, snapshot: bool = True
+        self,
+        migration_id: str,
+        domid: int,
+        snapshot: bool = True,
+        events: bool = False,
     ) -> tuple:
         """Wait for migration ``migration_id``; ``snapshot`` takes the
         restored guest's state for the report (in its downtime: a
-        benchmark goes without)."""
+        benchmark goes without); ``events`` forwards the destination's
+        progress events (the caller must then keep reading the pipe)."""
         from nova_xen_ncm.engine.migration import IncomingMigration
 
         self.snapshot = _Snapshot(self.host, domid, "commit")
+        sinks: list[Any] = [self.snapshot] if snapshot else []
         self.incoming = IncomingMigration(
             self.host,
             migration_id,
             conf=self.conf,
-            sinks=[self.snapshot] if snapshot else [],
+            sinks=[*sinks, _PipeSink(self.conn)] if events else sinks,
             advertise="127.0.0.1",
         )
         self.incoming.start()
@@ -346,7 +458,15 @@ class _Agent:
             conf=self.conf,
             sinks=[snapshot, _PipeSink(self.conn)],
         )
-        phase = sender.run()
+        with self._cancel_lock:
+            self.sender = sender
+            if self.cancelled:
+                sender.cancel()
+        try:
+            phase = sender.run()
+        finally:
+            with self._cancel_lock:
+                self.sender = None
         return {
             "phase": phase.value,
             "error": _error_text(sender.error),
@@ -354,6 +474,9 @@ class _Agent:
             "state": snapshot.state,
             "snapshot_seconds": snapshot.seconds,
             "domains": [d.domid for d in self.host.list_domains()],
+            "domain_states": [
+                (d.domid, d.state.value) for d in self.host.list_domains()
+            ],
         }
 
     def wait_incoming(self) -> dict:
@@ -447,12 +570,23 @@ def host_agent(
     conn: Any, hostname: str, config_files: list, overrides: dict
 ) -> None:
     """Entry point of a host process: serves ``(command, args)`` from
-    ``conn`` and answers ``("ok", value)`` or ``("error", text)``."""
+    ``conn`` and answers ``("ok", value)`` or ``("error", text)``.
+
+    Interrupts are the controlling process's to handle: SIGINT (also
+    ignored from the start, see HostProcess) and SIGTERM are ignored
+    here, and CANCEL_SIGNAL cancels the outgoing migration."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # What the engine logs as a warning (a rollback and its reason) the
+    # demo's report and progress lines already say; errors still show.
+    std_logging.getLogger("nova_xen_ncm").setLevel(std_logging.ERROR)
+    conn = _Channel(conn)
     try:
         agent = _Agent(conn, hostname, config_files, overrides)
     except Exception as exc:
         conn.send(("error", _error_text(exc)))
         return
+    signal.signal(CANCEL_SIGNAL, agent.cancel)
     conn.send(("ok", hostname))
     try:
         while True:
@@ -475,7 +609,13 @@ def host_agent(
 
 
 class HostProcess:
-    """A simulated host in a child process, called like an object."""
+    """A simulated host in a child process, called like an object.
+
+    While it waits for an answer it also takes the events its ``peers``
+    send (the other host's progress), so that neither blocks on a full
+    pipe, and calls ``on_poll`` every POLL_SECONDS (the demo looks for
+    interrupts there).
+    """
 
     def __init__(
         self, hostname: str, config_files: list[str], overrides: dict
@@ -489,30 +629,88 @@ class HostProcess:
             name=f"nova-xen-ncm-{hostname}",
             daemon=True,
         )
-        self.process.start()
+        # Started with SIGINT ignored (kept through exec), so that a
+        # Ctrl-C on the terminal, which reaches the whole process group,
+        # never interrupts the host process as it starts: the
+        # controlling process handles it and cancels the migration.
+        previous = _ignore_sigint()
+        try:
+            self.process.start()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         child.close()
         self.on_event: Callable[[Mapping[str, Any]], None] = lambda e: None
+        self.on_poll: Callable[[], None] = lambda: None
+        self.peers: list[HostProcess] = []
+        self._held: collections.deque = collections.deque()
+        # Set when a peer's wait found this process dead: its pipe is at
+        # EOF for good, and its own next call reports it.
+        self._died = False
         self._answer()
+
+    def _take(self) -> tuple[str, Any] | None:
+        """One message off the pipe: an event is handed on, anything
+        else returned."""
+        try:
+            kind, value = self.conn.recv()
+        except EOFError:
+            # Killed from outside (the kernel's OOM killer, kill -9): an
+            # environment problem, not a mistake of the command line.
+            self.process.join(timeout=5)
+            raise EnvironmentProblem(
+                f"the {self.hostname} host process died "
+                f"(exit status {self.process.exitcode})"
+            ) from None
+        if kind == "event":
+            self.on_event(value)
+            return None
+        return kind, value
 
     def _answer(self) -> Any:
         while True:
-            try:
-                kind, value = self.conn.recv()
-            except EOFError:
-                raise CommandError(
-                    f"the {self.hostname} host process died "
-                    f"(exit status {self.process.exitcode})"
-                ) from None
-            if kind == "event":
-                self.on_event(value)
-            elif kind == "error":
+            message = self._held.popleft() if self._held else None
+            while message is None:
+                peers = [
+                    p for p in self.peers if not (p._died or p.conn.closed)
+                ]
+                ready = multiprocessing.connection.wait(
+                    [self.conn, *(p.conn for p in peers)],
+                    timeout=POLL_SECONDS,
+                )
+                self.on_poll()
+                for peer in peers:
+                    if peer.conn in ready:
+                        peer._take_for_later()
+                if self.conn in ready:
+                    message = self._take()
+            kind, value = message
+            if kind == "died":
+                raise EnvironmentProblem(value)
+            if kind == "error":
                 raise CommandError(f"{self.hostname}: {value}")
-            else:
-                return value
+            return value
+
+    def _take_for_later(self) -> None:
+        """Take a message while another host's answer is awaited: events
+        are handed on, an answer waits for this host's own call, and a
+        death is reported by that call too."""
+        try:
+            held = self._take()
+        except CommandError as exc:
+            self._died = True
+            held = ("died", str(exc))
+        if held is not None:
+            self._held.append(held)
 
     def call(self, command: str, *args: Any) -> Any:
         self.conn.send((command, args))
         return self._answer()
+
+    def cancel(self) -> None:
+        """Ask the host process to cancel its outgoing migration."""
+        if self.process.is_alive() and self.process.pid is not None:
+            os.kill(self.process.pid, CANCEL_SIGNAL)
 
     def close(self) -> None:
         if self.process.is_alive():
@@ -525,6 +723,56 @@ class HostProcess:
             self.process.kill()
             self.process.join()
         self.conn.close()
+
+
+def _ignore_sigint() -> Any:
+    """Ignore SIGINT; the previous handler, or None where signals cannot
+    be set (outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _Interrupts:
+    """While the demo drives its hosts, SIGINT and SIGTERM are noted
+    rather than raised (a KeyboardInterrupt inside a pipe read would
+    lose the message): the demo cancels the migration and reports."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def check(self, stage: str) -> None:
+        """Raise Interrupted if a signal came (before the migration:
+        nothing to cancel, the hosts are closed on the way out)."""
+        if self.signum is not None:
+            raise Interrupted(self.signum, stage)
+
+    def forward_to(self, source: HostProcess) -> Callable[[], None]:
+        """An ``on_poll`` that cancels the source's migration once, when
+        a signal came."""
+        forwarded = []
+
+        def poll() -> None:
+            if self.signum is not None and not forwarded:
+                forwarded.append(True)
+                source.cancel()
+
+        return poll
 
 
 # -- the run ----------------------------------------------------------------
@@ -591,7 +839,7 @@ class DemoReport:
         ]
         if self.error:
             lines.append(f"  error: {self.error}")
-        lines.append("transparency (ARCHITECTURE.md section 2):")
+        lines.append("transparency (doc/source/architecture.rst section 2):")
         for item, result in self.checks.items():
             verdict = "passed" if result["passed"] else "FAILED"
             reason = f": {result['reason']}" if result["reason"] else ""
@@ -692,7 +940,9 @@ def register(subparsers: Any) -> None:
         type=parse_memory,
         default=parse_memory(DEFAULT_MEMORY),
         metavar="SIZE",
-        help=f"guest memory, e.g. 512M or 2G (default {DEFAULT_MEMORY})",
+        help="guest memory, a whole number of MiB: e.g. 512M, 2G or "
+        f"65536K (default {DEFAULT_MEMORY}); refused when the machine's "
+        "free memory cannot hold it on both hosts",
     )
     parser.add_argument(
         "--dirty-rate",
@@ -700,9 +950,10 @@ def register(subparsers: Any) -> None:
         default=parse_dirty_rate(DEFAULT_DIRTY_RATE),
         metavar="RATE",
         help=(
-            "bytes per second the guest writes, e.g. 64M; a plain number "
-            "from 0 to 1 is a fraction of the loopback bandwidth, "
-            f"measured for {MEASURE_SECONDS:g} s before the guest boots "
+            "bytes per second the guest writes, with a unit: e.g. 64M, "
+            "512K or 100B; or a share of the loopback bandwidth in "
+            "percent, e.g. 50%%, measured for "
+            f"{MEASURE_SECONDS:g} s before the guest boots "
             f"(default {DEFAULT_DIRTY_RATE})"
         ),
     )
@@ -787,12 +1038,20 @@ def _validate(args: argparse.Namespace) -> None:
         directory = os.path.dirname(os.path.abspath(args.save))
         if not os.path.isdir(directory):
             raise CommandError(f"cannot save to {args.save}: no directory")
+    if args.transport_url:
+        from nova_xen_ncm.cmd import bus
+        from nova_xen_ncm.conf import CONF
+
+        # A transport connects lazily: this checks the URL and its
+        # driver, before any host starts.
+        bus.notification_transport(CONF, args.transport_url).cleanup()
 
 
 def run(args: argparse.Namespace) -> int:
     from nova_xen_ncm.conf import CONF
 
     _validate(args)
+    check_memory(args.memory)
     notes = []
     dirty_rate, how = args.dirty_rate.resolve(measure_loopback_bandwidth)
     if args.paused:
@@ -819,28 +1078,37 @@ def run(args: argparse.Namespace) -> int:
     }
     out = sys.stderr if args.json else sys.stdout
     hosts: list[HostProcess] = []
-    try:
-        for name in ("source", "destination"):
-            hosts.append(
-                HostProcess(
-                    f"demo-{name}",
-                    list(CONF.default_config_files or []),
-                    overrides,
+    with _Interrupts() as interrupts:
+        try:
+            for name in ("source", "destination"):
+                interrupts.check("before the hosts started")
+                hosts.append(
+                    HostProcess(
+                        f"demo-{name}",
+                        list(CONF.default_config_files or []),
+                        overrides,
+                    )
                 )
+            source, destination = hosts
+            source.peers, destination.peers = [destination], [source]
+            source.on_poll = destination.on_poll = interrupts.forward_to(
+                source
             )
-        source, destination = hosts
-        config = _guest_config(args, dirty_rate)
-        domid = source.call("create", config)
-        if args.paused:
-            source.call("pause", domid)
-        if args.save:
-            report = _save_and_restore(args, source, destination, domid)
-        else:
-            report = _migrate(args, source, destination, domid, config, out)
-    finally:
-        for host in hosts:
-            host.close()
-        shutil.rmtree(disk_dir, ignore_errors=True)
+            config = _guest_config(args, dirty_rate)
+            domid = source.call("create", config)
+            interrupts.check("before the migration started: nothing moved")
+            if args.paused:
+                source.call("pause", domid)
+            if args.save:
+                report = _save_and_restore(args, source, destination, domid)
+            else:
+                report = _migrate(
+                    args, source, destination, domid, config, out
+                )
+        finally:
+            for host in hosts:
+                host.close()
+            shutil.rmtree(disk_dir, ignore_errors=True)
     report.policy = policy
     report.settings = settings
     report.notes = notes
@@ -850,7 +1118,34 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
         print(report.as_text(), file=out)
+    if interrupts.signum is not None:
+        raise Interrupted(interrupts.signum, _interrupted(report))
     return exit_status(report)
+
+
+def _interrupted(report: DemoReport) -> str:
+    """The one line an interrupted run ends with: where the guest is."""
+    if report.mode != "migrate":
+        return (
+            "a save and restore is not cancelled midway; it ran to its "
+            "end (see the report)"
+        )
+    if report.completed:
+        return (
+            "too late to cancel (the commit decision was made): the "
+            "migration completed and the guest runs on the destination"
+        )
+    states = dict(report.extra.get("source_domain_states") or [])
+    where = {
+        "running": "rolled back and runs on the source",
+        "paused": "rolled back and is paused on the source, as it was",
+    }.get(str(next(iter(states.values()), "")), "")
+    if not where:
+        return (
+            f"the {report.mode} ended in {report.phase}; the guest is not "
+            "on the source (see the report)"
+        )
+    return f"the migration was cancelled; the guest {where}"
 
 
 def _overrides(
@@ -909,14 +1204,9 @@ def _progress_sinks(
     sinks: list[ProgressSink] = [TerminalSink(out, conf=CONF, host="demo")]
     bus = None
     if args.transport_url:
-        from nova_xen_ncm.progress.bus import BusSink
+        from nova_xen_ncm.cmd import bus as cmd_bus
 
-        try:
-            bus = BusSink(CONF, host="demo", url=args.transport_url)
-        except Exception as exc:
-            raise CommandError(
-                f"cannot use transport {args.transport_url}: {exc}"
-            ) from None
+        bus = cmd_bus.bus_sink(CONF, "demo", args.transport_url)
         sinks.append(bus)
     return sinks, bus
 
@@ -944,9 +1234,19 @@ def _migrate(
         for sink in sinks:
             sink.emit(event)
 
-    source.on_event = show
+    for sink in sinks:
+        sink.start(
+            migration_id,
+            role="destination",
+            instance_uuid=config.uuid,
+            source_host=source.hostname,
+            destination_host=destination.hostname,
+        )
+    source.on_event = destination.on_event = show
     try:
-        token, endpoint = destination.call("listen", migration_id, domid)
+        token, endpoint = destination.call(
+            "listen", migration_id, domid, True, True
+        )
         sent = source.call("send", domid, endpoint, migration_id, token)
         received = destination.call("wait_incoming")
     finally:
@@ -1001,6 +1301,7 @@ def _migrate(
             if downtime is None
             else max(0.0, downtime * 1000 - snapshot_ms),
             "source_domains": sent["domains"],
+            "source_domain_states": sent["domain_states"],
             "destination_domains": received["domains"],
         },
     )

@@ -3,17 +3,37 @@
 Each subcommand is a module in this package with ``register(subparsers)``
 that adds its parser and sets ``func`` to a callable taking the parsed
 arguments and returning the exit status. Errors the user can act on are
-raised as :class:`CommandError` and printed without a traceback.
+raised as :class:`CommandError` (or one of its kinds) and printed as one
+line without a traceback, with the exit status of their kind; SIGINT and
+SIGTERM end a command as :class:`Interrupted`.
+
+Nothing here imports a command's heavy dependencies (oslo.messaging and,
+through it, eventlet): each command imports what it needs when it runs,
+so ``--help`` and the commands that need no bus start quickly and
+quietly.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from collections.abc import Sequence
+from typing import Any
+from typing import NoReturn
 
+from nova_xen_ncm.cmd import EXIT_CONFIG
+from nova_xen_ncm.cmd import EXIT_ENVIRONMENT
+from nova_xen_ncm.cmd import EXIT_FAILED
+from nova_xen_ncm.cmd import EXIT_USAGE
 from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import ConfigError
+from nova_xen_ncm.cmd import Interrupted
 
 # Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS = (
@@ -26,11 +46,48 @@ SUBCOMMANDS = (
     "nova_xen_ncm.cmd.drain",
 )
 
+EPILOG = f"""\
+exit status: 0 success; {EXIT_FAILED} the operation ran and failed \
+(for example a migration rolled back); {EXIT_USAGE} a mistake on the \
+command line; {EXIT_CONFIG} a configuration file that cannot be used; \
+{EXIT_ENVIRONMENT} an environment problem (an address that cannot be \
+bound, a missing message bus driver, not enough memory); 130 and 143 \
+interrupted by SIGINT (Ctrl-C) or SIGTERM.
+"""
+
+
+def version() -> str:
+    """The installed distribution's version (pbr derives it from git)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("nova-xen-ncm")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (the usage it would
+    print first is one ``--help`` away); subcommands' parsers are of
+    this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            EXIT_USAGE,
+            f"{self.prog}: error: {message} (see {self.prog} --help)\n",
+        )
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nova-xen-ncm",
         description="Non-cooperative live migration of Xen HVM guests.",
+        epilog=EPILOG,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {version()}",
     )
     parser.add_argument(
         "--config-file",
@@ -46,25 +103,108 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def load_config(config_files: list[str]) -> None:
+    """Read the configuration files into the global CONF and check every
+    value now, so that a bad file is one line before anything starts
+    rather than a traceback when an option is first used."""
+    from oslo_config import cfg
+
     from nova_xen_ncm import conf
 
-    conf.CONF(
-        [],
-        project="nova-xen-ncm",
-        default_config_files=args.config_file,
-        validate_default_values=True,
-    )
     try:
+        conf.CONF(
+            [],
+            project="nova-xen-ncm",
+            default_config_files=config_files,
+            validate_default_values=True,
+        )
+        for _ in _option_values(conf.CONF):
+            pass
+    except cfg.ConfigFilesNotFoundError as exc:
+        raise ConfigError(
+            "cannot read configuration file(s): " + ", ".join(exc.config_files)
+        ) from None
+    except cfg.ConfigFilesPermissionDeniedError as exc:
+        raise ConfigError(
+            "no permission to read configuration file(s): "
+            + ", ".join(exc.config_files)
+        ) from None
+    except cfg.ConfigFileParseError as exc:
+        raise ConfigError(
+            f"configuration file {exc.config_file} cannot be parsed: {exc.msg}"
+        ) from None
+    except (cfg.Error, ValueError) as exc:
+        raise ConfigError(
+            f"bad value in the configuration: {_one_line(exc)}"
+        ) from None
+
+
+def _option_values(conf: Any) -> Iterator[Any]:
+    """Every option's value, each group in turn (reading one validates
+    it against the option's type); a bad one raises ValueError naming
+    its file, group and option."""
+    for name in list(conf):
+        value = getattr(conf, name)
+        if not isinstance(value, conf.GroupAttr):
+            yield value
+            continue
+        for option in list(value):
+            try:
+                yield getattr(value, option)
+            except ValueError as exc:
+                # oslo.config names the file only inside its message
+                # ("... from LocationInfo(..., detail='FILE') is not
+                # valid: REASON").
+                text = _one_line(exc)
+                found = re.search(r"detail='([^']*)'", text)
+                source = f"{found.group(1)}: " if found else ""
+                reason = text.rpartition("is not valid: ")[2]
+                raise ValueError(
+                    f"{source}[{name}] {option}: {reason}"
+                ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.monotonic()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # For options that bound a command's running time (watch --timeout).
+    args.started = started
+    name = f"nova-xen-ncm {args.command}"
+    # SIGTERM ends a command as Ctrl-C does: whatever runs is cancelled
+    # and cleaned up, rather than the process vanishing mid-migration.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {
+            signum: signal.signal(signum, _interrupt)
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
+    try:
+        load_config(args.config_file)
         return int(args.func(args) or 0)
     except CommandError as exc:
-        print(f"nova-xen-ncm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"nova-xen-ncm {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        outcome = getattr(exc, "outcome", None)
+        print(
+            f"{name}: interrupted by {signal.Signals(signum).name}"
+            + (f": {outcome}" if outcome else ""),
+            file=sys.stderr,
+        )
+        return 128 + signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging as std_logging
 import os
 import signal
 import socket
@@ -31,6 +32,8 @@ from typing import Any
 from oslo_config import cfg
 
 from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import EnvironmentProblem
+from nova_xen_ncm.cmd import bus
 from nova_xen_ncm.cmd import demo
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host import factory
@@ -55,6 +58,47 @@ def add_host_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_bus_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--transport-url",
+        default=None,
+        metavar="URL",
+        help="also publish progress on this oslo.messaging bus (default: "
+        "the transport URL of the configuration file, if it sets one)",
+    )
+
+
+def bus_url(args: argparse.Namespace, conf: cfg.ConfigOpts) -> str | None:
+    """The transport URL to publish progress on (``--transport-url`` or
+    a configuration file's), checked before anything starts; None when
+    no transport is configured."""
+    url = bus.configured_url(conf, args.transport_url)
+    if url:
+        # A transport connects lazily: this checks the URL and driver.
+        bus.notification_transport(conf, url).cleanup()
+    return url
+
+
+def progress_sinks(
+    url: str | None,
+    conf: cfg.ConfigOpts,
+    hostname: str,
+    stream: Any = None,
+) -> list[Any]:
+    """The terminal display, and the bus when ``url`` is given."""
+    sinks = [terminal_sink(conf, hostname, stream)]
+    if url:
+        sinks.append(bus.bus_sink(conf, hostname, url))
+    return sinks
+
+
+def close_sinks(sinks: list[Any]) -> None:
+    for sink in sinks:
+        close = getattr(sink, "close", None)
+        if close is not None:
+            close()
+
+
 def add_create_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--create",
@@ -72,10 +116,11 @@ def add_create_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dirty-rate",
-        type=demo.parse_size,
+        type=demo.parse_rate,
         default=None,
-        metavar="BYTES",
-        help="with --create: bytes per second the guest writes, e.g. 8M",
+        metavar="RATE",
+        help="with --create: bytes per second the guest writes, e.g. 8M "
+        "or 512K",
     )
 
 
@@ -211,6 +256,26 @@ def read_token_file(path: str) -> tuple[str, bytes, tuple[str, int]]:
         ) from None
 
 
+def remove_token_file(path: str) -> None:
+    """A token serves one migration: once it was presented, the file is
+    useless and is removed, so that it is not tried again."""
+    for name in (path, f"{path}.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
+
+
+def check_listen_address(address: str) -> None:
+    """A usage error for what cannot be an address; whether it is one of
+    this host's is found when the listener binds."""
+    try:
+        socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise CommandError(
+            f"--listen {address!r} is not an address or a name that "
+            f"resolves ({exc})"
+        ) from None
+
+
 def parse_endpoint(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -245,12 +310,14 @@ def register(subparsers: Any) -> None:
         "--token-file",
         required=True,
         metavar="FILE",
-        help="the file 'receive' wrote",
+        help="the file 'receive' wrote; removed once the destination "
+        "took its token",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the statistics as JSON"
     )
     add_host_options(parser)
+    add_bus_options(parser)
     add_create_options(parser)
     parser.set_defaults(func=run_migrate)
 
@@ -267,7 +334,8 @@ def register(subparsers: Any) -> None:
         "--token-file",
         required=True,
         metavar="FILE",
-        help="where to write the endpoint and token (mode 0600)",
+        help="where to write the endpoint and token (mode 0600); removed "
+        "once the migration ended, as the token serves once",
     )
     parser.add_argument(
         "--listen",
@@ -290,6 +358,7 @@ def register(subparsers: Any) -> None:
         "(destroying the guest) once the migration ended",
     )
     add_host_options(parser)
+    add_bus_options(parser)
     parser.set_defaults(func=run_receive)
 
 
@@ -300,87 +369,189 @@ def run_migrate(args: argparse.Namespace) -> int:
     check_create_options(args)
     migration_id, token, endpoint = read_token_file(args.token_file)
     endpoint = args.to or endpoint
+    url = bus_url(args, CONF)
     with closing_host(open_host(args, CONF)) as host:
         if args.create:
             info = create_guest(args, host)
         else:
             info = find_domain(host, args.domain)
         # --json keeps stdout for the statistics.
-        sink = terminal_sink(
-            CONF, host.hostname, sys.stderr if args.json else None
-        )
-        sink.start(
-            migration_id,
-            instance_uuid=info.uuid,
-            source_host=host.hostname,
-            destination_host=f"{endpoint[0]}:{endpoint[1]}",
+        sinks = progress_sinks(
+            url, CONF, host.hostname, sys.stderr if args.json else None
         )
         try:
-            outgoing = OutgoingMigration(
-                host,
-                info.domid,
-                endpoint,
-                migration_id,
-                token,
-                conf=CONF,
-                sinks=[sink],
-            )
-        except Exception as exc:
-            raise CommandError(f"cannot migrate: {exc}") from None
-        outgoing.start()
-        phase = outgoing.wait()
+            for sink in sinks:
+                sink.start(
+                    migration_id,
+                    instance_uuid=info.uuid,
+                    source_host=host.hostname,
+                    destination_host=f"{endpoint[0]}:{endpoint[1]}",
+                )
+            try:
+                outgoing = OutgoingMigration(
+                    host,
+                    info.domid,
+                    endpoint,
+                    migration_id,
+                    token,
+                    conf=CONF,
+                    sinks=sinks,
+                )
+            except Exception as exc:
+                raise CommandError(f"cannot migrate: {exc}") from None
+            outgoing.start()
+            with quiet_engine_warnings():
+                phase = wait_or_cancel(outgoing, host, info.domid)
+        finally:
+            close_sinks(sinks)
+        if _token_presented(outgoing):
+            remove_token_file(args.token_file)
         stats = outgoing.stats.to_dict()
         if args.json:
             print(json.dumps(stats, indent=2, default=str))
         if phase is None or phase.value != "done":
-            raise CommandError(
+            raise FailedMigration(
                 f"migration of domain {info.domid} ended in "
                 f"{getattr(phase, 'value', phase)}: {outgoing.error}"
             )
     return 0
 
 
+class FailedMigration(CommandError):
+    """The migration ran and did not complete: exit status 1."""
+
+    exit_status = 1
+
+
+@contextlib.contextmanager
+def quiet_engine_warnings() -> Iterator[None]:
+    """While a progress display shows the migration, the engine's
+    warnings (a rollback and its reason) would say it twice: only its
+    errors go to the console meanwhile."""
+    logger = std_logging.getLogger("nova_xen_ncm.engine")
+    level = logger.level
+    logger.setLevel(std_logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def wait_or_cancel(outgoing: Any, host: base.HostDriver, domid: int) -> Any:
+    """The migration's final phase; an interrupt cancels it, waits for
+    the rollback and says where the guest is."""
+    from nova_xen_ncm.cmd import Interrupted
+
+    try:
+        return outgoing.wait()
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        outgoing.cancel()
+        phase = _wait_through(outgoing)
+        raise Interrupted(signum, _outcome(phase, host, domid)) from None
+
+
+def _wait_through(outgoing: Any) -> Any:
+    """Wait for the end, ignoring further interrupts: the engine's
+    rollback is bounded, and leaving during it would leave the guest
+    paused."""
+    while True:
+        try:
+            return outgoing.wait()
+        except KeyboardInterrupt:
+            continue
+
+
+def _outcome(phase: Any, host: base.HostDriver, domid: int) -> str:
+    """Where the guest is after an interrupted migration, as the host
+    says (not as the phase suggests)."""
+    value = getattr(phase, "value", phase)
+    if value == "done":
+        return (
+            f"too late to cancel (the commit decision was made): domain "
+            f"{domid} completed its migration and runs on the destination"
+        )
+    try:
+        state = host.domain_info(domid).state.value
+    except base.HostError:
+        return (
+            f"the migration ended in {value} and domain {domid} is no "
+            "longer on this host"
+        )
+    if value == "cancelled":
+        return (
+            f"the migration was cancelled; domain {domid} rolled back "
+            f"and is {state} on the source"
+        )
+    return f"the migration ended in {value}; domain {domid} is {state} here"
+
+
+def _token_presented(outgoing: Any) -> bool:
+    """Whether the destination saw the token: the migration got past
+    SETUP, or ended there after connecting."""
+    from nova_xen_ncm.engine.state import Phase
+
+    phases = {phase for phase, _ in outgoing.sender.state.history()}
+    return bool(phases - {Phase.SETUP, Phase.FAILED, Phase.ROLLBACK})
+
+
 def run_receive(args: argparse.Namespace) -> int:
     from nova_xen_ncm.conf import CONF
+    from nova_xen_ncm.engine.errors import EngineError
     from nova_xen_ncm.engine.migration import IncomingMigration
 
     if args.listen:
+        check_listen_address(args.listen)
         CONF.set_override("listen_address", args.listen, group="xen_ncm")
     name = driver_name(args, CONF)
     migration_id = str(uuid.uuid4())
+    url = bus_url(args, CONF)
     with closing_host(open_host(args, CONF)) as host:
-        sink = terminal_sink(CONF, host.hostname)
+        sinks = progress_sinks(url, CONF, host.hostname)
         try:
-            incoming = IncomingMigration(
-                host,
-                migration_id,
-                conf=CONF,
-                sinks=[sink],
-                advertise=args.advertise or _advertise(args),
-            )
-        except (OSError, base.HostError) as exc:
-            raise CommandError(f"cannot listen: {exc}") from None
-        sink.start(migration_id, role="destination")
-        incoming.start()
-        try:
-            write_token_file(
-                args.token_file,
-                migration_id,
-                incoming.token,
-                incoming.endpoint,
-            )
-        except OSError as exc:
-            raise CommandError(
-                f"cannot write {args.token_file}: {exc}"
-            ) from None
-        print(
-            f"waiting for the source on "
-            f"{incoming.endpoint[0]}:{incoming.endpoint[1]}",
-            flush=True,
-        )
-        phase = incoming.wait()
+            try:
+                incoming = IncomingMigration(
+                    host,
+                    migration_id,
+                    conf=CONF,
+                    sinks=sinks,
+                    advertise=args.advertise or _advertise(args),
+                )
+            except (OSError, EngineError, base.HostError) as exc:
+                raise EnvironmentProblem(f"cannot listen: {exc}") from None
+            try:
+                # The listener is bound: a source that connects now waits
+                # in its backlog until the receiver runs.
+                try:
+                    write_token_file(
+                        args.token_file,
+                        migration_id,
+                        incoming.token,
+                        incoming.endpoint,
+                    )
+                except OSError as exc:
+                    incoming.cancel()
+                    raise CommandError(
+                        f"cannot write {args.token_file}: {exc}"
+                    ) from None
+                # Before the progress display starts: a line printed
+                # under a live bar would be drawn over.
+                print(
+                    f"waiting for the source on "
+                    f"{incoming.endpoint[0]}:{incoming.endpoint[1]}",
+                    flush=True,
+                )
+                for sink in sinks:
+                    sink.start(migration_id, role="destination")
+                incoming.start()
+                with quiet_engine_warnings():
+                    phase = _receive_or_cancel(incoming)
+            finally:
+                remove_token_file(args.token_file)
+        finally:
+            close_sinks(sinks)
         if phase is None or phase.value != "done":
-            raise CommandError(
+            raise FailedMigration(
                 f"incoming migration ended in "
                 f"{getattr(phase, 'value', phase)}: "
                 f"{incoming.receiver.error}"
@@ -390,6 +561,36 @@ def run_receive(args: argparse.Namespace) -> int:
         if args.hold and factory.guests_live_in_process(name):
             hold(domids, name)
     return 0
+
+
+def _receive_or_cancel(incoming: Any) -> Any:
+    """The incoming migration's final phase. An interrupt before the
+    source connected stops waiting; once it has, the source decides and
+    this end follows it to the end (a rollback destroys the copy here)."""
+    from nova_xen_ncm.cmd import Interrupted
+
+    try:
+        return incoming.wait()
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if incoming.cancel():
+            incoming.wait()
+            raise Interrupted(
+                signum, "no source had connected; nothing was received"
+            ) from None
+        while True:
+            try:
+                phase = incoming.wait()
+                break
+            except KeyboardInterrupt:
+                continue
+        value = getattr(phase, "value", phase)
+        raise Interrupted(
+            signum,
+            "the source had connected, so the migration went on; it "
+            f"ended in {value}"
+            + (" and the guest runs here" if value == "done" else ""),
+        ) from None
 
 
 def _advertise(args: argparse.Namespace) -> str | None:

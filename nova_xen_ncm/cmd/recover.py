@@ -21,12 +21,22 @@ from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.journal import JournalError
 from nova_xen_ncm.engine.state import Phase
 
+# Plain text for --help (the module docstring is reStructuredText).
+DESCRIPTION = (
+    "Read the journal under [xen_ncm] state_path (or --state-path) and "
+    "settle each migration a source engine left in flight when it died: "
+    "rolled back if it died before the commit decision, else the "
+    "destination is asked whether it runs the guest. Exits 0 when "
+    "everything was settled (or nothing was in flight), 1 when a "
+    "migration stays IN_DOUBT (its guest paused here), 2 on an error."
+)
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "recover",
-        help="finish or roll back migrations interrupted by a crash",
-        description=__doc__.split("\n\n", 1)[1],
+        help="Finish or roll back migrations interrupted by a crash.",
+        description=DESCRIPTION,
     )
     migrate.add_host_options(parser)
     parser.add_argument(
@@ -52,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         journal = Journal(path)
         if not journal.entries():
-            print(f"nothing in flight in {journal.path}")
+            if args.json:
+                print(json.dumps([]))
+            else:
+                print(f"nothing in flight in {journal.path}")
             return 0
         host = migrate.open_host(args, CONF)
         outcomes = recovery.recover(host, journal, CONF)

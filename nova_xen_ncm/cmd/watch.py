@@ -22,9 +22,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import oslo_messaging
-
 from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import EnvironmentProblem
+from nova_xen_ncm.cmd import bus
 from nova_xen_ncm.progress.terminal import Display
 from nova_xen_ncm.progress.tracker import unwrap
 
@@ -34,6 +34,8 @@ EVENT_TYPES = r"^xen_ncm\.migration\."
 # next one starts; those older than this (seconds before the start, which
 # also absorbs clock skew between hosts) are not shown.
 STALE_GRACE = 60.0
+# How long a watch that ends waits for its listener to stop.
+SHUTDOWN_WAIT = 0.5
 # How often the main thread wakes up to check the timeout.
 _POLL = 0.2
 
@@ -99,9 +101,14 @@ def default_pool() -> str:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be a positive number")
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number of seconds, got {text!r}"
+        )
     return value
 
 
@@ -109,10 +116,11 @@ class Endpoint:
     """Receives our notifications in the listener's threads and hands
     them to the main thread."""
 
-    filter_rule = oslo_messaging.NotificationFilter(event_type=EVENT_TYPES)
-
     def __init__(self, inbox: queue.Queue) -> None:
         self.inbox = inbox
+        self.filter_rule = bus.import_messaging().NotificationFilter(
+            event_type=EVENT_TYPES
+        )
 
     def _receive(
         self,
@@ -195,12 +203,15 @@ def run(args: argparse.Namespace) -> int:
     from nova_xen_ncm import conf
 
     started = time.time()
+    # --timeout counts from the command's start, not from here: loading
+    # oslo.messaging alone takes a second or more on a busy machine.
     deadline = (
-        None if args.timeout is None else time.monotonic() + args.timeout
+        None
+        if args.timeout is None
+        else getattr(args, "started", time.monotonic()) + args.timeout
     )
-    transport = oslo_messaging.get_notification_transport(
-        conf.CONF, url=args.transport_url
-    )
+    transport = bus.notification_transport(conf.CONF, args.transport_url)
+    oslo_messaging = bus.import_messaging()
     inbox: queue.Queue = queue.Queue()
     listener = oslo_messaging.get_notification_listener(
         transport,
@@ -233,9 +244,23 @@ def run(args: argparse.Namespace) -> int:
     finally:
         watch.display.close()
         if listening.is_set():
-            listener.stop()
-            listener.wait()
-            transport.cleanup()
+            _shut_down(listener, transport)
+
+
+def _shut_down(listener: Any, transport: Any) -> None:
+    """Stop listening, in a thread of its own: the listener notices a
+    stop only at its next poll of the bus (a second or two), which
+    --timeout should not wait for. Whatever is left when the process
+    exits, the broker sees as a closed connection."""
+
+    def stop() -> None:
+        listener.stop()
+        listener.wait()
+        transport.cleanup()
+
+    thread = threading.Thread(target=stop, name="watch-stop", daemon=True)
+    thread.start()
+    thread.join(SHUTDOWN_WAIT)
 
 
 def _listen(
@@ -269,13 +294,13 @@ def _loop(
 ) -> int:
     while True:
         if failed:
-            raise CommandError(f"cannot listen on the bus: {failed[0]}")
+            raise EnvironmentProblem(f"cannot listen on the bus: {failed[0]}")
         wait = _POLL
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 if not listening.is_set():
-                    raise CommandError(
+                    raise EnvironmentProblem(
                         f"could not listen on the bus within "
                         f"{args.timeout:g} seconds"
                     )

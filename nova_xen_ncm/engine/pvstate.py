@@ -23,7 +23,7 @@ keeps every guest-visible value:
 
 What the stream can carry but the host model cannot (FIFO event arrays and
 queue tails) is refused here rather than dropped: a guest whose PV state
-was dropped is broken (ARCHITECTURE.md section 4).
+was dropped is broken (architecture.rst section 4).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ arrive, then TSC, HVM context and params, and at the end of the stream
 the PV state (:mod:`nova_xen_ncm.engine.pvstate`). Live migration and
 restore from file use it alike.
 
-:class:`Receiver` serves one incoming migration (ARCHITECTURE.md section
+:class:`Receiver` serves one incoming migration (architecture.rst section
 5): it authenticates the source with the one-time token, refuses early
 what it cannot restore, reserves the domid, applies the stream, reports a
 digest of the guest-visible state (READY) and unpauses the guest only on
@@ -43,6 +43,7 @@ from nova_xen_ncm.engine.state import Role
 from nova_xen_ncm.engine.transport import Channel
 from nova_xen_ncm.engine.transport import Listener
 from nova_xen_ncm.host import base
+from nova_xen_ncm.progress.model import EventKind
 from nova_xen_ncm.progress.model import ProgressSink
 from nova_xen_ncm.stream import decoder as stream_decoder
 from nova_xen_ncm.stream import encoder as stream_encoder
@@ -52,6 +53,11 @@ from nova_xen_ncm.stream.errors import BodyError
 from nova_xen_ncm.stream.records import Record
 
 LOG = logging.getLogger(__name__)
+
+# Seconds between two reports of how much of the guest arrived; the
+# sinks rate-limit again, this only keeps a fast stream from building
+# events nobody shows.
+RECEIVE_REPORT_INTERVAL = 0.1
 
 _PLATFORM_ITEMS = (base.Item.MEMORY, base.Item.PLATFORM, base.Item.HVM_PARAMS)
 # The libxc records a restore must have seen (an HVM guest is not whole
@@ -223,6 +229,12 @@ class Restorer:
             if not len(data_pfns):
                 return None
             return self.host.map_pages(self.domid, data_pfns, writable=True)
+
+    def arrived(self) -> int:
+        """Distinct pages that arrived so far (each counted once, however
+        often precopy sent it again)."""
+        with self._lock:
+            return int(np.count_nonzero(self._populated))
 
     def _mark(self, pfns: np.ndarray) -> np.ndarray:
         """Record ``pfns`` as populated; which of them already were."""
@@ -443,6 +455,10 @@ class Receiver:
         self._accepting = False
         # Digests of the items complete before the PV state is imported.
         self._platform_digests: dict[str, str] = {}
+        # The destination's own progress: the guest's size (from SETUP)
+        # and when the arrived share was last reported.
+        self._memory_bytes = 0
+        self._reported_at = 0.0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -585,6 +601,7 @@ class Receiver:
             raise
         self._created = True
         self.domid = setup.domid
+        self._memory_bytes = setup.memory_bytes
         self._running = setup.running
         # The data channels connect once the source has this reply.
         self.listener.allow(setup.channels - 1)
@@ -642,7 +659,7 @@ class Receiver:
         )
 
     def _check(self, setup: protocol.Setup) -> None:
-        """Refuse before anything moves (ARCHITECTURE.md section 2)."""
+        """Refuse before anything moves (architecture.rst section 2)."""
         caps = self.host.capabilities()
         missing = dict(caps.missing(setup.pv_drivers))
         for name in setup.required:
@@ -678,6 +695,34 @@ class Receiver:
                 f"{self.host.hostname}",
             )
 
+    def _report_arrived(self, restorer: Restorer, final: bool = False) -> None:
+        """A PROGRESS event with how much of the guest's memory has
+        arrived, at most every RECEIVE_REPORT_INTERVAL (and once at the
+        end of the stream): the destination's side of the progress
+        display. Channel threads race here harmlessly: at worst one
+        report too many."""
+        now = time.monotonic()
+        if not self._memory_bytes or (
+            not final
+            and (
+                now - self._reported_at < RECEIVE_REPORT_INTERVAL
+                # Nothing that is not needed while the guest is paused.
+                or self.state.phase is not Phase.PRECOPY
+            )
+        ):
+            return
+        self._reported_at = now
+        total = self._memory_bytes
+        arrived = min(total, restorer.arrived() * libxc.PAGE_SIZE)
+        self.state.report(
+            EventKind.PROGRESS,
+            memory={
+                "memory_total": total,
+                "memory_processed": arrived,
+                "memory_remaining": total - arrived,
+            },
+        )
+
     def _receive(self, restorer: Restorer) -> None:
         """Apply the stream until its end and the source's flush after
         it. A dropped connection is resumed: the source sends again what
@@ -691,6 +736,7 @@ class Receiver:
                     event = _read_frame(self._channel, event, restorer)
                     if event is None:
                         self._applied = seq
+                        self._report_arrived(restorer)
                         continue
                 if isinstance(event, protocol.Data) and not len(event.payload):
                     self._channel.send(protocol.Ack(seq=event.seq))
@@ -716,6 +762,7 @@ class Receiver:
             if event.pages:
                 restorer.page_record(event.payload)
                 self._applied = event.seq
+                self._report_arrived(restorer)
                 continue
             decoder.feed(event.payload)
             for record in decoder.records():
@@ -724,6 +771,7 @@ class Receiver:
                 restorer.apply(record)
             self._applied = event.seq
             if restorer.done:
+                self._report_arrived(restorer, final=True)
                 self.state.transition(Phase.STOP_AND_COPY, Phase.RESTORE)
 
     def _serve_data(self, index: int, restorer: Restorer) -> None:
@@ -741,6 +789,7 @@ class Receiver:
                 if event is None:
                     # A page batch, read straight into guest memory.
                     self._data_applied[index] = seq
+                    self._report_arrived(restorer)
                     continue
                 if not isinstance(event, protocol.Data):
                     raise ProtocolError(
@@ -755,6 +804,7 @@ class Receiver:
                     )
                 else:
                     restorer.page_record(event.payload)
+                    self._report_arrived(restorer)
                 self._data_applied[index] = event.seq
             except TransportError as exc:
                 channel.close()

@@ -2,7 +2,7 @@
 
 A restarted source (``nova-xen-ncm recover``, the compute service's
 start) reads its journal (:mod:`nova_xen_ncm.engine.journal`) and settles
-each entry by the rule of ARCHITECTURE.md section 5, never leaving two
+each entry by the rule of architecture.rst section 5, never leaving two
 running copies:
 
 - stopped before the commit decision (PRECOPY, STOP_AND_COPY, RESTORE,

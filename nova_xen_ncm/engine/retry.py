@@ -1,6 +1,6 @@
 """The one retry helper of the engine, on tenacity.
 
-Three steps of a migration are retried (ARCHITECTURE.md section 5): the
+Three steps of a migration are retried (architecture.rst section 5): the
 connection setup, a precopy round's transfer after the connection dropped,
 and the commit query after COMMIT went unacknowledged. Each has a budget of
 attempts and seconds from [xen_ncm] options; stop-and-copy passes an

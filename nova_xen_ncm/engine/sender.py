@@ -9,7 +9,7 @@ batches, then X86_TSC_INFO, HVM_CONTEXT, HVM_PARAMS and the project's
 non-cooperative records, END. Live migration and save to file use it
 alike.
 
-:class:`Sender` runs one live migration (ARCHITECTURE.md section 5):
+:class:`Sender` runs one live migration (architecture.rst section 5):
 SETUP, PRECOPY rounds decided by a policy, STOP_AND_COPY, RESTORE (the
 destination's digest of the guest-visible state compared with ours) and
 the two-phase COMMIT, every phase change through the state machine's one

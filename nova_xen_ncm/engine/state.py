@@ -8,7 +8,7 @@ phases are terminal, which may still roll back, and
 which phase it believes the migration is in, so two threads racing (the
 migration thread failing while an operator cancels) cannot both win.
 
-Phases (ARCHITECTURE.md section 5)::
+Phases (architecture.rst section 5)::
 
     SETUP -> PRECOPY -> STOP_AND_COPY -> RESTORE -> COMMIT -> CLEANUP
       |         |             |              |          |         |

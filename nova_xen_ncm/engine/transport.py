@@ -5,7 +5,7 @@ The protocol itself is :mod:`nova_xen_ncm.engine.protocol` (sans-I/O);
 this module only moves its bytes. Page data goes out by ``sendmsg`` of
 the caller's buffers (the guest's mapped pages) without joining them, and
 comes in by ``recv_into`` straight into a caller's buffer (the restoring
-guest's pages), as ARCHITECTURE.md section 5 asks of the data path. Socket
+guest's pages), as architecture.rst section 5 asks of the data path. Socket
 failures and timeouts become :class:`TransportError`, which the retry
 helper retries; protocol violations stay :class:`ProtocolError`, which it
 does not.

@@ -5,7 +5,7 @@ Nova driver and the console commands use a :class:`HostDriver` and the state
 types below and nothing else of ``nova_xen_ncm.host``; the simulated host
 (``host/sim``) and the real Xen host (``host/xen``) implement it.
 
-The state types describe what the guest can see (ARCHITECTURE.md section 2),
+The state types describe what the guest can see (architecture.rst section 2),
 in host terms. They are not the wire format: ``nova_xen_ncm.stream`` owns the
 byte layouts and the engine translates between the two.
 """
@@ -141,7 +141,7 @@ class TscInfo:
     incarnation: int
 
 
-# -- PV state (ARCHITECTURE.md section 2, items 3 to 8) -------------------
+# -- PV state (architecture.rst section 2, items 3 to 8) -------------------
 
 
 class EvtchnType(enum.IntEnum):
@@ -310,7 +310,7 @@ class PvState:
 
 
 class Item(str, enum.Enum):
-    """The items of the transparency invariant (ARCHITECTURE.md 2)."""
+    """The items of the transparency invariant (architecture.rst section 2)."""
 
     MEMORY = "memory"
     PLATFORM = "platform"
@@ -357,7 +357,7 @@ class Capabilities:
 
 @dataclasses.dataclass(frozen=True)
 class GuestState:
-    """The guest-visible state of ARCHITECTURE.md section 2 at an instant,
+    """The guest-visible state of architecture.rst section 2 at an instant,
     for the transparency checker: per item a comparable value (digests and
     small tuples) and, for PV devices, what the frontends observed."""
 

@@ -1,6 +1,6 @@
 """The transparency checker: did the guest notice its migration?
 
-It compares the guest-visible state (ARCHITECTURE.md section 2) of the
+It compares the guest-visible state (architecture.rst section 2) of the
 source at pause with the destination's at resume (after the PV state is
 imported and the backends reconnected, before the guest runs), and,
 optionally, a later state of the destination after the guest has run, for
@@ -182,7 +182,7 @@ class ItemResult:
 
 @dataclasses.dataclass(frozen=True)
 class CheckReport:
-    """The verdict per item of ARCHITECTURE.md section 2."""
+    """The verdict per item of architecture.rst section 2."""
 
     results: Mapping[Item, ItemResult]
 

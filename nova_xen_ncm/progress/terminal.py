@@ -86,12 +86,16 @@ def bar_line(data: Mapping[str, Any], columns: int | None = None) -> str:
         f"{str(data.get('migration_id'))[:8]} {role} "
         f"{data.get('phase', '?')} r{'-' if rnd is None else rnd} "
     )
-    right = (
-        f" {'  ?' if percent is None else f'{percent:5.1f}'}% "
-        f"{human_rate(data.get('bandwidth'))} "
-        f"ETA {human_duration(data.get('eta'))} "
-        f"downtime {human_seconds(data.get('expected_downtime'))}"
-    )
+    right = f" {'  ?' if percent is None else f'{percent:5.1f}'}% "
+    if role == "dst":
+        # The destination measures what arrived, not rates or times.
+        right += f"arrived {human_bytes(data.get('bytes_sent'))}"
+    else:
+        right += (
+            f"{human_rate(data.get('bandwidth'))} "
+            f"ETA {human_duration(data.get('eta'))} "
+            f"downtime {human_seconds(data.get('expected_downtime'))}"
+        )
     width = BAR_WIDTH
     if columns is not None:
         width = min(BAR_WIDTH, columns - 1 - len(left) - len(right) - 2)
@@ -104,15 +108,30 @@ def bar_line(data: Mapping[str, Any], columns: int | None = None) -> str:
 
 
 def end_line(data: Mapping[str, Any]) -> str:
-    """The one line a finished migration leaves."""
+    """The one line a finished migration leaves. The destination counts
+    what arrived (it sends nothing and has no rounds); a migration that
+    did not complete says how far its copy had got."""
     stats = data.get("statistics") or {}
     outcome = str(data.get("outcome") or data.get("phase") or "?")
-    parts = [
-        f"{stats.get('rounds', 0)} rounds",
-        f"{human_bytes(stats.get('bytes_sent'))} sent",
-        f"downtime {human_seconds(stats.get('actual_downtime'))}",
-        f"{stats.get('retries', data.get('retries', 0))} retries",
-    ]
+    retries = f"{stats.get('retries', data.get('retries', 0))} retries"
+    if data.get("role") == "destination":
+        arrived = (
+            f"{human_bytes(data.get('bytes_sent'))} of "
+            f"{human_bytes(data.get('bytes_total'))} guest memory arrived"
+            if data.get("bytes_total")
+            else "no guest memory arrived"
+        )
+        parts = [arrived, retries]
+    else:
+        parts = [
+            f"{stats.get('rounds', 0)} rounds",
+            f"{human_bytes(stats.get('bytes_sent'))} sent",
+            f"downtime {human_seconds(stats.get('actual_downtime'))}",
+            retries,
+        ]
+    percent = data.get("percent")
+    if outcome != "done" and percent is not None:
+        parts.insert(0, f"{percent:.1f}% copied when it stopped")
     counts = stats.get("notifications")
     if counts:
         parts.append(f"{counts.get('dropped', 0)} notifications dropped")
@@ -153,6 +172,13 @@ def plain_line(notice: str, data: Mapping[str, Any]) -> str:
     if notice == "end":
         return f"{data.get('emitted_at', '')} {end_line(data)}".lstrip()
     percent = data.get("percent")
+    if data.get("role") == "destination":
+        return (
+            f"{head} progress {data.get('phase')} "
+            f"{'?' if percent is None else f'{percent:.1f}'}% arrived "
+            f"{human_bytes(data.get('bytes_sent'))} of "
+            f"{human_bytes(data.get('bytes_total'))}"
+        )
     return (
         f"{head} progress {data.get('phase')} round {data.get('round')} "
         f"{'?' if percent is None else f'{percent:.1f}'}% "
@@ -197,10 +223,12 @@ class Display:
             self._write(plain_line(notice, data) + "\n")
             return
         key = (str(data.get("migration_id")), str(data.get("role")))
-        done: list[str] = []
+        done: list[str | Mapping[str, Any]] = []
         if notice == "end":
             self._live.pop(key, None)
-            done.append(end_line(data))
+            # The bar stays, as it ended (100 % for a completed
+            # migration), above the summary line.
+            done += [data, end_line(data)]
         else:
             if notice == "error":
                 done.append(plain_line(notice, data))
@@ -212,7 +240,7 @@ class Display:
         self._live.clear()
         self._drawn = 0
 
-    def _redraw(self, done: list[str]) -> None:
+    def _redraw(self, done: list[str | Mapping[str, Any]]) -> None:
         out = []
         if self._drawn:
             # Back to the first live line: finished lines take its place
@@ -220,6 +248,8 @@ class Display:
             out.append(f"\x1b[{self._drawn}F")
         columns = self.columns or shutil.get_terminal_size().columns
         for line in done:
+            if not isinstance(line, str):
+                line = bar_line(line, columns)
             out.append(f"{_CLEAR_LINE}{line}\n")
         for data in self._live.values():
             out.append(f"{_CLEAR_LINE}{bar_line(data, columns)}\n")

@@ -9,7 +9,7 @@ an :class:`~nova_xen_ncm.engine.migration.OutgoingMigration` from
 Nova's ``post_method`` or ``recover_method`` by how the engine ended.
 Force-complete and abort reach the running migration.
 
-The guest keeps its domid (ARCHITECTURE.md section 2): the destination
+The guest keeps its domid (architecture.rst section 2): the destination
 refuses before anything moves when the domid is taken there.
 """
 

@@ -87,8 +87,10 @@ def test_demo_publishes_progress_on_the_bus(rabbit_url):
     pool = f"nova-xen-ncm-demo-test-{uuid.uuid4().hex[:8]}"
     watch = ("watch", "--transport-url", rabbit_url, "--pool", pool)
     # A first, short watch creates the pool's queue, which then collects
-    # the demo's notifications until the second watch reads them.
-    nova_xen_ncm(*watch, "--timeout", "1", "--plain")
+    # the demo's notifications until the second watch reads them. Its
+    # timeout counts from its start, so it leaves time to connect.
+    first = nova_xen_ncm(*watch, "--timeout", "15", "--plain")
+    assert first.returncode == 0, first.stderr[-3000:]
     result = nova_xen_ncm(
         "demo", "--memory", "32M", "--transport-url", rabbit_url, "--json"
     )

@@ -1,4 +1,4 @@
-"""The simulated Xen host (ARCHITECTURE.md section 6).
+"""The simulated Xen host (architecture.rst section 6).
 
 ``host.SimHost`` is the HostDriver; the hypervisor model is split by
 concern: ``layout`` (HVM physmap), ``memory`` (guest RAM, p2m, log-dirty

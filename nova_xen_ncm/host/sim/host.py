@@ -893,6 +893,10 @@ class SimHost(base.HostDriver):
                 ],
                 pass_fds=(guest_end.fileno(),),
                 close_fds=True,
+                # A guest is not part of the toolstack's terminal job:
+                # Ctrl-C on the command that runs the host must not
+                # reach it (the command cancels and rolls back instead).
+                start_new_session=True,
             )
         except OSError:
             host_end.close()
@@ -975,6 +979,7 @@ class SimHost(base.HostDriver):
                     ],
                     pass_fds=fds,
                     close_fds=True,
+                    start_new_session=True,
                 )
         finally:
             hc_guest.close()

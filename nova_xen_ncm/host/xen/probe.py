@@ -1,4 +1,4 @@
-"""Which items of the transparency invariant (ARCHITECTURE.md section 2)
+"""Which items of the transparency invariant (architecture.rst section 2)
 the running Xen can restore.
 
 What a toolstack can put back into a domain from the outside is decided

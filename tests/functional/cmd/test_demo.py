@@ -152,11 +152,29 @@ def test_parse_size_rejects(text):
         demo.parse_size(text)
 
 
-def test_dirty_rate_bytes_or_fraction():
+def test_dirty_rate_bytes_or_percent():
     assert demo.parse_dirty_rate("64M") == demo.DirtyRate(64 << 20)
-    assert demo.parse_dirty_rate("0.5") == demo.DirtyRate(fraction=0.5)
-    assert demo.parse_dirty_rate("1") == demo.DirtyRate(fraction=1.0)
-    assert demo.parse_dirty_rate("100") == demo.DirtyRate(100)
+    assert demo.parse_dirty_rate("1K") == demo.DirtyRate(1024)
+    assert demo.parse_dirty_rate("100B") == demo.DirtyRate(100)
+    assert demo.parse_dirty_rate("0") == demo.DirtyRate(0)
+    assert demo.parse_dirty_rate("50%") == demo.DirtyRate(fraction=0.5)
+    assert demo.parse_dirty_rate("100%") == demo.DirtyRate(fraction=1.0)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # A bare number reads as bytes or as MiB equally well.
+        ("2", "'2' has no unit"),
+        ("0.5", "'0.5' has no unit"),
+        ("1.5", "'1.5' has no unit"),
+        ("150%", "more than 100%"),
+        ("fast", "'fast' is not a dirty rate"),
+    ],
+)
+def test_dirty_rate_refuses_what_is_ambiguous(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        demo.parse_dirty_rate(text)
 
     def measured():
         return 1000.0

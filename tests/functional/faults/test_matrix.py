@@ -50,7 +50,7 @@ PAUSED = base.DomainState.PAUSED
 
 _REFUSAL = (
     "the destination refuses in SETUP, before anything moves "
-    "(ARCHITECTURE.md section 2); from PRECOPY on it holds the domid and "
+    "(architecture.rst section 2); from PRECOPY on it holds the domid and "
     "the memory, so a refusal can no longer happen"
 )
 #: Cells that cannot happen, and why.

