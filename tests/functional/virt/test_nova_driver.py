@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -16,7 +15,6 @@ import time
 import warnings
 
 import fixtures
-import nova.virt
 import openstack.proxy
 from keystoneauth1 import noauth
 from keystoneauth1 import session as ks_session
@@ -35,11 +33,6 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.virt.migrate_data import XenNCMLiveMigrateData
 
 COMPUTE_DRIVER = "xen_ncm.XenNCMDriver"
-# The shim Nova imports the driver from (nova/virt/xen_ncm): installed by
-# a wheel, or taken from this tree for an editable install.
-SHIM_PATH = os.path.join(
-    os.path.dirname(__file__), "..", "..", "..", "nova", "virt"
-)
 HOSTS = ("host1", "host2")
 # Nova's OpenStackSDKFixture (in every nova.test.TestCase) replaces this
 # with a mock; a real Connection needs the original, taken at import.
@@ -83,8 +76,26 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
 
 
 def _api_paste_config() -> str:
-    """Nova's api-paste.ini as a wheel installs it (under sys.prefix)."""
-    return os.path.join(sys.prefix, "etc", "nova", "api-paste.ini")
+    """Nova's api-paste.ini: under the prefix a wheel installed Nova
+    into (a venv's base interpreter's too), or in Nova's source tree."""
+    import nova
+
+    candidates = [
+        os.path.join(prefix, "etc", "nova", "api-paste.ini")
+        for prefix in (sys.prefix, sys.base_prefix)
+    ]
+    candidates.append(
+        os.path.join(
+            os.path.dirname(os.path.dirname(nova.__file__)),
+            "etc",
+            "nova",
+            "api-paste.ini",
+        )
+    )
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"Nova's api-paste.ini, tried {candidates}")
 
 
 class XenNCMTestBase(integrated_helpers.ProviderUsageBaseTestCase):
@@ -92,13 +103,6 @@ class XenNCMTestBase(integrated_helpers.ProviderUsageBaseTestCase):
 
     def setUp(self):
         self.flags(api_paste_config=_api_paste_config(), group="wsgi")
-        if importlib.util.find_spec("nova.virt.xen_ncm") is None:
-            self.useFixture(
-                fixtures.MonkeyPatch(
-                    "nova.virt.__path__",
-                    [*nova.virt.__path__, os.path.abspath(SHIM_PATH)],
-                )
-            )
         super().setUp()
         # nova.test.TestCase restores the object registry after each
         # test; a process registers our class once, at its first import.
