@@ -1,8 +1,6 @@
-"""The driver as Nova loads it: through the nova.virt shim, on the host
+"""The driver as Nova loads it: as nova.virt.xen_ncm, on the host
 driver [xen_ncm] host_driver names, with Nova's exceptions outside."""
 
-import importlib.util
-import os
 import sys
 from unittest import mock
 
@@ -19,28 +17,19 @@ from nova.virt import driver as nova_driver
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host import factory
 from nova_xen_ncm.virt import driver
+from nova_xen_ncm.virt import novahook
 
 CONF = nova.conf.CONF
-SHIM = os.path.join(
-    os.path.dirname(__file__),
-    "..",
-    "..",
-    "..",
-    "nova",
-    "virt",
-    "xen_ncm",
-    "__init__.py",
-)
 
 
 @pytest.fixture
 def shim(monkeypatch):
-    """nova.virt.xen_ncm as a wheel installs it, from this tree."""
-    spec = importlib.util.spec_from_file_location("nova.virt.xen_ncm", SHIM)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setitem(sys.modules, "nova.virt.xen_ncm", module)
-    return module
+    """nova.virt.xen_ncm as the installed .pth file provides it."""
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    monkeypatch.delitem(sys.modules, "nova.virt.xen_ncm", raising=False)
+    novahook.install()
+    yield
+    sys.modules.pop("nova.virt.xen_ncm", None)
 
 
 @pytest.fixture
@@ -61,7 +50,9 @@ def test_nova_loads_the_driver_through_the_shim(shim):
         mock.Mock(), "xen_ncm.XenNCMDriver"
     )
     assert type(loaded) is driver.XenNCMDriver
-    assert shim.XenNCMDriver is driver.XenNCMDriver
+    assert sys.modules["nova.virt.xen_ncm"].XenNCMDriver is (
+        driver.XenNCMDriver
+    )
 
 
 def test_unknown_host_driver_is_refused():
