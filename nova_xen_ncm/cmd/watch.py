@@ -3,9 +3,12 @@
 Listens to the notifications topics (``[oslo_messaging_notifications]
 topics``, ``notifications`` by default) for ``xen_ncm.migration.*`` and
 shows a live progress bar per running migration and a line per finished
-one (plain lines when stdout is not a terminal). It listens in its own
-pool, so it takes copies of the notifications and steals none from other
-consumers such as ceilometer.
+one (plain lines when stdout is not a terminal). It listens on the
+exchange nova-compute publishes on (``[DEFAULT] control_exchange``,
+``nova``; ``--exchange``) in its own pool, so it takes copies of the
+notifications and steals none from other consumers such as ceilometer;
+the pool's queue goes away when the last watch of the pool ends
+(:class:`nova_xen_ncm.progress.bus.BusListener`).
 """
 
 from __future__ import annotations
@@ -22,14 +25,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import oslo_messaging
-
 from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.progress import bus
 from nova_xen_ncm.progress.terminal import Display
 from nova_xen_ncm.progress.tracker import unwrap
 
 POOL_PREFIX = "nova-xen-ncm-watch"
-EVENT_TYPES = r"^xen_ncm\.migration\."
 # The pool's queue outlives a watch and collects notifications until the
 # next one starts; those older than this (seconds before the start, which
 # also absorbs clock skew between hosts) are not shown.
@@ -55,10 +56,16 @@ def register(subparsers: Any) -> None:
         "notifications] transport_url, else [DEFAULT] transport_url)",
     )
     parser.add_argument(
+        "--exchange",
+        help="exchange nova-compute publishes on (default: [DEFAULT] "
+        "control_exchange, which is Nova's 'nova' unless changed)",
+    )
+    parser.add_argument(
         "--pool",
         default=default_pool(),
-        help="listener pool (a queue of its own on the bus); watchers in "
-        "the same pool share the notifications between them (default: "
+        help="listener pool (a queue on the bus); watchers in the same "
+        "pool share the notifications between them, and the broker "
+        "deletes the queue when the last of them ends (default: "
         "%(default)s, one per user and host)",
     )
     parser.add_argument(
@@ -103,28 +110,6 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError("must be a positive number")
     return value
-
-
-class Endpoint:
-    """Receives our notifications in the listener's threads and hands
-    them to the main thread."""
-
-    filter_rule = oslo_messaging.NotificationFilter(event_type=EVENT_TYPES)
-
-    def __init__(self, inbox: queue.Queue) -> None:
-        self.inbox = inbox
-
-    def _receive(
-        self,
-        ctxt: Any,
-        publisher_id: str,
-        event_type: str,
-        payload: Any,
-        metadata: Mapping[str, Any],
-    ) -> None:
-        self.inbox.put((event_type, payload, dict(metadata)))
-
-    info = warn = error = _receive
 
 
 class Watch:
@@ -198,18 +183,13 @@ def run(args: argparse.Namespace) -> int:
     deadline = (
         None if args.timeout is None else time.monotonic() + args.timeout
     )
-    transport = oslo_messaging.get_notification_transport(
-        conf.CONF, url=args.transport_url
-    )
     inbox: queue.Queue = queue.Queue()
-    listener = oslo_messaging.get_notification_listener(
-        transport,
-        [
-            oslo_messaging.Target(topic=topic)
-            for topic in conf.CONF.oslo_messaging_notifications.topics
-        ],
-        [Endpoint(inbox)],
-        executor="threading",
+    # A queue of its own that the broker deletes when the watch ends.
+    listener = bus.BusListener(
+        conf.CONF,
+        lambda *notification: inbox.put(notification),
+        url=args.transport_url,
+        exchange=args.exchange,
         pool=args.pool,
     )
     watch = Watch(
@@ -235,7 +215,6 @@ def run(args: argparse.Namespace) -> int:
         if listening.is_set():
             listener.stop()
             listener.wait()
-            transport.cleanup()
 
 
 def _listen(

@@ -17,10 +17,13 @@ notification and in the log.
 from __future__ import annotations
 
 import collections
+import json
 import logging as std_logging
+import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 from typing import Protocol
@@ -369,3 +372,190 @@ def from_conf(
     if not conf.xen_ncm_progress.notifications:
         return None
     return BusSink(conf, host=host)
+
+
+# -- listening: a queue that goes away with its listener -------------------
+
+EVENT_PREFIX = "xen_ncm.migration."
+WATCH_QUEUE_PREFIX = "nova-xen-ncm-watch"
+# How long one wait for the broker lasts, so that stop() is seen.
+_DRAIN_TICK = 0.5
+
+
+def _kombu_urls(url: oslo_messaging.TransportURL) -> list[str]:
+    from urllib.parse import quote
+
+    if url.transport not in ("rabbit", "kombu"):
+        raise ValueError(
+            f"listening for progress needs a RabbitMQ transport "
+            f"(rabbit://), not {url.transport}://"
+        )
+    vhost = quote(url.virtual_host or "", safe="")
+    urls = []
+    for host in url.hosts:
+        auth = ""
+        if host.username:
+            auth = quote(host.username, safe="")
+            if host.password:
+                auth += ":" + quote(host.password, safe="")
+            auth += "@"
+        urls.append(
+            f"amqp://{auth}{host.hostname}:{host.port or 5672}/{vhost}"
+        )
+    if not urls:
+        raise ValueError("the transport URL names no RabbitMQ host")
+    return urls
+
+
+class BusListener:
+    """Receives ``xen_ncm.migration.*`` notifications from the exchange
+    Nova publishes on, on a queue that goes away with the listener.
+
+    oslo.messaging's notification listener leaves its queue on the broker
+    when it stops (it could only make the queue auto-delete together with
+    the exchange it binds to, which Nova declared otherwise), and that
+    queue then collects notifications for good. This one declares its own
+    queue with kombu, bound to ``<topic>.*`` on ``exchange``: without a
+    ``pool`` an exclusive queue of its own; with one, a queue of that name
+    shared by the listeners of the pool and deleted by the broker when
+    the last of them goes (auto-delete).
+
+    ``deliver(event_type, payload, metadata)`` is called in the
+    listener's thread. The interface is that of an oslo.messaging
+    listener: :meth:`start` (retries until the broker answers),
+    :meth:`stop`, :meth:`wait`.
+    """
+
+    def __init__(
+        self,
+        conf: cfg.ConfigOpts,
+        deliver: Callable[[str, Any, dict], None],
+        *,
+        url: str | None = None,
+        exchange: str | None = None,
+        pool: str | None = None,
+    ) -> None:
+        if url is not None:
+            # Refused before oslo.messaging loads a driver for it.
+            _kombu_urls(oslo_messaging.TransportURL.parse(conf, url))
+        # Registers the transport options and checks the URL.
+        oslo_messaging.get_notification_transport(conf, url=url).cleanup()
+        transport_url = oslo_messaging.TransportURL.parse(
+            conf,
+            url
+            or conf.oslo_messaging_notifications.transport_url
+            or conf.transport_url,
+        )
+        self.urls = _kombu_urls(transport_url)
+        self.exchange = exchange or conf.control_exchange
+        self.topics = list(conf.oslo_messaging_notifications.topics)
+        self.pool = pool
+        self.queue_name = pool or (
+            f"{WATCH_QUEUE_PREFIX}.{socket.gethostname()}."
+            f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        )
+        self._deliver = deliver
+        self._stopping = threading.Event()
+        self._connection = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        import kombu
+
+        connection = kombu.Connection(";".join(self.urls))
+        connection.ensure_connection(max_retries=None, interval_max=5)
+        self._connection = connection
+        exchange = self._declare_exchange(connection)
+        queue = kombu.Queue(
+            self.queue_name,
+            bindings=[
+                kombu.binding(exchange, routing_key=f"{topic}.*")
+                for topic in self.topics
+            ],
+            durable=False,
+            auto_delete=True,
+            exclusive=self.pool is None,
+        )
+        consumer = connection.Consumer(
+            [queue], callbacks=[self._on_message], accept=["json"]
+        )
+        consumer.consume()
+        self._thread = threading.Thread(
+            target=self._drain,
+            args=(connection,),
+            name="xen-ncm-bus-listener",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _declare_exchange(self, connection):
+        """The exchange as whoever declared it first (Nova) did; a new
+        one as oslo.messaging declares it (not durable, not auto-delete)."""
+        import amqp
+        import kombu
+
+        channel = connection.channel()
+        try:
+            exchange = kombu.Exchange(
+                self.exchange, type="topic", passive=True
+            )
+            exchange(channel).declare()
+            return exchange
+        except amqp.exceptions.NotFound:
+            exchange = kombu.Exchange(
+                self.exchange,
+                type="topic",
+                durable=False,
+                auto_delete=False,
+            )
+            exchange(connection.channel()).declare()
+            return exchange
+
+    def _drain(self, connection) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection.drain_events(timeout=_DRAIN_TICK)
+            except TimeoutError:
+                continue
+            except Exception as exc:
+                if self._stopping.is_set():
+                    return
+                LOG.warning("Lost the bus (%s); reconnecting", exc)
+                try:
+                    connection.close()
+                    self.start()
+                except Exception as again:
+                    LOG.error("Cannot listen on the bus again: %s", again)
+                return
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        try:
+            if isinstance(body, dict) and "oslo.message" in body:
+                body = json.loads(body["oslo.message"])
+            event_type = body.get("event_type", "")
+            if event_type.startswith(EVENT_PREFIX):
+                self._deliver(
+                    event_type,
+                    body.get("payload"),
+                    {
+                        "message_id": body.get("message_id"),
+                        "timestamp": body.get("timestamp"),
+                        "publisher_id": body.get("publisher_id"),
+                    },
+                )
+        except (AttributeError, TypeError, ValueError) as exc:
+            LOG.warning("Ignored a malformed notification: %s", exc)
+        finally:
+            message.ack()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._connection is not None:
+            # Closing the channel ends the consumer: the broker deletes
+            # the queue (exclusive, or auto-delete with no consumer left).
+            self._connection.release()
+            self._connection = None

@@ -19,9 +19,11 @@ from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host import factory
+from nova_xen_ncm.progress import bus
 from nova_xen_ncm.virt import exceptions
 from nova_xen_ncm.virt import hostops
 from nova_xen_ncm.virt import livemigrationops
+from nova_xen_ncm.virt import vifops
 from nova_xen_ncm.virt import vmops
 
 LOG = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class XenNCMDriver(driver.ComputeDriver):
         self._vmops: vmops.VMOps | None = None
         self._hostops: hostops.HostOps | None = None
         self._livemigrationops: livemigrationops.LiveMigrationOps | None = None
+        self._vifops = vifops.VIFOps(virtapi)
+        self._bus: bus.BusSink | None = None
 
     # -- service --
 
@@ -58,10 +62,13 @@ class XenNCMDriver(driver.ComputeDriver):
         self._host = factory.load_host_driver(
             xen_ncm_conf.CONF.xen_ncm.host_driver, host, CONF
         )
-        self._vmops = vmops.VMOps(self._host)
+        self._vifops.initialize()
+        self._vmops = vmops.VMOps(self._host, self._vifops)
         self._hostops = hostops.HostOps(self._host)
+        # Nova's CONF: its transport and control_exchange ("nova").
+        self._bus = bus.from_conf(CONF, host=host)
         self._livemigrationops = livemigrationops.LiveMigrationOps(
-            self._host, self._vmops
+            self._host, self._vmops, self._vifops, self._bus
         )
         LOG.info(
             "Xen host %s: %s",
@@ -82,6 +89,9 @@ class XenNCMDriver(driver.ComputeDriver):
             LOG.error("Interrupted migrations not recovered: %s", exc)
 
     def cleanup_host(self, host: str) -> None:
+        if self._bus is not None:
+            self._bus.close()
+            self._bus = None
         if self._host is not None:
             self._host.close()
 
@@ -157,7 +167,7 @@ class XenNCMDriver(driver.ComputeDriver):
         destroy_disks: bool = True,
         destroy_secrets: bool = True,
     ) -> None:
-        self._vmops.destroy(instance)
+        self._vmops.destroy(instance, network_info)
 
     def cleanup(
         self,
@@ -172,7 +182,7 @@ class XenNCMDriver(driver.ComputeDriver):
     ) -> None:
         # After a live migration (source) or a failed one (destination)
         # the domain is normally gone already; a leftover goes here.
-        self._vmops.cleanup(instance)
+        self._vmops.cleanup(instance, network_info, destroy_vifs)
 
     def reboot(
         self,
@@ -228,7 +238,7 @@ class XenNCMDriver(driver.ComputeDriver):
         block_device_info=None,
         share_info=None,
     ) -> None:
-        self._vmops.resume(instance)
+        self._vmops.resume(instance, network_info)
 
     def get_console_output(self, context, instance) -> str:
         return self._vmops.get_console_output(instance)
@@ -271,7 +281,7 @@ class XenNCMDriver(driver.ComputeDriver):
         migrate_data,
     ):
         return self._livemigrationops.pre_live_migration(
-            instance, migrate_data
+            instance, network_info, migrate_data
         )
 
     def live_migration(
@@ -303,7 +313,9 @@ class XenNCMDriver(driver.ComputeDriver):
     def post_live_migration_at_source(
         self, context, instance, network_info
     ) -> None:
-        self._livemigrationops.post_live_migration_at_source(instance)
+        self._livemigrationops.post_live_migration_at_source(
+            instance, network_info
+        )
 
     def post_live_migration_at_destination(
         self,
@@ -329,4 +341,6 @@ class XenNCMDriver(driver.ComputeDriver):
         destroy_disks=True,
         migrate_data=None,
     ) -> None:
-        self._livemigrationops.rollback_live_migration_at_destination(instance)
+        self._livemigrationops.rollback_live_migration_at_destination(
+            instance, network_info, migrate_data
+        )
