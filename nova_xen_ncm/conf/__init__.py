@@ -5,7 +5,6 @@ Every option lives in a named group; nothing is registered in [DEFAULT].
 share (inside Nova it is ``nova.conf.CONF``'s underlying object).
 """
 
-import oslo_messaging
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import drain
@@ -25,7 +24,3 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
 
 
 register_opts(CONF)
-# Nova's exchange (nova.config sets the same): the commands publish and
-# listen where nova-compute does unless [DEFAULT] control_exchange says
-# otherwise.
-oslo_messaging.set_transport_defaults(control_exchange="nova")

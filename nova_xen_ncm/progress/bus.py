@@ -40,6 +40,11 @@ from nova_xen_ncm.progress.tracker import ProgressTranslator
 
 LOG = logging.getLogger(__name__)
 
+# Nova's exchange (nova.config sets the same default): progress is
+# published and listened for where nova-compute publishes, unless
+# [DEFAULT] control_exchange says otherwise.
+oslo_messaging.set_transport_defaults(control_exchange="nova")
+
 PUBLISHER_PREFIX = "xen-ncm"
 DEFAULT_DRIVER = "messagingv2"
 

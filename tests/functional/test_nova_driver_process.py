@@ -22,13 +22,26 @@ def _nova_installed() -> bool:
     return importlib.util.find_spec("nova") is not None
 
 
-@pytest.mark.parametrize("tree", ["tests/unit/virt", "tests/functional/virt"])
-def test_nova_driver_tests_pass(tree):
+@pytest.mark.parametrize(
+    "tree, threads",
+    [
+        ("tests/unit/virt", False),
+        ("tests/functional/virt", False),
+        # Nova 34's native threading mode (nova-compute and
+        # nova-conductor run so by default): no eventlet patching.
+        ("tests/functional/virt", True),
+    ],
+    ids=["unit", "functional-eventlet", "functional-threads"],
+)
+def test_nova_driver_tests_pass(tree, threads):
     if not _nova_installed():
         if os.environ.get("CI") == "true":
             pytest.fail("Nova is not installed (test-requirements.txt)")
         pytest.skip("Nova is not installed")
     env = dict(os.environ, NOVA_XEN_NCM_NOVA_PROCESS="1")
+    env.pop("OS_NOVA_DISABLE_EVENTLET_PATCHING", None)
+    if threads:
+        env["OS_NOVA_DISABLE_EVENTLET_PATCHING"] = "true"
     result = subprocess.run(
         [
             sys.executable,

@@ -192,6 +192,19 @@ class XenNCMTestBase(integrated_helpers.ProviderUsageBaseTestCase):
 
 
 class TestLifecycle(XenNCMTestBase):
+    def test_concurrency_mode_is_the_one_asked_for(self):
+        # The process runner sets OS_NOVA_DISABLE_EVENTLET_PATCHING for
+        # the native threading run; Nova must have honoured it.
+        from nova import monkey_patch
+
+        threads = os.environ.get("OS_NOVA_DISABLE_EVENTLET_PATCHING") in (
+            "1",
+            "true",
+            "yes",
+        )
+        self.assertEqual(not threads, monkey_patch.is_patched())
+        self.assertEqual(threads, "eventlet" not in sys.modules)
+
     def test_boot_pause_stop_start_delete(self):
         server = self.boot()
         self.assertEqual("ACTIVE", server["status"])
