@@ -9,6 +9,11 @@ once, by :func:`nova_xen_ncm.virt.exceptions.translate_all`.
 from __future__ import annotations
 
 import nova.conf
+from nova import context as nova_context
+from nova import exception
+from nova import objects
+from nova.compute import utils as compute_utils
+from nova.compute import vm_states
 from nova.virt import driver
 from nova.virt import node
 from oslo_log import log as logging
@@ -17,6 +22,7 @@ from nova_xen_ncm import conf as xen_ncm_conf
 from nova_xen_ncm.engine import recovery
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.journal import Journal
+from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host import factory
 from nova_xen_ncm.progress import bus
@@ -79,14 +85,45 @@ class XenNCMDriver(driver.ComputeDriver):
 
     def _recover_migrations(self) -> None:
         """Settle the migrations a previous run of this service left in
-        flight (engine/recovery.py); a journal that cannot be read is
+        flight (engine/recovery.py), then tell Nova where each guest
+        ended (:func:`reconcile`); a journal that cannot be read is
         reported, and the service starts anyway."""
         try:
             journal = Journal.from_conf(CONF)
-            if journal is not None:
-                recovery.recover(self._host, journal, CONF)
+            if journal is None:
+                return
+            # Which instance each journalled domain is, taken before
+            # recovery destroys the copies that moved.
+            owners = {}
+            for entry in journal.entries():
+                try:
+                    owners[entry.domid] = self._host.domain_info(
+                        entry.domid
+                    ).uuid
+                except base.HostError:
+                    pass
+            outcomes = recovery.recover(self._host, journal, CONF)
         except EngineError as exc:
             LOG.error("Interrupted migrations not recovered: %s", exc)
+            return
+        reconcile(self._host.hostname, outcomes, owners)
+
+    def _refuse_while_journalled(self, instance) -> None:
+        """A guest whose migration is still in the journal (in doubt:
+        paused here, maybe running on the destination) must not run
+        here too."""
+        journal = Journal.from_conf(CONF)
+        info = self._vmops.find(instance)
+        if journal is None or info is None:
+            return
+        for entry in journal.entries():
+            if entry.domid == info.domid:
+                raise exception.InstancePowerOnFailure(
+                    reason=f"migration {entry.migration_id} of this guest "
+                    f"to {entry.host} is still open ({entry.phase}); "
+                    "it may run there: settle it first with "
+                    "'nova-xen-ncm recover'"
+                )
 
     def cleanup_host(self, host: str) -> None:
         if self._bus is not None:
@@ -209,6 +246,7 @@ class XenNCMDriver(driver.ComputeDriver):
         accel_info=None,
         share_info=None,
     ) -> None:
+        self._refuse_while_journalled(instance)
         self._vmops.power_on(instance, network_info)
 
     def resume_state_on_host_boot(
@@ -344,3 +382,58 @@ class XenNCMDriver(driver.ComputeDriver):
         self._livemigrationops.rollback_live_migration_at_destination(
             instance, network_info, migrate_data
         )
+
+
+def reconcile(hostname: str, outcomes, owners: dict[int, str]) -> None:
+    """Tell Nova how recovery settled each migration: an instance whose
+    guest is no longer here, or whose fate is not known, goes to ERROR
+    with a fault that says why and where it runs; one rolled back runs
+    here as Nova believes."""
+    ctxt = nova_context.get_admin_context()
+    for outcome in outcomes:
+        uuid = owners.get(outcome.domid)
+        if uuid is None:
+            LOG.warning(
+                "Migration %s: domain %d was gone before recovery; no "
+                "instance to update (%s)",
+                outcome.migration_id,
+                outcome.domid,
+                outcome.reason,
+            )
+            continue
+        if outcome.phase == Phase.FAILED:
+            LOG.info(
+                "Migration %s rolled back: the guest runs on %s",
+                outcome.migration_id,
+                hostname,
+                instance_uuid=uuid,
+            )
+            continue
+        if outcome.phase == Phase.DONE:
+            why = (
+                f"live migration {outcome.migration_id} was interrupted "
+                f"on {hostname} after the destination committed: the "
+                "guest runs on the destination and the copy here was "
+                f"destroyed ({outcome.reason}). Point the instance at the "
+                "destination host, then reset its state."
+            )
+        else:
+            why = (
+                f"live migration {outcome.migration_id} was interrupted "
+                f"on {hostname} and could not be settled: the guest is "
+                f"paused here and may run on the destination "
+                f"({outcome.reason}). Run 'nova-xen-ncm recover' before "
+                "starting it."
+            )
+        try:
+            instance = objects.Instance.get_by_uuid(ctxt, uuid)
+            instance.vm_state = vm_states.ERROR
+            instance.task_state = None
+            instance.save()
+            compute_utils.add_instance_fault_from_exc(
+                ctxt, instance, exception.NovaException(why)
+            )
+        except exception.InstanceNotFound:
+            LOG.warning("%s; the instance is gone from Nova", why)
+            continue
+        LOG.error(why, instance_uuid=uuid)

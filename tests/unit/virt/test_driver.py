@@ -1,6 +1,7 @@
 """The driver as Nova loads it: as nova.virt.xen_ncm, on the host
 driver [xen_ncm] host_driver names, with Nova's exceptions outside."""
 
+import contextlib
 import sys
 from unittest import mock
 
@@ -127,3 +128,81 @@ def test_init_host_settles_interrupted_migrations(tmp_path, monkeypatch):
     ]
     assert "no longer on" in settled[0].reason
     assert Journal(str(state)).entries() == []
+
+
+def _outcome(phase, domid=7, reason="asked the destination"):
+    from nova_xen_ncm.engine.recovery import Outcome
+    from nova_xen_ncm.engine.state import Phase
+
+    return Outcome("m-1", domid, Phase.PRECOPY, Phase(phase), reason)
+
+
+@pytest.mark.parametrize(
+    "phase, says",
+    [
+        ("done", "runs on the destination"),
+        ("in_doubt", "nova-xen-ncm recover"),
+    ],
+)
+def test_recovery_puts_a_moved_or_unknown_guest_in_error(
+    monkeypatch, phase, says
+):
+    instance = mock.Mock(vm_state="active", task_state="migrating")
+    get = mock.Mock(return_value=instance)
+    fault = mock.Mock()
+    monkeypatch.setattr(driver.objects.Instance, "get_by_uuid", get)
+    monkeypatch.setattr(
+        driver.compute_utils, "add_instance_fault_from_exc", fault
+    )
+    driver.reconcile("src", [_outcome(phase)], {7: "uuid-7"})
+    assert get.call_args.args[1] == "uuid-7"
+    assert instance.vm_state == "error"
+    assert instance.task_state is None
+    instance.save.assert_called_once_with()
+    (ctxt, faulted, error), _ = fault.call_args
+    assert faulted is instance
+    assert "m-1" in str(error) and says in str(error)
+
+
+def test_recovery_leaves_a_rolled_back_or_unknown_guest_alone(monkeypatch):
+    get = mock.Mock()
+    monkeypatch.setattr(driver.objects.Instance, "get_by_uuid", get)
+    driver.reconcile(
+        "src",
+        [_outcome("failed"), _outcome("done", domid=8)],
+        {7: "uuid-7"},
+    )
+    # Rolled back: it runs here as Nova believes; domain 8: no instance
+    # could be known for it.
+    get.assert_not_called()
+
+
+def test_power_on_is_refused_while_a_migration_is_open(
+    xen_driver, tmp_path, monkeypatch
+):
+    from nova_xen_ncm.engine.journal import Entry
+    from nova_xen_ncm.engine.journal import Journal
+
+    instance = fake_instance.fake_instance_obj(
+        context.get_admin_context(),
+        flavor=objects.Flavor(vcpus=1, memory_mb=16, root_gb=0),
+    )
+    virtapi = xen_driver._vifops._virtapi
+    virtapi.wait_for_instance_event.return_value = contextlib.nullcontext()
+    xen_driver.spawn(None, instance, None, [], None, {}, [])
+    domid = xen_driver.get_info(instance).internal_id
+    xen_driver.pause(instance)
+    state = tmp_path / "state"
+    CONF.set_override("state_path", str(state), group="xen_ncm")
+    try:
+        Journal(str(state)).write(
+            Entry("m-2", domid, "192.0.2.1", 1, "00" * 16, True, "in_doubt")
+        )
+        with pytest.raises(exception.InstancePowerOnFailure, match="m-2"):
+            xen_driver.power_on(None, instance, [])
+        Journal(str(state)).remove("m-2")
+        xen_driver.power_on(None, instance, [])
+    finally:
+        CONF.clear_override("state_path", group="xen_ncm")
+    assert xen_driver.get_info(instance).state == 1  # RUNNING
+    xen_driver.destroy(None, instance, [])
