@@ -465,6 +465,7 @@ class BusListener:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        import amqp
         import kombu
 
         connection = kombu.Connection(";".join(self.urls))
@@ -481,10 +482,21 @@ class BusListener:
             auto_delete=True,
             exclusive=self.pool is None,
         )
-        consumer = connection.Consumer(
-            [queue], callbacks=[self._on_message], accept=["json"]
-        )
-        consumer.consume()
+        try:
+            consumer = connection.Consumer(
+                [queue], callbacks=[self._on_message], accept=["json"]
+            )
+            consumer.consume()
+        except amqp.exceptions.PreconditionFailed as exc:
+            connection.release()
+            self._connection = None
+            # A queue of that name left by a listener that declared it
+            # durable (an earlier watch): it must go first.
+            raise RuntimeError(
+                f"queue {self.queue_name!r} exists on the broker with "
+                f"other properties ({exc}); delete it (rabbitmqctl "
+                f"delete_queue {self.queue_name}) or choose another pool"
+            ) from exc
         self._thread = threading.Thread(
             target=self._drain,
             args=(connection,),

@@ -119,3 +119,19 @@ def test_other_exchange_hears_nothing(rabbit_url, sink_conf):
 def test_non_rabbit_transport_is_refused(sink_conf):
     with pytest.raises(ValueError, match="RabbitMQ"):
         BusListener(sink_conf, print, url="kafka://127.0.0.1:9092/")
+
+
+def test_a_queue_left_by_an_old_watch_is_named(rabbit_url, sink_conf):
+    import kombu
+
+    pool = f"nova-xen-ncm-test-{uuid.uuid4().hex}"
+    amqp_url = urllib.parse.urlsplit(rabbit_url)._replace(scheme="amqp")
+    with kombu.Connection(amqp_url.geturl()) as connection:
+        # What oslo.messaging's listener left: not auto-delete.
+        connection.channel().queue_declare(pool, auto_delete=False)
+        try:
+            listener = BusListener(sink_conf, print, url=rabbit_url, pool=pool)
+            with pytest.raises(RuntimeError, match="delete_queue " + pool):
+                listener.start()
+        finally:
+            connection.channel().queue_delete(pool)
