@@ -152,13 +152,6 @@ class LiveMigrationOps:
         advertise = None
         if xen_ncm_conf.CONF.xen_ncm.listen_address in WILDCARD_ADDRESSES:
             advertise = CONF.my_ip
-        if self._bus is not None:
-            self._bus.start(
-                migration_id,
-                role="destination",
-                instance_uuid=instance.uuid,
-                destination_host=self._host.hostname,
-            )
         incoming = IncomingMigration(
             self._host,
             migration_id,
@@ -168,6 +161,14 @@ class LiveMigrationOps:
         )
         with self._lock:
             self._incoming[instance.uuid] = incoming
+        if self._bus is not None:
+            # Announced once there is a receiver that will end it.
+            self._bus.start(
+                migration_id,
+                role="destination",
+                instance_uuid=instance.uuid,
+                destination_host=self._host.hostname,
+            )
         incoming.start()
         address, port = incoming.endpoint
         migrate_data.migration_id = migration_id
