@@ -68,8 +68,10 @@ function stop_xen_ncm {
     fi
 }
 
-# The watch pool's queue outlives the service and would collect
-# notifications on the broker for good. At unstack RabbitMQ still runs.
+# The watch pool's queue is auto-delete and goes with the service; one
+# that a service killed mid-declaration or an earlier release left
+# (durable) would collect notifications for good, and would make the
+# next watch fail to declare its own. At unstack RabbitMQ still runs.
 function _xen_ncm_delete_watch_queue {
     if ! is_service_enabled rabbit; then
         return 0
