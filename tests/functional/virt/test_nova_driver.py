@@ -148,6 +148,7 @@ class XenNCMTestBase(integrated_helpers.ProviderUsageBaseTestCase):
         # are recorded instead (Nova's libvirt functional tests stub the
         # same boundary). Each call notes where the guest ran.
         self.vif_calls: list[tuple[str, str, tuple[str, ...]]] = []
+        self.neutron_reports_plugs = False
         for op in ("plug", "unplug"):
             self.useFixture(
                 fixtures.MonkeyPatch(f"os_vif.{op}", self._vif_recorder(op))
@@ -176,6 +177,21 @@ class XenNCMTestBase(integrated_helpers.ProviderUsageBaseTestCase):
                 )
             )
             self.vif_calls.append((op, vif.id, hosts))
+            if op == "plug" and self.neutron_reports_plugs:
+                # What Neutron does when its agent sees the port up.
+                self.admin_api.api_post(
+                    "/os-server-external-events",
+                    {
+                        "events": [
+                            {
+                                "name": "network-vif-plugged",
+                                "server_uuid": instance_info.uuid,
+                                "tag": vif.id,
+                                "status": "completed",
+                            }
+                        ]
+                    },
+                )
 
         return record
 
@@ -332,8 +348,17 @@ class TestLiveMigration(LiveMigrationBase):
                 )
             )
 
+        # The source waits for network-vif-plugged from the destination
+        # (NeutronFixture turns the waits off; Neutron's extended port
+        # binding is on, so Nova waits for the plug on the destination).
+        self.flags(vif_plugging_timeout=60)
+        self.neutron_reports_plugs = True
         self.vif_calls.clear()
         server = self._live_migrate(server, "completed")
+        self.neutron_reports_plugs = False
+        self.assertNotIn(
+            "Timed out waiting for events", self.stdlog.logger.output
+        )
         server = self._wait_for_state_change(server, "ACTIVE")
         self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
         self.assertEqual(
