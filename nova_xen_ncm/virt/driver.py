@@ -108,22 +108,32 @@ class XenNCMDriver(driver.ComputeDriver):
             return
         reconcile(self._host.hostname, outcomes, owners)
 
-    def _refuse_while_journalled(self, instance) -> None:
-        """A guest whose migration is still in the journal (in doubt:
-        paused here, maybe running on the destination) must not run
-        here too."""
+    def _open_migration(self, instance) -> str | None:
+        """Why ``instance`` must not run here, or None: its migration is
+        still in the journal (in doubt: paused here, maybe running on the
+        destination), so unpausing, restarting or saving it could leave
+        two running copies."""
         journal = Journal.from_conf(CONF)
         info = self._vmops.find(instance)
         if journal is None or info is None:
-            return
+            return None
         for entry in journal.entries():
             if entry.domid == info.domid:
-                raise exception.InstancePowerOnFailure(
-                    reason=f"migration {entry.migration_id} of this guest "
+                return (
+                    f"migration {entry.migration_id} of this guest "
                     f"to {entry.host} is still open ({entry.phase}); "
                     "it may run there: settle it first with "
                     "'nova-xen-ncm recover'"
                 )
+        return None
+
+    def _refuse_while_journalled(self, instance, failure=None) -> None:
+        """Raise ``failure(reason=...)`` (power on's by default) while a
+        migration of ``instance`` is open."""
+        reason = self._open_migration(instance)
+        if reason is not None:
+            failure = failure or exception.InstancePowerOnFailure
+            raise failure(reason=reason)
 
     def cleanup_host(self, host: str) -> None:
         if self._bus is not None:
@@ -232,6 +242,9 @@ class XenNCMDriver(driver.ComputeDriver):
         accel_info=None,
         share_info=None,
     ) -> None:
+        self._refuse_while_journalled(
+            instance, exception.InstanceRebootFailure
+        )
         self._vmops.reboot(instance, network_info, reboot_type)
 
     def power_off(self, instance, timeout=0, retry_interval=0) -> None:
@@ -257,15 +270,24 @@ class XenNCMDriver(driver.ComputeDriver):
         share_info,
         block_device_info=None,
     ) -> None:
+        self._refuse_while_journalled(instance)
         self._vmops.power_on(instance, network_info)
 
     def pause(self, instance) -> None:
         self._vmops.pause(instance)
 
     def unpause(self, instance) -> None:
+        reason = self._open_migration(instance)
+        if reason is not None:
+            # Nova has no unpause failure of its own.
+            raise exception.NovaException(f"Cannot unpause: {reason}")
         self._vmops.unpause(instance)
 
     def suspend(self, context, instance) -> None:
+        # Saving destroys the paused copy; resume would then build one.
+        self._refuse_while_journalled(
+            instance, exception.InstanceSuspendFailure
+        )
         self._vmops.suspend(instance)
 
     def resume(

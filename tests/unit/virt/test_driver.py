@@ -200,6 +200,30 @@ def test_power_on_is_refused_while_a_migration_is_open(
         )
         with pytest.raises(exception.InstancePowerOnFailure, match="m-2"):
             xen_driver.power_on(None, instance, [])
+        # Every other way of running the paused copy (or of destroying it
+        # and building another) is refused too.
+        refused = [
+            (exception.NovaException, lambda: xen_driver.unpause(instance)),
+            (
+                exception.InstanceRebootFailure,
+                lambda: xen_driver.reboot(None, instance, [], "HARD"),
+            ),
+            (
+                exception.InstancePowerOnFailure,
+                lambda: xen_driver.resume_state_on_host_boot(
+                    None, instance, [], None
+                ),
+            ),
+            (
+                exception.InstanceSuspendFailure,
+                lambda: xen_driver.suspend(None, instance),
+            ),
+        ]
+        for error, call in refused:
+            with pytest.raises(error, match="m-2"):
+                call()
+            assert xen_driver.get_info(instance).state == 3  # PAUSED
+            assert xen_driver.get_info(instance).internal_id == domid
         Journal(str(state)).remove("m-2")
         xen_driver.power_on(None, instance, [])
     finally:
