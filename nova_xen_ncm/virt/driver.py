@@ -458,4 +458,25 @@ def reconcile(hostname: str, outcomes, owners: dict[int, str]) -> None:
         except exception.InstanceNotFound:
             LOG.warning("%s; the instance is gone from Nova", why)
             continue
+        _fail_migration(ctxt, outcome.migration_id, uuid)
         LOG.error(why, instance_uuid=uuid)
+
+
+def _fail_migration(ctxt, migration_uuid: str, instance_uuid: str) -> None:
+    """Nova's record of the interrupted migration ends in 'error': the
+    compute manager resets only those of instances not in ERROR, so it
+    would otherwise stay 'running' for good."""
+    try:
+        migration = objects.Migration.get_by_uuid(ctxt, migration_uuid)
+    except exception.MigrationNotFound:
+        # Started without a Nova migration record (the engine's own id).
+        return
+    if migration.status in ("completed", "error", "failed", "cancelled"):
+        return
+    migration.status = "error"
+    migration.save()
+    LOG.info(
+        "Migration %s set to error",
+        migration_uuid,
+        instance_uuid=instance_uuid,
+    )

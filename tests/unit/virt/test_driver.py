@@ -154,14 +154,41 @@ def test_recovery_puts_a_moved_or_unknown_guest_in_error(
     monkeypatch.setattr(
         driver.compute_utils, "add_instance_fault_from_exc", fault
     )
+    migration = mock.Mock(status="running")
+    get_migration = mock.Mock(return_value=migration)
+    monkeypatch.setattr(driver.objects.Migration, "get_by_uuid", get_migration)
     driver.reconcile("src", [_outcome(phase)], {7: "uuid-7"})
     assert get.call_args.args[1] == "uuid-7"
+    # Nova's record of the migration does not stay 'running': the
+    # compute manager skips instances in ERROR at start-up.
+    assert get_migration.call_args.args[1] == "m-1"
+    assert migration.status == "error"
+    migration.save.assert_called_once_with()
     assert instance.vm_state == "error"
     assert instance.task_state is None
     instance.save.assert_called_once_with()
     (ctxt, faulted, error), _ = fault.call_args
     assert faulted is instance
     assert "m-1" in str(error) and says in str(error)
+
+
+def test_recovery_tolerates_a_migration_nova_has_no_record_of(monkeypatch):
+    instance = mock.Mock(vm_state="active", task_state="migrating")
+    monkeypatch.setattr(
+        driver.objects.Instance,
+        "get_by_uuid",
+        mock.Mock(return_value=instance),
+    )
+    monkeypatch.setattr(
+        driver.compute_utils, "add_instance_fault_from_exc", mock.Mock()
+    )
+    monkeypatch.setattr(
+        driver.objects.Migration,
+        "get_by_uuid",
+        mock.Mock(side_effect=exception.MigrationNotFound(migration_id="m-1")),
+    )
+    driver.reconcile("src", [_outcome("done")], {7: "uuid-7"})
+    assert instance.vm_state == "error"
 
 
 def test_recovery_leaves_a_rolled_back_or_unknown_guest_alone(monkeypatch):
