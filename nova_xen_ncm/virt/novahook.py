@@ -44,16 +44,22 @@ DRIVER = "nova_xen_ncm.virt.driver"
 DRIVER_CLASS = "XenNCMDriver"
 
 PTH_NAME = "nova_xen_ncm_hooks.pth"
-# site.py executes a .pth line that starts with "import".
-PTH_LINE = "import nova_xen_ncm.virt.novahook as h; h.install()\n"
+# site.py executes a .pth line that starts with "import". A .pth left
+# behind by an uninstalled project must not print a traceback in every
+# Python process: the hook installs only while the package is there.
+PTH_LINE = (
+    "import importlib.util as u; u.find_spec('nova_xen_ncm') and "
+    "__import__('nova_xen_ncm.virt.novahook').virt.novahook.install()\n"
+)
 
 
 def _register() -> None:
     try:
         importlib.import_module(TARGET)
-    except ImportError as error:
-        # A broken plugin must not take the Nova service down with it;
-        # the RPC that needs the class will say what is missing.
+    except Exception as error:
+        # Whatever goes wrong, it must not fail Nova's own import of
+        # nova.objects.migrate_data and take every Nova service down
+        # with it; the RPC that needs the class will say what is missing.
         warnings.warn(
             f"nova-xen-ncm: could not register its Nova objects: {error}",
             RuntimeWarning,
@@ -71,6 +77,11 @@ class _RegisteringLoader(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
         _register()
+
+    def __getattr__(self, name: str):
+        # The module's __loader__ is this wrapper: get_source,
+        # get_filename, get_resource_reader... are the wrapped loader's.
+        return getattr(self._loader, name)
 
 
 class _ShimLoader(importlib.abc.Loader):
