@@ -17,6 +17,7 @@ notification and in the log.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging as std_logging
 import os
@@ -465,12 +466,20 @@ class BusListener:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self._connection = self._connect()
+        self._thread = threading.Thread(
+            target=self._drain, name="xen-ncm-bus-listener", daemon=True
+        )
+        self._thread.start()
+
+    def _connect(self):
+        """A connection consuming from the listener's queue (declared
+        anew: after a reconnection too)."""
         import amqp
         import kombu
 
         connection = kombu.Connection(";".join(self.urls))
         connection.ensure_connection(max_retries=None, interval_max=5)
-        self._connection = connection
         exchange = self._declare_exchange(connection)
         queue = kombu.Queue(
             self.queue_name,
@@ -489,7 +498,6 @@ class BusListener:
             consumer.consume()
         except amqp.exceptions.PreconditionFailed as exc:
             connection.release()
-            self._connection = None
             # A queue of that name left by a listener that declared it
             # durable (an earlier watch): it must go first.
             raise RuntimeError(
@@ -497,13 +505,7 @@ class BusListener:
                 f"other properties ({exc}); delete it (rabbitmqctl "
                 f"delete_queue {self.queue_name}) or choose another pool"
             ) from exc
-        self._thread = threading.Thread(
-            target=self._drain,
-            args=(connection,),
-            name="xen-ncm-bus-listener",
-            daemon=True,
-        )
-        self._thread.start()
+        return connection
 
     def _declare_exchange(self, connection):
         """The exchange as whoever declared it first (Nova) did; a new
@@ -528,22 +530,26 @@ class BusListener:
             exchange(connection.channel()).declare()
             return exchange
 
-    def _drain(self, connection) -> None:
+    def _drain(self) -> None:
+        # One thread for the listener's life: a lost connection is
+        # replaced here, in the same loop.
         while not self._stopping.is_set():
             try:
-                connection.drain_events(timeout=_DRAIN_TICK)
+                self._connection.drain_events(timeout=_DRAIN_TICK)
             except TimeoutError:
                 continue
             except Exception as exc:
                 if self._stopping.is_set():
                     return
                 LOG.warning("Lost the bus (%s); reconnecting", exc)
+                with contextlib.suppress(Exception):
+                    self._connection.close()
                 try:
-                    connection.close()
-                    self.start()
+                    self._connection = self._connect()
                 except Exception as again:
                     LOG.error("Cannot listen on the bus again: %s", again)
-                return
+                    self._connection = None
+                    return
 
     def _on_message(self, body: Any, message: Any) -> None:
         try:

@@ -135,3 +135,44 @@ def test_a_queue_left_by_an_old_watch_is_named(rabbit_url, sink_conf):
                 listener.start()
         finally:
             connection.channel().queue_delete(pool)
+
+
+def test_reconnects_in_its_one_thread(rabbit_url, sink_conf):
+    # The broker's side of the connection goes away: the same thread
+    # connects again, declares its queue anew and keeps delivering.
+    import socket
+    import threading
+
+    inbox: queue.Queue = queue.Queue()
+    listener = BusListener(
+        sink_conf,
+        lambda *notification: inbox.put(notification),
+        url=rabbit_url,
+    )
+    listener.start()
+    try:
+        thread = listener._thread
+        lost = listener._connection
+        lost.connection.transport.sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + ARRIVAL_BOUND
+        while listener._connection is lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert listener._connection is not lost
+        assert listener._connection is not None
+        migration_id = f"m-{uuid.uuid4().hex}"
+        publish_one(sink_conf, rabbit_url, migration_id)
+        assert received(inbox, migration_id) == [
+            "xen_ncm.migration.start",
+            "xen_ncm.migration.retry",
+        ]
+        assert thread.is_alive() and listener._thread is thread
+        assert [
+            t
+            for t in threading.enumerate()
+            if t.name == "xen-ncm-bus-listener"
+        ] == [thread]
+    finally:
+        listener.stop()
+        listener.wait()
+    assert not thread.is_alive()
+    assert not queue_exists(rabbit_url, listener.queue_name)
