@@ -96,6 +96,9 @@ class XenNCMDriver(driver.ComputeDriver):
             # recovery destroys the copies that moved.
             owners = {}
             for entry in journal.entries():
+                if entry.uuid:
+                    owners[entry.domid] = entry.uuid
+                    continue
                 try:
                     owners[entry.domid] = self._host.domain_info(
                         entry.domid
@@ -114,11 +117,17 @@ class XenNCMDriver(driver.ComputeDriver):
         destination), so unpausing, restarting or saving it could leave
         two running copies."""
         journal = Journal.from_conf(CONF)
-        info = self._vmops.find(instance)
-        if journal is None or info is None:
+        if journal is None:
             return None
+        info = self._vmops.find(instance)
         for entry in journal.entries():
-            if entry.domid == info.domid:
+            # By uuid, which holds after a dom0 reboot took the domain
+            # away; by domid for entries that did not record it.
+            if (entry.uuid and entry.uuid == instance.uuid) or (
+                not entry.uuid
+                and info is not None
+                and entry.domid == info.domid
+            ):
                 return (
                     f"migration {entry.migration_id} of this guest "
                     f"to {entry.host} is still open ({entry.phase}); "

@@ -257,3 +257,58 @@ def test_power_on_is_refused_while_a_migration_is_open(
         CONF.clear_override("state_path", group="xen_ncm")
     assert xen_driver.get_info(instance).state == 1  # RUNNING
     xen_driver.destroy(None, instance, [])
+
+
+def test_start_is_refused_by_uuid_once_the_domain_is_gone(
+    xen_driver, tmp_path
+):
+    # A dom0 reboot took the paused copy away: the entry still names the
+    # guest by uuid, and the restart at host boot must not build one.
+    from nova_xen_ncm.engine.journal import Entry
+    from nova_xen_ncm.engine.journal import Journal
+
+    instance = fake_instance.fake_instance_obj(
+        context.get_admin_context(),
+        flavor=objects.Flavor(vcpus=1, memory_mb=16, root_gb=0),
+    )
+    state = tmp_path / "state"
+    CONF.set_override("state_path", str(state), group="xen_ncm")
+    try:
+        Journal(str(state)).write(
+            Entry(
+                "m-4",
+                99,
+                "192.0.2.1",
+                1,
+                "00" * 16,
+                True,
+                "in_doubt",
+                uuid=instance.uuid,
+            )
+        )
+        with pytest.raises(exception.InstancePowerOnFailure, match="m-4"):
+            xen_driver.resume_state_on_host_boot(None, instance, [], None)
+        with pytest.raises(exception.InstancePowerOnFailure, match="m-4"):
+            xen_driver.power_on(None, instance, [])
+        assert not xen_driver.instance_exists(instance)
+        # Another guest's entry does not refuse this one.
+        Journal(str(state)).remove("m-4")
+        Journal(str(state)).write(
+            Entry(
+                "m-5",
+                99,
+                "192.0.2.1",
+                1,
+                "00" * 16,
+                True,
+                "in_doubt",
+                uuid="another-guest",
+            )
+        )
+        virtapi = xen_driver._vifops._virtapi
+        virtapi.wait_for_instance_event.return_value = contextlib.nullcontext()
+        xen_driver.power_on(None, instance, [])
+        assert xen_driver.instance_exists(instance)
+        xen_driver.destroy(None, instance, [])
+    finally:
+        CONF.clear_override("state_path", group="xen_ncm")
