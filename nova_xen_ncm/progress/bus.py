@@ -386,6 +386,8 @@ EVENT_PREFIX = "xen_ncm.migration."
 WATCH_QUEUE_PREFIX = "nova-xen-ncm-watch"
 # How long one wait for the broker lasts, so that stop() is seen.
 _DRAIN_TICK = 0.5
+# Between two attempts to reach a broker that went away.
+_RECONNECT_PAUSE = 1.0
 
 
 def _kombu_urls(url: oslo_messaging.TransportURL) -> list[str]:
@@ -472,14 +474,20 @@ class BusListener:
         )
         self._thread.start()
 
-    def _connect(self):
+    def _connect(self, max_retries: int | None = None):
         """A connection consuming from the listener's queue (declared
         anew: after a reconnection too)."""
         import amqp
         import kombu
 
         connection = kombu.Connection(";".join(self.urls))
-        connection.ensure_connection(max_retries=None, interval_max=5)
+        try:
+            connection.ensure_connection(
+                max_retries=max_retries, interval_max=5
+            )
+        except Exception:
+            connection.release()
+            raise
         exchange = self._declare_exchange(connection)
         queue = kombu.Queue(
             self.queue_name,
@@ -544,12 +552,24 @@ class BusListener:
                 LOG.warning("Lost the bus (%s); reconnecting", exc)
                 with contextlib.suppress(Exception):
                     self._connection.close()
-                try:
-                    self._connection = self._connect()
-                except Exception as again:
-                    LOG.error("Cannot listen on the bus again: %s", again)
-                    self._connection = None
+                self._connection = self._reconnect()
+                if self._connection is None:
                     return
+
+    def _reconnect(self):
+        """A new connection, or None once stop() was called or the queue
+        cannot be declared again. One attempt at a time, so that stop()
+        ends a listener whose broker is gone."""
+        while not self._stopping.is_set():
+            try:
+                return self._connect(max_retries=1)
+            except RuntimeError as again:
+                LOG.error("Cannot listen on the bus again: %s", again)
+                return None
+            except Exception as again:
+                LOG.warning("The bus is still away (%s)", again)
+                self._stopping.wait(_RECONNECT_PAUSE)
+        return None
 
     def _on_message(self, body: Any, message: Any) -> None:
         try:
