@@ -3,7 +3,8 @@
 # compute driver, and optionally runs "nova-xen-ncm watch" as a service
 # (xen-ncm-watch) that logs the progress of every migration.
 #
-# Dispatched by DevStack as: plugin.sh stack install|post-config|extra,
+# Dispatched by DevStack as:
+# plugin.sh stack install|post-config|extra|test-config,
 # plugin.sh unstack, plugin.sh clean.
 
 _XEN_NCM_XTRACE=$(set +o | grep xtrace)
@@ -14,11 +15,27 @@ function install_xen_ncm {
         # xl and the Xen 4.17 libraries the real host driver binds to.
         install_package xen-utils-4.17
     fi
-    # Not setup_develop: an editable install ships neither the
-    # nova.virt.xen_ncm shim Nova loads the driver through nor the .pth
-    # that registers the driver's objects in nova-conductor
-    # (doc/source/nova.rst).
-    pip_install "$XEN_NCM_DIR"
+    # Editable, with the requirements held to upper-constraints, as
+    # every service DevStack installs from git.
+    setup_develop "$XEN_NCM_DIR"
+    # An editable install ships no .pth; this one makes every Nova
+    # service of the environment find the driver (nova.virt.xen_ncm)
+    # and its objects, wherever Nova itself is installed.
+    _xen_ncm_hook install
+}
+
+# Installs or removes the import hook (nova_xen_ncm.virt.novahook) in the
+# site-packages of the Python DevStack installs services into.
+function _xen_ncm_hook {
+    local python site
+    python="$(get_python_exec_prefix)/python3"
+    site=$("$python" -c \
+        'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    if [[ -w "$site" ]]; then
+        "$python" -m nova_xen_ncm.virt.novahook "$1"
+    else
+        sudo "$python" -m nova_xen_ncm.virt.novahook "$1"
+    fi
 }
 
 function configure_xen_ncm {
@@ -47,15 +64,44 @@ function start_xen_ncm {
 function stop_xen_ncm {
     if is_service_enabled xen-ncm-watch; then
         stop_process xen-ncm-watch
+        _xen_ncm_delete_watch_queue
     fi
 }
 
-function cleanup_xen_ncm {
-    # The watch pool's queue outlives the service and would collect
-    # notifications on the broker for good.
-    if is_service_enabled xen-ncm-watch && is_service_enabled rabbit; then
-        sudo rabbitmqctl delete_queue "$XEN_NCM_WATCH_POOL" || true
+# The watch pool's queue is auto-delete and goes with the service; one
+# that a service killed mid-declaration or an earlier release left
+# (durable) would collect notifications for good, and would make the
+# next watch fail to declare its own. At unstack RabbitMQ still runs.
+function _xen_ncm_delete_watch_queue {
+    if ! is_service_enabled rabbit; then
+        return 0
     fi
+    if sudo rabbitmqctl -q list_queues name | grep -qx "$XEN_NCM_WATCH_POOL"; then
+        sudo rabbitmqctl delete_queue "$XEN_NCM_WATCH_POOL"
+    fi
+}
+
+# Tempest: live migration between the two compute nodes on shared
+# storage; what the driver does not do is off.
+function configure_tempest_xen_ncm {
+    iniset "$TEMPEST_CONFIG" compute min_compute_nodes 2
+    iniset "$TEMPEST_CONFIG" compute-feature-enabled live_migration True
+    iniset "$TEMPEST_CONFIG" compute-feature-enabled \
+        block_migration_for_live_migration False
+    iniset "$TEMPEST_CONFIG" compute-feature-enabled \
+        volume_backed_live_migration False
+    iniset "$TEMPEST_CONFIG" compute-feature-enabled cold_migration False
+    iniset "$TEMPEST_CONFIG" compute-feature-enabled resize False
+    iniset "$TEMPEST_CONFIG" compute-feature-enabled evacuate False
+    iniset "$TEMPEST_CONFIG" compute-feature-enabled shelve False
+    iniset "$TEMPEST_CONFIG" compute-feature-enabled snapshot False
+    iniset "$TEMPEST_CONFIG" compute-feature-enabled vnc_console False
+    iniset "$TEMPEST_CONFIG" compute-feature-enabled serial_console False
+    iniset "$TEMPEST_CONFIG" compute-feature-enabled console_output True
+}
+
+function cleanup_xen_ncm {
+    _xen_ncm_hook remove
 }
 
 if is_service_enabled xen-ncm; then
@@ -71,6 +117,11 @@ if is_service_enabled xen-ncm; then
                 ;;
             extra)
                 start_xen_ncm
+                ;;
+            test-config)
+                if is_service_enabled tempest; then
+                    configure_tempest_xen_ncm
+                fi
                 ;;
         esac
     elif [[ "$1" == "unstack" ]]; then

@@ -3,9 +3,12 @@
 Listens to the notifications topics (``[oslo_messaging_notifications]
 topics``, ``notifications`` by default) for ``xen_ncm.migration.*`` and
 shows a live progress bar per running migration and a line per finished
-one (plain lines when stdout is not a terminal). It listens in its own
-pool, so it takes copies of the notifications and steals none from other
-consumers such as ceilometer.
+one (plain lines when stdout is not a terminal). It listens on the
+exchange nova-compute publishes on (``[DEFAULT] control_exchange``,
+``nova``; ``--exchange``) in its own pool, so it takes copies of the
+notifications and steals none from other consumers such as ceilometer;
+the pool's queue goes away when the last watch of the pool ends
+(:class:`nova_xen_ncm.progress.bus.BusListener`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from nova_xen_ncm.progress.terminal import Display
 from nova_xen_ncm.progress.tracker import unwrap
 
 POOL_PREFIX = "nova-xen-ncm-watch"
-EVENT_TYPES = r"^xen_ncm\.migration\."
 # The pool's queue outlives a watch and collects notifications until the
 # next one starts; those older than this (seconds before the start, which
 # also absorbs clock skew between hosts) are not shown.
@@ -57,10 +59,16 @@ def register(subparsers: Any) -> None:
         "notifications] transport_url, else [DEFAULT] transport_url)",
     )
     parser.add_argument(
+        "--exchange",
+        help="exchange nova-compute publishes on (default: [DEFAULT] "
+        "control_exchange, which is Nova's 'nova' unless changed)",
+    )
+    parser.add_argument(
         "--pool",
         default=default_pool(),
-        help="listener pool (a queue of its own on the bus); watchers in "
-        "the same pool share the notifications between them (default: "
+        help="listener pool (a queue on the bus); watchers in the same "
+        "pool share the notifications between them, and the broker "
+        "deletes the queue when the last of them ends (default: "
         "%(default)s, one per user and host)",
     )
     parser.add_argument(
@@ -110,29 +118,6 @@ def _seconds(text: str) -> float:
             f"must be a positive number of seconds, got {text!r}"
         )
     return value
-
-
-class Endpoint:
-    """Receives our notifications in the listener's threads and hands
-    them to the main thread."""
-
-    def __init__(self, inbox: queue.Queue) -> None:
-        self.inbox = inbox
-        self.filter_rule = bus.import_messaging().NotificationFilter(
-            event_type=EVENT_TYPES
-        )
-
-    def _receive(
-        self,
-        ctxt: Any,
-        publisher_id: str,
-        event_type: str,
-        payload: Any,
-        metadata: Mapping[str, Any],
-    ) -> None:
-        self.inbox.put((event_type, payload, dict(metadata)))
-
-    info = warn = error = _receive
 
 
 class Watch:
@@ -210,19 +195,23 @@ def run(args: argparse.Namespace) -> int:
         if args.timeout is None
         else getattr(args, "started", time.monotonic()) + args.timeout
     )
-    transport = bus.notification_transport(conf.CONF, args.transport_url)
-    oslo_messaging = bus.import_messaging()
+    # Every way the URL can be wrong is one line, before anything starts.
+    bus.notification_transport(conf.CONF, args.transport_url).cleanup()
+    bus.import_messaging()
+    from nova_xen_ncm.progress import bus as progress_bus
+
     inbox: queue.Queue = queue.Queue()
-    listener = oslo_messaging.get_notification_listener(
-        transport,
-        [
-            oslo_messaging.Target(topic=topic)
-            for topic in conf.CONF.oslo_messaging_notifications.topics
-        ],
-        [Endpoint(inbox)],
-        executor="threading",
-        pool=args.pool,
-    )
+    # A queue of its own that the broker deletes when the watch ends.
+    try:
+        listener = progress_bus.BusListener(
+            conf.CONF,
+            lambda *notification: inbox.put(notification),
+            url=args.transport_url,
+            exchange=args.exchange,
+            pool=args.pool,
+        )
+    except ValueError as exc:
+        raise EnvironmentProblem(f"cannot listen on the bus: {exc}") from None
     watch = Watch(
         Display(sys.stdout, tty=False if args.plain else None),
         migration=args.migration,
@@ -244,10 +233,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         watch.display.close()
         if listening.is_set():
-            _shut_down(listener, transport)
+            _shut_down(listener)
 
 
-def _shut_down(listener: Any, transport: Any) -> None:
+def _shut_down(listener: Any) -> None:
     """Stop listening, in a thread of its own: the listener notices a
     stop only at its next poll of the bus (a second or two), which
     --timeout should not wait for. Whatever is left when the process
@@ -256,7 +245,6 @@ def _shut_down(listener: Any, transport: Any) -> None:
     def stop() -> None:
         listener.stop()
         listener.wait()
-        transport.cleanup()
 
     thread = threading.Thread(target=stop, name="watch-stop", daemon=True)
     thread.start()

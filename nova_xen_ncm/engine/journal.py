@@ -46,6 +46,10 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SETTLED = frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED})
 
 
+# Fields an entry written by an earlier release may lack.
+_OPTIONAL = frozenset({"uuid"})
+
+
 class JournalError(EngineError):
     """The journal cannot be read or written."""
 
@@ -67,6 +71,9 @@ class Entry:
     phase: str = Phase.SETUP.value
     #: Wall-clock time of the last update.
     updated: float = 0.0
+    #: The guest's uuid: who the guest is once its domain is gone (a
+    #: dom0 reboot). Empty in entries written before it was recorded.
+    uuid: str = ""
 
     @property
     def token_bytes(self) -> bytes:
@@ -83,7 +90,8 @@ class Entry:
             )
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
-        missing = sorted(set(fields) - set(values))
+        # Fields added since version 1 was written may be absent.
+        missing = sorted(set(fields) - set(values) - set(_OPTIONAL))
         if missing:
             raise JournalError(f"{where}: missing {', '.join(missing)}")
         entry = cls(**values)
@@ -226,6 +234,8 @@ def sink_from_conf(
     domid: int,
     endpoint: tuple[str, int],
     token: bytes,
+    *,
+    uuid: str = "",
 ) -> JournalSink | None:
     """The journal sink of a new source migration, None without
     ``[xen_ncm] state_path``."""
@@ -239,6 +249,7 @@ def sink_from_conf(
         port=int(endpoint[1]),
         token=token.hex(),
         running=True,
+        uuid=uuid,
     )
     # Refused now rather than at the first phase change.
     journal._file(migration_id)

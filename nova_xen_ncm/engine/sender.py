@@ -245,9 +245,7 @@ class GuestStream:
         if emulator is not None:
             out += enc.libxl(
                 "EMULATOR_CONTEXT",
-                libxl.EmulatorContext(
-                    emulator[0], 0, memoryview(emulator[1])
-                ),
+                libxl.EmulatorContext(emulator[0], 0, memoryview(emulator[1])),
             )
         if pv is not None:
             for name, value in pv.libxl_records():
@@ -331,15 +329,15 @@ class Sender:
         self.policy = policy or policies.load_policy(
             self.opts.precopy_policy, policies.PolicyParams.from_conf(conf)
         )
+        self.info = host.domain_info(domid)
         # What a restarted engine needs to settle this migration
         # (recovery.py); None without [xen_ncm] state_path.
         self.journal = journal.sink_from_conf(
-            conf, migration_id, domid, endpoint, token
+            conf, migration_id, domid, endpoint, token, uuid=self.info.uuid
         )
         if self.journal is not None:
             sinks = [*sinks, self.journal]
         self.state = MigrationState(migration_id, Role.SOURCE, sinks)
-        self.info = host.domain_info(domid)
         self.stats = MigrationStats(
             migration_id, self.info.memory_bytes, clock=clock
         )

@@ -340,6 +340,9 @@ class Capabilities:
     vcpu_throttle: bool = True
     max_vcpus: int = 128
     free_memory_bytes: int = 0
+    # Physical CPUs the hypervisor runs guests on (xl info nr_cpus);
+    # 0 when the driver does not report them.
+    pcpus: int = 0
 
     def missing(self, pv_drivers: bool) -> dict[Item, str]:
         """The items a guest would need that this host cannot restore."""

@@ -17,10 +17,14 @@ notification and in the log.
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
 import logging as std_logging
+import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 from typing import Protocol
@@ -36,6 +40,11 @@ from nova_xen_ncm.progress.tracker import NotificationSink
 from nova_xen_ncm.progress.tracker import ProgressTranslator
 
 LOG = logging.getLogger(__name__)
+
+# Nova's exchange (nova.config sets the same default): progress is
+# published and listened for where nova-compute publishes, unless
+# [DEFAULT] control_exchange says otherwise.
+oslo_messaging.set_transport_defaults(control_exchange="nova")
 
 PUBLISHER_PREFIX = "xen-ncm"
 DEFAULT_DRIVER = "messagingv2"
@@ -369,3 +378,227 @@ def from_conf(
     if not conf.xen_ncm_progress.notifications:
         return None
     return BusSink(conf, host=host)
+
+
+# -- listening: a queue that goes away with its listener -------------------
+
+EVENT_PREFIX = "xen_ncm.migration."
+WATCH_QUEUE_PREFIX = "nova-xen-ncm-watch"
+# How long one wait for the broker lasts, so that stop() is seen.
+_DRAIN_TICK = 0.5
+# Between two attempts to reach a broker that went away.
+_RECONNECT_PAUSE = 1.0
+
+
+def _kombu_urls(url: oslo_messaging.TransportURL) -> list[str]:
+    from urllib.parse import quote
+
+    if url.transport not in ("rabbit", "kombu"):
+        raise ValueError(
+            f"listening for progress needs a RabbitMQ transport "
+            f"(rabbit://), not {url.transport}://"
+        )
+    vhost = quote(url.virtual_host or "", safe="")
+    urls = []
+    for host in url.hosts:
+        auth = ""
+        if host.username:
+            auth = quote(host.username, safe="")
+            if host.password:
+                auth += ":" + quote(host.password, safe="")
+            auth += "@"
+        urls.append(
+            f"amqp://{auth}{host.hostname}:{host.port or 5672}/{vhost}"
+        )
+    if not urls:
+        raise ValueError("the transport URL names no RabbitMQ host")
+    return urls
+
+
+class BusListener:
+    """Receives ``xen_ncm.migration.*`` notifications from the exchange
+    Nova publishes on, on a queue that goes away with the listener.
+
+    oslo.messaging's notification listener leaves its queue on the broker
+    when it stops (it could only make the queue auto-delete together with
+    the exchange it binds to, which Nova declared otherwise), and that
+    queue then collects notifications for good. This one declares its own
+    queue with kombu, bound to ``<topic>.*`` on ``exchange``: without a
+    ``pool`` an exclusive queue of its own; with one, a queue of that name
+    shared by the listeners of the pool and deleted by the broker when
+    the last of them goes (auto-delete).
+
+    ``deliver(event_type, payload, metadata)`` is called in the
+    listener's thread. The interface is that of an oslo.messaging
+    listener: :meth:`start` (retries until the broker answers),
+    :meth:`stop`, :meth:`wait`.
+    """
+
+    def __init__(
+        self,
+        conf: cfg.ConfigOpts,
+        deliver: Callable[[str, Any, dict], None],
+        *,
+        url: str | None = None,
+        exchange: str | None = None,
+        pool: str | None = None,
+    ) -> None:
+        if url is not None:
+            # Refused before oslo.messaging loads a driver for it.
+            _kombu_urls(oslo_messaging.TransportURL.parse(conf, url))
+        # Registers the transport options and checks the URL.
+        oslo_messaging.get_notification_transport(conf, url=url).cleanup()
+        transport_url = oslo_messaging.TransportURL.parse(
+            conf,
+            url
+            or conf.oslo_messaging_notifications.transport_url
+            or conf.transport_url,
+        )
+        self.urls = _kombu_urls(transport_url)
+        self.exchange = exchange or conf.control_exchange
+        self.topics = list(conf.oslo_messaging_notifications.topics)
+        self.pool = pool
+        self.queue_name = pool or (
+            f"{WATCH_QUEUE_PREFIX}.{socket.gethostname()}."
+            f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        )
+        self._deliver = deliver
+        self._stopping = threading.Event()
+        self._connection = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._connection = self._connect()
+        self._thread = threading.Thread(
+            target=self._drain, name="xen-ncm-bus-listener", daemon=True
+        )
+        self._thread.start()
+
+    def _connect(self, max_retries: int | None = None):
+        """A connection consuming from the listener's queue (declared
+        anew: after a reconnection too)."""
+        import amqp
+        import kombu
+
+        connection = kombu.Connection(";".join(self.urls))
+        try:
+            connection.ensure_connection(
+                max_retries=max_retries, interval_max=5
+            )
+        except Exception:
+            connection.release()
+            raise
+        exchange = self._declare_exchange(connection)
+        queue = kombu.Queue(
+            self.queue_name,
+            bindings=[
+                kombu.binding(exchange, routing_key=f"{topic}.*")
+                for topic in self.topics
+            ],
+            durable=False,
+            auto_delete=True,
+            exclusive=self.pool is None,
+        )
+        try:
+            consumer = connection.Consumer(
+                [queue], callbacks=[self._on_message], accept=["json"]
+            )
+            consumer.consume()
+        except amqp.exceptions.PreconditionFailed as exc:
+            connection.release()
+            # A queue of that name left by a listener that declared it
+            # durable (an earlier watch): it must go first.
+            raise RuntimeError(
+                f"queue {self.queue_name!r} exists on the broker with "
+                f"other properties ({exc}); delete it (rabbitmqctl "
+                f"delete_queue {self.queue_name}) or choose another pool"
+            ) from exc
+        return connection
+
+    def _declare_exchange(self, connection):
+        """The exchange as whoever declared it first (Nova) did; a new
+        one as oslo.messaging declares it (not durable, not auto-delete)."""
+        import amqp
+        import kombu
+
+        channel = connection.channel()
+        try:
+            exchange = kombu.Exchange(
+                self.exchange, type="topic", passive=True
+            )
+            exchange(channel).declare()
+            return exchange
+        except amqp.exceptions.NotFound:
+            exchange = kombu.Exchange(
+                self.exchange,
+                type="topic",
+                durable=False,
+                auto_delete=False,
+            )
+            exchange(connection.channel()).declare()
+            return exchange
+
+    def _drain(self) -> None:
+        # One thread for the listener's life: a lost connection is
+        # replaced here, in the same loop.
+        while not self._stopping.is_set():
+            try:
+                self._connection.drain_events(timeout=_DRAIN_TICK)
+            except TimeoutError:
+                continue
+            except Exception as exc:
+                if self._stopping.is_set():
+                    return
+                LOG.warning("Lost the bus (%s); reconnecting", exc)
+                with contextlib.suppress(Exception):
+                    self._connection.close()
+                self._connection = self._reconnect()
+                if self._connection is None:
+                    return
+
+    def _reconnect(self):
+        """A new connection, or None once stop() was called or the queue
+        cannot be declared again. One attempt at a time, so that stop()
+        ends a listener whose broker is gone."""
+        while not self._stopping.is_set():
+            try:
+                return self._connect(max_retries=1)
+            except RuntimeError as again:
+                LOG.error("Cannot listen on the bus again: %s", again)
+                return None
+            except Exception as again:
+                LOG.warning("The bus is still away (%s)", again)
+                self._stopping.wait(_RECONNECT_PAUSE)
+        return None
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        try:
+            if isinstance(body, dict) and "oslo.message" in body:
+                body = json.loads(body["oslo.message"])
+            event_type = body.get("event_type", "")
+            if event_type.startswith(EVENT_PREFIX):
+                self._deliver(
+                    event_type,
+                    body.get("payload"),
+                    {
+                        "message_id": body.get("message_id"),
+                        "timestamp": body.get("timestamp"),
+                        "publisher_id": body.get("publisher_id"),
+                    },
+                )
+        except (AttributeError, TypeError, ValueError) as exc:
+            LOG.warning("Ignored a malformed notification: %s", exc)
+        finally:
+            message.ack()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._connection is not None:
+            # Closing the channel ends the consumer: the broker deletes
+            # the queue (exclusive, or auto-delete with no consumer left).
+            self._connection.release()
+            self._connection = None

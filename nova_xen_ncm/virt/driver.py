@@ -9,6 +9,11 @@ once, by :func:`nova_xen_ncm.virt.exceptions.translate_all`.
 from __future__ import annotations
 
 import nova.conf
+from nova import context as nova_context
+from nova import exception
+from nova import objects
+from nova.compute import utils as compute_utils
+from nova.compute import vm_states
 from nova.virt import driver
 from nova.virt import node
 from oslo_log import log as logging
@@ -17,11 +22,14 @@ from nova_xen_ncm import conf as xen_ncm_conf
 from nova_xen_ncm.engine import recovery
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.journal import Journal
+from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host import factory
+from nova_xen_ncm.progress import bus
 from nova_xen_ncm.virt import exceptions
 from nova_xen_ncm.virt import hostops
 from nova_xen_ncm.virt import livemigrationops
+from nova_xen_ncm.virt import vifops
 from nova_xen_ncm.virt import vmops
 
 LOG = logging.getLogger(__name__)
@@ -50,6 +58,8 @@ class XenNCMDriver(driver.ComputeDriver):
         self._vmops: vmops.VMOps | None = None
         self._hostops: hostops.HostOps | None = None
         self._livemigrationops: livemigrationops.LiveMigrationOps | None = None
+        self._vifops = vifops.VIFOps(virtapi)
+        self._bus: bus.BusSink | None = None
 
     # -- service --
 
@@ -58,10 +68,13 @@ class XenNCMDriver(driver.ComputeDriver):
         self._host = factory.load_host_driver(
             xen_ncm_conf.CONF.xen_ncm.host_driver, host, CONF
         )
-        self._vmops = vmops.VMOps(self._host)
+        self._vifops.initialize()
+        self._vmops = vmops.VMOps(self._host, self._vifops)
         self._hostops = hostops.HostOps(self._host)
+        # Nova's CONF: its transport and control_exchange ("nova").
+        self._bus = bus.from_conf(CONF, host=host)
         self._livemigrationops = livemigrationops.LiveMigrationOps(
-            self._host, self._vmops
+            self._host, self._vmops, self._vifops, self._bus
         )
         LOG.info(
             "Xen host %s: %s",
@@ -72,16 +85,69 @@ class XenNCMDriver(driver.ComputeDriver):
 
     def _recover_migrations(self) -> None:
         """Settle the migrations a previous run of this service left in
-        flight (engine/recovery.py); a journal that cannot be read is
+        flight (engine/recovery.py), then tell Nova where each guest
+        ended (:func:`reconcile`); a journal that cannot be read is
         reported, and the service starts anyway."""
         try:
             journal = Journal.from_conf(CONF)
-            if journal is not None:
-                recovery.recover(self._host, journal, CONF)
+            if journal is None:
+                return
+            # Which instance each journalled domain is, taken before
+            # recovery destroys the copies that moved.
+            owners = {}
+            for entry in journal.entries():
+                if entry.uuid:
+                    owners[entry.domid] = entry.uuid
+                    continue
+                try:
+                    owners[entry.domid] = self._host.domain_info(
+                        entry.domid
+                    ).uuid
+                except base.HostError:
+                    pass
+            outcomes = recovery.recover(self._host, journal, CONF)
         except EngineError as exc:
             LOG.error("Interrupted migrations not recovered: %s", exc)
+            return
+        reconcile(self._host.hostname, outcomes, owners)
+
+    def _open_migration(self, instance) -> str | None:
+        """Why ``instance`` must not run here, or None: its migration is
+        still in the journal (in doubt: paused here, maybe running on the
+        destination), so unpausing, restarting or saving it could leave
+        two running copies."""
+        journal = Journal.from_conf(CONF)
+        if journal is None:
+            return None
+        info = self._vmops.find(instance)
+        for entry in journal.entries():
+            # By uuid, which holds after a dom0 reboot took the domain
+            # away; by domid for entries that did not record it.
+            if (entry.uuid and entry.uuid == instance.uuid) or (
+                not entry.uuid
+                and info is not None
+                and entry.domid == info.domid
+            ):
+                return (
+                    f"migration {entry.migration_id} of this guest "
+                    f"to {entry.host} is still open ({entry.phase}); "
+                    "it may run there: settle it first with "
+                    "'nova-xen-ncm recover'"
+                )
+        return None
+
+    def _refuse_while_journalled(self, instance, failure=None) -> None:
+        """Raise ``failure(reason=...)`` (power on's by default) while a
+        migration of ``instance`` is open."""
+        reason = self._open_migration(instance)
+        if reason is not None:
+            failure = failure or exception.InstancePowerOnFailure
+            raise failure(reason=reason)
 
     def cleanup_host(self, host: str) -> None:
+        if self._bus is not None:
+            self._bus.close()
+            self._bus = None
         if self._host is not None:
             self._host.close()
 
@@ -157,7 +223,9 @@ class XenNCMDriver(driver.ComputeDriver):
         destroy_disks: bool = True,
         destroy_secrets: bool = True,
     ) -> None:
-        self._vmops.destroy(instance, destroy_disks=destroy_disks)
+        self._vmops.destroy(
+            instance, network_info, destroy_disks=destroy_disks
+        )
 
     def cleanup(
         self,
@@ -172,7 +240,9 @@ class XenNCMDriver(driver.ComputeDriver):
     ) -> None:
         # After a live migration (source) or a failed one (destination)
         # the domain is normally gone already; a leftover goes here.
-        self._vmops.cleanup(instance, destroy_disks=destroy_disks)
+        self._vmops.cleanup(
+            instance, network_info, destroy_vifs, destroy_disks=destroy_disks
+        )
 
     def reboot(
         self,
@@ -185,6 +255,9 @@ class XenNCMDriver(driver.ComputeDriver):
         accel_info=None,
         share_info=None,
     ) -> None:
+        self._refuse_while_journalled(
+            instance, exception.InstanceRebootFailure
+        )
         self._vmops.reboot(instance, network_info, reboot_type)
 
     def power_off(self, instance, timeout=0, retry_interval=0) -> None:
@@ -199,6 +272,7 @@ class XenNCMDriver(driver.ComputeDriver):
         accel_info=None,
         share_info=None,
     ) -> None:
+        self._refuse_while_journalled(instance)
         self._vmops.power_on(instance, network_info)
 
     def resume_state_on_host_boot(
@@ -209,15 +283,24 @@ class XenNCMDriver(driver.ComputeDriver):
         share_info,
         block_device_info=None,
     ) -> None:
+        self._refuse_while_journalled(instance)
         self._vmops.power_on(instance, network_info)
 
     def pause(self, instance) -> None:
         self._vmops.pause(instance)
 
     def unpause(self, instance) -> None:
+        reason = self._open_migration(instance)
+        if reason is not None:
+            # Nova has no unpause failure of its own.
+            raise exception.NovaException(f"Cannot unpause: {reason}")
         self._vmops.unpause(instance)
 
     def suspend(self, context, instance) -> None:
+        # Saving destroys the paused copy; resume would then build one.
+        self._refuse_while_journalled(
+            instance, exception.InstanceSuspendFailure
+        )
         self._vmops.suspend(instance)
 
     def resume(
@@ -228,7 +311,7 @@ class XenNCMDriver(driver.ComputeDriver):
         block_device_info=None,
         share_info=None,
     ) -> None:
-        self._vmops.resume(instance)
+        self._vmops.resume(instance, network_info)
 
     def get_console_output(self, context, instance) -> str:
         return self._vmops.get_console_output(instance)
@@ -271,7 +354,7 @@ class XenNCMDriver(driver.ComputeDriver):
         migrate_data,
     ):
         return self._livemigrationops.pre_live_migration(
-            instance, migrate_data
+            instance, network_info, migrate_data
         )
 
     def live_migration(
@@ -303,7 +386,9 @@ class XenNCMDriver(driver.ComputeDriver):
     def post_live_migration_at_source(
         self, context, instance, network_info
     ) -> None:
-        self._livemigrationops.post_live_migration_at_source(instance)
+        self._livemigrationops.post_live_migration_at_source(
+            instance, network_info
+        )
 
     def post_live_migration_at_destination(
         self,
@@ -329,4 +414,82 @@ class XenNCMDriver(driver.ComputeDriver):
         destroy_disks=True,
         migrate_data=None,
     ) -> None:
-        self._livemigrationops.rollback_live_migration_at_destination(instance)
+        self._livemigrationops.rollback_live_migration_at_destination(
+            instance, network_info, migrate_data
+        )
+
+
+def reconcile(hostname: str, outcomes, owners: dict[int, str]) -> None:
+    """Tell Nova how recovery settled each migration: an instance whose
+    guest is no longer here, or whose fate is not known, goes to ERROR
+    with a fault that says why and where it runs; one rolled back runs
+    here as Nova believes."""
+    ctxt = nova_context.get_admin_context()
+    for outcome in outcomes:
+        uuid = owners.get(outcome.domid)
+        if uuid is None:
+            LOG.warning(
+                "Migration %s: domain %d was gone before recovery; no "
+                "instance to update (%s)",
+                outcome.migration_id,
+                outcome.domid,
+                outcome.reason,
+            )
+            continue
+        if outcome.phase == Phase.FAILED:
+            LOG.info(
+                "Migration %s rolled back: the guest runs on %s",
+                outcome.migration_id,
+                hostname,
+                instance_uuid=uuid,
+            )
+            continue
+        if outcome.phase == Phase.DONE:
+            why = (
+                f"live migration {outcome.migration_id} was interrupted "
+                f"on {hostname} after the destination committed: the "
+                "guest runs on the destination and the copy here was "
+                f"destroyed ({outcome.reason}). Point the instance at the "
+                "destination host, then reset its state."
+            )
+        else:
+            why = (
+                f"live migration {outcome.migration_id} was interrupted "
+                f"on {hostname} and could not be settled: the guest is "
+                f"paused here and may run on the destination "
+                f"({outcome.reason}). Run 'nova-xen-ncm recover' before "
+                "starting it."
+            )
+        try:
+            instance = objects.Instance.get_by_uuid(ctxt, uuid)
+            instance.vm_state = vm_states.ERROR
+            instance.task_state = None
+            instance.save()
+            compute_utils.add_instance_fault_from_exc(
+                ctxt, instance, exception.NovaException(why)
+            )
+        except exception.InstanceNotFound:
+            LOG.warning("%s; the instance is gone from Nova", why)
+            continue
+        _fail_migration(ctxt, outcome.migration_id, uuid)
+        LOG.error(why, instance_uuid=uuid)
+
+
+def _fail_migration(ctxt, migration_uuid: str, instance_uuid: str) -> None:
+    """Nova's record of the interrupted migration ends in 'error': the
+    compute manager resets only those of instances not in ERROR, so it
+    would otherwise stay 'running' for good."""
+    try:
+        migration = objects.Migration.get_by_uuid(ctxt, migration_uuid)
+    except exception.MigrationNotFound:
+        # Started without a Nova migration record (the engine's own id).
+        return
+    if migration.status in ("completed", "error", "failed", "cancelled"):
+        return
+    migration.status = "error"
+    migration.save()
+    LOG.info(
+        "Migration %s set to error",
+        migration_uuid,
+        instance_uuid=instance_uuid,
+    )

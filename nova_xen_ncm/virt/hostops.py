@@ -3,7 +3,7 @@
 Memory comes from the host driver (what its domains hold plus what a new
 domain could still get), disk from the filesystem of ``[DEFAULT]
 instances_path`` (the simulated disks and suspend images live there),
-vCPUs from the CPUs this service may run on.
+vCPUs from the physical CPUs the host driver reports.
 """
 
 from __future__ import annotations
@@ -41,7 +41,16 @@ class HostOps:
         self._host = host
 
     def vcpus(self) -> int:
-        return len(os.sched_getaffinity(0))
+        """The physical CPUs the host driver reports (Xen's nr_cpus),
+        not what this dom0 process may run on."""
+        pcpus = self._host.capabilities().pcpus
+        if pcpus < 1:
+            raise base.NotSupported(
+                f"the host driver of {self._host.hostname} reports no "
+                "physical CPUs",
+                call="capabilities",
+            )
+        return pcpus
 
     def memory_mb(self) -> tuple[int, int]:
         """(total, used) MiB of guest memory."""

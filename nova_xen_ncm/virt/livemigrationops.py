@@ -29,6 +29,8 @@ from nova_xen_ncm.engine.migration import OutgoingMigration
 from nova_xen_ncm.engine.state import TERMINAL
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
+from nova_xen_ncm.progress.tracker import NotificationSink
+from nova_xen_ncm.virt import vifops as vifops_module
 from nova_xen_ncm.virt import vmops as vmops_module
 from nova_xen_ncm.virt.migrate_data import XenNCMLiveMigrateData
 
@@ -53,10 +55,19 @@ class LiveMigrationOps:
     """Both ends of live migrations of one host driver."""
 
     def __init__(
-        self, host: base.HostDriver, vmops: vmops_module.VMOps
+        self,
+        host: base.HostDriver,
+        vmops: vmops_module.VMOps,
+        vifs: vifops_module.VIFOps,
+        bus: NotificationSink | None = None,
     ) -> None:
         self._host = host
         self._vmops = vmops
+        self._vifs = vifs
+        # xen_ncm.migration.* on Nova's transport and exchange (None:
+        # [xen_ncm_progress] notifications is off).
+        self._bus = bus
+        self._sinks = () if bus is None else (bus,)
         self._incoming: dict[str, IncomingMigration] = {}
         self._outgoing: dict[str, OutgoingMigration] = {}
         self._lock = threading.Lock()
@@ -115,7 +126,7 @@ class LiveMigrationOps:
     # -- destination --
 
     def pre_live_migration(
-        self, instance, migrate_data: XenNCMLiveMigrateData
+        self, instance, network_info, migrate_data: XenNCMLiveMigrateData
     ) -> XenNCMLiveMigrateData:
         domid = migrate_data.source_domid
         try:
@@ -128,6 +139,12 @@ class LiveMigrationOps:
                 f"{self._host.hostname}",
                 call="pre_live_migration",
             )
+        # Plugged before the guest arrives: Neutron's agent here reports
+        # the port up, and the source waits for network-vif-plugged.
+        self._vifs.plug(
+            instance,
+            vifops_module.destination_network_info(network_info, migrate_data),
+        )
         if "migration" in migrate_data and migrate_data.migration:
             migration_id = migrate_data.migration.uuid
         else:
@@ -136,10 +153,22 @@ class LiveMigrationOps:
         if xen_ncm_conf.CONF.xen_ncm.listen_address in WILDCARD_ADDRESSES:
             advertise = CONF.my_ip
         incoming = IncomingMigration(
-            self._host, migration_id, conf=CONF, advertise=advertise
+            self._host,
+            migration_id,
+            conf=CONF,
+            advertise=advertise,
+            sinks=self._sinks,
         )
         with self._lock:
             self._incoming[instance.uuid] = incoming
+        if self._bus is not None:
+            # Announced once there is a receiver that will end it.
+            self._bus.start(
+                migration_id,
+                role="destination",
+                instance_uuid=instance.uuid,
+                destination_host=self._host.hostname,
+            )
         incoming.start()
         address, port = incoming.endpoint
         migrate_data.migration_id = migration_id
@@ -197,7 +226,9 @@ class LiveMigrationOps:
             instance=instance,
         )
 
-    def rollback_live_migration_at_destination(self, instance) -> None:
+    def rollback_live_migration_at_destination(
+        self, instance, network_info, migrate_data=None
+    ) -> None:
         incoming = self._finish_incoming(instance)
         if incoming is not None and incoming.phase in (
             Phase.CLEANUP,
@@ -211,7 +242,11 @@ class LiveMigrationOps:
                 instance=instance,
             )
             return
-        self._vmops.cleanup(instance)
+        if migrate_data is not None:
+            network_info = vifops_module.destination_network_info(
+                network_info, migrate_data
+            )
+        self._vmops.cleanup(instance, network_info)
 
     # -- source --
 
@@ -233,7 +268,16 @@ class LiveMigrationOps:
             migrate_data.migration_id,
             migrate_data.token_bytes,
             conf=CONF,
+            sinks=self._sinks,
         )
+        if self._bus is not None:
+            self._bus.start(
+                migrate_data.migration_id,
+                role="source",
+                instance_uuid=instance.uuid,
+                source_host=self._host.hostname,
+                destination_host=dest,
+            )
         migration = None
         if "migration" in migrate_data:
             migration = migrate_data.migration
@@ -325,10 +369,11 @@ class LiveMigrationOps:
             )
         return outgoing
 
-    def post_live_migration_at_source(self, instance) -> None:
+    def post_live_migration_at_source(self, instance, network_info) -> None:
         # The engine destroyed the source copy at COMMIT; one left by a
-        # failed destroy must not run beside the migrated guest.
-        self._vmops.cleanup(instance)
+        # failed destroy must not run beside the migrated guest. The
+        # vifs here go with it.
+        self._vmops.cleanup(instance, network_info)
 
     def rollback_live_migration_at_source(self, instance) -> None:
         info = self._vmops.find(instance)

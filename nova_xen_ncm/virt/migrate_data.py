@@ -10,9 +10,13 @@ destination inside Nova's RPC. Two things about it are deliberate:
   only (``ComputeManager._live_migration_cleanup_flags``). As a Hyper-V
   object it gets ``do_cleanup = True`` on both paths and
   ``destroy_disks = not is_shared_instance_path``; nothing else of
-  Hyper-V applies.
+  Hyper-V applies. The source's cleanup alone would not need it
+  (``post_live_migration_at_source`` destroys and unplugs), but without
+  ``do_cleanup`` a failed migration never reaches
+  ``rollback_live_migration_at_destination``: the receiver, a
+  half-built domain and the vifs plugged there would stay.
 * nova-conductor rebuilds the object from its primitive, so this module
-  must be imported in the conductor too: :mod:`nova_xen_ncm.virt.objhook`
+  must be imported in the conductor too: :mod:`nova_xen_ncm.virt.novahook`
   does that without configuration (see doc/source/nova.rst).
 """
 

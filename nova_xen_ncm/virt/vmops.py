@@ -22,6 +22,7 @@ from oslo_log import log as logging
 
 from nova_xen_ncm.engine import savefile
 from nova_xen_ncm.host import base
+from nova_xen_ncm.virt import vifops as vifops_module
 
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF
@@ -69,8 +70,11 @@ def domain_config(instance, network_info) -> base.DomainConfig:
 class VMOps:
     """Lifecycle operations of instances on one host driver."""
 
-    def __init__(self, host: base.HostDriver) -> None:
+    def __init__(
+        self, host: base.HostDriver, vifs: vifops_module.VIFOps
+    ) -> None:
         self._host = host
+        self._vifs = vifs
         # Instances powered off here: no domain, but SHUTDOWN, not gone.
         # After a restart Nova's vm_state STOPPED says the same.
         self._powered_off: set[str] = set()
@@ -125,7 +129,8 @@ class VMOps:
         if not power_on:
             # A stopped instance has no domain; power_on builds it.
             return
-        self.create(instance, network_info)
+        with self._vifs.plugged_and_reported(instance, network_info):
+            self.create(instance, network_info)
 
     def create(self, instance, network_info) -> int:
         config = domain_config(instance, network_info)
@@ -141,7 +146,9 @@ class VMOps:
         )
         return domid
 
-    def destroy(self, instance, destroy_disks: bool = False) -> None:
+    def destroy(
+        self, instance, network_info, destroy_disks: bool = False
+    ) -> None:
         info = self.find(instance)
         if info is None:
             LOG.warning(
@@ -152,17 +159,27 @@ class VMOps:
         else:
             self._host.destroy_domain(info.domid, delete_disks=destroy_disks)
             LOG.info("Destroyed domain %d", info.domid, instance=instance)
+        self._vifs.unplug(instance, network_info, ignore_errors=True)
         self._powered_off.discard(instance.uuid)
         self._remove_save_file(instance)
 
-    def cleanup(self, instance, destroy_disks: bool = False) -> None:
-        """Destroy what is left of ``instance`` here, if anything."""
+    def cleanup(
+        self,
+        instance,
+        network_info=None,
+        destroy_vifs: bool = True,
+        destroy_disks: bool = False,
+    ) -> None:
+        """Destroy what is left of ``instance`` here, if anything, and
+        unplug its vifs unless ``destroy_vifs`` is False."""
         info = self.find(instance)
         if info is not None:
             self._host.destroy_domain(info.domid, delete_disks=destroy_disks)
             LOG.info(
                 "Destroyed leftover domain %d", info.domid, instance=instance
             )
+        if destroy_vifs:
+            self._vifs.unplug(instance, network_info, ignore_errors=True)
         self._powered_off.discard(instance.uuid)
         self._remove_save_file(instance)
 
@@ -181,6 +198,7 @@ class VMOps:
                 )
         if info is not None:
             self._host.destroy_domain(info.domid)
+        self._vifs.plug(instance, network_info)
         self.create(instance, network_info)
 
     def power_off(self, instance, timeout: int = 0) -> None:
@@ -197,6 +215,7 @@ class VMOps:
     def power_on(self, instance, network_info) -> None:
         info = self.find(instance)
         if info is None:
+            self._vifs.plug(instance, network_info)
             self.create(instance, network_info)
         elif info.state == base.DomainState.PAUSED:
             self._host.unpause(info.domid)
@@ -221,8 +240,9 @@ class VMOps:
         self._host.destroy_domain(info.domid)
         LOG.info("Saved domain %d to %s", info.domid, path, instance=instance)
 
-    def resume(self, instance) -> None:
+    def resume(self, instance, network_info) -> None:
         path = self.save_path(instance)
+        self._vifs.plug(instance, network_info)
         domid = savefile.restore_from_path(self._host, path)
         self._remove_save_file(instance)
         LOG.info("Restored domain %d from %s", domid, path, instance=instance)

@@ -19,19 +19,29 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _nova_installed() -> bool:
-    spec = importlib.util.find_spec("nova")
-    # This tree's nova/virt/xen_ncm shim makes "nova" a namespace package
-    # when Nova is absent; only a regular package is Nova.
-    return spec is not None and spec.origin is not None
+    return importlib.util.find_spec("nova") is not None
 
 
-@pytest.mark.parametrize("tree", ["tests/unit/virt", "tests/functional/virt"])
-def test_nova_driver_tests_pass(tree):
+@pytest.mark.parametrize(
+    "tree, threads",
+    [
+        ("tests/unit/virt", False),
+        ("tests/functional/virt", False),
+        # Nova 34's native threading mode (nova-compute and
+        # nova-conductor run so by default): no eventlet patching.
+        ("tests/functional/virt", True),
+    ],
+    ids=["unit", "functional-eventlet", "functional-threads"],
+)
+def test_nova_driver_tests_pass(tree, threads):
     if not _nova_installed():
         if os.environ.get("CI") == "true":
             pytest.fail("Nova is not installed (test-requirements.txt)")
         pytest.skip("Nova is not installed")
     env = dict(os.environ, NOVA_XEN_NCM_NOVA_PROCESS="1")
+    env.pop("OS_NOVA_DISABLE_EVENTLET_PATCHING", None)
+    if threads:
+        env["OS_NOVA_DISABLE_EVENTLET_PATCHING"] = "true"
     result = subprocess.run(
         [
             sys.executable,
@@ -54,3 +64,229 @@ def test_nova_driver_tests_pass(tree):
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary, output
     assert "skipped" not in summary, output
+
+
+# -- the driver as installed: Nova's layouts ------------------------------
+
+# What nova-conductor and then nova-compute do, in one fresh interpreter:
+# register Nova's objects (nothing of the driver) and rebuild migrate
+# data from an RPC primitive, then load compute_driver the way
+# nova.virt.driver.load_compute_driver does.
+SERVICE_CHECK = r"""
+import json
+import sys
+
+import nova.conf
+import nova.virt
+from nova import context
+from nova import objects
+from nova.objects import base
+
+nova.conf.CONF([], project="nova", default_config_files=[])
+objects.register_all()
+primitive = {
+    "nova_object.name": "XenNCMLiveMigrateData",
+    "nova_object.namespace": "nova",
+    "nova_object.version": "1.0",
+    "nova_object.data": {"migration_id": "m-1", "receiver_port": 49152},
+}
+data = base.NovaObjectSerializer().deserialize_entity(
+    context.RequestContext(is_admin=True), primitive
+)
+conductor_loaded_driver = "nova_xen_ncm.virt.driver" in sys.modules
+from nova.virt import driver as virt_driver
+
+compute = virt_driver.load_compute_driver(None, "xen_ncm.XenNCMDriver")
+import nova_xen_ncm
+
+print(json.dumps({
+    "migrate_data": [type(data).__name__, data.migration_id],
+    "conductor_loaded_driver": conductor_loaded_driver,
+    "driver": type(compute).__module__ + "." + type(compute).__name__,
+    "nova_virt": nova.virt.__path__[0],
+    "nova_xen_ncm": nova_xen_ncm.__file__,
+}))
+"""
+
+
+def _run(*args, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+    assert result.returncode == 0, "\n".join(
+        [
+            " ".join(map(str, args)),
+            result.stdout[-3000:],
+            result.stderr[-6000:],
+        ]
+    )
+    return result
+
+
+def _venv(path: pathlib.Path, system_site: bool) -> pathlib.Path:
+    args = [sys.executable, "-m", "venv", path]
+    if system_site:
+        args.insert(3, "--system-site-packages")
+    _run(*args)
+    return path / "bin" / "python"
+
+
+BUILD_TOOLS = {
+    "setuptools",
+    "pkg_resources",
+    "_distutils_hack",
+    "distutils",
+    "pip",
+    "wheel",
+}
+
+
+def _site_without_nova(venv_python: pathlib.Path, shadow: pathlib.Path):
+    """Gives a venv of its own every package of this interpreter except
+    Nova, as DevStack's venv has them: a directory of links to them,
+    added as a site directory (its .pth files run too)."""
+    import sysconfig
+
+    # The base interpreter's, also when the tests run in a venv.
+    system = pathlib.Path(
+        sysconfig.get_paths(
+            vars={"base": sys.base_prefix, "platbase": sys.base_prefix}
+        )["purelib"]
+    )
+    shadow.mkdir()
+    for entry in system.iterdir():
+        name = entry.name.lower()
+        if name == "nova" or name.startswith("nova-"):
+            continue
+        if name.startswith(("nova_xen_ncm", "__editable__.nova_xen_ncm")):
+            continue
+        # The venv has its own build tools; these would shadow the ones
+        # pip's isolated builds install.
+        if name.split("-")[0] in BUILD_TOOLS:
+            continue
+        (shadow / entry.name).symlink_to(entry)
+    site = _run(
+        venv_python,
+        "-c",
+        "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+    ).stdout.strip()
+    # Named to sort after the editable installs' .pth files.
+    pathlib.Path(site, "zz_system_site.pth").write_text(
+        f"import site; site.addsitedir({str(shadow)!r})\n"
+    )
+
+
+def _pip(python: pathlib.Path, *args) -> None:
+    _run(python, "-m", "pip", "install", "-q", "--no-deps", *args)
+
+
+@pytest.fixture(scope="module")
+def layouts_dir(tmp_path_factory):
+    if not _nova_installed():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Nova is not installed (test-requirements.txt)")
+        pytest.skip("Nova is not installed")
+    return tmp_path_factory.mktemp("layouts")
+
+
+@pytest.fixture(scope="module")
+def this_wheel(layouts_dir) -> pathlib.Path:
+    out = layouts_dir / "wheels"
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "-w",
+        out,
+        ROOT,
+    )
+    (wheel,) = out.glob("nova_xen_ncm-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def nova_sdist(layouts_dir) -> pathlib.Path:
+    """The sdist of the installed Nova's release, from the package index
+    (what DevStack clones from git)."""
+    from importlib import metadata
+
+    version = metadata.version("nova")
+    out = layouts_dir / "sdist"
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--no-binary",
+        "nova",
+        "-d",
+        out,
+        f"nova=={version}",
+    )
+    (archive,) = out.glob(f"nova-{version}.tar.gz")
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter="data")
+    return out / f"nova-{version}"
+
+
+def _check(python: pathlib.Path) -> dict:
+    import json
+
+    out = _run(python, "-c", SERVICE_CHECK, cwd="/")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _assert_loaded(found: dict, nova_virt: pathlib.Path) -> None:
+    assert found["migrate_data"] == ["XenNCMLiveMigrateData", "m-1"]
+    # The conductor rebuilt the object without loading the driver.
+    assert found["conductor_loaded_driver"] is False
+    assert found["driver"] == "nova_xen_ncm.virt.driver.XenNCMDriver"
+    assert pathlib.Path(found["nova_virt"]) == nova_virt
+
+
+def test_editable_nova_devstack_layout(layouts_dir, nova_sdist, this_wheel):
+    # DevStack's layout: Nova from its source tree (setup_develop) in a
+    # venv that has no other Nova.
+    python = _venv(layouts_dir / "devstack", system_site=False)
+    _site_without_nova(python, layouts_dir / "devstack-site")
+    _pip(python, "-e", nova_sdist)
+    nova_virt = nova_sdist / "nova" / "virt"
+
+    # This project from a wheel: its .pth does everything.
+    _pip(python, this_wheel)
+    _assert_loaded(_check(python), nova_virt)
+    _run(python, "-m", "pip", "uninstall", "-q", "-y", "nova-xen-ncm")
+
+    # The plugin's way: setup_develop, which installs no .pth, then
+    # "python -m nova_xen_ncm.virt.novahook install".
+    _pip(python, "-e", ROOT)
+    without = subprocess.run(
+        [python, "-c", SERVICE_CHECK], capture_output=True, text=True
+    )
+    assert without.returncode != 0
+    assert "XenNCMLiveMigrateData" in without.stderr, without.stderr[-3000:]
+    _run(python, "-m", "nova_xen_ncm.virt.novahook", "install")
+    found = _check(python)
+    _assert_loaded(found, nova_virt)
+    assert found["nova_xen_ncm"] == str(ROOT / "nova_xen_ncm/__init__.py")
+
+
+def test_nova_wheel_and_wheel_in_another_site(layouts_dir, this_wheel):
+    # Nova from a wheel in this interpreter's site-packages, the driver
+    # from a wheel in a venv's: two site-packages.
+    import nova.virt
+
+    python = _venv(layouts_dir / "wheels-venv", system_site=True)
+    _pip(python, this_wheel)
+    _assert_loaded(_check(python), pathlib.Path(nova.virt.__path__[0]))

@@ -18,6 +18,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -83,22 +84,45 @@ def test_save_with_pv_state_is_not_xen_compatible(tmp_path, verify):
     assert "Unrecognised record type" in result.stderr
 
 
-def test_demo_publishes_progress_on_the_bus(rabbit_url):
+def test_demo_publishes_progress_on_the_bus(rabbit_url, tmp_path):
     pool = f"nova-xen-ncm-demo-test-{uuid.uuid4().hex[:8]}"
-    watch = ("watch", "--transport-url", rabbit_url, "--pool", pool)
-    # A first, short watch creates the pool's queue, which then collects
-    # the demo's notifications until the second watch reads them. Its
-    # timeout counts from its start, so it leaves time to connect.
-    first = nova_xen_ncm(*watch, "--timeout", "15", "--plain")
-    assert first.returncode == 0, first.stderr[-3000:]
-    result = nova_xen_ncm(
-        "demo", "--memory", "32M", "--transport-url", rabbit_url, "--json"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    migration_id = json.loads(result.stdout)["stats"]["migration_id"]
-
-    seen = nova_xen_ncm(*watch, "--once", "--plain", "--timeout", "120")
-    assert seen.returncode == 0, seen.stderr[-3000:]
-    lines = [line for line in seen.stdout.splitlines() if migration_id in line]
+    # The watch's queue lives as long as the watch: it listens first.
+    stderr_path = tmp_path / "watch.err"
+    with open(stderr_path, "w") as stderr:
+        watch = subprocess.Popen(
+            [
+                shutil.which("nova-xen-ncm"),
+                "watch",
+                "--transport-url",
+                rabbit_url,
+                "--pool",
+                pool,
+                "--once",
+                "--plain",
+                "--timeout",
+                "300",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "listening in pool" not in stderr_path.read_text():
+            assert watch.poll() is None, stderr_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "watch did not listen"
+            time.sleep(0.1)
+        result = nova_xen_ncm(
+            "demo", "--memory", "32M", "--transport-url", rabbit_url, "--json"
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        migration_id = json.loads(result.stdout)["stats"]["migration_id"]
+        stdout, _ = watch.communicate(timeout=300)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert watch.returncode == 0, stderr_path.read_text()[-3000:]
+    lines = [line for line in stdout.splitlines() if migration_id in line]
     assert any("phase setup -> precopy" in line for line in lines)
     assert any("DONE" in line for line in lines)

@@ -1284,6 +1284,8 @@ class SimHost(base.HostDriver):
             restore={item: None for item in Item},
             max_vcpus=kernel.MAX_VCPUS,
             free_memory_bytes=self.free_memory(),
+            # The simulated guests' vCPUs run on this machine's CPUs.
+            pcpus=os.cpu_count() or 1,
         )
 
     def _info(self, dom: _Domain) -> base.DomainInfo:

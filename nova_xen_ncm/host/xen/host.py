@@ -326,6 +326,7 @@ class XenHost(base.HostDriver):
                 preserve_domid=facts.major * 100 + facts.minor
                 >= probe.DOMID_SINCE[0] * 100 + probe.DOMID_SINCE[1],
                 max_vcpus=128,
+                pcpus=self._nr_cpus(),
             )
         return base.Capabilities(
             **{
@@ -505,6 +506,11 @@ class XenHost(base.HostDriver):
             domid=domid,
         )
         self._populated.pop(domid, None)
+
+    def _nr_cpus(self) -> int:
+        phys = libs.XenSysctlPhysinfo()
+        libs.check("xc_physinfo", FN.xc_physinfo(self._xch, phys))
+        return phys.nr_cpus
 
     def free_memory(self) -> int:
         phys = libs.XenSysctlPhysinfo()

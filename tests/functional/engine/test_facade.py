@@ -72,9 +72,7 @@ def test_cancel_from_the_orchestrator(conf, source, destination):
     assert destination.list_domains() == []
 
 
-def test_cancel_an_incoming_migration_nobody_connected_to(
-    conf, destination
-):
+def test_cancel_an_incoming_migration_nobody_connected_to(conf, destination):
     incoming = IncomingMigration(destination, str(uuid.uuid4()), conf=conf)
     incoming.start()
     assert incoming.cancel() is True

@@ -52,6 +52,8 @@ def test_restart_without_an_answer_keeps_the_guest_paused(tmp_path):
         # Kept for a later attempt, which still cannot know.
         (entry,) = Journal(rig.state_path).entries()
         assert entry.phase == Phase.IN_DOUBT.value
+        # Who the guest is, for when its domain is gone (dom0 reboot).
+        assert entry.uuid and entry.uuid == src.domain_info(domid).uuid
         (again,) = rig.recover()
         assert again["phase"] == Phase.IN_DOUBT.value
         assert src.state_of(domid) == base.DomainState.PAUSED

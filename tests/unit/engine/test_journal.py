@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -62,6 +63,37 @@ def test_sink_follows_phases_and_forgets_settled_migrations(tmp_path):
 def test_migration_ids_cannot_leave_the_directory(tmp_path, mid):
     with pytest.raises(journal.JournalError, match="cannot name"):
         journal.Journal(str(tmp_path)).write(entry(mid))
+
+
+def test_an_entry_without_the_guest_s_uuid_is_read(tmp_path):
+    # Written before the uuid was recorded: still settled by domid.
+    j = journal.Journal(str(tmp_path))
+    j.write(entry())
+    path = os.path.join(j.path, "m-1.json")
+    with open(path) as f:
+        data = json.load(f)
+    assert data.pop("uuid") == ""
+    with open(path, "w") as f:
+        json.dump(data, f)
+    (got,) = j.entries()
+    assert got.uuid == "" and got.domid == 7
+
+
+def test_the_sink_records_the_guest_s_uuid(tmp_path):
+    from oslo_config import cfg
+
+    from nova_xen_ncm.conf import register_opts
+
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    conf([])
+    conf.set_override("state_path", str(tmp_path), group="xen_ncm")
+    sink = journal.sink_from_conf(
+        conf, "m-3", 9, ("192.0.2.1", 1), b"\x01" * 32, uuid="guest-uuid"
+    )
+    sink.emit(state(Phase.PRECOPY))
+    (got,) = journal.Journal(str(tmp_path)).entries()
+    assert got.uuid == "guest-uuid" and got.domid == 9
 
 
 def test_a_damaged_entry_is_named(tmp_path):

@@ -375,3 +375,46 @@ def test_concurrent_migrations_keep_their_own_order(conf):
         mine = [d for _, _, d in bus.sent if d["migration_id"] == mid]
         assert [d["sequence"] for d in mine] == list(range(1, 11))
         assert mine[-1]["statistics"]["notifications"]["published"] == 9
+
+
+def test_listener_stops_while_the_broker_stays_away(conf, monkeypatch):
+    # The connection drops and the broker does not come back: the one
+    # draining thread keeps trying, one attempt at a time, and stop()
+    # still ends it.
+    from nova_xen_ncm.progress import bus
+
+    monkeypatch.setattr(bus, "_RECONNECT_PAUSE", 0.01)
+    listener = bus.BusListener(
+        conf, print, url="rabbit://guest:guest@192.0.2.1:5672/"
+    )
+
+    class Lost:
+        closed = False
+
+        def drain_events(self, timeout):
+            raise ConnectionResetError("gone")
+
+        def close(self):
+            self.closed = True
+
+    attempts = []
+    tried_twice = threading.Event()
+
+    def connect(max_retries=None):
+        attempts.append(max_retries)
+        if len(attempts) >= 2:
+            tried_twice.set()
+        raise ConnectionRefusedError("still gone")
+
+    lost = Lost()
+    listener._connection = lost
+    monkeypatch.setattr(listener, "_connect", connect)
+    listener._thread = threading.Thread(target=listener._drain, daemon=True)
+    listener._thread.start()
+    assert tried_twice.wait(10)
+    listener.stop()
+    listener._thread.join(10)
+    assert not listener._thread.is_alive()
+    assert lost.closed
+    assert set(attempts) == {1}
+    listener.wait()

@@ -7,8 +7,8 @@ session: the main session runs this directory in a child pytest through
 tests/functional/test_nova_driver_process.py, which sets
 NOVA_XEN_NCM_NOVA_PROCESS=1 for the child.
 
-This tree's shim directory makes ``nova`` a namespace package when Nova
-is absent; only a regular package (with an origin) is Nova."""
+Only a regular package (with an origin) is Nova: a stray ``nova``
+directory on the path would be a namespace package."""
 
 import importlib.util
 import os

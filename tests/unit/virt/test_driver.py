@@ -1,8 +1,7 @@
-"""The driver as Nova loads it: through the nova.virt shim, on the host
+"""The driver as Nova loads it: as nova.virt.xen_ncm, on the host
 driver [xen_ncm] host_driver names, with Nova's exceptions outside."""
 
-import importlib.util
-import os
+import contextlib
 import sys
 from unittest import mock
 
@@ -19,28 +18,19 @@ from nova.virt import driver as nova_driver
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host import factory
 from nova_xen_ncm.virt import driver
+from nova_xen_ncm.virt import novahook
 
 CONF = nova.conf.CONF
-SHIM = os.path.join(
-    os.path.dirname(__file__),
-    "..",
-    "..",
-    "..",
-    "nova",
-    "virt",
-    "xen_ncm",
-    "__init__.py",
-)
 
 
 @pytest.fixture
 def shim(monkeypatch):
-    """nova.virt.xen_ncm as a wheel installs it, from this tree."""
-    spec = importlib.util.spec_from_file_location("nova.virt.xen_ncm", SHIM)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setitem(sys.modules, "nova.virt.xen_ncm", module)
-    return module
+    """nova.virt.xen_ncm as the installed .pth file provides it."""
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    monkeypatch.delitem(sys.modules, "nova.virt.xen_ncm", raising=False)
+    novahook.install()
+    yield
+    sys.modules.pop("nova.virt.xen_ncm", None)
 
 
 @pytest.fixture
@@ -61,7 +51,9 @@ def test_nova_loads_the_driver_through_the_shim(shim):
         mock.Mock(), "xen_ncm.XenNCMDriver"
     )
     assert type(loaded) is driver.XenNCMDriver
-    assert shim.XenNCMDriver is driver.XenNCMDriver
+    assert sys.modules["nova.virt.xen_ncm"].XenNCMDriver is (
+        driver.XenNCMDriver
+    )
 
 
 def test_unknown_host_driver_is_refused():
@@ -136,3 +128,187 @@ def test_init_host_settles_interrupted_migrations(tmp_path, monkeypatch):
     ]
     assert "no longer on" in settled[0].reason
     assert Journal(str(state)).entries() == []
+
+
+def _outcome(phase, domid=7, reason="asked the destination"):
+    from nova_xen_ncm.engine.recovery import Outcome
+    from nova_xen_ncm.engine.state import Phase
+
+    return Outcome("m-1", domid, Phase.PRECOPY, Phase(phase), reason)
+
+
+@pytest.mark.parametrize(
+    "phase, says",
+    [
+        ("done", "runs on the destination"),
+        ("in_doubt", "nova-xen-ncm recover"),
+    ],
+)
+def test_recovery_puts_a_moved_or_unknown_guest_in_error(
+    monkeypatch, phase, says
+):
+    instance = mock.Mock(vm_state="active", task_state="migrating")
+    get = mock.Mock(return_value=instance)
+    fault = mock.Mock()
+    monkeypatch.setattr(driver.objects.Instance, "get_by_uuid", get)
+    monkeypatch.setattr(
+        driver.compute_utils, "add_instance_fault_from_exc", fault
+    )
+    migration = mock.Mock(status="running")
+    get_migration = mock.Mock(return_value=migration)
+    monkeypatch.setattr(driver.objects.Migration, "get_by_uuid", get_migration)
+    driver.reconcile("src", [_outcome(phase)], {7: "uuid-7"})
+    assert get.call_args.args[1] == "uuid-7"
+    # Nova's record of the migration does not stay 'running': the
+    # compute manager skips instances in ERROR at start-up.
+    assert get_migration.call_args.args[1] == "m-1"
+    assert migration.status == "error"
+    migration.save.assert_called_once_with()
+    assert instance.vm_state == "error"
+    assert instance.task_state is None
+    instance.save.assert_called_once_with()
+    (ctxt, faulted, error), _ = fault.call_args
+    assert faulted is instance
+    assert "m-1" in str(error) and says in str(error)
+
+
+def test_recovery_tolerates_a_migration_nova_has_no_record_of(monkeypatch):
+    instance = mock.Mock(vm_state="active", task_state="migrating")
+    monkeypatch.setattr(
+        driver.objects.Instance,
+        "get_by_uuid",
+        mock.Mock(return_value=instance),
+    )
+    monkeypatch.setattr(
+        driver.compute_utils, "add_instance_fault_from_exc", mock.Mock()
+    )
+    monkeypatch.setattr(
+        driver.objects.Migration,
+        "get_by_uuid",
+        mock.Mock(side_effect=exception.MigrationNotFound(migration_id="m-1")),
+    )
+    driver.reconcile("src", [_outcome("done")], {7: "uuid-7"})
+    assert instance.vm_state == "error"
+
+
+def test_recovery_leaves_a_rolled_back_or_unknown_guest_alone(monkeypatch):
+    get = mock.Mock()
+    monkeypatch.setattr(driver.objects.Instance, "get_by_uuid", get)
+    driver.reconcile(
+        "src",
+        [_outcome("failed"), _outcome("done", domid=8)],
+        {7: "uuid-7"},
+    )
+    # Rolled back: it runs here as Nova believes; domain 8: no instance
+    # could be known for it.
+    get.assert_not_called()
+
+
+def test_power_on_is_refused_while_a_migration_is_open(
+    xen_driver, tmp_path, monkeypatch
+):
+    from nova_xen_ncm.engine.journal import Entry
+    from nova_xen_ncm.engine.journal import Journal
+
+    instance = fake_instance.fake_instance_obj(
+        context.get_admin_context(),
+        flavor=objects.Flavor(vcpus=1, memory_mb=16, root_gb=0),
+    )
+    virtapi = xen_driver._vifops._virtapi
+    virtapi.wait_for_instance_event.return_value = contextlib.nullcontext()
+    xen_driver.spawn(None, instance, None, [], None, {}, [])
+    domid = xen_driver.get_info(instance).internal_id
+    xen_driver.pause(instance)
+    state = tmp_path / "state"
+    CONF.set_override("state_path", str(state), group="xen_ncm")
+    try:
+        Journal(str(state)).write(
+            Entry("m-2", domid, "192.0.2.1", 1, "00" * 16, True, "in_doubt")
+        )
+        with pytest.raises(exception.InstancePowerOnFailure, match="m-2"):
+            xen_driver.power_on(None, instance, [])
+        # Every other way of running the paused copy (or of destroying it
+        # and building another) is refused too.
+        refused = [
+            (exception.NovaException, lambda: xen_driver.unpause(instance)),
+            (
+                exception.InstanceRebootFailure,
+                lambda: xen_driver.reboot(None, instance, [], "HARD"),
+            ),
+            (
+                exception.InstancePowerOnFailure,
+                lambda: xen_driver.resume_state_on_host_boot(
+                    None, instance, [], None
+                ),
+            ),
+            (
+                exception.InstanceSuspendFailure,
+                lambda: xen_driver.suspend(None, instance),
+            ),
+        ]
+        for error, call in refused:
+            with pytest.raises(error, match="m-2"):
+                call()
+            assert xen_driver.get_info(instance).state == 3  # PAUSED
+            assert xen_driver.get_info(instance).internal_id == domid
+        Journal(str(state)).remove("m-2")
+        xen_driver.power_on(None, instance, [])
+    finally:
+        CONF.clear_override("state_path", group="xen_ncm")
+    assert xen_driver.get_info(instance).state == 1  # RUNNING
+    xen_driver.destroy(None, instance, [])
+
+
+def test_start_is_refused_by_uuid_once_the_domain_is_gone(
+    xen_driver, tmp_path
+):
+    # A dom0 reboot took the paused copy away: the entry still names the
+    # guest by uuid, and the restart at host boot must not build one.
+    from nova_xen_ncm.engine.journal import Entry
+    from nova_xen_ncm.engine.journal import Journal
+
+    instance = fake_instance.fake_instance_obj(
+        context.get_admin_context(),
+        flavor=objects.Flavor(vcpus=1, memory_mb=16, root_gb=0),
+    )
+    state = tmp_path / "state"
+    CONF.set_override("state_path", str(state), group="xen_ncm")
+    try:
+        Journal(str(state)).write(
+            Entry(
+                "m-4",
+                99,
+                "192.0.2.1",
+                1,
+                "00" * 16,
+                True,
+                "in_doubt",
+                uuid=instance.uuid,
+            )
+        )
+        with pytest.raises(exception.InstancePowerOnFailure, match="m-4"):
+            xen_driver.resume_state_on_host_boot(None, instance, [], None)
+        with pytest.raises(exception.InstancePowerOnFailure, match="m-4"):
+            xen_driver.power_on(None, instance, [])
+        assert not xen_driver.instance_exists(instance)
+        # Another guest's entry does not refuse this one.
+        Journal(str(state)).remove("m-4")
+        Journal(str(state)).write(
+            Entry(
+                "m-5",
+                99,
+                "192.0.2.1",
+                1,
+                "00" * 16,
+                True,
+                "in_doubt",
+                uuid="another-guest",
+            )
+        )
+        virtapi = xen_driver._vifops._virtapi
+        virtapi.wait_for_instance_event.return_value = contextlib.nullcontext()
+        xen_driver.power_on(None, instance, [])
+        assert xen_driver.instance_exists(instance)
+        xen_driver.destroy(None, instance, [])
+    finally:
+        CONF.clear_override("state_path", group="xen_ncm")

@@ -3,6 +3,7 @@
 from unittest import mock
 
 import os_resource_classes as orc
+import pytest
 from oslo_serialization import jsonutils
 
 from nova_xen_ncm.host import base
@@ -11,7 +12,7 @@ from nova_xen_ncm.virt import hostops
 MiB = 1 << 20
 
 
-def make_host():
+def make_host(pcpus=24):
     host = mock.create_autospec(base.HostDriver, instance=True)
     host.hostname = "unit"
     host.list_domains.return_value = [
@@ -28,7 +29,11 @@ def make_host():
     ]
     host.free_memory.return_value = 1536 * MiB
     host.capabilities.return_value = base.Capabilities(
-        host="unit", hypervisor="test", restore={}, max_vcpus=4
+        host="unit",
+        hypervisor="test",
+        restore={},
+        max_vcpus=4,
+        pcpus=pcpus,
     )
     return host
 
@@ -40,6 +45,8 @@ def test_available_resource(tmp_path, monkeypatch):
     assert res["memory_mb"] == 2048
     assert res["memory_mb_used"] == 512
     assert res["vcpus_used"] == 2
+    # The host driver's report, not what this process may run on.
+    assert res["vcpus"] == 24
     assert res["hypervisor_type"] == "xen"
     assert res["hypervisor_hostname"] == "node1"
     assert res["uuid"] == "uuid-1"
@@ -54,6 +61,13 @@ def test_inventory(tmp_path, monkeypatch):
     inventory = ops.inventory(ratios, reserved_disk_gb=2)
     assert inventory[orc.MEMORY_MB]["total"] == 2048
     assert inventory[orc.MEMORY_MB]["allocation_ratio"] == 1.5
-    assert inventory[orc.VCPU]["total"] == ops.vcpus()
-    assert inventory[orc.VCPU]["max_unit"] == min(4, ops.vcpus())
+    assert inventory[orc.VCPU]["total"] == 24
+    assert inventory[orc.VCPU]["max_unit"] == 4
     assert inventory[orc.DISK_GB]["reserved"] == 2
+
+
+def test_a_host_that_reports_no_cpus_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(hostops.CONF, "instances_path", str(tmp_path))
+    ops = hostops.HostOps(make_host(pcpus=0))
+    with pytest.raises(base.NotSupported, match="no physical CPUs"):
+        ops.get_available_resource("node1", "uuid-1")

@@ -13,6 +13,7 @@ from nova_xen_ncm.engine import errors as engine_errors
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 from nova_xen_ncm.virt import livemigrationops
+from nova_xen_ncm.virt import vifops
 from nova_xen_ncm.virt import vmops
 from nova_xen_ncm.virt.migrate_data import XenNCMLiveMigrateData
 
@@ -53,8 +54,11 @@ def info(domid=9, pv=True):
     )
 
 
-def make_ops(host):
-    return livemigrationops.LiveMigrationOps(host, vmops.VMOps(host))
+def make_ops(host, vifs=None):
+    vifs = vifs or mock.create_autospec(vifops.VIFOps, instance=True)
+    return livemigrationops.LiveMigrationOps(
+        host, vmops.VMOps(host, vifs), vifs
+    )
 
 
 def test_checks_pass_between_full_hosts(instance):
@@ -91,7 +95,7 @@ def test_pre_live_migration_refuses_a_taken_domid(instance):
     host.domain_info.return_value = info(domid=9)
     data = XenNCMLiveMigrateData(source_domid=9)
     with pytest.raises(base.DomidInUse):
-        make_ops(host).pre_live_migration(instance, data)
+        make_ops(host).pre_live_migration(instance, [], data)
 
 
 def test_pre_live_migration_starts_a_receiver(instance, monkeypatch):
@@ -103,10 +107,14 @@ def test_pre_live_migration_starts_a_receiver(instance, monkeypatch):
     factory = mock.Mock(return_value=incoming)
     monkeypatch.setattr(livemigrationops, "IncomingMigration", factory)
     monkeypatch.setattr(livemigrationops.CONF, "my_ip", "192.0.2.1")
-    ops = make_ops(host)
+    vifs = mock.create_autospec(vifops.VIFOps, instance=True)
+    vifs.plug.side_effect = lambda *a: factory.assert_not_called()
+    ops = make_ops(host, vifs)
     data = ops.pre_live_migration(
-        instance, XenNCMLiveMigrateData(source_domid=9)
+        instance, ["vif"], XenNCMLiveMigrateData(source_domid=9)
     )
+    # Plugged before the receiver starts (asserted in the side effect).
+    vifs.plug.assert_called_once_with(instance, ["vif"])
     # A wildcard listen address is advertised as my_ip.
     assert factory.call_args.kwargs["advertise"] == "192.0.2.1"
     incoming.start.assert_called_once_with()
@@ -226,11 +234,16 @@ def test_rollback_at_destination_keeps_a_committed_guest(instance):
     incoming = mock.Mock()
     incoming.phase = Phase.DONE
     ops._incoming[instance.uuid] = incoming
-    ops.rollback_live_migration_at_destination(instance)
+    ops.rollback_live_migration_at_destination(instance, ["vif"])
     host.destroy_domain.assert_not_called()
+    # The guest runs here: its vifs stay plugged.
+    ops._vifs.unplug.assert_not_called()
     # Not committed: the listener closes and the leftover domain goes.
     incoming.phase = Phase.SETUP
     ops._incoming[instance.uuid] = incoming
-    ops.rollback_live_migration_at_destination(instance)
+    ops.rollback_live_migration_at_destination(instance, ["vif"])
     incoming.cancel.assert_called_with()
-    host.destroy_domain.assert_called_once_with(9)
+    ops._vifs.unplug.assert_called_once_with(
+        instance, ["vif"], ignore_errors=True
+    )
+    host.destroy_domain.assert_called_once_with(9, delete_disks=False)

@@ -58,3 +58,25 @@ def test_own_versions_keep_fields_on_backport():
     primitive = {"vifs": [], "wait_for_vif_plugged": True}
     make().obj_make_compatible(primitive, "1.0")
     assert primitive == {"vifs": [], "wait_for_vif_plugged": True}
+
+
+# The fingerprint of each version (oslo.versionedobjects' hash of the
+# fields and remotable methods), as Nova's test_objects keeps its own:
+# changing the fields without a new VERSION (and obj_make_compatible)
+# breaks a conductor or compute that still runs the previous release.
+OBJECT_DATA = {
+    "XenNCMLiveMigrateData": "1.0-e51b579fcb94ede3ed6b1c4a02ee5fb1",
+}
+
+
+def test_object_fingerprint():
+    from oslo_versionedobjects import fixture
+
+    checker = fixture.ObjectVersionChecker(
+        {"XenNCMLiveMigrateData": [XenNCMLiveMigrateData]}
+    )
+    expected, actual = checker.test_hashes(OBJECT_DATA)
+    assert expected == actual, (
+        "XenNCMLiveMigrateData changed: bump its VERSION, extend "
+        "obj_make_compatible, then update OBJECT_DATA"
+    )

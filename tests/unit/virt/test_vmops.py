@@ -9,10 +9,12 @@ from nova.compute import power_state
 from nova.tests.unit import fake_instance
 
 from nova_xen_ncm.host import base
+from nova_xen_ncm.virt import vifops
 from nova_xen_ncm.virt import vmops
 
 MiB = 1 << 20
 GiB = 1 << 30
+NETWORK_INFO = [{"id": "port-1", "address": "fa:16:3e:00:00:01"}]
 
 
 @pytest.fixture
@@ -32,9 +34,14 @@ def host():
 
 
 @pytest.fixture
-def ops(host, tmp_path, monkeypatch):
+def vifs():
+    return mock.create_autospec(vifops.VIFOps, instance=True)
+
+
+@pytest.fixture
+def ops(host, vifs, tmp_path, monkeypatch):
     monkeypatch.setattr(vmops.CONF, "instances_path", str(tmp_path))
-    return vmops.VMOps(host)
+    return vmops.VMOps(host, vifs)
 
 
 def info(state=base.DomainState.RUNNING, domid=7):
@@ -86,11 +93,15 @@ def test_stopped_instance_is_shut_down(ops, host, instance):
     assert ops.get_info(instance).state == power_state.SHUTDOWN
 
 
-def test_spawn_powered_off_creates_nothing(ops, host, instance):
+def test_spawn_powered_off_creates_nothing(ops, host, vifs, instance):
     ops.spawn(instance, [], power_on=False)
     host.create_domain.assert_not_called()
-    ops.spawn(instance, [])
+    vifs.plugged_and_reported.assert_not_called()
+    ops.spawn(instance, NETWORK_INFO)
     host.create_domain.assert_called_once()
+    # The domain is built while Nova waits for Neutron's events.
+    vifs.plugged_and_reported.assert_called_once_with(instance, NETWORK_INFO)
+    vifs.plugged_and_reported.return_value.__enter__.assert_called_once()
 
 
 def test_soft_reboot_falls_back_to_hard(ops, host, instance):
@@ -113,7 +124,7 @@ def test_power_on(ops, host, instance):
 
 def test_destroy_deletes_disks_only_when_nova_says_so(ops, host, instance):
     host.find_domain.return_value = info()
-    ops.destroy(instance, destroy_disks=True)
+    ops.destroy(instance, [], destroy_disks=True)
     host.destroy_domain.assert_called_once_with(7, delete_disks=True)
     host.destroy_domain.reset_mock()
     ops.cleanup(instance)
@@ -144,7 +155,7 @@ def test_suspend_and_resume_use_a_save_file(ops, host, instance):
     with mock.patch.object(
         vmops.savefile, "restore_from_path", return_value=7
     ) as restore:
-        ops.resume(instance)
+        ops.resume(instance, NETWORK_INFO)
     restore.assert_called_once_with(host, ops.save_path(instance))
     assert not ops.instance_exists(instance)
 
@@ -160,8 +171,28 @@ def test_failed_suspend_resumes_the_guest(ops, host, instance):
     host.destroy_domain.assert_not_called()
 
 
-def test_destroy_and_cleanup_tolerate_a_missing_domain(ops, host, instance):
+def test_destroy_and_cleanup_tolerate_a_missing_domain(
+    ops, host, vifs, instance
+):
     host.find_domain.side_effect = base.DomainNotFound("no")
-    ops.destroy(instance)
-    ops.cleanup(instance)
+    ops.destroy(instance, NETWORK_INFO)
+    ops.cleanup(instance, NETWORK_INFO)
     host.destroy_domain.assert_not_called()
+    # The vifs go all the same; their failures do not stop a destroy.
+    assert vifs.unplug.call_args_list == [
+        mock.call(instance, NETWORK_INFO, ignore_errors=True),
+        mock.call(instance, NETWORK_INFO, ignore_errors=True),
+    ]
+    vifs.unplug.reset_mock()
+    ops.cleanup(instance, NETWORK_INFO, destroy_vifs=False)
+    vifs.unplug.assert_not_called()
+
+
+def test_power_on_and_hard_reboot_plug_first(ops, host, vifs, instance):
+    order = []
+    vifs.plug.side_effect = lambda *a: order.append("plug")
+    host.create_domain.side_effect = lambda c: order.append("create") or 7
+    host.find_domain.side_effect = base.DomainNotFound("no")
+    ops.power_on(instance, NETWORK_INFO)
+    ops.reboot(instance, NETWORK_INFO, "HARD")
+    assert order == ["plug", "create", "plug", "create"]
