@@ -38,6 +38,7 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import PAGE_SIZE
 from nova_xen_ncm.host.base import DomainState
 from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.xen import context
 from nova_xen_ncm.host.xen import dm
 from nova_xen_ncm.host.xen import libs
 from nova_xen_ncm.host.xen import probe
@@ -306,11 +307,15 @@ class XenHost(base.HostDriver):
         )
         phys = libs.XenSysctlPhysinfo()
         libs.check("xc_physinfo", FN.xc_physinfo(self._xch, phys))
+        # The patched interface is detected by calling it.
+        with context.DomainContext() as ctx:
+            ncm_evtchn = ctx.supported()
         return probe.HypervisorFacts(
             major=version >> 16,
             minor=version & 0xFFFF,
             extra=extra.value.decode(errors="replace"),
             physcaps=phys.capabilities,
+            ncm_evtchn=ncm_evtchn,
         )
 
     # -- lifecycle --
