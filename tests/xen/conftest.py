@@ -229,7 +229,9 @@ def patched_xen_rig(
     started = time.monotonic()
     built = rig.rig("build-xen", timeout=BUILD_TIMEOUT)
     if built.returncode != 0:
-        pytest.fail(f"xen-rig build-xen failed:\n{_tail(built)}", pytrace=False)
+        pytest.fail(
+            f"xen-rig build-xen failed:\n{_tail(built)}", pytrace=False
+        )
     print(f"xen-rig build-xen: {time.monotonic() - started:.0f}s")
     try:
         _boot(rig)
