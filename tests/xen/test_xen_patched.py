@@ -121,6 +121,74 @@ print(json.dumps(out))
 """
 )
 
+# Places vCPU 1's vcpu_info in a guest page holding a pattern, sets its
+# timers, areas and upcall vector, reads them back, then lets Xen itself
+# show that it uses the placed vcpu_info: a VIRQ_TIMER bound on vCPU 1
+# whose singleshot deadline has passed raises the upcall there.
+VCPU = (
+    PRELUDE
+    + """\
+import dataclasses, time
+import numpy as np
+from nova_xen_ncm.host.xen.context import (
+    EVTCHNSTAT_VIRQ, EventChannel, VcpuState)
+DOM, GFN, OFF = 43, 0x80, 0x40
+cfg = base.DomainConfig(name="ncm-vcpu", memory_bytes=32 << 20, vcpus=2,
+                        pv_drivers=False)
+pfns = np.array([GFN], dtype=np.uint64)
+
+def page():
+    with host.map_pages(DOM, pfns) as m:
+        return bytes(m.pages[0][OFF:OFF + 64]).hex()
+
+out = {}
+try:
+    host.create_empty_domain(cfg, DOM)
+    out["fresh"] = dataclasses.asdict(ctx.get_vcpu_state(DOM, 1))
+    # Refused while the guest runs (it runs hvmloader for a moment).
+    host.unpause(DOM)
+    try:
+        ctx.set_vcpu_state(DOM, VcpuState(vcpu=1, upcall_vector=0xF3))
+    except libs.XenCallError as exc:
+        out["running"] = [exc.errno, str(exc)]
+    host.pause(DOM)
+    # upcall pending and mask, pending_sel zero; the rest a pattern.
+    pattern = bytes(16) + bytes((0xA5 ^ i) & 0xFF for i in range(48))
+    with host.map_pages(DOM, pfns, writable=True) as m:
+        m.pages[0][OFF:OFF + 64] = pattern
+    out["pattern"] = pattern.hex()
+    want = VcpuState(vcpu=1, vcpu_info=(GFN, OFF), upcall_vector=0xF3,
+                     singleshot_deadline=1 << 62,
+                     periodic_period=10_000_000,
+                     runstate_va=0xFFFF888000123000,
+                     time_va=0xFFFF888000124040)
+    ctx.set_vcpu_state(DOM, want)
+    out["want"] = dataclasses.asdict(want)
+    out["got"] = dataclasses.asdict(ctx.get_vcpu_state(DOM, 1))
+    out["other"] = dataclasses.asdict(ctx.get_vcpu_state(DOM, 0))
+    out["after_set"] = page()
+    try:
+        ctx.set_vcpu_state(DOM, dataclasses.replace(
+            want, vcpu_info=(GFN, 0x80)))
+    except libs.XenCallError as exc:
+        out["moved"] = [exc.errno, str(exc)]
+    port = max(c.port for c in ctx.get_event_channels(DOM)) + 1
+    ctx.set_event_channels(DOM, [
+        EventChannel(port=port, status=EVTCHNSTAT_VIRQ, virq=0, vcpu=1)])
+    ctx.set_vcpu_state(DOM, dataclasses.replace(want, singleshot_deadline=1))
+    time.sleep(1)
+    out["port"] = port
+    out["fired"] = dataclasses.asdict(ctx.get_vcpu_state(DOM, 1))
+    out["after_fire"] = page()
+finally:
+    try:
+        host.destroy_domain(DOM)
+    except base.DomainNotFound:
+        pass
+print(json.dumps(out))
+"""
+)
+
 PROBE = (
     PRELUDE
     + """\
@@ -190,3 +258,31 @@ def test_event_channels_round_trip_under_the_same_domid(
     assert {
         port: s for port, s in out["imported_status"].items() if port in laid
     } == {port: s for port, s in out["status"].items() if port in laid}
+
+
+def test_vcpu_state_placed_without_touching_the_page(
+    patched_xen_rig: XenRig,
+) -> None:
+    out = last_json(patched_xen_rig.run(dom0_python(VCPU)))
+    # A fresh HVM vCPU registered nothing.
+    fresh = out["fresh"]
+    assert fresh["vcpu_info"] is None and fresh["upcall_vector"] == 0
+    assert fresh["singleshot_deadline"] is None, fresh
+    want, got = out["want"], out["got"]
+    assert got == want, (got, want)
+    assert out["other"]["vcpu_info"] is None, out["other"]
+    # Stock map_vcpu_info() would have copied the old vcpu_info over the
+    # page and raised every event: the page is as the guest left it.
+    assert out["after_set"] == out["pattern"]
+    assert out["moved"][0] == 17, out["moved"]  # EEXIST
+    assert out["running"][0] == 16, out["running"]  # EBUSY
+
+    # The deadline had passed: the timer fired at once, and Xen raised
+    # VIRQ_TIMER's upcall in the placed vcpu_info.
+    assert out["fired"]["singleshot_deadline"] is None, out["fired"]
+    after = bytes.fromhex(out["after_fire"])
+    pattern = bytes.fromhex(out["pattern"])
+    assert after[0] == 1, after.hex()  # evtchn_upcall_pending
+    pending_sel = int.from_bytes(after[8:16], "little")
+    assert pending_sel == 1 << (out["port"] // 64), hex(pending_sel)
+    assert after[16:32] == pattern[16:32]  # arch_vcpu_info untouched

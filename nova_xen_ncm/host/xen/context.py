@@ -1,11 +1,13 @@
 """The domain-context domctls of the patched hypervisor (``xen/patches``).
 
 Stock Xen has no way for a toolstack to rebuild another domain's event
-channels port for port. The project's patch series adds the experimental
-``XEN_DOMCTL_ncm_evtchn`` (layout: ``doc/source/specs/xen-ncm-domctl.rst``).
-It is issued here through libxencall (``xencall_alloc_buffer`` and
+channels port for port, nor what a guest registered per vCPU. The
+project's patch series adds the experimental ``XEN_DOMCTL_ncm_evtchn``
+and ``XEN_DOMCTL_ncm_vcpu`` (layouts:
+``doc/source/specs/xen-ncm-domctl.rst``). They are issued here through
+libxencall (``xencall_alloc_buffer`` and
 ``xencall1(__HYPERVISOR_domctl)``), so the installed libxenctrl needs no
-rebuild. On stock Xen the domctl fails with ENOSYS, which
+rebuild. On stock Xen they fail with ENOSYS, which
 :meth:`DomainContext.supported` reports as absent.
 """
 
@@ -16,6 +18,7 @@ import dataclasses
 import errno as errnos
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.xen import libs
@@ -30,6 +33,15 @@ DOMCTL_NCM_EVTCHN = 20035
 NCM_EVTCHN_GET = 0
 NCM_EVTCHN_SET = 1
 NCM_EVTCHN_F_XEN = 1 << 0
+DOMCTL_NCM_VCPU = 20036
+NCM_VCPU_GET = 0
+NCM_VCPU_SET = 1
+NCM_VCPU_F_VCPU_INFO = 1 << 0
+NCM_VCPU_F_SINGLESHOT = 1 << 1
+NCM_VCPU_F_COMPAT = 1 << 2
+# sizeof(struct vcpu_info) on x86_64; its offset must keep it in a page.
+VCPU_INFO_SIZE = 64
+PAGE_SIZE = 4096
 
 # EVTCHNSTAT_* (xen/event_channel.h).
 EVTCHNSTAT_CLOSED = 0
@@ -45,6 +57,11 @@ STATUS_NAMES = {
     EVTCHNSTAT_PIRQ: "pirq",
     EVTCHNSTAT_VIRQ: "virq",
     EVTCHNSTAT_IPI: "ipi",
+}
+
+DOMCTL_NAMES = {
+    DOMCTL_NCM_EVTCHN: "XEN_DOMCTL_ncm_evtchn",
+    DOMCTL_NCM_VCPU: "XEN_DOMCTL_ncm_vcpu",
 }
 
 # A 2-level domain has at most 4096 ports (EVTCHN_2L_NR_CHANNELS).
@@ -81,9 +98,28 @@ class DomctlNcmEvtchn(ctypes.Structure):
     ]
 
 
+class DomctlNcmVcpu(ctypes.Structure):
+    """struct xen_domctl_ncm_vcpu (x86): 64 octets."""
+
+    _fields_ = [
+        ("op", ctypes.c_uint32),
+        ("vcpu", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("vcpu_info_offset", ctypes.c_uint32),
+        ("vcpu_info_gfn", ctypes.c_uint64),
+        ("singleshot_deadline", ctypes.c_uint64),
+        ("periodic_period", ctypes.c_uint64),
+        ("runstate_va", ctypes.c_uint64),
+        ("time_va", ctypes.c_uint64),
+        ("upcall_vector", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
+    ]
+
+
 class DomctlUnion(ctypes.Union):
     _fields_ = [
         ("ncm_evtchn", DomctlNcmEvtchn),
+        ("ncm_vcpu", DomctlNcmVcpu),
         ("pad", ctypes.c_uint8 * 128),
         # uint64_aligned_t members align the union to 8.
         ("align", ctypes.c_uint64),
@@ -153,18 +189,90 @@ class EventChannel:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class VcpuState:
+    """What a guest registered for one vCPU, beyond its HVM context.
+
+    ``vcpu_info`` is (GFN, offset) when the guest placed its vcpu_info
+    (VCPUOP_register_vcpu_info), else None (it lives in shared_info).
+    ``singleshot_deadline`` is the armed singleshot timer's deadline in
+    the host's Xen system time (ns), else None; ``periodic_period`` the
+    periodic timer's period (ns, 0 stopped); ``runstate_va`` and
+    ``time_va`` the guest linear addresses of the runstate and time
+    areas (0 none); ``upcall_vector`` the per-vCPU upcall vector (0 none).
+    ``compat`` (export only) marks a 32-bit guest, which cannot be put
+    back.
+    """
+
+    vcpu: int
+    vcpu_info: tuple[int, int] | None = None
+    upcall_vector: int = 0
+    singleshot_deadline: int | None = None
+    periodic_period: int = 0
+    runstate_va: int = 0
+    time_va: int = 0
+    compat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vcpu < 0:
+            raise ValueError(f"vCPU {self.vcpu} out of range")
+        if self.vcpu_info is not None:
+            gfn, offset = self.vcpu_info
+            if gfn < 0 or not 0 <= offset <= PAGE_SIZE - VCPU_INFO_SIZE:
+                raise ValueError(
+                    f"vCPU {self.vcpu}: vcpu_info at GFN {gfn:#x} offset "
+                    f"{offset:#x} is not within one page"
+                )
+        if self.upcall_vector and not 0x10 <= self.upcall_vector <= 0xFF:
+            raise ValueError(
+                f"vCPU {self.vcpu}: upcall vector {self.upcall_vector:#x} "
+                "is not 0 or 0x10-0xff"
+            )
+
+    def fill(self, op: DomctlNcmVcpu) -> None:
+        op.vcpu = self.vcpu
+        op.flags = 0
+        if self.vcpu_info is not None:
+            op.flags |= NCM_VCPU_F_VCPU_INFO
+            op.vcpu_info_gfn, op.vcpu_info_offset = self.vcpu_info
+        if self.singleshot_deadline is not None:
+            op.flags |= NCM_VCPU_F_SINGLESHOT
+            op.singleshot_deadline = self.singleshot_deadline
+        op.periodic_period = self.periodic_period
+        op.runstate_va = self.runstate_va
+        op.time_va = self.time_va
+        op.upcall_vector = self.upcall_vector
+
+    @classmethod
+    def from_domctl(cls, op: DomctlNcmVcpu) -> VcpuState:
+        return cls(
+            vcpu=op.vcpu,
+            vcpu_info=(op.vcpu_info_gfn, op.vcpu_info_offset)
+            if op.flags & NCM_VCPU_F_VCPU_INFO
+            else None,
+            upcall_vector=op.upcall_vector,
+            singleshot_deadline=op.singleshot_deadline
+            if op.flags & NCM_VCPU_F_SINGLESHOT
+            else None,
+            periodic_period=op.periodic_period,
+            runstate_va=op.runstate_va,
+            time_va=op.time_va,
+            compat=bool(op.flags & NCM_VCPU_F_COMPAT),
+        )
+
+
 class DomainContext:
     """A libxencall handle issuing the patched hypervisor's domctls."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._handle = libs.check_ptr("xencall_open", FN.xencall_open(None, 0))
-        self._domctl = self._alloc(ctypes.sizeof(Domctl))
+        self._ctl_buf = self._alloc(ctypes.sizeof(Domctl))
 
     def close(self) -> None:
         with self._lock:
             if self._handle:
-                FN.xencall_free_buffer(self._handle, self._domctl)
+                FN.xencall_free_buffer(self._handle, self._ctl_buf)
                 FN.xencall_close(self._handle)
                 self._handle = None
 
@@ -180,24 +288,61 @@ class DomainContext:
             "xencall_alloc_buffer", FN.xencall_alloc_buffer(self._handle, size)
         )
 
+    def _domctl(self, cmd: int, domid: int) -> tuple[Domctl, Any]:
+        """A zeroed struct xen_domctl in the hypercall buffer, and the
+        call that issues it (returning the errno, 0 on success)."""
+        if self._handle is None:
+            raise libs.XenCallError("handle closed", call="xencall1")
+        ctypes.memset(self._ctl_buf, 0, ctypes.sizeof(Domctl))
+        ctl = Domctl.from_address(self._ctl_buf)
+        ctl.cmd = cmd
+        ctl.interface_version = DOMCTL_INTERFACE_VERSION
+        ctl.domain = domid
+
+        def issue() -> int:
+            ctypes.set_errno(0)
+            rc = FN.xencall1(self._handle, HYPERVISOR_DOMCTL, self._ctl_buf)
+            return ctypes.get_errno() if rc < 0 else 0
+
+        return ctl, issue
+
     def _evtchn(
         self, domid: int, op: int, nr: int, recs: int
     ) -> tuple[int, int]:
         """Issue XEN_DOMCTL_ncm_evtchn; (errno or 0, nr it returned)."""
-        if self._handle is None:
-            raise libs.XenCallError("handle closed", call="xencall1")
-        ctl = Domctl.from_address(self._domctl)
-        ctypes.memset(self._domctl, 0, ctypes.sizeof(Domctl))
-        ctl.cmd = DOMCTL_NCM_EVTCHN
-        ctl.interface_version = DOMCTL_INTERFACE_VERSION
-        ctl.domain = domid
+        ctl, issue = self._domctl(DOMCTL_NCM_EVTCHN, domid)
         ctl.u.ncm_evtchn.op = op
         ctl.u.ncm_evtchn.nr = nr
         ctl.u.ncm_evtchn.recs = recs
-        ctypes.set_errno(0)
-        rc = FN.xencall1(self._handle, HYPERVISOR_DOMCTL, self._domctl)
-        err = ctypes.get_errno() if rc < 0 else 0
+        err = issue()
         return err, ctl.u.ncm_evtchn.nr
+
+    def get_vcpu_state(self, domid: int, vcpu: int) -> VcpuState:
+        """What the guest registered for ``vcpu`` (XEN_DOMCTL_ncm_vcpu)."""
+        with self._lock:
+            ctl, issue = self._domctl(DOMCTL_NCM_VCPU, domid)
+            ctl.u.ncm_vcpu.op = NCM_VCPU_GET
+            ctl.u.ncm_vcpu.vcpu = vcpu
+            err = issue()
+            self._raise(err, domid, f"export vCPU {vcpu}", DOMCTL_NCM_VCPU)
+            return VcpuState.from_domctl(ctl.u.ncm_vcpu)
+
+    def set_vcpu_state(self, domid: int, state: VcpuState) -> None:
+        """Put ``state`` back into the paused domain ``domid``; its
+        vcpu_info page is left as it is (it holds the guest's copy)."""
+        if state.compat:
+            raise ValueError(
+                f"vCPU {state.vcpu}: a 32-bit guest's state cannot be "
+                "put back (XEN_DOMCTL_ncm_vcpu refuses compat guests)"
+            )
+        with self._lock:
+            ctl, issue = self._domctl(DOMCTL_NCM_VCPU, domid)
+            ctl.u.ncm_vcpu.op = NCM_VCPU_SET
+            state.fill(ctl.u.ncm_vcpu)
+            err = issue()
+            self._raise(
+                err, domid, f"import vCPU {state.vcpu}", DOMCTL_NCM_VCPU
+            )
 
     def supported(self) -> bool:
         """Whether this hypervisor has XEN_DOMCTL_ncm_evtchn: asked by
@@ -271,23 +416,40 @@ class DomainContext:
                 FN.xencall_free_buffer(self._handle, buf)
 
     @staticmethod
-    def _raise(err: int, domid: int, what: str) -> None:
+    def _raise(
+        err: int, domid: int, what: str, cmd: int = DOMCTL_NCM_EVTCHN
+    ) -> None:
         if not err:
             return
-        if err in (errnos.ESRCH, errnos.ENOENT) and "port" not in what:
+        call = DOMCTL_NAMES[cmd]
+        if err == errnos.ESRCH and " port " not in what:
             raise base.DomainNotFound(
                 f"domain {domid}: {what}: no such domain",
-                call="XEN_DOMCTL_ncm_evtchn",
+                call=call,
                 errno=err,
             )
         name = errnos.errorcode.get(err, str(err))
         hint = ""
-        if err in ABSENT:
-            hint = " (stock Xen, or a FIFO or PIRQ port)"
+        if err == errnos.ESRCH:
+            hint = " (the remote domain does not exist)"
+        elif err == errnos.ENOSYS:
+            hint = " (stock Xen: the hypervisor lacks xen/patches)"
+        elif err == errnos.EOPNOTSUPP:
+            hint = (
+                " (a FIFO or PIRQ port)"
+                if cmd == DOMCTL_NCM_EVTCHN
+                else " (a 32-bit guest)"
+            )
         elif err == errnos.EBUSY:
-            hint = " (domain not paused, or port bound otherwise)"
+            hint = (
+                " (domain not paused, or port bound otherwise)"
+                if cmd == DOMCTL_NCM_EVTCHN
+                else " (domain not paused)"
+            )
+        elif err == errnos.EEXIST:
+            hint = " (vcpu_info already placed elsewhere)"
+        elif err == errnos.ENOENT:
+            hint = " (no such vCPU)"
         raise libs.XenCallError(
-            f"domain {domid}: {what}: {name}{hint}",
-            call="XEN_DOMCTL_ncm_evtchn",
-            errno=err,
+            f"domain {domid}: {what}: {name}{hint}", call=call, errno=err
         )
