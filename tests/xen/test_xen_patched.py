@@ -61,6 +61,12 @@ def records(chans):
 try:
     host.create_empty_domain(src, SRC)
     host.create_empty_domain(peer, PEER)
+    # Linux (dom0) uses the FIFO ABI: counted, never listed.
+    out["abi"] = [ctx.event_channel_abi(0), ctx.event_channel_abi(SRC)]
+    try:
+        ctx.get_event_channels(0)
+    except base.NotSupported as exc:
+        out["fifo"] = str(exc)
     fresh = ctx.get_event_channels(SRC)
     out["fresh"] = records(fresh)
     p = max(c.port for c in fresh) + 8
@@ -145,13 +151,6 @@ out = {}
 try:
     host.create_empty_domain(cfg, DOM)
     out["fresh"] = dataclasses.asdict(ctx.get_vcpu_state(DOM, 1))
-    # Refused while the guest runs (it runs hvmloader for a moment).
-    host.unpause(DOM)
-    try:
-        ctx.set_vcpu_state(DOM, VcpuState(vcpu=1, upcall_vector=0xF3))
-    except libs.XenCallError as exc:
-        out["running"] = [exc.errno, str(exc)]
-    host.pause(DOM)
     # upcall pending and mask, pending_sel zero; the rest a pattern.
     pattern = bytes(16) + bytes((0xA5 ^ i) & 0xFF for i in range(48))
     with host.map_pages(DOM, pfns, writable=True) as m:
@@ -180,6 +179,25 @@ try:
     out["port"] = port
     out["fired"] = dataclasses.asdict(ctx.get_vcpu_state(DOM, 1))
     out["after_fire"] = page()
+
+    # Refused while the guest runs; hvmloader, 32-bit, latches compat
+    # shared info with its first hypercall, and a compat guest is refused.
+    host.unpause(DOM)
+    try:
+        ctx.set_vcpu_state(DOM, want)
+    except libs.XenCallError as exc:
+        out["running"] = [exc.errno, str(exc)]
+    deadline = time.monotonic() + 60
+    while not ctx.get_vcpu_state(DOM, 0).compat:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    host.pause(DOM)
+    out["compat"] = ctx.get_vcpu_state(DOM, 0).compat
+    try:
+        ctx.set_vcpu_state(DOM, VcpuState(vcpu=0))
+    except libs.XenCallError as exc:
+        out["refused_compat"] = [exc.errno, str(exc)]
 finally:
     try:
         host.destroy_domain(DOM)
@@ -224,6 +242,8 @@ def test_event_channels_round_trip_under_the_same_domid(
     patched_xen_rig: XenRig,
 ) -> None:
     out = last_json(patched_xen_rig.run(dom0_python(ROUND_TRIP)))
+    assert out["abi"] == ["fifo", "2-level"], out["abi"]
+    assert "only 2-level ports" in out["fifo"], out["fifo"]
     laid, exported = out["laid"], out["exported"]
     # Every laid port is exported exactly as laid.
     for port, chan in laid.items():
@@ -275,7 +295,6 @@ def test_vcpu_state_placed_without_touching_the_page(
     # page and raised every event: the page is as the guest left it.
     assert out["after_set"] == out["pattern"]
     assert out["moved"][0] == 17, out["moved"]  # EEXIST
-    assert out["running"][0] == 16, out["running"]  # EBUSY
 
     # The deadline had passed: the timer fired at once, and Xen raised
     # VIRQ_TIMER's upcall in the placed vcpu_info.
@@ -286,3 +305,8 @@ def test_vcpu_state_placed_without_touching_the_page(
     pending_sel = int.from_bytes(after[8:16], "little")
     assert pending_sel == 1 << (out["port"] // 64), hex(pending_sel)
     assert after[16:32] == pattern[16:32]  # arch_vcpu_info untouched
+
+    assert out["running"][0] == 16, out["running"]  # EBUSY
+    assert out["compat"] is True, out
+    assert out["refused_compat"][0] == 95, out  # EOPNOTSUPP
+    assert "32-bit" in out["refused_compat"][1]

@@ -33,6 +33,9 @@ DOMCTL_NCM_EVTCHN = 20035
 NCM_EVTCHN_GET = 0
 NCM_EVTCHN_SET = 1
 NCM_EVTCHN_F_XEN = 1 << 0
+NCM_EVTCHN_ABI_2L = 0
+NCM_EVTCHN_ABI_FIFO = 1
+ABI_NAMES = {NCM_EVTCHN_ABI_2L: "2-level", NCM_EVTCHN_ABI_FIFO: "fifo"}
 DOMCTL_NCM_VCPU = 20036
 NCM_VCPU_GET = 0
 NCM_VCPU_SET = 1
@@ -93,7 +96,7 @@ class DomctlNcmEvtchn(ctypes.Structure):
         ("op", ctypes.c_uint32),
         ("nr", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("abi", ctypes.c_uint32),
         ("recs", ctypes.c_uint64),
     ]
 
@@ -308,14 +311,24 @@ class DomainContext:
 
     def _evtchn(
         self, domid: int, op: int, nr: int, recs: int
-    ) -> tuple[int, int]:
-        """Issue XEN_DOMCTL_ncm_evtchn; (errno or 0, nr it returned)."""
+    ) -> tuple[int, int, int]:
+        """Issue XEN_DOMCTL_ncm_evtchn; (errno or 0, nr and abi it
+        returned)."""
         ctl, issue = self._domctl(DOMCTL_NCM_EVTCHN, domid)
         ctl.u.ncm_evtchn.op = op
         ctl.u.ncm_evtchn.nr = nr
         ctl.u.ncm_evtchn.recs = recs
         err = issue()
-        return err, ctl.u.ncm_evtchn.nr
+        return err, ctl.u.ncm_evtchn.nr, ctl.u.ncm_evtchn.abi
+
+    def event_channel_abi(self, domid: int) -> str:
+        """``"2-level"`` or ``"fifo"``: the ABI ``domid`` uses. Only
+        2-level ports can be exported, so a FIFO guest is refused at
+        setup from this answer."""
+        with self._lock:
+            err, _, abi = self._evtchn(domid, NCM_EVTCHN_GET, 0, 0)
+        self._raise(err, domid, "count event channels")
+        return ABI_NAMES.get(abi, f"unknown ABI {abi}")
 
     def get_vcpu_state(self, domid: int, vcpu: int) -> VcpuState:
         """What the guest registered for ``vcpu`` (XEN_DOMCTL_ncm_vcpu)."""
@@ -346,9 +359,10 @@ class DomainContext:
 
     def supported(self) -> bool:
         """Whether this hypervisor has XEN_DOMCTL_ncm_evtchn: asked by
-        counting dom0's own ports (no buffer), not looked up."""
+        counting dom0's own ports (no buffer, whatever their ABI), not
+        looked up."""
         with self._lock:
-            err, _ = self._evtchn(0, NCM_EVTCHN_GET, 0, 0)
+            err, _, _ = self._evtchn(0, NCM_EVTCHN_GET, 0, 0)
         if err in ABSENT:
             return False
         if err:
@@ -363,14 +377,23 @@ class DomainContext:
     def get_event_channels(self, domid: int) -> list[EventChannel]:
         """Every bound port of ``domid``, in port order."""
         with self._lock:
-            err, count = self._evtchn(domid, NCM_EVTCHN_GET, 0, 0)
+            err, count, abi = self._evtchn(domid, NCM_EVTCHN_GET, 0, 0)
             self._raise(err, domid, "count event channels")
+            if abi != NCM_EVTCHN_ABI_2L:
+                raise base.NotSupported(
+                    f"domain {domid} uses the "
+                    f"{ABI_NAMES.get(abi, abi)} event channel ABI; only "
+                    "2-level ports can be exported",
+                    call="XEN_DOMCTL_ncm_evtchn",
+                )
             # Room for ports bound meanwhile; a paused domain has none.
             room = min(count + 16, MAX_PORTS)
             size = room * ctypes.sizeof(EvtchnRecord)
             buf = self._alloc(size)
             try:
-                err, count = self._evtchn(domid, NCM_EVTCHN_GET, room, buf)
+                err, count, _ = self._evtchn(
+                    domid, NCM_EVTCHN_GET, room, buf
+                )
                 self._raise(err, domid, "export event channels")
                 if count > room:
                     raise libs.XenCallError(
@@ -401,7 +424,7 @@ class DomainContext:
                 recs = (EvtchnRecord * len(chans)).from_address(buf)
                 for i, chan in enumerate(chans):
                     recs[i] = chan.to_record()
-                err, done = self._evtchn(
+                err, done, _ = self._evtchn(
                     domid, NCM_EVTCHN_SET, len(chans), buf
                 )
                 if err:

@@ -32,6 +32,7 @@ class FakeXen:
         self.ports: dict[int, dict[int, tuple]] = {0: {}, 7: {}}
         self.vcpus: dict[tuple[int, int], bytes] = {}
         self.paused = {7}
+        self.fifo: set[int] = set()
         self.calls: list[tuple[int, int]] = []
 
     # libxencall
@@ -69,12 +70,15 @@ class FakeXen:
             return errno.ESRCH
         if cmd == 20036:
             return self.vcpu(domid, u)
-        op, nr, flags, pad, recs = struct.unpack_from(
+        op, nr, flags, abi, recs = struct.unpack_from(
             "<IIIIQ", ctypes.string_at(u, 24)
         )
-        assert flags == 0 and pad == 0
+        assert flags == 0 and abi == 0
         ports = self.ports[domid]
         if op == 0:
+            ctypes.memmove(u + 12, struct.pack("<I", domid in self.fifo), 4)
+            if domid in self.fifo and nr:
+                return errno.EOPNOTSUPP
             for i, port in enumerate(sorted(ports)[:nr]):
                 ctypes.memmove(
                     recs + i * 24, REC.pack(port, *ports[port], 0), 24
@@ -165,6 +169,16 @@ def test_event_channels_round_trip(fake: FakeXen) -> None:
         assert fake.ports[7][11][1] == context.NCM_EVTCHN_F_XEN
         assert ctx.get_event_channels(7) == chans
     assert fake.buffers == {}
+
+
+def test_fifo_domains_are_counted_not_listed(fake: FakeXen) -> None:
+    fake.fifo.add(0)
+    with context.DomainContext() as ctx:
+        assert ctx.supported() is True
+        assert ctx.event_channel_abi(0) == "fifo"
+        assert ctx.event_channel_abi(7) == "2-level"
+        with pytest.raises(base.NotSupported, match="domain 0 uses the fifo"):
+            ctx.get_event_channels(0)
 
 
 def test_import_error_names_the_port(fake: FakeXen) -> None:
