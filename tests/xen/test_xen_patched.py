@@ -69,6 +69,7 @@ try:
         out["fifo"] = str(exc)
     fresh = ctx.get_event_channels(SRC)
     out["fresh"] = records(fresh)
+    out["pv_before"] = host.domain_info(SRC).pv_drivers
     p = max(c.port for c in fresh) + 8
     ctx.set_event_channels(PEER, [
         EventChannel(port=p, status=UNBOUND, remote_dom=SRC)])
@@ -87,6 +88,8 @@ try:
     ]
     ctx.set_event_channels(SRC, laid)
     out["laid"] = records(laid)
+    # VIRQ and IPI ports are bound by a guest's PV code only.
+    out["pv_after"] = host.domain_info(SRC).pv_drivers
     exported = ctx.get_event_channels(SRC)
     out["exported"] = records(exported)
     out["status"] = status(SRC)
@@ -244,6 +247,7 @@ def test_event_channels_round_trip_under_the_same_domid(
     out = last_json(patched_xen_rig.run(dom0_python(ROUND_TRIP)))
     assert out["abi"] == ["fifo", "2-level"], out["abi"]
     assert "only 2-level ports" in out["fifo"], out["fifo"]
+    assert out["pv_before"] is False and out["pv_after"] is True, out
     laid, exported = out["laid"], out["exported"]
     # Every laid port is exported exactly as laid.
     for port, chan in laid.items():
