@@ -72,7 +72,8 @@ try:
     out["pv_before"] = host.domain_info(SRC).pv_drivers
     p = max(c.port for c in fresh) + 8
     ctx.set_event_channels(PEER, [
-        EventChannel(port=p, status=UNBOUND, remote_dom=SRC)])
+        EventChannel(port=p, status=UNBOUND, remote_dom=SRC),
+        EventChannel(port=p + 8, status=UNBOUND, remote_dom=SRC)])
     laid = [
         EventChannel(port=p, status=VIRQ, virq=0, vcpu=0),      # TIMER
         EventChannel(port=p + 1, status=VIRQ, virq=0, vcpu=1),  # TIMER
@@ -85,6 +86,9 @@ try:
                      remote_port=p + 5, vcpu=1),
         EventChannel(port=p + 7, status=INTER, remote_dom=PEER,
                      remote_port=p, vcpu=1),
+        # The same number at both ends.
+        EventChannel(port=p + 8, status=INTER, remote_dom=PEER,
+                     remote_port=p + 8),
     ]
     ctx.set_event_channels(SRC, laid)
     out["laid"] = records(laid)
@@ -265,6 +269,7 @@ def test_event_channels_round_trip_under_the_same_domid(
     p = min(int(port) for port in laid)
     peer_end = out["peer_status"][str(p)]
     assert peer_end[:4] == [2, 0, 41, p + 7], peer_end
+    assert out["peer_status"][str(p + 8)][:4] == [2, 0, 41, p + 8]
 
     clash_errno, clash = out["clash"]
     assert clash_errno == 16 and f"port {p + 3}" in clash, out["clash"]
