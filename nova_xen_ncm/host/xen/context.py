@@ -72,6 +72,9 @@ MAX_PORTS = 4096
 # What "the hypercall does not exist" looks like: ENOSYS from the domctl
 # dispatcher of stock Xen, EOPNOTSUPP from a sub-operation it lacks.
 ABSENT = (errnos.ENOSYS, errnos.EOPNOTSUPP)
+# What an XSM policy that does not grant the experimental domctl answers:
+# present or not, it cannot be used.
+DENIED = (errnos.EPERM, errnos.EACCES)
 
 
 class EvtchnRecord(ctypes.Structure):
@@ -358,12 +361,12 @@ class DomainContext:
             )
 
     def supported(self) -> bool:
-        """Whether this hypervisor has XEN_DOMCTL_ncm_evtchn: asked by
-        counting dom0's own ports (no buffer, whatever their ABI), not
-        looked up."""
+        """Whether this hypervisor has XEN_DOMCTL_ncm_evtchn and lets this
+        domain use it: asked by counting dom0's own ports (no buffer,
+        whatever their ABI), not looked up."""
         with self._lock:
             err, _, _ = self._evtchn(0, NCM_EVTCHN_GET, 0, 0)
-        if err in ABSENT:
+        if err in ABSENT or err in DENIED:
             return False
         if err:
             name = errnos.errorcode.get(err, str(err))

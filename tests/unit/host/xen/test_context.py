@@ -140,11 +140,18 @@ def test_probe_calls_the_hypervisor(fake: FakeXen) -> None:
 
 
 def test_probe_fails_on_an_unexpected_error(fake, monkeypatch) -> None:
-    monkeypatch.setattr(fake, "domctl", lambda *a: errno.EPERM)
+    monkeypatch.setattr(fake, "domctl", lambda *a: errno.EFAULT)
     with context.DomainContext() as ctx, pytest.raises(
-        libs.XenCallError, match="EPERM"
+        libs.XenCallError, match="EFAULT"
     ):
         ctx.supported()
+
+
+@pytest.mark.parametrize("err", [errno.EPERM, errno.EACCES])
+def test_a_denying_xsm_policy_reads_as_absent(fake, monkeypatch, err) -> None:
+    monkeypatch.setattr(fake, "domctl", lambda *a: err)
+    with context.DomainContext() as ctx:
+        assert ctx.supported() is False
 
 
 def test_event_channels_round_trip(fake: FakeXen) -> None:
