@@ -7,7 +7,8 @@ and ``XEN_DOMCTL_ncm_vcpu`` (layouts:
 ``doc/source/specs/xen-ncm-domctl.rst``). They are issued here through
 libxencall (``xencall_alloc_buffer`` and
 ``xencall1(__HYPERVISOR_domctl)``), so the installed libxenctrl needs no
-rebuild. On stock Xen they fail with ENOSYS, which
+rebuild. On stock Xen they fail with ENOSYS, or EOPNOTSUPP when dom0 has
+no IOMMU (unknown domctls end in ``iommu_do_domctl()``), which
 :meth:`DomainContext.supported` reports as absent.
 """
 
@@ -69,8 +70,31 @@ DOMCTL_NAMES = {
 
 # A 2-level domain has at most 4096 ports (EVTCHN_2L_NR_CHANNELS).
 MAX_PORTS = 4096
-# What "the hypercall does not exist" looks like: ENOSYS from the domctl
-# dispatcher of stock Xen, EOPNOTSUPP from a sub-operation it lacks.
+# NR_VIRQS (xen.h); DOMID_FIRST_RESERVED (xen.h).
+NR_VIRQS = 24
+DOMID_FIRST_RESERVED = 0x7FF0
+# s_time_t is signed: STIME_MAX; MILLISECS(1), the shortest period.
+STIME_MAX = (1 << 63) - 1
+MIN_PERIOD_NS = 1_000_000
+U32 = 1 << 32
+U64 = 1 << 64
+
+
+def _in_range(what: str, value: int, limit: int) -> None:
+    # ctypes truncates an integer that does not fit its field silently:
+    # a domid of 0x10029 would bind to domain 41.
+    if not 0 <= value < limit:
+        raise ValueError(f"{what} {value:#x} out of range (0..{limit - 1:#x})")
+
+
+def _canonical(va: int) -> bool:
+    # x86_64 with 4-level paging: bits 63..47 all equal.
+    return (va >> 47) in (0, (1 << 17) - 1)
+
+
+# What "the hypercall does not exist" looks like on stock Xen: an unknown
+# domctl falls through to iommu_do_domctl(), which answers EOPNOTSUPP
+# for a domain without an IOMMU and ENOSYS otherwise.
 ABSENT = (errnos.ENOSYS, errnos.EOPNOTSUPP)
 # What an XSM policy that does not grant the experimental domctl answers:
 # present or not, it cannot be used.
@@ -166,12 +190,29 @@ class EventChannel:
             raise ValueError(f"event channel port {self.port} out of range")
         if self.status not in STATUS_NAMES:
             raise ValueError(f"port {self.port}: unknown status {self.status}")
+        where = f"port {self.port}:"
+        _in_range(f"{where} vCPU", self.vcpu, U32)
+        _in_range(f"{where} remote port", self.remote_port, U32)
+        _in_range(f"{where} VIRQ", self.virq, U32)
+        _in_range(f"{where} remote domain", self.remote_dom, 1 << 16)
+        if self.status == EVTCHNSTAT_VIRQ:
+            _in_range(f"{where} VIRQ", self.virq, NR_VIRQS)
 
     @property
     def status_name(self) -> str:
         return STATUS_NAMES[self.status]
 
     def to_record(self) -> EvtchnRecord:
+        # A guest may name a reserved domid in its own unbound port; Xen
+        # refuses to import it (EINVAL), so say which port before asking.
+        if (
+            self.status in (EVTCHNSTAT_UNBOUND, EVTCHNSTAT_INTERDOMAIN)
+            and self.remote_dom >= DOMID_FIRST_RESERVED
+        ):
+            raise ValueError(
+                f"port {self.port}: remote domain {self.remote_dom:#x} is "
+                "reserved and cannot be imported"
+            )
         return EvtchnRecord(
             port=self.port,
             status=self.status,
@@ -220,11 +261,13 @@ class VcpuState:
     compat: bool = False
 
     def __post_init__(self) -> None:
-        if self.vcpu < 0:
+        if not 0 <= self.vcpu < U32:
             raise ValueError(f"vCPU {self.vcpu} out of range")
+        where = f"vCPU {self.vcpu}:"
         if self.vcpu_info is not None:
             gfn, offset = self.vcpu_info
-            if gfn < 0 or not 0 <= offset <= PAGE_SIZE - VCPU_INFO_SIZE:
+            _in_range(f"{where} vcpu_info GFN", gfn, U64)
+            if not 0 <= offset <= PAGE_SIZE - VCPU_INFO_SIZE:
                 raise ValueError(
                     f"vCPU {self.vcpu}: vcpu_info at GFN {gfn:#x} offset "
                     f"{offset:#x} is not within one page"
@@ -234,6 +277,26 @@ class VcpuState:
                 f"vCPU {self.vcpu}: upcall vector {self.upcall_vector:#x} "
                 "is not 0 or 0x10-0xff"
             )
+        if self.singleshot_deadline is not None:
+            _in_range(
+                f"{where} singleshot deadline",
+                self.singleshot_deadline,
+                STIME_MAX + 1,
+            )
+        if self.periodic_period and not (
+            MIN_PERIOD_NS <= self.periodic_period <= STIME_MAX
+        ):
+            raise ValueError(
+                f"{where} periodic period {self.periodic_period} ns is not "
+                f"0 or {MIN_PERIOD_NS}..{STIME_MAX}"
+            )
+        for name in ("runstate_va", "time_va"):
+            va = getattr(self, name)
+            _in_range(f"{where} {name}", va, U64)
+            if not _canonical(va):
+                raise ValueError(
+                    f"{where} {name} {va:#x} is not a canonical address"
+                )
 
     def fill(self, op: DomctlNcmVcpu) -> None:
         op.vcpu = self.vcpu

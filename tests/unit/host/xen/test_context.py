@@ -243,3 +243,47 @@ def test_bad_input_is_named() -> None:
         mp.setattr(context, "FN", FakeXen())
         with context.DomainContext() as ctx:
             ctx.set_vcpu_state(7, VcpuState(vcpu=0, compat=True))
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"status": 1, "remote_dom": 0x10029}, "remote domain 0x10029"),
+        ({"status": 2, "remote_port": -1}, "remote port"),
+        ({"status": 5, "vcpu": 1 << 32}, "vCPU 0x100000000"),
+        ({"status": 4, "virq": 24}, "VIRQ 0x18"),
+    ],
+)
+def test_fields_that_do_not_fit_are_refused(fields, match) -> None:
+    # ctypes would truncate them silently (0x10029 would become domain 41).
+    with pytest.raises(ValueError, match=match):
+        EventChannel(port=3, **fields)
+
+
+def test_a_reserved_remote_domain_is_refused_before_the_import(
+    fake: FakeXen,
+) -> None:
+    chan = EventChannel(port=3, status=context.EVTCHNSTAT_UNBOUND,
+                        remote_dom=0x7FF2)  # fmt: skip
+    with context.DomainContext() as ctx:
+        with pytest.raises(ValueError, match="port 3: remote domain 0x7ff2"):
+            ctx.set_event_channels(7, [chan])
+    assert 3 not in fake.ports[7]
+    assert fake.buffers == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"vcpu": 1 << 32}, "out of range"),
+        ({"vcpu_info": (1 << 64, 0)}, "vcpu_info GFN"),
+        ({"singleshot_deadline": 1 << 63}, "singleshot deadline"),
+        ({"singleshot_deadline": -1}, "singleshot deadline"),
+        ({"periodic_period": 999_999}, "periodic period 999999"),
+        ({"runstate_va": 0x0000800000000000}, "runstate_va .* canonical"),
+        ({"time_va": 1 << 64}, "time_va"),
+    ],
+)
+def test_vcpu_fields_that_xen_or_ctypes_would_refuse(fields, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        VcpuState(**{"vcpu": 0, **fields})
