@@ -72,8 +72,10 @@ STOCK_XEN_LIMITS: dict[Item, str] = {
 # What is still missing for event channels on the patched hypervisor.
 PATCHED_EVTCHN_LIMIT = (
     "this Xen exports and imports 2-level event channels "
-    "(XEN_DOMCTL_ncm_evtchn), but not FIFO ones nor the per-vCPU upcall "
-    "vector, and this driver does not carry ports in its stream yet"
+    "(XEN_DOMCTL_ncm_evtchn), but not FIFO ones (control blocks, event "
+    "arrays, priorities); the per-vCPU upcall vector would go with "
+    "XEN_DOMCTL_ncm_vcpu, which is not probed; and this driver does not "
+    "carry ports or vCPU state in its stream yet"
 )
 
 
