@@ -7,6 +7,11 @@ booted once per session; its dom0 sees this tree at ``/project``.
 When the tier is enabled, a failure to build or boot the rig fails the
 tests.  Missing prerequisites (root, QEMU, debootstrap) skip them, except
 under ``CI=true`` where they fail too.
+
+Tests marked ``patched_xen`` run last, on a rig booted with the
+hypervisor built from Debian's Xen source and ``xen/patches``
+(``XEN_RIG_XEN=patched``); the stock rigs are stopped before it boots so
+that the two cores are not shared with an idle one.
 """
 
 from __future__ import annotations
@@ -36,10 +41,21 @@ def _enabled() -> bool:
     return os.environ.get("NOVA_XEN_NCM_XEN_TESTS") == "1" or _in_ci()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "patched_xen: needs Xen built with xen/patches, booted under QEMU "
+        "(runs after the stock xen tests)",
+    )
+
+
 def pytest_collection_modifyitems(
     config: pytest.Config, items: list[pytest.Item]
 ) -> None:
     if _enabled():
+        # The patched tier after the stock one (sort is stable).
+        items.sort(key=lambda item: item.get_closest_marker("patched_xen")
+                   is not None)  # fmt: skip
         return
     here = Path(__file__).resolve().parent
     skip = pytest.mark.skip(
@@ -130,10 +146,17 @@ def _boot(rig: XenRig) -> None:
     booted = rig.rig("boot", timeout=BOOT_TIMEOUT)
     if booted.returncode != 0:
         pytest.fail(f"xen-rig boot failed:\n{_tail(booted)}", pytrace=False)
+    _BOOTED.append(rig)
     print(f"xen-rig boot: {time.monotonic() - started:.0f}s")
 
 
+# Rigs this session booted, so the patched one can stop the stock ones.
+_BOOTED: list[XenRig] = []
+
+
 def _stop(rig: XenRig) -> None:
+    if rig in _BOOTED:
+        _BOOTED.remove(rig)
     stopped = rig.rig("stop", timeout=STOP_TIMEOUT)
     if stopped.returncode != 0:
         print(f"xen-rig stop failed:\n{_tail(stopped)}")
@@ -156,8 +179,7 @@ def second_xen_rig(
         _stop(rig)
 
 
-@pytest.fixture(scope="session")
-def xen_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenRig]:
+def _prerequisites() -> None:
     if not _enabled():
         pytest.skip("Xen tier: set NOVA_XEN_NCM_XEN_TESTS=1 (or CI=true)")
     if os.geteuid() != 0:
@@ -168,10 +190,49 @@ def xen_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenRig]:
                 f"{tool} not found; apt-get install qemu-system-x86 "
                 "debootstrap e2fsprogs"
             )
+
+
+@pytest.fixture(scope="session")
+def xen_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenRig]:
+    _prerequisites()
     env = dict(os.environ)
+    env.pop("XEN_RIG_XEN", None)
     env["XEN_RIG_STATE"] = str(tmp_path_factory.mktemp("xen-rig"))
     env["XEN_RIG_NET"] = f"{_LINK[0]}:{_LINK[1]}"
     rig = XenRig(env)
+    try:
+        _boot(rig)
+        yield rig
+    finally:
+        _stop(rig)
+
+
+@pytest.fixture(scope="session")
+def patched_xen_rig(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[XenRig]:
+    """A rig running the hypervisor built with ``xen/patches``."""
+    _prerequisites()
+    for tool in ("gcc", "make", "dpkg-source", "patch"):
+        if shutil.which(tool) is None:
+            _problem(
+                f"{tool} not found; apt-get install build-essential "
+                "dpkg-dev bison flex"
+            )
+    for other in list(_BOOTED):
+        _stop(other)
+    env = dict(os.environ)
+    env["XEN_RIG_STATE"] = str(tmp_path_factory.mktemp("xen-rig-patched"))
+    env["XEN_RIG_XEN"] = "patched"
+    env.pop("XEN_RIG_NET", None)
+    rig = XenRig(env)
+    started = time.monotonic()
+    built = rig.rig("build-xen", timeout=BUILD_TIMEOUT)
+    if built.returncode != 0:
+        pytest.fail(
+            f"xen-rig build-xen failed:\n{_tail(built)}", pytrace=False
+        )
+    print(f"xen-rig build-xen: {time.monotonic() - started:.0f}s")
     try:
         _boot(rig)
         yield rig

@@ -5,8 +5,11 @@ Subcommands:
 
   build            build Xen, the dom0 kernel, initramfs and root image
                    from Debian packages (cached outside the repository)
+  build-xen        build the hypervisor from Debian's source package of
+                   Xen with this repository's patch series (xen/patches)
   boot             boot Xen under QEMU (builds first when needed) and wait
-                   until dom0 accepts commands
+                   until dom0 accepts commands; XEN_RIG_XEN=patched boots
+                   the patched hypervisor instead of Debian's
   run CMD...       run a shell command in dom0; its stdout, stderr and
                    exit status become this command's (125 means the rig
                    itself failed)
@@ -47,6 +50,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 DOM0_INIT = HERE / "dom0-init"
+XEN_PATCHES = REPO / "xen" / "patches"
 
 SUITE = "bookworm"
 XEN_SERIES = "4.17"
@@ -105,6 +109,14 @@ DOM0_ARGS = (
     "root=/dev/vda rw console=hvc0 init=/usr/local/sbin/rig-init "
     "net.ifnames=0 panic=10"
 )
+
+# The patched hypervisor is built from the suite's own source package
+# (the security suite's sources are not on every mirror), with Debian's
+# hypervisor configuration (debian/xen-kconfig: upstream defaults, no
+# debug).
+XEN_SOURCE_PACKAGE = "xen"
+XEN_BUILD_FORMAT = 1
+XEN_FLAVOURS = ("stock", "patched")
 
 BOOT_TIMEOUT = int(os.environ.get("XEN_RIG_BOOT_TIMEOUT", "900"))
 RUN_TIMEOUT = int(os.environ.get("XEN_RIG_RUN_TIMEOUT", "1800"))
@@ -492,6 +504,173 @@ def build(force: bool = False) -> Path:
     return images
 
 
+# -- the patched hypervisor ------------------------------------------------
+
+
+def patch_series() -> list[Path]:
+    """The patches of ``xen/patches/series``, in order (quilt's format:
+    one file name a line, ``#`` comments)."""
+    series = XEN_PATCHES / "series"
+    patches = []
+    for line in series.read_text().splitlines():
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        path = XEN_PATCHES / name.split()[0]
+        if not path.is_file():
+            raise RigError(f"{series}: no patch {path.name}")
+        patches.append(path)
+    if not patches:
+        raise RigError(f"{series} names no patch")
+    return patches
+
+
+def xen_key(mirror: str) -> str:
+    """Hash of what the patched hypervisor is built from."""
+    inputs = {
+        "format": XEN_BUILD_FORMAT,
+        "suite": SUITE,
+        "mirror": mirror,
+        "package": XEN_SOURCE_PACKAGE,
+        "series": [
+            [p.name, hashlib.sha256(p.read_bytes()).hexdigest()]
+            for p in patch_series()
+        ],
+    }
+    blob = json.dumps(inputs, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def patched_xen_dir(mirror: str) -> Path:
+    return cache_dir() / "xen-patched" / xen_key(mirror)
+
+
+def apt_source(mirror: str, dest: Path, logfile: Path) -> Path:
+    """``apt-get source`` of Xen from ``mirror``'s ``SUITE`` through a
+    private deb-src list, leaving the host's apt configuration alone;
+    returns the unpacked tree (Debian's own patches applied)."""
+    apt = cache_dir() / "apt-src"
+    for sub in ("parts", "lists/partial", "cache/archives/partial"):
+        (apt / sub).mkdir(parents=True, exist_ok=True)
+    sources = apt / "sources.list"
+    sources.write_text(f"deb-src {mirror} {SUITE} main\n")
+    opts = [
+        "-o", f"Dir::Etc::SourceList={sources}",
+        "-o", f"Dir::Etc::SourceParts={apt / 'parts'}",
+        "-o", f"Dir::State::Lists={apt / 'lists'}",
+        "-o", f"Dir::Cache={apt / 'cache'}",
+        "-o", "APT::Sandbox::User=root",
+    ]  # fmt: skip
+    sh(["apt-get", *opts, "update", "-q"], logfile=logfile)
+    dest.mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(dest):
+        sh(
+            ["apt-get", *opts, "source", "-q", XEN_SOURCE_PACKAGE],
+            logfile=logfile,
+        )
+    trees = [p for p in dest.iterdir() if p.is_dir()]
+    if len(trees) != 1:
+        raise RigError(f"apt-get source left {trees} in {dest}")
+    return trees[0]
+
+
+def build_xen(force: bool = False) -> Path:
+    """Build the hypervisor alone from Debian's source package with the
+    patch series applied; returns the directory holding ``xen.gz``."""
+    for tool in ("apt-get", "dpkg-source", "patch", "make", "gcc"):
+        if shutil.which(tool) is None:
+            raise RigError(
+                f"{tool} not found (apt-get install dpkg-dev patch "
+                "build-essential bison flex python3)"
+            )
+    mirror = debian_mirror(apt_sources())
+    out = patched_xen_dir(mirror)
+    if (out / "xen.gz").is_file() and not force:
+        log(f"up to date: {out}")
+        return out
+    started = time.monotonic()
+    work = cache_dir() / "xen-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    logfile = work / "build.log"
+    log(f"building patched Xen in {work} (log: {logfile})")
+    tree = apt_source(mirror, work / "src", logfile)
+    fetched = time.monotonic()
+    for patch in patch_series():
+        sh(
+            ["patch", "-p1", "--batch", "--forward", "-d", str(tree),
+             "-i", str(patch)],
+            logfile=logfile,
+        )  # fmt: skip
+    shutil.copyfile(tree / "debian/xen-kconfig", tree / "xen/.config")
+    env_unset = ["CFLAGS", "CXXFLAGS", "CPPFLAGS", "LDFLAGS"]
+    make = ["env", *(f"--unset={v}" for v in env_unset)]
+    # The Xen build must not download anything.
+    make += ["WGET=/bin/false", "GIT=/bin/false", "make", "-C",
+             str(tree / "xen")]  # fmt: skip
+    sh(make + ["olddefconfig"], logfile=logfile)
+    # The default target: the hypervisor alone, xen/xen.gz among it.
+    sh(make + [f"-j{os.cpu_count() or 1}"], logfile=logfile)
+    built = time.monotonic()
+    version = tree.name.removeprefix(f"{XEN_SOURCE_PACKAGE}-")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copyfile(tree / "xen/xen.gz", tmp / "xen.gz")
+    (tmp / "build.json").write_text(
+        json.dumps(
+            {
+                "mirror": mirror,
+                "suite": SUITE,
+                "source": f"{XEN_SOURCE_PACKAGE} {version}",
+                "series": [p.name for p in patch_series()],
+                "fetch_seconds": round(fetched - started),
+                "make_seconds": round(built - fetched),
+                "cpus": os.cpu_count(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    shutil.copyfile(logfile, tmp / "build.log")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    for old in out.parent.iterdir():
+        if old != out:
+            shutil.rmtree(old, ignore_errors=True)
+    log(
+        f"built {out / 'xen.gz'} in {time.monotonic() - started:.0f}s "
+        f"(make {built - fetched:.0f}s)"
+    )
+    return out
+
+
+def xen_flavour() -> str:
+    flavour = os.environ.get("XEN_RIG_XEN", "stock")
+    if flavour not in XEN_FLAVOURS:
+        raise RigError(
+            f"XEN_RIG_XEN={flavour!r}: expected one of "
+            + ", ".join(XEN_FLAVOURS)
+        )
+    return flavour
+
+
+def hypervisor_image(images: Path) -> Path:
+    """The multiboot image QEMU boots: Debian's, or the patched one
+    (built when missing), unpacked next to its ``xen.gz``."""
+    if xen_flavour() == "stock":
+        return images / "xen"
+    built = build_xen()
+    image = built / "xen"
+    if not image.is_file():
+        tmp = built / "xen.tmp"
+        with gzip.open(built / "xen.gz") as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.rename(image)
+    return image
+
+
 # -- running QEMU ---------------------------------------------------------
 
 
@@ -551,6 +730,7 @@ def boot() -> None:
     if shutil.which(QEMU) is None:
         raise RigError(f"{QEMU} not found (apt-get install qemu-system-x86)")
     images = build()
+    hypervisor = hypervisor_image(images)
     state = state_dir()
     state.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(share_dir(), ignore_errors=True)
@@ -568,7 +748,7 @@ def boot() -> None:
         "-nodefaults", "-display", "none", "-no-reboot",
         "-monitor", "none", "-serial", f"file:{bootlog}",
         "-pidfile", str(pidfile),
-        "-kernel", str(images / "xen"),
+        "-kernel", str(hypervisor),
         "-append", XEN_ARGS,
         "-initrd",
         f"{images / 'vmlinuz'} {DOM0_ARGS},{images / 'initrd.img'}",
@@ -581,7 +761,7 @@ def boot() -> None:
         f"local,path={share_dir()},mount_tag=rig,security_model=none",
     ]  # fmt: skip
     cmd += network_args()
-    log(f"booting Xen (log: {bootlog})")
+    log(f"booting {xen_flavour()} Xen {hypervisor} (log: {bootlog})")
     started = time.monotonic()
     with (state / "qemu.out").open("wb") as out:
         proc = subprocess.Popen(
@@ -699,6 +879,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_build = sub.add_parser("build", help="build the images")
     p_build.add_argument("--force", action="store_true")
+    p_xen = sub.add_parser("build-xen", help="build the patched hypervisor")
+    p_xen.add_argument("--force", action="store_true")
     sub.add_parser("boot", help="boot Xen and wait for dom0")
     p_run = sub.add_parser("run", help="run a command in dom0")
     p_run.add_argument("--timeout", type=int, default=RUN_TIMEOUT)
@@ -715,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build":
             print(build(force=args.force))
+        elif args.command == "build-xen":
+            print(build_xen(force=args.force) / "xen.gz")
         elif args.command == "boot":
             boot()
         elif args.command == "run":

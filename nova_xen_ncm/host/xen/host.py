@@ -38,6 +38,7 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import PAGE_SIZE
 from nova_xen_ncm.host.base import DomainState
 from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.xen import context
 from nova_xen_ncm.host.xen import dm
 from nova_xen_ncm.host.xen import libs
 from nova_xen_ncm.host.xen import probe
@@ -273,7 +274,9 @@ class XenHost(base.HostDriver):
             raw.flags & libs.XEN_DOMINF_dying
         ):
             with contextlib.suppress(base.HostError):
-                pv = self._param(domid, HVM_PARAM_CALLBACK_IRQ) != 0
+                pv = self._param(
+                    domid, HVM_PARAM_CALLBACK_IRQ
+                ) != 0 or self._guest_bound_ports(domid)
         return base.DomainInfo(
             domid=domid,
             name=name.decode(errors="replace") if name else f"domain-{domid}",
@@ -284,6 +287,16 @@ class XenHost(base.HostDriver):
             populated_pages=raw.tot_pages,
             pv_drivers=pv,
             cpu_time_ns=raw.cpu_time,
+        )
+
+    def _guest_bound_ports(self, domid: int) -> bool:
+        """Whether the guest bound a VIRQ or an IPI: only the guest itself
+        binds those in its domain, so it runs PV code even before it
+        sets HVM_PARAM_CALLBACK_IRQ (or with a per-vCPU upcall vector,
+        which does not set it)."""
+        return any(
+            chan.type in (base.EvtchnType.VIRQ, base.EvtchnType.IPI)
+            for chan in self.event_channels(domid)
         )
 
     def _config_path(self, name: str) -> str:
@@ -306,11 +319,15 @@ class XenHost(base.HostDriver):
         )
         phys = libs.XenSysctlPhysinfo()
         libs.check("xc_physinfo", FN.xc_physinfo(self._xch, phys))
+        # The patched interface is detected by calling it.
+        with context.DomainContext() as ctx:
+            ncm_evtchn = ctx.supported()
         return probe.HypervisorFacts(
             major=version >> 16,
             minor=version & 0xFFFF,
             extra=extra.value.decode(errors="replace"),
             physcaps=phys.capabilities,
+            ncm_evtchn=ncm_evtchn,
         )
 
     # -- lifecycle --

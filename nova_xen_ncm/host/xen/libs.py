@@ -191,6 +191,7 @@ CTYPES: dict[str, Any] = {
     "xenforeignmemory_handle *": _OPAQUE,
     "xenforeignmemory_resource_handle *": _OPAQUE,
     "xs_handle *": _OPAQUE,
+    "xencall_handle *": _OPAQUE,
     "libxl_ctx *": _OPAQUE,
     "libxl_domain_config *": _OPAQUE,
     "libxl_asyncop_how *": _OPAQUE,
@@ -229,6 +230,7 @@ LIBRARIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "xenstore": (("libxenstore.so.4",), ("xenstore.h",)),
     "xenlight": (("libxenlight.so.4.17",), ("libxl.h", "_libxl_types.h")),
     "xentoollog": (("libxentoollog.so.1",), ("xentoollog.h",)),
+    "xencall": (("libxencall.so.1",), ("xencall.h",)),
 }
 
 # name -> (library, return type, argument types), as the headers declare
@@ -367,6 +369,28 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "xenctrl",
         "int",
         ("xc_interface *", "uint32_t", "xen_domctl_sched_credit2 *"),
+    ),
+    # libxencall: the patched hypervisor's domctls (host/xen/context.py)
+    "xencall_open": (
+        "xencall",
+        "xencall_handle *",
+        ("xentoollog_logger *", "unsigned int"),
+    ),
+    "xencall_close": ("xencall", "int", ("xencall_handle *",)),
+    "xencall_alloc_buffer": (
+        "xencall",
+        "void *",
+        ("xencall_handle *", "size_t"),
+    ),
+    "xencall_free_buffer": (
+        "xencall",
+        "void",
+        ("xencall_handle *", "void *"),
+    ),
+    "xencall1": (
+        "xencall",
+        "int",
+        ("xencall_handle *", "unsigned int", "uint64_t"),
     ),
     # libxenguest
     "xc_set_domain_cpu_policy": (

@@ -5,12 +5,17 @@ What a toolstack can put back into a domain from the outside is decided
 by the hypervisor's control interfaces. Released Xen (up to 4.17 and
 beyond) restores memory, the HVM context, HVM params and TSC, and libxl
 creates a domain with a chosen domid (``LIBXL_HAVE_CREATEINFO_DOMID``,
-Xen 4.15). The "domain context" interface of Xen's non-cooperative
+Xen 4.14). The "domain context" interface of Xen's non-cooperative
 migration design (``docs/designs/non-cooperative-migration.md``), with
-which the toolstack would rebuild a guest's event channels, grant table,
-shared info and xenstore connection, was never merged; without it those
-items cannot be restored, so a guest that uses them (one with PV
-drivers, HVM_PARAM_CALLBACK_IRQ non-zero) is refused.
+which the toolstack would rebuild a guest's event channels, vcpu_info,
+timers and xenstore connection, was never merged; without it those items
+cannot be restored, so a guest that uses them (one with PV drivers,
+HVM_PARAM_CALLBACK_IRQ non-zero) is refused.
+
+This project's patch series (``xen/patches``) adds the event channel half
+as the experimental ``XEN_DOMCTL_ncm_evtchn``. Whether the running Xen
+has it is asked of Xen itself (:mod:`.context`), never looked up by
+version.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from nova_xen_ncm.host.base import Item
 PHYSCAP_HVM = 1 << 0
 PHYSCAP_HAP = 1 << 3
 
-# The first Xen whose libxl creates a domain with a given domid.
-DOMID_SINCE = (4, 15)
+# The first Xen whose libxl creates a domain with a given domid
+# (libxl_domain_create_info.domid).
+DOMID_SINCE = (4, 14)
 
 # Why stock Xen cannot restore each PV item: the hypercall a toolstack
 # would need and that the hypervisor does not offer for a foreign domain.
@@ -34,17 +40,21 @@ STOCK_XEN_LIMITS: dict[Item, str] = {
         "stock Xen cannot rebuild VIRQ/IPI bindings or another domain's "
         "event channel layout: EVTCHNOP_bind_virq/bind_ipi act on the "
         "calling domain only and no hypercall allocates a chosen port "
-        "number in a foreign domain's table"
+        "number in a foreign domain's table; FIFO control blocks, event "
+        "arrays and priorities and the per-vCPU upcall vector "
+        "(HVMOP_set_evtchn_upcall_vector) are guest-only too"
     ),
     Item.GRANT_TABLE: (
-        "stock Xen cannot place another domain's grant table: its version "
-        "and frame GFNs are set by the guest's own GNTTABOP_set_version "
-        "and XENMAPSPACE_grant_table calls"
+        "stock Xen lets dom0 place and read a v1 grant table "
+        "(XENMEM_add_to_physmap, XENMEM_acquire_resource) but not set "
+        "its version (GNTTABOP_set_version is a guest call), and this "
+        "driver does not carry grant frames"
     ),
     Item.SHARED_INFO: (
-        "stock Xen cannot place another domain's shared info page or "
-        "registered vcpu_info (XENMAPSPACE_shared_info and "
-        "VCPUOP_register_vcpu_info are guest calls)"
+        "stock Xen cannot restore another domain's registered vcpu_info "
+        "(VCPUOP_register_vcpu_info acts on the calling vCPU), PV timers "
+        "(singleshot and periodic, VIRQ_TIMER), or runstate and time "
+        "memory areas: none is in an HVM save record"
     ),
     Item.XENSTORE: (
         "stock xenstored cannot be given a guest's watches and open "
@@ -59,6 +69,16 @@ STOCK_XEN_LIMITS: dict[Item, str] = {
 }
 
 
+# What is still missing for event channels on the patched hypervisor.
+PATCHED_EVTCHN_LIMIT = (
+    "this Xen exports and imports 2-level event channels "
+    "(XEN_DOMCTL_ncm_evtchn), but not FIFO ones (control blocks, event "
+    "arrays, priorities); the per-vCPU upcall vector would go with "
+    "XEN_DOMCTL_ncm_vcpu, which is not probed; and this driver does not "
+    "carry ports or vCPU state in its stream yet"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class HypervisorFacts:
     """What the probe reads from the running hypervisor."""
@@ -67,6 +87,8 @@ class HypervisorFacts:
     minor: int
     extra: str
     physcaps: int
+    # XEN_DOMCTL_ncm_evtchn answered (the patched hypervisor).
+    ncm_evtchn: bool = False
 
     @property
     def version(self) -> str:
@@ -95,6 +117,8 @@ def restore_items(facts: HypervisorFacts) -> dict[Item, str | None]:
     else:
         out[Item.DOMID] = None
     out.update(STOCK_XEN_LIMITS)
+    if facts.ncm_evtchn:
+        out[Item.EVENT_CHANNELS] = PATCHED_EVTCHN_LIMIT
     return out
 
 

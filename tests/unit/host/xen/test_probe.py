@@ -31,8 +31,39 @@ def test_stock_417_migrates_plain_guests_only() -> None:
 
 
 def test_old_xen_cannot_choose_domids() -> None:
-    c = caps(probe.HypervisorFacts(4, 14, "", HVM_HAP))
-    assert "4.15" in c.restore[Item.DOMID]
+    c = caps(probe.HypervisorFacts(4, 13, "", HVM_HAP))
+    assert "before 4.14" in c.restore[Item.DOMID]
+    # libxl_domain_create_info.domid arrived in 4.14.
+    assert caps(probe.HypervisorFacts(4, 14, "", HVM_HAP)).restore[
+        Item.DOMID
+    ] is None
+
+
+def test_stock_reasons_name_every_guest_only_interface() -> None:
+    missing = caps(probe.HypervisorFacts(4, 17, "", HVM_HAP)).missing(True)
+    evtchn = missing[Item.EVENT_CHANNELS]
+    for what in ("VIRQ/IPI", "FIFO", "HVMOP_set_evtchn_upcall_vector"):
+        assert what in evtchn
+    shared = missing[Item.SHARED_INFO]
+    for what in ("vcpu_info", "singleshot", "periodic", "runstate"):
+        assert what in shared
+    assert "GNTTABOP_set_version" in missing[Item.GRANT_TABLE]
+    assert "watches" in missing[Item.XENSTORE]
+
+
+def test_patched_xen_still_refuses_pv_guests_with_what_is_left() -> None:
+    stock = caps(probe.HypervisorFacts(4, 17, "", HVM_HAP))
+    patched = caps(probe.HypervisorFacts(4, 17, "", HVM_HAP, ncm_evtchn=True))
+    reason = patched.missing(True)[Item.EVENT_CHANNELS]
+    assert reason != stock.missing(True)[Item.EVENT_CHANNELS]
+    assert "XEN_DOMCTL_ncm_evtchn" in reason
+    assert "FIFO" in reason and "upcall vector" in reason
+    # The upcall vector is XEN_DOMCTL_ncm_vcpu's, which the probe does not
+    # ask: the reason must not claim this Xen lacks it, nor that it has it.
+    assert "XEN_DOMCTL_ncm_vcpu, which is not probed" in reason
+    # Nothing else changes, and plain guests are unaffected.
+    assert set(patched.missing(True)) == set(stock.missing(True))
+    assert patched.missing(False) == {}
 
 
 def test_no_hap_refuses_every_guest() -> None:

@@ -1,0 +1,321 @@
+"""The patched hypervisor (``xen/patches``) booted by the rig.
+
+Guests are created by the real driver, paused (libxl leaves a new domain
+paused): nothing of theirs runs while their ports are laid out. What the
+patched domctl reports is checked against EVTCHNOP_status, the stock
+hypercall the driver already reads ports with (``XenHost.event_channels``),
+which shares no code with the patch's export.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import XenRig
+
+pytestmark = [
+    pytest.mark.xen,
+    pytest.mark.patched_xen,
+    pytest.mark.timeout(3600),
+]
+
+PRELUDE = """\
+import json
+from nova_xen_ncm.conf import CONF
+CONF([], project="nova-xen-ncm")
+from nova_xen_ncm.host import base, factory
+from nova_xen_ncm.host.xen import context, libs
+host = factory.load_host_driver("xen", "rig", CONF)
+ctx = context.DomainContext()
+"""
+
+# Lays a port of every kind out in a paused guest (SRC) whose peer (PEER)
+# holds the other end of an interdomain port, exports them, destroys the
+# guest, recreates it under the same domid and imports them again.
+ROUND_TRIP = (
+    PRELUDE
+    + """\
+from nova_xen_ncm.host.xen.context import (
+    EVTCHNSTAT_INTERDOMAIN as INTER, EVTCHNSTAT_IPI as IPI,
+    EVTCHNSTAT_UNBOUND as UNBOUND, EVTCHNSTAT_VIRQ as VIRQ, EventChannel)
+import dataclasses, errno
+SRC, PEER = 41, 42
+src = base.DomainConfig(name="ncm-src", memory_bytes=32 << 20, vcpus=2,
+                        pv_drivers=False)
+peer = base.DomainConfig(name="ncm-peer", memory_bytes=32 << 20, vcpus=1,
+                         pv_drivers=False)
+out = {}
+
+def status(domid):
+    # EVTCHNOP_status: the stock view of each port.
+    return {c.port: [int(c.type), c.vcpu, c.remote_domid, c.remote_port,
+                     c.virq] for c in host.event_channels(domid)}
+
+def records(chans):
+    return {c.port: dataclasses.asdict(c) for c in chans}
+
+try:
+    host.create_empty_domain(src, SRC)
+    host.create_empty_domain(peer, PEER)
+    # Linux (dom0) uses the FIFO ABI: counted, never listed.
+    out["abi"] = [ctx.event_channel_abi(0), ctx.event_channel_abi(SRC)]
+    try:
+        ctx.get_event_channels(0)
+    except base.NotSupported as exc:
+        out["fifo"] = str(exc)
+    fresh = ctx.get_event_channels(SRC)
+    out["fresh"] = records(fresh)
+    out["pv_before"] = host.domain_info(SRC).pv_drivers
+    p = max(c.port for c in fresh) + 8
+    ctx.set_event_channels(PEER, [
+        EventChannel(port=p, status=UNBOUND, remote_dom=SRC),
+        EventChannel(port=p + 8, status=UNBOUND, remote_dom=SRC)])
+    laid = [
+        EventChannel(port=p, status=VIRQ, virq=0, vcpu=0),      # TIMER
+        EventChannel(port=p + 1, status=VIRQ, virq=0, vcpu=1),  # TIMER
+        EventChannel(port=p + 2, status=VIRQ, virq=2, vcpu=1),  # CONSOLE
+        EventChannel(port=p + 3, status=IPI, vcpu=1),
+        EventChannel(port=p + 4, status=UNBOUND, remote_dom=0, vcpu=1),
+        EventChannel(port=p + 5, status=INTER, remote_dom=SRC,
+                     remote_port=p + 6),
+        EventChannel(port=p + 6, status=INTER, remote_dom=SRC,
+                     remote_port=p + 5, vcpu=1),
+        EventChannel(port=p + 7, status=INTER, remote_dom=PEER,
+                     remote_port=p, vcpu=1),
+        # The same number at both ends.
+        EventChannel(port=p + 8, status=INTER, remote_dom=PEER,
+                     remote_port=p + 8),
+    ]
+    ctx.set_event_channels(SRC, laid)
+    out["laid"] = records(laid)
+    # VIRQ and IPI ports are bound by a guest's PV code only.
+    out["pv_after"] = host.domain_info(SRC).pv_drivers
+    exported = ctx.get_event_channels(SRC)
+    out["exported"] = records(exported)
+    out["status"] = status(SRC)
+    out["peer_status"] = status(PEER)
+
+    # A port bound otherwise is refused, naming it; so is a running domain.
+    try:
+        ctx.set_event_channels(SRC, [dataclasses.replace(laid[3], vcpu=0,
+                                                         status=UNBOUND)])
+    except libs.XenCallError as exc:
+        out["clash"] = [exc.errno, str(exc)]
+    host.unpause(PEER)
+    try:
+        ctx.set_event_channels(PEER, [
+            EventChannel(port=p + 1, status=IPI)])
+    except libs.XenCallError as exc:
+        out["running"] = [exc.errno, str(exc)]
+    host.pause(PEER)
+
+    host.destroy_domain(SRC)
+    out["peer_after_destroy"] = status(PEER)
+    host.create_empty_domain(src, SRC)
+    again = ctx.get_event_channels(SRC)
+    out["recreated"] = records(again)
+    # What the toolstack of the new domain bound itself stays; the rest
+    # is imported port for port.
+    ctx.set_event_channels(
+        SRC, [c for c in exported if c.port not in {a.port for a in again}])
+    out["imported"] = records(ctx.get_event_channels(SRC))
+    out["imported_status"] = status(SRC)
+finally:
+    for domid in (SRC, PEER):
+        try:
+            host.destroy_domain(domid)
+        except base.DomainNotFound:
+            pass
+print(json.dumps(out))
+"""
+)
+
+# Places vCPU 1's vcpu_info in a guest page holding a pattern, sets its
+# timers, areas and upcall vector, reads them back, then lets Xen itself
+# show that it uses the placed vcpu_info: a VIRQ_TIMER bound on vCPU 1
+# whose singleshot deadline has passed raises the upcall there.
+VCPU = (
+    PRELUDE
+    + """\
+import dataclasses, time
+import numpy as np
+from nova_xen_ncm.host.xen.context import (
+    EVTCHNSTAT_VIRQ, EventChannel, VcpuState)
+DOM, GFN, OFF = 43, 0x80, 0x40
+cfg = base.DomainConfig(name="ncm-vcpu", memory_bytes=32 << 20, vcpus=2,
+                        pv_drivers=False)
+pfns = np.array([GFN], dtype=np.uint64)
+
+def page():
+    with host.map_pages(DOM, pfns) as m:
+        return bytes(m.pages[0][OFF:OFF + 64]).hex()
+
+out = {}
+try:
+    host.create_empty_domain(cfg, DOM)
+    out["fresh"] = dataclasses.asdict(ctx.get_vcpu_state(DOM, 1))
+    # upcall pending and mask, pending_sel zero; the rest a pattern.
+    pattern = bytes(16) + bytes((0xA5 ^ i) & 0xFF for i in range(48))
+    with host.map_pages(DOM, pfns, writable=True) as m:
+        m.pages[0][OFF:OFF + 64] = pattern
+    out["pattern"] = pattern.hex()
+    want = VcpuState(vcpu=1, vcpu_info=(GFN, OFF), upcall_vector=0xF3,
+                     singleshot_deadline=1 << 62,
+                     periodic_period=10_000_000,
+                     runstate_va=0xFFFF888000123000,
+                     time_va=0xFFFF888000124040)
+    ctx.set_vcpu_state(DOM, want)
+    out["want"] = dataclasses.asdict(want)
+    out["got"] = dataclasses.asdict(ctx.get_vcpu_state(DOM, 1))
+    out["other"] = dataclasses.asdict(ctx.get_vcpu_state(DOM, 0))
+    out["after_set"] = page()
+    try:
+        ctx.set_vcpu_state(DOM, dataclasses.replace(
+            want, vcpu_info=(GFN, 0x80)))
+    except libs.XenCallError as exc:
+        out["moved"] = [exc.errno, str(exc)]
+    port = max(c.port for c in ctx.get_event_channels(DOM)) + 1
+    ctx.set_event_channels(DOM, [
+        EventChannel(port=port, status=EVTCHNSTAT_VIRQ, virq=0, vcpu=1)])
+    ctx.set_vcpu_state(DOM, dataclasses.replace(want, singleshot_deadline=1))
+    time.sleep(1)
+    out["port"] = port
+    out["fired"] = dataclasses.asdict(ctx.get_vcpu_state(DOM, 1))
+    out["after_fire"] = page()
+
+    # Refused while the guest runs; hvmloader, 32-bit, latches compat
+    # shared info with its first hypercall, and a compat guest is refused.
+    host.unpause(DOM)
+    try:
+        ctx.set_vcpu_state(DOM, want)
+    except libs.XenCallError as exc:
+        out["running"] = [exc.errno, str(exc)]
+    deadline = time.monotonic() + 60
+    while not ctx.get_vcpu_state(DOM, 0).compat:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    host.pause(DOM)
+    out["compat"] = ctx.get_vcpu_state(DOM, 0).compat
+    try:
+        ctx.set_vcpu_state(DOM, VcpuState(vcpu=0))
+    except libs.XenCallError as exc:
+        out["refused_compat"] = [exc.errno, str(exc)]
+finally:
+    try:
+        host.destroy_domain(DOM)
+    except base.DomainNotFound:
+        pass
+print(json.dumps(out))
+"""
+)
+
+PROBE = (
+    PRELUDE
+    + """\
+caps = host.capabilities()
+print(json.dumps({"supported": ctx.supported(),
+                  "missing_pv": {k.value: v
+                                 for k, v in caps.missing(True).items()},
+                  "missing_plain": {k.value: v
+                                    for k, v in caps.missing(False).items()}}))
+"""
+)
+
+
+def dom0_python(code: str) -> str:
+    return f"cat > /tmp/step.py <<'PY'\n{code}PY\npython3 /tmp/step.py"
+
+
+def last_json(result) -> dict:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_probe_asks_the_patched_hypervisor(patched_xen_rig: XenRig) -> None:
+    caps = last_json(patched_xen_rig.run(dom0_python(PROBE)))
+    assert caps["supported"] is True, caps
+    assert "XEN_DOMCTL_ncm_evtchn" in caps["missing_pv"]["event_channels"]
+    # Still refused: the rest of the PV state has no interface yet.
+    assert "shared_info" in caps["missing_pv"], caps
+    assert caps["missing_plain"] == {}, caps
+
+
+def test_event_channels_round_trip_under_the_same_domid(
+    patched_xen_rig: XenRig,
+) -> None:
+    out = last_json(patched_xen_rig.run(dom0_python(ROUND_TRIP)))
+    assert out["abi"] == ["fifo", "2-level"], out["abi"]
+    assert "only 2-level ports" in out["fifo"], out["fifo"]
+    assert out["pv_before"] is False and out["pv_after"] is True, out
+    laid, exported = out["laid"], out["exported"]
+    # Every laid port is exported exactly as laid.
+    for port, chan in laid.items():
+        assert exported[port] == chan, (port, exported.get(port))
+    # The stock EVTCHNOP_status agrees with the export on every port it
+    # may read (Xen's own ports answer it EACCES and are left out).
+    shown = {
+        port: [c["status"], c["vcpu"], c["remote_dom"], c["remote_port"],
+               c["virq"]]
+        for port, c in exported.items()
+        if not c["xen_bound"]
+    }  # fmt: skip
+    assert shown == out["status"], (shown, out["status"])
+    # The peer's end of the interdomain port points back at it.
+    p = min(int(port) for port in laid)
+    peer_end = out["peer_status"][str(p)]
+    assert peer_end[:4] == [2, 0, 41, p + 7], peer_end
+    assert out["peer_status"][str(p + 8)][:4] == [2, 0, 41, p + 8]
+
+    clash_errno, clash = out["clash"]
+    assert clash_errno == 16 and f"port {p + 3}" in clash, out["clash"]
+    assert out["running"][0] == 16, out["running"]
+
+    # The peer's port went back to unbound (remote 41) with the guest.
+    assert out["peer_after_destroy"][str(p)][:3] == [1, 0, 41]
+    # Recreated by the same toolstack, the guest has its own ports at
+    # the same numbers; after the import it has every port it had.
+    assert set(out["recreated"]) == set(out["fresh"])
+    imported = out["imported"]
+    assert set(imported) == set(exported)
+    for port in laid:
+        assert imported[port] == exported[port], port
+    assert {
+        port: s for port, s in out["imported_status"].items() if port in laid
+    } == {port: s for port, s in out["status"].items() if port in laid}
+
+
+def test_vcpu_state_placed_without_touching_the_page(
+    patched_xen_rig: XenRig,
+) -> None:
+    out = last_json(patched_xen_rig.run(dom0_python(VCPU)))
+    # A fresh HVM vCPU registered nothing.
+    fresh = out["fresh"]
+    assert fresh["vcpu_info"] is None and fresh["upcall_vector"] == 0
+    assert fresh["singleshot_deadline"] is None, fresh
+    want, got = out["want"], out["got"]
+    assert got == want, (got, want)
+    assert out["other"]["vcpu_info"] is None, out["other"]
+    # Stock map_vcpu_info() would have copied the old vcpu_info over the
+    # page and raised every event: the page is as the guest left it.
+    assert out["after_set"] == out["pattern"]
+    assert out["moved"][0] == 17, out["moved"]  # EEXIST
+
+    # The deadline had passed: the timer fired at once, and Xen raised
+    # VIRQ_TIMER's upcall in the placed vcpu_info.
+    assert out["fired"]["singleshot_deadline"] is None, out["fired"]
+    after = bytes.fromhex(out["after_fire"])
+    pattern = bytes.fromhex(out["pattern"])
+    assert after[0] == 1, after.hex()  # evtchn_upcall_pending
+    pending_sel = int.from_bytes(after[8:16], "little")
+    assert pending_sel == 1 << (out["port"] // 64), hex(pending_sel)
+    assert after[16:32] == pattern[16:32]  # arch_vcpu_info untouched
+
+    assert out["running"][0] == 16, out["running"]  # EBUSY
+    assert out["compat"] is True, out
+    assert out["refused_compat"][0] == 95, out  # EOPNOTSUPP
+    assert "32-bit" in out["refused_compat"][1]
