@@ -112,6 +112,9 @@ class PendingBits:
         sel[0] |= bit
         return was
 
+    def upcall_pending(self, vcpu: int) -> bool:
+        return bool(self.vcpu_info(vcpu)[VI_UPCALL_PENDING])
+
     def mark_upcall(self, vcpu: int) -> bool:
         """vcpu_mark_events_pending(): True if the vCPU needs a kick."""
         vi = self.vcpu_info(vcpu)

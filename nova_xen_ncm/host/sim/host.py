@@ -691,9 +691,11 @@ class SimHost(base.HostDriver):
             LOG.debug("dom0: watch event for unknown token %s", token)
 
     def _service_backends(self) -> None:
+        """The disks finish what the backends took: requests are taken
+        only on their port's event (a port bound wrong stalls I/O)."""
         for be in list(self._backends.values()):
             if not be.quiesced:
-                be.service()
+                be.complete_requests()
 
     def _dom0_bind(self, dom: _Domain, guest_port: int) -> int:
         port = self.evtchn.bind_interdomain(self.dom0, dom.domid, guest_port)
@@ -866,6 +868,7 @@ class SimHost(base.HostDriver):
         finally:
             hc_guest.close()
             ctl_guest.close()
+        dom.mem.track(dom.proc.pid)
         dom.ctl, dom.hc = ctl_host, hc_host
         threading.Thread(
             target=self._serve_hypercalls,
@@ -892,6 +895,7 @@ class SimHost(base.HostDriver):
         dom.save_registers(regs)
         dom.booted = True
         self._running(dom)
+        self._reassert_upcalls(dom)
 
     def _stop_guest(self, dom: _Domain, *, wait: bool = True) -> None:
         """Stop the guest process. Without ``wait`` its exit (which
@@ -902,6 +906,8 @@ class SimHost(base.HostDriver):
             return
         with contextlib.suppress(HostError):
             dom.request({"cmd": "stop"}, timeout=5.0)
+        with dom.mem.lock():
+            dom.mem.untrack()
         socks = (dom.ctl, dom.hc)
         dom.ctl = dom.hc = None
 
@@ -1295,6 +1301,28 @@ class SimHost(base.HostDriver):
             }
         )
         self._running(dom)
+        self._reassert_upcalls(dom)
+
+    @staticmethod
+    def _reassert_upcalls(dom: _Domain) -> None:
+        """The callback vector is level-triggered: asserted while a
+        vCPU's evtchn_upcall_pending is set (xen/arch/x86/hvm/irq.c,
+        hvm_vcpu_has_pending_irq). A kick sent while the vCPUs were
+        paused was not taken; the flag, in vcpu_info, says it all."""
+        if not dom.params.get(hvm.HVM_PARAM_CALLBACK_IRQ):
+            return  # no callback vector: events are not delivered
+        with dom.mem_lock():
+            pending = [
+                v
+                for v in range(dom.vcpus)
+                if (
+                    v in dom.vcpu_info_at
+                    or v < evtchn.XEN_LEGACY_MAX_VCPUS
+                )
+                and dom.bits.upcall_pending(v)
+            ]
+        for v in pending:
+            dom.kick(v)
 
     @staticmethod
     def _running(dom: _Domain) -> None:
