@@ -1,0 +1,160 @@
+"""Events and writes across a real migration, as Xen delivers and
+tracks them: the upcall is level-triggered (an event raised while the
+guest is paused is taken after resume, on the destination), every port
+the drivers use delivers events after the migration, and a write that
+the guest marks nowhere is carried."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.base import EvtchnType
+from nova_xen_ncm.host.sim import hvm
+from nova_xen_ncm.host.sim import kernel
+from nova_xen_ncm.host.sim import layout
+
+from .conftest import DEVICES
+from .conftest import MiB
+from .conftest import guest_config
+
+
+def _wait_for(predicate, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _counts(host, domid):
+    """The guest's own per-port event counts, in its RAM."""
+    mem = host._domains[domid].mem
+    return mem.ram[kernel.COUNTERS_PFN].view(np.uint32)
+
+
+def _unmasked(host, domid, port):
+    dom = host._domains[domid]
+    return not host.evtchn.status(dom, base.DOMID_SELF, port).masked
+
+
+def test_event_between_pause_and_quiesce_reaches_one_vcpu_guest(
+    source, destination, migration, monkeypatch
+):
+    domid = source.create_domain(
+        base.DomainConfig(
+            name="one-vcpu",
+            memory_bytes=8 * MiB,
+            vcpus=1,
+            workload={"dirty_rate": 256 * 1024},
+        )
+    )
+    console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+    assert _wait_for(lambda: _unmasked(source, domid, console))
+    pause = source.pause
+    raised = []
+
+    def pause_then_event(d):
+        pause(d)
+        dom = source._domains[d]
+        # dom0 signals the guest after its vCPUs stopped and before the
+        # backends are quiesced.
+        source.dom0_notify(dom.ports[console].remote_port)
+        with dom.mem_lock():
+            raised.append(
+                (
+                    int(_counts(source, d)[console]),
+                    dom.bits.upcall_pending(0),
+                )
+            )
+
+    monkeypatch.setattr(source, "pause", pause_then_event)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    seen, pending = raised[0]
+    assert pending, "the upcall flag is set in vcpu_info, not taken"
+    counts = _counts(destination, domid)
+    assert _wait_for(lambda: int(counts[console]) == seen + 1), (
+        f"console port: {int(counts[console])} events, expected {seen + 1}"
+    )
+    # And the guest goes on taking events.
+    dom = destination._domains[domid]
+    destination.dom0_notify(dom.ports[console].remote_port)
+    assert _wait_for(lambda: int(counts[console]) == seen + 2)
+
+
+def test_every_driver_port_delivers_after_migration(
+    source, destination, migration
+):
+    domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
+    dom = source._domains[domid]
+    params = source.get_hvm_params(domid)
+    console = params[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+
+    def driver_ports(d):
+        return sorted(
+            p
+            for p, ch in d.ports.items()
+            if ch.type == EvtchnType.INTERDOMAIN and p != console
+        )
+
+    # The store port and one port per frontend, all busy.
+    assert _wait_for(lambda: len(driver_ports(dom)) == 1 + len(DEVICES))
+    ports = driver_ports(dom)
+    assert _wait_for(lambda: all(_counts(source, domid)[ports] > 0))
+    at_pause = {}
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks={
+            ("state", "restore"): lambda e: at_pause.update(
+                counts=_counts(source, domid)[ports].copy()
+            )
+        },
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    restored = destination._domains[domid]
+    assert driver_ports(restored) == ports
+    # xenstored has something to say: a watched node is rewritten (a
+    # watch event on the store port).
+    for be in list(restored.backends.values()):
+        path = f"{be.backend_path}/state"
+        destination.dom0_xs.write(path, destination.dom0_xs.read(path))
+    counts = _counts(destination, domid)
+    assert _wait_for(lambda: all(counts[ports] > at_pause["counts"])), (
+        f"ports {ports}: {counts[ports].tolist()} events after resume, "
+        f"{at_pause['counts'].tolist()} at pause"
+    )
+
+
+def test_write_the_guest_marks_nowhere_is_carried(
+    source, destination, migration
+):
+    domid = source.create_domain(guest_config(dirty_rate=0))
+    pfn = layout.KERNEL_AREA_PFN + layout.KERNEL_AREA_PAGES + 7
+    data = os.urandom(256)
+
+    def write_after_round_0(event):
+        if event.detail["round"] == 0:
+            # A store of the guest's, through its own mapping: nothing
+            # but the hypervisor's write tracking sees it.
+            source.guest_command(
+                domid, "write", pfn=pfn, offset=1024, data=data.hex()
+            )
+
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks={("round", "precopy"): write_after_round_0},
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    ram = destination._domains[domid].mem.ram
+    assert bytes(ram[pfn][1024 : 1024 + len(data)]) == data
+
