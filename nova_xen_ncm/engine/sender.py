@@ -438,6 +438,25 @@ class Sender:
         self.stats.finish()
         return self.state.phase
 
+    def _required(self, pv_drivers: bool) -> tuple[str, ...]:
+        """The items the guest needs, and the optional PV features it
+        uses (base.GuestFeature), for the destination to refuse what it
+        cannot restore at SETUP rather than in the downtime."""
+        names = [i.value for i in needed_items(pv_drivers)]
+        if pv_drivers:
+            try:
+                features = self.host.guest_features(self.domid)
+            except base.NotSupported as exc:
+                LOG.info(
+                    "Migration %s: %s; the destination's import checks "
+                    "them",
+                    self.migration_id,
+                    exc,
+                )
+            else:
+                names += sorted(f.value for f in features)
+        return tuple(names)
+
     def _setup(self) -> None:
         self._check_source()
         info = self.info
@@ -461,7 +480,7 @@ class Sender:
                 memory_bytes=info.memory_bytes,
                 vcpus=info.vcpus,
                 pv_drivers=info.pv_drivers,
-                required=tuple(i.value for i in needed_items(info.pv_drivers)),
+                required=self._required(info.pv_drivers),
                 running=self._running,
                 channels=len(self._channels),
             )

@@ -309,6 +309,53 @@ class PvState:
 # -- what a host can do ---------------------------------------------------
 
 
+class GuestFeature(str, enum.Enum):
+    """Optional PV features a guest may use, which a destination must be
+    able to restore: named in SETUP (with the items) and checked against
+    :attr:`Capabilities.features` before anything moves."""
+
+    #: The FIFO event channel ABI (EVTCHNOP_init_control; Linux's default).
+    EVTCHN_FIFO = "evtchn-fifo"
+    #: Grant table v2 (GNTTABOP_set_version), with status frames.
+    GNTTAB_V2 = "gnttab-v2"
+    #: Interdomain event channels to a domain other than a backend
+    #: domain of the guest's devices (vchan and the like).
+    EVTCHN_DOMU_PEER = "evtchn-domu-peer"
+    #: Xenstore permissions the guest set naming a third domain.
+    XENSTORE_FOREIGN_PERMS = "xenstore-foreign-perms"
+
+
+def features_of(
+    domid: int,
+    abi: EvtchnAbi,
+    grant_version: int,
+    ports: Sequence[EventChannel],
+    nodes: Sequence[XenstoreNode],
+    backend_domids: Collection[int],
+) -> frozenset[GuestFeature]:
+    """The optional features PV state of guest ``domid`` uses."""
+    found = set()
+    if abi == EvtchnAbi.FIFO:
+        found.add(GuestFeature.EVTCHN_FIFO)
+    if grant_version != 1:
+        found.add(GuestFeature.GNTTAB_V2)
+    peers = set(backend_domids) | {domid}
+    if any(
+        p.type == EvtchnType.INTERDOMAIN and p.remote_domid not in peers
+        for p in ports
+    ):
+        found.add(GuestFeature.EVTCHN_DOMU_PEER)
+    for node in nodes:
+        owner = node.perms[0][1] if node.perms else domid
+        if owner != domid:
+            continue  # the toolstack's nodes: not the guest's doing
+        acl = node.perms[1:]
+        if any(access != "n" and who not in peers for access, who in acl):
+            found.add(GuestFeature.XENSTORE_FOREIGN_PERMS)
+            break
+    return frozenset(found)
+
+
 class Item(str, enum.Enum):
     """The items of the transparency invariant (ARCHITECTURE.md 2)."""
 
@@ -340,6 +387,8 @@ class Capabilities:
     vcpu_throttle: bool = True
     max_vcpus: int = 128
     free_memory_bytes: int = 0
+    #: The optional guest features (GuestFeature) it can restore.
+    features: frozenset[GuestFeature] = frozenset()
 
     def missing(self, pv_drivers: bool) -> dict[Item, str]:
         """The items a guest would need that this host cannot restore."""
@@ -547,6 +596,14 @@ class HostDriver(abc.ABC):
     @abc.abstractmethod
     def resume_backends(self, domid: int) -> None:
         """Undo :meth:`quiesce_backends` (rollback on the source)."""
+
+    def guest_features(self, domid: int) -> frozenset[GuestFeature]:
+        """The optional PV features the running guest uses (at SETUP, to
+        be refused there if the destination cannot restore them)."""
+        raise NotSupported(
+            "this host cannot report the guest's PV features",
+            call="guest_features",
+        )
 
     @abc.abstractmethod
     def export_pv_state(self, domid: int) -> PvState:

@@ -62,6 +62,7 @@ from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 from nova_xen_ncm.host.sim.memory import GuestMemory
 from nova_xen_ncm.host.sim.memory import SpareRam
 from nova_xen_ncm.host.sim.memory import SpareRamAbandoned
+from nova_xen_ncm.host.sim.memory import write_tracking_available
 from nova_xen_ncm.host.sim.xenstore import ImportPolicy
 from nova_xen_ncm.host.sim.xenstore import LocalClient
 from nova_xen_ncm.host.sim.xenstore import Xenstore
@@ -1166,13 +1167,38 @@ class SimHost(base.HostDriver):
     # -- HostDriver: lifecycle --
 
     def capabilities(self) -> base.Capabilities:
+        """What this host can do, probed: log-dirty needs the kernel's
+        write tracking (memory.WriteTracker). The 2-level event channel
+        ABI and grant table v1 are what is implemented; interdomain
+        channels are rebound to dom0 only, and guest-set xenstore
+        permissions naming a third domain are not carried (that domain
+        is another one here): no optional GuestFeature is restorable."""
         return base.Capabilities(
             host=self.hostname,
             hypervisor="nova-xen-ncm simulated Xen 4.17",
             restore={item: None for item in Item},
+            log_dirty=write_tracking_available() is None,
             max_vcpus=kernel.MAX_VCPUS,
             free_memory_bytes=self.free_memory(),
+            features=frozenset(),
         )
+
+    def guest_features(self, domid: int) -> frozenset[base.GuestFeature]:
+        call = "guest_features"
+        dom = self._domain(domid, call)
+        with self._lock:
+            ports = self.evtchn.table(dom)
+            nodes: tuple = ()
+            if self.xenstore.is_introduced(domid):
+                nodes = self.xenstore.export_domain(domid, strict=False).nodes
+            return base.features_of(
+                domid,
+                base.EvtchnAbi.TWO_LEVEL,
+                1,
+                ports,
+                nodes,
+                {d.backend_domid for d in dom.config.devices} | {DOM0},
+            )
 
     def _info(self, dom: _Domain) -> base.DomainInfo:
         if (
