@@ -19,6 +19,7 @@ import dataclasses
 import errno as errnos
 import functools
 import hashlib
+import itertools
 import json
 import queue
 import random
@@ -95,6 +96,9 @@ NR_GRANT_FRAMES = 4
 EXTRA_PAGES = layout.X86_HVM_NR_SPECIAL_PAGES + 1024
 TSC_KHZ = 2994000
 DOM0_TICK = 0.01
+# libxl's LIBXL_DOMID_REUSE_TIMEOUT: a released domid is not given to a
+# new domain for this long.
+DOMID_REUSE_TIMEOUT = 60.0
 # Disks are shared storage: the backends of one disk on every simulated
 # host of this process use one BlockStore, keyed by (domain uuid, devid).
 _DISKS: dict[tuple[str, int], devices.BlockStore] = {}
@@ -392,6 +396,10 @@ class SimHost(base.HostDriver):
         self.memory_bytes = self.opts.host_memory_mb * MiB
         self._lock = threading.RLock()
         self._domains: dict[int, _Domain] = {}
+        # The domid allocator's state: the last domid it gave, and when
+        # each recently destroyed domain's domid was released.
+        self._domid_last = 0
+        self._domid_released: dict[int, float] = {}
         self.dom0 = _Dom0(hostname)
         self.evtchn = evtchn.EventChannelOps(self._lookup)
         self.xenstore = Xenstore()
@@ -531,6 +539,31 @@ class SimHost(base.HostDriver):
             raise
         self._domains[domid] = dom
         return dom
+
+    def _alloc_domid(self, call: str) -> int:
+        """Xen's allocator (xen/common/domid.c): the next free domid after
+        the last one allocated, round-robin over 1..DOMID_FIRST_RESERVED-1;
+        as libxl does (libxl__is_domid_recent), skipping domids released
+        less than DOMID_REUSE_TIMEOUT ago. Host lock held."""
+        now = time.monotonic()
+        self._domid_released = {
+            d: t
+            for d, t in self._domid_released.items()
+            if now - t < DOMID_REUSE_TIMEOUT
+        }
+        last = self._domid_last
+        for domid in itertools.chain(
+            range(last + 1, DOMID_FIRST_RESERVED), range(1, last + 1)
+        ):
+            taken = domid in self._domains or domid in self._domid_released
+            if not taken:
+                self._domid_last = domid
+                return domid
+        raise HostError(
+            "no domid free (recently released ones are not reused for "
+            f"{DOMID_REUSE_TIMEOUT:.0f} s)",
+            call=call,
+        )
 
     def _free_memory(self) -> int:
         used = sum(d.config.memory_bytes for d in self._domains.values())
@@ -1061,7 +1094,14 @@ class SimHost(base.HostDriver):
         with dom.mem.lock():
             old = bytes(dom._vcpu_info(vcpu))
             dom.vcpu_info_at[vcpu] = (gfn, offset)
-            dom._vcpu_info(vcpu)[:] = np.frombuffer(old, dtype=np.uint8)
+            vi = dom._vcpu_info(vcpu)
+            vi[:] = np.frombuffer(old, dtype=np.uint8)
+            # As map_guest_area()'s caller does: every selector bit set
+            # so that nothing is lost; the guest takes a spurious upcall.
+            vi[evtchn.VI_PENDING_SEL : evtchn.VI_PENDING_SEL + 8] = 0xFF
+            kick = dom.bits.mark_upcall(vcpu)
+        if kick:
+            dom.kick(vcpu)
 
     # -- dom0 services for other parts of the simulated host --
 
@@ -1257,11 +1297,7 @@ class SimHost(base.HostDriver):
                     raise HostError(
                         f"a domain named {config.name!r} exists", call=call
                     )
-            domid = next(
-                i
-                for i in range(1, DOMID_FIRST_RESERVED)
-                if i not in self._domains
-            )
+            domid = self._alloc_domid(call)
             dom = self._reserve(config, domid, call)
             try:
                 self._build(dom)
@@ -1384,7 +1420,8 @@ class SimHost(base.HostDriver):
                     self.evtchn.close(self.dom0, port)
             if self.xenstore.is_introduced(dom.domid):
                 self.xenstore.release_domain(dom.domid)
-            self._domains.pop(dom.domid, None)
+            if self._domains.pop(dom.domid, None) is not None:
+                self._domid_released[dom.domid] = time.monotonic()
         self._in_background(dom.mem.close)
         self._replenish()
 
@@ -2176,6 +2213,19 @@ class SimHost(base.HostDriver):
             daemon=True,
         ).start()
 
+    def _guest_ports(self, dom: _Domain) -> tuple[base.EventChannel, ...]:
+        """The guest's port table as the invariant has it: the guest's
+        port numbers are kept; the port at a backend domain's end is that
+        domain's to number (a restore may renumber dom0's end when its
+        number is taken), so it is left out (0)."""
+        peers = set(self._backend_domids(dom)) - {dom.domid}
+        return tuple(
+            dataclasses.replace(p, remote_port=0)
+            if p.type == EvtchnType.INTERDOMAIN and p.remote_domid in peers
+            else p
+            for p in self.evtchn.table(dom)
+        )
+
     def guest_state(
         self, domid: int, items: Collection[Item] | None = None
     ) -> base.GuestState:
@@ -2191,7 +2241,7 @@ class SimHost(base.HostDriver):
                 Item.HVM_PARAMS: tuple(sorted(dom.params.items())),
                 Item.EVENT_CHANNELS: (
                     base.EvtchnAbi.TWO_LEVEL,
-                    self.evtchn.table(dom),
+                    self._guest_ports(dom),
                 ),
                 Item.GRANT_TABLE: self._digest_grants(dom),
                 Item.SHARED_INFO: self._digest_shared_info(dom),

@@ -410,7 +410,8 @@ class Xenstore:
 
     def release_domain(self, domid: int) -> None:
         """XS_RELEASE / domain destruction: drop the domain's connection
-        and the nodes it owns with their children (xenstore.txt), fire
+        and the nodes it owns with their children (xenstore.txt), strip
+        the permission entries naming it from every other node, fire
         @releaseDomain."""
         with self._lock:
             conn = self._domain_conn(domid)
@@ -419,6 +420,18 @@ class Xenstore:
             for path in self._owned_tops(domid):
                 if path in self._tree:
                     self._remove(None, path)
+            # A later domain given this domid must not inherit access to
+            # what others granted this one (XSA-322).
+            for path, node in list(self._tree.items()):
+                acl = [e for e in node.perms[1:] if e[1] != domid]
+                if len(acl) != len(node.perms) - 1:
+                    self._put(
+                        None,
+                        path,
+                        dataclasses.replace(
+                            node, perms=(node.perms[0], *acl)
+                        ),
+                    )
             self._fire_special(RELEASE_DOMAIN, domid)
             calls = self._deliver_touched()
         self._run(calls)

@@ -158,3 +158,44 @@ def test_write_the_guest_marks_nowhere_is_carried(
     ram = destination._domains[domid].mem.ram
     assert bytes(ram[pfn][1024 : 1024 + len(data)]) == data
 
+
+
+def test_dom0_ports_renumbered_on_the_destination(
+    source, destination, migration
+):
+    """Only the guest's port numbers are kept: dom0's ends take others
+    when their numbers are taken, and I/O goes on."""
+    domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
+    dom = source._domains[domid]
+    assert _wait_for(
+        lambda: sum(
+            ch.type == EvtchnType.INTERDOMAIN for ch in dom.ports.values()
+        )
+        == 2 + len(DEVICES)
+    )
+    dom0_ends = {
+        ch.remote_port
+        for ch in dom.ports.values()
+        if ch.type == EvtchnType.INTERDOMAIN
+    }
+    # Dom0 on the destination already uses those numbers.
+    while not dom0_ends <= set(destination.dom0.ports):
+        destination.evtchn.alloc_unbound(
+            destination.dom0, base.DOMID_SELF, base.DOMID_SELF
+        )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    restored = destination._domains[domid]
+    moved = {
+        p: ch.remote_port
+        for p, ch in restored.ports.items()
+        if ch.type == EvtchnType.INTERDOMAIN
+    }
+    assert not set(moved.values()) & dom0_ends
+    # The frontends' ports go on delivering the backends' responses.
+    ports = sorted(moved)
+    counts = _counts(destination, domid)
+    before = counts[ports].copy()
+    assert _wait_for(
+        lambda: (counts[ports] > before).sum() >= len(DEVICES)
+    ), f"ports {ports}: {counts[ports].tolist()}, {before.tolist()} before"

@@ -31,6 +31,24 @@ def test_domid_rules(host):
     assert [d.domid for d in host.list_domains()] == [5]
 
 
+def test_domids_are_given_round_robin_avoiding_recent_ones(host):
+    """xen/common/domid.c: after the last one given, wrapping round;
+    libxl: not one released less than a minute ago."""
+    empty(host, 1)
+    with host._lock:
+        assert host._alloc_domid("t") == 2
+        # 2 is free, but the allocator moved on.
+        assert host._alloc_domid("t") == 3
+    host.destroy_domain(1)
+    host._domid_last = base.DOMID_FIRST_RESERVED - 1
+    with host._lock:
+        assert host._alloc_domid("t") == 2  # 1 was released just now
+    host._domid_released[1] -= sim_host.DOMID_REUSE_TIMEOUT
+    host._domid_last = base.DOMID_FIRST_RESERVED - 1
+    with host._lock:
+        assert host._alloc_domid("t") == 1
+
+
 def test_domid_in_use_refused_before_anything_is_created(host):
     host.create_empty_domain(_config("a", mb=128), 3)
     free = host.free_memory()

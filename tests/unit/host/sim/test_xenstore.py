@@ -276,6 +276,17 @@ def test_release_removes_owned_nodes(store):
     assert not xs.is_introduced(GUEST)
 
 
+def test_release_strips_permissions_naming_the_domain(store):
+    xs, dom0, guest, other = store
+    write(xs, guest, "data/shared", "1")
+    ok(xs, guest, XsType.SET_PERMS, f"{HOME}/data/shared", "n5", "r6", "r0")
+    ok(xs, dom0, XsType.SET_PERMS, "/local/domain/6", "n6", "b5")
+    xs.release_domain(GUEST)
+    # What domain 5 was granted is not inherited by the next domain 5.
+    perms = ok(xs, dom0, XsType.GET_PERMS, "/local/domain/6")
+    assert xs_wire.split_strings(perms) == ["n6"]
+
+
 # -- transactions --------------------------------------------------------
 
 
