@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import uuid as uuidlib
+import zlib
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Iterator
@@ -244,6 +245,9 @@ class _Domain:
         self.params: dict[int, int] = {}
         self.records = hvm.default_records(self.vcpus, TSC_KHZ)
         self.tsc = base.TscInfo(mode=0, khz=TSC_KHZ, nsec=0, incarnation=0)
+        # Guest TSC = host TSC + tsc_offset: 0 at creation; a restore
+        # sets it so that the TSC goes on from the saved CPU records.
+        self.tsc_offset = -self._host_tsc()
         self.state = DomainState.PAUSED
         self.throttle = 1.0
         self.backends_quiesced = False
@@ -346,8 +350,46 @@ class _Domain:
                 regs.append(hvm.cpu_registers(rec.data))
         return regs
 
+    def _host_tsc(self) -> int:
+        """This host's TSC (ticking at the guest's frequency)."""
+        return self.host.now_ns() * self.tsc.khz // 1_000_000
+
+    def guest_tsc(self) -> int:
+        return self._host_tsc() + self.tsc_offset
+
+    def restore_tsc(self) -> None:
+        """hvm_set_guest_tsc_fixed() at restore: the guest's TSC goes on
+        from the value in its CPU records (vCPU 0's)."""
+        for rec in self.records:
+            if rec.typecode == hvm.CODE_CPU and rec.instance == 0:
+                saved = hvm.cpu_registers(rec.data)["tsc"]
+                self.tsc_offset = saved - self._host_tsc()
+                return
+
+    def update_time(self) -> None:
+        """What Xen writes when the vCPUs are scheduled in: each vCPU's
+        vcpu_time_info (update_vcpu_system_time) and the wallclock
+        (update_domain_wallclock_time). The guest's system time follows
+        its TSC, so it is monotonic across a migration (it stands still
+        while the guest is in transit); the wallclock, the wall time at
+        system time 0, is rebased on this host's clock, so that
+        wallclock + system time is the time of day here. The caller
+        holds the memory lock."""
+        scale = hvm.TimeScale.for_khz(self.tsc.khz)
+        tsc = self.guest_tsc()
+        system_time = scale.scale(max(tsc, 0))
+        for v in range(self.vcpus):
+            if v in self.vcpu_info_at or v < evtchn.XEN_LEGACY_MAX_VCPUS:
+                hvm.write_vcpu_time(
+                    memoryview(self._vcpu_info(v)), tsc, system_time, scale
+                )
+        hvm.write_wallclock(
+            memoryview(self.mem.xen_pages[XENPAGE_SHARED_INFO]),
+            time.time_ns() - system_time,
+        )
+
     def save_registers(self, regs: Sequence[Mapping[str, int]]) -> None:
-        guest_tsc = int((time.monotonic_ns() * self.tsc.khz) // 1_000_000)
+        guest_tsc = self.guest_tsc()
         for rec in self.records:
             if rec.typecode == hvm.CODE_CPU and rec.instance < len(regs):
                 values = dict(regs[rec.instance], tsc=guest_tsc)
@@ -400,6 +442,10 @@ class SimHost(base.HostDriver):
         # each recently destroyed domain's domid was released.
         self._domid_last = 0
         self._domid_released: dict[int, float] = {}
+        # Xen's NOW() here: ns since this host booted (hosts booted at
+        # different times, so a migrating guest's host time jumps).
+        uptime = zlib.crc32(hostname.encode()) % 86_400 + 60
+        self._boot_ns = time.monotonic_ns() - uptime * 1_000_000_000
         self.dom0 = _Dom0(hostname)
         self.evtchn = evtchn.EventChannelOps(self._lookup)
         self.xenstore = Xenstore()
@@ -539,6 +585,10 @@ class SimHost(base.HostDriver):
             raise
         self._domains[domid] = dom
         return dom
+
+    def now_ns(self) -> int:
+        """The hypervisor's system time (Xen's NOW())."""
+        return time.monotonic_ns() - self._boot_ns
 
     def _alloc_domid(self, call: str) -> int:
         """Xen's allocator (xen/common/domid.c): the next free domid after
@@ -916,6 +966,8 @@ class SimHost(base.HostDriver):
         run it (one request: a restored guest's downtime ends here)."""
         if dom.proc is None:
             self._launch(dom)
+        with dom.mem_lock():
+            dom.update_time()
         regs = dom.request(
             {
                 "cmd": "start",
@@ -1100,6 +1152,7 @@ class SimHost(base.HostDriver):
             # so that nothing is lost; the guest takes a spurious upcall.
             vi[evtchn.VI_PENDING_SEL : evtchn.VI_PENDING_SEL + 8] = 0xFF
             kick = dom.bits.mark_upcall(vcpu)
+            dom.update_time()
         if kick:
             dom.kick(vcpu)
 
@@ -1355,6 +1408,8 @@ class SimHost(base.HostDriver):
         }
 
     def _start_running(self, dom: _Domain) -> None:
+        with dom.mem_lock():
+            dom.update_time()
         dom.request(
             {
                 "cmd": "unpause",
@@ -1630,6 +1685,7 @@ class SimHost(base.HostDriver):
         if dom.state == DomainState.RUNNING:
             raise HostError(f"domain {domid} must be paused", call=call)
         dom.records = hvm.decode(blob, dom.vcpus)
+        dom.restore_tsc()
 
     @_faulty
     def get_hvm_params(self, domid: int) -> dict[int, int]:
@@ -1666,7 +1722,10 @@ class SimHost(base.HostDriver):
             )
         if info.nsec < 0 or not 0 <= info.incarnation < 1 << 32:
             raise HostError("TSC nsec/incarnation out of range", call=call)
+        # The guest's TSC goes on at the new frequency from where it is.
+        tsc = dom.guest_tsc()
         dom.tsc = info
+        dom.tsc_offset = tsc - dom._host_tsc()
 
     # -- HostDriver: PV state --
 
