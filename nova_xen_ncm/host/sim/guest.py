@@ -90,7 +90,6 @@ class GuestKernel:
         self._store_seen = 0
         self.header: dict = {}
         self.io_rate = 0.0
-        self.store_pfn = layout.special_pfn(layout.SPECIALPAGE_XENSTORE)
         self.xs: xenbus.XenbusClient | None = None
         self.frontends: list[devices.Frontend] = []
 
@@ -174,6 +173,8 @@ class GuestKernel:
             "xenbus_ready": 0,
             "next_driver_page": 0,
             "next_grant_ref": kernel.FIRST_GRANT_REF,
+            "io_rate": float(config.get("io_rate", 0)),
+            "store_pfn": 0,
         }
         self.fill(self.header["fill"], config["seed"])
         with self.mem.lock():
@@ -239,6 +240,9 @@ class GuestKernel:
         console = self.hypercall(
             "hvm_get_param", index=hvm.HVM_PARAM_CONSOLE_EVTCHN
         )
+        store_pfn = self.hypercall(
+            "hvm_get_param", index=hvm.HVM_PARAM_STORE_PFN
+        )
         ports = [*ipis, debug, store, console]
         with self.mem.lock():
             self.header.update(
@@ -246,6 +250,7 @@ class GuestKernel:
                 grant_gfn=grant_gfn,
                 callback_via=via,
                 store_port=store,
+                store_pfn=store_pfn,
                 console_port=console,
                 debug_port=debug,
             )
@@ -381,7 +386,7 @@ class GuestKernel:
         ]
         store_port = self.header["store_port"]
         self.xs = xenbus.XenbusClient(
-            self.mem.page(self.store_pfn, writable=True),
+            self.mem.page(self.header["store_pfn"], writable=True),
             state,
             notify=lambda: self.evtchn_send(store_port),
             wait=self._store_wait,
@@ -430,7 +435,14 @@ class GuestKernel:
     def xenbus_loop(self) -> None:
         """The xenbus thread: it acts on events (the counts the upcall
         handler keeps in RAM), and issues the workload's requests at its
-        I/O rate; it polls nothing."""
+        I/O rate; it polls nothing. A kernel without PV drivers (its
+        header in RAM says) has none."""
+        with self.cond:
+            while self.paused:
+                self.cond.wait()
+            if not self.header["pv_drivers"]:
+                return
+            self.io_rate = float(self.header["io_rate"])
         credit = 0.0
         last = time.monotonic()
         while True:
@@ -636,11 +648,9 @@ def serve(ctl: socket.socket, gk: GuestKernel, config: dict) -> None:
         )
         for v in range(gk.nr_vcpus)
     ]
-    if config["pv_drivers"]:
-        threads.append(
-            threading.Thread(target=gk.xenbus_loop, daemon=True, name="xenbus")
-        )
-    gk.io_rate = float(config.get("io_rate", 0))
+    threads.append(
+        threading.Thread(target=gk.xenbus_loop, daemon=True, name="xenbus")
+    )
     # They wait for the first unpause: started here, they are no part of
     # it (a restored guest's unpause ends its downtime).
     for t in threads:

@@ -214,6 +214,7 @@ class _Domain:
     """A guest domain: the hypervisor's view of it."""
 
     privileged = False
+    max_evtchn_port = evtchn.DEFAULT_MAX_EVTCHN_PORT
 
     def __init__(
         self,

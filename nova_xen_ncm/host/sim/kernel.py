@@ -60,6 +60,11 @@ HEADER_FIELDS = (
     ("xenbus_ready", "I"),
     ("next_driver_page", "I"),
     ("next_grant_ref", "I"),
+    # The workload's I/O requests per second (its configuration, in RAM
+    # like the rest: a restarted guest reads it here).
+    ("io_rate", "d"),
+    # HVM_PARAM_STORE_PFN as read at boot (Linux's xen_store_gfn).
+    ("store_pfn", "Q"),
 )
 VCPU_FIELDS = (
     ("counter", "Q"),
