@@ -302,6 +302,10 @@ class GuestKernel:
                 while self.paused:
                     self.cond.wait()
                     deadline = time.monotonic()
+                # VM entry: the callback vector is asserted while the
+                # vCPU's evtchn_upcall_pending is set (level-triggered).
+                if self.header["callback_via"] and self._upcall_line(v):
+                    self.handle_upcall()
                 if batch:
                     self._write_batch(v, batch)
                 now = time.monotonic()
@@ -540,6 +544,20 @@ class GuestKernel:
 
     # -- events --
 
+    def _vcpu_info(self, v: int) -> np.ndarray:
+        """vCPU ``v``'s vcpu_info where the kernel registered it (the
+        legacy slot in shared info until then)."""
+        slot = kernel.read_vcpu(self.header_page(), v)
+        gfn, off = slot["vcpu_info_gfn"], slot["vcpu_info_offset"]
+        if gfn:
+            return self.mem.ram[gfn][off : off + evtchn.VCPU_INFO_SIZE]
+        off = v * evtchn.VCPU_INFO_SIZE
+        shinfo = self.mem.xen_pages[XENPAGE_SHARED_INFO]
+        return shinfo[off : off + evtchn.VCPU_INFO_SIZE]
+
+    def _upcall_line(self, v: int) -> bool:
+        return bool(self._vcpu_info(v)[evtchn.VI_UPCALL_PENDING])
+
     def handle_upcall(self) -> None:
         """Linux's __xen_evtchn_do_upcall for the 2-level ABI: count
         each port's events in RAM and wake the drivers. The caller holds
@@ -553,14 +571,7 @@ class GuestKernel:
             handled = 0
             for v in range(self.nr_vcpus):
                 slot = kernel.read_vcpu(page, v)
-                gfn = slot["vcpu_info_gfn"]
-                off = slot["vcpu_info_offset"]
-                if gfn:
-                    vi = self.mem.ram[gfn][off : off + 64]
-                else:
-                    vi = self.mem.xen_pages[XENPAGE_SHARED_INFO][
-                        v * 64 : v * 64 + 64
-                    ]
+                vi = self._vcpu_info(v)
                 if not vi[evtchn.VI_UPCALL_PENDING]:
                     continue
                 vi[evtchn.VI_UPCALL_PENDING] = 0

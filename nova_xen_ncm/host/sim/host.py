@@ -669,6 +669,15 @@ class SimHost(base.HostDriver):
             dom.params[param] = port
         store_pfn = dom.params[hvm.HVM_PARAM_STORE_PFN]
         xs_wire.init_interface(mem.page(store_pfn, writable=True))
+        # xc_dom_gnttab_seed(): the reserved entries give the console
+        # and xenstore rings to the domains serving them (dom0 here).
+        for ref, param in (
+            (grant.GNTTAB_RESERVED_CONSOLE, hvm.HVM_PARAM_CONSOLE_PFN),
+            (grant.GNTTAB_RESERVED_XENSTORE, hvm.HVM_PARAM_STORE_PFN),
+        ):
+            dom.grants.write(
+                ref, grant.GTF_permit_access, DOM0, dom.params[param]
+            )
         self._xenstore_connect(dom)
         self._bind_dom0_services(dom)
         for dev in dom.config.devices:

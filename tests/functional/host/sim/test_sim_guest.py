@@ -436,3 +436,19 @@ def test_time_as_xen_rebases_it(hosts):
     t = times[0]
     now = t["system_time"] + scale.scale(dom.guest_tsc() - t["tsc_timestamp"])
     assert abs(_wallclock(b, domid) + now - time.time_ns()) < 0.05e9
+
+
+def test_reserved_grant_entries_seeded(idle):
+    host, domid = idle
+    dom = host._domains[domid]
+    params = host.get_hvm_params(domid)
+    assert dom.grants.read(grant.GNTTAB_RESERVED_CONSOLE) == (
+        grant.GTF_permit_access,
+        0,
+        params[hvm.HVM_PARAM_CONSOLE_PFN],
+    )
+    assert dom.grants.read(grant.GNTTAB_RESERVED_XENSTORE) == (
+        grant.GTF_permit_access,
+        0,
+        params[hvm.HVM_PARAM_STORE_PFN],
+    )
