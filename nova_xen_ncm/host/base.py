@@ -260,6 +260,11 @@ class XenstoreState:
     transactions: tuple[XenstoreTransaction, ...]
     store_port: int
     store_gfn: int
+    #: Watch events xenstored queued for the guest and has not yet written
+    #: to its ring (xenstore-migration.md CONNECTION_DATA ``data``), as
+    #: XS_WATCH_EVENT messages; a message partly written comes first, by
+    #: its remaining octets.
+    pending_output: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True)

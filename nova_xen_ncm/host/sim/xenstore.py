@@ -1290,12 +1290,20 @@ class Xenstore:
             txs = tuple(
                 self._export_tx(tx) for tx in conn.transactions.values()
             )
+            # Queued watch events travel (docs/designs/xenstore-migration.md):
+            # the guest receives them on the destination.
+            pending = b"".join(
+                data for data, is_event in conn.outbox if is_event
+            )
+            if conn.outbox and conn.outbox[0][1]:
+                pending = pending[conn.out_offset :]
             return XenstoreState(
                 nodes=tuple(nodes),
                 watches=watches,
                 transactions=txs,
                 store_port=conn.store_port,
                 store_gfn=conn.store_gfn,
+                pending_output=pending,
             )
 
     def _export_tx(self, tx: _Transaction) -> XenstoreTransaction:
@@ -1404,6 +1412,10 @@ class Xenstore:
                 conn.next_tx_id = (
                     max(t.tx_id for t in state.transactions) + 1
                 ) & 0xFFFFFFFF
+            if state.pending_output:
+                # Written to the ring before anything new, as one stream.
+                conn.outbox.append((bytes(state.pending_output), True))
+                self._touched.setdefault(conn.conn_id, [])
             if fire_watches:
                 for w in conn.watches:
                     self._queue_event(

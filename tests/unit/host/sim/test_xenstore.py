@@ -444,6 +444,44 @@ def test_export_import_round_trip(store):
     )
 
 
+def test_queued_watch_events_travel():
+    """Events xenstored queued for a guest whose ring is full are in the
+    export and reach the ring on the destination, in order."""
+    xs = Xenstore()
+    xs.create_domain_home(9)
+    page = memoryview(bytearray(4096))
+    xs_wire.init_interface(page)
+    xs.introduce_domain(9, page=page, notify=lambda: None)
+    # The guest reads nothing: the ring fills, the rest waits in xenstored.
+    for i in range(40):
+        xs._queue_event(
+            xs.domain_connection(9),
+            xs_wire.watch_event(f"/local/domain/9/n{i:02d}", "tok"),
+        )
+    xs.service_ring(9)
+    state = xs.export_domain(9)
+    in_ring = xs_wire.ring_read(page, xs_wire.Ring.RSP, 4096)
+    assert state.pending_output
+    stream = in_ring + state.pending_output
+    events = []
+    while stream:
+        end = xs_wire.HEADER_SIZE + struct.unpack_from("<I", stream, 12)[0]
+        events.append(xs_wire.Message.decode(stream[:end]).strings()[0])
+        stream = stream[end:]
+    assert events == [f"/local/domain/9/n{i:02d}" for i in range(40)]
+    dest = Xenstore()
+    dest.create_domain_home(9)
+    page2 = memoryview(bytearray(4096))
+    xs_wire.init_interface(page2)
+    dest.import_domain(
+        9, state, page=page2, notify=lambda: None, fire_watches=False
+    )
+    assert len(state.pending_output) < 1024  # fits the empty ring
+    assert xs_wire.ring_read(page2, xs_wire.Ring.RSP, 4096) == bytes(
+        state.pending_output
+    )
+
+
 def test_imported_transaction_eagain_when_the_area_changed(store):
     xs, dom0, guest, _ = store
     tx = _guest_with_state(xs, guest, dom0)
