@@ -199,3 +199,41 @@ def test_dom0_ports_renumbered_on_the_destination(
     assert _wait_for(
         lambda: (counts[ports] > before).sum() >= len(DEVICES)
     ), f"ports {ports}: {counts[ports].tolist()}, {before.tolist()} before"
+
+
+def test_a_port_left_masked_stalls_io(source, destination, migration):
+    """Frontends act on events only: with their ports masked on the
+    destination no response is consumed (nothing polls the rings), and
+    unmasking lets the pending events through."""
+    domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
+    assert _wait_for(
+        lambda: all(
+            f["completed"] > 0
+            for f in source.guest_state(domid).frontends.values()
+        )
+        and len(source.guest_state(domid).frontends) == len(DEVICES)
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    dom = destination._domains[domid]
+    ports = [be.frontend_port for be in list(dom.backends.values())]
+    assert len(ports) == len(DEVICES)
+    with dom.mem_lock():
+        for port in ports:
+            dom.bits.test_and_set(2560, port)  # the mask bit
+
+    def completed():
+        fronts = destination.guest_state(domid).frontends.values()
+        return sorted(f["completed"] for f in fronts)
+
+    time.sleep(0.5)  # what was under way settles
+    stalled = completed()
+    time.sleep(1.0)
+    assert completed() == stalled
+    for port in ports:
+        destination.guest_command(
+            domid, "hypercall", op="evtchn_unmask", args={"port": port}
+        )
+    assert _wait_for(
+        lambda: all(a > b for a, b in zip(completed(), stalled, strict=True))
+    )
