@@ -323,11 +323,72 @@ class GuestFeature(str, enum.Enum):
     EVTCHN_FIFO = "evtchn-fifo"
     #: Grant table v2 (GNTTABOP_set_version), with status frames.
     GNTTAB_V2 = "gnttab-v2"
-    #: Interdomain event channels to a domain other than a backend
-    #: domain of the guest's devices (vchan and the like).
+    #: Interdomain or unbound event channels naming a domain other than
+    #: the guest, dom0 and its devices' backend domains (vchan and the
+    #: like).
     EVTCHN_DOMU_PEER = "evtchn-domu-peer"
-    #: Xenstore permissions the guest set naming a third domain.
+    #: Xenstore nodes whose permissions (owner, default access or an ACL
+    #: entry) reach a domain other than the guest, dom0 and its devices'
+    #: backend domains, whoever set them.
     XENSTORE_FOREIGN_PERMS = "xenstore-foreign-perms"
+
+
+def feature_uses(
+    domid: int,
+    abi: EvtchnAbi,
+    grant_version: int,
+    ports: Sequence[EventChannel],
+    nodes: Sequence[XenstoreNode],
+    backend_domids: Collection[int],
+) -> dict[GuestFeature, str]:
+    """The optional features PV state of guest ``domid`` uses, each with
+    the first thing that uses it. ``backend_domids`` are the domains
+    running the guest's device backends (dom0 runs xenstored and is
+    always one). The one predicate both the SETUP report
+    (:func:`features_of`) and a destination's import apply, so that what
+    the import would refuse is known, and refused, at SETUP."""
+    found: dict[GuestFeature, str] = {}
+    if abi == EvtchnAbi.FIFO:
+        found[GuestFeature.EVTCHN_FIFO] = "FIFO event channel ABI"
+    if grant_version != 1:
+        found[GuestFeature.GNTTAB_V2] = f"grant table v{grant_version}"
+    peers = set(backend_domids) | {domid, 0}
+    for p in ports:
+        if (
+            p.type in (EvtchnType.INTERDOMAIN, EvtchnType.UNBOUND)
+            and p.remote_domid not in peers
+        ):
+            found[GuestFeature.EVTCHN_DOMU_PEER] = (
+                f"port {p.port} ({p.type.name.lower()}) names domain "
+                f"{p.remote_domid}"
+            )
+            break
+    for node in nodes:
+        why = _foreign_perm(node.perms, peers)
+        if why:
+            found[GuestFeature.XENSTORE_FOREIGN_PERMS] = f"{node.path}: {why}"
+            break
+    return found
+
+
+def _foreign_perm(
+    perms: Sequence[tuple[str, int]], peers: Collection[int]
+) -> str | None:
+    """What in a node's permissions reaches a domain outside ``peers``:
+    its owner, its default access (every domain), or an ACL entry; by
+    whoever set it (guest or toolstack), the destination must be able to
+    grant it."""
+    if not perms:
+        return None
+    access, owner = perms[0]
+    if owner not in peers:
+        return f"owned by domain {owner}"
+    if access != "n":
+        return f"default access {access!r} for every domain"
+    for access, who in perms[1:]:
+        if access != "n" and who not in peers:
+            return f"grants {access!r} to domain {who}"
+    return None
 
 
 def features_of(
@@ -338,27 +399,28 @@ def features_of(
     nodes: Sequence[XenstoreNode],
     backend_domids: Collection[int],
 ) -> frozenset[GuestFeature]:
-    """The optional features PV state of guest ``domid`` uses."""
-    found = set()
-    if abi == EvtchnAbi.FIFO:
-        found.add(GuestFeature.EVTCHN_FIFO)
-    if grant_version != 1:
-        found.add(GuestFeature.GNTTAB_V2)
-    peers = set(backend_domids) | {domid}
-    if any(
-        p.type == EvtchnType.INTERDOMAIN and p.remote_domid not in peers
-        for p in ports
-    ):
-        found.add(GuestFeature.EVTCHN_DOMU_PEER)
-    for node in nodes:
-        owner = node.perms[0][1] if node.perms else domid
-        if owner != domid:
-            continue  # the toolstack's nodes: not the guest's doing
-        acl = node.perms[1:]
-        if any(access != "n" and who not in peers for access, who in acl):
-            found.add(GuestFeature.XENSTORE_FOREIGN_PERMS)
-            break
-    return frozenset(found)
+    """The optional features PV state of guest ``domid`` uses
+    (:func:`feature_uses`)."""
+    return frozenset(
+        feature_uses(domid, abi, grant_version, ports, nodes, backend_domids)
+    )
+
+
+def state_feature_uses(state: PvState) -> dict[GuestFeature, str]:
+    """:func:`feature_uses` of exported PV state: its nodes and the nodes
+    its open transactions write, its devices' backend domains."""
+    xs = state.xenstore
+    nodes = list(xs.nodes)
+    for tx in xs.transactions:
+        nodes += [w for w in tx.writes if isinstance(w, XenstoreNode)]
+    return feature_uses(
+        state.domid,
+        state.event_channels.abi,
+        state.grant_table.version,
+        state.event_channels.ports,
+        nodes,
+        {b.backend_domid for b in state.backends},
+    )
 
 
 class Item(str, enum.Enum):

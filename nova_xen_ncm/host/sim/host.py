@@ -1269,6 +1269,9 @@ class SimHost(base.HostDriver):
 
     # -- HostDriver: lifecycle --
 
+    #: The optional GuestFeatures this host restores (capabilities()).
+    FEATURES: frozenset[base.GuestFeature] = frozenset()
+
     def capabilities(self) -> base.Capabilities:
         """What this host can do, probed: log-dirty needs the kernel's
         write tracking (memory.WriteTracker). The 2-level event channel
@@ -1283,25 +1286,35 @@ class SimHost(base.HostDriver):
             log_dirty=write_tracking_available() is None,
             max_vcpus=kernel.MAX_VCPUS,
             free_memory_bytes=self.free_memory(),
-            features=frozenset(),
+            features=self.FEATURES,
         )
 
     def guest_features(self, domid: int) -> frozenset[base.GuestFeature]:
         call = "guest_features"
         dom = self._domain(domid, call)
         with self._lock:
-            ports = self.evtchn.table(dom)
-            nodes: tuple = ()
-            if self.xenstore.is_introduced(domid):
-                nodes = self.xenstore.export_domain(domid, strict=False).nodes
-            return base.features_of(
-                domid,
-                base.EvtchnAbi.TWO_LEVEL,
-                1,
-                ports,
-                nodes,
-                {d.backend_domid for d in dom.config.devices} | {DOM0},
-            )
+            return frozenset(self._feature_uses(dom))
+
+    def _feature_uses(self, dom: _Domain) -> dict[base.GuestFeature, str]:
+        """base.feature_uses of the running guest: the predicate the
+        import applies (_validate_pv_state), so SETUP refuses what the
+        import would."""
+        nodes: list = []
+        if self.xenstore.is_introduced(dom.domid):
+            xs = self.xenstore.export_domain(dom.domid, strict=False)
+            nodes = list(xs.nodes)
+            for tx in xs.transactions:
+                nodes += [
+                    w for w in tx.writes if isinstance(w, base.XenstoreNode)
+                ]
+        return base.feature_uses(
+            dom.domid,
+            base.EvtchnAbi.TWO_LEVEL,
+            1,
+            self.evtchn.table(dom),
+            nodes,
+            {d.backend_domid for d in dom.config.devices},
+        )
 
     def _info(self, dom: _Domain) -> base.DomainInfo:
         if (
@@ -1836,6 +1849,14 @@ class SimHost(base.HostDriver):
             raise refuse(
                 f"domain {dom.domid} is not an empty restoring domain"
             )
+        # The optional features first, by the predicate SETUP applied:
+        # a guest that passed SETUP is not refused below for them.
+        for feature, use in base.state_feature_uses(state).items():
+            if feature not in self.FEATURES:
+                raise base.NotSupported(
+                    f"{feature.value} ({use}) cannot be restored here",
+                    call=call,
+                )
         ports_by_number = {p.port: p for p in state.event_channels.ports}
         seen_devices = set()
         for bs in state.backends:
@@ -1887,8 +1908,8 @@ class SimHost(base.HostDriver):
             raise base.NotSupported(
                 "only the 2-level event channel ABI is implemented", call=call
             )
-        allowed = set(state.backend_domids) | {dom.domid}
-        self.evtchn.validate_table(dom, ec.ports, allowed)
+        allowed = {b.backend_domid for b in state.backends}
+        self.evtchn.validate_table(dom, ec.ports, allowed | {dom.domid, DOM0})
         for p in ec.ports:
             if p.type == EvtchnType.INTERDOMAIN and p.remote_domid != DOM0:
                 raise base.NotSupported(
@@ -1985,9 +2006,13 @@ class SimHost(base.HostDriver):
         with self._lock:
             dom = self._domain(domid, call)
             self._validate_pv_state(dom, state)
+            # What base.feature_uses lets through: owners and ACL
+            # entries among the guest, dom0 and the backend domains.
+            backends = {b.backend_domid for b in state.backends} | {DOM0}
             policy = ImportPolicy(
                 areas=tuple(b.backend_path for b in state.backends),
-                max_access={DOM0: "b"},
+                owners=frozenset(backends),
+                max_access=dict.fromkeys(backends, "b"),
             )
             # xenstored validates the whole store state before it changes
             # anything; ours is validated above and cannot fail below.
