@@ -201,10 +201,16 @@ class EventChannelOps:
             )
 
     def set_pending(self, d: object, port: int) -> None:
-        """evtchn_2l_set_pending(); kicks the vCPU when it must."""
+        """evtchn_2l_set_pending(); kicks the vCPU when it must. A
+        domain whose events are held (``held_ports``, from the quiesce of
+        a stop-and-copy) gets them when they are released."""
         ch = d.ports[port]
         kick = False
         with d.mem_lock():
+            held = getattr(d, "held_ports", None)
+            if held is not None:
+                held.add(port)
+                return
             bits = d.bits
             if bits.test_and_set(SHINFO_PENDING, port):
                 return

@@ -252,6 +252,9 @@ class _Domain:
         self.state = DomainState.PAUSED
         self.throttle = 1.0
         self.backends_quiesced = False
+        # Ports made pending while quiesced (evtchn.set_pending), raised
+        # on resume_backends; None when events are delivered.
+        self.held_ports: set[int] | None = None
         self.proc: subprocess.Popen | None = None
         self.ctl: socket.socket | None = None
         self.hc: socket.socket | None = None
@@ -1758,10 +1761,27 @@ class SimHost(base.HostDriver):
         dom.backends_quiesced = True
         for be in list(dom.backends.values()):
             be.quiesce()
+        # From here to the end of the downtime the guest's visible state
+        # is exported, digested and harvested: nothing dom0 raises may
+        # change it in between (rollback releases it to the guest).
+        with self._lock:
+            with dom.mem_lock():
+                if dom.held_ports is None:
+                    dom.held_ports = set()
+            if self.xenstore.is_introduced(domid):
+                self.xenstore.hold_output(domid, True)
 
     @_faulty
     def resume_backends(self, domid: int) -> None:
         dom = self._domain(domid, "resume_backends")
+        with self._lock:
+            with dom.mem_lock():
+                held, dom.held_ports = dom.held_ports, None
+            for port in sorted(held or ()):
+                if port in dom.ports:
+                    self.evtchn.set_pending(dom, port)
+            if self.xenstore.is_introduced(domid):
+                self.xenstore.hold_output(domid, False)
         dom.backends_quiesced = False
         for be in list(dom.backends.values()):
             be.resume()

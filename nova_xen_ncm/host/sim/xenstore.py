@@ -223,6 +223,9 @@ class Connection:
         self.store_port = store_port
         self.watches: list[_Watch] = []
         self.transactions: dict[int, _Transaction] = {}
+        # While held (hold_output), nothing is written to the ring: what
+        # is queued stays in the outbox, which the export carries.
+        self.held = False
         self.next_tx_id = 1
         self.target: int | None = None
         # Ring connections: encoded messages waiting for rsp ring space
@@ -436,6 +439,14 @@ class Xenstore:
             calls = self._deliver_touched()
         self._run(calls)
 
+    def hold_output(self, domid: int, held: bool) -> None:
+        """Hold (or release) what xenstored writes to a domain's ring:
+        from the quiesce of a stop-and-copy its queued watch events are
+        exported, not written into pages already harvested. Release
+        with :meth:`service_ring`."""
+        with self._lock:
+            self._domain_conn(domid).held = held
+
     def is_introduced(self, domid: int) -> bool:
         with self._lock:
             return domid in self._domains
@@ -539,7 +550,7 @@ class Xenstore:
     @staticmethod
     def _flush(conn: Connection) -> None:
         page = conn.page
-        if page is None:
+        if page is None or conn.held:
             return
         while conn.outbox:
             data = conn.outbox[0][0]

@@ -14,6 +14,7 @@ import numpy as np
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import EvtchnType
+from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import kernel
 from nova_xen_ncm.host.sim import layout
@@ -236,4 +237,61 @@ def test_a_port_left_masked_stalls_io(source, destination, migration):
         )
     assert _wait_for(
         lambda: all(a > b for a, b in zip(completed(), stalled, strict=True))
+    )
+
+
+def _export_then(host, monkeypatch, after):
+    export = host.export_pv_state
+
+    def export_then(d):
+        state = export(d)
+        after(d)
+        return state
+
+    monkeypatch.setattr(host, "export_pv_state", export_then)
+
+
+def test_dom0_event_after_export_changes_nothing_exported(
+    source, destination, migration, monkeypatch
+):
+    """From the quiesce to the end of the downtime dom0's events for the
+    guest are held: one raised between the export and the final harvest
+    and digests leaves what was exported as it was."""
+    domid = source.create_domain(guest_config())
+    console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+    assert _wait_for(lambda: _unmasked(source, domid, console))
+    dom = source._domains[domid]
+    _export_then(
+        source,
+        monkeypatch,
+        lambda d: source.dom0_notify(dom.ports[console].remote_port),
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+
+
+def test_held_events_reach_the_guest_on_rollback(
+    source, destination, migration, monkeypatch
+):
+    domid = source.create_domain(guest_config())
+    console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+    assert _wait_for(lambda: _unmasked(source, domid, console))
+    dom = source._domains[domid]
+    seen = []
+
+    def event_then_fail(d):
+        seen.append(int(_counts(source, d)[console]))
+        source.dom0_notify(dom.ports[console].remote_port)
+        # Held: not pending in the guest's shared info.
+        assert not dom.bits.test(evtchn.SHINFO_PENDING, console)
+        raise base.HostError("injected after export", call="test")
+
+    _export_then(source, monkeypatch, event_then_fail)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert "injected after export" in str(m.sender.error)
+    counts = _counts(source, domid)
+    assert _wait_for(lambda: int(counts[console]) == seen[0] + 1), (
+        f"console port: {int(counts[console])} events, expected "
+        f"{seen[0] + 1}"
     )

@@ -723,3 +723,29 @@ def test_deep_trees_are_handled(store):
     assert paths.index(f"{HOME}/{deep}") == paths.index(f"{HOME}/data") + 1400
     ok(xs, guest, XsType.RM, "data/d")
     assert err(xs, dom0, XsType.READ, f"{HOME}/{deep}") == "ENOENT"
+
+
+def test_held_output_is_exported_not_written_then_released():
+    """From the quiesce of a stop-and-copy, xenstored writes nothing to
+    the guest's ring (a page that may be harvested already): what it
+    queues is in the export, and reaches the ring when released."""
+    xs = Xenstore()
+    xs.create_domain_home(9)
+    page = memoryview(bytearray(4096))
+    xs_wire.init_interface(page)
+    notified = []
+    xs.introduce_domain(9, page=page, notify=lambda: notified.append(1))
+    xs.hold_output(9, True)
+    xs._queue_event(
+        xs.domain_connection(9),
+        xs_wire.watch_event("/local/domain/9/held", "tok"),
+    )
+    xs.service_ring(9)
+    assert xs_wire.get_u32(page, xs_wire.RSP_PROD) == 0
+    assert not notified
+    event = xs_wire.watch_event("/local/domain/9/held", "tok").encode()
+    assert xs.export_domain(9).pending_output == event
+    xs.hold_output(9, False)
+    xs.service_ring(9)
+    assert xs_wire.ring_read(page, xs_wire.Ring.RSP, 4096) == event
+    assert notified
