@@ -43,6 +43,7 @@ from nova_xen_ncm.host.sim import ipc
 from nova_xen_ncm.host.sim import kernel
 from nova_xen_ncm.host.sim import layout
 from nova_xen_ncm.host.sim import xenbus
+from nova_xen_ncm.host.sim.memory import TRACKER_NONE
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 from nova_xen_ncm.host.sim.memory import GuestMemory
 
@@ -684,6 +685,9 @@ def serve(ctl: socket.socket, gk: GuestKernel, config: dict) -> None:
         reply: dict = {"id": msg.get("id")}
         try:
             if cmd == "start":
+                if gk.mem.tracking == TRACKER_NONE:
+                    # The hypervisor must see every write from the first.
+                    raise RuntimeError("start: write tracking is not armed")
                 if msg["mode"] == "boot":
                     gk.boot(config)
                 else:

@@ -59,6 +59,7 @@ from nova_xen_ncm.host.sim import xs_wire
 from nova_xen_ncm.host.sim.memory import INVALID_GFN
 from nova_xen_ncm.host.sim.memory import MAX_GRANT_FRAMES
 from nova_xen_ncm.host.sim.memory import P2M_RAM
+from nova_xen_ncm.host.sim.memory import TRACKER_FAILED
 from nova_xen_ncm.host.sim.memory import XENPAGE_GRANT_BASE
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 from nova_xen_ncm.host.sim.memory import GuestMemory
@@ -948,6 +949,9 @@ class SimHost(base.HostDriver):
             "ctl_sock_fd": fds[3],
             "config": self._workload(dom),
         }
+        with dom.mem.lock():
+            # ctl's tracking state is the process's about to start.
+            dom.mem.reset_tracking()
         try:
             config = {"config": args["config"]}
             dom.proc = self._take_spare(config, fds)
@@ -1006,7 +1010,9 @@ class SimHost(base.HostDriver):
         with contextlib.suppress(HostError):
             dom.request({"cmd": "stop"}, timeout=5.0)
         with dom.mem.lock():
-            dom.mem.untrack()
+            # What it wrote up to its stop is in the maps before the
+            # tracker goes.
+            dom.mem.flush_and_untrack()
         socks = (dom.ctl, dom.hc)
         dom.ctl = dom.hc = None
 
@@ -1641,6 +1647,12 @@ class SimHost(base.HostDriver):
     @_faulty
     def enable_log_dirty(self, domid: int) -> None:
         dom = self._domain(domid, "enable_log_dirty")
+        if dom.mem.tracking == TRACKER_FAILED:
+            raise base.NotSupported(
+                f"domain {domid}: its process could not arm write "
+                "tracking (userfaultfd WP_ASYNC), so no write log is kept",
+                call="enable_log_dirty",
+            )
         dom.mem.set_log_dirty(True)
         if dom.state == DomainState.RUNNING:
             # A paused guest has no downtime to save: its digest is

@@ -136,10 +136,22 @@ class WriteTracker:
     (``/proc/pid/clear_refs``) cannot be read and cleared atomically.
     """
 
-    def __init__(self, pid: int, addr: int, size: int) -> None:
+    def __init__(
+        self, pid: int, addr: int, size: int, ram_fd: int | None = None
+    ) -> None:
         self.addr = addr
         self.size = size
-        self._fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        if ram_fd is not None:
+            _check_mapping(pid, addr, size, ram_fd)
+        try:
+            self._fd = os.open(
+                f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC
+            )
+        except OSError as exc:
+            raise base.HostError(
+                f"write tracking of process {pid}: {exc.strerror}",
+                call="log_dirty",
+            ) from None
         self._vec = np.zeros(3 * _SCAN_REGIONS, dtype=np.uint64)
 
     @staticmethod
@@ -241,20 +253,82 @@ class WriteTracker:
             os.close(self._fd)
 
 
+def _check_mapping(pid: int, addr: int, size: int, ram_fd: int) -> None:
+    """The guest process ``pid`` maps the guest's RAM memfd (``ram_fd``
+    here) at ``addr`` for ``size`` bytes, as its ``ctl`` header says: the
+    scan must walk that mapping and no other."""
+    ino = os.fstat(ram_fd).st_ino
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as exc:
+        raise base.HostError(
+            f"write tracking of process {pid}: {exc.strerror}",
+            call="log_dirty",
+        ) from None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        span = fields[0].split("-")
+        if int(span[0], 16) != addr:
+            continue
+        if (
+            int(span[1], 16) - addr >= size
+            and int(fields[4]) == ino
+            and fields[5].startswith("/memfd:")
+        ):
+            return
+        break
+    raise base.HostError(
+        f"write tracking of process {pid}: {addr:#x} is not its mapping "
+        f"of the guest's RAM ({size} bytes of memfd inode {ino})",
+        call="log_dirty",
+    )
+
+
+def _probe_child() -> None:
+    """In a child process (write_tracking_available): arm tracking of a
+    scratch memfd, write page 3, report the mapping, wait."""
+    import sys
+
+    mem = GuestMemory.create(16, "probe")
+    uffd = WriteTracker.arm(mem)
+    mem.ram[3, 0] = 1
+    print(mem.ram.ctypes.data, mem.ram_size, flush=True)
+    sys.stdin.read()
+    os.close(uffd)
+
+
 def write_tracking_available() -> str | None:
-    """None if :class:`WriteTracker` works on this kernel, else why not
-    (probed once, on a scratch memfd of this process)."""
+    """None if :class:`WriteTracker` works on this kernel, else why not.
+    Probed once, as the host uses it: across processes, a child arming
+    and writing, this process scanning the child's pagemap."""
     global _TRACKING_PROBE
     if _TRACKING_PROBE is None:
-        mem = tracker = None
-        uffd = -1
+        import subprocess
+        import sys
+
+        tracker = None
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from nova_xen_ncm.host.sim import memory; "
+                "memory._probe_child()",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
-            mem = GuestMemory.create(16, "probe")
-            uffd = WriteTracker.arm(mem)
-            mem.ram[3, 0] = 1
-            tracker = WriteTracker(
-                os.getpid(), mem.ram.ctypes.data, mem.ram_size
-            )
+            line = child.stdout.readline().split()
+            if len(line) != 2:
+                child.stdin.close()
+                err = child.stderr.read().strip().splitlines()
+                raise OSError(
+                    errno.ENOTSUP, err[-1] if err else "probe process failed"
+                )
+            tracker = WriteTracker(child.pid, int(line[0]), int(line[1]))
             found = tracker.scan().tolist()
             again = tracker.scan().tolist()
             _TRACKING_PROBE = (
@@ -262,7 +336,7 @@ def write_tracking_available() -> str | None:
                 if (found, again) == ([3], [])
                 else f"PAGEMAP_SCAN found writes {found} then {again}"
             )
-        except OSError as exc:
+        except (OSError, base.HostError) as exc:
             _TRACKING_PROBE = (
                 f"userfaultfd asynchronous write protection and "
                 f"PAGEMAP_SCAN (Linux 6.7) are not usable: {exc}"
@@ -270,10 +344,11 @@ def write_tracking_available() -> str | None:
         finally:
             if tracker is not None:
                 tracker.close()
-            if uffd >= 0:
-                os.close(uffd)
-            if mem is not None:
-                mem.close()
+            with contextlib.suppress(OSError):
+                child.stdin.close()
+            child.wait()
+            child.stdout.close()
+            child.stderr.close()
     return _TRACKING_PROBE or None
 
 
@@ -519,11 +594,30 @@ class GuestMemory:
             self.header[_HDR_TRACKER] = TRACKER_FAILED
             return None
 
+    def reset_tracking(self) -> None:
+        """In the host, before a guest process is launched: what ``ctl``
+        says of tracking is the next process's, not a previous one's.
+        The caller holds :meth:`lock`."""
+        self.untrack()
+        self.header[_HDR_TRACKER] = TRACKER_NONE
+        self.header[_HDR_TRACKER_ADDR] = 0
+
+    @property
+    def tracking(self) -> int:
+        """TRACKER_NONE (not armed yet), TRACKER_ARMED or TRACKER_FAILED."""
+        return int(self.header[_HDR_TRACKER])
+
     def track(self, pid: int) -> None:
         """In the host: the guest process ``pid`` maps this memory (it
         arms its tracking before it runs the guest)."""
         self.untrack()
         self._tracked_pid = pid
+
+    def flush_and_untrack(self) -> None:
+        """In the host, once the guest process runs no vCPU: keep what it
+        wrote last, then stop tracking it. The caller holds :meth:`lock`."""
+        self._flush_written()
+        self.untrack()
 
     def untrack(self) -> None:
         tracker, self._tracker = self._tracker, None
@@ -542,6 +636,7 @@ class GuestMemory:
                     self._tracked_pid,
                     int(self.header[_HDR_TRACKER_ADDR]),
                     self.ram_size,
+                    self.ram_fd,
                 )
             elif state == TRACKER_FAILED:
                 pfns = self.populated()
@@ -551,9 +646,13 @@ class GuestMemory:
             return  # no guest process, or one that has not run yet
         try:
             pfns = self._tracker.scan()
-        except OSError:
+        except OSError as exc:
             if self._tracked_pid is None or _alive(self._tracked_pid):
-                raise
+                raise base.HostError(
+                    f"write tracking of process {self._tracked_pid}: "
+                    f"{exc.strerror}",
+                    call="log_dirty",
+                ) from None
             return  # the guest process has gone: it writes no more
         if len(pfns):
             self.mark_dirty(pfns)

@@ -106,6 +106,14 @@ def test_harvest_returns_and_clears(host):
     assert len(host.harvest_dirty(1)) == 0
 
 
+def test_log_dirty_refused_when_the_process_could_not_track(host):
+    d = empty(host, 1)
+    d.mem.header[sim_memory._HDR_TRACKER] = sim_memory.TRACKER_FAILED
+    with pytest.raises(base.NotSupported, match="write tracking"):
+        host.enable_log_dirty(1)
+    assert not d.mem.log_dirty
+
+
 def test_xen_page_replaces_ram_at_its_gfn(host):
     d = empty(host, 1)
     host.populate(1, np.array([0x500], dtype=np.uint64))

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from nova_xen_ncm.host import base
 from nova_xen_ncm.host.sim import memory
 from nova_xen_ncm.host.sim.memory import GuestMemory
 
@@ -101,3 +102,43 @@ def test_a_guest_that_could_not_arm_has_every_page_taken(guest):
     mem.header[memory._HDR_TRACKER] = memory.TRACKER_FAILED
     mem.track(12345)
     assert len(mem.harvest()) == 64
+
+
+def test_what_the_guest_wrote_before_it_stopped_is_kept(guest):
+    mem, write = guest
+    write(21)
+    with mem.lock():
+        mem.flush_and_untrack()
+    assert mem.take_changed().tolist() == [21]
+
+
+def test_a_mapping_that_is_not_the_guest_ram_is_refused(guest):
+    mem, write = guest
+    write(1)
+    addr = int(mem.header[memory._HDR_TRACKER_ADDR])
+    pid = mem._tracked_pid
+    mem.untrack()
+    mem.header[memory._HDR_TRACKER_ADDR] = addr + memory.PAGE_SIZE
+    mem.track(pid)
+    with pytest.raises(base.HostError, match="is not its mapping"):
+        mem.take_changed()
+
+
+def test_a_process_that_has_gone_is_a_host_error():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    with pytest.raises(base.HostError, match=f"process {proc.pid}"):
+        memory.WriteTracker(proc.pid, 0, memory.PAGE_SIZE)
+
+
+def test_a_previous_process_armed_state_is_reset():
+    mem = GuestMemory.create(16, "test-reset")
+    try:
+        mem.header[memory._HDR_TRACKER] = memory.TRACKER_ARMED
+        mem.header[memory._HDR_TRACKER_ADDR] = 0x7F0000000000
+        with mem.lock():
+            mem.reset_tracking()
+        assert mem.tracking == memory.TRACKER_NONE
+        assert int(mem.header[memory._HDR_TRACKER_ADDR]) == 0
+    finally:
+        mem.close()
