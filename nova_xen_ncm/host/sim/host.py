@@ -569,6 +569,18 @@ class SimHost(base.HostDriver):
                 f"domid {domid} is held by {self._domains[domid].name!r}",
                 call=call,
             )
+        released = self._domid_released.get(domid)
+        if (
+            released is not None
+            and time.monotonic() - released < DOMID_REUSE_TIMEOUT
+        ):
+            # libxl__domain_make: a domid asked for is not retried.
+            raise base.DomidInUse(
+                f"domid {domid}: domain id recently used (released "
+                f"{time.monotonic() - released:.0f} s ago; not reused for "
+                f"{DOMID_REUSE_TIMEOUT:.0f} s)",
+                call=call,
+            )
         self._check_config(config, call)
         if config.memory_bytes > self._free_memory():
             raise base.InsufficientMemory(

@@ -173,3 +173,17 @@ def test_feature_started_during_precopy_rolls_back_before_export(
     assert True not in exported
     assert _running(source, domid)
     assert not destination.list_domains()
+
+
+def test_a_domid_the_destination_released_recently_is_refused_at_setup(
+    source, destination, migration
+):
+    domid = source.create_domain(guest_config())
+    destination.create_empty_domain(guest_config("earlier"), domid)
+    destination.destroy_domain(domid)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert isinstance(m.sender.error, Refused), m.sender.error
+    assert m.sender.error.code == "domid-taken"
+    assert "recently used" in str(m.sender.error)
+    assert _running(source, domid)

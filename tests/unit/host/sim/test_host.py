@@ -49,6 +49,17 @@ def test_domids_are_given_round_robin_avoiding_recent_ones(host):
         assert host._alloc_domid("t") == 1
 
 
+def test_a_recently_released_domid_asked_for_is_refused(host):
+    """libxl__domain_make: "domain id recently used", not retried."""
+    empty(host, 4)
+    host.destroy_domain(4)
+    with pytest.raises(base.DomidInUse, match="recently used"):
+        host.create_empty_domain(_config("again"), 4)
+    host._domid_released[4] -= sim_host.DOMID_REUSE_TIMEOUT
+    host.create_empty_domain(_config("again"), 4)
+    assert host.domain_info(4).name == "again"
+
+
 def test_domid_in_use_refused_before_anything_is_created(host):
     host.create_empty_domain(_config("a", mb=128), 3)
     free = host.free_memory()
