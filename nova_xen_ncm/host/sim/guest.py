@@ -303,10 +303,6 @@ class GuestKernel:
                 while self.paused:
                     self.cond.wait()
                     deadline = time.monotonic()
-                # VM entry: the callback vector is asserted while the
-                # vCPU's evtchn_upcall_pending is set (level-triggered).
-                if self.header["callback_via"] and self._upcall_line(v):
-                    self.handle_upcall()
                 if batch:
                     self._write_batch(v, batch)
                 now = time.monotonic()
@@ -555,9 +551,6 @@ class GuestKernel:
         off = v * evtchn.VCPU_INFO_SIZE
         shinfo = self.mem.xen_pages[XENPAGE_SHARED_INFO]
         return shinfo[off : off + evtchn.VCPU_INFO_SIZE]
-
-    def _upcall_line(self, v: int) -> bool:
-        return bool(self._vcpu_info(v)[evtchn.VI_UPCALL_PENDING])
 
     def handle_upcall(self) -> None:
         """Linux's __xen_evtchn_do_upcall for the 2-level ABI: count

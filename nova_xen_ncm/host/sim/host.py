@@ -1117,6 +1117,10 @@ class SimHost(base.HostDriver):
                 f"param {index} is not settable by the guest",
             )
         dom.params[index] = int(value)
+        if index == hvm.HVM_PARAM_CALLBACK_IRQ:
+            # hvm_set_callback_via(): the vector is asserted on every
+            # vCPU whose upcall flag is already set.
+            self._reassert_upcalls(dom)
 
     def _hc_hvm_get_param(self, dom: _Domain, index: int) -> int:
         if not 0 <= index < hvm.HVM_NR_PARAMS:

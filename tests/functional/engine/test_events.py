@@ -19,6 +19,8 @@ from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import kernel
 from nova_xen_ncm.host.sim import layout
+from nova_xen_ncm.host.sim import xs_wire
+from nova_xen_ncm.host.sim.host import SimHost
 
 from .conftest import DEVICES
 from .conftest import MiB
@@ -45,9 +47,12 @@ def _unmasked(host, domid, port):
     return not host.evtchn.status(dom, base.DOMID_SELF, port).masked
 
 
-def test_event_between_pause_and_quiesce_reaches_one_vcpu_guest(
+def _event_between_pause_and_quiesce(
     source, destination, migration, monkeypatch
 ):
+    """Migrate a 1-vCPU guest; dom0 signals its console port after the
+    pause and before the quiesce. Returns the destination's per-port
+    counts, the console port and its count when raised."""
     domid = source.create_domain(
         base.DomainConfig(
             name="one-vcpu",
@@ -80,7 +85,15 @@ def test_event_between_pause_and_quiesce_reaches_one_vcpu_guest(
     assert m.run() is Phase.DONE, m.sender.error
     seen, pending = raised[0]
     assert pending, "the upcall flag is set in vcpu_info, not taken"
-    counts = _counts(destination, domid)
+    return domid, _counts(destination, domid), console, seen
+
+
+def test_event_between_pause_and_quiesce_reaches_one_vcpu_guest(
+    source, destination, migration, monkeypatch
+):
+    domid, counts, console, seen = _event_between_pause_and_quiesce(
+        source, destination, migration, monkeypatch
+    )
     assert _wait_for(lambda: int(counts[console]) == seen + 1), (
         f"console port: {int(counts[console])} events, expected {seen + 1}"
     )
@@ -88,6 +101,25 @@ def test_event_between_pause_and_quiesce_reaches_one_vcpu_guest(
     dom = destination._domains[domid]
     destination.dom0_notify(dom.ports[console].remote_port)
     assert _wait_for(lambda: int(counts[console]) == seen + 2)
+
+
+def test_without_the_hypervisor_reasserting_the_event_is_lost(
+    source, destination, migration, monkeypatch
+):
+    """Mutation: the hypervisor's re-assertion at resume (level-triggered
+    vector) is what delivers the event; nothing else does."""
+    monkeypatch.setattr(
+        SimHost, "_reassert_upcalls", staticmethod(lambda dom: None)
+    )
+    domid, counts, console, seen = _event_between_pause_and_quiesce(
+        source, destination, migration, monkeypatch
+    )
+    assert not _wait_for(lambda: int(counts[console]) > seen, timeout=2.0)
+    # A 1-vCPU guest whose flag stays set is never kicked again (no 0->1
+    # edge): a new event is not taken either.
+    dom = destination._domains[domid]
+    destination.dom0_notify(dom.ports[console].remote_port)
+    assert not _wait_for(lambda: int(counts[console]) > seen, timeout=1.0)
 
 
 def test_every_driver_port_delivers_after_migration(
@@ -110,21 +142,28 @@ def test_every_driver_port_delivers_after_migration(
     ports = driver_ports(dom)
     assert _wait_for(lambda: all(_counts(source, domid)[ports] > 0))
     at_pause = {}
+
+    def record(event):
+        at_pause["counts"] = _counts(source, domid)[ports].copy()
+        at_pause["completed"] = {
+            k: fe["completed"]
+            for k, fe in source.guest_state(domid).frontends.items()
+        }
+
     m = migration(
         source,
         domid,
         destination,
-        source_hooks={
-            ("state", "restore"): lambda e: at_pause.update(
-                counts=_counts(source, domid)[ports].copy()
-            )
-        },
+        source_hooks={("state", "restore"): record},
     )
     assert m.run() is Phase.DONE, m.sender.error
     restored = destination._domains[domid]
     assert driver_ports(restored) == ports
     # xenstored has something to say: a watched node is rewritten (a
     # watch event on the store port).
+    store_pfn = params[hvm.HVM_PARAM_STORE_PFN]
+    store = restored.mem.ram[store_pfn].view(np.uint32)
+    prod = int(store[xs_wire.RSP_PROD // 4])
     for be in list(restored.backends.values()):
         path = f"{be.backend_path}/state"
         destination.dom0_xs.write(path, destination.dom0_xs.read(path))
@@ -133,6 +172,26 @@ def test_every_driver_port_delivers_after_migration(
         f"ports {ports}: {counts[ports].tolist()} events after resume, "
         f"{at_pause['counts'].tolist()} at pause"
     )
+
+    # Progress only events make: the guest reads the watch events from
+    # the store ring when the store port fires, and a frontend takes
+    # responses (and issues more) when its port fires.
+    def consumed():
+        return int(store[xs_wire.RSP_CONS // 4]) == int(
+            store[xs_wire.RSP_PROD // 4]
+        ) > prod
+
+    assert _wait_for(consumed), "watch events left in the store ring"
+
+    def completed():
+        now = destination.guest_state(domid).frontends
+        return all(
+            now[k]["completed"] > done
+            for k, done in at_pause["completed"].items()
+        )
+
+    assert at_pause["completed"]
+    assert _wait_for(completed), "a frontend completed nothing after resume"
 
 
 def test_write_the_guest_marks_nowhere_is_carried(
@@ -222,7 +281,7 @@ def test_a_port_left_masked_stalls_io(source, destination, migration):
     assert len(ports) == len(DEVICES)
     with dom.mem_lock():
         for port in ports:
-            dom.bits.test_and_set(2560, port)  # the mask bit
+            dom.bits.test_and_set(evtchn.SHINFO_MASK, port)
 
     def completed():
         fronts = destination.guest_state(domid).frontends.values()

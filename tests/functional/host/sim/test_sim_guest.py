@@ -16,6 +16,7 @@ from nova_xen_ncm.conf import sim as sim_conf
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import EvtchnType
 from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import grant
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import kernel
@@ -249,7 +250,7 @@ def test_events_from_dom0_reach_the_guest(idle):
     # Masked by the guest: the event stays pending, nothing is counted,
     # and the hypervisor's unmask raises it.
     with dom.mem.lock():
-        dom.bits.test_and_set(2560, store)
+        dom.bits.test_and_set(evtchn.SHINFO_MASK, store)
     seen = int(counts[store])
     host.dom0_notify(dom0_port)
     time.sleep(0.1)
