@@ -177,18 +177,25 @@ class EventChannelOps:
         return min(limit, NR_2L_PORTS - 1)
 
     @staticmethod
-    def port_is_valid(d: object, port: int) -> bool:
-        """Within a bucket allocated so far (buckets are not freed)."""
-        top = max(d.ports, default=0)
+    def _grow_buckets(d: object, port: int) -> None:
+        """get_free_port() allocates the bucket of ``port``; Xen frees
+        buckets only with the domain (d->valid_evtchns only grows)."""
         d.valid_ports = max(
             getattr(d, "valid_ports", EVTCHNS_PER_BUCKET),
-            (top // EVTCHNS_PER_BUCKET + 1) * EVTCHNS_PER_BUCKET,
+            (port // EVTCHNS_PER_BUCKET + 1) * EVTCHNS_PER_BUCKET,
         )
+
+    @classmethod
+    def port_is_valid(cls, d: object, port: int) -> bool:
+        """Within a bucket allocated so far (buckets are not freed)."""
+        # Ports a restore put in place count as allocated.
+        cls._grow_buckets(d, max(d.ports, default=0))
         return 0 <= port < d.valid_ports
 
     def free_port(self, d: object, call: str) -> int:
         for port in range(1, self.max_port(d) + 1):
             if port not in d.ports:
+                self._grow_buckets(d, port)
                 return port
         raise self._err(
             call, errnos.ENOSPC, f"domain {d.domid} has no free event channel"
