@@ -634,6 +634,11 @@ class Frontend:
         own = self.state
         if seen == XenbusState.INIT_WAIT and own == XenbusState.INITIALISING:
             self._connect()
+        elif seen == XenbusState.CONNECTED and own == XenbusState.INITIALISED:
+            # blkfront's blkfront_connect(), on the backend's Connected.
+            self._switch_state(XenbusState.CONNECTED)
+            with self._writing():
+                self._set("connected", 1)
         elif seen == XenbusState.CONNECTED and own == XenbusState.CONNECTED:
             with self._writing():
                 self._set("connected", 1)
@@ -644,8 +649,9 @@ class Frontend:
                 self._switch_state(XenbusState.CLOSED)
 
     def _connect(self) -> None:
-        """netfront's talk_to_netback: ring page, grant, port, then the
-        details and Connected in the frontend area. Each step is recorded
+        """netfront's talk_to_netback (blkfront's talk_to_blkback): ring
+        page, grant, port, then the details and Connected (Initialised)
+        in the frontend area. Each step is recorded
         in RAM as it is taken, so a step that failed is retried on the
         next watch event without leaking what came before."""
         backend_id = self._get("backend_id")
@@ -675,7 +681,13 @@ class Frontend:
         area = self._area_path()
         self._xs.write(f"{area}/ring-ref", str(ref).encode())
         self._xs.write(f"{area}/event-channel", str(port).encode())
-        self._switch_state(XenbusState.CONNECTED)
+        # blkfront's talk_to_blkback() says Initialised and waits for
+        # the backend's Connected; netfront says Connected at once.
+        self._switch_state(
+            XenbusState.INITIALISED
+            if self.kind == "vbd"
+            else XenbusState.CONNECTED
+        )
 
     # -- I/O --
 
