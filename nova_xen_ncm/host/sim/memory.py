@@ -632,12 +632,17 @@ class GuestMemory:
         if self._tracker is None and self._tracked_pid is not None:
             state = int(self.header[_HDR_TRACKER])
             if state == TRACKER_ARMED:
-                self._tracker = WriteTracker(
-                    self._tracked_pid,
-                    int(self.header[_HDR_TRACKER_ADDR]),
-                    self.ram_size,
-                    self.ram_fd,
-                )
+                try:
+                    self._tracker = WriteTracker(
+                        self._tracked_pid,
+                        int(self.header[_HDR_TRACKER_ADDR]),
+                        self.ram_size,
+                        self.ram_fd,
+                    )
+                except base.HostError:
+                    if _alive(self._tracked_pid):
+                        raise
+                    return  # the guest process has gone: it writes no more
             elif state == TRACKER_FAILED:
                 pfns = self.populated()
                 self.mark_dirty(pfns)
