@@ -63,6 +63,13 @@ class Refused(EngineError):
         super().__init__(f"refused ({self.code}): {text}")
 
 
+class FeaturesChanged(EngineError):
+    """The paused guest uses optional PV features that SETUP did not
+    name (it started using them during pre-copy): the migration rolls
+    back before anything of its state is exported, and the guest runs on
+    where it was."""
+
+
 class TransportError(EngineError):
     """A connection could not be made, or broke, or timed out.
 

@@ -240,6 +240,7 @@ def _to_records(state: base.PvState, domain_uuid: str) -> PvRecords:
             domid=domid,
             target_domid=ncm.DOMID_INVALID,
             evtchn=state.xenstore.store_port,
+            out_data=state.xenstore.pending_output,
         ),
         xs_watches=tuple(
             ncm.XsWatch(
@@ -528,6 +529,7 @@ def _to_pv_state(
                 for w in recs.xs_watches
             ),
             transactions=txs,
+            pending_output=bytes(conn.out_data),
             store_port=conn.evtchn,
             store_gfn=int(hvm_params[HVM_PARAM_STORE_PFN]),
         ),

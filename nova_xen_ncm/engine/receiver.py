@@ -662,7 +662,12 @@ class Receiver:
         """Refuse before anything moves (architecture.rst section 2)."""
         caps = self.host.capabilities()
         missing = dict(caps.missing(setup.pv_drivers))
+        features = {f.value for f in base.GuestFeature}
         for name in setup.required:
+            if name in features:
+                if name not in caps.features:
+                    missing[name] = "used by the guest, not restorable here"
+                continue
             try:
                 item = base.Item(name)
             except ValueError:

@@ -41,6 +41,7 @@ from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.errors import CancelRequested
 from nova_xen_ncm.engine.errors import EngineError
+from nova_xen_ncm.engine.errors import FeaturesChanged
 from nova_xen_ncm.engine.errors import ProtocolError
 from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.errors import RetryExhausted
@@ -373,6 +374,8 @@ class Sender:
         self._last_progress = clock()
         # Digests of the paused guest's visible state, for READY's.
         self._digests: dict[str, str] | None = None
+        # The optional PV features SETUP named (None: not reported).
+        self._features: frozenset[base.GuestFeature] | None = None
 
     @property
     def _channel(self) -> Channel | None:
@@ -436,6 +439,43 @@ class Sender:
         self.stats.finish()
         return self.state.phase
 
+    def _required(self, pv_drivers: bool) -> tuple[str, ...]:
+        """The items the guest needs, and the optional PV features it
+        uses (base.GuestFeature), for the destination to refuse what it
+        cannot restore at SETUP rather than in the downtime."""
+        names = [i.value for i in needed_items(pv_drivers)]
+        if pv_drivers:
+            try:
+                features = self.host.guest_features(self.domid)
+            except base.NotSupported as exc:
+                LOG.info(
+                    "Migration %s: %s; the destination's import checks "
+                    "them",
+                    self.migration_id,
+                    exc,
+                )
+            else:
+                self._features = frozenset(features)
+                names += sorted(f.value for f in features)
+        return tuple(names)
+
+    def _check_features(self) -> None:
+        """Xen refuses a guest no hypercall because it is migrating, so a
+        guest may start using an optional feature (FIFO events, grant v2,
+        a third-domain channel or permission) during pre-copy. Checked
+        again once paused, before anything of its state is exported: a
+        feature SETUP did not name rolls the migration back and the guest
+        resumes here."""
+        if self._features is None:
+            return
+        added = self.host.guest_features(self.domid) - self._features
+        if added:
+            raise FeaturesChanged(
+                "the guest started using "
+                f"{', '.join(sorted(f.value for f in added))} after SETUP; "
+                "rolled back before its state was exported"
+            )
+
     def _setup(self) -> None:
         self._check_source()
         info = self.info
@@ -459,7 +499,7 @@ class Sender:
                 memory_bytes=info.memory_bytes,
                 vcpus=info.vcpus,
                 pv_drivers=info.pv_drivers,
-                required=tuple(i.value for i in needed_items(info.pv_drivers)),
+                required=self._required(info.pv_drivers),
                 running=self._running,
                 channels=len(self._channels),
             )
@@ -639,6 +679,7 @@ class Sender:
         if self.info.pv_drivers:
             self.host.quiesce_backends(self.domid)
             self._quiesced = True
+            self._check_features()
         # State first, pages last: what the hypervisor writes to guest
         # memory while the guest is paused (event delivery into a
         # registered vcpu_info) up to the export is in the last harvest.

@@ -260,6 +260,11 @@ class XenstoreState:
     transactions: tuple[XenstoreTransaction, ...]
     store_port: int
     store_gfn: int
+    #: Watch events xenstored queued for the guest and has not yet written
+    #: to its ring (xenstore-migration.md CONNECTION_DATA ``data``), as
+    #: XS_WATCH_EVENT messages; a message partly written comes first, by
+    #: its remaining octets.
+    pending_output: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +314,115 @@ class PvState:
 # -- what a host can do ---------------------------------------------------
 
 
+class GuestFeature(str, enum.Enum):
+    """Optional PV features a guest may use, which a destination must be
+    able to restore: named in SETUP (with the items) and checked against
+    :attr:`Capabilities.features` before anything moves."""
+
+    #: The FIFO event channel ABI (EVTCHNOP_init_control; Linux's default).
+    EVTCHN_FIFO = "evtchn-fifo"
+    #: Grant table v2 (GNTTABOP_set_version), with status frames.
+    GNTTAB_V2 = "gnttab-v2"
+    #: Interdomain or unbound event channels naming a domain other than
+    #: the guest, dom0 and its devices' backend domains (vchan and the
+    #: like).
+    EVTCHN_DOMU_PEER = "evtchn-domu-peer"
+    #: Xenstore nodes whose permissions (owner, default access or an ACL
+    #: entry) reach a domain other than the guest, dom0 and its devices'
+    #: backend domains, whoever set them.
+    XENSTORE_FOREIGN_PERMS = "xenstore-foreign-perms"
+
+
+def feature_uses(
+    domid: int,
+    abi: EvtchnAbi,
+    grant_version: int,
+    ports: Sequence[EventChannel],
+    nodes: Sequence[XenstoreNode],
+    backend_domids: Collection[int],
+) -> dict[GuestFeature, str]:
+    """The optional features PV state of guest ``domid`` uses, each with
+    the first thing that uses it. ``backend_domids`` are the domains
+    running the guest's device backends (dom0 runs xenstored and is
+    always one). The one predicate both the SETUP report
+    (:func:`features_of`) and a destination's import apply, so that what
+    the import would refuse is known, and refused, at SETUP."""
+    found: dict[GuestFeature, str] = {}
+    if abi == EvtchnAbi.FIFO:
+        found[GuestFeature.EVTCHN_FIFO] = "FIFO event channel ABI"
+    if grant_version != 1:
+        found[GuestFeature.GNTTAB_V2] = f"grant table v{grant_version}"
+    peers = set(backend_domids) | {domid, 0}
+    for p in ports:
+        if (
+            p.type in (EvtchnType.INTERDOMAIN, EvtchnType.UNBOUND)
+            and p.remote_domid not in peers
+        ):
+            found[GuestFeature.EVTCHN_DOMU_PEER] = (
+                f"port {p.port} ({p.type.name.lower()}) names domain "
+                f"{p.remote_domid}"
+            )
+            break
+    for node in nodes:
+        why = _foreign_perm(node.perms, peers)
+        if why:
+            found[GuestFeature.XENSTORE_FOREIGN_PERMS] = f"{node.path}: {why}"
+            break
+    return found
+
+
+def _foreign_perm(
+    perms: Sequence[tuple[str, int]], peers: Collection[int]
+) -> str | None:
+    """What in a node's permissions reaches a domain outside ``peers``:
+    its owner, its default access (every domain), or an ACL entry; by
+    whoever set it (guest or toolstack), the destination must be able to
+    grant it."""
+    if not perms:
+        return None
+    access, owner = perms[0]
+    if owner not in peers:
+        return f"owned by domain {owner}"
+    if access != "n":
+        return f"default access {access!r} for every domain"
+    for access, who in perms[1:]:
+        if access != "n" and who not in peers:
+            return f"grants {access!r} to domain {who}"
+    return None
+
+
+def features_of(
+    domid: int,
+    abi: EvtchnAbi,
+    grant_version: int,
+    ports: Sequence[EventChannel],
+    nodes: Sequence[XenstoreNode],
+    backend_domids: Collection[int],
+) -> frozenset[GuestFeature]:
+    """The optional features PV state of guest ``domid`` uses
+    (:func:`feature_uses`)."""
+    return frozenset(
+        feature_uses(domid, abi, grant_version, ports, nodes, backend_domids)
+    )
+
+
+def state_feature_uses(state: PvState) -> dict[GuestFeature, str]:
+    """:func:`feature_uses` of exported PV state: its nodes and the nodes
+    its open transactions write, its devices' backend domains."""
+    xs = state.xenstore
+    nodes = list(xs.nodes)
+    for tx in xs.transactions:
+        nodes += [w for w in tx.writes if isinstance(w, XenstoreNode)]
+    return feature_uses(
+        state.domid,
+        state.event_channels.abi,
+        state.grant_table.version,
+        state.event_channels.ports,
+        nodes,
+        {b.backend_domid for b in state.backends},
+    )
+
+
 class Item(str, enum.Enum):
     """The items of the transparency invariant (architecture.rst section 2)."""
 
@@ -343,6 +457,8 @@ class Capabilities:
     # Physical CPUs the hypervisor runs guests on (xl info nr_cpus);
     # 0 when the driver does not report them.
     pcpus: int = 0
+    #: The optional guest features (GuestFeature) it can restore.
+    features: frozenset[GuestFeature] = frozenset()
 
     def missing(self, pv_drivers: bool) -> dict[Item, str]:
         """The items a guest would need that this host cannot restore."""
@@ -560,6 +676,14 @@ class HostDriver(abc.ABC):
     @abc.abstractmethod
     def resume_backends(self, domid: int) -> None:
         """Undo :meth:`quiesce_backends` (rollback on the source)."""
+
+    def guest_features(self, domid: int) -> frozenset[GuestFeature]:
+        """The optional PV features the running guest uses (at SETUP, to
+        be refused there if the destination cannot restore them)."""
+        raise NotSupported(
+            "this host cannot report the guest's PV features",
+            call="guest_features",
+        )
 
     @abc.abstractmethod
     def export_pv_state(self, domid: int) -> PvState:

@@ -225,6 +225,9 @@ class Target:
             assert str(exc), f"{outcome} without a message"
         finally:
             self.host.destroy_domain(self.domid)
+            # Each case is a first restore into this domid: libxl would
+            # refuse a domid released less than a minute ago.
+            self.host._domid_released.pop(self.domid, None)
         after = self._snapshot()
         if self.baseline is not None:
             assert after == self.baseline, _diff(self.baseline, after)

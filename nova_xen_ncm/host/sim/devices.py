@@ -73,8 +73,6 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-import numpy as np
-
 from nova_xen_ncm.host.base import BackendState
 from nova_xen_ncm.host.base import DeviceConfig
 from nova_xen_ncm.host.base import InflightRequest
@@ -132,15 +130,14 @@ class XenstoreAdmin(XenbusClient, Protocol):
 class GuestRam(Protocol):
     """The guest's own memory, from inside the guest (``GuestMemory``).
 
-    Writes happen under :meth:`lock` and are followed, still under it, by
-    :meth:`mark_dirty`, so log-dirty never misses them.
+    Writes happen under :meth:`lock` (ordered with the hypervisor's
+    writes of event state); the hypervisor finds them by itself
+    (memory.WriteTracker), the guest marks nothing.
     """
 
     def page(self, pfn: int, writable: bool = False) -> memoryview: ...
 
     def lock(self) -> AbstractContextManager[None]: ...
-
-    def mark_dirty(self, pfns: np.ndarray | int) -> None: ...
 
 
 class GuestOps(Protocol):
@@ -581,16 +578,9 @@ class Frontend:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
-        """Hold the RAM lock; mark the state and ring pages dirty (after
-        the writes, so a harvest in between cannot lose them)."""
+        """Hold the RAM lock while the state and ring pages change."""
         with self._ram.lock():
-            try:
-                yield
-            finally:
-                self._ram.mark_dirty(self._pfn)
-                ring_pfn = self._get("ring_pfn")
-                if ring_pfn:
-                    self._ram.mark_dirty(ring_pfn)
+            yield
 
     def _front_ring(self) -> FrontRing | None:
         if self._ring is None and self._get("ring_pfn"):
@@ -684,6 +674,11 @@ class Frontend:
         own = self.state
         if seen == XenbusState.INIT_WAIT and own == XenbusState.INITIALISING:
             self._connect()
+        elif seen == XenbusState.CONNECTED and own == XenbusState.INITIALISED:
+            # blkfront's blkfront_connect(), on the backend's Connected.
+            self._switch_state(XenbusState.CONNECTED)
+            with self._writing():
+                self._set("connected", 1)
         elif seen == XenbusState.CONNECTED and own == XenbusState.CONNECTED:
             with self._writing():
                 self._set("connected", 1)
@@ -694,8 +689,9 @@ class Frontend:
                 self._switch_state(XenbusState.CLOSED)
 
     def _connect(self) -> None:
-        """netfront's talk_to_netback: ring page, grant, port, then the
-        details and Connected in the frontend area. Each step is recorded
+        """netfront's talk_to_netback (blkfront's talk_to_blkback): ring
+        page, grant, port, then the details and Connected (Initialised)
+        in the frontend area. Each step is recorded
         in RAM as it is taken, so a step that failed is retried on the
         next watch event without leaking what came before."""
         backend_id = self._get("backend_id")
@@ -725,7 +721,13 @@ class Frontend:
         area = self._area_path()
         self._xs.write(f"{area}/ring-ref", str(ref).encode())
         self._xs.write(f"{area}/event-channel", str(port).encode())
-        self._switch_state(XenbusState.CONNECTED)
+        # blkfront's talk_to_blkback() says Initialised and waits for
+        # the backend's Connected; netfront says Connected at once.
+        self._switch_state(
+            XenbusState.INITIALISED
+            if self.kind == "vbd"
+            else XenbusState.CONNECTED
+        )
 
     # -- I/O --
 
@@ -906,10 +908,11 @@ class Backend(abc.ABC):
 
     Driven by dom0: :meth:`start` once after :func:`add_device`,
     :meth:`handle_watch` on a watch event of :attr:`token`, and
-    :meth:`service` on every notification of its port (its handler) and
-    on dom0's periodic tick. :meth:`service` first answers what it took
-    earlier and then takes the new requests, which stay in flight until
-    the next call, as requests wait for a disk.
+    :meth:`service` on every notification of its port (its handler), and
+    :meth:`complete_requests` when its disk is done (dom0's tick): it
+    takes requests on events only. :meth:`service` first answers what it
+    took earlier and then takes the new requests, which stay in flight
+    until answered, as requests wait for a disk.
     """
 
     kind: str = ""

@@ -8,7 +8,9 @@ the other end unbound to the closer, binding an interdomain channel sets
 the new local port pending (notifications may have been lost on the
 unbound port), and the 2-level pending/mask words live in the shared info
 page with the per-vCPU selector and ``evtchn_upcall_pending`` in
-``vcpu_info``. The FIFO ABI is not implemented.
+``vcpu_info``, a domain's ports go up to its max_evtchn_port (libxl's
+default 1023 for a guest). The FIFO ABI is not implemented (the host's
+capabilities say so, base.GuestFeature).
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from nova_xen_ncm.host.base import HostError
 
 # 2-level: BITS_PER_EVTCHN_WORD squared (64-bit guests).
 NR_2L_PORTS = 64 * 64
+# libxl's default max_event_channels for a guest (the highest port).
+DEFAULT_MAX_EVTCHN_PORT = 1023
+# Ports come in buckets; a free port in an allocated bucket is valid
+# (port_is_valid), so it can be unmasked.
+EVTCHNS_PER_BUCKET = 64
 NR_VIRQS = 24
 VIRQ_TIMER = 0
 VIRQ_DEBUG = 1
@@ -112,6 +119,9 @@ class PendingBits:
         sel[0] |= bit
         return was
 
+    def upcall_pending(self, vcpu: int) -> bool:
+        return bool(self.vcpu_info(vcpu)[VI_UPCALL_PENDING])
+
     def mark_upcall(self, vcpu: int) -> bool:
         """vcpu_mark_events_pending(): True if the vCPU needs a kick."""
         vi = self.vcpu_info(vcpu)
@@ -159,9 +169,33 @@ class EventChannelOps:
             )
         return ch
 
+    @staticmethod
+    def max_port(d: object) -> int:
+        """get_free_port()'s limit: the domain's max_evtchn_port, within
+        the 2-level ABI's ports."""
+        limit = getattr(d, "max_evtchn_port", NR_2L_PORTS - 1)
+        return min(limit, NR_2L_PORTS - 1)
+
+    @staticmethod
+    def _grow_buckets(d: object, port: int) -> None:
+        """get_free_port() allocates the bucket of ``port``; Xen frees
+        buckets only with the domain (d->valid_evtchns only grows)."""
+        d.valid_ports = max(
+            getattr(d, "valid_ports", EVTCHNS_PER_BUCKET),
+            (port // EVTCHNS_PER_BUCKET + 1) * EVTCHNS_PER_BUCKET,
+        )
+
+    @classmethod
+    def port_is_valid(cls, d: object, port: int) -> bool:
+        """Within a bucket allocated so far (buckets are not freed)."""
+        # Ports a restore put in place count as allocated.
+        cls._grow_buckets(d, max(d.ports, default=0))
+        return 0 <= port < d.valid_ports
+
     def free_port(self, d: object, call: str) -> int:
-        for port in range(1, NR_2L_PORTS):
+        for port in range(1, self.max_port(d) + 1):
             if port not in d.ports:
+                self._grow_buckets(d, port)
                 return port
         raise self._err(
             call, errnos.ENOSPC, f"domain {d.domid} has no free event channel"
@@ -174,10 +208,16 @@ class EventChannelOps:
             )
 
     def set_pending(self, d: object, port: int) -> None:
-        """evtchn_2l_set_pending(); kicks the vCPU when it must."""
+        """evtchn_2l_set_pending(); kicks the vCPU when it must. A
+        domain whose events are held (``held_ports``, from the quiesce of
+        a stop-and-copy) gets them when they are released."""
         ch = d.ports[port]
         kick = False
         with d.mem_lock():
+            held = getattr(d, "held_ports", None)
+            if held is not None:
+                held.add(port)
+                return
             bits = d.bits
             if bits.test_and_set(SHINFO_PENDING, port):
                 return
@@ -298,20 +338,28 @@ class EventChannelOps:
             )
 
     def unmask(self, caller: object, port: int) -> None:
-        """evtchn_2l_unmask(): an event pending while masked is raised."""
+        """evtchn_2l_unmask(): an event pending while masked is raised.
+        A free port is unmasked too, if valid (port_is_valid)."""
         call = "EVTCHNOP_unmask"
-        ch = self._channel(caller, port, call)
+        if not self.port_is_valid(caller, port):
+            raise self._err(
+                call,
+                errnos.EINVAL,
+                f"port {port} of domain {caller.domid} is not valid",
+            )
+        ch = caller.ports.get(port)
+        vcpu = ch.vcpu if ch is not None else 0
         kick = False
         with caller.mem_lock():
             bits = caller.bits
             if (
                 bits.test_and_clear(SHINFO_MASK, port)
                 and bits.test(SHINFO_PENDING, port)
-                and not bits.set_selector(ch.vcpu, port)
+                and not bits.set_selector(vcpu, port)
             ):
-                kick = bits.mark_upcall(ch.vcpu)
+                kick = bits.mark_upcall(vcpu)
         if kick:
-            caller.kick(ch.vcpu)
+            caller.kick(vcpu)
 
     def bind_vcpu(self, caller: object, port: int, vcpu: int) -> None:
         call = "EVTCHNOP_bind_vcpu"
@@ -369,9 +417,10 @@ class EventChannelOps:
         virqs: set[tuple[int, int]] = set()
         for p in ports:
             where = f"event channel port {p.port}"
-            if not 0 < p.port < NR_2L_PORTS:
+            if not 0 < p.port <= self.max_port(d):
                 raise HostError(
-                    f"{where}: out of the 2-level range 1..{NR_2L_PORTS - 1}",
+                    f"{where}: out of the domain's range "
+                    f"1..{self.max_port(d)}",
                     call=call,
                 )
             if p.port in seen:

@@ -21,6 +21,9 @@ from nova_xen_ncm.host.base import PAGE_SIZE
 from nova_xen_ncm.host.base import HostError
 
 GRANT_ENTRY_V1 = struct.Struct("<HHI")
+# grant_table.h: entries the toolstack seeds for the console and xenstore.
+GNTTAB_RESERVED_CONSOLE = 0
+GNTTAB_RESERVED_XENSTORE = 1
 ENTRIES_PER_FRAME = PAGE_SIZE // GRANT_ENTRY_V1.size
 
 GTF_invalid = 0
@@ -116,23 +119,26 @@ class GrantTable:
                 f"{self.nr_entries} entries",
             )
         flags, domid, gfn = self.read(ref)
+        # Xen's _set_status_v1() fails a bad entry with
+        # GNTST_general_error ("Bad flags or dom", "write-pin a r/o
+        # grant entry"), not GNTST_permission_denied.
         if flags & GTF_type_mask != GTF_permit_access:
             raise GrantError(
                 call,
-                GNTST_permission_denied,
+                GNTST_general_error,
                 f"grant reference {ref} does not permit "
                 f"access (flags {flags:#x})",
             )
         if domid != mapper:
             raise GrantError(
                 call,
-                GNTST_permission_denied,
+                GNTST_general_error,
                 f"grant reference {ref} is for domain {domid}, not {mapper}",
             )
         if not readonly and flags & GTF_readonly:
             raise GrantError(
                 call,
-                GNTST_permission_denied,
+                GNTST_general_error,
                 f"grant reference {ref} is read-only",
             )
         act = self.active.get(ref)

@@ -12,6 +12,14 @@ vCPU writes any more, with the vCPU registers), ``unpause``, ``throttle``,
 All of the guest's state is in its RAM (kernel.py) and in the registers
 the host holds while it is paused; the process keeps nothing else, so a
 new process on another host continues where this one stopped.
+
+The guest cooperates with nothing: it never tells the host which pages
+it wrote (the hypervisor tracks writes itself, memory.WriteTracker, armed
+by this process before the guest runs, as a CPU's EPT is set up before
+VM entry), and its drivers act on events only. An upcall that arrives
+while the vCPUs are paused is not taken: ``evtchn_upcall_pending`` stays
+set in vcpu_info, in RAM, and the hypervisor asserts the vector again
+when the vCPUs run (level-triggered, xen/arch/x86/hvm/irq.c).
 """
 
 from __future__ import annotations
@@ -35,12 +43,15 @@ from nova_xen_ncm.host.sim import ipc
 from nova_xen_ncm.host.sim import kernel
 from nova_xen_ncm.host.sim import layout
 from nova_xen_ncm.host.sim import xenbus
+from nova_xen_ncm.host.sim.memory import TRACKER_NONE
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 from nova_xen_ncm.host.sim.memory import GuestMemory
 
 BATCH_INTERVAL = 0.01
-XENBUS_TICK = 0.005
-XENBUS_IDLE_TICK = 0.05
+# After a failed xenbus step (say, xenstore not ready at boot), retry in.
+XENBUS_RETRY = 0.05
+# Unpaused seconds a xenstore request waits for the store port's event.
+XENBUS_REPLY_TIMEOUT = 30.0
 IPI_INTERVAL = 0.25
 FILL_CHUNK = 16384
 FILL_POOL_PAGES = 2048
@@ -70,11 +81,16 @@ class GuestKernel:
         self.cond = threading.Condition()
         self.paused = True
         self.throttle = 1.0
-        self.upcall_deferred = False
         self.counters = [0] * vcpus
+        # Events counted per port by the upcall handler, and those its
+        # driver handled: both in RAM (kernel.py).
+        self.counts = mem.ram[kernel.COUNTERS_PFN].view(np.uint32)
+        self.handled = mem.ram[kernel.HANDLED_PFN].view(np.uint32)
+        # The store port's count last seen by a xenstore request (a
+        # stale value after a restart only wakes the request once).
+        self._store_seen = 0
         self.header: dict = {}
         self.io_rate = 0.0
-        self.store_pfn = layout.special_pfn(layout.SPECIALPAGE_XENSTORE)
         self.xs: xenbus.XenbusClient | None = None
         self.frontends: list[devices.Frontend] = []
 
@@ -95,7 +111,6 @@ class GuestKernel:
 
     def store_header(self) -> None:
         kernel.write_header(self.header_page(), self.header)
-        self.mem.mark_dirty(kernel.HEADER_PFN)
 
     def fill(self, mode: int, seed: int) -> None:
         """Give RAM the content an OS's memory has (layout.heap_ranges).
@@ -131,8 +146,6 @@ class GuestKernel:
                 with self.mem.lock():
                     self.ram64[pat] = values
                     self.ram64[rnd] = data
-                    self.mem.mark_dirty(pat)
-                    self.mem.mark_dirty(rnd)
 
     # -- boot and resume --
 
@@ -161,6 +174,8 @@ class GuestKernel:
             "xenbus_ready": 0,
             "next_driver_page": 0,
             "next_grant_ref": kernel.FIRST_GRANT_REF,
+            "io_rate": float(config.get("io_rate", 0)),
+            "store_pfn": 0,
         }
         self.fill(self.header["fill"], config["seed"])
         with self.mem.lock():
@@ -181,7 +196,6 @@ class GuestKernel:
         slot = kernel.read_vcpu(page, v)
         slot.update(fields)
         kernel.write_vcpu(page, v, slot)
-        self.mem.mark_dirty(kernel.HEADER_PFN)
 
     def init_pv(self) -> None:
         """What Linux's Xen HVM support does at boot: the callback
@@ -227,6 +241,9 @@ class GuestKernel:
         console = self.hypercall(
             "hvm_get_param", index=hvm.HVM_PARAM_CONSOLE_EVTCHN
         )
+        store_pfn = self.hypercall(
+            "hvm_get_param", index=hvm.HVM_PARAM_STORE_PFN
+        )
         ports = [*ipis, debug, store, console]
         with self.mem.lock():
             self.header.update(
@@ -234,6 +251,7 @@ class GuestKernel:
                 grant_gfn=grant_gfn,
                 callback_via=via,
                 store_port=store,
+                store_pfn=store_pfn,
                 console_port=console,
                 debug_port=debug,
             )
@@ -306,7 +324,6 @@ class GuestKernel:
         with self.mem.lock():
             self.ram64[pfns, 0] = stamp
             self.ram64[pfns, 1] = counters
-            self.mem.mark_dirty(pfns)
             self.counters[v] = c + n
             self._store_vcpu(v, counter=c + n)
 
@@ -360,16 +377,6 @@ class GuestKernel:
 
     # -- xenbus and the PV frontends --
 
-    def _xenbus_pages(self) -> np.ndarray:
-        pfns = [
-            self.store_pfn,
-            *range(
-                kernel.XENBUS_STATE_PFN,
-                kernel.XENBUS_STATE_PFN + kernel.XENBUS_STATE_PAGES,
-            ),
-        ]
-        return np.array(pfns, dtype=np.uint64)
-
     def start_xenbus(self) -> None:
         """Connect the xenbus client (its state is in RAM) and, on first
         boot, probe the devices the toolstack gave us; after a restart
@@ -380,9 +387,11 @@ class GuestKernel:
         ]
         store_port = self.header["store_port"]
         self.xs = xenbus.XenbusClient(
-            self.mem.page(self.store_pfn, writable=True),
+            self.mem.page(self.header["store_pfn"], writable=True),
             state,
             notify=lambda: self.evtchn_send(store_port),
+            wait=self._store_wait,
+            timeout=None,
         )
         size = devices.FRONTEND_STATE_SIZE
         if self.header["xenbus_ready"]:
@@ -425,6 +434,16 @@ class GuestKernel:
         )
 
     def xenbus_loop(self) -> None:
+        """The xenbus thread: it acts on events (the counts the upcall
+        handler keeps in RAM), and issues the workload's requests at its
+        I/O rate; it polls nothing. A kernel without PV drivers (its
+        header in RAM says) has none."""
+        with self.cond:
+            while self.paused:
+                self.cond.wait()
+            if not self.header["pv_drivers"]:
+                return
+            self.io_rate = float(self.header["io_rate"])
         credit = 0.0
         last = time.monotonic()
         while True:
@@ -433,39 +452,110 @@ class GuestKernel:
                     self.cond.wait()
                     last = time.monotonic()
                 try:
+                    if self.xs is None:
+                        self.start_xenbus()
                     credit = self._xenbus_step(credit, last)
-                except Exception as exc:  # the driver retries next tick
+                except Exception as exc:  # the driver retries
                     print(
                         f"xenbus: {type(exc).__name__}: {exc}", file=sys.stderr
                     )
+                    self.cond.wait(XENBUS_RETRY)
+                    continue
                 last = time.monotonic()
-            # Without devices only watch events arrive: poll less often.
-            time.sleep(XENBUS_TICK if self.frontends else XENBUS_IDLE_TICK)
+                self._wait_for_work(credit)
+
+    def _take_event(self, port: int) -> bool:
+        """Whether ``port`` has events its driver has not handled; marks
+        them handled (before the driver looks at its ring, so that an
+        event counted meanwhile is work for the next step)."""
+        if not 0 < port < kernel.NR_COUNTED_PORTS:
+            return False
+        count = self.counts[port]
+        if count == self.handled[port]:
+            return False
+        self.handled[port] = count
+        return True
+
+    def _has_events(self) -> bool:
+        ports = [self.header["store_port"]]
+        ports += [fe.port for fe in self.frontends]
+        return any(
+            0 < p < kernel.NR_COUNTED_PORTS
+            and self.counts[p] != self.handled[p]
+            for p in ports
+        )
+
+    def _wait_for_work(self, credit: float) -> None:
+        """Sleep (the condition released) until an event is counted for
+        a port the drivers serve, or the workload's next request is due;
+        the upcall handler notifies the condition."""
+        rate = self.io_rate * self.throttle if self.frontends else 0.0
+        end = None
+        if rate > 0:
+            end = time.monotonic() + max(0.0, 1.0 - credit) / rate
+        while self.paused or not self._has_events():
+            if end is None:
+                self.cond.wait()
+                continue
+            left = end - time.monotonic()
+            if left <= 0 and not self.paused:
+                return
+            self.cond.wait(max(left, 0.001) if not self.paused else None)
+
+    def _store_wait(self) -> None:
+        """XenbusClient's wait for a reply: until the store port's event
+        is counted and the vCPUs run. A request with no event for
+        XENBUS_REPLY_TIMEOUT unpaused seconds fails (it stays in flight
+        in RAM and is recovered by the next request)."""
+        port = self.header["store_port"]
+        waited = 0.0
+        while True:
+            if not self.paused:
+                seen = int(self.counts[port])
+                if seen != self._store_seen:
+                    self._store_seen = seen
+                    return
+                if waited >= XENBUS_REPLY_TIMEOUT:
+                    raise xenbus.XenbusError(
+                        f"no event on the store port {port} for "
+                        f"{XENBUS_REPLY_TIMEOUT} s"
+                    )
+            start = time.monotonic()
+            self.cond.wait(1.0)
+            if not self.paused:
+                waited += time.monotonic() - start
 
     def _xenbus_step(self, credit: float, last: float) -> float:
-        try:
-            if self.xs is None:
-                self.start_xenbus()
+        if self._take_event(self.header["store_port"]):
             self.xs.poll()
-            now = time.monotonic()
-            credit = min(
-                credit + (now - last) * self.io_rate * self.throttle, 8.0
-            )
-            for fe in self.frontends:
+        now = time.monotonic()
+        credit = min(credit + (now - last) * self.io_rate * self.throttle, 8.0)
+        for fe in self.frontends:
+            if self._take_event(fe.port):
                 fe.handle_event()
-                if credit >= 1:
-                    fe.issue(int(credit))
             if credit >= 1:
-                credit -= int(credit)
-            return credit
-        finally:
-            with self.mem.lock():
-                self.mem.mark_dirty(self._xenbus_pages())
+                fe.issue(int(credit))
+        if credit >= 1:
+            credit -= int(credit)
+        return credit
 
     # -- events --
 
+    def _vcpu_info(self, v: int) -> np.ndarray:
+        """vCPU ``v``'s vcpu_info where the kernel registered it (the
+        legacy slot in shared info until then)."""
+        slot = kernel.read_vcpu(self.header_page(), v)
+        gfn, off = slot["vcpu_info_gfn"], slot["vcpu_info_offset"]
+        if gfn:
+            return self.mem.ram[gfn][off : off + evtchn.VCPU_INFO_SIZE]
+        off = v * evtchn.VCPU_INFO_SIZE
+        shinfo = self.mem.xen_pages[XENPAGE_SHARED_INFO]
+        return shinfo[off : off + evtchn.VCPU_INFO_SIZE]
+
     def handle_upcall(self) -> None:
-        """Linux's __xen_evtchn_do_upcall for the 2-level ABI."""
+        """Linux's __xen_evtchn_do_upcall for the 2-level ABI: count
+        each port's events in RAM and wake the drivers. The caller holds
+        :attr:`cond`."""
         if not self.header.get("shared_info_gfn"):
             return
         with self.mem.lock():
@@ -475,15 +565,7 @@ class GuestKernel:
             handled = 0
             for v in range(self.nr_vcpus):
                 slot = kernel.read_vcpu(page, v)
-                gfn = slot["vcpu_info_gfn"]
-                off = slot["vcpu_info_offset"]
-                if gfn:
-                    vi = self.mem.ram[gfn][off : off + 64]
-                    self.mem.mark_dirty(gfn)
-                else:
-                    vi = self.mem.xen_pages[XENPAGE_SHARED_INFO][
-                        v * 64 : v * 64 + 64
-                    ]
+                vi = self._vcpu_info(v)
                 if not vi[evtchn.VI_UPCALL_PENDING]:
                     continue
                 vi[evtchn.VI_UPCALL_PENDING] = 0
@@ -508,9 +590,9 @@ class GuestKernel:
                 if events:
                     self._store_vcpu(v, events=slot["events"] + events)
                     handled += events
-            self.mem.mark_dirty(kernel.COUNTERS_PFN)
             self.header["upcalls"] += 1
             self.store_header()
+        self.cond.notify_all()
 
     # -- guest kernel actions the host's tests ask for --
 
@@ -558,7 +640,6 @@ class GuestKernel:
                 self.mem.ram[pfn][off : off + len(data)] = np.frombuffer(
                     data, dtype=np.uint8
                 )
-                self.mem.mark_dirty(pfn)
             return True
         if cmd == "hypercall":
             return self.hypercall(msg["op"], **msg.get("args", {}))
@@ -572,11 +653,9 @@ def serve(ctl: socket.socket, gk: GuestKernel, config: dict) -> None:
         )
         for v in range(gk.nr_vcpus)
     ]
-    if config["pv_drivers"]:
-        threads.append(
-            threading.Thread(target=gk.xenbus_loop, daemon=True, name="xenbus")
-        )
-    gk.io_rate = float(config.get("io_rate", 0))
+    threads.append(
+        threading.Thread(target=gk.xenbus_loop, daemon=True, name="xenbus")
+    )
     # They wait for the first unpause: started here, they are no part of
     # it (a restored guest's unpause ends its downtime).
     for t in threads:
@@ -589,9 +668,6 @@ def serve(ctl: socket.socket, gk: GuestKernel, config: dict) -> None:
             gk.throttle = throttle
             gk.paused = False
             gk.cond.notify_all()
-        if gk.upcall_deferred:
-            gk.upcall_deferred = False
-            gk.handle_upcall()
 
     while True:
         try:
@@ -602,6 +678,9 @@ def serve(ctl: socket.socket, gk: GuestKernel, config: dict) -> None:
         reply: dict = {"id": msg.get("id")}
         try:
             if cmd == "start":
+                if gk.mem.tracking == TRACKER_NONE:
+                    # The hypervisor must see every write from the first.
+                    raise RuntimeError("start: write tracking is not armed")
                 if msg["mode"] == "boot":
                     gk.boot(config)
                 else:
@@ -623,10 +702,10 @@ def serve(ctl: socket.socket, gk: GuestKernel, config: dict) -> None:
                 gk.throttle = float(msg["fraction"])
                 reply["ok"] = True
             elif cmd == "upcall":
+                # Paused, the vector is not taken: the pending flag stays
+                # in vcpu_info and is asserted again at unpause.
                 with gk.cond:
-                    if gk.paused:
-                        gk.upcall_deferred = True
-                    else:
+                    if not gk.paused:
                         gk.handle_upcall()
                 continue
             elif cmd == "stop":
@@ -672,6 +751,15 @@ def main(argv: list[str]) -> int:
     else:
         args = json.loads(argv[1])
     mem = GuestMemory.attach(args["ram_fd"], args["ctl_fd"])
+    # The hypervisor's write tracking of this process's mapping (the
+    # simulated MMU's part, before any vCPU runs); kept open until exit.
+    tracking = mem.arm_write_tracking()
+    if tracking is None:
+        print(
+            "guest: write tracking unavailable: the host takes every "
+            "page as written",
+            file=sys.stderr,
+        )
     hc = socket.socket(fileno=args["hc_fd"])
     ctl = socket.socket(fileno=args["ctl_sock_fd"])
     # A host under eventlet made its sockets non-blocking, and the flag

@@ -19,6 +19,7 @@ import dataclasses
 import errno as errnos
 import functools
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 import uuid as uuidlib
+import zlib
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Iterator
@@ -60,11 +62,13 @@ from nova_xen_ncm.host.sim import xs_wire
 from nova_xen_ncm.host.sim.memory import INVALID_GFN
 from nova_xen_ncm.host.sim.memory import MAX_GRANT_FRAMES
 from nova_xen_ncm.host.sim.memory import P2M_RAM
+from nova_xen_ncm.host.sim.memory import TRACKER_FAILED
 from nova_xen_ncm.host.sim.memory import XENPAGE_GRANT_BASE
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 from nova_xen_ncm.host.sim.memory import GuestMemory
 from nova_xen_ncm.host.sim.memory import SpareRam
 from nova_xen_ncm.host.sim.memory import SpareRamAbandoned
+from nova_xen_ncm.host.sim.memory import write_tracking_available
 from nova_xen_ncm.host.sim.xenstore import ImportPolicy
 from nova_xen_ncm.host.sim.xenstore import LocalClient
 from nova_xen_ncm.host.sim.xenstore import Xenstore
@@ -103,6 +107,9 @@ DOM0_TICK = 0.01
 DEFAULT_DISK_SUBDIR = os.path.join("nova-xen-ncm", "sim-disks")
 # vcpu_time_info.system_time in a vcpu_info (xen.h, x86_64).
 _SYSTEM_TIME = 32 + 16
+# libxl's LIBXL_DOMID_REUSE_TIMEOUT: a released domid is not given to a
+# new domain for this long.
+DOMID_REUSE_TIMEOUT = 60.0
 DEFAULT_PARAMS_FLAGS = {
     hvm.HVM_PARAM_PAE_ENABLED: 1,
     hvm.HVM_PARAM_TIMER_MODE: 1,  # HVMPTM_no_delay_for_missed_ticks
@@ -213,6 +220,7 @@ class _Domain:
     """A guest domain: the hypervisor's view of it."""
 
     privileged = False
+    max_evtchn_port = evtchn.DEFAULT_MAX_EVTCHN_PORT
 
     def __init__(
         self,
@@ -244,9 +252,15 @@ class _Domain:
         self.params: dict[int, int] = {}
         self.records = hvm.default_records(self.vcpus, TSC_KHZ)
         self.tsc = base.TscInfo(mode=0, khz=TSC_KHZ, nsec=0, incarnation=0)
+        # Guest TSC = host TSC + tsc_offset: 0 at creation; a restore
+        # sets it so that the TSC goes on from the saved CPU records.
+        self.tsc_offset = -self._host_tsc()
         self.state = DomainState.PAUSED
         self.throttle = 1.0
         self.backends_quiesced = False
+        # Ports made pending while quiesced (evtchn.set_pending), raised
+        # on resume_backends; None when events are delivered.
+        self.held_ports: set[int] | None = None
         self.proc: subprocess.Popen | None = None
         self.ctl: socket.socket | None = None
         self.hc: socket.socket | None = None
@@ -353,8 +367,46 @@ class _Domain:
                 regs.append(hvm.cpu_registers(rec.data))
         return regs
 
+    def _host_tsc(self) -> int:
+        """This host's TSC (ticking at the guest's frequency)."""
+        return self.host.now_ns() * self.tsc.khz // 1_000_000
+
+    def guest_tsc(self) -> int:
+        return self._host_tsc() + self.tsc_offset
+
+    def restore_tsc(self) -> None:
+        """hvm_set_guest_tsc_fixed() at restore: the guest's TSC goes on
+        from the value in its CPU records (vCPU 0's)."""
+        for rec in self.records:
+            if rec.typecode == hvm.CODE_CPU and rec.instance == 0:
+                saved = hvm.cpu_registers(rec.data)["tsc"]
+                self.tsc_offset = saved - self._host_tsc()
+                return
+
+    def update_time(self) -> None:
+        """What Xen writes when the vCPUs are scheduled in: each vCPU's
+        vcpu_time_info (update_vcpu_system_time) and the wallclock
+        (update_domain_wallclock_time). The guest's system time follows
+        its TSC, so it is monotonic across a migration (it stands still
+        while the guest is in transit); the wallclock, the wall time at
+        system time 0, is rebased on this host's clock, so that
+        wallclock + system time is the time of day here. The caller
+        holds the memory lock."""
+        scale = hvm.TimeScale.for_khz(self.tsc.khz)
+        tsc = self.guest_tsc()
+        system_time = scale.scale(max(tsc, 0))
+        for v in range(self.vcpus):
+            if v in self.vcpu_info_at or v < evtchn.XEN_LEGACY_MAX_VCPUS:
+                hvm.write_vcpu_time(
+                    memoryview(self._vcpu_info(v)), tsc, system_time, scale
+                )
+        hvm.write_wallclock(
+            memoryview(self.mem.xen_pages[XENPAGE_SHARED_INFO]),
+            time.time_ns() - system_time,
+        )
+
     def save_registers(self, regs: Sequence[Mapping[str, int]]) -> None:
-        guest_tsc = int((time.monotonic_ns() * self.tsc.khz) // 1_000_000)
+        guest_tsc = self.guest_tsc()
         for rec in self.records:
             if rec.typecode == hvm.CODE_CPU and rec.instance < len(regs):
                 values = dict(regs[rec.instance], tsc=guest_tsc)
@@ -412,6 +464,14 @@ class SimHost(base.HostDriver):
         self.memory_bytes = self.opts.host_memory_mb * MiB
         self._lock = threading.RLock()
         self._domains: dict[int, _Domain] = {}
+        # The domid allocator's state: the last domid it gave, and when
+        # each recently destroyed domain's domid was released.
+        self._domid_last = 0
+        self._domid_released: dict[int, float] = {}
+        # Xen's NOW() here: ns since this host booted (hosts booted at
+        # different times, so a migrating guest's host time jumps).
+        uptime = zlib.crc32(hostname.encode()) % 86_400 + 60
+        self._boot_ns = time.monotonic_ns() - uptime * 1_000_000_000
         self.dom0 = _Dom0(hostname)
         self.evtchn = evtchn.EventChannelOps(self._lookup)
         self.xenstore = Xenstore()
@@ -552,6 +612,18 @@ class SimHost(base.HostDriver):
                 f"domid {domid} is held by {self._domains[domid].name!r}",
                 call=call,
             )
+        released = self._domid_released.get(domid)
+        if (
+            released is not None
+            and time.monotonic() - released < DOMID_REUSE_TIMEOUT
+        ):
+            # libxl__domain_make: a domid asked for is not retried.
+            raise base.DomidInUse(
+                f"domid {domid}: domain id recently used (released "
+                f"{time.monotonic() - released:.0f} s ago; not reused for "
+                f"{DOMID_REUSE_TIMEOUT:.0f} s)",
+                call=call,
+            )
         self._check_config(config, call)
         if config.uuid is not None:
             try:
@@ -585,6 +657,35 @@ class SimHost(base.HostDriver):
             raise
         self._domains[domid] = dom
         return dom
+
+    def now_ns(self) -> int:
+        """The hypervisor's system time (Xen's NOW())."""
+        return time.monotonic_ns() - self._boot_ns
+
+    def _alloc_domid(self, call: str) -> int:
+        """Xen's allocator (xen/common/domid.c): the next free domid after
+        the last one allocated, round-robin over 1..DOMID_FIRST_RESERVED-1;
+        as libxl does (libxl__is_domid_recent), skipping domids released
+        less than DOMID_REUSE_TIMEOUT ago. Host lock held."""
+        now = time.monotonic()
+        self._domid_released = {
+            d: t
+            for d, t in self._domid_released.items()
+            if now - t < DOMID_REUSE_TIMEOUT
+        }
+        last = self._domid_last
+        for domid in itertools.chain(
+            range(last + 1, DOMID_FIRST_RESERVED), range(1, last + 1)
+        ):
+            taken = domid in self._domains or domid in self._domid_released
+            if not taken:
+                self._domid_last = domid
+                return domid
+        raise HostError(
+            "no domid free (recently released ones are not reused for "
+            f"{DOMID_REUSE_TIMEOUT:.0f} s)",
+            call=call,
+        )
 
     def _free_memory(self) -> int:
         used = sum(d.config.memory_bytes for d in self._domains.values())
@@ -639,6 +740,15 @@ class SimHost(base.HostDriver):
             dom.params[param] = port
         store_pfn = dom.params[hvm.HVM_PARAM_STORE_PFN]
         xs_wire.init_interface(mem.page(store_pfn, writable=True))
+        # xc_dom_gnttab_seed(): the reserved entries give the console
+        # and xenstore rings to the domains serving them (dom0 here).
+        for ref, param in (
+            (grant.GNTTAB_RESERVED_CONSOLE, hvm.HVM_PARAM_CONSOLE_PFN),
+            (grant.GNTTAB_RESERVED_XENSTORE, hvm.HVM_PARAM_STORE_PFN),
+        ):
+            dom.grants.write(
+                ref, grant.GTF_permit_access, DOM0, dom.params[param]
+            )
         self._xenstore_connect(dom)
         self._bind_dom0_services(dom)
         for dev in dom.config.devices:
@@ -804,9 +914,11 @@ class SimHost(base.HostDriver):
             LOG.debug("dom0: watch event for unknown token %s", token)
 
     def _service_backends(self) -> None:
+        """The disks finish what the backends took: requests are taken
+        only on their port's event (a port bound wrong stalls I/O)."""
         for be in list(self._backends.values()):
             if not be.quiesced:
-                be.service()
+                be.complete_requests()
 
     def _dom0_bind(self, dom: _Domain, guest_port: int) -> int:
         port = self.evtchn.bind_interdomain(self.dom0, dom.domid, guest_port)
@@ -966,6 +1078,9 @@ class SimHost(base.HostDriver):
             "ctl_sock_fd": fds[3],
             "config": self._workload(dom),
         }
+        with dom.mem.lock():
+            # ctl's tracking state is the process's about to start.
+            dom.mem.reset_tracking()
         try:
             config = {"config": args["config"]}
             dom.proc = self._take_spare(config, fds)
@@ -984,6 +1099,7 @@ class SimHost(base.HostDriver):
         finally:
             hc_guest.close()
             ctl_guest.close()
+        dom.mem.track(dom.proc.pid)
         dom.ctl, dom.hc = ctl_host, hc_host
         threading.Thread(
             target=self._serve_hypercalls,
@@ -997,6 +1113,8 @@ class SimHost(base.HostDriver):
         run it (one request: a restored guest's downtime ends here)."""
         if dom.proc is None:
             self._launch(dom)
+        with dom.mem_lock():
+            dom.update_time()
         regs = dom.request(
             {
                 "cmd": "start",
@@ -1010,6 +1128,7 @@ class SimHost(base.HostDriver):
         dom.save_registers(regs)
         dom.booted = True
         self._running(dom)
+        self._reassert_upcalls(dom)
 
     def _stop_guest(self, dom: _Domain, *, wait: bool = True) -> None:
         """Stop the guest process. Without ``wait`` its exit (which
@@ -1020,6 +1139,10 @@ class SimHost(base.HostDriver):
             return
         with contextlib.suppress(HostError):
             dom.request({"cmd": "stop"}, timeout=5.0)
+        with dom.mem.lock():
+            # What it wrote up to its stop is in the maps before the
+            # tracker goes.
+            dom.mem.flush_and_untrack()
         socks = (dom.ctl, dom.hc)
         dom.ctl = dom.hc = None
 
@@ -1112,6 +1235,10 @@ class SimHost(base.HostDriver):
                 f"param {index} is not settable by the guest",
             )
         dom.params[index] = int(value)
+        if index == hvm.HVM_PARAM_CALLBACK_IRQ:
+            # hvm_set_callback_via(): the vector is asserted on every
+            # vCPU whose upcall flag is already set.
+            self._reassert_upcalls(dom)
 
     def _hc_hvm_get_param(self, dom: _Domain, index: int) -> int:
         if not 0 <= index < hvm.HVM_NR_PARAMS:
@@ -1172,7 +1299,15 @@ class SimHost(base.HostDriver):
         with dom.mem.lock():
             old = bytes(dom._vcpu_info(vcpu))
             dom.vcpu_info_at[vcpu] = (gfn, offset)
-            dom._vcpu_info(vcpu)[:] = np.frombuffer(old, dtype=np.uint8)
+            vi = dom._vcpu_info(vcpu)
+            vi[:] = np.frombuffer(old, dtype=np.uint8)
+            # As map_guest_area()'s caller does: every selector bit set
+            # so that nothing is lost; the guest takes a spurious upcall.
+            vi[evtchn.VI_PENDING_SEL : evtchn.VI_PENDING_SEL + 8] = 0xFF
+            kick = dom.bits.mark_upcall(vcpu)
+            dom.update_time()
+        if kick:
+            dom.kick(vcpu)
 
     # -- dom0 services for other parts of the simulated host --
 
@@ -1277,15 +1412,53 @@ class SimHost(base.HostDriver):
 
     # -- HostDriver: lifecycle --
 
+    #: The optional GuestFeatures this host restores (capabilities()).
+    FEATURES: frozenset[base.GuestFeature] = frozenset()
+
     def capabilities(self) -> base.Capabilities:
+        """What this host can do, probed: log-dirty needs the kernel's
+        write tracking (memory.WriteTracker). The 2-level event channel
+        ABI and grant table v1 are what is implemented; interdomain
+        channels are rebound to dom0 only, and guest-set xenstore
+        permissions naming a third domain are not carried (that domain
+        is another one here): no optional GuestFeature is restorable."""
         return base.Capabilities(
             host=self.hostname,
             hypervisor="nova-xen-ncm simulated Xen 4.17",
             restore={item: None for item in Item},
+            log_dirty=write_tracking_available() is None,
             max_vcpus=kernel.MAX_VCPUS,
             free_memory_bytes=self.free_memory(),
             # The simulated guests' vCPUs run on this machine's CPUs.
             pcpus=os.cpu_count() or 1,
+            features=self.FEATURES,
+        )
+
+    def guest_features(self, domid: int) -> frozenset[base.GuestFeature]:
+        call = "guest_features"
+        dom = self._domain(domid, call)
+        with self._lock:
+            return frozenset(self._feature_uses(dom))
+
+    def _feature_uses(self, dom: _Domain) -> dict[base.GuestFeature, str]:
+        """base.feature_uses of the running guest: the predicate the
+        import applies (_validate_pv_state), so SETUP refuses what the
+        import would."""
+        nodes: list = []
+        if self.xenstore.is_introduced(dom.domid):
+            xs = self.xenstore.export_domain(dom.domid, strict=False)
+            nodes = list(xs.nodes)
+            for tx in xs.transactions:
+                nodes += [
+                    w for w in tx.writes if isinstance(w, base.XenstoreNode)
+                ]
+        return base.feature_uses(
+            dom.domid,
+            base.EvtchnAbi.TWO_LEVEL,
+            1,
+            self.evtchn.table(dom),
+            nodes,
+            {d.backend_domid for d in dom.config.devices},
         )
 
     def _info(self, dom: _Domain) -> base.DomainInfo:
@@ -1345,11 +1518,7 @@ class SimHost(base.HostDriver):
                     raise HostError(
                         f"a domain named {config.name!r} exists", call=call
                     )
-            domid = next(
-                i
-                for i in range(1, DOMID_FIRST_RESERVED)
-                if i not in self._domains
-            )
+            domid = self._alloc_domid(call)
             dom = self._reserve(config, domid, call)
             dom.disks_here = True
             try:
@@ -1408,6 +1577,8 @@ class SimHost(base.HostDriver):
         }
 
     def _start_running(self, dom: _Domain) -> None:
+        with dom.mem_lock():
+            dom.update_time()
         dom.request(
             {
                 "cmd": "unpause",
@@ -1416,6 +1587,28 @@ class SimHost(base.HostDriver):
             }
         )
         self._running(dom)
+        self._reassert_upcalls(dom)
+
+    @staticmethod
+    def _reassert_upcalls(dom: _Domain) -> None:
+        """The callback vector is level-triggered: asserted while a
+        vCPU's evtchn_upcall_pending is set (xen/arch/x86/hvm/irq.c,
+        hvm_vcpu_has_pending_irq). A kick sent while the vCPUs were
+        paused was not taken; the flag, in vcpu_info, says it all."""
+        if not dom.params.get(hvm.HVM_PARAM_CALLBACK_IRQ):
+            return  # no callback vector: events are not delivered
+        with dom.mem_lock():
+            pending = [
+                v
+                for v in range(dom.vcpus)
+                if (
+                    v in dom.vcpu_info_at
+                    or v < evtchn.XEN_LEGACY_MAX_VCPUS
+                )
+                and dom.bits.upcall_pending(v)
+            ]
+        for v in pending:
+            dom.kick(v)
 
     @staticmethod
     def _running(dom: _Domain) -> None:
@@ -1453,7 +1646,8 @@ class SimHost(base.HostDriver):
                     self.evtchn.close(self.dom0, port)
             if self.xenstore.is_introduced(dom.domid):
                 self.xenstore.release_domain(dom.domid)
-            self._domains.pop(dom.domid, None)
+            if self._domains.pop(dom.domid, None) is not None:
+                self._domid_released[dom.domid] = time.monotonic()
         self._in_background(dom.mem.close)
         self._replenish()
 
@@ -1630,6 +1824,12 @@ class SimHost(base.HostDriver):
     @_faulty
     def enable_log_dirty(self, domid: int) -> None:
         dom = self._domain(domid, "enable_log_dirty")
+        if dom.mem.tracking == TRACKER_FAILED:
+            raise base.NotSupported(
+                f"domain {domid}: its process could not arm write "
+                "tracking (userfaultfd WP_ASYNC), so no write log is kept",
+                call="enable_log_dirty",
+            )
         dom.mem.set_log_dirty(True)
         if dom.state == DomainState.RUNNING:
             # A paused guest has no downtime to save: its digest is
@@ -1700,6 +1900,7 @@ class SimHost(base.HostDriver):
         if dom.state == DomainState.RUNNING:
             raise HostError(f"domain {domid} must be paused", call=call)
         dom.records = hvm.decode(blob, dom.vcpus)
+        dom.restore_tsc()
 
     @_faulty
     def get_hvm_params(self, domid: int) -> dict[int, int]:
@@ -1736,7 +1937,10 @@ class SimHost(base.HostDriver):
             )
         if info.nsec < 0 or not 0 <= info.incarnation < 1 << 32:
             raise HostError("TSC nsec/incarnation out of range", call=call)
+        # The guest's TSC goes on at the new frequency from where it is.
+        tsc = dom.guest_tsc()
         dom.tsc = info
+        dom.tsc_offset = tsc - dom._host_tsc()
 
     # -- HostDriver: PV state --
 
@@ -1746,10 +1950,27 @@ class SimHost(base.HostDriver):
         dom.backends_quiesced = True
         for be in list(dom.backends.values()):
             be.quiesce()
+        # From here to the end of the downtime the guest's visible state
+        # is exported, digested and harvested: nothing dom0 raises may
+        # change it in between (rollback releases it to the guest).
+        with self._lock:
+            with dom.mem_lock():
+                if dom.held_ports is None:
+                    dom.held_ports = set()
+            if self.xenstore.is_introduced(domid):
+                self.xenstore.hold_output(domid, True)
 
     @_faulty
     def resume_backends(self, domid: int) -> None:
         dom = self._domain(domid, "resume_backends")
+        with self._lock:
+            with dom.mem_lock():
+                held, dom.held_ports = dom.held_ports, None
+            for port in sorted(held or ()):
+                if port in dom.ports:
+                    self.evtchn.set_pending(dom, port)
+            if self.xenstore.is_introduced(domid):
+                self.xenstore.hold_output(domid, False)
         dom.backends_quiesced = False
         for be in list(dom.backends.values()):
             be.resume()
@@ -1879,6 +2100,14 @@ class SimHost(base.HostDriver):
             raise refuse(
                 f"domain {dom.domid} is not an empty restoring domain"
             )
+        # The optional features first, by the predicate SETUP applied:
+        # a guest that passed SETUP is not refused below for them.
+        for feature, use in base.state_feature_uses(state).items():
+            if feature not in self.FEATURES:
+                raise base.NotSupported(
+                    f"{feature.value} ({use}) cannot be restored here",
+                    call=call,
+                )
         ports_by_number = {p.port: p for p in state.event_channels.ports}
         seen_devices = set()
         for bs in state.backends:
@@ -1939,8 +2168,8 @@ class SimHost(base.HostDriver):
             raise base.NotSupported(
                 "only the 2-level event channel ABI is implemented", call=call
             )
-        allowed = set(state.backend_domids) | {dom.domid}
-        self.evtchn.validate_table(dom, ec.ports, allowed)
+        allowed = {b.backend_domid for b in state.backends}
+        self.evtchn.validate_table(dom, ec.ports, allowed | {dom.domid, DOM0})
         for p in ec.ports:
             if p.type == EvtchnType.INTERDOMAIN and p.remote_domid != DOM0:
                 raise base.NotSupported(
@@ -2037,9 +2266,13 @@ class SimHost(base.HostDriver):
         with self._lock:
             dom = self._domain(domid, call)
             self._validate_pv_state(dom, state)
+            # What base.feature_uses lets through: owners and ACL
+            # entries among the guest, dom0 and the backend domains.
+            backends = {b.backend_domid for b in state.backends} | {DOM0}
             policy = ImportPolicy(
                 areas=tuple(b.backend_path for b in state.backends),
-                max_access={DOM0: "b"},
+                owners=frozenset(backends),
+                max_access=dict.fromkeys(backends, "b"),
             )
             # xenstored validates the whole store state before it changes
             # anything; ours is validated above and cannot fail below.
@@ -2335,6 +2568,19 @@ class SimHost(base.HostDriver):
             daemon=True,
         ).start()
 
+    def _guest_ports(self, dom: _Domain) -> tuple[base.EventChannel, ...]:
+        """The guest's port table as the invariant has it: the guest's
+        port numbers are kept; the port at a backend domain's end is that
+        domain's to number (a restore may renumber dom0's end when its
+        number is taken), so it is left out (0)."""
+        peers = set(self._backend_domids(dom)) - {dom.domid}
+        return tuple(
+            dataclasses.replace(p, remote_port=0)
+            if p.type == EvtchnType.INTERDOMAIN and p.remote_domid in peers
+            else p
+            for p in self.evtchn.table(dom)
+        )
+
     def guest_state(
         self, domid: int, items: Collection[Item] | None = None
     ) -> base.GuestState:
@@ -2350,7 +2596,7 @@ class SimHost(base.HostDriver):
                 Item.HVM_PARAMS: tuple(sorted(dom.params.items())),
                 Item.EVENT_CHANNELS: (
                     base.EvtchnAbi.TWO_LEVEL,
-                    self.evtchn.table(dom),
+                    self._guest_ports(dom),
                 ),
                 Item.GRANT_TABLE: self._digest_grants(dom),
                 Item.SHARED_INFO: self._digest_shared_info(dom),

@@ -318,3 +318,112 @@ def with_cpu_registers(data: bytes, regs: Mapping[str, int]) -> bytes:
     )
     struct.pack_into("<Q", out, CPU_TSC_OFFSET, current["tsc"])
     return bytes(out)
+
+
+# -- time, as Xen gives it to an HVM guest with PV drivers -----------------
+#
+# struct vcpu_time_info (xen/include/public/xen.h) at offset 32 of each
+# vcpu_info, and the wallclock of struct shared_info (x86_64 offsets).
+# Xen writes them with the version protocol: odd while updating.
+VCPU_TIME_OFFSET = 32
+VCPU_TIME = struct.Struct("<IIQQIbB2x")
+XEN_PVCLOCK_TSC_STABLE_BIT = 1 << 0
+SHINFO_WC = 3072
+WALLCLOCK = struct.Struct("<IIII")  # wc_version, wc_sec, wc_nsec, wc_sec_hi
+NSEC_PER_SEC = 1_000_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeScale:
+    """xen/arch/x86/time.c struct time_scale: ns = ticks << shift (or >>
+    for a negative shift) times mul_frac / 2^32."""
+
+    mul_frac: int
+    shift: int
+
+    @classmethod
+    def for_khz(cls, khz: int) -> TimeScale:
+        """set_time_scale(): the scale from ticks at ``khz`` to ns."""
+        tps = khz * 1000
+        shift = 0
+        while tps > 2 * NSEC_PER_SEC:
+            tps >>= 1
+            shift -= 1
+        tps &= 0xFFFFFFFF
+        while tps <= NSEC_PER_SEC:
+            tps <<= 1
+            shift += 1
+        return cls((NSEC_PER_SEC << 32) // tps, shift)
+
+    def scale(self, ticks: int) -> int:
+        """scale_delta()."""
+        if self.shift >= 0:
+            ticks <<= self.shift
+        else:
+            ticks >>= -self.shift
+        return (ticks * self.mul_frac) >> 32
+
+
+def write_vcpu_time(
+    vcpu_info: memoryview | bytearray,
+    tsc: int,
+    system_time: int,
+    scale: TimeScale,
+) -> None:
+    """update_vcpu_system_time(): a new (tsc_timestamp, system_time)
+    pair, the version odd while the fields change."""
+    version = VCPU_TIME.unpack_from(vcpu_info, VCPU_TIME_OFFSET)[0]
+    struct.pack_into(
+        "<I", vcpu_info, VCPU_TIME_OFFSET, (version + 1) & 0xFFFFFFFF
+    )
+    VCPU_TIME.pack_into(
+        vcpu_info,
+        VCPU_TIME_OFFSET,
+        (version + 1) & 0xFFFFFFFF,
+        0,
+        tsc & (1 << 64) - 1,
+        system_time & (1 << 64) - 1,
+        scale.mul_frac,
+        scale.shift,
+        XEN_PVCLOCK_TSC_STABLE_BIT,
+    )
+    struct.pack_into(
+        "<I", vcpu_info, VCPU_TIME_OFFSET, (version + 2) & 0xFFFFFFFF
+    )
+
+
+def read_vcpu_time(vcpu_info: memoryview | bytes) -> dict[str, int]:
+    version, _, tsc, system_time, mul, shift, flags = VCPU_TIME.unpack_from(
+        vcpu_info, VCPU_TIME_OFFSET
+    )
+    return {
+        "version": version,
+        "tsc_timestamp": tsc,
+        "system_time": system_time,
+        "tsc_to_system_mul": mul,
+        "tsc_shift": shift,
+        "flags": flags,
+    }
+
+
+def write_wallclock(shared_info: memoryview | bytearray, ns: int) -> None:
+    """update_domain_wallclock_time(): the wall time at the guest's system
+    time 0, the version odd while the fields change."""
+    version = WALLCLOCK.unpack_from(shared_info, SHINFO_WC)[0]
+    sec, nsec = divmod(ns, NSEC_PER_SEC)
+    struct.pack_into("<I", shared_info, SHINFO_WC, (version + 1) & 0xFFFFFFFF)
+    WALLCLOCK.pack_into(
+        shared_info,
+        SHINFO_WC,
+        (version + 1) & 0xFFFFFFFF,
+        sec & 0xFFFFFFFF,
+        nsec,
+        (sec >> 32) & 0xFFFFFFFF,
+    )
+    struct.pack_into("<I", shared_info, SHINFO_WC, (version + 2) & 0xFFFFFFFF)
+
+
+def read_wallclock(shared_info: memoryview | bytes) -> int:
+    """The wallclock in ns since the epoch."""
+    _, sec, nsec, sec_hi = WALLCLOCK.unpack_from(shared_info, SHINFO_WC)
+    return ((sec_hi << 32) | sec) * NSEC_PER_SEC + nsec

@@ -10,6 +10,9 @@ counters are the CPU records' rip). The area starts at pfn
 * page 1: u32 event counters per port, ports 0..1023;
 * page 2: the vcpu_info areas the guest registers with
   VCPUOP_register_vcpu_info, 64 bytes per vCPU;
+* page 3: u32 per port, the events of page 1 its driver has handled
+  (an event counted but not handled yet is work for the driver, also
+  after a restart from RAM);
 * pages 4-7: the xenbus client's state (xenbus.STATE_SIZE);
 * pages 8-15: PV frontend states, two per page (devices.Frontend);
 * pages 16-31: pages given to drivers for good (their rings).
@@ -57,6 +60,11 @@ HEADER_FIELDS = (
     ("xenbus_ready", "I"),
     ("next_driver_page", "I"),
     ("next_grant_ref", "I"),
+    # The workload's I/O requests per second (its configuration, in RAM
+    # like the rest: a restarted guest reads it here).
+    ("io_rate", "d"),
+    # HVM_PARAM_STORE_PFN as read at boot (Linux's xen_store_gfn).
+    ("store_pfn", "Q"),
 )
 VCPU_FIELDS = (
     ("counter", "Q"),
@@ -76,6 +84,7 @@ MAX_VCPUS = (PAGE_SIZE - VCPU_TABLE) // VCPU_STRIDE
 HEADER_PFN = layout.KERNEL_AREA_PFN
 COUNTERS_PFN = layout.KERNEL_AREA_PFN + 1
 VCPU_INFO_PFN = layout.KERNEL_AREA_PFN + 2
+HANDLED_PFN = layout.KERNEL_AREA_PFN + 3
 NR_COUNTED_PORTS = PAGE_SIZE // 4
 XENBUS_STATE_PFN = layout.KERNEL_AREA_PFN + 4
 XENBUS_STATE_PAGES = 4

@@ -12,18 +12,24 @@ guest process (the guest's vCPUs):
   log-dirty is on or not), the table of Xen pages (shared info, grant
   frames) and the GFNs they are mapped at, and the Xen pages themselves.
 
-Log-dirty: every writer (guest vCPUs, guest kernel, hypervisor, dom0
-backends) writes pages and marks them in the dirty map while holding the
-domain's memory lock; the harvest copies and clears the map under the
-same lock, so a write is either complete and in this harvest or in the
-next one (base.HostDriver.harvest_dirty). The lock is a thread lock plus
-a POSIX record lock on ``ctl``, which orders the two processes.
+Log-dirty is the hypervisor's, as EPT dirty bits and PML are Xen's: the
+guest tells it nothing. Writes by the guest process are found by
+:class:`WriteTracker` (write protection of the guest's mapping of its
+RAM, read and re-armed atomically); writes by the hypervisor and dom0
+(event channels, xenstored's ring, backends) are marked in the dirty map
+by the writer, as Xen's paging_mark_dirty(). Each flush of the tracker
+goes into both the dirty map and the changed map, so neither loses a
+write; the harvest copies and clears the map under the domain's memory
+lock, so a write is either in this harvest or in the next one
+(base.HostDriver.harvest_dirty). The lock is a thread lock plus a POSIX
+record lock on ``ctl``, which orders the two processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -48,9 +54,15 @@ MAX_GRANT_FRAMES = 32
 NR_XEN_PAGES = XENPAGE_GRANT_BASE + MAX_GRANT_FRAMES
 INVALID_GFN = (1 << 64) - 1
 
-# ctl header: magic, max_pfn, log-dirty enabled.
+# ctl header: magic, max_pfn, log-dirty enabled, then the write
+# tracker's state (armed, the RAM's address in the guest process).
 _CTL_MAGIC = 0x4E434D43544C0001
 _CTL_HEADER = struct.Struct("<QQQ")
+_HDR_TRACKER = 3
+_HDR_TRACKER_ADDR = 4
+TRACKER_NONE = 0
+TRACKER_ARMED = 1
+TRACKER_FAILED = 2
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -64,6 +76,283 @@ MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 # SpareRam faults its pages in by this much at a time, so that a host
 # closing meanwhile does not wait for all of it.
 _FAULT_IN_STEP = 64 << 20
+
+
+# userfaultfd(2) and PAGEMAP_SCAN (include/uapi/linux/userfaultfd.h,
+# fs.h). x86_64 and arm64 syscall numbers.
+_NR_USERFAULTFD = {"x86_64": 323, "aarch64": 282}.get(os.uname().machine)
+UFFD_USER_MODE_ONLY = 1
+UFFD_API = 0xAA
+UFFDIO_API = 0xC018AA3F
+UFFDIO_REGISTER = 0xC020AA00
+UFFDIO_WRITEPROTECT = 0xC018AA06
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
+UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+_UFFD_FEATURES = (
+    UFFD_FEATURE_WP_ASYNC
+    | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+    | UFFD_FEATURE_WP_UNPOPULATED
+)
+PAGEMAP_SCAN = 0xC0606610
+PM_SCAN_WP_MATCHING = 1 << 0
+PM_SCAN_CHECK_WPASYNC = 1 << 1
+PAGE_IS_WRITTEN = 1 << 1
+_PM_SCAN_ARG = struct.Struct("<12Q")
+_SCAN_REGIONS = 4096
+
+_ioctl = _libc.ioctl
+_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_ioctl.restype = ctypes.c_int
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+class WriteTracker:
+    """The pages a guest process writes, found without its help.
+
+    userfaultfd write protection in asynchronous mode
+    (UFFD_FEATURE_WP_ASYNC, Linux 6.7) on the guest process's shared
+    mapping of its RAM: a write to a protected page is resolved by the
+    kernel at once, with no fault thread, and leaves the page's PTE
+    written; the ``PAGEMAP_SCAN`` ioctl on ``/proc/<pid>/pagemap`` lists
+    the written pages and protects them again in one atomic walk, as a
+    CPU's dirty bits or PML buffer are read and reset. A write racing the
+    walk faults again and is in the next scan.
+
+    :meth:`arm` runs in the guest process before any vCPU (as EPT is set
+    up before VM entry) and records the mapping's address in ``ctl``;
+    :meth:`scan` runs in the host. Classic userfaultfd write protection
+    would need a thread to resolve every fault, and soft-dirty bits
+    (``/proc/pid/clear_refs``) cannot be read and cleared atomically.
+    """
+
+    def __init__(
+        self, pid: int, addr: int, size: int, ram_fd: int | None = None
+    ) -> None:
+        self.addr = addr
+        self.size = size
+        if ram_fd is not None:
+            _check_mapping(pid, addr, size, ram_fd)
+        try:
+            self._fd = os.open(
+                f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC
+            )
+        except OSError as exc:
+            raise base.HostError(
+                f"write tracking of process {pid}: {exc.strerror}",
+                call="log_dirty",
+            ) from None
+        self._vec = np.zeros(3 * _SCAN_REGIONS, dtype=np.uint64)
+
+    @staticmethod
+    def arm(mem: GuestMemory) -> int:
+        """Write-protect ``mem``'s RAM mapping in this process; returns
+        the userfaultfd, which must stay open while the guest runs."""
+        if _NR_USERFAULTFD is None:
+            raise OSError(errno.ENOSYS, "userfaultfd: unknown architecture")
+        fd = _check(
+            _syscall(
+                _NR_USERFAULTFD,
+                os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY,
+            ),
+            "userfaultfd",
+        )
+        try:
+            api = ctypes.create_string_buffer(
+                struct.pack("<QQQ", UFFD_API, _UFFD_FEATURES, 0), 24
+            )
+            _check(_ioctl(fd, UFFDIO_API, api), "UFFDIO_API")
+            features = struct.unpack_from("<QQ", api.raw)[1]
+            if features & _UFFD_FEATURES != _UFFD_FEATURES:
+                raise OSError(
+                    errno.ENOTSUP, "userfaultfd has no asynchronous WP"
+                )
+            addr = mem.ram.ctypes.data
+            reg = ctypes.create_string_buffer(
+                struct.pack(
+                    "<QQQQ", addr, mem.ram_size, UFFDIO_REGISTER_MODE_WP, 0
+                ),
+                32,
+            )
+            _check(_ioctl(fd, UFFDIO_REGISTER, reg), "UFFDIO_REGISTER")
+            wp = ctypes.create_string_buffer(
+                struct.pack(
+                    "<QQQQ", addr, mem.ram_size, UFFDIO_WRITEPROTECT_MODE_WP, 0
+                ),
+                32,
+            )
+            _check(_ioctl(fd, UFFDIO_WRITEPROTECT, wp), "UFFDIO_WRITEPROTECT")
+        except BaseException:
+            os.close(fd)
+            raise
+        mem.header[_HDR_TRACKER_ADDR] = addr
+        mem.header[_HDR_TRACKER] = TRACKER_ARMED
+        return fd
+
+    def scan(self) -> np.ndarray:
+        """The pfns written since the previous scan (sorted), protected
+        again."""
+        vec = self._vec
+        start, end = self.addr, self.addr + self.size
+        starts: list[np.ndarray] = []
+        ends: list[np.ndarray] = []
+        while start < end:
+            arg = ctypes.create_string_buffer(
+                _PM_SCAN_ARG.pack(
+                    _PM_SCAN_ARG.size,
+                    PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                    start,
+                    end,
+                    0,
+                    vec.ctypes.data,
+                    _SCAN_REGIONS,
+                    0,
+                    0,
+                    PAGE_IS_WRITTEN,
+                    0,
+                    PAGE_IS_WRITTEN,
+                ),
+                _PM_SCAN_ARG.size,
+            )
+            n = _check(_ioctl(self._fd, PAGEMAP_SCAN, arg), "PAGEMAP_SCAN")
+            regions = vec[: 3 * n].reshape(n, 3)
+            starts.append(regions[:, 0].copy())
+            ends.append(regions[:, 1].copy())
+            walk_end = _PM_SCAN_ARG.unpack(arg.raw)[4]
+            if n < _SCAN_REGIONS or walk_end <= start:
+                break
+            start = walk_end
+        first = (np.concatenate(starts) - np.uint64(self.addr)) >> np.uint64(
+            PAGE_SHIFT
+        )
+        last = (np.concatenate(ends) - np.uint64(self.addr)) >> np.uint64(
+            PAGE_SHIFT
+        )
+        lengths = (last - first).astype(np.int64)
+        total = int(lengths.sum())
+        if not total:
+            return np.zeros(0, dtype=np.uint64)
+        offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return (
+            np.repeat(first, lengths)
+            + (np.arange(total, dtype=np.int64) - offsets).astype(np.uint64)
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def _check_mapping(pid: int, addr: int, size: int, ram_fd: int) -> None:
+    """The guest process ``pid`` maps the guest's RAM memfd (``ram_fd``
+    here) at ``addr`` for ``size`` bytes, as its ``ctl`` header says: the
+    scan must walk that mapping and no other."""
+    ino = os.fstat(ram_fd).st_ino
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as exc:
+        raise base.HostError(
+            f"write tracking of process {pid}: {exc.strerror}",
+            call="log_dirty",
+        ) from None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        span = fields[0].split("-")
+        if int(span[0], 16) != addr:
+            continue
+        if (
+            int(span[1], 16) - addr >= size
+            and int(fields[4]) == ino
+            and fields[5].startswith("/memfd:")
+        ):
+            return
+        break
+    raise base.HostError(
+        f"write tracking of process {pid}: {addr:#x} is not its mapping "
+        f"of the guest's RAM ({size} bytes of memfd inode {ino})",
+        call="log_dirty",
+    )
+
+
+def _probe_child() -> None:
+    """In a child process (write_tracking_available): arm tracking of a
+    scratch memfd, write page 3, report the mapping, wait."""
+    import sys
+
+    mem = GuestMemory.create(16, "probe")
+    uffd = WriteTracker.arm(mem)
+    mem.ram[3, 0] = 1
+    print(mem.ram.ctypes.data, mem.ram_size, flush=True)
+    sys.stdin.read()
+    os.close(uffd)
+
+
+def write_tracking_available() -> str | None:
+    """None if :class:`WriteTracker` works on this kernel, else why not.
+    Probed once, as the host uses it: across processes, a child arming
+    and writing, this process scanning the child's pagemap."""
+    global _TRACKING_PROBE
+    if _TRACKING_PROBE is None:
+        import subprocess
+        import sys
+
+        tracker = None
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from nova_xen_ncm.host.sim import memory; "
+                "memory._probe_child()",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            line = child.stdout.readline().split()
+            if len(line) != 2:
+                child.stdin.close()
+                err = child.stderr.read().strip().splitlines()
+                raise OSError(
+                    errno.ENOTSUP, err[-1] if err else "probe process failed"
+                )
+            tracker = WriteTracker(child.pid, int(line[0]), int(line[1]))
+            found = tracker.scan().tolist()
+            again = tracker.scan().tolist()
+            _TRACKING_PROBE = (
+                ""
+                if (found, again) == ([3], [])
+                else f"PAGEMAP_SCAN found writes {found} then {again}"
+            )
+        except (OSError, base.HostError) as exc:
+            _TRACKING_PROBE = (
+                f"userfaultfd asynchronous write protection and "
+                f"PAGEMAP_SCAN (Linux 6.7) are not usable: {exc}"
+            )
+        finally:
+            if tracker is not None:
+                tracker.close()
+            with contextlib.suppress(OSError):
+                child.stdin.close()
+            child.wait()
+            child.stdout.close()
+            child.stderr.close()
+    return _TRACKING_PROBE or None
+
+
+_TRACKING_PROBE: str | None = None
 
 
 class SpareRamAbandoned(Exception):
@@ -131,6 +420,17 @@ class SpareRam:
             os.close(self.fd)
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still has its memory (not gone, not a
+    zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
+
+
 def _round_up(n: int) -> int:
     return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
@@ -177,6 +477,9 @@ class GuestMemory:
         self._populated: tuple[int, np.ndarray] | None = None
         #: RAM pages in the p2m (kept by the host process, as the p2m).
         self.nr_ram = int(np.count_nonzero(self.p2m == P2M_RAM))
+        # The host's side of the guest process's write tracking.
+        self._tracked_pid: int | None = None
+        self._tracker: WriteTracker | None = None
 
     @staticmethod
     def ctl_bytes(max_pfn: int) -> int:
@@ -257,6 +560,7 @@ class GuestMemory:
         return cls(ram_fd, ctl_fd, max_pfn)
 
     def close(self) -> None:
+        self.untrack()
         self.ram = self.p2m = self.dirty = None  # type: ignore[assignment]
         self.changed = None  # type: ignore[assignment]
         self.header = self.xen_gfns = self.xen_pages = None  # type: ignore
@@ -278,6 +582,86 @@ class GuestMemory:
             finally:
                 fcntl.lockf(self.ctl_fd, fcntl.LOCK_UN, 1, 0)
 
+    # -- write tracking (see WriteTracker) --
+
+    def arm_write_tracking(self) -> int | None:
+        """In the guest process, before the guest runs: protect its RAM
+        mapping; returns the userfaultfd to keep open, or None (recorded
+        in ``ctl``: the host then takes every page as written)."""
+        try:
+            return WriteTracker.arm(self)
+        except OSError:
+            self.header[_HDR_TRACKER] = TRACKER_FAILED
+            return None
+
+    def reset_tracking(self) -> None:
+        """In the host, before a guest process is launched: what ``ctl``
+        says of tracking is the next process's, not a previous one's.
+        The caller holds :meth:`lock`."""
+        self.untrack()
+        self.header[_HDR_TRACKER] = TRACKER_NONE
+        self.header[_HDR_TRACKER_ADDR] = 0
+
+    @property
+    def tracking(self) -> int:
+        """TRACKER_NONE (not armed yet), TRACKER_ARMED or TRACKER_FAILED."""
+        return int(self.header[_HDR_TRACKER])
+
+    def track(self, pid: int) -> None:
+        """In the host: the guest process ``pid`` maps this memory (it
+        arms its tracking before it runs the guest)."""
+        self.untrack()
+        self._tracked_pid = pid
+
+    def flush_and_untrack(self) -> None:
+        """In the host, once the guest process runs no vCPU: keep what it
+        wrote last, then stop tracking it. The caller holds :meth:`lock`."""
+        self._flush_written()
+        self.untrack()
+
+    def untrack(self) -> None:
+        tracker, self._tracker = self._tracker, None
+        self._tracked_pid = None
+        if tracker is not None:
+            tracker.close()
+
+    def _flush_written(self) -> None:
+        """Record the pages the guest process wrote since the previous
+        flush in the changed map and, with log-dirty on, the dirty map.
+        The caller holds :meth:`lock`."""
+        if self._tracker is None and self._tracked_pid is not None:
+            state = int(self.header[_HDR_TRACKER])
+            if state == TRACKER_ARMED:
+                try:
+                    self._tracker = WriteTracker(
+                        self._tracked_pid,
+                        int(self.header[_HDR_TRACKER_ADDR]),
+                        self.ram_size,
+                        self.ram_fd,
+                    )
+                except base.HostError:
+                    if _alive(self._tracked_pid):
+                        raise
+                    return  # the guest process has gone: it writes no more
+            elif state == TRACKER_FAILED:
+                pfns = self.populated()
+                self.mark_dirty(pfns)
+                return
+        if self._tracker is None:
+            return  # no guest process, or one that has not run yet
+        try:
+            pfns = self._tracker.scan()
+        except OSError as exc:
+            if self._tracked_pid is None or _alive(self._tracked_pid):
+                raise base.HostError(
+                    f"write tracking of process {self._tracked_pid}: "
+                    f"{exc.strerror}",
+                    call="log_dirty",
+                ) from None
+            return  # the guest process has gone: it writes no more
+        if len(pfns):
+            self.mark_dirty(pfns)
+
     # -- log-dirty --
 
     @property
@@ -286,11 +670,15 @@ class GuestMemory:
 
     def set_log_dirty(self, enabled: bool) -> None:
         with self.lock():
+            # Writes before this are changes, not part of the log.
+            self._flush_written()
             self.dirty[:] = 0
             self.header[2] = 1 if enabled else 0
 
     def mark_dirty(self, pfns: np.ndarray | int) -> None:
-        """Record writes; the caller holds :meth:`lock`."""
+        """Record writes of the hypervisor or dom0 (Xen's
+        paging_mark_dirty), never called by the guest; the caller holds
+        :meth:`lock`."""
         self.changed[pfns] = 1
         if self.header[2]:
             self.dirty[pfns] = 1
@@ -299,6 +687,7 @@ class GuestMemory:
         """The pfns written since the previous call, and forget them: a
         write racing this is in this result or the next (as harvest)."""
         with self.lock():
+            self._flush_written()
             pfns = base.marked(self.changed)
             self.changed[pfns] = 0
         return pfns
@@ -340,6 +729,7 @@ class GuestMemory:
 
     def harvest(self, extra: np.ndarray | None = None) -> np.ndarray:
         with self.lock():
+            self._flush_written()
             pfns = base.marked(self.dirty)
             self.dirty[pfns] = 0
         if extra is not None and len(extra):

@@ -223,6 +223,9 @@ class Connection:
         self.store_port = store_port
         self.watches: list[_Watch] = []
         self.transactions: dict[int, _Transaction] = {}
+        # While held (hold_output), nothing is written to the ring: what
+        # is queued stays in the outbox, which the export carries.
+        self.held = False
         self.next_tx_id = 1
         self.target: int | None = None
         # Ring connections: encoded messages waiting for rsp ring space
@@ -410,7 +413,8 @@ class Xenstore:
 
     def release_domain(self, domid: int) -> None:
         """XS_RELEASE / domain destruction: drop the domain's connection
-        and the nodes it owns with their children (xenstore.txt), fire
+        and the nodes it owns with their children (xenstore.txt), strip
+        the permission entries naming it from every other node, fire
         @releaseDomain."""
         with self._lock:
             conn = self._domain_conn(domid)
@@ -419,9 +423,29 @@ class Xenstore:
             for path in self._owned_tops(domid):
                 if path in self._tree:
                     self._remove(None, path)
+            # A later domain given this domid must not inherit access to
+            # what others granted this one (XSA-322).
+            for path, node in list(self._tree.items()):
+                acl = [e for e in node.perms[1:] if e[1] != domid]
+                if len(acl) != len(node.perms) - 1:
+                    self._put(
+                        None,
+                        path,
+                        dataclasses.replace(
+                            node, perms=(node.perms[0], *acl)
+                        ),
+                    )
             self._fire_special(RELEASE_DOMAIN, domid)
             calls = self._deliver_touched()
         self._run(calls)
+
+    def hold_output(self, domid: int, held: bool) -> None:
+        """Hold (or release) what xenstored writes to a domain's ring:
+        from the quiesce of a stop-and-copy its queued watch events are
+        exported, not written into pages already harvested. Release
+        with :meth:`service_ring`."""
+        with self._lock:
+            self._domain_conn(domid).held = held
 
     def is_introduced(self, domid: int) -> bool:
         with self._lock:
@@ -526,7 +550,7 @@ class Xenstore:
     @staticmethod
     def _flush(conn: Connection) -> None:
         page = conn.page
-        if page is None:
+        if page is None or conn.held:
             return
         while conn.outbox:
             data = conn.outbox[0][0]
@@ -1277,12 +1301,20 @@ class Xenstore:
             txs = tuple(
                 self._export_tx(tx) for tx in conn.transactions.values()
             )
+            # Queued watch events travel (docs/designs/xenstore-migration.md):
+            # the guest receives them on the destination.
+            pending = b"".join(
+                data for data, is_event in conn.outbox if is_event
+            )
+            if conn.outbox and conn.outbox[0][1]:
+                pending = pending[conn.out_offset :]
             return XenstoreState(
                 nodes=tuple(nodes),
                 watches=watches,
                 transactions=txs,
                 store_port=conn.store_port,
                 store_gfn=conn.store_gfn,
+                pending_output=pending,
             )
 
     def _export_tx(self, tx: _Transaction) -> XenstoreTransaction:
@@ -1391,6 +1423,10 @@ class Xenstore:
                 conn.next_tx_id = (
                     max(t.tx_id for t in state.transactions) + 1
                 ) & 0xFFFFFFFF
+            if state.pending_output:
+                # Written to the ring before anything new, as one stream.
+                conn.outbox.append((bytes(state.pending_output), True))
+                self._touched.setdefault(conn.conn_id, [])
             if fire_watches:
                 for w in conn.watches:
                     self._queue_event(

@@ -126,6 +126,18 @@ def test_round_trip_through_the_codec():
     assert back == state
 
 
+def test_queued_watch_events_round_trip():
+    event = b"\x0f\0\0\0" + bytes(8) + b"\x08\0\0\0path\0tk\0"
+    state = make_state()
+    state = make_state(
+        xenstore=dataclasses.replace(state.xenstore, pending_output=event)
+    )
+    recs = pvstate.to_records(state, UUID)
+    assert recs.xs_connection.out_data == event
+    back = through_stream(recs).to_pv_state({1: STORE_PFN})
+    assert back.xenstore.pending_output == event
+
+
 def test_round_trip_keeps_uuid_and_domid():
     recs = pvstate.to_records(make_state(), UUID)
     assert str(recs.domain.uuid) == UUID

@@ -755,3 +755,20 @@ def test_read_memory_digests_every_page_as_it_is_now():
         guest_state(**{Item.MEMORY: checker.read_memory(host, DOMID)}),
     )
     assert "1 pages differ: pfn 0x2" in failed(report, Item.MEMORY)
+def test_hvm_param_names_are_params_h():
+    """xen/include/public/hvm/params.h, as the reasons name them."""
+    expected = {
+        9: "VIRIDIAN",
+        10: "TIMER_MODE",
+        11: "HPET_ENABLED",
+        27: "PAGING_RING_PFN",
+        28: "MONITOR_RING_PFN",
+        29: "SHARING_RING_PFN",
+        31: "TRIPLE_FAULT_REASON",
+        32: "IOREQ_SERVER_PFN",
+        33: "NR_IOREQ_SERVER_PAGES",
+    }
+    for index, name in expected.items():
+        assert checker.HVM_PARAM_NAMES[index] == name, index
+    assert 8 not in checker.HVM_PARAM_NAMES
+    assert 30 not in checker.HVM_PARAM_NAMES

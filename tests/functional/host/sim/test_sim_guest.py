@@ -16,6 +16,7 @@ from nova_xen_ncm.conf import sim as sim_conf
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import EvtchnType
 from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import grant
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import kernel
@@ -249,7 +250,7 @@ def test_events_from_dom0_reach_the_guest(idle):
     # Masked by the guest: the event stays pending, nothing is counted,
     # and the hypervisor's unmask raises it.
     with dom.mem.lock():
-        dom.bits.test_and_set(2560, store)
+        dom.bits.test_and_set(evtchn.SHINFO_MASK, store)
     seen = int(counts[store])
     host.dom0_notify(dom0_port)
     time.sleep(0.1)
@@ -386,3 +387,69 @@ def test_pv_drivers_signal_and_placements(idle):
     host.destroy_domain(plain)
     with pytest.raises(base.DomainNotFound):
         host.domain_info(plain)
+
+
+def _vcpu_times(host, domid):
+    dom = host._domains[domid]
+    with dom.mem.lock():
+        return [
+            hvm.read_vcpu_time(bytes(dom._vcpu_info(v)))
+            for v in range(dom.vcpus)
+        ]
+
+
+def _wallclock(host, domid):
+    dom = host._domains[domid]
+    return hvm.read_wallclock(bytes(dom.mem.xen_pages[0]))
+
+
+def test_time_as_xen_rebases_it(hosts):
+    """Each vCPU's system time goes on from where it stood at the pause
+    (the guest TSC is restored from the CPU records), and the wallclock
+    is rebased so that wallclock + system time is the time of day."""
+    a, b = hosts("src-time"), hosts("dst-time")
+    assert a.now_ns() != b.now_ns()  # hosts booted at different times
+    domid = _guest(a, rate=0, vcpus=2, fill="zero")
+    assert _wait_for(lambda: _counters(a, domid)[1]["vcpu_info_gfn"])
+    time.sleep(0.2)
+    start = time.monotonic()
+    _migrate_by_hand(a, b, domid)
+    at_pause = a._domains[domid].cpu_registers()[0]["tsc"]
+    a.destroy_domain(domid)
+    b.unpause(domid)
+    dom = b._domains[domid]
+    tsc = dom.guest_tsc()
+    elapsed = time.monotonic() - start
+    # Not this host's TSC (it booted hours apart): the saved one, moved
+    # on by no more than the time since the pause.
+    assert at_pause <= tsc <= at_pause + elapsed * dom.tsc.khz * 1000
+    times = _vcpu_times(b, domid)
+    scale = hvm.TimeScale.for_khz(dom.tsc.khz)
+    for t in times:
+        assert t["version"] % 2 == 0
+        assert t["flags"] & hvm.XEN_PVCLOCK_TSC_STABLE_BIT
+        assert (t["tsc_to_system_mul"], t["tsc_shift"]) == (
+            scale.mul_frac,
+            scale.shift,
+        )
+        assert t["system_time"] >= scale.scale(at_pause)
+    # What the guest reads now: pvclock extrapolated with its TSC.
+    t = times[0]
+    now = t["system_time"] + scale.scale(dom.guest_tsc() - t["tsc_timestamp"])
+    assert abs(_wallclock(b, domid) + now - time.time_ns()) < 0.05e9
+
+
+def test_reserved_grant_entries_seeded(idle):
+    host, domid = idle
+    dom = host._domains[domid]
+    params = host.get_hvm_params(domid)
+    assert dom.grants.read(grant.GNTTAB_RESERVED_CONSOLE) == (
+        grant.GTF_permit_access,
+        0,
+        params[hvm.HVM_PARAM_CONSOLE_PFN],
+    )
+    assert dom.grants.read(grant.GNTTAB_RESERVED_XENSTORE) == (
+        grant.GTF_permit_access,
+        0,
+        params[hvm.HVM_PARAM_STORE_PFN],
+    )

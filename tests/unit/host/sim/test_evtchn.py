@@ -175,3 +175,45 @@ def test_bind_vcpu(host):
     unbound = ops.alloc_unbound(d, DOMID_SELF, 0)
     ops.bind_vcpu(d, unbound, 1)
     assert ops.status(d, DOMID_SELF, unbound).vcpu == 1
+
+
+def test_ports_end_at_the_domains_max_evtchn_port(host):
+    d = empty(host, 1)
+    ops = host.evtchn
+    ports = [ops.bind_ipi(d, 0) for _ in range(evtchn.DEFAULT_MAX_EVTCHN_PORT)]
+    assert ports[-1] == evtchn.DEFAULT_MAX_EVTCHN_PORT
+    with pytest.raises(HypercallError) as e:
+        ops.bind_ipi(d, 0)
+    assert _err(e) == errno.ENOSPC
+
+
+def test_unmask_of_a_free_port_in_a_valid_bucket(host):
+    d = empty(host, 1)
+    ops = host.evtchn
+    port = ops.bind_ipi(d, 0)
+    ops.close(d, port)
+    with d.mem_lock():
+        d.bits.test_and_set(evtchn.SHINFO_MASK, port)
+    ops.unmask(d, port)  # free, but in an allocated bucket: valid
+    assert not ops.status(d, DOMID_SELF, port).masked
+    with pytest.raises(HypercallError) as e:
+        ops.unmask(d, evtchn.EVTCHNS_PER_BUCKET + 1)
+    assert _err(e) == errno.EINVAL
+
+
+def test_a_bucket_stays_valid_after_its_ports_close(host):
+    """Xen frees no bucket before the domain: unmask of a free port in
+    a bucket allocated once succeeds, whatever port_is_valid saw."""
+    d = empty(host, 1)
+    ops = host.evtchn
+    ports = [
+        ops.bind_ipi(d, 0) for _ in range(evtchn.EVTCHNS_PER_BUCKET + 1)
+    ]
+    high = ports[-1]
+    assert high >= evtchn.EVTCHNS_PER_BUCKET
+    for port in ports:
+        ops.close(d, port)
+    with d.mem_lock():
+        d.bits.test_and_set(evtchn.SHINFO_MASK, high)
+    ops.unmask(d, high)
+    assert not ops.status(d, DOMID_SELF, high).masked

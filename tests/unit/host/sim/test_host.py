@@ -33,6 +33,35 @@ def test_domid_rules(host):
     assert [d.domid for d in host.list_domains()] == [5]
 
 
+def test_domids_are_given_round_robin_avoiding_recent_ones(host):
+    """xen/common/domid.c: after the last one given, wrapping round;
+    libxl: not one released less than a minute ago."""
+    empty(host, 1)
+    with host._lock:
+        assert host._alloc_domid("t") == 2
+        # 2 is free, but the allocator moved on.
+        assert host._alloc_domid("t") == 3
+    host.destroy_domain(1)
+    host._domid_last = base.DOMID_FIRST_RESERVED - 1
+    with host._lock:
+        assert host._alloc_domid("t") == 2  # 1 was released just now
+    host._domid_released[1] -= sim_host.DOMID_REUSE_TIMEOUT
+    host._domid_last = base.DOMID_FIRST_RESERVED - 1
+    with host._lock:
+        assert host._alloc_domid("t") == 1
+
+
+def test_a_recently_released_domid_asked_for_is_refused(host):
+    """libxl__domain_make: "domain id recently used", not retried."""
+    empty(host, 4)
+    host.destroy_domain(4)
+    with pytest.raises(base.DomidInUse, match="recently used"):
+        host.create_empty_domain(_config("again"), 4)
+    host._domid_released[4] -= sim_host.DOMID_REUSE_TIMEOUT
+    host.create_empty_domain(_config("again"), 4)
+    assert host.domain_info(4).name == "again"
+
+
 def test_domid_in_use_refused_before_anything_is_created(host):
     host.create_empty_domain(_config("a", mb=128), 3)
     free = host.free_memory()
@@ -88,6 +117,14 @@ def test_harvest_returns_and_clears(host):
         d.mem.mark_dirty(np.array([0x105, 0x101]))
     assert list(host.harvest_dirty(1)) == [0x101, 0x105]
     assert len(host.harvest_dirty(1)) == 0
+
+
+def test_log_dirty_refused_when_the_process_could_not_track(host):
+    d = empty(host, 1)
+    d.mem.header[sim_memory._HDR_TRACKER] = sim_memory.TRACKER_FAILED
+    with pytest.raises(base.NotSupported, match="write tracking"):
+        host.enable_log_dirty(1)
+    assert not d.mem.log_dirty
 
 
 def test_xen_page_replaces_ram_at_its_gfn(host):

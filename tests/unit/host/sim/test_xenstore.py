@@ -276,6 +276,17 @@ def test_release_removes_owned_nodes(store):
     assert not xs.is_introduced(GUEST)
 
 
+def test_release_strips_permissions_naming_the_domain(store):
+    xs, dom0, guest, other = store
+    write(xs, guest, "data/shared", "1")
+    ok(xs, guest, XsType.SET_PERMS, f"{HOME}/data/shared", "n5", "r6", "r0")
+    ok(xs, dom0, XsType.SET_PERMS, "/local/domain/6", "n6", "b5")
+    xs.release_domain(GUEST)
+    # What domain 5 was granted is not inherited by the next domain 5.
+    perms = ok(xs, dom0, XsType.GET_PERMS, "/local/domain/6")
+    assert xs_wire.split_strings(perms) == ["n6"]
+
+
 # -- transactions --------------------------------------------------------
 
 
@@ -430,6 +441,44 @@ def test_export_import_round_trip(store):
     # New transactions do not reuse the restored id.
     assert (
         ok(dest, conn, XsType.TRANSACTION_START, "") == f"{tx + 1}\0".encode()
+    )
+
+
+def test_queued_watch_events_travel():
+    """Events xenstored queued for a guest whose ring is full are in the
+    export and reach the ring on the destination, in order."""
+    xs = Xenstore()
+    xs.create_domain_home(9)
+    page = memoryview(bytearray(4096))
+    xs_wire.init_interface(page)
+    xs.introduce_domain(9, page=page, notify=lambda: None)
+    # The guest reads nothing: the ring fills, the rest waits in xenstored.
+    for i in range(40):
+        xs._queue_event(
+            xs.domain_connection(9),
+            xs_wire.watch_event(f"/local/domain/9/n{i:02d}", "tok"),
+        )
+    xs.service_ring(9)
+    state = xs.export_domain(9)
+    in_ring = xs_wire.ring_read(page, xs_wire.Ring.RSP, 4096)
+    assert state.pending_output
+    stream = in_ring + state.pending_output
+    events = []
+    while stream:
+        end = xs_wire.HEADER_SIZE + struct.unpack_from("<I", stream, 12)[0]
+        events.append(xs_wire.Message.decode(stream[:end]).strings()[0])
+        stream = stream[end:]
+    assert events == [f"/local/domain/9/n{i:02d}" for i in range(40)]
+    dest = Xenstore()
+    dest.create_domain_home(9)
+    page2 = memoryview(bytearray(4096))
+    xs_wire.init_interface(page2)
+    dest.import_domain(
+        9, state, page=page2, notify=lambda: None, fire_watches=False
+    )
+    assert len(state.pending_output) < 1024  # fits the empty ring
+    assert xs_wire.ring_read(page2, xs_wire.Ring.RSP, 4096) == bytes(
+        state.pending_output
     )
 
 
@@ -674,3 +723,29 @@ def test_deep_trees_are_handled(store):
     assert paths.index(f"{HOME}/{deep}") == paths.index(f"{HOME}/data") + 1400
     ok(xs, guest, XsType.RM, "data/d")
     assert err(xs, dom0, XsType.READ, f"{HOME}/{deep}") == "ENOENT"
+
+
+def test_held_output_is_exported_not_written_then_released():
+    """From the quiesce of a stop-and-copy, xenstored writes nothing to
+    the guest's ring (a page that may be harvested already): what it
+    queues is in the export, and reaches the ring when released."""
+    xs = Xenstore()
+    xs.create_domain_home(9)
+    page = memoryview(bytearray(4096))
+    xs_wire.init_interface(page)
+    notified = []
+    xs.introduce_domain(9, page=page, notify=lambda: notified.append(1))
+    xs.hold_output(9, True)
+    xs._queue_event(
+        xs.domain_connection(9),
+        xs_wire.watch_event("/local/domain/9/held", "tok"),
+    )
+    xs.service_ring(9)
+    assert xs_wire.get_u32(page, xs_wire.RSP_PROD) == 0
+    assert not notified
+    event = xs_wire.watch_event("/local/domain/9/held", "tok").encode()
+    assert xs.export_domain(9).pending_output == event
+    xs.hold_output(9, False)
+    xs.service_ring(9)
+    assert xs_wire.ring_read(page, xs_wire.Ring.RSP, 4096) == event
+    assert notified

@@ -1,0 +1,406 @@
+"""Events and writes across a real migration, as Xen delivers and
+tracks them: the upcall is level-triggered (an event raised while the
+guest is paused is taken after resume, on the destination), every port
+the drivers use delivers events after the migration, and a write that
+the guest marks nowhere is carried."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+
+from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.base import EvtchnType
+from nova_xen_ncm.host.sim import evtchn
+from nova_xen_ncm.host.sim import hvm
+from nova_xen_ncm.host.sim import kernel
+from nova_xen_ncm.host.sim import layout
+from nova_xen_ncm.host.sim import xs_wire
+from nova_xen_ncm.host.sim.host import SimHost
+
+from .conftest import DEVICES
+from .conftest import MiB
+from .conftest import guest_config
+
+
+def _wait_for(predicate, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _counts(host, domid):
+    """The guest's own per-port event counts, in its RAM."""
+    mem = host._domains[domid].mem
+    return mem.ram[kernel.COUNTERS_PFN].view(np.uint32)
+
+
+def _unmasked(host, domid, port):
+    dom = host._domains[domid]
+    return not host.evtchn.status(dom, base.DOMID_SELF, port).masked
+
+
+def _event_between_pause_and_quiesce(
+    source, destination, migration, monkeypatch
+):
+    """Migrate a 1-vCPU guest; dom0 signals its console port after the
+    pause and before the quiesce. Returns the destination's per-port
+    counts, the console port and its count when raised."""
+    domid = source.create_domain(
+        base.DomainConfig(
+            name="one-vcpu",
+            memory_bytes=8 * MiB,
+            vcpus=1,
+            workload={"dirty_rate": 256 * 1024},
+        )
+    )
+    console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+    assert _wait_for(lambda: _unmasked(source, domid, console))
+    pause = source.pause
+    raised = []
+
+    def pause_then_event(d):
+        pause(d)
+        dom = source._domains[d]
+        # dom0 signals the guest after its vCPUs stopped and before the
+        # backends are quiesced.
+        source.dom0_notify(dom.ports[console].remote_port)
+        with dom.mem_lock():
+            raised.append(
+                (
+                    int(_counts(source, d)[console]),
+                    dom.bits.upcall_pending(0),
+                )
+            )
+
+    monkeypatch.setattr(source, "pause", pause_then_event)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    seen, pending = raised[0]
+    assert pending, "the upcall flag is set in vcpu_info, not taken"
+    return domid, _counts(destination, domid), console, seen
+
+
+def test_event_between_pause_and_quiesce_reaches_one_vcpu_guest(
+    source, destination, migration, monkeypatch
+):
+    domid, counts, console, seen = _event_between_pause_and_quiesce(
+        source, destination, migration, monkeypatch
+    )
+    assert _wait_for(lambda: int(counts[console]) == seen + 1), (
+        f"console port: {int(counts[console])} events, expected {seen + 1}"
+    )
+    # And the guest goes on taking events.
+    dom = destination._domains[domid]
+    destination.dom0_notify(dom.ports[console].remote_port)
+    assert _wait_for(lambda: int(counts[console]) == seen + 2)
+
+
+def test_without_the_hypervisor_reasserting_the_event_is_lost(
+    source, destination, migration, monkeypatch
+):
+    """Mutation: the hypervisor's re-assertion at resume (level-triggered
+    vector) is what delivers the event; nothing else does."""
+    monkeypatch.setattr(
+        SimHost, "_reassert_upcalls", staticmethod(lambda dom: None)
+    )
+    domid, counts, console, seen = _event_between_pause_and_quiesce(
+        source, destination, migration, monkeypatch
+    )
+    assert not _wait_for(lambda: int(counts[console]) > seen, timeout=2.0)
+    # A 1-vCPU guest whose flag stays set is never kicked again (no 0->1
+    # edge): a new event is not taken either.
+    dom = destination._domains[domid]
+    destination.dom0_notify(dom.ports[console].remote_port)
+    assert not _wait_for(lambda: int(counts[console]) > seen, timeout=1.0)
+
+
+def test_every_driver_port_delivers_after_migration(
+    source, destination, migration
+):
+    domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
+    dom = source._domains[domid]
+    params = source.get_hvm_params(domid)
+    console = params[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+
+    def driver_ports(d):
+        return sorted(
+            p
+            for p, ch in d.ports.items()
+            if ch.type == EvtchnType.INTERDOMAIN and p != console
+        )
+
+    # The store port and one port per frontend, all busy.
+    assert _wait_for(lambda: len(driver_ports(dom)) == 1 + len(DEVICES))
+    ports = driver_ports(dom)
+    assert _wait_for(lambda: all(_counts(source, domid)[ports] > 0))
+    at_pause = {}
+
+    def record(event):
+        at_pause["counts"] = _counts(source, domid)[ports].copy()
+        at_pause["completed"] = {
+            k: fe["completed"]
+            for k, fe in source.guest_state(domid).frontends.items()
+        }
+
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks={("state", "restore"): record},
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    restored = destination._domains[domid]
+    assert driver_ports(restored) == ports
+    # xenstored has something to say: a watched node is rewritten (a
+    # watch event on the store port).
+    store_pfn = params[hvm.HVM_PARAM_STORE_PFN]
+    store = restored.mem.ram[store_pfn].view(np.uint32)
+    prod = int(store[xs_wire.RSP_PROD // 4])
+    for be in list(restored.backends.values()):
+        path = f"{be.backend_path}/state"
+        destination.dom0_xs.write(path, destination.dom0_xs.read(path))
+    counts = _counts(destination, domid)
+    assert _wait_for(lambda: all(counts[ports] > at_pause["counts"])), (
+        f"ports {ports}: {counts[ports].tolist()} events after resume, "
+        f"{at_pause['counts'].tolist()} at pause"
+    )
+
+    # Progress only events make: the guest reads the watch events from
+    # the store ring when the store port fires, and a frontend takes
+    # responses (and issues more) when its port fires.
+    def consumed():
+        return int(store[xs_wire.RSP_CONS // 4]) == int(
+            store[xs_wire.RSP_PROD // 4]
+        ) > prod
+
+    assert _wait_for(consumed), "watch events left in the store ring"
+
+    def completed():
+        now = destination.guest_state(domid).frontends
+        return all(
+            now[k]["completed"] > done
+            for k, done in at_pause["completed"].items()
+        )
+
+    assert at_pause["completed"]
+    assert _wait_for(completed), "a frontend completed nothing after resume"
+
+
+def test_write_the_guest_marks_nowhere_is_carried(
+    source, destination, migration
+):
+    domid = source.create_domain(guest_config(dirty_rate=0))
+    pfn = layout.KERNEL_AREA_PFN + layout.KERNEL_AREA_PAGES + 7
+    data = os.urandom(256)
+
+    def write_after_round_0(event):
+        if event.detail["round"] == 0:
+            # A store of the guest's, through its own mapping: nothing
+            # but the hypervisor's write tracking sees it.
+            source.guest_command(
+                domid, "write", pfn=pfn, offset=1024, data=data.hex()
+            )
+
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks={("round", "precopy"): write_after_round_0},
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    ram = destination._domains[domid].mem.ram
+    assert bytes(ram[pfn][1024 : 1024 + len(data)]) == data
+
+
+
+def test_dom0_ports_renumbered_on_the_destination(
+    source, destination, migration
+):
+    """Only the guest's port numbers are kept: dom0's ends take others
+    when their numbers are taken, and I/O goes on."""
+    domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
+    dom = source._domains[domid]
+    assert _wait_for(
+        lambda: sum(
+            ch.type == EvtchnType.INTERDOMAIN for ch in dom.ports.values()
+        )
+        == 2 + len(DEVICES)
+    )
+    dom0_ends = {
+        ch.remote_port
+        for ch in dom.ports.values()
+        if ch.type == EvtchnType.INTERDOMAIN
+    }
+    # Dom0 on the destination already uses those numbers.
+    while not dom0_ends <= set(destination.dom0.ports):
+        destination.evtchn.alloc_unbound(
+            destination.dom0, base.DOMID_SELF, base.DOMID_SELF
+        )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    restored = destination._domains[domid]
+    moved = {
+        p: ch.remote_port
+        for p, ch in restored.ports.items()
+        if ch.type == EvtchnType.INTERDOMAIN
+    }
+    assert not set(moved.values()) & dom0_ends
+    # The frontends' ports go on delivering the backends' responses.
+    ports = sorted(moved)
+    counts = _counts(destination, domid)
+    before = counts[ports].copy()
+    assert _wait_for(
+        lambda: (counts[ports] > before).sum() >= len(DEVICES)
+    ), f"ports {ports}: {counts[ports].tolist()}, {before.tolist()} before"
+
+
+def test_a_port_left_masked_stalls_io(source, destination, migration):
+    """Frontends act on events only: with their ports masked on the
+    destination no response is consumed (nothing polls the rings), and
+    unmasking lets the pending events through."""
+    domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
+    assert _wait_for(
+        lambda: all(
+            f["completed"] > 0
+            for f in source.guest_state(domid).frontends.values()
+        )
+        and len(source.guest_state(domid).frontends) == len(DEVICES)
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    dom = destination._domains[domid]
+    ports = [be.frontend_port for be in list(dom.backends.values())]
+    assert len(ports) == len(DEVICES)
+    with dom.mem_lock():
+        for port in ports:
+            dom.bits.test_and_set(evtchn.SHINFO_MASK, port)
+
+    def completed():
+        fronts = destination.guest_state(domid).frontends.values()
+        return sorted(f["completed"] for f in fronts)
+
+    time.sleep(0.5)  # what was under way settles
+    stalled = completed()
+    time.sleep(1.0)
+    assert completed() == stalled
+    for port in ports:
+        destination.guest_command(
+            domid, "hypercall", op="evtchn_unmask", args={"port": port}
+        )
+    assert _wait_for(
+        lambda: all(a > b for a, b in zip(completed(), stalled, strict=True))
+    )
+
+
+def _export_then(host, monkeypatch, after):
+    export = host.export_pv_state
+
+    def export_then(d):
+        state = export(d)
+        after(d)
+        return state
+
+    monkeypatch.setattr(host, "export_pv_state", export_then)
+
+
+def test_dom0_event_after_export_changes_nothing_exported(
+    source, destination, migration, monkeypatch
+):
+    """From the quiesce to the end of the downtime dom0's events for the
+    guest are held: one raised between the export and the final harvest
+    and digests leaves what was exported as it was."""
+    domid = source.create_domain(guest_config())
+    console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+    assert _wait_for(lambda: _unmasked(source, domid, console))
+    dom = source._domains[domid]
+    _export_then(
+        source,
+        monkeypatch,
+        lambda d: source.dom0_notify(dom.ports[console].remote_port),
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+
+
+def test_held_events_reach_the_guest_on_rollback(
+    source, destination, migration, monkeypatch
+):
+    domid = source.create_domain(guest_config())
+    console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+    assert _wait_for(lambda: _unmasked(source, domid, console))
+    dom = source._domains[domid]
+    seen = []
+
+    def event_then_fail(d):
+        seen.append(int(_counts(source, d)[console]))
+        source.dom0_notify(dom.ports[console].remote_port)
+        # Held: not pending in the guest's shared info.
+        assert not dom.bits.test(evtchn.SHINFO_PENDING, console)
+        raise base.HostError("injected after export", call="test")
+
+    _export_then(source, monkeypatch, event_then_fail)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert "injected after export" in str(m.sender.error)
+    counts = _counts(source, domid)
+    assert _wait_for(lambda: int(counts[console]) == seen[0] + 1), (
+        f"console port: {int(counts[console])} events, expected "
+        f"{seen[0] + 1}"
+    )
+
+
+def _ram_digest(host, domid):
+    """Every populated page, read from the guest's RAM now: no cache, no
+    dirty map, nothing of the migration's."""
+    ram = host._domains[domid].mem.ram
+    pfns = host.populated_pfns(domid)
+    digest = hashlib.sha256()
+    digest.update(pfns.tobytes())
+    for pfn in pfns.tolist():
+        digest.update(ram[pfn].tobytes())
+    return digest.hexdigest()
+
+
+def test_many_vcpus_writing_raw_during_harvests_are_all_carried(
+    source, destination, migration, monkeypatch
+):
+    """Four vCPU threads store into guest RAM through the guest
+    process's mapping while pre-copy harvests round after round; the
+    destination's RAM at unpause equals the source's at the export."""
+    domid = source.create_domain(
+        base.DomainConfig(
+            name="writers",
+            memory_bytes=16 * MiB,
+            vcpus=4,
+            workload={"dirty_rate": 16 * MiB, "pattern": "uniform"},
+        )
+    )
+    digests = {}
+    export = source.export_pv_state
+
+    def export_and_digest(d):
+        state = export(d)
+        digests["source"] = _ram_digest(source, d)
+        return state
+
+    unpause = destination.unpause
+
+    def digest_and_unpause(d):
+        digests["destination"] = _ram_digest(destination, d)
+        unpause(d)
+
+    monkeypatch.setattr(source, "export_pv_state", export_and_digest)
+    monkeypatch.setattr(destination, "unpause", digest_and_unpause)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    rounds = [e for e in m.source_events.events if e.kind.value == "round"]
+    assert len(rounds) > 1, "no harvest ran while the guest wrote"
+    assert digests["destination"] == digests["source"]

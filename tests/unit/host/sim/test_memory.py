@@ -1,0 +1,144 @@
+"""The hypervisor's write tracking (memory.WriteTracker): writes that a
+guest process makes through a raw mapping of its RAM, calling nothing,
+are found by the host, in the dirty map only while log-dirty is on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.sim import memory
+from nova_xen_ncm.host.sim.memory import GuestMemory
+
+# The guest: arms the tracking, then writes what it reads on stdin
+# ("pfn offset") with a bare store into its mmap of the RAM memfd,
+# calling nothing of the host's, and says "ok".
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    from nova_xen_ncm.host.sim.memory import GuestMemory
+    mem = GuestMemory.attach(int(sys.argv[1]), int(sys.argv[2]))
+    fd = mem.arm_write_tracking()
+    print("armed" if fd is not None else "failed", flush=True)
+    for line in sys.stdin:
+        pfn, off = map(int, line.split())
+        mem.ram_map[pfn * 4096 + off] = 0x5A
+        print("ok", flush=True)
+    """
+)
+
+
+@pytest.fixture
+def guest():
+    reason = memory.write_tracking_available()
+    if reason is not None:
+        pytest.skip(f"this kernel cannot track writes: {reason}")
+    mem = GuestMemory.create(64, "test-tracker")
+    mem.populate(np.arange(64, dtype=np.uint64))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(mem.ram_fd), str(mem.ctl_fd)],
+        pass_fds=(mem.ram_fd, mem.ctl_fd),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "armed"
+    mem.track(proc.pid)
+
+    def write(pfn, offset=0):
+        proc.stdin.write(f"{pfn} {offset}\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "ok"
+
+    yield mem, write
+    proc.stdin.close()
+    proc.wait(timeout=10)
+    mem.close()
+
+
+def test_raw_writes_are_found_without_the_guest(guest):
+    mem, write = guest
+    assert mem.take_changed().tolist() == []
+    write(5)
+    write(9, 100)
+    write(9, 4000)
+    assert mem.take_changed().tolist() == [5, 9]
+    # Found once: the pages were protected again by the scan.
+    assert mem.take_changed().tolist() == []
+    # Log-dirty off: nothing is logged, though the write is a change.
+    write(7)
+    mem.set_log_dirty(True)
+    assert mem.harvest().tolist() == []
+    assert mem.take_changed().tolist() == [7]
+    write(3)
+    write(63, 4095)
+    assert mem.harvest().tolist() == [3, 63]
+    assert mem.harvest().tolist() == []
+    # Each flush feeds both maps.
+    assert mem.take_changed().tolist() == [3, 63]
+
+
+def test_a_hole_punched_and_written_again_is_found(guest):
+    mem, write = guest
+    write(11)
+    mem.set_log_dirty(True)
+    with mem.lock():
+        mem.release(11)
+        mem.populate(np.array([11], dtype=np.uint64))
+    mem.harvest()
+    write(11)
+    assert mem.harvest().tolist() == [11]
+
+
+def test_a_guest_that_could_not_arm_has_every_page_taken(guest):
+    mem, _ = guest
+    mem.set_log_dirty(True)
+    mem.untrack()
+    mem.header[memory._HDR_TRACKER] = memory.TRACKER_FAILED
+    mem.track(12345)
+    assert len(mem.harvest()) == 64
+
+
+def test_what_the_guest_wrote_before_it_stopped_is_kept(guest):
+    mem, write = guest
+    write(21)
+    with mem.lock():
+        mem.flush_and_untrack()
+    assert mem.take_changed().tolist() == [21]
+
+
+def test_a_mapping_that_is_not_the_guest_ram_is_refused(guest):
+    mem, write = guest
+    write(1)
+    addr = int(mem.header[memory._HDR_TRACKER_ADDR])
+    pid = mem._tracked_pid
+    mem.untrack()
+    mem.header[memory._HDR_TRACKER_ADDR] = addr + memory.PAGE_SIZE
+    mem.track(pid)
+    with pytest.raises(base.HostError, match="is not its mapping"):
+        mem.take_changed()
+
+
+def test_a_process_that_has_gone_is_a_host_error():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    with pytest.raises(base.HostError, match=f"process {proc.pid}"):
+        memory.WriteTracker(proc.pid, 0, memory.PAGE_SIZE)
+
+
+def test_a_previous_process_armed_state_is_reset():
+    mem = GuestMemory.create(16, "test-reset")
+    try:
+        mem.header[memory._HDR_TRACKER] = memory.TRACKER_ARMED
+        mem.header[memory._HDR_TRACKER_ADDR] = 0x7F0000000000
+        with mem.lock():
+            mem.reset_tracking()
+        assert mem.tracking == memory.TRACKER_NONE
+        assert int(mem.header[memory._HDR_TRACKER_ADDR]) == 0
+    finally:
+        mem.close()
