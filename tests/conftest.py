@@ -10,7 +10,9 @@ rabbit://guest:guest@127.0.0.1:5672/). A test that asks for
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import urllib.parse
 
 import pytest
@@ -31,6 +33,21 @@ def private_sim_disks(tmp_path, monkeypatch) -> None:
     files behind or finds another's (guest processes and the demo's
     hosts inherit it)."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
+@pytest.fixture(autouse=True)
+def restored_signal_handlers():
+    """The console commands install SIGINT and SIGTERM handlers while
+    they run; whatever a test leaves behind is put back, so a later test
+    that interrupts itself gets Python's KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        if handler is not None and signal.getsignal(signum) is not handler:
+            signal.signal(signum, handler)
 
 
 @pytest.fixture

@@ -194,6 +194,10 @@ class Target:
     def check(self, stream: bytes) -> str:
         """Apply ``stream``; returns "accepted" or the error's class.
         Raises AssertionError when the oracle fails."""
+        # Each case is a first restore into this domid (the seed's guest
+        # and the previous case released it): libxl would refuse a domid
+        # released less than a minute ago.
+        self.host._domid_released.pop(self.domid, None)
         self.host.create_empty_domain(
             base.DomainConfig(
                 name="restoring",
@@ -225,9 +229,6 @@ class Target:
             assert str(exc), f"{outcome} without a message"
         finally:
             self.host.destroy_domain(self.domid)
-            # Each case is a first restore into this domid: libxl would
-            # refuse a domid released less than a minute ago.
-            self.host._domid_released.pop(self.domid, None)
         after = self._snapshot()
         if self.baseline is not None:
             assert after == self.baseline, _diff(self.baseline, after)
