@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import select
 import socket
 import threading
 import time
@@ -30,6 +29,8 @@ import numpy as np
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import journal
 from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine import pvstate
 from nova_xen_ncm.engine import validate
@@ -414,7 +415,28 @@ class Receiver:
             expected=1,
             allowed_sources=[source_address] if source_address else (),
         )
-        self.state = MigrationState(migration_id, Role.DESTINATION, sinks)
+        # This side's outcome, kept until the source acknowledged it.
+        store = journal.Journal.incoming_from_conf(conf)
+        store.check_id(migration_id)
+        self.journal = journal.Record(
+            store,
+            journal.IncomingEntry(
+                migration_id=migration_id,
+                domid=-1,
+                host=self.listener.address[0],
+                port=self.listener.port,
+                token=token.hex(),
+                running=True,
+                boot_id=host.boot_id(),
+            ),
+            keep_settled=True,
+        )
+        self.state = MigrationState(
+            migration_id,
+            Role.DESTINATION,
+            sinks,
+            journal=self.journal.on_transition,
+        )
         self.domid: int | None = None
         #: The failure that ended the migration, if any.
         self.error: BaseException | None = None
@@ -455,6 +477,17 @@ class Receiver:
 
     def run(self) -> Phase:
         try:
+            self._serve()
+        finally:
+            self.journal.close()
+            self._close_channel()
+            self.listener.close()
+        return self.state.phase
+
+    def _serve(self) -> None:
+        try:
+            # Held for the migration's life: recovery leaves it alone.
+            self.journal.open()
             self._accept()
             restorer = self._setup()
             try:
@@ -476,9 +509,10 @@ class Receiver:
             self._commit()
         if self._ready_sent and not self._source_knows:
             self._serve_queries()
-        self._close_channel()
-        self.listener.close()
-        return self.state.phase
+        else:
+            # The source cannot be in doubt: it never had READY, or it
+            # said it knows.
+            self.journal.forget()
 
     # -- phases --
 
@@ -563,6 +597,12 @@ class Receiver:
                 uuid=setup.uuid,
                 pv_drivers=setup.pv_drivers,
             )
+            # Recorded before the domain exists: a restart destroys
+            # what a dead engine left paused here.
+            entry = self.journal.entry
+            entry.domid, entry.uuid = setup.domid, setup.uuid
+            entry.running = setup.running
+            self.journal.write(Phase.SETUP)
             try:
                 self.host.create_empty_domain(config, setup.domid)
             except base.DomidInUse as exc:
@@ -939,18 +979,15 @@ class Receiver:
             return
         self.state.transition(Phase.COMMIT, Phase.CLEANUP)
         try:
-            # A source that closed before COMMITTED went out died after
-            # COMMIT: its close says nothing, and a restarted source asks.
-            early = _peer_closed(self._channel.sock)
             self._channel.send(protocol.Committed())
-            closed = self._channel.next_event()
-            # The source closes once it has COMMITTED.
-            self._source_knows = not early and isinstance(
-                closed, protocol.ConnectionClosed
-            )
+            # The source's final acknowledgement, once it recorded the
+            # outcome; without it, it may ask (commit query).
+            self._channel.sock.settimeout(self.opts.io_timeout)
+            reply = self._channel.receive()
+            self._source_knows = isinstance(reply, protocol.Finished)
         except (EngineError, OSError) as exc:
             LOG.warning(
-                "Migration %s: COMMITTED may not have reached the source: %s",
+                "Migration %s: no acknowledgement of COMMITTED: %s",
                 self.migration_id,
                 exc,
             )
@@ -1003,45 +1040,26 @@ class Receiver:
 
     def _serve_queries(self) -> None:
         """After READY the source may not know the outcome: answer its
-        QUERY on new connections for the commit query window (every
-        query: a source restarted after a crash asks again)."""
+        commit query (commit.py) on new connections, each on a thread of
+        its own, until it acknowledges or the commit query window ends;
+        the journal keeps the answer for a restarted source after that."""
         self._close_channel()
-        deadline = time.monotonic() + self.opts.commit_query_timeout
-        while time.monotonic() < deadline:
-            self.listener.allow()
-            self.listener.accept_timeout = max(
-                0.1, deadline - time.monotonic()
-            )
-            try:
-                channel = self._handshake()
-            except (EngineError, OSError) as exc:
-                LOG.debug("No commit query: %s", exc)
-                return
-            with channel:
-                try:
-                    query = channel.receive()
-                    if not isinstance(query, protocol.Query):
-                        continue
-                    phase = self.state.phase
-                    channel.send(
-                        protocol.Status(
-                            phase=phase.value, committed=phase in _RUNNING
-                        )
-                    )
-                except (EngineError, OSError) as exc:
-                    LOG.debug("Commit query failed: %s", exc)
+        answerer = commit.Answerer(
+            self.listener,
+            self.migration_id,
+            self._token,
+            self.conf,
+            self._status,
+            self.journal.forget,
+        )
+        answerer.serve(time.monotonic() + self.opts.commit_query_timeout)
+
+    def _status(self) -> protocol.Status:
+        phase = self.state.phase
+        return protocol.Status(phase=phase.value, committed=phase in _RUNNING)
 
     def _close_channel(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
 
-
-def _peer_closed(sock: socket.socket) -> bool:
-    """Whether the peer's end of the stream (FIN) is already here."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        # Reset, or a socket that cannot peek (TLS): no early close seen.
-        return False

@@ -619,6 +619,7 @@ class Channel:
         capabilities: Sequence[str] = (),
         resume_from: Callable[[protocol.Hello, protocol.Resume], int]
         | None = None,
+        deadline: float | None = None,
     ) -> tuple[protocol.Hello, protocol.Auth | protocol.Resume]:
         """Authenticate the source.
 
@@ -626,7 +627,39 @@ class Channel:
         :class:`Refused` (unknown migration, too many channels);
         ``resume_from`` gives the highest sequence applied on a resumed
         channel. A refusal is sent to the peer and raised here.
+        ``deadline``: seconds the whole handshake may take (default: the
+        socket's timeout); a peer trickling bytes is cut off then.
         """
+        if deadline is None:
+            deadline = self.sock.gettimeout() or self.io_timeout
+        expired = threading.Event()
+
+        def cut_off() -> None:
+            expired.set()
+            with contextlib.suppress(OSError, ValueError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(deadline, cut_off)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self._server_handshake(token_for, capabilities, resume_from)
+        except TransportError as exc:
+            if expired.is_set():
+                raise TransportError(
+                    f"handshake not done within {deadline}s: {exc}"
+                ) from exc
+            raise
+        finally:
+            watchdog.cancel()
+
+    def _server_handshake(
+        self,
+        token_for: Callable[[protocol.Hello], bytes],
+        capabilities: Sequence[str],
+        resume_from: Callable[[protocol.Hello, protocol.Resume], int]
+        | None,
+    ) -> tuple[protocol.Hello, protocol.Auth | protocol.Resume]:
         try:
             hello = self.receive()
         except TransportError as exc:

@@ -8,6 +8,9 @@ once, by :func:`nova_xen_ncm.virt.exceptions.translate_all`.
 
 from __future__ import annotations
 
+import os
+import threading
+
 import nova.conf
 from nova.virt import driver
 from nova.virt import node
@@ -55,6 +58,12 @@ class XenNCMDriver(driver.ComputeDriver):
 
     def init_host(self, host: str) -> None:
         self._nodename = host
+        # The journals live under Nova's state_path unless set.
+        CONF.set_default(
+            "state_path",
+            os.path.join(CONF.state_path, "xen_ncm"),
+            group="xen_ncm",
+        )
         self._host = factory.load_host_driver(
             xen_ncm_conf.CONF.xen_ncm.host_driver, host, CONF
         )
@@ -75,11 +84,19 @@ class XenNCMDriver(driver.ComputeDriver):
         flight (engine/recovery.py); a journal that cannot be read is
         reported, and the service starts anyway."""
         try:
-            journal = Journal.from_conf(CONF)
-            if journal is not None:
-                recovery.recover(self._host, journal, CONF)
+            recovery.recover(self._host, Journal.from_conf(CONF), CONF)
+            incoming = Journal.incoming_from_conf(CONF)
+            recovery.recover_incoming(self._host, incoming)
         except EngineError as exc:
             LOG.error("Interrupted migrations not recovered: %s", exc)
+            return
+        # A source restarted after any delay still learns the outcome.
+        threading.Thread(
+            target=recovery.answer_incoming,
+            args=(incoming, CONF, CONF.xen_ncm.commit_query_timeout),
+            name="xen-ncm-commit-answers",
+            daemon=True,
+        ).start()
 
     def cleanup_host(self, host: str) -> None:
         if self._host is not None:

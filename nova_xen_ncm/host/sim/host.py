@@ -387,6 +387,8 @@ class SimHost(base.HostDriver):
         if "xen_ncm_sim" not in conf:
             sim_conf.register_opts(conf)
         self.hostname = hostname
+        # A simulated host boots when it is built.
+        self._boot_id = str(uuidlib.uuid4())
         self.opts = conf.xen_ncm_sim
         self.memory_bytes = self.opts.host_memory_mb * MiB
         self._lock = threading.RLock()
@@ -1158,6 +1160,9 @@ class SimHost(base.HostDriver):
         )
 
     # -- HostDriver: lifecycle --
+
+    def boot_id(self) -> str:
+        return self._boot_id
 
     def capabilities(self) -> base.Capabilities:
         return base.Capabilities(

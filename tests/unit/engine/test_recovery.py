@@ -11,7 +11,9 @@ from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine import recovery
 from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.journal import Entry
+from nova_xen_ncm.engine.journal import IncomingEntry
 from nova_xen_ncm.engine.journal import Journal
+from nova_xen_ncm.engine.journal import JournalError
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 
@@ -19,9 +21,13 @@ from nova_xen_ncm.host import base
 class FakeHost:
     hostname = "src"
 
-    def __init__(self, state=base.DomainState.PAUSED):
+    def __init__(self, state=base.DomainState.PAUSED, uuid="u"):
         self.state = state
+        self.uuid = uuid
         self.calls = []
+
+    def boot_id(self):
+        return "boot-1"
 
     def domain_info(self, domid):
         if self.state is None:
@@ -29,7 +35,7 @@ class FakeHost:
         return base.DomainInfo(
             domid=domid,
             name="g",
-            uuid="u",
+            uuid=self.uuid,
             state=self.state,
             memory_bytes=1 << 20,
             vcpus=1,
@@ -58,9 +64,25 @@ def conf():
     return conf
 
 
-def journalled(tmp_path, phase, running=True):
-    j = Journal(str(tmp_path))
-    j.write(Entry("m-1", 5, "127.0.0.1", 1, "00" * 16, running, phase.value))
+def journalled(tmp_path, phase, running=True, boot_id="boot-1", cls=Entry):
+    j = Journal(
+        str(tmp_path),
+        "incoming" if cls is IncomingEntry else "migrations",
+        cls,
+    )
+    j.write(
+        cls(
+            migration_id="m-1",
+            domid=5,
+            host="127.0.0.1",
+            port=1,
+            token="00" * 16,
+            running=running,
+            uuid="u",
+            boot_id=boot_id,
+            phase=phase.value,
+        )
+    )
     return j
 
 
@@ -114,3 +136,84 @@ def test_no_answer_keeps_the_guest_paused_and_the_entry(tmp_path, conf):
     assert o.phase is Phase.IN_DOUBT
     assert host.calls == []
     assert [e.phase for e in j.entries()] == ["in_doubt"]
+
+
+def test_a_held_entry_is_a_live_migration_and_left_alone(tmp_path, conf):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+    with j.hold("m-1"):
+        (o,) = recovery.recover(host, j, conf, query=answer("done", True))
+        assert o.skipped and o.phase is Phase.STOP_AND_COPY
+        assert host.calls == []
+        assert [e.phase for e in j.entries()] == ["stop_and_copy"]
+        with pytest.raises(JournalError, match="running"):
+            recovery.resolve(j, "m-1")
+    # Released (the engine died): now it is settled.
+    (o,) = recovery.recover(host, j, conf)
+    assert not o.skipped and o.phase is Phase.FAILED
+    assert "unpause" in host.calls
+
+
+def test_a_reused_domid_is_another_guest_and_left_alone(tmp_path, conf):
+    host = FakeHost(uuid="someone-else")
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+    (o,) = recovery.recover(host, j, conf)
+    assert o.phase is Phase.FAILED
+    assert "someone-else" in o.reason
+    assert host.calls == []
+    j = journalled(tmp_path, Phase.COMMIT)
+    (o,) = recovery.recover(host, j, conf, query=answer("done", True))
+    assert o.phase is Phase.DONE
+    assert host.calls == []
+
+
+def test_after_a_reboot_no_domain_is_touched(tmp_path, conf):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.STOP_AND_COPY, boot_id="boot-0")
+    (o,) = recovery.recover(host, j, conf)
+    assert o.phase is Phase.FAILED
+    assert "rebooted" in o.reason
+    assert host.calls == []
+
+
+def test_an_operator_resolves_an_in_doubt_entry(tmp_path, conf):
+    j = journalled(tmp_path, Phase.IN_DOUBT)
+    entry = recovery.resolve(j, "m-1")
+    assert entry.domid == 5
+    assert j.entries() == []
+    with pytest.raises(JournalError, match="no migration m-1"):
+        recovery.resolve(j, "m-1")
+
+
+@pytest.mark.parametrize(
+    "phase, state, calls, answer_phase",
+    [
+        # Never got COMMIT: the copy goes, the answer is FAILED.
+        (Phase.RESTORE, base.DomainState.PAUSED, ["destroy_domain"], "failed"),
+        # Got COMMIT, died before unpausing: the commit is completed.
+        (Phase.COMMIT, base.DomainState.PAUSED, ["unpause"], "done"),
+        (Phase.COMMIT, base.DomainState.RUNNING, [], "done"),
+        (Phase.CLEANUP, base.DomainState.RUNNING, [], "done"),
+        (Phase.FAILED, None, [], "failed"),
+    ],
+)
+def test_a_restarted_destination_settles_and_keeps_its_answer(
+    tmp_path, phase, state, calls, answer_phase
+):
+    host = FakeHost(state=state)
+    j = journalled(tmp_path, phase, cls=IncomingEntry)
+    (o,) = recovery.recover_incoming(host, j)
+    assert o.role == "destination"
+    assert o.phase.value == answer_phase, o
+    assert host.calls == calls
+    (kept,) = j.entries()
+    assert kept.phase == answer_phase
+
+
+def test_a_destination_before_ready_forgets_after_destroying(tmp_path):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.PRECOPY, cls=IncomingEntry)
+    (o,) = recovery.recover_incoming(host, j)
+    assert o.phase is Phase.FAILED
+    assert host.calls == ["destroy_domain"]
+    assert j.entries() == []
