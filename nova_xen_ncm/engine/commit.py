@@ -26,6 +26,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from oslo_config import cfg
 from oslo_log import log as logging
@@ -48,6 +49,8 @@ RUNS_THERE = frozenset({Phase.CLEANUP.value, Phase.DONE.value})
 #: Destination phases in which it never unpaused the guest and never
 #: will: it destroyed its copy.
 NEVER_RAN = frozenset({Phase.FAILED.value, Phase.CANCELLED.value})
+#: Commit query connections answered at once.
+MAX_ANSWERING = 8
 #: Destination phases that are final answers.
 FINAL = RUNS_THERE | NEVER_RAN | {Phase.IN_DOUBT.value}
 
@@ -231,26 +234,40 @@ class Answerer:
             left = until - time.monotonic()
             if left <= 0:
                 break
-            self.listener.allow()
+            if self.listener.closed:
+                break
             # Short waits: FINISHED may come on another thread.
-            self.listener.accept_timeout = min(left, 0.2)
-            try:
-                sock = self.listener.accept()
-            except TransportError:
+            taken = self.listener.take(min(left, 0.2))
+            if taken is None:
+                continue
+            threads = [t for t in threads if t.is_alive()]
+            if len(threads) >= MAX_ANSWERING:
+                LOG.warning(
+                    "Migration %s: commit query from %s dropped: %d are "
+                    "being answered",
+                    self.migration_id,
+                    taken[1],
+                    MAX_ANSWERING,
+                )
+                taken[0].close()
                 continue
             thread = threading.Thread(
                 target=self._answer,
-                args=(sock,),
+                args=taken,
                 name=f"migration-{self.migration_id}-query",
                 daemon=True,
             )
             thread.start()
-            threads = [t for t in threads if t.is_alive()] + [thread]
+            threads.append(thread)
         for thread in threads:
             thread.join(self.opts.connect_timeout)
         return self.finished.is_set()
 
-    def _answer(self, sock: object) -> None:
+    def _answer(self, sock: Any, peer: object) -> None:
+        try:
+            sock = self.listener.secure(sock, peer)
+        except TransportError:
+            return
         channel = Channel(
             sock,
             protocol.Connection(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import queue
 import socket
 import threading
 import time
@@ -58,6 +59,18 @@ _PLATFORM_ITEMS = (base.Item.MEMORY, base.Item.PLATFORM, base.Item.HVM_PARAMS)
 # The libxc records a restore must have seen (an HVM guest is not whole
 # without them).
 _REQUIRED = ("X86_TSC_INFO", "HVM_CONTEXT", "HVM_PARAMS")
+
+
+#: Connections authenticated at once while the source is awaited.
+MAX_HANDSHAKES = 8
+
+
+def _close_results(results: queue.Queue, count: int) -> None:
+    """Close the channels of ``count`` handshakes still to report."""
+    for _ in range(count):
+        ok, value = results.get()
+        if ok:
+            value.close()
 
 
 def needed_items(pv_drivers: bool) -> tuple[base.Item, ...]:
@@ -263,6 +276,7 @@ class Restorer:
     def _hvm_params(self, value: list[libxc.HvmParam]) -> None:
         self.stopped = True
         params = {int(p.index): int(p.value) for p in value}
+        validate.check_hvm_params(self.limits, params)
         self.host.set_hvm_params(self.domid, params)
         self._params.update(params)
 
@@ -284,6 +298,10 @@ class Restorer:
                 )
         else:
             records = self._pv.result()
+            # The host's other guests as they are now, not at SETUP.
+            self.limits = validate.GuestLimits.from_host(
+                self.host, self.domid
+            )
             validate.check_pv_records(self.limits, records, self._populated)
             state = records.to_pv_state(self._params)
             if self._before_pv_import is not None:
@@ -308,7 +326,6 @@ _HANDLERS = {
 
 
 _PAGE_CODEC = libxc.PageDataCodec()
-_PAGE_HEAD = libxc.RHDR.size + libxc.PAGE_DATA_HDR.size
 _DATA_CAPABILITIES = (
     protocol.Capability.LZ4.value,
     protocol.Capability.MULTI_CHANNEL.value,
@@ -320,58 +337,22 @@ def _read_frame(
 ) -> protocol.Data | None:
     """Read the body of a data frame whose header came (direct mode).
 
-    A page batch (flag PAGES) is read straight into the restoring guest's
-    memory and None returned; any other body comes back as Data. The
-    guest is paused and a frame failing its tag fails the migration, so
-    pages written before the tag is checked are never run.
+    A page batch (flag PAGES) is applied to the restoring guest once the
+    frame's tag is checked (nothing of a forged frame reaches the guest)
+    and None returned; any other body comes back as Data.
     """
-    if header.pages:
-        _read_pages(channel, header.length, restorer)
-        body: bytearray | None = None
-    else:
-        body = bytearray(header.length)
-        if header.length:
-            channel.read_payload_into(memoryview(body))
+    body = bytearray(header.length)
+    if header.length:
+        channel.read_payload_into(memoryview(body))
     end = channel.receive()
     if not isinstance(end, protocol.DataEnd):
         raise ProtocolError(
             f"{type(end).__name__} inside data frame {header.seq}"
         )
-    if body is None:
+    if header.pages:
+        restorer.page_record(body)
         return None
     return protocol.Data(seq=header.seq, payload=body)
-
-
-def _read_pages(channel: Channel, length: int, restorer: Restorer) -> None:
-    """One PAGE_DATA record of ``length`` octets from ``channel``: header
-    and pfns first, checked and applied, then the contents into place."""
-    if length < _PAGE_HEAD:
-        raise ProtocolError(f"PAGE_DATA frame of {length} octets")
-    head = bytearray(_PAGE_HEAD)
-    channel.read_payload_into(memoryview(head))
-    rtype, rlen = libxc.RHDR.unpack_from(head)
-    # A PAGE_DATA body is a multiple of 8 octets: no padding.
-    if rtype != libxc.PAGE_DATA or libxc.RHDR.size + rlen != length:
-        raise ProtocolError(
-            f"a page frame of {length} octets holds record type "
-            f"{rtype:#x} of {rlen} octets, not one PAGE_DATA record"
-        )
-    try:
-        size = _PAGE_CODEC.head_size(memoryview(head)[libxc.RHDR.size :], rlen)
-        pfn_head = bytearray(size)
-        pfn_head[: libxc.PAGE_DATA_HDR.size] = head[libxc.RHDR.size :]
-        channel.read_payload_into(
-            memoryview(pfn_head)[libxc.PAGE_DATA_HDR.size :]
-        )
-        pfns, types = _PAGE_CODEC.decode_head(memoryview(pfn_head), rlen)
-    except BodyError as exc:
-        raise ProtocolError(f"PAGE_DATA frame: {exc}") from exc
-    mapping = restorer.page_targets(pfns, types, rlen - size)
-    if mapping is None:
-        return
-    with mapping:
-        for _, view in mapping.runs():
-            channel.read_payload_into(view)
 
 
 class MigrationAborted(EngineError):
@@ -524,12 +505,6 @@ class Receiver:
             )
         return self._token
 
-    def _handshake(self) -> Channel:
-        channel, _, _ = self._accept_channel(
-            self._token_for, [protocol.Capability.LZ4.value]
-        )
-        return channel
-
     def _accept_channel(
         self,
         token_for: Callable[[protocol.Hello], bytes],
@@ -554,35 +529,106 @@ class Receiver:
         return channel, hello, proof
 
     def _accept(self) -> None:
-        """The source's first connection. A stray one (another
-        migration's, or one that never completes a HELLO) is dropped and
-        the source still awaited; a wrong token for this migration ends
-        it, the token being good for one attempt."""
-        deadline = time.monotonic() + self.listener.accept_timeout
-        while True:
-            accepted = self.listener.accepted
-            try:
-                self._channel = self._handshake()
-                return
-            except Refused as exc:
-                if exc.code != protocol.RefuseReason.UNKNOWN_MIGRATION:
-                    raise
-                why: Exception = exc
-            except TransportError as exc:
-                if self.listener.accepted == accepted:
-                    raise  # nobody connected in time
-                why = exc
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise why
-            LOG.warning(
-                "Migration %s: dropped a stray connection (%s); still "
-                "waiting for the source",
-                self.migration_id,
-                why,
+        """The source's first connection. Every connection is
+        authenticated on a thread of its own (at most
+        ``MAX_HANDSHAKES`` at once) under the handshake deadline, so a
+        peer that never completes a HELLO delays nobody; a stray one
+        (another migration's, or one that fails its handshake) is
+        dropped and the source still awaited; a wrong token for this
+        migration ends it, the token being good for one attempt."""
+        until = time.monotonic() + self.listener.accept_timeout
+        results: queue.Queue = queue.Queue()
+        inflight = 0
+        stray: Exception | None = None
+        try:
+            while True:
+                try:
+                    ok, value = results.get(
+                        timeout=0.05 if inflight else 0
+                    )
+                except queue.Empty:
+                    pass
+                else:
+                    inflight -= 1
+                    if ok:
+                        self._channel = value
+                        self.listener.accepted += 1
+                        return
+                    if (
+                        isinstance(value, Refused)
+                        and value.code
+                        != protocol.RefuseReason.UNKNOWN_MIGRATION
+                    ):
+                        raise value
+                    stray = value
+                    LOG.warning(
+                        "Migration %s: dropped a stray connection (%s); "
+                        "still waiting for the source",
+                        self.migration_id,
+                        value,
+                    )
+                    continue
+                left = until - time.monotonic()
+                if self.listener.closed:
+                    raise TransportError("the listener was closed")
+                if left <= 0:
+                    if stray is not None:
+                        raise stray
+                    raise TransportError(
+                        f"no source connected on port {self.listener.port} "
+                        f"within {self.listener.accept_timeout}s"
+                    )
+                if inflight >= MAX_HANDSHAKES:
+                    continue
+                taken = self.listener.take(min(left, 0.05))
+                if taken is None:
+                    continue
+                inflight += 1
+                threading.Thread(
+                    target=self._handshake_one,
+                    args=(*taken, results),
+                    name=f"migration-{self.migration_id}-handshake",
+                    daemon=True,
+                ).start()
+        finally:
+            if inflight:
+                # Handshakes still running: whatever they yield is closed.
+                threading.Thread(
+                    target=_close_results,
+                    args=(results, inflight),
+                    daemon=True,
+                ).start()
+
+    def _handshake_one(
+        self, sock: socket.socket, peer: object, results: queue.Queue
+    ) -> None:
+        try:
+            sock = self.listener.secure(sock, peer)
+            channel = Channel(
+                sock,
+                protocol.Connection(
+                    protocol.Role.SERVER,
+                    max_data=self.opts.max_frame_bytes,
+                    direct_payload=True,
+                ),
+                io_timeout=self.opts.io_timeout,
             )
-            self.listener.allow()
-            self.listener.accept_timeout = left
+        except Exception as exc:
+            results.put((False, exc))
+            return
+        try:
+            channel.server_handshake(
+                self._token_for,
+                capabilities=[protocol.Capability.LZ4.value],
+                deadline=min(
+                    self.opts.io_timeout, self.listener.handshake_timeout
+                ),
+            )
+        except Exception as exc:
+            channel.close()
+            results.put((False, exc))
+            return
+        results.put((True, channel))
 
     def _setup(self) -> Restorer:
         setup = self._channel.receive()

@@ -392,3 +392,26 @@ def test_page_data_limits_from_the_host(destination, saved):
     types = np.full(1, libxc.XALLOC, dtype=np.uint8)
     with pytest.raises(ForgedContent, match="0xff000"):
         validate.check_pages(limits, pfns, types, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({39: 0}, "index 39 is not an HVM param"),
+        ({1: 0xFF000}, "STORE_PFN 0xff000 is beyond"),
+        ({17: 1 << 40}, "CONSOLE_PFN"),
+        ({2: 1 << 17}, "STORE_EVTCHN 131072 is not an event channel"),
+        ({32: 0xFEFF0, 33: 32}, "32 ioreq server pages"),
+    ],
+)
+def test_hvm_params_naming_what_the_guest_cannot_have(params, match):
+    limits = validate.GuestLimits(4, 8 * MiB, 1)
+    with pytest.raises(ForgedContent, match=match):
+        validate.check_hvm_params(limits, params)
+
+
+def test_genuine_hvm_params_pass():
+    limits = validate.GuestLimits(4, 8 * MiB, 1)
+    validate.check_hvm_params(
+        limits, {0: 1 << 56 | 0xF3, 1: 0xFEFFF, 2: 3, 32: 0xFEFF0, 33: 8}
+    )
