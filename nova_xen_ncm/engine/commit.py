@@ -55,6 +55,17 @@ MAX_ANSWERING = 8
 FINAL = RUNS_THERE | NEVER_RAN | {Phase.IN_DOUBT.value}
 
 
+def lease(conf: cfg.ConfigOpts) -> float:
+    """Seconds of silence from the source after which a destination
+    that did not get COMMIT has destroyed its copy: its wait for the
+    next message (``io_timeout``), then for a dropped connection to
+    resume (at most ``transfer_retry_timeout``). A source that rolls
+    back without the destination's confirmation resumes its copy only
+    after this."""
+    opts = conf.xen_ncm
+    return opts.io_timeout + opts.transfer_retry_timeout
+
+
 class NotYetKnown(TransportError):
     """The destination has not decided yet: ask again."""
 
@@ -226,6 +237,13 @@ class Answerer:
             )
         return self.token
 
+    def _no_resume(self, hello: protocol.Hello, resume: object) -> int:
+        raise Refused(
+            protocol.RefuseReason.BAD_REQUEST,
+            f"migration {self.migration_id} is over here "
+            f"({self.status().phase}): nothing to resume",
+        )
+
     def serve(self, until: float) -> bool:
         """Answer until FINISHED or the monotonic time ``until``; whether
         the source acknowledged."""
@@ -278,7 +296,9 @@ class Answerer:
         with channel:
             try:
                 channel.server_handshake(
-                    self._token_for, deadline=self.opts.connect_timeout
+                    self._token_for,
+                    resume_from=self._no_resume,
+                    deadline=self.opts.connect_timeout,
                 )
                 while True:
                     message = channel.receive()

@@ -488,11 +488,13 @@ class Receiver:
             self._rollback(exc)
         else:
             self._commit()
-        if self._ready_sent and not self._source_knows:
+        if not self._source_knows and (self._ready_sent or self._created):
+            # It may ask for the outcome, or for the teardown before it
+            # resumes its copy.
             self._serve_queries()
         else:
-            # The source cannot be in doubt: it never had READY, or it
-            # said it knows.
+            # The source cannot be in doubt: nothing was created here, or
+            # it said it knows.
             self.journal.forget()
 
     # -- phases --
@@ -1054,11 +1056,11 @@ class Receiver:
         self.state.transition(
             self.state.phase, Phase.ROLLBACK, reason=str(error)
         )
-        if not isinstance(error, (MigrationAborted, Refused, TransportError)):
-            self._tell_source(type(error).__name__, str(error))
+        torn_down = not self._created
         if self._created:
             try:
                 self.host.destroy_domain(self.domid)
+                torn_down = True
             except base.HostError as exc:
                 LOG.error(
                     "Migration %s: could not destroy domain %s: %s",
@@ -1066,6 +1068,8 @@ class Receiver:
                     self.domid,
                     exc,
                 )
+        if not isinstance(error, (MigrationAborted, Refused, TransportError)):
+            self._tell_source(type(error).__name__, str(error))
         self.state.transition(
             Phase.ROLLBACK,
             Phase.CANCELLED
@@ -1073,6 +1077,17 @@ class Receiver:
             else Phase.FAILED,
             reason=str(error),
         )
+        if torn_down and self._channel is not None:
+            # The fence: the source resumes its copy once it has this
+            # (or once the lease it gave this side ran out), and says so.
+            try:
+                self._channel.send(self._status())
+                if not self._source_knows:
+                    self._channel.sock.settimeout(self.opts.io_timeout)
+                    reply = self._channel.receive()
+                    self._source_knows = isinstance(reply, protocol.Finished)
+            except (EngineError, OSError, ValueError) as exc:
+                LOG.debug("Teardown not confirmed to the source: %s", exc)
 
     def _tell_source(self, code: str, text: str) -> None:
         if self._channel is None:

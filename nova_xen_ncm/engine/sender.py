@@ -786,7 +786,7 @@ class Sender:
         elif verdict.runs_there is False:
             # The destination's authenticated word that the guest never
             # ran there and its copy is gone: it runs on here.
-            self._rollback(RemoteError(verdict.reason))
+            self._rollback(RemoteError(verdict.reason), torn_down=True)
             if self.journal.forgotten:
                 self._acknowledge()
         else:
@@ -840,7 +840,11 @@ class Sender:
 
     # -- rollback --
 
-    def _rollback(self, error: BaseException) -> None:
+    def _rollback(
+        self, error: BaseException, *, torn_down: bool = False
+    ) -> None:
+        """Undo on this side; ``torn_down``: the destination already
+        said its copy is gone."""
         self.error = error
         cancelled = isinstance(error, MigrationAborted) or (
             self.state.cancel_requested
@@ -851,17 +855,39 @@ class Sender:
             self.state.phase,
             error,
         )
+        started = time.monotonic()
         self.state.transition(
             self.state.phase, Phase.ROLLBACK, reason=str(error)
         )
+        # Past the pause the destination may hold the whole guest, its
+        # backends connected: this copy resumes only once that one is
+        # gone (fencing).
+        fence = self._paused or self._quiesced
+        confirmed = torn_down
         if self._channel is not None:
-            if not isinstance(error, (RemoteError, Refused)):
-                self._best_effort(
+            if isinstance(error, RemoteError):
+                # The destination failed and destroys its copy; its
+                # STATUS follows the ERROR.
+                confirmed = self._await_teardown()
+            elif not isinstance(error, Refused):
+                told = self._best_effort(
                     "tell the destination",
                     self._channel.send,
                     protocol.Abort(reason=str(error)[: protocol.MAX_TEXT]),
                 )
+                if told and fence and not confirmed:
+                    confirmed = self._await_teardown()
+            if confirmed:
+                self._best_effort(
+                    "acknowledge the teardown",
+                    self._channel.send,
+                    protocol.Finished(),
+                )
             self._close_channel()
+        if fence and not confirmed:
+            confirmed = self._query_teardown(started)
+        if fence and not confirmed:
+            self._await_lease(started)
         if self._throttled:
             self._best_effort(
                 "lift the throttle",
@@ -886,6 +912,63 @@ class Sender:
             Phase.CANCELLED if cancelled else Phase.FAILED,
             reason=str(error),
         )
+
+    def _await_teardown(self) -> bool:
+        """Whether the destination confirmed it destroyed its copy (a
+        STATUS of a rolled back migration) within the lease."""
+        deadline = time.monotonic() + commit.lease(self.conf)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._channel.sock.settimeout(left)
+                message = self._channel.receive()
+                if isinstance(message, protocol.Status):
+                    return message.phase in commit.NEVER_RAN
+        except (EngineError, OSError) as exc:
+            LOG.warning(
+                "Migration %s: the destination did not confirm its "
+                "teardown: %s",
+                self.migration_id,
+                exc,
+            )
+            return False
+
+    def _query_teardown(self, since: float) -> bool:
+        """Ask the destination (commit query) until it says its copy is
+        gone or the lease given it ran out; acknowledges the answer."""
+        deadline = since + commit.lease(self.conf)
+        while time.monotonic() < deadline:
+            try:
+                status = self.coordinator.once()
+            except (EngineError, OSError) as exc:
+                LOG.debug("Teardown query: %s", exc)
+                time.sleep(
+                    min(
+                        self.opts.retry_max_delay,
+                        max(0.0, deadline - time.monotonic()),
+                    )
+                )
+                continue
+            if status.phase in commit.NEVER_RAN:
+                self.coordinator.acknowledge()
+                return True
+            return False
+        return False
+
+    def _await_lease(self, since: float) -> None:
+        """Keep the guest paused until a destination that heard nothing
+        since ``since`` has destroyed its copy."""
+        left = since + commit.lease(self.conf) - time.monotonic()
+        if left > 0:
+            LOG.warning(
+                "Migration %s: teardown not confirmed; the guest resumes "
+                "here in %.1fs, once the destination's lease ran out",
+                self.migration_id,
+                left,
+            )
+            time.sleep(left)
 
     def _best_effort(self, what: str, fn: Callable, *args: Any) -> bool:
         try:
