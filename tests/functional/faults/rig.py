@@ -501,9 +501,12 @@ class _HostService:
             # Terminal is enough: a receiver whose source may not know
             # the outcome goes on answering commit queries after it.
             deadline = time.monotonic() + args[0]
-            while not self.receiver.state.terminal:
+            while True:
+                # A dead engine's thread holds the state's lock forever.
                 if self.engine_dead:
                     return ("killed", "")
+                if self.receiver.state.terminal:
+                    break
                 if time.monotonic() > deadline:
                     return None
                 self.receiver_done.wait(0.02)
