@@ -59,11 +59,11 @@ def lease(conf: cfg.ConfigOpts) -> float:
     """Seconds of silence from the source after which a destination
     that did not get COMMIT has destroyed its copy: its wait for the
     next message (``io_timeout``), then for a dropped connection to
-    resume (at most ``transfer_retry_timeout``). A source that rolls
-    back without the destination's confirmation resumes its copy only
-    after this."""
+    resume (at most ``transfer_retry_timeout``), and ``connect_timeout``
+    more for the destroying itself. A source that rolls back without the
+    destination's confirmation resumes its copy only after this."""
     opts = conf.xen_ncm
-    return opts.io_timeout + opts.transfer_retry_timeout
+    return opts.io_timeout + opts.transfer_retry_timeout + opts.connect_timeout
 
 
 class NotYetKnown(TransportError):
