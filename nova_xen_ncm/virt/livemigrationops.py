@@ -110,11 +110,6 @@ class LiveMigrationOps:
             )
         dest_check_data.source_domid = info.domid
         dest_check_data.pv_drivers = info.pv_drivers
-        # The destination admits connections from this address only.
-        dest_check_data.options = {
-            **dest_check_data.options,
-            "source_address": CONF.my_ip,
-        }
         return dest_check_data
 
     # -- destination --
@@ -141,11 +136,7 @@ class LiveMigrationOps:
         if xen_ncm_conf.CONF.xen_ncm.listen_address in WILDCARD_ADDRESSES:
             advertise = CONF.my_ip
         incoming = IncomingMigration(
-            self._host,
-            migration_id,
-            conf=CONF,
-            advertise=advertise,
-            source_address=migrate_data.options.get("source_address"),
+            self._host, migration_id, conf=CONF, advertise=advertise
         )
         with self._lock:
             self._incoming[instance.uuid] = incoming
