@@ -1016,11 +1016,16 @@ class Rig:
         #: The network of the last partition fault, if any.
         self.proxy: Proxy | None = None
         self.source = HostServer("source", workdir)
+        # Ports of this rig's own (runs of the suite may share a machine):
+        # a port a dead engine freed must not go to another's migration.
+        low = 20000 + (os.getpid() % 800) * 50
+        self.ports = {"xen_ncm": {"port_min": low, "port_max": low + 49}}
         try:
             self.destination = HostServer(
                 "destination",
                 workdir,
                 DESTINATION_OVERRIDES,
+                self.ports,
                 *destination_layers,
             )
         except BaseException:
@@ -1036,7 +1041,7 @@ class Rig:
     def restart_destination(self) -> None:
         self.destination.close()
         self.destination = HostServer(
-            "destination", self.workdir, DESTINATION_OVERRIDES
+            "destination", self.workdir, DESTINATION_OVERRIDES, self.ports
         )
 
     def forget(self) -> None:
