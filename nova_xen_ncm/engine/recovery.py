@@ -417,8 +417,10 @@ def _settle_incoming(
     if journalled in (Phase.CLEANUP, Phase.DONE):
         return settled(Phase.DONE, "the guest ran here after COMMIT")
     if journalled in (Phase.FAILED, Phase.CANCELLED, Phase.IN_DOUBT):
-        if journalled is not Phase.IN_DOUBT and info is not None:
-            _destroy_copy(host, entry)
+        # Settled before (by the engine's rollback or an earlier
+        # recovery): the entry only keeps the answer. A domain of this
+        # guest here now is a later migration's (domid and uuid travel
+        # with the guest), never touched.
         return settled(journalled, f"kept from the migration ({journalled})")
     if journalled is Phase.COMMIT:
         if info is None:
@@ -440,6 +442,14 @@ def _settle_incoming(
     # Before COMMIT: the source rolls back (or did); the copy goes.
     if info is None:
         return settled(Phase.FAILED, f"no COMMIT received; {gone}")
+    if info.state != base.DomainState.PAUSED:
+        # Without COMMIT this side never unpaused its copy: a running
+        # domain of this guest is another migration's, and runs on.
+        return settled(
+            Phase.FAILED,
+            f"no COMMIT received; domain {entry.domid} runs, so it is "
+            "not the copy of this migration: left alone",
+        )
     _destroy_copy(host, entry)
     return settled(
         Phase.FAILED, "no COMMIT received: the copy here was destroyed"

@@ -217,3 +217,25 @@ def test_a_destination_before_ready_forgets_after_destroying(tmp_path):
     assert o.phase is Phase.FAILED
     assert host.calls == ["destroy_domain"]
     assert j.entries() == []
+
+
+def test_a_destination_entry_settled_before_touches_no_later_copy(tmp_path):
+    # Recovered once (FAILED, copy destroyed), then the same guest came
+    # in again by another migration: same domid, same uuid, running.
+    host = FakeHost(state=base.DomainState.RUNNING)
+    j = journalled(tmp_path, Phase.RESTORE, cls=IncomingEntry)
+    (first,) = recovery.recover_incoming(host, j)
+    assert first.phase is Phase.FAILED
+    (again,) = recovery.recover_incoming(host, j)
+    assert again.phase is Phase.FAILED
+    assert host.calls == []
+    assert host.state is base.DomainState.RUNNING
+
+
+@pytest.mark.parametrize("phase", [Phase.FAILED, Phase.CANCELLED])
+def test_a_rolled_back_destination_entry_destroys_nothing(tmp_path, phase):
+    host = FakeHost(state=base.DomainState.PAUSED)
+    j = journalled(tmp_path, phase, cls=IncomingEntry)
+    (o,) = recovery.recover_incoming(host, j)
+    assert o.phase is phase
+    assert host.calls == []
