@@ -80,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"nothing in flight in {path}")
             return 0
         host = migrate.open_host(args, CONF)
-        outcomes = recovery.recover(host, journal, CONF)
-        outcomes += recovery.recover_incoming(host, incoming)
+        outcomes = recovery.recover(host, journal, CONF, others=[incoming])
+        outcomes += recovery.recover_incoming(
+            host, incoming, others=[journal]
+        )
     except JournalError as exc:
         raise CommandError(str(exc)) from None
     _print(args, outcomes)

@@ -38,6 +38,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Sequence
 
 from oslo_config import cfg
 from oslo_log import log as logging
@@ -47,6 +48,7 @@ from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.journal import Entry
+from nova_xen_ncm.engine.journal import Hold
 from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.journal import JournalError
 from nova_xen_ncm.engine.state import Phase
@@ -137,22 +139,42 @@ def recover(
     conf: cfg.ConfigOpts | None = None,
     *,
     query: Query | None = None,
+    others: Sequence[Journal] = (),
 ) -> list[Outcome]:
     """Settle every migration of the source ``journal`` whose guest is on
-    ``host`` and whose engine is gone."""
+    ``host`` and whose engine is gone (and whose guest no engine
+    migrates now, here or in ``others``)."""
     if conf is None:
         from nova_xen_ncm.conf import CONF as conf
     outcomes = []
     boot_id = host.boot_id()
-    for listed in journal.entries():
-        hold = journal.try_hold(listed.migration_id)
+    held = _held(journal, others)
+    try:
+        outcomes = _recover(host, boot_id, journal, conf, query, held)
+    finally:
+        for _, hold, _ in held:
+            if hold is not None:
+                hold.release()
+    return outcomes
+
+
+def _recover(
+    host: base.HostDriver,
+    boot_id: str,
+    journal: Journal,
+    conf: cfg.ConfigOpts,
+    query: Query | None,
+    held: list[tuple[Entry, Hold | None, str]],
+) -> list[Outcome]:
+    outcomes = []
+    for listed, hold, why in held:
         if hold is None:
             outcome = Outcome(
                 listed.migration_id,
                 listed.domid,
                 Phase(listed.phase),
                 Phase(listed.phase),
-                "a running engine holds this migration: left alone",
+                why,
                 listed.uuid,
                 skipped=True,
             )
@@ -173,6 +195,54 @@ def recover(
         )
         outcomes.append(outcome)
     return outcomes
+
+
+def _guest(entry: Entry) -> str:
+    return entry.uuid or f"domid {entry.domid}"
+
+
+def _held(
+    journal: Journal, others: Sequence[Journal] = ()
+) -> list[tuple[Entry, Hold | None, str]]:
+    """Each entry with its lock, or None and why it is left alone: its
+    engine runs, or another migration of the same guest is live, in
+    ``journal`` or ``others`` (a stale entry of a guest that a running
+    engine now migrates again must not unpause or destroy it under that
+    engine)."""
+    taken: list[tuple[Entry, Hold | None, str]] = []
+    live = set()
+    for other in others:
+        for listed in other.entries():
+            hold = other.try_hold(listed.migration_id)
+            if hold is None:
+                live.add(_guest(listed))
+            else:
+                hold.release()
+    try:
+        for listed in journal.entries():
+            hold = journal.try_hold(listed.migration_id)
+            if hold is None:
+                live.add(_guest(listed))
+            taken.append(
+                (listed, hold, "a running engine holds this migration: "
+                 "left alone")
+            )
+    except BaseException:
+        for _, hold, _ in taken:
+            if hold is not None:
+                hold.release()
+        raise
+    result = []
+    for listed, hold, why in taken:
+        if hold is not None and _guest(listed) in live:
+            hold.release()
+            hold = None
+            why = (
+                f"another migration of guest {_guest(listed)} is running: "
+                "left alone"
+            )
+        result.append((listed, hold, why))
+    return result
 
 
 def _copy_here(
@@ -350,14 +420,29 @@ def resolve(journal: Journal, migration_id: str) -> Entry:
 
 
 def recover_incoming(
-    host: base.HostDriver, journal: Journal
+    host: base.HostDriver,
+    journal: Journal,
+    others: Sequence[Journal] = (),
 ) -> list[Outcome]:
     """Settle the destination ``journal``: whatever a dead engine left
     half done, so that its answer to the commit query holds."""
+    held = _held(journal, others)
+    try:
+        return _recover_incoming(host, journal, held)
+    finally:
+        for _, hold, _ in held:
+            if hold is not None:
+                hold.release()
+
+
+def _recover_incoming(
+    host: base.HostDriver,
+    journal: Journal,
+    held: list[tuple[Entry, Hold | None, str]],
+) -> list[Outcome]:
     outcomes = []
     boot_id = host.boot_id()
-    for listed in journal.entries():
-        hold = journal.try_hold(listed.migration_id)
+    for listed, hold, why in held:
         if hold is None:
             outcomes.append(
                 Outcome(
@@ -365,7 +450,7 @@ def recover_incoming(
                     listed.domid,
                     Phase(listed.phase),
                     Phase(listed.phase),
-                    "a running engine holds this migration: left alone",
+                    why,
                     listed.uuid,
                     role="destination",
                     skipped=True,

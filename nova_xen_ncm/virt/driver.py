@@ -84,9 +84,10 @@ class XenNCMDriver(driver.ComputeDriver):
         flight (engine/recovery.py); a journal that cannot be read is
         reported, and the service starts anyway."""
         try:
-            recovery.recover(self._host, Journal.from_conf(CONF), CONF)
+            outgoing = Journal.from_conf(CONF)
             incoming = Journal.incoming_from_conf(CONF)
-            recovery.recover_incoming(self._host, incoming)
+            recovery.recover(self._host, outgoing, CONF, others=[incoming])
+            recovery.recover_incoming(self._host, incoming, others=[outgoing])
         except EngineError as exc:
             LOG.error("Interrupted migrations not recovered: %s", exc)
             return

@@ -239,3 +239,62 @@ def test_a_rolled_back_destination_entry_destroys_nothing(tmp_path, phase):
     (o,) = recovery.recover_incoming(host, j)
     assert o.phase is phase
     assert host.calls == []
+
+
+def test_a_stale_entry_of_a_guest_migrating_again_is_left_alone(
+    tmp_path, conf
+):
+    # IN_DOUBT entry of an old migration; the guest (same domid and
+    # uuid) is now paused by a live migration under another id.
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.IN_DOUBT)
+    live = Entry(
+        migration_id="m-2",
+        domid=5,
+        host="127.0.0.1",
+        port=2,
+        token="11" * 16,
+        running=True,
+        uuid="u",
+        boot_id="boot-1",
+        phase=Phase.STOP_AND_COPY.value,
+    )
+    j.write(live)
+    with j.hold("m-2"):
+        outcomes = recovery.recover(
+            host, j, conf, query=answer("failed", False)
+        )
+        assert sorted((o.migration_id, o.skipped) for o in outcomes) == [
+            ("m-1", True),
+            ("m-2", True),
+        ]
+        assert host.calls == []
+        assert host.state is base.DomainState.PAUSED
+    # That engine gone, the old entry is settled.
+    outcomes = recovery.recover(host, j, conf, query=answer("failed", False))
+    assert all(not o.skipped for o in outcomes)
+
+
+def test_a_live_source_migration_shields_the_guest_from_incoming(tmp_path):
+    # A stale incoming entry (never got COMMIT) of a guest this host
+    # now migrates out: its paused copy is the live source's.
+    host = FakeHost()
+    incoming = journalled(tmp_path, Phase.RESTORE, cls=IncomingEntry)
+    outgoing = Journal(str(tmp_path))
+    outgoing.write(
+        Entry(
+            migration_id="m-2",
+            domid=5,
+            host="127.0.0.1",
+            port=2,
+            token="11" * 16,
+            running=True,
+            uuid="u",
+            boot_id="boot-1",
+            phase=Phase.STOP_AND_COPY.value,
+        )
+    )
+    with outgoing.hold("m-2"):
+        (o,) = recovery.recover_incoming(host, incoming, others=[outgoing])
+    assert o.skipped and "another migration" in o.reason
+    assert host.calls == []
