@@ -68,6 +68,9 @@ _BEFORE_COMMIT = frozenset(
     }
 )
 _ASK = frozenset({Phase.COMMIT, Phase.IN_DOUBT})
+# Past the pause the destination may hold the whole guest, backends
+# connected: the source copy resumes once that one is gone (fencing).
+_PAST_PAUSE = frozenset({Phase.STOP_AND_COPY, Phase.RESTORE, Phase.ROLLBACK})
 # Destination phases in which it may have sent READY: the source may ask.
 _MAY_BE_ASKED = frozenset(
     {
@@ -311,9 +314,22 @@ def _settle(
         return done(Phase.DONE, _destroy(host, entry, what))
 
     if journalled in _BEFORE_COMMIT:
-        return rolled_back(
-            f"stopped in {journalled} before the commit decision"
-        )
+        what = f"stopped in {journalled} before the commit decision"
+        if (
+            journalled in _PAST_PAUSE
+            and info is not None
+            and info.state == base.DomainState.PAUSED
+            and entry.running
+        ):
+            fenced = _fence(entry, conf, query)
+            if fenced is None:
+                return done(
+                    Phase.IN_DOUBT,
+                    "the destination says it runs the guest, though no "
+                    "COMMIT was journalled here: the guest stays paused",
+                )
+            what = f"{what}; {fenced}"
+        return rolled_back(what)
     if journalled is Phase.CLEANUP:
         return destroyed("the destination had acknowledged")
     if journalled not in _ASK:
@@ -351,6 +367,46 @@ def _settle(
         # Recorded here (the entry is gone): the destination may forget.
         coordinator.acknowledge()
     return outcome
+
+
+def _fence(
+    entry: Entry, conf: cfg.ConfigOpts, query: Query | None
+) -> str | None:
+    """Before a copy paused for stop-and-copy resumes: until the
+    destination says its copy is gone, or for its lease (counted from
+    now, the engine's death being of unknown time), as the live sender
+    does; None if the destination says the guest runs there."""
+    if query is None:
+        coordinator = _coordinator(entry, conf)
+
+        def ask() -> protocol.Status:
+            return coordinator.once()
+    else:
+
+        def ask() -> protocol.Status:
+            return query(entry, conf)
+
+    lease = commit.lease(conf)
+    deadline = time.monotonic() + lease
+    while True:
+        try:
+            status = ask()
+        except EngineError as exc:
+            LOG.debug("Teardown query of %s: %s", entry.migration_id, exc)
+        else:
+            if status.phase in commit.NEVER_RAN:
+                if query is None:
+                    coordinator.acknowledge()
+                return "the destination confirmed its copy is gone"
+            if status.committed or status.phase in commit.RUNS_THERE:
+                return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return (
+                f"the destination's lease ({lease:g}s) ran out without its "
+                "confirmation"
+            )
+        time.sleep(min(conf.xen_ncm.retry_max_delay, left))
 
 
 def _destroy(host: base.HostDriver, entry: Entry, why: str) -> str:

@@ -3,6 +3,8 @@ host and a fake destination."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from oslo_config import cfg
 
@@ -61,6 +63,10 @@ def conf():
     conf([])
     conf.set_override("commit_query_attempts", 2, group="xen_ncm")
     conf.set_override("retry_initial_delay", 0.0, group="xen_ncm")
+    # A lease of 0.3s: a fence with no answer is waited out quickly.
+    for name in ("io_timeout", "transfer_retry_timeout", "connect_timeout"):
+        conf.set_override(name, 0.1, group="xen_ncm")
+    conf.set_override("retry_max_delay", 0.05, group="xen_ncm")
     return conf
 
 
@@ -95,10 +101,54 @@ def answer(phase, committed):
 def test_before_the_commit_decision_the_source_resumes(tmp_path, conf):
     host = FakeHost()
     j = journalled(tmp_path, Phase.STOP_AND_COPY)
-    (o,) = recovery.recover(host, j, conf, query=answer("done", True))
+    (o,) = recovery.recover(host, j, conf, query=answer("failed", False))
     assert o.phase is Phase.FAILED
+    assert "confirmed its copy is gone" in o.reason
     assert "unpause" in host.calls and "destroy_domain" not in host.calls
     assert j.entries() == []
+
+
+def test_past_the_pause_the_source_resumes_after_the_teardown(tmp_path, conf):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.RESTORE)
+    asked = []
+
+    def query(entry, conf):
+        # Still waiting for the source, then rolled back.
+        asked.append(list(host.calls))
+        if len(asked) < 3:
+            return protocol.Status(phase="restore", committed=False)
+        return protocol.Status(phase="failed", committed=False)
+
+    (o,) = recovery.recover(host, j, conf, query=query)
+    assert o.phase is Phase.FAILED, o
+    assert asked == [[], [], []]
+    assert host.calls[-1] == "unpause"
+
+
+def test_past_the_pause_with_no_answer_the_lease_is_waited(tmp_path, conf):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+
+    def unreachable(entry, conf):
+        raise TransportError("connection refused")
+
+    started = time.monotonic()
+    (o,) = recovery.recover(host, j, conf, query=unreachable)
+    assert time.monotonic() - started >= 0.3
+    assert o.phase is Phase.FAILED and "lease" in o.reason
+    assert "unpause" in host.calls
+
+
+def test_a_destination_running_a_guest_never_committed_keeps_it_paused(
+    tmp_path, conf
+):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+    (o,) = recovery.recover(host, j, conf, query=answer("done", True))
+    assert o.phase is Phase.IN_DOUBT
+    assert host.calls == []
+    assert [e.phase for e in j.entries()] == ["in_doubt"]
 
 
 def test_a_guest_paused_before_the_migration_stays_paused(tmp_path, conf):
