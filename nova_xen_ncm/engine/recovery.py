@@ -14,7 +14,9 @@ never leaving two running copies:
   ROLLBACK): the destination never got COMMIT, so it never runs the
   guest (it destroys its copy when the source goes silent). The source
   copy is rolled back: throttle lifted, backends resumed, log-dirty off,
-  and unpaused if it ran before. Outcome FAILED.
+  and unpaused if it ran before. Outcome FAILED. Past the pause it
+  resumes only once the destination confirmed its copy is gone, or its
+  lease ran out (the live sender's fence).
 - stopped after it (COMMIT, IN_DOUBT): the destination is asked the
   commit query (commit.py, the sender's own). It runs the guest: the
   source copy is destroyed (DONE). It never unpaused it: the source copy
