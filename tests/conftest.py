@@ -1,6 +1,10 @@
 """What tests of several tiers share: the RabbitMQ broker the progress
 notifications go through, and the options of the sinks that publish them.
 
+Every test gets a journal directory of its own (``[xen_ncm]
+state_path``, whose default is a system directory), so that no test
+settles another's migrations.
+
 The broker is ``NOVA_XEN_NCM_RABBIT_URL`` (default
 rabbit://guest:guest@127.0.0.1:5672/). A test that asks for
 ``rabbit_url`` is skipped when the broker is unreachable, except under CI
@@ -48,6 +52,21 @@ def restored_signal_handlers():
     for signum, handler in saved.items():
         if handler is not None and signal.getsignal(signum) is not handler:
             signal.signal(signum, handler)
+def state_path(tmp_path_factory, monkeypatch) -> str:
+    """The journals' directory of this test: the option's default for
+    every ConfigOpts, and the global one's."""
+    from nova_xen_ncm.conf import CONF
+
+    path = str(tmp_path_factory.mktemp("state"))
+    (opt,) = [o for o in xen_ncm_conf.HOST_OPTS if o.name == "state_path"]
+    monkeypatch.setattr(opt, "default", path)
+    if "xen_ncm" in CONF:
+        CONF.set_default("state_path", path, group="xen_ncm")
+    yield path
+    if "xen_ncm" in CONF:
+        CONF.set_default(
+            "state_path", "/var/lib/nova-xen-ncm", group="xen_ncm"
+        )
 
 
 @pytest.fixture

@@ -1,11 +1,16 @@
-"""``nova-xen-ncm recover``: settle the migrations a source engine left in
-flight when it died.
+"""``nova-xen-ncm recover``: settle the migrations an engine left in
+flight when it died, on either side.
 
-Reads the journal under ``[xen_ncm] state_path`` (or ``--state-path``)
-and settles each migration (:mod:`nova_xen_ncm.engine.recovery`): rolled
-back before the commit decision, else the destination is asked whether
-it runs the guest. Exits 0 when everything was settled, 1 when a
-migration stays IN_DOUBT (its guest paused here), 2 on an error.
+Reads the journals under ``[xen_ncm] state_path`` (or ``--state-path``)
+and settles each migration whose engine is gone
+(:mod:`nova_xen_ncm.engine.recovery`); a migration still running is left
+alone. As a source: rolled back before the commit decision, else the
+destination is asked whether it runs the guest. As a destination: a copy
+that never got COMMIT is destroyed, and the outcome is then answered to
+the source's commit query (``--answer`` seconds) until it acknowledges.
+``--resolve ID`` forgets a migration an operator settled by hand. Exits
+0 when everything was settled, 1 when a migration stays IN_DOUBT (its
+guest paused here), 2 on an error.
 """
 
 from __future__ import annotations
@@ -17,18 +22,23 @@ from typing import Any
 from nova_xen_ncm.cmd import CommandError
 from nova_xen_ncm.cmd import migrate
 from nova_xen_ncm.engine import recovery
+from nova_xen_ncm.engine.journal import INCOMING
+from nova_xen_ncm.engine.journal import IncomingEntry
 from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.journal import JournalError
-from nova_xen_ncm.engine.state import Phase
 
 # Plain text for --help (the module docstring is reStructuredText).
 DESCRIPTION = (
-    "Read the journal under [xen_ncm] state_path (or --state-path) and "
-    "settle each migration a source engine left in flight when it died: "
-    "rolled back if it died before the commit decision, else the "
-    "destination is asked whether it runs the guest. Exits 0 when "
-    "everything was settled (or nothing was in flight), 1 when a "
-    "migration stays IN_DOUBT (its guest paused here), 2 on an error."
+    "Read the journals under [xen_ncm] state_path (or --state-path) and "
+    "settle each migration an engine left in flight when it died, "
+    "leaving alone those a live engine still holds: as a source, rolled "
+    "back if it died before the commit decision, else the destination is "
+    "asked whether it runs the guest; as a destination, the copy is kept "
+    "or destroyed by what was journalled, and the source's commit "
+    "queries are answered (--answer). --resolve ID marks an entry "
+    "settled once an operator has looked. Exits 0 when everything was "
+    "settled (or nothing was in flight), 1 when a migration stays "
+    "IN_DOUBT (its guest paused here), 2 on an error."
 )
 
 
@@ -43,10 +53,26 @@ def register(subparsers: Any) -> None:
         "--state-path",
         default=None,
         metavar="DIR",
-        help="the journal's directory (default: [xen_ncm] state_path)",
+        help="the journals' directory (default: [xen_ncm] state_path)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the outcomes as JSON"
+    )
+    parser.add_argument(
+        "--answer",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long to answer the sources' commit queries of incoming "
+        "migrations (default: [xen_ncm] commit_query_timeout; 0: not)",
+    )
+    parser.add_argument(
+        "--resolve",
+        default=None,
+        metavar="MIGRATION_ID",
+        help="mark an IN_DOUBT migration resolved after checking by hand "
+        "where its guest runs: its journal entry is removed, nothing else "
+        "is done",
     )
     parser.set_defaults(func=run)
 
@@ -61,22 +87,74 @@ def run(args: argparse.Namespace) -> int:
         )
     try:
         journal = Journal(path)
-        if not journal.entries():
+        incoming = Journal(path, INCOMING, IncomingEntry)
+        if args.resolve is not None:
+            return _resolve(args, journal, incoming)
+        if not journal.entries() and not incoming.entries():
             if args.json:
                 print(json.dumps([]))
             else:
-                print(f"nothing in flight in {journal.path}")
+                print(f"nothing in flight in {path}")
             return 0
         host = migrate.open_host(args, CONF)
-        outcomes = recovery.recover(host, journal, CONF)
+        outcomes = recovery.recover(host, journal, CONF, others=[incoming])
+        outcomes += recovery.recover_incoming(
+            host, incoming, others=[journal]
+        )
     except JournalError as exc:
         raise CommandError(str(exc)) from None
+    _print(args, outcomes)
+    answer = CONF.xen_ncm.commit_query_timeout
+    if args.answer is not None:
+        answer = args.answer
+    waiting = [o for o in outcomes if o.role == "destination"]
+    if answer > 0 and waiting:
+        if not args.json:
+            print(
+                f"answering the commit queries of {len(waiting)} incoming "
+                f"migration(s) for up to {answer:g}s"
+            )
+        done = recovery.answer_incoming(incoming, CONF, answer)
+        if not args.json:
+            for mid in done:
+                print(f"{mid}: the source acknowledged the outcome")
+    return 1 if any(o.in_doubt for o in outcomes) else 0
+
+
+def _resolve(
+    args: argparse.Namespace, journal: Journal, incoming: Journal
+) -> int:
+    mid = args.resolve
+    where = journal if journal.read(mid) is not None else incoming
+    entry = recovery.resolve(where, mid)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "migration_id": mid,
+                    "domid": entry.domid,
+                    "uuid": entry.uuid,
+                    "journalled": entry.phase,
+                    "resolved": True,
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(
+            f"{mid} (domain {entry.domid}, journalled in {entry.phase}): "
+            "marked resolved"
+        )
+    return 0
+
+
+def _print(args: argparse.Namespace, outcomes: list) -> None:
     if args.json:
         print(json.dumps([o.as_dict() for o in outcomes], indent=2))
-    else:
-        for o in outcomes:
-            print(
-                f"{o.migration_id} (domain {o.domid}, journalled in "
-                f"{o.journalled}): {o.phase}: {o.reason}"
-            )
-    return 1 if any(o.phase is Phase.IN_DOUBT for o in outcomes) else 0
+        return
+    for o in outcomes:
+        what = "left alone" if o.skipped else str(o.phase)
+        print(
+            f"{o.migration_id} ({o.role}, domain {o.domid}, journalled in "
+            f"{o.journalled}): {what}: {o.reason}"
+        )

@@ -22,12 +22,14 @@ HOST_OPTS = [
     ),
     cfg.StrOpt(
         "state_path",
-        default=None,
-        help="Directory where the source keeps a journal of its "
-        "migrations in flight (phase and commit decision), so that "
-        "`nova-xen-ncm recover` or a restarted compute service can "
-        "finish or roll back what a crash interrupted. Unset: no "
-        "journal, and a crash leaves the guest for an operator.",
+        default="/var/lib/nova-xen-ncm",
+        help="Directory of the journals of the migrations in flight on "
+        "this host (source: phase and commit decision; destination: its "
+        "outcome until the source acknowledged it). `nova-xen-ncm "
+        "recover` and a restarted compute service settle from them what "
+        "a crash interrupted. A migration whose journal cannot be "
+        "written does not start. The Nova driver uses "
+        "<Nova's state_path>/xen_ncm unless this is set.",
     ),
 ]
 

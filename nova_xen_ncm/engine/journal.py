@@ -1,29 +1,39 @@
-"""The source's journal of the migrations it has in flight.
+"""The journals of the migrations a host has in flight, on either side.
 
 A source engine that dies (a crash, SIGKILL, a host reboot of dom0's
 toolstack) leaves its guest in whatever state the migration had put it:
 paused, throttled, backends quiesced, log-dirty on, and possibly a COMMIT
-on the wire. The journal keeps what a restarted engine needs to settle
-each such migration (:mod:`nova_xen_ncm.engine.recovery`): the guest,
-the destination and its one-time token (to ask it the commit query),
-whether the guest ran before, and the phase, the commit decision
-included.
+on the wire. The source journal keeps what a restarted engine needs to
+settle each such migration (:mod:`nova_xen_ncm.engine.recovery`): the
+guest (domid, uuid, and the boot of the host it ran on), the destination
+and its one-time token (to ask it the commit query), whether the guest
+ran before, and the phase, the commit decision included.
 
-One JSON file per migration under ``<[xen_ncm] state_path>/migrations``,
-replaced atomically (write, fsync, rename) at every phase change, and
-removed when the migration ends DONE, FAILED or CANCELLED. An IN_DOUBT
-migration keeps its file until recovery settles it. The files hold a
-token, so the directory is private to the service's user.
+The destination journal keeps its side's outcome (whether it unpaused
+the guest) until the source acknowledged it, so that a source restarted
+after any delay learns it, and a restarted destination still answers.
+
+One JSON file per migration under ``<[xen_ncm] state_path>/migrations``
+(source) or ``.../incoming`` (destination), replaced atomically (write,
+fsync, rename). Writing it is part of each phase transition (the state
+machine's ``journal`` hook): a write that fails stops the transition
+before the side effect it covers. The engine holds an exclusive lock
+(``flock``) on ``<id>.lock`` for the migration's life; recovery skips an
+entry whose lock is held, so it never acts on a live migration. The
+files hold a token, so the directories are private to the service's
+user.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from oslo_config import cfg
@@ -31,27 +41,47 @@ from oslo_log import log as logging
 
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.state import Phase
-from nova_xen_ncm.progress.model import EventKind
-from nova_xen_ncm.progress.model import ProgressEvent
 
 LOG = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 SUBDIR = "migrations"
+INCOMING = "incoming"
 SUFFIX = ".json"
+LOCK_SUFFIX = ".lock"
 # Migration ids become file names: nothing that could leave the directory.
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
-# The migration is over; nothing is left to settle.
+# The migration is over on this side.
 _SETTLED = frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED})
-
-
-# Fields an entry written by an earlier release may lack.
-_OPTIONAL = frozenset({"uuid"})
+# Transitions whose journal write must succeed: the side effect they
+# cover (log-dirty, pause, COMMIT, unpause) must not run unrecorded. The
+# others go on, the failure logged: ROLLBACK and IN_DOUBT undo or stop,
+# and CLEANUP follows an outcome already known on both sides (a restart
+# that finds COMMIT journalled asks again and learns the same).
+_MUST_RECORD = frozenset(
+    {
+        Phase.PRECOPY,
+        Phase.STOP_AND_COPY,
+        Phase.RESTORE,
+        Phase.COMMIT,
+    }
+)
 
 
 class JournalError(EngineError):
     """The journal cannot be read or written."""
+
+
+def _check_common(entry: Any, where: str) -> None:
+    try:
+        Phase(entry.phase)
+        bytes.fromhex(entry.token)
+    except (TypeError, ValueError) as exc:
+        raise JournalError(f"{where}: {exc}") from None
+    for name in ("domid", "port"):
+        if not isinstance(getattr(entry, name), int):
+            raise JournalError(f"{where}: {name} must be an integer")
 
 
 @dataclasses.dataclass
@@ -67,6 +97,10 @@ class Entry:
     token: str
     #: Whether the guest ran before the migration paused it.
     running: bool
+    #: The guest's uuid: a domid is reused after the guest is gone.
+    uuid: str = ""
+    #: The source host's boot id: domids restart after a reboot.
+    boot_id: str = ""
     #: The phase the source last entered (a :class:`Phase` value).
     phase: str = Phase.SETUP.value
     #: Wall-clock time of the last update.
@@ -79,37 +113,68 @@ class Entry:
     def token_bytes(self) -> bytes:
         return bytes.fromhex(self.token)
 
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return self.host, self.port
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> Entry:
+    def from_dict(cls, data: Any, where: str) -> Any:
         if not isinstance(data, dict) or data.get("version") != VERSION:
             raise JournalError(
                 f"{where}: not a version {VERSION} journal entry"
             )
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
-        # Fields added since version 1 was written may be absent.
-        missing = sorted(set(fields) - set(values) - set(_OPTIONAL))
+        missing = sorted(fields - set(values))
         if missing:
             raise JournalError(f"{where}: missing {', '.join(missing)}")
         entry = cls(**values)
-        try:
-            Phase(entry.phase)
-            entry.token_bytes  # noqa: B018 - validates the hex
-        except ValueError as exc:
-            raise JournalError(f"{where}: {exc}") from None
-        if not isinstance(entry.domid, int) or not isinstance(entry.port, int):
-            raise JournalError(f"{where}: domid and port must be integers")
+        _check_common(entry, where)
         return entry
 
 
-class Journal:
-    """The journal kept under ``state_path``."""
+@dataclasses.dataclass
+class IncomingEntry(Entry):
+    """One destination migration whose outcome the source may not know.
 
-    def __init__(self, state_path: str) -> None:
-        self.path = os.path.join(state_path, SUBDIR)
+    ``host`` is the address the destination listened on and ``port`` its
+    port: a restarted destination answers the commit query there.
+    """
+
+
+class Hold:
+    """The engine's exclusive lock on one journal entry."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd: int | None = fd
+        self.path = path
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Journal:
+    """The journal kept under ``state_path`` (``subdir``: which side)."""
+
+    def __init__(
+        self,
+        state_path: str,
+        subdir: str = SUBDIR,
+        entry_type: type[Entry] = Entry,
+    ) -> None:
+        self.path = os.path.join(state_path, subdir)
+        self.entry_type = entry_type
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -118,17 +183,25 @@ class Journal:
             ) from exc
 
     @classmethod
-    def from_conf(cls, conf: cfg.ConfigOpts) -> Journal | None:
-        """The journal of ``[xen_ncm] state_path``, None when unset."""
-        path = conf.xen_ncm.state_path
-        return cls(path) if path else None
+    def from_conf(cls, conf: cfg.ConfigOpts) -> Journal:
+        """The source journal under ``[xen_ncm] state_path``."""
+        return cls(_state_path(conf))
 
-    def _file(self, migration_id: str) -> str:
+    @classmethod
+    def incoming_from_conf(cls, conf: cfg.ConfigOpts) -> Journal:
+        """The destination journal under ``[xen_ncm] state_path``."""
+        return cls(_state_path(conf), INCOMING, IncomingEntry)
+
+    def _file(self, migration_id: str, suffix: str = SUFFIX) -> str:
         if not _ID.match(migration_id):
             raise JournalError(
                 f"migration id {migration_id!r} cannot name a journal entry"
             )
-        return os.path.join(self.path, migration_id + SUFFIX)
+        return os.path.join(self.path, migration_id + suffix)
+
+    def check_id(self, migration_id: str) -> None:
+        """Raise unless ``migration_id`` can name an entry."""
+        self._file(migration_id)
 
     def write(self, entry: Entry) -> None:
         """Replace the entry's file atomically and durably."""
@@ -157,12 +230,19 @@ class Journal:
         try:
             os.unlink(path)
         except FileNotFoundError:
-            return
+            pass
         except OSError as exc:
             raise JournalError(
                 f"cannot remove journal entry {path}: {exc}"
             ) from exc
-        self._sync_dir()
+        with contextlib.suppress(OSError):
+            # Unlinked while held: a recovery that opened it before still
+            # finds it locked, one that opens it after finds no entry.
+            os.unlink(self._file(migration_id, LOCK_SUFFIX))
+        try:
+            self._sync_dir()
+        except OSError as exc:
+            raise JournalError(f"cannot sync {self.path}: {exc}") from exc
 
     def _sync_dir(self) -> None:
         # The rename or unlink is durable only once the directory is.
@@ -172,85 +252,141 @@ class Journal:
         finally:
             os.close(fd)
 
-    def entries(self) -> list[Entry]:
+    def hold(self, migration_id: str) -> Hold:
+        """Lock the entry of ``migration_id`` for a migration's life;
+        raises :class:`JournalError` if another holds it."""
+        held = self.try_hold(migration_id)
+        if held is None:
+            raise JournalError(
+                f"journal entry of migration {migration_id} is held by a "
+                "running engine"
+            )
+        return held
+
+    def try_hold(self, migration_id: str) -> Hold | None:
+        """Lock the entry of ``migration_id``; None while a live engine
+        holds it."""
+        path = self._file(migration_id, LOCK_SUFFIX)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot open {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            os.close(fd)
+            raise JournalError(f"cannot lock {path}: {exc}") from exc
+        return Hold(fd, path)
+
+    def read(self, migration_id: str) -> Entry | None:
+        """The entry of ``migration_id``, None if there is none."""
+        where = self._file(migration_id)
+        try:
+            with open(where, "rb") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise JournalError(f"{where}: unreadable: {exc}") from exc
+        entry = self.entry_type.from_dict(data, where)
+        if entry.migration_id != migration_id:
+            raise JournalError(
+                f"{where}: holds migration {entry.migration_id!r}"
+            )
+        return entry
+
+    def entries(self) -> list[Any]:
         """Every migration in flight, oldest update first."""
         found = []
         for name in sorted(os.listdir(self.path)):
-            if not name.endswith(SUFFIX):
-                continue
-            where = os.path.join(self.path, name)
-            try:
-                with open(where, "rb") as f:
-                    data = json.load(f)
-            except (OSError, ValueError) as exc:
-                raise JournalError(f"{where}: unreadable: {exc}") from exc
-            entry = Entry.from_dict(data, where)
-            if entry.migration_id + SUFFIX != name:
-                raise JournalError(
-                    f"{where}: holds migration {entry.migration_id!r}"
-                )
-            found.append(entry)
+            if name.endswith(SUFFIX):
+                entry = self.read(name[: -len(SUFFIX)])
+                if entry is not None:
+                    found.append(entry)
         return sorted(found, key=lambda e: e.updated)
 
 
-class JournalSink:
-    """Keeps the journal entry of one source migration up to date.
+def _state_path(conf: cfg.ConfigOpts) -> str:
+    path = conf.xen_ncm.state_path
+    if not path:
+        raise JournalError(
+            "[xen_ncm] state_path is empty: migrations need a journal"
+        )
+    return path
 
-    A progress sink on the migration's state (it sees every phase change
-    as it happens, in order); :meth:`decide_commit` is called by the
-    sender before COMMIT goes out and, unlike the sink, raises when the
-    entry cannot be written, so that the migration rolls back rather than
-    commit without a record of it.
+
+class Record:
+    """The journal entry of one migration, kept as part of its state
+    machine: :meth:`on_transition` is the state's ``journal`` hook.
+
+    The entry is locked (:meth:`Journal.hold`) from :meth:`open` to
+    :meth:`close`. ``keep_settled``: a settled migration keeps its entry
+    (the destination, until the source acknowledged the outcome).
     """
 
-    def __init__(self, journal: Journal, entry: Entry) -> None:
+    def __init__(
+        self, journal: Journal, entry: Entry, *, keep_settled: bool = False
+    ) -> None:
         self.journal = journal
         self.entry = entry
+        self.keep_settled = keep_settled
+        self._hold: Hold | None = None
+        # Nothing is written before there is something to settle.
+        self.started = False
+        #: The phase last written, None before the first write.
+        self.written: Phase | None = None
+        #: Whether the entry was removed (the migration is settled).
+        self.forgotten = False
 
-    def decide_commit(self) -> None:
-        self.entry.phase = Phase.COMMIT.value
+    def open(self) -> None:
+        if self._hold is None:
+            self._hold = self.journal.hold(self.entry.migration_id)
+
+    def close(self) -> None:
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
+
+    def write(self, phase: Phase | None = None) -> None:
+        """Write the entry now (in ``phase``); raises on failure."""
+        if phase is not None:
+            self.entry.phase = phase.value
+        self.started = True
         self.journal.write(self.entry)
+        self.written = Phase(self.entry.phase)
 
-    def emit(self, event: ProgressEvent) -> None:
-        if event.kind is not EventKind.STATE:
-            return
-        phase = Phase(event.phase)
-        if phase in _SETTLED:
+    def forget(self) -> None:
+        """The other side knows the outcome: the entry goes."""
+        try:
             self.journal.remove(self.entry.migration_id)
+        except JournalError as exc:
+            LOG.error("Journal entry not removed: %s", exc)
             return
-        if phase is Phase.PRECOPY:
-            # From here the destination holds a domain and the source
-            # turns log-dirty on: there is something to settle.
-            self.entry.running = bool(
-                event.detail.get("running", self.entry.running)
+        self.forgotten = True
+
+    def on_transition(
+        self, old: Phase, new: Phase, detail: Mapping[str, Any]
+    ) -> None:
+        if "running" in detail:
+            self.entry.running = bool(detail["running"])
+        if new in _SETTLED and not self.keep_settled:
+            self.forget()
+            return
+        if not self.started and new not in _MUST_RECORD:
+            # Failed before anything needed a record.
+            return
+        try:
+            self.write(new)
+        except JournalError as exc:
+            if new in _MUST_RECORD:
+                raise
+            LOG.error(
+                "Migration %s enters %s unrecorded: %s",
+                self.entry.migration_id,
+                new,
+                exc,
             )
-        self.entry.phase = phase.value
-        self.journal.write(self.entry)
 
-
-def sink_from_conf(
-    conf: cfg.ConfigOpts,
-    migration_id: str,
-    domid: int,
-    endpoint: tuple[str, int],
-    token: bytes,
-    *,
-    uuid: str = "",
-) -> JournalSink | None:
-    """The journal sink of a new source migration, None without
-    ``[xen_ncm] state_path``."""
-    journal = Journal.from_conf(conf)
-    if journal is None:
-        return None
-    entry = Entry(
-        migration_id=migration_id,
-        domid=domid,
-        host=endpoint[0],
-        port=int(endpoint[1]),
-        token=token.hex(),
-        running=True,
-        uuid=uuid,
-    )
-    # Refused now rather than at the first phase change.
-    journal._file(migration_id)
-    return JournalSink(journal, entry)

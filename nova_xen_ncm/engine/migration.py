@@ -82,10 +82,18 @@ class IncomingMigration:
         conf: cfg.ConfigOpts | None = None,
         sinks: Iterable[ProgressSink] = (),
         advertise: str | None = None,
+        source_address: str | None = None,
     ) -> None:
         self.token = protocol.generate_token()
+        # ``source_address``: the only address the source may connect
+        # from (with [xen_ncm] allowed_sources).
         self.receiver = Receiver(
-            host, migration_id, self.token, conf=conf, sinks=sinks
+            host,
+            migration_id,
+            self.token,
+            conf=conf,
+            sinks=sinks,
+            source_address=source_address,
         )
         address, port = self.receiver.address
         self.endpoint = (advertise or address, port)

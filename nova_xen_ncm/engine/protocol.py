@@ -135,6 +135,7 @@ class MessageType(enum.IntEnum):
     COMMITTED = 0x32
     QUERY = 0x33
     STATUS = 0x34
+    FINISHED = 0x35
     ABORT = 0x40
     ERROR = 0x41
 
@@ -326,6 +327,14 @@ class Status(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Finished(Message):
+    """The source's final acknowledgement: it knows the outcome and has
+    acted on it and recorded it; the destination may forget."""
+
+    TYPE: ClassVar[MessageType] = MessageType.FINISHED
+
+
+@dataclasses.dataclass(frozen=True)
 class Abort(Message):
     TYPE: ClassVar[MessageType] = MessageType.ABORT
     reason: str
@@ -355,6 +364,7 @@ MESSAGES: dict[MessageType, type[Message]] = {
         Committed,
         Query,
         Status,
+        Finished,
         Abort,
         Error,
     )
@@ -444,6 +454,7 @@ ESTABLISHED: dict[MessageType, frozenset[Role]] = {
     M.COMMITTED: frozenset({S}),
     M.QUERY: frozenset({C}),
     M.STATUS: frozenset({S}),
+    M.FINISHED: frozenset({C}),
     M.ABORT: frozenset({C, S}),
     M.ERROR: frozenset({C, S}),
 }

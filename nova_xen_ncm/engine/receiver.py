@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import select
+import queue
 import socket
 import threading
 import time
@@ -30,6 +30,8 @@ import numpy as np
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import journal
 from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine import pvstate
 from nova_xen_ncm.engine import validate
@@ -63,6 +65,18 @@ _PLATFORM_ITEMS = (base.Item.MEMORY, base.Item.PLATFORM, base.Item.HVM_PARAMS)
 # The libxc records a restore must have seen (an HVM guest is not whole
 # without them).
 _REQUIRED = ("X86_TSC_INFO", "HVM_CONTEXT", "HVM_PARAMS")
+
+
+#: Connections authenticated at once while the source is awaited.
+MAX_HANDSHAKES = 8
+
+
+def _close_results(results: queue.Queue, count: int) -> None:
+    """Close the channels of ``count`` handshakes still to report."""
+    for _ in range(count):
+        ok, value = results.get()
+        if ok:
+            value.close()
 
 
 def needed_items(pv_drivers: bool) -> tuple[base.Item, ...]:
@@ -274,6 +288,7 @@ class Restorer:
     def _hvm_params(self, value: list[libxc.HvmParam]) -> None:
         self.stopped = True
         params = {int(p.index): int(p.value) for p in value}
+        validate.check_hvm_params(self.limits, params)
         self.host.set_hvm_params(self.domid, params)
         self._params.update(params)
 
@@ -295,6 +310,10 @@ class Restorer:
                 )
         else:
             records = self._pv.result()
+            # The host's other guests as they are now, not at SETUP.
+            self.limits = validate.GuestLimits.from_host(
+                self.host, self.domid
+            )
             validate.check_pv_records(self.limits, records, self._populated)
             state = records.to_pv_state(self._params)
             if self._before_pv_import is not None:
@@ -319,7 +338,6 @@ _HANDLERS = {
 
 
 _PAGE_CODEC = libxc.PageDataCodec()
-_PAGE_HEAD = libxc.RHDR.size + libxc.PAGE_DATA_HDR.size
 _DATA_CAPABILITIES = (
     protocol.Capability.LZ4.value,
     protocol.Capability.MULTI_CHANNEL.value,
@@ -331,58 +349,22 @@ def _read_frame(
 ) -> protocol.Data | None:
     """Read the body of a data frame whose header came (direct mode).
 
-    A page batch (flag PAGES) is read straight into the restoring guest's
-    memory and None returned; any other body comes back as Data. The
-    guest is paused and a frame failing its tag fails the migration, so
-    pages written before the tag is checked are never run.
+    A page batch (flag PAGES) is applied to the restoring guest once the
+    frame's tag is checked (nothing of a forged frame reaches the guest)
+    and None returned; any other body comes back as Data.
     """
-    if header.pages:
-        _read_pages(channel, header.length, restorer)
-        body: bytearray | None = None
-    else:
-        body = bytearray(header.length)
-        if header.length:
-            channel.read_payload_into(memoryview(body))
+    body = bytearray(header.length)
+    if header.length:
+        channel.read_payload_into(memoryview(body))
     end = channel.receive()
     if not isinstance(end, protocol.DataEnd):
         raise ProtocolError(
             f"{type(end).__name__} inside data frame {header.seq}"
         )
-    if body is None:
+    if header.pages:
+        restorer.page_record(body)
         return None
     return protocol.Data(seq=header.seq, payload=body)
-
-
-def _read_pages(channel: Channel, length: int, restorer: Restorer) -> None:
-    """One PAGE_DATA record of ``length`` octets from ``channel``: header
-    and pfns first, checked and applied, then the contents into place."""
-    if length < _PAGE_HEAD:
-        raise ProtocolError(f"PAGE_DATA frame of {length} octets")
-    head = bytearray(_PAGE_HEAD)
-    channel.read_payload_into(memoryview(head))
-    rtype, rlen = libxc.RHDR.unpack_from(head)
-    # A PAGE_DATA body is a multiple of 8 octets: no padding.
-    if rtype != libxc.PAGE_DATA or libxc.RHDR.size + rlen != length:
-        raise ProtocolError(
-            f"a page frame of {length} octets holds record type "
-            f"{rtype:#x} of {rlen} octets, not one PAGE_DATA record"
-        )
-    try:
-        size = _PAGE_CODEC.head_size(memoryview(head)[libxc.RHDR.size :], rlen)
-        pfn_head = bytearray(size)
-        pfn_head[: libxc.PAGE_DATA_HDR.size] = head[libxc.RHDR.size :]
-        channel.read_payload_into(
-            memoryview(pfn_head)[libxc.PAGE_DATA_HDR.size :]
-        )
-        pfns, types = _PAGE_CODEC.decode_head(memoryview(pfn_head), rlen)
-    except BodyError as exc:
-        raise ProtocolError(f"PAGE_DATA frame: {exc}") from exc
-    mapping = restorer.page_targets(pfns, types, rlen - size)
-    if mapping is None:
-        return
-    with mapping:
-        for _, view in mapping.runs():
-            channel.read_payload_into(view)
 
 
 class MigrationAborted(EngineError):
@@ -426,7 +408,28 @@ class Receiver:
             expected=1,
             allowed_sources=[source_address] if source_address else (),
         )
-        self.state = MigrationState(migration_id, Role.DESTINATION, sinks)
+        # This side's outcome, kept until the source acknowledged it.
+        store = journal.Journal.incoming_from_conf(conf)
+        store.check_id(migration_id)
+        self.journal = journal.Record(
+            store,
+            journal.IncomingEntry(
+                migration_id=migration_id,
+                domid=-1,
+                host=self.listener.address[0],
+                port=self.listener.port,
+                token=token.hex(),
+                running=True,
+                boot_id=host.boot_id(),
+            ),
+            keep_settled=True,
+        )
+        self.state = MigrationState(
+            migration_id,
+            Role.DESTINATION,
+            sinks,
+            journal=self.journal.on_transition,
+        )
         self.domid: int | None = None
         #: The failure that ended the migration, if any.
         self.error: BaseException | None = None
@@ -471,6 +474,17 @@ class Receiver:
 
     def run(self) -> Phase:
         try:
+            self._serve()
+        finally:
+            self.journal.close()
+            self._close_channel()
+            self.listener.close()
+        return self.state.phase
+
+    def _serve(self) -> None:
+        try:
+            # Held for the migration's life: recovery leaves it alone.
+            self.journal.open()
             self._accept()
             restorer = self._setup()
             try:
@@ -490,11 +504,14 @@ class Receiver:
             self._rollback(exc)
         else:
             self._commit()
-        if self._ready_sent and not self._source_knows:
+        if not self._source_knows and (self._ready_sent or self._created):
+            # It may ask for the outcome, or for the teardown before it
+            # resumes its copy.
             self._serve_queries()
-        self._close_channel()
-        self.listener.close()
-        return self.state.phase
+        else:
+            # The source cannot be in doubt: nothing was created here, or
+            # it said it knows.
+            self.journal.forget()
 
     # -- phases --
 
@@ -505,12 +522,6 @@ class Receiver:
                 f"no incoming migration {hello.migration_id!r} here",
             )
         return self._token
-
-    def _handshake(self) -> Channel:
-        channel, _, _ = self._accept_channel(
-            self._token_for, [protocol.Capability.LZ4.value]
-        )
-        return channel
 
     def _accept_channel(
         self,
@@ -536,35 +547,106 @@ class Receiver:
         return channel, hello, proof
 
     def _accept(self) -> None:
-        """The source's first connection. A stray one (another
-        migration's, or one that never completes a HELLO) is dropped and
-        the source still awaited; a wrong token for this migration ends
-        it, the token being good for one attempt."""
-        deadline = time.monotonic() + self.listener.accept_timeout
-        while True:
-            accepted = self.listener.accepted
-            try:
-                self._channel = self._handshake()
-                return
-            except Refused as exc:
-                if exc.code != protocol.RefuseReason.UNKNOWN_MIGRATION:
-                    raise
-                why: Exception = exc
-            except TransportError as exc:
-                if self.listener.accepted == accepted:
-                    raise  # nobody connected in time
-                why = exc
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise why
-            LOG.warning(
-                "Migration %s: dropped a stray connection (%s); still "
-                "waiting for the source",
-                self.migration_id,
-                why,
+        """The source's first connection. Every connection is
+        authenticated on a thread of its own (at most
+        ``MAX_HANDSHAKES`` at once) under the handshake deadline, so a
+        peer that never completes a HELLO delays nobody; a stray one
+        (another migration's, or one that fails its handshake) is
+        dropped and the source still awaited; a wrong token for this
+        migration ends it, the token being good for one attempt."""
+        until = time.monotonic() + self.listener.accept_timeout
+        results: queue.Queue = queue.Queue()
+        inflight = 0
+        stray: Exception | None = None
+        try:
+            while True:
+                try:
+                    ok, value = results.get(
+                        timeout=0.05 if inflight else 0
+                    )
+                except queue.Empty:
+                    pass
+                else:
+                    inflight -= 1
+                    if ok:
+                        self._channel = value
+                        self.listener.accepted += 1
+                        return
+                    if (
+                        isinstance(value, Refused)
+                        and value.code
+                        != protocol.RefuseReason.UNKNOWN_MIGRATION
+                    ):
+                        raise value
+                    stray = value
+                    LOG.warning(
+                        "Migration %s: dropped a stray connection (%s); "
+                        "still waiting for the source",
+                        self.migration_id,
+                        value,
+                    )
+                    continue
+                left = until - time.monotonic()
+                if self.listener.closed:
+                    raise TransportError("the listener was closed")
+                if left <= 0:
+                    if stray is not None:
+                        raise stray
+                    raise TransportError(
+                        f"no source connected on port {self.listener.port} "
+                        f"within {self.listener.accept_timeout}s"
+                    )
+                if inflight >= MAX_HANDSHAKES:
+                    continue
+                taken = self.listener.take(min(left, 0.05))
+                if taken is None:
+                    continue
+                inflight += 1
+                threading.Thread(
+                    target=self._handshake_one,
+                    args=(*taken, results),
+                    name=f"migration-{self.migration_id}-handshake",
+                    daemon=True,
+                ).start()
+        finally:
+            if inflight:
+                # Handshakes still running: whatever they yield is closed.
+                threading.Thread(
+                    target=_close_results,
+                    args=(results, inflight),
+                    daemon=True,
+                ).start()
+
+    def _handshake_one(
+        self, sock: socket.socket, peer: object, results: queue.Queue
+    ) -> None:
+        try:
+            sock = self.listener.secure(sock, peer)
+            channel = Channel(
+                sock,
+                protocol.Connection(
+                    protocol.Role.SERVER,
+                    max_data=self.opts.max_frame_bytes,
+                    direct_payload=True,
+                ),
+                io_timeout=self.opts.io_timeout,
             )
-            self.listener.allow()
-            self.listener.accept_timeout = left
+        except Exception as exc:
+            results.put((False, exc))
+            return
+        try:
+            channel.server_handshake(
+                self._token_for,
+                capabilities=[protocol.Capability.LZ4.value],
+                deadline=min(
+                    self.opts.io_timeout, self.listener.handshake_timeout
+                ),
+            )
+        except Exception as exc:
+            channel.close()
+            results.put((False, exc))
+            return
+        results.put((True, channel))
 
     def _setup(self) -> Restorer:
         setup = self._channel.receive()
@@ -579,6 +661,12 @@ class Receiver:
                 uuid=setup.uuid,
                 pv_drivers=setup.pv_drivers,
             )
+            # Recorded before the domain exists: a restart destroys
+            # what a dead engine left paused here.
+            entry = self.journal.entry
+            entry.domid, entry.uuid = setup.domid, setup.uuid
+            entry.running = setup.running
+            self.journal.write(Phase.SETUP)
             try:
                 self.host.create_empty_domain(config, setup.domid)
             except base.DomidInUse as exc:
@@ -994,18 +1082,15 @@ class Receiver:
             return
         self.state.transition(Phase.COMMIT, Phase.CLEANUP)
         try:
-            # A source that closed before COMMITTED went out died after
-            # COMMIT: its close says nothing, and a restarted source asks.
-            early = _peer_closed(self._channel.sock)
             self._channel.send(protocol.Committed())
-            closed = self._channel.next_event()
-            # The source closes once it has COMMITTED.
-            self._source_knows = not early and isinstance(
-                closed, protocol.ConnectionClosed
-            )
+            # The source's final acknowledgement, once it recorded the
+            # outcome; without it, it may ask (commit query).
+            self._channel.sock.settimeout(self.opts.io_timeout)
+            reply = self._channel.receive()
+            self._source_knows = isinstance(reply, protocol.Finished)
         except (EngineError, OSError) as exc:
             LOG.warning(
-                "Migration %s: COMMITTED may not have reached the source: %s",
+                "Migration %s: no acknowledgement of COMMITTED: %s",
                 self.migration_id,
                 exc,
             )
@@ -1026,11 +1111,11 @@ class Receiver:
         self.state.transition(
             self.state.phase, Phase.ROLLBACK, reason=str(error)
         )
-        if not isinstance(error, (MigrationAborted, Refused, TransportError)):
-            self._tell_source(type(error).__name__, str(error))
+        torn_down = not self._created
         if self._created:
             try:
                 self.host.destroy_domain(self.domid)
+                torn_down = True
             except base.HostError as exc:
                 LOG.error(
                     "Migration %s: could not destroy domain %s: %s",
@@ -1038,6 +1123,8 @@ class Receiver:
                     self.domid,
                     exc,
                 )
+        if not isinstance(error, (MigrationAborted, Refused, TransportError)):
+            self._tell_source(type(error).__name__, str(error))
         self.state.transition(
             Phase.ROLLBACK,
             Phase.CANCELLED
@@ -1045,6 +1132,17 @@ class Receiver:
             else Phase.FAILED,
             reason=str(error),
         )
+        if torn_down and self._channel is not None:
+            # The fence: the source resumes its copy once it has this
+            # (or once the lease it gave this side ran out), and says so.
+            try:
+                self._channel.send(self._status())
+                if not self._source_knows:
+                    self._channel.sock.settimeout(self.opts.io_timeout)
+                    reply = self._channel.receive()
+                    self._source_knows = isinstance(reply, protocol.Finished)
+            except (EngineError, OSError, ValueError) as exc:
+                LOG.debug("Teardown not confirmed to the source: %s", exc)
 
     def _tell_source(self, code: str, text: str) -> None:
         if self._channel is None:
@@ -1058,45 +1156,26 @@ class Receiver:
 
     def _serve_queries(self) -> None:
         """After READY the source may not know the outcome: answer its
-        QUERY on new connections for the commit query window (every
-        query: a source restarted after a crash asks again)."""
+        commit query (commit.py) on new connections, each on a thread of
+        its own, until it acknowledges or the commit query window ends;
+        the journal keeps the answer for a restarted source after that."""
         self._close_channel()
-        deadline = time.monotonic() + self.opts.commit_query_timeout
-        while time.monotonic() < deadline:
-            self.listener.allow()
-            self.listener.accept_timeout = max(
-                0.1, deadline - time.monotonic()
-            )
-            try:
-                channel = self._handshake()
-            except (EngineError, OSError) as exc:
-                LOG.debug("No commit query: %s", exc)
-                return
-            with channel:
-                try:
-                    query = channel.receive()
-                    if not isinstance(query, protocol.Query):
-                        continue
-                    phase = self.state.phase
-                    channel.send(
-                        protocol.Status(
-                            phase=phase.value, committed=phase in _RUNNING
-                        )
-                    )
-                except (EngineError, OSError) as exc:
-                    LOG.debug("Commit query failed: %s", exc)
+        answerer = commit.Answerer(
+            self.listener,
+            self.migration_id,
+            self._token,
+            self.conf,
+            self._status,
+            self.journal.forget,
+        )
+        answerer.serve(time.monotonic() + self.opts.commit_query_timeout)
+
+    def _status(self) -> protocol.Status:
+        phase = self.state.phase
+        return protocol.Status(phase=phase.value, committed=phase in _RUNNING)
 
     def _close_channel(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
 
-
-def _peer_closed(sock: socket.socket) -> bool:
-    """Whether the peer's end of the stream (FIN) is already here."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        # Reset, or a socket that cannot peek (TLS): no early close seen.
-        return False

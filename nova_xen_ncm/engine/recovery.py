@@ -1,42 +1,61 @@
-"""Settling the migrations a source engine left in flight when it died.
+"""Settling the migrations an engine left in flight when it died.
 
-A restarted source (``nova-xen-ncm recover``, the compute service's
-start) reads its journal (:mod:`nova_xen_ncm.engine.journal`) and settles
-each entry by the rule of architecture.rst section 5, never leaving two
-running copies:
+A restarted engine (``nova-xen-ncm recover``, the compute service's
+start) reads its journals (:mod:`nova_xen_ncm.engine.journal`). An entry
+whose lock is held belongs to a live migration and is left alone. Before
+any action on a guest, the entry's host boot id and guest uuid are
+checked: after a reboot, or once the domid belongs to another guest,
+nothing is done to the domain that now holds it.
+
+Source entries are settled by the rule of architecture.rst section 5,
+never leaving two running copies:
 
 - stopped before the commit decision (PRECOPY, STOP_AND_COPY, RESTORE,
   ROLLBACK): the destination never got COMMIT, so it never runs the
   guest (it destroys its copy when the source goes silent). The source
   copy is rolled back: throttle lifted, backends resumed, log-dirty off,
-  and unpaused if it ran before. Outcome FAILED.
+  and unpaused if it ran before. Outcome FAILED. Past the pause it
+  resumes only once the destination confirmed its copy is gone, or its
+  lease ran out (the live sender's fence).
 - stopped after it (COMMIT, IN_DOUBT): the destination is asked the
-  commit query. It runs the guest: the source copy is destroyed
-  (outcome DONE). It rolled back: the source copy is rolled back
-  (FAILED). No answer within the commit query budget: the guest stays
-  paused here and the entry stays for a later attempt (IN_DOUBT).
+  commit query (commit.py, the sender's own). It runs the guest: the
+  source copy is destroyed (DONE). It never unpaused it: the source copy
+  is rolled back (FAILED). No answer, or the destination itself cannot
+  tell: the guest stays paused here and the entry stays (IN_DOUBT) until
+  a later attempt, or until an operator who looked marks it resolved
+  (:func:`resolve`).
 - CLEANUP: the destination had acknowledged; the source copy is
   destroyed (DONE).
+
+Destination entries (:func:`recover_incoming`): a copy that never got
+COMMIT is destroyed (the source rolls back without it); one that got
+COMMIT runs if it was unpaused, else the commit is completed (the source
+decided it). The entry then stays, with its answer, for the source to
+ask (:func:`answer_incoming`) until it acknowledges.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from collections.abc import Callable
+from collections.abc import Sequence
 
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from nova_xen_ncm.engine import commit
 from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine.errors import EngineError
-from nova_xen_ncm.engine.errors import ProtocolError
-from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.journal import Entry
+from nova_xen_ncm.engine.journal import Hold
 from nova_xen_ncm.engine.journal import Journal
-from nova_xen_ncm.engine.state import TERMINAL
+from nova_xen_ncm.engine.journal import JournalError
 from nova_xen_ncm.engine.state import Phase
-from nova_xen_ncm.engine.transport import Channel
+from nova_xen_ncm.engine.transport import Listener
+from nova_xen_ncm.engine.transport import tls_context
 from nova_xen_ncm.host import base
 
 LOG = logging.getLogger(__name__)
@@ -51,11 +70,24 @@ _BEFORE_COMMIT = frozenset(
     }
 )
 _ASK = frozenset({Phase.COMMIT, Phase.IN_DOUBT})
-# Destination phases in which it runs the guest (the receiver's).
-_DESTINATION_RUNS = frozenset({Phase.CLEANUP.value, Phase.DONE.value})
-_DESTINATION_ROLLED_BACK = frozenset(
-    {Phase.FAILED.value, Phase.CANCELLED.value}
+# Past the pause the destination may hold the whole guest, backends
+# connected: the source copy resumes once that one is gone (fencing).
+_PAST_PAUSE = frozenset({Phase.STOP_AND_COPY, Phase.RESTORE, Phase.ROLLBACK})
+# Destination phases in which it may have sent READY: the source may ask.
+_MAY_BE_ASKED = frozenset(
+    {
+        Phase.RESTORE,
+        Phase.ROLLBACK,
+        Phase.COMMIT,
+        Phase.CLEANUP,
+        Phase.DONE,
+        Phase.IN_DOUBT,
+        Phase.FAILED,
+        Phase.CANCELLED,
+    }
 )
+
+Query = Callable[[Entry, cfg.ConfigOpts], protocol.Status]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +96,8 @@ class Outcome:
 
     ``phase`` is DONE (the guest runs on the destination, the source copy
     is gone), FAILED (it runs here again) or IN_DOUBT (paused here; the
-    destination could not be asked).
+    destination could not say). ``skipped``: a live engine holds the
+    entry and nothing was done (``phase`` is the journalled one).
     """
 
     migration_id: str
@@ -72,45 +105,37 @@ class Outcome:
     journalled: Phase
     phase: Phase
     reason: str
+    uuid: str = ""
+    role: str = "source"
+    skipped: bool = False
+
+    @property
+    def in_doubt(self) -> bool:
+        return not self.skipped and self.phase is Phase.IN_DOUBT
 
     def as_dict(self) -> dict[str, object]:
         return {
             "migration_id": self.migration_id,
             "domid": self.domid,
+            "uuid": self.uuid,
+            "role": self.role,
             "journalled": self.journalled.value,
             "phase": self.phase.value,
+            "skipped": self.skipped,
             "reason": self.reason,
         }
 
 
-class _NotYetKnown(TransportError):
-    """The destination has not decided yet: ask again."""
+def _coordinator(entry: Entry, conf: cfg.ConfigOpts) -> commit.CommitQuery:
+    return commit.CommitQuery(
+        conf, entry.endpoint, entry.migration_id, entry.token_bytes
+    )
 
 
 def query_destination(entry: Entry, conf: cfg.ConfigOpts) -> protocol.Status:
-    """Ask the destination of ``entry`` once where its migration stands;
-    raises :class:`TransportError` while it cannot tell."""
-    opts = conf.xen_ncm
-    channel = Channel.connect(
-        entry.host,
-        entry.port,
-        connect_timeout=opts.connect_timeout,
-        io_timeout=opts.io_timeout,
-        max_data=opts.max_frame_bytes,
-    )
-    try:
-        channel.client_handshake(entry.migration_id, entry.token_bytes)
-        channel.send(protocol.Query())
-        status = channel.receive()
-    finally:
-        channel.close()
-    if not isinstance(status, protocol.Status):
-        raise ProtocolError(f"expected STATUS, got {type(status).__name__}")
-    if not status.committed and status.phase not in {
-        p.value for p in TERMINAL
-    }:
-        raise _NotYetKnown(f"destination is in phase {status.phase}")
-    return status
+    """Ask the destination of ``entry`` once where its migration stands
+    (TLS as configured); raises while it cannot tell."""
+    return _coordinator(entry, conf).once()
 
 
 def recover(
@@ -118,15 +143,53 @@ def recover(
     journal: Journal,
     conf: cfg.ConfigOpts | None = None,
     *,
-    query: Callable[[Entry, cfg.ConfigOpts], protocol.Status] | None = None,
+    query: Query | None = None,
+    others: Sequence[Journal] = (),
 ) -> list[Outcome]:
-    """Settle every migration of ``journal`` whose guest is on ``host``."""
+    """Settle every migration of the source ``journal`` whose guest is on
+    ``host`` and whose engine is gone (and whose guest no engine
+    migrates now, here or in ``others``)."""
     if conf is None:
         from nova_xen_ncm.conf import CONF as conf
-    ask = query or query_destination
     outcomes = []
-    for entry in journal.entries():
-        outcome = _settle(host, journal, conf, entry, ask)
+    boot_id = host.boot_id()
+    held = _held(journal, others)
+    try:
+        outcomes = _recover(host, boot_id, journal, conf, query, held)
+    finally:
+        for _, hold, _ in held:
+            if hold is not None:
+                hold.release()
+    return outcomes
+
+
+def _recover(
+    host: base.HostDriver,
+    boot_id: str,
+    journal: Journal,
+    conf: cfg.ConfigOpts,
+    query: Query | None,
+    held: list[tuple[Entry, Hold | None, str]],
+) -> list[Outcome]:
+    outcomes = []
+    for listed, hold, why in held:
+        if hold is None:
+            outcome = Outcome(
+                listed.migration_id,
+                listed.domid,
+                Phase(listed.phase),
+                Phase(listed.phase),
+                why,
+                listed.uuid,
+                skipped=True,
+            )
+        else:
+            with hold:
+                # Read again under the lock: the engine may have ended.
+                entry = journal.read(listed.migration_id)
+                if entry is None:
+                    continue
+                outcome = _settle(host, boot_id, journal, conf, entry, query)
         LOG.warning(
             "Recovered migration %s of domain %d (journalled in %s): %s: %s",
             outcome.migration_id,
@@ -139,12 +202,84 @@ def recover(
     return outcomes
 
 
+def _guest(entry: Entry) -> str:
+    return entry.uuid or f"domid {entry.domid}"
+
+
+def _held(
+    journal: Journal, others: Sequence[Journal] = ()
+) -> list[tuple[Entry, Hold | None, str]]:
+    """Each entry with its lock, or None and why it is left alone: its
+    engine runs, or another migration of the same guest is live, in
+    ``journal`` or ``others`` (a stale entry of a guest that a running
+    engine now migrates again must not unpause or destroy it under that
+    engine)."""
+    taken: list[tuple[Entry, Hold | None, str]] = []
+    live = set()
+    for other in others:
+        for listed in other.entries():
+            hold = other.try_hold(listed.migration_id)
+            if hold is None:
+                live.add(_guest(listed))
+            else:
+                hold.release()
+    try:
+        for listed in journal.entries():
+            hold = journal.try_hold(listed.migration_id)
+            if hold is None:
+                live.add(_guest(listed))
+            taken.append(
+                (listed, hold, "a running engine holds this migration: "
+                 "left alone")
+            )
+    except BaseException:
+        for _, hold, _ in taken:
+            if hold is not None:
+                hold.release()
+        raise
+    result = []
+    for listed, hold, why in taken:
+        if hold is not None and _guest(listed) in live:
+            hold.release()
+            hold = None
+            why = (
+                f"another migration of guest {_guest(listed)} is running: "
+                "left alone"
+            )
+        result.append((listed, hold, why))
+    return result
+
+
+def _copy_here(
+    host: base.HostDriver, boot_id: str, entry: Entry
+) -> tuple[base.DomainInfo | None, str]:
+    """The journalled guest's domain on ``host`` if it is still that
+    guest, else None and why not."""
+    if entry.boot_id and entry.boot_id != boot_id:
+        return None, (
+            f"{host.hostname} rebooted since (boot {entry.boot_id}): the "
+            f"copy of domain {entry.domid} is gone and its domid means "
+            "another guest now"
+        )
+    try:
+        info = host.domain_info(entry.domid)
+    except base.DomainNotFound:
+        return None, f"domain {entry.domid} is no longer on {host.hostname}"
+    if entry.uuid and info.uuid != entry.uuid:
+        return None, (
+            f"domain {entry.domid} is now guest {info.uuid}, not "
+            f"{entry.uuid}: left alone"
+        )
+    return info, ""
+
+
 def _settle(
     host: base.HostDriver,
+    boot_id: str,
     journal: Journal,
     conf: cfg.ConfigOpts,
     entry: Entry,
-    ask: Callable[[Entry, cfg.ConfigOpts], protocol.Status],
+    query: Query | None,
 ) -> Outcome:
     journalled = Phase(entry.phase)
 
@@ -155,54 +290,125 @@ def _settle(
         else:
             journal.remove(entry.migration_id)
         return Outcome(
-            entry.migration_id, entry.domid, journalled, phase, reason
+            entry.migration_id,
+            entry.domid,
+            journalled,
+            phase,
+            reason,
+            entry.uuid,
         )
 
+    info, gone = _copy_here(host, boot_id, entry)
+
     def rolled_back(what: str) -> Outcome:
+        if info is None:
+            return done(Phase.FAILED, f"{what}; {gone}")
         try:
-            why = _roll_back(host, entry)
+            why = _roll_back(host, entry, info)
         except EngineError as exc:
             # Kept for another attempt: the guest may still be paused.
             return done(Phase.IN_DOUBT, str(exc))
         return done(Phase.FAILED, f"{what}; {why}")
 
+    def destroyed(what: str) -> Outcome:
+        if info is None:
+            return done(Phase.DONE, f"{what}; {gone}")
+        return done(Phase.DONE, _destroy(host, entry, what))
+
     if journalled in _BEFORE_COMMIT:
-        return rolled_back(
-            f"stopped in {journalled} before the commit decision"
-        )
+        what = f"stopped in {journalled} before the commit decision"
+        if (
+            journalled in _PAST_PAUSE
+            and info is not None
+            and info.state == base.DomainState.PAUSED
+            and entry.running
+        ):
+            fenced = _fence(entry, conf, query)
+            if fenced is None:
+                return done(
+                    Phase.IN_DOUBT,
+                    "the destination says it runs the guest, though no "
+                    "COMMIT was journalled here: the guest stays paused",
+                )
+            what = f"{what}; {fenced}"
+        return rolled_back(what)
     if journalled is Phase.CLEANUP:
-        return done(Phase.DONE, _destroy(host, entry, "acknowledged"))
+        return destroyed("the destination had acknowledged")
     if journalled not in _ASK:
         # DONE, FAILED, CANCELLED are never journalled: a foreign file.
         return done(
             Phase.IN_DOUBT,
             f"journalled in {journalled}, which recovery does not settle",
         )
-    budget = retry.RetryBudget.from_conf(conf, retry.Step.COMMIT_QUERY)
-    try:
-        status = retry.call(
-            lambda: ask(entry, conf),
-            what=f"commit query of migration {entry.migration_id}",
-            budget=budget,
-        )
-    except EngineError as exc:
+    coordinator = _coordinator(entry, conf)
+    if query is None:
+        verdict = coordinator.ask()
+    else:
+        budget = retry.RetryBudget.from_conf(conf, retry.Step.COMMIT_QUERY)
+        try:
+            verdict = commit.verdict_of(
+                retry.call(
+                    lambda: query(entry, conf),
+                    what=f"commit query of migration {entry.migration_id}",
+                    budget=budget,
+                )
+            )
+        except EngineError as exc:
+            verdict = commit.Verdict(
+                None, f"the destination could not be asked ({exc})"
+            )
+    if verdict.runs_there:
+        outcome = destroyed(verdict.reason)
+    elif verdict.runs_there is False:
+        outcome = rolled_back(verdict.reason)
+    else:
         return done(
-            Phase.IN_DOUBT,
-            f"the destination could not be asked ({exc}); the guest stays "
-            "paused here",
+            Phase.IN_DOUBT, f"{verdict.reason}; the guest stays paused here"
         )
-    if status.committed or status.phase in _DESTINATION_RUNS:
-        return done(
-            Phase.DONE,
-            _destroy(host, entry, f"the destination is in {status.phase}"),
-        )
-    if status.phase in _DESTINATION_ROLLED_BACK:
-        return rolled_back(f"the destination rolled back ({status.phase})")
-    return done(
-        Phase.IN_DOUBT,
-        f"the destination is in {status.phase} and does not run the "
-        "guest; the guest stays paused here",
-    )
+    if query is None and outcome.phase is not Phase.IN_DOUBT:
+        # Recorded here (the entry is gone): the destination may forget.
+        coordinator.acknowledge()
+    return outcome
+
+
+def _fence(
+    entry: Entry, conf: cfg.ConfigOpts, query: Query | None
+) -> str | None:
+    """Before a copy paused for stop-and-copy resumes: until the
+    destination says its copy is gone, or for its lease (counted from
+    now, the engine's death being of unknown time), as the live sender
+    does; None if the destination says the guest runs there."""
+    if query is None:
+        coordinator = _coordinator(entry, conf)
+
+        def ask() -> protocol.Status:
+            return coordinator.once()
+    else:
+
+        def ask() -> protocol.Status:
+            return query(entry, conf)
+
+    lease = commit.lease(conf)
+    deadline = time.monotonic() + lease
+    while True:
+        try:
+            status = ask()
+        except EngineError as exc:
+            LOG.debug("Teardown query of %s: %s", entry.migration_id, exc)
+        else:
+            if status.phase in commit.NEVER_RAN:
+                if query is None:
+                    coordinator.acknowledge()
+                return "the destination confirmed its copy is gone"
+            if status.committed or status.phase in commit.RUNS_THERE:
+                return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return (
+                f"the destination's lease ({lease:g}s) ran out without its "
+                "confirmation"
+            )
+        time.sleep(min(conf.xen_ncm.retry_max_delay, left))
 
 
 def _destroy(host: base.HostDriver, entry: Entry, why: str) -> str:
@@ -213,13 +419,11 @@ def _destroy(host: base.HostDriver, entry: Entry, why: str) -> str:
     return f"{why}; the source copy was destroyed"
 
 
-def _roll_back(host: base.HostDriver, entry: Entry) -> str:
+def _roll_back(
+    host: base.HostDriver, entry: Entry, info: base.DomainInfo
+) -> str:
     """Undo what the migration did to the source copy: it runs again if
     it ran before."""
-    try:
-        info = host.domain_info(entry.domid)
-    except base.DomainNotFound:
-        return f"domain {entry.domid} is no longer on {host.hostname}"
     failures = []
     steps: list[tuple[str, Callable[[], None]]] = [
         ("lift the throttle", lambda: host.set_vcpu_throttle(entry.domid, 1)),
@@ -242,3 +446,224 @@ def _roll_back(host: base.HostDriver, entry: Entry) -> str:
         )
     state = host.domain_info(entry.domid).state.value
     return f"the source copy was rolled back ({state})"
+
+
+def resolve(journal: Journal, migration_id: str) -> Entry:
+    """Forget the entry of ``migration_id`` after an operator settled its
+    guest by hand (an IN_DOUBT migration); refused while an engine holds
+    it. Returns the entry forgotten."""
+    hold = journal.try_hold(migration_id)
+    if hold is None:
+        raise JournalError(
+            f"migration {migration_id} is running: nothing to resolve"
+        )
+    with hold:
+        entry = journal.read(migration_id)
+        if entry is None:
+            raise JournalError(
+                f"no migration {migration_id} in {journal.path}"
+            )
+        journal.remove(migration_id)
+    LOG.warning(
+        "Migration %s of domain %d (journalled in %s) marked resolved by "
+        "an operator",
+        migration_id,
+        entry.domid,
+        entry.phase,
+    )
+    return entry
+
+
+# -- the destination's side -----------------------------------------------
+
+
+def recover_incoming(
+    host: base.HostDriver,
+    journal: Journal,
+    others: Sequence[Journal] = (),
+) -> list[Outcome]:
+    """Settle the destination ``journal``: whatever a dead engine left
+    half done, so that its answer to the commit query holds."""
+    held = _held(journal, others)
+    try:
+        return _recover_incoming(host, journal, held)
+    finally:
+        for _, hold, _ in held:
+            if hold is not None:
+                hold.release()
+
+
+def _recover_incoming(
+    host: base.HostDriver,
+    journal: Journal,
+    held: list[tuple[Entry, Hold | None, str]],
+) -> list[Outcome]:
+    outcomes = []
+    boot_id = host.boot_id()
+    for listed, hold, why in held:
+        if hold is None:
+            outcomes.append(
+                Outcome(
+                    listed.migration_id,
+                    listed.domid,
+                    Phase(listed.phase),
+                    Phase(listed.phase),
+                    why,
+                    listed.uuid,
+                    role="destination",
+                    skipped=True,
+                )
+            )
+            continue
+        with hold:
+            entry = journal.read(listed.migration_id)
+            if entry is None:
+                continue
+            outcome = _settle_incoming(host, boot_id, journal, entry)
+        LOG.warning(
+            "Recovered incoming migration %s of domain %d (journalled in "
+            "%s): %s: %s",
+            outcome.migration_id,
+            outcome.domid,
+            outcome.journalled,
+            outcome.phase,
+            outcome.reason,
+        )
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _settle_incoming(
+    host: base.HostDriver, boot_id: str, journal: Journal, entry: Entry
+) -> Outcome:
+    journalled = Phase(entry.phase)
+    info, gone = _copy_here(host, boot_id, entry)
+
+    def settled(phase: Phase, reason: str) -> Outcome:
+        entry.phase = phase.value
+        if journalled in _MAY_BE_ASKED:
+            # The source may ask: the answer is kept until it
+            # acknowledges.
+            journal.write(entry)
+        else:
+            journal.remove(entry.migration_id)
+        return Outcome(
+            entry.migration_id,
+            entry.domid,
+            journalled,
+            phase,
+            reason,
+            entry.uuid,
+            role="destination",
+        )
+
+    if journalled in (Phase.CLEANUP, Phase.DONE):
+        return settled(Phase.DONE, "the guest ran here after COMMIT")
+    if journalled in (Phase.FAILED, Phase.CANCELLED, Phase.IN_DOUBT):
+        # Settled before (by the engine's rollback or an earlier
+        # recovery): the entry only keeps the answer. A domain of this
+        # guest here now is a later migration's (domid and uuid travel
+        # with the guest), never touched.
+        return settled(journalled, f"kept from the migration ({journalled})")
+    if journalled is Phase.COMMIT:
+        if info is None:
+            return settled(
+                Phase.IN_DOUBT,
+                f"COMMIT was received, but {gone}: whether the guest ran "
+                "here cannot be told",
+            )
+        if info.state == base.DomainState.PAUSED and entry.running:
+            try:
+                host.unpause(entry.domid)
+            except base.HostError as exc:
+                return settled(
+                    Phase.IN_DOUBT, f"COMMIT received, unpause failed: {exc}"
+                )
+        return settled(
+            Phase.DONE, "COMMIT was received: the guest runs here"
+        )
+    # Before COMMIT: the source rolls back (or did); the copy goes.
+    if info is None:
+        return settled(Phase.FAILED, f"no COMMIT received; {gone}")
+    if info.state != base.DomainState.PAUSED:
+        # Without COMMIT this side never unpaused its copy: a running
+        # domain of this guest is another migration's, and runs on.
+        return settled(
+            Phase.FAILED,
+            f"no COMMIT received; domain {entry.domid} runs, so it is "
+            "not the copy of this migration: left alone",
+        )
+    _destroy_copy(host, entry)
+    return settled(
+        Phase.FAILED, "no COMMIT received: the copy here was destroyed"
+    )
+
+
+def _destroy_copy(host: base.HostDriver, entry: Entry) -> None:
+    try:
+        host.destroy_domain(entry.domid)
+    except base.DomainNotFound:
+        pass
+
+
+def answer_incoming(
+    journal: Journal, conf: cfg.ConfigOpts, seconds: float
+) -> list[str]:
+    """Answer the commit queries of the destination ``journal``'s
+    entries, each on its journalled port, for ``seconds`` or until every
+    source acknowledged; the migrations acknowledged."""
+    finished: list[str] = []
+    threads = []
+    until = time.monotonic() + seconds
+    opts = conf.xen_ncm
+    for entry in journal.entries():
+        hold = journal.try_hold(entry.migration_id)
+        if hold is None:
+            continue
+        try:
+            listener = Listener(
+                opts.listen_address,
+                entry.port,
+                entry.port,
+                allowed_sources=opts.allowed_sources,
+                tls=tls_context(conf, server=True),
+                handshake_timeout=opts.connect_timeout,
+            )
+        except EngineError as exc:
+            hold.release()
+            LOG.error(
+                "Migration %s: cannot answer commit queries: %s",
+                entry.migration_id,
+                exc,
+            )
+            continue
+        status = protocol.Status(
+            phase=entry.phase, committed=entry.phase in commit.RUNS_THERE
+        )
+
+        def forget(mid: str = entry.migration_id) -> None:
+            journal.remove(mid)
+            finished.append(mid)
+
+        answerer = commit.Answerer(
+            listener,
+            entry.migration_id,
+            entry.token_bytes,
+            conf,
+            lambda status=status: status,
+            forget,
+        )
+
+        def serve(answerer=answerer, listener=listener, hold=hold) -> None:
+            try:
+                answerer.serve(until)
+            finally:
+                listener.close()
+                hold.release()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    return finished

@@ -33,6 +33,7 @@ import numpy as np
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from nova_xen_ncm.engine import commit
 from nova_xen_ncm.engine import journal
 from nova_xen_ncm.engine import policy as policies
 from nova_xen_ncm.engine import protocol
@@ -44,11 +45,9 @@ from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.errors import FeaturesChanged
 from nova_xen_ncm.engine.errors import ProtocolError
 from nova_xen_ncm.engine.errors import Refused
-from nova_xen_ncm.engine.errors import RetryExhausted
 from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.receiver import guest_digests
 from nova_xen_ncm.engine.receiver import needed_items
-from nova_xen_ncm.engine.state import TERMINAL
 from nova_xen_ncm.engine.state import MigrationState
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.engine.state import Role
@@ -277,10 +276,6 @@ class DigestMismatch(EngineError):
     """The destination's guest-visible state differs from the source's."""
 
 
-class _NotYetKnown(TransportError):
-    """The destination has not decided yet: ask again."""
-
-
 def _expect(message: Any, kind: type) -> Any:
     if isinstance(message, protocol.Error):
         raise RemoteError(
@@ -332,13 +327,31 @@ class Sender:
         )
         self.info = host.domain_info(domid)
         # What a restarted engine needs to settle this migration
-        # (recovery.py); None without [xen_ncm] state_path.
-        self.journal = journal.sink_from_conf(
-            conf, migration_id, domid, endpoint, token, uuid=self.info.uuid
+        # (recovery.py), written as part of every transition.
+        store = journal.Journal.from_conf(conf)
+        store.check_id(migration_id)
+        self.journal = journal.Record(
+            store,
+            journal.Entry(
+                migration_id=migration_id,
+                domid=domid,
+                host=endpoint[0],
+                port=int(endpoint[1]),
+                token=token.hex(),
+                running=True,
+                uuid=self.info.uuid,
+                boot_id=host.boot_id(),
+            ),
         )
-        if self.journal is not None:
-            sinks = [*sinks, self.journal]
-        self.state = MigrationState(migration_id, Role.SOURCE, sinks)
+        self.state = MigrationState(
+            migration_id,
+            Role.SOURCE,
+            sinks,
+            journal=self.journal.on_transition,
+        )
+        self.coordinator = commit.CommitQuery(
+            conf, endpoint, migration_id, token
+        )
         self.stats = MigrationStats(
             migration_id, self.info.memory_bytes, clock=clock
         )
@@ -420,20 +433,26 @@ class Sender:
 
     def run(self) -> Phase:
         try:
-            self._setup()
-            decision, pending = self._precopy()
-            self._stop_and_copy(decision, pending)
-            self._restore()
-            if self.journal is not None:
-                # Durable before COMMIT goes out, or no COMMIT at all.
-                self.journal.decide_commit()
-            self.state.transition(Phase.RESTORE, Phase.COMMIT)
-        except CancelRequested as exc:
-            self._rollback(MigrationAborted(f"cancelled before commit: {exc}"))
-        except Exception as exc:
-            self._rollback(exc)
-        else:
-            self._commit()
+            try:
+                # Held for the migration's life: recovery leaves it alone.
+                self.journal.open()
+                self._setup()
+                decision, pending = self._precopy()
+                self._stop_and_copy(decision, pending)
+                self._restore()
+                # Journalled as part of the transition: durable before
+                # COMMIT goes out, or no COMMIT at all.
+                self.state.transition(Phase.RESTORE, Phase.COMMIT)
+            except CancelRequested as exc:
+                self._rollback(
+                    MigrationAborted(f"cancelled before commit: {exc}")
+                )
+            except Exception as exc:
+                self._rollback(exc)
+            else:
+                self._commit()
+        finally:
+            self.journal.close()
         if self._pool is not None:
             self._pool.shutdown()
         self.stats.finish()
@@ -781,8 +800,9 @@ class Sender:
             self._channel.sock.settimeout(self.opts.io_timeout)
             self._channel.send(protocol.Commit())
             _expect(self._channel.receive(), protocol.Committed)
-            committed: bool | None = True
-            why = "destination acknowledged"
+            verdict = commit.Verdict(
+                True, "destination acknowledged", Phase.CLEANUP.value
+            )
         except (EngineError, OSError) as exc:
             LOG.warning(
                 "Migration %s: no acknowledgement of COMMIT (%s); asking "
@@ -791,16 +811,27 @@ class Sender:
                 exc,
             )
             self._close_channel()
-            committed, why = self._query_commit()
-        if committed:
+            verdict = self.coordinator.ask(on_retry=self._on_retry)
+        if verdict.runs_there:
             self.stats.resumed()
-            self.state.transition(Phase.COMMIT, Phase.CLEANUP, reason=why)
+            self.state.transition(
+                Phase.COMMIT, Phase.CLEANUP, reason=verdict.reason
+            )
+            if self.journal.written is Phase.CLEANUP:
+                # Recorded here: the destination may forget.
+                self._acknowledge()
             self._cleanup()
             self.state.transition(Phase.CLEANUP, Phase.DONE)
+        elif verdict.runs_there is False:
+            # The destination's authenticated word that the guest never
+            # ran there and its copy is gone: it runs on here.
+            self._rollback(RemoteError(verdict.reason), torn_down=True)
+            if self.journal.forgotten:
+                self._acknowledge()
         else:
             # Paused here, backends quiesced: whether it runs there is
-            # not known (or it does not and an operator must say where it
-            # runs). What only served the migration is undone.
+            # not known; recovery asks again, or an operator settles it.
+            # What only served the migration is undone.
             if self._throttled:
                 self._best_effort(
                     "lift the throttle",
@@ -812,41 +843,27 @@ class Sender:
                 self._best_effort(
                     "stop log-dirty", self.host.disable_log_dirty, self.domid
                 )
-            self.state.transition(Phase.COMMIT, Phase.IN_DOUBT, reason=why)
+            self.state.transition(
+                Phase.COMMIT, Phase.IN_DOUBT, reason=verdict.reason
+            )
         self._close_channel()
 
-    def _query_commit(self) -> tuple[bool | None, str]:
-        budget = retry.RetryBudget.from_conf(
-            self.conf, retry.Step.COMMIT_QUERY
-        )
-        try:
-            status = retry.call(
-                self._query_once,
-                what="commit query",
-                budget=budget,
-                on_retry=self._on_retry,
-            )
-        except (RetryExhausted, EngineError) as exc:
-            return None, f"destination unreachable after COMMIT: {exc}"
-        if status.committed:
-            return True, "destination reported the guest running"
-        return False, (
-            f"destination did not commit (phase {status.phase}); the guest "
-            "is paused on the source"
-        )
-
-    def _query_once(self) -> protocol.Status:
-        channel = self._connect()
-        try:
-            channel.send(protocol.Query())
-            status = _expect(channel.receive(), protocol.Status)
-        finally:
-            channel.close()
-        if not status.committed and status.phase not in {
-            p.value for p in TERMINAL
-        }:
-            raise _NotYetKnown(f"destination is in phase {status.phase}")
-        return status
+    def _acknowledge(self) -> None:
+        """The final acknowledgement: FINISHED on the control channel, or
+        on a new connection once it is gone."""
+        channel = self._channel
+        if channel is not None:
+            try:
+                channel.send(protocol.Finished())
+                return
+            except (EngineError, OSError) as exc:
+                LOG.info(
+                    "Migration %s: FINISHED on the control channel: %s",
+                    self.migration_id,
+                    exc,
+                )
+                self._close_channel()
+        self.coordinator.acknowledge()
 
     def _cleanup(self) -> None:
         try:
@@ -862,7 +879,11 @@ class Sender:
 
     # -- rollback --
 
-    def _rollback(self, error: BaseException) -> None:
+    def _rollback(
+        self, error: BaseException, *, torn_down: bool = False
+    ) -> None:
+        """Undo on this side; ``torn_down``: the destination already
+        said its copy is gone."""
         self.error = error
         cancelled = isinstance(error, MigrationAborted) or (
             self.state.cancel_requested
@@ -873,17 +894,39 @@ class Sender:
             self.state.phase,
             error,
         )
+        started = time.monotonic()
         self.state.transition(
             self.state.phase, Phase.ROLLBACK, reason=str(error)
         )
+        # Past the pause the destination may hold the whole guest, its
+        # backends connected: this copy resumes only once that one is
+        # gone (fencing).
+        fence = self._paused or self._quiesced
+        confirmed = torn_down
         if self._channel is not None:
-            if not isinstance(error, (RemoteError, Refused)):
-                self._best_effort(
+            if isinstance(error, RemoteError):
+                # The destination failed and destroys its copy; its
+                # STATUS follows the ERROR.
+                confirmed = self._await_teardown()
+            elif not isinstance(error, Refused):
+                told = self._best_effort(
                     "tell the destination",
                     self._channel.send,
                     protocol.Abort(reason=str(error)[: protocol.MAX_TEXT]),
                 )
+                if told and fence and not confirmed:
+                    confirmed = self._await_teardown()
+            if confirmed:
+                self._best_effort(
+                    "acknowledge the teardown",
+                    self._channel.send,
+                    protocol.Finished(),
+                )
             self._close_channel()
+        if fence and not confirmed:
+            confirmed = self._query_teardown(started)
+        if fence and not confirmed:
+            self._await_lease(started)
         if self._throttled:
             self._best_effort(
                 "lift the throttle",
@@ -908,6 +951,63 @@ class Sender:
             Phase.CANCELLED if cancelled else Phase.FAILED,
             reason=str(error),
         )
+
+    def _await_teardown(self) -> bool:
+        """Whether the destination confirmed it destroyed its copy (a
+        STATUS of a rolled back migration) within the lease."""
+        deadline = time.monotonic() + commit.lease(self.conf)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._channel.sock.settimeout(left)
+                message = self._channel.receive()
+                if isinstance(message, protocol.Status):
+                    return message.phase in commit.NEVER_RAN
+        except (EngineError, OSError) as exc:
+            LOG.warning(
+                "Migration %s: the destination did not confirm its "
+                "teardown: %s",
+                self.migration_id,
+                exc,
+            )
+            return False
+
+    def _query_teardown(self, since: float) -> bool:
+        """Ask the destination (commit query) until it says its copy is
+        gone or the lease given it ran out; acknowledges the answer."""
+        deadline = since + commit.lease(self.conf)
+        while time.monotonic() < deadline:
+            try:
+                status = self.coordinator.once()
+            except (EngineError, OSError) as exc:
+                LOG.debug("Teardown query: %s", exc)
+                time.sleep(
+                    min(
+                        self.opts.retry_max_delay,
+                        max(0.0, deadline - time.monotonic()),
+                    )
+                )
+                continue
+            if status.phase in commit.NEVER_RAN:
+                self.coordinator.acknowledge()
+                return True
+            return False
+        return False
+
+    def _await_lease(self, since: float) -> None:
+        """Keep the guest paused until a destination that heard nothing
+        since ``since`` has destroyed its copy."""
+        left = since + commit.lease(self.conf) - time.monotonic()
+        if left > 0:
+            LOG.warning(
+                "Migration %s: teardown not confirmed; the guest resumes "
+                "here in %.1fs, once the destination's lease ran out",
+                self.migration_id,
+                left,
+            )
+            time.sleep(left)
 
     def _best_effort(self, what: str, fn: Callable, *args: Any) -> bool:
         try:

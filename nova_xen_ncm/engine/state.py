@@ -20,8 +20,14 @@ Phases (architecture.rst section 5)::
 COMMIT is entered when the commit decision is made: the source enters it
 just before it sends COMMIT, the destination when COMMIT arrives. From
 then on the guest must not be resumed on the source on a guess, so COMMIT
-leads only forward (CLEANUP, DONE) or to IN_DOUBT, where the guest stays
-paused for an operator.
+leads forward (CLEANUP, DONE), to ROLLBACK only on the destination's
+authenticated word that it never unpaused the guest (the commit
+coordinator, commit.py), or to IN_DOUBT, where the guest stays paused
+until recovery learns the outcome or an operator settles it.
+
+A journal (``journal`` hook of :class:`MigrationState`) is written as part
+of each transition, before the phase changes: a journal that cannot be
+written stops the transition, so no side effect runs unrecorded.
 """
 
 from __future__ import annotations
@@ -78,7 +84,8 @@ TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
     Phase.PRECOPY: frozenset({Phase.STOP_AND_COPY, Phase.ROLLBACK}),
     Phase.STOP_AND_COPY: frozenset({Phase.RESTORE, Phase.ROLLBACK}),
     Phase.RESTORE: frozenset({Phase.COMMIT, Phase.ROLLBACK}),
-    Phase.COMMIT: frozenset({Phase.CLEANUP, Phase.IN_DOUBT}),
+    # ROLLBACK only when the destination said it never unpaused.
+    Phase.COMMIT: frozenset({Phase.CLEANUP, Phase.ROLLBACK, Phase.IN_DOUBT}),
     Phase.CLEANUP: frozenset({Phase.DONE}),
     Phase.ROLLBACK: frozenset({Phase.FAILED, Phase.CANCELLED}),
     Phase.DONE: frozenset(),
@@ -98,11 +105,12 @@ TERMINAL: frozenset[Phase] = frozenset(
 ROLLBACK_ALLOWED: frozenset[Phase] = frozenset(
     phase
     for phase, targets in TRANSITIONS.items()
-    if Phase.ROLLBACK in targets
+    if Phase.ROLLBACK in targets and phase is not Phase.COMMIT
 )
 
 # Phases after the commit decision: the source copy must never run again
-# on a guess; the only outcomes are DONE or IN_DOUBT.
+# on a guess; the outcomes are DONE, IN_DOUBT, or FAILED on the
+# destination's word.
 COMMITTED: frozenset[Phase] = frozenset(
     {Phase.COMMIT, Phase.CLEANUP, Phase.DONE, Phase.IN_DOUBT}
 )
@@ -141,8 +149,13 @@ class MigrationState:
         *,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
+        journal: Callable[[Phase, Phase, Mapping[str, Any]], None]
+        | None = None,
     ) -> None:
         self.migration_id = migration_id
+        # Called with (old, new, detail) before the phase changes; what it
+        # raises leaves the migration in ``old``.
+        self.journal = journal
         self.role = Role(role)
         self.progress = Broadcast(sinks)
         self._clock = clock
@@ -219,6 +232,8 @@ class MigrationState:
                 raise StateConflict(old, new, self._phase)
             if new is Phase.COMMIT and self._cancel_requested:
                 raise CancelRequested(old, new, self._phase)
+            if self.journal is not None:
+                self.journal(old, new, detail or {})
             now = self._clock()
             wall = self._wallclock()
             self._history[-1][1].left = now

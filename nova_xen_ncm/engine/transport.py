@@ -158,6 +158,11 @@ def _address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return mapped or addr
 
 
+#: Connections a listener keeps waiting to be handled; more are refused
+#: on arrival.
+MAX_WAITING = 16
+
+
 def _peer(sock: socket.socket | TlsSocket) -> str:
     try:
         host, port = sock.getpeername()[:2]
@@ -193,6 +198,7 @@ class Listener:
         allowed_sources: Sequence[str] = (),
         tls: ssl.SSLContext | None = None,
         handshake_timeout: float = 10.0,
+        max_waiting: int = MAX_WAITING,
     ) -> None:
         if not 0 <= port_min <= port_max <= 65535:
             raise ValueError(f"bad port range {port_min}-{port_max}")
@@ -200,6 +206,7 @@ class Listener:
             raise ValueError("a listener expects at least one connection")
         self.accept_timeout = accept_timeout
         self.handshake_timeout = handshake_timeout
+        self.max_waiting = max_waiting
         self.allowed_sources = _source_networks(allowed_sources)
         self.tls = tls
         self._admitted = expected
@@ -268,6 +275,10 @@ class Listener:
     def port(self) -> int:
         return self.address[1]
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def allow(self, count: int = 1) -> None:
         """Admit ``count`` more connections (a channel reconnecting)."""
         with self._cond:
@@ -309,8 +320,15 @@ class Listener:
             )
             return
         with self._cond:
-            self._waiting.append((sock, peer, time.monotonic()))
-            self._cond.notify_all()
+            full = len(self._waiting) >= self.max_waiting
+            if not full:
+                self._waiting.append((sock, peer, time.monotonic()))
+                self._cond.notify_all()
+        if full:
+            # A flood costs the peers, not the memory of this host.
+            self._refuse(
+                sock, peer, f"{self.max_waiting} connections already wait"
+            )
 
     def _expire(self) -> None:
         """Refuse connections beyond the free slots that waited longer
@@ -334,6 +352,34 @@ class Listener:
                 f"all {admitted} expected connections of the migration "
                 "are established",
             )
+
+    def take(self, timeout: float) -> tuple[socket.socket, object] | None:
+        """The next waiting connection, TCP only, whatever the free
+        slots (for an acceptor that authenticates several at once), or
+        None after ``timeout`` seconds. :meth:`secure` adds TLS."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._waiting:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    return None
+                self._cond.wait(left)
+            sock, peer, _ = self._waiting.popleft()
+        return sock, peer
+
+    def secure(
+        self, sock: socket.socket, peer: object
+    ) -> socket.socket | TlsSocket:
+        """``sock`` through TLS when the listener has it (closed and
+        refused if that fails)."""
+        if self.tls is None:
+            return sock
+        sock.settimeout(self.handshake_timeout)
+        try:
+            return _wrap_tls(sock, self.tls)
+        except TransportError as exc:
+            self._refuse(sock, peer, str(exc))
+            raise
 
     def accept(self) -> socket.socket | TlsSocket:
         if self.accepted >= self._admitted:
@@ -619,6 +665,7 @@ class Channel:
         capabilities: Sequence[str] = (),
         resume_from: Callable[[protocol.Hello, protocol.Resume], int]
         | None = None,
+        deadline: float | None = None,
     ) -> tuple[protocol.Hello, protocol.Auth | protocol.Resume]:
         """Authenticate the source.
 
@@ -626,7 +673,39 @@ class Channel:
         :class:`Refused` (unknown migration, too many channels);
         ``resume_from`` gives the highest sequence applied on a resumed
         channel. A refusal is sent to the peer and raised here.
+        ``deadline``: seconds the whole handshake may take (default: the
+        socket's timeout); a peer trickling bytes is cut off then.
         """
+        if deadline is None:
+            deadline = self.sock.gettimeout() or self.io_timeout
+        expired = threading.Event()
+
+        def cut_off() -> None:
+            expired.set()
+            with contextlib.suppress(OSError, ValueError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(deadline, cut_off)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self._server_handshake(token_for, capabilities, resume_from)
+        except TransportError as exc:
+            if expired.is_set():
+                raise TransportError(
+                    f"handshake not done within {deadline}s: {exc}"
+                ) from exc
+            raise
+        finally:
+            watchdog.cancel()
+
+    def _server_handshake(
+        self,
+        token_for: Callable[[protocol.Hello], bytes],
+        capabilities: Sequence[str],
+        resume_from: Callable[[protocol.Hello, protocol.Resume], int]
+        | None,
+    ) -> tuple[protocol.Hello, protocol.Auth | protocol.Resume]:
         try:
             hello = self.receive()
         except TransportError as exc:

@@ -124,6 +124,55 @@ def check_pages(
             )
 
 
+# hvm/params.h: HVM_NR_PARAMS in Xen 4.17, and the params that name a
+# guest frame (the pages shared with dom0's daemons, the ioreq server
+# pages) or an event channel port.
+HVM_NR_PARAMS = 39
+_PFN_PARAMS = {
+    1: "STORE_PFN",
+    5: "IOREQ_PFN",
+    6: "BUFIOREQ_PFN",
+    17: "CONSOLE_PFN",
+    27: "PAGING_RING_PFN",
+    28: "MONITOR_RING_PFN",
+    29: "SHARING_RING_PFN",
+    32: "IOREQ_SERVER_PFN",
+}
+_PORT_PARAMS = {2: "STORE_EVTCHN", 18: "CONSOLE_EVTCHN"}
+# The FIFO ABI's port limit (event_fifo.h EVTCHN_FIFO_NR_CHANNELS).
+_MAX_PORTS = 1 << 17
+_NR_IOREQ_SERVER_PAGES = 33
+
+
+def check_hvm_params(limits: GuestLimits, params: dict[int, int]) -> None:
+    """HVM_PARAMS: known indices, frames inside the guest's physmap,
+    ports within the ABI's limit (the store PFN is where dom0's
+    xenstored will write)."""
+    for index, value in params.items():
+        if not 0 <= index < HVM_NR_PARAMS:
+            raise ForgedContent(
+                f"HVM_PARAMS: index {index} is not an HVM param (Xen has "
+                f"{HVM_NR_PARAMS})"
+            )
+        if index in _PFN_PARAMS and value >= limits.max_pfn:
+            raise ForgedContent(
+                f"HVM_PARAMS: {_PFN_PARAMS[index]} {value:#x} is beyond "
+                f"the guest's physmap (ends at {limits.max_pfn:#x})"
+            )
+        if index in _PORT_PARAMS and value >= _MAX_PORTS:
+            raise ForgedContent(
+                f"HVM_PARAMS: {_PORT_PARAMS[index]} {value} is not an "
+                "event channel port"
+            )
+    first = params.get(32, 0)
+    count = params.get(_NR_IOREQ_SERVER_PAGES, 0)
+    if count and first + count > limits.max_pfn:
+        raise ForgedContent(
+            f"HVM_PARAMS: {count} ioreq server pages from {first:#x} run "
+            f"beyond the guest's physmap (ends at {limits.max_pfn:#x})"
+        )
+
+
 def check_pv_records(
     limits: GuestLimits, records: object, populated: np.ndarray
 ) -> None:

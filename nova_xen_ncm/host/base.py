@@ -534,6 +534,11 @@ class HostDriver(abc.ABC):
     def capabilities(self) -> Capabilities: ...
 
     @abc.abstractmethod
+    def boot_id(self) -> str:
+        """An id of this boot of the host: domids restart after a
+        reboot, so a journalled domid means nothing under another."""
+
+    @abc.abstractmethod
     def list_domains(self) -> list[DomainInfo]:
         """Every guest domain (not dom0 or service domains)."""
 

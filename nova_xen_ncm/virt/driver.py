@@ -8,6 +8,9 @@ once, by :func:`nova_xen_ncm.virt.exceptions.translate_all`.
 
 from __future__ import annotations
 
+import os
+import threading
+
 import nova.conf
 from nova import context as nova_context
 from nova import exception
@@ -65,6 +68,12 @@ class XenNCMDriver(driver.ComputeDriver):
 
     def init_host(self, host: str) -> None:
         self._nodename = host
+        # The journals live under Nova's state_path unless set.
+        CONF.set_default(
+            "state_path",
+            os.path.join(CONF.state_path, "xen_ncm"),
+            group="xen_ncm",
+        )
         self._host = factory.load_host_driver(
             xen_ncm_conf.CONF.xen_ncm.host_driver, host, CONF
         )
@@ -89,27 +98,30 @@ class XenNCMDriver(driver.ComputeDriver):
         ended (:func:`reconcile`); a journal that cannot be read is
         reported, and the service starts anyway."""
         try:
-            journal = Journal.from_conf(CONF)
-            if journal is None:
-                return
-            # Which instance each journalled domain is, taken before
+            outgoing = Journal.from_conf(CONF)
+            incoming = Journal.incoming_from_conf(CONF)
+            # Which instance each journalled guest is, taken before
             # recovery destroys the copies that moved.
-            owners = {}
-            for entry in journal.entries():
-                if entry.uuid:
-                    owners[entry.domid] = entry.uuid
-                    continue
-                try:
-                    owners[entry.domid] = self._host.domain_info(
-                        entry.domid
-                    ).uuid
-                except base.HostError:
-                    pass
-            outcomes = recovery.recover(self._host, journal, CONF)
+            owners = {e.domid: e.uuid for e in outgoing.entries() if e.uuid}
+            outcomes = recovery.recover(
+                self._host, outgoing, CONF, others=[incoming]
+            )
+            recovery.recover_incoming(self._host, incoming, others=[outgoing])
         except EngineError as exc:
             LOG.error("Interrupted migrations not recovered: %s", exc)
             return
-        reconcile(self._host.hostname, outcomes, owners)
+        # A source restarted after any delay still learns the outcome.
+        threading.Thread(
+            target=recovery.answer_incoming,
+            args=(incoming, CONF, CONF.xen_ncm.commit_query_timeout),
+            name="xen-ncm-commit-answers",
+            daemon=True,
+        ).start()
+        reconcile(
+            self._host.hostname,
+            [o for o in outcomes if not o.skipped],
+            owners,
+        )
 
     def _open_migration(self, instance) -> str | None:
         """Why ``instance`` must not run here, or None: its migration is
@@ -426,7 +438,7 @@ def reconcile(hostname: str, outcomes, owners: dict[int, str]) -> None:
     here as Nova believes."""
     ctxt = nova_context.get_admin_context()
     for outcome in outcomes:
-        uuid = owners.get(outcome.domid)
+        uuid = outcome.uuid or owners.get(outcome.domid)
         if uuid is None:
             LOG.warning(
                 "Migration %s: domain %d was gone before recovery; no "

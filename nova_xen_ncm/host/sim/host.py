@@ -460,6 +460,8 @@ class SimHost(base.HostDriver):
         if "xen_ncm_sim" not in conf:
             sim_conf.register_opts(conf)
         self.hostname = hostname
+        # A simulated host boots when it is built.
+        self._boot_id = str(uuidlib.uuid4())
         self.opts = conf.xen_ncm_sim
         self.memory_bytes = self.opts.host_memory_mb * MiB
         self._lock = threading.RLock()
@@ -1414,6 +1416,8 @@ class SimHost(base.HostDriver):
 
     #: The optional GuestFeatures this host restores (capabilities()).
     FEATURES: frozenset[base.GuestFeature] = frozenset()
+    def boot_id(self) -> str:
+        return self._boot_id
 
     def capabilities(self) -> base.Capabilities:
         """What this host can do, probed: log-dirty needs the kernel's

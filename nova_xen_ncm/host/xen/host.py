@@ -332,6 +332,13 @@ class XenHost(base.HostDriver):
 
     # -- lifecycle --
 
+    def boot_id(self) -> str:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise base.HostError(f"cannot read the boot id: {exc}") from exc
+
     def capabilities(self) -> base.Capabilities:
         if self._caps is None:
             facts = self.hypervisor_facts()

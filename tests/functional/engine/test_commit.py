@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from nova_xen_ncm.engine.journal import INCOMING
+from nova_xen_ncm.engine.journal import IncomingEntry
+from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.receiver import Receiver
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
@@ -40,16 +43,60 @@ def state_of(host, domid):
 
 
 def test_lost_acknowledgement_is_settled_by_query(
-    source, destination, migration
+    source, destination, migration, conf
 ):
     domid = source.create_domain(guest_config())
     m = migration(source, domid, destination, receiver_class=LosesCommitted)
     assert m.run() is Phase.DONE, m.sender.error
     assert m.sender.state.reason(Phase.CLEANUP) == (
-        "destination reported the guest running"
+        "the destination runs the guest (done)"
     )
     assert state_of(source, domid) is None
     assert state_of(destination, domid) == base.DomainState.RUNNING
+    # The source acknowledged on the query path: both journals are empty
+    # (run() joined the receiver, which answered until then).
+    assert journals_empty(conf)
+
+
+def journals_empty(conf):
+    path = conf.xen_ncm.state_path
+    return (
+        Journal(path).entries() == []
+        and Journal(path, INCOMING, IncomingEntry).entries() == []
+    )
+
+
+class RollsBackAtCommit(Receiver):
+    """Gets COMMIT, but cannot unpause and says so only to a query: it
+    destroys its copy without a word on the control channel."""
+
+    def _commit(self):
+        self._close_channel()
+        self.state.transition(Phase.COMMIT, Phase.ROLLBACK, reason="test")
+        self.host.destroy_domain(self.domid)
+        self.state.transition(Phase.ROLLBACK, Phase.FAILED, reason="test")
+
+
+def test_a_destination_that_never_unpaused_lets_the_source_resume(
+    source, destination, migration, conf
+):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination, receiver_class=RollsBackAtCommit)
+    assert m.run() is Phase.FAILED, m.sender.state.reason(Phase.IN_DOUBT)
+    assert "never unpaused" in m.sender.state.reason(Phase.FAILED)
+    assert state_of(source, domid) == base.DomainState.RUNNING
+    assert state_of(destination, domid) is None
+    assert journals_empty(conf)
+
+
+def test_a_normal_commit_ends_with_both_journals_empty(
+    source, destination, migration, conf
+):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE
+    assert m.receiver._source_knows
+    assert journals_empty(conf)
 
 
 def test_unreachable_destination_after_commit_is_in_doubt(
@@ -58,7 +105,7 @@ def test_unreachable_destination_after_commit_is_in_doubt(
     domid = source.create_domain(guest_config())
     m = migration(source, domid, destination, receiver_class=VanishesAtCommit)
     assert m.run() is Phase.IN_DOUBT
-    assert "unreachable" in m.sender.state.reason(Phase.IN_DOUBT)
+    assert "could not be asked" in m.sender.state.reason(Phase.IN_DOUBT)
     assert m.sender.stats.retries > 0
     # Never resumed on a guess, never two running copies.
     assert state_of(source, domid) == base.DomainState.PAUSED

@@ -288,7 +288,10 @@ def test_unresumable_stop_and_copy_rolls_back(
 
     monkeypatch.setattr(m.sender, "_flush", drop_before_final_flush)
     assert m.run() is Phase.FAILED
-    assert "stop-and-copy transfer" in str(m.sender.error)
+    # Out of budget, or told by the destination that it is over.
+    assert "stop-and-copy transfer" in str(
+        m.sender.error
+    ) or "is over here (failed)" in str(m.sender.error)
     assert m.receiver.state.phase is Phase.FAILED
     # The downtime budget was spent: the guest runs on the source again.
     assert running_on(source, domid)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import json
+import math
 import multiprocessing
 import os
 import select
@@ -57,8 +59,9 @@ RABBIT = ("127.0.0.1", 5672)
 # Seconds a party may take before the rig calls it stuck.
 PARTY_TIMEOUT = 60.0
 
-#: Engine options of every party: short budgets, so that a fault costs
-#: seconds, and a commit query window long enough for a restarted source.
+#: Engine options of every party, the same on both sides: short
+#: budgets, so that a fault costs seconds; the commit query outlasts the
+#: destination's wait for COMMIT (io_timeout), as with the defaults.
 OVERRIDES = {
     "xen_ncm": {
         "listen_address": "127.0.0.1",
@@ -73,16 +76,15 @@ OVERRIDES = {
         "downtime_budget": 1.0,
         "retry_initial_delay": 0.05,
         "retry_max_delay": 0.2,
-        "commit_query_attempts": 4,
-        "commit_query_timeout": 1.0,
+        "commit_query_attempts": 60,
+        "commit_query_timeout": 10.0,
         "progress_interval": 0.2,
     },
     "xen_ncm_sim": {"host_memory_mb": 96},
     "xen_ncm_progress": {"publish_retry": 0, "close_timeout": 1.0},
 }
-#: The destination answers commit queries longer than the source asks:
-#: a source restarted after a crash asks again.
-DESTINATION_OVERRIDES = {"xen_ncm": {"commit_query_timeout": 8.0}}
+#: Nothing kinder to one side: both use OVERRIDES.
+DESTINATION_OVERRIDES: dict = {}
 
 DEVICES = (
     base.DeviceConfig("vif", 0, mac="00:16:3e:00:00:01"),
@@ -104,6 +106,45 @@ class Kind(str, enum.Enum):
         return self is Kind.KILL_DESTINATION
 
 
+class Window(str, enum.Enum):
+    """Faults in the windows of the commit and of the network, each at
+    one moment (tests/functional/faults/test_windows.py)."""
+
+    #: COMMIT never reaches the destination (the connection stays up).
+    COMMIT_LOST = "commit-lost"
+    #: COMMITTED never reaches the source.
+    COMMITTED_LOST = "committed-lost"
+    #: The source's final acknowledgement never arrives.
+    FINISHED_LOST = "finished-lost"
+    #: The destination engine dies on COMMIT, before unpausing; its
+    #: host and the domain live on.
+    DEST_ENGINE_BEFORE_UNPAUSE = "destination-engine-killed-before-unpause"
+    #: The destination engine dies after unpausing, before COMMITTED.
+    DEST_ENGINE_AFTER_UNPAUSE = "destination-engine-killed-after-unpause"
+    #: The source engine dies in CLEANUP (journalled, before FINISHED).
+    SOURCE_KILLED_CLEANUP = "source-killed-in-cleanup"
+    #: The control connection silently stops forwarding after round 0.
+    PARTITION_CONTROL = "partition-control"
+    #: A data channel's connection silently stops forwarding after
+    #: round 0 (two channels).
+    PARTITION_DATA = "partition-data"
+    #: Everything between the hosts stops on the commit decision, new
+    #: connections included, until the test heals it.
+    PARTITION_AT_COMMIT = "partition-at-commit"
+
+    @property
+    def on_destination(self) -> bool:
+        return self in (
+            Window.COMMITTED_LOST,
+            Window.DEST_ENGINE_BEFORE_UNPAUSE,
+            Window.DEST_ENGINE_AFTER_UNPAUSE,
+        )
+
+    @property
+    def partition(self) -> bool:
+        return self.value.startswith("partition")
+
+
 #: Phases a fault can be injected in.
 PHASES = (
     Phase.SETUP,
@@ -118,7 +159,7 @@ SLOW_RATE = 8 * MiB
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-    kind: Kind
+    kind: Kind | Window
     phase: Phase
     #: KILL_SOURCE in COMMIT only: die once COMMIT went out and COMMITTED
     #: arrived, before reading it (the destination runs the guest).
@@ -235,30 +276,117 @@ class RemoteHost:
     def receiver_result(self, timeout: float) -> tuple[str, str] | None:
         return self._request("receiver_result", timeout)
 
+    def restart_engine(self, answer_for: float) -> list[dict]:
+        return self._request("restart_engine", answer_for)
+
+    def incoming(self) -> list[str]:
+        """The phases of the destination journal's entries."""
+        return self._request("incoming")
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._conn.close()
 
 
+LEDGER = "ledger.jsonl"
+
+
+class _Ledger:
+    """Appends the moments a guest's copy starts and stops running on
+    this host to the ledger both hosts share (one line each, O_APPEND,
+    monotonic time, which all processes of the machine share)."""
+
+    def __init__(self, path: str | None, hostname: str) -> None:
+        self.path = path
+        self.hostname = hostname
+
+    def record(self, uuid: str, running: bool) -> None:
+        if self.path is None:
+            return
+        line = json.dumps(
+            {
+                "host": self.hostname,
+                "uuid": uuid,
+                "running": running,
+                "t": time.monotonic(),
+            }
+        )
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+def overlaps(path: str) -> list[str]:
+    """Every time span in which one guest ran on both hosts at once."""
+    spans: dict[tuple[str, str], list[list[float]]] = {}
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            event = json.loads(line)
+            runs = spans.setdefault((event["uuid"], event["host"]), [])
+            if event["running"]:
+                if not runs or runs[-1][1] is not None:
+                    runs.append([event["t"], None])
+            elif runs and runs[-1][1] is None:
+                runs[-1][1] = event["t"]
+    found = []
+    by_guest: dict[str, dict[str, list]] = {}
+    for (uuid, host), runs in spans.items():
+        by_guest.setdefault(uuid, {})[host] = runs
+    for uuid, hosts in by_guest.items():
+        names = sorted(hosts)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                for s1, e1 in hosts[a]:
+                    for s2, e2 in hosts[b]:
+                        end1 = math.inf if e1 is None else e1
+                        end2 = math.inf if e2 is None else e2
+                        if s1 < end2 and s2 < end1:
+                            found.append(
+                                f"guest {uuid} ran on {a} and {b} at once "
+                                f"from {max(s1, s2):.3f}"
+                            )
+    return found
+
+
 class _HostService:
     """What runs in a host process."""
 
-    def __init__(self, name: str, conf: cfg.ConfigOpts) -> None:
+    def __init__(
+        self, name: str, conf: cfg.ConfigOpts, ledger: str | None = None
+    ) -> None:
         from nova_xen_ncm.host.sim.host import SimHost
 
         self.conf = conf
         self.host = SimHost(name, conf)
+        self.ledger = _Ledger(ledger, name)
         self.snapshots: dict[tuple[str, int], base.GuestState] = {}
         self.receiver: Receiver | None = None
         self.receiver_done = threading.Event()
+        self.engine_dead = False
         self._wrap()
 
     def _wrap(self) -> None:
         host = self.host
         pause, unpause = host.pause, host.unpause
         quiesce, resume = host.quiesce_backends, host.resume_backends
+        create, destroy = host.create_domain, host.destroy_domain
+        ledger = self.ledger
+
+        def created(config: base.DomainConfig) -> int:
+            domid = create(config)
+            ledger.record(host.domain_info(domid).uuid, True)
+            return domid
+
+        def destroyed(domid: int) -> None:
+            info = host.domain_info(domid)
+            destroy(domid)
+            if info.state == base.DomainState.RUNNING:
+                ledger.record(info.uuid, False)
 
         def paused(domid: int) -> None:
+            ledger.record(host.domain_info(domid).uuid, False)
             pause(domid)
             self.snapshots.pop(("unpause", domid), None)
             self.snapshots["paused", domid] = host.guest_state(domid)
@@ -285,8 +413,10 @@ class _HostService:
             ):
                 self.snapshots[key] = host.guest_state(domid)
             unpause(domid)
+            ledger.record(host.domain_info(domid).uuid, True)
 
         host.pause, host.unpause = paused, unpaused
+        host.create_domain, host.destroy_domain = created, destroyed
         host.quiesce_backends = quiesced
         host.resume_backends = resumed
 
@@ -294,6 +424,13 @@ class _HostService:
         """Install a destination fault; the receiver's sinks."""
         if fault is None or not fault.kind.on_destination:
             return []
+        if fault.kind is Window.COMMITTED_LOST:
+            _drop_sends(protocol.Committed)
+            return []
+        if fault.kind is Window.DEST_ENGINE_BEFORE_UNPAUSE:
+            return [_PhaseHook(Phase.COMMIT, self._engine_dies)]
+        if fault.kind is Window.DEST_ENGINE_AFTER_UNPAUSE:
+            return [_PhaseHook(Phase.CLEANUP, self._engine_dies)]
         host = self.host
         if fault.phase is Phase.SETUP:
             create = host.create_empty_domain
@@ -316,6 +453,19 @@ class _HostService:
             host.populate = populate_then_die
             return []
         return [_PhaseHook(fault.phase, _suicide)]
+
+    def _engine_dies(self) -> None:
+        """The destination engine dies as a process would: its sockets
+        and its journal lock go, nothing of it runs again; the host and
+        its domains live on."""
+        receiver = self.receiver
+        receiver.journal.close()
+        receiver.listener.close()
+        for channel in (receiver._channel, *receiver._data.values()):
+            if channel is not None:
+                channel.close()
+        self.engine_dead = True
+        threading.Event().wait()
 
     def handle(self, op: str, args: tuple) -> Any:
         if op == "attr":
@@ -351,7 +501,12 @@ class _HostService:
             # Terminal is enough: a receiver whose source may not know
             # the outcome goes on answering commit queries after it.
             deadline = time.monotonic() + args[0]
-            while not self.receiver.state.terminal:
+            while True:
+                # A dead engine's thread holds the state's lock forever.
+                if self.engine_dead:
+                    return ("killed", "")
+                if self.receiver.state.terminal:
+                    break
                 if time.monotonic() > deadline:
                     return None
                 self.receiver_done.wait(0.02)
@@ -359,6 +514,20 @@ class _HostService:
                 self.receiver.state.phase.value,
                 str(self.receiver.error or ""),
             )
+        if op == "restart_engine":
+            # The destination engine restarted: it settles its journal
+            # and answers the sources' commit queries for a while.
+            journal = Journal.incoming_from_conf(self.conf)
+            outcomes = recovery.recover_incoming(self.host, journal)
+            threading.Thread(
+                target=recovery.answer_incoming,
+                args=(journal, self.conf, args[0]),
+                daemon=True,
+            ).start()
+            return [o.as_dict() for o in outcomes]
+        if op == "incoming":
+            journal = Journal.incoming_from_conf(self.conf)
+            return [e.phase for e in journal.entries()]
         raise ValueError(f"unknown rig request {op!r}")
 
     def serve(self, conn: Any) -> None:
@@ -378,14 +547,16 @@ class _HostService:
                     return
 
 
-def _host_main(name: str, address: str, layers: tuple, ready: Any) -> None:
+def _host_main(
+    name: str, address: str, layers: tuple, ledger: str, ready: Any
+) -> None:
     # A session of its own: its guests' processes end with it.
     os.setsid()
     try:
         with contextlib.suppress(FileNotFoundError):
             # Left by a predecessor that was killed.
             os.unlink(address)
-        service = _HostService(name, make_conf(*layers))
+        service = _HostService(name, make_conf(*layers), ledger)
         listener = Listener(address, authkey=AUTHKEY)
     except BaseException:
         ready.send(traceback.format_exc())
@@ -405,9 +576,11 @@ class HostServer:
         self.name = name
         self.address = os.path.join(workdir, f"{name}.sock")
         parent, child = CTX.Pipe()
+        #: Where both hosts of the rig record when a guest runs.
+        self.ledger = os.path.join(workdir, LEDGER)
         self.process = CTX.Process(
             target=_host_main,
-            args=(name, self.address, layers, child),
+            args=(name, self.address, layers, self.ledger, child),
             name=f"rig-{name}",
         )
         _start(self.process)
@@ -517,12 +690,114 @@ class _BusProxy:
                 conn.close()
 
 
+def _drop_sends(kind: type) -> None:
+    """Messages of ``kind`` this process sends are lost on the wire; the
+    connection stays up."""
+    send = Channel.send
+
+    def lossy(conn: Channel, msg: Any) -> None:
+        if not isinstance(msg, kind):
+            send(conn, msg)
+
+    Channel.send = lossy
+
+
+class Proxy:
+    """The network between the hosts: forwards each connection to
+    ``upstream`` until told to partition it, after which it silently
+    stops forwarding (bytes read and dropped, nothing closed); with
+    :meth:`partition_all` new connections stall the same way until
+    :meth:`heal`. Runs in the test process; ``trigger`` (an event shared
+    with the source's process) partitions ``scope`` when set."""
+
+    def __init__(self, upstream: tuple[str, int], scope: str) -> None:
+        self.upstream = upstream
+        self.scope = scope
+        self.trigger = CTX.Event()
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.address = self._sock.getsockname()[:2]
+        self._conns: list[list] = []
+        self._all = False
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._closed:
+            if self.trigger.wait(0.05):
+                if self.scope == "all":
+                    self.partition_all()
+                else:
+                    index = 0 if self.scope == "control" else 1
+                    if index < len(self._conns):
+                        self._conns[index][0] = True
+                return
+
+    def partition_all(self) -> None:
+        self._all = True
+        for conn in self._conns:
+            conn[0] = True
+
+    def heal(self) -> None:
+        """New connections go through again (stalled ones stay so)."""
+        self._all = False
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            state = [self._all, conn, None]
+            self._conns.append(state)
+            if not state[0]:
+                try:
+                    state[2] = socket.create_connection(
+                        self.upstream, timeout=2.0
+                    )
+                except OSError:
+                    conn.close()
+                    continue
+            threading.Thread(
+                target=self._pipe, args=(state, 1, 2), daemon=True
+            ).start()
+            if state[2] is not None:
+                threading.Thread(
+                    target=self._pipe, args=(state, 2, 1), daemon=True
+                ).start()
+
+    @staticmethod
+    def _pipe(state: list, a: int, b: int) -> None:
+        with contextlib.suppress(OSError):
+            while data := state[a].recv(65536):
+                if not state[0] and state[b] is not None:
+                    state[b].sendall(data)
+        if not state[0] and state[b] is not None:
+            with contextlib.suppress(OSError):
+                state[b].shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        for state in self._conns:
+            for sock in state[1:]:
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+
+
 class _SourceFaults:
     """Installs a source-side fault into this (child) process."""
 
-    def __init__(self, fault: Fault | None, sender_ref: list) -> None:
+    def __init__(
+        self, fault: Fault | None, sender_ref: list, trigger: Any = None
+    ) -> None:
         self.fault = fault
         self.sender_ref = sender_ref
+        self.trigger = trigger
         self.slow = False
         self.bus: _BusProxy | None = None
         if fault is not None and fault.kind is Kind.BUS_GONE:
@@ -548,6 +823,8 @@ class _SourceFaults:
         fault = self.fault
         if fault is None or fault.kind.on_destination:
             return []
+        if isinstance(fault.kind, Window):
+            return self._install_window(fault.kind)
         if fault.kind in (Kind.REFUSE_DOMID, Kind.REFUSE_MEMORY):
             return []
         if fault.kind is Kind.SLOW_LINK:
@@ -561,6 +838,23 @@ class _SourceFaults:
                 return sent
 
             Channel.send_buffers = slow_send
+        return self._install_kind(host)
+
+    def _install_window(self, window: Window) -> list:
+        if window is Window.COMMIT_LOST:
+            _drop_sends(protocol.Commit)
+        elif window is Window.FINISHED_LOST:
+            _drop_sends(protocol.Finished)
+        elif window is Window.SOURCE_KILLED_CLEANUP:
+            return [_PhaseHook(Phase.CLEANUP, _suicide)]
+        elif window is Window.PARTITION_AT_COMMIT:
+            return [_PhaseHook(Phase.COMMIT, self.trigger.set)]
+        elif window.partition:
+            return [_PhaseHook(Phase.PRECOPY, self.trigger.set)]
+        return []
+
+    def _install_kind(self, host: RemoteHost) -> list:
+        fault = self.fault
         if fault.after_commit_sent:
             send = Channel.send
 
@@ -608,12 +902,14 @@ def _source_main(
     token: bytes,
     state_path: str,
     fault: Fault | None,
+    trigger: Any,
+    layers: tuple,
     result: Any,
 ) -> None:
-    conf = make_conf(state_path=state_path)
+    conf = make_conf(*layers, state_path=state_path)
     host = RemoteHost(host_address)
     sender_ref: list = [None]
-    faults = _SourceFaults(fault, sender_ref)
+    faults = _SourceFaults(fault, sender_ref, trigger)
     sinks = faults.install(host)
     bus = None
     if faults.bus is not None:
@@ -717,12 +1013,19 @@ class Rig:
     def __init__(self, workdir: str, *destination_layers: dict) -> None:
         self.workdir = workdir
         self.state_path = os.path.join(workdir, "state")
+        #: The network of the last partition fault, if any.
+        self.proxy: Proxy | None = None
         self.source = HostServer("source", workdir)
+        # Ports of this rig's own (runs of the suite may share a machine):
+        # a port a dead engine freed must not go to another's migration.
+        low = 20000 + (os.getpid() % 800) * 50
+        self.ports = {"xen_ncm": {"port_min": low, "port_max": low + 49}}
         try:
             self.destination = HostServer(
                 "destination",
                 workdir,
                 DESTINATION_OVERRIDES,
+                self.ports,
                 *destination_layers,
             )
         except BaseException:
@@ -730,13 +1033,15 @@ class Rig:
             raise
 
     def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
         self.source.close()
         self.destination.close()
 
     def restart_destination(self) -> None:
         self.destination.close()
         self.destination = HostServer(
-            "destination", self.workdir, DESTINATION_OVERRIDES
+            "destination", self.workdir, DESTINATION_OVERRIDES, self.ports
         )
 
     def forget(self) -> None:
@@ -749,6 +1054,19 @@ class Rig:
         migration_id = f"rig-{domid}-{time.monotonic_ns()}"
         token = protocol.generate_token()
         endpoint = self.destination.client.receive(migration_id, token, fault)
+        trigger = None
+        layers: tuple = ()
+        if fault is not None and isinstance(fault.kind, Window):
+            if fault.kind.partition:
+                scope = {
+                    Window.PARTITION_CONTROL: "control",
+                    Window.PARTITION_DATA: "data",
+                    Window.PARTITION_AT_COMMIT: "all",
+                }[fault.kind]
+                self.proxy = Proxy(tuple(endpoint), scope)
+                endpoint = self.proxy.address
+                trigger = self.proxy.trigger
+                layers = ({"xen_ncm": {"channels": 2}},)
         source, code = _run_child(
             _source_main,
             self.source.address,
@@ -758,6 +1076,8 @@ class Rig:
             token,
             self.state_path,
             fault,
+            trigger,
+            layers,
         )
         result = Result(migration_id, source, code, None)
         if result.killed:

@@ -44,6 +44,7 @@ from .rig import Fault
 from .rig import Kind
 from .rig import Rig
 from .rig import guest_config
+from .rig import overlaps
 
 RUNNING = base.DomainState.RUNNING
 PAUSED = base.DomainState.PAUSED
@@ -137,6 +138,8 @@ def check_outcome(rig, domid, uuid, result):
             if info.uuid == uuid:
                 on_destination = info.state
     paused = src.snapshot("paused", domid)
+    # Never two running copies, not even for a moment.
+    assert overlaps(rig.source.ledger) == []
     if end is DONE:
         assert (on_source, on_destination) == (None, RUNNING)
         resumed = rig.destination.client.snapshot("unpause", domid)

@@ -14,7 +14,13 @@ def run(capsys, *argv):
 
 
 def test_without_a_journal_it_says_what_to_set(capsys):
-    status, _, err = run(capsys)
+    from nova_xen_ncm.conf import CONF
+
+    CONF.set_override("state_path", "", group="xen_ncm")
+    try:
+        status, _, err = run(capsys)
+    finally:
+        CONF.clear_override("state_path", group="xen_ncm")
     assert status == 2
     assert "state_path" in err
 
@@ -27,7 +33,16 @@ def test_an_empty_journal_has_nothing_in_flight(tmp_path, capsys):
 
 def test_settles_and_prints_each_migration(tmp_path, capsys):
     Journal(str(tmp_path)).write(
-        Entry("m-1", 42, "192.0.2.1", 1, "00" * 16, True, "restore")
+        Entry(
+            migration_id="m-1",
+            domid=42,
+            host="192.0.2.1",
+            port=1,
+            token="00" * 16,
+            running=True,
+            uuid="u-1",
+            phase="restore",
+        )
     )
     status, out, _ = run(
         capsys, "--state-path", str(tmp_path), "--host-driver", "sim", "--json"
@@ -35,6 +50,8 @@ def test_settles_and_prints_each_migration(tmp_path, capsys):
     assert status == 0
     (outcome,) = json.loads(out)
     assert outcome["migration_id"] == "m-1"
+    assert outcome["uuid"] == "u-1"
+    assert outcome["role"] == "source" and outcome["skipped"] is False
     assert outcome["journalled"] == "restore"
     # The simulated host of a new process holds no domain 42.
     assert outcome["phase"] == "failed"
@@ -48,3 +65,28 @@ def test_a_damaged_journal_is_an_error(tmp_path, capsys):
     status, _, err = run(capsys, "--state-path", str(tmp_path))
     assert status == 2
     assert "m-2.json: unreadable" in err
+
+
+def test_resolve_forgets_an_entry_and_says_so(tmp_path, capsys):
+    Journal(str(tmp_path)).write(
+        Entry(
+            migration_id="m-3",
+            domid=9,
+            host="192.0.2.1",
+            port=1,
+            token="00" * 16,
+            running=True,
+            phase="in_doubt",
+        )
+    )
+    status, out, _ = run(
+        capsys, "--state-path", str(tmp_path), "--resolve", "m-3", "--json"
+    )
+    assert status == 0
+    assert json.loads(out)["resolved"] is True
+    assert Journal(str(tmp_path)).entries() == []
+    status, _, err = run(
+        capsys, "--state-path", str(tmp_path), "--resolve", "m-3"
+    )
+    assert status == 2
+    assert "no migration m-3" in err

@@ -1,16 +1,13 @@
-"""The source's journal of migrations in flight."""
+"""The journals of migrations in flight."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
 from nova_xen_ncm.engine import journal
 from nova_xen_ncm.engine.state import Phase
-from nova_xen_ncm.progress.model import EventKind
-from nova_xen_ncm.progress.model import ProgressEvent
 
 
 def entry(mid="m-1"):
@@ -21,16 +18,8 @@ def entry(mid="m-1"):
         port=49152,
         token="ab" * 32,
         running=True,
-    )
-
-
-def state(phase, **detail):
-    return ProgressEvent(
-        migration_id="m-1",
-        kind=EventKind.STATE,
-        phase=phase.value,
-        timestamp=0.0,
-        detail=detail,
+        uuid="u-1",
+        boot_id="b-1",
     )
 
 
@@ -45,18 +34,44 @@ def test_entries_round_trip_and_are_private(tmp_path):
     assert j.entries() == []
 
 
-def test_sink_follows_phases_and_forgets_settled_migrations(tmp_path):
+def test_record_follows_phases_and_forgets_settled_migrations(tmp_path):
     j = journal.Journal(str(tmp_path))
-    sink = journal.JournalSink(j, entry())
-    sink.emit(state(Phase.PRECOPY, running=False))
-    assert j.entries()[0].phase == "precopy"
-    assert j.entries()[0].running is False
-    sink.decide_commit()
-    assert j.entries()[0].phase == "commit"
-    sink.emit(state(Phase.IN_DOUBT))
-    assert j.entries()[0].phase == "in_doubt"
-    sink.emit(state(Phase.DONE))
+    record = journal.Record(j, entry())
+    # Nothing to settle before PRECOPY: no entry for a failed SETUP.
+    record.on_transition(Phase.SETUP, Phase.ROLLBACK, {})
     assert j.entries() == []
+    record.on_transition(Phase.SETUP, Phase.PRECOPY, {"running": False})
+    (got,) = j.entries()
+    assert got.phase == "precopy" and got.running is False
+    assert got.uuid == "u-1" and got.boot_id == "b-1"
+    record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    assert j.entries()[0].phase == "commit"
+    record.on_transition(Phase.COMMIT, Phase.IN_DOUBT, {})
+    assert j.entries()[0].phase == "in_doubt"
+    record.on_transition(Phase.CLEANUP, Phase.DONE, {})
+    assert j.entries() == [] and record.forgotten
+
+
+def test_a_destination_record_keeps_its_outcome(tmp_path):
+    j = journal.Journal(str(tmp_path), journal.INCOMING, journal.IncomingEntry)
+    record = journal.Record(j, entry(), keep_settled=True)
+    record.write(Phase.SETUP)
+    record.on_transition(Phase.ROLLBACK, Phase.FAILED, {})
+    assert [e.phase for e in j.entries()] == ["failed"]
+    record.forget()
+    assert j.entries() == []
+
+
+def test_the_hold_is_exclusive_until_released(tmp_path):
+    j = journal.Journal(str(tmp_path))
+    held = j.hold("m-1")
+    assert j.try_hold("m-1") is None
+    with pytest.raises(journal.JournalError, match="held"):
+        j.hold("m-1")
+    held.release()
+    again = j.try_hold("m-1")
+    assert again is not None
+    again.release()
 
 
 @pytest.mark.parametrize("mid", ["../escape", "", "a/b"])
@@ -65,49 +80,35 @@ def test_migration_ids_cannot_leave_the_directory(tmp_path, mid):
         journal.Journal(str(tmp_path)).write(entry(mid))
 
 
-def test_an_entry_without_the_guest_s_uuid_is_read(tmp_path):
-    # Written before the uuid was recorded: still settled by domid.
-    j = journal.Journal(str(tmp_path))
-    j.write(entry())
-    path = os.path.join(j.path, "m-1.json")
-    with open(path) as f:
-        data = json.load(f)
-    assert data.pop("uuid") == ""
-    with open(path, "w") as f:
-        json.dump(data, f)
-    (got,) = j.entries()
-    assert got.uuid == "" and got.domid == 7
-
-
-def test_the_sink_records_the_guest_s_uuid(tmp_path):
-    from oslo_config import cfg
-
-    from nova_xen_ncm.conf import register_opts
-
-    conf = cfg.ConfigOpts()
-    register_opts(conf)
-    conf([])
-    conf.set_override("state_path", str(tmp_path), group="xen_ncm")
-    sink = journal.sink_from_conf(
-        conf, "m-3", 9, ("192.0.2.1", 1), b"\x01" * 32, uuid="guest-uuid"
-    )
-    sink.emit(state(Phase.PRECOPY))
-    (got,) = journal.Journal(str(tmp_path)).entries()
-    assert got.uuid == "guest-uuid" and got.domid == 9
-
-
 def test_a_damaged_entry_is_named(tmp_path):
     j = journal.Journal(str(tmp_path))
     with open(os.path.join(j.path, "m-2.json"), "w") as f:
-        f.write('{"version": 1, "migration_id": "m-2"}')
+        f.write('{"version": 2, "migration_id": "m-2"}')
     with pytest.raises(journal.JournalError, match="m-2.json: missing"):
         j.entries()
 
 
-def test_a_journal_that_cannot_be_written_blocks_the_commit(tmp_path):
+@pytest.mark.parametrize(
+    "new, raises",
+    [
+        (Phase.PRECOPY, True),
+        (Phase.STOP_AND_COPY, True),
+        (Phase.COMMIT, True),
+        # Undoing or stopping goes on, the failure logged.
+        (Phase.ROLLBACK, False),
+        (Phase.IN_DOUBT, False),
+    ],
+)
+def test_a_journal_that_cannot_be_written_stops_forward_transitions(
+    tmp_path, new, raises
+):
     j = journal.Journal(str(tmp_path))
-    sink = journal.JournalSink(j, entry())
+    record = journal.Record(j, entry())
+    record.started = True
     # The entry's name is taken by a directory: the rename fails.
     os.mkdir(os.path.join(j.path, "m-1.json"))
-    with pytest.raises(journal.JournalError, match="cannot write"):
-        sink.decide_commit()
+    if raises:
+        with pytest.raises(journal.JournalError, match="cannot write"):
+            record.on_transition(Phase.SETUP, new, {})
+    else:
+        record.on_transition(Phase.SETUP, new, {})

@@ -3,6 +3,8 @@ host and a fake destination."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from oslo_config import cfg
 
@@ -11,7 +13,9 @@ from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine import recovery
 from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.journal import Entry
+from nova_xen_ncm.engine.journal import IncomingEntry
 from nova_xen_ncm.engine.journal import Journal
+from nova_xen_ncm.engine.journal import JournalError
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 
@@ -19,9 +23,13 @@ from nova_xen_ncm.host import base
 class FakeHost:
     hostname = "src"
 
-    def __init__(self, state=base.DomainState.PAUSED):
+    def __init__(self, state=base.DomainState.PAUSED, uuid="u"):
         self.state = state
+        self.uuid = uuid
         self.calls = []
+
+    def boot_id(self):
+        return "boot-1"
 
     def domain_info(self, domid):
         if self.state is None:
@@ -29,7 +37,7 @@ class FakeHost:
         return base.DomainInfo(
             domid=domid,
             name="g",
-            uuid="u",
+            uuid=self.uuid,
             state=self.state,
             memory_bytes=1 << 20,
             vcpus=1,
@@ -55,12 +63,32 @@ def conf():
     conf([])
     conf.set_override("commit_query_attempts", 2, group="xen_ncm")
     conf.set_override("retry_initial_delay", 0.0, group="xen_ncm")
+    # A lease of 0.3s: a fence with no answer is waited out quickly.
+    for name in ("io_timeout", "transfer_retry_timeout", "connect_timeout"):
+        conf.set_override(name, 0.1, group="xen_ncm")
+    conf.set_override("retry_max_delay", 0.05, group="xen_ncm")
     return conf
 
 
-def journalled(tmp_path, phase, running=True):
-    j = Journal(str(tmp_path))
-    j.write(Entry("m-1", 5, "127.0.0.1", 1, "00" * 16, running, phase.value))
+def journalled(tmp_path, phase, running=True, boot_id="boot-1", cls=Entry):
+    j = Journal(
+        str(tmp_path),
+        "incoming" if cls is IncomingEntry else "migrations",
+        cls,
+    )
+    j.write(
+        cls(
+            migration_id="m-1",
+            domid=5,
+            host="127.0.0.1",
+            port=1,
+            token="00" * 16,
+            running=running,
+            uuid="u",
+            boot_id=boot_id,
+            phase=phase.value,
+        )
+    )
     return j
 
 
@@ -73,10 +101,54 @@ def answer(phase, committed):
 def test_before_the_commit_decision_the_source_resumes(tmp_path, conf):
     host = FakeHost()
     j = journalled(tmp_path, Phase.STOP_AND_COPY)
-    (o,) = recovery.recover(host, j, conf, query=answer("done", True))
+    (o,) = recovery.recover(host, j, conf, query=answer("failed", False))
     assert o.phase is Phase.FAILED
+    assert "confirmed its copy is gone" in o.reason
     assert "unpause" in host.calls and "destroy_domain" not in host.calls
     assert j.entries() == []
+
+
+def test_past_the_pause_the_source_resumes_after_the_teardown(tmp_path, conf):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.RESTORE)
+    asked = []
+
+    def query(entry, conf):
+        # Still waiting for the source, then rolled back.
+        asked.append(list(host.calls))
+        if len(asked) < 3:
+            return protocol.Status(phase="restore", committed=False)
+        return protocol.Status(phase="failed", committed=False)
+
+    (o,) = recovery.recover(host, j, conf, query=query)
+    assert o.phase is Phase.FAILED, o
+    assert asked == [[], [], []]
+    assert host.calls[-1] == "unpause"
+
+
+def test_past_the_pause_with_no_answer_the_lease_is_waited(tmp_path, conf):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+
+    def unreachable(entry, conf):
+        raise TransportError("connection refused")
+
+    started = time.monotonic()
+    (o,) = recovery.recover(host, j, conf, query=unreachable)
+    assert time.monotonic() - started >= 0.3
+    assert o.phase is Phase.FAILED and "lease" in o.reason
+    assert "unpause" in host.calls
+
+
+def test_a_destination_running_a_guest_never_committed_keeps_it_paused(
+    tmp_path, conf
+):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+    (o,) = recovery.recover(host, j, conf, query=answer("done", True))
+    assert o.phase is Phase.IN_DOUBT
+    assert host.calls == []
+    assert [e.phase for e in j.entries()] == ["in_doubt"]
 
 
 def test_a_guest_paused_before_the_migration_stays_paused(tmp_path, conf):
@@ -114,3 +186,165 @@ def test_no_answer_keeps_the_guest_paused_and_the_entry(tmp_path, conf):
     assert o.phase is Phase.IN_DOUBT
     assert host.calls == []
     assert [e.phase for e in j.entries()] == ["in_doubt"]
+
+
+def test_a_held_entry_is_a_live_migration_and_left_alone(tmp_path, conf):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+    with j.hold("m-1"):
+        (o,) = recovery.recover(host, j, conf, query=answer("done", True))
+        assert o.skipped and o.phase is Phase.STOP_AND_COPY
+        assert host.calls == []
+        assert [e.phase for e in j.entries()] == ["stop_and_copy"]
+        with pytest.raises(JournalError, match="running"):
+            recovery.resolve(j, "m-1")
+    # Released (the engine died): now it is settled.
+    (o,) = recovery.recover(host, j, conf)
+    assert not o.skipped and o.phase is Phase.FAILED
+    assert "unpause" in host.calls
+
+
+def test_a_reused_domid_is_another_guest_and_left_alone(tmp_path, conf):
+    host = FakeHost(uuid="someone-else")
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+    (o,) = recovery.recover(host, j, conf)
+    assert o.phase is Phase.FAILED
+    assert "someone-else" in o.reason
+    assert host.calls == []
+    j = journalled(tmp_path, Phase.COMMIT)
+    (o,) = recovery.recover(host, j, conf, query=answer("done", True))
+    assert o.phase is Phase.DONE
+    assert host.calls == []
+
+
+def test_after_a_reboot_no_domain_is_touched(tmp_path, conf):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.STOP_AND_COPY, boot_id="boot-0")
+    (o,) = recovery.recover(host, j, conf)
+    assert o.phase is Phase.FAILED
+    assert "rebooted" in o.reason
+    assert host.calls == []
+
+
+def test_an_operator_resolves_an_in_doubt_entry(tmp_path, conf):
+    j = journalled(tmp_path, Phase.IN_DOUBT)
+    entry = recovery.resolve(j, "m-1")
+    assert entry.domid == 5
+    assert j.entries() == []
+    with pytest.raises(JournalError, match="no migration m-1"):
+        recovery.resolve(j, "m-1")
+
+
+@pytest.mark.parametrize(
+    "phase, state, calls, answer_phase",
+    [
+        # Never got COMMIT: the copy goes, the answer is FAILED.
+        (Phase.RESTORE, base.DomainState.PAUSED, ["destroy_domain"], "failed"),
+        # Got COMMIT, died before unpausing: the commit is completed.
+        (Phase.COMMIT, base.DomainState.PAUSED, ["unpause"], "done"),
+        (Phase.COMMIT, base.DomainState.RUNNING, [], "done"),
+        (Phase.CLEANUP, base.DomainState.RUNNING, [], "done"),
+        (Phase.FAILED, None, [], "failed"),
+    ],
+)
+def test_a_restarted_destination_settles_and_keeps_its_answer(
+    tmp_path, phase, state, calls, answer_phase
+):
+    host = FakeHost(state=state)
+    j = journalled(tmp_path, phase, cls=IncomingEntry)
+    (o,) = recovery.recover_incoming(host, j)
+    assert o.role == "destination"
+    assert o.phase.value == answer_phase, o
+    assert host.calls == calls
+    (kept,) = j.entries()
+    assert kept.phase == answer_phase
+
+
+def test_a_destination_before_ready_forgets_after_destroying(tmp_path):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.PRECOPY, cls=IncomingEntry)
+    (o,) = recovery.recover_incoming(host, j)
+    assert o.phase is Phase.FAILED
+    assert host.calls == ["destroy_domain"]
+    assert j.entries() == []
+
+
+def test_a_destination_entry_settled_before_touches_no_later_copy(tmp_path):
+    # Recovered once (FAILED, copy destroyed), then the same guest came
+    # in again by another migration: same domid, same uuid, running.
+    host = FakeHost(state=base.DomainState.RUNNING)
+    j = journalled(tmp_path, Phase.RESTORE, cls=IncomingEntry)
+    (first,) = recovery.recover_incoming(host, j)
+    assert first.phase is Phase.FAILED
+    (again,) = recovery.recover_incoming(host, j)
+    assert again.phase is Phase.FAILED
+    assert host.calls == []
+    assert host.state is base.DomainState.RUNNING
+
+
+@pytest.mark.parametrize("phase", [Phase.FAILED, Phase.CANCELLED])
+def test_a_rolled_back_destination_entry_destroys_nothing(tmp_path, phase):
+    host = FakeHost(state=base.DomainState.PAUSED)
+    j = journalled(tmp_path, phase, cls=IncomingEntry)
+    (o,) = recovery.recover_incoming(host, j)
+    assert o.phase is phase
+    assert host.calls == []
+
+
+def test_a_stale_entry_of_a_guest_migrating_again_is_left_alone(
+    tmp_path, conf
+):
+    # IN_DOUBT entry of an old migration; the guest (same domid and
+    # uuid) is now paused by a live migration under another id.
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.IN_DOUBT)
+    live = Entry(
+        migration_id="m-2",
+        domid=5,
+        host="127.0.0.1",
+        port=2,
+        token="11" * 16,
+        running=True,
+        uuid="u",
+        boot_id="boot-1",
+        phase=Phase.STOP_AND_COPY.value,
+    )
+    j.write(live)
+    with j.hold("m-2"):
+        outcomes = recovery.recover(
+            host, j, conf, query=answer("failed", False)
+        )
+        assert sorted((o.migration_id, o.skipped) for o in outcomes) == [
+            ("m-1", True),
+            ("m-2", True),
+        ]
+        assert host.calls == []
+        assert host.state is base.DomainState.PAUSED
+    # That engine gone, the old entry is settled.
+    outcomes = recovery.recover(host, j, conf, query=answer("failed", False))
+    assert all(not o.skipped for o in outcomes)
+
+
+def test_a_live_source_migration_shields_the_guest_from_incoming(tmp_path):
+    # A stale incoming entry (never got COMMIT) of a guest this host
+    # now migrates out: its paused copy is the live source's.
+    host = FakeHost()
+    incoming = journalled(tmp_path, Phase.RESTORE, cls=IncomingEntry)
+    outgoing = Journal(str(tmp_path))
+    outgoing.write(
+        Entry(
+            migration_id="m-2",
+            domid=5,
+            host="127.0.0.1",
+            port=2,
+            token="11" * 16,
+            running=True,
+            uuid="u",
+            boot_id="boot-1",
+            phase=Phase.STOP_AND_COPY.value,
+        )
+    )
+    with outgoing.hold("m-2"):
+        (o,) = recovery.recover_incoming(host, incoming, others=[outgoing])
+    assert o.skipped and "another migration" in o.reason
+    assert host.calls == []

@@ -137,8 +137,15 @@ def test_rollback_only_before_commit():
         Phase.STOP_AND_COPY,
         Phase.RESTORE,
     }
-    # After COMMIT the only ways out are the forward path and IN_DOUBT.
-    assert state.TRANSITIONS[Phase.COMMIT] == {Phase.CLEANUP, Phase.IN_DOUBT}
+    # After COMMIT the ways out are the forward path, IN_DOUBT, and a
+    # rollback on the destination's word that it never unpaused; a
+    # cancel can no longer cause it.
+    assert state.TRANSITIONS[Phase.COMMIT] == {
+        Phase.CLEANUP,
+        Phase.ROLLBACK,
+        Phase.IN_DOUBT,
+    }
+    assert Phase.COMMIT not in state.ROLLBACK_ALLOWED
     reachable = set()
     todo = [Phase.COMMIT]
     while todo:
@@ -147,7 +154,14 @@ def test_rollback_only_before_commit():
             if nxt not in reachable:
                 reachable.add(nxt)
                 todo.append(nxt)
-    assert reachable == {Phase.CLEANUP, Phase.DONE, Phase.IN_DOUBT}
+    assert reachable == {
+        Phase.CLEANUP,
+        Phase.DONE,
+        Phase.IN_DOUBT,
+        Phase.ROLLBACK,
+        Phase.FAILED,
+        Phase.CANCELLED,
+    }
 
 
 def test_concurrent_transitions_exactly_one_wins():
@@ -269,3 +283,23 @@ def test_terminal_transition_carries_the_statistics():
     sm.transition(Phase.STOP_AND_COPY, Phase.ROLLBACK)
     sm.transition(Phase.ROLLBACK, Phase.CANCELLED)
     assert rec.events[-1].detail["statistics"] == {"actual_downtime": 0.25}
+
+
+def test_the_journal_is_written_before_the_phase_changes():
+    seen = []
+
+    def journal(old, new, detail):
+        seen.append((old, new))
+        if new is Phase.STOP_AND_COPY:
+            raise OSError("disk full")
+
+    sm = state.MigrationState("m", journal=journal)
+    sm.transition(Phase.SETUP, Phase.PRECOPY)
+    with pytest.raises(OSError):
+        sm.transition(Phase.PRECOPY, Phase.STOP_AND_COPY)
+    # The failed write left the migration where it was.
+    assert sm.phase is Phase.PRECOPY
+    assert seen == [
+        (Phase.SETUP, Phase.PRECOPY),
+        (Phase.PRECOPY, Phase.STOP_AND_COPY),
+    ]

@@ -451,3 +451,24 @@ def test_a_vbd_whose_disk_is_missing_is_refused_before_anything(
         _refused_by_the_host(saved, destination, recs, "cannot be opened")
     finally:
         os.rename(hidden, disk)
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({39: 0}, "index 39 is not an HVM param"),
+        ({1: 0xFF000}, "STORE_PFN 0xff000 is beyond"),
+        ({17: 1 << 40}, "CONSOLE_PFN"),
+        ({2: 1 << 17}, "STORE_EVTCHN 131072 is not an event channel"),
+        ({32: 0xFEFF0, 33: 32}, "32 ioreq server pages"),
+    ],
+)
+def test_hvm_params_naming_what_the_guest_cannot_have(params, match):
+    limits = validate.GuestLimits(4, 8 * MiB, 1)
+    with pytest.raises(ForgedContent, match=match):
+        validate.check_hvm_params(limits, params)
+
+
+def test_genuine_hvm_params_pass():
+    limits = validate.GuestLimits(4, 8 * MiB, 1)
+    validate.check_hvm_params(
+        limits, {0: 1 << 56 | 0xF3, 1: 0xFEFFF, 2: 3, 32: 0xFEFF0, 33: 8}
+    )

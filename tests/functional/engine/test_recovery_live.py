@@ -1,0 +1,99 @@
+"""Recovery next to live migrations: run in any phase it touches
+nothing of them; after COMMIT it learns the outcome through TLS as the
+sender does."""
+
+from __future__ import annotations
+
+import pytest
+
+from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import recovery
+from nova_xen_ncm.engine.journal import Journal
+from nova_xen_ncm.engine.receiver import Receiver
+from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.host import base
+
+from .conftest import guest_config
+
+PHASES = (
+    Phase.PRECOPY,
+    Phase.STOP_AND_COPY,
+    Phase.RESTORE,
+    Phase.COMMIT,
+    Phase.CLEANUP,
+)
+
+
+@pytest.mark.parametrize("phase", PHASES, ids=lambda p: p.value)
+def test_recover_during_a_live_migration_leaves_it_alone(
+    conf, source, destination, migration, phase
+):
+    domid = source.create_domain(guest_config())
+    seen = []
+
+    def recover_now(event):
+        # On the migration's own thread, as a concurrent `recover` would
+        # run beside it: both journals hold this migration now.
+        before = source.domain_info(domid).state
+        seen.extend(
+            recovery.recover(source, Journal.from_conf(conf), conf)
+            + recovery.recover_incoming(
+                destination, Journal.incoming_from_conf(conf)
+            )
+        )
+        seen.append((before, source.domain_info(domid).state))
+
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks={("state", phase.value): recover_now},
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    *outcomes, (before, after) = seen
+    assert outcomes, "the journals were empty in the migration's phase"
+    assert all(o.skipped for o in outcomes), outcomes
+    # The guest was left as the migration had it.
+    assert before == after
+    assert source.list_domains() == []
+    assert destination.domain_info(domid).state == base.DomainState.RUNNING
+
+
+class LosesCommittedAndGoesOn(Receiver):
+    """Runs the guest on COMMIT; COMMITTED never reaches the source."""
+
+    def _commit(self):
+        self.host.unpause(self.domid)
+        self.state.transition(Phase.COMMIT, Phase.CLEANUP)
+        self.state.transition(Phase.CLEANUP, Phase.DONE)
+        self._close_channel()
+
+
+def test_recovery_asks_through_tls(
+    conf, tls_files, source, destination, migration, monkeypatch
+):
+    tls_files.enable(conf)
+    conf.set_override("commit_query_timeout", 30.0, group="xen_ncm")
+    domid = source.create_domain(guest_config())
+    m = migration(
+        source, domid, destination, receiver_class=LosesCommittedAndGoesOn
+    )
+    # This engine cannot ask (as one that died after COMMIT): IN_DOUBT,
+    # its journal kept; the destination goes on answering, over TLS.
+    monkeypatch.setattr(
+        m.sender.coordinator,
+        "ask",
+        lambda on_retry=None: commit.Verdict(None, "engine gone"),
+    )
+    m._thread.start()
+    try:
+        assert m.sender.run() is Phase.IN_DOUBT
+        assert source.domain_info(domid).state == base.DomainState.PAUSED
+        (outcome,) = recovery.recover(source, Journal.from_conf(conf), conf)
+    finally:
+        m._thread.join()
+    assert outcome.phase is Phase.DONE, outcome
+    assert source.list_domains() == []
+    assert destination.domain_info(domid).state == base.DomainState.RUNNING
+    # Recovery acknowledged: the destination forgot, and ended early.
+    assert m.receiver.journal.forgotten
