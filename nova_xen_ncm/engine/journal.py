@@ -105,9 +105,6 @@ class Entry:
     phase: str = Phase.SETUP.value
     #: Wall-clock time of the last update.
     updated: float = 0.0
-    #: The guest's uuid: who the guest is once its domain is gone (a
-    #: dom0 reboot). Empty in entries written before it was recorded.
-    uuid: str = ""
 
     @property
     def token_bytes(self) -> bytes:

@@ -109,7 +109,9 @@ def test_init_host_settles_interrupted_migrations(tmp_path, monkeypatch):
     try:
         # Journalled in PRECOPY: a domain no longer here is reported.
         Journal(str(state)).write(
-            Entry("m-9", 42, "192.0.2.1", 1, "00" * 16, True, "precopy")
+            Entry(
+                "m-9", 42, "192.0.2.1", 1, "00" * 16, True, phase="precopy"
+            )
         )
         settled = []
         recover = recovery.recover
@@ -223,7 +225,15 @@ def test_power_on_is_refused_while_a_migration_is_open(
     CONF.set_override("state_path", str(state), group="xen_ncm")
     try:
         Journal(str(state)).write(
-            Entry("m-2", domid, "192.0.2.1", 1, "00" * 16, True, "in_doubt")
+            Entry(
+                "m-2",
+                domid,
+                "192.0.2.1",
+                1,
+                "00" * 16,
+                True,
+                phase="in_doubt",
+            )
         )
         with pytest.raises(exception.InstancePowerOnFailure, match="m-2"):
             xen_driver.power_on(None, instance, [])
@@ -282,7 +292,7 @@ def test_start_is_refused_by_uuid_once_the_domain_is_gone(
                 1,
                 "00" * 16,
                 True,
-                "in_doubt",
+                phase="in_doubt",
                 uuid=instance.uuid,
             )
         )
@@ -301,7 +311,7 @@ def test_start_is_refused_by_uuid_once_the_domain_is_gone(
                 1,
                 "00" * 16,
                 True,
-                "in_doubt",
+                phase="in_doubt",
                 uuid="another-guest",
             )
         )
