@@ -52,6 +52,9 @@ def restored_signal_handlers():
     for signum, handler in saved.items():
         if handler is not None and signal.getsignal(signum) is not handler:
             signal.signal(signum, handler)
+
+
+@pytest.fixture(autouse=True)
 def state_path(tmp_path_factory, monkeypatch) -> str:
     """The journals' directory of this test: the option's default for
     every ConfigOpts, and the global one's."""
