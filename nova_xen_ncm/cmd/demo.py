@@ -384,7 +384,7 @@ class _Agent:
             with self._cancel_lock:
                 self.cancelled = True
                 if self.sender is not None:
-                    self.sender.cancel()
+                    self.sender.cancel("interrupted")
 
         threading.Thread(target=request, name="demo-cancel").start()
 
@@ -461,7 +461,7 @@ class _Agent:
         with self._cancel_lock:
             self.sender = sender
             if self.cancelled:
-                sender.cancel()
+                sender.cancel("interrupted")
         try:
             phase = sender.run()
         finally:

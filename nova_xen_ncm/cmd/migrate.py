@@ -446,7 +446,7 @@ def wait_or_cancel(outgoing: Any, host: base.HostDriver, domid: int) -> Any:
         return outgoing.wait()
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        outgoing.cancel()
+        outgoing.cancel(f"interrupted by {signal.Signals(signum).name}")
         phase = _wait_through(outgoing)
         raise Interrupted(signum, _outcome(phase, host, domid)) from None
 

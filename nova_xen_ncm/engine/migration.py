@@ -171,8 +171,8 @@ class OutgoingMigration:
     def wait(self, timeout: float | None = None) -> Phase | None:
         return self._runner.wait(timeout)
 
-    def cancel(self) -> bool:
-        return self.sender.cancel()
+    def cancel(self, reason: str | None = None) -> bool:
+        return self.sender.cancel(reason)
 
     def force_complete(self) -> bool:
         return self.sender.force_complete()

@@ -417,9 +417,11 @@ class Sender:
 
     # -- control from other threads --
 
-    def cancel(self) -> bool:
-        """Ask for a rollback; False once the commit decision was made."""
-        return self.state.request_cancel()
+    def cancel(self, reason: str | None = None) -> bool:
+        """Ask for a rollback; False once the commit decision was made.
+        ``reason`` (say "interrupted by SIGINT") is what the rollback
+        reports."""
+        return self.state.request_cancel(reason)
 
     def force_complete(self) -> bool:
         """Stop and copy after the current round, whatever the downtime;
@@ -443,10 +445,10 @@ class Sender:
                 # Journalled as part of the transition: durable before
                 # COMMIT goes out, or no COMMIT at all.
                 self.state.transition(Phase.RESTORE, Phase.COMMIT)
-            except CancelRequested as exc:
-                self._rollback(
-                    MigrationAborted(f"cancelled before commit: {exc}")
-                )
+            except CancelRequested:
+                # The state machine's conflict is how the cancel was
+                # noticed, not why: report the canceller's reason.
+                self._rollback(self._cancelled())
             except Exception as exc:
                 self._rollback(exc)
             else:
@@ -1024,9 +1026,15 @@ class Sender:
 
     # -- data path --
 
+    def _cancelled(self) -> MigrationAborted:
+        reason = self.state.cancel_reason
+        return MigrationAborted(
+            f"cancelled: {reason}" if reason else "cancelled"
+        )
+
     def _check_cancel(self) -> None:
         if self.state.cancel_requested:
-            raise MigrationAborted("cancelled")
+            raise self._cancelled()
 
     def _bound_io(self, index: int = 0) -> None:
         """While the guest is paused, no socket call may outlast the
@@ -1077,11 +1085,15 @@ class Sender:
                 raise _Halted("another channel of the round failed")
             self._bound_io(index)
             seq = channel.connection.last_seq + 1
-            nbytes += channel.send_data(
+            nbytes_batch = channel.send_data(
                 seq, batch.buffers, compress=self._compress, pages=True
             )
+            nbytes += nbytes_batch
             pages += batch.pages
             zero += batch.zero_pages
+            self.stats.record_sent(
+                pages=batch.pages - batch.zero_pages, nbytes=nbytes_batch
+            )
             with self._progress_lock:
                 done[0] += batch.pages
                 so_far = done[0]

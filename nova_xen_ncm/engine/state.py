@@ -164,6 +164,7 @@ class MigrationState:
         self._lock = threading.RLock()
         self._phase = Phase.SETUP
         self._cancel_requested = False
+        self._cancel_reason: str | None = None
         self._history: list[tuple[Phase, PhaseTiming]] = [
             (Phase.SETUP, PhaseTiming(clock(), entered_at=wallclock()))
         ]
@@ -194,7 +195,13 @@ class MigrationState:
         with self._lock:
             return self._cancel_requested
 
-    def request_cancel(self) -> bool:
+    @property
+    def cancel_reason(self) -> str | None:
+        """What the canceller said, if anything."""
+        with self._lock:
+            return self._cancel_reason
+
+    def request_cancel(self, reason: str | None = None) -> bool:
         """Ask the migration to cancel; True if it still can be.
 
         Atomic against entering COMMIT: either this returns True and the
@@ -206,6 +213,8 @@ class MigrationState:
             if self._phase not in ROLLBACK_ALLOWED:
                 return False
             self._cancel_requested = True
+            if self._cancel_reason is None:
+                self._cancel_reason = reason
             return True
 
     def transition(

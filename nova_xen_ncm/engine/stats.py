@@ -116,6 +116,11 @@ class MigrationStats:
     remaining_pages: int = dataclasses.field(init=False, default=0)
     throttle: float = dataclasses.field(init=False, default=1.0)
     retries: int = dataclasses.field(init=False, default=0)
+    #: What the round under way has put on the wire so far: counted in
+    #: the totals, so a migration cancelled or rolled back mid-round
+    #: still reports what the destination received.
+    unfinished_pages: int = dataclasses.field(init=False, default=0)
+    unfinished_bytes: int = dataclasses.field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -123,6 +128,12 @@ class MigrationStats:
         self.started = self.clock()
 
     # -- recording --
+
+    def record_sent(self, *, pages: int, nbytes: int) -> None:
+        """Add a batch of the round under way (any channel's thread)."""
+        with self._lock:
+            self.unfinished_pages += pages
+            self.unfinished_bytes += nbytes
 
     def record_round(
         self,
@@ -145,6 +156,8 @@ class MigrationStats:
                 duration=duration,
             )
             self.rounds.append(stats)
+            self.unfinished_pages = 0
+            self.unfinished_bytes = 0
             if stats.bandwidth > 0:
                 self.bandwidth = (
                     stats.bandwidth
@@ -225,7 +238,7 @@ class MigrationStats:
         with self._lock:
             processed = sum(
                 (r.pages_sent + r.zero_pages) * PAGE_SIZE for r in self.rounds
-            )
+            ) + self.unfinished_pages * PAGE_SIZE
             return {
                 "memory_total": self.memory_bytes,
                 "memory_processed": processed,
@@ -239,8 +252,10 @@ class MigrationStats:
                 "migration_id": self.migration_id,
                 "memory_bytes": self.memory_bytes,
                 "rounds": rounds,
-                "pages_sent": sum(r["pages_sent"] for r in rounds),
-                "bytes_sent": sum(r["bytes_sent"] for r in rounds),
+                "pages_sent": sum(r["pages_sent"] for r in rounds)
+                + self.unfinished_pages,
+                "bytes_sent": sum(r["bytes_sent"] for r in rounds)
+                + self.unfinished_bytes,
                 "zero_pages": sum(r["zero_pages"] for r in rounds),
                 "remaining_pages": self.remaining_pages,
                 "bandwidth": self.bandwidth,

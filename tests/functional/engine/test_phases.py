@@ -297,3 +297,36 @@ def test_rollback_lifts_the_throttle(
     assert applied[-1] == 1.0
     assert m.sender.stats.throttle == 1.0
     assert_only_on(source, destination, domid)
+
+
+def test_cancel_mid_round_reports_what_was_sent(
+    source, destination, migration
+):
+    # Cancelled inside round 0: no round finished, yet pages went out.
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    record_sent = m.sender.stats.record_sent
+
+    def sent_then_cancel(**kwargs):
+        record_sent(**kwargs)
+        m.sender.cancel("interrupted by SIGTERM")
+
+    m.sender.stats.record_sent = sent_then_cancel
+    assert m.run() is Phase.CANCELLED
+    stats = m.sender.stats.to_dict()
+    assert stats["rounds"] == []
+    assert stats["bytes_sent"] > 0
+    assert stats["pages_sent"] > 0
+    # The reason is the canceller's, not the state machine's.
+    assert str(m.sender.error) == "cancelled: interrupted by SIGTERM"
+
+
+def test_cancel_in_restore_names_the_cause(source, destination, migration):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    m.source_events.hooks[("state", "restore")] = lambda e: m.sender.cancel(
+        "interrupted by SIGINT"
+    )
+    assert m.run() is Phase.CANCELLED
+    assert str(m.sender.error) == "cancelled: interrupted by SIGINT"
+    assert_only_on(source, destination, domid)

@@ -163,3 +163,24 @@ def test_stats_are_a_dataclass_per_migration():
     names = {f.name for f in dataclasses.fields(st)}
     assert {"rounds", "bandwidth", "actual_downtime", "retries"} <= names
     assert st.started == 0.0
+
+
+def test_unfinished_round_counts_in_the_totals():
+    # A migration cancelled in round 0 has sent pages all the same.
+    st = MigrationStats("m", 1 << 30, clock=FakeClock())
+    st.record_sent(pages=10, nbytes=10 * PAGE_SIZE + 40)
+    st.record_sent(pages=5, nbytes=5 * PAGE_SIZE + 20)
+    out = st.to_dict()
+    assert out["bytes_sent"] == 15 * PAGE_SIZE + 60
+    assert out["pages_sent"] == 15
+    assert st.memory_progress()["memory_processed"] == 15 * PAGE_SIZE
+    # Once the round is recorded its own figures replace the running ones.
+    st.record_round(
+        pages_sent=15,
+        bytes_sent=15 * PAGE_SIZE + 60,
+        zero_pages=0,
+        dirty_pages=0,
+        duration=1.0,
+    )
+    assert st.to_dict()["bytes_sent"] == 15 * PAGE_SIZE + 60
+    assert st.precopy_stats().bytes_sent == 15 * PAGE_SIZE + 60
