@@ -10,16 +10,20 @@ that never got COMMIT is destroyed, and the outcome is then answered to
 the source's commit query (``--answer`` seconds) until it acknowledges.
 ``--resolve ID`` forgets a migration an operator settled by hand. Exits
 0 when everything was settled, 1 when a migration stays IN_DOUBT (its
-guest paused here), 2 on an error.
+guest paused here) or could not be settled, and otherwise the shared
+statuses of :mod:`nova_xen_ncm.cmd` (2 usage, 3 configuration, 4
+environment).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import ConfigError
 from nova_xen_ncm.cmd import migrate
 from nova_xen_ncm.engine import recovery
 from nova_xen_ncm.engine.journal import INCOMING
@@ -38,7 +42,10 @@ DESCRIPTION = (
     "queries are answered (--answer). --resolve ID marks an entry "
     "settled once an operator has looked. Exits 0 when everything was "
     "settled (or nothing was in flight), 1 when a migration stays "
-    "IN_DOUBT (its guest paused here), 2 on an error."
+    "IN_DOUBT (its guest paused here), 2 on a command-line mistake (such "
+    "as a --state-path that does not exist), 3 on a configuration that "
+    "cannot be used (such as a state_path that does not exist), 4 on an "
+    "environment problem."
 )
 
 
@@ -85,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             "no journal: set [xen_ncm] state_path or give --state-path"
         )
+    # Recovery reads what an engine left: a directory that is not there
+    # holds nothing, and creating it would hide a mistyped path.
+    if not os.path.isdir(path):
+        if args.state_path:
+            raise CommandError(f"--state-path {path}: no such directory")
+        raise ConfigError(f"[xen_ncm] state_path {path}: no such directory")
     try:
         journal = Journal(path)
         incoming = Journal(path, INCOMING, IncomingEntry)
@@ -98,9 +111,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         host = migrate.open_host(args, CONF)
         outcomes = recovery.recover(host, journal, CONF, others=[incoming])
-        outcomes += recovery.recover_incoming(
-            host, incoming, others=[journal]
-        )
+        outcomes += recovery.recover_incoming(host, incoming, others=[journal])
     except JournalError as exc:
         raise CommandError(str(exc)) from None
     _print(args, outcomes)

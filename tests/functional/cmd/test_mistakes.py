@@ -268,6 +268,20 @@ def test_recover_json_with_nothing_in_flight(tmp_path):
     assert json.loads(result.stdout) == []
 
 
+def test_recover_refuses_a_state_path_that_does_not_exist(tmp_path):
+    missing = tmp_path / "nonexistent"
+    result = run("recover", "--state-path", str(missing))
+    one_line_error(result, EXIT_USAGE, str(missing), "no such directory")
+    assert not missing.exists()
+    conf = tmp_path / "x.conf"
+    conf.write_text(f"[xen_ncm]\nstate_path = {missing}\n")
+    result = run("--config-file", str(conf), "recover")
+    one_line_error(
+        result, EXIT_CONFIG, "state_path", str(missing), "no such directory"
+    )
+    assert not missing.exists()
+
+
 def test_version():
     result = run("--version")
     assert result.returncode == 0
