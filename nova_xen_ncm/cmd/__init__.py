@@ -24,6 +24,13 @@ class CommandError(Exception):
     exit_status = EXIT_USAGE
 
 
+class CommandFailed(CommandError):
+    """The operation ran and failed (a check found a fault, a migration
+    did not complete): not a mistake on the command line."""
+
+    exit_status = EXIT_FAILED
+
+
 class ConfigError(CommandError):
     """A configuration file is missing, unreadable or holds a bad value."""
 

@@ -36,6 +36,8 @@ from typing import Any
 from oslo_config import cfg
 
 from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import ConfigError
+from nova_xen_ncm.cmd import EnvironmentProblem
 from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine.errors import RetryExhausted
 
@@ -262,42 +264,44 @@ class Stopped(Exception):
 
 @contextlib.contextmanager
 def api_errors(what: str) -> Iterator[None]:
-    """Nova's and keystone's errors as CommandErrors naming ``what``."""
+    """Nova's and keystone's errors as CommandErrors naming ``what``:
+    a connection that is not configured is a configuration problem, any
+    other failure to reach or use the cloud an environment problem."""
     from keystoneauth1 import exceptions as ksa_exc
     from openstack import exceptions as sdk_exc
 
     try:
         yield
     except (sdk_exc.ConfigException, ksa_exc.MissingRequiredOptions) as exc:
-        raise CommandError(
+        raise ConfigError(
             f"cannot {what}: the cloud connection is not configured "
             f"(clouds.yaml, OS_* variables or --os-cloud): {exc}"
         ) from None
     except ksa_exc.Unauthorized as exc:
-        raise CommandError(
+        raise EnvironmentProblem(
             f"cannot {what}: authentication failed: {exc}"
         ) from None
     except ksa_exc.ConnectionError as exc:
-        raise CommandError(
+        raise EnvironmentProblem(
             f"cannot {what}: cannot reach the cloud: {exc}"
         ) from None
     except ksa_exc.EndpointNotFound as exc:
-        raise CommandError(
+        raise EnvironmentProblem(
             f"cannot {what}: no compute endpoint in the catalog: {exc}"
         ) from None
     except sdk_exc.HttpException as exc:
         if exc.status_code == 401:
-            raise CommandError(
+            raise EnvironmentProblem(
                 f"cannot {what}: authentication failed: {exc}"
             ) from None
         if exc.status_code == 403:
-            raise CommandError(
+            raise EnvironmentProblem(
                 f"cannot {what}: not allowed (draining a host needs Nova's "
                 f"admin role): {exc}"
             ) from None
-        raise CommandError(f"cannot {what}: {exc}") from None
+        raise EnvironmentProblem(f"cannot {what}: {exc}") from None
     except sdk_exc.SDKException as exc:
-        raise CommandError(f"cannot {what}: {exc}") from None
+        raise EnvironmentProblem(f"cannot {what}: {exc}") from None
 
 
 def find_service(conn: Any, host: str) -> Any:

@@ -19,6 +19,7 @@ from typing import BinaryIO
 import numpy as np
 
 from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import CommandFailed
 from nova_xen_ncm.stream import libxc
 from nova_xen_ncm.stream import libxl
 from nova_xen_ncm.stream import ncm
@@ -69,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot read {args.file}: {exc}") from None
     except _ZstdError as exc:
-        raise CommandError(f"bad zstd data in {args.file}: {exc}") from None
+        raise CommandFailed(f"bad zstd data in {args.file}: {exc}") from None
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
         print(report.as_text())
     if report.error is not None:
-        raise CommandError(f"invalid stream: {report.error}")
+        raise CommandFailed(f"invalid stream: {report.error}")
     return 0
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from oslo_config import cfg
 
 from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import CommandFailed
 from nova_xen_ncm.cmd import EnvironmentProblem
 from nova_xen_ncm.cmd import bus
 from nova_xen_ncm.cmd import demo
@@ -398,7 +399,7 @@ def run_migrate(args: argparse.Namespace) -> int:
                     sinks=sinks,
                 )
             except Exception as exc:
-                raise CommandError(f"cannot migrate: {exc}") from None
+                raise EnvironmentProblem(f"cannot migrate: {exc}") from None
             outgoing.start()
             with quiet_engine_warnings():
                 phase = wait_or_cancel(outgoing, host, info.domid)
@@ -417,10 +418,8 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-class FailedMigration(CommandError):
+class FailedMigration(CommandFailed):
     """The migration ran and did not complete: exit status 1."""
-
-    exit_status = 1
 
 
 @contextlib.contextmanager

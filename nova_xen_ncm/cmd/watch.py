@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import CommandFailed
 from nova_xen_ncm.cmd import EnvironmentProblem
 from nova_xen_ncm.cmd import bus
 from nova_xen_ncm.progress.terminal import Display
@@ -293,7 +293,7 @@ def _loop(
                         f"{args.timeout:g} seconds"
                     )
                 if args.once:
-                    raise CommandError(
+                    raise CommandFailed(
                         f"no migration ended within {args.timeout:g} seconds"
                     )
                 return 0

@@ -14,6 +14,7 @@ import time
 import types
 
 import pytest
+from keystoneauth1 import exceptions as ksa_exc
 from openstack import exceptions as sdk_exc
 from oslo_config import cfg
 
@@ -300,23 +301,31 @@ def test_empty_reason_is_refused():
 
 
 @pytest.mark.parametrize(
-    ("error", "message"),
+    ("error", "message", "status"),
     [
         (
             sdk_exc.HttpException("no token", http_status=401),
             "cannot look up host1: authentication failed",
+            4,
         ),
         (
             sdk_exc.ForbiddenException("policy", http_status=403),
             "not allowed (draining a host needs Nova's admin role)",
+            4,
         ),
         (
             sdk_exc.ConfigException("Cloud prod was not found."),
             "the cloud connection is not configured",
+            3,
+        ),
+        (
+            ksa_exc.ConnectFailure("refused"),
+            "cannot reach the cloud",
+            4,
         ),
     ],
 )
-def test_api_errors_name_what_was_wrong(error, message):
+def test_api_errors_name_what_was_wrong(error, message, status):
     compute = FakeCompute([])
 
     def services():
@@ -326,6 +335,7 @@ def test_api_errors_name_what_was_wrong(error, message):
     with pytest.raises(CommandError) as exc:
         drain.make_plan(conn_of(compute), "host1", "maintenance")
     assert message in str(exc.value)
+    assert exc.value.exit_status == status
 
 
 # -- the loop ----------------------------------------------------------------
@@ -535,7 +545,7 @@ def test_missing_cloud_configuration_is_one_clear_line(monkeypatch, capsys):
     monkeypatch.setenv("HOME", "/nonexistent")
     status = main.main(["drain", "host1"])
     err = capsys.readouterr().err
-    assert status == 2
+    assert status == 3
     assert err.startswith(
         "nova-xen-ncm drain: error: cannot connect to the cloud: the cloud "
         "connection is not configured"

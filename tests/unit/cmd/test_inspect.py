@@ -140,7 +140,8 @@ def test_text_report_of_the_fixture(capsys, raw_image):
 
 def test_wrong_format_is_a_one_line_error(capsys, raw_image):
     status, _, err = run(capsys, str(raw_image), "--format", "libxc")
-    assert status == 2
+    # The check ran and found a fault: status 1, not a usage mistake.
+    assert status == 1
     assert err.count("\n") == 1
     assert err.startswith("nova-xen-ncm inspect: error: invalid stream:")
     assert "IMAGE_HEADER" in err or "image header" in err
@@ -150,7 +151,7 @@ def test_truncated_file(capsys, tmp_path, raw_image):
     path = tmp_path / "short.img"
     path.write_bytes(raw_image.read_bytes()[:5_000_000])
     status, out, err = run(capsys, str(path), "--json")
-    assert status == 2
+    assert status == 1
     assert "truncated" in err and "libxc PAGE_DATA" in err
     report = json.loads(out)
     assert not report["valid"]
@@ -195,7 +196,7 @@ def test_corrupt_zstd(capsys, tmp_path, damage):
     path = tmp_path / "bad.zst"
     path.write_bytes(damage(zstandard.ZstdCompressor().compress(stream)))
     status, _, err = run(capsys, str(path))
-    assert status == 2 and "zstd" in err and err.count("\n") == 1
+    assert status == 1 and "zstd" in err and err.count("\n") == 1
 
 
 def test_zstd_of_several_frames(capsys, tmp_path):
@@ -259,7 +260,7 @@ def test_stdin_compressed_without_traceback(tmp_path):
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["format"] == "libxl"
     bad = subprocess.run(cmd, input=stream[:20], capture_output=True)
-    assert bad.returncode == 2
+    assert bad.returncode == 1
     assert b"Traceback" not in bad.stderr
     # One line of ours (libraries may warn on stderr before it).
     ours = [
