@@ -89,6 +89,8 @@ IO_NOTE = (
     "on each of its bound ports, and the after-resume verdicts were read "
     "from its own RAM"
 )
+# A cancelled migration's items: not failures, the checker did not run.
+CANCELLED = "not checked (cancelled)"
 STAYS_PAUSED = "the guest stays paused on the destination: it did not run"
 PAUSED_NOTE = (
     "the guest was paused after it booted and migrated paused: it "
@@ -805,6 +807,10 @@ class DemoReport:
     )
 
     @property
+    def cancelled(self) -> bool:
+        return self.phase == "cancelled"
+
+    @property
     def transparent(self) -> bool:
         items = bool(self.checks) and all(
             c["passed"] for c in self.checks.values()
@@ -815,7 +821,8 @@ class DemoReport:
         return {
             "mode": self.mode,
             "completed": self.completed,
-            "transparent": self.transparent,
+            # Not judged when cancelled: null, not false.
+            "transparent": None if self.cancelled else self.transparent,
             "checks": self.checks,
             "after_resume": self.after_resume,
             "downtime_ms": self.downtime_ms,
@@ -841,11 +848,20 @@ class DemoReport:
             lines.append(f"  error: {self.error}")
         lines.append("transparency (doc/source/architecture.rst section 2):")
         for item, result in self.checks.items():
+            if result["passed"] is None:
+                lines.append(f"  {item:<15} {result['reason']}")
+                continue
             verdict = "passed" if result["passed"] else "FAILED"
             reason = f": {result['reason']}" if result["reason"] else ""
             lines.append(f"  {item:<15} {verdict}{reason}")
-        lines += _after_resume_lines(self.after_resume)
-        lines.append(f"  => {'transparent' if self.transparent else 'NOT'}")
+        if self.cancelled:
+            lines.append(f"  {'after resume':<15} {CANCELLED}")
+            lines.append(f"  => {CANCELLED}")
+        else:
+            lines += _after_resume_lines(self.after_resume)
+            lines.append(
+                f"  => {'transparent' if self.transparent else 'NOT'}"
+            )
         downtime = _ms(self.downtime_ms)
         snapshots = self.extra.get("checker_snapshot_ms")
         if snapshots is not None and self.downtime_ms is not None:
@@ -902,9 +918,13 @@ def exit_status(report: DemoReport) -> int:
     return 0 if report.completed and report.transparent else 1
 
 
-def not_checked(reason: str) -> dict[str, dict[str, Any]]:
+def not_checked(
+    reason: str, passed: bool | None = False
+) -> dict[str, dict[str, Any]]:
+    """Every item with the same verdict: False (failed for ``reason``)
+    or None (not judged, as for a cancelled migration)."""
     return {
-        item.value: {"passed": False, "reason": reason} for item in base.Item
+        item.value: {"passed": passed, "reason": reason} for item in base.Item
     }
 
 
@@ -1074,7 +1094,9 @@ def run(args: argparse.Namespace) -> int:
         + (", paused" if args.paused else ""),
         "transport": f"{overrides['xen_ncm'].get('channels', 1)} channel(s)"
         + (", lz4" if args.compress else ""),
-        "storage": f"vbd disks shared by both hosts under {disk_dir}",
+        # Printed after the run, once the directory is gone.
+        "storage": f"vbd disks shared by both hosts under {disk_dir} "
+        "(removed at the end of the run)",
     }
     out = sys.stderr if args.json else sys.stdout
     hosts: list[HostProcess] = []
@@ -1112,7 +1134,7 @@ def run(args: argparse.Namespace) -> int:
     report.policy = policy
     report.settings = settings
     report.notes = notes
-    if not args.xen_compatible and not args.paused:
+    if not args.xen_compatible and not args.paused and not report.cancelled:
         report.notes.append(IO_NOTE)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
@@ -1260,12 +1282,16 @@ def _migrate(
         and received["domains"]
         == [(domid, "paused" if args.paused else "running")]
     )
-    checks = (
-        compare(sent["state"], received["state"])
-        if completed
-        else not_checked("the migration did not complete")
-    )
-    if not completed:
+    cancelled = sent["phase"] == "cancelled"
+    if cancelled:
+        checks = not_checked(CANCELLED, passed=None)
+    elif completed:
+        checks = compare(sent["state"], received["state"])
+    else:
+        checks = not_checked("the migration did not complete")
+    if cancelled:
+        verdict = {"passed": None, "reason": CANCELLED}
+    elif not completed:
         verdict = {"passed": False, "reason": "the migration did not complete"}
     elif args.paused:
         verdict = {"passed": None, "reason": STAYS_PAUSED}

@@ -13,6 +13,9 @@ import time
 
 import pytest
 
+from nova_xen_ncm.cmd import demo as demo_mod
+from nova_xen_ncm.host import base
+
 # Only bounds a hung command; nothing is asserted about time.
 HANG_LIMIT = 300
 # How long the processes of an ended demo may take to go (the guests
@@ -111,6 +114,12 @@ def test_an_interrupt_mid_migration_rolls_back(signum, status):
     assert "migration: FAILED (cancelled)" in out
     assert "(source) CANCELLED after" in out
     assert "(destination) CANCELLED after" in out
+    # A cancel is not a transparency failure: nothing was judged.
+    assert out.count("not checked (cancelled)") == len(base.Item) + 2, out
+    assert "did not complete" not in out
+    assert "=> NOT" not in out
+    assert demo_mod.IO_NOTE not in out
+    assert "(removed at the end of the run)" in out
     # The host processes and the guests' processes all ended.
     assert processes, "the demo had no host processes"
     deadline = time.monotonic() + EXIT_GRACE
