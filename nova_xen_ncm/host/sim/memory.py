@@ -34,6 +34,7 @@ import fcntl
 import mmap
 import os
 import struct
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -79,8 +80,11 @@ _FAULT_IN_STEP = 64 << 20
 
 
 # userfaultfd(2) and PAGEMAP_SCAN (include/uapi/linux/userfaultfd.h,
-# fs.h). x86_64 and arm64 syscall numbers.
-_NR_USERFAULTFD = {"x86_64": 323, "aarch64": 282}.get(os.uname().machine)
+# fs.h). x86_64 and arm64 syscall numbers, by the interpreter's target
+# (not os.uname(), which Nova's test fixtures forbid in a compute driver).
+_NR_USERFAULTFD = {"x86_64": 323, "aarch64": 282}.get(
+    getattr(sys.implementation, "_multiarch", "").partition("-")[0]
+)
 UFFD_USER_MODE_ONLY = 1
 UFFD_API = 0xAA
 UFFDIO_API = 0xC018AA3F
