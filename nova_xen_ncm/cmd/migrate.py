@@ -572,7 +572,7 @@ def _receive_or_cancel(incoming: Any) -> Any:
         return incoming.wait()
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        if incoming.cancel():
+        if incoming.cancel("interrupted"):
             incoming.wait()
             raise Interrupted(
                 signum, "no source had connected; nothing was received"

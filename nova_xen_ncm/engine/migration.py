@@ -111,16 +111,16 @@ class IncomingMigration:
     def wait(self, timeout: float | None = None) -> Phase | None:
         return self._runner.wait(timeout)
 
-    def cancel(self) -> bool:
+    def cancel(self, reason: str = "cancelled") -> bool:
         """Stop waiting for a source that has not connected; False once
         one has (from then on the source decides, and rolls back both
-        ends on failure)."""
+        ends on failure). The migration ends CANCELLED with ``reason``."""
         if (
             self.receiver.state.phase != Phase.SETUP
             or self.receiver.connected
         ):
             return False
-        self.receiver.listener.close()
+        self.receiver.stop_waiting(reason)
         return True
 
 

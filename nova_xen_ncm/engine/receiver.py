@@ -433,6 +433,8 @@ class Receiver:
         self.domid: int | None = None
         #: The failure that ended the migration, if any.
         self.error: BaseException | None = None
+        # Set by stop_waiting: the listener was closed on purpose.
+        self._stop_reason: str | None = None
         self._channel: Channel | None = None
         self._created = False
         # SETUP's word on whether the guest ran on the source.
@@ -471,6 +473,12 @@ class Receiver:
     def connected(self) -> bool:
         """Whether a source has completed the handshake."""
         return self._channel is not None
+
+    def stop_waiting(self, reason: str) -> None:
+        """Close the listener while no source has connected: the
+        migration ends CANCELLED with ``reason``."""
+        self._stop_reason = reason
+        self.listener.close()
 
     def run(self) -> Phase:
         try:
@@ -588,6 +596,9 @@ class Receiver:
                     continue
                 left = until - time.monotonic()
                 if self.listener.closed:
+                    if self._stop_reason is not None:
+                        # Cancelled before any source connected.
+                        raise MigrationAborted(self._stop_reason)
                     raise TransportError("the listener was closed")
                 if left <= 0:
                     if stray is not None:

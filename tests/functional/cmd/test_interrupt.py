@@ -199,3 +199,40 @@ def test_ctrl_c_on_migrate_rolls_back(tmp_path):
     assert receiver.returncode == 1
     assert "ended in cancelled" in received_err
     assert not token.exists()
+
+
+def test_ctrl_c_on_a_waiting_receive_cancels_it(tmp_path):
+    receiver = subprocess.Popen(
+        [
+            script(),
+            "receive",
+            "--token-file",
+            str(tmp_path / "token.json"),
+            "--listen",
+            "127.0.0.1",
+            "--no-hold",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        first = receiver.stdout.readline()
+        assert "waiting for the source" in first, first
+        os.killpg(receiver.pid, signal.SIGINT)
+        out, err = receiver.communicate(timeout=HANG_LIMIT)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+    assert "Traceback" not in out + err, (out + err)[-4000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [
+        "nova-xen-ncm receive: interrupted by SIGINT: no source had "
+        "connected; nothing was received"
+    ], err
+    assert receiver.returncode == 130
+    # Ended as a cancel, not as a failure to set up.
+    assert "CANCELLED after" in out and out.rstrip().endswith("interrupted")
+    assert "FAILED" not in out and "error in setup" not in out
