@@ -220,6 +220,9 @@ def test_ctrl_c_on_a_waiting_receive_cancels_it(tmp_path):
     try:
         first = receiver.stdout.readline()
         assert "waiting for the source" in first, first
+        # The line comes just before the command starts waiting; an
+        # interrupt in between ends it before anything was started.
+        time.sleep(1.0)
         os.killpg(receiver.pid, signal.SIGINT)
         out, err = receiver.communicate(timeout=HANG_LIMIT)
     finally:
