@@ -1058,10 +1058,12 @@ def _validate(args: argparse.Namespace) -> None:
         directory = os.path.dirname(os.path.abspath(args.save))
         if not os.path.isdir(directory):
             raise CommandError(f"cannot save to {args.save}: no directory")
-    if args.transport_url:
-        from nova_xen_ncm.cmd import bus
-        from nova_xen_ncm.conf import CONF
+    from nova_xen_ncm.cmd import bus
+    from nova_xen_ncm.conf import CONF
 
+    # --transport-url, else a configuration file's, as migrate does.
+    args.transport_url = bus.configured_url(CONF, args.transport_url)
+    if args.transport_url:
         # A transport connects lazily: this checks the URL and its
         # driver, before any host starts.
         bus.notification_transport(CONF, args.transport_url).cleanup()

@@ -110,6 +110,19 @@ def test_a_transport_whose_driver_is_not_installed():
     one_line_error(result, EXIT_ENVIRONMENT, "'kafka'", "No module named")
 
 
+def test_demo_uses_the_transport_of_its_configuration_file(tmp_path):
+    # Checked before any host starts, as --transport-url is: the demo
+    # read the file's URL.
+    conf = tmp_path / "bus.conf"
+    conf.write_text(
+        "[oslo_messaging_notifications]\ntransport_url = nosuchbus://h:1/\n"
+    )
+    result = run("--config-file", str(conf), "demo")
+    one_line_error(
+        result, EXIT_ENVIRONMENT, "no message bus driver for 'nosuchbus'"
+    )
+
+
 def test_receive_refuses_a_bad_transport_url_before_listening(tmp_path):
     token = tmp_path / "token"
     result = run(
