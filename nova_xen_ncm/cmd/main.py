@@ -137,6 +137,31 @@ def load_config(config_files: list[str]) -> None:
         raise ConfigError(
             f"bad value in the configuration: {_one_line(exc)}"
         ) from None
+    _check_policy(conf.CONF)
+
+
+def _check_policy(conf: Any) -> None:
+    """``[xen_ncm] precopy_policy`` names an installed policy: checked
+    here, or a bad name is found only inside a host process."""
+    from oslo_config import cfg
+
+    from nova_xen_ncm.engine import policy
+
+    location = conf.get_location("precopy_policy", "xen_ncm")
+    if location is None or location.location is cfg.Locations.opt_default:
+        # The default is an installed policy; not worth a scan.
+        return
+    name = conf.xen_ncm.precopy_policy
+    names = policy.available_policies()
+    if name in names:
+        return
+    where = getattr(location, "detail", None)
+    source = f"{where}: " if where else ""
+    raise ConfigError(
+        f"bad value in the configuration: {source}[xen_ncm] "
+        f"precopy_policy: no policy {name!r} (installed: "
+        f"{', '.join(names)})"
+    )
 
 
 def _option_values(conf: Any) -> Iterator[Any]:

@@ -33,6 +33,7 @@ from oslo_config import cfg
 
 from nova_xen_ncm.cmd import CommandError
 from nova_xen_ncm.cmd import CommandFailed
+from nova_xen_ncm.cmd import ConfigError
 from nova_xen_ncm.cmd import EnvironmentProblem
 from nova_xen_ncm.cmd import bus
 from nova_xen_ncm.cmd import demo
@@ -277,6 +278,24 @@ def check_listen_address(address: str) -> None:
         ) from None
 
 
+def _check_configured_listen_address(conf: cfg.ConfigOpts) -> None:
+    """``[xen_ncm] listen_address`` from a file, checked as --listen is,
+    as a configuration error naming the file."""
+    address = conf.xen_ncm.listen_address
+    location = conf.get_location("listen_address", "xen_ncm")
+    if location is None or location.location is cfg.Locations.opt_default:
+        return
+    try:
+        socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        where = f"{location.detail}: " if location.detail else ""
+        raise ConfigError(
+            f"bad value in the configuration: {where}[xen_ncm] "
+            f"listen_address: {address!r} is not an address or a name "
+            f"that resolves ({exc})"
+        ) from None
+
+
 def parse_endpoint(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -502,6 +521,8 @@ def run_receive(args: argparse.Namespace) -> int:
     if args.listen:
         check_listen_address(args.listen)
         CONF.set_override("listen_address", args.listen, group="xen_ncm")
+    else:
+        _check_configured_listen_address(CONF)
     name = driver_name(args, CONF)
     migration_id = str(uuid.uuid4())
     url = bus_url(args, CONF)
@@ -517,7 +538,11 @@ def run_receive(args: argparse.Namespace) -> int:
                     advertise=args.advertise or _advertise(args),
                 )
             except (OSError, EngineError, base.HostError) as exc:
-                raise EnvironmentProblem(f"cannot listen: {exc}") from None
+                text = str(exc)
+                # The transport's own message already says so.
+                if not text.startswith("cannot listen"):
+                    text = f"cannot listen: {text}"
+                raise EnvironmentProblem(text) from None
             try:
                 # The listener is bound: a source that connects now waits
                 # in its backlog until the receiver runs.

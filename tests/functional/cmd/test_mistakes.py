@@ -83,7 +83,27 @@ def test_listen_on_an_address_this_host_does_not_have(tmp_path):
         "192.0.2.77",
         "--no-hold",
     )
-    one_line_error(result, EXIT_ENVIRONMENT, "cannot listen", "192.0.2.77")
+    line = one_line_error(
+        result, EXIT_ENVIRONMENT, "cannot listen", "192.0.2.77"
+    )
+    assert line.count("cannot listen") == 1, line
+    assert not (tmp_path / "token").exists()
+
+
+def test_a_listen_address_in_a_file_that_is_not_one(tmp_path):
+    path = tmp_path / "listen.conf"
+    path.write_text("[xen_ncm]\nlisten_address = notanaddr\n")
+    result = run(
+        "--config-file",
+        str(path),
+        "receive",
+        "--token-file",
+        str(tmp_path / "token"),
+        "--no-hold",
+    )
+    one_line_error(
+        result, EXIT_CONFIG, str(path), "[xen_ncm] listen_address", "notanaddr"
+    )
     assert not (tmp_path / "token").exists()
 
 
@@ -153,6 +173,25 @@ def test_a_configuration_file_with_a_bad_value(tmp_path):
     result = run("--config-file", str(path), "recover")
     one_line_error(
         result, EXIT_CONFIG, str(path), "[xen_ncm] channels", "'many'"
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["demo"], ["migrate", "1", "--token-file", "t"], ["recover"]],
+)
+def test_a_precopy_policy_that_is_not_installed(tmp_path, command):
+    # Found before anything starts, not inside a host process.
+    path = tmp_path / "policy.conf"
+    path.write_text("[xen_ncm]\nprecopy_policy = nonsense\n")
+    result = run("--config-file", str(path), *command)
+    one_line_error(
+        result,
+        EXIT_CONFIG,
+        str(path),
+        "[xen_ncm] precopy_policy",
+        "'nonsense'",
+        "downtime",
     )
 
 
