@@ -130,10 +130,11 @@ def parse_memory(text: str) -> int:
     return size
 
 
-def needed_memory(guest_bytes: int) -> int:
-    """Bytes of free memory the demo needs for a guest of this size: the
-    guest's RAM on each of the two hosts, their headroom, the processes."""
-    return 2 * (guest_bytes + HOST_HEADROOM) + PROCESS_OVERHEAD
+def needed_memory(guest_bytes: int, hosts: int = 2) -> int:
+    """Bytes of free memory a guest of this size needs: its RAM on each
+    of the ``hosts`` simulated hosts (the demo runs two), their headroom,
+    the processes."""
+    return hosts * (guest_bytes + HOST_HEADROOM) + PROCESS_OVERHEAD
 
 
 def available_memory() -> int | None:
@@ -148,17 +149,19 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(guest_bytes: int) -> None:
-    """Refuse, before anything starts, a guest this machine cannot hold."""
+def check_memory(guest_bytes: int, hosts: int = 2) -> None:
+    """Refuse, before anything starts, a guest this machine cannot hold
+    on ``hosts`` simulated hosts."""
     from nova_xen_ncm.progress.terminal import human_bytes as _size
 
     available = available_memory()
-    needed = needed_memory(guest_bytes)
+    needed = needed_memory(guest_bytes, hosts)
+    where = "both simulated hosts" if hosts == 2 else "the simulated host"
     if available is not None and needed > available:
         raise EnvironmentProblem(
             f"a {_size(guest_bytes)} guest needs about {_size(needed)} of "
-            f"free memory (its RAM on both simulated hosts, plus "
-            f"{_size(needed - 2 * guest_bytes)} for the hosts and their "
+            f"free memory (its RAM on {where}, plus "
+            f"{_size(needed - hosts * guest_bytes)} for the hosts and their "
             f"processes); this machine has {_size(available)} available "
             "(MemAvailable in /proc/meminfo): give a smaller --memory"
         )

@@ -164,9 +164,16 @@ def create_guest(
     workload = {}
     if args.dirty_rate is not None:
         workload["dirty_rate"] = args.dirty_rate
+    memory = args.memory or demo.parse_memory(demo.DEFAULT_MEMORY)
+    from nova_xen_ncm.conf import CONF
+
+    if factory.guests_live_in_process(driver_name(args, CONF)):
+        # A simulated guest's RAM is this machine's: refuse what it
+        # cannot hold rather than run until the kernel kills the host.
+        demo.check_memory(memory, hosts=1)
     config = base.DomainConfig(
         name=args.domain,
-        memory_bytes=args.memory or demo.parse_memory(demo.DEFAULT_MEMORY),
+        memory_bytes=memory,
         vcpus=2,
         uuid=str(uuid.uuid4()),
         devices=demo.GUEST_DEVICES

@@ -250,6 +250,26 @@ def test_a_guest_larger_than_free_memory_is_refused_up_front():
     assert line.startswith("nova-xen-ncm demo: error:")
 
 
+def test_save_create_checks_memory_up_front(tmp_path):
+    available = demo.available_memory()
+    if available is None:
+        pytest.skip("no MemAvailable in /proc/meminfo on this system")
+    if available >= demo.needed_memory(10 << 40, hosts=1):
+        pytest.skip("this machine can hold a 10 TiB guest")
+    result = run(
+        "save", "big", "--create", "--memory", "10T", str(tmp_path / "s")
+    )
+    one_line_error(
+        result,
+        EXIT_ENVIRONMENT,
+        "a 10.0 TiB guest needs about 10.0 TiB of free memory",
+        "the simulated host",
+        "give a smaller --memory",
+    )
+    assert result.stdout == ""
+    assert not (tmp_path / "s").exists()
+
+
 # -- files ------------------------------------------------------------------
 
 
