@@ -126,6 +126,12 @@ def parse_memory(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"guest memory {text!r} must be a positive whole number of "
             "MiB (e.g. 64M, 512M, 2G, or 65536K)"
+            # A bare number is bytes: say so, as 64 meant 64 MiB.
+            + (
+                "; a number without a unit is bytes"
+                if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", text)
+                else ""
+            )
         )
     return size
 
@@ -188,9 +194,12 @@ class DirtyRate:
 
 
 _PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+_BYTES_HELP = (
+    "give bytes per second with a unit (64M, 512K, or 100B for bytes)"
+)
+# The demo's --dirty-rate also takes a share of the bandwidth it measures.
 _RATE_HELP = (
-    "give bytes per second with a unit (64M, 512K, or 100B for bytes), "
-    "or a share of the loopback bandwidth in percent (50%)"
+    f"{_BYTES_HELP}, or a share of the loopback bandwidth in percent (50%)"
 )
 
 
@@ -201,11 +210,13 @@ def parse_rate(text: str) -> int:
     match = _SIZE_RE.match(text)
     if match is None:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a rate: {_RATE_HELP}"
+            f"{text!r} is not a rate: {_BYTES_HELP}"
         )
     has_unit = re.search(r"[a-z]", text, re.I) is not None
     if not has_unit and float(match.group(1)) != 0:
-        raise argparse.ArgumentTypeError(f"{text!r} has no unit: {_RATE_HELP}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no unit: {_BYTES_HELP}"
+        )
     return parse_size(text)
 
 
@@ -224,7 +235,9 @@ def parse_dirty_rate(text: str) -> DirtyRate:
         return DirtyRate(bytes_per_second=parse_rate(text))
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(
-            str(exc).replace("is not a rate", "is not a dirty rate")
+            str(exc)
+            .replace("is not a rate", "is not a dirty rate")
+            .replace(_BYTES_HELP, _RATE_HELP)
         ) from None
 
 
@@ -1061,6 +1074,11 @@ def _validate(args: argparse.Namespace) -> None:
         directory = os.path.dirname(os.path.abspath(args.save))
         if not os.path.isdir(directory):
             raise CommandError(f"cannot save to {args.save}: no directory")
+        if os.path.isdir(args.save):
+            raise CommandError(
+                f"cannot save to {args.save}: it is a directory; give a "
+                "file name"
+            )
     from nova_xen_ncm.cmd import bus
     from nova_xen_ncm.conf import CONF
 

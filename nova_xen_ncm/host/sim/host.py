@@ -470,6 +470,8 @@ class SimHost(base.HostDriver):
         # each recently destroyed domain's domid was released.
         self._domid_last = 0
         self._domid_released: dict[int, float] = {}
+        # Whose each released domid was (its uuid).
+        self._domid_released_by: dict[int, str] = {}
         # Xen's NOW() here: ns since this host booted (hosts booted at
         # different times, so a migrating guest's host time jumps).
         uptime = zlib.crc32(hostname.encode()) % 86_400 + 60
@@ -618,8 +620,15 @@ class SimHost(base.HostDriver):
         if (
             released is not None
             and time.monotonic() - released < DOMID_REUSE_TIMEOUT
+            and not self._same_guest(
+                self._domid_released_by.get(domid), config.uuid
+            )
         ):
-            # libxl__domain_make: a domid asked for is not retried.
+            # libxl__domain_make: a domid asked for is not retried. The
+            # guest that held it may have it back (a restore or a
+            # migration back): the delay guards against another guest
+            # inheriting what named the old one, and the real driver
+            # restores with LIBXL_DOMID_REUSE_TIMEOUT=0 for that reason.
             raise base.DomidInUse(
                 f"domid {domid}: domain id recently used (released "
                 f"{time.monotonic() - released:.0f} s ago; not reused for "
@@ -663,6 +672,15 @@ class SimHost(base.HostDriver):
     def now_ns(self) -> int:
         """The hypervisor's system time (Xen's NOW())."""
         return time.monotonic_ns() - self._boot_ns
+
+    @staticmethod
+    def _same_guest(released_by: str | None, uuid: str | None) -> bool:
+        if not released_by or not uuid:
+            return False
+        try:
+            return canonical_uuid(released_by) == canonical_uuid(uuid)
+        except ValueError:
+            return False
 
     def _alloc_domid(self, call: str) -> int:
         """Xen's allocator (xen/common/domid.c): the next free domid after
@@ -1652,6 +1670,7 @@ class SimHost(base.HostDriver):
                 self.xenstore.release_domain(dom.domid)
             if self._domains.pop(dom.domid, None) is not None:
                 self._domid_released[dom.domid] = time.monotonic()
+                self._domid_released_by[dom.domid] = dom.uuid or ""
         self._in_background(dom.mem.close)
         self._replenish()
 

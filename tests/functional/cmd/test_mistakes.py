@@ -210,6 +210,7 @@ def test_a_configuration_file_with_bad_syntax(tmp_path):
     [
         (["--memory", "12x"], ["'12x' is not a size"]),
         (["--memory", "1K"], ["'1K'", "whole number of MiB"]),
+        (["--memory", "64"], ["'64'", "without a unit is bytes"]),
         (["--dirty-rate", "2"], ["'2' has no unit", "50%"]),
         (["--dirty-rate", "1.5"], ["'1.5' has no unit"]),
         (["--dirty-rate", "150%"], ["more than 100%"]),
@@ -219,6 +220,23 @@ def test_bad_sizes_and_rates(args, words):
     result = run("demo", *args)
     line = one_line_error(result, EXIT_USAGE, *words)
     assert line.startswith("nova-xen-ncm demo: error: argument")
+
+
+@pytest.mark.parametrize("command", ["save", "migrate"])
+def test_a_percent_rate_outside_the_demo(tmp_path, command):
+    # Only the demo measures a bandwidth to take a share of.
+    tail = ["--token-file", "t"]
+    if command == "save":
+        tail = [str(tmp_path / "s")]
+    result = run(command, "g", "--create", "--dirty-rate", "50%", *tail)
+    line = one_line_error(result, EXIT_USAGE, "'50%' is not a rate", "64M")
+    assert "percent" not in line
+
+
+def test_demo_save_to_a_directory_is_refused_up_front(tmp_path):
+    result = run("demo", "--save", str(tmp_path))
+    one_line_error(result, EXIT_USAGE, str(tmp_path), "is a directory")
+    assert result.stdout == ""
 
 
 def test_sizes_take_k():
