@@ -1,5 +1,6 @@
 """SimHost operations that need no guest process."""
 
+import dataclasses
 import os
 import stat
 import threading
@@ -60,6 +61,19 @@ def test_a_recently_released_domid_asked_for_is_refused(host):
     host._domid_released[4] -= sim_host.DOMID_REUSE_TIMEOUT
     host.create_empty_domain(_config("again"), 4)
     assert host.domain_info(4).name == "again"
+
+
+def test_the_guest_that_released_a_domid_may_have_it_back(host):
+    """A restore or a migration back puts the same guest (its uuid) under
+    its own domid; the delay guards against another guest taking it."""
+    uuid = "0f8b3bfa-3a59-4f4c-9d3e-6d7c1b1f2a10"
+    config = dataclasses.replace(_config("back"), uuid=uuid)
+    host.create_empty_domain(config, 6)
+    host.destroy_domain(6)
+    with pytest.raises(base.DomidInUse, match="recently used"):
+        host.create_empty_domain(_config("another"), 6)
+    host.create_empty_domain(config, 6)
+    assert host.domain_info(6).uuid == uuid
 
 
 def test_domid_in_use_refused_before_anything_is_created(host):
