@@ -238,7 +238,7 @@ class MigrationStats:
         with self._lock:
             processed = sum(
                 (r.pages_sent + r.zero_pages) * PAGE_SIZE for r in self.rounds
-            ) + self.unfinished_pages * PAGE_SIZE
+            )
             return {
                 "memory_total": self.memory_bytes,
                 "memory_processed": processed,
