@@ -267,28 +267,46 @@ def test_a_port_left_masked_is_silent_after_resume(
 
 def _patch_backends(host, domid, change):
     """Wrap each reconnected backend's put_responses with ``change``
-    (of the list of answers), once."""
+    (of the list of answers), once in all, on two answers or more.
+    Returns what fills once it fired."""
+    done = []
     for be in list(_dom(host, domid).backends.values()):
         original = be.put_responses
-        done = []
 
-        def put(answers, original=original, done=done):
+        def put(answers, original=original):
             if not done and len(answers) >= 2:
                 done.append(True)
                 answers = change(answers)
             original(answers)
 
         be.put_responses = put
+    return done
+
+
+def _fired(patched, timeout=30.0):
+    """Whether the patched backends changed an answer within ``timeout``
+    of the guest running on the destination."""
+    deadline = time.monotonic() + timeout
+    while not (patched and patched[0]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_a_duplicated_response_is_found_after_resume(
     disks, source, destination, migration
 ):
+    patched = []
+
     def fault(host, domid):
-        _patch_backends(host, domid, lambda a: [a[0], a[0], *a[2:]])
+        patched.append(
+            _patch_backends(host, domid, lambda a: [a[0], a[0], *a[2:]])
+        )
 
     run = Checked(source, destination, migration, fault)
     assert run.phase is Phase.DONE
+    assert _fired(patched), "no answer was duplicated"
     verdict = run.after()
     assert verdict.duplicated > 0
     assert "duplicated responses after resume" in " ".join(verdict.problems)
@@ -297,11 +315,14 @@ def test_a_duplicated_response_is_found_after_resume(
 def test_a_lost_response_is_found_after_resume(
     disks, source, destination, migration
 ):
+    patched = []
+
     def fault(host, domid):
-        _patch_backends(host, domid, lambda a: a[1:])
+        patched.append(_patch_backends(host, domid, lambda a: a[1:]))
 
     run = Checked(source, destination, migration, fault)
     assert run.phase is Phase.DONE
+    assert _fired(patched), "no answer was dropped"
     verdict = run.after()
     assert verdict.lost > 0 or verdict.unanswered
     assert not verdict.passed
