@@ -240,10 +240,11 @@ def test_a_backend_on_another_ring_fails_after_resume(
     ]
     verdict = run.after()
     assert verdict.passed is False
-    # The vif's requests go unanswered; the vbd's ring gets answers from
-    # a backend that is not its own.
+    # The vif's requests go unanswered and the vbd's ring gets answers
+    # from a backend that is not its own: which one shows first depends
+    # on the guest's timing, and the verdict names it.
     reason = verdict.to_dict()["reason"]
-    assert "vif/0" in reason, reason
+    assert "vif/0" in reason or "vbd/51712" in reason, reason
 
 
 def test_a_port_left_masked_is_silent_after_resume(
