@@ -242,6 +242,18 @@ class LiveMigrationOps:
                 instance=instance,
             )
             return
+        with self._lock:
+            newer = self._incoming.get(instance.uuid)
+        if newer is not None:
+            # Nova casts this rollback: a retry of the migration may have
+            # started here meanwhile, and the domain is now that one's.
+            LOG.info(
+                "Rollback of an earlier attempt: migration %s of this "
+                "instance now holds its domain here; nothing destroyed",
+                newer.receiver.migration_id,
+                instance=instance,
+            )
+            return
         if migrate_data is not None:
             network_info = vifops_module.destination_network_info(
                 network_info, migrate_data

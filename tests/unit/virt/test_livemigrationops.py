@@ -228,6 +228,27 @@ def test_force_complete_and_abort_reach_the_sender(instance):
         ops.abort(instance)
 
 
+def test_a_late_rollback_leaves_a_retry_s_domain_alone(instance):
+    host = make_host()
+    ops = make_ops(host)
+    first, retry = mock.Mock(), mock.Mock()
+    first.phase = Phase.FAILED
+
+    def retry_arrives(timeout):
+        # The retry's pre_live_migration runs while the cast rollback of
+        # the first attempt waits for its receiver.
+        ops._incoming[instance.uuid] = retry
+        return Phase.FAILED
+
+    first.wait.side_effect = retry_arrives
+    ops._incoming[instance.uuid] = first
+    ops.rollback_live_migration_at_destination(instance, ["vif"])
+    first.cancel.assert_called_with()
+    host.destroy_domain.assert_not_called()
+    ops._vifs.unplug.assert_not_called()
+    assert ops._incoming[instance.uuid] is retry
+
+
 def test_rollback_at_destination_keeps_a_committed_guest(instance):
     host = make_host()
     ops = make_ops(host)
