@@ -741,6 +741,58 @@ def connect(args: argparse.Namespace) -> Any:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Drained:
+    """What a drain did: the plan, each server's result (in plan order)
+    and the servers left on the host; for a dry run, no results and the
+    servers that would stay."""
+
+    plan: Plan
+    results: tuple[ServerResult, ...]
+    left_on_host: tuple[str, ...]
+    dry_run: bool = False
+
+    @property
+    def exit_status(self) -> int:
+        return exit_status(self.left_on_host)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.dry_run:
+            data = self.plan.to_dict()
+            data["dry_run"] = True
+            return data
+        return summary_dict(self.plan, self.results, self.left_on_host)
+
+
+def execute(
+    conn: Any,
+    host: str,
+    reason: str,
+    settings: DrainSettings,
+    *,
+    dry_run: bool = False,
+    report: Callable[[str], None] = lambda line: None,
+    report_plan: bool = True,
+) -> Drained:
+    """Plan the drain of ``host`` and, unless ``dry_run``, run it;
+    progress goes to ``report`` a line at a time, starting with the
+    plan's lines when ``report_plan``."""
+    plan = make_plan(conn, host, reason)
+    if dry_run:
+        return Drained(
+            plan,
+            (),
+            tuple(s.id for s in plan.servers if not s.migratable),
+            dry_run=True,
+        )
+    if report_plan:
+        for line in plan.describe():
+            report(line)
+    drainer = Drainer(conn, plan, settings, report=report)
+    results = drainer.run()
+    return Drained(plan, tuple(results), tuple(drainer.left_on_host()))
+
+
 def run(args: argparse.Namespace, conn: Any = None) -> int:
     from nova_xen_ncm.conf import CONF
 
@@ -753,30 +805,28 @@ def run(args: argparse.Namespace, conn: Any = None) -> int:
         stream = sys.stderr if args.json else out
         print(f"{time.strftime('%H:%M:%S')} {line}", file=stream, flush=True)
 
-    plan = make_plan(conn, args.host, args.reason)
-    if args.dry_run:
-        if args.json:
-            data = plan.to_dict()
-            data["dry_run"] = True
-            print(json.dumps(data, indent=2), file=out)
-        else:
-            print("dry run, nothing changes:", file=out)
-            for line in plan.describe():
-                print(f"  {line}", file=out)
-        return exit_status([s.id for s in plan.servers if not s.migratable])
-    if not args.json:
-        for line in plan.describe():
-            report(line)
-    drainer = Drainer(conn, plan, settings, report=report)
-    results = drainer.run()
-    left = drainer.left_on_host()
+    drained = execute(
+        conn,
+        args.host,
+        args.reason,
+        settings,
+        dry_run=args.dry_run,
+        report=report,
+        # The plan is part of the JSON document, not of the progress.
+        report_plan=not args.json,
+    )
     if args.json:
-        data = summary_dict(plan, results, left)
-        print(json.dumps(data, indent=2), file=out)
+        print(json.dumps(drained.to_dict(), indent=2), file=out)
+    elif drained.dry_run:
+        print("dry run, nothing changes:", file=out)
+        for line in drained.plan.describe():
+            print(f"  {line}", file=out)
     else:
         print(file=out)
-        print(summary_table(results), file=out)
+        print(summary_table(drained.results), file=out)
         print(file=out)
-        for line in summary_lines(plan, results, left):
+        for line in summary_lines(
+            drained.plan, drained.results, drained.left_on_host
+        ):
             print(line, file=out)
-    return exit_status(left)
+    return drained.exit_status

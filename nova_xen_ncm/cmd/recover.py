@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from nova_xen_ncm.cmd import CommandError
@@ -84,10 +85,13 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from nova_xen_ncm.conf import CONF
-
-    path = args.state_path or CONF.xen_ncm.state_path
+def open_journals(
+    state_path: str | None, conf: Any
+) -> tuple[str, Journal, Journal]:
+    """The journals' directory (``state_path`` given on the command line,
+    else ``[xen_ncm] state_path``) and its outgoing and incoming
+    journals."""
+    path = state_path or conf.xen_ncm.state_path
     if not path:
         raise CommandError(
             "no journal: set [xen_ncm] state_path or give --state-path"
@@ -95,68 +99,134 @@ def run(args: argparse.Namespace) -> int:
     # Recovery reads what an engine left: a directory that is not there
     # holds nothing, and creating it would hide a mistyped path.
     if not os.path.isdir(path):
-        if args.state_path:
+        if state_path:
             raise CommandError(f"--state-path {path}: no such directory")
         raise ConfigError(f"[xen_ncm] state_path {path}: no such directory")
     try:
-        journal = Journal(path)
-        incoming = Journal(path, INCOMING, IncomingEntry)
-        if args.resolve is not None:
-            return _resolve(args, journal, incoming)
+        return path, Journal(path), Journal(path, INCOMING, IncomingEntry)
+    except JournalError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def in_flight(journal: Journal, incoming: Journal) -> list[dict[str, Any]]:
+    """Every journalled migration, outgoing then incoming, as the rows
+    ``migration list`` shows (the token stays out)."""
+    try:
+        rows = [_entry_row(entry, "source") for entry in journal.entries()] + [
+            _entry_row(entry, "destination") for entry in incoming.entries()
+        ]
+    except JournalError as exc:
+        raise CommandError(str(exc)) from None
+    return rows
+
+
+def _entry_row(entry: Any, role: str) -> dict[str, Any]:
+    return {
+        "migration_id": entry.migration_id,
+        "role": role,
+        "domid": entry.domid,
+        "uuid": entry.uuid,
+        "phase": entry.phase,
+        "peer": f"{entry.host}:{entry.port}",
+        "running": entry.running,
+        "updated": entry.updated,
+    }
+
+
+def settle(
+    args: argparse.Namespace, conf: Any, journal: Journal, incoming: Journal
+) -> list[recovery.Outcome]:
+    """Settle every migration whose engine is gone, on this host (the
+    host options of :func:`migrate.add_host_options` in ``args``)."""
+    try:
         if not journal.entries() and not incoming.entries():
-            if args.json:
-                print(json.dumps([]))
-            else:
-                print(f"nothing in flight in {path}")
-            return 0
-        host = migrate.open_host(args, CONF)
-        outcomes = recovery.recover(host, journal, CONF, others=[incoming])
+            return []
+        host = migrate.open_host(args, conf)
+        outcomes = recovery.recover(host, journal, conf, others=[incoming])
         outcomes += recovery.recover_incoming(host, incoming, others=[journal])
     except JournalError as exc:
         raise CommandError(str(exc)) from None
-    _print(args, outcomes)
-    answer = CONF.xen_ncm.commit_query_timeout
-    if args.answer is not None:
-        answer = args.answer
+    return outcomes
+
+
+def answer_seconds(answer: float | None, conf: Any) -> float:
+    return conf.xen_ncm.commit_query_timeout if answer is None else answer
+
+
+def answer(
+    outcomes: list[recovery.Outcome],
+    incoming: Journal,
+    conf: Any,
+    seconds: float,
+    report: Callable[[str], None] = lambda line: None,
+) -> list[str]:
+    """Answer the sources' commit queries of the incoming migrations just
+    settled for up to ``seconds``; the ids whose source acknowledged."""
     waiting = [o for o in outcomes if o.role == "destination"]
-    if answer > 0 and waiting:
-        if not args.json:
-            print(
-                f"answering the commit queries of {len(waiting)} incoming "
-                f"migration(s) for up to {answer:g}s"
-            )
-        done = recovery.answer_incoming(incoming, CONF, answer)
-        if not args.json:
-            for mid in done:
-                print(f"{mid}: the source acknowledged the outcome")
+    if seconds <= 0 or not waiting:
+        return []
+    report(
+        f"answering the commit queries of {len(waiting)} incoming "
+        f"migration(s) for up to {seconds:g}s"
+    )
+    return list(recovery.answer_incoming(incoming, conf, seconds))
+
+
+def exit_status(outcomes: list[recovery.Outcome]) -> int:
+    """1 while a migration stays IN_DOUBT, else 0."""
     return 1 if any(o.in_doubt for o in outcomes) else 0
 
 
-def _resolve(
-    args: argparse.Namespace, journal: Journal, incoming: Journal
-) -> int:
-    mid = args.resolve
-    where = journal if journal.read(mid) is not None else incoming
-    entry = recovery.resolve(where, mid)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "migration_id": mid,
-                    "domid": entry.domid,
-                    "uuid": entry.uuid,
-                    "journalled": entry.phase,
-                    "resolved": True,
-                },
-                indent=2,
+def resolve(journal: Journal, incoming: Journal, mid: str) -> dict[str, Any]:
+    """Forget the journal entry of ``mid`` (outgoing or incoming) once an
+    operator settled it by hand; what it held."""
+    try:
+        where = journal if journal.read(mid) is not None else incoming
+        entry = recovery.resolve(where, mid)
+    except JournalError as exc:
+        raise CommandError(str(exc)) from None
+    return {
+        "migration_id": mid,
+        "domid": entry.domid,
+        "uuid": entry.uuid,
+        "journalled": entry.phase,
+        "resolved": True,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from nova_xen_ncm.conf import CONF
+
+    path, journal, incoming = open_journals(args.state_path, CONF)
+    if args.resolve is not None:
+        resolved = resolve(journal, incoming, args.resolve)
+        if args.json:
+            print(json.dumps(resolved, indent=2))
+        else:
+            print(
+                f"{resolved['migration_id']} (domain {resolved['domid']}, "
+                f"journalled in {resolved['journalled']}): marked resolved"
             )
-        )
-    else:
-        print(
-            f"{mid} (domain {entry.domid}, journalled in {entry.phase}): "
-            "marked resolved"
-        )
-    return 0
+        return 0
+    outcomes = settle(args, CONF, journal, incoming)
+    if not outcomes:
+        if args.json:
+            print(json.dumps([]))
+        else:
+            print(f"nothing in flight in {path}")
+        return 0
+    _print(args, outcomes)
+    done = answer(
+        outcomes,
+        incoming,
+        CONF,
+        answer_seconds(args.answer, CONF),
+        report=(lambda line: None) if args.json else print,
+    )
+    if not args.json:
+        for mid in done:
+            print(f"{mid}: the source acknowledged the outcome")
+    return exit_status(outcomes)
 
 
 def _print(args: argparse.Namespace, outcomes: list) -> None:

@@ -137,6 +137,8 @@ class Watch:
         self.not_before = not_before
         #: The outcome that ends a --once watch, when it came.
         self.outcome: str | None = None
+        #: The ``end`` notifications shown, in order.
+        self.ended: list[Mapping[str, Any]] = []
 
     def feed(
         self,
@@ -155,6 +157,8 @@ class Watch:
         if self._stale(metadata or {}):
             return False
         self.display.show(event_type, data)
+        if event_type.endswith(".end"):
+            self.ended.append(data)
         if (
             self.once
             and event_type.endswith(".end")
@@ -187,16 +191,49 @@ def _parse_time(text: Any) -> float | None:
 def run(args: argparse.Namespace) -> int:
     from nova_xen_ncm import conf
 
-    started = time.time()
+    watch = Watch(
+        Display(sys.stdout, tty=False if args.plain else None),
+        migration=args.migration,
+        once=args.once,
+    )
+    return follow(
+        conf.CONF,
+        watch,
+        transport_url=args.transport_url,
+        exchange=args.exchange,
+        pool=args.pool,
+        timeout=args.timeout,
+        started=getattr(args, "started", None),
+    )
+
+
+def follow(
+    conf: Any,
+    watch: Watch,
+    *,
+    transport_url: str | None = None,
+    exchange: str | None = None,
+    pool: str,
+    timeout: float | None = None,
+    started: float | None = None,
+    name: str = "nova-xen-ncm watch",
+) -> int:
+    """Feed ``watch`` the notifications of the bus until it is over
+    (``watch.once``), ``timeout`` seconds after ``started`` (a
+    time.monotonic() value, by default now), or Ctrl-C. The exit status:
+    0, or 1 when a --once watch saw its migration fail."""
+    wall_started = time.time()
     # --timeout counts from the command's start, not from here: loading
     # oslo.messaging alone takes a second or more on a busy machine.
     deadline = (
         None
-        if args.timeout is None
-        else getattr(args, "started", time.monotonic()) + args.timeout
+        if timeout is None
+        else (time.monotonic() if started is None else started) + timeout
     )
+    if watch.not_before is None:
+        watch.not_before = wall_started - STALE_GRACE
     # Every way the URL can be wrong is one line, before anything starts.
-    bus.notification_transport(conf.CONF, args.transport_url).cleanup()
+    bus.notification_transport(conf, transport_url).cleanup()
     bus.import_messaging()
     from nova_xen_ncm.progress import bus as progress_bus
 
@@ -204,32 +241,31 @@ def run(args: argparse.Namespace) -> int:
     # A queue of its own that the broker deletes when the watch ends.
     try:
         listener = progress_bus.BusListener(
-            conf.CONF,
+            conf,
             lambda *notification: inbox.put(notification),
-            url=args.transport_url,
-            exchange=args.exchange,
-            pool=args.pool,
+            url=transport_url,
+            exchange=exchange,
+            pool=pool,
         )
     except ValueError as exc:
         raise EnvironmentProblem(f"cannot listen on the bus: {exc}") from None
-    watch = Watch(
-        Display(sys.stdout, tty=False if args.plain else None),
-        migration=args.migration,
-        once=args.once,
-        not_before=started - STALE_GRACE,
-    )
     # Connecting retries for as long as the bus is away; in a thread of
     # its own so that --timeout and Ctrl-C still work meanwhile.
     listening = threading.Event()
     failed: list[BaseException] = []
     threading.Thread(
         target=_listen,
-        args=(listener, args.pool, listening, failed),
+        args=(
+            listener,
+            f"{name}: listening in pool {pool}",
+            listening,
+            failed,
+        ),
         name="watch-listener",
         daemon=True,
     ).start()
     try:
-        return _loop(watch, inbox, listening, failed, deadline, args)
+        return _loop(watch, inbox, listening, failed, deadline, timeout)
     finally:
         watch.display.close()
         if listening.is_set():
@@ -253,7 +289,7 @@ def _shut_down(listener: Any) -> None:
 
 def _listen(
     listener: Any,
-    pool: str,
+    announce: str,
     listening: threading.Event,
     failed: list[BaseException],
 ) -> None:
@@ -265,11 +301,7 @@ def _listen(
     listening.set()
     # On stderr: stdout carries only migrations, and a caller waits for
     # this line before it expects any.
-    print(
-        f"nova-xen-ncm watch: listening in pool {pool}",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(announce, file=sys.stderr, flush=True)
 
 
 def _loop(
@@ -278,7 +310,7 @@ def _loop(
     listening: threading.Event,
     failed: list[BaseException],
     deadline: float | None,
-    args: argparse.Namespace,
+    timeout: float | None,
 ) -> int:
     while True:
         if failed:
@@ -290,11 +322,11 @@ def _loop(
                 if not listening.is_set():
                     raise EnvironmentProblem(
                         f"could not listen on the bus within "
-                        f"{args.timeout:g} seconds"
+                        f"{timeout:g} seconds"
                     )
-                if args.once:
+                if watch.once:
                     raise CommandFailed(
-                        f"no migration ended within {args.timeout:g} seconds"
+                        f"no migration ended within {timeout:g} seconds"
                     )
                 return 0
             wait = min(wait, left)
