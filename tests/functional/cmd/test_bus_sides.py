@@ -9,27 +9,18 @@ except under CI (``CI=true``), where that is a failure.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
-import subprocess
 import time
 import uuid
 
 import pytest
 
 from ...conftest import delete_queue
+from .conftest import HANG_LIMIT
+from .conftest import popen
+from .conftest import run
 
 pytestmark = pytest.mark.integration
-
-# Only bounds a hung command; nothing is asserted about time.
-HANG_LIMIT = 300
-
-
-def script() -> str:
-    path = shutil.which("nova-xen-ncm")
-    if path is None:
-        pytest.fail("the nova-xen-ncm console script is not installed")
-    return path
 
 
 @pytest.fixture
@@ -39,23 +30,18 @@ def watcher(rabbit_url, tmp_path):
     pool = f"nova-xen-ncm-test-{uuid.uuid4().hex}"
     errors = tmp_path / "watch.err"
     with errors.open("w") as stderr:
-        proc = subprocess.Popen(
-            [
-                script(),
-                "watch",
-                "--transport-url",
-                rabbit_url,
-                "--pool",
-                pool,
-                "--plain",
-                # Ends the watch, and the reading of its output, should
-                # a notification never come.
-                "--timeout",
-                str(HANG_LIMIT),
-            ],
-            stdout=subprocess.PIPE,
+        proc = popen(
+            "watch",
+            "--transport-url",
+            rabbit_url,
+            "--pool",
+            pool,
+            "--plain",
+            # Ends the watch, and the reading of its output, should
+            # a notification never come.
+            "--timeout",
+            str(HANG_LIMIT),
             stderr=stderr,
-            text=True,
         )
         try:
             deadline = time.monotonic() + HANG_LIMIT
@@ -95,19 +81,13 @@ def sides(lines: list[str], migration_id: str) -> set[str]:
 
 
 def test_demo_publishes_both_sides(rabbit_url, watcher):
-    result = subprocess.run(
-        [
-            script(),
-            "demo",
-            "--memory",
-            "64M",
-            "--transport-url",
-            rabbit_url,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=HANG_LIMIT,
+    result = run(
+        "demo",
+        "--memory",
+        "64M",
+        "--transport-url",
+        rabbit_url,
+        "--json",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     migration_id = json.loads(result.stdout)["stats"]["migration_id"]
@@ -119,21 +99,15 @@ def test_receive_and_migrate_publish_their_sides(
     rabbit_url, watcher, tmp_path
 ):
     token = tmp_path / "token.json"
-    receiver = subprocess.Popen(
-        [
-            script(),
-            "receive",
-            "--token-file",
-            str(token),
-            "--listen",
-            "127.0.0.1",
-            "--no-hold",
-            "--transport-url",
-            rabbit_url,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    receiver = popen(
+        "receive",
+        "--token-file",
+        str(token),
+        "--listen",
+        "127.0.0.1",
+        "--no-hold",
+        "--transport-url",
+        rabbit_url,
     )
     try:
         deadline = time.monotonic() + HANG_LIMIT
@@ -142,22 +116,16 @@ def test_receive_and_migrate_publish_their_sides(
             assert time.monotonic() < deadline, "no token file written"
             time.sleep(0.05)
         migration_id = json.loads(token.read_text())["migration_id"]
-        source = subprocess.run(
-            [
-                script(),
-                "migrate",
-                "guest",
-                "--create",
-                "--memory",
-                "32M",
-                "--token-file",
-                str(token),
-                "--transport-url",
-                rabbit_url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=HANG_LIMIT,
+        source = run(
+            "migrate",
+            "guest",
+            "--create",
+            "--memory",
+            "32M",
+            "--token-file",
+            str(token),
+            "--transport-url",
+            rabbit_url,
         )
         _, err = receiver.communicate(timeout=HANG_LIMIT)
     finally:

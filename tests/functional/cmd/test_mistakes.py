@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import subprocess
 import time
 
 import pytest
@@ -19,42 +17,16 @@ from nova_xen_ncm.cmd import EXIT_USAGE
 from nova_xen_ncm.cmd import demo
 from nova_xen_ncm.cmd import main
 
+from .conftest import HANG_LIMIT
+from .conftest import one_line_error
+from .conftest import popen
+from .conftest import run
+
 # Only bounds a hung command; nothing is asserted about it.
-HANG_LIMIT = 300
 
 COMMANDS = [name.rsplit(".", 1)[1] for name in main.SUBCOMMANDS]
 COMMANDS.insert(COMMANDS.index("migrate") + 1, "receive")
 COMMANDS.insert(COMMANDS.index("save") + 1, "restore")
-
-
-def script() -> str:
-    path = shutil.which("nova-xen-ncm")
-    if path is None:
-        pytest.fail("the nova-xen-ncm console script is not installed")
-    return path
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [script(), *args],
-        capture_output=True,
-        text=True,
-        timeout=HANG_LIMIT,
-    )
-
-
-def one_line_error(result, status: int, *words: str) -> str:
-    """The result's stderr, checked to be exactly one line holding
-    ``words``, with exit status ``status`` and no traceback anywhere."""
-    output = result.stdout + result.stderr
-    assert "Traceback" not in output, output[-3000:]
-    assert "Warning" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr[-3000:]
-    assert result.returncode == status, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 # -- addresses --------------------------------------------------------------
@@ -304,19 +276,13 @@ def test_a_truncated_save_file_is_called_truncated(tmp_path):
 
 def test_a_token_file_is_removed_once_used(tmp_path):
     token = tmp_path / "token.json"
-    receiver = subprocess.Popen(
-        [
-            script(),
-            "receive",
-            "--token-file",
-            str(token),
-            "--listen",
-            "127.0.0.1",
-            "--no-hold",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    receiver = popen(
+        "receive",
+        "--token-file",
+        str(token),
+        "--listen",
+        "127.0.0.1",
+        "--no-hold",
     )
     try:
         deadline = time.monotonic() + HANG_LIMIT
