@@ -23,6 +23,27 @@ RESULT_COLUMNS = (
 PLAN_COLUMNS = ("Server", "Name", "Status", "Action")
 
 
+def connect(app: Any) -> Any:
+    """An openstacksdk connection from OpenStackClient's ``--os-*``
+    options, clouds.yaml and ``OS_*`` variables. Made here rather than by
+    OpenStackClient before the command runs, so that a cloud that is not
+    configured ends the command with the configuration status (3) and
+    one that cannot be reached with the environment status (4)."""
+    import openstack
+
+    from nova_xen_ncm.cmd import main
+
+    with drain.api_errors("connect to the cloud"):
+        region = app.cloud_config.get_one(
+            cloud=app.options.cloud,
+            argparse=app.options,
+            validate=True,
+            app_name="nova-xen-ncm",
+            app_version=main.version(),
+        )
+        return openstack.connection.Connection(config=region)
+
+
 def result_rows(drained: drain.Drained) -> list[tuple[Any, ...]]:
     return [
         (
@@ -52,7 +73,9 @@ class DrainHost(base.XenNcmCommand, command.Lister):
     needs Nova's admin role.
     """
 
-    auth_required = True
+    # The connection is made by connect(), which says which kind of
+    # problem stopped it.
+    auth_required = False
 
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
         parser = super().get_parser(prog_name)
@@ -96,8 +119,7 @@ class DrainHost(base.XenNcmCommand, command.Lister):
         from nova_xen_ncm.conf import CONF
 
         settings = drain.DrainSettings.from_conf(CONF, parsed_args)
-        with drain.api_errors("connect to the cloud"):
-            conn = self.app.client_manager.xen_ncm
+        conn = connect(self.app)
         drained = drain.execute(
             conn,
             parsed_args.host,

@@ -1,0 +1,198 @@
+"""``openstack xen-ncm migration ...``: parsers, the rows made of the
+journals and of the bus's end notifications, and the exit statuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nova_xen_ncm.cmd import EXIT_CONFIG
+from nova_xen_ncm.cmd import EXIT_USAGE
+from nova_xen_ncm.cmd.osc import migration
+from nova_xen_ncm.engine.journal import INCOMING
+from nova_xen_ncm.engine.journal import Entry
+from nova_xen_ncm.engine.journal import IncomingEntry
+from nova_xen_ncm.engine.journal import Journal
+
+from .conftest import App
+from .conftest import invoke
+
+
+def entry(cls, mid, domid, phase, port=4711):
+    return cls(
+        migration_id=mid,
+        domid=domid,
+        host="192.0.2.7",
+        port=port,
+        token="ab" * 16,
+        running=True,
+        uuid=f"uuid-{mid}",
+        boot_id="boot",
+        phase=phase,
+    )
+
+
+@pytest.fixture
+def journals(tmp_path):
+    """A state directory with two outgoing and one incoming entry; the
+    journal stamps each with the time it was written."""
+    outgoing = Journal(str(tmp_path))
+    outgoing.write(entry(Entry, "m-1", 5, "precopy"))
+    outgoing.write(entry(Entry, "m-2", 7, "stop_and_copy"))
+    Journal(str(tmp_path), INCOMING, IncomingEntry).write(
+        entry(IncomingEntry, "m-3", 9, "commit", port=4800)
+    )
+    return tmp_path
+
+
+def test_list_shows_every_entry_oldest_first_sources_then_destinations(
+    journals,
+):
+    status, out = invoke(
+        migration.ListMigrations,
+        ["--state-path", str(journals), "-f", "json"],
+    )
+    rows = json.loads(out)
+    assert status == 0
+    assert [(r["Migration"], r["Role"]) for r in rows] == [
+        ("m-1", "source"),
+        ("m-2", "source"),
+        ("m-3", "destination"),
+    ]
+    written = Journal(str(journals)).read("m-1").updated
+    assert rows[0] == {
+        "Migration": "m-1",
+        "Role": "source",
+        "Domain": 5,
+        "UUID": "uuid-m-1",
+        "Phase": "precopy",
+        "Peer": "192.0.2.7:4711",
+        "Running": True,
+        "Updated": written,
+    }
+    # The one-time token is a secret: never shown.
+    assert "ab" * 16 not in out
+
+
+def test_show_one_entry_and_a_missing_one(journals, capsys):
+    status, out = invoke(
+        migration.ShowMigration,
+        ["m-3", "--state-path", str(journals), "-f", "value", "-c", "Peer"],
+    )
+    assert (status, out) == (0, "192.0.2.7:4800\n")
+    status, out = invoke(
+        migration.ShowMigration,
+        ["m-9", "--state-path", str(journals)],
+        name="xen-ncm migration show",
+    )
+    assert status == EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "openstack xen-ncm migration show: error: no migration 'm-9' in "
+        f"the journals of {journals}\n"
+    )
+
+
+def test_resolve_forgets_the_entry_and_shows_what_it_held(journals):
+    status, out = invoke(
+        migration.ResolveMigration,
+        ["m-2", "--state-path", str(journals), "-f", "json"],
+    )
+    assert status == 0
+    assert json.loads(out) == {
+        "Migration": "m-2",
+        "Domain": 7,
+        "UUID": "uuid-m-2",
+        "Journalled": "stop_and_copy",
+        "Resolved": True,
+    }
+    assert Journal(str(journals)).read("m-2") is None
+    assert Journal(str(journals)).read("m-1") is not None
+
+
+def test_recover_with_nothing_in_flight(tmp_path, capsys):
+    status, out = invoke(
+        migration.RecoverMigrations,
+        ["--state-path", str(tmp_path), "-f", "json"],
+    )
+    assert (status, json.loads(out)) == (0, [])
+    assert f"nothing in flight in {tmp_path}" in capsys.readouterr().err
+
+
+def test_a_state_path_that_is_not_there(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    status, _ = invoke(
+        migration.RecoverMigrations, ["--state-path", str(missing)]
+    )
+    assert status == EXIT_USAGE
+    conf = tmp_path / "nova-xen-ncm.conf"
+    conf.write_text(f"[xen_ncm]\nstate_path = {missing}\n")
+    status, _ = invoke(
+        migration.ListMigrations,
+        [],
+        app=App(config_files=[str(conf)]),
+        name="xen-ncm migration list",
+    )
+    assert status == EXIT_CONFIG
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        f"openstack xen-ncm command: error: --state-path {missing}: no "
+        "such directory",
+        "openstack xen-ncm migration list: error: [xen_ncm] state_path "
+        f"{missing}: no such directory",
+    ]
+
+
+def test_watch_parser():
+    parser = migration.WatchMigrations(App(), None).get_parser("watch")
+    parsed = parser.parse_args(
+        ["--once", "--timeout", "2.5", "--exchange", "nova", "--pool", "p"]
+    )
+    assert (parsed.once, parsed.timeout, parsed.exchange, parsed.pool) == (
+        True,
+        2.5,
+        "nova",
+        "p",
+    )
+    assert parser.parse_args([]).pool.startswith("nova-xen-ncm-watch.")
+    for bad in ("0", "-1", "inf", "soon"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["--timeout", bad])
+        assert exc.value.code == EXIT_USAGE
+
+
+def test_an_end_notification_is_one_row():
+    data = {
+        "migration_id": "m-1",
+        "role": "source",
+        "outcome": "done",
+        "instance_uuid": "inst",
+        "source_host": "cmp1",
+        "destination_host": "cmp2",
+        "statistics": {
+            "total_time": 12.5,
+            "actual_downtime": 0.08,
+            "retries": 1,
+        },
+    }
+    row = dict(
+        zip(migration.ENDED_COLUMNS, migration.ended_row(data), strict=True)
+    )
+    assert row == {
+        "Migration": "m-1",
+        "Role": "source",
+        "Outcome": "done",
+        "Instance": "inst",
+        "Source": "cmp1",
+        "Destination": "cmp2",
+        "Total Time": 12.5,
+        "Downtime": 0.08,
+        "Retries": 1,
+        "Reason": None,
+    }
+    # A destination's end may carry no statistics.
+    bare = migration.ended_row(
+        {"migration_id": "m-2", "role": "destination", "outcome": "failed"}
+    )
+    assert bare[:3] == ("m-2", "destination", "failed")
+    assert bare[6:9] == (None, None, 0)
