@@ -1,0 +1,48 @@
+"""The documentation builds, as ``tox -e docs`` builds it: Sphinx with
+warnings as errors, the configuration and command-line references
+generated from the installed code."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# Only bounds a hung build; nothing is asserted about time.
+HANG_LIMIT = 600
+
+
+def test_sphinx_builds_without_a_warning(tmp_path):
+    out = tmp_path / "html"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            "-d",
+            str(tmp_path / "doctrees"),
+            str(ROOT / "doc" / "source"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HANG_LIMIT,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    # The generated references hold what the code defines.
+    options = (out / "configuration.html").read_text()
+    assert "state_path" in options and "xen_ncm_drain" in options
+    osc = (out / "cli" / "openstack.html").read_text()
+    for command in ("host-drain", "migration-watch", "migration-recover"):
+        assert f'<section id="xen-ncm-{command}">' in osc
+    assert "cmdoption-openstack-xen-ncm-host-drain-dry-run" in osc
+    script = (out / "cli" / "nova-xen-ncm.html").read_text()
+    assert '<section id="nova-xen-ncm-drain">' in script
+    assert "usage: nova-xen-ncm drain" in script
