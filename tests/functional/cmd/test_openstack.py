@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 import uuid
 
@@ -37,9 +38,15 @@ def openstack(*args: str, **kwargs):
 
 
 def no_cloud(monkeypatch, tmp_path):
-    """No clouds.yaml and no OS_* variable reaches the commands."""
-    for name in ("OS_CLOUD", "OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD"):
-        monkeypatch.delenv(name, raising=False)
+    """No cloud configured: no OS_* variable, and a clouds.yaml without
+    clouds read first (openstacksdk reads the first one it finds, the
+    machine's /etc/openstack/clouds.yaml too)."""
+    for name in list(os.environ):
+        if name.startswith("OS_"):
+            monkeypatch.delenv(name)
+    clouds = tmp_path / "clouds.yaml"
+    clouds.write_text("clouds: {}\n")
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
 

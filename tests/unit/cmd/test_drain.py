@@ -537,11 +537,17 @@ def test_bad_counts_are_refused(capsys):
     assert "--concurrency: must be at least 1" in capsys.readouterr().err
 
 
-def test_missing_cloud_configuration_is_one_clear_line(monkeypatch, capsys):
+def test_missing_cloud_configuration_is_one_clear_line(
+    monkeypatch, capsys, tmp_path
+):
     for name in list(__import__("os").environ):
         if name.startswith("OS_"):
             monkeypatch.delenv(name)
-    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", "/nonexistent/clouds.yaml")
+    # openstacksdk reads the first clouds.yaml it finds, the machine's
+    # /etc/openstack/clouds.yaml too: one with no cloud goes first.
+    clouds = tmp_path / "clouds.yaml"
+    clouds.write_text("clouds: {}\n")
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
     monkeypatch.setenv("HOME", "/nonexistent")
     status = main.main(["drain", "host1"])
     err = capsys.readouterr().err

@@ -164,8 +164,13 @@ def test_a_cloud_that_is_not_configured_is_a_configuration_problem(
             monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
+    # openstacksdk reads the first clouds.yaml it finds, the machine's
+    # /etc/openstack/clouds.yaml too: one with no cloud goes first.
+    clouds = tmp_path / "clouds.yaml"
+    clouds.write_text("clouds: {}\n")
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
     app = App()
-    app.cloud_config = os_config.OpenStackConfig(config_files=[])
+    app.cloud_config = os_config.OpenStackConfig()
     app.options.cloud = None
     status, out = invoke(host.DrainHost, ["host1"], app=app, name=NAME)
     err = capsys.readouterr().err
