@@ -18,6 +18,7 @@ environment).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 from collections.abc import Callable
@@ -129,8 +130,17 @@ def _entry_row(entry: Any, role: str) -> dict[str, Any]:
         "phase": entry.phase,
         "peer": f"{entry.host}:{entry.port}",
         "running": entry.running,
-        "updated": entry.updated,
+        "updated": _utc(entry.updated),
     }
+
+
+def _utc(stamp: float) -> str | None:
+    """A journal's wall-clock stamp as ISO 8601 UTC; None if unset."""
+    if not stamp:
+        return None
+    return datetime.datetime.fromtimestamp(
+        stamp, tz=datetime.timezone.utc
+    ).isoformat(timespec="seconds")
 
 
 def settle(

@@ -3,6 +3,7 @@ journals and of the bus's end notifications, and the exit statuses."""
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import pytest
@@ -60,7 +61,9 @@ def test_list_shows_every_entry_oldest_first_sources_then_destinations(
         ("m-2", "source"),
         ("m-3", "destination"),
     ]
-    written = Journal(str(journals)).read("m-1").updated
+    written = datetime.datetime.fromtimestamp(
+        Journal(str(journals)).read("m-1").updated, tz=datetime.timezone.utc
+    )
     assert rows[0] == {
         "Migration": "m-1",
         "Role": "source",
@@ -69,7 +72,7 @@ def test_list_shows_every_entry_oldest_first_sources_then_destinations(
         "Phase": "precopy",
         "Peer": "192.0.2.7:4711",
         "Running": True,
-        "Updated": written,
+        "Updated": written.isoformat(timespec="seconds"),
     }
     # The one-time token is a secret: never shown.
     assert "ab" * 16 not in out
