@@ -10,6 +10,7 @@ import io
 import json
 import os
 import time
+import urllib.parse
 import uuid
 
 import pytest
@@ -282,9 +283,22 @@ def test_drain_without_a_cloud_or_with_one_out_of_reach(tmp_path, monkeypatch):
     )
 
 
+def delete_exchange(url: str, name: str) -> None:
+    import kombu
+
+    amqp = urllib.parse.urlsplit(url)._replace(scheme="amqp").geturl()
+    with kombu.Connection(amqp) as connection:
+        connection.default_channel.exchange_delete(name)
+
+
 @pytest.mark.integration
 def test_watch_on_the_bus(rabbit_url, tmp_path):
     pool = f"nova-xen-ncm-test-{uuid.uuid4().hex}"
+    # An exchange of the test's own: other migrations published on the
+    # same broker (Nova's exchange) are not this test's.
+    exchange = pool
+    conf = tmp_path / "bus.conf"
+    conf.write_text(f"[DEFAULT]\ncontrol_exchange = {exchange}\n")
     try:
         # Nothing ends within the bound: an empty list, or with --once
         # a failure. The bound counts from the command's start and must
@@ -295,6 +309,8 @@ def test_watch_on_the_bus(rabbit_url, tmp_path):
             "watch",
             "--transport-url",
             rabbit_url,
+            "--exchange",
+            exchange,
             "--pool",
             pool,
             "--timeout",
@@ -311,6 +327,8 @@ def test_watch_on_the_bus(rabbit_url, tmp_path):
             "watch",
             "--transport-url",
             rabbit_url,
+            "--exchange",
+            exchange,
             "--pool",
             pool,
             "--once",
@@ -332,6 +350,8 @@ def test_watch_on_the_bus(rabbit_url, tmp_path):
                 "watch",
                 "--transport-url",
                 rabbit_url,
+                "--exchange",
+                exchange,
                 "--pool",
                 pool,
                 "--once",
@@ -349,6 +369,8 @@ def test_watch_on_the_bus(rabbit_url, tmp_path):
                     assert time.monotonic() < deadline, "never listened"
                     time.sleep(0.1)
                 demo = run(
+                    "--config-file",
+                    str(conf),
                     "demo",
                     "--memory",
                     "64M",
@@ -373,3 +395,4 @@ def test_watch_on_the_bus(rabbit_url, tmp_path):
         assert f"{migration_id} (source)" in errors.read_text()
     finally:
         delete_queue(rabbit_url, pool)
+        delete_exchange(rabbit_url, exchange)
