@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
@@ -197,13 +198,24 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    started = time.monotonic()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # For options that bound a command's running time (watch --timeout).
-    args.started = started
-    name = f"nova-xen-ncm {args.command}"
+def interrupted_line(name: str, exc: KeyboardInterrupt) -> tuple[str, int]:
+    """The one line a command interrupted by ``exc`` prints, and its
+    exit status (128 + the signal's number)."""
+    signum = getattr(exc, "signum", signal.SIGINT)
+    outcome = getattr(exc, "outcome", None)
+    line = f"{name}: interrupted by {signal.Signals(signum).name}" + (
+        f": {outcome}" if outcome else ""
+    )
+    return line, 128 + signum
+
+
+def run_command(
+    name: str, config_files: list[str], action: Callable[[], int | None]
+) -> int:
+    """Read the configuration, then run ``action``: its exit status, or
+    an error's one line on stderr and the status of its kind. Every
+    command line of the project (``nova-xen-ncm`` and ``openstack
+    xen-ncm``) ends through here."""
     # SIGTERM ends a command as Ctrl-C does: whatever runs is cancelled
     # and cleaned up, rather than the process vanishing mid-migration.
     previous = {}
@@ -213,23 +225,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             for signum in (signal.SIGINT, signal.SIGTERM)
         }
     try:
-        load_config(args.config_file)
-        return int(args.func(args) or 0)
+        load_config(config_files)
+        return int(action() or 0)
     except CommandError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        outcome = getattr(exc, "outcome", None)
-        print(
-            f"{name}: interrupted by {signal.Signals(signum).name}"
-            + (f": {outcome}" if outcome else ""),
-            file=sys.stderr,
-        )
-        return 128 + signum
+        line, status = interrupted_line(name, exc)
+        print(line, file=sys.stderr)
+        return status
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.monotonic()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # For options that bound a command's running time (watch --timeout).
+    args.started = started
+    return run_command(
+        f"nova-xen-ncm {args.command}",
+        args.config_file,
+        lambda: args.func(args),
+    )
 
 
 if __name__ == "__main__":
