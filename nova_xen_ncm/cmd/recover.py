@@ -244,8 +244,13 @@ def _print(args: argparse.Namespace, outcomes: list) -> None:
         print(json.dumps([o.as_dict() for o in outcomes], indent=2))
         return
     for o in outcomes:
-        what = "left alone" if o.skipped else str(o.phase)
-        print(
-            f"{o.migration_id} ({o.role}, domain {o.domid}, journalled in "
-            f"{o.journalled}): {what}: {o.reason}"
-        )
+        print(outcome_line(o))
+
+
+def outcome_line(o: recovery.Outcome) -> str:
+    """One settled migration, as a line for an operator."""
+    what = "left alone" if o.skipped else str(o.phase)
+    return (
+        f"{o.migration_id} ({o.role}, domain {o.domid}, journalled in "
+        f"{o.journalled}): {what}: {o.reason}"
+    )

@@ -7,7 +7,6 @@ for ``nova-xen-ncm recover`` and ``nova-xen-ncm watch``."""
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -193,6 +192,10 @@ class RecoverMigrations(_Local, command.Lister):
         outcomes = recover.settle(parsed_args, CONF, journal, incoming)
         if not outcomes:
             self.say(f"nothing in flight in {path}")
+        # Answering may take [xen_ncm] commit_query_timeout: what was
+        # settled is said now, the table comes after.
+        for outcome in outcomes:
+            self.say(recover.outcome_line(outcome))
         self.exit_status = recover.exit_status(outcomes)
         done = recover.answer(
             outcomes,
@@ -287,6 +290,7 @@ class WatchMigrations(_Local, command.Lister):
         return parser
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple:
+        from nova_xen_ncm.cmd import main
         from nova_xen_ncm.conf import CONF
 
         watching = watch.Watch(
@@ -303,18 +307,13 @@ class WatchMigrations(_Local, command.Lister):
                 pool=parsed_args.pool,
                 timeout=parsed_args.timeout,
                 started=getattr(parsed_args, "started", None),
-                name=f"openstack {self.cmd_name or 'xen-ncm migration watch'}",
+                name=self.prog,
             )
         except KeyboardInterrupt as exc:
             # Ctrl-C is how a watch without --timeout ends: what it saw
             # is still listed, and the status says it was interrupted.
             if parsed_args.once:
                 raise
-            signum = getattr(exc, "signum", signal.SIGINT)
-            print(
-                f"openstack {self.cmd_name or 'xen-ncm migration watch'}: "
-                f"interrupted by {signal.Signals(signum).name}",
-                file=sys.stderr,
-            )
-            self.exit_status = 128 + signum
+            line, self.exit_status = main.interrupted_line(self.prog, exc)
+            print(line, file=sys.stderr)
         return ENDED_COLUMNS, [ended_row(d) for d in watching.ended]

@@ -122,6 +122,40 @@ def test_recover_with_nothing_in_flight(tmp_path, capsys):
     assert f"nothing in flight in {tmp_path}" in capsys.readouterr().err
 
 
+def test_recover_settles_says_each_outcome_and_lists_them(tmp_path, capsys):
+    Journal(str(tmp_path)).write(entry(Entry, "m-1", 42, "restore"))
+    status, out = invoke(
+        migration.RecoverMigrations,
+        [
+            "--state-path",
+            str(tmp_path),
+            "--host-driver",
+            "sim",
+            "--answer",
+            "0",
+            "-f",
+            "json",
+        ],
+    )
+    assert status == 0
+    (row,) = json.loads(out)
+    assert (row["Migration"], row["Role"], row["Journalled"]) == (
+        "m-1",
+        "source",
+        "restore",
+    )
+    # Journalled by another boot of the host: its domain 42 is gone.
+    assert row["Phase"] == "failed"
+    assert "domain 42 is gone" in row["Reason"]
+    # Said on stderr as settled, before any wait for commit queries.
+    (said,) = capsys.readouterr().err.splitlines()
+    assert said.endswith(
+        "m-1 (source, domain 42, journalled in RESTORE): FAILED: "
+        + row["Reason"]
+    ), said
+    assert Journal(str(tmp_path)).entries() == []
+
+
 def test_a_state_path_that_is_not_there(tmp_path, capsys):
     missing = tmp_path / "missing"
     status, _ = invoke(
