@@ -54,6 +54,25 @@ def restored_signal_handlers():
             signal.signal(signum, handler)
 
 
+@pytest.fixture
+def no_cloud(tmp_path, monkeypatch) -> None:
+    """No OpenStack cloud configured, whatever the machine has: no OS_*
+    variable, and empty clouds.yaml and secure.yaml found first
+    (openstacksdk reads the first it finds, ``./clouds.yaml`` and the
+    machine's /etc/openstack/clouds.yaml too)."""
+    for name in list(os.environ):
+        if name.startswith("OS_"):
+            monkeypatch.delenv(name)
+    config = tmp_path / "openstack-config"
+    config.mkdir()
+    for name in ("clouds.yaml", "secure.yaml"):
+        (config / name).write_text("clouds: {}\n")
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(config / "clouds.yaml"))
+    monkeypatch.setenv("OS_CLIENT_SECURE_FILE", str(config / "secure.yaml"))
+    monkeypatch.setenv("HOME", str(config))
+    monkeypatch.chdir(config)
+
+
 @pytest.fixture(autouse=True)
 def state_path(tmp_path_factory, monkeypatch) -> str:
     """The journals' directory of this test: the option's default for

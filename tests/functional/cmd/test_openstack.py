@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 import urllib.parse
 import uuid
@@ -33,23 +32,13 @@ from .conftest import run
 # How long the watches that see no migration wait.
 QUIET = 20
 
+# OpenStackClient reads clouds.yaml and the OS_* variables before any
+# command runs: none of the machine's or the caller's reach these tests.
+pytestmark = pytest.mark.usefixtures("no_cloud")
+
 
 def openstack(*args: str, **kwargs):
     return run(*args, name="openstack", **kwargs)
-
-
-def no_cloud(monkeypatch, tmp_path):
-    """No cloud configured: no OS_* variable, and a clouds.yaml without
-    clouds read first (openstacksdk reads the first one it finds, the
-    machine's /etc/openstack/clouds.yaml too)."""
-    for name in list(os.environ):
-        if name.startswith("OS_"):
-            monkeypatch.delenv(name)
-    clouds = tmp_path / "clouds.yaml"
-    clouds.write_text("clouds: {}\n")
-    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -249,8 +238,7 @@ def test_mistakes_have_the_projects_statuses(tmp_path, monkeypatch):
     )
 
 
-def test_drain_without_a_cloud_or_with_one_out_of_reach(tmp_path, monkeypatch):
-    no_cloud(monkeypatch, tmp_path)
+def test_drain_without_a_cloud_or_with_one_out_of_reach():
     one_line_error(
         openstack("xen-ncm", "host", "drain", "compute-1"),
         EXIT_CONFIG,
@@ -281,6 +269,25 @@ def test_drain_without_a_cloud_or_with_one_out_of_reach(tmp_path, monkeypatch):
         # keystoneauth's own warning as it falls back to the URL's version.
         allow=("Failed to discover available identity versions",),
     )
+
+
+def test_a_cloud_missing_from_clouds_yaml_stops_openstackclient_first(
+    tmp_path,
+):
+    # OpenStackClient looks the cloud up before any command runs, even
+    # one that needs no cloud: its own message and status, not ours.
+    result = openstack(
+        "--os-cloud",
+        "nosuch",
+        "xen-ncm",
+        "migration",
+        "list",
+        "--state-path",
+        str(tmp_path),
+    )
+    assert result.returncode == EXIT_FAILED, result.stderr[-3000:]
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == ["Cloud nosuch was not found."]
 
 
 def delete_exchange(url: str, name: str) -> None:

@@ -39,6 +39,11 @@ def invoke(command_class, argv, *, app=None, name="xen-ncm command"):
 
 
 @pytest.fixture(autouse=True)
+def isolated_cloud_config(no_cloud):
+    """No clouds.yaml or OS_* variable of the machine reaches a test."""
+
+
+@pytest.fixture(autouse=True)
 def default_config():
     """The commands read their configuration into the global CONF: back
     to the defaults after each test."""

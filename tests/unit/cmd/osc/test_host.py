@@ -4,7 +4,6 @@ exit status against the in-memory compute API of drain's own tests."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -18,6 +17,8 @@ from .conftest import App
 from .conftest import invoke
 
 NAME = "xen-ncm host drain"
+# The command's own connect(), before the tests replace it.
+REAL_CONNECT = host.connect
 
 
 @pytest.fixture
@@ -152,23 +153,13 @@ def test_a_configuration_file_that_cannot_be_read(tmp_path, capsys, drain):
 
 
 def test_a_cloud_that_is_not_configured_is_a_configuration_problem(
-    monkeypatch, tmp_path, capsys
+    monkeypatch, capsys
 ):
     # The real connect(), with OpenStackClient's own configuration
-    # loader and no cloud configured anywhere.
+    # loader and no cloud configured anywhere (the no_cloud fixture).
     from openstack import config as os_config
 
-    monkeypatch.undo()
-    for name in list(os.environ):
-        if name.startswith("OS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    # openstacksdk reads the first clouds.yaml it finds, the machine's
-    # /etc/openstack/clouds.yaml too: one with no cloud goes first.
-    clouds = tmp_path / "clouds.yaml"
-    clouds.write_text("clouds: {}\n")
-    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
+    monkeypatch.setattr(host, "connect", REAL_CONNECT)
     app = App()
     app.cloud_config = os_config.OpenStackConfig()
     app.options.cloud = None
