@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import datetime
 import json
+import signal
 
 import pytest
 
 from nova_xen_ncm.cmd import EXIT_CONFIG
 from nova_xen_ncm.cmd import EXIT_USAGE
+from nova_xen_ncm.cmd import Interrupted
+from nova_xen_ncm.cmd import watch
 from nova_xen_ncm.cmd.osc import migration
 from nova_xen_ncm.engine.journal import INCOMING
 from nova_xen_ncm.engine.journal import Entry
 from nova_xen_ncm.engine.journal import IncomingEntry
 from nova_xen_ncm.engine.journal import Journal
+from nova_xen_ncm.progress import tracker
 
 from .conftest import App
 from .conftest import invoke
@@ -233,3 +237,33 @@ def test_an_end_notification_is_one_row():
     )
     assert bare[:3] == ("m-2", "destination", "failed")
     assert bare[6:9] == (None, None, 0)
+
+
+@pytest.mark.parametrize("once", [False, True])
+def test_an_interrupted_watch(monkeypatch, capsys, once):
+    # The bus is replaced: one migration ends, then Ctrl-C comes.
+    def follow(conf, watching, **kwargs):
+        watching.feed(
+            "xen_ncm.migration.end",
+            tracker.envelope(
+                "MigrationEndPayload",
+                {"migration_id": "m-1", "role": "source", "outcome": "done"},
+            ),
+        )
+        raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(watch, "follow", follow)
+    argv = ["-f", "value", "-c", "Migration", "-c", "Outcome"]
+    status, out = invoke(
+        migration.WatchMigrations,
+        argv + (["--once"] if once else []),
+        name="xen-ncm migration watch",
+    )
+    err = capsys.readouterr().err.splitlines()
+    assert status == 128 + signal.SIGINT
+    assert err[-1] == (
+        "openstack xen-ncm migration watch: interrupted by SIGINT"
+    ), err
+    # Without --once, Ctrl-C is how a watch ends: what it saw is listed.
+    # With --once it was waiting for an outcome: nothing is.
+    assert out == ("" if once else "m-1 done\n")
