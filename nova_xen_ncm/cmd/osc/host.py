@@ -76,6 +76,10 @@ class DrainHost(base.XenNcmCommand, command.Lister):
     # The connection is made by connect(), which says which kind of
     # problem stopped it.
     auth_required = False
+    columns = RESULT_COLUMNS
+
+    def columns_of(self, parsed_args: argparse.Namespace) -> tuple[str, ...]:
+        return PLAN_COLUMNS if parsed_args.dry_run else RESULT_COLUMNS
 
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
         parser = super().get_parser(prog_name)

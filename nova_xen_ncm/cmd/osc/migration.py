@@ -119,6 +119,8 @@ class ListMigrations(_Local, command.Lister):
     settling it (``openstack xen-ncm migration recover`` settles those).
     """
 
+    columns = JOURNAL_COLUMNS
+
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
         parser = super().get_parser(prog_name)
         _add_state_path(parser)
@@ -136,6 +138,8 @@ class ListMigrations(_Local, command.Lister):
 
 class ShowMigration(_Local, command.ShowOne):
     """Show one migration of this host's journals."""
+
+    columns = JOURNAL_COLUMNS
 
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
         parser = super().get_parser(prog_name)
@@ -167,6 +171,8 @@ class RecoverMigrations(_Local, command.Lister):
     commit queries (``--answer``). Exits 0 when everything was settled,
     1 when a migration stays IN_DOUBT (its guest paused here).
     """
+
+    columns = OUTCOME_COLUMNS
 
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
         parser = super().get_parser(prog_name)
@@ -218,6 +224,8 @@ class ResolveMigration(_Local, command.ShowOne):
     removed, nothing else is done.
     """
 
+    columns = RESOLVED_COLUMNS
+
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
         parser = super().get_parser(prog_name)
         parser.add_argument(
@@ -243,6 +251,8 @@ class WatchMigrations(_Local, command.Lister):
     and lists the migrations that ended once the watch is over
     (``--once``, ``--timeout`` or Ctrl-C).
     """
+
+    columns = ENDED_COLUMNS
 
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
         parser = super().get_parser(prog_name)

@@ -171,3 +171,25 @@ def test_a_cloud_that_is_not_configured_is_a_configuration_problem(
         "the cloud connection is not configured"
     ), err
     assert len(err.splitlines()) == 1, err
+
+
+def test_a_column_that_is_not_there_stops_the_drain_before_it_starts(
+    fast, capsys, drain
+):
+    compute = FakeCompute([("a", "ACTIVE")])
+    status, out = drain(compute, ["host1", "-c", "Sever"], fast)
+    assert (status, out) == (EXIT_USAGE, "")
+    assert capsys.readouterr().err == (
+        "openstack xen-ncm host drain: error: -c Sever: no such column "
+        f"(columns: {', '.join(host.RESULT_COLUMNS)})\n"
+    )
+    assert not compute.disabled
+    assert not compute.migration_list
+    # cliff's matching: case and spaces do not matter; a dry run has
+    # the plan's columns.
+    status, out = drain(
+        compute, ["host1", "--dry-run", "-c", "action", "-f", "value"], fast
+    )
+    assert (status, out) == (0, "live-migrate\n")
+    status, _ = drain(compute, ["host1", "--dry-run", "-c", "Outcome"], fast)
+    assert status == EXIT_USAGE
