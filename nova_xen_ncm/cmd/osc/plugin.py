@@ -25,6 +25,21 @@ def make_client(instance: Any) -> Any:
     return instance.sdk_connection
 
 
+def check_api_version(check_version: str) -> bool:
+    """OpenStackClient calls this with ``--os-xen-ncm-api-version``
+    before it loads the commands: a version without commands would
+    otherwise leave only "Unknown command" to the operator."""
+    from osc_lib import exceptions
+
+    if check_version not in API_VERSIONS:
+        raise exceptions.CommandError(
+            f"--os-xen-ncm-api-version {check_version}: no such xen-ncm "
+            f"command set (versions: {', '.join(API_VERSIONS)})"
+        )
+    # Checked: OpenStackClient's own check of API_VERSIONS is not needed.
+    return True
+
+
 def build_option_parser(
     parser: argparse.ArgumentParser,
 ) -> argparse.ArgumentParser:

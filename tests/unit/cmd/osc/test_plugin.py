@@ -7,6 +7,8 @@ import argparse
 import types
 from importlib import metadata
 
+import pytest
+
 from nova_xen_ncm.cmd.osc import plugin
 
 
@@ -64,3 +66,14 @@ def test_the_client_is_the_connection_openstackclient_built():
     connection = object()
     instance = types.SimpleNamespace(sdk_connection=connection)
     assert plugin.make_client(instance) is connection
+
+
+def test_an_api_version_without_commands_is_refused_by_name():
+    from osc_lib import exceptions
+
+    assert plugin.check_api_version("1") is True
+    with pytest.raises(exceptions.CommandError) as exc:
+        plugin.check_api_version("2")
+    assert str(exc.value) == (
+        "--os-xen-ncm-api-version 2: no such xen-ncm command set (versions: 1)"
+    )
