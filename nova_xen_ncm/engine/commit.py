@@ -31,7 +31,8 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import framing
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.errors import EngineError
@@ -85,10 +86,11 @@ class Verdict:
     phase: str | None = None
 
 
-def verdict_of(status: protocol.Status) -> Verdict:
+def verdict_of(status: messages.Status) -> Verdict:
     if status.committed or status.phase in RUNS_THERE:
         return Verdict(
-            True, f"the destination runs the guest ({status.phase})",
+            True,
+            f"the destination runs the guest ({status.phase})",
             status.phase,
         )
     if status.phase in NEVER_RAN:
@@ -138,20 +140,20 @@ class CommitQuery:
             raise
         return channel
 
-    def once(self) -> protocol.Status:
+    def once(self) -> messages.Status:
         """Ask once; raises :class:`NotYetKnown` while the destination
         has not decided, :class:`TransportError` if it cannot be asked."""
         channel = self._connect()
         try:
-            channel.send(protocol.Query())
+            channel.send(messages.Query())
             status = channel.receive()
         finally:
             channel.close()
-        if isinstance(status, protocol.Error):
+        if isinstance(status, messages.Error):
             raise ProtocolError(
                 f"destination failed: {status.code}: {status.text}"
             )
-        if not isinstance(status, protocol.Status):
+        if not isinstance(status, messages.Status):
             raise ProtocolError(
                 f"expected STATUS, got {type(status).__name__}"
             )
@@ -196,7 +198,7 @@ class CommitQuery:
             )
             return False
         try:
-            channel.send(protocol.Finished())
+            channel.send(messages.Finished())
             # The destination closes once it has forgotten.
             channel.receive()
         except (EngineError, OSError) as exc:
@@ -218,7 +220,7 @@ class Answerer:
         migration_id: str,
         token: bytes,
         conf: cfg.ConfigOpts,
-        status: Callable[[], protocol.Status],
+        status: Callable[[], messages.Status],
         on_finished: Callable[[], None],
     ) -> None:
         self.listener = listener
@@ -229,17 +231,17 @@ class Answerer:
         self.on_finished = on_finished
         self.finished = threading.Event()
 
-    def _token_for(self, hello: protocol.Hello) -> bytes:
+    def _token_for(self, hello: messages.Hello) -> bytes:
         if hello.migration_id != self.migration_id:
             raise Refused(
-                protocol.RefuseReason.UNKNOWN_MIGRATION,
+                messages.RefuseReason.UNKNOWN_MIGRATION,
                 f"no migration {hello.migration_id!r} here",
             )
         return self.token
 
-    def _no_resume(self, hello: protocol.Hello, resume: object) -> int:
+    def _no_resume(self, hello: messages.Hello, resume: object) -> int:
         raise Refused(
-            protocol.RefuseReason.BAD_REQUEST,
+            messages.RefuseReason.BAD_REQUEST,
             f"migration {self.migration_id} is over here "
             f"({self.status().phase}): nothing to resume",
         )
@@ -288,8 +290,8 @@ class Answerer:
             return
         channel = Channel(
             sock,
-            protocol.Connection(
-                protocol.Role.SERVER, max_data=self.opts.max_frame_bytes
+            framing.Connection(
+                messages.Role.SERVER, max_data=self.opts.max_frame_bytes
             ),
             io_timeout=self.opts.connect_timeout,
         )
@@ -302,9 +304,9 @@ class Answerer:
                 )
                 while True:
                     message = channel.receive()
-                    if isinstance(message, protocol.Query):
+                    if isinstance(message, messages.Query):
                         channel.send(self.status())
-                    elif isinstance(message, protocol.Finished):
+                    elif isinstance(message, messages.Finished):
                         if not self.finished.is_set():
                             self.finished.set()
                             self.on_finished()

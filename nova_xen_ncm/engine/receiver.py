@@ -31,8 +31,9 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import framing
 from nova_xen_ncm.engine import journal
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import pvstate
 from nova_xen_ncm.engine import validate
 from nova_xen_ncm.engine.errors import EngineError
@@ -311,9 +312,7 @@ class Restorer:
         else:
             records = self._pv.result()
             # The host's other guests as they are now, not at SETUP.
-            self.limits = validate.GuestLimits.from_host(
-                self.host, self.domid
-            )
+            self.limits = validate.GuestLimits.from_host(self.host, self.domid)
             validate.check_pv_records(self.limits, records, self._populated)
             state = records.to_pv_state(self._params)
             if self._before_pv_import is not None:
@@ -339,14 +338,14 @@ _HANDLERS = {
 
 _PAGE_CODEC = libxc.PageDataCodec()
 _DATA_CAPABILITIES = (
-    protocol.Capability.LZ4.value,
-    protocol.Capability.MULTI_CHANNEL.value,
+    messages.Capability.LZ4.value,
+    messages.Capability.MULTI_CHANNEL.value,
 )
 
 
 def _read_frame(
-    channel: Channel, header: protocol.DataHeader, restorer: Restorer
-) -> protocol.Data | None:
+    channel: Channel, header: messages.DataHeader, restorer: Restorer
+) -> messages.Data | None:
     """Read the body of a data frame whose header came (direct mode).
 
     A page batch (flag PAGES) is applied to the restoring guest once the
@@ -357,14 +356,14 @@ def _read_frame(
     if header.length:
         channel.read_payload_into(memoryview(body))
     end = channel.receive()
-    if not isinstance(end, protocol.DataEnd):
+    if not isinstance(end, messages.DataEnd):
         raise ProtocolError(
             f"{type(end).__name__} inside data frame {header.seq}"
         )
     if header.pages:
         restorer.page_record(body)
         return None
-    return protocol.Data(seq=header.seq, payload=body)
+    return messages.Data(seq=header.seq, payload=body)
 
 
 class MigrationAborted(EngineError):
@@ -501,9 +500,9 @@ class Receiver:
                 self._end_transfer()
             self._restore(restorer)
             message = self._channel.receive()
-            if isinstance(message, protocol.Abort):
+            if isinstance(message, messages.Abort):
                 raise MigrationAborted(message.reason)
-            if not isinstance(message, protocol.Commit):
+            if not isinstance(message, messages.Commit):
                 raise ProtocolError(
                     f"expected COMMIT, got {type(message).__name__}"
                 )
@@ -523,21 +522,21 @@ class Receiver:
 
     # -- phases --
 
-    def _token_for(self, hello: protocol.Hello) -> bytes:
+    def _token_for(self, hello: messages.Hello) -> bytes:
         if hello.migration_id != self.migration_id:
             raise Refused(
-                protocol.RefuseReason.UNKNOWN_MIGRATION,
+                messages.RefuseReason.UNKNOWN_MIGRATION,
                 f"no incoming migration {hello.migration_id!r} here",
             )
         return self._token
 
     def _accept_channel(
         self,
-        token_for: Callable[[protocol.Hello], bytes],
+        token_for: Callable[[messages.Hello], bytes],
         capabilities: Sequence[str],
-        resume_from: Callable[[protocol.Hello, protocol.Resume], int]
+        resume_from: Callable[[messages.Hello, messages.Resume], int]
         | None = None,
-    ) -> tuple[Channel, protocol.Hello, protocol.Auth | protocol.Resume]:
+    ) -> tuple[Channel, messages.Hello, messages.Auth | messages.Resume]:
         """The next connection, authenticated (closed if it fails)."""
         channel = Channel.accept(
             self.listener,
@@ -569,9 +568,7 @@ class Receiver:
         try:
             while True:
                 try:
-                    ok, value = results.get(
-                        timeout=0.05 if inflight else 0
-                    )
+                    ok, value = results.get(timeout=0.05 if inflight else 0)
                 except queue.Empty:
                     pass
                 else:
@@ -583,7 +580,7 @@ class Receiver:
                     if (
                         isinstance(value, Refused)
                         and value.code
-                        != protocol.RefuseReason.UNKNOWN_MIGRATION
+                        != messages.RefuseReason.UNKNOWN_MIGRATION
                     ):
                         raise value
                     stray = value
@@ -635,8 +632,8 @@ class Receiver:
             sock = self.listener.secure(sock, peer)
             channel = Channel(
                 sock,
-                protocol.Connection(
-                    protocol.Role.SERVER,
+                framing.Connection(
+                    messages.Role.SERVER,
                     max_data=self.opts.max_frame_bytes,
                     direct_payload=True,
                 ),
@@ -648,7 +645,7 @@ class Receiver:
         try:
             channel.server_handshake(
                 self._token_for,
-                capabilities=[protocol.Capability.LZ4.value],
+                capabilities=[messages.Capability.LZ4.value],
                 deadline=min(
                     self.opts.io_timeout, self.listener.handshake_timeout
                 ),
@@ -661,7 +658,7 @@ class Receiver:
 
     def _setup(self) -> Restorer:
         setup = self._channel.receive()
-        if not isinstance(setup, protocol.Setup):
+        if not isinstance(setup, messages.Setup):
             raise ProtocolError(f"expected SETUP, got {type(setup).__name__}")
         try:
             self._check(setup)
@@ -682,19 +679,19 @@ class Receiver:
                 self.host.create_empty_domain(config, setup.domid)
             except base.DomidInUse as exc:
                 raise Refused(
-                    protocol.RefuseReason.DOMID_TAKEN, str(exc)
+                    messages.RefuseReason.DOMID_TAKEN, str(exc)
                 ) from exc
             except base.InsufficientMemory as exc:
                 raise Refused(
-                    protocol.RefuseReason.NOT_ENOUGH_MEMORY, str(exc)
+                    messages.RefuseReason.NOT_ENOUGH_MEMORY, str(exc)
                 ) from exc
         except Refused as exc:
             self._channel.send(
-                protocol.SetupReply(
+                messages.SetupReply(
                     accepted=False,
                     domid=setup.domid,
                     code=exc.code,
-                    text=exc.text[: protocol.MAX_TEXT],
+                    text=exc.text[: messages.MAX_TEXT],
                 )
             )
             raise
@@ -705,7 +702,7 @@ class Receiver:
         # The data channels connect once the source has this reply.
         self.listener.allow(setup.channels - 1)
         self._channel.send(
-            protocol.SetupReply(
+            messages.SetupReply(
                 accepted=True, domid=setup.domid, code="", text=""
             )
         )
@@ -725,10 +722,10 @@ class Receiver:
         """Accept data channels 1..count-1 (in any order) and serve each
         in its own thread."""
 
-        def token_for(hello: protocol.Hello) -> bytes:
+        def token_for(hello: messages.Hello) -> bytes:
             if not 0 < hello.channel < count or hello.channel in self._data:
                 raise Refused(
-                    protocol.RefuseReason.TOO_MANY_CONNECTIONS,
+                    messages.RefuseReason.TOO_MANY_CONNECTIONS,
                     f"channel {hello.channel} of {count} is not expected",
                 )
             return self._token_for(hello)
@@ -757,7 +754,7 @@ class Receiver:
             _PLATFORM_ITEMS,
         )
 
-    def _check(self, setup: protocol.Setup) -> None:
+    def _check(self, setup: messages.Setup) -> None:
         """Refuse before anything moves (architecture.rst section 2)."""
         caps = self.host.capabilities()
         missing = dict(caps.missing(setup.pv_drivers))
@@ -780,21 +777,21 @@ class Receiver:
             text = "; ".join(
                 f"{getattr(k, 'value', k)}: {v}" for k, v in missing.items()
             )
-            raise Refused(protocol.RefuseReason.MISSING_CAPABILITY, text)
+            raise Refused(messages.RefuseReason.MISSING_CAPABILITY, text)
         try:
             holder = self.host.domain_info(setup.domid)
         except base.DomainNotFound:
             pass
         else:
             raise Refused(
-                protocol.RefuseReason.DOMID_TAKEN,
+                messages.RefuseReason.DOMID_TAKEN,
                 f"domid {setup.domid} is held by {holder.name!r} on "
                 f"{self.host.hostname}",
             )
         free = self.host.free_memory()
         if free < setup.memory_bytes:
             raise Refused(
-                protocol.RefuseReason.NOT_ENOUGH_MEMORY,
+                messages.RefuseReason.NOT_ENOUGH_MEMORY,
                 f"{setup.memory_bytes} bytes needed, {free} free on "
                 f"{self.host.hostname}",
             )
@@ -835,15 +832,15 @@ class Receiver:
         while True:
             try:
                 event = self._channel.receive()
-                if isinstance(event, protocol.DataHeader):
+                if isinstance(event, messages.DataHeader):
                     seq = event.seq
                     event = _read_frame(self._channel, event, restorer)
                     if event is None:
                         self._applied = seq
                         self._report_arrived(restorer)
                         continue
-                if isinstance(event, protocol.Data) and not len(event.payload):
-                    self._channel.send(protocol.Ack(seq=event.seq))
+                if isinstance(event, messages.Data) and not len(event.payload):
+                    self._channel.send(messages.Ack(seq=event.seq))
                     self._applied = event.seq
                     if restorer.done:
                         return
@@ -853,11 +850,11 @@ class Receiver:
                     raise self._data_error from exc
                 self._await_resume(exc)
                 continue
-            if isinstance(event, protocol.Abort):
+            if isinstance(event, messages.Abort):
                 raise MigrationAborted(event.reason)
-            if isinstance(event, protocol.Error):
+            if isinstance(event, messages.Error):
                 raise EngineError(f"source failed: {event.code}: {event.text}")
-            if not isinstance(event, protocol.Data):
+            if not isinstance(event, messages.Data):
                 raise ProtocolError(
                     f"unexpected {type(event).__name__} in the stream"
                 )
@@ -888,19 +885,19 @@ class Receiver:
             try:
                 event = channel.receive()
                 seq = getattr(event, "seq", None)
-                if isinstance(event, protocol.DataHeader):
+                if isinstance(event, messages.DataHeader):
                     event = _read_frame(channel, event, restorer)
                 if event is None:
                     # A page batch, read straight into guest memory.
                     self._data_applied[index] = seq
                     self._report_arrived(restorer)
                     continue
-                if not isinstance(event, protocol.Data):
+                if not isinstance(event, messages.Data):
                     raise ProtocolError(
                         f"{type(event).__name__} on data channel {index}"
                     )
                 if not len(event.payload):
-                    channel.send(protocol.Ack(seq=event.seq))
+                    channel.send(messages.Ack(seq=event.seq))
                 elif not event.pages:
                     raise ProtocolError(
                         f"stream records on data channel {index}: only "
@@ -1020,15 +1017,15 @@ class Receiver:
     def _accept_resumed(self) -> Channel:
         """Accept a connection that RESUMEs a dropped channel."""
 
-        def token_for(hello: protocol.Hello) -> bytes:
+        def token_for(hello: messages.Hello) -> bytes:
             if hello.channel not in self._dropped:
                 raise Refused(
-                    protocol.RefuseReason.BAD_REQUEST,
+                    messages.RefuseReason.BAD_REQUEST,
                     f"channel {hello.channel} is not waiting to resume",
                 )
             return self._token_for(hello)
 
-        def resume_from(hello: protocol.Hello, resume: protocol.Resume) -> int:
+        def resume_from(hello: messages.Hello, resume: messages.Resume) -> int:
             if hello.channel == 0:
                 return self._applied
             return self._data_applied[hello.channel]
@@ -1036,7 +1033,7 @@ class Receiver:
         channel, _, proof = self._accept_channel(
             token_for, _DATA_CAPABILITIES, resume_from
         )
-        if not isinstance(proof, protocol.Resume):
+        if not isinstance(proof, messages.Resume):
             channel.close()
             raise ProtocolError("expected RESUME of the dropped channel")
         return channel
@@ -1072,7 +1069,7 @@ class Receiver:
             self.host.guest_state(self.domid, items), items
         )
         digests.update(self._platform_digests)
-        self._channel.send(protocol.Ready(digest=format_digests(digests)))
+        self._channel.send(messages.Ready(digest=format_digests(digests)))
         self._ready_sent = True
 
     def _commit(self) -> None:
@@ -1093,12 +1090,12 @@ class Receiver:
             return
         self.state.transition(Phase.COMMIT, Phase.CLEANUP)
         try:
-            self._channel.send(protocol.Committed())
+            self._channel.send(messages.Committed())
             # The source's final acknowledgement, once it recorded the
             # outcome; without it, it may ask (commit query).
             self._channel.sock.settimeout(self.opts.io_timeout)
             reply = self._channel.receive()
-            self._source_knows = isinstance(reply, protocol.Finished)
+            self._source_knows = isinstance(reply, messages.Finished)
         except (EngineError, OSError) as exc:
             LOG.warning(
                 "Migration %s: no acknowledgement of COMMITTED: %s",
@@ -1151,7 +1148,7 @@ class Receiver:
                 if not self._source_knows:
                     self._channel.sock.settimeout(self.opts.io_timeout)
                     reply = self._channel.receive()
-                    self._source_knows = isinstance(reply, protocol.Finished)
+                    self._source_knows = isinstance(reply, messages.Finished)
             except (EngineError, OSError, ValueError) as exc:
                 LOG.debug("Teardown not confirmed to the source: %s", exc)
 
@@ -1160,7 +1157,7 @@ class Receiver:
             return
         try:
             self._channel.send(
-                protocol.Error(code=code, text=text[: protocol.MAX_TEXT])
+                messages.Error(code=code, text=text[: messages.MAX_TEXT])
             )
         except (EngineError, OSError, ValueError) as exc:
             LOG.debug("Could not report the failure to the source: %s", exc)
@@ -1181,12 +1178,11 @@ class Receiver:
         )
         answerer.serve(time.monotonic() + self.opts.commit_query_timeout)
 
-    def _status(self) -> protocol.Status:
+    def _status(self) -> messages.Status:
         phase = self.state.phase
-        return protocol.Status(phase=phase.value, committed=phase in _RUNNING)
+        return messages.Status(phase=phase.value, committed=phase in _RUNNING)
 
     def _close_channel(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
-

@@ -46,7 +46,7 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova_xen_ncm.engine import commit
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.journal import Entry
@@ -87,7 +87,7 @@ _MAY_BE_ASKED = frozenset(
     }
 )
 
-Query = Callable[[Entry, cfg.ConfigOpts], protocol.Status]
+Query = Callable[[Entry, cfg.ConfigOpts], messages.Status]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +132,7 @@ def _coordinator(entry: Entry, conf: cfg.ConfigOpts) -> commit.CommitQuery:
     )
 
 
-def query_destination(entry: Entry, conf: cfg.ConfigOpts) -> protocol.Status:
+def query_destination(entry: Entry, conf: cfg.ConfigOpts) -> messages.Status:
     """Ask the destination of ``entry`` once where its migration stands
     (TLS as configured); raises while it cannot tell."""
     return _coordinator(entry, conf).once()
@@ -229,8 +229,11 @@ def _held(
             if hold is None:
                 live.add(_guest(listed))
             taken.append(
-                (listed, hold, "a running engine holds this migration: "
-                 "left alone")
+                (
+                    listed,
+                    hold,
+                    "a running engine holds this migration: left alone",
+                )
             )
     except BaseException:
         for _, hold, _ in taken:
@@ -381,11 +384,11 @@ def _fence(
     if query is None:
         coordinator = _coordinator(entry, conf)
 
-        def ask() -> protocol.Status:
+        def ask() -> messages.Status:
             return coordinator.once()
     else:
 
-        def ask() -> protocol.Status:
+        def ask() -> messages.Status:
             return query(entry, conf)
 
     lease = commit.lease(conf)
@@ -579,9 +582,7 @@ def _settle_incoming(
                 return settled(
                     Phase.IN_DOUBT, f"COMMIT received, unpause failed: {exc}"
                 )
-        return settled(
-            Phase.DONE, "COMMIT was received: the guest runs here"
-        )
+        return settled(Phase.DONE, "COMMIT was received: the guest runs here")
     # Before COMMIT: the source rolls back (or did); the copy goes.
     if info is None:
         return settled(Phase.FAILED, f"no COMMIT received; {gone}")
@@ -637,7 +638,7 @@ def answer_incoming(
                 exc,
             )
             continue
-        status = protocol.Status(
+        status = messages.Status(
             phase=entry.phase, committed=entry.phase in commit.RUNS_THERE
         )
 

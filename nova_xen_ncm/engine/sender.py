@@ -35,8 +35,8 @@ from oslo_log import log as logging
 
 from nova_xen_ncm.engine import commit
 from nova_xen_ncm.engine import journal
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import policy as policies
-from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine import pvstate
 from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine import transport
@@ -277,11 +277,11 @@ class DigestMismatch(EngineError):
 
 
 def _expect(message: Any, kind: type) -> Any:
-    if isinstance(message, protocol.Error):
+    if isinstance(message, messages.Error):
         raise RemoteError(
             f"destination failed: {message.code}: {message.text}"
         )
-    if isinstance(message, protocol.Abort):
+    if isinstance(message, messages.Abort):
         raise RemoteError(f"destination aborted: {message.reason}")
     if not isinstance(message, kind):
         raise ProtocolError(
@@ -470,8 +470,7 @@ class Sender:
                 features = self.host.guest_features(self.domid)
             except base.NotSupported as exc:
                 LOG.info(
-                    "Migration %s: %s; the destination's import checks "
-                    "them",
+                    "Migration %s: %s; the destination's import checks them",
                     self.migration_id,
                     exc,
                 )
@@ -509,11 +508,11 @@ class Sender:
         )
         self._compress = (
             self.opts.compression == "lz4"
-            and protocol.Capability.LZ4.value
+            and messages.Capability.LZ4.value
             in self._channel.connection.capabilities
         )
         self._channel.send(
-            protocol.Setup(
+            messages.Setup(
                 domid=self.domid,
                 name=info.name,
                 uuid=info.uuid,
@@ -525,7 +524,7 @@ class Sender:
                 channels=len(self._channels),
             )
         )
-        reply = _expect(self._channel.receive(), protocol.SetupReply)
+        reply = _expect(self._channel.receive(), messages.SetupReply)
         if not reply.accepted:
             raise Refused(reply.code, reply.text)
         if reply.domid != self.domid:
@@ -573,9 +572,9 @@ class Sender:
         of AUTH)."""
         caps = []
         if self.opts.compression == "lz4":
-            caps.append(protocol.Capability.LZ4.value)
+            caps.append(messages.Capability.LZ4.value)
         if len(self._channels) > 1:
-            caps.append(protocol.Capability.MULTI_CHANNEL.value)
+            caps.append(messages.Capability.MULTI_CHANNEL.value)
         channel = Channel.connect(
             *self.endpoint,
             connect_timeout=self.opts.connect_timeout,
@@ -783,7 +782,7 @@ class Sender:
         )
 
     def _restore(self) -> None:
-        ready = _expect(self._receive(), protocol.Ready)
+        ready = _expect(self._receive(), messages.Ready)
         theirs = _parse_digests(ready.digest)
         mine = self._digests
         differ = sorted(k for k in mine if theirs.get(k) != mine[k])
@@ -800,8 +799,8 @@ class Sender:
             # Past the commit decision the downtime budget no longer
             # bounds the wait: the query settles what is not answered.
             self._channel.sock.settimeout(self.opts.io_timeout)
-            self._channel.send(protocol.Commit())
-            _expect(self._channel.receive(), protocol.Committed)
+            self._channel.send(messages.Commit())
+            _expect(self._channel.receive(), messages.Committed)
             verdict = commit.Verdict(
                 True, "destination acknowledged", Phase.CLEANUP.value
             )
@@ -856,7 +855,7 @@ class Sender:
         channel = self._channel
         if channel is not None:
             try:
-                channel.send(protocol.Finished())
+                channel.send(messages.Finished())
                 return
             except (EngineError, OSError) as exc:
                 LOG.info(
@@ -914,7 +913,7 @@ class Sender:
                 told = self._best_effort(
                     "tell the destination",
                     self._channel.send,
-                    protocol.Abort(reason=str(error)[: protocol.MAX_TEXT]),
+                    messages.Abort(reason=str(error)[: messages.MAX_TEXT]),
                 )
                 if told and fence and not confirmed:
                     confirmed = self._await_teardown()
@@ -922,7 +921,7 @@ class Sender:
                 self._best_effort(
                     "acknowledge the teardown",
                     self._channel.send,
-                    protocol.Finished(),
+                    messages.Finished(),
                 )
             self._close_channel()
         if fence and not confirmed:
@@ -965,7 +964,7 @@ class Sender:
                     return False
                 self._channel.sock.settimeout(left)
                 message = self._channel.receive()
-                if isinstance(message, protocol.Status):
+                if isinstance(message, messages.Status):
                     return message.phase in commit.NEVER_RAN
         except (EngineError, OSError) as exc:
             LOG.warning(
@@ -1206,7 +1205,7 @@ class Sender:
         channel = self._channels[index]
         seq = channel.connection.last_seq + 1
         channel.send_data(seq, [])
-        ack = _expect(channel.receive(), protocol.Ack)
+        ack = _expect(channel.receive(), messages.Ack)
         if ack.seq != seq:
             raise ProtocolError(f"ACK of frame {ack.seq}, expected {seq}")
         self._acked_by[index] = seq

@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import handshake
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.receiver import Receiver
 from nova_xen_ncm.engine.state import Phase
@@ -145,9 +146,9 @@ def test_connection_of_another_migration_does_not_spoil_this_one(
     worker = threading.Thread(target=m.receiver.run, daemon=True)
     worker.start()
     with pytest.raises(Refused) as caught:
-        stray.client_handshake(str(uuid.uuid4()), protocol.generate_token())
+        stray.client_handshake(str(uuid.uuid4()), handshake.generate_token())
     stray.close()
-    assert caught.value.code == protocol.RefuseReason.UNKNOWN_MIGRATION
+    assert caught.value.code == messages.RefuseReason.UNKNOWN_MIGRATION
     assert m.sender.run() is Phase.DONE, m.sender.error
     worker.join(30)
     assert m.receiver.state.phase is Phase.DONE
@@ -238,7 +239,7 @@ def test_replayed_stream_is_refused_by_a_new_migration(
         worker.join(30)
         assert replayed.state.phase is Phase.FAILED
         assert isinstance(replayed.error, Refused)
-        assert replayed.error.code == protocol.RefuseReason.AUTHENTICATION
+        assert replayed.error.code == messages.RefuseReason.AUTHENTICATION
         assert other.list_domains() == []
     finally:
         other.close()

@@ -10,8 +10,10 @@ import pytest
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
+from nova_xen_ncm.engine import framing
+from nova_xen_ncm.engine import handshake
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import policy
-from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.sender import GuestStream
 from nova_xen_ncm.engine.sender import Sender
@@ -120,7 +122,7 @@ def make_sender(conf, host, **kwargs):
         DOMID,
         ("127.0.0.1", 9),
         "m-1",
-        protocol.generate_token(),
+        handshake.generate_token(),
         conf=conf,
         **kwargs,
     )
@@ -204,7 +206,7 @@ class CountingChannel:
 
     def __init__(self, clock):
         self.clock = clock
-        self.connection = protocol.Connection(protocol.Role.CLIENT)
+        self.connection = framing.Connection(messages.Role.CLIENT)
 
     def send_data(self, seq, buffers, compress=False, pages=False):
         assert pages

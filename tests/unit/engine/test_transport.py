@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from nova_xen_ncm.engine import protocol as p
+from nova_xen_ncm.engine import framing
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.errors import TransportError
@@ -42,15 +43,19 @@ class Background:
         return self._value
 
 
-def pair(direct_payload=False, max_data=p.DEFAULT_MAX_DATA):
+def pair(direct_payload=False, max_data=framing.DEFAULT_MAX_DATA):
     a, b = socket.socketpair()
     client = Channel(
-        a, p.Connection(p.Role.CLIENT, max_data=max_data), io_timeout=TIMEOUT
+        a,
+        framing.Connection(messages.Role.CLIENT, max_data=max_data),
+        io_timeout=TIMEOUT,
     )
     server = Channel(
         b,
-        p.Connection(
-            p.Role.SERVER, max_data=max_data, direct_payload=direct_payload
+        framing.Connection(
+            messages.Role.SERVER,
+            max_data=max_data,
+            direct_payload=direct_payload,
         ),
         io_timeout=TIMEOUT,
     )
@@ -61,7 +66,7 @@ def token_for(expected_id="mig"):
     def lookup(hello):
         if hello.migration_id != expected_id:
             raise Refused(
-                p.RefuseReason.UNKNOWN_MIGRATION,
+                messages.RefuseReason.UNKNOWN_MIGRATION,
                 f"no migration {hello.migration_id}",
             )
         return TOKEN
@@ -133,7 +138,7 @@ def test_handshake_and_messages_over_a_socketpair():
     assert client.connection.established and server.connection.established
     assert client.connection.capabilities == {"lz4"}
     client.send(
-        p.Setup(
+        messages.Setup(
             domid=3,
             name="g",
             uuid="8f0c3a52-6f4e-4d2b-9c1a-3e5d7b9f1a2c",
@@ -144,7 +149,7 @@ def test_handshake_and_messages_over_a_socketpair():
         )
     )
     assert server.receive().domid == 3
-    server.send(p.SetupReply(accepted=True, domid=3, code="", text=""))
+    server.send(messages.SetupReply(accepted=True, domid=3, code="", text=""))
     assert client.receive().accepted
 
 
@@ -153,16 +158,16 @@ def test_page_payload_read_straight_into_caller_memory():
     pages = [memoryview(bytearray(bytes([n]) * 4096)) for n in range(64)]
     sender = Background(client.send_data, 1, pages)
     header = server.next_event()
-    assert header == p.DataHeader(seq=1, length=64 * 4096)
+    assert header == messages.DataHeader(seq=1, length=64 * 4096)
     guest = memoryview(bytearray(64 * 4096))
     # Page by page, as into mapped destination pages.
     for n in range(64):
         server.read_payload_into(guest[n * 4096 : (n + 1) * 4096])
-    assert server.next_event() == p.DataEnd(seq=1)
+    assert server.next_event() == messages.DataEnd(seq=1)
     sender.result()
     assert bytes(guest) == b"".join(bytes(pg) for pg in pages)
-    server.send(p.Ack(seq=1))
-    assert client.receive() == p.Ack(seq=1)
+    server.send(messages.Ack(seq=1))
+    assert client.receive() == messages.Ack(seq=1)
 
 
 def test_read_payload_into_more_than_the_frame():
@@ -227,7 +232,7 @@ def test_resume_reports_where_to_continue():
     assert welcome.resume_from == 12
     assert seen == [9]
     assert hello.channel == 1
-    assert isinstance(proof, p.Resume)
+    assert isinstance(proof, messages.Resume)
 
 
 def test_peer_close_is_a_transport_error():
@@ -342,7 +347,7 @@ def test_several_channels_per_migration():
         assert [s.connection.hello.channel for s in servers] == [0, 1, 2]
         assert servers[0].connection.capabilities == {
             "lz4",
-            p.Capability.MULTI_CHANNEL.value,
+            messages.Capability.MULTI_CHANNEL.value,
         }
         for index, ch in enumerate(clients):
             ch.send_data(1, [b"page of channel %d" % index])
