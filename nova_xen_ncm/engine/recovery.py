@@ -48,6 +48,7 @@ from oslo_log import log as logging
 from nova_xen_ncm.engine import commit
 from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import retry
+from nova_xen_ncm.engine.acceptor import Acceptor
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.journal import Entry
 from nova_xen_ncm.engine.journal import Hold
@@ -130,12 +131,6 @@ def _coordinator(entry: Entry, conf: cfg.ConfigOpts) -> commit.CommitQuery:
     return commit.CommitQuery(
         conf, entry.endpoint, entry.migration_id, entry.token_bytes
     )
-
-
-def query_destination(entry: Entry, conf: cfg.ConfigOpts) -> messages.Status:
-    """Ask the destination of ``entry`` once where its migration stands
-    (TLS as configured); raises while it cannot tell."""
-    return _coordinator(entry, conf).once()
 
 
 def recover(
@@ -646,19 +641,23 @@ def answer_incoming(
             journal.remove(mid)
             finished.append(mid)
 
-        answerer = commit.Answerer(
+        acceptor = Acceptor(
             listener,
             entry.migration_id,
             entry.token_bytes,
             conf,
-            lambda status=status: status,
-            forget,
+            status=lambda status=status: status,
+            on_finished=forget,
+            source=False,
         )
 
-        def serve(answerer=answerer, listener=listener, hold=hold) -> None:
+        def serve(acceptor=acceptor, listener=listener, hold=hold) -> None:
             try:
-                answerer.serve(until)
+                left = until - time.monotonic()
+                if left > 0:
+                    acceptor.finished.wait(left)
             finally:
+                acceptor.close()
                 listener.close()
                 hold.release()
 

@@ -95,7 +95,7 @@ def test_dropped_data_channel_is_resumed(conf, source, destination, migration):
     def drop_data_channel(event):
         if event.detail["round"] == 0:
             # The network breaks under data channel 2 between rounds.
-            channel = m.sender._channels[2]
+            channel = m.sender.data.channels[2]
             dropped.append(channel.connection.last_seq)
             channel.sock.shutdown(socket.SHUT_RDWR)
 

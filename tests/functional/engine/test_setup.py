@@ -18,7 +18,7 @@ def running(host, domid):
 def test_wrong_token_is_refused(source, destination, migration):
     domid = source.create_domain(guest_config())
     m = migration(source, domid, destination)
-    m.sender.token = handshake.generate_token()
+    m.sender.data.token = handshake.generate_token()
     assert m.run() is Phase.FAILED
     assert isinstance(m.sender.error, (Refused, AuthenticationError))
     assert m.receiver.state.phase is Phase.FAILED

@@ -810,7 +810,7 @@ class _SourceFaults:
             _suicide()
         elif kind is Kind.DROP:
             sender = self.sender_ref[0]
-            channel = sender._channel
+            channel = sender.data.control
             if channel is not None:
                 with contextlib.suppress(OSError):
                     channel.sock.shutdown(socket.SHUT_RDWR)
@@ -873,7 +873,7 @@ class _SourceFaults:
 
             def handshake_then_fault(conn: Channel, *a: Any, **k: Any):
                 result = handshake(conn, *a, **k)
-                faults.sender_ref[0]._channel = conn
+                faults.sender_ref[0].data.channels[0] = conn
                 faults.action()
                 Channel.client_handshake = handshake
                 return result

@@ -15,7 +15,7 @@ from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import policy
 from nova_xen_ncm.engine.errors import EngineError
-from nova_xen_ncm.engine.sender import GuestStream
+from nova_xen_ncm.engine.guest_stream import GuestStream
 from nova_xen_ncm.engine.sender import Sender
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
@@ -222,7 +222,7 @@ def test_progress_is_reported_while_a_round_runs(conf, host):
     clock = FakeClock()
     sender = make_sender(conf, host, clock=clock, sinks=[sink])
     sender.stream.batch_pages = 1
-    sender._channel = CountingChannel(clock)
+    sender.data.channels[0] = CountingChannel(clock)
     pages, zero, nbytes = sender._send_pages(PFNS)
     assert (pages, zero) == (5, 1)
     progress = [e for e in sink.events if e.kind.value == "progress"]
