@@ -24,6 +24,7 @@ failed handshake costs its own connection only.
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import time
@@ -173,6 +174,7 @@ class Acceptor:
         self.listener.allow()
         with self._cond:
             self._dropped.add(index)
+            self._cond.notify_all()
             try:
                 while True:
                     channel = self._resumed.pop(index, None)
@@ -237,14 +239,17 @@ class Acceptor:
                 ),
                 io_timeout=self.opts.io_timeout,
             )
+            deadline = min(
+                self.opts.io_timeout, self.listener.handshake_timeout
+            )
+            # Room left for the WELCOME after a wait in resume_from.
+            until = time.monotonic() + 0.8 * deadline
             try:
                 hello, proof = channel.server_handshake(
                     self._token_for,
                     capabilities=_CAPABILITIES,
-                    resume_from=self._resume_from,
-                    deadline=min(
-                        self.opts.io_timeout, self.listener.handshake_timeout
-                    ),
+                    resume_from=functools.partial(self._resume_from, until),
+                    deadline=deadline,
                 )
             except Exception as exc:
                 channel.close()
@@ -276,17 +281,39 @@ class Acceptor:
         return self.token
 
     def _resume_from(
-        self, hello: messages.Hello, resume: messages.Resume
+        self, until: float, hello: messages.Hello, resume: messages.Resume
     ) -> int:
-        with self._cond:
-            waiting = hello.channel in self._dropped
-        if not waiting or self._resume_seq is None:
+        """Where channel ``hello.channel`` goes on. The source may resume
+        before this side saw the connection drop: the handshake waits for
+        that until the monotonic time ``until``, then closes without a
+        refusal (the source tries again)."""
+        index = hello.channel
+        while True:
+            with self._cond:
+                waiting = index in self._dropped
+                if (
+                    waiting
+                    or self._resume_seq is None
+                    or self._closed
+                    or time.monotonic() >= until
+                ):
+                    break
+                self._cond.wait(_POLL)
+            if self.status().phase in commit.FINAL:
+                break
+        if waiting and self._resume_seq is not None:
+            return self._resume_seq(index)
+        phase = self.status().phase
+        if self._resume_seq is None or phase in commit.FINAL:
             raise Refused(
                 messages.RefuseReason.BAD_REQUEST,
-                f"channel {hello.channel} of migration {self.migration_id} "
-                "is not waiting to resume",
+                f"migration {self.migration_id} is over here ({phase}): "
+                "nothing to resume",
             )
-        return self._resume_seq(hello.channel)
+        raise TransportError(
+            f"channel {index} of migration {self.migration_id} did not "
+            "drop here within the handshake"
+        )
 
     def _failed(self, peer: object, exc: Exception) -> None:
         self.listener.rejected.append((str(peer), str(exc)))

@@ -87,6 +87,29 @@ def connect(acceptor, channel=0, token=TOKEN, last_acked=None, mid=MIGRATION):
     return ch, welcome
 
 
+class Background:
+    """Run ``fn`` in a thread; ``result()`` returns or re-raises."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self._value = self._error = None
+
+        def run():
+            try:
+                self._value = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the test thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join(TIMEOUT)
+        assert not self._thread.is_alive(), "background side hung"
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def soon():
     return time.monotonic() + TIMEOUT
 
@@ -139,34 +162,40 @@ def test_data_channels_only_once_setup_announced_them(acceptor):
         ch.close()
 
 
-def test_resume_only_of_a_dropped_channel_and_from_what_it_applied(
+def test_resume_of_a_channel_that_did_not_drop_is_closed(acceptor):
+    control, _ = connect(acceptor)
+    acceptor.control(soon()).close()
+    # Closed, not refused: the source tries again.
+    with pytest.raises(TransportError):
+        connect(acceptor, channel=0, last_acked=5)
+    control.close()
+
+
+def test_resume_waits_for_the_drop_and_goes_on_from_what_was_applied(
     acceptor, destination
 ):
     control, _ = connect(acceptor)
     acceptor.control(soon()).close()
-    refused(
+    # The source resumes before this side noticed the drop.
+    client = Background(connect, acceptor, channel=0, last_acked=5)
+    time.sleep(0.3)
+    server = acceptor.resumed(0, soon(), threading.Event())
+    _, welcome = client.result()
+    assert welcome.resume_from == destination.applied[0]
+    assert server.connection.resume.last_acked == 5
+    control.close()
+    server.close()
+
+
+def test_resume_after_the_outcome_is_refused(acceptor, destination):
+    control, _ = connect(acceptor)
+    acceptor.control(soon()).close()
+    destination.phase = "failed"
+    error = refused(
         acceptor, messages.RefuseReason.BAD_REQUEST, channel=0, last_acked=5
     )
-    over = threading.Event()
-    got = {}
-    waiter = threading.Thread(
-        target=lambda: got.update(ch=acceptor.resumed(0, soon(), over))
-    )
-    waiter.start()
-    deadline = soon()
-    while True:
-        try:
-            client, welcome = connect(acceptor, channel=0, last_acked=5)
-            break
-        except Refused:
-            # The waiter has not marked the channel dropped yet.
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    waiter.join(TIMEOUT)
-    assert welcome.resume_from == destination.applied[0]
-    assert got["ch"].connection.resume.last_acked == 5
-    for ch in (control, client, got["ch"]):
-        ch.close()
+    assert "is over here (failed): nothing to resume" in str(error)
+    control.close()
 
 
 def test_later_auth_of_channel_0_is_a_commit_query(acceptor, destination):
