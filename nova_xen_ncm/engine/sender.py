@@ -165,6 +165,8 @@ class Sender:
         # rollback (the one undo list).
         self._undo: list[_Undo] = []
         self._sent_populated = np.zeros(0, dtype=np.uint64)
+        # Numbered stream records on channel 0 not acknowledged yet.
+        self._unacked: list[tuple[int, Buffers]] = []
         self._last_progress = clock()
         # Digests of the paused guest's visible state, for READY's.
         self._digests: dict[str, str] | None = None
@@ -331,7 +333,11 @@ class Sender:
     def _precopy(self) -> tuple[policies.Decision, np.ndarray]:
         """Rounds until the policy says stop; returns its decision and
         the pages dirtied in the last round, not sent yet."""
-        self.data.send(self.stream.start())
+        # Kept until a round's flush acknowledged it: a resumed control
+        # channel may need it again.
+        start = self.data.control.connection.last_seq + 1
+        self._unacked = [(start, self.stream.start())]
+        self.data.send_numbered(0, self._unacked, pages=False)
         self.host.enable_log_dirty(self.domid)
         self._push(
             "stop log-dirty",
@@ -376,25 +382,39 @@ class Sender:
 
     def _transfer_round(self, pfns: np.ndarray) -> tuple[int, int, int]:
         """Send a precopy round and have it acknowledged. A dropped
-        connection is resumed and the round sent again: page data is
-        idempotent, and the destination applies whole frames only."""
+        connection is resumed from the last frame the destination
+        applied (its WELCOME): the frames of the round are numbered up
+        front, and only those after it go again."""
         budget = retry.RetryBudget.from_conf(self.conf, retry.Step.TRANSFER)
-
-        batches = list(base.iter_batches(pfns, self.stream.batch_pages))
         count = self.data.count
+        shares = self._numbered_shares(pfns)
+        # What each frame carried (pages, zero pages, bytes), by channel
+        # and sequence: a frame sent again counts once.
+        carried: list[dict[int, tuple[int, int, int]]] = [
+            {} for _ in range(count)
+        ]
         done = [0]
 
-        def share(index: int) -> tuple[int, int, int]:
-            sent = self._send_pages(
-                pfns, share=batches[index::count], done=done
+        def share(index: int) -> None:
+            if index == 0 and self._unacked:
+                self.data.send_numbered(0, self._unacked, pages=False)
+            first, batches = shares[index]
+            missing = self._missing(index, first, batches)
+            with self._progress_lock:
+                done[0] += sum(len(b) for b in batches) - sum(
+                    len(b) for b in missing
+                )
+            self._send_pages(
+                pfns, share=missing, done=done, carried=carried[index]
             )
             self.data.flush_channel(index)
-            return sent
 
         def attempt() -> tuple[int, int, int]:
             self.data.reconnect()
             done[0] = 0
-            sent = self.data.on_channels(share)
+            self.data.on_channels(share)
+            self._unacked = []
+            sent = [v for frames in carried for v in frames.values()]
             return (
                 sum(s[0] for s in sent),
                 sum(s[1] for s in sent),
@@ -407,6 +427,30 @@ class Sender:
             budget=budget,
             on_retry=self._on_retry,
         )
+
+    def _numbered_shares(
+        self, pfns: np.ndarray
+    ) -> list[tuple[int, list[np.ndarray]]]:
+        """The batches of ``pfns`` shared out over the channels, each
+        share with the sequence of its first frame."""
+        batches = list(base.iter_batches(pfns, self.stream.batch_pages))
+        count = self.data.count
+        return [
+            (
+                self.data.channels[index].connection.last_seq + 1,
+                batches[index::count],
+            )
+            for index in range(count)
+        ]
+
+    def _missing(
+        self, index: int, first: int, batches: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """The batches of channel ``index``'s share (numbered from
+        ``first``) that the destination has not applied: after a RESUME
+        the connection goes on from what it applied."""
+        applied = self.data.channels[index].connection.last_seq
+        return batches[max(0, applied + 1 - first) :]
 
     def _decide(self) -> policies.Decision:
         return policies.decide(
@@ -452,44 +496,35 @@ class Sender:
         # Pages populated since round 0 were never sent.
         added = base.pfn_difference(populated, self._sent_populated)
         final = base.pfn_union(pending, dirty, added)
-        frames: list[Buffers] = []
-        for batch in self.stream.pages(final, copy=True):
-            frames.append(batch.buffers)
-            self._check_cancel()
-        self._send_final(frames, [platform, end])
+        self._check_cancel()
+        self._send_final(final, [platform, end])
         # Page data is all there: the data channels are done.
         for index in range(1, self.data.count):
             self.data.close(index)
         self.state.transition(Phase.STOP_AND_COPY, Phase.RESTORE)
 
-    def _send_final(
-        self, pages: list[Buffers], records: list[Buffers]
-    ) -> None:
-        """Send the stop-and-copy page batches over all channels, then
+    def _send_final(self, pfns: np.ndarray, records: list[Buffers]) -> None:
+        """Send the stop-and-copy pages ``pfns`` over all channels, read
+        from the paused guest a batch at a time as they go (no copy of
+        them all: memory stays bounded however many there are), then
         (all of them acknowledged) the state ``records`` on channel 0,
-        resuming a dropped connection until the downtime budget is spent
-        (then the migration rolls back)."""
+        resuming a dropped connection from the last frame applied until
+        the downtime budget is spent (then the migration rolls back)."""
         data = self.data
-        count = data.count
-        # Numbered up front and kept until acknowledged, so that a resumed
-        # connection sends exactly the frames the destination lacks.
-        numbered = [
-            list(
-                enumerate(
-                    pages[index::count],
-                    start=data.channels[index].connection.last_seq + 1,
-                )
-            )
-            for index in range(count)
-        ]
-        first = numbered[0][-1][0] + 1 if numbered[0] else None
-        if first is None:
-            first = data.control.connection.last_seq + 1
-        state = list(enumerate(records, start=first))
+        shares = self._numbered_shares(pfns)
+        first, batches = shares[0]
+        state = list(enumerate(records, start=first + len(batches)))
         budget = retry.RetryBudget.from_conf(self.conf, retry.Step.TRANSFER)
 
         def share(index: int) -> None:
-            data.send_numbered(index, numbered[index], pages=True)
+            first, batches = shares[index]
+            for batch in self.stream.batches(
+                self._missing(index, first, batches),
+                copy=self._copy_pages,
+                reuse=True,
+            ):
+                data.send_batch(index, batch.buffers)
+                self._check_cancel()
             if index:
                 data.flush_channel(index)
 
@@ -659,6 +694,7 @@ class Sender:
         *,
         share: list[np.ndarray] | None = None,
         done: list[int] | None = None,
+        carried: dict[int, tuple[int, int, int]] | None = None,
     ) -> tuple[int, int, int]:
         """Send the round of ``pfns``, or the ``share`` of its batches
         that falls to the calling thread's channel (the thread of channel
@@ -675,6 +711,9 @@ class Sender:
             share, copy=self._copy_pages, reuse=True
         ):
             nbytes_batch = self.data.send_batch(index, batch.buffers)
+            if carried is not None:
+                seq = self.data.channels[index].connection.last_seq
+                carried[seq] = (batch.pages, batch.zero_pages, nbytes_batch)
             nbytes += nbytes_batch
             pages += batch.pages
             zero += batch.zero_pages
