@@ -283,7 +283,7 @@ class Coordinator:
             if isinstance(error, RemoteError):
                 # The destination failed and destroys its copy; its
                 # STATUS follows the ERROR.
-                confirmed = self._await_teardown()
+                confirmed = self._await_teardown(since)
             elif not isinstance(error, Refused):
                 told = self._best_effort(
                     "tell the destination",
@@ -291,7 +291,7 @@ class Coordinator:
                     messages.Abort(reason=str(error)[: messages.MAX_TEXT]),
                 )
                 if told and fence and not confirmed:
-                    confirmed = self._await_teardown()
+                    confirmed = self._await_teardown(since)
             if confirmed:
                 self._best_effort(
                     "acknowledge the teardown",
@@ -304,10 +304,11 @@ class Coordinator:
         if fence and not confirmed:
             self._await_lease(since)
 
-    def _await_teardown(self) -> bool:
+    def _await_teardown(self, since: float) -> bool:
         """Whether the destination confirmed it destroyed its copy (a
-        STATUS of a rolled back migration) within the lease."""
-        deadline = time.monotonic() + lease(self.conf)
+        STATUS of a rolled back migration) within the lease given it
+        from ``since`` (the rollback's start)."""
+        deadline = since + lease(self.conf)
         channel = self.data.control
         try:
             while True:
