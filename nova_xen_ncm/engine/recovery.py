@@ -248,6 +248,34 @@ def _held(
     return result
 
 
+def _conclude(
+    journal: Journal,
+    entry: Entry,
+    journalled: Phase,
+    phase: Phase,
+    reason: str,
+    *,
+    keep: bool,
+    role: str = "source",
+) -> Outcome:
+    """The outcome of settling ``entry``, recorded: with ``keep`` the
+    entry stays, rewritten in ``phase``; otherwise it goes."""
+    if keep:
+        entry.phase = phase.value
+        journal.write(entry)
+    else:
+        journal.remove(entry.migration_id)
+    return Outcome(
+        entry.migration_id,
+        entry.domid,
+        journalled,
+        phase,
+        reason,
+        entry.uuid,
+        role=role,
+    )
+
+
 def _copy_here(
     host: base.HostDriver, boot_id: str, entry: Entry
 ) -> tuple[base.DomainInfo | None, str]:
@@ -282,18 +310,14 @@ def _settle(
     journalled = Phase(entry.phase)
 
     def done(phase: Phase, reason: str) -> Outcome:
-        if phase is Phase.IN_DOUBT:
-            entry.phase = Phase.IN_DOUBT.value
-            journal.write(entry)
-        else:
-            journal.remove(entry.migration_id)
-        return Outcome(
-            entry.migration_id,
-            entry.domid,
+        # Kept only while nobody knows: recovery asks again.
+        return _conclude(
+            journal,
+            entry,
             journalled,
             phase,
             reason,
-            entry.uuid,
+            keep=phase is Phase.IN_DOUBT,
         )
 
     info, gone = _copy_here(host, boot_id, entry)
@@ -538,20 +562,14 @@ def _settle_incoming(
     info, gone = _copy_here(host, boot_id, entry)
 
     def settled(phase: Phase, reason: str) -> Outcome:
-        entry.phase = phase.value
-        if journalled in _MAY_BE_ASKED:
-            # The source may ask: the answer is kept until it
-            # acknowledges.
-            journal.write(entry)
-        else:
-            journal.remove(entry.migration_id)
-        return Outcome(
-            entry.migration_id,
-            entry.domid,
+        # The source may ask: the answer is kept until it acknowledges.
+        return _conclude(
+            journal,
+            entry,
             journalled,
             phase,
             reason,
-            entry.uuid,
+            keep=journalled in _MAY_BE_ASKED,
             role="destination",
         )
 
