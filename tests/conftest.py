@@ -24,6 +24,9 @@ from oslo_config import cfg
 
 from nova_xen_ncm.conf import progress as progress_conf
 from nova_xen_ncm.conf import xen_ncm as xen_ncm_conf
+from nova_xen_ncm.engine.journal import Entry
+from nova_xen_ncm.engine.journal import IncomingEntry
+from nova_xen_ncm.engine.journal import Journal
 
 RABBIT_URL = os.environ.get(
     "NOVA_XEN_NCM_RABBIT_URL", "rabbit://guest:guest@127.0.0.1:5672/"
@@ -89,6 +92,36 @@ def state_path(tmp_path_factory, monkeypatch) -> str:
         CONF.set_default(
             "state_path", "/var/lib/nova-xen-ncm", group="xen_ncm"
         )
+
+
+@pytest.fixture
+def journalled():
+    """Writes one migration's journal entry under a state path and
+    returns that journal: ``journalled(path, phase, **fields)``; an
+    IncomingEntry (``cls``) goes to the destination's journal."""
+
+    def write(path, phase, *, cls=Entry, **fields):
+        values = {
+            "migration_id": "m-1",
+            "domid": 5,
+            "host": "127.0.0.1",
+            "port": 1,
+            "token": "00" * 16,
+            "running": True,
+            "uuid": "u",
+            "boot_id": "boot-1",
+            "phase": getattr(phase, "value", phase),
+        }
+        values.update(fields)
+        journal = Journal(
+            str(path),
+            "incoming" if cls is IncomingEntry else "migrations",
+            cls,
+        )
+        journal.write(cls(**values))
+        return journal
+
+    return write
 
 
 @pytest.fixture

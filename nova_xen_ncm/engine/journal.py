@@ -344,6 +344,11 @@ class Record:
 
     def close(self) -> None:
         if self._hold is not None:
+            if not self.started or self.forgotten:
+                # No entry to guard: the lock file goes too (unlinked
+                # while held, as Journal.remove does).
+                with contextlib.suppress(OSError):
+                    os.unlink(self._hold.path)
             self._hold.release()
             self._hold = None
 

@@ -44,6 +44,13 @@ WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 RECEIVER_JOIN_TIMEOUT = 30.0
 
 
+def _own_address() -> str:
+    """The address this host's engine connects from: its migration
+    listen address when one is set, else Nova's my_ip."""
+    listen = xen_ncm_conf.CONF.xen_ncm.listen_address
+    return CONF.my_ip if listen in WILDCARD_ADDRESSES else listen
+
+
 def _missing_text(missing: dict) -> str:
     return "; ".join(
         f"{getattr(item, 'value', item)}: {reason}"
@@ -121,6 +128,7 @@ class LiveMigrationOps:
             )
         dest_check_data.source_domid = info.domid
         dest_check_data.pv_drivers = info.pv_drivers
+        dest_check_data.source_address = _own_address()
         return dest_check_data
 
     # -- destination --
@@ -152,12 +160,18 @@ class LiveMigrationOps:
         advertise = None
         if xen_ncm_conf.CONF.xen_ncm.listen_address in WILDCARD_ADDRESSES:
             advertise = CONF.my_ip
+        # The source host said where it connects from (not this host's
+        # my_ip): the listener admits that address only.
+        source_address = None
+        if migrate_data.obj_attr_is_set("source_address"):
+            source_address = migrate_data.source_address
         incoming = IncomingMigration(
             self._host,
             migration_id,
             conf=CONF,
             advertise=advertise,
             sinks=self._sinks,
+            source_address=source_address,
         )
         with self._lock:
             self._incoming[instance.uuid] = incoming

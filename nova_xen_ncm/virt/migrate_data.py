@@ -25,6 +25,7 @@ from __future__ import annotations
 from nova.objects import base as obj_base
 from nova.objects import fields
 from nova.objects import migrate_data
+from oslo_utils import versionutils
 from oslo_versionedobjects import fields as ovo_fields
 
 
@@ -44,7 +45,8 @@ class SecretField(ovo_fields.AutoTypedField):
 @obj_base.NovaObjectRegistry.register
 class XenNCMLiveMigrateData(migrate_data.HyperVLiveMigrateData):
     # Version 1.0: Initial version
-    VERSION = "1.0"
+    # Version 1.1: Added source_address
+    VERSION = "1.1"
 
     fields = {
         # The engine's name of this migration (the Nova migration UUID).
@@ -61,6 +63,9 @@ class XenNCMLiveMigrateData(migrate_data.HyperVLiveMigrateData):
         "pv_drivers": fields.BooleanField(),
         # Transport and policy options both hosts agreed on.
         "options": fields.DictOfStringsField(),
+        # The address the source's engine connects from: the only one the
+        # destination's listener admits (with [xen_ncm] allowed_sources).
+        "source_address": fields.StringField(),
     }
 
     def obj_make_compatible(self, primitive, target_version):
@@ -69,6 +74,8 @@ class XenNCMLiveMigrateData(migrate_data.HyperVLiveMigrateData):
         super(migrate_data.HyperVLiveMigrateData, self).obj_make_compatible(
             primitive, target_version
         )
+        if versionutils.convert_version_to_tuple(target_version) < (1, 1):
+            primitive.pop("source_address", None)
 
     @property
     def endpoint(self) -> tuple[str, int]:

@@ -3,7 +3,6 @@
 import json
 
 from nova_xen_ncm.cmd import main
-from nova_xen_ncm.engine.journal import Entry
 from nova_xen_ncm.engine.journal import Journal
 
 
@@ -31,19 +30,8 @@ def test_an_empty_journal_has_nothing_in_flight(tmp_path, capsys):
     assert "nothing in flight" in out
 
 
-def test_settles_and_prints_each_migration(tmp_path, capsys):
-    Journal(str(tmp_path)).write(
-        Entry(
-            migration_id="m-1",
-            domid=42,
-            host="192.0.2.1",
-            port=1,
-            token="00" * 16,
-            running=True,
-            uuid="u-1",
-            phase="restore",
-        )
-    )
+def test_settles_and_prints_each_migration(tmp_path, capsys, journalled):
+    journalled(tmp_path, "restore", domid=42, uuid="u-1", boot_id="")
     status, out, _ = run(
         capsys, "--state-path", str(tmp_path), "--host-driver", "sim", "--json"
     )
@@ -67,18 +55,8 @@ def test_a_damaged_journal_is_an_error(tmp_path, capsys):
     assert "m-2.json: unreadable" in err
 
 
-def test_resolve_forgets_an_entry_and_says_so(tmp_path, capsys):
-    Journal(str(tmp_path)).write(
-        Entry(
-            migration_id="m-3",
-            domid=9,
-            host="192.0.2.1",
-            port=1,
-            token="00" * 16,
-            running=True,
-            phase="in_doubt",
-        )
-    )
+def test_resolve_forgets_an_entry_and_says_so(tmp_path, capsys, journalled):
+    journalled(tmp_path, "in_doubt", migration_id="m-3", domid=9)
     status, out, _ = run(
         capsys, "--state-path", str(tmp_path), "--resolve", "m-3", "--json"
     )

@@ -112,3 +112,26 @@ def test_a_journal_that_cannot_be_written_stops_forward_transitions(
             record.on_transition(Phase.SETUP, new, {})
     else:
         record.on_transition(Phase.SETUP, new, {})
+
+
+def test_a_migration_leaves_no_lock_file_once_nothing_is_journalled(
+    tmp_path,
+):
+    j = journal.Journal(str(tmp_path))
+    # Refused at SETUP: never written.
+    refused = journal.Record(j, entry("m-1"))
+    refused.open()
+    refused.close()
+    # Settled and forgotten while held.
+    done = journal.Record(j, entry("m-2"))
+    done.open()
+    done.on_transition(Phase.SETUP, Phase.PRECOPY, {})
+    done.on_transition(Phase.CLEANUP, Phase.DONE, {})
+    done.close()
+    # In doubt: its entry and lock stay for recovery.
+    doubt = journal.Record(j, entry("m-3"))
+    doubt.open()
+    doubt.on_transition(Phase.SETUP, Phase.PRECOPY, {})
+    doubt.on_transition(Phase.COMMIT, Phase.IN_DOUBT, {})
+    doubt.close()
+    assert sorted(os.listdir(j.path)) == ["m-3.json", "m-3.lock"]

@@ -9,7 +9,7 @@ import pytest
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import recovery
 from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.journal import Entry
@@ -70,35 +70,15 @@ def conf():
     return conf
 
 
-def journalled(tmp_path, phase, running=True, boot_id="boot-1", cls=Entry):
-    j = Journal(
-        str(tmp_path),
-        "incoming" if cls is IncomingEntry else "migrations",
-        cls,
-    )
-    j.write(
-        cls(
-            migration_id="m-1",
-            domid=5,
-            host="127.0.0.1",
-            port=1,
-            token="00" * 16,
-            running=running,
-            uuid="u",
-            boot_id=boot_id,
-            phase=phase.value,
-        )
-    )
-    return j
-
-
 def answer(phase, committed):
-    return lambda entry, conf: protocol.Status(
+    return lambda entry, conf: messages.Status(
         phase=phase, committed=committed
     )
 
 
-def test_before_the_commit_decision_the_source_resumes(tmp_path, conf):
+def test_before_the_commit_decision_the_source_resumes(
+    tmp_path, conf, journalled
+):
     host = FakeHost()
     j = journalled(tmp_path, Phase.STOP_AND_COPY)
     (o,) = recovery.recover(host, j, conf, query=answer("failed", False))
@@ -108,7 +88,9 @@ def test_before_the_commit_decision_the_source_resumes(tmp_path, conf):
     assert j.entries() == []
 
 
-def test_past_the_pause_the_source_resumes_after_the_teardown(tmp_path, conf):
+def test_past_the_pause_the_source_resumes_after_the_teardown(
+    tmp_path, conf, journalled
+):
     host = FakeHost()
     j = journalled(tmp_path, Phase.RESTORE)
     asked = []
@@ -117,8 +99,8 @@ def test_past_the_pause_the_source_resumes_after_the_teardown(tmp_path, conf):
         # Still waiting for the source, then rolled back.
         asked.append(list(host.calls))
         if len(asked) < 3:
-            return protocol.Status(phase="restore", committed=False)
-        return protocol.Status(phase="failed", committed=False)
+            return messages.Status(phase="restore", committed=False)
+        return messages.Status(phase="failed", committed=False)
 
     (o,) = recovery.recover(host, j, conf, query=query)
     assert o.phase is Phase.FAILED, o
@@ -126,7 +108,9 @@ def test_past_the_pause_the_source_resumes_after_the_teardown(tmp_path, conf):
     assert host.calls[-1] == "unpause"
 
 
-def test_past_the_pause_with_no_answer_the_lease_is_waited(tmp_path, conf):
+def test_past_the_pause_with_no_answer_the_lease_is_waited(
+    tmp_path, conf, journalled
+):
     host = FakeHost()
     j = journalled(tmp_path, Phase.STOP_AND_COPY)
 
@@ -141,7 +125,7 @@ def test_past_the_pause_with_no_answer_the_lease_is_waited(tmp_path, conf):
 
 
 def test_a_destination_running_a_guest_never_committed_keeps_it_paused(
-    tmp_path, conf
+    tmp_path, conf, journalled
 ):
     host = FakeHost()
     j = journalled(tmp_path, Phase.STOP_AND_COPY)
@@ -151,7 +135,9 @@ def test_a_destination_running_a_guest_never_committed_keeps_it_paused(
     assert [e.phase for e in j.entries()] == ["in_doubt"]
 
 
-def test_a_guest_paused_before_the_migration_stays_paused(tmp_path, conf):
+def test_a_guest_paused_before_the_migration_stays_paused(
+    tmp_path, conf, journalled
+):
     host = FakeHost()
     j = journalled(tmp_path, Phase.RESTORE, running=False)
     (o,) = recovery.recover(host, j, conf)
@@ -159,7 +145,9 @@ def test_a_guest_paused_before_the_migration_stays_paused(tmp_path, conf):
     assert "unpause" not in host.calls
 
 
-def test_a_committed_destination_means_the_source_copy_goes(tmp_path, conf):
+def test_a_committed_destination_means_the_source_copy_goes(
+    tmp_path, conf, journalled
+):
     host = FakeHost()
     j = journalled(tmp_path, Phase.COMMIT)
     (o,) = recovery.recover(host, j, conf, query=answer("done", True))
@@ -167,7 +155,9 @@ def test_a_committed_destination_means_the_source_copy_goes(tmp_path, conf):
     assert host.calls == ["destroy_domain"]
 
 
-def test_a_rolled_back_destination_means_the_source_resumes(tmp_path, conf):
+def test_a_rolled_back_destination_means_the_source_resumes(
+    tmp_path, conf, journalled
+):
     host = FakeHost()
     j = journalled(tmp_path, Phase.IN_DOUBT)
     (o,) = recovery.recover(host, j, conf, query=answer("failed", False))
@@ -175,7 +165,9 @@ def test_a_rolled_back_destination_means_the_source_resumes(tmp_path, conf):
     assert host.state is base.DomainState.RUNNING
 
 
-def test_no_answer_keeps_the_guest_paused_and_the_entry(tmp_path, conf):
+def test_no_answer_keeps_the_guest_paused_and_the_entry(
+    tmp_path, conf, journalled
+):
     host = FakeHost()
     j = journalled(tmp_path, Phase.COMMIT)
 
@@ -188,7 +180,9 @@ def test_no_answer_keeps_the_guest_paused_and_the_entry(tmp_path, conf):
     assert [e.phase for e in j.entries()] == ["in_doubt"]
 
 
-def test_a_held_entry_is_a_live_migration_and_left_alone(tmp_path, conf):
+def test_a_held_entry_is_a_live_migration_and_left_alone(
+    tmp_path, conf, journalled
+):
     host = FakeHost()
     j = journalled(tmp_path, Phase.STOP_AND_COPY)
     with j.hold("m-1"):
@@ -204,7 +198,9 @@ def test_a_held_entry_is_a_live_migration_and_left_alone(tmp_path, conf):
     assert "unpause" in host.calls
 
 
-def test_a_reused_domid_is_another_guest_and_left_alone(tmp_path, conf):
+def test_a_reused_domid_is_another_guest_and_left_alone(
+    tmp_path, conf, journalled
+):
     host = FakeHost(uuid="someone-else")
     j = journalled(tmp_path, Phase.STOP_AND_COPY)
     (o,) = recovery.recover(host, j, conf)
@@ -217,7 +213,7 @@ def test_a_reused_domid_is_another_guest_and_left_alone(tmp_path, conf):
     assert host.calls == []
 
 
-def test_after_a_reboot_no_domain_is_touched(tmp_path, conf):
+def test_after_a_reboot_no_domain_is_touched(tmp_path, conf, journalled):
     host = FakeHost()
     j = journalled(tmp_path, Phase.STOP_AND_COPY, boot_id="boot-0")
     (o,) = recovery.recover(host, j, conf)
@@ -226,7 +222,7 @@ def test_after_a_reboot_no_domain_is_touched(tmp_path, conf):
     assert host.calls == []
 
 
-def test_an_operator_resolves_an_in_doubt_entry(tmp_path, conf):
+def test_an_operator_resolves_an_in_doubt_entry(tmp_path, conf, journalled):
     j = journalled(tmp_path, Phase.IN_DOUBT)
     entry = recovery.resolve(j, "m-1")
     assert entry.domid == 5
@@ -248,7 +244,7 @@ def test_an_operator_resolves_an_in_doubt_entry(tmp_path, conf):
     ],
 )
 def test_a_restarted_destination_settles_and_keeps_its_answer(
-    tmp_path, phase, state, calls, answer_phase
+    tmp_path, phase, state, calls, answer_phase, journalled
 ):
     host = FakeHost(state=state)
     j = journalled(tmp_path, phase, cls=IncomingEntry)
@@ -260,7 +256,9 @@ def test_a_restarted_destination_settles_and_keeps_its_answer(
     assert kept.phase == answer_phase
 
 
-def test_a_destination_before_ready_forgets_after_destroying(tmp_path):
+def test_a_destination_before_ready_forgets_after_destroying(
+    tmp_path, journalled
+):
     host = FakeHost()
     j = journalled(tmp_path, Phase.PRECOPY, cls=IncomingEntry)
     (o,) = recovery.recover_incoming(host, j)
@@ -269,7 +267,9 @@ def test_a_destination_before_ready_forgets_after_destroying(tmp_path):
     assert j.entries() == []
 
 
-def test_a_destination_entry_settled_before_touches_no_later_copy(tmp_path):
+def test_a_destination_entry_settled_before_touches_no_later_copy(
+    tmp_path, journalled
+):
     # Recovered once (FAILED, copy destroyed), then the same guest came
     # in again by another migration: same domid, same uuid, running.
     host = FakeHost(state=base.DomainState.RUNNING)
@@ -283,7 +283,9 @@ def test_a_destination_entry_settled_before_touches_no_later_copy(tmp_path):
 
 
 @pytest.mark.parametrize("phase", [Phase.FAILED, Phase.CANCELLED])
-def test_a_rolled_back_destination_entry_destroys_nothing(tmp_path, phase):
+def test_a_rolled_back_destination_entry_destroys_nothing(
+    tmp_path, phase, journalled
+):
     host = FakeHost(state=base.DomainState.PAUSED)
     j = journalled(tmp_path, phase, cls=IncomingEntry)
     (o,) = recovery.recover_incoming(host, j)
@@ -292,7 +294,7 @@ def test_a_rolled_back_destination_entry_destroys_nothing(tmp_path, phase):
 
 
 def test_a_stale_entry_of_a_guest_migrating_again_is_left_alone(
-    tmp_path, conf
+    tmp_path, conf, journalled
 ):
     # IN_DOUBT entry of an old migration; the guest (same domid and
     # uuid) is now paused by a live migration under another id.
@@ -325,7 +327,9 @@ def test_a_stale_entry_of_a_guest_migrating_again_is_left_alone(
     assert all(not o.skipped for o in outcomes)
 
 
-def test_a_live_source_migration_shields_the_guest_from_incoming(tmp_path):
+def test_a_live_source_migration_shields_the_guest_from_incoming(
+    tmp_path, journalled
+):
     # A stale incoming entry (never got COMMIT) of a guest this host
     # now migrates out: its paused copy is the live source's.
     host = FakeHost()

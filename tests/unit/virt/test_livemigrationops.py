@@ -61,9 +61,12 @@ def make_ops(host, vifs=None):
     )
 
 
-def test_checks_pass_between_full_hosts(instance):
+def test_checks_pass_between_full_hosts(instance, monkeypatch):
+    monkeypatch.setattr(livemigrationops.CONF, "my_ip", "198.51.100.7")
     data = make_ops(make_host()).check_can_live_migrate_destination(instance)
     data = make_ops(make_host()).check_can_live_migrate_source(instance, data)
+    # The source says where it connects from (its own address).
+    assert data.source_address == "198.51.100.7"
     assert data.source_domid == 9
     assert data.pv_drivers is True
     assert data.is_shared_instance_path is True
@@ -111,8 +114,12 @@ def test_pre_live_migration_starts_a_receiver(instance, monkeypatch):
     vifs.plug.side_effect = lambda *a: factory.assert_not_called()
     ops = make_ops(host, vifs)
     data = ops.pre_live_migration(
-        instance, ["vif"], XenNCMLiveMigrateData(source_domid=9)
+        instance,
+        ["vif"],
+        XenNCMLiveMigrateData(source_domid=9, source_address="198.51.100.7"),
     )
+    # The listener admits the source host's address, not this host's.
+    assert factory.call_args.kwargs["source_address"] == "198.51.100.7"
     # Plugged before the receiver starts (asserted in the side effect).
     vifs.plug.assert_called_once_with(instance, ["vif"])
     # A wildcard listen address is advertised as my_ip.
@@ -268,3 +275,12 @@ def test_rollback_at_destination_keeps_a_committed_guest(instance):
         instance, ["vif"], ignore_errors=True
     )
     host.destroy_domain.assert_called_once_with(9, delete_disks=False)
+
+
+def test_source_address_is_left_out_for_an_older_peer():
+    data = XenNCMLiveMigrateData(source_domid=9, source_address="192.0.2.9")
+    primitive = data.obj_to_primitive(target_version="1.0")
+    assert "source_address" not in primitive["nova_object.data"]
+    assert data.obj_to_primitive()["nova_object.data"]["source_address"] == (
+        "192.0.2.9"
+    )

@@ -65,7 +65,7 @@ def test_own_versions_keep_fields_on_backport():
 # changing the fields without a new VERSION (and obj_make_compatible)
 # breaks a conductor or compute that still runs the previous release.
 OBJECT_DATA = {
-    "XenNCMLiveMigrateData": "1.0-e51b579fcb94ede3ed6b1c4a02ee5fb1",
+    "XenNCMLiveMigrateData": "1.1-c70f398ab07dbe2efb80f4e9e5bef4a2",
 }
 
 
