@@ -74,7 +74,7 @@ def _guest_default_read(source, domid):
 
 def _unbound_for_third_domain(source, domid):
     # The guest offers a port to domain 7 (a vchan server, say).
-    dom = source._domains[domid]
+    dom = source.hv.domains[domid]
     source.evtchn.alloc_unbound(dom, base.DOMID_SELF, 7)
 
 

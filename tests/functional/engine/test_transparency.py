@@ -111,7 +111,7 @@ def test_migration_passes_every_item_and_after_resume(
 
 
 def _dom(host, domid):
-    return host._domains[domid]
+    return host.hv.domains[domid]
 
 
 def _some_data_page(host, domid):
@@ -190,14 +190,14 @@ def move_backend_domain(host, domid):
     """The destination offers the guest a channel to a domain it had no
     dealings with on the source (a driver domain, domid 7)."""
     dom = _dom(host, domid)
-    with host._lock:
+    with host.hv.lock:
         host.evtchn.alloc_unbound(host.dom0, domid, 7)
-    assert 7 in host._backend_domids(dom)
+    assert 7 in host.hv.backend_domids(dom)
 
 
 def widen_permission(host, domid):
     path = f"/local/domain/{domid}/device/vif/0/state"
-    host._toolstack_xs.set_perms(path, (("b", domid),))
+    host.services.toolstack_xs.set_perms(path, (("b", domid),))
 
 
 MUTATIONS = [
@@ -354,7 +354,7 @@ def test_a_backend_that_cannot_map_its_ring_rolls_back(
             "GNTTABOP_map_grant_ref", grant.GNTST_bad_page, "injected"
         )
 
-    destination.grant_map = refuse
+    destination.hv.grant_map = refuse
     domid = source.create_domain(guest_config(devices=DEVICES))
     m = migration(source, domid, destination)
     assert m.run() is Phase.FAILED
