@@ -124,7 +124,7 @@ class MemoryDigest:
         if limit is not None:
             if not dom.booted:
                 # A restore writes these now; closing the mapping marks
-                # them again (and digests them, _digest_written).
+                # them again (and digests them, written()).
                 busy = self._blocks_being_written(dom)
                 todo = [b for b in todo if b not in busy]
             todo = todo[:limit]

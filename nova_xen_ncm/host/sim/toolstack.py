@@ -409,6 +409,7 @@ class Toolstack:
             self.hv.evtchn.table(dom),
             nodes,
             {d.backend_domid for d in dom.config.devices},
+            base.grant_domains(self.hv.export_grants(dom)),
         )
 
     def export_pv_state(self, domid: int) -> base.PvState:

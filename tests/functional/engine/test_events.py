@@ -20,7 +20,7 @@ from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import kernel
 from nova_xen_ncm.host.sim import layout
 from nova_xen_ncm.host.sim import xs_wire
-from nova_xen_ncm.host.sim.host import SimHost
+from nova_xen_ncm.host.sim.hypervisor import Hypervisor
 
 from .conftest import DEVICES
 from .conftest import MiB
@@ -109,7 +109,7 @@ def test_without_the_hypervisor_reasserting_the_event_is_lost(
     """Mutation: the hypervisor's re-assertion at resume (level-triggered
     vector) is what delivers the event; nothing else does."""
     monkeypatch.setattr(
-        SimHost, "_reassert_upcalls", staticmethod(lambda dom: None)
+        Hypervisor, "reassert_upcalls", staticmethod(lambda dom: None)
     )
     domid, counts, console, seen = _event_between_pause_and_quiesce(
         source, destination, migration, monkeypatch

@@ -85,7 +85,19 @@ def _toolstack_node_for_third_domain(source, domid):
     dom0.set_perms(path, [("n", 0), ("r", 7)])
 
 
+def _grant_to_third_domain(source, domid):
+    # The guest shares a page of its RAM with domain 7.
+    gfn = int(source.populated_pfns(domid)[0x100])
+    source.guest_command(
+        domid, "grant_access", ref=20, domid=7, gfn=gfn, readonly=True
+    )
+
+
 THIRD_DOMAIN = {
+    "grant to a third domain": (
+        _grant_to_third_domain,
+        base.GuestFeature.GNTTAB_FOREIGN_DOMAIN,
+    ),
     "guest node readable by all": (
         _guest_default_read,
         base.GuestFeature.XENSTORE_FOREIGN_PERMS,
