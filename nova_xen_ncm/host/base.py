@@ -523,9 +523,13 @@ class GuestState:
     )
     # What the guest's kernel recorded in its RAM (host-specific; empty
     # where unknown): "ports", events received per port; "vcpus", per
-    # vCPU a mapping with "progress" (work done) and "system_time" (its
-    # vcpu_time_info, ns; 0 where not kept); "dirty_rate", bytes per
-    # second its vCPUs write (0: idle vCPUs make no progress).
+    # vCPU a mapping with "progress" (work done) and its vcpu_time_info
+    # ("system_time", ns, 0 where not kept; "tsc_timestamp",
+    # "tsc_to_system_mul", "tsc_shift"); "dirty_rate", bytes per second
+    # its vCPUs write (0: idle vCPUs make no progress); "wallclock_ns",
+    # shared info's wallclock; "guest_tsc" and "host_wall_ns", the
+    # guest's TSC and the host's wall time when the record was read;
+    # "tsc_incarnation", the TSC info's incarnation.
     kernel: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 

@@ -22,13 +22,11 @@ threads, so eventlet monkey-patching is fine.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno as errnos
 import functools
 import hashlib
 import os
 import random
-import struct
 import threading
 import time
 import uuid as uuidlib
@@ -67,8 +65,6 @@ __all__ = ["Dom0Error", "SimHost", "canonical_uuid"]
 LOG = logging.getLogger(__name__)
 
 MiB = 1 << 20
-# vcpu_time_info.system_time in a vcpu_info (xen.h, x86_64).
-_SYSTEM_TIME = 32 + 16
 
 # The host operations that fault injection may delay or fail.
 FAULTY_CALLS = (
@@ -415,9 +411,11 @@ class SimHost(base.HostDriver):
         exports = self.services.backend_states(dom)
         with self.hv.locked():
             state: dict[Item, object] = {
+                # The TSC's incarnation counts the restores: it is not
+                # kept but grows (the kernel record has it).
                 Item.PLATFORM: (
                     hashlib.sha256(hvm.encode(dom.records)).hexdigest(),
-                    dataclasses.astuple(dom.tsc),
+                    (dom.tsc.mode, dom.tsc.khz, dom.tsc.nsec),
                 ),
                 Item.DOMID: (dom.domid, self.hv.backend_domids(dom)),
                 Item.HVM_PARAMS: tuple(sorted(dom.params.items())),
@@ -480,18 +478,33 @@ class SimHost(base.HostDriver):
                     off = v * evtchn.VCPU_INFO_SIZE
                 else:
                     area, off = dom.mem.ram[placed[0]], placed[1]
-                at = off + _SYSTEM_TIME
-                (system_time,) = struct.unpack("<Q", bytes(area[at : at + 8]))
+                info = hvm.read_vcpu_time(
+                    bytes(area[off : off + evtchn.VCPU_INFO_SIZE])
+                )
                 vcpus.append(
                     {
                         "progress": kernel.read_vcpu(page, v)["counter"],
-                        "system_time": system_time,
+                        "system_time": info["system_time"],
+                        "tsc_timestamp": info["tsc_timestamp"],
+                        "tsc_to_system_mul": info["tsc_to_system_mul"],
+                        "tsc_shift": info["tsc_shift"],
                     }
                 )
+            wallclock = hvm.read_wallclock(
+                bytes(dom.mem.xen_pages[XENPAGE_SHARED_INFO])
+            )
+            # The guest's TSC now, with the host's wall time: what the
+            # guest's clock reads and what it should read.
+            guest_tsc = dom.guest_tsc()
+            wall_ns = time.time_ns()
         return {
             "ports": ports,
             "vcpus": tuple(vcpus),
             "dirty_rate": hdr["dirty_rate"],
+            "wallclock_ns": wallclock,
+            "guest_tsc": guest_tsc,
+            "host_wall_ns": wall_ns,
+            "tsc_incarnation": dom.tsc.incarnation,
         }
 
     def raise_guest_events(self, domid: int) -> tuple[int, ...]:

@@ -339,23 +339,24 @@ class Domain:
     def update_time(self) -> None:
         """What Xen writes when the vCPUs are scheduled in: each vCPU's
         vcpu_time_info (update_vcpu_system_time) and the wallclock
-        (update_domain_wallclock_time). The guest's system time follows
-        its TSC, so it is monotonic across a migration (it stands still
-        while the guest is in transit); the wallclock, the wall time at
-        system time 0, is rebased on this host's clock, so that
-        wallclock + system time is the time of day here. The caller
-        holds the memory lock."""
+        (update_domain_wallclock_time). As for an HVM guest on Xen, the
+        system time is this host's NOW() and the TSC stamp the guest's
+        TSC at that moment; the wallclock is the wall time at this host's
+        system time 0. So both are rebased when the guest moves to
+        another host (whose NOW() is another), and wallclock + system
+        time + the TSC since the stamp, the guest's time of day, goes on.
+        The caller holds the memory lock."""
         scale = hvm.TimeScale.for_khz(self.tsc.khz)
+        now = self.hv.now_ns()
         tsc = self.guest_tsc()
-        system_time = scale.scale(max(tsc, 0))
         for v in range(self.vcpus):
             if v in self.vcpu_info_at or v < evtchn.XEN_LEGACY_MAX_VCPUS:
                 hvm.write_vcpu_time(
-                    memoryview(self._vcpu_info(v)), tsc, system_time, scale
+                    memoryview(self._vcpu_info(v)), tsc, now, scale
                 )
         hvm.write_wallclock(
             memoryview(self.mem.xen_pages[XENPAGE_SHARED_INFO]),
-            time.time_ns() - system_time,
+            time.time_ns() - now,
         )
 
     def save_registers(self, regs: Sequence[Mapping[str, int]]) -> None:
@@ -857,7 +858,11 @@ class Hypervisor:
             raise HostError("TSC nsec/incarnation out of range", call=call)
         # The guest's TSC goes on at the new frequency from where it is.
         tsc = dom.guest_tsc()
-        dom.tsc = info
+        # tsc_set_info(): the incarnation counts the restores (a guest
+        # reads it in CPUID leaf 0x40000003 to see it was migrated).
+        dom.tsc = dataclasses.replace(
+            info, incarnation=(info.incarnation + 1) & 0xFFFFFFFF
+        )
         dom.tsc_offset = tsc - dom._host_tsc()
 
     def export_shared_info(self, dom: Domain) -> base.SharedInfoState:
