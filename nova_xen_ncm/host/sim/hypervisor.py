@@ -23,7 +23,6 @@ import time
 import uuid as uuidlib
 import zlib
 from collections.abc import Callable
-from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -383,7 +382,7 @@ class Hypervisor:
     def __init__(self, hostname: str, memory_bytes: int) -> None:
         self.hostname = hostname
         self.memory_bytes = memory_bytes
-        self.lock = threading.RLock()
+        self.lock = locks.OrderedLock(locks.HOST, threading.RLock())
         self.domains: dict[int, Domain] = {}
         # The domid allocator's state: the last domid it gave, and when
         # each recently destroyed domain's domid was released.
@@ -419,11 +418,9 @@ class Hypervisor:
             "register_vcpu_info": self._hc_register_vcpu_info,
         }
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """The hypervisor's lock, taken in the order of locks.ORDER."""
-        with locks.ordered(locks.HOST, self.lock):
-            yield
+    def locked(self) -> locks.OrderedLock:
+        """The hypervisor's lock (checked against locks.ORDER)."""
+        return self.lock
 
     def add_domain(
         self,

@@ -61,6 +61,27 @@ def check(name: str, key: object = None) -> None:
             )
 
 
+class OrderedLock:
+    """A lock that is always taken through the order check: ``with``
+    it as with the lock it wraps (re-entrant if that one is)."""
+
+    def __init__(self, name: str, lock: object | None = None) -> None:
+        if name not in RANK:
+            raise ValueError(f"{name!r} is not one of {ORDER}")
+        self.name = name
+        self._lock = threading.Lock() if lock is None else lock
+
+    def __enter__(self) -> OrderedLock:
+        check(self.name, self)
+        self._lock.acquire()
+        _held.__dict__.setdefault("stack", []).append((self.name, self))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _held.stack.pop()
+        self._lock.release()
+
+
 @contextlib.contextmanager
 def ordered(
     name: str, lock: AbstractContextManager, key: object = None

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from nova_xen_ncm.host.base import BackendState
 from nova_xen_ncm.host.base import InflightRequest
+from nova_xen_ncm.host.sim import locks
 from nova_xen_ncm.host.sim import ring as ringmod
 from nova_xen_ncm.host.sim import xs_wire
 from nova_xen_ncm.host.sim.devices.frontend import Frontend
@@ -164,7 +165,9 @@ class Backend(abc.ABC):
         self._xs = xs
         self._grants = grants
         self._evtchn = evtchn
-        self._lock = threading.RLock()
+        # Taken before the host's (a backend maps grants and binds ports
+        # with it held): locks.ORDER.
+        self._lock = locks.OrderedLock(locks.BACKEND, threading.RLock())
         self.state = XenbusState.INITIALISING
         self.ring: BackRing | None = None
         self.ring_ref = 0

@@ -758,3 +758,15 @@ def test_locks_taken_out_of_order_are_found():
             with locks.ordered(locks.HOST, host_lock):
                 pass
     assert locks.held() == ()
+
+
+def test_the_host_lock_under_a_memory_lock_is_refused(host):
+    """The hypervisor's lock is an ordered lock: taken while a domain's
+    memory lock is held (an inversion of locks.ORDER), it raises."""
+    a = empty(host, 1)
+    with host.hv.lock, a.mem_lock():
+        pass  # the order
+    with a.mem_lock():
+        with pytest.raises(locks.LockOrderError, match="'host'.*'memory'"):
+            with host.hv.lock:
+                pass
