@@ -218,7 +218,7 @@ class MemoryDigest:
         mem = dom.mem
         # A warming pass holds the lock for _DIGEST_CHUNK blocks at most.
         with locks.ordered(locks.DIGEST, dom.digest_lock):
-            with locks.ordered(locks.MEMORY, mem.lock(), mem):
+            with mem.lock():
                 # Read after the marks are taken: a write racing this is
                 # marked again and read again.
                 for first, last in _spans(blocks):

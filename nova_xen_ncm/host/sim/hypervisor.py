@@ -117,7 +117,7 @@ class Dom0:
 
     def _take_pending(self) -> list[int]:
         ports = []
-        with self._lock:
+        with self.mem_lock():
             vi = self._vcpu_info(0)
             vi[evtchn.VI_UPCALL_PENDING] = 0
             sel_view = vi[8:16].view(np.uint64)
@@ -142,7 +142,7 @@ class Dom0:
             LOG.exception("dom0: %s failed", what)
             error = Dom0Error(f"dom0: {what} failed: {exc!r}")
             error.__cause__ = exc
-            with self._lock:
+            with self.mem_lock():
                 self.errors.append(error)
 
     def _run(self) -> None:
@@ -251,8 +251,9 @@ class Domain:
 
     # -- what evtchn.EventChannelOps needs --
 
-    def mem_lock(self):
-        return locks.ordered(locks.MEMORY, self.mem.lock(), self.mem)
+    def mem_lock(self) -> contextlib.AbstractContextManager[None]:
+        # GuestMemory.lock is the ordered locks.MEMORY.
+        return self.mem.lock()
 
     def _vcpu_info(self, vcpu: int) -> np.ndarray:
         placed = self.vcpu_info_at.get(vcpu)

@@ -462,5 +462,3 @@ def observe_frontend(
     with ram.lock():
         fe = Frontend.attach(ram, state_pfn, state_offset)
         return fe.key, fe.observation()
-
-

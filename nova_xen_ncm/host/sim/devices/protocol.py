@@ -309,5 +309,3 @@ def _read_int(xs: XenbusClient, path: str) -> int | None:
         return int(text.rstrip(b"\0") or b"0")
     except ValueError:
         return None
-
-

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from oslo_log import log as logging
 
 from nova_xen_ncm.host.base import DOMID_FIRST_RESERVED
+from nova_xen_ncm.host.sim import locks
 from nova_xen_ncm.host.sim import xs_wire
 from nova_xen_ncm.host.sim.xs_wire import PERM_READ
 from nova_xen_ncm.host.sim.xs_wire import PERM_WRITE
@@ -266,7 +267,8 @@ class XenstoreCore:
         its event channel for XS_INTRODUCE sent over the wire."""
         self.quota = quota or Quota()
         self._ring_mapper = ring_mapper
-        self._lock = threading.RLock()
+        # xenstored's lock: locks.XENSTORE, in the host's lock order.
+        self._lock = locks.OrderedLock(locks.XENSTORE, threading.RLock())
         self._gen = 1
         self._tree: dict[str, _Node] = {
             "/": _Node(b"", ((0, PRIVILEGED_DOMID),), gen=0)

@@ -6,6 +6,7 @@ import os
 import stat
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.sim import digest as sim_digest
 from nova_xen_ncm.host.sim import evtchn
+from nova_xen_ncm.host.sim import guest as sim_guest
 from nova_xen_ncm.host.sim import guestproc as sim_guestproc
 from nova_xen_ncm.host.sim import host as sim_host
 from nova_xen_ncm.host.sim import hvm
@@ -353,9 +355,7 @@ def test_data_mask_finds_written_pages_and_holes() -> None:
         want = np.zeros(4096, dtype=bool)
         want[written] = True
         np.testing.assert_array_equal(mem.data_mask(0, 4096), want)
-        np.testing.assert_array_equal(
-            mem.data_mask(600, 2100), want[600:2100]
-        )
+        np.testing.assert_array_equal(mem.data_mask(600, 2100), want[600:2100])
         # The SEEK_HOLE fallback answers the same.
         np.testing.assert_array_equal(
             mem._seek_data_mask(600, 2100), want[600:2100]
@@ -770,3 +770,37 @@ def test_the_host_lock_under_a_memory_lock_is_refused(host):
         with pytest.raises(locks.LockOrderError, match="'host'.*'memory'"):
             with host.hv.lock:
                 pass
+
+
+def test_xenstored_and_raw_memory_locks_are_ordered(host):
+    """xenstored's lock and a domain's memory lock taken directly
+    (GuestMemory.lock, as the guest process and the devices take it)
+    are checked against locks.ORDER too."""
+    a = empty(host, 1)
+    with host.hv.lock, host.xenstore._lock, a.mem.lock():
+        assert locks.held() == (locks.HOST, locks.XENSTORE, locks.MEMORY)
+    with a.mem.lock():
+        with pytest.raises(locks.LockOrderError, match="'xenstore'"):
+            with host.xenstore._lock:
+                pass
+    with host.xenstore._lock:
+        with pytest.raises(locks.LockOrderError, match="'host'"):
+            with host.hv.lock:
+                pass
+    assert locks.held() == ()
+
+
+def test_a_hypercall_under_the_memory_lock_is_refused(monkeypatch):
+    """The hypervisor serves a hypercall under its lock, then the
+    caller's memory lock: a guest calling with its memory lock held
+    would deadlock across processes, so the order check refuses it."""
+    sent = []
+    kernel = types.SimpleNamespace(hc_lock=threading.Lock(), hc=object())
+    monkeypatch.setattr(sim_guest.ipc, "send", lambda s, m: sent.append(m))
+    monkeypatch.setattr(sim_guest.ipc, "recv", lambda s: {"ok": 7})
+    with locks.ordered(locks.MEMORY, threading.Lock()):
+        with pytest.raises(locks.LockOrderError, match="'host'"):
+            sim_guest.GuestKernel.hypercall(kernel, "evtchn_send", port=3)
+    assert sent == []
+    assert sim_guest.GuestKernel.hypercall(kernel, "evtchn_send", port=3) == 7
+    assert sent == [{"op": "evtchn_send", "args": {"port": 3}}]
