@@ -452,7 +452,9 @@ def _platform(a: object, b: object) -> list[str]:
 def _incarnation(paused: GuestState, resumed: GuestState) -> list[str]:
     """Xen counts a domain's restores in its TSC info's incarnation
     (tsc_set_info: the saved one + 1), which a guest reads to see it
-    moved: it grows, it is not kept."""
+    moved: it never goes back. It may stay: a rollback resumes the
+    paused domain itself, and the state says nothing of which host ran
+    it, so a restore that forgot to count is not found here."""
     a = paused.kernel.get("tsc_incarnation")
     b = resumed.kernel.get("tsc_incarnation")
     if a is None or b is None or (b - a) & _MASK32 < 1 << 31:
