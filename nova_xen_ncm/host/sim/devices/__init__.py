@@ -43,8 +43,8 @@ on the destination maps the same grant reference, binds the same
 frontend port, continues from the same indices and answers the in-flight
 requests, without writing any xenstore node (a device caught in its
 handshake takes the handshake up where it stood).
-:func:`validate_backend_state` checks a BackendState without touching
-anything, and :func:`observe_frontend` reads a frontend's record from
+:func:`.backend.validate_backend_state` checks a BackendState without touching
+anything, and :func:`.frontend.observe_frontend` reads a frontend's record from
 guest RAM for GuestState.frontends (``nova_xen_ncm.host.checker``).
 
 What the devices need from the host is spelt out as Protocols:
@@ -68,136 +68,34 @@ from nova_xen_ncm.host.sim.devices.backend import BACKENDS
 from nova_xen_ncm.host.sim.devices.backend import Backend
 from nova_xen_ncm.host.sim.devices.backend import BackendError
 from nova_xen_ncm.host.sim.devices.backend import BlockStore
-from nova_xen_ncm.host.sim.devices.backend import VbdBackend
-from nova_xen_ncm.host.sim.devices.backend import VifBackend
 from nova_xen_ncm.host.sim.devices.backend import XenstoreConnectionClient
 from nova_xen_ncm.host.sim.devices.backend import dispatch_watch_events
-from nova_xen_ncm.host.sim.devices.backend import make_backend
-from nova_xen_ncm.host.sim.devices.backend import validate_backend_state
-from nova_xen_ncm.host.sim.devices.frontend import _PVT_OFFSET
-from nova_xen_ncm.host.sim.devices.frontend import COUNTERS
-from nova_xen_ncm.host.sim.devices.frontend import FRONTEND_FIELDS
-from nova_xen_ncm.host.sim.devices.frontend import FRONTEND_HEADER_SIZE
-from nova_xen_ncm.host.sim.devices.frontend import FRONTEND_MAGIC
 from nova_xen_ncm.host.sim.devices.frontend import FRONTEND_STATE_SIZE
-from nova_xen_ncm.host.sim.devices.frontend import HISTORY_MAX
-from nova_xen_ncm.host.sim.devices.frontend import HISTORY_OFFSET
-from nova_xen_ncm.host.sim.devices.frontend import NR_SLOTS
-from nova_xen_ncm.host.sim.devices.frontend import SLOT
-from nova_xen_ncm.host.sim.devices.frontend import SLOT_FREE
-from nova_xen_ncm.host.sim.devices.frontend import SLOT_LOST
-from nova_xen_ncm.host.sim.devices.frontend import SLOT_OUTSTANDING
-from nova_xen_ncm.host.sim.devices.frontend import SLOTS_OFFSET
-from nova_xen_ncm.host.sim.devices.frontend import WHO
 from nova_xen_ncm.host.sim.devices.frontend import Frontend
 from nova_xen_ncm.host.sim.devices.frontend import FrontendError
-from nova_xen_ncm.host.sim.devices.frontend import observe_frontend
 from nova_xen_ncm.host.sim.devices.protocol import DEFAULT_SECTORS
-from nova_xen_ncm.host.sim.devices.protocol import ENTRY_SIZE
-from nova_xen_ncm.host.sim.devices.protocol import KIND_NAMES
 from nova_xen_ncm.host.sim.devices.protocol import KINDS
-from nova_xen_ncm.host.sim.devices.protocol import OP_PACKET
-from nova_xen_ncm.host.sim.devices.protocol import OP_READ
-from nova_xen_ncm.host.sim.devices.protocol import OP_WRITE
-from nova_xen_ncm.host.sim.devices.protocol import PAYLOAD_SIZE
-from nova_xen_ncm.host.sim.devices.protocol import READ_LAG
-from nova_xen_ncm.host.sim.devices.protocol import REQUEST
-from nova_xen_ncm.host.sim.devices.protocol import RESPONSE
-from nova_xen_ncm.host.sim.devices.protocol import RING_ENTRIES
-from nova_xen_ncm.host.sim.devices.protocol import RING_NAME
-from nova_xen_ncm.host.sim.devices.protocol import RSP_ERROR
-from nova_xen_ncm.host.sim.devices.protocol import RSP_OKAY
-from nova_xen_ncm.host.sim.devices.protocol import SECTOR
 from nova_xen_ncm.host.sim.devices.protocol import SECTOR_BYTES
-from nova_xen_ncm.host.sim.devices.protocol import Dom0Evtchn
-from nova_xen_ncm.host.sim.devices.protocol import GrantMapper
 from nova_xen_ncm.host.sim.devices.protocol import GuestOps
-from nova_xen_ncm.host.sim.devices.protocol import GuestRam
-from nova_xen_ncm.host.sim.devices.protocol import XenbusClient
-from nova_xen_ncm.host.sim.devices.protocol import XenbusState
-from nova_xen_ncm.host.sim.devices.protocol import XenstoreAdmin
-from nova_xen_ncm.host.sim.devices.protocol import _payload_ok
 from nova_xen_ncm.host.sim.devices.protocol import add_device
-from nova_xen_ncm.host.sim.devices.protocol import backend_area
-from nova_xen_ncm.host.sim.devices.protocol import decode_request
-from nova_xen_ncm.host.sim.devices.protocol import decode_response
-from nova_xen_ncm.host.sim.devices.protocol import device_key
 from nova_xen_ncm.host.sim.devices.protocol import disk_sectors
-from nova_xen_ncm.host.sim.devices.protocol import encode_request
-from nova_xen_ncm.host.sim.devices.protocol import encode_response
-from nova_xen_ncm.host.sim.devices.protocol import expected_payload
-from nova_xen_ncm.host.sim.devices.protocol import frontend_area
 from nova_xen_ncm.host.sim.devices.protocol import parse_frontend_area
-from nova_xen_ncm.host.sim.devices.protocol import receipt
-from nova_xen_ncm.host.sim.devices.protocol import schedule
-from nova_xen_ncm.host.sim.devices.protocol import written_by
 
 __all__ = [
     "BACKENDS",
     "Backend",
     "BackendError",
     "BlockStore",
-    "COUNTERS",
     "DEFAULT_SECTORS",
-    "Dom0Evtchn",
-    "ENTRY_SIZE",
-    "FRONTEND_FIELDS",
-    "FRONTEND_HEADER_SIZE",
-    "FRONTEND_MAGIC",
     "FRONTEND_STATE_SIZE",
     "Frontend",
     "FrontendError",
-    "GrantMapper",
     "GuestOps",
-    "GuestRam",
-    "HISTORY_MAX",
-    "HISTORY_OFFSET",
     "KINDS",
-    "KIND_NAMES",
-    "NR_SLOTS",
-    "OP_PACKET",
-    "OP_READ",
-    "OP_WRITE",
-    "PAYLOAD_SIZE",
-    "READ_LAG",
-    "REQUEST",
-    "RESPONSE",
-    "RING_ENTRIES",
-    "RING_NAME",
-    "RSP_ERROR",
-    "RSP_OKAY",
-    "SECTOR",
     "SECTOR_BYTES",
-    "SLOT",
-    "SLOTS_OFFSET",
-    "SLOT_FREE",
-    "SLOT_LOST",
-    "SLOT_OUTSTANDING",
-    "VbdBackend",
-    "VifBackend",
-    "WHO",
-    "XenbusClient",
-    "XenbusState",
-    "XenstoreAdmin",
     "XenstoreConnectionClient",
-    "_PVT_OFFSET",
-    "_payload_ok",
     "add_device",
-    "backend_area",
-    "decode_request",
-    "decode_response",
-    "device_key",
     "disk_sectors",
     "dispatch_watch_events",
-    "encode_request",
-    "encode_response",
-    "expected_payload",
-    "frontend_area",
-    "make_backend",
-    "observe_frontend",
     "parse_frontend_area",
-    "receipt",
-    "schedule",
-    "validate_backend_state",
-    "written_by",
 ]

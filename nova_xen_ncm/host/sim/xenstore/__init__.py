@@ -40,14 +40,7 @@ from collections.abc import Callable
 
 from nova_xen_ncm.host.sim import xs_wire
 from nova_xen_ncm.host.sim.xenstore.core import PRIVILEGED_DOMID
-from nova_xen_ncm.host.sim.xenstore.core import TX_CONFLICTED
-from nova_xen_ncm.host.sim.xenstore.core import Connection
-from nova_xen_ncm.host.sim.xenstore.core import Match
-from nova_xen_ncm.host.sim.xenstore.core import Outcome
-from nova_xen_ncm.host.sim.xenstore.core import Quota
 from nova_xen_ncm.host.sim.xenstore.core import XenstoreCore
-from nova_xen_ncm.host.sim.xenstore.core import domain_path
-from nova_xen_ncm.host.sim.xenstore.core import is_child
 from nova_xen_ncm.host.sim.xenstore.migration import ImportPolicy
 from nova_xen_ncm.host.sim.xenstore.migration import MigrationOps
 from nova_xen_ncm.host.sim.xenstore.migration import XenstoreMigrationError
@@ -58,17 +51,10 @@ from nova_xen_ncm.host.sim.xs_wire import XenstoreError
 from nova_xen_ncm.host.sim.xs_wire import XsType
 
 __all__ = [
-    "TX_CONFLICTED",
-    "Connection",
     "ImportPolicy",
     "LocalClient",
-    "Match",
-    "Outcome",
-    "Quota",
     "Xenstore",
     "XenstoreMigrationError",
-    "domain_path",
-    "is_child",
 ]
 
 
