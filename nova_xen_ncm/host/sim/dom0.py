@@ -1,17 +1,23 @@
-"""Dom0's services: xenstored, the backends and their disks.
+"""Dom0's kernel and services: xenstored, the backends and their disks.
 
-They run in dom0 (hypervisor.Dom0): event channel upcalls and watch
-events reach them on the dom0 thread; the toolstack (toolstack.py)
-connects domains to them. The vbd disks are files on storage the hosts
-share (``[xen_ncm_sim] disk_dir``).
+They run in dom0 (the hypervisor's hypervisor.Dom0): dom0's kernel
+(:class:`Dom0Kernel`) takes the event channel upcalls and xenstored's
+watch wake-ups on the dom0 thread and runs the services' handlers; the
+toolstack (toolstack.py) connects domains to them. The vbd disks are
+files on storage the hosts share (``[xen_ncm_sim] disk_dir``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import threading
+import time
 from collections.abc import Callable
 from collections.abc import Sequence
 
+import numpy as np
 from oslo_log import log as logging
 
 from nova_xen_ncm.host import base
@@ -22,6 +28,7 @@ from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import ring as ringmod
 from nova_xen_ncm.host.sim.hypervisor import DOM0
+from nova_xen_ncm.host.sim.hypervisor import Dom0
 from nova_xen_ncm.host.sim.hypervisor import Domain
 from nova_xen_ncm.host.sim.hypervisor import Hypervisor
 from nova_xen_ncm.host.sim.hypervisor import canonical_uuid
@@ -38,6 +45,100 @@ LOG = logging.getLogger(__name__)
 DEFAULT_DISK_SUBDIR = os.path.join("nova-xen-ncm", "sim-disks")
 
 
+# How often dom0's kernel runs its timer work (Dom0Kernel.on_tick), s.
+DOM0_TICK = 0.01
+
+
+class Dom0Error(Exception):
+    """A dom0 service (a backend, xenstored's watch dispatch) failed on
+    the dom0 thread; kept by :class:`Dom0Kernel` for the host's owner."""
+
+
+class Dom0Kernel:
+    """Dom0's kernel, as far as its services need one: the upcall the
+    hypervisor raises (Dom0.upcall) wakes its thread, which reads the
+    pending ports from dom0's shared info, as Linux's evtchn upcall does,
+    and runs each port's handler; xenstored's wake-ups run the watch
+    dispatch; ``on_tick`` runs every DOM0_TICK. A handler that raises is
+    logged and kept in ``errors``: dom0 goes on."""
+
+    def __init__(self, hostname: str, dom0: Dom0) -> None:
+        self.dom0 = dom0
+        # What failed on the dom0 thread (Dom0Error), oldest first.
+        self.errors: list[Dom0Error] = []
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        self._kicks: queue.Queue = queue.Queue()
+        self.on_tick: Callable[[], None] = lambda: None
+        self.on_wake: Callable[[], None] = lambda: None
+        dom0.upcall = self.kick
+        self._thread = threading.Thread(
+            target=self._run, name=f"{hostname}-dom0-events", daemon=True
+        )
+        self._thread.start()
+
+    def kick(self, vcpu: int) -> None:
+        self._kicks.put(vcpu)
+
+    def stop(self) -> None:
+        self._kicks.put(None)
+
+    def wake(self) -> None:
+        """Watch events are queued for dom0's xenstore connection."""
+        self._kicks.put("watch")
+
+    def _take_pending(self) -> list[int]:
+        ports = []
+        dom0 = self.dom0
+        with dom0.mem_lock():
+            vi = dom0.shinfo[: evtchn.VCPU_INFO_SIZE]
+            vi[evtchn.VI_UPCALL_PENDING] = 0
+            sel_view = vi[8:16].view(np.uint64)
+            sel = int(sel_view[0])
+            sel_view[0] = 0
+            words = dom0.bits.words
+            for w in range(64):
+                if not sel >> w & 1:
+                    continue
+                pi = evtchn.SHINFO_PENDING // 8 + w
+                ready = int(words[pi] & ~words[evtchn.SHINFO_MASK // 8 + w])
+                words[pi] &= np.uint64(~ready & (2**64 - 1))
+                ports += [w * 64 + b for b in range(64) if ready >> b & 1]
+        return ports
+
+    def _call(self, what: str, fn: Callable, *args: object) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            # A dom0 service failing does not stop dom0; the host's
+            # owner finds it in ``errors`` (tests fail on it).
+            LOG.exception("dom0: %s failed", what)
+            error = Dom0Error(f"dom0: {what} failed: {exc!r}")
+            error.__cause__ = exc
+            self.errors.append(error)
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + DOM0_TICK
+        while True:
+            try:
+                item = self._kicks.get(
+                    timeout=max(0.0, next_tick - time.monotonic())
+                )
+            except queue.Empty:
+                item = "tick"
+            if item is None:
+                return
+            if item == "watch":
+                self._call("watch dispatch", self.on_wake)
+            elif item != "tick":
+                for port in self._take_pending():
+                    handler = self.handlers.get(port)
+                    if handler is not None:
+                        self._call(f"handler of port {port}", handler, port)
+            if time.monotonic() >= next_tick:
+                self._call("tick", self.on_tick)
+                next_tick = time.monotonic() + DOM0_TICK
+
+
 class Dom0Services:
     """xenstored and the backends of one host's dom0. The backends call
     back here for dom0's event channels (``dom0_*``) and into the
@@ -46,8 +147,9 @@ class Dom0Services:
     def __init__(self, hv: Hypervisor, opts: object) -> None:
         self.hv = hv
         self.opts = opts
+        self.kernel = Dom0Kernel(hv.hostname, hv.dom0)
         self.xenstore = Xenstore()
-        self._xs_conn = self.xenstore.connect(DOM0, wakeup=hv.dom0.wake)
+        self._xs_conn = self.xenstore.connect(DOM0, wakeup=self.kernel.wake)
         self.xs = devices.XenstoreConnectionClient(
             self.xenstore, self._xs_conn
         )
@@ -56,8 +158,8 @@ class Dom0Services:
         self.backends: dict[str, devices.Backend] = {}
         # Guest ports an import linked to dom0 for a backend to take over.
         self.prelinked: set[tuple[int, int]] = set()
-        hv.dom0.on_wake = self.dispatch_watches
-        hv.dom0.on_tick = self.service_backends
+        self.kernel.on_wake = self.dispatch_watches
+        self.kernel.on_tick = self.service_backends
 
     def new_backend(
         self, dom: Domain, dev: base.DeviceConfig
@@ -140,7 +242,7 @@ class Dom0Services:
                 self.prelinked.discard((domid, guest_port))
             else:
                 local = self.dom0_bind(dom, guest_port)
-            self.hv.dom0.handlers[local] = handler
+            self.kernel.handlers[local] = handler
             if param == hvm.HVM_PARAM_STORE_EVTCHN:
                 dom.dom0_store_port = local
 
@@ -250,16 +352,26 @@ class Dom0Services:
                 local = self.hv.evtchn.bind_interdomain(
                     self.hv.dom0, domid, port
                 )
-            self.hv.dom0.handlers[local] = handler
+            self.kernel.handlers[local] = handler
             return local
 
     def dom0_notify(self, port: int) -> None:
         with self.hv.locked():
             self.hv.evtchn.send(self.hv.dom0, port)
 
+    def release_ports(self, dom: Domain) -> None:
+        """Close dom0's ends of a released domain's channels (the
+        hypervisor left them unbound). Host lock held."""
+        for port in dom.dom0_ports:
+            self.kernel.handlers.pop(port, None)
+            if port in self.hv.dom0.ports:
+                with contextlib.suppress(HostError):
+                    self.hv.evtchn.close(self.hv.dom0, port)
+        dom.dom0_ports.clear()
+
     def dom0_close(self, port: int) -> None:
         with self.hv.locked():
-            self.hv.dom0.handlers.pop(port, None)
+            self.kernel.handlers.pop(port, None)
             self.hv.evtchn.close(self.hv.dom0, port)
 
     def reconnect_backends(

@@ -49,18 +49,17 @@ from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import kernel
 from nova_xen_ncm.host.sim.digest import MemoryDigest
+from nova_xen_ncm.host.sim.dom0 import Dom0Error
 from nova_xen_ncm.host.sim.dom0 import Dom0Services
 from nova_xen_ncm.host.sim.guestproc import GuestProcesses
-from nova_xen_ncm.host.sim.hypervisor import Dom0Error
 from nova_xen_ncm.host.sim.hypervisor import Domain
 from nova_xen_ncm.host.sim.hypervisor import Hypervisor
 from nova_xen_ncm.host.sim.hypervisor import SimPageMapping
-from nova_xen_ncm.host.sim.hypervisor import canonical_uuid
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 from nova_xen_ncm.host.sim.memory import write_tracking_available
 from nova_xen_ncm.host.sim.toolstack import Toolstack
 
-__all__ = ["Dom0Error", "SimHost", "canonical_uuid"]
+__all__ = ["Dom0Error", "SimHost"]
 
 LOG = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ class SimHost(base.HostDriver):
         """What failed in dom0's services so far (a backend's handler,
         xenstored's watch dispatch): logged as it happens, kept here for
         the host's owner (tests fail on them)."""
-        return list(self.hv.dom0.errors)
+        return list(self.services.kernel.errors)
 
     def raise_dom0_errors(self) -> None:
         """Raise the first of dom0_errors() (the others are logged with
@@ -544,4 +543,4 @@ class SimHost(base.HostDriver):
             with contextlib.suppress(HostError):
                 self.destroy_domain(domid)
         self.guests.close()
-        self.hv.dom0.stop()
+        self.services.kernel.stop()

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import errno as errnos
 import itertools
-import queue
 import socket
 import subprocess
 import threading
@@ -62,20 +61,14 @@ NR_GRANT_FRAMES = 4
 # (max_pages is set a little above the target by the toolstack).
 EXTRA_PAGES = layout.X86_HVM_NR_SPECIAL_PAGES + 1024
 TSC_KHZ = 2994000
-DOM0_TICK = 0.01
-# libxl's LIBXL_DOMID_REUSE_TIMEOUT: a released domid is not given to a
-# new domain for this long.
-DOMID_REUSE_TIMEOUT = 60.0
-
-
-class Dom0Error(Exception):
-    """A dom0 service (a backend, xenstored's watch dispatch) failed on
-    the dom0 thread; kept by :class:`Dom0` for the host's owner."""
 
 
 class Dom0:
-    """The control domain: privileged, no RAM of its own here; its event
-    channel bits are private arrays and its upcalls run handlers."""
+    """The control domain as the hypervisor sees it: privileged, no RAM
+    of its own here, its event channel bits in a private shared info.
+    An event for it marks the bits and calls ``upcall(vcpu)``: the
+    callback vector of dom0's kernel (dom0.Dom0Kernel), which reads the
+    bits and runs its handlers."""
 
     domid = DOM0
     vcpus = 1
@@ -83,22 +76,13 @@ class Dom0:
 
     def __init__(self, hostname: str) -> None:
         self.ports: dict[int, evtchn.Channel] = {}
-        self._shinfo = np.zeros(PAGE_SIZE, dtype=np.uint8)
-        self.bits = evtchn.PendingBits(self._shinfo, self._vcpu_info)
+        self.shinfo = np.zeros(PAGE_SIZE, dtype=np.uint8)
+        self.bits = evtchn.PendingBits(self.shinfo, self._vcpu_info)
         self._lock = threading.Lock()
-        # What failed on the dom0 thread (Dom0Error), oldest first.
-        self.errors: list[Dom0Error] = []
-        self.handlers: dict[int, Callable[[int], None]] = {}
-        self._kicks: queue.Queue = queue.Queue()
-        self.on_tick: Callable[[], None] = lambda: None
-        self.on_wake: Callable[[], None] = lambda: None
-        self._thread = threading.Thread(
-            target=self._run, name=f"{hostname}-dom0-events", daemon=True
-        )
-        self._thread.start()
+        self.upcall: Callable[[int], None] = lambda vcpu: None
 
     def _vcpu_info(self, vcpu: int) -> np.ndarray:
-        return self._shinfo[: evtchn.VCPU_INFO_SIZE]
+        return self.shinfo[: evtchn.VCPU_INFO_SIZE]
 
     @contextlib.contextmanager
     def mem_lock(self):
@@ -106,66 +90,7 @@ class Dom0:
             yield
 
     def kick(self, vcpu: int) -> None:
-        self._kicks.put(vcpu)
-
-    def stop(self) -> None:
-        self._kicks.put(None)
-
-    def wake(self) -> None:
-        """Watch events are queued for dom0's xenstore connection."""
-        self._kicks.put("watch")
-
-    def _take_pending(self) -> list[int]:
-        ports = []
-        with self.mem_lock():
-            vi = self._vcpu_info(0)
-            vi[evtchn.VI_UPCALL_PENDING] = 0
-            sel_view = vi[8:16].view(np.uint64)
-            sel = int(sel_view[0])
-            sel_view[0] = 0
-            words = self.bits.words
-            for w in range(64):
-                if not sel >> w & 1:
-                    continue
-                pi = evtchn.SHINFO_PENDING // 8 + w
-                ready = int(words[pi] & ~words[evtchn.SHINFO_MASK // 8 + w])
-                words[pi] &= np.uint64(~ready & (2**64 - 1))
-                ports += [w * 64 + b for b in range(64) if ready >> b & 1]
-        return ports
-
-    def _call(self, what: str, fn: Callable, *args: object) -> None:
-        try:
-            fn(*args)
-        except Exception as exc:
-            # A dom0 service failing does not stop dom0; the host's
-            # owner finds it in ``errors`` (tests fail on it).
-            LOG.exception("dom0: %s failed", what)
-            error = Dom0Error(f"dom0: {what} failed: {exc!r}")
-            error.__cause__ = exc
-            with self.mem_lock():
-                self.errors.append(error)
-
-    def _run(self) -> None:
-        next_tick = time.monotonic() + DOM0_TICK
-        while True:
-            try:
-                item = self._kicks.get(
-                    timeout=max(0.0, next_tick - time.monotonic())
-                )
-            except queue.Empty:
-                item = "tick"
-            if item is None:
-                return
-            if item == "watch":
-                self._call("watch dispatch", self.on_wake)
-            elif item != "tick":
-                for port in self._take_pending():
-                    handler = self.handlers.get(port)
-                    if handler is not None:
-                        self._call(f"handler of port {port}", handler, port)
-            if time.monotonic() >= next_tick:
-                self._call("tick", self.on_tick)
-                next_tick = time.monotonic() + DOM0_TICK
+        self.upcall(vcpu)
 
 
 class Domain:
@@ -385,12 +310,8 @@ class Hypervisor:
         self.memory_bytes = memory_bytes
         self.lock = locks.OrderedLock(locks.HOST, threading.RLock())
         self.domains: dict[int, Domain] = {}
-        # The domid allocator's state: the last domid it gave, and when
-        # each recently destroyed domain's domid was released.
+        # The domid allocator's state: the last domid it gave.
         self._domid_last = 0
-        self._domid_released: dict[int, float] = {}
-        # Whose each released domid was (its uuid).
-        self._domid_released_by: dict[int, str] = {}
         # Xen's NOW() here: ns since this host booted (hosts booted at
         # different times, so a migrating guest's host time jumps).
         uptime = zlib.crc32(hostname.encode()) % 86_400 + 60
@@ -436,9 +357,9 @@ class Hypervisor:
         self.domains[domid] = dom
         return dom
 
-    def check_domid(self, domid: int, uuid: str | None, call: str) -> None:
-        """A domid asked for: in range, free, not recently released by
-        another guest (libxl__domain_make). Lock held."""
+    def check_domid(self, domid: int, call: str) -> None:
+        """A domid asked for: in range and free (domain_create). Lock
+        held."""
         if not 0 < domid < DOMID_FIRST_RESERVED:
             raise HostError(
                 f"domid {domid} is outside 1..{DOMID_FIRST_RESERVED - 1}",
@@ -449,40 +370,18 @@ class Hypervisor:
                 f"domid {domid} is held by {self.domains[domid].name!r}",
                 call=call,
             )
-        released = self._domid_released.get(domid)
-        if (
-            released is not None
-            and time.monotonic() - released < DOMID_REUSE_TIMEOUT
-            and not self.same_guest(self._domid_released_by.get(domid), uuid)
-        ):
-            # libxl__domain_make: a domid asked for is not retried. The
-            # guest that held it may have it back (a restore or a
-            # migration back): the delay guards against another guest
-            # inheriting what named the old one, and the real driver
-            # restores with LIBXL_DOMID_REUSE_TIMEOUT=0 for that reason.
-            raise base.DomidInUse(
-                f"domid {domid}: domain id recently used (released "
-                f"{time.monotonic() - released:.0f} s ago; not reused for "
-                f"{DOMID_REUSE_TIMEOUT:.0f} s)",
-                call=call,
-            )
 
     def release_domain(self, dom: Domain) -> None:
-        """domain_kill: its grant maps, its ports and dom0's ends of them
-        go, its domid is released. Lock held."""
+        """domain_kill: its grant maps and its ports go (dom0's ends of
+        them are left unbound, for dom0 to close), its domid is
+        released. Lock held."""
         for handle, (domid, _, _) in list(self._maptrack.items()):
             if domid == dom.domid:
                 del self._maptrack[handle]
         for port in sorted(dom.ports):
             with contextlib.suppress(HostError):
                 self.evtchn.close(dom, port)
-        for port in dom.dom0_ports:
-            self.dom0.handlers.pop(port, None)
-            with contextlib.suppress(HostError):
-                self.evtchn.close(self.dom0, port)
-        if self.domains.pop(dom.domid, None) is not None:
-            self._domid_released[dom.domid] = time.monotonic()
-            self._domid_released_by[dom.domid] = dom.uuid or ""
+        self.domains.pop(dom.domid, None)
 
     def now_ns(self) -> int:
         """The hypervisor's system time (Xen's NOW())."""
@@ -506,39 +405,21 @@ class Hypervisor:
             )
         return dom
 
-    @staticmethod
-    def same_guest(released_by: str | None, uuid: str | None) -> bool:
-        if not released_by or not uuid:
-            return False
-        try:
-            return canonical_uuid(released_by) == canonical_uuid(uuid)
-        except ValueError:
-            return False
-
-    def alloc_domid(self, call: str) -> int:
+    def alloc_domid(
+        self, call: str, avoid: Callable[[int], bool] = lambda domid: False
+    ) -> int:
         """Xen's allocator (xen/common/domid.c): the next free domid after
-        the last one allocated, round-robin over 1..DOMID_FIRST_RESERVED-1;
-        as libxl does (libxl__is_domid_recent), skipping domids released
-        less than DOMID_REUSE_TIMEOUT ago. Host lock held."""
-        now = time.monotonic()
-        self._domid_released = {
-            d: t
-            for d, t in self._domid_released.items()
-            if now - t < DOMID_REUSE_TIMEOUT
-        }
+        the last one allocated, round-robin over 1..DOMID_FIRST_RESERVED-1,
+        skipping those ``avoid`` names (the toolstack's recently used
+        ones). Host lock held."""
         last = self._domid_last
         for domid in itertools.chain(
             range(last + 1, DOMID_FIRST_RESERVED), range(1, last + 1)
         ):
-            taken = domid in self.domains or domid in self._domid_released
-            if not taken:
+            if domid not in self.domains and not avoid(domid):
                 self._domid_last = domid
                 return domid
-        raise HostError(
-            "no domid free (recently released ones are not reused for "
-            f"{DOMID_REUSE_TIMEOUT:.0f} s)",
-            call=call,
-        )
+        raise HostError("no domid free", call=call)
 
     def free_memory(self) -> int:
         used = sum(d.config.memory_bytes for d in self.domains.values())

@@ -48,6 +48,9 @@ from nova_xen_ncm.host.sim.xs_wire import XenstoreError
 LOG = logging.getLogger(__name__)
 
 START_TIMEOUT = 300.0
+# libxl's LIBXL_DOMID_REUSE_TIMEOUT: a released domid is not given to a
+# new domain for this long.
+DOMID_REUSE_TIMEOUT = 60.0
 DEFAULT_PARAMS_FLAGS = {
     hvm.HVM_PARAM_PAE_ENABLED: 1,
     hvm.HVM_PARAM_TIMER_MODE: 1,  # HVMPTM_no_delay_for_missed_ticks
@@ -55,6 +58,65 @@ DEFAULT_PARAMS_FLAGS = {
     hvm.HVM_PARAM_NR_IOREQ_SERVER_PAGES: 0,
     hvm.HVM_PARAM_VM86_TSS_SIZED: 0,
 }
+
+
+class RecentDomids:
+    """libxl's recently used domids (libxl__mark_domid_recent,
+    libxl__is_domid_recent): a domid released less than
+    DOMID_REUSE_TIMEOUT ago is not given to a new domain, and one asked
+    for is refused unless the guest that held it asks (a restore or a
+    migration back)."""
+
+    def __init__(self) -> None:
+        # When each recently released domid was released, and whose
+        # (its uuid) it was.
+        self.released: dict[int, float] = {}
+        self.released_by: dict[int, str] = {}
+
+    def mark(self, domid: int, uuid: str | None) -> None:
+        now = time.monotonic()
+        self.released = {
+            d: t
+            for d, t in self.released.items()
+            if now - t < DOMID_REUSE_TIMEOUT
+        }
+        self.released[domid] = now
+        self.released_by[domid] = uuid or ""
+
+    def is_recent(self, domid: int) -> bool:
+        released = self.released.get(domid)
+        return (
+            released is not None
+            and time.monotonic() - released < DOMID_REUSE_TIMEOUT
+        )
+
+    def check(self, domid: int, uuid: str | None, call: str) -> None:
+        """libxl__domain_make: a domid asked for that another guest
+        released recently is refused ("domain id recently used"), not
+        retried."""
+        if not self.is_recent(domid) or _same_guest(
+            self.released_by.get(domid), uuid
+        ):
+            return
+        # The guest that held it may have it back: the delay guards
+        # against another guest inheriting what named the old one, and
+        # the real driver restores with LIBXL_DOMID_REUSE_TIMEOUT=0 for
+        # that reason.
+        raise base.DomidInUse(
+            f"domid {domid}: domain id recently used (released "
+            f"{time.monotonic() - self.released[domid]:.0f} s ago; not "
+            f"reused for {DOMID_REUSE_TIMEOUT:.0f} s)",
+            call=call,
+        )
+
+
+def _same_guest(released_by: str | None, uuid: str | None) -> bool:
+    if not released_by or not uuid:
+        return False
+    try:
+        return canonical_uuid(released_by) == canonical_uuid(uuid)
+    except ValueError:
+        return False
 
 
 class Toolstack:
@@ -79,6 +141,7 @@ class Toolstack:
         self.opts = opts
         self.features = features
         self.prelaunch = prelaunch
+        self.recent = RecentDomids()
 
     def _check_config(self, config: base.DomainConfig, call: str) -> None:
         if not 1 <= config.vcpus <= kernel.MAX_VCPUS:
@@ -145,7 +208,8 @@ class Toolstack:
         self, config: base.DomainConfig, domid: int, call: str
     ) -> Domain:
         """Check and create the domain record (host lock held)."""
-        self.hv.check_domid(domid, config.uuid, call)
+        self.hv.check_domid(domid, call)
+        self.recent.check(domid, config.uuid, call)
         self._check_config(config, call)
         if config.uuid is not None:
             try:
@@ -249,7 +313,7 @@ class Toolstack:
                     raise HostError(
                         f"a domain named {config.name!r} exists", call=call
                     )
-            domid = self.hv.alloc_domid(call)
+            domid = self.hv.alloc_domid(call, self.recent.is_recent)
             dom = self._reserve(config, domid, call)
             dom.disks_here = True
             try:
@@ -342,7 +406,11 @@ class Toolstack:
             self.services.prelinked = {
                 k for k in self.services.prelinked if k[0] != dom.domid
             }
+            released = self.hv.domains.get(dom.domid) is dom
             self.hv.release_domain(dom)
+            self.services.release_ports(dom)
+            if released:
+                self.recent.mark(dom.domid, dom.uuid)
             if self.services.xenstore.is_introduced(dom.domid):
                 self.services.xenstore.release_domain(dom.domid)
         self.guests.in_background(dom.mem.close)

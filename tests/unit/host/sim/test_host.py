@@ -19,10 +19,10 @@ from nova_xen_ncm.host.sim import guest as sim_guest
 from nova_xen_ncm.host.sim import guestproc as sim_guestproc
 from nova_xen_ncm.host.sim import host as sim_host
 from nova_xen_ncm.host.sim import hvm
-from nova_xen_ncm.host.sim import hypervisor as sim_hypervisor
 from nova_xen_ncm.host.sim import layout
 from nova_xen_ncm.host.sim import locks
 from nova_xen_ncm.host.sim import memory as sim_memory
+from nova_xen_ncm.host.sim import toolstack as sim_toolstack
 from nova_xen_ncm.host.sim.memory import P2M_XEN
 
 from .conftest import empty
@@ -45,19 +45,23 @@ def test_domid_rules(host):
 def test_domids_are_given_round_robin_avoiding_recent_ones(host):
     """xen/common/domid.c: after the last one given, wrapping round;
     libxl: not one released less than a minute ago."""
+
+    def alloc():
+        return host.hv.alloc_domid("t", host.toolstack.recent.is_recent)
+
     empty(host, 1)
     with host.hv.lock:
-        assert host.hv.alloc_domid("t") == 2
+        assert alloc() == 2
         # 2 is free, but the allocator moved on.
-        assert host.hv.alloc_domid("t") == 3
+        assert alloc() == 3
     host.destroy_domain(1)
     host.hv._domid_last = base.DOMID_FIRST_RESERVED - 1
     with host.hv.lock:
-        assert host.hv.alloc_domid("t") == 2  # 1 was released just now
-    host.hv._domid_released[1] -= sim_hypervisor.DOMID_REUSE_TIMEOUT
+        assert alloc() == 2  # 1 was released just now
+    host.toolstack.recent.released[1] -= sim_toolstack.DOMID_REUSE_TIMEOUT
     host.hv._domid_last = base.DOMID_FIRST_RESERVED - 1
     with host.hv.lock:
-        assert host.hv.alloc_domid("t") == 1
+        assert alloc() == 1
 
 
 def test_a_recently_released_domid_asked_for_is_refused(host):
@@ -66,7 +70,7 @@ def test_a_recently_released_domid_asked_for_is_refused(host):
     host.destroy_domain(4)
     with pytest.raises(base.DomidInUse, match="recently used"):
         host.create_empty_domain(_config("again"), 4)
-    host.hv._domid_released[4] -= sim_hypervisor.DOMID_REUSE_TIMEOUT
+    host.toolstack.recent.released[4] -= sim_toolstack.DOMID_REUSE_TIMEOUT
     host.create_empty_domain(_config("again"), 4)
     assert host.domain_info(4).name == "again"
 
@@ -712,7 +716,7 @@ def test_a_dom0_service_failing_is_kept_for_the_owner(host):
         seen.set()
         raise RuntimeError("backend bug")
 
-    hv.dom0.handlers[port] = broken
+    host.services.kernel.handlers[port] = broken
     with hv.lock:
         hv.evtchn.send(hv.dom0, port)
     assert seen.wait(5)
@@ -723,7 +727,7 @@ def test_a_dom0_service_failing_is_kept_for_the_owner(host):
     assert "backend bug" in str(error) and f"port {port}" in str(error)
     with pytest.raises(sim_host.Dom0Error, match="backend bug"):
         host.raise_dom0_errors()
-    hv.dom0.errors.clear()  # seen: the fixture's own check passes
+    host.services.kernel.errors.clear()  # seen: the fixture's own check passes
 
 
 def test_hypercalls_are_a_table_not_attribute_names(host):
@@ -804,3 +808,19 @@ def test_a_hypercall_under_the_memory_lock_is_refused(monkeypatch):
     assert sent == []
     assert sim_guest.GuestKernel.hypercall(kernel, "evtchn_send", port=3) == 7
     assert sent == [{"op": "evtchn_send", "args": {"port": 3}}]
+
+
+def test_dom0_closes_its_ends_of_a_destroyed_domains_channels(host):
+    """domain_kill leaves dom0's end of an interdomain channel unbound;
+    dom0 closes it and drops its handler (the hypervisor does not reach
+    into dom0's kernel)."""
+    dom = empty(host, 3)
+    with host.hv.lock:
+        guest_port = host.hv.evtchn.alloc_unbound(dom, 3, 0)
+        local = host.services.dom0_bind(dom, guest_port)
+    host.services.kernel.handlers[local] = print
+    assert local in host.hv.dom0.ports
+    assert local in host.services.kernel.handlers
+    host.destroy_domain(3)
+    assert local not in host.hv.dom0.ports
+    assert local not in host.services.kernel.handlers
