@@ -60,7 +60,7 @@ def main() -> None:
     )
     started = time.monotonic() - t0
     time.sleep(1.0)
-    dom = host._domains[domid]
+    dom = host.hv.domains[domid]
     before = dom.cpu_registers()
     host.pause(domid)
     after = dom.cpu_registers()

@@ -331,6 +331,10 @@ class GuestFeature(str, enum.Enum):
     #: entry) reach a domain other than the guest, dom0 and its devices'
     #: backend domains, whoever set them.
     XENSTORE_FOREIGN_PERMS = "xenstore-foreign-perms"
+    #: Grant entries in use that name a domain other than the guest, dom0
+    #: and its devices' backend domains (a page shared with another
+    #: guest); that domain is another one, or none, on the destination.
+    GNTTAB_FOREIGN_DOMAIN = "gnttab-foreign-domain"
 
 
 def feature_uses(
@@ -340,11 +344,13 @@ def feature_uses(
     ports: Sequence[EventChannel],
     nodes: Sequence[XenstoreNode],
     backend_domids: Collection[int],
+    grants: Sequence[tuple[int, int]] = (),
 ) -> dict[GuestFeature, str]:
     """The optional features PV state of guest ``domid`` uses, each with
     the first thing that uses it. ``backend_domids`` are the domains
     running the guest's device backends (dom0 runs xenstored and is
-    always one). The one predicate both the SETUP report
+    always one). ``grants`` are (reference, domid) of the grant entries
+    in use (:func:`grant_domains`). The one predicate both the SETUP report
     (:func:`features_of`) and a destination's import apply, so that what
     the import would refuse is known, and refused, at SETUP."""
     found: dict[GuestFeature, str] = {}
@@ -361,6 +367,12 @@ def feature_uses(
             found[GuestFeature.EVTCHN_DOMU_PEER] = (
                 f"port {p.port} ({p.type.name.lower()}) names domain "
                 f"{p.remote_domid}"
+            )
+            break
+    for ref, granted in grants:
+        if granted not in peers:
+            found[GuestFeature.GNTTAB_FOREIGN_DOMAIN] = (
+                f"grant reference {ref} grants to domain {granted}"
             )
             break
     for node in nodes:
@@ -398,12 +410,34 @@ def features_of(
     ports: Sequence[EventChannel],
     nodes: Sequence[XenstoreNode],
     backend_domids: Collection[int],
+    grants: Sequence[tuple[int, int]] = (),
 ) -> frozenset[GuestFeature]:
     """The optional features PV state of guest ``domid`` uses
     (:func:`feature_uses`)."""
     return frozenset(
-        feature_uses(domid, abi, grant_version, ports, nodes, backend_domids)
+        feature_uses(
+            domid, abi, grant_version, ports, nodes, backend_domids, grants
+        )
     )
+
+
+# The type bits of a grant entry's flags (grant_table.h GTF_type_mask):
+# 0 is GTF_invalid, an entry not in use.
+_GTF_TYPE_MASK = 3
+
+
+def grant_domains(gt: GrantTableState) -> list[tuple[int, int]]:
+    """(reference, domid) of every grant entry in use, from the table's
+    raw frames: a v1 entry (8 bytes) and a v2 entry's header (16 bytes)
+    both begin with the u16 flags and the u16 domid (grant_table.h)."""
+    size = 8 if gt.version == 1 else 16
+    raw = b"".join(gt.frames)
+    raw = raw[: len(raw) - len(raw) % size]
+    if not raw:
+        return []
+    head = np.frombuffer(raw, dtype="<u2").reshape(-1, size // 2)[:, :2]
+    used = np.flatnonzero(head[:, 0] & _GTF_TYPE_MASK)
+    return [(int(r), int(head[r, 1])) for r in used]
 
 
 def state_feature_uses(state: PvState) -> dict[GuestFeature, str]:
@@ -420,6 +454,7 @@ def state_feature_uses(state: PvState) -> dict[GuestFeature, str]:
         state.event_channels.ports,
         nodes,
         {b.backend_domid for b in state.backends},
+        grant_domains(state.grant_table),
     )
 
 
@@ -488,9 +523,13 @@ class GuestState:
     )
     # What the guest's kernel recorded in its RAM (host-specific; empty
     # where unknown): "ports", events received per port; "vcpus", per
-    # vCPU a mapping with "progress" (work done) and "system_time" (its
-    # vcpu_time_info, ns; 0 where not kept); "dirty_rate", bytes per
-    # second its vCPUs write (0: idle vCPUs make no progress).
+    # vCPU a mapping with "progress" (work done) and its vcpu_time_info
+    # ("system_time", ns, 0 where not kept; "tsc_timestamp",
+    # "tsc_to_system_mul", "tsc_shift"); "dirty_rate", bytes per second
+    # its vCPUs write (0: idle vCPUs make no progress); "wallclock_ns",
+    # shared info's wallclock; "guest_tsc" and "host_wall_ns", the
+    # guest's TSC and the host's wall time when the record was read;
+    # "tsc_incarnation", the TSC info's incarnation.
     kernel: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 

@@ -178,6 +178,11 @@ GTF_writing = 1 << 4
 
 _MASK32 = 0xFFFFFFFF
 
+# How far the guest's clock (its time of day from its pvclock and the
+# wallclock) may be from the host's wall time once the destination wrote
+# them: the TSC scale's rounding and the read's own time.
+CLOCK_SLACK_NS = 250_000_000
+
 
 @dataclasses.dataclass(frozen=True)
 class ItemResult:
@@ -233,6 +238,10 @@ def check(
             problems = _memory(a, b, _rewritten_pfns(paused, resumed))
         elif item is Item.PV_DEVICES:
             problems = _pv_devices(a, b, paused, resumed, later)
+        elif item is Item.PLATFORM:
+            problems = _platform(a, b) + _incarnation(paused, resumed)
+            if later is not None:
+                problems += _clock(resumed, later)[0]
         else:
             problems = _CHECKS[item](a, b)
         results[item] = ItemResult(not problems, _reason(problems))
@@ -438,6 +447,74 @@ def _platform(a: object, b: object) -> list[str]:
     if not isinstance(a, Mapping) or not isinstance(b, Mapping):
         return _opaque(a, b, "platform state")
     return _mapping_diff(a, b, "platform record", str)
+
+
+def _incarnation(paused: GuestState, resumed: GuestState) -> list[str]:
+    """Xen counts a domain's restores in its TSC info's incarnation
+    (tsc_set_info: the saved one + 1), which a guest reads to see it
+    moved: it never goes back. It may stay: a rollback resumes the
+    paused domain itself, and the state says nothing of which host ran
+    it, so a restore that forgot to count is not found here."""
+    a = paused.kernel.get("tsc_incarnation")
+    b = resumed.kernel.get("tsc_incarnation")
+    if a is None or b is None or (b - a) & _MASK32 < 1 << 31:
+        return []
+    return [f"TSC incarnation went back from {a} to {b}"]
+
+
+def guest_clock(kernel: Mapping[str, object], vcpu: int) -> int | None:
+    """The guest's time of day, ns, as vCPU ``vcpu`` reads it when the
+    record was taken: the wallclock plus its pvclock (system_time, then
+    the TSC since tsc_timestamp scaled as vcpu_time_info says; Linux's
+    pvclock_clocksource_read). None where the record does not have it
+    (a host that keeps no time info)."""
+    vcpus = kernel.get("vcpus", ())
+    wallclock = kernel.get("wallclock_ns")
+    tsc = kernel.get("guest_tsc")
+    if wallclock is None or tsc is None or vcpu >= len(vcpus):
+        return None
+    info = vcpus[vcpu]
+    if not info.get("system_time") or "tsc_timestamp" not in info:
+        return None
+    delta = int(tsc) - int(info["tsc_timestamp"])
+    sign, delta = (-1, -delta) if delta < 0 else (1, delta)
+    shift = int(info["tsc_shift"])
+    delta = delta << shift if shift >= 0 else delta >> -shift
+    ns = (delta * int(info["tsc_to_system_mul"])) >> 32
+    return int(wallclock) + int(info["system_time"]) + sign * ns
+
+
+def _clock(resumed: GuestState, later: GuestState) -> tuple[list[str], bool]:
+    """Time as Xen keeps it for an HVM guest: the destination rebases
+    system_time on its own NOW() and the wallclock on its own boot, so
+    raw system time may jump either way; what the guest sees, its time
+    of day, goes forward and, once the destination wrote the time info,
+    agrees with the host's wall time. Returns the problems and whether
+    the clock could be judged."""
+    problems: list[str] = []
+    vcpus = later.kernel.get("vcpus", ())
+    wall = later.kernel.get("host_wall_ns")
+    judged = False
+    for v in range(len(vcpus)):
+        before, after = (
+            guest_clock(resumed.kernel, v),
+            guest_clock(later.kernel, v),
+        )
+        if after is None or wall is None:
+            continue
+        judged = True
+        if before is not None and after <= before:
+            problems.append(
+                f"vcpu {v}'s clock did not move forward: "
+                f"{before} ns at resume, {after} ns after running"
+            )
+        off = after - int(wall)
+        if abs(off) > CLOCK_SLACK_NS:
+            problems.append(
+                f"vcpu {v}'s clock is {off / 1e9:+.3f} s off the "
+                "destination's wall time (time info not rebased)"
+            )
+    return problems, judged
 
 
 def _mapping_diff(
@@ -1258,16 +1335,24 @@ def _vcpus(
         return [], False
     stalled = []
     working = int(resumed.kernel.get("dirty_rate", 0)) > 0
+    # The guest's clock, offset-corrected, where the host reports what
+    # it needs (_clock); else each vCPU's system time must go forward.
+    clock_problems, clock_judged = _clock(resumed, later)
+    problems += clock_problems
     # The host writes vcpu_time_info (Xen: at schedule-in); a host that
     # writes none leaves system_time 0, and time is then not judged.
-    time_judged = any(
+    time_judged = clock_judged or any(
         a["system_time"] or b["system_time"]
         for a, b in zip(before, after, strict=True)
     )
     for v, (a, b) in enumerate(zip(before, after, strict=True)):
         if working and b["progress"] <= a["progress"]:
             stalled.append(v)
-        if time_judged and b["system_time"] <= a["system_time"]:
+        if (
+            time_judged
+            and not clock_judged
+            and b["system_time"] <= a["system_time"]
+        ):
             problems.append(
                 f"vcpu {v}'s system time did not move forward: "
                 f"{a['system_time']} at resume, {b['system_time']} after "

@@ -197,7 +197,7 @@ class Target:
         # Each case is a first restore into this domid (the seed's guest
         # and the previous case released it): libxl would refuse a domid
         # released less than a minute ago.
-        self.host._domid_released.pop(self.domid, None)
+        self.host.toolstack.recent.released.pop(self.domid, None)
         self.host.create_empty_domain(
             base.DomainConfig(
                 name="restoring",

@@ -42,6 +42,7 @@ from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import ipc
 from nova_xen_ncm.host.sim import kernel
 from nova_xen_ncm.host.sim import layout
+from nova_xen_ncm.host.sim import locks
 from nova_xen_ncm.host.sim import xenbus
 from nova_xen_ncm.host.sim.memory import TRACKER_NONE
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
@@ -97,6 +98,10 @@ class GuestKernel:
     # -- hypercalls --
 
     def hypercall(self, op: str, **args: object) -> object:
+        # Xen serves it under the host lock, then this domain's memory
+        # lock: a caller holding the memory lock would deadlock across
+        # the two processes, which no thread-local check could see.
+        locks.check(locks.HOST)
         with self.hc_lock:
             ipc.send(self.hc, {"op": op, "args": args})
             reply = ipc.recv(self.hc)

@@ -364,6 +364,13 @@ class TimeScale:
         return (ticks * self.mul_frac) >> 32
 
 
+def _update_begin(version: int) -> int:
+    """version_update_begin() (xen/include/xen/time.h): odd while the
+    fields change, whatever the version was (a page restored or written
+    by the guest may hold an odd one)."""
+    return ((version + 1) | 1) & 0xFFFFFFFF
+
+
 def write_vcpu_time(
     vcpu_info: memoryview | bytearray,
     tsc: int,
@@ -372,14 +379,14 @@ def write_vcpu_time(
 ) -> None:
     """update_vcpu_system_time(): a new (tsc_timestamp, system_time)
     pair, the version odd while the fields change."""
-    version = VCPU_TIME.unpack_from(vcpu_info, VCPU_TIME_OFFSET)[0]
-    struct.pack_into(
-        "<I", vcpu_info, VCPU_TIME_OFFSET, (version + 1) & 0xFFFFFFFF
+    version = _update_begin(
+        VCPU_TIME.unpack_from(vcpu_info, VCPU_TIME_OFFSET)[0]
     )
+    struct.pack_into("<I", vcpu_info, VCPU_TIME_OFFSET, version)
     VCPU_TIME.pack_into(
         vcpu_info,
         VCPU_TIME_OFFSET,
-        (version + 1) & 0xFFFFFFFF,
+        version,
         0,
         tsc & (1 << 64) - 1,
         system_time & (1 << 64) - 1,
@@ -388,7 +395,7 @@ def write_vcpu_time(
         XEN_PVCLOCK_TSC_STABLE_BIT,
     )
     struct.pack_into(
-        "<I", vcpu_info, VCPU_TIME_OFFSET, (version + 2) & 0xFFFFFFFF
+        "<I", vcpu_info, VCPU_TIME_OFFSET, (version + 1) & 0xFFFFFFFF
     )
 
 
@@ -409,18 +416,18 @@ def read_vcpu_time(vcpu_info: memoryview | bytes) -> dict[str, int]:
 def write_wallclock(shared_info: memoryview | bytearray, ns: int) -> None:
     """update_domain_wallclock_time(): the wall time at the guest's system
     time 0, the version odd while the fields change."""
-    version = WALLCLOCK.unpack_from(shared_info, SHINFO_WC)[0]
+    version = _update_begin(WALLCLOCK.unpack_from(shared_info, SHINFO_WC)[0])
     sec, nsec = divmod(ns, NSEC_PER_SEC)
-    struct.pack_into("<I", shared_info, SHINFO_WC, (version + 1) & 0xFFFFFFFF)
+    struct.pack_into("<I", shared_info, SHINFO_WC, version)
     WALLCLOCK.pack_into(
         shared_info,
         SHINFO_WC,
-        (version + 1) & 0xFFFFFFFF,
+        version,
         sec & 0xFFFFFFFF,
         nsec,
         (sec >> 32) & 0xFFFFFFFF,
     )
-    struct.pack_into("<I", shared_info, SHINFO_WC, (version + 2) & 0xFFFFFFFF)
+    struct.pack_into("<I", shared_info, SHINFO_WC, (version + 1) & 0xFFFFFFFF)
 
 
 def read_wallclock(shared_info: memoryview | bytes) -> int:

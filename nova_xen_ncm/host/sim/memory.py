@@ -43,6 +43,7 @@ import numpy as np
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import PAGE_SHIFT
 from nova_xen_ncm.host.base import PAGE_SIZE
+from nova_xen_ncm.host.sim import locks
 
 P2M_NONE = 0
 P2M_RAM = 1
@@ -247,10 +248,9 @@ class WriteTracker:
         if not total:
             return np.zeros(0, dtype=np.uint64)
         offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return (
-            np.repeat(first, lengths)
-            + (np.arange(total, dtype=np.int64) - offsets).astype(np.uint64)
-        )
+        return np.repeat(first, lengths) + (
+            np.arange(total, dtype=np.int64) - offsets
+        ).astype(np.uint64)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -579,7 +579,9 @@ class GuestMemory:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        with self._thread_lock:
+        """The memory lock (locks.MEMORY, checked against locks.ORDER
+        in whichever process takes it)."""
+        with locks.ordered(locks.MEMORY, self._thread_lock, self):
             fcntl.lockf(self.ctl_fd, fcntl.LOCK_EX, 1, 0)
             try:
                 yield

@@ -43,6 +43,7 @@ def source(conf):
     host = SimHost("source", conf)
     yield host
     host.close()
+    host.raise_dom0_errors()
 
 
 @pytest.fixture
@@ -50,6 +51,7 @@ def destination(conf):
     host = SimHost("destination", conf)
     yield host
     host.close()
+    host.raise_dom0_errors()
 
 
 DEVICES = (

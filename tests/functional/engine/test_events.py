@@ -20,7 +20,7 @@ from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import kernel
 from nova_xen_ncm.host.sim import layout
 from nova_xen_ncm.host.sim import xs_wire
-from nova_xen_ncm.host.sim.host import SimHost
+from nova_xen_ncm.host.sim.hypervisor import Hypervisor
 
 from .conftest import DEVICES
 from .conftest import MiB
@@ -38,12 +38,12 @@ def _wait_for(predicate, timeout=20.0):
 
 def _counts(host, domid):
     """The guest's own per-port event counts, in its RAM."""
-    mem = host._domains[domid].mem
+    mem = host.hv.domains[domid].mem
     return mem.ram[kernel.COUNTERS_PFN].view(np.uint32)
 
 
 def _unmasked(host, domid, port):
-    dom = host._domains[domid]
+    dom = host.hv.domains[domid]
     return not host.evtchn.status(dom, base.DOMID_SELF, port).masked
 
 
@@ -68,10 +68,10 @@ def _event_between_pause_and_quiesce(
 
     def pause_then_event(d):
         pause(d)
-        dom = source._domains[d]
+        dom = source.hv.domains[d]
         # dom0 signals the guest after its vCPUs stopped and before the
         # backends are quiesced.
-        source.dom0_notify(dom.ports[console].remote_port)
+        source.services.dom0_notify(dom.ports[console].remote_port)
         with dom.mem_lock():
             raised.append(
                 (
@@ -98,8 +98,8 @@ def test_event_between_pause_and_quiesce_reaches_one_vcpu_guest(
         f"console port: {int(counts[console])} events, expected {seen + 1}"
     )
     # And the guest goes on taking events.
-    dom = destination._domains[domid]
-    destination.dom0_notify(dom.ports[console].remote_port)
+    dom = destination.hv.domains[domid]
+    destination.services.dom0_notify(dom.ports[console].remote_port)
     assert _wait_for(lambda: int(counts[console]) == seen + 2)
 
 
@@ -109,7 +109,7 @@ def test_without_the_hypervisor_reasserting_the_event_is_lost(
     """Mutation: the hypervisor's re-assertion at resume (level-triggered
     vector) is what delivers the event; nothing else does."""
     monkeypatch.setattr(
-        SimHost, "_reassert_upcalls", staticmethod(lambda dom: None)
+        Hypervisor, "reassert_upcalls", staticmethod(lambda dom: None)
     )
     domid, counts, console, seen = _event_between_pause_and_quiesce(
         source, destination, migration, monkeypatch
@@ -117,8 +117,8 @@ def test_without_the_hypervisor_reasserting_the_event_is_lost(
     assert not _wait_for(lambda: int(counts[console]) > seen, timeout=2.0)
     # A 1-vCPU guest whose flag stays set is never kicked again (no 0->1
     # edge): a new event is not taken either.
-    dom = destination._domains[domid]
-    destination.dom0_notify(dom.ports[console].remote_port)
+    dom = destination.hv.domains[domid]
+    destination.services.dom0_notify(dom.ports[console].remote_port)
     assert not _wait_for(lambda: int(counts[console]) > seen, timeout=1.0)
 
 
@@ -126,7 +126,7 @@ def test_every_driver_port_delivers_after_migration(
     source, destination, migration
 ):
     domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
-    dom = source._domains[domid]
+    dom = source.hv.domains[domid]
     params = source.get_hvm_params(domid)
     console = params[hvm.HVM_PARAM_CONSOLE_EVTCHN]
 
@@ -157,7 +157,7 @@ def test_every_driver_port_delivers_after_migration(
         source_hooks={("state", "restore"): record},
     )
     assert m.run() is Phase.DONE, m.sender.error
-    restored = destination._domains[domid]
+    restored = destination.hv.domains[domid]
     assert driver_ports(restored) == ports
     # xenstored has something to say: a watched node is rewritten (a
     # watch event on the store port).
@@ -166,7 +166,7 @@ def test_every_driver_port_delivers_after_migration(
     prod = int(store[xs_wire.RSP_PROD // 4])
     for be in list(restored.backends.values()):
         path = f"{be.backend_path}/state"
-        destination.dom0_xs.write(path, destination.dom0_xs.read(path))
+        destination.services.xs.write(path, destination.services.xs.read(path))
     counts = _counts(destination, domid)
     assert _wait_for(lambda: all(counts[ports] > at_pause["counts"])), (
         f"ports {ports}: {counts[ports].tolist()} events after resume, "
@@ -216,7 +216,7 @@ def test_write_the_guest_marks_nowhere_is_carried(
         source_hooks={("round", "precopy"): write_after_round_0},
     )
     assert m.run() is Phase.DONE, m.sender.error
-    ram = destination._domains[domid].mem.ram
+    ram = destination.hv.domains[domid].mem.ram
     assert bytes(ram[pfn][1024 : 1024 + len(data)]) == data
 
 
@@ -227,7 +227,7 @@ def test_dom0_ports_renumbered_on_the_destination(
     """Only the guest's port numbers are kept: dom0's ends take others
     when their numbers are taken, and I/O goes on."""
     domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
-    dom = source._domains[domid]
+    dom = source.hv.domains[domid]
     assert _wait_for(
         lambda: sum(
             ch.type == EvtchnType.INTERDOMAIN for ch in dom.ports.values()
@@ -246,7 +246,7 @@ def test_dom0_ports_renumbered_on_the_destination(
         )
     m = migration(source, domid, destination)
     assert m.run() is Phase.DONE, m.sender.error
-    restored = destination._domains[domid]
+    restored = destination.hv.domains[domid]
     moved = {
         p: ch.remote_port
         for p, ch in restored.ports.items()
@@ -276,7 +276,7 @@ def test_a_port_left_masked_stalls_io(source, destination, migration):
     )
     m = migration(source, domid, destination)
     assert m.run() is Phase.DONE, m.sender.error
-    dom = destination._domains[domid]
+    dom = destination.hv.domains[domid]
     ports = [be.frontend_port for be in list(dom.backends.values())]
     assert len(ports) == len(DEVICES)
     with dom.mem_lock():
@@ -320,11 +320,11 @@ def test_dom0_event_after_export_changes_nothing_exported(
     domid = source.create_domain(guest_config())
     console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
     assert _wait_for(lambda: _unmasked(source, domid, console))
-    dom = source._domains[domid]
+    dom = source.hv.domains[domid]
     _export_then(
         source,
         monkeypatch,
-        lambda d: source.dom0_notify(dom.ports[console].remote_port),
+        lambda d: source.services.dom0_notify(dom.ports[console].remote_port),
     )
     m = migration(source, domid, destination)
     assert m.run() is Phase.DONE, m.sender.error
@@ -336,12 +336,12 @@ def test_held_events_reach_the_guest_on_rollback(
     domid = source.create_domain(guest_config())
     console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
     assert _wait_for(lambda: _unmasked(source, domid, console))
-    dom = source._domains[domid]
+    dom = source.hv.domains[domid]
     seen = []
 
     def event_then_fail(d):
         seen.append(int(_counts(source, d)[console]))
-        source.dom0_notify(dom.ports[console].remote_port)
+        source.services.dom0_notify(dom.ports[console].remote_port)
         # Held: not pending in the guest's shared info.
         assert not dom.bits.test(evtchn.SHINFO_PENDING, console)
         raise base.HostError("injected after export", call="test")
@@ -360,7 +360,7 @@ def test_held_events_reach_the_guest_on_rollback(
 def _ram_digest(host, domid):
     """Every populated page, read from the guest's RAM now: no cache, no
     dirty map, nothing of the migration's."""
-    ram = host._domains[domid].mem.ram
+    ram = host.hv.domains[domid].mem.ram
     pfns = host.populated_pfns(domid)
     digest = hashlib.sha256()
     digest.update(pfns.tobytes())

@@ -74,7 +74,7 @@ def _guest_default_read(source, domid):
 
 def _unbound_for_third_domain(source, domid):
     # The guest offers a port to domain 7 (a vchan server, say).
-    dom = source._domains[domid]
+    dom = source.hv.domains[domid]
     source.evtchn.alloc_unbound(dom, base.DOMID_SELF, 7)
 
 
@@ -85,7 +85,19 @@ def _toolstack_node_for_third_domain(source, domid):
     dom0.set_perms(path, [("n", 0), ("r", 7)])
 
 
+def _grant_to_third_domain(source, domid):
+    # The guest shares a page of its RAM with domain 7.
+    gfn = int(source.populated_pfns(domid)[0x100])
+    source.guest_command(
+        domid, "grant_access", ref=20, domid=7, gfn=gfn, readonly=True
+    )
+
+
 THIRD_DOMAIN = {
+    "grant to a third domain": (
+        _grant_to_third_domain,
+        base.GuestFeature.GNTTAB_FOREIGN_DOMAIN,
+    ),
     "guest node readable by all": (
         _guest_default_read,
         base.GuestFeature.XENSTORE_FOREIGN_PERMS,

@@ -25,6 +25,8 @@ from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import grant
 from nova_xen_ncm.host.sim import hvm
+from nova_xen_ncm.host.sim.hypervisor import Domain
+from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 
 from .conftest import DEVICES
 from .conftest import guest_config
@@ -111,7 +113,7 @@ def test_migration_passes_every_item_and_after_resume(
 
 
 def _dom(host, domid):
-    return host._domains[domid]
+    return host.hv.domains[domid]
 
 
 def _some_data_page(host, domid):
@@ -190,14 +192,14 @@ def move_backend_domain(host, domid):
     """The destination offers the guest a channel to a domain it had no
     dealings with on the source (a driver domain, domid 7)."""
     dom = _dom(host, domid)
-    with host._lock:
+    with host.hv.lock:
         host.evtchn.alloc_unbound(host.dom0, domid, 7)
-    assert 7 in host._backend_domids(dom)
+    assert 7 in host.hv.backend_domids(dom)
 
 
 def widen_permission(host, domid):
     path = f"/local/domain/{domid}/device/vif/0/state"
-    host._toolstack_xs.set_perms(path, (("b", domid),))
+    host.services.toolstack_xs.set_perms(path, (("b", domid),))
 
 
 MUTATIONS = [
@@ -354,7 +356,7 @@ def test_a_backend_that_cannot_map_its_ring_rolls_back(
             "GNTTABOP_map_grant_ref", grant.GNTST_bad_page, "injected"
         )
 
-    destination.grant_map = refuse
+    destination.hv.grant_map = refuse
     domid = source.create_domain(guest_config(devices=DEVICES))
     m = migration(source, domid, destination)
     assert m.run() is Phase.FAILED
@@ -373,3 +375,61 @@ def test_a_missing_disk_rolls_back(disks, source, destination, migration):
     assert "cannot be opened" in str(m.sender.error)
     assert source.domain_info(domid).state == base.DomainState.RUNNING
     assert destination.list_domains() == []
+
+
+def test_time_not_rebased_on_the_destination_fails_platform(
+    disks, source, destination, migration, monkeypatch
+):
+    """Mutation: the destination writes its own NOW() into the guest's
+    vcpu_time_info but leaves the source's wallclock (the wall time at
+    the source's boot): the guest's clock is off by the two hosts'
+    boot times, and the platform item and after_resume say so."""
+    update_time = Domain.update_time
+
+    def keep_wallclock(dom):
+        if dom.hv is not destination.hv:
+            return update_time(dom)
+        page = dom.mem.xen_pages[XENPAGE_SHARED_INFO]
+        wc = slice(hvm.SHINFO_WC, hvm.SHINFO_WC + hvm.WALLCLOCK.size)
+        kept = page[wc].copy()
+        update_time(dom)
+        page[wc] = kept
+        return None
+
+    monkeypatch.setattr(Domain, "update_time", keep_wallclock)
+    run = Checked(source, destination, migration)
+    assert run.phase is Phase.DONE, run.migration.sender.error
+    later, raised = checker.run_after_resume(
+        destination, run.domid, RUN_SECONDS
+    )
+    report = checker.check(run.seen["paused"], run.seen["resumed"], later)
+    assert Item.PLATFORM in report.failures(), str(report)
+    assert "off the destination's wall time" in report.failures()[
+        Item.PLATFORM
+    ]
+    verdict = checker.after_resume(
+        run.seen["paused"], run.seen["resumed"], later, raised
+    )
+    assert not verdict.passed
+    off = [p for p in verdict.problems if "off the destination's wall" in p]
+    assert off, verdict.problems
+
+
+def test_time_is_rebased_as_xen_does(disks, source, destination, migration):
+    """After the migration the guest's time info is the destination's:
+    system_time its NOW(), the wallclock its boot, the TSC info's
+    incarnation one more; the guest's clock agrees with the wall time."""
+    run = Checked(source, destination, migration)
+    assert run.phase is Phase.DONE, run.migration.sender.error
+    later, _ = checker.run_after_resume(destination, run.domid, RUN_SECONDS)
+    report = checker.check(run.seen["paused"], run.seen["resumed"], later)
+    assert report.results[Item.PLATFORM].passed, str(report)
+    vcpu0 = later.kernel["vcpus"][0]
+    # Written at unpause, before the run: NOW() of the destination, whose
+    # uptime is not the source's.
+    assert 0 < destination.now_ns() - vcpu0["system_time"] < 10**10
+    assert abs(source.now_ns() - vcpu0["system_time"]) > 10**10
+    assert (
+        later.kernel["tsc_incarnation"]
+        == run.seen["paused"].kernel["tsc_incarnation"] + 1
+    )

@@ -104,7 +104,7 @@ def destination(saved, disk_dir):
 
 def snapshot(host, domid):
     """What a forged record could have changed on the destination."""
-    dom = host._domains[domid]
+    dom = host.hv.domains[domid]
     return {
         "xenstore": {
             path: (bytes(node.value), node.perms)
@@ -150,7 +150,7 @@ def test_the_genuine_stream_is_accepted(saved, destination):
     for record in records(data):
         restorer.apply(record)
     assert restorer.done
-    assert destination._domains[domid].ports
+    assert destination.hv.domains[domid].ports
 
 
 def test_pfn_beyond_the_guests_memory(saved, destination):

@@ -772,3 +772,74 @@ def test_hvm_param_names_are_params_h():
         assert checker.HVM_PARAM_NAMES[index] == name, index
     assert 8 not in checker.HVM_PARAM_NAMES
     assert 30 not in checker.HVM_PARAM_NAMES
+
+
+# -- time as Xen keeps it for an HVM guest -----------------------------------
+
+S = 1_000_000_000
+
+
+def _timed(wallclock, system_time, stamp, tsc, wall, incarnation=1):
+    """A GuestState whose kernel record has one vCPU's time info; the
+    TSC ticks once a ns (mul 2^32, shift 0)."""
+    return GuestState(
+        items={Item.PLATFORM: ("records", (0, 1_000_000, 0))},
+        kernel={
+            "vcpus": (
+                {
+                    "progress": 0,
+                    "system_time": system_time,
+                    "tsc_timestamp": stamp,
+                    "tsc_to_system_mul": 1 << 32,
+                    "tsc_shift": 0,
+                },
+            ),
+            "wallclock_ns": wallclock,
+            "guest_tsc": tsc,
+            "host_wall_ns": wall,
+            "tsc_incarnation": incarnation,
+        },
+    )
+
+
+def _platform(paused, resumed, later):
+    return checker.check(paused, resumed, later).results[Item.PLATFORM]
+
+
+def test_guest_clock_is_wallclock_plus_pvclock():
+    state = _timed(1000 * S, 50 * S, 7_000, 7_000 + 3 * S, 0)
+    assert checker.guest_clock(state.kernel, 0) == 1053 * S
+    assert checker.guest_clock(state.kernel, 1) is None
+    assert checker.guest_clock({}, 0) is None
+
+
+def test_time_rebased_to_the_destination_passes():
+    """The source booted at 1000 s wall time, the destination at 2000 s:
+    the destination's system time is 100 s smaller than the source's
+    was, and the guest's clock goes on all the same."""
+    paused = _timed(1000 * S, 1100 * S, 0, 0, 2100 * S)
+    resumed = dataclasses.replace(
+        paused, kernel={**paused.kernel, "tsc_incarnation": 2}
+    )
+    later = _timed(2000 * S, 102 * S, 9 * S, 9 * S, 2102 * S, 2)
+    assert _platform(paused, resumed, later).passed
+
+
+def test_time_not_rebased_fails_the_platform_item():
+    """The destination wrote its own system time but left the source's
+    wallclock: the guest's clock is off by the hosts' boot times."""
+    paused = _timed(1000 * S, 1100 * S, 0, 0, 2100 * S)
+    later = _timed(1000 * S, 102 * S, 9 * S, 9 * S, 2102 * S)
+    result = _platform(paused, paused, later)
+    assert not result.passed
+    assert "-1000.000 s off the destination's wall time" in result.reason
+    assert "did not move forward" in result.reason
+
+
+def test_tsc_incarnation_may_grow_not_go_back():
+    paused = _timed(0, 1, 0, 0, 0, incarnation=5)
+    grown = _timed(0, 1, 0, 0, 0, incarnation=6)
+    back = _timed(0, 1, 0, 0, 0, incarnation=4)
+    assert _platform(paused, grown, None).passed
+    result = _platform(paused, back, None)
+    assert "incarnation went back from 5 to 4" in result.reason

@@ -43,6 +43,7 @@ def idle(conf):
     domid = _guest(host, rate=0, vcpus=2, fill="zero")
     yield host, domid
     host.close()
+    host.raise_dom0_errors()
 
 
 @pytest.fixture
@@ -56,6 +57,8 @@ def hosts(conf):
     yield make
     for h in made:
         h.close()
+    for h in made:
+        h.raise_dom0_errors()
 
 
 DEVICES = (
@@ -94,7 +97,7 @@ def _wait_for(predicate, timeout=30.0):
 
 
 def _counters(host, domid):
-    page = bytes(host._domains[domid].mem.ram[kernel.HEADER_PFN])
+    page = bytes(host.hv.domains[domid].mem.ram[kernel.HEADER_PFN])
     hdr = kernel.read_header(page)
     return [kernel.read_vcpu(page, v) for v in range(hdr["nr_vcpus"])]
 
@@ -106,7 +109,7 @@ def test_log_dirty_hammer_copy_equals_ram(hosts):
     domid = _guest(host, rate=64 * MB, pattern="uniform", mb=16)
     host.enable_log_dirty(domid)
     pfns = host.populated_pfns(domid)
-    mem = host._domains[domid].mem
+    mem = host.hv.domains[domid].mem
     copy = np.zeros((mem.max_pfn, 4096), dtype=np.uint8)
     with host.map_pages(domid, pfns) as m:
         for pfn, page in zip(pfns, m.pages, strict=True):
@@ -145,7 +148,7 @@ def test_paused_guest_writes_nothing(hosts):
     host.pause(domid)
     store = host.get_hvm_params(domid)[hvm.HVM_PARAM_STORE_PFN]
     host.harvest_dirty(domid)
-    mem = host._domains[domid].mem
+    mem = host.hv.domains[domid].mem
     pfns = host.populated_pfns(domid)
     before = mem.ram[pfns].copy()
     time.sleep(0.3)
@@ -208,7 +211,7 @@ def test_guest_continues_on_another_host_from_ram_and_context(hosts):
     for item in Item:
         assert before.items[item] == after.items[item], item
     assert before.frontends == after.frontends
-    rips = [r["rip"] for r in b._domains[domid].cpu_registers()]
+    rips = [r["rip"] for r in b.hv.domains[domid].cpu_registers()]
     assert rips == [s["counter"] for s in _counters(a, domid)]
     events = [s["events"] for s in _counters(a, domid)]
     a.destroy_domain(domid)
@@ -223,9 +226,9 @@ def test_guest_continues_on_another_host_from_ram_and_context(hosts):
     # vCPU 0 writes at counter rip+1 carries a stamp of that counter or
     # a later one (never one from a fresh start).
     b.pause(domid)
-    mem = b._domains[domid].mem
+    mem = b.hv.domains[domid].mem
     hdr = kernel.read_header(bytes(mem.ram[kernel.HEADER_PFN]))
-    heap = kernel.Heap(b._domains[domid].layout.heap_ranges())
+    heap = kernel.Heap(b.hv.domains[domid].layout.heap_ranges())
     pfn = kernel.workload_pages(
         heap, hdr, 0, np.array([rips[0] + 1], dtype=np.uint64)
     )[0]
@@ -237,12 +240,12 @@ def test_guest_continues_on_another_host_from_ram_and_context(hosts):
 def test_events_from_dom0_reach_the_guest(idle):
     host, domid = idle
     store = host.get_hvm_params(domid)[hvm.HVM_PARAM_STORE_EVTCHN]
-    dom = host._domains[domid]
+    dom = host.hv.domains[domid]
     counts = dom.mem.ram[kernel.COUNTERS_PFN].view(np.uint32)
     before = int(counts[store])
     dom0_port = dom.ports[store].remote_port
     for _ in range(3):
-        host.dom0_notify(dom0_port)
+        host.services.dom0_notify(dom0_port)
         assert _wait_for(
             lambda: not host.evtchn.status(dom, base.DOMID_SELF, store).pending
         )
@@ -252,7 +255,7 @@ def test_events_from_dom0_reach_the_guest(idle):
     with dom.mem.lock():
         dom.bits.test_and_set(evtchn.SHINFO_MASK, store)
     seen = int(counts[store])
-    host.dom0_notify(dom0_port)
+    host.services.dom0_notify(dom0_port)
     time.sleep(0.1)
     assert host.evtchn.status(dom, base.DOMID_SELF, store).pending
     assert int(counts[store]) == seen
@@ -271,13 +274,13 @@ def test_guest_grants_a_page_to_dom0(idle):
     host.guest_command(
         domid, "grant_access", ref=8, domid=0, gfn=gfn, readonly=False
     )
-    handle, view = host.grant_map(domid, 8)
+    handle, view = host.hv.grant_map(domid, 8)
     assert bytes(view[:7]) == b"granted"
     assert host.guest_command(domid, "end_access", ref=8) is False
-    host.grant_unmap(handle)
+    host.hv.grant_unmap(handle)
     assert host.guest_command(domid, "end_access", ref=8) is True
     with pytest.raises(grant.GrantError):
-        host.grant_map(domid, 8)
+        host.hv.grant_map(domid, 8)
     with pytest.raises(base.HostError, match="not RAM"):
         host.guest_command(domid, "write", pfn=0x3000, offset=0, data="00")
 
@@ -334,7 +337,7 @@ def test_import_validates_before_applying(idle, hosts):
             ),
         ),
     }
-    dom = b._domains[domid]
+    dom = b.hv.domains[domid]
     for message, bad in bad_states.items():
         with pytest.raises(base.HostError, match=message):
             b.import_pv_state(domid, bad)
@@ -380,7 +383,7 @@ def test_pv_drivers_signal_and_placements(idle):
     assert types == [EvtchnType.INTERDOMAIN, EvtchnType.INTERDOMAIN]
     # A guest process that dies is a crashed domain.
     host.unpause(plain)
-    proc = host._domains[plain].proc
+    proc = host.hv.domains[plain].proc
     proc.kill()
     proc.wait()
     assert host.domain_info(plain).state == base.DomainState.CRASHED
@@ -390,7 +393,7 @@ def test_pv_drivers_signal_and_placements(idle):
 
 
 def _vcpu_times(host, domid):
-    dom = host._domains[domid]
+    dom = host.hv.domains[domid]
     with dom.mem.lock():
         return [
             hvm.read_vcpu_time(bytes(dom._vcpu_info(v)))
@@ -399,7 +402,7 @@ def _vcpu_times(host, domid):
 
 
 def _wallclock(host, domid):
-    dom = host._domains[domid]
+    dom = host.hv.domains[domid]
     return hvm.read_wallclock(bytes(dom.mem.xen_pages[0]))
 
 
@@ -414,10 +417,10 @@ def test_time_as_xen_rebases_it(hosts):
     time.sleep(0.2)
     start = time.monotonic()
     _migrate_by_hand(a, b, domid)
-    at_pause = a._domains[domid].cpu_registers()[0]["tsc"]
+    at_pause = a.hv.domains[domid].cpu_registers()[0]["tsc"]
     a.destroy_domain(domid)
     b.unpause(domid)
-    dom = b._domains[domid]
+    dom = b.hv.domains[domid]
     tsc = dom.guest_tsc()
     elapsed = time.monotonic() - start
     # Not this host's TSC (it booted hours apart): the saved one, moved
@@ -441,7 +444,7 @@ def test_time_as_xen_rebases_it(hosts):
 
 def test_reserved_grant_entries_seeded(idle):
     host, domid = idle
-    dom = host._domains[domid]
+    dom = host.hv.domains[domid]
     params = host.get_hvm_params(domid)
     assert dom.grants.read(grant.GNTTAB_RESERVED_CONSOLE) == (
         grant.GTF_permit_access,

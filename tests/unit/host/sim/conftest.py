@@ -25,6 +25,7 @@ def host(conf):
     h = SimHost("unit", conf, prelaunch=False)
     yield h
     h.close()
+    h.raise_dom0_errors()
 
 
 def empty(host: SimHost, domid: int, vcpus: int = 2, mb: int = 16):
@@ -34,4 +35,4 @@ def empty(host: SimHost, domid: int, vcpus: int = 2, mb: int = 16):
         ),
         domid,
     )
-    return host._domains[domid]
+    return host.hv.domains[domid]

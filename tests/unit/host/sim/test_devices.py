@@ -24,7 +24,10 @@ from nova_xen_ncm.host.sim.devices import BackendError
 from nova_xen_ncm.host.sim.devices import BlockStore
 from nova_xen_ncm.host.sim.devices import Frontend
 from nova_xen_ncm.host.sim.devices import FrontendError
-from nova_xen_ncm.host.sim.devices import VifBackend
+from nova_xen_ncm.host.sim.devices import backend
+from nova_xen_ncm.host.sim.devices import frontend
+from nova_xen_ncm.host.sim.devices import protocol
+from nova_xen_ncm.host.sim.devices.backend import VifBackend
 from nova_xen_ncm.host.sim.xs_wire import XenstoreError
 
 DOMID = 7
@@ -252,7 +255,7 @@ class Rig:
 
 def counters(fe: Frontend) -> dict:
     obs = fe.observation()
-    return {k: obs[k] for k in devices.COUNTERS}
+    return {k: obs[k] for k in frontend.COUNTERS}
 
 
 @pytest.mark.parametrize("kind", ["vif", "vbd"])
@@ -278,7 +281,7 @@ def test_handshake_reaches_connected(kind):
         + steps
     )
     nodes = rig.host.store.nodes
-    area = devices.frontend_area(DOMID, kind, rig.devid)
+    area = protocol.frontend_area(DOMID, kind, rig.devid)
     assert nodes[f"{area}/ring-ref"] == str(be.ring_ref).encode()
     assert nodes[f"{area}/event-channel"] == str(fe.port).encode()
     assert nodes[f"{be.backend_path}/state"] == b"4"
@@ -305,13 +308,13 @@ def test_io_flows_without_loss(kind):
 class DroppingVif(VifBackend):
     def put_responses(self, answers):
         super().put_responses(
-            [a for a in answers if devices.decode_response(a)[0] != 3]
+            [a for a in answers if protocol.decode_response(a)[0] != 3]
         )
 
 
 class SwappingVif(VifBackend):
     def put_responses(self, answers):
-        seqs = [devices.decode_response(a)[0] for a in answers]
+        seqs = [protocol.decode_response(a)[0] for a in answers]
         if 3 in seqs and 4 in seqs:
             i, j = seqs.index(3), seqs.index(4)
             answers[i], answers[j] = answers[j], answers[i]
@@ -348,9 +351,9 @@ def test_duplicated_response_is_counted():
     # A faulty backend writes a response to seq 4 a second time.
     page = rig.host.ram.page(FIRST_FREE_PFN, writable=True)
     prod = struct.unpack_from("<I", page, 8)[0]
-    slot = ringmod.SRING_HEADER_SIZE + (prod % devices.RING_ENTRIES) * 64
-    seq4 = devices.encode_response(
-        4, 3, 0, devices.expected_payload("vif", 0, 4)
+    slot = ringmod.SRING_HEADER_SIZE + (prod % protocol.RING_ENTRIES) * 64
+    seq4 = protocol.encode_response(
+        4, 3, 0, protocol.expected_payload("vif", 0, 4)
     )
     page[slot : slot + 64] = seq4
     struct.pack_into("<I", page, 8, prod + 1)
@@ -469,7 +472,7 @@ def test_migration_is_invisible_to_the_frontend(kind):
 def test_reconnect_without_shared_disk_is_caught_by_the_frontend():
     rig = Rig("vbd")
     # Enough I/O that the reads after the migration check sectors
-    # written before it (devices.READ_LAG).
+    # written before it (protocol.READ_LAG).
     rig.run_io(14)
     assert counters(rig.frontend)["bad_payload"] == 0
     # The destination's backend has a disk of its own, empty.
@@ -480,16 +483,16 @@ def test_reconnect_without_shared_disk_is_caught_by_the_frontend():
 
 
 def test_reads_check_data_written_long_before():
-    seq = 2 * devices.READ_LAG + 10
-    op, payload = devices.schedule("vbd", 1, seq)
-    write = devices.written_by(seq)
-    wop, wpayload = devices.schedule("vbd", 1, write)
-    assert (op, wop) == (devices.OP_READ, devices.OP_WRITE)
+    seq = 2 * protocol.READ_LAG + 10
+    op, payload = protocol.schedule("vbd", 1, seq)
+    write = protocol.written_by(seq)
+    wop, wpayload = protocol.schedule("vbd", 1, write)
+    assert (op, wop) == (protocol.OP_READ, protocol.OP_WRITE)
     # The read is of the sector that write wrote, and expects its data.
-    assert payload == wpayload[: devices.SECTOR.size]
-    assert devices.expected_payload("vbd", 1, seq) == wpayload[8:]
+    assert payload == wpayload[: protocol.SECTOR.size]
+    assert protocol.expected_payload("vbd", 1, seq) == wpayload[8:]
     # Early reads are of sectors never written: zeros.
-    assert devices.expected_payload("vbd", 1, 2) == bytes(
+    assert protocol.expected_payload("vbd", 1, 2) == bytes(
         devices.SECTOR_BYTES
     )
 
@@ -537,15 +540,15 @@ def test_reconnect_refuses_inconsistent_state():
     with pytest.raises(BackendError, match="in flight"):
         Backend.reconnect(dataclasses.replace(state, inflight=()), **kwargs)
     with pytest.raises(BackendError, match="no VbdBackend"):
-        devices.VbdBackend.reconnect(state, **kwargs)
+        backend.VbdBackend.reconnect(state, **kwargs)
     elsewhere = dataclasses.replace(state, backend_path="/local/domain/0/x")
     with pytest.raises(BackendError, match="backend area"):
-        devices.validate_backend_state(elsewhere)
+        backend.validate_backend_state(elsewhere)
     torn = dataclasses.replace(
         state, inflight=(dataclasses.replace(state.inflight[0], request=b""),)
     )
     with pytest.raises(BackendError, match="64-byte entry"):
-        devices.validate_backend_state(torn)
+        backend.validate_backend_state(torn)
     # Nothing was touched by the refusals: no second mapping or binding.
     assert len(host.maps) == 1 and len(host.handlers) == 1
 
@@ -559,7 +562,7 @@ def test_handshake_through_the_simulated_xenstored():
     guest = devices.XenstoreConnectionClient(xs, xs.connect(DOMID))
     devices.add_device(dom0, DOMID, DeviceConfig("vif", 0))
     host = Host()
-    be = devices.make_backend(
+    be = backend.make_backend(
         "vif",
         domid=DOMID,
         devid=0,
@@ -583,7 +586,7 @@ def test_handshake_through_the_simulated_xenstored():
             else:
                 fe.handle_event()
     assert fe.state == be.state == 4
-    area = devices.frontend_area(DOMID, "vif", 0)
+    area = protocol.frontend_area(DOMID, "vif", 0)
     assert guest.read(f"{area}/ring-ref") == str(be.ring_ref).encode()
     # The guest cannot write the backend's area.
     with pytest.raises(XenstoreError):
@@ -659,12 +662,12 @@ def test_checker_catches_a_backend_that_dropped_in_flight_requests():
 def test_observe_frontend_reads_guest_ram():
     rig = Rig("vbd")
     rig.run_io(2)
-    key, obs = devices.observe_frontend(rig.host.ram, STATE_PFN, 0)
+    key, obs = frontend.observe_frontend(rig.host.ram, STATE_PFN, 0)
     assert key == "vbd/51712"
     assert obs == rig.frontend.observation()
     assert obs["completed"] == 10
     with pytest.raises(FrontendError):
-        devices.observe_frontend(rig.host.ram, STATE_PFN + 1, 0)
+        frontend.observe_frontend(rig.host.ram, STATE_PFN + 1, 0)
 
 
 def test_migration_in_the_middle_of_the_handshake():
@@ -696,14 +699,14 @@ def test_migration_in_the_middle_of_the_handshake():
 
 
 def test_frontend_state_layout_fits():
-    assert devices.FRONTEND_HEADER_SIZE <= devices.HISTORY_OFFSET
-    assert devices.HISTORY_OFFSET + 2 * devices.HISTORY_MAX == (
-        devices.SLOTS_OFFSET
+    assert frontend.FRONTEND_HEADER_SIZE <= frontend.HISTORY_OFFSET
+    assert frontend.HISTORY_OFFSET + 2 * frontend.HISTORY_MAX == (
+        frontend.SLOTS_OFFSET
     )
-    end = devices.SLOTS_OFFSET + devices.NR_SLOTS * devices.SLOT.size
+    end = frontend.SLOTS_OFFSET + frontend.NR_SLOTS * frontend.SLOT.size
     assert end <= devices.FRONTEND_STATE_SIZE
-    assert devices._PVT_OFFSET % 4 == 0  # aligned u32 ring indices
-    assert devices.REQUEST.size == devices.RESPONSE.size == 64
+    assert frontend._PVT_OFFSET % 4 == 0  # aligned u32 ring indices
+    assert protocol.REQUEST.size == protocol.RESPONSE.size == 64
 
 
 class FlakyXenstore(Client):
@@ -745,8 +748,8 @@ def test_a_backend_closes_the_disk_it_made_not_one_it_was_given():
     devices.add_device(host.dom0, DOMID, DeviceConfig("vbd", 51712))
     given = BlockStore()
 
-    def backend(**extra):
-        return devices.VbdBackend(
+    def vbd(**extra):
+        return backend.VbdBackend(
             domid=DOMID,
             devid=51712,
             backend_domid=0,
@@ -756,11 +759,11 @@ def test_a_backend_closes_the_disk_it_made_not_one_it_was_given():
             **extra,
         )
 
-    own = backend()
+    own = vbd()
     own.close()
     # Its anonymous file is closed with it.
     assert own.store._fd == -1
-    shared = backend(store=given)
+    shared = vbd(store=given)
     shared.close()
     assert given._fd >= 0
     given.close()
@@ -771,15 +774,15 @@ def test_an_early_read_accepts_what_a_kept_disk_holds():
     # boot's data on a disk kept across a reboot; later reads must find
     # this boot's writes.
     early = 2
-    assert not devices.written_by(early)
+    assert not protocol.written_by(early)
     old = b"\x5a" * devices.SECTOR_BYTES
-    assert devices._payload_ok("vbd", 1, early, old)
-    assert not devices._payload_ok("vbd", 1, early, old[:-1])
-    late = 2 + 2 * devices.READ_LAG
-    assert devices.written_by(late)
-    assert not devices._payload_ok("vbd", 1, late, old)
-    good = devices.expected_payload("vbd", 1, late)
-    assert devices._payload_ok("vbd", 1, late, good)
+    assert protocol._payload_ok("vbd", 1, early, old)
+    assert not protocol._payload_ok("vbd", 1, early, old[:-1])
+    late = 2 + 2 * protocol.READ_LAG
+    assert protocol.written_by(late)
+    assert not protocol._payload_ok("vbd", 1, late, old)
+    good = protocol.expected_payload("vbd", 1, late)
+    assert protocol._payload_ok("vbd", 1, late, good)
 
 
 def _paused_mid_handshake_with_ring_published():

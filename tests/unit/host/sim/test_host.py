@@ -1,20 +1,28 @@
 """SimHost operations that need no guest process."""
 
 import dataclasses
+import errno
 import os
 import stat
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.sim import digest as sim_digest
+from nova_xen_ncm.host.sim import evtchn
+from nova_xen_ncm.host.sim import guest as sim_guest
+from nova_xen_ncm.host.sim import guestproc as sim_guestproc
 from nova_xen_ncm.host.sim import host as sim_host
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import layout
+from nova_xen_ncm.host.sim import locks
 from nova_xen_ncm.host.sim import memory as sim_memory
+from nova_xen_ncm.host.sim import toolstack as sim_toolstack
 from nova_xen_ncm.host.sim.memory import P2M_XEN
 
 from .conftest import empty
@@ -37,19 +45,23 @@ def test_domid_rules(host):
 def test_domids_are_given_round_robin_avoiding_recent_ones(host):
     """xen/common/domid.c: after the last one given, wrapping round;
     libxl: not one released less than a minute ago."""
+
+    def alloc():
+        return host.hv.alloc_domid("t", host.toolstack.recent.is_recent)
+
     empty(host, 1)
-    with host._lock:
-        assert host._alloc_domid("t") == 2
+    with host.hv.lock:
+        assert alloc() == 2
         # 2 is free, but the allocator moved on.
-        assert host._alloc_domid("t") == 3
+        assert alloc() == 3
     host.destroy_domain(1)
-    host._domid_last = base.DOMID_FIRST_RESERVED - 1
-    with host._lock:
-        assert host._alloc_domid("t") == 2  # 1 was released just now
-    host._domid_released[1] -= sim_host.DOMID_REUSE_TIMEOUT
-    host._domid_last = base.DOMID_FIRST_RESERVED - 1
-    with host._lock:
-        assert host._alloc_domid("t") == 1
+    host.hv._domid_last = base.DOMID_FIRST_RESERVED - 1
+    with host.hv.lock:
+        assert alloc() == 2  # 1 was released just now
+    host.toolstack.recent.released[1] -= sim_toolstack.DOMID_REUSE_TIMEOUT
+    host.hv._domid_last = base.DOMID_FIRST_RESERVED - 1
+    with host.hv.lock:
+        assert alloc() == 1
 
 
 def test_a_recently_released_domid_asked_for_is_refused(host):
@@ -58,7 +70,7 @@ def test_a_recently_released_domid_asked_for_is_refused(host):
     host.destroy_domain(4)
     with pytest.raises(base.DomidInUse, match="recently used"):
         host.create_empty_domain(_config("again"), 4)
-    host._domid_released[4] -= sim_host.DOMID_REUSE_TIMEOUT
+    host.toolstack.recent.released[4] -= sim_toolstack.DOMID_REUSE_TIMEOUT
     host.create_empty_domain(_config("again"), 4)
     assert host.domain_info(4).name == "again"
 
@@ -144,10 +156,10 @@ def test_log_dirty_refused_when_the_process_could_not_track(host):
 def test_xen_page_replaces_ram_at_its_gfn(host):
     d = empty(host, 1)
     host.populate(1, np.array([0x500], dtype=np.uint64))
-    host._hc_add_to_physmap(d, "shared_info", 0, 0x500)
+    host.hv._hc_add_to_physmap(d, "shared_info", 0, 0x500)
     assert d.mem.p2m[0x500] == P2M_XEN
     assert 0x500 not in host.populated_pfns(1)
-    host._hc_add_to_physmap(d, "shared_info", 0, layout.PLATFORM_BAR_PFN)
+    host.hv._hc_add_to_physmap(d, "shared_info", 0, layout.PLATFORM_BAR_PFN)
     assert d.mem.p2m[0x500] == 0
 
 
@@ -166,7 +178,8 @@ def test_hvm_context_and_params(host):
         host.set_hvm_params(1, {99: 1})
     info = base.TscInfo(mode=2, khz=1000000, nsec=5, incarnation=3)
     host.set_tsc_info(1, info)
-    assert host.get_tsc_info(1) == info
+    # tsc_set_info(): the incarnation counts the restores.
+    assert host.get_tsc_info(1) == dataclasses.replace(info, incarnation=4)
     with pytest.raises(base.HostError, match="TSC mode"):
         host.set_tsc_info(1, base.TscInfo(9, 1, 0, 0))
 
@@ -178,7 +191,7 @@ def test_guest_cannot_set_toolstack_params(host):
 
     d = empty(host, 1)
     with pytest.raises(HypercallError) as e:
-        host._hc_hvm_set_param(d, hvm.HVM_PARAM_STORE_PFN, 5)
+        host.hv._hc_hvm_set_param(d, hvm.HVM_PARAM_STORE_PFN, 5)
     assert e.value.errno == errno.EPERM
 
 
@@ -188,7 +201,7 @@ def test_vcpu_throttle_bounds(host):
         with pytest.raises(base.HostError, match="throttle"):
             host.set_vcpu_throttle(1, bad)
     host.set_vcpu_throttle(1, 0.25)
-    assert host._domains[1].throttle == 0.25
+    assert host.hv.domains[1].throttle == 0.25
 
 
 def test_injected_failures(conf):
@@ -255,13 +268,13 @@ def test_memory_digest_sees_content_not_how_it_is_stored(host):
 def _digest_reads(host, monkeypatch) -> list[int]:
     """The blocks the host's memory digest reads from now on."""
     read: list[int] = []
-    blocks = type(host)._digest_blocks
+    blocks = type(host.digest)._digest_blocks
 
     def spy(dom, indices, mask):
         read.extend(indices)
         return blocks(dom, indices, mask)
 
-    monkeypatch.setattr(type(host), "_digest_blocks", staticmethod(spy))
+    monkeypatch.setattr(type(host.digest), "_digest_blocks", staticmethod(spy))
     return read
 
 
@@ -279,7 +292,7 @@ def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
     second = host.memory_digest(1)
     assert second != first
     # One block read again, not the 16384 pages.
-    assert read == [0x2345 // sim_host._DIGEST_BLOCK]
+    assert read == [0x2345 // sim_digest._DIGEST_BLOCK]
     # The same as a digest that reads everything.
     a.digest_started = False
     assert host.memory_digest(1) == second
@@ -297,7 +310,7 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
         time.sleep(0.01)
     a.booted = False
     read = _digest_reads(host, monkeypatch)
-    size = max(sim_host._DIGEST_INLINE_MIN, 2 * sim_host._DIGEST_BLOCK)
+    size = max(sim_digest._DIGEST_INLINE_MIN, 2 * sim_digest._DIGEST_BLOCK)
     pfns = np.arange(0x1000, 0x1000 + 4 * size)
     for batch in np.split(pfns.astype(np.uint64), 4):
         host.populate(1, batch)
@@ -307,7 +320,7 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
             assert read == []
         # In the closing thread: the blocks the batch is in, once each.
         assert read == sorted(
-            {int(p) // sim_host._DIGEST_BLOCK for p in batch}
+            {int(p) // sim_digest._DIGEST_BLOCK for p in batch}
         )
         read.clear()
     digest = host.memory_digest(1)
@@ -323,12 +336,12 @@ def test_memory_digest_of_a_pass_in_parts_sees_later_writes(host):
     while a.warming:
         time.sleep(0.01)
     # Pages in two blocks, so that a pass of one block leaves one.
-    write(a, slice(0x100, 0x100 + 2 * sim_host._DIGEST_BLOCK), 3)
+    write(a, slice(0x100, 0x100 + 2 * sim_digest._DIGEST_BLOCK), 3)
     a.digest_started = False
     # Part of a first pass, as the warming thread does it; then a page
     # that was a hole is written in a block not read yet.
     with a.digest_lock:
-        assert host._digest_refresh(a, limit=1)
+        assert host.digest.refresh(a, limit=1)
     write(a, 0x3FFF, 5)
     parts = host.memory_digest(1)
     a.digest_started = False
@@ -346,9 +359,7 @@ def test_data_mask_finds_written_pages_and_holes() -> None:
         want = np.zeros(4096, dtype=bool)
         want[written] = True
         np.testing.assert_array_equal(mem.data_mask(0, 4096), want)
-        np.testing.assert_array_equal(
-            mem.data_mask(600, 2100), want[600:2100]
-        )
+        np.testing.assert_array_equal(mem.data_mask(600, 2100), want[600:2100])
         # The SEEK_HOLE fallback answers the same.
         np.testing.assert_array_equal(
             mem._seek_data_mask(600, 2100), want[600:2100]
@@ -362,21 +373,22 @@ def test_a_spare_guest_process_becomes_the_next_domain(conf) -> None:
     conf.set_override("spare_guest_process", True, group="xen_ncm_sim")
     h = sim_host.SimHost("spare", conf)
     try:
-        first_spare = h._spare[0]
+        first_spare = h.guests.spare[0]
         domid = h.create_domain(
             base.DomainConfig(name="g", memory_bytes=16 << 20, vcpus=1)
         )
-        dom = h._domains[domid]
+        dom = h.hv.domains[domid]
         # The guest runs in the process started ahead, and another one
         # is started for the next domain once this one runs.
         assert dom.proc is first_spare
         _replenished(h)
-        assert h._spare is not None and h._spare[0] is not first_spare
+        spare = h.guests.spare
+        assert spare is not None and spare[0] is not first_spare
         assert h.domain_info(domid).state is base.DomainState.RUNNING
         h.pause(domid)
         h.unpause(domid)
         assert "--spare" in first_spare.args
-        spare = h._spare[0]
+        spare = h.guests.spare[0]
     finally:
         h.close()
     # Closing the host ends the spare that never got a domain.
@@ -388,13 +400,13 @@ def test_a_dead_spare_is_replaced_by_a_fresh_process(conf) -> None:
     conf.set_override("spare_guest_process", True, group="xen_ncm_sim")
     h = sim_host.SimHost("spare", conf)
     try:
-        dead = h._spare[0]
+        dead = h.guests.spare[0]
         dead.kill()
         dead.wait()
         domid = h.create_domain(
             base.DomainConfig(name="g", memory_bytes=16 << 20, vcpus=1)
         )
-        assert h._domains[domid].proc is not dead
+        assert h.hv.domains[domid].proc is not dead
         assert h.domain_info(domid).state is base.DomainState.RUNNING
     finally:
         h.close()
@@ -402,7 +414,7 @@ def test_a_dead_spare_is_replaced_by_a_fresh_process(conf) -> None:
 
 def _replenished(h: sim_host.SimHost) -> None:
     """Wait for the host's spare guest process and RAM to be prepared."""
-    thread = h._replenish_thread
+    thread = h.guests.replenish_thread
     if thread is not None:
         thread.join(timeout=60)
         assert not thread.is_alive()
@@ -419,11 +431,11 @@ def test_a_domain_takes_the_ram_faulted_in_ahead(conf, host) -> None:
     conf.set_override("prefault_memory_mb", 32, group="xen_ncm_sim")
     h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
     try:
-        spare = h._spare_ram
+        spare = h.guests.spare_ram
         assert spare is not None
         assert spare.pages == (32 << 20) // base.PAGE_SIZE
         dom = empty(h, 1, mb=16)
-        assert h._spare_ram is None
+        assert h.guests.spare_ram is None
         assert dom.mem.ram_fd == spare.fd
         # Faulted in where the layout has RAM; the VGA hole and what lies
         # beyond the guest's 16 MiB were given back.
@@ -448,22 +460,22 @@ def test_a_domain_takes_the_ram_faulted_in_ahead(conf, host) -> None:
 def test_spare_ram_is_bounded_by_free_memory_and_comes_back(
     conf, monkeypatch
 ) -> None:
-    monkeypatch.setattr(sim_host, "REPLENISH_DELAY", 0.0)
+    monkeypatch.setattr(sim_guestproc, "REPLENISH_DELAY", 0.0)
     conf.set_override("prefault_memory_mb", 4096, group="xen_ncm_sim")
     h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
     try:
-        assert h._spare_ram.pages == (256 << 20) // base.PAGE_SIZE
+        assert h.guests.spare_ram.pages == (256 << 20) // base.PAGE_SIZE
         empty(h, 1, mb=200)
         # A restoring domain leaves the host's CPU to its migration.
-        assert h._spare_ram is None and h._replenish_thread is None
+        assert h.guests.spare_ram is None and h.guests.replenish_thread is None
         h.destroy_domain(1)
         _replenished(h)
-        spare = h._spare_ram
+        spare = h.guests.spare_ram
         assert spare.pages == (256 << 20) // base.PAGE_SIZE
         assert empty(h, 2, mb=16).mem.ram_fd == spare.fd
     finally:
         h.close()
-    assert h._spare_ram is None
+    assert h.guests.spare_ram is None
 
 
 def test_a_guest_above_the_mmio_hole_gets_memory_of_its_own(conf) -> None:
@@ -471,12 +483,12 @@ def test_a_guest_above_the_mmio_hole_gets_memory_of_its_own(conf) -> None:
     conf.set_override("prefault_memory_mb", 16, group="xen_ncm_sim")
     h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
     try:
-        spare = h._spare_ram
+        spare = h.guests.spare_ram
         # 4 GiB of RAM reaches above 4 GiB: a physmap spare RAM lacks.
         big = empty(h, 1, mb=4096)
         assert big.mem.max_pfn > spare.max_pfn
         assert big.mem.ram_fd != spare.fd
-        assert h._spare_ram is spare
+        assert h.guests.spare_ram is spare
         assert empty(h, 2, mb=16).mem.ram_fd == spare.fd
     finally:
         h.close()
@@ -511,7 +523,7 @@ def _reference_digest(dom) -> str:
     mem = dom.mem
     ram = np.flatnonzero(mem.p2m == 1)
     h = base.memory_hasher(base.memory_hasher(ram.astype("<u8")).digest())
-    block = sim_host._DIGEST_BLOCK
+    block = sim_digest._DIGEST_BLOCK
     parts = []
     for b in sorted(set((ram // block).tolist())):
         pfns = [
@@ -649,7 +661,7 @@ def test_an_unpause_that_failed_on_one_backend_releases_the_rest_after(
     domid = host.create_domain(config)
     host.pause(domid)
     host.quiesce_backends(domid)
-    dom = host._domains[domid]
+    dom = host.hv.domains[domid]
     # As after an import: the backends are held until the guest runs.
     dom.backends_held = True
     first, second = list(dom.backends.values())
@@ -690,3 +702,125 @@ def test_the_checkers_reads_meet_no_injected_fault(conf, host) -> None:
     assert host._faults.getstate() == draws
     with pytest.raises(base.HostError, match="injected failure"):
         host.populated_pfns(1)
+
+
+def test_a_dom0_service_failing_is_kept_for_the_owner(host):
+    """A handler raising on the dom0 thread does not stop dom0, and the
+    failure is not only a log line: the host keeps it and raises it."""
+    hv = host.hv
+    with hv.lock:
+        port = hv.evtchn.bind_ipi(hv.dom0, 0)
+    seen = threading.Event()
+
+    def broken(port: int) -> None:
+        seen.set()
+        raise RuntimeError("backend bug")
+
+    host.services.kernel.handlers[port] = broken
+    with hv.lock:
+        hv.evtchn.send(hv.dom0, port)
+    assert seen.wait(5)
+    deadline = time.monotonic() + 5
+    while not host.dom0_errors() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (error,) = host.dom0_errors()
+    assert "backend bug" in str(error) and f"port {port}" in str(error)
+    with pytest.raises(sim_host.Dom0Error, match="backend bug"):
+        host.raise_dom0_errors()
+    host.services.kernel.errors.clear()  # seen: the fixture's own check passes
+
+
+def test_hypercalls_are_a_table_not_attribute_names(host):
+    """A guest's hypercall name is looked up in the table of hypercalls:
+    a name of any other attribute of the hypervisor or the event channel
+    operations (set_pending, table, ...) is ENOSYS."""
+    a = empty(host, 1)
+    for op in (
+        "evtchn_set_pending",
+        "evtchn_table",
+        "evtchn_validate_table",
+        "release_domain",
+        "__init__",
+    ):
+        with pytest.raises(evtchn.HypercallError) as e:
+            host.hv.hypercall(a, op, {})
+        assert e.value.errno == errno.ENOSYS, op
+    assert host.hv.hypercall(a, "hvm_get_param", {"index": 1}) == 0
+
+
+def test_locks_taken_out_of_order_are_found():
+    """The lock order is checked where two are taken: the memory lock
+    then the host lock is an inversion, raised before it can deadlock."""
+    host_lock, mem_lock = threading.RLock(), threading.Lock()
+    with locks.ordered(locks.HOST, host_lock):
+        with locks.ordered(locks.MEMORY, mem_lock):
+            # Re-entering the host lock it holds is not an inversion.
+            with locks.ordered(locks.HOST, host_lock):
+                assert locks.held() == (locks.HOST, locks.MEMORY, locks.HOST)
+    with locks.ordered(locks.MEMORY, mem_lock):
+        with pytest.raises(locks.LockOrderError, match="'host'"):
+            with locks.ordered(locks.HOST, host_lock):
+                pass
+    assert locks.held() == ()
+
+
+def test_the_host_lock_under_a_memory_lock_is_refused(host):
+    """The hypervisor's lock is an ordered lock: taken while a domain's
+    memory lock is held (an inversion of locks.ORDER), it raises."""
+    a = empty(host, 1)
+    with host.hv.lock, a.mem_lock():
+        pass  # the order
+    with a.mem_lock():
+        with pytest.raises(locks.LockOrderError, match="'host'.*'memory'"):
+            with host.hv.lock:
+                pass
+
+
+def test_xenstored_and_raw_memory_locks_are_ordered(host):
+    """xenstored's lock and a domain's memory lock taken directly
+    (GuestMemory.lock, as the guest process and the devices take it)
+    are checked against locks.ORDER too."""
+    a = empty(host, 1)
+    with host.hv.lock, host.xenstore._lock, a.mem.lock():
+        assert locks.held() == (locks.HOST, locks.XENSTORE, locks.MEMORY)
+    with a.mem.lock():
+        with pytest.raises(locks.LockOrderError, match="'xenstore'"):
+            with host.xenstore._lock:
+                pass
+    with host.xenstore._lock:
+        with pytest.raises(locks.LockOrderError, match="'host'"):
+            with host.hv.lock:
+                pass
+    assert locks.held() == ()
+
+
+def test_a_hypercall_under_the_memory_lock_is_refused(monkeypatch):
+    """The hypervisor serves a hypercall under its lock, then the
+    caller's memory lock: a guest calling with its memory lock held
+    would deadlock across processes, so the order check refuses it."""
+    sent = []
+    kernel = types.SimpleNamespace(hc_lock=threading.Lock(), hc=object())
+    monkeypatch.setattr(sim_guest.ipc, "send", lambda s, m: sent.append(m))
+    monkeypatch.setattr(sim_guest.ipc, "recv", lambda s: {"ok": 7})
+    with locks.ordered(locks.MEMORY, threading.Lock()):
+        with pytest.raises(locks.LockOrderError, match="'host'"):
+            sim_guest.GuestKernel.hypercall(kernel, "evtchn_send", port=3)
+    assert sent == []
+    assert sim_guest.GuestKernel.hypercall(kernel, "evtchn_send", port=3) == 7
+    assert sent == [{"op": "evtchn_send", "args": {"port": 3}}]
+
+
+def test_dom0_closes_its_ends_of_a_destroyed_domains_channels(host):
+    """domain_kill leaves dom0's end of an interdomain channel unbound;
+    dom0 closes it and drops its handler (the hypervisor does not reach
+    into dom0's kernel)."""
+    dom = empty(host, 3)
+    with host.hv.lock:
+        guest_port = host.hv.evtchn.alloc_unbound(dom, 3, 0)
+        local = host.services.dom0_bind(dom, guest_port)
+    host.services.kernel.handlers[local] = print
+    assert local in host.hv.dom0.ports
+    assert local in host.services.kernel.handlers
+    host.destroy_domain(3)
+    assert local not in host.hv.dom0.ports
+    assert local not in host.services.kernel.handlers

@@ -77,3 +77,21 @@ def test_out_of_order_records_are_refused():
     recs[1], recs[2] = recs[2], recs[1]
     with pytest.raises(HostError, match="out of typecode order"):
         hvm.decode(hvm.encode(recs), 1)
+
+
+@pytest.mark.parametrize("start", [0, 1, 6, 7, 0xFFFFFFFF])
+def test_time_versions_end_even_whatever_they_were(start):
+    """version_update_begin/end: odd while the fields change, even after,
+    also from an odd version left in a restored page."""
+    vi = bytearray(64)
+    struct.pack_into("<I", vi, hvm.VCPU_TIME_OFFSET, start)
+    hvm.write_vcpu_time(vi, 5, 9, hvm.TimeScale.for_khz(1_000_000))
+    info = hvm.read_vcpu_time(bytes(vi))
+    assert info["version"] % 2 == 0 and info["version"] != start
+    assert (info["tsc_timestamp"], info["system_time"]) == (5, 9)
+    si = bytearray(4096)
+    struct.pack_into("<I", si, hvm.SHINFO_WC, start)
+    hvm.write_wallclock(si, 3 * hvm.NSEC_PER_SEC + 4)
+    version = struct.unpack_from("<I", si, hvm.SHINFO_WC)[0]
+    assert version % 2 == 0 and version != start
+    assert hvm.read_wallclock(bytes(si)) == 3 * hvm.NSEC_PER_SEC + 4

@@ -11,13 +11,13 @@ from nova_xen_ncm.host.base import XenstoreNode
 from nova_xen_ncm.host.base import XenstoreTransaction
 from nova_xen_ncm.host.base import XenstoreWatch
 from nova_xen_ncm.host.sim import xs_wire
-from nova_xen_ncm.host.sim.xenstore import TX_CONFLICTED
 from nova_xen_ncm.host.sim.xenstore import ImportPolicy
 from nova_xen_ncm.host.sim.xenstore import LocalClient
-from nova_xen_ncm.host.sim.xenstore import Quota
 from nova_xen_ncm.host.sim.xenstore import Xenstore
 from nova_xen_ncm.host.sim.xenstore import XenstoreMigrationError
-from nova_xen_ncm.host.sim.xenstore import is_child
+from nova_xen_ncm.host.sim.xenstore.core import TX_CONFLICTED
+from nova_xen_ncm.host.sim.xenstore.core import Quota
+from nova_xen_ncm.host.sim.xenstore.core import is_child
 from nova_xen_ncm.host.sim.xs_wire import Message
 from nova_xen_ncm.host.sim.xs_wire import XsType
 

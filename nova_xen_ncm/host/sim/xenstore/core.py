@@ -1,36 +1,10 @@
-"""The simulated host's xenstored.
+"""xenstored's core (tools/xenstored/core.c, domain.c): the tree of
+nodes and their permissions, quotas, connections (a domain's ring or an
+in-process tool) and the requests on nodes and domains.
 
-A model of Xen's xenstore daemon as ``docs/misc/xenstore.txt`` specifies
-it and ``tools/xenstored`` (core.c, watch.c, transaction.c, domain.c)
-implements it:
-
-* a tree of nodes, each with a value and permissions (owner with the
-  default access for everybody else, then an ACL); new nodes inherit their
-  parent's permissions and an unprivileged creator becomes the owner
-  (core.c construct_node); dom0 is privileged (core.c perm_for_conn);
-* per-domain quotas with xenstored's defaults and errors (domain.c
-  ``quotas[]``): entries and transactions and watches ENOSPC, node size
-  ENOSPC, permission entries ENOSPC;
-* watches with tokens and an optional depth (watch.c is_child), fired on
-  the changed path for watches on it or an ancestor, for every node an
-  XS_RM removes, once on registration, and for @introduceDomain and
-  @releaseDomain; a connection only sees events for nodes it can read, or
-  whose parent it can read (watch.c watch_permitted);
-* transactions that see their own writes and commit or fail with EAGAIN
-  when a node they read or wrote changed since they started;
-* one connection per domain through its ring page (xs_wire), plus any
-  number of in-process connections for dom0's tools and backends.
-
-Export and import of one domain's part of the store (its nodes, watches and
-open transactions) carry a guest's xenstore through a migration, after
-``docs/designs/xenstore-migration.md``.
-
-How the host uses it: ``introduce_domain(domid, page=..., notify=...)``
-gives a guest its ring connection (``page`` is the xenstore page in guest
-RAM, ``notify`` signals the store event channel); call
-``service_ring(domid)`` whenever the guest signals that channel. Dom0's
-tools and backends use :class:`LocalClient` (or ``connect()`` and
-``handle()``). ``export_domain`` / ``import_domain`` move a guest.
+The daemon as a whole is :class:`nova_xen_ncm.host.sim.xenstore.Xenstore`:
+this core, watches (watches.py), transactions (transactions.py) and the
+migration of a domain's part of the store (migration.py).
 """
 
 from __future__ import annotations
@@ -42,17 +16,13 @@ import itertools
 import re
 import threading
 from collections.abc import Callable
-from collections.abc import Collection
 from collections.abc import Iterable
 from collections.abc import Mapping
 
 from oslo_log import log as logging
 
 from nova_xen_ncm.host.base import DOMID_FIRST_RESERVED
-from nova_xen_ncm.host.base import XenstoreNode
-from nova_xen_ncm.host.base import XenstoreState
-from nova_xen_ncm.host.base import XenstoreTransaction
-from nova_xen_ncm.host.base import XenstoreWatch
+from nova_xen_ncm.host.sim import locks
 from nova_xen_ncm.host.sim import xs_wire
 from nova_xen_ncm.host.sim.xs_wire import PERM_READ
 from nova_xen_ncm.host.sim.xs_wire import PERM_WRITE
@@ -100,11 +70,6 @@ class Match(enum.Enum):
     NODEPTH = 4
 
 
-class XenstoreMigrationError(Exception):
-    """Export or import of a domain's xenstore was refused; the message
-    names the path or item at fault."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Quota:
     """Per-domain limits for unprivileged domains (domain.c quotas[])."""
@@ -118,25 +83,6 @@ class Quota:
     # Replies queued for a ring connection before xenstored stops reading
     # its requests (ACC_OUTST).
     outstanding: int = 20
-
-
-@dataclasses.dataclass(frozen=True)
-class ImportPolicy:
-    """What an imported domain's xenstore may contain.
-
-    ``areas`` are subtrees besides ``/local/domain/<domid>`` the import
-    may write (the backend areas of the guest's devices). ``owners`` are
-    the domids besides the guest that may own imported nodes.
-    ``max_access`` is, per domid, the most an ACL entry may grant it
-    ("r", "w", "b"); the guest itself and dom0 may always be granted "b",
-    other domids nothing. ``default_access`` is the most a node may grant to
-    every domain without an entry of its own.
-    """
-
-    areas: tuple[str, ...] = ()
-    owners: frozenset[int] = frozenset({PRIVILEGED_DOMID})
-    max_access: Mapping[int, str] = dataclasses.field(default_factory=dict)
-    default_access: str = "n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,9 +249,10 @@ def _basename(path: str) -> str:
     return path.rsplit("/", 1)[1]
 
 
-class Xenstore:
-    """The daemon. Thread-safe: one lock serialises every request, as
-    xenstored's single thread does; callbacks run outside the lock."""
+class XenstoreCore:
+    """The daemon's state and what every request goes through. Thread-
+    safe: one lock serialises every request, as xenstored's single
+    thread does; callbacks run outside the lock."""
 
     def __init__(
         self,
@@ -320,7 +267,8 @@ class Xenstore:
         its event channel for XS_INTRODUCE sent over the wire."""
         self.quota = quota or Quota()
         self._ring_mapper = ring_mapper
-        self._lock = threading.RLock()
+        # xenstored's lock: locks.XENSTORE, in the host's lock order.
+        self._lock = locks.OrderedLock(locks.XENSTORE, threading.RLock())
         self._gen = 1
         self._tree: dict[str, _Node] = {
             "/": _Node(b"", ((0, PRIVILEGED_DOMID),), gen=0)
@@ -431,9 +379,7 @@ class Xenstore:
                     self._put(
                         None,
                         path,
-                        dataclasses.replace(
-                            node, perms=(node.perms[0], *acl)
-                        ),
+                        dataclasses.replace(node, perms=(node.perms[0], *acl)),
                     )
             self._fire_special(RELEASE_DOMAIN, domid)
             calls = self._deliver_touched()
@@ -853,65 +799,6 @@ class Xenstore:
                 tops.append(path)
         return tops
 
-    # -- watches --------------------------------------------------------
-
-    def _fire(
-        self,
-        tx: _Transaction | None,
-        path: str,
-        match: Match,
-        perm_sets: list[tuple[Perm, ...]],
-    ) -> None:
-        event = _Event(path, match, tuple(perm_sets))
-        if tx is not None:
-            # Changes in a transaction fire only when it commits.
-            tx.events.append(event)
-        else:
-            self._dispatch(event)
-
-    def _dispatch(self, event: _Event) -> None:
-        """watch.c fire_watches()."""
-        path = event.path
-        for conn in list(self._conns.values()):
-            if not conn.privileged and not any(
-                self._perm(conn, perms) & PERM_READ
-                for perms in event.perm_sets
-            ):
-                continue
-            for w in conn.watches:
-                if event.match is Match.EXACT:
-                    send = path == w.path
-                elif event.match is Match.SUBTREE:
-                    send = is_child(path, w.path, w.depth)
-                elif event.match is Match.DEPTH:
-                    send = path == w.path or (
-                        w.depth > 0 and is_child(path, w.path, w.depth)
-                    )
-                else:
-                    send = path == w.path and w.depth < 0
-                if send:
-                    epath = path
-                    if w.relative and path.startswith(conn.home + "/"):
-                        epath = path[len(conn.home) + 1 :]
-                    self._queue_event(
-                        conn, xs_wire.watch_event(epath, w.token)
-                    )
-
-    def _queue_event(self, conn: Connection, event: Message) -> None:
-        self._touched.setdefault(conn.conn_id, []).append(event)
-        if conn.page is not None:
-            conn.outbox.append((event.encode(), True))
-        else:
-            path, token = event.strings()[:2]
-            conn.events.append((path, token))
-
-    def _fire_special(self, name: str, domid: int) -> None:
-        """domain.c fire_special_watches(): the plain name for watches
-        without depth, <name>/<domid> for depth-1 and per-domain ones."""
-        perms = [self._special[name].perms]
-        self._dispatch(_Event(name, Match.NODEPTH, tuple(perms)))
-        self._dispatch(_Event(f"{name}/{domid}", Match.DEPTH, tuple(perms)))
-
     # -- request handlers -----------------------------------------------
 
     @staticmethod
@@ -1035,114 +922,6 @@ class Xenstore:
         self._fire(tx, path, Match.SUBTREE, [perms, node.perms])
         return b"OK\0"
 
-    def _do_watch(self, conn, tx, msg) -> bytes:
-        args = self._args(msg)
-        if len(args) not in (2, 3):
-            raise XenstoreError("EINVAL", "WATCH takes <path>|<token>|")
-        given, token = args[0], args[1]
-        depth = -1
-        if len(args) == 3:
-            if not args[2].isdigit():
-                raise XenstoreError("EINVAL", f"bad depth {args[2]!r}")
-            depth = int(args[2])
-        path = self._canon(conn, given, allow_special=True)
-        if any(w.path == path and w.token == token for w in conn.watches):
-            raise XenstoreError("EEXIST", f"watch {given} {token}")
-        if not conn.privileged and len(conn.watches) >= self.quota.watches:
-            raise XenstoreError("ENOSPC", "watch quota")
-        conn.watches.append(_Watch(path, token, depth, given))
-        # watch.c do_watch: "We fire once up front".
-        self._after_reply.append(xs_wire.watch_event(given, token))
-        return b"OK\0"
-
-    def _do_unwatch(self, conn, tx, msg) -> bytes:
-        args = self._args(msg)
-        if len(args) != 2:
-            raise XenstoreError("EINVAL", "UNWATCH takes <path>|<token>|")
-        path = self._canon(conn, args[0], allow_special=True)
-        for i, w in enumerate(conn.watches):
-            if w.path == path and w.token == args[1]:
-                del conn.watches[i]
-                return b"OK\0"
-        raise XenstoreError("ENOENT", f"no watch {args[0]} {args[1]}")
-
-    def _do_reset_watches(self, conn, tx, msg) -> bytes:
-        conn.watches.clear()
-        conn.transactions.clear()
-        return b"OK\0"
-
-    def _do_transaction_start(self, conn, tx, msg) -> bytes:
-        if msg.tx_id:
-            raise XenstoreError("EBUSY", "already in a transaction")
-        if (
-            not conn.privileged
-            and len(conn.transactions) >= self.quota.transactions
-        ):
-            raise XenstoreError("ENOSPC", "transaction quota")
-        tx_id = self._alloc_tx_id(conn)
-        conn.transactions[tx_id] = _Transaction(tx_id, self._gen)
-        return f"{tx_id}\0".encode()
-
-    @staticmethod
-    def _alloc_tx_id(conn: Connection) -> int:
-        tx_id = conn.next_tx_id
-        while tx_id == 0 or tx_id in conn.transactions:
-            tx_id = (tx_id + 1) & 0xFFFFFFFF
-        conn.next_tx_id = (tx_id + 1) & 0xFFFFFFFF
-        return tx_id
-
-    def _do_transaction_end(self, conn, tx, msg) -> bytes:
-        if tx is None:
-            raise XenstoreError("ENOENT", "no transaction")
-        arg = self._args(msg, 1)[0]
-        if arg not in ("T", "F"):
-            raise XenstoreError("EINVAL", f"TRANSACTION_END {arg!r}")
-        del conn.transactions[tx.tx_id]
-        try:
-            if arg == "T":
-                self._commit(conn, tx)
-        finally:
-            self._prune_changed()
-        return b"OK\0"
-
-    def _conflicts(self, tx: _Transaction) -> bool:
-        if tx.doomed:
-            return True
-        for path in tx.accessed | tx.overlay.keys():
-            if self._changed.get(path, 0) > tx.base_gen:
-                return True
-        for path, gen in self._changed.items():
-            if gen > tx.base_gen and any(
-                _in_area(path, g) for g in tx.guard_prefixes
-            ):
-                return True
-        return False
-
-    def _commit(self, conn: Connection, tx: _Transaction) -> None:
-        if self._conflicts(tx):
-            raise XenstoreError("EAGAIN", f"transaction {tx.tx_id}")
-        if not conn.privileged:
-            if self._owned_count(tx, conn.domid) > self.quota.nodes:
-                raise XenstoreError("ENOSPC", "node quota at commit")
-        self._gen += 1
-        for path, node in tx.overlay.items():
-            self._put(None, path, node)
-        for event in tx.events:
-            self._dispatch(event)
-
-    def _prune_changed(self) -> None:
-        bases = [
-            t.base_gen
-            for c in self._conns.values()
-            for t in c.transactions.values()
-        ]
-        if not bases:
-            self._changed.clear()
-            self._gen += 1
-            return
-        low = min(bases)
-        self._changed = {p: g for p, g in self._changed.items() if g > low}
-
     def _do_get_domain_path(self, conn, tx, msg) -> bytes:
         domid = self._domid_arg(self._args(msg, 1)[0])
         return f"{domain_path(domid)}\0".encode()
@@ -1212,28 +991,6 @@ class Xenstore:
         dom.target = target
         return b"OK\0"
 
-    _HANDLERS = {
-        XsType.READ: _do_read,
-        XsType.WRITE: _do_write,
-        XsType.MKDIR: _do_mkdir,
-        XsType.RM: _do_rm,
-        XsType.DIRECTORY: _do_directory,
-        XsType.DIRECTORY_PART: _do_directory_part,
-        XsType.GET_PERMS: _do_get_perms,
-        XsType.SET_PERMS: _do_set_perms,
-        XsType.WATCH: _do_watch,
-        XsType.UNWATCH: _do_unwatch,
-        XsType.RESET_WATCHES: _do_reset_watches,
-        XsType.TRANSACTION_START: _do_transaction_start,
-        XsType.TRANSACTION_END: _do_transaction_end,
-        XsType.GET_DOMAIN_PATH: _do_get_domain_path,
-        XsType.IS_DOMAIN_INTRODUCED: _do_is_domain_introduced,
-        XsType.INTRODUCE: _do_introduce,
-        XsType.RELEASE: _do_release,
-        XsType.RESUME: _do_resume,
-        XsType.SET_TARGET: _do_set_target,
-    }
-
     # -- helpers ----------------------------------------------------------
 
     @staticmethod
@@ -1248,425 +1005,3 @@ class Xenstore:
         if conn is None:
             raise XenstoreError("ENOENT", f"domain {domid} not introduced")
         return conn
-
-    # -- migration --------------------------------------------------------
-
-    def export_domain(
-        self,
-        domid: int,
-        areas: Collection[str] = (),
-        *,
-        strict: bool = True,
-    ) -> XenstoreState:
-        """The domain's xenstore for migration: its home subtree and the
-        ``areas`` subtrees (parents first, with permissions), the watches
-        its connection registered (paths as given), its open
-        transactions and the store gfn/port given at introduction.
-
-        A transaction that already conflicts is exported with
-        ``base_generation`` TX_CONFLICTED. Raises XenstoreMigrationError
-        if a reply or a streamed request is still on its way (carrying it
-        is not part of XenstoreState); the guest must be paused with its
-        ring served. ``strict=False`` skips that check, for observing a
-        running guest.
-        """
-        with self._lock:
-            conn = self._domain_conn(domid)
-            if strict and conn.in_partial:
-                raise XenstoreMigrationError(
-                    f"dom{domid}: a request is half-way through the ring "
-                    f"({len(conn.in_partial)} bytes read)"
-                )
-            if strict and self._pending_replies(conn):
-                raise XenstoreMigrationError(
-                    f"dom{domid}: {self._pending_replies(conn)} replies not "
-                    "yet delivered to the guest's ring"
-                )
-            nodes = []
-            seen = set()
-            for root in (conn.home, *areas):
-                for path in self._subtree(None, root):
-                    if path in seen:
-                        continue
-                    seen.add(path)
-                    node = self._tree[path]
-                    nodes.append(
-                        XenstoreNode(
-                            path, node.value, xs_wire.letter_perms(node.perms)
-                        )
-                    )
-            watches = tuple(
-                XenstoreWatch(w.given, w.token, w.depth) for w in conn.watches
-            )
-            txs = tuple(
-                self._export_tx(tx) for tx in conn.transactions.values()
-            )
-            # Queued watch events travel (docs/designs/xenstore-migration.md):
-            # the guest receives them on the destination.
-            pending = b"".join(
-                data for data, is_event in conn.outbox if is_event
-            )
-            if conn.outbox and conn.outbox[0][1]:
-                pending = pending[conn.out_offset :]
-            return XenstoreState(
-                nodes=tuple(nodes),
-                watches=watches,
-                transactions=txs,
-                store_port=conn.store_port,
-                store_gfn=conn.store_gfn,
-                pending_output=pending,
-            )
-
-    def _export_tx(self, tx: _Transaction) -> XenstoreTransaction:
-        removed: list[tuple[str, None]] = []
-        written: list[XenstoreNode] = []
-        for path in sorted(tx.overlay, key=lambda p: (p.count("/"), p)):
-            node = tx.overlay[path]
-            live = self._tree.get(path)
-            if node is None:
-                if live is not None and not any(
-                    _in_area(path, r[0]) for r in removed
-                ):
-                    removed.append((path, None))
-            elif (
-                live is None
-                or live.value != node.value
-                or live.perms != node.perms
-            ):
-                written.append(
-                    XenstoreNode(
-                        path, node.value, xs_wire.letter_perms(node.perms)
-                    )
-                )
-        base = TX_CONFLICTED if self._conflicts(tx) else tx.base_gen
-        return XenstoreTransaction(
-            tx_id=tx.tx_id,
-            base_generation=base,
-            writes=tuple(removed) + tuple(written),
-        )
-
-    def import_domain(
-        self,
-        domid: int,
-        state: XenstoreState,
-        policy: ImportPolicy | None = None,
-        *,
-        page: memoryview | None = None,
-        notify: Callable[[], None] | None = None,
-        fire_watches: bool = True,
-    ) -> Connection:
-        """Restore a domain's xenstore exported by :meth:`export_domain`.
-
-        Everything is validated before anything changes; a refusal raises
-        XenstoreMigrationError naming the path. The domain's home subtree
-        (and each area whose root is in ``state``) is replaced by exactly
-        what ``state`` holds. Open transactions get their ids and writes
-        back; since the reads they made before migration are not carried,
-        any later change in the domain's areas makes their commit EAGAIN.
-        With ``fire_watches`` each restored watch fires once, as a legal
-        spurious event standing in for any event lost in transit.
-        """
-        policy = policy or ImportPolicy()
-        self._check_domid(domid, allow_dom0=False)
-        home = domain_path(domid)
-        areas = (home, *policy.areas)
-        with self._lock:
-            existing = self._domains.get(domid)
-            if existing is not None and (
-                existing.watches or existing.transactions
-            ):
-                raise XenstoreMigrationError(
-                    f"dom{domid} already has a live xenstore connection"
-                )
-            nodes = self._validate_nodes(domid, state.nodes, areas, policy)
-            self._validate_watches(domid, state.watches)
-            self._validate_transactions(domid, state, areas, policy)
-            # Apply.
-            given = {n.path for n in state.nodes}
-            for root in areas:
-                if root not in given:
-                    continue
-                for path in reversed(self._subtree(None, root)):
-                    if path not in given and path in self._tree:
-                        self._remove(None, path)
-            for path, value, perms in nodes:
-                self._set_node(None, path, value, perms)
-            conn = existing
-            if conn is None:
-                conn = Connection(next(self._conn_ids), domid)
-                self._conns[conn.conn_id] = conn
-                self._domains[domid] = conn
-            if page is not None:
-                conn.page = page
-            if notify is not None:
-                conn.notify = notify
-            conn.store_gfn = state.store_gfn
-            conn.store_port = state.store_port
-            for w in state.watches:
-                path = self._canon(conn, w.path, allow_special=True)
-                conn.watches.append(_Watch(path, w.token, w.depth, w.path))
-            for t in state.transactions:
-                tx = _Transaction(
-                    t.tx_id,
-                    self._gen,
-                    guard_prefixes=areas,
-                    doomed=t.base_generation == TX_CONFLICTED,
-                )
-                for write in t.writes:
-                    if isinstance(write, XenstoreNode):
-                        perms = xs_wire.bit_perms(write.perms)
-                        self._set_node(tx, write.path, write.value, perms)
-                    elif self._get(tx, write[0]) is not None:
-                        self._remove(tx, write[0])
-                conn.transactions[t.tx_id] = tx
-            if state.transactions:
-                conn.next_tx_id = (
-                    max(t.tx_id for t in state.transactions) + 1
-                ) & 0xFFFFFFFF
-            if state.pending_output:
-                # Written to the ring before anything new, as one stream.
-                conn.outbox.append((bytes(state.pending_output), True))
-                self._touched.setdefault(conn.conn_id, [])
-            if fire_watches:
-                for w in conn.watches:
-                    self._queue_event(
-                        conn, xs_wire.watch_event(w.given, w.token)
-                    )
-            self._gen += 1
-            calls = self._deliver_touched()
-            notify_now = False
-            if conn.page is not None:
-                notify_now = self._serve(conn)
-            if notify_now and conn.notify is not None:
-                calls.append(conn.notify)
-        self._run(calls)
-        return conn
-
-    def _check_path(
-        self, domid: int, path: str, areas: tuple[str, ...]
-    ) -> None:
-        conn = Connection(0, domid)
-        try:
-            canon = self._canon(conn, path)
-        except XenstoreError:
-            raise XenstoreMigrationError(
-                f"dom{domid}: invalid xenstore path {path!r}"
-            ) from None
-        if canon != path or not any(_in_area(path, a) for a in areas):
-            raise XenstoreMigrationError(
-                f"dom{domid}: path {path!r} is outside the domain's areas "
-                f"{list(areas)}"
-            )
-
-    def _check_perms(
-        self,
-        domid: int,
-        path: str,
-        perms: tuple[tuple[str, int], ...],
-        policy: ImportPolicy,
-    ) -> tuple[Perm, ...]:
-        try:
-            bits = xs_wire.bit_perms(perms)
-        except XsWireError as exc:
-            raise XenstoreMigrationError(f"{path}: {exc}") from None
-        owner = bits[0][1]
-        if owner != domid and owner not in policy.owners:
-            raise XenstoreMigrationError(
-                f"{path}: owner dom{owner} is not allowed (owners: "
-                f"dom{domid}, {sorted(policy.owners)})"
-            )
-        default_max = xs_wire.parse_perm(f"{policy.default_access}0")[0]
-        if bits[0][0] & ~default_max:
-            raise XenstoreMigrationError(
-                f"{path}: default access {perms[0][0]!r} grants more than "
-                f"{policy.default_access!r}"
-            )
-        for access, who in bits[1:]:
-            if who in (domid, PRIVILEGED_DOMID):
-                # The guest's own access, and dom0's, which is
-                # privileged anyway, grant nothing new.
-                allowed = PERM_READ | PERM_WRITE
-            elif who in policy.max_access:
-                allowed = xs_wire.parse_perm(f"{policy.max_access[who]}0")[0]
-            else:
-                allowed = 0
-            if access & ~allowed:
-                raise XenstoreMigrationError(
-                    f"{path}: permission {xs_wire.format_perm((access, who))}"
-                    " grants more than allowed"
-                )
-        if owner == domid and len(bits) > self.quota.perms:
-            raise XenstoreMigrationError(
-                f"{path}: {len(bits)} permission entries exceed the quota "
-                f"of {self.quota.perms}"
-            )
-        return bits
-
-    def _validate_nodes(
-        self,
-        domid: int,
-        nodes: Iterable[XenstoreNode],
-        areas: tuple[str, ...],
-        policy: ImportPolicy,
-    ) -> list[tuple[str, bytes, tuple[Perm, ...]]]:
-        out = []
-        known: set[str] = set()
-        owned = 0
-        nodes = list(nodes)
-        # Roots whose subtree the import replaces: what is under them on
-        # this host now does not count as a known parent.
-        replaced = [a for a in areas if a in {n.path for n in nodes}]
-        for node in nodes:
-            path = node.path
-            self._check_path(domid, path, areas)
-            if path in known:
-                raise XenstoreMigrationError(f"{path}: appears twice")
-            parent = _parent(path)
-            if parent not in known and (
-                parent not in self._tree
-                or any(_in_area(parent, r) for r in replaced)
-            ):
-                raise XenstoreMigrationError(
-                    f"{path}: parent {parent} is neither on this host nor "
-                    "earlier in the state"
-                )
-            if not isinstance(node.value, bytes | bytearray):
-                raise XenstoreMigrationError(f"{path}: value is not bytes")
-            perms = self._check_perms(domid, path, node.perms, policy)
-            if perms[0][1] == domid:
-                owned += 1
-                if len(node.value) > self.quota.node_size:
-                    raise XenstoreMigrationError(
-                        f"{path}: value of {len(node.value)} bytes exceeds "
-                        f"the node size quota ({self.quota.node_size})"
-                    )
-            known.add(path)
-            out.append((path, bytes(node.value), perms))
-        if owned > self.quota.nodes:
-            raise XenstoreMigrationError(
-                f"dom{domid}: {owned} nodes exceed the quota of "
-                f"{self.quota.nodes}"
-            )
-        return out
-
-    def _validate_watches(
-        self, domid: int, watches: Iterable[XenstoreWatch]
-    ) -> None:
-        conn = Connection(0, domid)
-        seen = set()
-        count = 0
-        for w in watches:
-            try:
-                path = self._canon(conn, w.path, allow_special=True)
-            except XenstoreError:
-                raise XenstoreMigrationError(
-                    f"dom{domid}: watch path {w.path!r} is invalid"
-                ) from None
-            if not w.token or "\0" in w.token or not w.token.isascii():
-                raise XenstoreMigrationError(
-                    f"dom{domid}: watch on {w.path!r} has a bad token"
-                )
-            if not isinstance(w.depth, int) or w.depth < -1:
-                raise XenstoreMigrationError(
-                    f"dom{domid}: watch on {w.path!r} has depth {w.depth!r}"
-                )
-            if (path, w.token) in seen:
-                raise XenstoreMigrationError(
-                    f"dom{domid}: watch {w.path!r} {w.token!r} twice"
-                )
-            seen.add((path, w.token))
-            count += 1
-        if count > self.quota.watches:
-            raise XenstoreMigrationError(
-                f"dom{domid}: {count} watches exceed the quota of "
-                f"{self.quota.watches}"
-            )
-
-    def _validate_transactions(
-        self,
-        domid: int,
-        state: XenstoreState,
-        areas: tuple[str, ...],
-        policy: ImportPolicy,
-    ) -> None:
-        txs = state.transactions
-        if len(txs) > self.quota.transactions:
-            raise XenstoreMigrationError(
-                f"dom{domid}: {len(txs)} transactions exceed the quota of "
-                f"{self.quota.transactions}"
-            )
-        ids = set()
-        for t in txs:
-            if not 0 < t.tx_id <= 0xFFFFFFFF or t.tx_id in ids:
-                raise XenstoreMigrationError(
-                    f"dom{domid}: transaction id {t.tx_id!r} is invalid "
-                    "or repeated"
-                )
-            ids.add(t.tx_id)
-            for write in t.writes:
-                if isinstance(write, XenstoreNode):
-                    self._check_path(domid, write.path, areas)
-                    perms = self._check_perms(
-                        domid, write.path, write.perms, policy
-                    )
-                    if (
-                        perms[0][1] == domid
-                        and len(write.value) > self.quota.node_size
-                    ):
-                        raise XenstoreMigrationError(
-                            f"{write.path}: value exceeds the node size quota"
-                        )
-                elif (
-                    isinstance(write, tuple)
-                    and len(write) == 2
-                    and isinstance(write[0], str)
-                    and write[1] is None
-                ):
-                    self._check_path(domid, write[0], areas)
-                    if write[0] in areas:
-                        raise XenstoreMigrationError(
-                            f"{write[0]}: a transaction may not remove "
-                            "the root of an area"
-                        )
-                else:
-                    raise XenstoreMigrationError(
-                        f"dom{domid}: transaction {t.tx_id} has a "
-                        f"malformed write {write!r}"
-                    )
-
-
-class LocalClient(xs_wire.XenstoreClient):
-    """An in-process client for dom0's tools and backends: the requests
-    of docs/misc/xenstore.txt as method calls on a connection of its own.
-
-    Errors raise XenstoreError with xenstored's errno name. Watch events
-    are collected from :meth:`events`; ``wakeup`` is called (without the
-    daemon's lock) whenever new ones are queued.
-    """
-
-    def __init__(
-        self,
-        store: Xenstore,
-        domid: int = PRIVILEGED_DOMID,
-        wakeup: Callable[[], None] | None = None,
-    ) -> None:
-        self.store = store
-        self.conn = store.connect(domid, wakeup)
-        self._req_ids = itertools.count(1)
-
-    def close(self) -> None:
-        self.store.disconnect(self.conn)
-
-    def _call(self, mtype: XsType, payload: bytes, tx: int = 0) -> bytes:
-        req_id = next(self._req_ids) & 0xFFFFFFFF
-        reply = self.store.handle(
-            self.conn, Message(mtype, req_id, tx, payload)
-        ).reply
-        err = reply.error()
-        if err is not None:
-            raise XenstoreError(err.name, f"{mtype.name} failed")
-        return reply.payload
-
-    def events(self) -> list[tuple[str, str]]:
-        """(path, token) of the watch events queued since the last call."""
-        return self.conn.pop_events()

@@ -1,0 +1,269 @@
+"""The memory digest of a domain, kept warm while it migrates.
+
+base.memory_hasher over the set of populated pfns and, block by block,
+over (pfn, content) of every populated non-zero page. Every writer marks
+what it writes (memory.GuestMemory.mark_dirty), so a block that no write
+touched since the previous digest is not read again; a thread keeps the
+cache warm while the domain migrates. (The transparency checker does not
+use this: it reads all of RAM itself, checker.read_memory.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
+
+import numpy as np
+from oslo_log import log as logging
+
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.base import HostError
+from nova_xen_ncm.host.sim import locks
+from nova_xen_ncm.host.sim.hypervisor import Domain
+from nova_xen_ncm.host.sim.hypervisor import Hypervisor
+from nova_xen_ncm.host.sim.memory import P2M_RAM
+
+LOG = logging.getLogger(__name__)
+
+# pfns per block (256 KiB: a block a write touched is cheap to read
+# again), blocks a warming pass reads at most, and seconds between two
+# refreshes of a migrating domain's cache.
+_DIGEST_BLOCK = 64
+_DIGEST_CHUNK = 64
+# A restore's mapping of at least this many pages is digested as it
+# closes (MemoryDigest.written).
+_DIGEST_INLINE_MIN = 64
+_DIGEST_P2M_INTERVAL = 0.2
+DIGEST_WARM_INTERVAL = 0.1
+
+
+def _spans(blocks: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """[first, last) of each stretch of consecutive ``blocks`` (sorted)."""
+    i = 0
+    while i < len(blocks):
+        j = i
+        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
+            j += 1
+        yield blocks[i], blocks[j] + 1
+        i = j + 1
+
+
+class MemoryDigest:
+    """The digests of one host's domains (the cache lives on each
+    Domain, under its ``digest_lock``: locks.DIGEST)."""
+
+    def __init__(self, hv: Hypervisor) -> None:
+        self.hv = hv
+
+    def digest(self, domid: int) -> str:
+        """base.memory_hasher over the set of populated pfns and, block by
+        block (_DIGEST_BLOCK pfns), over (pfn, content) of every populated
+        non-zero page: equal for equal guest memory, however the pages
+        came to be (written zeros or never touched).
+
+        Every writer marks what it writes (GuestMemory.mark_dirty), so a
+        block that no write touched since the previous digest is not read
+        again: a paused guest is digested in the time its last writes
+        take, not its size's."""
+        dom = self.hv.domain(domid, "memory_digest")
+        with locks.ordered(locks.DIGEST, dom.digest_lock):
+            self.refresh(dom)
+            h = base.memory_hasher(dom.digest_populated)
+            blocks = dom.digest_blocks
+            h.update(b"".join([blocks[b] for b in sorted(blocks)]))
+            return h.hexdigest()
+
+    def refresh(self, dom: Domain, limit: int | None = None) -> bool:
+        """Note the blocks written since the previous refresh and read up
+        to ``limit`` of those pending (all if None); the caller holds the
+        digest lock. Returns whether some remain pending.
+
+        A page leaving RAM is noted as a write of it (GuestMemory.release,
+        map_xen_page), so a block is read against the p2m of the moment;
+        a page populated is zero until written. Only the hash of the
+        populated set looks at all of the p2m, which a warming pass does
+        at most every _DIGEST_P2M_INTERVAL while a restore populates
+        batch after batch (the digest itself, no limit, always does)."""
+        mem = dom.mem
+        pfns = np.concatenate(
+            (mem.take_changed(), self.hv.unlocked_writes(dom))
+        ).astype(np.int64)
+        if dom.digest_mask is not None:
+            # A page written since the first look holds data now.
+            dom.digest_mask[pfns] = True
+        if not dom.digest_started:
+            # The first look: every block with data in RAM.
+            dom.digest_started = True
+            dom.digest_mask = np.zeros(mem.max_pfn, dtype=bool)
+            for start, end in mem.data_extents():
+                dom.digest_mask[start:end] = True
+            dom.digest_blocks.clear()
+            dom.digest_pending.clear()
+            # A page populated later is zero until written (and marked).
+            held = dom.digest_mask & (mem.p2m == P2M_RAM)
+            pfns = np.concatenate((pfns, np.flatnonzero(held)))
+        version = mem.p2m_version
+        now = time.monotonic()
+        if version != dom.digest_version and (
+            limit is None or now - dom.digest_p2m_at >= _DIGEST_P2M_INTERVAL
+        ):
+            dom.digest_p2m_at = now
+            dom.digest_populated = base.memory_hasher(
+                np.flatnonzero(mem.p2m == P2M_RAM).astype("<u8")
+            ).digest()
+            dom.digest_version = version
+        if len(pfns):
+            dom.digest_pending.update(
+                base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
+            )
+        todo = sorted(dom.digest_pending)
+        busy: set[int] = set()
+        if limit is not None:
+            if not dom.booted:
+                # A restore writes these now; closing the mapping marks
+                # them again (and digests them, written()).
+                busy = self._blocks_being_written(dom)
+                todo = [b for b in todo if b not in busy]
+            todo = todo[:limit]
+        dom.digest_pending.difference_update(todo)
+        self._digest_blocks(dom, todo, dom.digest_mask)
+        if not dom.digest_pending:
+            # Holes found since are found by the blocks' own look-up.
+            dom.digest_mask = None
+        return bool(dom.digest_pending - busy)
+
+    @staticmethod
+    def _blocks_being_written(dom: Domain) -> set[int]:
+        maps = list(dom.writable_maps.values())
+        if not maps:
+            return set()
+        blocks = np.concatenate(maps) // _DIGEST_BLOCK
+        return set(base.pfn_union(blocks).tolist())
+
+    @staticmethod
+    def _digest_blocks(
+        dom: Domain, blocks: Sequence[int], mask: np.ndarray | None
+    ) -> None:
+        """Digest ``blocks`` (sorted). A stretch of consecutive blocks is
+        looked at in one go (the p2m, the holes, the zero pages); only
+        the hashing goes block by block."""
+        for first, last in _spans(blocks):
+            MemoryDigest._digest_span(dom, first, last, mask)
+
+    @staticmethod
+    def _digest_span(
+        dom: Domain, first: int, last: int, mask: np.ndarray | None
+    ) -> None:
+        """Digest blocks ``[first, last)``."""
+        mem = dom.mem
+        start = first * _DIGEST_BLOCK
+        end = min(last * _DIGEST_BLOCK, mem.max_pfn)
+        ram = mem.p2m[start:end] == P2M_RAM
+        rows = np.zeros(0, dtype=np.int64)
+        if ram.any():
+            data = (
+                mem.data_mask(start, end) if mask is None else mask[start:end]
+            )
+            # Holes are not read (reading one would allocate it).
+            rows = np.flatnonzero(data & ram)
+            rows = rows[base.nonzero_pages(mem.ram[start:end], rows)]
+        pfns = rows + start
+        digests = dom.digest_blocks
+        if not len(pfns):
+            for block in range(first, last):
+                digests.pop(block, None)
+            return
+        # Where each block's pfns begin and end in ``pfns``.
+        bounds = np.searchsorted(
+            pfns, np.arange(first, last + 1) * _DIGEST_BLOCK
+        ).tolist()
+        # Runs of consecutive pfns within a block: hashed in place, no
+        # copy of the pages, no GIL held.
+        cut = (np.diff(pfns) != 1) | (np.diff(pfns // _DIGEST_BLOCK) != 0)
+        lo_index = np.concatenate(([0], np.flatnonzero(cut) + 1))
+        hi_index = np.concatenate((lo_index[1:], [len(pfns)]))
+        run_lo = lo_index.tolist()
+        # Each run's pfns [a, b).
+        run_a = pfns[lo_index].tolist()
+        run_b = (pfns[hi_index - 1] + 1).tolist()
+        keys = memoryview(pfns.astype("<u8")).cast("B")
+        run = 0
+        for k, block in enumerate(range(first, last)):
+            lo, hi = bounds[k], bounds[k + 1]
+            if lo == hi:
+                digests.pop(block, None)
+                continue
+            d = base.memory_hasher(keys[lo * 8 : hi * 8])
+            while run < len(run_lo) and run_lo[run] < hi:
+                d.update(mem.ram[run_a[run] : run_b[run]])
+                run += 1
+            digests[block] = d.digest()
+
+    def written(self, dom: Domain, pfns: np.ndarray) -> None:
+        """Digest the blocks of ``pfns``, just written by a restore, while
+        they are in the cache: the warming thread would read them again
+        later, and what it has not read when the guest is paused is
+        downtime."""
+        if dom.booted or not dom.digest_started:
+            return
+        if len(pfns) < _DIGEST_INLINE_MIN:
+            # A few pages (the last round of a quiet guest) are left to
+            # the digest itself, which reads their blocks once for all
+            # the mappings that wrote them.
+            return
+        blocks = base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
+        mem = dom.mem
+        # A warming pass holds the lock for _DIGEST_CHUNK blocks at most.
+        with locks.ordered(locks.DIGEST, dom.digest_lock):
+            with mem.lock():
+                # Read after the marks are taken: a write racing this is
+                # marked again and read again.
+                for first, last in _spans(blocks):
+                    start = first * _DIGEST_BLOCK
+                    marks = mem.changed[start : last * _DIGEST_BLOCK]
+                    if dom.digest_mask is not None:
+                        dom.digest_mask[start : start + len(marks)] |= (
+                            marks != 0
+                        )
+                    marks[:] = 0
+            dom.digest_pending.difference_update(blocks)
+            self._digest_blocks(dom, blocks, dom.digest_mask)
+
+    def warm(self, dom: Domain, until: Callable[[], bool]) -> None:
+        """Keep the memory digest's cache warm while the domain migrates
+        (source: log-dirty on; destination: being restored), so that the
+        digest taken while it is paused reads only its last writes."""
+        if dom.warming:
+            return
+        dom.warming = True
+
+        def run() -> None:
+            try:
+                while self.hv.domains.get(dom.domid) is dom and not until():
+                    # A few blocks at a time: a digest asked for while the
+                    # guest is paused does not wait for a whole pass.
+                    with locks.ordered(locks.DIGEST, dom.digest_lock):
+                        more = self.refresh(dom, _DIGEST_CHUNK)
+                    time.sleep(0.001 if more else DIGEST_WARM_INTERVAL)
+            except (
+                HostError,
+                AttributeError,
+                TypeError,
+                ValueError,
+                OSError,
+            ) as exc:
+                # The domain was destroyed under the digest.
+                LOG.debug(
+                    "dom%d: digest cache no longer kept: %s", dom.domid, exc
+                )
+            finally:
+                dom.warming = False
+
+        threading.Thread(
+            target=run,
+            name=f"{self.hv.hostname}-d{dom.domid}-digest",
+            daemon=True,
+        ).start()

@@ -1,0 +1,310 @@
+"""The guest processes: each domain's vCPUs and kernel (guest.py) run
+in a process of their own, started here; a spare process and spare RAM
+are prepared ahead of the next domain, so that starting one is not part
+of a restore's downtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+
+from oslo_log import log as logging
+
+from nova_xen_ncm.host.base import PAGE_SIZE
+from nova_xen_ncm.host.base import HostError
+from nova_xen_ncm.host.sim import layout
+from nova_xen_ncm.host.sim.hypervisor import Domain
+from nova_xen_ncm.host.sim.hypervisor import Hypervisor
+from nova_xen_ncm.host.sim.memory import SpareRam
+from nova_xen_ncm.host.sim.memory import SpareRamAbandoned
+
+LOG = logging.getLogger(__name__)
+
+MiB = 1 << 20
+# The next spare guest process and spare RAM are prepared this long after
+# the domain that took the previous ones runs, so that preparing them does
+# not compete with the migration that brought the domain.
+REPLENISH_DELAY = 1.0
+
+
+class GuestProcesses:
+    """Start and stop the guest processes of one host's domains; they
+    share the hypervisor's lock (``hv.lock``)."""
+
+    def __init__(self, hv: Hypervisor, opts: object) -> None:
+        self.hv = hv
+        self.opts = opts
+        self.closed = False
+        self.spare: tuple[subprocess.Popen, socket.socket] | None = None
+        self.spare_ram: SpareRam | None = None
+        self.stop_event = threading.Event()
+        self.replenish_thread: threading.Thread | None = None
+        self.reaping: list[threading.Thread] = []
+        if self.opts.spare_guest_process:
+            self.spare = self._start_spare()
+        self.spare_ram = self._new_spare_ram()
+
+    def take_spare_ram(self, max_pfn: int) -> SpareRam | None:
+        """The spare RAM, if it fits a domain of ``max_pfn`` (lock
+        held)."""
+        spare_ram = self.spare_ram
+        if spare_ram is not None and spare_ram.max_pfn == max_pfn:
+            self.spare_ram = None
+            return spare_ram
+        return None
+
+    def _new_spare_ram(self) -> SpareRam | None:
+        """Free memory faulted in for the next domain ([xen_ncm_sim]
+        prefault_memory_mb), if the option and the free memory allow."""
+        with self.hv.lock:
+            size = min(
+                self.opts.prefault_memory_mb * MiB, self.hv.free_memory()
+            )
+        # Spare RAM fits guests of up to 3.75 GiB: their RAM below the
+        # MMIO hole starts at pfn 0, and they share one max_pfn.
+        pages = min(size // PAGE_SIZE, layout.MMIO_HOLE_START_PFN)
+        if pages <= 0:
+            return None
+        return SpareRam(
+            layout.X86_HVM_END_SPECIAL_REGION,
+            pages,
+            f"{self.hv.hostname}-spare",
+            self.stop_event,
+        )
+
+    def replenish(self) -> None:
+        """Prepare the next spare guest process and spare RAM, after
+        REPLENISH_DELAY and in the background."""
+        wanted = self.opts.spare_guest_process or self.opts.prefault_memory_mb
+        with self.hv.lock:
+            if not wanted or self.closed or self.replenish_thread:
+                return
+            self.replenish_thread = threading.Thread(
+                target=self._run_replenish,
+                name=f"{self.hv.hostname}-replenish",
+                daemon=True,
+            )
+        self.replenish_thread.start()
+
+    def _run_replenish(self) -> None:
+        try:
+            if self.stop_event.wait(REPLENISH_DELAY):
+                return
+            if self.opts.spare_guest_process and self.spare is None:
+                spare = self._start_spare()
+                with self.hv.lock:
+                    if self.spare is None and not self.closed:
+                        spare, self.spare = None, spare
+                if spare is not None:
+                    self._end_spare(spare)
+            if self.spare_ram is None:
+                ram = self._new_spare_ram()
+                with self.hv.lock:
+                    if self.spare_ram is None and not self.closed:
+                        ram, self.spare_ram = None, ram
+                if ram is not None:
+                    ram.close()
+        except SpareRamAbandoned:
+            pass
+        except OSError as exc:
+            LOG.warning(
+                "%s: spare guest resources not prepared: %s",
+                self.hv.hostname,
+                exc,
+            )
+        finally:
+            with self.hv.lock:
+                self.replenish_thread = None
+
+    def _start_spare(self) -> tuple[subprocess.Popen, socket.socket]:
+        """Start the guest process of the next domain ahead of it
+        ([xen_ncm_sim] spare_guest_process)."""
+        host_end, guest_end = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET
+        )
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "nova_xen_ncm.host.sim.guest",
+                    "--spare",
+                    str(guest_end.fileno()),
+                ],
+                pass_fds=(guest_end.fileno(),),
+                close_fds=True,
+                # A guest is not part of the toolstack's terminal job:
+                # Ctrl-C on the command that runs the host must not
+                # reach it (the command cancels and rolls back instead).
+                start_new_session=True,
+            )
+        except OSError:
+            host_end.close()
+            raise
+        finally:
+            guest_end.close()
+        return proc, host_end
+
+    def _take_spare(
+        self, args: dict, fds: tuple[int, ...]
+    ) -> subprocess.Popen | None:
+        """Hand the domain to the spare guest process, if there is one
+        alive (the next one is started by replenish)."""
+        with self.hv.lock:
+            spare, self.spare = self.spare, None
+        proc = None
+        if spare is not None:
+            candidate, chan = spare
+            try:
+                if candidate.poll() is None:
+                    socket.send_fds(chan, [json.dumps(args).encode()], fds)
+                    proc = candidate
+            except OSError:
+                candidate.kill()
+            finally:
+                chan.close()
+            if proc is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    candidate.wait(timeout=5)
+        return proc
+
+    def stop_spare(self) -> None:
+        with self.hv.lock:
+            spare, self.spare = self.spare, None
+            ram, self.spare_ram = self.spare_ram, None
+        if ram is not None:
+            ram.close()
+        if spare is not None:
+            self._end_spare(spare)
+
+    @staticmethod
+    def _end_spare(spare: tuple[subprocess.Popen, socket.socket]) -> None:
+        proc, chan = spare
+        chan.close()  # the spare exits when its channel closes
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def launch(self, dom: Domain, workload: dict) -> None:
+        """Start the guest process; it maps the domain's memory and waits
+        for ``start``. A restoring domain gets it at creation, so that
+        the interpreter's start-up is not part of the downtime."""
+        hc_host, hc_guest = socket.socketpair()
+        ctl_host, ctl_guest = socket.socketpair()
+        fds = (
+            dom.mem.ram_fd,
+            dom.mem.ctl_fd,
+            hc_guest.fileno(),
+            ctl_guest.fileno(),
+        )
+        args = {
+            "ram_fd": fds[0],
+            "ctl_fd": fds[1],
+            "hc_fd": fds[2],
+            "ctl_sock_fd": fds[3],
+            "config": workload,
+        }
+        with dom.mem.lock():
+            # ctl's tracking state is the process's about to start.
+            dom.mem.reset_tracking()
+        try:
+            config = {"config": args["config"]}
+            dom.proc = self._take_spare(config, fds)
+            if dom.proc is None:
+                dom.proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "nova_xen_ncm.host.sim.guest",
+                        json.dumps(args),
+                    ],
+                    pass_fds=fds,
+                    close_fds=True,
+                    start_new_session=True,
+                )
+        finally:
+            hc_guest.close()
+            ctl_guest.close()
+        dom.mem.track(dom.proc.pid)
+        dom.ctl, dom.hc = ctl_host, hc_host
+        threading.Thread(
+            target=self.hv.serve_hypercalls,
+            args=(dom,),
+            name=f"{self.hv.hostname}-d{dom.domid}-hypercalls",
+            daemon=True,
+        ).start()
+
+    def stop(self, dom: Domain, *, wait: bool = True) -> None:
+        """Stop the guest process. Without ``wait`` its exit (which
+        unmaps all of guest RAM) is awaited in the background: the
+        process runs no vCPU once it answered ``stop``."""
+        proc, dom.proc = dom.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(HostError):
+            dom.request({"cmd": "stop"}, timeout=5.0)
+        with dom.mem.lock():
+            # What it wrote up to its stop is in the maps before the
+            # tracker goes.
+            dom.mem.flush_and_untrack()
+        socks = (dom.ctl, dom.hc)
+        dom.ctl = dom.hc = None
+
+        def reap() -> None:
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for sock in socks:
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+
+        if wait:
+            reap()
+        else:
+            self.in_background(reap)
+
+    def in_background(self, work: Callable[[], None]) -> None:
+        """Run the slow end of a destroyed domain (its process's exit,
+        the release of its memory) in a thread of its own, as Xen frees a
+        dead domain's memory after ``destroy`` returns; close() waits for
+        it."""
+
+        def run() -> None:
+            try:
+                work()
+            except Exception:  # nothing is left to tell
+                LOG.exception(
+                    "%s: releasing a destroyed domain", self.hv.hostname
+                )
+
+        thread = threading.Thread(
+            target=run, name=f"{self.hv.hostname}-reap", daemon=True
+        )
+        with self.hv.lock:
+            self.reaping = [t for t in self.reaping if t.is_alive()]
+            self.reaping.append(thread)
+        thread.start()
+
+    def close(self) -> None:
+        """Wait for the background work (preparing spares, reaping the
+        destroyed domains' processes) and stop the spares; ``closed`` and
+        ``stop_event`` are set first."""
+        thread = self.replenish_thread
+        if thread is not None:
+            thread.join()
+        with self.hv.lock:
+            reaping, self.reaping = self.reaping, []
+        for thread in reaping:
+            thread.join()
+        self.stop_spare()
