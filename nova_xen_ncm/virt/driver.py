@@ -623,8 +623,16 @@ def _move_to_destination(
         )
         return True
     if instance.host == hostname:
+        try:
+            compute_id = migration.get_dest_compute_id()
+        except exception.ComputeHostNotFound:
+            return False
+        # As Nova's own post-migration step on the destination does.
+        instance.apply_migration_context()
+        instance.drop_migration_context()
         instance.host = migration.dest_compute
         instance.node = migration.dest_node
+        instance.compute_id = compute_id
         instance.vm_state = (
             vm_states.ACTIVE if was_running else vm_states.PAUSED
         )

@@ -494,9 +494,11 @@ class TestDisksAndMoves(XenNCMTestBase):
         with open(self.disk(server), "r+b") as f:
             f.seek(len(IMAGE_DATA))
             f.write(b"written by the guest")
-        server = self._evacuate_server(
-            server, expected_host=target, expected_state="ACTIVE"
-        )
+        # Nova's API stops an evacuated server by default (2.95).
+        server = self._evacuate_server(server, expected_host=target)
+        self.assertEqual([], self.hosts_running(server))
+        server = self._start_server(server)
+        self.assertEqual(target, server["OS-EXT-SRV-ATTR:host"])
         self.assertEqual([target], self.hosts_running(server))
         self.assertEqual(
             base.DomainState.RUNNING, self.domain_of(server).state
@@ -808,6 +810,9 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         ctxt = nova_context.get_admin_context()
         instance = objects.Instance.get_by_uuid(ctxt, server["id"])
         instance.host = instance.node = source
+        instance.compute_id = objects.ComputeNode.get_by_host_and_nodename(
+            ctxt, source, source
+        ).id
         instance.task_state = "migrating"
         instance.save()
         (migration,) = self.migrations(server)

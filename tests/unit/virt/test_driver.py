@@ -240,6 +240,8 @@ def test_recovery_moves_a_committed_guest_to_the_destination(monkeypatch):
     # The journal proved the commit and Nova's record names the
     # destination: the instance is where its guest is, paused as it was.
     assert (instance.host, instance.node) == ("dst", "dst-node")
+    assert instance.compute_id == migration.get_dest_compute_id.return_value
+    instance.drop_migration_context.assert_called_once_with()
     assert instance.vm_state == "paused"
     assert instance.task_state is None
     instance.save.assert_called_once_with()
