@@ -65,7 +65,7 @@ class MigrationOps:
                     f"{flavor.root_gb} GiB, the guest's holds {have} "
                     "bytes: a disk is never shrunk"
                 )
-        except exception.InstanceUnacceptable as exc:
+        except exception.InvalidInput as exc:
             raise exception.InstanceFaultRollback(
                 exception.ResizeError(reason=str(exc))
             ) from exc

@@ -113,17 +113,18 @@ def check_block_devices(instance, block_device_info) -> None:
     swap = nova_driver.block_device_info_get_swap(block_device_info)
     if instance.flavor.swap or nova_driver.swap_is_usable(swap):
         reasons.append("swap disks")
+    # InvalidInput: Nova aborts the build instead of trying another
+    # host, which would refuse it too.
     if not instance.image_ref:
-        raise exception.InstanceUnacceptable(
-            instance_id=instance.uuid,
-            reason="the xen_ncm driver boots a guest from its image only "
-            "(no boot from volume)",
+        raise exception.InvalidInput(
+            reason=f"instance {instance.uuid}: the xen_ncm driver boots a "
+            "guest from its image only (no boot from volume)",
         )
     if reasons:
-        raise exception.InstanceUnacceptable(
-            instance_id=instance.uuid,
-            reason="the xen_ncm driver gives a guest only its image's root "
-            "disk on the shared storage; it has no " + ", ".join(reasons),
+        raise exception.InvalidInput(
+            reason=f"instance {instance.uuid}: the xen_ncm driver gives a "
+            "guest only its image's root disk on the shared storage; it "
+            "has no " + ", ".join(reasons),
         )
 
 

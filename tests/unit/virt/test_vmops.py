@@ -316,7 +316,7 @@ def test_spawn_refuses_disks_it_cannot_give(
 ):
     if flavor_field:
         setattr(instance.flavor, *flavor_field)
-    with pytest.raises(exception.InstanceUnacceptable, match=says):
+    with pytest.raises(exception.InvalidInput, match=says):
         ops.spawn(None, instance, RAW, [], bdi)
     assert fetched == []
     host.create_domain.assert_not_called()
@@ -335,6 +335,6 @@ def test_destroy_deletes_the_disk_of_a_stopped_guest(ops, host, instance):
 
 def test_spawn_refuses_an_instance_without_an_image(ops, host, instance):
     instance.image_ref = ""
-    with pytest.raises(exception.InstanceUnacceptable, match="from volume"):
+    with pytest.raises(exception.InvalidInput, match="from volume"):
         ops.spawn(None, instance, RAW, [])
     host.create_domain.assert_not_called()
