@@ -401,6 +401,20 @@ class TestDisksAndMoves(XenNCMTestBase):
         self.assertEqual([], self.hosts_running(server))
         self.assertFalse(os.path.exists(self.disk(server)))
 
+    def test_boot_refuses_an_ephemeral_disk_without_trying_another_host(self):
+        with_ephemeral = self._create_flavor(
+            memory_mb=32, vcpu=2, disk=1, ephemeral=1, name="xen-ncm-eph"
+        )
+        server = self._create_server(
+            flavor_id=with_ephemeral,
+            image_uuid=self.image_id,
+            networks="none",
+            expected_state="ERROR",
+        )
+        self.assertIn("ephemeral disks", server["fault"]["message"])
+        self.assertEqual([], self.hosts_running(server))
+        self.assertFalse(os.path.exists(self.disk(server)))
+
     def test_cold_migrate_and_confirm(self):
         server = self.boot_image()
         source = server["OS-EXT-SRV-ATTR:host"]
@@ -423,7 +437,10 @@ class TestDisksAndMoves(XenNCMTestBase):
         self.assertTrue(os.path.exists(self.disk(server)))
         self._delete_server(server)
         self.assertFalse(os.path.exists(self.disk(server)))
-        self.assertEqual([], guest_processes())
+        # A destroyed guest's process is reaped in the background.
+        self.assertTrue(
+            wait_until(lambda: guest_processes() == []), guest_processes()
+        )
 
     def test_resize_and_revert(self):
         server = self.boot_image()
@@ -449,7 +466,10 @@ class TestDisksAndMoves(XenNCMTestBase):
         with open(self.disk(server), "rb") as f:
             self.assertImage(f)
         self._delete_server(server)
-        self.assertEqual([], guest_processes())
+        # A destroyed guest's process is reaped in the background.
+        self.assertTrue(
+            wait_until(lambda: guest_processes() == []), guest_processes()
+        )
 
     def test_resize_the_driver_cannot_do_is_refused_before_the_guest_stops(
         self,
