@@ -604,6 +604,12 @@ class HostDriver(abc.ABC):
         leave this host; a host whose disks are the cloud's volumes and
         images makes none."""
 
+    def disk_path(self, uuid: str, devid: int) -> str | None:
+        """The file of a guest's vbd ``devid`` when the host places its
+        disks itself, on storage the hosts share; None when the caller
+        names the file (the device's ``extra['target']``)."""
+        return None
+
     @abc.abstractmethod
     def pause(self, domid: int) -> None:
         """Stop the guest's vCPUs; when this returns, nothing in the

@@ -17,6 +17,7 @@ from nova import exception
 from nova import objects
 from nova.compute import utils as compute_utils
 from nova.compute import vm_states
+from nova.scheduler.client import report
 from nova.virt import driver
 from nova.virt import node
 from oslo_log import log as logging
@@ -32,6 +33,7 @@ from nova_xen_ncm.progress import bus
 from nova_xen_ncm.virt import exceptions
 from nova_xen_ncm.virt import hostops
 from nova_xen_ncm.virt import livemigrationops
+from nova_xen_ncm.virt import migrationops
 from nova_xen_ncm.virt import vifops
 from nova_xen_ncm.virt import vmops
 
@@ -46,7 +48,8 @@ class XenNCMDriver(driver.ComputeDriver):
     capabilities = dict(
         driver.ComputeDriver.capabilities,
         has_imagecache=False,
-        supports_evacuate=False,
+        # On the shared storage: the new host boots the same root disk.
+        supports_evacuate=True,
         supports_migrate_to_same_host=False,
         supports_image_type_raw=True,
     )
@@ -61,6 +64,7 @@ class XenNCMDriver(driver.ComputeDriver):
         self._vmops: vmops.VMOps | None = None
         self._hostops: hostops.HostOps | None = None
         self._livemigrationops: livemigrationops.LiveMigrationOps | None = None
+        self._migrationops: migrationops.MigrationOps | None = None
         self._vifops = vifops.VIFOps(virtapi)
         self._bus: bus.BusSink | None = None
 
@@ -80,6 +84,9 @@ class XenNCMDriver(driver.ComputeDriver):
         self._vifops.initialize()
         self._vmops = vmops.VMOps(self._host, self._vifops)
         self._hostops = hostops.HostOps(self._host)
+        self._migrationops = migrationops.MigrationOps(
+            self._host, self._vmops, self._vifops
+        )
         # Nova's CONF: its transport and control_exchange ("nova").
         self._bus = bus.from_conf(CONF, host=host)
         self._livemigrationops = livemigrationops.LiveMigrationOps(
@@ -102,7 +109,11 @@ class XenNCMDriver(driver.ComputeDriver):
             incoming = Journal.incoming_from_conf(CONF)
             # Which instance each journalled guest is, taken before
             # recovery destroys the copies that moved.
-            owners = {e.domid: e.uuid for e in outgoing.entries() if e.uuid}
+            entries = list(outgoing.entries())
+            owners = {e.domid: e.uuid for e in entries if e.uuid}
+            # Whether each guest ran before its migration paused it: a
+            # guest the destination committed runs (or stays paused) there.
+            running = {e.migration_id: e.running for e in entries}
             outcomes = recovery.recover(
                 self._host, outgoing, CONF, others=[incoming]
             )
@@ -118,9 +129,10 @@ class XenNCMDriver(driver.ComputeDriver):
             daemon=True,
         ).start()
         reconcile(
-            self._host.hostname,
+            self._nodename,
             [o for o in outcomes if not o.skipped],
             owners,
+            running,
         )
 
     def _open_migration(self, instance) -> str | None:
@@ -224,7 +236,14 @@ class XenNCMDriver(driver.ComputeDriver):
         power_on: bool = True,
         accel_info=None,
     ) -> None:
-        self._vmops.spawn(instance, network_info, power_on=power_on)
+        self._vmops.spawn(
+            context,
+            instance,
+            image_meta,
+            network_info,
+            block_device_info,
+            power_on=power_on,
+        )
 
     def destroy(
         self,
@@ -327,6 +346,78 @@ class XenNCMDriver(driver.ComputeDriver):
 
     def get_console_output(self, context, instance) -> str:
         return self._vmops.get_console_output(instance)
+
+    # -- cold migration, resize, evacuation (shared storage) --
+
+    def migrate_disk_and_power_off(
+        self,
+        context,
+        instance,
+        dest,
+        flavor,
+        network_info,
+        block_device_info=None,
+        timeout=0,
+        retry_interval=0,
+    ) -> str:
+        reason = self._open_migration(instance)
+        if reason is not None:
+            raise exception.InstanceFaultRollback(
+                exception.ResizeError(reason=reason)
+            )
+        return self._migrationops.migrate_disk_and_power_off(
+            instance, flavor, network_info, block_device_info, timeout
+        )
+
+    def finish_migration(
+        self,
+        context,
+        migration,
+        instance,
+        disk_info,
+        network_info,
+        image_meta,
+        resize_instance,
+        allocations,
+        block_device_info=None,
+        power_on=True,
+        share_info=None,
+    ) -> None:
+        self._migrationops.finish_migration(
+            instance, network_info, resize_instance, power_on
+        )
+
+    def confirm_migration(
+        self, context, migration, instance, network_info
+    ) -> None:
+        self._migrationops.confirm_migration(instance, network_info)
+
+    def finish_revert_migration(
+        self,
+        context,
+        instance,
+        network_info,
+        migration,
+        block_device_info=None,
+        power_on=True,
+        share_info=None,
+    ) -> None:
+        self._refuse_while_journalled(instance, exception.ResizeError)
+        self._migrationops.finish_revert_migration(
+            instance, network_info, power_on
+        )
+
+    def check_instance_shared_storage_local(self, context, instance) -> dict:
+        return self._migrationops.check_shared_storage_local(instance)
+
+    def check_instance_shared_storage_remote(self, context, data) -> bool:
+        return self._migrationops.check_shared_storage_remote(data)
+
+    def check_instance_shared_storage_cleanup(self, context, data) -> None:
+        self._migrationops.check_shared_storage_cleanup(data)
+
+    def instance_on_disk(self, instance) -> bool:
+        return self._migrationops.instance_on_disk(instance)
 
     # -- live migration --
 
@@ -431,12 +522,20 @@ class XenNCMDriver(driver.ComputeDriver):
         )
 
 
-def reconcile(hostname: str, outcomes, owners: dict[int, str]) -> None:
-    """Tell Nova how recovery settled each migration: an instance whose
-    guest is no longer here, or whose fate is not known, goes to ERROR
-    with a fault that says why and where it runs; one rolled back runs
+def reconcile(
+    hostname: str,
+    outcomes,
+    owners: dict[int, str],
+    running: dict[str, bool] | None = None,
+) -> None:
+    """Tell Nova how recovery settled each migration. An instance whose
+    guest the journal proves committed to the destination is moved
+    there (host, node, migration record, the source's allocation); one
+    whose fate is not known, or whose destination Nova's records do not
+    name, goes to ERROR with a fault that says why; one rolled back runs
     here as Nova believes."""
     ctxt = nova_context.get_admin_context()
+    running = running or {}
     for outcome in outcomes:
         uuid = outcome.uuid or owners.get(outcome.domid)
         if uuid is None:
@@ -457,12 +556,21 @@ def reconcile(hostname: str, outcomes, owners: dict[int, str]) -> None:
             )
             continue
         if outcome.phase == Phase.DONE:
+            if _move_to_destination(
+                ctxt,
+                hostname,
+                outcome,
+                uuid,
+                running.get(outcome.migration_id, True),
+            ):
+                continue
             why = (
                 f"live migration {outcome.migration_id} was interrupted "
                 f"on {hostname} after the destination committed: the "
                 "guest runs on the destination and the copy here was "
-                f"destroyed ({outcome.reason}). Point the instance at the "
-                "destination host, then reset its state."
+                f"destroyed ({outcome.reason}), but Nova has no record of "
+                "this migration naming the destination. Point the instance "
+                "at the destination host, then reset its state."
             )
         else:
             why = (
@@ -485,6 +593,78 @@ def reconcile(hostname: str, outcomes, owners: dict[int, str]) -> None:
             continue
         _fail_migration(ctxt, outcome.migration_id, uuid)
         LOG.error(why, instance_uuid=uuid)
+
+
+def _move_to_destination(
+    ctxt, hostname: str, outcome, uuid: str, was_running: bool
+) -> bool:
+    """Record in Nova that the guest of ``uuid`` runs on the destination
+    of Nova's migration ``outcome.migration_id`` (the journal proved it
+    committed). False when Nova's records cannot say where that is."""
+    try:
+        migration = objects.Migration.get_by_uuid(ctxt, outcome.migration_id)
+    except exception.MigrationNotFound:
+        return False
+    if (
+        migration.instance_uuid != uuid
+        or migration.source_compute != hostname
+        or not migration.dest_compute
+        or not migration.dest_node
+    ):
+        return False
+    try:
+        instance = objects.Instance.get_by_uuid(ctxt, uuid)
+    except exception.InstanceNotFound:
+        LOG.warning(
+            "Migration %s committed to %s, but the instance is gone from Nova",
+            outcome.migration_id,
+            migration.dest_compute,
+            instance_uuid=uuid,
+        )
+        return True
+    if instance.host == hostname:
+        try:
+            compute_id = migration.get_dest_compute_id()
+        except exception.ComputeHostNotFound:
+            return False
+        # As Nova's own post-migration step on the destination does.
+        instance.apply_migration_context()
+        instance.drop_migration_context()
+        instance.host = migration.dest_compute
+        instance.node = migration.dest_node
+        instance.compute_id = compute_id
+        instance.vm_state = (
+            vm_states.ACTIVE if was_running else vm_states.PAUSED
+        )
+        instance.task_state = None
+        instance.save()
+    if migration.status not in ("completed", "error", "failed", "cancelled"):
+        migration.status = "completed"
+        migration.save()
+    # The source's share, held by the migration as Nova's own
+    # post-migration step releases it.
+    try:
+        report.report_client_singleton().delete_allocation_for_instance(
+            ctxt, migration.uuid, consumer_type="migration", force=True
+        )
+    except Exception as exc:  # noqa: BLE001 - placement is best effort here
+        LOG.warning(
+            "Allocation of migration %s on %s not released: %s",
+            migration.uuid,
+            hostname,
+            exc,
+            instance_uuid=uuid,
+        )
+    LOG.warning(
+        "Live migration %s was interrupted on %s after the destination "
+        "committed: the instance now runs on %s (%s)",
+        outcome.migration_id,
+        hostname,
+        migration.dest_compute,
+        outcome.reason,
+        instance_uuid=uuid,
+    )
+    return True
 
 
 def _fail_migration(ctxt, migration_uuid: str, instance_uuid: str) -> None:

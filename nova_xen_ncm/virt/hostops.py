@@ -1,8 +1,8 @@
 """What a compute node offers: resources, inventory, identity.
 
 Memory comes from the host driver (what its domains hold plus what a new
-domain could still get), disk from the filesystem of ``[DEFAULT]
-instances_path`` (the simulated disks and suspend images live there),
+domain could still get), disk from the filesystem the root disks are on
+(the host driver's disk directory, or ``[DEFAULT] instances_path``),
 vCPUs from the physical CPUs the host driver reports.
 """
 
@@ -17,6 +17,7 @@ from nova.objects import fields
 from oslo_serialization import jsonutils
 
 from nova_xen_ncm.host import base
+from nova_xen_ncm.virt import vmops
 
 CONF = nova.conf.CONF
 
@@ -25,6 +26,8 @@ GiB = 1 << 30
 HYPERVISOR_TYPE = fields.HVType.XEN
 # Xen 4.17 as Nova encodes versions (major * 1000000 + minor * 1000).
 HYPERVISOR_VERSION = 4017000
+# A well-formed UUID to ask the host driver where it places disks.
+PROBE_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 def _existing_parent(path: str) -> str:
@@ -58,9 +61,14 @@ class HostOps:
         total = used + self._host.free_memory()
         return total // MiB, used // MiB
 
+    def disk_directory(self) -> str:
+        """Where the instances' root disks are (vmops.root_disk_path)."""
+        path = self._host.disk_path(PROBE_UUID, vmops.ROOT_VBD_DEVID)
+        return os.path.dirname(path) if path else CONF.instances_path
+
     def disk_gb(self) -> tuple[int, int]:
-        """(total, used) GiB of the instances filesystem."""
-        usage = shutil.disk_usage(_existing_parent(CONF.instances_path))
+        """(total, used) GiB of the filesystem the root disks are on."""
+        usage = shutil.disk_usage(_existing_parent(self.disk_directory()))
         return usage.total // GiB, (usage.total - usage.free) // GiB
 
     def get_available_resource(self, nodename: str, node_uuid: str) -> dict:

@@ -7,6 +7,12 @@ off destroys the domain, as ``xl shutdown`` does; powering on builds it
 again from the flavor. Suspend saves the guest to a file under
 ``[DEFAULT] instances_path`` with the migration stream (``xl save``) and
 destroys the domain; resume restores it with its domid.
+
+The root disk is one raw file on storage every host shares: where the
+host driver places it (:meth:`HostDriver.disk_path`), or
+``<instances_path>/<uuid>/disk`` handed to the host as the vbd's target.
+Spawn writes the Glance image into it once; a later boot, a cold
+migration or an evacuation finds it there.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import contextlib
 import os
 
 import nova.conf
+from nova import exception
 from nova.compute import power_state
 from nova.compute import vm_states
+from nova.virt import driver as nova_driver
 from nova.virt import hardware
+from nova.virt import images
 from oslo_log import log as logging
 
 from nova_xen_ncm.engine import savefile
@@ -32,6 +41,10 @@ GiB = 1 << 30
 # xvda: major 202, minor 0 (Xen's vbd numbering, docs/misc/vbd-interface).
 ROOT_VBD_DEVID = 51712
 SAVE_FILE = "xen_ncm.save"
+ROOT_DISK_FILE = "disk"
+# A disk whose flavor gives no size gets its image's, in whole MiB (a
+# multiple of every sector size), and never less than this.
+MIN_DISK_BYTES = 1 * MiB
 
 POWER_STATES = {
     base.DomainState.RUNNING: power_state.RUNNING,
@@ -42,20 +55,39 @@ POWER_STATES = {
 }
 
 
-def domain_config(instance, network_info) -> base.DomainConfig:
+def root_disk_path(host: base.HostDriver, instance) -> str:
+    """The file of ``instance``'s root disk on the shared storage."""
+    path = host.disk_path(instance.uuid, ROOT_VBD_DEVID)
+    if path is None:
+        path = os.path.join(CONF.instances_path, instance.uuid, ROOT_DISK_FILE)
+    return path
+
+
+def domain_config(
+    instance, network_info, host: base.HostDriver
+) -> base.DomainConfig:
     """The domain of ``instance``: its flavor's vCPUs and RAM, a vif per
     port of ``network_info`` (devid in port order, the port's MAC) and
-    the root disk as xvda."""
+    the root disk as xvda, of the size its file has (spawn made it)."""
     flavor = instance.flavor
     devices = [
         base.DeviceConfig(kind="vif", devid=index, mac=vif["address"])
         for index, vif in enumerate(network_info or ())
     ]
+    path = root_disk_path(host, instance)
+    try:
+        disk_bytes = os.path.getsize(path)
+    except FileNotFoundError:
+        disk_bytes = flavor.root_gb * GiB or None
+    extra = {}
+    if host.disk_path(instance.uuid, ROOT_VBD_DEVID) is None:
+        extra = {"target": path, "format": "raw"}
     devices.append(
         base.DeviceConfig(
             kind="vbd",
             devid=ROOT_VBD_DEVID,
-            disk_bytes=flavor.root_gb * GiB or None,
+            disk_bytes=disk_bytes,
+            extra=extra,
         )
     )
     return base.DomainConfig(
@@ -65,6 +97,39 @@ def domain_config(instance, network_info) -> base.DomainConfig:
         vcpus=flavor.vcpus,
         devices=tuple(devices),
     )
+
+
+def check_block_devices(instance, block_device_info) -> None:
+    """Refuse, before anything is made, the disks this driver cannot
+    give a guest: volumes, ephemeral disks and swap (only the image's
+    root disk on the shared storage is supported)."""
+    reasons = []
+    if nova_driver.block_device_info_get_mapping(block_device_info):
+        reasons.append("volumes (boot from volume, attached volumes)")
+    if instance.flavor.ephemeral_gb or (
+        nova_driver.block_device_info_get_ephemerals(block_device_info)
+    ):
+        reasons.append("ephemeral disks")
+    swap = nova_driver.block_device_info_get_swap(block_device_info)
+    if instance.flavor.swap or nova_driver.swap_is_usable(swap):
+        reasons.append("swap disks")
+    # InvalidInput: Nova aborts the build instead of trying another
+    # host, which would refuse it too.
+    if not instance.image_ref:
+        raise exception.InvalidInput(
+            reason=f"instance {instance.uuid}: the xen_ncm driver boots a "
+            "guest from its image only (no boot from volume)",
+        )
+    if reasons:
+        raise exception.InvalidInput(
+            reason=f"instance {instance.uuid}: the xen_ncm driver gives a "
+            "guest only its image's root disk on the shared storage; it "
+            "has no " + ", ".join(reasons),
+        )
+
+
+def _round_up(size: int, unit: int) -> int:
+    return -(-size // unit) * unit
 
 
 class VMOps:
@@ -125,15 +190,104 @@ class VMOps:
 
     # -- lifecycle --
 
-    def spawn(self, instance, network_info, power_on: bool = True) -> None:
+    def spawn(
+        self,
+        context,
+        instance,
+        image_meta,
+        network_info,
+        block_device_info=None,
+        power_on: bool = True,
+    ) -> None:
+        check_block_devices(instance, block_device_info)
+        self.write_image(context, instance, image_meta)
         if not power_on:
             # A stopped instance has no domain; power_on builds it.
             return
         with self._vifs.plugged_and_reported(instance, network_info):
             self.create(instance, network_info)
 
+    def write_image(self, context, instance, image_meta) -> None:
+        """Write the instance's raw Glance image into its root disk,
+        unless the disk is there already (an evacuation finds the one on
+        the shared storage and keeps the guest's data)."""
+        path = root_disk_path(self._host, instance)
+        if os.path.exists(path):
+            LOG.info(
+                "Root disk %s exists, keeping it", path, instance=instance
+            )
+            return
+        image_id = instance.image_ref
+        disk_format = (
+            image_meta.disk_format
+            if image_meta.obj_attr_is_set("disk_format")
+            else None
+        )
+        if disk_format != "raw":
+            raise exception.ImageUnacceptable(
+                image_id=image_id,
+                reason=f"disk format {disk_format!r}: the xen_ncm driver "
+                "writes only raw images into a root disk",
+            )
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = path + ".part"
+        try:
+            images.fetch(context, image_id, partial)
+            image_bytes = os.path.getsize(partial)
+            disk_bytes = instance.flavor.root_gb * GiB
+            if disk_bytes and image_bytes > disk_bytes:
+                raise exception.FlavorDiskSmallerThanImage(
+                    flavor_size=disk_bytes, image_size=image_bytes
+                )
+            if not disk_bytes:
+                disk_bytes = max(_round_up(image_bytes, MiB), MIN_DISK_BYTES)
+            os.truncate(partial, disk_bytes)
+            os.rename(partial, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            raise
+        LOG.info(
+            "Wrote image %s (%d bytes) into root disk %s of %d bytes",
+            image_id,
+            image_bytes,
+            path,
+            disk_bytes,
+            instance=instance,
+        )
+
+    def grow_root_disk(self, instance, root_gb: int) -> None:
+        """Give the root disk ``root_gb`` GiB (resize); it never shrinks."""
+        path = root_disk_path(self._host, instance)
+        have = os.path.getsize(path)
+        want = root_gb * GiB
+        if want < have:
+            raise exception.ResizeError(
+                reason=f"the root disk holds {have} bytes; a disk of "
+                f"{want} bytes cannot hold it"
+            )
+        if want > have:
+            os.truncate(path, want)
+            LOG.info(
+                "Root disk %s grown from %d to %d bytes",
+                path,
+                have,
+                want,
+                instance=instance,
+            )
+
+    def delete_disks(self, instance) -> None:
+        """Remove the root disk from the shared storage (and its
+        directory when this driver made one)."""
+        path = root_disk_path(self._host, instance)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        if self._host.disk_path(instance.uuid, ROOT_VBD_DEVID) is None:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(path))
+
     def create(self, instance, network_info) -> int:
-        config = domain_config(instance, network_info)
+        config = domain_config(instance, network_info, self._host)
         domid = self._host.create_domain(config)
         self._powered_off.discard(instance.uuid)
         LOG.info(
@@ -162,6 +316,9 @@ class VMOps:
         self._vifs.unplug(instance, network_info, ignore_errors=True)
         self._powered_off.discard(instance.uuid)
         self._remove_save_file(instance)
+        if destroy_disks:
+            # A stopped guest has no domain to take its disk with it.
+            self.delete_disks(instance)
 
     def cleanup(
         self,

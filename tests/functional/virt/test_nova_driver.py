@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 import warnings
 
 import fixtures
@@ -29,8 +30,11 @@ from sqlalchemy import exc as sqla_exc
 
 from nova_xen_ncm import conf as xen_ncm_conf  # noqa: F401 - options
 from nova_xen_ncm.cmd import drain
+from nova_xen_ncm.engine import recovery
+from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 from nova_xen_ncm.progress.tracker import unwrap
+from nova_xen_ncm.virt import driver as nova_driver
 from nova_xen_ncm.virt.migrate_data import XenNCMLiveMigrateData
 
 COMPUTE_DRIVER = "xen_ncm.XenNCMDriver"
@@ -140,8 +144,9 @@ class XenNCMTestBase(integrated_helpers.ProviderUsageBaseTestCase):
             # its graceful shutdown runs in the background and must find
             # the guests gone already, or it outlives the test.
             self.addCleanup(self.sim_host(host).close)
+        # The driver gives a guest its image's root disk only.
         self.flavor_id = self._create_flavor(
-            memory_mb=32, vcpu=2, disk=1, name="xen-ncm-tiny"
+            memory_mb=32, vcpu=2, disk=1, ephemeral=0, name="xen-ncm-tiny"
         )
         # os-vif's plugins act on dom0's network (ovs-vsctl as root),
         # which the simulated hosts do not have, so its plug and unplug
@@ -161,6 +166,12 @@ class XenNCMTestBase(integrated_helpers.ProviderUsageBaseTestCase):
 
     def sim_host(self, host: str):
         return self.computes[host].manager.driver._host
+
+    def migrations(self, server: dict) -> list:
+        ctxt = nova_context.get_admin_context()
+        return objects.MigrationList.get_by_filters(
+            ctxt, {"instance_uuid": server["id"]}
+        ).objects
 
     def domain_of(self, server: dict) -> base.DomainInfo:
         host = server["OS-EXT-SRV-ATTR:host"]
@@ -288,6 +299,236 @@ class TestLifecycle(XenNCMTestBase):
         self.assertEqual(base.DomainState.RUNNING, info.state)
         self._delete_server(server)
         self.assertEqual([], self.sim_host(host).list_domains())
+
+
+ROOT_VBD = 51712
+IMAGE_DATA = b"raw image of the guest\n" * 1000
+# The simulated guest's block I/O writes the first sectors of its disk
+# (64 of 32 bytes); the image beyond them stays as written.
+GUEST_AREA = 4096
+
+
+class TestDisksAndMoves(XenNCMTestBase):
+    """The root disk on the storage both hosts share (the simulated
+    hosts' disk directory): the image written into it, and the cold
+    moves that boot it on the other host."""
+
+    def setUp(self):
+        super().setUp()
+        self.image_id = str(uuid.uuid4())
+        self.glance.create(
+            nova_context.get_admin_context(),
+            {
+                "id": self.image_id,
+                "name": "xen-ncm-raw",
+                "disk_format": "raw",
+                "container_format": "bare",
+                "size": len(IMAGE_DATA),
+            },
+            data=io.BytesIO(IMAGE_DATA),
+        )
+
+    def boot_image(self, **kwargs) -> dict:
+        return self._create_server(
+            flavor_id=self.flavor_id,
+            image_uuid=self.image_id,
+            networks="none",
+            **kwargs,
+        )
+
+    def disk(self, server: dict) -> str:
+        # Every simulated host sees the same directory.
+        return self.sim_host(HOSTS[0]).disk_path(server["id"], ROOT_VBD)
+
+    def assertImage(self, disk) -> None:
+        disk.seek(GUEST_AREA)
+        self.assertEqual(
+            IMAGE_DATA[GUEST_AREA:], disk.read(len(IMAGE_DATA) - GUEST_AREA)
+        )
+
+    def hosts_running(self, server: dict) -> list[str]:
+        return [
+            host
+            for host in HOSTS
+            if any(
+                info.uuid == server["id"]
+                for info in self.sim_host(host).list_domains()
+            )
+        ]
+
+    @contextlib.contextmanager
+    def never_on_both_hosts(self, server: dict):
+        """Watch both hosts for the guest while the block runs: it must
+        never have a domain on both."""
+        both = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                running = self.hosts_running(server)
+                if len(running) > 1:
+                    both.append(running)
+                stop.wait(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
+        self.assertEqual([], both)
+
+    def test_boot_writes_the_raw_image_into_the_root_disk(self):
+        server = self.boot_image()
+        with open(self.disk(server), "rb") as f:
+            self.assertImage(f)
+        # The flavor's 1 GiB root disk, as the domain's vbd sees it.
+        self.assertEqual(1 << 30, os.path.getsize(self.disk(server)))
+        self._delete_server(server)
+        self.assertFalse(os.path.exists(self.disk(server)))
+
+    def test_boot_refuses_an_image_that_is_not_raw(self):
+        vhd = "a440c04b-79fa-479c-bed1-0b816eaec379"
+        self.assertEqual("vhd", self.glance.show(None, vhd)["disk_format"])
+        server = self._create_server(
+            flavor_id=self.flavor_id,
+            image_uuid=vhd,
+            networks="none",
+            expected_state="ERROR",
+        )
+        self.assertIn("raw", server["fault"]["message"])
+        self.assertEqual([], self.hosts_running(server))
+        self.assertFalse(os.path.exists(self.disk(server)))
+
+    def test_boot_refuses_an_ephemeral_disk_without_trying_another_host(self):
+        with_ephemeral = self._create_flavor(
+            memory_mb=32, vcpu=2, disk=1, ephemeral=1, name="xen-ncm-eph"
+        )
+        server = self._create_server(
+            flavor_id=with_ephemeral,
+            image_uuid=self.image_id,
+            networks="none",
+            expected_state="ERROR",
+        )
+        self.assertIn("ephemeral disks", server["fault"]["message"])
+        self.assertEqual([], self.hosts_running(server))
+        self.assertFalse(os.path.exists(self.disk(server)))
+
+    def test_cold_migrate_and_confirm(self):
+        server = self.boot_image()
+        source = server["OS-EXT-SRV-ATTR:host"]
+        target = [h for h in HOSTS if h != source][0]
+        with self.never_on_both_hosts(server):
+            server = self._migrate_server(server)
+        self.assertEqual(target, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual([target], self.hosts_running(server))
+        self.assertEqual(1, len(guest_processes()))
+        info = self.domain_of(server)
+        self.assertEqual(base.DomainState.RUNNING, info.state)
+        with open(self.disk(server), "rb") as f:
+            self.assertImage(f)
+        server = self._confirm_resize(server)
+        self.assertEqual(target, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual([target], self.hosts_running(server))
+        self.assertEqual(
+            ["confirmed"], [m.status for m in self.migrations(server)]
+        )
+        self.assertTrue(os.path.exists(self.disk(server)))
+        self._delete_server(server)
+        self.assertFalse(os.path.exists(self.disk(server)))
+        # A destroyed guest's process is reaped in the background.
+        self.assertTrue(
+            wait_until(lambda: guest_processes() == []), guest_processes()
+        )
+
+    def test_resize_and_revert(self):
+        server = self.boot_image()
+        source = server["OS-EXT-SRV-ATTR:host"]
+        target = [h for h in HOSTS if h != source][0]
+        bigger = self._create_flavor(
+            memory_mb=64, vcpu=1, disk=2, ephemeral=0, name="xen-ncm-big"
+        )
+        with self.never_on_both_hosts(server):
+            server = self._resize_server(server, bigger)
+        self.assertEqual(target, server["OS-EXT-SRV-ATTR:host"])
+        info = self.domain_of(server)
+        self.assertEqual((1, 64 << 20), (info.vcpus, info.memory_bytes))
+        self.assertEqual(2 << 30, os.path.getsize(self.disk(server)))
+        with self.never_on_both_hosts(server):
+            server = self._revert_resize(server)
+        self.assertEqual(source, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual([source], self.hosts_running(server))
+        info = self.domain_of(server)
+        self.assertEqual((2, 32 << 20), (info.vcpus, info.memory_bytes))
+        # The grown disk keeps its size: the guest may have written there.
+        self.assertEqual(2 << 30, os.path.getsize(self.disk(server)))
+        with open(self.disk(server), "rb") as f:
+            self.assertImage(f)
+        self._delete_server(server)
+        # A destroyed guest's process is reaped in the background.
+        self.assertTrue(
+            wait_until(lambda: guest_processes() == []), guest_processes()
+        )
+
+    def test_resize_the_driver_cannot_do_is_refused_before_the_guest_stops(
+        self,
+    ):
+        server = self.boot_image()
+        source = server["OS-EXT-SRV-ATTR:host"]
+        domid = self.domain_of(server).domid
+        with_ephemeral = self._create_flavor(
+            memory_mb=32, vcpu=2, disk=1, ephemeral=1, name="xen-ncm-eph"
+        )
+        self.api.post_server_action(
+            server["id"], {"resize": {"flavorRef": with_ephemeral}}
+        )
+        self._wait_for_migration_status(server, ["error"])
+        server = self._wait_for_state_change(server, "ACTIVE")
+        # Refused on the source before the guest stopped: the same
+        # domain runs on, and nothing was booted elsewhere.
+        self.assertEqual(source, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual([source], self.hosts_running(server))
+        self.assertEqual(domid, self.domain_of(server).domid)
+        self.assertEqual(
+            base.DomainState.RUNNING, self.domain_of(server).state
+        )
+        self.assertEqual("xen-ncm-tiny", server["flavor"]["original_name"])
+
+    def test_evacuate_from_a_forced_down_compute(self):
+        server = self.boot_image()
+        source = server["OS-EXT-SRV-ATTR:host"]
+        target = [h for h in HOSTS if h != source][0]
+        # The source host fails: its guest is gone with it (the fencing
+        # an operator does before forcing a compute down) and its
+        # compute service stops.
+        domid = self.domain_of(server).domid
+        self.computes[source].stop()
+        with contextlib.suppress(base.DomainNotFound):
+            self.sim_host(source).destroy_domain(domid)
+        self.assertEqual([], self.sim_host(source).list_domains())
+        self.admin_api.put_service_force_down(
+            self.computes[source].service_ref.uuid, forced_down=True
+        )
+        # What the guest wrote before the failure.
+        with open(self.disk(server), "r+b") as f:
+            f.seek(len(IMAGE_DATA))
+            f.write(b"written by the guest")
+        # Nova's API stops an evacuated server by default (2.95).
+        server = self._evacuate_server(server, expected_host=target)
+        self.assertEqual([], self.hosts_running(server))
+        server = self._start_server(server)
+        self.assertEqual(target, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual([target], self.hosts_running(server))
+        self.assertEqual(
+            base.DomainState.RUNNING, self.domain_of(server).state
+        )
+        # The new host booted the same disk, not the image afresh.
+        with open(self.disk(server), "rb") as f:
+            f.seek(len(IMAGE_DATA))
+            self.assertEqual(b"written by the guest", f.read(20))
+        self._delete_server(server)
+        self.assertEqual([], self.hosts_running(server))
 
 
 class LiveMigrationBase(XenNCMTestBase):
@@ -576,6 +817,61 @@ class TestLiveMigration(LiveMigrationBase):
         )
 
 
+class TestRecoveryReconcilesNova(LiveMigrationBase):
+    def test_a_committed_guest_is_recorded_on_its_destination(self):
+        server = self.boot()
+        source = server["OS-EXT-SRV-ATTR:host"]
+        dest = [h for h in HOSTS if h != source][0]
+        server = self._live_migrate(server, host=dest)
+        self.assertEqual([dest], self._hosts_running(server))
+        # What a source that crashed once the destination committed
+        # leaves in Nova: the instance still on the source, migrating,
+        # and the migration running.
+        ctxt = nova_context.get_admin_context()
+        instance = objects.Instance.get_by_uuid(ctxt, server["id"])
+        instance.host = instance.node = source
+        instance.compute_id = objects.ComputeNode.get_by_host_and_nodename(
+            ctxt, source, source
+        ).id
+        instance.task_state = "migrating"
+        instance.save()
+        (migration,) = self.migrations(server)
+        migration.status = "running"
+        migration.save()
+        # Recovery on the restarted source proved the commit.
+        outcome = recovery.Outcome(
+            migration.uuid,
+            self.domain_of({**server, "OS-EXT-SRV-ATTR:host": dest}).domid,
+            Phase.COMMIT,
+            Phase.DONE,
+            "the destination answered: committed",
+            uuid=server["id"],
+        )
+        nova_driver.reconcile(source, [outcome], {}, {migration.uuid: True})
+        server = self.api.get_server(server["id"])
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:hypervisor_hostname"])
+        self.assertEqual("ACTIVE", server["status"])
+        self.assertIsNone(server["OS-EXT-STS:task_state"])
+        self.assertNotIn("fault", server)
+        self.assertEqual(
+            ["completed"], [m.status for m in self.migrations(server)]
+        )
+        # Nova now acts on the destination: a stop reaches the guest.
+        server = self._stop_server(server)
+        self.assertEqual([], self._hosts_running(server))
+
+    def _hosts_running(self, server: dict) -> list[str]:
+        return [
+            host
+            for host in HOSTS
+            if any(
+                info.uuid == server["id"]
+                for info in self.sim_host(host).list_domains()
+            )
+        ]
+
+
 class TestLiveMigrationControl(LiveMigrationBase):
     """A guest that dirties its memory faster than precopy converges:
     the migration runs until force-complete or abort reach the engine."""
@@ -634,7 +930,11 @@ class TestLiveMigrationControl(LiveMigrationBase):
         self.assertEqual(
             base.DomainState.RUNNING, self.domain_of(server).state
         )
-        self.assertEqual([], self.sim_host(dest).list_domains())
+        # The destination tears its copy down in the engine's thread.
+        self.assertTrue(
+            wait_until(lambda: self.sim_host(dest).list_domains() == []),
+            self.sim_host(dest).list_domains(),
+        )
 
 
 class TestDrain(LiveMigrationBase):

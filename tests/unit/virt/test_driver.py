@@ -19,8 +19,10 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.host import factory
 from nova_xen_ncm.virt import driver
 from nova_xen_ncm.virt import novahook
+from nova_xen_ncm.virt import vmops
 
 CONF = nova.conf.CONF
+IMAGE_ID = "155d900f-4e14-4e4c-a73d-069cbf4541e6"
 
 
 @pytest.fixture
@@ -33,9 +35,19 @@ def shim(monkeypatch):
     sys.modules.pop("nova.virt.xen_ncm", None)
 
 
+RAW = objects.ImageMeta.from_dict({"disk_format": "raw"})
+
+
 @pytest.fixture
 def xen_driver(tmp_path, monkeypatch):
     monkeypatch.setattr(CONF, "instances_path", str(tmp_path))
+    CONF.set_override("disk_dir", str(tmp_path / "disks"), "xen_ncm_sim")
+
+    def fetch(ctxt, image_id, path, trusted_certs=None):
+        with open(path, "wb") as f:
+            f.write(b"raw image")
+
+    monkeypatch.setattr(vmops.images, "fetch", fetch)
     # Nova reads the node identity from its state_path normally.
     monkeypatch.setattr(
         driver.node, "get_local_node_uuid", lambda: "node-uuid-1"
@@ -44,6 +56,7 @@ def xen_driver(tmp_path, monkeypatch):
     drv.init_host("unit-host")
     yield drv
     drv.cleanup_host("unit-host")
+    CONF.clear_override("disk_dir", "xen_ncm_sim")
 
 
 def test_nova_loads_the_driver_through_the_shim(shim):
@@ -92,7 +105,9 @@ def test_host_errors_leave_as_nova_exceptions(xen_driver):
 def test_capabilities():
     caps = driver.XenNCMDriver.capabilities
     assert set(nova_driver.ComputeDriver.capabilities) <= set(caps)
-    assert caps["supports_evacuate"] is False
+    # On the shared storage the new host boots the same root disk.
+    assert caps["supports_evacuate"] is True
+    assert caps["supports_migrate_to_same_host"] is False
 
 
 def test_init_host_settles_interrupted_migrations(tmp_path, monkeypatch):
@@ -109,9 +124,7 @@ def test_init_host_settles_interrupted_migrations(tmp_path, monkeypatch):
     try:
         # Journalled in PRECOPY: a domain no longer here is reported.
         Journal(str(state)).write(
-            Entry(
-                "m-9", 42, "192.0.2.1", 1, "00" * 16, True, phase="precopy"
-            )
+            Entry("m-9", 42, "192.0.2.1", 1, "00" * 16, True, phase="precopy")
         )
         settled = []
         recover = recovery.recover
@@ -193,6 +206,84 @@ def test_recovery_tolerates_a_migration_nova_has_no_record_of(monkeypatch):
     assert instance.vm_state == "error"
 
 
+def test_recovery_moves_a_committed_guest_to_the_destination(monkeypatch):
+    instance = mock.Mock(
+        vm_state="active", task_state="migrating", host="src", node="src"
+    )
+    monkeypatch.setattr(
+        driver.objects.Instance,
+        "get_by_uuid",
+        mock.Mock(return_value=instance),
+    )
+    fault = mock.Mock()
+    monkeypatch.setattr(
+        driver.compute_utils, "add_instance_fault_from_exc", fault
+    )
+    migration = mock.Mock(
+        uuid="m-1",
+        status="running",
+        instance_uuid="uuid-7",
+        source_compute="src",
+        dest_compute="dst",
+        dest_node="dst-node",
+    )
+    monkeypatch.setattr(
+        driver.objects.Migration,
+        "get_by_uuid",
+        mock.Mock(return_value=migration),
+    )
+    placement = mock.Mock()
+    monkeypatch.setattr(
+        driver.report, "report_client_singleton", lambda: placement
+    )
+    driver.reconcile("src", [_outcome("done")], {7: "uuid-7"}, {"m-1": False})
+    # The journal proved the commit and Nova's record names the
+    # destination: the instance is where its guest is, paused as it was.
+    assert (instance.host, instance.node) == ("dst", "dst-node")
+    assert instance.compute_id == migration.get_dest_compute_id.return_value
+    instance.drop_migration_context.assert_called_once_with()
+    assert instance.vm_state == "paused"
+    assert instance.task_state is None
+    instance.save.assert_called_once_with()
+    assert migration.status == "completed"
+    fault.assert_not_called()
+    placement.delete_allocation_for_instance.assert_called_once_with(
+        mock.ANY, "m-1", consumer_type="migration", force=True
+    )
+
+
+def test_recovery_errors_a_guest_whose_destination_nova_does_not_name(
+    monkeypatch,
+):
+    instance = mock.Mock(vm_state="active", task_state="migrating", host="src")
+    monkeypatch.setattr(
+        driver.objects.Instance,
+        "get_by_uuid",
+        mock.Mock(return_value=instance),
+    )
+    fault = mock.Mock()
+    monkeypatch.setattr(
+        driver.compute_utils, "add_instance_fault_from_exc", fault
+    )
+    # Another host's migration of the instance: not proof of this one.
+    migration = mock.Mock(
+        status="running",
+        instance_uuid="uuid-7",
+        source_compute="elsewhere",
+        dest_compute="dst",
+        dest_node="dst",
+    )
+    monkeypatch.setattr(
+        driver.objects.Migration,
+        "get_by_uuid",
+        mock.Mock(return_value=migration),
+    )
+    driver.reconcile("src", [_outcome("done")], {7: "uuid-7"})
+    assert instance.host == "src"
+    assert instance.vm_state == "error"
+    assert "no record of this migration" in str(fault.call_args.args[2])
+
+
 def test_recovery_leaves_a_rolled_back_or_unknown_guest_alone(monkeypatch):
     get = mock.Mock()
     monkeypatch.setattr(driver.objects.Instance, "get_by_uuid", get)
@@ -214,11 +305,14 @@ def test_power_on_is_refused_while_a_migration_is_open(
 
     instance = fake_instance.fake_instance_obj(
         context.get_admin_context(),
-        flavor=objects.Flavor(vcpus=1, memory_mb=16, root_gb=0),
+        flavor=objects.Flavor(
+            vcpus=1, memory_mb=16, root_gb=0, ephemeral_gb=0, swap=0
+        ),
+        image_ref=IMAGE_ID,
     )
     virtapi = xen_driver._vifops._virtapi
     virtapi.wait_for_instance_event.return_value = contextlib.nullcontext()
-    xen_driver.spawn(None, instance, None, [], None, {}, [])
+    xen_driver.spawn(None, instance, RAW, [], None, {}, [])
     domid = xen_driver.get_info(instance).internal_id
     xen_driver.pause(instance)
     state = tmp_path / "state"
@@ -255,6 +349,20 @@ def test_power_on_is_refused_while_a_migration_is_open(
                 exception.InstanceSuspendFailure,
                 lambda: xen_driver.suspend(None, instance),
             ),
+            # A cold migration would boot the disk of a guest that may
+            # run on the live migration's destination.
+            (
+                exception.InstanceFaultRollback,
+                lambda: xen_driver.migrate_disk_and_power_off(
+                    None, instance, "192.0.2.9", instance.flavor, []
+                ),
+            ),
+            (
+                exception.ResizeError,
+                lambda: xen_driver.finish_revert_migration(
+                    None, instance, [], None
+                ),
+            ),
         ]
         for error, call in refused:
             with pytest.raises(error, match="m-2"):
@@ -279,7 +387,10 @@ def test_start_is_refused_by_uuid_once_the_domain_is_gone(
 
     instance = fake_instance.fake_instance_obj(
         context.get_admin_context(),
-        flavor=objects.Flavor(vcpus=1, memory_mb=16, root_gb=0),
+        flavor=objects.Flavor(
+            vcpus=1, memory_mb=16, root_gb=0, ephemeral_gb=0, swap=0
+        ),
+        image_ref=IMAGE_ID,
     )
     state = tmp_path / "state"
     CONF.set_override("state_path", str(state), group="xen_ncm")

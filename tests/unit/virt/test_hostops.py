@@ -28,6 +28,7 @@ def make_host(pcpus=24):
         )
     ]
     host.free_memory.return_value = 1536 * MiB
+    host.disk_path.return_value = None
     host.capabilities.return_value = base.Capabilities(
         host="unit",
         hypervisor="test",
@@ -71,3 +72,23 @@ def test_a_host_that_reports_no_cpus_is_an_error(tmp_path, monkeypatch):
     ops = hostops.HostOps(make_host(pcpus=0))
     with pytest.raises(base.NotSupported, match="no physical CPUs"):
         ops.get_available_resource("node1", "uuid-1")
+
+
+def test_disk_is_the_filesystem_the_root_disks_are_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(hostops.CONF, "instances_path", str(tmp_path / "i"))
+    asked = []
+
+    def disk_usage(path):
+        asked.append(path)
+        return hostops.shutil._ntuple_diskusage(100 << 30, 40 << 30, 60 << 30)
+
+    monkeypatch.setattr(hostops.shutil, "disk_usage", disk_usage)
+    host = make_host()
+    assert hostops.HostOps(host).disk_gb() == (100, 40)
+    # instances_path does not exist yet: its nearest existing parent.
+    assert asked == [str(tmp_path)]
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    host.disk_path.return_value = str(shared / "x-51712.disk")
+    assert hostops.HostOps(host).disk_gb() == (100, 40)
+    assert asked[-1] == str(shared)

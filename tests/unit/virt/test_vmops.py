@@ -1,9 +1,11 @@
 """Instance lifecycle on a host driver (the host is an autospec mock)."""
 
+import os
 from unittest import mock
 
 import pytest
 from nova import context
+from nova import exception
 from nova import objects
 from nova.compute import power_state
 from nova.tests.unit import fake_instance
@@ -13,6 +15,7 @@ from nova_xen_ncm.virt import vifops
 from nova_xen_ncm.virt import vmops
 
 MiB = 1 << 20
+IMAGE_ID = "155d900f-4e14-4e4c-a73d-069cbf4541e6"
 GiB = 1 << 30
 NETWORK_INFO = [{"id": "port-1", "address": "fa:16:3e:00:00:01"}]
 
@@ -20,9 +23,11 @@ NETWORK_INFO = [{"id": "port-1", "address": "fa:16:3e:00:00:01"}]
 @pytest.fixture
 def instance():
     objects.register_all()
-    flavor = objects.Flavor(vcpus=2, memory_mb=64, root_gb=3)
+    flavor = objects.Flavor(
+        vcpus=2, memory_mb=64, root_gb=3, ephemeral_gb=0, swap=0
+    )
     return fake_instance.fake_instance_obj(
-        context.get_admin_context(), flavor=flavor
+        context.get_admin_context(), flavor=flavor, image_ref=IMAGE_ID
     )
 
 
@@ -30,6 +35,8 @@ def instance():
 def host():
     host = mock.create_autospec(base.HostDriver, instance=True)
     host.hostname = "unit"
+    # As real Xen: the driver names the disk files.
+    host.disk_path.return_value = None
     return host
 
 
@@ -38,8 +45,26 @@ def vifs():
     return mock.create_autospec(vifops.VIFOps, instance=True)
 
 
+RAW = objects.ImageMeta.from_dict({"disk_format": "raw"})
+IMAGE = b"a raw image\n" * 100
+
+
 @pytest.fixture
-def ops(host, vifs, tmp_path, monkeypatch):
+def fetched(monkeypatch):
+    """What Glance hands out, by image id; the ids fetched."""
+    calls = []
+
+    def fetch(ctxt, image_id, path, trusted_certs=None):
+        calls.append(image_id)
+        with open(path, "wb") as f:
+            f.write(IMAGE)
+
+    monkeypatch.setattr(vmops.images, "fetch", fetch)
+    return calls
+
+
+@pytest.fixture
+def ops(host, vifs, tmp_path, monkeypatch, fetched):
     monkeypatch.setattr(vmops.CONF, "instances_path", str(tmp_path))
     return vmops.VMOps(host, vifs)
 
@@ -59,7 +84,9 @@ def info(state=base.DomainState.RUNNING, domid=7):
 
 def test_domain_config_from_flavor_and_ports(instance):
     network_info = [{"address": "fa:16:3e:00:00:01"}, {"address": "m2"}]
-    config = vmops.domain_config(instance, network_info)
+    host = mock.create_autospec(base.HostDriver, instance=True)
+    host.disk_path.return_value = None
+    config = vmops.domain_config(instance, network_info, host)
     assert config.name == instance.name
     assert config.uuid == instance.uuid
     assert config.vcpus == 2
@@ -70,6 +97,14 @@ def test_domain_config_from_flavor_and_ports(instance):
         ("vbd", vmops.ROOT_VBD_DEVID, None),
     ]
     assert config.devices[-1].disk_bytes == 3 * GiB
+    # Real Xen is told the file; a host that places disks is not.
+    assert config.devices[-1].extra == {
+        "target": vmops.root_disk_path(host, instance),
+        "format": "raw",
+    }
+    host.disk_path.return_value = "/shared/disk"
+    config = vmops.domain_config(instance, network_info, host)
+    assert config.devices[-1].extra == {}
 
 
 def test_get_info_maps_state(ops, host, instance):
@@ -94,10 +129,10 @@ def test_stopped_instance_is_shut_down(ops, host, instance):
 
 
 def test_spawn_powered_off_creates_nothing(ops, host, vifs, instance):
-    ops.spawn(instance, [], power_on=False)
+    ops.spawn(None, instance, RAW, [], power_on=False)
     host.create_domain.assert_not_called()
     vifs.plugged_and_reported.assert_not_called()
-    ops.spawn(instance, NETWORK_INFO)
+    ops.spawn(None, instance, RAW, NETWORK_INFO)
     host.create_domain.assert_called_once()
     # The domain is built while Nova waits for Neutron's events.
     vifs.plugged_and_reported.assert_called_once_with(instance, NETWORK_INFO)
@@ -196,3 +231,110 @@ def test_power_on_and_hard_reboot_plug_first(ops, host, vifs, instance):
     ops.power_on(instance, NETWORK_INFO)
     ops.reboot(instance, NETWORK_INFO, "HARD")
     assert order == ["plug", "create", "plug", "create"]
+
+
+def test_spawn_writes_the_image_into_the_root_disk(
+    ops, host, instance, fetched
+):
+    ops.spawn(None, instance, RAW, [])
+    path = vmops.root_disk_path(host, instance)
+    with open(path, "rb") as f:
+        assert f.read(len(IMAGE)) == IMAGE
+    # The flavor's root disk, the rest of it zeros (sparse).
+    assert os.path.getsize(path) == 3 * GiB
+    assert fetched == [instance.image_ref]
+    config = host.create_domain.call_args.args[0]
+    assert config.devices[-1].disk_bytes == 3 * GiB
+    assert config.devices[-1].extra["target"] == path
+    # A disk already there (an evacuation on shared storage) is kept.
+    with open(path, "r+b") as f:
+        f.write(b"guest data")
+    ops.spawn(None, instance, RAW, [], power_on=False)
+    assert fetched == [instance.image_ref]
+    with open(path, "rb") as f:
+        assert f.read(10) == b"guest data"
+
+
+def test_spawn_sizes_a_disk_without_a_flavor_size_from_the_image(
+    ops, host, instance
+):
+    instance.flavor.root_gb = 0
+    ops.spawn(None, instance, RAW, [], power_on=False)
+    assert os.path.getsize(vmops.root_disk_path(host, instance)) == MiB
+
+
+@pytest.mark.parametrize(
+    "disk_format, error",
+    [("qcow2", "qcow2"), (None, "None")],
+)
+def test_spawn_refuses_an_image_that_is_not_raw(
+    ops, host, instance, fetched, disk_format, error
+):
+    meta = objects.ImageMeta.from_dict(
+        {"disk_format": disk_format} if disk_format else {}
+    )
+    with pytest.raises(exception.ImageUnacceptable, match=error):
+        ops.spawn(None, instance, meta, [])
+    assert fetched == []
+    assert not os.path.exists(vmops.root_disk_path(host, instance))
+    host.create_domain.assert_not_called()
+
+
+def test_spawn_refuses_an_image_larger_than_the_flavor_disk(
+    ops, host, instance, monkeypatch
+):
+    instance.flavor.root_gb = 1
+
+    def fetch(ctxt, image_id, path, trusted_certs=None):
+        with open(path, "wb") as f:
+            f.truncate(GiB + 1)
+
+    monkeypatch.setattr(vmops.images, "fetch", fetch)
+    with pytest.raises(exception.FlavorDiskSmallerThanImage):
+        ops.spawn(None, instance, RAW, [])
+    path = vmops.root_disk_path(host, instance)
+    assert os.listdir(os.path.dirname(path)) == []
+    host.create_domain.assert_not_called()
+
+
+@pytest.mark.parametrize(
+    "flavor_field, bdi, says",
+    [
+        (
+            None,
+            {"block_device_mapping": [{"mount_device": "/dev/xvdb"}]},
+            "volumes",
+        ),
+        (("ephemeral_gb", 1), None, "ephemeral"),
+        (None, {"ephemerals": [{"size": 1}]}, "ephemeral"),
+        (("swap", 512), None, "swap"),
+        (None, {"swap": {"device_name": "/dev/xvdc", "swap_size": 1}}, "swap"),
+    ],
+)
+def test_spawn_refuses_disks_it_cannot_give(
+    ops, host, instance, fetched, flavor_field, bdi, says
+):
+    if flavor_field:
+        setattr(instance.flavor, *flavor_field)
+    with pytest.raises(exception.InvalidInput, match=says):
+        ops.spawn(None, instance, RAW, [], bdi)
+    assert fetched == []
+    host.create_domain.assert_not_called()
+
+
+def test_destroy_deletes_the_disk_of_a_stopped_guest(ops, host, instance):
+    ops.spawn(None, instance, RAW, [], power_on=False)
+    path = vmops.root_disk_path(host, instance)
+    host.find_domain.side_effect = base.DomainNotFound("no")
+    ops.destroy(instance, [], destroy_disks=False)
+    assert os.path.exists(path)
+    ops.destroy(instance, [], destroy_disks=True)
+    assert not os.path.exists(path)
+    assert not os.path.exists(os.path.dirname(path))
+
+
+def test_spawn_refuses_an_instance_without_an_image(ops, host, instance):
+    instance.image_ref = ""
+    with pytest.raises(exception.InvalidInput, match="from volume"):
+        ops.spawn(None, instance, RAW, [])
+    host.create_domain.assert_not_called()
