@@ -328,6 +328,7 @@ def test_vcpu_state_placed_without_touching_the_page(
 # consoles (the rig's dom0 starts it without).
 GUEST_BOOT = """\
 set -e
+mkdir -p /var/log/xen/console
 kill "$(cat /run/xenconsoled.pid)" 2>/dev/null || true
 sleep 1
 /usr/lib/xen-4.17/bin/xenconsoled --pid-file /run/xenconsoled.pid \\
@@ -350,7 +351,8 @@ xl create /tmp/ncm-linux.cfg
 WAIT_TICKS = """\
 log=/var/log/xen/console/guest-ncm-linux.log
 deadline=$((SECONDS + {timeout}))
-until [ "$(grep -c '^NCM tick=' "$log" 2>/dev/null)" -ge {ticks} ]; do
+while n=$(grep -c '^NCM tick=' "$log" 2>/dev/null); [ "${{n:-0}}" -lt {ticks} ]
+do
     if [ $SECONDS -ge $deadline ]; then
         echo "no {ticks} ticks after {timeout}s" >&2
         cat "$log" >&2 || true
@@ -366,7 +368,9 @@ SAVE_RESTORE = (
     + """\
 import time
 from nova_xen_ncm.host.xen import inplace
+import os
 domid = host.find_domain("ncm-linux").domid
+fds = len(os.listdir("/proc/self/fd"))
 t0 = time.monotonic()
 snap = inplace.save(host, ctx, domid)
 t1 = time.monotonic()
@@ -375,6 +379,7 @@ t2 = time.monotonic()
 print(json.dumps({
     "domid": domid,
     "after": host.find_domain("ncm-linux").domid,
+    "fds": [fds, len(os.listdir("/proc/self/fd"))],
     "ports": [dataclasses.asdict(c) for c in snap.event_channels],
     "vcpus": [dataclasses.asdict(v) for v in snap.vcpus],
     "shared_info_gfn": snap.shared_info_gfn,
@@ -427,6 +432,8 @@ def test_linux_guest_carries_on_after_restore_in_place(
     print(log)
     ticks = _ticks(log)
     assert moved["after"] == moved["domid"], moved
+    # No descriptor left behind by the restore (libxl's logger stream).
+    assert moved["fds"][0] == moved["fds"][1], moved["fds"]
     # Every tick passes, before and after; the ticks continue one by one
     # from where they were (no reboot, no second start).
     assert log.count("NCM start ") == 1, log

@@ -21,8 +21,10 @@ have none).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import time
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -66,10 +68,15 @@ class Snapshot:
 def save(host: XenHost, ctx: ctx_mod.DomainContext, domid: int) -> Snapshot:
     """Pause ``domid`` and read its state; it stays paused."""
     info = host.domain_info(domid)
-    if host._backends(domid):
+    # The PV console's backend is xenconsoled, which libxl connects to
+    # the new domain again and which keeps no state of the ring's.
+    devices = [
+        b for b in host._backends(domid) if "/backend/console/" not in b
+    ]
+    if devices:
         raise InPlaceError(
-            f"domain {domid} has PV devices, whose backends cannot be "
-            "carried yet",
+            f"domain {domid} has PV devices ({', '.join(devices)}), whose "
+            "backends cannot be carried yet",
             call="inplace.save",
         )
     config = host.libxl_config(domid)
@@ -126,6 +133,9 @@ def restore(
     config = json.loads(json.dumps(snap.libxl_config))
     config.setdefault("c_info", {})["domid"] = domid
     host.destroy_domain(domid)
+    # libxl takes a domid destroyed in the current second for a recent
+    # one even with no reuse delay (its history has whole seconds).
+    time.sleep(1.1)
     created = host._libxl_create(json.dumps(config), "inplace.restore")
     try:
         if created != domid:
@@ -177,6 +187,19 @@ def _put_back(
         )
     now = host.populated_pfns(domid)
     host.populate(domid, np.setdiff1d(snap.pfns, now))
+    # Pages the new domain has and the guest had not (what libxl's
+    # build put where the guest had a hole) go back to Xen.
+    extra = np.setdiff1d(now, snap.pfns)
+    for start in range(0, len(extra), _BATCH):
+        chunk = extra[start : start + _BATCH]
+        arr = (ctypes.c_ulong * len(chunk))(*chunk.tolist())
+        libs.check(
+            "xc_domain_decrease_reservation_exact",
+            _fn().xc_domain_decrease_reservation_exact(
+                host._xch, domid, len(chunk), 0, arr
+            ),
+            domid=domid,
+        )
     for start in range(0, len(snap.pfns), _BATCH):
         chunk = snap.pfns[start : start + _BATCH]
         with host.map_pages(domid, chunk, writable=True) as mapping:

@@ -355,6 +355,17 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
             "xen_pfn_t",
         ),
     ),
+    "xc_domain_decrease_reservation_exact": (
+        "xenctrl",
+        "int",
+        (
+            "xc_interface *",
+            "uint32_t",
+            "unsigned long",
+            "unsigned int",
+            "xen_pfn_t *",
+        ),
+    ),
     "xc_domain_populate_physmap_exact": (
         "xenctrl",
         "int",

@@ -343,10 +343,15 @@ int main(void)
 
 		irq_counts(timer1, ipi1);
 		for (i = 0; i < ncpus; i++) {
-			if (timer1[i] <= timer0[i])
-				strcat(reasons, " timer:still");
-			if (ncpus > 1 && ipi1[i] <= ipi0[i])
-				strcat(reasons, " ipi:still");
+			char what[32];
+			if (timer1[i] <= timer0[i]) {
+				snprintf(what, sizeof(what), " timer:still:%d", i);
+				strcat(reasons, what);
+			}
+			if (ncpus > 1 && ipi1[i] <= ipi0[i]) {
+				snprintf(what, sizeof(what), " ipi:still:%d", i);
+				strcat(reasons, what);
+			}
 		}
 		memcpy(timer0, timer1, sizeof(timer0));
 		memcpy(ipi0, ipi1, sizeof(ipi0));
