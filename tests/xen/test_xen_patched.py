@@ -220,6 +220,7 @@ PROBE = (
     + """\
 caps = host.capabilities()
 print(json.dumps({"supported": ctx.supported(),
+                  "vcpu_supported": ctx.vcpu_supported(),
                   "missing_pv": {k.value: v
                                  for k, v in caps.missing(True).items()},
                   "missing_plain": {k.value: v
@@ -240,6 +241,7 @@ def last_json(result) -> dict:
 def test_probe_asks_the_patched_hypervisor(patched_xen_rig: XenRig) -> None:
     caps = last_json(patched_xen_rig.run(dom0_python(PROBE)))
     assert caps["supported"] is True, caps
+    assert caps["vcpu_supported"] is True, caps
     assert "XEN_DOMCTL_ncm_evtchn" in caps["missing_pv"]["event_channels"]
     # Still refused: the rest of the PV state has no interface yet.
     assert "shared_info" in caps["missing_pv"], caps

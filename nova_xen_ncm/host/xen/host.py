@@ -331,12 +331,14 @@ class XenHost(base.HostDriver):
         # The patched interface is detected by calling it.
         with context.DomainContext() as ctx:
             ncm_evtchn = ctx.supported()
+            ncm_vcpu = ctx.vcpu_supported()
         return probe.HypervisorFacts(
             major=version >> 16,
             minor=version & 0xFFFF,
             extra=extra.value.decode(errors="replace"),
             physcaps=phys.capabilities,
             ncm_evtchn=ncm_evtchn,
+            ncm_vcpu=ncm_vcpu,
         )
 
     # -- lifecycle --
