@@ -10,6 +10,7 @@ which shares no code with the patch's export.
 from __future__ import annotations
 
 import json
+import shutil
 from typing import TYPE_CHECKING
 
 import pytest
@@ -219,6 +220,7 @@ PROBE = (
     + """\
 caps = host.capabilities()
 print(json.dumps({"supported": ctx.supported(),
+                  "vcpu_supported": ctx.vcpu_supported(),
                   "missing_pv": {k.value: v
                                  for k, v in caps.missing(True).items()},
                   "missing_plain": {k.value: v
@@ -239,6 +241,7 @@ def last_json(result) -> dict:
 def test_probe_asks_the_patched_hypervisor(patched_xen_rig: XenRig) -> None:
     caps = last_json(patched_xen_rig.run(dom0_python(PROBE)))
     assert caps["supported"] is True, caps
+    assert caps["vcpu_supported"] is True, caps
     assert "XEN_DOMCTL_ncm_evtchn" in caps["missing_pv"]["event_channels"]
     # Still refused: the rest of the PV state has no interface yet.
     assert "shared_info" in caps["missing_pv"], caps
@@ -319,3 +322,142 @@ def test_vcpu_state_placed_without_touching_the_page(
     assert out["compat"] is True, out
     assert out["refused_compat"][0] == 95, out  # EOPNOTSUPP
     assert "32-bit" in out["refused_compat"][1]
+
+
+# The rig's Linux guest (tools/xen-rig/guest): Debian's kernel as a PVH
+# guest with 2 vCPUs, its init a workload that judges Xen's PV interfaces
+# once a tick on its console. xenconsoled is restarted to log guests'
+# consoles (the rig's dom0 starts it without).
+GUEST_BOOT = """\
+set -e
+mkdir -p /var/log/xen/console
+kill "$(cat /run/xenconsoled.pid)" 2>/dev/null || true
+sleep 1
+/usr/lib/xen-4.17/bin/xenconsoled --pid-file /run/xenconsoled.pid \\
+    --log=guest --log-dir=/var/log/xen/console
+rm -f /var/log/xen/console/guest-ncm-linux.log
+cat > /tmp/ncm-linux.cfg <<CFG
+name = "ncm-linux"
+type = "pvh"
+kernel = "/boot/vmlinuz-$(uname -r)"
+ramdisk = "/rig/ncm-guest.gz"
+# 2-level event channels: the patched export refuses FIFO ones.
+cmdline = "console=hvc0 xen.fifo_events=0 loglevel=4"
+memory = 256
+vcpus = 2
+on_crash = "preserve"
+CFG
+xl create /tmp/ncm-linux.cfg
+"""
+
+WAIT_TICKS = """\
+log=/var/log/xen/console/guest-ncm-linux.log
+deadline=$((SECONDS + {timeout}))
+while n=$(grep -c '^NCM tick=' "$log" 2>/dev/null); [ "${{n:-0}}" -lt {ticks} ]
+do
+    if [ $SECONDS -ge $deadline ]; then
+        echo "no {ticks} ticks after {timeout}s" >&2
+        cat "$log" >&2 || true
+        xl list >&2
+        exit 1
+    fi
+    sleep 2
+done
+"""
+
+SAVE_RESTORE = (
+    PRELUDE
+    + """\
+import time
+from nova_xen_ncm.host.xen import inplace
+import os
+domid = host.find_domain("ncm-linux").domid
+fds = len(os.listdir("/proc/self/fd"))
+t0 = time.monotonic()
+snap = inplace.save(host, ctx, domid)
+t1 = time.monotonic()
+# Every tick the guest printed before it was paused.
+with open("/var/log/xen/console/guest-ncm-linux.log") as f:
+    saved_ticks = sum(line.startswith("NCM tick=") for line in f)
+inplace.restore(host, ctx, snap)
+t2 = time.monotonic()
+print(json.dumps({
+    "domid": domid,
+    "after": host.find_domain("ncm-linux").domid,
+    "fds": [fds, len(os.listdir("/proc/self/fd"))],
+    "saved_ticks": saved_ticks,
+    "ports": [dataclasses.asdict(c) for c in snap.event_channels],
+    "vcpus": [dataclasses.asdict(v) for v in snap.vcpus],
+    "shared_info_gfn": snap.shared_info_gfn,
+    "pages": len(snap.pfns),
+    "save_s": round(t1 - t0, 1), "restore_s": round(t2 - t1, 1)}))
+""".replace("import time\n", "import dataclasses, time\n")
+)
+
+
+def _ticks(log: str) -> list[dict[str, str]]:
+    """The verdict lines' fields, in order."""
+    return [
+        dict(w.split("=", 1) for w in line.split(" reasons=")[0].split()[1:])
+        for line in log.splitlines()
+        if line.startswith("NCM tick=")
+    ]
+
+
+def _out(result) -> str:
+    return (result.stdout + result.stderr)[-6000:]
+
+
+def test_linux_guest_carries_on_after_restore_in_place(
+    patched_xen_rig: XenRig,
+) -> None:
+    built = patched_xen_rig.rig("build-guest", timeout=600)
+    assert built.returncode == 0, _out(built)
+    shutil.copyfile(
+        built.stdout.strip(), patched_xen_rig.share / "ncm-guest.gz"
+    )
+    log_path = "/var/log/xen/console/guest-ncm-linux.log"
+    try:
+        booted = patched_xen_rig.run(
+            GUEST_BOOT + WAIT_TICKS.format(ticks=4, timeout=420), timeout=480
+        )
+        assert booted.returncode == 0, _out(booted)
+        moved = last_json(patched_xen_rig.run(dom0_python(SAVE_RESTORE)))
+        print("save/restore:", {k: moved[k] for k in (
+            "domid", "after", "save_s", "restore_s", "pages",
+            "shared_info_gfn")})  # fmt: skip
+        waited = patched_xen_rig.run(
+            WAIT_TICKS.format(ticks=moved["saved_ticks"] + 4, timeout=300),
+            timeout=360,
+        )
+        log = patched_xen_rig.run(f"cat {log_path}").stdout
+        assert waited.returncode == 0, log + _out(waited)
+    finally:
+        patched_xen_rig.run("xl destroy ncm-linux 2>/dev/null; true")
+    print(log)
+    ticks = _ticks(log)
+    assert moved["after"] == moved["domid"], moved
+    # No descriptor left behind by the restore (libxl's logger stream).
+    assert moved["fds"][0] == moved["fds"][1], moved["fds"]
+    # Every tick passes, before and after; the ticks continue one by one
+    # from where they were (no reboot, no second start).
+    assert log.count("NCM start ") == 1, log
+    numbers = [int(t["tick"]) for t in ticks]
+    assert numbers == list(range(1, len(ticks) + 1)), log
+    saved = moved["saved_ticks"]
+    assert saved >= 4 and len(ticks) >= saved + 4, (saved, log)
+    for t in ticks:
+        assert t["verdict"] == "PASS", t
+        assert (t["cs"], t["ce"], t["ipi"]) == ("xen", "xen", "ok"), t
+        assert t["domid"] == str(moved["domid"]), t
+    # The tick spanning the pause is the longest gap; the guest's kernel
+    # said nothing of xenbus, before or after it.
+    gaps = [int(t["gap"]) for t in ticks]
+    assert max(gaps) == gaps[saved] == int(ticks[-1]["maxgap"]), gaps
+    kmsgs = [line for line in log.splitlines() if line.startswith("NCM kmsg:")]
+    assert not [k for k in kmsgs if "xenbus" in k.lower()], kmsgs
+    # What moved: VIRQ_TIMER and IPIs on both vCPUs, vcpu_info placed.
+    kinds = {(p["status"], p["vcpu"]) for p in moved["ports"]}
+    assert {(4, 0), (4, 1), (5, 0), (5, 1)} <= kinds, moved["ports"]
+    assert all(v["vcpu_info"] is not None for v in moved["vcpus"]), moved
+    assert moved["shared_info_gfn"] is not None, moved

@@ -7,6 +7,8 @@ Subcommands:
                    from Debian packages (cached outside the repository)
   build-xen        build the hypervisor from Debian's source package of
                    Xen with this repository's patch series (xen/patches)
+  build-guest      build the Linux guest's initramfs (busybox and the
+                   self-checking workload of tools/xen-rig/guest)
   boot             boot Xen under QEMU (builds first when needed) and wait
                    until dom0 accepts commands; XEN_RIG_XEN=patched boots
                    the patched hypervisor instead of Debian's
@@ -51,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 DOM0_INIT = HERE / "dom0-init"
 XEN_PATCHES = REPO / "xen" / "patches"
+GUEST_DIR = HERE / "guest"
 
 SUITE = "bookworm"
 XEN_SERIES = "4.17"
@@ -646,6 +649,100 @@ def build_xen(force: bool = False) -> Path:
     return out
 
 
+# -- the Linux guest's initramfs --------------------------------------------
+
+# Debian's busybox-static: the guest's shell and tools, one static binary.
+BUSYBOX = Path("/bin/busybox")
+GUEST_FORMAT = 1
+WORKLOAD_CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-static", "-pthread")
+
+
+def _cpio_entry(
+    name: str, mode: int, data: bytes, ino: int, rdev: tuple[int, int]
+) -> bytes:
+    """One record of the kernel's initramfs format (cpio "newc")."""
+    fields = [
+        ino, mode, 0, 0, 1, 0, len(data), 0, 0, *rdev, len(name) + 1, 0,
+    ]  # fmt: skip
+    head = b"070701" + b"".join(b"%08X" % f for f in fields)
+    out = head + name.encode() + b"\0"
+    out += b"\0" * (-len(out) % 4)
+    out += data + b"\0" * (-len(data) % 4)
+    return out
+
+
+def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+    body = b"".join(
+        _cpio_entry(name, mode, data, ino, (0, 0))
+        for ino, (name, mode, data) in enumerate(entries, start=1)
+    )
+    # The console init's output goes to, opened before /dev is mounted.
+    body += _cpio_entry("dev/console", 0o020600, b"", len(entries) + 1, (5, 1))
+    return body + _cpio_entry("TRAILER!!!", 0, b"", 0, (0, 0))
+
+
+def guest_dir() -> Path:
+    inputs = {
+        "format": GUEST_FORMAT,
+        "cflags": WORKLOAD_CFLAGS,
+        "files": {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(GUEST_DIR.iterdir())
+            if p.is_file()
+        },
+        "busybox": hashlib.sha256(BUSYBOX.read_bytes()).hexdigest()
+        if BUSYBOX.is_file() else None,
+    }  # fmt: skip
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())
+    return cache_dir() / "guest" / key.hexdigest()[:16]
+
+
+def build_guest(force: bool = False) -> Path:
+    """The guest's initramfs: busybox, an init that mounts /proc, /sys and
+    /dev, and the workload compiled static here; returns the directory
+    holding ``initrd.gz``. The kernel is dom0's (the same Debian
+    package, which has Xen's PVH entry point)."""
+    if not BUSYBOX.is_file():
+        raise RigError(f"{BUSYBOX} not found (apt-get install busybox-static)")
+    if shutil.which("gcc") is None:
+        raise RigError("gcc not found (apt-get install gcc libc6-dev)")
+    out = guest_dir()
+    if (out / "initrd.gz").is_file() and not force:
+        log(f"up to date: {out}")
+        return out
+    started = time.monotonic()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    workload = tmp / "ncm-workload"
+    sh(
+        ["gcc", *WORKLOAD_CFLAGS, "-o", str(workload),
+         str(GUEST_DIR / "ncm-workload.c")],
+    )  # fmt: skip
+    entries = [
+        (d, 0o040755, b"")
+        for d in ("bin", "dev", "proc", "sys", "tmp", "sbin", "usr",
+                  "usr/bin", "usr/sbin")
+    ]  # fmt: skip
+    entries += [
+        ("bin/busybox", 0o100755, BUSYBOX.read_bytes()),
+        ("bin/ncm-workload", 0o100755, workload.read_bytes()),
+        ("init", 0o100755, (GUEST_DIR / "init").read_bytes()),
+    ]
+    with gzip.open(tmp / "initrd.gz", "wb", compresslevel=6) as dst:
+        dst.write(cpio_newc(entries))
+    (tmp / "build.json").write_text(
+        json.dumps({"seconds": round(time.monotonic() - started, 1)}) + "\n"
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    for old in out.parent.iterdir():
+        if old != out:
+            shutil.rmtree(old, ignore_errors=True)
+    log(f"built {out / 'initrd.gz'} in {time.monotonic() - started:.1f}s")
+    return out
+
+
 def xen_flavour() -> str:
     flavour = os.environ.get("XEN_RIG_XEN", "stock")
     if flavour not in XEN_FLAVOURS:
@@ -881,6 +978,8 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--force", action="store_true")
     p_xen = sub.add_parser("build-xen", help="build the patched hypervisor")
     p_xen.add_argument("--force", action="store_true")
+    p_guest = sub.add_parser("build-guest", help="build the Linux guest")
+    p_guest.add_argument("--force", action="store_true")
     sub.add_parser("boot", help="boot Xen and wait for dom0")
     p_run = sub.add_parser("run", help="run a command in dom0")
     p_run.add_argument("--timeout", type=int, default=RUN_TIMEOUT)
@@ -899,6 +998,8 @@ def main(argv: list[str] | None = None) -> int:
             print(build(force=args.force))
         elif args.command == "build-xen":
             print(build_xen(force=args.force) / "xen.gz")
+        elif args.command == "build-guest":
+            print(build_guest(force=args.force) / "initrd.gz")
         elif args.command == "boot":
             boot()
         elif args.command == "run":

@@ -440,6 +440,25 @@ class DomainContext:
             )
         return True
 
+    def vcpu_supported(self) -> bool:
+        """Whether this hypervisor has XEN_DOMCTL_ncm_vcpu and lets this
+        domain use it: asked by reading dom0's vCPU 0, like
+        :meth:`supported` for XEN_DOMCTL_ncm_evtchn."""
+        with self._lock:
+            ctl, issue = self._domctl(DOMCTL_NCM_VCPU, 0)
+            ctl.u.ncm_vcpu.op = NCM_VCPU_GET
+            err = issue()
+        if err in ABSENT or err in DENIED:
+            return False
+        if err:
+            name = errnos.errorcode.get(err, str(err))
+            raise libs.XenCallError(
+                f"XEN_DOMCTL_ncm_vcpu probe: {name}",
+                call="xencall1",
+                errno=err,
+            )
+        return True
+
     def get_event_channels(self, domid: int) -> list[EventChannel]:
         """Every bound port of ``domid``, in port order."""
         with self._lock:

@@ -124,6 +124,9 @@ HVM_CPU_TSC_OFFSET = 1008
 # How long a freshly destroyed domid stays unusable for libxl (libxl
 # LIBXL_DOMID_REUSE_TIMEOUT); a restore puts the same guest back under its
 # own domid, which is what the delay guards against for a different one.
+# libxl reads it with getenv() in this process, so it is set once, when
+# the driver loads (before the service's threads use libxl), never
+# changed while threads may read the environment.
 DOMID_REUSE_ENV = "LIBXL_DOMID_REUSE_TIMEOUT"
 CONTEXT_LIMIT = 1 << 24
 
@@ -215,6 +218,12 @@ class XenHost(base.HostDriver):
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.free.argtypes = [ctypes.c_void_p]
         self._libc.free.restype = None
+        self._libc.fdopen.restype = ctypes.c_void_p
+        self._libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        self._libc.fclose.argtypes = [ctypes.c_void_p]
+        if os.environ.get(DOMID_REUSE_ENV) != "0":
+            LOG.info("Setting %s=0 for libxl in this process", DOMID_REUSE_ENV)
+            os.environ[DOMID_REUSE_ENV] = "0"
 
     # -- helpers --
 
@@ -322,12 +331,14 @@ class XenHost(base.HostDriver):
         # The patched interface is detected by calling it.
         with context.DomainContext() as ctx:
             ncm_evtchn = ctx.supported()
+            ncm_vcpu = ctx.vcpu_supported()
         return probe.HypervisorFacts(
             major=version >> 16,
             minor=version & 0xFFFF,
             extra=extra.value.decode(errors="replace"),
             physcaps=phys.capabilities,
             ncm_evtchn=ncm_evtchn,
+            ncm_vcpu=ncm_vcpu,
         )
 
     # -- lifecycle --
@@ -444,14 +455,18 @@ class XenHost(base.HostDriver):
         return domid
 
     def _libxl_create(self, config_json: str, call: str) -> int:
-        lib_log = libs.check_ptr(
-            "xtl_createlogger_stdiostream",
-            FN.xtl_createlogger_stdiostream(self._stderr(), XTL_ERROR, 0),
-        )
+        stream = self._stderr()
+        try:
+            lib_log = libs.check_ptr(
+                "xtl_createlogger_stdiostream",
+                FN.xtl_createlogger_stdiostream(stream, XTL_ERROR, 0),
+            )
+        except BaseException:
+            self._libc.fclose(stream)
+            raise
         ctx = ctypes.c_void_p()
         # Large enough for libxl_domain_config, which libxl fills in.
         d_config = ctypes.create_string_buffer(1 << 16)
-        saved = os.environ.get(DOMID_REUSE_ENV)
         try:
             if FN.libxl_ctx_alloc(ctypes.byref(ctx), 0, 0, lib_log) != 0:
                 libs.raise_for("libxl_ctx_alloc")
@@ -465,7 +480,6 @@ class XenHost(base.HostDriver):
                         f"libxl rejected the configuration (error {rc})",
                         call="libxl_domain_config_from_json",
                     )
-                os.environ[DOMID_REUSE_ENV] = "0"
                 domid = ctypes.c_uint32(0)
                 rc = FN.libxl_domain_create_new(
                     ctx, d_config, ctypes.byref(domid), None, None
@@ -480,17 +494,18 @@ class XenHost(base.HostDriver):
             finally:
                 FN.libxl_domain_config_dispose(d_config)
         finally:
-            if saved is None:
-                os.environ.pop(DOMID_REUSE_ENV, None)
-            else:
-                os.environ[DOMID_REUSE_ENV] = saved
             FN.libxl_ctx_free(ctx)
             FN.xtl_logger_destroy(lib_log)
+            # The logger flushes its stream but leaves it open: one
+            # descriptor a restore otherwise.
+            self._libc.fclose(stream)
 
     def _stderr(self) -> int:
-        self._libc.fdopen.restype = ctypes.c_void_p
-        self._libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
-        return libs.check_ptr("fdopen", self._libc.fdopen(os.dup(2), b"w"))
+        fd = os.dup(2)
+        stream = self._libc.fdopen(fd, b"w")
+        if not stream:
+            os.close(fd)
+        return libs.check_ptr("fdopen", stream)
 
     def _best_effort_destroy(self, domid: int) -> None:
         try:
@@ -836,11 +851,11 @@ class XenHost(base.HostDriver):
         )
 
     def set_tsc_info(self, domid: int, info: base.TscInfo) -> None:
-        # Xen stores incarnation + 1 (tsc_set_info: each restore is a new
-        # incarnation, which a guest reads in CPUID leaf 0x40000003). The
-        # guest must not see the migration, and the TSC frequency, which
-        # the incarnation warns of, is compared before COMMIT anyway.
-        incarnation = max(info.incarnation - 1, 0)
+        # The saved incarnation, as libxc's restore passes it: Xen stores
+        # it plus one (tsc_set_info), so a guest reading CPUID leaf
+        # 0x40000003 sees that it runs in a new incarnation, as after any
+        # Xen restore.
+        incarnation = info.incarnation
         libs.check(
             "xc_domain_set_tsc_info",
             FN.xc_domain_set_tsc_info(
@@ -1109,7 +1124,8 @@ class XenHost(base.HostDriver):
             tsc = self.get_tsc_info(domid)
             out[Item.PLATFORM] = (
                 tuple(normalized_hvm_context(self.get_hvm_context(domid))),
-                (tsc.mode, tsc.khz, tsc.incarnation),
+                # Not the incarnation: every restore adds one, by design.
+                (tsc.mode, tsc.khz),
             )
         if Item.HVM_PARAMS in wanted:
             out[Item.HVM_PARAMS] = tuple(

@@ -208,6 +208,7 @@ CTYPES: dict[str, Any] = {
     "size_t *": ctypes.POINTER(ctypes.c_size_t),
     # xen_pfn_t is unsigned long on x86_64 (xen/arch-x86/xen.h).
     "xen_pfn_t *": ctypes.POINTER(ctypes.c_ulong),
+    "xen_pfn_t": ctypes.c_ulong,
     "xc_domaininfo_t *": ctypes.POINTER(XenDomctlGetDomainInfo),
     "xc_evtchn_status_t *": ctypes.POINTER(EvtchnStatus),
     "xc_physinfo_t *": ctypes.POINTER(XenSysctlPhysinfo),
@@ -342,6 +343,28 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "xenctrl",
         "int",
         ("xc_interface *", "uint32_t", "xen_pfn_t *"),
+    ),
+    "xc_domain_add_to_physmap": (
+        "xenctrl",
+        "int",
+        (
+            "xc_interface *",
+            "uint32_t",
+            "unsigned int",
+            "unsigned long",
+            "xen_pfn_t",
+        ),
+    ),
+    "xc_domain_decrease_reservation_exact": (
+        "xenctrl",
+        "int",
+        (
+            "xc_interface *",
+            "uint32_t",
+            "unsigned long",
+            "unsigned int",
+            "xen_pfn_t *",
+        ),
     ),
     "xc_domain_populate_physmap_exact": (
         "xenctrl",

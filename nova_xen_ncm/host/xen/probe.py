@@ -74,8 +74,21 @@ PATCHED_EVTCHN_LIMIT = (
     "this Xen exports and imports 2-level event channels "
     "(XEN_DOMCTL_ncm_evtchn), but not FIFO ones (control blocks, event "
     "arrays, priorities); the per-vCPU upcall vector would go with "
-    "XEN_DOMCTL_ncm_vcpu, which is not probed; and this driver does not "
-    "carry ports or vCPU state in its stream yet"
+    "XEN_DOMCTL_ncm_vcpu, which this Xen does not answer; and this driver "
+    "does not carry ports or vCPU state in its stream yet"
+)
+PATCHED_VCPU_EVTCHN_LIMIT = (
+    "this Xen exports and imports 2-level event channels "
+    "(XEN_DOMCTL_ncm_evtchn) and the per-vCPU upcall vector "
+    "(XEN_DOMCTL_ncm_vcpu), but not FIFO ones (control blocks, event "
+    "arrays, priorities); and this driver does not carry ports or vCPU "
+    "state in its migration stream yet"
+)
+PATCHED_VCPU_LIMIT = (
+    "this Xen exports and imports each vCPU's vcpu_info placement, PV "
+    "timers and runstate and time areas (XEN_DOMCTL_ncm_vcpu), but this "
+    "driver's migration stream does not carry them, nor the shared_info "
+    "placement, yet"
 )
 
 
@@ -89,6 +102,8 @@ class HypervisorFacts:
     physcaps: int
     # XEN_DOMCTL_ncm_evtchn answered (the patched hypervisor).
     ncm_evtchn: bool = False
+    # XEN_DOMCTL_ncm_vcpu answered, asked on its own.
+    ncm_vcpu: bool = False
 
     @property
     def version(self) -> str:
@@ -118,7 +133,12 @@ def restore_items(facts: HypervisorFacts) -> dict[Item, str | None]:
         out[Item.DOMID] = None
     out.update(STOCK_XEN_LIMITS)
     if facts.ncm_evtchn:
-        out[Item.EVENT_CHANNELS] = PATCHED_EVTCHN_LIMIT
+        out[Item.EVENT_CHANNELS] = (
+            PATCHED_VCPU_EVTCHN_LIMIT if facts.ncm_vcpu
+            else PATCHED_EVTCHN_LIMIT
+        )  # fmt: skip
+    if facts.ncm_vcpu:
+        out[Item.SHARED_INFO] = PATCHED_VCPU_LIMIT
     return out
 
 

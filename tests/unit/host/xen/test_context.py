@@ -139,6 +139,19 @@ def test_probe_calls_the_hypervisor(fake: FakeXen) -> None:
     assert fake.buffers == {}  # every hypercall buffer freed
 
 
+def test_probe_asks_the_vcpu_domctl_on_its_own(fake, monkeypatch) -> None:
+    with context.DomainContext() as ctx:
+        assert ctx.vcpu_supported() is True
+    monkeypatch.setattr(fake, "domctl", lambda *a: errno.ENOSYS)
+    with context.DomainContext() as ctx:
+        assert ctx.vcpu_supported() is False
+    monkeypatch.setattr(fake, "domctl", lambda *a: errno.EFAULT)
+    with context.DomainContext() as ctx, pytest.raises(
+        libs.XenCallError, match="ncm_vcpu probe: EFAULT"
+    ):
+        ctx.vcpu_supported()
+
+
 def test_probe_fails_on_an_unexpected_error(fake, monkeypatch) -> None:
     monkeypatch.setattr(fake, "domctl", lambda *a: errno.EFAULT)
     with context.DomainContext() as ctx, pytest.raises(

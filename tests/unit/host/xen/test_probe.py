@@ -58,12 +58,30 @@ def test_patched_xen_still_refuses_pv_guests_with_what_is_left() -> None:
     assert reason != stock.missing(True)[Item.EVENT_CHANNELS]
     assert "XEN_DOMCTL_ncm_evtchn" in reason
     assert "FIFO" in reason and "upcall vector" in reason
-    # The upcall vector is XEN_DOMCTL_ncm_vcpu's, which the probe does not
-    # ask: the reason must not claim this Xen lacks it, nor that it has it.
-    assert "XEN_DOMCTL_ncm_vcpu, which is not probed" in reason
+    # Without an answer from XEN_DOMCTL_ncm_vcpu the upcall vector is
+    # said to be missing; vCPU state keeps the stock reason.
+    assert "XEN_DOMCTL_ncm_vcpu, which this Xen does not answer" in reason
+    assert (
+        patched.missing(True)[Item.SHARED_INFO]
+        == stock.missing(True)[Item.SHARED_INFO]
+    )
     # Nothing else changes, and plain guests are unaffected.
     assert set(patched.missing(True)) == set(stock.missing(True))
     assert patched.missing(False) == {}
+
+
+def test_each_patched_domctl_is_reported_on_its_own() -> None:
+    both = caps(
+        probe.HypervisorFacts(
+            4, 17, "", HVM_HAP, ncm_evtchn=True, ncm_vcpu=True
+        )
+    ).missing(True)
+    assert "upcall vector (XEN_DOMCTL_ncm_vcpu)" in both[Item.EVENT_CHANNELS]
+    assert "does not answer" not in both[Item.EVENT_CHANNELS]
+    shared = both[Item.SHARED_INFO]
+    assert "XEN_DOMCTL_ncm_vcpu" in shared and "stream" in shared
+    # Still refused: the stream carries neither.
+    assert Item.EVENT_CHANNELS in both and Item.SHARED_INFO in both
 
 
 def test_no_hap_refuses_every_guest() -> None:
