@@ -1,0 +1,82 @@
+"""ML2 mechanism driver ``xen_ncm``: binds ports to a Linux bridge with
+no L2 agent.
+
+A Xen host attaches a guest's vif to a dom0 bridge with its hotplug
+script; the bridge itself is what os-vif's ``linux_bridge`` plugin makes
+when nova-compute plugs a ``bridge`` vif (``brq`` + the network id, the
+name Nova derives). With no agent on the host nothing else would report
+the port up, so the binding is committed ACTIVE: Neutron then sends Nova
+``network-vif-plugged`` as soon as the port is bound to a host.
+
+Only segments a bridge on the host can carry without an agent are bound:
+``local``, ``flat`` and overlay types, whose tunnels a single-host or
+flat deployment does not need. Another mechanism driver listed after
+this one may bind the rest.
+"""
+
+from __future__ import annotations
+
+from neutron_lib import constants
+from neutron_lib.api.definitions import portbindings
+from neutron_lib.plugins.ml2 import api
+from oslo_log import log as logging
+
+LOG = logging.getLogger(__name__)
+
+BINDABLE_TYPES = frozenset(
+    {
+        constants.TYPE_LOCAL,
+        constants.TYPE_FLAT,
+        constants.TYPE_VXLAN,
+        constants.TYPE_GENEVE,
+    }
+)
+
+VIF_DETAILS = {
+    portbindings.CAP_PORT_FILTER: False,
+    portbindings.VIF_DETAILS_CONNECTIVITY: portbindings.CONNECTIVITY_L2,
+}
+
+
+class XenNCMMechanismDriver(api.MechanismDriver):
+    """Binds compute ports as ``bridge`` vifs, ACTIVE at once."""
+
+    def initialize(self) -> None:
+        LOG.info("xen_ncm mechanism driver binds %s", sorted(BINDABLE_TYPES))
+
+    @property
+    def connectivity(self) -> str:
+        return portbindings.CONNECTIVITY_L2
+
+    def bind_port(self, context) -> None:
+        vnic_type = context.current.get(
+            portbindings.VNIC_TYPE, portbindings.VNIC_NORMAL
+        )
+        if vnic_type != portbindings.VNIC_NORMAL:
+            LOG.debug(
+                "Port %s: vnic_type %s is not bound by xen_ncm",
+                context.current["id"],
+                vnic_type,
+            )
+            return
+        for segment in context.segments_to_bind:
+            if segment[api.NETWORK_TYPE] in BINDABLE_TYPES:
+                context.set_binding(
+                    segment[api.ID],
+                    portbindings.VIF_TYPE_BRIDGE,
+                    dict(VIF_DETAILS),
+                    status=constants.PORT_STATUS_ACTIVE,
+                )
+                LOG.debug(
+                    "Bound port %s on host %s to segment %s (%s)",
+                    context.current["id"],
+                    context.host,
+                    segment[api.ID],
+                    segment[api.NETWORK_TYPE],
+                )
+                return
+        LOG.debug(
+            "Port %s: no segment of types %s to bind",
+            context.current["id"],
+            sorted(BINDABLE_TYPES),
+        )
