@@ -1,14 +1,17 @@
-"""ML2 mechanism driver ``xen_ncm``: binds ports to a Linux bridge with
-no L2 agent.
+"""ML2 mechanism driver ``xen_ncm``: binds ports to Open vSwitch with no
+L2 agent.
 
-A Xen host attaches a guest's vif to a dom0 bridge with its hotplug
-script; the bridge itself is what os-vif's ``linux_bridge`` plugin makes
-when nova-compute plugs a ``bridge`` vif (``brq`` + the network id, the
-name Nova derives). With no agent on the host nothing else would report
-the port up, so the binding is committed ACTIVE: Neutron then sends Nova
-``network-vif-plugged`` as soon as the port is bound to a host.
+A Xen host attaches a guest's vif to a dom0 switch with its hotplug
+script; the switch port, with the Neutron port's ``iface-id``, is what
+os-vif's ``ovs`` plugin records in the host's OVSDB when nova-compute
+plugs an ``ovs`` vif (Nova dropped the ``bridge`` vif type). With no agent
+on the host nothing else would report the port up, so the binding is
+committed ACTIVE: Neutron then sends Nova ``network-vif-plugged`` as soon
+as the port is bound to a host. Plain OVS plugging (no hybrid
+iptables bridge): there is no agent to program security groups either,
+so the binding does not claim port filtering.
 
-Only segments a bridge on the host can carry without an agent are bound:
+Only segments a host's switch carries without an agent are bound:
 ``local``, ``flat`` and overlay types, whose tunnels a single-host or
 flat deployment does not need. Another mechanism driver listed after
 this one may bind the rest.
@@ -32,14 +35,20 @@ BINDABLE_TYPES = frozenset(
     }
 )
 
+# The integration bridge, as Nova and Neutron's OVS drivers name it.
+BRIDGE = "br-int"
+
 VIF_DETAILS = {
     portbindings.CAP_PORT_FILTER: False,
+    portbindings.OVS_HYBRID_PLUG: False,
+    portbindings.VIF_DETAILS_BRIDGE_NAME: BRIDGE,
+    portbindings.OVS_DATAPATH_TYPE: "system",
     portbindings.VIF_DETAILS_CONNECTIVITY: portbindings.CONNECTIVITY_L2,
 }
 
 
 class XenNCMMechanismDriver(api.MechanismDriver):
-    """Binds compute ports as ``bridge`` vifs, ACTIVE at once."""
+    """Binds compute ports as ``ovs`` vifs, ACTIVE at once."""
 
     def initialize(self) -> None:
         LOG.info("xen_ncm mechanism driver binds %s", sorted(BINDABLE_TYPES))
@@ -63,7 +72,7 @@ class XenNCMMechanismDriver(api.MechanismDriver):
             if segment[api.NETWORK_TYPE] in BINDABLE_TYPES:
                 context.set_binding(
                     segment[api.ID],
-                    portbindings.VIF_TYPE_BRIDGE,
+                    portbindings.VIF_TYPE_OVS,
                     dict(VIF_DETAILS),
                     status=constants.PORT_STATUS_ACTIVE,
                 )

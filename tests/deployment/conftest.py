@@ -9,9 +9,10 @@ the ``openstack`` client and openstacksdk against that cloud.
 The tier runs when ``NOVA_XEN_NCM_DEPLOYMENT_TESTS=1`` or ``CI=true`` and
 is skipped otherwise: it installs OpenStack under /opt/stack and writes
 /etc/<service>. Missing prerequisites (root, the MariaDB and RabbitMQ
-servers, a C compiler for uWSGI) skip it naming them, except under
-``CI=true`` where they fail it. The cloud is brought up once per session
-(``minicloud up``, idempotent) and taken down after (``minicloud down``).
+servers, Open vSwitch's ovsdb-server, a C compiler for uWSGI) skip it
+naming them, except under ``CI=true`` where they fail it. The cloud is
+brought up once per session (``minicloud up``, idempotent) and taken down
+after (``minicloud down``).
 
 Bounded time: ``up`` at most UP_TIMEOUT seconds (a first install
 included), each test at most its pytest timeout; the tier takes about
@@ -70,6 +71,7 @@ def _missing() -> list[str]:
         ("mysql", "mariadb-client"),
         ("rabbitmq-server", "rabbitmq-server"),
         ("gcc", "gcc (uWSGI is built from its sdist)"),
+        ("ovsdb-server", "openvswitch-switch"),
         ("curl", "curl"),
         ("ip", "iproute2"),
     ):

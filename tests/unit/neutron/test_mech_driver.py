@@ -49,10 +49,13 @@ def test_binds_a_bridge_vif_active(driver, network_type):
     assert context.bindings == [
         (
             "seg-a",
-            portbindings.VIF_TYPE_BRIDGE,
+            portbindings.VIF_TYPE_OVS,
             {
-                portbindings.CAP_PORT_FILTER: False,
-                portbindings.VIF_DETAILS_CONNECTIVITY: "l2",
+                "port_filter": False,
+                "ovs_hybrid_plug": False,
+                "bridge_name": "br-int",
+                "datapath_type": "system",
+                "connectivity": "l2",
             },
             constants.PORT_STATUS_ACTIVE,
         )
@@ -81,9 +84,9 @@ def test_bindings_do_not_share_details(driver):
     first = PortContext([_segment("a", "flat")])
     second = PortContext([_segment("b", "flat")])
     driver.bind_port(first)
-    first.bindings[0][2]["bridge_name"] = "changed"
+    first.bindings[0][2]["bridge_name"] = "br-other"
     driver.bind_port(second)
-    assert "bridge_name" not in second.bindings[0][2]
+    assert second.bindings[0][2]["bridge_name"] == "br-int"
 
 
 def test_registered_for_ml2():
