@@ -129,6 +129,7 @@ def run_stages(tmp_path, services, disable=(), **settings):
         "devstack/settings",
         "devstack/override-defaults",
         ".ci/run",
+        "tools/minicloud/minicloud",
     ],
 )
 def test_shellcheck_clean(script):
