@@ -1601,6 +1601,7 @@ class SimHost(base.HostDriver):
     def _start_running(self, dom: _Domain) -> None:
         with dom.mem_lock():
             dom.update_time()
+            dom.mem.release_tracking()
         dom.request(
             {
                 "cmd": "unpause",
@@ -1693,6 +1694,8 @@ class SimHost(base.HostDriver):
         if dom.state != DomainState.RUNNING:
             return
         regs = dom.request({"cmd": "pause"})
+        with dom.mem_lock():
+            dom.mem.hold_tracking()
         dom.save_registers(regs)
         dom.state = DomainState.PAUSED
         dom.cpu_time += time.monotonic() - dom.run_started
