@@ -433,6 +433,49 @@ class Listener:
         self.close()
 
 
+# What a Pacer lets go ahead of its schedule, in seconds of its rate:
+# writes are frames of up to a page batch, so a smaller burst would
+# make every frame wait.
+PACE_BURST = 0.05
+# A wait shorter than this is not worth a sleep (and is rounding).
+PACE_SLACK = 1e-6
+
+
+class Pacer:
+    """Paces the writes of a migration's channels, together, to ``rate``
+    octets per second (the generic cell rate algorithm: each write is
+    scheduled after the previous ones at the rate, and waits for its
+    time less ``burst`` seconds). Shared by the channels' threads."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        burst: float = PACE_BURST,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError(f"pacing rate {rate} B/s is not positive")
+        self.rate = float(rate)
+        self.burst = burst
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._due = clock()
+
+    def take(self, nbytes: int) -> float:
+        """Wait until ``nbytes`` more may go; returns the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._due = max(self._due, now) + nbytes / self.rate
+            wait = self._due - now - self.burst
+        if wait > PACE_SLACK:
+            self._sleep(wait)
+            return wait
+        return 0.0
+
+
 class Channel:
     """One connection of a migration: a socket and its protocol state.
 
@@ -453,6 +496,8 @@ class Channel:
         self.connection = connection
         self.io_timeout = io_timeout
         self._recv_buf = bytearray(RECV_SIZE)
+        #: Paces this channel's writes (the migration's bandwidth cap).
+        self.pacer: Pacer | None = None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Control messages are small and latency counts in downtime.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -517,6 +562,8 @@ class Channel:
         views = [memoryview(b).cast("B") for b in buffers]
         views = [v for v in views if v.nbytes]
         total = sum(v.nbytes for v in views)
+        if self.pacer is not None:
+            self.pacer.take(total)
         i = 0
         try:
             while i < len(views):

@@ -368,3 +368,63 @@ def test_unexpected_channel_index_is_refused():
         with pytest.raises(Refused):
             bg.result()
         ch.close()
+
+
+class FakeTime:
+    def __init__(self):
+        self.now = 100.0
+        self.slept = []
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_pacer_holds_writes_to_its_rate_after_the_burst():
+    t = FakeTime()
+    pacer = transport.Pacer(
+        1_000_000, burst=0.05, clock=t.clock, sleep=t.sleep
+    )
+    # 50 ms of the rate go at once, then each write waits its turn.
+    assert pacer.take(50_000) == 0.0
+    for _ in range(20):
+        pacer.take(100_000)
+    # 2.05 MB at 1 MB/s: 2.05 s, less the 50 ms it may run ahead.
+    assert t.now - 100.0 == pytest.approx(2.0)
+    assert all(s == pytest.approx(0.1) for s in t.slept[1:])
+
+
+def test_pacer_gives_no_credit_for_idle_time_beyond_the_burst():
+    t = FakeTime()
+    pacer = transport.Pacer(
+        1_000_000, burst=0.05, clock=t.clock, sleep=t.sleep
+    )
+    t.now += 60.0  # idle a minute
+    pacer.take(50_000)
+    pacer.take(1_000_000)
+    assert t.slept == [pytest.approx(1.0)]
+
+
+def test_pacer_refuses_a_rate_that_is_not_positive():
+    with pytest.raises(ValueError, match="not positive"):
+        transport.Pacer(0)
+
+
+def test_a_paced_channel_has_every_frame_wait_for_its_octets():
+    client, server = established_pair()
+    taken = []
+
+    class Recorder:
+        def take(self, nbytes):
+            taken.append(nbytes)
+            return 0.0
+
+    client.pacer = Recorder()
+    reader = Background(server.receive)
+    sent = client.send_data(1, [b"x" * 5000])
+    reader.result()
+    assert taken == [sent]
+    assert sent > 5000  # the frame's header and tag are paced too
