@@ -1858,9 +1858,12 @@ class SimHost(base.HostDriver):
             )
         dom.mem.set_log_dirty(True)
         if dom.state == DomainState.RUNNING:
-            # A paused guest has no downtime to save: its digest is
-            # taken once, at the end.
             self._warm(dom, lambda: not dom.mem.log_dirty)
+        else:
+            # A paused guest's digest is taken from the pages as the
+            # migration reads them (_digest_written), in the cache.
+            with dom.digest_lock:
+                self._digest_refresh(dom, 0)
 
     @_faulty
     def harvest_dirty(self, domid: int) -> np.ndarray:
@@ -2528,12 +2531,14 @@ class SimHost(base.HostDriver):
                 run += 1
             digests[block] = d.digest()
 
-    def _digest_written(self, dom: _Domain, pfns: np.ndarray) -> None:
-        """Digest the blocks of ``pfns``, just written by a restore, while
-        they are in the cache: the warming thread would read them again
-        later, and what it has not read when the guest is paused is
-        downtime."""
-        if dom.booted or not dom.digest_started:
+    def _digest_written(
+        self, dom: _Domain, pfns: np.ndarray, *, read: bool = False
+    ) -> None:
+        """Digest the blocks of ``pfns``, just written by a restore (or
+        ``read`` by a migration), while they are in the cache: the
+        warming thread or the digest would read them again later, and
+        what is not read when the guest is paused is downtime."""
+        if (dom.booted and not read) or not dom.digest_started:
             return
         if len(pfns) < _DIGEST_INLINE_MIN:
             # A few pages (the last round of a quiet guest) are left to
@@ -2823,3 +2828,5 @@ class _SimPageMapping(base.PageMapping):
                 with self._dom.mem.lock():
                     self._dom.mem.mark_dirty(self.pfns)
                 self._dom.host._digest_written(self._dom, self.pfns)
+        elif not self._writable and self._dom.mem.log_dirty:
+            self._dom.host._digest_written(self._dom, self.pfns, read=True)
