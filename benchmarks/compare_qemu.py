@@ -397,6 +397,29 @@ def ours_migrate(memory: int, fill: str, tls: dict | None) -> dict:
         destination.close()
 
 
+def baseline_migrate(
+    tree: str, memory: int, mode: str, tls: dict | None
+) -> dict:
+    """:func:`ours_migrate` of the checkout ``tree``, in a child
+    interpreter that imports that tree's nova_xen_ncm."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [tree, env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
+    spec = f"{mode}:{tls['dir'] if tls else ''}"
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory", str(memory)]
+        + ["--ours-only", spec],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=QMP_TIMEOUT,
+    )
+    if out.returncode:
+        raise RuntimeError(f"baseline migration failed: {out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # -- main ------------------------------------------------------------------
 
 
@@ -411,7 +434,29 @@ def main() -> None:
         default=",".join(MODES),
         help=f"comma-separated, of {', '.join(MODES)}",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="another checkout of this project (e.g. a git worktree of "
+        "an earlier commit), migrated too in each run from a child "
+        "interpreter whose nova_xen_ncm is that tree's",
+    )
+    parser.add_argument("--ours-only", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ours_only:
+        # The child of --baseline: one migration, its figures on stdout.
+        mode, tls_dir = args.ours_only.split(":", 1)
+        tls = None
+        if tls_dir:
+            tls = {
+                "dir": tls_dir,
+                "ca": f"{tls_dir}/ca-cert.pem",
+                "cert": f"{tls_dir}/server-cert.pem",
+                "key": f"{tls_dir}/server-key.pem",
+            }
+        fill = "zero" if mode == "zero" else "random"
+        print(json.dumps(ours_migrate(args.memory, fill, tls)))
+        return
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
@@ -422,8 +467,9 @@ def main() -> None:
         [QEMU, "--version"], capture_output=True, text=True, check=True
     ).stdout.splitlines()[0]
 
+    sides = ["qemu", "ours"] + (["baseline"] if args.baseline else [])
     figures: dict[str, dict[str, list[dict]]] = {
-        m: {"qemu": [], "ours": []} for m in modes
+        m: {side: [] for side in sides} for m in modes
     }
     with tempfile.TemporaryDirectory(
         prefix="compare-qemu-", dir="/dev/shm"
@@ -448,6 +494,17 @@ def main() -> None:
                 o = ours_migrate(args.memory, fill, creds)
                 figures[mode]["qemu"].append(q)
                 figures[mode]["ours"].append(o)
+                if args.baseline:
+                    b = baseline_migrate(
+                        args.baseline, args.memory, mode, creds
+                    )
+                    figures[mode]["baseline"].append(b)
+                    print(
+                        f"run {run + 1} {mode:<5} baseline "
+                        f"{b['seconds'] * 1e3:7.0f} ms  baseline/ours "
+                        f"{b['seconds'] / o['seconds']:.2f}",
+                        flush=True,
+                    )
                 print(
                     f"run {run + 1} {mode:<5} QEMU "
                     f"{q['seconds'] * 1e3:7.0f} ms (its total-time "
@@ -473,6 +530,12 @@ def main() -> None:
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
         }
+        if args.baseline:
+            bs = [r["seconds"] for r in figures[mode]["baseline"]]
+            summary[mode]["baseline_seconds_median"] = statistics.median(bs)
+            summary[mode]["qemu_baseline_ratio_median"] = statistics.median(
+                q / b for q, b in zip(qs, bs, strict=True)
+            )
         s = summary[mode]
         print(
             f"{mode:<7}{s['qemu_seconds_median'] * 1e3:>9.0f}"
@@ -480,7 +543,16 @@ def main() -> None:
             f"{s['ratio_median']:>11.2f}"
             f"{s['ratio_min']:>8.2f}-{s['ratio_max']:.2f}"
         )
+    if args.baseline:
+        print(f"baseline {args.baseline}: QEMU/baseline, median")
+        for mode in modes:
+            s = summary[mode]
+            print(
+                f"{mode:<7}{s['baseline_seconds_median'] * 1e3:>9.0f} ms"
+                f"{s['qemu_baseline_ratio_median']:>11.2f}"
+            )
     results = {
+        "baseline": args.baseline,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
