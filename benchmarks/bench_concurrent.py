@@ -26,7 +26,7 @@ import uuid
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine.receiver import Receiver
 from nova_xen_ncm.engine.sender import Sender
 from nova_xen_ncm.engine.state import Phase
@@ -81,7 +81,7 @@ def run(count: int, memory: int, tls: dict | None) -> dict:
             )
             source.pause(domid)
             migration_id = str(uuid.uuid4())
-            token = protocol.generate_token()
+            token = handshake.generate_token()
             receiver = Receiver(destination, migration_id, token, conf=conf)
             sender = Sender(
                 source,

@@ -1381,7 +1381,7 @@ def _save_and_restore(
     destination: HostProcess,
     domid: int,
 ) -> DemoReport:
-    from nova_xen_ncm.engine.receiver import needed_items
+    from nova_xen_ncm.engine.digest import needed_items
 
     saved = source.call("save", domid, args.save, args.xen_compatible)
     restored = destination.call("restore", args.save, not args.paused)

@@ -10,7 +10,7 @@ When COMMIT, COMMITTED or FINISHED is lost, the source asks: the commit
 query (:class:`CommitQuery`, one path for the live sender and for
 recovery, TLS or not) on a new authenticated connection. The destination
 answers from its state, or from its journal after a restart
-(:class:`Answerer`), until the source acknowledges. A :class:`Verdict`
+(the acceptor, acceptor.py), until the source acknowledges. A :class:`Verdict`
 says what the answer means for the source copy:
 
 - the destination runs (or ran) the guest: the source copy is destroyed;
@@ -23,7 +23,6 @@ says what the answer means for the source copy:
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,16 +30,17 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import datapath
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.errors import ProtocolError
 from nova_xen_ncm.engine.errors import Refused
+from nova_xen_ncm.engine.errors import RemoteError
 from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.engine.transport import Channel
-from nova_xen_ncm.engine.transport import Listener
 
 LOG = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ RUNS_THERE = frozenset({Phase.CLEANUP.value, Phase.DONE.value})
 #: Destination phases in which it never unpaused the guest and never
 #: will: it destroyed its copy.
 NEVER_RAN = frozenset({Phase.FAILED.value, Phase.CANCELLED.value})
-#: Commit query connections answered at once.
-MAX_ANSWERING = 8
 #: Destination phases that are final answers.
 FINAL = RUNS_THERE | NEVER_RAN | {Phase.IN_DOUBT.value}
 
@@ -85,10 +83,11 @@ class Verdict:
     phase: str | None = None
 
 
-def verdict_of(status: protocol.Status) -> Verdict:
+def verdict_of(status: messages.Status) -> Verdict:
     if status.committed or status.phase in RUNS_THERE:
         return Verdict(
-            True, f"the destination runs the guest ({status.phase})",
+            True,
+            f"the destination runs the guest ({status.phase})",
             status.phase,
         )
     if status.phase in NEVER_RAN:
@@ -138,20 +137,20 @@ class CommitQuery:
             raise
         return channel
 
-    def once(self) -> protocol.Status:
+    def once(self) -> messages.Status:
         """Ask once; raises :class:`NotYetKnown` while the destination
         has not decided, :class:`TransportError` if it cannot be asked."""
         channel = self._connect()
         try:
-            channel.send(protocol.Query())
+            channel.send(messages.Query())
             status = channel.receive()
         finally:
             channel.close()
-        if isinstance(status, protocol.Error):
+        if isinstance(status, messages.Error):
             raise ProtocolError(
                 f"destination failed: {status.code}: {status.text}"
             )
-        if not isinstance(status, protocol.Status):
+        if not isinstance(status, messages.Status):
             raise ProtocolError(
                 f"expected STATUS, got {type(status).__name__}"
             )
@@ -196,7 +195,7 @@ class CommitQuery:
             )
             return False
         try:
-            channel.send(protocol.Finished())
+            channel.send(messages.Finished())
             # The destination closes once it has forgotten.
             channel.receive()
         except (EngineError, OSError) as exc:
@@ -206,114 +205,172 @@ class CommitQuery:
         return True
 
 
-class Answerer:
-    """The destination's side of the commit query: answers QUERY with
-    ``status()`` and takes FINISHED (``on_finished``) on connections of
-    ``listener``, each in a thread of its own under a handshake deadline,
-    so that stray or slow connections delay no other."""
+class Coordinator:
+    """The source's side of the commit, and of the fence after a
+    rollback, over ``data``'s control channel and ``query`` (the commit
+    query) once that is gone."""
 
     def __init__(
         self,
-        listener: Listener,
-        migration_id: str,
-        token: bytes,
         conf: cfg.ConfigOpts,
-        status: Callable[[], protocol.Status],
-        on_finished: Callable[[], None],
+        data: datapath.DataPath,
+        query: CommitQuery,
     ) -> None:
-        self.listener = listener
-        self.migration_id = migration_id
-        self.token = token
+        self.conf = conf
         self.opts = conf.xen_ncm
-        self.status = status
-        self.on_finished = on_finished
-        self.finished = threading.Event()
+        self.data = data
+        self.query = query
+        self.migration_id = query.migration_id
 
-    def _token_for(self, hello: protocol.Hello) -> bytes:
-        if hello.migration_id != self.migration_id:
-            raise Refused(
-                protocol.RefuseReason.UNKNOWN_MIGRATION,
-                f"no migration {hello.migration_id!r} here",
-            )
-        return self.token
-
-    def _no_resume(self, hello: protocol.Hello, resume: object) -> int:
-        raise Refused(
-            protocol.RefuseReason.BAD_REQUEST,
-            f"migration {self.migration_id} is over here "
-            f"({self.status().phase}): nothing to resume",
-        )
-
-    def serve(self, until: float) -> bool:
-        """Answer until FINISHED or the monotonic time ``until``; whether
-        the source acknowledged."""
-        threads: list[threading.Thread] = []
-        while not self.finished.is_set():
-            left = until - time.monotonic()
-            if left <= 0:
-                break
-            if self.listener.closed:
-                break
-            # Short waits: FINISHED may come on another thread.
-            taken = self.listener.take(min(left, 0.2))
-            if taken is None:
-                continue
-            threads = [t for t in threads if t.is_alive()]
-            if len(threads) >= MAX_ANSWERING:
-                LOG.warning(
-                    "Migration %s: commit query from %s dropped: %d are "
-                    "being answered",
-                    self.migration_id,
-                    taken[1],
-                    MAX_ANSWERING,
-                )
-                taken[0].close()
-                continue
-            thread = threading.Thread(
-                target=self._answer,
-                args=taken,
-                name=f"migration-{self.migration_id}-query",
-                daemon=True,
-            )
-            thread.start()
-            threads.append(thread)
-        for thread in threads:
-            thread.join(self.opts.connect_timeout)
-        return self.finished.is_set()
-
-    def _answer(self, sock: Any, peer: object) -> None:
+    def commit(
+        self, on_retry: Callable[[retry.RetryEvent], None] | None = None
+    ) -> Verdict:
+        """COMMIT on the control channel and COMMITTED back; without that
+        acknowledgement, the destination's answer to the commit query."""
+        channel = self.data.control
         try:
-            sock = self.listener.secure(sock, peer)
-        except TransportError:
-            return
-        channel = Channel(
-            sock,
-            protocol.Connection(
-                protocol.Role.SERVER, max_data=self.opts.max_frame_bytes
-            ),
-            io_timeout=self.opts.connect_timeout,
-        )
-        with channel:
+            # Past the commit decision the downtime budget no longer
+            # bounds the wait: the query settles what is not answered.
+            channel.sock.settimeout(self.opts.io_timeout)
+            channel.send(messages.Commit())
+            datapath.expect(channel.receive(), messages.Committed)
+            return Verdict(
+                True, "destination acknowledged", Phase.CLEANUP.value
+            )
+        except (EngineError, OSError) as exc:
+            LOG.warning(
+                "Migration %s: no acknowledgement of COMMIT (%s); asking "
+                "the destination",
+                self.migration_id,
+                exc,
+            )
+            self.data.close()
+            return self.query.ask(on_retry=on_retry)
+
+    def acknowledge(self) -> None:
+        """The final acknowledgement: FINISHED on the control channel, or
+        on a new connection once it is gone."""
+        channel = self.data.control
+        if channel is not None:
             try:
-                channel.server_handshake(
-                    self._token_for,
-                    resume_from=self._no_resume,
-                    deadline=self.opts.connect_timeout,
-                )
-                while True:
-                    message = channel.receive()
-                    if isinstance(message, protocol.Query):
-                        channel.send(self.status())
-                    elif isinstance(message, protocol.Finished):
-                        if not self.finished.is_set():
-                            self.finished.set()
-                            self.on_finished()
-                        return
-                    else:
-                        return
-            except (EngineError, OSError, ValueError) as exc:
-                LOG.debug(
-                    "Migration %s: commit query connection: %s",
+                channel.send(messages.Finished())
+                return
+            except (EngineError, OSError) as exc:
+                LOG.info(
+                    "Migration %s: FINISHED on the control channel: %s",
                     self.migration_id,
                     exc,
                 )
+                self.data.close()
+        self.query.acknowledge()
+
+    def fence(
+        self,
+        error: BaseException,
+        *,
+        fence: bool,
+        torn_down: bool,
+        since: float,
+    ) -> None:
+        """Tell the destination of a rollback and, with ``fence`` (the
+        guest was paused here: the destination may hold all of it),
+        return only once its copy is gone: it confirmed its teardown
+        (``torn_down``: it already did), or the lease given it from
+        ``since`` ran out. The control channel is closed after."""
+        confirmed = torn_down
+        channel = self.data.control
+        if channel is not None:
+            if isinstance(error, RemoteError):
+                # The destination failed and destroys its copy; its
+                # STATUS follows the ERROR.
+                confirmed = self._await_teardown()
+            elif not isinstance(error, Refused):
+                told = self._best_effort(
+                    "tell the destination",
+                    channel.send,
+                    messages.Abort(reason=str(error)[: messages.MAX_TEXT]),
+                )
+                if told and fence and not confirmed:
+                    confirmed = self._await_teardown()
+            if confirmed:
+                self._best_effort(
+                    "acknowledge the teardown",
+                    channel.send,
+                    messages.Finished(),
+                )
+            self.data.close()
+        if fence and not confirmed:
+            confirmed = self._query_teardown(since)
+        if fence and not confirmed:
+            self._await_lease(since)
+
+    def _await_teardown(self) -> bool:
+        """Whether the destination confirmed it destroyed its copy (a
+        STATUS of a rolled back migration) within the lease."""
+        deadline = time.monotonic() + lease(self.conf)
+        channel = self.data.control
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                channel.sock.settimeout(left)
+                message = channel.receive()
+                if isinstance(message, messages.Status):
+                    return message.phase in NEVER_RAN
+        except (EngineError, OSError) as exc:
+            LOG.warning(
+                "Migration %s: the destination did not confirm its "
+                "teardown: %s",
+                self.migration_id,
+                exc,
+            )
+            return False
+
+    def _query_teardown(self, since: float) -> bool:
+        """Ask the destination (commit query) until it says its copy is
+        gone or the lease given it ran out; acknowledges the answer."""
+        deadline = since + lease(self.conf)
+        while time.monotonic() < deadline:
+            try:
+                status = self.query.once()
+            except (EngineError, OSError) as exc:
+                LOG.debug("Teardown query: %s", exc)
+                time.sleep(
+                    min(
+                        self.opts.retry_max_delay,
+                        max(0.0, deadline - time.monotonic()),
+                    )
+                )
+                continue
+            if status.phase in NEVER_RAN:
+                self.query.acknowledge()
+                return True
+            return False
+        return False
+
+    def _await_lease(self, since: float) -> None:
+        """Keep the guest paused until a destination that heard nothing
+        since ``since`` has destroyed its copy."""
+        left = since + lease(self.conf) - time.monotonic()
+        if left > 0:
+            LOG.warning(
+                "Migration %s: teardown not confirmed; the guest resumes "
+                "here in %.1fs, once the destination's lease ran out",
+                self.migration_id,
+                left,
+            )
+            time.sleep(left)
+
+    def _best_effort(self, what: str, fn: Callable, *args: Any) -> bool:
+        try:
+            fn(*args)
+        except Exception as exc:
+            LOG.error(
+                "Migration %s: could not %s: %s",
+                self.migration_id,
+                what,
+                exc,
+            )
+            return False
+        return True

@@ -94,3 +94,16 @@ class RetryExhausted(EngineError):
 
 class PolicyNotFound(EngineError):
     """No precopy policy is registered under that name."""
+
+
+class MigrationAborted(EngineError):
+    """The migration was cancelled (on this side, or by the peer's
+    ABORT), or the policy gave up."""
+
+
+class RemoteError(EngineError):
+    """The destination reported a failure (ERROR or ABORT)."""
+
+
+class DigestMismatch(EngineError):
+    """The destination's guest-visible state differs from the source's."""

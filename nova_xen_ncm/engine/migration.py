@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine import policy as policies
-from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine.receiver import Receiver
 from nova_xen_ncm.engine.sender import Sender
 from nova_xen_ncm.engine.state import Phase
@@ -84,7 +84,7 @@ class IncomingMigration:
         advertise: str | None = None,
         source_address: str | None = None,
     ) -> None:
-        self.token = protocol.generate_token()
+        self.token = handshake.generate_token()
         # ``source_address``: the only address the source may connect
         # from (with [xen_ncm] allowed_sources).
         self.receiver = Receiver(
@@ -115,10 +115,7 @@ class IncomingMigration:
         """Stop waiting for a source that has not connected; False once
         one has (from then on the source decides, and rolls back both
         ends on failure). The migration ends CANCELLED with ``reason``."""
-        if (
-            self.receiver.state.phase != Phase.SETUP
-            or self.receiver.connected
-        ):
+        if self.receiver.state.phase != Phase.SETUP or self.receiver.connected:
             return False
         self.receiver.stop_waiting(reason)
         return True

@@ -273,9 +273,14 @@ def decide(
     policy: Policy,
     timeout: float = 0.0,
     action: TimeoutAction = TimeoutAction.ABORT,
+    *,
+    force: bool = False,
 ) -> Decision:
-    """The decision after a round: an expired completion timeout first
-    (Nova checks it before anything else), then the policy."""
+    """The decision after a round: an operator's force-complete, then an
+    expired completion timeout (Nova checks it before anything else),
+    then the policy."""
+    if force:
+        return Decision(Action.STOP_AND_COPY, reason="force-complete")
     forced = timeout_decision(stats, timeout, action)
     return forced if forced is not None else policy(stats)
 

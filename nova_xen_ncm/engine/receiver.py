@@ -1,44 +1,36 @@
-"""The destination side of a live migration, and restoring a stream.
-
-:class:`Restorer` applies the records of one guest's stream to an empty
-domain of a :class:`~nova_xen_ncm.host.base.HostDriver`: pages as they
-arrive, then TSC, HVM context and params, and at the end of the stream
-the PV state (:mod:`nova_xen_ncm.engine.pvstate`). Live migration and
-restore from file use it alike.
+"""The destination side of a live migration.
 
 :class:`Receiver` serves one incoming migration (architecture.rst section
 5): it authenticates the source with the one-time token, refuses early
-what it cannot restore, reserves the domid, applies the stream, reports a
-digest of the guest-visible state (READY) and unpauses the guest only on
-COMMIT. Before COMMIT any failure destroys the domain it created.
-"""
+what it cannot restore, reserves the domid, applies the stream
+(:class:`~nova_xen_ncm.engine.restorer.Restorer`), reports a digest of the
+guest-visible state (READY) and unpauses the guest only on COMMIT. Before
+COMMIT any failure destroys the domain it created."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
 from collections.abc import Iterable
-from collections.abc import Sequence
-from typing import Any
 
-import numpy as np
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import digest
 from nova_xen_ncm.engine import journal
-from nova_xen_ncm.engine import protocol
-from nova_xen_ncm.engine import pvstate
-from nova_xen_ncm.engine import validate
+from nova_xen_ncm.engine import messages
+from nova_xen_ncm.engine.acceptor import Acceptor
+from nova_xen_ncm.engine.digest import guest_digests
+from nova_xen_ncm.engine.digest import needed_items
 from nova_xen_ncm.engine.errors import EngineError
+from nova_xen_ncm.engine.errors import MigrationAborted
 from nova_xen_ncm.engine.errors import ProtocolError
 from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.errors import TransportError
+from nova_xen_ncm.engine.restorer import REQUIRED
+from nova_xen_ncm.engine.restorer import Restorer
 from nova_xen_ncm.engine.state import MigrationState
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.engine.state import Role
@@ -48,10 +40,7 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.progress.model import EventKind
 from nova_xen_ncm.progress.model import ProgressSink
 from nova_xen_ncm.stream import decoder as stream_decoder
-from nova_xen_ncm.stream import encoder as stream_encoder
 from nova_xen_ncm.stream import libxc
-from nova_xen_ncm.stream import libxl
-from nova_xen_ncm.stream.errors import BodyError
 from nova_xen_ncm.stream.records import Record
 
 LOG = logging.getLogger(__name__)
@@ -61,292 +50,10 @@ LOG = logging.getLogger(__name__)
 # events nobody shows.
 RECEIVE_REPORT_INTERVAL = 0.1
 
-_PLATFORM_ITEMS = (base.Item.MEMORY, base.Item.PLATFORM, base.Item.HVM_PARAMS)
-# The libxc records a restore must have seen (an HVM guest is not whole
-# without them).
-_REQUIRED = ("X86_TSC_INFO", "HVM_CONTEXT", "HVM_PARAMS")
-
-
-#: Connections authenticated at once while the source is awaited.
-MAX_HANDSHAKES = 8
-
-
-def _close_results(results: queue.Queue, count: int) -> None:
-    """Close the channels of ``count`` handshakes still to report."""
-    for _ in range(count):
-        ok, value = results.get()
-        if ok:
-            value.close()
-
-
-def needed_items(pv_drivers: bool) -> tuple[base.Item, ...]:
-    """The invariant items a guest needs restored (Capabilities.missing)."""
-    return tuple(base.Item) if pv_drivers else _PLATFORM_ITEMS
-
-
-def guest_digests(
-    state: base.GuestState, items: Iterable[base.Item]
-) -> dict[str, str]:
-    """SHA-256 of each item's guest-visible value: the values are plain
-    data (tuples, dataclasses, enums), whose repr is canonical."""
-    return {
-        item.value: hashlib.sha256(
-            repr(state.items.get(item)).encode()
-        ).hexdigest()
-        for item in items
-    }
-
-
-def format_digests(digests: dict[str, str]) -> str:
-    return ";".join(f"{k}={v}" for k, v in sorted(digests.items()))
-
-
-class RestoreError(EngineError):
-    """The stream cannot be applied to the restoring domain."""
-
-
-class Restorer:
-    """Applies a decoded stream to the empty, paused domain ``domid``.
-
-    ``pv_drivers`` says whether the guest's PV state must be in the stream.
-    Feed every record to :meth:`apply`; :attr:`done` turns True after the
-    libxl END, when everything has been applied. ``before_pv_import`` is
-    called when memory and platform state are complete, just before the
-    PV state is imported and the backends reconnect (which may answer
-    in-flight requests into guest memory).
-    """
-
-    def __init__(
-        self,
-        host: base.HostDriver,
-        domid: int,
-        *,
-        pv_drivers: bool,
-        before_pv_import: Callable[[], None] | None = None,
-    ) -> None:
-        self.host = host
-        self._before_pv_import = before_pv_import
-        self.domid = domid
-        self.pv_drivers = pv_drivers
-        self.done = False
-        #: True once the first record of the stopped guest arrived.
-        self.stopped = False
-        self.pages = 0
-        self._seen: set[str] = set()
-        self._params: dict[int, int] = {}
-        self._pv = pvstate.PvRecordCollector()
-        self._lock = threading.Lock()
-        # What the stream's content is checked against before it is
-        # applied (forged memory, xenstore, ports, grants).
-        self.limits = validate.GuestLimits.from_host(host, domid)
-        # Pfns populated so far: a later XALLOC of one of them means the
-        # page became zero and must be cleared.
-        self._populated = np.zeros(0, dtype=bool)
-
-    def apply(self, record: Record) -> None:
-        if self.done:
-            raise RestoreError(f"{record.name} after the end of the stream")
-        name = record.name
-        try:
-            if record.rtype.is_header or record.skipped:
-                return
-            if self._pv.add(name, record.value):
-                if name == "NCM_DOMAIN":
-                    self._check_domain(record.value)
-                return
-            handler = _HANDLERS.get((record.layer, name))
-            if handler is None:
-                raise RestoreError(
-                    f"{record.layer} record {name} cannot be applied by "
-                    "this host"
-                )
-            handler(self, record.value)
-            self._seen.add(name)
-        except base.HostError as exc:
-            raise RestoreError(f"applying {name}: {exc}") from exc
-
-    def _check_domain(self, value: Any) -> None:
-        if value.domid != self.domid:
-            raise RestoreError(
-                f"the stream is of domain {value.domid}, restoring into "
-                f"{self.domid}: the domid is guest-visible"
-            )
-
-    def _ignore(self, value: Any) -> None:
-        """Markers whose only effect is their place in the stream."""
-
-    def _page_data(self, value: libxc.PageData) -> None:
-        data = memoryview(value.data).cast("B")
-        mapping = self.page_targets(value.pfns, value.types, data.nbytes)
-        if mapping is None:
-            return
-        with mapping:
-            pos = 0
-            for _, view in mapping.runs():
-                view[:] = data[pos : pos + view.nbytes]
-                pos += view.nbytes
-
-    def page_record(self, record: bytes | memoryview) -> None:
-        """Apply a frame that holds exactly one PAGE_DATA record (flag
-        PAGES, compressed: it was not read into place)."""
-        view = memoryview(record)
-        if len(view) < libxc.RHDR.size:
-            raise ProtocolError("page frame shorter than a record header")
-        rtype, rlen = libxc.RHDR.unpack_from(view)
-        if rtype != libxc.PAGE_DATA or libxc.RHDR.size + rlen != len(view):
-            raise ProtocolError(
-                f"a page frame of {len(view)} octets holds record type "
-                f"{rtype:#x} of {rlen} octets, not one PAGE_DATA record"
-            )
-        try:
-            value = _PAGE_CODEC.decode(view[libxc.RHDR.size :])
-        except BodyError as exc:
-            raise ProtocolError(f"PAGE_DATA frame: {exc}") from exc
-        self._page_data(value)
-
-    def page_targets(
-        self, pfns: np.ndarray, types: np.ndarray, data_bytes: int
-    ) -> base.PageMapping | None:
-        """Apply a PAGE_DATA batch but for its page contents: checked,
-        populated, pages that became zero cleared. Returns the pages that
-        carry data mapped writable, to be filled in pfn order (straight
-        from the socket) and closed by the caller, or None. Several
-        channels may call this at once."""
-        pfns = np.asarray(pfns, dtype=np.uint64)
-        types = np.asarray(types)
-        has_data = libxc.carries_data(types)
-        alloc = types == libxc.XALLOC
-        # Host calls one at a time (base.HostDriver); the filling of the
-        # mapped pages runs in parallel.
-        with self._lock:
-            validate.check_pages(
-                self.limits,
-                pfns,
-                types,
-                int(np.count_nonzero(has_data)),
-                data_bytes,
-            )
-            # XTAB and BROKEN entries name pfns the guest does not have
-            # (xg_sr_restore.c populates only the others).
-            real = (types != libxc.XTAB) & (types != libxc.BROKEN)
-            self.host.populate(self.domid, pfns[real])
-            seen = self._mark(pfns)
-            cleared = pfns[alloc & seen]
-            if len(cleared):
-                with self.host.map_pages(
-                    self.domid, cleared, writable=True
-                ) as mapping:
-                    for _, view in mapping.runs():
-                        view[:] = bytes(view.nbytes)
-            self.pages += len(pfns)
-            data_pfns = pfns[has_data]
-            if not len(data_pfns):
-                return None
-            return self.host.map_pages(self.domid, data_pfns, writable=True)
-
-    def arrived(self) -> int:
-        """Distinct pages that arrived so far (each counted once, however
-        often precopy sent it again)."""
-        with self._lock:
-            return int(np.count_nonzero(self._populated))
-
-    def _mark(self, pfns: np.ndarray) -> np.ndarray:
-        """Record ``pfns`` as populated; which of them already were."""
-        top = int(pfns.max()) + 1 if len(pfns) else 0
-        if top > len(self._populated):
-            grown = np.zeros(max(top, 2 * len(self._populated)), dtype=bool)
-            grown[: len(self._populated)] = self._populated
-            self._populated = grown
-        idx = pfns.astype(np.int64)
-        seen = self._populated[idx].copy()
-        self._populated[idx] = True
-        return seen
-
-    def _cpu_policy(self, value: np.ndarray) -> None:
-        if value.dtype == libxc.MSR_ENTRY:
-            self.host.set_cpu_policy(self.domid, b"", value.tobytes())
-        else:
-            self.host.set_cpu_policy(self.domid, value.tobytes(), b"")
-
-    def _emulator_context(self, value: libxl.EmulatorContext) -> None:
-        self.host.set_emulator_context(
-            self.domid, value.emulator_id, bytes(value.context)
-        )
-
-    def _tsc_info(self, value: libxc.X86TscInfo) -> None:
-        self.stopped = True
-        self.host.set_tsc_info(
-            self.domid,
-            base.TscInfo(value.mode, value.khz, value.nsec, value.incarnation),
-        )
-
-    def _hvm_context(self, value: libxc.HvmContext) -> None:
-        self.stopped = True
-        blob = stream_encoder.join(libxc.HvmContextCodec().encode(value))
-        self.host.set_hvm_context(self.domid, blob)
-
-    def _hvm_params(self, value: list[libxc.HvmParam]) -> None:
-        self.stopped = True
-        params = {int(p.index): int(p.value) for p in value}
-        validate.check_hvm_params(self.limits, params)
-        self.host.set_hvm_params(self.domid, params)
-        self._params.update(params)
-
-    def _libxc_end(self, value: None) -> None:
-        missing = [n for n in _REQUIRED if n not in self._seen]
-        if missing:
-            raise RestoreError(
-                f"the libxc stream ended without {', '.join(missing)}"
-            )
-
-    def _libxl_end(self, value: None) -> None:
-        if "END" not in self._seen:
-            raise RestoreError("the libxl stream ended inside libxc")
-        if self._pv.empty:
-            if self.pv_drivers:
-                raise RestoreError(
-                    "the guest has PV drivers but the stream carries no "
-                    "PV state"
-                )
-        else:
-            records = self._pv.result()
-            # The host's other guests as they are now, not at SETUP.
-            self.limits = validate.GuestLimits.from_host(
-                self.host, self.domid
-            )
-            validate.check_pv_records(self.limits, records, self._populated)
-            state = records.to_pv_state(self._params)
-            if self._before_pv_import is not None:
-                self._before_pv_import()
-            self.host.import_pv_state(self.domid, state)
-        self.done = True
-
-
-_HANDLERS = {
-    (libxl.LAYER, "LIBXC_CONTEXT"): Restorer._ignore,
-    (libxc.LAYER, "X86_CPUID_POLICY"): Restorer._cpu_policy,
-    (libxc.LAYER, "X86_MSR_POLICY"): Restorer._cpu_policy,
-    (libxc.LAYER, "STATIC_DATA_END"): Restorer._ignore,
-    (libxl.LAYER, "EMULATOR_CONTEXT"): Restorer._emulator_context,
-    (libxc.LAYER, "PAGE_DATA"): Restorer._page_data,
-    (libxc.LAYER, "X86_TSC_INFO"): Restorer._tsc_info,
-    (libxc.LAYER, "HVM_CONTEXT"): Restorer._hvm_context,
-    (libxc.LAYER, "HVM_PARAMS"): Restorer._hvm_params,
-    (libxc.LAYER, "END"): Restorer._libxc_end,
-    (libxl.LAYER, "END"): Restorer._libxl_end,
-}
-
-
-_PAGE_CODEC = libxc.PageDataCodec()
-_DATA_CAPABILITIES = (
-    protocol.Capability.LZ4.value,
-    protocol.Capability.MULTI_CHANNEL.value,
-)
-
 
 def _read_frame(
-    channel: Channel, header: protocol.DataHeader, restorer: Restorer
-) -> protocol.Data | None:
+    channel: Channel, header: messages.DataHeader, restorer: Restorer
+) -> messages.Data | None:
     """Read the body of a data frame whose header came (direct mode).
 
     A page batch (flag PAGES) is applied to the restoring guest once the
@@ -357,18 +64,14 @@ def _read_frame(
     if header.length:
         channel.read_payload_into(memoryview(body))
     end = channel.receive()
-    if not isinstance(end, protocol.DataEnd):
+    if not isinstance(end, messages.DataEnd):
         raise ProtocolError(
             f"{type(end).__name__} inside data frame {header.seq}"
         )
     if header.pages:
         restorer.page_record(body)
         return None
-    return protocol.Data(seq=header.seq, payload=body)
-
-
-class MigrationAborted(EngineError):
-    """The source aborted the migration."""
+    return messages.Data(seq=header.seq, payload=body)
 
 
 # Phases in which the destination runs the guest.
@@ -451,13 +154,8 @@ class Receiver:
         self._data_error: BaseException | None = None
         # Set once no channel may resume any more (stream done or over).
         self._transfer_over = threading.Event()
-        # Dropped channels waiting for the source to resume them, and
-        # resumed connections not yet taken by their channel's thread;
-        # one thread at a time accepts for all of them.
-        self._resume = threading.Condition()
-        self._dropped: set[int] = set()
-        self._resumed: dict[int, Channel] = {}
-        self._accepting = False
+        # Every connection of the port, authenticated and routed.
+        self.acceptor: Acceptor | None = None
         # Digests of the items complete before the PV state is imported.
         self._platform_digests: dict[str, str] = {}
         # The destination's own progress: the guest's size (from SETUP)
@@ -481,9 +179,19 @@ class Receiver:
         self.listener.close()
 
     def run(self) -> Phase:
+        self.acceptor = Acceptor(
+            self.listener,
+            self.migration_id,
+            self._token,
+            self.conf,
+            status=self._status,
+            on_finished=self.journal.forget,
+            resume_from=self._resume_from,
+        )
         try:
             self._serve()
         finally:
+            self.acceptor.close()
             self.journal.close()
             self._close_channel()
             self.listener.close()
@@ -501,9 +209,9 @@ class Receiver:
                 self._end_transfer()
             self._restore(restorer)
             message = self._channel.receive()
-            if isinstance(message, protocol.Abort):
+            if isinstance(message, messages.Abort):
                 raise MigrationAborted(message.reason)
-            if not isinstance(message, protocol.Commit):
+            if not isinstance(message, messages.Commit):
                 raise ProtocolError(
                     f"expected COMMIT, got {type(message).__name__}"
                 )
@@ -523,145 +231,21 @@ class Receiver:
 
     # -- phases --
 
-    def _token_for(self, hello: protocol.Hello) -> bytes:
-        if hello.migration_id != self.migration_id:
-            raise Refused(
-                protocol.RefuseReason.UNKNOWN_MIGRATION,
-                f"no incoming migration {hello.migration_id!r} here",
-            )
-        return self._token
-
-    def _accept_channel(
-        self,
-        token_for: Callable[[protocol.Hello], bytes],
-        capabilities: Sequence[str],
-        resume_from: Callable[[protocol.Hello, protocol.Resume], int]
-        | None = None,
-    ) -> tuple[Channel, protocol.Hello, protocol.Auth | protocol.Resume]:
-        """The next connection, authenticated (closed if it fails)."""
-        channel = Channel.accept(
-            self.listener,
-            io_timeout=self.opts.io_timeout,
-            max_data=self.opts.max_frame_bytes,
-            direct_payload=True,
-        )
-        try:
-            hello, proof = channel.server_handshake(
-                token_for, capabilities=capabilities, resume_from=resume_from
-            )
-        except BaseException:
-            channel.close()
-            raise
-        return channel, hello, proof
-
     def _accept(self) -> None:
-        """The source's first connection. Every connection is
-        authenticated on a thread of its own (at most
-        ``MAX_HANDSHAKES`` at once) under the handshake deadline, so a
-        peer that never completes a HELLO delays nobody; a stray one
-        (another migration's, or one that fails its handshake) is
-        dropped and the source still awaited; a wrong token for this
-        migration ends it, the token being good for one attempt."""
-        until = time.monotonic() + self.listener.accept_timeout
-        results: queue.Queue = queue.Queue()
-        inflight = 0
-        stray: Exception | None = None
-        try:
-            while True:
-                try:
-                    ok, value = results.get(
-                        timeout=0.05 if inflight else 0
-                    )
-                except queue.Empty:
-                    pass
-                else:
-                    inflight -= 1
-                    if ok:
-                        self._channel = value
-                        self.listener.accepted += 1
-                        return
-                    if (
-                        isinstance(value, Refused)
-                        and value.code
-                        != protocol.RefuseReason.UNKNOWN_MIGRATION
-                    ):
-                        raise value
-                    stray = value
-                    LOG.warning(
-                        "Migration %s: dropped a stray connection (%s); "
-                        "still waiting for the source",
-                        self.migration_id,
-                        value,
-                    )
-                    continue
-                left = until - time.monotonic()
-                if self.listener.closed:
-                    if self._stop_reason is not None:
-                        # Cancelled before any source connected.
-                        raise MigrationAborted(self._stop_reason)
-                    raise TransportError("the listener was closed")
-                if left <= 0:
-                    if stray is not None:
-                        raise stray
-                    raise TransportError(
-                        f"no source connected on port {self.listener.port} "
-                        f"within {self.listener.accept_timeout}s"
-                    )
-                if inflight >= MAX_HANDSHAKES:
-                    continue
-                taken = self.listener.take(min(left, 0.05))
-                if taken is None:
-                    continue
-                inflight += 1
-                threading.Thread(
-                    target=self._handshake_one,
-                    args=(*taken, results),
-                    name=f"migration-{self.migration_id}-handshake",
-                    daemon=True,
-                ).start()
-        finally:
-            if inflight:
-                # Handshakes still running: whatever they yield is closed.
-                threading.Thread(
-                    target=_close_results,
-                    args=(results, inflight),
-                    daemon=True,
-                ).start()
-
-    def _handshake_one(
-        self, sock: socket.socket, peer: object, results: queue.Queue
-    ) -> None:
-        try:
-            sock = self.listener.secure(sock, peer)
-            channel = Channel(
-                sock,
-                protocol.Connection(
-                    protocol.Role.SERVER,
-                    max_data=self.opts.max_frame_bytes,
-                    direct_payload=True,
-                ),
-                io_timeout=self.opts.io_timeout,
-            )
-        except Exception as exc:
-            results.put((False, exc))
-            return
-        try:
-            channel.server_handshake(
-                self._token_for,
-                capabilities=[protocol.Capability.LZ4.value],
-                deadline=min(
-                    self.opts.io_timeout, self.listener.handshake_timeout
-                ),
-            )
-        except Exception as exc:
-            channel.close()
-            results.put((False, exc))
-            return
-        results.put((True, channel))
+        """The source's control channel (acceptor.py)."""
+        channel = self.acceptor.control(
+            time.monotonic() + self.listener.accept_timeout
+        )
+        if channel is None:
+            if self._stop_reason is not None:
+                # Cancelled before any source connected.
+                raise MigrationAborted(self._stop_reason)
+            raise TransportError("the listener was closed")
+        self._channel = channel
 
     def _setup(self) -> Restorer:
         setup = self._channel.receive()
-        if not isinstance(setup, protocol.Setup):
+        if not isinstance(setup, messages.Setup):
             raise ProtocolError(f"expected SETUP, got {type(setup).__name__}")
         try:
             self._check(setup)
@@ -682,19 +266,19 @@ class Receiver:
                 self.host.create_empty_domain(config, setup.domid)
             except base.DomidInUse as exc:
                 raise Refused(
-                    protocol.RefuseReason.DOMID_TAKEN, str(exc)
+                    messages.RefuseReason.DOMID_TAKEN, str(exc)
                 ) from exc
             except base.InsufficientMemory as exc:
                 raise Refused(
-                    protocol.RefuseReason.NOT_ENOUGH_MEMORY, str(exc)
+                    messages.RefuseReason.NOT_ENOUGH_MEMORY, str(exc)
                 ) from exc
         except Refused as exc:
             self._channel.send(
-                protocol.SetupReply(
+                messages.SetupReply(
                     accepted=False,
                     domid=setup.domid,
                     code=exc.code,
-                    text=exc.text[: protocol.MAX_TEXT],
+                    text=exc.text[: messages.MAX_TEXT],
                 )
             )
             raise
@@ -703,9 +287,9 @@ class Receiver:
         self._memory_bytes = setup.memory_bytes
         self._running = setup.running
         # The data channels connect once the source has this reply.
-        self.listener.allow(setup.channels - 1)
+        self.acceptor.expect_data(setup.channels)
         self._channel.send(
-            protocol.SetupReply(
+            messages.SetupReply(
                 accepted=True, domid=setup.domid, code="", text=""
             )
         )
@@ -722,23 +306,13 @@ class Receiver:
         return restorer
 
     def _open_data_channels(self, count: int, restorer: Restorer) -> None:
-        """Accept data channels 1..count-1 (in any order) and serve each
-        in its own thread."""
-
-        def token_for(hello: protocol.Hello) -> bytes:
-            if not 0 < hello.channel < count or hello.channel in self._data:
-                raise Refused(
-                    protocol.RefuseReason.TOO_MANY_CONNECTIONS,
-                    f"channel {hello.channel} of {count} is not expected",
-                )
-            return self._token_for(hello)
-
-        while len(self._data) < count - 1:
-            channel, hello, _ = self._accept_channel(
-                token_for, _DATA_CAPABILITIES
+        """Data channels 1..count-1 (in any order), each served in its
+        own thread."""
+        if count > 1:
+            self._data = self.acceptor.data_channels(
+                time.monotonic() + self.listener.accept_timeout
             )
-            self._data[hello.channel] = channel
-            self._data_applied[hello.channel] = 0
+            self._data_applied = dict.fromkeys(self._data, 0)
         for index in sorted(self._data):
             thread = threading.Thread(
                 target=self._serve_data,
@@ -753,11 +327,11 @@ class Receiver:
         # Memory as the source paused it: a reconnecting backend may then
         # answer in-flight requests into the ring pages.
         self._platform_digests = guest_digests(
-            self.host.guest_state(self.domid, _PLATFORM_ITEMS),
-            _PLATFORM_ITEMS,
+            self.host.guest_state(self.domid, digest.PLATFORM_ITEMS),
+            digest.PLATFORM_ITEMS,
         )
 
-    def _check(self, setup: protocol.Setup) -> None:
+    def _check(self, setup: messages.Setup) -> None:
         """Refuse before anything moves (architecture.rst section 2)."""
         caps = self.host.capabilities()
         missing = dict(caps.missing(setup.pv_drivers))
@@ -780,21 +354,21 @@ class Receiver:
             text = "; ".join(
                 f"{getattr(k, 'value', k)}: {v}" for k, v in missing.items()
             )
-            raise Refused(protocol.RefuseReason.MISSING_CAPABILITY, text)
+            raise Refused(messages.RefuseReason.MISSING_CAPABILITY, text)
         try:
             holder = self.host.domain_info(setup.domid)
         except base.DomainNotFound:
             pass
         else:
             raise Refused(
-                protocol.RefuseReason.DOMID_TAKEN,
+                messages.RefuseReason.DOMID_TAKEN,
                 f"domid {setup.domid} is held by {holder.name!r} on "
                 f"{self.host.hostname}",
             )
         free = self.host.free_memory()
         if free < setup.memory_bytes:
             raise Refused(
-                protocol.RefuseReason.NOT_ENOUGH_MEMORY,
+                messages.RefuseReason.NOT_ENOUGH_MEMORY,
                 f"{setup.memory_bytes} bytes needed, {free} free on "
                 f"{self.host.hostname}",
             )
@@ -835,15 +409,15 @@ class Receiver:
         while True:
             try:
                 event = self._channel.receive()
-                if isinstance(event, protocol.DataHeader):
+                if isinstance(event, messages.DataHeader):
                     seq = event.seq
                     event = _read_frame(self._channel, event, restorer)
                     if event is None:
                         self._applied = seq
                         self._report_arrived(restorer)
                         continue
-                if isinstance(event, protocol.Data) and not len(event.payload):
-                    self._channel.send(protocol.Ack(seq=event.seq))
+                if isinstance(event, messages.Data) and not len(event.payload):
+                    self._channel.send(messages.Ack(seq=event.seq))
                     self._applied = event.seq
                     if restorer.done:
                         return
@@ -853,11 +427,11 @@ class Receiver:
                     raise self._data_error from exc
                 self._await_resume(exc)
                 continue
-            if isinstance(event, protocol.Abort):
+            if isinstance(event, messages.Abort):
                 raise MigrationAborted(event.reason)
-            if isinstance(event, protocol.Error):
+            if isinstance(event, messages.Error):
                 raise EngineError(f"source failed: {event.code}: {event.text}")
-            if not isinstance(event, protocol.Data):
+            if not isinstance(event, messages.Data):
                 raise ProtocolError(
                     f"unexpected {type(event).__name__} in the stream"
                 )
@@ -888,19 +462,19 @@ class Receiver:
             try:
                 event = channel.receive()
                 seq = getattr(event, "seq", None)
-                if isinstance(event, protocol.DataHeader):
+                if isinstance(event, messages.DataHeader):
                     event = _read_frame(channel, event, restorer)
                 if event is None:
                     # A page batch, read straight into guest memory.
                     self._data_applied[index] = seq
                     self._report_arrived(restorer)
                     continue
-                if not isinstance(event, protocol.Data):
+                if not isinstance(event, messages.Data):
                     raise ProtocolError(
                         f"{type(event).__name__} on data channel {index}"
                     )
                 if not len(event.payload):
-                    channel.send(protocol.Ack(seq=event.seq))
+                    channel.send(messages.Ack(seq=event.seq))
                 elif not event.pages:
                     raise ProtocolError(
                         f"stream records on data channel {index}: only "
@@ -948,12 +522,7 @@ class Receiver:
         self._channel = self._accept_resume(0, cause)
 
     def _accept_resume(self, index: int, cause: Exception) -> Channel:
-        """The new connection of channel ``index``, which dropped.
-
-        One thread at a time accepts, for every dropped channel: a
-        connection resuming another channel is handed to that channel's
-        thread.
-        """
+        """The new connection of channel ``index``, which dropped."""
         LOG.warning(
             "Migration %s: channel %d lost in %s (%s); waiting for the "
             "source to resume",
@@ -966,99 +535,28 @@ class Receiver:
         if self.state.phase is not Phase.PRECOPY:
             # The source gives up when its downtime budget is spent.
             wait = min(wait, self.opts.downtime_budget)
-        deadline = time.monotonic() + wait
-        with self._resume:
-            self._dropped.add(index)
-            self.listener.allow()
-            while True:
-                channel = self._resumed.pop(index, None)
-                if channel is not None:
-                    return channel
-                left = deadline - time.monotonic()
-                if left <= 0 or self._transfer_over.is_set():
-                    self._dropped.discard(index)
-                    raise TransportError(
-                        f"channel {index} was not resumed within {wait}s"
-                    )
-                if not self._accepting:
-                    self._accepting = True
-                    break
-                self._resume.wait(left)
-        try:
-            while True:
-                if self._transfer_over.is_set():
-                    raise TransportError("the transfer is over")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TransportError(
-                        f"channel {index} was not resumed within {wait}s"
-                    )
-                # Short waits: the stream may end while this one waits.
-                self.listener.accept_timeout = min(left, 0.2)
-                try:
-                    channel = self._accept_resumed()
-                except TransportError:
-                    if time.monotonic() < deadline:
-                        continue
-                    raise
-                except Refused:
-                    # Refused and told (a channel that is not waiting
-                    # yet): the source tries again.
-                    continue
-                with self._resume:
-                    self._dropped.discard(channel.connection.hello.channel)
-                    if channel.connection.hello.channel == index:
-                        return channel
-                    self._resumed[channel.connection.hello.channel] = channel
-                    self._resume.notify_all()
-        finally:
-            with self._resume:
-                self._accepting = False
-                self._dropped.discard(index)
-                self._resume.notify_all()
-
-    def _accept_resumed(self) -> Channel:
-        """Accept a connection that RESUMEs a dropped channel."""
-
-        def token_for(hello: protocol.Hello) -> bytes:
-            if hello.channel not in self._dropped:
-                raise Refused(
-                    protocol.RefuseReason.BAD_REQUEST,
-                    f"channel {hello.channel} is not waiting to resume",
-                )
-            return self._token_for(hello)
-
-        def resume_from(hello: protocol.Hello, resume: protocol.Resume) -> int:
-            if hello.channel == 0:
-                return self._applied
-            return self._data_applied[hello.channel]
-
-        channel, _, proof = self._accept_channel(
-            token_for, _DATA_CAPABILITIES, resume_from
+        return self.acceptor.resumed(
+            index, time.monotonic() + wait, self._transfer_over
         )
-        if not isinstance(proof, protocol.Resume):
-            channel.close()
-            raise ProtocolError("expected RESUME of the dropped channel")
-        return channel
+
+    def _resume_from(self, index: int) -> int:
+        """The highest frame applied on channel ``index``."""
+        if index == 0:
+            return self._applied
+        return self._data_applied[index]
 
     def _end_transfer(self) -> None:
         """No channel resumes any more; the data channels close."""
         self._transfer_over.set()
-        with self._resume:
-            self._resume.notify_all()
         for channel in list(self._data.values()):
             channel.close()
         for thread in self._data_threads:
             # Each wakes within a short accept wait or a closed socket.
             thread.join(timeout=5.0)
-        with self._resume:
-            resumed, self._resumed = self._resumed, {}
-        for channel in resumed.values():
-            channel.close()
 
     @staticmethod
     def _stops(record: Record) -> bool:
-        return record.layer == libxc.LAYER and record.name in _REQUIRED
+        return record.layer == libxc.LAYER and record.name in REQUIRED
 
     def _restore(self, restorer: Restorer) -> None:
         # Memory and platform were digested before the PV import (if
@@ -1072,7 +570,9 @@ class Receiver:
             self.host.guest_state(self.domid, items), items
         )
         digests.update(self._platform_digests)
-        self._channel.send(protocol.Ready(digest=format_digests(digests)))
+        self._channel.send(
+            messages.Ready(digest=digest.format_digests(digests))
+        )
         self._ready_sent = True
 
     def _commit(self) -> None:
@@ -1093,12 +593,12 @@ class Receiver:
             return
         self.state.transition(Phase.COMMIT, Phase.CLEANUP)
         try:
-            self._channel.send(protocol.Committed())
+            self._channel.send(messages.Committed())
             # The source's final acknowledgement, once it recorded the
             # outcome; without it, it may ask (commit query).
             self._channel.sock.settimeout(self.opts.io_timeout)
             reply = self._channel.receive()
-            self._source_knows = isinstance(reply, protocol.Finished)
+            self._source_knows = isinstance(reply, messages.Finished)
         except (EngineError, OSError) as exc:
             LOG.warning(
                 "Migration %s: no acknowledgement of COMMITTED: %s",
@@ -1151,7 +651,7 @@ class Receiver:
                 if not self._source_knows:
                     self._channel.sock.settimeout(self.opts.io_timeout)
                     reply = self._channel.receive()
-                    self._source_knows = isinstance(reply, protocol.Finished)
+                    self._source_knows = isinstance(reply, messages.Finished)
             except (EngineError, OSError, ValueError) as exc:
                 LOG.debug("Teardown not confirmed to the source: %s", exc)
 
@@ -1160,33 +660,28 @@ class Receiver:
             return
         try:
             self._channel.send(
-                protocol.Error(code=code, text=text[: protocol.MAX_TEXT])
+                messages.Error(code=code, text=text[: messages.MAX_TEXT])
             )
         except (EngineError, OSError, ValueError) as exc:
             LOG.debug("Could not report the failure to the source: %s", exc)
 
     def _serve_queries(self) -> None:
         """After READY the source may not know the outcome: answer its
-        commit query (commit.py) on new connections, each on a thread of
-        its own, until it acknowledges or the commit query window ends;
+        commit query (commit.py; the acceptor answers), until it
+        acknowledges or the commit query window ends;
         the journal keeps the answer for a restarted source after that."""
         self._close_channel()
-        answerer = commit.Answerer(
-            self.listener,
-            self.migration_id,
-            self._token,
-            self.conf,
-            self._status,
-            self.journal.forget,
-        )
-        answerer.serve(time.monotonic() + self.opts.commit_query_timeout)
+        until = time.monotonic() + self.opts.commit_query_timeout
+        while not self.listener.closed:
+            left = until - time.monotonic()
+            if left <= 0 or self.acceptor.finished.wait(min(left, 0.2)):
+                return
 
-    def _status(self) -> protocol.Status:
+    def _status(self) -> messages.Status:
         phase = self.state.phase
-        return protocol.Status(phase=phase.value, committed=phase in _RUNNING)
+        return messages.Status(phase=phase.value, committed=phase in _RUNNING)
 
     def _close_channel(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
-

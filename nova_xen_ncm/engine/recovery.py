@@ -46,8 +46,9 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova_xen_ncm.engine import commit
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import retry
+from nova_xen_ncm.engine.acceptor import Acceptor
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.journal import Entry
 from nova_xen_ncm.engine.journal import Hold
@@ -87,7 +88,7 @@ _MAY_BE_ASKED = frozenset(
     }
 )
 
-Query = Callable[[Entry, cfg.ConfigOpts], protocol.Status]
+Query = Callable[[Entry, cfg.ConfigOpts], messages.Status]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +131,6 @@ def _coordinator(entry: Entry, conf: cfg.ConfigOpts) -> commit.CommitQuery:
     return commit.CommitQuery(
         conf, entry.endpoint, entry.migration_id, entry.token_bytes
     )
-
-
-def query_destination(entry: Entry, conf: cfg.ConfigOpts) -> protocol.Status:
-    """Ask the destination of ``entry`` once where its migration stands
-    (TLS as configured); raises while it cannot tell."""
-    return _coordinator(entry, conf).once()
 
 
 def recover(
@@ -229,8 +224,11 @@ def _held(
             if hold is None:
                 live.add(_guest(listed))
             taken.append(
-                (listed, hold, "a running engine holds this migration: "
-                 "left alone")
+                (
+                    listed,
+                    hold,
+                    "a running engine holds this migration: left alone",
+                )
             )
     except BaseException:
         for _, hold, _ in taken:
@@ -381,11 +379,11 @@ def _fence(
     if query is None:
         coordinator = _coordinator(entry, conf)
 
-        def ask() -> protocol.Status:
+        def ask() -> messages.Status:
             return coordinator.once()
     else:
 
-        def ask() -> protocol.Status:
+        def ask() -> messages.Status:
             return query(entry, conf)
 
     lease = commit.lease(conf)
@@ -579,9 +577,7 @@ def _settle_incoming(
                 return settled(
                     Phase.IN_DOUBT, f"COMMIT received, unpause failed: {exc}"
                 )
-        return settled(
-            Phase.DONE, "COMMIT was received: the guest runs here"
-        )
+        return settled(Phase.DONE, "COMMIT was received: the guest runs here")
     # Before COMMIT: the source rolls back (or did); the copy goes.
     if info is None:
         return settled(Phase.FAILED, f"no COMMIT received; {gone}")
@@ -637,7 +633,7 @@ def answer_incoming(
                 exc,
             )
             continue
-        status = protocol.Status(
+        status = messages.Status(
             phase=entry.phase, committed=entry.phase in commit.RUNS_THERE
         )
 
@@ -645,19 +641,23 @@ def answer_incoming(
             journal.remove(mid)
             finished.append(mid)
 
-        answerer = commit.Answerer(
+        acceptor = Acceptor(
             listener,
             entry.migration_id,
             entry.token_bytes,
             conf,
-            lambda status=status: status,
-            forget,
+            status=lambda status=status: status,
+            on_finished=forget,
+            source=False,
         )
 
-        def serve(answerer=answerer, listener=listener, hold=hold) -> None:
+        def serve(acceptor=acceptor, listener=listener, hold=hold) -> None:
             try:
-                answerer.serve(until)
+                left = until - time.monotonic()
+                if left > 0:
+                    acceptor.finished.wait(left)
             finally:
+                acceptor.close()
                 listener.close()
                 hold.release()
 

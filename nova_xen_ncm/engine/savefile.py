@@ -4,7 +4,7 @@ A save file is what ``xl save`` writes (``tools/xl/xl_saverestore.c``):
 the ``xl`` save-file header with the domain's configuration as libxl JSON,
 then a libxl v2 stream whose LIBXC_CONTEXT carries the libxc v3 stream.
 The records are those of a live migration's stop-and-copy
-(:class:`~nova_xen_ncm.engine.sender.GuestStream`), every populated page
+(:class:`~nova_xen_ncm.engine.guest_stream.GuestStream`), every populated page
 once.
 
 A guest without PV drivers can be saved Xen-compatible: only Xen's record
@@ -31,9 +31,9 @@ from oslo_log import log as logging
 
 from nova_xen_ncm.engine import pvstate
 from nova_xen_ncm.engine.errors import EngineError
-from nova_xen_ncm.engine.receiver import RestoreError
-from nova_xen_ncm.engine.receiver import Restorer
-from nova_xen_ncm.engine.sender import GuestStream
+from nova_xen_ncm.engine.guest_stream import GuestStream
+from nova_xen_ncm.engine.restorer import RestoreError
+from nova_xen_ncm.engine.restorer import Restorer
 from nova_xen_ncm.host import base
 from nova_xen_ncm.stream import decoder as stream_decoder
 from nova_xen_ncm.stream import xl

@@ -108,13 +108,6 @@ ROLLBACK_ALLOWED: frozenset[Phase] = frozenset(
     if Phase.ROLLBACK in targets and phase is not Phase.COMMIT
 )
 
-# Phases after the commit decision: the source copy must never run again
-# on a guess; the outcomes are DONE, IN_DOUBT, or FAILED on the
-# destination's word.
-COMMITTED: frozenset[Phase] = frozenset(
-    {Phase.COMMIT, Phase.CLEANUP, Phase.DONE, Phase.IN_DOUBT}
-)
-
 
 def is_legal(old: Phase, new: Phase) -> bool:
     return new in TRANSITIONS[old]
@@ -181,14 +174,6 @@ class MigrationState:
     @property
     def terminal(self) -> bool:
         return self.phase in TERMINAL
-
-    @property
-    def rollback_allowed(self) -> bool:
-        return self.phase in ROLLBACK_ALLOWED
-
-    @property
-    def committed(self) -> bool:
-        return self.phase in COMMITTED
 
     @property
     def cancel_requested(self) -> bool:

@@ -1,7 +1,7 @@
 """Sockets for the migration protocol: the destination's listener and the
 channels both ends talk over.
 
-The protocol itself is :mod:`nova_xen_ncm.engine.protocol` (sans-I/O);
+The protocol itself is :mod:`nova_xen_ncm.engine.framing` (sans-I/O);
 this module only moves its bytes. Page data goes out by ``sendmsg`` of
 the caller's buffers (the guest's mapped pages) without joining them, and
 comes in by ``recv_into`` straight into a caller's buffer (the restoring
@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import framing
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine.errors import AuthenticationError
 from nova_xen_ncm.engine.errors import ProtocolError
 from nova_xen_ncm.engine.errors import Refused
@@ -488,7 +489,7 @@ class Channel:
     def __init__(
         self,
         sock: socket.socket,
-        connection: protocol.Connection,
+        connection: framing.Connection,
         *,
         io_timeout: float = 60.0,
     ) -> None:
@@ -511,7 +512,7 @@ class Channel:
         *,
         connect_timeout: float = 10.0,
         io_timeout: float = 60.0,
-        max_data: int = protocol.DEFAULT_MAX_DATA,
+        max_data: int = framing.DEFAULT_MAX_DATA,
         tls: ssl.SSLContext | None = None,
     ) -> Channel:
         """Connect as the client (source), through TLS when ``tls`` is
@@ -526,7 +527,7 @@ class Channel:
             ) from exc
         if tls is not None:
             sock = _wrap_tls(sock, tls, server_hostname=host)
-        conn = protocol.Connection(protocol.Role.CLIENT, max_data=max_data)
+        conn = framing.Connection(messages.Role.CLIENT, max_data=max_data)
         channel = cls(sock, conn, io_timeout=io_timeout)
         # The handshake runs under the connect timeout.
         sock.settimeout(connect_timeout)
@@ -538,13 +539,13 @@ class Channel:
         listener: Listener,
         *,
         io_timeout: float = 60.0,
-        max_data: int = protocol.DEFAULT_MAX_DATA,
+        max_data: int = framing.DEFAULT_MAX_DATA,
         direct_payload: bool = False,
     ) -> Channel:
         """Accept the next connection as the server (destination)."""
         sock = listener.accept()
-        conn = protocol.Connection(
-            protocol.Role.SERVER,
+        conn = framing.Connection(
+            messages.Role.SERVER,
             max_data=max_data,
             direct_payload=direct_payload,
         )
@@ -589,11 +590,9 @@ class Channel:
     def _wait_writable(self) -> None:
         _, ready, _ = select.select([], [self.sock], [], self.io_timeout)
         if not ready:
-            raise TransportError(
-                f"send timed out after {self.io_timeout}s"
-            )
+            raise TransportError(f"send timed out after {self.io_timeout}s")
 
-    def send(self, msg: protocol.Message) -> None:
+    def send(self, msg: messages.Message) -> None:
         self.send_buffers(self.connection.send(msg))
 
     def send_data(
@@ -621,25 +620,25 @@ class Channel:
             raise TransportError(f"receive failed: {exc}") from exc
         self.connection.receive_data(memoryview(self._recv_buf)[:n])
 
-    def next_event(self) -> protocol.Event:
+    def next_event(self) -> messages.Event:
         """The next protocol event, reading as needed (never NEED_DATA)."""
         while True:
             event = self.connection.next_event()
-            if event is not protocol.NEED_DATA:
+            if event is not messages.NEED_DATA:
                 return event
             self._fill()
 
     def receive(
         self,
     ) -> (
-        protocol.Message
-        | protocol.Data
-        | protocol.DataHeader
-        | (protocol.DataEnd)
+        messages.Message
+        | messages.Data
+        | messages.DataHeader
+        | (messages.DataEnd)
     ):
         """The next event; a closed connection is a TransportError."""
         event = self.next_event()
-        if isinstance(event, protocol.ConnectionClosed):
+        if isinstance(event, messages.ConnectionClosed):
             raise TransportError("the peer closed the connection")
         return event
 
@@ -684,7 +683,7 @@ class Channel:
         channel: int = 0,
         capabilities: Sequence[str] = (),
         last_acked: int | None = None,
-    ) -> protocol.Welcome:
+    ) -> messages.Welcome:
         """Authenticate to the destination (RESUME if ``last_acked``).
 
         Raises :class:`Refused` with the destination's reason code,
@@ -695,11 +694,11 @@ class Channel:
             self.connection.send_hello(migration_id, channel, capabilities)
         )
         reply = self.receive()
-        if isinstance(reply, protocol.Refuse):
+        if isinstance(reply, messages.Refuse):
             raise Refused(reply.code, reply.text)
         self.send_buffers(self.connection.send_auth(token, last_acked))
         reply = self.receive()
-        if isinstance(reply, protocol.Refuse):
+        if isinstance(reply, messages.Refuse):
             raise Refused(reply.code, reply.text)
         # The protocol's table lets only WELCOME or REFUSE through here.
         self.sock.settimeout(self.io_timeout)
@@ -707,13 +706,13 @@ class Channel:
 
     def server_handshake(
         self,
-        token_for: Callable[[protocol.Hello], bytes],
+        token_for: Callable[[messages.Hello], bytes],
         *,
         capabilities: Sequence[str] = (),
-        resume_from: Callable[[protocol.Hello, protocol.Resume], int]
+        resume_from: Callable[[messages.Hello, messages.Resume], int]
         | None = None,
         deadline: float | None = None,
-    ) -> tuple[protocol.Hello, protocol.Auth | protocol.Resume]:
+    ) -> tuple[messages.Hello, messages.Auth | messages.Resume]:
         """Authenticate the source.
 
         ``token_for`` returns the token of the HELLO's migration or raises
@@ -748,11 +747,10 @@ class Channel:
 
     def _server_handshake(
         self,
-        token_for: Callable[[protocol.Hello], bytes],
+        token_for: Callable[[messages.Hello], bytes],
         capabilities: Sequence[str],
-        resume_from: Callable[[protocol.Hello, protocol.Resume], int]
-        | None,
-    ) -> tuple[protocol.Hello, protocol.Auth | protocol.Resume]:
+        resume_from: Callable[[messages.Hello, messages.Resume], int] | None,
+    ) -> tuple[messages.Hello, messages.Auth | messages.Resume]:
         try:
             hello = self.receive()
         except TransportError as exc:
@@ -767,7 +765,7 @@ class Channel:
             raise TransportError(
                 f"no HELLO from {_peer(self.sock)} within {timeout}s: {exc}"
             ) from exc
-        if not isinstance(hello, protocol.Hello):
+        if not isinstance(hello, messages.Hello):
             raise ProtocolError(f"expected HELLO, got {hello!r}")
         try:
             token = token_for(hello)
@@ -776,18 +774,18 @@ class Channel:
                     self.connection.send_challenge(token, capabilities)
                 )
             except ProtocolError as exc:
-                raise Refused(protocol.RefuseReason.VERSION, str(exc)) from exc
+                raise Refused(messages.RefuseReason.VERSION, str(exc)) from exc
             try:
                 proof = self.receive()
             except AuthenticationError as exc:
                 raise Refused(
-                    protocol.RefuseReason.AUTHENTICATION, str(exc)
+                    messages.RefuseReason.AUTHENTICATION, str(exc)
                 ) from exc
             # The protocol's table lets only AUTH or RESUME through here.
-            if isinstance(proof, protocol.Resume):
+            if isinstance(proof, messages.Resume):
                 if resume_from is None:
                     raise Refused(
-                        protocol.RefuseReason.BAD_REQUEST,
+                        messages.RefuseReason.BAD_REQUEST,
                         "nothing to resume on this connection",
                     )
                 start = resume_from(hello, proof)
@@ -803,7 +801,7 @@ class Channel:
             try:
                 self.send_buffers(
                     self.connection.refuse(
-                        protocol.RefuseReason(exc.code), exc.text
+                        messages.RefuseReason(exc.code), exc.text
                     )
                 )
             except TransportError as gone:
@@ -827,88 +825,3 @@ class Channel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def connect_channels(
-    host: str,
-    port: int,
-    migration_id: str,
-    token: bytes,
-    count: int,
-    *,
-    capabilities: Sequence[str] = (),
-    connect_timeout: float = 10.0,
-    io_timeout: float = 60.0,
-    max_data: int = protocol.DEFAULT_MAX_DATA,
-) -> list[Channel]:
-    """Open and authenticate the ``count`` channels of a migration, in
-    channel order (channel 0 carries the control messages)."""
-    caps = list(capabilities)
-    if count > 1 and protocol.Capability.MULTI_CHANNEL.value not in caps:
-        caps.append(protocol.Capability.MULTI_CHANNEL.value)
-    channels: list[Channel] = []
-    try:
-        for index in range(count):
-            channel = Channel.connect(
-                host,
-                port,
-                connect_timeout=connect_timeout,
-                io_timeout=io_timeout,
-                max_data=max_data,
-            )
-            channels.append(channel)
-            channel.client_handshake(
-                migration_id, token, channel=index, capabilities=caps
-            )
-    except BaseException:
-        for channel in channels:
-            channel.close()
-        raise
-    return channels
-
-
-def accept_channels(
-    listener: Listener,
-    count: int,
-    token_for: Callable[[protocol.Hello], bytes],
-    *,
-    capabilities: Sequence[str] = (),
-    io_timeout: float = 60.0,
-    max_data: int = protocol.DEFAULT_MAX_DATA,
-    direct_payload: bool = False,
-) -> list[Channel]:
-    """Accept and authenticate the ``count`` channels of a migration;
-    returned in channel order whatever order they arrived in. A channel
-    index out of range or seen twice is refused."""
-    caps = list(capabilities)
-    if count > 1:
-        caps.append(protocol.Capability.MULTI_CHANNEL.value)
-    by_index: dict[int, Channel] = {}
-
-    def check(hello: protocol.Hello) -> bytes:
-        if hello.channel >= count or hello.channel in by_index:
-            raise Refused(
-                protocol.RefuseReason.TOO_MANY_CONNECTIONS,
-                f"channel {hello.channel} of {count} is not expected",
-            )
-        return token_for(hello)
-
-    try:
-        while len(by_index) < count:
-            channel = Channel.accept(
-                listener,
-                io_timeout=io_timeout,
-                max_data=max_data,
-                direct_payload=direct_payload,
-            )
-            try:
-                hello, _ = channel.server_handshake(check, capabilities=caps)
-            except BaseException:
-                channel.close()
-                raise
-            by_index[hello.channel] = channel
-    except BaseException:
-        for channel in by_index.values():
-            channel.close()
-        raise
-    return [by_index[index] for index in range(count)]

@@ -8,7 +8,7 @@ record would give the guest (or whoever forged the stream) what it never
 had on the source. This module is the one place that checks a stream's
 content against what the destination knows of the guest: the domain it
 created (domid, memory size, vCPUs) and the other guests of the host.
-The :class:`~nova_xen_ncm.engine.receiver.Restorer` calls it before it
+The :class:`~nova_xen_ncm.engine.restorer.Restorer` calls it before it
 applies anything of a record: :func:`check_pages` before a PAGE_DATA
 batch is populated, :func:`check_pv_records` before the PV state is
 imported. A refusal raises :class:`ForgedContent` naming the record, the

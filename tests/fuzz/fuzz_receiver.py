@@ -13,7 +13,7 @@ as the sender writes it. An input is a list of edits of that stream,
 aimed at one record's body (the non-cooperative records most of the time,
 where the PV state is), sometimes at a record header or cutting the
 stream short. Each stream is decoded and applied by the
-:class:`~nova_xen_ncm.engine.receiver.Restorer` to a fresh empty domain of
+:class:`~nova_xen_ncm.engine.restorer.Restorer` to a fresh empty domain of
 a simulated destination, as the receiver does. The oracle:
 
 * the only failures are the engine's and the codec's own errors
@@ -50,7 +50,7 @@ with _instrumented:
     from nova_xen_ncm.conf import register_opts
     from nova_xen_ncm.engine import savefile
     from nova_xen_ncm.engine.errors import EngineError
-    from nova_xen_ncm.engine.receiver import Restorer
+    from nova_xen_ncm.engine.restorer import Restorer
     from nova_xen_ncm.host import base
     from nova_xen_ncm.host.sim.host import SimHost
     from nova_xen_ncm.stream.decoder import NEED_DATA

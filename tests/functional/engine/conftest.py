@@ -10,7 +10,7 @@ import pytest
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine.receiver import Receiver
 from nova_xen_ncm.engine.sender import Sender
 from nova_xen_ncm.host import base
@@ -104,7 +104,7 @@ class Migration:
         receiver_class=Receiver,
     ):
         migration_id = str(uuid.uuid4())
-        token = protocol.generate_token()
+        token = handshake.generate_token()
         self.source_events = Recorder(source_hooks)
         self.destination_events = Recorder(destination_hooks)
         self.receiver = receiver_class(

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import socket
 
+from nova_xen_ncm.engine import framing
 from nova_xen_ncm.engine import policy
-from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine.errors import AuthenticationError
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import checker
@@ -95,7 +95,7 @@ def test_dropped_data_channel_is_resumed(conf, source, destination, migration):
     def drop_data_channel(event):
         if event.detail["round"] == 0:
             # The network breaks under data channel 2 between rounds.
-            channel = m.sender._channels[2]
+            channel = m.sender.data.channels[2]
             dropped.append(channel.connection.last_seq)
             channel.sock.shutdown(socket.SHUT_RDWR)
 
@@ -118,18 +118,18 @@ def test_tampered_page_frame_on_a_data_channel_rolls_back(
     conf.set_override("channels", 2, group="xen_ncm")
     domid = source.create_domain(guest_config())
     m = migration(source, domid, destination)
-    frame_out = protocol.Connection._frame_out
+    frame_out = framing.Connection._frame_out
 
     def corrupt(self, mtype, flags, parts):
         out = frame_out(self, mtype, flags, parts)
-        if flags & protocol.FLAG_PAGES and self.hello.channel == 1:
+        if flags & framing.FLAG_PAGES and self.hello.channel == 1:
             # One flipped bit in the last octet of the tag.
             tag = bytearray(out[-1])
             tag[-1] ^= 1
             out[-1] = bytes(tag)
         return out
 
-    monkeypatch.setattr(protocol.Connection, "_frame_out", corrupt)
+    monkeypatch.setattr(framing.Connection, "_frame_out", corrupt)
     assert m.run() is Phase.FAILED
     assert m.receiver.state.phase is Phase.FAILED
     assert isinstance(m.receiver.error, AuthenticationError)

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.engine.transport import Channel
@@ -60,7 +60,7 @@ def test_four_concurrent_migrations_complete_unmixed(
                 other.receiver.migration_id, other.sender.token
             )
         stray.close()
-        assert caught.value.code == protocol.RefuseReason.UNKNOWN_MIGRATION
+        assert caught.value.code == messages.RefuseReason.UNKNOWN_MIGRATION
 
     results = [None] * COUNT
 

@@ -186,7 +186,9 @@ def test_dropped_connection_in_precopy_is_resumed(
     def drop_after_first_round(event):
         if event.detail["round"] == 0:
             # The network breaks under the sender.
-            holder["migration"].sender._channel.sock.shutdown(socket.SHUT_RDWR)
+            holder["migration"].sender.data.control.sock.shutdown(
+                socket.SHUT_RDWR
+            )
 
     m = migration(
         source,
@@ -248,16 +250,16 @@ def test_dropped_connection_in_stop_and_copy_is_resumed(
 ):
     domid = source.create_domain(guest_config())
     m = migration(source, domid, destination)
-    flush = m.sender._flush
+    flush = m.sender.data.flush
     dropped = []
 
     def drop_before_final_flush():
         if m.sender.state.phase is Phase.STOP_AND_COPY and not dropped:
             dropped.append(True)
-            m.sender._channel.sock.shutdown(socket.SHUT_RDWR)
+            m.sender.data.control.sock.shutdown(socket.SHUT_RDWR)
         flush()
 
-    monkeypatch.setattr(m.sender, "_flush", drop_before_final_flush)
+    monkeypatch.setattr(m.sender.data, "flush", drop_before_final_flush)
     assert m.run() is Phase.DONE, m.sender.error
     assert dropped
     retries = [e for e in m.source_events.events if e.kind.value == "retry"]
@@ -279,14 +281,14 @@ def test_unresumable_stop_and_copy_rolls_back(
     conf.set_override("downtime_budget", 0.5, group="xen_ncm")
     domid = source.create_domain(guest_config())
     m = migration(source, domid, destination, receiver_class=GivesUpOnDrop)
-    flush = m.sender._flush
+    flush = m.sender.data.flush
 
     def drop_before_final_flush():
         if m.sender.state.phase is Phase.STOP_AND_COPY:
-            m.sender._channel.sock.shutdown(socket.SHUT_RDWR)
+            m.sender.data.control.sock.shutdown(socket.SHUT_RDWR)
         flush()
 
-    monkeypatch.setattr(m.sender, "_flush", drop_before_final_flush)
+    monkeypatch.setattr(m.sender.data, "flush", drop_before_final_flush)
     assert m.run() is Phase.FAILED
     # Out of budget, or told by the destination that it is over.
     assert "stop-and-copy transfer" in str(

@@ -206,8 +206,8 @@ def test_dropped_connection_resumes_without_resending_rounds(
         if event.detail["round"] == 0:
             # Round 0 was acknowledged (end-of-round flush); then the
             # network breaks.
-            applied.append(m.sender._acked)
-            m.sender._channel.sock.shutdown(socket.SHUT_RDWR)
+            applied.append(m.sender.data.acked_by[0])
+            m.sender.data.control.sock.shutdown(socket.SHUT_RDWR)
 
     received = []
     populate = destination.populate

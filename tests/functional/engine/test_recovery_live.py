@@ -81,7 +81,7 @@ def test_recovery_asks_through_tls(
     # This engine cannot ask (as one that died after COMMIT): IN_DOUBT,
     # its journal kept; the destination goes on answering, over TLS.
     monkeypatch.setattr(
-        m.sender.coordinator,
+        m.sender.coordinator.query,
         "ask",
         lambda on_retry=None: commit.Verdict(None, "engine gone"),
     )

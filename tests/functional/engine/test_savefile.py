@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from nova_xen_ncm.engine import savefile
-from nova_xen_ncm.engine.receiver import RestoreError
+from nova_xen_ncm.engine.restorer import RestoreError
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host import checker
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine.errors import AuthenticationError
 from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.state import Phase
@@ -18,7 +18,7 @@ def running(host, domid):
 def test_wrong_token_is_refused(source, destination, migration):
     domid = source.create_domain(guest_config())
     m = migration(source, domid, destination)
-    m.sender.token = protocol.generate_token()
+    m.sender.data.token = handshake.generate_token()
     assert m.run() is Phase.FAILED
     assert isinstance(m.sender.error, (Refused, AuthenticationError))
     assert m.receiver.state.phase is Phase.FAILED

@@ -41,7 +41,8 @@ from typing import Any
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import handshake
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import recovery
 from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.receiver import Receiver
@@ -425,7 +426,7 @@ class _HostService:
         if fault is None or not fault.kind.on_destination:
             return []
         if fault.kind is Window.COMMITTED_LOST:
-            _drop_sends(protocol.Committed)
+            _drop_sends(messages.Committed)
             return []
         if fault.kind is Window.DEST_ENGINE_BEFORE_UNPAUSE:
             return [_PhaseHook(Phase.COMMIT, self._engine_dies)]
@@ -809,7 +810,7 @@ class _SourceFaults:
             _suicide()
         elif kind is Kind.DROP:
             sender = self.sender_ref[0]
-            channel = sender._channel
+            channel = sender.data.control
             if channel is not None:
                 with contextlib.suppress(OSError):
                     channel.sock.shutdown(socket.SHUT_RDWR)
@@ -842,9 +843,9 @@ class _SourceFaults:
 
     def _install_window(self, window: Window) -> list:
         if window is Window.COMMIT_LOST:
-            _drop_sends(protocol.Commit)
+            _drop_sends(messages.Commit)
         elif window is Window.FINISHED_LOST:
-            _drop_sends(protocol.Finished)
+            _drop_sends(messages.Finished)
         elif window is Window.SOURCE_KILLED_CLEANUP:
             return [_PhaseHook(Phase.CLEANUP, _suicide)]
         elif window is Window.PARTITION_AT_COMMIT:
@@ -860,7 +861,7 @@ class _SourceFaults:
 
             def send_then_die(conn: Channel, msg: Any) -> None:
                 send(conn, msg)
-                if isinstance(msg, protocol.Commit):
+                if isinstance(msg, messages.Commit):
                     wait_readable(conn.sock, PARTY_TIMEOUT)
                     _suicide()
 
@@ -872,7 +873,7 @@ class _SourceFaults:
 
             def handshake_then_fault(conn: Channel, *a: Any, **k: Any):
                 result = handshake(conn, *a, **k)
-                faults.sender_ref[0]._channel = conn
+                faults.sender_ref[0].data.channels[0] = conn
                 faults.action()
                 Channel.client_handshake = handshake
                 return result
@@ -1052,7 +1053,7 @@ class Rig:
 
     def migrate(self, domid: int, fault: Fault | None) -> Result:
         migration_id = f"rig-{domid}-{time.monotonic_ns()}"
-        token = protocol.generate_token()
+        token = handshake.generate_token()
         endpoint = self.destination.client.receive(migration_id, token, fault)
         trigger = None
         layers: tuple = ()

@@ -9,7 +9,9 @@ import struct
 import lz4.frame
 import pytest
 
-from nova_xen_ncm.engine import protocol as p
+from nova_xen_ncm.engine import framing
+from nova_xen_ncm.engine import handshake as hs
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine.errors import AuthenticationError
 from nova_xen_ncm.engine.errors import ProtocolError
 
@@ -34,13 +36,13 @@ def handshake(
     caps=("lz4", "resume"),
     server_caps=("lz4",),
 ):
-    client = client or p.Connection(p.Role.CLIENT)
-    server = server or p.Connection(p.Role.SERVER)
+    client = client or framing.Connection(messages.Role.CLIENT)
+    server = server or framing.Connection(messages.Role.SERVER)
     deliver(client.send_hello("mig-7", 2, caps), server)
     hello = server.next_event()
-    assert isinstance(hello, p.Hello)
+    assert isinstance(hello, messages.Hello)
     deliver(server.send_challenge(server_token, server_caps), client)
-    assert isinstance(client.next_event(), p.Challenge)
+    assert isinstance(client.next_event(), messages.Challenge)
     deliver(client.send_auth(token, last_acked), server)
     proof = server.next_event()
     deliver(server.send_welcome(resume_from), client)
@@ -52,15 +54,15 @@ def test_handshake_establishes_both_ends():
     client, server, hello, proof, welcome = handshake()
     assert client.established and server.established
     assert hello.migration_id == "mig-7" and hello.channel == 2
-    assert isinstance(proof, p.Auth)
+    assert isinstance(proof, messages.Auth)
     assert welcome.resume_from == 0
     assert client.capabilities == server.capabilities == {"lz4"}
-    assert client.version == server.version == p.PROTOCOL_VERSION
+    assert client.version == server.version == messages.PROTOCOL_VERSION
 
 
 def test_token_never_on_the_wire():
-    client = p.Connection(p.Role.CLIENT)
-    server = p.Connection(p.Role.SERVER)
+    client = framing.Connection(messages.Role.CLIENT)
+    server = framing.Connection(messages.Role.SERVER)
     sent = wire(client.send_hello("m", 0))
     deliver([sent], server)
     server.next_event()
@@ -74,8 +76,8 @@ def test_token_never_on_the_wire():
 
 
 def test_wrong_token_is_rejected_and_refused():
-    client = p.Connection(p.Role.CLIENT)
-    server = p.Connection(p.Role.SERVER)
+    client = framing.Connection(messages.Role.CLIENT)
+    server = framing.Connection(messages.Role.SERVER)
     deliver(client.send_hello("m", 0), server)
     server.next_event()
     deliver(server.send_challenge(TOKEN), client)
@@ -84,25 +86,32 @@ def test_wrong_token_is_rejected_and_refused():
     with pytest.raises(AuthenticationError, match="wrong token proof"):
         server.next_event()
     assert not server.established
-    deliver(server.refuse(p.RefuseReason.AUTHENTICATION, "bad token"), client)
+    deliver(
+        server.refuse(messages.RefuseReason.AUTHENTICATION, "bad token"),
+        client,
+    )
     refuse = client.next_event()
-    assert refuse == p.Refuse(code="authentication", text="bad token")
-    assert client.state is p.State.CLOSED
+    assert refuse == messages.Refuse(code="authentication", text="bad token")
+    assert client.state is hs.State.CLOSED
 
 
 def test_server_without_the_token_is_caught_by_the_client():
     # A rogue destination that cannot check the proof and welcomes
     # anyway: its WELCOME proof cannot be right.
-    client = p.Connection(p.Role.CLIENT)
-    rogue = p.Connection(p.Role.SERVER)
+    client = framing.Connection(messages.Role.CLIENT)
+    rogue = framing.Connection(messages.Role.SERVER)
     deliver(client.send_hello("m", 0), rogue)
     rogue.next_event()
     deliver(rogue.send_challenge(b"x" * 32), client)
     client.next_event()
     client.send_auth(TOKEN)
-    welcome = p.Welcome(proof="00" * 32, resume_from=0)
+    welcome = messages.Welcome(proof="00" * 32, resume_from=0)
     client.receive_data(
-        raw_frame(p.MessageType.WELCOME, p.encode_message(welcome), counter=1)
+        raw_frame(
+            messages.MessageType.WELCOME,
+            messages.encode_message(welcome),
+            counter=1,
+        )
     )
     with pytest.raises(AuthenticationError, match="destination's proof"):
         client.next_event()
@@ -122,17 +131,17 @@ def test_resume_carries_last_acked_and_resume_point():
 
 
 def test_no_common_version():
-    client = p.Connection(p.Role.CLIENT)
-    server = p.Connection(p.Role.SERVER)
+    client = framing.Connection(messages.Role.CLIENT)
+    server = framing.Connection(messages.Role.SERVER)
     deliver(client.send_hello("m", 0, versions=(99,)), server)
     server.next_event()
     with pytest.raises(ProtocolError, match="no common protocol version"):
         server.send_challenge(TOKEN)
-    deliver(server.refuse(p.RefuseReason.VERSION, "v99"), client)
+    deliver(server.refuse(messages.RefuseReason.VERSION, "v99"), client)
     assert client.next_event().code == "version"
 
 
-SETUP = p.Setup(
+SETUP = messages.Setup(
     domid=12,
     name="guest",
     uuid="8f0c3a52-6f4e-4d2b-9c1a-3e5d7b9f1a2c",
@@ -144,24 +153,24 @@ SETUP = p.Setup(
 FROM_CLIENT = [
     SETUP,
     dataclasses.replace(SETUP, running=False),
-    p.Commit(),
-    p.Query(),
-    p.Abort(reason="operator"),
-    p.Error(code="io", text="disk"),
+    messages.Commit(),
+    messages.Query(),
+    messages.Abort(reason="operator"),
+    messages.Error(code="io", text="disk"),
 ]
 FROM_SERVER = [
-    p.SetupReply(accepted=True, domid=12, code="", text=""),
-    p.SetupReply(
+    messages.SetupReply(accepted=True, domid=12, code="", text=""),
+    messages.SetupReply(
         accepted=False,
         domid=12,
         code="domid-taken",
         text="domid 12 runs guest-b",
     ),
-    p.Ack(seq=0),
-    p.Ready(digest="ab" * 32),
-    p.Committed(),
-    p.Status(phase="commit", committed=True),
-    p.Abort(reason="restore failed"),
+    messages.Ack(seq=0),
+    messages.Ready(digest="ab" * 32),
+    messages.Committed(),
+    messages.Status(phase="commit", committed=True),
+    messages.Abort(reason="restore failed"),
 ]
 
 
@@ -170,7 +179,7 @@ def test_client_messages_round_trip(msg):
     client, server, *_ = handshake()
     deliver(client.send(msg), server)
     assert server.next_event() == msg
-    assert server.next_event() is p.NEED_DATA
+    assert server.next_event() is messages.NEED_DATA
 
 
 @pytest.mark.parametrize("msg", FROM_SERVER)
@@ -191,10 +200,10 @@ def test_messages_in_the_wrong_direction_or_state():
     with pytest.raises(ProtocolError, match="not allowed"):
         server.send(SETUP)
     with pytest.raises(ProtocolError, match="not allowed"):
-        client.send(p.Ack(seq=1))
-    fresh = p.Connection(p.Role.CLIENT)
+        client.send(messages.Ack(seq=1))
+    fresh = framing.Connection(messages.Role.CLIENT)
     with pytest.raises(ProtocolError, match="not allowed"):
-        fresh.send(p.Commit())
+        fresh.send(messages.Commit())
 
 
 def test_data_frames_in_order():
@@ -241,7 +250,7 @@ def test_reordered_frames_are_rejected():
 def test_tampered_frame_is_rejected():
     client, server, *_ = handshake()
     frame = bytearray(wire(client.send_data(1, [b"page-content"])))
-    frame[p.FRAME_HEADER.size + p.DATA_HEADER.size] ^= 1
+    frame[framing.FRAME_HEADER.size + framing.DATA_HEADER.size] ^= 1
     server.receive_data(frame)
     with pytest.raises(AuthenticationError, match="tag mismatch"):
         server.next_event()
@@ -258,37 +267,47 @@ def test_frame_of_another_connection_is_rejected():
 
 def raw_frame(mtype, payload, flags=0, counter=0, reserved=0, length=None):
     length = len(payload) if length is None else length
-    return p.FRAME_HEADER.pack(mtype, flags, reserved, length, counter) + (
-        payload
-    )
+    return framing.FRAME_HEADER.pack(
+        mtype, flags, reserved, length, counter
+    ) + (payload)
 
 
 def fresh_server():
-    return p.Connection(p.Role.SERVER, max_data=1 << 20)
+    return framing.Connection(messages.Role.SERVER, max_data=1 << 20)
 
 
 @pytest.mark.parametrize(
     "frame,match",
     [
         (raw_frame(0x7777, b"{}"), "unknown message type"),
-        (raw_frame(p.MessageType.HELLO, b"{}", flags=0x80), "flags"),
-        (raw_frame(p.MessageType.HELLO, b"{}", reserved=1), "flags"),
+        (raw_frame(messages.MessageType.HELLO, b"{}", flags=0x80), "flags"),
+        (raw_frame(messages.MessageType.HELLO, b"{}", reserved=1), "flags"),
         (
-            raw_frame(p.MessageType.HELLO, b"{}", flags=p.FLAG_LZ4),
+            raw_frame(
+                messages.MessageType.HELLO, b"{}", flags=framing.FLAG_LZ4
+            ),
             "compressed",
         ),
         (
             raw_frame(
-                p.MessageType.HELLO, b"", length=p.MAX_CONTROL_PAYLOAD + 1
+                messages.MessageType.HELLO,
+                b"",
+                length=framing.MAX_CONTROL_PAYLOAD + 1,
             ),
             "limit",
         ),
-        (raw_frame(p.MessageType.HELLO, b"", length=2**32 - 1), "limit"),
-        (raw_frame(p.MessageType.HELLO, b"{}", counter=3), "skipped"),
-        (raw_frame(p.MessageType.SETUP, b"{}"), "not allowed"),
-        (raw_frame(p.MessageType.HELLO, b"[1]"), "not an object"),
-        (raw_frame(p.MessageType.HELLO, b"\xff{"), "bad HELLO"),
-        (raw_frame(p.MessageType.HELLO, b'{"versions": [1]}'), "fields"),
+        (
+            raw_frame(messages.MessageType.HELLO, b"", length=2**32 - 1),
+            "limit",
+        ),
+        (raw_frame(messages.MessageType.HELLO, b"{}", counter=3), "skipped"),
+        (raw_frame(messages.MessageType.SETUP, b"{}"), "not allowed"),
+        (raw_frame(messages.MessageType.HELLO, b"[1]"), "not an object"),
+        (raw_frame(messages.MessageType.HELLO, b"\xff{"), "bad HELLO"),
+        (
+            raw_frame(messages.MessageType.HELLO, b'{"versions": [1]}'),
+            "fields",
+        ),
     ],
 )
 def test_bad_frames(frame, match):
@@ -329,7 +348,7 @@ def hello_payload(**override):
 def test_bad_hello_fields(override, match):
     server = fresh_server()
     server.receive_data(
-        raw_frame(p.MessageType.HELLO, hello_payload(**override))
+        raw_frame(messages.MessageType.HELLO, hello_payload(**override))
     )
     with pytest.raises(ProtocolError, match=match):
         server.next_event()
@@ -337,9 +356,11 @@ def test_bad_hello_fields(override, match):
 
 def test_oversized_frame_rejected_before_its_payload_arrives():
     client, server, *_ = handshake(
-        server=p.Connection(p.Role.SERVER, max_data=1024)
+        server=framing.Connection(messages.Role.SERVER, max_data=1024)
     )
-    header = p.FRAME_HEADER.pack(p.MessageType.DATA, 0, 0, 10**9, 4)
+    header = framing.FRAME_HEADER.pack(
+        messages.MessageType.DATA, 0, 0, 10**9, 4
+    )
     server.receive_data(header)
     with pytest.raises(ProtocolError, match="limit"):
         server.next_event()
@@ -347,7 +368,9 @@ def test_oversized_frame_rejected_before_its_payload_arrives():
 
 def test_data_frame_shorter_than_its_header():
     client, server, *_ = handshake()
-    server.receive_data(p.FRAME_HEADER.pack(p.MessageType.DATA, 0, 0, 4, 4))
+    server.receive_data(
+        framing.FRAME_HEADER.pack(messages.MessageType.DATA, 0, 0, 4, 4)
+    )
     with pytest.raises(ProtocolError, match="shorter"):
         server.next_event()
 
@@ -356,7 +379,7 @@ def test_truncated_frame_then_eof():
     client, server, *_ = handshake()
     frame = wire(client.send_data(1, [b"x" * 100]))
     server.receive_data(frame[:50])
-    assert server.next_event() is p.NEED_DATA
+    assert server.next_event() is messages.NEED_DATA
     server.receive_data(b"")
     with pytest.raises(ProtocolError, match="closed inside a frame"):
         server.next_event()
@@ -372,10 +395,10 @@ def test_truncated_header_then_eof():
 
 def test_clean_eof_between_frames():
     client, server, *_ = handshake()
-    deliver(client.send(p.Query()), server)
+    deliver(client.send(messages.Query()), server)
     server.receive_data(b"")
-    assert server.next_event() == p.Query()
-    assert isinstance(server.next_event(), p.ConnectionClosed)
+    assert server.next_event() == messages.Query()
+    assert isinstance(server.next_event(), messages.ConnectionClosed)
 
 
 def test_byte_at_a_time_delivery():
@@ -385,7 +408,7 @@ def test_byte_at_a_time_delivery():
     for i in range(len(data)):
         server.receive_data(data[i : i + 1])
         event = server.next_event()
-        if event is not p.NEED_DATA:
+        if event is not messages.NEED_DATA:
             events.append(event)
     assert events[0] == SETUP
     assert (events[1].seq, bytes(events[1].payload)) == (1, b"zz")
@@ -396,8 +419,8 @@ def test_lz4_compressed_data_round_trip():
     pages = [bytes([i]) * 4096 for i in range(8)]
     frame = wire(client.send_data(1, pages, compress=True))
     assert len(frame) < 8 * 4096 // 4
-    header = p.FRAME_HEADER.unpack_from(frame)
-    assert header[1] & p.FLAG_LZ4
+    header = framing.FRAME_HEADER.unpack_from(frame)
+    assert header[1] & framing.FLAG_LZ4
     server.receive_data(frame)
     event = server.next_event()
     assert event.seq == 1
@@ -408,14 +431,14 @@ def test_incompressible_data_goes_uncompressed():
     client, server, *_ = handshake()
     page = os.urandom(4096)
     frame = wire(client.send_data(1, [page], compress=True))
-    assert not p.FRAME_HEADER.unpack_from(frame)[1] & p.FLAG_LZ4
+    assert not framing.FRAME_HEADER.unpack_from(frame)[1] & framing.FLAG_LZ4
     server.receive_data(frame)
     assert bytes(server.next_event().payload) == page
 
 
 def test_decompression_bomb_is_refused():
     client, server, *_ = handshake(
-        server=p.Connection(p.Role.SERVER, max_data=64 * 1024)
+        server=framing.Connection(messages.Role.SERVER, max_data=64 * 1024)
     )
     # Build a valid compressed frame whose content exceeds the limit, by
     # sending from a client that allows more.
@@ -426,35 +449,37 @@ def test_decompression_bomb_is_refused():
 
 
 def test_send_data_over_limit():
-    client, *_ = handshake(client=p.Connection(p.Role.CLIENT, max_data=10))
+    client, *_ = handshake(
+        client=framing.Connection(messages.Role.CLIENT, max_data=10)
+    )
     with pytest.raises(ValueError, match="limit"):
         client.send_data(1, [b"x" * 11])
 
 
 def test_direct_payload_reads_into_caller_memory():
     client, server, *_ = handshake(
-        server=p.Connection(p.Role.SERVER, direct_payload=True)
+        server=framing.Connection(messages.Role.SERVER, direct_payload=True)
     )
     body = bytes(range(256)) * 64
     deliver(client.send_data(1, [body[:1000], body[1000:]]), server)
     header = server.next_event()
-    assert header == p.DataHeader(seq=1, length=len(body))
+    assert header == messages.DataHeader(seq=1, length=len(body))
     target = memoryview(bytearray(len(body)))
     # All of it is buffered already here; take it in two pieces.
     assert server.take_payload(target[:100]) == 100
     assert server.take_payload(target[100:]) == len(body) - 100
-    assert server.next_event() == p.DataEnd(seq=1)
+    assert server.next_event() == messages.DataEnd(seq=1)
     assert bytes(target) == body
-    deliver(client.send(p.Commit()), server)
-    assert server.next_event() == p.Commit()
+    deliver(client.send(messages.Commit()), server)
+    assert server.next_event() == messages.Commit()
 
 
 def test_direct_payload_tampered_body_fails_at_the_end():
     client, server, *_ = handshake(
-        server=p.Connection(p.Role.SERVER, direct_payload=True)
+        server=framing.Connection(messages.Role.SERVER, direct_payload=True)
     )
     frame = bytearray(wire(client.send_data(1, [b"q" * 64])))
-    frame[-p.TAG_SIZE - 1] ^= 0xFF
+    frame[-hs.TAG_SIZE - 1] ^= 0xFF
     server.receive_data(frame)
     server.next_event()
     target = memoryview(bytearray(64))
@@ -465,7 +490,7 @@ def test_direct_payload_tampered_body_fails_at_the_end():
 
 def test_direct_payload_must_be_read_before_the_next_event():
     client, server, *_ = handshake(
-        server=p.Connection(p.Role.SERVER, direct_payload=True)
+        server=framing.Connection(messages.Role.SERVER, direct_payload=True)
     )
     deliver(client.send_data(1, [b"q" * 64]), server)
     server.next_event()
@@ -475,11 +500,11 @@ def test_direct_payload_must_be_read_before_the_next_event():
 
 def test_direct_mode_hands_compressed_frames_whole():
     client, server, *_ = handshake(
-        server=p.Connection(p.Role.SERVER, direct_payload=True)
+        server=framing.Connection(messages.Role.SERVER, direct_payload=True)
     )
     deliver(client.send_data(1, [b"\0" * 8192], compress=True), server)
     event = server.next_event()
-    assert isinstance(event, p.Data)
+    assert isinstance(event, messages.Data)
     assert bytes(event.payload) == b"\0" * 8192
 
 
@@ -487,29 +512,29 @@ def test_corrupt_compressed_body_is_protocol_error():
     # An authenticated but corrupt lz4 body (the peer's bug).
     client, server, *_ = handshake()
     bad = lz4.frame.compress(b"a" * 5000)[:-6]
-    parts = [p.DATA_HEADER.pack(1), bad]
-    header = p.FRAME_HEADER.pack(
-        p.MessageType.DATA,
-        p.FLAG_LZ4,
+    parts = [framing.DATA_HEADER.pack(1), bad]
+    header = framing.FRAME_HEADER.pack(
+        messages.MessageType.DATA,
+        framing.FLAG_LZ4,
         0,
         sum(map(len, parts)),
         client._send_counter,
     )
-    tag = p.frame_tag(client._send_key, client._send_counter, header, *parts)
+    tag = hs.frame_tag(client._send_key, client._send_counter, header, *parts)
     server.receive_data(header + b"".join(parts) + tag)
     with pytest.raises(ProtocolError, match="lz4"):
         server.next_event()
 
 
 def test_frame_header_layout():
-    assert p.FRAME_HEADER.size == 16
-    assert struct.calcsize("!HBBIQ") == p.FRAME_HEADER.size
-    assert p.TAG_SIZE == 16
+    assert framing.FRAME_HEADER.size == 16
+    assert struct.calcsize("!HBBIQ") == framing.FRAME_HEADER.size
+    assert hs.TAG_SIZE == 16
 
 
 def test_short_token_refused():
-    client = p.Connection(p.Role.CLIENT)
-    server = p.Connection(p.Role.SERVER)
+    client = framing.Connection(messages.Role.CLIENT)
+    server = framing.Connection(messages.Role.SERVER)
     deliver(client.send_hello("m", 0), server)
     server.next_event()
     with pytest.raises(ValueError, match="token"):
@@ -525,12 +550,12 @@ def test_sequences_and_acks():
         server.next_event()
     assert server.last_seq == client.last_seq == 3
     with pytest.raises(ValueError, match="outside the received range"):
-        server.send(p.Ack(seq=4))
-    deliver(server.send(p.Ack(seq=2)), client)
-    assert client.next_event() == p.Ack(seq=2)
+        server.send(messages.Ack(seq=4))
+    deliver(server.send(messages.Ack(seq=2)), client)
+    assert client.next_event() == messages.Ack(seq=2)
     assert client.acked == server.acked == 2
     with pytest.raises(ValueError, match="outside"):
-        server.send(p.Ack(seq=1))
+        server.send(messages.Ack(seq=1))
 
 
 def test_resumed_channel_continues_after_resume_from():
@@ -545,15 +570,15 @@ def test_resumed_channel_continues_after_resume_from():
 def forged_data(client, seq, body=b"x", flags=0):
     # A correctly authenticated frame with an arbitrary sequence number,
     # as a buggy peer would send it.
-    parts = [p.DATA_HEADER.pack(seq), body]
-    header = p.FRAME_HEADER.pack(
-        p.MessageType.DATA,
+    parts = [framing.DATA_HEADER.pack(seq), body]
+    header = framing.FRAME_HEADER.pack(
+        messages.MessageType.DATA,
         flags,
         0,
         sum(map(len, parts)),
         client._send_counter,
     )
-    tag = p.frame_tag(client._send_key, client._send_counter, header, *parts)
+    tag = hs.frame_tag(client._send_key, client._send_counter, header, *parts)
     client._send_counter += 1
     return header + b"".join(parts) + tag
 
@@ -561,7 +586,7 @@ def forged_data(client, seq, body=b"x", flags=0):
 @pytest.mark.parametrize("direct", [False, True])
 def test_data_sequence_gap_or_repeat_is_refused(direct):
     client, server, *_ = handshake(
-        server=p.Connection(p.Role.SERVER, direct_payload=direct)
+        server=framing.Connection(messages.Role.SERVER, direct_payload=direct)
     )
     deliver(client.send_data(1, [b"a"]), server)
     server.next_event()
@@ -579,20 +604,20 @@ def test_ack_beyond_what_was_sent_is_refused():
     server.next_event()
     # The server acknowledges more than it got (its bug, forged here).
     server.last_seq = 5
-    deliver(server.send(p.Ack(seq=5)), client)
+    deliver(server.send(messages.Ack(seq=5)), client)
     with pytest.raises(ProtocolError, match="outside the sent range"):
         client.next_event()
 
 
 def test_deeply_nested_json_is_a_protocol_error():
     server = fresh_server()
-    server.receive_data(raw_frame(p.MessageType.HELLO, b"[" * 60000))
+    server.receive_data(raw_frame(messages.MessageType.HELLO, b"[" * 60000))
     with pytest.raises(ProtocolError):
         server.next_event()
 
 
 def valid_client_stream():
-    client, server = p.Connection(p.Role.CLIENT), fresh_server()
+    client, server = framing.Connection(messages.Role.CLIENT), fresh_server()
     data = wire(client.send_hello("m", 0, ["lz4"]))
     deliver([data], server)
     server.next_event()
@@ -615,7 +640,7 @@ def test_mutated_streams_fail_only_with_protocol_error(seed):
     try:
         for _ in range(4):
             event = server.next_event()
-            if isinstance(event, p.Hello):
+            if isinstance(event, messages.Hello):
                 server.send_challenge(TOKEN)
     except ProtocolError:
         pass
@@ -627,15 +652,20 @@ def test_lz4_only_when_negotiated():
     with pytest.raises(ValueError, match="not negotiated"):
         client.send_data(1, [b"\0" * 4096], compress=True)
     packed = lz4.frame.compress(b"\0" * 4096)
-    server.receive_data(forged_data(client, 1, packed, flags=p.FLAG_LZ4))
+    server.receive_data(forged_data(client, 1, packed, flags=framing.FLAG_LZ4))
     with pytest.raises(ProtocolError, match="not negotiated"):
         server.next_event()
 
 
 def test_setup_says_whether_the_guest_runs():
     paused = dataclasses.replace(SETUP, running=False)
-    payload = p.encode_message(paused)
-    assert p.decode_message(p.MessageType.SETUP, payload).running is False
+    payload = messages.encode_message(paused)
+    assert (
+        messages.decode_message(messages.MessageType.SETUP, payload).running
+        is False
+    )
     assert SETUP.running is True
     with pytest.raises(ProtocolError, match="running must be bool"):
-        p.decode_message(p.MessageType.SETUP, payload.replace(b"false", b"0"))
+        messages.decode_message(
+            messages.MessageType.SETUP, payload.replace(b"false", b"0")
+        )

@@ -9,7 +9,7 @@ import pytest
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import recovery
 from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.journal import Entry
@@ -93,7 +93,7 @@ def journalled(tmp_path, phase, running=True, boot_id="boot-1", cls=Entry):
 
 
 def answer(phase, committed):
-    return lambda entry, conf: protocol.Status(
+    return lambda entry, conf: messages.Status(
         phase=phase, committed=committed
     )
 
@@ -117,8 +117,8 @@ def test_past_the_pause_the_source_resumes_after_the_teardown(tmp_path, conf):
         # Still waiting for the source, then rolled back.
         asked.append(list(host.calls))
         if len(asked) < 3:
-            return protocol.Status(phase="restore", committed=False)
-        return protocol.Status(phase="failed", committed=False)
+            return messages.Status(phase="restore", committed=False)
+        return messages.Status(phase="failed", committed=False)
 
     (o,) = recovery.recover(host, j, conf, query=query)
     assert o.phase is Phase.FAILED, o

@@ -14,7 +14,7 @@ from oslo_config import cfg
 
 from nova_xen_ncm.conf import sim as sim_conf
 from nova_xen_ncm.engine import savefile
-from nova_xen_ncm.engine.receiver import RestoreError
+from nova_xen_ncm.engine.restorer import RestoreError
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.sim.host import SimHost
 from nova_xen_ncm.stream import decoder

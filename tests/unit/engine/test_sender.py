@@ -10,10 +10,12 @@ import pytest
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
+from nova_xen_ncm.engine import framing
+from nova_xen_ncm.engine import handshake
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import policy
-from nova_xen_ncm.engine import protocol
 from nova_xen_ncm.engine.errors import EngineError
-from nova_xen_ncm.engine.sender import GuestStream
+from nova_xen_ncm.engine.guest_stream import GuestStream
 from nova_xen_ncm.engine.sender import Sender
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
@@ -120,7 +122,7 @@ def make_sender(conf, host, **kwargs):
         DOMID,
         ("127.0.0.1", 9),
         "m-1",
-        protocol.generate_token(),
+        handshake.generate_token(),
         conf=conf,
         **kwargs,
     )
@@ -204,7 +206,7 @@ class CountingChannel:
 
     def __init__(self, clock):
         self.clock = clock
-        self.connection = protocol.Connection(protocol.Role.CLIENT)
+        self.connection = framing.Connection(messages.Role.CLIENT)
 
     def send_data(self, seq, buffers, compress=False, pages=False):
         assert pages
@@ -220,7 +222,7 @@ def test_progress_is_reported_while_a_round_runs(conf, host):
     clock = FakeClock()
     sender = make_sender(conf, host, clock=clock, sinks=[sink])
     sender.stream.batch_pages = 1
-    sender._channel = CountingChannel(clock)
+    sender.data.channels[0] = CountingChannel(clock)
     pages, zero, nbytes = sender._send_pages(PFNS)
     assert (pages, zero) == (5, 1)
     progress = [e for e in sink.events if e.kind.value == "progress"]

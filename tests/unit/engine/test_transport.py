@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from nova_xen_ncm.engine import protocol as p
+from nova_xen_ncm.engine import framing
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.errors import TransportError
@@ -42,15 +43,19 @@ class Background:
         return self._value
 
 
-def pair(direct_payload=False, max_data=p.DEFAULT_MAX_DATA):
+def pair(direct_payload=False, max_data=framing.DEFAULT_MAX_DATA):
     a, b = socket.socketpair()
     client = Channel(
-        a, p.Connection(p.Role.CLIENT, max_data=max_data), io_timeout=TIMEOUT
+        a,
+        framing.Connection(messages.Role.CLIENT, max_data=max_data),
+        io_timeout=TIMEOUT,
     )
     server = Channel(
         b,
-        p.Connection(
-            p.Role.SERVER, max_data=max_data, direct_payload=direct_payload
+        framing.Connection(
+            messages.Role.SERVER,
+            max_data=max_data,
+            direct_payload=direct_payload,
         ),
         io_timeout=TIMEOUT,
     )
@@ -61,7 +66,7 @@ def token_for(expected_id="mig"):
     def lookup(hello):
         if hello.migration_id != expected_id:
             raise Refused(
-                p.RefuseReason.UNKNOWN_MIGRATION,
+                messages.RefuseReason.UNKNOWN_MIGRATION,
                 f"no migration {hello.migration_id}",
             )
         return TOKEN
@@ -133,7 +138,7 @@ def test_handshake_and_messages_over_a_socketpair():
     assert client.connection.established and server.connection.established
     assert client.connection.capabilities == {"lz4"}
     client.send(
-        p.Setup(
+        messages.Setup(
             domid=3,
             name="g",
             uuid="8f0c3a52-6f4e-4d2b-9c1a-3e5d7b9f1a2c",
@@ -144,7 +149,7 @@ def test_handshake_and_messages_over_a_socketpair():
         )
     )
     assert server.receive().domid == 3
-    server.send(p.SetupReply(accepted=True, domid=3, code="", text=""))
+    server.send(messages.SetupReply(accepted=True, domid=3, code="", text=""))
     assert client.receive().accepted
 
 
@@ -153,16 +158,16 @@ def test_page_payload_read_straight_into_caller_memory():
     pages = [memoryview(bytearray(bytes([n]) * 4096)) for n in range(64)]
     sender = Background(client.send_data, 1, pages)
     header = server.next_event()
-    assert header == p.DataHeader(seq=1, length=64 * 4096)
+    assert header == messages.DataHeader(seq=1, length=64 * 4096)
     guest = memoryview(bytearray(64 * 4096))
     # Page by page, as into mapped destination pages.
     for n in range(64):
         server.read_payload_into(guest[n * 4096 : (n + 1) * 4096])
-    assert server.next_event() == p.DataEnd(seq=1)
+    assert server.next_event() == messages.DataEnd(seq=1)
     sender.result()
     assert bytes(guest) == b"".join(bytes(pg) for pg in pages)
-    server.send(p.Ack(seq=1))
-    assert client.receive() == p.Ack(seq=1)
+    server.send(messages.Ack(seq=1))
+    assert client.receive() == messages.Ack(seq=1)
 
 
 def test_read_payload_into_more_than_the_frame():
@@ -227,7 +232,7 @@ def test_resume_reports_where_to_continue():
     assert welcome.resume_from == 12
     assert seen == [9]
     assert hello.channel == 1
-    assert isinstance(proof, p.Resume)
+    assert isinstance(proof, messages.Resume)
 
 
 def test_peer_close_is_a_transport_error():
@@ -315,59 +320,6 @@ def test_listener_from_conf():
     with Listener.from_conf(conf, expected=3) as listener:
         assert listener.accept_timeout == 3.0
         assert listener.address[0] == "127.0.0.1"
-
-
-def test_several_channels_per_migration():
-    with loopback_listener(expected=3, accept_timeout=TIMEOUT) as listener:
-        bg = Background(
-            transport.accept_channels,
-            listener,
-            3,
-            token_for(),
-            capabilities=["lz4"],
-            io_timeout=TIMEOUT,
-        )
-        clients = transport.connect_channels(
-            "127.0.0.1",
-            listener.port,
-            "mig",
-            TOKEN,
-            3,
-            capabilities=["lz4"],
-            connect_timeout=TIMEOUT,
-            io_timeout=TIMEOUT,
-        )
-        servers = bg.result()
-        assert [c.connection.hello.channel for c in clients] == [0, 1, 2]
-        assert [s.connection.hello.channel for s in servers] == [0, 1, 2]
-        assert servers[0].connection.capabilities == {
-            "lz4",
-            p.Capability.MULTI_CHANNEL.value,
-        }
-        for index, ch in enumerate(clients):
-            ch.send_data(1, [b"page of channel %d" % index])
-        for index, ch in enumerate(servers):
-            assert bytes(ch.receive().payload) == (
-                b"page of channel %d" % index
-            )
-        for ch in clients + servers:
-            ch.close()
-
-
-def test_unexpected_channel_index_is_refused():
-    with loopback_listener(expected=1, accept_timeout=TIMEOUT) as listener:
-        bg = Background(transport.accept_channels, listener, 1, token_for())
-        ch = Channel.connect(
-            "127.0.0.1",
-            listener.port,
-            connect_timeout=TIMEOUT,
-            io_timeout=TIMEOUT,
-        )
-        with pytest.raises(Refused, match="too-many-connections"):
-            ch.client_handshake("mig", TOKEN, channel=1)
-        with pytest.raises(Refused):
-            bg.result()
-        ch.close()
 
 
 class FakeTime:

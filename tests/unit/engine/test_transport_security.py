@@ -13,7 +13,8 @@ import pytest
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
-from nova_xen_ncm.engine import protocol as p
+from nova_xen_ncm.engine import framing
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.errors import AuthenticationError
 from nova_xen_ncm.engine.errors import Refused
@@ -51,7 +52,7 @@ def run(fn, *args, **kwargs):
 
 def token_for(hello):
     if hello.migration_id != "mig":
-        raise Refused(p.RefuseReason.UNKNOWN_MIGRATION, "unknown")
+        raise Refused(messages.RefuseReason.UNKNOWN_MIGRATION, "unknown")
     return TOKEN
 
 
@@ -214,8 +215,8 @@ def test_mutual_tls_carries_the_authenticated_protocol(tls_files):
         client.send_data(1, pages)
         got = server.receive()
         assert bytes(got.payload) == b"".join(pages)
-        server.send(p.Ack(seq=1))
-        assert client.receive() == p.Ack(seq=1)
+        server.send(messages.Ack(seq=1))
+        assert client.receive() == messages.Ack(seq=1)
         peer = server.sock.tls.getpeercert()
         assert dict(x[0] for x in peer["subject"])["commonName"] == "host"
         client.close()
@@ -228,7 +229,7 @@ def test_token_is_still_checked_inside_tls(tls_files):
         served = run(serve, listener)
         with pytest.raises(Refused) as caught:
             connect(listener, client_ctx, token=b"w" * 32)
-        assert caught.value.code == p.RefuseReason.AUTHENTICATION
+        assert caught.value.code == messages.RefuseReason.AUTHENTICATION
         with pytest.raises(Refused):
             served()
 
@@ -307,7 +308,7 @@ def test_tls_without_its_files_is_a_clear_error():
 def _session(server_conn):
     """A client's whole session with ``server_conn`` in memory: the
     octets the client sent (what an eavesdropper captures)."""
-    client = p.Connection(p.Role.CLIENT)
+    client = framing.Connection(messages.Role.CLIENT)
     sent = bytearray()
 
     def to_server(buffers):
@@ -329,13 +330,13 @@ def _session(server_conn):
 
 
 def test_replayed_session_fails_authentication_on_a_new_connection():
-    captured = _session(p.Connection(p.Role.SERVER))
+    captured = _session(framing.Connection(messages.Role.SERVER))
     # The same migration id and even the same token: the new server's
     # nonce makes the captured proof worthless.
-    server = p.Connection(p.Role.SERVER)
+    server = framing.Connection(messages.Role.SERVER)
     server.receive_data(captured)
     hello = server.next_event()
-    assert isinstance(hello, p.Hello)
+    assert isinstance(hello, messages.Hello)
     server.send_challenge(token_for(hello))
     with pytest.raises(AuthenticationError, match="wrong token"):
         server.next_event()

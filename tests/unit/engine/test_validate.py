@@ -19,10 +19,10 @@ import pytest
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
-from nova_xen_ncm.engine import receiver
+from nova_xen_ncm.engine import restorer as restoring
 from nova_xen_ncm.engine import savefile
 from nova_xen_ncm.engine import validate
-from nova_xen_ncm.engine.receiver import RestoreError
+from nova_xen_ncm.engine.restorer import RestoreError
 from nova_xen_ncm.engine.validate import ForgedContent
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.sim.host import SimHost
@@ -131,7 +131,7 @@ def refused(saved, host, name, change, match, *, index=0):
     domid, data = saved
     recs = records(data)
     at = forge(recs, name, change, index)
-    restorer = receiver.Restorer(host, domid, pv_drivers=True)
+    restorer = restoring.Restorer(host, domid, pv_drivers=True)
     # PV records are gathered as they come and applied at the end.
     stop = at if name == "PAGE_DATA" else len(recs) - 1
     for record in recs[:stop]:
@@ -146,7 +146,7 @@ def refused(saved, host, name, change, match, *, index=0):
 
 def test_the_genuine_stream_is_accepted(saved, destination):
     domid, data = saved
-    restorer = receiver.Restorer(destination, domid, pv_drivers=True)
+    restorer = restoring.Restorer(destination, domid, pv_drivers=True)
     for record in records(data):
         restorer.apply(record)
     assert restorer.done
@@ -410,7 +410,7 @@ def test_page_data_limits_from_the_host(destination, saved):
 def _refused_by_the_host(saved, host, recs, match):
     """The host refuses the PV state before it applies any of it."""
     domid, _ = saved
-    restorer = receiver.Restorer(host, domid, pv_drivers=True)
+    restorer = restoring.Restorer(host, domid, pv_drivers=True)
     for record in recs[:-1]:
         restorer.apply(record)
     before = snapshot(host, domid)
@@ -426,7 +426,7 @@ def test_a_ring_grant_not_in_use_is_refused_before_anything(
     # The stream's validation refuses it too: the host's own check is
     # what is tested here.
     monkeypatch.setattr(
-        receiver.validate, "check_pv_records", lambda *args: None
+        restoring.validate, "check_pv_records", lambda *args: None
     )
     recs = records(saved[1])
 
@@ -451,6 +451,8 @@ def test_a_vbd_whose_disk_is_missing_is_refused_before_anything(
         _refused_by_the_host(saved, destination, recs, "cannot be opened")
     finally:
         os.rename(hidden, disk)
+
+
 @pytest.mark.parametrize(
     "params, match",
     [

@@ -4,7 +4,7 @@ import pytest
 from nova import exception
 
 from nova_xen_ncm.engine import errors as engine_errors
-from nova_xen_ncm.engine import protocol
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.host import base
 from nova_xen_ncm.virt import exceptions
 
@@ -21,7 +21,7 @@ from nova_xen_ncm.virt import exceptions
         (base.NotSupported("no"), exception.NotSupported),
         (base.HostError("broken"), exception.InternalError),
         (
-            engine_errors.Refused(protocol.RefuseReason.DOMID_TAKEN, "x"),
+            engine_errors.Refused(messages.RefuseReason.DOMID_TAKEN, "x"),
             exception.MigrationPreCheckError,
         ),
         (engine_errors.TransportError("cut"), exception.MigrationError),

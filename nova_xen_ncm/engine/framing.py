@@ -1,10 +1,10 @@
-"""The control and data protocol between a source and a destination.
+"""Framing: one end of one connection, sans-I/O.
 
-Sans-I/O, as h11: a :class:`Connection` takes bytes in
-(:meth:`Connection.receive_data`) and hands messages out
-(:meth:`Connection.next_event`); sending a message returns the buffers to
-write. It never touches a socket; :mod:`nova_xen_ncm.engine.transport`
-does. The source is the client (it connects), the destination the server.
+As h11: a :class:`Connection` takes bytes in (:meth:`Connection.
+receive_data`) and hands events out (:meth:`Connection.next_event`);
+sending a message returns the buffers to write. It never touches a socket;
+:mod:`nova_xen_ncm.engine.transport` does. The source is the client (it
+connects), the destination the server.
 
 Frames. Every message travels in one frame::
 
@@ -20,66 +20,60 @@ the counter as nonce: each key serves one connection and its counters
 never repeat, and GMAC costs a small fraction of the socket copy it
 guards (HMAC-SHA256 cost more than the copy).
 
-Control payloads are JSON objects with exactly the fields of
-their message; a DATA payload is the channel sequence number (!Q) and the
-body (the stream codec's records), lz4-compressed when flag LZ4 is set
-(allowed once both ends negotiated the ``lz4`` capability). Flag PAGES
-says the body is exactly one libxc PAGE_DATA record, which a destination
-may read straight into guest memory and which may travel on any channel
-(several channels share out the page batches of a round). Sequence
-numbers run 1, 2, ... per channel; ACK carries the highest one applied.
-Every length is checked against a limit before anything is buffered.
-
-Handshake (one per connection, data channels included)::
-
-    client HELLO      versions, capabilities, migration id, channel, nonce
-    server CHALLENGE  version, capabilities, nonce    (or REFUSE)
-    client AUTH       proof                 | RESUME  proof, last acked seq
-    server WELCOME    proof, resume_from                 (or REFUSE)
-
-The one-time migration token never crosses the wire: the proofs are
-HMAC-SHA256 under the token over a hash of HELLO and CHALLENGE (both
-nonces, the migration id, the channel), the server's proof covers the
-client's so each side knows the other holds the token. Frame keys, one per
-direction, are derived the same way, so frames of another connection or
-migration fail their tag. A client reconnecting a channel that broke
-sends RESUME instead of AUTH, with the last ACK it got; WELCOME answers
-with the highest sequence the server applied, and the client sends on
-from there without repeating completed rounds.
+A DATA payload is the channel sequence number (!Q) and the body (the
+stream codec's records), lz4-compressed when flag LZ4 is set (allowed once
+both ends negotiated the ``lz4`` capability). Flag PAGES says the body is
+exactly one libxc PAGE_DATA record, which a destination may read straight
+into guest memory and which may travel on any channel (several channels
+share out the page batches of a round). Sequence numbers run 1, 2, ... per
+channel; ACK carries the highest one applied. Every length is checked
+against a limit before anything is buffered. Messages are
+:mod:`.messages`, the handshake's state machine, proofs and keys
+:mod:`.handshake`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import hashlib
 import hmac
-import json
-import secrets
 import struct
-import typing
-import uuid as uuidlib
 from collections.abc import Sequence
-from typing import Any
-from typing import ClassVar
-
-from cryptography.hazmat.primitives.ciphers import Cipher
-from cryptography.hazmat.primitives.ciphers import algorithms
-from cryptography.hazmat.primitives.ciphers import modes
 
 from nova_xen_ncm.engine import compression
+from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine.errors import AuthenticationError
 from nova_xen_ncm.engine.errors import ProtocolError
-
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+from nova_xen_ncm.engine.handshake import TAG_SIZE
+from nova_xen_ncm.engine.handshake import FrameTag
+from nova_xen_ncm.engine.handshake import State
+from nova_xen_ncm.engine.handshake import frame_tag
+from nova_xen_ncm.engine.handshake import next_state
+from nova_xen_ncm.engine.messages import NEED_DATA
+from nova_xen_ncm.engine.messages import SUPPORTED_VERSIONS
+from nova_xen_ncm.engine.messages import Ack
+from nova_xen_ncm.engine.messages import Auth
+from nova_xen_ncm.engine.messages import Buffer
+from nova_xen_ncm.engine.messages import Capability
+from nova_xen_ncm.engine.messages import Challenge
+from nova_xen_ncm.engine.messages import ConnectionClosed
+from nova_xen_ncm.engine.messages import Data
+from nova_xen_ncm.engine.messages import DataEnd
+from nova_xen_ncm.engine.messages import DataHeader
+from nova_xen_ncm.engine.messages import Event
+from nova_xen_ncm.engine.messages import Hello
+from nova_xen_ncm.engine.messages import Message
+from nova_xen_ncm.engine.messages import MessageType
+from nova_xen_ncm.engine.messages import Refuse
+from nova_xen_ncm.engine.messages import RefuseReason
+from nova_xen_ncm.engine.messages import Resume
+from nova_xen_ncm.engine.messages import Role
+from nova_xen_ncm.engine.messages import Welcome
+from nova_xen_ncm.engine.messages import _NeedData
+from nova_xen_ncm.engine.messages import decode_message
+from nova_xen_ncm.engine.messages import encode_message
 
 FRAME_HEADER = struct.Struct("!HBBIQ")
 DATA_HEADER = struct.Struct("!Q")
-TAG_SIZE = 16
-PROOF_SIZE = hashlib.sha256().digest_size
-NONCE_SIZE = 32
-TOKEN_MIN_SIZE = 16
 
 FLAG_LZ4 = 0x01
 FLAG_PAGES = 0x02
@@ -88,501 +82,8 @@ KNOWN_FLAGS = FLAG_LZ4 | FLAG_PAGES
 # Control messages are small; anything bigger is an attack or a bug.
 MAX_CONTROL_PAYLOAD = 64 * 1024
 DEFAULT_MAX_DATA = 16 * 1024 * 1024
-MAX_CHANNELS = 16
-MAX_TEXT = 4096
-MAX_LIST = 256
-
-Buffer = bytes | bytearray | memoryview
-
-
-class Role(str, enum.Enum):
-    CLIENT = "client"
-    SERVER = "server"
-
-
-class Capability(str, enum.Enum):
-    LZ4 = "lz4"
-    MULTI_CHANNEL = "multi-channel"
-    RESUME = "resume"
-
-
-class RefuseReason(str, enum.Enum):
-    """Why a destination refuses a connection or a migration."""
-
-    VERSION = "version"
-    AUTHENTICATION = "authentication"
-    UNKNOWN_MIGRATION = "unknown-migration"
-    TOO_MANY_CONNECTIONS = "too-many-connections"
-    DOMID_TAKEN = "domid-taken"
-    NOT_ENOUGH_MEMORY = "not-enough-memory"
-    MISSING_CAPABILITY = "missing-capability"
-    BAD_REQUEST = "bad-request"
-
-
-class MessageType(enum.IntEnum):
-    HELLO = 0x01
-    CHALLENGE = 0x02
-    AUTH = 0x03
-    RESUME = 0x04
-    WELCOME = 0x05
-    REFUSE = 0x06
-    SETUP = 0x10
-    SETUP_REPLY = 0x11
-    DATA = 0x20
-    ACK = 0x21
-    READY = 0x30
-    COMMIT = 0x31
-    COMMITTED = 0x32
-    QUERY = 0x33
-    STATUS = 0x34
-    FINISHED = 0x35
-    ABORT = 0x40
-    ERROR = 0x41
-
-
-# -- messages ---------------------------------------------------------
-
-
-def _hex(value: str, size: int, name: str) -> None:
-    if len(value) != 2 * size:
-        raise ValueError(f"{name} must be {size} octets in hex")
-    bytes.fromhex(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class Message:
-    TYPE: ClassVar[MessageType]
-
-    def validate(self) -> None:
-        """Raise ValueError if a field is out of range."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Hello(Message):
-    TYPE: ClassVar[MessageType] = MessageType.HELLO
-    versions: tuple[int, ...]
-    capabilities: tuple[str, ...]
-    migration_id: str
-    channel: int
-    nonce: str
-
-    def validate(self) -> None:
-        if not self.versions:
-            raise ValueError("no protocol version offered")
-        if not self.migration_id:
-            raise ValueError("empty migration id")
-        if not 0 <= self.channel < MAX_CHANNELS:
-            raise ValueError(f"channel {self.channel} out of range")
-        _hex(self.nonce, NONCE_SIZE, "nonce")
-
-
-@dataclasses.dataclass(frozen=True)
-class Challenge(Message):
-    TYPE: ClassVar[MessageType] = MessageType.CHALLENGE
-    version: int
-    capabilities: tuple[str, ...]
-    nonce: str
-
-    def validate(self) -> None:
-        _hex(self.nonce, NONCE_SIZE, "nonce")
-
-
-@dataclasses.dataclass(frozen=True)
-class Auth(Message):
-    TYPE: ClassVar[MessageType] = MessageType.AUTH
-    proof: str
-
-    def validate(self) -> None:
-        _hex(self.proof, PROOF_SIZE, "proof")
-
-
-@dataclasses.dataclass(frozen=True)
-class Resume(Message):
-    TYPE: ClassVar[MessageType] = MessageType.RESUME
-    proof: str
-    last_acked: int
-
-    def validate(self) -> None:
-        _hex(self.proof, PROOF_SIZE, "proof")
-        if self.last_acked < 0:
-            raise ValueError("negative sequence number")
-
-
-@dataclasses.dataclass(frozen=True)
-class Welcome(Message):
-    TYPE: ClassVar[MessageType] = MessageType.WELCOME
-    proof: str
-    #: Highest sequence number the server applied on this channel.
-    resume_from: int
-
-    def validate(self) -> None:
-        _hex(self.proof, PROOF_SIZE, "proof")
-        if self.resume_from < 0:
-            raise ValueError("negative sequence number")
-
-
-@dataclasses.dataclass(frozen=True)
-class Refuse(Message):
-    TYPE: ClassVar[MessageType] = MessageType.REFUSE
-    code: str
-    text: str
-
-    def validate(self) -> None:
-        RefuseReason(self.code)
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup(Message):
-    """What the destination must prepare: refused up front if it can't."""
-
-    TYPE: ClassVar[MessageType] = MessageType.SETUP
-    domid: int
-    name: str
-    uuid: str
-    memory_bytes: int
-    vcpus: int
-    pv_drivers: bool
-    required: tuple[str, ...]
-    #: Whether the guest ran on the source: a paused guest stays paused
-    #: on the destination after COMMIT.
-    running: bool = True
-    #: Connections of the migration: this one, then data channels
-    #: 1 .. channels-1, which connect once SETUP is accepted.
-    channels: int = 1
-
-    def validate(self) -> None:
-        # DOMID_FIRST_RESERVED (xen/include/public/xen.h) and above are
-        # not guest domids.
-        if not 0 < self.domid < 0x7FF0:
-            raise ValueError(f"domid {self.domid} is not a guest domid")
-        # The destination names files after it (the sim's disks).
-        try:
-            uuidlib.UUID(self.uuid)
-        except (ValueError, TypeError, AttributeError):
-            raise ValueError(f"uuid {self.uuid!r} is not a UUID") from None
-        if self.memory_bytes <= 0 or self.vcpus <= 0:
-            raise ValueError("memory and vcpus must be positive")
-        if not 1 <= self.channels <= MAX_CHANNELS:
-            raise ValueError(
-                f"{self.channels} channels: from 1 to {MAX_CHANNELS}"
-            )
-
-
-@dataclasses.dataclass(frozen=True)
-class SetupReply(Message):
-    TYPE: ClassVar[MessageType] = MessageType.SETUP_REPLY
-    accepted: bool
-    domid: int
-    code: str
-    text: str
-
-    def validate(self) -> None:
-        if not self.accepted:
-            RefuseReason(self.code)
-
-
-@dataclasses.dataclass(frozen=True)
-class Ack(Message):
-    TYPE: ClassVar[MessageType] = MessageType.ACK
-    #: Highest data sequence number applied on this channel.
-    seq: int
-
-    def validate(self) -> None:
-        if self.seq < 0:
-            raise ValueError("negative sequence number")
-
-
-@dataclasses.dataclass(frozen=True)
-class Ready(Message):
-    """The destination restored everything; ``digest`` is its digest of
-    the guest-visible state, for the source to compare."""
-
-    TYPE: ClassVar[MessageType] = MessageType.READY
-    digest: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Commit(Message):
-    TYPE: ClassVar[MessageType] = MessageType.COMMIT
-
-
-@dataclasses.dataclass(frozen=True)
-class Committed(Message):
-    TYPE: ClassVar[MessageType] = MessageType.COMMITTED
-
-
-@dataclasses.dataclass(frozen=True)
-class Query(Message):
-    TYPE: ClassVar[MessageType] = MessageType.QUERY
-
-
-@dataclasses.dataclass(frozen=True)
-class Status(Message):
-    """The destination's answer to QUERY: its phase, and whether the guest
-    runs there (COMMIT was received and acted on)."""
-
-    TYPE: ClassVar[MessageType] = MessageType.STATUS
-    phase: str
-    committed: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class Finished(Message):
-    """The source's final acknowledgement: it knows the outcome and has
-    acted on it and recorded it; the destination may forget."""
-
-    TYPE: ClassVar[MessageType] = MessageType.FINISHED
-
-
-@dataclasses.dataclass(frozen=True)
-class Abort(Message):
-    TYPE: ClassVar[MessageType] = MessageType.ABORT
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Error(Message):
-    TYPE: ClassVar[MessageType] = MessageType.ERROR
-    code: str
-    text: str
-
-
-MESSAGES: dict[MessageType, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        Hello,
-        Challenge,
-        Auth,
-        Resume,
-        Welcome,
-        Refuse,
-        Setup,
-        SetupReply,
-        Ack,
-        Ready,
-        Commit,
-        Committed,
-        Query,
-        Status,
-        Finished,
-        Abort,
-        Error,
-    )
-}
-
-
-# -- events that are not control messages -----------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Data:
-    """A whole data frame: its channel sequence number and body;
-    ``pages``: the body is one PAGE_DATA record (flag PAGES)."""
-
-    seq: int
-    payload: bytes | memoryview
-    pages: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class DataHeader:
-    """Direct mode: a data frame of ``length`` body octets begins; read
-    them with take_payload/payload_received, then DataEnd follows."""
-
-    seq: int
-    length: int
-    pages: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class DataEnd:
-    """Direct mode: the body of frame ``seq`` was read and its tag holds."""
-
-    seq: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ConnectionClosed:
-    """The peer closed the connection between two frames."""
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
-
-Event = Message | Data | DataHeader | DataEnd | ConnectionClosed | _NeedData
-
-
-# -- the connection state machine -------------------------------------
-
-
-class State(str, enum.Enum):
-    START = "start"
-    HELLO = "hello"
-    CHALLENGE = "challenge"
-    PROOF = "proof"
-    ESTABLISHED = "established"
-    CLOSED = "closed"
-
 
 C, S = Role.CLIENT, Role.SERVER
-M = MessageType
-
-# (state, sender, message) -> next state. Both ends of a connection walk
-# this table, one on sending and the other on receiving.
-HANDSHAKE: dict[tuple[State, Role, MessageType], State] = {
-    (State.START, C, M.HELLO): State.HELLO,
-    (State.HELLO, S, M.CHALLENGE): State.CHALLENGE,
-    (State.HELLO, S, M.REFUSE): State.CLOSED,
-    (State.CHALLENGE, C, M.AUTH): State.PROOF,
-    (State.CHALLENGE, C, M.RESUME): State.PROOF,
-    (State.PROOF, S, M.WELCOME): State.ESTABLISHED,
-    (State.PROOF, S, M.REFUSE): State.CLOSED,
-}
-
-# Who may send what once established (the state stays ESTABLISHED).
-ESTABLISHED: dict[MessageType, frozenset[Role]] = {
-    M.SETUP: frozenset({C}),
-    M.SETUP_REPLY: frozenset({S}),
-    M.DATA: frozenset({C}),
-    M.ACK: frozenset({S}),
-    M.READY: frozenset({S}),
-    M.COMMIT: frozenset({C}),
-    M.COMMITTED: frozenset({S}),
-    M.QUERY: frozenset({C}),
-    M.STATUS: frozenset({S}),
-    M.FINISHED: frozenset({C}),
-    M.ABORT: frozenset({C, S}),
-    M.ERROR: frozenset({C, S}),
-}
-
-
-def next_state(state: State, sender: Role, mtype: MessageType) -> State:
-    """The state after ``sender`` sent ``mtype`` in ``state``."""
-    if state is State.ESTABLISHED:
-        if sender in ESTABLISHED.get(mtype, ()):
-            return state
-    else:
-        target = HANDSHAKE.get((state, sender, mtype))
-        if target is not None:
-            return target
-    raise ProtocolError(
-        f"{mtype.name} from the {sender.value} is not allowed in state "
-        f"{state.value}"
-    )
-
-
-def generate_token() -> bytes:
-    """A fresh one-time migration token."""
-    return secrets.token_bytes(32)
-
-
-def _mac(key: bytes, *parts: Buffer) -> bytes:
-    h = hmac.new(key, digestmod=hashlib.sha256)
-    for part in parts:
-        h.update(part)
-    return h.digest()
-
-
-class FrameTag:
-    """The GMAC of one frame under a direction's key, fed incrementally
-    (a page frame's body arrives a run of pages at a time)."""
-
-    __slots__ = ("_ctx",)
-
-    def __init__(self, key: bytes, counter: int) -> None:
-        nonce = _NONCE_PREFIX + counter.to_bytes(8, "big")
-        self._ctx = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
-
-    def update(self, data: Buffer) -> None:
-        self._ctx.authenticate_additional_data(data)
-
-    def digest(self) -> bytes:
-        self._ctx.finalize()
-        return self._ctx.tag
-
-
-_NONCE_PREFIX = bytes(4)
-
-
-def frame_tag(key: bytes, counter: int, *parts: Buffer) -> bytes:
-    """The tag of the frame numbered ``counter`` made of ``parts``."""
-    tag = FrameTag(key, counter)
-    for part in parts:
-        tag.update(part)
-    return tag.digest()
-
-
-# -- payload codec ----------------------------------------------------
-
-
-def _check_field(name: str, hint: Any, value: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        if not isinstance(value, list) or len(value) > MAX_LIST:
-            raise ValueError(f"{name} must be a list of at most {MAX_LIST}")
-        return tuple(_check_field(name, item, v) for v in value)
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        if ok and not 0 <= value < 2**64:
-            raise ValueError(f"{name} out of range")
-    elif hint is str:
-        ok = isinstance(value, str)
-        if ok and len(value) > MAX_TEXT:
-            raise ValueError(f"{name} longer than {MAX_TEXT}")
-    else:
-        raise TypeError(f"unsupported field type {hint!r}")
-    if not ok:
-        raise ValueError(f"{name} must be {hint.__name__}")
-    return value
-
-
-_HINTS: dict[type[Message], dict[str, Any]] = {
-    cls: {
-        f.name: typing.get_type_hints(cls)[f.name]
-        for f in dataclasses.fields(cls)
-    }
-    for cls in MESSAGES.values()
-}
-
-
-def encode_message(msg: Message) -> bytes:
-    return json.dumps(
-        dataclasses.asdict(msg), separators=(",", ":"), sort_keys=True
-    ).encode()
-
-
-def decode_message(mtype: MessageType, payload: Buffer) -> Message:
-    cls = MESSAGES[mtype]
-    try:
-        obj = json.loads(bytes(payload))
-        if not isinstance(obj, dict):
-            raise ValueError("payload is not an object")
-        hints = _HINTS[cls]
-        if set(obj) != set(hints):
-            raise ValueError(
-                f"fields {sorted(obj)} instead of {sorted(hints)}"
-            )
-        msg = cls(
-            **{
-                name: _check_field(name, hint, obj[name])
-                for name, hint in hints.items()
-            }
-        )
-        msg.validate()
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        # RecursionError: JSON nested deeper than the parser can follow.
-        raise ProtocolError(f"bad {mtype.name} message: {exc}") from exc
-    return msg
-
-
-# -- the connection ---------------------------------------------------
 
 
 class _Recv(enum.Enum):
@@ -733,7 +234,7 @@ class Connection:
             capabilities=tuple(capabilities),
             migration_id=migration_id,
             channel=channel,
-            nonce=secrets.token_hex(NONCE_SIZE),
+            nonce=handshake.new_nonce(),
         )
         self.hello = hello
         self._hello_payload = encode_message(hello)
@@ -753,7 +254,7 @@ class Connection:
                 f"{list(self.hello.versions)}, this end "
                 f"{list(SUPPORTED_VERSIONS)}"
             )
-        _check_token(token)
+        handshake.check_token(token)
         self._token = token
         self.version = max(common)
         self.capabilities = frozenset(self.hello.capabilities) & frozenset(
@@ -762,7 +263,7 @@ class Connection:
         challenge = Challenge(
             version=self.version,
             capabilities=tuple(sorted(self.capabilities)),
-            nonce=secrets.token_hex(NONCE_SIZE),
+            nonce=handshake.new_nonce(),
         )
         self._set_transcript(encode_message(challenge))
         return self.send(challenge)
@@ -772,7 +273,7 @@ class Connection:
     ) -> list[Buffer]:
         """Client: prove the token, as AUTH or (``last_acked`` given) as
         RESUME of a channel that was connected before."""
-        _check_token(token)
+        handshake.check_token(token)
         self._token = token
         if last_acked is None:
             self._client_proof = self._client_mac(MessageType.AUTH, 0)
@@ -794,40 +295,27 @@ class Connection:
         return self.send(Refuse(code=RefuseReason(code).value, text=text))
 
     def _set_transcript(self, challenge_payload: bytes) -> None:
-        self._transcript = hashlib.sha256(
-            b"nova-xen-ncm/1\0"
-            + self._hello_payload
-            + b"\0"
-            + challenge_payload
-        ).digest()
+        self._transcript = handshake.transcript(
+            self._hello_payload, challenge_payload
+        )
 
     def _client_mac(self, mtype: MessageType, last_acked: int) -> bytes:
         assert self._token is not None
-        return _mac(
-            self._token,
-            b"client proof\0",
-            self._transcript,
-            struct.pack("!BQ", mtype, last_acked),
+        return handshake.client_proof(
+            self._token, self._transcript, mtype, last_acked
         )
 
     def _server_mac(self, resume_from: int) -> bytes:
         assert self._token is not None
-        return _mac(
-            self._token,
-            b"server proof\0",
-            self._transcript,
-            self._client_proof,
-            struct.pack("!Q", resume_from),
+        return handshake.server_proof(
+            self._token, self._transcript, self._client_proof, resume_from
         )
 
     def _derive_keys(self) -> None:
         assert self._token is not None
-        c2s = _mac(self._token, b"frame key c2s\0", self._transcript)
-        s2c = _mac(self._token, b"frame key s2c\0", self._transcript)
-        if self.role is C:
-            self._send_key, self._recv_key = c2s, s2c
-        else:
-            self._send_key, self._recv_key = s2c, c2s
+        self._send_key, self._recv_key = handshake.frame_keys(
+            self._token, self._transcript, self.role
+        )
 
     def _advance(self, state: State) -> None:
         # WELCOME is the last plain frame; both ends key up after it.
@@ -1121,10 +609,3 @@ class Connection:
         self._recv = _Recv.HEADER
         self._recv_counter += 1
         return DataEnd(seq=self._frame_seq)
-
-
-def _check_token(token: bytes) -> None:
-    if not isinstance(token, bytes) or len(token) < TOKEN_MIN_SIZE:
-        raise ValueError(
-            f"a migration token is at least {TOKEN_MIN_SIZE} random bytes"
-        )

@@ -9,8 +9,9 @@ import pytest
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import sim as sim_conf
+from nova_xen_ncm.engine import digest
 from nova_xen_ncm.engine import pvstate
-from nova_xen_ncm.engine import receiver
+from nova_xen_ncm.engine import restorer as restoring
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.sim.host import SimHost
 from nova_xen_ncm.stream import decoder
@@ -93,7 +94,7 @@ def apply_all(restorer, records):
 
 
 def test_a_page_that_became_zero_is_cleared(host):
-    restorer = receiver.Restorer(host, DOMID, pv_drivers=False)
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
     records = stream(
         pages([7, 8], [libxc.NOTAB, libxc.NOTAB], [b"\x11" * PAGE] * 2),
         pages([7, 9], [libxc.XALLOC, libxc.XALLOC], []),
@@ -107,7 +108,7 @@ def test_a_page_that_became_zero_is_cleared(host):
 
 
 def test_platform_records_mark_the_stop(host):
-    restorer = receiver.Restorer(host, DOMID, pv_drivers=False)
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
     records = stream(pages([1], [libxc.NOTAB], b"\x01" * PAGE), platform(host))
     apply_all(restorer, records[:-3])
     assert not restorer.stopped
@@ -117,16 +118,16 @@ def test_platform_records_mark_the_stop(host):
 
 
 def test_complete_stream_without_pv_state(host):
-    restorer = receiver.Restorer(host, DOMID, pv_drivers=False)
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
     apply_all(restorer, stream(platform(host), end, xen_only=True))
     assert restorer.done
-    with pytest.raises(receiver.RestoreError, match="after the end"):
+    with pytest.raises(restoring.RestoreError, match="after the end"):
         restorer.apply(stream(platform(host), end)[-1])
 
 
 def test_missing_platform_record_is_refused(host):
-    restorer = receiver.Restorer(host, DOMID, pv_drivers=False)
-    with pytest.raises(receiver.RestoreError, match="HVM_CONTEXT"):
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
+    with pytest.raises(restoring.RestoreError, match="HVM_CONTEXT"):
         apply_all(
             restorer,
             stream(
@@ -140,15 +141,15 @@ def test_missing_platform_record_is_refused(host):
 
 
 def test_pv_guest_without_pv_state_is_refused(host):
-    restorer = receiver.Restorer(host, DOMID, pv_drivers=True)
-    with pytest.raises(receiver.RestoreError, match="no PV state"):
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=True)
+    with pytest.raises(restoring.RestoreError, match="no PV state"):
         apply_all(restorer, stream(platform(host), end))
 
 
 def test_record_the_host_cannot_apply_is_refused(host):
-    restorer = receiver.Restorer(host, DOMID, pv_drivers=False)
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
     cpuid = np.array([(0, 0, 1, 2, 3, 4)], dtype=libxc.CPUID_LEAF)
-    with pytest.raises(receiver.RestoreError, match="X86_CPUID_POLICY"):
+    with pytest.raises(restoring.RestoreError, match="X86_CPUID_POLICY"):
         apply_all(
             restorer,
             stream(lambda enc: enc.libxc("X86_CPUID_POLICY", cpuid)),
@@ -156,13 +157,13 @@ def test_record_the_host_cannot_apply_is_refused(host):
 
 
 def test_stream_of_another_domid_is_refused(host):
-    restorer = receiver.Restorer(host, DOMID, pv_drivers=True)
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=True)
     other = ncm.NcmDomain(DOMID + 1, uuid.uuid4(), 0, 0, (0,))
     records = stream(
         platform(host),
         lambda enc: enc.libxc("END") + enc.libxl("NCM_DOMAIN", other),
     )
-    with pytest.raises(receiver.RestoreError, match="guest-visible"):
+    with pytest.raises(restoring.RestoreError, match="guest-visible"):
         apply_all(restorer, records)
 
 
@@ -173,13 +174,13 @@ def test_digests_name_each_item():
     changed = base.GuestState(
         items={base.Item.MEMORY: "m", base.Item.HVM_PARAMS: ((1, 3),)}
     )
-    items = receiver.needed_items(pv_drivers=False)
-    a = receiver.guest_digests(state, items)
-    b = receiver.guest_digests(changed, items)
+    items = digest.needed_items(pv_drivers=False)
+    a = digest.guest_digests(state, items)
+    b = digest.guest_digests(changed, items)
     assert set(a) == {"memory", "platform", "hvm_params"}
     assert a["memory"] == b["memory"]
     assert a["hvm_params"] != b["hvm_params"]
-    assert receiver.needed_items(pv_drivers=True) == tuple(base.Item)
+    assert digest.needed_items(pv_drivers=True) == tuple(base.Item)
 
 
 def test_hook_runs_before_the_pv_state_is_imported(host, monkeypatch):
@@ -187,7 +188,7 @@ def test_hook_runs_before_the_pv_state_is_imported(host, monkeypatch):
     monkeypatch.setattr(
         host, "import_pv_state", lambda domid, state: calls.append("import")
     )
-    restorer = receiver.Restorer(
+    restorer = restoring.Restorer(
         host,
         DOMID,
         pv_drivers=True,

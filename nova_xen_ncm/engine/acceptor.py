@@ -1,0 +1,420 @@
+"""The destination's one acceptor: every connection on a migration's port.
+
+Each connection is authenticated on a thread of its own (at most
+:data:`MAX_HANDSHAKES` at once) under the handshake deadline, so a peer
+that never completes a HELLO delays nobody, then routed by what it
+proved:
+
+- AUTH of channel 0, the first one: the source's control channel;
+- AUTH of channel n, once SETUP announced the channels: data channel n;
+- RESUME of a channel the receiver waits for (it dropped): its new
+  connection, the frames going on after the last one applied here;
+- any later AUTH of channel 0: a commit query (commit.py), answered on
+  its thread for at most ``connect_timeout``: QUERY gets the STATUS
+  once final (or as it is when that time is up), FINISHED (the source's
+  final acknowledgement, taken once the outcome is final) lets the
+  destination forget.
+
+Anything else is refused in the handshake and closed: another
+migration's connection, a channel not expected, a RESUME of a channel that
+did not drop. Before the control channel, a wrong proof for this
+migration ends the wait (the token is good for one attempt); after it, a
+failed handshake costs its own connection only.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import framing
+from nova_xen_ncm.engine import messages
+from nova_xen_ncm.engine.errors import EngineError
+from nova_xen_ncm.engine.errors import Refused
+from nova_xen_ncm.engine.errors import TransportError
+from nova_xen_ncm.engine.transport import Channel
+from nova_xen_ncm.engine.transport import Listener
+
+LOG = logging.getLogger(__name__)
+
+#: Connections authenticated (or answered) at once.
+MAX_HANDSHAKES = 8
+#: Seconds between two looks at what the waiters wait for.
+_POLL = 0.05
+_CAPABILITIES = (
+    messages.Capability.LZ4.value,
+    messages.Capability.MULTI_CHANNEL.value,
+)
+# Refusals of this migration's own connection: the source holds a wrong
+# token or speaks no common version, and the attempt is over.
+_FATAL = frozenset(
+    {
+        messages.RefuseReason.AUTHENTICATION.value,
+        messages.RefuseReason.VERSION.value,
+    }
+)
+
+
+class Acceptor:
+    """Accepts, authenticates and routes the connections of ``listener``
+    for migration ``migration_id`` (token ``token``) until :meth:`close`.
+
+    ``status`` answers commit queries; ``on_finished`` is called once,
+    on the source's final acknowledgement; ``resume_from(index)`` is the
+    highest frame applied on channel ``index``, where a RESUME goes on.
+    ``source=False``: no source connects any more (a restarted engine
+    answering from its journal), every AUTH is a commit query.
+    """
+
+    def __init__(
+        self,
+        listener: Listener,
+        migration_id: str,
+        token: bytes,
+        conf: cfg.ConfigOpts,
+        *,
+        status: Callable[[], messages.Status],
+        on_finished: Callable[[], None],
+        resume_from: Callable[[int], int] | None = None,
+        source: bool = True,
+    ) -> None:
+        self.listener = listener
+        self.migration_id = migration_id
+        self.token = token
+        self.opts = conf.xen_ncm
+        self.status = status
+        self.on_finished = on_finished
+        self._resume_seq = resume_from
+        #: Set once the source acknowledged the outcome.
+        self.finished = threading.Event()
+        self._cond = threading.Condition()
+        self._slots = threading.Semaphore(MAX_HANDSHAKES)
+        self._closed = False
+        # The control channel: None, then the channel until taken.
+        self._control: Channel | None = None
+        self._control_routed = not source
+        # What ends the wait for the source, and the last stray failure.
+        self._failure: Exception | None = None
+        self._stray: Exception | None = None
+        # Data channels: how many SETUP announced, those connected, and
+        # whether the receiver took them.
+        self._data_count = 0
+        self._data: dict[int, Channel] = {}
+        self._data_taken = False
+        # Dropped channels waiting for their RESUME, and the resumed
+        # connections not yet taken.
+        self._dropped: set[int] = set()
+        self._resumed: dict[int, Channel] = {}
+        self._thread = threading.Thread(
+            target=self._loop,
+            name=f"migration-{migration_id}-accept",
+            daemon=True,
+        )
+        self._thread.start()
+
+    # -- what the receiver waits for --
+
+    def control(self, until: float) -> Channel | None:
+        """The source's control channel; None once the listener is
+        closed. Raises the failure that ended the wait, or a transport
+        error at the monotonic time ``until``."""
+        with self._cond:
+            while True:
+                if self._control is not None:
+                    channel, self._control = self._control, None
+                    return channel
+                if self._failure is not None:
+                    raise self._failure
+                if self.listener.closed or self._closed:
+                    return None
+                left = until - time.monotonic()
+                if left <= 0:
+                    if self._stray is not None:
+                        raise self._stray
+                    raise TransportError(
+                        f"no source connected on port {self.listener.port} "
+                        f"within {self.listener.accept_timeout}s"
+                    )
+                self._cond.wait(min(left, _POLL))
+
+    def expect_data(self, count: int) -> None:
+        """SETUP announced ``count`` channels: 1..count-1 may connect."""
+        with self._cond:
+            self._data_count = count
+        self.listener.allow(count - 1)
+
+    def data_channels(self, until: float) -> dict[int, Channel]:
+        """Data channels 1..count-1, once all connected (in any order)."""
+        with self._cond:
+            while len(self._data) < self._data_count - 1:
+                left = until - time.monotonic()
+                if left <= 0 or self._closed or self.listener.closed:
+                    raise TransportError(
+                        f"{len(self._data)} of {self._data_count - 1} data "
+                        f"channels connected on port {self.listener.port} "
+                        f"within {self.listener.accept_timeout}s"
+                    )
+                self._cond.wait(min(left, _POLL))
+            self._data_taken = True
+            return dict(self._data)
+
+    def resumed(
+        self, index: int, until: float, over: threading.Event
+    ) -> Channel:
+        """The new connection of channel ``index``, which dropped: its
+        RESUME, before the monotonic time ``until`` and while ``over``
+        is not set."""
+        self.listener.allow()
+        with self._cond:
+            self._dropped.add(index)
+            self._cond.notify_all()
+            try:
+                while True:
+                    channel = self._resumed.pop(index, None)
+                    if channel is not None:
+                        return channel
+                    left = until - time.monotonic()
+                    if left <= 0 or over.is_set() or self._closed:
+                        raise TransportError(
+                            f"channel {index} was not resumed in time"
+                        )
+                    self._cond.wait(min(left, _POLL))
+            finally:
+                self._dropped.discard(index)
+
+    def close(self) -> None:
+        """Stop accepting; close what was routed and not taken."""
+        with self._cond:
+            self._closed = True
+            left = [*self._resumed.values()]
+            self._resumed.clear()
+            if self._control is not None:
+                left.append(self._control)
+                self._control = None
+            if not self._data_taken:
+                left += self._data.values()
+            self._cond.notify_all()
+        for channel in left:
+            channel.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # -- the accept loop --
+
+    def _loop(self) -> None:
+        while not self._closed and not self.listener.closed:
+            if not self._slots.acquire(timeout=_POLL):
+                continue
+            taken = self.listener.take(_POLL)
+            if taken is None:
+                self._slots.release()
+                continue
+            threading.Thread(
+                target=self._serve,
+                args=taken,
+                name=f"migration-{self.migration_id}-handshake",
+                daemon=True,
+            ).start()
+
+    def _serve(self, sock: socket.socket, peer: object) -> None:
+        try:
+            try:
+                sock = self.listener.secure(sock, peer)
+            except TransportError as exc:
+                self._failed(peer, exc)
+                return
+            channel = Channel(
+                sock,
+                framing.Connection(
+                    messages.Role.SERVER,
+                    max_data=self.opts.max_frame_bytes,
+                    direct_payload=True,
+                ),
+                io_timeout=self.opts.io_timeout,
+            )
+            deadline = min(
+                self.opts.io_timeout, self.listener.handshake_timeout
+            )
+            # Room left for the WELCOME after a wait in resume_from.
+            until = time.monotonic() + 0.8 * deadline
+            try:
+                hello, proof = channel.server_handshake(
+                    self._token_for,
+                    capabilities=_CAPABILITIES,
+                    resume_from=functools.partial(self._resume_from, until),
+                    deadline=deadline,
+                )
+            except Exception as exc:
+                channel.close()
+                self._failed(peer, exc)
+                return
+            if not self._route(channel, hello, proof):
+                self._answer(channel)
+        finally:
+            self._slots.release()
+
+    def _token_for(self, hello: messages.Hello) -> bytes:
+        if hello.migration_id != self.migration_id:
+            raise Refused(
+                messages.RefuseReason.UNKNOWN_MIGRATION,
+                f"no incoming migration {hello.migration_id!r} here",
+            )
+        index = hello.channel
+        if index:
+            with self._cond:
+                expected = index in self._dropped or (
+                    index < self._data_count and index not in self._data
+                )
+                count = self._data_count
+            if not expected:
+                raise Refused(
+                    messages.RefuseReason.TOO_MANY_CONNECTIONS,
+                    f"channel {index} of {count} is not expected",
+                )
+        return self.token
+
+    def _resume_from(
+        self, until: float, hello: messages.Hello, resume: messages.Resume
+    ) -> int:
+        """Where channel ``hello.channel`` goes on. The source may resume
+        before this side saw the connection drop: the handshake waits for
+        that until the monotonic time ``until``, then closes without a
+        refusal (the source tries again)."""
+        index = hello.channel
+        while True:
+            with self._cond:
+                waiting = index in self._dropped
+                if (
+                    waiting
+                    or self._resume_seq is None
+                    or self._closed
+                    or time.monotonic() >= until
+                ):
+                    break
+                self._cond.wait(_POLL)
+            if self.status().phase in commit.FINAL:
+                break
+        if waiting and self._resume_seq is not None:
+            return self._resume_seq(index)
+        phase = self.status().phase
+        if self._resume_seq is None or phase in commit.FINAL:
+            raise Refused(
+                messages.RefuseReason.BAD_REQUEST,
+                f"migration {self.migration_id} is over here ({phase}): "
+                "nothing to resume",
+            )
+        raise TransportError(
+            f"channel {index} of migration {self.migration_id} did not "
+            "drop here within the handshake"
+        )
+
+    def _failed(self, peer: object, exc: Exception) -> None:
+        self.listener.rejected.append((str(peer), str(exc)))
+        with self._cond:
+            waiting = not self._control_routed
+            if waiting and isinstance(exc, Refused) and exc.code in _FATAL:
+                self._failure = exc
+            elif waiting:
+                self._stray = exc
+            self._cond.notify_all()
+        LOG.warning(
+            "Migration %s: dropped a connection (%s)%s",
+            self.migration_id,
+            exc,
+            "; still waiting for the source" if waiting else "",
+        )
+
+    def _route(
+        self,
+        channel: Channel,
+        hello: messages.Hello,
+        proof: messages.Auth | messages.Resume,
+    ) -> bool:
+        """Hand ``channel`` to whoever waits for it; False: a commit
+        query, answered on this thread."""
+        index = hello.channel
+        with self._cond:
+            if self._closed:
+                routed = None
+            elif isinstance(proof, messages.Resume):
+                routed = index in self._dropped and index not in self._resumed
+                if routed:
+                    self._resumed[index] = channel
+            elif index == 0:
+                if self._control_routed:
+                    return False
+                self._control_routed = True
+                self._control = channel
+                routed = True
+            else:
+                routed = index not in self._data
+                if routed:
+                    self._data[index] = channel
+            if routed:
+                self.listener.accepted += 1
+                self._cond.notify_all()
+        if not routed:
+            LOG.info(
+                "Migration %s: channel %d connected when not awaited",
+                self.migration_id,
+                index,
+            )
+            channel.close()
+        return True
+
+    def _answer(self, channel: Channel) -> None:
+        """Answer a commit query connection, for ``connect_timeout`` at
+        most: an authenticated peer cannot hold a slot for longer."""
+        deadline = time.monotonic() + self.opts.connect_timeout
+        with channel:
+            try:
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    channel.sock.settimeout(left)
+                    message = channel.receive()
+                    if isinstance(message, messages.Query):
+                        channel.send(self._settled(deadline))
+                    elif isinstance(message, messages.Finished):
+                        self._finish()
+                        return
+                    else:
+                        return
+            except (EngineError, OSError, ValueError) as exc:
+                LOG.debug(
+                    "Migration %s: commit query connection: %s",
+                    self.migration_id,
+                    exc,
+                )
+
+    def _settled(self, deadline: float) -> messages.Status:
+        """The status once final, or as it is at ``deadline``: a source
+        asking while this side still decides gets the decision, not an
+        answer that only spends its attempts."""
+        until = min(deadline, time.monotonic() + self.opts.io_timeout)
+        while True:
+            status = self.status()
+            if status.committed or status.phase in commit.FINAL:
+                return status
+            if time.monotonic() >= until or self._closed:
+                return status
+            time.sleep(_POLL)
+
+    def _finish(self) -> None:
+        # An acknowledgement of an outcome this side has not reached
+        # yet acknowledges nothing.
+        if self.status().phase not in commit.FINAL:
+            return
+        with self._cond:
+            if self.finished.is_set():
+                return
+            self.finished.set()
+        self.on_finished()

@@ -1,0 +1,222 @@
+"""The stream of one guest, as buffers to write.
+
+:class:`GuestStream` turns a guest of a :class:`~nova_xen_ncm.host.base.
+HostDriver` into the buffers of a libxl v2 stream with an embedded libxc
+v3 stream (Xen's ``docs/specs/libxl-migration-stream.pandoc`` and
+``libxc-migration-stream.pandoc``), in the order Xen's save loop writes
+them (``tools/libs/guest/xg_sr_save.c``): headers, STATIC_DATA_END, page
+batches, then X86_TSC_INFO, HVM_CONTEXT, HVM_PARAMS and the project's
+non-cooperative records, END. Live migration and save to file use it
+alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterable
+from collections.abc import Iterator
+
+import numpy as np
+
+from nova_xen_ncm.engine import pvstate
+from nova_xen_ncm.engine.errors import EngineError
+from nova_xen_ncm.host import base
+from nova_xen_ncm.stream import encoder as stream_encoder
+from nova_xen_ncm.stream import libxc
+from nova_xen_ncm.stream import libxl
+from nova_xen_ncm.stream import tables
+from nova_xen_ncm.stream.records import Buffers
+
+# Pages per PAGE_DATA record: Xen's MAX_BATCH_SIZE (xg_sr_common.h).
+BATCH_PAGES = 1024
+
+_ZERO_TYPE = np.uint8(libxc.XALLOC)
+_DATA_TYPE = np.uint8(libxc.NOTAB)
+
+
+@dataclasses.dataclass
+class PageBatch:
+    """One PAGE_DATA record ready to write, and what it holds.
+
+    ``buffers`` include views of the guest's mapped pages: valid until the
+    iterator that produced the batch moves on.
+    """
+
+    buffers: Buffers
+    pages: int
+    zero_pages: int
+
+    @property
+    def nbytes(self) -> int:
+        return stream_encoder.buffers_size(self.buffers)
+
+
+class GuestStream:
+    """The stream of one guest of ``host``, as buffers to write.
+
+    ``xen_compatible`` writes only Xen's record types (a guest without PV
+    drivers; the result passes Xen's verify-stream-v2); otherwise the
+    project's record tables are used and PV state may be added.
+    """
+
+    def __init__(
+        self,
+        host: base.HostDriver,
+        domid: int,
+        *,
+        xen_compatible: bool = False,
+        batch_pages: int = BATCH_PAGES,
+    ) -> None:
+        self.host = host
+        self.domid = domid
+        self.xen_compatible = xen_compatible
+        self.batch_pages = batch_pages
+        self._host_lock = threading.Lock()
+        if xen_compatible:
+            self.encoder = stream_encoder.Encoder(
+                libxc_table=tables.xen_libxc_table(),
+                libxl_table=tables.xen_libxl_table(),
+            )
+        else:
+            self.encoder = stream_encoder.Encoder()
+
+    def start(self) -> Buffers:
+        """libxl header, LIBXC_CONTEXT, libxc headers, STATIC_DATA_END."""
+        enc = self.encoder
+        out = enc.libxl_header()
+        out += enc.libxl("LIBXC_CONTEXT")
+        out += enc.libxc_headers(libxc.DOMAIN_X86_HVM)
+        out += enc.libxc("STATIC_DATA_END")
+        return out
+
+    def pages(
+        self, pfns: np.ndarray, *, copy: bool = False, reuse: bool = False
+    ) -> Iterator[PageBatch]:
+        """PAGE_DATA batches of ``pfns``. A zero page goes as XALLOC
+        (populate, no data), so it costs 8 octets on the wire.
+
+        Without ``copy`` the buffers are the guest's mapped pages
+        themselves, for a guest that cannot write them (paused, saving to
+        a file). A running guest's pages are copied first: the frame's
+        authentication tag is computed before the bytes are written, and
+        the guest may change them in between. ``reuse`` copies every
+        batch into the same buffer, for a caller done with a batch
+        before it asks for the next.
+        """
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        return self.batches(
+            base.iter_batches(pfns, self.batch_pages), copy=copy, reuse=reuse
+        )
+
+    def batches(
+        self,
+        batches: Iterable[np.ndarray],
+        *,
+        copy: bool = False,
+        reuse: bool = False,
+    ) -> Iterator[PageBatch]:
+        """:meth:`pages` of pfn batches already cut (several threads may
+        each send their share of a round)."""
+        scratch: bytearray | None = None
+        for batch in batches:
+            batch = np.asarray(batch, dtype=np.uint64)
+            # Host calls one at a time (base.HostDriver); the mapped pages
+            # are read by each thread on its own.
+            with self._host_lock:
+                mapping = self.host.map_pages(self.domid, batch)
+            try:
+                runs = mapping.runs()
+                if copy:
+                    size = len(batch) * base.PAGE_SIZE
+                    if not reuse or scratch is None or len(scratch) < size:
+                        scratch = bytearray(size)
+                    snapshot = memoryview(scratch)[:size]
+                    pos = 0
+                    for _, view in runs:
+                        snapshot[pos : pos + view.nbytes] = view
+                        pos += view.nbytes
+                    runs = [(0, snapshot)]
+                yield self._batch(batch, runs)
+            finally:
+                with self._host_lock:
+                    mapping.close()
+
+    def _batch(
+        self, batch: np.ndarray, runs: list[tuple[int, memoryview]]
+    ) -> PageBatch:
+        """The PAGE_DATA record of ``batch`` whose contents are ``runs``
+        (base.PageMapping.runs); the data goes as views of the runs, one
+        per stretch of non-zero pages, so no page is copied here."""
+        # Zero pages found a run at a time: a test per page costs more
+        # than reading the batch.
+        nonzero = np.concatenate(
+            [base.nonzero_pages(view) for _, view in runs]
+        )
+        types = np.where(nonzero, _DATA_TYPE, _ZERO_TYPE).astype(np.uint8)
+        data: list[memoryview] = []
+        keep = np.flatnonzero(nonzero)
+        if len(keep):
+            firsts = np.array([first for first, _ in runs])
+            run_start = np.zeros(len(batch), dtype=bool)
+            run_start[firsts] = True
+            cut = np.flatnonzero((np.diff(keep) != 1) | run_start[keep[1:]])
+            lo = keep[np.concatenate(([0], cut + 1))]
+            hi = keep[np.concatenate((cut, [len(keep) - 1]))] + 1
+            which = np.searchsorted(firsts, lo, side="right") - 1
+            for a, b, r in zip(
+                lo.tolist(), hi.tolist(), which.tolist(), strict=True
+            ):
+                first, view = runs[r]
+                lo_off = (a - first) * base.PAGE_SIZE
+                data.append(view[lo_off : (b - first) * base.PAGE_SIZE])
+        return PageBatch(
+            buffers=self.encoder.page_data(batch, types, data),
+            pages=len(batch),
+            zero_pages=len(batch) - len(keep),
+        )
+
+    def platform(self) -> Buffers:
+        """X86_TSC_INFO, HVM_CONTEXT and HVM_PARAMS of the paused guest."""
+        enc = self.encoder
+        tsc = self.host.get_tsc_info(self.domid)
+        blob = self.host.get_hvm_context(self.domid)
+        context = libxc.HvmContextCodec().decode(memoryview(blob))
+        params = sorted(self.host.get_hvm_params(self.domid).items())
+        out = enc.libxc(
+            "X86_TSC_INFO",
+            libxc.X86TscInfo(tsc.mode, tsc.khz, tsc.nsec, tsc.incarnation),
+        )
+        out += enc.libxc("HVM_CONTEXT", context)
+        out += enc.libxc(
+            "HVM_PARAMS", [libxc.HvmParam(i, v) for i, v in params]
+        )
+        return out
+
+    def finish(self, pv: pvstate.PvRecords | None) -> Buffers:
+        """The PV records (if any), libxc END, libxl END."""
+        enc = self.encoder
+        if pv is not None and self.xen_compatible:
+            raise EngineError("a Xen-compatible stream cannot carry PV state")
+        out: Buffers = []
+        if pv is not None:
+            for name, value in pv.libxc_records():
+                out += enc.libxc(name, value)
+        out += enc.libxc("END")
+        # The device model's state, where libxl writes it (after libxc).
+        emulator = self.host.get_emulator_context(self.domid)
+        if emulator is not None:
+            out += enc.libxl(
+                "EMULATOR_CONTEXT",
+                libxl.EmulatorContext(emulator[0], 0, memoryview(emulator[1])),
+            )
+        if pv is not None:
+            for name, value in pv.libxl_records():
+                out += enc.libxl(name, value)
+        out += enc.libxl("END")
+        return out
+
+    def pv_records(self, uuid: str) -> pvstate.PvRecords:
+        """Export the PV state (guest paused, backends quiesced)."""
+        state = self.host.export_pv_state(self.domid)
+        return pvstate.to_records(state, uuid)
