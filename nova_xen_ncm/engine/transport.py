@@ -465,12 +465,24 @@ class Pacer:
         self._lock = threading.Lock()
         self._due = clock()
 
-    def take(self, nbytes: int) -> float:
-        """Wait until ``nbytes`` more may go; returns the seconds waited."""
+    def take(self, nbytes: int, limit: float | None = None) -> float:
+        """Wait until ``nbytes`` more may go; returns the seconds waited.
+
+        A wait longer than ``limit`` seconds (the caller's I/O bound:
+        what is left of the downtime budget while the guest is paused)
+        is not started, and the octets are not scheduled: a
+        TransportError, as a socket call past its timeout."""
         with self._lock:
             now = self._clock()
-            self._due = max(self._due, now) + nbytes / self.rate
-            wait = self._due - now - self.burst
+            due = max(self._due, now) + nbytes / self.rate
+            wait = due - now - self.burst
+            if limit is not None and wait > limit:
+                raise TransportError(
+                    f"bandwidth cap of {self.rate / (1 << 20):g} MiB/s: "
+                    f"{nbytes} octets would wait {wait:.3f}s, past the "
+                    f"{limit:.3f}s the write may take"
+                )
+            self._due = due
         if wait > PACE_SLACK:
             self._sleep(wait)
             return wait
@@ -563,8 +575,15 @@ class Channel:
         views = [memoryview(b).cast("B") for b in buffers]
         views = [v for v in views if v.nbytes]
         total = sum(v.nbytes for v in views)
+        bound = self.sock.gettimeout()
+        waited = 0.0
         if self.pacer is not None:
-            self.pacer.take(total)
+            # The pacer's wait counts against the socket's bound (the
+            # downtime budget while the guest is paused), as the
+            # write's own wait for room does.
+            waited = self.pacer.take(total, limit=bound)
+            if waited and bound is not None:
+                self.sock.settimeout(max(bound - waited, PACE_SLACK))
         i = 0
         try:
             while i < len(views):
@@ -585,6 +604,10 @@ class Channel:
                         sent = 0
         except OSError as exc:
             raise TransportError(f"send failed: {exc}") from exc
+        finally:
+            if waited and bound is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.settimeout(bound)
         return total
 
     def _wait_writable(self) -> None:

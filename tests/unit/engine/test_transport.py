@@ -370,7 +370,7 @@ def test_a_paced_channel_has_every_frame_wait_for_its_octets():
     taken = []
 
     class Recorder:
-        def take(self, nbytes):
+        def take(self, nbytes, limit=None):
             taken.append(nbytes)
             return 0.0
 
@@ -380,3 +380,52 @@ def test_a_paced_channel_has_every_frame_wait_for_its_octets():
     reader.result()
     assert taken == [sent]
     assert sent > 5000  # the frame's header and tag are paced too
+
+
+def test_pacer_refuses_a_wait_past_its_limit_and_schedules_nothing():
+    t = FakeTime()
+    pacer = transport.Pacer(
+        1_000_000, burst=0.05, clock=t.clock, sleep=t.sleep
+    )
+    pacer.take(50_000)
+    with pytest.raises(TransportError, match="would wait 0.500s"):
+        pacer.take(500_000, limit=0.4)
+    assert t.slept == []
+    # The refused octets took no place in the schedule.
+    assert pacer.take(350_000, limit=0.4) == pytest.approx(0.35)
+
+
+def test_a_paced_write_waits_within_the_sockets_bound():
+    client, server = established_pair()
+    bounds = []
+
+    class Slow:
+        def take(self, nbytes, limit=None):
+            bounds.append(limit)
+            return 0.25
+
+    timeouts = []
+
+    class Watched:
+        """The socket, its timeout noted at each write."""
+
+        def __init__(self, sock):
+            self._sock = sock
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+        def sendmsg(self, views):
+            timeouts.append(self._sock.gettimeout())
+            return self._sock.sendmsg(views)
+
+    client.sock.settimeout(2.0)
+    client.sock = Watched(client.sock)
+    client.pacer = Slow()
+    reader = Background(server.receive)
+    client.send_data(1, [b"x" * 100])
+    reader.result()
+    # The pacer is told the bound; the write has what its wait left.
+    assert bounds == [2.0]
+    assert timeouts == [pytest.approx(1.75)]
+    assert client.sock.gettimeout() == 2.0
