@@ -2772,6 +2772,9 @@ class _SimPageMapping(base.PageMapping):
         self._writable = writable
         self._views: list[memoryview] = []
         self._pages: list[memoryview] | None = None
+        # The checker's reads (observing()) feed nothing of the host's
+        # own digest: the oracle leaves what it checks as it found it.
+        self._observed = getattr(dom.host._observer, "depth", 0) > 0
         if writable:
             self._key = id(self)
             with dom.mem.lock():
@@ -2828,5 +2831,9 @@ class _SimPageMapping(base.PageMapping):
                 with self._dom.mem.lock():
                     self._dom.mem.mark_dirty(self.pfns)
                 self._dom.host._digest_written(self._dom, self.pfns)
-        elif not self._writable and self._dom.mem.log_dirty:
+        elif (
+            not self._writable
+            and not self._observed
+            and self._dom.mem.log_dirty
+        ):
             self._dom.host._digest_written(self._dom, self.pfns, read=True)

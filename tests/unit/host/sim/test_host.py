@@ -350,6 +350,28 @@ def test_a_paused_guest_is_digested_as_a_migration_reads_it(
     assert host.memory_digest(1) == second
 
 
+def test_the_checkers_reads_leave_the_digest_as_it_was(host, monkeypatch):
+    a = empty(host, 1, mb=80)
+    pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
+    host.populate(1, pfns)
+    a.booted = True
+    while a.warming:
+        time.sleep(0.01)
+    write(a, slice(0x100, 0x4100), np.arange(4096) % 251)
+    host.enable_log_dirty(1)
+    read = _digest_reads(host, monkeypatch)
+    with host.observing():
+        for batch in base.iter_batches(pfns, 1024):
+            with host.map_pages(1, batch) as m:
+                m.runs()
+    assert read == []
+    # The blocks written are still the digest's to read.
+    host.memory_digest(1)
+    assert sorted(set(read)) == sorted(
+        {int(p) // sim_host._DIGEST_BLOCK for p in pfns}
+    )
+
+
 def test_memory_digest_of_a_pass_in_parts_sees_later_writes(host):
     a = empty(host, 1, mb=80)
     host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
