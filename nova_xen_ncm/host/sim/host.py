@@ -2835,5 +2835,8 @@ class _SimPageMapping(base.PageMapping):
             not self._writable
             and not self._observed
             and self._dom.mem.log_dirty
+            # A running guest's cache is the warming thread's: its
+            # rounds are not slowed by whole blocks hashed per batch.
+            and self._dom.state != DomainState.RUNNING
         ):
             self._dom.host._digest_written(self._dom, self.pfns, read=True)

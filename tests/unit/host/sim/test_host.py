@@ -348,6 +348,15 @@ def test_a_paused_guest_is_digested_as_a_migration_reads_it(
     # The same as a digest that reads everything.
     a.digest_started = False
     assert host.memory_digest(1) == second
+    # A running guest's reads are left to the warming thread.
+    read.clear()
+    a.state = sim_host.DomainState.RUNNING
+    try:
+        with host.map_pages(1, pfns[:1024]) as m:
+            m.runs()
+    finally:
+        a.state = sim_host.DomainState.PAUSED
+    assert read == []
 
 
 def test_the_checkers_reads_leave_the_digest_as_it_was(host, monkeypatch):
