@@ -203,6 +203,16 @@ POLICY_OPTS = [
         "migration of an idle guest between the same hosts is a good "
         "value.",
     ),
+    cfg.IntOpt(
+        "max_bandwidth",
+        default=0,
+        min=0,
+        help="Cap, in MiB/s, of what a migration puts on the network, all "
+        "its channels together, as Nova's [libvirt] "
+        "live_migration_bandwidth: the sender paces its writes to it, and "
+        "the 'downtime' policy estimates the pause at no more than it. "
+        "0: no cap.",
+    ),
     cfg.FloatOpt(
         "downtime_budget",
         default=30.0,

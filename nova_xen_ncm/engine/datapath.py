@@ -83,6 +83,9 @@ class DataPath:
         # Set when a channel of a round failed: the others stop too.
         self._halt = threading.Event()
         self._thread_channel = threading.local()
+        # The migration's bandwidth cap, shared by all its channels.
+        cap = self.opts.max_bandwidth * (1 << 20)
+        self.pacer = transport.Pacer(cap) if cap else None
 
     @property
     def count(self) -> int:
@@ -111,6 +114,7 @@ class DataPath:
             max_data=self.opts.max_frame_bytes,
             tls=transport.tls_context(self.conf, server=False),
         )
+        channel.pacer = self.pacer
         try:
             channel.client_handshake(
                 self.migration_id,

@@ -35,6 +35,7 @@ SPP_TARGET_DIRTY_COUNT = 50
 COMPLETION_TIMEOUT_MIN_GIB = 2.0
 
 GIB = 1024**3
+MIB = 1024**2
 
 
 class Action(str, enum.Enum):
@@ -74,6 +75,9 @@ class PolicyParams:
     throttle_min: float = 0.1
     throttle_trigger_ratio: float = 0.5
     throttle_trigger_rounds: int = 2
+    #: The migration's bandwidth cap in bytes per second, 0 for none
+    #: ([xen_ncm] max_bandwidth): the pause is estimated at no more.
+    max_bandwidth: float = 0.0
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> PolicyParams:
@@ -86,6 +90,7 @@ class PolicyParams:
             throttle_min=group.throttle_min,
             throttle_trigger_ratio=group.throttle_trigger_ratio,
             throttle_trigger_rounds=group.throttle_trigger_rounds,
+            max_bandwidth=group.max_bandwidth * MIB,
         )
 
 
@@ -114,15 +119,37 @@ def xen_simple_factory(params: PolicyParams) -> Policy:
 # -- downtime ---------------------------------------------------------
 
 
+def effective_bandwidth(stats: PrecopyStats, cap: float = 0.0) -> float:
+    """The bandwidth the rest will be sent at: the measured one, no more
+    than the migration's cap (``cap`` 0: none)."""
+    if cap > 0:
+        return min(stats.bandwidth, cap)
+    return stats.bandwidth
+
+
 def fits_downtime(
-    stats: PrecopyStats, downtime_target: float, switchover: float = 0.0
+    stats: PrecopyStats,
+    downtime_target: float,
+    switchover: float = 0.0,
+    cap: float = 0.0,
 ) -> bool:
     """QEMU's switch-over rule, remaining <= bandwidth x downtime, with
-    the fixed part of the pause (``switchover``) taken off the target."""
+    the fixed part of the pause (``switchover``) taken off the target and
+    the bandwidth held to the migration's ``cap``."""
     budget = downtime_target - switchover
     if budget <= 0:
         return stats.remaining_bytes == 0
-    return stats.remaining_bytes <= stats.bandwidth * budget
+    return stats.remaining_bytes <= effective_bandwidth(stats, cap) * budget
+
+
+def expected_pause(stats: PrecopyStats, params: PolicyParams) -> float:
+    """The pause a stop and copy now would take, in seconds."""
+    bandwidth = effective_bandwidth(stats, params.max_bandwidth)
+    if stats.remaining_bytes == 0:
+        return params.switchover_estimate
+    if bandwidth <= 0:
+        return float("inf")
+    return params.switchover_estimate + stats.remaining_bytes / bandwidth
 
 
 def rounds_at_pace(stats: PrecopyStats, ratio: float) -> int:
@@ -146,10 +173,18 @@ def next_throttle(current: float, params: PolicyParams) -> float | None:
 def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
     """Stop when the rest fits the downtime target; else throttle a step
     each time the dirty rate kept pace with the bandwidth for
-    ``throttle_trigger_rounds`` rounds (QEMU's auto-converge trigger);
-    stop anyway after ``max_rounds``."""
+    ``throttle_trigger_rounds`` rounds (QEMU's auto-converge trigger).
+
+    After ``max_rounds`` the target is not given up for a longer pause:
+    the guest is throttled a step further each round, saying so in the
+    decision's reason (the sender's progress events carry it), until it
+    fits; only a guest throttled to ``throttle_min`` that still does not
+    fit is stopped with a longer pause, and the reason says how long."""
     if fits_downtime(
-        stats, params.downtime_target, params.switchover_estimate
+        stats,
+        params.downtime_target,
+        params.switchover_estimate,
+        params.max_bandwidth,
     ):
         return Decision(
             Action.STOP_AND_COPY,
@@ -164,9 +199,26 @@ def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
             ),
         )
     if stats.iteration >= params.max_rounds:
+        pause = expected_pause(stats, params)
+        fraction = next_throttle(stats.throttle, params)
+        if fraction is not None:
+            return Decision(
+                Action.THROTTLE,
+                throttle=fraction,
+                reason=(
+                    f"downtime target {params.downtime_target}s not met "
+                    f"after {stats.iteration} rounds (a pause now would "
+                    f"take {pause:.3f}s): guest throttled to {fraction}"
+                ),
+            )
         return Decision(
             Action.STOP_AND_COPY,
-            reason=f"{stats.iteration} rounds done (max_rounds)",
+            reason=(
+                f"{stats.iteration} rounds done (max_rounds), guest at "
+                f"its throttle floor {params.throttle_min}: expected "
+                f"pause {pause:.3f}s over the {params.downtime_target}s "
+                "target"
+            ),
         )
     pace = rounds_at_pace(stats, params.throttle_trigger_ratio)
     if pace and pace % params.throttle_trigger_rounds == 0:

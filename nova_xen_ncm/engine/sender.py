@@ -378,6 +378,11 @@ class Sender:
                 if not any(u.what == _LIFT_THROTTLE for u in self._undo):
                     self._push(_LIFT_THROTTLE, self._lift_throttle)
                 self.stats.record_throttle(decision.throttle)
+                self._emit(
+                    EventKind.PROGRESS,
+                    {"round": rnd.round, "throttle": decision.throttle},
+                    reason=decision.reason,
+                )
             pfns = dirty
 
     def _transfer_round(self, pfns: np.ndarray) -> tuple[int, int, int]:
@@ -759,6 +764,7 @@ class Sender:
         *,
         done_pages: int = 0,
         left_pages: int | None = None,
+        reason: str | None = None,
     ) -> None:
         """A progress event in Nova's memory terms (stats.memory_progress);
         inside a round, ``done_pages`` of it were sent, ``left_pages``
@@ -769,6 +775,7 @@ class Sender:
             remaining = left_pages * base.PAGE_SIZE
         self.state.report(
             kind,
+            reason=reason,
             detail=detail,
             memory={
                 "memory_total": memory["memory_total"],

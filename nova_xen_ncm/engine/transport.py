@@ -434,6 +434,61 @@ class Listener:
         self.close()
 
 
+# What a Pacer lets go ahead of its schedule, in seconds of its rate:
+# writes are frames of up to a page batch, so a smaller burst would
+# make every frame wait.
+PACE_BURST = 0.05
+# A wait shorter than this is not worth a sleep (and is rounding).
+PACE_SLACK = 1e-6
+
+
+class Pacer:
+    """Paces the writes of a migration's channels, together, to ``rate``
+    octets per second (the generic cell rate algorithm: each write is
+    scheduled after the previous ones at the rate, and waits for its
+    time less ``burst`` seconds). Shared by the channels' threads."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        burst: float = PACE_BURST,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError(f"pacing rate {rate} B/s is not positive")
+        self.rate = float(rate)
+        self.burst = burst
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._due = clock()
+
+    def take(self, nbytes: int, limit: float | None = None) -> float:
+        """Wait until ``nbytes`` more may go; returns the seconds waited.
+
+        A wait longer than ``limit`` seconds (the caller's I/O bound:
+        what is left of the downtime budget while the guest is paused)
+        is not started, and the octets are not scheduled: a
+        TransportError, as a socket call past its timeout."""
+        with self._lock:
+            now = self._clock()
+            due = max(self._due, now) + nbytes / self.rate
+            wait = due - now - self.burst
+            if limit is not None and wait > limit:
+                raise TransportError(
+                    f"bandwidth cap of {self.rate / (1 << 20):g} MiB/s: "
+                    f"{nbytes} octets would wait {wait:.3f}s, past the "
+                    f"{limit:.3f}s the write may take"
+                )
+            self._due = due
+        if wait > PACE_SLACK:
+            self._sleep(wait)
+            return wait
+        return 0.0
+
+
 class Channel:
     """One connection of a migration: a socket and its protocol state.
 
@@ -454,6 +509,8 @@ class Channel:
         self.connection = connection
         self.io_timeout = io_timeout
         self._recv_buf = bytearray(RECV_SIZE)
+        #: Paces this channel's writes (the migration's bandwidth cap).
+        self.pacer: Pacer | None = None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Control messages are small and latency counts in downtime.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -518,6 +575,15 @@ class Channel:
         views = [memoryview(b).cast("B") for b in buffers]
         views = [v for v in views if v.nbytes]
         total = sum(v.nbytes for v in views)
+        bound = self.sock.gettimeout()
+        waited = 0.0
+        if self.pacer is not None:
+            # The pacer's wait counts against the socket's bound (the
+            # downtime budget while the guest is paused), as the
+            # write's own wait for room does.
+            waited = self.pacer.take(total, limit=bound)
+            if waited and bound is not None:
+                self.sock.settimeout(max(bound - waited, PACE_SLACK))
         i = 0
         try:
             while i < len(views):
@@ -538,6 +604,10 @@ class Channel:
                         sent = 0
         except OSError as exc:
             raise TransportError(f"send failed: {exc}") from exc
+        finally:
+            if waited and bound is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.settimeout(bound)
         return total
 
     def _wait_writable(self) -> None:

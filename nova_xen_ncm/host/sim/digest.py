@@ -202,12 +202,19 @@ class MemoryDigest:
                 run += 1
             digests[block] = d.digest()
 
-    def written(self, dom: Domain, pfns: np.ndarray) -> None:
-        """Digest the blocks of ``pfns``, just written by a restore, while
-        they are in the cache: the warming thread would read them again
-        later, and what it has not read when the guest is paused is
-        downtime."""
-        if dom.booted or not dom.digest_started:
+    def read(self, dom: Domain, pfns: np.ndarray) -> None:
+        """Digest the blocks of ``pfns``, just read by a migration of a
+        guest that is not running, while they are in the cache."""
+        self.written(dom, pfns, read=True)
+
+    def written(
+        self, dom: Domain, pfns: np.ndarray, *, read: bool = False
+    ) -> None:
+        """Digest the blocks of ``pfns``, just written by a restore (or
+        ``read`` by a migration), while they are in the cache: the
+        warming thread or the digest would read them again later, and
+        what is not read when the guest is paused is downtime."""
+        if (dom.booted and not read) or not dom.digest_started:
             return
         if len(pfns) < _DIGEST_INLINE_MIN:
             # A few pages (the last round of a quiet guest) are left to

@@ -48,6 +48,7 @@ from nova_xen_ncm.host.sim import devices
 from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import kernel
+from nova_xen_ncm.host.sim import locks
 from nova_xen_ncm.host.sim.digest import MemoryDigest
 from nova_xen_ncm.host.sim.dom0 import Dom0Error
 from nova_xen_ncm.host.sim.dom0 import Dom0Services
@@ -331,16 +332,28 @@ class SimHost(base.HostDriver):
     ) -> base.PageMapping:
         dom = self.hv.domain(domid, "map_pages")
         pfns = dom.mem.check_ram(pfns, "map_pages")
-        return SimPageMapping(dom, pfns, writable, self.digest.written)
+        # The checker's reads (observing()) feed nothing of the host's
+        # own digest: the oracle leaves what it checks as it found it.
+        observed = getattr(self._observer, "depth", 0) > 0
+        return SimPageMapping(
+            dom,
+            pfns,
+            writable,
+            self.digest.written,
+            on_read=None if observed else self.digest.read,
+        )
 
     @_faulty
     def enable_log_dirty(self, domid: int) -> None:
         dom = self.hv.domain(domid, "enable_log_dirty")
         self.hv.enable_log_dirty(domid)
         if dom.state == DomainState.RUNNING:
-            # A paused guest has no downtime to save: its digest is
-            # taken once, at the end.
             self.digest.warm(dom, lambda: not dom.mem.log_dirty)
+        else:
+            # A paused guest's digest is taken from the pages as the
+            # migration reads them (MemoryDigest.read), in the cache.
+            with locks.ordered(locks.DIGEST, dom.digest_lock):
+                self.digest.refresh(dom, 0)
 
     @_faulty
     def harvest_dirty(self, domid: int) -> np.ndarray:

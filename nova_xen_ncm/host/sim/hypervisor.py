@@ -856,11 +856,15 @@ class SimPageMapping(base.PageMapping):
         pfns: np.ndarray,
         writable: bool,
         on_written: Callable[[Domain, np.ndarray], None] | None = None,
+        on_read: Callable[[Domain, np.ndarray], None] | None = None,
     ) -> None:
         """``on_written(dom, pfns)`` runs when a writable mapping that
-        log-dirty follows closes (the digest cache reads them then)."""
+        log-dirty follows closes (the digest cache reads them then);
+        ``on_read(dom, pfns)`` when a read-only one of a guest that is
+        not running closes."""
         self.pfns = pfns
         self._on_written = on_written
+        self._on_read = on_read
         self._dom = dom
         self._writable = writable
         self._views: list[memoryview] = []
@@ -922,3 +926,12 @@ class SimPageMapping(base.PageMapping):
                     self._dom.mem.mark_dirty(self.pfns)
                 if self._on_written is not None:
                     self._on_written(self._dom, self.pfns)
+        elif (
+            not self._writable
+            and self._on_read is not None
+            and self._dom.mem.log_dirty
+            # A running guest's cache is the warming thread's: its
+            # rounds are not slowed by whole blocks hashed per batch.
+            and self._dom.state != DomainState.RUNNING
+        ):
+            self._on_read(self._dom, self.pfns)

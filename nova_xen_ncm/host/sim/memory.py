@@ -484,6 +484,8 @@ class GuestMemory:
         # The host's side of the guest process's write tracking.
         self._tracked_pid: int | None = None
         self._tracker: WriteTracker | None = None
+        # The guest process runs no vCPU (hold_tracking): nothing to scan.
+        self._held = False
 
     @staticmethod
     def ctl_bytes(max_pfn: int) -> int:
@@ -618,6 +620,22 @@ class GuestMemory:
         arms its tracking before it runs the guest)."""
         self.untrack()
         self._tracked_pid = pid
+        self._held = False
+
+    def hold_tracking(self) -> None:
+        """In the host, once the guest process runs no vCPU (paused):
+        keep what it wrote last; until :meth:`release_tracking`, a flush
+        scans nothing, so that the harvests and digests of a paused guest
+        cost nothing proportional to its RAM (a paused guest writes
+        nothing; the hypervisor's and dom0's writes are marked by their
+        writer). The caller holds :meth:`lock`."""
+        self._flush_written()
+        self._held = True
+
+    def release_tracking(self) -> None:
+        """In the host, before the guest process runs its vCPUs again:
+        flushes scan again. The caller holds :meth:`lock`."""
+        self._held = False
 
     def flush_and_untrack(self) -> None:
         """In the host, once the guest process runs no vCPU: keep what it
@@ -635,6 +653,8 @@ class GuestMemory:
         """Record the pages the guest process wrote since the previous
         flush in the changed map and, with log-dirty on, the dirty map.
         The caller holds :meth:`lock`."""
+        if self._held:
+            return
         if self._tracker is None and self._tracked_pid is not None:
             state = int(self.header[_HDR_TRACKER])
             if state == TRACKER_ARMED:

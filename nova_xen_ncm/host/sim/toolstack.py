@@ -375,6 +375,7 @@ class Toolstack:
     def _start_running(self, dom: Domain) -> None:
         with dom.mem_lock():
             dom.update_time()
+            dom.mem.release_tracking()
         dom.request(
             {
                 "cmd": "unpause",
@@ -433,6 +434,8 @@ class Toolstack:
         if dom.state != DomainState.RUNNING:
             return
         regs = dom.request({"cmd": "pause"})
+        with dom.mem_lock():
+            dom.mem.hold_tracking()
         dom.save_registers(regs)
         dom.state = DomainState.PAUSED
         dom.cpu_time += time.monotonic() - dom.run_started

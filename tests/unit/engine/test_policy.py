@@ -95,8 +95,15 @@ PARAMS = PolicyParams(
         # No bandwidth measured yet: only an empty remainder fits.
         (snap(dirty=1, bandwidth=0.0), Action.CONTINUE, None),
         (snap(dirty=0, bandwidth=0.0), Action.STOP_AND_COPY, None),
-        # The round bound.
-        (snap(iteration=10, dirty=10**6), Action.STOP_AND_COPY, None),
+        # The round bound: the target is kept by throttling harder...
+        (snap(iteration=10, dirty=10**6), Action.THROTTLE, 0.8),
+        (snap(iteration=11, dirty=10**6, throttle=0.4), Action.THROTTLE, 0.2),
+        # ... until the floor, where the guest stops anyway.
+        (
+            snap(iteration=12, dirty=10**6, throttle=0.2),
+            Action.STOP_AND_COPY,
+            None,
+        ),
         (snap(iteration=9, dirty=10**6), Action.CONTINUE, None),
         # One hot round is not a trend.
         (
@@ -191,6 +198,39 @@ def test_downtime_leaves_the_switchover_out_of_the_target(
     assert decision.action is expected
 
 
+def test_past_max_rounds_the_reasons_say_the_target_is_not_met():
+    throttled = policy.downtime(snap(iteration=10, dirty=10**6), PARAMS)
+    assert "downtime target 0.5s not met after 10 rounds" in (throttled.reason)
+    # 10**6 pages at 100 MB/s.
+    assert "take 40.960s" in throttled.reason
+    assert "throttled to 0.8" in throttled.reason
+    stopped = policy.downtime(
+        snap(iteration=14, dirty=10**6, throttle=0.2), PARAMS
+    )
+    assert "throttle floor 0.2" in stopped.reason
+    assert "expected pause 40.960s over the 0.5s target" in stopped.reason
+
+
+@pytest.mark.parametrize(
+    "cap,dirty,expected",
+    [
+        # No cap: 100 MB/s x 0.5 s, 12207 pages fit.
+        (0.0, 12207, Action.STOP_AND_COPY),
+        # Capped at 10 MB/s: 5 MB, 1220 pages fit, 1221 do not.
+        (10 * MB, 1220, Action.STOP_AND_COPY),
+        (10 * MB, 1221, Action.CONTINUE),
+        # A cap above the measured bandwidth changes nothing.
+        (1000 * MB, 12207, Action.STOP_AND_COPY),
+        (1000 * MB, 12208, Action.CONTINUE),
+    ],
+)
+def test_downtime_estimates_the_pause_at_the_bandwidth_cap(
+    cap, dirty, expected
+):
+    params = dataclasses.replace(PARAMS, max_bandwidth=cap)
+    assert policy.downtime(snap(dirty=dirty), params).action is expected
+
+
 def test_rounds_at_pace_counts_the_tail():
     rounds = [rnd(0, 100 * MB, HOT), rnd(1, 100 * MB, COLD)] + [
         rnd(i, 100 * MB, HOT) for i in range(2, 5)
@@ -248,7 +288,7 @@ def test_registry_loads_by_name():
     simple = policy.load_policy("xen-simple", PARAMS)
     assert simple(snap(dirty=10)).action is Action.STOP_AND_COPY
     down = policy.load_policy("downtime", PARAMS)
-    assert down(snap(iteration=10, dirty=10**6)).action is (
+    assert down(snap(iteration=10, dirty=100)).action is (
         Action.STOP_AND_COPY
     )
     assert down(snap(iteration=3, dirty=10**6)).action is Action.CONTINUE
@@ -270,7 +310,9 @@ def test_params_from_conf():
     conf.set_override("downtime_target", 0.25, group="xen_ncm")
     conf.set_override("max_rounds", 7, group="xen_ncm")
     conf.set_override("switchover_estimate", 0.008, group="xen_ncm")
+    conf.set_override("max_bandwidth", 100, group="xen_ncm")
     params = PolicyParams.from_conf(conf)
+    assert params.max_bandwidth == 100 * 1024 * 1024
     assert params.downtime_target == 0.25
     assert params.switchover_estimate == 0.008
     assert params.max_rounds == 7

@@ -320,3 +320,112 @@ def test_listener_from_conf():
     with Listener.from_conf(conf, expected=3) as listener:
         assert listener.accept_timeout == 3.0
         assert listener.address[0] == "127.0.0.1"
+
+
+class FakeTime:
+    def __init__(self):
+        self.now = 100.0
+        self.slept = []
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_pacer_holds_writes_to_its_rate_after_the_burst():
+    t = FakeTime()
+    pacer = transport.Pacer(
+        1_000_000, burst=0.05, clock=t.clock, sleep=t.sleep
+    )
+    # 50 ms of the rate go at once, then each write waits its turn.
+    assert pacer.take(50_000) == 0.0
+    for _ in range(20):
+        pacer.take(100_000)
+    # 2.05 MB at 1 MB/s: 2.05 s, less the 50 ms it may run ahead.
+    assert t.now - 100.0 == pytest.approx(2.0)
+    assert all(s == pytest.approx(0.1) for s in t.slept[1:])
+
+
+def test_pacer_gives_no_credit_for_idle_time_beyond_the_burst():
+    t = FakeTime()
+    pacer = transport.Pacer(
+        1_000_000, burst=0.05, clock=t.clock, sleep=t.sleep
+    )
+    t.now += 60.0  # idle a minute
+    pacer.take(50_000)
+    pacer.take(1_000_000)
+    assert t.slept == [pytest.approx(1.0)]
+
+
+def test_pacer_refuses_a_rate_that_is_not_positive():
+    with pytest.raises(ValueError, match="not positive"):
+        transport.Pacer(0)
+
+
+def test_a_paced_channel_has_every_frame_wait_for_its_octets():
+    client, server = established_pair()
+    taken = []
+
+    class Recorder:
+        def take(self, nbytes, limit=None):
+            taken.append(nbytes)
+            return 0.0
+
+    client.pacer = Recorder()
+    reader = Background(server.receive)
+    sent = client.send_data(1, [b"x" * 5000])
+    reader.result()
+    assert taken == [sent]
+    assert sent > 5000  # the frame's header and tag are paced too
+
+
+def test_pacer_refuses_a_wait_past_its_limit_and_schedules_nothing():
+    t = FakeTime()
+    pacer = transport.Pacer(
+        1_000_000, burst=0.05, clock=t.clock, sleep=t.sleep
+    )
+    pacer.take(50_000)
+    with pytest.raises(TransportError, match="would wait 0.500s"):
+        pacer.take(500_000, limit=0.4)
+    assert t.slept == []
+    # The refused octets took no place in the schedule.
+    assert pacer.take(350_000, limit=0.4) == pytest.approx(0.35)
+
+
+def test_a_paced_write_waits_within_the_sockets_bound():
+    client, server = established_pair()
+    bounds = []
+
+    class Slow:
+        def take(self, nbytes, limit=None):
+            bounds.append(limit)
+            return 0.25
+
+    timeouts = []
+
+    class Watched:
+        """The socket, its timeout noted at each write."""
+
+        def __init__(self, sock):
+            self._sock = sock
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+        def sendmsg(self, views):
+            timeouts.append(self._sock.gettimeout())
+            return self._sock.sendmsg(views)
+
+    client.sock.settimeout(2.0)
+    client.sock = Watched(client.sock)
+    client.pacer = Slow()
+    reader = Background(server.receive)
+    client.send_data(1, [b"x" * 100])
+    reader.result()
+    # The pacer is told the bound; the write has what its wait left.
+    assert bounds == [2.0]
+    assert timeouts == [pytest.approx(1.75)]
+    assert client.sock.gettimeout() == 2.0

@@ -329,6 +329,71 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
     assert host.memory_digest(1) == digest
 
 
+def test_a_paused_guest_is_digested_as_a_migration_reads_it(
+    host, monkeypatch
+):
+    a = empty(host, 1, mb=80)
+    pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
+    host.populate(1, pfns)
+    a.booted = True
+    while a.warming:
+        time.sleep(0.01)
+    write(a, slice(0x100, 0x4100), np.arange(4096) % 251)
+    write(a, slice(0x800, 0x900), 0)
+    assert a.state != sim_host.DomainState.RUNNING
+    host.enable_log_dirty(1)
+    read = _digest_reads(host, monkeypatch)
+    for batch in base.iter_batches(pfns, 1024):
+        with host.map_pages(1, batch) as m:
+            m.runs()
+    # Every block was read as its pages were, none is left to the digest.
+    assert sorted(set(read)) == sorted(
+        {int(p) // sim_digest._DIGEST_BLOCK for p in pfns}
+    )
+    read.clear()
+    first = host.memory_digest(1)
+    assert read == []
+    # A write after the migration read its page: that block again.
+    write(a, 0x2345, 9)
+    second = host.memory_digest(1)
+    assert second != first
+    assert read == [0x2345 // sim_digest._DIGEST_BLOCK]
+    # The same as a digest that reads everything.
+    a.digest_started = False
+    assert host.memory_digest(1) == second
+    # A running guest's reads are left to the warming thread.
+    read.clear()
+    a.state = sim_host.DomainState.RUNNING
+    try:
+        with host.map_pages(1, pfns[:1024]) as m:
+            m.runs()
+    finally:
+        a.state = sim_host.DomainState.PAUSED
+    assert read == []
+
+
+def test_the_checkers_reads_leave_the_digest_as_it_was(host, monkeypatch):
+    a = empty(host, 1, mb=80)
+    pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
+    host.populate(1, pfns)
+    a.booted = True
+    while a.warming:
+        time.sleep(0.01)
+    write(a, slice(0x100, 0x4100), np.arange(4096) % 251)
+    host.enable_log_dirty(1)
+    read = _digest_reads(host, monkeypatch)
+    with host.observing():
+        for batch in base.iter_batches(pfns, 1024):
+            with host.map_pages(1, batch) as m:
+                m.runs()
+    assert read == []
+    # The blocks written are still the digest's to read.
+    host.memory_digest(1)
+    assert sorted(set(read)) == sorted(
+        {int(p) // sim_digest._DIGEST_BLOCK for p in pfns}
+    )
+
+
 def test_memory_digest_of_a_pass_in_parts_sees_later_writes(host):
     a = empty(host, 1, mb=80)
     host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))

@@ -112,6 +112,34 @@ def test_what_the_guest_wrote_before_it_stopped_is_kept(guest):
     assert mem.take_changed().tolist() == [21]
 
 
+def test_a_held_tracker_is_not_scanned_and_loses_nothing(guest, monkeypatch):
+    mem, write = guest
+    scans = []
+    real_scan = memory.WriteTracker.scan
+
+    def scan(self):
+        scans.append(1)
+        return real_scan(self)
+
+    monkeypatch.setattr(memory.WriteTracker, "scan", scan)
+    mem.set_log_dirty(True)
+    write(21)
+    with mem.lock():
+        mem.hold_tracking()
+    held_at = len(scans)
+    # What was written before the hold is kept.
+    assert mem.harvest().tolist() == [21]
+    assert mem.take_changed().tolist() == [21]
+    write(30)
+    assert mem.harvest().tolist() == []
+    assert len(scans) == held_at
+    with mem.lock():
+        mem.release_tracking()
+    # The page stayed written in the page tables: the next scan has it.
+    assert mem.harvest().tolist() == [30]
+    assert len(scans) > held_at
+
+
 def test_a_mapping_that_is_not_the_guest_ram_is_refused(guest):
     mem, write = guest
     write(1)
