@@ -841,3 +841,16 @@ def test_the_wallclock_is_the_hosts_boot_for_every_update(host):
         time.sleep(0.01)
     assert seen[0] == seen[1] == host.hv.wallclock_ns
     assert abs(seen[0] + host.hv.now_ns() - time.time_ns()) < 10**9
+
+
+def test_a_lock_that_is_not_reentrant_taken_twice_is_refused(host):
+    """Re-entry is allowed for the re-entrant locks only: taking a
+    domain's memory lock again would deadlock, so the check refuses it."""
+    a = empty(host, 1)
+    with host.hv.lock, host.hv.lock:
+        pass
+    with a.mem_lock():
+        with pytest.raises(locks.LockOrderError, match="not re-entrant"):
+            with a.mem.lock():
+                pass
+    assert locks.held() == ()
