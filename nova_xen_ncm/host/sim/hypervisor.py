@@ -281,7 +281,7 @@ class Domain:
                 )
         hvm.write_wallclock(
             memoryview(self.mem.xen_pages[XENPAGE_SHARED_INFO]),
-            time.time_ns() - now,
+            self.hv.wallclock_ns,
         )
 
     def save_registers(self, regs: Sequence[Mapping[str, int]]) -> None:
@@ -316,6 +316,10 @@ class Hypervisor:
         # different times, so a migrating guest's host time jumps).
         uptime = zlib.crc32(hostname.encode()) % 86_400 + 60
         self._boot_ns = time.monotonic_ns() - uptime * 1_000_000_000
+        # Xen's wc_sec/wc_nsec: the wall time at NOW() 0, set at boot
+        # (and by a settime, which nothing here does), the same for
+        # every update of every domain's wallclock.
+        self.wallclock_ns = time.time_ns() - self.now_ns()
         self.dom0 = Dom0(hostname)
         self.evtchn = evtchn.EventChannelOps(self.lookup)
         self._maptrack: dict[int, tuple[int, int, bool]] = {}

@@ -1,10 +1,12 @@
 """The simulated host's locks, in the one order they may be taken.
 
 A thread holding a lock may take only a lock that comes later in
-:data:`ORDER` (or one it holds already: the host lock is re-entrant).
-Code that takes two of them takes each through :func:`ordered`, which
-raises :class:`LockOrderError` when the order is broken, so a test that
-runs the path finds an inversion before it deadlocks.
+:data:`ORDER`, or one it holds already if that one is re-entrant (the
+host's and xenstored's locks are). Every one of them is taken through
+:class:`OrderedLock` or :func:`ordered`, which raise
+:class:`LockOrderError` when the order is broken or a lock that is not
+re-entrant is taken again, so a test that runs the path finds the
+mistake before it deadlocks.
 
 - ``backend``: a dom0 backend's own lock (devices.Backend); a backend
   calls into the host (grant maps, event channels) with it held.
@@ -46,13 +48,22 @@ def held() -> tuple[str, ...]:
     return tuple(name for name, _ in getattr(_held, "stack", ()))
 
 
-def check(name: str, key: object = None) -> None:
+_RLOCK = type(threading.RLock())
+
+
+def check(name: str, key: object = None, reentrant: bool = True) -> None:
     """Raise LockOrderError if this thread may not take the lock
-    ``name`` now (``key``: the lock object, whose re-entry is allowed)."""
+    ``name`` now (``key``: the lock object, whose re-entry is allowed if
+    it is ``reentrant``, and would deadlock otherwise)."""
     rank = RANK[name]
     stack = getattr(_held, "stack", ())
     if key is not None and any(k is key for _, k in stack):
-        return
+        if reentrant:
+            return
+        raise LockOrderError(
+            f"lock {name!r} taken again by the thread holding it: it is "
+            "not re-entrant"
+        )
     for other, _ in stack:
         if RANK[other] >= rank:
             raise LockOrderError(
@@ -72,7 +83,7 @@ class OrderedLock:
         self._lock = threading.Lock() if lock is None else lock
 
     def __enter__(self) -> OrderedLock:
-        check(self.name, self)
+        check(self.name, self, isinstance(self._lock, _RLOCK))
         self._lock.acquire()
         _held.__dict__.setdefault("stack", []).append((self.name, self))
         return self
@@ -88,9 +99,10 @@ def ordered(
 ) -> Iterator[None]:
     """Take ``lock`` (a lock or a context manager that takes one) as the
     lock called ``name``, checking the order first. ``key`` identifies
-    the lock for re-entry (``lock`` itself by default)."""
+    the lock for re-entry (``lock`` itself by default), which only a
+    threading.RLock allows."""
     key = lock if key is None else key
-    check(name, key)
+    check(name, key, isinstance(lock, _RLOCK))
     stack = _held.__dict__.setdefault("stack", [])
     with lock:
         stack.append((name, key))

@@ -244,3 +244,4 @@ def test_replayed_stream_is_refused_by_a_new_migration(
         assert other.list_domains() == []
     finally:
         other.close()
+    other.raise_dom0_errors()

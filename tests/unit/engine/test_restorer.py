@@ -36,6 +36,7 @@ def host():
     )
     yield h
     h.close()
+    h.raise_dom0_errors()
 
 
 def stream(*parts, xen_only=False) -> list:

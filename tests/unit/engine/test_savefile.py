@@ -41,6 +41,8 @@ def hosts(conf):
     yield a, b
     a.close()
     b.close()
+    a.raise_dom0_errors()
+    b.raise_dom0_errors()
 
 
 def build(host: SimHost) -> None:

@@ -57,6 +57,7 @@ def host(conf):
             page[:] = bytes([i + 1]) * PAGE
     yield h
     h.close()
+    h.raise_dom0_errors()
 
 
 def write_page(host, pfn, fill):

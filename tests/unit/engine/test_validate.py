@@ -75,6 +75,7 @@ def saved(disk_dir):
         savefile.save(host, domid, out)
     finally:
         host.close()
+    host.raise_dom0_errors()
     return domid, out.getvalue()
 
 
@@ -100,6 +101,7 @@ def destination(saved, disk_dir):
     )
     yield host
     host.close()
+    host.raise_dom0_errors()
 
 
 def snapshot(host, domid):

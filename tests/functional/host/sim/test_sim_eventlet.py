@@ -34,6 +34,7 @@ SCRIPT = textwrap.dedent(
         h.pause(d)
         assert h.domain_info(d).state == base.DomainState.PAUSED
         h.close()
+        h.raise_dom0_errors()
     print("OK", doms)
     """
 )

@@ -889,3 +889,33 @@ def test_dom0_closes_its_ends_of_a_destroyed_domains_channels(host):
     host.destroy_domain(3)
     assert local not in host.hv.dom0.ports
     assert local not in host.services.kernel.handlers
+
+
+def test_the_wallclock_is_the_hosts_boot_for_every_update(host):
+    """update_domain_wallclock_time writes the host's wc_sec/wc_nsec
+    (the wall time at its NOW() 0), which only a settime changes: every
+    update writes the same value, and wallclock + NOW() is the time of
+    day."""
+    dom = empty(host, 1)
+    page = dom.mem.xen_pages[sim_memory.XENPAGE_SHARED_INFO]
+    seen = []
+    for _ in range(2):
+        with dom.mem_lock():
+            dom.update_time()
+        seen.append(hvm.read_wallclock(bytes(page)))
+        time.sleep(0.01)
+    assert seen[0] == seen[1] == host.hv.wallclock_ns
+    assert abs(seen[0] + host.hv.now_ns() - time.time_ns()) < 10**9
+
+
+def test_a_lock_that_is_not_reentrant_taken_twice_is_refused(host):
+    """Re-entry is allowed for the re-entrant locks only: taking a
+    domain's memory lock again would deadlock, so the check refuses it."""
+    a = empty(host, 1)
+    with host.hv.lock, host.hv.lock:
+        pass
+    with a.mem_lock():
+        with pytest.raises(locks.LockOrderError, match="not re-entrant"):
+            with a.mem.lock():
+                pass
+    assert locks.held() == ()
