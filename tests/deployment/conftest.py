@@ -163,22 +163,30 @@ def cloud() -> Iterator[Cloud]:
         pytest.skip(message)
     if shutil.which("openstack") is None:
         pytest.fail("python-openstackclient (test-requirements) is missing")
-    up = subprocess.run(
-        [str(MINICLOUD), "up"],
-        capture_output=True,
-        text=True,
-        timeout=UP_TIMEOUT,
-    )
-    if up.returncode != 0:
-        pytest.fail(
-            f"minicloud up exited {up.returncode}:\n{up.stderr[-6000:]}"
-        )
-    clouds_yaml = Path(up.stdout.strip().splitlines()[-1])
+    # Whatever happens to ``up`` (failure, timeout, a half-started
+    # cloud) or to the tests, ``down`` runs: no service of the tier is
+    # left running into the tiers after it.
     try:
-        yield Cloud(clouds_yaml)
+        up = subprocess.run(
+            [str(MINICLOUD), "up"],
+            capture_output=True,
+            text=True,
+            timeout=UP_TIMEOUT,
+        )
+        if up.returncode != 0:
+            pytest.fail(
+                f"minicloud up exited {up.returncode}:\n{up.stderr[-6000:]}"
+            )
+        yield Cloud(Path(up.stdout.strip().splitlines()[-1]))
     finally:
-        subprocess.run(
+        down = subprocess.run(
             [str(MINICLOUD), "down"],
             capture_output=True,
+            text=True,
             timeout=DOWN_TIMEOUT,
         )
+        if down.returncode != 0:
+            pytest.fail(
+                f"minicloud down exited {down.returncode}:\n"
+                f"{down.stderr[-3000:]}"
+            )

@@ -80,8 +80,8 @@ def test_server_with_a_port_migrates_where_the_scheduler_sends_it(
     finally:
         shown = _stop_watch(watch)
     assert cloud.host_of(moved) == _other(cloud, source)
-    # Neutron's binding followed the guest.
-    assert _port_host(cloud, server["id"])[0] == _other(cloud, source)
+    # Neutron's binding followed the guest, and the port is up there.
+    assert _port_host(cloud, server["id"]) == (_other(cloud, source), "ACTIVE")
     (migration,) = cloud.json(
         "server", "migration", "list", "--server", server["id"]
     )
@@ -111,7 +111,7 @@ def test_live_migration_to_a_named_host_and_back(cloud, server):
         "--wait", server["id"],
     )  # fmt: skip
     assert cloud.host_of(cloud.wait_status(server["id"], "ACTIVE")) == source
-    assert _port_host(cloud, server["id"])[0] == source
+    assert _port_host(cloud, server["id"]) == (source, "ACTIVE")
     migrations = cloud.json(
         "server", "migration", "list", "--server", server["id"]
     )
