@@ -11,7 +11,10 @@ import uuid
 
 import pytest
 
-pytestmark = pytest.mark.timeout(600)
+# The test's own body; the cloud's ``up`` and ``down`` (session fixture)
+# and the server's create and delete are bounded by their commands'
+# timeouts, so the first test is not charged with ``up``.
+pytestmark = pytest.mark.timeout(600, func_only=True)
 
 WATCH_TIMEOUT = 300
 
