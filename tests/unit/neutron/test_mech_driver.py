@@ -43,7 +43,7 @@ def driver():
 
 
 @pytest.mark.parametrize("network_type", ["local", "flat", "vxlan", "geneve"])
-def test_binds_a_bridge_vif_active(driver, network_type):
+def test_binds_an_ovs_vif_active(driver, network_type):
     context = PortContext([_segment("seg-a", network_type)])
     driver.bind_port(context)
     assert context.bindings == [
