@@ -7,9 +7,12 @@ os-vif's ``ovs`` plugin records in the host's OVSDB when nova-compute
 plugs an ``ovs`` vif (Nova dropped the ``bridge`` vif type). With no agent
 on the host nothing else would report the port up, so the binding is
 committed ACTIVE: Neutron then sends Nova ``network-vif-plugged`` as soon
-as the port is bound to a host. Plain OVS plugging (no hybrid
-iptables bridge): there is no agent to program security groups either,
-so the binding does not claim port filtering.
+as the port is bound to a host. A live migration activates the
+destination's binding, which ML2 commits with the port DOWN for an agent
+to report up; with no agent, the driver reports it up itself once the
+activated binding is its own (``update_port_postcommit``). Plain OVS
+plugging (no hybrid iptables bridge): there is no agent to program
+security groups either, so the binding does not claim port filtering.
 
 Only segments a host's switch carries without an agent are bound:
 ``local``, ``flat`` and overlay types, whose tunnels a single-host or
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from neutron_lib import constants
 from neutron_lib.api.definitions import portbindings
+from neutron_lib.plugins import directory
 from neutron_lib.plugins.ml2 import api
 from oslo_log import log as logging
 
@@ -34,6 +38,8 @@ BINDABLE_TYPES = frozenset(
         constants.TYPE_GENEVE,
     }
 )
+
+NAME = "xen_ncm"
 
 # The integration bridge, as Nova and Neutron's OVS drivers name it.
 BRIDGE = "br-int"
@@ -88,4 +94,32 @@ class XenNCMMechanismDriver(api.MechanismDriver):
             "Port %s: no segment of types %s to bind",
             context.current["id"],
             sorted(BINDABLE_TYPES),
+        )
+
+    def update_port_postcommit(self, context) -> None:
+        """A binding of ours made active with the port DOWN (ML2's
+        ``activate`` of a live migration's destination binding): no agent
+        will report the port up, so it is set ACTIVE here, which also
+        sends Nova ``network-vif-plugged``."""
+        port = context.current
+        if (
+            port.get("status") != constants.PORT_STATUS_DOWN
+            or not port.get("admin_state_up", True)
+            or not context.host
+            or context.vif_type != portbindings.VIF_TYPE_OVS
+        ):
+            return
+        levels = context.binding_levels or []
+        if not levels or levels[-1].get(api.BOUND_DRIVER) != NAME:
+            return
+        LOG.debug(
+            "Port %s: binding on %s active, reporting the port ACTIVE",
+            port["id"],
+            context.host,
+        )
+        directory.get_plugin().update_port_status(
+            context.plugin_context,
+            port["id"],
+            constants.PORT_STATUS_ACTIVE,
+            context.host,
         )

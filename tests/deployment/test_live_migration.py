@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
+import threading
 import uuid
 
 import pytest
 
-pytestmark = pytest.mark.timeout(600)
+# The test's own body; the cloud's ``up`` and ``down`` (session fixture)
+# and the server's create and delete are bounded by their commands'
+# timeouts, so the first test is not charged with ``up``.
+pytestmark = pytest.mark.timeout(600, func_only=True)
 
 WATCH_TIMEOUT = 300
+LISTEN_TIMEOUT = 120
 
 
 def _other(cloud, host: str) -> str:
@@ -40,29 +44,51 @@ def server(cloud):
         cloud.openstack("server", "delete", "--wait", name, check=False)
 
 
-def _watch(cloud, pool: str) -> subprocess.Popen:
+class _Watch:
     """``nova-xen-ncm watch`` on the cloud's bus, with nova.conf's
     transport and Nova's exchange, as an operator on the controller runs
-    it."""
-    proc = subprocess.Popen(
-        [
-            "nova-xen-ncm", "--config-file", "/etc/nova/nova.conf", "watch",
-            "--plain", "--pool", pool, "--timeout", str(WATCH_TIMEOUT),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=cloud.env,
-    )  # fmt: skip
-    # Its queue exists before the migration starts publishing.
-    time.sleep(3)
-    return proc
+    it; started once its listener is on the bus (the line it prints on
+    stderr says so), so that no notification of the migration after it is
+    missed."""
 
+    def __init__(self, cloud, pool: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "nova-xen-ncm", "--config-file", "/etc/nova/nova.conf",
+                "watch", "--plain", "--pool", pool,
+                "--timeout", str(WATCH_TIMEOUT),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=cloud.env,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self.listening = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        if not self.listening.wait(LISTEN_TIMEOUT):
+            self.stop()
+            raise AssertionError(
+                "nova-xen-ncm watch did not listen on the bus within "
+                f"{LISTEN_TIMEOUT} s:\n{''.join(self.lines)}"
+            )
 
-def _stop_watch(proc: subprocess.Popen) -> str:
-    proc.terminate()
-    out, _ = proc.communicate(timeout=30)
-    return out
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "nova-xen-ncm watch: listening in pool" in line:
+                self.listening.set()
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=10)
+        return "".join(self.lines)
 
 
 def test_server_with_a_port_migrates_where_the_scheduler_sends_it(
@@ -71,17 +97,17 @@ def test_server_with_a_port_migrates_where_the_scheduler_sends_it(
     source = cloud.host_of(server)
     assert source in cloud.computes
     assert _port_host(cloud, server["id"]) == (source, "ACTIVE")
-    watch = _watch(cloud, f"deploy-test-{server['id'][:8]}")
+    watch = _Watch(cloud, f"deploy-test-{server['id'][:8]}")
     try:
         cloud.openstack(
             "server", "migrate", "--live-migration", "--wait", server["id"]
         )
         moved = cloud.wait_status(server["id"], "ACTIVE")
     finally:
-        shown = _stop_watch(watch)
+        shown = watch.stop()
     assert cloud.host_of(moved) == _other(cloud, source)
-    # Neutron's binding followed the guest.
-    assert _port_host(cloud, server["id"])[0] == _other(cloud, source)
+    # Neutron's binding followed the guest, and the port is up there.
+    assert _port_host(cloud, server["id"]) == (_other(cloud, source), "ACTIVE")
     (migration,) = cloud.json(
         "server", "migration", "list", "--server", server["id"]
     )
@@ -111,7 +137,7 @@ def test_live_migration_to_a_named_host_and_back(cloud, server):
         "--wait", server["id"],
     )  # fmt: skip
     assert cloud.host_of(cloud.wait_status(server["id"], "ACTIVE")) == source
-    assert _port_host(cloud, server["id"])[0] == source
+    assert _port_host(cloud, server["id"]) == (source, "ACTIVE")
     migrations = cloud.json(
         "server", "migration", "list", "--server", server["id"]
     )

@@ -43,7 +43,7 @@ def driver():
 
 
 @pytest.mark.parametrize("network_type", ["local", "flat", "vxlan", "geneve"])
-def test_binds_a_bridge_vif_active(driver, network_type):
+def test_binds_an_ovs_vif_active(driver, network_type):
     context = PortContext([_segment("seg-a", network_type)])
     driver.bind_port(context)
     assert context.bindings == [
@@ -98,3 +98,73 @@ def test_registered_for_ml2():
         if e.name == "xen_ncm"
     ]
     assert entry.load() is mech_driver.XenNCMMechanismDriver
+
+
+class Plugin:
+    """The core plugin's update_port_status, recorded."""
+
+    def __init__(self):
+        self.updates = []
+
+    def update_port_status(self, context, port_id, status, host=None):
+        self.updates.append((context, port_id, status, host))
+
+
+class UpdateContext:
+    """What ML2 hands update_port_postcommit after committing a
+    binding."""
+
+    def __init__(
+        self,
+        status="DOWN",
+        vif_type=portbindings.VIF_TYPE_OVS,
+        driver="xen_ncm",
+        host="ncm-compute2",
+        admin_state_up=True,
+    ):
+        self.current = {
+            "id": "port-1",
+            "status": status,
+            "admin_state_up": admin_state_up,
+        }
+        self.host = host
+        self.vif_type = vif_type
+        self.binding_levels = (
+            [{api.BOUND_DRIVER: driver, api.BOUND_SEGMENT: {}}]
+            if driver
+            else None
+        )
+        self.plugin_context = object()
+
+
+@pytest.fixture
+def plugin(monkeypatch):
+    plugin = Plugin()
+    monkeypatch.setattr(mech_driver.directory, "get_plugin", lambda *a: plugin)
+    return plugin
+
+
+def test_an_activated_binding_reports_the_port_active(driver, plugin):
+    # ML2's activate() of a live migration's destination binding leaves
+    # the port DOWN for an agent; none will come.
+    context = UpdateContext()
+    driver.update_port_postcommit(context)
+    assert plugin.updates == [
+        (context.plugin_context, "port-1", "ACTIVE", "ncm-compute2")
+    ]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"status": "ACTIVE"},
+        {"admin_state_up": False},
+        {"host": ""},
+        {"vif_type": portbindings.VIF_TYPE_UNBOUND},
+        {"driver": "openvswitch"},
+        {"driver": None},
+    ],
+)
+def test_other_port_updates_are_left_alone(driver, plugin, kw):
+    driver.update_port_postcommit(UpdateContext(**kw))
+    assert plugin.updates == []
