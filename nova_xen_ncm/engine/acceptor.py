@@ -24,6 +24,7 @@ failed handshake costs its own connection only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import threading
@@ -60,6 +61,12 @@ _FATAL = frozenset(
         messages.RefuseReason.VERSION.value,
     }
 )
+
+
+def _shut(sock: socket.socket) -> None:
+    """Wake whatever reads ``sock`` (a TLS handshake included)."""
+    with contextlib.suppress(OSError, ValueError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class Acceptor:
@@ -225,10 +232,31 @@ class Acceptor:
 
     def _serve(self, sock: socket.socket, peer: object) -> None:
         try:
+            deadline = min(
+                self.opts.io_timeout, self.listener.handshake_timeout
+            )
+            start = time.monotonic()
+            # The deadline covers the TLS handshake too: a peer trickling
+            # its ClientHello is cut off with the rest (a socket timeout
+            # bounds each read only).
+            cut_off = threading.Timer(deadline, _shut, (sock,))
+            cut_off.daemon = True
+            cut_off.start()
             try:
                 sock = self.listener.secure(sock, peer)
             except TransportError as exc:
                 self._failed(peer, exc)
+                return
+            finally:
+                cut_off.cancel()
+            left = deadline - (time.monotonic() - start)
+            if left <= 0:
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self._failed(
+                    peer,
+                    TransportError(f"handshake not done within {deadline}s"),
+                )
                 return
             channel = Channel(
                 sock,
@@ -239,17 +267,14 @@ class Acceptor:
                 ),
                 io_timeout=self.opts.io_timeout,
             )
-            deadline = min(
-                self.opts.io_timeout, self.listener.handshake_timeout
-            )
             # Room left for the WELCOME after a wait in resume_from.
-            until = time.monotonic() + 0.8 * deadline
+            until = time.monotonic() + 0.8 * left
             try:
                 hello, proof = channel.server_handshake(
                     self._token_for,
                     capabilities=_CAPABILITIES,
                     resume_from=functools.partial(self._resume_from, until),
-                    deadline=deadline,
+                    deadline=left,
                 )
             except Exception as exc:
                 channel.close()
