@@ -24,6 +24,7 @@ failed handshake costs its own connection only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import threading
@@ -60,6 +61,12 @@ _FATAL = frozenset(
         messages.RefuseReason.VERSION.value,
     }
 )
+
+
+def _shut(sock: object) -> None:
+    """Wake whatever reads ``sock`` (a TLS handshake included)."""
+    with contextlib.suppress(OSError, ValueError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class Acceptor:
@@ -224,14 +231,34 @@ class Acceptor:
             ).start()
 
     def _serve(self, sock: socket.socket, peer: object) -> None:
+        deadline = min(self.opts.io_timeout, self.listener.handshake_timeout)
+        # One deadline for TLS and the handshake together, from when the
+        # connection is taken: a socket timeout bounds each read only,
+        # and TLS then the handshake would each have had their own.
+        expired = threading.Event()
+        # The socket to wake: TLS takes over the TCP one.
+        current = [sock]
+
+        def cut_off() -> None:
+            expired.set()
+            _shut(current[0])
+
+        watchdog = threading.Timer(deadline, cut_off)
+        watchdog.daemon = True
+        watchdog.start()
         try:
+            # Room left for the WELCOME after a wait in resume_from.
+            until = time.monotonic() + 0.8 * deadline
             try:
-                sock = self.listener.secure(sock, peer)
+                secured = self.listener.secure(sock, peer)
             except TransportError as exc:
-                self._failed(peer, exc)
+                self._failed(peer, self._late(expired, deadline, exc))
                 return
+            current[0] = secured
+            if expired.is_set():
+                _shut(secured)
             channel = Channel(
-                sock,
+                secured,
                 framing.Connection(
                     messages.Role.SERVER,
                     max_data=self.opts.max_frame_bytes,
@@ -239,11 +266,6 @@ class Acceptor:
                 ),
                 io_timeout=self.opts.io_timeout,
             )
-            deadline = min(
-                self.opts.io_timeout, self.listener.handshake_timeout
-            )
-            # Room left for the WELCOME after a wait in resume_from.
-            until = time.monotonic() + 0.8 * deadline
             try:
                 hello, proof = channel.server_handshake(
                     self._token_for,
@@ -253,12 +275,32 @@ class Acceptor:
                 )
             except Exception as exc:
                 channel.close()
-                self._failed(peer, exc)
+                self._failed(peer, self._late(expired, deadline, exc))
+                return
+            watchdog.cancel()
+            if expired.is_set():
+                # Cut off between the WELCOME and here: not for routing.
+                channel.close()
+                self._failed(peer, self._late(expired, deadline, None))
                 return
             if not self._route(channel, hello, proof):
                 self._answer(channel)
         finally:
+            watchdog.cancel()
             self._slots.release()
+
+    @staticmethod
+    def _late(
+        expired: threading.Event, deadline: float, exc: Exception | None
+    ) -> Exception:
+        """``exc``, or the deadline's error if it is what ended it."""
+        if not expired.is_set() or (
+            # The handshake's own watchdog named the deadline already.
+            exc is not None and str(exc).startswith("handshake not done")
+        ):
+            return exc
+        cause = f": {exc}" if exc is not None else ""
+        return TransportError(f"handshake not done within {deadline}s{cause}")
 
     def _token_for(self, hello: messages.Hello) -> bytes:
         if hello.migration_id != self.migration_id:

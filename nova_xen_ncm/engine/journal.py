@@ -32,6 +32,7 @@ import fcntl
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -337,6 +338,10 @@ class Record:
         self.written: Phase | None = None
         #: Whether the entry was removed (the migration is settled).
         self.forgotten = False
+        # The destination forgets on the acceptor's thread (the source's
+        # FINISHED) while its own thread may still record a transition:
+        # once forgotten, nothing writes the entry back.
+        self._lock = threading.Lock()
 
     def open(self) -> None:
         if self._hold is None:
@@ -354,20 +359,25 @@ class Record:
 
     def write(self, phase: Phase | None = None) -> None:
         """Write the entry now (in ``phase``); raises on failure."""
-        if phase is not None:
-            self.entry.phase = phase.value
-        self.started = True
-        self.journal.write(self.entry)
-        self.written = Phase(self.entry.phase)
+        with self._lock:
+            if self.forgotten:
+                # The other side acknowledged the outcome already.
+                return
+            if phase is not None:
+                self.entry.phase = phase.value
+            self.started = True
+            self.journal.write(self.entry)
+            self.written = Phase(self.entry.phase)
 
     def forget(self) -> None:
         """The other side knows the outcome: the entry goes."""
-        try:
-            self.journal.remove(self.entry.migration_id)
-        except JournalError as exc:
-            LOG.error("Journal entry not removed: %s", exc)
-            return
-        self.forgotten = True
+        with self._lock:
+            try:
+                self.journal.remove(self.entry.migration_id)
+            except JournalError as exc:
+                LOG.error("Journal entry not removed: %s", exc)
+                return
+            self.forgotten = True
 
     def on_transition(
         self, old: Phase, new: Phase, detail: Mapping[str, Any]
@@ -391,4 +401,3 @@ class Record:
                 new,
                 exc,
             )
-

@@ -642,6 +642,10 @@ class Sender:
             torn_down=torn_down,
             since=started,
         )
+        # What only served the migration (the throttle, log-dirty) is
+        # undone while the guest is still paused: it runs on here as it
+        # ran before, not throttled for a moment.
+        self._run_undo(guest=False)
         self._run_undo(guest=True)
         self.state.transition(
             Phase.ROLLBACK,

@@ -299,6 +299,46 @@ def test_rollback_lifts_the_throttle(
     assert_only_on(source, destination, domid)
 
 
+def test_a_rollback_after_the_pause_lifts_the_throttle_before_unpausing(
+    conf, source, destination, migration, monkeypatch
+):
+    for name, value in {
+        "precopy_policy": "downtime",
+        "downtime_target": 0.01,
+        "throttle_trigger_ratio": 0.01,
+        "throttle_trigger_rounds": 1,
+        "max_rounds": 3,
+    }.items():
+        conf.set_override(name, value, group="xen_ncm")
+    domid = source.create_domain(guest_config(dirty_rate=1024 * MiB))
+    calls = []
+    throttle, unpause = source.set_vcpu_throttle, source.unpause
+
+    def record_throttle(domid, fraction):
+        calls.append(("throttle", fraction))
+        throttle(domid, fraction)
+
+    def record_unpause(domid):
+        calls.append(("unpause", None))
+        unpause(domid)
+
+    monkeypatch.setattr(source, "set_vcpu_throttle", record_throttle)
+    monkeypatch.setattr(source, "unpause", record_unpause)
+    m = migration(source, domid, destination)
+
+    def cancel_once_paused(event):
+        m.sender.cancel()
+
+    m.source_events.hooks[("state", "stop_and_copy")] = cancel_once_paused
+    assert m.run() is Phase.CANCELLED
+    assert ("unpause", None) in calls
+    assert any(c == "throttle" and f < 1 for c, f in calls)
+    # The throttle is gone before the guest runs again.
+    assert calls[-1] == ("unpause", None), calls
+    assert ("throttle", 1.0) in calls
+    assert_only_on(source, destination, domid)
+
+
 def test_cancel_mid_round_reports_what_was_sent(
     source, destination, migration
 ):

@@ -237,14 +237,21 @@ def test_a_backend_on_another_ring_fails_after_resume(
 ):
     run = Checked(source, destination, migration, rebind_backend)
     assert run.phase is Phase.DONE, run.migration.sender.error
-    assert "ring grant references changed" in run.report().failures()[
-        Item.PV_DEVICES
-    ]
-    verdict = run.after()
-    assert verdict.passed is False
+    assert (
+        "ring grant references changed"
+        in run.report().failures()[Item.PV_DEVICES]
+    )
     # The vif's requests go unanswered and the vbd's ring gets answers
     # from a backend that is not its own: which one shows first depends
-    # on the guest's timing, and the verdict names it.
+    # on the guest's timing, and the verdict names it. Both backends
+    # race for the vbd's requests, so on a loaded host the first window
+    # may see neither: the guest runs on (the fault stays) and the
+    # checker looks again, a few windows at most.
+    for _ in range(5):
+        verdict = run.after()
+        if not verdict.passed:
+            break
+    assert verdict.passed is False
     reason = verdict.to_dict()["reason"]
     assert "vif/0" in reason or "vbd/51712" in reason, reason
 

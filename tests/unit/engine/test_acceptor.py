@@ -2,6 +2,8 @@
 resumed and commit query connections routed by what they proved, and
 everything else refused."""
 
+import socket
+import ssl
 import threading
 import time
 
@@ -10,6 +12,7 @@ from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
 from nova_xen_ncm.engine import messages
+from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.acceptor import Acceptor
 from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.errors import TransportError
@@ -259,3 +262,57 @@ def test_an_authenticated_query_holds_its_slot_for_a_bounded_time(
             time.sleep(0.2)
     assert time.monotonic() - start < 2 * conf.xen_ncm.connect_timeout
     query.close()
+
+
+def test_tls_and_the_handshake_share_one_deadline(
+    conf, destination, tls_files
+):
+    # A peer that spends most of the deadline on TLS, then trickles its
+    # HELLO, is cut off at the deadline, not a second one after TLS.
+    tls_files.enable(conf)
+    deadline = 1.0
+    listener = Listener(
+        "127.0.0.1",
+        0,
+        0,
+        accept_timeout=TIMEOUT,
+        tls=transport.tls_context(conf, server=True),
+        handshake_timeout=deadline,
+    )
+    acceptor = Acceptor(
+        listener,
+        MIGRATION,
+        TOKEN,
+        conf,
+        status=destination.status,
+        on_finished=destination.on_finished,
+    )
+    client = transport.tls_context(conf, server=False)
+    client.check_hostname = False
+    try:
+        raw = socket.create_connection(listener.address, timeout=TIMEOUT)
+        start = time.monotonic()
+        time.sleep(0.7 * deadline)
+        peer = client.wrap_socket(raw)
+        closed = False
+        # A byte of a HELLO frame now and then, each well within the
+        # per-read timeout.
+        for _ in range(int(3 * deadline / 0.1)):
+            try:
+                peer.sendall(b"\x00")
+                peer.settimeout(0.1)
+                if peer.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except (OSError, ssl.SSLError):
+                closed = True
+                break
+        took = time.monotonic() - start
+        peer.close()
+        assert closed, "the trickling peer was never cut off"
+        assert took < 1.5 * deadline, took
+    finally:
+        acceptor.close()
+        listener.close()

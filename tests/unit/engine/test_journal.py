@@ -62,6 +62,22 @@ def test_a_destination_record_keeps_its_outcome(tmp_path):
     assert j.entries() == []
 
 
+def test_a_transition_after_the_outcome_was_acknowledged_writes_nothing(
+    tmp_path,
+):
+    # The destination: the source's FINISHED (on the acceptor's thread)
+    # comes while CLEANUP is not yet DONE; DONE must not bring the entry
+    # back, or a settled migration stays in the journal for ever.
+    j = journal.Journal(str(tmp_path), journal.INCOMING, journal.IncomingEntry)
+    record = journal.Record(j, entry(), keep_settled=True)
+    record.write(Phase.SETUP)
+    record.on_transition(Phase.COMMIT, Phase.CLEANUP, {})
+    record.forget()
+    record.on_transition(Phase.CLEANUP, Phase.DONE, {})
+    assert j.entries() == []
+    assert record.forgotten
+
+
 def test_the_hold_is_exclusive_until_released(tmp_path):
     j = journal.Journal(str(tmp_path))
     held = j.hold("m-1")
