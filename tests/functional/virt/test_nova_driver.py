@@ -69,9 +69,10 @@ def guest_processes() -> list[tuple[int, str]]:
     return found
 
 
-def wait_until(predicate, timeout: float = 10.0) -> bool:
+def wait_until(predicate, timeout: float = 120.0) -> bool:
     """Poll ``predicate``: Nova's rollback to the destination is an RPC
-    cast and the engine's destination tears down in its own thread."""
+    cast and the engine's destination tears down in its own thread. The
+    bound is for a loaded machine; it returns as soon as it holds."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -132,6 +133,14 @@ class XenNCMTestBase(integrated_helpers.ProviderUsageBaseTestCase):
             "ignore", category=sqla_exc.SADeprecationWarning
         )
         self.flags(instances_path=self.useFixture(fixtures.TempDir()).path)
+        # Nova's state_path defaults to where Nova is installed; the
+        # driver's journals go under it.
+        self.flags(state_path=self.useFixture(fixtures.TempDir()).path)
+        # The disks both simulated hosts share, this test's own.
+        self.flags(
+            group="xen_ncm_sim",
+            disk_dir=self.useFixture(fixtures.TempDir()).path,
+        )
         self.flags(group="xen_ncm_sim", memory_fill="zero")
         self.flags(group="xen_ncm_sim", dirty_rate_bytes=256 * 1024)
         self.flags(group="xen_ncm_sim", io_rate_requests=20)
