@@ -276,7 +276,9 @@ class TestLifecycle(XenNCMTestBase):
         server = self._stop_server(server)
         self.assertEqual([], self.sim_host(host).list_domains())
         # Stopped means the guest process is gone and reaped, not a zombie.
-        self.assertEqual([], guest_processes())
+        self.assertTrue(
+            wait_until(lambda: guest_processes() == []), guest_processes()
+        )
         self.assertEqual(
             power_state.SHUTDOWN, server["OS-EXT-STS:power_state"]
         )
@@ -287,7 +289,9 @@ class TestLifecycle(XenNCMTestBase):
 
         self._delete_server(server)
         self.assertEqual([], self.sim_host(host).list_domains())
-        self.assertEqual([], guest_processes())
+        self.assertTrue(
+            wait_until(lambda: guest_processes() == []), guest_processes()
+        )
         ctxt = nova_context.get_admin_context()
         self.assertEqual(0, len(objects.InstanceList.get_by_host(ctxt, host)))
 
@@ -432,7 +436,11 @@ class TestDisksAndMoves(XenNCMTestBase):
             server = self._migrate_server(server)
         self.assertEqual(target, server["OS-EXT-SRV-ATTR:host"])
         self.assertEqual([target], self.hosts_running(server))
-        self.assertEqual(1, len(guest_processes()))
+        # The source's guest process is reaped in the background.
+        self.assertTrue(
+            wait_until(lambda: len(guest_processes()) == 1),
+            guest_processes(),
+        )
         info = self.domain_of(server)
         self.assertEqual(base.DomainState.RUNNING, info.state)
         with open(self.disk(server), "rb") as f:
@@ -722,7 +730,10 @@ class TestLiveMigration(LiveMigrationBase):
         self.assertEqual(before.domid, after.domid)
         self.assertEqual([], self.sim_host(source).list_domains())
         # The source's guest process ended and was reaped.
-        self.assertEqual(1, len(guest_processes()))
+        self.assertTrue(
+            wait_until(lambda: len(guest_processes()) == 1),
+            guest_processes(),
+        )
         (migration,) = self.migrations(server)
         self.assertEqual("completed", migration.status)
         self.assertEqual(progress["id"], migration.id)
