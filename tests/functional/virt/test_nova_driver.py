@@ -858,6 +858,26 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         (migration,) = self.migrations(server)
         migration.status = "running"
         migration.save()
+        # The source's share, held by the migration during the move.
+        source_rp = self._get_provider_uuid_by_host(source)
+        dest_rp = self._get_provider_uuid_by_host(dest)
+        response = self.placement.put(
+            f"/allocations/{migration.uuid}",
+            {
+                "allocations": {
+                    source_rp: {
+                        "resources": {"VCPU": 2, "MEMORY_MB": 32, "DISK_GB": 1}
+                    }
+                },
+                "project_id": instance.project_id,
+                "user_id": instance.user_id,
+                "consumer_generation": None,
+                "consumer_type": "MIGRATION",
+            },
+            version="1.38",
+        )
+        self.assertEqual(204, response.status, response.body)
+        self.assertEqual(2, self._get_provider_usages(source_rp)["VCPU"])
         # Recovery on the restarted source proved the commit.
         outcome = recovery.Outcome(
             migration.uuid,
@@ -876,6 +896,16 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         self.assertNotIn("fault", server)
         self.assertEqual(
             ["completed"], [m.status for m in self.migrations(server)]
+        )
+        # The source's share is released; the instance's is the
+        # destination's.
+        self.assertEqual(
+            {}, self._get_allocations_by_server_uuid(migration.uuid)
+        )
+        self.assertEqual(0, self._get_provider_usages(source_rp)["VCPU"])
+        self.assertEqual(
+            [dest_rp],
+            list(self._get_allocations_by_server_uuid(server["id"])),
         )
         # Nova now acts on the destination: a stop reaches the guest.
         server = self._stop_server(server)
