@@ -495,3 +495,11 @@ def test_start_is_refused_by_uuid_once_the_domain_is_gone(
         xen_driver.destroy(None, instance, [])
     finally:
         CONF.clear_override("state_path", group="xen_ncm")
+
+
+def test_journals_are_kept_under_nova_state_path(xen_driver, tmp_path):
+    # Not where Nova is installed (its state_path's default): the
+    # fixture's Nova state_path holds them.
+    assert CONF.xen_ncm.state_path == str(
+        tmp_path / "nova-state" / "xen_ncm"
+    )
