@@ -17,6 +17,7 @@ from nova import exception
 from nova import objects
 from nova.compute import utils as compute_utils
 from nova.compute import vm_states
+from nova.network import neutron
 from nova.scheduler.client import report
 from nova.virt import driver
 from nova.virt import node
@@ -627,6 +628,7 @@ def _move_to_destination(
             compute_id = migration.get_dest_compute_id()
         except exception.ComputeHostNotFound:
             return False
+        network_error = _move_ports(ctxt, instance, migration)
         # As Nova's own post-migration step on the destination does.
         instance.apply_migration_context()
         instance.drop_migration_context()
@@ -636,8 +638,21 @@ def _move_to_destination(
         instance.vm_state = (
             vm_states.ACTIVE if was_running else vm_states.PAUSED
         )
+        if network_error is not None:
+            # The guest runs there all the same; its ports do not follow.
+            instance.vm_state = vm_states.ERROR
         instance.task_state = None
         instance.save()
+        if network_error is not None:
+            why = (
+                f"live migration {outcome.migration_id} committed to "
+                f"{migration.dest_compute}, where the guest runs, but its "
+                f"ports could not be bound there: {network_error}"
+            )
+            compute_utils.add_instance_fault_from_exc(
+                ctxt, instance, exception.NovaException(why)
+            )
+            LOG.error(why, instance_uuid=uuid)
     if migration.status not in ("completed", "error", "failed", "cancelled"):
         migration.status = "completed"
         migration.save()
@@ -665,6 +680,21 @@ def _move_to_destination(
         instance_uuid=uuid,
     )
     return True
+
+
+def _move_ports(ctxt, instance, migration) -> Exception | None:
+    """Bind the instance's ports on the destination as Nova's source and
+    destination do after a live migration (the destination's bindings
+    activated, then every port's host set to it); the error, if any."""
+    api = neutron.API()
+    try:
+        api.migrate_instance_start(ctxt, instance, migration)
+        api.migrate_instance_finish(
+            ctxt, instance, migration, provider_mappings=None
+        )
+    except Exception as exc:  # noqa: BLE001 - reported as the fault
+        return exc
+    return None
 
 
 def _fail_migration(ctxt, migration_uuid: str, instance_uuid: str) -> None:

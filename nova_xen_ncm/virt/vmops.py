@@ -229,12 +229,25 @@ class VMOps:
                 reason=f"disk format {disk_format!r}: the xen_ncm driver "
                 "writes only raw images into a root disk",
             )
+        disk_bytes = instance.flavor.root_gb * GiB
+        # Glance's size, before anything is downloaded: an image the disk
+        # cannot hold must not fill the shared storage first.
+        listed = image_meta.size if image_meta.obj_attr_is_set("size") else 0
+        if disk_bytes and listed > disk_bytes:
+            raise exception.FlavorDiskSmallerThanImage(
+                flavor_size=disk_bytes, image_size=listed
+            )
         os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = path + ".part"
         try:
-            images.fetch(context, image_id, partial)
+            images.fetch(
+                context,
+                image_id,
+                partial,
+                trusted_certs=instance.trusted_certs,
+            )
+            self._inspect(image_id, partial)
             image_bytes = os.path.getsize(partial)
-            disk_bytes = instance.flavor.root_gb * GiB
             if disk_bytes and image_bytes > disk_bytes:
                 raise exception.FlavorDiskSmallerThanImage(
                     flavor_size=disk_bytes, image_size=image_bytes
@@ -254,6 +267,20 @@ class VMOps:
             path,
             disk_bytes,
             instance=instance,
+        )
+
+    @staticmethod
+    def _inspect(image_id: str, path: str) -> None:
+        """Refuse a file Glance calls raw whose content is another
+        format (a qcow2 naming a backing file on the host, a VMDK naming
+        extents): the guest would read its header as its disk, and a
+        later tool reading it as that format could follow the references.
+        Nova's own check, as its fetch_to_raw runs it (raises
+        ImageUnacceptable: the build is aborted, not rescheduled)."""
+        if CONF.workarounds.disable_deep_image_inspection:
+            return
+        images.do_image_deep_inspection(
+            {"disk_format": "raw"}, image_id, path
         )
 
     def grow_root_disk(self, instance, root_gb: int) -> None:

@@ -69,9 +69,10 @@ def guest_processes() -> list[tuple[int, str]]:
     return found
 
 
-def wait_until(predicate, timeout: float = 10.0) -> bool:
+def wait_until(predicate, timeout: float = 120.0) -> bool:
     """Poll ``predicate``: Nova's rollback to the destination is an RPC
-    cast and the engine's destination tears down in its own thread."""
+    cast and the engine's destination tears down in its own thread. The
+    bound is for a loaded machine; it returns as soon as it holds."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -132,6 +133,14 @@ class XenNCMTestBase(integrated_helpers.ProviderUsageBaseTestCase):
             "ignore", category=sqla_exc.SADeprecationWarning
         )
         self.flags(instances_path=self.useFixture(fixtures.TempDir()).path)
+        # Nova's state_path defaults to where Nova is installed; the
+        # driver's journals go under it.
+        self.flags(state_path=self.useFixture(fixtures.TempDir()).path)
+        # The disks both simulated hosts share, this test's own.
+        self.flags(
+            group="xen_ncm_sim",
+            disk_dir=self.useFixture(fixtures.TempDir()).path,
+        )
         self.flags(group="xen_ncm_sim", memory_fill="zero")
         self.flags(group="xen_ncm_sim", dirty_rate_bytes=256 * 1024)
         self.flags(group="xen_ncm_sim", io_rate_requests=20)
@@ -267,7 +276,9 @@ class TestLifecycle(XenNCMTestBase):
         server = self._stop_server(server)
         self.assertEqual([], self.sim_host(host).list_domains())
         # Stopped means the guest process is gone and reaped, not a zombie.
-        self.assertEqual([], guest_processes())
+        self.assertTrue(
+            wait_until(lambda: guest_processes() == []), guest_processes()
+        )
         self.assertEqual(
             power_state.SHUTDOWN, server["OS-EXT-STS:power_state"]
         )
@@ -278,7 +289,9 @@ class TestLifecycle(XenNCMTestBase):
 
         self._delete_server(server)
         self.assertEqual([], self.sim_host(host).list_domains())
-        self.assertEqual([], guest_processes())
+        self.assertTrue(
+            wait_until(lambda: guest_processes() == []), guest_processes()
+        )
         ctxt = nova_context.get_admin_context()
         self.assertEqual(0, len(objects.InstanceList.get_by_host(ctxt, host)))
 
@@ -423,7 +436,11 @@ class TestDisksAndMoves(XenNCMTestBase):
             server = self._migrate_server(server)
         self.assertEqual(target, server["OS-EXT-SRV-ATTR:host"])
         self.assertEqual([target], self.hosts_running(server))
-        self.assertEqual(1, len(guest_processes()))
+        # The source's guest process is reaped in the background.
+        self.assertTrue(
+            wait_until(lambda: len(guest_processes()) == 1),
+            guest_processes(),
+        )
         info = self.domain_of(server)
         self.assertEqual(base.DomainState.RUNNING, info.state)
         with open(self.disk(server), "rb") as f:
@@ -713,7 +730,10 @@ class TestLiveMigration(LiveMigrationBase):
         self.assertEqual(before.domid, after.domid)
         self.assertEqual([], self.sim_host(source).list_domains())
         # The source's guest process ended and was reaped.
-        self.assertEqual(1, len(guest_processes()))
+        self.assertTrue(
+            wait_until(lambda: len(guest_processes()) == 1),
+            guest_processes(),
+        )
         (migration,) = self.migrations(server)
         self.assertEqual("completed", migration.status)
         self.assertEqual(progress["id"], migration.id)
@@ -838,6 +858,26 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         (migration,) = self.migrations(server)
         migration.status = "running"
         migration.save()
+        # The source's share, held by the migration during the move.
+        source_rp = self._get_provider_uuid_by_host(source)
+        dest_rp = self._get_provider_uuid_by_host(dest)
+        response = self.placement.put(
+            f"/allocations/{migration.uuid}",
+            {
+                "allocations": {
+                    source_rp: {
+                        "resources": {"VCPU": 2, "MEMORY_MB": 32, "DISK_GB": 1}
+                    }
+                },
+                "project_id": instance.project_id,
+                "user_id": instance.user_id,
+                "consumer_generation": None,
+                "consumer_type": "MIGRATION",
+            },
+            version="1.38",
+        )
+        self.assertEqual(204, response.status, response.body)
+        self.assertEqual(2, self._get_provider_usages(source_rp)["VCPU"])
         # Recovery on the restarted source proved the commit.
         outcome = recovery.Outcome(
             migration.uuid,
@@ -856,6 +896,16 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         self.assertNotIn("fault", server)
         self.assertEqual(
             ["completed"], [m.status for m in self.migrations(server)]
+        )
+        # The source's share is released; the instance's is the
+        # destination's.
+        self.assertEqual(
+            {}, self._get_allocations_by_server_uuid(migration.uuid)
+        )
+        self.assertEqual(0, self._get_provider_usages(source_rp)["VCPU"])
+        self.assertEqual(
+            [dest_rp],
+            list(self._get_allocations_by_server_uuid(server["id"])),
         )
         # Nova now acts on the destination: a stop reaches the guest.
         server = self._stop_server(server)

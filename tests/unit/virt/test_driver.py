@@ -41,6 +41,9 @@ RAW = objects.ImageMeta.from_dict({"disk_format": "raw"})
 @pytest.fixture
 def xen_driver(tmp_path, monkeypatch):
     monkeypatch.setattr(CONF, "instances_path", str(tmp_path))
+    # The journals go under Nova's state_path, whose default is where
+    # Nova is installed.
+    CONF.set_override("state_path", str(tmp_path / "nova-state"))
     CONF.set_override("disk_dir", str(tmp_path / "disks"), "xen_ncm_sim")
 
     def fetch(ctxt, image_id, path, trusted_certs=None):
@@ -57,6 +60,7 @@ def xen_driver(tmp_path, monkeypatch):
     yield drv
     drv.cleanup_host("unit-host")
     CONF.clear_override("disk_dir", "xen_ncm_sim")
+    CONF.clear_override("state_path")
 
 
 def test_nova_loads_the_driver_through_the_shim(shim):
@@ -236,6 +240,8 @@ def test_recovery_moves_a_committed_guest_to_the_destination(monkeypatch):
     monkeypatch.setattr(
         driver.report, "report_client_singleton", lambda: placement
     )
+    network = mock.Mock()
+    monkeypatch.setattr(driver.neutron, "API", lambda: network)
     driver.reconcile("src", [_outcome("done")], {7: "uuid-7"}, {"m-1": False})
     # The journal proved the commit and Nova's record names the
     # destination: the instance is where its guest is, paused as it was.
@@ -250,6 +256,60 @@ def test_recovery_moves_a_committed_guest_to_the_destination(monkeypatch):
     placement.delete_allocation_for_instance.assert_called_once_with(
         mock.ANY, "m-1", consumer_type="migration", force=True
     )
+    # Its ports follow it, as after a live migration Nova finished.
+    network.migrate_instance_start.assert_called_once_with(
+        mock.ANY, instance, migration
+    )
+    network.migrate_instance_finish.assert_called_once_with(
+        mock.ANY, instance, migration, provider_mappings=None
+    )
+
+
+def test_recovery_moves_a_guest_whose_ports_fail_and_says_why(monkeypatch):
+    instance = mock.Mock(
+        vm_state="active", task_state="migrating", host="src", node="src"
+    )
+    monkeypatch.setattr(
+        driver.objects.Instance,
+        "get_by_uuid",
+        mock.Mock(return_value=instance),
+    )
+    fault = mock.Mock()
+    monkeypatch.setattr(
+        driver.compute_utils, "add_instance_fault_from_exc", fault
+    )
+    migration = mock.Mock(
+        uuid="m-1",
+        status="running",
+        instance_uuid="uuid-7",
+        source_compute="src",
+        dest_compute="dst",
+        dest_node="dst-node",
+    )
+    monkeypatch.setattr(
+        driver.objects.Migration,
+        "get_by_uuid",
+        mock.Mock(return_value=migration),
+    )
+    monkeypatch.setattr(
+        driver.report, "report_client_singleton", lambda: mock.Mock()
+    )
+    network = mock.Mock()
+    network.migrate_instance_start.side_effect = (
+        driver.exception.PortBindingActivationFailed(
+            port_id="p-1", host="dst"
+        )
+    )
+    monkeypatch.setattr(driver.neutron, "API", lambda: network)
+    driver.reconcile("src", [_outcome("done")], {7: "uuid-7"}, {"m-1": True})
+    # Nova records where the guest runs; the instance is in ERROR with
+    # the ports' failure as its fault.
+    assert instance.host == "dst"
+    assert instance.vm_state == "error"
+    assert instance.task_state is None
+    assert migration.status == "completed"
+    message = str(fault.call_args.args[2])
+    assert "runs" in message and "p-1" in message
 
 
 def test_recovery_errors_a_guest_whose_destination_nova_does_not_name(
@@ -310,6 +370,7 @@ def test_power_on_is_refused_while_a_migration_is_open(
         ),
         image_ref=IMAGE_ID,
     )
+    instance.trusted_certs = None
     virtapi = xen_driver._vifops._virtapi
     virtapi.wait_for_instance_event.return_value = contextlib.nullcontext()
     xen_driver.spawn(None, instance, RAW, [], None, {}, [])
@@ -392,6 +453,7 @@ def test_start_is_refused_by_uuid_once_the_domain_is_gone(
         ),
         image_ref=IMAGE_ID,
     )
+    instance.trusted_certs = None
     state = tmp_path / "state"
     CONF.set_override("state_path", str(state), group="xen_ncm")
     try:
@@ -433,3 +495,11 @@ def test_start_is_refused_by_uuid_once_the_domain_is_gone(
         xen_driver.destroy(None, instance, [])
     finally:
         CONF.clear_override("state_path", group="xen_ncm")
+
+
+def test_journals_are_kept_under_nova_state_path(xen_driver, tmp_path):
+    # Not where Nova is installed (its state_path's default): the
+    # fixture's Nova state_path holds them.
+    assert CONF.xen_ncm.state_path == str(
+        tmp_path / "nova-state" / "xen_ncm"
+    )

@@ -26,9 +26,12 @@ def instance():
     flavor = objects.Flavor(
         vcpus=2, memory_mb=64, root_gb=3, ephemeral_gb=0, swap=0
     )
-    return fake_instance.fake_instance_obj(
+    instance = fake_instance.fake_instance_obj(
         context.get_admin_context(), flavor=flavor, image_ref=IMAGE_ID
     )
+    # No certificates to verify the image with (else loaded from the DB).
+    instance.trusted_certs = None
+    return instance
 
 
 @pytest.fixture
@@ -261,6 +264,59 @@ def test_spawn_sizes_a_disk_without_a_flavor_size_from_the_image(
     instance.flavor.root_gb = 0
     ops.spawn(None, instance, RAW, [], power_on=False)
     assert os.path.getsize(vmops.root_disk_path(host, instance)) == MiB
+
+
+# The header "qemu-img create -f qcow2 <file> 1M" writes (version 3).
+QCOW2_HEADER = bytes.fromhex(
+    "514649fb00000003000000000000000000000000000000100000000000100000"
+    "0000000000000001000000000003000000000000000100000000000100000000"
+    "0000000000000000000000000000000000000000000000000000000000000004"
+    "0000007000000000"
+)
+
+
+def test_spawn_refuses_a_qcow2_image_glance_calls_raw(
+    ops, host, instance, monkeypatch
+):
+    def fetch(ctxt, image_id, path, trusted_certs=None):
+        with open(path, "wb") as f:
+            f.write(QCOW2_HEADER)
+            f.truncate(MiB)
+
+    monkeypatch.setattr(vmops.images, "fetch", fetch)
+    with pytest.raises(exception.ImageUnacceptable, match="unacceptable"):
+        ops.spawn(None, instance, RAW, [])
+    path = vmops.root_disk_path(host, instance)
+    assert os.listdir(os.path.dirname(path)) == []
+    host.create_domain.assert_not_called()
+
+
+def test_spawn_refuses_before_downloading_an_image_glance_lists_larger(
+    ops, host, instance, fetched
+):
+    instance.flavor.root_gb = 1
+    meta = objects.ImageMeta.from_dict({"disk_format": "raw", "size": GiB + 1})
+    with pytest.raises(exception.FlavorDiskSmallerThanImage):
+        ops.spawn(None, instance, meta, [])
+    assert fetched == []
+    assert not os.path.exists(vmops.root_disk_path(host, instance))
+
+
+def test_spawn_passes_the_instance_trusted_certs_to_glance(
+    ops, instance, monkeypatch
+):
+    seen = []
+
+    def fetch(ctxt, image_id, path, trusted_certs=None):
+        seen.append(trusted_certs)
+        with open(path, "wb") as f:
+            f.write(IMAGE)
+
+    monkeypatch.setattr(vmops.images, "fetch", fetch)
+    certs = objects.TrustedCerts(ids=["cert-1"])
+    instance.trusted_certs = certs
+    ops.spawn(None, instance, RAW, [], power_on=False)
+    assert seen == [certs]
 
 
 @pytest.mark.parametrize(
