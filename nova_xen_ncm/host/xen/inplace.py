@@ -21,6 +21,7 @@ have none).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -148,17 +149,22 @@ def write_image(snap: Snapshot, path: Path) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            head=np.frombuffer(json.dumps(head).encode(), dtype=np.uint8),
-            pfns=np.asarray(snap.pfns, dtype=np.uint64),
-            memory=np.frombuffer(snap.memory, dtype=np.uint8),
-            hvm_context=np.frombuffer(snap.hvm_context, dtype=np.uint8),
-        )
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                head=np.frombuffer(json.dumps(head).encode(), dtype=np.uint8),
+                pfns=np.asarray(snap.pfns, dtype=np.uint64),
+                memory=np.frombuffer(snap.memory, dtype=np.uint8),
+                hvm_context=np.frombuffer(snap.hvm_context, dtype=np.uint8),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def read_image(path: Path) -> Snapshot:
@@ -220,7 +226,6 @@ def restore(
     try:
         write_image(snap, path)
     except BaseException as exc:
-        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
         if unpause:
             host.unpause(domid)
         if isinstance(exc, OSError):
