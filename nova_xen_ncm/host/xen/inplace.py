@@ -100,8 +100,25 @@ def save(host: XenHost, ctx: ctx_mod.DomainContext, domid: int) -> Snapshot:
             "created again",
             call="inplace.save",
         )
-    if info.state != base.DomainState.PAUSED:
+    paused_here = info.state != base.DomainState.PAUSED
+    if paused_here:
         host.pause(domid)
+    try:
+        return _read(host, ctx, domid, info, config)
+    except BaseException:
+        # Nothing was destroyed: the guest carries on where it was.
+        if paused_here:
+            host.unpause(domid)
+        raise
+
+
+def _read(
+    host: XenHost,
+    ctx: ctx_mod.DomainContext,
+    domid: int,
+    info: base.DomainInfo,
+    config: dict[str, Any],
+) -> Snapshot:
     # Read before the memory: both are guest-only state the pause froze.
     chans = ctx.get_event_channels(domid)
     vcpus = [ctx.get_vcpu_state(domid, v) for v in range(info.vcpus)]
@@ -235,7 +252,19 @@ def restore(
                 call="inplace.restore",
             ) from exc
         raise
-    host.destroy_domain(domid)
+    try:
+        host.destroy_domain(domid)
+    except base.HostError:
+        try:
+            host.domain_info(domid)
+        except base.HostError:
+            pass  # gone all the same: create it again below
+        else:
+            # Still there: the guest keeps its domain, the image goes.
+            path.unlink(missing_ok=True)
+            if unpause:
+                host.unpause(domid)
+            raise
     _recreate(host, ctx, snap, path, unpause=unpause, attempts=attempts)
 
 

@@ -35,6 +35,7 @@ class FakeXen:
     def __init__(self, fail_set_context: int = 0) -> None:
         self.domains: dict[int, dict] = {}
         self.fail_set_context = fail_set_context
+        self.fail_destroy = False
         self.created: list[int] = []
         self.destroyed: list[int] = []
         self.params: dict[int, dict[int, int]] = {}
@@ -49,8 +50,20 @@ class FakeXen:
             populated_pages=len(d["pages"]), pv_drivers=True,
         )  # fmt: skip
 
+    def _backends(self, domid: int) -> list[str]:
+        return [f"/local/domain/0/backend/console/{domid}/0"]
+
+    def libxl_config(self, domid: int) -> dict:
+        return {"c_info": {"name": "guest"}}
+
+    def pause(self, domid: int) -> None:
+        self.domain_info(domid)
+        self.domains[domid]["state"] = base.DomainState.PAUSED
+
     def destroy_domain(self, domid: int) -> None:
         self.domain_info(domid)
+        if self.fail_destroy:
+            raise base.HostError("xl destroy failed", call="xl destroy")
         del self.domains[domid]
         self.destroyed.append(domid)
 
@@ -111,6 +124,9 @@ class FakeContext:
 
     def set_event_channels(self, domid, chans) -> None:
         self.xen.domains[domid]["ports"] = list(chans)
+
+    def get_vcpu_state(self, domid: int, vcpu: int) -> VcpuState:
+        return VcpuState(vcpu=vcpu, compat=True)
 
     def set_vcpu_state(self, domid: int, state: VcpuState) -> None:
         self.xen.domains[domid].setdefault("vcpus", []).append(state)
@@ -238,3 +254,22 @@ def test_bad_attempts_refused_before_anything(xen: FakeXen) -> None:
     with pytest.raises(ValueError, match="attempts"):
         inplace.restore(xen, FakeContext(xen), _snapshot(), attempts=0)
     assert xen.destroyed == []
+
+
+def test_save_refused_after_the_pause_unpauses_the_guest(
+    xen: FakeXen,
+) -> None:
+    xen.domains[DOMID]["state"] = base.DomainState.RUNNING
+    with pytest.raises(inplace.InPlaceError, match="32-bit"):
+        inplace.save(xen, FakeContext(xen), DOMID)
+    assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
+
+
+def test_destroy_failing_leaves_the_guest_running(
+    xen: FakeXen, tmp_path: Path
+) -> None:
+    xen.fail_destroy = True
+    with pytest.raises(base.HostError, match="xl destroy"):
+        inplace.restore(xen, FakeContext(xen), _snapshot(), image_dir=tmp_path)
+    assert xen.created == [] and list(tmp_path.iterdir()) == []
+    assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
