@@ -164,10 +164,12 @@ def write_image(snap: Snapshot, path: Path) -> None:
         "event_channels": [dataclasses.asdict(c) for c in snap.event_channels],
         "vcpus": [dataclasses.asdict(v) for v in snap.vcpus],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The guest's memory: for root's eyes only.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as f:
             np.savez(
                 f,
                 head=np.frombuffer(json.dumps(head).encode(), dtype=np.uint8),

@@ -248,6 +248,7 @@ def test_image_round_trip(tmp_path: Path) -> None:
     for field in fields:
         assert getattr(back, field) == getattr(snap, field), field
     assert not (tmp_path / "img.npz.tmp").exists()
+    assert path.stat().st_mode & 0o077 == 0
 
 
 def test_bad_attempts_refused_before_anything(xen: FakeXen) -> None:
