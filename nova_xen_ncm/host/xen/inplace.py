@@ -259,7 +259,7 @@ def restore(
     except base.HostError:
         try:
             host.domain_info(domid)
-        except base.HostError:
+        except base.DomainNotFound:
             pass  # gone all the same: create it again below
         else:
             # Still there: the guest keeps its domain, the image goes.
@@ -283,7 +283,7 @@ def restore_image(
     snap = read_image(path)
     try:
         host.domain_info(snap.domid)
-    except base.HostError:
+    except base.DomainNotFound:
         pass
     else:
         raise InPlaceError(

@@ -42,7 +42,7 @@ class FakeXen:
 
     def domain_info(self, domid: int) -> base.DomainInfo:
         if domid not in self.domains:
-            raise base.HostError(f"no domain {domid}", call="getdomaininfo")
+            raise base.DomainNotFound(f"no domain {domid}", call="info")
         d = self.domains[domid]
         return base.DomainInfo(
             domid=domid, name="guest", uuid="u", state=d["state"],
