@@ -320,11 +320,13 @@ def _recreate(
     )
     try:
         retrying(_create_once, host, ctx, snap, unpause=unpause)
-    except base.HostError as exc:
+    except Exception as exc:
+        # Xen's refusals were retried; anything else would fail again.
+        tried = retrying.statistics.get("attempt_number", 1)
         raise InPlaceError(
-            f"domain {snap.domid} could not be created again after "
-            f"{attempts} attempts ({exc}); its image is kept in {path} "
-            "for inplace.restore_image",
+            f"domain {snap.domid} could not be created again ({tried} "
+            f"attempts; {type(exc).__name__}: {exc}); its image is kept "
+            f"in {path} for inplace.restore_image",
             call="inplace.restore",
         ) from exc
     path.unlink(missing_ok=True)

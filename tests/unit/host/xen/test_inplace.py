@@ -204,7 +204,7 @@ def test_every_attempt_failing_keeps_the_image_for_restore_image(
             xen, FakeContext(xen), _snapshot(), image_dir=tmp_path, attempts=3
         )
     image = inplace.image_path(DOMID, tmp_path)
-    assert str(image) in str(err.value)
+    assert str(image) in str(err.value) and "3 attempts" in str(err.value)
     assert DOMID not in xen.domains and xen.created == [DOMID] * 3
     # The guest comes back from its image alone (a new process would
     # have nothing else).
@@ -274,3 +274,18 @@ def test_destroy_failing_leaves_the_guest_running(
         inplace.restore(xen, FakeContext(xen), _snapshot(), image_dir=tmp_path)
     assert xen.created == [] and list(tmp_path.iterdir()) == []
     assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
+
+
+def test_a_bug_after_destroy_is_not_retried_and_keeps_the_image(
+    xen: FakeXen, tmp_path: Path, monkeypatch
+) -> None:
+    def broken(self, domid, state):
+        raise ValueError("not a vCPU state")
+
+    monkeypatch.setattr(FakeContext, "set_vcpu_state", broken)
+    with pytest.raises(inplace.InPlaceError, match="1 attempts; ValueError"):
+        inplace.restore(xen, FakeContext(xen), _snapshot(), image_dir=tmp_path)
+    assert xen.created == [DOMID] and DOMID not in xen.domains
+    assert inplace.read_image(inplace.image_path(DOMID, tmp_path)).memory == (
+        _guest_pages()
+    )
