@@ -508,6 +508,10 @@ class XenHost(base.HostDriver):
         return libs.check_ptr("fdopen", stream)
 
     def _best_effort_destroy(self, domid: int) -> None:
+        # Whatever xl says, nothing known of this domain may outlive it: a
+        # domain created again under the domid would otherwise inherit
+        # its populated-page map.
+        self._forget(domid)
         try:
             self._xl.run("destroy", str(domid))
         except base.HostError as exc:

@@ -21,14 +21,19 @@ have none).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
+import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
 import numpy as np
+import tenacity
+from oslo_log import log as logging
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import PAGE_SIZE
@@ -43,6 +48,15 @@ XENMAPSPACE_SHARED_INFO = 0
 # has no entry for the frame (INVALID_M2P_ENTRY, truncated or not).
 _UNPLACED = (2**64 - 1, 2**32 - 1, 2**63 - 1)
 _BATCH = 1024
+# Where the image waits between the old domain's destroy and the new one
+# running: a restore that fails, or a service that dies, leaves it there.
+IMAGE_DIR = Path("/var/lib/nova-xen-ncm/inplace")
+# Creating the domain again: a failure after the destroy is retried from
+# the image (the guest exists nowhere else).
+RESTORE_ATTEMPTS = 3
+_IMAGE_FORMAT = 1
+
+LOG = logging.getLogger(__name__)
 
 
 class InPlaceError(base.HostError):
@@ -86,8 +100,25 @@ def save(host: XenHost, ctx: ctx_mod.DomainContext, domid: int) -> Snapshot:
             "created again",
             call="inplace.save",
         )
-    if info.state != base.DomainState.PAUSED:
+    paused_here = info.state != base.DomainState.PAUSED
+    if paused_here:
         host.pause(domid)
+    try:
+        return _read(host, ctx, domid, info, config)
+    except BaseException:
+        # Nothing was destroyed: the guest carries on where it was.
+        if paused_here:
+            host.unpause(domid)
+        raise
+
+
+def _read(
+    host: XenHost,
+    ctx: ctx_mod.DomainContext,
+    domid: int,
+    info: base.DomainInfo,
+    config: dict[str, Any],
+) -> Snapshot:
     # Read before the memory: both are guest-only state the pause froze.
     chans = ctx.get_event_channels(domid)
     vcpus = [ctx.get_vcpu_state(domid, v) for v in range(info.vcpus)]
@@ -120,19 +151,197 @@ def save(host: XenHost, ctx: ctx_mod.DomainContext, domid: int) -> Snapshot:
     )
 
 
+def write_image(snap: Snapshot, path: Path) -> None:
+    """Write ``snap`` to ``path`` (NumPy's npz: the pages and a JSON
+    header), whole or not at all."""
+    head = {
+        "format": _IMAGE_FORMAT,
+        "domid": snap.domid,
+        "libxl_config": snap.libxl_config,
+        "hvm_params": {str(k): v for k, v in snap.hvm_params.items()},
+        "tsc": dataclasses.asdict(snap.tsc),
+        "shared_info_gfn": snap.shared_info_gfn,
+        "event_channels": [dataclasses.asdict(c) for c in snap.event_channels],
+        "vcpus": [dataclasses.asdict(v) for v in snap.vcpus],
+    }
+    # The guest's memory: for root's eyes only.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as f:
+            np.savez(
+                f,
+                head=np.frombuffer(json.dumps(head).encode(), dtype=np.uint8),
+                pfns=np.asarray(snap.pfns, dtype=np.uint64),
+                memory=np.frombuffer(snap.memory, dtype=np.uint8),
+                hvm_context=np.frombuffer(snap.hvm_context, dtype=np.uint8),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def read_image(path: Path) -> Snapshot:
+    """The snapshot :func:`write_image` wrote to ``path``."""
+    with np.load(path, allow_pickle=False) as z:
+        head = json.loads(z["head"].tobytes())
+        if head.get("format") != _IMAGE_FORMAT:
+            raise InPlaceError(
+                f"{path} is not an in-place image of format "
+                f"{_IMAGE_FORMAT} (format {head.get('format')!r})",
+                call="inplace.read_image",
+            )
+        vcpus = []
+        for v in head["vcpus"]:
+            if v["vcpu_info"] is not None:
+                v["vcpu_info"] = tuple(v["vcpu_info"])
+            vcpus.append(ctx_mod.VcpuState(**v))
+        return Snapshot(
+            domid=head["domid"],
+            libxl_config=head["libxl_config"],
+            pfns=z["pfns"].copy(),
+            memory=bytearray(z["memory"].tobytes()),
+            hvm_context=z["hvm_context"].tobytes(),
+            hvm_params={int(k): v for k, v in head["hvm_params"].items()},
+            tsc=base.TscInfo(**head["tsc"]),
+            shared_info_gfn=head["shared_info_gfn"],
+            event_channels=[
+                ctx_mod.EventChannel(**c) for c in head["event_channels"]
+            ],
+            vcpus=vcpus,
+        )
+
+
+def image_path(domid: int, image_dir: Path | None = None) -> Path:
+    return (image_dir or IMAGE_DIR) / f"domain-{domid}.npz"
+
+
 def restore(
     host: XenHost,
     ctx: ctx_mod.DomainContext,
     snap: Snapshot,
     *,
     unpause: bool = True,
+    image_dir: Path | None = None,
+    attempts: int = RESTORE_ATTEMPTS,
 ) -> None:
     """Destroy the saved domain and create it again under its domid with
-    the saved state; on failure the new domain is destroyed."""
+    the saved state.
+
+    The snapshot is written to disk first (a failure there leaves the
+    saved domain as it was); after the destroy a failed creation is
+    destroyed and tried again from the snapshot, up to ``attempts`` times.
+    When every attempt failed the image stays on disk, named in the error,
+    for :func:`restore_image`; it is removed once the guest runs again."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, not {attempts}")
+    domid = snap.domid
+    path = image_path(domid, image_dir)
+    try:
+        write_image(snap, path)
+    except BaseException as exc:
+        if unpause:
+            host.unpause(domid)
+        if isinstance(exc, OSError):
+            raise InPlaceError(
+                f"could not write domain {domid}'s image to {path}: {exc}; "
+                "the domain was left in place",
+                call="inplace.restore",
+            ) from exc
+        raise
+    try:
+        host.destroy_domain(domid)
+    except base.HostError:
+        try:
+            host.domain_info(domid)
+        except base.DomainNotFound:
+            pass  # gone all the same: create it again below
+        else:
+            # Still there: the guest keeps its domain, the image goes.
+            path.unlink(missing_ok=True)
+            if unpause:
+                host.unpause(domid)
+            raise
+    _recreate(host, ctx, snap, path, unpause=unpause, attempts=attempts)
+
+
+def restore_image(
+    host: XenHost,
+    ctx: ctx_mod.DomainContext,
+    path: Path,
+    *,
+    unpause: bool = True,
+    attempts: int = RESTORE_ATTEMPTS,
+) -> None:
+    """Create the guest whose image a failed :func:`restore` left at
+    ``path``; its domain must not exist any more."""
+    snap = read_image(path)
+    try:
+        host.domain_info(snap.domid)
+    except base.DomainNotFound:
+        pass
+    else:
+        raise InPlaceError(
+            f"domain {snap.domid} exists: {path} is not a lost guest's",
+            call="inplace.restore_image",
+        )
+    _recreate(host, ctx, snap, path, unpause=unpause, attempts=attempts)
+
+
+def _recreate(
+    host: XenHost,
+    ctx: ctx_mod.DomainContext,
+    snap: Snapshot,
+    path: Path,
+    *,
+    unpause: bool,
+    attempts: int,
+) -> None:
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        LOG.warning(
+            "Restoring domain %d in place failed (attempt %d of %d): %s",
+            snap.domid,
+            state.attempt_number,
+            attempts,
+            state.outcome.exception() if state.outcome else None,
+        )
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        retry=tenacity.retry_if_exception_type(base.HostError),
+        wait=tenacity.wait_fixed(1),
+        before_sleep=log_retry,
+        reraise=True,
+    )
+    try:
+        retrying(_create_once, host, ctx, snap, unpause=unpause)
+    except Exception as exc:
+        # Xen's refusals were retried; anything else would fail again.
+        tried = retrying.statistics.get("attempt_number", 1)
+        raise InPlaceError(
+            f"domain {snap.domid} could not be created again ({tried} "
+            f"attempts; {type(exc).__name__}: {exc}); its image is kept "
+            f"in {path} for inplace.restore_image",
+            call="inplace.restore",
+        ) from exc
+    path.unlink(missing_ok=True)
+
+
+def _create_once(
+    host: XenHost,
+    ctx: ctx_mod.DomainContext,
+    snap: Snapshot,
+    *,
+    unpause: bool,
+) -> None:
     domid = snap.domid
     config = json.loads(json.dumps(snap.libxl_config))
     config.setdefault("c_info", {})["domid"] = domid
-    host.destroy_domain(domid)
     # libxl takes a domid destroyed in the current second for a recent
     # one even with no reuse delay (its history has whole seconds).
     time.sleep(1.1)

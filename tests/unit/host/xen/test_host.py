@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import DomainState
 from nova_xen_ncm.host.xen import host
 from nova_xen_ncm.host.xen import libs
@@ -90,3 +91,31 @@ def test_other_lines_and_rtc_settings_are_state(isa, clock) -> None:
 )
 def test_domain_state(flags: int, state: DomainState) -> None:
     assert host._domain_state(flags) is state
+
+
+class _Xl:
+    def __init__(self, fails: bool) -> None:
+        self.fails = fails
+        self.runs: list[tuple[str, ...]] = []
+
+    def run(self, *args: str) -> str:
+        self.runs.append(args)
+        if self.fails:
+            raise base.HostError("xl failed", call="xl destroy")
+        return ""
+
+
+@pytest.mark.parametrize("xl_fails", [False, True])
+def test_a_destroyed_failed_create_leaves_no_page_map(xl_fails: bool) -> None:
+    # A domain created again under the same domid must not be taken for
+    # the old one, whose pages it does not have.
+    xen = object.__new__(host.XenHost)
+    xen._populated = {4: [True], 5: [True]}
+    xen._pfn_cache = {4: ((0, 1), [0]), 5: ((0, 1), [0])}
+    xen._dm_stopped = {4}
+    xen._dirty_bufs = {}
+    xen._xl = _Xl(xl_fails)
+    xen._best_effort_destroy(4)
+    assert xen._xl.runs == [("destroy", "4")]
+    assert list(xen._populated) == [5] and list(xen._pfn_cache) == [5]
+    assert xen._dm_stopped == set()
