@@ -11,8 +11,9 @@ is skipped otherwise: it installs OpenStack under /opt/stack and writes
 /etc/<service>. Missing prerequisites (root, the MariaDB and RabbitMQ
 servers, Open vSwitch's ovsdb-server, a C compiler for uWSGI) skip it
 naming them, except under ``CI=true`` where they fail it. The cloud is
-brought up once per session (``minicloud up``, idempotent) and taken down
-after (``minicloud down``).
+brought up once for the tier's module (``minicloud up``, idempotent) and
+taken down when that module ends (``minicloud down``), before the tiers
+after it run.
 
 Bounded time: ``up`` at most UP_TIMEOUT seconds (a first install on a
 cold pip cache included: the whole of OpenStack and a uWSGI build), each
@@ -155,7 +156,9 @@ class Cloud:
             time.sleep(1)
 
 
-@pytest.fixture(scope="session")
+# Module scope: a session fixture would keep the whole cloud running (and
+# its clouds.yaml in place) until the last tier of the run has finished.
+@pytest.fixture(scope="module")
 def cloud() -> Iterator[Cloud]:
     missing = _missing()
     if missing:

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-# The test's own body; the cloud's ``up`` and ``down`` (session fixture)
+# The test's own body; the cloud's ``up`` and ``down`` (module fixture)
 # and the server's create and delete are bounded by their commands'
 # timeouts, so the first test is not charged with ``up``.
 pytestmark = pytest.mark.timeout(600, func_only=True)
