@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import uuid as uuidlib
 from collections.abc import Collection
 from collections.abc import Mapping
@@ -215,6 +216,8 @@ class XenHost(base.HostDriver):
         self._dirty_bufs: dict[int, tuple[libs.HypercallBuffer, int]] = {}
         # domids whose device model this driver stopped.
         self._dm_stopped: set[int] = set()
+        # domid -> CLOCK_MONOTONIC time this driver destroyed it.
+        self._destroyed_at: dict[int, float] = {}
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.free.argtypes = [ctypes.c_void_p]
         self._libc.free.restype = None
@@ -443,6 +446,7 @@ class XenHost(base.HostDriver):
                 f"{config.memory_bytes} bytes needed, {free} free", call=call
             )
         text = self.libxl_json(config, domid)
+        self._wait_out_destroy_second(domid)
         created = self._libxl_create(text, call)
         if created != domid:
             self._best_effort_destroy(created)
@@ -516,12 +520,26 @@ class XenHost(base.HostDriver):
             self._xl.run("destroy", str(domid))
         except base.HostError as exc:
             LOG.error("Could not destroy domain %d: %s", domid, exc)
+        self._destroyed_at[domid] = time.monotonic()
 
     def destroy_domain(self, domid: int, delete_disks: bool = False) -> None:
         # The disks are Nova's images and volumes: this host makes none.
         self.domain_info(domid)
         self._forget(domid)
         self._xl.run("destroy", str(domid))
+        self._destroyed_at[domid] = time.monotonic()
+
+    def _wait_out_destroy_second(self, domid: int) -> None:
+        # libxl's domid history keeps whole CLOCK_MONOTONIC seconds: even
+        # with no reuse delay it takes a domid destroyed in the current
+        # second for a recent one. A restore under the same domid right
+        # after a destroy (the same guest) waits for the next second.
+        at = self._destroyed_at.pop(domid, None)
+        if at is None:
+            return
+        wait = int(at) + 1 - time.monotonic()
+        if wait > 0:
+            time.sleep(wait + 0.01)
 
     def _forget(self, domid: int) -> None:
         self._populated.pop(domid, None)

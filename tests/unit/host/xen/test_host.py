@@ -114,8 +114,41 @@ def test_a_destroyed_failed_create_leaves_no_page_map(xl_fails: bool) -> None:
     xen._pfn_cache = {4: ((0, 1), [0]), 5: ((0, 1), [0])}
     xen._dm_stopped = {4}
     xen._dirty_bufs = {}
+    xen._destroyed_at = {}
     xen._xl = _Xl(xl_fails)
     xen._best_effort_destroy(4)
     assert xen._xl.runs == [("destroy", "4")]
     assert list(xen._populated) == [5] and list(xen._pfn_cache) == [5]
     assert xen._dm_stopped == set()
+
+
+def test_a_domid_destroyed_this_second_is_asked_for_in_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # libxl's history has whole seconds: a create in the same second as
+    # the destroy is refused as "recently used" even with no delay.
+    clock = [100.25]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(host.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(host.time, "sleep", sleep)
+    xen = object.__new__(host.XenHost)
+    xen._populated, xen._pfn_cache, xen._dirty_bufs = {}, {}, {}
+    xen._dm_stopped = set()
+    xen._destroyed_at = {}
+    xen._xl = _Xl(False)
+    xen._best_effort_destroy(4)
+    clock[0] = 100.5
+    xen._wait_out_destroy_second(4)
+    assert int(clock[0]) == 101 and len(slept) == 1
+    # Once waited out, or a second later, nothing more.
+    xen._wait_out_destroy_second(4)
+    xen._best_effort_destroy(5)
+    clock[0] += 1.0
+    xen._wait_out_destroy_second(5)
+    xen._wait_out_destroy_second(6)
+    assert len(slept) == 1
