@@ -136,10 +136,8 @@ class ListMigrations(_Local, command.Lister):
         return JOURNAL_COLUMNS, [_row(r, _JOURNAL_KEYS) for r in rows]
 
 
-class ShowMigration(_Local, command.ShowOne):
-    """Show one migration of this host's journals."""
-
-    columns = JOURNAL_COLUMNS
+class _OneMigration(_Local):
+    """A command on one migration of this host's journals."""
 
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
         parser = super().get_parser(prog_name)
@@ -148,6 +146,12 @@ class ShowMigration(_Local, command.ShowOne):
         )
         _add_state_path(parser)
         return parser
+
+
+class ShowMigration(_OneMigration, command.ShowOne):
+    """Show one migration of this host's journals."""
+
+    columns = JOURNAL_COLUMNS
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple:
         from nova_xen_ncm.conf import CONF
@@ -217,7 +221,7 @@ class RecoverMigrations(_Local, command.Lister):
         ]
 
 
-class ResolveMigration(_Local, command.ShowOne):
+class ResolveMigration(_OneMigration, command.ShowOne):
     """Mark an IN_DOUBT migration resolved.
 
     After checking by hand where its guest runs: the journal entry is
@@ -225,14 +229,6 @@ class ResolveMigration(_Local, command.ShowOne):
     """
 
     columns = RESOLVED_COLUMNS
-
-    def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
-        parser = super().get_parser(prog_name)
-        parser.add_argument(
-            "migration", metavar="<migration>", help="Migration ID"
-        )
-        _add_state_path(parser)
-        return parser
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple:
         from nova_xen_ncm.conf import CONF
