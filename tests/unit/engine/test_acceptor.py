@@ -19,6 +19,8 @@ from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.transport import Channel
 from nova_xen_ncm.engine.transport import Listener
 
+from .test_transport import Background
+
 TOKEN = b"k" * 32
 MIGRATION = "m-1"
 TIMEOUT = 10.0
@@ -88,29 +90,6 @@ def connect(acceptor, channel=0, token=TOKEN, last_acked=None, mid=MIGRATION):
         ch.close()
         raise
     return ch, welcome
-
-
-class Background:
-    """Run ``fn`` in a thread; ``result()`` returns or re-raises."""
-
-    def __init__(self, fn, *args, **kwargs):
-        self._value = self._error = None
-
-        def run():
-            try:
-                self._value = fn(*args, **kwargs)
-            except BaseException as exc:  # handed to the test thread
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def result(self):
-        self._thread.join(TIMEOUT)
-        assert not self._thread.is_alive(), "background side hung"
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def soon():
