@@ -311,6 +311,104 @@ class PvState:
     backends: tuple[BackendState, ...]
 
 
+# -- the transparency checker's read path -----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestPhysmap:
+    """Where the hypervisor placed what it shares with the guest: the
+    shared info frame, the grant frames and each vCPU's vcpu_info (the
+    guest chose them with XENMEM_add_to_physmap and
+    VCPUOP_register_vcpu_info; Xen writes there), and the event channel
+    ABI and grant table version in use."""
+
+    shared_info_gfn: int | None
+    grant_version: int
+    # One per grant frame, in frame order; None for a frame not mapped in
+    # the guest's physmap.
+    grant_frame_gfns: tuple[int | None, ...]
+    vcpu_info: tuple[VcpuInfoPlacement, ...]
+    evtchn_abi: EvtchnAbi = EvtchnAbi.TWO_LEVEL
+
+
+class GuestProbe(abc.ABC):
+    """Read-only queries about one guest, as a tool in dom0 makes them:
+    foreign reads of the guest's physmap, EVTCHNOP_status, HVMOP_get_param,
+    reads of xenstored as dom0. The transparency checker builds its view
+    of the guest from these and from the guest's own RAM, never from
+    :meth:`HostDriver.guest_state` or the migration's export and send
+    paths, so that what it checks cannot vouch for itself. Nothing here
+    changes the guest."""
+
+    @abc.abstractmethod
+    def physmap(self) -> GuestPhysmap: ...
+
+    @abc.abstractmethod
+    def frame(self, gfn: int) -> bytes:
+        """A copy of the page at ``gfn`` of the guest's physmap, RAM or a
+        frame of Xen's mapped there (xc_map_foreign_range, PROT_READ)."""
+
+    @abc.abstractmethod
+    def shared_info(self) -> bytes:
+        """A copy of the guest's shared info page, wherever it is."""
+
+    @abc.abstractmethod
+    def evtchn_status(self, port: int) -> EventChannel | None:
+        """EVTCHNOP_status of ``port`` (its binding; pending and mask
+        bits are the shared info page's); None beyond the guest's ports."""
+
+    @abc.abstractmethod
+    def hvm_param(self, index: int) -> int:
+        """HVMOP_get_param: what the guest would read (0 when unset)."""
+
+    @abc.abstractmethod
+    def guest_tsc(self) -> int:
+        """The guest's TSC now: what RDTSC in the guest would return."""
+
+    @abc.abstractmethod
+    def xenstore(self) -> XenstoreReader:
+        """A dom0 connection to xenstored for reads."""
+
+    @abc.abstractmethod
+    def xenstore_connection(
+        self,
+    ) -> tuple[tuple[XenstoreWatch, ...], tuple[int, ...], int, int]:
+        """xenstored's record of the guest's connection: its watches, its
+        open transactions' ids, its store port and gfn (what xenstored's
+        control interface shows, not the migration's record)."""
+
+    @abc.abstractmethod
+    def guest_records(self) -> GuestRecords:
+        """What the guest's own kernel and frontends recorded in its RAM
+        (a format of the guest's, not the host's)."""
+
+
+class XenstoreReader(abc.ABC):
+    """The read requests of docs/misc/xenstore.txt."""
+
+    @abc.abstractmethod
+    def read(self, path: str, tx: int = 0) -> bytes: ...
+
+    @abc.abstractmethod
+    def directory(self, path: str, tx: int = 0) -> list[str]: ...
+
+    @abc.abstractmethod
+    def get_perms(self, path: str, tx: int = 0) -> list[tuple[str, int]]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestRecords:
+    """The guest's own records, read from its RAM: per frontend what it
+    observed (:attr:`GuestState.frontends`); events counted per port
+    (ports below ``len(port_counts)``); per vCPU the work it did; the
+    rate its vCPUs write RAM (0: idle vCPUs make no progress)."""
+
+    frontends: Mapping[str, Mapping[str, object]]
+    port_counts: tuple[int, ...]
+    vcpu_progress: tuple[int, ...]
+    dirty_rate: int
+
+
 # -- what a host can do ---------------------------------------------------
 
 
@@ -766,6 +864,13 @@ class HostDriver(abc.ABC):
         oracle neither fails nor changes the faults the migration
         meets; any other host has nothing to do."""
         yield
+
+    def probe(self, domid: int) -> GuestProbe:
+        """The transparency checker's read-only queries about the guest
+        (:class:`GuestProbe`)."""
+        raise NotSupported(
+            "this host offers no read-only probe of its guests", call="probe"
+        )
 
     def raise_guest_events(self, domid: int) -> tuple[int, ...]:
         """Raise an event on each bound port of the guest from its other

@@ -95,6 +95,7 @@ continued, and every request outstanding at pause was answered.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import struct
@@ -111,14 +112,22 @@ from nova_xen_ncm.host.base import PAGE_SIZE
 from nova_xen_ncm.host.base import BackendState
 from nova_xen_ncm.host.base import EventChannel
 from nova_xen_ncm.host.base import EventChannelState
+from nova_xen_ncm.host.base import EvtchnAbi
 from nova_xen_ncm.host.base import EvtchnType
 from nova_xen_ncm.host.base import GrantTableState
+from nova_xen_ncm.host.base import GuestProbe
+from nova_xen_ncm.host.base import GuestRecords
 from nova_xen_ncm.host.base import GuestState
 from nova_xen_ncm.host.base import HostDriver
+from nova_xen_ncm.host.base import HostError
 from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.base import NotSupported
 from nova_xen_ncm.host.base import SharedInfoState
 from nova_xen_ncm.host.base import VcpuInfoPlacement
+from nova_xen_ncm.host.base import XenstoreNode
+from nova_xen_ncm.host.base import XenstoreReader
 from nova_xen_ncm.host.base import XenstoreState
+from nova_xen_ncm.host.base import XenstoreTransaction
 
 # How many differences a reason lists before it summarises.
 MAX_LISTED = 5
@@ -307,16 +316,486 @@ def _read_memory(
     return pfns, digests
 
 
-def snapshot(host: HostDriver, domid: int) -> GuestState:
-    """The guest's state for :func:`check`: the host's report of every
-    item but memory, and memory as :func:`read_memory` reads it."""
-    items = [i for i in Item if i is not Item.MEMORY]
-    with host.observing():
-        state = host.guest_state(domid, items)
+def snapshot(
+    host: HostDriver, domid: int, items: Iterable[Item] | None = None
+) -> GuestState:
+    """The guest's state for :func:`check`, read by the checker itself:
+    memory by :func:`read_memory`, every other item by :func:`observe`
+    (the guest's RAM and the host's read-only :class:`~.base.GuestProbe`
+    queries), nothing from :meth:`~.base.HostDriver.guest_state` or the
+    migration's export and send paths."""
+    wanted = set(Item if items is None else items)
+    state = observe(host, domid, wanted - {Item.MEMORY})
+    if Item.MEMORY not in wanted:
+        return state
     return dataclasses.replace(
         state,
         items={**state.items, Item.MEMORY: read_memory(host, domid)},
     )
+
+
+# -- the oracle's own reading of the rest ------------------------------------
+
+# xen/include/public/hvm/params.h
+HVM_NR_PARAMS = 39
+# struct hvm_save_descriptor (public/hvm/save.h) and the typecodes' names.
+HVM_SAVE_DESCRIPTOR = struct.Struct("<HHI")
+HVM_SAVE_END = 0
+HVM_SAVE_NAMES = {
+    1: "HEADER",
+    2: "CPU",
+    3: "PIC",
+    4: "IOAPIC",
+    5: "LAPIC",
+    6: "LAPIC_REGS",
+    7: "PCI_IRQ",
+    8: "ISA_IRQ",
+    9: "PCI_LINK",
+    10: "PIT",
+    11: "RTC",
+    12: "HPET",
+    13: "PMTIMER",
+    14: "MTRR",
+    15: "VIRIDIAN_DOMAIN",
+    16: "CPU_XSAVE",
+    17: "VIRIDIAN_VCPU",
+    18: "VMCE_VCPU",
+    19: "TSC_ADJUST",
+    20: "CPU_MSR",
+}
+# struct vcpu_time_info (xen.h): version, pad0, tsc_timestamp,
+# system_time, tsc_to_system_mul, tsc_shift, flags, pad1[2].
+VCPU_TIME_INFO = struct.Struct("<IIQQIbB2x")
+# A pvclock or wallclock whose version stays odd this many reads is
+# being written by nobody that finishes: reported, not waited for.
+VERSION_TRIES = 1000
+# struct *_sring (io/ring.h): req_prod, req_event, rsp_prod, rsp_event.
+SRING_HEADER = struct.Struct("<IIII")
+GRANT_ENTRY_V1 = struct.Struct("<HHI")  # flags, domid, frame
+GTF_type_mask = 3
+GTF_permit_access = 1
+# xenbus states (io/xenbus.h)
+XENBUS_CONNECTED = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedRing:
+    """A PV ring as an outside observer sees it: the frontend's grant
+    reference and the page it grants, the shared ring's producer indices
+    in that page, and whether the grant entry shows it mapped by the
+    backend's domain (Xen sets GTF_reading/GTF_writing while it is)."""
+
+    ref: int
+    gfn: int | None
+    req_prod: int
+    rsp_prod: int
+    mapped_by: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceView:
+    """A PV device as the checker reads it: the xenstore nodes of both
+    ends (as dom0 reads them), the frontend's event channel port and the
+    domain the hypervisor has it bound to, and its rings in guest RAM."""
+
+    kind: str
+    devid: int
+    frontend_path: str
+    backend_path: str
+    backend_domid: int
+    frontend_state: int
+    backend_state: int
+    # (port, the domid at its other end, or None when not interdomain)
+    ports: tuple[tuple[int, int | None], ...]
+    rings: tuple[tuple[str, SharedRing], ...]
+
+
+def observe(
+    host: HostDriver, domid: int, items: Iterable[Item] | None = None
+) -> GuestState:
+    """Every item but memory (and the guest's records), as an outside
+    observer reads them: pages of the guest's physmap (shared info,
+    vcpu_info, grant frames, rings) parsed here by Xen's public ABI;
+    EVTCHNOP_status per port, HVMOP_get_param per index, the HVM context
+    and TSC info as Xen returns them (parsed here, not by the send path's
+    decoder), xenstored's nodes read as dom0; the guest's own records of
+    what it observed. All through :meth:`HostDriver.probe`, queries
+    apart from the migration's export and from
+    :meth:`HostDriver.guest_state`. Raises NotSupported when the host
+    has no probe."""
+    wanted = set(Item if items is None else items) - {Item.MEMORY}
+    with host.observing():
+        probe = host.probe(domid)
+        return _Observer(host, domid, probe).state(wanted)
+
+
+class _Observer:
+    def __init__(self, host: HostDriver, domid: int, probe: GuestProbe):
+        self.host = host
+        self.domid = domid
+        self.probe = probe
+        self.physmap = probe.physmap()
+        self.shinfo = probe.shared_info()
+        self._ports: tuple[EventChannel, ...] | None = None
+        self._grant_frames: tuple[bytes, ...] | None = None
+
+    def state(self, wanted: set[Item]) -> GuestState:
+        items: dict[Item, object] = {}
+        records = self.probe.guest_records()
+        for item, read in (
+            (Item.PLATFORM, self.platform),
+            (Item.DOMID, self.domid_item),
+            (Item.HVM_PARAMS, self.hvm_params),
+            (Item.EVENT_CHANNELS, self.event_channels),
+            (Item.GRANT_TABLE, self.grant_table),
+            (Item.SHARED_INFO, self.shared_info),
+            (Item.XENSTORE, self.xenstore),
+            (Item.PV_DEVICES, self.devices),
+        ):
+            if item in wanted:
+                try:
+                    items[item] = read()
+                except HostError:
+                    # Not there to read (no xenstore connection for a
+                    # guest without PV drivers): the item is then
+                    # reported missing by check().
+                    continue
+        return GuestState(
+            items=items,
+            frontends=dict(records.frontends),
+            kernel=self.kernel(records),
+        )
+
+    # -- event channels, from EVTCHNOP_status and the shared info page --
+
+    def ports(self) -> tuple[EventChannel, ...]:
+        if self._ports is None:
+            pending = _u64s(self.shinfo, SHINFO_PENDING, 64)
+            mask = _u64s(self.shinfo, SHINFO_MASK, 64)
+            out = []
+            port = 1
+            while (st := self.probe.evtchn_status(port)) is not None:
+                if st.type != EvtchnType.CLOSED:
+                    remote_port = st.remote_port
+                    if (
+                        st.type == EvtchnType.INTERDOMAIN
+                        and st.remote_domid != self.domid
+                    ):
+                        # The other end's number is that domain's to give
+                        # (a restore may renumber dom0's end): not the
+                        # guest's to see.
+                        remote_port = 0
+                    out.append(
+                        dataclasses.replace(
+                            st,
+                            remote_port=remote_port,
+                            pending=_bit(pending, port),
+                            masked=_bit(mask, port),
+                        )
+                    )
+                port += 1
+            self._ports = tuple(out)
+        return self._ports
+
+    def event_channels(self) -> EventChannelState:
+        if self.physmap.evtchn_abi != EvtchnAbi.TWO_LEVEL:
+            raise NotSupported(
+                "the checker reads the 2-level event channel ABI only",
+                call="observe",
+            )
+        return EventChannelState(EvtchnAbi.TWO_LEVEL, self.ports())
+
+    # -- grant table and shared info: pages of the physmap --
+
+    def grant_frames(self) -> tuple[bytes, ...]:
+        if self._grant_frames is None:
+            self._grant_frames = tuple(
+                b"" if gfn is None else self.probe.frame(gfn)
+                for gfn in self.physmap.grant_frame_gfns
+            )
+        return self._grant_frames
+
+    def grant_table(self) -> GrantTableState:
+        return GrantTableState(
+            version=self.physmap.grant_version,
+            frame_gfns=tuple(
+                -1 if g is None else g for g in self.physmap.grant_frame_gfns
+            ),
+            frames=self.grant_frames(),
+        )
+
+    def grant_entry(self, ref: int) -> tuple[int, int, int] | None:
+        if self.physmap.grant_version != 1:
+            return None
+        raw = b"".join(self.grant_frames())
+        off = ref * GRANT_ENTRY_V1.size
+        if ref < 0 or off + GRANT_ENTRY_V1.size > len(raw):
+            return None
+        return GRANT_ENTRY_V1.unpack_from(raw, off)
+
+    def shared_info(self) -> SharedInfoState:
+        return SharedInfoState(
+            gfn=self.physmap.shared_info_gfn,
+            content=self.shinfo,
+            vcpu_info=self.physmap.vcpu_info,
+        )
+
+    # -- HVM params, platform, domid --
+
+    def hvm_params(self) -> tuple[tuple[int, int], ...]:
+        # An unset param reads 0 to the guest: only the others count.
+        values = ((i, self.probe.hvm_param(i)) for i in range(HVM_NR_PARAMS))
+        return tuple((i, v) for i, v in values if v)
+
+    def platform(self) -> dict[str, object]:
+        # The HVM context and TSC info have one source, the hypervisor
+        # (XEN_DOMCTL_gethvmcontext, XEN_DOMCTL_gettscinfo): asked here,
+        # parsed here by save.h, not by the send path's decoder.
+        out: dict[str, object] = dict(
+            parse_hvm_context(self.host.get_hvm_context(self.domid))
+        )
+        tsc = self.host.get_tsc_info(self.domid)
+        # Not the incarnation: every restore adds one (_incarnation).
+        out["tsc"] = (tsc.mode, tsc.khz, tsc.nsec)
+        return out
+
+    def domid_item(self) -> tuple[int, tuple[int, ...]]:
+        ids = set()
+        with contextlib.suppress(HostError):
+            ids |= {v.backend_domid for v in self.devices()}
+        ids |= {
+            p.remote_domid
+            for p in self.ports()
+            if p.type in (EvtchnType.INTERDOMAIN, EvtchnType.UNBOUND)
+            and p.remote_domid != self.domid
+        }
+        return self.domid, tuple(sorted(ids))
+
+    # -- xenstore, as dom0 reads it --
+
+    def home(self) -> str:
+        return f"/local/domain/{self.domid}"
+
+    def xenstore(self) -> XenstoreState:
+        watches, txs, port, gfn = self.probe.xenstore_connection()
+        xs = self.probe.xenstore()
+        nodes = []
+        todo = [self.home()]
+        while todo:
+            path = todo.pop()
+            try:
+                value = xs.read(path)
+                perms = tuple(tuple(p) for p in xs.get_perms(path))
+                children = xs.directory(path)
+            except Exception as exc:  # noqa: BLE001 - xenstored's errors
+                if _xs_gone(exc):
+                    continue  # removed while walking
+                raise
+            nodes.append(XenstoreNode(path, value, perms))
+            todo += [f"{path}/{c}" for c in children]
+        return XenstoreState(
+            nodes=tuple(sorted(nodes, key=lambda n: n.path)),
+            watches=tuple(sorted(watches, key=dataclasses.astuple)),
+            transactions=tuple(XenstoreTransaction(t, 0) for t in txs),
+            store_port=port,
+            store_gfn=gfn,
+        )
+
+    # -- PV devices: xenstore, the port's binding, the rings in RAM --
+
+    def devices(self) -> tuple[DeviceView, ...]:
+        xs = self.probe.xenstore()
+        self.probe.xenstore_connection()  # HostError when not introduced
+        out = []
+        base_path = f"{self.home()}/device"
+        kinds = _xs_list(xs, base_path)
+        for kind in sorted(kinds):
+            for devid in sorted(_xs_list(xs, f"{base_path}/{kind}")):
+                if devid.isdigit():
+                    out.append(self.device(xs, kind, int(devid)))
+        return tuple(out)
+
+    def device(self, xs: XenstoreReader, kind: str, devid: int) -> DeviceView:
+        fe = f"{self.home()}/device/{kind}/{devid}"
+        be = _xs_text(xs, f"{fe}/backend")
+        backend_domid = _xs_int(xs, f"{fe}/backend-id")
+        names = _xs_list(xs, fe)
+        bound = {p.port: p for p in self.ports()}
+        ports = []
+        for name in sorted(n for n in names if n.endswith("event-channel")):
+            port = _xs_int(xs, f"{fe}/{name}")
+            st = bound.get(port)
+            peer = (
+                st.remote_domid
+                if st is not None and st.type == EvtchnType.INTERDOMAIN
+                else None
+            )
+            ports.append((port, peer))
+        rings = []
+        for name in sorted(n for n in names if n.endswith("ring-ref")):
+            ref = _xs_int(xs, f"{fe}/{name}")
+            rings.append((name[: -len("-ref")], self.ring(ref)))
+        return DeviceView(
+            kind=kind,
+            devid=devid,
+            frontend_path=fe,
+            backend_path=be,
+            backend_domid=backend_domid,
+            frontend_state=_xs_int(xs, f"{fe}/state"),
+            backend_state=_xs_int(xs, f"{be}/state") if be else -1,
+            ports=tuple(ports),
+            rings=tuple(rings),
+        )
+
+    def ring(self, ref: int) -> SharedRing:
+        entry = self.grant_entry(ref)
+        if entry is None or entry[0] & GTF_type_mask != GTF_permit_access:
+            return SharedRing(ref, None, 0, 0, None)
+        flags, grantee, gfn = entry
+        try:
+            page = self.probe.frame(gfn)
+        except HostError:
+            return SharedRing(ref, gfn, 0, 0, None)
+        req_prod, _, rsp_prod, _ = SRING_HEADER.unpack_from(page, 0)
+        mapped = grantee if flags & (GTF_reading | GTF_writing) else None
+        return SharedRing(ref, gfn, req_prod, rsp_prod, mapped)
+
+    # -- the guest's records and its clock --
+
+    def kernel(self, records: GuestRecords) -> dict[str, object]:
+        if not records.vcpu_progress:
+            return {}
+        counts = records.port_counts
+        ports = {
+            p.port: counts[p.port]
+            for p in self.ports()
+            if p.port < len(counts)
+        }
+        vcpus = []
+        for v, progress in enumerate(records.vcpu_progress):
+            info = self.pvclock(v)
+            vcpus.append({"progress": progress, **info})
+        wallclock, wc_version = self.wallclock()
+        # The guest's TSC and the wall time, read right after its time
+        # info: what its clock reads now, and what it should read.
+        guest_tsc = self.probe.guest_tsc()
+        wall_ns = time.time_ns()
+        return {
+            "ports": ports,
+            "vcpus": tuple(vcpus),
+            "dirty_rate": records.dirty_rate,
+            "wallclock_ns": wallclock,
+            "wc_version": wc_version,
+            "guest_tsc": guest_tsc,
+            "host_wall_ns": wall_ns,
+            "tsc_incarnation": self.host.get_tsc_info(self.domid).incarnation,
+        }
+
+    def _vcpu_info(self, vcpu: int) -> bytes:
+        placed = next(
+            (p for p in self.physmap.vcpu_info if p.vcpu == vcpu), None
+        )
+        if placed is None or placed.gfn is None:
+            page = self.probe.shared_info()
+            off = vcpu * VCPU_INFO_SIZE
+        else:
+            page = self.probe.frame(placed.gfn)
+            off = placed.offset
+        return page[off : off + VCPU_INFO_SIZE]
+
+    def pvclock(self, vcpu: int) -> dict[str, int]:
+        """vcpu_time_info read with its version protocol (Linux's
+        pvclock_read_begin/retry): even, and the same before and after
+        the fields were read; odd after VERSION_TRIES is reported."""
+        for _ in range(VERSION_TRIES):
+            first = VCPU_TIME_INFO.unpack_from(self._vcpu_info(vcpu), VI_TIME)
+            if first[0] & 1:
+                continue
+            again = VCPU_TIME_INFO.unpack_from(self._vcpu_info(vcpu), VI_TIME)
+            if again == first:
+                break
+        (
+            version,
+            _,
+            tsc_timestamp,
+            system_time,
+            mul,
+            shift,
+            _,
+        ) = first
+        return {
+            "pvclock_version": version,
+            "system_time": system_time,
+            "tsc_timestamp": tsc_timestamp,
+            "tsc_to_system_mul": mul,
+            "tsc_shift": shift,
+        }
+
+    def wallclock(self) -> tuple[int, int]:
+        """shared_info's wallclock, ns, by its wc_version protocol."""
+        for _ in range(VERSION_TRIES):
+            raw = self.probe.shared_info()
+            version, sec, nsec, sec_hi = struct.unpack_from(
+                "<IIII", raw, SHINFO_WC
+            )
+            if version & 1:
+                continue
+            if (
+                struct.unpack_from("<I", self.probe.shared_info(), SHINFO_WC)[
+                    0
+                ]
+                == version
+            ):
+                break
+        return ((sec_hi << 32 | sec) * 1_000_000_000 + nsec, version)
+
+
+def parse_hvm_context(blob: bytes) -> dict[str, bytes]:
+    """The HVM context (save.h: hvm_save_descriptor, then the record, up
+    to END) as ``"<TYPECODE name>:<instance>"`` -> the record's bytes."""
+    out: dict[str, bytes] = {}
+    off = 0
+    while off + HVM_SAVE_DESCRIPTOR.size <= len(blob):
+        code, instance, length = HVM_SAVE_DESCRIPTOR.unpack_from(blob, off)
+        off += HVM_SAVE_DESCRIPTOR.size
+        if code == HVM_SAVE_END:
+            return out
+        name = HVM_SAVE_NAMES.get(code, f"TYPE{code}")
+        out[f"{name}:{instance}"] = bytes(blob[off : off + length])
+        off += length
+    out["END"] = b"missing"
+    return out
+
+
+def _bit(words: np.ndarray, port: int) -> bool:
+    return bool(int(words[port // 64]) >> (port % 64) & 1)
+
+
+def _xs_gone(exc: BaseException) -> bool:
+    return "ENOENT" in str(getattr(exc, "name", "")) or "ENOENT" in str(exc)
+
+
+def _xs_list(xs: XenstoreReader, path: str) -> list[str]:
+    try:
+        return xs.directory(path)
+    except Exception as exc:  # noqa: BLE001 - xenstored's errors
+        if _xs_gone(exc):
+            return []
+        raise
+
+
+def _xs_text(xs: XenstoreReader, path: str) -> str:
+    try:
+        return xs.read(path).decode()
+    except Exception as exc:  # noqa: BLE001 - xenstored's errors
+        if _xs_gone(exc):
+            return ""
+        raise
+
+
+def _xs_int(xs: XenstoreReader, path: str) -> int:
+    text = _xs_text(xs, path)
+    return int(text) if text.strip().lstrip("-").isdigit() else -1
 
 
 # -- memory -----------------------------------------------------------------
@@ -904,8 +1383,11 @@ def _pv_devices(
     resumed: GuestState,
     later: GuestState | None,
 ) -> list[str]:
+    va, vb = _views(a), _views(b)
     ba, bb = _backends(a), _backends(b)
-    if ba is None or bb is None:
+    if va is not None and vb is not None:
+        problems = _device_views(va, vb)
+    elif ba is None or bb is None:
         problems = _opaque(a, b, "PV device state")
     else:
         problems = []
@@ -964,6 +1446,138 @@ def _backend(a: BackendState, b: BackendState) -> list[str]:
             f"{key}: requests in flight changed before the guest ran: "
             f"{lost} of the {len(fa)} in flight at pause gone, {new} new"
         )
+    return problems
+
+
+def _views(value: object) -> dict[str, DeviceView] | None:
+    if isinstance(value, tuple) and all(
+        isinstance(v, DeviceView) for v in value
+    ):
+        return {v.frontend_path: v for v in value}
+    return None
+
+
+def _device_views(
+    va: Mapping[str, DeviceView], vb: Mapping[str, DeviceView]
+) -> list[str]:
+    """Pause against resume: the same devices, xenstore nodes, ports and
+    rings; the rings where they were (the backends are quiescent until
+    the guest runs); and at resume each connected device's port bound
+    to its backend's domain and each ring mapped by it."""
+    problems = []
+    for path in sorted(set(va) | set(vb)):
+        if path not in vb:
+            problems.append(f"device {path} missing")
+        elif path not in va:
+            problems.append(f"device {path} appeared")
+        else:
+            problems += _device_view(va[path], vb[path])
+            problems += _device_health(vb[path])
+    return problems
+
+
+def _view_key(v: DeviceView) -> str:
+    return f"{v.kind}/{v.devid}"
+
+
+def _device_view(a: DeviceView, b: DeviceView) -> list[str]:
+    key = _view_key(a)
+    problems = []
+    for field in (
+        "backend_path",
+        "backend_domid",
+        "frontend_state",
+        "backend_state",
+    ):
+        if getattr(a, field) != getattr(b, field):
+            problems.append(
+                f"{key}: {field.replace('_', ' ')} changed from "
+                f"{getattr(a, field)!r} to {getattr(b, field)!r}"
+            )
+    if [p for p, _ in a.ports] != [p for p, _ in b.ports]:
+        problems.append(
+            f"{key}: event channel ports changed from "
+            f"{[p for p, _ in a.ports]} to {[p for p, _ in b.ports]}"
+        )
+    ra, rb = dict(a.rings), dict(b.rings)
+    if set(ra) != set(rb):
+        problems.append(
+            f"{key}: rings changed from {sorted(ra)} to {sorted(rb)}"
+        )
+    for name in sorted(set(ra) & set(rb)):
+        x, y = ra[name], rb[name]
+        if (x.ref, x.gfn) != (y.ref, y.gfn):
+            problems.append(
+                f"{key}: ring {name} moved from grant ref {x.ref} "
+                f"(gfn {x.gfn}) to {y.ref} (gfn {y.gfn})"
+            )
+        elif (x.req_prod, x.rsp_prod) != (y.req_prod, y.rsp_prod):
+            problems.append(
+                f"{key}: ring {name} indices (req_prod, rsp_prod) moved "
+                f"from {(x.req_prod, x.rsp_prod)} to "
+                f"{(y.req_prod, y.rsp_prod)} before the guest ran"
+            )
+    return problems
+
+
+def _device_health(v: DeviceView) -> list[str]:
+    """A connected device's backend holds its end: the frontend's ports
+    bound to the backend's domain and its rings mapped by it, as the
+    hypervisor's port table and grant entries show."""
+    if v.backend_state != XENBUS_CONNECTED:
+        return []
+    key = _view_key(v)
+    problems = []
+    for port, peer in v.ports:
+        if peer != v.backend_domid:
+            problems.append(
+                f"{key}: port {port} not bound to the backend's "
+                f"dom{v.backend_domid}"
+                + ("" if peer is None else f" (bound to dom{peer})")
+            )
+    for name, ring in v.rings:
+        if ring.mapped_by != v.backend_domid:
+            problems.append(
+                f"{key}: ring {name} (grant ref {ring.ref}) not mapped by "
+                f"the backend's dom{v.backend_domid}"
+            )
+    return problems
+
+
+def _rings_observed(
+    va: Mapping[str, DeviceView], vb: Mapping[str, DeviceView]
+) -> list[str]:
+    """From pause to later, as the guest's RAM shows the rings: the same
+    pages; producer indices never go back; never more responses than
+    requests; the backend still connected and holding its ends."""
+    problems = []
+    for path, a in sorted(va.items()):
+        b = vb.get(path)
+        key = _view_key(a)
+        if b is None:
+            problems.append(f"device {path} gone after resume")
+            continue
+        rb = dict(b.rings)
+        for name, x in a.rings:
+            y = rb.get(name)
+            if y is None or (x.ref, x.gfn) != (y.ref, y.gfn):
+                problems.append(f"{key}: ring {name} not where it was")
+                continue
+            for what, old, new in (
+                ("req_prod", x.req_prod, y.req_prod),
+                ("rsp_prod", x.rsp_prod, y.rsp_prod),
+            ):
+                if _idx_diff(new, old) >= 1 << 31:
+                    problems.append(
+                        f"{key}: ring {name} {what} went back from {old} "
+                        f"to {new}"
+                    )
+            if _idx_diff(y.req_prod, y.rsp_prod) >= 1 << 31:
+                problems.append(
+                    f"{key}: ring {name} has more responses "
+                    f"({y.rsp_prod}) than requests ({y.req_prod})"
+                )
+        problems += _device_health(b)
     return problems
 
 
@@ -1152,15 +1766,14 @@ def run_after_resume(
     :func:`after_resume`, each with the guest's count of its events just
     before the raise."""
     time.sleep(seconds)
+    before = observe(host, domid, ()).kernel.get("ports", {})
     with host.observing():
-        before = host.guest_state(domid, ()).kernel.get("ports", {})
         raised = {
             p: int(before.get(p, 0)) for p in host.raise_guest_events(domid)
         }
     deadline = time.monotonic() + delivery_timeout
     while True:
-        with host.observing():
-            later = host.guest_state(domid, AFTER_RESUME_ITEMS)
+        later = observe(host, domid, AFTER_RESUME_ITEMS)
         counts = later.kernel.get("ports", {})
         waiting = [p for p, n in raised.items() if counts.get(p, 0) <= n]
         if not waiting or time.monotonic() > deadline:
@@ -1283,6 +1896,10 @@ def _reads_checked(fa: Mapping[str, object], fb: Mapping[str, object]) -> int:
 
 def _rings_after(paused: GuestState, later: GuestState) -> list[str]:
     """The backends' ring rules from pause to the later state."""
+    va = _views(paused.items.get(Item.PV_DEVICES))
+    vb = _views(later.items.get(Item.PV_DEVICES))
+    if va is not None and vb is not None:
+        return _rings_observed(va, vb)
     ba = _backends(paused.items.get(Item.PV_DEVICES))
     bb = _backends(later.items.get(Item.PV_DEVICES))
     if ba is None or bb is None:

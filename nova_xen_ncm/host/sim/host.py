@@ -58,6 +58,7 @@ from nova_xen_ncm.host.sim.hypervisor import Hypervisor
 from nova_xen_ncm.host.sim.hypervisor import SimPageMapping
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 from nova_xen_ncm.host.sim.memory import write_tracking_available
+from nova_xen_ncm.host.sim.probe import SimGuestProbe
 from nova_xen_ncm.host.sim.toolstack import Toolstack
 
 __all__ = ["Dom0Error", "SimHost"]
@@ -521,6 +522,11 @@ class SimHost(base.HostDriver):
 
     def raise_guest_events(self, domid: int) -> tuple[int, ...]:
         return self.hv.raise_guest_events(domid)
+
+    def probe(self, domid: int) -> base.GuestProbe:
+        # The checker's own read path (probe.py), apart from guest_state.
+        self.hv.domain(domid, "probe")
+        return SimGuestProbe(self.hv, self.services, domid)
 
     def _frontends(self, dom: Domain) -> dict[str, dict[str, object]]:
         """What each PV frontend observed, read from guest RAM."""
