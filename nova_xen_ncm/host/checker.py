@@ -251,6 +251,7 @@ def check(
             problems = _platform(a, b) + _incarnation(paused, resumed)
             if later is not None:
                 problems += _clock(resumed, later)[0]
+                problems += _pvclock_across(paused, later)
         else:
             problems = _CHECKS[item](a, b)
         results[item] = ItemResult(not problems, _reason(problems))
@@ -994,6 +995,83 @@ def _clock(resumed: GuestState, later: GuestState) -> tuple[list[str], bool]:
                 "destination's wall time (time info not rebased)"
             )
     return problems, judged
+
+
+# How far apart two pvclocks of one guest may read at the same TSC when
+# nothing jumped: the TSC scales' rounding (mul_frac is 32-bit).
+PVCLOCK_SLACK_NS = 1_000_000
+
+
+def _pvclock_time(kernel: Mapping[str, object], vcpu: int, tsc: int) -> int:
+    """The time of day vCPU ``vcpu``'s pvclock gives at guest TSC
+    ``tsc``: wallclock + system_time + the scaled TSC since the stamp
+    (pvclock_clocksource_read; the stamp and scale from the guest's
+    vcpu_time_info in its RAM)."""
+    info = kernel["vcpus"][vcpu]
+    delta = tsc - int(info["tsc_timestamp"])
+    sign, delta = (-1, -delta) if delta < 0 else (1, delta)
+    shift = int(info["tsc_shift"])
+    delta = delta << shift if shift >= 0 else delta >> -shift
+    ns = (delta * int(info["tsc_to_system_mul"])) >> 32
+    return int(kernel["wallclock_ns"]) + int(info["system_time"]) + sign * ns
+
+
+def _pvclock_across(paused: GuestState, later: GuestState) -> list[str]:
+    """Each vCPU's pvclock across the migration, from the guest's RAM
+    alone: the source's vcpu_time_info at pause and the destination's
+    after the guest ran (both read by the checker, version protocol
+    kept). At the destination's TSC stamp, the source's clock
+    (extrapolated by its own scale) and the destination's, rebased on
+    another host's system time and wallclock, may differ only by a jump
+    forward no longer than the wall time between the two reads (the
+    downtime): never back, never ahead of real time. The guest's TSC
+    goes forward between the stamps. Not judged where a side keeps no
+    time info (system_time 0)."""
+    va, vb = paused.kernel.get("vcpus", ()), later.kernel.get("vcpus", ())
+    if "wallclock_ns" not in paused.kernel or "wallclock_ns" not in (
+        later.kernel
+    ):
+        return []
+    wall = int(later.kernel["host_wall_ns"]) - int(
+        paused.kernel["host_wall_ns"]
+    )
+    problems = []
+    for v in range(min(len(va), len(vb))):
+        a, b = va[v], vb[v]
+        if not a.get("system_time") or not b.get("system_time"):
+            continue
+        for side, info in (("source", a), ("destination", b)):
+            if int(info.get("pvclock_version", 0)) & 1:
+                problems.append(
+                    f"vcpu {v}'s time info on the {side} is mid-update "
+                    f"(version {info['pvclock_version']} odd)"
+                )
+        stamp = int(b["tsc_timestamp"])
+        if _idx64(stamp - int(a["tsc_timestamp"])) >= 1 << 63:
+            problems.append(
+                f"vcpu {v}'s TSC went back across the migration: stamp "
+                f"{a['tsc_timestamp']} at pause, {stamp} after resume"
+            )
+            continue
+        jump = _pvclock_time(later.kernel, v, stamp) - _pvclock_time(
+            paused.kernel, v, stamp
+        )
+        if jump < -PVCLOCK_SLACK_NS:
+            problems.append(
+                f"vcpu {v}'s pvclock went back {-jump / 1e9:.3f} s across "
+                "the migration (time info not offset-corrected)"
+            )
+        elif jump > wall + CLOCK_SLACK_NS:
+            problems.append(
+                f"vcpu {v}'s pvclock jumped {jump / 1e9:.3f} s forward "
+                f"across the migration, {wall / 1e9:.3f} s of wall time "
+                "passed"
+            )
+    return problems
+
+
+def _idx64(n: int) -> int:
+    return n & ((1 << 64) - 1)
 
 
 def _mapping_diff(
@@ -1869,6 +1947,7 @@ def after_resume(
             f"bound ports with no event after resume: {_listed(silent)}"
         )
     stalled, time_judged = _vcpus(resumed, later, problems)
+    problems += _pvclock_across(paused, later)
     return AfterResume(
         requests_completed=totals["completed"],
         lost=totals["lost"],

@@ -419,9 +419,9 @@ def test_time_not_rebased_on_the_destination_fails_platform(
     )
     report = checker.check(run.seen["paused"], run.seen["resumed"], later)
     assert Item.PLATFORM in report.failures(), str(report)
-    assert "off the destination's wall time" in report.failures()[
-        Item.PLATFORM
-    ]
+    assert (
+        "off the destination's wall time" in report.failures()[Item.PLATFORM]
+    )
     verdict = checker.after_resume(
         run.seen["paused"], run.seen["resumed"], later, raised
     )
@@ -448,3 +448,89 @@ def test_time_is_rebased_as_xen_does(disks, source, destination, migration):
         later.kernel["tsc_incarnation"]
         == run.seen["paused"].kernel["tsc_incarnation"] + 1
     )
+
+
+def test_system_time_not_offset_corrected_fails_the_pvclock_rule(
+    disks, source, destination, migration, monkeypatch
+):
+    """Mutation: the destination writes each vCPU's vcpu_time_info with
+    a system time 2 s behind its NOW() (the rebase not offset-corrected).
+    The checker, reading the pvclock pages of the guest's RAM on both
+    sides, finds the guest's clock went back across the migration."""
+    update_time = Domain.update_time
+
+    def behind(dom):
+        update_time(dom)
+        if dom.hv is not destination.hv:
+            return
+        for v in range(dom.vcpus):
+            vi = memoryview(dom._vcpu_info(v))
+            fields = list(hvm.VCPU_TIME.unpack_from(vi, hvm.VCPU_TIME_OFFSET))
+            fields[3] -= 2 * 10**9  # system_time
+            hvm.VCPU_TIME.pack_into(vi, hvm.VCPU_TIME_OFFSET, *fields)
+
+    monkeypatch.setattr(Domain, "update_time", behind)
+    run = Checked(source, destination, migration)
+    assert run.phase is Phase.DONE, run.migration.sender.error
+    later, raised = checker.run_after_resume(
+        destination, run.domid, RUN_SECONDS
+    )
+    report = checker.check(run.seen["paused"], run.seen["resumed"], later)
+    assert "pvclock went back" in report.failures()[Item.PLATFORM], str(report)
+    verdict = checker.after_resume(
+        run.seen["paused"], run.seen["resumed"], later, raised
+    )
+    assert not verdict.passed
+    back = [p for p in verdict.problems if "across the migration" in p]
+    assert len(back) == 2, verdict.problems  # both vCPUs
+
+
+def test_the_checker_reads_nothing_of_what_it_checks(
+    disks, source, destination, migration, monkeypatch
+):
+    """The oracle's reads go through the probe and the guest's pages:
+    none of the host's guest_state, the toolstack's export, the
+    hypervisor's export functions, xenstored's migration export, the
+    backends' exported states or the memory digest is called while it
+    reads either side."""
+    calls = []
+    reading = []
+
+    def spy(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if reading:
+                calls.append(f"{type(owner).__name__}.{name}")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for host in (source, destination):
+        spy(host, "guest_state")
+        spy(host, "export_pv_state")
+        spy(host, "memory_digest")
+        spy(host.toolstack, "export_pv_state")
+        spy(host.hv, "export_shared_info")
+        spy(host.hv, "export_grants")
+        spy(host.hv, "guest_ports")
+        spy(host.hv, "backend_domids")
+        spy(host.services, "backend_states")
+        spy(host.services.xenstore, "export_domain")
+        spy(host.digest, "digest")
+
+    snapshot = checker.snapshot
+
+    def watched(host, domid, items=None):
+        reading.append(True)
+        try:
+            return snapshot(host, domid, items)
+        finally:
+            reading.pop()
+
+    monkeypatch.setattr(checker, "snapshot", watched)
+    run = Checked(source, destination, migration)
+    assert run.phase is Phase.DONE, run.migration.sender.error
+    assert run.report().passed, str(run.report())
+    assert set(run.seen["paused"].items) == set(Item)
+    assert calls == []
