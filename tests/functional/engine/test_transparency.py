@@ -26,6 +26,7 @@ from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import grant
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim.hypervisor import Domain
+from nova_xen_ncm.host.sim.hypervisor import Hypervisor
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 
 from .conftest import DEVICES
@@ -48,11 +49,13 @@ class Checked:
     COMMIT (restored, backends reconnected, not running), before its
     snapshot."""
 
-    def __init__(self, source, destination, migration, fault=None):
+    def __init__(self, source, destination, migration, fault=None, vcpus=2):
         self.source = source
         self.destination = destination
         self.domid = source.create_domain(
-            guest_config(devices=DEVICES, io_rate=400)
+            dataclasses.replace(
+                guest_config(devices=DEVICES, io_rate=400), vcpus=vcpus
+            )
         )
         # The guest's I/O has gone on long enough that reads after the
         # migration check data written before it.
@@ -534,3 +537,46 @@ def test_the_checker_reads_nothing_of_what_it_checks(
     assert run.report().passed, str(run.report())
     assert set(run.seen["paused"].items) == set(Item)
     assert calls == []
+
+
+def test_an_upcall_not_reasserted_leaves_ports_silent(
+    disks, source, destination, migration, monkeypatch
+):
+    """Mutation: dom0 signals the guest's console port after the pause
+    (the upcall flag in vcpu_info is set, the event not taken) and the
+    destination does not re-assert the callback vector at resume, as
+    Xen's level-triggered delivery would. The 1-vCPU guest's flag stays
+    set, no 0->1 edge kicks it again: after_resume finds its ports
+    silent and its I/O stalled."""
+    original = Hypervisor.reassert_upcalls
+
+    def not_on_destination(dom):
+        if dom.hv is not destination.hv:
+            original(dom)
+
+    monkeypatch.setattr(
+        Hypervisor, "reassert_upcalls", staticmethod(not_on_destination)
+    )
+    pause = source.pause
+    flagged = []
+
+    def pause_then_event(domid):
+        pause(domid)
+        dom = source.hv.domains[domid]
+        console = dom.params[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+        source.services.dom0_notify(dom.ports[console].remote_port)
+        with dom.mem_lock():
+            flagged.append(dom.bits.upcall_pending(dom.ports[console].vcpu))
+
+    monkeypatch.setattr(source, "pause", pause_then_event)
+    run = Checked(source, destination, migration, vcpus=1)
+    assert run.phase is Phase.DONE, run.migration.sender.error
+    assert flagged == [True]
+    verdict = run.after()
+    assert not verdict.passed
+    console = run.seen["paused"].items[Item.HVM_PARAMS]
+    console = dict(console)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+    assert console in verdict.ports_silent, verdict.to_dict()
+    assert "bound ports with no event after resume" in " ".join(
+        verdict.problems
+    )
