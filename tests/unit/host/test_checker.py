@@ -755,6 +755,8 @@ def test_read_memory_digests_every_page_as_it_is_now():
         guest_state(**{Item.MEMORY: checker.read_memory(host, DOMID)}),
     )
     assert "1 pages differ: pfn 0x2" in failed(report, Item.MEMORY)
+
+
 def test_hvm_param_names_are_params_h():
     """xen/include/public/hvm/params.h, as the reasons name them."""
     expected = {
@@ -815,13 +817,14 @@ def test_guest_clock_is_wallclock_plus_pvclock():
 
 def test_time_rebased_to_the_destination_passes():
     """The source booted at 1000 s wall time, the destination at 2000 s:
-    the destination's system time is 100 s smaller than the source's
-    was, and the guest's clock goes on all the same."""
+    the destination's system time is 1000 s smaller than the source's
+    was, and the guest's clock goes on all the same. The guest's TSC
+    ran 2 s of the 2 s of wall time (no downtime)."""
     paused = _timed(1000 * S, 1100 * S, 0, 0, 2100 * S)
     resumed = dataclasses.replace(
         paused, kernel={**paused.kernel, "tsc_incarnation": 2}
     )
-    later = _timed(2000 * S, 102 * S, 9 * S, 9 * S, 2102 * S, 2)
+    later = _timed(2000 * S, 101 * S, 1 * S, 2 * S, 2102 * S, 2)
     assert _platform(paused, resumed, later).passed
 
 
@@ -843,3 +846,157 @@ def test_tsc_incarnation_may_grow_not_go_back():
     assert _platform(paused, grown, None).passed
     result = _platform(paused, back, None)
     assert "incarnation went back from 5 to 4" in result.reason
+
+
+def test_pvclock_may_jump_forward_by_the_downtime():
+    """The guest's TSC stood still during 3 s of downtime (restored from
+    its CPU records); the destination's pvclock, rebased on its own
+    system time, reads 3 s more than the source's would at the same TSC:
+    a jump forward no longer than the wall time that passed."""
+    paused = _timed(1000 * S, 1100 * S, 0, 0, 2100 * S)
+    later = _timed(2000 * S, 104 * S, 1 * S, 1 * S, 2104 * S, 2)
+    assert checker._pvclock_across(paused, later) == []
+    assert _platform(paused, paused, later).passed
+
+
+@pytest.mark.parametrize(
+    ("stamp", "later", "words"),
+    [
+        # 0.5 s behind what the source's clock read at the same TSC.
+        (
+            0,
+            _timed(2000 * S, 100 * S + S // 2, 1 * S, 1 * S, 2101 * S),
+            "pvclock went back 0.500 s across the migration",
+        ),
+        # 5 s ahead with 1 s of wall time passed.
+        (
+            0,
+            _timed(2000 * S, 106 * S, 1 * S, 1 * S, 2101 * S),
+            "jumped 5.000 s forward across the migration, 1.000 s",
+        ),
+        # The guest's TSC went back.
+        (
+            2 * S,
+            _timed(2000 * S, 101 * S, 1 * S, 1 * S, 2101 * S),
+            "TSC went back across the migration",
+        ),
+    ],
+)
+def test_pvclock_across_the_migration_finds_a_wrong_rebase(
+    stamp, later, words
+):
+    paused = _timed(1000 * S, 1100 * S, stamp, stamp, 2100 * S)
+    problems = checker._pvclock_across(paused, later)
+    assert any(words in p for p in problems), problems
+
+
+def test_pvclock_mid_update_is_reported():
+    paused = _timed(1000 * S, 1100 * S, 0, 0, 2100 * S)
+    later = _timed(2000 * S, 101 * S, 1 * S, 1 * S, 2101 * S)
+    later.kernel["vcpus"][0]["pvclock_version"] = 7
+    problems = checker._pvclock_across(paused, later)
+    assert problems == [
+        "vcpu 0's time info on the destination is mid-update (version 7 odd)"
+    ]
+
+
+def test_parse_hvm_context_names_records_by_save_h():
+    blob = b"".join(
+        [
+            struct.pack("<HHI", 1, 0, 4) + b"head",
+            struct.pack("<HHI", 2, 1, 3) + b"cpu",
+            struct.pack("<HHI", 0, 0, 0),
+        ]
+    )
+    assert checker.parse_hvm_context(blob) == {
+        "HEADER:0": b"head",
+        "CPU:1": b"cpu",
+    }
+    # No END record: the blob was cut, which shows as a record of its own.
+    assert "END" in checker.parse_hvm_context(blob[:-8])
+
+
+def _view(**changes) -> checker.DeviceView:
+    ring = checker.SharedRing(
+        ref=8, gfn=RING_GFN, req_prod=10, rsp_prod=8, mapped_by=0
+    )
+    fields = dict(
+        kind="vbd",
+        devid=51712,
+        frontend_path=FE,
+        backend_path=BE,
+        backend_domid=0,
+        frontend_state=4,
+        backend_state=4,
+        ports=((7, 0),),
+        rings=(("ring", ring),),
+    )
+    fields.update(changes)
+    return checker.DeviceView(**fields)
+
+
+def _devices(a, b, later=None):
+    paused = guest_state(**{Item.PV_DEVICES: (a,)})
+    resumed = guest_state(**{Item.PV_DEVICES: (b,)})
+    return checker.check(paused, resumed).results[Item.PV_DEVICES]
+
+
+def test_observed_devices_pass_when_nothing_moved():
+    assert _devices(_view(), _view()).passed
+
+
+@pytest.mark.parametrize(
+    ("resumed", "words"),
+    [
+        (
+            _view(ports=((7, None),)),
+            "vbd/51712: port 7 not bound to the backend's dom0",
+        ),
+        (
+            _view(ports=((7, 3),)),
+            "port 7 not bound to the backend's dom0 (bound to dom3)",
+        ),
+        (
+            _view(
+                rings=(("ring", checker.SharedRing(8, RING_GFN, 10, 8, None)),)
+            ),
+            "ring ring (grant ref 8) not mapped by the backend's dom0",
+        ),
+        (
+            _view(
+                rings=(("ring", checker.SharedRing(8, RING_GFN, 10, 10, 0)),)
+            ),
+            "ring ring indices (req_prod, rsp_prod) moved from (10, 8) to "
+            "(10, 10) before the guest ran",
+        ),
+        (
+            _view(rings=(("ring", checker.SharedRing(9, 0x300, 10, 8, 0)),)),
+            "ring ring moved from grant ref 8",
+        ),
+        (_view(backend_state=5), "backend state changed from 4 to 5"),
+    ],
+)
+def test_observed_devices_fail_by_name(resumed, words):
+    result = _devices(_view(), resumed)
+    assert not result.passed
+    assert words in result.reason, result.reason
+
+
+def test_observed_rings_after_resume():
+    paused = guest_state(**{Item.PV_DEVICES: (_view(),)})
+
+    def later(ring):
+        return guest_state(
+            **{Item.PV_DEVICES: (_view(rings=(("ring", ring),)),)}
+        )
+
+    ok = later(checker.SharedRing(8, RING_GFN, 30, 29, 0))
+    assert checker._rings_after(paused, ok) == []
+    back = later(checker.SharedRing(8, RING_GFN, 5, 5, 0))
+    assert "req_prod went back from 10 to 5" in " ".join(
+        checker._rings_after(paused, back)
+    )
+    ahead = later(checker.SharedRing(8, RING_GFN, 12, 13, 0))
+    assert "more responses (13) than requests (12)" in " ".join(
+        checker._rings_after(paused, ahead)
+    )
