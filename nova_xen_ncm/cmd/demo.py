@@ -83,8 +83,11 @@ GUEST_DEVICES = (
 # are read.
 AFTER_RESUME_SECONDS = 1.0
 IO_NOTE = (
-    "the checker digests the guest's memory itself at the source's pause "
-    "and at the destination's resume; after resume the guest ran "
+    "the checker reads every item itself at the source's pause and at "
+    "the destination's resume (memory digested from RAM; shared info, "
+    "vcpu_info, grant frames and rings from the guest's pages; ports, "
+    "HVM params and xenstore by dom0's read-only queries), sharing no "
+    "code with the migration's export; after resume the guest ran "
     f"{AFTER_RESUME_SECONDS:g} s on the destination, one event was raised "
     "on each of its bound ports, and the after-resume verdicts were read "
     "from its own RAM"
@@ -919,6 +922,14 @@ def _after_resume_lines(verdict: Mapping[str, Any]) -> list[str]:
             f"{verdict['vbd_reads_checked']} vbd reads of data written "
             f"before the pause, silent ports: "
             f"{', '.join(map(str, verdict['ports_silent'])) or 'none'}"
+        )
+    steps = verdict.get("clock_steps_ms")
+    if steps:
+        lines.append(
+            "    each vCPU's clock (its pvclock in RAM) stepped across "
+            "the migration by "
+            + ", ".join(f"{s:+.1f}" for s in steps)
+            + " ms"
         )
     if verdict.get("reason"):
         lines.append(f"    {verdict['reason']}")

@@ -1053,9 +1053,7 @@ def _pvclock_across(paused: GuestState, later: GuestState) -> list[str]:
                 f"{a['tsc_timestamp']} at pause, {stamp} after resume"
             )
             continue
-        jump = _pvclock_time(later.kernel, v, stamp) - _pvclock_time(
-            paused.kernel, v, stamp
-        )
+        jump = _pvclock_jump(paused, later, v)
         if jump < -PVCLOCK_SLACK_NS:
             problems.append(
                 f"vcpu {v}'s pvclock went back {-jump / 1e9:.3f} s across "
@@ -1068,6 +1066,32 @@ def _pvclock_across(paused: GuestState, later: GuestState) -> list[str]:
                 "passed"
             )
     return problems
+
+
+def _pvclock_jump(paused: GuestState, later: GuestState, vcpu: int) -> int:
+    """How far vCPU ``vcpu``'s clock stepped across the migration, ns:
+    the destination's pvclock minus the source's, both at the
+    destination's TSC stamp."""
+    stamp = int(later.kernel["vcpus"][vcpu]["tsc_timestamp"])
+    return _pvclock_time(later.kernel, vcpu, stamp) - _pvclock_time(
+        paused.kernel, vcpu, stamp
+    )
+
+
+def clock_steps_ms(paused: GuestState, later: GuestState) -> list[float]:
+    """Per vCPU, the step of its clock across the migration in ms (the
+    guest sees its time jump forward by about the downtime); empty where
+    a side keeps no time info."""
+    va, vb = paused.kernel.get("vcpus", ()), later.kernel.get("vcpus", ())
+    if "wallclock_ns" not in paused.kernel or not va or len(va) != len(vb):
+        return []
+    if not all(a.get("system_time") for a in va) or not all(
+        b.get("system_time") for b in vb
+    ):
+        return []
+    return [
+        round(_pvclock_jump(paused, later, v) / 1e6, 3) for v in range(len(va))
+    ]
 
 
 def _idx64(n: int) -> int:
@@ -1799,6 +1823,8 @@ class AfterResume:
     # Whether vCPU time was judged: not when the host writes no time
     # (system_time 0 at both snapshots).
     time_judged: bool = True
+    # Per vCPU, how far its pvclock stepped across the migration, ms.
+    clock_steps_ms: tuple[float, ...] = ()
 
     @property
     def passed(self) -> bool | None:
@@ -1819,6 +1845,7 @@ class AfterResume:
             "ports_silent": list(self.ports_silent),
             "vcpus_stalled": list(self.vcpus_stalled),
             "time_judged": self.time_judged,
+            "clock_steps_ms": list(self.clock_steps_ms),
             "reason": self.not_judged
             or _reason(
                 list(self.problems)
@@ -1960,6 +1987,7 @@ def after_resume(
         vcpus_stalled=tuple(stalled),
         problems=tuple(problems),
         time_judged=time_judged,
+        clock_steps_ms=tuple(clock_steps_ms(paused, later)),
     )
 
 

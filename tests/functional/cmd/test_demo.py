@@ -40,6 +40,12 @@ def test_demo_json_migrates_transparently():
     assert after["lost"] == after["duplicated"] == after["bad_payloads"] == 0
     assert after["ports_silent"] == []
     assert after["vbd_reads_checked"] > 0
+    # Each vCPU's pvclock, read by the checker from the guest's RAM on
+    # both hosts, stepped forward across the migration, and not by more
+    # than the whole run took.
+    steps = after["clock_steps_ms"]
+    assert len(steps) == 2, after
+    assert all(-1.0 <= s <= report["total_ms"] + 250 for s in steps), steps
     # The vbd was on the storage both hosts share.
     assert report["vbd_disks"] == [f"{report['instance_uuid']}-51712.disk"]
     assert set(report["checks"]) == ITEMS
@@ -231,3 +237,22 @@ def test_incomplete_migration_fails_every_item():
     assert set(checks) == ITEMS
     assert not report(checks).transparent
     assert demo.compare(None, None)["memory"]["passed"] is False
+
+
+def test_after_resume_text_shows_each_vcpus_clock_step():
+    after = {
+        "passed": True,
+        "requests_completed": 9,
+        "lost": 0,
+        "duplicated": 0,
+        "bad_payloads": 0,
+        "vbd_reads_checked": 2,
+        "ports_silent": [],
+        "clock_steps_ms": [212.5, 212.25],
+        "reason": "",
+    }
+    text = report(PASSED, after_resume=after).as_text()
+    assert (
+        "each vCPU's clock (its pvclock in RAM) stepped across the "
+        "migration by +212.5, +212.2 ms" in text
+    ), text
