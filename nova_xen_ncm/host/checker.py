@@ -8,12 +8,19 @@ the continuation of I/O. Each item of :class:`~.base.Item` passes or
 fails with a reason that names what differs. It knows nothing of any
 particular host: only the types of ``host/base.py``.
 
-It shares nothing with what it checks: :func:`snapshot` takes the
-``MEMORY`` item by reading every populated page itself
-(:func:`read_memory`), not from the host's digest or log-dirty
-bookkeeping. :func:`after_resume` judges the guest after it ran on the
-destination from what it recorded in its own RAM
-(:attr:`GuestState.frontends` and :attr:`GuestState.kernel`).
+It shares nothing with what it checks. :func:`snapshot` reads every
+item itself: ``MEMORY`` by digesting every populated page
+(:func:`read_memory`), not from the host's digest or log-dirty; every
+other item by :func:`observe`, through the host's read-only
+:class:`~.base.GuestProbe` (foreign reads of the guest's physmap,
+EVTCHNOP_status, HVMOP_get_param, xenstored read as dom0) and the
+guest's own pages, parsed here by Xen's public ABI (shared_info,
+vcpu_info and its vcpu_time_info, grant entries, ``*_sring`` headers,
+the HVM save records), never from :meth:`~.base.HostDriver.guest_state`
+or the migration's export and send paths. :func:`after_resume` judges
+the guest after it ran on the destination from what it recorded in its
+own RAM (:attr:`GuestState.frontends` and :attr:`GuestState.kernel`)
+and from its pvclock on both hosts.
 
 What :attr:`GuestState.items` should hold, per item (a host that cannot
 give the detailed form may give any other value: it is then compared for
@@ -32,7 +39,13 @@ equality, and a difference is reported without detail):
 ``PLATFORM``
     ``Mapping[str, object]``: one entry per HVM context record (suggested
     key ``"<TYPECODE name>:<instance>"``, value its bytes or digest) plus
-    ``"tsc"`` (a :class:`~.base.TscInfo`). Rule: equal key by key.
+    ``"tsc"`` (TSC mode, kHz and nsec; :func:`observe` parses the
+    context itself, :func:`parse_hvm_context`). Rule: equal key by key;
+    the TSC incarnation never goes back; with ``later``, time as Xen
+    rebases it: each vCPU's clock (wallclock + pvclock, read from the
+    guest's pages) goes forward, agrees with the destination's wall
+    time, and across the migration steps forward by no more than the
+    wall time between the reads (:func:`_pvclock_across`).
 ``DOMID``
     ``(domid, backend_domids)``: an int and a tuple of ints. Rule: equal.
 ``XENSTORE``
@@ -65,7 +78,17 @@ equality, and a difference is reported without detail):
     not lose them; ``vcpu_time_info`` is not compared (Xen rewrites it
     whenever a vCPU is scheduled).
 ``PV_DEVICES``
-    The :class:`~.base.BackendState` of every device: at pause as the
+    As :func:`observe` reads it, a tuple of :class:`DeviceView`: each
+    device's xenstore nodes (both ends' state, backend path and domid),
+    its ports with the domain the hypervisor has them bound to, and its
+    rings as the guest's RAM shows them (grant reference, page, req_prod
+    and rsp_prod, the domain whose mapping the grant entry shows). Rule:
+    the same devices, nodes, ports and rings at the same indices (the
+    backends are quiescent until the guest runs), and at resume each
+    connected device's ports bound to its backend's domain and its rings
+    mapped by it; from pause to ``later``, indices never go back and
+    never more responses than requests. Or, from a host's own report,
+    the :class:`~.base.BackendState` of every device: at pause as the
     backend quiesced it; at resume as the destination's backend exports
     it after reconnecting. A tuple (or a mapping whose values are
     BackendState). Rule: the same devices, paths, backend domid, state
@@ -470,6 +493,11 @@ class _Observer:
     # -- event channels, from EVTCHNOP_status and the shared info page --
 
     def ports(self) -> tuple[EventChannel, ...]:
+        # The bindings are the hypervisor's alone (nothing in guest RAM
+        # says which domain a port is bound to): asked port by port with
+        # EVTCHNOP_status, the query a guest or lsevtchn makes, which is
+        # independent of the toolstack's table export the migration
+        # sends; pending and mask bits come from the shared info page.
         if self._ports is None:
             pending = _u64s(self.shinfo, SHINFO_PENDING, 64)
             mask = _u64s(self.shinfo, SHINFO_MASK, 64)
