@@ -1971,8 +1971,17 @@ def after_resume(
                     f"{key}: {grew} {name.replace('_', ' ')} responses "
                     f"after resume"
                 )
-        if int(fb.get("completed", 0)) <= int(fa.get("completed", 0)):
+        done = int(fb.get("completed", 0)) - int(fa.get("completed", 0))
+        owed = len(tuple(fa.get("outstanding", ())))
+        if done <= 0:
             problems.append(f"{key}: no request completed after resume")
+        elif done <= owed:
+            # Answering what was in flight at pause is not I/O going on:
+            # a backend that stalls after that is found here.
+            problems.append(
+                f"{key}: no request issued after the pause completed "
+                f"({done} completed, {owed} were in flight at pause)"
+            )
         for name in ("next_seq", "last_rsp_seq", "sent"):
             if int(fb.get(name, 0)) < int(fa.get(name, 0)):
                 problems.append(

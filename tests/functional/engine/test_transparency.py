@@ -580,3 +580,50 @@ def test_an_upcall_not_reasserted_leaves_ports_silent(
     assert "bound ports with no event after resume" in " ".join(
         verdict.problems
     )
+
+
+def test_a_reordered_response_is_found_after_resume(
+    disks, source, destination, migration
+):
+    patched = []
+
+    def fault(host, domid):
+        patched.append(
+            _patch_backends(host, domid, lambda a: [a[1], a[0], *a[2:]])
+        )
+
+    run = Checked(source, destination, migration, fault)
+    assert run.phase is Phase.DONE
+    assert _fired(patched), "no answers were swapped"
+    verdict = run.after()
+    assert verdict.reordered > 0, verdict.to_dict()
+    assert "reordered responses after resume" in " ".join(verdict.problems)
+
+
+def test_backends_that_answer_nothing_after_resume_are_found(
+    disks, source, destination, migration
+):
+    """Mutation: the destination's backends reconnected (the nine items
+    pass) but never put a response on the ring after resume (what they
+    had in flight at pause is still answered at unpause): the guest's
+    I/O stalls, and after_resume says so."""
+
+    def fault(host, domid):
+        for be in list(_dom(host, domid).backends.values()):
+            be.put_responses = lambda answers: None
+
+    run = Checked(source, destination, migration, fault)
+    assert run.phase is Phase.DONE
+    assert run.report().passed, str(run.report())
+    verdict = run.after()
+    assert not verdict.passed, verdict.to_dict()
+    stalled = [
+        p
+        for p in verdict.problems
+        if "no request issued after the pause completed" in p
+    ]
+    # Both devices; before this rule the verdict passed (the answers to
+    # what was in flight at pause made "completed" grow).
+    assert {p.split(":")[0] for p in stalled} == {"vif/0", "vbd/51712"}, (
+        verdict.problems
+    )

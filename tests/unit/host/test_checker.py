@@ -595,6 +595,19 @@ def test_after_resume_needs_io_and_continuing_sequences():
     assert "no read after resume checked data written before" in reason
 
 
+def test_after_resume_finds_io_stalled_after_the_requests_in_flight():
+    """The four requests in flight at pause were answered, then nothing:
+    I/O did not go on after resume."""
+    verdict = judged(
+        {"completed": 16, "sent": 20, "next_seq": 21, "outstanding": (17,)}
+    )
+    assert (
+        "vbd/51712: no request issued after the pause completed (4 "
+        "completed, 4 were in flight at pause)" in verdict.problems
+    )
+    assert judged({"completed": 17, "outstanding": ()}).passed
+
+
 def test_after_resume_finds_a_silent_port():
     quiet = kernel(ports={1: 11, 3: 4, 4: 1, 6: 40}, progress=(150, 250))
     verdict = judged(later_kernel=quiet)
