@@ -36,11 +36,11 @@ def test_completed_migration_is_transparent(source, destination, migration):
 
     def at_source_restore(event):
         # All was sent; the source copy is paused as the guest last ran.
-        seen["paused"] = source.guest_state(domid)
+        seen["paused"] = checker.snapshot(source, domid)
 
     def at_destination_commit(event):
         # Restored and reconnected, not running yet.
-        seen["resumed"] = destination.guest_state(domid)
+        seen["resumed"] = checker.snapshot(destination, domid)
 
     m = migration(
         source,
@@ -217,12 +217,12 @@ def test_guest_with_pv_devices_migrates_transparently(
         destination,
         source_hooks={
             ("state", "restore"): lambda e: seen.setdefault(
-                "paused", source.guest_state(domid)
+                "paused", checker.snapshot(source, domid)
             )
         },
         destination_hooks={
             ("state", "commit"): lambda e: seen.setdefault(
-                "resumed", destination.guest_state(domid)
+                "resumed", checker.snapshot(destination, domid)
             )
         },
     )

@@ -41,10 +41,10 @@ def snapshots(source, destination, domid):
     seen = {}
 
     def at_source_restore(event):
-        seen["paused"] = source.guest_state(domid)
+        seen["paused"] = checker.snapshot(source, domid)
 
     def at_destination_commit(event):
-        seen["resumed"] = destination.guest_state(domid)
+        seen["resumed"] = checker.snapshot(destination, domid)
 
     return (
         seen,

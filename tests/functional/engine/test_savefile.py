@@ -29,7 +29,7 @@ def test_save_and_restore_keeps_the_guest_intact(
 
     def at_end_of_save(domid):
         # What was saved: the paused guest, its backends still quiesced.
-        seen["paused"] = source.guest_state(domid)
+        seen["paused"] = checker.snapshot(source, domid)
         resume_backends(domid)
 
     monkeypatch.setattr(source, "resume_backends", at_end_of_save)
@@ -40,7 +40,9 @@ def test_save_and_restore_keeps_the_guest_intact(
 
     restored = savefile.restore_from_path(destination, path, unpause=False)
     assert restored == domid
-    report = checker.check(seen["paused"], destination.guest_state(domid))
+    report = checker.check(
+        seen["paused"], checker.snapshot(destination, domid)
+    )
     assert report.passed, str(report)
     destination.unpause(domid)
     assert destination.domain_info(domid).state == base.DomainState.RUNNING

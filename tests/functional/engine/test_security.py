@@ -51,12 +51,12 @@ def test_migration_over_mutual_tls_is_transparent(
         destination,
         source_hooks={
             ("state", "restore"): lambda e: seen.setdefault(
-                "paused", source.guest_state(domid)
+                "paused", checker.snapshot(source, domid)
             )
         },
         destination_hooks={
             ("state", "commit"): lambda e: seen.setdefault(
-                "resumed", destination.guest_state(domid)
+                "resumed", checker.snapshot(destination, domid)
             )
         },
     )

@@ -50,6 +50,7 @@ from nova_xen_ncm.engine.sender import Sender
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.engine.transport import Channel
 from nova_xen_ncm.host import base
+from nova_xen_ncm.host import checker
 from nova_xen_ncm.progress.model import EventKind
 
 MiB = 1 << 20
@@ -267,6 +268,8 @@ class RemoteHost:
             return None
 
     def snapshot(self, kind: str, domid: int) -> base.GuestState | None:
+        """The guest's state the server kept at ``kind`` ("paused",
+        "unpause"), or the checker's reading of it now ("now")."""
         return self._request("snapshot", kind, domid)
 
     def receive(self, migration_id: str, token: bytes, fault: Fault | None):
@@ -390,7 +393,7 @@ class _HostService:
             ledger.record(host.domain_info(domid).uuid, False)
             pause(domid)
             self.snapshots.pop(("unpause", domid), None)
-            self.snapshots["paused", domid] = host.guest_state(domid)
+            self.snapshots["paused", domid] = checker.snapshot(host, domid)
 
         def resumed(domid: int) -> None:
             # A rollback resumes the backends first; they may then answer
@@ -398,13 +401,15 @@ class _HostService:
             # change made by the migration. The guest as handed back is
             # the state before that.
             if host.domain_info(domid).state == base.DomainState.PAUSED:
-                self.snapshots["unpause", domid] = host.guest_state(domid)
+                self.snapshots["unpause", domid] = checker.snapshot(
+                    host, domid
+                )
             resume(domid)
 
         def quiesced(domid: int) -> None:
             quiesce(domid)
             # Backends stopped: what the guest saw at its pause is final.
-            self.snapshots["paused", domid] = host.guest_state(domid)
+            self.snapshots["paused", domid] = checker.snapshot(host, domid)
 
         def unpaused(domid: int) -> None:
             key = ("unpause", domid)
@@ -412,7 +417,7 @@ class _HostService:
                 key not in self.snapshots
                 and host.domain_info(domid).state == base.DomainState.PAUSED
             ):
-                self.snapshots[key] = host.guest_state(domid)
+                self.snapshots[key] = checker.snapshot(host, domid)
             unpause(domid)
             ledger.record(host.domain_info(domid).uuid, True)
 
@@ -478,6 +483,9 @@ class _HostService:
             with self.host.map_pages(domid, pfns) as mapping:
                 return b"".join(mapping.pages)
         if op == "snapshot":
+            if args[0] == "now":
+                # The checker's own reading of the guest as it is now.
+                return checker.snapshot(self.host, args[1])
             return self.snapshots.get(tuple(args))
         if op == "receive":
             migration_id, token, fault = args

@@ -155,7 +155,7 @@ def check_outcome(rig, domid, uuid, result):
         assert end is IN_DOUBT, result
         assert on_source == PAUSED
         assert on_destination != RUNNING
-        report = checker.check(paused, src.guest_state(domid))
+        report = checker.check(paused, src.snapshot("now", domid))
         assert report.passed, str(report)
     return end
 
