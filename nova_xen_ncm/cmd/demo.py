@@ -927,9 +927,7 @@ def _after_resume_lines(verdict: Mapping[str, Any]) -> list[str]:
     if steps:
         lines.append(
             "    each vCPU's clock (its pvclock in RAM) stepped across "
-            "the migration by "
-            + ", ".join(f"{s:+.1f}" for s in steps)
-            + " ms"
+            "the migration by " + ", ".join(f"{s:+.1f}" for s in steps) + " ms"
         )
     if verdict.get("reason"):
         lines.append(f"    {verdict['reason']}")
