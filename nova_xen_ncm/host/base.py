@@ -362,6 +362,15 @@ class GuestProbe(abc.ABC):
         """HVMOP_get_param: what the guest would read (0 when unset)."""
 
     @abc.abstractmethod
+    def hvm_record(self, typecode: int, instance: int) -> bytes | None:
+        """One record of the HVM context, as
+        XEN_DOMCTL_gethvmcontext_partial (hvm_save_one) returns it: the
+        record's bytes, without its descriptor; None where the domain
+        has no such record. Not the whole-context save the migration
+        sends. Raises HostError for a running domain (its vCPU state is
+        in its vCPUs until they stop)."""
+
+    @abc.abstractmethod
     def guest_tsc(self) -> int:
         """The guest's TSC now: what RDTSC in the guest would return."""
 

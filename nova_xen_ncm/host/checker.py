@@ -13,7 +13,8 @@ item itself: ``MEMORY`` by digesting every populated page
 (:func:`read_memory`), not from the host's digest or log-dirty; every
 other item by :func:`observe`, through the host's read-only
 :class:`~.base.GuestProbe` (foreign reads of the guest's physmap,
-EVTCHNOP_status, HVMOP_get_param, xenstored read as dom0) and the
+EVTCHNOP_status, HVMOP_get_param, one HVM save record at a time,
+xenstored read as dom0) and the
 guest's own pages, parsed here by Xen's public ABI (shared_info,
 vcpu_info and its vcpu_time_info, grant entries, ``*_sring`` headers,
 the HVM save records), never from :meth:`~.base.HostDriver.guest_state`
@@ -39,8 +40,9 @@ equality, and a difference is reported without detail):
 ``PLATFORM``
     ``Mapping[str, object]``: one entry per HVM context record (suggested
     key ``"<TYPECODE name>:<instance>"``, value its bytes or digest) plus
-    ``"tsc"`` (TSC mode, kHz and nsec; :func:`observe` parses the
-    context itself, :func:`parse_hvm_context`). Rule: equal key by key;
+    ``"tsc"`` (TSC mode, kHz and nsec; :func:`observe` asks for each
+    record by itself, never for the whole-context save the migration
+    sends). Rule: equal key by key;
     the TSC incarnation never goes back; with ``later``, time as Xen
     rebases it: each vCPU's clock (wallclock + pvclock, read from the
     guest's pages) goes forward, agrees with the destination's wall
@@ -362,9 +364,7 @@ def snapshot(
 
 # xen/include/public/hvm/params.h
 HVM_NR_PARAMS = 39
-# struct hvm_save_descriptor (public/hvm/save.h) and the typecodes' names.
-HVM_SAVE_DESCRIPTOR = struct.Struct("<HHI")
-HVM_SAVE_END = 0
+# The HVM save typecodes' names (public/arch-x86/hvm/save.h).
 HVM_SAVE_NAMES = {
     1: "HEADER",
     2: "CPU",
@@ -387,6 +387,8 @@ HVM_SAVE_NAMES = {
     19: "TSC_ADJUST",
     20: "CPU_MSR",
 }
+# HVM_SAVE_CODE_MAX (public/arch-x86/hvm/save.h)
+HVM_SAVE_CODE_MAX = 20
 # struct vcpu_time_info (xen.h): version, pad0, tsc_timestamp,
 # system_time, tsc_to_system_mul, tsc_shift, flags, pad1[2].
 VCPU_TIME_INFO = struct.Struct("<IIQQIbB2x")
@@ -577,12 +579,19 @@ class _Observer:
         return tuple((i, v) for i, v in values if v)
 
     def platform(self) -> dict[str, object]:
-        # The HVM context and TSC info have one source, the hypervisor
-        # (XEN_DOMCTL_gethvmcontext, XEN_DOMCTL_gettscinfo): asked here,
-        # parsed here by save.h, not by the send path's decoder.
-        out: dict[str, object] = dict(
-            parse_hvm_context(self.host.get_hvm_context(self.domid))
-        )
+        # Each HVM save record asked for by itself
+        # (XEN_DOMCTL_gethvmcontext_partial, hvm_save_one), every
+        # typecode of save.h for every vCPU: not the whole-context save
+        # (get_hvm_context) that the send path encodes and streams, so
+        # a record that save leaves out is still found here. The TSC
+        # info has one source, the hypervisor (XEN_DOMCTL_gettscinfo).
+        out: dict[str, object] = {}
+        for code in range(1, HVM_SAVE_CODE_MAX + 1):
+            name = HVM_SAVE_NAMES.get(code, f"TYPE{code}")
+            for instance in range(max(1, len(self.physmap.vcpu_info))):
+                record = self.probe.hvm_record(code, instance)
+                if record is not None:
+                    out[f"{name}:{instance}"] = record
         tsc = self.host.get_tsc_info(self.domid)
         # Not the incarnation: every restore adds one (_incarnation).
         out["tsc"] = (tsc.mode, tsc.khz, tsc.nsec)
@@ -735,13 +744,16 @@ class _Observer:
     def pvclock(self, vcpu: int) -> dict[str, int]:
         """vcpu_time_info read with its version protocol (Linux's
         pvclock_read_begin/retry): even, and the same before and after
-        the fields were read; odd after VERSION_TRIES is reported."""
+        the fields were read; a read never consistent in VERSION_TRIES
+        is marked unstable and reported (_pvclock_across)."""
+        stable = False
         for _ in range(VERSION_TRIES):
             first = VCPU_TIME_INFO.unpack_from(self._vcpu_info(vcpu), VI_TIME)
             if first[0] & 1:
                 continue
             again = VCPU_TIME_INFO.unpack_from(self._vcpu_info(vcpu), VI_TIME)
             if again == first:
+                stable = True
                 break
         (
             version,
@@ -754,6 +766,7 @@ class _Observer:
         ) = first
         return {
             "pvclock_version": version,
+            "pvclock_stable": stable,
             "system_time": system_time,
             "tsc_timestamp": tsc_timestamp,
             "tsc_to_system_mul": mul,
@@ -761,7 +774,8 @@ class _Observer:
         }
 
     def wallclock(self) -> tuple[int, int]:
-        """shared_info's wallclock, ns, by its wc_version protocol."""
+        """shared_info's wallclock, ns, by its wc_version protocol; the
+        version, odd when no read was consistent (reported)."""
         for _ in range(VERSION_TRIES):
             raw = self.probe.shared_info()
             version, sec, nsec, sec_hi = struct.unpack_from(
@@ -776,24 +790,9 @@ class _Observer:
                 == version
             ):
                 break
+        else:
+            version |= 1
         return ((sec_hi << 32 | sec) * 1_000_000_000 + nsec, version)
-
-
-def parse_hvm_context(blob: bytes) -> dict[str, bytes]:
-    """The HVM context (save.h: hvm_save_descriptor, then the record, up
-    to END) as ``"<TYPECODE name>:<instance>"`` -> the record's bytes."""
-    out: dict[str, bytes] = {}
-    off = 0
-    while off + HVM_SAVE_DESCRIPTOR.size <= len(blob):
-        code, instance, length = HVM_SAVE_DESCRIPTOR.unpack_from(blob, off)
-        off += HVM_SAVE_DESCRIPTOR.size
-        if code == HVM_SAVE_END:
-            return out
-        name = HVM_SAVE_NAMES.get(code, f"TYPE{code}")
-        out[f"{name}:{instance}"] = bytes(blob[off : off + length])
-        off += length
-    out["END"] = b"missing"
-    return out
 
 
 def _bit(words: np.ndarray, port: int) -> bool:
@@ -1053,8 +1052,9 @@ def _pvclock_across(paused: GuestState, later: GuestState) -> list[str]:
     another host's system time and wallclock, may differ only by a jump
     forward no longer than the wall time between the two reads (the
     downtime): never back, never ahead of real time. The guest's TSC
-    goes forward between the stamps. Not judged where a side keeps no
-    time info (system_time 0)."""
+    goes forward between the stamps. Not judged where the source kept
+    no time info (system_time 0); time info the source had and the
+    destination did not write is a problem."""
     va, vb = paused.kernel.get("vcpus", ()), later.kernel.get("vcpus", ())
     if "wallclock_ns" not in paused.kernel or "wallclock_ns" not in (
         later.kernel
@@ -1064,15 +1064,34 @@ def _pvclock_across(paused: GuestState, later: GuestState) -> list[str]:
         paused.kernel["host_wall_ns"]
     )
     problems = []
+    for side, state in (("source", paused), ("destination", later)):
+        if int(state.kernel.get("wc_version", 0)) & 1:
+            problems.append(
+                f"the wallclock on the {side} is mid-update (wc_version "
+                f"{state.kernel['wc_version']} odd)"
+            )
     for v in range(min(len(va), len(vb))):
         a, b = va[v], vb[v]
-        if not a.get("system_time") or not b.get("system_time"):
+        if not a.get("system_time"):
+            continue  # the source keeps no time info: nothing to carry
+        if not b.get("system_time"):
+            # The guest would read wallclock + 0: its clock back by the
+            # source's uptime. Xen writes it at every schedule-in.
+            problems.append(
+                f"vcpu {v}'s time info was not written on the destination "
+                f"(system_time 0, {a['system_time']} on the source)"
+            )
             continue
         for side, info in (("source", a), ("destination", b)):
             if int(info.get("pvclock_version", 0)) & 1:
                 problems.append(
                     f"vcpu {v}'s time info on the {side} is mid-update "
                     f"(version {info['pvclock_version']} odd)"
+                )
+            elif not info.get("pvclock_stable", True):
+                problems.append(
+                    f"vcpu {v}'s time info on the {side} never read the "
+                    f"same twice in {VERSION_TRIES} tries"
                 )
         stamp = int(b["tsc_timestamp"])
         if _idx64(stamp - int(a["tsc_timestamp"])) >= 1 << 63:

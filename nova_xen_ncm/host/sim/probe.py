@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from nova_xen_ncm.host import base
+from nova_xen_ncm.host.base import DomainState
 from nova_xen_ncm.host.base import HostError
 from nova_xen_ncm.host.sim import devices
 from nova_xen_ncm.host.sim import kernel
@@ -86,6 +87,22 @@ class SimGuestProbe(base.GuestProbe):
         # The guest's own HVMOP_get_param, as if the guest asked.
         dom = self._dom("probe.hvm_param")
         return int(self._hv.hypercall(dom, "hvm_get_param", {"index": index}))
+
+    def hvm_record(self, typecode: int, instance: int) -> bytes | None:
+        # hvm_save_one: the hypervisor's own record, not hvm.encode's
+        # whole-context blob that the send path streams.
+        dom = self._dom("probe.hvm_record")
+        with self._hv.locked():
+            if dom.state == DomainState.RUNNING:
+                raise HostError(
+                    f"dom{self._domid} is running: its vCPU state is in "
+                    "its vCPUs, read it paused",
+                    call="probe.hvm_record",
+                )
+            for rec in dom.records:
+                if rec.typecode == typecode and rec.instance == instance:
+                    return bytes(rec.data)
+        return None
 
     def guest_tsc(self) -> int:
         return int(self._dom("probe.guest_tsc").guest_tsc())

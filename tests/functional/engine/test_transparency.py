@@ -493,9 +493,9 @@ def test_the_checker_reads_nothing_of_what_it_checks(
 ):
     """The oracle's reads go through the probe and the guest's pages:
     none of the host's guest_state, the toolstack's export, the
-    hypervisor's export functions, xenstored's migration export, the
-    backends' exported states or the memory digest is called while it
-    reads either side."""
+    hypervisor's export functions, the HVM context save and its encoder,
+    xenstored's migration export, the backends' exported states or the
+    memory digest is called while it reads either side."""
     calls = []
     reading = []
 
@@ -521,6 +521,10 @@ def test_the_checker_reads_nothing_of_what_it_checks(
         spy(host.services, "backend_states")
         spy(host.services.xenstore, "export_domain")
         spy(host.digest, "digest")
+        # The whole-context save the send path streams.
+        spy(host, "get_hvm_context")
+        spy(host.hv, "get_hvm_context")
+    spy(hvm, "encode")
 
     snapshot = checker.snapshot
 

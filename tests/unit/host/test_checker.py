@@ -913,22 +913,6 @@ def test_pvclock_mid_update_is_reported():
     ]
 
 
-def test_parse_hvm_context_names_records_by_save_h():
-    blob = b"".join(
-        [
-            struct.pack("<HHI", 1, 0, 4) + b"head",
-            struct.pack("<HHI", 2, 1, 3) + b"cpu",
-            struct.pack("<HHI", 0, 0, 0),
-        ]
-    )
-    assert checker.parse_hvm_context(blob) == {
-        "HEADER:0": b"head",
-        "CPU:1": b"cpu",
-    }
-    # No END record: the blob was cut, which shows as a record of its own.
-    assert "END" in checker.parse_hvm_context(blob[:-8])
-
-
 def _view(**changes) -> checker.DeviceView:
     ring = checker.SharedRing(
         ref=8, gfn=RING_GFN, req_prod=10, rsp_prod=8, mapped_by=0
@@ -1013,3 +997,60 @@ def test_observed_rings_after_resume():
     assert "more responses (13) than requests (12)" in " ".join(
         checker._rings_after(paused, ahead)
     )
+
+
+@pytest.mark.parametrize(
+    ("mul", "shift", "ticks", "ns"),
+    [
+        # Xen's set_time_scale() for a 3 GHz TSC: shift -1, mul_frac
+        # 2^32 * 1e9 / 1.5e9; one second of ticks is 1e9 - 1 ns.
+        (2863311530, -1, 3_000_000_000, 999_999_999),
+        # For 800 MHz: shift +1, mul_frac 2^32 * 1e9 / 1.6e9, exact.
+        (2684354560, 1, 800_000_000, 1_000_000_000),
+        # A TSC read before the stamp: the delta is signed.
+        (2863311530, -1, -3_000_000_000, -999_999_999),
+    ],
+)
+def test_pvclock_scales_as_xen_does(mul, shift, ticks, ns):
+    stamp = 10**12
+    kernel = {
+        "wallclock_ns": 1000 * S,
+        "vcpus": (
+            {
+                "system_time": 5 * S,
+                "tsc_timestamp": stamp,
+                "tsc_to_system_mul": mul,
+                "tsc_shift": shift,
+            },
+        ),
+    }
+    got = checker._pvclock_time(kernel, 0, stamp + ticks)
+    assert got == 1005 * S + ns
+
+
+def test_time_info_the_destination_did_not_write_fails():
+    """The source kept time info; the destination left system_time 0:
+    the guest's clock would read the wallclock alone."""
+    paused = _timed(1000 * S, 1100 * S, 0, 0, 2100 * S)
+    later = _timed(2000 * S, 0, 1 * S, 1 * S, 2101 * S, 2)
+    problems = checker._pvclock_across(paused, later)
+    assert problems == [
+        "vcpu 0's time info was not written on the destination "
+        f"(system_time 0, {1100 * S} on the source)"
+    ]
+    # A host that keeps no time info on either side is not judged.
+    none = _timed(1000 * S, 0, 0, 0, 2100 * S)
+    assert checker._pvclock_across(none, later) == []
+
+
+def test_time_read_mid_update_is_reported():
+    paused = _timed(1000 * S, 1100 * S, 0, 0, 2100 * S)
+    later = _timed(2000 * S, 101 * S, 1 * S, 1 * S, 2101 * S)
+    later.kernel["wc_version"] = 9
+    later.kernel["vcpus"][0]["pvclock_stable"] = False
+    problems = checker._pvclock_across(paused, later)
+    assert (
+        "the wallclock on the destination is mid-update (wc_version 9 "
+        "odd)" in problems
+    )
+    assert any("never read the same twice" in p for p in problems), problems

@@ -97,3 +97,41 @@ def test_the_probe_changes_nothing(host, guest):
     assert np.array_equal(before[0], after[0])
     assert np.array_equal(before[1], after[1])
     assert bytes(guest.mem.xen_pages[XENPAGE_SHARED_INFO]) == shinfo
+
+
+def test_hvm_records_are_asked_for_one_at_a_time(host, guest, monkeypatch):
+    """XEN_DOMCTL_gethvmcontext_partial: the hypervisor's own record,
+    None where there is none, refused while the vCPUs run. The checker's
+    PLATFORM item is built from these, not from the whole-context save
+    the send path encodes: with that encoder broken, every record the
+    domain holds is still read."""
+    probe = host.probe(1)
+    cpu1 = next(
+        r for r in guest.records if r.typecode == hvm.CODE_CPU and r.instance
+    )
+    assert probe.hvm_record(hvm.CODE_CPU, 1) == cpu1.data
+    assert probe.hvm_record(hvm.CODE_CPU, 2) is None
+    assert probe.hvm_record(hvm.CODE_HEADER, 1) is None
+
+    def broken(records):
+        raise AssertionError("the checker used the send path's encoder")
+
+    monkeypatch.setattr(hvm, "encode", broken)
+    platform = checker.observe(host, 1, [Item.PLATFORM]).items[Item.PLATFORM]
+    held = {
+        f"{checker.HVM_SAVE_NAMES[r.typecode]}:{r.instance}": r.data
+        for r in guest.records
+    }
+    assert {k: v for k, v in platform.items() if k != "tsc"} == held
+    # A record the whole-context save would leave out is still seen.
+    guest.records = [r for r in guest.records if r.typecode != hvm.CODE_MTRR]
+    again = checker.observe(host, 1, [Item.PLATFORM]).items[Item.PLATFORM]
+    assert "MTRR:0" in platform and "MTRR:0" not in again
+
+    state = guest.state
+    guest.state = base.DomainState.RUNNING
+    try:
+        with pytest.raises(base.HostError, match="dom1 is running"):
+            probe.hvm_record(hvm.CODE_CPU, 0)
+    finally:
+        guest.state = state
