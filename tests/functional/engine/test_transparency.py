@@ -25,6 +25,7 @@ from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import grant
 from nova_xen_ncm.host.sim import hvm
+from nova_xen_ncm.host.sim.devices import protocol
 from nova_xen_ncm.host.sim.hypervisor import Domain
 from nova_xen_ncm.host.sim.hypervisor import Hypervisor
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
@@ -605,20 +606,54 @@ def test_a_reordered_response_is_found_after_resume(
 
 
 def test_backends_that_answer_nothing_after_resume_are_found(
-    disks, source, destination, migration
+    disks, source, destination, migration, monkeypatch
 ):
-    """Mutation: the destination's backends reconnected (the nine items
-    pass) but never put a response on the ring after resume (what they
-    had in flight at pause is still answered at unpause): the guest's
-    I/O stalls, and after_resume says so."""
+    """Mutation: requests are in flight at pause (the source's backends
+    sit on them for a moment before it, as a slow disk would), and the
+    destination's backends, reconnected (the nine items pass), answer
+    those and nothing the guest issued after the pause: its I/O stalls
+    once they are answered, and after_resume names both devices. Before
+    this rule the verdict passed (the answers to what was in flight at
+    pause made "completed" grow)."""
+    pause = source.pause
+
+    def pause_with_requests_in_flight(domid):
+        for be in list(_dom(source, domid).backends.values()):
+            with be._lock:
+                be.quiesced = True
+        time.sleep(0.05)
+        pause(domid)
+
+    monkeypatch.setattr(source, "pause", pause_with_requests_in_flight)
 
     def fault(host, domid):
+        # Issued before the pause: below each frontend's next_seq, as
+        # the guest's RAM shows it (paused here).
+        issued = {
+            key: int(fe["next_seq"])
+            for key, fe in host.probe(domid).guest_records().frontends.items()
+        }
         for be in list(_dom(host, domid).backends.values()):
-            be.put_responses = lambda answers: None
+
+            def put(answers, original=be.put_responses, limit=issued[be.key]):
+                original(
+                    [
+                        a
+                        for a in answers
+                        if protocol.decode_response(a)[0] < limit
+                    ]
+                )
+
+            be.put_responses = put
 
     run = Checked(source, destination, migration, fault)
-    assert run.phase is Phase.DONE
+    assert run.phase is Phase.DONE, run.migration.sender.error
     assert run.report().passed, str(run.report())
+    owed = {
+        key: fe["outstanding"]
+        for key, fe in run.seen["paused"].frontends.items()
+    }
+    assert all(owed.values()), owed
     verdict = run.after()
     assert not verdict.passed, verdict.to_dict()
     stalled = [
@@ -626,8 +661,8 @@ def test_backends_that_answer_nothing_after_resume_are_found(
         for p in verdict.problems
         if "no request issued after the pause completed" in p
     ]
-    # Both devices; before this rule the verdict passed (the answers to
-    # what was in flight at pause made "completed" grow).
     assert {p.split(":")[0] for p in stalled} == {"vif/0", "vbd/51712"}, (
         verdict.problems
     )
+    # What was in flight at pause was answered, exactly once.
+    assert verdict.lost == verdict.duplicated == 0, verdict.to_dict()
