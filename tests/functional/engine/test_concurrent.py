@@ -32,10 +32,11 @@ def test_four_concurrent_migrations_complete_unmixed(
     for i, domid in enumerate(domids):
 
         def paused(event, domid=domid, box=seen[i]):
-            box["paused"] = source.guest_state(domid)
+            # The checker's own reading, not the host's bookkeeping.
+            box["paused"] = checker.snapshot(source, domid)
 
         def resumed(event, domid=domid, box=seen[i]):
-            box["resumed"] = destination.guest_state(domid)
+            box["resumed"] = checker.snapshot(destination, domid)
 
         migrations.append(
             migration(
