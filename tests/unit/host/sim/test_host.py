@@ -813,6 +813,42 @@ def test_hypercalls_are_a_table_not_attribute_names(host):
     assert host.hv.hypercall(a, "hvm_get_param", {"index": 1}) == 0
 
 
+def test_hypercall_handler_bugs_are_not_errnos(host):
+    """Only the errors Xen returns reach the guest as errnos: a handler
+    raising anything else (here a malformed request, a TypeError) is a
+    simulator error kept for the host's owner, not an EINVAL that would
+    pass for Xen's answer."""
+    import socket
+
+    from nova_xen_ncm.host.sim import ipc
+    from nova_xen_ncm.host.sim.hypervisor import SimError
+
+    a = empty(host, 1)
+    mine, theirs = socket.socketpair()
+    a.hc = theirs
+    server = threading.Thread(target=host.hv.serve_hypercalls, args=(a,))
+    server.start()
+    try:
+        # An error of Xen's: closing a port not in use is -EINVAL.
+        ipc.send(mine, {"op": "evtchn_close", "args": {"port": 9}})
+        assert ipc.recv(mine)["err"] == -errno.EINVAL
+        assert host.dom0_errors() == []
+        # A handler that raises TypeError: no errno, kept as a SimError.
+        ipc.send(mine, {"op": "evtchn_close", "args": {"prt": 9}})
+        reply = ipc.recv(mine)
+        assert reply["err"] == 0 and "simulator error" in reply["msg"]
+        (error,) = host.dom0_errors()
+        assert isinstance(error, SimError)
+        assert isinstance(error.__cause__, TypeError)
+        with pytest.raises(sim_host.Dom0Error, match="evtchn_close"):
+            host.raise_dom0_errors()
+    finally:
+        mine.close()
+        server.join(5)
+        theirs.close()
+    host.hv.errors.clear()  # seen: the fixture's own check passes
+
+
 def test_locks_taken_out_of_order_are_found():
     """The lock order is checked where two are taken: the memory lock
     then the host lock is an inversion, raised before it can deadlock."""
