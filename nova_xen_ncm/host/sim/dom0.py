@@ -13,7 +13,6 @@ import contextlib
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -45,10 +44,6 @@ LOG = logging.getLogger(__name__)
 DEFAULT_DISK_SUBDIR = os.path.join("nova-xen-ncm", "sim-disks")
 
 
-# How often dom0's kernel runs its timer work (Dom0Kernel.on_tick), s.
-DOM0_TICK = 0.01
-
-
 class Dom0Error(Exception):
     """A dom0 service (a backend, xenstored's watch dispatch) failed on
     the dom0 thread; kept by :class:`Dom0Kernel` for the host's owner."""
@@ -59,8 +54,11 @@ class Dom0Kernel:
     hypervisor raises (Dom0.upcall) wakes its thread, which reads the
     pending ports from dom0's shared info, as Linux's evtchn upcall does,
     and runs each port's handler; xenstored's wake-ups run the watch
-    dispatch; ``on_tick`` runs every DOM0_TICK. A handler that raises is
-    logged and kept in ``errors``: dom0 goes on."""
+    dispatch; work deferred by a handler (:meth:`defer`: a disk's
+    completion, as a block device's completion interrupt queues it) runs
+    after. Nothing runs on a timer: a port bound wrong stalls what it
+    serves. A handler that raises is logged and kept in ``errors``: dom0
+    goes on."""
 
     def __init__(self, hostname: str, dom0: Dom0) -> None:
         self.dom0 = dom0
@@ -68,7 +66,6 @@ class Dom0Kernel:
         self.errors: list[Dom0Error] = []
         self.handlers: dict[int, Callable[[int], None]] = {}
         self._kicks: queue.Queue = queue.Queue()
-        self.on_tick: Callable[[], None] = lambda: None
         self.on_wake: Callable[[], None] = lambda: None
         dom0.upcall = self.kick
         self._thread = threading.Thread(
@@ -85,6 +82,11 @@ class Dom0Kernel:
     def wake(self) -> None:
         """Watch events are queued for dom0's xenstore connection."""
         self._kicks.put("watch")
+
+    def defer(self, what: str, work: Callable[[], object]) -> None:
+        """Run ``work`` on the dom0 thread after what it is doing (a
+        completion raised by a device, not a timer)."""
+        self._kicks.put((what, work))
 
     def _take_pending(self) -> list[int]:
         ports = []
@@ -117,26 +119,19 @@ class Dom0Kernel:
             self.errors.append(error)
 
     def _run(self) -> None:
-        next_tick = time.monotonic() + DOM0_TICK
         while True:
-            try:
-                item = self._kicks.get(
-                    timeout=max(0.0, next_tick - time.monotonic())
-                )
-            except queue.Empty:
-                item = "tick"
+            item = self._kicks.get()
             if item is None:
                 return
             if item == "watch":
                 self._call("watch dispatch", self.on_wake)
-            elif item != "tick":
+            elif isinstance(item, tuple):
+                self._call(*item)
+            else:
                 for port in self._take_pending():
                     handler = self.handlers.get(port)
                     if handler is not None:
                         self._call(f"handler of port {port}", handler, port)
-            if time.monotonic() >= next_tick:
-                self._call("tick", self.on_tick)
-                next_tick = time.monotonic() + DOM0_TICK
 
 
 class Dom0Services:
@@ -159,7 +154,6 @@ class Dom0Services:
         # Guest ports an import linked to dom0 for a backend to take over.
         self.prelinked: set[tuple[int, int]] = set()
         self.kernel.on_wake = self.dispatch_watches
-        self.kernel.on_tick = self.service_backends
 
     def new_backend(
         self, dom: Domain, dev: base.DeviceConfig
@@ -322,12 +316,11 @@ class Dom0Services:
         for token in devices.dispatch_watch_events(events, self.backends):
             LOG.debug("dom0: watch event for unknown token %s", token)
 
-    def service_backends(self) -> None:
-        """The disks finish what the backends took: requests are taken
-        only on their port's event (a port bound wrong stalls I/O)."""
-        for be in list(self.backends.values()):
-            if not be.quiesced:
-                be.complete_requests()
+    def dom0_defer(self, what: str, work: Callable[[], object]) -> None:
+        """A backend's disk finished what it took: ``work`` (answering
+        it) runs on the dom0 thread, queued as a completion interrupt
+        queues its bottom half, never on a timer."""
+        self.kernel.defer(what, work)
 
     def dom0_bind(self, dom: Domain, guest_port: int) -> int:
         port = self.hv.evtchn.bind_interdomain(
