@@ -14,6 +14,7 @@ import numpy as np
 
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
+from nova_xen_ncm.host import checker
 from nova_xen_ncm.host.base import EvtchnType
 from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import hvm
@@ -298,6 +299,66 @@ def test_a_port_left_masked_stalls_io(source, destination, migration):
     assert _wait_for(
         lambda: all(a > b for a, b in zip(completed(), stalled, strict=True))
     )
+
+
+def test_a_port_rebound_wrong_on_the_destination_stalls_io_and_is_caught(
+    source, destination, migration, monkeypatch
+):
+    """Dom0's end of the vbd's channel rebound, at import, to the guest's
+    console port: the backend's responses (and the checker's raise)
+    signal a port no driver serves. Nothing polls a ring and no timer
+    answers for dom0, so the vbd frontend completes nothing after resume
+    and the guest's own RAM says so: the after-resume verdict names the
+    vbd and its silent port; the vif, bound right, goes on."""
+    domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
+    assert _wait_for(
+        lambda: len(source.guest_state(domid).frontends) == len(DEVICES)
+        and all(
+            f["completed"] > 0
+            for f in source.guest_state(domid).frontends.values()
+        )
+    )
+    at_pause = {}
+
+    def record(event):
+        with source.observing():
+            at_pause["state"] = source.guest_state(domid)
+
+    imported = destination.import_pv_state
+    rebound = {}
+
+    def import_then_rebind(d, state):
+        imported(d, state)
+        dom = destination.hv.domains[d]
+        (vbd,) = [b for b in dom.backends.values() if b.kind == "vbd"]
+        console = dom.params[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+        with destination.hv.locked():
+            destination.dom0.ports[vbd.local_port].remote_port = console
+        rebound["port"] = vbd.frontend_port
+
+    monkeypatch.setattr(destination, "import_pv_state", import_then_rebind)
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks={("state", "restore"): record},
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    with destination.observing():
+        resumed = destination.guest_state(domid, checker.AFTER_RESUME_ITEMS)
+    later, raised = checker.run_after_resume(destination, domid, seconds=1.0)
+    verdict = checker.after_resume(at_pause["state"], resumed, later, raised)
+    assert verdict.passed is False
+    problems = "\n".join(verdict.problems)
+    assert "vbd/51712: no request completed after resume" in problems
+    assert rebound["port"] in verdict.ports_silent
+    assert not [p for p in verdict.problems if p.startswith("vif/")]
+    # The stall lasts: nothing but an event moves the vbd's ring.
+    vbd = later.frontends["vbd/51712"]["completed"]
+    time.sleep(0.5)
+    now = destination.guest_state(domid).frontends
+    assert now["vbd/51712"]["completed"] == vbd
+    assert now["vif/0"]["completed"] > later.frontends["vif/0"]["completed"]
 
 
 def _export_then(host, monkeypatch, after):
