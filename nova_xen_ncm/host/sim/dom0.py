@@ -445,24 +445,18 @@ class Dom0Services:
         dom.backends_quiesced = True
         for be in list(dom.backends.values()):
             be.quiesce()
-        # From here to the end of the downtime the guest's visible state
-        # is exported, digested and harvested: nothing dom0 raises may
-        # change it in between (rollback releases it to the guest).
+        # xenstored writes nothing more to the guest's ring (its replies
+        # and watch events wait in xenstored, which exports them). An
+        # event channel is not held: one raised now is pending in the
+        # guest's memory (evtchn.set_pending), exported with it or, if it
+        # comes after the export, found by the digests before COMMIT.
         with self.hv.locked():
-            with dom.mem_lock():
-                if dom.held_ports is None:
-                    dom.held_ports = set()
             if self.xenstore.is_introduced(domid):
                 self.xenstore.hold_output(domid, True)
 
     def resume_backends(self, domid: int) -> None:
         dom = self.hv.domain(domid, "resume_backends")
         with self.hv.locked():
-            with dom.mem_lock():
-                held, dom.held_ports = dom.held_ports, None
-            for port in sorted(held or ()):
-                if port in dom.ports:
-                    self.hv.evtchn.set_pending(dom, port)
             if self.xenstore.is_introduced(domid):
                 self.xenstore.hold_output(domid, False)
         dom.backends_quiesced = False

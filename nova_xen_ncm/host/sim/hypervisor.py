@@ -141,9 +141,6 @@ class Domain:
         self.state = DomainState.PAUSED
         self.throttle = 1.0
         self.backends_quiesced = False
-        # Ports made pending while quiesced (evtchn.set_pending), raised
-        # on resume_backends; None when events are delivered.
-        self.held_ports: set[int] | None = None
         self.proc: subprocess.Popen | None = None
         self.ctl: socket.socket | None = None
         self.hc: socket.socket | None = None
