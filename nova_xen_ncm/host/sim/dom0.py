@@ -458,6 +458,8 @@ class Dom0Services:
         dom = self.hv.domain(domid, "resume_backends")
         with self.hv.locked():
             if self.xenstore.is_introduced(domid):
+                # The guest stays: its xenstore is its own again.
+                self.xenstore.thaw(domid)
                 self.xenstore.hold_output(domid, False)
         dom.backends_quiesced = False
         for be in list(dom.backends.values()):

@@ -399,7 +399,9 @@ class Toolstack:
                 be.close()
         for disk in dom.disks:
             disk.close()
-        # libxl removes the device areas of a destroyed domain.
+        # libxl removes the device areas of a destroyed domain (an
+        # export's freeze is over: the domain is going).
+        self.services.xenstore.thaw(dom.domid)
         for parent in parents:
             with contextlib.suppress(XenstoreError):
                 self.services.toolstack_xs.rm(parent)
@@ -497,7 +499,9 @@ class Toolstack:
                 )
             areas = tuple(b.backend_path for b in backends)
             try:
-                xs_state = self.services.xenstore.export_domain(domid, areas)
+                xs_state = self.services.xenstore.export_domain(
+                    domid, areas, freeze=True
+                )
             except XenstoreMigrationError as exc:
                 raise HostError(f"xenstore: {exc}", call=call) from None
             # The guest may now run elsewhere on these disks (unpause

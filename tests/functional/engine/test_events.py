@@ -11,6 +11,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
@@ -440,6 +441,40 @@ def test_events_while_quiesced_are_in_memory_and_reach_the_guest_on_rollback(
         f"console port: {int(counts[console])} events, expected "
         f"{seen[0] + 1}"
     )
+
+
+def test_a_backend_write_after_export_is_refused_not_lost(
+    source, destination, migration, monkeypatch
+):
+    """dom0 writing into the guest's backend area after the export (a
+    backend during the downtime): the write would not reach the copy
+    that goes on on the destination, so the source's xenstored refuses
+    it (EAGAIN) instead of taking it and losing it at commit. The
+    destination's store is the guest's own at once; on the source a
+    rollback thaws it (test_xenstore)."""
+    domid = source.create_domain(guest_config(devices=DEVICES, io_rate=50))
+    assert _wait_for(
+        lambda: len(source.guest_state(domid).frontends) == len(DEVICES)
+    )
+    dom = source.hv.domains[domid]
+    (vbd,) = [b for b in dom.backends.values() if b.kind == "vbd"]
+    path = f"{vbd.backend_path}/written-in-downtime"
+    refused = []
+
+    def write_after_export(d):
+        try:
+            source.services.xs.write(path, b"1")
+        except xs_wire.XenstoreError as exc:
+            refused.append(exc.name)
+
+    _export_then(source, monkeypatch, write_after_export)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert refused == ["EAGAIN"]
+    with pytest.raises(xs_wire.XenstoreError, match="ENOENT"):
+        destination.services.xs.read(path)
+    destination.services.xs.write(path, b"2")
+    assert destination.services.xs.read(path) == b"2"
 
 
 def _ram_digest(host, domid):
