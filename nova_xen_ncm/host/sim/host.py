@@ -354,7 +354,7 @@ class SimHost(base.HostDriver):
         else:
             # A paused guest's digest is taken from the pages as the
             # migration reads them (MemoryDigest.read), in the cache.
-            with locks.ordered(locks.DIGEST, dom.digest_lock):
+            with locks.ordered(locks.DIGEST, self.digest.cache(dom).lock):
                 self.digest.refresh(dom, 0)
 
     @_faulty

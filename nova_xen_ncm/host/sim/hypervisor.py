@@ -163,19 +163,6 @@ class Domain:
         self.booted = False
         self.run_started = 0.0
         self.cpu_time = 0.0
-        # The memory digest's cache: per block of _DIGEST_BLOCK pfns with
-        # non-zero RAM, the digest of those pages; the hash of the
-        # populated set and the p2m version it was taken at. Kept warm
-        # while the domain migrates (digest.MemoryDigest).
-        self.digest_lock = threading.Lock()
-        self.digest_blocks: dict[int, bytes] = {}
-        self.digest_started = False
-        self.digest_populated = b""
-        self.digest_version = -1
-        self.digest_p2m_at = 0.0
-        self.digest_pending: set[int] = set()
-        self.digest_mask: np.ndarray | None = None
-        self.warming = False
 
     # -- what evtchn.EventChannelOps needs --
 

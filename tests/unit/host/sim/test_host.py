@@ -270,9 +270,9 @@ def _digest_reads(host, monkeypatch) -> list[int]:
     read: list[int] = []
     blocks = type(host.digest)._digest_blocks
 
-    def spy(dom, indices, mask):
+    def spy(cache, indices, mask):
         read.extend(indices)
-        return blocks(dom, indices, mask)
+        return blocks(cache, indices, mask)
 
     monkeypatch.setattr(type(host.digest), "_digest_blocks", staticmethod(spy))
     return read
@@ -283,7 +283,7 @@ def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
     host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
     # Restored: the cache is no longer kept warm behind the test's back.
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     write(a, slice(0x100, 0x4100), 7)
     first = host.memory_digest(1)
@@ -294,7 +294,7 @@ def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
     # One block read again, not the 16384 pages.
     assert read == [0x2345 // sim_digest._DIGEST_BLOCK]
     # The same as a digest that reads everything.
-    a.digest_started = False
+    host.digest.cache(a).started = False
     assert host.memory_digest(1) == second
 
 
@@ -302,11 +302,11 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
     host, monkeypatch
 ):
     a = empty(host, 1, mb=80)
-    while not a.digest_started:
+    while not host.digest.cache(a).started:
         time.sleep(0.01)
     # The warming thread stopped, so that only the closing thread reads.
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     a.booted = False
     read = _digest_reads(host, monkeypatch)
@@ -325,7 +325,7 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
         read.clear()
     digest = host.memory_digest(1)
     assert read == []
-    a.digest_started = False
+    host.digest.cache(a).started = False
     assert host.memory_digest(1) == digest
 
 
@@ -336,7 +336,7 @@ def test_a_paused_guest_is_digested_as_a_migration_reads_it(
     pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
     host.populate(1, pfns)
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     write(a, slice(0x100, 0x4100), np.arange(4096) % 251)
     write(a, slice(0x800, 0x900), 0)
@@ -359,7 +359,7 @@ def test_a_paused_guest_is_digested_as_a_migration_reads_it(
     assert second != first
     assert read == [0x2345 // sim_digest._DIGEST_BLOCK]
     # The same as a digest that reads everything.
-    a.digest_started = False
+    host.digest.cache(a).started = False
     assert host.memory_digest(1) == second
     # A running guest's reads are left to the warming thread.
     read.clear()
@@ -377,7 +377,7 @@ def test_the_checkers_reads_leave_the_digest_as_it_was(host, monkeypatch):
     pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
     host.populate(1, pfns)
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     write(a, slice(0x100, 0x4100), np.arange(4096) % 251)
     host.enable_log_dirty(1)
@@ -398,18 +398,18 @@ def test_memory_digest_of_a_pass_in_parts_sees_later_writes(host):
     a = empty(host, 1, mb=80)
     host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     # Pages in two blocks, so that a pass of one block leaves one.
     write(a, slice(0x100, 0x100 + 2 * sim_digest._DIGEST_BLOCK), 3)
-    a.digest_started = False
+    host.digest.cache(a).started = False
     # Part of a first pass, as the warming thread does it; then a page
     # that was a hole is written in a block not read yet.
-    with a.digest_lock:
+    with host.digest.cache(a).lock:
         assert host.digest.refresh(a, limit=1)
     write(a, 0x3FFF, 5)
     parts = host.memory_digest(1)
-    a.digest_started = False
+    host.digest.cache(a).started = False
     assert host.memory_digest(1) == parts
 
 
@@ -611,7 +611,7 @@ def test_memory_digest_matches_its_page_by_page_definition(host):
     pfns = np.unique(rng.integers(0x100, 0x1000, 600)).astype(np.uint64)
     host.populate(1, pfns)
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     # Runs, single pages, zero pages among them, several blocks apart.
     write(a, pfns[::2], 0x11)
