@@ -10,9 +10,11 @@ files on storage the hosts share (``[xen_ncm_sim] disk_dir``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -134,6 +136,34 @@ class Dom0Kernel:
                         self._call(f"handler of port {port}", handler, port)
 
 
+@dataclasses.dataclass(eq=False)
+class Dom0Domain:
+    """What dom0 keeps of one guest (not the hypervisor's Domain): its
+    ends of the guest's channels, its backends and disks, and the
+    toolstack's state of a restore."""
+
+    # dom0's ports bound to the guest's (closed when the guest goes).
+    ports: list[int] = dataclasses.field(default_factory=list)
+    backends: dict[str, devices.Backend] = dataclasses.field(
+        default_factory=dict
+    )
+    # xenstored's end of the store channel.
+    store_port: int = 0
+    # The backends take no request (a stop-and-copy, or a restore
+    # before COMMIT).
+    quiesced: bool = False
+    # Backends an import reconnected, held quiescent until unpause, and
+    # the tokens of those an unpause already resumed.
+    held: bool = False
+    released: set[str] = dataclasses.field(default_factory=set)
+    disks: list[devices.BlockStore] = dataclasses.field(default_factory=list)
+    # Whether the guest's disks are this host's to delete: it booted or
+    # was committed here, and its state has not left since.
+    disks_here: bool = False
+    # A restored guest's store ring, attached to xenstored at unpause.
+    detached_ring: memoryview | None = None
+
+
 class Dom0Services:
     """xenstored and the backends of one host's dom0. The backends call
     back here for dom0's event channels (``dom0_*``) and into the
@@ -154,6 +184,19 @@ class Dom0Services:
         # Guest ports an import linked to dom0 for a backend to take over.
         self.prelinked: set[tuple[int, int]] = set()
         self.kernel.on_wake = self.dispatch_watches
+        self._records: weakref.WeakKeyDictionary[Domain, Dom0Domain] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._records_lock = threading.Lock()
+        hv.dom0_record = self.record
+
+    def record(self, dom: Domain) -> Dom0Domain:
+        """dom0's record of ``dom`` (made on first use, gone with it)."""
+        with self._records_lock:
+            rec = self._records.get(dom)
+            if rec is None:
+                rec = self._records[dom] = Dom0Domain()
+            return rec
 
     def new_backend(
         self, dom: Domain, dev: base.DeviceConfig
@@ -192,7 +235,7 @@ class Dom0Services:
             # restored watch once (a legal spurious event), and until the
             # guest runs its memory must stay exactly as at pause.
             self.xenstore.import_domain(domid, xs_state, policy, notify=notify)
-            dom.detached_ring = page
+            self.record(dom).detached_ring = page
         else:
             self.xenstore.create_domain_home(domid)
             self.xenstore.introduce_domain(
@@ -209,8 +252,8 @@ class Dom0Services:
 
         def notify() -> None:
             dom.mem.mark_dirty(store_pfn)
-            if dom.dom0_store_port:
-                self.hv.evtchn.send(self.hv.dom0, dom.dom0_store_port)
+            if self.record(dom).store_port:
+                self.hv.evtchn.send(self.hv.dom0, self.record(dom).store_port)
 
         return notify
 
@@ -221,7 +264,7 @@ class Dom0Services:
         store_pfn = dom.params[hvm.HVM_PARAM_STORE_PFN]
 
         def serve(port: int) -> None:
-            if domid in self.hv.domains and not dom.backends_quiesced:
+            if domid in self.hv.domains and not self.record(dom).quiesced:
                 self.xenstore.service_ring(domid)
                 dom.mem.mark_dirty(store_pfn)
 
@@ -238,7 +281,7 @@ class Dom0Services:
                 local = self.dom0_bind(dom, guest_port)
             self.kernel.handlers[local] = handler
             if param == hvm.HVM_PARAM_STORE_EVTCHN:
-                dom.dom0_store_port = local
+                self.record(dom).store_port = local
 
     def disk_dir(self) -> str:
         """The directory of the vbd disks: ``[xen_ncm_sim] disk_dir``, or
@@ -284,7 +327,7 @@ class Dom0Services:
             store = devices.BlockStore.open(path, size)
         except devices.BackendError as exc:
             raise HostError(str(exc), call=call) from None
-        dom.disks.append(store)
+        self.record(dom).disks.append(store)
         return {"store": store}
 
     def delete_disks(self, dom: Domain) -> None:
@@ -304,11 +347,13 @@ class Dom0Services:
     def backend_states(self, dom: Domain) -> tuple[base.BackendState, ...]:
         """The connections of the guest's backends, in (kind, devid)
         order."""
-        states = [be.export() for be in list(dom.backends.values())]
+        states = [
+            be.export() for be in list(self.record(dom).backends.values())
+        ]
         return tuple(sorted(states, key=lambda b: (b.kind, b.devid)))
 
     def add_backend(self, dom: Domain, be: devices.Backend) -> None:
-        dom.backends[be.token] = be
+        self.record(dom).backends[be.token] = be
         self.backends[be.token] = be
 
     def dispatch_watches(self) -> None:
@@ -326,7 +371,7 @@ class Dom0Services:
         port = self.hv.evtchn.bind_interdomain(
             self.hv.dom0, dom.domid, guest_port
         )
-        dom.dom0_ports.append(port)
+        self.record(dom).ports.append(port)
         return port
 
     def dom0_bind_interdomain(
@@ -355,12 +400,12 @@ class Dom0Services:
     def release_ports(self, dom: Domain) -> None:
         """Close dom0's ends of a released domain's channels (the
         hypervisor left them unbound). Host lock held."""
-        for port in dom.dom0_ports:
+        for port in self.record(dom).ports:
             self.kernel.handlers.pop(port, None)
             if port in self.hv.dom0.ports:
                 with contextlib.suppress(HostError):
                     self.hv.evtchn.close(self.hv.dom0, port)
-        dom.dom0_ports.clear()
+        self.record(dom).ports.clear()
 
     def dom0_close(self, port: int) -> None:
         with self.hv.locked():
@@ -375,8 +420,8 @@ class Dom0Services:
         (no storage write, no response) until the guest is unpaused.
         Called without the host lock, which a backend takes with its own
         lock held."""
-        dom.backends_held = True
-        dom.backends_quiesced = True
+        self.record(dom).held = True
+        self.record(dom).quiesced = True
         for bs in states:
             try:
                 be = devices.Backend.reconnect(
@@ -405,10 +450,10 @@ class Dom0Services:
         as released only once its own resume succeeded, so a failed
         unpause can be retried and releases the rest; any failure is a
         HostError, which the receiver's commit path handles."""
-        if not dom.backends_held:
+        if not self.record(dom).held:
             return
-        for token, be in list(dom.backends.items()):
-            if token in dom.released_backends:
+        for token, be in list(self.record(dom).backends.items()):
+            if token in self.record(dom).released:
                 continue
             try:
                 be.resume()
@@ -416,10 +461,10 @@ class Dom0Services:
                 raise HostError(
                     f"backend {be.key} cannot resume: {exc}", call="unpause"
                 ) from None
-            dom.released_backends.add(token)
-        dom.backends_held = False
-        dom.backends_quiesced = False
-        dom.released_backends.clear()
+            self.record(dom).released.add(token)
+        self.record(dom).held = False
+        self.record(dom).quiesced = False
+        self.record(dom).released.clear()
 
     def xs_exists(self, path: str) -> bool:
         try:
@@ -437,13 +482,14 @@ class Dom0Services:
             for d in dom.config.devices
         }
         return parents | {
-            b.backend_path.rsplit("/", 1)[0] for b in dom.backends.values()
+            b.backend_path.rsplit("/", 1)[0]
+            for b in self.record(dom).backends.values()
         }
 
     def quiesce_backends(self, domid: int) -> None:
         dom = self.hv.domain(domid, "quiesce_backends")
-        dom.backends_quiesced = True
-        for be in list(dom.backends.values()):
+        self.record(dom).quiesced = True
+        for be in list(self.record(dom).backends.values()):
             be.quiesce()
         # xenstored writes nothing more to the guest's ring (its replies
         # and watch events wait in xenstored, which exports them). An
@@ -461,8 +507,8 @@ class Dom0Services:
                 # The guest stays: its xenstore is its own again.
                 self.xenstore.thaw(domid)
                 self.xenstore.hold_output(domid, False)
-        dom.backends_quiesced = False
-        for be in list(dom.backends.values()):
+        self.record(dom).quiesced = False
+        for be in list(self.record(dom).backends.values()):
             be.resume()
         if self.xenstore.is_introduced(domid):
             self.xenstore.service_ring(domid)
@@ -500,5 +546,5 @@ class Dom0Services:
                 remote_port=p.port,
             )
             dom.ports[p.port].remote_port = local
-            dom.dom0_ports.append(local)
+            self.record(dom).ports.append(local)
             self.prelinked.add((dom.domid, p.port))

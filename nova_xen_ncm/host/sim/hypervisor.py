@@ -140,7 +140,6 @@ class Domain:
         self.tsc_offset = -self._host_tsc()
         self.state = DomainState.PAUSED
         self.throttle = 1.0
-        self.backends_quiesced = False
         self.proc: subprocess.Popen | None = None
         self.ctl: socket.socket | None = None
         self.hc: socket.socket | None = None
@@ -148,21 +147,23 @@ class Domain:
         self.request_lock = threading.Lock()
         self.next_id = 0
         self.writable_maps: dict[int, np.ndarray] = {}
-        self.dom0_ports: list[int] = []
-        self.backends: dict[str, devices.Backend] = {}
-        self.dom0_store_port = 0
-        # Backends an import reconnected, held quiescent until unpause.
-        self.backends_held = False
-        # Tokens of the held backends an unpause already resumed.
-        self.released_backends: set[str] = set()
-        self.disks: list[devices.BlockStore] = []
-        # Whether the guest's disks are this host's to delete: it booted
-        # or was committed here, and its state has not left since.
-        self.disks_here = False
-        self.detached_ring: memoryview | None = None
         self.booted = False
         self.run_started = 0.0
         self.cpu_time = 0.0
+
+    # -- dom0's records of this domain (kept by dom0, not here) --
+
+    @property
+    def backends(self) -> dict[str, devices.Backend]:
+        """dom0's backends of this domain (Dom0Services.record(dom)):
+        read through the host's dom0, for callers written against the
+        layout where the domain carried them."""
+        return self.hv.dom0_record(self).backends
+
+    @property
+    def disks(self) -> list[devices.BlockStore]:
+        """The vbd disks dom0 opened for this domain (as ``backends``)."""
+        return self.hv.dom0_record(self).disks
 
     # -- what evtchn.EventChannelOps needs --
 
@@ -282,6 +283,10 @@ class Domain:
                 rec.data = hvm.with_cpu_registers(rec.data, values)
 
 
+def _no_dom0(dom: Domain) -> object:
+    raise HostError(f"no dom0 services on this host for domain {dom.domid}")
+
+
 def canonical_uuid(text: str) -> str:
     """``text`` as a canonical UUID; ValueError naming it otherwise."""
     try:
@@ -313,6 +318,9 @@ class Hypervisor:
         self.dom0 = Dom0(hostname)
         # What failed in the simulator itself (SimError), oldest first.
         self.errors: list[SimError] = []
+        # dom0's record of a domain (set by dom0.Dom0Services, which
+        # keeps them): only for Domain.backends and Domain.disks.
+        self.dom0_record: Callable[[Domain], object] = _no_dom0
         self.evtchn = evtchn.EventChannelOps(self.lookup)
         self._maptrack: dict[int, tuple[int, int, bool]] = {}
         self._next_handle = 1

@@ -728,7 +728,7 @@ def test_an_unpause_that_failed_on_one_backend_releases_the_rest_after(
     host.quiesce_backends(domid)
     dom = host.hv.domains[domid]
     # As after an import: the backends are held until the guest runs.
-    dom.backends_held = True
+    host.services.record(dom).held = True
     first, second = list(dom.backends.values())
     calls = []
     real = first.resume
@@ -742,11 +742,11 @@ def test_an_unpause_that_failed_on_one_backend_releases_the_rest_after(
     first.resume = flaky
     with pytest.raises(base.HostError, match=f"{first.key} cannot resume"):
         host.unpause(domid)
-    assert second.quiesced and dom.backends_held
+    assert second.quiesced and host.services.record(dom).held
     host.unpause(domid)
     assert len(calls) == 2
     assert not first.quiesced and not second.quiesced
-    assert not dom.backends_held
+    assert not host.services.record(dom).held
     assert host.domain_info(domid).state is base.DomainState.RUNNING
     host.destroy_domain(domid, delete_disks=True)
 
