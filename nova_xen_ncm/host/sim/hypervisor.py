@@ -16,7 +16,6 @@ import dataclasses
 import errno as errnos
 import itertools
 import socket
-import subprocess
 import threading
 import time
 import uuid as uuidlib
@@ -49,8 +48,9 @@ from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 from nova_xen_ncm.host.sim.memory import GuestMemory
 from nova_xen_ncm.host.sim.memory import SpareRam
 
-if TYPE_CHECKING:  # dom0's per-domain records, kept on the domain
+if TYPE_CHECKING:
     from nova_xen_ncm.host.sim import devices
+    from nova_xen_ncm.host.sim import guestproc
 
 LOG = logging.getLogger(__name__)
 
@@ -140,12 +140,9 @@ class Domain:
         self.tsc_offset = -self._host_tsc()
         self.state = DomainState.PAUSED
         self.throttle = 1.0
-        self.proc: subprocess.Popen | None = None
-        self.ctl: socket.socket | None = None
-        self.hc: socket.socket | None = None
-        self.send_lock = threading.Lock()
-        self.request_lock = threading.Lock()
-        self.next_id = 0
+        # Where the vCPUs run (the guest process layer's, guestproc.py):
+        # None while no process runs them.
+        self.process: guestproc.GuestProcess | None = None
         self.writable_maps: dict[int, np.ndarray] = {}
         self.booted = False
         self.run_started = 0.0
@@ -185,49 +182,20 @@ class Domain:
         return self.mem.ram[gfn][off : off + evtchn.VCPU_INFO_SIZE]
 
     def kick(self, vcpu: int) -> None:
-        """Inject the callback vector: tell the guest process."""
-        if self.ctl is None:
-            return
-        try:
-            with self.send_lock:
-                ipc.send(self.ctl, {"cmd": "upcall", "vcpu": vcpu})
-        except OSError:
-            LOG.debug("dom%d: upcall not delivered, guest gone", self.domid)
-
-    # -- the guest process --
+        """Inject the callback vector into the vCPU (where it runs)."""
+        process = self.process
+        if process is not None:
+            process.upcall(vcpu)
 
     def request(self, msg: dict, timeout: float = CONTROL_TIMEOUT) -> object:
-        call = msg["cmd"]
-        if self.ctl is None:
+        """Ask the process that runs the vCPUs (guestproc.GuestProcess):
+        pause, unpause, throttle, start."""
+        process = self.process
+        if process is None:
             raise HostError(
-                f"domain {self.domid} has no running guest", call=call
+                f"domain {self.domid} has no running guest", call=msg["cmd"]
             )
-        with self.request_lock:
-            self.next_id += 1
-            msg = dict(msg, id=self.next_id)
-            try:
-                with self.send_lock:
-                    ipc.send(self.ctl, msg)
-                self.ctl.settimeout(timeout)
-                while True:
-                    reply = ipc.recv(self.ctl)
-                    if reply.get("id") == self.next_id:
-                        break
-            except (OSError, ipc.ChannelClosed) as exc:
-                raise HostError(
-                    f"guest of domain {self.domid} did not answer: {exc}",
-                    call=call,
-                ) from exc
-            finally:
-                with contextlib.suppress(OSError):
-                    self.ctl.settimeout(None)
-        if "err" in reply:
-            raise HostError(
-                f"guest of domain {self.domid}: {reply.get('msg')}",
-                call=call,
-                errno=reply["err"],
-            )
-        return reply.get("ok")
+        return process.request(msg, timeout)
 
     def cpu_registers(self) -> list[dict]:
         regs = []
@@ -429,8 +397,8 @@ class Hypervisor:
         used = sum(d.config.memory_bytes for d in self.domains.values())
         return self.memory_bytes - used
 
-    def serve_hypercalls(self, dom: Domain) -> None:
-        sock = dom.hc
+    def serve_hypercalls(self, dom: Domain, sock: socket.socket) -> None:
+        """Serve the hypercalls ``dom``'s vCPUs make on ``sock``."""
         while True:
             try:
                 msg = ipc.recv(sock)
@@ -700,7 +668,7 @@ class Hypervisor:
                 call=call,
             )
         dom.throttle = float(fraction)
-        if dom.ctl is not None:
+        if dom.process is not None:
             dom.request({"cmd": "throttle", "fraction": dom.throttle})
 
     def get_hvm_context(self, domid: int) -> bytes:
@@ -814,13 +782,13 @@ class Hypervisor:
     def info(self, dom: Domain) -> base.DomainInfo:
         if (
             dom.state == DomainState.RUNNING
-            and dom.proc is not None
-            and dom.proc.poll() is not None
+            and dom.process is not None
+            and dom.process.exited() is not None
         ):
             LOG.error(
                 "dom%d: guest process exited with %s",
                 dom.domid,
-                dom.proc.returncode,
+                dom.process.exited(),
             )
             dom.cpu_time += time.monotonic() - dom.run_started
             dom.state = DomainState.CRASHED

@@ -353,7 +353,7 @@ class Toolstack:
     def _spawn(self, dom: Domain, mode: str) -> None:
         """Boot the guest, or resume it from RAM and the HVM context, and
         run it (one request: a restored guest's downtime ends here)."""
-        if dom.proc is None:
+        if dom.process is None:
             self.guests.launch(dom, self.workload(dom))
         with dom.mem_lock():
             dom.update_time()

@@ -445,7 +445,7 @@ def test_a_spare_guest_process_becomes_the_next_domain(conf) -> None:
         dom = h.hv.domains[domid]
         # The guest runs in the process started ahead, and another one
         # is started for the next domain once this one runs.
-        assert dom.proc is first_spare
+        assert dom.process.proc is first_spare
         _replenished(h)
         spare = h.guests.spare
         assert spare is not None and spare[0] is not first_spare
@@ -471,7 +471,7 @@ def test_a_dead_spare_is_replaced_by_a_fresh_process(conf) -> None:
         domid = h.create_domain(
             base.DomainConfig(name="g", memory_bytes=16 << 20, vcpus=1)
         )
-        assert h.hv.domains[domid].proc is not dead
+        assert h.hv.domains[domid].process.proc is not dead
         assert h.domain_info(domid).state is base.DomainState.RUNNING
     finally:
         h.close()
@@ -825,8 +825,9 @@ def test_hypercall_handler_bugs_are_not_errnos(host):
 
     a = empty(host, 1)
     mine, theirs = socket.socketpair()
-    a.hc = theirs
-    server = threading.Thread(target=host.hv.serve_hypercalls, args=(a,))
+    server = threading.Thread(
+        target=host.hv.serve_hypercalls, args=(a, theirs)
+    )
     server.start()
     try:
         # An error of Xen's: closing a port not in use is -EINVAL.
@@ -847,6 +848,45 @@ def test_hypercall_handler_bugs_are_not_errnos(host):
         server.join(5)
         theirs.close()
     host.hv.errors.clear()  # seen: the fixture's own check passes
+
+
+def test_the_hypervisors_domain_keeps_only_the_hypervisors_state(host):
+    """struct domain's part only: dom0's records (ports, backends,
+    disks, restore state), the guest process's channels and the digest
+    cache are kept by the layers that own them."""
+    a = empty(host, 1)
+    kept = set(vars(a))
+    for moved in (
+        "backends",
+        "backends_quiesced",
+        "backends_held",
+        "released_backends",
+        "dom0_ports",
+        "dom0_store_port",
+        "disks",
+        "disks_here",
+        "detached_ring",
+        "held_ports",
+        "proc",
+        "ctl",
+        "hc",
+        "send_lock",
+        "request_lock",
+        "next_id",
+        "digest_lock",
+        "digest_blocks",
+        "digest_started",
+        "digest_pending",
+        "digest_mask",
+        "warming",
+    ):
+        assert moved not in kept, moved
+    rec = host.services.record(a)
+    assert rec is host.services.record(a) and not rec.held
+    # The old spelling reads dom0's record.
+    assert a.backends is rec.backends and a.disks is rec.disks
+    assert host.digest.cache(a) is host.digest.cache(a)
+    assert a.process is None
 
 
 def test_locks_taken_out_of_order_are_found():
