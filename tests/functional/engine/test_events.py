@@ -50,11 +50,13 @@ def _unmasked(host, domid, port):
 
 
 def _event_between_pause_and_quiesce(
-    source, destination, migration, monkeypatch
+    source, destination, migration, monkeypatch, after="pause"
 ):
     """Migrate a 1-vCPU guest; dom0 signals its console port after the
-    pause and before the quiesce. Returns the destination's per-port
-    counts, the console port and its count when raised."""
+    pause and before the quiesce (``after`` "pause"), or after the
+    quiesce and before the export ("quiesce_backends"). Returns the
+    destination's per-port counts, the console port and its count when
+    raised."""
     domid = source.create_domain(
         base.DomainConfig(
             name="one-vcpu",
@@ -65,14 +67,14 @@ def _event_between_pause_and_quiesce(
     )
     console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
     assert _wait_for(lambda: _unmasked(source, domid, console))
-    pause = source.pause
+    step = getattr(source, after)
     raised = []
 
     def pause_then_event(d):
-        pause(d)
+        step(d)
         dom = source.hv.domains[d]
-        # dom0 signals the guest after its vCPUs stopped and before the
-        # backends are quiesced.
+        # dom0 signals the guest after its vCPUs stopped (and, for
+        # "quiesce_backends", its backends were quiesced).
         source.services.dom0_notify(dom.ports[console].remote_port)
         with dom.mem_lock():
             raised.append(
@@ -82,9 +84,10 @@ def _event_between_pause_and_quiesce(
                 )
             )
 
-    monkeypatch.setattr(source, "pause", pause_then_event)
+    monkeypatch.setattr(source, after, pause_then_event)
     m = migration(source, domid, destination)
     assert m.run() is Phase.DONE, m.sender.error
+    assert raised, f"the migration never called {after}"
     seen, pending = raised[0]
     assert pending, "the upcall flag is set in vcpu_info, not taken"
     return domid, _counts(destination, domid), console, seen
@@ -103,6 +106,21 @@ def test_event_between_pause_and_quiesce_reaches_one_vcpu_guest(
     dom = destination.hv.domains[domid]
     destination.services.dom0_notify(dom.ports[console].remote_port)
     assert _wait_for(lambda: int(counts[console]) == seen + 2)
+
+
+def test_event_while_quiesced_reaches_one_vcpu_guest_on_the_destination(
+    source, destination, migration, monkeypatch
+):
+    """An event raised after the backends were quiesced and before the
+    export: nothing holds it on the source (it would be lost when the
+    migration commits); it is pending in the guest's memory, carried,
+    and the destination's hypervisor asserts the vector at resume."""
+    domid, counts, console, seen = _event_between_pause_and_quiesce(
+        source, destination, migration, monkeypatch, "quiesce_backends"
+    )
+    assert _wait_for(lambda: int(counts[console]) == seen + 1), (
+        f"console port: {int(counts[console])} events, expected {seen + 1}"
+    )
 
 
 def test_without_the_hypervisor_reasserting_the_event_is_lost(
