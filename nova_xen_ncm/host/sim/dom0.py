@@ -264,7 +264,15 @@ class Dom0Services:
         store_pfn = dom.params[hvm.HVM_PARAM_STORE_PFN]
 
         def serve(port: int) -> None:
-            if domid in self.hv.domains and not self.record(dom).quiesced:
+            # Under the host lock, which a teardown holds while it
+            # releases the domain from the hypervisor and xenstored: an
+            # event taken as the domain goes finds it wholly here or
+            # wholly gone (its memory is closed only after).
+            with self.hv.locked():
+                if self.hv.domains.get(domid) is not dom:
+                    return
+                if self.record(dom).quiesced:
+                    return
                 self.xenstore.service_ring(domid)
                 dom.mem.mark_dirty(store_pfn)
 
