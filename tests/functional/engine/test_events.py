@@ -142,6 +142,113 @@ def test_without_the_hypervisor_reasserting_the_event_is_lost(
     assert not _wait_for(lambda: int(counts[console]) > seen, timeout=1.0)
 
 
+def _ipi_ports(host, domid):
+    """Each vCPU's IPI port, as the guest kernel keeps it in its RAM."""
+    page = host.hv.domains[domid].mem.ram[kernel.HEADER_PFN]
+    nr = kernel.read_header(bytes(page))["nr_vcpus"]
+    return [kernel.read_vcpu(page, v)["ipi_port"] for v in range(nr)]
+
+
+def _ipi_to_vcpu1_while_paused(source, destination, migration):
+    """Migrate a 2-vCPU guest; vCPU 0's IPI to vCPU 1 is raised after
+    the pause (the guest's own EVTCHNOP_send, as one it made as it was
+    stopped), so that only vCPU 1's evtchn_upcall_pending is set when
+    the destination resumes it. Returns the destination's counts, the
+    IPI ports, vCPU 1's IPI count when raised, and the at-pause state."""
+    domid = source.create_domain(
+        guest_config(devices=DEVICES, io_rate=50, dirty_rate=256 * 1024)
+    )
+    # With frontends, so that the after-resume verdict judges the guest.
+    assert _wait_for(
+        lambda: len(source.guest_state(domid).frontends) == len(DEVICES)
+    )
+    assert _wait_for(lambda: all(_ipi_ports(source, domid)))
+    ipis = _ipi_ports(source, domid)
+    assert _wait_for(lambda: all(_counts(source, domid)[ipis] > 0))
+    pause = source.pause
+    raised = []
+
+    def pause_then_ipi(d):
+        pause(d)
+        dom = source.hv.domains[d]
+        with source.hv.locked():
+            source.hv.evtchn.send(dom, ipis[1])
+        with dom.mem_lock():
+            raised.append(
+                (
+                    int(_counts(source, d)[ipis[1]]),
+                    dom.bits.upcall_pending(1),
+                )
+            )
+        with source.observing():
+            raised.append(source.guest_state(d))
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(source, "pause", pause_then_ipi)
+    try:
+        m = migration(source, domid, destination)
+        assert m.run() is Phase.DONE, m.sender.error
+    finally:
+        monkeypatch.undo()
+    assert raised, "the migration never paused the guest"
+    (seen, pending), at_pause = raised
+    assert pending, "vCPU 1's upcall flag is set in its vcpu_info"
+    return domid, _counts(destination, domid), ipis, seen, at_pause
+
+
+def test_an_event_for_the_second_vcpu_reaches_it_after_resume(
+    source, destination, migration
+):
+    """Level-triggered per vCPU: the destination asserts the vector on
+    vCPU 1, whose flag is set, and vCPU 1 takes its own IPI (and goes
+    on taking them)."""
+    domid, counts, ipis, seen, _ = _ipi_to_vcpu1_while_paused(
+        source, destination, migration
+    )
+    assert _wait_for(lambda: int(counts[ipis[1]]) > seen + 1), (
+        f"vCPU 1's IPI port {ipis[1]}: {int(counts[ipis[1]])} events, "
+        f"{seen} at pause"
+    )
+
+
+def test_an_upcall_not_reasserted_on_one_vcpu_is_caught(
+    source, destination, migration, monkeypatch
+):
+    """Mutation: the destination's hypervisor re-asserts the vector on
+    vCPU 0 only. Each vCPU handles only its own vcpu_info (as Linux
+    does), so vCPU 0's upcalls never take vCPU 1's event: vCPU 1, its
+    flag stuck, is never kicked again (no 0->1 edge), its IPI port goes
+    silent while vCPU 0's goes on, and the after-resume verdict, read
+    from the guest's RAM, names the port."""
+
+    def vcpu0_only(dom):
+        if not dom.params.get(hvm.HVM_PARAM_CALLBACK_IRQ):
+            return
+        with dom.mem_lock():
+            pending = dom.bits.upcall_pending(0)
+        if pending:
+            dom.kick(0)
+
+    monkeypatch.setattr(
+        Hypervisor, "reassert_upcalls", staticmethod(vcpu0_only)
+    )
+    domid, counts, ipis, seen, at_pause = _ipi_to_vcpu1_while_paused(
+        source, destination, migration
+    )
+    vcpu0 = int(counts[ipis[0]])
+    with destination.observing():
+        resumed = destination.guest_state(domid, checker.AFTER_RESUME_ITEMS)
+    later, raised = checker.run_after_resume(destination, domid, seconds=1.0)
+    verdict = checker.after_resume(at_pause, resumed, later, raised)
+    assert int(counts[ipis[1]]) == seen, (
+        f"vCPU 1 took {int(counts[ipis[1]]) - seen} IPIs with its upcall "
+        "never re-asserted"
+    )
+    assert int(counts[ipis[0]]) > vcpu0, "vCPU 0 goes on taking events"
+    assert verdict.passed is False
+    assert verdict.ports_silent == (ipis[1],), verdict.problems
+
+
 def test_every_driver_port_delivers_after_migration(
     source, destination, migration
 ):
