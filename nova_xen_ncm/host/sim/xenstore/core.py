@@ -401,10 +401,17 @@ class XenstoreCore:
         with self._lock:
             self._frozen.pop(domid, None)
 
-    def _check_frozen(self, paths: Iterable[str]) -> None:
+    def _check_frozen(
+        self, paths: Iterable[str], subtree: bool = False
+    ) -> None:
+        """EAGAIN if a change at ``paths`` touches an exported area; with
+        ``subtree`` (an rm) also if an area lies under one of them."""
         for path in paths:
             for domid, roots in self._frozen.items():
-                if any(_in_area(path, r) for r in roots):
+                if any(
+                    _in_area(path, r) or (subtree and _in_area(r, path))
+                    for r in roots
+                ):
                     raise XenstoreError(
                         "EAGAIN",
                         f"{path}: dom{domid}'s xenstore was exported for "
@@ -619,7 +626,9 @@ class XenstoreCore:
         name = msg.payload.split(b"\0", 1)[0].decode("ascii", "replace")
         if name.startswith("@"):
             return
-        self._check_frozen([self._canon(conn, name)])
+        self._check_frozen(
+            [self._canon(conn, name)], subtree=msg.type == XsType.RM
+        )
 
     # -- paths and permissions ------------------------------------------
 

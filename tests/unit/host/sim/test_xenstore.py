@@ -774,6 +774,13 @@ def test_a_change_after_a_migrations_export_is_refused_not_lost(store):
     tx = int(ok(xs, dom0, XsType.TRANSACTION_START, "").rstrip(b"\0"))
     write(xs, dom0, f"{HOME}/data/y", "1", tx=tx)
     assert err(xs, dom0, XsType.TRANSACTION_END, "T", tx=tx) == "EAGAIN"
+    # Removing a parent would remove what was exported with it.
+    assert err(xs, dom0, XsType.RM, "/local/domain/0/backend/vbd") == (
+        "EAGAIN"
+    )
+    tx = int(ok(xs, dom0, XsType.TRANSACTION_START, "").rstrip(b"\0"))
+    ok(xs, dom0, XsType.RM, f"/local/domain/0/backend/vbd/{GUEST}", tx=tx)
+    assert err(xs, dom0, XsType.TRANSACTION_END, "T", tx=tx) == "EAGAIN"
     # Nothing changed; other domains' nodes and reads are untouched.
     assert read(xs, dom0, f"{back}/state") == b"4"
     assert read(xs, dom0, f"{HOME}/data/x") == b"1"
