@@ -68,7 +68,7 @@ def main() -> None:
         a["rip"] - b["rip"] for a, b in zip(after, before, strict=True)
     )
     backed = sum(e - s for s, e in dom.mem.data_extents()) * 4096
-    guest_anon = _status_kb(dom.proc.pid, "RssAnon")
+    guest_anon = _status_kb(dom.process.proc.pid, "RssAnon")
     host_anon = _status_kb("self", "RssAnon") - anon0
     print(
         f"guest: {args.memory_mb} MiB, {args.vcpus} vCPUs, fill "

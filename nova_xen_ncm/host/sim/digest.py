@@ -10,8 +10,10 @@ use this: it reads all of RAM itself, checker.read_memory.)
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
@@ -51,12 +53,44 @@ def _spans(blocks: Sequence[int]) -> Iterator[tuple[int, int]]:
         i = j + 1
 
 
+@dataclasses.dataclass(eq=False)
+class DigestCache:
+    """The memory digest's cache of one domain, kept by
+    :class:`MemoryDigest` (not by the hypervisor's Domain): per block of
+    _DIGEST_BLOCK pfns with non-zero RAM, the digest of those pages; the
+    hash of the populated set and the p2m version it was taken at. Kept
+    warm while the domain migrates; ``lock`` is locks.DIGEST."""
+
+    mem: object
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    blocks: dict[int, bytes] = dataclasses.field(default_factory=dict)
+    started: bool = False
+    populated: bytes = b""
+    version: int = -1
+    p2m_at: float = 0.0
+    pending: set[int] = dataclasses.field(default_factory=set)
+    mask: np.ndarray | None = None
+    warming: bool = False
+
+
 class MemoryDigest:
-    """The digests of one host's domains (the cache lives on each
-    Domain, under its ``digest_lock``: locks.DIGEST)."""
+    """The digests of one host's domains, each with its
+    :class:`DigestCache` (gone with its domain)."""
 
     def __init__(self, hv: Hypervisor) -> None:
         self.hv = hv
+        self._caches: weakref.WeakKeyDictionary[Domain, DigestCache] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._caches_lock = threading.Lock()
+
+    def cache(self, dom: Domain) -> DigestCache:
+        """``dom``'s cache (made on first use)."""
+        with self._caches_lock:
+            cache = self._caches.get(dom)
+            if cache is None:
+                cache = self._caches[dom] = DigestCache(dom.mem)
+            return cache
 
     def digest(self, domid: int) -> str:
         """base.memory_hasher over the set of populated pfns and, block by
@@ -69,10 +103,11 @@ class MemoryDigest:
         again: a paused guest is digested in the time its last writes
         take, not its size's."""
         dom = self.hv.domain(domid, "memory_digest")
-        with locks.ordered(locks.DIGEST, dom.digest_lock):
+        cache = self.cache(dom)
+        with locks.ordered(locks.DIGEST, cache.lock):
             self.refresh(dom)
-            h = base.memory_hasher(dom.digest_populated)
-            blocks = dom.digest_blocks
+            h = base.memory_hasher(cache.populated)
+            blocks = cache.blocks
             h.update(b"".join([blocks[b] for b in sorted(blocks)]))
             return h.hexdigest()
 
@@ -88,38 +123,39 @@ class MemoryDigest:
         at most every _DIGEST_P2M_INTERVAL while a restore populates
         batch after batch (the digest itself, no limit, always does)."""
         mem = dom.mem
+        c = self.cache(dom)
         pfns = np.concatenate(
             (mem.take_changed(), self.hv.unlocked_writes(dom))
         ).astype(np.int64)
-        if dom.digest_mask is not None:
+        if c.mask is not None:
             # A page written since the first look holds data now.
-            dom.digest_mask[pfns] = True
-        if not dom.digest_started:
+            c.mask[pfns] = True
+        if not c.started:
             # The first look: every block with data in RAM.
-            dom.digest_started = True
-            dom.digest_mask = np.zeros(mem.max_pfn, dtype=bool)
+            c.started = True
+            c.mask = np.zeros(mem.max_pfn, dtype=bool)
             for start, end in mem.data_extents():
-                dom.digest_mask[start:end] = True
-            dom.digest_blocks.clear()
-            dom.digest_pending.clear()
+                c.mask[start:end] = True
+            c.blocks.clear()
+            c.pending.clear()
             # A page populated later is zero until written (and marked).
-            held = dom.digest_mask & (mem.p2m == P2M_RAM)
+            held = c.mask & (mem.p2m == P2M_RAM)
             pfns = np.concatenate((pfns, np.flatnonzero(held)))
         version = mem.p2m_version
         now = time.monotonic()
-        if version != dom.digest_version and (
-            limit is None or now - dom.digest_p2m_at >= _DIGEST_P2M_INTERVAL
+        if version != c.version and (
+            limit is None or now - c.p2m_at >= _DIGEST_P2M_INTERVAL
         ):
-            dom.digest_p2m_at = now
-            dom.digest_populated = base.memory_hasher(
+            c.p2m_at = now
+            c.populated = base.memory_hasher(
                 np.flatnonzero(mem.p2m == P2M_RAM).astype("<u8")
             ).digest()
-            dom.digest_version = version
+            c.version = version
         if len(pfns):
-            dom.digest_pending.update(
+            c.pending.update(
                 base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
             )
-        todo = sorted(dom.digest_pending)
+        todo = sorted(c.pending)
         busy: set[int] = set()
         if limit is not None:
             if not dom.booted:
@@ -128,12 +164,12 @@ class MemoryDigest:
                 busy = self._blocks_being_written(dom)
                 todo = [b for b in todo if b not in busy]
             todo = todo[:limit]
-        dom.digest_pending.difference_update(todo)
-        self._digest_blocks(dom, todo, dom.digest_mask)
-        if not dom.digest_pending:
+        c.pending.difference_update(todo)
+        self._digest_blocks(c, todo, c.mask)
+        if not c.pending:
             # Holes found since are found by the blocks' own look-up.
-            dom.digest_mask = None
-        return bool(dom.digest_pending - busy)
+            c.mask = None
+        return bool(c.pending - busy)
 
     @staticmethod
     def _blocks_being_written(dom: Domain) -> set[int]:
@@ -145,20 +181,20 @@ class MemoryDigest:
 
     @staticmethod
     def _digest_blocks(
-        dom: Domain, blocks: Sequence[int], mask: np.ndarray | None
+        cache: DigestCache, blocks: Sequence[int], mask: np.ndarray | None
     ) -> None:
         """Digest ``blocks`` (sorted). A stretch of consecutive blocks is
         looked at in one go (the p2m, the holes, the zero pages); only
         the hashing goes block by block."""
         for first, last in _spans(blocks):
-            MemoryDigest._digest_span(dom, first, last, mask)
+            MemoryDigest._digest_span(cache, first, last, mask)
 
     @staticmethod
     def _digest_span(
-        dom: Domain, first: int, last: int, mask: np.ndarray | None
+        cache: DigestCache, first: int, last: int, mask: np.ndarray | None
     ) -> None:
         """Digest blocks ``[first, last)``."""
-        mem = dom.mem
+        mem = cache.mem
         start = first * _DIGEST_BLOCK
         end = min(last * _DIGEST_BLOCK, mem.max_pfn)
         ram = mem.p2m[start:end] == P2M_RAM
@@ -171,7 +207,7 @@ class MemoryDigest:
             rows = np.flatnonzero(data & ram)
             rows = rows[base.nonzero_pages(mem.ram[start:end], rows)]
         pfns = rows + start
-        digests = dom.digest_blocks
+        digests = cache.blocks
         if not len(pfns):
             for block in range(first, last):
                 digests.pop(block, None)
@@ -214,7 +250,8 @@ class MemoryDigest:
         ``read`` by a migration), while they are in the cache: the
         warming thread or the digest would read them again later, and
         what is not read when the guest is paused is downtime."""
-        if (dom.booted and not read) or not dom.digest_started:
+        c = self.cache(dom)
+        if (dom.booted and not read) or not c.started:
             return
         if len(pfns) < _DIGEST_INLINE_MIN:
             # A few pages (the last round of a quiet guest) are left to
@@ -224,35 +261,36 @@ class MemoryDigest:
         blocks = base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
         mem = dom.mem
         # A warming pass holds the lock for _DIGEST_CHUNK blocks at most.
-        with locks.ordered(locks.DIGEST, dom.digest_lock):
+        with locks.ordered(locks.DIGEST, c.lock):
             with mem.lock():
                 # Read after the marks are taken: a write racing this is
                 # marked again and read again.
                 for first, last in _spans(blocks):
                     start = first * _DIGEST_BLOCK
                     marks = mem.changed[start : last * _DIGEST_BLOCK]
-                    if dom.digest_mask is not None:
-                        dom.digest_mask[start : start + len(marks)] |= (
+                    if c.mask is not None:
+                        c.mask[start : start + len(marks)] |= (
                             marks != 0
                         )
                     marks[:] = 0
-            dom.digest_pending.difference_update(blocks)
-            self._digest_blocks(dom, blocks, dom.digest_mask)
+            c.pending.difference_update(blocks)
+            self._digest_blocks(c, blocks, c.mask)
 
     def warm(self, dom: Domain, until: Callable[[], bool]) -> None:
         """Keep the memory digest's cache warm while the domain migrates
         (source: log-dirty on; destination: being restored), so that the
         digest taken while it is paused reads only its last writes."""
-        if dom.warming:
+        c = self.cache(dom)
+        if c.warming:
             return
-        dom.warming = True
+        c.warming = True
 
         def run() -> None:
             try:
                 while self.hv.domains.get(dom.domid) is dom and not until():
                     # A few blocks at a time: a digest asked for while the
                     # guest is paused does not wait for a whole pass.
-                    with locks.ordered(locks.DIGEST, dom.digest_lock):
+                    with locks.ordered(locks.DIGEST, c.lock):
                         more = self.refresh(dom, _DIGEST_CHUNK)
                     time.sleep(0.001 if more else DIGEST_WARM_INTERVAL)
             except (
@@ -267,7 +305,7 @@ class MemoryDigest:
                     "dom%d: digest cache no longer kept: %s", dom.domid, exc
                 )
             finally:
-                dom.warming = False
+                c.warming = False
 
         threading.Thread(
             target=run,

@@ -10,10 +10,11 @@ files on storage the hosts share (``[xen_ncm_sim] disk_dir``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import threading
-import time
+import weakref
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -45,10 +46,6 @@ LOG = logging.getLogger(__name__)
 DEFAULT_DISK_SUBDIR = os.path.join("nova-xen-ncm", "sim-disks")
 
 
-# How often dom0's kernel runs its timer work (Dom0Kernel.on_tick), s.
-DOM0_TICK = 0.01
-
-
 class Dom0Error(Exception):
     """A dom0 service (a backend, xenstored's watch dispatch) failed on
     the dom0 thread; kept by :class:`Dom0Kernel` for the host's owner."""
@@ -59,8 +56,11 @@ class Dom0Kernel:
     hypervisor raises (Dom0.upcall) wakes its thread, which reads the
     pending ports from dom0's shared info, as Linux's evtchn upcall does,
     and runs each port's handler; xenstored's wake-ups run the watch
-    dispatch; ``on_tick`` runs every DOM0_TICK. A handler that raises is
-    logged and kept in ``errors``: dom0 goes on."""
+    dispatch; work deferred by a handler (:meth:`defer`: a disk's
+    completion, as a block device's completion interrupt queues it) runs
+    after. Nothing runs on a timer: a port bound wrong stalls what it
+    serves. A handler that raises is logged and kept in ``errors``: dom0
+    goes on."""
 
     def __init__(self, hostname: str, dom0: Dom0) -> None:
         self.dom0 = dom0
@@ -68,7 +68,6 @@ class Dom0Kernel:
         self.errors: list[Dom0Error] = []
         self.handlers: dict[int, Callable[[int], None]] = {}
         self._kicks: queue.Queue = queue.Queue()
-        self.on_tick: Callable[[], None] = lambda: None
         self.on_wake: Callable[[], None] = lambda: None
         dom0.upcall = self.kick
         self._thread = threading.Thread(
@@ -85,6 +84,11 @@ class Dom0Kernel:
     def wake(self) -> None:
         """Watch events are queued for dom0's xenstore connection."""
         self._kicks.put("watch")
+
+    def defer(self, what: str, work: Callable[[], object]) -> None:
+        """Run ``work`` on the dom0 thread after what it is doing (a
+        completion raised by a device, not a timer)."""
+        self._kicks.put((what, work))
 
     def _take_pending(self) -> list[int]:
         ports = []
@@ -117,26 +121,47 @@ class Dom0Kernel:
             self.errors.append(error)
 
     def _run(self) -> None:
-        next_tick = time.monotonic() + DOM0_TICK
         while True:
-            try:
-                item = self._kicks.get(
-                    timeout=max(0.0, next_tick - time.monotonic())
-                )
-            except queue.Empty:
-                item = "tick"
+            item = self._kicks.get()
             if item is None:
                 return
             if item == "watch":
                 self._call("watch dispatch", self.on_wake)
-            elif item != "tick":
+            elif isinstance(item, tuple):
+                self._call(*item)
+            else:
                 for port in self._take_pending():
                     handler = self.handlers.get(port)
                     if handler is not None:
                         self._call(f"handler of port {port}", handler, port)
-            if time.monotonic() >= next_tick:
-                self._call("tick", self.on_tick)
-                next_tick = time.monotonic() + DOM0_TICK
+
+
+@dataclasses.dataclass(eq=False)
+class Dom0Domain:
+    """What dom0 keeps of one guest (not the hypervisor's Domain): its
+    ends of the guest's channels, its backends and disks, and the
+    toolstack's state of a restore."""
+
+    # dom0's ports bound to the guest's (closed when the guest goes).
+    ports: list[int] = dataclasses.field(default_factory=list)
+    backends: dict[str, devices.Backend] = dataclasses.field(
+        default_factory=dict
+    )
+    # xenstored's end of the store channel.
+    store_port: int = 0
+    # The backends take no request (a stop-and-copy, or a restore
+    # before COMMIT).
+    quiesced: bool = False
+    # Backends an import reconnected, held quiescent until unpause, and
+    # the tokens of those an unpause already resumed.
+    held: bool = False
+    released: set[str] = dataclasses.field(default_factory=set)
+    disks: list[devices.BlockStore] = dataclasses.field(default_factory=list)
+    # Whether the guest's disks are this host's to delete: it booted or
+    # was committed here, and its state has not left since.
+    disks_here: bool = False
+    # A restored guest's store ring, attached to xenstored at unpause.
+    detached_ring: memoryview | None = None
 
 
 class Dom0Services:
@@ -159,7 +184,19 @@ class Dom0Services:
         # Guest ports an import linked to dom0 for a backend to take over.
         self.prelinked: set[tuple[int, int]] = set()
         self.kernel.on_wake = self.dispatch_watches
-        self.kernel.on_tick = self.service_backends
+        self._records: weakref.WeakKeyDictionary[Domain, Dom0Domain] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._records_lock = threading.Lock()
+        hv.dom0_record = self.record
+
+    def record(self, dom: Domain) -> Dom0Domain:
+        """dom0's record of ``dom`` (made on first use, gone with it)."""
+        with self._records_lock:
+            rec = self._records.get(dom)
+            if rec is None:
+                rec = self._records[dom] = Dom0Domain()
+            return rec
 
     def new_backend(
         self, dom: Domain, dev: base.DeviceConfig
@@ -198,7 +235,7 @@ class Dom0Services:
             # restored watch once (a legal spurious event), and until the
             # guest runs its memory must stay exactly as at pause.
             self.xenstore.import_domain(domid, xs_state, policy, notify=notify)
-            dom.detached_ring = page
+            self.record(dom).detached_ring = page
         else:
             self.xenstore.create_domain_home(domid)
             self.xenstore.introduce_domain(
@@ -215,8 +252,8 @@ class Dom0Services:
 
         def notify() -> None:
             dom.mem.mark_dirty(store_pfn)
-            if dom.dom0_store_port:
-                self.hv.evtchn.send(self.hv.dom0, dom.dom0_store_port)
+            if self.record(dom).store_port:
+                self.hv.evtchn.send(self.hv.dom0, self.record(dom).store_port)
 
         return notify
 
@@ -227,7 +264,15 @@ class Dom0Services:
         store_pfn = dom.params[hvm.HVM_PARAM_STORE_PFN]
 
         def serve(port: int) -> None:
-            if domid in self.hv.domains and not dom.backends_quiesced:
+            # Under the host lock, which a teardown holds while it
+            # releases the domain from the hypervisor and xenstored: an
+            # event taken as the domain goes finds it wholly here or
+            # wholly gone (its memory is closed only after).
+            with self.hv.locked():
+                if self.hv.domains.get(domid) is not dom:
+                    return
+                if self.record(dom).quiesced:
+                    return
                 self.xenstore.service_ring(domid)
                 dom.mem.mark_dirty(store_pfn)
 
@@ -244,7 +289,7 @@ class Dom0Services:
                 local = self.dom0_bind(dom, guest_port)
             self.kernel.handlers[local] = handler
             if param == hvm.HVM_PARAM_STORE_EVTCHN:
-                dom.dom0_store_port = local
+                self.record(dom).store_port = local
 
     def disk_dir(self) -> str:
         """The directory of the vbd disks: ``[xen_ncm_sim] disk_dir``, or
@@ -290,7 +335,7 @@ class Dom0Services:
             store = devices.BlockStore.open(path, size)
         except devices.BackendError as exc:
             raise HostError(str(exc), call=call) from None
-        dom.disks.append(store)
+        self.record(dom).disks.append(store)
         return {"store": store}
 
     def delete_disks(self, dom: Domain) -> None:
@@ -310,11 +355,13 @@ class Dom0Services:
     def backend_states(self, dom: Domain) -> tuple[base.BackendState, ...]:
         """The connections of the guest's backends, in (kind, devid)
         order."""
-        states = [be.export() for be in list(dom.backends.values())]
+        states = [
+            be.export() for be in list(self.record(dom).backends.values())
+        ]
         return tuple(sorted(states, key=lambda b: (b.kind, b.devid)))
 
     def add_backend(self, dom: Domain, be: devices.Backend) -> None:
-        dom.backends[be.token] = be
+        self.record(dom).backends[be.token] = be
         self.backends[be.token] = be
 
     def dispatch_watches(self) -> None:
@@ -322,18 +369,17 @@ class Dom0Services:
         for token in devices.dispatch_watch_events(events, self.backends):
             LOG.debug("dom0: watch event for unknown token %s", token)
 
-    def service_backends(self) -> None:
-        """The disks finish what the backends took: requests are taken
-        only on their port's event (a port bound wrong stalls I/O)."""
-        for be in list(self.backends.values()):
-            if not be.quiesced:
-                be.complete_requests()
+    def dom0_defer(self, what: str, work: Callable[[], object]) -> None:
+        """A backend's disk finished what it took: ``work`` (answering
+        it) runs on the dom0 thread, queued as a completion interrupt
+        queues its bottom half, never on a timer."""
+        self.kernel.defer(what, work)
 
     def dom0_bind(self, dom: Domain, guest_port: int) -> int:
         port = self.hv.evtchn.bind_interdomain(
             self.hv.dom0, dom.domid, guest_port
         )
-        dom.dom0_ports.append(port)
+        self.record(dom).ports.append(port)
         return port
 
     def dom0_bind_interdomain(
@@ -362,12 +408,12 @@ class Dom0Services:
     def release_ports(self, dom: Domain) -> None:
         """Close dom0's ends of a released domain's channels (the
         hypervisor left them unbound). Host lock held."""
-        for port in dom.dom0_ports:
+        for port in self.record(dom).ports:
             self.kernel.handlers.pop(port, None)
             if port in self.hv.dom0.ports:
                 with contextlib.suppress(HostError):
                     self.hv.evtchn.close(self.hv.dom0, port)
-        dom.dom0_ports.clear()
+        self.record(dom).ports.clear()
 
     def dom0_close(self, port: int) -> None:
         with self.hv.locked():
@@ -382,8 +428,8 @@ class Dom0Services:
         (no storage write, no response) until the guest is unpaused.
         Called without the host lock, which a backend takes with its own
         lock held."""
-        dom.backends_held = True
-        dom.backends_quiesced = True
+        self.record(dom).held = True
+        self.record(dom).quiesced = True
         for bs in states:
             try:
                 be = devices.Backend.reconnect(
@@ -412,10 +458,10 @@ class Dom0Services:
         as released only once its own resume succeeded, so a failed
         unpause can be retried and releases the rest; any failure is a
         HostError, which the receiver's commit path handles."""
-        if not dom.backends_held:
+        if not self.record(dom).held:
             return
-        for token, be in list(dom.backends.items()):
-            if token in dom.released_backends:
+        for token, be in list(self.record(dom).backends.items()):
+            if token in self.record(dom).released:
                 continue
             try:
                 be.resume()
@@ -423,10 +469,10 @@ class Dom0Services:
                 raise HostError(
                     f"backend {be.key} cannot resume: {exc}", call="unpause"
                 ) from None
-            dom.released_backends.add(token)
-        dom.backends_held = False
-        dom.backends_quiesced = False
-        dom.released_backends.clear()
+            self.record(dom).released.add(token)
+        self.record(dom).held = False
+        self.record(dom).quiesced = False
+        self.record(dom).released.clear()
 
     def xs_exists(self, path: str) -> bool:
         try:
@@ -444,36 +490,33 @@ class Dom0Services:
             for d in dom.config.devices
         }
         return parents | {
-            b.backend_path.rsplit("/", 1)[0] for b in dom.backends.values()
+            b.backend_path.rsplit("/", 1)[0]
+            for b in self.record(dom).backends.values()
         }
 
     def quiesce_backends(self, domid: int) -> None:
         dom = self.hv.domain(domid, "quiesce_backends")
-        dom.backends_quiesced = True
-        for be in list(dom.backends.values()):
+        self.record(dom).quiesced = True
+        for be in list(self.record(dom).backends.values()):
             be.quiesce()
-        # From here to the end of the downtime the guest's visible state
-        # is exported, digested and harvested: nothing dom0 raises may
-        # change it in between (rollback releases it to the guest).
+        # xenstored writes nothing more to the guest's ring (its replies
+        # and watch events wait in xenstored, which exports them). An
+        # event channel is not held: one raised now is pending in the
+        # guest's memory (evtchn.set_pending), exported with it or, if it
+        # comes after the export, found by the digests before COMMIT.
         with self.hv.locked():
-            with dom.mem_lock():
-                if dom.held_ports is None:
-                    dom.held_ports = set()
             if self.xenstore.is_introduced(domid):
                 self.xenstore.hold_output(domid, True)
 
     def resume_backends(self, domid: int) -> None:
         dom = self.hv.domain(domid, "resume_backends")
         with self.hv.locked():
-            with dom.mem_lock():
-                held, dom.held_ports = dom.held_ports, None
-            for port in sorted(held or ()):
-                if port in dom.ports:
-                    self.hv.evtchn.set_pending(dom, port)
             if self.xenstore.is_introduced(domid):
+                # The guest stays: its xenstore is its own again.
+                self.xenstore.thaw(domid)
                 self.xenstore.hold_output(domid, False)
-        dom.backends_quiesced = False
-        for be in list(dom.backends.values()):
+        self.record(dom).quiesced = False
+        for be in list(self.record(dom).backends.values()):
             be.resume()
         if self.xenstore.is_introduced(domid):
             self.xenstore.service_ring(domid)
@@ -511,5 +554,5 @@ class Dom0Services:
                 remote_port=p.port,
             )
             dom.ports[p.port].remote_port = local
-            dom.dom0_ports.append(local)
+            self.record(dom).ports.append(local)
             self.prelinked.add((dom.domid, p.port))

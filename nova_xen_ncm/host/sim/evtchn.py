@@ -208,16 +208,16 @@ class EventChannelOps:
             )
 
     def set_pending(self, d: object, port: int) -> None:
-        """evtchn_2l_set_pending(); kicks the vCPU when it must. A
-        domain whose events are held (``held_ports``, from the quiesce of
-        a stop-and-copy) gets them when they are released."""
+        """evtchn_2l_set_pending(); kicks the vCPU when it must. Whatever
+        the domain's state (paused, quiesced for a stop-and-copy): the
+        pending bit in shared info, the selector and
+        ``evtchn_upcall_pending`` in vcpu_info are all there is of the
+        event, so it goes wherever that memory goes, and a vCPU that did
+        not take the kick has the vector asserted again when it runs
+        (level-triggered)."""
         ch = d.ports[port]
         kick = False
         with d.mem_lock():
-            held = getattr(d, "held_ports", None)
-            if held is not None:
-                held.add(port)
-                return
             bits = d.bits
             if bits.test_and_set(SHINFO_PENDING, port):
                 return

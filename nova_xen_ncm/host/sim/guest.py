@@ -557,33 +557,61 @@ class GuestKernel:
         shinfo = self.mem.xen_pages[XENPAGE_SHARED_INFO]
         return shinfo[off : off + evtchn.VCPU_INFO_SIZE]
 
-    def handle_upcall(self) -> None:
-        """Linux's __xen_evtchn_do_upcall for the 2-level ABI: count
-        each port's events in RAM and wake the drivers. The caller holds
-        :attr:`cond`."""
+    def _bound_here(self, v: int, w: int, ipis: list[int]) -> int:
+        """Linux's cpu_evtchn mask of vCPU ``v`` for word ``w``: its own
+        IPI port, and for vCPU 0 every port not bound elsewhere (ports
+        are bound to vCPU 0 unless moved; only the IPIs are)."""
+        lo, hi = w * 64, w * 64 + 64
+        if v:
+            port = ipis[v]
+            return 1 << (port - lo) if port and lo <= port < hi else 0
+        word = (1 << 64) - 1
+        for port in ipis[1:]:
+            if port and lo <= port < hi:
+                word &= ~(1 << (port - lo))
+        return word
+
+    def handle_upcall(self, v: int) -> None:
+        """Linux's __xen_evtchn_do_upcall on vCPU ``v``, 2-level ABI
+        (evtchn_2l_handle_events): its own vcpu_info only. It clears
+        evtchn_upcall_pending, takes its pending selector, and counts in
+        RAM the ports of the selected words that are pending, unmasked
+        and bound to this vCPU; a port of another vCPU stays pending for
+        that vCPU's own upcall, and another vCPU's flag is not touched
+        (the hypervisor must assert each vCPU's vector itself). The
+        caller holds :attr:`cond`."""
         if not self.header.get("shared_info_gfn"):
             return
+        if not 0 <= v < self.nr_vcpus:
+            raise ValueError(f"upcall for vCPU {v} of {self.nr_vcpus}")
         with self.mem.lock():
             words = self.mem.xen_pages[XENPAGE_SHARED_INFO].view(np.uint64)
             counts = self.mem.ram[kernel.COUNTERS_PFN].view(np.uint32)
             page = self.header_page()
-            handled = 0
-            for v in range(self.nr_vcpus):
-                slot = kernel.read_vcpu(page, v)
-                vi = self._vcpu_info(v)
-                if not vi[evtchn.VI_UPCALL_PENDING]:
-                    continue
+            ipis = [
+                kernel.read_vcpu(page, u)["ipi_port"]
+                for u in range(self.nr_vcpus)
+            ]
+            slot = kernel.read_vcpu(page, v)
+            vi = self._vcpu_info(v)
+            events = 0
+            while vi[evtchn.VI_UPCALL_PENDING]:
                 vi[evtchn.VI_UPCALL_PENDING] = 0
-                sel_view = vi[8:16].view(np.uint64)
+                sel_view = vi[
+                    evtchn.VI_PENDING_SEL : evtchn.VI_PENDING_SEL + 8
+                ].view(np.uint64)
                 sel = int(sel_view[0])
                 sel_view[0] = 0
-                events = 0
                 for w in range(64):
                     if not sel >> w & 1:
                         continue
                     pi = evtchn.SHINFO_PENDING // 8 + w
                     mi = evtchn.SHINFO_MASK // 8 + w
-                    ready = int(words[pi] & ~words[mi])
+                    ready = (
+                        int(words[pi])
+                        & ~int(words[mi])
+                        & self._bound_here(v, w, ipis)
+                    )
                     words[pi] &= np.uint64(~ready & (2**64 - 1))
                     while ready:
                         bit = (ready & -ready).bit_length() - 1
@@ -592,9 +620,8 @@ class GuestKernel:
                         if port < kernel.NR_COUNTED_PORTS:
                             counts[port] += 1
                         events += 1
-                if events:
-                    self._store_vcpu(v, events=slot["events"] + events)
-                    handled += events
+            if events:
+                self._store_vcpu(v, events=slot["events"] + events)
             self.header["upcalls"] += 1
             self.store_header()
         self.cond.notify_all()
@@ -711,7 +738,7 @@ def serve(ctl: socket.socket, gk: GuestKernel, config: dict) -> None:
                 # in vcpu_info and is asserted again at unpause.
                 with gk.cond:
                     if not gk.paused:
-                        gk.handle_upcall()
+                        gk.handle_upcall(int(msg["vcpu"]))
                 continue
             elif cmd == "stop":
                 ipc.send(ctl, {"id": msg.get("id"), "ok": True})

@@ -18,7 +18,9 @@ from oslo_log import log as logging
 
 from nova_xen_ncm.host.base import PAGE_SIZE
 from nova_xen_ncm.host.base import HostError
+from nova_xen_ncm.host.sim import ipc
 from nova_xen_ncm.host.sim import layout
+from nova_xen_ncm.host.sim.hypervisor import CONTROL_TIMEOUT
 from nova_xen_ncm.host.sim.hypervisor import Domain
 from nova_xen_ncm.host.sim.hypervisor import Hypervisor
 from nova_xen_ncm.host.sim.memory import SpareRam
@@ -32,6 +34,72 @@ MiB = 1 << 20
 # not compete with the migration that brought the domain.
 REPLENISH_DELAY = 1.0
 
+
+
+class GuestProcess:
+    """A guest's vCPUs running in a process of their own (guest.py):
+    the process, its control channel (start, pause, unpause, throttle,
+    the callback vector) and its hypercall channel. The guest process
+    layer's, referenced by the hypervisor's Domain as where its vCPUs
+    run (``Domain.process``)."""
+
+    def __init__(
+        self,
+        domid: int,
+        proc: subprocess.Popen,
+        ctl: socket.socket,
+        hc: socket.socket,
+    ) -> None:
+        self.domid = domid
+        self.proc = proc
+        self.ctl = ctl
+        self.hc = hc
+        self._send_lock = threading.Lock()
+        self._request_lock = threading.Lock()
+        self._next_id = 0
+
+    def exited(self) -> int | None:
+        """The process's exit status, None while it runs."""
+        return self.proc.poll()
+
+    def upcall(self, vcpu: int) -> None:
+        """The callback vector for ``vcpu`` (not taken while paused: the
+        flag in vcpu_info stays, see Hypervisor.reassert_upcalls)."""
+        try:
+            with self._send_lock:
+                ipc.send(self.ctl, {"cmd": "upcall", "vcpu": vcpu})
+        except OSError:
+            LOG.debug("dom%d: upcall not delivered, guest gone", self.domid)
+
+    def request(self, msg: dict, timeout: float = CONTROL_TIMEOUT) -> object:
+        """Send a control request and wait for its answer."""
+        call = msg["cmd"]
+        with self._request_lock:
+            self._next_id += 1
+            msg = dict(msg, id=self._next_id)
+            try:
+                with self._send_lock:
+                    ipc.send(self.ctl, msg)
+                self.ctl.settimeout(timeout)
+                while True:
+                    reply = ipc.recv(self.ctl)
+                    if reply.get("id") == self._next_id:
+                        break
+            except (OSError, ipc.ChannelClosed) as exc:
+                raise HostError(
+                    f"guest of domain {self.domid} did not answer: {exc}",
+                    call=call,
+                ) from exc
+            finally:
+                with contextlib.suppress(OSError):
+                    self.ctl.settimeout(None)
+        if "err" in reply:
+            raise HostError(
+                f"guest of domain {self.domid}: {reply.get('msg')}",
+                call=call,
+                errno=reply["err"],
+            )
+        return reply.get("ok")
 
 class GuestProcesses:
     """Start and stop the guest processes of one host's domains; they
@@ -217,9 +285,9 @@ class GuestProcesses:
             dom.mem.reset_tracking()
         try:
             config = {"config": args["config"]}
-            dom.proc = self._take_spare(config, fds)
-            if dom.proc is None:
-                dom.proc = subprocess.Popen(
+            proc = self._take_spare(config, fds)
+            if proc is None:
+                proc = subprocess.Popen(
                     [
                         sys.executable,
                         "-m",
@@ -233,11 +301,11 @@ class GuestProcesses:
         finally:
             hc_guest.close()
             ctl_guest.close()
-        dom.mem.track(dom.proc.pid)
-        dom.ctl, dom.hc = ctl_host, hc_host
+        dom.mem.track(proc.pid)
+        dom.process = GuestProcess(dom.domid, proc, ctl_host, hc_host)
         threading.Thread(
             target=self.hv.serve_hypercalls,
-            args=(dom,),
+            args=(dom, hc_host),
             name=f"{self.hv.hostname}-d{dom.domid}-hypercalls",
             daemon=True,
         ).start()
@@ -246,17 +314,17 @@ class GuestProcesses:
         """Stop the guest process. Without ``wait`` its exit (which
         unmaps all of guest RAM) is awaited in the background: the
         process runs no vCPU once it answered ``stop``."""
-        proc, dom.proc = dom.proc, None
-        if proc is None:
+        process, dom.process = dom.process, None
+        if process is None:
             return
+        proc = process.proc
         with contextlib.suppress(HostError):
-            dom.request({"cmd": "stop"}, timeout=5.0)
+            process.request({"cmd": "stop"}, timeout=5.0)
         with dom.mem.lock():
             # What it wrote up to its stop is in the maps before the
             # tracker goes.
             dom.mem.flush_and_untrack()
-        socks = (dom.ctl, dom.hc)
-        dom.ctl = dom.hc = None
+        socks = (process.ctl, process.hc)
 
         def reap() -> None:
             try:

@@ -146,11 +146,13 @@ class SimHost(base.HostDriver):
         """dom0's xenstored (xenstore.Xenstore)."""
         return self.services.xenstore
 
-    def dom0_errors(self) -> list[Dom0Error]:
+    def dom0_errors(self) -> list[Exception]:
         """What failed in dom0's services so far (a backend's handler,
-        xenstored's watch dispatch): logged as it happens, kept here for
-        the host's owner (tests fail on them)."""
-        return list(self.services.kernel.errors)
+        xenstored's watch dispatch, Dom0Error) and in the simulated
+        hypervisor (a hypercall handler raising what Xen never returns,
+        SimError): logged as it happens, kept here for the host's owner
+        (tests fail on them)."""
+        return [*self.services.kernel.errors, *self.hv.errors]
 
     def raise_dom0_errors(self) -> None:
         """Raise the first of dom0_errors() (the others are logged with
@@ -353,7 +355,7 @@ class SimHost(base.HostDriver):
         else:
             # A paused guest's digest is taken from the pages as the
             # migration reads them (MemoryDigest.read), in the cache.
-            with locks.ordered(locks.DIGEST, dom.digest_lock):
+            with locks.ordered(locks.DIGEST, self.digest.cache(dom).lock):
                 self.digest.refresh(dom, 0)
 
     @_faulty

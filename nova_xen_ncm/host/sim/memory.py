@@ -439,6 +439,11 @@ def _round_up(n: int) -> int:
     return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
+class MemoryClosed(base.HostError):
+    """The memory of a domain was released (its domain destroyed) while
+    a thread of this process still held a reference to it."""
+
+
 class GuestMemory:
     """The shared memory of one domain, as seen by either process."""
 
@@ -475,6 +480,8 @@ class GuestMemory:
         self.xen_gfns = self.xen_gfns.view(np.uint64)
         self.xen_pages = ctl[self._xen_off :].reshape(NR_XEN_PAGES, PAGE_SIZE)
         self._thread_lock = threading.Lock()
+        #: Set by :meth:`close` (under the thread lock).
+        self.closed = False
         #: Bumped by every change of the p2m (made by the host process
         #: only: the guest cannot write it).
         self.p2m_version = 0
@@ -566,16 +573,27 @@ class GuestMemory:
         return cls(ram_fd, ctl_fd, max_pfn)
 
     def close(self) -> None:
-        self.untrack()
-        self.ram = self.p2m = self.dirty = None  # type: ignore[assignment]
-        self.changed = None  # type: ignore[assignment]
-        self.header = self.xen_gfns = self.xen_pages = None  # type: ignore
-        for m in (self.ram_map, self.ctl_map):
-            with contextlib.suppress(BufferError):
-                m.close()
-        for fd in (self.ram_fd, self.ctl_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Unmap and close the memory. Taken under the memory lock's
+        thread half: a thread of this process in :meth:`lock` (say, a
+        dom0 handler or the digest cache of a domain being destroyed in
+        the background) finishes first, and one that comes later gets
+        :class:`MemoryClosed`, not a lockf on a closed (or reused)
+        descriptor."""
+        with self._thread_lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.untrack()
+            self.ram = self.p2m = self.dirty = None  # type: ignore[assignment]
+            self.changed = None  # type: ignore[assignment]
+            self.header = self.xen_gfns = self.xen_pages = None  # type: ignore
+            for m in (self.ram_map, self.ctl_map):
+                with contextlib.suppress(BufferError):
+                    m.close()
+            for fd in (self.ram_fd, self.ctl_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.ram_fd = self.ctl_fd = -1
 
     # -- the memory lock --
 
@@ -584,6 +602,10 @@ class GuestMemory:
         """The memory lock (locks.MEMORY, checked against locks.ORDER
         in whichever process takes it)."""
         with locks.ordered(locks.MEMORY, self._thread_lock, self):
+            if self.closed:
+                raise MemoryClosed(
+                    "the domain's memory was released", call="memory lock"
+                )
             fcntl.lockf(self.ctl_fd, fcntl.LOCK_EX, 1, 0)
             try:
                 yield

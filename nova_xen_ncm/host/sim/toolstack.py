@@ -303,7 +303,7 @@ class Toolstack:
             be = self.services.new_backend(dom, dev)
             # Started by create_domain once the host lock is released: a
             # backend calls into the host with its own lock held.
-            dom.backends[be.token] = be
+            self.services.record(dom).backends[be.token] = be
 
     def create_domain(self, config: base.DomainConfig) -> int:
         call = "create_domain"
@@ -315,14 +315,14 @@ class Toolstack:
                     )
             domid = self.hv.alloc_domid(call, self.recent.is_recent)
             dom = self._reserve(config, domid, call)
-            dom.disks_here = True
+            self.services.record(dom).disks_here = True
             try:
                 self._build(dom)
             except BaseException:
                 self.teardown(dom)
                 raise
         try:
-            for be in list(dom.backends.values()):
+            for be in list(self.services.record(dom).backends.values()):
                 self.services.add_backend(dom, be)
                 be.start()
             self._spawn(dom, "boot")
@@ -353,7 +353,7 @@ class Toolstack:
     def _spawn(self, dom: Domain, mode: str) -> None:
         """Boot the guest, or resume it from RAM and the HVM context, and
         run it (one request: a restored guest's downtime ends here)."""
-        if dom.proc is None:
+        if dom.process is None:
             self.guests.launch(dom, self.workload(dom))
         with dom.mem_lock():
             dom.update_time()
@@ -390,16 +390,18 @@ class Toolstack:
         self.guests.stop(dom, wait=False)
         with self.hv.locked():
             parents = self.services.backend_parents(dom)
-            backends = list(dom.backends.items())
+            backends = list(self.services.record(dom).backends.items())
             for token, _ in backends:
                 self.services.backends.pop(token, None)
-            dom.backends.clear()
+            self.services.record(dom).backends.clear()
         for _, be in backends:
             with contextlib.suppress(Exception):
                 be.close()
-        for disk in dom.disks:
+        for disk in self.services.record(dom).disks:
             disk.close()
-        # libxl removes the device areas of a destroyed domain.
+        # libxl removes the device areas of a destroyed domain (an
+        # export's freeze is over: the domain is going).
+        self.services.xenstore.thaw(dom.domid)
         for parent in parents:
             with contextlib.suppress(XenstoreError):
                 self.services.toolstack_xs.rm(parent)
@@ -426,7 +428,7 @@ class Toolstack:
             dom = self.hv.domain(domid, "destroy_domain")
             dom.state = DomainState.DYING
         self.teardown(dom)
-        if delete_disks and dom.disks_here:
+        if delete_disks and self.services.record(dom).disks_here:
             self.services.delete_disks(dom)
 
     def pause(self, domid: int) -> None:
@@ -445,9 +447,10 @@ class Toolstack:
         if dom.state == DomainState.RUNNING:
             return
         self.services.release_backends(dom)
-        dom.disks_here = True
-        if dom.detached_ring is not None:
-            page, dom.detached_ring = dom.detached_ring, None
+        rec = self.services.record(dom)
+        rec.disks_here = True
+        if rec.detached_ring is not None:
+            page, rec.detached_ring = rec.detached_ring, None
             self.services.xenstore.attach_ring(
                 domid, page, self.services.store_notify(dom)
             )
@@ -491,18 +494,21 @@ class Toolstack:
         with self.hv.locked():
             if dom.state == DomainState.RUNNING:
                 raise HostError(f"domain {domid} must be paused", call=call)
-            if dom.backends and not dom.backends_quiesced:
+            rec = self.services.record(dom)
+            if rec.backends and not rec.quiesced:
                 raise HostError(
                     f"domain {domid}'s backends must be quiesced", call=call
                 )
             areas = tuple(b.backend_path for b in backends)
             try:
-                xs_state = self.services.xenstore.export_domain(domid, areas)
+                xs_state = self.services.xenstore.export_domain(
+                    domid, areas, freeze=True
+                )
             except XenstoreMigrationError as exc:
                 raise HostError(f"xenstore: {exc}", call=call) from None
             # The guest may now run elsewhere on these disks (unpause
             # takes them back if it stays).
-            dom.disks_here = False
+            self.services.record(dom).disks_here = False
             return base.PvState(
                 domid=domid,
                 backend_domids=self.hv.backend_domids(dom),

@@ -11,9 +11,11 @@ import os
 import time
 
 import numpy as np
+import pytest
 
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
+from nova_xen_ncm.host import checker
 from nova_xen_ncm.host.base import EvtchnType
 from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import hvm
@@ -48,11 +50,13 @@ def _unmasked(host, domid, port):
 
 
 def _event_between_pause_and_quiesce(
-    source, destination, migration, monkeypatch
+    source, destination, migration, monkeypatch, after="pause"
 ):
     """Migrate a 1-vCPU guest; dom0 signals its console port after the
-    pause and before the quiesce. Returns the destination's per-port
-    counts, the console port and its count when raised."""
+    pause and before the quiesce (``after`` "pause"), or after the
+    quiesce and before the export ("quiesce_backends"). Returns the
+    destination's per-port counts, the console port and its count when
+    raised."""
     domid = source.create_domain(
         base.DomainConfig(
             name="one-vcpu",
@@ -63,14 +67,14 @@ def _event_between_pause_and_quiesce(
     )
     console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
     assert _wait_for(lambda: _unmasked(source, domid, console))
-    pause = source.pause
+    step = getattr(source, after)
     raised = []
 
     def pause_then_event(d):
-        pause(d)
+        step(d)
         dom = source.hv.domains[d]
-        # dom0 signals the guest after its vCPUs stopped and before the
-        # backends are quiesced.
+        # dom0 signals the guest after its vCPUs stopped (and, for
+        # "quiesce_backends", its backends were quiesced).
         source.services.dom0_notify(dom.ports[console].remote_port)
         with dom.mem_lock():
             raised.append(
@@ -80,9 +84,10 @@ def _event_between_pause_and_quiesce(
                 )
             )
 
-    monkeypatch.setattr(source, "pause", pause_then_event)
+    monkeypatch.setattr(source, after, pause_then_event)
     m = migration(source, domid, destination)
     assert m.run() is Phase.DONE, m.sender.error
+    assert raised, f"the migration never called {after}"
     seen, pending = raised[0]
     assert pending, "the upcall flag is set in vcpu_info, not taken"
     return domid, _counts(destination, domid), console, seen
@@ -103,6 +108,21 @@ def test_event_between_pause_and_quiesce_reaches_one_vcpu_guest(
     assert _wait_for(lambda: int(counts[console]) == seen + 2)
 
 
+def test_event_while_quiesced_reaches_one_vcpu_guest_on_the_destination(
+    source, destination, migration, monkeypatch
+):
+    """An event raised after the backends were quiesced and before the
+    export: nothing holds it on the source (it would be lost when the
+    migration commits); it is pending in the guest's memory, carried,
+    and the destination's hypervisor asserts the vector at resume."""
+    domid, counts, console, seen = _event_between_pause_and_quiesce(
+        source, destination, migration, monkeypatch, "quiesce_backends"
+    )
+    assert _wait_for(lambda: int(counts[console]) == seen + 1), (
+        f"console port: {int(counts[console])} events, expected {seen + 1}"
+    )
+
+
 def test_without_the_hypervisor_reasserting_the_event_is_lost(
     source, destination, migration, monkeypatch
 ):
@@ -120,6 +140,113 @@ def test_without_the_hypervisor_reasserting_the_event_is_lost(
     dom = destination.hv.domains[domid]
     destination.services.dom0_notify(dom.ports[console].remote_port)
     assert not _wait_for(lambda: int(counts[console]) > seen, timeout=1.0)
+
+
+def _ipi_ports(host, domid):
+    """Each vCPU's IPI port, as the guest kernel keeps it in its RAM."""
+    page = host.hv.domains[domid].mem.ram[kernel.HEADER_PFN]
+    nr = kernel.read_header(bytes(page))["nr_vcpus"]
+    return [kernel.read_vcpu(page, v)["ipi_port"] for v in range(nr)]
+
+
+def _ipi_to_vcpu1_while_paused(source, destination, migration):
+    """Migrate a 2-vCPU guest; vCPU 0's IPI to vCPU 1 is raised after
+    the pause (the guest's own EVTCHNOP_send, as one it made as it was
+    stopped), so that only vCPU 1's evtchn_upcall_pending is set when
+    the destination resumes it. Returns the destination's counts, the
+    IPI ports, vCPU 1's IPI count when raised, and the at-pause state."""
+    domid = source.create_domain(
+        guest_config(devices=DEVICES, io_rate=50, dirty_rate=256 * 1024)
+    )
+    # With frontends, so that the after-resume verdict judges the guest.
+    assert _wait_for(
+        lambda: len(source.guest_state(domid).frontends) == len(DEVICES)
+    )
+    assert _wait_for(lambda: all(_ipi_ports(source, domid)))
+    ipis = _ipi_ports(source, domid)
+    assert _wait_for(lambda: all(_counts(source, domid)[ipis] > 0))
+    pause = source.pause
+    raised = []
+
+    def pause_then_ipi(d):
+        pause(d)
+        dom = source.hv.domains[d]
+        with source.hv.locked():
+            source.hv.evtchn.send(dom, ipis[1])
+        with dom.mem_lock():
+            raised.append(
+                (
+                    int(_counts(source, d)[ipis[1]]),
+                    dom.bits.upcall_pending(1),
+                )
+            )
+        with source.observing():
+            raised.append(source.guest_state(d))
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(source, "pause", pause_then_ipi)
+    try:
+        m = migration(source, domid, destination)
+        assert m.run() is Phase.DONE, m.sender.error
+    finally:
+        monkeypatch.undo()
+    assert raised, "the migration never paused the guest"
+    (seen, pending), at_pause = raised
+    assert pending, "vCPU 1's upcall flag is set in its vcpu_info"
+    return domid, _counts(destination, domid), ipis, seen, at_pause
+
+
+def test_an_event_for_the_second_vcpu_reaches_it_after_resume(
+    source, destination, migration
+):
+    """Level-triggered per vCPU: the destination asserts the vector on
+    vCPU 1, whose flag is set, and vCPU 1 takes its own IPI (and goes
+    on taking them)."""
+    domid, counts, ipis, seen, _ = _ipi_to_vcpu1_while_paused(
+        source, destination, migration
+    )
+    assert _wait_for(lambda: int(counts[ipis[1]]) > seen + 1), (
+        f"vCPU 1's IPI port {ipis[1]}: {int(counts[ipis[1]])} events, "
+        f"{seen} at pause"
+    )
+
+
+def test_an_upcall_not_reasserted_on_one_vcpu_is_caught(
+    source, destination, migration, monkeypatch
+):
+    """Mutation: the destination's hypervisor re-asserts the vector on
+    vCPU 0 only. Each vCPU handles only its own vcpu_info (as Linux
+    does), so vCPU 0's upcalls never take vCPU 1's event: vCPU 1, its
+    flag stuck, is never kicked again (no 0->1 edge), its IPI port goes
+    silent while vCPU 0's goes on, and the after-resume verdict, read
+    from the guest's RAM, names the port."""
+
+    def vcpu0_only(dom):
+        if not dom.params.get(hvm.HVM_PARAM_CALLBACK_IRQ):
+            return
+        with dom.mem_lock():
+            pending = dom.bits.upcall_pending(0)
+        if pending:
+            dom.kick(0)
+
+    monkeypatch.setattr(
+        Hypervisor, "reassert_upcalls", staticmethod(vcpu0_only)
+    )
+    domid, counts, ipis, seen, at_pause = _ipi_to_vcpu1_while_paused(
+        source, destination, migration
+    )
+    vcpu0 = int(counts[ipis[0]])
+    with destination.observing():
+        resumed = destination.guest_state(domid, checker.AFTER_RESUME_ITEMS)
+    later, raised = checker.run_after_resume(destination, domid, seconds=1.0)
+    verdict = checker.after_resume(at_pause, resumed, later, raised)
+    assert int(counts[ipis[1]]) == seen, (
+        f"vCPU 1 took {int(counts[ipis[1]]) - seen} IPIs with its upcall "
+        "never re-asserted"
+    )
+    assert int(counts[ipis[0]]) > vcpu0, "vCPU 0 goes on taking events"
+    assert verdict.passed is False
+    assert verdict.ports_silent == (ipis[1],), verdict.problems
 
 
 def test_every_driver_port_delivers_after_migration(
@@ -300,6 +427,68 @@ def test_a_port_left_masked_stalls_io(source, destination, migration):
     )
 
 
+def test_a_port_rebound_wrong_on_the_destination_stalls_io_and_is_caught(
+    source, destination, migration, monkeypatch
+):
+    """Dom0's end of the vbd's channel rebound, at import, to the guest's
+    console port: the backend's responses (and the checker's raise)
+    signal a port no driver serves. Nothing polls a ring and no timer
+    answers for dom0, so the vbd frontend completes nothing after resume
+    and the guest's own RAM says so: the after-resume verdict names the
+    vbd and its silent port; the vif, bound right, goes on."""
+    domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
+    assert _wait_for(
+        lambda: len(source.guest_state(domid).frontends) == len(DEVICES)
+        and all(
+            f["completed"] > 0
+            for f in source.guest_state(domid).frontends.values()
+        )
+    )
+    at_pause = {}
+
+    def record(event):
+        with source.observing():
+            at_pause["state"] = source.guest_state(domid)
+
+    imported = destination.import_pv_state
+    rebound = {}
+
+    def import_then_rebind(d, state):
+        imported(d, state)
+        dom = destination.hv.domains[d]
+        (vbd,) = [b for b in dom.backends.values() if b.kind == "vbd"]
+        console = dom.params[hvm.HVM_PARAM_CONSOLE_EVTCHN]
+        with destination.hv.locked():
+            destination.dom0.ports[vbd.local_port].remote_port = console
+        rebound["port"] = vbd.frontend_port
+
+    monkeypatch.setattr(destination, "import_pv_state", import_then_rebind)
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks={("state", "restore"): record},
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    with destination.observing():
+        resumed = destination.guest_state(domid, checker.AFTER_RESUME_ITEMS)
+    later, raised = checker.run_after_resume(destination, domid, seconds=1.0)
+    verdict = checker.after_resume(at_pause["state"], resumed, later, raised)
+    assert verdict.passed is False
+    # What the guest took on its way out of the pause (events counted
+    # before it, the in-flight requests answered at unpause) may end in
+    # one read; then nothing, so no read checks data of before the pause.
+    assert [p for p in verdict.problems if p.startswith("vbd/51712: no ")]
+    assert rebound["port"] in verdict.ports_silent
+    assert not [p for p in verdict.problems if p.startswith("vif/")]
+    # The stall lasts: nothing but an event moves the vbd's ring.
+    vbd = later.frontends["vbd/51712"]["completed"]
+    time.sleep(0.5)
+    now = destination.guest_state(domid).frontends
+    assert now["vbd/51712"]["completed"] == vbd
+    assert now["vif/0"]["completed"] > later.frontends["vif/0"]["completed"]
+
+
 def _export_then(host, monkeypatch, after):
     export = host.export_pv_state
 
@@ -311,29 +500,50 @@ def _export_then(host, monkeypatch, after):
     monkeypatch.setattr(host, "export_pv_state", export_then)
 
 
-def test_dom0_event_after_export_changes_nothing_exported(
+def test_dom0_event_after_export_is_not_lost(
     source, destination, migration, monkeypatch
 ):
-    """From the quiesce to the end of the downtime dom0's events for the
-    guest are held: one raised between the export and the final harvest
-    and digests leaves what was exported as it was."""
+    """An event dom0 raises after the export is pending in the guest's
+    memory on the source (nothing holds it elsewhere), so the state the
+    destination restored is not the source's any more: the digests find
+    it before COMMIT and the migration rolls back, and the guest takes
+    the event on the source. It is never silently lost."""
     domid = source.create_domain(guest_config())
     console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
     assert _wait_for(lambda: _unmasked(source, domid, console))
     dom = source.hv.domains[domid]
-    _export_then(
-        source,
-        monkeypatch,
-        lambda d: source.services.dom0_notify(dom.ports[console].remote_port),
-    )
+    seen = []
+
+    def notify(d):
+        seen.append(int(_counts(source, d)[console]))
+        source.services.dom0_notify(dom.ports[console].remote_port)
+
+    _export_then(source, monkeypatch, notify)
     m = migration(source, domid, destination)
-    assert m.run() is Phase.DONE, m.sender.error
+    assert m.run() is Phase.FAILED
+    assert "differs on the destination" in str(m.sender.error)
+    counts = _counts(source, domid)
+    assert _wait_for(lambda: int(counts[console]) == seen[0] + 1), (
+        f"console port: {int(counts[console])} events, expected "
+        f"{seen[0] + 1}"
+    )
 
 
-def test_held_events_reach_the_guest_on_rollback(
+def test_events_while_quiesced_are_in_memory_and_reach_the_guest_on_rollback(
     source, destination, migration, monkeypatch
 ):
-    domid = source.create_domain(guest_config())
+    """An event raised while the backends are quiesced is where Xen
+    puts it: the port's bit in shared info and evtchn_upcall_pending in
+    the vCPU's vcpu_info (guest RAM), not in a set of the host's. On
+    rollback the vector is asserted again when the vCPU runs."""
+    domid = source.create_domain(
+        base.DomainConfig(
+            name="one-vcpu",
+            memory_bytes=8 * MiB,
+            vcpus=1,
+            workload={"dirty_rate": 256 * 1024},
+        )
+    )
     console = source.get_hvm_params(domid)[hvm.HVM_PARAM_CONSOLE_EVTCHN]
     assert _wait_for(lambda: _unmasked(source, domid, console))
     dom = source.hv.domains[domid]
@@ -342,8 +552,9 @@ def test_held_events_reach_the_guest_on_rollback(
     def event_then_fail(d):
         seen.append(int(_counts(source, d)[console]))
         source.services.dom0_notify(dom.ports[console].remote_port)
-        # Held: not pending in the guest's shared info.
-        assert not dom.bits.test(evtchn.SHINFO_PENDING, console)
+        with dom.mem_lock():
+            assert dom.bits.test(evtchn.SHINFO_PENDING, console)
+            assert dom.bits.upcall_pending(0)
         raise base.HostError("injected after export", call="test")
 
     _export_then(source, monkeypatch, event_then_fail)
@@ -355,6 +566,40 @@ def test_held_events_reach_the_guest_on_rollback(
         f"console port: {int(counts[console])} events, expected "
         f"{seen[0] + 1}"
     )
+
+
+def test_a_backend_write_after_export_is_refused_not_lost(
+    source, destination, migration, monkeypatch
+):
+    """dom0 writing into the guest's backend area after the export (a
+    backend during the downtime): the write would not reach the copy
+    that goes on on the destination, so the source's xenstored refuses
+    it (EAGAIN) instead of taking it and losing it at commit. The
+    destination's store is the guest's own at once; on the source a
+    rollback thaws it (test_xenstore)."""
+    domid = source.create_domain(guest_config(devices=DEVICES, io_rate=50))
+    assert _wait_for(
+        lambda: len(source.guest_state(domid).frontends) == len(DEVICES)
+    )
+    dom = source.hv.domains[domid]
+    (vbd,) = [b for b in dom.backends.values() if b.kind == "vbd"]
+    path = f"{vbd.backend_path}/written-in-downtime"
+    refused = []
+
+    def write_after_export(d):
+        try:
+            source.services.xs.write(path, b"1")
+        except xs_wire.XenstoreError as exc:
+            refused.append(exc.name)
+
+    _export_then(source, monkeypatch, write_after_export)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert refused == ["EAGAIN"]
+    with pytest.raises(xs_wire.XenstoreError, match="ENOENT"):
+        destination.services.xs.read(path)
+    destination.services.xs.write(path, b"2")
+    assert destination.services.xs.read(path) == b"2"
 
 
 def _ram_digest(host, domid):

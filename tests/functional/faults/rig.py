@@ -537,6 +537,14 @@ class _HostService:
         if op == "incoming":
             journal = Journal.incoming_from_conf(self.conf)
             return [e.phase for e in journal.entries()]
+        if op == "guest_command":
+            domid, cmd, kwargs = args
+            return self.host.guest_command(domid, cmd, **kwargs)
+        if op == "dom0_errors":
+            return [
+                f"{type(e).__name__}: {e} (cause: {e.__cause__!r})"
+                for e in self.host.dom0_errors()
+            ]
         raise ValueError(f"unknown rig request {op!r}")
 
     def serve(self, conn: Any) -> None:
@@ -618,10 +626,26 @@ class HostServer:
         with contextlib.suppress(ProcessLookupError, TypeError):
             os.killpg(pid, signal.SIGKILL)
 
+    def dom0_errors(self) -> list[str]:
+        """What failed in this host's dom0 services and simulated
+        hypervisor (SimHost.dom0_errors), if its process still answers:
+        a host the fault killed has nothing more to say."""
+        if not self.alive or not hasattr(self, "client"):
+            return []
+        try:
+            return list(self.client._request("dom0_errors"))
+        except (EOFError, OSError):
+            return []
+
     def close(self) -> None:
         if hasattr(self, "client"):
             self.client.close()
         self.kill()
+
+
+class RigDom0Error(AssertionError):
+    """A host of the rig had a dom0 service or simulator failure: raised
+    by :meth:`Rig.close`, as the in-process fixtures raise theirs."""
 
 
 # -- the source engine process -------------------------------------------
@@ -1024,6 +1048,8 @@ class Rig:
         self.state_path = os.path.join(workdir, "state")
         #: The network of the last partition fault, if any.
         self.proxy: Proxy | None = None
+        #: The dom0 failures of the hosts, as "host: error" lines.
+        self.dom0_errors: list[str] = []
         self.source = HostServer("source", workdir)
         # Ports of this rig's own (runs of the suite may share a machine):
         # a port a dead engine freed must not go to another's migration.
@@ -1042,12 +1068,31 @@ class Rig:
             raise
 
     def close(self) -> None:
+        """Stop both hosts; then raise RigDom0Error if either (or a
+        destination restarted before) had a dom0 or simulator error."""
         if self.proxy is not None:
             self.proxy.close()
-        self.source.close()
-        self.destination.close()
+        try:
+            self._collect_dom0_errors(self.source)
+            self._collect_dom0_errors(self.destination)
+        finally:
+            self.source.close()
+            self.destination.close()
+        if self.dom0_errors:
+            raise RigDom0Error(
+                f"{len(self.dom0_errors)} dom0 failure(s) in the rig's "
+                f"hosts, the first: {self.dom0_errors[0]}"
+            )
+
+    def _collect_dom0_errors(self, host: HostServer) -> None:
+        self.dom0_errors += [
+            f"{host.name}: {e}"
+            for e in host.dom0_errors()
+            if f"{host.name}: {e}" not in self.dom0_errors
+        ]
 
     def restart_destination(self) -> None:
+        self._collect_dom0_errors(self.destination)
         self.destination.close()
         self.destination = HostServer(
             "destination", self.workdir, DESTINATION_OVERRIDES, self.ports

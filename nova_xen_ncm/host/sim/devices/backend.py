@@ -137,10 +137,12 @@ class Backend(abc.ABC):
     Driven by dom0: :meth:`start` once after :func:`add_device`,
     :meth:`handle_watch` on a watch event of :attr:`token`, and
     :meth:`service` on every notification of its port (its handler), and
-    :meth:`complete_requests` when its disk is done (dom0's tick): it
-    takes requests on events only. :meth:`service` first answers what it
-    took earlier and then takes the new requests, which stay in flight
-    until answered, as requests wait for a disk.
+    :meth:`complete_requests` when its disk is done (a completion the
+    backend queues on dom0's thread when it takes requests, as a block
+    device's interrupt does; no timer): it takes requests on events
+    only. :meth:`service` first answers what it took earlier and then
+    takes the new requests, which stay in flight until answered, as
+    requests wait for a disk.
     """
 
     kind: str = ""
@@ -323,7 +325,14 @@ class Backend(abc.ABC):
                     self.inflight.append(ring.get_request())
                     taken += 1
                 if not ring.final_check_for_requests():
-                    return taken
+                    break
+            if taken:
+                # The disk's completion: answered on dom0's thread after
+                # this handler (or at resume, if quiesced before).
+                self._evtchn.dom0_defer(
+                    f"disk completion of {self.key}", self.complete_requests
+                )
+            return taken
 
     def complete_requests(self) -> int:
         """Answer every request in flight, in order; notify the frontend

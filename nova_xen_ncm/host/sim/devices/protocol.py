@@ -108,7 +108,8 @@ class GrantMapper(Protocol):
 
 class Dom0Evtchn(Protocol):
     """dom0's event channels (``SimHost``): bind to a guest's port with a
-    handler run on every notification, send, close."""
+    handler run on every notification, send, close; and dom0's deferred
+    work (a disk's completion)."""
 
     def dom0_bind_interdomain(
         self, domid: int, port: int, handler: Callable[[int], None]
@@ -117,6 +118,10 @@ class Dom0Evtchn(Protocol):
     def dom0_notify(self, port: int) -> None: ...
 
     def dom0_close(self, port: int) -> None: ...
+
+    def dom0_defer(self, what: str, work: Callable[[], object]) -> None:
+        """Run ``work`` on dom0's event thread after the current handler
+        (a disk's completion)."""
 
 
 # -- ring entries ---------------------------------------------------------

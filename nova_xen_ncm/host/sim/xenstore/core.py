@@ -288,6 +288,10 @@ class XenstoreCore:
         # events queued for the requester after its reply.
         self._touched: dict[int, list[Message]] = {}
         self._after_reply: list[Message] = []
+        # domid -> the subtrees its export took (export_domain): until
+        # :meth:`thaw`, a change there would not reach the copy that
+        # goes on elsewhere, so it is refused (EAGAIN) instead of lost.
+        self._frozen: dict[int, tuple[str, ...]] = {}
         for path in ("/local", "/local/domain", "/tool"):
             self._create(None, path, b"", PRIVILEGED_DOMID, fire=False)
 
@@ -367,6 +371,7 @@ class XenstoreCore:
         with self._lock:
             conn = self._domain_conn(domid)
             del self._domains[domid]
+            self._frozen.pop(domid, None)
             self._conns.pop(conn.conn_id, None)
             for path in self._owned_tops(domid):
                 if path in self._tree:
@@ -384,6 +389,34 @@ class XenstoreCore:
             self._fire_special(RELEASE_DOMAIN, domid)
             calls = self._deliver_touched()
         self._run(calls)
+
+    def freeze(self, domid: int, roots: tuple[str, ...]) -> None:
+        """The domain's xenstore under ``roots`` was exported: refuse a
+        change there (EAGAIN, as for a transaction to retry) until
+        :meth:`thaw` (the migration rolled back, or the domain goes)."""
+        with self._lock:
+            self._frozen[domid] = tuple(roots)
+
+    def thaw(self, domid: int) -> None:
+        with self._lock:
+            self._frozen.pop(domid, None)
+
+    def _check_frozen(
+        self, paths: Iterable[str], subtree: bool = False
+    ) -> None:
+        """EAGAIN if a change at ``paths`` touches an exported area; with
+        ``subtree`` (an rm) also if an area lies under one of them."""
+        for path in paths:
+            for domid, roots in self._frozen.items():
+                if any(
+                    _in_area(path, r) or (subtree and _in_area(r, path))
+                    for r in roots
+                ):
+                    raise XenstoreError(
+                        "EAGAIN",
+                        f"{path}: dom{domid}'s xenstore was exported for "
+                        "migration; a change now would be lost",
+                    )
 
     def hold_output(self, domid: int, held: bool) -> None:
         """Hold (or release) what xenstored writes to a domain's ring:
@@ -558,6 +591,8 @@ class XenstoreCore:
                 tx = conn.transactions.get(msg.tx_id)
                 if tx is None:
                     raise XenstoreError("ENOENT", f"transaction {msg.tx_id}")
+            if self._frozen:
+                self._refuse_frozen(conn, tx, msg)
             payload = handler(self, conn, tx, msg)
             if len(payload) > XENSTORE_PAYLOAD_MAX:
                 raise XenstoreError("E2BIG", "reply too long")
@@ -570,6 +605,30 @@ class XenstoreCore:
             self._after_reply = []
             LOG.debug("xenstore: dom%d bad request: %s", conn.domid, exc)
             return xs_wire.error_reply(msg, "EINVAL")
+
+    def _refuse_frozen(
+        self, conn: Connection, tx: _Transaction | None, msg: Message
+    ) -> None:
+        """EAGAIN for a change under an exported domain's subtrees: a
+        write, mkdir, rm or set_perms outside a transaction, or the
+        commit of a transaction that changes one."""
+        if msg.type == XsType.TRANSACTION_END:
+            if tx is not None and msg.payload[:1] == b"T":
+                self._check_frozen(tx.overlay)
+            return
+        if tx is not None or msg.type not in (
+            XsType.WRITE,
+            XsType.MKDIR,
+            XsType.RM,
+            XsType.SET_PERMS,
+        ):
+            return
+        name = msg.payload.split(b"\0", 1)[0].decode("ascii", "replace")
+        if name.startswith("@"):
+            return
+        self._check_frozen(
+            [self._canon(conn, name)], subtree=msg.type == XsType.RM
+        )
 
     # -- paths and permissions ------------------------------------------
 

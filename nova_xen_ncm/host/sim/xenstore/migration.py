@@ -66,6 +66,7 @@ class MigrationOps:
         areas: Collection[str] = (),
         *,
         strict: bool = True,
+        freeze: bool = False,
     ) -> XenstoreState:
         """The domain's xenstore for migration: its home subtree and the
         ``areas`` subtrees (parents first, with permissions), the watches
@@ -77,7 +78,9 @@ class MigrationOps:
         if a reply or a streamed request is still on its way (carrying it
         is not part of XenstoreState); the guest must be paused with its
         ring served. ``strict=False`` skips that check, for observing a
-        running guest.
+        running guest. ``freeze``: the export is the one a migration
+        carries; changes to what it took are refused until
+        :meth:`thaw`.
         """
         with self._lock:
             conn = self._domain_conn(domid)
@@ -117,6 +120,9 @@ class MigrationOps:
             )
             if conn.outbox and conn.outbox[0][1]:
                 pending = pending[conn.out_offset :]
+            if freeze:
+                # What changes there from now on would not go with it.
+                self.freeze(domid, (conn.home, *areas))
             return XenstoreState(
                 nodes=tuple(nodes),
                 watches=watches,

@@ -383,7 +383,7 @@ def test_pv_drivers_signal_and_placements(idle):
     assert types == [EvtchnType.INTERDOMAIN, EvtchnType.INTERDOMAIN]
     # A guest process that dies is a crashed domain.
     host.unpause(plain)
-    proc = host.hv.domains[plain].proc
+    proc = host.hv.domains[plain].process.proc
     proc.kill()
     proc.wait()
     assert host.domain_info(plain).state == base.DomainState.CRASHED

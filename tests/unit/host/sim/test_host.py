@@ -270,9 +270,9 @@ def _digest_reads(host, monkeypatch) -> list[int]:
     read: list[int] = []
     blocks = type(host.digest)._digest_blocks
 
-    def spy(dom, indices, mask):
+    def spy(cache, indices, mask):
         read.extend(indices)
-        return blocks(dom, indices, mask)
+        return blocks(cache, indices, mask)
 
     monkeypatch.setattr(type(host.digest), "_digest_blocks", staticmethod(spy))
     return read
@@ -283,7 +283,7 @@ def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
     host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
     # Restored: the cache is no longer kept warm behind the test's back.
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     write(a, slice(0x100, 0x4100), 7)
     first = host.memory_digest(1)
@@ -294,7 +294,7 @@ def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
     # One block read again, not the 16384 pages.
     assert read == [0x2345 // sim_digest._DIGEST_BLOCK]
     # The same as a digest that reads everything.
-    a.digest_started = False
+    host.digest.cache(a).started = False
     assert host.memory_digest(1) == second
 
 
@@ -302,11 +302,11 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
     host, monkeypatch
 ):
     a = empty(host, 1, mb=80)
-    while not a.digest_started:
+    while not host.digest.cache(a).started:
         time.sleep(0.01)
     # The warming thread stopped, so that only the closing thread reads.
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     a.booted = False
     read = _digest_reads(host, monkeypatch)
@@ -325,7 +325,7 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
         read.clear()
     digest = host.memory_digest(1)
     assert read == []
-    a.digest_started = False
+    host.digest.cache(a).started = False
     assert host.memory_digest(1) == digest
 
 
@@ -336,7 +336,7 @@ def test_a_paused_guest_is_digested_as_a_migration_reads_it(
     pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
     host.populate(1, pfns)
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     write(a, slice(0x100, 0x4100), np.arange(4096) % 251)
     write(a, slice(0x800, 0x900), 0)
@@ -359,7 +359,7 @@ def test_a_paused_guest_is_digested_as_a_migration_reads_it(
     assert second != first
     assert read == [0x2345 // sim_digest._DIGEST_BLOCK]
     # The same as a digest that reads everything.
-    a.digest_started = False
+    host.digest.cache(a).started = False
     assert host.memory_digest(1) == second
     # A running guest's reads are left to the warming thread.
     read.clear()
@@ -377,7 +377,7 @@ def test_the_checkers_reads_leave_the_digest_as_it_was(host, monkeypatch):
     pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
     host.populate(1, pfns)
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     write(a, slice(0x100, 0x4100), np.arange(4096) % 251)
     host.enable_log_dirty(1)
@@ -398,18 +398,18 @@ def test_memory_digest_of_a_pass_in_parts_sees_later_writes(host):
     a = empty(host, 1, mb=80)
     host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     # Pages in two blocks, so that a pass of one block leaves one.
     write(a, slice(0x100, 0x100 + 2 * sim_digest._DIGEST_BLOCK), 3)
-    a.digest_started = False
+    host.digest.cache(a).started = False
     # Part of a first pass, as the warming thread does it; then a page
     # that was a hole is written in a block not read yet.
-    with a.digest_lock:
+    with host.digest.cache(a).lock:
         assert host.digest.refresh(a, limit=1)
     write(a, 0x3FFF, 5)
     parts = host.memory_digest(1)
-    a.digest_started = False
+    host.digest.cache(a).started = False
     assert host.memory_digest(1) == parts
 
 
@@ -445,7 +445,7 @@ def test_a_spare_guest_process_becomes_the_next_domain(conf) -> None:
         dom = h.hv.domains[domid]
         # The guest runs in the process started ahead, and another one
         # is started for the next domain once this one runs.
-        assert dom.proc is first_spare
+        assert dom.process.proc is first_spare
         _replenished(h)
         spare = h.guests.spare
         assert spare is not None and spare[0] is not first_spare
@@ -471,7 +471,7 @@ def test_a_dead_spare_is_replaced_by_a_fresh_process(conf) -> None:
         domid = h.create_domain(
             base.DomainConfig(name="g", memory_bytes=16 << 20, vcpus=1)
         )
-        assert h.hv.domains[domid].proc is not dead
+        assert h.hv.domains[domid].process.proc is not dead
         assert h.domain_info(domid).state is base.DomainState.RUNNING
     finally:
         h.close()
@@ -611,7 +611,7 @@ def test_memory_digest_matches_its_page_by_page_definition(host):
     pfns = np.unique(rng.integers(0x100, 0x1000, 600)).astype(np.uint64)
     host.populate(1, pfns)
     a.booted = True
-    while a.warming:
+    while host.digest.cache(a).warming:
         time.sleep(0.01)
     # Runs, single pages, zero pages among them, several blocks apart.
     write(a, pfns[::2], 0x11)
@@ -728,7 +728,7 @@ def test_an_unpause_that_failed_on_one_backend_releases_the_rest_after(
     host.quiesce_backends(domid)
     dom = host.hv.domains[domid]
     # As after an import: the backends are held until the guest runs.
-    dom.backends_held = True
+    host.services.record(dom).held = True
     first, second = list(dom.backends.values())
     calls = []
     real = first.resume
@@ -742,11 +742,11 @@ def test_an_unpause_that_failed_on_one_backend_releases_the_rest_after(
     first.resume = flaky
     with pytest.raises(base.HostError, match=f"{first.key} cannot resume"):
         host.unpause(domid)
-    assert second.quiesced and dom.backends_held
+    assert second.quiesced and host.services.record(dom).held
     host.unpause(domid)
     assert len(calls) == 2
     assert not first.quiesced and not second.quiesced
-    assert not dom.backends_held
+    assert not host.services.record(dom).held
     assert host.domain_info(domid).state is base.DomainState.RUNNING
     host.destroy_domain(domid, delete_disks=True)
 
@@ -811,6 +811,82 @@ def test_hypercalls_are_a_table_not_attribute_names(host):
             host.hv.hypercall(a, op, {})
         assert e.value.errno == errno.ENOSYS, op
     assert host.hv.hypercall(a, "hvm_get_param", {"index": 1}) == 0
+
+
+def test_hypercall_handler_bugs_are_not_errnos(host):
+    """Only the errors Xen returns reach the guest as errnos: a handler
+    raising anything else (here a malformed request, a TypeError) is a
+    simulator error kept for the host's owner, not an EINVAL that would
+    pass for Xen's answer."""
+    import socket
+
+    from nova_xen_ncm.host.sim import ipc
+    from nova_xen_ncm.host.sim.hypervisor import SimError
+
+    a = empty(host, 1)
+    mine, theirs = socket.socketpair()
+    server = threading.Thread(
+        target=host.hv.serve_hypercalls, args=(a, theirs)
+    )
+    server.start()
+    try:
+        # An error of Xen's: closing a port not in use is -EINVAL.
+        ipc.send(mine, {"op": "evtchn_close", "args": {"port": 9}})
+        assert ipc.recv(mine)["err"] == -errno.EINVAL
+        assert host.dom0_errors() == []
+        # A handler that raises TypeError: no errno, kept as a SimError.
+        ipc.send(mine, {"op": "evtchn_close", "args": {"prt": 9}})
+        reply = ipc.recv(mine)
+        assert reply["err"] == 0 and "simulator error" in reply["msg"]
+        (error,) = host.dom0_errors()
+        assert isinstance(error, SimError)
+        assert isinstance(error.__cause__, TypeError)
+        with pytest.raises(sim_host.Dom0Error, match="evtchn_close"):
+            host.raise_dom0_errors()
+    finally:
+        mine.close()
+        server.join(5)
+        theirs.close()
+    host.hv.errors.clear()  # seen: the fixture's own check passes
+
+
+def test_the_hypervisors_domain_keeps_only_the_hypervisors_state(host):
+    """struct domain's part only: dom0's records (ports, backends,
+    disks, restore state), the guest process's channels and the digest
+    cache are kept by the layers that own them."""
+    a = empty(host, 1)
+    kept = set(vars(a))
+    for moved in (
+        "backends",
+        "backends_quiesced",
+        "backends_held",
+        "released_backends",
+        "dom0_ports",
+        "dom0_store_port",
+        "disks",
+        "disks_here",
+        "detached_ring",
+        "held_ports",
+        "proc",
+        "ctl",
+        "hc",
+        "send_lock",
+        "request_lock",
+        "next_id",
+        "digest_lock",
+        "digest_blocks",
+        "digest_started",
+        "digest_pending",
+        "digest_mask",
+        "warming",
+    ):
+        assert moved not in kept, moved
+    rec = host.services.record(a)
+    assert rec is host.services.record(a) and not rec.held
+    # The old spelling reads dom0's record.
+    assert a.backends is rec.backends and a.disks is rec.disks
+    assert host.digest.cache(a) is host.digest.cache(a)
+    assert a.process is None
 
 
 def test_locks_taken_out_of_order_are_found():

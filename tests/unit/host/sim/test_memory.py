@@ -170,3 +170,43 @@ def test_a_previous_process_armed_state_is_reset():
         assert int(mem.header[memory._HDR_TRACKER_ADDR]) == 0
     finally:
         mem.close()
+
+
+def test_close_waits_for_a_lock_holder_and_later_lockers_are_refused():
+    """A domain's memory closed in the background while a thread of the
+    host holds its lock (a dom0 handler, the digest cache): the close
+    waits for it, so the holder's unlock is not a lockf on a closed
+    descriptor (EBADF), and a later locker gets MemoryClosed, not a
+    lockf on a descriptor number another file may have taken since."""
+    import threading
+
+    mem = GuestMemory.create(16, "test-close-race")
+    entered = threading.Event()
+    release = threading.Event()
+    failures = []
+
+    def hold():
+        try:
+            with mem.lock():
+                entered.set()
+                release.wait(10)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert entered.wait(10)
+    closer = threading.Thread(target=mem.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close did not wait for the lock holder"
+    release.set()
+    holder.join(10)
+    closer.join(10)
+    assert not closer.is_alive()
+    assert failures == []
+    assert mem.closed and mem.ctl_fd == -1
+    with pytest.raises(memory.MemoryClosed):
+        with mem.lock():
+            pass
+    mem.close()  # a second close does nothing

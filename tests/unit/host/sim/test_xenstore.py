@@ -749,3 +749,44 @@ def test_held_output_is_exported_not_written_then_released():
     xs.service_ring(9)
     assert xs_wire.ring_read(page, xs_wire.Ring.RSP, 4096) == event
     assert notified
+
+
+def test_a_change_after_a_migrations_export_is_refused_not_lost(store):
+    """After the export a migration carries, a change to what it took
+    (the guest's home, its backend areas) would be lost when the copy
+    elsewhere is committed: xenstored refuses it with EAGAIN, outside a
+    transaction or at a transaction's commit, until thawed (rollback or
+    the domain going). Elsewhere writes go on; reads too."""
+    xs, dom0, guest, other = store
+    back = f"/local/domain/0/backend/vbd/{GUEST}/51712"
+    write(xs, dom0, f"{back}/state", "4")
+    write(xs, dom0, f"{HOME}/data/x", "1")
+    xs.export_domain(GUEST, areas=[back], freeze=True)
+    # A backend writing during the downtime, the toolstack, a relative
+    # path of the guest's own.
+    assert err(xs, dom0, XsType.WRITE, raw=f"{back}/state\x005".encode()) == (
+        "EAGAIN"
+    )
+    assert err(xs, dom0, XsType.MKDIR, f"{HOME}/new") == "EAGAIN"
+    assert err(xs, dom0, XsType.RM, f"{HOME}/data/x") == "EAGAIN"
+    assert err(xs, dom0, XsType.SET_PERMS, f"{HOME}/data", "n0") == "EAGAIN"
+    assert err(xs, guest, XsType.WRITE, raw=b"data/x\x002") == "EAGAIN"
+    tx = int(ok(xs, dom0, XsType.TRANSACTION_START, "").rstrip(b"\0"))
+    write(xs, dom0, f"{HOME}/data/y", "1", tx=tx)
+    assert err(xs, dom0, XsType.TRANSACTION_END, "T", tx=tx) == "EAGAIN"
+    # Removing a parent would remove what was exported with it.
+    assert err(xs, dom0, XsType.RM, "/local/domain/0/backend/vbd") == (
+        "EAGAIN"
+    )
+    tx = int(ok(xs, dom0, XsType.TRANSACTION_START, "").rstrip(b"\0"))
+    ok(xs, dom0, XsType.RM, f"/local/domain/0/backend/vbd/{GUEST}", tx=tx)
+    assert err(xs, dom0, XsType.TRANSACTION_END, "T", tx=tx) == "EAGAIN"
+    # Nothing changed; other domains' nodes and reads are untouched.
+    assert read(xs, dom0, f"{back}/state") == b"4"
+    assert read(xs, dom0, f"{HOME}/data/x") == b"1"
+    write(xs, other, "data/z", "1")
+    # A migration export without freeze (observing) does not freeze.
+    xs.thaw(GUEST)
+    xs.export_domain(GUEST, areas=[back])
+    write(xs, dom0, f"{back}/state", "5")
+    assert read(xs, dom0, f"{back}/state") == b"5"
