@@ -17,9 +17,11 @@ proved:
 
 Anything else is refused in the handshake and closed: another
 migration's connection, a channel not expected, a RESUME of a channel that
-did not drop. Before the control channel, a wrong proof for this
-migration ends the wait (the token is good for one attempt); after it, a
-failed handshake costs its own connection only.
+did not drop. A failed handshake costs its own connection only, before
+the control channel as after it: the migration id is no secret, so a
+peer that did not prove it holds the token (a wrong proof, a version
+nobody speaks, TLS that fails) cannot end the wait for the source. The
+wait ends at ``accept_timeout`` naming the last such failure.
 """
 
 from __future__ import annotations
@@ -53,16 +55,6 @@ _CAPABILITIES = (
     messages.Capability.LZ4.value,
     messages.Capability.MULTI_CHANNEL.value,
 )
-# Refusals of this migration's own connection: the source holds a wrong
-# token or speaks no common version, and the attempt is over.
-_FATAL = frozenset(
-    {
-        messages.RefuseReason.AUTHENTICATION.value,
-        messages.RefuseReason.VERSION.value,
-    }
-)
-
-
 def _shut(sock: object) -> None:
     """Wake whatever reads ``sock`` (a TLS handshake included)."""
     with contextlib.suppress(OSError, ValueError):
@@ -107,8 +99,7 @@ class Acceptor:
         # The control channel: None, then the channel until taken.
         self._control: Channel | None = None
         self._control_routed = not source
-        # What ends the wait for the source, and the last stray failure.
-        self._failure: Exception | None = None
+        # The last failed handshake while the source is awaited.
         self._stray: Exception | None = None
         # Data channels: how many SETUP announced, those connected, and
         # whether the receiver took them.
@@ -130,15 +121,13 @@ class Acceptor:
 
     def control(self, until: float) -> Channel | None:
         """The source's control channel; None once the listener is
-        closed. Raises the failure that ended the wait, or a transport
-        error at the monotonic time ``until``."""
+        closed. Raises, at the monotonic time ``until``, the last failed
+        handshake or a transport error."""
         with self._cond:
             while True:
                 if self._control is not None:
                     channel, self._control = self._control, None
                     return channel
-                if self._failure is not None:
-                    raise self._failure
                 if self.listener.closed or self._closed:
                     return None
                 left = until - time.monotonic()
@@ -358,12 +347,12 @@ class Acceptor:
         )
 
     def _failed(self, peer: object, exc: Exception) -> None:
+        # Recorded once, here (TLS failures included).
         self.listener.rejected.append((str(peer), str(exc)))
         with self._cond:
             waiting = not self._control_routed
-            if waiting and isinstance(exc, Refused) and exc.code in _FATAL:
-                self._failure = exc
-            elif waiting:
+            if waiting:
+                # Not authenticated: it cannot end the wait.
                 self._stray = exc
             self._cond.notify_all()
         LOG.warning(

@@ -107,7 +107,8 @@ def verdict_of(status: messages.Status) -> Verdict:
 
 class CommitQuery:
     """The commit query of ``migration_id`` to the destination at
-    ``endpoint``, authenticated with ``token`` (TLS as configured)."""
+    ``endpoint``, authenticated with ``token`` (TLS as configured), from
+    ``source_address`` when given."""
 
     def __init__(
         self,
@@ -115,10 +116,13 @@ class CommitQuery:
         endpoint: tuple[str, int],
         migration_id: str,
         token: bytes,
+        source_address: str | None = None,
     ) -> None:
         self.conf = conf
         self.opts = conf.xen_ncm
         self.endpoint = (endpoint[0], int(endpoint[1]))
+        # From the address the destination admits (the announced one).
+        self.source_address = source_address
         self.migration_id = migration_id
         self.token = token
 
@@ -129,6 +133,7 @@ class CommitQuery:
             io_timeout=self.opts.io_timeout,
             max_data=self.opts.max_frame_bytes,
             tls=transport.tls_context(self.conf, server=False),
+            source_address=self.source_address,
         )
         try:
             channel.client_handshake(self.migration_id, self.token)

@@ -129,7 +129,11 @@ class Outcome:
 
 def _coordinator(entry: Entry, conf: cfg.ConfigOpts) -> commit.CommitQuery:
     return commit.CommitQuery(
-        conf, entry.endpoint, entry.migration_id, entry.token_bytes
+        conf,
+        entry.endpoint,
+        entry.migration_id,
+        entry.token_bytes,
+        entry.source_address or None,
     )
 
 

@@ -76,6 +76,9 @@ class Sender:
     """Migrates guest ``domid`` of ``host`` to the destination listening at
     ``endpoint``, authenticated with the one-time ``token``.
 
+    ``source_address``: the address this host announced to the
+    destination (which admits it only); every connection leaves from it.
+
     :meth:`run` does the whole migration in the calling thread and returns
     the final phase; :meth:`cancel` and :meth:`force_complete` may be
     called from any other thread and take effect within one round.
@@ -93,6 +96,7 @@ class Sender:
         policy: policies.Policy | None = None,
         sinks: Iterable[ProgressSink] = (),
         clock: Callable[[], float] = time.monotonic,
+        source_address: str | None = None,
     ) -> None:
         if conf is None:
             from nova_xen_ncm.conf import CONF as conf
@@ -123,6 +127,7 @@ class Sender:
                 running=True,
                 uuid=self.info.uuid,
                 boot_id=host.boot_id(),
+                source_address=source_address or "",
             ),
         )
         self.state = MigrationState(
@@ -140,11 +145,14 @@ class Sender:
             token,
             count=self.opts.channels,
             clock=clock,
+            source_address=source_address,
         )
         self.coordinator = commit.Coordinator(
             conf,
             self.data,
-            commit.CommitQuery(conf, endpoint, migration_id, token),
+            commit.CommitQuery(
+                conf, endpoint, migration_id, token, source_address
+            ),
         )
         self.stats = MigrationStats(
             migration_id, self.info.memory_bytes, clock=clock

@@ -104,6 +104,7 @@ class Migration:
         source_hooks=None,
         destination_hooks=None,
         receiver_class=Receiver,
+        source_address=None,
     ):
         migration_id = str(uuid.uuid4())
         token = handshake.generate_token()
@@ -115,6 +116,7 @@ class Migration:
             token,
             conf=conf,
             sinks=[self.destination_events],
+            **({"source_address": source_address} if source_address else {}),
         )
         self.sender = Sender(
             source,
@@ -125,6 +127,7 @@ class Migration:
             conf=conf,
             policy=policy,
             sinks=[self.source_events],
+            source_address=source_address,
         )
         self._thread = threading.Thread(
             target=self.receiver.run, name="receiver", daemon=True

@@ -2,6 +2,7 @@
 resumed and commit query connections routed by what they proved, and
 everything else refused."""
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -113,10 +114,63 @@ def test_the_first_auth_of_channel_0_is_the_control_channel(acceptor):
     server.close()
 
 
-def test_a_wrong_token_before_the_control_channel_ends_the_wait(acceptor):
+def test_a_peer_without_the_token_cannot_end_the_wait_for_the_source(
+    acceptor,
+):
+    # The migration id is no secret: a peer that knows it and fails the
+    # proof (or names a version nobody speaks) costs its own connection,
+    # and the source, which holds the token, still gets in.
     refused(acceptor, messages.RefuseReason.AUTHENTICATION, token=b"x" * 32)
-    with pytest.raises(Refused, match="authentication"):
-        acceptor.control(soon())
+    assert not acceptor.finished.is_set()
+    client, _ = connect(acceptor)
+    server = acceptor.control(soon())
+    assert server.connection.hello.channel == 0
+    server.close()
+    client.close()
+
+
+def test_without_the_source_the_wait_ends_naming_the_last_failure(
+    acceptor,
+):
+    refused(acceptor, messages.RefuseReason.AUTHENTICATION, token=b"x" * 32)
+    with pytest.raises(Refused, match="wrong token proof"):
+        acceptor.control(time.monotonic() + 0.5)
+
+
+def test_a_failed_tls_handshake_is_recorded_once(conf, destination, tls_files):
+    tls_files.enable(conf)
+    listener = Listener(
+        "127.0.0.1",
+        0,
+        0,
+        accept_timeout=TIMEOUT,
+        tls=transport.tls_context(conf, server=True),
+        handshake_timeout=2.0,
+    )
+    acceptor = Acceptor(
+        listener,
+        MIGRATION,
+        TOKEN,
+        conf,
+        status=destination.status,
+        on_finished=destination.on_finished,
+    )
+    try:
+        # Plain TCP speaking no TLS: the server's handshake fails.
+        with socket.create_connection(listener.address, timeout=TIMEOUT) as s:
+            s.sendall(b"not a TLS client hello" * 4)
+            s.settimeout(TIMEOUT)
+            with contextlib.suppress(OSError):
+                s.recv(1)
+        until = time.monotonic() + TIMEOUT
+        while not listener.rejected and time.monotonic() < until:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert len(listener.rejected) == 1, listener.rejected
+        assert "TLS handshake failed" in listener.rejected[0][1]
+    finally:
+        acceptor.close()
+        listener.close()
 
 
 def test_another_migration_is_refused_and_the_source_still_awaited(
