@@ -55,6 +55,8 @@ _CAPABILITIES = (
     messages.Capability.LZ4.value,
     messages.Capability.MULTI_CHANNEL.value,
 )
+
+
 def _shut(sock: object) -> None:
     """Wake whatever reads ``sock`` (a TLS handshake included)."""
     with contextlib.suppress(OSError, ValueError):

@@ -541,11 +541,18 @@ class Sender:
             if index:
                 data.flush_channel(index)
 
+        # Once every channel's pages were acknowledged, a retry resumes
+        # channel 0 only; the final flush's sequence once sent.
+        pages_done = [False]
+        final_flush: list[int | None] = [None]
+
         def attempt() -> None:
             data.reconnect()
             # The PV state is imported at the stream's end: every page
             # must be in place by then, whichever channel carried it.
-            data.on_channels(share)
+            if not pages_done[0]:
+                data.on_channels(share)
+                pages_done[0] = True
             try:
                 data.send_numbered(0, state, pages=False)
                 if self._digests is None:
@@ -554,6 +561,9 @@ class Sender:
                     self._digests = guest_digests(
                         self.host.guest_state(self.domid, items), items
                     )
+                if self._flush_applied(final_flush[0]):
+                    return
+                final_flush[0] = data.control.connection.last_seq + 1
                 data.flush()
             except TransportError:
                 data.close(0)
@@ -566,6 +576,20 @@ class Sender:
             deadline=data.deadline,
             on_retry=self._on_retry,
         )
+
+    def _flush_applied(self, seq: int | None) -> bool:
+        """Whether the destination applied the final flush ``seq`` (its
+        ACK was lost with the connection): the resumed channel goes on
+        after it, and READY comes on the new connection."""
+        if seq is None or self.data.control.connection.last_seq < seq:
+            return False
+        LOG.info(
+            "Migration %s: the final flush was applied; its "
+            "acknowledgement was lost with the connection",
+            self.migration_id,
+        )
+        self.data.acked_by[0] = seq
+        return True
 
     def _restore(self) -> None:
         ready = expect(self.data.receive(), messages.Ready)

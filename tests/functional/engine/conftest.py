@@ -143,7 +143,14 @@ class Migration:
 
 @pytest.fixture
 def migration(conf):
-    def make(source, domid, destination, **kwargs):
-        return Migration(conf, source, domid, destination, **kwargs)
+    made = []
 
-    return make
+    def make(source, domid, destination, **kwargs):
+        made.append(Migration(conf, source, domid, destination, **kwargs))
+        return made[-1]
+
+    yield make
+    # A destination whose source never acknowledged answers on after
+    # run(): the engine stops with the test.
+    for m in made:
+        m.receiver.close()

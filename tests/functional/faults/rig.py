@@ -516,8 +516,12 @@ class _HostService:
                 str(self.receiver.error or ""),
             )
         if op == "restart_engine":
-            # The destination engine restarted: it settles its journal
-            # and answers the sources' commit queries for a while.
+            # The destination engine restarted: what the old one still
+            # ran (its answers after a migration) is gone; the new one
+            # settles its journal and answers the sources' commit
+            # queries for a while.
+            if self.receiver is not None and not self.engine_dead:
+                self.receiver.close()
             journal = Journal.incoming_from_conf(self.conf)
             outcomes = recovery.recover_incoming(self.host, journal)
             threading.Thread(
