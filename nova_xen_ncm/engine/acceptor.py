@@ -112,6 +112,9 @@ class Acceptor:
         # connections not yet taken.
         self._dropped: set[int] = set()
         self._resumed: dict[int, Channel] = {}
+        # Set on the first commit query: the source asks for the outcome
+        # (it sent COMMIT, or rolled back) and resumes nothing any more.
+        self._queried = False
         self._thread = threading.Thread(
             target=self._loop,
             name=f"migration-{migration_id}-accept",
@@ -179,6 +182,11 @@ class Acceptor:
                     if channel is not None:
                         return channel
                     left = until - time.monotonic()
+                    if self._queried:
+                        raise TransportError(
+                            f"channel {index} will not be resumed: the "
+                            "source asks for the outcome instead"
+                        )
                     if left <= 0 or over.is_set() or self._closed:
                         raise TransportError(
                             f"channel {index} was not resumed in time"
@@ -382,6 +390,9 @@ class Acceptor:
                     self._resumed[index] = channel
             elif index == 0:
                 if self._control_routed:
+                    # A commit query: no waiter for a resume waits on.
+                    self._queried = True
+                    self._cond.notify_all()
                     return False
                 self._control_routed = True
                 self._control = channel

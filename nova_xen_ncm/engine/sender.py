@@ -592,7 +592,7 @@ class Sender:
         return True
 
     def _restore(self) -> None:
-        ready = expect(self.data.receive(), messages.Ready)
+        ready = self._await_ready()
         theirs = digest.parse_digests(ready.digest)
         mine = self._digests
         differ = sorted(k for k in mine if theirs.get(k) != mine[k])
@@ -601,6 +601,34 @@ class Sender:
                 f"guest-visible state differs on the destination: "
                 f"{', '.join(differ)}"
             )
+
+    def _await_ready(self) -> messages.Ready:
+        """The destination's READY. A control channel that drops before
+        it is resumed (RESUME, within the downtime budget): the
+        destination, which waits for COMMIT until then, sends READY
+        again on the new connection."""
+        data = self.data
+
+        def attempt() -> messages.Ready:
+            if data.control is None:
+                data.channels[0] = data.connect(
+                    last_acked=data.acked_by[0], index=0
+                )
+            try:
+                return expect(data.receive(), messages.Ready)
+            except TransportError:
+                data.close(0)
+                raise
+
+        return retry.call(
+            attempt,
+            what="wait for READY",
+            budget=retry.RetryBudget.from_conf(
+                self.conf, retry.Step.TRANSFER
+            ),
+            deadline=data.deadline,
+            on_retry=self._on_retry,
+        )
 
     # -- commit --
 

@@ -3,6 +3,7 @@ rollback when the destination fails before COMMIT."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -182,3 +183,27 @@ def test_answers_end_once_an_operator_resolved_the_entry(
     assert not m.receiver.answering.is_alive()
     with pytest.raises(EngineError):
         query.once()
+
+
+def test_commit_lost_in_a_drop_lets_the_source_resume_at_once(
+    source, destination, migration, conf
+):
+    # The destination waits for a resume of the control channel until
+    # COMMIT; a source that lost COMMIT in the drop asks instead, and
+    # that ends the wait: the destination rolls back and says so within
+    # the source's query window (2 s here), not after its own waits.
+    conf.set_override("downtime_budget", 30.0, group="xen_ncm")
+    conf.set_override("transfer_retry_timeout", 30.0, group="xen_ncm")
+    domid = source.create_domain(guest_config())
+
+    def drop(event):
+        m.sender.data.control.sock.shutdown(socket.SHUT_RDWR)
+
+    m = migration(
+        source, domid, destination, source_hooks={("state", "commit"): drop}
+    )
+    assert m.run() is Phase.FAILED, m.sender.state.reason(Phase.IN_DOUBT)
+    assert "never unpaused" in m.sender.state.reason(Phase.FAILED)
+    assert "asks for the outcome" in str(m.receiver.error)
+    assert state_of(source, domid) == base.DomainState.RUNNING
+    assert state_of(destination, domid) is None

@@ -223,6 +223,31 @@ def test_a_lost_ack_of_the_final_flush_resumes_instead_of_rolling_back(
     assert not running_on(source, domid)
 
 
+def test_a_drop_while_waiting_for_ready_resumes_the_control_channel(
+    conf, source, destination, migration
+):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination, policy=stop_after(1))
+    ready = m.receiver._ready
+    dropped = []
+
+    def drop_then_ready(restorer):
+        # The stream is complete and acknowledged; the connection breaks
+        # before READY goes out.
+        message = ready(restorer)
+        if not dropped:
+            dropped.append(m.receiver._channel)
+            m.receiver._channel.sock.shutdown(socket.SHUT_RDWR)
+        return message
+
+    m.receiver._ready = drop_then_ready
+    assert m.run() is Phase.DONE, m.sender.error
+    retries = [e for e in m.source_events.events if e.kind.value == "retry"]
+    assert [e.detail["what"] for e in retries] == ["wait for READY"]
+    assert running_on(destination, domid)
+    assert not running_on(source, domid)
+
+
 def test_stop_and_copy_memory_is_bounded_by_batches_not_the_guest(
     conf, source, destination, migration
 ):
