@@ -623,9 +623,7 @@ class Sender:
         return retry.call(
             attempt,
             what="wait for READY",
-            budget=retry.RetryBudget.from_conf(
-                self.conf, retry.Step.TRANSFER
-            ),
+            budget=retry.RetryBudget.from_conf(self.conf, retry.Step.TRANSFER),
             deadline=data.deadline,
             on_retry=self._on_retry,
         )
