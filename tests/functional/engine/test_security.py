@@ -269,6 +269,9 @@ def test_replayed_stream_is_refused_by_a_new_migration(
     # Replay it all into a new migration of the same id and even the same
     # token (a token is one-time: the worst case) on a third host.
     other = SimHost("other", conf)
+    # The replay fails its proof; the destination waits on for a source
+    # that holds the token until accept_timeout, then names the refusal.
+    conf.set_override("accept_timeout", 2.0, group="xen_ncm")
     try:
         replayed = Receiver(
             other, m.receiver.migration_id, m.sender.token, conf=conf
