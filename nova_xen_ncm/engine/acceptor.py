@@ -429,6 +429,10 @@ class Acceptor:
                         channel.send(self._settled(deadline))
                     elif isinstance(message, messages.Finished):
                         self._finish()
+                        if self.finished.is_set():
+                            # Taken: confirmed, so the source knows it
+                            # was not lost.
+                            channel.send(self.status())
                         return
                     else:
                         return

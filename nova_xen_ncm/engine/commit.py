@@ -188,8 +188,9 @@ class CommitQuery:
 
     def acknowledge(self) -> bool:
         """FINISHED on a new connection: the outcome is acted on and
-        recorded here. Best effort: unacknowledged, the destination keeps
-        answering the same."""
+        recorded here. Whether the destination confirmed it. Best
+        effort: unacknowledged, the destination keeps answering the
+        same."""
         try:
             channel = self._connect()
         except (EngineError, OSError) as exc:
@@ -199,15 +200,28 @@ class CommitQuery:
                 exc,
             )
             return False
-        try:
-            channel.send(messages.Finished())
-            # The destination closes once it has forgotten.
-            channel.receive()
-        except (EngineError, OSError) as exc:
-            LOG.debug("Final acknowledgement: %s", exc)
-        finally:
-            channel.close()
+        with channel:
+            return finish(channel, self.opts.io_timeout, self.migration_id)
+
+
+def finish(channel: Channel, timeout: float, migration_id: str) -> bool:
+    """FINISHED on ``channel``, and whether the destination confirmed
+    it: once it has taken it (and forgotten the migration) it answers
+    with its STATUS. Sent and not confirmed, it may have been lost."""
+    try:
+        channel.send(messages.Finished())
+        channel.sock.settimeout(timeout)
+        reply = channel.receive()
+    except (EngineError, OSError, ValueError) as exc:
+        reply = exc
+    if isinstance(reply, messages.Status):
         return True
+    LOG.info(
+        "Migration %s: final acknowledgement not confirmed: %s",
+        migration_id,
+        reply,
+    )
+    return False
 
 
 class Coordinator:
@@ -252,22 +266,20 @@ class Coordinator:
             self.data.close()
             return self.query.ask(on_retry=on_retry)
 
-    def acknowledge(self) -> None:
-        """The final acknowledgement: FINISHED on the control channel, or
-        on a new connection once it is gone."""
+    def acknowledge(self) -> bool:
+        """The final acknowledgement: FINISHED on the control channel,
+        confirmed by the destination's STATUS; without that
+        confirmation, again on a new connection (a lost FINISHED would
+        keep the destination answering for nothing). Whether confirmed."""
         channel = self.data.control
         if channel is not None:
-            try:
-                channel.send(messages.Finished())
-                return
-            except (EngineError, OSError) as exc:
-                LOG.info(
-                    "Migration %s: FINISHED on the control channel: %s",
-                    self.migration_id,
-                    exc,
-                )
-                self.data.close()
-        self.query.acknowledge()
+            confirmed = finish(
+                channel, self.opts.io_timeout, self.migration_id
+            )
+            self.data.close()
+            if confirmed:
+                return True
+        return self.query.acknowledge()
 
     def fence(
         self,
@@ -297,12 +309,12 @@ class Coordinator:
                 )
                 if told and fence and not confirmed:
                     confirmed = self._await_teardown(since)
-            if confirmed:
-                self._best_effort(
-                    "acknowledge the teardown",
-                    channel.send,
-                    messages.Finished(),
-                )
+            if confirmed and not finish(
+                channel, self.opts.io_timeout, self.migration_id
+            ):
+                # Its teardown is confirmed; only the destination's
+                # record waits for this acknowledgement.
+                self.query.acknowledge()
             self.data.close()
         if fence and not confirmed:
             confirmed = self._query_teardown(since)

@@ -684,6 +684,8 @@ class Receiver:
             self._channel.sock.settimeout(self.opts.io_timeout)
             reply = self._channel.receive()
             self._source_knows = isinstance(reply, messages.Finished)
+            if self._source_knows:
+                self._confirm_finished()
         except (EngineError, OSError) as exc:
             LOG.warning(
                 "Migration %s: no acknowledgement of COMMITTED: %s",
@@ -737,8 +739,16 @@ class Receiver:
                     self._channel.sock.settimeout(self.opts.io_timeout)
                     reply = self._channel.receive()
                     self._source_knows = isinstance(reply, messages.Finished)
+                    if self._source_knows:
+                        self._confirm_finished()
             except (EngineError, OSError, ValueError) as exc:
                 LOG.debug("Teardown not confirmed to the source: %s", exc)
+
+    def _confirm_finished(self) -> None:
+        """The source's FINISHED is taken: the entry goes, and the STATUS
+        tells the source it was not lost (commit.finish)."""
+        self.journal.forget()
+        self._channel.send(self._status())
 
     def _tell_source(self, code: str, text: str) -> None:
         if self._channel is None:

@@ -637,10 +637,10 @@ class Sender:
             self.state.transition(
                 Phase.COMMIT, Phase.CLEANUP, reason=verdict.reason
             )
+            self._cleanup()
             if self.journal.written is Phase.CLEANUP:
                 # Recorded here: the destination may forget.
                 self.coordinator.acknowledge()
-            self._cleanup()
             self.state.transition(Phase.CLEANUP, Phase.DONE)
         elif verdict.runs_there is False:
             # The destination's authenticated word that the guest never

@@ -284,6 +284,11 @@ class RemoteHost:
         """The phases of the destination journal's entries."""
         return self._request("incoming")
 
+    def forget_incoming(self) -> None:
+        """Drop the destination journal's entries, as an operator's
+        resolve does: the answers they kept up end."""
+        return self._request("forget_incoming")
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._conn.close()
@@ -533,6 +538,11 @@ class _HostService:
         if op == "incoming":
             journal = Journal.incoming_from_conf(self.conf)
             return [e.phase for e in journal.entries()]
+        if op == "forget_incoming":
+            journal = Journal.incoming_from_conf(self.conf)
+            for entry in journal.entries():
+                journal.remove(entry.migration_id)
+            return None
         raise ValueError(f"unknown rig request {op!r}")
 
     def serve(self, conn: Any) -> None:
@@ -1050,10 +1060,15 @@ class Rig:
         )
 
     def forget(self) -> None:
-        """Drop the journal's entries (their guests were destroyed)."""
+        """Drop the journals' entries (their guests were destroyed): the
+        destination's too, whose answers would otherwise go on (each on
+        a port of the rig's) until a source that never will
+        acknowledges."""
         journal = Journal(self.state_path)
         for entry in journal.entries():
             journal.remove(entry.migration_id)
+        if self.destination.alive:
+            self.destination.client.forget_incoming()
 
     def migrate(self, domid: int, fault: Fault | None) -> Result:
         migration_id = f"rig-{domid}-{time.monotonic_ns()}"

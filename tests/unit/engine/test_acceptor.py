@@ -12,6 +12,7 @@ import pytest
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
+from nova_xen_ncm.engine import commit
 from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.acceptor import Acceptor
@@ -243,10 +244,13 @@ def test_later_auth_of_channel_0_is_a_commit_query(acceptor, destination):
     status = query.receive()
     assert (status.phase, status.committed) == ("done", True)
     query.send(messages.Finished())
-    assert acceptor.finished.wait(TIMEOUT)
-    # The second acknowledgement changes nothing.
+    # Taken, and confirmed: the source knows it was not lost.
+    assert query.receive().phase == "done"
+    assert acceptor.finished.is_set()
+    # The second acknowledgement is confirmed too and changes nothing.
     again, _ = connect(acceptor)
     again.send(messages.Finished())
+    assert again.receive().phase == "done"
     with pytest.raises(TransportError, match="closed"):
         again.receive()
     assert destination.finished == 1
@@ -272,6 +276,7 @@ def test_an_acknowledgement_before_the_outcome_acknowledges_nothing(
     acceptor.control(soon()).close()
     query, _ = connect(acceptor)
     query.send(messages.Finished())
+    # Not taken, not confirmed: closed without a STATUS.
     with pytest.raises(TransportError, match="closed"):
         query.receive()
     query.close()
@@ -349,3 +354,20 @@ def test_tls_and_the_handshake_share_one_deadline(
     finally:
         acceptor.close()
         listener.close()
+
+
+def test_an_unconfirmed_acknowledgement_is_reported_as_such(
+    conf, acceptor, destination
+):
+    # commit.finish says whether FINISHED was taken: a STATUS comes back
+    # only once it was; a close or silence is no confirmation.
+    connect(acceptor)[0].close()
+    acceptor.control(soon()).close()
+    early, _ = connect(acceptor)
+    assert not commit.finish(early, TIMEOUT, MIGRATION)
+    early.close()
+    destination.phase = "done"
+    late, _ = connect(acceptor)
+    assert commit.finish(late, TIMEOUT, MIGRATION)
+    late.close()
+    assert destination.finished == 1
