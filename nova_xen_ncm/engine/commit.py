@@ -288,12 +288,14 @@ class Coordinator:
         fence: bool,
         torn_down: bool,
         since: float,
-    ) -> None:
+    ) -> bool:
         """Tell the destination of a rollback and, with ``fence`` (the
         guest was paused here: the destination may hold all of it),
         return only once its copy is gone: it confirmed its teardown
         (``torn_down``: it already did), or the lease given it from
-        ``since`` ran out. The control channel is closed after."""
+        ``since`` ran out. True: the destination confirmed and waits for
+        the final acknowledgement (:meth:`acknowledge`, once the rollback
+        is recorded here); the guest need not wait for it."""
         confirmed = torn_down
         channel = self.data.control
         if channel is not None:
@@ -309,17 +311,17 @@ class Coordinator:
                 )
                 if told and fence and not confirmed:
                     confirmed = self._await_teardown(since)
-            if confirmed and not finish(
-                channel, self.opts.io_timeout, self.migration_id
-            ):
-                # Its teardown is confirmed; only the destination's
-                # record waits for this acknowledgement.
-                self.query.acknowledge()
+            if confirmed:
+                return True
             self.data.close()
-        if fence and not confirmed:
-            confirmed = self._query_teardown(since)
-        if fence and not confirmed:
+        if confirmed:
+            return True
+        if fence:
+            if self._query_teardown(since):
+                # Confirmed and acknowledged on the query path.
+                return False
             self._await_lease(since)
+        return False
 
     def _await_teardown(self, since: float) -> bool:
         """Whether the destination confirmed it destroyed its copy (a

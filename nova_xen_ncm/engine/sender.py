@@ -646,8 +646,6 @@ class Sender:
             # The destination's authenticated word that the guest never
             # ran there and its copy is gone: it runs on here.
             self._rollback(RemoteError(verdict.reason), torn_down=True)
-            if self.journal.forgotten:
-                self.coordinator.acknowledge()
         else:
             # Paused here, backends quiesced: whether it runs there is
             # not known; recovery asks again, or an operator settles it.
@@ -694,7 +692,7 @@ class Sender:
         # Past the pause the destination may hold the whole guest, its
         # backends connected: this copy resumes only once that one is
         # gone (fencing).
-        self.coordinator.fence(
+        acknowledge = self.coordinator.fence(
             error,
             fence=any(u.guest for u in self._undo),
             torn_down=torn_down,
@@ -710,6 +708,10 @@ class Sender:
             Phase.CANCELLED if cancelled else Phase.FAILED,
             reason=str(error),
         )
+        if acknowledge and self.journal.forgotten:
+            # Recorded here, the guest running again: the destination,
+            # which confirmed its teardown, may forget.
+            self.coordinator.acknowledge()
 
     def _push(
         self, what: str, action: Callable[[], Any], *, guest: bool = False
