@@ -122,7 +122,7 @@ def test_unreachable_destination_after_commit_is_in_doubt(
 
 
 def test_destination_failure_before_commit_rolls_back(
-    source, destination, migration, monkeypatch
+    source, destination, migration, monkeypatch, conf
 ):
     domid = source.create_domain(guest_config())
 
@@ -137,6 +137,13 @@ def test_destination_failure_before_commit_rolls_back(
     assert state_of(source, domid) == base.DomainState.RUNNING
     assert destination.list_domains() == []
     assert m.sender.stats.actual_downtime is not None
+    # The teardown was confirmed, the rollback recorded here, and the
+    # acknowledgement taken and confirmed (on the control channel, or on
+    # the query path when frames in flight stood before it there):
+    # nothing answers on.
+    assert m.receiver.acceptor.finished.is_set() or m.receiver._source_knows
+    assert m.receiver.answering is None
+    assert journals_empty(conf)
 
 
 def lost_finished(conf, source, destination, migration):
