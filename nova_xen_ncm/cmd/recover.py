@@ -183,8 +183,9 @@ def answer(
 
 
 def exit_status(outcomes: list[recovery.Outcome]) -> int:
-    """1 while a migration stays IN_DOUBT, else 0."""
-    return 1 if any(o.in_doubt for o in outcomes) else 0
+    """1 while a migration stays IN_DOUBT or its guest runs nowhere (an
+    operator must act), else 0."""
+    return 1 if any(o.in_doubt or o.lost for o in outcomes) else 0
 
 
 def resolve(journal: Journal, incoming: Journal, mid: str) -> dict[str, Any]:
@@ -250,6 +251,8 @@ def _print(args: argparse.Namespace, outcomes: list) -> None:
 def outcome_line(o: recovery.Outcome) -> str:
     """One settled migration, as a line for an operator."""
     what = "left alone" if o.skipped else str(o.phase)
+    if o.lost:
+        what = f"{what}, THE GUEST RUNS NOWHERE"
     return (
         f"{o.migration_id} ({o.role}, domain {o.domid}, journalled in "
         f"{o.journalled}): {what}: {o.reason}"

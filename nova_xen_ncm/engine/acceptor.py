@@ -17,9 +17,11 @@ proved:
 
 Anything else is refused in the handshake and closed: another
 migration's connection, a channel not expected, a RESUME of a channel that
-did not drop. Before the control channel, a wrong proof for this
-migration ends the wait (the token is good for one attempt); after it, a
-failed handshake costs its own connection only.
+did not drop. A failed handshake costs its own connection only, before
+the control channel as after it: the migration id is no secret, so a
+peer that did not prove it holds the token (a wrong proof, a version
+nobody speaks, TLS that fails) cannot end the wait for the source. The
+wait ends at ``accept_timeout`` naming the last such failure.
 """
 
 from __future__ import annotations
@@ -52,14 +54,6 @@ _POLL = 0.05
 _CAPABILITIES = (
     messages.Capability.LZ4.value,
     messages.Capability.MULTI_CHANNEL.value,
-)
-# Refusals of this migration's own connection: the source holds a wrong
-# token or speaks no common version, and the attempt is over.
-_FATAL = frozenset(
-    {
-        messages.RefuseReason.AUTHENTICATION.value,
-        messages.RefuseReason.VERSION.value,
-    }
 )
 
 
@@ -107,8 +101,7 @@ class Acceptor:
         # The control channel: None, then the channel until taken.
         self._control: Channel | None = None
         self._control_routed = not source
-        # What ends the wait for the source, and the last stray failure.
-        self._failure: Exception | None = None
+        # The last failed handshake while the source is awaited.
         self._stray: Exception | None = None
         # Data channels: how many SETUP announced, those connected, and
         # whether the receiver took them.
@@ -119,6 +112,9 @@ class Acceptor:
         # connections not yet taken.
         self._dropped: set[int] = set()
         self._resumed: dict[int, Channel] = {}
+        # Set on the first commit query: the source asks for the outcome
+        # (it sent COMMIT, or rolled back) and resumes nothing any more.
+        self._queried = False
         self._thread = threading.Thread(
             target=self._loop,
             name=f"migration-{migration_id}-accept",
@@ -130,15 +126,13 @@ class Acceptor:
 
     def control(self, until: float) -> Channel | None:
         """The source's control channel; None once the listener is
-        closed. Raises the failure that ended the wait, or a transport
-        error at the monotonic time ``until``."""
+        closed. Raises, at the monotonic time ``until``, the last failed
+        handshake or a transport error."""
         with self._cond:
             while True:
                 if self._control is not None:
                     channel, self._control = self._control, None
                     return channel
-                if self._failure is not None:
-                    raise self._failure
                 if self.listener.closed or self._closed:
                     return None
                 left = until - time.monotonic()
@@ -188,6 +182,11 @@ class Acceptor:
                     if channel is not None:
                         return channel
                     left = until - time.monotonic()
+                    if self._queried:
+                        raise TransportError(
+                            f"channel {index} will not be resumed: the "
+                            "source asks for the outcome instead"
+                        )
                     if left <= 0 or over.is_set() or self._closed:
                         raise TransportError(
                             f"channel {index} was not resumed in time"
@@ -358,12 +357,12 @@ class Acceptor:
         )
 
     def _failed(self, peer: object, exc: Exception) -> None:
+        # Recorded once, here (TLS failures included).
         self.listener.rejected.append((str(peer), str(exc)))
         with self._cond:
             waiting = not self._control_routed
-            if waiting and isinstance(exc, Refused) and exc.code in _FATAL:
-                self._failure = exc
-            elif waiting:
+            if waiting:
+                # Not authenticated: it cannot end the wait.
                 self._stray = exc
             self._cond.notify_all()
         LOG.warning(
@@ -391,6 +390,9 @@ class Acceptor:
                     self._resumed[index] = channel
             elif index == 0:
                 if self._control_routed:
+                    # A commit query: no waiter for a resume waits on.
+                    self._queried = True
+                    self._cond.notify_all()
                     return False
                 self._control_routed = True
                 self._control = channel
@@ -427,6 +429,10 @@ class Acceptor:
                         channel.send(self._settled(deadline))
                     elif isinstance(message, messages.Finished):
                         self._finish()
+                        if self.finished.is_set():
+                            # Taken: confirmed, so the source knows it
+                            # was not lost.
+                            channel.send(self.status())
                         return
                     else:
                         return

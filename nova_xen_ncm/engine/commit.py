@@ -107,7 +107,8 @@ def verdict_of(status: messages.Status) -> Verdict:
 
 class CommitQuery:
     """The commit query of ``migration_id`` to the destination at
-    ``endpoint``, authenticated with ``token`` (TLS as configured)."""
+    ``endpoint``, authenticated with ``token`` (TLS as configured), from
+    ``source_address`` when given."""
 
     def __init__(
         self,
@@ -115,10 +116,13 @@ class CommitQuery:
         endpoint: tuple[str, int],
         migration_id: str,
         token: bytes,
+        source_address: str | None = None,
     ) -> None:
         self.conf = conf
         self.opts = conf.xen_ncm
         self.endpoint = (endpoint[0], int(endpoint[1]))
+        # From the address the destination admits (the announced one).
+        self.source_address = source_address
         self.migration_id = migration_id
         self.token = token
 
@@ -129,6 +133,7 @@ class CommitQuery:
             io_timeout=self.opts.io_timeout,
             max_data=self.opts.max_frame_bytes,
             tls=transport.tls_context(self.conf, server=False),
+            source_address=self.source_address,
         )
         try:
             channel.client_handshake(self.migration_id, self.token)
@@ -183,8 +188,9 @@ class CommitQuery:
 
     def acknowledge(self) -> bool:
         """FINISHED on a new connection: the outcome is acted on and
-        recorded here. Best effort: unacknowledged, the destination keeps
-        answering the same."""
+        recorded here. Whether the destination confirmed it. Best
+        effort: unacknowledged, the destination keeps answering the
+        same."""
         try:
             channel = self._connect()
         except (EngineError, OSError) as exc:
@@ -194,15 +200,28 @@ class CommitQuery:
                 exc,
             )
             return False
-        try:
-            channel.send(messages.Finished())
-            # The destination closes once it has forgotten.
-            channel.receive()
-        except (EngineError, OSError) as exc:
-            LOG.debug("Final acknowledgement: %s", exc)
-        finally:
-            channel.close()
+        with channel:
+            return finish(channel, self.opts.io_timeout, self.migration_id)
+
+
+def finish(channel: Channel, timeout: float, migration_id: str) -> bool:
+    """FINISHED on ``channel``, and whether the destination confirmed
+    it: once it has taken it (and forgotten the migration) it answers
+    with its STATUS. Sent and not confirmed, it may have been lost."""
+    try:
+        channel.send(messages.Finished())
+        channel.sock.settimeout(timeout)
+        reply = channel.receive()
+    except (EngineError, OSError, ValueError) as exc:
+        reply = exc
+    if isinstance(reply, messages.Status):
         return True
+    LOG.info(
+        "Migration %s: final acknowledgement not confirmed: %s",
+        migration_id,
+        reply,
+    )
+    return False
 
 
 class Coordinator:
@@ -247,22 +266,20 @@ class Coordinator:
             self.data.close()
             return self.query.ask(on_retry=on_retry)
 
-    def acknowledge(self) -> None:
-        """The final acknowledgement: FINISHED on the control channel, or
-        on a new connection once it is gone."""
+    def acknowledge(self) -> bool:
+        """The final acknowledgement: FINISHED on the control channel,
+        confirmed by the destination's STATUS; without that
+        confirmation, again on a new connection (a lost FINISHED would
+        keep the destination answering for nothing). Whether confirmed."""
         channel = self.data.control
         if channel is not None:
-            try:
-                channel.send(messages.Finished())
-                return
-            except (EngineError, OSError) as exc:
-                LOG.info(
-                    "Migration %s: FINISHED on the control channel: %s",
-                    self.migration_id,
-                    exc,
-                )
-                self.data.close()
-        self.query.acknowledge()
+            confirmed = finish(
+                channel, self.opts.io_timeout, self.migration_id
+            )
+            self.data.close()
+            if confirmed:
+                return True
+        return self.query.acknowledge()
 
     def fence(
         self,
@@ -271,12 +288,14 @@ class Coordinator:
         fence: bool,
         torn_down: bool,
         since: float,
-    ) -> None:
+    ) -> bool:
         """Tell the destination of a rollback and, with ``fence`` (the
         guest was paused here: the destination may hold all of it),
         return only once its copy is gone: it confirmed its teardown
         (``torn_down``: it already did), or the lease given it from
-        ``since`` ran out. The control channel is closed after."""
+        ``since`` ran out. True: the destination confirmed and waits for
+        the final acknowledgement (:meth:`acknowledge`, once the rollback
+        is recorded here); the guest need not wait for it."""
         confirmed = torn_down
         channel = self.data.control
         if channel is not None:
@@ -293,16 +312,16 @@ class Coordinator:
                 if told and fence and not confirmed:
                     confirmed = self._await_teardown(since)
             if confirmed:
-                self._best_effort(
-                    "acknowledge the teardown",
-                    channel.send,
-                    messages.Finished(),
-                )
+                return True
             self.data.close()
-        if fence and not confirmed:
-            confirmed = self._query_teardown(since)
-        if fence and not confirmed:
+        if confirmed:
+            return True
+        if fence:
+            if self._query_teardown(since):
+                # Confirmed and acknowledged on the query path.
+                return False
             self._await_lease(since)
+        return False
 
     def _await_teardown(self, since: float) -> bool:
         """Whether the destination confirmed it destroyed its copy (a

@@ -64,16 +64,22 @@ class DataPath:
         *,
         count: int,
         clock: Callable[[], float],
+        source_address: str | None = None,
     ) -> None:
         self.conf = conf
         self.opts = conf.xen_ncm
         self.endpoint = endpoint
+        #: The address every channel connects from (None: any).
+        self.source_address = source_address
         self.migration_id = migration_id
         self.token = token
         self._clock = clock
         self.channels: list[Channel | None] = [None] * count
         #: The highest frame the destination acknowledged, per channel.
         self.acked_by = [0] * count
+        #: The highest frame sent, per channel, kept across a drop: a
+        #: resumed channel's WELCOME cannot claim more.
+        self.sent_by = [0] * count
         #: Whether data frames are lz4-compressed (both ends agreed).
         self.compress = False
         #: While the guest is paused: when the downtime budget is spent
@@ -113,20 +119,38 @@ class DataPath:
             io_timeout=self.opts.io_timeout,
             max_data=self.opts.max_frame_bytes,
             tls=transport.tls_context(self.conf, server=False),
+            source_address=self.source_address,
         )
         channel.pacer = self.pacer
         try:
-            channel.client_handshake(
+            welcome = channel.client_handshake(
                 self.migration_id,
                 self.token,
                 channel=index,
                 capabilities=caps,
                 last_acked=last_acked,
             )
+            if last_acked is not None:
+                self._check_resume(index, last_acked, welcome.resume_from)
         except BaseException:
             channel.close()
             raise
         return channel
+
+    def _check_resume(
+        self, index: int, last_acked: int, resume_from: int
+    ) -> None:
+        """A resumed channel goes on after what the destination applied:
+        at least what it acknowledged, at most what was sent. Anything
+        else is a destination that lies or lost frames it acknowledged,
+        and the migration rolls back rather than leave a hole."""
+        sent = self.sent_by[index]
+        if not last_acked <= resume_from <= sent:
+            raise ProtocolError(
+                f"destination resumed channel {index} from frame "
+                f"{resume_from}, outside {last_acked}..{sent} (acknowledged"
+                f"..sent): refused"
+            )
 
     def bound_io(self, index: int = 0) -> None:
         """While the guest is paused, no socket call may outlast the
@@ -272,6 +296,9 @@ class DataPath:
         for i in which:
             channel, self.channels[i] = self.channels[i], None
             if channel is not None:
+                self.sent_by[i] = max(
+                    self.sent_by[i], channel.connection.last_seq
+                )
                 channel.close()
 
     def shutdown(self) -> None:

@@ -102,6 +102,9 @@ class Entry:
     uuid: str = ""
     #: The source host's boot id: domids restart after a reboot.
     boot_id: str = ""
+    #: The address the source connects from (the one it announced), for
+    #: the commit query; empty: any.
+    source_address: str = ""
     #: The phase the source last entered (a :class:`Phase` value).
     phase: str = Phase.SETUP.value
     #: Wall-clock time of the last update.
@@ -126,7 +129,13 @@ class Entry:
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
-        missing = sorted(fields - set(values))
+        # A field added later has a default: older entries still read.
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING
+        }
+        missing = sorted(required - set(values))
         if missing:
             raise JournalError(f"{where}: missing {', '.join(missing)}")
         entry = cls(**values)

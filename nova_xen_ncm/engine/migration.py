@@ -135,7 +135,10 @@ class OutgoingMigration:
         conf: cfg.ConfigOpts | None = None,
         policy: policies.Policy | None = None,
         sinks: Iterable[ProgressSink] = (),
+        source_address: str | None = None,
     ) -> None:
+        # ``source_address``: the address this host announced to the
+        # destination; every connection leaves from it.
         self.sender = Sender(
             host,
             domid,
@@ -145,6 +148,7 @@ class OutgoingMigration:
             conf=conf,
             policy=policy,
             sinks=sinks,
+            source_address=source_address,
         )
         self._runner = _Runner(
             f"migration-{migration_id}-out", self.sender.run

@@ -76,6 +76,9 @@ def _read_frame(
 
 # Phases in which the destination runs the guest.
 _RUNNING = frozenset({Phase.CLEANUP, Phase.DONE})
+# Seconds between two looks, while answering in the background, at
+# whether an operator resolved the entry.
+ANSWER_POLL = 1.0
 
 
 class Receiver:
@@ -154,6 +157,11 @@ class Receiver:
         self._data_error: BaseException | None = None
         # Set once no channel may resume any more (stream done or over).
         self._transfer_over = threading.Event()
+        # Set by close(): the answers in the background end.
+        self._closing = threading.Event()
+        #: Answers commit queries once run() returned, until the source
+        #: acknowledges (None: nothing left to answer).
+        self.answering: threading.Thread | None = None
         # Every connection of the port, authenticated and routed.
         self.acceptor: Acceptor | None = None
         # Digests of the items complete before the PV state is imported.
@@ -179,6 +187,12 @@ class Receiver:
         self.listener.close()
 
     def run(self) -> Phase:
+        """Serve the migration; returns its phase here once final and
+        either the source acknowledged it or the commit query window
+        (``commit_query_timeout``) passed. In the second case the port
+        goes on answering in the background (:attr:`answering`) until
+        the source acknowledges, an operator resolves the entry, or
+        :meth:`close`."""
         self.acceptor = Acceptor(
             self.listener,
             self.migration_id,
@@ -188,16 +202,63 @@ class Receiver:
             on_finished=self.journal.forget,
             resume_from=self._resume_from,
         )
+        answering = False
         try:
-            self._serve()
+            answering = self._serve()
         finally:
-            self.acceptor.close()
             self.journal.close()
             self._close_channel()
-            self.listener.close()
+            if answering:
+                self.answering = threading.Thread(
+                    target=self._answer_until_acknowledged,
+                    name=f"migration-{self.migration_id}-answers",
+                    daemon=True,
+                )
+                self.answering.start()
+            else:
+                self.acceptor.close()
+                self.listener.close()
         return self.state.phase
 
-    def _serve(self) -> None:
+    def close(self) -> None:
+        """Stop answering commit queries (the engine stops; a restart
+        answers from the journal)."""
+        self._closing.set()
+        self.listener.close()
+        thread = self.answering
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _answer_until_acknowledged(self) -> None:
+        """The outcome stays asked for (a source restarted after any
+        delay, or one cut off longer than the window): answered on this
+        port until the source's FINISHED, or until the entry is gone (an
+        operator resolved it)."""
+        store = self.journal.journal
+        try:
+            while not (self._closing.is_set() or self.listener.closed):
+                if self.acceptor.finished.wait(ANSWER_POLL):
+                    return
+                try:
+                    if store.read(self.migration_id) is None:
+                        LOG.info(
+                            "Migration %s: resolved; no more answers",
+                            self.migration_id,
+                        )
+                        return
+                except EngineError as exc:
+                    LOG.error(
+                        "Migration %s: journal entry unreadable: %s",
+                        self.migration_id,
+                        exc,
+                    )
+        finally:
+            self.acceptor.close()
+            self.listener.close()
+
+    def _serve(self) -> bool:
+        """The migration; True if the source may still ask (the answers
+        go on after run())."""
         try:
             # Held for the migration's life: recovery leaves it alone.
             self.journal.open()
@@ -207,8 +268,7 @@ class Receiver:
                 self._receive(restorer)
             finally:
                 self._end_transfer()
-            self._restore(restorer)
-            message = self._channel.receive()
+            message = self._await_commit(self._ready(restorer))
             if isinstance(message, messages.Abort):
                 raise MigrationAborted(message.reason)
             if not isinstance(message, messages.Commit):
@@ -224,10 +284,13 @@ class Receiver:
             # It may ask for the outcome, or for the teardown before it
             # resumes its copy.
             self._serve_queries()
-        else:
-            # The source cannot be in doubt: nothing was created here, or
-            # it said it knows.
-            self.journal.forget()
+            return not (
+                self.acceptor.finished.is_set() or self._closing.is_set()
+            )
+        # The source cannot be in doubt: nothing was created here, or it
+        # said it knows.
+        self.journal.forget()
+        return False
 
     # -- phases --
 
@@ -515,13 +578,20 @@ class Receiver:
                         control.sock.shutdown(socket.SHUT_RD)
                 return
 
-    def _await_resume(self, cause: Exception) -> None:
+    def _await_resume(
+        self, cause: Exception, over: threading.Event | None = None
+    ) -> None:
         """The source reconnects with RESUME after a dropped connection;
         frames are whole or not applied, so the stream goes on."""
         self._close_channel()
-        self._channel = self._accept_resume(0, cause)
+        self._channel = self._accept_resume(0, cause, over)
 
-    def _accept_resume(self, index: int, cause: Exception) -> Channel:
+    def _accept_resume(
+        self,
+        index: int,
+        cause: Exception,
+        over: threading.Event | None = None,
+    ) -> Channel:
         """The new connection of channel ``index``, which dropped."""
         LOG.warning(
             "Migration %s: channel %d lost in %s (%s); waiting for the "
@@ -536,7 +606,9 @@ class Receiver:
             # The source gives up when its downtime budget is spent.
             wait = min(wait, self.opts.downtime_budget)
         return self.acceptor.resumed(
-            index, time.monotonic() + wait, self._transfer_over
+            index,
+            time.monotonic() + wait,
+            self._transfer_over if over is None else over,
         )
 
     def _resume_from(self, index: int) -> int:
@@ -558,7 +630,23 @@ class Receiver:
     def _stops(record: Record) -> bool:
         return record.layer == libxc.LAYER and record.name in REQUIRED
 
-    def _restore(self, restorer: Restorer) -> None:
+    def _await_commit(self, ready: messages.Ready) -> messages.Message:
+        """READY, then the source's next message (COMMIT, or ABORT).
+        Until then the control channel may drop (the ACK of the final
+        flush or READY lost): the source resumes it from the last frame
+        applied here, within its downtime budget, and READY goes again on
+        the new connection."""
+        # Whether or not it arrives, the source may ask from now on.
+        self._ready_sent = True
+        while True:
+            try:
+                self._channel.send(ready)
+                return self._channel.receive()
+            except TransportError as exc:
+                # The stream is complete: only channel 0 comes back.
+                self._await_resume(exc, over=self._closing)
+
+    def _ready(self, restorer: Restorer) -> messages.Ready:
         # Memory and platform were digested before the PV import (if
         # there was one): all RAM is hashed once in the downtime.
         items = [
@@ -570,10 +658,7 @@ class Receiver:
             self.host.guest_state(self.domid, items), items
         )
         digests.update(self._platform_digests)
-        self._channel.send(
-            messages.Ready(digest=digest.format_digests(digests))
-        )
-        self._ready_sent = True
+        return messages.Ready(digest=digest.format_digests(digests))
 
     def _commit(self) -> None:
         try:
@@ -599,6 +684,8 @@ class Receiver:
             self._channel.sock.settimeout(self.opts.io_timeout)
             reply = self._channel.receive()
             self._source_knows = isinstance(reply, messages.Finished)
+            if self._source_knows:
+                self._confirm_finished()
         except (EngineError, OSError) as exc:
             LOG.warning(
                 "Migration %s: no acknowledgement of COMMITTED: %s",
@@ -652,8 +739,16 @@ class Receiver:
                     self._channel.sock.settimeout(self.opts.io_timeout)
                     reply = self._channel.receive()
                     self._source_knows = isinstance(reply, messages.Finished)
+                    if self._source_knows:
+                        self._confirm_finished()
             except (EngineError, OSError, ValueError) as exc:
                 LOG.debug("Teardown not confirmed to the source: %s", exc)
+
+    def _confirm_finished(self) -> None:
+        """The source's FINISHED is taken: the entry goes, and the STATUS
+        tells the source it was not lost (commit.finish)."""
+        self.journal.forget()
+        self._channel.send(self._status())
 
     def _tell_source(self, code: str, text: str) -> None:
         if self._channel is None:

@@ -74,6 +74,12 @@ _ASK = frozenset({Phase.COMMIT, Phase.IN_DOUBT})
 # Past the pause the destination may hold the whole guest, backends
 # connected: the source copy resumes once that one is gone (fencing).
 _PAST_PAUSE = frozenset({Phase.STOP_AND_COPY, Phase.RESTORE, Phase.ROLLBACK})
+# Seconds between two looks at whether an answered entry was resolved.
+ANSWER_POLL = 1.0
+# Destination phases that are its final answer.
+_SETTLED_HERE = frozenset(
+    {Phase.DONE, Phase.FAILED, Phase.CANCELLED, Phase.IN_DOUBT}
+)
 # Destination phases in which it may have sent READY: the source may ask.
 _MAY_BE_ASKED = frozenset(
     {
@@ -90,6 +96,11 @@ _MAY_BE_ASKED = frozenset(
 
 Query = Callable[[Entry, cfg.ConfigOpts], messages.Status]
 
+#: Where a settled migration's guest runs (Outcome.guest).
+SOURCE = "source"
+DESTINATION = "destination"
+NOWHERE = "nowhere"
+
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
@@ -99,6 +110,11 @@ class Outcome:
     is gone), FAILED (it runs here again) or IN_DOUBT (paused here; the
     destination could not say). ``skipped``: a live engine holds the
     entry and nothing was done (``phase`` is the journalled one).
+    ``guest`` says where the guest runs once settled: ``source``,
+    ``destination``, ``nowhere`` (:attr:`lost`: the migration failed and
+    the copy it would have run on again is gone, after a reboot or once
+    its domid went to another guest; it must be started again from its
+    disk), or empty when that is not known.
     """
 
     migration_id: str
@@ -109,10 +125,16 @@ class Outcome:
     uuid: str = ""
     role: str = "source"
     skipped: bool = False
+    guest: str = ""
 
     @property
     def in_doubt(self) -> bool:
         return not self.skipped and self.phase is Phase.IN_DOUBT
+
+    @property
+    def lost(self) -> bool:
+        """The guest runs on neither host: an operator must start it."""
+        return not self.skipped and self.guest == NOWHERE
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -123,13 +145,18 @@ class Outcome:
             "journalled": self.journalled.value,
             "phase": self.phase.value,
             "skipped": self.skipped,
+            "guest": self.guest,
             "reason": self.reason,
         }
 
 
 def _coordinator(entry: Entry, conf: cfg.ConfigOpts) -> commit.CommitQuery:
     return commit.CommitQuery(
-        conf, entry.endpoint, entry.migration_id, entry.token_bytes
+        conf,
+        entry.endpoint,
+        entry.migration_id,
+        entry.token_bytes,
+        entry.source_address or None,
     )
 
 
@@ -257,9 +284,11 @@ def _conclude(
     *,
     keep: bool,
     role: str = "source",
+    guest: str = "",
 ) -> Outcome:
     """The outcome of settling ``entry``, recorded: with ``keep`` the
-    entry stays, rewritten in ``phase``; otherwise it goes."""
+    entry stays, rewritten in ``phase``; otherwise it goes. ``guest``:
+    where the guest runs (Outcome.guest)."""
     if keep:
         entry.phase = phase.value
         journal.write(entry)
@@ -273,6 +302,7 @@ def _conclude(
         reason,
         entry.uuid,
         role=role,
+        guest=guest,
     )
 
 
@@ -309,7 +339,7 @@ def _settle(
 ) -> Outcome:
     journalled = Phase(entry.phase)
 
-    def done(phase: Phase, reason: str) -> Outcome:
+    def done(phase: Phase, reason: str, guest: str = "") -> Outcome:
         # Kept only while nobody knows: recovery asks again.
         return _conclude(
             journal,
@@ -318,24 +348,40 @@ def _settle(
             phase,
             reason,
             keep=phase is Phase.IN_DOUBT,
+            guest=guest,
         )
 
     info, gone = _copy_here(host, boot_id, entry)
 
     def rolled_back(what: str) -> Outcome:
         if info is None:
-            return done(Phase.FAILED, f"{what}; {gone}")
+            # The destination never ran it and the copy that would run
+            # again here is gone: failed, and not running anywhere.
+            LOG.error(
+                "Migration %s: guest %s runs nowhere: %s; %s. Start it "
+                "again from its disk.",
+                entry.migration_id,
+                _guest(entry),
+                what,
+                gone,
+            )
+            return done(
+                Phase.FAILED,
+                f"the guest runs nowhere: {what}; {gone}; start it again "
+                "from its disk",
+                NOWHERE,
+            )
         try:
             why = _roll_back(host, entry, info)
         except EngineError as exc:
             # Kept for another attempt: the guest may still be paused.
             return done(Phase.IN_DOUBT, str(exc))
-        return done(Phase.FAILED, f"{what}; {why}")
+        return done(Phase.FAILED, f"{what}; {why}", SOURCE)
 
     def destroyed(what: str) -> Outcome:
         if info is None:
-            return done(Phase.DONE, f"{what}; {gone}")
-        return done(Phase.DONE, _destroy(host, entry, what))
+            return done(Phase.DONE, f"{what}; {gone}", DESTINATION)
+        return done(Phase.DONE, _destroy(host, entry, what), DESTINATION)
 
     if journalled in _BEFORE_COMMIT:
         what = f"stopped in {journalled} before the commit decision"
@@ -561,7 +607,7 @@ def _settle_incoming(
     journalled = Phase(entry.phase)
     info, gone = _copy_here(host, boot_id, entry)
 
-    def settled(phase: Phase, reason: str) -> Outcome:
+    def settled(phase: Phase, reason: str, guest: str = "") -> Outcome:
         # The source may ask: the answer is kept until it acknowledges.
         return _conclude(
             journal,
@@ -571,10 +617,29 @@ def _settle_incoming(
             reason,
             keep=journalled in _MAY_BE_ASKED,
             role="destination",
+            guest=guest,
         )
 
     if journalled in (Phase.CLEANUP, Phase.DONE):
-        return settled(Phase.DONE, "the guest ran here after COMMIT")
+        if entry.boot_id and entry.boot_id != boot_id:
+            # The answer stands (the source must not run its copy: the
+            # guest ran on here), but the reboot ended the guest.
+            LOG.error(
+                "Migration %s: guest %s ran here after COMMIT and %s: it "
+                "runs nowhere now. Start it again from its disk.",
+                entry.migration_id,
+                _guest(entry),
+                gone,
+            )
+            return settled(
+                Phase.DONE,
+                f"the guest ran here after COMMIT, but {gone}: it runs "
+                "nowhere now; start it again from its disk",
+                NOWHERE,
+            )
+        return settled(
+            Phase.DONE, "the guest ran here after COMMIT", DESTINATION
+        )
     if journalled in (Phase.FAILED, Phase.CANCELLED, Phase.IN_DOUBT):
         # Settled before (by the engine's rollback or an earlier
         # recovery): the entry only keeps the answer. A domain of this
@@ -595,7 +660,9 @@ def _settle_incoming(
                 return settled(
                     Phase.IN_DOUBT, f"COMMIT received, unpause failed: {exc}"
                 )
-        return settled(Phase.DONE, "COMMIT was received: the guest runs here")
+        return settled(
+            Phase.DONE, "COMMIT was received: the guest runs here", DESTINATION
+        )
     # Before COMMIT: the source rolls back (or did); the copy goes.
     if info is None:
         return settled(Phase.FAILED, f"no COMMIT received; {gone}")
@@ -621,18 +688,24 @@ def _destroy_copy(host: base.HostDriver, entry: Entry) -> None:
 
 
 def answer_incoming(
-    journal: Journal, conf: cfg.ConfigOpts, seconds: float
+    journal: Journal, conf: cfg.ConfigOpts, seconds: float | None = None
 ) -> list[str]:
     """Answer the commit queries of the destination ``journal``'s
-    entries, each on its journalled port, for ``seconds`` or until every
-    source acknowledged; the migrations acknowledged."""
+    entries, each on its journalled port, until its source acknowledges
+    or an operator resolves it (its entry is gone), for at most
+    ``seconds`` when given; the migrations acknowledged.
+
+    The entries are settled (:func:`recover_incoming`): nothing here
+    acts on a guest, so they are not held while answered, and
+    :func:`resolve` ends the answers."""
     finished: list[str] = []
     threads = []
-    until = time.monotonic() + seconds
+    until = None if seconds is None else time.monotonic() + seconds
     opts = conf.xen_ncm
     for entry in journal.entries():
-        hold = journal.try_hold(entry.migration_id)
-        if hold is None:
+        if Phase(entry.phase) not in _SETTLED_HERE:
+            # Not settled yet (recovery did not run, or an engine holds
+            # it): its answer is not final.
             continue
         try:
             listener = Listener(
@@ -644,7 +717,6 @@ def answer_incoming(
                 handshake_timeout=opts.connect_timeout,
             )
         except EngineError as exc:
-            hold.release()
             LOG.error(
                 "Migration %s: cannot answer commit queries: %s",
                 entry.migration_id,
@@ -669,17 +741,29 @@ def answer_incoming(
             source=False,
         )
 
-        def serve(acceptor=acceptor, listener=listener, hold=hold) -> None:
+        def serve(
+            acceptor=acceptor, listener=listener, mid=entry.migration_id
+        ) -> None:
             try:
-                left = until - time.monotonic()
-                if left > 0:
-                    acceptor.finished.wait(left)
+                while until is None or time.monotonic() < until:
+                    wait = ANSWER_POLL
+                    if until is not None:
+                        wait = min(wait, max(0.0, until - time.monotonic()))
+                    if acceptor.finished.wait(wait):
+                        return
+                    if journal.read(mid) is None:
+                        return
+            except EngineError as exc:
+                LOG.error("Migration %s: %s", mid, exc)
             finally:
                 acceptor.close()
                 listener.close()
-                hold.release()
 
-        thread = threading.Thread(target=serve, daemon=True)
+        thread = threading.Thread(
+            target=serve,
+            name=f"migration-{entry.migration_id}-answers",
+            daemon=True,
+        )
         thread.start()
         threads.append(thread)
     for thread in threads:

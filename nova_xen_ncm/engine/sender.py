@@ -76,6 +76,9 @@ class Sender:
     """Migrates guest ``domid`` of ``host`` to the destination listening at
     ``endpoint``, authenticated with the one-time ``token``.
 
+    ``source_address``: the address this host announced to the
+    destination (which admits it only); every connection leaves from it.
+
     :meth:`run` does the whole migration in the calling thread and returns
     the final phase; :meth:`cancel` and :meth:`force_complete` may be
     called from any other thread and take effect within one round.
@@ -93,6 +96,7 @@ class Sender:
         policy: policies.Policy | None = None,
         sinks: Iterable[ProgressSink] = (),
         clock: Callable[[], float] = time.monotonic,
+        source_address: str | None = None,
     ) -> None:
         if conf is None:
             from nova_xen_ncm.conf import CONF as conf
@@ -123,6 +127,7 @@ class Sender:
                 running=True,
                 uuid=self.info.uuid,
                 boot_id=host.boot_id(),
+                source_address=source_address or "",
             ),
         )
         self.state = MigrationState(
@@ -140,11 +145,14 @@ class Sender:
             token,
             count=self.opts.channels,
             clock=clock,
+            source_address=source_address,
         )
         self.coordinator = commit.Coordinator(
             conf,
             self.data,
-            commit.CommitQuery(conf, endpoint, migration_id, token),
+            commit.CommitQuery(
+                conf, endpoint, migration_id, token, source_address
+            ),
         )
         self.stats = MigrationStats(
             migration_id, self.info.memory_bytes, clock=clock
@@ -533,11 +541,18 @@ class Sender:
             if index:
                 data.flush_channel(index)
 
+        # Once every channel's pages were acknowledged, a retry resumes
+        # channel 0 only; the final flush's sequence once sent.
+        pages_done = [False]
+        final_flush: list[int | None] = [None]
+
         def attempt() -> None:
             data.reconnect()
             # The PV state is imported at the stream's end: every page
             # must be in place by then, whichever channel carried it.
-            data.on_channels(share)
+            if not pages_done[0]:
+                data.on_channels(share)
+                pages_done[0] = True
             try:
                 data.send_numbered(0, state, pages=False)
                 if self._digests is None:
@@ -546,6 +561,9 @@ class Sender:
                     self._digests = guest_digests(
                         self.host.guest_state(self.domid, items), items
                     )
+                if self._flush_applied(final_flush[0]):
+                    return
+                final_flush[0] = data.control.connection.last_seq + 1
                 data.flush()
             except TransportError:
                 data.close(0)
@@ -559,8 +577,22 @@ class Sender:
             on_retry=self._on_retry,
         )
 
+    def _flush_applied(self, seq: int | None) -> bool:
+        """Whether the destination applied the final flush ``seq`` (its
+        ACK was lost with the connection): the resumed channel goes on
+        after it, and READY comes on the new connection."""
+        if seq is None or self.data.control.connection.last_seq < seq:
+            return False
+        LOG.info(
+            "Migration %s: the final flush was applied; its "
+            "acknowledgement was lost with the connection",
+            self.migration_id,
+        )
+        self.data.acked_by[0] = seq
+        return True
+
     def _restore(self) -> None:
-        ready = expect(self.data.receive(), messages.Ready)
+        ready = self._await_ready()
         theirs = digest.parse_digests(ready.digest)
         mine = self._digests
         differ = sorted(k for k in mine if theirs.get(k) != mine[k])
@@ -569,6 +601,32 @@ class Sender:
                 f"guest-visible state differs on the destination: "
                 f"{', '.join(differ)}"
             )
+
+    def _await_ready(self) -> messages.Ready:
+        """The destination's READY. A control channel that drops before
+        it is resumed (RESUME, within the downtime budget): the
+        destination, which waits for COMMIT until then, sends READY
+        again on the new connection."""
+        data = self.data
+
+        def attempt() -> messages.Ready:
+            if data.control is None:
+                data.channels[0] = data.connect(
+                    last_acked=data.acked_by[0], index=0
+                )
+            try:
+                return expect(data.receive(), messages.Ready)
+            except TransportError:
+                data.close(0)
+                raise
+
+        return retry.call(
+            attempt,
+            what="wait for READY",
+            budget=retry.RetryBudget.from_conf(self.conf, retry.Step.TRANSFER),
+            deadline=data.deadline,
+            on_retry=self._on_retry,
+        )
 
     # -- commit --
 
@@ -579,17 +637,15 @@ class Sender:
             self.state.transition(
                 Phase.COMMIT, Phase.CLEANUP, reason=verdict.reason
             )
+            self._cleanup()
             if self.journal.written is Phase.CLEANUP:
                 # Recorded here: the destination may forget.
                 self.coordinator.acknowledge()
-            self._cleanup()
             self.state.transition(Phase.CLEANUP, Phase.DONE)
         elif verdict.runs_there is False:
             # The destination's authenticated word that the guest never
             # ran there and its copy is gone: it runs on here.
             self._rollback(RemoteError(verdict.reason), torn_down=True)
-            if self.journal.forgotten:
-                self.coordinator.acknowledge()
         else:
             # Paused here, backends quiesced: whether it runs there is
             # not known; recovery asks again, or an operator settles it.
@@ -636,7 +692,7 @@ class Sender:
         # Past the pause the destination may hold the whole guest, its
         # backends connected: this copy resumes only once that one is
         # gone (fencing).
-        self.coordinator.fence(
+        acknowledge = self.coordinator.fence(
             error,
             fence=any(u.guest for u in self._undo),
             torn_down=torn_down,
@@ -652,6 +708,10 @@ class Sender:
             Phase.CANCELLED if cancelled else Phase.FAILED,
             reason=str(error),
         )
+        if acknowledge and self.journal.forgotten:
+            # Recorded here, the guest running again: the destination,
+            # which confirmed its teardown, may forget.
+            self.coordinator.acknowledge()
 
     def _push(
         self, what: str, action: Callable[[], Any], *, guest: bool = False

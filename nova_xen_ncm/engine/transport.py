@@ -164,6 +164,11 @@ def _address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 MAX_WAITING = 16
 
 
+def _bind_to(address: str | None) -> tuple[str, int] | None:
+    """Where an outgoing connection is bound: ``address``, any port."""
+    return None if not address else (address, 0)
+
+
 def _peer(sock: socket.socket | TlsSocket) -> str:
     try:
         host, port = sock.getpeername()[:2]
@@ -183,9 +188,10 @@ class Listener:
     ``allowed_sources`` (addresses or networks; empty admits any) at
     once, one beyond the admitted connections after ``handshake_timeout``
     seconds (the grace a reconnecting channel has to be admitted), one
-    that fails the TLS handshake when ``tls`` is given. :meth:`accept`
-    hands out the next admitted connection, or gives up after
-    ``accept_timeout`` seconds.
+    that fails the TLS handshake when ``tls`` is given. The acceptor
+    (acceptor.py) takes each connection (:meth:`take`), secures it
+    (:meth:`secure`) and authenticates it; ``accept_timeout`` is how long
+    it waits for the source.
     """
 
     def __init__(
@@ -371,47 +377,12 @@ class Listener:
     def secure(
         self, sock: socket.socket, peer: object
     ) -> socket.socket | TlsSocket:
-        """``sock`` through TLS when the listener has it (closed and
-        refused if that fails)."""
+        """``sock`` through TLS when the listener has it (closed if that
+        fails; the caller records the refusal, once)."""
         if self.tls is None:
             return sock
         sock.settimeout(self.handshake_timeout)
-        try:
-            return _wrap_tls(sock, self.tls)
-        except TransportError as exc:
-            self._refuse(sock, peer, str(exc))
-            raise
-
-    def accept(self) -> socket.socket | TlsSocket:
-        if self.accepted >= self._admitted:
-            raise TransportError(
-                f"all {self._admitted} expected connections were accepted"
-            )
-        deadline = time.monotonic() + self.accept_timeout
-        while True:
-            with self._cond:
-                while not self._waiting:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or self._closed:
-                        raise TransportError(
-                            f"no connection on port {self.port} within "
-                            f"{self.accept_timeout}s"
-                        )
-                    self._cond.wait(left)
-                sock, peer, _ = self._waiting.popleft()
-            if self.tls is None:
-                break
-            sock.settimeout(self.handshake_timeout)
-            try:
-                sock = _wrap_tls(sock, self.tls)
-            except TransportError as exc:
-                # The slot stays free for the real source.
-                self._refuse(sock, peer, str(exc))
-                continue
-            break
-        self.accepted += 1
-        LOG.debug("Accepted migration connection from %s", peer)
-        return sock
+        return _wrap_tls(sock, self.tls)
 
     def close(self) -> None:
         self._closed = True
@@ -526,12 +497,17 @@ class Channel:
         io_timeout: float = 60.0,
         max_data: int = framing.DEFAULT_MAX_DATA,
         tls: ssl.SSLContext | None = None,
+        source_address: str | None = None,
     ) -> Channel:
         """Connect as the client (source), through TLS when ``tls`` is
-        given. The handshake follows."""
+        given, from ``source_address`` when given (the address the source
+        announced: a multi-homed host would otherwise leave by whichever
+        address its routes pick). The handshake follows."""
         try:
             sock = socket.create_connection(
-                (host, port), timeout=connect_timeout
+                (host, port),
+                timeout=connect_timeout,
+                source_address=_bind_to(source_address),
             )
         except OSError as exc:
             raise TransportError(
@@ -543,28 +519,6 @@ class Channel:
         channel = cls(sock, conn, io_timeout=io_timeout)
         # The handshake runs under the connect timeout.
         sock.settimeout(connect_timeout)
-        return channel
-
-    @classmethod
-    def accept(
-        cls,
-        listener: Listener,
-        *,
-        io_timeout: float = 60.0,
-        max_data: int = framing.DEFAULT_MAX_DATA,
-        direct_payload: bool = False,
-    ) -> Channel:
-        """Accept the next connection as the server (destination)."""
-        sock = listener.accept()
-        conn = framing.Connection(
-            messages.Role.SERVER,
-            max_data=max_data,
-            direct_payload=direct_payload,
-        )
-        channel = cls(sock, conn, io_timeout=io_timeout)
-        # An idle peer is dropped after the handshake timeout, not the
-        # (longer) I/O timeout of an established migration.
-        sock.settimeout(min(io_timeout, listener.handshake_timeout))
         return channel
 
     # -- writing --

@@ -122,10 +122,11 @@ class XenNCMDriver(driver.ComputeDriver):
         except EngineError as exc:
             LOG.error("Interrupted migrations not recovered: %s", exc)
             return
-        # A source restarted after any delay still learns the outcome.
+        # A source restarted after any delay still learns the outcome:
+        # answered until it acknowledges or an operator resolves it.
         threading.Thread(
             target=recovery.answer_incoming,
-            args=(incoming, CONF, CONF.xen_ncm.commit_query_timeout),
+            args=(incoming, CONF, None),
             name="xen-ncm-commit-answers",
             daemon=True,
         ).start()
@@ -548,7 +549,14 @@ def reconcile(
                 outcome.reason,
             )
             continue
-        if outcome.phase == Phase.FAILED:
+        if getattr(outcome, "lost", False):
+            why = (
+                f"live migration {outcome.migration_id} was interrupted "
+                f"on {hostname} and its guest runs on no host "
+                f"({outcome.reason}). Start it again from its disk (hard "
+                "reboot), then reset its state."
+            )
+        elif outcome.phase == Phase.FAILED:
             LOG.info(
                 "Migration %s rolled back: the guest runs on %s",
                 outcome.migration_id,
@@ -556,7 +564,7 @@ def reconcile(
                 instance_uuid=uuid,
             )
             continue
-        if outcome.phase == Phase.DONE:
+        elif outcome.phase == Phase.DONE:
             if _move_to_destination(
                 ctxt,
                 hostname,

@@ -287,6 +287,11 @@ class LiveMigrationOps:
         migrate_data: XenNCMLiveMigrateData,
     ) -> None:
         info = self._vmops.domain(instance)
+        # Leave from the address announced to the destination, which
+        # admits that one only.
+        source_address = None
+        if migrate_data.obj_attr_is_set("source_address"):
+            source_address = migrate_data.source_address
         outgoing = OutgoingMigration(
             self._host,
             info.domid,
@@ -295,6 +300,7 @@ class LiveMigrationOps:
             migrate_data.token_bytes,
             conf=CONF,
             sinks=self._sinks,
+            source_address=source_address,
         )
         if self._bus is not None:
             self._bus.start(

@@ -104,6 +104,7 @@ class Migration:
         source_hooks=None,
         destination_hooks=None,
         receiver_class=Receiver,
+        source_address=None,
     ):
         migration_id = str(uuid.uuid4())
         token = handshake.generate_token()
@@ -115,6 +116,7 @@ class Migration:
             token,
             conf=conf,
             sinks=[self.destination_events],
+            **({"source_address": source_address} if source_address else {}),
         )
         self.sender = Sender(
             source,
@@ -125,6 +127,7 @@ class Migration:
             conf=conf,
             policy=policy,
             sinks=[self.source_events],
+            source_address=source_address,
         )
         self._thread = threading.Thread(
             target=self.receiver.run, name="receiver", daemon=True
@@ -140,7 +143,14 @@ class Migration:
 
 @pytest.fixture
 def migration(conf):
-    def make(source, domid, destination, **kwargs):
-        return Migration(conf, source, domid, destination, **kwargs)
+    made = []
 
-    return make
+    def make(source, domid, destination, **kwargs):
+        made.append(Migration(conf, source, domid, destination, **kwargs))
+        return made[-1]
+
+    yield make
+    # A destination whose source never acknowledged answers on after
+    # run(): the engine stops with the test.
+    for m in made:
+        m.receiver.close()

@@ -3,11 +3,18 @@ rollback when the destination fails before COMMIT."""
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 
+from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import recovery
+from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.journal import INCOMING
 from nova_xen_ncm.engine.journal import IncomingEntry
 from nova_xen_ncm.engine.journal import Journal
+from nova_xen_ncm.engine.receiver import ANSWER_POLL
 from nova_xen_ncm.engine.receiver import Receiver
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
@@ -115,7 +122,7 @@ def test_unreachable_destination_after_commit_is_in_doubt(
 
 
 def test_destination_failure_before_commit_rolls_back(
-    source, destination, migration, monkeypatch
+    source, destination, migration, monkeypatch, conf
 ):
     domid = source.create_domain(guest_config())
 
@@ -130,3 +137,80 @@ def test_destination_failure_before_commit_rolls_back(
     assert state_of(source, domid) == base.DomainState.RUNNING
     assert destination.list_domains() == []
     assert m.sender.stats.actual_downtime is not None
+    # The teardown was confirmed, the rollback recorded here, and the
+    # acknowledgement taken and confirmed (on the control channel, or on
+    # the query path when frames in flight stood before it there):
+    # nothing answers on.
+    assert m.receiver.acceptor.finished.is_set() or m.receiver._source_knows
+    assert m.receiver.answering is None
+    assert journals_empty(conf)
+
+
+def lost_finished(conf, source, destination, migration):
+    """A migration whose final acknowledgement never arrives: run() has
+    returned on both sides and the commit query window is over."""
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    m.sender.coordinator.acknowledge = lambda: None
+    assert m.run() is Phase.DONE, m.sender.error
+    assert not m.receiver._source_knows
+    query = commit.CommitQuery(
+        conf, m.receiver.address, m.sender.migration_id, m.sender.token
+    )
+    return m, query
+
+
+def test_a_late_source_learns_the_outcome_after_the_window(
+    source, destination, migration, conf
+):
+    m, query = lost_finished(conf, source, destination, migration)
+    # Well past the window, no engine restart: still answered.
+    time.sleep(conf.xen_ncm.commit_query_timeout)
+    assert m.receiver.answering.is_alive()
+    status = query.once()
+    assert (status.phase, status.committed) == ("done", True)
+    assert not journals_empty(conf)
+    # The acknowledgement ends it: the entry goes, the port closes.
+    assert query.acknowledge()
+    m.receiver.answering.join(5 * ANSWER_POLL)
+    assert not m.receiver.answering.is_alive()
+    assert journals_empty(conf)
+    with pytest.raises(EngineError):
+        query.once()
+
+
+def test_answers_end_once_an_operator_resolved_the_entry(
+    source, destination, migration, conf
+):
+    m, query = lost_finished(conf, source, destination, migration)
+    assert query.once().phase == "done"
+    incoming = Journal(conf.xen_ncm.state_path, INCOMING, IncomingEntry)
+    recovery.resolve(incoming, m.sender.migration_id)
+    m.receiver.answering.join(5 * ANSWER_POLL)
+    assert not m.receiver.answering.is_alive()
+    with pytest.raises(EngineError):
+        query.once()
+
+
+def test_commit_lost_in_a_drop_lets_the_source_resume_at_once(
+    source, destination, migration, conf
+):
+    # The destination waits for a resume of the control channel until
+    # COMMIT; a source that lost COMMIT in the drop asks instead, and
+    # that ends the wait: the destination rolls back and says so within
+    # the source's query window (2 s here), not after its own waits.
+    conf.set_override("downtime_budget", 30.0, group="xen_ncm")
+    conf.set_override("transfer_retry_timeout", 30.0, group="xen_ncm")
+    domid = source.create_domain(guest_config())
+
+    def drop(event):
+        m.sender.data.control.sock.shutdown(socket.SHUT_RDWR)
+
+    m = migration(
+        source, domid, destination, source_hooks={("state", "commit"): drop}
+    )
+    assert m.run() is Phase.FAILED, m.sender.state.reason(Phase.IN_DOUBT)
+    assert "never unpaused" in m.sender.state.reason(Phase.FAILED)
+    assert "asks for the outcome" in str(m.receiver.error)
+    assert state_of(source, domid) == base.DomainState.RUNNING
+    assert state_of(destination, domid) is None

@@ -3,11 +3,15 @@ flood the destination's port; the handshake deadline holds."""
 
 from __future__ import annotations
 
+import secrets
 import socket
 import threading
 import time
 
+from nova_xen_ncm.engine.errors import EngineError
+from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.engine.transport import Channel
 from nova_xen_ncm.host import base
 
 from .conftest import guest_config
@@ -18,6 +22,8 @@ FLOOD = 20
 #: How long a slow peer keeps trickling: the old per-recv timeout kept
 #: the handshake open all along.
 TRICKLE_FOR = 10.0
+#: Tokens a peer that knows the migration id tries.
+GUESSES = 3
 
 
 def trickle(address, cut_after):
@@ -55,6 +61,26 @@ def flood(address, stop):
             sock.close()
 
 
+def guess(address, migration_id, refused):
+    """A peer that knows the migration id (it is no secret) and tries
+    tokens: each try is refused and costs only its own connection."""
+    for _ in range(GUESSES):
+        try:
+            channel = Channel.connect(
+                *address, connect_timeout=5, io_timeout=5
+            )
+        except EngineError:
+            continue
+        try:
+            channel.client_handshake(migration_id, secrets.token_bytes(32))
+        except Refused as exc:
+            refused.append(exc.code)
+        except (EngineError, OSError):
+            pass
+        finally:
+            channel.close()
+
+
 def test_a_migration_completes_under_slow_handshakes_and_a_flood(
     source, destination, migration, conf
 ):
@@ -66,10 +92,20 @@ def test_a_migration_completes_under_slow_handshakes_and_a_flood(
     address = m.receiver.address
     stop = threading.Event()
     cut_after: list[float] = []
-    peers = [
-        threading.Thread(target=trickle, args=(address, cut_after))
-        for _ in range(SLOW_PEERS)
-    ] + [threading.Thread(target=flood, args=(address, stop))]
+    refused: list[str] = []
+    peers = (
+        [
+            threading.Thread(
+                target=guess,
+                args=(address, m.sender.migration_id, refused),
+            )
+        ]
+        + [
+            threading.Thread(target=trickle, args=(address, cut_after))
+            for _ in range(SLOW_PEERS)
+        ]
+        + [threading.Thread(target=flood, args=(address, stop))]
+    )
     for peer in peers:
         peer.start()
     # The hostile peers are there first.
@@ -87,3 +123,6 @@ def test_a_migration_completes_under_slow_handshakes_and_a_flood(
     # deadline, plus its wait for a handshake slot among the flood's.
     assert len(cut_after) == SLOW_PEERS, cut_after
     assert max(cut_after) < TRICKLE_FOR - 2.0, cut_after
+    # Wrong proofs for this migration, queued before the source: refused
+    # without ending the destination's wait for it.
+    assert refused and set(refused) == {"authentication"}, refused

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import recovery
 from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.receiver import Receiver
@@ -97,3 +98,35 @@ def test_recovery_asks_through_tls(
     assert destination.domain_info(domid).state == base.DomainState.RUNNING
     # Recovery acknowledged: the destination forgot, and ended early.
     assert m.receiver.journal.forgotten
+
+
+@pytest.mark.parametrize(
+    "journalled_in", [Phase.STOP_AND_COPY, Phase.IN_DOUBT, Phase.CLEANUP]
+)
+def test_a_stale_entry_whose_domid_was_reused_leaves_the_new_guest_alone(
+    conf, source, journalled, journalled_in
+):
+    # A guest whose migration an engine left journalled is gone; its
+    # domid now holds another guest, running. Whatever the stale entry
+    # says (roll back, ask, destroy), the new guest runs on untouched.
+    domid = source.create_domain(guest_config("newcomer"))
+    journal = journalled(
+        conf.xen_ncm.state_path,
+        journalled_in,
+        domid=domid,
+        uuid="the-guest-that-left",
+        boot_id=source.boot_id(),
+    )
+    (outcome,) = recovery.recover(
+        source,
+        journal,
+        conf,
+        query=lambda entry, conf: messages.Status(
+            phase="failed", committed=False
+        ),
+    )
+    assert not outcome.skipped
+    assert "left alone" in outcome.reason or "is now guest" in outcome.reason
+    info = source.domain_info(domid)
+    assert info.state == base.DomainState.RUNNING
+    assert info.name == "newcomer"

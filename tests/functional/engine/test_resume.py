@@ -9,7 +9,10 @@ import socket
 import time
 import tracemalloc
 
+import pytest
+
 from nova_xen_ncm.engine import policy
+from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 
@@ -102,9 +105,145 @@ def test_a_drop_mid_round_resends_only_the_frames_not_applied(
     resent = len(sent) - len(round_batches)
     # Only frames sent and not applied when the connection dropped go
     # again (the unacknowledged window), not the round up to the drop.
-    window = drop["sent"] - drop["applied"]
+    # The batch read as the connection broke is read again too (its
+    # write failed): one more than the frames in flight.
+    window = drop["sent"] - drop["applied"] + 1
     assert resent <= window
     assert resent < drop["sent"] - 1
+    assert running_on(destination, domid)
+    assert not running_on(source, domid)
+
+
+@pytest.mark.parametrize(
+    "index, round_",
+    [(1, 0), (0, 2), (1, 1)],
+    ids=["data-0", "control-2", "data-1"],
+)
+def test_a_drop_in_any_round_on_any_channel_resumes_from_what_was_applied(
+    conf, source, destination, migration, index, round_
+):
+    # Two channels: pages go on both, the control channel carries the
+    # stream's records too. A guest writing all of itself keeps later
+    # rounds as long as the first.
+    conf.set_override("channels", 2, group="xen_ncm")
+    domid = source.create_domain(
+        guest_config(dirty_rate=256 * MiB, pattern="uniform", hot_fraction=1.0)
+    )
+    m = migration(source, domid, destination, policy=stop_after(round_ + 1))
+    m.sender.stream.batch_pages = 32
+    drop = {}
+
+    def applied():
+        if index == 0:
+            return m.receiver._applied
+        return m.receiver._data_applied.get(index, 0)
+
+    def drop_here():
+        sender = m.sender
+        if drop.get("sent") or sender.data.channel_index() != index:
+            return
+        if sender.state.phase is not Phase.PRECOPY:
+            return
+        if len(sender.stats.rounds) != round_:
+            return
+        channel = sender.data.channels[index]
+        if "first" not in drop:
+            drop["first"] = channel.connection.last_seq
+        if channel.connection.last_seq < drop["first"] + 6:
+            return
+        until = time.monotonic() + 10
+        while applied() < drop["first"] + 2 and time.monotonic() < until:
+            time.sleep(0.01)
+        drop["applied"] = applied()
+        drop["sent"] = channel.connection.last_seq
+        channel.sock.shutdown(socket.SHUT_RDWR)
+
+    sent = []
+    watch_batches(m.sender, Phase.PRECOPY, round_, sent)
+    inner = m.sender.stream.batches
+
+    def dropping(share, **kwargs):
+        def each():
+            for batch in share:
+                drop_here()
+                yield batch
+
+        return inner(each(), **kwargs)
+
+    m.sender.stream.batches = dropping
+    assert m.run() is Phase.DONE, m.sender.error
+    assert drop.get("sent"), f"round {round_} ended before the drop"
+    retries = [e for e in m.source_events.events if e.kind.value == "retry"]
+    assert [e.detail["what"] for e in retries] == [f"precopy round {round_}"]
+    resent = len(sent) - len({first for first, _ in sent})
+    # Only the dropped channel's frames not applied go again, and the
+    # batch each channel had read when the round stopped (the broken
+    # write, and the other channel's, halted before its write).
+    assert resent <= drop["sent"] - drop["applied"] + 2, (resent, drop)
+    assert running_on(destination, domid)
+    assert not running_on(source, domid)
+
+
+def test_a_lost_ack_of_the_final_flush_resumes_instead_of_rolling_back(
+    conf, source, destination, migration
+):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination, policy=stop_after(1))
+    data = m.sender.data
+    flush = data.flush
+    lost = {}
+
+    def ack_lost():
+        # The final flush goes out and the destination applies it and
+        # acknowledges; the connection breaks before the ACK is read.
+        if lost or m.sender.state.phase is not Phase.STOP_AND_COPY:
+            return flush()
+        control = data.control
+        seq = control.connection.last_seq + 1
+        control.send_data(seq, [])
+        until = time.monotonic() + 10
+        while m.receiver._applied < seq and time.monotonic() < until:
+            time.sleep(0.005)
+        lost["seq"] = seq
+        lost["applied"] = m.receiver._applied
+        control.sock.shutdown(socket.SHUT_RDWR)
+        raise TransportError("the ACK of the final flush was lost")
+
+    data.flush = ack_lost
+    final = []
+    watch_batches(m.sender, Phase.STOP_AND_COPY, None, final)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert lost["applied"] == lost["seq"], lost
+    retries = [e for e in m.source_events.events if e.kind.value == "retry"]
+    assert [e.detail["what"] for e in retries] == ["stop-and-copy transfer"]
+    # Resumed after the flush: no final page went twice.
+    assert len(final) == len({first for first, _ in final})
+    assert m.receiver.state.phase is Phase.DONE
+    assert running_on(destination, domid)
+    assert not running_on(source, domid)
+
+
+def test_a_drop_while_waiting_for_ready_resumes_the_control_channel(
+    conf, source, destination, migration
+):
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination, policy=stop_after(1))
+    ready = m.receiver._ready
+    dropped = []
+
+    def drop_then_ready(restorer):
+        # The stream is complete and acknowledged; the connection breaks
+        # before READY goes out.
+        message = ready(restorer)
+        if not dropped:
+            dropped.append(m.receiver._channel)
+            m.receiver._channel.sock.shutdown(socket.SHUT_RDWR)
+        return message
+
+    m.receiver._ready = drop_then_ready
+    assert m.run() is Phase.DONE, m.sender.error
+    retries = [e for e in m.source_events.events if e.kind.value == "retry"]
+    assert [e.detail["what"] for e in retries] == ["wait for READY"]
     assert running_on(destination, domid)
     assert not running_on(source, domid)
 

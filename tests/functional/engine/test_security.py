@@ -9,8 +9,10 @@ import uuid
 
 import pytest
 
+from nova_xen_ncm.engine import commit
 from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine import messages
+from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.receiver import Receiver
 from nova_xen_ncm.engine.state import Phase
@@ -104,6 +106,47 @@ def test_source_from_another_address_is_refused(
     assert rejected and "not an allowed source" in rejected[0][1]
     assert running(source, domid)
     assert destination.list_domains() == []
+
+
+def test_a_multi_homed_source_leaves_from_the_address_it_announced(
+    conf, source, destination, migration
+):
+    # Loopback is multi-homed: 127.0.0.2 is this host too, but a socket
+    # not bound to it leaves from 127.0.0.1, which the destination does
+    # not admit. Every connection counts: control, data channels.
+    conf.set_override("channels", 3, group="xen_ncm")
+    conf.set_override("connect_retry_attempts", 2, group="xen_ncm")
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination, source_address="127.0.0.2")
+    assert m.run() is Phase.DONE, m.sender.error
+    assert m.receiver.listener.rejected == []
+    assert m.receiver.listener.accepted == 3
+    # Recovery's commit query leaves from it too.
+    assert m.sender.journal.entry.source_address == "127.0.0.2"
+    assert running(destination, domid)
+
+
+def test_the_commit_query_leaves_from_the_announced_address(conf):
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        query = commit.CommitQuery(
+            conf, listener.getsockname(), "m", b"k" * 32, "127.0.0.2"
+        )
+        got = {}
+
+        def take():
+            conn, peer = listener.accept()
+            got["peer"] = peer[0]
+            conn.close()
+
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        with pytest.raises(EngineError):
+            query.once()
+        taker.join(5)
+        assert got["peer"] == "127.0.0.2"
+    finally:
+        listener.close()
 
 
 def test_extra_connection_during_a_migration_is_closed(
@@ -226,6 +269,9 @@ def test_replayed_stream_is_refused_by_a_new_migration(
     # Replay it all into a new migration of the same id and even the same
     # token (a token is one-time: the worst case) on a third host.
     other = SimHost("other", conf)
+    # The replay fails its proof; the destination waits on for a source
+    # that holds the token until accept_timeout, then names the refusal.
+    conf.set_override("accept_timeout", 2.0, group="xen_ncm")
     try:
         replayed = Receiver(
             other, m.receiver.migration_id, m.sender.token, conf=conf

@@ -15,13 +15,18 @@ def running(host, domid):
     return host.domain_info(domid).state == base.DomainState.RUNNING
 
 
-def test_wrong_token_is_refused(source, destination, migration):
+def test_wrong_token_is_refused(conf, source, destination, migration):
+    # A wrong proof does not end the destination's wait (anyone may know
+    # the migration id): it waits for the source until accept_timeout,
+    # then fails naming the refusal.
+    conf.set_override("accept_timeout", 2.0, group="xen_ncm")
     domid = source.create_domain(guest_config())
     m = migration(source, domid, destination)
     m.sender.data.token = handshake.generate_token()
     assert m.run() is Phase.FAILED
     assert isinstance(m.sender.error, (Refused, AuthenticationError))
     assert m.receiver.state.phase is Phase.FAILED
+    assert "wrong token proof" in str(m.receiver.error)
     assert m.source_events.phases() == ["rollback", "failed"]
     assert running(source, domid)
     assert destination.list_domains() == []

@@ -287,6 +287,11 @@ class RemoteHost:
         """The phases of the destination journal's entries."""
         return self._request("incoming")
 
+    def forget_incoming(self) -> None:
+        """Drop the destination journal's entries, as an operator's
+        resolve does: the answers they kept up end."""
+        return self._request("forget_incoming")
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._conn.close()
@@ -524,8 +529,12 @@ class _HostService:
                 str(self.receiver.error or ""),
             )
         if op == "restart_engine":
-            # The destination engine restarted: it settles its journal
-            # and answers the sources' commit queries for a while.
+            # The destination engine restarted: what the old one still
+            # ran (its answers after a migration) is gone; the new one
+            # settles its journal and answers the sources' commit
+            # queries for a while.
+            if self.receiver is not None and not self.engine_dead:
+                self.receiver.close()
             journal = Journal.incoming_from_conf(self.conf)
             outcomes = recovery.recover_incoming(self.host, journal)
             threading.Thread(
@@ -545,6 +554,11 @@ class _HostService:
                 f"{type(e).__name__}: {e} (cause: {e.__cause__!r})"
                 for e in self.host.dom0_errors()
             ]
+        if op == "forget_incoming":
+            journal = Journal.incoming_from_conf(self.conf)
+            for entry in journal.entries():
+                journal.remove(entry.migration_id)
+            return None
         raise ValueError(f"unknown rig request {op!r}")
 
     def serve(self, conn: Any) -> None:
@@ -1099,10 +1113,15 @@ class Rig:
         )
 
     def forget(self) -> None:
-        """Drop the journal's entries (their guests were destroyed)."""
+        """Drop the journals' entries (their guests were destroyed): the
+        destination's too, whose answers would otherwise go on (each on
+        a port of the rig's) until a source that never will
+        acknowledges."""
         journal = Journal(self.state_path)
         for entry in journal.entries():
             journal.remove(entry.migration_id)
+        if self.destination.alive:
+            self.destination.client.forget_incoming()
 
     def migrate(self, domid: int, fault: Fault | None) -> Result:
         migration_id = f"rig-{domid}-{time.monotonic_ns()}"

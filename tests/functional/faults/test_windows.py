@@ -15,6 +15,7 @@ import pytest
 from nova_xen_ncm.engine.state import Phase
 
 from .rig import Fault
+from .rig import Kind
 from .rig import Rig
 from .rig import Window
 from .rig import guest_config
@@ -82,11 +83,10 @@ def test_window(rig, window):
     elif window is Window.PARTITION_AT_COMMIT:
         assert result.end is IN_DOUBT, result
         rig.proxy.heal()
-        # The destination's answer outlived its query window in its
-        # journal: `recover` there serves it again.
-        (restarted,) = rig.destination.client.restart_engine(ANSWER_FOR)
-        assert restarted["phase"] == "failed", restarted
+        # Long past its query window, the destination engine, never
+        # restarted, still answers: the late source learns the outcome.
         result.recovered = rig.recover()
+        assert rig.destination.client.incoming() == [], "not acknowledged"
     elif window is Window.SOURCE_KILLED_CLEANUP:
         assert result.killed, result
     elif window is Window.FINISHED_LOST:
@@ -112,3 +112,24 @@ def test_window(rig, window):
     elif window is Window.COMMITTED_LOST:
         # Acknowledged on the query path: forgotten.
         assert incoming == [], incoming
+
+
+def test_source_killed_once_commit_went_out(rig):
+    # The source engine dies with COMMIT on the wire and COMMITTED on
+    # its way back: the destination runs the guest; the restarted
+    # source learns it by the commit query and destroys its copy.
+    src = rig.source.client
+    domid = src.create_domain(guest_config("guest-killed-after-commit"))
+    uuid = src.domain_info(domid).uuid
+    result = rig.migrate(
+        domid, Fault(Kind.KILL_SOURCE, Phase.COMMIT, after_commit_sent=True)
+    )
+    assert result.killed, result
+    (recovered,) = result.recovered
+    assert (recovered["journalled"], recovered["phase"]) == (
+        "commit",
+        "done",
+    ), recovered
+    assert check_outcome(rig, domid, uuid, result) is DONE
+    # Acknowledged by the restarted source: the destination forgot.
+    assert rig.destination.client.incoming() == []

@@ -35,7 +35,8 @@ def test_settles_and_prints_each_migration(tmp_path, capsys, journalled):
     status, out, _ = run(
         capsys, "--state-path", str(tmp_path), "--host-driver", "sim", "--json"
     )
-    assert status == 0
+    # The guest is on neither host: an operator must start it.
+    assert status == 1
     (outcome,) = json.loads(out)
     assert outcome["migration_id"] == "m-1"
     assert outcome["uuid"] == "u-1"
@@ -43,6 +44,7 @@ def test_settles_and_prints_each_migration(tmp_path, capsys, journalled):
     assert outcome["journalled"] == "restore"
     # The simulated host of a new process holds no domain 42.
     assert outcome["phase"] == "failed"
+    assert outcome["guest"] == "nowhere"
     assert "no longer on" in outcome["reason"]
     assert Journal(str(tmp_path)).entries() == []
 

@@ -2,6 +2,7 @@
 resumed and commit query connections routed by what they proved, and
 everything else refused."""
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -11,6 +12,7 @@ import pytest
 from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
+from nova_xen_ncm.engine import commit
 from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.acceptor import Acceptor
@@ -113,10 +115,63 @@ def test_the_first_auth_of_channel_0_is_the_control_channel(acceptor):
     server.close()
 
 
-def test_a_wrong_token_before_the_control_channel_ends_the_wait(acceptor):
+def test_a_peer_without_the_token_cannot_end_the_wait_for_the_source(
+    acceptor,
+):
+    # The migration id is no secret: a peer that knows it and fails the
+    # proof (or names a version nobody speaks) costs its own connection,
+    # and the source, which holds the token, still gets in.
     refused(acceptor, messages.RefuseReason.AUTHENTICATION, token=b"x" * 32)
-    with pytest.raises(Refused, match="authentication"):
-        acceptor.control(soon())
+    assert not acceptor.finished.is_set()
+    client, _ = connect(acceptor)
+    server = acceptor.control(soon())
+    assert server.connection.hello.channel == 0
+    server.close()
+    client.close()
+
+
+def test_without_the_source_the_wait_ends_naming_the_last_failure(
+    acceptor,
+):
+    refused(acceptor, messages.RefuseReason.AUTHENTICATION, token=b"x" * 32)
+    with pytest.raises(Refused, match="wrong token proof"):
+        acceptor.control(time.monotonic() + 0.5)
+
+
+def test_a_failed_tls_handshake_is_recorded_once(conf, destination, tls_files):
+    tls_files.enable(conf)
+    listener = Listener(
+        "127.0.0.1",
+        0,
+        0,
+        accept_timeout=TIMEOUT,
+        tls=transport.tls_context(conf, server=True),
+        handshake_timeout=2.0,
+    )
+    acceptor = Acceptor(
+        listener,
+        MIGRATION,
+        TOKEN,
+        conf,
+        status=destination.status,
+        on_finished=destination.on_finished,
+    )
+    try:
+        # Plain TCP speaking no TLS: the server's handshake fails.
+        with socket.create_connection(listener.address, timeout=TIMEOUT) as s:
+            s.sendall(b"not a TLS client hello" * 4)
+            s.settimeout(TIMEOUT)
+            with contextlib.suppress(OSError):
+                s.recv(1)
+        until = time.monotonic() + TIMEOUT
+        while not listener.rejected and time.monotonic() < until:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert len(listener.rejected) == 1, listener.rejected
+        assert "TLS handshake failed" in listener.rejected[0][1]
+    finally:
+        acceptor.close()
+        listener.close()
 
 
 def test_another_migration_is_refused_and_the_source_still_awaited(
@@ -189,10 +244,13 @@ def test_later_auth_of_channel_0_is_a_commit_query(acceptor, destination):
     status = query.receive()
     assert (status.phase, status.committed) == ("done", True)
     query.send(messages.Finished())
-    assert acceptor.finished.wait(TIMEOUT)
-    # The second acknowledgement changes nothing.
+    # Taken, and confirmed: the source knows it was not lost.
+    assert query.receive().phase == "done"
+    assert acceptor.finished.is_set()
+    # The second acknowledgement is confirmed too and changes nothing.
     again, _ = connect(acceptor)
     again.send(messages.Finished())
+    assert again.receive().phase == "done"
     with pytest.raises(TransportError, match="closed"):
         again.receive()
     assert destination.finished == 1
@@ -218,6 +276,7 @@ def test_an_acknowledgement_before_the_outcome_acknowledges_nothing(
     acceptor.control(soon()).close()
     query, _ = connect(acceptor)
     query.send(messages.Finished())
+    # Not taken, not confirmed: closed without a STATUS.
     with pytest.raises(TransportError, match="closed"):
         query.receive()
     query.close()
@@ -295,3 +354,20 @@ def test_tls_and_the_handshake_share_one_deadline(
     finally:
         acceptor.close()
         listener.close()
+
+
+def test_an_unconfirmed_acknowledgement_is_reported_as_such(
+    conf, acceptor, destination
+):
+    # commit.finish says whether FINISHED was taken: a STATUS comes back
+    # only once it was; a close or silence is no confirmation.
+    connect(acceptor)[0].close()
+    acceptor.control(soon()).close()
+    early, _ = connect(acceptor)
+    assert not commit.finish(early, TIMEOUT, MIGRATION)
+    early.close()
+    destination.phase = "done"
+    late, _ = connect(acceptor)
+    assert commit.finish(late, TIMEOUT, MIGRATION)
+    late.close()
+    assert destination.finished == 1

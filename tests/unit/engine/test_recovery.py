@@ -222,6 +222,50 @@ def test_after_a_reboot_no_domain_is_touched(tmp_path, conf, journalled):
     assert host.calls == []
 
 
+@pytest.mark.parametrize(
+    "phase, query",
+    [
+        (Phase.STOP_AND_COPY, None),
+        # The destination says it never unpaused its copy.
+        (Phase.COMMIT, answer("failed", False)),
+    ],
+)
+def test_a_failed_migration_whose_copy_the_reboot_took_runs_nowhere(
+    tmp_path, conf, journalled, phase, query
+):
+    # Failed, and no copy here to run again: said as such, not as a
+    # rollback with a guest running here.
+    host = FakeHost()
+    j = journalled(tmp_path, phase, boot_id="boot-0")
+    (o,) = recovery.recover(host, j, conf, query=query)
+    assert o.phase is Phase.FAILED
+    assert o.lost and o.guest == recovery.NOWHERE
+    assert o.reason.startswith("the guest runs nowhere")
+    assert o.as_dict()["guest"] == "nowhere"
+    assert host.calls == []
+
+
+def test_a_rolled_back_guest_runs_on_the_source(tmp_path, conf, journalled):
+    host = FakeHost()
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+    (o,) = recovery.recover(host, j, conf, query=answer("failed", False))
+    assert (o.phase, o.guest, o.lost) == (Phase.FAILED, "source", False)
+
+
+def test_a_destination_rebooted_after_running_the_guest_says_it_is_lost(
+    tmp_path, journalled
+):
+    host = FakeHost(state=None)
+    j = journalled(tmp_path, Phase.DONE, cls=IncomingEntry, boot_id="boot-0")
+    (o,) = recovery.recover_incoming(host, j)
+    # The source's answer stands: the guest ran here, its copy there
+    # must not run. But it runs nowhere now.
+    assert o.phase is Phase.DONE
+    assert o.lost
+    (kept,) = j.entries()
+    assert kept.phase == "done"
+
+
 def test_an_operator_resolves_an_in_doubt_entry(tmp_path, conf, journalled):
     j = journalled(tmp_path, Phase.IN_DOUBT)
     entry = recovery.resolve(j, "m-1")

@@ -149,22 +149,26 @@ def test_init_host_settles_interrupted_migrations(tmp_path, monkeypatch):
     assert Journal(str(state)).entries() == []
 
 
-def _outcome(phase, domid=7, reason="asked the destination"):
+def _outcome(phase, domid=7, reason="asked the destination", guest=""):
     from nova_xen_ncm.engine.recovery import Outcome
     from nova_xen_ncm.engine.state import Phase
 
-    return Outcome("m-1", domid, Phase.PRECOPY, Phase(phase), reason)
+    return Outcome(
+        "m-1", domid, Phase.PRECOPY, Phase(phase), reason, guest=guest
+    )
 
 
 @pytest.mark.parametrize(
-    "phase, says",
+    "phase, says, guest",
     [
-        ("done", "runs on the destination"),
-        ("in_doubt", "nova-xen-ncm recover"),
+        ("done", "runs on the destination", ""),
+        ("in_doubt", "nova-xen-ncm recover", ""),
+        # Failed, and its copy here is gone too.
+        ("failed", "runs on no host", "nowhere"),
     ],
 )
 def test_recovery_puts_a_moved_or_unknown_guest_in_error(
-    monkeypatch, phase, says
+    monkeypatch, phase, says, guest
 ):
     instance = mock.Mock(vm_state="active", task_state="migrating")
     get = mock.Mock(return_value=instance)
@@ -176,7 +180,7 @@ def test_recovery_puts_a_moved_or_unknown_guest_in_error(
     migration = mock.Mock(status="running")
     get_migration = mock.Mock(return_value=migration)
     monkeypatch.setattr(driver.objects.Migration, "get_by_uuid", get_migration)
-    driver.reconcile("src", [_outcome(phase)], {7: "uuid-7"})
+    driver.reconcile("src", [_outcome(phase, guest=guest)], {7: "uuid-7"})
     assert get.call_args.args[1] == "uuid-7"
     # Nova's record of the migration does not stay 'running': the
     # compute manager skips instances in ERROR at start-up.

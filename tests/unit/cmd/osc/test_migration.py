@@ -141,7 +141,8 @@ def test_recover_settles_says_each_outcome_and_lists_them(tmp_path, capsys):
             "json",
         ],
     )
-    assert status == 0
+    # Its guest runs on neither host: an operator must act.
+    assert status == 1
     (row,) = json.loads(out)
     assert (row["Migration"], row["Role"], row["Journalled"]) == (
         "m-1",
@@ -151,11 +152,12 @@ def test_recover_settles_says_each_outcome_and_lists_them(tmp_path, capsys):
     # Journalled by another boot of the host: its domain 42 is gone.
     assert row["Phase"] == "failed"
     assert "domain 42 is gone" in row["Reason"]
+    assert row["Reason"].startswith("the guest runs nowhere")
     # Said on stderr as settled, before any wait for commit queries.
     (said,) = capsys.readouterr().err.splitlines()
     assert said.endswith(
-        "m-1 (source, domain 42, journalled in RESTORE): FAILED: "
-        + row["Reason"]
+        "m-1 (source, domain 42, journalled in RESTORE): FAILED, THE GUEST "
+        "RUNS NOWHERE: " + row["Reason"]
     ), said
     assert Journal(str(tmp_path)).entries() == []
 
