@@ -115,6 +115,7 @@ class DataPath:
             tls=transport.tls_context(self.conf, server=False),
         )
         channel.pacer = self.pacer
+        caps += transport.frame_capabilities(self.opts, channel.sock)
         try:
             channel.client_handshake(
                 self.migration_id,

@@ -56,20 +56,24 @@ def _read_frame(
 ) -> messages.Data | None:
     """Read the body of a data frame whose header came (direct mode).
 
-    A page batch (flag PAGES) is applied to the restoring guest once the
-    frame's tag is checked (nothing of a forged frame reaches the guest)
-    and None returned; any other body comes back as Data.
+    A page batch (flag PAGES) is read straight into the restoring
+    guest's pages (:meth:`Restorer.receive_pages`) and None returned;
+    any other body comes back as Data. Either way the frame's tag, if
+    it has one, is checked before this returns.
     """
-    body = bytearray(header.length)
-    if header.length:
-        channel.read_payload_into(memoryview(body))
+    if header.pages:
+        restorer.receive_pages(header.length, channel.read_payload_into)
+        body = None
+    else:
+        body = bytearray(header.length)
+        if header.length:
+            channel.read_payload_into(memoryview(body))
     end = channel.receive()
     if not isinstance(end, messages.DataEnd):
         raise ProtocolError(
             f"{type(end).__name__} inside data frame {header.seq}"
         )
-    if header.pages:
-        restorer.page_record(body)
+    if body is None:
         return None
     return messages.Data(seq=header.seq, payload=body)
 

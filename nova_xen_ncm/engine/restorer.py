@@ -134,6 +134,50 @@ class Restorer:
             raise ProtocolError(f"PAGE_DATA frame: {exc}") from exc
         self._page_data(value)
 
+    def receive_pages(
+        self, length: int, read_into: Callable[[memoryview], None]
+    ) -> None:
+        """Apply a frame body of ``length`` octets holding exactly one
+        PAGE_DATA record, read by ``read_into`` (which fills the view it
+        is given from the connection) a part at a time: the record's
+        header and pfns into a buffer of their own, then each run of
+        page contents straight into the mapped guest pages, so the
+        octets are copied once, by the socket read. The pfns are checked
+        before any page is mapped. The destination domain has not run:
+        a frame whose tag then fails aborts the migration and the
+        domain is destroyed, and the digest proof checks every page
+        before the commit."""
+        fixed = libxc.RHDR.size + libxc.PAGE_DATA_HDR.size
+        if length < fixed:
+            raise ProtocolError(
+                f"a page frame of {length} octets is shorter than a "
+                "PAGE_DATA record's headers"
+            )
+        head = bytearray(fixed)
+        read_into(memoryview(head))
+        rtype, rlen = libxc.RHDR.unpack_from(head)
+        if rtype != libxc.PAGE_DATA or libxc.RHDR.size + rlen != length:
+            raise ProtocolError(
+                f"a page frame of {length} octets holds record type "
+                f"{rtype:#x} of {rlen} octets, not one PAGE_DATA record"
+            )
+        body = memoryview(head)[libxc.RHDR.size :]
+        try:
+            # Bounded by rlen, itself bounded by the frame limit.
+            pfn_end = _PAGE_CODEC.head_size(body, rlen)
+            entries = bytearray(pfn_end)
+            entries[: len(body)] = body
+            read_into(memoryview(entries)[len(body) :])
+            pfns, types = _PAGE_CODEC.decode_head(memoryview(entries), rlen)
+        except BodyError as exc:
+            raise ProtocolError(f"PAGE_DATA frame: {exc}") from exc
+        mapping = self.page_targets(pfns, types, rlen - pfn_end)
+        if mapping is None:
+            return
+        with mapping:
+            for _, view in mapping.runs():
+                read_into(view)
+
     def page_targets(
         self, pfns: np.ndarray, types: np.ndarray, data_bytes: int
     ) -> base.PageMapping | None:
