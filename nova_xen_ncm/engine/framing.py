@@ -375,7 +375,9 @@ class Connection:
         straight into place instead of being copied out of this buffer."""
         if not self.direct_payload:
             return limit
-        return max(1, min(limit, max(_SMALL_READ, self._wanted - self.buffered)))
+        return max(
+            1, min(limit, max(_SMALL_READ, self._wanted - self.buffered))
+        )
 
     def next_event(self) -> Event:
         """The next event, :data:`NEED_DATA`, or raise ProtocolError."""
