@@ -326,6 +326,10 @@ class SimHost(base.HostDriver):
     def populate(self, domid: int, pfns: np.ndarray) -> None:
         self.hv.populate(domid, pfns)
 
+    def written_pages(self, domid: int, pfns: np.ndarray) -> np.ndarray:
+        dom = self.hv.domain(domid, "written_pages")
+        return dom.mem.written_mask(pfns)
+
     @_faulty
     def map_pages(
         self, domid: int, pfns: np.ndarray, writable: bool = False

@@ -735,6 +735,24 @@ class GuestMemory:
             return (vec & 1).astype(bool)
         return self._seek_data_mask(start, end)
 
+    def written_mask(self, pfns: np.ndarray) -> np.ndarray:
+        """Which of ``pfns`` were touched since the guest was created
+        (bool, in the order given); the others are holes of the memory
+        file and read as zero. The file's own allocation map answers
+        (SEEK_DATA/SEEK_HOLE: time in the extents of the span, not its
+        pages; a page swapped out is still data), not mincore, which
+        would call a swapped-out page a hole."""
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        if not len(pfns):
+            return np.zeros(0, dtype=bool)
+        lo = int(pfns.min())
+        hi = min(int(pfns.max()) + 1, self.ram_size >> PAGE_SHIFT)
+        if lo >= hi:
+            return np.zeros(len(pfns), dtype=bool)
+        mask = np.zeros(int(pfns.max()) + 1 - lo, dtype=bool)
+        mask[: hi - lo] = self._seek_data_mask(lo, hi)
+        return mask[(pfns - np.uint64(lo)).astype(np.int64)]
+
     def _seek_data_mask(self, start: int, end: int) -> np.ndarray:
         mask = np.zeros(end - start, dtype=bool)
         pos = start * PAGE_SIZE

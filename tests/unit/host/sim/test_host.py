@@ -329,9 +329,7 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
     assert host.memory_digest(1) == digest
 
 
-def test_a_paused_guest_is_digested_as_a_migration_reads_it(
-    host, monkeypatch
-):
+def test_a_paused_guest_is_digested_as_a_migration_reads_it(host, monkeypatch):
     a = empty(host, 1, mb=80)
     pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
     host.populate(1, pfns)
@@ -430,6 +428,17 @@ def test_data_mask_finds_written_pages_and_holes() -> None:
             mem._seek_data_mask(600, 2100), want[600:2100]
         )
         assert len(mem.data_mask(5, 5)) == 0
+        # Touched since creation, in the order asked, beyond the
+        # memory's end never.
+        ask = np.array([4095, 3, 700, 2, 5000], dtype=np.uint64)
+        assert mem.written_mask(ask).tolist() == [
+            True,
+            False,
+            True,
+            True,
+            False,
+        ]
+        assert len(mem.written_mask(np.zeros(0, dtype=np.uint64))) == 0
     finally:
         mem.close()
 
