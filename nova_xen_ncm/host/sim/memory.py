@@ -486,6 +486,9 @@ class GuestMemory:
         self._tracker: WriteTracker | None = None
         # The guest process runs no vCPU (hold_tracking): nothing to scan.
         self._held = False
+        # Pfns written since the domain was created (host process only:
+        # the guest cannot write it), made on the first write.
+        self._written_ever: np.ndarray | None = None
 
     @staticmethod
     def ctl_bytes(max_pfn: int) -> int:
@@ -705,6 +708,10 @@ class GuestMemory:
         """Record writes of the hypervisor or dom0 (Xen's
         paging_mark_dirty), never called by the guest; the caller holds
         :meth:`lock`."""
+        if self._written_ever is None:
+            # calloc'd: a page of it is memory once a pfn in it is marked.
+            self._written_ever = np.zeros(self.max_pfn, dtype=np.uint8)
+        self._written_ever[pfns] = 1
         self.changed[pfns] = 1
         if self.header[2]:
             self.dirty[pfns] = 1
@@ -736,22 +743,24 @@ class GuestMemory:
         return self._seek_data_mask(start, end)
 
     def written_mask(self, pfns: np.ndarray) -> np.ndarray:
-        """Which of ``pfns`` were touched since the guest was created
-        (bool, in the order given); the others are holes of the memory
-        file and read as zero. The file's own allocation map answers
-        (SEEK_DATA/SEEK_HOLE: time in the extents of the span, not its
-        pages; a page swapped out is still data), not mincore, which
-        would call a swapped-out page a hole."""
+        """Which of ``pfns`` were written since the domain was created
+        (bool, in the order given); the others hold zero (as a real
+        host knows the pfns it never populated). Kept by the host as
+        every writer marks its writes (:meth:`mark_dirty`, which the
+        guest process's write tracking feeds), not read from the memory
+        (prefaulted RAM is resident whether written or not). Pages the
+        guest wrote since the last scan are in it once scanned: with
+        log-dirty on they are harvested and sent again anyway, and a
+        paused guest's writes were scanned when it stopped; otherwise
+        this scans first."""
         pfns = np.asarray(pfns, dtype=np.uint64)
-        if not len(pfns):
-            return np.zeros(0, dtype=bool)
-        lo = int(pfns.min())
-        hi = min(int(pfns.max()) + 1, self.ram_size >> PAGE_SHIFT)
-        if lo >= hi:
+        if not (self.header[2] or self._held):
+            with self.lock():
+                self._flush_written()
+        ever = self._written_ever
+        if ever is None:
             return np.zeros(len(pfns), dtype=bool)
-        mask = np.zeros(int(pfns.max()) + 1 - lo, dtype=bool)
-        mask[: hi - lo] = self._seek_data_mask(lo, hi)
-        return mask[(pfns - np.uint64(lo)).astype(np.int64)]
+        return ever[pfns.astype(np.int64)] != 0
 
     def _seek_data_mask(self, start: int, end: int) -> np.ndarray:
         mask = np.zeros(end - start, dtype=bool)

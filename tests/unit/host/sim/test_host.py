@@ -428,9 +428,11 @@ def test_data_mask_finds_written_pages_and_holes() -> None:
             mem._seek_data_mask(600, 2100), want[600:2100]
         )
         assert len(mem.data_mask(5, 5)) == 0
-        # Touched since creation, in the order asked, beyond the
-        # memory's end never.
-        ask = np.array([4095, 3, 700, 2, 5000], dtype=np.uint64)
+        # Written since creation: what the writers marked, whatever
+        # the memory holds, in the order asked.
+        with mem.lock():
+            mem.mark_dirty(np.array([2, 700, 4095], dtype=np.uint64))
+        ask = np.array([4095, 3, 700, 2, 0], dtype=np.uint64)
         assert mem.written_mask(ask).tolist() == [
             True,
             False,
@@ -928,3 +930,34 @@ def test_a_lock_that_is_not_reentrant_taken_twice_is_refused(host):
             with a.mem.lock():
                 pass
     assert locks.held() == ()
+
+
+@pytest.mark.parametrize("fill", ["random", "zero"])
+def test_every_page_the_guest_wrote_is_said_written(conf, fill) -> None:
+    # Prefaulted spare RAM: every page is resident, written or not.
+    conf.set_override("spare_guest_process", True, group="xen_ncm_sim")
+    conf.set_override("prefault_memory_mb", 64, group="xen_ncm_sim")
+    h = sim_host.SimHost("written", conf)
+    try:
+        domid = h.create_domain(
+            base.DomainConfig(
+                name="g",
+                memory_bytes=16 << 20,
+                vcpus=1,
+                workload={"fill": fill, "dirty_rate": 0},
+            )
+        )
+        h.pause(domid)
+        pfns = h.populated_pfns(domid)
+        written = h.written_pages(domid, pfns)
+        ram = h.hv.domains[domid].mem.ram
+        # The guest's RAM, read here: a page holding anything but zero
+        # is never said unwritten.
+        nonzero = ram[pfns.astype(np.int64)].any(axis=1)
+        assert not (nonzero & ~written).any()
+        if fill == "zero":
+            assert written.sum() < len(pfns) // 2
+        else:
+            assert written.sum() > len(pfns) // 2
+    finally:
+        h.close()
