@@ -110,6 +110,9 @@ class SimHost(base.HostDriver):
         self.hostname = hostname
         # A simulated host boots when it is built.
         self._boot_id = str(uuidlib.uuid4())
+        # What the kernel offers for log-dirty is probed once, at boot,
+        # not by the first migration's capability report.
+        write_tracking_available()
         self.opts = conf.xen_ncm_sim
         self.hv = Hypervisor(hostname, self.opts.host_memory_mb * MiB)
         self.services = Dom0Services(self.hv, self.opts)

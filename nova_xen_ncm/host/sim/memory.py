@@ -725,6 +725,15 @@ class GuestMemory:
             self.changed[pfns] = 0
         return pfns
 
+    def written_since_creation(self, start: int, end: int) -> np.ndarray:
+        """Which pfns of ``[start, end)`` were written since the domain
+        was created (:meth:`written_mask`'s map, as it stands: the
+        caller flushed the guest's writes it needs)."""
+        ever = self._written_ever
+        if ever is None:
+            return np.zeros(max(end - start, 0), dtype=bool)
+        return ever[start:end] != 0
+
     def data_mask(self, start: int, end: int) -> np.ndarray:
         """Which pfns of ``[start, end)`` hold data (not holes): reading
         a hole of the shared memory would allocate it.
