@@ -276,3 +276,13 @@ def test_a_host_that_cannot_tell_says_every_page_may_hold_data(host):
         True,
     ]
     assert host.written_pages(DOMID, pfns).tolist() == [False, True]
+
+
+def test_dirty_pages_are_looked_up_in_the_populated_ones():
+    from nova_xen_ncm.engine import sender as sending
+
+    populated = np.array([2, 5, 9, 40], dtype=np.uint64)
+    dirty = np.array([41, 9, 2, 3, 9, 0], dtype=np.uint64)
+    assert sending._members(dirty, populated).tolist() == [2, 9]
+    assert sending._members(dirty, populated[:0]).tolist() == []
+    assert sending._members(dirty[:0], populated).tolist() == []
