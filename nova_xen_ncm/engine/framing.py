@@ -93,8 +93,10 @@ DEFAULT_MAX_DATA = 16 * 1024 * 1024
 
 C, S = Role.CLIENT, Role.SERVER
 
-# A direct-mode read at a frame boundary: a tag and the next headers.
+# A direct-mode read at a frame boundary: a tag and the next headers;
+# made only after a data frame body of at least _BULK_BODY octets.
 _SMALL_READ = 64
+_BULK_BODY = 256 * 1024
 
 # Capabilities under which established frames carry no tag.
 _UNTAGGED = frozenset(
@@ -163,6 +165,8 @@ class Connection:
         self._payload_left = 0
         # Octets the frame being read needs in the buffer (0: a header).
         self._wanted = 0
+        # The body length of the last direct data frame.
+        self._last_body = 0
 
     @property
     def established(self) -> bool:
@@ -372,8 +376,11 @@ class Connection:
         ``limit``. In direct mode a read stops near the frame boundary
         (a header, a tag, or the rest of a frame read whole), so a data
         frame's body is left in the socket for the caller to read
-        straight into place instead of being copied out of this buffer."""
-        if not self.direct_payload:
+        straight into place instead of being copied out of this buffer:
+        only after a large data frame, as each read lets the other
+        threads take the GIL; small frames (control, the last dirty
+        pages) come in one read for many."""
+        if not self.direct_payload or self._last_body < _BULK_BODY:
             return limit
         return max(
             1, min(limit, max(_SMALL_READ, self._wanted - self.buffered))
@@ -591,6 +598,7 @@ class Connection:
         self._wanted = 0
         self._frame_seq = seq
         self._payload_left = length - DATA_HEADER.size
+        self._last_body = self._payload_left
         self._recv = _Recv.PAYLOAD if self._payload_left else _Recv.TAG
         return DataHeader(
             seq=seq,

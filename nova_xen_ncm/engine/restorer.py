@@ -175,8 +175,20 @@ class Restorer:
         if mapping is None:
             return
         with mapping:
-            for _, view in mapping.runs():
-                read_into(view)
+            runs = mapping.runs()
+            if (rlen - pfn_end) >= _DIRECT_RUN * len(runs):
+                for _, view in runs:
+                    read_into(view)
+                return
+            # Scattered pages (the last dirty ones): one read for all
+            # and a copy each, not a socket read per page (each lets the
+            # other threads take the GIL, in the downtime).
+            body = bytearray(rlen - pfn_end)
+            read_into(memoryview(body))
+            pos = 0
+            for _, view in runs:
+                view[:] = body[pos : pos + view.nbytes]
+                pos += view.nbytes
 
     def page_targets(
         self, pfns: np.ndarray, types: np.ndarray, data_bytes: int
@@ -310,3 +322,6 @@ _HANDLERS = {
 
 
 _PAGE_CODEC = libxc.PageDataCodec()
+# Runs of guest pages at least this long on average are read straight
+# from the socket into place.
+_DIRECT_RUN = 64 * 1024

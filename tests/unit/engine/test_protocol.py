@@ -727,21 +727,31 @@ def test_untagged_direct_payload_round_trip():
     assert bytes(target) == b"q" * 64
 
 
-def test_direct_mode_reads_stop_at_the_frame_boundary():
+def test_direct_mode_reads_stop_at_the_frame_boundary_after_bulk():
     client, server, *_ = handshake(
         server=framing.Connection(messages.Role.SERVER, direct_payload=True)
     )
-    # Between frames: a small read, the headers and not the body.
-    assert server.read_hint(256 * 1024) < 128
-    frame = wire(client.send_data(1, [b"q" * 100_000]))
+    # Before any bulk frame: reads as large as allowed (small frames
+    # come in one read for many).
+    assert server.read_hint(256 * 1024) == 256 * 1024
+    body = b"q" * (framing._BULK_BODY + 100)
+    frame = wire(client.send_data(1, [body]))
     headers = framing.FRAME_HEADER.size + framing.DATA_HEADER.size
     server.receive_data(frame[:headers])
-    assert server.next_event() == messages.DataHeader(seq=1, length=100_000)
+    assert server.next_event() == messages.DataHeader(seq=1, length=len(body))
+    # After a bulk frame's header: a small read, the tag and the next
+    # headers, not the next body.
+    assert server.read_hint(256 * 1024) < 128
+    target = memoryview(bytearray(len(body)))
+    server.receive_data(frame[headers:])
+    assert server.take_payload(target) == len(body)
+    assert server.next_event() == messages.DataEnd(seq=1)
+    assert server.read_hint(256 * 1024) < 128
     # A control frame whose header came asks for the rest of it at once.
-    reader = framing.Connection(messages.Role.SERVER, direct_payload=True)
-    hello = wire(framing.Connection(messages.Role.CLIENT).send_hello("m", 0))
-    reader.receive_data(hello[: framing.FRAME_HEADER.size])
-    assert reader.next_event() is messages.NEED_DATA
-    assert reader.read_hint(1 << 20) == len(hello) - framing.FRAME_HEADER.size
+    hello = wire(client.send(messages.Commit()))
+    server.receive_data(hello[: framing.FRAME_HEADER.size])
+    assert server.next_event() is messages.NEED_DATA
+    rest = len(hello) - framing.FRAME_HEADER.size
+    assert server.read_hint(1 << 20) == max(rest, framing._SMALL_READ)
     # Without direct mode, reads fill the buffer.
     assert client.read_hint(256 * 1024) == 256 * 1024

@@ -279,10 +279,20 @@ def test_page_frame_is_read_straight_into_guest_pages(host):
     assert read_into.left() == 0
     assert [read_page(host, p) for p in (5, 6, 9)] == data
     assert restorer.pages == 4
-    # The page contents went into the mapped pages themselves, not
-    # through a buffer of the record's size.
-    assert sum(read_into.filled[2:]) == 3 * PAGE
+    # Scattered pages: the headers, then their contents in one read.
+    assert read_into.filled[2:] == [3 * PAGE]
     assert max(read_into.filled[:2]) < PAGE
+    # Long runs go from the socket straight into the mapped pages, a
+    # read per run.
+    long_run = np.arange(100, 132, dtype=np.uint64)
+    data = [bytes([i]) * PAGE for i in range(32)]
+    record = encoder.join(
+        enc.page_data(long_run, np.full(32, libxc.NOTAB, dtype=np.uint8), data)
+    )
+    read_into = reader(bytes(record))
+    restorer.receive_pages(len(record), read_into)
+    assert read_into.filled[2:] == [32 * PAGE]
+    assert read_page(host, 131) == data[31]
 
 
 def test_page_frame_of_another_record_is_refused_before_mapping(host):
