@@ -21,10 +21,11 @@ CRC is the entry (an append a crash cut short is a line without its
 newline or with a wrong CRC, and the version before it stands). Its
 first write also syncs the directory (the file's name is durable then),
 so a transition while the guest is paused costs one sync: the
-STOP_AND_COPY record covers the pause, COMMIT the decision before the
-COMMIT message goes, RESTORE and the destination's outcome before the
-unpause. Writing it is part of each phase transition (the state
-machine's ``journal`` hook): a write that fails stops the transition
+STOP_AND_COPY record covers the pause; on the source, COMMIT records
+the decision before the COMMIT message goes; on the destination,
+RESTORE and COMMIT are recorded before the guest is unpaused there.
+Writing it is part of each phase transition (the state machine's
+``journal`` hook): a write that fails stops the transition
 before the side effect it covers. The engine holds an exclusive lock
 (``flock``) on ``<id>.lock`` for the migration's life; recovery skips an
 entry whose lock is held, so it never acts on a live migration. The
