@@ -143,10 +143,12 @@ class Restorer:
         header and pfns into a buffer of their own, then each run of
         page contents straight into the mapped guest pages, so the
         octets are copied once, by the socket read. The pfns are checked
-        before any page is mapped. The destination domain has not run:
-        a frame whose tag then fails aborts the migration and the
-        domain is destroyed, and the digest proof checks every page
-        before the commit."""
+        before any page is mapped. Only for frames that were
+        authenticated before their octets are handed over (records of a
+        mutual TLS connection, ``tls-frames``) or that carry no tag by
+        both ends' choice (``unauthenticated-frames``): a frame with a
+        GMAC tag goes through :meth:`page_record` once its tag is
+        checked, so no unauthenticated octet reaches guest memory."""
         fixed = libxc.RHDR.size + libxc.PAGE_DATA_HDR.size
         if length < fixed:
             raise ProtocolError(
