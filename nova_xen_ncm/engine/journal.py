@@ -232,6 +232,9 @@ class Journal:
                     # A crash cut the last append short: end it, so that
                     # this version is a line of its own.
                     line = b"\n" + line
+                    # Cut short before any version was whole: the name
+                    # was never synced either.
+                    new = b"\n" not in os.pread(fd, size, 0)
                 if os.write(fd, line) != len(line):
                     raise OSError(errno.ENOSPC, "short write")
                 os.fdatasync(fd)
@@ -311,6 +314,8 @@ class Journal:
         except OSError as exc:
             raise JournalError(f"{where}: unreadable: {exc}") from exc
         data = _last_version(raw, where)
+        if data is None:
+            return None
         entry = self.entry_type.from_dict(data, where)
         if entry.migration_id != migration_id:
             raise JournalError(
@@ -331,12 +336,18 @@ class Journal:
 
 def _last_version(raw: bytes, where: str) -> Any:
     """The last whole version in a journal file's octets (an entry of
-    version 2 written whole is one JSON object, read as it is)."""
+    version 2 written whole is one JSON object, read as it is); None if
+    no version was ever whole (a crash during the first append)."""
     if raw.lstrip().startswith(b"{"):
         try:
             return json.loads(raw)
         except ValueError as exc:
             raise JournalError(f"{where}: unreadable: {exc}") from exc
+    if b"\n" not in raw:
+        # Created, then the first append cut short (or never made): its
+        # sync never returned, so no transition depended on it. Not an
+        # entry, rather than one that stops every later recovery.
+        return None
     # A last line without its newline was cut short by a crash.
     for line in reversed(raw.split(b"\n")[:-1]):
         crc, _, data = line.partition(b" ")

@@ -203,3 +203,29 @@ def test_a_version_cut_short_by_a_crash_leaves_the_one_before(tmp_path):
     with open(path, "wb") as f:
         f.write(torn.replace(b'"in_doubt"', b'"in_dOubt"'))
     assert j.read("m-1").phase == "precopy"
+
+
+@pytest.mark.parametrize("torn", [b"", b'3a4f01c2 {"migration_id": "m-'])
+def test_a_first_version_cut_short_is_no_entry_and_blocks_no_recovery(
+    tmp_path, torn
+):
+    j = journal.Journal(str(tmp_path))
+    journal.Record(j, entry("m-2")).write(Phase.COMMIT)
+    # A crash during the first append of m-1: the file, but no version
+    # whose sync returned (nothing acted on it).
+    path = os.path.join(j.path, "m-1.json")
+    with open(path, "wb") as f:
+        f.write(torn)
+    assert j.read("m-1") is None
+    assert [e.migration_id for e in j.entries()] == ["m-2"]
+    # Written again, its first whole version is the entry.
+    journal.Record(j, entry()).write(Phase.PRECOPY)
+    assert j.read("m-1").phase == "precopy"
+    # A file that held whole lines, none of them right, is corrupt:
+    # said so, not taken as absent.
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "wb") as f:
+        f.write(whole.replace(b'"precopy"', b'"precOpy"'))
+    with pytest.raises(journal.JournalError, match="no whole entry"):
+        j.read("m-1")
