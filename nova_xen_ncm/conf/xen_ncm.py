@@ -331,13 +331,14 @@ SECURITY_OPTS = [
         "connection with GMAC under keys derived from the one-time "
         "token. Setting it to false on both hosts drops the per-frame "
         "tag: the token still authenticates the source at connection, "
-        "and the digest proof still checks every page of guest memory "
-        "before the destination commits, but anyone on the path may "
-        "alter frames after the handshake, as with QEMU's (and Nova's "
-        "default) plain TCP migration. Only for isolated migration "
-        "networks. A connection is authenticated unless both ends set "
-        "false. With tls_enabled, TLS authenticates every octet and the "
-        "per-frame tag is never used, whatever this option says.",
+        "but after the handshake anyone on the path may alter or inject "
+        "frames (guest memory, the digests, COMMIT), as with QEMU's (and "
+        "Nova's default) plain TCP migration. The memory digest then "
+        "catches accidental corruption only: it is no authenticator. "
+        "Only for isolated migration networks. A connection is "
+        "authenticated unless both ends set false. With tls_enabled, "
+        "TLS authenticates every octet and the per-frame tag is never "
+        "used, whatever this option says.",
     ),
     cfg.BoolOpt(
         "tls_check_hostname",
