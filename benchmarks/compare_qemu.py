@@ -29,8 +29,12 @@ Modes: ``plain`` is TCP (QEMU: neither encrypted nor authenticated;
 ours: authenticated and digest-verified); ``tls`` is QEMU's
 ``tls-creds-x509`` with verified peers as Nova's native TLS sets it,
 against ours with ``[xen_ncm] tls_enabled``, both with certificates made
-here by one authority (``cryptography``); ``zero`` is plain TCP with a
-guest whose RAM is all zero. Prints the median seconds of each side and
+here by one authority (``cryptography``); ``open`` is plain TCP against
+ours with ``[xen_ncm] frame_authentication = false`` on both hosts (no
+per-frame tag: equal to QEMU's plain TCP, for isolated migration
+networks; the digest proof still on; a ``--baseline`` tree without the
+option runs its default there); ``zero`` is plain TCP with a guest whose
+RAM is all zero. Prints the median seconds of each side and
 the ratio QEMU/ours (above 1: ours is faster), and writes JSON to
 ``benchmarks/results/``.
 """
@@ -75,7 +79,7 @@ QEMU = "qemu-system-x86_64"
 # QEMU's max-bandwidth is in octets per second; this is no limit.
 UNLIMITED = 1 << 40
 QMP_TIMEOUT = 600.0
-MODES = ("plain", "tls", "zero")
+MODES = ("plain", "tls", "open", "zero")
 
 
 # -- certificates --------------------------------------------------------
@@ -351,9 +355,13 @@ def _wait_completed(qmp: Qmp, which: str) -> dict:
 # -- this project ----------------------------------------------------------
 
 
-def ours_migrate(memory: int, fill: str, tls: dict | None) -> dict:
+def ours_migrate(
+    memory: int, fill: str, tls: dict | None, *, authenticated: bool = True
+) -> dict:
     """One migration of a paused guest between two simulated hosts."""
     settings: dict = {"precopy_policy": "xen-simple"}
+    if not authenticated and _has_option("frame_authentication"):
+        settings["frame_authentication"] = False
     if tls is not None:
         settings.update(
             tls_enabled=True,
@@ -402,6 +410,12 @@ def ours_migrate(memory: int, fill: str, tls: dict | None) -> dict:
     finally:
         source.close()
         destination.close()
+
+
+def _has_option(name: str) -> bool:
+    from nova_xen_ncm.conf import xen_ncm
+
+    return any(opt.name == name for opt in xen_ncm.OPTS)
 
 
 def baseline_migrate(
@@ -462,7 +476,13 @@ def main() -> None:
                 "key": f"{tls_dir}/server-key.pem",
             }
         fill = "zero" if mode == "zero" else "random"
-        print(json.dumps(ours_migrate(args.memory, fill, tls)))
+        print(
+            json.dumps(
+                ours_migrate(
+                    args.memory, fill, tls, authenticated=mode != "open"
+                )
+            )
+        )
         return
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
@@ -484,7 +504,7 @@ def main() -> None:
         workdir = pathlib.Path(tmp)
         tls = make_certificates(workdir)
         image = None
-        if {"plain", "tls"} & set(modes):
+        if {"plain", "tls", "open"} & set(modes):
             image = workdir / "random.img"
             with open(image, "wb") as f:
                 for _ in range(args.memory // (64 * MIB)):
@@ -499,8 +519,11 @@ def main() -> None:
                         workdir, args.memory,
                         None if fill == "zero" else image, creds,
                     ),
-                    "ours": lambda fill=fill, creds=creds: ours_migrate(
-                        args.memory, fill, creds
+                    "ours": lambda fill=fill, creds=creds, mode=mode: (
+                        ours_migrate(
+                            args.memory, fill, creds,
+                            authenticated=mode != "open",
+                        )
                     ),
                     "baseline": lambda mode=mode, creds=creds: (
                         baseline_migrate(

@@ -325,6 +325,22 @@ SECURITY_OPTS = [
         "with tls_enabled.",
     ),
     cfg.BoolOpt(
+        "frame_authentication",
+        default=True,
+        help="Authenticate every frame of a plain (non-TLS) migration "
+        "connection with GMAC under keys derived from the one-time "
+        "token. Setting it to false on both hosts drops the per-frame "
+        "tag: the token still authenticates the source at connection, "
+        "but after the handshake anyone on the path may alter or inject "
+        "frames (guest memory, the digests, COMMIT), as with QEMU's (and "
+        "Nova's default) plain TCP migration. The memory digest then "
+        "catches accidental corruption only: it is no authenticator. "
+        "Only for isolated migration networks. A connection is "
+        "authenticated unless both ends set false. With tls_enabled, "
+        "TLS authenticates every octet and the per-frame tag is never "
+        "used, whatever this option says.",
+    ),
+    cfg.BoolOpt(
         "tls_check_hostname",
         default=True,
         help="Whether the source checks that the destination's "

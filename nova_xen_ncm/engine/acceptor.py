@@ -39,6 +39,7 @@ from oslo_log import log as logging
 from nova_xen_ncm.engine import commit
 from nova_xen_ncm.engine import framing
 from nova_xen_ncm.engine import messages
+from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.errors import TransportError
@@ -268,7 +269,10 @@ class Acceptor:
             try:
                 hello, proof = channel.server_handshake(
                     self._token_for,
-                    capabilities=_CAPABILITIES,
+                    capabilities=[
+                        *_CAPABILITIES,
+                        *transport.frame_capabilities(self.opts, secured),
+                    ],
                     resume_from=functools.partial(self._resume_from, until),
                     deadline=deadline,
                 )

@@ -122,6 +122,7 @@ class DataPath:
             source_address=self.source_address,
         )
         channel.pacer = self.pacer
+        caps += transport.frame_capabilities(self.opts, channel.sock)
         try:
             welcome = channel.client_handshake(
                 self.migration_id,

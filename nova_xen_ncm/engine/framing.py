@@ -20,6 +20,14 @@ the counter as nonce: each key serves one connection and its counters
 never repeat, and GMAC costs a small fraction of the socket copy it
 guards (HMAC-SHA256 cost more than the copy).
 
+No tag is sent or expected when the ends negotiated ``tls-frames`` (the
+connection is mutual TLS, whose AEAD authenticates every octet inside the
+copy it makes anyway: a second MAC pays twice for the same guarantee) or
+``unauthenticated-frames`` (both ends allow plain frames on an isolated
+network). The transport offers and chooses them from the socket and the
+configuration; capabilities are part of the transcript both proofs
+cover, so neither can be added or stripped on the way.
+
 A DATA payload is the channel sequence number (!Q) and the body (the
 stream codec's records), lz4-compressed when flag LZ4 is set (allowed once
 both ends negotiated the ``lz4`` capability). Flag PAGES says the body is
@@ -85,6 +93,19 @@ DEFAULT_MAX_DATA = 16 * 1024 * 1024
 
 C, S = Role.CLIENT, Role.SERVER
 
+# A direct-mode read at a frame boundary: a tag and the next headers;
+# made only after a data frame body of at least _BULK_BODY octets.
+_SMALL_READ = 64
+_BULK_BODY = 256 * 1024
+
+# Capabilities under which established frames carry no tag.
+_UNTAGGED = frozenset(
+    {
+        Capability.TLS_FRAMES.value,
+        Capability.UNAUTHENTICATED_FRAMES.value,
+    }
+)
+
 
 class _Recv(enum.Enum):
     HEADER = "header"
@@ -142,6 +163,10 @@ class Connection:
         self._frame_mac: FrameTag | None = None
         self._frame_seq = 0
         self._payload_left = 0
+        # Octets the frame being read needs in the buffer (0: a header).
+        self._wanted = 0
+        # The body length of the last direct data frame.
+        self._last_body = 0
 
     @property
     def established(self) -> bool:
@@ -311,8 +336,15 @@ class Connection:
             self._token, self._transcript, self._client_proof, resume_from
         )
 
+    @property
+    def frames_tagged(self) -> bool:
+        """Whether established frames carry a GMAC tag."""
+        return not self.capabilities & _UNTAGGED
+
     def _derive_keys(self) -> None:
         assert self._token is not None
+        if not self.frames_tagged:
+            return
         self._send_key, self._recv_key = handshake.frame_keys(
             self._token, self._transcript, self.role
         )
@@ -338,6 +370,21 @@ class Connection:
     @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos
+
+    def read_hint(self, limit: int) -> int:
+        """How many octets the next socket read should ask for, at most
+        ``limit``. In direct mode a read stops near the frame boundary
+        (a header, a tag, or the rest of a frame read whole), so a data
+        frame's body is left in the socket for the caller to read
+        straight into place instead of being copied out of this buffer:
+        only after a large data frame, as each read lets the other
+        threads take the GIL; small frames (control, the last dirty
+        pages) come in one read for many."""
+        if not self.direct_payload or self._last_body < _BULK_BODY:
+            return limit
+        return max(
+            1, min(limit, max(_SMALL_READ, self._wanted - self.buffered))
+        )
 
     def next_event(self) -> Event:
         """The next event, :data:`NEED_DATA`, or raise ProtocolError."""
@@ -391,6 +438,7 @@ class Connection:
         finally:
             frame.release()
         self._pos += total
+        self._wanted = 0
         self._recv_counter += 1
         if mtype is MessageType.DATA:
             event = self._data(flags, payload)
@@ -399,6 +447,7 @@ class Connection:
         return event
 
     def _need(self, total: int) -> _NeedData | ConnectionClosed:
+        self._wanted = total
         if self._eof:
             if self.buffered == 0 and total == 0:
                 return ConnectionClosed()
@@ -546,8 +595,10 @@ class Connection:
         finally:
             header.release()
         self._pos += FRAME_HEADER.size + DATA_HEADER.size
+        self._wanted = 0
         self._frame_seq = seq
         self._payload_left = length - DATA_HEADER.size
+        self._last_body = self._payload_left
         self._recv = _Recv.PAYLOAD if self._payload_left else _Recv.TAG
         return DataHeader(
             seq=seq,

@@ -122,13 +122,19 @@ class GuestStream:
         for batch in batches:
             batch = np.asarray(batch, dtype=np.uint64)
             # Host calls one at a time (base.HostDriver); the mapped pages
-            # are read by each thread on its own.
+            # are read by each thread on its own. Pages never written
+            # since the guest was created go as zero without being
+            # mapped or read (the destination's fresh memory is zero).
             with self._host_lock:
-                mapping = self.host.map_pages(self.domid, batch)
+                written = self.host.written_pages(self.domid, batch)
+                mapped = batch if written.all() else batch[written]
+                mapping = None
+                if len(mapped):
+                    mapping = self.host.map_pages(self.domid, mapped)
             try:
-                runs = mapping.runs()
-                if copy:
-                    size = len(batch) * base.PAGE_SIZE
+                runs = mapping.runs() if mapping is not None else []
+                if copy and runs:
+                    size = len(mapped) * base.PAGE_SIZE
                     if not reuse or scratch is None or len(scratch) < size:
                         scratch = bytearray(size)
                     snapshot = memoryview(scratch)[:size]
@@ -137,28 +143,43 @@ class GuestStream:
                         snapshot[pos : pos + view.nbytes] = view
                         pos += view.nbytes
                     runs = [(0, snapshot)]
-                yield self._batch(batch, runs)
+                yield self._batch(batch, runs, written)
             finally:
-                with self._host_lock:
-                    mapping.close()
+                if mapping is not None:
+                    with self._host_lock:
+                        mapping.close()
 
     def _batch(
-        self, batch: np.ndarray, runs: list[tuple[int, memoryview]]
+        self,
+        batch: np.ndarray,
+        runs: list[tuple[int, memoryview]],
+        written: np.ndarray | None = None,
     ) -> PageBatch:
         """The PAGE_DATA record of ``batch`` whose contents are ``runs``
-        (base.PageMapping.runs); the data goes as views of the runs, one
-        per stretch of non-zero pages, so no page is copied here."""
+        (base.PageMapping.runs of the pages of ``batch`` that ``written``
+        marks, all of them if None; the others are zero); the data goes
+        as views of the runs, one per stretch of non-zero pages, so no
+        page is copied here."""
         # Zero pages found a run at a time: a test per page costs more
         # than reading the batch.
-        nonzero = np.concatenate(
-            [base.nonzero_pages(view) for _, view in runs]
-        )
+        if runs:
+            mapped_nonzero = np.concatenate(
+                [base.nonzero_pages(view) for _, view in runs]
+            )
+        else:
+            mapped_nonzero = np.zeros(0, dtype=bool)
+        if written is None or len(mapped_nonzero) == len(batch):
+            nonzero = mapped_nonzero
+        else:
+            nonzero = np.zeros(len(batch), dtype=bool)
+            nonzero[np.flatnonzero(written)] = mapped_nonzero
         types = np.where(nonzero, _DATA_TYPE, _ZERO_TYPE).astype(np.uint8)
         data: list[memoryview] = []
-        keep = np.flatnonzero(nonzero)
+        # Positions among the mapped pages, where the runs are.
+        keep = np.flatnonzero(mapped_nonzero)
         if len(keep):
             firsts = np.array([first for first, _ in runs])
-            run_start = np.zeros(len(batch), dtype=bool)
+            run_start = np.zeros(len(mapped_nonzero), dtype=bool)
             run_start[firsts] = True
             cut = np.flatnonzero((np.diff(keep) != 1) | run_start[keep[1:]])
             lo = keep[np.concatenate(([0], cut + 1))]

@@ -13,10 +13,19 @@ The destination journal keeps its side's outcome (whether it unpaused
 the guest) until the source acknowledged it, so that a source restarted
 after any delay learns it, and a restarted destination still answers.
 
-One JSON file per migration under ``<[xen_ncm] state_path>/migrations``
-(source) or ``.../incoming`` (destination), replaced atomically (write,
-fsync, rename). Writing it is part of each phase transition (the state
-machine's ``journal`` hook): a write that fails stops the transition
+One file per migration under ``<[xen_ncm] state_path>/migrations``
+(source) or ``.../incoming`` (destination): a log of the entry's
+versions, one line each (CRC-32 of the JSON, the JSON), appended and
+made durable by one ``fdatasync``; the last whole line with a right
+CRC is the entry (an append a crash cut short is a line without its
+newline or with a wrong CRC, and the version before it stands). Its
+first write also syncs the directory (the file's name is durable then),
+so a transition while the guest is paused costs one sync: the
+STOP_AND_COPY record covers the pause; on the source, COMMIT records
+the decision before the COMMIT message goes; on the destination,
+RESTORE and COMMIT are recorded before the guest is unpaused there.
+Writing it is part of each phase transition (the state machine's
+``journal`` hook): a write that fails stops the transition
 before the side effect it covers. The engine holds an exclusive lock
 (``flock``) on ``<id>.lock`` for the migration's life; recovery skips an
 entry whose lock is held, so it never acts on a live migration. The
@@ -28,12 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
 import re
 import threading
 import time
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -211,23 +222,36 @@ class Journal:
         self._file(migration_id)
 
     def write(self, entry: Entry) -> None:
-        """Replace the entry's file atomically and durably."""
+        """Append the entry's new version durably: one ``fdatasync``,
+        and a directory sync when the file is new."""
         entry.updated = time.time()
         path = self._file(entry.migration_id)
-        tmp = f"{path}.{os.getpid()}.tmp"
         data = json.dumps(entry.to_dict(), sort_keys=True).encode()
+        line = b"%08x %s\n" % (zlib.crc32(data), data)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(
+                path,
+                os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                0o600,
+            )
             try:
-                os.write(fd, data)
-                os.fsync(fd)
+                size = os.fstat(fd).st_size
+                new = size == 0
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    # A crash cut the last append short: end it, so that
+                    # this version is a line of its own.
+                    line = b"\n" + line
+                    # Cut short before any version was whole: the name
+                    # was never synced either.
+                    new = b"\n" not in os.pread(fd, size, 0)
+                if os.write(fd, line) != len(line):
+                    raise OSError(errno.ENOSPC, "short write")
+                os.fdatasync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
-            self._sync_dir()
+            if new:
+                self._sync_dir()
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise JournalError(
                 f"cannot write journal entry {path}: {exc}"
             ) from exc
@@ -293,11 +317,14 @@ class Journal:
         where = self._file(migration_id)
         try:
             with open(where, "rb") as f:
-                data = json.load(f)
+                raw = f.read()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise JournalError(f"{where}: unreadable: {exc}") from exc
+        data = _last_version(raw, where)
+        if data is None:
+            return None
         entry = self.entry_type.from_dict(data, where)
         if entry.migration_id != migration_id:
             raise JournalError(
@@ -314,6 +341,32 @@ class Journal:
                 if entry is not None:
                     found.append(entry)
         return sorted(found, key=lambda e: e.updated)
+
+
+def _last_version(raw: bytes, where: str) -> Any:
+    """The last whole version in a journal file's octets (an entry of
+    version 2 written whole is one JSON object, read as it is); None if
+    no version was ever whole (a crash during the first append)."""
+    if raw.lstrip().startswith(b"{"):
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise JournalError(f"{where}: unreadable: {exc}") from exc
+    if b"\n" not in raw:
+        # Created, then the first append cut short (or never made): its
+        # sync never returned, so no transition depended on it. Not an
+        # entry, rather than one that stops every later recovery.
+        return None
+    # A last line without its newline was cut short by a crash.
+    for line in reversed(raw.split(b"\n")[:-1]):
+        crc, _, data = line.partition(b" ")
+        try:
+            if int(crc, 16) != zlib.crc32(data):
+                continue
+            return json.loads(data)
+        except ValueError:
+            continue
+    raise JournalError(f"{where}: unreadable: no whole entry")
 
 
 def _state_path(conf: cfg.ConfigOpts) -> str:

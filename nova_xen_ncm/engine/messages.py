@@ -44,6 +44,13 @@ class Capability(str, enum.Enum):
     LZ4 = "lz4"
     MULTI_CHANNEL = "multi-channel"
     RESUME = "resume"
+    #: Frames travel inside mutual TLS, whose AEAD already authenticates
+    #: every octet: no per-frame GMAC. Offered and chosen only by ends
+    #: whose connection is TLS.
+    TLS_FRAMES = "tls-frames"
+    #: No per-frame GMAC on a plain connection (isolated migration
+    #: networks, as QEMU's plain TCP): both ends must allow it.
+    UNAUTHENTICATED_FRAMES = "unauthenticated-frames"
 
 
 class RefuseReason(str, enum.Enum):

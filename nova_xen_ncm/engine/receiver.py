@@ -56,18 +56,32 @@ def _read_frame(
 ) -> messages.Data | None:
     """Read the body of a data frame whose header came (direct mode).
 
-    A page batch (flag PAGES) is applied to the restoring guest once the
-    frame's tag is checked (nothing of a forged frame reaches the guest)
-    and None returned; any other body comes back as Data.
+    A page batch (flag PAGES) is applied to the restoring guest and None
+    returned; any other body comes back as Data. Nothing of a frame
+    reaches the guest before the frame is authenticated: a frame with a
+    GMAC tag is read into a buffer of its own, its tag checked, and only
+    then are its pages written (:meth:`Restorer.page_record`); only on a
+    connection whose records TLS authenticated before handing them over
+    (``tls-frames``), or where both ends chose untagged frames for an
+    isolated network, are the pages read straight into the guest's
+    (:meth:`Restorer.receive_pages`).
     """
-    body = bytearray(header.length)
-    if header.length:
-        channel.read_payload_into(memoryview(body))
+    direct = header.pages and not channel.connection.frames_tagged
+    if direct:
+        restorer.receive_pages(header.length, channel.read_payload_into)
+        body = None
+    else:
+        body = bytearray(header.length)
+        if header.length:
+            channel.read_payload_into(memoryview(body))
+    # Checks the tag, if the frame has one.
     end = channel.receive()
     if not isinstance(end, messages.DataEnd):
         raise ProtocolError(
             f"{type(end).__name__} inside data frame {header.seq}"
         )
+    if direct:
+        return None
     if header.pages:
         restorer.page_record(body)
         return None

@@ -134,6 +134,64 @@ class Restorer:
             raise ProtocolError(f"PAGE_DATA frame: {exc}") from exc
         self._page_data(value)
 
+    def receive_pages(
+        self, length: int, read_into: Callable[[memoryview], None]
+    ) -> None:
+        """Apply a frame body of ``length`` octets holding exactly one
+        PAGE_DATA record, read by ``read_into`` (which fills the view it
+        is given from the connection) a part at a time: the record's
+        header and pfns into a buffer of their own, then each run of
+        page contents straight into the mapped guest pages, so the
+        octets are copied once, by the socket read. The pfns are checked
+        before any page is mapped. Only for frames that were
+        authenticated before their octets are handed over (records of a
+        mutual TLS connection, ``tls-frames``) or that carry no tag by
+        both ends' choice (``unauthenticated-frames``): a frame with a
+        GMAC tag goes through :meth:`page_record` once its tag is
+        checked, so no unauthenticated octet reaches guest memory."""
+        fixed = libxc.RHDR.size + libxc.PAGE_DATA_HDR.size
+        if length < fixed:
+            raise ProtocolError(
+                f"a page frame of {length} octets is shorter than a "
+                "PAGE_DATA record's headers"
+            )
+        head = bytearray(fixed)
+        read_into(memoryview(head))
+        rtype, rlen = libxc.RHDR.unpack_from(head)
+        if rtype != libxc.PAGE_DATA or libxc.RHDR.size + rlen != length:
+            raise ProtocolError(
+                f"a page frame of {length} octets holds record type "
+                f"{rtype:#x} of {rlen} octets, not one PAGE_DATA record"
+            )
+        body = memoryview(head)[libxc.RHDR.size :]
+        try:
+            # Bounded by rlen, itself bounded by the frame limit.
+            pfn_end = _PAGE_CODEC.head_size(body, rlen)
+            entries = bytearray(pfn_end)
+            entries[: len(body)] = body
+            read_into(memoryview(entries)[len(body) :])
+            pfns, types = _PAGE_CODEC.decode_head(memoryview(entries), rlen)
+        except BodyError as exc:
+            raise ProtocolError(f"PAGE_DATA frame: {exc}") from exc
+        mapping = self.page_targets(pfns, types, rlen - pfn_end)
+        if mapping is None:
+            return
+        with mapping:
+            runs = mapping.runs()
+            if (rlen - pfn_end) >= _DIRECT_RUN * len(runs):
+                for _, view in runs:
+                    read_into(view)
+                return
+            # Scattered pages (the last dirty ones): one read for all
+            # and a copy each, not a socket read per page (each lets the
+            # other threads take the GIL, in the downtime).
+            body = bytearray(rlen - pfn_end)
+            read_into(memoryview(body))
+            pos = 0
+            for _, view in runs:
+                view[:] = body[pos : pos + view.nbytes]
+                pos += view.nbytes
+
     def page_targets(
         self, pfns: np.ndarray, types: np.ndarray, data_bytes: int
     ) -> base.PageMapping | None:
@@ -266,3 +324,6 @@ _HANDLERS = {
 
 
 _PAGE_CODEC = libxc.PageDataCodec()
+# Runs of guest pages at least this long on average are read straight
+# from the socket into place.
+_DIRECT_RUN = 64 * 1024

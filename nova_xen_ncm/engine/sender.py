@@ -503,11 +503,15 @@ class Sender:
             pv = self.stream.pv_records(self.info.uuid)
         end = self.stream.finish(pv)
         populated = self.host.populated_pfns(self.domid)
-        dirty = base.pfn_intersection(
-            self.host.harvest_dirty(self.domid), populated
-        )
-        # Pages populated since round 0 were never sent.
-        added = base.pfn_difference(populated, self._sent_populated)
+        # Nothing here in the guest's size while it is paused: the dirty
+        # pages are looked up in the (sorted) populated ones, and the
+        # pfns populated since round 0 (never sent) are looked for only
+        # if the host's answer is not the very array of round 0.
+        dirty = _members(self.host.harvest_dirty(self.domid), populated)
+        if populated is self._sent_populated:
+            added = np.zeros(0, dtype=np.uint64)
+        else:
+            added = base.pfn_difference(populated, self._sent_populated)
         final = base.pfn_union(pending, dirty, added)
         self._check_cancel()
         self._send_final(final, [platform, end])
@@ -848,3 +852,15 @@ class Sender:
                 "memory_remaining": remaining,
             },
         )
+
+
+def _members(pfns: np.ndarray, sorted_pfns: np.ndarray) -> np.ndarray:
+    """The sorted distinct ``pfns`` that are in ``sorted_pfns`` (sorted),
+    in time of ``pfns``' count (a binary search each), not of the
+    other's."""
+    pfns = base.pfn_union(np.asarray(pfns, dtype=np.uint64))
+    if not len(pfns) or not len(sorted_pfns):
+        return np.zeros(0, dtype=np.uint64)
+    where = np.searchsorted(sorted_pfns, pfns)
+    where[where == len(sorted_pfns)] = 0
+    return pfns[sorted_pfns[where] == pfns]

@@ -55,16 +55,19 @@ class TlsSocket:
     """A TLS connection that a :class:`Channel` uses like its socket.
 
     ``ssl.SSLSocket`` has no ``sendmsg``: this wrapper gives the Channel
-    one that writes the buffers through TLS, a few pages per TLS record
-    (TLS copies while it encrypts anyway). Everything else (``recv_into``,
-    timeouts, ``shutdown``) is the SSLSocket's own.
+    one that gathers the buffers (guest pages) into one staging buffer
+    and hands TLS up to :attr:`CHUNK` octets per write, so one call into
+    OpenSSL seals many records (TLS copies while it encrypts anyway; the
+    gathering copy is the only other one). Everything else
+    (``recv_into``, timeouts, ``shutdown``) is the SSLSocket's own.
     """
 
-    #: Octets gathered into one write: a TLS record is at most 16 KiB.
-    CHUNK = 64 * 1024
+    #: Octets handed to one TLS write (many 16 KiB records).
+    CHUNK = 1 << 20
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self._sock = sock
+        self._stage: bytearray | None = None
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._sock, name)
@@ -74,22 +77,44 @@ class TlsSocket:
         return self._sock
 
     def sendmsg(self, buffers: Sequence[Buffer]) -> int:
-        pending: list[memoryview] = []
-        size = total = 0
-        for buf in buffers:
-            view = memoryview(buf).cast("B")
-            if size + view.nbytes > self.CHUNK and pending:
-                self._sock.sendall(b"".join(pending))
-                pending, size = [], 0
-            if view.nbytes >= self.CHUNK:
-                self._sock.sendall(view)
-            else:
-                pending.append(view)
-                size += view.nbytes
-            total += view.nbytes
-        if pending:
-            self._sock.sendall(b"".join(pending))
+        if self._stage is None:
+            self._stage = bytearray(self.CHUNK)
+        with memoryview(self._stage) as stage:
+            size = total = 0
+            for buf in buffers:
+                view = memoryview(buf).cast("B")
+                n = view.nbytes
+                total += n
+                if n >= self.CHUNK:
+                    if size:
+                        self._sock.sendall(stage[:size])
+                        size = 0
+                    self._sock.sendall(view)
+                    continue
+                if size + n > self.CHUNK:
+                    self._sock.sendall(stage[:size])
+                    size = 0
+                stage[size : size + n] = view
+                size += n
+            if size:
+                self._sock.sendall(stage[:size])
         return total
+
+
+def frame_capabilities(
+    opts: cfg.ConfigOpts.GroupAttr, sock: socket.socket | TlsSocket
+) -> list[str]:
+    """The capabilities about frame tags this end offers (a client) or
+    accepts (a server) on ``sock``: ``tls-frames`` on a TLS connection,
+    whose records already authenticate every octet;
+    ``unauthenticated-frames`` on a plain one only where ``[xen_ncm]
+    frame_authentication`` is false. A tag is dropped only when both
+    ends offer the same one."""
+    if isinstance(sock, TlsSocket):
+        return [messages.Capability.TLS_FRAMES.value]
+    if not opts.frame_authentication:
+        return [messages.Capability.UNAUTHENTICATED_FRAMES.value]
+    return []
 
 
 def tls_context(
@@ -592,7 +617,9 @@ class Channel:
 
     def _fill(self) -> None:
         try:
-            n = self.sock.recv_into(self._recv_buf)
+            n = self.sock.recv_into(
+                self._recv_buf, self.connection.read_hint(RECV_SIZE)
+            )
         except OSError as exc:
             raise TransportError(f"receive failed: {exc}") from exc
         self.connection.receive_data(memoryview(self._recv_buf)[:n])

@@ -753,6 +753,15 @@ class HostDriver(abc.ABC):
         self, domid: int, pfns: np.ndarray, writable: bool = False
     ) -> PageMapping: ...
 
+    def written_pages(self, domid: int, pfns: np.ndarray) -> np.ndarray:
+        """Which of the RAM pages ``pfns`` may hold data (bool, in the
+        order given): False only for a page the host knows was never
+        written since the domain was created, whose content is zero (as
+        Xen knows a pfn it never populated), so that a migration sends
+        it as zero without reading it. A host that cannot tell says
+        True for every page."""
+        return np.ones(len(pfns), dtype=bool)
+
     @abc.abstractmethod
     def enable_log_dirty(self, domid: int) -> None: ...
 
@@ -977,7 +986,8 @@ def _bitmaps(size: int, count: int) -> Iterator[list[np.ndarray]]:
         length = max(size, len(masks[0]) if masks else 0)
         masks = [
             # Two: the most any set operation takes.
-            np.zeros(length, dtype=bool) for _ in range(max(count, 2))
+            np.zeros(length, dtype=bool)
+            for _ in range(max(count, 2))
         ]
         _scratch.masks = masks
     # Taken while in use, so that a nested call gets masks of its own;

@@ -203,7 +203,10 @@ class MemoryDigest:
             data = (
                 mem.data_mask(start, end) if mask is None else mask[start:end]
             )
-            # Holes are not read (reading one would allocate it).
+            # Holes are not read (reading one would allocate it), nor
+            # pages never written since the domain was created (zero,
+            # and zero pages are not in the digest).
+            data = data & mem.written_since_creation(start, end)
             rows = np.flatnonzero(data & ram)
             rows = rows[base.nonzero_pages(mem.ram[start:end], rows)]
         pfns = rows + start

@@ -111,6 +111,9 @@ class SimHost(base.HostDriver):
         self.hostname = hostname
         # A simulated host boots when it is built.
         self._boot_id = str(uuidlib.uuid4())
+        # What the kernel offers for log-dirty is probed once, at boot,
+        # not by the first migration's capability report.
+        write_tracking_available()
         self.opts = conf.xen_ncm_sim
         self.hv = Hypervisor(hostname, self.opts.host_memory_mb * MiB)
         self.services = Dom0Services(self.hv, self.opts)
@@ -328,6 +331,10 @@ class SimHost(base.HostDriver):
     @_faulty
     def populate(self, domid: int, pfns: np.ndarray) -> None:
         self.hv.populate(domid, pfns)
+
+    def written_pages(self, domid: int, pfns: np.ndarray) -> np.ndarray:
+        dom = self.hv.domain(domid, "written_pages")
+        return dom.mem.written_mask(pfns)
 
     @_faulty
     def map_pages(

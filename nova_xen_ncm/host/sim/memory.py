@@ -493,6 +493,9 @@ class GuestMemory:
         self._tracker: WriteTracker | None = None
         # The guest process runs no vCPU (hold_tracking): nothing to scan.
         self._held = False
+        # Pfns written since the domain was created (host process only:
+        # the guest cannot write it), made on the first write.
+        self._written_ever: np.ndarray | None = None
 
     @staticmethod
     def ctl_bytes(max_pfn: int) -> int:
@@ -727,6 +730,10 @@ class GuestMemory:
         """Record writes of the hypervisor or dom0 (Xen's
         paging_mark_dirty), never called by the guest; the caller holds
         :meth:`lock`."""
+        if self._written_ever is None:
+            # calloc'd: a page of it is memory once a pfn in it is marked.
+            self._written_ever = np.zeros(self.max_pfn, dtype=np.uint8)
+        self._written_ever[pfns] = 1
         self.changed[pfns] = 1
         if self.header[2]:
             self.dirty[pfns] = 1
@@ -739,6 +746,15 @@ class GuestMemory:
             pfns = base.marked(self.changed)
             self.changed[pfns] = 0
         return pfns
+
+    def written_since_creation(self, start: int, end: int) -> np.ndarray:
+        """Which pfns of ``[start, end)`` were written since the domain
+        was created (:meth:`written_mask`'s map, as it stands: the
+        caller flushed the guest's writes it needs)."""
+        ever = self._written_ever
+        if ever is None:
+            return np.zeros(max(end - start, 0), dtype=bool)
+        return ever[start:end] != 0
 
     def data_mask(self, start: int, end: int) -> np.ndarray:
         """Which pfns of ``[start, end)`` hold data (not holes): reading
@@ -756,6 +772,26 @@ class GuestMemory:
         if _mincore(addr, count * PAGE_SIZE, vec.ctypes.data) == 0:
             return (vec & 1).astype(bool)
         return self._seek_data_mask(start, end)
+
+    def written_mask(self, pfns: np.ndarray) -> np.ndarray:
+        """Which of ``pfns`` were written since the domain was created
+        (bool, in the order given); the others hold zero (as a real
+        host knows the pfns it never populated). Kept by the host as
+        every writer marks its writes (:meth:`mark_dirty`, which the
+        guest process's write tracking feeds), not read from the memory
+        (prefaulted RAM is resident whether written or not). Pages the
+        guest wrote since the last scan are in it once scanned: with
+        log-dirty on they are harvested and sent again anyway, and a
+        paused guest's writes were scanned when it stopped; otherwise
+        this scans first."""
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        if not (self.header[2] or self._held):
+            with self.lock():
+                self._flush_written()
+        ever = self._written_ever
+        if ever is None:
+            return np.zeros(len(pfns), dtype=bool)
+        return ever[pfns.astype(np.int64)] != 0
 
     def _seek_data_mask(self, start: int, end: int) -> np.ndarray:
         mask = np.zeros(end - start, dtype=bool)

@@ -291,3 +291,41 @@ def test_replayed_stream_is_refused_by_a_new_migration(
     finally:
         other.close()
     other.raise_dom0_errors()
+
+
+@pytest.mark.parametrize("mode", ["tls", "unauthenticated"])
+def test_migration_without_frame_tags_is_transparent(
+    conf, tls_files, source, destination, migration, mode
+):
+    if mode == "tls":
+        tls_files.enable(conf)
+    else:
+        conf.set_override("frame_authentication", False, group="xen_ncm")
+    domid = source.create_domain(guest_config())
+    seen = {}
+    holder = {}
+
+    def paused(event):
+        seen.setdefault("paused", source.guest_state(domid))
+        connection = holder["m"].sender.data.control.connection
+        seen["capabilities"] = connection.capabilities
+        seen["tagged"] = connection.frames_tagged
+
+    m = holder["m"] = migration(
+        source,
+        domid,
+        destination,
+        source_hooks={("state", "restore"): paused},
+        destination_hooks={
+            ("state", "commit"): lambda e: seen.setdefault(
+                "resumed", destination.guest_state(domid)
+            )
+        },
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    cap = "tls-frames" if mode == "tls" else "unauthenticated-frames"
+    assert cap in seen["capabilities"] and seen["tagged"] is False
+    report = checker.check(seen["paused"], seen["resumed"])
+    assert report.passed, str(report)
+    assert running(destination, domid)
+    assert not running(source, domid)

@@ -151,3 +151,81 @@ def test_a_migration_leaves_no_lock_file_once_nothing_is_journalled(
     doubt.on_transition(Phase.COMMIT, Phase.IN_DOUBT, {})
     doubt.close()
     assert sorted(os.listdir(j.path)) == ["m-3.json", "m-3.lock"]
+
+
+def test_each_version_is_one_sync_and_the_first_syncs_the_directory(
+    tmp_path, monkeypatch
+):
+    j = journal.Journal(str(tmp_path))
+    syncs = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(
+        os, "fdatasync", lambda fd: syncs.append("data") or real_fdatasync(fd)
+    )
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: syncs.append("dir") or real_fsync(fd)
+    )
+    record = journal.Record(j, entry())
+    record.on_transition(Phase.SETUP, Phase.PRECOPY, {})
+    assert syncs == ["data", "dir"]
+    syncs.clear()
+    # While the guest is paused: one sync per transition, each before
+    # the transition's side effect (the write returns after it).
+    for old, new in [
+        (Phase.PRECOPY, Phase.STOP_AND_COPY),
+        (Phase.RESTORE, Phase.COMMIT),
+    ]:
+        record.on_transition(old, new, {})
+    assert syncs == ["data", "data"]
+    assert j.read("m-1").phase == "commit"
+
+
+def test_a_version_cut_short_by_a_crash_leaves_the_one_before(tmp_path):
+    j = journal.Journal(str(tmp_path))
+    record = journal.Record(j, entry())
+    record.write(Phase.PRECOPY)
+    record.write(Phase.COMMIT)
+    path = os.path.join(j.path, "m-1.json")
+    with open(path, "rb") as f:
+        whole = f.read()
+    lines = whole.split(b"\n")
+    assert len(lines) == 3 and lines[2] == b""
+    # The last append cut short: the version before it stands.
+    with open(path, "wb") as f:
+        f.write(whole[: len(lines[0]) + 1 + len(lines[1]) // 2])
+    assert j.read("m-1").phase == "precopy"
+    # A later version after the torn one is read.
+    record.write(Phase.IN_DOUBT)
+    assert j.read("m-1").phase == "in_doubt"
+    # A line whose CRC does not match is not a version.
+    with open(path, "rb") as f:
+        torn = f.read()
+    with open(path, "wb") as f:
+        f.write(torn.replace(b'"in_doubt"', b'"in_dOubt"'))
+    assert j.read("m-1").phase == "precopy"
+
+
+@pytest.mark.parametrize("torn", [b"", b'3a4f01c2 {"migration_id": "m-'])
+def test_a_first_version_cut_short_is_no_entry_and_blocks_no_recovery(
+    tmp_path, torn
+):
+    j = journal.Journal(str(tmp_path))
+    journal.Record(j, entry("m-2")).write(Phase.COMMIT)
+    # A crash during the first append of m-1: the file, but no version
+    # whose sync returned (nothing acted on it).
+    path = os.path.join(j.path, "m-1.json")
+    with open(path, "wb") as f:
+        f.write(torn)
+    assert j.read("m-1") is None
+    assert [e.migration_id for e in j.entries()] == ["m-2"]
+    # Written again, its first whole version is the entry.
+    journal.Record(j, entry()).write(Phase.PRECOPY)
+    assert j.read("m-1").phase == "precopy"
+    # A file that held whole lines, none of them right, is corrupt:
+    # said so, not taken as absent.
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "wb") as f:
+        f.write(whole.replace(b'"precopy"', b'"precOpy"'))
+    with pytest.raises(journal.JournalError, match="no whole entry"):
+        j.read("m-1")

@@ -669,3 +669,89 @@ def test_setup_says_whether_the_guest_runs():
         messages.decode_message(
             messages.MessageType.SETUP, payload.replace(b"false", b"0")
         )
+
+
+# -- frames without a tag (tls-frames, unauthenticated-frames) --
+
+
+@pytest.mark.parametrize("cap", ["tls-frames", "unauthenticated-frames"])
+def test_frames_carry_no_tag_when_both_ends_drop_it(cap):
+    client, server, *_ = handshake(caps=("lz4", cap), server_caps=(cap,))
+    assert not client.frames_tagged and not server.frames_tagged
+    frame = wire(client.send_data(1, [b"page-content"]))
+    assert len(frame) == (
+        framing.FRAME_HEADER.size + framing.DATA_HEADER.size + 12
+    )
+    server.receive_data(frame)
+    assert bytes(server.next_event().payload) == b"page-content"
+    # Counters still catch a replayed frame.
+    server.receive_data(frame)
+    with pytest.raises(ProtocolError, match="replayed"):
+        server.next_event()
+
+
+@pytest.mark.parametrize(
+    "caps, server_caps",
+    [
+        (("unauthenticated-frames",), ()),
+        ((), ("unauthenticated-frames",)),
+        (("tls-frames",), ("unauthenticated-frames",)),
+    ],
+)
+def test_frames_are_tagged_unless_both_ends_offer_the_same_cap(
+    caps, server_caps
+):
+    client, server, *_ = handshake(caps=caps, server_caps=server_caps)
+    assert client.frames_tagged and server.frames_tagged
+    frame = bytearray(wire(client.send_data(1, [b"page-content"])))
+    assert len(frame) == (
+        framing.FRAME_HEADER.size + framing.DATA_HEADER.size + 12 + hs.TAG_SIZE
+    )
+    frame[framing.FRAME_HEADER.size + framing.DATA_HEADER.size] ^= 1
+    server.receive_data(frame)
+    with pytest.raises(AuthenticationError, match="tag mismatch"):
+        server.next_event()
+
+
+def test_untagged_direct_payload_round_trip():
+    client, server, *_ = handshake(
+        server=framing.Connection(messages.Role.SERVER, direct_payload=True),
+        caps=("tls-frames",),
+        server_caps=("tls-frames",),
+    )
+    deliver(client.send_data(1, [b"q" * 64]), server)
+    assert server.next_event() == messages.DataHeader(seq=1, length=64)
+    target = memoryview(bytearray(64))
+    assert server.take_payload(target) == 64
+    assert server.next_event() == messages.DataEnd(seq=1)
+    assert bytes(target) == b"q" * 64
+
+
+def test_direct_mode_reads_stop_at_the_frame_boundary_after_bulk():
+    client, server, *_ = handshake(
+        server=framing.Connection(messages.Role.SERVER, direct_payload=True)
+    )
+    # Before any bulk frame: reads as large as allowed (small frames
+    # come in one read for many).
+    assert server.read_hint(256 * 1024) == 256 * 1024
+    body = b"q" * (framing._BULK_BODY + 100)
+    frame = wire(client.send_data(1, [body]))
+    headers = framing.FRAME_HEADER.size + framing.DATA_HEADER.size
+    server.receive_data(frame[:headers])
+    assert server.next_event() == messages.DataHeader(seq=1, length=len(body))
+    # After a bulk frame's header: a small read, the tag and the next
+    # headers, not the next body.
+    assert server.read_hint(256 * 1024) < 128
+    target = memoryview(bytearray(len(body)))
+    server.receive_data(frame[headers:])
+    assert server.take_payload(target) == len(body)
+    assert server.next_event() == messages.DataEnd(seq=1)
+    assert server.read_hint(256 * 1024) < 128
+    # A control frame whose header came asks for the rest of it at once.
+    hello = wire(client.send(messages.Commit()))
+    server.receive_data(hello[: framing.FRAME_HEADER.size])
+    assert server.next_event() is messages.NEED_DATA
+    rest = len(hello) - framing.FRAME_HEADER.size
+    assert server.read_hint(1 << 20) == max(rest, framing._SMALL_READ)
+    # Without direct mode, reads fill the buffer.
+    assert client.read_hint(256 * 1024) == 256 * 1024

@@ -245,3 +245,76 @@ def make_pv_state() -> base.PvState:
         ),
         backends=(),
     )
+
+
+def reader(octets):
+    """A ``read_into`` over ``octets`` that records what it filled."""
+    pos = [0]
+    filled = []
+
+    def read_into(view):
+        n = view.nbytes
+        view[:] = octets[pos[0] : pos[0] + n]
+        pos[0] += n
+        filled.append(n)
+
+    read_into.filled = filled
+    read_into.left = lambda: len(octets) - pos[0]
+    return read_into
+
+
+def test_page_frame_is_read_straight_into_guest_pages(host):
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
+    enc = encoder.Encoder()
+    data = [bytes([0x20 + i]) * PAGE for i in range(3)]
+    record = encoder.join(
+        enc.page_data(
+            np.array([5, 6, 9, 3], dtype=np.uint64),
+            np.array([libxc.NOTAB] * 3 + [libxc.XALLOC], dtype=np.uint8),
+            data,
+        )
+    )
+    read_into = reader(bytes(record))
+    restorer.receive_pages(len(record), read_into)
+    assert read_into.left() == 0
+    assert [read_page(host, p) for p in (5, 6, 9)] == data
+    assert restorer.pages == 4
+    # Scattered pages: the headers, then their contents in one read.
+    assert read_into.filled[2:] == [3 * PAGE]
+    assert max(read_into.filled[:2]) < PAGE
+    # Long runs go from the socket straight into the mapped pages, a
+    # read per run.
+    long_run = np.arange(100, 132, dtype=np.uint64)
+    data = [bytes([i]) * PAGE for i in range(32)]
+    record = encoder.join(
+        enc.page_data(long_run, np.full(32, libxc.NOTAB, dtype=np.uint8), data)
+    )
+    read_into = reader(bytes(record))
+    restorer.receive_pages(len(record), read_into)
+    assert read_into.filled[2:] == [32 * PAGE]
+    assert read_page(host, 131) == data[31]
+
+
+def test_page_frame_of_another_record_is_refused_before_mapping(host):
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
+    enc = encoder.Encoder()
+    record = encoder.join(
+        enc.libxc("X86_TSC_INFO", libxc.X86TscInfo(0, 1, 0, 0))
+    )
+    with pytest.raises(restoring.ProtocolError, match="not one PAGE_DATA"):
+        restorer.receive_pages(len(record), reader(bytes(record)))
+    bad = bytearray(
+        encoder.join(
+            enc.page_data(
+                np.array([5], dtype=np.uint64),
+                np.array([libxc.NOTAB], dtype=np.uint8),
+                [b"\x01" * PAGE],
+            )
+        )
+    )
+    # Reserved bits in the pfn entry: refused before anything is
+    # populated or written.
+    bad[libxc.RHDR.size + libxc.PAGE_DATA_HDR.size + 6] = 0xF0
+    with pytest.raises(restoring.ProtocolError, match="reserved bits"):
+        restorer.receive_pages(len(bad), reader(bytes(bad)))
+    assert restorer.pages == 0

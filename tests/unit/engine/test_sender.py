@@ -232,3 +232,57 @@ def test_progress_is_reported_while_a_round_runs(conf, host):
     assert progress[0].memory_total == 4 << 20
     assert progress[0].memory_processed == 2 * PAGE
     assert progress[-1].memory_remaining == 1 * PAGE
+
+
+def test_pages_never_written_go_as_zero_without_being_read(host, monkeypatch):
+    # pfn 0 was populated and never written; pfn 5 is written with
+    # zeros (it must still be read to be found zero).
+    host.populate(DOMID, np.array([5, 6], dtype=np.uint64))
+    write_page(host, 5, 0)
+    mapped = []
+    real_map = host.map_pages
+
+    def map_pages(domid, pfns, writable=False):
+        mapped.append(np.asarray(pfns).tolist())
+        return real_map(domid, pfns, writable)
+
+    monkeypatch.setattr(host, "map_pages", map_pages)
+    stream = GuestStream(host, DOMID, batch_pages=8)
+    pfns = np.array([0, 1, 5, 6, 2], dtype=np.uint64)
+    (batch,) = list(stream.pages(pfns))
+    pages = decode_batch(stream, batch)
+    assert mapped == [[1, 5, 2]]
+    assert pages.pfns.tolist() == [0, 1, 5, 6, 2]
+    assert pages.types.tolist() == [
+        libxc.XALLOC,
+        libxc.NOTAB,
+        libxc.XALLOC,
+        libxc.XALLOC,
+        libxc.NOTAB,
+    ]
+    assert bytes(pages.data) == b"\x01" * PAGE + b"\x02" * PAGE
+    assert batch.zero_pages == 3
+    # A batch of pages never written maps nothing at all.
+    mapped.clear()
+    (batch,) = list(stream.pages(np.array([0, 6], dtype=np.uint64)))
+    assert mapped == []
+    assert decode_batch(stream, batch).types.tolist() == [libxc.XALLOC] * 2
+
+
+def test_a_host_that_cannot_tell_says_every_page_may_hold_data(host):
+    pfns = np.array([0, 1], dtype=np.uint64)
+    assert base.HostDriver.written_pages(host, DOMID, pfns).tolist() == [
+        True,
+        True,
+    ]
+    assert host.written_pages(DOMID, pfns).tolist() == [False, True]
+
+
+def test_dirty_pages_are_looked_up_in_the_populated_ones():
+    from nova_xen_ncm.engine import sender as sending
+
+    populated = np.array([2, 5, 9, 40], dtype=np.uint64)
+    dirty = np.array([41, 9, 2, 3, 9, 0], dtype=np.uint64)
+    assert sending._members(dirty, populated).tolist() == [2, 9]
+    assert sending._members(dirty, populated[:0]).tolist() == []
+    assert sending._members(dirty[:0], populated).tolist() == []

@@ -5,6 +5,7 @@ one-time token inside TLS."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -382,3 +383,56 @@ def test_replayed_session_fails_authentication_on_a_new_connection():
     with pytest.raises(AuthenticationError, match="wrong token"):
         server.next_event()
     assert not server.established
+
+
+def test_tls_connections_drop_the_frame_tag_and_carry_large_writes(tls_files):
+    conf = tls_conf(tls_files)
+    client_ctx = transport.tls_context(conf, server=False)
+    with tls_listener(tls_files) as listener:
+
+        def serve_tls():
+            channel = Channel.accept(listener, io_timeout=TIMEOUT)
+            caps = transport.frame_capabilities(conf.xen_ncm, channel.sock)
+            channel.server_handshake(token_for, capabilities=caps)
+            return channel
+
+        served = run(serve_tls)
+        client = Channel.connect(
+            "127.0.0.1",
+            listener.port,
+            connect_timeout=TIMEOUT,
+            io_timeout=TIMEOUT,
+            tls=client_ctx,
+        )
+        caps = transport.frame_capabilities(conf.xen_ncm, client.sock)
+        assert caps == ["tls-frames"]
+        client.client_handshake("mig", TOKEN, capabilities=caps)
+        server = served()
+        assert not client.connection.frames_tagged
+        assert not server.connection.frames_tagged
+        # Pages, a buffer over the staging size and pages again: order
+        # and content survive the gathering into 1 MiB writes.
+        pages = [bytes([i % 256]) * 4096 for i in range(300)]
+        big = os.urandom(transport.TlsSocket.CHUNK + 5)
+        body = [*pages, big, *pages[:7]]
+        client.send_data(1, body)
+        got = server.receive()
+        assert bytes(got.payload) == b"".join(body)
+        client.close()
+        server.close()
+
+
+def test_plain_connections_keep_the_tag_unless_configured_off():
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    conf([])
+    a, b = socket.socketpair()
+    try:
+        assert transport.frame_capabilities(conf.xen_ncm, a) == []
+        conf.set_override("frame_authentication", False, group="xen_ncm")
+        assert transport.frame_capabilities(conf.xen_ncm, a) == [
+            "unauthenticated-frames"
+        ]
+    finally:
+        a.close()
+        b.close()

@@ -329,9 +329,7 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
     assert host.memory_digest(1) == digest
 
 
-def test_a_paused_guest_is_digested_as_a_migration_reads_it(
-    host, monkeypatch
-):
+def test_a_paused_guest_is_digested_as_a_migration_reads_it(host, monkeypatch):
     a = empty(host, 1, mb=80)
     pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
     host.populate(1, pfns)
@@ -430,6 +428,19 @@ def test_data_mask_finds_written_pages_and_holes() -> None:
             mem._seek_data_mask(600, 2100), want[600:2100]
         )
         assert len(mem.data_mask(5, 5)) == 0
+        # Written since creation: what the writers marked, whatever
+        # the memory holds, in the order asked.
+        with mem.lock():
+            mem.mark_dirty(np.array([2, 700, 4095], dtype=np.uint64))
+        ask = np.array([4095, 3, 700, 2, 0], dtype=np.uint64)
+        assert mem.written_mask(ask).tolist() == [
+            True,
+            False,
+            True,
+            True,
+            False,
+        ]
+        assert len(mem.written_mask(np.zeros(0, dtype=np.uint64))) == 0
     finally:
         mem.close()
 
@@ -995,3 +1006,34 @@ def test_a_lock_that_is_not_reentrant_taken_twice_is_refused(host):
             with a.mem.lock():
                 pass
     assert locks.held() == ()
+
+
+@pytest.mark.parametrize("fill", ["random", "zero"])
+def test_every_page_the_guest_wrote_is_said_written(conf, fill) -> None:
+    # Prefaulted spare RAM: every page is resident, written or not.
+    conf.set_override("spare_guest_process", True, group="xen_ncm_sim")
+    conf.set_override("prefault_memory_mb", 64, group="xen_ncm_sim")
+    h = sim_host.SimHost("written", conf)
+    try:
+        domid = h.create_domain(
+            base.DomainConfig(
+                name="g",
+                memory_bytes=16 << 20,
+                vcpus=1,
+                workload={"fill": fill, "dirty_rate": 0},
+            )
+        )
+        h.pause(domid)
+        pfns = h.populated_pfns(domid)
+        written = h.written_pages(domid, pfns)
+        ram = h.hv.domains[domid].mem.ram
+        # The guest's RAM, read here: a page holding anything but zero
+        # is never said unwritten.
+        nonzero = ram[pfns.astype(np.int64)].any(axis=1)
+        assert not (nonzero & ~written).any()
+        if fill == "zero":
+            assert written.sum() < len(pfns) // 2
+        else:
+            assert written.sum() > len(pfns) // 2
+    finally:
+        h.close()
