@@ -12,9 +12,11 @@ import os
 import threading
 
 import nova.conf
+import os_resource_classes as orc
 from nova import context as nova_context
 from nova import exception
 from nova import objects
+from nova.compute import power_state
 from nova.compute import utils as compute_utils
 from nova.compute import vm_states
 from nova.network import neutron
@@ -68,6 +70,9 @@ class XenNCMDriver(driver.ComputeDriver):
         self._migrationops: migrationops.MigrationOps | None = None
         self._vifops = vifops.VIFOps(virtapi)
         self._bus: bus.BusSink | None = None
+        # Whether placement held DISK_GB in a sharing provider at the
+        # last inventory update (None: not asked yet), to log changes.
+        self._disk_shared: bool | None = None
 
     # -- service --
 
@@ -202,11 +207,35 @@ class XenNCMDriver(driver.ComputeDriver):
         self, provider_tree, nodename: str, allocations=None
     ) -> None:
         inventory = provider_tree.data(nodename).inventory
+        # The root disks are on storage every compute shares: each
+        # reporting the filesystem as its own DISK_GB would count it once
+        # per compute. Placement's model for shared storage is a sharing
+        # provider (trait MISC_SHARES_VIA_AGGREGATE, in an aggregate with
+        # the computes) holding DISK_GB; Nova puts it in this tree, and a
+        # compute beside one reports no DISK_GB of its own.
+        shared = provider_tree.has_sharing_provider(orc.DISK_GB)
+        if shared != self._disk_shared:
+            self._disk_shared = shared
+            if shared:
+                LOG.info(
+                    "DISK_GB is held by a sharing resource provider: "
+                    "%s reports none of its own",
+                    nodename,
+                )
+            else:
+                LOG.warning(
+                    "No sharing resource provider holds DISK_GB: %s "
+                    "reports the shared disk filesystem as its own, and "
+                    "every other compute on it counts it again (see the "
+                    "administration guide, 'Shared storage in placement')",
+                    nodename,
+                )
         provider_tree.update_inventory(
             nodename,
             self._hostops.inventory(
                 self._get_allocation_ratios(inventory),
                 self._get_reserved_host_disk_gb_from_config(),
+                report_disk=not shared,
             ),
         )
 
@@ -638,6 +667,12 @@ def _move_to_destination(
         instance.vm_state = (
             vm_states.ACTIVE if was_running else vm_states.PAUSED
         )
+        # What the destination runs, as Nova's power-state sync would
+        # find it: a stale RUNNING/PAUSED from the source stays otherwise
+        # until the next periodic sync on the destination.
+        instance.power_state = (
+            power_state.RUNNING if was_running else power_state.PAUSED
+        )
         if network_error is not None:
             # The guest runs there all the same; its ports do not follow.
             instance.vm_state = vm_states.ERROR
@@ -656,11 +691,12 @@ def _move_to_destination(
     if migration.status not in ("completed", "error", "failed", "cancelled"):
         migration.status = "completed"
         migration.save()
-    # The source's share, held by the migration as Nova's own
-    # post-migration step releases it.
+    # The source's share, held by the migration, released as Nova's own
+    # post-migration step releases it: with the consumer generation
+    # (force=False), so a concurrent change is refused, not overwritten.
     try:
         report.report_client_singleton().delete_allocation_for_instance(
-            ctxt, migration.uuid, consumer_type="migration", force=True
+            ctxt, migration.uuid, consumer_type="migration"
         )
     except Exception as exc:  # noqa: BLE001 - placement is best effort here
         LOG.warning(

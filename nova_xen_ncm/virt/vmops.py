@@ -432,8 +432,15 @@ class VMOps:
         LOG.info("Restored domain %d from %s", domid, path, instance=instance)
 
     def _remove_save_file(self, instance) -> None:
+        path = self.save_path(instance)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.save_path(instance))
+            os.unlink(path)
+        # Made for the save file alone when the root disk is where the
+        # host driver places it: an empty one would outlive the guest.
+        # A directory still holding the root disk (or anything else) is
+        # not empty and stays.
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
 
     def get_console_output(self, instance) -> str:
         return self._host.console_output(self.domain(instance).domid)

@@ -10,6 +10,7 @@ import os_resource_classes as orc
 import pytest
 from nova import context
 from nova import exception
+from nova.compute import power_state
 from nova import objects
 from nova.compute import provider_tree
 from nova.tests.unit import fake_instance
@@ -93,6 +94,28 @@ def test_node_and_resources(xen_driver):
     inventory = tree.data("unit-host").inventory
     assert {orc.VCPU, orc.MEMORY_MB} <= set(inventory)
     assert inventory[orc.MEMORY_MB]["total"] == resources["memory_mb"]
+
+
+def test_disk_gb_of_shared_storage_is_left_to_a_sharing_provider(xen_driver):
+    # What Nova hands the driver: the node's own tree plus the sharing
+    # providers in an aggregate with it.
+    tree = provider_tree.ProviderTree()
+    tree.new_root("unit-host", "node-uuid-1")
+    tree.new_root("shared-disks", "sharing-uuid-1")
+    tree.update_inventory(
+        "shared-disks",
+        {orc.DISK_GB: {"total": 500, "min_unit": 1, "max_unit": 500}},
+    )
+    # Not (yet) a sharing provider: the node counts its filesystem.
+    xen_driver.update_provider_tree(tree, "unit-host")
+    assert orc.DISK_GB in tree.data("unit-host").inventory
+    tree.update_traits("shared-disks", ["MISC_SHARES_VIA_AGGREGATE"])
+    xen_driver.update_provider_tree(tree, "unit-host")
+    inventory = tree.data("unit-host").inventory
+    # The filesystem is counted once, by the sharing provider.
+    assert orc.DISK_GB not in inventory
+    assert {orc.VCPU, orc.MEMORY_MB} <= set(inventory)
+    assert tree.data("shared-disks").inventory[orc.DISK_GB]["total"] == 500
 
 
 def test_host_errors_leave_as_nova_exceptions(xen_driver):
@@ -249,12 +272,15 @@ def test_recovery_moves_a_committed_guest_to_the_destination(monkeypatch):
     assert instance.compute_id == migration.get_dest_compute_id.return_value
     instance.drop_migration_context.assert_called_once_with()
     assert instance.vm_state == "paused"
+    assert instance.power_state == power_state.PAUSED
     assert instance.task_state is None
     instance.save.assert_called_once_with()
     assert migration.status == "completed"
     fault.assert_not_called()
+    # With the consumer generation, as Nova's post-migration step: a
+    # concurrent change to the allocation is refused, not overwritten.
     placement.delete_allocation_for_instance.assert_called_once_with(
-        mock.ANY, "m-1", consumer_type="migration", force=True
+        mock.ANY, "m-1", consumer_type="migration"
     )
     # Its ports follow it, as after a live migration Nova finished.
     network.migrate_instance_start.assert_called_once_with(
@@ -305,6 +331,7 @@ def test_recovery_moves_a_guest_whose_ports_fail_and_says_why(monkeypatch):
     # Nova records where the guest runs; the instance is in ERROR with
     # the ports' failure as its fault.
     assert instance.host == "dst"
+    assert instance.power_state == power_state.RUNNING
     assert instance.vm_state == "error"
     assert instance.task_state is None
     assert migration.status == "completed"

@@ -198,6 +198,50 @@ def test_suspend_and_resume_use_a_save_file(ops, host, instance):
     assert not ops.instance_exists(instance)
 
 
+def test_a_resumed_guest_leaves_no_empty_instance_directory(
+    ops, host, instance, tmp_path
+):
+    # The host driver places the root disk (a host whose instances_path
+    # is its own): the directory was made for the save file alone.
+    host.disk_path.return_value = str(tmp_path / "shared" / "disk")
+    host.find_domain.return_value = info()
+    directory = os.path.dirname(ops.save_path(instance))
+    with mock.patch.object(vmops.savefile, "save_to_path") as save:
+        save.side_effect = lambda h, d, p: open(p, "wb").close()
+        ops.suspend(instance)
+    assert os.path.isdir(directory)
+    with mock.patch.object(vmops.savefile, "restore_from_path", return_value=7):
+        ops.resume(instance, NETWORK_INFO)
+    assert not os.path.exists(directory)
+
+
+def test_a_destroyed_suspended_guest_leaves_no_empty_directory(
+    ops, host, instance, tmp_path
+):
+    host.disk_path.return_value = str(tmp_path / "shared" / "disk")
+    directory = os.path.dirname(ops.save_path(instance))
+    os.makedirs(directory)
+    open(ops.save_path(instance), "wb").close()
+    host.find_domain.side_effect = base.DomainNotFound("no")
+    ops.destroy(instance, NETWORK_INFO, destroy_disks=False)
+    assert not os.path.exists(directory)
+
+
+def test_the_instance_directory_holding_the_disk_stays(
+    ops, host, instance
+):
+    # instances_path holds the root disk (the shared path): cleaning the
+    # save file up must not take the guest's disk directory with it.
+    path = vmops.root_disk_path(host, instance)
+    os.makedirs(os.path.dirname(path))
+    open(path, "wb").close()
+    open(ops.save_path(instance), "wb").close()
+    host.find_domain.side_effect = base.DomainNotFound("no")
+    ops.cleanup(instance, NETWORK_INFO)
+    assert os.path.exists(path)
+    assert not os.path.exists(ops.save_path(instance))
+
+
 def test_failed_suspend_resumes_the_guest(ops, host, instance):
     host.find_domain.return_value = info()
     with mock.patch.object(
