@@ -279,9 +279,7 @@ class VMOps:
         ImageUnacceptable: the build is aborted, not rescheduled)."""
         if CONF.workarounds.disable_deep_image_inspection:
             return
-        images.do_image_deep_inspection(
-            {"disk_format": "raw"}, image_id, path
-        )
+        images.do_image_deep_inspection({"disk_format": "raw"}, image_id, path)
 
     def grow_root_disk(self, instance, root_gb: int) -> None:
         """Give the root disk ``root_gb`` GiB (resize); it never shrinks."""

@@ -10,8 +10,8 @@ import os_resource_classes as orc
 import pytest
 from nova import context
 from nova import exception
-from nova.compute import power_state
 from nova import objects
+from nova.compute import power_state
 from nova.compute import provider_tree
 from nova.tests.unit import fake_instance
 from nova.virt import driver as nova_driver
@@ -322,9 +322,7 @@ def test_recovery_moves_a_guest_whose_ports_fail_and_says_why(monkeypatch):
     )
     network = mock.Mock()
     network.migrate_instance_start.side_effect = (
-        driver.exception.PortBindingActivationFailed(
-            port_id="p-1", host="dst"
-        )
+        driver.exception.PortBindingActivationFailed(port_id="p-1", host="dst")
     )
     monkeypatch.setattr(driver.neutron, "API", lambda: network)
     driver.reconcile("src", [_outcome("done")], {7: "uuid-7"}, {"m-1": True})
@@ -527,6 +525,4 @@ def test_start_is_refused_by_uuid_once_the_domain_is_gone(
 def test_journals_are_kept_under_nova_state_path(xen_driver, tmp_path):
     # Not where Nova is installed (its state_path's default): the
     # fixture's Nova state_path holds them.
-    assert CONF.xen_ncm.state_path == str(
-        tmp_path / "nova-state" / "xen_ncm"
-    )
+    assert CONF.xen_ncm.state_path == str(tmp_path / "nova-state" / "xen_ncm")

@@ -210,7 +210,9 @@ def test_a_resumed_guest_leaves_no_empty_instance_directory(
         save.side_effect = lambda h, d, p: open(p, "wb").close()
         ops.suspend(instance)
     assert os.path.isdir(directory)
-    with mock.patch.object(vmops.savefile, "restore_from_path", return_value=7):
+    with mock.patch.object(
+        vmops.savefile, "restore_from_path", return_value=7
+    ):
         ops.resume(instance, NETWORK_INFO)
     assert not os.path.exists(directory)
 
@@ -227,9 +229,7 @@ def test_a_destroyed_suspended_guest_leaves_no_empty_directory(
     assert not os.path.exists(directory)
 
 
-def test_the_instance_directory_holding_the_disk_stays(
-    ops, host, instance
-):
+def test_the_instance_directory_holding_the_disk_stays(ops, host, instance):
     # instances_path holds the root disk (the shared path): cleaning the
     # save file up must not take the guest's disk directory with it.
     path = vmops.root_disk_path(host, instance)
