@@ -120,10 +120,17 @@ class XenNCMDriver(driver.ComputeDriver):
             # Whether each guest ran before its migration paused it: a
             # guest the destination committed runs (or stays paused) there.
             running = {e.migration_id: e.running for e in entries}
+            running.update(
+                {e.migration_id: e.running for e in incoming.entries()}
+            )
             outcomes = recovery.recover(
                 self._host, outgoing, CONF, others=[incoming]
             )
-            recovery.recover_incoming(self._host, incoming, others=[outgoing])
+            # This host as a destination: a guest that committed here runs
+            # here, and Nova may still record it on its source.
+            outcomes += recovery.recover_incoming(
+                self._host, incoming, others=[outgoing]
+            )
         except EngineError as exc:
             LOG.error("Interrupted migrations not recovered: %s", exc)
             return
@@ -558,12 +565,19 @@ def reconcile(
     owners: dict[int, str],
     running: dict[str, bool] | None = None,
 ) -> None:
-    """Tell Nova how recovery settled each migration. An instance whose
-    guest the journal proves committed to the destination is moved
-    there (host, node, migration record, the source's allocation); one
-    whose fate is not known, or whose destination Nova's records do not
-    name, goes to ERROR with a fault that says why; one rolled back runs
-    here as Nova believes."""
+    """Tell Nova how recovery settled each migration, from either end.
+
+    As the source: an instance whose guest the journal proves committed
+    to the destination is moved there (host, node, migration record, the
+    source's allocation); one whose fate is not known, or whose
+    destination Nova's records do not name, goes to ERROR with a fault
+    that says why; one rolled back runs here as Nova believes.
+
+    As the destination (``outcome.role``): a guest that committed here
+    runs here, and an instance Nova still records on its source is moved
+    here the same way; a copy that never committed was destroyed, and an
+    instance Nova records here although its guest is not here goes to
+    ERROR with a fault naming the source."""
     ctxt = nova_context.get_admin_context()
     running = running or {}
     for outcome in outcomes:
@@ -577,6 +591,14 @@ def reconcile(
                 outcome.reason,
             )
             continue
+        was_running = running.get(outcome.migration_id, True)
+        if outcome.role == "destination":
+            why = _reconcile_destination(
+                ctxt, hostname, outcome, uuid, was_running
+            )
+            if why is not None:
+                _error_instance(ctxt, outcome, uuid, why)
+            continue
         if outcome.phase == Phase.FAILED:
             LOG.info(
                 "Migration %s rolled back: the guest runs on %s",
@@ -587,11 +609,7 @@ def reconcile(
             continue
         if outcome.phase == Phase.DONE:
             if _move_to_destination(
-                ctxt,
-                hostname,
-                outcome,
-                uuid,
-                running.get(outcome.migration_id, True),
+                ctxt, hostname, outcome, uuid, was_running
             ):
                 continue
             why = (
@@ -610,34 +628,110 @@ def reconcile(
                 f"({outcome.reason}). Run 'nova-xen-ncm recover' before "
                 "starting it."
             )
-        try:
-            instance = objects.Instance.get_by_uuid(ctxt, uuid)
-            instance.vm_state = vm_states.ERROR
-            instance.task_state = None
-            instance.save()
-            compute_utils.add_instance_fault_from_exc(
-                ctxt, instance, exception.NovaException(why)
-            )
-        except exception.InstanceNotFound:
-            LOG.warning("%s; the instance is gone from Nova", why)
-            continue
-        _fail_migration(ctxt, outcome.migration_id, uuid)
-        LOG.error(why, instance_uuid=uuid)
+        _error_instance(ctxt, outcome, uuid, why)
+
+
+def _error_instance(ctxt, outcome, uuid: str, why: str) -> None:
+    """The instance in ERROR with ``why`` as its fault, and Nova's
+    record of the migration ended."""
+    try:
+        instance = objects.Instance.get_by_uuid(ctxt, uuid)
+        instance.vm_state = vm_states.ERROR
+        instance.task_state = None
+        instance.save()
+        compute_utils.add_instance_fault_from_exc(
+            ctxt, instance, exception.NovaException(why)
+        )
+    except exception.InstanceNotFound:
+        LOG.warning("%s; the instance is gone from Nova", why)
+        return
+    _fail_migration(ctxt, outcome.migration_id, uuid)
+    LOG.error(why, instance_uuid=uuid)
+
+
+def _reconcile_destination(
+    ctxt, hostname: str, outcome, uuid: str, was_running: bool
+) -> str | None:
+    """Nova's view of this host after recovery settled an incoming
+    migration; the fault to record, or None when Nova is right (or now
+    made right)."""
+    try:
+        instance = objects.Instance.get_by_uuid(ctxt, uuid)
+    except exception.InstanceNotFound:
+        LOG.warning(
+            "Incoming migration %s settled %s, but the instance is gone "
+            "from Nova",
+            outcome.migration_id,
+            outcome.phase,
+            instance_uuid=uuid,
+        )
+        return None
+    if outcome.phase == Phase.DONE:
+        if _move_to_destination(
+            ctxt, hostname, outcome, uuid, was_running, here="destination"
+        ):
+            return None
+        if instance.host == hostname:
+            return None
+        return (
+            f"live migration {outcome.migration_id} committed on "
+            f"{hostname}, where the guest now runs ({outcome.reason}), "
+            f"but Nova records it on {instance.host} and has no record of "
+            f"this migration naming {hostname}. Point the instance at "
+            f"{hostname}, then reset its state."
+        )
+    if instance.host != hostname:
+        # The guest is the source's: its own recovery or Nova's rollback
+        # there says where it runs.
+        LOG.info(
+            "Incoming migration %s settled %s here (%s); the instance is "
+            "on %s",
+            outcome.migration_id,
+            outcome.phase,
+            outcome.reason,
+            instance.host,
+            instance_uuid=uuid,
+        )
+        return None
+    if outcome.phase == Phase.FAILED:
+        return (
+            f"live migration {outcome.migration_id} never committed on "
+            f"{hostname} and the copy here was destroyed "
+            f"({outcome.reason}), but Nova records the instance here: its "
+            "guest runs on the migration's source, if anywhere."
+        )
+    return (
+        f"live migration {outcome.migration_id} to {hostname} could not be "
+        f"settled here ({outcome.reason}): whether the guest runs here "
+        "cannot be told. Run 'nova-xen-ncm recover' on the source."
+    )
 
 
 def _move_to_destination(
-    ctxt, hostname: str, outcome, uuid: str, was_running: bool
+    ctxt,
+    hostname: str,
+    outcome,
+    uuid: str,
+    was_running: bool,
+    here: str = "source",
 ) -> bool:
     """Record in Nova that the guest of ``uuid`` runs on the destination
     of Nova's migration ``outcome.migration_id`` (the journal proved it
-    committed). False when Nova's records cannot say where that is."""
+    committed); ``hostname`` is that migration's ``here`` end. False
+    when Nova's records cannot say where that is."""
     try:
         migration = objects.Migration.get_by_uuid(ctxt, outcome.migration_id)
     except exception.MigrationNotFound:
         return False
+    end = (
+        migration.source_compute
+        if here == "source"
+        else migration.dest_compute
+    )
     if (
         migration.instance_uuid != uuid
-        or migration.source_compute != hostname
+        or end != hostname
+        or not migration.source_compute
         or not migration.dest_compute
         or not migration.dest_node
     ):
@@ -652,7 +746,7 @@ def _move_to_destination(
             instance_uuid=uuid,
         )
         return True
-    if instance.host == hostname:
+    if instance.host == migration.source_compute:
         try:
             compute_id = migration.get_dest_compute_id()
         except exception.ComputeHostNotFound:
@@ -702,14 +796,16 @@ def _move_to_destination(
         LOG.warning(
             "Allocation of migration %s on %s not released: %s",
             migration.uuid,
-            hostname,
+            migration.source_compute,
             exc,
             instance_uuid=uuid,
         )
     LOG.warning(
-        "Live migration %s was interrupted on %s after the destination "
-        "committed: the instance now runs on %s (%s)",
+        "Live migration %s was interrupted after the destination "
+        "committed (recovered on its %s %s): the instance now runs on %s "
+        "(%s)",
         outcome.migration_id,
+        here,
         hostname,
         migration.dest_compute,
         outcome.reason,

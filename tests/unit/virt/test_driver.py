@@ -337,6 +337,107 @@ def test_recovery_moves_a_guest_whose_ports_fail_and_says_why(monkeypatch):
     assert "runs" in message and "p-1" in message
 
 
+def _incoming(phase, reason="COMMIT was received: the guest runs here"):
+    from nova_xen_ncm.engine.recovery import Outcome
+    from nova_xen_ncm.engine.state import Phase
+
+    return Outcome(
+        "m-1",
+        7,
+        Phase.COMMIT,
+        Phase(phase),
+        reason,
+        uuid="uuid-7",
+        role="destination",
+    )
+
+
+def _nova(monkeypatch, instance, migration=None):
+    """Nova's records of the instance and the migration; the fault
+    recorder and placement."""
+    monkeypatch.setattr(
+        driver.objects.Instance,
+        "get_by_uuid",
+        mock.Mock(return_value=instance),
+    )
+    fault = mock.Mock()
+    monkeypatch.setattr(
+        driver.compute_utils, "add_instance_fault_from_exc", fault
+    )
+    get = mock.Mock(return_value=migration)
+    if migration is None:
+        get.side_effect = exception.MigrationNotFound(migration_id="m-1")
+    monkeypatch.setattr(driver.objects.Migration, "get_by_uuid", get)
+    placement = mock.Mock()
+    monkeypatch.setattr(
+        driver.report, "report_client_singleton", lambda: placement
+    )
+    monkeypatch.setattr(driver.neutron, "API", mock.Mock)
+    return fault, placement
+
+
+def test_a_restarted_destination_running_the_guest_records_it_here(
+    monkeypatch,
+):
+    instance = mock.Mock(
+        vm_state="error", task_state="migrating", host="src", node="src"
+    )
+    migration = mock.Mock(
+        uuid="m-1",
+        status="running",
+        instance_uuid="uuid-7",
+        source_compute="src",
+        dest_compute="dst",
+        dest_node="dst",
+    )
+    fault, placement = _nova(monkeypatch, instance, migration)
+    driver.reconcile("dst", [_incoming("done")], {}, {"m-1": True})
+    # Nova's view of this host now holds the guest it runs.
+    assert (instance.host, instance.node) == ("dst", "dst")
+    assert instance.vm_state == "active"
+    assert instance.power_state == power_state.RUNNING
+    assert instance.task_state is None
+    assert migration.status == "completed"
+    placement.delete_allocation_for_instance.assert_called_once_with(
+        mock.ANY, "m-1", consumer_type="migration"
+    )
+    fault.assert_not_called()
+
+
+def test_a_restarted_destination_whose_migration_nova_lost_says_so(
+    monkeypatch,
+):
+    instance = mock.Mock(vm_state="active", task_state=None, host="src")
+    fault, _ = _nova(monkeypatch, instance)
+    driver.reconcile("dst", [_incoming("done")], {}, {"m-1": True})
+    assert instance.vm_state == "error"
+    message = str(fault.call_args.args[2])
+    assert "dst, where the guest now runs" in message
+    assert "records it on src" in message
+
+
+def test_a_destroyed_copy_is_an_error_only_where_nova_records_it(
+    monkeypatch,
+):
+    failed = _incoming(
+        "failed", "no COMMIT received: the copy here was destroyed"
+    )
+    # Nova has it on its source: the source's side, nothing to do here.
+    instance = mock.Mock(vm_state="active", task_state=None, host="src")
+    fault, _ = _nova(monkeypatch, instance)
+    driver.reconcile("dst", [failed], {}, {})
+    assert instance.vm_state == "active"
+    fault.assert_not_called()
+    # Nova records it here, where no copy runs any more.
+    instance = mock.Mock(vm_state="active", task_state=None, host="dst")
+    fault, _ = _nova(monkeypatch, instance)
+    driver.reconcile("dst", [failed], {}, {})
+    assert instance.vm_state == "error"
+    message = str(fault.call_args.args[2])
+    assert "never committed on dst" in message
+    assert "copy here was destroyed" in message
+
+
 def test_recovery_errors_a_guest_whose_destination_nova_does_not_name(
     monkeypatch,
 ):
