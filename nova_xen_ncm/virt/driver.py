@@ -494,7 +494,7 @@ class XenNCMDriver(driver.ComputeDriver):
         migrate_data,
     ):
         return self._livemigrationops.pre_live_migration(
-            instance, network_info, migrate_data
+            instance, network_info, migrate_data, context=context
         )
 
     def live_migration(

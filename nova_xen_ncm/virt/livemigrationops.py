@@ -19,6 +19,7 @@ import threading
 
 import nova.conf
 from nova import exception
+from nova import objects
 from oslo_log import log as logging
 from oslo_utils import uuidutils
 
@@ -56,6 +57,28 @@ def _missing_text(missing: dict) -> str:
         f"{getattr(item, 'value', item)}: {reason}"
         for item, reason in sorted(missing.items(), key=lambda kv: str(kv[0]))
     )
+
+
+def _nova_migration_id(context, instance, migrate_data) -> str:
+    """The engine's id of the migration: Nova's migration record's uuid,
+    so that both ends' journals, the bus and a restarted compute's
+    recovery name the record Nova keeps. Nova hands the record to the
+    source only; the destination finds it as the instance's migration in
+    'preparing', the status Nova gives it for pre_live_migration."""
+    if "migration" in migrate_data and migrate_data.migration:
+        return migrate_data.migration.uuid
+    if context is not None:
+        try:
+            return objects.Migration.get_by_instance_and_status(
+                context, instance.uuid, "preparing"
+            ).uuid
+        except exception.MigrationNotFoundByStatus:
+            LOG.warning(
+                "No migration of this instance is preparing in Nova; "
+                "the engine's migration id is its own",
+                instance=instance,
+            )
+    return uuidutils.generate_uuid()
 
 
 class LiveMigrationOps:
@@ -134,7 +157,11 @@ class LiveMigrationOps:
     # -- destination --
 
     def pre_live_migration(
-        self, instance, network_info, migrate_data: XenNCMLiveMigrateData
+        self,
+        instance,
+        network_info,
+        migrate_data: XenNCMLiveMigrateData,
+        context=None,
     ) -> XenNCMLiveMigrateData:
         domid = migrate_data.source_domid
         try:
@@ -153,10 +180,7 @@ class LiveMigrationOps:
             instance,
             vifops_module.destination_network_info(network_info, migrate_data),
         )
-        if "migration" in migrate_data and migrate_data.migration:
-            migration_id = migrate_data.migration.uuid
-        else:
-            migration_id = uuidutils.generate_uuid()
+        migration_id = _nova_migration_id(context, instance, migrate_data)
         advertise = None
         if xen_ncm_conf.CONF.xen_ncm.listen_address in WILDCARD_ADDRESSES:
             advertise = CONF.my_ip

@@ -30,7 +30,11 @@ from sqlalchemy import exc as sqla_exc
 
 from nova_xen_ncm import conf as xen_ncm_conf  # noqa: F401 - options
 from nova_xen_ncm.cmd import drain
+from nova_xen_ncm.engine import commit
 from nova_xen_ncm.engine import recovery
+from nova_xen_ncm.engine.journal import INCOMING
+from nova_xen_ncm.engine.journal import IncomingEntry
+from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 from nova_xen_ncm.progress.tracker import unwrap
@@ -910,6 +914,181 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         # Nova now acts on the destination: a stop reaches the guest.
         server = self._stop_server(server)
         self.assertEqual([], self._hosts_running(server))
+
+    def test_a_source_killed_after_commit_is_reconciled_at_restart(self):
+        # The destination answers the restarted source's commit query
+        # from its live receiver for this long (then from its journal).
+        self.flags(group="xen_ncm", commit_query_timeout=120.0)
+        server = self.boot()
+        source = server["OS-EXT-SRV-ATTR:host"]
+        dest = [h for h in HOSTS if h != source][0]
+        source_rp = self._get_provider_uuid_by_host(source)
+        dest_rp = self._get_provider_uuid_by_host(dest)
+        hypervisors = {host: self.sim_host(host) for host in HOSTS}
+        old_driver = self.computes[source].manager.driver
+        ctxt = nova_context.get_admin_context()
+
+        # The source's engine dies once the destination committed (its
+        # COMMITTED received), before it journals CLEANUP: as a killed
+        # process, it does nothing more, and the kernel closes its
+        # sockets and its journal lock.
+        class Killed(BaseException):
+            pass
+
+        real_commit = commit.Coordinator.commit
+
+        def commit_then_die(coordinator, on_retry=None):
+            real_commit(coordinator, on_retry=on_retry)
+            coordinator.data.close()
+            raise Killed()
+
+        self.useFixture(
+            fixtures.MockPatchObject(
+                commit.Coordinator, "commit", commit_then_die
+            )
+        )
+        dead = threading.Event()
+        ops = old_driver._livemigrationops
+        real_live_migration = ops.live_migration
+
+        def live_migration(*args, **kwargs):
+            # nova-compute dies with its engine: neither of Nova's
+            # callbacks runs, nothing is rolled back.
+            try:
+                real_live_migration(*args, **kwargs)
+            except Killed:
+                dead.set()
+
+        self.useFixture(
+            fixtures.MockPatchObject(ops, "live_migration", live_migration)
+        )
+
+        # Two running copies must never exist, whatever happens below.
+        both = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                running = [
+                    host
+                    for host, hv in hypervisors.items()
+                    if any(
+                        d.uuid == server["id"]
+                        and d.state == base.DomainState.RUNNING
+                        for d in hv.list_domains()
+                    )
+                ]
+                if len(running) > 1:
+                    both.append(running)
+                stop.wait(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        self.addCleanup(watcher.join)
+        self.addCleanup(stop.set)
+
+        self.api.post_server_action(
+            server["id"],
+            {"os-migrateLive": {"host": dest, "block_migration": "auto"}},
+        )
+        self.assertTrue(dead.wait(120), "the source's engine never died")
+        # The guest runs on the destination; its paused copy is left on
+        # the source, and Nova still has it there, migrating.
+        self.assertTrue(
+            wait_until(
+                lambda: [
+                    d.state for d in hypervisors[dest].list_domains()
+                ]
+                == [base.DomainState.RUNNING]
+            )
+        )
+        self.assertEqual(
+            [base.DomainState.PAUSED],
+            [d.state for d in hypervisors[source].list_domains()],
+        )
+        instance = objects.Instance.get_by_uuid(ctxt, server["id"])
+        self.assertEqual(source, instance.host)
+        self.assertEqual("migrating", instance.task_state)
+        (migration,) = self.migrations(server)
+        self.assertEqual("running", migration.status)
+        # While the journal entry is open the source refuses to start the
+        # guest: a second copy would run beside the destination's.
+        self.assertRaisesRegex(
+            Exception,
+            f"migration {migration.uuid} of this guest .* is still open",
+            old_driver.power_on,
+            ctxt,
+            instance,
+            [],
+        )
+        self.assertEqual(
+            [base.DomainState.PAUSED],
+            [d.state for d in hypervisors[source].list_domains()],
+        )
+
+        # nova-compute on the source starts again; the hypervisor and
+        # its journals outlived it (a crash: no graceful clean-up).
+        self.useFixture(fixtures.MockPatchObject(old_driver, "cleanup_host"))
+        node.LOCAL_NODE_UUID = old_driver._get_node_uuid()
+        # Both computes of this process share one [xen_ncm] state_path;
+        # on two machines the source's incoming journal is its own, and
+        # does not hold the destination's live entry for this guest.
+        own_incoming = Journal(
+            self.useFixture(fixtures.TempDir()).path, INCOMING, IncomingEntry
+        )
+        with (
+            fixtures.MockPatchObject(
+                nova_driver.factory,
+                "load_host_driver",
+                lambda name, hostname, conf: hypervisors[hostname],
+            ),
+            fixtures.MockPatchObject(
+                nova_driver.Journal,
+                "incoming_from_conf",
+                lambda conf: own_incoming,
+            ),
+        ):
+            self.computes[source] = self.restart_compute_service(
+                self.computes[source], keep_hypervisor_state=False
+            )
+        self.assertIsNot(old_driver, self.computes[source].manager.driver)
+
+        # Recovery asked the destination, destroyed the paused copy and
+        # told Nova where the guest runs.
+        self.assertEqual([], hypervisors[source].list_domains())
+        self.assertEqual(
+            [base.DomainState.RUNNING],
+            [d.state for d in hypervisors[dest].list_domains()],
+        )
+        server = self.api.get_server(server["id"])
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:hypervisor_hostname"])
+        self.assertEqual("ACTIVE", server["status"])
+        self.assertEqual(power_state.RUNNING, server["OS-EXT-STS:power_state"])
+        self.assertIsNone(server["OS-EXT-STS:task_state"])
+        self.assertNotIn("fault", server)
+        self.assertEqual(
+            ["completed"], [m.status for m in self.migrations(server)]
+        )
+        # The migration's share on the source is released; the
+        # instance's is the destination's.
+        self.assertEqual(
+            {}, self._get_allocations_by_server_uuid(migration.uuid)
+        )
+        self.assertEqual(0, self._get_provider_usages(source_rp)["VCPU"])
+        self.assertEqual(
+            [dest_rp],
+            list(self._get_allocations_by_server_uuid(server["id"])),
+        )
+        # Nova now acts on the destination: a stop reaches the guest
+        # there, a start boots it there only.
+        server = self._stop_server(server)
+        self.assertEqual([], self._hosts_running(server))
+        server = self._start_server(server)
+        self.assertEqual([dest], self._hosts_running(server))
+        stop.set()
+        watcher.join()
+        self.assertEqual([], both)
 
     def _hosts_running(self, server: dict) -> list[str]:
         return [

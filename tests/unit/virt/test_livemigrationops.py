@@ -132,6 +132,41 @@ def test_pre_live_migration_starts_a_receiver(instance, monkeypatch):
     incoming.wait.assert_called_once()
 
 
+def test_the_destination_names_the_migration_as_nova_does(
+    instance, monkeypatch
+):
+    host = make_host()
+    host.domain_info.side_effect = base.DomainNotFound("free")
+    incoming = mock.Mock(endpoint=("192.0.2.1", 49160), token=b"\x01" * 32)
+    factory = mock.Mock(return_value=incoming)
+    monkeypatch.setattr(livemigrationops, "IncomingMigration", factory)
+    lookup = mock.Mock(return_value=mock.Mock(uuid="nova-migration-1"))
+    monkeypatch.setattr(
+        livemigrationops.objects.Migration,
+        "get_by_instance_and_status",
+        lookup,
+    )
+    ctxt = context.get_admin_context()
+    ops = make_ops(host)
+    data = ops.pre_live_migration(
+        instance, [], XenNCMLiveMigrateData(source_domid=9), context=ctxt
+    )
+    # Nova's record of the migration, the one a restarted compute's
+    # recovery looks up by the journal's id.
+    lookup.assert_called_once_with(ctxt, instance.uuid, "preparing")
+    assert data.migration_id == "nova-migration-1"
+    assert factory.call_args.args[1] == "nova-migration-1"
+    # None preparing (an engine-only caller): an id of its own.
+    lookup.side_effect = exception.MigrationNotFoundByStatus(
+        instance_id=instance.uuid, status="preparing"
+    )
+    ops._incoming.clear()
+    data = ops.pre_live_migration(
+        instance, [], XenNCMLiveMigrateData(source_domid=9), context=ctxt
+    )
+    assert data.migration_id not in ("nova-migration-1", None)
+
+
 def run_migration(instance, phase):
     outgoing = mock.Mock(error=None)
     # Still running at the first progress tick, then finished.
