@@ -329,7 +329,7 @@ class XenNCMDriver(driver.ComputeDriver):
         self._vmops.reboot(instance, network_info, reboot_type)
 
     def power_off(self, instance, timeout=0, retry_interval=0) -> None:
-        self._vmops.power_off(instance, timeout)
+        self._vmops.power_off(instance, timeout, retry_interval)
 
     def power_on(
         self,
@@ -403,7 +403,12 @@ class XenNCMDriver(driver.ComputeDriver):
                 exception.ResizeError(reason=reason)
             )
         return self._migrationops.migrate_disk_and_power_off(
-            instance, flavor, network_info, block_device_info, timeout
+            instance,
+            flavor,
+            network_info,
+            block_device_info,
+            timeout,
+            retry_interval,
         )
 
     def finish_migration(

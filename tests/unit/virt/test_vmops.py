@@ -173,12 +173,71 @@ def test_destroy_deletes_disks_only_when_nova_says_so(ops, host, instance):
     host.destroy_domain.assert_called_once_with(7)
 
 
-def test_power_off_destroys(ops, host, instance):
+@pytest.fixture
+def clock(monkeypatch):
+    """vmops' time: sleeping moves it on."""
+    now = [1000.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    monkeypatch.setattr(vmops.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(vmops.time, "sleep", sleep)
+    return now
+
+
+def test_a_hard_power_off_destroys_without_asking(ops, host, instance):
     host.find_domain.return_value = info()
     ops.power_off(instance)
+    host.shutdown.assert_not_called()
     host.destroy_domain.assert_called_once_with(7)
-    ops.power_off(instance, timeout=30)
-    host.shutdown.assert_called_once_with(7)
+
+
+def test_power_off_asks_the_guest_first_and_frees_what_shut_down(
+    ops, host, instance, clock
+):
+    host.find_domain.return_value = info()
+    calls = []
+    host.shutdown.side_effect = lambda domid: calls.append("asked")
+    # The guest shuts down 3 s after it was asked.
+    asked_at = clock[0]
+    host.domain_info.side_effect = lambda domid: info(
+        base.DomainState.SHUTDOWN
+        if clock[0] - asked_at >= 3
+        else base.DomainState.RUNNING
+    )
+    host.destroy_domain.side_effect = lambda domid: calls.append("destroy")
+    ops.power_off(instance, timeout=60, retry_interval=10)
+    # Asked before the domain went (Nova's contract), once: it obeyed
+    # before the retry interval.
+    assert calls == ["asked", "destroy"]
+    assert clock[0] - asked_at < 4
+
+
+def test_power_off_asks_again_then_destroys_a_guest_that_ignores_it(
+    ops, host, instance, clock
+):
+    host.find_domain.return_value = info()
+    host.domain_info.return_value = info()
+    start = clock[0]
+    asked = []
+    host.shutdown.side_effect = lambda domid: asked.append(clock[0] - start)
+    ops.power_off(instance, timeout=25, retry_interval=10)
+    # At 0, then every retry_interval, until timeout; then destroyed.
+    assert [round(t) for t in asked] == [0, 10, 20]
+    assert round(clock[0] - start) == 25
+    host.destroy_domain.assert_called_once_with(7)
+
+
+def test_power_off_of_a_guest_that_cannot_be_asked_destroys_at_once(
+    ops, host, instance, clock
+):
+    host.find_domain.return_value = info()
+    host.shutdown.side_effect = base.NotSupported("no PV control")
+    start = clock[0]
+    ops.power_off(instance, timeout=60, retry_interval=10)
+    assert clock[0] == start
+    host.destroy_domain.assert_called_once_with(7)
 
 
 def test_suspend_and_resume_use_a_save_file(ops, host, instance):

@@ -152,3 +152,38 @@ def test_a_domid_destroyed_this_second_is_asked_for_in_the_next(
     xen._wait_out_destroy_second(5)
     xen._wait_out_destroy_second(6)
     assert len(slept) == 1
+
+
+@pytest.mark.parametrize(
+    ("reboot", "call"),
+    [(False, "libxl_domain_shutdown"), (True, "libxl_domain_reboot")],
+)
+def test_shutdown_is_libxl_asking_the_guest(
+    monkeypatch: pytest.MonkeyPatch, reboot: bool, call: str
+) -> None:
+    import contextlib
+
+    asked: list[tuple] = []
+    answer = [0]
+
+    class FakeFN:
+        def __getattr__(self, name: str):
+            def fn(*args):
+                asked.append((name, *args))
+                return answer[0]
+
+            return fn
+
+    monkeypatch.setattr(host, "FN", FakeFN())
+    xen = object.__new__(host.XenHost)
+    xen.domain_info = lambda domid: None
+    xen._libxl = lambda: contextlib.nullcontext("ctx")
+    xen.shutdown(7, reboot=reboot)
+    # A request, not a destroy: ao_how NULL, libxl returns once written.
+    assert asked == [(call, "ctx", 7, None)]
+    answer[0] = host.LIBXL_ERROR_NOPARAVIRT
+    with pytest.raises(base.NotSupported, match="no PV control interface"):
+        xen.shutdown(7, reboot=reboot)
+    answer[0] = -3
+    with pytest.raises(base.HostError, match="error -3"):
+        xen.shutdown(7, reboot=reboot)
