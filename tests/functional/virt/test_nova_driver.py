@@ -277,7 +277,20 @@ class TestLifecycle(XenNCMTestBase):
             base.DomainState.RUNNING, self.domain_of(server).state
         )
 
-        server = self._stop_server(server)
+        # Nova's stop asks the guest to shut down before the domain goes
+        # (its power_off timeout): the guest's own PV drivers took the
+        # request from xenstore and shut it down.
+        sim = self.sim_host(host)
+        states_destroyed = []
+        real_destroy = sim.destroy_domain
+
+        def destroy_domain(domid, *args, **kwargs):
+            states_destroyed.append(sim.domain_info(domid).state)
+            return real_destroy(domid, *args, **kwargs)
+
+        with fixtures.MockPatchObject(sim, "destroy_domain", destroy_domain):
+            server = self._stop_server(server)
+        self.assertEqual([base.DomainState.SHUTDOWN], states_destroyed)
         self.assertEqual([], self.sim_host(host).list_domains())
         # Stopped means the guest process is gone and reaped, not a zombie.
         self.assertTrue(
