@@ -486,14 +486,23 @@ class XenHost(base.HostDriver):
             self._libc.fclose(stream)
 
     def shutdown(self, domid: int, reboot: bool = False) -> None:
-        """libxl's shutdown (or reboot) request, as ``xl shutdown``
-        without ``-w``: "poweroff" (or "reboot") in the guest's xenstore
-        control/shutdown, then back; the guest's PV drivers act on it.
-        A guest without them cannot be asked (libxl's NOPARAVIRT)."""
+        """libxl's shutdown request, as ``xl shutdown`` without ``-w``:
+        "poweroff" in the guest's xenstore control/shutdown, then back;
+        the guest's PV drivers act on it. A guest without them cannot be
+        asked (libxl's NOPARAVIRT). No reboot: domains here are created
+        through libxl without xl's monitoring process, so nothing would
+        build again a guest that shut down to reboot (Nova's soft reboot
+        becomes a hard one)."""
+        call = "libxl_domain_shutdown"
+        if reboot:
+            raise base.NotSupported(
+                "no toolstack process here restarts a guest that shuts "
+                "down to reboot",
+                call=call,
+            )
         self.domain_info(domid)
-        call = "libxl_domain_reboot" if reboot else "libxl_domain_shutdown"
         with self._libxl() as ctx:
-            rc = getattr(FN, call)(ctx, domid, None)
+            rc = FN.libxl_domain_shutdown(ctx, domid, None)
         if rc == LIBXL_ERROR_NOPARAVIRT:
             raise base.NotSupported(
                 f"domain {domid} has no PV control interface (no PV "
@@ -502,8 +511,8 @@ class XenHost(base.HostDriver):
             )
         if rc != 0:
             raise base.HostError(
-                f"libxl could not ask domain {domid} to "
-                f"{'reboot' if reboot else 'shut down'} (error {rc})",
+                f"libxl could not ask domain {domid} to shut down "
+                f"(error {rc})",
                 call=call,
             )
 

@@ -531,11 +531,6 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "int",
         ("libxl_ctx *", "uint32_t", "libxl_asyncop_how *"),
     ),
-    "libxl_domain_reboot": (
-        "xenlight",
-        "int",
-        ("libxl_ctx *", "uint32_t", "libxl_asyncop_how *"),
-    ),
     "libxl_domain_create_new": (
         "xenlight",
         "int",

@@ -154,12 +154,8 @@ def test_a_domid_destroyed_this_second_is_asked_for_in_the_next(
     assert len(slept) == 1
 
 
-@pytest.mark.parametrize(
-    ("reboot", "call"),
-    [(False, "libxl_domain_shutdown"), (True, "libxl_domain_reboot")],
-)
 def test_shutdown_is_libxl_asking_the_guest(
-    monkeypatch: pytest.MonkeyPatch, reboot: bool, call: str
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import contextlib
 
@@ -178,12 +174,17 @@ def test_shutdown_is_libxl_asking_the_guest(
     xen = object.__new__(host.XenHost)
     xen.domain_info = lambda domid: None
     xen._libxl = lambda: contextlib.nullcontext("ctx")
-    xen.shutdown(7, reboot=reboot)
+    xen.shutdown(7)
     # A request, not a destroy: ao_how NULL, libxl returns once written.
-    assert asked == [(call, "ctx", 7, None)]
+    assert asked == [("libxl_domain_shutdown", "ctx", 7, None)]
     answer[0] = host.LIBXL_ERROR_NOPARAVIRT
     with pytest.raises(base.NotSupported, match="no PV control interface"):
-        xen.shutdown(7, reboot=reboot)
+        xen.shutdown(7)
     answer[0] = -3
     with pytest.raises(base.HostError, match="error -3"):
-        xen.shutdown(7, reboot=reboot)
+        xen.shutdown(7)
+    # Nothing here would restart a guest shutting down to reboot.
+    asked.clear()
+    with pytest.raises(base.NotSupported, match="restarts"):
+        xen.shutdown(7, reboot=True)
+    assert asked == []
