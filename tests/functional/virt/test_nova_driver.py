@@ -31,6 +31,7 @@ from sqlalchemy import exc as sqla_exc
 from nova_xen_ncm import conf as xen_ncm_conf  # noqa: F401 - options
 from nova_xen_ncm.cmd import drain
 from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import receiver as receiver_module
 from nova_xen_ncm.engine import recovery
 from nova_xen_ncm.engine.journal import INCOMING
 from nova_xen_ncm.engine.journal import IncomingEntry
@@ -855,6 +856,13 @@ class TestLiveMigration(LiveMigrationBase):
 
 
 class TestRecoveryReconcilesNova(LiveMigrationBase):
+    def setUp(self):
+        super().setUp()
+        # A restarted end answers or asks on the journalled port: one
+        # outside the default range, which other test processes on this
+        # machine take first, and outside Linux's ephemeral ports.
+        self.flags(group="xen_ncm", port_min=27300, port_max=27399)
+
     def test_a_committed_guest_is_recorded_on_its_destination(self):
         server = self.boot()
         source = server["OS-EXT-SRV-ATTR:host"]
@@ -977,28 +985,7 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         )
 
         # Two running copies must never exist, whatever happens below.
-        both = []
-        stop = threading.Event()
-
-        def watch():
-            while not stop.is_set():
-                running = [
-                    host
-                    for host, hv in hypervisors.items()
-                    if any(
-                        d.uuid == server["id"]
-                        and d.state == base.DomainState.RUNNING
-                        for d in hv.list_domains()
-                    )
-                ]
-                if len(running) > 1:
-                    both.append(running)
-                stop.wait(0.005)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        self.addCleanup(watcher.join)
-        self.addCleanup(stop.set)
+        both = self._watch_running_copies(server, hypervisors)
 
         self.api.post_server_action(
             server["id"],
@@ -1040,31 +1027,9 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         )
 
         # nova-compute on the source starts again; the hypervisor and
-        # its journals outlived it (a crash: no graceful clean-up).
-        self.useFixture(fixtures.MockPatchObject(old_driver, "cleanup_host"))
-        node.LOCAL_NODE_UUID = old_driver._get_node_uuid()
-        # Both computes of this process share one [xen_ncm] state_path;
-        # on two machines the source's incoming journal is its own, and
+        # its journals outlived it. The source machine's incoming journal
         # does not hold the destination's live entry for this guest.
-        own_incoming = Journal(
-            self.useFixture(fixtures.TempDir()).path, INCOMING, IncomingEntry
-        )
-        with (
-            fixtures.MockPatchObject(
-                nova_driver.factory,
-                "load_host_driver",
-                lambda name, hostname, conf: hypervisors[hostname],
-            ),
-            fixtures.MockPatchObject(
-                nova_driver.Journal,
-                "incoming_from_conf",
-                lambda conf: own_incoming,
-            ),
-        ):
-            self.computes[source] = self.restart_compute_service(
-                self.computes[source], keep_hypervisor_state=False
-            )
-        self.assertIsNot(old_driver, self.computes[source].manager.driver)
+        self._restart(source, hypervisors, incoming=True)
 
         # Recovery asked the destination, destroyed the paused copy and
         # told Nova where the guest runs.
@@ -1099,9 +1064,82 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         self.assertEqual([], self._hosts_running(server))
         server = self._start_server(server)
         self.assertEqual([dest], self._hosts_running(server))
-        stop.set()
-        watcher.join()
         self.assertEqual([], both)
+
+    def _watch_running_copies(self, server: dict, hypervisors: dict) -> list:
+        """Watch, until the test ends, for the guest RUNNING on more than
+        one host; what was seen (the test asserts it stays empty)."""
+        both: list = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                running = [
+                    host
+                    for host, hv in hypervisors.items()
+                    if any(
+                        d.uuid == server["id"]
+                        and d.state == base.DomainState.RUNNING
+                        for d in hv.list_domains()
+                    )
+                ]
+                if len(running) > 1:
+                    both.append(running)
+                stop.wait(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        self.addCleanup(watcher.join)
+        self.addCleanup(stop.set)
+        return both
+
+    def _restart(self, host: str, hypervisors: dict, **journals) -> None:
+        """Start nova-compute of ``host`` again after a crash: no
+        graceful clean-up, the hypervisor outlived it. Both computes of
+        this process share one [xen_ncm] state_path; on two machines
+        each journal is the machine's own: ``journals`` gives the other
+        side's journal of this machine (``outgoing``, ``incoming``) as
+        an empty one."""
+        manager = self.computes[host].manager
+        old_driver = manager.driver
+        self.useFixture(fixtures.MockPatchObject(old_driver, "cleanup_host"))
+        # A dead process has no tasks in progress: an incoming live
+        # migration Nova never ended would hold the old service's
+        # graceful stop past the test's end.
+        for instance_uuid in list(manager._pending_dest_live_migrations):
+            manager._end_pending_dest_live_migration_task(instance_uuid)
+        node.LOCAL_NODE_UUID = old_driver._get_node_uuid()
+        empty = self.useFixture(fixtures.TempDir()).path
+        patches = [
+            fixtures.MockPatchObject(
+                nova_driver.factory,
+                "load_host_driver",
+                lambda name, hostname, conf: hypervisors[hostname],
+            )
+        ]
+        if journals.get("outgoing"):
+            patches.append(
+                fixtures.MockPatchObject(
+                    nova_driver.Journal,
+                    "from_conf",
+                    lambda conf: Journal(empty),
+                )
+            )
+        if journals.get("incoming"):
+            patches.append(
+                fixtures.MockPatchObject(
+                    nova_driver.Journal,
+                    "incoming_from_conf",
+                    lambda conf: Journal(empty, INCOMING, IncomingEntry),
+                )
+            )
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            self.computes[host] = self.restart_compute_service(
+                self.computes[host], keep_hypervisor_state=False
+            )
+        self.assertIsNot(old_driver, self.computes[host].manager.driver)
 
     def _hosts_running(self, server: dict) -> list[str]:
         return [
@@ -1287,3 +1325,94 @@ class TestDrain(LiveMigrationBase):
         self.assertEqual("firmware upgrade", service["disabled_reason"])
         statuses = sorted(m.status for m in self.migrations({"id": unlucky}))
         self.assertEqual(["completed", "failed"], statuses)
+
+
+class TestRecoveryOfADestination(TestRecoveryReconcilesNova):
+    """Last in this file on purpose: the destination's nova-compute,
+    stopped as if it had died with an incoming migration Nova never
+    ended, finishes its graceful stop in the background after the test,
+    and Nova's fixture then sees its thread pools shut down in the next
+    test's set-up (a harness artefact of stopping an in-process service,
+    not the driver's)."""
+
+    # Only this class's own test.
+    test_a_committed_guest_is_recorded_on_its_destination = None
+    test_a_source_killed_after_commit_is_reconciled_at_restart = None
+
+    def test_a_destination_killed_after_commit_reports_its_guest(self):
+        # The source gives up asking soon; the restarted ends answer
+        # each other for longer.
+        self.flags(group="xen_ncm", commit_query_timeout=3.0)
+        server = self.boot()
+        source = server["OS-EXT-SRV-ATTR:host"]
+        dest = [h for h in HOSTS if h != source][0]
+        source_rp = self._get_provider_uuid_by_host(source)
+        dest_rp = self._get_provider_uuid_by_host(dest)
+        hypervisors = {host: self.sim_host(host) for host in HOSTS}
+        ctxt = nova_context.get_admin_context()
+
+        # The destination's engine dies right after COMMIT unpaused the
+        # guest there, before it answers: the kernel closes its sockets
+        # and its journal lock (the receiver's own clean-up here).
+        class Killed(BaseException):
+            pass
+
+        def commit_then_die(receiver):
+            if receiver._running:
+                receiver.host.unpause(receiver.domid)
+            raise Killed()
+
+        self.useFixture(
+            fixtures.MockPatchObject(
+                receiver_module.Receiver, "_commit", commit_then_die
+            )
+        )
+        both = self._watch_running_copies(server, hypervisors)
+
+        self.api.post_server_action(
+            server["id"],
+            {"os-migrateLive": {"host": dest, "block_migration": "auto"}},
+        )
+        # No answer to the source's commit query: in doubt, its copy
+        # stays paused, and Nova errors the instance on the source.
+        self._wait_for_migration_status(server, ["error"])
+        self.assertEqual(
+            [base.DomainState.RUNNING],
+            [d.state for d in hypervisors[dest].list_domains()],
+        )
+        self.assertEqual(
+            [base.DomainState.PAUSED],
+            [d.state for d in hypervisors[source].list_domains()],
+        )
+        instance = objects.Instance.get_by_uuid(ctxt, server["id"])
+        self.assertEqual((source, "error"), (instance.host, instance.vm_state))
+
+        # The destination starts again: its guest runs there, and Nova's
+        # view of that host now holds it.
+        self.flags(group="xen_ncm", commit_query_timeout=120.0)
+        self._restart(dest, hypervisors, outgoing=True)
+        server = self.api.get_server(server["id"])
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual("ACTIVE", server["status"])
+        self.assertEqual(power_state.RUNNING, server["OS-EXT-STS:power_state"])
+        self.assertEqual({}, self._get_allocations_by_server_uuid(
+            self.migrations(server)[0].uuid
+        ))
+        self.assertEqual(0, self._get_provider_usages(source_rp)["VCPU"])
+        self.assertEqual(
+            [dest_rp],
+            list(self._get_allocations_by_server_uuid(server["id"])),
+        )
+        # The source's paused copy waits for its own recovery, which
+        # asks the restarted destination and destroys it.
+        self.assertEqual(
+            [base.DomainState.PAUSED],
+            [d.state for d in hypervisors[source].list_domains()],
+        )
+        self._restart(source, hypervisors, incoming=True)
+        self.assertEqual([], hypervisors[source].list_domains())
+        self.assertEqual([dest], self._hosts_running(server))
+        server = self.api.get_server(server["id"])
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual("ACTIVE", server["status"])
+        self.assertEqual([], both)
