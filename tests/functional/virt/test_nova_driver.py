@@ -150,6 +150,14 @@ class XenNCMTestBase(integrated_helpers.ProviderUsageBaseTestCase):
         self.flags(group="xen_ncm_sim", dirty_rate_bytes=256 * 1024)
         self.flags(group="xen_ncm_sim", io_rate_requests=20)
         self.flags(group="xen_ncm_sim", host_memory_mb=1024)
+        # A compute service's stop waits this long for its manager's
+        # graceful shutdown (the driver's cleanup_host, then Nova's
+        # shutdown_all_executors). Nova's test default, 0, leaves that
+        # running in the background past the service's fixture, whose
+        # patch of shutdown_all_executors is gone by then: the real one
+        # shuts the process-wide thread pools the next test needs. 20
+        # is all reserved for cleanup_host: no wait for tasks in progress.
+        self.flags(manager_shutdown_timeout=20)
         for host in HOSTS:
             # One node identity per service, as on separate machines.
             node.LOCAL_NODE_UUID = None
@@ -855,7 +863,9 @@ class TestLiveMigration(LiveMigrationBase):
         )
 
 
-class TestRecoveryReconcilesNova(LiveMigrationBase):
+class RecoveryBase(LiveMigrationBase):
+    """Computes that crash and start again: the helpers, no tests."""
+
     def setUp(self):
         super().setUp()
         # A restarted end answers or asks on the journalled port: one
@@ -863,6 +873,93 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         # machine take first, and outside Linux's ephemeral ports.
         self.flags(group="xen_ncm", port_min=27300, port_max=27399)
 
+    def _watch_running_copies(self, server: dict, hypervisors: dict) -> list:
+        """Watch, until the test ends, for the guest RUNNING on more than
+        one host; what was seen (the test asserts it stays empty)."""
+        both: list = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                running = [
+                    host
+                    for host, hv in hypervisors.items()
+                    if any(
+                        d.uuid == server["id"]
+                        and d.state == base.DomainState.RUNNING
+                        for d in hv.list_domains()
+                    )
+                ]
+                if len(running) > 1:
+                    both.append(running)
+                stop.wait(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        self.addCleanup(watcher.join)
+        self.addCleanup(stop.set)
+        return both
+
+    def _restart(self, host: str, hypervisors: dict, **journals) -> None:
+        """Start nova-compute of ``host`` again after a crash: no
+        graceful clean-up, the hypervisor outlived it. Both computes of
+        this process share one [xen_ncm] state_path; on two machines
+        each journal is the machine's own: ``journals`` gives the other
+        side's journal of this machine (``outgoing``, ``incoming``) as
+        an empty one."""
+        manager = self.computes[host].manager
+        old_driver = manager.driver
+        self.useFixture(fixtures.MockPatchObject(old_driver, "cleanup_host"))
+        # A dead process has no tasks in progress: an incoming live
+        # migration Nova never ended would hold the old service's
+        # graceful stop past the test's end.
+        for instance_uuid in list(manager._pending_dest_live_migrations):
+            manager._end_pending_dest_live_migration_task(instance_uuid)
+        node.LOCAL_NODE_UUID = old_driver._get_node_uuid()
+        empty = self.useFixture(fixtures.TempDir()).path
+        patches = [
+            fixtures.MockPatchObject(
+                nova_driver.factory,
+                "load_host_driver",
+                lambda name, hostname, conf: hypervisors[hostname],
+            )
+        ]
+        if journals.get("outgoing"):
+            patches.append(
+                fixtures.MockPatchObject(
+                    nova_driver.Journal,
+                    "from_conf",
+                    lambda conf: Journal(empty),
+                )
+            )
+        if journals.get("incoming"):
+            patches.append(
+                fixtures.MockPatchObject(
+                    nova_driver.Journal,
+                    "incoming_from_conf",
+                    lambda conf: Journal(empty, INCOMING, IncomingEntry),
+                )
+            )
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            self.computes[host] = self.restart_compute_service(
+                self.computes[host], keep_hypervisor_state=False
+            )
+        self.assertIsNot(old_driver, self.computes[host].manager.driver)
+
+    def _hosts_running(self, server: dict) -> list[str]:
+        return [
+            host
+            for host in HOSTS
+            if any(
+                info.uuid == server["id"]
+                for info in self.sim_host(host).list_domains()
+            )
+        ]
+
+
+class TestRecoveryReconcilesNova(RecoveryBase):
     def test_a_committed_guest_is_recorded_on_its_destination(self):
         server = self.boot()
         source = server["OS-EXT-SRV-ATTR:host"]
@@ -996,10 +1093,10 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         # the source, and Nova still has it there, migrating.
         self.assertTrue(
             wait_until(
-                lambda: [
-                    d.state for d in hypervisors[dest].list_domains()
-                ]
-                == [base.DomainState.RUNNING]
+                lambda: (
+                    [d.state for d in hypervisors[dest].list_domains()]
+                    == [base.DomainState.RUNNING]
+                )
             )
         )
         self.assertEqual(
@@ -1065,91 +1162,6 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         server = self._start_server(server)
         self.assertEqual([dest], self._hosts_running(server))
         self.assertEqual([], both)
-
-    def _watch_running_copies(self, server: dict, hypervisors: dict) -> list:
-        """Watch, until the test ends, for the guest RUNNING on more than
-        one host; what was seen (the test asserts it stays empty)."""
-        both: list = []
-        stop = threading.Event()
-
-        def watch():
-            while not stop.is_set():
-                running = [
-                    host
-                    for host, hv in hypervisors.items()
-                    if any(
-                        d.uuid == server["id"]
-                        and d.state == base.DomainState.RUNNING
-                        for d in hv.list_domains()
-                    )
-                ]
-                if len(running) > 1:
-                    both.append(running)
-                stop.wait(0.005)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        self.addCleanup(watcher.join)
-        self.addCleanup(stop.set)
-        return both
-
-    def _restart(self, host: str, hypervisors: dict, **journals) -> None:
-        """Start nova-compute of ``host`` again after a crash: no
-        graceful clean-up, the hypervisor outlived it. Both computes of
-        this process share one [xen_ncm] state_path; on two machines
-        each journal is the machine's own: ``journals`` gives the other
-        side's journal of this machine (``outgoing``, ``incoming``) as
-        an empty one."""
-        manager = self.computes[host].manager
-        old_driver = manager.driver
-        self.useFixture(fixtures.MockPatchObject(old_driver, "cleanup_host"))
-        # A dead process has no tasks in progress: an incoming live
-        # migration Nova never ended would hold the old service's
-        # graceful stop past the test's end.
-        for instance_uuid in list(manager._pending_dest_live_migrations):
-            manager._end_pending_dest_live_migration_task(instance_uuid)
-        node.LOCAL_NODE_UUID = old_driver._get_node_uuid()
-        empty = self.useFixture(fixtures.TempDir()).path
-        patches = [
-            fixtures.MockPatchObject(
-                nova_driver.factory,
-                "load_host_driver",
-                lambda name, hostname, conf: hypervisors[hostname],
-            )
-        ]
-        if journals.get("outgoing"):
-            patches.append(
-                fixtures.MockPatchObject(
-                    nova_driver.Journal,
-                    "from_conf",
-                    lambda conf: Journal(empty),
-                )
-            )
-        if journals.get("incoming"):
-            patches.append(
-                fixtures.MockPatchObject(
-                    nova_driver.Journal,
-                    "incoming_from_conf",
-                    lambda conf: Journal(empty, INCOMING, IncomingEntry),
-                )
-            )
-        with contextlib.ExitStack() as stack:
-            for patch in patches:
-                stack.enter_context(patch)
-            self.computes[host] = self.restart_compute_service(
-                self.computes[host], keep_hypervisor_state=False
-            )
-        self.assertIsNot(old_driver, self.computes[host].manager.driver)
-
-    def _hosts_running(self, server: dict) -> list[str]:
-        return [
-            host
-            for host in HOSTS
-            if any(
-                info.uuid == server["id"]
-                for info in self.sim_host(host).list_domains()
-            )
-        ]
 
 
 class TestLiveMigrationControl(LiveMigrationBase):
@@ -1327,18 +1339,7 @@ class TestDrain(LiveMigrationBase):
         self.assertEqual(["completed", "failed"], statuses)
 
 
-class TestRecoveryOfADestination(TestRecoveryReconcilesNova):
-    """Last in this file on purpose: the destination's nova-compute,
-    stopped as if it had died with an incoming migration Nova never
-    ended, finishes its graceful stop in the background after the test,
-    and Nova's fixture then sees its thread pools shut down in the next
-    test's set-up (a harness artefact of stopping an in-process service,
-    not the driver's)."""
-
-    # Only this class's own test.
-    test_a_committed_guest_is_recorded_on_its_destination = None
-    test_a_source_killed_after_commit_is_reconciled_at_restart = None
-
+class TestRecoveryOfADestination(RecoveryBase):
     def test_a_destination_killed_after_commit_reports_its_guest(self):
         # The source gives up asking soon; the restarted ends answer
         # each other for longer.
@@ -1395,9 +1396,12 @@ class TestRecoveryOfADestination(TestRecoveryReconcilesNova):
         self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
         self.assertEqual("ACTIVE", server["status"])
         self.assertEqual(power_state.RUNNING, server["OS-EXT-STS:power_state"])
-        self.assertEqual({}, self._get_allocations_by_server_uuid(
-            self.migrations(server)[0].uuid
-        ))
+        self.assertEqual(
+            {},
+            self._get_allocations_by_server_uuid(
+                self.migrations(server)[0].uuid
+            ),
+        )
         self.assertEqual(0, self._get_provider_usages(source_rp)["VCPU"])
         self.assertEqual(
             [dest_rp],
