@@ -265,8 +265,9 @@ class Stopped(Exception):
 @contextlib.contextmanager
 def api_errors(what: str) -> Iterator[None]:
     """Nova's and keystone's errors as CommandErrors naming ``what``:
-    a connection that is not configured is a configuration problem, any
-    other failure to reach or use the cloud an environment problem."""
+    a connection that is not configured, or whose credentials are
+    refused, is a configuration problem (3); any other failure to reach
+    or use the cloud an environment problem (4)."""
     from keystoneauth1 import exceptions as ksa_exc
     from openstack import exceptions as sdk_exc
 
@@ -278,7 +279,9 @@ def api_errors(what: str) -> Iterator[None]:
             f"(clouds.yaml, OS_* variables or --os-cloud): {exc}"
         ) from None
     except ksa_exc.Unauthorized as exc:
-        raise EnvironmentProblem(
+        # Credentials the cloud refuses are the configuration's fault
+        # (clouds.yaml, OS_PASSWORD, --os-password), not the machine's.
+        raise ConfigError(
             f"cannot {what}: authentication failed: {exc}"
         ) from None
     except ksa_exc.ConnectionError as exc:
@@ -291,7 +294,7 @@ def api_errors(what: str) -> Iterator[None]:
         ) from None
     except sdk_exc.HttpException as exc:
         if exc.status_code == 401:
-            raise EnvironmentProblem(
+            raise ConfigError(
                 f"cannot {what}: authentication failed: {exc}"
             ) from None
         if exc.status_code == 403:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -69,7 +70,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--answer",
-        type=float,
+        type=answer_type,
         default=None,
         metavar="SECONDS",
         help="how long to answer the sources' commit queries of incoming "
@@ -157,6 +158,31 @@ def settle(
     except JournalError as exc:
         raise CommandError(str(exc)) from None
     return outcomes
+
+
+def answer_type(text: str) -> float:
+    """``--answer``'s value: seconds, 0 (do not answer) or more. NaN
+    would never end the wait, infinity holds the port for good, and a
+    negative wait means nothing: each refused by name."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds, got {text!r}"
+        ) from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds, got {text!r} (not a number)"
+        )
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds, got {text!r} (infinite)"
+        )
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 or more seconds, got {text!r} (negative)"
+        )
+    return value
 
 
 def answer_seconds(answer: float | None, conf: Any) -> float:

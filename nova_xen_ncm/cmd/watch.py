@@ -86,8 +86,10 @@ def register(subparsers: Any) -> None:
         "--timeout",
         type=_seconds,
         metavar="SECONDS",
-        help="stop after this many seconds (with --once, an error when no "
-        "migration ended by then)",
+        help="stop this many seconds after the command started watching: "
+        "counted from when the command line was read, including the "
+        "connection to the bus (with --once, an error when no migration "
+        "ended by then)",
     )
     parser.add_argument(
         "--plain",

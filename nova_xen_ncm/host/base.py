@@ -726,10 +726,18 @@ class HostDriver(abc.ABC):
     def unpause(self, domid: int) -> None: ...
 
     def shutdown(self, domid: int, reboot: bool = False) -> None:
-        """Ask the guest to shut down (or reboot); default: destroy."""
-        if reboot:
-            raise NotSupported("reboot is not supported", call="shutdown")
-        self.destroy_domain(domid)
+        """Ask the guest to shut down (or reboot), as ``xl shutdown``
+        without ``-w``: "poweroff" (or "reboot") written to its xenstore
+        ``control/shutdown``, which its PV drivers act on; returns at
+        once. A guest that obeys ends in DomainState.SHUTDOWN (the
+        domain is kept until destroyed, as libxl keeps it for its
+        on_poweroff action); one that does not keeps running. Raises
+        NotSupported when the guest cannot be asked (no PV control)."""
+        raise NotSupported(
+            f"{type(self).__name__} cannot ask a guest to "
+            f"{'reboot' if reboot else 'shut down'}",
+            call="shutdown",
+        )
 
     @abc.abstractmethod
     def free_memory(self) -> int:

@@ -12,9 +12,11 @@ import os
 import threading
 
 import nova.conf
+import os_resource_classes as orc
 from nova import context as nova_context
 from nova import exception
 from nova import objects
+from nova.compute import power_state
 from nova.compute import utils as compute_utils
 from nova.compute import vm_states
 from nova.network import neutron
@@ -68,6 +70,9 @@ class XenNCMDriver(driver.ComputeDriver):
         self._migrationops: migrationops.MigrationOps | None = None
         self._vifops = vifops.VIFOps(virtapi)
         self._bus: bus.BusSink | None = None
+        # Whether placement held DISK_GB in a sharing provider at the
+        # last inventory update (None: not asked yet), to log changes.
+        self._disk_shared: bool | None = None
 
     # -- service --
 
@@ -115,10 +120,17 @@ class XenNCMDriver(driver.ComputeDriver):
             # Whether each guest ran before its migration paused it: a
             # guest the destination committed runs (or stays paused) there.
             running = {e.migration_id: e.running for e in entries}
+            running.update(
+                {e.migration_id: e.running for e in incoming.entries()}
+            )
             outcomes = recovery.recover(
                 self._host, outgoing, CONF, others=[incoming]
             )
-            recovery.recover_incoming(self._host, incoming, others=[outgoing])
+            # This host as a destination: a guest that committed here runs
+            # here, and Nova may still record it on its source.
+            outcomes += recovery.recover_incoming(
+                self._host, incoming, others=[outgoing]
+            )
         except EngineError as exc:
             LOG.error("Interrupted migrations not recovered: %s", exc)
             return
@@ -203,11 +215,35 @@ class XenNCMDriver(driver.ComputeDriver):
         self, provider_tree, nodename: str, allocations=None
     ) -> None:
         inventory = provider_tree.data(nodename).inventory
+        # The root disks are on storage every compute shares: each
+        # reporting the filesystem as its own DISK_GB would count it once
+        # per compute. Placement's model for shared storage is a sharing
+        # provider (trait MISC_SHARES_VIA_AGGREGATE, in an aggregate with
+        # the computes) holding DISK_GB; Nova puts it in this tree, and a
+        # compute beside one reports no DISK_GB of its own.
+        shared = provider_tree.has_sharing_provider(orc.DISK_GB)
+        if shared != self._disk_shared:
+            self._disk_shared = shared
+            if shared:
+                LOG.info(
+                    "DISK_GB is held by a sharing resource provider: "
+                    "%s reports none of its own",
+                    nodename,
+                )
+            else:
+                LOG.warning(
+                    "No sharing resource provider holds DISK_GB: %s "
+                    "reports the shared disk filesystem as its own, and "
+                    "every other compute on it counts it again (see the "
+                    "administration guide, 'Shared storage in placement')",
+                    nodename,
+                )
         provider_tree.update_inventory(
             nodename,
             self._hostops.inventory(
                 self._get_allocation_ratios(inventory),
                 self._get_reserved_host_disk_gb_from_config(),
+                report_disk=not shared,
             ),
         )
 
@@ -294,7 +330,7 @@ class XenNCMDriver(driver.ComputeDriver):
         self._vmops.reboot(instance, network_info, reboot_type)
 
     def power_off(self, instance, timeout=0, retry_interval=0) -> None:
-        self._vmops.power_off(instance, timeout)
+        self._vmops.power_off(instance, timeout, retry_interval)
 
     def power_on(
         self,
@@ -368,7 +404,12 @@ class XenNCMDriver(driver.ComputeDriver):
                 exception.ResizeError(reason=reason)
             )
         return self._migrationops.migrate_disk_and_power_off(
-            instance, flavor, network_info, block_device_info, timeout
+            instance,
+            flavor,
+            network_info,
+            block_device_info,
+            timeout,
+            retry_interval,
         )
 
     def finish_migration(
@@ -459,7 +500,7 @@ class XenNCMDriver(driver.ComputeDriver):
         migrate_data,
     ):
         return self._livemigrationops.pre_live_migration(
-            instance, network_info, migrate_data
+            instance, network_info, migrate_data, context=context
         )
 
     def live_migration(
@@ -530,12 +571,19 @@ def reconcile(
     owners: dict[int, str],
     running: dict[str, bool] | None = None,
 ) -> None:
-    """Tell Nova how recovery settled each migration. An instance whose
-    guest the journal proves committed to the destination is moved
-    there (host, node, migration record, the source's allocation); one
-    whose fate is not known, or whose destination Nova's records do not
-    name, goes to ERROR with a fault that says why; one rolled back runs
-    here as Nova believes."""
+    """Tell Nova how recovery settled each migration, from either end.
+
+    As the source: an instance whose guest the journal proves committed
+    to the destination is moved there (host, node, migration record, the
+    source's allocation); one whose fate is not known, or whose
+    destination Nova's records do not name, goes to ERROR with a fault
+    that says why; one rolled back runs here as Nova believes.
+
+    As the destination (``outcome.role``): a guest that committed here
+    runs here, and an instance Nova still records on its source is moved
+    here the same way; a copy that never committed was destroyed, and an
+    instance Nova records here although its guest is not here goes to
+    ERROR with a fault naming the source."""
     ctxt = nova_context.get_admin_context()
     running = running or {}
     for outcome in outcomes:
@@ -549,6 +597,7 @@ def reconcile(
                 outcome.reason,
             )
             continue
+        was_running = running.get(outcome.migration_id, True)
         if getattr(outcome, "lost", False):
             why = (
                 f"live migration {outcome.migration_id} was interrupted "
@@ -556,7 +605,16 @@ def reconcile(
                 f"({outcome.reason}). Start it again from its disk (hard "
                 "reboot), then reset its state."
             )
-        elif outcome.phase == Phase.FAILED:
+            _error_instance(ctxt, outcome, uuid, why)
+            continue
+        if outcome.role == "destination":
+            why = _reconcile_destination(
+                ctxt, hostname, outcome, uuid, was_running
+            )
+            if why is not None:
+                _error_instance(ctxt, outcome, uuid, why)
+            continue
+        if outcome.phase == Phase.FAILED:
             LOG.info(
                 "Migration %s rolled back: the guest runs on %s",
                 outcome.migration_id,
@@ -566,11 +624,7 @@ def reconcile(
             continue
         elif outcome.phase == Phase.DONE:
             if _move_to_destination(
-                ctxt,
-                hostname,
-                outcome,
-                uuid,
-                running.get(outcome.migration_id, True),
+                ctxt, hostname, outcome, uuid, was_running
             ):
                 continue
             why = (
@@ -589,34 +643,110 @@ def reconcile(
                 f"({outcome.reason}). Run 'nova-xen-ncm recover' before "
                 "starting it."
             )
-        try:
-            instance = objects.Instance.get_by_uuid(ctxt, uuid)
-            instance.vm_state = vm_states.ERROR
-            instance.task_state = None
-            instance.save()
-            compute_utils.add_instance_fault_from_exc(
-                ctxt, instance, exception.NovaException(why)
-            )
-        except exception.InstanceNotFound:
-            LOG.warning("%s; the instance is gone from Nova", why)
-            continue
-        _fail_migration(ctxt, outcome.migration_id, uuid)
-        LOG.error(why, instance_uuid=uuid)
+        _error_instance(ctxt, outcome, uuid, why)
+
+
+def _error_instance(ctxt, outcome, uuid: str, why: str) -> None:
+    """The instance in ERROR with ``why`` as its fault, and Nova's
+    record of the migration ended."""
+    try:
+        instance = objects.Instance.get_by_uuid(ctxt, uuid)
+        instance.vm_state = vm_states.ERROR
+        instance.task_state = None
+        instance.save()
+        compute_utils.add_instance_fault_from_exc(
+            ctxt, instance, exception.NovaException(why)
+        )
+    except exception.InstanceNotFound:
+        LOG.warning("%s; the instance is gone from Nova", why)
+        return
+    _fail_migration(ctxt, outcome.migration_id, uuid)
+    LOG.error(why, instance_uuid=uuid)
+
+
+def _reconcile_destination(
+    ctxt, hostname: str, outcome, uuid: str, was_running: bool
+) -> str | None:
+    """Nova's view of this host after recovery settled an incoming
+    migration; the fault to record, or None when Nova is right (or now
+    made right)."""
+    try:
+        instance = objects.Instance.get_by_uuid(ctxt, uuid)
+    except exception.InstanceNotFound:
+        LOG.warning(
+            "Incoming migration %s settled %s, but the instance is gone "
+            "from Nova",
+            outcome.migration_id,
+            outcome.phase,
+            instance_uuid=uuid,
+        )
+        return None
+    if outcome.phase == Phase.DONE:
+        if _move_to_destination(
+            ctxt, hostname, outcome, uuid, was_running, here="destination"
+        ):
+            return None
+        if instance.host == hostname:
+            return None
+        return (
+            f"live migration {outcome.migration_id} committed on "
+            f"{hostname}, where the guest now runs ({outcome.reason}), "
+            f"but Nova records it on {instance.host} and has no record of "
+            f"this migration naming {hostname}. Point the instance at "
+            f"{hostname}, then reset its state."
+        )
+    if instance.host != hostname:
+        # The guest is the source's: its own recovery or Nova's rollback
+        # there says where it runs.
+        LOG.info(
+            "Incoming migration %s settled %s here (%s); the instance is "
+            "on %s",
+            outcome.migration_id,
+            outcome.phase,
+            outcome.reason,
+            instance.host,
+            instance_uuid=uuid,
+        )
+        return None
+    if outcome.phase == Phase.FAILED:
+        return (
+            f"live migration {outcome.migration_id} never committed on "
+            f"{hostname} and the copy here was destroyed "
+            f"({outcome.reason}), but Nova records the instance here: its "
+            "guest runs on the migration's source, if anywhere."
+        )
+    return (
+        f"live migration {outcome.migration_id} to {hostname} could not be "
+        f"settled here ({outcome.reason}): whether the guest runs here "
+        "cannot be told. Run 'nova-xen-ncm recover' on the source."
+    )
 
 
 def _move_to_destination(
-    ctxt, hostname: str, outcome, uuid: str, was_running: bool
+    ctxt,
+    hostname: str,
+    outcome,
+    uuid: str,
+    was_running: bool,
+    here: str = "source",
 ) -> bool:
     """Record in Nova that the guest of ``uuid`` runs on the destination
     of Nova's migration ``outcome.migration_id`` (the journal proved it
-    committed). False when Nova's records cannot say where that is."""
+    committed); ``hostname`` is that migration's ``here`` end. False
+    when Nova's records cannot say where that is."""
     try:
         migration = objects.Migration.get_by_uuid(ctxt, outcome.migration_id)
     except exception.MigrationNotFound:
         return False
+    end = (
+        migration.source_compute
+        if here == "source"
+        else migration.dest_compute
+    )
     if (
         migration.instance_uuid != uuid
-        or migration.source_compute != hostname
+        or end != hostname
+        or not migration.source_compute
         or not migration.dest_compute
         or not migration.dest_node
     ):
@@ -631,7 +761,7 @@ def _move_to_destination(
             instance_uuid=uuid,
         )
         return True
-    if instance.host == hostname:
+    if instance.host == migration.source_compute:
         try:
             compute_id = migration.get_dest_compute_id()
         except exception.ComputeHostNotFound:
@@ -645,6 +775,12 @@ def _move_to_destination(
         instance.compute_id = compute_id
         instance.vm_state = (
             vm_states.ACTIVE if was_running else vm_states.PAUSED
+        )
+        # What the destination runs, as Nova's power-state sync would
+        # find it: a stale RUNNING/PAUSED from the source stays otherwise
+        # until the next periodic sync on the destination.
+        instance.power_state = (
+            power_state.RUNNING if was_running else power_state.PAUSED
         )
         if network_error is not None:
             # The guest runs there all the same; its ports do not follow.
@@ -664,24 +800,27 @@ def _move_to_destination(
     if migration.status not in ("completed", "error", "failed", "cancelled"):
         migration.status = "completed"
         migration.save()
-    # The source's share, held by the migration as Nova's own
-    # post-migration step releases it.
+    # The source's share, held by the migration, released as Nova's own
+    # post-migration step releases it: with the consumer generation
+    # (force=False), so a concurrent change is refused, not overwritten.
     try:
         report.report_client_singleton().delete_allocation_for_instance(
-            ctxt, migration.uuid, consumer_type="migration", force=True
+            ctxt, migration.uuid, consumer_type="migration"
         )
     except Exception as exc:  # noqa: BLE001 - placement is best effort here
         LOG.warning(
             "Allocation of migration %s on %s not released: %s",
             migration.uuid,
-            hostname,
+            migration.source_compute,
             exc,
             instance_uuid=uuid,
         )
     LOG.warning(
-        "Live migration %s was interrupted on %s after the destination "
-        "committed: the instance now runs on %s (%s)",
+        "Live migration %s was interrupted after the destination "
+        "committed (recovered on its %s %s): the instance now runs on %s "
+        "(%s)",
         outcome.migration_id,
+        here,
         hostname,
         migration.dest_compute,
         outcome.reason,

@@ -105,11 +105,13 @@ class HostOps:
             "numa_topology": None,
         }
 
-    def inventory(self, ratios: dict, reserved_disk_gb: int) -> dict:
-        """Placement inventory of the node (VCPU, MEMORY_MB, DISK_GB)."""
+    def inventory(
+        self, ratios: dict, reserved_disk_gb: int, report_disk: bool = True
+    ) -> dict:
+        """Placement inventory of the node (VCPU, MEMORY_MB, and DISK_GB
+        unless ``report_disk`` is False: a sharing provider holds it)."""
         vcpus = self.vcpus()
         memory_total, _ = self.memory_mb()
-        disk_total, _ = self.disk_gb()
         inventory = {
             orc.VCPU: {
                 "total": vcpus,
@@ -128,6 +130,7 @@ class HostOps:
                 "reserved": CONF.reserved_host_memory_mb,
             },
         }
+        disk_total = self.disk_gb()[0] if report_disk else 0
         if disk_total:
             inventory[orc.DISK_GB] = {
                 "total": disk_total,

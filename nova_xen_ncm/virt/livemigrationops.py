@@ -19,6 +19,7 @@ import threading
 
 import nova.conf
 from nova import exception
+from nova import objects
 from oslo_log import log as logging
 from oslo_utils import uuidutils
 
@@ -56,6 +57,56 @@ def _missing_text(missing: dict) -> str:
         f"{getattr(item, 'value', item)}: {reason}"
         for item, reason in sorted(missing.items(), key=lambda kv: str(kv[0]))
     )
+
+
+def _nova_migration_id(context, instance, migrate_data, hostname: str) -> str:
+    """The engine's id of the migration: Nova's migration record's uuid,
+    so that both ends' journals, the bus and a restarted compute's
+    recovery name the record Nova keeps. Nova hands the record to the
+    source only; the destination finds it as the instance's live
+    migration from its host to ``hostname`` in 'preparing', the status
+    Nova gives it for pre_live_migration (the source reads the id back
+    from ``migrate_data``, whatever version it speaks). A record left
+    'preparing' by an earlier attempt that crashed loses to the newest
+    one; with none, the engine's id is its own and a restarted compute
+    cannot tell Nova about it."""
+    if "migration" in migrate_data and migrate_data.migration:
+        return migrate_data.migration.uuid
+    if context is None:
+        return uuidutils.generate_uuid()
+    candidates = [
+        migration
+        for migration in objects.MigrationList.get_by_filters(
+            context,
+            {
+                "instance_uuid": instance.uuid,
+                "status": "preparing",
+                "migration_type": "live-migration",
+                "source_compute": instance.host,
+            },
+        )
+        if migration.dest_compute == hostname
+    ]
+    if not candidates:
+        LOG.warning(
+            "No live migration of this instance from %s to %s is "
+            "preparing in Nova: the engine's migration id is its own, and "
+            "Nova cannot be told how a crash recovery settled it",
+            instance.host,
+            hostname,
+            instance=instance,
+        )
+        return uuidutils.generate_uuid()
+    newest = max(candidates, key=lambda migration: migration.id)
+    if len(candidates) > 1:
+        LOG.warning(
+            "Live migrations %s of this instance are all preparing in "
+            "Nova: %s, the newest, is this one",
+            ", ".join(sorted(m.uuid for m in candidates)),
+            newest.uuid,
+            instance=instance,
+        )
+    return newest.uuid
 
 
 class LiveMigrationOps:
@@ -134,7 +185,11 @@ class LiveMigrationOps:
     # -- destination --
 
     def pre_live_migration(
-        self, instance, network_info, migrate_data: XenNCMLiveMigrateData
+        self,
+        instance,
+        network_info,
+        migrate_data: XenNCMLiveMigrateData,
+        context=None,
     ) -> XenNCMLiveMigrateData:
         domid = migrate_data.source_domid
         try:
@@ -153,10 +208,9 @@ class LiveMigrationOps:
             instance,
             vifops_module.destination_network_info(network_info, migrate_data),
         )
-        if "migration" in migrate_data and migrate_data.migration:
-            migration_id = migrate_data.migration.uuid
-        else:
-            migration_id = uuidutils.generate_uuid()
+        migration_id = _nova_migration_id(
+            context, instance, migrate_data, self._host.hostname
+        )
         advertise = None
         if xen_ncm_conf.CONF.xen_ncm.listen_address in WILDCARD_ADDRESSES:
             advertise = CONF.my_ip

@@ -74,17 +74,23 @@ class MigrationOps:
         return path
 
     def migrate_disk_and_power_off(
-        self, instance, flavor, network_info, block_device_info, timeout: int
+        self,
+        instance,
+        flavor,
+        network_info,
+        block_device_info,
+        timeout: int,
+        retry_interval: int = 0,
     ) -> str:
-        """Stop the guest here for good: its disk stays on the shared
-        storage for the destination to boot. Returns Nova's disk_info."""
+        """Stop the guest here for good, asking it to shut down first
+        (``timeout``, ``retry_interval`` as for power_off): its disk
+        stays on the shared storage for the destination to boot, written
+        to the end by a guest that shut down cleanly. Returns Nova's
+        disk_info."""
         path = self.check_resize(instance, flavor, block_device_info)
-        self._vmops.power_off(instance, timeout)
-        info = self._vmops.find(instance)
-        if info is not None:
-            # A guest that ignored the shutdown request; the destination
-            # must not boot its disk while it runs here.
-            self._host.destroy_domain(info.domid)
+        # Destroys a guest that ignored the request: the destination
+        # must not boot its disk while it runs here.
+        self._vmops.power_off(instance, timeout, retry_interval)
         self._vifs.unplug(instance, network_info, ignore_errors=True)
         LOG.info(
             "Powered off for a move; root disk %s stays on the shared storage",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import nova.conf
 from nova import exception
@@ -45,6 +46,14 @@ ROOT_DISK_FILE = "disk"
 # A disk whose flavor gives no size gets its image's, in whole MiB (a
 # multiple of every sector size), and never less than this.
 MIN_DISK_BYTES = 1 * MiB
+
+# How often a guest asked to shut down is looked at (Nova's libvirt
+# driver looks every second).
+SHUTDOWN_POLL = 0.2
+# A guest in these states has stopped running for good.
+STOPPED_STATES = frozenset(
+    {base.DomainState.SHUTDOWN, base.DomainState.DYING}
+)
 
 POWER_STATES = {
     base.DomainState.RUNNING: power_state.RUNNING,
@@ -279,9 +288,7 @@ class VMOps:
         ImageUnacceptable: the build is aborted, not rescheduled)."""
         if CONF.workarounds.disable_deep_image_inspection:
             return
-        images.do_image_deep_inspection(
-            {"disk_format": "raw"}, image_id, path
-        )
+        images.do_image_deep_inspection({"disk_format": "raw"}, image_id, path)
 
     def grow_root_disk(self, instance, root_gb: int) -> None:
         """Give the root disk ``root_gb`` GiB (resize); it never shrinks."""
@@ -385,16 +392,70 @@ class VMOps:
         self._vifs.plug(instance, network_info)
         self.create(instance, network_info)
 
-    def power_off(self, instance, timeout: int = 0) -> None:
-        """Shut the guest down (destroy it after ``timeout`` 0, as Nova's
-        hard power off); the domain is gone afterwards, as with xl."""
+    def power_off(
+        self, instance, timeout: int = 0, retry_interval: int = 0
+    ) -> None:
+        """Power the guest off as Nova's contract says: with ``timeout``,
+        ask the guest to shut down first (again every ``retry_interval``
+        seconds: it may have missed the request while booting) and wait
+        up to ``timeout`` seconds for it to stop; then, or at once with
+        ``timeout`` 0 (a hard power off), destroy the domain. The domain
+        is gone afterwards, as with ``xl shutdown`` and libxl's
+        on_poweroff=destroy."""
         info = self.find(instance)
         if info is not None:
-            if timeout:
-                self._host.shutdown(info.domid)
-            else:
+            if timeout and self._clean_shutdown(
+                instance, info.domid, timeout, retry_interval
+            ):
+                LOG.info("The guest shut itself down", instance=instance)
+            # A guest that shut down is freed; one that did not is stopped.
+            with contextlib.suppress(base.DomainNotFound):
                 self._host.destroy_domain(info.domid)
         self._powered_off.add(instance.uuid)
+
+    def _clean_shutdown(
+        self, instance, domid: int, timeout: int, retry_interval: int
+    ) -> bool:
+        """Whether the guest shut down within ``timeout`` seconds of
+        being asked (libvirt driver's _clean_shutdown, on libxl)."""
+        try:
+            self._host.shutdown(domid)
+        except base.NotSupported as exc:
+            LOG.info(
+                "The guest cannot be asked to shut down (%s): powering "
+                "it off",
+                exc,
+                instance=instance,
+            )
+            return False
+        start = time.monotonic()
+        asked = start
+        while True:
+            try:
+                state = self._host.domain_info(domid).state
+            except base.DomainNotFound:
+                return True
+            if state in STOPPED_STATES:
+                return True
+            now = time.monotonic()
+            if now - start >= timeout:
+                LOG.warning(
+                    "The guest did not shut down within %d seconds of "
+                    "being asked: powering it off",
+                    timeout,
+                    instance=instance,
+                )
+                return False
+            if retry_interval and now - asked >= retry_interval:
+                LOG.info(
+                    "The guest did not shut down in %d seconds: asking "
+                    "again",
+                    retry_interval,
+                    instance=instance,
+                )
+                self._host.shutdown(domid)
+                asked = now
+            time.sleep(min(SHUTDOWN_POLL, timeout - (now - start)))
 
     def power_on(self, instance, network_info) -> None:
         info = self.find(instance)
@@ -432,8 +493,15 @@ class VMOps:
         LOG.info("Restored domain %d from %s", domid, path, instance=instance)
 
     def _remove_save_file(self, instance) -> None:
+        path = self.save_path(instance)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.save_path(instance))
+            os.unlink(path)
+        # Made for the save file alone when the root disk is where the
+        # host driver places it: an empty one would outlive the guest.
+        # A directory still holding the root disk (or anything else) is
+        # not empty and stays.
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
 
     def get_console_output(self, instance) -> str:
         return self._host.console_output(self.domain(instance).domid)

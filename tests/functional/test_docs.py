@@ -46,3 +46,28 @@ def test_sphinx_builds_without_a_warning(tmp_path):
     script = (out / "cli" / "nova-xen-ncm.html").read_text()
     assert '<section id="nova-xen-ncm-drain">' in script
     assert "usage: nova-xen-ncm drain" in script
+
+
+def test_doc_requirements_are_bounded_above():
+    # A new major Sphinx or theme release changes what warns, and the
+    # build treats warnings as errors: each tool is capped, as
+    # OpenStack's doc requirements are, and the cap admits what runs.
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    lines = (ROOT / "doc" / "requirements.txt").read_text().splitlines()
+    requirements = [
+        Requirement(line.split("#", 1)[0])
+        for line in lines
+        if line.split("#", 1)[0].strip()
+    ]
+    assert {r.name for r in requirements} >= {"sphinx", "openstackdocstheme"}
+    for requirement in requirements:
+        assert any(s.operator in ("<", "<=") for s in requirement.specifier), (
+            f"{requirement} has no upper bound"
+        )
+        installed = metadata.version(requirement.name)
+        assert requirement.specifier.contains(installed), (
+            f"{requirement.name} {installed} is outside {requirement}"
+        )

@@ -20,15 +20,27 @@ from nova_xen_ncm.cmd import watch
 from nova_xen_ncm.cmd.osc import base
 from nova_xen_ncm.progress.terminal import Display
 
+# Lists in Title Case with an "ID" column, show commands with snake_case
+# fields and an "id" field, as OpenStackClient's own commands.
 JOURNAL_COLUMNS = (
-    "Migration",
+    "ID",
     "Role",
     "Domain",
-    "UUID",
+    "Server UUID",
     "Phase",
     "Peer",
     "Running",
     "Updated",
+)
+JOURNAL_FIELDS = (
+    "id",
+    "role",
+    "domain",
+    "server_uuid",
+    "phase",
+    "peer",
+    "running",
+    "updated",
 )
 _JOURNAL_KEYS = (
     "migration_id",
@@ -41,10 +53,10 @@ _JOURNAL_KEYS = (
     "updated",
 )
 OUTCOME_COLUMNS = (
-    "Migration",
+    "ID",
     "Role",
     "Domain",
-    "UUID",
+    "Server UUID",
     "Journalled",
     "Phase",
     "Skipped",
@@ -60,13 +72,13 @@ _OUTCOME_KEYS = (
     "skipped",
     "reason",
 )
-RESOLVED_COLUMNS = ("Migration", "Domain", "UUID", "Journalled", "Resolved")
+RESOLVED_FIELDS = ("id", "domain", "server_uuid", "journalled", "resolved")
 _RESOLVED_KEYS = ("migration_id", "domid", "uuid", "journalled", "resolved")
 ENDED_COLUMNS = (
-    "Migration",
+    "ID",
     "Role",
     "Outcome",
-    "Instance",
+    "Server UUID",
     "Source",
     "Destination",
     "Total Time",
@@ -151,7 +163,7 @@ class _OneMigration(_Local):
 class ShowMigration(_OneMigration, command.ShowOne):
     """Show one migration of this host's journals."""
 
-    columns = JOURNAL_COLUMNS
+    columns = JOURNAL_FIELDS
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple:
         from nova_xen_ncm.conf import CONF
@@ -161,7 +173,7 @@ class ShowMigration(_OneMigration, command.ShowOne):
         )
         for row in recover.in_flight(journal, incoming):
             if row["migration_id"] == parsed_args.migration:
-                return JOURNAL_COLUMNS, _row(row, _JOURNAL_KEYS)
+                return JOURNAL_FIELDS, _row(row, _JOURNAL_KEYS)
         raise CommandError(
             f"no migration {parsed_args.migration!r} in the journals of {path}"
         )
@@ -185,7 +197,7 @@ class RecoverMigrations(_Local, command.Lister):
         parser.add_argument(
             "--answer",
             metavar="<seconds>",
-            type=float,
+            type=recover.answer_type,
             default=None,
             help="How long to answer the sources' commit queries of "
             "incoming migrations (default: [xen_ncm] commit_query_timeout; "
@@ -228,7 +240,7 @@ class ResolveMigration(_OneMigration, command.ShowOne):
     removed, nothing else is done.
     """
 
-    columns = RESOLVED_COLUMNS
+    columns = RESOLVED_FIELDS
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple:
         from nova_xen_ncm.conf import CONF
@@ -237,7 +249,7 @@ class ResolveMigration(_OneMigration, command.ShowOne):
             parsed_args.state_path, CONF
         )
         resolved = recover.resolve(journal, incoming, parsed_args.migration)
-        return RESOLVED_COLUMNS, _row(resolved, _RESOLVED_KEYS)
+        return RESOLVED_FIELDS, _row(resolved, _RESOLVED_KEYS)
 
 
 class WatchMigrations(_Local, command.Lister):
@@ -290,8 +302,11 @@ class WatchMigrations(_Local, command.Lister):
             metavar="<seconds>",
             type=watch._seconds,
             default=None,
-            help="Stop after this many seconds (with --once, an error when "
-            "no migration ended by then)",
+            help="Stop this many seconds after the command started "
+            "watching: counted from when this command's own code starts, "
+            "after OpenStackClient loaded, and including the connection "
+            "to the bus (with --once, an error when no migration ended by "
+            "then)",
         )
         return parser
 

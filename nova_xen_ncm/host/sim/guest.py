@@ -44,6 +44,7 @@ from nova_xen_ncm.host.sim import kernel
 from nova_xen_ncm.host.sim import layout
 from nova_xen_ncm.host.sim import locks
 from nova_xen_ncm.host.sim import xenbus
+from nova_xen_ncm.host.sim import xs_wire
 from nova_xen_ncm.host.sim.memory import TRACKER_NONE
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 from nova_xen_ncm.host.sim.memory import GuestMemory
@@ -51,6 +52,8 @@ from nova_xen_ncm.host.sim.memory import GuestMemory
 BATCH_INTERVAL = 0.01
 # After a failed xenbus step (say, xenstore not ready at boot), retry in.
 XENBUS_RETRY = 0.05
+# The token of the watch on control/shutdown.
+SHUTDOWN_WATCH = "control-shutdown"
 # Unpaused seconds a xenstore request waits for the store port's event.
 XENBUS_REPLY_TIMEOUT = 30.0
 IPI_INTERVAL = 0.25
@@ -81,6 +84,9 @@ class GuestKernel:
         self.ram64 = mem.ram.view(np.uint64)
         self.cond = threading.Condition()
         self.paused = True
+        # This kernel halted its vCPUs for a shutdown its PV drivers were
+        # asked for (control/shutdown): they never run again.
+        self.halted = False
         self.throttle = 1.0
         self.counters = [0] * vcpus
         # Events counted per port by the upcall handler, and those its
@@ -292,7 +298,7 @@ class GuestKernel:
         # Started with the process, before there is a kernel to run: the
         # first unpause finds the vCPUs waiting for it.
         with self.cond:
-            while self.paused:
+            while self.paused or self.halted:
                 self.cond.wait()
         rate = self.header["dirty_rate"] / max(1, self.nr_vcpus)
         pages_per_s = rate / PAGE_SIZE
@@ -305,7 +311,7 @@ class GuestKernel:
         deadline = time.monotonic()
         while True:
             with self.cond:
-                while self.paused:
+                while self.paused or self.halted:
                     self.cond.wait()
                     deadline = time.monotonic()
                 if batch:
@@ -404,6 +410,9 @@ class GuestKernel:
                 pfn, off = kernel.frontend_place(i, size)
                 fe = devices.Frontend.attach(self.mem, pfn, off, self.xs, self)
                 self._adopt(fe)
+            # The watch came with the guest's xenstore; its handler is
+            # this process's.
+            self._watch_control(register=False)
             return
         domid = self.header["domid"]
         base_path = f"/local/domain/{domid}/device"
@@ -427,10 +436,44 @@ class GuestKernel:
                 devid=devid,
             )
             self._adopt(fe)
+        self._watch_control(register=True)
         with self.mem.lock():
             self.header["nr_frontends"] = len(self.frontends)
             self.header["xenbus_ready"] = 1
             self.store_header()
+
+    def _control_path(self, node: str) -> str:
+        return f"/local/domain/{self.header['domid']}/control/{node}"
+
+    def _watch_control(self, register: bool) -> None:
+        """As Linux's xen/manage.c: say the PV drivers act on a shutdown
+        request (control/feature-poweroff) and watch control/shutdown;
+        ``register`` False after a restore, whose xenstore carried both."""
+        self.xs.set_handler(
+            SHUTDOWN_WATCH, lambda path, token: self._shutdown_requested()
+        )
+        if register:
+            self.xs.write(self._control_path("feature-poweroff"), "1")
+            self.xs.watch(self._control_path("shutdown"), SHUTDOWN_WATCH)
+
+    def _shutdown_requested(self) -> None:
+        """control/shutdown changed (or the watch fired on registration):
+        on "poweroff" or "halt", acknowledge it by clearing the node, as
+        Linux does, halt this kernel's vCPUs and tell Xen
+        (SCHEDOP_shutdown). Other values (empty: our own acknowledgement,
+        or nothing asked) change nothing. Runs on the xenbus thread with
+        ``cond`` held."""
+        path = self._control_path("shutdown")
+        try:
+            request = self.xs.read(path)
+        except xs_wire.XenstoreError:
+            return
+        if request not in (b"poweroff", b"halt"):
+            return
+        self.xs.write(path, "")
+        self.halted = True
+        self.cond.notify_all()
+        self.hypercall("sched_shutdown", reason="poweroff")
 
     def _adopt(self, fe: devices.Frontend) -> None:
         self.frontends.append(fe)
@@ -453,7 +496,7 @@ class GuestKernel:
         last = time.monotonic()
         while True:
             with self.cond:
-                while self.paused:
+                while self.paused or self.halted:
                     self.cond.wait()
                     last = time.monotonic()
                 try:

@@ -60,6 +60,7 @@ from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
 from nova_xen_ncm.host.sim.memory import write_tracking_available
 from nova_xen_ncm.host.sim.probe import SimGuestProbe
 from nova_xen_ncm.host.sim.toolstack import Toolstack
+from nova_xen_ncm.host.sim.xs_wire import XenstoreError
 
 __all__ = ["Dom0Error", "SimHost"]
 
@@ -294,11 +295,27 @@ class SimHost(base.HostDriver):
         self.toolstack.unpause(domid)
 
     def shutdown(self, domid: int, reboot: bool = False) -> None:
+        """libxl_domain_shutdown: "poweroff" in the guest's xenstore
+        control/shutdown, for a guest whose PV drivers said they watch
+        it (control/feature-poweroff); the guest acts on it, or not."""
         if reboot:
             raise base.NotSupported(
                 "the simulated guest has no reboot path", call="shutdown"
             )
-        self.destroy_domain(domid)
+        self.hv.domain(domid, "shutdown")
+        home = f"/local/domain/{domid}"
+        xs = self.services.toolstack_xs
+        try:
+            feature = xs.read(f"{home}/control/feature-poweroff")
+        except XenstoreError:
+            feature = b""
+        if feature != b"1":
+            raise base.NotSupported(
+                f"domain {domid} has no PV control interface (no "
+                "control/feature-poweroff): it cannot be asked to shut down",
+                call="shutdown",
+            )
+        xs.write(f"{home}/control/shutdown", "poweroff")
 
     def free_memory(self) -> int:
         with self.hv.locked():

@@ -57,6 +57,8 @@ LOG = logging.getLogger(__name__)
 DOM0 = 0
 CONTROL_TIMEOUT = 30.0
 NR_GRANT_FRAMES = 4
+# SCHEDOP_shutdown reasons a guest may give (xen/include/public/sched.h).
+SHUTDOWN_REASONS = frozenset({"poweroff", "reboot", "suspend", "crash"})
 # Xen lets a domain hold its RAM plus the special pages and some slack
 # (max_pages is set a little above the target by the toolstack).
 EXTRA_PAGES = layout.X86_HVM_NR_SPECIAL_PAGES + 1024
@@ -310,6 +312,7 @@ class Hypervisor:
             "hvm_get_param": self._hc_hvm_get_param,
             "add_to_physmap": self._hc_add_to_physmap,
             "register_vcpu_info": self._hc_register_vcpu_info,
+            "sched_shutdown": self._hc_sched_shutdown,
         }
 
     def locked(self) -> locks.OrderedLock:
@@ -443,6 +446,19 @@ class Hypervisor:
             if isinstance(result, base.EventChannel):
                 return dataclasses.asdict(result)
             return result
+
+    def _hc_sched_shutdown(self, dom: Domain, reason: str) -> None:
+        """SCHEDOP_shutdown from the guest: it stopped its vCPUs and asks
+        to be shut down. The domain is kept, in the shutdown state, until
+        the toolstack destroys it (libxl's on_poweroff action)."""
+        if reason not in SHUTDOWN_REASONS:
+            raise evtchn.HypercallError(
+                "sched_shutdown", errnos.EINVAL, f"reason {reason!r}"
+            )
+        if dom.state == DomainState.RUNNING:
+            dom.cpu_time += time.monotonic() - dom.run_started
+        dom.state = DomainState.SHUTDOWN
+        LOG.info("dom%d: shut down by the guest (%s)", dom.domid, reason)
 
     def _hc_hvm_set_param(self, dom: Domain, index: int, value: int) -> None:
         """HVMOP_set_param from the guest (hvm_allow_set_param)."""

@@ -444,7 +444,9 @@ class Toolstack:
 
     def unpause(self, domid: int) -> None:
         dom = self.hv.domain(domid, "unpause")
-        if dom.state == DomainState.RUNNING:
+        # A domain its guest shut down stays so, as in Xen, until it is
+        # destroyed.
+        if dom.state in (DomainState.RUNNING, DomainState.SHUTDOWN):
             return
         self.services.release_backends(dom)
         rec = self.services.record(dom)

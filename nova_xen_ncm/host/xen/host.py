@@ -27,6 +27,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Collection
+from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,6 +62,8 @@ XEN_SCHEDULER_CREDIT2 = 6
 CAP_UNCHANGED = 0xFFFF
 # xentoollog.h: XTL_ERROR
 XTL_ERROR = 8
+# libxl_error (_libxl_types.h): the guest has no PV control interface.
+LIBXL_ERROR_NOPARAVIRT = -10
 PROT_READ = 1
 PROT_WRITE = 2
 # xen/include/public/memory.h
@@ -458,7 +461,9 @@ class XenHost(base.HostDriver):
         self._populated[domid] = mask
         return domid
 
-    def _libxl_create(self, config_json: str, call: str) -> int:
+    @contextlib.contextmanager
+    def _libxl(self) -> Iterator[ctypes.c_void_p]:
+        """A libxl context logging to stderr, freed afterwards."""
         stream = self._stderr()
         try:
             lib_log = libs.check_ptr(
@@ -469,11 +474,52 @@ class XenHost(base.HostDriver):
             self._libc.fclose(stream)
             raise
         ctx = ctypes.c_void_p()
-        # Large enough for libxl_domain_config, which libxl fills in.
-        d_config = ctypes.create_string_buffer(1 << 16)
         try:
             if FN.libxl_ctx_alloc(ctypes.byref(ctx), 0, 0, lib_log) != 0:
                 libs.raise_for("libxl_ctx_alloc")
+            yield ctx
+        finally:
+            FN.libxl_ctx_free(ctx)
+            FN.xtl_logger_destroy(lib_log)
+            # The logger flushes its stream but leaves it open: one
+            # descriptor a call otherwise.
+            self._libc.fclose(stream)
+
+    def shutdown(self, domid: int, reboot: bool = False) -> None:
+        """libxl's shutdown request, as ``xl shutdown`` without ``-w``:
+        "poweroff" in the guest's xenstore control/shutdown, then back;
+        the guest's PV drivers act on it. A guest without them cannot be
+        asked (libxl's NOPARAVIRT). No reboot: domains here are created
+        through libxl without xl's monitoring process, so nothing would
+        build again a guest that shut down to reboot (Nova's soft reboot
+        becomes a hard one)."""
+        call = "libxl_domain_shutdown"
+        if reboot:
+            raise base.NotSupported(
+                "no toolstack process here restarts a guest that shuts "
+                "down to reboot",
+                call=call,
+            )
+        self.domain_info(domid)
+        with self._libxl() as ctx:
+            rc = FN.libxl_domain_shutdown(ctx, domid, None)
+        if rc == LIBXL_ERROR_NOPARAVIRT:
+            raise base.NotSupported(
+                f"domain {domid} has no PV control interface (no PV "
+                "drivers): it cannot be asked to shut down",
+                call=call,
+            )
+        if rc != 0:
+            raise base.HostError(
+                f"libxl could not ask domain {domid} to shut down "
+                f"(error {rc})",
+                call=call,
+            )
+
+    def _libxl_create(self, config_json: str, call: str) -> int:
+        # Large enough for libxl_domain_config, which libxl fills in.
+        d_config = ctypes.create_string_buffer(1 << 16)
+        with self._libxl() as ctx:
             FN.libxl_domain_config_init(d_config)
             try:
                 rc = FN.libxl_domain_config_from_json(
@@ -497,12 +543,6 @@ class XenHost(base.HostDriver):
                 return domid.value
             finally:
                 FN.libxl_domain_config_dispose(d_config)
-        finally:
-            FN.libxl_ctx_free(ctx)
-            FN.xtl_logger_destroy(lib_log)
-            # The logger flushes its stream but leaves it open: one
-            # descriptor a restore otherwise.
-            self._libc.fclose(stream)
 
     def _stderr(self) -> int:
         fd = os.dup(2)

@@ -525,6 +525,12 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "int",
         ("libxl_ctx *", "libxl_domain_config *", "char *"),
     ),
+    # Ask the guest (xenstore control/shutdown) and return: ao_how NULL.
+    "libxl_domain_shutdown": (
+        "xenlight",
+        "int",
+        ("libxl_ctx *", "uint32_t", "libxl_asyncop_how *"),
+    ),
     "libxl_domain_create_new": (
         "xenlight",
         "int",

@@ -95,24 +95,26 @@ def test_list_in_every_format(state):
     assert as_json.returncode == 0, as_json.stderr[-3000:]
     rows = json.loads(as_json.stdout)
     assert [
-        (r["Migration"], r["Role"], r["Phase"], r["Peer"]) for r in rows
+        (r["ID"], r["Role"], r["Phase"], r["Peer"]) for r in rows
     ] == [
         ("out-1", "source", "precopy", "192.0.2.7:4711"),
         ("in-1", "destination", "commit", "192.0.2.7:4800"),
     ]
     as_csv = openstack(
-        "xen-ncm", *where, "-f", "csv", "-c", "Migration", "-c", "Domain"
+        "xen-ncm", *where, "-f", "csv", "-c", "ID", "-c", "Domain"
     )
     assert list(csv.reader(io.StringIO(as_csv.stdout))) == [
-        ["Migration", "Domain"],
+        ["ID", "Domain"],
         ["out-1", "3"],
         ["in-1", "8"],
     ]
-    as_value = openstack("xen-ncm", *where, "-f", "value", "-c", "UUID")
+    as_value = openstack(
+        "xen-ncm", *where, "-f", "value", "-c", "Server UUID"
+    )
     assert as_value.stdout == "u-out\nu-in\n"
-    table = openstack("xen-ncm", *where, "-c", "Migration", "-c", "Role")
-    assert "| Migration | Role        |" in table.stdout, table.stdout
-    assert "| in-1      | destination |" in table.stdout, table.stdout
+    table = openstack("xen-ncm", *where, "-c", "ID", "-c", "Role")
+    assert "| ID    | Role        |" in table.stdout, table.stdout
+    assert "| in-1  | destination |" in table.stdout, table.stdout
     # The one-time token is a secret: in no format.
     for result in (as_json, as_csv, as_value, table):
         assert "cd" * 16 not in result.stdout
@@ -131,7 +133,8 @@ def test_show_and_resolve(state):
         "json",
     )
     assert shown.returncode == 0, shown.stderr[-3000:]
-    assert json.loads(shown.stdout)["Domain"] == 8
+    assert json.loads(shown.stdout)["domain"] == 8
+    assert json.loads(shown.stdout)["id"] == "in-1"
     resolved = openstack(
         "xen-ncm",
         "migration",
@@ -142,9 +145,9 @@ def test_show_and_resolve(state):
         "-f",
         "value",
         "-c",
-        "Resolved",
+        "resolved",
         "-c",
-        "Journalled",
+        "journalled",
     )
     assert (resolved.returncode, resolved.stdout) == (0, "precopy\nTrue\n")
     left = openstack(
@@ -156,7 +159,7 @@ def test_show_and_resolve(state):
         "-f",
         "value",
         "-c",
-        "Migration",
+        "ID",
     )
     assert left.stdout == "in-1\n"
 
@@ -395,7 +398,7 @@ def test_watch_on_the_bus(rabbit_url, tmp_path):
         migration_id = json.loads(demo.stdout)["stats"]["migration_id"]
         rows = json.loads(out)
         source = [r for r in rows if r["Role"] == "source"]
-        assert [(r["Migration"], r["Outcome"]) for r in source] == [
+        assert [(r["ID"], r["Outcome"]) for r in source] == [
             (migration_id, "done")
         ], rows
         # The progress went to stderr as it came.

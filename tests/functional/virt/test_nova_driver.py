@@ -30,7 +30,12 @@ from sqlalchemy import exc as sqla_exc
 
 from nova_xen_ncm import conf as xen_ncm_conf  # noqa: F401 - options
 from nova_xen_ncm.cmd import drain
+from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import receiver as receiver_module
 from nova_xen_ncm.engine import recovery
+from nova_xen_ncm.engine.journal import INCOMING
+from nova_xen_ncm.engine.journal import IncomingEntry
+from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 from nova_xen_ncm.progress.tracker import unwrap
@@ -145,6 +150,14 @@ class XenNCMTestBase(integrated_helpers.ProviderUsageBaseTestCase):
         self.flags(group="xen_ncm_sim", dirty_rate_bytes=256 * 1024)
         self.flags(group="xen_ncm_sim", io_rate_requests=20)
         self.flags(group="xen_ncm_sim", host_memory_mb=1024)
+        # A compute service's stop waits this long for its manager's
+        # graceful shutdown (the driver's cleanup_host, then Nova's
+        # shutdown_all_executors). Nova's test default, 0, leaves that
+        # running in the background past the service's fixture, whose
+        # patch of shutdown_all_executors is gone by then: the real one
+        # shuts the process-wide thread pools the next test needs. 20
+        # is all reserved for cleanup_host: no wait for tasks in progress.
+        self.flags(manager_shutdown_timeout=20)
         for host in HOSTS:
             # One node identity per service, as on separate machines.
             node.LOCAL_NODE_UUID = None
@@ -273,7 +286,20 @@ class TestLifecycle(XenNCMTestBase):
             base.DomainState.RUNNING, self.domain_of(server).state
         )
 
-        server = self._stop_server(server)
+        # Nova's stop asks the guest to shut down before the domain goes
+        # (its power_off timeout): the guest's own PV drivers took the
+        # request from xenstore and shut it down.
+        sim = self.sim_host(host)
+        states_destroyed = []
+        real_destroy = sim.destroy_domain
+
+        def destroy_domain(domid, *args, **kwargs):
+            states_destroyed.append(sim.domain_info(domid).state)
+            return real_destroy(domid, *args, **kwargs)
+
+        with fixtures.MockPatchObject(sim, "destroy_domain", destroy_domain):
+            server = self._stop_server(server)
+        self.assertEqual([base.DomainState.SHUTDOWN], states_destroyed)
         self.assertEqual([], self.sim_host(host).list_domains())
         # Stopped means the guest process is gone and reaped, not a zombie.
         self.assertTrue(
@@ -837,7 +863,103 @@ class TestLiveMigration(LiveMigrationBase):
         )
 
 
-class TestRecoveryReconcilesNova(LiveMigrationBase):
+class RecoveryBase(LiveMigrationBase):
+    """Computes that crash and start again: the helpers, no tests."""
+
+    def setUp(self):
+        super().setUp()
+        # A restarted end answers or asks on the journalled port: one
+        # outside the default range, which other test processes on this
+        # machine take first, and outside Linux's ephemeral ports.
+        self.flags(group="xen_ncm", port_min=27300, port_max=27399)
+
+    def _watch_running_copies(self, server: dict, hypervisors: dict) -> list:
+        """Watch, until the test ends, for the guest RUNNING on more than
+        one host; what was seen (the test asserts it stays empty)."""
+        both: list = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                running = [
+                    host
+                    for host, hv in hypervisors.items()
+                    if any(
+                        d.uuid == server["id"]
+                        and d.state == base.DomainState.RUNNING
+                        for d in hv.list_domains()
+                    )
+                ]
+                if len(running) > 1:
+                    both.append(running)
+                stop.wait(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        self.addCleanup(watcher.join)
+        self.addCleanup(stop.set)
+        return both
+
+    def _restart(self, host: str, hypervisors: dict, **journals) -> None:
+        """Start nova-compute of ``host`` again after a crash: no
+        graceful clean-up, the hypervisor outlived it. Both computes of
+        this process share one [xen_ncm] state_path; on two machines
+        each journal is the machine's own: ``journals`` gives the other
+        side's journal of this machine (``outgoing``, ``incoming``) as
+        an empty one."""
+        manager = self.computes[host].manager
+        old_driver = manager.driver
+        self.useFixture(fixtures.MockPatchObject(old_driver, "cleanup_host"))
+        # A dead process has no tasks in progress: an incoming live
+        # migration Nova never ended would hold the old service's
+        # graceful stop past the test's end.
+        for instance_uuid in list(manager._pending_dest_live_migrations):
+            manager._end_pending_dest_live_migration_task(instance_uuid)
+        node.LOCAL_NODE_UUID = old_driver._get_node_uuid()
+        empty = self.useFixture(fixtures.TempDir()).path
+        patches = [
+            fixtures.MockPatchObject(
+                nova_driver.factory,
+                "load_host_driver",
+                lambda name, hostname, conf: hypervisors[hostname],
+            )
+        ]
+        if journals.get("outgoing"):
+            patches.append(
+                fixtures.MockPatchObject(
+                    nova_driver.Journal,
+                    "from_conf",
+                    lambda conf: Journal(empty),
+                )
+            )
+        if journals.get("incoming"):
+            patches.append(
+                fixtures.MockPatchObject(
+                    nova_driver.Journal,
+                    "incoming_from_conf",
+                    lambda conf: Journal(empty, INCOMING, IncomingEntry),
+                )
+            )
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            self.computes[host] = self.restart_compute_service(
+                self.computes[host], keep_hypervisor_state=False
+            )
+        self.assertIsNot(old_driver, self.computes[host].manager.driver)
+
+    def _hosts_running(self, server: dict) -> list[str]:
+        return [
+            host
+            for host in HOSTS
+            if any(
+                info.uuid == server["id"]
+                for info in self.sim_host(host).list_domains()
+            )
+        ]
+
+
+class TestRecoveryReconcilesNova(RecoveryBase):
     def test_a_committed_guest_is_recorded_on_its_destination(self):
         server = self.boot()
         source = server["OS-EXT-SRV-ATTR:host"]
@@ -911,15 +1033,135 @@ class TestRecoveryReconcilesNova(LiveMigrationBase):
         server = self._stop_server(server)
         self.assertEqual([], self._hosts_running(server))
 
-    def _hosts_running(self, server: dict) -> list[str]:
-        return [
-            host
-            for host in HOSTS
-            if any(
-                info.uuid == server["id"]
-                for info in self.sim_host(host).list_domains()
+    def test_a_source_killed_after_commit_is_reconciled_at_restart(self):
+        # The destination answers the restarted source's commit query
+        # from its live receiver for this long (then from its journal).
+        self.flags(group="xen_ncm", commit_query_timeout=120.0)
+        server = self.boot()
+        source = server["OS-EXT-SRV-ATTR:host"]
+        dest = [h for h in HOSTS if h != source][0]
+        source_rp = self._get_provider_uuid_by_host(source)
+        dest_rp = self._get_provider_uuid_by_host(dest)
+        hypervisors = {host: self.sim_host(host) for host in HOSTS}
+        old_driver = self.computes[source].manager.driver
+        ctxt = nova_context.get_admin_context()
+
+        # The source's engine dies once the destination committed (its
+        # COMMITTED received), before it journals CLEANUP: as a killed
+        # process, it does nothing more, and the kernel closes its
+        # sockets and its journal lock.
+        class Killed(BaseException):
+            pass
+
+        real_commit = commit.Coordinator.commit
+
+        def commit_then_die(coordinator, on_retry=None):
+            real_commit(coordinator, on_retry=on_retry)
+            coordinator.data.close()
+            raise Killed()
+
+        self.useFixture(
+            fixtures.MockPatchObject(
+                commit.Coordinator, "commit", commit_then_die
             )
-        ]
+        )
+        dead = threading.Event()
+        ops = old_driver._livemigrationops
+        real_live_migration = ops.live_migration
+
+        def live_migration(*args, **kwargs):
+            # nova-compute dies with its engine: neither of Nova's
+            # callbacks runs, nothing is rolled back.
+            try:
+                real_live_migration(*args, **kwargs)
+            except Killed:
+                dead.set()
+
+        self.useFixture(
+            fixtures.MockPatchObject(ops, "live_migration", live_migration)
+        )
+
+        # Two running copies must never exist, whatever happens below.
+        both = self._watch_running_copies(server, hypervisors)
+
+        self.api.post_server_action(
+            server["id"],
+            {"os-migrateLive": {"host": dest, "block_migration": "auto"}},
+        )
+        self.assertTrue(dead.wait(120), "the source's engine never died")
+        # The guest runs on the destination; its paused copy is left on
+        # the source, and Nova still has it there, migrating.
+        self.assertTrue(
+            wait_until(
+                lambda: (
+                    [d.state for d in hypervisors[dest].list_domains()]
+                    == [base.DomainState.RUNNING]
+                )
+            )
+        )
+        self.assertEqual(
+            [base.DomainState.PAUSED],
+            [d.state for d in hypervisors[source].list_domains()],
+        )
+        instance = objects.Instance.get_by_uuid(ctxt, server["id"])
+        self.assertEqual(source, instance.host)
+        self.assertEqual("migrating", instance.task_state)
+        (migration,) = self.migrations(server)
+        self.assertEqual("running", migration.status)
+        # While the journal entry is open the source refuses to start the
+        # guest: a second copy would run beside the destination's.
+        self.assertRaisesRegex(
+            Exception,
+            f"migration {migration.uuid} of this guest .* is still open",
+            old_driver.power_on,
+            ctxt,
+            instance,
+            [],
+        )
+        self.assertEqual(
+            [base.DomainState.PAUSED],
+            [d.state for d in hypervisors[source].list_domains()],
+        )
+
+        # nova-compute on the source starts again; the hypervisor and
+        # its journals outlived it. The source machine's incoming journal
+        # does not hold the destination's live entry for this guest.
+        self._restart(source, hypervisors, incoming=True)
+
+        # Recovery asked the destination, destroyed the paused copy and
+        # told Nova where the guest runs.
+        self.assertEqual([], hypervisors[source].list_domains())
+        self.assertEqual(
+            [base.DomainState.RUNNING],
+            [d.state for d in hypervisors[dest].list_domains()],
+        )
+        server = self.api.get_server(server["id"])
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:hypervisor_hostname"])
+        self.assertEqual("ACTIVE", server["status"])
+        self.assertEqual(power_state.RUNNING, server["OS-EXT-STS:power_state"])
+        self.assertIsNone(server["OS-EXT-STS:task_state"])
+        self.assertNotIn("fault", server)
+        self.assertEqual(
+            ["completed"], [m.status for m in self.migrations(server)]
+        )
+        # The migration's share on the source is released; the
+        # instance's is the destination's.
+        self.assertEqual(
+            {}, self._get_allocations_by_server_uuid(migration.uuid)
+        )
+        self.assertEqual(0, self._get_provider_usages(source_rp)["VCPU"])
+        self.assertEqual(
+            [dest_rp],
+            list(self._get_allocations_by_server_uuid(server["id"])),
+        )
+        # Nova now acts on the destination: a stop reaches the guest
+        # there, a start boots it there only.
+        server = self._stop_server(server)
+        self.assertEqual([], self._hosts_running(server))
+        server = self._start_server(server)
+        self.assertEqual([dest], self._hosts_running(server))
+        self.assertEqual([], both)
 
 
 class TestLiveMigrationControl(LiveMigrationBase):
@@ -1095,3 +1337,86 @@ class TestDrain(LiveMigrationBase):
         self.assertEqual("firmware upgrade", service["disabled_reason"])
         statuses = sorted(m.status for m in self.migrations({"id": unlucky}))
         self.assertEqual(["completed", "failed"], statuses)
+
+
+class TestRecoveryOfADestination(RecoveryBase):
+    def test_a_destination_killed_after_commit_reports_its_guest(self):
+        # The source gives up asking soon; the restarted ends answer
+        # each other for longer.
+        self.flags(group="xen_ncm", commit_query_timeout=3.0)
+        server = self.boot()
+        source = server["OS-EXT-SRV-ATTR:host"]
+        dest = [h for h in HOSTS if h != source][0]
+        source_rp = self._get_provider_uuid_by_host(source)
+        dest_rp = self._get_provider_uuid_by_host(dest)
+        hypervisors = {host: self.sim_host(host) for host in HOSTS}
+        ctxt = nova_context.get_admin_context()
+
+        # The destination's engine dies right after COMMIT unpaused the
+        # guest there, before it answers: the kernel closes its sockets
+        # and its journal lock (the receiver's own clean-up here).
+        class Killed(BaseException):
+            pass
+
+        def commit_then_die(receiver):
+            if receiver._running:
+                receiver.host.unpause(receiver.domid)
+            raise Killed()
+
+        self.useFixture(
+            fixtures.MockPatchObject(
+                receiver_module.Receiver, "_commit", commit_then_die
+            )
+        )
+        both = self._watch_running_copies(server, hypervisors)
+
+        self.api.post_server_action(
+            server["id"],
+            {"os-migrateLive": {"host": dest, "block_migration": "auto"}},
+        )
+        # No answer to the source's commit query: in doubt, its copy
+        # stays paused, and Nova errors the instance on the source.
+        self._wait_for_migration_status(server, ["error"])
+        self.assertEqual(
+            [base.DomainState.RUNNING],
+            [d.state for d in hypervisors[dest].list_domains()],
+        )
+        self.assertEqual(
+            [base.DomainState.PAUSED],
+            [d.state for d in hypervisors[source].list_domains()],
+        )
+        instance = objects.Instance.get_by_uuid(ctxt, server["id"])
+        self.assertEqual((source, "error"), (instance.host, instance.vm_state))
+
+        # The destination starts again: its guest runs there, and Nova's
+        # view of that host now holds it.
+        self.flags(group="xen_ncm", commit_query_timeout=120.0)
+        self._restart(dest, hypervisors, outgoing=True)
+        server = self.api.get_server(server["id"])
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual("ACTIVE", server["status"])
+        self.assertEqual(power_state.RUNNING, server["OS-EXT-STS:power_state"])
+        self.assertEqual(
+            {},
+            self._get_allocations_by_server_uuid(
+                self.migrations(server)[0].uuid
+            ),
+        )
+        self.assertEqual(0, self._get_provider_usages(source_rp)["VCPU"])
+        self.assertEqual(
+            [dest_rp],
+            list(self._get_allocations_by_server_uuid(server["id"])),
+        )
+        # The source's paused copy waits for its own recovery, which
+        # asks the restarted destination and destroys it.
+        self.assertEqual(
+            [base.DomainState.PAUSED],
+            [d.state for d in hypervisors[source].list_domains()],
+        )
+        self._restart(source, hypervisors, incoming=True)
+        self.assertEqual([], hypervisors[source].list_domains())
+        self.assertEqual([dest], self._hosts_running(server))
+        server = self.api.get_server(server["id"])
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual("ACTIVE", server["status"])
+        self.assertEqual([], both)

@@ -306,7 +306,13 @@ def test_empty_reason_is_refused():
         (
             sdk_exc.HttpException("no token", http_status=401),
             "cannot look up host1: authentication failed",
-            4,
+            3,
+        ),
+        (
+            # keystoneauth's answer to a wrong password.
+            ksa_exc.Unauthorized("The request you have made requires "),
+            "cannot look up host1: authentication failed",
+            3,
         ),
         (
             sdk_exc.ForbiddenException("policy", http_status=403),

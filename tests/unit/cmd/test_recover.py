@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from nova_xen_ncm.cmd import main
 from nova_xen_ncm.engine.journal import Journal
 
@@ -70,3 +72,27 @@ def test_resolve_forgets_an_entry_and_says_so(tmp_path, capsys, journalled):
     )
     assert status == 2
     assert "no migration m-3" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("nan", "not a number"),
+        ("inf", "infinite"),
+        ("-inf", "infinite"),
+        ("-1", "negative"),
+        ("soon", "a number of seconds"),
+    ],
+)
+def test_answer_refuses_what_is_not_a_wait_by_name(capsys, text, named):
+    with pytest.raises(SystemExit) as exit_:
+        main.build_parser().parse_args(["recover", f"--answer={text}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--answer" in err and named in err and repr(text) in err, err
+
+
+def test_answer_takes_zero_and_seconds():
+    parse = main.build_parser().parse_args
+    assert parse(["recover", "--answer", "0"]).answer == 0.0
+    assert parse(["recover", "--answer", "2.5"]).answer == 2.5

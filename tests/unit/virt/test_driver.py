@@ -11,6 +11,7 @@ import pytest
 from nova import context
 from nova import exception
 from nova import objects
+from nova.compute import power_state
 from nova.compute import provider_tree
 from nova.tests.unit import fake_instance
 from nova.virt import driver as nova_driver
@@ -93,6 +94,28 @@ def test_node_and_resources(xen_driver):
     inventory = tree.data("unit-host").inventory
     assert {orc.VCPU, orc.MEMORY_MB} <= set(inventory)
     assert inventory[orc.MEMORY_MB]["total"] == resources["memory_mb"]
+
+
+def test_disk_gb_of_shared_storage_is_left_to_a_sharing_provider(xen_driver):
+    # What Nova hands the driver: the node's own tree plus the sharing
+    # providers in an aggregate with it.
+    tree = provider_tree.ProviderTree()
+    tree.new_root("unit-host", "node-uuid-1")
+    tree.new_root("shared-disks", "sharing-uuid-1")
+    tree.update_inventory(
+        "shared-disks",
+        {orc.DISK_GB: {"total": 500, "min_unit": 1, "max_unit": 500}},
+    )
+    # Not (yet) a sharing provider: the node counts its filesystem.
+    xen_driver.update_provider_tree(tree, "unit-host")
+    assert orc.DISK_GB in tree.data("unit-host").inventory
+    tree.update_traits("shared-disks", ["MISC_SHARES_VIA_AGGREGATE"])
+    xen_driver.update_provider_tree(tree, "unit-host")
+    inventory = tree.data("unit-host").inventory
+    # The filesystem is counted once, by the sharing provider.
+    assert orc.DISK_GB not in inventory
+    assert {orc.VCPU, orc.MEMORY_MB} <= set(inventory)
+    assert tree.data("shared-disks").inventory[orc.DISK_GB]["total"] == 500
 
 
 def test_host_errors_leave_as_nova_exceptions(xen_driver):
@@ -253,12 +276,15 @@ def test_recovery_moves_a_committed_guest_to_the_destination(monkeypatch):
     assert instance.compute_id == migration.get_dest_compute_id.return_value
     instance.drop_migration_context.assert_called_once_with()
     assert instance.vm_state == "paused"
+    assert instance.power_state == power_state.PAUSED
     assert instance.task_state is None
     instance.save.assert_called_once_with()
     assert migration.status == "completed"
     fault.assert_not_called()
+    # With the consumer generation, as Nova's post-migration step: a
+    # concurrent change to the allocation is refused, not overwritten.
     placement.delete_allocation_for_instance.assert_called_once_with(
-        mock.ANY, "m-1", consumer_type="migration", force=True
+        mock.ANY, "m-1", consumer_type="migration"
     )
     # Its ports follow it, as after a live migration Nova finished.
     network.migrate_instance_start.assert_called_once_with(
@@ -300,20 +326,120 @@ def test_recovery_moves_a_guest_whose_ports_fail_and_says_why(monkeypatch):
     )
     network = mock.Mock()
     network.migrate_instance_start.side_effect = (
-        driver.exception.PortBindingActivationFailed(
-            port_id="p-1", host="dst"
-        )
+        driver.exception.PortBindingActivationFailed(port_id="p-1", host="dst")
     )
     monkeypatch.setattr(driver.neutron, "API", lambda: network)
     driver.reconcile("src", [_outcome("done")], {7: "uuid-7"}, {"m-1": True})
     # Nova records where the guest runs; the instance is in ERROR with
     # the ports' failure as its fault.
     assert instance.host == "dst"
+    assert instance.power_state == power_state.RUNNING
     assert instance.vm_state == "error"
     assert instance.task_state is None
     assert migration.status == "completed"
     message = str(fault.call_args.args[2])
     assert "runs" in message and "p-1" in message
+
+
+def _incoming(phase, reason="COMMIT was received: the guest runs here"):
+    from nova_xen_ncm.engine.recovery import Outcome
+    from nova_xen_ncm.engine.state import Phase
+
+    return Outcome(
+        "m-1",
+        7,
+        Phase.COMMIT,
+        Phase(phase),
+        reason,
+        uuid="uuid-7",
+        role="destination",
+    )
+
+
+def _nova(monkeypatch, instance, migration=None):
+    """Nova's records of the instance and the migration; the fault
+    recorder and placement."""
+    monkeypatch.setattr(
+        driver.objects.Instance,
+        "get_by_uuid",
+        mock.Mock(return_value=instance),
+    )
+    fault = mock.Mock()
+    monkeypatch.setattr(
+        driver.compute_utils, "add_instance_fault_from_exc", fault
+    )
+    get = mock.Mock(return_value=migration)
+    if migration is None:
+        get.side_effect = exception.MigrationNotFound(migration_id="m-1")
+    monkeypatch.setattr(driver.objects.Migration, "get_by_uuid", get)
+    placement = mock.Mock()
+    monkeypatch.setattr(
+        driver.report, "report_client_singleton", lambda: placement
+    )
+    monkeypatch.setattr(driver.neutron, "API", mock.Mock)
+    return fault, placement
+
+
+def test_a_restarted_destination_running_the_guest_records_it_here(
+    monkeypatch,
+):
+    instance = mock.Mock(
+        vm_state="error", task_state="migrating", host="src", node="src"
+    )
+    migration = mock.Mock(
+        uuid="m-1",
+        status="running",
+        instance_uuid="uuid-7",
+        source_compute="src",
+        dest_compute="dst",
+        dest_node="dst",
+    )
+    fault, placement = _nova(monkeypatch, instance, migration)
+    driver.reconcile("dst", [_incoming("done")], {}, {"m-1": True})
+    # Nova's view of this host now holds the guest it runs.
+    assert (instance.host, instance.node) == ("dst", "dst")
+    assert instance.vm_state == "active"
+    assert instance.power_state == power_state.RUNNING
+    assert instance.task_state is None
+    assert migration.status == "completed"
+    placement.delete_allocation_for_instance.assert_called_once_with(
+        mock.ANY, "m-1", consumer_type="migration"
+    )
+    fault.assert_not_called()
+
+
+def test_a_restarted_destination_whose_migration_nova_lost_says_so(
+    monkeypatch,
+):
+    instance = mock.Mock(vm_state="active", task_state=None, host="src")
+    fault, _ = _nova(monkeypatch, instance)
+    driver.reconcile("dst", [_incoming("done")], {}, {"m-1": True})
+    assert instance.vm_state == "error"
+    message = str(fault.call_args.args[2])
+    assert "dst, where the guest now runs" in message
+    assert "records it on src" in message
+
+
+def test_a_destroyed_copy_is_an_error_only_where_nova_records_it(
+    monkeypatch,
+):
+    failed = _incoming(
+        "failed", "no COMMIT received: the copy here was destroyed"
+    )
+    # Nova has it on its source: the source's side, nothing to do here.
+    instance = mock.Mock(vm_state="active", task_state=None, host="src")
+    fault, _ = _nova(monkeypatch, instance)
+    driver.reconcile("dst", [failed], {}, {})
+    assert instance.vm_state == "active"
+    fault.assert_not_called()
+    # Nova records it here, where no copy runs any more.
+    instance = mock.Mock(vm_state="active", task_state=None, host="dst")
+    fault, _ = _nova(monkeypatch, instance)
+    driver.reconcile("dst", [failed], {}, {})
+    assert instance.vm_state == "error"
+    message = str(fault.call_args.args[2])
+    assert "never committed on dst" in message
+    assert "copy here was destroyed" in message
 
 
 def test_recovery_errors_a_guest_whose_destination_nova_does_not_name(
@@ -504,6 +630,4 @@ def test_start_is_refused_by_uuid_once_the_domain_is_gone(
 def test_journals_are_kept_under_nova_state_path(xen_driver, tmp_path):
     # Not where Nova is installed (its state_path's default): the
     # fixture's Nova state_path holds them.
-    assert CONF.xen_ncm.state_path == str(
-        tmp_path / "nova-state" / "xen_ncm"
-    )
+    assert CONF.xen_ncm.state_path == str(tmp_path / "nova-state" / "xen_ncm")

@@ -65,6 +65,8 @@ def test_inventory(tmp_path, monkeypatch):
     assert inventory[orc.VCPU]["total"] == 24
     assert inventory[orc.VCPU]["max_unit"] == 4
     assert inventory[orc.DISK_GB]["reserved"] == 2
+    shared = ops.inventory(ratios, reserved_disk_gb=2, report_disk=False)
+    assert set(shared) == {orc.VCPU, orc.MEMORY_MB}
 
 
 def test_a_host_that_reports_no_cpus_is_an_error(tmp_path, monkeypatch):

@@ -8,6 +8,8 @@ from nova import context
 from nova import exception
 from nova import objects
 from nova.tests.unit import fake_instance
+from oslo_utils import uuidutils
+from oslo_utils.fixture import uuidsentinel as uuids
 
 from nova_xen_ncm.engine import errors as engine_errors
 from nova_xen_ncm.engine.state import Phase
@@ -130,6 +132,84 @@ def test_pre_live_migration_starts_a_receiver(instance, monkeypatch):
     assert data.token_bytes == b"\x01" * 32
     ops.post_live_migration_at_destination(instance)
     incoming.wait.assert_called_once()
+
+
+def _preparing(uuid, id_, dest="unit"):
+    return objects.Migration(uuid=uuid, id=id_, dest_compute=dest)
+
+
+@pytest.mark.parametrize(
+    "records, expected",
+    [
+        # Nova's record of this migration to this host.
+        ([_preparing(uuids.nova_1, 1)], uuids.nova_1),
+        # Another instance's move elsewhere is not this one.
+        ([_preparing(uuids.elsewhere, 5, dest="other")], None),
+        # One left preparing by an attempt that crashed: the newest wins.
+        (
+            [_preparing(uuids.stale, 3), _preparing(uuids.nova_7, 7)],
+            uuids.nova_7,
+        ),
+        # None preparing (an engine-only caller): an id of its own.
+        ([], None),
+    ],
+)
+def test_the_destination_names_the_migration_as_nova_does(
+    instance, monkeypatch, records, expected
+):
+    host = make_host()
+    host.domain_info.side_effect = base.DomainNotFound("free")
+    incoming = mock.Mock(endpoint=("192.0.2.1", 49160), token=b"\x01" * 32)
+    factory = mock.Mock(return_value=incoming)
+    monkeypatch.setattr(livemigrationops, "IncomingMigration", factory)
+    lookup = mock.Mock(return_value=objects.MigrationList(objects=records))
+    monkeypatch.setattr(
+        livemigrationops.objects.MigrationList, "get_by_filters", lookup
+    )
+    ctxt = context.get_admin_context()
+    ops = make_ops(host)
+    data = ops.pre_live_migration(
+        instance, [], XenNCMLiveMigrateData(source_domid=9), context=ctxt
+    )
+    # The instance's live migration from its host, as Nova left it for
+    # pre_live_migration.
+    lookup.assert_called_once_with(
+        ctxt,
+        {
+            "instance_uuid": instance.uuid,
+            "status": "preparing",
+            "migration_type": "live-migration",
+            "source_compute": instance.host,
+        },
+    )
+    # The id a restarted compute's recovery looks Nova's record up by,
+    # and the one the source reads back.
+    assert factory.call_args.args[1] == data.migration_id
+    if expected is None:
+        assert data.migration_id not in {r.uuid for r in records}
+        assert uuidutils.is_uuid_like(data.migration_id)
+    else:
+        assert data.migration_id == expected
+
+
+def test_the_migration_handed_in_names_it(instance, monkeypatch):
+    host = make_host()
+    host.domain_info.side_effect = base.DomainNotFound("free")
+    incoming = mock.Mock(endpoint=("192.0.2.1", 49160), token=b"\x01" * 32)
+    monkeypatch.setattr(
+        livemigrationops, "IncomingMigration", mock.Mock(return_value=incoming)
+    )
+    lookup = mock.Mock()
+    monkeypatch.setattr(
+        livemigrationops.objects.MigrationList, "get_by_filters", lookup
+    )
+    data = XenNCMLiveMigrateData(source_domid=9)
+    data.migration = objects.Migration(uuid=uuids.handed_in)
+    data = make_ops(host).pre_live_migration(
+        instance, [], data, context=context.get_admin_context()
+    )
+    assert data.migration_id == uuids.handed_in
+    lookup.assert_not_called()
 
 
 def run_migration(instance, phase):

@@ -86,14 +86,24 @@ def running(domid=7):
 
 
 def test_migrate_powers_off_and_keeps_the_disk(
-    ops, host, vifs, instance, disk
+    ops, host, vifs, instance, disk, monkeypatch
 ):
-    # The guest ignores the shutdown request: its domain is destroyed
-    # before the destination may boot the disk.
+    # The guest ignores the shutdown request: asked again every
+    # retry_interval, its domain is destroyed at the timeout, before the
+    # destination may boot the disk.
+    now = [0.0]
+    monkeypatch.setattr(vmops.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(
+        vmops.time, "sleep", lambda s: now.__setitem__(0, now[0] + s)
+    )
     host.find_domain.return_value = running()
-    info = ops.migrate_disk_and_power_off(instance, flavor(2), [], None, 30)
+    host.domain_info.return_value = running()
+    info = ops.migrate_disk_and_power_off(
+        instance, flavor(2), [], None, 30, 20
+    )
     assert json.loads(info) == {"root_disk": disk}
-    host.shutdown.assert_called_once_with(7)
+    assert host.shutdown.call_args_list == [mock.call(7), mock.call(7)]
+    assert round(now[0]) == 30
     host.destroy_domain.assert_called_once_with(7)
     vifs.unplug.assert_called_once_with(instance, [], ignore_errors=True)
     assert os.path.getsize(disk) == GiB

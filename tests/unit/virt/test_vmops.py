@@ -173,12 +173,71 @@ def test_destroy_deletes_disks_only_when_nova_says_so(ops, host, instance):
     host.destroy_domain.assert_called_once_with(7)
 
 
-def test_power_off_destroys(ops, host, instance):
+@pytest.fixture
+def clock(monkeypatch):
+    """vmops' time: sleeping moves it on."""
+    now = [1000.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    monkeypatch.setattr(vmops.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(vmops.time, "sleep", sleep)
+    return now
+
+
+def test_a_hard_power_off_destroys_without_asking(ops, host, instance):
     host.find_domain.return_value = info()
     ops.power_off(instance)
+    host.shutdown.assert_not_called()
     host.destroy_domain.assert_called_once_with(7)
-    ops.power_off(instance, timeout=30)
-    host.shutdown.assert_called_once_with(7)
+
+
+def test_power_off_asks_the_guest_first_and_frees_what_shut_down(
+    ops, host, instance, clock
+):
+    host.find_domain.return_value = info()
+    calls = []
+    host.shutdown.side_effect = lambda domid: calls.append("asked")
+    # The guest shuts down 3 s after it was asked.
+    asked_at = clock[0]
+    host.domain_info.side_effect = lambda domid: info(
+        base.DomainState.SHUTDOWN
+        if clock[0] - asked_at >= 3
+        else base.DomainState.RUNNING
+    )
+    host.destroy_domain.side_effect = lambda domid: calls.append("destroy")
+    ops.power_off(instance, timeout=60, retry_interval=10)
+    # Asked before the domain went (Nova's contract), once: it obeyed
+    # before the retry interval.
+    assert calls == ["asked", "destroy"]
+    assert clock[0] - asked_at < 4
+
+
+def test_power_off_asks_again_then_destroys_a_guest_that_ignores_it(
+    ops, host, instance, clock
+):
+    host.find_domain.return_value = info()
+    host.domain_info.return_value = info()
+    start = clock[0]
+    asked = []
+    host.shutdown.side_effect = lambda domid: asked.append(clock[0] - start)
+    ops.power_off(instance, timeout=25, retry_interval=10)
+    # At 0, then every retry_interval, until timeout; then destroyed.
+    assert [round(t) for t in asked] == [0, 10, 20]
+    assert round(clock[0] - start) == 25
+    host.destroy_domain.assert_called_once_with(7)
+
+
+def test_power_off_of_a_guest_that_cannot_be_asked_destroys_at_once(
+    ops, host, instance, clock
+):
+    host.find_domain.return_value = info()
+    host.shutdown.side_effect = base.NotSupported("no PV control")
+    start = clock[0]
+    ops.power_off(instance, timeout=60, retry_interval=10)
+    assert clock[0] == start
+    host.destroy_domain.assert_called_once_with(7)
 
 
 def test_suspend_and_resume_use_a_save_file(ops, host, instance):
@@ -196,6 +255,50 @@ def test_suspend_and_resume_use_a_save_file(ops, host, instance):
         ops.resume(instance, NETWORK_INFO)
     restore.assert_called_once_with(host, ops.save_path(instance))
     assert not ops.instance_exists(instance)
+
+
+def test_a_resumed_guest_leaves_no_empty_instance_directory(
+    ops, host, instance, tmp_path
+):
+    # The host driver places the root disk (a host whose instances_path
+    # is its own): the directory was made for the save file alone.
+    host.disk_path.return_value = str(tmp_path / "shared" / "disk")
+    host.find_domain.return_value = info()
+    directory = os.path.dirname(ops.save_path(instance))
+    with mock.patch.object(vmops.savefile, "save_to_path") as save:
+        save.side_effect = lambda h, d, p: open(p, "wb").close()
+        ops.suspend(instance)
+    assert os.path.isdir(directory)
+    with mock.patch.object(
+        vmops.savefile, "restore_from_path", return_value=7
+    ):
+        ops.resume(instance, NETWORK_INFO)
+    assert not os.path.exists(directory)
+
+
+def test_a_destroyed_suspended_guest_leaves_no_empty_directory(
+    ops, host, instance, tmp_path
+):
+    host.disk_path.return_value = str(tmp_path / "shared" / "disk")
+    directory = os.path.dirname(ops.save_path(instance))
+    os.makedirs(directory)
+    open(ops.save_path(instance), "wb").close()
+    host.find_domain.side_effect = base.DomainNotFound("no")
+    ops.destroy(instance, NETWORK_INFO, destroy_disks=False)
+    assert not os.path.exists(directory)
+
+
+def test_the_instance_directory_holding_the_disk_stays(ops, host, instance):
+    # instances_path holds the root disk (the shared path): cleaning the
+    # save file up must not take the guest's disk directory with it.
+    path = vmops.root_disk_path(host, instance)
+    os.makedirs(os.path.dirname(path))
+    open(path, "wb").close()
+    open(ops.save_path(instance), "wb").close()
+    host.find_domain.side_effect = base.DomainNotFound("no")
+    ops.cleanup(instance, NETWORK_INFO)
+    assert os.path.exists(path)
+    assert not os.path.exists(ops.save_path(instance))
 
 
 def test_failed_suspend_resumes_the_guest(ops, host, instance):

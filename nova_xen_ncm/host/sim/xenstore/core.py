@@ -437,7 +437,9 @@ class XenstoreCore:
     def create_domain_home(self, domid: int) -> None:
         """What libxl__domain_make writes for a new guest: its home,
         readable by it and owned by dom0, with the directories the guest
-        owns (data, drivers, feature, attr, error, control/shutdown)."""
+        owns (data, drivers, feature, attr, error, control/shutdown and
+        control/feature-poweroff, where its PV drivers say they act on a
+        shutdown request)."""
         self._check_domid(domid, allow_dom0=False)
         ro = ((0, PRIVILEGED_DOMID), (PERM_READ, domid))
         rw = ((0, domid),)
@@ -448,6 +450,7 @@ class XenstoreCore:
                 (f"{home}/device", ro),
                 (f"{home}/control", ro),
                 (f"{home}/control/shutdown", rw),
+                (f"{home}/control/feature-poweroff", rw),
                 (f"{home}/data", rw),
                 (f"{home}/drivers", rw),
                 (f"{home}/feature", rw),

@@ -60,7 +60,7 @@ def test_list_shows_every_entry_oldest_first_sources_then_destinations(
     )
     rows = json.loads(out)
     assert status == 0
-    assert [(r["Migration"], r["Role"]) for r in rows] == [
+    assert [(r["ID"], r["Role"]) for r in rows] == [
         ("m-1", "source"),
         ("m-2", "source"),
         ("m-3", "destination"),
@@ -69,10 +69,10 @@ def test_list_shows_every_entry_oldest_first_sources_then_destinations(
         Journal(str(journals)).read("m-1").updated, tz=datetime.timezone.utc
     )
     assert rows[0] == {
-        "Migration": "m-1",
+        "ID": "m-1",
         "Role": "source",
         "Domain": 5,
-        "UUID": "uuid-m-1",
+        "Server UUID": "uuid-m-1",
         "Phase": "precopy",
         "Peer": "192.0.2.7:4711",
         "Running": True,
@@ -85,9 +85,26 @@ def test_list_shows_every_entry_oldest_first_sources_then_destinations(
 def test_show_one_entry_and_a_missing_one(journals, capsys):
     status, out = invoke(
         migration.ShowMigration,
-        ["m-3", "--state-path", str(journals), "-f", "value", "-c", "Peer"],
+        ["m-3", "--state-path", str(journals), "-f", "value", "-c", "peer"],
     )
     assert (status, out) == (0, "192.0.2.7:4800\n")
+    # snake_case fields and an id, as OpenStackClient's show commands.
+    status, out = invoke(
+        migration.ShowMigration,
+        ["m-3", "--state-path", str(journals), "-f", "json"],
+    )
+    assert status == 0
+    assert list(json.loads(out)) == [
+        "id",
+        "role",
+        "domain",
+        "server_uuid",
+        "phase",
+        "peer",
+        "running",
+        "updated",
+    ]
+    assert json.loads(out)["id"] == "m-3"
     status, out = invoke(
         migration.ShowMigration,
         ["m-9", "--state-path", str(journals)],
@@ -107,11 +124,11 @@ def test_resolve_forgets_the_entry_and_shows_what_it_held(journals):
     )
     assert status == 0
     assert json.loads(out) == {
-        "Migration": "m-2",
-        "Domain": 7,
-        "UUID": "uuid-m-2",
-        "Journalled": "stop_and_copy",
-        "Resolved": True,
+        "id": "m-2",
+        "domain": 7,
+        "server_uuid": "uuid-m-2",
+        "journalled": "stop_and_copy",
+        "resolved": True,
     }
     assert Journal(str(journals)).read("m-2") is None
     assert Journal(str(journals)).read("m-1") is not None
@@ -144,7 +161,7 @@ def test_recover_settles_says_each_outcome_and_lists_them(tmp_path, capsys):
     # Its guest runs on neither host: an operator must act.
     assert status == 1
     (row,) = json.loads(out)
-    assert (row["Migration"], row["Role"], row["Journalled"]) == (
+    assert (row["ID"], row["Role"], row["Journalled"]) == (
         "m-1",
         "source",
         "restore",
@@ -222,10 +239,10 @@ def test_an_end_notification_is_one_row():
         zip(migration.ENDED_COLUMNS, migration.ended_row(data), strict=True)
     )
     assert row == {
-        "Migration": "m-1",
+        "ID": "m-1",
         "Role": "source",
         "Outcome": "done",
-        "Instance": "inst",
+        "Server UUID": "inst",
         "Source": "cmp1",
         "Destination": "cmp2",
         "Total Time": 12.5,
@@ -255,7 +272,7 @@ def test_an_interrupted_watch(monkeypatch, capsys, once):
         raise Interrupted(signal.SIGINT)
 
     monkeypatch.setattr(watch, "follow", follow)
-    argv = ["-f", "value", "-c", "Migration", "-c", "Outcome"]
+    argv = ["-f", "value", "-c", "ID", "-c", "Outcome"]
     status, out = invoke(
         migration.WatchMigrations,
         argv + (["--once"] if once else []),
@@ -269,3 +286,10 @@ def test_an_interrupted_watch(monkeypatch, capsys, once):
     # Without --once, Ctrl-C is how a watch ends: what it saw is listed.
     # With --once it was waiting for an outcome: nothing is.
     assert out == ("" if once else "m-1 done\n")
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-3"])
+def test_recover_answer_refuses_what_is_not_a_wait(text, capsys):
+    with pytest.raises(SystemExit):
+        invoke(migration.RecoverMigrations, [f"--answer={text}"])
+    assert "argument --answer: must be" in capsys.readouterr().err

@@ -1037,3 +1037,48 @@ def test_every_page_the_guest_wrote_is_said_written(conf, fill) -> None:
             assert written.sum() > len(pfns) // 2
     finally:
         h.close()
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_guest_asked_to_shut_down_through_xenstore_shuts_itself_down(
+    conf, host, tmp_path
+) -> None:
+    conf.set_override("disk_dir", str(tmp_path / "disks"), "xen_ncm_sim")
+    domid = host.create_domain(
+        _vbd_guest("5d1c9a0e-3b7f-4e2a-8c61-0f9e8d7c6b5a")
+    )
+    xs = host.services.toolstack_xs
+    control = f"/local/domain/{domid}/control"
+    # The guest's PV drivers say they watch control/shutdown.
+    assert _wait_for(lambda: xs.read(f"{control}/feature-poweroff") == b"1")
+    host.shutdown(domid)
+    # The request is in the guest's xenstore until the guest takes it.
+    assert _wait_for(
+        lambda: host.domain_info(domid).state == base.DomainState.SHUTDOWN
+    ), host.domain_info(domid)
+    # Acknowledged by the guest (Linux clears the node), not the host.
+    assert xs.read(f"{control}/shutdown") == b""
+    # A shut-down domain does not run again; it is only destroyed.
+    host.unpause(domid)
+    assert host.domain_info(domid).state == base.DomainState.SHUTDOWN
+    host.destroy_domain(domid)
+    with pytest.raises(base.DomainNotFound):
+        host.domain_info(domid)
+
+
+def test_a_guest_without_pv_drivers_cannot_be_asked_to_shut_down(
+    host,
+) -> None:
+    domid = host.create_domain(
+        base.DomainConfig(name="hvm", memory_bytes=16 << 20, pv_drivers=False)
+    )
+    with pytest.raises(base.NotSupported, match="no PV control interface"):
+        host.shutdown(domid)
+    assert host.domain_info(domid).state == base.DomainState.RUNNING
+    host.destroy_domain(domid)

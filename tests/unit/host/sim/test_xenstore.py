@@ -357,11 +357,12 @@ def test_quotas():
     assert (
         err(xs, guest, XsType.SET_PERMS, "data", "n5", "r0", "r6") == "ENOSPC"
     )
-    # The home has 6 guest-owned nodes plus data/big (created by dom0
-    # under data, which the guest owns): 7; 5 more fit, the 6th not.
-    for i in range(5):
+    # The home has 7 guest-owned nodes (control/feature-poweroff among
+    # them) plus data/big (created by dom0 under data, which the guest
+    # owns): 8; 4 more fit, the 5th not.
+    for i in range(4):
         write(xs, guest, f"data/n{i}", "v")
-    assert err(xs, guest, XsType.WRITE, raw=b"data/n5\0v") == "ENOSPC"
+    assert err(xs, guest, XsType.WRITE, raw=b"data/n4\0v") == "ENOSPC"
 
 
 def test_threads_serialise(store):

@@ -152,3 +152,39 @@ def test_a_domid_destroyed_this_second_is_asked_for_in_the_next(
     xen._wait_out_destroy_second(5)
     xen._wait_out_destroy_second(6)
     assert len(slept) == 1
+
+
+def test_shutdown_is_libxl_asking_the_guest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import contextlib
+
+    asked: list[tuple] = []
+    answer = [0]
+
+    class FakeFN:
+        def __getattr__(self, name: str):
+            def fn(*args):
+                asked.append((name, *args))
+                return answer[0]
+
+            return fn
+
+    monkeypatch.setattr(host, "FN", FakeFN())
+    xen = object.__new__(host.XenHost)
+    xen.domain_info = lambda domid: None
+    xen._libxl = lambda: contextlib.nullcontext("ctx")
+    xen.shutdown(7)
+    # A request, not a destroy: ao_how NULL, libxl returns once written.
+    assert asked == [("libxl_domain_shutdown", "ctx", 7, None)]
+    answer[0] = host.LIBXL_ERROR_NOPARAVIRT
+    with pytest.raises(base.NotSupported, match="no PV control interface"):
+        xen.shutdown(7)
+    answer[0] = -3
+    with pytest.raises(base.HostError, match="error -3"):
+        xen.shutdown(7)
+    # Nothing here would restart a guest shutting down to reboot.
+    asked.clear()
+    with pytest.raises(base.NotSupported, match="restarts"):
+        xen.shutdown(7, reboot=True)
+    assert asked == []

@@ -70,6 +70,10 @@ def declarations(text: str) -> dict[str, tuple[str, list[str]]]:
         )
         if not match or "typedef" in match.group("ret"):
             continue
+        if match.group("ret").split()[0] == "return":
+            # A call in a static inline wrapper's body (libxl.h's compat
+            # wrappers of older API versions), not a declaration.
+            continue
         args = match.group("args").strip()
         arg_types = (
             []
