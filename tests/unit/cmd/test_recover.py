@@ -53,7 +53,9 @@ def test_settles_and_prints_each_migration(tmp_path, capsys, journalled):
 
 def test_a_damaged_journal_is_an_error(tmp_path, capsys):
     (tmp_path / "migrations").mkdir()
-    (tmp_path / "migrations" / "m-2.json").write_text("not json")
+    # A whole line that is no version (an append cut short has no
+    # newline, and is not an entry: tests/unit/engine/test_journal.py).
+    (tmp_path / "migrations" / "m-2.json").write_text("not json\n")
     status, _, err = run(capsys, "--state-path", str(tmp_path))
     assert status == 2
     assert "m-2.json: unreadable" in err
