@@ -472,7 +472,8 @@ def _out(result) -> str:
 
 def _cycle(rig: XenRig, mode: str) -> dict:
     started = time.monotonic()
-    moved = last_json(rig.run(dom0_python(SAVE_RESTORE, mode)))
+    # Under TCG on a loaded machine a cycle has taken over 10 minutes.
+    moved = last_json(rig.run(dom0_python(SAVE_RESTORE, mode), timeout=1800))
     print(f"{mode} save/restore ({time.monotonic() - started:.0f}s):", {
         k: moved[k] for k in (
             "domid", "after", "save_s", "restore_s", "pages", "rounds",
