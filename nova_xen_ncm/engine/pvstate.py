@@ -19,7 +19,11 @@ keeps every guest-visible value:
 * the xenstore ring GFN travels in HVM_PARAM_STORE_PFN, not in the
   xenstore records, so decoding takes the HVM params;
 * the xenstore generation a transaction started from is meaningless on
-  another host; a restored transaction starts from the destination's.
+  another host; a restored transaction starts from the destination's;
+* per-vCPU state (NCM_VCPU_PV) travels when the host models it (real
+  Xen's export does, the simulated host's has none): its runstate and
+  time areas are the guest virtual addresses of the VCPUOP_register_*
+  _memory_area calls, and the singleshot timer the time left at pause.
 
 What the stream can carry but the host model cannot (FIFO event arrays and
 queue tails) is refused here rather than dropped: a guest whose PV state
@@ -109,11 +113,14 @@ class PvRecords:
     xs_transactions: tuple[ncm.XsTransaction, ...] = ()
     xs_nodes: tuple[ncm.XsNode, ...] = ()
     pv_devices: tuple[ncm.PvDevice, ...] = ()
+    vcpu_pv: ncm.VcpuPv | None = None
 
     def libxc_records(self) -> list[tuple[str, Any]]:
         """(name, value) of the libxc records, in stream order."""
-        return [
-            ("NCM_SHARED_INFO", self.shared_info),
+        out: list[tuple[str, Any]] = [("NCM_SHARED_INFO", self.shared_info)]
+        if self.vcpu_pv is not None:
+            out.append(("NCM_VCPU_PV", self.vcpu_pv))
+        return out + [
             ("NCM_EVENT_CHANNELS", self.event_channels),
             ("NCM_GRANT_TABLE", self.grant_table),
         ]
@@ -197,6 +204,7 @@ class PvRecordCollector:
             xs_transactions=tuple(self._many["NCM_XS_TRANSACTION"]),
             xs_nodes=tuple(self._many["NCM_XS_NODE"]),
             pv_devices=tuple(self._many["NCM_PV_DEVICE"]),
+            vcpu_pv=self._single.get("NCM_VCPU_PV"),
         )
 
 
@@ -230,9 +238,11 @@ def _to_records(state: base.PvState, domain_uuid: str) -> PvRecords:
         backend_domids=backends,
     )
     xs_nodes, xs_txs = _xenstore_nodes(state.xenstore)
+    shared_info = _shared_info(state.shared_info)
     return PvRecords(
         domain=domain,
-        shared_info=_shared_info(state.shared_info),
+        shared_info=shared_info,
+        vcpu_pv=_vcpu_pv(state, len(shared_info.vcpu_info)),
         event_channels=_event_channels(state.event_channels),
         grant_table=_grant_table(state.grant_table),
         xs_connection=ncm.XsConnection(
@@ -283,6 +293,69 @@ def _shared_info(si: base.SharedInfoState) -> ncm.SharedInfo:
         page=bytes(si.content),
         vcpu_info=tuple(entries),
     )
+
+
+def _area(va: int) -> ncm.GuestAreaKind:
+    return ncm.GuestAreaKind.VIRTUAL if va else ncm.GuestAreaKind.NONE
+
+
+def _vcpu_pv(state: base.PvState, nr_vcpus: int) -> ncm.VcpuPv | None:
+    if not state.vcpus:
+        return None
+    if [v.vcpu for v in state.vcpus] != list(range(nr_vcpus)):
+        raise ValueError(
+            f"per-vCPU state of vCPUs {[v.vcpu for v in state.vcpus]}, "
+            f"not of the {nr_vcpus} vCPUs of the vcpu_info placements"
+        )
+    return ncm.VcpuPv(
+        vm_assist=state.vm_assist,
+        vcpus=tuple(
+            ncm.VcpuPvState(
+                vcpu=v.vcpu,
+                runstate_kind=_area(v.runstate_va),
+                runstate_addr=v.runstate_va,
+                time_kind=_area(v.time_va),
+                time_addr=v.time_va,
+                singleshot_ns=v.singleshot_ns,
+                periodic_ns=v.periodic_ns,
+                upcall_vector=v.upcall_vector,
+            )
+            for v in state.vcpus
+        ),
+    )
+
+
+def _host_vcpus(
+    vp: ncm.VcpuPv | None, nr_vcpus: int
+) -> tuple[base.VcpuPvState, ...]:
+    if vp is None:
+        return ()
+    if len(vp.vcpus) != nr_vcpus:
+        raise ValueError(
+            f"NCM_VCPU_PV has {len(vp.vcpus)} vCPUs, NCM_SHARED_INFO "
+            f"{nr_vcpus}"
+        )
+    out = []
+    for v in vp.vcpus:
+        areas = (("runstate", v.runstate_kind), ("time", v.time_kind))
+        for what, kind in areas:
+            # The host model keeps the VCPUOP_register_*_memory_area form.
+            if kind == ncm.GuestAreaKind.PHYSICAL:
+                raise ValueError(
+                    f"vCPU {v.vcpu}: a {what} area registered by guest "
+                    "physical address cannot be restored"
+                )
+        out.append(
+            base.VcpuPvState(
+                vcpu=v.vcpu,
+                upcall_vector=v.upcall_vector,
+                runstate_va=v.runstate_addr,
+                time_va=v.time_addr,
+                singleshot_ns=v.singleshot_ns,
+                periodic_ns=v.periodic_ns,
+            )
+        )
+    return tuple(out)
 
 
 def _binding(port: base.EventChannel) -> int:
@@ -534,6 +607,8 @@ def _to_pv_state(
             store_gfn=int(hvm_params[HVM_PARAM_STORE_PFN]),
         ),
         backends=tuple(_host_backend(d) for d in recs.pv_devices),
+        vcpus=_host_vcpus(recs.vcpu_pv, len(recs.shared_info.vcpu_info)),
+        vm_assist=recs.vcpu_pv.vm_assist if recs.vcpu_pv is not None else 0,
     )
 
 

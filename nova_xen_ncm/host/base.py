@@ -217,6 +217,24 @@ class SharedInfoState:
 
 
 @dataclasses.dataclass(frozen=True)
+class VcpuPvState:
+    """What a guest registered for one vCPU besides vcpu_info: the
+    per-vCPU upcall vector (HVMOP_set_evtchn_upcall_vector, 0 none), the
+    runstate and time areas (guest virtual addresses, 0 none) and the PV
+    timers: ``singleshot_ns`` is the time left until the armed singleshot
+    deadline when the guest was paused (None: not armed), which another
+    host can re-arm; ``periodic_ns`` the periodic timer's period (0
+    stopped)."""
+
+    vcpu: int
+    upcall_vector: int = 0
+    runstate_va: int = 0
+    time_va: int = 0
+    singleshot_ns: int | None = None
+    periodic_ns: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class XenstoreNode:
     """A node with its permissions in xs_wire form: the first entry is the
     owner with the default access for everybody else, then the ACL."""
@@ -309,6 +327,11 @@ class PvState:
     shared_info: SharedInfoState
     xenstore: XenstoreState
     backends: tuple[BackendState, ...]
+    #: Per-vCPU registrations and timers, one per vCPU in order; empty
+    #: when the host does not model them (the simulated one).
+    vcpus: tuple[VcpuPvState, ...] = ()
+    #: The domain's HYPERVISOR_vm_assist bits.
+    vm_assist: int = 0
 
 
 # -- the transparency checker's read path -----------------------------------

@@ -153,6 +153,7 @@ class GuestAreaKind(enum.IntEnum):
 
 
 VCPU_SINGLESHOT_ARMED = 0x1
+UPCALL_VECTOR_MIN = 0x10  # hvm.c hvmop_set_evtchn_upcall_vector
 
 
 class XenbusState(enum.IntEnum):
@@ -659,7 +660,9 @@ class VcpuPvState:
     or guest physical ones (PHYSICAL). ``singleshot_ns`` is the time left
     at pause until the VCPUOP_set_singleshot_timer deadline, or None if no
     timer is armed; ``periodic_ns`` the VCPUOP_set_periodic_timer period
-    (0: stopped).
+    (0: stopped); ``upcall_vector`` the vector of
+    HVMOP_set_evtchn_upcall_vector (0: none, the callback of
+    HVM_PARAM_CALLBACK_IRQ is used).
     """
 
     vcpu: int
@@ -669,6 +672,7 @@ class VcpuPvState:
     time_addr: int = 0
     singleshot_ns: int | None = None
     periodic_ns: int = 0
+    upcall_vector: int = 0
 
 
 def _check_guest_area(
@@ -733,6 +737,14 @@ class VcpuPv:
                     STIME_DELTA_MAX + 1,
                     f"{field}.singleshot_ns",
                 )
+            # HVMOP_set_evtchn_upcall_vector refuses vectors below 0x10.
+            if entry.upcall_vector:
+                _check_range(
+                    entry.upcall_vector,
+                    UPCALL_VECTOR_MIN,
+                    0x100,
+                    f"{field}.upcall_vector",
+                )
             # VCPUOP_set_periodic_timer's bounds (common/domain.c).
             if entry.periodic_ns:
                 _check_range(
@@ -755,6 +767,9 @@ class VcpuPv:
             "singleshot_armed": [
                 v.vcpu for v in self.vcpus if v.singleshot_ns is not None
             ],
+            "upcall_vectors": [
+                v.vcpu for v in self.vcpus if v.upcall_vector
+            ],
         }
 
 
@@ -768,9 +783,8 @@ class VcpuPvCodec:
         _check_range(count, 1, HVM_MAX_VCPUS + 1, "nr_vcpus")
         entries = []
         for i in range(count):
-            (vcpu, rkind, tkind, flags, rsv, raddr, taddr, single,
+            (vcpu, rkind, tkind, flags, vector, raddr, taddr, single,
              period) = r.unpack(VCPU_PV_ENTRY, f"vcpus[{i}]")  # fmt: skip
-            _check_zero(rsv, f"vcpus[{i}].reserved")
             _check_zero(
                 flags & ~VCPU_SINGLESHOT_ARMED,
                 f"vcpus[{i}].flags (undefined bits)",
@@ -792,6 +806,7 @@ class VcpuPvCodec:
                         single if flags & VCPU_SINGLESHOT_ARMED else None
                     ),
                     periodic_ns=period,
+                    upcall_vector=vector,
                 )
             )
         r.end()
@@ -814,7 +829,7 @@ class VcpuPvCodec:
                     v.runstate_kind,
                     v.time_kind,
                     VCPU_SINGLESHOT_ARMED if armed else 0,
-                    0,
+                    v.upcall_vector,
                     v.runstate_addr,
                     v.time_addr,
                     v.singleshot_ns if armed else 0,

@@ -14,11 +14,13 @@ no IOMMU (unknown domctls end in ``iommu_do_domctl()``), which
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno as errnos
 import threading
 from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
 from nova_xen_ncm.host import base
@@ -43,6 +45,10 @@ NCM_VCPU_SET = 1
 NCM_VCPU_F_VCPU_INFO = 1 << 0
 NCM_VCPU_F_SINGLESHOT = 1 << 1
 NCM_VCPU_F_COMPAT = 1 << 2
+# singleshot_deadline is the time left (ns), not the host's system time.
+NCM_VCPU_F_RELATIVE = 1 << 3
+# SET: set the domain's vm_assist bits too.
+NCM_VCPU_F_VM_ASSIST = 1 << 4
 # sizeof(struct vcpu_info) on x86_64; its offset must keep it in a page.
 VCPU_INFO_SIZE = 64
 PAGE_SIZE = 4096
@@ -129,7 +135,7 @@ class DomctlNcmEvtchn(ctypes.Structure):
 
 
 class DomctlNcmVcpu(ctypes.Structure):
-    """struct xen_domctl_ncm_vcpu (x86): 64 octets."""
+    """struct xen_domctl_ncm_vcpu (x86): 72 octets."""
 
     _fields_ = [
         ("op", ctypes.c_uint32),
@@ -143,6 +149,7 @@ class DomctlNcmVcpu(ctypes.Structure):
         ("time_va", ctypes.c_uint64),
         ("upcall_vector", ctypes.c_uint8),
         ("pad", ctypes.c_uint8 * 7),
+        ("vm_assist", ctypes.c_uint64),
     ]
 
 
@@ -248,7 +255,10 @@ class VcpuState:
     ``time_va`` the guest linear addresses of the runstate and time
     areas (0 none); ``upcall_vector`` the per-vCPU upcall vector (0 none).
     ``compat`` (export only) marks a 32-bit guest, which cannot be put
-    back.
+    back. With ``singleshot_relative`` the deadline is the time left
+    (ns) instead, which another host can take. ``vm_assist`` is the
+    domain's HYPERVISOR_vm_assist bits (the same for every vCPU; None on
+    import leaves them as they are).
     """
 
     vcpu: int
@@ -259,6 +269,8 @@ class VcpuState:
     runstate_va: int = 0
     time_va: int = 0
     compat: bool = False
+    singleshot_relative: bool = False
+    vm_assist: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.vcpu < U32:
@@ -290,6 +302,8 @@ class VcpuState:
                 f"{where} periodic period {self.periodic_period} ns is not "
                 f"0 or {MIN_PERIOD_NS}..{STIME_MAX}"
             )
+        if self.vm_assist is not None:
+            _in_range(f"{where} vm_assist", self.vm_assist, U64)
         for name in ("runstate_va", "time_va"):
             va = getattr(self, name)
             _in_range(f"{where} {name}", va, U64)
@@ -307,6 +321,11 @@ class VcpuState:
         if self.singleshot_deadline is not None:
             op.flags |= NCM_VCPU_F_SINGLESHOT
             op.singleshot_deadline = self.singleshot_deadline
+        if self.singleshot_relative:
+            op.flags |= NCM_VCPU_F_RELATIVE
+        if self.vm_assist is not None:
+            op.flags |= NCM_VCPU_F_VM_ASSIST
+            op.vm_assist = self.vm_assist
         op.periodic_period = self.periodic_period
         op.runstate_va = self.runstate_va
         op.time_va = self.time_va
@@ -327,6 +346,8 @@ class VcpuState:
             runstate_va=op.runstate_va,
             time_va=op.time_va,
             compat=bool(op.flags & NCM_VCPU_F_COMPAT),
+            singleshot_relative=bool(op.flags & NCM_VCPU_F_RELATIVE),
+            vm_assist=op.vm_assist,
         )
 
 
@@ -356,6 +377,21 @@ class DomainContext:
         return libs.check_ptr(
             "xencall_alloc_buffer", FN.xencall_alloc_buffer(self._handle, size)
         )
+
+    @contextlib.contextmanager
+    def buffer(self, size: int) -> Iterator[int]:
+        """A hypercall buffer of ``size`` octets (its address), for the
+        guest handles of other hypercalls made by this process."""
+        with self._lock:
+            if self._handle is None:
+                raise libs.XenCallError("handle closed", call="xencall1")
+            buf = self._alloc(size)
+        try:
+            yield buf
+        finally:
+            with self._lock:
+                if self._handle is not None:
+                    FN.xencall_free_buffer(self._handle, buf)
 
     def _domctl(self, cmd: int, domid: int) -> tuple[Domctl, Any]:
         """A zeroed struct xen_domctl in the hypercall buffer, and the
@@ -396,12 +432,16 @@ class DomainContext:
         self._raise(err, domid, "count event channels")
         return ABI_NAMES.get(abi, f"unknown ABI {abi}")
 
-    def get_vcpu_state(self, domid: int, vcpu: int) -> VcpuState:
-        """What the guest registered for ``vcpu`` (XEN_DOMCTL_ncm_vcpu)."""
+    def get_vcpu_state(
+        self, domid: int, vcpu: int, *, relative: bool = False
+    ) -> VcpuState:
+        """What the guest registered for ``vcpu`` (XEN_DOMCTL_ncm_vcpu);
+        with ``relative`` the singleshot deadline as the time left."""
         with self._lock:
             ctl, issue = self._domctl(DOMCTL_NCM_VCPU, domid)
             ctl.u.ncm_vcpu.op = NCM_VCPU_GET
             ctl.u.ncm_vcpu.vcpu = vcpu
+            ctl.u.ncm_vcpu.flags = NCM_VCPU_F_RELATIVE if relative else 0
             err = issue()
             self._raise(err, domid, f"export vCPU {vcpu}", DOMCTL_NCM_VCPU)
             return VcpuState.from_domctl(ctl.u.ncm_vcpu)

@@ -44,6 +44,7 @@ from nova_xen_ncm.host.xen import context
 from nova_xen_ncm.host.xen import dm
 from nova_xen_ncm.host.xen import libs
 from nova_xen_ncm.host.xen import probe
+from nova_xen_ncm.host.xen import pvctx
 from nova_xen_ncm.host.xen import qmp
 from nova_xen_ncm.host.xen import xl as xl_mod
 
@@ -126,12 +127,19 @@ RTC_TIME_OCTETS = (0, 2, 4, 6, 7, 8, 9, 12)
 # 7 MSRs, then tsc.
 HVM_CPU_TSC_OFFSET = 1008
 # How long a freshly destroyed domid stays unusable for libxl (libxl
-# LIBXL_DOMID_REUSE_TIMEOUT); a restore puts the same guest back under its
-# own domid, which is what the delay guards against for a different one.
-# libxl reads it with getenv() in this process, so it is set once, when
-# the driver loads (before the service's threads use libxl), never
-# changed while threads may read the environment.
+# LIBXL_DOMID_REUSE_TIMEOUT, 60 s by default); a restore puts the same
+# guest back under its own domid, which is what the delay guards against
+# for a different one. libxl reads it with getenv() and has no per-call
+# setting, and a threaded service must not change its own environment:
+# it is a start-up requirement (the service's unit sets it), checked when
+# the driver loads; without it the driver reports that it cannot keep
+# domids, and every migration is refused at SETUP.
 DOMID_REUSE_ENV = "LIBXL_DOMID_REUSE_TIMEOUT"
+DOMID_REUSE_REASON = (
+    f"libxl refuses a domid destroyed in the last {DOMID_REUSE_ENV} "
+    f"seconds (60 by default): start the service with {DOMID_REUSE_ENV}=0 "
+    "in its environment (for example Environment= in its systemd unit)"
+)
 CONTEXT_LIMIT = 1 << 24
 
 
@@ -210,6 +218,7 @@ class XenHost(base.HostDriver):
             FN.xc_interface_close(self._xch)
             raise
         self._xsh: int | None = None
+        self._ctx: context.DomainContext | None = None
         self._caps: base.Capabilities | None = None
         # domid -> bool array of the pfns populated in a restoring domain.
         self._populated: dict[int, np.ndarray] = {}
@@ -227,9 +236,16 @@ class XenHost(base.HostDriver):
         self._libc.fdopen.restype = ctypes.c_void_p
         self._libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
         self._libc.fclose.argtypes = [ctypes.c_void_p]
-        if os.environ.get(DOMID_REUSE_ENV) != "0":
-            LOG.info("Setting %s=0 for libxl in this process", DOMID_REUSE_ENV)
-            os.environ[DOMID_REUSE_ENV] = "0"
+        # Read once, never written: see DOMID_REUSE_ENV.
+        self.reuses_domids = os.environ.get(DOMID_REUSE_ENV) == "0"
+        if not self.reuses_domids:
+            LOG.error(
+                "%s is %r in this service's environment; this host will "
+                "refuse every migration: %s",
+                DOMID_REUSE_ENV,
+                os.environ.get(DOMID_REUSE_ENV),
+                DOMID_REUSE_REASON,
+            )
 
     # -- helpers --
 
@@ -359,13 +375,15 @@ class XenHost(base.HostDriver):
     def capabilities(self) -> base.Capabilities:
         if self._caps is None:
             facts = self.hypervisor_facts()
+            restore = probe.restore_items(facts)
+            if not self.reuses_domids and restore[Item.DOMID] is None:
+                restore[Item.DOMID] = DOMID_REUSE_REASON
             self._caps = base.Capabilities(
                 host=self.hostname,
                 hypervisor=f"Xen {facts.version}",
-                restore=probe.restore_items(facts),
+                restore=restore,
                 log_dirty=bool(facts.physcaps & probe.PHYSCAP_HAP),
-                preserve_domid=facts.major * 100 + facts.minor
-                >= probe.DOMID_SINCE[0] * 100 + probe.DOMID_SINCE[1],
+                preserve_domid=restore[Item.DOMID] is None,
                 max_vcpus=128,
                 pcpus=self._nr_cpus(),
             )
@@ -1081,13 +1099,24 @@ class XenHost(base.HostDriver):
         if self._backends(domid):
             raise self._refuse_pv("resume_backends")
 
+    def domain_context(self) -> context.DomainContext:
+        """The patched hypervisor's domctls (:mod:`.context`), or
+        NotSupported naming what this Xen lacks."""
+        facts = self.hypervisor_facts()
+        if not (facts.ncm_evtchn and facts.ncm_vcpu):
+            raise self._refuse_pv("domain_context")
+        with self._lock:
+            if self._ctx is None:
+                self._ctx = context.DomainContext()
+            return self._ctx
+
     def export_pv_state(self, domid: int) -> base.PvState:
         self.domain_info(domid)
-        raise self._refuse_pv("export_pv_state")
+        return pvctx.export(self, self.domain_context(), domid)
 
     def import_pv_state(self, domid: int, state: base.PvState) -> None:
         self.domain_info(domid)
-        raise self._refuse_pv("import_pv_state")
+        pvctx.import_(self, self.domain_context(), domid, state)
 
     def event_channels(self, domid: int) -> tuple[base.EventChannel, ...]:
         """The guest's open ports as EVTCHNOP_status reports them."""
@@ -1200,6 +1229,9 @@ class XenHost(base.HostDriver):
         return base.GuestState(items=out)
 
     def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
         for domid in list(self._dirty_bufs):
             buf = self._dirty_bufs.pop(domid)
             FN.xc__hypercall_buffer_free_pages(self._xch, buf[0], buf[1])

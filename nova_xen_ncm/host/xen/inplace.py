@@ -3,24 +3,29 @@ patched Xen host under the same domid, without its cooperation.
 
 The guest's memory, HVM context, HVM parameters and TSC are what
 :mod:`nova_xen_ncm.engine.savefile` carries for a guest without PV
-drivers; beyond those this carries what only the patched hypervisor
-(``xen/patches``, :mod:`.context`) can read and set: the event channels
-the guest bound (VIRQs, IPIs, interdomain ports), and per vCPU the
-vcpu_info placement, the upcall vector, the singleshot and periodic
-timers and the runstate and time areas. The shared_info frame goes back
-to the GFN the guest mapped it at (XENMEM_add_to_physmap from dom0), its
-content (the 2-level pending and mask bits) with the guest's memory.
+drivers; its PV state is read and put back by the host driver's
+:meth:`~.XenHost.export_pv_state` and :meth:`~.XenHost.import_pv_state`,
+the calls the engine's save, migrate and receive make (:mod:`.pvctx`):
+event channels, shared_info, vcpu_info placement, per-vCPU upcall
+vector, timers and runstate and time areas, the grant table (v1) and the
+guest's xenstore nodes.
 
-What it does not carry yet, and a guest using it would miss: the grant
-table's placement (the frames' content is copied as ordinary memory),
-xenstore watches and transactions (xenstored forgets them with the old
-domain), FIFO event channels (refused by :meth:`.DomainContext.
-get_event_channels`) and PV devices' backends (refused: the guest must
-have none).
+What it does not carry, and a guest using it would miss: xenstore watches
+and open transactions (xenstored tells no one a domain's, and forgets
+them with the old domain), FIFO event channels and grant table v2
+(refused by the export) and PV devices' backends (refused: the guest must
+have none). The engine refuses PV-driver guests at SETUP for the first
+of these (the probe says why); this restore keeps host and domid and
+accepts it knowingly.
+
+``save(..., live=True)`` copies the memory while the guest runs (Xen's
+log-dirty mode, rounds until few pages are dirtied) and pauses it only
+for the last dirty pages and the state.
 """
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import ctypes
 import dataclasses
@@ -37,24 +42,23 @@ from oslo_log import log as logging
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import PAGE_SIZE
-from nova_xen_ncm.host.xen import context as ctx_mod
 from nova_xen_ncm.host.xen import libs
 
 if TYPE_CHECKING:
     from nova_xen_ncm.host.xen.host import XenHost
 
-XENMAPSPACE_SHARED_INFO = 0
-# getdomaininfo's shared_info_frame before the guest placed it: the M2P
-# has no entry for the frame (INVALID_M2P_ENTRY, truncated or not).
-_UNPLACED = (2**64 - 1, 2**32 - 1, 2**63 - 1)
 _BATCH = 1024
+# Live save: copy rounds while the guest runs, until a round leaves at
+# most STOP_PAGES dirty (or LIVE_ROUNDS rounds were made).
+LIVE_ROUNDS = 8
+STOP_PAGES = 512
 # Where the image waits between the old domain's destroy and the new one
 # running: a restore that fails, or a service that dies, leaves it there.
 IMAGE_DIR = Path("/var/lib/nova-xen-ncm/inplace")
 # Creating the domain again: a failure after the destroy is retried from
 # the image (the guest exists nowhere else).
 RESTORE_ATTEMPTS = 3
-_IMAGE_FORMAT = 1
+_IMAGE_FORMAT = 2
 
 LOG = logging.getLogger(__name__)
 
@@ -74,13 +78,23 @@ class Snapshot:
     hvm_context: bytes
     hvm_params: dict[int, int]
     tsc: base.TscInfo
-    shared_info_gfn: int | None
-    event_channels: list[ctx_mod.EventChannel]
-    vcpus: list[ctx_mod.VcpuState]
+    pv: base.PvState
+    #: Live save: pages copied in each round while the guest ran, and
+    #: those copied with it paused.
+    rounds: tuple[int, ...] = ()
+    paused_pages: int = 0
 
 
-def save(host: XenHost, ctx: ctx_mod.DomainContext, domid: int) -> Snapshot:
-    """Pause ``domid`` and read its state; it stays paused."""
+def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
+    """Read ``domid``'s state and leave it paused; ``live`` copies its
+    memory while it still runs first."""
+    if not host.reuses_domids:
+        # Refused before anything: the domid could not be taken again.
+        raise InPlaceError(
+            f"domain {domid} could not be created again under its domid: "
+            f"{_host_mod().DOMID_REUSE_REASON}",
+            call="inplace.save",
+        )
     info = host.domain_info(domid)
     # The PV console's backend is xenconsoled, which libxl connects to
     # the new domain again and which keeps no state of the ring's.
@@ -101,42 +115,89 @@ def save(host: XenHost, ctx: ctx_mod.DomainContext, domid: int) -> Snapshot:
             call="inplace.save",
         )
     paused_here = info.state != base.DomainState.PAUSED
-    if paused_here:
-        host.pause(domid)
+    logging_dirty = live and paused_here
     try:
-        return _read(host, ctx, domid, info, config)
+        pre = None
+        rounds: list[int] = []
+        if logging_dirty:
+            host.enable_log_dirty(domid)
+            pre = _precopy(host, domid, rounds)
+        if paused_here:
+            host.pause(domid)
+        snap = _read(host, domid, config, pre)
+        snap.rounds = tuple(rounds)
+        return snap
     except BaseException:
         # Nothing was destroyed: the guest carries on where it was.
         if paused_here:
-            host.unpause(domid)
+            with contextlib.suppress(base.HostError):
+                host.unpause(domid)
         raise
+    finally:
+        if logging_dirty:
+            with contextlib.suppress(base.HostError):
+                host.disable_log_dirty(domid)
 
 
-def _read(
+def _copy(
     host: XenHost,
-    ctx: ctx_mod.DomainContext,
     domid: int,
-    info: base.DomainInfo,
-    config: dict[str, Any],
-) -> Snapshot:
-    # Read before the memory: both are guest-only state the pause froze.
-    chans = ctx.get_event_channels(domid)
-    vcpus = [ctx.get_vcpu_state(domid, v) for v in range(info.vcpus)]
-    for vcpu in vcpus:
-        if vcpu.compat:
-            raise InPlaceError(
-                f"domain {domid} is a 32-bit guest", call="inplace.save"
-            )
-    raw = host._raw_info(domid, "inplace.save")
-    gfn = int(raw.shared_info_frame)
-    pfns = host.populated_pfns(domid)
-    memory = bytearray(len(pfns) * PAGE_SIZE)
+    pfns: np.ndarray,
+    memory: bytearray,
+    slots: np.ndarray,
+) -> None:
+    """Copy pages ``pfns`` into ``memory`` at page slots ``slots``."""
     for start in range(0, len(pfns), _BATCH):
         chunk = pfns[start : start + _BATCH]
         with host.map_pages(domid, chunk) as mapping:
             for i, page in enumerate(mapping.pages):
-                at = (start + i) * PAGE_SIZE
+                at = int(slots[start + i]) * PAGE_SIZE
                 memory[at : at + PAGE_SIZE] = page
+
+
+def _precopy(
+    host: XenHost, domid: int, rounds: list[int]
+) -> tuple[np.ndarray, bytearray, np.ndarray]:
+    """Copy the running guest's memory in rounds: (pfns, their pages,
+    pfns written since their last copy)."""
+    pfns = host.populated_pfns(domid)
+    memory = bytearray(len(pfns) * PAGE_SIZE)
+    host.harvest_dirty(domid)  # from here on, every write is seen
+    _copy(host, domid, pfns, memory, np.arange(len(pfns)))
+    rounds.append(len(pfns))
+    dirty = np.intersect1d(host.harvest_dirty(domid), pfns)
+    while len(dirty) > STOP_PAGES and len(rounds) < LIVE_ROUNDS:
+        _copy(host, domid, dirty, memory, np.searchsorted(pfns, dirty))
+        rounds.append(len(dirty))
+        dirty = np.intersect1d(host.harvest_dirty(domid), pfns)
+    return pfns, memory, dirty
+
+
+def _read(
+    host: XenHost,
+    domid: int,
+    config: dict[str, Any],
+    pre: tuple[np.ndarray, bytearray, np.ndarray] | None,
+) -> Snapshot:
+    # The PV state first, as the engine reads it: guest-only state the
+    # pause froze.
+    pv = host.export_pv_state(domid)
+    pfns = host.populated_pfns(domid)
+    memory = bytearray(len(pfns) * PAGE_SIZE)
+    todo = pfns
+    if pre is not None:
+        old_pfns, old_memory, dirty = pre
+        # Pages copied while it ran and not written since are kept.
+        written = np.concatenate([dirty, host.harvest_dirty(domid)])
+        kept = np.setdiff1d(np.intersect1d(pfns, old_pfns), written)
+        src = np.searchsorted(old_pfns, kept).tolist()
+        dst = np.searchsorted(pfns, kept).tolist()
+        for a, b in zip(src, dst, strict=True):
+            memory[b * PAGE_SIZE : (b + 1) * PAGE_SIZE] = old_memory[
+                a * PAGE_SIZE : (a + 1) * PAGE_SIZE
+            ]
+        todo = np.setdiff1d(pfns, kept)
+    _copy(host, domid, todo, memory, np.searchsorted(pfns, todo))
     return Snapshot(
         domid=domid,
         libxl_config=config,
@@ -145,9 +206,8 @@ def _read(
         hvm_context=host.get_hvm_context(domid),
         hvm_params=host.get_hvm_params(domid),
         tsc=host.get_tsc_info(domid),
-        shared_info_gfn=None if gfn in _UNPLACED else gfn,
-        event_channels=chans,
-        vcpus=vcpus,
+        pv=pv,
+        paused_pages=len(todo),
     )
 
 
@@ -160,9 +220,7 @@ def write_image(snap: Snapshot, path: Path) -> None:
         "libxl_config": snap.libxl_config,
         "hvm_params": {str(k): v for k, v in snap.hvm_params.items()},
         "tsc": dataclasses.asdict(snap.tsc),
-        "shared_info_gfn": snap.shared_info_gfn,
-        "event_channels": [dataclasses.asdict(c) for c in snap.event_channels],
-        "vcpus": [dataclasses.asdict(v) for v in snap.vcpus],
+        "pv": pv_to_json(snap.pv),
     }
     # The guest's memory: for root's eyes only.
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -196,11 +254,6 @@ def read_image(path: Path) -> Snapshot:
                 f"{_IMAGE_FORMAT} (format {head.get('format')!r})",
                 call="inplace.read_image",
             )
-        vcpus = []
-        for v in head["vcpus"]:
-            if v["vcpu_info"] is not None:
-                v["vcpu_info"] = tuple(v["vcpu_info"])
-            vcpus.append(ctx_mod.VcpuState(**v))
         return Snapshot(
             domid=head["domid"],
             libxl_config=head["libxl_config"],
@@ -209,12 +262,104 @@ def read_image(path: Path) -> Snapshot:
             hvm_context=z["hvm_context"].tobytes(),
             hvm_params={int(k): v for k, v in head["hvm_params"].items()},
             tsc=base.TscInfo(**head["tsc"]),
-            shared_info_gfn=head["shared_info_gfn"],
-            event_channels=[
-                ctx_mod.EventChannel(**c) for c in head["event_channels"]
-            ],
-            vcpus=vcpus,
+            pv=pv_from_json(head["pv"]),
         )
+
+
+def _hex(data: bytes) -> str:
+    return binascii.hexlify(data).decode()
+
+
+def pv_to_json(pv: base.PvState) -> dict[str, Any]:
+    """``pv`` as JSON values: what the Xen host exports and no more (no
+    open transactions, no backends, no FIFO control blocks)."""
+    xs = pv.xenstore
+    if xs.transactions or pv.backends or pv.event_channels.fifo_control_blocks:
+        raise InPlaceError(
+            f"domain {pv.domid}: open xenstore transactions, PV devices or "
+            "FIFO control blocks cannot be written to an in-place image",
+            call="inplace.write_image",
+        )
+    gt, si = pv.grant_table, pv.shared_info
+    return {
+        "domid": pv.domid,
+        "backend_domids": list(pv.backend_domids),
+        "abi": int(pv.event_channels.abi),
+        "ports": [
+            {**dataclasses.asdict(p), "type": int(p.type)}
+            for p in pv.event_channels.ports
+        ],
+        "grant_table": {
+            "version": gt.version,
+            "frame_gfns": list(gt.frame_gfns),
+            "frames": [_hex(f) for f in gt.frames],
+            "status_gfns": list(gt.status_gfns),
+            "status_frames": [_hex(f) for f in gt.status_frames],
+        },
+        "shared_info": {
+            "gfn": si.gfn,
+            "content": _hex(si.content),
+            "vcpu_info": [[v.vcpu, v.gfn, v.offset] for v in si.vcpu_info],
+        },
+        "xenstore": {
+            "nodes": [
+                [n.path, _hex(n.value), [list(p) for p in n.perms]]
+                for n in xs.nodes
+            ],
+            "watches": [[w.path, w.token, w.depth] for w in xs.watches],
+            "store_port": xs.store_port,
+            "store_gfn": xs.store_gfn,
+            "pending_output": _hex(xs.pending_output),
+        },
+        "vcpus": [dataclasses.asdict(v) for v in pv.vcpus],
+        "vm_assist": pv.vm_assist,
+    }
+
+
+def pv_from_json(d: dict[str, Any]) -> base.PvState:
+    """The PvState :func:`pv_to_json` wrote."""
+    gt, si, xs = d["grant_table"], d["shared_info"], d["xenstore"]
+    return base.PvState(
+        domid=d["domid"],
+        backend_domids=tuple(d["backend_domids"]),
+        event_channels=base.EventChannelState(
+            base.EvtchnAbi(d["abi"]),
+            tuple(
+                base.EventChannel(**{**p, "type": base.EvtchnType(p["type"])})
+                for p in d["ports"]
+            ),
+        ),
+        grant_table=base.GrantTableState(
+            version=gt["version"],
+            frame_gfns=tuple(gt["frame_gfns"]),
+            frames=tuple(bytes.fromhex(f) for f in gt["frames"]),
+            status_gfns=tuple(gt["status_gfns"]),
+            status_frames=tuple(bytes.fromhex(f) for f in gt["status_frames"]),
+        ),
+        shared_info=base.SharedInfoState(
+            gfn=si["gfn"],
+            content=bytes.fromhex(si["content"]),
+            vcpu_info=tuple(
+                base.VcpuInfoPlacement(*v) for v in si["vcpu_info"]
+            ),
+        ),
+        xenstore=base.XenstoreState(
+            nodes=tuple(
+                base.XenstoreNode(
+                    path, bytes.fromhex(value), tuple(tuple(p) for p in perms)
+                )
+                for path, value, perms in xs["nodes"]
+            ),
+            watches=tuple(base.XenstoreWatch(*w) for w in xs["watches"]),
+            transactions=(),
+            store_port=xs["store_port"],
+            store_gfn=xs["store_gfn"],
+            pending_output=bytes.fromhex(xs["pending_output"]),
+        ),
+        backends=(),
+        vcpus=tuple(base.VcpuPvState(**v) for v in d["vcpus"]),
+        vm_assist=d["vm_assist"],
+    )
 
 
 def image_path(domid: int, image_dir: Path | None = None) -> Path:
@@ -223,7 +368,6 @@ def image_path(domid: int, image_dir: Path | None = None) -> Path:
 
 def restore(
     host: XenHost,
-    ctx: ctx_mod.DomainContext,
     snap: Snapshot,
     *,
     unpause: bool = True,
@@ -267,12 +411,11 @@ def restore(
             if unpause:
                 host.unpause(domid)
             raise
-    _recreate(host, ctx, snap, path, unpause=unpause, attempts=attempts)
+    _recreate(host, snap, path, unpause=unpause, attempts=attempts)
 
 
 def restore_image(
     host: XenHost,
-    ctx: ctx_mod.DomainContext,
     path: Path,
     *,
     unpause: bool = True,
@@ -290,12 +433,11 @@ def restore_image(
             f"domain {snap.domid} exists: {path} is not a lost guest's",
             call="inplace.restore_image",
         )
-    _recreate(host, ctx, snap, path, unpause=unpause, attempts=attempts)
+    _recreate(host, snap, path, unpause=unpause, attempts=attempts)
 
 
 def _recreate(
     host: XenHost,
-    ctx: ctx_mod.DomainContext,
     snap: Snapshot,
     path: Path,
     *,
@@ -319,7 +461,7 @@ def _recreate(
         reraise=True,
     )
     try:
-        retrying(_create_once, host, ctx, snap, unpause=unpause)
+        retrying(_create_once, host, snap, unpause=unpause)
     except Exception as exc:
         # Xen's refusals were retried; anything else would fail again.
         tried = retrying.statistics.get("attempt_number", 1)
@@ -334,7 +476,6 @@ def _recreate(
 
 def _create_once(
     host: XenHost,
-    ctx: ctx_mod.DomainContext,
     snap: Snapshot,
     *,
     unpause: bool,
@@ -352,7 +493,7 @@ def _create_once(
                 f"libxl created domain {created}, not {domid}",
                 call="inplace.restore",
             )
-        _put_back(host, ctx, snap)
+        _put_back(host, snap)
         if unpause:
             host.unpause(domid)
     except BaseException:
@@ -360,40 +501,8 @@ def _create_once(
         raise
 
 
-def _put_back(
-    host: XenHost, ctx: ctx_mod.DomainContext, snap: Snapshot
-) -> None:
+def _put_back(host: XenHost, snap: Snapshot) -> None:
     domid = snap.domid
-    # Ports the new domain's toolstack bound itself (xenstore, console)
-    # must be where the guest had them: the guest will not ask again.
-    fresh = {c.port: c for c in ctx.get_event_channels(domid)}
-    saved = {c.port: c for c in snap.event_channels}
-    # (A daemon may not have bound its end yet: unbound or interdomain.)
-    linked = (ctx_mod.EVTCHNSTAT_UNBOUND, ctx_mod.EVTCHNSTAT_INTERDOMAIN)
-    for port, chan in fresh.items():
-        old = saved.get(port)
-        if (
-            old is None
-            or old.remote_dom != chan.remote_dom
-            or {old.status, chan.status} - set(linked)
-        ):
-            raise InPlaceError(
-                f"the new domain's port {port} ({chan.status_name}) is not "
-                "the guest's",
-                call="inplace.restore",
-            )
-    if snap.shared_info_gfn is not None:
-        libs.check(
-            "xc_domain_add_to_physmap",
-            _fn().xc_domain_add_to_physmap(
-                host._xch,
-                domid,
-                XENMAPSPACE_SHARED_INFO,
-                0,
-                snap.shared_info_gfn,
-            ),
-            domid=domid,
-        )
     now = host.populated_pfns(domid)
     host.populate(domid, np.setdiff1d(snap.pfns, now))
     # Pages the new domain has and the guest had not (what libxl's
@@ -418,14 +527,15 @@ def _put_back(
     host.set_tsc_info(domid, snap.tsc)
     host.set_hvm_params(domid, snap.hvm_params)
     host.set_hvm_context(domid, snap.hvm_context)
-    ctx.set_event_channels(
-        domid, [c for c in snap.event_channels if c.port not in fresh]
-    )
-    for vcpu in snap.vcpus:
-        ctx.set_vcpu_state(domid, vcpu)
+    # As a stream's receiver does, after the memory and HVM context.
+    host.import_pv_state(domid, snap.pv)
+
+
+def _host_mod() -> Any:
+    from nova_xen_ncm.host.xen import host as host_mod
+
+    return host_mod
 
 
 def _fn() -> Any:
-    from nova_xen_ncm.host.xen import host as host_mod
-
-    return host_mod.FN
+    return _host_mod().FN

@@ -191,6 +191,8 @@ CTYPES: dict[str, Any] = {
     "xenforeignmemory_handle *": _OPAQUE,
     "xenforeignmemory_resource_handle *": _OPAQUE,
     "xs_handle *": _OPAQUE,
+    # An array of struct xs_permissions, built and read by the caller.
+    "xs_permissions *": ctypes.c_void_p,
     "xencall_handle *": _OPAQUE,
     "libxl_ctx *": _OPAQUE,
     "libxl_domain_config *": _OPAQUE,
@@ -343,6 +345,18 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "xenctrl",
         "int",
         ("xc_interface *", "uint32_t", "xen_pfn_t *"),
+    ),
+    "xc_gnttab_get_version": (
+        "xenctrl",
+        "int",
+        ("xc_interface *", "uint32_t"),
+    ),
+    # The op is bounced by libxenctrl; handles inside it must point to
+    # hypercall buffers.
+    "xc_gnttab_op": (
+        "xenctrl",
+        "int",
+        ("xc_interface *", "int", "void *", "int", "int"),
     ),
     "xc_domain_add_to_physmap": (
         "xenctrl",
@@ -502,6 +516,23 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "xenstore",
         "char **",
         ("xs_handle *", "xs_transaction_t", "char *", "unsigned int *"),
+    ),
+    # Freed by the caller.
+    "xs_get_permissions": (
+        "xenstore",
+        "xs_permissions *",
+        ("xs_handle *", "xs_transaction_t", "char *", "unsigned int *"),
+    ),
+    "xs_set_permissions": (
+        "xenstore",
+        "bool",
+        (
+            "xs_handle *",
+            "xs_transaction_t",
+            "char *",
+            "xs_permissions *",
+            "unsigned int",
+        ),
     ),
     # libxenlight
     "libxl_ctx_alloc": (

@@ -12,10 +12,13 @@ timers and xenstore connection, was never merged; without it those items
 cannot be restored, so a guest that uses them (one with PV drivers,
 HVM_PARAM_CALLBACK_IRQ non-zero) is refused.
 
-This project's patch series (``xen/patches``) adds the event channel half
-as the experimental ``XEN_DOMCTL_ncm_evtchn``. Whether the running Xen
-has it is asked of Xen itself (:mod:`.context`), never looked up by
-version.
+This project's patch series (``xen/patches``) adds the hypervisor half as
+the experimental ``XEN_DOMCTL_ncm_evtchn`` and ``XEN_DOMCTL_ncm_vcpu``.
+Whether the running Xen has them is asked of Xen itself (:mod:`.context`),
+never looked up by version. With both, event channels (2-level), shared
+info with each vCPU's registrations and timers, and the grant table (v1)
+are carried; xenstore watches and PV devices are not, so a guest with PV
+drivers is still refused, naming them.
 """
 
 from __future__ import annotations
@@ -72,23 +75,28 @@ STOCK_XEN_LIMITS: dict[Item, str] = {
 # What is still missing for event channels on the patched hypervisor.
 PATCHED_EVTCHN_LIMIT = (
     "this Xen exports and imports 2-level event channels "
-    "(XEN_DOMCTL_ncm_evtchn), but not FIFO ones (control blocks, event "
-    "arrays, priorities); the per-vCPU upcall vector would go with "
-    "XEN_DOMCTL_ncm_vcpu, which this Xen does not answer; and this driver "
-    "does not carry ports or vCPU state in its stream yet"
-)
-PATCHED_VCPU_EVTCHN_LIMIT = (
-    "this Xen exports and imports 2-level event channels "
-    "(XEN_DOMCTL_ncm_evtchn) and the per-vCPU upcall vector "
-    "(XEN_DOMCTL_ncm_vcpu), but not FIFO ones (control blocks, event "
-    "arrays, priorities); and this driver does not carry ports or vCPU "
-    "state in its migration stream yet"
+    "(XEN_DOMCTL_ncm_evtchn; FIFO ones not), but the per-vCPU upcall "
+    "vector and the "
+    "vcpu_info the ports are raised into would go with "
+    "XEN_DOMCTL_ncm_vcpu, which this Xen does not answer"
 )
 PATCHED_VCPU_LIMIT = (
     "this Xen exports and imports each vCPU's vcpu_info placement, PV "
-    "timers and runstate and time areas (XEN_DOMCTL_ncm_vcpu), but this "
-    "driver's migration stream does not carry them, nor the shared_info "
-    "placement, yet"
+    "timers and runstate and time areas (XEN_DOMCTL_ncm_vcpu), but not "
+    "the event channels raised into them: XEN_DOMCTL_ncm_evtchn does not "
+    "answer"
+)
+# With both domctls, what is still missing (FIFO event channels and
+# grant table v2 are optional features, refused from GuestFeature).
+PATCHED_XENSTORE_LIMIT = (
+    "xenstored tells no toolstack a domain's watches or open "
+    "transactions, nor takes them for another domain (no domain context "
+    "records in released xenstored): a guest's xenbus would wait forever "
+    "on a watch the destination never fires"
+)
+PATCHED_PV_DEVICES_LIMIT = (
+    "PV devices' backends are not carried yet: netback and blkback would "
+    "reconnect through a new xenbus handshake the frontend would see"
 )
 
 
@@ -132,12 +140,17 @@ def restore_items(facts: HypervisorFacts) -> dict[Item, str | None]:
     else:
         out[Item.DOMID] = None
     out.update(STOCK_XEN_LIMITS)
-    if facts.ncm_evtchn:
-        out[Item.EVENT_CHANNELS] = (
-            PATCHED_VCPU_EVTCHN_LIMIT if facts.ncm_vcpu
-            else PATCHED_EVTCHN_LIMIT
-        )  # fmt: skip
-    if facts.ncm_vcpu:
+    if facts.ncm_evtchn and facts.ncm_vcpu:
+        # Carried by the host driver's export and import (pvctx); the
+        # grant table through stock calls, v1 only.
+        out[Item.EVENT_CHANNELS] = None
+        out[Item.SHARED_INFO] = None
+        out[Item.GRANT_TABLE] = None
+        out[Item.XENSTORE] = PATCHED_XENSTORE_LIMIT
+        out[Item.PV_DEVICES] = PATCHED_PV_DEVICES_LIMIT
+    elif facts.ncm_evtchn:
+        out[Item.EVENT_CHANNELS] = PATCHED_EVTCHN_LIMIT
+    elif facts.ncm_vcpu:
         out[Item.SHARED_INFO] = PATCHED_VCPU_LIMIT
     return out
 

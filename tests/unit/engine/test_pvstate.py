@@ -268,3 +268,72 @@ def test_frontend_state_comes_from_its_xenstore_node():
     (dev,) = recs.pv_devices
     assert dev.frontend_state == ncm.XenbusState.INITIALISED
     assert dev.backend_state == ncm.XenbusState.CONNECTED
+
+
+VCPUS = (
+    base.VcpuPvState(
+        0,
+        upcall_vector=0xF3,
+        runstate_va=0xFFFF888000101000,
+        time_va=0xFFFF888000102000,
+        singleshot_ns=4_000_000,
+        periodic_ns=0,
+    ),
+    base.VcpuPvState(1, upcall_vector=0xF3, periodic_ns=10_000_000),
+)
+
+
+def test_per_vcpu_state_round_trips_through_the_codec():
+    state = make_state(vcpus=VCPUS, vm_assist=1 << 5)
+    recs = pvstate.to_records(state, UUID)
+    assert [name for name, _ in recs.libxc_records()][:2] == [
+        "NCM_SHARED_INFO",
+        "NCM_VCPU_PV",
+    ]
+    back = through_stream(recs).to_pv_state({1: STORE_PFN})
+    assert back == state
+    assert back.vcpus[0].singleshot_ns == 4_000_000
+    assert back.vcpus[1].singleshot_ns is None
+
+
+def test_no_per_vcpu_state_sends_no_record():
+    recs = pvstate.to_records(make_state(), UUID)
+    assert "NCM_VCPU_PV" not in [n for n, _ in recs.libxc_records()]
+    assert through_stream(recs).to_pv_state({1: STORE_PFN}).vcpus == ()
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        # One entry per vCPU of the vcpu_info placements, in order.
+        ({"vcpus": VCPUS[:1]}, "vCPUs [0]"),
+        ({"vcpus": VCPUS[::-1]}, "vCPUs [1, 0]"),
+        # What HVMOP_set_evtchn_upcall_vector would refuse.
+        (
+            {
+                "vcpus": (dataclasses.replace(VCPUS[0], upcall_vector=5),)
+                + VCPUS[1:]
+            },
+            "upcall_vector",
+        ),
+        # Only VMASST_TYPE_runstate_update_flag is valid for HVM.
+        ({"vcpus": VCPUS, "vm_assist": 1}, "vm_assist"),
+    ],
+)
+def test_bad_per_vcpu_state_is_refused_before_sending(change, words):
+    with pytest.raises(pvstate.PvStateError, match=words.replace("[", r"\[")):
+        pvstate.to_records(make_state(**change), UUID)
+
+
+def test_physical_areas_are_refused_on_the_way_back():
+    recs = pvstate.to_records(make_state(vcpus=VCPUS), UUID)
+    entry = dataclasses.replace(
+        recs.vcpu_pv.vcpus[1],
+        runstate_kind=ncm.GuestAreaKind.PHYSICAL,
+        runstate_addr=0x1234 << 12,
+    )
+    recs.vcpu_pv = dataclasses.replace(
+        recs.vcpu_pv, vcpus=(recs.vcpu_pv.vcpus[0], entry)
+    )
+    with pytest.raises(pvstate.PvStateError, match="vCPU 1: a runstate area"):
+        through_stream(recs).to_pv_state({1: STORE_PFN})

@@ -295,6 +295,7 @@ def vcpu_pvs(draw):
                 taddr,
                 draw(st.none() | st.integers(0, ncm.STIME_DELTA_MAX)),
                 draw(st.just(0) | st.integers(10**6, ncm.STIME_DELTA_MAX)),
+                draw(st.just(0) | st.integers(0x10, 0xFF)),
             )
         )
     return ncm.VcpuPv(draw(st.sampled_from([0, 1 << 5])), tuple(states))
@@ -887,6 +888,7 @@ def test_vcpu_pv_rules():
                 0xFFFF8000_00001000,
                 singleshot_ns=5000,
                 periodic_ns=10**7,
+                upcall_vector=0xF3,
             ),
             ncm.VcpuPvState(1),
         ),
@@ -900,7 +902,13 @@ def test_vcpu_pv_rules():
     _refused("NCM_VCPU_PV", _patch(body, e1, "I", 0), "vcpus[1].vcpu")
     _refused("NCM_VCPU_PV", _patch(body, e0 + 4, "B", 3), "runstate_kind")
     _refused("NCM_VCPU_PV", _patch(body, e0 + 6, "B", 2), "flags")
-    _refused("NCM_VCPU_PV", _patch(body, e0 + 7, "B", 1), "reserved")
+    # Vectors below 0x10 are refused by HVMOP_set_evtchn_upcall_vector.
+    _refused("NCM_VCPU_PV", _patch(body, e0 + 7, "B", 1), "upcall_vector")
+    assert decode("NCM_VCPU_PV", body).vcpus[0].upcall_vector == 0xF3
+    # A body cut short or with octets left over names what is wrong.
+    _refused("NCM_VCPU_PV", body[: e1 + 20], "vcpus[1]")
+    _refused("NCM_VCPU_PV", body[:12], "header")
+    _refused("NCM_VCPU_PV", body + b"\0" * 8, "after the last field")
     # A physical runstate area must not cross its page.
     crossing = 0x1234 << 12 | 4064
     _refused("NCM_VCPU_PV", _patch(body, e0 + 8, "Q", crossing), "crosses")

@@ -9,6 +9,7 @@ structures, so a layout mistake in either shows.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import struct
 
@@ -97,15 +98,22 @@ class FakeXen:
         return 0
 
     def vcpu(self, domid: int, u: int) -> int:
-        raw = ctypes.string_at(u, 64)
-        op, vcpu = struct.unpack_from("<II", raw)
+        raw = ctypes.string_at(u, 72)
+        op, vcpu, flags = struct.unpack_from("<III", raw)
         if op == 1:
             if domid not in self.paused:
                 return errno.EBUSY
             self.vcpus[domid, vcpu] = raw
             return 0
-        stored = self.vcpus.get((domid, vcpu), struct.pack("<II", 0, vcpu))
-        ctypes.memmove(u, stored.ljust(64, b"\0"), 64)
+        stored = bytearray(
+            self.vcpus.get((domid, vcpu), struct.pack("<II", 0, vcpu))
+        ).ljust(72, b"\0")
+        # GET answers with what is, and echoes RELATIVE when asked.
+        kept = struct.unpack_from("<I", stored, 8)[0] & 0b111
+        if flags & 8 and kept & 2:
+            kept |= 8
+        struct.pack_into("<I", stored, 8, kept)
+        ctypes.memmove(u, bytes(stored), 72)
         return 0
 
 
@@ -123,7 +131,8 @@ def test_layouts_follow_the_spec() -> None:
     assert context.EvtchnRecord.vcpu.offset == 16
     assert ctypes.sizeof(context.DomctlNcmEvtchn) == 24
     assert context.DomctlNcmEvtchn.recs.offset == 16
-    assert ctypes.sizeof(context.DomctlNcmVcpu) == 64
+    assert ctypes.sizeof(context.DomctlNcmVcpu) == 72
+    assert context.DomctlNcmVcpu.vm_assist.offset == 64
     assert context.DomctlNcmVcpu.vcpu_info_gfn.offset == 16
     assert context.DomctlNcmVcpu.time_va.offset == 48
     assert context.DomctlNcmVcpu.upcall_vector.offset == 56
@@ -238,8 +247,30 @@ def test_vcpu_state_round_trip(fake: FakeXen) -> None:
             1, 1, 3, 0x40, 0x80, 123456789, 10_000_000,
             0xFFFF888000123000, 0xFFFF888000124040, 0xF3,
         )  # fmt: skip
-        assert ctx.get_vcpu_state(7, 1) == state
-        assert ctx.get_vcpu_state(7, 0) == VcpuState(vcpu=0)
+        # GET always reports the domain's vm_assist bits.
+        assert ctx.get_vcpu_state(7, 1) == dataclasses.replace(
+            state, vm_assist=0
+        )
+        assert ctx.get_vcpu_state(7, 0) == VcpuState(vcpu=0, vm_assist=0)
+
+
+def test_vcpu_state_relative_deadline_and_vm_assist(fake: FakeXen) -> None:
+    state = VcpuState(
+        vcpu=0,
+        singleshot_deadline=4_000_000,
+        singleshot_relative=True,
+        vm_assist=1 << 5,
+    )
+    with context.DomainContext() as ctx:
+        ctx.set_vcpu_state(7, state)
+        raw = fake.vcpus[7, 0]
+        # SINGLESHOT | RELATIVE | VM_ASSIST, the bits at offset 64.
+        assert struct.unpack_from("<I", raw, 8) == (2 | 8 | 16,)
+        assert struct.unpack_from("<Q", raw, 64) == (1 << 5,)
+        got = ctx.get_vcpu_state(7, 0, relative=True)
+        assert got.singleshot_relative and got.singleshot_deadline == 4_000_000
+        assert got.vm_assist == 1 << 5
+        assert not ctx.get_vcpu_state(7, 0).singleshot_relative
 
 
 def test_bad_input_is_named() -> None:

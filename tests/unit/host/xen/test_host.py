@@ -188,3 +188,44 @@ def test_shutdown_is_libxl_asking_the_guest(
     with pytest.raises(base.NotSupported, match="restarts"):
         xen.shutdown(7, reboot=True)
     assert asked == []
+class _LoadFns:
+    """Just what XenHost.__init__ opens."""
+
+    def xc_interface_open(self, *args: object) -> int:
+        return 1
+
+    def xenforeignmemory_open(self, *args: object) -> int:
+        return 2
+
+
+@pytest.mark.parametrize("value", [None, "60", "0"])
+def test_domid_reuse_is_a_start_up_requirement_never_set_by_the_driver(
+    monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    from nova_xen_ncm.conf import CONF
+    from nova_xen_ncm.host.xen import probe
+
+    if value is None:
+        monkeypatch.delenv(host.DOMID_REUSE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(host.DOMID_REUSE_ENV, value)
+    monkeypatch.setattr(host, "FN", _LoadFns())
+    facts = probe.HypervisorFacts(
+        4, 17, ".5", probe.PHYSCAP_HVM | probe.PHYSCAP_HAP
+    )
+    monkeypatch.setattr(host.XenHost, "hypervisor_facts", lambda self: facts)
+    monkeypatch.setattr(host.XenHost, "_nr_cpus", lambda self: 2)
+    monkeypatch.setattr(host.XenHost, "free_memory", lambda self: 1 << 30)
+    before = dict(host.os.environ)
+    xen = host.XenHost("h", CONF)
+    # The process environment is what the service was started with.
+    assert dict(host.os.environ) == before
+    caps = xen.capabilities()
+    if value == "0":
+        assert caps.preserve_domid and caps.restore[base.Item.DOMID] is None
+    else:
+        assert not caps.preserve_domid
+        reason = caps.restore[base.Item.DOMID]
+        assert f"{host.DOMID_REUSE_ENV}=0" in reason, reason
+        # The receiver refuses every guest at SETUP on preserve_domid.
+        assert caps.missing(True)[base.Item.DOMID] == reason

@@ -17,8 +17,6 @@ import pytest
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import PAGE_SIZE
 from nova_xen_ncm.host.xen import inplace
-from nova_xen_ncm.host.xen.context import EventChannel
-from nova_xen_ncm.host.xen.context import VcpuState
 
 DOMID = 5
 PFNS = np.array([0, 1, 2, 7], dtype=np.uint64)
@@ -39,6 +37,11 @@ class FakeXen:
         self.created: list[int] = []
         self.destroyed: list[int] = []
         self.params: dict[int, dict[int, int]] = {}
+        self.reuses_domids = True
+        self.export_fails = False
+        # The live guest: a write it makes between two host calls.
+        self.guest_writes: list[tuple[int, bytes]] = []
+        self.log_dirty: set[int] | None = None
 
     def domain_info(self, domid: int) -> base.DomainInfo:
         if domid not in self.domains:
@@ -113,23 +116,88 @@ class FakeXen:
         self.domain_info(domid)
         self.domains[domid]["state"] = base.DomainState.RUNNING
 
+    def export_pv_state(self, domid: int) -> base.PvState:
+        self.domain_info(domid)
+        if self.export_fails:
+            raise base.NotSupported("a 32-bit guest", call="export")
+        return _pv_state()
 
-class FakeContext:
-    def __init__(self, xen: FakeXen) -> None:
-        self.xen = xen
+    def import_pv_state(self, domid: int, state: base.PvState) -> None:
+        self.domains[domid]["pv"] = state
 
-    def get_event_channels(self, domid: int) -> list[EventChannel]:
-        # The xenstore port the toolstack binds, where the guest had it.
-        return [EventChannel(port=1, status=1, remote_dom=0)]
+    # Log-dirty: the guest runs between the host's calls.
+    def _run_guest(self, domid: int) -> None:
+        if self.guest_writes and self.domains[domid]["state"] == (
+            base.DomainState.RUNNING
+        ):
+            pfn, data = self.guest_writes.pop(0)
+            self.domains[domid]["pages"][pfn][:] = data
+            if self.log_dirty is not None:
+                self.log_dirty.add(pfn)
 
-    def set_event_channels(self, domid, chans) -> None:
-        self.xen.domains[domid]["ports"] = list(chans)
+    def enable_log_dirty(self, domid: int) -> None:
+        self.log_dirty = set()
 
-    def get_vcpu_state(self, domid: int, vcpu: int) -> VcpuState:
-        return VcpuState(vcpu=vcpu, compat=True)
+    def harvest_dirty(self, domid: int) -> np.ndarray:
+        self._run_guest(domid)
+        dirty, self.log_dirty = self.log_dirty, set()
+        return np.array(sorted(dirty), dtype=np.uint64)
 
-    def set_vcpu_state(self, domid: int, state: VcpuState) -> None:
-        self.xen.domains[domid].setdefault("vcpus", []).append(state)
+    def disable_log_dirty(self, domid: int) -> None:
+        self.log_dirty = None
+
+    def get_hvm_context(self, domid: int) -> bytes:
+        return b"\x01context"
+
+    def get_hvm_params(self, domid: int) -> dict[int, int]:
+        return {12: 0xFEFFF, 2: 3}
+
+    def get_tsc_info(self, domid: int) -> base.TscInfo:
+        return base.TscInfo(mode=0, khz=2000000, nsec=5, incarnation=3)
+
+
+def _pv_state() -> base.PvState:
+    return base.PvState(
+        domid=DOMID,
+        backend_domids=(),
+        event_channels=base.EventChannelState(
+            base.EvtchnAbi.TWO_LEVEL,
+            (
+                base.EventChannel(1, base.EvtchnType.UNBOUND, pending=True),
+                base.EventChannel(5, base.EvtchnType.VIRQ, vcpu=1),
+                base.EventChannel(6, base.EvtchnType.IPI, vcpu=1, masked=True),
+            ),
+        ),
+        grant_table=base.GrantTableState(
+            1, (0xF000,), (bytes(range(256)) * 16,)
+        ),
+        shared_info=base.SharedInfoState(
+            0xFEFFE,
+            bytes(4095) + b"\x01",
+            (
+                base.VcpuInfoPlacement(0, 0x1234, 64),
+                base.VcpuInfoPlacement(1, 0x1234, 128),
+            ),
+        ),
+        xenstore=base.XenstoreState(
+            nodes=(
+                base.XenstoreNode(f"/local/domain/{DOMID}", b"", (("n", 0),)),
+                base.XenstoreNode(
+                    f"/local/domain/{DOMID}/data/x", b"1", (("b", DOMID),)
+                ),
+            ),
+            watches=(),
+            transactions=(),
+            store_port=1,
+            store_gfn=0xFEFFC,
+        ),
+        backends=(),
+        vcpus=(
+            base.VcpuPvState(0, 0xF3, singleshot_ns=123),
+            base.VcpuPvState(1, 0xF3, runstate_va=0xFFFF888000001000),
+        ),
+        vm_assist=1 << 5,
+    )
 
 
 def _guest_pages() -> bytearray:
@@ -146,16 +214,7 @@ def _snapshot() -> inplace.Snapshot:
         hvm_context=b"\x01context",
         hvm_params={12: 0xFEFFF, 2: 3},
         tsc=base.TscInfo(mode=0, khz=2000000, nsec=5, incarnation=3),
-        shared_info_gfn=None,
-        event_channels=[
-            EventChannel(port=1, status=1, remote_dom=0),
-            EventChannel(port=5, status=4, vcpu=1, virq=0),
-            EventChannel(port=6, status=5, vcpu=1),
-        ],
-        vcpus=[
-            VcpuState(vcpu=0, vcpu_info=(0x1234, 64), upcall_vector=243),
-            VcpuState(vcpu=1, vcpu_info=(0x1234, 128), upcall_vector=243),
-        ],
+        pv=_pv_state(),
     )
 
 
@@ -178,8 +237,8 @@ def _assert_guest_back(xen: FakeXen) -> None:
     assert held == bytes(_guest_pages())
     assert dom["context"] == b"\x01context"
     assert dom["tsc"].incarnation == 3
-    assert [c.port for c in dom["ports"]] == [5, 6]
-    assert [v.vcpu_info for v in dom["vcpus"]] == [(0x1234, 64), (0x1234, 128)]
+    # The PV state went back through the host's import, as exported.
+    assert dom["pv"] == _pv_state()
     assert len([d for d in xen.domains if d == DOMID]) == 1
 
 
@@ -187,7 +246,7 @@ def test_failure_after_destroy_is_retried_from_the_image(
     xen: FakeXen, tmp_path: Path
 ) -> None:
     xen.fail_set_context = 1
-    inplace.restore(xen, FakeContext(xen), _snapshot(), image_dir=tmp_path)
+    inplace.restore(xen, _snapshot(), image_dir=tmp_path)
     # The old domain, then the half-built one; the second creation runs.
     assert xen.destroyed == [DOMID, DOMID]
     assert xen.created == [DOMID, DOMID]
@@ -200,15 +259,13 @@ def test_every_attempt_failing_keeps_the_image_for_restore_image(
 ) -> None:
     xen.fail_set_context = 3
     with pytest.raises(inplace.InPlaceError) as err:
-        inplace.restore(
-            xen, FakeContext(xen), _snapshot(), image_dir=tmp_path, attempts=3
-        )
+        inplace.restore(xen, _snapshot(), image_dir=tmp_path, attempts=3)
     image = inplace.image_path(DOMID, tmp_path)
     assert str(image) in str(err.value) and "3 attempts" in str(err.value)
     assert DOMID not in xen.domains and xen.created == [DOMID] * 3
     # The guest comes back from its image alone (a new process would
     # have nothing else).
-    inplace.restore_image(xen, FakeContext(xen), image)
+    inplace.restore_image(xen, image)
     _assert_guest_back(xen)
     assert not image.exists()
 
@@ -219,7 +276,7 @@ def test_restore_image_refuses_a_domain_that_still_exists(
     image = inplace.image_path(DOMID, tmp_path)
     inplace.write_image(_snapshot(), image)
     with pytest.raises(inplace.InPlaceError, match="exists"):
-        inplace.restore_image(xen, FakeContext(xen), image)
+        inplace.restore_image(xen, image)
     assert xen.destroyed == [] and image.exists()
 
 
@@ -229,9 +286,7 @@ def test_image_not_written_leaves_the_domain_running(
     blocked = tmp_path / "file"
     blocked.write_text("")
     with pytest.raises(inplace.InPlaceError, match="left in place"):
-        inplace.restore(
-            xen, FakeContext(xen), _snapshot(), image_dir=blocked / "sub"
-        )
+        inplace.restore(xen, _snapshot(), image_dir=blocked / "sub")
     assert xen.destroyed == [] and xen.created == []
     assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
 
@@ -244,7 +299,7 @@ def test_image_round_trip(tmp_path: Path) -> None:
     assert back.pfns.tolist() == snap.pfns.tolist()
     assert back.memory == snap.memory
     fields = ("domid", "libxl_config", "hvm_context", "hvm_params", "tsc",
-              "shared_info_gfn", "event_channels", "vcpus")  # fmt: skip
+              "pv")  # fmt: skip
     for field in fields:
         assert getattr(back, field) == getattr(snap, field), field
     assert not (tmp_path / "img.npz.tmp").exists()
@@ -253,7 +308,7 @@ def test_image_round_trip(tmp_path: Path) -> None:
 
 def test_bad_attempts_refused_before_anything(xen: FakeXen) -> None:
     with pytest.raises(ValueError, match="attempts"):
-        inplace.restore(xen, FakeContext(xen), _snapshot(), attempts=0)
+        inplace.restore(xen, _snapshot(), attempts=0)
     assert xen.destroyed == []
 
 
@@ -261,8 +316,9 @@ def test_save_refused_after_the_pause_unpauses_the_guest(
     xen: FakeXen,
 ) -> None:
     xen.domains[DOMID]["state"] = base.DomainState.RUNNING
-    with pytest.raises(inplace.InPlaceError, match="32-bit"):
-        inplace.save(xen, FakeContext(xen), DOMID)
+    xen.export_fails = True
+    with pytest.raises(base.NotSupported, match="32-bit"):
+        inplace.save(xen, DOMID)
     assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
 
 
@@ -271,7 +327,7 @@ def test_destroy_failing_leaves_the_guest_running(
 ) -> None:
     xen.fail_destroy = True
     with pytest.raises(base.HostError, match="xl destroy"):
-        inplace.restore(xen, FakeContext(xen), _snapshot(), image_dir=tmp_path)
+        inplace.restore(xen, _snapshot(), image_dir=tmp_path)
     assert xen.created == [] and list(tmp_path.iterdir()) == []
     assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
 
@@ -282,10 +338,62 @@ def test_a_bug_after_destroy_is_not_retried_and_keeps_the_image(
     def broken(self, domid, state):
         raise ValueError("not a vCPU state")
 
-    monkeypatch.setattr(FakeContext, "set_vcpu_state", broken)
+    monkeypatch.setattr(FakeXen, "import_pv_state", broken)
     with pytest.raises(inplace.InPlaceError, match="1 attempts; ValueError"):
-        inplace.restore(xen, FakeContext(xen), _snapshot(), image_dir=tmp_path)
+        inplace.restore(xen, _snapshot(), image_dir=tmp_path)
     assert xen.created == [DOMID] and DOMID not in xen.domains
     assert inplace.read_image(inplace.image_path(DOMID, tmp_path)).memory == (
         _guest_pages()
     )
+
+
+def test_without_domid_reuse_nothing_is_touched(xen: FakeXen) -> None:
+    xen.reuses_domids = False
+    xen.domains[DOMID]["state"] = base.DomainState.RUNNING
+    with pytest.raises(inplace.InPlaceError, match="LIBXL_DOMID_REUSE"):
+        inplace.save(xen, DOMID)
+    assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
+
+
+def _page(byte: int) -> bytes:
+    return bytes([byte]) * PAGE_SIZE
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_save_holds_the_guest_as_it_was_when_paused(
+    xen: FakeXen, live: bool, monkeypatch
+) -> None:
+    # The oracle: the pages the fake hypervisor holds at the pause.
+    monkeypatch.setattr(inplace, "STOP_PAGES", 0)
+    monkeypatch.setattr(inplace, "LIVE_ROUNDS", 3)
+    dom = xen.domains[DOMID]
+    dom["state"] = base.DomainState.RUNNING
+    for pfn in PFNS.tolist():
+        dom["pages"][pfn][:] = _page(pfn + 1)
+    # Written during the first copy, the next round, and the last one.
+    xen.guest_writes = [(1, _page(0xA1)), (2, _page(0xA2)), (7, _page(0xA7)),
+                        (1, _page(0xB1))]  # fmt: skip
+    real_pause = xen.pause
+    at_pause = {}
+
+    def pause(domid: int) -> None:
+        real_pause(domid)
+        at_pause.update({p: bytes(b) for p, b in dom["pages"].items()})
+
+    xen.pause = pause
+    snap = inplace.save(xen, DOMID, live=live)
+    assert dom["state"] == base.DomainState.PAUSED
+    held = {
+        p: bytes(snap.memory[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        for i, p in enumerate(snap.pfns.tolist())
+    }
+    assert held == at_pause
+    if live:
+        # Copied while running, then only what it wrote last while paused.
+        assert snap.rounds == (len(PFNS), 1, 1)
+        assert snap.paused_pages == 1
+        assert at_pause[1] == _page(0xB1)
+        assert xen.log_dirty is None  # log-dirty off again
+    else:
+        assert snap.rounds == () and snap.paused_pages == len(PFNS)
+    assert snap.pv == _pv_state()

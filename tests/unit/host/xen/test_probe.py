@@ -71,17 +71,30 @@ def test_patched_xen_still_refuses_pv_guests_with_what_is_left() -> None:
 
 
 def test_each_patched_domctl_is_reported_on_its_own() -> None:
-    both = caps(
+    vcpu_only = caps(
+        probe.HypervisorFacts(4, 17, "", HVM_HAP, ncm_vcpu=True)
+    ).missing(True)
+    shared = vcpu_only[Item.SHARED_INFO]
+    assert "XEN_DOMCTL_ncm_vcpu" in shared
+    assert "XEN_DOMCTL_ncm_evtchn does not answer" in shared
+    assert "VIRQ/IPI" in vcpu_only[Item.EVENT_CHANNELS]
+
+
+def test_both_domctls_leave_xenstore_watches_and_devices() -> None:
+    c = caps(
         probe.HypervisorFacts(
             4, 17, "", HVM_HAP, ncm_evtchn=True, ncm_vcpu=True
         )
-    ).missing(True)
-    assert "upcall vector (XEN_DOMCTL_ncm_vcpu)" in both[Item.EVENT_CHANNELS]
-    assert "does not answer" not in both[Item.EVENT_CHANNELS]
-    shared = both[Item.SHARED_INFO]
-    assert "XEN_DOMCTL_ncm_vcpu" in shared and "stream" in shared
-    # Still refused: the stream carries neither.
-    assert Item.EVENT_CHANNELS in both and Item.SHARED_INFO in both
+    )
+    for item in (Item.EVENT_CHANNELS, Item.SHARED_INFO, Item.GRANT_TABLE):
+        assert c.restore[item] is None, item
+    missing = c.missing(True)
+    # Still refused, and said why: xenstored and the backends.
+    assert set(missing) == {Item.XENSTORE, Item.PV_DEVICES}
+    assert "watches" in missing[Item.XENSTORE]
+    assert "xenstored" in missing[Item.XENSTORE]
+    assert "backends" in missing[Item.PV_DEVICES]
+    assert c.missing(False) == {}
 
 
 def test_no_hap_refuses_every_guest() -> None:

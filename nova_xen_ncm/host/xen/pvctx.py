@@ -1,0 +1,458 @@
+"""A guest's PV state on the patched hypervisor, in the host model's terms.
+
+:meth:`.XenHost.export_pv_state` and :meth:`.XenHost.import_pv_state` (the
+engine's save, migrate and receive) and the in-place restore
+(:mod:`.inplace`) all go through :func:`export` and :func:`import_`, so a
+guest's PV state is read and put back one way whatever carries it.
+
+What comes from where:
+
+- event channels: ``XEN_DOMCTL_ncm_evtchn`` (2-level only), their pending
+  and mask bits from the shared_info page;
+- shared_info: its GFN (getdomaininfo) and content (mapped at that GFN);
+  vcpu_info placement, per-vCPU upcall vector, runstate and time areas,
+  timers and the domain's vm_assist: ``XEN_DOMCTL_ncm_vcpu``, with the
+  singleshot deadline as the time left, which another host can take;
+- grant table v1: its frames' GFNs (GNTTABOP_setup_table for the guest,
+  from dom0) and content (mapped at those GFNs); put back with
+  XENMEM_add_to_physmap (XENMAPSPACE_grant_table);
+- xenstore: the guest's tree with permissions, the store ring's port and
+  GFN. xenstored does not tell anyone a domain's watches or open
+  transactions: they are exported as none, which is why the capability
+  probe still reports xenstore as not restorable
+  (:data:`.probe.PATCHED_XENSTORE_LIMIT`) and the engine refuses
+  PV-driver guests at SETUP; the in-place restore, which keeps the domid
+  and the host, accepts that loss knowingly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errnos
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.xen import context as ctx_mod
+from nova_xen_ncm.host.xen import libs
+
+if TYPE_CHECKING:
+    from nova_xen_ncm.host.xen.host import XenHost
+
+PAGE_SIZE = base.PAGE_SIZE
+# xen/hvm/params.h
+HVM_PARAM_STORE_PFN = 1
+HVM_PARAM_STORE_EVTCHN = 2
+# xen/memory.h
+XENMAPSPACE_SHARED_INFO = 0
+XENMAPSPACE_GRANT_TABLE = 1
+# xen/grant_table.h
+GNTTABOP_SETUP_TABLE = 2
+GNTTABOP_QUERY_SIZE = 6
+GNTST_OKAY = 0
+# struct shared_info (x86_64): 32 legacy vcpu_info slots of 64 octets,
+# then the 2-level pending and mask bitmaps, 512 octets each.
+EVTCHN_PENDING = 2048
+EVTCHN_MASK = 2560
+# getdomaininfo's shared_info_frame before the guest placed it: the M2P
+# has no entry for the frame (INVALID_M2P_ENTRY, truncated or not).
+UNPLACED = (2**64 - 1, 2**32 - 1, 2**63 - 1)
+INVALID_GFN = 2**64 - 1
+# xs_perm_type (xenstore_lib.h): access bits and their letters.
+XS_PERM_LETTERS = {0: "n", 1: "r", 2: "w", 3: "b"}
+XS_PERM_BITS = {v: k for k, v in XS_PERM_LETTERS.items()}
+
+
+class GnttabQuerySize(ctypes.Structure):
+    _fields_ = [
+        ("dom", ctypes.c_uint16),
+        ("nr_frames", ctypes.c_uint32),
+        ("max_nr_frames", ctypes.c_uint32),
+        ("status", ctypes.c_int16),
+    ]
+
+
+class GnttabSetupTable(ctypes.Structure):
+    _fields_ = [
+        ("dom", ctypes.c_uint16),
+        ("nr_frames", ctypes.c_uint32),
+        ("status", ctypes.c_int16),
+        ("frame_list", ctypes.c_uint64),
+    ]
+
+
+class XsPermissions(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint), ("perms", ctypes.c_int)]
+
+
+def _unsupported(domid: int, what: str, call: str) -> base.NotSupported:
+    return base.NotSupported(f"domain {domid}: {what}", call=call)
+
+
+def _bit(content: bytes, offset: int, port: int) -> bool:
+    return bool(content[offset + port // 8] >> (port % 8) & 1)
+
+
+# -- export ---------------------------------------------------------------
+
+
+def export(
+    host: XenHost, ctx: ctx_mod.DomainContext, domid: int
+) -> base.PvState:
+    """The PV state of the paused guest ``domid``."""
+    call = "export_pv_state"
+    info = host.domain_info(domid)
+    abi = ctx.event_channel_abi(domid)
+    if abi != "2-level":
+        raise _unsupported(
+            domid, f"{abi} event channels cannot be exported", call
+        )
+    raw = host._raw_info(domid, call)
+    gfn = int(raw.shared_info_frame)
+    if gfn in UNPLACED:
+        raise _unsupported(domid, "the guest has not mapped shared_info", call)
+    with host.map_pages(domid, np.array([gfn], dtype=np.uint64)) as mapping:
+        content = bytes(mapping.pages[0])
+    states = [
+        ctx.get_vcpu_state(domid, v, relative=True) for v in range(info.vcpus)
+    ]
+    if any(s.compat for s in states):
+        raise _unsupported(domid, "a 32-bit guest", call)
+    ports = []
+    for chan in ctx.get_event_channels(domid):
+        if chan.xen_bound:
+            raise _unsupported(
+                domid,
+                f"port {chan.port} is Xen's own (an ioreq server's), which "
+                "the import cannot bind",
+                call,
+            )
+        kind = base.EvtchnType(chan.status)
+        ports.append(
+            base.EventChannel(
+                port=chan.port,
+                type=kind,
+                vcpu=chan.vcpu,
+                remote_domid=chan.remote_dom,
+                remote_port=chan.remote_port,
+                virq=chan.virq if kind is base.EvtchnType.VIRQ else 0,
+                pirq=chan.virq if kind is base.EvtchnType.PIRQ else 0,
+                pending=_bit(content, EVTCHN_PENDING, chan.port),
+                masked=_bit(content, EVTCHN_MASK, chan.port),
+            )
+        )
+    return base.PvState(
+        domid=domid,
+        # No PV device: no backend domain (the console is xenconsoled's,
+        # which libxl connects to the new domain again).
+        backend_domids=(),
+        event_channels=base.EventChannelState(
+            base.EvtchnAbi.TWO_LEVEL, tuple(ports)
+        ),
+        grant_table=_export_grant_table(host, ctx, domid),
+        shared_info=base.SharedInfoState(
+            gfn=gfn,
+            content=content,
+            vcpu_info=tuple(
+                base.VcpuInfoPlacement(s.vcpu, *s.vcpu_info)
+                if s.vcpu_info is not None
+                else base.VcpuInfoPlacement(s.vcpu)
+                for s in states
+            ),
+        ),
+        xenstore=_export_xenstore(host, domid),
+        backends=(),
+        vcpus=tuple(
+            base.VcpuPvState(
+                vcpu=s.vcpu,
+                upcall_vector=s.upcall_vector,
+                runstate_va=s.runstate_va,
+                time_va=s.time_va,
+                singleshot_ns=s.singleshot_deadline,
+                periodic_ns=s.periodic_period,
+            )
+            for s in states
+        ),
+        vm_assist=states[0].vm_assist or 0,
+    )
+
+
+def _gnttab_op(host: XenHost, cmd: int, op: ctypes.Structure) -> None:
+    fn = _fn()
+    libs.check(
+        "xc_gnttab_op",
+        fn.xc_gnttab_op(
+            host._xch, cmd, ctypes.addressof(op), ctypes.sizeof(op), 1
+        ),
+    )
+
+
+def _export_grant_table(
+    host: XenHost, ctx: ctx_mod.DomainContext, domid: int
+) -> base.GrantTableState:
+    call = "GNTTABOP_setup_table"
+    version = libs.check(
+        "xc_gnttab_get_version",
+        _fn().xc_gnttab_get_version(host._xch, domid),
+        domid=domid,
+    )
+    if version != 1:
+        raise _unsupported(
+            domid, f"grant table version {version} cannot be exported", call
+        )
+    query = GnttabQuerySize(dom=domid)
+    _gnttab_op(host, GNTTABOP_QUERY_SIZE, query)
+    if query.status != GNTST_OKAY:
+        raise libs.XenCallError(
+            f"domain {domid}: GNTTABOP_query_size status {query.status}",
+            call="xc_gnttab_op",
+        )
+    nr = query.nr_frames
+    gfns: list[int] = []
+    if nr:
+        with ctx.buffer(nr * 8) as buf:
+            # For a translated guest Xen lists where the guest mapped each
+            # frame (M2P), not the frames themselves.
+            setup = GnttabSetupTable(dom=domid, nr_frames=nr, frame_list=buf)
+            _gnttab_op(host, GNTTABOP_SETUP_TABLE, setup)
+            if setup.status != GNTST_OKAY:
+                raise libs.XenCallError(
+                    f"domain {domid}: GNTTABOP_setup_table status "
+                    f"{setup.status}",
+                    call="xc_gnttab_op",
+                )
+            gfns = [int(g) for g in (ctypes.c_uint64 * nr).from_address(buf)]
+    unplaced = [i for i, g in enumerate(gfns) if g in UNPLACED]
+    if unplaced:
+        raise _unsupported(
+            domid,
+            f"grant frames {unplaced} are not mapped in the guest's physmap",
+            call,
+        )
+    frames: tuple[bytes, ...] = ()
+    if gfns:
+        pfns = np.array(gfns, dtype=np.uint64)
+        with host.map_pages(domid, pfns) as mapping:
+            frames = tuple(bytes(p) for p in mapping.pages)
+    return base.GrantTableState(
+        version=1, frame_gfns=tuple(gfns), frames=frames
+    )
+
+
+def _xs_directory(host: XenHost, path: str) -> list[str]:
+    num = ctypes.c_uint()
+    ptr = _fn().xs_directory(host._xs(), 0, path.encode(), ctypes.byref(num))
+    if not ptr:
+        if ctypes.get_errno() in (errnos.ENOENT, errnos.EACCES):
+            return []
+        libs.raise_for("xs_directory", path)
+    try:
+        return [ptr[i].decode() for i in range(num.value)]
+    finally:
+        host._libc.free(ctypes.cast(ptr, ctypes.c_void_p))
+
+
+def _xs_perms(host: XenHost, path: str) -> tuple[tuple[str, int], ...]:
+    num = ctypes.c_uint()
+    ptr = _fn().xs_get_permissions(
+        host._xs(), 0, path.encode(), ctypes.byref(num)
+    )
+    if not ptr:
+        libs.raise_for("xs_get_permissions", path)
+    try:
+        perms = ctypes.cast(ptr, ctypes.POINTER(XsPermissions))
+        return tuple(
+            (XS_PERM_LETTERS[perms[i].perms & 3], perms[i].id)
+            for i in range(num.value)
+        )
+    finally:
+        host._libc.free(ctypes.cast(ptr, ctypes.c_void_p))
+
+
+def _export_xenstore(host: XenHost, domid: int) -> base.XenstoreState:
+    nodes = []
+    todo = [f"/local/domain/{domid}"]
+    while todo:
+        path = todo.pop()
+        value = host._xs_read(path)
+        if value is None:
+            continue  # removed meanwhile
+        nodes.append(base.XenstoreNode(path, value, _xs_perms(host, path)))
+        todo += [f"{path}/{c}" for c in reversed(_xs_directory(host, path))]
+    # Parents before children, as the stream wants them.
+    nodes.sort(key=lambda n: n.path.count("/"))
+    return base.XenstoreState(
+        nodes=tuple(nodes),
+        watches=(),
+        transactions=(),
+        store_port=host._param(domid, HVM_PARAM_STORE_EVTCHN),
+        store_gfn=host._param(domid, HVM_PARAM_STORE_PFN),
+    )
+
+
+# -- import ---------------------------------------------------------------
+
+
+def import_(
+    host: XenHost,
+    ctx: ctx_mod.DomainContext,
+    domid: int,
+    state: base.PvState,
+) -> None:
+    """Put ``state`` into the paused domain ``domid``, created (by libxl)
+    for it, whose memory and HVM context are already restored.
+
+    Order: shared_info and grant frames placed, then each vCPU's state
+    (vcpu_info before any port can raise an event into it), then the
+    ports, then the shared_info content (the guest's pending and mask
+    bits, over those the binds raised), then the xenstore nodes."""
+    call = "import_pv_state"
+    if state.backends:
+        raise _unsupported(domid, "PV devices cannot be imported yet", call)
+    if not state.vcpus:
+        raise _unsupported(
+            domid,
+            "the PV state carries no per-vCPU state (NCM_VCPU_PV): the "
+            "guest's timers and vcpu_info would be lost",
+            call,
+        )
+    if state.event_channels.abi != base.EvtchnAbi.TWO_LEVEL:
+        raise _unsupported(domid, "FIFO event channels", call)
+    si = state.shared_info
+    if si.gfn is None:
+        raise _unsupported(domid, "no shared_info GFN", call)
+    fn = _fn()
+    raw = host._raw_info(domid, call)
+    if int(raw.shared_info_frame) != si.gfn:
+        libs.check(
+            "xc_domain_add_to_physmap",
+            fn.xc_domain_add_to_physmap(
+                host._xch, domid, XENMAPSPACE_SHARED_INFO, 0, si.gfn
+            ),
+            domid=domid,
+        )
+    _import_grant_table(host, domid, state.grant_table)
+    placed = {p.vcpu: p for p in si.vcpu_info}
+    for i, v in enumerate(state.vcpus):
+        place = placed.get(v.vcpu)
+        ctx.set_vcpu_state(
+            domid,
+            ctx_mod.VcpuState(
+                vcpu=v.vcpu,
+                vcpu_info=(place.gfn, place.offset)
+                if place is not None and place.gfn is not None
+                else None,
+                upcall_vector=v.upcall_vector,
+                singleshot_deadline=v.singleshot_ns,
+                singleshot_relative=True,
+                periodic_period=v.periodic_ns,
+                runstate_va=v.runstate_va,
+                time_va=v.time_va,
+                # Domain-wide: set once.
+                vm_assist=state.vm_assist if i == 0 else None,
+            ),
+        )
+    _import_event_channels(ctx, domid, state.event_channels.ports)
+    with host.map_pages(
+        domid, np.array([si.gfn], dtype=np.uint64), writable=True
+    ) as mapping:
+        mapping.pages[0][:] = si.content
+    _import_xenstore(host, domid, state.xenstore)
+
+
+def _import_grant_table(
+    host: XenHost, domid: int, gt: base.GrantTableState
+) -> None:
+    if gt.version != 1:
+        raise _unsupported(
+            domid,
+            f"grant table version {gt.version} cannot be imported",
+            "import_pv_state",
+        )
+    if not gt.frame_gfns:
+        return
+    for idx, gfn in enumerate(gt.frame_gfns):
+        # Replaces the RAM page the memory copy put there; Xen grows the
+        # table to idx + 1 frames.
+        libs.check(
+            "xc_domain_add_to_physmap",
+            _fn().xc_domain_add_to_physmap(
+                host._xch, domid, XENMAPSPACE_GRANT_TABLE, idx, gfn
+            ),
+            domid=domid,
+        )
+    pfns = np.array(gt.frame_gfns, dtype=np.uint64)
+    with host.map_pages(domid, pfns, writable=True) as mapping:
+        for page, frame in zip(mapping.pages, gt.frames, strict=True):
+            page[:] = frame
+
+
+def _import_event_channels(
+    ctx: ctx_mod.DomainContext,
+    domid: int,
+    ports: tuple[base.EventChannel, ...],
+) -> None:
+    # Ports the new domain's toolstack bound itself (xenstore, console)
+    # must be where the guest had them: the guest will not ask again. A
+    # daemon may not have bound its end yet: unbound or interdomain.
+    fresh = {c.port: c for c in ctx.get_event_channels(domid)}
+    saved = {p.port: p for p in ports}
+    linked = {base.EvtchnType.UNBOUND, base.EvtchnType.INTERDOMAIN}
+    for port, chan in fresh.items():
+        old = saved.get(port)
+        if (
+            old is None
+            or old.remote_domid != chan.remote_dom
+            or {old.type, base.EvtchnType(chan.status)} - linked
+        ):
+            raise base.HostError(
+                f"domain {domid}: the new domain's port {port} "
+                f"({chan.status_name}) is not the guest's",
+                call="import_pv_state",
+            )
+    ctx.set_event_channels(
+        domid,
+        [
+            ctx_mod.EventChannel(
+                port=p.port,
+                status=int(p.type),
+                vcpu=p.vcpu,
+                remote_dom=p.remote_domid,
+                remote_port=p.remote_port,
+                virq=p.virq if p.type == base.EvtchnType.VIRQ else p.pirq,
+            )
+            for p in ports
+            if p.port not in fresh
+        ],
+    )
+
+
+def _import_xenstore(
+    host: XenHost, domid: int, xs: base.XenstoreState
+) -> None:
+    fn = _fn()
+    for node in xs.nodes:
+        # libxl wrote the new domain's own nodes; only what differs
+        # (what the guest wrote) is written again, firing fewer watches.
+        if host._xs_read(node.path) == node.value and (
+            _xs_perms(host, node.path) == node.perms
+        ):
+            continue
+        if not fn.xs_write(
+            host._xs(), 0, node.path.encode(), node.value, len(node.value)
+        ):
+            libs.raise_for("xs_write", node.path)
+        perms = (XsPermissions * len(node.perms))(
+            *(XsPermissions(d, XS_PERM_BITS[a]) for a, d in node.perms)
+        )
+        if not fn.xs_set_permissions(
+            host._xs(), 0, node.path.encode(), perms, len(node.perms)
+        ):
+            libs.raise_for("xs_set_permissions", node.path)
+
+
+def _fn():  # noqa: ANN202 - the host module's bound functions
+    from nova_xen_ncm.host.xen import host as host_mod
+
+    return host_mod.FN
