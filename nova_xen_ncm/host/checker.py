@@ -1953,9 +1953,11 @@ def after_resume(
     destination lost counts) was raised and its count went up after the
     raise; every vCPU made progress and its system time moved forward
     (not judged when the host writes no time: 0 at both snapshots).
-    A guest whose RAM holds no frontend or no kernel record is not
-    judged: ``passed`` is None."""
-    if not paused.frontends or not paused.kernel or not later.kernel:
+    A guest whose RAM holds no kernel record is not judged: ``passed``
+    is None. One without PV frontends is judged on the rest (its bound
+    ports, its vCPUs): an IPI or VIRQ port that went silent on one vCPU
+    fails it as it fails a guest with frontends."""
+    if not paused.kernel or not later.kernel:
         return AfterResume(
             requests_completed=0,
             lost=0,
@@ -1967,8 +1969,7 @@ def after_resume(
             ports_silent=(),
             vcpus_stalled=(),
             problems=(),
-            not_judged="not judged: the guest's RAM holds no "
-            + ("PV frontend" if not paused.frontends else "kernel record"),
+            not_judged="not judged: the guest's RAM holds no kernel record",
             time_judged=False,
         )
     problems: list[str] = []

@@ -35,7 +35,6 @@ MiB = 1 << 20
 REPLENISH_DELAY = 1.0
 
 
-
 class GuestProcess:
     """A guest's vCPUs running in a process of their own (guest.py):
     the process, its control channel (start, pause, unpause, throttle,
@@ -100,6 +99,7 @@ class GuestProcess:
                 errno=reply["err"],
             )
         return reply.get("ok")
+
 
 class GuestProcesses:
     """Start and stop the guest processes of one host's domains; they

@@ -149,18 +149,19 @@ def _ipi_ports(host, domid):
     return [kernel.read_vcpu(page, v)["ipi_port"] for v in range(nr)]
 
 
-def _ipi_to_vcpu1_while_paused(source, destination, migration):
+def _ipi_to_vcpu1_while_paused(
+    source, destination, migration, devices=DEVICES
+):
     """Migrate a 2-vCPU guest; vCPU 0's IPI to vCPU 1 is raised after
     the pause (the guest's own EVTCHNOP_send, as one it made as it was
     stopped), so that only vCPU 1's evtchn_upcall_pending is set when
     the destination resumes it. Returns the destination's counts, the
     IPI ports, vCPU 1's IPI count when raised, and the at-pause state."""
     domid = source.create_domain(
-        guest_config(devices=DEVICES, io_rate=50, dirty_rate=256 * 1024)
+        guest_config(devices=devices, io_rate=50, dirty_rate=256 * 1024)
     )
-    # With frontends, so that the after-resume verdict judges the guest.
     assert _wait_for(
-        lambda: len(source.guest_state(domid).frontends) == len(DEVICES)
+        lambda: len(source.guest_state(domid).frontends) == len(devices)
     )
     assert _wait_for(lambda: all(_ipi_ports(source, domid)))
     ipis = _ipi_ports(source, domid)
@@ -211,15 +212,17 @@ def test_an_event_for_the_second_vcpu_reaches_it_after_resume(
     )
 
 
+@pytest.mark.parametrize("devices", [DEVICES, ()], ids=["pv", "no-pv"])
 def test_an_upcall_not_reasserted_on_one_vcpu_is_caught(
-    source, destination, migration, monkeypatch
+    source, destination, migration, monkeypatch, devices
 ):
     """Mutation: the destination's hypervisor re-asserts the vector on
     vCPU 0 only. Each vCPU handles only its own vcpu_info (as Linux
     does), so vCPU 0's upcalls never take vCPU 1's event: vCPU 1, its
     flag stuck, is never kicked again (no 0->1 edge), its IPI port goes
     silent while vCPU 0's goes on, and the after-resume verdict, read
-    from the guest's RAM, names the port."""
+    from the guest's RAM, names the port (with PV frontends or
+    without)."""
 
     def vcpu0_only(dom):
         if not dom.params.get(hvm.HVM_PARAM_CALLBACK_IRQ):
@@ -233,7 +236,7 @@ def test_an_upcall_not_reasserted_on_one_vcpu_is_caught(
         Hypervisor, "reassert_upcalls", staticmethod(vcpu0_only)
     )
     domid, counts, ipis, seen, at_pause = _ipi_to_vcpu1_while_paused(
-        source, destination, migration
+        source, destination, migration, devices
     )
     vcpu0 = int(counts[ipis[0]])
     with destination.observing():

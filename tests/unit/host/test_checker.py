@@ -646,16 +646,44 @@ def test_after_resume_takes_the_ports_from_the_source_at_pause():
     assert verdict.ports_silent == (3,)
 
 
-def test_a_guest_without_frontends_or_kernel_record_is_not_judged():
+def test_a_guest_without_kernel_record_is_not_judged():
     bare = guest_state(frontends={})
     verdict = checker.after_resume(bare, bare, bare)
     assert verdict.passed is None
     assert verdict.to_dict()["passed"] is None
-    assert "no PV frontend" in verdict.to_dict()["reason"]
+    assert "no kernel record" in verdict.to_dict()["reason"]
     no_kernel = guest_state()
     verdict = checker.after_resume(no_kernel, no_kernel, no_kernel)
     assert verdict.passed is None
     assert "no kernel record" in verdict.to_dict()["reason"]
+
+
+def test_a_guest_without_frontends_is_judged_on_its_ports_and_vcpus():
+    """No PV frontend (IPIs, VIRQs only): still judged, so a port gone
+    silent (a vCPU whose vector was not asserted again) fails it."""
+    paused = dataclasses.replace(guest_state(frontends={}), kernel=kernel())
+    later = dataclasses.replace(
+        paused,
+        kernel=kernel(
+            ports={1: 11, 3: 5, 4: 1, 6: 40},
+            progress=(150, 250),
+            time=(5_500, 6_500),
+        ),
+    )
+    verdict = checker.after_resume(paused, paused, later, RAISED)
+    assert verdict.passed is True, verdict.problems
+    assert verdict.requests_completed == 0
+    quiet = dataclasses.replace(
+        later,
+        kernel=kernel(
+            ports={1: 11, 3: 4, 4: 1, 6: 40},
+            progress=(150, 250),
+            time=(5_500, 6_500),
+        ),
+    )
+    verdict = checker.after_resume(paused, paused, quiet, RAISED)
+    assert verdict.passed is False
+    assert verdict.ports_silent == (3,)
 
 
 def test_after_resume_finds_stalled_vcpus_and_time_going_back():
