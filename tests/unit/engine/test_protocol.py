@@ -755,3 +755,32 @@ def test_direct_mode_reads_stop_at_the_frame_boundary_after_bulk():
     assert server.read_hint(1 << 20) == max(rest, framing._SMALL_READ)
     # Without direct mode, reads fill the buffer.
     assert client.read_hint(256 * 1024) == 256 * 1024
+
+
+def test_control_frames_keep_their_tag_without_tls():
+    # Untagged DATA on an isolated network: a forged COMMIT would still
+    # run the guest on both hosts, so control frames stay tagged.
+    cap = "unauthenticated-frames"
+    client, server, *_ = handshake(caps=(cap,), server_caps=(cap,))
+    assert not server.frames_tagged
+    commit = bytearray(wire(client.send(messages.Commit())))
+    body = len(messages.encode_message(messages.Commit()))
+    assert len(commit) == framing.FRAME_HEADER.size + body + hs.TAG_SIZE
+    server.receive_data(bytes(commit))
+    assert server.next_event() == messages.Commit()
+    ack = bytearray(wire(server.send(messages.Ack(seq=0))))
+    ack[framing.FRAME_HEADER.size] ^= 1
+    client.receive_data(bytes(ack))
+    with pytest.raises(AuthenticationError, match="tag mismatch"):
+        client.next_event()
+
+
+def test_inside_tls_control_frames_carry_no_tag_either():
+    client, server, *_ = handshake(
+        caps=("tls-frames",), server_caps=("tls-frames",)
+    )
+    commit = wire(client.send(messages.Commit()))
+    body = len(messages.encode_message(messages.Commit()))
+    assert len(commit) == framing.FRAME_HEADER.size + body
+    server.receive_data(commit)
+    assert server.next_event() == messages.Commit()
