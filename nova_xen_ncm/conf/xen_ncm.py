@@ -347,7 +347,10 @@ SECURITY_OPTS = [
         default=True,
         help="Whether the source checks that the destination's "
         "certificate names the address it connects to (DNS name or IP "
-        "address in subjectAltName).",
+        "address in subjectAltName). Without the check, frames inside "
+        "TLS keep their per-frame tag (keyed by the migration token), "
+        "as any holder of a certificate of the CA could otherwise "
+        "relay the connection and alter it.",
     ),
 ]
 
