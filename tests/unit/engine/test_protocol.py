@@ -784,3 +784,55 @@ def test_inside_tls_control_frames_carry_no_tag_either():
     assert len(commit) == framing.FRAME_HEADER.size + body
     server.receive_data(commit)
     assert server.next_event() == messages.Commit()
+
+
+@pytest.mark.parametrize("cap", ["unauthenticated-frames", "tls-frames"])
+def test_a_frame_capability_added_on_the_path_fails_the_handshake(cap):
+    # The source offers no untagged frames; someone on the path adds
+    # the capability to its HELLO, to a destination that would accept.
+    client = framing.Connection(messages.Role.CLIENT)
+    server = framing.Connection(messages.Role.SERVER)
+    real = wire(client.send_hello("mig-7", 2, ("lz4",)))
+    hello = messages.decode_message(
+        messages.MessageType.HELLO, real[framing.FRAME_HEADER.size :]
+    )
+    forged = messages.encode_message(
+        dataclasses.replace(hello, capabilities=("lz4", cap))
+    )
+    server.receive_data(
+        framing.FRAME_HEADER.pack(
+            messages.MessageType.HELLO, 0, 0, len(forged), 0
+        )
+        + forged
+    )
+    server.next_event()
+    challenge = wire(server.send_challenge(TOKEN, ("lz4", cap)))
+    assert cap in server.capabilities
+    # Passed on as it is: the source refuses what it did not offer.
+    naive = framing.Connection(messages.Role.CLIENT)
+    naive.hello, naive._hello_payload = client.hello, client._hello_payload
+    naive.state = client.state
+    naive.receive_data(challenge)
+    with pytest.raises(ProtocolError, match="not offered"):
+        naive.next_event()
+    # Stripped again on its way back: the transcripts differ, and the
+    # destination refuses the source's proof before any frame goes
+    # untagged.
+    sent = messages.decode_message(
+        messages.MessageType.CHALLENGE, challenge[framing.FRAME_HEADER.size :]
+    )
+    stripped = messages.encode_message(
+        dataclasses.replace(sent, capabilities=("lz4",))
+    )
+    client.receive_data(
+        framing.FRAME_HEADER.pack(
+            messages.MessageType.CHALLENGE, 0, 0, len(stripped), 0
+        )
+        + stripped
+    )
+    client.next_event()
+    assert client.capabilities == {"lz4"}
+    deliver(client.send_auth(TOKEN), server)
+    with pytest.raises(AuthenticationError, match="wrong token proof"):
+        server.next_event()
+    assert not server.established
