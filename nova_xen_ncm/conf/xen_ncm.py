@@ -330,11 +330,13 @@ SECURITY_OPTS = [
         help="Authenticate every frame of a plain (non-TLS) migration "
         "connection with GMAC under keys derived from the one-time "
         "token. Setting it to false on both hosts drops the per-frame "
-        "tag: the token still authenticates the source at connection, "
-        "but after the handshake anyone on the path may alter or inject "
-        "frames (guest memory, the digests, COMMIT), as with QEMU's (and "
-        "Nova's default) plain TCP migration. The memory digest then "
-        "catches accidental corruption only: it is no authenticator. "
+        "tag on data frames: the token still authenticates the source "
+        "at connection and control frames (the digests compared, "
+        "COMMIT) keep their tag, but after the handshake anyone on the "
+        "path may alter or inject guest memory and the stream's other "
+        "records, as with QEMU's (and Nova's default) plain TCP "
+        "migration. The memory digest then catches accidental "
+        "corruption only: it is no authenticator. "
         "Only for isolated migration networks. A connection is "
         "authenticated unless both ends set false. With tls_enabled, "
         "TLS authenticates every octet and the per-frame tag is never "
@@ -345,7 +347,10 @@ SECURITY_OPTS = [
         default=True,
         help="Whether the source checks that the destination's "
         "certificate names the address it connects to (DNS name or IP "
-        "address in subjectAltName).",
+        "address in subjectAltName). Without the check, frames inside "
+        "TLS keep their per-frame tag (keyed by the migration token), "
+        "as any holder of a certificate of the CA could otherwise "
+        "relay the connection and alter it.",
     ),
 ]
 

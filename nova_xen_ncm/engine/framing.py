@@ -23,10 +23,11 @@ guards (HMAC-SHA256 cost more than the copy).
 No tag is sent or expected when the ends negotiated ``tls-frames`` (the
 connection is mutual TLS, whose AEAD authenticates every octet inside the
 copy it makes anyway: a second MAC pays twice for the same guarantee) or
-``unauthenticated-frames`` (both ends allow plain frames on an isolated
-network). The transport offers and chooses them from the socket and the
-configuration; capabilities are part of the transcript both proofs
-cover, so neither can be added or stripped on the way.
+``unauthenticated-frames`` (both ends allow plain DATA frames on an
+isolated network; control frames keep their tag there). The transport
+offers and chooses them from the socket and the configuration;
+capabilities are part of the transcript both proofs cover, so neither
+can be added or stripped on the way.
 
 A DATA payload is the channel sequence number (!Q) and the body (the
 stream codec's records), lz4-compressed when flag LZ4 is set (allowed once
@@ -237,7 +238,7 @@ class Connection:
         length = sum(memoryview(p).nbytes for p in parts)
         header = FRAME_HEADER.pack(mtype, flags, 0, length, self._send_counter)
         out: list[Buffer] = [header, *parts]
-        if self._send_key is not None:
+        if self._send_key is not None and self._tagged(mtype):
             out.append(
                 frame_tag(self._send_key, self._send_counter, header, *parts)
             )
@@ -338,12 +339,20 @@ class Connection:
 
     @property
     def frames_tagged(self) -> bool:
-        """Whether established frames carry a GMAC tag."""
+        """Whether established DATA frames carry a GMAC tag (control
+        frames do unless the connection is TLS)."""
         return not self.capabilities & _UNTAGGED
+
+    def _tagged(self, mtype: MessageType) -> bool:
+        """Whether an established frame of ``mtype`` carries a tag."""
+        return self.frames_tagged or mtype is not MessageType.DATA
 
     def _derive_keys(self) -> None:
         assert self._token is not None
-        if not self.frames_tagged:
+        # Without tags on the data, control frames (READY's digests,
+        # COMMIT, COMMITTED, REFUSE) stay tagged: they are few, and one
+        # forged would run the guest on both hosts or on neither.
+        if Capability.TLS_FRAMES.value in self.capabilities:
             return
         self._send_key, self._recv_key = handshake.frame_keys(
             self._token, self._transcript, self.role
@@ -407,7 +416,7 @@ class Connection:
         if self.buffered < FRAME_HEADER.size:
             return self._need(0)
         mtype, flags, length, counter = self._read_header()
-        authenticated = self._recv_key is not None
+        authenticated = self._recv_key is not None and self._tagged(mtype)
         tag = TAG_SIZE if authenticated else 0
         if (
             mtype is MessageType.DATA
@@ -589,7 +598,7 @@ class Connection:
             (seq,) = DATA_HEADER.unpack_from(header, FRAME_HEADER.size)
             self._next_seq(seq)
             self._frame_mac = None
-            if self._recv_key is not None:
+            if self._recv_key is not None and self.frames_tagged:
                 self._frame_mac = FrameTag(self._recv_key, self._recv_counter)
                 self._frame_mac.update(header)
         finally:

@@ -109,8 +109,17 @@ def frame_capabilities(
     whose records already authenticate every octet;
     ``unauthenticated-frames`` on a plain one only where ``[xen_ncm]
     frame_authentication`` is false. A tag is dropped only when both
-    ends offer the same one."""
+    ends offer the same one.
+
+    A source whose TLS did not check that the certificate names the
+    destination offers nothing: the token handshake is not bound to the
+    TLS session, so a holder of any certificate of the migration CA on
+    the path could terminate TLS on both sides and relay the handshake;
+    only the frame tags, keyed by the token, then stop it altering
+    frames."""
     if isinstance(sock, TlsSocket):
+        if not sock.server_side and not sock.context.check_hostname:
+            return []
         return [messages.Capability.TLS_FRAMES.value]
     if not opts.frame_authentication:
         return [messages.Capability.UNAUTHENTICATED_FRAMES.value]

@@ -755,3 +755,84 @@ def test_direct_mode_reads_stop_at_the_frame_boundary_after_bulk():
     assert server.read_hint(1 << 20) == max(rest, framing._SMALL_READ)
     # Without direct mode, reads fill the buffer.
     assert client.read_hint(256 * 1024) == 256 * 1024
+
+
+def test_control_frames_keep_their_tag_without_tls():
+    # Untagged DATA on an isolated network: a forged COMMIT would still
+    # run the guest on both hosts, so control frames stay tagged.
+    cap = "unauthenticated-frames"
+    client, server, *_ = handshake(caps=(cap,), server_caps=(cap,))
+    assert not server.frames_tagged
+    commit = bytearray(wire(client.send(messages.Commit())))
+    body = len(messages.encode_message(messages.Commit()))
+    assert len(commit) == framing.FRAME_HEADER.size + body + hs.TAG_SIZE
+    server.receive_data(bytes(commit))
+    assert server.next_event() == messages.Commit()
+    ack = bytearray(wire(server.send(messages.Ack(seq=0))))
+    ack[framing.FRAME_HEADER.size] ^= 1
+    client.receive_data(bytes(ack))
+    with pytest.raises(AuthenticationError, match="tag mismatch"):
+        client.next_event()
+
+
+def test_inside_tls_control_frames_carry_no_tag_either():
+    client, server, *_ = handshake(
+        caps=("tls-frames",), server_caps=("tls-frames",)
+    )
+    commit = wire(client.send(messages.Commit()))
+    body = len(messages.encode_message(messages.Commit()))
+    assert len(commit) == framing.FRAME_HEADER.size + body
+    server.receive_data(commit)
+    assert server.next_event() == messages.Commit()
+
+
+@pytest.mark.parametrize("cap", ["unauthenticated-frames", "tls-frames"])
+def test_a_frame_capability_added_on_the_path_fails_the_handshake(cap):
+    # The source offers no untagged frames; someone on the path adds
+    # the capability to its HELLO, to a destination that would accept.
+    client = framing.Connection(messages.Role.CLIENT)
+    server = framing.Connection(messages.Role.SERVER)
+    real = wire(client.send_hello("mig-7", 2, ("lz4",)))
+    hello = messages.decode_message(
+        messages.MessageType.HELLO, real[framing.FRAME_HEADER.size :]
+    )
+    forged = messages.encode_message(
+        dataclasses.replace(hello, capabilities=("lz4", cap))
+    )
+    server.receive_data(
+        framing.FRAME_HEADER.pack(
+            messages.MessageType.HELLO, 0, 0, len(forged), 0
+        )
+        + forged
+    )
+    server.next_event()
+    challenge = wire(server.send_challenge(TOKEN, ("lz4", cap)))
+    assert cap in server.capabilities
+    # Passed on as it is: the source refuses what it did not offer.
+    naive = framing.Connection(messages.Role.CLIENT)
+    naive.hello, naive._hello_payload = client.hello, client._hello_payload
+    naive.state = client.state
+    naive.receive_data(challenge)
+    with pytest.raises(ProtocolError, match="not offered"):
+        naive.next_event()
+    # Stripped again on its way back: the transcripts differ, and the
+    # destination refuses the source's proof before any frame goes
+    # untagged.
+    sent = messages.decode_message(
+        messages.MessageType.CHALLENGE, challenge[framing.FRAME_HEADER.size :]
+    )
+    stripped = messages.encode_message(
+        dataclasses.replace(sent, capabilities=("lz4",))
+    )
+    client.receive_data(
+        framing.FRAME_HEADER.pack(
+            messages.MessageType.CHALLENGE, 0, 0, len(stripped), 0
+        )
+        + stripped
+    )
+    client.next_event()
+    assert client.capabilities == {"lz4"}
+    deliver(client.send_auth(TOKEN), server)
+    with pytest.raises(AuthenticationError, match="wrong token proof"):
+        server.next_event()
+    assert not server.established

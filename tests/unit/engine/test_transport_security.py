@@ -441,3 +441,40 @@ def test_plain_connections_keep_the_tag_unless_configured_off():
     finally:
         a.close()
         b.close()
+
+
+def test_tls_without_the_hostname_check_keeps_the_frame_tag(tls_files):
+    # The token handshake is not bound to the TLS session: a source
+    # that did not check the destination's name keeps the tag keyed by
+    # the token, or a relay holding any certificate of the CA could
+    # alter frames.
+    conf = tls_conf(tls_files)
+    conf.set_override("tls_check_hostname", False, group="xen_ncm")
+    client_ctx = transport.tls_context(conf, server=False)
+    with tls_listener(tls_files) as listener:
+
+        def serve_tls():
+            channel = Channel.accept(listener, io_timeout=TIMEOUT)
+            caps = transport.frame_capabilities(conf.xen_ncm, channel.sock)
+            assert caps == ["tls-frames"]
+            channel.server_handshake(token_for, capabilities=caps)
+            return channel
+
+        served = run(serve_tls)
+        client = Channel.connect(
+            "127.0.0.1",
+            listener.port,
+            connect_timeout=TIMEOUT,
+            io_timeout=TIMEOUT,
+            tls=client_ctx,
+        )
+        caps = transport.frame_capabilities(conf.xen_ncm, client.sock)
+        assert caps == []
+        client.client_handshake("mig", TOKEN, capabilities=caps)
+        server = served()
+        assert client.connection.frames_tagged
+        assert server.connection.frames_tagged
+        client.send_data(1, [b"p" * 4096])
+        assert bytes(server.receive().payload) == b"p" * 4096
+        client.close()
+        server.close()

@@ -210,3 +210,27 @@ def test_close_waits_for_a_lock_holder_and_later_lockers_are_refused():
         with mem.lock():
             pass
     mem.close()  # a second close does nothing
+def test_a_page_written_only_through_the_raw_mapping_is_never_missed(guest):
+    # written_mask lets a migration send a page as zero without reading
+    # it: a bare store by the guest must make it written, or (log-dirty
+    # on, not scanned yet) be in the next harvest, which resends it.
+    mem, write = guest
+    write(5, 17)
+    assert mem.written_mask(np.array([6, 5], dtype=np.uint64)).tolist() == [
+        False,
+        True,
+    ]
+    # The scan it made leaves the write in the changed map (the digest's).
+    assert mem.take_changed().tolist() == [5]
+    mem.set_log_dirty(True)
+    write(40, 4095)
+    said = bool(mem.written_mask(np.array([40], dtype=np.uint64))[0])
+    harvested = mem.harvest().tolist()
+    assert harvested == [40], (said, harvested)
+    assert mem.written_mask(np.array([40], dtype=np.uint64)).tolist() == [True]
+    # The guest's RAM itself, read here: every page holding data is
+    # said written.
+    ram = np.frombuffer(mem.ram_map, dtype=np.uint8).reshape(64, -1)
+    nonzero = np.flatnonzero(ram.any(axis=1))
+    assert nonzero.tolist() == [5, 40]
+    assert mem.written_mask(nonzero.astype(np.uint64)).all()
