@@ -454,7 +454,11 @@ def test_tls_without_the_hostname_check_keeps_the_frame_tag(tls_files):
     with tls_listener(tls_files) as listener:
 
         def serve_tls():
-            channel = Channel.accept(listener, io_timeout=TIMEOUT)
+            channel = Channel(
+                take(listener),
+                framing.Connection(messages.Role.SERVER),
+                io_timeout=TIMEOUT,
+            )
             caps = transport.frame_capabilities(conf.xen_ncm, channel.sock)
             assert caps == ["tls-frames"]
             channel.server_handshake(token_for, capabilities=caps)
