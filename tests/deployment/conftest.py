@@ -9,14 +9,14 @@ the ``openstack`` client and openstacksdk against that cloud.
 The tier runs when ``NOVA_XEN_NCM_DEPLOYMENT_TESTS=1`` or ``CI=true`` and
 is skipped otherwise: it installs OpenStack under /opt/stack and writes
 /etc/<service>. Missing prerequisites (root, the MariaDB and RabbitMQ
-servers, Open vSwitch's ovsdb-server, a C compiler for uWSGI) skip it
+servers, Open vSwitch's ovsdb-server) skip it
 naming them, except under ``CI=true`` where they fail it. The cloud is
 brought up once for the tier's module (``minicloud up``, idempotent) and
 taken down when that module ends (``minicloud down``), before the tiers
 after it run.
 
 Bounded time: ``up`` at most UP_TIMEOUT seconds (a first install on a
-cold pip cache included: the whole of OpenStack and a uWSGI build), each
+cold pip cache included: the whole of OpenStack, and Debian's uWSGI), each
 test's body at most 600 s, every client call CLI_TIMEOUT, ``down`` at
 most DOWN_TIMEOUT; ``down`` runs whatever happens to ``up`` or the tests.
 Measured: 10.6 minutes for the tier (``up`` about 5 of them, OpenStack
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -42,6 +43,8 @@ UP_TIMEOUT = 900
 DOWN_TIMEOUT = 120
 CLI_TIMEOUT = 300
 COMPUTES = ("ncm-compute1", "ncm-compute2")
+# Where ``up`` keeps its services' pids (tools/minicloud: $RUN_DIR).
+RUN_DIR = Path("/opt/stack/data/minicloud")
 
 
 def _in_ci() -> bool:
@@ -75,7 +78,6 @@ def _missing() -> list[str]:
         ("mariadbd", "mariadb-server"),
         ("mysql", "mariadb-client"),
         ("rabbitmq-server", "rabbitmq-server"),
-        ("gcc", "gcc (uWSGI is built from its sdist)"),
         ("ovsdb-server", "openvswitch-switch"),
         ("curl", "curl"),
         ("ip", "iproute2"),
@@ -88,11 +90,30 @@ def _missing() -> list[str]:
     return missing
 
 
+def listener_pid(port: int) -> int | None:
+    """The pid of the process listening on loopback ``port``, if any."""
+    out = subprocess.run(
+        ["ss", "-Hltnp", f"sport = :{port}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    match = re.search(r"pid=(\d+)", out)
+    return int(match.group(1)) if match else None
+
+
+# The machine's servers ``up`` uses: the database and the bus.
+INFRA_PORTS = {"MariaDB": 3306, "RabbitMQ": 5672}
+
+
 class Cloud:
     """The cloud of ``minicloud up``, used through its clouds.yaml."""
 
-    def __init__(self, clouds_yaml: Path) -> None:
+    def __init__(
+        self, clouds_yaml: Path, infra_before: dict[str, int | None]
+    ) -> None:
         self.clouds_yaml = clouds_yaml
+        # The database's and the bus's pids before ``up`` (None: not
+        # running then).
+        self.infra_before = infra_before
         self.computes = COMPUTES
         self.env = dict(
             os.environ,
@@ -123,6 +144,17 @@ class Cloud:
                 f"{proc.stdout}\n{proc.stderr}"
             )
         return proc
+
+    @staticmethod
+    def infra_pid(name: str) -> int | None:
+        """The pid of the machine's server ``name`` (INFRA_PORTS)."""
+        return listener_pid(INFRA_PORTS[name])
+
+    @staticmethod
+    def compute_pid(host: str) -> int:
+        """The nova-compute of ``host`` (ncm-computeN runs as n-cpu-N)."""
+        n = host.removeprefix("ncm-compute")
+        return int((RUN_DIR / f"n-cpu-{n}.pid").read_text().strip())
 
     def openstack(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return self.run("openstack", *args, **kw)
@@ -171,6 +203,7 @@ def cloud() -> Iterator[Cloud]:
     # Whatever happens to ``up`` (failure, timeout, a half-started
     # cloud) or to the tests, ``down`` runs: no service of the tier is
     # left running into the tiers after it.
+    infra_before = {name: listener_pid(p) for name, p in INFRA_PORTS.items()}
     try:
         up = subprocess.run(
             [str(MINICLOUD), "up"],
@@ -182,7 +215,7 @@ def cloud() -> Iterator[Cloud]:
             pytest.fail(
                 f"minicloud up exited {up.returncode}:\n{up.stderr[-6000:]}"
             )
-        yield Cloud(Path(up.stdout.strip().splitlines()[-1]))
+        yield Cloud(Path(up.stdout.strip().splitlines()[-1]), infra_before)
     finally:
         down = subprocess.run(
             [str(MINICLOUD), "down"],

@@ -1,15 +1,34 @@
 """Live migration of servers with Neutron ports, as a user and an
 operator of the minicloud do it: the ``openstack`` client, ``nova-xen-ncm
-drain`` and ``nova-xen-ncm watch`` on the cloud's bus."""
+drain`` and ``nova-xen-ncm watch`` on the cloud's bus; then ``minicloud``
+itself, run again and taken down.
+
+Every migrated guest is judged after it resumed and ran, from its own RAM
+(guest_ram.py: read through the memfd its guest process maps, sharing
+nothing with the product)."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
+import sys
 import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "deployment_guest_ram", Path(__file__).with_name("guest_ram.py")
+)
+guest_ram = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = guest_ram
+_spec.loader.exec_module(guest_ram)
+
+ROOT = Path(__file__).resolve().parents[2]
+MINICLOUD = ROOT / "tools" / "minicloud" / "minicloud"
 
 # The test's own body; the cloud's ``up`` and ``down`` (module fixture)
 # and the server's create and delete are bounded by their commands'
@@ -18,6 +37,35 @@ pytestmark = pytest.mark.timeout(600, func_only=True)
 
 WATCH_TIMEOUT = 300
 LISTEN_TIMEOUT = 120
+# ncm.small's RAM (tools/minicloud/register.py).
+SMALL_MB = 512
+# How long a resumed guest runs before its later state is read.
+RUN_SECONDS = 2.0
+# Migration list/show with memory progress (2.23/2.24), force-complete
+# (2.22) and abort (2.24), each naming the migration by its UUID (2.59):
+# python-openstackclient 10.5 passes a numeric migration id to
+# openstacksdk's get_server_migration in the wrong order ("Instance 4
+# could not be found"); by UUID it lists the server's migrations instead.
+MIGRATION_API = "2.59"
+# What makes the source of the slow migrations slow, as an operator
+# would: the migration's bandwidth capped ([xen_ncm] max_bandwidth,
+# MiB/s) below what its guest dirties ([xen_ncm_sim] dirty_rate_bytes),
+# and nothing that would end the precopy on its own (no throttling, no
+# round limit within the test), with progress reported every second.
+SLOW_SOURCE = "ncm-compute1"
+SLOW_OPTIONS = {
+    "xen_ncm": {
+        "max_bandwidth": "8",
+        "progress_interval": "1.0",
+        "max_rounds": "10000",
+        "throttle_min": "1.0",
+    },
+    "xen_ncm_sim": {"dirty_rate_bytes": str(16 << 20)},
+}
+# The slow migrations' guests: small, so the first round takes seconds.
+SLOW_MB = 128
+PROGRESS_TIMEOUT = 120
+SETTLE_TIMEOUT = 240
 
 
 def _other(cloud, host: str) -> str:
@@ -31,17 +79,56 @@ def _port_host(cloud, server_id: str) -> tuple[str, str]:
     return shown["binding_host_id"], shown["status"]
 
 
+def _create(cloud, flavor: str = "ncm.small", host: str | None = None):
+    name = f"ncm-{uuid.uuid4().hex[:8]}"
+    where = ["--availability-zone", f"nova:{host}"] if host else []
+    cloud.openstack(
+        "server", "create", "--image", "ncm-guest", "--flavor", flavor,
+        "--network", "private", *where, "--wait", name,
+    )  # fmt: skip
+    return name
+
+
 @pytest.fixture
 def server(cloud):
-    name = f"ncm-{uuid.uuid4().hex[:8]}"
-    cloud.openstack(
-        "server", "create", "--image", "ncm-guest", "--flavor", "ncm.small",
-        "--network", "private", "--wait", name,
-    )  # fmt: skip
+    name = _create(cloud)
     try:
         yield cloud.wait_status(name, "ACTIVE")
     finally:
         cloud.openstack("server", "delete", "--wait", name, check=False)
+
+
+# -- the guest's own verdicts -------------------------------------------------
+
+
+def _snapshot(cloud, host: str, memory_mb: int = SMALL_MB, heap=True):
+    guest = guest_ram.the_guest(cloud.compute_pid(host), host)
+    return guest_ram.snapshot(host, guest, memory_mb, heap)
+
+
+def _after_resume(cloud, before, host: str, memory_mb: int = SMALL_MB):
+    """Judge the guest on ``host`` after it resumed there and ran, from
+    its RAM, against ``before`` (its RAM on the source before the
+    migration); the copy on the other host is gone. The destination's
+    snapshot, for the next hop."""
+    if host != before.host:
+        guest_ram.no_guest(cloud.compute_pid(before.host), before.host)
+    guest_ram.no_guest(cloud.compute_pid(_other(cloud, host)), "the other")
+    resumed = _snapshot(cloud, host, memory_mb)
+    time.sleep(RUN_SECONDS)
+    later = _snapshot(cloud, host, memory_mb, heap=False)
+    problems = guest_ram.judge(before, resumed, later)
+    if later.process.pid != resumed.process.pid:
+        problems.append(f"the guest process on {host} was replaced")
+    if host == before.host and resumed.process.pid != before.process.pid:
+        problems.append(f"the guest on {host} did not resume: restarted")
+    assert not problems, (
+        f"the guest's after-resume verdicts on {host}:\n" + "\n".join(problems)
+    )
+    return resumed
+
+
+# -- live migration -----------------------------------------------------------
 
 
 class _Watch:
@@ -91,12 +178,14 @@ class _Watch:
         return "".join(self.lines)
 
 
-def test_server_with_a_port_migrates_where_the_scheduler_sends_it(
+def test_server_migrates_where_the_scheduler_sends_it_and_back_by_name(
     cloud, server: dict
 ):
     source = cloud.host_of(server)
     assert source in cloud.computes
+    target = _other(cloud, source)
     assert _port_host(cloud, server["id"]) == (source, "ACTIVE")
+    before = _snapshot(cloud, source)
     watch = _Watch(cloud, f"deploy-test-{server['id'][:8]}")
     try:
         cloud.openstack(
@@ -105,15 +194,16 @@ def test_server_with_a_port_migrates_where_the_scheduler_sends_it(
         moved = cloud.wait_status(server["id"], "ACTIVE")
     finally:
         shown = watch.stop()
-    assert cloud.host_of(moved) == _other(cloud, source)
+    assert cloud.host_of(moved) == target
+    there = _after_resume(cloud, before, target)
     # Neutron's binding followed the guest, and the port is up there.
-    assert _port_host(cloud, server["id"]) == (_other(cloud, source), "ACTIVE")
+    assert _port_host(cloud, server["id"]) == (target, "ACTIVE")
     (migration,) = cloud.json(
         "server", "migration", "list", "--server", server["id"]
     )
     assert migration["Status"] == "completed"
     assert migration["Source Compute"] == source
-    assert migration["Dest Compute"] == _other(cloud, source)
+    assert migration["Dest Compute"] == target
     # The migration was seen on the bus: its start, naming the
     # instance, then its end on the source.
     started = re.search(
@@ -123,20 +213,13 @@ def test_server_with_a_port_migrates_where_the_scheduler_sends_it(
     assert started, shown
     assert f"{started.group(1)} (source) DONE after" in shown, shown
 
-
-def test_live_migration_to_a_named_host_and_back(cloud, server):
-    source = cloud.host_of(server)
-    target = _other(cloud, source)
-    cloud.openstack(
-        "server", "migrate", "--live-migration", "--host", target,
-        "--wait", server["id"],
-    )  # fmt: skip
-    assert cloud.host_of(cloud.wait_status(server["id"], "ACTIVE")) == target
+    # Back, to the host named.
     cloud.openstack(
         "server", "migrate", "--live-migration", "--host", source,
         "--wait", server["id"],
     )  # fmt: skip
     assert cloud.host_of(cloud.wait_status(server["id"], "ACTIVE")) == source
+    _after_resume(cloud, there, source)
     assert _port_host(cloud, server["id"]) == (source, "ACTIVE")
     migrations = cloud.json(
         "server", "migration", "list", "--server", server["id"]
@@ -150,6 +233,7 @@ def test_live_migration_to_a_named_host_and_back(cloud, server):
 def test_a_disabled_host_is_drained(cloud, server):
     source = cloud.host_of(server)
     target = _other(cloud, source)
+    before = _snapshot(cloud, source)
     cloud.openstack(
         "compute", "service", "set", "--disable",
         "--disable-reason", "deployment test", source, "nova-compute",
@@ -163,6 +247,7 @@ def test_a_disabled_host_is_drained(cloud, server):
         assert cloud.host_of(cloud.wait_status(server["id"], "ACTIVE")) == (
             target
         )
+        _after_resume(cloud, before, target)
         services = cloud.json(
             "compute", "service", "list", "--service", "nova-compute"
         )
@@ -173,3 +258,230 @@ def test_a_disabled_host_is_drained(cloud, server):
         cloud.openstack(
             "compute", "service", "set", "--enable", source, "nova-compute"
         )
+
+
+# -- a slow migration: progress, abort, force-complete ------------------------
+
+
+def _with_options(text: str, options: dict[str, dict[str, str]]) -> str:
+    """``text`` (an oslo.config file) with ``options`` set after it: a
+    section named again later overrides what it set before."""
+    extra = ["", "# deployment test: a slow migration source"]
+    for section, values in options.items():
+        extra.append(f"[{section}]")
+        extra += [f"{k} = {v}" for k, v in values.items()]
+    return text + "\n".join(extra) + "\n"
+
+
+@pytest.fixture(scope="module")
+def slow_source(cloud):
+    """SLOW_SOURCE's compute restarted with SLOW_OPTIONS in its
+    nova-cpu-N.conf, as an operator edits and restarts it; put back
+    after the module's slow tests."""
+    n = SLOW_SOURCE.removeprefix("ncm-compute")
+    conf = Path(f"/etc/nova/nova-cpu-{n}.conf")
+    original = conf.read_text()
+    conf.write_text(_with_options(original, SLOW_OPTIONS))
+    try:
+        cloud.run(str(MINICLOUD), "restart", f"n-cpu-{n}", timeout=600)
+        yield SLOW_SOURCE
+    finally:
+        conf.write_text(original)
+        # Unless the module's last test took the cloud down already.
+        if (_run_dir() / f"n-cpu-{n}.pid").exists():
+            cloud.run(str(MINICLOUD), "restart", f"n-cpu-{n}", timeout=600)
+
+
+@pytest.fixture(scope="module")
+def slow_flavor(cloud):
+    name = f"ncm.slow-{uuid.uuid4().hex[:6]}"
+    cloud.openstack(
+        "flavor", "create", "--ram", str(SLOW_MB), "--vcpus", "1",
+        "--disk", "1", name,
+    )  # fmt: skip
+    try:
+        yield name
+    finally:
+        cloud.openstack("flavor", "delete", name, check=False)
+
+
+@pytest.fixture
+def slow_server(cloud, slow_source, slow_flavor):
+    name = _create(cloud, slow_flavor, host=slow_source)
+    try:
+        server = cloud.wait_status(name, "ACTIVE")
+        assert cloud.host_of(server) == slow_source
+        yield server
+    finally:
+        cloud.openstack("server", "delete", "--wait", name, check=False)
+
+
+def _migration_api(cloud, *args: str):
+    return cloud.json("--os-compute-api-version", MIGRATION_API, *args)
+
+
+def _running_migration(cloud, server_id: str) -> dict:
+    """The server's live migration once it runs and has reported memory
+    progress: ``server migration show`` of it."""
+    deadline = time.monotonic() + PROGRESS_TIMEOUT
+    while True:
+        listed = _migration_api(
+            cloud, "server", "migration", "list", "--server", server_id
+        )
+        running = [m for m in listed if m["Status"] == "running"]
+        if running:
+            shown = _migration_api(
+                cloud, "server", "migration", "show", server_id,
+                running[0]["UUID"],
+            )  # fmt: skip
+            if shown["Memory Processed Bytes"]:
+                return shown
+        assert time.monotonic() < deadline, (
+            f"no running migration with memory progress in "
+            f"{PROGRESS_TIMEOUT} s: {listed}"
+        )
+        time.sleep(1)
+
+
+def _progress_moves(cloud, server_id: str, first: dict) -> dict:
+    """A later ``server migration show`` whose memory processed grew:
+    the numbers come from the running migration, not from its end."""
+    total = first["Memory Total Bytes"]
+    assert total and total > 0, first
+    assert 0 < first["Memory Processed Bytes"], first
+    assert 0 <= first["Memory Remaining Bytes"] <= total, first
+    deadline = time.monotonic() + PROGRESS_TIMEOUT
+    while True:
+        shown = _migration_api(
+            cloud, "server", "migration", "show", server_id, first["UUID"]
+        )
+        assert shown["Status"] == "running", shown
+        if shown["Memory Processed Bytes"] > first["Memory Processed Bytes"]:
+            assert shown["Memory Total Bytes"] == total, shown
+            return shown
+        assert time.monotonic() < deadline, f"no progress after {first}"
+        time.sleep(1)
+
+
+def _migration_ended(cloud, server_id: str, migration_id) -> dict:
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        (migration,) = [
+            m
+            for m in _migration_api(
+                cloud, "server", "migration", "list", "--server", server_id
+            )
+            if m["UUID"] == migration_id
+        ]
+        if migration["Status"] not in ("running", "preparing", "cancelling"):
+            return migration
+        assert time.monotonic() < deadline, migration
+        time.sleep(1)
+
+
+def test_a_slow_migration_shows_progress_and_is_aborted(
+    cloud, slow_server: dict
+):
+    source = cloud.host_of(slow_server)
+    target = _other(cloud, source)
+    before = _snapshot(cloud, source, SLOW_MB)
+    cloud.openstack("server", "migrate", "--live-migration", slow_server["id"])
+    first = _running_migration(cloud, slow_server["id"])
+    assert (first["Source Compute"], first["Dest Compute"]) == (source, target)
+    _progress_moves(cloud, slow_server["id"], first)
+    cloud.openstack(
+        "--os-compute-api-version", MIGRATION_API, "server", "migration",
+        "abort", slow_server["id"], first["UUID"],
+    )  # fmt: skip
+    assert _migration_ended(cloud, slow_server["id"], first["UUID"])[
+        "Status"
+    ] == ("cancelled")
+    server = cloud.wait_status(slow_server["id"], "ACTIVE")
+    assert cloud.host_of(server) == source
+    _after_resume(cloud, before, source, SLOW_MB)
+    assert _port_host(cloud, slow_server["id"]) == (source, "ACTIVE")
+
+
+def test_a_slow_migration_is_forced_to_complete(cloud, slow_server: dict):
+    source = cloud.host_of(slow_server)
+    target = _other(cloud, source)
+    before = _snapshot(cloud, source, SLOW_MB)
+    cloud.openstack("server", "migrate", "--live-migration", slow_server["id"])
+    first = _running_migration(cloud, slow_server["id"])
+    # It does not end on its own: the guest dirties faster than the cap.
+    later = _progress_moves(cloud, slow_server["id"], first)
+    assert later["Memory Remaining Bytes"] > 0, later
+    cloud.openstack(
+        "--os-compute-api-version", MIGRATION_API, "server", "migration",
+        "force-complete", slow_server["id"], first["UUID"],
+    )  # fmt: skip
+    assert _migration_ended(cloud, slow_server["id"], first["UUID"])[
+        "Status"
+    ] == ("completed")
+    server = cloud.wait_status(slow_server["id"], "ACTIVE")
+    assert cloud.host_of(server) == target
+    _after_resume(cloud, before, target, SLOW_MB)
+    assert _port_host(cloud, slow_server["id"]) == (target, "ACTIVE")
+
+
+# -- minicloud itself: run again, then down -----------------------------------
+
+
+def test_up_again_changes_nothing_and_skips_the_db_syncs(cloud):
+    """``up`` on a running cloud: the same clouds.yaml, every service
+    still the same process, and no schema synced again (each is
+    current)."""
+    pids = {p.stem: p.read_text() for p in _pid_files()}
+    up = cloud.run(str(MINICLOUD), "up", timeout=600)
+    assert up.stdout.strip().splitlines()[-1] == str(cloud.clouds_yaml)
+    for service in ("keystone", "placement", "glance", "neutron", "nova"):
+        assert re.search(
+            rf"minicloud: {service}: schemas? current, .* skipped", up.stderr
+        ), up.stderr
+    assert {p.stem: p.read_text() for p in _pid_files()} == pids
+    assert cloud.json("image", "show", "ncm-guest")["status"] == "active"
+
+
+def _run_dir() -> Path:
+    return Path("/opt/stack/data/minicloud")
+
+
+def _pid_files() -> list[Path]:
+    return sorted(_run_dir().glob("*.pid"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_down_stops_what_up_started_and_only_that(cloud):
+    """Last in the module: ``down`` ends every process ``up`` started
+    (the APIs, the computes and their guests, Open vSwitch's servers it
+    ran, the watch service) and leaves the machine's MariaDB and RabbitMQ
+    as it found them: running if they ran before ``up``, stopped if
+    ``up`` started them."""
+    started = {p.stem: int(p.read_text()) for p in _pid_files()}
+    assert {"ovsdb-server", "n-cpu-1", "n-api", "keystone"} <= set(started)
+    guests = [
+        g.pid
+        for host in cloud.computes
+        for g in guest_ram.guests_of(cloud.compute_pid(host))
+    ]
+    down = cloud.run(str(MINICLOUD), "down", timeout=180)
+    still = {name: pid for name, pid in started.items() if _alive(pid)}
+    assert not still, f"running after down: {still}\n{down.stderr}"
+    assert not [g for g in guests if _alive(g)], down.stderr
+    assert not _pid_files()
+    assert not cloud.clouds_yaml.exists()
+    for name, before in cloud.infra_before.items():
+        now = cloud.infra_pid(name)
+        if before is None:
+            assert now is None, f"{name} left running: pid {now}"
+            assert f"{name}: stopping it" in down.stderr, down.stderr
+        else:
+            assert now == before, f"{name} was pid {before}, now {now}"
+            assert f"{name}: left running" in down.stderr, down.stderr
