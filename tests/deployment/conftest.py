@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterable
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,9 +109,18 @@ class Cloud:
     """The cloud of ``minicloud up``, used through its clouds.yaml."""
 
     def __init__(
-        self, clouds_yaml: Path, infra_before: dict[str, int | None]
+        self,
+        clouds_yaml: Path,
+        infra_before: dict[str, int | None],
+        up_log: str = "",
+        synced_before: Iterable[str] = (),
     ) -> None:
         self.clouds_yaml = clouds_yaml
+        # What ``up`` said (stderr), and the services whose schemas an
+        # earlier ``up`` of the same release had synced (their stamps in
+        # RUN_DIR).
+        self.up_log = up_log
+        self.synced_before = frozenset(synced_before)
         # The database's and the bus's pids before ``up`` (None: not
         # running then).
         self.infra_before = infra_before
@@ -204,6 +214,13 @@ def cloud() -> Iterator[Cloud]:
     # cloud) or to the tests, ``down`` runs: no service of the tier is
     # left running into the tiers after it.
     infra_before = {name: listener_pid(p) for name, p in INFRA_PORTS.items()}
+    # The services an earlier ``up`` synced, with the release they were
+    # synced by (its install stamp).
+    installed = RUN_DIR / "installed"
+    synced_before = frozenset(
+        p.name.removeprefix("schema-") for p in RUN_DIR.glob("schema-*")
+    )
+    release_before = installed.read_text() if installed.exists() else ""
     try:
         up = subprocess.run(
             [str(MINICLOUD), "up"],
@@ -215,7 +232,12 @@ def cloud() -> Iterator[Cloud]:
             pytest.fail(
                 f"minicloud up exited {up.returncode}:\n{up.stderr[-6000:]}"
             )
-        yield Cloud(Path(up.stdout.strip().splitlines()[-1]), infra_before)
+        yield Cloud(
+            Path(up.stdout.strip().splitlines()[-1]),
+            infra_before,
+            up.stderr,
+            synced_before if release_before == installed.read_text() else (),
+        )
     finally:
         down = subprocess.run(
             [str(MINICLOUD), "down"],
