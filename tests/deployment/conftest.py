@@ -20,7 +20,7 @@ cold pip cache included: the whole of OpenStack, and Debian's uWSGI), each
 test's body at most 600 s, every client call CLI_TIMEOUT, ``down`` at
 most DOWN_TIMEOUT; ``down`` runs whatever happens to ``up`` or the tests.
 Measured on two cores loaded to 10-20 by other jobs (so upper bounds):
-``up`` with OpenStack installed and the schemas current about 3 minutes;
+``up`` with OpenStack installed and the schemas current 107 s;
 the live-migration tests 2 to 5.5 minutes each, the slow ones 2.5 to 4
 (a compute restart included), ``down`` 20 s.
 """
