@@ -27,6 +27,7 @@ the live-migration tests 2 to 5.5 minutes each, the slow ones 2.5 to 4
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -37,6 +38,8 @@ from collections.abc import Iterable
 from collections.abc import Iterator
 from pathlib import Path
 
+import openstack.config
+import openstack.connection
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,23 +183,49 @@ class Cloud:
     def host_of(server: dict) -> str:
         return server["OS-EXT-SRV-ATTR:host"]
 
+    @functools.cached_property
+    def conn(self):
+        """openstacksdk in this process, on the same clouds.yaml: what the
+        tests poll with (a subprocess per poll costs seconds of Python
+        start-up on a loaded machine); the ``openstack`` commands under
+        test stay commands."""
+        config = openstack.config.OpenStackConfig(
+            config_files=[str(self.clouds_yaml)]
+        )
+        return openstack.connection.Connection(
+            config=config.get_one("minicloud")
+        )
+
+    def compute_api(self, path: str, microversion: str = "2.59", **params):
+        """GET ``path`` of Nova's API at ``microversion``: its JSON."""
+        response = self.conn.compute.get(
+            path, params=params, microversion=microversion
+        )
+        assert response.status_code == 200, (path, response.text)
+        return response.json()
+
+    def server_now(self, server_id: str) -> dict:
+        """The server as Nova's API shows it (the keys of ``openstack
+        server show``'s JSON that the tests read)."""
+        return self.compute_api(f"/servers/{server_id}")["server"]
+
     def wait_status(
-        self, name: str, status: str, timeout: float = 180
+        self, server_id: str, status: str, timeout: float = 180
     ) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            server = self.server(name)
+            server = self.server_now(server_id)
             if server["status"] == status and not server.get(
                 "OS-EXT-STS:task_state"
             ):
                 return server
             if server["status"] == "ERROR" or time.monotonic() > deadline:
                 raise AssertionError(
-                    f"{name} is {server['status']} "
+                    f"{server_id} is {server['status']} "
                     f"(task {server.get('OS-EXT-STS:task_state')}), "
                     f"not {status}: {server.get('fault')}"
                 )
-            time.sleep(1)
+            time.sleep(0.5)
 
 
 # Module scope: a session fixture would keep the whole cloud running (and

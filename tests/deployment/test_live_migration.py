@@ -10,6 +10,7 @@ nothing with the product)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+import openstack.exceptions
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
@@ -78,28 +80,42 @@ def _other(cloud, host: str) -> str:
 
 
 def _port_host(cloud, server_id: str) -> tuple[str, str]:
-    (port,) = cloud.json("port", "list", "--server", server_id, "--long")
-    shown = cloud.json("port", "show", port["ID"])
-    return shown["binding_host_id"], shown["status"]
+    """Where Neutron binds the server's one port, and its status."""
+    (port,) = cloud.conn.network.ports(device_id=server_id)
+    return port.binding_host_id, port.status
 
 
 def _create(cloud, flavor: str = "ncm.small", host: str | None = None):
+    """``openstack server create --wait``: the server's id."""
     name = f"ncm-{uuid.uuid4().hex[:8]}"
     where = ["--availability-zone", f"nova:{host}"] if host else []
-    cloud.openstack(
+    created = cloud.openstack(
         "server", "create", "--image", "ncm-guest", "--flavor", flavor,
-        "--network", "private", *where, "--wait", name,
+        "--network", "private", *where, "--wait", "-f", "json", name,
     )  # fmt: skip
-    return name
+    return json.loads(created.stdout)["id"]
 
 
-@pytest.fixture
-def server(cloud):
-    name = _create(cloud)
+def _delete(cloud, server_id: str) -> None:
+    """Deleted, and gone from Nova (its guest with it): the next
+    server's guest is then the only one on its compute."""
+    cloud.conn.compute.delete_server(server_id, ignore_missing=True)
     try:
-        yield cloud.wait_status(name, "ACTIVE")
+        server = cloud.conn.compute.get_server(server_id)
+    except openstack.exceptions.NotFoundException:
+        return
+    cloud.conn.compute.wait_for_delete(server, interval=1, wait=180)
+
+
+# One server for the class's tests, in turn: a test starts from where
+# the one before left it (ACTIVE, its guest judged there).
+@pytest.fixture(scope="class")
+def server(cloud):
+    server_id = _create(cloud)
+    try:
+        yield cloud.wait_status(server_id, "ACTIVE")
     finally:
-        cloud.openstack("server", "delete", "--wait", name, check=False)
+        _delete(cloud, server_id)
 
 
 # -- the guest's own verdicts -------------------------------------------------
@@ -182,86 +198,95 @@ class _Watch:
         return "".join(self.lines)
 
 
-def test_server_migrates_where_the_scheduler_sends_it_and_back_by_name(
-    cloud, server: dict
-):
-    source = cloud.host_of(server)
-    assert source in cloud.computes
-    target = _other(cloud, source)
-    assert _port_host(cloud, server["id"]) == (source, "ACTIVE")
-    before = _snapshot(cloud, source)
-    watch = _Watch(cloud, f"deploy-test-{server['id'][:8]}")
-    try:
-        cloud.openstack(
-            "server", "migrate", "--live-migration", "--wait", server["id"]
+class TestOneServer:
+    """One server with a port, created once: migrated where the scheduler
+    sends it and back by name, then drained off the host it came back
+    to."""
+
+    def test_server_migrates_where_the_scheduler_sends_it_and_back_by_name(
+        self, cloud, server: dict
+    ):
+        source = cloud.host_of(server)
+        assert source in cloud.computes
+        target = _other(cloud, source)
+        assert _port_host(cloud, server["id"]) == (source, "ACTIVE")
+        before = _snapshot(cloud, source)
+        watch = _Watch(cloud, f"deploy-test-{server['id'][:8]}")
+        try:
+            cloud.openstack(
+                "server", "migrate", "--live-migration", "--wait", server["id"]
+            )
+            moved = cloud.wait_status(server["id"], "ACTIVE")
+        finally:
+            shown = watch.stop()
+        assert cloud.host_of(moved) == target
+        there = _after_resume(cloud, before, target)
+        # Neutron's binding followed the guest, and the port is up there.
+        assert _port_host(cloud, server["id"]) == (target, "ACTIVE")
+        (migration,) = cloud.json(
+            "server", "migration", "list", "--server", server["id"]
         )
-        moved = cloud.wait_status(server["id"], "ACTIVE")
-    finally:
-        shown = watch.stop()
-    assert cloud.host_of(moved) == target
-    there = _after_resume(cloud, before, target)
-    # Neutron's binding followed the guest, and the port is up there.
-    assert _port_host(cloud, server["id"]) == (target, "ACTIVE")
-    (migration,) = cloud.json(
-        "server", "migration", "list", "--server", server["id"]
-    )
-    assert migration["Status"] == "completed"
-    assert migration["Source Compute"] == source
-    assert migration["Dest Compute"] == target
-    # The migration was seen on the bus: its start, naming the
-    # instance, then its end on the source.
-    started = re.search(
-        rf"(\S+) \(source\) start: \S+ -> \S+, instance {server['id']}",
-        shown,
-    )
-    assert started, shown
-    assert f"{started.group(1)} (source) DONE after" in shown, shown
+        assert migration["Status"] == "completed"
+        assert migration["Source Compute"] == source
+        assert migration["Dest Compute"] == target
+        # The migration was seen on the bus: its start, naming the
+        # instance, then its end on the source.
+        started = re.search(
+            rf"(\S+) \(source\) start: \S+ -> \S+, instance {server['id']}",
+            shown,
+        )
+        assert started, shown
+        assert f"{started.group(1)} (source) DONE after" in shown, shown
 
-    # Back, to the host named.
-    cloud.openstack(
-        "server", "migrate", "--live-migration", "--host", source,
-        "--wait", server["id"],
-    )  # fmt: skip
-    assert cloud.host_of(cloud.wait_status(server["id"], "ACTIVE")) == source
-    _after_resume(cloud, there, source)
-    assert _port_host(cloud, server["id"]) == (source, "ACTIVE")
-    migrations = cloud.json(
-        "server", "migration", "list", "--server", server["id"]
-    )
-    assert sorted(
-        (m["Source Compute"], m["Dest Compute"], m["Status"])
-        for m in migrations
-    ) == sorted([(source, target, "completed"), (target, source, "completed")])
-
-
-def test_a_disabled_host_is_drained(cloud, server):
-    source = cloud.host_of(server)
-    target = _other(cloud, source)
-    before = _snapshot(cloud, source)
-    cloud.openstack(
-        "compute", "service", "set", "--disable",
-        "--disable-reason", "deployment test", source, "nova-compute",
-    )  # fmt: skip
-    try:
-        drain = cloud.run(
-            "nova-xen-ncm", "drain", "--json", "--os-cloud", "minicloud",
-            source,
+        # Back, to the host named.
+        cloud.openstack(
+            "server", "migrate", "--live-migration", "--host", source,
+            "--wait", server["id"],
         )  # fmt: skip
-        assert server["id"] in drain.stdout, drain.stdout
-        assert cloud.host_of(cloud.wait_status(server["id"], "ACTIVE")) == (
-            target
+        assert (
+            cloud.host_of(cloud.wait_status(server["id"], "ACTIVE")) == source
         )
-        _after_resume(cloud, before, target)
-        services = cloud.json(
-            "compute", "service", "list", "--service", "nova-compute"
+        _after_resume(cloud, there, source)
+        assert _port_host(cloud, server["id"]) == (source, "ACTIVE")
+        migrations = cloud.json(
+            "server", "migration", "list", "--server", server["id"]
         )
-        assert {s["Host"]: s["Status"] for s in services}[source] == (
-            "disabled"
+        assert sorted(
+            (m["Source Compute"], m["Dest Compute"], m["Status"])
+            for m in migrations
+        ) == sorted(
+            [(source, target, "completed"), (target, source, "completed")]
         )
-    finally:
+
+    def test_a_disabled_host_is_drained(self, cloud, server):
+        # Where the test before left it (on the host it came back to).
+        source = cloud.host_of(cloud.wait_status(server["id"], "ACTIVE"))
+        target = _other(cloud, source)
+        before = _snapshot(cloud, source)
         cloud.openstack(
-            "compute", "service", "set", "--enable", source, "nova-compute"
-        )
+            "compute", "service", "set", "--disable",
+            "--disable-reason", "deployment test", source, "nova-compute",
+        )  # fmt: skip
+        try:
+            drain = cloud.run(
+                "nova-xen-ncm", "drain", "--json", "--os-cloud", "minicloud",
+                source,
+            )  # fmt: skip
+            assert server["id"] in drain.stdout, drain.stdout
+            assert cloud.host_of(
+                cloud.wait_status(server["id"], "ACTIVE")
+            ) == (target)
+            _after_resume(cloud, before, target)
+            services = cloud.json(
+                "compute", "service", "list", "--service", "nova-compute"
+            )
+            assert {s["Host"]: s["Status"] for s in services}[source] == (
+                "disabled"
+            )
+        finally:
+            cloud.openstack(
+                "compute", "service", "set", "--enable", source, "nova-compute"
+            )
 
 
 # -- a slow migration: progress, abort, force-complete ------------------------
@@ -277,11 +302,14 @@ def _with_options(text: str, options: dict[str, dict[str, str]]) -> str:
     return text + "\n".join(extra) + "\n"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def slow_source(cloud):
     """SLOW_SOURCE's compute restarted with SLOW_OPTIONS in its
-    nova-cpu-N.conf, as an operator edits and restarts it; put back
-    after the module's slow tests."""
+    nova-cpu-N.conf, as an operator edits and restarts it: once, for
+    both slow tests. The file is put back after them without another
+    restart: the module's cloud fixture takes the whole cloud down at
+    the module's end (no test after these migrates), and the next ``up``
+    starts the compute from the file as it was."""
     n = SLOW_SOURCE.removeprefix("ncm-compute")
     conf = Path(f"/etc/nova/nova-cpu-{n}.conf")
     original = conf.read_text()
@@ -291,12 +319,9 @@ def slow_source(cloud):
         yield SLOW_SOURCE
     finally:
         conf.write_text(original)
-        # Unless the module's last test took the cloud down already.
-        if (_run_dir() / f"n-cpu-{n}.pid").exists():
-            cloud.run(str(MINICLOUD), "restart", f"n-cpu-{n}", timeout=600)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def slow_flavor(cloud):
     name = f"ncm.slow-{uuid.uuid4().hex[:6]}"
     cloud.openstack(
@@ -309,123 +334,168 @@ def slow_flavor(cloud):
         cloud.openstack("flavor", "delete", name, check=False)
 
 
-@pytest.fixture
+@pytest.fixture(scope="class")
 def slow_server(cloud, slow_source, slow_flavor):
-    name = _create(cloud, slow_flavor, host=slow_source)
+    """One small server on the slow source for both slow tests: the
+    abort leaves it running there, where the force-complete starts."""
+    server_id = _create(cloud, slow_flavor, host=slow_source)
     try:
-        server = cloud.wait_status(name, "ACTIVE")
+        server = cloud.wait_status(server_id, "ACTIVE")
         assert cloud.host_of(server) == slow_source
         yield server
     finally:
-        cloud.openstack("server", "delete", "--wait", name, check=False)
+        _delete(cloud, server_id)
 
 
 def _migration_api(cloud, *args: str):
     return cloud.json("--os-compute-api-version", MIGRATION_API, *args)
 
 
-def _running_migration(cloud, server_id: str) -> dict:
+def _migrations(cloud, server_id: str) -> list[dict]:
+    """The server's migrations, from Nova's API in this process."""
+    return cloud.compute_api(
+        "/os-migrations", MIGRATION_API, instance_uuid=server_id
+    )["migrations"]
+
+
+def _in_progress(cloud, server_id: str, migration: dict) -> dict:
+    """GET /servers/{id}/migrations/{id}: a running migration with its
+    memory progress."""
+    return cloud.compute_api(
+        f"/servers/{server_id}/migrations/{migration['id']}", MIGRATION_API
+    )["migration"]
+
+
+def _running_migration(cloud, server_id: str) -> tuple[dict, dict]:
     """The server's live migration once it runs and has reported memory
-    progress: ``server migration show`` of it."""
+    progress (polled in this process): Nova's record of it, and what
+    ``openstack server migration list`` and ``show`` show of it then."""
     deadline = time.monotonic() + PROGRESS_TIMEOUT
     while True:
-        listed = _migration_api(
-            cloud, "server", "migration", "list", "--server", server_id
-        )
-        running = [m for m in listed if m["Status"] == "running"]
+        listed = _migrations(cloud, server_id)
+        running = [m for m in listed if m["status"] == "running"]
         if running:
-            shown = _migration_api(
-                cloud, "server", "migration", "show", server_id,
-                running[0]["UUID"],
-            )  # fmt: skip
-            if shown["Memory Processed Bytes"]:
-                return shown
+            record = _in_progress(cloud, server_id, running[0])
+            if record["memory_processed_bytes"]:
+                break
         assert time.monotonic() < deadline, (
             f"no running migration with memory progress in "
             f"{PROGRESS_TIMEOUT} s: {listed}"
         )
-        time.sleep(1)
+        time.sleep(0.5)
+    # What a user sees of it: listed as running, shown with its memory.
+    listed = _migration_api(
+        cloud, "server", "migration", "list", "--server", server_id
+    )
+    assert [m["Status"] for m in listed if m["UUID"] == record["uuid"]] == [
+        "running"
+    ], listed
+    shown = _migration_api(
+        cloud, "server", "migration", "show", server_id, record["uuid"]
+    )
+    assert shown["Status"] == "running", shown
+    assert shown["Memory Processed Bytes"] > 0, shown
+    return record, shown
 
 
 def _progress_moves(cloud, server_id: str, first: dict) -> dict:
-    """A later ``server migration show`` whose memory processed grew:
-    the numbers come from the running migration, not from its end."""
-    total = first["Memory Total Bytes"]
+    """A later record of the migration whose memory processed grew: the
+    numbers come from the running migration, not from its end."""
+    total = first["memory_total_bytes"]
     assert total and total > 0, first
-    assert 0 < first["Memory Processed Bytes"], first
-    assert 0 <= first["Memory Remaining Bytes"] <= total, first
+    assert 0 < first["memory_processed_bytes"], first
+    assert 0 <= first["memory_remaining_bytes"] <= total, first
     deadline = time.monotonic() + PROGRESS_TIMEOUT
     while True:
-        shown = _migration_api(
-            cloud, "server", "migration", "show", server_id, first["UUID"]
-        )
-        assert shown["Status"] == "running", shown
-        if shown["Memory Processed Bytes"] > first["Memory Processed Bytes"]:
-            assert shown["Memory Total Bytes"] == total, shown
-            return shown
+        record = _in_progress(cloud, server_id, first)
+        assert record["status"] == "running", record
+        if record["memory_processed_bytes"] > first["memory_processed_bytes"]:
+            assert record["memory_total_bytes"] == total, record
+            return record
         assert time.monotonic() < deadline, f"no progress after {first}"
-        time.sleep(1)
+        time.sleep(0.5)
 
 
-def _migration_ended(cloud, server_id: str, migration_id) -> dict:
+def _migration_ended(cloud, server_id: str, migration_id: str) -> dict:
+    """The migration once it ended (polled in this process), as
+    ``openstack server migration list`` lists it then."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while True:
         (migration,) = [
             m
-            for m in _migration_api(
-                cloud, "server", "migration", "list", "--server", server_id
-            )
-            if m["UUID"] == migration_id
+            for m in _migrations(cloud, server_id)
+            if m["uuid"] == migration_id
         ]
-        if migration["Status"] not in ("running", "preparing", "cancelling"):
-            return migration
+        if migration["status"] not in ("running", "preparing", "cancelling"):
+            break
         assert time.monotonic() < deadline, migration
-        time.sleep(1)
+        time.sleep(0.5)
+    (listed,) = [
+        m
+        for m in _migration_api(
+            cloud, "server", "migration", "list", "--server", server_id
+        )
+        if m["UUID"] == migration_id
+    ]
+    return listed
 
 
-def test_a_slow_migration_shows_progress_and_is_aborted(
-    cloud, slow_server: dict
-):
-    source = cloud.host_of(slow_server)
-    target = _other(cloud, source)
-    before = _snapshot(cloud, source, SLOW_MB)
-    cloud.openstack("server", "migrate", "--live-migration", slow_server["id"])
-    first = _running_migration(cloud, slow_server["id"])
-    assert (first["Source Compute"], first["Dest Compute"]) == (source, target)
-    _progress_moves(cloud, slow_server["id"], first)
-    cloud.openstack(
-        "--os-compute-api-version", MIGRATION_API, "server", "migration",
-        "abort", slow_server["id"], first["UUID"],
-    )  # fmt: skip
-    assert _migration_ended(cloud, slow_server["id"], first["UUID"])[
-        "Status"
-    ] == ("cancelled")
-    server = cloud.wait_status(slow_server["id"], "ACTIVE")
-    assert cloud.host_of(server) == source
-    _after_resume(cloud, before, source, SLOW_MB)
-    assert _port_host(cloud, slow_server["id"]) == (source, "ACTIVE")
+class TestSlowMigration:
+    """A migration whose source cannot converge: its progress shown, then
+    aborted; and again, forced to complete. One compute restart and one
+    server for both."""
 
+    def test_a_slow_migration_shows_progress_and_is_aborted(
+        self, cloud, slow_server: dict
+    ):
+        server_id = slow_server["id"]
+        source = cloud.host_of(cloud.wait_status(server_id, "ACTIVE"))
+        assert source == SLOW_SOURCE
+        target = _other(cloud, source)
+        before = _snapshot(cloud, source, SLOW_MB)
+        cloud.openstack("server", "migrate", "--live-migration", server_id)
+        first, shown = _running_migration(cloud, server_id)
+        assert (shown["Source Compute"], shown["Dest Compute"]) == (
+            source,
+            target,
+        )
+        _progress_moves(cloud, server_id, first)
+        cloud.openstack(
+            "--os-compute-api-version", MIGRATION_API, "server", "migration",
+            "abort", server_id, first["uuid"],
+        )  # fmt: skip
+        ended = _migration_ended(cloud, server_id, first["uuid"])
+        assert ended["Status"] == "cancelled", ended
+        server = cloud.wait_status(server_id, "ACTIVE")
+        assert cloud.host_of(server) == source
+        _after_resume(cloud, before, source, SLOW_MB)
+        assert _port_host(cloud, server_id) == (source, "ACTIVE")
 
-def test_a_slow_migration_is_forced_to_complete(cloud, slow_server: dict):
-    source = cloud.host_of(slow_server)
-    target = _other(cloud, source)
-    before = _snapshot(cloud, source, SLOW_MB)
-    cloud.openstack("server", "migrate", "--live-migration", slow_server["id"])
-    first = _running_migration(cloud, slow_server["id"])
-    # It does not end on its own: the guest dirties faster than the cap.
-    later = _progress_moves(cloud, slow_server["id"], first)
-    assert later["Memory Remaining Bytes"] > 0, later
-    cloud.openstack(
-        "--os-compute-api-version", MIGRATION_API, "server", "migration",
-        "force", "complete", slow_server["id"], first["UUID"],
-    )  # fmt: skip
-    assert _migration_ended(cloud, slow_server["id"], first["UUID"])[
-        "Status"
-    ] == ("completed")
-    server = cloud.wait_status(slow_server["id"], "ACTIVE")
-    assert cloud.host_of(server) == target
-    _after_resume(cloud, before, target, SLOW_MB)
-    assert _port_host(cloud, slow_server["id"]) == (target, "ACTIVE")
+    def test_a_slow_migration_is_forced_to_complete(
+        self, cloud, slow_server: dict
+    ):
+        server_id = slow_server["id"]
+        # Where the abort left it: still on the slow source.
+        source = cloud.host_of(cloud.wait_status(server_id, "ACTIVE"))
+        assert source == SLOW_SOURCE
+        target = _other(cloud, source)
+        before = _snapshot(cloud, source, SLOW_MB)
+        cloud.openstack("server", "migrate", "--live-migration", server_id)
+        first, _ = _running_migration(cloud, server_id)
+        # It does not end on its own: the guest dirties faster than the
+        # cap.
+        later = _progress_moves(cloud, server_id, first)
+        assert later["memory_remaining_bytes"] > 0, later
+        cloud.openstack(
+            "--os-compute-api-version", MIGRATION_API, "server", "migration",
+            "force", "complete", server_id, first["uuid"],
+        )  # fmt: skip
+        ended = _migration_ended(cloud, server_id, first["uuid"])
+        assert ended["Status"] == "completed", ended
+        server = cloud.wait_status(server_id, "ACTIVE")
+        assert cloud.host_of(server) == target
+        _after_resume(cloud, before, target, SLOW_MB)
+        assert _port_host(cloud, server_id) == (target, "ACTIVE")
 
 
 # -- minicloud itself: run again, then down -----------------------------------
