@@ -71,8 +71,9 @@ class XenNCMDriver(driver.ComputeDriver):
         self._vifops = vifops.VIFOps(virtapi)
         self._bus: bus.BusSink | None = None
         # Whether placement held DISK_GB in a sharing provider at the
-        # last inventory update (None: not asked yet), to log changes.
-        self._disk_shared: bool | None = None
+        # last inventory update, and whether servers still held this
+        # node's own (None: not asked yet), to log changes.
+        self._disk_shared: tuple[bool, bool] | None = None
 
     # -- service --
 
@@ -195,6 +196,29 @@ class XenNCMDriver(driver.ComputeDriver):
     def get_nodenames_by_uuid(self, refresh: bool = False) -> dict:
         return {self._get_node_uuid(): self._nodename}
 
+    @staticmethod
+    def _disk_gb_in_use(rp_uuid: str) -> bool:
+        """Whether any consumer holds DISK_GB of provider ``rp_uuid``; True
+        when placement cannot say (removing it could be refused)."""
+        ctxt = nova_context.get_admin_context()
+        try:
+            allocations = (
+                report.report_client_singleton()
+                .get_allocations_for_resource_provider(ctxt, rp_uuid)
+                .allocations
+            )
+        except Exception as exc:  # noqa: BLE001 - kept, and said why
+            LOG.warning(
+                "Allocations of %s not read from placement (%s): DISK_GB kept",
+                rp_uuid,
+                exc,
+            )
+            return True
+        return any(
+            orc.DISK_GB in allocation.get("resources", {})
+            for allocation in allocations.values()
+        )
+
     def _get_node_uuid(self) -> str:
         if self._node_uuid is None:
             self._node_uuid = node.get_local_node_uuid()
@@ -222,9 +246,25 @@ class XenNCMDriver(driver.ComputeDriver):
         # the computes) holding DISK_GB; Nova puts it in this tree, and a
         # compute beside one reports no DISK_GB of its own.
         shared = provider_tree.has_sharing_provider(orc.DISK_GB)
-        if shared != self._disk_shared:
-            self._disk_shared = shared
-            if shared:
+        # Servers booted before the sharing provider hold DISK_GB here:
+        # placement refuses to remove an inventory in use (InventoryInUse,
+        # which Nova's resource tracker turns into a compute that does
+        # not start). Kept until they are moved or deleted.
+        in_use = (
+            shared
+            and orc.DISK_GB in inventory
+            and self._disk_gb_in_use(provider_tree.data(nodename).uuid)
+        )
+        if (shared, in_use) != self._disk_shared:
+            self._disk_shared = (shared, in_use)
+            if in_use:
+                LOG.warning(
+                    "DISK_GB is held by a sharing resource provider, but "
+                    "servers still hold DISK_GB of %s: it reports the "
+                    "shared filesystem until they are moved or deleted",
+                    nodename,
+                )
+            elif shared:
                 LOG.info(
                     "DISK_GB is held by a sharing resource provider: "
                     "%s reports none of its own",
@@ -243,7 +283,7 @@ class XenNCMDriver(driver.ComputeDriver):
             self._hostops.inventory(
                 self._get_allocation_ratios(inventory),
                 self._get_reserved_host_disk_gb_from_config(),
-                report_disk=not shared,
+                report_disk=not shared or in_use,
             ),
         )
 
@@ -797,7 +837,22 @@ def _move_to_destination(
                 ctxt, instance, exception.NovaException(why)
             )
             LOG.error(why, instance_uuid=uuid)
-    if migration.status not in ("completed", "error", "failed", "cancelled"):
+    # What Nova's post-migration step would have set. 'error' included:
+    # Nova sets it when the source's live_migration raised, "too late to
+    # roll back", the outcome unknown; the journal has settled it, and a
+    # record left 'error' would show a failed move that took effect and,
+    # once the instance is deleted, have the source's periodic
+    # _cleanup_incomplete_migrations treat it as an unfinished one.
+    # 'failed' and 'cancelled' are Nova's rollbacks: left as they are.
+    ended = migration.status in ("completed", "failed", "cancelled")
+    if not ended and instance.host == migration.dest_compute:
+        if migration.status == "error":
+            LOG.info(
+                "Migration %s was left in error by its source; the "
+                "destination committed it: completed",
+                migration.uuid,
+                instance_uuid=uuid,
+            )
         migration.status = "completed"
         migration.save()
     # The source's share, held by the migration, released as Nova's own

@@ -50,10 +50,11 @@ MIN_DISK_BYTES = 1 * MiB
 # How often a guest asked to shut down is looked at (Nova's libvirt
 # driver looks every second).
 SHUTDOWN_POLL = 0.2
+# How often a guest that could not be asked (no PV drivers yet) is
+# asked again.
+NOT_ASKED_RETRY = 1.0
 # A guest in these states has stopped running for good.
-STOPPED_STATES = frozenset(
-    {base.DomainState.SHUTDOWN, base.DomainState.DYING}
-)
+STOPPED_STATES = frozenset({base.DomainState.SHUTDOWN, base.DomainState.DYING})
 
 POWER_STATES = {
     base.DomainState.RUNNING: power_state.RUNNING,
@@ -417,19 +418,14 @@ class VMOps:
         self, instance, domid: int, timeout: int, retry_interval: int
     ) -> bool:
         """Whether the guest shut down within ``timeout`` seconds of
-        being asked (libvirt driver's _clean_shutdown, on libxl)."""
-        try:
-            self._host.shutdown(domid)
-        except base.NotSupported as exc:
-            LOG.info(
-                "The guest cannot be asked to shut down (%s): powering "
-                "it off",
-                exc,
-                instance=instance,
-            )
-            return False
-        start = time.monotonic()
-        asked = start
+        being asked (libvirt driver's _clean_shutdown, on libxl). A guest
+        that cannot be asked yet (its PV drivers are not up: it may be
+        booting) is asked again every second, one that was asked every
+        ``retry_interval``; either way it has the whole ``timeout``, as
+        Nova's contract gives it (an image that never has PV drivers
+        sets os_shutdown_timeout 0 for an immediate power off)."""
+        asked = self._ask_to_shut_down(instance, domid)
+        start = asked_at = time.monotonic()
         while True:
             try:
                 state = self._host.domain_info(domid).state
@@ -440,22 +436,42 @@ class VMOps:
             now = time.monotonic()
             if now - start >= timeout:
                 LOG.warning(
-                    "The guest did not shut down within %d seconds of "
-                    "being asked: powering it off",
+                    "The guest %s within %d seconds: powering it off",
+                    "did not shut down"
+                    if asked
+                    else "could never be asked to shut down (no PV "
+                    "control interface)",
                     timeout,
                     instance=instance,
                 )
                 return False
-            if retry_interval and now - asked >= retry_interval:
-                LOG.info(
-                    "The guest did not shut down in %d seconds: asking "
-                    "again",
-                    retry_interval,
-                    instance=instance,
-                )
-                self._host.shutdown(domid)
-                asked = now
+            period = retry_interval if asked else NOT_ASKED_RETRY
+            if period and now - asked_at >= period:
+                if asked:
+                    LOG.info(
+                        "The guest did not shut down in %d seconds: "
+                        "asking again",
+                        retry_interval,
+                        instance=instance,
+                    )
+                asked = self._ask_to_shut_down(instance, domid) or asked
+                asked_at = now
             time.sleep(min(SHUTDOWN_POLL, timeout - (now - start)))
+
+    def _ask_to_shut_down(self, instance, domid: int) -> bool:
+        """Whether the request reached the guest (or it is gone)."""
+        try:
+            self._host.shutdown(domid)
+        except base.DomainNotFound:
+            return True
+        except base.NotSupported as exc:
+            LOG.info(
+                "The guest cannot be asked to shut down yet (%s)",
+                exc,
+                instance=instance,
+            )
+            return False
+        return True
 
     def power_on(self, instance, network_info) -> None:
         info = self.find(instance)

@@ -1396,11 +1396,12 @@ class TestRecoveryOfADestination(RecoveryBase):
         self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
         self.assertEqual("ACTIVE", server["status"])
         self.assertEqual(power_state.RUNNING, server["OS-EXT-STS:power_state"])
+        # The record the source left in error (outcome unknown there) is
+        # what happened: completed.
+        (migration,) = self.migrations(server)
+        self.assertEqual("completed", migration.status)
         self.assertEqual(
-            {},
-            self._get_allocations_by_server_uuid(
-                self.migrations(server)[0].uuid
-            ),
+            {}, self._get_allocations_by_server_uuid(migration.uuid)
         )
         self.assertEqual(0, self._get_provider_usages(source_rp)["VCPU"])
         self.assertEqual(
@@ -1419,4 +1420,7 @@ class TestRecoveryOfADestination(RecoveryBase):
         server = self.api.get_server(server["id"])
         self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
         self.assertEqual("ACTIVE", server["status"])
+        self.assertEqual(
+            ["completed"], [m.status for m in self.migrations(server)]
+        )
         self.assertEqual([], both)

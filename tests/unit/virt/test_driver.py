@@ -13,6 +13,7 @@ from nova import exception
 from nova import objects
 from nova.compute import power_state
 from nova.compute import provider_tree
+from nova.scheduler.client import report
 from nova.tests.unit import fake_instance
 from nova.virt import driver as nova_driver
 
@@ -110,10 +111,49 @@ def test_disk_gb_of_shared_storage_is_left_to_a_sharing_provider(xen_driver):
     xen_driver.update_provider_tree(tree, "unit-host")
     assert orc.DISK_GB in tree.data("unit-host").inventory
     tree.update_traits("shared-disks", ["MISC_SHARES_VIA_AGGREGATE"])
-    xen_driver.update_provider_tree(tree, "unit-host")
-    inventory = tree.data("unit-host").inventory
-    # The filesystem is counted once, by the sharing provider.
-    assert orc.DISK_GB not in inventory
+    placement = mock.Mock()
+    placement.get_allocations_for_resource_provider.return_value = (
+        report.ProviderAllocInfo(
+            allocations={
+                "server-1": {"resources": {"VCPU": 1, "DISK_GB": 1}},
+            }
+        )
+    )
+    with mock.patch.object(
+        driver.report, "report_client_singleton", lambda: placement
+    ):
+        # A server booted before the sharing provider holds DISK_GB
+        # here: placement would refuse the inventory's removal.
+        xen_driver.update_provider_tree(tree, "unit-host")
+        assert orc.DISK_GB in tree.data("unit-host").inventory
+        placement.get_allocations_for_resource_provider.assert_called_with(
+            mock.ANY, "node-uuid-1"
+        )
+        # Placement cannot say: kept too.
+        placement.get_allocations_for_resource_provider.side_effect = (
+            exception.ResourceProviderAllocationRetrievalFailed(
+                rp_uuid="node-uuid-1", error="down"
+            )
+        )
+        xen_driver.update_provider_tree(tree, "unit-host")
+        assert orc.DISK_GB in tree.data("unit-host").inventory
+        # Gone (moved or deleted): DISK_GB is left to the sharing one.
+        placement.get_allocations_for_resource_provider.side_effect = None
+        placement.get_allocations_for_resource_provider.return_value = (
+            report.ProviderAllocInfo(
+                allocations={"server-2": {"resources": {"VCPU": 1}}}
+            )
+        )
+        xen_driver.update_provider_tree(tree, "unit-host")
+        inventory = tree.data("unit-host").inventory
+        # The filesystem is counted once, by the sharing provider.
+        assert orc.DISK_GB not in inventory
+        # Not asked again once the node holds no DISK_GB.
+        calls = placement.get_allocations_for_resource_provider.call_count
+        xen_driver.update_provider_tree(tree, "unit-host")
+        assert calls == (
+            placement.get_allocations_for_resource_provider.call_count
+        )
     assert {orc.VCPU, orc.MEMORY_MB} <= set(inventory)
     assert tree.data("shared-disks").inventory[orc.DISK_GB]["total"] == 500
 
@@ -380,15 +420,27 @@ def _nova(monkeypatch, instance, migration=None):
     return fault, placement
 
 
+@pytest.mark.parametrize(
+    "status, ends",
+    [
+        # The source died with its engine: Nova never ended the record.
+        ("running", "completed"),
+        # The source gave up in doubt: Nova's "too late to roll back".
+        ("error", "completed"),
+        # Nova's rollbacks stay what they are.
+        ("failed", "failed"),
+        ("cancelled", "cancelled"),
+    ],
+)
 def test_a_restarted_destination_running_the_guest_records_it_here(
-    monkeypatch,
+    monkeypatch, status, ends
 ):
     instance = mock.Mock(
         vm_state="error", task_state="migrating", host="src", node="src"
     )
     migration = mock.Mock(
         uuid="m-1",
-        status="running",
+        status=status,
         instance_uuid="uuid-7",
         source_compute="src",
         dest_compute="dst",
@@ -401,11 +453,30 @@ def test_a_restarted_destination_running_the_guest_records_it_here(
     assert instance.vm_state == "active"
     assert instance.power_state == power_state.RUNNING
     assert instance.task_state is None
-    assert migration.status == "completed"
+    assert migration.status == ends
+    assert migration.save.called == (status != ends)
     placement.delete_allocation_for_instance.assert_called_once_with(
         mock.ANY, "m-1", consumer_type="migration"
     )
     fault.assert_not_called()
+
+
+def test_a_record_is_completed_only_where_the_instance_is(monkeypatch):
+    # Something else moved the instance on meanwhile: not this record's
+    # doing, it stays as Nova left it.
+    instance = mock.Mock(vm_state="active", task_state=None, host="third")
+    migration = mock.Mock(
+        uuid="m-1",
+        status="error",
+        instance_uuid="uuid-7",
+        source_compute="src",
+        dest_compute="dst",
+        dest_node="dst",
+    )
+    _nova(monkeypatch, instance, migration)
+    driver.reconcile("dst", [_incoming("done")], {}, {"m-1": True})
+    assert migration.status == "error"
+    migration.save.assert_not_called()
 
 
 def test_a_restarted_destination_whose_migration_nova_lost_says_so(

@@ -229,15 +229,77 @@ def test_power_off_asks_again_then_destroys_a_guest_that_ignores_it(
     host.destroy_domain.assert_called_once_with(7)
 
 
-def test_power_off_of_a_guest_that_cannot_be_asked_destroys_at_once(
+def test_power_off_gives_a_guest_that_cannot_be_asked_its_timeout(
     ops, host, instance, clock
 ):
     host.find_domain.return_value = info()
-    host.shutdown.side_effect = base.NotSupported("no PV control")
+    host.domain_info.return_value = info()
     start = clock[0]
-    ops.power_off(instance, timeout=60, retry_interval=10)
-    assert clock[0] == start
+    tried = []
+
+    def shutdown(domid):
+        tried.append(round(clock[0] - start, 1))
+        raise base.NotSupported("no PV control")
+
+    host.shutdown.side_effect = shutdown
+    ops.power_off(instance, timeout=5, retry_interval=10)
+    # Tried every second (its PV drivers may come up), never destroyed
+    # before the timeout Nova gave it.
+    assert tried == [0, 1, 2, 3, 4]
+    assert round(clock[0] - start) == 5
     host.destroy_domain.assert_called_once_with(7)
+
+
+def test_power_off_asks_a_booting_guest_once_its_pv_drivers_are_up(
+    ops, host, instance, clock
+):
+    host.find_domain.return_value = info()
+    start = clock[0]
+    asked = []
+
+    def shutdown(domid):
+        # The guest's PV drivers come up 2 s in.
+        if clock[0] - start < 2:
+            raise base.NotSupported("no PV control yet")
+        asked.append(clock[0] - start)
+
+    host.shutdown.side_effect = shutdown
+    # It shuts down 1 s after it was asked.
+    host.domain_info.side_effect = lambda domid: info(
+        base.DomainState.SHUTDOWN
+        if asked and clock[0] - start - asked[0] >= 1
+        else base.DomainState.RUNNING
+    )
+    ops.power_off(instance, timeout=60, retry_interval=10)
+    assert [round(t) for t in asked] == [2]
+    assert round(clock[0] - start) == 3
+    host.destroy_domain.assert_called_once_with(7)
+
+
+def test_power_off_of_a_guest_gone_while_asked_again(
+    ops, host, instance, clock
+):
+    host.find_domain.return_value = info()
+    gone = []
+
+    def domain_info(domid):
+        if gone:
+            raise base.DomainNotFound("gone")
+        return info()
+
+    def shutdown(domid):
+        if host.shutdown.call_count == 2:
+            # Destroyed by someone else between two looks.
+            gone.append(True)
+            raise base.DomainNotFound("gone")
+
+    host.domain_info.side_effect = domain_info
+    host.shutdown.side_effect = shutdown
+    host.destroy_domain.side_effect = base.DomainNotFound("gone")
+    ops.power_off(instance, timeout=60, retry_interval=10)
+    # The second request found no domain: not an error, it is off.
+    assert host.shutdown.call_count == 2
+    assert instance.uuid in ops._powered_off
 
 
 def test_suspend_and_resume_use_a_save_file(ops, host, instance):
