@@ -209,6 +209,17 @@ class Receiver:
             self.journal.close()
             self._close_channel()
             if answering:
+                # Port and threads held until then: said, so that an
+                # operator knows what keeps them.
+                LOG.warning(
+                    "Migration %s: the source has not acknowledged the "
+                    "outcome (%s); port %d answers its commit queries "
+                    "until it does or 'nova-xen-ncm recover --resolve %s'",
+                    self.migration_id,
+                    self.state.phase,
+                    self.listener.port,
+                    self.migration_id,
+                )
                 self.answering = threading.Thread(
                     target=self._answer_until_acknowledged,
                     name=f"migration-{self.migration_id}-answers",
