@@ -698,7 +698,9 @@ def answer_incoming(
 
     The entries are settled (:func:`recover_incoming`): nothing here
     acts on a guest, so they are not held while answered, and
-    :func:`resolve` ends the answers."""
+    :func:`resolve` ends the answers. The source's acknowledgement
+    removes an entry under its lock (:meth:`Journal.forget_locked`): a
+    recovery settling it at that moment cannot write it back."""
     finished: list[str] = []
     threads = []
     until = None if seconds is None else time.monotonic() + seconds
