@@ -246,6 +246,7 @@ class Receiver:
         port until the source's FINISHED, or until the entry is gone (an
         operator resolved it)."""
         store = self.journal.journal
+        unreadable = False
         try:
             while not (self._closing.is_set() or self.listener.closed):
                 if self.acceptor.finished.wait(ANSWER_POLL):
@@ -258,11 +259,15 @@ class Receiver:
                         )
                         return
                 except EngineError as exc:
-                    LOG.error(
-                        "Migration %s: journal entry unreadable: %s",
-                        self.migration_id,
-                        exc,
-                    )
+                    # Said once, not at every look: the answer comes
+                    # from memory meanwhile.
+                    if not unreadable:
+                        LOG.error(
+                            "Migration %s: journal entry unreadable: %s",
+                            self.migration_id,
+                            exc,
+                        )
+                    unreadable = True
         finally:
             self.acceptor.close()
             self.listener.close()
