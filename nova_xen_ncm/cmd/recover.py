@@ -10,7 +10,8 @@ that never got COMMIT is destroyed, and the outcome is then answered to
 the source's commit query (``--answer`` seconds) until it acknowledges.
 ``--resolve ID`` forgets a migration an operator settled by hand. Exits
 0 when everything was settled, 1 when a migration stays IN_DOUBT (its
-guest paused here) or could not be settled, and otherwise the shared
+guest paused here) or could not be settled, or when its guest runs on
+no host (``guest: nowhere`` in the JSON), and otherwise the shared
 statuses of :mod:`nova_xen_ncm.cmd` (2 usage, 3 configuration, 4
 environment).
 """
@@ -45,7 +46,8 @@ DESCRIPTION = (
     "queries are answered (--answer). --resolve ID marks an entry "
     "settled once an operator has looked. Exits 0 when everything was "
     "settled (or nothing was in flight), 1 when a migration stays "
-    "IN_DOUBT (its guest paused here), 2 on a command-line mistake (such "
+    "IN_DOUBT (its guest paused here) or its guest runs on no host (start "
+    "it again from its disk), 2 on a command-line mistake (such "
     "as a --state-path that does not exist), 3 on a configuration that "
     "cannot be used (such as a state_path that does not exist), 4 on an "
     "environment problem."

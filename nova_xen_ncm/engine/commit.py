@@ -318,8 +318,10 @@ class Coordinator:
             return True
         if fence:
             if self._query_teardown(since):
-                # Confirmed and acknowledged on the query path.
-                return False
+                # Confirmed on the query path; acknowledged, as on the
+                # control channel, once the rollback is recorded here (a
+                # crash before that finds the answer still kept).
+                return True
             self._await_lease(since)
         return False
 
@@ -349,7 +351,7 @@ class Coordinator:
 
     def _query_teardown(self, since: float) -> bool:
         """Ask the destination (commit query) until it says its copy is
-        gone or the lease given it ran out; acknowledges the answer."""
+        gone or the lease given it ran out; whether it said so."""
         deadline = since + lease(self.conf)
         while time.monotonic() < deadline:
             try:
@@ -363,10 +365,7 @@ class Coordinator:
                     )
                 )
                 continue
-            if status.phase in NEVER_RAN:
-                self.query.acknowledge()
-                return True
-            return False
+            return status.phase in NEVER_RAN
         return False
 
     def _await_lease(self, since: float) -> None:

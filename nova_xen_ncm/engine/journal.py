@@ -61,6 +61,9 @@ SUBDIR = "migrations"
 INCOMING = "incoming"
 SUFFIX = ".json"
 LOCK_SUFFIX = ".lock"
+# Seconds an unheld entry's removal waits for a recovery that holds it
+# (a recovery settles an entry in well under a second).
+FORGET_WAIT = 5.0
 # Migration ids become file names: nothing that could leave the directory.
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -312,6 +315,30 @@ class Journal:
             raise JournalError(f"cannot lock {path}: {exc}") from exc
         return Hold(fd, path)
 
+    def forget_locked(self, migration_id: str, wait: float) -> bool:
+        """Remove the entry of ``migration_id`` under its lock, waiting
+        up to ``wait`` seconds for it: an entry no engine holds (answered
+        after its migration) may be settled by a recovery at the same
+        moment, which would write it back after it went. Whether it is
+        gone."""
+        until = time.monotonic() + wait
+        while True:
+            hold = self.try_hold(migration_id)
+            if hold is not None:
+                break
+            if time.monotonic() >= until:
+                LOG.error(
+                    "Journal entry of migration %s not removed: held "
+                    "for more than %.1fs",
+                    migration_id,
+                    wait,
+                )
+                return False
+            time.sleep(0.05)
+        with hold:
+            self.remove(migration_id)
+        return True
+
     def read(self, migration_id: str) -> Entry | None:
         """The entry of ``migration_id``, None if there is none."""
         where = self._file(migration_id)
@@ -432,10 +459,18 @@ class Record:
             self.written = Phase(self.entry.phase)
 
     def forget(self) -> None:
-        """The other side knows the outcome: the entry goes."""
+        """The other side knows the outcome: the entry goes (under its
+        lock once :meth:`close` released it: the answers after the
+        migration run unheld, and a recovery may settle it meanwhile)."""
         with self._lock:
             try:
-                self.journal.remove(self.entry.migration_id)
+                if self._hold is None and self.started:
+                    if not self.journal.forget_locked(
+                        self.entry.migration_id, FORGET_WAIT
+                    ):
+                        return
+                else:
+                    self.journal.remove(self.entry.migration_id)
             except JournalError as exc:
                 LOG.error("Journal entry not removed: %s", exc)
                 return

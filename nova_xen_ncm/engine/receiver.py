@@ -223,6 +223,17 @@ class Receiver:
             self.journal.close()
             self._close_channel()
             if answering:
+                # Port and threads held until then: said, so that an
+                # operator knows what keeps them.
+                LOG.warning(
+                    "Migration %s: the source has not acknowledged the "
+                    "outcome (%s); port %d answers its commit queries "
+                    "until it does or 'nova-xen-ncm recover --resolve %s'",
+                    self.migration_id,
+                    self.state.phase,
+                    self.listener.port,
+                    self.migration_id,
+                )
                 self.answering = threading.Thread(
                     target=self._answer_until_acknowledged,
                     name=f"migration-{self.migration_id}-answers",
@@ -249,6 +260,7 @@ class Receiver:
         port until the source's FINISHED, or until the entry is gone (an
         operator resolved it)."""
         store = self.journal.journal
+        unreadable = False
         try:
             while not (self._closing.is_set() or self.listener.closed):
                 if self.acceptor.finished.wait(ANSWER_POLL):
@@ -261,11 +273,15 @@ class Receiver:
                         )
                         return
                 except EngineError as exc:
-                    LOG.error(
-                        "Migration %s: journal entry unreadable: %s",
-                        self.migration_id,
-                        exc,
-                    )
+                    # Said once, not at every look: the answer comes
+                    # from memory meanwhile.
+                    if not unreadable:
+                        LOG.error(
+                            "Migration %s: journal entry unreadable: %s",
+                            self.migration_id,
+                            exc,
+                        )
+                    unreadable = True
         finally:
             self.acceptor.close()
             self.listener.close()

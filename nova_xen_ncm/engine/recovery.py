@@ -50,6 +50,7 @@ from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine.acceptor import Acceptor
 from nova_xen_ncm.engine.errors import EngineError
+from nova_xen_ncm.engine.journal import FORGET_WAIT
 from nova_xen_ncm.engine.journal import Entry
 from nova_xen_ncm.engine.journal import Hold
 from nova_xen_ncm.engine.journal import Journal
@@ -697,7 +698,9 @@ def answer_incoming(
 
     The entries are settled (:func:`recover_incoming`): nothing here
     acts on a guest, so they are not held while answered, and
-    :func:`resolve` ends the answers."""
+    :func:`resolve` ends the answers. The source's acknowledgement
+    removes an entry under its lock (:meth:`Journal.forget_locked`): a
+    recovery settling it at that moment cannot write it back."""
     finished: list[str] = []
     threads = []
     until = None if seconds is None else time.monotonic() + seconds
@@ -728,8 +731,10 @@ def answer_incoming(
         )
 
         def forget(mid: str = entry.migration_id) -> None:
-            journal.remove(mid)
-            finished.append(mid)
+            # Unheld while answered: under its lock, or a recovery
+            # settling it now would write it back after it went.
+            if journal.forget_locked(mid, FORGET_WAIT):
+                finished.append(mid)
 
         acceptor = Acceptor(
             listener,

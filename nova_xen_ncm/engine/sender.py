@@ -545,8 +545,11 @@ class Sender:
             if index:
                 data.flush_channel(index)
 
-        # Once every channel's pages were acknowledged, a retry resumes
-        # channel 0 only; the final flush's sequence once sent.
+        # Once every channel's share went out (the data channels' ones
+        # acknowledged), a retry resumes channel 0 only: its own pages
+        # not applied there go again (they are not acknowledged: frames
+        # in flight when it dropped), then the state. The final flush's
+        # sequence once sent.
         pages_done = [False]
         final_flush: list[int | None] = [None]
 
@@ -554,10 +557,13 @@ class Sender:
             data.reconnect()
             # The PV state is imported at the stream's end: every page
             # must be in place by then, whichever channel carried it.
-            if not pages_done[0]:
+            again = pages_done[0]
+            if not again:
                 data.on_channels(share)
                 pages_done[0] = True
             try:
+                if again:
+                    share(0)
                 data.send_numbered(0, state, pages=False)
                 if self._digests is None:
                     # While the destination applies what it got.

@@ -198,9 +198,50 @@ def _address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 MAX_WAITING = 16
 
 
-def _bind_to(address: str | None) -> tuple[str, int] | None:
-    """Where an outgoing connection is bound: ``address``, any port."""
-    return None if not address else (address, 0)
+def _connect(
+    host: str, port: int, timeout: float, source_address: str | None
+) -> socket.socket:
+    """A TCP connection to ``host``:``port``, leaving from
+    ``source_address`` when given. Failing to leave from that address
+    (not one of this host's, or of no family the destination has) is
+    said as such: this host's configuration is wrong, not the
+    destination."""
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise TransportError(
+            f"cannot connect to {host}:{port}: {exc}"
+        ) from exc
+    last: OSError | None = None
+    unbound: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            if source_address:
+                try:
+                    sock.bind((source_address, 0))
+                except OSError as exc:
+                    # Perhaps of the other family: the next one may do.
+                    unbound = exc
+                    sock.close()
+                    continue
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            sock.close()
+            raise
+    if last is None and unbound is not None:
+        raise TransportError(
+            f"cannot leave from source address {source_address} to reach "
+            f"{host}:{port}: {unbound} (the address this host announced "
+            "to the destination: [xen_ncm] listen_address, or Nova's "
+            "my_ip when that is a wildcard)"
+        ) from unbound
+    raise TransportError(f"cannot connect to {host}:{port}: {last}") from last
 
 
 def _peer(sock: socket.socket | TlsSocket) -> str:
@@ -537,16 +578,7 @@ class Channel:
         given, from ``source_address`` when given (the address the source
         announced: a multi-homed host would otherwise leave by whichever
         address its routes pick). The handshake follows."""
-        try:
-            sock = socket.create_connection(
-                (host, port),
-                timeout=connect_timeout,
-                source_address=_bind_to(source_address),
-            )
-        except OSError as exc:
-            raise TransportError(
-                f"cannot connect to {host}:{port}: {exc}"
-            ) from exc
+        sock = _connect(host, port, connect_timeout, source_address)
         if tls is not None:
             sock = _wrap_tls(sock, tls, server_hostname=host)
         conn = framing.Connection(messages.Role.CLIENT, max_data=max_data)

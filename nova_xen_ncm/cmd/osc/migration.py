@@ -185,7 +185,8 @@ class RecoverMigrations(_Local, command.Lister):
     Settles each migration of this host's journals whose engine is gone
     and lists the outcomes; as a destination, then answers the sources'
     commit queries (``--answer``). Exits 0 when everything was settled,
-    1 when a migration stays IN_DOUBT (its guest paused here).
+    1 when a migration stays IN_DOUBT (its guest paused here) or its
+    guest runs on no host.
     """
 
     columns = OUTCOME_COLUMNS

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
 import time
 import tracemalloc
 
 import pytest
 
 from nova_xen_ncm.engine import policy
+from nova_xen_ncm.engine import receiver as receiver_module
 from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
@@ -219,6 +221,61 @@ def test_a_lost_ack_of_the_final_flush_resumes_instead_of_rolling_back(
     # Resumed after the flush: no final page went twice.
     assert len(final) == len({first for first, _ in final})
     assert m.receiver.state.phase is Phase.DONE
+    assert running_on(destination, domid)
+    assert not running_on(source, domid)
+
+
+def test_a_drop_after_the_final_pages_went_out_resends_those_not_applied(
+    conf, source, destination, migration, monkeypatch
+):
+    # The final pages are all written on the control channel, the state
+    # records follow; the connection breaks with the last page frame not
+    # yet applied there. The retry sends it again before the state, not
+    # the state after a hole (refused: the migration would roll back).
+    domid = source.create_domain(
+        guest_config(dirty_rate=256 * MiB, pattern="uniform", hot_fraction=1.0)
+    )
+    m = migration(source, domid, destination, policy=stop_after(1))
+    m.sender.stream.batch_pages = 32
+    shares = m.sender._numbered_shares
+    last_page = {}
+
+    def numbered(pfns):
+        out = shares(pfns)
+        if m.sender.state.phase is Phase.STOP_AND_COPY:
+            first, batches = out[0]
+            last_page["seq"] = first + len(batches) - 1
+        return out
+
+    m.sender._numbered_shares = numbered
+    send_numbered = m.sender.data.send_numbered
+    pages_written = threading.Event()
+
+    def state_after_pages(index, frames, *, pages):
+        pages_written.set()
+        return send_numbered(index, frames, pages=pages)
+
+    m.sender.data.send_numbered = state_after_pages
+    read_frame = receiver_module._read_frame
+    dropped = []
+
+    def drop_before_the_last_page(channel, header, restorer):
+        if not dropped and header.seq == last_page.get("seq"):
+            # Every final page is on its way: break the connection
+            # before this one is read (so, never applied here).
+            assert pages_written.wait(10)
+            dropped.append(m.receiver._applied)
+            channel.sock.shutdown(socket.SHUT_RDWR)
+            raise TransportError("the connection broke")
+        return read_frame(channel, header, restorer)
+
+    monkeypatch.setattr(
+        receiver_module, "_read_frame", drop_before_the_last_page
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    assert dropped == [last_page["seq"] - 1], (dropped, last_page)
+    retries = [e for e in m.source_events.events if e.kind.value == "retry"]
+    assert [e.detail["what"] for e in retries] == ["stop-and-copy transfer"]
     assert running_on(destination, domid)
     assert not running_on(source, domid)
 

@@ -67,3 +67,30 @@ def test_the_fence_ends_a_lease_after_the_rollback_started(conf):
     assert ended >= since + lease
     assert ended < since + 1.5 * lease
     assert data.control is None
+
+
+def test_a_teardown_confirmed_by_query_is_acknowledged_after_the_rollback(
+    conf,
+):
+    """The control channel is gone; the commit query says the copy is
+    destroyed. The guest may resume at once, but the destination keeps
+    its answer until the source recorded the rollback and acknowledges
+    (a source dying in between still finds it)."""
+    endpoint = ("127.0.0.1", closed_port())
+    data = datapath.DataPath(
+        conf, endpoint, "m-1", b"k" * 32, count=1, clock=time.monotonic
+    )
+    query = commit.CommitQuery(conf, endpoint, "m-1", b"k" * 32)
+    acknowledged = []
+    query.once = lambda: messages.Status(phase="failed", committed=False)
+    query.acknowledge = lambda: acknowledged.append(True) or True
+    coordinator = commit.Coordinator(conf, data, query)
+    started = time.monotonic()
+    assert coordinator.fence(
+        EngineError("gave up"), fence=True, torn_down=False, since=started
+    )
+    # Not the lease: the destination's word.
+    assert time.monotonic() - started < commit.lease(conf) / 2
+    assert acknowledged == []
+    assert coordinator.acknowledge()
+    assert acknowledged == [True]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -229,3 +230,41 @@ def test_a_first_version_cut_short_is_no_entry_and_blocks_no_recovery(
         f.write(whole.replace(b'"precopy"', b'"precOpy"'))
     with pytest.raises(journal.JournalError, match="no whole entry"):
         j.read("m-1")
+def test_an_unheld_entry_answered_after_its_migration_goes_under_its_lock(
+    tmp_path,
+):
+    # The destination answers after run() (its hold released); the
+    # source's FINISHED comes while a recovery settles the same entry
+    # (read, then written back in its final phase). Removed under the
+    # lock, it stays gone: not written back to be answered for ever.
+    j = journal.Journal(str(tmp_path), journal.INCOMING, journal.IncomingEntry)
+    record = journal.Record(j, entry(), keep_settled=True)
+    record.open()
+    record.write(Phase.DONE)
+    record.close()
+    recovering = j.try_hold("m-1")
+    assert recovering is not None
+    settled = j.read("m-1")
+    finished = threading.Thread(target=record.forget)
+    finished.start()
+    finished.join(0.3)
+    # The removal waits for the recovery.
+    assert finished.is_alive()
+    j.write(settled)
+    recovering.release()
+    finished.join(10)
+    assert not finished.is_alive()
+    assert j.entries() == [] and record.forgotten
+
+
+def test_an_entry_held_too_long_is_kept_and_said(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal, "FORGET_WAIT", 0.2)
+    j = journal.Journal(str(tmp_path), journal.INCOMING, journal.IncomingEntry)
+    record = journal.Record(j, entry(), keep_settled=True)
+    record.open()
+    record.write(Phase.DONE)
+    record.close()
+    with j.hold("m-1"):
+        record.forget()
+    assert [e.phase for e in j.entries()] == ["done"]
+    assert not record.forgotten

@@ -441,3 +441,38 @@ def test_a_paced_write_waits_within_the_sockets_bound():
     assert bounds == [2.0]
     assert timeouts == [pytest.approx(1.75)]
     assert client.sock.gettimeout() == 2.0
+
+
+def test_a_connection_leaves_from_the_source_address_given():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        channel = Channel.connect(
+            *server.getsockname(),
+            connect_timeout=TIMEOUT,
+            source_address="127.0.0.2",
+        )
+        with channel:
+            conn, peer = server.accept()
+            conn.close()
+    assert peer[0] == "127.0.0.2"
+
+
+def test_a_source_address_not_of_this_host_is_named():
+    # 192.0.2.1 (TEST-NET-1) is no address of this host: the connection
+    # cannot leave from it, and the error says so, not that the
+    # destination cannot be reached.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        host, port = server.getsockname()
+        with pytest.raises(TransportError) as caught:
+            Channel.connect(
+                host,
+                port,
+                connect_timeout=TIMEOUT,
+                source_address="192.0.2.1",
+            )
+    text = str(caught.value)
+    assert text.startswith("cannot leave from source address 192.0.2.1")
+    assert "listen_address" in text and "my_ip" in text
