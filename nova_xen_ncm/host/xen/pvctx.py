@@ -97,10 +97,13 @@ def _bit(content: bytes, offset: int, port: int) -> bool:
 # -- export ---------------------------------------------------------------
 
 
-def export(
+def check_exportable(
     host: XenHost, ctx: ctx_mod.DomainContext, domid: int
-) -> base.PvState:
-    """The PV state of the paused guest ``domid``."""
+) -> tuple[int, list[ctx_mod.VcpuState]]:
+    """Refuse, naming why, a guest whose PV state :func:`export` could not
+    read: called before the guest is paused (and again by the export),
+    so that a refusal leaves it running. Returns the shared_info GFN and
+    each vCPU's state (singleshot deadline as time left)."""
     call = "export_pv_state"
     info = host.domain_info(domid)
     abi = ctx.event_channel_abi(domid)
@@ -112,14 +115,20 @@ def export(
     gfn = int(raw.shared_info_frame)
     if gfn in UNPLACED:
         raise _unsupported(domid, "the guest has not mapped shared_info", call)
-    with host.map_pages(domid, np.array([gfn], dtype=np.uint64)) as mapping:
-        content = bytes(mapping.pages[0])
     states = [
         ctx.get_vcpu_state(domid, v, relative=True) for v in range(info.vcpus)
     ]
     if any(s.compat for s in states):
         raise _unsupported(domid, "a 32-bit guest", call)
-    ports = []
+    version = libs.check(
+        "xc_gnttab_get_version",
+        _fn().xc_gnttab_get_version(host._xch, domid),
+        domid=domid,
+    )
+    if version != 1:
+        raise _unsupported(
+            domid, f"grant table version {version} cannot be exported", call
+        )
     for chan in ctx.get_event_channels(domid):
         if chan.xen_bound:
             raise _unsupported(
@@ -127,6 +136,23 @@ def export(
                 f"port {chan.port} is Xen's own (an ioreq server's), which "
                 "the import cannot bind",
                 call,
+            )
+    return gfn, states
+
+
+def export(
+    host: XenHost, ctx: ctx_mod.DomainContext, domid: int
+) -> base.PvState:
+    """The PV state of the paused guest ``domid``."""
+    gfn, states = check_exportable(host, ctx, domid)
+    with host.map_pages(domid, np.array([gfn], dtype=np.uint64)) as mapping:
+        content = bytes(mapping.pages[0])
+    ports = []
+    for chan in ctx.get_event_channels(domid):
+        if chan.xen_bound:
+            # Bound since the check (an ioreq server of the paused guest).
+            raise _unsupported(
+                domid, f"port {chan.port} is Xen's own", "export_pv_state"
             )
         kind = base.EvtchnType(chan.status)
         ports.append(

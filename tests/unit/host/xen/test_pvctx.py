@@ -1,0 +1,100 @@
+"""What the patched-Xen PV export refuses, before the guest is paused.
+
+The fakes answer as the domctls and libxenctrl would; each test changes
+one answer and expects the refusal to name it.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.xen import context as ctx_mod
+from nova_xen_ncm.host.xen import pvctx
+
+DOMID = 7
+
+
+class FakeCtx:
+    def __init__(self) -> None:
+        self.abi = "2-level"
+        self.compat = False
+        self.ports = [
+            ctx_mod.EventChannel(port=1, status=5, vcpu=0),  # IPI
+            ctx_mod.EventChannel(port=2, status=4, vcpu=1, virq=0),  # VIRQ
+        ]
+
+    def event_channel_abi(self, domid: int) -> str:
+        return self.abi
+
+    def get_vcpu_state(
+        self, domid: int, vcpu: int, *, relative: bool = False
+    ) -> ctx_mod.VcpuState:
+        assert relative  # what another host can take
+        return ctx_mod.VcpuState(vcpu=vcpu, compat=self.compat)
+
+    def get_event_channels(self, domid: int) -> list[ctx_mod.EventChannel]:
+        return list(self.ports)
+
+
+class FakeHost:
+    _xch = object()
+
+    def __init__(self) -> None:
+        self.shared_info_frame = 0xFEFFF
+        self.gnttab_version = 1
+
+    def domain_info(self, domid: int) -> base.DomainInfo:
+        return base.DomainInfo(
+            domid=domid, name="g", uuid="u", state=base.DomainState.RUNNING,
+            memory_bytes=1 << 28, vcpus=2, populated_pages=65536,
+            pv_drivers=True,
+        )  # fmt: skip
+
+    def _raw_info(self, domid: int, call: str) -> types.SimpleNamespace:
+        return types.SimpleNamespace(shared_info_frame=self.shared_info_frame)
+
+
+@pytest.fixture
+def fakes(monkeypatch) -> tuple[FakeHost, FakeCtx]:
+    host, ctx = FakeHost(), FakeCtx()
+    fn = types.SimpleNamespace(
+        xc_gnttab_get_version=lambda xch, domid: host.gnttab_version
+    )
+    monkeypatch.setattr(pvctx, "_fn", lambda: fn)
+    return host, ctx
+
+
+def test_an_exportable_guest_passes(fakes) -> None:
+    host, ctx = fakes
+    gfn, states = pvctx.check_exportable(host, ctx, DOMID)
+    assert gfn == 0xFEFFF and [s.vcpu for s in states] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda h, c: setattr(c, "abi", "FIFO"), "FIFO event channels"),
+        (
+            lambda h, c: setattr(h, "shared_info_frame", 2**64 - 1),
+            "not mapped shared_info",
+        ),
+        (lambda h, c: setattr(c, "compat", True), "32-bit"),
+        (lambda h, c: setattr(h, "gnttab_version", 2), "version 2"),
+        (
+            lambda h, c: c.ports.append(
+                ctx_mod.EventChannel(port=9, status=2, xen_bound=True)
+            ),
+            "port 9 is Xen's own",
+        ),
+    ],
+)
+def test_what_the_export_cannot_read_is_refused_by_name(
+    fakes, change, named
+) -> None:
+    host, ctx = fakes
+    change(host, ctx)
+    with pytest.raises(base.NotSupported, match=named):
+        pvctx.check_exportable(host, ctx, DOMID)
