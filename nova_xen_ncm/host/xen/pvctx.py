@@ -454,17 +454,37 @@ def _import_event_channels(
     )
 
 
+def _guest_writes(perms: tuple[tuple[str, int], ...], domid: int) -> bool:
+    """Whether ``domid`` may write a node of permissions ``perms``
+    (xenstored's rule: the owner may; otherwise its ACL entry, else the
+    default access of the first entry)."""
+    if not perms:
+        return False
+    (default, owner), acl = perms[0], perms[1:]
+    if owner == domid:
+        return True
+    access = next((a for a, d in acl if d == domid), default)
+    return access in ("w", "b")
+
+
 def _import_xenstore(
     host: XenHost, domid: int, xs: base.XenstoreState
 ) -> None:
     fn = _fn()
     for node in xs.nodes:
-        # libxl wrote the new domain's own nodes; only what differs
-        # (what the guest wrote) is written again, firing fewer watches.
-        if host._xs_read(node.path) == node.value and (
-            _xs_perms(host, node.path) == node.perms
-        ):
-            continue
+        current = host._xs_read(node.path)
+        if current is not None:
+            # libxl wrote the new domain's own nodes; only what differs
+            # is written again, firing fewer watches.
+            if current == node.value and (
+                _xs_perms(host, node.path) == node.perms
+            ):
+                continue
+            # A node the guest cannot write is the toolstack's, whose
+            # value now is the current one (the new device model's and
+            # console's ptys): the saved one would be stale.
+            if not _guest_writes(node.perms, domid):
+                continue
         if not fn.xs_write(
             host._xs(), 0, node.path.encode(), node.value, len(node.value)
         ):

@@ -98,3 +98,84 @@ def test_what_the_export_cannot_read_is_refused_by_name(
     change(host, ctx)
     with pytest.raises(base.NotSupported, match=named):
         pvctx.check_exportable(host, ctx, DOMID)
+
+
+class FakeStore:
+    """xenstored as the new domain's toolstack left it."""
+
+    def __init__(self, nodes: dict[str, tuple[bytes, tuple]]) -> None:
+        self.nodes = dict(nodes)
+        self.writes: list[str] = []
+
+    def _xs(self) -> int:
+        return 1
+
+    def _xs_read(self, path: str) -> bytes | None:
+        node = self.nodes.get(path)
+        return None if node is None else node[0]
+
+
+def test_xenstore_import_keeps_the_toolstacks_nodes(monkeypatch) -> None:
+    g = DOMID
+    base_path = f"/local/domain/{g}"
+    # The new device model's pty, read-only to the guest; the guest's
+    # own node; a node only the saved guest had; an unchanged one.
+    store = FakeStore(
+        {
+            f"{base_path}/serial/0/tty": (b"/dev/pts/9", (("n", 0), ("r", g))),
+            f"{base_path}/data/x": (b"libxl", (("n", g),)),
+            f"{base_path}/name": (b"guest", (("n", 0), ("r", g))),
+        }
+    )
+
+    def xs_write(h, t, path, value, n):
+        store.writes.append(path.decode())
+        store.nodes[path.decode()] = (bytes(value[:n]), ())
+        return True
+
+    fn = types.SimpleNamespace(
+        xs_write=xs_write, xs_set_permissions=lambda *a: True
+    )
+    monkeypatch.setattr(pvctx, "_fn", lambda: fn)
+    monkeypatch.setattr(
+        pvctx, "_xs_perms", lambda host, path: store.nodes[path][1]
+    )
+    saved = base.XenstoreState(
+        nodes=(
+            base.XenstoreNode(
+                f"{base_path}/serial/0/tty",
+                b"/dev/pts/3",
+                (("n", 0), ("r", g)),
+            ),
+            base.XenstoreNode(f"{base_path}/data/x", b"guest", (("n", g),)),
+            base.XenstoreNode(
+                f"{base_path}/data/new", b"1", (("n", 0), ("b", g))
+            ),
+            base.XenstoreNode(
+                f"{base_path}/name", b"guest", (("n", 0), ("r", g))
+            ),
+        ),
+        watches=(),
+        transactions=(),
+        store_port=1,
+        store_gfn=0xFEFFC,
+    )
+    pvctx._import_xenstore(store, g, saved)
+    assert store.writes == [f"{base_path}/data/x", f"{base_path}/data/new"]
+    assert store.nodes[f"{base_path}/serial/0/tty"][0] == b"/dev/pts/9"
+
+
+@pytest.mark.parametrize(
+    ("perms", "writes"),
+    [
+        ((("n", DOMID),), True),  # the owner
+        ((("n", 0), ("w", DOMID)), True),
+        ((("n", 0), ("b", DOMID)), True),
+        ((("n", 0), ("r", DOMID)), False),
+        ((("b", 0),), True),  # everybody's default
+        ((("b", 0), ("r", DOMID)), False),  # its entry wins
+        ((), False),
+    ],
+)
+def test_guest_writes_follows_xenstoreds_rule(perms, writes) -> None:
+    assert pvctx._guest_writes(perms, DOMID) is writes
