@@ -449,9 +449,21 @@ def _import_event_channels(
                 virq=p.virq if p.type == base.EvtchnType.VIRQ else p.pirq,
             )
             for p in ports
-            if p.port not in fresh
+            if p.port not in fresh or _same_binding(p, fresh[p.port])
         ],
     )
+
+
+def _same_binding(saved: base.EventChannel, now: ctx_mod.EventChannel) -> bool:
+    """A port the new domain's toolstack bound as the guest had it, but
+    notifying another vCPU (the guest moved it): the import, finding it
+    bound so, sets only that vCPU. One its daemon has not bound yet
+    stays as it is."""
+    return saved.vcpu != now.vcpu and (
+        int(saved.type),
+        saved.remote_domid,
+        saved.remote_port,
+    ) == (now.status, now.remote_dom, now.remote_port)
 
 
 def _guest_writes(perms: tuple[tuple[str, int], ...], domid: int) -> bool:

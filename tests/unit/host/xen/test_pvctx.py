@@ -179,3 +179,29 @@ def test_xenstore_import_keeps_the_toolstacks_nodes(monkeypatch) -> None:
 )
 def test_guest_writes_follows_xenstoreds_rule(perms, writes) -> None:
     assert pvctx._guest_writes(perms, DOMID) is writes
+
+
+def test_a_toolstack_port_the_guest_moved_gets_its_vcpu_back() -> None:
+    ctx = FakeCtx()
+    # The new domain's xenstore and console ports, bound by the
+    # toolstack on vCPU 0; the console daemon has not bound yet.
+    ctx.ports = [
+        ctx_mod.EventChannel(port=1, status=2, remote_dom=0, remote_port=40),
+        ctx_mod.EventChannel(port=2, status=1, remote_dom=0),
+    ]
+    sent: list[list[ctx_mod.EventChannel]] = []
+    ctx.set_event_channels = lambda domid, recs: sent.append(recs)
+    interdomain = base.EvtchnType.INTERDOMAIN
+    saved = (
+        # The guest moved its xenstore port to vCPU 1.
+        base.EventChannel(1, interdomain, 1, remote_domid=0, remote_port=40),
+        # Bound to the old console daemon's port: left to the new one.
+        base.EventChannel(2, interdomain, 1, remote_domid=0, remote_port=7),
+        base.EventChannel(3, base.EvtchnType.IPI, 1),
+    )
+    pvctx._import_event_channels(ctx, DOMID, saved)
+    # Port 2 (fresh, unbound) is not sent: it stays for the new daemon.
+    assert [(r.port, r.status, r.vcpu) for r in sent[0]] == [
+        (1, int(interdomain), 1),
+        (3, int(base.EvtchnType.IPI), 1),
+    ]
