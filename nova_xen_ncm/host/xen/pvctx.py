@@ -28,6 +28,7 @@ What comes from where:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno as errnos
 from typing import TYPE_CHECKING
 
@@ -330,9 +331,12 @@ def import_(
     for it, whose memory and HVM context are already restored.
 
     Order: shared_info and grant frames placed, then each vCPU's state
-    (vcpu_info before any port can raise an event into it), then the
-    ports, then the shared_info content (the guest's pending and mask
-    bits, over those the binds raised), then the xenstore nodes."""
+    without its timers (vcpu_info before any port can raise an event
+    into it), then the ports, then the shared_info content (the guest's
+    pending and mask bits, over those the binds raised), then the timers
+    (a deadline that passed during the downtime fires at once, into a
+    bound VIRQ_TIMER and over the guest's own bits, not lost), then the
+    xenstore nodes."""
     call = "import_pv_state"
     if state.backends:
         raise _unsupported(domid, "PV devices cannot be imported yet", call)
@@ -360,10 +364,10 @@ def import_(
         )
     _import_grant_table(host, domid, state.grant_table)
     placed = {p.vcpu: p for p in si.vcpu_info}
+    vcpus = []
     for i, v in enumerate(state.vcpus):
         place = placed.get(v.vcpu)
-        ctx.set_vcpu_state(
-            domid,
+        vcpus.append(
             ctx_mod.VcpuState(
                 vcpu=v.vcpu,
                 vcpu_info=(place.gfn, place.offset)
@@ -377,6 +381,15 @@ def import_(
                 time_va=v.time_va,
                 # Domain-wide: set once.
                 vm_assist=state.vm_assist if i == 0 else None,
+            )
+        )
+    # Timers stopped until their VIRQ_TIMER ports and the guest's own
+    # pending bits are back: one firing now would be dropped.
+    for vs in vcpus:
+        ctx.set_vcpu_state(
+            domid,
+            dataclasses.replace(
+                vs, singleshot_deadline=None, periodic_period=0
             ),
         )
     _import_event_channels(ctx, domid, state.event_channels.ports)
@@ -384,6 +397,10 @@ def import_(
         domid, np.array([si.gfn], dtype=np.uint64), writable=True
     ) as mapping:
         mapping.pages[0][:] = si.content
+    # vcpu_info is already placed there: SET finds it so and only arms.
+    for vs in vcpus:
+        if vs.singleshot_deadline is not None or vs.periodic_period:
+            ctx.set_vcpu_state(domid, vs)
     _import_xenstore(host, domid, state.xenstore)
 
 

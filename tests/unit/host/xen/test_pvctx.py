@@ -205,3 +205,78 @@ def test_a_toolstack_port_the_guest_moved_gets_its_vcpu_back() -> None:
         (1, int(interdomain), 1),
         (3, int(base.EvtchnType.IPI), 1),
     ]
+
+
+def test_timers_are_armed_after_their_ports_and_the_guests_bits(
+    monkeypatch,
+) -> None:
+    """A deadline that passed during the downtime fires at once: before
+    VIRQ_TIMER is bound, or under the shared_info content written after
+    it, that event would be lost and a tickless vCPU would wait on it."""
+    calls: list[tuple] = []
+    gfn = 0xFEFFF
+
+    class Mapping:
+        def __init__(self) -> None:
+            self.pages = [bytearray(4096)]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            calls.append(("shared_info content",))
+
+    class Host:
+        def _raw_info(self, domid, call):
+            return types.SimpleNamespace(shared_info_frame=gfn)
+
+        def map_pages(self, domid, pfns, writable=False):
+            assert writable and list(pfns) == [gfn]
+            return Mapping()
+
+        def _xs_read(self, path):
+            return None
+
+    ctx = FakeCtx()
+    ctx.ports = []
+    ctx.set_vcpu_state = lambda domid, vs: calls.append(
+        ("vcpu", vs.vcpu, vs.vcpu_info, vs.singleshot_deadline,
+         vs.periodic_period)
+    )  # fmt: skip
+    ctx.set_event_channels = lambda domid, recs: calls.append(
+        ("ports", [r.port for r in recs])
+    )
+    state = base.PvState(
+        domid=DOMID,
+        backend_domids=(),
+        event_channels=base.EventChannelState(
+            base.EvtchnAbi.TWO_LEVEL,
+            (base.EventChannel(3, base.EvtchnType.VIRQ, 1, virq=0),),
+        ),
+        grant_table=base.GrantTableState(1, (), ()),
+        shared_info=base.SharedInfoState(
+            gfn,
+            bytes(4096),
+            (
+                base.VcpuInfoPlacement(0, 0x1000, 0),
+                base.VcpuInfoPlacement(1, 0x1000, 64),
+            ),
+        ),
+        xenstore=base.XenstoreState((), (), (), 1, 0xFEFFC),
+        backends=(),
+        vcpus=(
+            base.VcpuPvState(0),
+            base.VcpuPvState(1, singleshot_ns=0, periodic_ns=10**7),
+        ),
+    )
+    pvctx.import_(Host(), ctx, DOMID, state)
+    assert calls == [
+        # vcpu_info placed, no timer running...
+        ("vcpu", 0, (0x1000, 0), None, 0),
+        ("vcpu", 1, (0x1000, 64), None, 0),
+        # ...while the ports and the guest's own bits go back...
+        ("ports", [3]),
+        ("shared_info content",),
+        # ...then armed: the deadline passed, it fires into port 3.
+        ("vcpu", 1, (0x1000, 64), 0, 10**7),
+    ]
