@@ -442,7 +442,11 @@ class Receiver:
             if caps.restore.get(item) is not None:
                 missing[item] = caps.restore[item]
         if not caps.preserve_domid:
-            missing[base.Item.DOMID] = "this host cannot choose domids"
+            # The host's own reason (the Xen driver names the setting).
+            missing[base.Item.DOMID] = (
+                caps.restore.get(base.Item.DOMID)
+                or "this host cannot choose domids"
+            )
         if missing:
             text = "; ".join(
                 f"{getattr(k, 'value', k)}: {v}" for k, v in missing.items()

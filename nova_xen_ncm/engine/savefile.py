@@ -89,6 +89,18 @@ def save(
             f"domain {domid} has PV drivers: a Xen-compatible save cannot "
             "carry its PV state"
         )
+    if info.pv_drivers:
+        # Refused from the host's own report, before the pause: what it
+        # cannot put back (xenstore watches on patched Xen) would be
+        # silently missing from the file, and the restored guest's
+        # xenbus would wait forever.
+        missing = host.capabilities().missing(pv_drivers=True)
+        if missing:
+            raise SaveError(
+                f"domain {domid} has PV drivers, and this host cannot "
+                "restore: "
+                + "; ".join(f"{k.value}: {v}" for k, v in missing.items())
+            )
     if info.state == base.DomainState.RUNNING:
         host.pause(domid)
     stream = GuestStream(host, domid, xen_compatible=xen_compatible)

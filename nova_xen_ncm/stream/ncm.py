@@ -767,9 +767,7 @@ class VcpuPv:
             "singleshot_armed": [
                 v.vcpu for v in self.vcpus if v.singleshot_ns is not None
             ],
-            "upcall_vectors": [
-                v.vcpu for v in self.vcpus if v.upcall_vector
-            ],
+            "upcall_vectors": [v.vcpu for v in self.vcpus if v.upcall_vector],
         }
 
 

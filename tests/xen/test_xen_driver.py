@@ -362,8 +362,9 @@ def _dirty_ticks(log: str) -> list[dict[str, str]]:
 def test_linux_guest_dirtying_memory_saved_and_restored(
     xen_rig: XenRig,
 ) -> None:
-    """A 2-vCPU, 256 MiB Linux guest that dirties memory, saved while it
-    runs and restored by the project under its domid: its own checks of
+    """A 2-vCPU, 256 MiB Linux guest that dirties memory, taken while it
+    runs (``save`` pauses it, then copies) and restored by the project
+    under its domid: its own checks of
     its memory and counter page pass after the restore, ticks carrying
     on from where they were."""
 

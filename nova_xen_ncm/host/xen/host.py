@@ -1110,6 +1110,13 @@ class XenHost(base.HostDriver):
                 self._ctx = context.DomainContext()
             return self._ctx
 
+    def check_pv_exportable(self, domid: int) -> None:
+        """Refuse, naming why, a guest whose PV state cannot be exported
+        (FIFO event channels, grant table v2, a 32-bit guest, a port of
+        Xen's own), while it still runs: before any pause."""
+        self.domain_info(domid)
+        pvctx.check_exportable(self, self.domain_context(), domid)
+
     def export_pv_state(self, domid: int) -> base.PvState:
         self.domain_info(domid)
         return pvctx.export(self, self.domain_context(), domid)

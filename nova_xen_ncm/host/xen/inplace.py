@@ -114,6 +114,9 @@ def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
             "created again",
             call="inplace.save",
         )
+    # What the export would refuse, refused while the guest runs: not
+    # after a live copy, nor with it paused.
+    host.check_pv_exportable(domid)
     paused_here = info.state != base.DomainState.PAUSED
     logging_dirty = live and paused_here
     try:

@@ -28,6 +28,7 @@ What comes from where:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno as errnos
 from typing import TYPE_CHECKING
 
@@ -97,10 +98,13 @@ def _bit(content: bytes, offset: int, port: int) -> bool:
 # -- export ---------------------------------------------------------------
 
 
-def export(
+def check_exportable(
     host: XenHost, ctx: ctx_mod.DomainContext, domid: int
-) -> base.PvState:
-    """The PV state of the paused guest ``domid``."""
+) -> tuple[int, list[ctx_mod.VcpuState]]:
+    """Refuse, naming why, a guest whose PV state :func:`export` could not
+    read: called before the guest is paused (and again by the export),
+    so that a refusal leaves it running. Returns the shared_info GFN and
+    each vCPU's state (singleshot deadline as time left)."""
     call = "export_pv_state"
     info = host.domain_info(domid)
     abi = ctx.event_channel_abi(domid)
@@ -112,14 +116,20 @@ def export(
     gfn = int(raw.shared_info_frame)
     if gfn in UNPLACED:
         raise _unsupported(domid, "the guest has not mapped shared_info", call)
-    with host.map_pages(domid, np.array([gfn], dtype=np.uint64)) as mapping:
-        content = bytes(mapping.pages[0])
     states = [
         ctx.get_vcpu_state(domid, v, relative=True) for v in range(info.vcpus)
     ]
     if any(s.compat for s in states):
         raise _unsupported(domid, "a 32-bit guest", call)
-    ports = []
+    version = libs.check(
+        "xc_gnttab_get_version",
+        _fn().xc_gnttab_get_version(host._xch, domid),
+        domid=domid,
+    )
+    if version != 1:
+        raise _unsupported(
+            domid, f"grant table version {version} cannot be exported", call
+        )
     for chan in ctx.get_event_channels(domid):
         if chan.xen_bound:
             raise _unsupported(
@@ -127,6 +137,23 @@ def export(
                 f"port {chan.port} is Xen's own (an ioreq server's), which "
                 "the import cannot bind",
                 call,
+            )
+    return gfn, states
+
+
+def export(
+    host: XenHost, ctx: ctx_mod.DomainContext, domid: int
+) -> base.PvState:
+    """The PV state of the paused guest ``domid``."""
+    gfn, states = check_exportable(host, ctx, domid)
+    with host.map_pages(domid, np.array([gfn], dtype=np.uint64)) as mapping:
+        content = bytes(mapping.pages[0])
+    ports = []
+    for chan in ctx.get_event_channels(domid):
+        if chan.xen_bound:
+            # Bound since the check (an ioreq server of the paused guest).
+            raise _unsupported(
+                domid, f"port {chan.port} is Xen's own", "export_pv_state"
             )
         kind = base.EvtchnType(chan.status)
         ports.append(
@@ -304,9 +331,12 @@ def import_(
     for it, whose memory and HVM context are already restored.
 
     Order: shared_info and grant frames placed, then each vCPU's state
-    (vcpu_info before any port can raise an event into it), then the
-    ports, then the shared_info content (the guest's pending and mask
-    bits, over those the binds raised), then the xenstore nodes."""
+    without its timers (vcpu_info before any port can raise an event
+    into it), then the ports, then the shared_info content (the guest's
+    pending and mask bits, over those the binds raised), then the timers
+    (a deadline that passed during the downtime fires at once, into a
+    bound VIRQ_TIMER and over the guest's own bits, not lost), then the
+    xenstore nodes."""
     call = "import_pv_state"
     if state.backends:
         raise _unsupported(domid, "PV devices cannot be imported yet", call)
@@ -334,10 +364,10 @@ def import_(
         )
     _import_grant_table(host, domid, state.grant_table)
     placed = {p.vcpu: p for p in si.vcpu_info}
+    vcpus = []
     for i, v in enumerate(state.vcpus):
         place = placed.get(v.vcpu)
-        ctx.set_vcpu_state(
-            domid,
+        vcpus.append(
             ctx_mod.VcpuState(
                 vcpu=v.vcpu,
                 vcpu_info=(place.gfn, place.offset)
@@ -351,6 +381,15 @@ def import_(
                 time_va=v.time_va,
                 # Domain-wide: set once.
                 vm_assist=state.vm_assist if i == 0 else None,
+            )
+        )
+    # Timers stopped until their VIRQ_TIMER ports and the guest's own
+    # pending bits are back: one firing now would be dropped.
+    for vs in vcpus:
+        ctx.set_vcpu_state(
+            domid,
+            dataclasses.replace(
+                vs, singleshot_deadline=None, periodic_period=0
             ),
         )
     _import_event_channels(ctx, domid, state.event_channels.ports)
@@ -358,6 +397,10 @@ def import_(
         domid, np.array([si.gfn], dtype=np.uint64), writable=True
     ) as mapping:
         mapping.pages[0][:] = si.content
+    # vcpu_info is already placed there: SET finds it so and only arms.
+    for vs in vcpus:
+        if vs.singleshot_deadline is not None or vs.periodic_period:
+            ctx.set_vcpu_state(domid, vs)
     _import_xenstore(host, domid, state.xenstore)
 
 
@@ -423,9 +466,34 @@ def _import_event_channels(
                 virq=p.virq if p.type == base.EvtchnType.VIRQ else p.pirq,
             )
             for p in ports
-            if p.port not in fresh
+            if p.port not in fresh or _same_binding(p, fresh[p.port])
         ],
     )
+
+
+def _same_binding(saved: base.EventChannel, now: ctx_mod.EventChannel) -> bool:
+    """A port the new domain's toolstack bound as the guest had it, but
+    notifying another vCPU (the guest moved it): the import, finding it
+    bound so, sets only that vCPU. One its daemon has not bound yet
+    stays as it is."""
+    return saved.vcpu != now.vcpu and (
+        int(saved.type),
+        saved.remote_domid,
+        saved.remote_port,
+    ) == (now.status, now.remote_dom, now.remote_port)
+
+
+def _guest_writes(perms: tuple[tuple[str, int], ...], domid: int) -> bool:
+    """Whether ``domid`` may write a node of permissions ``perms``
+    (xenstored's rule: the owner may; otherwise its ACL entry, else the
+    default access of the first entry)."""
+    if not perms:
+        return False
+    (default, owner), acl = perms[0], perms[1:]
+    if owner == domid:
+        return True
+    access = next((a for a, d in acl if d == domid), default)
+    return access in ("w", "b")
 
 
 def _import_xenstore(
@@ -433,12 +501,19 @@ def _import_xenstore(
 ) -> None:
     fn = _fn()
     for node in xs.nodes:
-        # libxl wrote the new domain's own nodes; only what differs
-        # (what the guest wrote) is written again, firing fewer watches.
-        if host._xs_read(node.path) == node.value and (
-            _xs_perms(host, node.path) == node.perms
-        ):
-            continue
+        current = host._xs_read(node.path)
+        if current is not None:
+            # libxl wrote the new domain's own nodes; only what differs
+            # is written again, firing fewer watches.
+            if current == node.value and (
+                _xs_perms(host, node.path) == node.perms
+            ):
+                continue
+            # A node the guest cannot write is the toolstack's, whose
+            # value now is the current one (the new device model's and
+            # console's ptys): the saved one would be stale.
+            if not _guest_writes(node.perms, domid):
+                continue
         if not fn.xs_write(
             host._xs(), 0, node.path.encode(), node.value, len(node.value)
         ):

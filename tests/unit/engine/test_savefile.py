@@ -3,6 +3,7 @@ process runs, so these are fast and deterministic)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pathlib
@@ -202,3 +203,33 @@ def test_a_save_file_uuid_that_is_not_one_is_refused(uuid):
     header = xl.Header(0, 0, json.dumps(config).encode())
     domain, _ = savefile._domain_config(header)
     assert domain.uuid == "5d3f4b0e-1c2a-4f6e-8a9b-0c1d2e3f4a5b"
+
+
+def test_a_pv_guest_the_host_cannot_restore_is_refused_before_the_pause(
+    hosts, monkeypatch
+):
+    a, _ = hosts
+    build(a)
+    real_info, caps = a.domain_info, a.capabilities()
+    # A running guest with PV drivers, as the host reports it.
+    monkeypatch.setattr(
+        a,
+        "domain_info",
+        lambda domid: dataclasses.replace(
+            real_info(domid),
+            pv_drivers=True,
+            state=base.DomainState.RUNNING,
+        ),
+    )
+    restore = dict(caps.restore)
+    restore[base.Item.XENSTORE] = "xenstored tells no one the watches"
+    monkeypatch.setattr(
+        a, "capabilities", lambda: dataclasses.replace(caps, restore=restore)
+    )
+
+    def no_pause(domid):
+        raise AssertionError("paused before the refusal")
+
+    monkeypatch.setattr(a, "pause", no_pause)
+    with pytest.raises(savefile.SaveError, match="xenstore: xenstored tells"):
+        saved(a)

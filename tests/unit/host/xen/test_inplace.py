@@ -39,6 +39,8 @@ class FakeXen:
         self.params: dict[int, dict[int, int]] = {}
         self.reuses_domids = True
         self.export_fails = False
+        self.check_fails = False
+        self.checked: list[tuple[int, base.DomainState]] = []
         # The live guest: a write it makes between two host calls.
         self.guest_writes: list[tuple[int, bytes]] = []
         self.log_dirty: set[int] | None = None
@@ -115,6 +117,12 @@ class FakeXen:
     def unpause(self, domid: int) -> None:
         self.domain_info(domid)
         self.domains[domid]["state"] = base.DomainState.RUNNING
+
+    def check_pv_exportable(self, domid: int) -> None:
+        self.domain_info(domid)
+        self.checked.append((domid, self.domains[domid]["state"]))
+        if self.check_fails:
+            raise base.NotSupported("FIFO event channels", call="check")
 
     def export_pv_state(self, domid: int) -> base.PvState:
         self.domain_info(domid)
@@ -320,6 +328,27 @@ def test_save_refused_after_the_pause_unpauses_the_guest(
     with pytest.raises(base.NotSupported, match="32-bit"):
         inplace.save(xen, DOMID)
     assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_save_refuses_what_the_export_cannot_read_before_any_pause(
+    xen: FakeXen, live: bool
+) -> None:
+    xen.domains[DOMID]["state"] = base.DomainState.RUNNING
+    xen.check_fails = True
+    # A pause or a live copy first would make it a refusal in the
+    # downtime, or after a whole copy: neither may be called.
+    xen.pause = xen.enable_log_dirty = None
+    with pytest.raises(base.NotSupported, match="FIFO"):
+        inplace.save(xen, DOMID, live=live)
+    assert xen.checked == [(DOMID, base.DomainState.RUNNING)]
+    assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
+
+
+def test_save_checks_while_the_guest_runs(xen: FakeXen) -> None:
+    xen.domains[DOMID]["state"] = base.DomainState.RUNNING
+    inplace.save(xen, DOMID)
+    assert xen.checked == [(DOMID, base.DomainState.RUNNING)]
 
 
 def test_destroy_failing_leaves_the_guest_running(
