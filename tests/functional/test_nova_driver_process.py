@@ -127,12 +127,32 @@ def _run(*args, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+def _site_dirs() -> list[pathlib.Path]:
+    """This interpreter's site-packages, its own first: a venv's (the
+    README's test command runs in one), then the base interpreter's when
+    the venv sees them (or when this is no venv)."""
+    import site
+
+    return [pathlib.Path(p) for p in site.getsitepackages()]
+
+
 def _venv(path: pathlib.Path, system_site: bool) -> pathlib.Path:
-    args = [sys.executable, "-m", "venv", path]
+    """A venv; with ``system_site`` it sees every package this
+    interpreter sees (``--system-site-packages`` alone would give it the
+    base interpreter's, not those of a venv the tests run in)."""
+    _run(sys.executable, "-m", "venv", path)
+    python = path / "bin" / "python"
     if system_site:
-        args.insert(3, "--system-site-packages")
-    _run(*args)
-    return path / "bin" / "python"
+        site = _run(
+            python,
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+        ).stdout.strip()
+        lines = "".join(
+            f"import site; site.addsitedir({str(d)!r})\n" for d in _site_dirs()
+        )
+        pathlib.Path(site, "zz_outer_site.pth").write_text(lines)
+    return python
 
 
 BUILD_TOOLS = {
@@ -149,16 +169,13 @@ def _site_without_nova(venv_python: pathlib.Path, shadow: pathlib.Path):
     """Gives a venv of its own every package of this interpreter except
     Nova, as DevStack's venv has them: a directory of links to them,
     added as a site directory (its .pth files run too)."""
-    import sysconfig
-
-    # The base interpreter's, also when the tests run in a venv.
-    system = pathlib.Path(
-        sysconfig.get_paths(
-            vars={"base": sys.base_prefix, "platbase": sys.base_prefix}
-        )["purelib"]
-    )
     shadow.mkdir()
-    for entry in system.iterdir():
+    entries = {}
+    for directory in _site_dirs():
+        for entry in directory.iterdir():
+            # The first site directory that has it wins, as on sys.path.
+            entries.setdefault(entry.name, entry)
+    for entry in entries.values():
         name = entry.name.lower()
         if name == "nova" or name.startswith("nova-"):
             continue
