@@ -98,7 +98,7 @@ def save(
         if missing:
             raise SaveError(
                 f"domain {domid} has PV drivers, and this host cannot "
-                "restore: "
+                "carry PV state: "
                 + "; ".join(f"{k.value}: {v}" for k, v in missing.items())
             )
     if info.state == base.DomainState.RUNNING:

@@ -231,5 +231,8 @@ def test_a_pv_guest_the_host_cannot_restore_is_refused_before_the_pause(
         raise AssertionError("paused before the refusal")
 
     monkeypatch.setattr(a, "pause", no_pause)
-    with pytest.raises(savefile.SaveError, match="xenstore: xenstored tells"):
+    with pytest.raises(
+        savefile.SaveError,
+        match="cannot carry PV state: xenstore: xenstored tells",
+    ):
         saved(a)
