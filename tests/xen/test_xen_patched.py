@@ -552,7 +552,11 @@ def test_linux_guest_carries_on_after_restore_in_place(
     # guest's kernel said nothing of xenbus.
     gaps = [int(t["gap"]) for t in ticks]
     assert max(gaps) == int(ticks[-1]["maxgap"]), gaps
-    assert sorted(gaps)[-2:] == sorted([gaps[first], gaps[second]]), gaps
+    # Each restore's pause is the longest gap of its cycle: the paused
+    # save stops the guest a tick or so after its count was read, the live
+    # one only after its copy rounds, while the guest went on ticking.
+    longest = sorted(sorted(range(len(gaps)), key=gaps.__getitem__)[-2:])
+    assert first <= longest[0] < second <= longest[1], (first, second, gaps)
     kmsgs = [line for line in log.splitlines() if line.startswith("NCM kmsg:")]
     assert not [k for k in kmsgs if "xenbus" in k.lower()], kmsgs
     # What moved: VIRQ_TIMER and IPIs on both vCPUs, vcpu_info placed,

@@ -11,6 +11,7 @@ import collections
 import importlib.util
 import pathlib
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -72,6 +73,15 @@ def test_seeded_mutations_of_a_real_stream(target):
     assert len(outcomes) >= 2, outcomes
 
 
+def _rss_limit_mb() -> int:
+    """libFuzzer's 2 GB limit counted from this process's own peak: a
+    child's peak RSS starts at its parent's at fork, and Linux keeps it
+    across execve, so a test session grown large would trip it before
+    the target ran one input."""
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return peak_mb + 2048
+
+
 def test_atheris_bounded_run(tmp_path):
     pytest.importorskip("atheris")
     result = subprocess.run(
@@ -79,6 +89,7 @@ def test_atheris_bounded_run(tmp_path):
             sys.executable,
             str(TARGET),
             f"-max_total_time={ATHERIS_SECONDS}",
+            f"-rss_limit_mb={_rss_limit_mb()}",
             f"-artifact_prefix={tmp_path}/",
         ],
         capture_output=True,

@@ -7,6 +7,7 @@ libFuzzer process for a few seconds. Longer runs are by hand.
 
 import importlib.util
 import pathlib
+import resource
 import subprocess
 import sys
 
@@ -78,6 +79,15 @@ def test_seeds_are_valid_and_the_oracle_can_fail(monkeypatch):
         fuzz.check(fuzz.SEEDS[0])
 
 
+def _rss_limit_mb() -> int:
+    """libFuzzer's 2 GB limit counted from this process's own peak: a
+    child's peak RSS starts at its parent's at fork, and Linux keeps it
+    across execve, so a test session grown large would trip it before
+    the target ran one input."""
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return peak_mb + 2048
+
+
 def test_atheris_bounded_run(tmp_path):
     pytest.importorskip("atheris")
     result = subprocess.run(
@@ -85,6 +95,7 @@ def test_atheris_bounded_run(tmp_path):
             sys.executable,
             str(TARGET),
             f"-max_total_time={ATHERIS_SECONDS}",
+            f"-rss_limit_mb={_rss_limit_mb()}",
             f"-artifact_prefix={tmp_path}/",
         ],
         capture_output=True,
