@@ -385,34 +385,43 @@ def test_replayed_session_fails_authentication_on_a_new_connection():
     assert not server.established
 
 
+def _tls_handshake(listener, conf, client_ctx):
+    """A source and a destination channel through ``listener``, each
+    offering the frame capabilities its own socket and settings give;
+    returns them with what each offered."""
+    offered = {}
+
+    def serve_tls():
+        channel = Channel(
+            take(listener),
+            framing.Connection(messages.Role.SERVER),
+            io_timeout=TIMEOUT,
+        )
+        caps = transport.frame_capabilities(conf.xen_ncm, channel.sock)
+        offered["server"] = caps
+        channel.server_handshake(token_for, capabilities=caps)
+        return channel
+
+    served = run(serve_tls)
+    client = Channel.connect(
+        "127.0.0.1",
+        listener.port,
+        connect_timeout=TIMEOUT,
+        io_timeout=TIMEOUT,
+        tls=client_ctx,
+    )
+    caps = transport.frame_capabilities(conf.xen_ncm, client.sock)
+    client.client_handshake("mig", TOKEN, capabilities=caps)
+    server = served()
+    return client, server, caps, offered["server"]
+
+
 def test_tls_connections_drop_the_frame_tag_and_carry_large_writes(tls_files):
     conf = tls_conf(tls_files)
     client_ctx = transport.tls_context(conf, server=False)
     with tls_listener(tls_files) as listener:
-
-        def serve_tls():
-            sock = take(listener)
-            channel = Channel(
-                sock,
-                framing.Connection(messages.Role.SERVER),
-                io_timeout=TIMEOUT,
-            )
-            caps = transport.frame_capabilities(conf.xen_ncm, channel.sock)
-            channel.server_handshake(token_for, capabilities=caps)
-            return channel
-
-        served = run(serve_tls)
-        client = Channel.connect(
-            "127.0.0.1",
-            listener.port,
-            connect_timeout=TIMEOUT,
-            io_timeout=TIMEOUT,
-            tls=client_ctx,
-        )
-        caps = transport.frame_capabilities(conf.xen_ncm, client.sock)
+        client, server, caps, _ = _tls_handshake(listener, conf, client_ctx)
         assert caps == ["tls-frames"]
-        client.client_handshake("mig", TOKEN, capabilities=caps)
-        server = served()
         assert not client.connection.frames_tagged
         assert not server.connection.frames_tagged
         # Pages, a buffer over the staging size and pages again: order
@@ -452,30 +461,11 @@ def test_tls_without_the_hostname_check_keeps_the_frame_tag(tls_files):
     conf.set_override("tls_check_hostname", False, group="xen_ncm")
     client_ctx = transport.tls_context(conf, server=False)
     with tls_listener(tls_files) as listener:
-
-        def serve_tls():
-            channel = Channel(
-                take(listener),
-                framing.Connection(messages.Role.SERVER),
-                io_timeout=TIMEOUT,
-            )
-            caps = transport.frame_capabilities(conf.xen_ncm, channel.sock)
-            assert caps == ["tls-frames"]
-            channel.server_handshake(token_for, capabilities=caps)
-            return channel
-
-        served = run(serve_tls)
-        client = Channel.connect(
-            "127.0.0.1",
-            listener.port,
-            connect_timeout=TIMEOUT,
-            io_timeout=TIMEOUT,
-            tls=client_ctx,
+        client, server, caps, served_caps = _tls_handshake(
+            listener, conf, client_ctx
         )
-        caps = transport.frame_capabilities(conf.xen_ncm, client.sock)
+        assert served_caps == ["tls-frames"]
         assert caps == []
-        client.client_handshake("mig", TOKEN, capabilities=caps)
-        server = served()
         assert client.connection.frames_tagged
         assert server.connection.frames_tagged
         client.send_data(1, [b"p" * 4096])
