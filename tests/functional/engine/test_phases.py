@@ -5,6 +5,7 @@ one host afterwards."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -72,6 +73,55 @@ def test_downtime_policy_completes_transparently(
     assert report.passed, str(report)
     assert_only_on(destination, source, domid)
     assert m.sender.stats.to_dict()["actual_downtime"] is not None
+
+
+def test_a_backend_behind_its_frontend_at_the_pause_is_restored_so(
+    source, destination, migration
+):
+    # A loaded dom0 had not yet acted on the vbd frontend's Initialised
+    # (ring-ref and event-channel published) when the guest was paused:
+    # its backend is at InitWait with no ring. The destination shows the
+    # guest exactly that until COMMIT (the digests compare it), then the
+    # handshake goes on there.
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    dom = source.hv.domain(domid, "test")
+    (vbd,) = [
+        be
+        for be in source.services.record(dom).backends.values()
+        if be.kind == "vbd"
+    ]
+    behind = []
+    vbd._connect = lambda: behind.append(True)
+    front = f"/local/domain/{domid}/device/vbd/{vbd.devid}"
+    deadline = time.monotonic() + 30
+    while not behind:
+        assert time.monotonic() < deadline, "the frontend never published"
+        time.sleep(0.01)
+    assert source.services.toolstack_xs.read(f"{front}/state") == b"3"
+    assert vbd.state == 2 and vbd.ring is None
+    seen, src_hooks, dst_hooks = snapshots(source, destination, domid)
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks=src_hooks,
+        destination_hooks=dst_hooks,
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    report = checker.check(seen["paused"], seen["resumed"])
+    assert report.passed, str(report)
+    assert_only_on(destination, source, domid)
+    # Taken up there: the vbd connects and serves the guest's requests.
+    dest = destination.hv.domain(domid, "test")
+    (there,) = [
+        be
+        for be in destination.services.record(dest).backends.values()
+        if be.kind == "vbd"
+    ]
+    deadline = time.monotonic() + 30
+    while there.state != 4 or there.ring is None:
+        assert time.monotonic() < deadline, "the vbd never connected"
+        time.sleep(0.01)
 
 
 def test_paused_guest_stays_paused(source, destination, migration):

@@ -263,17 +263,21 @@ class Backend(abc.ABC):
         self._set_state(XenbusState.CONNECTED)
         self.service()
 
-    def _attach_published(self) -> None:
-        """Map and bind the ring and port the frontend published, if it
-        did (it is Initialised or Connected): what :meth:`_connect` does
-        but the step to Connected."""
+    def _check_published(self) -> None:
+        """Map the ring the frontend published, if it did (it is
+        Initialised or Connected), read-only, and unmap it again: a ring
+        that cannot be mapped fails here. Nothing the guest can see is
+        left changed (no status bit, no port bound): until the commit it
+        must see what the source paused, and the handshake binds them
+        once it goes on (:meth:`resume`)."""
         seen = _read_int(self._xs, self.frontend_path + "/state")
         if seen not in (XenbusState.INITIALISED, XenbusState.CONNECTED):
             return
         ref = _read_int(self._xs, self.frontend_path + "/ring-ref")
-        port = _read_int(self._xs, self.frontend_path + "/event-channel")
-        if ref is not None and port is not None:
-            self._attach(ref, port, (0, 0))
+        if ref is None:
+            return
+        handle, _ = self._grants.grant_map(self.domid, ref, readonly=True)
+        self._grants.grant_unmap(handle)
 
     def _attach(self, ref: int, port: int, indices: tuple[int, int]) -> None:
         handle, page = self._grants.grant_map(self.domid, ref)
@@ -439,12 +443,11 @@ class Backend(abc.ABC):
             be.state = XenbusState(state.state)
             be.quiesced = quiesced
             if be.state == XenbusState.INIT_WAIT:
-                # The frontend may have published its ring and port
-                # already: map and bind them now, so that a ring that
-                # cannot be mapped fails the import, not the handshake
-                # after the guest runs here.
+                # The frontend may have published its ring already: one
+                # that cannot be mapped fails the import, not the
+                # handshake after the guest runs here.
                 with be._lock:
-                    be._attach_published()
+                    be._check_published()
             be.start()
             return be
         req_cons, rsp_prod_pvt = state.ring_indices[RING_NAME]

@@ -815,8 +815,10 @@ def _paused_mid_handshake_with_ring_published():
     return rig, state, front
 
 
-def test_reconnect_maps_a_published_ring_at_import_and_connects_later():
-    rig, state, _ = _paused_mid_handshake_with_ring_published()
+def test_reconnect_checks_a_published_ring_at_import_and_connects_later():
+    rig, state, front = _paused_mid_handshake_with_ring_published()
+    port = int(rig.host.store.nodes[f"{front}/event-channel"])
+    bound_before = list(rig.host.ports[port])
     rig.backend = Backend.reconnect(
         state,
         xs=rig.host.dom0,
@@ -825,9 +827,12 @@ def test_reconnect_maps_a_published_ring_at_import_and_connects_later():
         quiesced=True,
         store=rig.disk,
     )
-    # Mapped and bound at import, still at InitWait, nothing written.
-    assert rig.backend.ring is not None and rig.backend.state == 2
-    assert len(rig.host.maps) == 1
+    # Mapped at import to check it and let go again: until the commit
+    # the guest sees what the source paused (no map held, its port not
+    # bound), still at InitWait, nothing written.
+    assert rig.backend.ring is None and rig.backend.state == 2
+    assert rig.host.maps == {}
+    assert rig.host.ports[port] == bound_before
     assert rig.host.store.writes == []
     rig.frontend = Frontend.attach(
         rig.host.ram, STATE_PFN, 0, rig.host.guest_xs, rig.host
@@ -835,7 +840,7 @@ def test_reconnect_maps_a_published_ring_at_import_and_connects_later():
     rig.backend.resume()
     rig.pump()
     assert rig.frontend.state == rig.backend.state == 4
-    # The ring mapped at import is the one used: no second mapping.
+    # Mapped and bound once the handshake went on.
     assert len(rig.host.maps) == 1
     rig.run_io(3)
     c = counters(rig.frontend)
