@@ -50,6 +50,10 @@ function configure_xen_ncm {
         "$XEN_NCM_PROGRESS_INTERVAL"
     iniset "$NOVA_CONF" xen_ncm_progress notifications \
         "$XEN_NCM_NOTIFICATIONS"
+    if [[ "$XEN_NCM_HOST_DRIVER" == sim ]]; then
+        iniset "$NOVA_CONF" xen_ncm_sim domid_policy \
+            "$XEN_NCM_SIM_DOMID_POLICY"
+    fi
 }
 
 function start_xen_ncm {

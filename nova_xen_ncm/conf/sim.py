@@ -148,6 +148,31 @@ OPTS = [
         "on. Unset: $XDG_STATE_HOME/nova-xen-ncm/sim-disks (default "
         "~/.local/state/nova-xen-ncm/sim-disks), made private (0700).",
     ),
+    cfg.StrOpt(
+        "domid_policy",
+        default="xen",
+        choices=[
+            (
+                "xen",
+                "The hypervisor's: the next free domid after the last "
+                "one given, round-robin (a freshly booted host gives 1 "
+                "first).",
+            ),
+            (
+                "random",
+                "A random free domid, as xl.conf's domid_policy "
+                '"random" chooses.',
+            ),
+        ],
+        help="How a new guest's domid is chosen (xl.conf's domid_policy); "
+        "either way never one released less than a minute ago. A live "
+        "migration keeps the guest's domid and is refused if the "
+        "destination has it taken or released it less than a minute ago "
+        'for another guest: with "xen", the first guests of hosts '
+        "booted at about the same time have the same domids, so a "
+        "cloud whose guests migrate between hosts should use "
+        '"random".',
+    ),
     cfg.IntOpt(
         "fault_seed",
         default=None,

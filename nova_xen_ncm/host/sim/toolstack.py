@@ -11,6 +11,7 @@ before it changes anything, then rebuilds it with the same numbers.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 
 import numpy as np
@@ -142,6 +143,7 @@ class Toolstack:
         self.features = features
         self.prelaunch = prelaunch
         self.recent = RecentDomids()
+        self._random = random.SystemRandom()
 
     def _check_config(self, config: base.DomainConfig, call: str) -> None:
         if not 1 <= config.vcpus <= kernel.MAX_VCPUS:
@@ -305,6 +307,22 @@ class Toolstack:
             # backend calls into the host with its own lock held.
             self.services.record(dom).backends[be.token] = be
 
+    def _new_domid(self, call: str) -> int:
+        """A new guest's domid by ``domid_policy``, never a recently
+        released one. Host lock held."""
+        if self.opts.domid_policy != "random":
+            return self.hv.alloc_domid(call, self.recent.is_recent)
+        # libxl's random policy: a migrating guest keeps its domid, so
+        # hosts that all gave 1, 2, ... first would clash.
+        free = [
+            d
+            for d in range(1, base.DOMID_FIRST_RESERVED)
+            if d not in self.hv.domains and not self.recent.is_recent(d)
+        ]
+        if not free:
+            raise HostError("no domid free", call=call)
+        return self._random.choice(free)
+
     def create_domain(self, config: base.DomainConfig) -> int:
         call = "create_domain"
         with self.hv.locked():
@@ -313,7 +331,7 @@ class Toolstack:
                     raise HostError(
                         f"a domain named {config.name!r} exists", call=call
                     )
-            domid = self.hv.alloc_domid(call, self.recent.is_recent)
+            domid = self._new_domid(call)
             dom = self._reserve(config, domid, call)
             self.services.record(dom).disks_here = True
             try:

@@ -64,6 +64,40 @@ def test_domids_are_given_round_robin_avoiding_recent_ones(host):
         assert alloc() == 1
 
 
+def test_random_domid_policy_gives_any_free_domid_not_recent(conf, host):
+    """xl.conf's domid_policy "random": a migrating guest keeps its domid,
+    so freshly booted hosts must not all give 1, 2, ... first."""
+    conf.set_override("domid_policy", "random", group="xen_ncm_sim")
+    with host.hv.lock:
+        first = [host.toolstack._new_domid("t") for _ in range(20)]
+    assert len(set(first)) > 1 and first[:2] != [1, 2], first
+    assert all(0 < d < base.DOMID_FIRST_RESERVED for d in first)
+    # Only 7, 9 and 300 are neither recent nor held: 9 is held.
+    now = time.monotonic()
+    host.toolstack.recent.released = dict.fromkeys(
+        range(1, base.DOMID_FIRST_RESERVED), now
+    )
+    for free in (7, 9, 300):
+        del host.toolstack.recent.released[free]
+    empty(host, 9)
+    with host.hv.lock:
+        drawn = {host.toolstack._new_domid("t") for _ in range(64)}
+    assert drawn == {7, 300}
+    host.toolstack.recent.released[7] = now
+    host.toolstack.recent.released[300] = now
+    with host.hv.lock, pytest.raises(base.HostError, match="no domid free"):
+        host.toolstack._new_domid("t")
+
+
+def test_xen_domid_policy_is_the_hypervisor_round_robin(host):
+    with host.hv.lock:
+        assert [host.toolstack._new_domid("t") for _ in range(3)] == [
+            1,
+            2,
+            3,
+        ]
+
+
 def test_a_recently_released_domid_asked_for_is_refused(host):
     """libxl__domain_make: "domain id recently used", not retried."""
     empty(host, 4)
@@ -1037,6 +1071,8 @@ def test_every_page_the_guest_wrote_is_said_written(conf, fill) -> None:
             assert written.sum() > len(pfns) // 2
     finally:
         h.close()
+
+
 def _wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
