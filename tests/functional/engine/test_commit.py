@@ -36,8 +36,10 @@ class VanishesAtCommit(Receiver):
     """Goes away when COMMIT arrives, without acting on it."""
 
     def _commit(self):
-        self._close_channel()
+        # Unreachable before the source can notice: it asks on a new
+        # connection as soon as its channel drops.
         self.listener.close()
+        self._close_channel()
         self._source_knows = True
         self.state.transition(Phase.COMMIT, Phase.IN_DOUBT, reason="went away")
 
