@@ -401,6 +401,15 @@ class Dom0Services:
             self.kernel.handlers[local] = handler
             return local
 
+    def dom0_check_bindable(self, domid: int, port: int) -> None:
+        """Raise what :meth:`dom0_bind_interdomain` would for ``port``
+        of ``domid``, binding nothing."""
+        with self.hv.locked():
+            dom = self.hv.domains.get(domid)
+            if (domid, port) in self.prelinked and dom is not None:
+                return
+            self.hv.evtchn.check_bindable(self.hv.dom0, domid, port)
+
     def dom0_notify(self, port: int) -> None:
         with self.hv.locked():
             self.hv.evtchn.send(self.hv.dom0, port)

@@ -244,6 +244,32 @@ class EventChannelOps:
     ) -> int:
         call = "EVTCHNOP_bind_interdomain"
         ld = caller
+        rd, rch = self._bindable(ld, remote_dom, remote_port, call)
+        lport = self.free_port(ld, call)
+        ld.ports[lport] = Channel(
+            EvtchnType.INTERDOMAIN,
+            remote_domid=rd.domid,
+            remote_port=remote_port,
+        )
+        rch.type = EvtchnType.INTERDOMAIN
+        rch.remote_domid = ld.domid
+        rch.remote_port = lport
+        self.set_pending(ld, lport)
+        return lport
+
+    def check_bindable(
+        self, caller: object, remote_dom: int, remote_port: int
+    ) -> None:
+        """Whether EVTCHNOP_bind_interdomain by ``caller`` would take
+        ``remote_port`` of ``remote_dom``, changing nothing: a backend
+        checks a port before it may bind it."""
+        self._bindable(
+            caller, remote_dom, remote_port, "EVTCHNOP_bind_interdomain"
+        )
+
+    def _bindable(
+        self, ld: object, remote_dom: int, remote_port: int, call: str
+    ) -> tuple[object, Channel]:
         rd = ld if remote_dom == DOMID_SELF else self._domain(remote_dom)
         rch = rd.ports.get(remote_port) if remote_port > 0 else None
         if rch is None or rch.type != EvtchnType.UNBOUND:
@@ -260,17 +286,7 @@ class EventChannelOps:
                 f"reserved for domain {rch.remote_domid}, not "
                 f"{ld.domid}",
             )
-        lport = self.free_port(ld, call)
-        ld.ports[lport] = Channel(
-            EvtchnType.INTERDOMAIN,
-            remote_domid=rd.domid,
-            remote_port=remote_port,
-        )
-        rch.type = EvtchnType.INTERDOMAIN
-        rch.remote_domid = ld.domid
-        rch.remote_port = lport
-        self.set_pending(ld, lport)
-        return lport
+        return rd, rch
 
     def bind_virq(self, caller: object, virq: int, vcpu: int) -> int:
         call = "EVTCHNOP_bind_virq"

@@ -264,20 +264,30 @@ class Backend(abc.ABC):
         self.service()
 
     def _check_published(self) -> None:
-        """Map the ring the frontend published, if it did (it is
-        Initialised or Connected), read-only, and unmap it again: a ring
-        that cannot be mapped fails here. Nothing the guest can see is
-        left changed (no status bit, no port bound): until the commit it
-        must see what the source paused, and the handshake binds them
-        once it goes on (:meth:`resume`)."""
+        """Check the ring and port the frontend published, if it did (it
+        is Initialised or Connected), as the handshake will use them: map
+        the ring as :meth:`_attach` does and unmap it again, and ask
+        whether the port would bind. A ring or port the handshake could
+        not take fails here, before the commit; nothing the guest can see
+        is left changed (no status bit, no port bound): until the commit
+        it must see what the source paused, and the handshake maps and
+        binds them once it goes on (:meth:`resume`)."""
         seen = _read_int(self._xs, self.frontend_path + "/state")
         if seen not in (XenbusState.INITIALISED, XenbusState.CONNECTED):
             return
         ref = _read_int(self._xs, self.frontend_path + "/ring-ref")
-        if ref is None:
-            return
-        handle, _ = self._grants.grant_map(self.domid, ref, readonly=True)
-        self._grants.grant_unmap(handle)
+        port = _read_int(self._xs, self.frontend_path + "/event-channel")
+        if ref is None or port is None:
+            raise BackendError(
+                f"{self.frontend_path} is {XenbusState(seen).name} without "
+                "ring-ref and event-channel"
+            )
+        handle, page = self._grants.grant_map(self.domid, ref)
+        try:
+            BackRing.attach(page, ENTRY_SIZE, (0, 0))
+        finally:
+            self._grants.grant_unmap(handle)
+        self._evtchn.dom0_check_bindable(self.domid, port)
 
     def _attach(self, ref: int, port: int, indices: tuple[int, int]) -> None:
         handle, page = self._grants.grant_map(self.domid, ref)

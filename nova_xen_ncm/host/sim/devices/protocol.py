@@ -115,6 +115,10 @@ class Dom0Evtchn(Protocol):
         self, domid: int, port: int, handler: Callable[[int], None]
     ) -> int: ...
 
+    def dom0_check_bindable(self, domid: int, port: int) -> None:
+        """Raise what :meth:`dom0_bind_interdomain` would, binding
+        nothing."""
+
     def dom0_notify(self, port: int) -> None: ...
 
     def dom0_close(self, port: int) -> None: ...

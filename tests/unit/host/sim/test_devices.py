@@ -130,6 +130,7 @@ class Host:
         self.pending: collections.deque = collections.deque()
         self.completions: list = []
         self.maps: dict[int, int] = {}
+        self.readonly_grants: set[int] = set()
 
     # GuestOps
     def alloc_page(self) -> int:
@@ -139,6 +140,8 @@ class Host:
     def grant_access(self, domid: int, gfn: int, readonly: bool) -> int:
         ref = 8 + len(self.grants)  # GNTTAB_NR_RESERVED_ENTRIES
         self.grants[ref] = (domid, gfn)
+        if readonly:
+            self.readonly_grants.add(ref)
         return ref
 
     def evtchn_alloc_unbound(self, remote_domid: int) -> int:
@@ -154,6 +157,8 @@ class Host:
         assert domid == DOMID
         grantee, gfn = self.grants[ref]
         assert grantee == 0
+        if not readonly and ref in self.readonly_grants:
+            raise PermissionError(f"grant reference {ref} is read-only")
         handle = len(self.maps) + 1
         self.maps[handle] = ref
         return handle, self.ram.page(gfn, writable=True)
@@ -171,6 +176,11 @@ class Host:
         self.handlers[local] = handler
         self.pending.append(("dom0", local))  # Xen sets it pending
         return local
+
+    def dom0_check_bindable(self, domid: int, port: int) -> None:
+        binding = self.ports.get(port)
+        if binding is None or binding[0] != 0 or binding[1]:
+            raise ValueError(f"port {port} is not unbound for dom0")
 
     def dom0_notify(self, port: int) -> None:
         guest = next(p for p, b in self.ports.items() if b[1] == port)
@@ -845,6 +855,42 @@ def test_reconnect_checks_a_published_ring_at_import_and_connects_later():
     rig.run_io(3)
     c = counters(rig.frontend)
     assert c["completed"] > 0 and c["bad_payload"] == 0
+
+
+def _reconnect_quiesced(rig, state):
+    return Backend.reconnect(
+        state,
+        xs=rig.host.dom0,
+        grants=rig.host,
+        evtchn=rig.host,
+        quiesced=True,
+        store=rig.disk,
+    )
+
+
+def test_reconnect_of_a_published_ring_granted_read_only_fails():
+    # The handshake maps the ring writable after the commit: a grant that
+    # refuses that must fail the import, before the commit.
+    rig, state, front = _paused_mid_handshake_with_ring_published()
+    ref = int(rig.host.store.nodes[f"{front}/ring-ref"])
+    rig.host.readonly_grants.add(ref)
+    with pytest.raises(PermissionError, match="read-only"):
+        _reconnect_quiesced(rig, state)
+    assert rig.host.maps == {}
+
+
+def test_reconnect_of_a_published_port_that_cannot_be_bound_fails():
+    # The handshake binds the published port after the commit: a port
+    # not unbound for dom0 must fail the import, before the commit.
+    rig, state, front = _paused_mid_handshake_with_ring_published()
+    port = int(rig.host.store.nodes[f"{front}/event-channel"])
+    rig.host.ports[port][0] = 7
+    with pytest.raises(ValueError, match=f"port {port} is not unbound"):
+        _reconnect_quiesced(rig, state)
+    del rig.host.ports[port]
+    with pytest.raises(ValueError, match=f"port {port} is not unbound"):
+        _reconnect_quiesced(rig, state)
+    assert rig.host.maps == {}
 
 
 def test_reconnect_of_a_published_ring_that_cannot_be_mapped_fails():

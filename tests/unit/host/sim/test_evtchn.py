@@ -61,6 +61,24 @@ def test_bind_interdomain_checks(host):
     assert _err(e) == errno.EINVAL
 
 
+def test_check_bindable_refuses_as_bind_interdomain_and_changes_nothing(
+    host,
+):
+    d1, d2, d3 = empty(host, 1), empty(host, 2), empty(host, 3)
+    ops = host.evtchn
+    p2 = ops.alloc_unbound(d2, DOMID_SELF, 1)
+    before = (ops.table(d1), ops.table(d2))
+    ops.check_bindable(d1, 2, p2)
+    assert (ops.table(d1), ops.table(d2)) == before
+    for caller, port in ((d3, p2), (d1, p2 + 5)):
+        with pytest.raises(HypercallError) as e:
+            ops.check_bindable(caller, 2, port)
+        assert _err(e) == errno.EINVAL
+    ops.bind_interdomain(d1, 2, p2)
+    with pytest.raises(HypercallError, match="not unbound"):
+        ops.check_bindable(d1, 2, p2)
+
+
 def test_bind_virq_checks(host):
     d = empty(host, 1, vcpus=2)
     ops = host.evtchn
