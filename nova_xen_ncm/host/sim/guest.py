@@ -391,7 +391,9 @@ class GuestKernel:
     def start_xenbus(self) -> None:
         """Connect the xenbus client (its state is in RAM) and, on first
         boot, probe the devices the toolstack gave us; after a restart
-        attach to the frontends RAM already holds."""
+        attach to the frontends RAM already holds. A restart (or a retry
+        after a failure) in the middle of the probe goes on from where it
+        stood: nothing the guest's RAM says was done is done again."""
         off = kernel.XENBUS_STATE_PFN * PAGE_SIZE
         state = memoryview(self.mem.ram_map)[
             off : off + kernel.XENBUS_STATE_PAGES * PAGE_SIZE
@@ -404,6 +406,7 @@ class GuestKernel:
             wait=self._store_wait,
             timeout=None,
         )
+        self.frontends = []
         size = devices.FRONTEND_STATE_SIZE
         if self.header["xenbus_ready"]:
             for i in range(self.header["nr_frontends"]):
@@ -414,6 +417,10 @@ class GuestKernel:
             # this process's.
             self._watch_control(register=False)
             return
+        # A request left in flight (a WATCH, say) is finished first, so
+        # that the watches in RAM are all those xenstored holds.
+        self.xs.recover()
+        registered = {(p, t) for p, t, _ in self.xs.watches()}
         domid = self.header["domid"]
         base_path = f"/local/domain/{domid}/device"
         found = []
@@ -434,9 +441,13 @@ class GuestKernel:
                 domid=domid,
                 kind=kind,
                 devid=devid,
+                registered=registered,
             )
             self._adopt(fe)
-        self._watch_control(register=True)
+        self._watch_control(
+            register=(self._control_path("shutdown"), SHUTDOWN_WATCH)
+            not in registered
+        )
         with self.mem.lock():
             self.header["nr_frontends"] = len(self.frontends)
             self.header["xenbus_ready"] = 1
@@ -448,7 +459,8 @@ class GuestKernel:
     def _watch_control(self, register: bool) -> None:
         """As Linux's xen/manage.c: say the PV drivers act on a shutdown
         request (control/feature-poweroff) and watch control/shutdown;
-        ``register`` False after a restore, whose xenstore carried both."""
+        ``register`` False after a restore, whose xenstore carried both,
+        or when the watch is registered already."""
         self.xs.set_handler(
             SHUTDOWN_WATCH, lambda path, token: self._shutdown_requested()
         )
@@ -500,7 +512,8 @@ class GuestKernel:
                     self.cond.wait()
                     last = time.monotonic()
                 try:
-                    if self.xs is None:
+                    if self.xs is None or not self.header["xenbus_ready"]:
+                        # Again after a failed probe: it goes on.
                         self.start_xenbus()
                     credit = self._xenbus_step(credit, last)
                 except Exception as exc:  # the driver retries

@@ -5,6 +5,7 @@ one host afterwards."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -13,6 +14,8 @@ from nova_xen_ncm.engine import policy
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host import checker
+from nova_xen_ncm.host.sim.xenstore import Xenstore
+from nova_xen_ncm.host.sim.xs_wire import XsType
 
 from .conftest import DEVICES
 from .conftest import MiB
@@ -121,6 +124,65 @@ def test_a_backend_behind_its_frontend_at_the_pause_is_restored_so(
     deadline = time.monotonic() + 30
     while there.state != 4 or there.ring is None:
         assert time.monotonic() < deadline, "the vbd never connected"
+        time.sleep(0.01)
+
+
+def test_a_guest_paused_in_its_boot_probe_goes_on_with_it_there(
+    source, destination, migration, monkeypatch
+):
+    # Paused as its first frontend's watch was registered and before the
+    # guest had its reply: restarted from RAM on the destination it goes
+    # on with its probe, and must not register that watch again (the
+    # carried one is there: xenstored would say EEXIST, and the guest
+    # would notice it moved).
+    handlers = Xenstore._HANDLERS
+    do_watch = handlers[XsType.WATCH]
+    paused = threading.Event()
+
+    def watch_then_pause(xs, conn, tx, msg):
+        reply = do_watch(xs, conn, tx, msg)
+        token = msg.payload.split(b"\0")[1]
+        if (
+            xs is source.services.xenstore
+            and conn.domid
+            and token.startswith(b"fe:")
+            and not paused.is_set()
+        ):
+            paused.set()
+            pausing = threading.Thread(target=source.pause, args=(conn.domid,))
+            pausing.start()
+            pausing.join(30)
+            assert not pausing.is_alive(), "the pause never came"
+        return reply
+
+    monkeypatch.setitem(handlers, XsType.WATCH, watch_then_pause)
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    deadline = time.monotonic() + 30
+    while state_of(source, domid) != base.DomainState.PAUSED:
+        assert time.monotonic() < deadline, "never paused in its probe"
+        time.sleep(0.01)
+    monkeypatch.setitem(handlers, XsType.WATCH, do_watch)
+    seen, src_hooks, dst_hooks = snapshots(source, destination, domid)
+    m = migration(
+        source,
+        domid,
+        destination,
+        source_hooks=src_hooks,
+        destination_hooks=dst_hooks,
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    report = checker.check(seen["paused"], seen["resumed"])
+    assert report.passed, str(report)
+    assert_only_on(destination, source, domid, base.DomainState.PAUSED)
+    destination.unpause(domid)
+    dest = destination.hv.domain(domid, "test")
+    backends = destination.services.record(dest).backends.values()
+    assert {be.kind for be in backends} == {"vbd", "vif"}
+    deadline = time.monotonic() + 30
+    while any(be.state != 4 or be.ring is None for be in backends):
+        assert time.monotonic() < deadline, "a device never connected: " + (
+            ", ".join(f"{be.kind} {be.state}" for be in backends)
+        )
         time.sleep(0.01)
 
 

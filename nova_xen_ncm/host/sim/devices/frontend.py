@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections.abc import Collection
 from collections.abc import Iterator
 
 from nova_xen_ncm.host.sim.devices.protocol import ENTRY_SIZE
@@ -141,36 +142,51 @@ class Frontend:
         domid: int,
         kind: str,
         devid: int,
+        registered: Collection[tuple[str, str]] = (),
     ) -> Frontend:
         """Boot: the driver finds its device area, records the states it
         finds and watches the backend's state (the watch fires once at
-        once, which drives the handshake)."""
+        once, which drives the handshake).
+
+        A guest restarted from its RAM in the middle of its boot probe
+        (a migration paused it there) goes on from where it stood: a
+        frontend RAM already holds for this device is kept, and a watch
+        in ``registered`` (the (path, token) pairs the guest's xenbus
+        client has in RAM) is not registered again; xenstored would
+        refuse it with EEXIST."""
         if kind not in KINDS:
             raise ValueError(f"unknown device kind {kind!r}")
         fe = cls(ram, state_pfn, state_offset, xs, ops)
-        area = frontend_area(domid, kind, devid)
-        backend = xs.read(f"{area}/backend").rstrip(b"\0")
-        backend_id = _read_int(xs, f"{area}/backend-id")
-        own = _read_int(xs, f"{area}/state")
-        if (
-            backend_id is None
-            or own is None
-            or len(backend) > 96
-            or len(area) > 64
+        if not (
+            fe._get("magic") == FRONTEND_MAGIC
+            and fe._get("kind") == KINDS[kind]
+            and fe._get("devid") == devid
         ):
-            raise FrontendError(f"device area {area} is incomplete")
-        with fe._writing():
-            fe._mem[:] = bytes(FRONTEND_STATE_SIZE)
-            fe._set("magic", FRONTEND_MAGIC)
-            fe._set("kind", KINDS[kind])
-            fe._set("devid", devid)
-            fe._set("backend_id", backend_id)
-            fe._set("backend_path", backend)
-            fe._set("area_path", area.encode())
-            fe._set("state", own)
-            fe._set("next_seq", 1)
-            fe._record(0, own)
-        xs.watch(fe.backend_path + "/state", fe.token)
+            area = frontend_area(domid, kind, devid)
+            backend = xs.read(f"{area}/backend").rstrip(b"\0")
+            backend_id = _read_int(xs, f"{area}/backend-id")
+            own = _read_int(xs, f"{area}/state")
+            if (
+                backend_id is None
+                or own is None
+                or len(backend) > 96
+                or len(area) > 64
+            ):
+                raise FrontendError(f"device area {area} is incomplete")
+            with fe._writing():
+                fe._mem[:] = bytes(FRONTEND_STATE_SIZE)
+                fe._set("magic", FRONTEND_MAGIC)
+                fe._set("kind", KINDS[kind])
+                fe._set("devid", devid)
+                fe._set("backend_id", backend_id)
+                fe._set("backend_path", backend)
+                fe._set("area_path", area.encode())
+                fe._set("state", own)
+                fe._set("next_seq", 1)
+                fe._record(0, own)
+        path = fe.backend_path + "/state"
+        if (path, fe.token) not in registered:
+            xs.watch(path, fe.token)
         return fe
 
     @classmethod

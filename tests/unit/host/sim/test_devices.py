@@ -410,6 +410,44 @@ def test_frontend_restarts_from_its_ram_alone():
     )
 
 
+def test_a_probe_restarted_from_ram_registers_nothing_twice():
+    # The guest restarted in the middle of its boot probe: the frontend
+    # RAM holds is kept and its watch, registered already, is not asked
+    # for again (xenstored would refuse it with EEXIST).
+    rig = Rig("vbd", pump=False)
+    fe = rig.frontend
+    watch = (fe.backend_path + "/state", fe.token)
+    ram = bytes(fe._mem)
+    again = Frontend.probe(
+        rig.host.ram,
+        STATE_PFN,
+        0,
+        rig.host.guest_xs,
+        rig.host,
+        domid=DOMID,
+        kind="vbd",
+        devid=rig.devid,
+        registered={watch},
+    )
+    assert bytes(again._mem) == ram
+    watches = [(p, t) for c, p, t in rig.host.store.watches if c.domid]
+    assert watches == [watch]
+    # Its RAM, but not its watch: the watch is registered.
+    rig.host.store.watches.clear()
+    Frontend.probe(
+        rig.host.ram,
+        STATE_PFN,
+        0,
+        rig.host.guest_xs,
+        rig.host,
+        domid=DOMID,
+        kind="vbd",
+        devid=rig.devid,
+    )
+    assert [(p, t) for _, p, t in rig.host.store.watches] == [watch]
+    assert bytes(again._mem) == ram
+
+
 def test_attach_refuses_ram_without_a_frontend():
     with pytest.raises(FrontendError):
         Frontend.attach(Ram(), STATE_PFN, 0, Store().client(1), Host())
