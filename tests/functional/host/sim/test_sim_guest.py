@@ -14,6 +14,7 @@ from oslo_config import cfg
 
 from nova_xen_ncm.conf import sim as sim_conf
 from nova_xen_ncm.host import base
+from nova_xen_ncm.host.base import PAGE_SIZE
 from nova_xen_ncm.host.base import EvtchnType
 from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.sim import evtchn
@@ -159,10 +160,32 @@ def test_paused_guest_writes_nothing(hosts):
         dtype=np.uint64,
     )
     before = mem.ram[pfns].copy()
+    vi_pages = sorted({gfn for gfn, _ in dom.vcpu_info_at.values()})
+    vi_before = mem.ram[vi_pages].copy()
     time.sleep(0.3)
     after_dirty = set(host.harvest_dirty(domid).tolist()) - others
     assert after_dirty == set()
     assert np.array_equal(before, mem.ram[pfns])
+    # In the vcpu_info pages Xen only sets pending bits and writes the
+    # time; a guest taking an upcall while paused would clear them.
+    allowed = np.zeros((len(vi_pages), PAGE_SIZE), dtype=bool)
+    for v, (gfn, off) in dom.vcpu_info_at.items():
+        i = vi_pages.index(gfn)
+        was = vi_before[i, off : off + evtchn.VCPU_INFO_SIZE]
+        now = mem.ram[gfn][off : off + evtchn.VCPU_INFO_SIZE]
+        for at, size in (
+            (evtchn.VI_UPCALL_PENDING, 1),
+            (evtchn.VI_PENDING_SEL, 8),
+        ):
+            cleared = was[at : at + size] & ~now[at : at + size]
+            assert not cleared.any(), f"vCPU {v}'s pending bits cleared"
+            allowed[i, off + at : off + at + size] = True
+        time_area = slice(
+            off + hvm.VCPU_TIME_OFFSET, off + evtchn.VCPU_INFO_SIZE
+        )
+        allowed[i, time_area] = True
+    changed = vi_before != mem.ram[vi_pages]
+    assert not (changed & ~allowed).any(), "the guest wrote its vcpu_info"
     host.unpause(domid)
     assert _wait_for(lambda: len(host.harvest_dirty(domid)) > 1)
 
