@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import types
 import typing
 import uuid as uuidlib
 from typing import Any
@@ -196,6 +197,12 @@ class Setup(Message):
     #: Connections of the migration: this one, then data channels
     #: 1 .. channels-1, which connect once SETUP is accepted.
     channels: int = 1
+    #: A directly booted kernel (paths on the destination, which must
+    #: have the same files): part of the machine whose device state
+    #: the destination's device model loads.
+    kernel: str | None = None
+    ramdisk: str | None = None
+    cmdline: str | None = None
 
     def validate(self) -> None:
         # DOMID_FIRST_RESERVED (xen/include/public/xen.h) and above are
@@ -213,6 +220,8 @@ class Setup(Message):
             raise ValueError(
                 f"{self.channels} channels: from 1 to {MAX_CHANNELS}"
             )
+        if self.kernel is None and (self.ramdisk or self.cmdline):
+            raise ValueError("a ramdisk or cmdline without a kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +377,10 @@ Event = Message | Data | DataHeader | DataEnd | ConnectionClosed | _NeedData
 
 def _check_field(name: str, hint: Any, value: Any) -> Any:
     origin = typing.get_origin(hint)
+    if origin is types.UnionType:
+        # ``X | None``: absent as null.
+        (arm,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _check_field(name, arm, value)
     if origin is tuple:
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
         if not isinstance(value, list) or len(value) > MAX_LIST:

@@ -348,6 +348,11 @@ class Receiver:
                 vcpus=setup.vcpus,
                 uuid=setup.uuid,
                 pv_drivers=setup.pv_drivers,
+                boot=None
+                if setup.kernel is None
+                else base.DirectBoot(
+                    setup.kernel, setup.ramdisk, setup.cmdline
+                ),
             )
             # Recorded before the domain exists: a restart destroys
             # what a dead engine left paused here.

@@ -269,6 +269,17 @@ class Sender:
                 "rolled back before its state was exported"
             )
 
+    def _direct_boot(self) -> base.DirectBoot | None:
+        """The kernel the guest's firmware booted, from its host's
+        configuration: the destination's device model needs it again."""
+        config = self.host.libxl_config(self.domid)
+        try:
+            return base.DirectBoot.of_libxl((config or {}).get("b_info", {}))
+        except ValueError as exc:
+            raise EngineError(
+                f"domain {self.domid}'s configuration: {exc}"
+            ) from None
+
     def _setup(self) -> None:
         self._check_source()
         info = self.info
@@ -285,6 +296,7 @@ class Sender:
             and messages.Capability.LZ4.value
             in control.connection.capabilities
         )
+        boot = self._direct_boot()
         control.send(
             messages.Setup(
                 domid=self.domid,
@@ -296,6 +308,9 @@ class Sender:
                 required=self._required(info.pv_drivers),
                 running=self._running,
                 channels=self.data.count,
+                kernel=boot.kernel if boot else None,
+                ramdisk=boot.ramdisk if boot else None,
+                cmdline=boot.cmdline if boot else None,
             )
         )
         reply = expect(control.receive(), messages.SetupReply)

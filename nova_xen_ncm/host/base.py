@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -96,13 +97,42 @@ class DeviceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DirectBoot:
+    """A kernel the firmware boots instead of a disk (xl.cfg's
+    ``kernel``, ``ramdisk`` and ``cmdline`` of an HVM guest): paths in
+    the host's own filesystem."""
+
+    kernel: str
+    ramdisk: str | None = None
+    cmdline: str | None = None
+
+    @classmethod
+    def of_libxl(cls, b_info: Mapping[str, Any]) -> DirectBoot | None:
+        """The kernel in libxl's build info (libxl_domain_build_info's
+        ``kernel``, ``ramdisk``, ``cmdline``), None without one."""
+        if b_info.get("kernel") is None:
+            return None
+        fields = {}
+        for key in ("kernel", "ramdisk", "cmdline"):
+            value = b_info.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"b_info {key} {value!r} is not a string")
+            fields[key] = value
+        return cls(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
 class DomainConfig:
     """What a guest is made of.
 
     ``pv_drivers`` says whether the guest's OS runs PV frontends (it sets
     HVM_PARAM_CALLBACK_IRQ, connects its devices through xenstore). The
     ``workload`` mapping is host-specific (the simulated host reads dirty
-    rate, pattern and fill from it; real Xen ignores it).
+    rate, pattern and fill from it; real Xen ignores it). ``boot`` is
+    part of the machine: on Xen the device model holds the kernel for
+    the firmware, so a restored guest's device model needs it again to
+    load the saved one's state (the simulated host boots no firmware and
+    ignores it).
     """
 
     name: str
@@ -112,6 +142,7 @@ class DomainConfig:
     devices: tuple[DeviceConfig, ...] = ()
     pv_drivers: bool = True
     workload: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    boot: DirectBoot | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:+-]+$")
+_CFG_STRING = re.compile(r"^[ !#-\[\]-~]*$")
 # Linux's xvd major (xen/include/public/io/blkif.h): devid = 202 << 8 |
 # disk << 4 | partition.
 XVD_MAJOR = 202
@@ -85,14 +86,43 @@ def _device_spec(dev: base.DeviceConfig) -> str:
     )
 
 
+def _boot_lines(boot: base.DirectBoot) -> list[str]:
+    """xl.cfg's direct kernel boot of an HVM guest: libxl hands these to
+    QEMU (``-kernel``, ``-initrd``, ``-append``), whose fw_cfg device
+    serves them to the firmware."""
+    lines = []
+    for key, value in (
+        ("kernel", boot.kernel),
+        ("ramdisk", boot.ramdisk),
+        ("cmdline", boot.cmdline),
+    ):
+        if value is None:
+            continue
+        if key != "cmdline" and not value.startswith("/"):
+            raise ConfigError(
+                f"{key} {value!r} is not an absolute path", call="config_text"
+            )
+        # xl's parser reads a quoted string up to the next quote and
+        # knows no \u escapes: printable ASCII without quotes only.
+        if not _CFG_STRING.match(value):
+            raise ConfigError(
+                f"{key} {value!r}: only printable ASCII without '\"' or "
+                "'\\' can be written in xl.cfg",
+                call="config_text",
+            )
+        lines.append(f'{key} = "{value}"')
+    return lines
+
+
 def config_text(config: base.DomainConfig) -> str:
     """The ``xl.cfg`` of an HVM guest made of ``config``.
 
     Every guest of the driver gets the same emulated devices (no VGA, a
     serial port, the Xen platform device), so that a restoring domain
     built from the same text can load the device model state of any of
-    them. Whether the guest's OS uses PV drivers is its own business
-    (HVM_PARAM_CALLBACK_IRQ tells).
+    them; a directly booted kernel is part of the machine too (QEMU's
+    fw_cfg device exists only with one). Whether the guest's OS uses PV
+    drivers is its own business (HVM_PARAM_CALLBACK_IRQ tells).
     """
     if not _NAME.match(config.name):
         raise ConfigError(
@@ -131,6 +161,8 @@ def config_text(config: base.DomainConfig) -> str:
         "vif = [" + ", ".join(_quote(_device_spec(d)) for d in vifs) + "]",
         "disk = [" + ", ".join(_quote(_device_spec(d)) for d in vbds) + "]",
     ]
+    if config.boot is not None:
+        lines += _boot_lines(config.boot)
     if config.uuid is not None:
         lines.insert(1, f"uuid = {_quote(config.uuid)}")
     return "\n".join(lines) + "\n"

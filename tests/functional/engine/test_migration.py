@@ -299,3 +299,28 @@ def test_unresumable_stop_and_copy_rolls_back(
     assert running_on(source, domid)
     assert destination.list_domains() == []
     assert m.sender.stats.actual_downtime is not None
+
+
+def test_a_directly_booted_kernel_travels_with_setup(
+    monkeypatch, source, destination, migration
+):
+    # On Xen the destination's device model must be given the kernel
+    # the source's was started with, or it cannot load its state.
+    domid = source.create_domain(guest_config())
+    boot = {"kernel": "/boot/vmlinuz", "ramdisk": "/i.gz", "cmdline": "nopv"}
+    monkeypatch.setattr(
+        source,
+        "libxl_config",
+        lambda d: {"b_info": boot} if d == domid else None,
+    )
+    made = []
+    create = destination.create_empty_domain
+
+    def recording(config, want):
+        made.append(config)
+        return create(config, want)
+
+    monkeypatch.setattr(destination, "create_empty_domain", recording)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert [c.boot for c in made] == [base.DirectBoot(**boot)]

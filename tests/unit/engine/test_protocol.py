@@ -153,6 +153,10 @@ SETUP = messages.Setup(
 FROM_CLIENT = [
     SETUP,
     dataclasses.replace(SETUP, running=False),
+    dataclasses.replace(
+        SETUP, kernel="/boot/vmlinuz", ramdisk="/i.gz", cmdline="nopv"
+    ),
+    dataclasses.replace(SETUP, kernel="/boot/vmlinuz"),
     messages.Commit(),
     messages.Query(),
     messages.Abort(reason="operator"),
@@ -193,6 +197,21 @@ def test_server_messages_round_trip(msg):
 def test_setup_refuses_a_uuid_that_is_not_one(uuid):
     with pytest.raises(ValueError, match="is not a UUID"):
         dataclasses.replace(SETUP, uuid=uuid).validate()
+
+
+def test_setup_refuses_a_ramdisk_or_cmdline_without_a_kernel():
+    for fields in ({"ramdisk": "/i.gz"}, {"cmdline": "nopv"}):
+        with pytest.raises(ValueError, match="without a kernel"):
+            dataclasses.replace(SETUP, **fields).validate()
+
+
+def test_setup_kernel_must_be_a_string_or_null():
+    payload = json.loads(messages.encode_message(SETUP))
+    payload["kernel"] = 5
+    with pytest.raises(ProtocolError, match="kernel must be str"):
+        messages.decode_message(
+            messages.MessageType.SETUP, json.dumps(payload).encode()
+        )
 
 
 def test_messages_in_the_wrong_direction_or_state():
