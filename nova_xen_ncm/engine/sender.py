@@ -269,17 +269,6 @@ class Sender:
                 "rolled back before its state was exported"
             )
 
-    def _direct_boot(self) -> base.DirectBoot | None:
-        """The kernel the guest's firmware booted, from its host's
-        configuration: the destination's device model needs it again."""
-        config = self.host.libxl_config(self.domid)
-        try:
-            return base.DirectBoot.of_libxl((config or {}).get("b_info", {}))
-        except ValueError as exc:
-            raise EngineError(
-                f"domain {self.domid}'s configuration: {exc}"
-            ) from None
-
     def _setup(self) -> None:
         self._check_source()
         info = self.info
@@ -296,7 +285,8 @@ class Sender:
             and messages.Capability.LZ4.value
             in control.connection.capabilities
         )
-        boot = self._direct_boot()
+        # The destination's device model needs the kernel again.
+        boot = self.host.direct_boot(self.domid)
         control.send(
             messages.Setup(
                 domid=self.domid,

@@ -894,6 +894,19 @@ class HostDriver(abc.ABC):
         header, or None to describe it from :meth:`domain_info`."""
         return None
 
+    def direct_boot(self, domid: int) -> DirectBoot | None:
+        """The kernel the guest's firmware booted directly (part of its
+        machine, which a destination builds again), None when it boots
+        from a disk. Raises HostError for a configuration that names one
+        wrongly."""
+        config = self.libxl_config(domid)
+        try:
+            return DirectBoot.of_libxl((config or {}).get("b_info", {}))
+        except ValueError as exc:
+            raise HostError(
+                f"domain {domid}'s configuration: {exc}", call="direct_boot"
+            ) from None
+
     # -- PV state --
 
     @abc.abstractmethod
