@@ -16,6 +16,7 @@ import abc
 import contextlib
 import dataclasses
 import enum
+import os
 import threading
 from collections.abc import Collection
 from collections.abc import Iterator
@@ -117,8 +118,40 @@ class DirectBoot:
             value = b_info.get(key)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"b_info {key} {value!r} is not a string")
+            if key != "cmdline" and value is not None:
+                # Another host would resolve it against another cwd.
+                if not os.path.isabs(value):
+                    raise ValueError(
+                        f"b_info {key} {value!r} is not an absolute path"
+                    )
             fields[key] = value
         return cls(**fields)
+
+    def confined(self, dirs: Sequence[str]) -> DirectBoot:
+        """This boot with its files' real paths (symbolic links
+        followed), each a regular file under one of ``dirs``: the device
+        model serves their contents to the guest. Raises ValueError
+        naming a file that is not; whether a file outside ``dirs``
+        exists is not told."""
+        roots = [os.path.realpath(d) for d in dirs if d]
+        real = {}
+        for key in ("kernel", "ramdisk"):
+            path = getattr(self, key)
+            if path is None:
+                continue
+            if not os.path.isabs(path):
+                raise ValueError(f"{key} {path!r} is not an absolute path")
+            real[key] = os.path.realpath(path)
+            if not any(
+                os.path.commonpath([real[key], root]) == root for root in roots
+            ):
+                raise ValueError(
+                    f"{key} {path!r} is outside the directories boot "
+                    f"files may come from ({', '.join(roots) or 'none'})"
+                )
+            if not os.path.isfile(real[key]):
+                raise ValueError(f"{key} {path!r} is not a file on this host")
+        return dataclasses.replace(self, **real)
 
 
 @dataclasses.dataclass(frozen=True)

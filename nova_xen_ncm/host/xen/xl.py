@@ -55,7 +55,7 @@ def _device_spec(dev: base.DeviceConfig) -> str:
             call="config_text",
         )
     for key, value in dev.extra.items():
-        if not _SAFE_VALUE.match(str(value)):
+        if not _SAFE_VALUE.fullmatch(str(value)):
             raise ConfigError(
                 f"{dev.kind} {dev.devid}: {key}={value!r} has characters "
                 "xl does not accept unquoted",
@@ -64,7 +64,7 @@ def _device_spec(dev: base.DeviceConfig) -> str:
     if dev.kind == "vif":
         parts = [f"devid={dev.devid}"]
         if dev.mac is not None:
-            if not _MAC.match(dev.mac):
+            if not _MAC.fullmatch(dev.mac):
                 raise ConfigError(
                     f"vif {dev.devid}: bad MAC {dev.mac!r}", call="config_text"
                 )
@@ -104,7 +104,7 @@ def _boot_lines(boot: base.DirectBoot) -> list[str]:
             )
         # xl's parser reads a quoted string up to the next quote and
         # knows no \u escapes: printable ASCII without quotes only.
-        if not _CFG_STRING.match(value):
+        if not _CFG_STRING.fullmatch(value):
             raise ConfigError(
                 f"{key} {value!r}: only printable ASCII without '\"' or "
                 "'\\' can be written in xl.cfg",
@@ -124,7 +124,7 @@ def config_text(config: base.DomainConfig) -> str:
     fw_cfg device exists only with one). Whether the guest's OS uses PV
     drivers is its own business (HVM_PARAM_CALLBACK_IRQ tells).
     """
-    if not _NAME.match(config.name):
+    if not _NAME.fullmatch(config.name):
         raise ConfigError(
             f"domain name {config.name!r} must be 1-64 letters, digits, "
             "'_', '.' or '-'",
@@ -140,7 +140,7 @@ def config_text(config: base.DomainConfig) -> str:
         raise ConfigError(
             f"vcpus {config.vcpus}: at least one", call="config_text"
         )
-    if config.uuid is not None and not _UUID.match(config.uuid):
+    if config.uuid is not None and not _UUID.fullmatch(config.uuid):
         raise ConfigError(f"bad uuid {config.uuid!r}", call="config_text")
     vifs = [d for d in config.devices if d.kind == "vif"]
     vbds = [d for d in config.devices if d.kind == "vbd"]
