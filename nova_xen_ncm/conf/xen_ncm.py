@@ -352,6 +352,18 @@ SECURITY_OPTS = [
         "as any holder of a certificate of the CA could otherwise "
         "relay the connection and alter it.",
     ),
+    cfg.ListOpt(
+        "direct_boot_dirs",
+        default=["/boot", "/var/lib/nova/instances"],
+        help="Directories of this host a directly booted guest's kernel "
+        "and ramdisk may be in when it arrives by migration (xl.cfg's "
+        "kernel and ramdisk; Nova keeps an instance's under "
+        "[DEFAULT] instances_path). The source names these files and "
+        "the destination's device model serves their contents to the "
+        "guest, so a file elsewhere (after symbolic links are "
+        "resolved) is refused at SETUP, as is one that does not exist. "
+        "Empty: no directly booted guest is accepted.",
+    ),
 ]
 
 OPTS = HOST_OPTS + TRANSPORT_OPTS + SECURITY_OPTS + RETRY_OPTS + POLICY_OPTS

@@ -58,6 +58,7 @@ from nova_xen_ncm.engine.handshake import State
 from nova_xen_ncm.engine.handshake import frame_tag
 from nova_xen_ncm.engine.handshake import next_state
 from nova_xen_ncm.engine.messages import NEED_DATA
+from nova_xen_ncm.engine.messages import PROTOCOL_VERSION
 from nova_xen_ncm.engine.messages import SUPPORTED_VERSIONS
 from nova_xen_ncm.engine.messages import Ack
 from nova_xen_ncm.engine.messages import Auth
@@ -185,7 +186,8 @@ class Connection:
                     f"ACK {msg.seq} outside the received range "
                     f"{self.acked}..{self.last_seq}"
                 )
-        payload = encode_message(msg)
+        # Handshake messages are the same in every version.
+        payload = encode_message(msg, self.version or PROTOCOL_VERSION)
         if len(payload) > MAX_CONTROL_PAYLOAD:
             raise ValueError(f"{msg.TYPE.name} message too large")
         out = self._frame_out(msg.TYPE, 0, [payload])
@@ -525,7 +527,7 @@ class Connection:
         return Data(seq=seq, payload=body, pages=bool(flags & FLAG_PAGES))
 
     def _receive_message(self, mtype: MessageType, payload: bytes) -> Event:
-        msg = decode_message(mtype, payload)
+        msg = decode_message(mtype, payload, self.version or PROTOCOL_VERSION)
         state = next_state(self.state, self.peer_role, mtype)
         if isinstance(msg, Hello):
             self.hello = msg

@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import types
 import typing
 import uuid as uuidlib
 from typing import Any
@@ -21,8 +22,12 @@ from typing import ClassVar
 
 from nova_xen_ncm.engine.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+PROTOCOL_VERSION = 2
+#: 2: SETUP carries a directly booted kernel. A field added in a
+#: version (metadata ``since``) is neither sent nor expected when an
+#: older one was negotiated, so that hosts of two releases migrate
+#: guests between them during an upgrade.
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
 
 # Sizes of the handshake's fields (handshake.py).
 PROOF_SIZE = hashlib.sha256().digest_size
@@ -196,6 +201,17 @@ class Setup(Message):
     #: Connections of the migration: this one, then data channels
     #: 1 .. channels-1, which connect once SETUP is accepted.
     channels: int = 1
+    #: A directly booted kernel (absolute paths the destination takes
+    #: only under its [xen_ncm] direct_boot_dirs): part of the machine
+    #: whose device state the destination's device model loads.
+    #: Protocol version 2 and later.
+    kernel: str | None = dataclasses.field(default=None, metadata={"since": 2})
+    ramdisk: str | None = dataclasses.field(
+        default=None, metadata={"since": 2}
+    )
+    cmdline: str | None = dataclasses.field(
+        default=None, metadata={"since": 2}
+    )
 
     def validate(self) -> None:
         # DOMID_FIRST_RESERVED (xen/include/public/xen.h) and above are
@@ -213,6 +229,19 @@ class Setup(Message):
             raise ValueError(
                 f"{self.channels} channels: from 1 to {MAX_CHANNELS}"
             )
+        if self.kernel is None and (
+            self.ramdisk is not None or self.cmdline is not None
+        ):
+            raise ValueError("a ramdisk or cmdline without a kernel")
+        for key in ("kernel", "ramdisk"):
+            path = getattr(self, key)
+            # Resolved on the destination, never against its cwd.
+            if path is not None and not path.startswith("/"):
+                raise ValueError(f"{key} {path!r} is not an absolute path")
+        for key in ("kernel", "ramdisk", "cmdline"):
+            value = getattr(self, key)
+            if value is not None and not value.isprintable():
+                raise ValueError(f"{key} {value!r} has control characters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +397,10 @@ Event = Message | Data | DataHeader | DataEnd | ConnectionClosed | _NeedData
 
 def _check_field(name: str, hint: Any, value: Any) -> Any:
     origin = typing.get_origin(hint)
+    if origin is types.UnionType:
+        # ``X | None``: absent as null.
+        (arm,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _check_field(name, arm, value)
     if origin is tuple:
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
         if not isinstance(value, list) or len(value) > MAX_LIST:
@@ -390,31 +423,54 @@ def _check_field(name: str, hint: Any, value: Any) -> Any:
     return value
 
 
-_HINTS: dict[type[Message], dict[str, Any]] = {
+_HINTS: dict[type[Message], dict[str, tuple[Any, int]]] = {
     cls: {
-        f.name: typing.get_type_hints(cls)[f.name]
+        f.name: (
+            typing.get_type_hints(cls)[f.name],
+            f.metadata.get("since", 1),
+        )
         for f in dataclasses.fields(cls)
     }
     for cls in MESSAGES.values()
 }
 
 
-def encode_message(msg: Message) -> bytes:
-    return json.dumps(
-        dataclasses.asdict(msg), separators=(",", ":"), sort_keys=True
-    ).encode()
+def encode_message(msg: Message, version: int = PROTOCOL_VERSION) -> bytes:
+    """The payload of ``msg`` in protocol ``version``: its fields of that
+    version. Raises ValueError for a field that version cannot carry."""
+    obj = {}
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        if f.metadata.get("since", 1) > version:
+            if value != f.default:
+                raise ValueError(
+                    f"{msg.TYPE.name} {f.name} cannot be sent in protocol "
+                    f"version {version}"
+                )
+            continue
+        obj[f.name] = value
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
 
-def decode_message(mtype: MessageType, payload: Buffer) -> Message:
+def decode_message(
+    mtype: MessageType, payload: Buffer, version: int = PROTOCOL_VERSION
+) -> Message:
+    """The message of ``payload``, which has exactly the fields of
+    protocol ``version`` (later ones take their defaults)."""
     cls = MESSAGES[mtype]
     try:
         obj = json.loads(bytes(payload))
         if not isinstance(obj, dict):
             raise ValueError("payload is not an object")
-        hints = _HINTS[cls]
+        hints = {
+            name: hint
+            for name, (hint, since) in _HINTS[cls].items()
+            if since <= version
+        }
         if set(obj) != set(hints):
             raise ValueError(
-                f"fields {sorted(obj)} instead of {sorted(hints)}"
+                f"fields {sorted(obj)} instead of {sorted(hints)} "
+                f"(protocol version {version})"
             )
         msg = cls(
             **{

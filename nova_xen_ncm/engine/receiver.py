@@ -348,6 +348,7 @@ class Receiver:
                 vcpus=setup.vcpus,
                 uuid=setup.uuid,
                 pv_drivers=setup.pv_drivers,
+                boot=self._boot(setup),
             )
             # Recorded before the domain exists: a restart destroys
             # what a dead engine left paused here.
@@ -469,6 +470,23 @@ class Receiver:
                 f"{setup.memory_bytes} bytes needed, {free} free on "
                 f"{self.host.hostname}",
             )
+
+    def _boot(self, setup: messages.Setup) -> base.DirectBoot | None:
+        """The directly booted kernel SETUP names, by its real paths on
+        this host: the source chooses them and the device model serves
+        their contents to the guest, so only files under
+        ``[xen_ncm] direct_boot_dirs`` are taken."""
+        if setup.kernel is None:
+            return None
+        boot = base.DirectBoot(setup.kernel, setup.ramdisk, setup.cmdline)
+        try:
+            return boot.confined(self.opts.direct_boot_dirs)
+        except ValueError as exc:
+            raise Refused(
+                messages.RefuseReason.BAD_REQUEST,
+                f"{exc} on {self.host.hostname} ([xen_ncm] "
+                "direct_boot_dirs lists the directories allowed)",
+            ) from None
 
     def _report_arrived(self, restorer: Restorer, final: bool = False) -> None:
         """A PROGRESS event with how much of the guest's memory has

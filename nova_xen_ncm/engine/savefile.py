@@ -188,6 +188,8 @@ def _domain_config(header: xl.Header) -> tuple[base.DomainConfig, dict]:
             memory_bytes=int(b_info["max_memkb"]) * KiB,
             vcpus=int(b_info["max_vcpus"]),
             pv_drivers=bool(ours.get("pv_drivers", False)),
+            # The restored device model is the saved one's machine.
+            boot=base.DirectBoot.of_libxl(b_info),
         )
         ours.setdefault("domid", c_info.get("domid"))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -272,6 +272,8 @@ class Sender:
     def _setup(self) -> None:
         self._check_source()
         info = self.info
+        # The destination's device model needs the kernel again.
+        boot = self.host.direct_boot(self.domid)
         budget = retry.RetryBudget.from_conf(self.conf, retry.Step.CONNECT)
         self.data.channels[0] = retry.call(
             self.data.connect,
@@ -285,6 +287,16 @@ class Sender:
             and messages.Capability.LZ4.value
             in control.connection.capabilities
         )
+        if boot is not None and (control.connection.version or 0) < 2:
+            # Its SETUP has no room for the kernel, without which its
+            # device model could not load the guest's.
+            raise Refused(
+                messages.RefuseReason.MISSING_CAPABILITY.value,
+                f"the destination speaks migration protocol version "
+                f"{control.connection.version}, which cannot carry the "
+                f"guest's directly booted kernel {boot.kernel!r}: upgrade "
+                "it to this release",
+            )
         control.send(
             messages.Setup(
                 domid=self.domid,
@@ -296,6 +308,9 @@ class Sender:
                 required=self._required(info.pv_drivers),
                 running=self._running,
                 channels=self.data.count,
+                kernel=boot.kernel if boot else None,
+                ramdisk=boot.ramdisk if boot else None,
+                cmdline=boot.cmdline if boot else None,
             )
         )
         reply = expect(control.receive(), messages.SetupReply)

@@ -16,12 +16,14 @@ import abc
 import contextlib
 import dataclasses
 import enum
+import os
 import threading
 from collections.abc import Collection
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -96,13 +98,74 @@ class DeviceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DirectBoot:
+    """A kernel the firmware boots instead of a disk (xl.cfg's
+    ``kernel``, ``ramdisk`` and ``cmdline`` of an HVM guest): paths in
+    the host's own filesystem."""
+
+    kernel: str
+    ramdisk: str | None = None
+    cmdline: str | None = None
+
+    @classmethod
+    def of_libxl(cls, b_info: Mapping[str, Any]) -> DirectBoot | None:
+        """The kernel in libxl's build info (libxl_domain_build_info's
+        ``kernel``, ``ramdisk``, ``cmdline``), None without one."""
+        if b_info.get("kernel") is None:
+            return None
+        fields = {}
+        for key in ("kernel", "ramdisk", "cmdline"):
+            value = b_info.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"b_info {key} {value!r} is not a string")
+            if key != "cmdline" and value is not None:
+                # Another host would resolve it against another cwd.
+                if not os.path.isabs(value):
+                    raise ValueError(
+                        f"b_info {key} {value!r} is not an absolute path"
+                    )
+            fields[key] = value
+        return cls(**fields)
+
+    def confined(self, dirs: Sequence[str]) -> DirectBoot:
+        """This boot with its files' real paths (symbolic links
+        followed), each a regular file under one of ``dirs``: the device
+        model serves their contents to the guest. Raises ValueError
+        naming a file that is not; whether a file outside ``dirs``
+        exists is not told."""
+        roots = [os.path.realpath(d) for d in dirs if d]
+        real = {}
+        for key in ("kernel", "ramdisk"):
+            path = getattr(self, key)
+            if path is None:
+                continue
+            if not os.path.isabs(path):
+                raise ValueError(f"{key} {path!r} is not an absolute path")
+            real[key] = os.path.realpath(path)
+            if not any(
+                os.path.commonpath([real[key], root]) == root for root in roots
+            ):
+                raise ValueError(
+                    f"{key} {path!r} is outside the directories boot "
+                    f"files may come from ({', '.join(roots) or 'none'})"
+                )
+            if not os.path.isfile(real[key]):
+                raise ValueError(f"{key} {path!r} is not a file on this host")
+        return dataclasses.replace(self, **real)
+
+
+@dataclasses.dataclass(frozen=True)
 class DomainConfig:
     """What a guest is made of.
 
     ``pv_drivers`` says whether the guest's OS runs PV frontends (it sets
     HVM_PARAM_CALLBACK_IRQ, connects its devices through xenstore). The
     ``workload`` mapping is host-specific (the simulated host reads dirty
-    rate, pattern and fill from it; real Xen ignores it).
+    rate, pattern and fill from it; real Xen ignores it). ``boot`` is
+    part of the machine: on Xen the device model holds the kernel for
+    the firmware, so a restored guest's device model needs it again to
+    load the saved one's state (the simulated host boots no firmware and
+    ignores it).
     """
 
     name: str
@@ -112,6 +175,7 @@ class DomainConfig:
     devices: tuple[DeviceConfig, ...] = ()
     pv_drivers: bool = True
     workload: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    boot: DirectBoot | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -862,6 +926,19 @@ class HostDriver(abc.ABC):
         """The guest's libxl domain configuration for a save file's xl
         header, or None to describe it from :meth:`domain_info`."""
         return None
+
+    def direct_boot(self, domid: int) -> DirectBoot | None:
+        """The kernel the guest's firmware booted directly (part of its
+        machine, which a destination builds again), None when it boots
+        from a disk. Raises HostError for a configuration that names one
+        wrongly."""
+        config = self.libxl_config(domid)
+        try:
+            return DirectBoot.of_libxl((config or {}).get("b_info", {}))
+        except ValueError as exc:
+            raise HostError(
+                f"domain {domid}'s configuration: {exc}", call="direct_boot"
+            ) from None
 
     # -- PV state --
 

@@ -335,6 +335,18 @@ class XenHost(base.HostDriver):
         return os.path.join(self.opts.state_dir, f"{name}.cfg")
 
     def _write_config(self, config: base.DomainConfig) -> str:
+        boot = config.boot
+        for key, file in (
+            ("kernel", boot.kernel if boot else None),
+            ("ramdisk", boot.ramdisk if boot else None),
+        ):
+            # Named here rather than by QEMU's exit deep in libxl's log.
+            if file is not None and not os.path.isfile(file):
+                raise base.HostError(
+                    f"{key} {file!r} of domain {config.name!r} is not a "
+                    "file on this host",
+                    call="create domain",
+                )
         path = self._config_path(config.name)
         with open(path, "w") as out:
             out.write(xl_mod.config_text(config))

@@ -24,6 +24,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:+-]+$")
+_CFG_STRING = re.compile(r"^[ !#-\[\]-~]*$")
 # Linux's xvd major (xen/include/public/io/blkif.h): devid = 202 << 8 |
 # disk << 4 | partition.
 XVD_MAJOR = 202
@@ -54,7 +55,7 @@ def _device_spec(dev: base.DeviceConfig) -> str:
             call="config_text",
         )
     for key, value in dev.extra.items():
-        if not _SAFE_VALUE.match(str(value)):
+        if not _SAFE_VALUE.fullmatch(str(value)):
             raise ConfigError(
                 f"{dev.kind} {dev.devid}: {key}={value!r} has characters "
                 "xl does not accept unquoted",
@@ -63,7 +64,7 @@ def _device_spec(dev: base.DeviceConfig) -> str:
     if dev.kind == "vif":
         parts = [f"devid={dev.devid}"]
         if dev.mac is not None:
-            if not _MAC.match(dev.mac):
+            if not _MAC.fullmatch(dev.mac):
                 raise ConfigError(
                     f"vif {dev.devid}: bad MAC {dev.mac!r}", call="config_text"
                 )
@@ -85,16 +86,45 @@ def _device_spec(dev: base.DeviceConfig) -> str:
     )
 
 
+def _boot_lines(boot: base.DirectBoot) -> list[str]:
+    """xl.cfg's direct kernel boot of an HVM guest: libxl hands these to
+    QEMU (``-kernel``, ``-initrd``, ``-append``), whose fw_cfg device
+    serves them to the firmware."""
+    lines = []
+    for key, value in (
+        ("kernel", boot.kernel),
+        ("ramdisk", boot.ramdisk),
+        ("cmdline", boot.cmdline),
+    ):
+        if value is None:
+            continue
+        if key != "cmdline" and not value.startswith("/"):
+            raise ConfigError(
+                f"{key} {value!r} is not an absolute path", call="config_text"
+            )
+        # xl's parser reads a quoted string up to the next quote and
+        # knows no \u escapes: printable ASCII without quotes only.
+        if not _CFG_STRING.fullmatch(value):
+            raise ConfigError(
+                f"{key} {value!r}: only printable ASCII without '\"' or "
+                "'\\' can be written in xl.cfg",
+                call="config_text",
+            )
+        lines.append(f'{key} = "{value}"')
+    return lines
+
+
 def config_text(config: base.DomainConfig) -> str:
     """The ``xl.cfg`` of an HVM guest made of ``config``.
 
     Every guest of the driver gets the same emulated devices (no VGA, a
     serial port, the Xen platform device), so that a restoring domain
     built from the same text can load the device model state of any of
-    them. Whether the guest's OS uses PV drivers is its own business
-    (HVM_PARAM_CALLBACK_IRQ tells).
+    them; a directly booted kernel is part of the machine too (QEMU's
+    fw_cfg device exists only with one). Whether the guest's OS uses PV
+    drivers is its own business (HVM_PARAM_CALLBACK_IRQ tells).
     """
-    if not _NAME.match(config.name):
+    if not _NAME.fullmatch(config.name):
         raise ConfigError(
             f"domain name {config.name!r} must be 1-64 letters, digits, "
             "'_', '.' or '-'",
@@ -110,7 +140,7 @@ def config_text(config: base.DomainConfig) -> str:
         raise ConfigError(
             f"vcpus {config.vcpus}: at least one", call="config_text"
         )
-    if config.uuid is not None and not _UUID.match(config.uuid):
+    if config.uuid is not None and not _UUID.fullmatch(config.uuid):
         raise ConfigError(f"bad uuid {config.uuid!r}", call="config_text")
     vifs = [d for d in config.devices if d.kind == "vif"]
     vbds = [d for d in config.devices if d.kind == "vbd"]
@@ -131,6 +161,8 @@ def config_text(config: base.DomainConfig) -> str:
         "vif = [" + ", ".join(_quote(_device_spec(d)) for d in vifs) + "]",
         "disk = [" + ", ".join(_quote(_device_spec(d)) for d in vbds) + "]",
     ]
+    if config.boot is not None:
+        lines += _boot_lines(config.boot)
     if config.uuid is not None:
         lines.insert(1, f"uuid = {_quote(config.uuid)}")
     return "\n".join(lines) + "\n"

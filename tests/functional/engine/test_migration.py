@@ -299,3 +299,41 @@ def test_unresumable_stop_and_copy_rolls_back(
     assert running_on(source, domid)
     assert destination.list_domains() == []
     assert m.sender.stats.actual_downtime is not None
+
+
+def test_a_directly_booted_kernel_travels_with_setup(
+    monkeypatch, tmp_path, conf, source, destination, migration
+):
+    # On Xen the destination's device model must be given the kernel
+    # the source's was started with, or it cannot load its state; it
+    # gets the files' real paths.
+    boot_dir = tmp_path / "boot"
+    boot_dir.mkdir()
+    (boot_dir / "vmlinuz-6.1").write_bytes(b"k")
+    (boot_dir / "vmlinuz").symlink_to("vmlinuz-6.1")
+    (boot_dir / "i.gz").write_bytes(b"i")
+    conf.set_override("direct_boot_dirs", [str(boot_dir)], group="xen_ncm")
+    domid = source.create_domain(guest_config())
+    boot = {
+        "kernel": f"{boot_dir}/vmlinuz",
+        "ramdisk": f"{boot_dir}/i.gz",
+        "cmdline": "nopv",
+    }
+    monkeypatch.setattr(
+        source,
+        "libxl_config",
+        lambda d: {"b_info": boot} if d == domid else None,
+    )
+    made = []
+    create = destination.create_empty_domain
+
+    def recording(config, want):
+        made.append(config)
+        return create(config, want)
+
+    monkeypatch.setattr(destination, "create_empty_domain", recording)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert [c.boot for c in made] == [
+        base.DirectBoot(f"{boot_dir}/vmlinuz-6.1", f"{boot_dir}/i.gz", "nopv")
+    ]

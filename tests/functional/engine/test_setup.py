@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from nova_xen_ncm.engine import framing
 from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine.errors import AuthenticationError
 from nova_xen_ncm.engine.errors import Refused
@@ -52,3 +55,130 @@ def test_missing_capability_is_refused(
     assert "VIRQ bindings cannot be restored" in m.sender.error.text
     assert running(source, domid)
     assert destination.list_domains() == []
+
+
+def booted_from(monkeypatch, source, domid, kernel, ramdisk=None):
+    """The source's libxl configuration names a directly booted kernel."""
+    b_info = {"kernel": kernel, "ramdisk": ramdisk, "cmdline": "nopv"}
+    monkeypatch.setattr(
+        source,
+        "libxl_config",
+        lambda d: {"b_info": b_info} if d == domid else None,
+    )
+
+
+@pytest.fixture
+def boot_dir(tmp_path, conf):
+    """The destination's only directory of boot files, with a kernel."""
+    path = tmp_path / "boot"
+    path.mkdir()
+    (path / "vmlinuz").write_bytes(b"k")
+    conf.set_override("direct_boot_dirs", [str(path)], group="xen_ncm")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kernel, words",
+    [
+        # The device model would serve any of these to the guest.
+        ("{tmp}/secret", "outside the directories"),
+        ("{boot}/../secret", "outside the directories"),
+        ("{boot}/link", "outside the directories"),
+        # Found at SETUP, not by the device model during the downtime.
+        ("{boot}/vmlinuz-gone", "not a file on this host"),
+        ("{boot}", "not a file on this host"),
+    ],
+)
+def test_a_boot_file_the_destination_does_not_allow_is_refused(
+    monkeypatch,
+    tmp_path,
+    boot_dir,
+    source,
+    destination,
+    migration,
+    kernel,
+    words,
+):
+    (tmp_path / "secret").write_bytes(b"dom0's own")
+    (boot_dir / "link").symlink_to(tmp_path / "secret")
+    kernel = kernel.format(tmp=tmp_path, boot=boot_dir)
+    domid = source.create_domain(guest_config())
+    booted_from(monkeypatch, source, domid, kernel)
+    created = []
+    monkeypatch.setattr(
+        destination, "create_empty_domain", lambda *a: created.append(a)
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert m.sender.error.code == "bad-request"
+    assert words in m.sender.error.text
+    assert repr(kernel) in m.sender.error.text
+    assert "[xen_ncm] direct_boot_dirs" in m.sender.error.text
+    assert created == []
+    assert running(source, domid)
+    assert destination.list_domains() == []
+
+
+def test_a_ramdisk_outside_the_allowed_directories_is_refused(
+    monkeypatch, tmp_path, boot_dir, source, destination, migration
+):
+    domid = source.create_domain(guest_config())
+    booted_from(
+        monkeypatch, source, domid, f"{boot_dir}/vmlinuz", "/etc/shadow"
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert "ramdisk '/etc/shadow' is outside" in m.sender.error.text
+    assert running(source, domid)
+    assert destination.list_domains() == []
+
+
+def test_a_previous_release_destination(
+    monkeypatch, boot_dir, source, destination, migration
+):
+    # It speaks protocol version 1 only: a guest booted from its disk
+    # migrates to it (hosts are upgraded one by one), a directly booted
+    # one is refused before SETUP, naming why.
+    monkeypatch.setattr(framing, "SUPPORTED_VERSIONS", (1,))
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert m.receiver.state.phase is Phase.DONE, m.receiver.error
+
+    other = destination.create_domain(guest_config("booted"))
+    booted_from(monkeypatch, destination, other, f"{boot_dir}/vmlinuz")
+    back = migration(destination, other, source)
+    assert back.run() is Phase.FAILED
+    assert back.sender.error.code == "missing-capability"
+    assert "protocol version 1" in back.sender.error.text
+    assert "upgrade it" in back.sender.error.text
+    assert running(destination, other)
+    assert [d.domid for d in source.list_domains()] == []
+
+
+def test_a_previous_release_source(
+    monkeypatch, source, destination, migration
+):
+    # It offers protocol version 1 only, whose SETUP has no kernel.
+    hello = framing.Connection.send_hello
+    versions = []
+
+    def offering_1(self, *args, **kwargs):
+        kwargs["versions"] = (1,)
+        return hello(self, *args, **kwargs)
+
+    challenge = framing.Connection.send_challenge
+
+    def recording(self, *args, **kwargs):
+        out = challenge(self, *args, **kwargs)
+        versions.append(self.version)
+        return out
+
+    monkeypatch.setattr(framing.Connection, "send_hello", offering_1)
+    monkeypatch.setattr(framing.Connection, "send_challenge", recording)
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert m.receiver.state.phase is Phase.DONE, m.receiver.error
+    assert versions and set(versions) == {1}
+    assert running(destination, domid)

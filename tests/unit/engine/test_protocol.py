@@ -153,6 +153,10 @@ SETUP = messages.Setup(
 FROM_CLIENT = [
     SETUP,
     dataclasses.replace(SETUP, running=False),
+    dataclasses.replace(
+        SETUP, kernel="/boot/vmlinuz", ramdisk="/i.gz", cmdline="nopv"
+    ),
+    dataclasses.replace(SETUP, kernel="/boot/vmlinuz"),
     messages.Commit(),
     messages.Query(),
     messages.Abort(reason="operator"),
@@ -193,6 +197,65 @@ def test_server_messages_round_trip(msg):
 def test_setup_refuses_a_uuid_that_is_not_one(uuid):
     with pytest.raises(ValueError, match="is not a UUID"):
         dataclasses.replace(SETUP, uuid=uuid).validate()
+
+
+def test_setup_refuses_a_ramdisk_or_cmdline_without_a_kernel():
+    for fields in ({"ramdisk": "/i.gz"}, {"cmdline": "nopv"}):
+        with pytest.raises(ValueError, match="without a kernel"):
+            dataclasses.replace(SETUP, **fields).validate()
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"kernel": "vmlinuz"}, "not an absolute path"),
+        ({"kernel": "/k", "ramdisk": "../i.gz"}, "not an absolute path"),
+        ({"kernel": "/k", "cmdline": "a\nb"}, "control characters"),
+        ({"kernel": "/k\x00"}, "control characters"),
+        ({"ramdisk": ""}, "without a kernel"),
+    ],
+)
+def test_setup_refuses_boot_fields_no_host_could_use(fields, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(SETUP, **fields).validate()
+
+
+def test_a_version_1_peer_exchanges_setup_without_the_kernel_fields():
+    # The previous release speaks only version 1, whose SETUP has no
+    # kernel: both ends agree on it and leave the fields out.
+    client = framing.Connection(messages.Role.CLIENT)
+    server = framing.Connection(messages.Role.SERVER)
+    deliver(client.send_hello("m", 0, versions=[1]), server)
+    server.next_event()
+    deliver(server.send_challenge(TOKEN), client)
+    client.next_event()
+    deliver(client.send_auth(TOKEN), server)
+    server.next_event()
+    deliver(server.send_welcome(0), client)
+    client.next_event()
+    assert client.version == server.version == 1
+    frame = wire(client.send(SETUP))
+    assert b"kernel" not in frame and b"cmdline" not in frame
+    deliver([frame], server)
+    assert server.next_event() == SETUP
+    with pytest.raises(ValueError, match="kernel cannot be sent in proto"):
+        client.send(dataclasses.replace(SETUP, kernel="/boot/vmlinuz"))
+    # A version 2 SETUP where version 1 was agreed is refused by name.
+    v2 = messages.encode_message(SETUP, 2)
+    assert set(json.loads(v2)) - set(
+        json.loads(messages.encode_message(SETUP, 1))
+    ) == {"kernel", "ramdisk", "cmdline"}
+    with pytest.raises(ProtocolError, match="protocol version 1"):
+        messages.decode_message(messages.MessageType.SETUP, v2, 1)
+
+
+def test_setup_kernel_must_be_a_string_or_null():
+    payload = json.loads(messages.encode_message(SETUP))
+    payload["kernel"] = 5
+    with pytest.raises(ProtocolError, match="kernel must be str"):
+        messages.decode_message(
+            messages.MessageType.SETUP, json.dumps(payload).encode()
+        )
 
 
 def test_messages_in_the_wrong_direction_or_state():

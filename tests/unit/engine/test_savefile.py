@@ -236,3 +236,30 @@ def test_a_pv_guest_the_host_cannot_restore_is_refused_before_the_pause(
         match="cannot carry PV state: xenstore: xenstored tells",
     ):
         saved(a)
+
+
+def test_a_directly_booted_kernel_is_part_of_the_restored_machine():
+    # libxl starts QEMU with -kernel/-initrd/-append from b_info; the
+    # saved device state has the fw_cfg device that only exists then.
+    config = {
+        "c_info": {"name": "g"},
+        "b_info": {
+            "max_memkb": 262144,
+            "max_vcpus": 2,
+            "kernel": "/boot/vmlinuz",
+            "ramdisk": "/rig/initrd.gz",
+            "cmdline": "console=ttyS0 nopv",
+        },
+    }
+    header = xl.Header(0, 0, json.dumps(config).encode())
+    domain, _ = savefile._domain_config(header)
+    assert domain.boot == base.DirectBoot(
+        "/boot/vmlinuz", "/rig/initrd.gz", "console=ttyS0 nopv"
+    )
+    del config["b_info"]["kernel"]
+    header = xl.Header(0, 0, json.dumps(config).encode())
+    assert savefile._domain_config(header)[0].boot is None
+    config["b_info"]["kernel"] = ["/boot/vmlinuz"]
+    header = xl.Header(0, 0, json.dumps(config).encode())
+    with pytest.raises(RestoreError, match="kernel .* is not a string"):
+        savefile._domain_config(header)

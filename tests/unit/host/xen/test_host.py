@@ -4,6 +4,7 @@ the HVM context digest."""
 from __future__ import annotations
 
 import struct
+import types
 
 import pytest
 
@@ -188,6 +189,8 @@ def test_shutdown_is_libxl_asking_the_guest(
     with pytest.raises(base.NotSupported, match="restarts"):
         xen.shutdown(7, reboot=True)
     assert asked == []
+
+
 class _LoadFns:
     """Just what XenHost.__init__ opens."""
 
@@ -229,3 +232,23 @@ def test_domid_reuse_is_a_start_up_requirement_never_set_by_the_driver(
         assert f"{host.DOMID_REUSE_ENV}=0" in reason, reason
         # The receiver refuses every guest at SETUP on preserve_domid.
         assert caps.missing(True)[base.Item.DOMID] == reason
+
+
+def test_a_kernel_missing_on_this_host_is_named_before_xl_runs(
+    tmp_path,
+) -> None:
+    # QEMU would exit deep inside libxl's create: named here instead.
+    xen = object.__new__(host.XenHost)
+    xen.opts = types.SimpleNamespace(state_dir=str(tmp_path / "state"))
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    config = base.DomainConfig(
+        name="g",
+        memory_bytes=256 << 20,
+        boot=base.DirectBoot(str(kernel), str(tmp_path / "initrd.gz")),
+    )
+    with pytest.raises(base.HostError, match="ramdisk .*initrd.gz.* not a"):
+        xen._write_config(config)
+    (tmp_path / "initrd.gz").write_bytes(b"i")
+    written = xen._write_config(config)
+    assert f'kernel = "{kernel}"' in open(written).read()

@@ -64,9 +64,54 @@ def test_devices() -> None:
     ]
 
 
+def test_direct_kernel_boot() -> None:
+    boot = base.DirectBoot(
+        "/boot/vmlinuz-6.1.0", "/rig/ncm-guest.gz", "console=ttyS0 nopv"
+    )
+    fields = parse(xl.config_text(config(boot=boot)))
+    assert fields["kernel"] == '"/boot/vmlinuz-6.1.0"'
+    assert fields["ramdisk"] == '"/rig/ncm-guest.gz"'
+    assert fields["cmdline"] == '"console=ttyS0 nopv"'
+    fields = parse(xl.config_text(config(boot=base.DirectBoot("/k"))))
+    assert fields["kernel"] == '"/k"'
+    assert "ramdisk" not in fields and "cmdline" not in fields
+    assert "kernel" not in parse(xl.config_text(config()))
+
+
 @pytest.mark.parametrize(
     "kw, words",
     [
+        ({"boot": base.DirectBoot("vmlinuz")}, "not an absolute path"),
+        ({"boot": base.DirectBoot("/k", "initrd")}, "not an absolute path"),
+        ({"boot": base.DirectBoot("/k", cmdline='a="b"')}, "printable"),
+        ({"boot": base.DirectBoot("/k", cmdline="a\\nb")}, "printable"),
+        ({"boot": base.DirectBoot("/k", cmdline="a\tb")}, "printable"),
+        ({"boot": base.DirectBoot("/k\u00e9")}, "printable"),
+        # A trailing newline would end the line inside xl.cfg's string.
+        ({"boot": base.DirectBoot("/k", cmdline="nopv\n")}, "printable"),
+        ({"boot": base.DirectBoot("/k\n")}, "printable"),
+        ({"name": "guest\n"}, "domain name"),
+        ({"uuid": "8f0c3a52-6f4e-4d2b-9c1a-3e5d7b9f1a2c\n"}, "bad uuid"),
+        (
+            {"devices": (base.DeviceConfig("vif", 0, mac="00:16:3e:0:0:1"),)},
+            "bad MAC",
+        ),
+        (
+            {
+                "devices": (
+                    base.DeviceConfig("vif", 0, mac="00:16:3e:00:00:01\n"),
+                )
+            },
+            "bad MAC",
+        ),
+        (
+            {
+                "devices": (
+                    base.DeviceConfig("vif", 0, extra={"script": "vif\n"}),
+                )
+            },
+            "unquoted",
+        ),
         ({"name": "bad name"}, "domain name"),
         ({"memory_bytes": 8 * MiB}, "at least 16"),
         ({"memory_bytes": 32 * MiB + 1}, "whole number of MiB"),
