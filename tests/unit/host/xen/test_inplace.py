@@ -194,10 +194,14 @@ def _pv_state() -> base.PvState:
                     f"/local/domain/{DOMID}/data/x", b"1", (("b", DOMID),)
                 ),
             ),
-            watches=(),
-            transactions=(),
+            watches=(base.XenstoreWatch("data/x", "tok"),),
+            # The patched xenstored's connection: carried in the image.
+            transactions=(base.XenstoreTransaction(4, 0),),
             store_port=1,
             store_gfn=0xFEFFC,
+            pending_output=b"K\0" + bytes(16),
+            pending_resp_len=2,
+            pending_input=b"\x02\0",
         ),
         backends=(),
         vcpus=(
