@@ -1108,8 +1108,18 @@ class XenHost(base.HostDriver):
             raise self._refuse_pv("quiesce_backends")
 
     def resume_backends(self, domid: int) -> None:
+        # The xenstore connection the PV export froze is served again
+        # first (a no-op if it was not frozen).
+        self.thaw_xenstore(domid)
         if self._backends(domid):
             raise self._refuse_pv("resume_backends")
+
+    def thaw_xenstore(self, domid: int) -> None:
+        """Undo the freeze of ``domid``'s xenstore connection that
+        :meth:`export_pv_state` leaves (the patched xenstored's; nothing
+        with stock xenstored, which never froze it)."""
+        if self.xenstored_migrates():
+            xsmig.thaw(self, domid)
 
     def domain_context(self) -> context.DomainContext:
         """The patched hypervisor's domctls (:mod:`.context`), or

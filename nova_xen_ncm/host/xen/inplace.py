@@ -132,7 +132,10 @@ def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
         snap.rounds = tuple(rounds)
         return snap
     except BaseException:
-        # Nothing was destroyed: the guest carries on where it was.
+        # Nothing was destroyed: the guest carries on where it was, its
+        # xenstore connection (frozen by the export) served again.
+        with contextlib.suppress(base.HostError):
+            host.thaw_xenstore(domid)
         if paused_here:
             with contextlib.suppress(base.HostError):
                 host.unpause(domid)

@@ -315,8 +315,10 @@ def _export_xenstore(host: XenHost, domid: int) -> base.XenstoreState:
         todo += [f"{path}/{c}" for c in reversed(_xs_directory(host, path))]
     # Parents before children, as the stream wants them.
     nodes.sort(key=lambda n: n.path.count("/"))
+    # Frozen from here (the guest is paused): the memory copied next
+    # agrees with it. Rollbacks thaw it (XenHost.resume_backends).
     conn = (
-        xsmig.export(host, domid)
+        xsmig.export(host, domid, freeze=True)
         if host.xenstored_migrates()
         else xsmig.DomainConnection(domid=domid, evtchn=0)
     )

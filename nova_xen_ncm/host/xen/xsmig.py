@@ -5,20 +5,26 @@ or the data it has not yet written to the domain's ring. The project's
 patch series (``xen/patches/0003-xenstored-domain-export-import.patch``)
 adds two control commands (XS_CONTROL, dom0 only):
 
-- ``domain-export <domid> <file>`` writes the domain's connection in the
-  records of Xen's ``docs/designs/xenstore-migration.md`` that live update
-  writes for the whole daemon (version 1, the daemon's byte order):
-  CONNECTION_DATA, a WATCH_DATA per watch, a TRANSACTION_DATA per open
-  transaction, END. Read only: the connection carries on.
+- ``domain-export [-f] <domid> <file>`` writes the domain's connection in
+  the records of Xen's ``docs/designs/xenstore-migration.md`` that live
+  update writes for the whole daemon (version 1, the daemon's byte
+  order): CONNECTION_DATA, a WATCH_DATA per watch, a TRANSACTION_DATA per
+  open transaction, END. With ``-f`` it then freezes the connection:
+  xenstored neither reads nor writes the domain's ring until
+  ``domain-thaw <domid>`` (a rollback) or the domain's end, so that the
+  guest's memory copied after the export (the paused guest writes
+  nothing) agrees with the file: no request it left in the ring is
+  answered into the source's copy only, no event written after it.
 - ``domain-import <domid> <file>`` puts them into a domain XS_INTRODUCE
   has just connected: watches without the event a new watch fires,
   transactions under their ids marked to fail (their commit answers
   EAGAIN), the data queued as it was. All or nothing.
 
 The file layout is decoded and encoded here without I/O
-(:func:`decode`, :func:`encode`); :func:`export`, :func:`import_` and
-:func:`supported` issue the commands. xenstored must run in dom0, where
-this service runs: the file is handed over by path.
+(:func:`decode`, :func:`encode`); :func:`export`, :func:`thaw`,
+:func:`import_` and :func:`supported` issue the commands. xenstored
+must run in dom0, where this service runs: the file is handed over by
+path.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ MAX_FILE = 16 * 1024 * 1024
 
 COMMAND_EXPORT = b"domain-export"
 COMMAND_IMPORT = b"domain-import"
+COMMAND_THAW = b"domain-thaw"
 
 
 class FormatError(base.HostError):
@@ -354,12 +361,22 @@ def _workdir() -> Iterator[Path]:
         yield Path(d)
 
 
-def export(host: XenHost, domid: int) -> DomainConnection:
-    """``domid``'s connection, read from xenstored."""
+def export(
+    host: XenHost, domid: int, *, freeze: bool = False
+) -> DomainConnection:
+    """``domid``'s connection, read from xenstored; ``freeze`` leaves it
+    frozen (the guest paused, its memory to be copied next): undone by
+    :func:`thaw`."""
     with _workdir() as d:
         path = d / f"domain-{domid}"
-        _control(host, COMMAND_EXPORT, str(domid), str(path))
+        args = ("-f",) if freeze else ()
+        _control(host, COMMAND_EXPORT, *args, str(domid), str(path))
         return decode(path.read_bytes())
+
+
+def thaw(host: XenHost, domid: int) -> None:
+    """xenstored serves ``domid``'s ring again (nothing if not frozen)."""
+    _control(host, COMMAND_THAW, str(domid))
 
 
 def import_(host: XenHost, domid: int, conn: DomainConnection) -> None:
@@ -377,10 +394,12 @@ def import_(host: XenHost, domid: int, conn: DomainConnection) -> None:
 
 def supported(host: XenHost) -> bool:
     """Whether the running xenstored has the patch's commands: asked by
-    exporting dom0's own connection and decoding it. Stock xenstored
-    answers EINVAL (an unknown control command)."""
+    exporting dom0's own connection (not frozen) and decoding it, then
+    thawing it (nothing to undo: the command's answer is the question).
+    Stock xenstored answers EINVAL (an unknown control command)."""
     try:
         export(host, 0)
+        thaw(host, 0)
     except libs.XenCallError as exc:
         if exc.errno in (errnos.EINVAL, errnos.ENOSYS):
             return False

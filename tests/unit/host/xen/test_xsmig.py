@@ -149,6 +149,8 @@ class FakeXenstored:
         self.err = err
         self.calls: list[tuple[bytes, list[bytes]]] = []
         self.imported: bytes | None = None
+        # The domids whose ring the daemon no longer serves.
+        self.frozen: set[int] = set()
 
     def xs_control_command(self, xsh, cmd, data, length):  # noqa: ANN001
         args = data[:length].split(b"\0")[:-1]
@@ -157,7 +159,13 @@ class FakeXenstored:
             ctypes.set_errno(self.err)
             return None
         if cmd == b"domain-export":
-            Path(args[1].decode()).write_bytes(DAEMON_FILE)
+            freeze = args[0] == b"-f"
+            domid, path = args[1:] if freeze else args
+            Path(path.decode()).write_bytes(DAEMON_FILE)
+            if freeze:
+                self.frozen.add(int(domid))
+        elif cmd == b"domain-thaw":
+            self.frozen.discard(int(args[0]))
         else:
             self.imported = Path(args[1].decode()).read_bytes()
         return 1
@@ -189,7 +197,40 @@ def test_stock_xenstored_is_detected_by_its_answer(xenstored) -> None:
 
 
 def test_patched_xenstored_is_detected_by_its_answer(xenstored) -> None:
-    assert xsmig.supported(xenstored(patched=True).host) is True
+    x = xenstored(patched=True)
+    assert xsmig.supported(x.host) is True
+    # dom0's own ring (its kernel's xenbus) is never left frozen.
+    assert x.fake.frozen == set()
+    assert [c for c, _ in x.fake.calls] == [b"domain-export", b"domain-thaw"]
+
+
+def test_the_pv_export_freezes_the_guests_connection(xenstored) -> None:
+    # The paused guest's ring is left alone from the export on: the
+    # memory copied next agrees with the file.
+    x = xenstored(patched=True)
+    host = types.SimpleNamespace(
+        **vars(x.host), _xs_read=lambda path: None, _param=lambda d, i: 0
+    )
+    state = pvctx._export_xenstore(host, 7)
+    assert x.fake.frozen == {7}
+    assert [w.path for w in state.watches] == ["data/x", "@releaseDomain"]
+
+
+def test_a_rollback_serves_the_frozen_connection_again(
+    xenstored, monkeypatch
+) -> None:
+    from nova_xen_ncm.host.xen import host as host_mod
+
+    x = xenstored(patched=True)
+    xsmig.export(x.host, 7, freeze=True)
+    assert x.fake.frozen == {7}
+    xen = host_mod.XenHost.__new__(host_mod.XenHost)
+    xen._xs_migrates = True
+    monkeypatch.setattr(xen, "_backends", lambda domid: [], raising=False)
+    monkeypatch.setattr(xen, "_xs", x.host._xs, raising=False)
+    monkeypatch.setattr(xen, "_libc", x.host._libc, raising=False)
+    xen.resume_backends(7)
+    assert x.fake.frozen == set()
 
 
 def test_another_failure_is_not_taken_for_stock(xenstored) -> None:
