@@ -366,7 +366,8 @@ def import_(
     (a deadline that passed during the downtime fires at once, into a
     bound VIRQ_TIMER and over the guest's own bits, not lost), then the
     xenstore nodes, then the xenstore connection (after the nodes: their
-    writes fire none of the guest's watches)."""
+    writes fire none of the guest's watches); xenstored serves the
+    guest's ring only after that."""
     call = "import_pv_state"
     if state.backends:
         raise _unsupported(domid, "PV devices cannot be imported yet", call)
@@ -382,6 +383,13 @@ def import_(
     si = state.shared_info
     if si.gfn is None:
         raise _unsupported(domid, "no shared_info GFN", call)
+    # The ring came back with the memory, holding what the guest left
+    # unread in it (the source froze its connection): not served before
+    # the nodes and the connection are back, else answered without them.
+    # A failure destroys the domain: nothing to thaw then.
+    frozen = host.xenstored_migrates()
+    if frozen:
+        xsmig.freeze(host, domid)
     fn = _fn()
     raw = host._raw_info(domid, call)
     if int(raw.shared_info_frame) != si.gfn:
@@ -433,6 +441,8 @@ def import_(
             ctx.set_vcpu_state(domid, vs)
     _import_xenstore(host, domid, state.xenstore)
     _import_xenstore_connection(host, domid, state.xenstore)
+    if frozen:
+        xsmig.thaw(host, domid)
 
 
 def _import_grant_table(

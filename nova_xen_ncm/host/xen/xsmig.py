@@ -21,10 +21,10 @@ adds two control commands (XS_CONTROL, dom0 only):
   EAGAIN), the data queued as it was. All or nothing.
 
 The file layout is decoded and encoded here without I/O
-(:func:`decode`, :func:`encode`); :func:`export`, :func:`thaw`,
-:func:`import_` and :func:`supported` issue the commands. xenstored
-must run in dom0, where this service runs: the file is handed over by
-path.
+(:func:`decode`, :func:`encode`); :func:`export`, :func:`freeze`,
+:func:`thaw`, :func:`import_` and :func:`supported` issue the commands.
+xenstored must run in dom0, where this service runs: the file is handed
+over by path.
 """
 
 from __future__ import annotations
@@ -372,6 +372,13 @@ def export(
         args = ("-f",) if freeze else ()
         _control(host, COMMAND_EXPORT, *args, str(domid), str(path))
         return decode(path.read_bytes())
+
+
+def freeze(host: XenHost, domid: int) -> None:
+    """xenstored leaves ``domid``'s ring alone until :func:`thaw` (a
+    destination's, until its connection is imported): an export with
+    ``-f`` whose file is not needed."""
+    export(host, domid, freeze=True)
 
 
 def thaw(host: XenHost, domid: int) -> None:
