@@ -250,7 +250,9 @@ def _to_records(state: base.PvState, domain_uuid: str) -> PvRecords:
             domid=domid,
             target_domid=ncm.DOMID_INVALID,
             evtchn=state.xenstore.store_port,
+            in_data=state.xenstore.pending_input,
             out_data=state.xenstore.pending_output,
+            out_resp_len=state.xenstore.pending_resp_len,
         ),
         xs_watches=tuple(
             ncm.XsWatch(
@@ -603,6 +605,8 @@ def _to_pv_state(
             ),
             transactions=txs,
             pending_output=bytes(conn.out_data),
+            pending_resp_len=conn.out_resp_len,
+            pending_input=bytes(conn.in_data),
             store_port=conn.evtchn,
             store_gfn=int(hvm_params[HVM_PARAM_STORE_PFN]),
         ),

@@ -347,6 +347,12 @@ class XenstoreState:
     #: XS_WATCH_EVENT messages; a message partly written comes first, by
     #: its remaining octets.
     pending_output: bytes = b""
+    #: How many octets at the start of ``pending_output`` are the rest of
+    #: a partly written response (CONNECTION_DATA ``out-resp-len``).
+    pending_resp_len: int = 0
+    #: Requests xenstored read from the ring and had not processed, the
+    #: last possibly partly read (CONNECTION_DATA ``in-data``).
+    pending_input: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True)

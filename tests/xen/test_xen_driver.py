@@ -44,8 +44,10 @@ import json
 from nova_xen_ncm.conf import CONF
 CONF([], project="nova-xen-ncm")
 from nova_xen_ncm.host import factory
-caps = factory.load_host_driver("xen", "rig", CONF).capabilities()
+host = factory.load_host_driver("xen", "rig", CONF)
+caps = host.capabilities()
 print(json.dumps({"hypervisor": caps.hypervisor,
+                  "xenstored_migration": host.xenstored_migrates(),
                   "restore": {k.value: v for k, v in caps.restore.items()},
                   "missing_pv": {k.value: v
                                  for k, v in caps.missing(True).items()},
@@ -213,6 +215,9 @@ def test_capability_probe_refuses_pv_drivers(xen_rig: XenRig) -> None:
     for item in ("memory", "platform", "hvm_params", "domid"):
         assert caps["restore"][item] is None, caps
     assert "VIRQ/IPI" in caps["missing_pv"]["event_channels"], caps
+    # Debian's xenstored, asked, has no domain-export: watches refused.
+    assert caps["xenstored_migration"] is False, caps
+    assert "watches" in caps["missing_pv"]["xenstore"], caps
     assert set(caps["missing_pv"]) == {
         "xenstore",
         "event_channels",

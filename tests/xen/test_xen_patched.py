@@ -241,6 +241,7 @@ PROBE = (
 caps = host.capabilities()
 print(json.dumps({"supported": ctx.supported(),
                   "vcpu_supported": ctx.vcpu_supported(),
+                  "xenstored_migration": host.xenstored_migrates(),
                   "missing_pv": {k.value: v
                                  for k, v in caps.missing(True).items()},
                   "missing_plain": {k.value: v
@@ -266,9 +267,11 @@ def test_probe_asks_the_patched_hypervisor(patched_xen_rig: XenRig) -> None:
     assert caps["supported"] is True, caps
     assert caps["vcpu_supported"] is True, caps
     # Carried now: event channels, shared info with the vCPUs' state,
-    # the grant table. Still refused, and why: xenstored and backends.
-    assert set(caps["missing_pv"]) == {"xenstore", "pv_devices"}, caps
-    assert "watches" in caps["missing_pv"]["xenstore"], caps
+    # the grant table, and with the rig's patched xenstored (which
+    # answered domain-export) the xenstore connection. Still refused,
+    # and why: the backends.
+    assert caps["xenstored_migration"] is True, caps
+    assert set(caps["missing_pv"]) == {"pv_devices"}, caps
     assert caps["missing_plain"] == {}, caps
 
 
@@ -456,6 +459,7 @@ print(json.dumps({
     "vm_assist": pv.vm_assist,
     "grant_frames": list(pv.grant_table.frame_gfns),
     "xs_nodes": [n.path for n in pv.xenstore.nodes],
+    "xs_watches": [[w.path, w.token] for w in pv.xenstore.watches],
     "shared_info_gfn": pv.shared_info.gfn,
     "pages": len(snap.pfns),
     "rounds": list(snap.rounds), "paused_pages": snap.paused_pages,
@@ -494,6 +498,52 @@ def _cycle(rig: XenRig, mode: str) -> dict:
     return moved
 
 
+# dom0 writes the node the guest's own watch is on (data/ncm-watch) once
+# the guest had {before} events; waits for event {want}, and 5 s more
+# for a second one that must not come.
+FIRE_WATCH = """\
+log=/var/log/xen/console/guest-ncm-linux.log
+events() {{ grep -c '^NCM watch n=' "$log" 2>/dev/null || true; }}
+n=$(events)
+if [ "$n" -ne {before} ]; then
+    echo "$n watch events before the write, not {before}" >&2
+    grep '^NCM watch' "$log" >&2
+    exit 1
+fi
+xenstore-write /local/domain/{domid}/data/ncm-watch {value}
+deadline=$((SECONDS + 120))
+while [ "$(events)" -lt {want} ]; do
+    if [ $SECONDS -ge $deadline ]; then
+        echo "no watch event {want} after 120s" >&2
+        grep '^NCM watch' "$log" >&2
+        exit 1
+    fi
+    sleep 1
+done
+sleep 5
+"""
+
+
+def _watch_fires_once(rig: XenRig, domid: int, before: int) -> None:
+    """The guest's watch, carried by the patched xenstored: no event
+    arrived during the restore, and one write gives exactly one."""
+    fired = rig.run(
+        FIRE_WATCH.format(
+            domid=domid, before=before, want=before + 1, value=before
+        ),
+        timeout=180,
+    )
+    assert fired.returncode == 0, _out(fired)
+
+
+def _watch_events(log: str) -> list[dict[str, str]]:
+    return [
+        dict(w.split("=", 1) for w in line.split()[2:])
+        for line in log.splitlines()
+        if line.startswith("NCM watch n=")
+    ]
+
+
 def test_linux_guest_carries_on_after_restore_in_place(
     patched_xen_rig: XenRig,
 ) -> None:
@@ -515,7 +565,11 @@ def test_linux_guest_carries_on_after_restore_in_place(
         assert booted.returncode == 0, _out(booted)
         print(f"guest boot to 4 ticks: {time.monotonic() - started:.0f}s")
         moved = _cycle(patched_xen_rig, "paused")
+        # The event a new watch fires came at boot; dom0's write after
+        # each restore gives one more, none came with the restore.
+        _watch_fires_once(patched_xen_rig, moved["domid"], 1)
         live = _cycle(patched_xen_rig, "live")
+        _watch_fires_once(patched_xen_rig, live["domid"], 2)
     finally:
         log = patched_xen_rig.run(f"cat {log_path}").stdout
         patched_xen_rig.run("xl destroy ncm-linux 2>/dev/null; true")
@@ -567,3 +621,18 @@ def test_linux_guest_carries_on_after_restore_in_place(
     assert moved["shared_info_gfn"] is not None, moved
     assert moved["grant_frames"], moved
     assert f"/local/domain/{moved['domid']}/name" in moved["xs_nodes"]
+    # The guest's watch went with its xenstore connection (the patched
+    # xenstored's domain-export and domain-import), with the kernel's
+    # own; Linux registers a program's watch under a token of its own
+    # and gives the program its token back with each event.
+    for cycle in (moved, live):
+        paths = [path for path, _ in cycle["xs_watches"]]
+        assert "data/ncm-watch" in paths, cycle["xs_watches"]
+        assert "control/shutdown" in paths, cycle["xs_watches"]
+    # Its events, each once: the registration's, then one per write.
+    events = _watch_events(log)
+    assert [e["n"] for e in events] == ["1", "2", "3"], events
+    assert {(e["path"], e["token"]) for e in events} == {
+        ("data/ncm-watch", "ncm-watch")
+    }, events
+    assert "NCM watch registered" in log and "NCM watch verdict" not in log

@@ -5,13 +5,15 @@ Subcommands:
 
   build            build Xen, the dom0 kernel, initramfs and root image
                    from Debian packages (cached outside the repository)
-  build-xen        build the hypervisor from Debian's source package of
-                   Xen with this repository's patch series (xen/patches)
+  build-xen        build the hypervisor and xenstored from Debian's source
+                   package of Xen with this repository's patch series
+                   (xen/patches)
   build-guest      build the Linux guest's initramfs (busybox and the
                    self-checking workload of tools/xen-rig/guest)
   boot             boot Xen under QEMU (builds first when needed) and wait
                    until dom0 accepts commands; XEN_RIG_XEN=patched boots
-                   the patched hypervisor instead of Debian's
+                   the patched hypervisor and runs the patched xenstored
+                   instead of Debian's
   run CMD...       run a shell command in dom0; its stdout, stderr and
                    exit status become this command's (125 means the rig
                    itself failed)
@@ -122,7 +124,40 @@ DOM0_ARGS = (
 # hypervisor configuration (debian/xen-kconfig: upstream defaults, no
 # debug).
 XEN_SOURCE_PACKAGE = "xen"
-XEN_BUILD_FORMAT = 1
+XEN_BUILD_FORMAT = 2
+# What the patched xenstored is built with: Debian's configure options
+# (debian/rules) less what the rig never runs; then tools/include, the
+# libraries xenstored links and xenstored alone. dom0 runs it against
+# Debian's libraries of the same 4.17 series (same sonames).
+XEN_TOOLS_CONFIGURE = (
+    "--prefix=/usr",
+    "--sysconfdir=/etc",
+    "--localstatedir=/var",
+    "--disable-stubdom",
+    "--disable-docs",
+    "--disable-qemu-traditional",
+    "--disable-rombios",
+    "--disable-ocamltools",
+    "--disable-golang",
+    "--with-system-qemu=/usr/libexec/xen-qemu-system-i386",
+    "--with-system-seabios=/usr/share/seabios/bios-256k.bin",
+)
+XENSTORED_LIBS = (
+    "toolcore", "toollog", "evtchn", "gnttab", "call", "foreignmemory",
+    "devicemodel", "ctrl",
+)  # fmt: skip
+# Build tools the patched xenstored needs beyond the hypervisor's, and
+# the package naming each.
+XEN_TOOLS_NEEDS = {
+    "autoconf": "autoconf",
+    "autoheader": "autoconf",
+    "iasl": "acpica-tools",
+    "/usr/share/misc/config.guess": "autotools-dev",
+    "/usr/include/yajl/yajl_version.h": "libyajl-dev",
+    "/usr/include/uuid/uuid.h": "uuid-dev",
+    "/usr/include/ncurses.h": "libncurses-dev",
+    "/usr/include/zlib.h": "zlib1g-dev",
+}
 XEN_FLAVOURS = ("stock", "patched")
 
 BOOT_TIMEOUT = int(os.environ.get("XEN_RIG_BOOT_TIMEOUT", "900"))
@@ -581,18 +616,72 @@ def apt_source(mirror: str, dest: Path, logfile: Path) -> Path:
     return trees[0]
 
 
+def check_tools_needs() -> None:
+    missing = sorted(
+        {
+            pkg
+            for need, pkg in XEN_TOOLS_NEEDS.items()
+            if not (
+                Path(need).is_file()
+                if need.startswith("/")
+                else shutil.which(need)
+            )
+        }
+    )
+    if missing:
+        raise RigError(
+            "building the patched xenstored needs "
+            + ", ".join(missing)
+            + " (apt-get install "
+            + " ".join(missing)
+            + " python3-dev pkg-config)"
+        )
+
+
+def build_xenstored(tree: Path, logfile: Path) -> Path:
+    """Configure the tools of the patched ``tree`` as Debian does (less
+    what the rig never runs) and build xenstored with the libraries it
+    links; returns the binary."""
+    for script in ("config.guess", "config.sub"):
+        shutil.copyfile(f"/usr/share/misc/{script}", tree / script)
+    # Debian's source package carries no configure output.
+    with contextlib.chdir(tree):
+        sh(["autoconf", "-f"], logfile=logfile)
+    with contextlib.chdir(tree / "tools"):
+        sh(["autoconf", "-f"], logfile=logfile)
+        sh(["autoheader"], logfile=logfile)
+    env = [
+        "env", "--unset=CFLAGS", "--unset=CXXFLAGS", "--unset=CPPFLAGS",
+        "--unset=LDFLAGS", "WGET=/bin/false", "GIT=/bin/false",
+    ]  # fmt: skip
+    with contextlib.chdir(tree):
+        sh(env + ["./configure", *XEN_TOOLS_CONFIGURE], logfile=logfile)
+    make = env + ["make", f"-j{os.cpu_count() or 1}", "-C"]
+    sh(make + [str(tree / "tools/include")], logfile=logfile)
+    for lib in XENSTORED_LIBS:
+        sh(make + [str(tree / "tools/libs" / lib)], logfile=logfile)
+    sh(make + [str(tree / "tools/xenstore"), "xenstored"], logfile=logfile)
+    return tree / "tools/xenstore/xenstored"
+
+
 def build_xen(force: bool = False) -> Path:
-    """Build the hypervisor alone from Debian's source package with the
-    patch series applied; returns the directory holding ``xen.gz``."""
+    """Build the hypervisor and xenstored from Debian's source package
+    with the patch series applied; returns the directory holding
+    ``xen.gz`` and ``xenstored``."""
     for tool in ("apt-get", "dpkg-source", "patch", "make", "gcc"):
         if shutil.which(tool) is None:
             raise RigError(
                 f"{tool} not found (apt-get install dpkg-dev patch "
                 "build-essential bison flex python3)"
             )
+    check_tools_needs()
     mirror = debian_mirror(apt_sources())
     out = patched_xen_dir(mirror)
-    if (out / "xen.gz").is_file() and not force:
+    if (
+        (out / "xen.gz").is_file()
+        and (out / "xenstored").is_file()
+        and not force
+    ):
         log(f"up to date: {out}")
         return out
     started = time.monotonic()
@@ -619,11 +708,15 @@ def build_xen(force: bool = False) -> Path:
     # The default target: the hypervisor alone, xen/xen.gz among it.
     sh(make + [f"-j{os.cpu_count() or 1}"], logfile=logfile)
     built = time.monotonic()
+    xenstored = build_xenstored(tree, logfile)
+    tools_built = time.monotonic()
     version = tree.name.removeprefix(f"{XEN_SOURCE_PACKAGE}-")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copyfile(tree / "xen/xen.gz", tmp / "xen.gz")
+    shutil.copyfile(xenstored, tmp / "xenstored")
+    (tmp / "xenstored").chmod(0o755)
     (tmp / "build.json").write_text(
         json.dumps(
             {
@@ -633,6 +726,7 @@ def build_xen(force: bool = False) -> Path:
                 "series": [p.name for p in patch_series()],
                 "fetch_seconds": round(fetched - started),
                 "make_seconds": round(built - fetched),
+                "xenstored_seconds": round(tools_built - built),
                 "cpus": os.cpu_count(),
             },
             indent=2,
@@ -647,8 +741,10 @@ def build_xen(force: bool = False) -> Path:
         if old != out:
             shutil.rmtree(old, ignore_errors=True)
     log(
-        f"built {out / 'xen.gz'} in {time.monotonic() - started:.0f}s "
-        f"(make {built - fetched:.0f}s)"
+        f"built {out / 'xen.gz'} and xenstored in "
+        f"{time.monotonic() - started:.0f}s (hypervisor make "
+        f"{built - fetched:.0f}s, xenstored configure and make "
+        f"{tools_built - built:.0f}s)"
     )
     return out
 
@@ -836,6 +932,13 @@ def boot() -> None:
     state.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(share_dir(), ignore_errors=True)
     (share_dir() / "jobs").mkdir(parents=True)
+    if xen_flavour() == "patched":
+        # dom0-init starts it in place of Debian's, before any other
+        # daemon uses xenstore.
+        shutil.copyfile(
+            hypervisor.parent / "xenstored", share_dir() / "xenstored"
+        )
+        (share_dir() / "xenstored").chmod(0o755)
     (share_dir() / "project-version").write_text(project_version() + "\n")
     bootlog = state / "boot.log"
     bootlog.unlink(missing_ok=True)

@@ -47,6 +47,7 @@ from nova_xen_ncm.host.xen import probe
 from nova_xen_ncm.host.xen import pvctx
 from nova_xen_ncm.host.xen import qmp
 from nova_xen_ncm.host.xen import xl as xl_mod
+from nova_xen_ncm.host.xen import xsmig
 
 LOG = logging.getLogger(__name__)
 
@@ -220,6 +221,8 @@ class XenHost(base.HostDriver):
         self._xsh: int | None = None
         self._ctx: context.DomainContext | None = None
         self._caps: base.Capabilities | None = None
+        # Whether xenstored has domain-export (xsmig), asked once.
+        self._xs_migrates: bool | None = None
         # domid -> bool array of the pfns populated in a restoring domain.
         self._populated: dict[int, np.ndarray] = {}
         # domid -> ((tot_pages, max gpfn), populated pfns).
@@ -373,7 +376,16 @@ class XenHost(base.HostDriver):
             physcaps=phys.capabilities,
             ncm_evtchn=ncm_evtchn,
             ncm_vcpu=ncm_vcpu,
+            xenstored_migration=self.xenstored_migrates(),
         )
+
+    def xenstored_migrates(self) -> bool:
+        """Whether this host's xenstored exports and imports a domain's
+        connection (the patched one's ``domain-export``, :mod:`.xsmig`):
+        asked of it once, by calling the command."""
+        if self._xs_migrates is None:
+            self._xs_migrates = xsmig.supported(self)
+        return self._xs_migrates
 
     # -- lifecycle --
 
@@ -1108,8 +1120,18 @@ class XenHost(base.HostDriver):
             raise self._refuse_pv("quiesce_backends")
 
     def resume_backends(self, domid: int) -> None:
+        # The xenstore connection the PV export froze is served again
+        # first (a no-op if it was not frozen).
+        self.thaw_xenstore(domid)
         if self._backends(domid):
             raise self._refuse_pv("resume_backends")
+
+    def thaw_xenstore(self, domid: int) -> None:
+        """Undo the freeze of ``domid``'s xenstore connection that
+        :meth:`export_pv_state` leaves (the patched xenstored's; nothing
+        with stock xenstored, which never froze it)."""
+        if self.xenstored_migrates():
+            xsmig.thaw(self, domid)
 
     def domain_context(self) -> context.DomainContext:
         """The patched hypervisor's domctls (:mod:`.context`), or

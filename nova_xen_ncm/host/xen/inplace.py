@@ -7,16 +7,17 @@ drivers; its PV state is read and put back by the host driver's
 :meth:`~.XenHost.export_pv_state` and :meth:`~.XenHost.import_pv_state`,
 the calls the engine's save, migrate and receive make (:mod:`.pvctx`):
 event channels, shared_info, vcpu_info placement, per-vCPU upcall
-vector, timers and runstate and time areas, the grant table (v1) and the
-guest's xenstore nodes.
+vector, timers and runstate and time areas, the grant table (v1), the
+guest's xenstore nodes and, with the patched xenstored, its xenstore
+connection: watches with their tokens, open transactions (whose commit
+then answers EAGAIN) and the data xenstored had not processed or written.
 
-What it does not carry, and a guest using it would miss: xenstore watches
-and open transactions (xenstored tells no one a domain's, and forgets
-them with the old domain), FIFO event channels and grant table v2
-(refused by the export) and PV devices' backends (refused: the guest must
-have none). The engine refuses PV-driver guests at SETUP for the first
-of these (the probe says why); this restore keeps host and domid and
-accepts it knowingly.
+What it does not carry: with stock xenstored, the xenstore connection
+(xenstored tells no one a domain's, and forgets it with the old domain;
+this restore keeps host and domid and accepts that loss knowingly, the
+engine refuses such guests at SETUP); FIFO event channels and grant
+table v2 (refused by the export) and PV devices' backends (refused: the
+guest must have none).
 
 ``save(..., live=True)`` copies the memory while the guest runs (Xen's
 log-dirty mode, rounds until few pages are dirtied) and pauses it only
@@ -58,7 +59,7 @@ IMAGE_DIR = Path("/var/lib/nova-xen-ncm/inplace")
 # Creating the domain again: a failure after the destroy is retried from
 # the image (the guest exists nowhere else).
 RESTORE_ATTEMPTS = 3
-_IMAGE_FORMAT = 2
+_IMAGE_FORMAT = 3
 
 LOG = logging.getLogger(__name__)
 
@@ -131,7 +132,10 @@ def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
         snap.rounds = tuple(rounds)
         return snap
     except BaseException:
-        # Nothing was destroyed: the guest carries on where it was.
+        # Nothing was destroyed: the guest carries on where it was, its
+        # xenstore connection (frozen by the export) served again.
+        with contextlib.suppress(base.HostError):
+            host.thaw_xenstore(domid)
         if paused_here:
             with contextlib.suppress(base.HostError):
                 host.unpause(domid)
@@ -275,12 +279,17 @@ def _hex(data: bytes) -> str:
 
 def pv_to_json(pv: base.PvState) -> dict[str, Any]:
     """``pv`` as JSON values: what the Xen host exports and no more (no
-    open transactions, no backends, no FIFO control blocks)."""
+    transaction's writes, no backends, no FIFO control blocks)."""
     xs = pv.xenstore
-    if xs.transactions or pv.backends or pv.event_channels.fifo_control_blocks:
+    if (
+        any(t.writes for t in xs.transactions)
+        or pv.backends
+        or pv.event_channels.fifo_control_blocks
+    ):
         raise InPlaceError(
-            f"domain {pv.domid}: open xenstore transactions, PV devices or "
-            "FIFO control blocks cannot be written to an in-place image",
+            f"domain {pv.domid}: writes of open xenstore transactions, PV "
+            "devices or FIFO control blocks cannot be written to an "
+            "in-place image",
             call="inplace.write_image",
         )
     gt, si = pv.grant_table, pv.shared_info
@@ -310,9 +319,12 @@ def pv_to_json(pv: base.PvState) -> dict[str, Any]:
                 for n in xs.nodes
             ],
             "watches": [[w.path, w.token, w.depth] for w in xs.watches],
+            "transactions": [t.tx_id for t in xs.transactions],
             "store_port": xs.store_port,
             "store_gfn": xs.store_gfn,
             "pending_output": _hex(xs.pending_output),
+            "pending_resp_len": xs.pending_resp_len,
+            "pending_input": _hex(xs.pending_input),
         },
         "vcpus": [dataclasses.asdict(v) for v in pv.vcpus],
         "vm_assist": pv.vm_assist,
@@ -354,10 +366,15 @@ def pv_from_json(d: dict[str, Any]) -> base.PvState:
                 for path, value, perms in xs["nodes"]
             ),
             watches=tuple(base.XenstoreWatch(*w) for w in xs["watches"]),
-            transactions=(),
+            transactions=tuple(
+                base.XenstoreTransaction(tx_id=t, base_generation=0)
+                for t in xs["transactions"]
+            ),
             store_port=xs["store_port"],
             store_gfn=xs["store_gfn"],
             pending_output=bytes.fromhex(xs["pending_output"]),
+            pending_resp_len=xs["pending_resp_len"],
+            pending_input=bytes.fromhex(xs["pending_input"]),
         ),
         backends=(),
         vcpus=tuple(base.VcpuPvState(**v) for v in d["vcpus"]),

@@ -517,6 +517,13 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "char **",
         ("xs_handle *", "xs_transaction_t", "char *", "unsigned int *"),
     ),
+    # XS_CONTROL: the command, its NUL-separated arguments; the reply
+    # is freed by the caller (xsmig binds it returning the pointer).
+    "xs_control_command": (
+        "xenstore",
+        "char *",
+        ("xs_handle *", "char *", "void *", "unsigned int"),
+    ),
     # Freed by the caller.
     "xs_get_permissions": (
         "xenstore",

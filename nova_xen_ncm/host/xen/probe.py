@@ -17,8 +17,11 @@ the experimental ``XEN_DOMCTL_ncm_evtchn`` and ``XEN_DOMCTL_ncm_vcpu``.
 Whether the running Xen has them is asked of Xen itself (:mod:`.context`),
 never looked up by version. With both, event channels (2-level), shared
 info with each vCPU's registrations and timers, and the grant table (v1)
-are carried; xenstore watches and PV devices are not, so a guest with PV
-drivers is still refused, naming them.
+are carried. The series' xenstored (``domain-export`` and
+``domain-import``, :mod:`.xsmig`) carries a domain's watches, open
+transactions and pending data; whether this host's xenstored has them is
+asked of it by calling the command. PV devices are not carried yet, so
+a guest with PV devices is still refused, naming them.
 """
 
 from __future__ import annotations
@@ -89,10 +92,11 @@ PATCHED_VCPU_LIMIT = (
 # With both domctls, what is still missing (FIFO event channels and
 # grant table v2 are optional features, refused from GuestFeature).
 PATCHED_XENSTORE_LIMIT = (
-    "xenstored tells no toolstack a domain's watches or open "
-    "transactions, nor takes them for another domain (no domain context "
-    "records in released xenstored): a guest's xenbus would wait forever "
-    "on a watch the destination never fires"
+    "this host's xenstored tells no toolstack a domain's watches or open "
+    "transactions, nor takes them for another domain (it does not answer "
+    "the domain-export control command of xen/patches' xenstored): a "
+    "guest's xenbus would wait forever on a watch the destination never "
+    "fires"
 )
 PATCHED_PV_DEVICES_LIMIT = (
     "PV devices' backends are not carried yet: netback and blkback would "
@@ -112,6 +116,8 @@ class HypervisorFacts:
     ncm_evtchn: bool = False
     # XEN_DOMCTL_ncm_vcpu answered, asked on its own.
     ncm_vcpu: bool = False
+    # xenstored answered domain-export (the patched xenstored).
+    xenstored_migration: bool = False
 
     @property
     def version(self) -> str:
@@ -146,7 +152,9 @@ def restore_items(facts: HypervisorFacts) -> dict[Item, str | None]:
         out[Item.EVENT_CHANNELS] = None
         out[Item.SHARED_INFO] = None
         out[Item.GRANT_TABLE] = None
-        out[Item.XENSTORE] = PATCHED_XENSTORE_LIMIT
+        out[Item.XENSTORE] = (
+            None if facts.xenstored_migration else PATCHED_XENSTORE_LIMIT
+        )
         out[Item.PV_DEVICES] = PATCHED_PV_DEVICES_LIMIT
     elif facts.ncm_evtchn:
         out[Item.EVENT_CHANNELS] = PATCHED_EVTCHN_LIMIT

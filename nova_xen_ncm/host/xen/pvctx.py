@@ -17,12 +17,14 @@ What comes from where:
   from dom0) and content (mapped at those GFNs); put back with
   XENMEM_add_to_physmap (XENMAPSPACE_grant_table);
 - xenstore: the guest's tree with permissions, the store ring's port and
-  GFN. xenstored does not tell anyone a domain's watches or open
-  transactions: they are exported as none, which is why the capability
-  probe still reports xenstore as not restorable
-  (:data:`.probe.PATCHED_XENSTORE_LIMIT`) and the engine refuses
-  PV-driver guests at SETUP; the in-place restore, which keeps the domid
-  and the host, accepts that loss knowingly.
+  GFN; its connection (watches with their tokens, open transactions, the
+  data xenstored had not yet processed or written) from the patched
+  xenstored's ``domain-export`` and, at the destination, its
+  ``domain-import`` (:mod:`.xsmig`), once the nodes are written (so that
+  writing them fires none of the guest's watches) and the memory with
+  the ring's indices is back. Stock xenstored tells no one a domain's
+  connection: it is exported as none, and the capability probe reports
+  xenstore as not restorable (:data:`.probe.PATCHED_XENSTORE_LIMIT`).
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ import errno as errnos
 from typing import TYPE_CHECKING
 
 import numpy as np
+from oslo_log import log as logging
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.xen import context as ctx_mod
 from nova_xen_ncm.host.xen import libs
+from nova_xen_ncm.host.xen import xsmig
 
 if TYPE_CHECKING:
     from nova_xen_ncm.host.xen.host import XenHost
+
+LOG = logging.getLogger(__name__)
 
 PAGE_SIZE = base.PAGE_SIZE
 # xen/hvm/params.h
@@ -309,12 +315,35 @@ def _export_xenstore(host: XenHost, domid: int) -> base.XenstoreState:
         todo += [f"{path}/{c}" for c in reversed(_xs_directory(host, path))]
     # Parents before children, as the stream wants them.
     nodes.sort(key=lambda n: n.path.count("/"))
+    # Frozen from here (the guest is paused): the memory copied next
+    # agrees with it. Rollbacks thaw it (XenHost.resume_backends).
+    conn = (
+        xsmig.export(host, domid, freeze=True)
+        if host.xenstored_migrates()
+        else xsmig.DomainConnection(domid=domid, evtchn=0)
+    )
+    try:
+        watches = tuple(
+            base.XenstoreWatch(w.path, w.token.decode()) for w in conn.watches
+        )
+    except UnicodeDecodeError as exc:
+        raise _unsupported(
+            domid, f"a watch token is not UTF-8 ({exc})", "export_pv_state"
+        ) from exc
     return base.XenstoreState(
         nodes=tuple(nodes),
-        watches=(),
-        transactions=(),
+        watches=watches,
+        # What a transaction read and wrote stays behind: the destination
+        # makes its commit fail with EAGAIN.
+        transactions=tuple(
+            base.XenstoreTransaction(tx_id=t, base_generation=0)
+            for t in conn.transactions
+        ),
         store_port=host._param(domid, HVM_PARAM_STORE_EVTCHN),
         store_gfn=host._param(domid, HVM_PARAM_STORE_PFN),
+        pending_output=conn.out_data,
+        pending_resp_len=conn.out_resp_len,
+        pending_input=conn.in_data,
     )
 
 
@@ -336,7 +365,9 @@ def import_(
     pending and mask bits, over those the binds raised), then the timers
     (a deadline that passed during the downtime fires at once, into a
     bound VIRQ_TIMER and over the guest's own bits, not lost), then the
-    xenstore nodes."""
+    xenstore nodes, then the xenstore connection (after the nodes: their
+    writes fire none of the guest's watches); xenstored serves the
+    guest's ring only after that."""
     call = "import_pv_state"
     if state.backends:
         raise _unsupported(domid, "PV devices cannot be imported yet", call)
@@ -352,6 +383,13 @@ def import_(
     si = state.shared_info
     if si.gfn is None:
         raise _unsupported(domid, "no shared_info GFN", call)
+    # The ring came back with the memory, holding what the guest left
+    # unread in it (the source froze its connection): not served before
+    # the nodes and the connection are back, else answered without them.
+    # A failure destroys the domain: nothing to thaw then.
+    frozen = host.xenstored_migrates()
+    if frozen:
+        xsmig.freeze(host, domid)
     fn = _fn()
     raw = host._raw_info(domid, call)
     if int(raw.shared_info_frame) != si.gfn:
@@ -402,6 +440,9 @@ def import_(
         if vs.singleshot_deadline is not None or vs.periodic_period:
             ctx.set_vcpu_state(domid, vs)
     _import_xenstore(host, domid, state.xenstore)
+    _import_xenstore_connection(host, domid, state.xenstore)
+    if frozen:
+        xsmig.thaw(host, domid)
 
 
 def _import_grant_table(
@@ -525,6 +566,57 @@ def _import_xenstore(
             host._xs(), 0, node.path.encode(), perms, len(node.perms)
         ):
             libs.raise_for("xs_set_permissions", node.path)
+
+
+def _import_xenstore_connection(
+    host: XenHost, domid: int, xs: base.XenstoreState
+) -> None:
+    """The guest's watches, open transactions and pending data, given to
+    the patched xenstored for the connection libxl introduced."""
+    carried = (
+        xs.watches or xs.transactions or xs.pending_output or xs.pending_input
+    )
+    if not carried:
+        return
+    if not host.xenstored_migrates():
+        raise _unsupported(
+            domid,
+            f"{len(xs.watches)} xenstore watches, {len(xs.transactions)} "
+            "open transactions and pending data cannot be given to this "
+            "host's xenstored (no domain-import)",
+            "import_pv_state",
+        )
+    deep = [w.path for w in xs.watches if w.depth >= 0]
+    if deep:
+        raise _unsupported(
+            domid,
+            f"watches with a depth limit ({', '.join(deep)}): xenstored "
+            "4.17 has none",
+            "import_pv_state",
+        )
+    if any(t.writes for t in xs.transactions):
+        # Only this host's own records carry none; a stream's writes are
+        # dropped knowingly: the transaction's commit fails all the same.
+        LOG.info(
+            "Domain %d: the writes of open xenstore transactions are "
+            "dropped; their commits will answer EAGAIN",
+            domid,
+        )
+    xsmig.import_(
+        host,
+        domid,
+        xsmig.DomainConnection(
+            domid=domid,
+            evtchn=xs.store_port,
+            in_data=xs.pending_input,
+            out_data=xs.pending_output,
+            out_resp_len=xs.pending_resp_len,
+            watches=tuple(
+                xsmig.Watch(w.path, w.token.encode()) for w in xs.watches
+            ),
+            transactions=tuple(t.tx_id for t in xs.transactions),
+        ),
+    )
 
 
 def _fn():  # noqa: ANN202 - the host module's bound functions

@@ -23,6 +23,12 @@
  * kmsg      kernel log lines printed since the workload started, each
  *           also echoed as "NCM kmsg: ..."
  *
+ * A thread of its own registers a xenstore watch on data/ncm-watch (its
+ * own area) over a second /dev/xen/xenbus file and prints each event it
+ * receives, numbered, the first being the one a new watch fires:
+ *
+ *   NCM watch n=N path=/local/domain/D/data/ncm-watch token=ncm-watch
+ *
  * Anything else than ok prints verdict=FAIL with the reason.  The guest
  * never learns that it was saved or restored: nothing here cooperates.
  */
@@ -44,6 +50,8 @@
 #define DIRTY_PER_TICK 512
 #define MAX_CPUS 8
 #define XS_READ 2
+#define XS_WATCH 4
+#define XS_WATCH_EVENT 15
 #define XS_WRITE 11
 #define XS_ERROR 16
 
@@ -169,6 +177,59 @@ static int xs_call(uint32_t type, const char *a, const char *b, char *out,
 		out[l] = 0;
 	}
 	return 0;
+}
+
+static int read_all(int fd, char *buf, size_t len)
+{
+	size_t got = 0;
+	ssize_t n;
+
+	while (got < len) {
+		n = read(fd, buf + got, len - got);
+		if (n <= 0)
+			return -1;
+		got += n;
+	}
+	return 0;
+}
+
+/* The watch: registered once, its events counted as they arrive. */
+static void *watcher(void *arg)
+{
+	static const char req[] = "data/ncm-watch\0ncm-watch";
+	char buf[4096];
+	struct xsd_sockmsg *m = (struct xsd_sockmsg *)buf;
+	unsigned long events = 0;
+	int fd = open("/dev/xen/xenbus", O_RDWR);
+
+	(void)arg;
+	m->type = XS_WATCH;
+	m->req_id = 1;
+	m->tx_id = 0;
+	m->len = sizeof(req);
+	memcpy(buf + sizeof(*m), req, sizeof(req));
+	if (fd < 0 || write(fd, buf, sizeof(*m) + sizeof(req)) < 0) {
+		printf("NCM watch verdict=FAIL reason=register\n");
+		return NULL;
+	}
+	for (;;) {
+		if (read_all(fd, buf, sizeof(*m)) || m->len >= sizeof(buf) -
+		    sizeof(*m) || read_all(fd, buf + sizeof(*m), m->len)) {
+			printf("NCM watch verdict=FAIL reason=read\n");
+			return NULL;
+		}
+		buf[sizeof(*m) + m->len] = 0;
+		if (m->type == XS_WATCH_EVENT) {
+			char *path = buf + sizeof(*m);
+			printf("NCM watch n=%lu path=%s token=%s\n", ++events,
+			       path, path + strlen(path) + 1);
+		} else if (m->type == XS_WATCH) {
+			printf("NCM watch registered\n");
+		} else {
+			printf("NCM watch verdict=FAIL reason=type:%u\n",
+			       m->type);
+		}
+	}
 }
 
 /* -- threads -- */
@@ -304,7 +365,8 @@ int main(void)
 		lseek(kmsg_fd, 0, SEEK_END);
 	if (pipe(pp[0]) || pipe(pp[1]) ||
 	    pthread_create(&t, NULL, ponger, NULL) ||
-	    pthread_create(&t, NULL, spinner, NULL)) {
+	    pthread_create(&t, NULL, spinner, NULL) ||
+	    pthread_create(&t, NULL, watcher, NULL)) {
 		printf("NCM verdict=FAIL reason=threads\n");
 		return 1;
 	}

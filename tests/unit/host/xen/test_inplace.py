@@ -39,6 +39,7 @@ class FakeXen:
         self.params: dict[int, dict[int, int]] = {}
         self.reuses_domids = True
         self.export_fails = False
+        self.frozen: set[int] = set()
         self.check_fails = False
         self.checked: list[tuple[int, base.DomainState]] = []
         # The live guest: a write it makes between two host calls.
@@ -126,9 +127,15 @@ class FakeXen:
 
     def export_pv_state(self, domid: int) -> base.PvState:
         self.domain_info(domid)
+        # The patched xenstored's export leaves the connection frozen,
+        # also when a later part of the export fails.
+        self.frozen.add(domid)
         if self.export_fails:
             raise base.NotSupported("a 32-bit guest", call="export")
         return _pv_state()
+
+    def thaw_xenstore(self, domid: int) -> None:
+        self.frozen.discard(domid)
 
     def import_pv_state(self, domid: int, state: base.PvState) -> None:
         self.domains[domid]["pv"] = state
@@ -194,10 +201,14 @@ def _pv_state() -> base.PvState:
                     f"/local/domain/{DOMID}/data/x", b"1", (("b", DOMID),)
                 ),
             ),
-            watches=(),
-            transactions=(),
+            watches=(base.XenstoreWatch("data/x", "tok"),),
+            # The patched xenstored's connection: carried in the image.
+            transactions=(base.XenstoreTransaction(4, 0),),
             store_port=1,
             store_gfn=0xFEFFC,
+            pending_output=b"K\0" + bytes(16),
+            pending_resp_len=2,
+            pending_input=b"\x02\0",
         ),
         backends=(),
         vcpus=(
@@ -328,6 +339,8 @@ def test_save_refused_after_the_pause_unpauses_the_guest(
     with pytest.raises(base.NotSupported, match="32-bit"):
         inplace.save(xen, DOMID)
     assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
+    # And its xenstore ring is served again.
+    assert xen.frozen == set()
 
 
 @pytest.mark.parametrize("live", [False, True])

@@ -13,6 +13,7 @@ import pytest
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.xen import context as ctx_mod
 from nova_xen_ncm.host.xen import pvctx
+from nova_xen_ncm.host.xen import xsmig
 
 DOMID = 7
 
@@ -207,14 +208,29 @@ def test_a_toolstack_port_the_guest_moved_gets_its_vcpu_back() -> None:
     ]
 
 
+@pytest.mark.parametrize("patched_xenstored", [False, True])
 def test_timers_are_armed_after_their_ports_and_the_guests_bits(
-    monkeypatch,
+    monkeypatch, patched_xenstored: bool
 ) -> None:
     """A deadline that passed during the downtime fires at once: before
     VIRQ_TIMER is bound, or under the shared_info content written after
-    it, that event would be lost and a tickless vCPU would wait on it."""
+    it, that event would be lost and a tickless vCPU would wait on it.
+    With the patched xenstored, the guest's ring (restored with the
+    memory) is not served before its nodes and connection are back."""
     calls: list[tuple] = []
     gfn = 0xFEFFF
+    for name in ("freeze", "thaw"):
+        monkeypatch.setattr(
+            xsmig, name, lambda host, domid, name=name: calls.append((name,))
+        )
+    monkeypatch.setattr(
+        pvctx, "_import_xenstore", lambda *a: calls.append(("nodes",))
+    )
+    monkeypatch.setattr(
+        pvctx,
+        "_import_xenstore_connection",
+        lambda *a: calls.append(("connection",)),
+    )
 
     class Mapping:
         def __init__(self) -> None:
@@ -236,6 +252,9 @@ def test_timers_are_armed_after_their_ports_and_the_guests_bits(
 
         def _xs_read(self, path):
             return None
+
+        def xenstored_migrates(self):
+            return patched_xenstored
 
     ctx = FakeCtx()
     ctx.ports = []
@@ -270,7 +289,10 @@ def test_timers_are_armed_after_their_ports_and_the_guests_bits(
         ),
     )
     pvctx.import_(Host(), ctx, DOMID, state)
+    frozen = [("freeze",)] if patched_xenstored else []
+    thawed = [("thaw",)] if patched_xenstored else []
     assert calls == [
+        *frozen,
         # vcpu_info placed, no timer running...
         ("vcpu", 0, (0x1000, 0), None, 0),
         ("vcpu", 1, (0x1000, 64), None, 0),
@@ -279,4 +301,7 @@ def test_timers_are_armed_after_their_ports_and_the_guests_bits(
         ("shared_info content",),
         # ...then armed: the deadline passed, it fires into port 3.
         ("vcpu", 1, (0x1000, 64), 0, 10**7),
+        ("nodes",),
+        ("connection",),
+        *thawed,
     ]
