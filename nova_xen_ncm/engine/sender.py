@@ -481,10 +481,11 @@ class Sender:
             Phase.PRECOPY, Phase.STOP_AND_COPY, reason=decision.reason
         )
         if self._running:
+            asked = self.stats.clock()
             self.host.pause(self.domid)
             # Only what was paused here is unpaused on rollback.
             self._push("unpause", self._unpause, guest=True)
-            self.stats.paused()
+            self.stats.paused(at=asked)
         self.data.deadline = self._clock() + self.opts.downtime_budget
         if self.info.pv_drivers:
             self.host.quiesce_backends(self.domid)

@@ -357,6 +357,7 @@ class Toolstack:
             self.guests.launch(dom, self.workload(dom))
         with dom.mem_lock():
             dom.update_time()
+            dom.mem.release_tracking()
         regs = dom.request(
             {
                 "cmd": "start",
