@@ -481,6 +481,9 @@ class Sender:
             Phase.PRECOPY, Phase.STOP_AND_COPY, reason=decision.reason
         )
         if self._running:
+            # What the host keeps of the digest is brought up to date
+            # while the guest runs: at the pause only its last writes.
+            self.host.settle_digest(self.domid)
             asked = self.stats.clock()
             self.host.pause(self.domid)
             # Only what was paused here is unpaused on rollback.

@@ -805,6 +805,13 @@ class HostDriver(abc.ABC):
     @abc.abstractmethod
     def disable_log_dirty(self, domid: int) -> None: ...
 
+    def settle_digest(self, domid: int) -> None:
+        """Bring what the host keeps of the guest's memory digest up to
+        date while the guest still runs, just before a migration pauses
+        it, so that the digest taken while it is paused reads only the
+        pages written since. A host that keeps nothing does nothing."""
+        return None
+
     @abc.abstractmethod
     def set_vcpu_throttle(self, domid: int, fraction: float) -> None:
         """Let the guest's vCPUs run only ``fraction`` (0 < f <= 1) of

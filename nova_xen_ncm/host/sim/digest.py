@@ -306,6 +306,16 @@ class MemoryDigest:
             c.pending.difference_update(blocks)
             self._digest_blocks(c, blocks, c.mask)
 
+    def settle(self, dom: Domain) -> None:
+        """Read every block pending now (the guest still runs): the
+        warming thread may lag behind a short precopy, and what it left
+        would be read while the guest is paused."""
+        c = self.cache(dom)
+        if not c.started:
+            return
+        with locks.ordered(locks.DIGEST, c.lock):
+            self.refresh(dom)
+
     def warm(self, dom: Domain, until: Callable[[], bool]) -> None:
         """Keep the memory digest's cache warm while the domain migrates
         (source: log-dirty on; destination: being restored), so that the

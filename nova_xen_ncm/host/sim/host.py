@@ -386,6 +386,10 @@ class SimHost(base.HostDriver):
     def harvest_dirty(self, domid: int) -> np.ndarray:
         return self.hv.harvest_dirty(domid)
 
+    def settle_digest(self, domid: int) -> None:
+        dom = self.hv.domain(domid, "settle_digest")
+        self.digest.settle(dom)
+
     @_faulty
     def disable_log_dirty(self, domid: int) -> None:
         self.hv.domain(domid, "disable_log_dirty").mem.set_log_dirty(False)

@@ -357,7 +357,6 @@ class Toolstack:
             self.guests.launch(dom, self.workload(dom))
         with dom.mem_lock():
             dom.update_time()
-            dom.mem.release_tracking()
         regs = dom.request(
             {
                 "cmd": "start",
@@ -368,6 +367,10 @@ class Toolstack:
             },
             timeout=START_TIMEOUT,
         )
+        # Once it runs: what it writes from its start stays in its PTEs
+        # for the first scan, which is not part of the downtime.
+        with dom.mem_lock():
+            dom.mem.release_tracking()
         dom.save_registers(regs)
         dom.booted = True
         self.hv.running(dom)
