@@ -493,6 +493,13 @@ class GuestMemory:
         #: digest last took them (None until it asks: take_p2m_blocks),
         #: so that it never looks at the whole p2m again.
         self._p2m_blocks: set[int] | None = None
+        # Marks made in the changed and dirty maps, and how many there
+        # were when each was last read: a map nothing marked since is
+        # not scanned (all its writers are this process's, under the
+        # lock; the guest cannot write them).
+        self._marks = 0
+        self._changed_read = -1
+        self._dirty_read = -1
         #: RAM pages in the p2m (kept by the host process, as the p2m).
         self.nr_ram = int(np.count_nonzero(self.p2m == P2M_RAM))
         # The host's side of the guest process's write tracking.
@@ -747,12 +754,16 @@ class GuestMemory:
         self.changed[pfns] = 1
         if self.header[2]:
             self.dirty[pfns] = 1
+        self._marks += 1
 
     def take_changed(self) -> np.ndarray:
         """The pfns written since the previous call, and forget them: a
         write racing this is in this result or the next (as harvest)."""
         with self.lock():
             self._flush_written()
+            if self._marks == self._changed_read:
+                return np.zeros(0, dtype=np.uint64)
+            self._changed_read = self._marks
             pfns = base.marked(self.changed)
             self.changed[pfns] = 0
         return pfns
@@ -824,8 +835,12 @@ class GuestMemory:
     def harvest(self, extra: np.ndarray | None = None) -> np.ndarray:
         with self.lock():
             self._flush_written()
-            pfns = base.marked(self.dirty)
-            self.dirty[pfns] = 0
+            if self._marks == self._dirty_read:
+                pfns = np.zeros(0, dtype=np.uint64)
+            else:
+                self._dirty_read = self._marks
+                pfns = base.marked(self.dirty)
+                self.dirty[pfns] = 0
         if extra is not None and len(extra):
             pfns = base.pfn_union(pfns, extra)
         return pfns
@@ -906,6 +921,7 @@ class GuestMemory:
             self.nr_ram -= 1
         self.p2m[pfn] = P2M_NONE
         self.changed[pfn] = 1
+        self._marks += 1
         self.p2m_version += 1
         self._p2m_changed(int(pfn))
         self.ram_map.madvise(mmap.MADV_REMOVE, pfn * PAGE_SIZE, PAGE_SIZE)
@@ -917,6 +933,7 @@ class GuestMemory:
         if old != INVALID_GFN:
             self.p2m[old] = P2M_NONE
             self.changed[old] = 1
+            self._marks += 1
             self._p2m_changed(old)
         if self.p2m[gfn] == P2M_RAM:
             self.release(gfn)
@@ -925,6 +942,7 @@ class GuestMemory:
             self.xen_gfns[other] = INVALID_GFN
         self.p2m[gfn] = P2M_XEN
         self.changed[gfn] = 1
+        self._marks += 1
         self.p2m_version += 1
         self._p2m_changed(int(gfn))
         self.xen_gfns[index] = gfn
