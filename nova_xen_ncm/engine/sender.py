@@ -238,6 +238,9 @@ class Sender:
         uses (base.GuestFeature), for the destination to refuse what it
         cannot restore at SETUP rather than in the downtime."""
         names = [i.value for i in needed_items(pv_drivers)]
+        definition = self.host.capabilities().memory_digest
+        if definition:
+            names.append(digest.MEMORY_DIGEST + definition)
         if pv_drivers:
             try:
                 features = self.host.guest_features(self.domid)

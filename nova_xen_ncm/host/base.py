@@ -624,6 +624,11 @@ class Capabilities:
     pcpus: int = 0
     #: The optional guest features (GuestFeature) it can restore.
     features: frozenset[GuestFeature] = frozenset()
+    #: The name of its memory digest's definition
+    #: (HostDriver.memory_digest): a migration's two hosts must digest
+    #: alike, or equal memory compares unequal in the downtime ("": the
+    #: host names none).
+    memory_digest: str = ""
 
     def missing(self, pv_drivers: bool) -> dict[Item, str]:
         """The items a guest would need that this host cannot restore."""

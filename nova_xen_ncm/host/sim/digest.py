@@ -46,6 +46,9 @@ _DIGEST_CHUNK = 64
 # closes (MemoryDigest.written).
 _DIGEST_INLINE_MIN = 64
 _TERM_MODULUS = 1 << 128
+#: The name of this definition (base.Capabilities.memory_digest): a peer
+#: digesting otherwise is refused at SETUP.
+DEFINITION = "xxh3-128-sum-mod-2^128-of-64-page-blocks"
 DIGEST_WARM_INTERVAL = 0.1
 
 
