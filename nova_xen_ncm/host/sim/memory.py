@@ -31,6 +31,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import struct
@@ -497,6 +498,9 @@ class GuestMemory:
         # were when each was last read: a map nothing marked since is
         # not scanned (all its writers are this process's, under the
         # lock; the guest cannot write them).
+        # Each mark stores a number never stored before: a stale store
+        # can never bring back the number a reader saw.
+        self._mark_seq = itertools.count(1)
         self._marks = 0
         self._changed_read = -1
         self._dirty_read = -1
@@ -754,16 +758,17 @@ class GuestMemory:
         self.changed[pfns] = 1
         if self.header[2]:
             self.dirty[pfns] = 1
-        self._marks += 1
+        self._marks = next(self._mark_seq)
 
     def take_changed(self) -> np.ndarray:
         """The pfns written since the previous call, and forget them: a
         write racing this is in this result or the next (as harvest)."""
         with self.lock():
             self._flush_written()
-            if self._marks == self._changed_read:
+            marks = self._marks
+            if marks == self._changed_read:
                 return np.zeros(0, dtype=np.uint64)
-            self._changed_read = self._marks
+            self._changed_read = marks
             pfns = base.marked(self.changed)
             self.changed[pfns] = 0
         return pfns
@@ -835,10 +840,11 @@ class GuestMemory:
     def harvest(self, extra: np.ndarray | None = None) -> np.ndarray:
         with self.lock():
             self._flush_written()
-            if self._marks == self._dirty_read:
+            marks = self._marks
+            if marks == self._dirty_read:
                 pfns = np.zeros(0, dtype=np.uint64)
             else:
-                self._dirty_read = self._marks
+                self._dirty_read = marks
                 pfns = base.marked(self.dirty)
                 self.dirty[pfns] = 0
         if extra is not None and len(extra):
@@ -921,7 +927,7 @@ class GuestMemory:
             self.nr_ram -= 1
         self.p2m[pfn] = P2M_NONE
         self.changed[pfn] = 1
-        self._marks += 1
+        self._marks = next(self._mark_seq)
         self.p2m_version += 1
         self._p2m_changed(int(pfn))
         self.ram_map.madvise(mmap.MADV_REMOVE, pfn * PAGE_SIZE, PAGE_SIZE)
@@ -933,7 +939,7 @@ class GuestMemory:
         if old != INVALID_GFN:
             self.p2m[old] = P2M_NONE
             self.changed[old] = 1
-            self._marks += 1
+            self._marks = next(self._mark_seq)
             self._p2m_changed(old)
         if self.p2m[gfn] == P2M_RAM:
             self.release(gfn)
@@ -942,7 +948,7 @@ class GuestMemory:
             self.xen_gfns[other] = INVALID_GFN
         self.p2m[gfn] = P2M_XEN
         self.changed[gfn] = 1
-        self._marks += 1
+        self._marks = next(self._mark_seq)
         self.p2m_version += 1
         self._p2m_changed(int(gfn))
         self.xen_gfns[index] = gfn

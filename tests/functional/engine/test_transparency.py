@@ -25,10 +25,12 @@ from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import grant
 from nova_xen_ncm.host.sim import hvm
+from nova_xen_ncm.host.sim import locks
 from nova_xen_ncm.host.sim.devices import protocol
 from nova_xen_ncm.host.sim.hypervisor import Domain
 from nova_xen_ncm.host.sim.hypervisor import Hypervisor
 from nova_xen_ncm.host.sim.memory import XENPAGE_SHARED_INFO
+from nova_xen_ncm.host.sim.memory import GuestMemory
 
 from .conftest import DEVICES
 from .conftest import guest_config
@@ -666,3 +668,24 @@ def test_backends_that_answer_nothing_after_resume_are_found(
     )
     # What was in flight at pause was answered, exactly once.
     assert verdict.lost == verdict.duplicated == 0, verdict.to_dict()
+
+
+def test_every_write_mark_is_made_under_the_memory_lock(
+    disks, source, destination, migration, monkeypatch
+):
+    """A harvest or digest reads the maps under the memory lock and skips
+    them when nothing was marked since its last read: a mark made
+    without the lock (xenstored's ring, dom0's store notification) could
+    land between its look at the count and its read, and be missed."""
+    unlocked = []
+    mark = GuestMemory.mark_dirty
+
+    def checked(self, pfns):
+        if locks.MEMORY not in locks.held():
+            unlocked.append(pfns)
+        return mark(self, pfns)
+
+    monkeypatch.setattr(GuestMemory, "mark_dirty", checked)
+    run = Checked(source, destination, migration)
+    assert run.phase is Phase.DONE, run.migration.sender.error
+    assert unlocked == []
