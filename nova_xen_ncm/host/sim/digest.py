@@ -11,6 +11,15 @@ neither touched since the previous digest is not read again; a thread
 keeps the cache warm while the domain migrates. (The transparency
 checker does not use this: it reads all of RAM itself,
 checker.read_memory.)
+
+What it proves: a copy gone wrong by accident (a page lost, misplaced
+between or within blocks, duplicated, torn, zero where unpopulated or
+the reverse) moves some block's term to an unrelated value, and the sum
+stays put only with probability about 2**-128. It is no authenticator:
+whoever chooses pages can make the terms of several blocks cancel (a
+generalized birthday search, cheaper than against a chained hash), so
+it guards against faults, not against someone altering the stream,
+which the frames' tags or TLS do (doc/source/security.rst).
 """
 
 from __future__ import annotations
