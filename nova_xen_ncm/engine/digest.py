@@ -17,6 +17,13 @@ PLATFORM_ITEMS = (
 )
 
 
+#: SETUP names the source's memory digest definition
+#: (base.Capabilities.memory_digest) among its required names, after this
+#: prefix: a destination that digests otherwise refuses at SETUP, not with
+#: a mismatch of equal memory in the downtime.
+MEMORY_DIGEST = "memory-digest="
+
+
 def needed_items(pv_drivers: bool) -> tuple[base.Item, ...]:
     """The invariant items a guest needs restored (Capabilities.missing)."""
     return tuple(base.Item) if pv_drivers else PLATFORM_ITEMS

@@ -430,7 +430,11 @@ class Receiver:
         caps = self.host.capabilities()
         missing = dict(caps.missing(setup.pv_drivers))
         features = {f.value for f in base.GuestFeature}
+        theirs = None
         for name in setup.required:
+            if name.startswith(digest.MEMORY_DIGEST):
+                theirs = name[len(digest.MEMORY_DIGEST) :]
+                continue
             if name in features:
                 if name not in caps.features:
                     missing[name] = "used by the guest, not restorable here"
@@ -442,6 +446,15 @@ class Receiver:
                 continue
             if caps.restore.get(item) is not None:
                 missing[item] = caps.restore[item]
+        ours = caps.memory_digest or None
+        if theirs != ours:
+            earlier = "an earlier release"
+            missing["memory-digest"] = (
+                f"the source digests memory as {theirs or earlier} does,"
+                f" this destination as {ours or earlier} does: equal"
+                " memory would compare unequal (both hosts must run"
+                " releases that digest alike)"
+            )
         if not caps.preserve_domid:
             # The host's own reason (the Xen driver names the setting).
             missing[base.Item.DOMID] = (

@@ -238,6 +238,9 @@ class Sender:
         uses (base.GuestFeature), for the destination to refuse what it
         cannot restore at SETUP rather than in the downtime."""
         names = [i.value for i in needed_items(pv_drivers)]
+        definition = self.host.capabilities().memory_digest
+        if definition:
+            names.append(digest.MEMORY_DIGEST + definition)
         if pv_drivers:
             try:
                 features = self.host.guest_features(self.domid)
@@ -496,10 +499,14 @@ class Sender:
             Phase.PRECOPY, Phase.STOP_AND_COPY, reason=decision.reason
         )
         if self._running:
+            # What the host keeps of the digest is brought up to date
+            # while the guest runs: at the pause only its last writes.
+            self.host.settle_digest(self.domid)
+            asked = self.stats.clock()
             self.host.pause(self.domid)
             # Only what was paused here is unpaused on rollback.
             self._push("unpause", self._unpause, guest=True)
-            self.stats.paused()
+            self.stats.paused(at=asked)
         self.data.deadline = self._clock() + self.opts.downtime_budget
         if self.info.pv_drivers:
             self.host.quiesce_backends(self.domid)

@@ -185,10 +185,12 @@ class MigrationStats:
         with self._lock:
             self.retries += 1
 
-    def paused(self) -> None:
-        """The guest was paused on the source (downtime starts)."""
+    def paused(self, at: float | None = None) -> None:
+        """The guest was paused on the source (downtime starts), ``at``
+        the moment the pause was asked for (its vCPUs stop inside the
+        call, before the host's last look at what they wrote)."""
         with self._lock:
-            self._paused_at = self.clock()
+            self._paused_at = self.clock() if at is None else at
 
     def resumed(self) -> None:
         """The guest runs again, on either side (downtime ends)."""

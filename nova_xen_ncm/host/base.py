@@ -694,6 +694,11 @@ class Capabilities:
     pcpus: int = 0
     #: The optional guest features (GuestFeature) it can restore.
     features: frozenset[GuestFeature] = frozenset()
+    #: The name of its memory digest's definition
+    #: (HostDriver.memory_digest): a migration's two hosts must digest
+    #: alike, or equal memory compares unequal in the downtime ("": the
+    #: host names none).
+    memory_digest: str = ""
 
     def missing(self, pv_drivers: bool) -> dict[Item, str]:
         """The items a guest would need that this host cannot restore."""
@@ -874,6 +879,13 @@ class HostDriver(abc.ABC):
 
     @abc.abstractmethod
     def disable_log_dirty(self, domid: int) -> None: ...
+
+    def settle_digest(self, domid: int) -> None:
+        """Bring what the host keeps of the guest's memory digest up to
+        date while the guest still runs, just before a migration pauses
+        it, so that the digest taken while it is paused reads only the
+        pages written since. A host that keeps nothing does nothing."""
+        return None
 
     @abc.abstractmethod
     def set_vcpu_throttle(self, domid: int, fraction: float) -> None:

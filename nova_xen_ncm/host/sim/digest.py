@@ -1,11 +1,25 @@
 """The memory digest of a domain, kept warm while it migrates.
 
-base.memory_hasher over the set of populated pfns and, block by block,
-over (pfn, content) of every populated non-zero page. Every writer marks
-what it writes (memory.GuestMemory.mark_dirty), so a block that no write
-touched since the previous digest is not read again; a thread keeps the
-cache warm while the domain migrates. (The transparency checker does not
-use this: it reads all of RAM itself, checker.read_memory.)
+Block by block (_DIGEST_BLOCK pfns), base.memory_hasher over the block's
+populated pfns and (pfn, content) of its populated non-zero pages; the
+digest is the hash of the sum of those blocks' hashes (modulo 2**128), so
+that a changed block moves the sum by its own term only and the digest
+of a paused guest costs its last writes, not its size. Every writer
+marks what it writes (memory.GuestMemory.mark_dirty) and every change of
+the p2m marks its block (GuestMemory.take_p2m_blocks), so a block that
+neither touched since the previous digest is not read again; a thread
+keeps the cache warm while the domain migrates. (The transparency
+checker does not use this: it reads all of RAM itself,
+checker.read_memory.)
+
+What it proves: a copy gone wrong by accident (a page lost, misplaced
+between or within blocks, duplicated, torn, zero where unpopulated or
+the reverse) moves some block's term to an unrelated value, and the sum
+stays put only with probability about 2**-128. It is no authenticator:
+whoever chooses pages can make the terms of several blocks cancel (a
+generalized birthday search, cheaper than against a chained hash), so
+it guards against faults, not against someone altering the stream,
+which the frames' tags or TLS do (doc/source/security.rst).
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ from collections.abc import Iterator
 from collections.abc import Sequence
 
 import numpy as np
+import xxhash
 from oslo_log import log as logging
 
 from nova_xen_ncm.host import base
@@ -26,6 +41,7 @@ from nova_xen_ncm.host.base import HostError
 from nova_xen_ncm.host.sim import locks
 from nova_xen_ncm.host.sim.hypervisor import Domain
 from nova_xen_ncm.host.sim.hypervisor import Hypervisor
+from nova_xen_ncm.host.sim.memory import P2M_BLOCK
 from nova_xen_ncm.host.sim.memory import P2M_RAM
 
 LOG = logging.getLogger(__name__)
@@ -33,12 +49,15 @@ LOG = logging.getLogger(__name__)
 # pfns per block (256 KiB: a block a write touched is cheap to read
 # again), blocks a warming pass reads at most, and seconds between two
 # refreshes of a migrating domain's cache.
-_DIGEST_BLOCK = 64
+_DIGEST_BLOCK = P2M_BLOCK
 _DIGEST_CHUNK = 64
 # A restore's mapping of at least this many pages is digested as it
 # closes (MemoryDigest.written).
 _DIGEST_INLINE_MIN = 64
-_DIGEST_P2M_INTERVAL = 0.2
+_TERM_MODULUS = 1 << 128
+#: The name of this definition (base.Capabilities.memory_digest): a peer
+#: digesting otherwise is refused at SETUP.
+DEFINITION = "xxh3-128-sum-mod-2^128-of-64-page-blocks"
 DIGEST_WARM_INTERVAL = 0.1
 
 
@@ -57,17 +76,15 @@ def _spans(blocks: Sequence[int]) -> Iterator[tuple[int, int]]:
 class DigestCache:
     """The memory digest's cache of one domain, kept by
     :class:`MemoryDigest` (not by the hypervisor's Domain): per block of
-    _DIGEST_BLOCK pfns with non-zero RAM, the digest of those pages; the
-    hash of the populated set and the p2m version it was taken at. Kept
-    warm while the domain migrates; ``lock`` is locks.DIGEST."""
+    _DIGEST_BLOCK pfns with populated RAM, its term (the block's hash as
+    an integer), and their sum. Kept warm while the domain migrates;
+    ``lock`` is locks.DIGEST."""
 
     mem: object
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    blocks: dict[int, bytes] = dataclasses.field(default_factory=dict)
+    terms: dict[int, int] = dataclasses.field(default_factory=dict)
+    total: int = 0
     started: bool = False
-    populated: bytes = b""
-    version: int = -1
-    p2m_at: float = 0.0
     pending: set[int] = dataclasses.field(default_factory=set)
     mask: np.ndarray | None = None
     warming: bool = False
@@ -93,23 +110,25 @@ class MemoryDigest:
             return cache
 
     def digest(self, domid: int) -> str:
-        """base.memory_hasher over the set of populated pfns and, block by
-        block (_DIGEST_BLOCK pfns), over (pfn, content) of every populated
-        non-zero page: equal for equal guest memory, however the pages
-        came to be (written zeros or never touched).
+        """base.memory_hasher of the sum (modulo 2**128) of the blocks'
+        terms: each block (_DIGEST_BLOCK pfns) with populated RAM hashed
+        over its index, which of its pfns are populated (a bit each) and
+        the hash of (pfn, content) of its populated non-zero pages. Equal
+        for equal guest memory, however the pages came to be (written
+        zeros or never touched).
 
-        Every writer marks what it writes (GuestMemory.mark_dirty), so a
-        block that no write touched since the previous digest is not read
-        again: a paused guest is digested in the time its last writes
-        take, not its size's."""
+        Every writer marks what it writes (GuestMemory.mark_dirty) and
+        the p2m marks the blocks it changes, so a block that neither
+        touched since the previous digest is not read again, and the sum
+        moves by the terms of the blocks read: a paused guest is digested
+        in the time its last writes take, not its size's."""
         dom = self.hv.domain(domid, "memory_digest")
         cache = self.cache(dom)
         with locks.ordered(locks.DIGEST, cache.lock):
             self.refresh(dom)
-            h = base.memory_hasher(cache.populated)
-            blocks = cache.blocks
-            h.update(b"".join([blocks[b] for b in sorted(blocks)]))
-            return h.hexdigest()
+            return base.memory_hasher(
+                cache.total.to_bytes(16, "little")
+            ).hexdigest()
 
     def refresh(self, dom: Domain, limit: int | None = None) -> bool:
         """Note the blocks written since the previous refresh and read up
@@ -118,10 +137,9 @@ class MemoryDigest:
 
         A page leaving RAM is noted as a write of it (GuestMemory.release,
         map_xen_page), so a block is read against the p2m of the moment;
-        a page populated is zero until written. Only the hash of the
-        populated set looks at all of the p2m, which a warming pass does
-        at most every _DIGEST_P2M_INTERVAL while a restore populates
-        batch after batch (the digest itself, no limit, always does)."""
+        a page populated is zero until written, and its block is read
+        again for its populated pfns (GuestMemory.take_p2m_blocks). Only
+        the first look sees all of the p2m."""
         mem = dom.mem
         c = self.cache(dom)
         pfns = np.concatenate(
@@ -130,31 +148,34 @@ class MemoryDigest:
         if c.mask is not None:
             # A page written since the first look holds data now.
             c.mask[pfns] = True
-        if not c.started:
-            # The first look: every block with data in RAM.
-            c.started = True
-            c.mask = np.zeros(mem.max_pfn, dtype=bool)
-            for start, end in mem.data_extents():
-                c.mask[start:end] = True
-            c.blocks.clear()
-            c.pending.clear()
-            # A page populated later is zero until written (and marked).
-            held = c.mask & (mem.p2m == P2M_RAM)
-            pfns = np.concatenate((pfns, np.flatnonzero(held)))
-        version = mem.p2m_version
-        now = time.monotonic()
-        if version != c.version and (
-            limit is None or now - c.p2m_at >= _DIGEST_P2M_INTERVAL
-        ):
-            c.p2m_at = now
-            c.populated = base.memory_hasher(
-                np.flatnonzero(mem.p2m == P2M_RAM).astype("<u8")
-            ).digest()
-            c.version = version
-        if len(pfns):
-            c.pending.update(
-                base.pfn_union(pfns // _DIGEST_BLOCK).tolist()
+        with mem.lock():
+            blocks = mem.take_p2m_blocks()
+            first = blocks is None or not c.started
+            if first:
+                # The first look (the p2m's blocks are kept from now on).
+                c.started = True
+                c.mask = np.zeros(mem.max_pfn, dtype=bool)
+                for start, end in mem.data_extents():
+                    c.mask[start:end] = True
+                c.terms.clear()
+                c.total = 0
+                c.pending.clear()
+                ram = mem.p2m == P2M_RAM
+                every = base.pfn_union(np.flatnonzero(ram) // _DIGEST_BLOCK)
+                held = base.pfn_union(
+                    np.flatnonzero(c.mask & ram) // _DIGEST_BLOCK
+                )
+        if first:
+            # Blocks with data are read as pending ones are; those of
+            # populated pages never written get their terms now, so
+            # that no look at the pause is in the guest's size.
+            blocks = set(held.tolist())
+            self._digest_blocks(
+                c, base.pfn_difference(every, held).tolist(), c.mask
             )
+        if len(pfns):
+            blocks.update(base.pfn_union(pfns // _DIGEST_BLOCK).tolist())
+        c.pending.update(blocks)
         todo = sorted(c.pending)
         busy: set[int] = set()
         if limit is not None:
@@ -198,6 +219,11 @@ class MemoryDigest:
         start = first * _DIGEST_BLOCK
         end = min(last * _DIGEST_BLOCK, mem.max_pfn)
         ram = mem.p2m[start:end] == P2M_RAM
+        # Which pfns of each block are populated, a bit each.
+        which = np.zeros((last - first) * _DIGEST_BLOCK, dtype=bool)
+        which[: end - start] = ram
+        populated = np.packbits(which, bitorder="little").tobytes()
+        width = _DIGEST_BLOCK // 8
         rows = np.zeros(0, dtype=np.int64)
         if ram.any():
             data = (
@@ -210,10 +236,24 @@ class MemoryDigest:
             rows = np.flatnonzero(data & ram)
             rows = rows[base.nonzero_pages(mem.ram[start:end], rows)]
         pfns = rows + start
-        digests = cache.blocks
+
+        def term(k: int, block: int, d: xxhash.xxh3_128 | None) -> None:
+            # The block's term replaces its previous one in the sum.
+            bits = populated[k * width : (k + 1) * width]
+            new = 0
+            if any(bits):
+                h = base.memory_hasher(block.to_bytes(8, "little") + bits)
+                if d is not None:
+                    h.update(d.digest())
+                new = int.from_bytes(h.digest(), "little")
+            old = cache.terms.pop(block, 0)
+            if new:
+                cache.terms[block] = new
+            cache.total = (cache.total - old + new) % _TERM_MODULUS
+
         if not len(pfns):
-            for block in range(first, last):
-                digests.pop(block, None)
+            for k, block in enumerate(range(first, last)):
+                term(k, block, None)
             return
         # Where each block's pfns begin and end in ``pfns``.
         bounds = np.searchsorted(
@@ -233,13 +273,13 @@ class MemoryDigest:
         for k, block in enumerate(range(first, last)):
             lo, hi = bounds[k], bounds[k + 1]
             if lo == hi:
-                digests.pop(block, None)
+                term(k, block, None)
                 continue
             d = base.memory_hasher(keys[lo * 8 : hi * 8])
             while run < len(run_lo) and run_lo[run] < hi:
                 d.update(mem.ram[run_a[run] : run_b[run]])
                 run += 1
-            digests[block] = d.digest()
+            term(k, block, d)
 
     def read(self, dom: Domain, pfns: np.ndarray) -> None:
         """Digest the blocks of ``pfns``, just read by a migration of a
@@ -268,16 +308,25 @@ class MemoryDigest:
             with mem.lock():
                 # Read after the marks are taken: a write racing this is
                 # marked again and read again.
+                mem.forget_p2m_blocks(blocks)
                 for first, last in _spans(blocks):
                     start = first * _DIGEST_BLOCK
                     marks = mem.changed[start : last * _DIGEST_BLOCK]
                     if c.mask is not None:
-                        c.mask[start : start + len(marks)] |= (
-                            marks != 0
-                        )
+                        c.mask[start : start + len(marks)] |= marks != 0
                     marks[:] = 0
             c.pending.difference_update(blocks)
             self._digest_blocks(c, blocks, c.mask)
+
+    def settle(self, dom: Domain) -> None:
+        """Read every block pending now (the guest still runs): the
+        warming thread may lag behind a short precopy, and what it left
+        would be read while the guest is paused."""
+        c = self.cache(dom)
+        if not c.started:
+            return
+        with locks.ordered(locks.DIGEST, c.lock):
+            self.refresh(dom)
 
     def warm(self, dom: Domain, until: Callable[[], bool]) -> None:
         """Keep the memory digest's cache warm while the domain migrates

@@ -251,7 +251,10 @@ class Dom0Services:
         store_pfn = dom.params[hvm.HVM_PARAM_STORE_PFN]
 
         def notify() -> None:
-            dom.mem.mark_dirty(store_pfn)
+            # Under the memory lock, as every mark: a harvest or digest
+            # reading the maps meanwhile would miss it (or fail).
+            with dom.mem_lock():
+                dom.mem.mark_dirty(store_pfn)
             if self.record(dom).store_port:
                 self.hv.evtchn.send(self.hv.dom0, self.record(dom).store_port)
 
@@ -274,7 +277,8 @@ class Dom0Services:
                 if self.record(dom).quiesced:
                     return
                 self.xenstore.service_ring(domid)
-                dom.mem.mark_dirty(store_pfn)
+                with dom.mem_lock():
+                    dom.mem.mark_dirty(store_pfn)
 
         for param, handler in (
             (hvm.HVM_PARAM_STORE_EVTCHN, serve),

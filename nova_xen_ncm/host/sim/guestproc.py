@@ -301,7 +301,9 @@ class GuestProcesses:
         finally:
             hc_guest.close()
             ctl_guest.close()
-        dom.mem.track(proc.pid)
+        # It runs no vCPU until Toolstack._spawn starts it: a restore's
+        # flushes scan nothing of the RAM it never wrote.
+        dom.mem.track(proc.pid, held=True)
         dom.process = GuestProcess(dom.domid, proc, ctl_host, hc_host)
         threading.Thread(
             target=self.hv.serve_hypercalls,

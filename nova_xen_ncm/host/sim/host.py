@@ -49,6 +49,7 @@ from nova_xen_ncm.host.sim import evtchn
 from nova_xen_ncm.host.sim import hvm
 from nova_xen_ncm.host.sim import kernel
 from nova_xen_ncm.host.sim import locks
+from nova_xen_ncm.host.sim.digest import DEFINITION as DIGEST_DEFINITION
 from nova_xen_ncm.host.sim.digest import MemoryDigest
 from nova_xen_ncm.host.sim.dom0 import Dom0Error
 from nova_xen_ncm.host.sim.dom0 import Dom0Services
@@ -242,6 +243,7 @@ class SimHost(base.HostDriver):
             # The simulated guests' vCPUs run on this machine's CPUs.
             pcpus=os.cpu_count() or 1,
             features=self.FEATURES,
+            memory_digest=DIGEST_DEFINITION,
         )
 
     def guest_features(self, domid: int) -> frozenset[base.GuestFeature]:
@@ -385,6 +387,10 @@ class SimHost(base.HostDriver):
     @_faulty
     def harvest_dirty(self, domid: int) -> np.ndarray:
         return self.hv.harvest_dirty(domid)
+
+    def settle_digest(self, domid: int) -> None:
+        dom = self.hv.domain(domid, "settle_digest")
+        self.digest.settle(dom)
 
     @_faulty
     def disable_log_dirty(self, domid: int) -> None:

@@ -31,6 +31,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import struct
@@ -48,6 +49,9 @@ from nova_xen_ncm.host.sim import locks
 P2M_NONE = 0
 P2M_RAM = 1
 P2M_XEN = 2  # a Xen page (shared info, grant frame) in the physmap
+# pfns per block of the p2m changes kept for the memory digest
+# (take_p2m_blocks): its blocks are these.
+P2M_BLOCK = 64
 
 # Xen pages: index 0 is shared info, 1.. are grant frames.
 XENPAGE_SHARED_INFO = 0
@@ -486,6 +490,20 @@ class GuestMemory:
         #: only: the guest cannot write it).
         self.p2m_version = 0
         self._populated: tuple[int, np.ndarray] | None = None
+        #: The blocks of P2M_BLOCK pfns whose p2m changed since the memory
+        #: digest last took them (None until it asks: take_p2m_blocks),
+        #: so that it never looks at the whole p2m again.
+        self._p2m_blocks: set[int] | None = None
+        # Marks made in the changed and dirty maps, and how many there
+        # were when each was last read: a map nothing marked since is
+        # not scanned (all its writers are this process's, under the
+        # lock; the guest cannot write them).
+        # Each mark stores a number never stored before: a stale store
+        # can never bring back the number a reader saw.
+        self._mark_seq = itertools.count(1)
+        self._marks = 0
+        self._changed_read = -1
+        self._dirty_read = -1
         #: RAM pages in the p2m (kept by the host process, as the p2m).
         self.nr_ram = int(np.count_nonzero(self.p2m == P2M_RAM))
         # The host's side of the guest process's write tracking.
@@ -640,12 +658,15 @@ class GuestMemory:
         """TRACKER_NONE (not armed yet), TRACKER_ARMED or TRACKER_FAILED."""
         return int(self.header[_HDR_TRACKER])
 
-    def track(self, pid: int) -> None:
+    def track(self, pid: int, *, held: bool = False) -> None:
         """In the host: the guest process ``pid`` maps this memory (it
-        arms its tracking before it runs the guest)."""
+        arms its tracking before it runs the guest). ``held``: it runs
+        no vCPU until :meth:`release_tracking` (a guest process launched
+        before it is started): until then a flush scans nothing, and
+        what it writes stays in its PTEs for the first scan after."""
         self.untrack()
         self._tracked_pid = pid
-        self._held = False
+        self._held = held
 
     def hold_tracking(self) -> None:
         """In the host, once the guest process runs no vCPU (paused):
@@ -737,12 +758,17 @@ class GuestMemory:
         self.changed[pfns] = 1
         if self.header[2]:
             self.dirty[pfns] = 1
+        self._marks = next(self._mark_seq)
 
     def take_changed(self) -> np.ndarray:
         """The pfns written since the previous call, and forget them: a
         write racing this is in this result or the next (as harvest)."""
         with self.lock():
             self._flush_written()
+            marks = self._marks
+            if marks == self._changed_read:
+                return np.zeros(0, dtype=np.uint64)
+            self._changed_read = marks
             pfns = base.marked(self.changed)
             self.changed[pfns] = 0
         return pfns
@@ -814,8 +840,13 @@ class GuestMemory:
     def harvest(self, extra: np.ndarray | None = None) -> np.ndarray:
         with self.lock():
             self._flush_written()
-            pfns = base.marked(self.dirty)
-            self.dirty[pfns] = 0
+            marks = self._marks
+            if marks == self._dirty_read:
+                pfns = np.zeros(0, dtype=np.uint64)
+            else:
+                self._dirty_read = marks
+                pfns = base.marked(self.dirty)
+                self.dirty[pfns] = 0
         if extra is not None and len(extra):
             pfns = base.pfn_union(pfns, extra)
         return pfns
@@ -856,6 +887,30 @@ class GuestMemory:
     # the populated set follows p2m_version). The caller holds
     # :meth:`lock`.
 
+    def take_p2m_blocks(self) -> set[int] | None:
+        """The blocks (of P2M_BLOCK pfns) whose p2m changed since the
+        previous call, and forget them; None on the first call (from
+        then on they are kept). The caller holds :meth:`lock`."""
+        blocks = self._p2m_blocks
+        self._p2m_blocks = set()
+        return blocks
+
+    def forget_p2m_blocks(self, blocks: list[int]) -> None:
+        """``blocks`` are read against the p2m as it is now (the caller
+        holds :meth:`lock`): their changes so far are taken."""
+        if self._p2m_blocks is not None:
+            self._p2m_blocks.difference_update(blocks)
+
+    def _p2m_changed(self, pfns: np.ndarray | int) -> None:
+        if self._p2m_blocks is None:
+            return
+        if isinstance(pfns, int):
+            self._p2m_blocks.add(pfns // P2M_BLOCK)
+        else:
+            self._p2m_blocks.update(
+                base.pfn_union(pfns // np.uint64(P2M_BLOCK)).tolist()
+            )
+
     def populate(self, pfns: np.ndarray) -> None:
         pfns = np.asarray(pfns, dtype=np.uint64)
         new = pfns[self.p2m[pfns] != P2M_RAM]
@@ -864,6 +919,7 @@ class GuestMemory:
             self.p2m[new] = P2M_RAM
             self.nr_ram += len(new)
             self.p2m_version += 1
+            self._p2m_changed(new)
 
     def release(self, pfn: int) -> None:
         """Take a RAM page out of the physmap and free its memory."""
@@ -871,7 +927,9 @@ class GuestMemory:
             self.nr_ram -= 1
         self.p2m[pfn] = P2M_NONE
         self.changed[pfn] = 1
+        self._marks = next(self._mark_seq)
         self.p2m_version += 1
+        self._p2m_changed(int(pfn))
         self.ram_map.madvise(mmap.MADV_REMOVE, pfn * PAGE_SIZE, PAGE_SIZE)
 
     def map_xen_page(self, index: int, gfn: int) -> None:
@@ -881,6 +939,8 @@ class GuestMemory:
         if old != INVALID_GFN:
             self.p2m[old] = P2M_NONE
             self.changed[old] = 1
+            self._marks = next(self._mark_seq)
+            self._p2m_changed(old)
         if self.p2m[gfn] == P2M_RAM:
             self.release(gfn)
         elif self.p2m[gfn] == P2M_XEN:
@@ -888,7 +948,9 @@ class GuestMemory:
             self.xen_gfns[other] = INVALID_GFN
         self.p2m[gfn] = P2M_XEN
         self.changed[gfn] = 1
+        self._marks = next(self._mark_seq)
         self.p2m_version += 1
+        self._p2m_changed(int(gfn))
         self.xen_gfns[index] = gfn
 
     def xen_page_at(self, gfn: int) -> int | None:

@@ -385,6 +385,10 @@ class Toolstack:
             },
             timeout=START_TIMEOUT,
         )
+        # Once it runs: what it writes from its start stays in its PTEs
+        # for the first scan, which is not part of the downtime.
+        with dom.mem_lock():
+            dom.mem.release_tracking()
         dom.save_registers(regs)
         dom.booted = True
         self.hv.running(dom)

@@ -50,6 +50,8 @@ from nova_xen_ncm.host.xen import xl as xl_mod
 from nova_xen_ncm.host.xen import xsmig
 
 LOG = logging.getLogger(__name__)
+# The name of memory_digest's definition (base.Capabilities.memory_digest).
+MEMORY_DIGEST = "xxh3-128-populated-pfns-then-nonzero-pages"
 
 # xen/include/public/version.h
 XENVER_version = 0
@@ -410,6 +412,7 @@ class XenHost(base.HostDriver):
                 preserve_domid=restore[Item.DOMID] is None,
                 max_vcpus=128,
                 pcpus=self._nr_cpus(),
+                memory_digest=MEMORY_DIGEST,
             )
         return base.Capabilities(
             **{
@@ -1224,9 +1227,9 @@ class XenHost(base.HostDriver):
         return np.array(pfns, dtype=np.uint64)
 
     def memory_digest(self, domid: int) -> str:
-        """base.memory_hasher over the populated pfns and the content of the
-        non-zero ones (the simulated host's digest, on real memory), the
-        pages shared with dom0's daemons left out."""
+        """base.memory_hasher over the populated pfns, then over the pfns
+        and the content of the non-zero ones (MEMORY_DIGEST), the pages
+        shared with dom0's daemons left out."""
         pfns = base.pfn_difference(
             self.populated_pfns(domid), self._shared_with_dom0(domid)
         )

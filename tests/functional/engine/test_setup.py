@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from nova_xen_ncm.engine import framing
@@ -182,3 +184,36 @@ def test_a_previous_release_source(
     assert m.receiver.state.phase is Phase.DONE, m.receiver.error
     assert versions and set(versions) == {1}
     assert running(destination, domid)
+
+
+@pytest.mark.parametrize(
+    ("side", "definition", "named"),
+    [
+        # A destination whose memory digest is defined otherwise.
+        ("destination", "xxh3-128-of-the-whole-physmap", "destination as"),
+        # A source of a release that names no definition.
+        ("source", "", "source digests memory as an earlier release"),
+    ],
+)
+def test_a_peer_that_digests_memory_otherwise_is_refused_at_setup(
+    source, destination, migration, monkeypatch, side, definition, named
+):
+    """Equal memory digested two ways compares unequal: refused at SETUP
+    (nothing moved), not a mismatch in the downtime."""
+    domid = source.create_domain(guest_config())
+    host = source if side == "source" else destination
+    caps = host.capabilities
+    monkeypatch.setattr(
+        host,
+        "capabilities",
+        lambda: dataclasses.replace(caps(), memory_digest=definition),
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert m.sender.error.code == "missing-capability"
+    assert "memory-digest" in m.sender.error.text
+    assert named in m.sender.error.text
+    assert m.source_events.phases() == ["rollback", "failed"]
+    assert running(source, domid)
+    assert destination.list_domains() == []
+    assert m.sender.stats.to_dict()["pages_sent"] == 0

@@ -332,6 +332,40 @@ def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
     assert host.memory_digest(1) == second
 
 
+def test_a_populate_moves_the_digest_by_its_blocks_only(host, monkeypatch):
+    a = empty(host, 1, mb=80)
+    host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
+    a.booted = True
+    while host.digest.cache(a).warming:
+        time.sleep(0.01)
+    write(a, slice(0x100, 0x200), 7)
+    first = host.memory_digest(1)
+    read = _digest_reads(host, monkeypatch)
+    # A zero page populated changes the digest (the populated set is in
+    # it) and is looked at through its block alone.
+    a.booted = False
+    host.populate(1, np.array([0x5001], dtype=np.uint64))
+    second = host.memory_digest(1)
+    assert second != first
+    assert read == [0x5001 // sim_digest._DIGEST_BLOCK]
+    host.digest.cache(a).started = False
+    assert host.memory_digest(1) == second
+
+
+def test_settle_digest_leaves_nothing_for_the_pause(host, monkeypatch):
+    a = empty(host, 1, mb=80)
+    host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
+    a.booted = True
+    while host.digest.cache(a).warming:
+        time.sleep(0.01)
+    host.memory_digest(1)
+    write(a, slice(0x1000, 0x1400), 9)
+    host.settle_digest(1)
+    read = _digest_reads(host, monkeypatch)
+    host.memory_digest(1)
+    assert read == []
+
+
 def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
     host, monkeypatch
 ):
@@ -632,22 +666,27 @@ def _reference_digest(dom) -> str:
     """memory_digest's definition, page by page (SimHost.memory_digest)."""
     mem = dom.mem
     ram = np.flatnonzero(mem.p2m == 1)
-    h = base.memory_hasher(base.memory_hasher(ram.astype("<u8")).digest())
     block = sim_digest._DIGEST_BLOCK
-    parts = []
+    total = 0
     for b in sorted(set((ram // block).tolist())):
-        pfns = [
-            int(p)
-            for p in ram[(ram >= b * block) & (ram < (b + 1) * block)]
-            if mem.ram[p].any()
-        ]
+        inside = (ram >= b * block) & (ram < (b + 1) * block)
+        mine = [int(p) for p in ram[inside]]
+        bits = 0
+        for p in mine:
+            bits |= 1 << (p - b * block)
+        h = base.memory_hasher(
+            b.to_bytes(8, "little") + bits.to_bytes(block // 8, "little")
+        )
+        pfns = [p for p in mine if mem.ram[p].any()]
         if pfns:
             d = base.memory_hasher(np.array(pfns, dtype="<u8"))
             for p in pfns:
                 d.update(mem.ram[p])
-            parts.append(d.digest())
-    h.update(b"".join(parts))
-    return h.hexdigest()
+            h.update(d.digest())
+        total += int.from_bytes(h.digest(), "little")
+    return base.memory_hasher(
+        (total % (1 << 128)).to_bytes(16, "little")
+    ).hexdigest()
 
 
 def test_memory_digest_matches_its_page_by_page_definition(host):
