@@ -57,12 +57,10 @@ def snapshots(source, destination, domid):
     )
 
 
-def test_downtime_policy_completes_transparently(
-    conf, source, destination, migration
-):
-    # xen-simple: test_migration.test_completed_migration_is_transparent.
-    conf.set_override("precopy_policy", "downtime", group="xen_ncm")
-    domid = source.create_domain(guest_config(devices=DEVICES))
+def migrate_transparently(source, destination, domid, migration):
+    """Migrate ``domid`` to the end and assert the checker finds nothing
+    the guest could tell between the source's pause and the destination's
+    resume; the migration is returned for further checks."""
     seen, src_hooks, dst_hooks = snapshots(source, destination, domid)
     m = migration(
         source,
@@ -74,6 +72,16 @@ def test_downtime_policy_completes_transparently(
     assert m.run() is Phase.DONE, m.sender.error
     report = checker.check(seen["paused"], seen["resumed"])
     assert report.passed, str(report)
+    return m
+
+
+def test_downtime_policy_completes_transparently(
+    conf, source, destination, migration
+):
+    # xen-simple: test_migration.test_completed_migration_is_transparent.
+    conf.set_override("precopy_policy", "downtime", group="xen_ncm")
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    m = migrate_transparently(source, destination, domid, migration)
     assert_only_on(destination, source, domid)
     assert m.sender.stats.to_dict()["actual_downtime"] is not None
 
@@ -102,17 +110,7 @@ def test_a_backend_behind_its_frontend_at_the_pause_is_restored_so(
         time.sleep(0.01)
     assert source.services.toolstack_xs.read(f"{front}/state") == b"3"
     assert vbd.state == 2 and vbd.ring is None
-    seen, src_hooks, dst_hooks = snapshots(source, destination, domid)
-    m = migration(
-        source,
-        domid,
-        destination,
-        source_hooks=src_hooks,
-        destination_hooks=dst_hooks,
-    )
-    assert m.run() is Phase.DONE, m.sender.error
-    report = checker.check(seen["paused"], seen["resumed"])
-    assert report.passed, str(report)
+    migrate_transparently(source, destination, domid, migration)
     assert_only_on(destination, source, domid)
     # Taken up there: the vbd connects and serves the guest's requests.
     dest = destination.hv.domain(domid, "test")
@@ -162,17 +160,7 @@ def test_a_guest_paused_in_its_boot_probe_goes_on_with_it_there(
         assert time.monotonic() < deadline, "never paused in its probe"
         time.sleep(0.01)
     monkeypatch.setitem(handlers, XsType.WATCH, do_watch)
-    seen, src_hooks, dst_hooks = snapshots(source, destination, domid)
-    m = migration(
-        source,
-        domid,
-        destination,
-        source_hooks=src_hooks,
-        destination_hooks=dst_hooks,
-    )
-    assert m.run() is Phase.DONE, m.sender.error
-    report = checker.check(seen["paused"], seen["resumed"])
-    assert report.passed, str(report)
+    migrate_transparently(source, destination, domid, migration)
     assert_only_on(destination, source, domid, base.DomainState.PAUSED)
     destination.unpause(domid)
     dest = destination.hv.domain(domid, "test")
@@ -189,18 +177,8 @@ def test_a_guest_paused_in_its_boot_probe_goes_on_with_it_there(
 def test_paused_guest_stays_paused(source, destination, migration):
     domid = source.create_domain(guest_config(devices=DEVICES))
     source.pause(domid)
-    seen, src_hooks, dst_hooks = snapshots(source, destination, domid)
-    m = migration(
-        source,
-        domid,
-        destination,
-        source_hooks=src_hooks,
-        destination_hooks=dst_hooks,
-    )
-    assert m.run() is Phase.DONE, m.sender.error
+    m = migrate_transparently(source, destination, domid, migration)
     assert m.receiver.state.phase is Phase.DONE, m.receiver.error
-    report = checker.check(seen["paused"], seen["resumed"])
-    assert report.passed, str(report)
     # Committed, not unpaused: the guest is where it was, as it was.
     assert_only_on(destination, source, domid, base.DomainState.PAUSED)
     destination.unpause(domid)
