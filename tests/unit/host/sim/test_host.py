@@ -323,13 +323,20 @@ def _digest_reads(host, monkeypatch) -> list[int]:
     return read
 
 
-def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
+def populated_and_left_alone(host):
+    """Domain 1 (80 MB) with pfns 0x100-0x40ff populated, marked as
+    restored so that its digest's cache is no longer kept warm behind the
+    test's back, once the warming thread has stopped."""
     a = empty(host, 1, mb=80)
     host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
-    # Restored: the cache is no longer kept warm behind the test's back.
     a.booted = True
     while host.digest.cache(a).warming:
         time.sleep(0.01)
+    return a
+
+
+def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
+    a = populated_and_left_alone(host)
     write(a, slice(0x100, 0x4100), 7)
     first = host.memory_digest(1)
     read = _digest_reads(host, monkeypatch)
@@ -344,11 +351,7 @@ def test_memory_digest_reads_again_only_what_was_written(host, monkeypatch):
 
 
 def test_a_populate_moves_the_digest_by_its_blocks_only(host, monkeypatch):
-    a = empty(host, 1, mb=80)
-    host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
-    a.booted = True
-    while host.digest.cache(a).warming:
-        time.sleep(0.01)
+    a = populated_and_left_alone(host)
     write(a, slice(0x100, 0x200), 7)
     first = host.memory_digest(1)
     read = _digest_reads(host, monkeypatch)
@@ -364,11 +367,7 @@ def test_a_populate_moves_the_digest_by_its_blocks_only(host, monkeypatch):
 
 
 def test_settle_digest_leaves_nothing_for_the_pause(host, monkeypatch):
-    a = empty(host, 1, mb=80)
-    host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
-    a.booted = True
-    while host.digest.cache(a).warming:
-        time.sleep(0.01)
+    a = populated_and_left_alone(host)
     host.memory_digest(1)
     write(a, slice(0x1000, 0x1400), 9)
     host.settle_digest(1)
@@ -409,12 +408,8 @@ def test_pages_a_restore_writes_are_digested_as_their_mapping_closes(
 
 
 def test_a_paused_guest_is_digested_as_a_migration_reads_it(host, monkeypatch):
-    a = empty(host, 1, mb=80)
+    a = populated_and_left_alone(host)
     pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
-    host.populate(1, pfns)
-    a.booted = True
-    while host.digest.cache(a).warming:
-        time.sleep(0.01)
     write(a, slice(0x100, 0x4100), np.arange(4096) % 251)
     write(a, slice(0x800, 0x900), 0)
     assert a.state != sim_host.DomainState.RUNNING
@@ -450,12 +445,8 @@ def test_a_paused_guest_is_digested_as_a_migration_reads_it(host, monkeypatch):
 
 
 def test_the_checkers_reads_leave_the_digest_as_it_was(host, monkeypatch):
-    a = empty(host, 1, mb=80)
+    a = populated_and_left_alone(host)
     pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
-    host.populate(1, pfns)
-    a.booted = True
-    while host.digest.cache(a).warming:
-        time.sleep(0.01)
     write(a, slice(0x100, 0x4100), np.arange(4096) % 251)
     host.enable_log_dirty(1)
     read = _digest_reads(host, monkeypatch)
@@ -472,11 +463,7 @@ def test_the_checkers_reads_leave_the_digest_as_it_was(host, monkeypatch):
 
 
 def test_memory_digest_of_a_pass_in_parts_sees_later_writes(host):
-    a = empty(host, 1, mb=80)
-    host.populate(1, np.arange(0x100, 0x4100, dtype=np.uint64))
-    a.booted = True
-    while host.digest.cache(a).warming:
-        time.sleep(0.01)
+    a = populated_and_left_alone(host)
     # Pages in two blocks, so that a pass of one block leaves one.
     write(a, slice(0x100, 0x100 + 2 * sim_digest._DIGEST_BLOCK), 3)
     host.digest.cache(a).started = False
