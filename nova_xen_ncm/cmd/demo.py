@@ -537,7 +537,7 @@ class _Agent:
         # that they may answer requests, so the snapshot is taken now).
         info = self.host.domain_info(domid)
         if info.state == base.DomainState.RUNNING:
-            self.host.pause(domid)
+            self.host.pause_for_save(domid)
         if info.pv_drivers:
             self.host.quiesce_backends(domid)
         from nova_xen_ncm.host import checker

@@ -102,7 +102,7 @@ def save(
                 + "; ".join(f"{k.value}: {v}" for k, v in missing.items())
             )
     if info.state == base.DomainState.RUNNING:
-        host.pause(domid)
+        host.pause_for_save(domid)
     stream = GuestStream(host, domid, xen_compatible=xen_compatible)
     # NUL-terminated, as xl writes it (strlen + 1) and reads it back.
     libxl_json = host.libxl_config(domid)

@@ -503,7 +503,7 @@ class Sender:
             # while the guest runs: at the pause only its last writes.
             self.host.settle_digest(self.domid)
             asked = self.stats.clock()
-            self.host.pause(self.domid)
+            self.host.pause_for_save(self.domid)
             # Only what was paused here is unpaused on rollback.
             self._push("unpause", self._unpause, guest=True)
             self.stats.paused(at=asked)

@@ -820,6 +820,13 @@ class HostDriver(abc.ABC):
         """Stop the guest's vCPUs; when this returns, nothing in the
         guest writes its memory."""
 
+    def pause_for_save(self, domid: int) -> None:
+        """Pause the guest for a save or a migration's stop-and-copy: as
+        :meth:`pause`, and with no vCPU left waiting on its device model
+        (whose state is taken next and replaced on restore). Undone by
+        :meth:`unpause`."""
+        self.pause(domid)
+
     @abc.abstractmethod
     def unpause(self, domid: int) -> None: ...
 

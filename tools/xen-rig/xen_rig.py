@@ -753,7 +753,13 @@ def build_xen(force: bool = False) -> Path:
 
 # Debian's busybox-static: the guest's shell and tools, one static binary.
 BUSYBOX = Path("/bin/busybox")
-GUEST_FORMAT = 1
+GUEST_FORMAT = 2
+# The PV frontends the guest loads, from the dom0 image's kernel (the
+# guest boots that kernel): its disk and its network interface.
+GUEST_MODULES = (
+    "kernel/drivers/block/xen-blkfront.ko",
+    "kernel/drivers/net/xen-netfront.ko",
+)
 WORKLOAD_CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-static", "-pthread")
 
 
@@ -781,9 +787,41 @@ def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
     return body + _cpio_entry("TRAILER!!!", 0, b"", 0, (0, 0))
 
 
+def guest_kernel() -> str:
+    """The dom0 image's kernel release, which the guest boots."""
+    images = image_dir()
+    if not is_built(images):
+        raise RigError(f"no dom0 image in {images}: run 'build' first")
+    return json.loads((images / "build.json").read_text())["kernel"]
+
+
+def guest_modules(logfile: Path | None = None) -> list[tuple[str, bytes]]:
+    """GUEST_MODULES read out of the dom0 image's root file system
+    (debugfs: no mount needed)."""
+    if shutil.which("debugfs") is None:
+        raise RigError("debugfs not found (apt-get install e2fsprogs)")
+    rootfs = image_dir() / "rootfs.img"
+    kver = guest_kernel()
+    out = []
+    for rel in GUEST_MODULES:
+        result = subprocess.run(
+            ["debugfs", "-R", f"cat /lib/modules/{kver}/{rel}", str(rootfs)],
+            capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
+        if result.returncode != 0 or not result.stdout.startswith(b"\x7fELF"):
+            raise RigError(
+                f"{rel} of kernel {kver} not found in {rootfs}: "
+                + result.stderr.decode(errors="replace")[-500:]
+            )
+        out.append((Path(rel).name, result.stdout))
+    return out
+
+
 def guest_dir() -> Path:
     inputs = {
         "format": GUEST_FORMAT,
+        "kernel": guest_kernel(),
+        "modules": GUEST_MODULES,
         "cflags": WORKLOAD_CFLAGS,
         "files": {
             p.name: hashlib.sha256(p.read_bytes()).hexdigest()
@@ -822,8 +860,12 @@ def build_guest(force: bool = False) -> Path:
     entries = [
         (d, 0o040755, b"")
         for d in ("bin", "dev", "proc", "sys", "tmp", "sbin", "usr",
-                  "usr/bin", "usr/sbin")
+                  "usr/bin", "usr/sbin", "lib", "lib/modules")
     ]  # fmt: skip
+    entries += [
+        (f"lib/modules/{name}", 0o100644, data)
+        for name, data in guest_modules()
+    ]
     entries += [
         ("bin/busybox", 0o100755, BUSYBOX.read_bytes()),
         ("bin/ncm-workload", 0o100755, workload.read_bytes()),

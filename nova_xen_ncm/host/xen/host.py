@@ -41,6 +41,7 @@ from nova_xen_ncm.host.base import PAGE_SIZE
 from nova_xen_ncm.host.base import DomainState
 from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.xen import context
+from nova_xen_ncm.host.xen import devices
 from nova_xen_ncm.host.xen import dm
 from nova_xen_ncm.host.xen import libs
 from nova_xen_ncm.host.xen import probe
@@ -151,6 +152,19 @@ class _Fns(libs.Functions):
 
 
 FN = _Fns()
+
+
+class _ShutDown(base.HostError):
+    """The guest shut down by itself while being suspended."""
+
+
+# getdomaininfo's shutdown code of a domain not shut down (Xen's
+# SHUTDOWN_CODE_INVALID, masked).
+_NO_SHUTDOWN = libs.XEN_DOMINF_shutdownmask
+# Seconds a suspend may wait for the vCPUs' I/O requests, as libxl waits
+# for a guest's suspend: the guest is frozen meanwhile, before any
+# downtime budget starts.
+SUSPEND_TIMEOUT = 60.0
 
 
 def _domain_state(flags: int) -> DomainState:
@@ -379,6 +393,7 @@ class XenHost(base.HostDriver):
             ncm_evtchn=ncm_evtchn,
             ncm_vcpu=ncm_vcpu,
             xenstored_migration=self.xenstored_migrates(),
+            backends_missing=tuple(sorted(devices.backends_missing().items())),
         )
 
     def xenstored_migrates(self) -> bool:
@@ -641,8 +656,132 @@ class XenHost(base.HostDriver):
             domid=domid,
         )
 
+    def pause_for_save(self, domid: int) -> None:
+        """Pause an HVM guest with a device model as libxl suspends one
+        without PV drivers: a plain pause can stop a vCPU with an I/O
+        request to QEMU outstanding, which the restored QEMU never
+        answers. Xen defers a suspend's stop of each vCPU until its
+        request completes; once all are stopped the domain is paused
+        and the suspend undone (the guest sees nothing of it), and QEMU
+        is stopped before any state is read, as libxl does."""
+        with self._lock:
+            raw = self._raw_info(domid, "pause_for_save")
+        # Paused already (by another caller since the guest was seen
+        # running), no vCPU could finish its request for a suspend.
+        if not (
+            raw.flags & libs.XEN_DOMINF_hvm_guest
+            and not raw.flags & libs.XEN_DOMINF_paused
+            and os.path.exists(self._qmp_path(domid))
+        ):
+            self.pause(domid)
+            return
+        libs.check(
+            "xc_domain_shutdown",
+            FN.xc_domain_shutdown(self._xch, domid, libs.SHUTDOWN_suspend),
+            domid=domid,
+        )
+        try:
+            self._wait_suspended(domid)
+            self.pause(domid)
+        except _ShutDown:
+            raise
+        except BaseException:
+            self._cancel_suspend(domid)
+            raise
+        self._cancel_suspend(domid)
+        try:
+            with qmp.Qmp(
+                self._qmp_path(domid), self.opts.command_timeout
+            ) as session:
+                session.execute("stop")
+        except BaseException:
+            # A stop whose answer was lost may have stopped QEMU all the
+            # same: the guest must not run on with its devices stopped.
+            with (
+                contextlib.suppress(Exception),
+                qmp.Qmp(
+                    self._qmp_path(domid), self.opts.command_timeout
+                ) as session,
+            ):
+                session.execute("cont")
+            self.unpause(domid)
+            raise
+        self._dm_stopped.add(domid)
+
+    def _dm_left_stopped(self, domid: int) -> bool:
+        """Whether the guest's QEMU is stopped though this process did
+        not stop it: a save or a migration's stop-and-copy stops it, and
+        the process that did may have died since (recovery unpauses the
+        guest from another). Nothing else stops it while the guest is
+        paused; a QEMU that does not answer is left to the unpause."""
+        path = self._qmp_path(domid)
+        if not os.path.exists(path):
+            return False
+        try:
+            with qmp.Qmp(path, self.opts.command_timeout) as session:
+                status = session.execute("query-status")
+        except base.HostError:
+            return False
+        return isinstance(status, dict) and status.get("status") == "paused"
+
+    def _cancel_suspend(self, domid: int) -> None:
+        # As libxl cancels a suspend: the vCPUs stopped for it go on
+        # (unless the domain is paused), the domain no longer shut down.
+        libs.check(
+            "xc_domain_resume",
+            FN.xc_domain_resume(self._xch, domid, 0),
+            domid=domid,
+        )
+        # xenstored marked the domain shut down when Xen told it of the
+        # suspend, and until told otherwise fires @releaseDomain for it
+        # no more: the guest's own shutdown or crash later would go
+        # unnoticed by xl and every other watcher. Not worth the guest's
+        # pause or failing the save, which run on without it.
+        with self._lock:
+            try:
+                if not FN.xs_resume_domain(self._xs(), domid):
+                    libs.raise_for("xs_resume_domain", domid=domid)
+            except base.HostError as exc:
+                LOG.error(
+                    "xenstored still takes domain %d for shut down (its "
+                    "own shutdown will fire no @releaseDomain): %s",
+                    domid,
+                    exc,
+                )
+
+    def _wait_suspended(self, domid: int) -> None:
+        bound = min(self.opts.command_timeout, SUSPEND_TIMEOUT)
+        deadline = time.monotonic() + bound
+        delay = 0.001
+        while True:
+            with self._lock:
+                flags = self._raw_info(domid, "pause_for_save").flags
+            reason = (
+                flags >> libs.XEN_DOMINF_shutdownshift
+            ) & libs.XEN_DOMINF_shutdownmask
+            if reason not in (libs.SHUTDOWN_suspend, _NO_SHUTDOWN):
+                # The guest's own shutdown, which Xen took before the
+                # suspend (it keeps the first reason): not to be undone,
+                # even while a vCPU still defers it.
+                raise _ShutDown(
+                    f"domain {domid} shut down (reason {reason}) while "
+                    "being suspended",
+                    call="pause_for_save",
+                )
+            if flags & libs.XEN_DOMINF_shutdown:
+                return
+            if time.monotonic() > deadline:
+                raise base.HostError(
+                    f"domain {domid}'s vCPUs did not stop within "
+                    f"{bound:g}s of the suspend (an I/O "
+                    "request its device model does not answer)",
+                    call="pause_for_save",
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
     def unpause(self, domid: int) -> None:
-        if domid in self._dm_stopped:
+        if domid in self._dm_stopped or self._dm_left_stopped(domid):
             with qmp.Qmp(self._qmp_path(domid)) as session:
                 session.execute("cont")
             self._dm_stopped.discard(domid)

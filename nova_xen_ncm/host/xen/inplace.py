@@ -12,12 +12,20 @@ guest's xenstore nodes and, with the patched xenstored, its xenstore
 connection: watches with their tokens, open transactions (whose commit
 then answers EAGAIN) and the data xenstored had not processed or written.
 
+PV devices served by dom0's kernel (blkback ``vbd``, netback ``vif``)
+are carried by :mod:`.devices`: libxl creates their backends again with
+the domain, and they attach to the rings the guest still uses once its
+frontend nodes are back; the guest runs again only when every backend is
+Connected. What a new backend opens (the vbd's medium, the vif's bridge)
+is checked before the old domain is destroyed: a host that lacks it
+leaves the guest running where it was, devices connected.
+
 What it does not carry: with stock xenstored, the xenstore connection
 (xenstored tells no one a domain's, and forgets it with the old domain;
 this restore keeps host and domid and accepts that loss knowingly, the
 engine refuses such guests at SETUP); FIFO event channels and grant
-table v2 (refused by the export) and PV devices' backends (refused: the
-guest must have none).
+table v2 (refused by the export) and devices of other backends (qdisk, a
+driver domain's: refused).
 
 ``save(..., live=True)`` copies the memory while the guest runs (Xen's
 log-dirty mode, rounds until few pages are dirtied) and pauses it only
@@ -43,7 +51,9 @@ from oslo_log import log as logging
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import PAGE_SIZE
+from nova_xen_ncm.host.xen import devices as devices_mod
 from nova_xen_ncm.host.xen import libs
+from nova_xen_ncm.host.xen import probe
 
 if TYPE_CHECKING:
     from nova_xen_ncm.host.xen.host import XenHost
@@ -53,13 +63,16 @@ _BATCH = 1024
 # most STOP_PAGES dirty (or LIVE_ROUNDS rounds were made).
 LIVE_ROUNDS = 8
 STOP_PAGES = 512
+# Live save: pages the log says were not written since their copy that
+# are read again with the guest paused, to check the log.
+LOG_CHECK_PAGES = 1024
 # Where the image waits between the old domain's destroy and the new one
 # running: a restore that fails, or a service that dies, leaves it there.
 IMAGE_DIR = Path("/var/lib/nova-xen-ncm/inplace")
 # Creating the domain again: a failure after the destroy is retried from
 # the image (the guest exists nowhere else).
 RESTORE_ATTEMPTS = 3
-_IMAGE_FORMAT = 3
+_IMAGE_FORMAT = 4
 
 LOG = logging.getLogger(__name__)
 
@@ -84,6 +97,8 @@ class Snapshot:
     #: those copied with it paused.
     rounds: tuple[int, ...] = ()
     paused_pages: int = 0
+    #: The PV devices whose backends attach again (vbd, vif).
+    devices: tuple[devices_mod.Device, ...] = ()
 
 
 def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
@@ -97,17 +112,7 @@ def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
             call="inplace.save",
         )
     info = host.domain_info(domid)
-    # The PV console's backend is xenconsoled, which libxl connects to
-    # the new domain again and which keeps no state of the ring's.
-    devices = [
-        b for b in host._backends(domid) if "/backend/console/" not in b
-    ]
-    if devices:
-        raise InPlaceError(
-            f"domain {domid} has PV devices ({', '.join(devices)}), whose "
-            "backends cannot be carried yet",
-            call="inplace.save",
-        )
+    devs = _devices(host, domid)
     config = host.libxl_config(domid)
     if config is None:
         raise InPlaceError(
@@ -127,9 +132,12 @@ def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
             host.enable_log_dirty(domid)
             pre = _precopy(host, domid, rounds)
         if paused_here:
-            host.pause(domid)
+            # As for a save: the new domain's fresh QEMU would never
+            # answer an I/O request a plain pause left in flight.
+            host.pause_for_save(domid)
         snap = _read(host, domid, config, pre)
         snap.rounds = tuple(rounds)
+        snap.devices = tuple(devs)
         return snap
     except BaseException:
         # Nothing was destroyed: the guest carries on where it was, its
@@ -144,6 +152,32 @@ def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
         if logging_dirty:
             with contextlib.suppress(base.HostError):
                 host.disable_log_dirty(domid)
+
+
+def _devices(host: XenHost, domid: int) -> list[devices_mod.Device]:
+    """The guest's PV devices, refused unless the host's probe says
+    dom0's backends re-attach and each is of a kind that does. The PV
+    console's backend is xenconsoled, which libxl connects to the new
+    domain again and which keeps no state of the ring's: not one."""
+    if not [b for b in host._backends(domid) if "/backend/console/" not in b]:
+        return []
+    devs = [d for d in devices_mod.list_devices(host, domid)
+            if d.kind != "console"]  # fmt: skip
+    # Not the capability report's PV_DEVICES, which answers for the
+    # engine's streams: they carry no device.
+    reason = probe.inplace_devices_limit(host.hypervisor_facts())
+    if reason is not None:
+        names = ", ".join(d.backend for d in devs)
+        raise InPlaceError(
+            f"domain {domid} has PV devices ({names}), whose backends "
+            f"cannot be carried: {reason}",
+            call="inplace.save",
+        )
+    try:
+        devices_mod.check_devices(host, domid, devs)
+    except devices_mod.DeviceError as exc:
+        raise InPlaceError(str(exc), call="inplace.save") from exc
+    return devs
 
 
 def _copy(
@@ -191,12 +225,30 @@ def _read(
     pv = host.export_pv_state(domid)
     pfns = host.populated_pfns(domid)
     memory = bytearray(len(pfns) * PAGE_SIZE)
+    # dom0's backends still answer while the guest is paused: the
+    # frontends' rings are copied first, so that every answer the image
+    # holds has its data (written before it) in the pages copied after.
+    # What is answered after goes to the new backend, which takes the
+    # ring's own rsp_prod as where it is.
+    rings = np.intersect1d(
+        devices_mod.ring_gfns(pv.xenstore.nodes, pv.grant_table, domid), pfns
+    )
     todo = pfns
     if pre is not None:
         old_pfns, old_memory, dirty = pre
-        # Pages copied while it ran and not written since are kept.
-        written = np.concatenate([dirty, host.harvest_dirty(domid)])
+        # Pages copied while it ran and not written since are kept; not
+        # those a backend maps writable, whose writes the log misses.
+        written = np.concatenate(
+            [
+                dirty,
+                host.harvest_dirty(domid),
+                devices_mod.mapped_writable(pv.grant_table),
+                rings,
+            ]
+        )
         kept = np.setdiff1d(np.intersect1d(pfns, old_pfns), written)
+        if not _log_held(host, domid, kept, old_pfns, old_memory):
+            kept = kept[:0]
         src = np.searchsorted(old_pfns, kept).tolist()
         dst = np.searchsorted(pfns, kept).tolist()
         for a, b in zip(src, dst, strict=True):
@@ -204,7 +256,9 @@ def _read(
                 a * PAGE_SIZE : (a + 1) * PAGE_SIZE
             ]
         todo = np.setdiff1d(pfns, kept)
-    _copy(host, domid, todo, memory, np.searchsorted(pfns, todo))
+    rest = np.setdiff1d(todo, rings)
+    for part in (rings, rest):
+        _copy(host, domid, part, memory, np.searchsorted(pfns, part))
     return Snapshot(
         domid=domid,
         libxl_config=config,
@@ -218,6 +272,42 @@ def _read(
     )
 
 
+def _log_held(
+    host: XenHost,
+    domid: int,
+    kept: np.ndarray,
+    old_pfns: np.ndarray,
+    old_memory: bytearray,
+) -> bool:
+    """Whether a sample of the pages the log says were not written since
+    their copy are, with the guest paused, as copied. A log that missed
+    the guest's writes would give a restored guest stale memory; when one
+    sampled page differs, every page is copied again with it paused. A
+    sample finds a log that missed many pages, not one that missed a
+    few."""
+    if not len(kept):
+        return True
+    rng = np.random.default_rng()
+    sample = np.sort(
+        rng.choice(kept, size=min(LOG_CHECK_PAGES, len(kept)), replace=False)
+    )
+    now = bytearray(len(sample) * PAGE_SIZE)
+    _copy(host, domid, sample, now, np.arange(len(sample)))
+    for i, at in enumerate(np.searchsorted(old_pfns, sample).tolist()):
+        if (
+            now[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            != old_memory[at * PAGE_SIZE : (at + 1) * PAGE_SIZE]
+        ):
+            LOG.warning(
+                "Domain %d: page %#x changed while Xen's log-dirty said "
+                "it had not; copying all of its memory with it paused",
+                domid,
+                int(sample[i]),
+            )
+            return False
+    return True
+
+
 def write_image(snap: Snapshot, path: Path) -> None:
     """Write ``snap`` to ``path`` (NumPy's npz: the pages and a JSON
     header), whole or not at all."""
@@ -228,6 +318,7 @@ def write_image(snap: Snapshot, path: Path) -> None:
         "hvm_params": {str(k): v for k, v in snap.hvm_params.items()},
         "tsc": dataclasses.asdict(snap.tsc),
         "pv": pv_to_json(snap.pv),
+        "devices": [d.to_json() for d in snap.devices],
     }
     # The guest's memory: for root's eyes only.
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -270,6 +361,9 @@ def read_image(path: Path) -> Snapshot:
             hvm_params={int(k): v for k, v in head["hvm_params"].items()},
             tsc=base.TscInfo(**head["tsc"]),
             pv=pv_from_json(head["pv"]),
+            devices=tuple(
+                devices_mod.Device.from_json(d) for d in head["devices"]
+            ),
         )
 
 
@@ -407,10 +501,19 @@ def restore(
     domid = snap.domid
     path = image_path(domid, image_dir)
     try:
+        # Before anything is undone: the guest stays where it runs, its
+        # devices connected, when their backends could not attach again.
+        devices_mod.check_media(snap.devices)
+    except devices_mod.DeviceError as exc:
+        _leave_in_place(host, domid, unpause=unpause)
+        raise InPlaceError(
+            f"domain {domid} left running in place: {exc}",
+            call="inplace.restore",
+        ) from exc
+    try:
         write_image(snap, path)
     except BaseException as exc:
-        if unpause:
-            host.unpause(domid)
+        _leave_in_place(host, domid, unpause=unpause)
         if isinstance(exc, OSError):
             raise InPlaceError(
                 f"could not write domain {domid}'s image to {path}: {exc}; "
@@ -428,10 +531,19 @@ def restore(
         else:
             # Still there: the guest keeps its domain, the image goes.
             path.unlink(missing_ok=True)
-            if unpause:
-                host.unpause(domid)
+            _leave_in_place(host, domid, unpause=unpause)
             raise
     _recreate(host, snap, path, unpause=unpause, attempts=attempts)
+
+
+def _leave_in_place(host: XenHost, domid: int, *, unpause: bool) -> None:
+    """The saved guest keeps its domain: its xenstore connection, frozen
+    by the export, is served again (paused or not: no later unpause
+    would thaw it), and it runs again if asked to."""
+    with contextlib.suppress(base.HostError):
+        host.thaw_xenstore(domid)
+    if unpause:
+        host.unpause(domid)
 
 
 def restore_image(
@@ -514,6 +626,9 @@ def _create_once(
                 call="inplace.restore",
             )
         _put_back(host, snap)
+        # The frontends' notifications would go to unbound ports until
+        # their backends bound them.
+        devices_mod.wait_connected(host, domid, snap.devices)
         if unpause:
             host.unpause(domid)
     except BaseException:

@@ -61,6 +61,7 @@ XEN_DOMINF_blocked = 1 << 4
 XEN_DOMINF_running = 1 << 5
 XEN_DOMINF_shutdownshift = 16
 XEN_DOMINF_shutdownmask = 255
+SHUTDOWN_suspend = 2
 SHUTDOWN_crash = 3
 
 
@@ -263,6 +264,11 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "xc_domain_pause": ("xenctrl", "int", ("xc_interface *", "uint32_t")),
     "xc_domain_unpause": ("xenctrl", "int", ("xc_interface *", "uint32_t")),
+    "xc_domain_shutdown": (
+        "xenctrl",
+        "int",
+        ("xc_interface *", "uint32_t", "int"),
+    ),
     "xc_domain_hvm_getcontext": (
         "xenctrl",
         "int",
@@ -430,6 +436,11 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("xencall_handle *", "unsigned int", "uint64_t"),
     ),
     # libxenguest
+    "xc_domain_resume": (
+        "xenguest",
+        "int",
+        ("xc_interface *", "uint32_t", "int"),
+    ),
     "xc_set_domain_cpu_policy": (
         "xenguest",
         "int",
@@ -512,6 +523,7 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
             "unsigned int",
         ),
     ),
+    "xs_resume_domain": ("xenstore", "bool", ("xs_handle *", "unsigned int")),
     "xs_directory": (
         "xenstore",
         "char **",

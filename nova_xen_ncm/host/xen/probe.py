@@ -17,11 +17,15 @@ the experimental ``XEN_DOMCTL_ncm_evtchn`` and ``XEN_DOMCTL_ncm_vcpu``.
 Whether the running Xen has them is asked of Xen itself (:mod:`.context`),
 never looked up by version. With both, event channels (2-level), shared
 info with each vCPU's registrations and timers, and the grant table (v1)
-are carried. The series' xenstored (``domain-export`` and
-``domain-import``, :mod:`.xsmig`) carries a domain's watches, open
-transactions and pending data; whether this host's xenstored has them is
-asked of it by calling the command. PV devices are not carried yet, so
-a guest with PV devices is still refused, naming them.
+are carried, and, by the restore in place only (:mod:`.inplace`), PV
+devices of dom0's kernel backends (blkback, netback) when dom0's kernel
+attaches them to rings in use (:mod:`.devices`, asked of dom0: its
+release and its backend modules). The series' xenstored
+(``domain-export`` and ``domain-import``, :mod:`.xsmig`) carries a
+domain's watches, open transactions and pending data; whether this
+host's xenstored has them is asked of it by calling the command. A save
+or migration stream carries no device, so the engine still refuses a
+guest with PV drivers at SETUP, naming why.
 """
 
 from __future__ import annotations
@@ -99,8 +103,17 @@ PATCHED_XENSTORE_LIMIT = (
     "fires"
 )
 PATCHED_PV_DEVICES_LIMIT = (
-    "PV devices' backends are not carried yet: netback and blkback would "
-    "reconnect through a new xenbus handshake the frontend would see"
+    "dom0's backends cannot attach to the rings a restored frontend "
+    "uses; they would reconnect through a new xenbus handshake the "
+    "frontend would see"
+)
+# With the backends that attach again: the engine's save and migration
+# streams still carry no device (the Xen driver's quiesce_backends and
+# resume_backends refuse one), so its SETUP must still refuse them.
+PATCHED_PV_DEVICES_STREAM_LIMIT = (
+    "dom0's backends attach again to the rings in use only in a restore "
+    "in place on this host (nova_xen_ncm.host.xen.inplace); a save or "
+    "migration stream does not carry a guest's devices"
 )
 
 
@@ -118,6 +131,10 @@ class HypervisorFacts:
     ncm_vcpu: bool = False
     # xenstored answered domain-export (the patched xenstored).
     xenstored_migration: bool = False
+    # (device kind, why dom0's kernel backend of that kind cannot attach
+    # to a ring in use), asked of dom0 (devices.backends_missing); None
+    # when not asked.
+    backends_missing: tuple[tuple[str, str], ...] | None = None
 
     @property
     def version(self) -> str:
@@ -155,12 +172,29 @@ def restore_items(facts: HypervisorFacts) -> dict[Item, str | None]:
         out[Item.XENSTORE] = (
             None if facts.xenstored_migration else PATCHED_XENSTORE_LIMIT
         )
-        out[Item.PV_DEVICES] = PATCHED_PV_DEVICES_LIMIT
+        out[Item.PV_DEVICES] = (
+            inplace_devices_limit(facts) or PATCHED_PV_DEVICES_STREAM_LIMIT
+        )
     elif facts.ncm_evtchn:
         out[Item.EVENT_CHANNELS] = PATCHED_EVTCHN_LIMIT
     elif facts.ncm_vcpu:
         out[Item.SHARED_INFO] = PATCHED_VCPU_LIMIT
     return out
+
+
+def inplace_devices_limit(facts: HypervisorFacts) -> str | None:
+    """Why dom0's backends could not attach again to the rings a guest
+    restored in place on this host still uses, or None when they can
+    (:mod:`.inplace`; each device's kind is checked there too)."""
+    if not (facts.ncm_evtchn and facts.ncm_vcpu):
+        return STOCK_XEN_LIMITS[Item.PV_DEVICES]
+    if facts.backends_missing == ():
+        return None
+    if facts.backends_missing:
+        return f"{PATCHED_PV_DEVICES_LIMIT}: " + "; ".join(
+            f"{kind}: {why}" for kind, why in facts.backends_missing
+        )
+    return PATCHED_PV_DEVICES_LIMIT
 
 
 def describe(caps: base.Capabilities) -> list[str]:

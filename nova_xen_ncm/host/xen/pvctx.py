@@ -39,6 +39,7 @@ from oslo_log import log as logging
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.xen import context as ctx_mod
+from nova_xen_ncm.host.xen import devices
 from nova_xen_ncm.host.xen import libs
 from nova_xen_ncm.host.xen import xsmig
 
@@ -430,11 +431,33 @@ def import_(
                 vs, singleshot_deadline=None, periodic_period=0
             ),
         )
-    _import_event_channels(ctx, domid, state.event_channels.ports)
+    backend_ports = devices.frontend_ports(state.xenstore.nodes, domid)
+    _import_event_channels(
+        ctx, domid, state.event_channels.ports, backend_ports
+    )
+    # Each frontend's port raised once: its backend's answers written
+    # after the export (the old backend ran on while the guest was paused
+    # and its memory copied) had their notification dropped with the old
+    # domain, and a frontend that saw none would wait for ever, its
+    # backend not notifying again until the frontend moves its event
+    # index. A frontend raised finds its ring as it is.
+    content = bytearray(devices.raise_ports(si.content, backend_ports))
+    for vs in vcpus:
+        if vs.vcpu_info is None:  # its legacy slot in shared_info
+            devices.mark_all_pending(content, vs.vcpu * devices.VCPU_INFO_SIZE)
     with host.map_pages(
         domid, np.array([si.gfn], dtype=np.uint64), writable=True
     ) as mapping:
-        mapping.pages[0][:] = si.content
+        mapping.pages[0][:] = content
+    # The placed vcpu_info copies, in guest memory (see all_pending).
+    for vs in vcpus:
+        if vs.vcpu_info is None:
+            continue
+        gfn, offset = vs.vcpu_info
+        with host.map_pages(
+            domid, np.array([gfn], dtype=np.uint64), writable=True
+        ) as mapping:
+            devices.mark_all_pending(mapping.pages[0], offset)
     # vcpu_info is already placed there: SET finds it so and only arms.
     for vs in vcpus:
         if vs.singleshot_deadline is not None or vs.periodic_period:
@@ -469,13 +492,14 @@ def _import_grant_table(
     pfns = np.array(gt.frame_gfns, dtype=np.uint64)
     with host.map_pages(domid, pfns, writable=True) as mapping:
         for page, frame in zip(mapping.pages, gt.frames, strict=True):
-            page[:] = frame
+            page[:] = devices.clear_grants_in_use(frame)
 
 
 def _import_event_channels(
     ctx: ctx_mod.DomainContext,
     domid: int,
     ports: tuple[base.EventChannel, ...],
+    backend_ports: dict[int, int] | None = None,
 ) -> None:
     # Ports the new domain's toolstack bound itself (xenstore, console)
     # must be where the guest had them: the guest will not ask again. A
@@ -495,10 +519,22 @@ def _import_event_channels(
                 f"({chan.status_name}) is not the guest's",
                 call="import_pv_state",
             )
+    # A frontend's port was bound by its backend, whose end went with
+    # the old domain: it waits unbound for the new backend, which binds
+    # it when it connects (devices).
+    backend_ports = backend_ports or {}
     ctx.set_event_channels(
         domid,
         [
             ctx_mod.EventChannel(
+                port=p.port,
+                status=int(base.EvtchnType.UNBOUND),
+                vcpu=p.vcpu,
+                remote_dom=p.remote_domid,
+            )
+            if p.type == base.EvtchnType.INTERDOMAIN
+            and backend_ports.get(p.port) == p.remote_domid
+            else ctx_mod.EventChannel(
                 port=p.port,
                 status=int(p.type),
                 vcpu=p.vcpu,
@@ -541,7 +577,12 @@ def _import_xenstore(
     host: XenHost, domid: int, xs: base.XenstoreState
 ) -> None:
     fn = _fn()
-    for node in xs.nodes:
+    # Each frontend's state last: a backend connects when it sees it
+    # Connected, and reads the rest of the frontend's area then.
+    nodes = sorted(
+        xs.nodes, key=lambda n: devices.is_frontend_state(n.path, domid)
+    )
+    for node in nodes:
         current = host._xs_read(node.path)
         if current is not None:
             # libxl wrote the new domain's own nodes; only what differs

@@ -30,9 +30,19 @@ def running_on(host, domid):
         return False
 
 
-def test_completed_migration_is_transparent(source, destination, migration):
+def test_completed_migration_is_transparent(
+    source, destination, migration, monkeypatch
+):
     domid = source.create_domain(guest_config())
     seen = {}
+    paused_for_save = []
+    real_pause_for_save = source.pause_for_save
+
+    def pause_for_save(d):
+        paused_for_save.append(d)
+        real_pause_for_save(d)
+
+    monkeypatch.setattr(source, "pause_for_save", pause_for_save)
 
     def at_source_restore(event):
         # All was sent; the source copy is paused as the guest last ran.
@@ -51,6 +61,9 @@ def test_completed_migration_is_transparent(source, destination, migration):
     )
     assert m.run() is Phase.DONE, m.sender.error
     assert m.receiver.state.phase is Phase.DONE, m.receiver.error
+    # Stopped for the copy as for a save (no I/O request left in flight
+    # to a device model on a Xen host), once.
+    assert paused_for_save == [domid]
 
     report = checker.check(seen["paused"], seen["resumed"])
     assert report.passed, str(report)

@@ -263,3 +263,29 @@ def test_a_directly_booted_kernel_is_part_of_the_restored_machine():
     header = xl.Header(0, 0, json.dumps(config).encode())
     with pytest.raises(RestoreError, match="kernel .* is not a string"):
         savefile._domain_config(header)
+
+
+def test_a_running_guest_is_paused_as_for_a_save(hosts, monkeypatch):
+    a, _ = hosts
+    build(a)
+    real_info = a.domain_info
+    # Running, as the host reports it (the hand-made guest has no kernel
+    # to run; it stays paused underneath).
+    monkeypatch.setattr(
+        a,
+        "domain_info",
+        lambda domid: dataclasses.replace(
+            real_info(domid), state=base.DomainState.RUNNING
+        ),
+    )
+    paused = []
+
+    def plain_pause(domid):
+        raise AssertionError("paused plainly for a save")
+
+    # Not a plain pause: on a Xen host that could leave a vCPU's I/O
+    # request to the device model in flight.
+    monkeypatch.setattr(a, "pause", plain_pause)
+    monkeypatch.setattr(a, "pause_for_save", paused.append)
+    assert saved(a)
+    assert paused == [DOMID]

@@ -252,3 +252,233 @@ def test_a_kernel_missing_on_this_host_is_named_before_xl_runs(
     (tmp_path / "initrd.gz").write_bytes(b"i")
     written = xen._write_config(config)
     assert f'kernel = "{kernel}"' in open(written).read()
+
+
+def _suspending_host(
+    monkeypatch: pytest.MonkeyPatch,
+    states: list[int],
+    hvm: bool = True,
+    lost: tuple[str, ...] = (),
+    qemu_status: str = "running",
+) -> tuple[host.XenHost, list[str]]:
+    """A host whose domain 7 reports ``states`` (shutdown flags) one
+    getinfo after another, recording the calls made, QMP's included."""
+    import contextlib
+    import threading
+
+    calls: list[str] = []
+    flags = libs.XEN_DOMINF_hvm_guest if hvm else 0
+
+    class FakeFN:
+        def __getattr__(self, name: str):
+            def fn(*args):
+                calls.append(name)
+                # libxc's success is 0, libxenstore's true.
+                return name.startswith("xs_") and name not in lost
+
+            return fn
+
+    class Session:
+        def execute(self, command: str, **kwargs: object) -> object:
+            calls.append(f"qmp {command}")
+            if command in lost:
+                raise base.HostError("no answer", call="qmp")
+            if command == "query-status":
+                return {"status": qemu_status, "running": False}
+            return None
+
+    monkeypatch.setattr(host, "FN", FakeFN())
+    monkeypatch.setattr(
+        host.qmp, "Qmp", lambda *a: contextlib.nullcontext(Session())
+    )
+    monkeypatch.setattr(host.os.path, "exists", lambda path: True)
+    monkeypatch.setattr(host.time, "sleep", lambda s: None)
+    xen = object.__new__(host.XenHost)
+    xen._lock = threading.RLock()
+    xen._xch = 1
+    xen._xsh = 2
+    xen._dm_stopped = set()
+    xen._populated = {}
+    xen.opts = types.SimpleNamespace(
+        command_timeout=5, qmp_dir="/run/qmp", state_dir="/tmp"
+    )
+    queue = list(states)
+
+    def raw_info(domid: int, call: str) -> types.SimpleNamespace:
+        calls.append("getinfo")
+        state = queue.pop(0) if len(queue) > 1 else queue[0]
+        return types.SimpleNamespace(flags=flags | state)
+
+    xen._raw_info = raw_info
+    return xen, calls
+
+
+def _shut(reason: int) -> int:
+    return libs.XEN_DOMINF_shutdown | reason << libs.XEN_DOMINF_shutdownshift
+
+
+# What Xen reports of a domain not shut down: SHUTDOWN_CODE_INVALID.
+RUNNING = 0xFFFF << libs.XEN_DOMINF_shutdownshift
+
+
+def test_an_hvm_guest_is_paused_for_a_save_through_a_suspend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Running (a vCPU's I/O request to QEMU outstanding defers the
+    # suspend), then suspended: paused, the suspend undone, QEMU stopped.
+    xen, calls = _suspending_host(
+        monkeypatch, [RUNNING, RUNNING, _shut(libs.SHUTDOWN_suspend)]
+    )
+    xen.pause_for_save(7)
+    assert calls == [
+        "getinfo",
+        "xc_domain_shutdown",
+        "getinfo",
+        "getinfo",
+        "xc_domain_pause",
+        "xc_domain_resume",
+        "xs_resume_domain",
+        "qmp stop",
+    ]
+    assert xen._dm_stopped == {7}
+    calls.clear()
+    xen.unpause(7)
+    assert calls == ["qmp cont", "xc_domain_unpause"]
+
+
+@pytest.mark.parametrize(("timeout", "bound"), [(5, 5), (300, 60)])
+def test_a_suspend_that_never_completes_is_cancelled(
+    monkeypatch: pytest.MonkeyPatch, timeout: int, bound: int
+) -> None:
+    xen, calls = _suspending_host(monkeypatch, [RUNNING])
+    # No longer than libxl waits for a suspend, whatever QMP may take.
+    xen.opts.command_timeout = timeout
+    clock = [0.0]
+
+    def monotonic() -> float:
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(host.time, "monotonic", monotonic)
+    with pytest.raises(base.HostError, match=f"did not stop within {bound}s"):
+        xen.pause_for_save(7)
+    # The guest runs on: resumed, never paused, QEMU untouched, and
+    # xenstored told the domain is no longer shut down.
+    assert calls[-2:] == ["xc_domain_resume", "xs_resume_domain"]
+    assert "xc_domain_pause" not in calls and xen._dm_stopped == set()
+
+
+def test_a_guest_shutting_down_by_itself_is_not_resumed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    xen, calls = _suspending_host(monkeypatch, [_shut(0)])
+    with pytest.raises(base.HostError, match=r"shut down \(reason 0\)"):
+        xen.pause_for_save(7)
+    assert "xc_domain_resume" not in calls
+
+
+def test_a_guest_without_a_device_model_is_paused_plainly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    xen, calls = _suspending_host(monkeypatch, [RUNNING], hvm=False)
+    xen.pause_for_save(7)
+    assert calls == ["getinfo", "xc_domain_pause"]
+
+
+def test_a_guest_shutdown_xen_took_first_is_not_undone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The guest's poweroff came first (Xen keeps its reason) and a vCPU
+    # still defers it: not yet shut down, never to be resumed.
+    reboot = 1 << libs.XEN_DOMINF_shutdownshift
+    xen, calls = _suspending_host(monkeypatch, [reboot])
+    with pytest.raises(base.HostError, match=r"shut down \(reason 1\)"):
+        xen.pause_for_save(7)
+    assert "xc_domain_resume" not in calls
+    assert "xc_domain_pause" not in calls
+
+
+def test_a_pause_refused_after_the_suspend_cancels_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    xen, calls = _suspending_host(monkeypatch, [_shut(libs.SHUTDOWN_suspend)])
+
+    def pause(domid: int) -> None:
+        raise base.HostError("refused", call="xc_domain_pause")
+
+    xen.pause = pause
+    with pytest.raises(base.HostError, match="refused"):
+        xen.pause_for_save(7)
+    assert calls[-2:] == ["xc_domain_resume", "xs_resume_domain"]
+    assert xen._dm_stopped == set()
+
+
+def test_a_qemu_stop_unanswered_is_undone_and_the_guest_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # QEMU may have stopped without answering: it is told to go on, and
+    # the guest is unpaused, before the error is raised.
+    xen, calls = _suspending_host(
+        monkeypatch, [_shut(libs.SHUTDOWN_suspend)], lost=("stop",)
+    )
+    with pytest.raises(base.HostError, match="no answer"):
+        xen.pause_for_save(7)
+    assert calls[-4:] == [
+        "qmp stop",
+        "qmp cont",
+        "qmp query-status",
+        "xc_domain_unpause",
+    ]
+    assert xen._dm_stopped == set()
+
+
+@pytest.mark.parametrize(
+    ("status", "cont"), [("paused", True), ("running", False)]
+)
+def test_a_device_model_another_process_stopped_goes_on_at_unpause(
+    monkeypatch: pytest.MonkeyPatch, status: str, cont: bool
+) -> None:
+    # A service that died in a stop-and-copy left QEMU stopped; the one
+    # recovering the guest unpauses it, QEMU too. A QEMU running (a
+    # guest paused plainly) is left as it is.
+    xen, calls = _suspending_host(monkeypatch, [RUNNING], qemu_status=status)
+    xen.unpause(7)
+    assert calls == ["qmp query-status"] + (["qmp cont"] if cont else []) + [
+        "xc_domain_unpause"
+    ]
+
+
+def test_a_device_model_that_does_not_answer_leaves_the_unpause_to_xen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    xen, calls = _suspending_host(
+        monkeypatch, [RUNNING], lost=("query-status",)
+    )
+    xen.unpause(7)
+    assert calls == ["qmp query-status", "xc_domain_unpause"]
+
+
+def test_xenstored_refusing_the_resume_fails_neither_pause_nor_guest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    xen, calls = _suspending_host(
+        monkeypatch,
+        [_shut(libs.SHUTDOWN_suspend)],
+        lost=("xs_resume_domain",),
+    )
+    xen.pause_for_save(7)
+    assert calls[-3:] == ["xc_domain_resume", "xs_resume_domain", "qmp stop"]
+    assert xen._dm_stopped == {7}
+    assert "still takes domain 7 for shut down" in caplog.text
+
+
+def test_a_guest_paused_meanwhile_is_paused_plainly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its vCPUs could not run to finish a request: a suspend would only
+    # wait out its bound.
+    xen, calls = _suspending_host(
+        monkeypatch, [RUNNING | libs.XEN_DOMINF_paused]
+    )
+    xen.pause_for_save(7)
+    assert calls == ["getinfo", "xc_domain_pause"]

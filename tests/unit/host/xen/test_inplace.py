@@ -8,6 +8,7 @@ by the snapshot object the restore was given.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import PAGE_SIZE
+from nova_xen_ncm.host.xen import devices as devices_mod
 from nova_xen_ncm.host.xen import inplace
 
 DOMID = 5
@@ -45,6 +47,7 @@ class FakeXen:
         # The live guest: a write it makes between two host calls.
         self.guest_writes: list[tuple[int, bytes]] = []
         self.log_dirty: set[int] | None = None
+        self.paused_for_save: list[int] = []
 
     def domain_info(self, domid: int) -> base.DomainInfo:
         if domid not in self.domains:
@@ -65,6 +68,10 @@ class FakeXen:
     def pause(self, domid: int) -> None:
         self.domain_info(domid)
         self.domains[domid]["state"] = base.DomainState.PAUSED
+
+    def pause_for_save(self, domid: int) -> None:
+        self.pause(domid)
+        self.paused_for_save.append(domid)
 
     def destroy_domain(self, domid: int) -> None:
         self.domain_info(domid)
@@ -304,21 +311,52 @@ def test_image_not_written_leaves_the_domain_running(
 ) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("")
+    xen.frozen.add(DOMID)  # as the save's export left it
     with pytest.raises(inplace.InPlaceError, match="left in place"):
         inplace.restore(xen, _snapshot(), image_dir=blocked / "sub")
     assert xen.destroyed == [] and xen.created == []
     assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
+    # Its xenstore ring is served again.
+    assert xen.frozen == set()
+
+
+@pytest.mark.parametrize("unpause", [True, False])
+def test_a_medium_missing_leaves_the_guest_in_place(
+    xen: FakeXen, tmp_path: Path, unpause: bool
+) -> None:
+    # The vbd's new backend could not open its medium: nothing is undone.
+    snap = dataclasses.replace(
+        _snapshot(),
+        devices=(
+            devices_mod.Device(
+                "vbd", 51712, 0, "f", "b", str(tmp_path / "gone.img")
+            ),
+        ),
+    )
+    xen.frozen.add(DOMID)
+    with pytest.raises(inplace.InPlaceError, match="left running in place"):
+        inplace.restore(xen, snap, image_dir=tmp_path, unpause=unpause)
+    assert xen.destroyed == [] and xen.created == []
+    assert list(tmp_path.iterdir()) == []
+    assert xen.domains[DOMID]["state"] == (
+        base.DomainState.RUNNING if unpause else base.DomainState.PAUSED
+    )
+    # Served again even when left paused: no later unpause would thaw it.
+    assert xen.frozen == set()
 
 
 def test_image_round_trip(tmp_path: Path) -> None:
-    snap = _snapshot()
+    snap = dataclasses.replace(
+        _snapshot(),
+        devices=(devices_mod.Device("vif", 0, 0, "f", "b", "br0"),),
+    )
     path = tmp_path / "img.npz"
     inplace.write_image(snap, path)
     back = inplace.read_image(path)
     assert back.pfns.tolist() == snap.pfns.tolist()
     assert back.memory == snap.memory
     fields = ("domid", "libxl_config", "hvm_context", "hvm_params", "tsc",
-              "pv")  # fmt: skip
+              "pv", "devices")  # fmt: skip
     for field in fields:
         assert getattr(back, field) == getattr(snap, field), field
     assert not (tmp_path / "img.npz.tmp").exists()
@@ -351,7 +389,7 @@ def test_save_refuses_what_the_export_cannot_read_before_any_pause(
     xen.check_fails = True
     # A pause or a live copy first would make it a refusal in the
     # downtime, or after a whole copy: neither may be called.
-    xen.pause = xen.enable_log_dirty = None
+    xen.pause = xen.pause_for_save = xen.enable_log_dirty = None
     with pytest.raises(base.NotSupported, match="FIFO"):
         inplace.save(xen, DOMID, live=live)
     assert xen.checked == [(DOMID, base.DomainState.RUNNING)]
@@ -368,10 +406,12 @@ def test_destroy_failing_leaves_the_guest_running(
     xen: FakeXen, tmp_path: Path
 ) -> None:
     xen.fail_destroy = True
+    xen.frozen.add(DOMID)
     with pytest.raises(base.HostError, match="xl destroy"):
         inplace.restore(xen, _snapshot(), image_dir=tmp_path)
     assert xen.created == [] and list(tmp_path.iterdir()) == []
     assert xen.domains[DOMID]["state"] == base.DomainState.RUNNING
+    assert xen.frozen == set()
 
 
 def test_a_bug_after_destroy_is_not_retried_and_keeps_the_image(
@@ -439,3 +479,109 @@ def test_save_holds_the_guest_as_it_was_when_paused(
     else:
         assert snap.rounds == () and snap.paused_pages == len(PFNS)
     assert snap.pv == _pv_state()
+    # Paused as for a save: no I/O request left to the device model the
+    # new domain does not have.
+    assert xen.paused_for_save == [DOMID]
+
+
+def _granted(*entries: tuple[int, int]) -> bytes:
+    """A v1 grant frame: (flags, frame) per entry, domid 0, the rest
+    zero."""
+    out = b"".join(
+        flags.to_bytes(2, "little") + bytes(2) + frame.to_bytes(4, "little")
+        for flags, frame in entries
+    )
+    return out + bytes(PAGE_SIZE - len(out))
+
+
+def test_live_save_copies_again_what_a_backend_maps_writable(
+    xen: FakeXen, monkeypatch
+) -> None:
+    # pfn 2 is a ring (grant 0, its frontend's ring-ref), pfn 7 a
+    # persistent grant (grant 1): both mapped writable by the backend
+    # (GTF_permit_access | GTF_writing), whose writes the log misses.
+    monkeypatch.setattr(inplace, "STOP_PAGES", 0)
+    monkeypatch.setattr(inplace, "LIVE_ROUNDS", 2)
+    dom = xen.domains[DOMID]
+    dom["state"] = base.DomainState.RUNNING
+    for pfn in PFNS.tolist():
+        dom["pages"][pfn][:] = _page(pfn + 1)
+    pv = _pv_state()
+    front = f"/local/domain/{DOMID}/device/vbd/51712"
+    pv = dataclasses.replace(
+        pv,
+        grant_table=base.GrantTableState(
+            1, (0xF000,), (_granted((1 | 16, 2), (1 | 16, 7), (1, 1)),)
+        ),
+        xenstore=dataclasses.replace(
+            pv.xenstore,
+            nodes=pv.xenstore.nodes
+            + (base.XenstoreNode(f"{front}/ring-ref", b"0", (("n", 0),)),),
+        ),
+    )
+    xen.export_pv_state = lambda domid: pv
+    real_harvest = xen.harvest_dirty
+    harvests = []
+
+    def harvest(domid: int) -> np.ndarray:
+        # The backend writes, unlogged, after the first copy.
+        dirty = real_harvest(domid)
+        harvests.append(domid)
+        if len(harvests) == 2:
+            dom["pages"][2][:] = _page(0xC2)
+            dom["pages"][7][:] = _page(0xC7)
+        return dirty
+
+    xen.harvest_dirty = harvest
+    copied: list[list[int]] = []
+    real_map = xen.map_pages
+
+    def map_pages(domid, pfns, writable=False):
+        if dom["state"] == base.DomainState.PAUSED:
+            copied.append(pfns.tolist())
+        return real_map(domid, pfns, writable)
+
+    xen.map_pages = map_pages
+    snap = inplace.save(xen, DOMID, live=True)
+    held = {
+        p: bytes(snap.memory[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        for i, p in enumerate(snap.pfns.tolist())
+    }
+    assert held[2] == _page(0xC2) and held[7] == _page(0xC7)
+    assert held[1] == _page(2)  # granted read-only: kept from the copy
+    # With it paused: the kept pages read to check the log, then the
+    # ring first, then the rest.
+    assert copied == [[0, 1], [2], [7]], copied
+    assert snap.paused_pages == 2
+
+
+def test_live_save_whose_log_missed_writes_copies_all_with_it_paused(
+    xen: FakeXen, monkeypatch
+) -> None:
+    # Xen's log loses the guest's writes: the sample read at the pause
+    # finds a page that changed, and every page is copied paused.
+    monkeypatch.setattr(inplace, "STOP_PAGES", 0)
+    monkeypatch.setattr(inplace, "LIVE_ROUNDS", 2)
+    dom = xen.domains[DOMID]
+    dom["state"] = base.DomainState.RUNNING
+    for pfn in PFNS.tolist():
+        dom["pages"][pfn][:] = _page(pfn + 1)
+    real_harvest = xen.harvest_dirty
+    harvests = []
+
+    def harvest(domid: int) -> np.ndarray:
+        real_harvest(domid)
+        harvests.append(domid)
+        if len(harvests) == 2:
+            for pfn in PFNS.tolist():
+                dom["pages"][pfn][:] = _page(0xD0 + pfn)
+        return np.zeros(0, dtype=np.uint64)  # nothing logged
+
+    xen.harvest_dirty = harvest
+    snap = inplace.save(xen, DOMID, live=True)
+    held = {
+        p: bytes(snap.memory[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        for i, p in enumerate(snap.pfns.tolist())
+    }
+    assert held == {p: _page(0xD0 + p) for p in PFNS.tolist()}
+    assert snap.paused_pages == len(PFNS)

@@ -90,7 +90,7 @@ def test_both_domctls_leave_xenstore_watches_and_devices() -> None:
         assert c.restore[item] is None, item
     missing = c.missing(True)
     # Still refused, and said why: xenstored and the backends.
-    assert set(missing) == {Item.XENSTORE, Item.PV_DEVICES}
+    assert set(missing) == {Item.XENSTORE, Item.PV_DEVICES}  # not asked
     assert "watches" in missing[Item.XENSTORE]
     assert "xenstored" in missing[Item.XENSTORE]
     assert "backends" in missing[Item.PV_DEVICES]
@@ -109,3 +109,36 @@ def test_describe() -> None:
     assert lines[0] == "memory: yes"
     assert any(line.startswith("event_channels: no: ") for line in lines)
     assert len(lines) == len(Item)
+
+
+def test_devices_carried_in_place_when_dom0s_backends_attach() -> None:
+    def facts(missing, xenstored=False):
+        return probe.HypervisorFacts(
+            4, 17, "", HVM_HAP, ncm_evtchn=True, ncm_vcpu=True,
+            xenstored_migration=xenstored, backends_missing=missing,
+        )  # fmt: skip
+
+    # The restore in place carries them.
+    assert probe.inplace_devices_limit(facts(())) is None
+    old = facts((("vbd", "dom0's Linux 5.4 xen-blkback maps ..."),))
+    reason = probe.inplace_devices_limit(old)
+    assert reason is not None and "vbd: dom0's Linux 5.4" in reason
+    assert caps(old).restore[Item.PV_DEVICES] == reason
+    # Not asked of dom0: not carried.
+    assert probe.inplace_devices_limit(facts(None)) == (
+        probe.PATCHED_PV_DEVICES_LIMIT
+    )
+    # The engine's streams carry no device: its SETUP still refuses a PV
+    # guest, saying why, with the patched xenstored too.
+    for xenstored in (False, True):
+        missing = caps(facts((), xenstored)).missing(True)
+        assert missing[Item.PV_DEVICES] == (
+            probe.PATCHED_PV_DEVICES_STREAM_LIMIT
+        )
+        assert "in place" in missing[Item.PV_DEVICES]
+        assert (Item.XENSTORE in missing) is not xenstored
+    # Stock Xen keeps its own reason whatever dom0's kernel can do.
+    stock = probe.HypervisorFacts(4, 17, "", HVM_HAP, backends_missing=())
+    limit = probe.STOCK_XEN_LIMITS[Item.PV_DEVICES]
+    assert probe.inplace_devices_limit(stock) == limit
+    assert caps(stock).restore[Item.PV_DEVICES] == limit

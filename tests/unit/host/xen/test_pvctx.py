@@ -232,23 +232,27 @@ def test_timers_are_armed_after_their_ports_and_the_guests_bits(
         lambda *a: calls.append(("connection",)),
     )
 
+    pages = {gfn: bytearray(4096), 0x1000: bytearray(4096)}
+
     class Mapping:
-        def __init__(self) -> None:
-            self.pages = [bytearray(4096)]
+        def __init__(self, pfn: int) -> None:
+            self.pfn = pfn
+            self.pages = [pages[pfn]]
 
         def __enter__(self):
             return self
 
         def __exit__(self, *exc) -> None:
-            calls.append(("shared_info content",))
+            what = "shared_info" if self.pfn == gfn else "vcpu_info page"
+            calls.append((f"{what} content",))
 
     class Host:
         def _raw_info(self, domid, call):
             return types.SimpleNamespace(shared_info_frame=gfn)
 
         def map_pages(self, domid, pfns, writable=False):
-            assert writable and list(pfns) == [gfn]
-            return Mapping()
+            assert writable and len(pfns) == 1
+            return Mapping(int(pfns[0]))
 
         def _xs_read(self, path):
             return None
@@ -299,9 +303,16 @@ def test_timers_are_armed_after_their_ports_and_the_guests_bits(
         # ...while the ports and the guest's own bits go back...
         ("ports", [3]),
         ("shared_info content",),
+        # Each vCPU's vcpu_info scans every word once (both in one page).
+        ("vcpu_info page content",),
+        ("vcpu_info page content",),
         # ...then armed: the deadline passed, it fires into port 3.
         ("vcpu", 1, (0x1000, 64), 0, 10**7),
         ("nodes",),
         ("connection",),
         *thawed,
     ]
+    for at in (0, 64):
+        assert pages[0x1000][at] == 1  # evtchn_upcall_pending
+        assert pages[0x1000][at + 8 : at + 16] == b"\xff" * 8
+    assert pages[0x1000][128:] == bytes(4096 - 128)

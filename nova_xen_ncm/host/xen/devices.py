@@ -1,0 +1,396 @@
+"""A guest's PV devices on the patched host: dom0's kernel backends
+attach again to the rings the restored frontend still uses.
+
+Backends: Linux's blkback (``vbd``) and netback (``vif``) in dom0, not
+QEMU's qdisk. Since Linux 5.6 both map a frontend's rings with
+``BACK_RING_ATTACH``, taking the ring's own ``rsp_prod`` as where they
+are: a request the guest produced and no backend answered (in flight
+when the guest was saved, or answered by the old backend only after the
+guest's memory was copied) is taken again and completed, and what was
+answered is not taken twice. QEMU's qdisk starts its rings from zero and
+would re-read answered requests. A backend is also created afresh by
+libxl for the restored domain: what it must find is in xenstore and the
+event channel table, and nothing else of the old one is needed.
+
+The sequence that makes a new kernel backend connect without the
+frontend changing state (drivers/block/xen-blkback/xenbus.c and
+drivers/net/xen-netback/xenbus.c, ``frontend_changed``):
+
+1. libxl creates the domain with its devices: the backend area (state 1,
+   then the driver's probe writes its features and InitWait, 2; the
+   hotplug script writes ``physical-device`` or adds the vif to its
+   bridge) and a frontend area of state 1.
+2. The guest's ports bound to a backend are laid out unbound for the
+   backend's domain (the old backend's end is gone), under their
+   numbers; the grant table goes back with no entry marked in use.
+3. The guest's frontend nodes go back with ``state`` (4, Connected)
+   written last: the backend's watch on it fires ``frontend_changed``
+   with Connected while its own state is InitWait, and it connects:
+   reads ``ring-ref``/``event-channel`` (blkback) or ``tx-ring-ref``,
+   ``rx-ring-ref`` and the ``event-channel-tx``/``-rx`` pair (netback),
+   maps the rings, binds the ports (Xen raises the backend's end once at
+   bind, so requests already on the ring are seen) and writes its own
+   state 4. The frontend's state never leaves 4.
+4. The guest is unpaused only once every backend is Connected: before
+   that its notifications would go to an unbound port.
+
+The old backends run on while the guest is paused and its memory copied:
+the save copies the rings first (an answer in the image has its data,
+written before it, in the pages copied after; what is answered later is
+taken again by the new backend), and the import raises each frontend's
+port once, since the notification of an answer written after the export
+was lost with the old domain and the new backend notifies again only
+past the frontend's event index. Xen's log-dirty misses writes a backend
+makes through a grant mapping until its unmap: a live save copies the
+pages mapped writable (``GTF_writing``: the rings, blkback's persistent
+grants) again with the guest paused.
+
+With stock xenstored the guest's watches are not carried (see
+:mod:`.pvctx`): its frontends do not see their backend's new InitWait
+and Connected. With the patched xenstored they are (:mod:`.xsmig`,
+imported after the frontend nodes, so a backend may connect before or
+after), and a frontend may see them: both ignore InitWait when they are
+connected; on Connected blkfront only reads the size again and netfront
+announces itself on the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from nova_xen_ncm.host import base
+
+if TYPE_CHECKING:
+    from nova_xen_ncm.host.xen.host import XenHost
+
+# Device kinds whose dom0 kernel backend re-attaches, and the driver
+# each is served by (/sys/bus/xen-backend/drivers/NAME, module).
+REATTACHING = {"vbd": "xen-blkback", "vif": "xen-netback"}
+# The first Linux whose blkback and netback attach to a ring in use
+# (BACK_RING_ATTACH, "xen-blkback: support dynamic unbind/bind").
+ATTACH_SINCE = (5, 6)
+XENBUS_CONNECTED = 4
+# Frontend nodes naming a port the backend binds.
+PORT_NODES = ("event-channel", "event-channel-tx", "event-channel-rx")
+# v1 grant entry flags (grant_table.h): set by Xen while the entry is
+# mapped (GTF_reading, GTF_writing).
+GTF_IN_USE = (1 << 3) | (1 << 4)
+GTF_WRITING = 1 << 4
+GTF_TYPE_MASK = 3
+GTF_PERMIT_ACCESS = 1
+GRANT_ENTRY_V1 = 8
+# v1 grant entry: flags, domid, frame (grant_table.h, grant_entry_v1).
+_GRANT_V1 = np.dtype([("flags", "<u2"), ("domid", "<u2"), ("frame", "<u4")])
+CONNECT_TIMEOUT = 120.0
+# x86_64 shared_info: 32 legacy vcpu_info slots of 64 bytes, then the
+# 2-level ABI's evtchn_pending bitmap; in a vcpu_info, the byte
+# evtchn_upcall_pending and the word evtchn_pending_sel.
+VCPU_INFO_SIZE = 64
+LEGACY_VCPUS = 32
+EVTCHN_PENDING_AT = LEGACY_VCPUS * VCPU_INFO_SIZE
+PENDING_SEL_AT = 8
+
+
+class DeviceError(base.HostError):
+    """A PV device's backend cannot be attached to the guest again."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """One PV device of a guest, as xenstore describes it."""
+
+    kind: str
+    devid: int
+    backend_domid: int
+    frontend: str
+    backend: str
+    # vbd: the medium the backend opens (``params``); vif: its bridge.
+    medium: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> Device:
+        return cls(**d)  # type: ignore[arg-type]
+
+
+def _text(host: XenHost, path: str) -> str | None:
+    value = host._xs_read(path)
+    return None if value is None else value.decode(errors="replace")
+
+
+def list_devices(host: XenHost, domid: int) -> list[Device]:
+    """The guest's frontends of every kind but the console, with their
+    backends."""
+    from nova_xen_ncm.host.xen import pvctx
+
+    found = []
+    root = f"/local/domain/{domid}/device"
+    for kind in pvctx._xs_directory(host, root):
+        if kind == "suspend":
+            continue  # libxl's suspend event channel node, no device
+        for devid in pvctx._xs_directory(host, f"{root}/{kind}"):
+            front = f"{root}/{kind}/{devid}"
+            backend = _text(host, f"{front}/backend")
+            backend_id = _text(host, f"{front}/backend-id")
+            if backend is None or backend_id is None:
+                continue
+            medium = None
+            if kind == "vbd":
+                medium = _text(host, f"{backend}/params")
+            elif kind == "vif":
+                medium = _text(host, f"{backend}/bridge")
+            found.append(
+                Device(
+                    kind=kind,
+                    devid=int(devid),
+                    backend_domid=int(backend_id),
+                    frontend=front,
+                    backend=backend,
+                    medium=medium,
+                )
+            )
+    return found
+
+
+def _kernel_release() -> tuple[int, int]:
+    release = os.uname().release
+    parts = release.split(".")
+    try:
+        return int(parts[0]), int(parts[1].split("-")[0])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def _module_available(module: str) -> bool:
+    """Loaded, or in this kernel's module tree to be loaded."""
+    name = module.replace("-", "_")
+    if os.path.isdir(f"/sys/module/{name}"):
+        return True
+    dep = f"/lib/modules/{os.uname().release}/modules.dep"
+    try:
+        with open(dep) as f:
+            return any(f"/{module}.ko" in line.split(":")[0] for line in f)
+    except OSError:
+        return False
+
+
+def backends_missing() -> dict[str, str]:
+    """Kind -> why dom0's kernel backend of that kind cannot re-attach
+    (empty when both can)."""
+    missing = {}
+    release = _kernel_release()
+    for kind, module in REATTACHING.items():
+        if release < ATTACH_SINCE:
+            missing[kind] = (
+                f"dom0's Linux {release[0]}.{release[1]} {module} maps a "
+                "frontend's rings from index zero (ring attach since "
+                f"{ATTACH_SINCE[0]}.{ATTACH_SINCE[1]})"
+            )
+        elif not _module_available(module):
+            missing[kind] = f"dom0's kernel has no {module}"
+    return missing
+
+
+def check_devices(host: XenHost, domid: int, devs: Iterable[Device]) -> None:
+    """Refuse, naming why, a device the host cannot attach again."""
+    missing = backends_missing()
+    for dev in devs:
+        if dev.kind not in REATTACHING:
+            raise DeviceError(
+                f"domain {domid}: {dev.kind} device {dev.devid} "
+                f"({dev.backend}) has no backend that re-attaches (only "
+                f"{', '.join(sorted(REATTACHING))} of dom0's kernel)"
+            )
+        if dev.kind in missing:
+            raise DeviceError(
+                f"domain {domid}: {dev.kind} {dev.devid}: {missing[dev.kind]}"
+            )
+        if dev.backend_domid != 0:
+            raise DeviceError(
+                f"domain {domid}: {dev.kind} {dev.devid} is served by "
+                f"domain {dev.backend_domid}, not dom0"
+            )
+
+
+def check_media(devs: Iterable[Device]) -> None:
+    """What a new backend of each device opens is on this host: the
+    vbd's medium, the vif's bridge. Checked before the guest's domain is
+    destroyed, so that a host that could not attach them leaves the
+    guest where it runs."""
+    for dev in devs:
+        if dev.kind == "vbd":
+            if not dev.medium or not os.path.exists(dev.medium):
+                raise DeviceError(
+                    f"vbd {dev.devid}: its medium {dev.medium!r} is not "
+                    "on this host: its backend could not attach again"
+                )
+        elif dev.kind == "vif" and dev.medium:
+            if not os.path.isdir(f"/sys/class/net/{dev.medium}/bridge"):
+                raise DeviceError(
+                    f"vif {dev.devid}: bridge {dev.medium!r} does not "
+                    "exist: its backend could not attach again"
+                )
+
+
+def frontend_ports(
+    nodes: Iterable[base.XenstoreNode], domid: int
+) -> dict[int, int]:
+    """Port -> backend domid of the ports the guest's frontends gave
+    their backends (from the saved frontend nodes)."""
+    prefix = f"/local/domain/{domid}/device/"
+    values = {n.path: n.value for n in nodes}
+    out = {}
+    for path, value in values.items():
+        if not path.startswith(prefix) or path.count("/") < 6:
+            continue
+        name = path.rsplit("/", 1)[1]
+        if name not in PORT_NODES:
+            continue
+        # .../device/KIND/ID[/queue-N]/event-channel*
+        front = "/".join(path.split("/")[:7])
+        backend_id = values.get(f"{front}/backend-id")
+        if kind_of(path, domid) == "console" or backend_id is None:
+            continue
+        try:
+            out[int(value)] = int(backend_id)
+        except ValueError:
+            continue
+    return out
+
+
+def kind_of(path: str, domid: int) -> str | None:
+    prefix = f"/local/domain/{domid}/device/"
+    if not path.startswith(prefix):
+        return None
+    return path[len(prefix) :].split("/", 1)[0]
+
+
+def is_frontend_state(path: str, domid: int) -> bool:
+    """A frontend's ``state`` node, which the import writes last."""
+    kind = kind_of(path, domid)
+    return (
+        kind is not None and path.endswith("/state") and path.count("/") == 7
+    )
+
+
+def clear_grants_in_use(frame: bytes) -> bytes:
+    """A v1 grant frame with no entry marked mapped: the restored domain
+    is new to Xen, nothing maps its grants, and a frontend ending access
+    to an entry still marked so would take it for its backend's."""
+    out = bytearray(frame)
+    for at in range(0, len(out) - GRANT_ENTRY_V1 + 1, GRANT_ENTRY_V1):
+        out[at] &= ~GTF_IN_USE & 0xFF
+    return bytes(out)
+
+
+def raise_ports(content: bytes, ports: Iterable[int]) -> bytes:
+    """A shared_info page with ``ports`` pending (2-level ABI)."""
+    out = bytearray(content)
+    for port in ports:
+        out[EVTCHN_PENDING_AT + port // 8] |= 1 << (port % 8)
+    return bytes(out)
+
+
+def mark_all_pending(buf: bytearray | memoryview, at: int) -> None:
+    """Make the vcpu_info at ``at`` in ``buf`` scan every pending word,
+    with an upcall pending: what stock Xen does when a vCPU's vcpu_info
+    is placed, here for a restored one. Only those bytes are written (Xen
+    may write the time info beside them).
+
+    The saved shared_info (read at the pause) and the vcpu_info pages
+    (guest memory, copied after it, or during a live copy) can disagree:
+    Xen sets a vcpu_info's pending word and upcall through its own
+    mapping, which log-dirty does not see, so a live copy can hold a
+    vcpu_info older than the pause; and a port raised between the
+    export and the copy is pending in neither saved copy in full. A port
+    pending with its word not marked is never delivered again (Xen only
+    raises a port that was not pending). The guest then scans every
+    word once: a spurious scan finds nothing."""
+    buf[at] = 1
+    buf[at + PENDING_SEL_AT : at + PENDING_SEL_AT + 8] = b"\xff" * 8
+
+
+def _grant_entries(gt: base.GrantTableState) -> np.ndarray:
+    if gt.version != 1 or not gt.frames:
+        return np.zeros(0, dtype=_GRANT_V1)
+    return np.frombuffer(b"".join(gt.frames), dtype=_GRANT_V1)
+
+
+def mapped_writable(gt: base.GrantTableState) -> np.ndarray:
+    """GFNs of the guest's pages a backend has mapped writable, as its
+    grant entries said (GTF_writing, set by Xen while mapped). Xen's
+    log-dirty sees a backend's writes through a mapping only at its
+    unmap: blkback's persistent grants and every ring stay mapped, so a
+    live save copies these again with the guest paused, whatever the
+    log says."""
+    entries = _grant_entries(gt)
+    used = (entries["flags"] & GTF_TYPE_MASK) == GTF_PERMIT_ACCESS
+    writing = (entries["flags"] & GTF_WRITING) != 0
+    return np.unique(entries["frame"][used & writing].astype(np.uint64))
+
+
+def ring_gfns(
+    nodes: Iterable[base.XenstoreNode],
+    gt: base.GrantTableState,
+    domid: int,
+) -> np.ndarray:
+    """GFNs of the shared rings of the guest's frontends (``ring-ref*``,
+    ``tx-ring-ref``, ``rx-ring-ref`` nodes: grant references), the
+    console's aside (its ``ring-ref`` is a frame, mapped by xenconsoled
+    and carried by libxl)."""
+    entries = _grant_entries(gt)
+    found = set()
+    for n in nodes:
+        name = n.path.rsplit("/", 1)[1]
+        kind = kind_of(n.path, domid)
+        if kind in (None, "console"):
+            continue
+        if not (name.startswith("ring-ref") or name.endswith("-ring-ref")):
+            continue
+        try:
+            ref = int(n.value)
+        except ValueError:
+            continue
+        if 0 <= ref < len(entries):
+            found.add(int(entries["frame"][ref]))
+    return np.array(sorted(found), dtype=np.uint64)
+
+
+def wait_connected(
+    host: XenHost,
+    domid: int,
+    devs: Iterable[Device],
+    timeout: float = CONNECT_TIMEOUT,
+) -> None:
+    """Every backend in state 4 (Connected), or DeviceError naming the
+    first that is not, with what its driver reported."""
+    devs = list(devs)
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = [d for d in devs if _text(host, f"{d.backend}/state") != "4"]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            dev = waiting[0]
+            state = _text(host, f"{dev.backend}/state")
+            err = _text(
+                host,
+                f"/local/domain/{dev.backend_domid}/error"
+                + dev.backend[len(f"/local/domain/{dev.backend_domid}") :]
+                + "/error",
+            )
+            raise DeviceError(
+                f"domain {domid}: {dev.kind} {dev.devid}'s backend is in "
+                f"state {state} after {timeout:.0f}s, not Connected"
+                + (f" ({err})" if err else ""),
+                call="inplace.restore",
+            )
+        time.sleep(0.2)
