@@ -19,18 +19,26 @@ versions, one line each (CRC-32 of the JSON, the JSON), appended and
 made durable by one ``fdatasync``; the last whole line with a right
 CRC is the entry (an append a crash cut short is a line without its
 newline or with a wrong CRC, and the version before it stands). Its
-first write also syncs the directory (the file's name is durable then),
-so a transition while the guest is paused costs one sync: the
-STOP_AND_COPY record covers the pause; on the source, COMMIT records
-the decision before the COMMIT message goes; on the destination,
-RESTORE and COMMIT are recorded before the guest is unpaused there.
+first write also syncs the directory (the file's name is durable then).
 Writing it is part of each phase transition (the state machine's
 ``journal`` hook): a write that fails stops the transition
-before the side effect it covers. The engine holds an exclusive lock
-(``flock``) on ``<id>.lock`` for the migration's life; recovery skips an
-entry whose lock is held, so it never acts on a live migration. The
-files hold a token, so the directories are private to the service's
-user.
+before the side effect it covers.
+
+Only what a side effect needs is synced while the guest is paused
+(:class:`Record`'s ``lazy`` and ``background``). The source's
+STOP_AND_COPY is durable before the pause and covers its RESTORE
+(recovery treats the two alike); COMMIT records the decision before the
+COMMIT message goes. The destination's STOP_AND_COPY is synced in the
+background while the last pages arrive, and is durable before READY
+goes: from it on a restarted destination keeps its answer for the
+source, so it covers RESTORE too; COMMIT is durable before the guest is
+unpaused there, and CLEANUP (which only says the unpause happened, as
+the running guest does to a recovery) is synced while COMMITTED goes.
+
+The engine holds an exclusive lock (``flock``) on ``<id>.lock`` for
+the migration's life; recovery skips an entry whose lock is held, so it
+never acts on a live migration. The files hold a token, so the
+directories are private to the service's user.
 """
 
 from __future__ import annotations
@@ -224,9 +232,11 @@ class Journal:
         """Raise unless ``migration_id`` can name an entry."""
         self._file(migration_id)
 
-    def write(self, entry: Entry) -> None:
+    def write(self, entry: Entry, *, sync: bool = True) -> None:
         """Append the entry's new version durably: one ``fdatasync``,
-        and a directory sync when the file is new."""
+        and a directory sync when the file is new. Without ``sync`` the
+        version is only appended (a later :meth:`sync`, or the next
+        synced write, makes it durable) unless the file is new."""
         entry.updated = time.time()
         path = self._file(entry.migration_id)
         data = json.dumps(entry.to_dict(), sort_keys=True).encode()
@@ -249,7 +259,8 @@ class Journal:
                     new = b"\n" not in os.pread(fd, size, 0)
                 if os.write(fd, line) != len(line):
                     raise OSError(errno.ENOSPC, "short write")
-                os.fdatasync(fd)
+                if sync or new:
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
             if new:
@@ -257,6 +268,20 @@ class Journal:
         except OSError as exc:
             raise JournalError(
                 f"cannot write journal entry {path}: {exc}"
+            ) from exc
+
+    def sync(self, migration_id: str) -> None:
+        """Make every version appended so far durable."""
+        path = self._file(migration_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot sync journal entry {path}: {exc}"
             ) from exc
 
     def remove(self, migration_id: str) -> None:
@@ -412,14 +437,32 @@ class Record:
     The entry is locked (:meth:`Journal.hold`) from :meth:`open` to
     :meth:`close`. ``keep_settled``: a settled migration keeps its entry
     (the destination, until the source acknowledged the outcome).
+
+    What is durable when is the side's choice, so that the guest's pause
+    waits for no sync that no side effect needs. ``lazy`` maps a phase
+    to the phase whose record covers it (recovery acts the same on
+    either): entered straight from that one, its record is appended
+    without a sync. ``background``: phases whose record is synced in a
+    thread, waited for (and its failure raised) at the next transition.
     """
 
     def __init__(
-        self, journal: Journal, entry: Entry, *, keep_settled: bool = False
+        self,
+        journal: Journal,
+        entry: Entry,
+        *,
+        keep_settled: bool = False,
+        lazy: Mapping[Phase, Phase] | None = None,
+        background: frozenset[Phase] = frozenset(),
     ) -> None:
         self.journal = journal
         self.entry = entry
         self.keep_settled = keep_settled
+        self.lazy = dict(lazy or {})
+        self.background = background
+        # The background sync in flight, and its failure.
+        self._syncing: threading.Thread | None = None
+        self._sync_error: JournalError | None = None
         self._hold: Hold | None = None
         # Nothing is written before there is something to settle.
         self.started = False
@@ -437,6 +480,7 @@ class Record:
             self._hold = self.journal.hold(self.entry.migration_id)
 
     def close(self) -> None:
+        self._await_sync(raising=False)
         if self._hold is not None:
             if not self.started or self.forgotten:
                 # No entry to guard: the lock file goes too (unlinked
@@ -446,8 +490,9 @@ class Record:
             self._hold.release()
             self._hold = None
 
-    def write(self, phase: Phase | None = None) -> None:
-        """Write the entry now (in ``phase``); raises on failure."""
+    def write(self, phase: Phase | None = None, *, sync: bool = True) -> None:
+        """Write the entry now (in ``phase``); raises on failure.
+        Without ``sync`` it is appended only (Journal.write)."""
         with self._lock:
             if self.forgotten:
                 # The other side acknowledged the outcome already.
@@ -455,8 +500,40 @@ class Record:
             if phase is not None:
                 self.entry.phase = phase.value
             self.started = True
-            self.journal.write(self.entry)
+            self.journal.write(self.entry, sync=sync)
             self.written = Phase(self.entry.phase)
+
+    def _sync_later(self) -> None:
+        def run() -> None:
+            try:
+                self.journal.sync(self.entry.migration_id)
+            except JournalError as exc:
+                self._sync_error = exc
+
+        self._syncing = threading.Thread(
+            target=run,
+            name=f"journal-{self.entry.migration_id}",
+            daemon=True,
+        )
+        self._syncing.start()
+
+    def _await_sync(self, *, raising: bool = True) -> None:
+        """Wait for the background sync; raise its failure (once), unless
+        the entry is gone meanwhile."""
+        thread, self._syncing = self._syncing, None
+        if thread is not None:
+            thread.join()
+        error, self._sync_error = self._sync_error, None
+        if error is None or self.forgotten:
+            return
+        if raising:
+            raise error
+        LOG.error(
+            "Migration %s: journal entry in %s not durable: %s",
+            self.entry.migration_id,
+            self.entry.phase,
+            error,
+        )
 
     def forget(self) -> None:
         """The other side knows the outcome: the entry goes (under its
@@ -482,13 +559,22 @@ class Record:
         if "running" in detail:
             self.entry.running = bool(detail["running"])
         if new in _SETTLED and not self.keep_settled:
+            self._await_sync(raising=False)
             self.forget()
             return
         if not self.started and new not in _MUST_RECORD:
             # Failed before anything needed a record.
             return
         try:
-            self.write(new)
+            # What the previous record promised is durable first: a
+            # must-record transition does not go on without it.
+            self._await_sync(raising=new in _MUST_RECORD)
+            if new in self.background:
+                self.write(new, sync=False)
+                self._sync_later()
+            else:
+                covered = self.lazy.get(new) is old and self.written is old
+                self.write(new, sync=not covered)
         except JournalError as exc:
             if new in _MUST_RECORD:
                 raise

@@ -143,6 +143,12 @@ class Receiver:
                 boot_id=host.boot_id(),
             ),
             keep_settled=True,
+            # STOP_AND_COPY is synced while the last pages arrive and
+            # keeps the answer from then on, so READY waits for no sync
+            # of its own; CLEANUP's is made while COMMITTED goes (the
+            # running guest tells a recovery as much).
+            lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
+            background=frozenset({Phase.STOP_AND_COPY, Phase.CLEANUP}),
         )
         self.state = MigrationState(
             migration_id,

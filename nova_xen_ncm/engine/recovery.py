@@ -81,9 +81,12 @@ ANSWER_POLL = 1.0
 _SETTLED_HERE = frozenset(
     {Phase.DONE, Phase.FAILED, Phase.CANCELLED, Phase.IN_DOUBT}
 )
-# Destination phases in which it may have sent READY: the source may ask.
+# Destination phases in which it may have sent READY (the source may
+# ask), from STOP_AND_COPY, whose record covers RESTORE's: the source is
+# past its pause then, and it asks before its copy resumes.
 _MAY_BE_ASKED = frozenset(
     {
+        Phase.STOP_AND_COPY,
         Phase.RESTORE,
         Phase.ROLLBACK,
         Phase.COMMIT,

@@ -129,6 +129,9 @@ class Sender:
                 boot_id=host.boot_id(),
                 source_address=source_address or "",
             ),
+            # Durable before the pause, STOP_AND_COPY covers RESTORE:
+            # recovery settles both alike.
+            lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
         )
         self.state = MigrationState(
             migration_id,

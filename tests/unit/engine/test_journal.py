@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -181,6 +182,91 @@ def test_each_version_is_one_sync_and_the_first_syncs_the_directory(
     assert j.read("m-1").phase == "commit"
 
 
+def _count_syncs(monkeypatch):
+    syncs = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(
+        os,
+        "fdatasync",
+        lambda fd: (
+            syncs.append(threading.current_thread().name) or real_fdatasync(fd)
+        ),
+    )
+    return syncs
+
+
+def test_a_phase_its_predecessor_covers_is_appended_without_a_sync(
+    tmp_path, monkeypatch
+):
+    j = journal.Journal(str(tmp_path))
+    record = journal.Record(
+        j, entry(), lazy={Phase.RESTORE: Phase.STOP_AND_COPY}
+    )
+    record.on_transition(Phase.SETUP, Phase.PRECOPY, {})
+    record.on_transition(Phase.PRECOPY, Phase.STOP_AND_COPY, {})
+    syncs = _count_syncs(monkeypatch)
+    record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+    assert syncs == []
+    assert j.read("m-1").phase == "restore"
+    # The decision is durable before its side effect, the unsynced
+    # version with it.
+    record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    assert syncs == [threading.current_thread().name]
+
+
+def test_a_lazy_phase_not_entered_from_its_cover_is_synced(
+    tmp_path, monkeypatch
+):
+    j = journal.Journal(str(tmp_path))
+    record = journal.Record(
+        j, entry(), lazy={Phase.RESTORE: Phase.STOP_AND_COPY}
+    )
+    record.on_transition(Phase.SETUP, Phase.PRECOPY, {})
+    # STOP_AND_COPY's own write failed to be recorded: nothing covers.
+    record.written = Phase.PRECOPY
+    syncs = _count_syncs(monkeypatch)
+    record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+    assert len(syncs) == 1
+
+
+def test_a_background_sync_is_done_before_the_next_transition(
+    tmp_path, monkeypatch
+):
+    j = journal.Journal(str(tmp_path), journal.INCOMING, journal.IncomingEntry)
+    record = journal.Record(
+        j,
+        journal.IncomingEntry(**vars(entry())),
+        keep_settled=True,
+        background=frozenset({Phase.STOP_AND_COPY}),
+    )
+    record.on_transition(Phase.SETUP, Phase.PRECOPY, {})
+    syncs = _count_syncs(monkeypatch)
+    record.on_transition(Phase.PRECOPY, Phase.STOP_AND_COPY, {})
+    # Synced by another thread while this one goes on.
+    record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+    assert syncs[0] != threading.current_thread().name
+    assert len(syncs) == 2
+    assert j.read("m-1").phase == "restore"
+
+
+def test_a_failed_background_sync_stops_the_next_must_record_transition(
+    tmp_path, monkeypatch
+):
+    j = journal.Journal(str(tmp_path))
+    record = journal.Record(
+        j, entry(), background=frozenset({Phase.STOP_AND_COPY})
+    )
+    record.on_transition(Phase.SETUP, Phase.PRECOPY, {})
+
+    def broken(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    record.on_transition(Phase.PRECOPY, Phase.STOP_AND_COPY, {})
+    with pytest.raises(journal.JournalError, match="I/O error"):
+        record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+
+
 def test_a_version_cut_short_by_a_crash_leaves_the_one_before(tmp_path):
     j = journal.Journal(str(tmp_path))
     record = journal.Record(j, entry())
@@ -230,6 +316,8 @@ def test_a_first_version_cut_short_is_no_entry_and_blocks_no_recovery(
         f.write(whole.replace(b'"precopy"', b'"precOpy"'))
     with pytest.raises(journal.JournalError, match="no whole entry"):
         j.read("m-1")
+
+
 def test_an_unheld_entry_answered_after_its_migration_goes_under_its_lock(
     tmp_path,
 ):

@@ -278,8 +278,15 @@ def test_an_operator_resolves_an_in_doubt_entry(tmp_path, conf, journalled):
 @pytest.mark.parametrize(
     "phase, state, calls, answer_phase",
     [
-        # Never got COMMIT: the copy goes, the answer is FAILED.
+        # Never got COMMIT: the copy goes, the answer is FAILED (kept
+        # from STOP_AND_COPY on, whose record covers READY's).
         (Phase.RESTORE, base.DomainState.PAUSED, ["destroy_domain"], "failed"),
+        (
+            Phase.STOP_AND_COPY,
+            base.DomainState.PAUSED,
+            ["destroy_domain"],
+            "failed",
+        ),
         # Got COMMIT, died before unpausing: the commit is completed.
         (Phase.COMMIT, base.DomainState.PAUSED, ["unpause"], "done"),
         (Phase.COMMIT, base.DomainState.RUNNING, [], "done"),
