@@ -460,9 +460,15 @@ class Record:
         self.keep_settled = keep_settled
         self.lazy = dict(lazy or {})
         self.background = background
-        # The background sync in flight, and its failure.
-        self._syncing: threading.Thread | None = None
+        # The background syncs: a thread started before the first of
+        # them (a thread's start waits for it to run: not in the pause),
+        # the syncs asked for and done, and the last one's failure.
+        self._syncer: threading.Thread | None = None
+        self._sync_cond = threading.Condition()
+        self._sync_asked = 0
+        self._sync_done = 0
         self._sync_error: JournalError | None = None
+        self._sync_stop = False
         self._hold: Hold | None = None
         # Nothing is written before there is something to settle.
         self.started = False
@@ -481,6 +487,7 @@ class Record:
 
     def close(self) -> None:
         self._await_sync(raising=False)
+        self._stop_syncer()
         if self._hold is not None:
             if not self.started or self.forgotten:
                 # No entry to guard: the lock file goes too (unlinked
@@ -502,28 +509,61 @@ class Record:
             self.started = True
             self.journal.write(self.entry, sync=sync)
             self.written = Phase(self.entry.phase)
+        # Ready before the pause needs it.
+        self._start_syncer()
 
-    def _sync_later(self) -> None:
-        def run() -> None:
-            try:
-                self.journal.sync(self.entry.migration_id)
-            except JournalError as exc:
-                self._sync_error = exc
-
-        self._syncing = threading.Thread(
-            target=run,
+    def _start_syncer(self) -> None:
+        if self._syncer is not None or not self.background:
+            return
+        self._syncer = threading.Thread(
+            target=self._sync_loop,
             name=f"journal-{self.entry.migration_id}",
             daemon=True,
         )
-        self._syncing.start()
+        self._syncer.start()
 
-    def _await_sync(self, *, raising: bool = True) -> None:
-        """Wait for the background sync; raise its failure (once), unless
-        the entry is gone meanwhile."""
-        thread, self._syncing = self._syncing, None
+    def _sync_loop(self) -> None:
+        cond = self._sync_cond
+        while True:
+            with cond:
+                while self._sync_asked == self._sync_done:
+                    if self._sync_stop:
+                        return
+                    cond.wait()
+                asked = self._sync_asked
+            error = None
+            try:
+                self.journal.sync(self.entry.migration_id)
+            except JournalError as exc:
+                error = exc
+            with cond:
+                if error is not None:
+                    self._sync_error = error
+                self._sync_done = asked
+                cond.notify_all()
+
+    def _sync_later(self) -> None:
+        if self._syncer is None:
+            self._start_syncer()
+        with self._sync_cond:
+            self._sync_asked += 1
+            self._sync_cond.notify_all()
+
+    def _stop_syncer(self) -> None:
+        with self._sync_cond:
+            self._sync_stop = True
+            self._sync_cond.notify_all()
+        thread, self._syncer = self._syncer, None
         if thread is not None:
             thread.join()
-        error, self._sync_error = self._sync_error, None
+
+    def _await_sync(self, *, raising: bool = True) -> None:
+        """Wait for the background syncs asked for; raise a failure
+        (once), unless the entry is gone meanwhile."""
+        with self._sync_cond:
+            while self._sync_done != self._sync_asked:
+                self._sync_cond.wait()
+            error, self._sync_error = self._sync_error, None
         if error is None or self.forgotten:
             return
         if raising:
