@@ -25,7 +25,9 @@ Writing it is part of each phase transition (the state machine's
 before the side effect it covers.
 
 Only what a side effect needs is synced while the guest is paused
-(:class:`Record`'s ``lazy`` and ``background``). The source's
+(:class:`Record`'s ``lazy`` and ``background``: those versions are
+written by a thread of the record's, in order, since on a busy host even
+an append may wait for the file system's journal). The source's
 STOP_AND_COPY is durable before the pause and covers its RESTORE
 (recovery treats the two alike); COMMIT records the decision before the
 COMMIT message goes. The destination's STOP_AND_COPY is synced in the
@@ -43,6 +45,7 @@ directories are private to the service's user.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -237,10 +240,20 @@ class Journal:
         and a directory sync when the file is new. Without ``sync`` the
         version is only appended (a later :meth:`sync`, or the next
         synced write, makes it durable) unless the file is new."""
+        self.append(entry.migration_id, self.encode(entry), sync=sync)
+
+    @staticmethod
+    def encode(entry: Entry) -> bytes:
+        """The line of the entry's new version (stamped now)."""
         entry.updated = time.time()
-        path = self._file(entry.migration_id)
         data = json.dumps(entry.to_dict(), sort_keys=True).encode()
-        line = b"%08x %s\n" % (zlib.crc32(data), data)
+        return b"%08x %s\n" % (zlib.crc32(data), data)
+
+    def append(
+        self, migration_id: str, line: bytes, *, sync: bool = True
+    ) -> None:
+        """Append a version's ``line`` (:meth:`encode`), as :meth:`write`."""
+        path = self._file(migration_id)
         try:
             fd = os.open(
                 path,
@@ -441,9 +454,11 @@ class Record:
     What is durable when is the side's choice, so that the guest's pause
     waits for no sync that no side effect needs. ``lazy`` maps a phase
     to the phase whose record covers it (recovery acts the same on
-    either): entered straight from that one, its record is appended
-    without a sync. ``background``: phases whose record is synced in a
-    thread, waited for (and its failure raised) at the next transition.
+    either): entered straight from that one, once that one is durable,
+    its record is appended without a sync. ``background``: phases whose
+    record is appended and synced without waiting; waited for (and a
+    failure raised) at the next transition. Both are written by the
+    record's thread, in order, before any later version.
     """
 
     def __init__(
@@ -460,11 +475,17 @@ class Record:
         self.keep_settled = keep_settled
         self.lazy = dict(lazy or {})
         self.background = background
-        # The background syncs: a thread started before the first of
-        # them (a thread's start waits for it to run: not in the pause),
-        # the syncs asked for and done, and the last one's failure.
+        # The writes made in the background, in order: a thread started
+        # before the first of them (a thread's start waits for it to
+        # run: not in the pause), the versions queued (line, sync) and
+        # how many were asked for and done, and the last failure. Even
+        # an append without a sync may wait for the file system's
+        # journal on a busy host, so neither is made in the pause.
         self._syncer: threading.Thread | None = None
         self._sync_cond = threading.Condition()
+        self._queue: collections.deque[tuple[bytes, bool]] = (
+            collections.deque()
+        )
         self._sync_asked = 0
         self._sync_done = 0
         self._sync_error: JournalError | None = None
@@ -500,6 +521,8 @@ class Record:
     def write(self, phase: Phase | None = None, *, sync: bool = True) -> None:
         """Write the entry now (in ``phase``); raises on failure.
         Without ``sync`` it is appended only (Journal.write)."""
+        # After the versions queued before it.
+        self._drain()
         with self._lock:
             if self.forgotten:
                 # The other side acknowledged the outcome already.
@@ -513,7 +536,7 @@ class Record:
         self._start_syncer()
 
     def _start_syncer(self) -> None:
-        if self._syncer is not None or not self.background:
+        if self._syncer is not None or not (self.background or self.lazy):
             return
         self._syncer = threading.Thread(
             target=self._sync_loop,
@@ -526,26 +549,41 @@ class Record:
         cond = self._sync_cond
         while True:
             with cond:
-                while self._sync_asked == self._sync_done:
+                while not self._queue:
                     if self._sync_stop:
                         return
                     cond.wait()
-                asked = self._sync_asked
+                line, sync = self._queue[0]
             error = None
             try:
-                self.journal.sync(self.entry.migration_id)
+                with self._lock:
+                    # Once forgotten, nothing writes the entry back.
+                    if not self.forgotten:
+                        self.journal.append(
+                            self.entry.migration_id, line, sync=sync
+                        )
             except JournalError as exc:
                 error = exc
             with cond:
+                self._queue.popleft()
                 if error is not None:
                     self._sync_error = error
-                self._sync_done = asked
+                self._sync_done += 1
                 cond.notify_all()
 
-    def _sync_later(self) -> None:
+    def _write_later(self, phase: Phase, *, sync: bool) -> None:
+        """Queue the entry's version in ``phase`` for the thread."""
+        with self._lock:
+            if self.forgotten:
+                return
+            self.entry.phase = phase.value
+            self.started = True
+            line = self.journal.encode(self.entry)
+            self.written = phase
         if self._syncer is None:
             self._start_syncer()
         with self._sync_cond:
+            self._queue.append((line, sync))
             self._sync_asked += 1
             self._sync_cond.notify_all()
 
@@ -557,12 +595,16 @@ class Record:
         if thread is not None:
             thread.join()
 
-    def _await_sync(self, *, raising: bool = True) -> None:
-        """Wait for the background syncs asked for; raise a failure
-        (once), unless the entry is gone meanwhile."""
+    def _drain(self) -> None:
         with self._sync_cond:
             while self._sync_done != self._sync_asked:
                 self._sync_cond.wait()
+
+    def _await_sync(self, *, raising: bool = True) -> None:
+        """Wait for the background writes asked for; raise a failure
+        (once), unless the entry is gone meanwhile."""
+        self._drain()
+        with self._sync_cond:
             error, self._sync_error = self._sync_error, None
         if error is None or self.forgotten:
             return
@@ -609,12 +651,11 @@ class Record:
             # What the previous record promised is durable first: a
             # must-record transition does not go on without it.
             self._await_sync(raising=new in _MUST_RECORD)
-            if new in self.background:
-                self.write(new, sync=False)
-                self._sync_later()
+            covered = self.lazy.get(new) is old and self.written is old
+            if new in self.background or covered:
+                self._write_later(new, sync=not covered)
             else:
-                covered = self.lazy.get(new) is old and self.written is old
-                self.write(new, sync=not covered)
+                self.write(new)
         except JournalError as exc:
             if new in _MUST_RECORD:
                 raise
