@@ -438,7 +438,7 @@ class Toolstack:
                 self.recent.mark(dom.domid, dom.uuid)
             if self.services.xenstore.is_introduced(dom.domid):
                 self.services.xenstore.release_domain(dom.domid)
-        self.guests.in_background(dom.mem.close)
+        self.guests.in_background(dom.mem.free)
         self.guests.replenish()
 
     def destroy_domain(self, domid: int, delete_disks: bool = False) -> None:

@@ -4,6 +4,7 @@ are found by the host, in the dirty map only while log-dirty is on."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -210,6 +211,24 @@ def test_close_waits_for_a_lock_holder_and_later_lockers_are_refused():
         with mem.lock():
             pass
     mem.close()  # a second close does nothing
+
+
+def test_free_gives_the_ram_back_before_it_closes():
+    """A destroyed domain's RAM is freed (the memfd's pages punched out)
+    and its memory closed; a second free does nothing."""
+    mem = GuestMemory.create(1024, "test-free")
+    mem.ram[:, 0] = 1
+    other = os.dup(mem.ram_fd)  # keeps the file past the close
+    try:
+        assert os.fstat(other).st_blocks * 512 >= 1024 * memory.PAGE_SIZE
+        mem.free()
+        assert mem.closed and mem.ram_fd == -1
+        assert os.fstat(other).st_blocks == 0
+        mem.free()
+    finally:
+        os.close(other)
+
+
 def test_a_page_written_only_through_the_raw_mapping_is_never_missed(guest):
     # written_mask lets a migration send a page as zero without reading
     # it: a bare store by the guest must make it written, or (log-dirty
