@@ -32,6 +32,7 @@ import ctypes
 import errno
 import fcntl
 import itertools
+import logging
 import mmap
 import os
 import struct
@@ -45,6 +46,9 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import PAGE_SHIFT
 from nova_xen_ncm.host.base import PAGE_SIZE
 from nova_xen_ncm.host.sim import locks
+
+# Standard logging: the guest process imports this module too.
+LOG = logging.getLogger(__name__)
 
 P2M_NONE = 0
 P2M_RAM = 1
@@ -119,7 +123,7 @@ _syscall = _libc.syscall
 _madvise = _libc.madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _MADV_REMOVE = 9
-# Guest RAM freed per madvise call by GuestMemory.release.
+# Guest RAM freed per madvise call by GuestMemory.free.
 _RELEASE_CHUNK = 64 << 20
 _syscall.restype = ctypes.c_long
 
@@ -605,16 +609,28 @@ class GuestMemory:
         memory map lock, and through ctypes without the GIL): unmapping
         gigabytes of faulted pages at once holds that lock for a second,
         and every thread of this process that maps memory (a thread's
-        stack) or faults waits for it."""
+        stack) or faults waits for it. All of it under the memory lock's
+        thread half, as :meth:`close`: a thread in :meth:`lock` finishes
+        reading first, and no other close can unmap the range (whose
+        addresses a new mapping may then take) between two calls."""
         with self._thread_lock:
             if self.closed:
                 return
             addr = self.ram.ctypes.data
-        for start in range(0, self.ram_size, _RELEASE_CHUNK):
-            length = min(_RELEASE_CHUNK, self.ram_size - start)
-            if _madvise(addr + start, length, _MADV_REMOVE) != 0:
-                break  # close() frees them, as before
-        self.close()
+            for start in range(0, self.ram_size, _RELEASE_CHUNK):
+                length = min(_RELEASE_CHUNK, self.ram_size - start)
+                if _madvise(addr + start, length, _MADV_REMOVE) != 0:
+                    err = ctypes.get_errno()
+                    # The unmap and the last descriptor's close free
+                    # them, as before.
+                    LOG.warning(
+                        "madvise(MADV_REMOVE) of a destroyed domain's RAM "
+                        "at offset %d: %s",
+                        start,
+                        os.strerror(err),
+                    )
+                    break
+            self._close_locked()
 
     def close(self) -> None:
         """Unmap and close the memory. Taken under the memory lock's
@@ -624,20 +640,23 @@ class GuestMemory:
         :class:`MemoryClosed`, not a lockf on a closed (or reused)
         descriptor."""
         with self._thread_lock:
-            if self.closed:
-                return
-            self.closed = True
-            self.untrack()
-            self.ram = self.p2m = self.dirty = None  # type: ignore[assignment]
-            self.changed = None  # type: ignore[assignment]
-            self.header = self.xen_gfns = self.xen_pages = None  # type: ignore
-            for m in (self.ram_map, self.ctl_map):
-                with contextlib.suppress(BufferError):
-                    m.close()
-            for fd in (self.ram_fd, self.ctl_fd):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self.ram_fd = self.ctl_fd = -1
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.untrack()
+        self.ram = self.p2m = self.dirty = None  # type: ignore[assignment]
+        self.changed = None  # type: ignore[assignment]
+        self.header = self.xen_gfns = self.xen_pages = None  # type: ignore
+        for m in (self.ram_map, self.ctl_map):
+            with contextlib.suppress(BufferError):
+                m.close()
+        for fd in (self.ram_fd, self.ctl_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.ram_fd = self.ctl_fd = -1
 
     # -- the memory lock --
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -227,6 +228,27 @@ def test_free_gives_the_ram_back_before_it_closes():
         mem.free()
     finally:
         os.close(other)
+
+
+def test_free_holds_off_a_close_until_its_ram_is_freed(monkeypatch):
+    """No close unmaps the RAM while free() punches it out: a new
+    mapping could take those addresses between two madvise calls. Takes
+    about 0.2 s (the wait for a close that must not come)."""
+    mem = GuestMemory.create(1024, "test-free-race")
+    real = memory._madvise
+    seen = []
+
+    def madvise(addr, length, advice):
+        closer = threading.Thread(target=mem.close)
+        closer.start()
+        closer.join(0.2)
+        seen.append(mem.closed)
+        return real(addr, length, advice)
+
+    monkeypatch.setattr(memory, "_madvise", madvise)
+    mem.free()
+    assert seen == [False]
+    assert mem.closed
 
 
 def test_a_page_written_only_through_the_raw_mapping_is_never_missed(guest):
