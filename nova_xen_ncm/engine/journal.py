@@ -564,12 +564,19 @@ class Record:
                         )
             except JournalError as exc:
                 error = exc
-            with cond:
-                self._queue.popleft()
-                if error is not None:
-                    self._sync_error = error
-                self._sync_done += 1
-                cond.notify_all()
+            except Exception as exc:
+                # Counted done all the same: the pause waits for it.
+                error = JournalError(
+                    f"journal entry of migration "
+                    f"{self.entry.migration_id} not written: {exc!r}"
+                )
+            finally:
+                with cond:
+                    self._queue.popleft()
+                    if error is not None:
+                        self._sync_error = error
+                    self._sync_done += 1
+                    cond.notify_all()
 
     def _write_later(self, phase: Phase, *, sync: bool) -> None:
         """Queue the entry's version in ``phase`` for the thread."""

@@ -273,6 +273,39 @@ def test_a_failed_background_sync_stops_the_next_must_record_transition(
         record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
 
 
+def test_an_unexpected_failure_of_the_writer_fails_the_transition(
+    tmp_path, monkeypatch
+):
+    """A write that fails with anything else is still counted done: the
+    next transition fails instead of waiting for ever (the guest paused).
+    Takes well under a second (5 s when it hangs)."""
+    j = journal.Journal(str(tmp_path))
+    record = journal.Record(
+        j, entry(), background=frozenset({Phase.STOP_AND_COPY})
+    )
+    record.on_transition(Phase.SETUP, Phase.PRECOPY, {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no more threads")
+
+    monkeypatch.setattr(j, "append", broken)
+    record.on_transition(Phase.PRECOPY, Phase.STOP_AND_COPY, {})
+    raised = []
+
+    def restore():
+        try:
+            record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+        except journal.JournalError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=restore, daemon=True)
+    thread.start()
+    thread.join(5.0)
+    assert not thread.is_alive()
+    assert raised and "no more threads" in str(raised[0])
+    record.close()
+
+
 def test_a_version_cut_short_by_a_crash_leaves_the_one_before(tmp_path):
     j = journal.Journal(str(tmp_path))
     record = journal.Record(j, entry())
