@@ -609,16 +609,17 @@ class GuestMemory:
         memory map lock, and through ctypes without the GIL): unmapping
         gigabytes of faulted pages at once holds that lock for a second,
         and every thread of this process that maps memory (a thread's
-        stack) or faults waits for it. All of it under the memory lock's
-        thread half, as :meth:`close`: a thread in :meth:`lock` finishes
-        reading first, and no other close can unmap the range (whose
-        addresses a new mapping may then take) between two calls."""
-        with self._thread_lock:
-            if self.closed:
-                return
-            addr = self.ram.ctypes.data
-            for start in range(0, self.ram_size, _RELEASE_CHUNK):
-                length = min(_RELEASE_CHUNK, self.ram_size - start)
+        stack) or faults waits for it. Each call under the memory lock's
+        thread half, as :meth:`close`: no close unmaps the range (whose
+        addresses a new mapping may take) while a call is on it, and a
+        close between two calls ends the loop; held one chunk at a time,
+        so a thread that takes it (innermost of all) waits that long."""
+        for start in range(0, self.ram_size, _RELEASE_CHUNK):
+            length = min(_RELEASE_CHUNK, self.ram_size - start)
+            with self._thread_lock:
+                if self.closed:
+                    return
+                addr = self.ram.ctypes.data
                 if _madvise(addr + start, length, _MADV_REMOVE) != 0:
                     err = ctypes.get_errno()
                     # The unmap and the last descriptor's close free
@@ -630,7 +631,7 @@ class GuestMemory:
                         os.strerror(err),
                     )
                     break
-            self._close_locked()
+        self.close()
 
     def close(self) -> None:
         """Unmap and close the memory. Taken under the memory lock's
@@ -640,23 +641,20 @@ class GuestMemory:
         :class:`MemoryClosed`, not a lockf on a closed (or reused)
         descriptor."""
         with self._thread_lock:
-            self._close_locked()
-
-    def _close_locked(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.untrack()
-        self.ram = self.p2m = self.dirty = None  # type: ignore[assignment]
-        self.changed = None  # type: ignore[assignment]
-        self.header = self.xen_gfns = self.xen_pages = None  # type: ignore
-        for m in (self.ram_map, self.ctl_map):
-            with contextlib.suppress(BufferError):
-                m.close()
-        for fd in (self.ram_fd, self.ctl_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.ram_fd = self.ctl_fd = -1
+            if self.closed:
+                return
+            self.closed = True
+            self.untrack()
+            self.ram = self.p2m = self.dirty = None  # type: ignore[assignment]
+            self.changed = None  # type: ignore[assignment]
+            self.header = self.xen_gfns = self.xen_pages = None  # type: ignore
+            for m in (self.ram_map, self.ctl_map):
+                with contextlib.suppress(BufferError):
+                    m.close()
+            for fd in (self.ram_fd, self.ctl_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.ram_fd = self.ctl_fd = -1
 
     # -- the memory lock --
 
