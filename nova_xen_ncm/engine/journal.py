@@ -35,7 +35,9 @@ background while the last pages arrive, and is durable before READY
 goes: from it on a restarted destination keeps its answer for the
 source, so it covers RESTORE too; COMMIT is durable before the guest is
 unpaused there, and CLEANUP (which only says the unpause happened, as
-the running guest does to a recovery) is synced while COMMITTED goes.
+the running guest does to a recovery after the engine's restart; after
+the host's reboot a COMMIT entry without it is answered IN_DOUBT) is
+synced while COMMITTED goes.
 
 The engine holds an exclusive lock (``flock``) on ``<id>.lock`` for
 the migration's life; recovery skips an entry whose lock is held, so it
@@ -238,8 +240,9 @@ class Journal:
     def write(self, entry: Entry, *, sync: bool = True) -> None:
         """Append the entry's new version durably: one ``fdatasync``,
         and a directory sync when the file is new. Without ``sync`` the
-        version is only appended (a later :meth:`sync`, or the next
-        synced write, makes it durable) unless the file is new."""
+        version is only appended (the next synced write of the same
+        file makes it durable: a sync flushes the file, whichever
+        descriptor wrote it) unless the file is new."""
         self.append(entry.migration_id, self.encode(entry), sync=sync)
 
     @staticmethod
@@ -281,20 +284,6 @@ class Journal:
         except OSError as exc:
             raise JournalError(
                 f"cannot write journal entry {path}: {exc}"
-            ) from exc
-
-    def sync(self, migration_id: str) -> None:
-        """Make every version appended so far durable."""
-        path = self._file(migration_id)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise JournalError(
-                f"cannot sync journal entry {path}: {exc}"
             ) from exc
 
     def remove(self, migration_id: str) -> None:
@@ -493,7 +482,8 @@ class Record:
         self._hold: Hold | None = None
         # Nothing is written before there is something to settle.
         self.started = False
-        #: The phase last written, None before the first write.
+        #: The phase last written, or queued for the record's thread
+        #: (durable only once awaited), None before the first write.
         self.written: Phase | None = None
         #: Whether the entry was removed (the migration is settled).
         self.forgotten = False
