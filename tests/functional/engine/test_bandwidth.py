@@ -4,6 +4,7 @@ downtime policy says when it throttles."""
 from __future__ import annotations
 
 from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.engine.switchover import SwitchoverHistory
 from nova_xen_ncm.host import base
 
 from .conftest import MiB
@@ -55,3 +56,73 @@ def test_each_throttle_is_reported_with_its_reason(
     assert m.sender.stats.throttle == fractions[-1]
     assert all(e.reason for e in throttles)
     assert_only_on(destination, source, domid)
+
+
+def test_a_target_that_cannot_be_met_is_reported_before_the_pause(
+    conf, source, destination, migration
+):
+    # About 3 s: a few rounds of an 8 MiB guest. The whole target goes to
+    # the switch-over, so only an empty dirty set would fit: throttled to
+    # its floor, the guest still dirties pages, and the target cannot be
+    # met without stopping it.
+    for name, value in {
+        "precopy_policy": "downtime",
+        "downtime_target": 0.01,
+        "switchover_estimate": 0.01,
+        "throttle_min": 0.5,
+        "max_rounds": 2,
+    }.items():
+        conf.set_override(name, value, group="xen_ncm")
+    domid = source.create_domain(
+        guest_config(dirty_rate=64 * MiB, hot_fraction=1.0)
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    events = m.source_events.events
+    unmet = [
+        e
+        for e in events
+        if e.kind.value == "progress" and e.detail.get("downtime_target_unmet")
+    ]
+    assert unmet, "the unmet target was not reported"
+    assert all(e.phase == "precopy" for e in unmet)
+    assert all(e.detail["at_throttle"] == 0.5 for e in unmet)
+    assert all(e.detail["expected_pause"] > 0.01 for e in unmet)
+    assert all("cannot be met" in e.reason for e in unmet)
+    # Rounds at the floor are bounded: at most twice max_rounds.
+    assert len(m.sender.stats.rounds) <= 4
+    stop = [
+        e
+        for e in events
+        if e.kind.value == "state" and e.phase == "stop_and_copy"
+    ]
+    assert "cannot be met" in stop[0].reason
+    assert_only_on(destination, source, domid)
+
+
+def test_the_fixed_part_of_a_pause_is_learned_for_the_next_migration(
+    conf, source, destination, migration
+):
+    # About 4 s: two migrations of an idle 8 MiB guest.
+    conf.set_override("precopy_policy", "downtime", group="xen_ncm")
+    history = SwitchoverHistory()
+    first = migration(
+        source,
+        source.create_domain(guest_config(dirty_rate=0)),
+        destination,
+        switchover=history,
+    )
+    assert first.sender.switchover_estimate == 0.0
+    assert first.run() is Phase.DONE, first.sender.error
+    where = first.sender.endpoint[0]
+    learned = history.estimate(where)
+    downtime = first.sender.stats.actual_downtime
+    # An idle guest leaves next to nothing to send in the pause: nearly
+    # all of it is the fixed part.
+    assert 0 < learned <= downtime
+    assert learned >= downtime - 0.005
+    domid = source.create_domain(guest_config(name="second", dirty_rate=0))
+    second = migration(source, domid, destination, switchover=history)
+    assert second.sender.switchover_estimate == learned
+    assert second.run() is Phase.DONE, second.sender.error
+    assert history.estimate(where) >= learned

@@ -1,0 +1,62 @@
+"""The fixed part of the pause, measured on the migrations done.
+
+A pause is the transfer of the pages left plus a part that does not
+depend on them: pausing, the platform and PV state, the destination's
+restore and digests, the commit's round trips and syncs. The ``downtime``
+policy takes that part off its target ([xen_ncm] switchover_estimate),
+but nothing before the pause can time it. What can: each migration that
+ended knows its downtime and the transfer its policy expected when it
+stopped; the difference is the fixed part between these two hosts, and
+the next migration to the same destination starts from it.
+
+A :class:`SwitchoverHistory` belongs to whoever starts the migrations (a
+compute host's live-migration operations, a benchmark): one migration's
+statistics stay its own (stats.py), the history only keeps this number.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+#: Migrations per destination remembered: the estimate is the largest
+#: fixed part among them, so one quick pause on an idle moment does not
+#: talk the next migration into a pause too short.
+WINDOW = 5
+
+
+class SwitchoverHistory:
+    """The fixed part of the pause per destination host, in seconds."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        if window < 1:
+            raise ValueError(f"window {window} must be at least 1")
+        self._lock = threading.Lock()
+        self._window = window
+        self._seen: dict[str, collections.deque[float]] = {}
+
+    def record(
+        self, destination: str, downtime: float, transfer: float
+    ) -> float:
+        """A migration to ``destination`` paused the guest ``downtime``
+        seconds, of which its policy expected ``transfer`` for the pages
+        left: remember the rest; returns it."""
+        if downtime < 0 or transfer < 0:
+            raise ValueError(
+                f"downtime {downtime} and transfer {transfer} must not be "
+                "negative"
+            )
+        fixed = max(0.0, downtime - transfer)
+        with self._lock:
+            seen = self._seen.setdefault(
+                destination, collections.deque(maxlen=self._window)
+            )
+            seen.append(fixed)
+        return fixed
+
+    def estimate(self, destination: str) -> float:
+        """The fixed part of a pause to ``destination``: the largest of
+        the last ones measured, 0 if none was."""
+        with self._lock:
+            seen = self._seen.get(destination)
+            return max(seen) if seen else 0.0

@@ -1,0 +1,40 @@
+"""The fixed part of the pause, as measured on earlier migrations."""
+
+import pytest
+
+from nova_xen_ncm.engine.switchover import SwitchoverHistory
+
+
+def test_nothing_measured_is_no_fixed_part():
+    assert SwitchoverHistory().estimate("192.0.2.1") == 0.0
+
+
+def test_the_fixed_part_is_the_downtime_less_the_expected_transfer():
+    history = SwitchoverHistory()
+    assert history.record("192.0.2.1", 0.120, 0.020) == pytest.approx(0.1)
+    assert history.estimate("192.0.2.1") == pytest.approx(0.1)
+    # A transfer longer than the pause itself: no negative fixed part.
+    assert history.record("192.0.2.2", 0.050, 0.080) == 0.0
+
+
+def test_the_estimate_is_the_largest_of_the_last_ones_per_destination():
+    history = SwitchoverHistory(window=3)
+    for downtime in (0.3, 0.1, 0.1, 0.1):
+        history.record("192.0.2.1", downtime, 0.0)
+    # 0.3 fell out of the window of 3.
+    assert history.estimate("192.0.2.1") == pytest.approx(0.1)
+    history.record("192.0.2.1", 0.2, 0.0)
+    assert history.estimate("192.0.2.1") == pytest.approx(0.2)
+    # Another destination has its own.
+    assert history.estimate("192.0.2.9") == 0.0
+
+
+@pytest.mark.parametrize("downtime,transfer", [(-0.1, 0.0), (0.1, -0.1)])
+def test_negative_times_are_refused(downtime, transfer):
+    with pytest.raises(ValueError, match="must not be negative"):
+        SwitchoverHistory().record("192.0.2.1", downtime, transfer)
+
+
+def test_a_window_below_one_is_refused():
+    with pytest.raises(ValueError, match="window 0"):
+        SwitchoverHistory(window=0)
