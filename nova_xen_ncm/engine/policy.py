@@ -275,6 +275,8 @@ def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
             ),
             expected_pause=pause,
         )
+    if params.switchover_estimate >= params.downtime_target:
+        return _fixed_part_too_long(stats, params, pause)
     if stats.iteration >= params.max_rounds:
         fraction = throttle_to_fit(stats, params)
         if fraction is not None:
@@ -310,17 +312,61 @@ def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
             target_unmet=True,
             expected_pause=pause,
         )
+    return _auto_converge(stats, params, pause) or Decision(
+        Action.CONTINUE, expected_pause=pause
+    )
+
+
+def _auto_converge(
+    stats: PrecopyStats,
+    params: PolicyParams,
+    pause: float,
+    *,
+    unmet: str = "",
+) -> Decision | None:
+    """A step of throttle once the dirty rate kept pace with the wire for
+    ``throttle_trigger_rounds`` rounds, else None."""
     pace = rounds_at_pace(stats, params.throttle_trigger_ratio)
-    if pace and pace % params.throttle_trigger_rounds == 0:
-        fraction = next_throttle(stats.throttle, params)
-        if fraction is not None:
-            return Decision(
-                Action.THROTTLE,
-                throttle=fraction,
-                reason=f"dirty rate kept pace for {pace} rounds",
-                expected_pause=pause,
-            )
-    return Decision(Action.CONTINUE, expected_pause=pause)
+    if not pace or pace % params.throttle_trigger_rounds:
+        return None
+    fraction = next_throttle(stats.throttle, params)
+    if fraction is None:
+        return None
+    return Decision(
+        Action.THROTTLE,
+        throttle=fraction,
+        reason=f"{unmet}dirty rate kept pace for {pace} rounds",
+        target_unmet=bool(unmet),
+        expected_pause=pause,
+    )
+
+
+def _fixed_part_too_long(
+    stats: PrecopyStats, params: PolicyParams, pause: float
+) -> Decision:
+    """The fixed part of the pause alone takes the whole target: no
+    throttle makes anything but an empty remainder fit, so the target is
+    said to be unmet from the first round. Rounds go on (throttled as
+    usual when the guest keeps pace) while they leave fewer pages and
+    ``max_rounds`` is not reached, for the shortest pause there is."""
+    unmet = (
+        f"downtime target {params.downtime_target}s cannot be met: the "
+        f"fixed part of the pause alone takes "
+        f"{params.switchover_estimate:.3f}s (a pause now: {pause:.3f}s); "
+    )
+    if stats.iteration < params.max_rounds and _improving(stats):
+        return _auto_converge(stats, params, pause, unmet=unmet) or Decision(
+            Action.CONTINUE,
+            reason=f"{unmet}rounds go on while they converge",
+            target_unmet=True,
+            expected_pause=pause,
+        )
+    return Decision(
+        Action.STOP_AND_COPY,
+        reason=f"{unmet}{stats.iteration} rounds done, no longer converging",
+        target_unmet=True,
+        expected_pause=pause,
+    )
 
 
 def downtime_factory(params: PolicyParams) -> Policy:

@@ -17,11 +17,12 @@ statistics stay its own (stats.py), the history only keeps this number.
 from __future__ import annotations
 
 import collections
+import statistics
 import threading
 
-#: Migrations per destination remembered: the estimate is the largest
-#: fixed part among them, so one quick pause on an idle moment does not
-#: talk the next migration into a pause too short.
+#: Migrations per destination remembered: the estimate is the median
+#: of their fixed parts, so that neither one quick pause on an idle
+#: moment nor one stalled on a loaded one decides the next migration's.
 WINDOW = 5
 
 
@@ -55,8 +56,8 @@ class SwitchoverHistory:
         return fixed
 
     def estimate(self, destination: str) -> float:
-        """The fixed part of a pause to ``destination``: the largest of
+        """The fixed part of a pause to ``destination``: the median of
         the last ones measured, 0 if none was."""
         with self._lock:
             seen = self._seen.get(destination)
-            return max(seen) if seen else 0.0
+            return statistics.median(seen) if seen else 0.0

@@ -62,9 +62,8 @@ def test_a_target_that_cannot_be_met_is_reported_before_the_pause(
     conf, source, destination, migration
 ):
     # About 3 s: a few rounds of an 8 MiB guest. The whole target goes to
-    # the switch-over, so only an empty dirty set would fit: throttled to
-    # its floor, the guest still dirties pages, and the target cannot be
-    # met without stopping it.
+    # the switch-over, so only an empty dirty set would fit: the target
+    # cannot be met, whatever the throttle.
     for name, value in {
         "precopy_policy": "downtime",
         "downtime_target": 0.01,
@@ -86,11 +85,12 @@ def test_a_target_that_cannot_be_met_is_reported_before_the_pause(
     ]
     assert unmet, "the unmet target was not reported"
     assert all(e.phase == "precopy" for e in unmet)
-    assert all(e.detail["at_throttle"] == 0.5 for e in unmet)
+    assert all(0.5 <= e.detail["at_throttle"] <= 1 for e in unmet)
     assert all(e.detail["expected_pause"] > 0.01 for e in unmet)
     assert all("cannot be met" in e.reason for e in unmet)
-    # Rounds at the floor are bounded: at most twice max_rounds.
-    assert len(m.sender.stats.rounds) <= 4
+    # Said from the first round on: no round fits, and they are bounded.
+    assert unmet[0].detail["round"] == 0
+    assert len(m.sender.stats.rounds) <= 2
     stop = [
         e
         for e in events
@@ -125,4 +125,6 @@ def test_the_fixed_part_of_a_pause_is_learned_for_the_next_migration(
     second = migration(source, domid, destination, switchover=history)
     assert second.sender.switchover_estimate == learned
     assert second.run() is Phase.DONE, second.sender.error
-    assert history.estimate(where) >= learned
+    # The median of both pauses' fixed parts now.
+    second_downtime = second.sender.stats.actual_downtime
+    assert 0 < history.estimate(where) <= max(learned, second_downtime)

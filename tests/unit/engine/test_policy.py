@@ -432,3 +432,33 @@ def test_decide_checks_the_timeout_before_the_policy():
         ).action
         is Action.CONTINUE
     )
+
+
+def test_a_fixed_part_as_long_as_the_target_is_said_unmet_at_once():
+    params = dataclasses.replace(PARAMS, switchover_estimate=0.5)
+    going = policy.downtime(snap(iteration=1, dirty=1000), params)
+    assert going.action is Action.CONTINUE
+    assert going.target_unmet
+    assert "fixed part of the pause alone takes 0.500s" in going.reason
+    # The guest keeping pace is throttled as usual, still said unmet.
+    hot = policy.downtime(
+        snap(
+            dirty=1000,
+            rounds=[rnd(0, 100 * MB, HOT + 1), rnd(1, 100 * MB, HOT)],
+        ),
+        params,
+    )
+    assert hot.action is Action.THROTTLE
+    assert hot.throttle == pytest.approx(0.8)
+    assert hot.target_unmet
+    # Rounds that no longer shrink: the shortest pause there is, now.
+    flat = policy.downtime(
+        snap(dirty=1000, rounds=[rnd(0, MB, 1000), rnd(1, MB, 1000)]), params
+    )
+    assert flat.action is Action.STOP_AND_COPY
+    assert flat.target_unmet
+    assert "no longer converging" in flat.reason
+    # As at max_rounds.
+    last = policy.downtime(snap(iteration=10, dirty=1000), params)
+    assert last.action is Action.STOP_AND_COPY
+    assert last.target_unmet
