@@ -232,12 +232,20 @@ def throttle_to_fit(stats: PrecopyStats, params: PolicyParams) -> float | None:
     return max(params.throttle_min, round(min(step, scaled), 6))
 
 
-def _improving(stats: PrecopyStats) -> bool:
-    """Whether the last round left fewer pages than the one before: at
-    the throttle floor, rounds go on only while they still converge."""
-    if len(stats.rounds) < 2:
+#: Rounds in which a throttled migration that cannot meet its target
+#: must leave fewer pages than ever before to go on.
+CONVERGE_ROUNDS = 3
+
+
+def _converging(stats: PrecopyStats) -> bool:
+    """Whether one of the last :data:`CONVERGE_ROUNDS` rounds left fewer
+    pages than any round before them: rounds that cannot meet the target
+    go on only while they still shrink what the pause will send (one
+    round's noise on a loaded host does not end them)."""
+    dirty = [r.dirty_pages for r in stats.rounds]
+    if len(dirty) <= CONVERGE_ROUNDS:
         return True
-    return stats.rounds[-1].dirty_pages < stats.rounds[-2].dirty_pages
+    return min(dirty[-CONVERGE_ROUNDS:]) < min(dirty[:-CONVERGE_ROUNDS])
 
 
 def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
@@ -295,7 +303,7 @@ def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
             "without stopping the guest's progress: at its throttle "
             f"floor {params.throttle_min} a pause would take {pause:.3f}s"
         )
-        if stats.iteration < 2 * params.max_rounds and _improving(stats):
+        if stats.iteration < 2 * params.max_rounds and _converging(stats):
             return Decision(
                 Action.CONTINUE,
                 reason=f"{unmet}; rounds go on while they converge",
@@ -346,16 +354,26 @@ def _fixed_part_too_long(
 ) -> Decision:
     """The fixed part of the pause alone takes the whole target: no
     throttle makes anything but an empty remainder fit, so the target is
-    said to be unmet from the first round. Rounds go on (throttled as
-    usual when the guest keeps pace) while they leave fewer pages and
-    ``max_rounds`` is not reached, for the shortest pause there is."""
+    said to be unmet from the first round, and the guest is throttled to
+    ``throttle_min`` at once for the shortest pause there is; rounds go
+    on while they still shrink what is left (at most twice
+    ``max_rounds``)."""
     unmet = (
         f"downtime target {params.downtime_target}s cannot be met: the "
         f"fixed part of the pause alone takes "
         f"{params.switchover_estimate:.3f}s (a pause now: {pause:.3f}s); "
     )
-    if stats.iteration < params.max_rounds and _improving(stats):
-        return _auto_converge(stats, params, pause, unmet=unmet) or Decision(
+    if stats.iteration < 2 * params.max_rounds and _converging(stats):
+        fraction = throttle_to_fit(stats, params)
+        if fraction is not None:
+            return Decision(
+                Action.THROTTLE,
+                throttle=fraction,
+                reason=f"{unmet}guest throttled to {fraction}",
+                target_unmet=True,
+                expected_pause=pause,
+            )
+        return Decision(
             Action.CONTINUE,
             reason=f"{unmet}rounds go on while they converge",
             target_unmet=True,

@@ -114,7 +114,8 @@ PARAMS = PolicyParams(
                 iteration=12,
                 dirty=10**6,
                 throttle=0.2,
-                rounds=[rnd(0, 100 * MB, 20_000), rnd(1, 100 * MB, 10_000)],
+                rounds=[rnd(i, 100 * MB, 20_000) for i in range(3)]
+                + [rnd(3, 100 * MB, 10_000)],
             ),
             Action.CONTINUE,
             None,
@@ -125,7 +126,7 @@ PARAMS = PolicyParams(
                 iteration=12,
                 dirty=10**6,
                 throttle=0.2,
-                rounds=[rnd(0, 100 * MB, 10_000), rnd(1, 100 * MB, 10_000)],
+                rounds=[rnd(i, 100 * MB, 10_000) for i in range(4)],
             ),
             Action.STOP_AND_COPY,
             None,
@@ -215,8 +216,9 @@ def test_downtime(stats, expected, fraction):
         # 100 MB/s x (0.5 - 0.1) s = 40 MB: 9765 pages fit, 9766 do not.
         (0.1, 9765, Action.STOP_AND_COPY),
         (0.1, 9766, Action.CONTINUE),
-        # A switch-over as long as the target leaves room for no page.
-        (0.5, 1, Action.CONTINUE),
+        # A switch-over as long as the target leaves room for no page:
+        # the guest is throttled for the shortest pause there is.
+        (0.5, 1, Action.THROTTLE),
         (0.5, 0, Action.STOP_AND_COPY),
         (0.7, 0, Action.STOP_AND_COPY),
     ],
@@ -436,29 +438,37 @@ def test_decide_checks_the_timeout_before_the_policy():
 
 def test_a_fixed_part_as_long_as_the_target_is_said_unmet_at_once():
     params = dataclasses.replace(PARAMS, switchover_estimate=0.5)
-    going = policy.downtime(snap(iteration=1, dirty=1000), params)
-    assert going.action is Action.CONTINUE
-    assert going.target_unmet
-    assert "fixed part of the pause alone takes 0.500s" in going.reason
-    # The guest keeping pace is throttled as usual, still said unmet.
-    hot = policy.downtime(
+    # Throttled to the floor at once, for the shortest pause there is.
+    first = policy.downtime(snap(iteration=1, dirty=1000), params)
+    assert first.action is Action.THROTTLE
+    assert first.throttle == pytest.approx(0.2)
+    assert first.target_unmet
+    assert "fixed part of the pause alone takes 0.500s" in first.reason
+    # At the floor, rounds go on while they shrink what is left...
+    going = policy.downtime(
         snap(
+            iteration=4,
             dirty=1000,
-            rounds=[rnd(0, 100 * MB, HOT + 1), rnd(1, 100 * MB, HOT)],
+            throttle=0.2,
+            rounds=[rnd(i, MB, 2000) for i in range(3)] + [rnd(3, MB, 1000)],
         ),
         params,
     )
-    assert hot.action is Action.THROTTLE
-    assert hot.throttle == pytest.approx(0.8)
-    assert hot.target_unmet
-    # Rounds that no longer shrink: the shortest pause there is, now.
+    assert going.action is Action.CONTINUE
+    assert going.target_unmet
+    # ... and stop once they no longer do, or after twice max_rounds.
     flat = policy.downtime(
-        snap(dirty=1000, rounds=[rnd(0, MB, 1000), rnd(1, MB, 1000)]), params
+        snap(
+            iteration=4,
+            dirty=1000,
+            throttle=0.2,
+            rounds=[rnd(i, MB, 1000) for i in range(4)],
+        ),
+        params,
     )
     assert flat.action is Action.STOP_AND_COPY
     assert flat.target_unmet
     assert "no longer converging" in flat.reason
-    # As at max_rounds.
-    last = policy.downtime(snap(iteration=10, dirty=1000), params)
+    last = policy.downtime(snap(iteration=20, dirty=1000), params)
     assert last.action is Action.STOP_AND_COPY
     assert last.target_unmet
