@@ -154,13 +154,16 @@ def transfer_time(stats: PrecopyStats, cap: float = 0.0) -> float:
     if not stats.rounds:
         return by_bandwidth
     last = stats.rounds[-1]
-    pages = last.pages_sent + last.zero_pages
+    # Pages with content: a zero page costs a test, not a send, and the
+    # pages a guest dirties are seldom zero (round 0 of a fresh guest is
+    # mostly zero pages, which made its pace look twice what it is).
+    pages = last.pages_sent or last.zero_pages
     if pages <= 0 or last.duration <= 0:
         return by_bandwidth
     by_pace = stats.dirty_count * last.duration / pages
     if cap > 0 and last.pages_sent > 0:
         # What each page left costs on the wire, as the last round sent.
-        wire = stats.dirty_count * last.bytes_sent / pages
+        wire = stats.dirty_count * last.bytes_sent / last.pages_sent
         by_pace = max(by_pace, wire / cap)
     return max(by_pace, by_bandwidth)
 

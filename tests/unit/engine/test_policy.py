@@ -289,6 +289,24 @@ def test_the_pause_is_estimated_at_the_pace_of_the_last_round(
     assert policy.downtime(stats, PARAMS).action is expected
 
 
+def test_zero_pages_do_not_make_the_pace_look_faster():
+    # Round 0 of a fresh guest: 1000 pages with content and 9000 zero
+    # ones in 0.1 s. The 1000 dirty pages left go at the pace of the
+    # pages with content, 0.1 s, not of all 10000 (0.01 s).
+    first = RoundStats(
+        round=0,
+        pages_sent=1000,
+        bytes_sent=1000 * 4096,
+        zero_pages=9000,
+        dirty_pages=1000,
+        duration=0.1,
+    )
+    stats = snap(dirty=1000, bandwidth=1000 * MB, rounds=[first])
+    assert policy.transfer_time(stats) == pytest.approx(0.1)
+    params = dataclasses.replace(PARAMS, downtime_target=0.05)
+    assert policy.downtime(stats, params).action is Action.CONTINUE
+
+
 def test_compressed_rounds_are_paced_in_pages_not_octets():
     # 1000 pages went as 400 KB in 0.1 s (lz4): 4 MB/s on the wire, yet
     # 10000 pages/s. 1000 pages left take 0.1 s, which fits 0.5 s.
