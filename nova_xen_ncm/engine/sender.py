@@ -271,10 +271,10 @@ class Sender:
         transfer = max(0.0, stop.expected_pause - self.switchover_estimate)
         fixed = self._history.record(self.endpoint[0], downtime, transfer)
         LOG.debug(
-            "Migration %s: paused %.3fs, %.3fs of it fixed",
+            "Migration %s: paused %.3fs, %s of it fixed",
             self.migration_id,
             downtime,
-            fixed,
+            "unknown" if fixed is None else f"{fixed:.3f}s",
         )
 
     def _required(self, pv_drivers: bool) -> tuple[str, ...]:

@@ -38,16 +38,21 @@ class SwitchoverHistory:
 
     def record(
         self, destination: str, downtime: float, transfer: float
-    ) -> float:
+    ) -> float | None:
         """A migration to ``destination`` paused the guest ``downtime``
         seconds, of which its policy expected ``transfer`` for the pages
-        left: remember the rest; returns it."""
+        left: remember the rest; returns it. A transfer expected to take
+        the whole pause or more tells nothing of the fixed part (the
+        estimate was high, as it is meant to be when it errs): nothing
+        is remembered, and None returned."""
         if downtime < 0 or transfer < 0:
             raise ValueError(
                 f"downtime {downtime} and transfer {transfer} must not be "
                 "negative"
             )
-        fixed = max(0.0, downtime - transfer)
+        if transfer >= downtime:
+            return None
+        fixed = downtime - transfer
         with self._lock:
             seen = self._seen.setdefault(
                 destination, collections.deque(maxlen=self._window)

@@ -13,8 +13,11 @@ def test_the_fixed_part_is_the_downtime_less_the_expected_transfer():
     history = SwitchoverHistory()
     assert history.record("192.0.2.1", 0.120, 0.020) == pytest.approx(0.1)
     assert history.estimate("192.0.2.1") == pytest.approx(0.1)
-    # A transfer longer than the pause itself: no negative fixed part.
-    assert history.record("192.0.2.2", 0.050, 0.080) == 0.0
+    # A transfer expected longer than the pause itself tells nothing of
+    # the fixed part: not remembered.
+    assert history.record("192.0.2.1", 0.050, 0.080) is None
+    assert history.record("192.0.2.1", 0.050, 0.050) is None
+    assert history.estimate("192.0.2.1") == pytest.approx(0.1)
 
 
 def test_the_estimate_is_the_median_of_the_last_ones_per_destination():
