@@ -332,8 +332,6 @@ def _auto_converge(
     stats: PrecopyStats,
     params: PolicyParams,
     pause: float,
-    *,
-    unmet: str = "",
 ) -> Decision | None:
     """A step of throttle once the dirty rate kept pace with the wire for
     ``throttle_trigger_rounds`` rounds, else None."""
@@ -346,8 +344,7 @@ def _auto_converge(
     return Decision(
         Action.THROTTLE,
         throttle=fraction,
-        reason=f"{unmet}dirty rate kept pace for {pace} rounds",
-        target_unmet=bool(unmet),
+        reason=f"dirty rate kept pace for {pace} rounds",
         expected_pause=pause,
     )
 

@@ -132,6 +132,7 @@ class Sender:
         )
         # The decision that ended precopy.
         self._stop: policies.Decision | None = None
+        self._warned_unmet = False
         self.info = host.domain_info(domid)
         # What a restarted engine needs to settle this migration
         # (recovery.py), written as part of every transition.
@@ -459,8 +460,12 @@ class Sender:
 
     def _report_unmet(self, round_: int, decision: policies.Decision) -> None:
         """Tell the operator the downtime target cannot be met without
-        stopping the guest's progress, with the pause expected."""
-        LOG.warning("Migration %s: %s", self.migration_id, decision.reason)
+        stopping the guest's progress, with the pause expected. Warned
+        once in the log (it is said on every round until the pause);
+        every round's event carries the pause expected then."""
+        if not self._warned_unmet:
+            self._warned_unmet = True
+            LOG.warning("Migration %s: %s", self.migration_id, decision.reason)
         self._emit(
             EventKind.PROGRESS,
             {

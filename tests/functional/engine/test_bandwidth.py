@@ -59,7 +59,7 @@ def test_each_throttle_is_reported_with_its_reason(
 
 
 def test_a_target_that_cannot_be_met_is_reported_before_the_pause(
-    conf, source, destination, migration
+    conf, source, destination, migration, caplog
 ):
     # About 3 s: a few rounds of an 8 MiB guest. The whole target goes to
     # the switch-over, so only an empty dirty set would fit: the target
@@ -92,6 +92,14 @@ def test_a_target_that_cannot_be_met_is_reported_before_the_pause(
     # twice max_rounds.
     assert unmet[0].detail["round"] == 0
     assert len(m.sender.stats.rounds) <= 4
+    # Said on every round, warned in the log once.
+    assert len(unmet) >= 2
+    warned = [
+        r
+        for r in caplog.records
+        if r.levelname == "WARNING" and "cannot be met" in r.getMessage()
+    ]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
     stop = [
         e
         for e in events
