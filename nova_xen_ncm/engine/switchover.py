@@ -25,16 +25,28 @@ import threading
 #: moment nor one stalled on a loaded one decides the next migration's.
 WINDOW = 5
 
+#: Destinations remembered, those recorded last: a compute host sends to
+#: the hosts of its cloud, but a long-lived service must not grow with
+#: every address it ever sent to.
+DESTINATIONS = 1024
+
 
 class SwitchoverHistory:
     """The fixed part of the pause per destination host, in seconds."""
 
-    def __init__(self, window: int = WINDOW) -> None:
+    def __init__(
+        self, window: int = WINDOW, destinations: int = DESTINATIONS
+    ) -> None:
         if window < 1:
             raise ValueError(f"window {window} must be at least 1")
+        if destinations < 1:
+            raise ValueError(f"destinations {destinations} must be at least 1")
         self._lock = threading.Lock()
         self._window = window
-        self._seen: dict[str, collections.deque[float]] = {}
+        self._destinations = destinations
+        self._seen: collections.OrderedDict[str, collections.deque[float]] = (
+            collections.OrderedDict()
+        )
 
     def record(
         self, destination: str, downtime: float, transfer: float
@@ -58,6 +70,9 @@ class SwitchoverHistory:
                 destination, collections.deque(maxlen=self._window)
             )
             seen.append(fixed)
+            self._seen.move_to_end(destination)
+            while len(self._seen) > self._destinations:
+                self._seen.popitem(last=False)
         return fixed
 
     def estimate(self, destination: str) -> float:

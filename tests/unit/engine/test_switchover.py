@@ -43,3 +43,17 @@ def test_negative_times_are_refused(downtime, transfer):
 def test_a_window_below_one_is_refused():
     with pytest.raises(ValueError, match="window 0"):
         SwitchoverHistory(window=0)
+
+
+def test_the_destinations_remembered_are_bounded():
+    history = SwitchoverHistory(destinations=2)
+    for address in ("192.0.2.1", "192.0.2.2"):
+        history.record(address, 0.2, 0.0)
+    # Recorded again: the most recent, kept over 192.0.2.2.
+    history.record("192.0.2.1", 0.2, 0.0)
+    history.record("192.0.2.3", 0.3, 0.0)
+    assert history.estimate("192.0.2.2") == 0.0
+    assert history.estimate("192.0.2.1") == pytest.approx(0.2)
+    assert history.estimate("192.0.2.3") == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="destinations 0"):
+        SwitchoverHistory(destinations=0)
