@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--rates", default="10,50,90,150")
     parser.add_argument("--patterns", default="uniform,hotcold,sequential")
     parser.add_argument("--configs", default="plain,lz4x4")
-    parser.add_argument("--warmup", default=2, type=int)
+    parser.add_argument("--warmup", default=3, type=int)
     parser.add_argument("--no-history", action="store_true")
     parser.add_argument(
         "--set",

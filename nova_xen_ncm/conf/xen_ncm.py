@@ -203,8 +203,8 @@ POLICY_OPTS = [
         "migration of an idle guest between the same hosts is a good "
         "value. A compute host also measures it on each migration it "
         "sends (the downtime less the transfer the policy expected) and "
-        "uses the median of the last five to the same destination when "
-        "that is more than this.",
+        "uses the median of the last five to the same destination, once "
+        "three were measured, when that is more than this.",
     ),
     cfg.IntOpt(
         "max_bandwidth",

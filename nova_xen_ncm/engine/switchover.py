@@ -30,6 +30,13 @@ WINDOW = 5
 #: every address it ever sent to.
 DESTINATIONS = 1024
 
+#: Fixed parts measured before the median is used: with fewer, one
+#: pause stalled by a reconnection or a loaded moment would be the
+#: estimate (or half of it) and throttle the next migrations for
+#: nothing; with three, one such pause cannot move the median past the
+#: other two.
+SAMPLES = 3
+
 
 class SwitchoverHistory:
     """The fixed part of the pause per destination host, in seconds."""
@@ -77,7 +84,10 @@ class SwitchoverHistory:
 
     def estimate(self, destination: str) -> float:
         """The fixed part of a pause to ``destination``: the median of
-        the last ones measured, 0 if none was."""
+        the last ones measured, 0 while fewer than :data:`SAMPLES` (or
+        the whole window, if smaller) were."""
         with self._lock:
             seen = self._seen.get(destination)
-            return statistics.median(seen) if seen else 0.0
+            if not seen or len(seen) < min(SAMPLES, self._window):
+                return 0.0
+            return statistics.median(seen)

@@ -10,7 +10,7 @@ def test_nothing_measured_is_no_fixed_part():
 
 
 def test_the_fixed_part_is_the_downtime_less_the_expected_transfer():
-    history = SwitchoverHistory()
+    history = SwitchoverHistory(window=1)
     assert history.record("192.0.2.1", 0.120, 0.020) == pytest.approx(0.1)
     assert history.estimate("192.0.2.1") == pytest.approx(0.1)
     # A transfer expected longer than the pause itself tells nothing of
@@ -18,6 +18,19 @@ def test_the_fixed_part_is_the_downtime_less_the_expected_transfer():
     assert history.record("192.0.2.1", 0.050, 0.080) is None
     assert history.record("192.0.2.1", 0.050, 0.050) is None
     assert history.estimate("192.0.2.1") == pytest.approx(0.1)
+
+
+def test_one_stalled_pause_is_not_the_estimate():
+    # The first pause to a destination stalled (a reconnection in the
+    # stop and copy): neither alone nor with one more is it the fixed
+    # part of the next migrations'.
+    history = SwitchoverHistory()
+    history.record("192.0.2.1", 5.0, 0.0)
+    assert history.estimate("192.0.2.1") == 0.0
+    history.record("192.0.2.1", 0.05, 0.0)
+    assert history.estimate("192.0.2.1") == 0.0
+    history.record("192.0.2.1", 0.06, 0.0)
+    assert history.estimate("192.0.2.1") == pytest.approx(0.06)
 
 
 def test_the_estimate_is_the_median_of_the_last_ones_per_destination():
@@ -46,7 +59,7 @@ def test_a_window_below_one_is_refused():
 
 
 def test_the_destinations_remembered_are_bounded():
-    history = SwitchoverHistory(destinations=2)
+    history = SwitchoverHistory(window=1, destinations=2)
     for address in ("192.0.2.1", "192.0.2.2"):
         history.record(address, 0.2, 0.0)
     # Recorded again: the most recent, kept over 192.0.2.2.
