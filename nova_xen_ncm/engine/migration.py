@@ -24,6 +24,7 @@ from nova_xen_ncm.engine.receiver import Receiver
 from nova_xen_ncm.engine.sender import Sender
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.engine.stats import MigrationStats
+from nova_xen_ncm.engine.switchover import SwitchoverHistory
 from nova_xen_ncm.host import base
 from nova_xen_ncm.progress.model import ProgressSink
 
@@ -136,9 +137,11 @@ class OutgoingMigration:
         policy: policies.Policy | None = None,
         sinks: Iterable[ProgressSink] = (),
         source_address: str | None = None,
+        switchover: SwitchoverHistory | None = None,
     ) -> None:
         # ``source_address``: the address this host announced to the
-        # destination; every connection leaves from it.
+        # destination; every connection leaves from it. ``switchover``:
+        # the fixed part of the pause measured on earlier migrations.
         self.sender = Sender(
             host,
             domid,
@@ -149,6 +152,7 @@ class OutgoingMigration:
             policy=policy,
             sinks=sinks,
             source_address=source_address,
+            switchover=switchover,
         )
         self._runner = _Runner(
             f"migration-{migration_id}-out", self.sender.run

@@ -52,6 +52,13 @@ class Decision:
     #: For THROTTLE: the share of time the vCPUs may run (0 < f < 1).
     throttle: float | None = None
     reason: str = ""
+    #: The downtime target cannot be met without stopping the guest's
+    #: progress (throttled to its floor, the pause still would not fit):
+    #: the sender says so in a progress event.
+    target_unmet: bool = False
+    #: The pause a stop and copy now would take, in seconds, when the
+    #: policy estimated it.
+    expected_pause: float | None = None
 
     def __post_init__(self) -> None:
         if (self.action is Action.THROTTLE) != (self.throttle is not None):
@@ -127,6 +134,48 @@ def effective_bandwidth(stats: PrecopyStats, cap: float = 0.0) -> float:
     return stats.bandwidth
 
 
+def transfer_time(stats: PrecopyStats, cap: float = 0.0) -> float:
+    """Seconds to send the pages left, in the pause.
+
+    At the pace of the last round, page for page, when it sent any: a
+    small round over scattered pages pays its fixed costs (a flush's
+    round trip, the harvest) and its per-page ones at the rate the final
+    copy, as small and as scattered, pays them, which a bandwidth
+    smoothed over the big first rounds does not tell; and pages, not
+    octets, because compression shrinks what was sent but not what is
+    left. Never faster than the smoothed bandwidth nor the migration's
+    ``cap`` allow."""
+    if stats.remaining_bytes == 0:
+        return 0.0
+    bandwidth = effective_bandwidth(stats, cap)
+    by_bandwidth = (
+        stats.remaining_bytes / bandwidth if bandwidth > 0 else float("inf")
+    )
+    if not stats.rounds:
+        return by_bandwidth
+    last = stats.rounds[-1]
+    # Pages with content: a zero page costs a test, not a send, and the
+    # pages a guest dirties are seldom zero (round 0 of a fresh guest is
+    # mostly zero pages, which made its pace look twice what it is).
+    pages = last.pages_sent or last.zero_pages
+    if pages <= 0 or last.duration <= 0:
+        return by_bandwidth
+    by_pace = stats.dirty_count * last.duration / pages
+    if cap > 0 and last.pages_sent > 0:
+        # What each page left costs on the wire, as the last round sent.
+        wire = stats.dirty_count * last.bytes_sent / last.pages_sent
+        by_pace = max(by_pace, wire / cap)
+    return max(by_pace, by_bandwidth)
+
+
+def expected_pause(stats: PrecopyStats, params: PolicyParams) -> float:
+    """The pause a stop and copy now would take, in seconds: the fixed
+    part of the switch-over and the transfer of the pages left."""
+    return params.switchover_estimate + transfer_time(
+        stats, params.max_bandwidth
+    )
+
+
 def fits_downtime(
     stats: PrecopyStats,
     downtime_target: float,
@@ -134,30 +183,23 @@ def fits_downtime(
     cap: float = 0.0,
 ) -> bool:
     """QEMU's switch-over rule, remaining <= bandwidth x downtime, with
-    the fixed part of the pause (``switchover``) taken off the target and
-    the bandwidth held to the migration's ``cap``."""
+    the fixed part of the pause (``switchover``) taken off the target,
+    the transfer timed as :func:`transfer_time` does and held to the
+    migration's ``cap``."""
     budget = downtime_target - switchover
     if budget <= 0:
         return stats.remaining_bytes == 0
-    return stats.remaining_bytes <= effective_bandwidth(stats, cap) * budget
-
-
-def expected_pause(stats: PrecopyStats, params: PolicyParams) -> float:
-    """The pause a stop and copy now would take, in seconds."""
-    bandwidth = effective_bandwidth(stats, params.max_bandwidth)
-    if stats.remaining_bytes == 0:
-        return params.switchover_estimate
-    if bandwidth <= 0:
-        return float("inf")
-    return params.switchover_estimate + stats.remaining_bytes / bandwidth
+    return transfer_time(stats, cap) <= budget
 
 
 def rounds_at_pace(stats: PrecopyStats, ratio: float) -> int:
     """How many of the last rounds in a row the guest dirtied memory at
-    ``ratio`` or more of the rate the wire carried it away."""
+    ``ratio`` or more of the rate the wire carried it away (both in
+    pages: compression shrinks the one, not the other)."""
     count = 0
     for rnd in reversed(stats.rounds):
-        if rnd.bandwidth <= 0 or rnd.dirty_rate < ratio * rnd.bandwidth:
+        sent = rnd.pages_sent + rnd.zero_pages
+        if sent <= 0 or rnd.dirty_pages < ratio * sent:
             break
         count += 1
     return count
@@ -170,16 +212,61 @@ def next_throttle(current: float, params: PolicyParams) -> float | None:
     return max(params.throttle_min, round(current - params.throttle_step, 6))
 
 
+#: Share of the transfer budget the throttle aims the next round's
+#: transfer at: the dirty rate of a throttled guest is not exactly
+#: proportional to its share of time, nor the pace of the wire steady.
+THROTTLE_MARGIN = 0.5
+
+
+def throttle_to_fit(stats: PrecopyStats, params: PolicyParams) -> float | None:
+    """The throttle under which the pages dirtied in a round fit the
+    pause: the current one scaled by the share of the transfer budget
+    the pages left would take (with :data:`THROTTLE_MARGIN`), at least a
+    step down, no lower than ``throttle_min``; None at the floor."""
+    step = next_throttle(stats.throttle, params)
+    if step is None:
+        return None
+    budget = params.downtime_target - params.switchover_estimate
+    needed = transfer_time(stats, params.max_bandwidth)
+    if budget > 0 and needed > 0 and needed != float("inf"):
+        scaled = stats.throttle * THROTTLE_MARGIN * budget / needed
+    else:
+        scaled = params.throttle_min
+    return max(params.throttle_min, round(min(step, scaled), 6))
+
+
+#: Rounds in which a throttled migration that cannot meet its target
+#: must leave fewer pages than ever before to go on.
+CONVERGE_ROUNDS = 3
+
+
+def _converging(stats: PrecopyStats) -> bool:
+    """Whether one of the last :data:`CONVERGE_ROUNDS` rounds left fewer
+    pages than any round before them: rounds that cannot meet the target
+    go on only while they still shrink what the pause will send (one
+    round's noise on a loaded host does not end them)."""
+    dirty = [r.dirty_pages for r in stats.rounds]
+    if len(dirty) <= CONVERGE_ROUNDS:
+        return True
+    return min(dirty[-CONVERGE_ROUNDS:]) < min(dirty[:-CONVERGE_ROUNDS])
+
+
 def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
     """Stop when the rest fits the downtime target; else throttle a step
     each time the dirty rate kept pace with the bandwidth for
     ``throttle_trigger_rounds`` rounds (QEMU's auto-converge trigger).
 
     After ``max_rounds`` the target is not given up for a longer pause:
-    the guest is throttled a step further each round, saying so in the
-    decision's reason (the sender's progress events carry it), until it
-    fits; only a guest throttled to ``throttle_min`` that still does not
-    fit is stopped with a longer pause, and the reason says how long."""
+    each round the guest is throttled to the share of time under which
+    what it dirties fits the target (:func:`throttle_to_fit`), saying so
+    in the decision's reason (the sender's progress events carry it).
+    Throttled to ``throttle_min`` and still not fitting, the target
+    cannot be met without stopping the guest's progress: the decision
+    says so (``target_unmet``, the sender's progress event reports it),
+    and rounds go on at the floor while they still leave fewer pages;
+    only once they no longer do (or after twice ``max_rounds``) is the
+    guest stopped with a longer pause, the reason saying how long."""
+    pause = expected_pause(stats, params)
     if fits_downtime(
         stats,
         params.downtime_target,
@@ -190,17 +277,19 @@ def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
             Action.STOP_AND_COPY,
             reason=(
                 f"{stats.remaining_bytes} bytes fit "
-                f"{params.downtime_target}s at {stats.bandwidth:.0f} B/s"
+                f"{params.downtime_target}s (expected pause {pause:.3f}s)"
                 + (
                     f" after {params.switchover_estimate}s of switch-over"
                     if params.switchover_estimate
                     else ""
                 )
             ),
+            expected_pause=pause,
         )
+    if params.switchover_estimate >= params.downtime_target:
+        return _fixed_part_too_long(stats, params, pause)
     if stats.iteration >= params.max_rounds:
-        pause = expected_pause(stats, params)
-        fraction = next_throttle(stats.throttle, params)
+        fraction = throttle_to_fit(stats, params)
         if fraction is not None:
             return Decision(
                 Action.THROTTLE,
@@ -210,26 +299,92 @@ def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
                     f"after {stats.iteration} rounds (a pause now would "
                     f"take {pause:.3f}s): guest throttled to {fraction}"
                 ),
+                expected_pause=pause,
+            )
+        unmet = (
+            f"downtime target {params.downtime_target}s cannot be met "
+            "without stopping the guest's progress: at its throttle "
+            f"floor {params.throttle_min} a pause would take {pause:.3f}s"
+        )
+        if stats.iteration < 2 * params.max_rounds and _converging(stats):
+            return Decision(
+                Action.CONTINUE,
+                reason=f"{unmet}; rounds go on while they converge",
+                target_unmet=True,
+                expected_pause=pause,
             )
         return Decision(
             Action.STOP_AND_COPY,
             reason=(
-                f"{stats.iteration} rounds done (max_rounds), guest at "
-                f"its throttle floor {params.throttle_min}: expected "
-                f"pause {pause:.3f}s over the {params.downtime_target}s "
-                "target"
+                f"{unmet}; {stats.iteration} rounds done, no longer "
+                f"converging: expected pause {pause:.3f}s over the "
+                f"{params.downtime_target}s target"
             ),
+            target_unmet=True,
+            expected_pause=pause,
         )
+    return _auto_converge(stats, params, pause) or Decision(
+        Action.CONTINUE, expected_pause=pause
+    )
+
+
+def _auto_converge(
+    stats: PrecopyStats,
+    params: PolicyParams,
+    pause: float,
+) -> Decision | None:
+    """A step of throttle once the dirty rate kept pace with the wire for
+    ``throttle_trigger_rounds`` rounds, else None."""
     pace = rounds_at_pace(stats, params.throttle_trigger_ratio)
-    if pace and pace % params.throttle_trigger_rounds == 0:
-        fraction = next_throttle(stats.throttle, params)
+    if not pace or pace % params.throttle_trigger_rounds:
+        return None
+    fraction = next_throttle(stats.throttle, params)
+    if fraction is None:
+        return None
+    return Decision(
+        Action.THROTTLE,
+        throttle=fraction,
+        reason=f"dirty rate kept pace for {pace} rounds",
+        expected_pause=pause,
+    )
+
+
+def _fixed_part_too_long(
+    stats: PrecopyStats, params: PolicyParams, pause: float
+) -> Decision:
+    """The fixed part of the pause alone takes the whole target: no
+    throttle makes anything but an empty remainder fit, so the target is
+    said to be unmet from the first round, and the guest is throttled to
+    ``throttle_min`` at once for the shortest pause there is; rounds go
+    on while they still shrink what is left (at most twice
+    ``max_rounds``)."""
+    unmet = (
+        f"downtime target {params.downtime_target}s cannot be met: the "
+        f"fixed part of the pause alone takes "
+        f"{params.switchover_estimate:.3f}s (a pause now: {pause:.3f}s); "
+    )
+    if stats.iteration < 2 * params.max_rounds and _converging(stats):
+        fraction = throttle_to_fit(stats, params)
         if fraction is not None:
             return Decision(
                 Action.THROTTLE,
                 throttle=fraction,
-                reason=f"dirty rate kept pace for {pace} rounds",
+                reason=f"{unmet}guest throttled to {fraction}",
+                target_unmet=True,
+                expected_pause=pause,
             )
-    return Decision(Action.CONTINUE)
+        return Decision(
+            Action.CONTINUE,
+            reason=f"{unmet}rounds go on while they converge",
+            target_unmet=True,
+            expected_pause=pause,
+        )
+    return Decision(
+        Action.STOP_AND_COPY,
+        reason=f"{unmet}{stats.iteration} rounds done, no longer converging",
+        target_unmet=True,
+        expected_pause=pause,
+    )
 
 
 def downtime_factory(params: PolicyParams) -> Policy:

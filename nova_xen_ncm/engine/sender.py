@@ -51,6 +51,7 @@ from nova_xen_ncm.engine.state import MigrationState
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.engine.state import Role
 from nova_xen_ncm.engine.stats import MigrationStats
+from nova_xen_ncm.engine.switchover import SwitchoverHistory
 from nova_xen_ncm.host import base
 from nova_xen_ncm.progress.model import EventKind
 from nova_xen_ncm.progress.model import ProgressSink
@@ -82,6 +83,11 @@ class Sender:
     :meth:`run` does the whole migration in the calling thread and returns
     the final phase; :meth:`cancel` and :meth:`force_complete` may be
     called from any other thread and take effect within one round.
+
+    ``switchover``: the fixed part of the pause measured on earlier
+    migrations (its owner's); the policy loaded from ``conf`` takes the
+    larger of it and ``[xen_ncm] switchover_estimate`` off its target,
+    and a migration that ends here adds its own.
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class Sender:
         sinks: Iterable[ProgressSink] = (),
         clock: Callable[[], float] = time.monotonic,
         source_address: str | None = None,
+        switchover: SwitchoverHistory | None = None,
     ) -> None:
         if conf is None:
             from nova_xen_ncm.conf import CONF as conf
@@ -108,9 +115,24 @@ class Sender:
         self.migration_id = migration_id
         self.token = token
         self._clock = clock
+        self._history = switchover
+        params = policies.PolicyParams.from_conf(conf)
+        if switchover is not None:
+            params = dataclasses.replace(
+                params,
+                switchover_estimate=max(
+                    params.switchover_estimate,
+                    switchover.estimate(endpoint[0]),
+                ),
+            )
+        #: The fixed part of the pause the policy was told.
+        self.switchover_estimate = params.switchover_estimate
         self.policy = policy or policies.load_policy(
-            self.opts.precopy_policy, policies.PolicyParams.from_conf(conf)
+            self.opts.precopy_policy, params
         )
+        # The decision that ended precopy.
+        self._stop: policies.Decision | None = None
+        self._warned_unmet = False
         self.info = host.domain_info(domid)
         # What a restarted engine needs to settle this migration
         # (recovery.py), written as part of every transition.
@@ -217,6 +239,7 @@ class Sender:
                 self.journal.open()
                 self._setup()
                 decision, pending = self._precopy()
+                self._stop = decision
                 self._stop_and_copy(decision, pending)
                 self._restore()
                 # Journalled as part of the transition: durable before
@@ -234,7 +257,29 @@ class Sender:
             self.journal.close()
         self.data.shutdown()
         self.stats.finish()
+        self._learn_switchover()
         return self.state.phase
+
+    def _learn_switchover(self) -> None:
+        """Add this migration's fixed part of the pause to the history:
+        the downtime less the transfer its policy expected."""
+        stop, downtime = self._stop, self.stats.actual_downtime
+        if (
+            self._history is None
+            or self.state.phase is not Phase.DONE
+            or stop is None
+            or stop.expected_pause is None
+            or downtime is None
+        ):
+            return
+        transfer = max(0.0, stop.expected_pause - self.switchover_estimate)
+        fixed = self._history.record(self.endpoint[0], downtime, transfer)
+        LOG.debug(
+            "Migration %s: paused %.3fs, %s of it fixed",
+            self.migration_id,
+            downtime,
+            "unknown" if fixed is None else f"{fixed:.3f}s",
+        )
 
     def _required(self, pv_drivers: bool) -> tuple[str, ...]:
         """The items the guest needs, and the optional PV features it
@@ -398,6 +443,8 @@ class Sender:
                 decision.action.value,
                 decision.reason,
             )
+            if decision.target_unmet:
+                self._report_unmet(rnd.round, decision)
             if decision.action is policies.Action.ABORT:
                 raise MigrationAborted(decision.reason)
             if decision.action is policies.Action.STOP_AND_COPY:
@@ -413,6 +460,25 @@ class Sender:
                     reason=decision.reason,
                 )
             pfns = dirty
+
+    def _report_unmet(self, round_: int, decision: policies.Decision) -> None:
+        """Tell the operator the downtime target cannot be met without
+        stopping the guest's progress, with the pause expected. Warned
+        once in the log (it is said on every round until the pause);
+        every round's event carries the pause expected then."""
+        if not self._warned_unmet:
+            self._warned_unmet = True
+            LOG.warning("Migration %s: %s", self.migration_id, decision.reason)
+        self._emit(
+            EventKind.PROGRESS,
+            {
+                "round": round_,
+                "downtime_target_unmet": True,
+                "expected_pause": decision.expected_pause,
+                "at_throttle": self.stats.throttle,
+            },
+            reason=decision.reason,
+        )
 
     def _transfer_round(self, pfns: np.ndarray) -> tuple[int, int, int]:
         """Send a precopy round and have it acknowledged. A dropped

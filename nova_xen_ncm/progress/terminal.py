@@ -96,6 +96,8 @@ def bar_line(data: Mapping[str, Any], columns: int | None = None) -> str:
             f"ETA {human_duration(data.get('eta'))} "
             f"downtime {human_seconds(data.get('expected_downtime'))}"
         )
+        if data.get("downtime_target_unmet"):
+            right += " (target unmet)"
     width = BAR_WIDTH
     if columns is not None:
         width = min(BAR_WIDTH, columns - 1 - len(left) - len(right) - 2)
@@ -189,6 +191,11 @@ def plain_line(notice: str, data: Mapping[str, Any]) -> str:
         f"{human_rate(data.get('dirty_rate'))}, "
         f"ETA {human_duration(data.get('eta'))}, expected downtime "
         f"{human_seconds(data.get('expected_downtime'))}"
+        + (
+            " (downtime target unmet)"
+            if data.get("downtime_target_unmet")
+            else ""
+        )
     )
 
 

@@ -35,7 +35,8 @@ from nova_xen_ncm.progress.ratelimit import RateLimiter
 #: Key prefix of the versioned payload envelope (Nova: ``nova_object``).
 OBJECT_PREFIX = "nova_xen_ncm_object"
 PAYLOAD_NAMESPACE = "nova_xen_ncm"
-PAYLOAD_VERSION = "1.0"
+#: 1.1 added ``downtime_target_unmet``.
+PAYLOAD_VERSION = "1.1"
 
 # Phases a migration ends in. They mirror engine.state.TERMINAL, which
 # this package may not import (the engine sits above progress).
@@ -163,6 +164,10 @@ class MigrationTracker:
         self.dirty_rate: float | None = None
         self.expected_downtime_given: float | None = None
         self.eta_given: float | None = None
+        # Once the source's policy said its downtime target cannot be
+        # met, every later payload says so: progress notifications are
+        # rate-limited, and the one that said it may have been merged.
+        self.downtime_target_unmet = False
         self.retries = 0
         self.retry: dict[str, Any] = {}
         # Accumulated statistics.
@@ -211,6 +216,11 @@ class MigrationTracker:
             if value is not None:
                 setattr(self, name, value)
         downtime = _number(detail.get("expected_downtime"))
+        if downtime is None:
+            # The policy's own estimate of the pause.
+            downtime = _number(detail.get("expected_pause"))
+        if detail.get("downtime_target_unmet") is True:
+            self.downtime_target_unmet = True
         if downtime is not None:
             self.expected_downtime_given = downtime
         eta = _number(detail.get("eta"))
@@ -341,6 +351,7 @@ class MigrationTracker:
             "dirty_rate": self.dirty_rate,
             "bandwidth": self.bandwidth,
             "expected_downtime": self.expected_downtime,
+            "downtime_target_unmet": self.downtime_target_unmet,
             "eta": self.eta,
             "retries": self.retries,
             "sequence": self.sequence,

@@ -29,6 +29,7 @@ from nova_xen_ncm.engine.migration import IncomingMigration
 from nova_xen_ncm.engine.migration import OutgoingMigration
 from nova_xen_ncm.engine.state import TERMINAL
 from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.engine.switchover import SwitchoverHistory
 from nova_xen_ncm.host import base
 from nova_xen_ncm.progress.tracker import NotificationSink
 from nova_xen_ncm.virt import vifops as vifops_module
@@ -129,6 +130,9 @@ class LiveMigrationOps:
         self._incoming: dict[str, IncomingMigration] = {}
         self._outgoing: dict[str, OutgoingMigration] = {}
         self._lock = threading.Lock()
+        # The fixed part of the pause to each destination, measured on
+        # the migrations that left this host.
+        self._switchover = SwitchoverHistory()
 
     # -- checks (destination, then source) --
 
@@ -355,6 +359,7 @@ class LiveMigrationOps:
             conf=CONF,
             sinks=self._sinks,
             source_address=source_address,
+            switchover=self._switchover,
         )
         if self._bus is not None:
             self._bus.start(

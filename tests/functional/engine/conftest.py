@@ -105,6 +105,7 @@ class Migration:
         destination_hooks=None,
         receiver_class=Receiver,
         source_address=None,
+        switchover=None,
     ):
         migration_id = str(uuid.uuid4())
         token = handshake.generate_token()
@@ -128,6 +129,7 @@ class Migration:
             policy=policy,
             sinks=[self.source_events],
             source_address=source_address,
+            switchover=switchover,
         )
         self._thread = threading.Thread(
             target=self.receiver.run, name="receiver", daemon=True

@@ -4,6 +4,7 @@ downtime policy says when it throttles."""
 from __future__ import annotations
 
 from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.engine.switchover import SwitchoverHistory
 from nova_xen_ncm.host import base
 
 from .conftest import MiB
@@ -55,3 +56,85 @@ def test_each_throttle_is_reported_with_its_reason(
     assert m.sender.stats.throttle == fractions[-1]
     assert all(e.reason for e in throttles)
     assert_only_on(destination, source, domid)
+
+
+def test_a_target_that_cannot_be_met_is_reported_before_the_pause(
+    conf, source, destination, migration, caplog
+):
+    # About 3 s: a few rounds of an 8 MiB guest. The whole target goes to
+    # the switch-over, so only an empty dirty set would fit: the target
+    # cannot be met, whatever the throttle.
+    for name, value in {
+        "precopy_policy": "downtime",
+        "downtime_target": 0.01,
+        "switchover_estimate": 0.01,
+        "throttle_min": 0.5,
+        "max_rounds": 2,
+    }.items():
+        conf.set_override(name, value, group="xen_ncm")
+    domid = source.create_domain(
+        guest_config(dirty_rate=64 * MiB, hot_fraction=1.0)
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    events = m.source_events.events
+    unmet = [
+        e
+        for e in events
+        if e.kind.value == "progress" and e.detail.get("downtime_target_unmet")
+    ]
+    assert unmet, "the unmet target was not reported"
+    assert all(e.phase == "precopy" for e in unmet)
+    assert all(0.5 <= e.detail["at_throttle"] <= 1 for e in unmet)
+    assert all(e.detail["expected_pause"] > 0.01 for e in unmet)
+    assert all("cannot be met" in e.reason for e in unmet)
+    # Said from the first round on: no round fits; rounds are bounded by
+    # twice max_rounds.
+    assert unmet[0].detail["round"] == 0
+    assert len(m.sender.stats.rounds) <= 4
+    # Said on every round, warned in the log once.
+    assert len(unmet) >= 2
+    warned = [
+        r
+        for r in caplog.records
+        if r.levelname == "WARNING" and "cannot be met" in r.getMessage()
+    ]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    stop = [
+        e
+        for e in events
+        if e.kind.value == "state" and e.phase == "stop_and_copy"
+    ]
+    assert "cannot be met" in stop[0].reason
+    assert_only_on(destination, source, domid)
+
+
+def test_the_fixed_part_of_a_pause_is_learned_for_the_next_migration(
+    conf, source, destination, migration
+):
+    # About 8 s: four migrations of an idle 8 MiB guest.
+    conf.set_override("precopy_policy", "downtime", group="xen_ncm")
+    history = SwitchoverHistory()
+    downtimes = []
+    for n in range(3):
+        domid = source.create_domain(
+            guest_config(name=f"idle-{n}", dirty_rate=0)
+        )
+        m = migration(source, domid, destination, switchover=history)
+        # Fewer than three measured: nothing learned is used yet.
+        assert m.sender.switchover_estimate == 0.0
+        assert m.run() is Phase.DONE, m.sender.error
+        downtimes.append(m.sender.stats.actual_downtime)
+    where = m.sender.endpoint[0]
+    learned = history.estimate(where)
+    # An idle guest leaves next to nothing to send in the pause: nearly
+    # all of it is the fixed part, the median of the three.
+    assert 0 < learned <= sorted(downtimes)[1]
+    assert learned >= sorted(downtimes)[1] - 0.005
+    domid = source.create_domain(guest_config(name="fourth", dirty_rate=0))
+    fourth = migration(source, domid, destination, switchover=history)
+    assert fourth.sender.switchover_estimate == learned
+    assert fourth.run() is Phase.DONE, fourth.sender.error
+    # The median of the four pauses' fixed parts now.
+    downtimes.append(fourth.sender.stats.actual_downtime)
+    assert 0 < history.estimate(where) <= max(downtimes)

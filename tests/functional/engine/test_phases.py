@@ -351,12 +351,22 @@ def test_downtime_policy_throttles_a_fast_dirtying_guest(
     monkeypatch.setattr(source, "set_vcpu_throttle", record)
     m = migration(source, domid, destination)
     assert m.run() is Phase.DONE, m.sender.error
-    assert applied, "the guest was never throttled"
-    assert applied == sorted(applied, reverse=True)
-    assert all(0 < f < 1 for f in applied)
-    assert m.sender.stats.throttle == applied[-1]
+    # The fixed part alone takes the whole target: no throttle makes it
+    # fit, so the guest goes to its floor at once (not a throttle_step
+    # per round), whatever pace a loaded machine leaves it.
+    assert applied == [0.1], applied
+    assert m.sender.stats.throttle == 0.1
     rounds = [e for e in m.source_events.events if e.kind.value == "round"]
-    assert len(rounds) >= 2
+    assert 2 <= len(rounds) <= 2 * 6
+    # The operator is told from the first round, each report with the
+    # pause expected.
+    unmet = [
+        e
+        for e in m.source_events.events
+        if e.detail.get("downtime_target_unmet")
+    ]
+    assert unmet and unmet[0].detail["round"] == 0
+    assert all(e.detail["expected_pause"] > 0.01 for e in unmet)
     assert_only_on(destination, source, domid)
 
 

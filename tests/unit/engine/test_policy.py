@@ -95,12 +95,44 @@ PARAMS = PolicyParams(
         # No bandwidth measured yet: only an empty remainder fits.
         (snap(dirty=1, bandwidth=0.0), Action.CONTINUE, None),
         (snap(dirty=0, bandwidth=0.0), Action.STOP_AND_COPY, None),
-        # The round bound: the target is kept by throttling harder...
-        (snap(iteration=10, dirty=10**6), Action.THROTTLE, 0.8),
+        # The round bound: the target is kept by throttling to the share
+        # of time under which the rest fits (half the 0.5 s budget over
+        # the 1 s that 24414 pages take at 100 MB/s)...
+        (snap(iteration=10, dirty=24414), Action.THROTTLE, 0.25),
+        (snap(iteration=10, dirty=12500), Action.THROTTLE, 0.488),
+        # ... no lower than the floor...
+        (snap(iteration=10, dirty=10**6), Action.THROTTLE, 0.2),
         (snap(iteration=11, dirty=10**6, throttle=0.4), Action.THROTTLE, 0.2),
-        # ... until the floor, where the guest stops anyway.
+        # ... where rounds go on while they converge ...
         (
             snap(iteration=12, dirty=10**6, throttle=0.2),
+            Action.CONTINUE,
+            None,
+        ),
+        (
+            snap(
+                iteration=12,
+                dirty=10**6,
+                throttle=0.2,
+                rounds=[rnd(i, 100 * MB, 20_000) for i in range(3)]
+                + [rnd(3, 100 * MB, 10_000)],
+            ),
+            Action.CONTINUE,
+            None,
+        ),
+        # ... and stop once they no longer do, or after 2 x max_rounds.
+        (
+            snap(
+                iteration=12,
+                dirty=10**6,
+                throttle=0.2,
+                rounds=[rnd(i, 100 * MB, 10_000) for i in range(4)],
+            ),
+            Action.STOP_AND_COPY,
+            None,
+        ),
+        (
+            snap(iteration=20, dirty=10**6, throttle=0.2),
             Action.STOP_AND_COPY,
             None,
         ),
@@ -175,7 +207,7 @@ def test_downtime(stats, expected, fraction):
     if fraction is None:
         assert decision.throttle is None
     else:
-        assert decision.throttle == pytest.approx(fraction)
+        assert decision.throttle == pytest.approx(fraction, abs=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -184,8 +216,9 @@ def test_downtime(stats, expected, fraction):
         # 100 MB/s x (0.5 - 0.1) s = 40 MB: 9765 pages fit, 9766 do not.
         (0.1, 9765, Action.STOP_AND_COPY),
         (0.1, 9766, Action.CONTINUE),
-        # A switch-over as long as the target leaves room for no page.
-        (0.5, 1, Action.CONTINUE),
+        # A switch-over as long as the target leaves room for no page:
+        # the guest is throttled for the shortest pause there is.
+        (0.5, 1, Action.THROTTLE),
         (0.5, 0, Action.STOP_AND_COPY),
         (0.7, 0, Action.STOP_AND_COPY),
     ],
@@ -203,12 +236,99 @@ def test_past_max_rounds_the_reasons_say_the_target_is_not_met():
     assert "downtime target 0.5s not met after 10 rounds" in (throttled.reason)
     # 10**6 pages at 100 MB/s.
     assert "take 40.960s" in throttled.reason
-    assert "throttled to 0.8" in throttled.reason
-    stopped = policy.downtime(
+    assert "throttled to 0.2" in throttled.reason
+    assert not throttled.target_unmet
+    assert throttled.expected_pause == pytest.approx(40.96)
+    going = policy.downtime(
         snap(iteration=14, dirty=10**6, throttle=0.2), PARAMS
     )
-    assert "throttle floor 0.2" in stopped.reason
+    assert going.action is Action.CONTINUE
+    assert going.target_unmet
+    assert "cannot be met without stopping the guest's progress" in (
+        going.reason
+    )
+    assert "throttle floor 0.2 a pause would take 40.960s" in going.reason
+    stopped = policy.downtime(
+        snap(iteration=20, dirty=10**6, throttle=0.2), PARAMS
+    )
+    assert stopped.action is Action.STOP_AND_COPY
+    assert stopped.target_unmet
     assert "expected pause 40.960s over the 0.5s target" in stopped.reason
+
+
+def test_a_pause_that_fits_is_not_reported_unmet():
+    decision = policy.downtime(snap(dirty=100), PARAMS)
+    assert decision.action is Action.STOP_AND_COPY
+    assert not decision.target_unmet
+    assert decision.expected_pause == pytest.approx(100 * 4096 / (100 * MB))
+
+
+@pytest.mark.parametrize(
+    "last,dirty,expected",
+    [
+        # The last round sent 1000 pages in 0.1 s: 10000 pages/s, far
+        # below the 100 MB/s (24414 pages/s) smoothed over the first
+        # rounds. 0.5 s is 5000 pages at that pace, not 12207.
+        (rnd(3, 1000 * 4096, 5000, duration=0.1), 5000, Action.STOP_AND_COPY),
+        (rnd(3, 1000 * 4096, 5001, duration=0.1), 5001, Action.CONTINUE),
+        (rnd(3, 1000 * 4096, 12207, duration=0.1), 12207, Action.CONTINUE),
+        # A last round faster than the smoothed bandwidth does not make
+        # the estimate lower than the bandwidth's.
+        (
+            rnd(3, 1000 * 4096, 12207, duration=0.01),
+            12207,
+            Action.STOP_AND_COPY,
+        ),
+        (rnd(3, 1000 * 4096, 12208, duration=0.01), 12208, Action.CONTINUE),
+    ],
+)
+def test_the_pause_is_estimated_at_the_pace_of_the_last_round(
+    last, dirty, expected
+):
+    stats = snap(dirty=dirty, rounds=[rnd(0, 1000 * MB, 0, 10.0), last])
+    assert policy.downtime(stats, PARAMS).action is expected
+
+
+def test_zero_pages_do_not_make_the_pace_look_faster():
+    # Round 0 of a fresh guest: 1000 pages with content and 9000 zero
+    # ones in 0.1 s. The 1000 dirty pages left go at the pace of the
+    # pages with content, 0.1 s, not of all 10000 (0.01 s).
+    first = RoundStats(
+        round=0,
+        pages_sent=1000,
+        bytes_sent=1000 * 4096,
+        zero_pages=9000,
+        dirty_pages=1000,
+        duration=0.1,
+    )
+    stats = snap(dirty=1000, bandwidth=1000 * MB, rounds=[first])
+    assert policy.transfer_time(stats) == pytest.approx(0.1)
+    params = dataclasses.replace(PARAMS, downtime_target=0.05)
+    assert policy.downtime(stats, params).action is Action.CONTINUE
+
+
+def test_compressed_rounds_are_paced_in_pages_not_octets():
+    # 1000 pages went as 400 KB in 0.1 s (lz4): 4 MB/s on the wire, yet
+    # 10000 pages/s. 1000 pages left take 0.1 s, which fits 0.5 s.
+    compressed = RoundStats(
+        round=1,
+        pages_sent=1000,
+        bytes_sent=400_000,
+        zero_pages=0,
+        dirty_pages=1000,
+        duration=0.1,
+    )
+    stats = snap(dirty=1000, bandwidth=4 * MB, rounds=[compressed])
+    assert policy.transfer_time(stats) == pytest.approx(1.024)
+    params = dataclasses.replace(PARAMS, downtime_target=0.2)
+    # The octets left over the wire's bandwidth would call it 1 s: the
+    # smoothed bandwidth holds it there (never faster than measured).
+    assert policy.downtime(stats, params).action is Action.CONTINUE
+    # Pace of the guest against the wire, in pages: 1000 dirtied for 1000
+    # sent keeps pace at ratio 1, although 4 MB of pages against 400 KB
+    # of octets would look ten times as fast.
+    assert policy.rounds_at_pace(stats, 1.0) == 1
+    assert policy.rounds_at_pace(stats, 1.01) == 0
 
 
 @pytest.mark.parametrize(
@@ -288,9 +408,7 @@ def test_registry_loads_by_name():
     simple = policy.load_policy("xen-simple", PARAMS)
     assert simple(snap(dirty=10)).action is Action.STOP_AND_COPY
     down = policy.load_policy("downtime", PARAMS)
-    assert down(snap(iteration=10, dirty=100)).action is (
-        Action.STOP_AND_COPY
-    )
+    assert down(snap(iteration=10, dirty=100)).action is (Action.STOP_AND_COPY)
     assert down(snap(iteration=3, dirty=10**6)).action is Action.CONTINUE
 
 
@@ -334,3 +452,41 @@ def test_decide_checks_the_timeout_before_the_policy():
         ).action
         is Action.CONTINUE
     )
+
+
+def test_a_fixed_part_as_long_as_the_target_is_said_unmet_at_once():
+    params = dataclasses.replace(PARAMS, switchover_estimate=0.5)
+    # Throttled to the floor at once, for the shortest pause there is.
+    first = policy.downtime(snap(iteration=1, dirty=1000), params)
+    assert first.action is Action.THROTTLE
+    assert first.throttle == pytest.approx(0.2)
+    assert first.target_unmet
+    assert "fixed part of the pause alone takes 0.500s" in first.reason
+    # At the floor, rounds go on while they shrink what is left...
+    going = policy.downtime(
+        snap(
+            iteration=4,
+            dirty=1000,
+            throttle=0.2,
+            rounds=[rnd(i, MB, 2000) for i in range(3)] + [rnd(3, MB, 1000)],
+        ),
+        params,
+    )
+    assert going.action is Action.CONTINUE
+    assert going.target_unmet
+    # ... and stop once they no longer do, or after twice max_rounds.
+    flat = policy.downtime(
+        snap(
+            iteration=4,
+            dirty=1000,
+            throttle=0.2,
+            rounds=[rnd(i, MB, 1000) for i in range(4)],
+        ),
+        params,
+    )
+    assert flat.action is Action.STOP_AND_COPY
+    assert flat.target_unmet
+    assert "no longer converging" in flat.reason
+    last = policy.downtime(snap(iteration=20, dirty=1000), params)
+    assert last.action is Action.STOP_AND_COPY
+    assert last.target_unmet

@@ -226,3 +226,18 @@ def test_the_destination_shows_what_arrived():
         "(destination) progress precopy 40.0% arrived 40.0 MiB of 100.0 MiB"
     )
 
+
+def test_an_unmet_downtime_target_is_shown():
+    out = io.StringIO()
+    display = Display(out)
+    display.show(
+        "xen_ncm.migration.progress", running(downtime_target_unmet=True)
+    )
+    display.show("xen_ncm.migration.progress", running())
+    unmet, met = out.getvalue().splitlines()
+    assert unmet.endswith("(downtime target unmet)")
+    assert "unmet" not in met
+    assert bar_line(running(downtime_target_unmet=True)).endswith(
+        "(target unmet)"
+    )
+    assert "unmet" not in bar_line(running())

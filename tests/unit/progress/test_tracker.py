@@ -305,7 +305,7 @@ def test_infinite_figures_become_null():
 
 def test_envelope_round_trip_and_refusals():
     payload = envelope("MigrationPayload", {"a": 1})
-    assert payload["nova_xen_ncm_object.version"] == "1.0"
+    assert payload["nova_xen_ncm_object.version"] == "1.1"
     assert unwrap(payload) == {"a": 1}
     newer = dict(payload)
     newer["nova_xen_ncm_object.version"] = "1.7"
@@ -390,3 +390,40 @@ def test_numpy_figures_become_plain_json_numbers():
     assert stats["pages_sent"] == 7
     assert stats["retries"] == 2 and type(stats["retries"]) is int
     json.dumps(end.payload(), allow_nan=False)
+
+
+def test_an_unmet_downtime_target_reaches_every_later_payload():
+    # Progress is rate-limited: the event that said the target cannot be
+    # met is merged away, yet the notification that does go out, and the
+    # end, still say so, with the policy's expected pause.
+    tr, clock = translator(interval=5.0)
+    tr.translate(state("precopy", "setup"))
+    tr.translate(round_event(0))
+    merged = tr.translate(
+        ev(
+            EventKind.PROGRESS,
+            "precopy",
+            detail={
+                "round": 1,
+                "downtime_target_unmet": True,
+                "expected_pause": 1.25,
+            },
+            reason="downtime target 0.3s cannot be met",
+        )
+    )
+    assert merged == []
+    clock.now += 10.0
+    (note,) = tr.translate(round_event(2))
+    assert note.data["downtime_target_unmet"] is True
+    assert note.data["expected_downtime"] == 1.25
+    (*_, end) = tr.translate(state("done", "cleanup"))
+    assert end.data["downtime_target_unmet"] is True
+
+
+def test_a_met_target_is_not_said_unmet():
+    tr, _ = translator(interval=0.0)
+    tr.translate(state("precopy", "setup"))
+    (note,) = tr.translate(
+        round_event(0, detail={"downtime_target_unmet": False})
+    )
+    assert note.data["downtime_target_unmet"] is False

@@ -1,0 +1,72 @@
+"""The fixed part of the pause, as measured on earlier migrations."""
+
+import pytest
+
+from nova_xen_ncm.engine.switchover import SwitchoverHistory
+
+
+def test_nothing_measured_is_no_fixed_part():
+    assert SwitchoverHistory().estimate("192.0.2.1") == 0.0
+
+
+def test_the_fixed_part_is_the_downtime_less_the_expected_transfer():
+    history = SwitchoverHistory(window=1)
+    assert history.record("192.0.2.1", 0.120, 0.020) == pytest.approx(0.1)
+    assert history.estimate("192.0.2.1") == pytest.approx(0.1)
+    # A transfer expected longer than the pause itself tells nothing of
+    # the fixed part: not remembered.
+    assert history.record("192.0.2.1", 0.050, 0.080) is None
+    assert history.record("192.0.2.1", 0.050, 0.050) is None
+    assert history.estimate("192.0.2.1") == pytest.approx(0.1)
+
+
+def test_one_stalled_pause_is_not_the_estimate():
+    # The first pause to a destination stalled (a reconnection in the
+    # stop and copy): neither alone nor with one more is it the fixed
+    # part of the next migrations'.
+    history = SwitchoverHistory()
+    history.record("192.0.2.1", 5.0, 0.0)
+    assert history.estimate("192.0.2.1") == 0.0
+    history.record("192.0.2.1", 0.05, 0.0)
+    assert history.estimate("192.0.2.1") == 0.0
+    history.record("192.0.2.1", 0.06, 0.0)
+    assert history.estimate("192.0.2.1") == pytest.approx(0.06)
+
+
+def test_the_estimate_is_the_median_of_the_last_ones_per_destination():
+    history = SwitchoverHistory(window=3)
+    for downtime in (0.1, 0.1, 0.9):
+        history.record("192.0.2.1", downtime, 0.0)
+    # One stalled pause does not decide.
+    assert history.estimate("192.0.2.1") == pytest.approx(0.1)
+    history.record("192.0.2.1", 0.3, 0.0)
+    history.record("192.0.2.1", 0.3, 0.0)
+    # The first two fell out of the window of 3.
+    assert history.estimate("192.0.2.1") == pytest.approx(0.3)
+    # Another destination has its own.
+    assert history.estimate("192.0.2.9") == 0.0
+
+
+@pytest.mark.parametrize("downtime,transfer", [(-0.1, 0.0), (0.1, -0.1)])
+def test_negative_times_are_refused(downtime, transfer):
+    with pytest.raises(ValueError, match="must not be negative"):
+        SwitchoverHistory().record("192.0.2.1", downtime, transfer)
+
+
+def test_a_window_below_one_is_refused():
+    with pytest.raises(ValueError, match="window 0"):
+        SwitchoverHistory(window=0)
+
+
+def test_the_destinations_remembered_are_bounded():
+    history = SwitchoverHistory(window=1, destinations=2)
+    for address in ("192.0.2.1", "192.0.2.2"):
+        history.record(address, 0.2, 0.0)
+    # Recorded again: the most recent, kept over 192.0.2.2.
+    history.record("192.0.2.1", 0.2, 0.0)
+    history.record("192.0.2.3", 0.3, 0.0)
+    assert history.estimate("192.0.2.2") == 0.0
+    assert history.estimate("192.0.2.1") == pytest.approx(0.2)
+    assert history.estimate("192.0.2.3") == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="destinations 0"):
+        SwitchoverHistory(destinations=0)
