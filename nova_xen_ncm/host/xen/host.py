@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno as errnos
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ from nova_xen_ncm.host.base import DomainState
 from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.xen import context
 from nova_xen_ncm.host.xen import devices
+from nova_xen_ncm.host.xen import digest as xdigest
 from nova_xen_ncm.host.xen import dm
 from nova_xen_ncm.host.xen import libs
 from nova_xen_ncm.host.xen import probe
@@ -52,7 +54,7 @@ from nova_xen_ncm.host.xen import xsmig
 
 LOG = logging.getLogger(__name__)
 # The name of memory_digest's definition (base.Capabilities.memory_digest).
-MEMORY_DIGEST = "xxh3-128-populated-pfns-then-nonzero-pages"
+MEMORY_DIGEST = xdigest.DEFINITION
 
 # xen/include/public/version.h
 XENVER_version = 0
@@ -61,6 +63,7 @@ XENVER_extraversion = 1
 SHADOW_OP_OFF = 0
 SHADOW_OP_ENABLE_LOGDIRTY = 2
 SHADOW_OP_CLEAN = 11
+SHADOW_OP_PEEK = 12
 # xen/include/public/sysctl.h
 XEN_SCHEDULER_CREDIT = 5
 XEN_SCHEDULER_CREDIT2 = 6
@@ -243,6 +246,9 @@ class XenHost(base.HostDriver):
         self._populated: dict[int, np.ndarray] = {}
         # domid -> ((tot_pages, max gpfn), populated pfns).
         self._pfn_cache: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
+        # domid -> the memory digest's block terms, kept while
+        # log-dirty is on (xdigest).
+        self._digests: dict[int, xdigest.BlockTerms] = {}
         # domid -> hypercall buffer of the log-dirty bitmap.
         self._dirty_bufs: dict[int, tuple[libs.HypercallBuffer, int]] = {}
         # domids whose device model this driver stopped.
@@ -643,6 +649,7 @@ class XenHost(base.HostDriver):
 
     def _forget(self, domid: int) -> None:
         self._populated.pop(domid, None)
+        self._digests.pop(domid, None)
         self._pfn_cache.pop(domid, None)
         self._dm_stopped.discard(domid)
         buf = self._dirty_bufs.pop(domid, None)
@@ -935,6 +942,9 @@ class XenHost(base.HostDriver):
                 ),
                 domid=domid,
             )
+        # Every write from now on is harvested: the digest's terms are
+        # taken again only for the blocks of those.
+        self._digests[domid] = xdigest.BlockTerms(self._digested_pfns(domid))
         self._dm_dirty_log(domid, True)
 
     def _dm_dirty_log(self, domid: int, enable: bool) -> None:
@@ -964,20 +974,27 @@ class XenHost(base.HostDriver):
         self._dirty_bufs[domid] = (buf, pages)
         return buf
 
-    def harvest_dirty(self, domid: int) -> np.ndarray:
+    def _dirty_bitmap(self, domid: int, op: int) -> np.ndarray:
+        """The pfns Xen's log-dirty bitmap marks (cleared by CLEAN, not
+        by PEEK)."""
         bits = self._max_gpfn(domid) + 1
         buf = self._dirty_buffer(domid, bits)
         stats = libs.ShadowOpStats()
-        rc = FN.xc_logdirty_control(
-            self._xch, domid, SHADOW_OP_CLEAN, buf, bits, 0, stats
-        )
+        rc = FN.xc_logdirty_control(self._xch, domid, op, buf, bits, 0, stats)
         libs.check("xc_logdirty_control", rc, domid=domid)
         raw = ctypes.string_at(buf.hbuf, -(-bits // 8))
         bitmap = np.unpackbits(
             np.frombuffer(raw, dtype=np.uint8), bitorder="little"
         )[:bits]
-        dirty = np.flatnonzero(bitmap).astype(np.uint64)
-        return base.pfn_union(dirty, self._reserved_pfns(domid))
+        return np.flatnonzero(bitmap).astype(np.uint64)
+
+    def harvest_dirty(self, domid: int) -> np.ndarray:
+        dirty = self._dirty_bitmap(domid, SHADOW_OP_CLEAN)
+        dirty = base.pfn_union(dirty, self._reserved_pfns(domid))
+        terms = self._digests.get(domid)
+        if terms is not None:
+            terms.mark(dirty)
+        return dirty
 
     def _reserved_pfns(self, domid: int) -> np.ndarray:
         """The populated pfns of the firmware's reserved area below 4 GiB.
@@ -996,6 +1013,7 @@ class XenHost(base.HostDriver):
             FN.xc_shadow_control(self._xch, domid, SHADOW_OP_OFF, None, 0),
             domid=domid,
         )
+        self._digests.pop(domid, None)
         try:
             self._dm_dirty_log(domid, False)
         except qmp.QmpError as exc:
@@ -1365,27 +1383,53 @@ class XenHost(base.HostDriver):
             pfns.extend(range(first, first + count))
         return np.array(pfns, dtype=np.uint64)
 
-    def memory_digest(self, domid: int) -> str:
-        """base.memory_hasher over the populated pfns, then over the pfns
-        and the content of the non-zero ones (MEMORY_DIGEST), the pages
-        shared with dom0's daemons left out."""
-        pfns = base.pfn_difference(
+    def _digested_pfns(self, domid: int) -> np.ndarray:
+        return base.pfn_difference(
             self.populated_pfns(domid), self._shared_with_dom0(domid)
         )
-        h = base.memory_hasher(pfns.astype("<u8").tobytes())
-        which = base.memory_hasher()
-        data = base.memory_hasher()
-        for batch in base.iter_batches(pfns, MAP_BATCH):
-            with self.map_pages(domid, batch) as mapping:
-                block = np.frombuffer(
-                    b"".join(mapping.pages), dtype=np.uint64
-                ).reshape(len(batch), -1)
-                nz = np.flatnonzero(base.nonzero_pages(block))
-                which.update(batch[nz].astype("<u8").tobytes())
-                data.update(block[nz].tobytes())
-        h.update(which.digest())
-        h.update(data.digest())
-        return h.hexdigest()
+
+    @contextlib.contextmanager
+    def _read_pages(
+        self, domid: int, pfns: np.ndarray
+    ) -> Iterator[np.ndarray]:
+        with self.map_pages(domid, pfns) as mapping:
+            yield mapping.array()
+
+    def _kept_terms(self, domid: int) -> xdigest.BlockTerms | None:
+        """The digest's terms kept while log-dirty is on, the blocks
+        written since marked stale; None when none are kept (or the
+        p2m changed under them)."""
+        terms = self._digests.get(domid)
+        if terms is None:
+            return None
+        if not terms.same_set(self._digested_pfns(domid)):
+            del self._digests[domid]
+            return None
+        # Written since the last harvest (not cleared: the migration's
+        # next harvest still sees them).
+        terms.mark(self._dirty_bitmap(domid, SHADOW_OP_PEEK))
+        terms.mark(self._reserved_pfns(domid))
+        return terms
+
+    def settle_digest(self, domid: int) -> None:
+        """Take the terms of the blocks written since they were taken
+        while the guest still runs: at the pause, only the blocks of
+        its last writes are read."""
+        terms = self._kept_terms(domid)
+        if terms is not None:
+            terms.refresh(functools.partial(self._read_pages, domid))
+
+    def memory_digest(self, domid: int) -> str:
+        """The block-sum digest of the populated pfns less the pages
+        shared with dom0's daemons (xdigest.DEFINITION): while log-dirty
+        is on, only the blocks written since their terms were taken are
+        read; otherwise every block."""
+        read = functools.partial(self._read_pages, domid)
+        terms = self._kept_terms(domid)
+        if terms is None:
+            return xdigest.full_digest(self._digested_pfns(domid), read)
+        terms.refresh(read)
+        return terms.hexdigest()
 
     def guest_state(
         self, domid: int, items: Collection[Item] | None = None
@@ -1440,6 +1484,11 @@ class _XenPageMapping(base.PageMapping):
         n = len(self.pfns)
         self._n = n
         self._addr: int | None = None
+        self._region: memoryview | None = None
+        # The digest's terms of a guest under log-dirty take the blocks
+        # this mapping reads whole (xdigest.BlockTerms.note_read).
+        self._terms = None if writable else host._digests.get(domid)
+        self._marks = self._terms.mark_count() if self._terms else 0
         if not n:
             self.pages = []
             return
@@ -1466,12 +1515,30 @@ class _XenPageMapping(base.PageMapping):
         view = memoryview(region).cast("B")
         if not writable:
             view = view.toreadonly()
+        self._region = view
         self.pages = [
             view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(n)
         ]
 
+    def runs(self) -> list[tuple[int, memoryview]]:
+        # One mapping is one stretch of this process's memory: a zero
+        # scan, a hash or a socket write covers it in one call.
+        return [(0, self._region)] if self._region is not None else []
+
+    def array(self) -> np.ndarray:
+        """The pages as a (pages, PAGE_SIZE // 8) uint64 array (a view)."""
+        if self._region is None:
+            return np.zeros((0, PAGE_SIZE // 8), dtype=np.uint64)
+        return np.frombuffer(self._region, dtype=np.uint64).reshape(
+            self._n, PAGE_SIZE // 8
+        )
+
     def close(self) -> None:
         if self._addr is not None:
+            if self._terms is not None and self._region is not None:
+                self._terms.note_read(self.pfns, self.array(), self._marks)
+            self._terms = None
             self.pages = []
+            self._region = None
             FN.xenforeignmemory_unmap(self._host._fmem, self._addr, self._n)
             self._addr = None
