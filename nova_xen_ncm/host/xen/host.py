@@ -1392,7 +1392,9 @@ class XenHost(base.HostDriver):
     def _read_pages(
         self, domid: int, pfns: np.ndarray
     ) -> Iterator[np.ndarray]:
-        with self.map_pages(domid, pfns) as mapping:
+        # Not noted as a stream's read: the digest takes these terms
+        # itself (and holds their lock meanwhile).
+        with _XenPageMapping(self, domid, pfns, False, note=False) as mapping:
             yield mapping.array()
 
     def _kept_terms(self, domid: int) -> xdigest.BlockTerms | None:
@@ -1477,7 +1479,12 @@ class _XenPageMapping(base.PageMapping):
     """Guest pages mapped with xenforeignmemory_map, one view each."""
 
     def __init__(
-        self, host: XenHost, domid: int, pfns: np.ndarray, writable: bool
+        self,
+        host: XenHost,
+        domid: int,
+        pfns: np.ndarray,
+        writable: bool,
+        note: bool = True,
     ) -> None:
         self._host = host
         self.pfns = np.asarray(pfns, dtype=np.uint64)
@@ -1487,7 +1494,9 @@ class _XenPageMapping(base.PageMapping):
         self._region: memoryview | None = None
         # The digest's terms of a guest under log-dirty take the blocks
         # this mapping reads whole (xdigest.BlockTerms.note_read).
-        self._terms = None if writable else host._digests.get(domid)
+        self._terms = (
+            host._digests.get(domid) if note and not writable else None
+        )
         self._marks = self._terms.mark_count() if self._terms else 0
         if not n:
             self.pages = []

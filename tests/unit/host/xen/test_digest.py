@@ -5,6 +5,8 @@ of the pages written since their terms were taken."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -128,24 +130,41 @@ def test_a_block_marked_while_it_was_mapped_stays_stale() -> None:
     assert terms.hexdigest() == full(mem, pfns)
 
 
-class _Mapping(base.PageMapping):
-    def __init__(self, mem: Memory, pfns: np.ndarray) -> None:
-        self.pfns = pfns
-        self._rows = mem.ram[pfns.astype(np.int64)]
-        self.pages = [memoryview(r) for r in self._rows]
-        mem.read.extend(pfns.tolist())
+class _FakeForeignMemory:
+    """xenforeignmemory_map/unmap over ``mem``: a copy of the pages
+    asked for, at an address of this process."""
 
-    def array(self) -> np.ndarray:
-        return self._rows
+    def __init__(self, mem: Memory) -> None:
+        self.mem = mem
+        self.held: dict[int, ctypes.Array] = {}
+
+    def xenforeignmemory_map(self, fmem, domid, prot, n, arr, err):
+        pfns = np.ctypeslib.as_array(arr, shape=(n,)).astype(np.int64)
+        self.mem.read.extend(pfns.tolist())
+        buf = ctypes.create_string_buffer(
+            self.mem.ram[pfns].tobytes(), n * base.PAGE_SIZE
+        )
+        addr = ctypes.addressof(buf)
+        self.held[addr] = buf
+        return addr
+
+    def xenforeignmemory_unmap(self, fmem, addr, n):
+        del self.held[addr]
+        return 0
 
 
-def _host(mem: Memory, pfns: np.ndarray, dirty: list) -> xen_host.XenHost:
+def _host(
+    mem: Memory, pfns: np.ndarray, dirty: list, monkeypatch
+) -> xen_host.XenHost:
+    """A driver over ``mem`` (foreign mappings copy its pages), whose
+    log-dirty bitmap reports ``dirty``."""
+    monkeypatch.setattr(xen_host, "FN", _FakeForeignMemory(mem))
     xen = object.__new__(xen_host.XenHost)
+    xen._fmem = object()
     xen._digests = {}
     xen.populated_pfns = lambda domid: pfns.copy()
     xen._shared_with_dom0 = lambda domid: np.array([40], dtype=np.uint64)
     xen._reserved_pfns = lambda domid: np.zeros(0, dtype=np.uint64)
-    xen.map_pages = lambda domid, p, writable=False: _Mapping(mem, p)
 
     def bitmap(domid: int, op: int) -> np.ndarray:
         out = np.array(sorted(dirty), dtype=np.uint64)
@@ -157,11 +176,13 @@ def _host(mem: Memory, pfns: np.ndarray, dirty: list) -> xen_host.XenHost:
     return xen
 
 
-def test_at_the_pause_the_xen_host_reads_only_the_blocks_written() -> None:
+def test_at_the_pause_the_xen_host_reads_only_the_blocks_written(
+    monkeypatch,
+) -> None:
     mem = Memory(2048)
     pfns = populated(2048)
     dirty: list[int] = []
-    xen = _host(mem, pfns, dirty)
+    xen = _host(mem, pfns, dirty, monkeypatch)
     xen._digests[7] = digest.BlockTerms(xen._digested_pfns(7))
     xen.settle_digest(7)  # the guest still runs
     # Written after the settle: one harvested, one only in the bitmap.
@@ -175,17 +196,19 @@ def test_at_the_pause_the_xen_host_reads_only_the_blocks_written() -> None:
     paused = xen.memory_digest(7)
     assert sorted({p // digest.BLOCK for p in mem.read}) == [23, 28]
     # As a host keeping nothing digests the same memory, reading it all.
-    fresh = _host(mem, pfns, [])
+    fresh = _host(mem, pfns, [], monkeypatch)
     mem.read.clear()
     assert fresh.memory_digest(7) == paused
     assert len(mem.read) == len(pfns) - 1
 
 
 @pytest.mark.parametrize("changed", [True, False])
-def test_kept_terms_are_dropped_when_the_p2m_changes(changed: bool) -> None:
+def test_kept_terms_are_dropped_when_the_p2m_changes(
+    changed: bool, monkeypatch
+) -> None:
     mem = Memory(512)
     pfns = populated(512)
-    xen = _host(mem, pfns, [])
+    xen = _host(mem, pfns, [], monkeypatch)
     xen._digests[7] = digest.BlockTerms(xen._digested_pfns(7))
     xen.memory_digest(7)
     if changed:
@@ -194,4 +217,29 @@ def test_kept_terms_are_dropped_when_the_p2m_changes(changed: bool) -> None:
     mem.read.clear()
     again = xen.memory_digest(7)
     assert bool(mem.read) == changed
-    assert again == _host(mem, xen.populated_pfns(7), []).memory_digest(7)
+    more = xen.populated_pfns(7)
+    assert again == _host(mem, more, [], monkeypatch).memory_digest(7)
+
+
+def test_the_xen_host_digest_with_its_own_mappings(monkeypatch) -> None:
+    """The stream's mappings note their reads; the digest's own do not
+    (it holds the terms meanwhile)."""
+    mem = Memory(1024)
+    pfns = populated(1024)
+    xen = _host(mem, pfns, [], monkeypatch)
+    fake = xen_host.FN
+    xen._digests[7] = digest.BlockTerms(xen._digested_pfns(7))
+    with xen.map_pages(7, pfns[:512]) as mapping:
+        assert len(mapping.runs()) == 1
+    result: list[str] = []
+    worker = threading.Thread(
+        target=lambda: result.append(xen.memory_digest(7)), daemon=True
+    )
+    mem.read.clear()
+    worker.start()
+    worker.join(60)
+    assert result, "the digest did not finish"
+    assert not fake.held
+    # The blocks the stream read whole are not read again.
+    assert min(mem.read) >= (int(pfns[511]) // digest.BLOCK) * digest.BLOCK
+    assert result[0] == full(mem, pfns[pfns != 40])
