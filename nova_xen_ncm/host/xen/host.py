@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno as errnos
-import functools
 import hashlib
 import json
 import os
@@ -43,7 +42,6 @@ from nova_xen_ncm.host.base import DomainState
 from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.xen import context
 from nova_xen_ncm.host.xen import devices
-from nova_xen_ncm.host.xen import digest as xdigest
 from nova_xen_ncm.host.xen import dm
 from nova_xen_ncm.host.xen import libs
 from nova_xen_ncm.host.xen import probe
@@ -54,7 +52,7 @@ from nova_xen_ncm.host.xen import xsmig
 
 LOG = logging.getLogger(__name__)
 # The name of memory_digest's definition (base.Capabilities.memory_digest).
-MEMORY_DIGEST = xdigest.DEFINITION
+MEMORY_DIGEST = "xxh3-128-populated-pfns-then-nonzero-pages"
 
 # xen/include/public/version.h
 XENVER_version = 0
@@ -63,7 +61,6 @@ XENVER_extraversion = 1
 SHADOW_OP_OFF = 0
 SHADOW_OP_ENABLE_LOGDIRTY = 2
 SHADOW_OP_CLEAN = 11
-SHADOW_OP_PEEK = 12
 # xen/include/public/sysctl.h
 XEN_SCHEDULER_CREDIT = 5
 XEN_SCHEDULER_CREDIT2 = 6
@@ -246,9 +243,6 @@ class XenHost(base.HostDriver):
         self._populated: dict[int, np.ndarray] = {}
         # domid -> ((tot_pages, max gpfn), populated pfns).
         self._pfn_cache: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
-        # domid -> the memory digest's block terms, kept while
-        # log-dirty is on (xdigest).
-        self._digests: dict[int, xdigest.BlockTerms] = {}
         # domid -> hypercall buffer of the log-dirty bitmap.
         self._dirty_bufs: dict[int, tuple[libs.HypercallBuffer, int]] = {}
         # domids whose device model this driver stopped.
@@ -649,7 +643,6 @@ class XenHost(base.HostDriver):
 
     def _forget(self, domid: int) -> None:
         self._populated.pop(domid, None)
-        self._digests.pop(domid, None)
         self._pfn_cache.pop(domid, None)
         self._dm_stopped.discard(domid)
         buf = self._dirty_bufs.pop(domid, None)
@@ -942,9 +935,6 @@ class XenHost(base.HostDriver):
                 ),
                 domid=domid,
             )
-        # Every write from now on is harvested: the digest's terms are
-        # taken again only for the blocks of those.
-        self._digests[domid] = xdigest.BlockTerms(self._digested_pfns(domid))
         self._dm_dirty_log(domid, True)
 
     def _dm_dirty_log(self, domid: int, enable: bool) -> None:
@@ -974,27 +964,20 @@ class XenHost(base.HostDriver):
         self._dirty_bufs[domid] = (buf, pages)
         return buf
 
-    def _dirty_bitmap(self, domid: int, op: int) -> np.ndarray:
-        """The pfns Xen's log-dirty bitmap marks (cleared by CLEAN, not
-        by PEEK)."""
+    def harvest_dirty(self, domid: int) -> np.ndarray:
         bits = self._max_gpfn(domid) + 1
         buf = self._dirty_buffer(domid, bits)
         stats = libs.ShadowOpStats()
-        rc = FN.xc_logdirty_control(self._xch, domid, op, buf, bits, 0, stats)
+        rc = FN.xc_logdirty_control(
+            self._xch, domid, SHADOW_OP_CLEAN, buf, bits, 0, stats
+        )
         libs.check("xc_logdirty_control", rc, domid=domid)
         raw = ctypes.string_at(buf.hbuf, -(-bits // 8))
         bitmap = np.unpackbits(
             np.frombuffer(raw, dtype=np.uint8), bitorder="little"
         )[:bits]
-        return np.flatnonzero(bitmap).astype(np.uint64)
-
-    def harvest_dirty(self, domid: int) -> np.ndarray:
-        dirty = self._dirty_bitmap(domid, SHADOW_OP_CLEAN)
-        dirty = base.pfn_union(dirty, self._reserved_pfns(domid))
-        terms = self._digests.get(domid)
-        if terms is not None:
-            terms.mark(dirty)
-        return dirty
+        dirty = np.flatnonzero(bitmap).astype(np.uint64)
+        return base.pfn_union(dirty, self._reserved_pfns(domid))
 
     def _reserved_pfns(self, domid: int) -> np.ndarray:
         """The populated pfns of the firmware's reserved area below 4 GiB.
@@ -1013,7 +996,6 @@ class XenHost(base.HostDriver):
             FN.xc_shadow_control(self._xch, domid, SHADOW_OP_OFF, None, 0),
             domid=domid,
         )
-        self._digests.pop(domid, None)
         try:
             self._dm_dirty_log(domid, False)
         except qmp.QmpError as exc:
@@ -1383,55 +1365,31 @@ class XenHost(base.HostDriver):
             pfns.extend(range(first, first + count))
         return np.array(pfns, dtype=np.uint64)
 
-    def _digested_pfns(self, domid: int) -> np.ndarray:
-        return base.pfn_difference(
+    def memory_digest(self, domid: int) -> str:
+        """base.memory_hasher over the populated pfns, then over the pfns
+        and the content of the non-zero ones (MEMORY_DIGEST), the pages
+        shared with dom0's daemons left out. Every page is read now, not
+        taken from what log-dirty says is unchanged: the digest is what
+        proves the destination's memory equal to this one, so it must
+        see a write log-dirty missed as well."""
+        pfns = base.pfn_difference(
             self.populated_pfns(domid), self._shared_with_dom0(domid)
         )
-
-    @contextlib.contextmanager
-    def _read_pages(
-        self, domid: int, pfns: np.ndarray
-    ) -> Iterator[np.ndarray]:
-        # Not noted as a stream's read: the digest takes these terms
-        # itself (and holds their lock meanwhile).
-        with _XenPageMapping(self, domid, pfns, False, note=False) as mapping:
-            yield mapping.array()
-
-    def _kept_terms(self, domid: int) -> xdigest.BlockTerms | None:
-        """The digest's terms kept while log-dirty is on, the blocks
-        written since marked stale; None when none are kept (or the
-        p2m changed under them)."""
-        terms = self._digests.get(domid)
-        if terms is None:
-            return None
-        if not terms.same_set(self._digested_pfns(domid)):
-            del self._digests[domid]
-            return None
-        # Written since the last harvest (not cleared: the migration's
-        # next harvest still sees them).
-        terms.mark(self._dirty_bitmap(domid, SHADOW_OP_PEEK))
-        terms.mark(self._reserved_pfns(domid))
-        return terms
-
-    def settle_digest(self, domid: int) -> None:
-        """Take the terms of the blocks written since they were taken
-        while the guest still runs: at the pause, only the blocks of
-        its last writes are read."""
-        terms = self._kept_terms(domid)
-        if terms is not None:
-            terms.refresh(functools.partial(self._read_pages, domid))
-
-    def memory_digest(self, domid: int) -> str:
-        """The block-sum digest of the populated pfns less the pages
-        shared with dom0's daemons (xdigest.DEFINITION): while log-dirty
-        is on, only the blocks written since their terms were taken are
-        read; otherwise every block."""
-        read = functools.partial(self._read_pages, domid)
-        terms = self._kept_terms(domid)
-        if terms is None:
-            return xdigest.full_digest(self._digested_pfns(domid), read)
-        terms.refresh(read)
-        return terms.hexdigest()
+        h = base.memory_hasher(pfns.astype("<u8").tobytes())
+        which = base.memory_hasher()
+        data = base.memory_hasher()
+        for batch in base.iter_batches(pfns, MAP_BATCH):
+            with self.map_pages(domid, batch) as mapping:
+                pages = mapping.array()
+                nz = np.flatnonzero(base.nonzero_pages(pages))
+                which.update(batch[nz].astype("<u8").tobytes())
+                # Runs of adjacent non-zero pages hashed in place.
+                for run in np.split(nz, np.flatnonzero(np.diff(nz) != 1) + 1):
+                    if len(run):
+                        data.update(pages[run[0] : run[-1] + 1])
+        h.update(which.digest())
+        h.update(data.digest())
+        return h.hexdigest()
 
     def guest_state(
         self, domid: int, items: Collection[Item] | None = None
@@ -1479,12 +1437,7 @@ class _XenPageMapping(base.PageMapping):
     """Guest pages mapped with xenforeignmemory_map, one view each."""
 
     def __init__(
-        self,
-        host: XenHost,
-        domid: int,
-        pfns: np.ndarray,
-        writable: bool,
-        note: bool = True,
+        self, host: XenHost, domid: int, pfns: np.ndarray, writable: bool
     ) -> None:
         self._host = host
         self.pfns = np.asarray(pfns, dtype=np.uint64)
@@ -1492,12 +1445,6 @@ class _XenPageMapping(base.PageMapping):
         self._n = n
         self._addr: int | None = None
         self._region: memoryview | None = None
-        # The digest's terms of a guest under log-dirty take the blocks
-        # this mapping reads whole (xdigest.BlockTerms.note_read).
-        self._terms = (
-            host._digests.get(domid) if note and not writable else None
-        )
-        self._marks = self._terms.mark_count() if self._terms else 0
         if not n:
             self.pages = []
             return
@@ -1544,9 +1491,6 @@ class _XenPageMapping(base.PageMapping):
 
     def close(self) -> None:
         if self._addr is not None:
-            if self._terms is not None and self._region is not None:
-                self._terms.note_read(self.pfns, self.array(), self._marks)
-            self._terms = None
             self.pages = []
             self._region = None
             FN.xenforeignmemory_unmap(self._host._fmem, self._addr, self._n)

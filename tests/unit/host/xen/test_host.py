@@ -115,13 +115,11 @@ def test_a_destroyed_failed_create_leaves_no_page_map(xl_fails: bool) -> None:
     xen._pfn_cache = {4: ((0, 1), [0]), 5: ((0, 1), [0])}
     xen._dm_stopped = {4}
     xen._dirty_bufs = {}
-    xen._digests = {4: object(), 5: object()}
     xen._destroyed_at = {}
     xen._xl = _Xl(xl_fails)
     xen._best_effort_destroy(4)
     assert xen._xl.runs == [("destroy", "4")]
     assert list(xen._populated) == [5] and list(xen._pfn_cache) == [5]
-    assert list(xen._digests) == [5]
     assert xen._dm_stopped == set()
 
 
@@ -141,7 +139,6 @@ def test_a_domid_destroyed_this_second_is_asked_for_in_the_next(
     monkeypatch.setattr(host.time, "sleep", sleep)
     xen = object.__new__(host.XenHost)
     xen._populated, xen._pfn_cache, xen._dirty_bufs = {}, {}, {}
-    xen._digests = {}
     xen._dm_stopped = set()
     xen._destroyed_at = {}
     xen._xl = _Xl(False)
