@@ -35,6 +35,10 @@ def seed(prefix: str, tops: list[str]) -> int:
                     )
                 except FileExistsError:
                     continue
+                except OSError:
+                    # Another file system (no hard link): that file is
+                    # compiled on first use, as without a seed.
+                    continue
                 linked += 1
     return linked
 
