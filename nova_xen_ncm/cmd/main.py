@@ -47,6 +47,21 @@ SUBCOMMANDS = (
     "nova_xen_ncm.cmd.drain",
 )
 
+# The commands each module registers: a command line naming one imports
+# only its module, not all of them (their imports were most of a short
+# command's start-up in a Xen dom0); --help and unknown names import all.
+COMMAND_MODULES = {
+    "demo": "nova_xen_ncm.cmd.demo",
+    "migrate": "nova_xen_ncm.cmd.migrate",
+    "receive": "nova_xen_ncm.cmd.migrate",
+    "save": "nova_xen_ncm.cmd.save",
+    "restore": "nova_xen_ncm.cmd.save",
+    "inspect": "nova_xen_ncm.cmd.inspect",
+    "watch": "nova_xen_ncm.cmd.watch",
+    "recover": "nova_xen_ncm.cmd.recover",
+    "drain": "nova_xen_ncm.cmd.drain",
+}
+
 EPILOG = f"""\
 exit status: 0 success; {EXIT_FAILED} the operation ran and failed \
 (for example a migration rolled back); {EXIT_USAGE} a mistake on the \
@@ -79,7 +94,25 @@ class Parser(argparse.ArgumentParser):
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_named(argv: Sequence[str]) -> str | None:
+    """The command an ``nova-xen-ncm`` command line names before any
+    other option than ``--config-file``, None if it names none."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--config-file":
+            next(args, None)
+        elif arg.startswith("--config-file="):
+            continue
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; with ``command`` (a key of
+    COMMAND_MODULES), only that command's module is imported."""
     parser = Parser(
         prog="nova-xen-ncm",
         description="Non-cooperative live migration of Xen HVM guests.",
@@ -99,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in SUBCOMMANDS:
+    modules = SUBCOMMANDS
+    if command in COMMAND_MODULES:
+        modules = (COMMAND_MODULES[command],)
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
 
@@ -241,7 +277,9 @@ def run_command(
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
-    parser = build_parser()
+    parser = build_parser(
+        command_named(sys.argv[1:] if argv is None else argv)
+    )
     args = parser.parse_args(argv)
     # For options that bound a command's running time (watch --timeout).
     args.started = started

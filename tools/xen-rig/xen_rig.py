@@ -56,8 +56,20 @@ REPO = HERE.parent.parent
 DOM0_INIT = HERE / "dom0-init"
 # What dom0's commands run with: the Xen driver's start-up requirement
 # (nova_xen_ncm.host.xen.host.DOMID_REUSE_ENV), as a service's unit sets
-# it; kept out of dom0-init so that the image need not be rebuilt.
-DOM0_SERVICE_ENV = "export LIBXL_DOMID_REUSE_TIMEOUT=0\n"
+# it; kept out of dom0-init so that the image need not be rebuilt. The
+# tree at /project is read-only (and dom0-init turns bytecode writing
+# off): every command compiled the project's modules again, a good part
+# of a short command under emulation. They are cached on dom0's disk,
+# once per boot, the cache seeded first with the image's own bytecode
+# (dom0_pycache.py says why).
+DOM0_PYCACHE = "/var/cache/nova-xen-ncm/pycache"
+DOM0_SERVICE_ENV = (
+    "export LIBXL_DOMID_REUSE_TIMEOUT=0\n"
+    "unset PYTHONDONTWRITEBYTECODE\n"
+    f"export PYTHONPYCACHEPREFIX={DOM0_PYCACHE}\n"
+    f"[ -e {DOM0_PYCACHE}/.seeded ] || "
+    f"python3 /project/tools/xen-rig/dom0_pycache.py {DOM0_PYCACHE}\n"
+)
 XEN_PATCHES = REPO / "xen" / "patches"
 GUEST_DIR = HERE / "guest"
 
