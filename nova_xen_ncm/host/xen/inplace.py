@@ -618,6 +618,9 @@ def _create_once(
     # libxl takes a domid destroyed in the current second for a recent
     # one even with no reuse delay (its history has whole seconds).
     time.sleep(1.1)
+    # The new backends must be the kernel's new devices, not the
+    # destroyed domain's (of the save's destroy, or of a failed attempt).
+    devices_mod.wait_backends_gone(domid, snap.devices)
     created = host._libxl_create(json.dumps(config), "inplace.restore")
     try:
         if created != domid:
