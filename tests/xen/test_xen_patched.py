@@ -428,6 +428,9 @@ cmdline = "console=hvc0 xen.fifo_events=0 loglevel=4 watchdog_thresh=60"
 memory = 256
 vcpus = 2
 on_crash = "preserve"
+# A guest that triple-faults (Xen's HVM shutdown "reboot") stays as it
+# died instead of booting again under a new domid.
+on_reboot = "preserve"
 disk = [ "format=raw,vdev=xvda,access=rw,target=/var/lib/ncm/disk" ]
 vif = [ "bridge=ncmbr0,mac=00:16:3e:4e:43:4d" ]
 CFG

@@ -175,6 +175,9 @@ XEN_FLAVOURS = ("stock", "patched")
 BOOT_TIMEOUT = int(os.environ.get("XEN_RIG_BOOT_TIMEOUT", "900"))
 RUN_TIMEOUT = int(os.environ.get("XEN_RIG_RUN_TIMEOUT", "1800"))
 LIFETIME = int(os.environ.get("XEN_RIG_LIFETIME", str(4 * 3600)))
+# QEMU's TCG threading: "multi" (a host thread per emulated CPU) or
+# "single" (one thread for both).
+TCG_THREAD = os.environ.get("XEN_RIG_TCG_THREAD", "multi")
 STEP_TIMEOUT = 3600
 
 
@@ -1001,7 +1004,7 @@ def boot() -> None:
     cmd = [
         "timeout", "--kill-after=10", str(LIFETIME),
         QEMU, "-name", "xen-rig",
-        "-machine", "q35", "-accel", "tcg,thread=multi",
+        "-machine", "q35", "-accel", f"tcg,thread={TCG_THREAD}",
         "-smp", "2", "-m", "4096", "-cpu", CPU,
         "-nodefaults", "-display", "none", "-no-reboot",
         "-monitor", "none", "-serial", f"file:{bootlog}",

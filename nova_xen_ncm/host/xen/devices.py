@@ -88,6 +88,11 @@ GRANT_ENTRY_V1 = 8
 # v1 grant entry: flags, domid, frame (grant_table.h, grant_entry_v1).
 _GRANT_V1 = np.dtype([("flags", "<u2"), ("domid", "<u2"), ("frame", "<u4")])
 CONNECT_TIMEOUT = 120.0
+# Seconds dom0's kernel may take to remove a destroyed domain's backend
+# devices (its xenwatch thread, behind every other watch event).
+GONE_TIMEOUT = 60.0
+# dom0's xenbus backend devices: KIND-DOMID-DEVID (xenbus_probe_backend).
+XEN_BACKEND_DEVICES = "/sys/bus/xen-backend/devices"
 # x86_64 shared_info: 32 legacy vcpu_info slots of 64 bytes, then the
 # 2-level ABI's evtchn_pending bitmap; in a vcpu_info, the byte
 # evtchn_upcall_pending and the word evtchn_pending_sel.
@@ -394,3 +399,33 @@ def wait_connected(
                 call="inplace.restore",
             )
         time.sleep(0.2)
+
+
+def wait_backends_gone(
+    domid: int,
+    devs: Iterable[Device],
+    timeout: float = GONE_TIMEOUT,
+    root: str = XEN_BACKEND_DEVICES,
+) -> None:
+    """Return once dom0's kernel has removed the backend devices of the
+    destroyed domain ``domid``, or DeviceError naming the first left.
+
+    ``xl destroy`` returns once it removed the backend areas; the kernel
+    drops its devices later, from its xenwatch thread. A backend area
+    written again under the same domid before that (the domain created
+    again at once) is taken by the old device (the bus finds it by name
+    and probes nothing): the old netback, whose vif the hotplug script
+    took off its bridge, would serve the new domain."""
+    names = [f"{d.kind}-{domid}-{d.devid}" for d in devs]
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [n for n in names if os.path.lexists(f"{root}/{n}")]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise DeviceError(
+                f"domain {domid}: dom0's kernel still has the destroyed "
+                f"domain's backend device {left[0]} after {timeout:.0f}s",
+                call="inplace.restore",
+            )
+        time.sleep(0.1)

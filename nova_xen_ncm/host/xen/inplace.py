@@ -237,13 +237,15 @@ def _read(
     if pre is not None:
         old_pfns, old_memory, dirty = pre
         # Pages copied while it ran and not written since are kept; not
-        # those a backend maps writable, whose writes the log misses.
+        # those a backend maps writable, nor those Xen writes itself,
+        # whose writes the log misses.
         written = np.concatenate(
             [
                 dirty,
                 host.harvest_dirty(domid),
                 devices_mod.mapped_writable(pv.grant_table),
                 rings,
+                xen_written(pv),
             ]
         )
         kept = np.setdiff1d(np.intersect1d(pfns, old_pfns), written)
@@ -270,6 +272,18 @@ def _read(
         pv=pv,
         paused_pages=len(todo),
     )
+
+
+def xen_written(pv: base.PvState) -> np.ndarray:
+    """The guest pages Xen writes through a mapping of its own, which
+    log-dirty does not see: each vCPU's registered vcpu_info (event
+    pending bits and the time record Xen updates while the vCPU runs)
+    and the shared_info page. A live copy of them is stale; they are
+    copied again with the guest paused."""
+    gfns = [v.gfn for v in pv.shared_info.vcpu_info if v.gfn is not None]
+    if pv.shared_info.gfn is not None:
+        gfns.append(pv.shared_info.gfn)
+    return np.unique(np.array(gfns, dtype=np.uint64))
 
 
 def _log_held(
@@ -618,6 +632,9 @@ def _create_once(
     # libxl takes a domid destroyed in the current second for a recent
     # one even with no reuse delay (its history has whole seconds).
     time.sleep(1.1)
+    # The new backends must be the kernel's new devices, not the
+    # destroyed domain's (of the save's destroy, or of a failed attempt).
+    devices_mod.wait_backends_gone(domid, snap.devices)
     created = host._libxl_create(json.dumps(config), "inplace.restore")
     try:
         if created != domid:

@@ -142,3 +142,29 @@ def test_a_vcpu_info_made_to_scan_every_word_keeps_the_rest() -> None:
     assert marked[64] == 1 and marked[72:80] == b"\xff" * 8
     assert marked[:64] == info[:64]
     assert marked[65:72] == info[65:72] and marked[80:] == info[80:]
+
+
+def test_a_restore_waits_for_the_old_backend_devices_to_go(
+    tmp_path, monkeypatch
+) -> None:
+    vif = devices.Device("vif", 0, 0, "f", "b", "br0")
+    vbd = devices.Device("vbd", 51712, 0, "f", "b", "/dev/loop0")
+    (tmp_path / "vif-7-0").mkdir()
+    (tmp_path / "vbd-8-51712").mkdir()  # another domain's: not waited for
+    sleeps = []
+
+    def removed_by_xenwatch(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            (tmp_path / "vif-7-0").rmdir()
+
+    monkeypatch.setattr(devices.time, "sleep", removed_by_xenwatch)
+    devices.wait_backends_gone(D, [vif, vbd], root=str(tmp_path))
+    assert len(sleeps) == 3
+
+
+def test_an_old_backend_device_that_stays_is_named(tmp_path) -> None:
+    (tmp_path / "vbd-7-51712").mkdir()
+    vbd = devices.Device("vbd", 51712, 0, "f", "b", "/dev/loop0")
+    with pytest.raises(devices.DeviceError, match="vbd-7-51712"):
+        devices.wait_backends_gone(D, [vbd], timeout=0.3, root=str(tmp_path))
