@@ -177,7 +177,7 @@ RUN_TIMEOUT = int(os.environ.get("XEN_RIG_RUN_TIMEOUT", "1800"))
 LIFETIME = int(os.environ.get("XEN_RIG_LIFETIME", str(4 * 3600)))
 # QEMU's TCG threading: "multi" (a host thread per emulated CPU) or
 # "single" (one thread for both).
-TCG_THREAD = os.environ.get("XEN_RIG_TCG_THREAD", "multi")
+TCG_THREADS = ("multi", "single")
 STEP_TIMEOUT = 3600
 
 
@@ -900,6 +900,16 @@ def build_guest(force: bool = False) -> Path:
     return out
 
 
+def tcg_thread() -> str:
+    thread = os.environ.get("XEN_RIG_TCG_THREAD", "multi")
+    if thread not in TCG_THREADS:
+        raise RigError(
+            f"XEN_RIG_TCG_THREAD={thread!r}: expected one of "
+            + ", ".join(TCG_THREADS)
+        )
+    return thread
+
+
 def xen_flavour() -> str:
     flavour = os.environ.get("XEN_RIG_XEN", "stock")
     if flavour not in XEN_FLAVOURS:
@@ -984,6 +994,7 @@ def boot() -> None:
     if shutil.which(QEMU) is None:
         raise RigError(f"{QEMU} not found (apt-get install qemu-system-x86)")
     images = build()
+    thread = tcg_thread()  # before anything starts
     hypervisor = hypervisor_image(images)
     state = state_dir()
     state.mkdir(parents=True, exist_ok=True)
@@ -1004,7 +1015,7 @@ def boot() -> None:
     cmd = [
         "timeout", "--kill-after=10", str(LIFETIME),
         QEMU, "-name", "xen-rig",
-        "-machine", "q35", "-accel", f"tcg,thread={TCG_THREAD}",
+        "-machine", "q35", "-accel", f"tcg,thread={thread}",
         "-smp", "2", "-m", "4096", "-cpu", CPU,
         "-nodefaults", "-display", "none", "-no-reboot",
         "-monitor", "none", "-serial", f"file:{bootlog}",

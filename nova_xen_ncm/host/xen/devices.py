@@ -401,6 +401,15 @@ def wait_connected(
         time.sleep(0.2)
 
 
+def _backend_type(dev: Device) -> str:
+    """The type of the device's backend area (``backend/TYPE/DOMID/DEVID``),
+    which its frontend's kind does not fix: a vbd's may be qdisk."""
+    parts = dev.backend.rstrip("/").split("/")
+    if len(parts) >= 4 and parts[-4] == "backend":
+        return parts[-3]
+    return dev.kind
+
+
 def wait_backends_gone(
     domid: int,
     devs: Iterable[Device],
@@ -408,7 +417,7 @@ def wait_backends_gone(
     root: str = XEN_BACKEND_DEVICES,
 ) -> None:
     """Return once dom0's kernel has removed the backend devices of the
-    destroyed domain ``domid``, or DeviceError naming the first left.
+    destroyed domain ``domid``, or DeviceError naming those left.
 
     ``xl destroy`` returns once it removed the backend areas; the kernel
     drops its devices later, from its xenwatch thread. A backend area
@@ -416,7 +425,7 @@ def wait_backends_gone(
     again at once) is taken by the old device (the bus finds it by name
     and probes nothing): the old netback, whose vif the hotplug script
     took off its bridge, would serve the new domain."""
-    names = [f"{d.kind}-{domid}-{d.devid}" for d in devs]
+    names = [f"{_backend_type(d)}-{domid}-{d.devid}" for d in devs]
     deadline = time.monotonic() + timeout
     while True:
         left = [n for n in names if os.path.lexists(f"{root}/{n}")]
@@ -425,7 +434,8 @@ def wait_backends_gone(
         if time.monotonic() > deadline:
             raise DeviceError(
                 f"domain {domid}: dom0's kernel still has the destroyed "
-                f"domain's backend device {left[0]} after {timeout:.0f}s",
+                f"domain's backend devices {', '.join(left)} after "
+                f"{timeout:.0f}s",
                 call="inplace.restore",
             )
         time.sleep(0.1)

@@ -246,6 +246,7 @@ def _read(
                 devices_mod.mapped_writable(pv.grant_table),
                 rings,
                 xen_written(pv),
+                store_ring(pv),
             ]
         )
         kept = np.setdiff1d(np.intersect1d(pfns, old_pfns), written)
@@ -284,6 +285,16 @@ def xen_written(pv: base.PvState) -> np.ndarray:
     if pv.shared_info.gfn is not None:
         gfns.append(pv.shared_info.gfn)
     return np.unique(np.array(gfns, dtype=np.uint64))
+
+
+def store_ring(pv: base.PvState) -> np.ndarray:
+    """The xenstore ring's page: xenstored writes its answers and watch
+    events there through its own mapping, which log-dirty does not see.
+    A xenstored that carries connections is frozen once the state is
+    exported: the page copied with the guest paused then agrees with the
+    connection carried over."""
+    gfn = pv.xenstore.store_gfn
+    return np.array([gfn] if gfn else [], dtype=np.uint64)
 
 
 def _log_held(

@@ -144,11 +144,14 @@ def test_a_vcpu_info_made_to_scan_every_word_keeps_the_rest() -> None:
     assert marked[65:72] == info[65:72] and marked[80:] == info[80:]
 
 
+BACK = "/local/domain/0/backend"
+
+
 def test_a_restore_waits_for_the_old_backend_devices_to_go(
     tmp_path, monkeypatch
 ) -> None:
-    vif = devices.Device("vif", 0, 0, "f", "b", "br0")
-    vbd = devices.Device("vbd", 51712, 0, "f", "b", "/dev/loop0")
+    vif = devices.Device("vif", 0, 0, "f", f"{BACK}/vif/{D}/0", "br0")
+    vbd = devices.Device("vbd", 51712, 0, "f", f"{BACK}/vbd/{D}/51712", "/d")
     (tmp_path / "vif-7-0").mkdir()
     (tmp_path / "vbd-8-51712").mkdir()  # another domain's: not waited for
     sleeps = []
@@ -163,8 +166,15 @@ def test_a_restore_waits_for_the_old_backend_devices_to_go(
     assert len(sleeps) == 3
 
 
-def test_an_old_backend_device_that_stays_is_named(tmp_path) -> None:
-    (tmp_path / "vbd-7-51712").mkdir()
-    vbd = devices.Device("vbd", 51712, 0, "f", "b", "/dev/loop0")
-    with pytest.raises(devices.DeviceError, match="vbd-7-51712"):
-        devices.wait_backends_gone(D, [vbd], timeout=0.3, root=str(tmp_path))
+def test_the_old_backend_devices_that_stay_are_named(tmp_path) -> None:
+    # A vbd served by QEMU: its backend area, and device, are qdisk's.
+    (tmp_path / "qdisk-7-51712").mkdir()
+    (tmp_path / "vif-7-0").mkdir()
+    vbd = devices.Device("vbd", 51712, 0, "f", f"{BACK}/qdisk/{D}/51712")
+    vif = devices.Device("vif", 0, 0, "f", f"{BACK}/vif/{D}/0", "br0")
+    with pytest.raises(
+        devices.DeviceError, match="qdisk-7-51712, vif-7-0 after"
+    ):
+        devices.wait_backends_gone(
+            D, [vbd, vif], timeout=0.3, root=str(tmp_path)
+        )
