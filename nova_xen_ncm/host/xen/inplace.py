@@ -132,13 +132,10 @@ def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
             host.enable_log_dirty(domid)
             pre = _precopy(host, domid, rounds)
         if paused_here:
-            # A plain pause, not the save's suspend (pause_for_save):
-            # on the rig (Xen under QEMU's TCG) a guest suspended, its
-            # suspend cancelled and then restored or unpaused failed its
-            # first VMRUN, every time it was tried. The plain pause can
-            # leave a port I/O to QEMU in flight, which the new QEMU does
-            # not answer: a known limit of the in-place save, named in
-            # its documentation.
+            # A plain pause, not the save's suspend (pause_for_save),
+            # which was not shown to work in place on the rig. The plain
+            # pause can leave a port I/O to QEMU in flight, which the new
+            # QEMU does not answer: a known limit of the in-place save.
             host.pause(domid)
         snap = _read(host, domid, config, pre)
         snap.rounds = tuple(rounds)

@@ -479,8 +479,7 @@ def test_save_holds_the_guest_as_it_was_when_paused(
     else:
         assert snap.rounds == () and snap.paused_pages == len(PFNS)
     assert snap.pv == _pv_state()
-    # A plain pause: the suspend of a save is not used in place (its
-    # cancellation and unpause broke the guest's next VMRUN on the rig).
+    # A plain pause: the suspend of a save is not used in place.
     assert xen.paused_for_save == []
 
 
