@@ -60,6 +60,8 @@ RABBIT = ("127.0.0.1", 5672)
 
 # Seconds a party may take before the rig calls it stuck.
 PARTY_TIMEOUT = 60.0
+#: Seconds a source's hook waits for the proxy to partition.
+PARTITION_WAIT = 10.0
 
 #: Engine options of every party, the same on both sides: short
 #: budgets, so that a fault costs seconds; the commit query outlasts the
@@ -780,6 +782,9 @@ class Proxy:
                     index = 0 if self.scope == "control" else 1
                     if index < len(self._conns):
                         self._conns[index][0] = True
+                # Cleared once in place: the source, waiting for it in
+                # its hook, sends nothing more before the partition.
+                self.trigger.clear()
                 return
 
     def partition_all(self) -> None:
@@ -850,6 +855,17 @@ class _SourceFaults:
         if fault is not None and fault.kind is Kind.BUS_GONE:
             self.bus = _BusProxy()
 
+    def _partition(self) -> None:
+        """Asks the test process's proxy to partition and waits until it
+        has: its watcher may wake late on a loaded machine, and COMMIT
+        sent meanwhile would get through the partition it is meant for."""
+        self.trigger.set()
+        deadline = time.monotonic() + PARTITION_WAIT
+        # Bounded: a proxy that never answers leaves the fault late, and
+        # the window's expected outcome says so.
+        while self.trigger.is_set() and time.monotonic() < deadline:
+            time.sleep(0.001)
+
     def action(self) -> None:
         kind = self.fault.kind
         if kind is Kind.KILL_SOURCE:
@@ -895,9 +911,9 @@ class _SourceFaults:
         elif window is Window.SOURCE_KILLED_CLEANUP:
             return [_PhaseHook(Phase.CLEANUP, _suicide)]
         elif window is Window.PARTITION_AT_COMMIT:
-            return [_PhaseHook(Phase.COMMIT, self.trigger.set)]
+            return [_PhaseHook(Phase.COMMIT, self._partition)]
         elif window.partition:
-            return [_PhaseHook(Phase.PRECOPY, self.trigger.set)]
+            return [_PhaseHook(Phase.PRECOPY, self._partition)]
         return []
 
     def _install_kind(self, host: RemoteHost) -> list:
