@@ -441,6 +441,23 @@ def _page(byte: int) -> bytes:
     return bytes([byte]) * PAGE_SIZE
 
 
+def _running(xen: FakeXen) -> dict:
+    """The guest running, each page filled with its pfn + 1."""
+    dom = xen.domains[DOMID]
+    dom["state"] = base.DomainState.RUNNING
+    for pfn in PFNS.tolist():
+        dom["pages"][pfn][:] = _page(pfn + 1)
+    return dom
+
+
+def _held(snap: inplace.Snapshot) -> dict[int, bytes]:
+    """The image's pages by pfn."""
+    return {
+        p: bytes(snap.memory[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        for i, p in enumerate(snap.pfns.tolist())
+    }
+
+
 @pytest.mark.parametrize("live", [False, True])
 def test_save_holds_the_guest_as_it_was_when_paused(
     xen: FakeXen, live: bool, monkeypatch
@@ -448,10 +465,7 @@ def test_save_holds_the_guest_as_it_was_when_paused(
     # The oracle: the pages the fake hypervisor holds at the pause.
     monkeypatch.setattr(inplace, "STOP_PAGES", 0)
     monkeypatch.setattr(inplace, "LIVE_ROUNDS", 3)
-    dom = xen.domains[DOMID]
-    dom["state"] = base.DomainState.RUNNING
-    for pfn in PFNS.tolist():
-        dom["pages"][pfn][:] = _page(pfn + 1)
+    dom = _running(xen)
     # Written during the first copy, the next round, and the last one.
     xen.guest_writes = [(1, _page(0xA1)), (2, _page(0xA2)), (7, _page(0xA7)),
                         (1, _page(0xB1))]  # fmt: skip
@@ -465,10 +479,7 @@ def test_save_holds_the_guest_as_it_was_when_paused(
     xen.pause = pause
     snap = inplace.save(xen, DOMID, live=live)
     assert dom["state"] == base.DomainState.PAUSED
-    held = {
-        p: bytes(snap.memory[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
-        for i, p in enumerate(snap.pfns.tolist())
-    }
+    held = _held(snap)
     assert held == at_pause
     if live:
         # Copied while running, then only what it wrote last while paused.
@@ -501,10 +512,7 @@ def test_live_save_copies_again_what_a_backend_maps_writable(
     # (GTF_permit_access | GTF_writing), whose writes the log misses.
     monkeypatch.setattr(inplace, "STOP_PAGES", 0)
     monkeypatch.setattr(inplace, "LIVE_ROUNDS", 2)
-    dom = xen.domains[DOMID]
-    dom["state"] = base.DomainState.RUNNING
-    for pfn in PFNS.tolist():
-        dom["pages"][pfn][:] = _page(pfn + 1)
+    dom = _running(xen)
     pv = _pv_state()
     front = f"/local/domain/{DOMID}/device/vbd/51712"
     pv = dataclasses.replace(
@@ -542,10 +550,7 @@ def test_live_save_copies_again_what_a_backend_maps_writable(
 
     xen.map_pages = map_pages
     snap = inplace.save(xen, DOMID, live=True)
-    held = {
-        p: bytes(snap.memory[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
-        for i, p in enumerate(snap.pfns.tolist())
-    }
+    held = _held(snap)
     assert held[2] == _page(0xC2) and held[7] == _page(0xC7)
     assert held[1] == _page(2)  # granted read-only: kept from the copy
     # With it paused: the kept pages read to check the log, then the
@@ -561,10 +566,7 @@ def test_live_save_whose_log_missed_writes_copies_all_with_it_paused(
     # finds a page that changed, and every page is copied paused.
     monkeypatch.setattr(inplace, "STOP_PAGES", 0)
     monkeypatch.setattr(inplace, "LIVE_ROUNDS", 2)
-    dom = xen.domains[DOMID]
-    dom["state"] = base.DomainState.RUNNING
-    for pfn in PFNS.tolist():
-        dom["pages"][pfn][:] = _page(pfn + 1)
+    dom = _running(xen)
     real_harvest = xen.harvest_dirty
     harvests = []
 
@@ -578,10 +580,7 @@ def test_live_save_whose_log_missed_writes_copies_all_with_it_paused(
 
     xen.harvest_dirty = harvest
     snap = inplace.save(xen, DOMID, live=True)
-    held = {
-        p: bytes(snap.memory[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
-        for i, p in enumerate(snap.pfns.tolist())
-    }
+    held = _held(snap)
     assert held == {p: _page(0xD0 + p) for p in PFNS.tolist()}
     assert snap.paused_pages == len(PFNS)
 
@@ -596,10 +595,7 @@ def test_live_save_copies_again_the_pages_xen_writes_itself(
     monkeypatch.setattr(inplace, "STOP_PAGES", 0)
     monkeypatch.setattr(inplace, "LIVE_ROUNDS", 2)
     monkeypatch.setattr(inplace, "LOG_CHECK_PAGES", 0)
-    dom = xen.domains[DOMID]
-    dom["state"] = base.DomainState.RUNNING
-    for pfn in PFNS.tolist():
-        dom["pages"][pfn][:] = _page(pfn + 1)
+    dom = _running(xen)
     pv = _pv_state()
     pv = dataclasses.replace(
         pv,
@@ -627,10 +623,7 @@ def test_live_save_copies_again_the_pages_xen_writes_itself(
 
     xen.harvest_dirty = harvest
     snap = inplace.save(xen, DOMID, live=True)
-    held = {
-        p: bytes(snap.memory[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
-        for i, p in enumerate(snap.pfns.tolist())
-    }
+    held = _held(snap)
     assert held == {0: _page(1), 1: _page(0xE1), 2: _page(3), 7: _page(0xE7)}
     assert snap.paused_pages == 2
 
@@ -644,10 +637,7 @@ def test_live_save_copies_again_the_xenstore_ring_xenstored_writes(
     monkeypatch.setattr(inplace, "STOP_PAGES", 0)
     monkeypatch.setattr(inplace, "LIVE_ROUNDS", 2)
     monkeypatch.setattr(inplace, "LOG_CHECK_PAGES", 0)
-    dom = xen.domains[DOMID]
-    dom["state"] = base.DomainState.RUNNING
-    for pfn in PFNS.tolist():
-        dom["pages"][pfn][:] = _page(pfn + 1)
+    dom = _running(xen)
     pv = _pv_state()
     pv = dataclasses.replace(
         pv, xenstore=dataclasses.replace(pv.xenstore, store_gfn=2)
@@ -665,7 +655,4 @@ def test_live_save_copies_again_the_xenstore_ring_xenstored_writes(
 
     xen.harvest_dirty = harvest
     snap = inplace.save(xen, DOMID, live=True)
-    at = snap.pfns.tolist().index(2)
-    assert bytes(snap.memory[at * PAGE_SIZE : (at + 1) * PAGE_SIZE]) == (
-        _page(0xE2)
-    )
+    assert _held(snap)[2] == _page(0xE2)
