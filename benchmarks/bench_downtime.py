@@ -34,16 +34,22 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import time
 import uuid
 
-from nova_xen_ncm.cmd import demo
-from nova_xen_ncm.engine.sender import Sender
-from nova_xen_ncm.engine.state import Phase
-from nova_xen_ncm.engine.switchover import SwitchoverHistory
-from nova_xen_ncm.host import base
-from nova_xen_ncm.host.sim.host import SimHost
-from nova_xen_ncm.progress.model import EventKind
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+from bench_migration import overrides  # noqa: E402
+from bench_migration import parse_size  # noqa: E402
+
+from nova_xen_ncm.cmd import demo  # noqa: E402
+from nova_xen_ncm.engine.sender import Sender  # noqa: E402
+from nova_xen_ncm.engine.state import Phase  # noqa: E402
+from nova_xen_ncm.engine.switchover import SwitchoverHistory  # noqa: E402
+from nova_xen_ncm.host import base  # noqa: E402
+from nova_xen_ncm.host.sim.host import SimHost  # noqa: E402
+from nova_xen_ncm.progress.model import EventKind  # noqa: E402
 
 MIB = 1 << 20
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -54,32 +60,6 @@ CONFIGS = {
     "plain": {"channels": 1, "compression": "none"},
     "lz4x4": {"channels": 4, "compression": "lz4"},
 }
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": MIB, "G": 1 << 30}
-    text = text.strip().upper()
-    if text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
-def overrides(host_mb: int, settings: dict) -> dict:
-    xen_ncm = {
-        "listen_address": "127.0.0.1",
-        "io_timeout": 120.0,
-        "accept_timeout": 120.0,
-        "completion_timeout_per_gib": 0,
-    }
-    xen_ncm.update(settings)
-    return {
-        "xen_ncm": xen_ncm,
-        "xen_ncm_sim": {
-            "host_memory_mb": host_mb,
-            "spare_guest_process": True,
-            "prefault_memory_mb": host_mb,
-        },
-    }
 
 
 class Events:
