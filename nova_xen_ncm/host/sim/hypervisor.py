@@ -273,7 +273,9 @@ class Hypervisor:
     def __init__(self, hostname: str, memory_bytes: int) -> None:
         self.hostname = hostname
         self.memory_bytes = memory_bytes
-        self.lock = locks.OrderedLock(locks.HOST, threading.RLock())
+        self.lock = locks.OrderedLock(
+            locks.HOST, threading.RLock(), reentrant=True
+        )
         self.domains: dict[int, Domain] = {}
         # The domid allocator's state: the last domid it gave.
         self._domid_last = 0

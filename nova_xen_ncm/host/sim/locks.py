@@ -48,9 +48,6 @@ def held() -> tuple[str, ...]:
     return tuple(name for name, _ in getattr(_held, "stack", ()))
 
 
-_RLOCK = type(threading.RLock())
-
-
 def check(name: str, key: object = None, reentrant: bool = True) -> None:
     """Raise LockOrderError if this thread may not take the lock
     ``name`` now (``key``: the lock object, whose re-entry is allowed if
@@ -74,16 +71,23 @@ def check(name: str, key: object = None, reentrant: bool = True) -> None:
 
 class OrderedLock:
     """A lock that is always taken through the order check: ``with``
-    it as with the lock it wraps (re-entrant if that one is)."""
+    it as with the lock it wraps. ``reentrant`` says whether the thread
+    holding it may take it again; it is given, not read from the lock's
+    type, because a process that eventlet monkey-patches after this
+    module was imported (Nova's services and tests do) makes RLocks of
+    another type."""
 
-    def __init__(self, name: str, lock: object | None = None) -> None:
+    def __init__(
+        self, name: str, lock: object | None = None, reentrant: bool = False
+    ) -> None:
         if name not in RANK:
             raise ValueError(f"{name!r} is not one of {ORDER}")
         self.name = name
         self._lock = threading.Lock() if lock is None else lock
+        self.reentrant = reentrant
 
     def __enter__(self) -> OrderedLock:
-        check(self.name, self, isinstance(self._lock, _RLOCK))
+        check(self.name, self, self.reentrant)
         self._lock.acquire()
         _held.__dict__.setdefault("stack", []).append((self.name, self))
         return self
@@ -95,14 +99,18 @@ class OrderedLock:
 
 @contextlib.contextmanager
 def ordered(
-    name: str, lock: AbstractContextManager, key: object = None
+    name: str,
+    lock: AbstractContextManager,
+    key: object = None,
+    reentrant: bool = False,
 ) -> Iterator[None]:
     """Take ``lock`` (a lock or a context manager that takes one) as the
     lock called ``name``, checking the order first. ``key`` identifies
-    the lock for re-entry (``lock`` itself by default), which only a
-    threading.RLock allows."""
+    the lock for re-entry (``lock`` itself by default), allowed only if
+    ``reentrant`` (the caller knows what it passed: see
+    :class:`OrderedLock`)."""
     key = lock if key is None else key
-    check(name, key, isinstance(lock, _RLOCK))
+    check(name, key, reentrant)
     stack = _held.__dict__.setdefault("stack", [])
     with lock:
         stack.append((name, key))

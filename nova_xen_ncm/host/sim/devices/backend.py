@@ -169,7 +169,9 @@ class Backend(abc.ABC):
         self._evtchn = evtchn
         # Taken before the host's (a backend maps grants and binds ports
         # with it held): locks.ORDER.
-        self._lock = locks.OrderedLock(locks.BACKEND, threading.RLock())
+        self._lock = locks.OrderedLock(
+            locks.BACKEND, threading.RLock(), reentrant=True
+        )
         self.state = XenbusState.INITIALISING
         self.ring: BackRing | None = None
         self.ring_ref = 0

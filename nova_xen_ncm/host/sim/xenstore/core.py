@@ -268,7 +268,9 @@ class XenstoreCore:
         self.quota = quota or Quota()
         self._ring_mapper = ring_mapper
         # xenstored's lock: locks.XENSTORE, in the host's lock order.
-        self._lock = locks.OrderedLock(locks.XENSTORE, threading.RLock())
+        self._lock = locks.OrderedLock(
+            locks.XENSTORE, threading.RLock(), reentrant=True
+        )
         self._gen = 1
         self._tree: dict[str, _Node] = {
             "/": _Node(b"", ((0, PRIVILEGED_DOMID),), gen=0)

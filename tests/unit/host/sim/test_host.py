@@ -975,10 +975,10 @@ def test_locks_taken_out_of_order_are_found():
     """The lock order is checked where two are taken: the memory lock
     then the host lock is an inversion, raised before it can deadlock."""
     host_lock, mem_lock = threading.RLock(), threading.Lock()
-    with locks.ordered(locks.HOST, host_lock):
+    with locks.ordered(locks.HOST, host_lock, reentrant=True):
         with locks.ordered(locks.MEMORY, mem_lock):
             # Re-entering the host lock it holds is not an inversion.
-            with locks.ordered(locks.HOST, host_lock):
+            with locks.ordered(locks.HOST, host_lock, reentrant=True):
                 assert locks.held() == (locks.HOST, locks.MEMORY, locks.HOST)
     with locks.ordered(locks.MEMORY, mem_lock):
         with pytest.raises(locks.LockOrderError, match="'host'"):
@@ -1064,6 +1064,23 @@ def test_the_wallclock_is_the_hosts_boot_for_every_update(host):
         time.sleep(0.01)
     assert seen[0] == seen[1] == host.hv.wallclock_ns
     assert abs(seen[0] + host.hv.now_ns() - time.time_ns()) < 10**9
+
+
+def test_reentry_does_not_depend_on_the_rlock_type():
+    """A process monkey-patched by eventlet after the locks module was
+    imported (Nova's tests and services) makes RLocks of another type;
+    the locks said to be re-entrant stay so, and the others still refuse
+    re-entry."""
+    patched_rlock = threading._PyRLock()  # not the C RLock's type
+    lock = locks.OrderedLock(locks.XENSTORE, patched_rlock, reentrant=True)
+    with lock, lock:
+        assert locks.held() == (locks.XENSTORE, locks.XENSTORE)
+    plain = locks.OrderedLock(locks.XENSTORE, threading._PyRLock())
+    with plain:
+        with pytest.raises(locks.LockOrderError, match="not re-entrant"):
+            with plain:
+                pass
+    assert locks.held() == ()
 
 
 def test_a_lock_that_is_not_reentrant_taken_twice_is_refused(host):
