@@ -208,11 +208,17 @@ class Sender:
 
     @property
     def _copy_pages(self) -> bool:
-        """Whether pages must be copied before they are sent: unless the
-        guest is paused and nothing else writes its memory (no PV
-        backends), it may change a page between its authentication tag
-        and the socket write."""
-        return self._running or self.info.pv_drivers
+        """Whether pages must be copied before they are sent: when the
+        frames carry a tag, and unless the guest is paused and nothing
+        else writes its memory (no PV backends), a page may change
+        between its tag and the socket write. Untagged frames (inside
+        TLS, whose records seal what the write reads, or unauthenticated
+        ones) need no snapshot: a page written meanwhile goes as the
+        write read it and is marked dirty, to go again (or, at the
+        pause, to fail the memory digest's proof)."""
+        return (
+            self._running or self.info.pv_drivers
+        ) and self.data.frames_tagged
 
     # -- control from other threads --
 
