@@ -98,14 +98,6 @@ class DataPath:
         return len(self.channels)
 
     @property
-    def frames_tagged(self) -> bool:
-        """Whether page frames carry a GMAC tag (every channel negotiated
-        the same; True while none is connected)."""
-        return all(
-            c.connection.frames_tagged for c in self.channels if c is not None
-        )
-
-    @property
     def control(self) -> Channel | None:
         """The control channel (channel 0)."""
         return self.channels[0]

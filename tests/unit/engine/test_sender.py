@@ -197,7 +197,24 @@ def test_pages_are_copied_only_under_a_frame_tag(
     connection = framing.Connection(messages.Role.CLIENT)
     connection.capabilities = frozenset(capabilities)
     sender.data.channels[0] = types.SimpleNamespace(connection=connection)
-    assert sender._copy_pages is copied
+    assert sender._copy_pages(0) is copied
+
+
+def test_the_copy_is_decided_by_each_channels_own_frames(conf, host):
+    # A channel whose frames carry a tag gets the snapshot whatever the
+    # others negotiated; one not connected is taken as tagged.
+    sender = make_sender(conf, host)
+    sender._running = True
+    tls = framing.Connection(messages.Role.CLIENT)
+    tls.capabilities = frozenset({messages.Capability.TLS_FRAMES.value})
+    sender.data.channels[:] = [
+        types.SimpleNamespace(connection=tls),
+        types.SimpleNamespace(
+            connection=framing.Connection(messages.Role.CLIENT)
+        ),
+        None,
+    ]
+    assert [sender._copy_pages(i) for i in range(3)] == [False, True, True]
 
 
 def test_paused_guest_is_not_unpaused_by_rollback(conf, host):
