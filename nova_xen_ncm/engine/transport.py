@@ -662,8 +662,14 @@ class Channel:
 
     def frame_buffer(self, size: int) -> memoryview:
         """``size`` octets to read one frame body into, the same memory
-        frame after frame (grown when a frame is larger): valid until
-        the next call."""
+        frame after frame (grown when a frame is larger, never beyond
+        the connection's frame limit): valid until the next call, so
+        for a body used up before the next frame is read."""
+        if size > self.connection.max_data:
+            raise ProtocolError(
+                f"a frame body of {size} octets is over the "
+                f"{self.connection.max_data} octet limit"
+            )
         if len(self._frame_buf) < size:
             self._frame_buf = bytearray(size)
         return memoryview(self._frame_buf)[:size]
@@ -877,6 +883,9 @@ class Channel:
             # Already reset by the peer; closing is all that is left.
             pass
         self.sock.close()
+        # A closed channel is kept by its receiver until the source
+        # acknowledges the outcome: not its frame buffer (MiBs).
+        self._frame_buf = bytearray()
 
     def __enter__(self) -> Channel:
         return self
