@@ -97,12 +97,15 @@ class GuestStream:
         (populate, no data), so it costs 8 octets on the wire.
 
         Without ``copy`` the buffers are the guest's mapped pages
-        themselves, for a guest that cannot write them (paused, saving to
-        a file). A running guest's pages are copied first: the frame's
-        authentication tag is computed before the bytes are written, and
-        the guest may change them in between. ``reuse`` copies every
-        batch into the same buffer, for a caller done with a batch
-        before it asks for the next.
+        themselves: for a guest that cannot write them (paused, saving to
+        a file), or for frames without a tag of their own (inside TLS, or
+        unauthenticated), where a page written while it goes is marked
+        dirty and goes again. With a frame tag a page that may change
+        (running guest, PV backends) is copied first: the tag is
+        computed before the bytes are written, and a change in between
+        would fail the frame. ``reuse`` copies every batch into the same
+        buffer, for a caller done with a batch before it asks for the
+        next.
         """
         pfns = np.asarray(pfns, dtype=np.uint64)
         return self.batches(

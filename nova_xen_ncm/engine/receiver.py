@@ -71,7 +71,14 @@ def _read_frame(
         restorer.receive_pages(header.length, channel.read_payload_into)
         body = None
     else:
-        body = bytearray(header.length)
+        # A page frame is applied before the next one is read: its body
+        # goes to the channel's buffer, reused (a fresh one of megabytes
+        # costs a pass of page faults or zeroing before the read).
+        body = (
+            channel.frame_buffer(header.length)
+            if header.pages
+            else bytearray(header.length)
+        )
         if header.length:
             channel.read_payload_into(memoryview(body))
     # Checks the tag, if the frame has one.

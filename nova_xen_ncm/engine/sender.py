@@ -206,13 +206,19 @@ class Sender:
         # The optional PV features SETUP named (None: not reported).
         self._features: frozenset[base.GuestFeature] | None = None
 
-    @property
-    def _copy_pages(self) -> bool:
-        """Whether pages must be copied before they are sent: unless the
-        guest is paused and nothing else writes its memory (no PV
-        backends), it may change a page between its authentication tag
-        and the socket write."""
-        return self._running or self.info.pv_drivers
+    def _copy_pages(self, index: int) -> bool:
+        """Whether pages sent on channel ``index`` must be copied first:
+        when its frames carry a tag, and unless the guest is paused and
+        nothing else writes its memory (no PV backends), a page may
+        change between its tag and the socket write. Untagged frames
+        (inside TLS, whose records seal what the write reads, or
+        unauthenticated ones) need no snapshot: a page written meanwhile
+        goes as the write read it and is marked dirty, to go again (or,
+        at the pause, to fail the memory digest's proof). Decided per
+        channel, from what that connection negotiated."""
+        channel = self.data.channels[index]
+        tagged = channel is None or channel.connection.frames_tagged
+        return (self._running or self.info.pv_drivers) and tagged
 
     # -- control from other threads --
 
@@ -628,7 +634,7 @@ class Sender:
             first, batches = shares[index]
             for batch in self.stream.batches(
                 self._missing(index, first, batches),
-                copy=self._copy_pages,
+                copy=self._copy_pages(index),
                 reuse=True,
             ):
                 data.send_batch(index, batch.buffers)
@@ -878,7 +884,7 @@ class Sender:
         index = self.data.channel_index()
         pages = zero = nbytes = 0
         for batch in self.stream.batches(
-            share, copy=self._copy_pages, reuse=True
+            share, copy=self._copy_pages(index), reuse=True
         ):
             nbytes_batch = self.data.send_batch(index, batch.buffers)
             if carried is not None:

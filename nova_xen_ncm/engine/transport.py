@@ -68,6 +68,9 @@ class TlsSocket:
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self._sock = sock
         self._stage: bytearray | None = None
+        # Called once per TLS record (16 KiB) read: not through
+        # __getattr__ each time.
+        self.recv_into = sock.recv_into
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._sock, name)
@@ -555,6 +558,7 @@ class Channel:
         self.connection = connection
         self.io_timeout = io_timeout
         self._recv_buf = bytearray(RECV_SIZE)
+        self._frame_buf = bytearray()
         #: Paces this channel's writes (the migration's bandwidth cap).
         self.pacer: Pacer | None = None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -656,6 +660,20 @@ class Channel:
 
     # -- reading --
 
+    def frame_buffer(self, size: int) -> memoryview:
+        """``size`` octets to read one frame body into, the same memory
+        frame after frame (grown when a frame is larger, never beyond
+        the connection's frame limit): valid until the next call, so
+        for a body used up before the next frame is read."""
+        if size > self.connection.max_data:
+            raise ProtocolError(
+                f"a frame body of {size} octets is over the "
+                f"{self.connection.max_data} octet limit"
+            )
+        if len(self._frame_buf) < size:
+            self._frame_buf = bytearray(size)
+        return memoryview(self._frame_buf)[:size]
+
     def _fill(self) -> None:
         try:
             n = self.sock.recv_into(
@@ -691,9 +709,10 @@ class Channel:
         """Fill ``view`` from the socket, straight, or raise."""
         got = 0
         size = view.nbytes
+        recv_into = self.sock.recv_into
         try:
             while got < size:
-                n = self.sock.recv_into(view[got:])
+                n = recv_into(view[got:])
                 if n == 0:
                     raise TransportError(
                         f"connection closed with {size - got} of {size} "
@@ -864,6 +883,9 @@ class Channel:
             # Already reset by the peer; closing is all that is left.
             pass
         self.sock.close()
+        # A closed channel is kept by its receiver until the source
+        # acknowledges the outcome: not its frame buffer (MiBs).
+        self._frame_buf = bytearray()
 
     def __enter__(self) -> Channel:
         return self

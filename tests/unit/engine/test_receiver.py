@@ -15,6 +15,7 @@ from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import receiver
 from nova_xen_ncm.engine import restorer as restoring
 from nova_xen_ncm.engine.errors import AuthenticationError
+from nova_xen_ncm.engine.errors import ProtocolError
 from nova_xen_ncm.engine.transport import Channel
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.sim.host import SimHost
@@ -147,3 +148,62 @@ def test_untagged_page_frame_is_read_straight_into_guest_pages(host):
     restorer.receive_pages = spy
     assert apply_one(server, restorer) is None
     assert reads and guest_pages(host) == data
+
+
+def frame_of(client, seq, pfns, fill, *, tamper=False):
+    """The wire octets of page frame ``seq`` of ``pfns``, page i filled
+    with byte ``fill + i`` (one page content byte altered if
+    ``tamper``), and the pages' contents."""
+    data = [bytes([fill + i]) * PAGE for i in range(len(pfns))]
+    record = encoder.join(
+        encoder.Encoder().page_data(
+            pfns, np.full(len(pfns), libxc.NOTAB, dtype=np.uint8), data
+        )
+    )
+    wire = bytearray(
+        b"".join(
+            bytes(memoryview(b).cast("B"))
+            for b in client.connection.send_data(seq, [record], pages=True)
+        )
+    )
+    if tamper:
+        wire[-framing.TAG_SIZE - PAGE // 2] ^= 0x5A
+    return wire, data
+
+
+def test_page_frames_share_the_channels_buffer_each_exactly_its_own(host):
+    # Tagged page frames are read into one buffer of the channel, reused:
+    # a frame smaller than the one before is applied from its own octets
+    # only (not the stale tail), a larger one grows the buffer, and a
+    # tampered frame read over the previous frame's octets writes none.
+    client, server = established()
+    host.populate(DOMID, RUN)
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
+
+    def apply(seq, pfns, fill, **kwargs):
+        wire, data = frame_of(client, seq, pfns, fill, **kwargs)
+        client.sock.sendall(wire)
+        apply_one(server, restorer)
+        return data
+
+    b = apply(1, RUN[:8], 0x10)
+    assert guest_pages(host)[:8] == b
+    a = apply(2, RUN, 0x40)
+    grown = server.frame_buffer(1).obj
+    c = apply(3, RUN[8:24], 0x80)
+    assert server.frame_buffer(1).obj is grown
+    expected = a[:8] + c + a[24:]
+    assert guest_pages(host) == expected
+    with pytest.raises(AuthenticationError, match="tag mismatch"):
+        apply(4, RUN[24:], 0xC0, tamper=True)
+    assert guest_pages(host) == expected
+
+
+def test_a_frame_buffer_over_the_frame_limit_is_refused():
+    client, server = established()
+    limit = server.connection.max_data
+    assert len(server.frame_buffer(limit)) == limit
+    with pytest.raises(ProtocolError, match="over the"):
+        server.frame_buffer(limit + 1)
+    server.close()
+    assert len(server._frame_buf) == 0

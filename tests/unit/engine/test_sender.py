@@ -4,6 +4,7 @@ domains (no guest process runs)."""
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import numpy as np
 import pytest
@@ -167,6 +168,53 @@ def test_cancel_and_force_complete_are_refused_after_commit(conf, host):
         sender.state.transition(old, new)
     assert sender.cancel() is False
     assert sender.force_complete() is False
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "running", "pv_drivers", "copied"),
+    [
+        ((), True, False, True),
+        ((), False, True, True),
+        ((), False, False, False),
+        ((messages.Capability.TLS_FRAMES.value,), True, True, False),
+        (
+            (messages.Capability.UNAUTHENTICATED_FRAMES.value,),
+            True,
+            True,
+            False,
+        ),
+    ],
+)
+def test_pages_are_copied_only_under_a_frame_tag(
+    conf, host, capabilities, running, pv_drivers, copied
+):
+    # The snapshot keeps a tag true to the octets written; untagged
+    # frames (TLS records seal what the write reads) go from the
+    # guest's pages themselves.
+    sender = make_sender(conf, host)
+    sender._running = running
+    sender.info = dataclasses.replace(sender.info, pv_drivers=pv_drivers)
+    connection = framing.Connection(messages.Role.CLIENT)
+    connection.capabilities = frozenset(capabilities)
+    sender.data.channels[0] = types.SimpleNamespace(connection=connection)
+    assert sender._copy_pages(0) is copied
+
+
+def test_the_copy_is_decided_by_each_channels_own_frames(conf, host):
+    # A channel whose frames carry a tag gets the snapshot whatever the
+    # others negotiated; one not connected is taken as tagged.
+    sender = make_sender(conf, host)
+    sender._running = True
+    tls = framing.Connection(messages.Role.CLIENT)
+    tls.capabilities = frozenset({messages.Capability.TLS_FRAMES.value})
+    sender.data.channels[:] = [
+        types.SimpleNamespace(connection=tls),
+        types.SimpleNamespace(
+            connection=framing.Connection(messages.Role.CLIENT)
+        ),
+        None,
+    ]
+    assert [sender._copy_pages(i) for i in range(3)] == [False, True, True]
 
 
 def test_paused_guest_is_not_unpaused_by_rollback(conf, host):
