@@ -329,6 +329,19 @@ def test_destination_certificate_must_name_the_address(tls_files):
         assert listener.accepted == 0
 
 
+def test_tls_offers_only_aead_suites(tls_files):
+    """Every suite either end may agree on is an AEAD one (TLS 1.3's,
+    or TLS 1.2 ECDHE with AES-GCM or ChaCha20-Poly1305): no CBC-HMAC."""
+    for server in (True, False):
+        ctx = transport.tls_context(tls_conf(tls_files), server=server)
+        names = [c["name"] for c in ctx.get_ciphers()]
+        assert names
+        for c in ctx.get_ciphers():
+            assert c["aead"], c["name"]
+            if c["protocol"] == "TLSv1.2":
+                assert c["kea"] == "kx-ecdhe", c["name"]
+
+
 def test_tls_without_its_files_is_a_clear_error():
     conf = cfg.ConfigOpts()
     register_opts(conf)
