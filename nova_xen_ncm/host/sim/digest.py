@@ -54,6 +54,10 @@ _DIGEST_CHUNK = 64
 # A restore's mapping of at least this many pages is digested as it
 # closes (MemoryDigest.written).
 _DIGEST_INLINE_MIN = 64
+# A restore's populate of at least this many pages is digested as it
+# returns (MemoryDigest.populated): more than a batch with data holds
+# (guest_stream.BATCH_PAGES).
+_DIGEST_POPULATE_MIN = 4096
 _TERM_MODULUS = 1 << 128
 #: The name of this definition (base.Capabilities.memory_digest): a peer
 #: digesting otherwise is refused at SETUP.
@@ -61,15 +65,50 @@ DEFINITION = "xxh3-128-sum-mod-2^128-of-64-page-blocks"
 DIGEST_WARM_INTERVAL = 0.1
 
 
+# The terms of wholly populated blocks without data, by block index: a
+# function of the index alone, kept for the process's later domains.
+_whole_table: list[int] = []
+_whole_lock = threading.Lock()
+
+
+def _whole_terms(top: int) -> list[int]:
+    """The table of wholly populated data-less blocks' terms, at least
+    up to block ``top`` (exclusive)."""
+    with _whole_lock:
+        if len(_whole_table) < top:
+            bits = (1 << _DIGEST_BLOCK) - 1
+            tail = bits.to_bytes(_DIGEST_BLOCK // 8, "little")
+            _whole_table.extend(
+                int.from_bytes(
+                    base.memory_hasher(
+                        block.to_bytes(8, "little") + tail
+                    ).digest(),
+                    "little",
+                )
+                for block in range(len(_whole_table), top)
+            )
+        return _whole_table
+
+
 def _spans(blocks: Sequence[int]) -> Iterator[tuple[int, int]]:
     """[first, last) of each stretch of consecutive ``blocks`` (sorted)."""
-    i = 0
-    while i < len(blocks):
-        j = i
-        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
-            j += 1
-        yield blocks[i], blocks[j] + 1
-        i = j + 1
+    if not len(blocks):
+        return
+    marks = np.asarray(blocks, dtype=np.int64)
+    cut = np.flatnonzero(np.diff(marks) != 1) + 1
+    firsts = marks[np.concatenate(([0], cut))].tolist()
+    lasts = (marks[np.concatenate((cut - 1, [len(marks) - 1]))] + 1).tolist()
+    yield from zip(firsts, lasts, strict=True)
+
+
+def _blocks_of(pages: np.ndarray) -> np.ndarray:
+    """The blocks (sorted uint64) with a page that ``pages`` (a bool per
+    pfn from 0) marks."""
+    pad = -len(pages) % _DIGEST_BLOCK
+    if pad:
+        pages = np.concatenate((pages, np.zeros(pad, dtype=bool)))
+    rows = pages.reshape(-1, _DIGEST_BLOCK)
+    return np.flatnonzero(rows.any(axis=1)).astype(np.uint64)
 
 
 @dataclasses.dataclass(eq=False)
@@ -154,21 +193,27 @@ class MemoryDigest:
             if first:
                 # The first look (the p2m's blocks are kept from now on).
                 c.started = True
-                c.mask = np.zeros(mem.max_pfn, dtype=bool)
-                for start, end in mem.data_extents():
-                    c.mask[start:end] = True
                 c.terms.clear()
                 c.total = 0
                 c.pending.clear()
                 ram = mem.p2m == P2M_RAM
-                every = base.pfn_union(np.flatnonzero(ram) // _DIGEST_BLOCK)
-                held = base.pfn_union(
-                    np.flatnonzero(c.mask & ram) // _DIGEST_BLOCK
-                )
+                every = _blocks_of(ram)
+                # Pages not written since the domain was created are zero
+                # and not read (_digest_span), prefaulted or not; which
+                # are holes is asked only of the blocks of the others
+                # (the holes of a never-written guest are not looked for).
+                written = mem.written_since_creation(0, mem.max_pfn)
+                held = _blocks_of(ram & written)
+                c.mask = np.zeros(mem.max_pfn, dtype=bool)
+                for lo, hi in _spans(held):
+                    start = lo * _DIGEST_BLOCK
+                    end = min(hi * _DIGEST_BLOCK, mem.max_pfn)
+                    c.mask[start:end] = mem.data_mask(start, end)
         if first:
             # Blocks with data are read as pending ones are; those of
-            # populated pages never written get their terms now, so
-            # that no look at the pause is in the guest's size.
+            # populated pages never written get their terms now (nothing
+            # is read for them), so that no look at the pause is in the
+            # guest's size.
             blocks = set(held.tolist())
             self._digest_blocks(
                 c, base.pfn_difference(every, held).tolist(), c.mask
@@ -211,6 +256,43 @@ class MemoryDigest:
             MemoryDigest._digest_span(cache, first, last, mask)
 
     @staticmethod
+    def _data_less_terms(
+        cache: DigestCache,
+        first: int,
+        last: int,
+        which: np.ndarray,
+        populated: bytes,
+    ) -> None:
+        """The terms of blocks ``[first, last)`` that hold no data, from
+        which of their pfns are populated (``which``, a bool each, and
+        ``populated``, the same packed a bit each): the same terms as a
+        block hashed on its own, those of wholly populated blocks (all
+        of a zero guest's) taken from a table kept by index."""
+        per_block = which.reshape(last - first, _DIGEST_BLOCK)
+        whole = per_block.all(axis=1)
+        some = per_block.any(axis=1)
+        blocks = range(first, last)
+        if whole.all():
+            new = _whole_terms(last)[first:last]
+        else:
+            table = _whole_terms(last) if whole.any() else []
+            width = _DIGEST_BLOCK // 8
+            new = []
+            for k, block in enumerate(blocks):
+                if whole[k]:
+                    new.append(table[block])
+                elif some[k]:
+                    bits = populated[k * width : (k + 1) * width]
+                    h = base.memory_hasher(block.to_bytes(8, "little") + bits)
+                    new.append(int.from_bytes(h.digest(), "little"))
+                else:
+                    new.append(0)
+        terms = cache.terms
+        old = sum([terms.pop(block, 0) for block in blocks]) if terms else 0
+        terms.update((b, t) for b, t in zip(blocks, new, strict=True) if t)
+        cache.total = (cache.total - old + sum(new)) % _TERM_MODULUS
+
+    @staticmethod
     def _digest_span(
         cache: DigestCache, first: int, last: int, mask: np.ndarray | None
     ) -> None:
@@ -237,6 +319,12 @@ class MemoryDigest:
             rows = rows[base.nonzero_pages(mem.ram[start:end], rows)]
         pfns = rows + start
 
+        if not len(pfns):
+            # No block of the span holds data: each term is of its index
+            # and populated pfns alone.
+            MemoryDigest._data_less_terms(cache, first, last, which, populated)
+            return
+
         def term(k: int, block: int, d: xxhash.xxh3_128 | None) -> None:
             # The block's term replaces its previous one in the sum.
             bits = populated[k * width : (k + 1) * width]
@@ -251,10 +339,6 @@ class MemoryDigest:
                 cache.terms[block] = new
             cache.total = (cache.total - old + new) % _TERM_MODULUS
 
-        if not len(pfns):
-            for k, block in enumerate(range(first, last)):
-                term(k, block, None)
-            return
         # Where each block's pfns begin and end in ``pfns``.
         bounds = np.searchsorted(
             pfns, np.arange(first, last + 1) * _DIGEST_BLOCK
@@ -317,6 +401,16 @@ class MemoryDigest:
                     marks[:] = 0
             c.pending.difference_update(blocks)
             self._digest_blocks(c, blocks, c.mask)
+
+    def populated(self, dom: Domain, pfns: np.ndarray) -> None:
+        """Digest the blocks of ``pfns``, just populated by a restore, if
+        they are many (_DIGEST_POPULATE_MIN): a batch that large carries
+        no data (pages sent as zero), so their terms are of the
+        populated pfns alone, nothing is read, and the warming thread
+        would reach them only after the round. A smaller batch's pages
+        are written next; their mapping's close digests them."""
+        if len(pfns) >= _DIGEST_POPULATE_MIN:
+            self.written(dom, np.asarray(pfns, dtype=np.uint64))
 
     def settle(self, dom: Domain) -> None:
         """Read every block pending now (the guest still runs): the

@@ -1007,18 +1007,3 @@ class GuestMemory:
             off = pfn << PAGE_SHIFT
             view = memoryview(self.ram_map)[off : off + PAGE_SIZE]
         return view if writable else view.toreadonly()
-
-    def data_extents(self) -> list[tuple[int, int]]:
-        """[start, end) pfn ranges of RAM that hold data (not holes)."""
-        out = []
-        pos = 0
-        end = self.ram_size
-        while pos < end:
-            try:
-                start = os.lseek(self.ram_fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            stop = os.lseek(self.ram_fd, start, os.SEEK_HOLE)
-            out.append((start >> PAGE_SHIFT, _round_up(stop) >> PAGE_SHIFT))
-            pos = stop
-        return out

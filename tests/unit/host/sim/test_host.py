@@ -703,6 +703,48 @@ def test_memory_digest_matches_its_page_by_page_definition(host):
     assert host.memory_digest(1) == _reference_digest(a)
 
 
+def test_a_large_populate_leaves_nothing_for_the_pause(host, monkeypatch):
+    a = empty(host, 1, mb=80)
+    while not host.digest.cache(a).started:
+        time.sleep(0.01)
+    a.booted = True
+    while host.digest.cache(a).warming:
+        time.sleep(0.01)
+    a.booted = False
+    # Whole blocks and a part of one, as a batch of pages sent as zero.
+    size = sim_digest._DIGEST_POPULATE_MIN + sim_digest._DIGEST_BLOCK // 2
+    host.populate(1, np.arange(0x100, 0x100 + size, dtype=np.uint64))
+    # Fewer: left to their mapping's close, or to the digest.
+    host.populate(1, np.array([0x4000, 0x4002, 0x4100], dtype=np.uint64))
+    read = _digest_reads(host, monkeypatch)
+    digest = host.memory_digest(1)
+    block = sim_digest._DIGEST_BLOCK
+    assert read == [0x4000 // block, 0x4100 // block]
+    assert digest == _reference_digest(a)
+
+
+def test_the_first_look_asks_for_holes_only_where_pages_were_written(
+    host, monkeypatch
+):
+    a = populated_and_left_alone(host)
+    asked = []
+    data_mask = sim_memory.GuestMemory.data_mask
+
+    def spy(mem, start, end):
+        asked.append((start, end))
+        return data_mask(mem, start, end)
+
+    monkeypatch.setattr(sim_memory.GuestMemory, "data_mask", spy)
+    host.digest.cache(a).started = False
+    assert host.memory_digest(1) == _reference_digest(a)
+    assert asked == []
+    write(a, slice(0x2010, 0x2012), 3)
+    host.digest.cache(a).started = False
+    assert host.memory_digest(1) == _reference_digest(a)
+    block = sim_digest._DIGEST_BLOCK
+    assert asked[0] == (0x2010 // block * block, (0x2010 // block + 1) * block)
+
+
 VBD = 51712
 
 
