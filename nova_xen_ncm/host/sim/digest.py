@@ -25,6 +25,7 @@ which the frames' tags or TLS do (doc/source/security.rst).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import time
 import weakref
@@ -288,8 +289,11 @@ class MemoryDigest:
                 else:
                     new.append(0)
         terms = cache.terms
-        old = sum([terms.pop(block, 0) for block in blocks]) if terms else 0
-        terms.update((b, t) for b, t in zip(blocks, new, strict=True) if t)
+        old = sum(map(terms.pop, blocks, itertools.repeat(0))) if terms else 0
+        if whole.all():
+            terms.update(zip(blocks, new, strict=True))
+        else:
+            terms.update((b, t) for b, t in zip(blocks, new, strict=True) if t)
         cache.total = (cache.total - old + sum(new)) % _TERM_MODULUS
 
     @staticmethod
@@ -307,15 +311,15 @@ class MemoryDigest:
         populated = np.packbits(which, bitorder="little").tobytes()
         width = _DIGEST_BLOCK // 8
         rows = np.zeros(0, dtype=np.int64)
-        if ram.any():
+        # Pages never written since the domain was created are zero, and
+        # zero pages are not in the digest: not read.
+        written = ram & mem.written_since_creation(start, end)
+        if written.any():
+            # Nor are holes (reading one would allocate it).
             data = (
                 mem.data_mask(start, end) if mask is None else mask[start:end]
             )
-            # Holes are not read (reading one would allocate it), nor
-            # pages never written since the domain was created (zero,
-            # and zero pages are not in the digest).
-            data = data & mem.written_since_creation(start, end)
-            rows = np.flatnonzero(data & ram)
+            rows = np.flatnonzero(data & written)
             rows = rows[base.nonzero_pages(mem.ram[start:end], rows)]
         pfns = rows + start
 
