@@ -128,6 +128,19 @@ class DigestCache:
     pending: set[int] = dataclasses.field(default_factory=set)
     mask: np.ndarray | None = None
     warming: bool = False
+    #: Whether pages never written since creation (the host's own
+    #: bookkeeping: GuestMemory.written_since_creation) may be taken as
+    #: zero unread: only while the domain is being restored, when the
+    #: host's mappings make every write and no sender decides by the
+    #: same bookkeeping what to send. Otherwise (a domain that ran, the
+    #: source) only the kernel's holes are, and they are checked again
+    #: when the digest is taken (:attr:`hollow`).
+    trusted: bool = False
+    #: Blocks whose term took RAM pages as zero unread because the
+    #: memfd has a hole there (untrusted): a write no writer marked
+    #: (a tracking gap) fills the hole, which the digest's full refresh
+    #: asks the kernel about (SEEK_DATA, one call for a hole-only run).
+    hollow: set[int] = dataclasses.field(default_factory=set)
 
 
 class MemoryDigest:
@@ -182,6 +195,11 @@ class MemoryDigest:
         the first look sees all of the p2m."""
         mem = dom.mem
         c = self.cache(dom)
+        if c.trusted and dom.booted:
+            # Restored, then run: the terms that took pages never
+            # written as zero are taken again from the kernel's holes.
+            c.started = False
+        c.trusted = not dom.booted
         pfns = np.concatenate(
             (mem.take_changed(), self.hv.unlocked_writes(dom))
         ).astype(np.int64)
@@ -197,19 +215,26 @@ class MemoryDigest:
                 c.terms.clear()
                 c.total = 0
                 c.pending.clear()
+                c.hollow.clear()
                 ram = mem.p2m == P2M_RAM
                 every = _blocks_of(ram)
-                # Pages not written since the domain was created are zero
-                # and not read (_digest_span), prefaulted or not; which
-                # are holes is asked only of the blocks of the others
-                # (the holes of a never-written guest are not looked for).
-                written = mem.written_since_creation(0, mem.max_pfn)
-                held = _blocks_of(ram & written)
-                c.mask = np.zeros(mem.max_pfn, dtype=bool)
-                for lo, hi in _spans(held):
-                    start = lo * _DIGEST_BLOCK
-                    end = min(hi * _DIGEST_BLOCK, mem.max_pfn)
-                    c.mask[start:end] = mem.data_mask(start, end)
+                if c.trusted:
+                    # Being restored: pages not written since creation
+                    # are zero and not read (_digest_span), prefaulted or
+                    # not; which are holes is asked only of the blocks of
+                    # the others.
+                    written = mem.written_since_creation(0, mem.max_pfn)
+                    held = _blocks_of(ram & written)
+                    c.mask = np.zeros(mem.max_pfn, dtype=bool)
+                    for lo, hi in _spans(held):
+                        start = lo * _DIGEST_BLOCK
+                        end = min(hi * _DIGEST_BLOCK, mem.max_pfn)
+                        c.mask[start:end] = mem.data_mask(start, end)
+                else:
+                    # The kernel's holes, not the write bookkeeping the
+                    # sender also goes by: a write it missed is read.
+                    c.mask = mem.seek_data_mask(0, mem.max_pfn)
+                    held = _blocks_of(ram & c.mask)
         if first:
             # Blocks with data are read as pending ones are; those of
             # populated pages never written get their terms now (nothing
@@ -221,6 +246,8 @@ class MemoryDigest:
             )
         if len(pfns):
             blocks.update(base.pfn_union(pfns // _DIGEST_BLOCK).tolist())
+        if limit is None and c.hollow and not c.trusted:
+            blocks.update(self._filled_holes(c))
         c.pending.update(blocks)
         todo = sorted(c.pending)
         busy: set[int] = set()
@@ -239,6 +266,25 @@ class MemoryDigest:
         return bool(c.pending - busy)
 
     @staticmethod
+    def _filled_holes(cache: DigestCache) -> list[int]:
+        """The :attr:`DigestCache.hollow` blocks that the kernel now says
+        hold data where their term took a hole (written by a path no
+        writer marked): read again, with the mask told. A run of blocks
+        still all holes costs one SEEK_DATA."""
+        mem = cache.mem
+        found: list[int] = []
+        for first, last in _spans(sorted(cache.hollow)):
+            start = first * _DIGEST_BLOCK
+            end = min(last * _DIGEST_BLOCK, mem.max_pfn)
+            data = mem.seek_data_mask(start, end)
+            if not data.any():
+                continue
+            if cache.mask is not None:
+                cache.mask[start:end] |= data
+            found.extend((_blocks_of(data) + first).tolist())
+        return found
+
+    @staticmethod
     def _blocks_being_written(dom: Domain) -> set[int]:
         maps = list(dom.writable_maps.values())
         if not maps:
@@ -255,6 +301,20 @@ class MemoryDigest:
         the hashing goes block by block."""
         for first, last in _spans(blocks):
             MemoryDigest._digest_span(cache, first, last, mask)
+
+    @staticmethod
+    def _note_hollow(
+        cache: DigestCache, first: int, last: int, holes: np.ndarray
+    ) -> None:
+        """Note which of blocks ``[first, last)`` took a hole as zero
+        (``holes``: a bool per pfn of the blocks)."""
+        per_block = holes.reshape(last - first, _DIGEST_BLOCK).any(axis=1)
+        blocks = range(first, last)
+        if per_block.all():
+            cache.hollow.update(blocks)
+        else:
+            cache.hollow.difference_update(blocks)
+            cache.hollow.update((np.flatnonzero(per_block) + first).tolist())
 
     @staticmethod
     def _data_less_terms(
@@ -311,16 +371,25 @@ class MemoryDigest:
         populated = np.packbits(which, bitorder="little").tobytes()
         width = _DIGEST_BLOCK // 8
         rows = np.zeros(0, dtype=np.int64)
-        # Pages never written since the domain was created are zero, and
-        # zero pages are not in the digest: not read.
-        written = ram & mem.written_since_creation(start, end)
-        if written.any():
-            # Nor are holes (reading one would allocate it).
+        # Zero pages are not in the digest. Holes are zero and not read
+        # (reading one would allocate it); while the domain is restored,
+        # nor are pages never written since it was created
+        # (DigestCache.trusted).
+        wanted = ram
+        if cache.trusted:
+            wanted = ram & mem.written_since_creation(start, end)
+        if wanted.any():
             data = (
                 mem.data_mask(start, end) if mask is None else mask[start:end]
             )
-            rows = np.flatnonzero(data & written)
+            rows = np.flatnonzero(data & wanted)
             rows = rows[base.nonzero_pages(mem.ram[start:end], rows)]
+            if not cache.trusted:
+                holes = np.zeros(len(which), dtype=bool)
+                holes[: end - start] = ram & ~data
+                MemoryDigest._note_hollow(cache, first, last, holes)
+        elif not cache.trusted:
+            cache.hollow.difference_update(range(first, last))
         pfns = rows + start
 
         if not len(pfns):
@@ -382,7 +451,8 @@ class MemoryDigest:
         warming thread or the digest would read them again later, and
         what is not read when the guest is paused is downtime."""
         c = self.cache(dom)
-        if (dom.booted and not read) or not c.started:
+        if (dom.booted and (not read or c.trusted)) or not c.started:
+            # (A restored domain's first refresh once it ran looks again.)
             return
         if len(pfns) < _DIGEST_INLINE_MIN:
             # A few pages (the last round of a quiet guest) are left to

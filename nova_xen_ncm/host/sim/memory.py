@@ -859,6 +859,12 @@ class GuestMemory:
             return np.zeros(len(pfns), dtype=bool)
         return ever[pfns.astype(np.int64)] != 0
 
+    def seek_data_mask(self, start: int, end: int) -> np.ndarray:
+        """Which pfns of ``[start, end)`` hold data (not holes), from the
+        kernel's SEEK_DATA/SEEK_HOLE on the memfd: one call for a range
+        of holes only, whatever its size (unlike :meth:`data_mask`)."""
+        return self._seek_data_mask(start, end)
+
     def _seek_data_mask(self, start: int, end: int) -> np.ndarray:
         mask = np.zeros(end - start, dtype=bool)
         pos = start * PAGE_SIZE

@@ -723,26 +723,63 @@ def test_a_large_populate_leaves_nothing_for_the_pause(host, monkeypatch):
     assert digest == _reference_digest(a)
 
 
-def test_the_first_look_asks_for_holes_only_where_pages_were_written(
+def test_the_first_look_of_a_guest_that_ran_asks_the_kernel_for_holes(
     host, monkeypatch
 ):
     a = populated_and_left_alone(host)
     asked = []
-    data_mask = sim_memory.GuestMemory.data_mask
+    seek = sim_memory.GuestMemory.seek_data_mask
 
     def spy(mem, start, end):
         asked.append((start, end))
-        return data_mask(mem, start, end)
+        return seek(mem, start, end)
 
-    monkeypatch.setattr(sim_memory.GuestMemory, "data_mask", spy)
+    monkeypatch.setattr(sim_memory.GuestMemory, "seek_data_mask", spy)
     host.digest.cache(a).started = False
     assert host.memory_digest(1) == _reference_digest(a)
-    assert asked == []
+    # The first look's one walk, then the hole-only blocks' check when
+    # the digest is taken: nothing else is asked.
+    assert asked[0] == (0, a.mem.max_pfn)
+    assert len(asked) == 2
     write(a, slice(0x2010, 0x2012), 3)
     host.digest.cache(a).started = False
     assert host.memory_digest(1) == _reference_digest(a)
-    block = sim_digest._DIGEST_BLOCK
-    assert asked[0] == (0x2010 // block * block, (0x2010 // block + 1) * block)
+
+
+def _unmarked_write(dom, pfn, value):
+    """A write no writer marks: a gap in the write tracking (a device
+    path, a missed fault), which the sender's choice of pages to send as
+    zero (written_pages) would miss too."""
+    with dom.mem.lock():
+        dom.mem.ram[pfn] = value
+    assert not dom.mem.written_mask(np.array([pfn], dtype=np.uint64))[0]
+
+
+def test_a_write_the_tracking_missed_is_in_the_digest(host):
+    a = populated_and_left_alone(host)
+    # Before the first look of the domain that ran.
+    _unmarked_write(a, 0x1234, 5)
+    first = host.memory_digest(1)
+    # After it: into a block the digest took as holes only, and into
+    # the hole of a block with data. (The reference digest reads every
+    # page, which fills every hole: last.)
+    _unmarked_write(a, 0x3456, 6)
+    write(a, 0x2000, 1)
+    assert host.memory_digest(1) != first
+    _unmarked_write(a, 0x2001, 7)
+    assert host.memory_digest(1) == _reference_digest(a)
+
+
+def test_a_write_the_tracking_missed_fails_the_proof_of_a_migration(host):
+    """The source's digest is not of the pages as the sender sees them:
+    a page sent as zero that holds data does not digest as zero."""
+    a = populated_and_left_alone(host)
+    b = empty(host, 2, mb=80)
+    host.populate(2, np.arange(0x100, 0x4100, dtype=np.uint64))
+    assert host.memory_digest(1) == host.memory_digest(2)
+    _unmarked_write(a, 0x1234, 5)
+    assert host.memory_digest(1) != host.memory_digest(2)
+    assert host.memory_digest(2) == _reference_digest(b)
 
 
 VBD = 51712
