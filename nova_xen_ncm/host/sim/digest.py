@@ -8,7 +8,11 @@ of a paused guest costs its last writes, not its size. Every writer
 marks what it writes (memory.GuestMemory.mark_dirty) and every change of
 the p2m marks its block (GuestMemory.take_p2m_blocks), so a block that
 neither touched since the previous digest is not read again; a thread
-keeps the cache warm while the domain migrates. (The transparency
+keeps the cache warm while the domain migrates. A page is taken as zero
+without being read where the kernel has a hole in the domain's memfd
+(checked again when the digest is taken), not where the write tracking
+says it was never written, which is what the sender goes by to send it
+as zero (DigestCache.trusted: only while a restore writes the domain). (The transparency
 checker does not use this: it reads all of RAM itself,
 checker.read_memory.)
 
