@@ -12,9 +12,9 @@ keeps the cache warm while the domain migrates. A page is taken as zero
 without being read where the kernel has a hole in the domain's memfd
 (checked again when the digest is taken), not where the write tracking
 says it was never written, which is what the sender goes by to send it
-as zero (DigestCache.trusted: only while a restore writes the domain). (The transparency
-checker does not use this: it reads all of RAM itself,
-checker.read_memory.)
+as zero (DigestCache.trusted: only while a restore writes the domain).
+(The transparency checker does not use this: it reads all of RAM
+itself, checker.read_memory.)
 
 What it proves: a copy gone wrong by accident (a page lost, misplaced
 between or within blocks, duplicated, torn, zero where unpopulated or
