@@ -144,7 +144,9 @@ class DigestCache:
     #: memfd has a hole there (untrusted): a write no writer marked
     #: (a tracking gap) fills the hole, which the digest's full refresh
     #: asks the kernel about (SEEK_DATA, one call for a hole-only run).
-    hollow: set[int] = dataclasses.field(default_factory=set)
+    #: A bool per block (None: none yet), so that the check costs no
+    #: Python object per block of a large guest.
+    hollow: np.ndarray | None = None
 
 
 class MemoryDigest:
@@ -219,7 +221,7 @@ class MemoryDigest:
                 c.terms.clear()
                 c.total = 0
                 c.pending.clear()
-                c.hollow.clear()
+                c.hollow = None
                 ram = mem.p2m == P2M_RAM
                 every = _blocks_of(ram)
                 if c.trusted:
@@ -250,7 +252,7 @@ class MemoryDigest:
             )
         if len(pfns):
             blocks.update(base.pfn_union(pfns // _DIGEST_BLOCK).tolist())
-        if limit is None and c.hollow and not c.trusted:
+        if limit is None and c.hollow is not None and not c.trusted:
             blocks.update(self._filled_holes(c))
         c.pending.update(blocks)
         todo = sorted(c.pending)
@@ -277,7 +279,7 @@ class MemoryDigest:
         still all holes costs one SEEK_DATA."""
         mem = cache.mem
         found: list[int] = []
-        for first, last in _spans(sorted(cache.hollow)):
+        for first, last in _spans(np.flatnonzero(cache.hollow)):
             start = first * _DIGEST_BLOCK
             end = min(last * _DIGEST_BLOCK, mem.max_pfn)
             data = mem.seek_data_mask(start, end)
@@ -313,12 +315,16 @@ class MemoryDigest:
         """Note which of blocks ``[first, last)`` took a hole as zero
         (``holes``: a bool per pfn of the blocks)."""
         per_block = holes.reshape(last - first, _DIGEST_BLOCK).any(axis=1)
-        blocks = range(first, last)
-        if per_block.all():
-            cache.hollow.update(blocks)
-        else:
-            cache.hollow.difference_update(blocks)
-            cache.hollow.update((np.flatnonzero(per_block) + first).tolist())
+        if cache.hollow is None or len(cache.hollow) < last:
+            if not per_block.any():
+                return
+            grown = np.zeros(
+                -(-cache.mem.max_pfn // _DIGEST_BLOCK), dtype=bool
+            )
+            if cache.hollow is not None:
+                grown[: len(cache.hollow)] = cache.hollow
+            cache.hollow = grown
+        cache.hollow[first:last] = per_block
 
     @staticmethod
     def _data_less_terms(
@@ -392,8 +398,8 @@ class MemoryDigest:
                 holes = np.zeros(len(which), dtype=bool)
                 holes[: end - start] = ram & ~data
                 MemoryDigest._note_hollow(cache, first, last, holes)
-        elif not cache.trusted:
-            cache.hollow.difference_update(range(first, last))
+        elif not cache.trusted and cache.hollow is not None:
+            cache.hollow[first:last] = False
         pfns = rows + start
 
         if not len(pfns):
