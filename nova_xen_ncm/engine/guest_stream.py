@@ -38,6 +38,13 @@ _ZERO_TYPE = np.uint8(libxc.XALLOC)
 _DATA_TYPE = np.uint8(libxc.NOTAB)
 
 
+class NeverWritten(np.ndarray):
+    """A batch of pfns that the host said were never written when
+    :meth:`GuestStream.cut` cut it: :meth:`GuestStream.batches` sends
+    it as zero without asking again. Marked by its type, not its size,
+    so that no other batch is ever taken for one."""
+
+
 @dataclasses.dataclass
 class PageBatch:
     """One PAGE_DATA record ready to write, and what it holds.
@@ -142,7 +149,10 @@ class GuestStream:
         done = 0
         for a, b in zip(lo[keep].tolist(), hi[keep].tolist(), strict=True):
             out.extend(base.iter_batches(pfns[done:a], size))
-            out.extend(base.iter_batches(pfns[a:b], ZERO_BATCH_PAGES))
+            out.extend(
+                part.view(NeverWritten)
+                for part in base.iter_batches(pfns[a:b], ZERO_BATCH_PAGES)
+            )
             done = b
         out.extend(base.iter_batches(pfns[done:], size))
         return out
@@ -155,15 +165,16 @@ class GuestStream:
         reuse: bool = False,
     ) -> Iterator[PageBatch]:
         """:meth:`pages` of pfn batches already cut (several threads may
-        each send their share of a round). A batch of more than
-        ``batch_pages`` is one of never-written pages (:meth:`cut`):
-        sent as zero, without asking the host again or mapping them."""
+        each send their share of a round). A :class:`NeverWritten` batch
+        (:meth:`cut`) is sent as zero, without asking the host again or
+        mapping its pages."""
         scratch: bytearray | None = None
         for batch in batches:
-            batch = np.asarray(batch, dtype=np.uint64)
-            if len(batch) > self.batch_pages:
+            if isinstance(batch, NeverWritten):
+                batch = batch.view(np.ndarray)
                 yield self._batch(batch, [], np.zeros(len(batch), bool))
                 continue
+            batch = np.asarray(batch, dtype=np.uint64)
             # Host calls one at a time (base.HostDriver); the mapped pages
             # are read by each thread on its own. Pages never written
             # since the guest was created go as zero without being

@@ -310,6 +310,13 @@ def test_long_stretches_never_written_go_in_large_batches(host, monkeypatch):
     assert b"".join(bytes(d.data) for d in decoded) == b"".join(
         bytes([f]) * PAGE for f in (1, 2, 3, 4, 7)
     )
+    # Only the batches cut as never written are sent unasked: a long
+    # batch cut otherwise is looked at as any other.
+    (whole,) = stream.batches([pfns[:5]])
+    assert (
+        decode_batch(stream, whole).types.tolist()
+        == [libxc.XALLOC] + [libxc.NOTAB] * 4
+    )
     # A Xen-compatible stream keeps Xen's batch size.
     xen = GuestStream(host, DOMID, batch_pages=4, xen_compatible=True)
     assert max(len(b) for b in xen.cut(pfns)) == 4
@@ -323,7 +330,7 @@ def test_a_full_record_of_pages_never_written_is_no_larger_than_one_with_data(
     theirs) takes a record of ZERO_BATCH_PAGES pages never written."""
     stream = GuestStream(host, DOMID)
     pfns = np.arange(guest_stream.ZERO_BATCH_PAGES, dtype=np.uint64)
-    (batch,) = stream.batches([pfns])
+    (batch,) = stream.batches([pfns.view(guest_stream.NeverWritten)])
     full = guest_stream.BATCH_PAGES * (8 + PAGE) + libxc.PAGE_DATA_HDR.size
     assert batch.nbytes <= full <= framing.DEFAULT_MAX_DATA
     pages = decode_batch(stream, batch)
