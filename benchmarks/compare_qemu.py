@@ -356,9 +356,16 @@ def _wait_completed(qmp: Qmp, which: str) -> dict:
 
 
 def ours_migrate(
-    memory: int, fill: str, tls: dict | None, *, authenticated: bool = True
+    memory: int,
+    fill: str,
+    tls: dict | None,
+    *,
+    authenticated: bool = True,
+    source_prefault: bool = True,
 ) -> dict:
-    """One migration of a paused guest between two simulated hosts."""
+    """One migration of a paused guest between two simulated hosts
+    (``source_prefault``: the source's guest RAM faulted in ahead, as
+    the destination's; if not, RAM its guest never wrote is holes)."""
     settings: dict = {"precopy_policy": "xen-simple"}
     if not authenticated and _has_option("frame_authentication"):
         settings["frame_authentication"] = False
@@ -371,7 +378,11 @@ def ours_migrate(
         )
     host_mb = memory // MIB + 64
     settings_conf = bench_migration.overrides(host_mb, settings)
-    conf = demo.make_conf([], settings_conf)
+    source_conf = settings_conf
+    if not source_prefault:
+        sim = dict(settings_conf["xen_ncm_sim"], prefault_memory_mb=0)
+        source_conf = dict(settings_conf, xen_ncm_sim=sim)
+    conf = demo.make_conf([], source_conf)
     destination = demo.HostProcess("destination", [], settings_conf)
     source = SimHost("source", conf)
     try:
@@ -419,7 +430,11 @@ def _has_option(name: str) -> bool:
 
 
 def baseline_migrate(
-    tree: str, memory: int, mode: str, tls: dict | None
+    tree: str,
+    memory: int,
+    mode: str,
+    tls: dict | None,
+    source_prefault: bool = True,
 ) -> dict:
     """:func:`ours_migrate` of the checkout ``tree``, in a child
     interpreter that imports that tree's nova_xen_ncm."""
@@ -430,6 +445,7 @@ def baseline_migrate(
     spec = f"{mode}:{tls['dir'] if tls else ''}"
     out = subprocess.run(
         [sys.executable, __file__, "--memory", str(memory)]
+        + ([] if source_prefault else ["--source-holes"])
         + ["--ours-only", spec],
         env=env,
         capture_output=True,
@@ -462,6 +478,15 @@ def main() -> None:
         "an earlier commit), migrated too in each run from a child "
         "interpreter whose nova_xen_ncm is that tree's",
     )
+    parser.add_argument(
+        "--source-holes",
+        action="store_true",
+        help="the source host does not fault in its guest's RAM ahead "
+        "(prefault_memory_mb 0 there): RAM a zero guest never wrote is "
+        "holes, which the memory digest takes as zero without reading; "
+        "by default both hosts fault in, and the source's digest reads "
+        "the faulted-in RAM to prove it zero",
+    )
     parser.add_argument("--ours-only", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ours_only:
@@ -479,7 +504,11 @@ def main() -> None:
         print(
             json.dumps(
                 ours_migrate(
-                    args.memory, fill, tls, authenticated=mode != "open"
+                    args.memory,
+                    fill,
+                    tls,
+                    authenticated=mode != "open",
+                    source_prefault=not args.source_holes,
                 )
             )
         )
@@ -523,11 +552,13 @@ def main() -> None:
                         ours_migrate(
                             args.memory, fill, creds,
                             authenticated=mode != "open",
+                            source_prefault=not args.source_holes,
                         )
                     ),
                     "baseline": lambda mode=mode, creds=creds: (
                         baseline_migrate(
-                            args.baseline, args.memory, mode, creds
+                            args.baseline, args.memory, mode, creds,
+                            not args.source_holes,
                         )
                     ),
                 }  # fmt: skip

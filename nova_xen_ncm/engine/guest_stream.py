@@ -30,9 +30,19 @@ from nova_xen_ncm.stream.records import Buffers
 
 # Pages per PAGE_DATA record: Xen's MAX_BATCH_SIZE (xg_sr_common.h).
 BATCH_PAGES = 1024
+# Pages per PAGE_DATA record of pages never written (XALLOC only: 8
+# octets each, so 512 KiB, less than a batch of BATCH_PAGES with data).
+ZERO_BATCH_PAGES = 65536
 
 _ZERO_TYPE = np.uint8(libxc.XALLOC)
 _DATA_TYPE = np.uint8(libxc.NOTAB)
+
+
+class NeverWritten(np.ndarray):
+    """A batch of pfns that the host said were never written when
+    :meth:`GuestStream.cut` cut it: :meth:`GuestStream.batches` sends
+    it as zero without asking again. Marked by its type, not its size,
+    so that no other batch is ever taken for one."""
 
 
 @dataclasses.dataclass
@@ -112,6 +122,44 @@ class GuestStream:
             base.iter_batches(pfns, self.batch_pages), copy=copy, reuse=reuse
         )
 
+    def cut(self, pfns: np.ndarray) -> list[np.ndarray]:
+        """``pfns`` cut into batches for :meth:`batches`: of at most
+        ``batch_pages``, but for stretches of more than that which the
+        host knows were never written since the domain was created
+        (base.HostDriver.written_pages), cut into batches of up to
+        ZERO_BATCH_PAGES: a per-record cost at each end for 8 octets a
+        page is most of a zero guest's migration. Only for pages of a
+        paused guest or one whose writes log-dirty tracks: a page of
+        such a batch written after this is sent as zero, and log-dirty
+        sends it again. A Xen-compatible stream keeps Xen's batch size
+        (MAX_BATCH_SIZE)."""
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        size = self.batch_pages
+        if self.xen_compatible or len(pfns) <= size:
+            return list(base.iter_batches(pfns, size))
+        with self._host_lock:
+            written = np.asarray(
+                self.host.written_pages(self.domid, pfns), dtype=bool
+            )
+        if written.all():
+            return list(base.iter_batches(pfns, size))
+        # [lo, hi) of each stretch of never-written pages in ``pfns``.
+        edges = np.flatnonzero(np.diff(written.astype(np.int8))) + 1
+        bounds = np.concatenate(([0], edges, [len(pfns)]))
+        lo, hi = bounds[:-1], bounds[1:]
+        keep = ~written[lo] & (hi - lo > size)
+        out: list[np.ndarray] = []
+        done = 0
+        for a, b in zip(lo[keep].tolist(), hi[keep].tolist(), strict=True):
+            out.extend(base.iter_batches(pfns[done:a], size))
+            out.extend(
+                part.view(NeverWritten)
+                for part in base.iter_batches(pfns[a:b], ZERO_BATCH_PAGES)
+            )
+            done = b
+        out.extend(base.iter_batches(pfns[done:], size))
+        return out
+
     def batches(
         self,
         batches: Iterable[np.ndarray],
@@ -120,9 +168,15 @@ class GuestStream:
         reuse: bool = False,
     ) -> Iterator[PageBatch]:
         """:meth:`pages` of pfn batches already cut (several threads may
-        each send their share of a round)."""
+        each send their share of a round). A :class:`NeverWritten` batch
+        (:meth:`cut`) is sent as zero, without asking the host again or
+        mapping its pages."""
         scratch: bytearray | None = None
         for batch in batches:
+            if isinstance(batch, NeverWritten):
+                batch = batch.view(np.ndarray)
+                yield self._batch(batch, [], np.zeros(len(batch), bool))
+                continue
             batch = np.asarray(batch, dtype=np.uint64)
             # Host calls one at a time (base.HostDriver); the mapped pages
             # are read by each thread on its own. Pages never written

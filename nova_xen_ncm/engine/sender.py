@@ -539,7 +539,7 @@ class Sender:
     ) -> list[tuple[int, list[np.ndarray]]]:
         """The batches of ``pfns`` shared out over the channels, each
         share with the sequence of its first frame."""
-        batches = list(base.iter_batches(pfns, self.stream.batch_pages))
+        batches = self.stream.cut(pfns)
         count = self.data.count
         return [
             (
@@ -877,7 +877,7 @@ class Sender:
         0 reports progress; ``done`` counts the round's pages sent on all
         channels)."""
         if share is None:
-            share = list(base.iter_batches(pfns, self.stream.batch_pages))
+            share = self.stream.cut(pfns)
         if done is None:
             done = [0]
         total = len(pfns)

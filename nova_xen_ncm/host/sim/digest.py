@@ -8,9 +8,13 @@ of a paused guest costs its last writes, not its size. Every writer
 marks what it writes (memory.GuestMemory.mark_dirty) and every change of
 the p2m marks its block (GuestMemory.take_p2m_blocks), so a block that
 neither touched since the previous digest is not read again; a thread
-keeps the cache warm while the domain migrates. (The transparency
-checker does not use this: it reads all of RAM itself,
-checker.read_memory.)
+keeps the cache warm while the domain migrates. A page is taken as zero
+without being read where the kernel has a hole in the domain's memfd
+(checked again when the digest is taken), not where the write tracking
+says it was never written, which is what the sender goes by to send it
+as zero (DigestCache.trusted: only while a restore writes the domain).
+(The transparency checker does not use this: it reads all of RAM
+itself, checker.read_memory.)
 
 What it proves: a copy gone wrong by accident (a page lost, misplaced
 between or within blocks, duplicated, torn, zero where unpopulated or
@@ -25,6 +29,7 @@ which the frames' tags or TLS do (doc/source/security.rst).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import time
 import weakref
@@ -54,6 +59,10 @@ _DIGEST_CHUNK = 64
 # A restore's mapping of at least this many pages is digested as it
 # closes (MemoryDigest.written).
 _DIGEST_INLINE_MIN = 64
+# A restore's populate of at least this many pages is digested as it
+# returns (MemoryDigest.populated): more than a batch with data holds
+# (guest_stream.BATCH_PAGES).
+_DIGEST_POPULATE_MIN = 4096
 _TERM_MODULUS = 1 << 128
 #: The name of this definition (base.Capabilities.memory_digest): a peer
 #: digesting otherwise is refused at SETUP.
@@ -61,15 +70,50 @@ DEFINITION = "xxh3-128-sum-mod-2^128-of-64-page-blocks"
 DIGEST_WARM_INTERVAL = 0.1
 
 
+# The terms of wholly populated blocks without data, by block index: a
+# function of the index alone, kept for the process's later domains.
+_whole_table: list[int] = []
+_whole_lock = threading.Lock()
+
+
+def _whole_terms(top: int) -> list[int]:
+    """The table of wholly populated data-less blocks' terms, at least
+    up to block ``top`` (exclusive)."""
+    with _whole_lock:
+        if len(_whole_table) < top:
+            bits = (1 << _DIGEST_BLOCK) - 1
+            tail = bits.to_bytes(_DIGEST_BLOCK // 8, "little")
+            _whole_table.extend(
+                int.from_bytes(
+                    base.memory_hasher(
+                        block.to_bytes(8, "little") + tail
+                    ).digest(),
+                    "little",
+                )
+                for block in range(len(_whole_table), top)
+            )
+        return _whole_table
+
+
 def _spans(blocks: Sequence[int]) -> Iterator[tuple[int, int]]:
     """[first, last) of each stretch of consecutive ``blocks`` (sorted)."""
-    i = 0
-    while i < len(blocks):
-        j = i
-        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
-            j += 1
-        yield blocks[i], blocks[j] + 1
-        i = j + 1
+    if not len(blocks):
+        return
+    marks = np.asarray(blocks, dtype=np.int64)
+    cut = np.flatnonzero(np.diff(marks) != 1) + 1
+    firsts = marks[np.concatenate(([0], cut))].tolist()
+    lasts = (marks[np.concatenate((cut - 1, [len(marks) - 1]))] + 1).tolist()
+    yield from zip(firsts, lasts, strict=True)
+
+
+def _blocks_of(pages: np.ndarray) -> np.ndarray:
+    """The blocks (sorted uint64) with a page that ``pages`` (a bool per
+    pfn from 0) marks."""
+    pad = -len(pages) % _DIGEST_BLOCK
+    if pad:
+        pages = np.concatenate((pages, np.zeros(pad, dtype=bool)))
+    rows = pages.reshape(-1, _DIGEST_BLOCK)
+    return np.flatnonzero(rows.any(axis=1)).astype(np.uint64)
 
 
 @dataclasses.dataclass(eq=False)
@@ -88,6 +132,21 @@ class DigestCache:
     pending: set[int] = dataclasses.field(default_factory=set)
     mask: np.ndarray | None = None
     warming: bool = False
+    #: Whether pages never written since creation (the host's own
+    #: bookkeeping: GuestMemory.written_since_creation) may be taken as
+    #: zero unread: only while the domain is being restored, when the
+    #: host's mappings make every write and no sender decides by the
+    #: same bookkeeping what to send. Otherwise (a domain that ran, the
+    #: source) only the kernel's holes are, and they are checked again
+    #: when the digest is taken (:attr:`hollow`).
+    trusted: bool = False
+    #: Blocks whose term took RAM pages as zero unread because the
+    #: memfd has a hole there (untrusted): a write no writer marked
+    #: (a tracking gap) fills the hole, which the digest's full refresh
+    #: asks the kernel about (SEEK_DATA, one call for a hole-only run).
+    #: A bool per block (None: none yet), so that the check costs no
+    #: Python object per block of a large guest.
+    hollow: np.ndarray | None = None
 
 
 class MemoryDigest:
@@ -142,6 +201,11 @@ class MemoryDigest:
         the first look sees all of the p2m."""
         mem = dom.mem
         c = self.cache(dom)
+        if c.trusted and dom.booted:
+            # Restored, then run: the terms that took pages never
+            # written as zero are taken again from the kernel's holes.
+            c.started = False
+        c.trusted = not dom.booted
         pfns = np.concatenate(
             (mem.take_changed(), self.hv.unlocked_writes(dom))
         ).astype(np.int64)
@@ -154,27 +218,42 @@ class MemoryDigest:
             if first:
                 # The first look (the p2m's blocks are kept from now on).
                 c.started = True
-                c.mask = np.zeros(mem.max_pfn, dtype=bool)
-                for start, end in mem.data_extents():
-                    c.mask[start:end] = True
                 c.terms.clear()
                 c.total = 0
                 c.pending.clear()
+                c.hollow = None
                 ram = mem.p2m == P2M_RAM
-                every = base.pfn_union(np.flatnonzero(ram) // _DIGEST_BLOCK)
-                held = base.pfn_union(
-                    np.flatnonzero(c.mask & ram) // _DIGEST_BLOCK
-                )
+                every = _blocks_of(ram)
+                if c.trusted:
+                    # Being restored: pages not written since creation
+                    # are zero and not read (_digest_span), prefaulted or
+                    # not; which are holes is asked only of the blocks of
+                    # the others.
+                    written = mem.written_since_creation(0, mem.max_pfn)
+                    held = _blocks_of(ram & written)
+                    c.mask = np.zeros(mem.max_pfn, dtype=bool)
+                    for lo, hi in _spans(held):
+                        start = lo * _DIGEST_BLOCK
+                        end = min(hi * _DIGEST_BLOCK, mem.max_pfn)
+                        c.mask[start:end] = mem.data_mask(start, end)
+                else:
+                    # The kernel's holes, not the write bookkeeping the
+                    # sender also goes by: a write it missed is read.
+                    c.mask = mem.seek_data_mask(0, mem.max_pfn)
+                    held = _blocks_of(ram & c.mask)
         if first:
             # Blocks with data are read as pending ones are; those of
-            # populated pages never written get their terms now, so
-            # that no look at the pause is in the guest's size.
+            # populated pages never written get their terms now (nothing
+            # is read for them), so that no look at the pause is in the
+            # guest's size.
             blocks = set(held.tolist())
             self._digest_blocks(
                 c, base.pfn_difference(every, held).tolist(), c.mask
             )
         if len(pfns):
             blocks.update(base.pfn_union(pfns // _DIGEST_BLOCK).tolist())
+        if limit is None and c.hollow is not None and not c.trusted:
+            blocks.update(self._filled_holes(c))
         c.pending.update(blocks)
         todo = sorted(c.pending)
         busy: set[int] = set()
@@ -191,6 +270,25 @@ class MemoryDigest:
             # Holes found since are found by the blocks' own look-up.
             c.mask = None
         return bool(c.pending - busy)
+
+    @staticmethod
+    def _filled_holes(cache: DigestCache) -> list[int]:
+        """The :attr:`DigestCache.hollow` blocks that the kernel now says
+        hold data where their term took a hole (written by a path no
+        writer marked): read again, with the mask told. A run of blocks
+        still all holes costs one SEEK_DATA."""
+        mem = cache.mem
+        found: list[int] = []
+        for first, last in _spans(np.flatnonzero(cache.hollow)):
+            start = first * _DIGEST_BLOCK
+            end = min(last * _DIGEST_BLOCK, mem.max_pfn)
+            data = mem.seek_data_mask(start, end)
+            if not data.any():
+                continue
+            if cache.mask is not None:
+                cache.mask[start:end] |= data
+            found.extend((_blocks_of(data) + first).tolist())
+        return found
 
     @staticmethod
     def _blocks_being_written(dom: Domain) -> set[int]:
@@ -211,6 +309,64 @@ class MemoryDigest:
             MemoryDigest._digest_span(cache, first, last, mask)
 
     @staticmethod
+    def _note_hollow(
+        cache: DigestCache, first: int, last: int, holes: np.ndarray
+    ) -> None:
+        """Note which of blocks ``[first, last)`` took a hole as zero
+        (``holes``: a bool per pfn of the blocks)."""
+        per_block = holes.reshape(last - first, _DIGEST_BLOCK).any(axis=1)
+        if cache.hollow is None or len(cache.hollow) < last:
+            if not per_block.any():
+                return
+            grown = np.zeros(
+                -(-cache.mem.max_pfn // _DIGEST_BLOCK), dtype=bool
+            )
+            if cache.hollow is not None:
+                grown[: len(cache.hollow)] = cache.hollow
+            cache.hollow = grown
+        cache.hollow[first:last] = per_block
+
+    @staticmethod
+    def _data_less_terms(
+        cache: DigestCache,
+        first: int,
+        last: int,
+        which: np.ndarray,
+        populated: bytes,
+    ) -> None:
+        """The terms of blocks ``[first, last)`` that hold no data, from
+        which of their pfns are populated (``which``, a bool each, and
+        ``populated``, the same packed a bit each): the same terms as a
+        block hashed on its own, those of wholly populated blocks (all
+        of a zero guest's) taken from a table kept by index."""
+        per_block = which.reshape(last - first, _DIGEST_BLOCK)
+        whole = per_block.all(axis=1)
+        some = per_block.any(axis=1)
+        blocks = range(first, last)
+        if whole.all():
+            new = _whole_terms(last)[first:last]
+        else:
+            table = _whole_terms(last) if whole.any() else []
+            width = _DIGEST_BLOCK // 8
+            new = []
+            for k, block in enumerate(blocks):
+                if whole[k]:
+                    new.append(table[block])
+                elif some[k]:
+                    bits = populated[k * width : (k + 1) * width]
+                    h = base.memory_hasher(block.to_bytes(8, "little") + bits)
+                    new.append(int.from_bytes(h.digest(), "little"))
+                else:
+                    new.append(0)
+        terms = cache.terms
+        old = sum(map(terms.pop, blocks, itertools.repeat(0))) if terms else 0
+        if whole.all():
+            terms.update(zip(blocks, new, strict=True))
+        else:
+            terms.update((b, t) for b, t in zip(blocks, new, strict=True) if t)
+        cache.total = (cache.total - old + sum(new)) % _TERM_MODULUS
+
+    @staticmethod
     def _digest_span(
         cache: DigestCache, first: int, last: int, mask: np.ndarray | None
     ) -> None:
@@ -225,17 +381,32 @@ class MemoryDigest:
         populated = np.packbits(which, bitorder="little").tobytes()
         width = _DIGEST_BLOCK // 8
         rows = np.zeros(0, dtype=np.int64)
-        if ram.any():
+        # Zero pages are not in the digest. Holes are zero and not read
+        # (reading one would allocate it); while the domain is restored,
+        # nor are pages never written since it was created
+        # (DigestCache.trusted).
+        wanted = ram
+        if cache.trusted:
+            wanted = ram & mem.written_since_creation(start, end)
+        if wanted.any():
             data = (
                 mem.data_mask(start, end) if mask is None else mask[start:end]
             )
-            # Holes are not read (reading one would allocate it), nor
-            # pages never written since the domain was created (zero,
-            # and zero pages are not in the digest).
-            data = data & mem.written_since_creation(start, end)
-            rows = np.flatnonzero(data & ram)
+            rows = np.flatnonzero(data & wanted)
             rows = rows[base.nonzero_pages(mem.ram[start:end], rows)]
+            if not cache.trusted:
+                holes = np.zeros(len(which), dtype=bool)
+                holes[: end - start] = ram & ~data
+                MemoryDigest._note_hollow(cache, first, last, holes)
+        elif not cache.trusted and cache.hollow is not None:
+            cache.hollow[first:last] = False
         pfns = rows + start
+
+        if not len(pfns):
+            # No block of the span holds data: each term is of its index
+            # and populated pfns alone.
+            MemoryDigest._data_less_terms(cache, first, last, which, populated)
+            return
 
         def term(k: int, block: int, d: xxhash.xxh3_128 | None) -> None:
             # The block's term replaces its previous one in the sum.
@@ -251,10 +422,6 @@ class MemoryDigest:
                 cache.terms[block] = new
             cache.total = (cache.total - old + new) % _TERM_MODULUS
 
-        if not len(pfns):
-            for k, block in enumerate(range(first, last)):
-                term(k, block, None)
-            return
         # Where each block's pfns begin and end in ``pfns``.
         bounds = np.searchsorted(
             pfns, np.arange(first, last + 1) * _DIGEST_BLOCK
@@ -294,7 +461,8 @@ class MemoryDigest:
         warming thread or the digest would read them again later, and
         what is not read when the guest is paused is downtime."""
         c = self.cache(dom)
-        if (dom.booted and not read) or not c.started:
+        if (dom.booted and (not read or c.trusted)) or not c.started:
+            # (A restored domain's first refresh once it ran looks again.)
             return
         if len(pfns) < _DIGEST_INLINE_MIN:
             # A few pages (the last round of a quiet guest) are left to
@@ -317,6 +485,16 @@ class MemoryDigest:
                     marks[:] = 0
             c.pending.difference_update(blocks)
             self._digest_blocks(c, blocks, c.mask)
+
+    def populated(self, dom: Domain, pfns: np.ndarray) -> None:
+        """Digest the blocks of ``pfns``, just populated by a restore, if
+        they are many (_DIGEST_POPULATE_MIN): a batch that large carries
+        no data (pages sent as zero), so their terms are of the
+        populated pfns alone, nothing is read, and the warming thread
+        would reach them only after the round. A smaller batch's pages
+        are written next; their mapping's close digests them."""
+        if len(pfns) >= _DIGEST_POPULATE_MIN:
+            self.written(dom, np.asarray(pfns, dtype=np.uint64))
 
     def settle(self, dom: Domain) -> None:
         """Read every block pending now (the guest still runs): the

@@ -349,7 +349,13 @@ class SimHost(base.HostDriver):
 
     @_faulty
     def populate(self, domid: int, pfns: np.ndarray) -> None:
+        dom = self.hv.domain(domid, "populate")
         self.hv.populate(domid, pfns)
+        # Their blocks' terms now, rather than by the warming thread
+        # after the round or at the pause: a page populated is zero
+        # until written (pages carrying data mark their blocks again as
+        # their mapping closes).
+        self.digest.populated(dom, pfns)
 
     def written_pages(self, domid: int, pfns: np.ndarray) -> np.ndarray:
         dom = self.hv.domain(domid, "written_pages")

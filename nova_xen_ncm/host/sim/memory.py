@@ -859,6 +859,12 @@ class GuestMemory:
             return np.zeros(len(pfns), dtype=bool)
         return ever[pfns.astype(np.int64)] != 0
 
+    def seek_data_mask(self, start: int, end: int) -> np.ndarray:
+        """Which pfns of ``[start, end)`` hold data (not holes), from the
+        kernel's SEEK_DATA/SEEK_HOLE on the memfd: one call for a range
+        of holes only, whatever its size (unlike :meth:`data_mask`)."""
+        return self._seek_data_mask(start, end)
+
     def _seek_data_mask(self, start: int, end: int) -> np.ndarray:
         mask = np.zeros(end - start, dtype=bool)
         pos = start * PAGE_SIZE
@@ -1007,18 +1013,3 @@ class GuestMemory:
             off = pfn << PAGE_SHIFT
             view = memoryview(self.ram_map)[off : off + PAGE_SIZE]
         return view if writable else view.toreadonly()
-
-    def data_extents(self) -> list[tuple[int, int]]:
-        """[start, end) pfn ranges of RAM that hold data (not holes)."""
-        out = []
-        pos = 0
-        end = self.ram_size
-        while pos < end:
-            try:
-                start = os.lseek(self.ram_fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            stop = os.lseek(self.ram_fd, start, os.SEEK_HOLE)
-            out.append((start >> PAGE_SHIFT, _round_up(stop) >> PAGE_SHIFT))
-            pos = stop
-        return out

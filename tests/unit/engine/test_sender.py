@@ -12,6 +12,7 @@ from oslo_config import cfg
 
 from nova_xen_ncm.conf import register_opts
 from nova_xen_ncm.engine import framing
+from nova_xen_ncm.engine import guest_stream
 from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import policy
@@ -315,6 +316,75 @@ def test_pages_never_written_go_as_zero_without_being_read(host, monkeypatch):
     (batch,) = list(stream.pages(np.array([0, 6], dtype=np.uint64)))
     assert mapped == []
     assert decode_batch(stream, batch).types.tolist() == [libxc.XALLOC] * 2
+
+
+def test_long_stretches_never_written_go_in_large_batches(host, monkeypatch):
+    monkeypatch.setattr(guest_stream, "ZERO_BATCH_PAGES", 16)
+    host.populate(DOMID, np.arange(10, 101, dtype=np.uint64))
+    write_page(host, 50, 7)
+    mapped = []
+    real_map = host.map_pages
+
+    def map_pages(domid, pfns, writable=False):
+        mapped.append(np.asarray(pfns).tolist())
+        return real_map(domid, pfns, writable)
+
+    monkeypatch.setattr(host, "map_pages", map_pages)
+    stream = GuestStream(host, DOMID, batch_pages=4)
+    pfns = np.concatenate((PFNS, np.arange(10, 101, dtype=np.uint64)))
+    cut = stream.cut(pfns)
+    # pfn 0 alone never written: in a batch of batch_pages; 10-49 and
+    # 51-100 in batches of up to 16, the 2 left over in a plain one.
+    assert [(int(b[0]), len(b)) for b in cut] == [
+        (0, 4),
+        (4, 1),
+        (10, 16),
+        (26, 16),
+        (42, 8),
+        (50, 1),
+        (51, 16),
+        (67, 16),
+        (83, 16),
+        (99, 2),
+    ]
+    np.testing.assert_array_equal(np.concatenate(cut), pfns)
+    decoded = [decode_batch(stream, b) for b in stream.batches(cut)]
+    # The large batches are neither asked about again nor mapped.
+    assert mapped == [[1, 2, 3], [4], [50]]
+    types = np.concatenate([d.types for d in decoded])
+    want = np.full(len(pfns), libxc.XALLOC)
+    want[[1, 2, 3, 4, 5 + 40]] = libxc.NOTAB
+    np.testing.assert_array_equal(types, want)
+    assert b"".join(bytes(d.data) for d in decoded) == b"".join(
+        bytes([f]) * PAGE for f in (1, 2, 3, 4, 7)
+    )
+    # Only the batches cut as never written are sent unasked: a long
+    # batch cut otherwise is looked at as any other.
+    (whole,) = stream.batches([pfns[:5]])
+    assert (
+        decode_batch(stream, whole).types.tolist()
+        == [libxc.XALLOC] + [libxc.NOTAB] * 4
+    )
+    # A Xen-compatible stream keeps Xen's batch size.
+    xen = GuestStream(host, DOMID, batch_pages=4, xen_compatible=True)
+    assert max(len(b) for b in xen.cut(pfns)) == 4
+
+
+def test_a_full_record_of_pages_never_written_is_no_larger_than_one_with_data(
+    host,
+):
+    """A destination whose max_frame_bytes takes a batch of BATCH_PAGES
+    pages with data (earlier releases' too: the codec and the check are
+    theirs) takes a record of ZERO_BATCH_PAGES pages never written."""
+    stream = GuestStream(host, DOMID)
+    pfns = np.arange(guest_stream.ZERO_BATCH_PAGES, dtype=np.uint64)
+    (batch,) = stream.batches([pfns.view(guest_stream.NeverWritten)])
+    full = guest_stream.BATCH_PAGES * (8 + PAGE) + libxc.PAGE_DATA_HDR.size
+    assert batch.nbytes <= full <= framing.DEFAULT_MAX_DATA
+    pages = decode_batch(stream, batch)
+    np.testing.assert_array_equal(pages.pfns, pfns)
+    assert set(pages.types.tolist()) == {libxc.XALLOC}
+    assert not len(pages.data)
 
 
 def test_a_host_that_cannot_tell_says_every_page_may_hold_data(host):

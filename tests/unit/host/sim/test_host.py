@@ -703,6 +703,85 @@ def test_memory_digest_matches_its_page_by_page_definition(host):
     assert host.memory_digest(1) == _reference_digest(a)
 
 
+def test_a_large_populate_leaves_nothing_for_the_pause(host, monkeypatch):
+    a = empty(host, 1, mb=80)
+    while not host.digest.cache(a).started:
+        time.sleep(0.01)
+    a.booted = True
+    while host.digest.cache(a).warming:
+        time.sleep(0.01)
+    a.booted = False
+    # Whole blocks and a part of one, as a batch of pages sent as zero.
+    size = sim_digest._DIGEST_POPULATE_MIN + sim_digest._DIGEST_BLOCK // 2
+    host.populate(1, np.arange(0x100, 0x100 + size, dtype=np.uint64))
+    # Fewer: left to their mapping's close, or to the digest.
+    host.populate(1, np.array([0x4000, 0x4002, 0x4100], dtype=np.uint64))
+    read = _digest_reads(host, monkeypatch)
+    digest = host.memory_digest(1)
+    block = sim_digest._DIGEST_BLOCK
+    assert read == [0x4000 // block, 0x4100 // block]
+    assert digest == _reference_digest(a)
+
+
+def test_the_first_look_of_a_guest_that_ran_asks_the_kernel_for_holes(
+    host, monkeypatch
+):
+    a = populated_and_left_alone(host)
+    asked = []
+    seek = sim_memory.GuestMemory.seek_data_mask
+
+    def spy(mem, start, end):
+        asked.append((start, end))
+        return seek(mem, start, end)
+
+    monkeypatch.setattr(sim_memory.GuestMemory, "seek_data_mask", spy)
+    host.digest.cache(a).started = False
+    assert host.memory_digest(1) == _reference_digest(a)
+    # The first look's one walk, then the hole-only blocks' check when
+    # the digest is taken: nothing else is asked.
+    assert asked[0] == (0, a.mem.max_pfn)
+    assert len(asked) == 2
+    write(a, slice(0x2010, 0x2012), 3)
+    host.digest.cache(a).started = False
+    assert host.memory_digest(1) == _reference_digest(a)
+
+
+def _unmarked_write(dom, pfn, value):
+    """A write no writer marks: a gap in the write tracking (a device
+    path, a missed fault), which the sender's choice of pages to send as
+    zero (written_pages) would miss too."""
+    with dom.mem.lock():
+        dom.mem.ram[pfn] = value
+    assert not dom.mem.written_mask(np.array([pfn], dtype=np.uint64))[0]
+
+
+def test_a_write_the_tracking_missed_is_in_the_digest(host):
+    a = populated_and_left_alone(host)
+    # Before the first look of the domain that ran.
+    _unmarked_write(a, 0x1234, 5)
+    first = host.memory_digest(1)
+    # After it: into a block the digest took as holes only, and into
+    # the hole of a block with data. (The reference digest reads every
+    # page, which fills every hole: last.)
+    _unmarked_write(a, 0x3456, 6)
+    write(a, 0x2000, 1)
+    assert host.memory_digest(1) != first
+    _unmarked_write(a, 0x2001, 7)
+    assert host.memory_digest(1) == _reference_digest(a)
+
+
+def test_a_write_the_tracking_missed_fails_the_proof_of_a_migration(host):
+    """The source's digest is not of the pages as the sender sees them:
+    a page sent as zero that holds data does not digest as zero."""
+    a = populated_and_left_alone(host)
+    b = empty(host, 2, mb=80)
+    host.populate(2, np.arange(0x100, 0x4100, dtype=np.uint64))
+    assert host.memory_digest(1) == host.memory_digest(2)
+    _unmarked_write(a, 0x1234, 5)
+    assert host.memory_digest(1) != host.memory_digest(2)
+    assert host.memory_digest(2) == _reference_digest(b)
+
+
 VBD = 51712
 
 
