@@ -4,6 +4,7 @@ rollback when the destination fails before COMMIT."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -216,3 +217,28 @@ def test_commit_lost_in_a_drop_lets_the_source_resume_at_once(
     assert "asks for the outcome" in str(m.receiver.error)
     assert state_of(source, domid) == base.DomainState.RUNNING
     assert state_of(destination, domid) is None
+
+
+def test_the_destination_records_stop_and_copy_before_the_pause(
+    source, destination, migration, conf, monkeypatch
+):
+    # STOPPING comes once the source's own record is durable, before it
+    # pauses: the destination's record of the phase is synced while the
+    # guest is paused and the last pages travel, not after them.
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    entered = threading.Event()
+    m.destination_events.hooks[("state", "stop_and_copy")] = lambda e: (
+        entered.set()
+    )
+    seen = []
+    pause = source.pause_for_save
+
+    def pause_for_save(domid):
+        seen.append(entered.wait(5.0))
+        pause(domid)
+
+    monkeypatch.setattr(source, "pause_for_save", pause_for_save)
+    assert m.run() is Phase.DONE
+    assert seen == [True]
+    assert journals_empty(conf)
