@@ -1,9 +1,7 @@
 """The commit coordinator: how both ends learn, and forget, the outcome.
 
-The source sends COMMIT on the authenticated control channel once its
-decision is journalled (appended without a sync: its stop-and-copy
-record, durable before the pause, makes a restarted source ask as if
-COMMIT had gone); the destination journals that it got it, unpauses the
+The source journals its decision, then sends COMMIT on the authenticated
+control channel; the destination journals that it got it, unpauses the
 guest, journals that it runs it and answers COMMITTED; the source
 journals CLEANUP, sends FINISHED (its final acknowledgement) and only then
 may the destination forget the migration.

@@ -28,10 +28,10 @@ Only what a side effect needs is synced while the guest is paused
 (:class:`Record`'s ``lazy`` and ``background``: those versions are
 written by a thread of the record's, in order, since on a busy host even
 an append may wait for the file system's journal). The source's
-STOP_AND_COPY is durable before the pause and covers its RESTORE and
-COMMIT: recovery settles the three alike, as a migration whose COMMIT
-may have gone (the destination's answer, or in doubt), so the decision
-is sent without a sync in the pause. The destination's STOP_AND_COPY,
+STOP_AND_COPY is durable before the pause and covers its RESTORE
+(recovery treats the two alike); COMMIT records the decision durably
+before the COMMIT message goes, so that a restarted source without it
+knows COMMIT never went. The destination's STOP_AND_COPY,
 entered on the source's STOPPING (or on the stopped guest's first
 record), is synced in the background while the guest is paused and the
 last pages arrive, and is durable before READY goes: from it on a

@@ -10,24 +10,19 @@ nothing is done to the domain that now holds it.
 Source entries are settled by the rule of architecture.rst section 5,
 never leaving two running copies:
 
-- stopped before COMMIT could be sent (PRECOPY, ROLLBACK, and
-  STOP_AND_COPY while the guest, which ran, was not paused yet): the
-  destination never got COMMIT, so it never runs the guest (it destroys
-  its copy when the source goes silent). The source copy is rolled back:
-  throttle lifted, backends resumed, log-dirty off, and unpaused if it
-  ran before. Outcome FAILED. Past the pause (ROLLBACK) it resumes only
-  once the destination confirmed its copy is gone, or its lease ran out
-  (the live sender's fence).
-- stopped when COMMIT may have gone (STOP_AND_COPY past the pause,
-  RESTORE, COMMIT, IN_DOUBT: the sender's STOP_AND_COPY record, durable
-  before the pause, covers RESTORE's and COMMIT's, which the pause does
-  not wait for): the destination is asked the commit query (commit.py,
-  the sender's own); short of COMMIT, until its lease runs out (it gives
-  up waiting for COMMIT by then). It runs the guest: the source copy is
-  destroyed (DONE). It never unpaused it: the source copy is rolled back
-  (FAILED). No answer, or the destination itself cannot tell: the guest
-  stays paused here and the entry stays (IN_DOUBT) until a later
-  attempt, or until an operator who looked marks it resolved
+- stopped before the commit decision (PRECOPY, STOP_AND_COPY, RESTORE,
+  ROLLBACK): the destination never got COMMIT, so it never runs the
+  guest (it destroys its copy when the source goes silent). The source
+  copy is rolled back: throttle lifted, backends resumed, log-dirty off,
+  and unpaused if it ran before. Outcome FAILED. Past the pause it
+  resumes only once the destination confirmed its copy is gone, or its
+  lease ran out (the live sender's fence).
+- stopped after it (COMMIT, IN_DOUBT): the destination is asked the
+  commit query (commit.py, the sender's own). It runs the guest: the
+  source copy is destroyed (DONE). It never unpaused it: the source copy
+  is rolled back (FAILED). No answer, or the destination itself cannot
+  tell: the guest stays paused here and the entry stays (IN_DOUBT) until
+  a later attempt, or until an operator who looked marks it resolved
   (:func:`resolve`).
 - CLEANUP: the destination had acknowledged; the source copy is
   destroyed (DONE).
@@ -67,14 +62,19 @@ from nova_xen_ncm.host import base
 
 LOG = logging.getLogger(__name__)
 
-_BEFORE_COMMIT = frozenset({Phase.SETUP, Phase.PRECOPY, Phase.ROLLBACK})
-# COMMIT may have been sent: the sender's STOP_AND_COPY record, durable
-# before the pause, covers RESTORE's and COMMIT's (journal.py).
-_MAY_HAVE_COMMITTED = frozenset({Phase.STOP_AND_COPY, Phase.RESTORE})
-_ASK = frozenset({Phase.COMMIT, Phase.IN_DOUBT}) | _MAY_HAVE_COMMITTED
+_BEFORE_COMMIT = frozenset(
+    {
+        Phase.SETUP,
+        Phase.PRECOPY,
+        Phase.STOP_AND_COPY,
+        Phase.RESTORE,
+        Phase.ROLLBACK,
+    }
+)
+_ASK = frozenset({Phase.COMMIT, Phase.IN_DOUBT})
 # Past the pause the destination may hold the whole guest, backends
 # connected: the source copy resumes once that one is gone (fencing).
-_PAST_PAUSE = frozenset({Phase.ROLLBACK})
+_PAST_PAUSE = frozenset({Phase.STOP_AND_COPY, Phase.RESTORE, Phase.ROLLBACK})
 # Seconds between two looks at whether an answered entry was resolved.
 ANSWER_POLL = 1.0
 # Destination phases that are its final answer.
@@ -387,14 +387,6 @@ def _settle(
             return done(Phase.DONE, f"{what}; {gone}", DESTINATION)
         return done(Phase.DONE, _destroy(host, entry, what), DESTINATION)
 
-    if (
-        journalled is Phase.STOP_AND_COPY
-        and entry.running
-        and info is not None
-        and info.state == base.DomainState.RUNNING
-    ):
-        # Not paused yet: COMMIT, which follows the pause, never went.
-        return rolled_back(f"stopped in {journalled} before the pause")
     if journalled in _BEFORE_COMMIT:
         what = f"stopped in {journalled} before the commit decision"
         if (
@@ -421,9 +413,7 @@ def _settle(
             f"journalled in {journalled}, which recovery does not settle",
         )
     coordinator = _coordinator(entry, conf)
-    if journalled in _MAY_HAVE_COMMITTED:
-        verdict = _await_verdict(entry, conf, query)
-    elif query is None:
+    if query is None:
         verdict = coordinator.ask()
     else:
         budget = retry.RetryBudget.from_conf(conf, retry.Step.COMMIT_QUERY)
@@ -489,44 +479,6 @@ def _fence(
             return (
                 f"the destination's lease ({lease:g}s) ran out without its "
                 "confirmation"
-            )
-        time.sleep(min(conf.xen_ncm.retry_max_delay, left))
-
-
-def _await_verdict(
-    entry: Entry, conf: cfg.ConfigOpts, query: Query | None
-) -> commit.Verdict:
-    """The destination's answer for an entry that may have sent COMMIT
-    while the destination may still wait for it: asked until it is
-    final or the destination's lease (counted from now, the engine's
-    death being of unknown time) ran out; then not known (in doubt),
-    since COMMIT may have reached it."""
-    if query is None:
-        coordinator = _coordinator(entry, conf)
-
-        def ask() -> messages.Status:
-            return coordinator.once()
-    else:
-
-        def ask() -> messages.Status:
-            return query(entry, conf)
-
-    lease = commit.lease(conf)
-    deadline = time.monotonic() + lease
-    while True:
-        try:
-            status = ask()
-        except EngineError as exc:
-            LOG.debug("Commit query of %s: %s", entry.migration_id, exc)
-        else:
-            if status.committed or status.phase in commit.FINAL:
-                return commit.verdict_of(status)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return commit.Verdict(
-                None,
-                f"the destination gave no final answer within its lease "
-                f"({lease:g}s), and COMMIT may have reached it",
             )
         time.sleep(min(conf.xen_ncm.retry_max_delay, left))
 

@@ -151,14 +151,12 @@ class Sender:
                 boot_id=host.boot_id(),
                 source_address=source_address or "",
             ),
-            # STOP_AND_COPY, durable before the pause, covers RESTORE
-            # and COMMIT: recovery settles all three alike (the
-            # destination's word, or in doubt), so nothing is synced
-            # here while the guest is paused.
-            lazy={
-                Phase.RESTORE: Phase.STOP_AND_COPY,
-                Phase.COMMIT: Phase.RESTORE,
-            },
+            # Durable before the pause, STOP_AND_COPY covers RESTORE:
+            # recovery settles both alike. COMMIT is synced before the
+            # COMMIT message goes: without it a restarted source knows
+            # COMMIT never went, and resumes its copy once the
+            # destination's lease ran out, reachable or not.
+            lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
         )
         self.state = MigrationState(
             migration_id,
@@ -247,9 +245,8 @@ class Sender:
                 self._stop = decision
                 self._stop_and_copy(decision, pending)
                 self._restore()
-                # Journalled as part of the transition, covered by the
-                # STOP_AND_COPY record made durable before the pause
-                # (recovery asks the destination from it on).
+                # Journalled as part of the transition: durable before
+                # COMMIT goes out, or no COMMIT at all.
                 self.state.transition(Phase.RESTORE, Phase.COMMIT)
             except CancelRequested:
                 # The state machine's conflict is how the cancel was

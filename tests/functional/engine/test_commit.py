@@ -3,6 +3,8 @@ rollback when the destination fails before COMMIT."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import threading
 import time
@@ -13,6 +15,7 @@ from nova_xen_ncm.engine import commit
 from nova_xen_ncm.engine import recovery
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.journal import INCOMING
+from nova_xen_ncm.engine.journal import SUBDIR
 from nova_xen_ncm.engine.journal import IncomingEntry
 from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.receiver import ANSWER_POLL
@@ -242,3 +245,33 @@ def test_the_destination_records_stop_and_copy_before_the_pause(
     assert m.run() is Phase.DONE
     assert seen == [True]
     assert journals_empty(conf)
+
+
+def test_the_source_commit_record_is_durable_before_commit_goes(
+    source, destination, migration, conf, monkeypatch
+):
+    # A restarted source that finds no COMMIT record knows COMMIT never
+    # went: it resumes its copy once the destination's lease ran out,
+    # reachable or not. That holds only if the record is synced first.
+    appended = []
+    append = Journal.append
+
+    def logged(self, migration_id, line, *, sync=True):
+        append(self, migration_id, line, sync=sync)
+        if os.path.basename(self.path) == SUBDIR:
+            phase = json.loads(line.split(b" ", 1)[1])["phase"]
+            appended.append((phase, sync))
+
+    monkeypatch.setattr(Journal, "append", logged)
+    at_commit = []
+    send = commit.Coordinator.commit
+
+    def committing(self, *args, **kwargs):
+        at_commit.append(appended[-1])
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(commit.Coordinator, "commit", committing)
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE
+    assert at_commit == [("commit", True)]

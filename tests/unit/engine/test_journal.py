@@ -223,9 +223,9 @@ def test_a_phase_its_predecessor_covers_is_appended_without_a_sync(
 def test_covered_phases_wait_for_neither_a_sync_nor_the_writer(
     tmp_path, monkeypatch
 ):
-    # The sender's chain: STOP_AND_COPY durable before the pause covers
-    # RESTORE, which covers COMMIT. Neither is synced, and COMMIT does
-    # not wait for RESTORE's append, which the writer thread holds.
+    # A chain of covers: the second covered version does not wait for
+    # the first one's append, which the writer thread holds, and both
+    # land in order, neither synced.
     j = journal.Journal(str(tmp_path))
     record = journal.Record(
         j,

@@ -76,43 +76,15 @@ def answer(phase, committed):
     )
 
 
-def test_a_rollback_past_the_pause_resumes_once_the_copy_there_is_gone(
+def test_before_the_commit_decision_the_source_resumes(
     tmp_path, conf, journalled
 ):
     host = FakeHost()
-    j = journalled(tmp_path, Phase.ROLLBACK)
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
     (o,) = recovery.recover(host, j, conf, query=answer("failed", False))
     assert o.phase is Phase.FAILED
     assert "confirmed its copy is gone" in o.reason
     assert "unpause" in host.calls and "destroy_domain" not in host.calls
-    assert j.entries() == []
-
-
-@pytest.mark.parametrize("phase", [Phase.STOP_AND_COPY, Phase.RESTORE])
-def test_past_the_pause_the_destinations_answer_settles_it(
-    tmp_path, conf, journalled, phase
-):
-    host = FakeHost()
-    j = journalled(tmp_path, phase)
-    (o,) = recovery.recover(host, j, conf, query=answer("failed", False))
-    assert o.phase is Phase.FAILED
-    assert "never unpaused" in o.reason
-    assert "unpause" in host.calls and "destroy_domain" not in host.calls
-    assert j.entries() == []
-
-
-def test_stop_and_copy_before_the_pause_rolls_back_without_asking(
-    tmp_path, conf, journalled
-):
-    # The guest still runs: the pause, and COMMIT after it, never came.
-    host = FakeHost(state=base.DomainState.RUNNING)
-    j = journalled(tmp_path, Phase.STOP_AND_COPY)
-
-    def never(entry, conf):
-        raise AssertionError("asked")
-
-    (o,) = recovery.recover(host, j, conf, query=never)
-    assert o.phase is Phase.FAILED and "before the pause" in o.reason
     assert j.entries() == []
 
 
@@ -136,11 +108,17 @@ def test_past_the_pause_the_source_resumes_after_the_teardown(
     assert host.calls[-1] == "unpause"
 
 
-def test_a_rollback_with_no_answer_waits_out_the_lease(
-    tmp_path, conf, journalled
+@pytest.mark.parametrize(
+    "phase", [Phase.STOP_AND_COPY, Phase.RESTORE, Phase.ROLLBACK]
+)
+def test_past_the_pause_with_no_answer_the_lease_is_waited(
+    tmp_path, conf, journalled, phase
 ):
+    # No COMMIT record: COMMIT, synced before it is sent, never went.
+    # The destination, unreachable, gives up its copy when its lease
+    # runs out; then the copy here resumes (one running copy).
     host = FakeHost()
-    j = journalled(tmp_path, Phase.ROLLBACK)
+    j = journalled(tmp_path, phase)
 
     def unreachable(entry, conf):
         raise TransportError("connection refused")
@@ -152,13 +130,28 @@ def test_a_rollback_with_no_answer_waits_out_the_lease(
     assert "unpause" in host.calls
 
 
+def test_stop_and_copy_before_the_pause_rolls_back_without_asking(
+    tmp_path, conf, journalled
+):
+    # The guest still runs (the engine died between its STOP_AND_COPY
+    # record, or STOPPING, and the pause): nothing to fence.
+    host = FakeHost(state=base.DomainState.RUNNING)
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+
+    def never(entry, conf):
+        raise AssertionError("asked")
+
+    (o,) = recovery.recover(host, j, conf, query=never)
+    assert o.phase is Phase.FAILED, o
+    assert "unpause" not in host.calls
+    assert j.entries() == []
+
+
 def test_a_destination_running_a_guest_never_committed_keeps_it_paused(
     tmp_path, conf, journalled
 ):
-    # A rollback is journalled before anything is undone: COMMIT never
-    # went, whatever the destination says.
     host = FakeHost()
-    j = journalled(tmp_path, Phase.ROLLBACK)
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
     (o,) = recovery.recover(host, j, conf, query=answer("done", True))
     assert o.phase is Phase.IN_DOUBT
     assert host.calls == []
@@ -169,44 +162,10 @@ def test_a_guest_paused_before_the_migration_stays_paused(
     tmp_path, conf, journalled
 ):
     host = FakeHost()
-    j = journalled(tmp_path, Phase.ROLLBACK, running=False)
+    j = journalled(tmp_path, Phase.RESTORE, running=False)
     (o,) = recovery.recover(host, j, conf)
     assert o.phase is Phase.FAILED
     assert "unpause" not in host.calls
-
-
-@pytest.mark.parametrize("phase", [Phase.STOP_AND_COPY, Phase.RESTORE])
-def test_past_the_pause_no_answer_keeps_it_paused(
-    tmp_path, conf, journalled, phase
-):
-    # The sender's COMMIT record is not waited for: STOP_AND_COPY's,
-    # durable before the pause, is the last one sure to be there when
-    # COMMIT goes. Without the destination's word the guest may run
-    # there: no resume after the lease.
-    host = FakeHost()
-    j = journalled(tmp_path, phase)
-
-    def unreachable(entry, conf):
-        raise TransportError("connection refused")
-
-    started = time.monotonic()
-    (o,) = recovery.recover(host, j, conf, query=unreachable)
-    assert time.monotonic() - started >= 0.3
-    assert o.phase is Phase.IN_DOUBT and "lease" in o.reason, o
-    assert host.calls == []
-    assert [e.phase for e in j.entries()] == ["in_doubt"]
-
-
-@pytest.mark.parametrize("phase", [Phase.STOP_AND_COPY, Phase.RESTORE])
-def test_past_the_pause_the_guest_running_there_destroys_the_copy_here(
-    tmp_path, conf, journalled, phase
-):
-    host = FakeHost()
-    j = journalled(tmp_path, phase)
-    (o,) = recovery.recover(host, j, conf, query=answer("cleanup", True))
-    assert o.phase is Phase.DONE, o
-    assert host.calls == ["destroy_domain"]
-    assert j.entries() == []
 
 
 def test_a_committed_destination_means_the_source_copy_goes(
@@ -248,12 +207,12 @@ def test_a_held_entry_is_a_live_migration_and_left_alone(
     tmp_path, conf, journalled
 ):
     host = FakeHost()
-    j = journalled(tmp_path, Phase.PRECOPY)
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
     with j.hold("m-1"):
         (o,) = recovery.recover(host, j, conf, query=answer("done", True))
-        assert o.skipped and o.phase is Phase.PRECOPY
+        assert o.skipped and o.phase is Phase.STOP_AND_COPY
         assert host.calls == []
-        assert [e.phase for e in j.entries()] == ["precopy"]
+        assert [e.phase for e in j.entries()] == ["stop_and_copy"]
         with pytest.raises(JournalError, match="running"):
             recovery.resolve(j, "m-1")
     # Released (the engine died): now it is settled.
@@ -266,7 +225,7 @@ def test_a_reused_domid_is_another_guest_and_left_alone(
     tmp_path, conf, journalled
 ):
     host = FakeHost(uuid="someone-else")
-    j = journalled(tmp_path, Phase.PRECOPY)
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
     (o,) = recovery.recover(host, j, conf)
     assert o.phase is Phase.FAILED
     assert "someone-else" in o.reason
@@ -279,7 +238,7 @@ def test_a_reused_domid_is_another_guest_and_left_alone(
 
 def test_after_a_reboot_no_domain_is_touched(tmp_path, conf, journalled):
     host = FakeHost()
-    j = journalled(tmp_path, Phase.PRECOPY, boot_id="boot-0")
+    j = journalled(tmp_path, Phase.STOP_AND_COPY, boot_id="boot-0")
     (o,) = recovery.recover(host, j, conf)
     assert o.phase is Phase.FAILED
     assert "rebooted" in o.reason
@@ -289,9 +248,8 @@ def test_after_a_reboot_no_domain_is_touched(tmp_path, conf, journalled):
 @pytest.mark.parametrize(
     "phase, query",
     [
-        (Phase.PRECOPY, None),
+        (Phase.STOP_AND_COPY, None),
         # The destination says it never unpaused its copy.
-        (Phase.STOP_AND_COPY, answer("failed", False)),
         (Phase.COMMIT, answer("failed", False)),
     ],
 )
