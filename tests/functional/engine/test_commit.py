@@ -11,8 +11,11 @@ import time
 
 import pytest
 
+from nova_xen_ncm.engine import acceptor
 from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import recovery
+from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.journal import INCOMING
 from nova_xen_ncm.engine.journal import SUBDIR
@@ -275,3 +278,38 @@ def test_the_source_commit_record_is_durable_before_commit_goes(
     m = migration(source, domid, destination)
     assert m.run() is Phase.DONE
     assert at_commit == [("commit", True)]
+
+
+def test_a_destination_without_stop_notice_gets_no_stopping(
+    source, destination, migration, conf, monkeypatch
+):
+    # A destination of an earlier release does not offer the capability:
+    # STOPPING is not sent (it would be a protocol error there), and the
+    # destination records STOP_AND_COPY on the stopped guest's records.
+    monkeypatch.setattr(
+        acceptor,
+        "_CAPABILITIES",
+        tuple(
+            c
+            for c in acceptor._CAPABILITIES
+            if c != messages.Capability.STOP_NOTICE.value
+        ),
+    )
+    sent = []
+    send = transport.Channel.send
+
+    def logged(self, msg, *args, **kwargs):
+        sent.append(type(msg).__name__)
+        return send(self, msg, *args, **kwargs)
+
+    monkeypatch.setattr(transport.Channel, "send", logged)
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    phases = []
+    m.destination_events.hooks[("state", "stop_and_copy")] = lambda e: (
+        phases.append(state_of(source, domid))
+    )
+    assert m.run() is Phase.DONE
+    assert "Stopping" not in sent and "Commit" in sent
+    assert phases == [base.DomainState.PAUSED]
+    assert journals_empty(conf)
