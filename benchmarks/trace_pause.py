@@ -101,11 +101,12 @@ class Recorder:
             self._file.write(line + "\n")
 
 
-def _extra(name: str, args: tuple) -> str:
+def _extra(name: str, args: tuple, kwargs: dict) -> str:
     if name == "MigrationState.transition" and len(args) >= 3:
         return f"{args[1].value}->{args[2].value}"
     if name == "Journal.append":
-        return "sync" if len(args) < 4 or args[3] else "append"
+        # ``sync`` is keyword-only: the positional arguments never say.
+        return "sync" if kwargs.get("sync", True) else "append"
     if name in ("Channel.send", "Domain.request") and len(args) > 1:
         msg = args[1]
         return (
@@ -121,7 +122,9 @@ def _timed(recorder: Recorder, name: str, fn):
         try:
             return fn(*args, **kwargs)
         finally:
-            recorder.record(name, start, time.monotonic(), _extra(name, args))
+            recorder.record(
+                name, start, time.monotonic(), _extra(name, args, kwargs)
+            )
 
     return call
 
