@@ -55,6 +55,7 @@ _POLL = 0.05
 _CAPABILITIES = (
     messages.Capability.LZ4.value,
     messages.Capability.MULTI_CHANNEL.value,
+    messages.Capability.STOP_NOTICE.value,
 )
 
 

@@ -108,7 +108,7 @@ class DataPath:
         """A new authenticated connection of channel ``index``;
         ``last_acked`` resumes the channel after a drop (RESUME instead
         of AUTH)."""
-        caps = []
+        caps = [messages.Capability.STOP_NOTICE.value]
         if self.opts.compression == "lz4":
             caps.append(messages.Capability.LZ4.value)
         if self.count > 1:

@@ -70,6 +70,7 @@ ESTABLISHED: dict[MessageType, frozenset[Role]] = {
     M.SETUP_REPLY: frozenset({S}),
     M.DATA: frozenset({C}),
     M.ACK: frozenset({S}),
+    M.STOPPING: frozenset({C}),
     M.READY: frozenset({S}),
     M.COMMIT: frozenset({C}),
     M.COMMITTED: frozenset({S}),

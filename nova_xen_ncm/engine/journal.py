@@ -29,11 +29,14 @@ Only what a side effect needs is synced while the guest is paused
 written by a thread of the record's, in order, since on a busy host even
 an append may wait for the file system's journal). The source's
 STOP_AND_COPY is durable before the pause and covers its RESTORE
-(recovery treats the two alike); COMMIT records the decision before the
-COMMIT message goes. The destination's STOP_AND_COPY is synced in the
-background while the last pages arrive, and is durable before READY
-goes: from it on a restarted destination keeps its answer for the
-source, so it covers RESTORE too; COMMIT is durable before the guest is
+(recovery treats the two alike); COMMIT records the decision durably
+before the COMMIT message goes, so that a restarted source without it
+knows COMMIT never went. The destination's STOP_AND_COPY,
+entered on the source's STOPPING (or on the stopped guest's first
+record), is synced in the background while the guest is paused and the
+last pages arrive, and is durable before READY goes: from it on a
+restarted destination keeps its answer for the source, so it covers
+RESTORE too; COMMIT is durable before the guest is
 unpaused there, and CLEANUP (which only says the unpause happened, as
 the running guest does to a recovery after the engine's restart; after
 the host's reboot a COMMIT entry without it is answered IN_DOUBT) is
@@ -597,10 +600,20 @@ class Record:
             while self._sync_done != self._sync_asked:
                 self._sync_cond.wait()
 
-    def _await_sync(self, *, raising: bool = True) -> None:
-        """Wait for the background writes asked for; raise a failure
-        (once), unless the entry is gone meanwhile."""
-        self._drain()
+    def _await_sync(
+        self, *, raising: bool = True, appends: bool = True
+    ) -> None:
+        """Wait for the background writes asked for (without
+        ``appends``, only for those that promised durability: a version
+        appended unsynced, covered by an earlier one, promises nothing
+        that a transition waits for); raise a failure (once), unless the
+        entry is gone meanwhile."""
+        if appends:
+            self._drain()
+        else:
+            with self._sync_cond:
+                while any(sync for _, sync in self._queue):
+                    self._sync_cond.wait()
         with self._sync_cond:
             error, self._sync_error = self._sync_error, None
         if error is None or self.forgotten:
@@ -646,8 +659,10 @@ class Record:
             return
         try:
             # What the previous record promised is durable first: a
-            # must-record transition does not go on without it.
-            self._await_sync(raising=new in _MUST_RECORD)
+            # must-record transition does not go on without it. A
+            # covered version still queued is not waited for: the
+            # thread writes the next ones after it, in order.
+            self._await_sync(raising=new in _MUST_RECORD, appends=False)
             covered = self.lazy.get(new) is old and self.written is old
             if new in self.background or covered:
                 self._write_later(new, sync=not covered)

@@ -56,6 +56,10 @@ class Capability(str, enum.Enum):
     #: No per-frame GMAC on a plain connection (isolated migration
     #: networks, as QEMU's plain TCP): both ends must allow it.
     UNAUTHENTICATED_FRAMES = "unauthenticated-frames"
+    #: The source says STOPPING before it pauses the guest for
+    #: stop-and-copy, so that the destination's record of that phase is
+    #: made durable while the last pages travel, not after them.
+    STOP_NOTICE = "stop-notice"
 
 
 class RefuseReason(str, enum.Enum):
@@ -82,6 +86,7 @@ class MessageType(enum.IntEnum):
     SETUP_REPLY = 0x11
     DATA = 0x20
     ACK = 0x21
+    STOPPING = 0x22
     READY = 0x30
     COMMIT = 0x31
     COMMITTED = 0x32
@@ -269,6 +274,15 @@ class Ack(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Stopping(Message):
+    """The source recorded its stop-and-copy durably and pauses the
+    guest now: the pages and state that follow are the last (capability
+    ``stop-notice``)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.STOPPING
+
+
+@dataclasses.dataclass(frozen=True)
 class Ready(Message):
     """The destination restored everything; ``digest`` is its digest of
     the guest-visible state, for the source to compare."""
@@ -335,6 +349,7 @@ MESSAGES: dict[MessageType, type[Message]] = {
         Setup,
         SetupReply,
         Ack,
+        Stopping,
         Ready,
         Commit,
         Committed,

@@ -568,6 +568,12 @@ class Receiver:
                     raise self._data_error from exc
                 self._await_resume(exc)
                 continue
+            if isinstance(event, messages.Stopping):
+                # The source pauses now: this side's record of it is
+                # synced while the last pages come (the record's thread).
+                if self.state.phase is Phase.PRECOPY:
+                    self.state.transition(Phase.PRECOPY, Phase.STOP_AND_COPY)
+                continue
             if isinstance(event, messages.Abort):
                 raise MigrationAborted(event.reason)
             if isinstance(event, messages.Error):
@@ -585,7 +591,11 @@ class Receiver:
                 continue
             decoder.feed(event.payload)
             for record in decoder.records():
-                if restorer.stopped is False and self._stops(record):
+                if (
+                    self.state.phase is Phase.PRECOPY
+                    and restorer.stopped is False
+                    and self._stops(record)
+                ):
                     self.state.transition(Phase.PRECOPY, Phase.STOP_AND_COPY)
                 restorer.apply(record)
             self._applied = event.seq

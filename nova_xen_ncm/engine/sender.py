@@ -152,7 +152,10 @@ class Sender:
                 source_address=source_address or "",
             ),
             # Durable before the pause, STOP_AND_COPY covers RESTORE:
-            # recovery settles both alike.
+            # recovery settles both alike. COMMIT is synced before the
+            # COMMIT message goes: without it a restarted source knows
+            # COMMIT never went, and resumes its copy once the
+            # destination's lease ran out, reachable or not.
             lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
         )
         self.state = MigrationState(
@@ -573,6 +576,7 @@ class Sender:
         self.state.transition(
             Phase.PRECOPY, Phase.STOP_AND_COPY, reason=decision.reason
         )
+        self._notify_stopping()
         if self._running:
             # What the host keeps of the digest is brought up to date
             # while the guest runs: at the pause only its last writes.
@@ -616,6 +620,38 @@ class Sender:
         for index in range(1, self.data.count):
             self.data.close(index)
         self.state.transition(Phase.STOP_AND_COPY, Phase.RESTORE)
+
+    def _notify_stopping(self) -> None:
+        """STOPPING, once this side's stop-and-copy is durable: the
+        destination syncs its own record of it while the guest is paused
+        and the last pages travel, instead of after them. Not repeated
+        on a dropped channel, which is resumed here (the round before is
+        all acknowledged): a destination that did not get it records the
+        phase on the stopped guest's first record."""
+        control = self.data.control
+        if (
+            control is None
+            or messages.Capability.STOP_NOTICE.value
+            not in control.connection.capabilities
+        ):
+            return
+        try:
+            control.send(messages.Stopping())
+        except TransportError as exc:
+            LOG.info(
+                "Migration %s: STOPPING not sent: %s",
+                self.migration_id,
+                exc,
+            )
+            self.data.close(0)
+            retry.call(
+                self.data.reconnect,
+                what="resume the control channel",
+                budget=retry.RetryBudget.from_conf(
+                    self.conf, retry.Step.TRANSFER
+                ),
+                on_retry=self._on_retry,
+            )
 
     def _send_final(self, pfns: np.ndarray, records: list[Buffers]) -> None:
         """Send the stop-and-copy pages ``pfns`` over all channels, read

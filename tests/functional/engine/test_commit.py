@@ -3,15 +3,22 @@ rollback when the destination fails before COMMIT."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import threading
 import time
 
 import pytest
 
+from nova_xen_ncm.engine import acceptor
 from nova_xen_ncm.engine import commit
+from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import recovery
+from nova_xen_ncm.engine import transport
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.journal import INCOMING
+from nova_xen_ncm.engine.journal import SUBDIR
 from nova_xen_ncm.engine.journal import IncomingEntry
 from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.receiver import ANSWER_POLL
@@ -216,3 +223,93 @@ def test_commit_lost_in_a_drop_lets_the_source_resume_at_once(
     assert "asks for the outcome" in str(m.receiver.error)
     assert state_of(source, domid) == base.DomainState.RUNNING
     assert state_of(destination, domid) is None
+
+
+def test_the_destination_records_stop_and_copy_before_the_pause(
+    source, destination, migration, conf, monkeypatch
+):
+    # STOPPING comes once the source's own record is durable, before it
+    # pauses: the destination's record of the phase is synced while the
+    # guest is paused and the last pages travel, not after them.
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    entered = threading.Event()
+    m.destination_events.hooks[("state", "stop_and_copy")] = lambda e: (
+        entered.set()
+    )
+    seen = []
+    pause = source.pause_for_save
+
+    def pause_for_save(domid):
+        seen.append(entered.wait(5.0))
+        pause(domid)
+
+    monkeypatch.setattr(source, "pause_for_save", pause_for_save)
+    assert m.run() is Phase.DONE
+    assert seen == [True]
+    assert journals_empty(conf)
+
+
+def test_the_source_commit_record_is_durable_before_commit_goes(
+    source, destination, migration, conf, monkeypatch
+):
+    # A restarted source that finds no COMMIT record knows COMMIT never
+    # went: it resumes its copy once the destination's lease ran out,
+    # reachable or not. That holds only if the record is synced first.
+    appended = []
+    append = Journal.append
+
+    def logged(self, migration_id, line, *, sync=True):
+        append(self, migration_id, line, sync=sync)
+        if os.path.basename(self.path) == SUBDIR:
+            phase = json.loads(line.split(b" ", 1)[1])["phase"]
+            appended.append((phase, sync))
+
+    monkeypatch.setattr(Journal, "append", logged)
+    at_commit = []
+    send = commit.Coordinator.commit
+
+    def committing(self, *args, **kwargs):
+        at_commit.append(appended[-1])
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(commit.Coordinator, "commit", committing)
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE
+    assert at_commit == [("commit", True)]
+
+
+def test_a_destination_without_stop_notice_gets_no_stopping(
+    source, destination, migration, conf, monkeypatch
+):
+    # A destination of an earlier release does not offer the capability:
+    # STOPPING is not sent (it would be a protocol error there), and the
+    # destination records STOP_AND_COPY on the stopped guest's records.
+    monkeypatch.setattr(
+        acceptor,
+        "_CAPABILITIES",
+        tuple(
+            c
+            for c in acceptor._CAPABILITIES
+            if c != messages.Capability.STOP_NOTICE.value
+        ),
+    )
+    sent = []
+    send = transport.Channel.send
+
+    def logged(self, msg, *args, **kwargs):
+        sent.append(type(msg).__name__)
+        return send(self, msg, *args, **kwargs)
+
+    monkeypatch.setattr(transport.Channel, "send", logged)
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    phases = []
+    m.destination_events.hooks[("state", "stop_and_copy")] = lambda e: (
+        phases.append(state_of(source, domid))
+    )
+    assert m.run() is Phase.DONE
+    assert "Stopping" not in sent and "Commit" in sent
+    assert phases == [base.DomainState.PAUSED]
+    assert journals_empty(conf)

@@ -220,6 +220,46 @@ def test_a_phase_its_predecessor_covers_is_appended_without_a_sync(
     record.close()
 
 
+def test_covered_phases_wait_for_neither_a_sync_nor_the_writer(
+    tmp_path, monkeypatch
+):
+    # A chain of covers: the second covered version does not wait for
+    # the first one's append, which the writer thread holds, and both
+    # land in order, neither synced.
+    j = journal.Journal(str(tmp_path))
+    record = journal.Record(
+        j,
+        entry(),
+        lazy={
+            Phase.RESTORE: Phase.STOP_AND_COPY,
+            Phase.COMMIT: Phase.RESTORE,
+        },
+    )
+    record.on_transition(Phase.SETUP, Phase.PRECOPY, {})
+    record.on_transition(Phase.PRECOPY, Phase.STOP_AND_COPY, {})
+    syncs = _count_syncs(monkeypatch)
+    release = threading.Event()
+    append = j.append
+
+    def held(*args, **kwargs):
+        assert release.wait(5)
+        append(*args, **kwargs)
+
+    monkeypatch.setattr(j, "append", held)
+    record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+    record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    assert not release.is_set() and syncs == []
+    release.set()
+    record.close()
+    with open(os.path.join(j.path, "m-1.json"), "rb") as f:
+        phases = [
+            json.loads(line.split(b" ", 1)[1])["phase"]
+            for line in f.read().splitlines()
+        ]
+    assert phases == ["precopy", "stop_and_copy", "restore", "commit"]
+    assert syncs == []
+
+
 def test_a_lazy_phase_not_entered_from_its_cover_is_synced(
     tmp_path, monkeypatch
 ):

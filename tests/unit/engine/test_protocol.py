@@ -157,6 +157,7 @@ FROM_CLIENT = [
         SETUP, kernel="/boot/vmlinuz", ramdisk="/i.gz", cmdline="nopv"
     ),
     dataclasses.replace(SETUP, kernel="/boot/vmlinuz"),
+    messages.Stopping(),
     messages.Commit(),
     messages.Query(),
     messages.Abort(reason="operator"),

@@ -108,11 +108,17 @@ def test_past_the_pause_the_source_resumes_after_the_teardown(
     assert host.calls[-1] == "unpause"
 
 
+@pytest.mark.parametrize(
+    "phase", [Phase.STOP_AND_COPY, Phase.RESTORE, Phase.ROLLBACK]
+)
 def test_past_the_pause_with_no_answer_the_lease_is_waited(
-    tmp_path, conf, journalled
+    tmp_path, conf, journalled, phase
 ):
+    # No COMMIT record: COMMIT, synced before it is sent, never went.
+    # The destination, unreachable, gives up its copy when its lease
+    # runs out; then the copy here resumes (one running copy).
     host = FakeHost()
-    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+    j = journalled(tmp_path, phase)
 
     def unreachable(entry, conf):
         raise TransportError("connection refused")
@@ -122,6 +128,23 @@ def test_past_the_pause_with_no_answer_the_lease_is_waited(
     assert time.monotonic() - started >= 0.3
     assert o.phase is Phase.FAILED and "lease" in o.reason
     assert "unpause" in host.calls
+
+
+def test_stop_and_copy_before_the_pause_rolls_back_without_asking(
+    tmp_path, conf, journalled
+):
+    # The guest still runs (the engine died between its STOP_AND_COPY
+    # record, or STOPPING, and the pause): nothing to fence.
+    host = FakeHost(state=base.DomainState.RUNNING)
+    j = journalled(tmp_path, Phase.STOP_AND_COPY)
+
+    def never(entry, conf):
+        raise AssertionError("asked")
+
+    (o,) = recovery.recover(host, j, conf, query=never)
+    assert o.phase is Phase.FAILED, o
+    assert "unpause" not in host.calls
+    assert j.entries() == []
 
 
 def test_a_destination_running_a_guest_never_committed_keeps_it_paused(
