@@ -140,6 +140,7 @@ from nova_xen_ncm.host.base import EventChannelState
 from nova_xen_ncm.host.base import EvtchnAbi
 from nova_xen_ncm.host.base import EvtchnType
 from nova_xen_ncm.host.base import GrantTableState
+from nova_xen_ncm.host.base import GuestPhysmap
 from nova_xen_ncm.host.base import GuestProbe
 from nova_xen_ncm.host.base import GuestRecords
 from nova_xen_ncm.host.base import GuestState
@@ -264,8 +265,14 @@ def check(
     results: dict[Item, ItemResult] = {}
     for item in Item:
         if item not in paused.items or item not in resumed.items:
-            side = "source" if item not in paused.items else "destination"
-            results[item] = ItemResult(False, f"the {side} reported no value")
+            state = paused if item not in paused.items else resumed
+            side = "source" if state is paused else "destination"
+            why = state.unread.get(item)
+            results[item] = ItemResult(
+                False,
+                f"the {side} reported no value"
+                + (f" (not readable there: {why})" if why else ""),
+            )
             continue
         a, b = paused.items[item], resumed.items[item]
         if item is Item.MEMORY:
@@ -460,13 +467,35 @@ class _Observer:
         self.host = host
         self.domid = domid
         self.probe = probe
-        self.physmap = probe.physmap()
-        self.shinfo = probe.shared_info()
+        self._read: dict[str, object] = {}
+        self._bindings: tuple[EventChannel, ...] | None = None
         self._ports: tuple[EventChannel, ...] | None = None
         self._grant_frames: tuple[bytes, ...] | None = None
 
+    def _once(self, name: str, read: Callable[[], object]) -> object:
+        # Read once; a refusal (NotSupported) is kept and raised again to
+        # every item that needs the read, which is then reported unread.
+        if name not in self._read:
+            try:
+                self._read[name] = read()
+            except NotSupported as exc:
+                self._read[name] = exc
+        value = self._read[name]
+        if isinstance(value, NotSupported):
+            raise value
+        return value
+
+    @property
+    def physmap(self) -> GuestPhysmap:
+        return self._once("physmap", self.probe.physmap)  # type: ignore[return-value]
+
+    @property
+    def shinfo(self) -> bytes:
+        return self._once("shared_info", self.probe.shared_info)  # type: ignore[return-value]
+
     def state(self, wanted: set[Item]) -> GuestState:
         items: dict[Item, object] = {}
+        unread: dict[Item, str] = {}
         records = self.probe.guest_records()
         for item, read in (
             (Item.PLATFORM, self.platform),
@@ -481,6 +510,11 @@ class _Observer:
             if item in wanted:
                 try:
                     items[item] = read()
+                except NotSupported as exc:
+                    # The host cannot give what the item needs (stock
+                    # Xen: what only the guest or a patched hypervisor
+                    # knows): reported missing, saying why.
+                    unread[item] = str(exc)
                 except HostError:
                     # Not there to read (no xenstore connection for a
                     # guest without PV drivers): the item is then
@@ -490,19 +524,18 @@ class _Observer:
             items=items,
             frontends=dict(records.frontends),
             kernel=self.kernel(records),
+            unread=unread,
         )
 
     # -- event channels, from EVTCHNOP_status and the shared info page --
 
-    def ports(self) -> tuple[EventChannel, ...]:
+    def bindings(self) -> tuple[EventChannel, ...]:
         # The bindings are the hypervisor's alone (nothing in guest RAM
         # says which domain a port is bound to): asked port by port with
         # EVTCHNOP_status, the query a guest or lsevtchn makes, which is
         # independent of the toolstack's table export the migration
-        # sends; pending and mask bits come from the shared info page.
-        if self._ports is None:
-            pending = _u64s(self.shinfo, SHINFO_PENDING, 64)
-            mask = _u64s(self.shinfo, SHINFO_MASK, 64)
+        # sends.
+        if self._bindings is None:
             out = []
             port = 1
             while (st := self.probe.evtchn_status(port)) is not None:
@@ -517,15 +550,25 @@ class _Observer:
                         # guest's to see.
                         remote_port = 0
                     out.append(
-                        dataclasses.replace(
-                            st,
-                            remote_port=remote_port,
-                            pending=_bit(pending, port),
-                            masked=_bit(mask, port),
-                        )
+                        dataclasses.replace(st, remote_port=remote_port)
                     )
                 port += 1
-            self._ports = tuple(out)
+            self._bindings = tuple(out)
+        return self._bindings
+
+    def ports(self) -> tuple[EventChannel, ...]:
+        # Pending and mask bits come from the shared info page.
+        if self._ports is None:
+            pending = _u64s(self.shinfo, SHINFO_PENDING, 64)
+            mask = _u64s(self.shinfo, SHINFO_MASK, 64)
+            self._ports = tuple(
+                dataclasses.replace(
+                    st,
+                    pending=_bit(pending, st.port),
+                    masked=_bit(mask, st.port),
+                )
+                for st in self.bindings()
+            )
         return self._ports
 
     def event_channels(self) -> EventChannelState:
@@ -586,9 +629,14 @@ class _Observer:
         # a record that save leaves out is still found here. The TSC
         # info has one source, the hypervisor (XEN_DOMCTL_gettscinfo).
         out: dict[str, object] = {}
+        try:
+            vcpus = len(self.physmap.vcpu_info)
+        except NotSupported:
+            # No placements to count: the vCPUs as the domain has them.
+            vcpus = self.host.domain_info(self.domid).vcpus
         for code in range(1, HVM_SAVE_CODE_MAX + 1):
             name = HVM_SAVE_NAMES.get(code, f"TYPE{code}")
-            for instance in range(max(1, len(self.physmap.vcpu_info))):
+            for instance in range(max(1, vcpus)):
                 record = self.probe.hvm_record(code, instance)
                 if record is not None:
                     out[f"{name}:{instance}"] = record
@@ -603,7 +651,7 @@ class _Observer:
             ids |= {v.backend_domid for v in self.devices()}
         ids |= {
             p.remote_domid
-            for p in self.ports()
+            for p in self.bindings()
             if p.type in (EvtchnType.INTERDOMAIN, EvtchnType.UNBOUND)
             and p.remote_domid != self.domid
         }
@@ -643,7 +691,10 @@ class _Observer:
 
     def devices(self) -> tuple[DeviceView, ...]:
         xs = self.probe.xenstore()
-        self.probe.xenstore_connection()  # HostError when not introduced
+        # HostError when not introduced; a xenstored that does not list
+        # the connection's watches still serves the device nodes.
+        with contextlib.suppress(NotSupported):
+            self.probe.xenstore_connection()
         out = []
         base_path = f"{self.home()}/device"
         kinds = _xs_list(xs, base_path)
@@ -658,7 +709,7 @@ class _Observer:
         be = _xs_text(xs, f"{fe}/backend")
         backend_domid = _xs_int(xs, f"{fe}/backend-id")
         names = _xs_list(xs, fe)
-        bound = {p.port: p for p in self.ports()}
+        bound = {p.port: p for p in self.bindings()}
         ports = []
         for name in sorted(n for n in names if n.endswith("event-channel")):
             port = _xs_int(xs, f"{fe}/{name}")
