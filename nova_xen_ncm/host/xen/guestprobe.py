@@ -1,0 +1,408 @@
+"""The transparency checker's read-only queries of a guest on real Xen
+(:class:`~nova_xen_ncm.host.base.GuestProbe`).
+
+Each query is one a dom0 tool makes from outside the guest, issued here
+over the library bindings of :mod:`.libs` and nothing else of this
+driver: a read-only foreign map of a page (libxenforeignmemory),
+``XEN_DOMCTL_getdomaininfo``, ``EVTCHNOP_status``, ``HVMOP_get_param``,
+``XEN_DOMCTL_gethvmcontext_partial`` for one record (through libxencall,
+as libxenctrl's wrapper drops the record's length), and reads of
+xenstored as dom0 (libxenstore). None goes through the migration's
+export, save or stream code (:mod:`.context`, :mod:`.pvctx`,
+:mod:`.inplace`, :mod:`.xsmig`, the codecs), whose results the checker
+judges. Nothing here writes the guest, Xen's tables or xenstored.
+
+What stock Xen 4.17 does not let dom0 read is refused with
+:class:`~nova_xen_ncm.host.base.NotSupported` naming what is missing,
+so that the checker reports the item it needs as not read instead of
+judging a guess.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errnos
+import struct
+from typing import Any
+
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.base import PAGE_SIZE
+from nova_xen_ncm.host.xen import libs
+
+PROT_READ = 1
+# xen/include/public/xen.h, domctl.h (interface version of Xen 4.17)
+HYPERVISOR_DOMCTL = 36
+DOMCTL_INTERFACE_VERSION = 0x15
+XEN_DOMCTL_GETHVMCONTEXT_PARTIAL = 55
+# hvm/save.h: struct hvm_hw_cpu's tsc, the guest's TSC when Xen wrote
+# the record (hvm_get_guest_tsc of the vCPU).
+HVM_SAVE_CPU = 2
+HVM_CPU_TSC_OFFSET = 1008
+# The largest record Xen's save writes is a vCPU's XSAVE area, a few
+# KiB; a record longer than this is refused, not truncated.
+RECORD_LIMIT = 1 << 16
+# getdomaininfo's shared_info_frame of an HVM guest that has not placed
+# its shared info page: the M2P has no entry (INVALID_M2P_ENTRY, in the
+# widths Xen and libxc report it).
+SHARED_INFO_UNPLACED = frozenset((2**64 - 1, 2**32 - 1, 2**63 - 1))
+# xs_perm_type (xenstore_lib.h)
+XS_PERM_LETTERS = {0: "n", 1: "r", 2: "w", 3: "b"}
+
+PHYSMAP_LIMIT = (
+    "stock Xen 4.17 gives dom0 no read of another domain's vcpu_info "
+    "placement (VCPUOP_register_vcpu_info acts on the calling vCPU) nor "
+    "of the event channel ABI it chose (EVTCHNOP_init_control is "
+    "guest-only); the patched hypervisor's XEN_DOMCTL_ncm_vcpu and "
+    "XEN_DOMCTL_ncm_evtchn report them, which this probe does not issue"
+)
+STOCK_XENSTORED_LIMIT = (
+    "xenstored lists no domain's watches or open transactions to dom0 "
+    "(XS_CONTROL offers check, log, memreport, print, quota and "
+    "live-update, none per domain)"
+)
+
+
+class _HvmContextPartial(ctypes.Structure):
+    """struct xen_domctl_hvmcontext_partial (domctl.h)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("instance", ctypes.c_uint32),
+        ("bufsz", ctypes.c_uint64),
+        ("buffer", ctypes.c_uint64),
+    ]
+
+
+class _DomctlUnion(ctypes.Union):
+    _fields_ = [
+        ("hvmcontext_partial", _HvmContextPartial),
+        ("pad", ctypes.c_uint8 * 128),
+        ("align", ctypes.c_uint64),
+    ]
+
+
+class _Domctl(ctypes.Structure):
+    """struct xen_domctl (domctl.h)."""
+
+    _fields_ = [
+        ("cmd", ctypes.c_uint32),
+        ("interface_version", ctypes.c_uint32),
+        ("domain", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint16 * 3),
+        ("u", _DomctlUnion),
+    ]
+
+
+class XenGuestProbe(base.GuestProbe):
+    """Read-only queries about domain ``domid`` of this Xen host.
+
+    ``xch``, ``fmem`` and ``xsh`` are open libxenctrl, libxenforeignmemory
+    and libxenstore handles (the host driver's: a handle is a binding,
+    not logic); ``fn`` the bound C functions (:class:`.libs.Functions`);
+    ``patched_xenstored`` whether xenstored answers the project's
+    ``domain-export`` control command.
+    """
+
+    def __init__(
+        self,
+        domid: int,
+        *,
+        xch: Any,
+        fmem: Any,
+        xsh: Any,
+        fn: Any,
+        patched_xenstored: bool,
+        libc: Any = None,
+    ) -> None:
+        self._domid = domid
+        self._xch = xch
+        self._fmem = fmem
+        self._xsh = xsh
+        self._fn = fn
+        self._patched_xenstored = patched_xenstored
+        self._libc = libc if libc is not None else _libc()
+
+    # -- what Xen reports of the domain --
+
+    def _domaininfo(self, call: str) -> libs.XenDomctlGetDomainInfo:
+        info = libs.XenDomctlGetDomainInfo()
+        n = self._fn.xc_domain_getinfolist(
+            self._xch, self._domid, 1, ctypes.byref(info)
+        )
+        if n < 0:
+            libs.raise_for("xc_domain_getinfolist", domid=self._domid)
+        if n == 0 or info.domain != self._domid:
+            raise base.DomainNotFound(f"no domain {self._domid}", call=call)
+        return info
+
+    def _shared_info_gfn(self) -> int | None:
+        frame = int(self._domaininfo("probe.physmap").shared_info_frame)
+        return None if frame in SHARED_INFO_UNPLACED else frame
+
+    def physmap(self) -> base.GuestPhysmap:
+        # Xen reports the shared info GFN (getdomaininfo) and the grant
+        # table's version, but the vCPUs' placements and the ABI are
+        # guest-only on stock 4.17: refused whole, naming what lacks.
+        self._domaininfo("probe.physmap")
+        raise base.NotSupported(
+            f"domain {self._domid}: {PHYSMAP_LIMIT}",
+            call="probe.physmap",
+        )
+
+    def frame(self, gfn: int) -> bytes:
+        pfns = (ctypes.c_ulong * 1)(gfn)
+        err = (ctypes.c_int * 1)()
+        addr = self._fn.xenforeignmemory_map(
+            self._fmem, self._domid, PROT_READ, 1, pfns, err
+        )
+        if not addr:
+            libs.raise_for(
+                "xenforeignmemory_map", f"gfn {gfn:#x}", domid=self._domid
+            )
+        try:
+            if err[0]:
+                raise base.HostError(
+                    f"gfn {gfn:#x} is not in dom{self._domid}'s physmap "
+                    f"({errnos.errorcode.get(-err[0], -err[0])})",
+                    call="probe.frame",
+                    errno=-err[0],
+                )
+            return ctypes.string_at(addr, PAGE_SIZE)
+        finally:
+            self._fn.xenforeignmemory_unmap(self._fmem, addr, 1)
+
+    def shared_info(self) -> bytes:
+        gfn = self._shared_info_gfn()
+        if gfn is None:
+            # Xen keeps the page, but for an HVM guest dom0 maps guest
+            # frames by GFN only, and the guest placed it nowhere.
+            raise base.NotSupported(
+                f"domain {self._domid} has not placed its shared info page "
+                "in its physmap (getdomaininfo: no GFN); dom0 cannot map "
+                "it, and the guest cannot see it",
+                call="probe.shared_info",
+            )
+        return self.frame(gfn)
+
+    def evtchn_status(self, port: int) -> base.EventChannel | None:
+        if port <= 0:
+            return None
+        st = libs.EvtchnStatus(dom=self._domid, port=port)
+        if self._fn.xc_evtchn_status(self._xch, ctypes.byref(st)) < 0:
+            err = ctypes.get_errno()
+            if err == errnos.EINVAL:
+                return None  # beyond the domain's ports
+            if err == errnos.EACCES:
+                # A port Xen consumes (an ioreq server's): refused to
+                # every caller, the guest included, which cannot bind,
+                # raise or close it; as no binding of the guest's.
+                return base.EventChannel(
+                    port=port, type=base.EvtchnType.CLOSED
+                )
+            libs.raise_for(
+                "xc_evtchn_status", f"port {port}", domid=self._domid
+            )
+        kind = base.EvtchnType(st.status)
+        return base.EventChannel(
+            port=port,
+            type=kind,
+            vcpu=st.vcpu,
+            remote_domid=(
+                st.u.unbound_dom
+                if kind is base.EvtchnType.UNBOUND
+                else st.u.interdomain.dom
+                if kind is base.EvtchnType.INTERDOMAIN
+                else 0
+            ),
+            remote_port=(
+                st.u.interdomain.port
+                if kind is base.EvtchnType.INTERDOMAIN
+                else 0
+            ),
+            virq=st.u.virq if kind is base.EvtchnType.VIRQ else 0,
+            pirq=st.u.pirq if kind is base.EvtchnType.PIRQ else 0,
+        )
+
+    def hvm_param(self, index: int) -> int:
+        value = ctypes.c_uint64()
+        rc = self._fn.xc_hvm_param_get(
+            self._xch, self._domid, index, ctypes.byref(value)
+        )
+        if rc < 0:
+            if ctypes.get_errno() == errnos.EINVAL:
+                # A param this Xen does not know reads as unset.
+                return 0
+            libs.raise_for(
+                "xc_hvm_param_get", f"param {index}", domid=self._domid
+            )
+        return int(value.value)
+
+    def hvm_record(self, typecode: int, instance: int) -> bytes | None:
+        # hvm_save_one pauses the vCPU (or the domain) for the read, so a
+        # running guest is read as well; ENODATA (a vCPU record) and
+        # ENOENT (a domain record) say the domain has no such record.
+        size = self._partial(typecode, instance, None)
+        if size is None:
+            return None
+        if size > RECORD_LIMIT:
+            raise base.HostError(
+                f"HVM record {typecode}:{instance} of {size} octets",
+                call="probe.hvm_record",
+            )
+        return self._partial(typecode, instance, size)
+
+    def _partial(self, typecode: int, instance: int, size: int | None) -> Any:
+        """XEN_DOMCTL_gethvmcontext_partial: with ``size`` None the
+        record's length (a null buffer asks for it), else its bytes; None
+        when the domain has no such record."""
+        handle = self._fn.xencall_open(None, 0)
+        if not handle:
+            libs.raise_for("xencall_open")
+        bufs = []
+        try:
+            ctl_addr = self._alloc(handle, ctypes.sizeof(_Domctl), bufs)
+            ctypes.memset(ctl_addr, 0, ctypes.sizeof(_Domctl))
+            ctl = _Domctl.from_address(ctl_addr)
+            ctl.cmd = XEN_DOMCTL_GETHVMCONTEXT_PARTIAL
+            ctl.interface_version = DOMCTL_INTERFACE_VERSION
+            ctl.domain = self._domid
+            part = ctl.u.hvmcontext_partial
+            part.type = typecode
+            part.instance = instance
+            data = 0
+            if size is not None:
+                data = self._alloc(handle, max(size, 1), bufs)
+                part.bufsz = size
+                part.buffer = data
+            ctypes.set_errno(0)
+            if self._fn.xencall1(handle, HYPERVISOR_DOMCTL, ctl_addr) < 0:
+                err = ctypes.get_errno()
+                if err in (errnos.ENODATA, errnos.ENOENT):
+                    return None
+                libs.raise_for(
+                    "XEN_DOMCTL_gethvmcontext_partial",
+                    f"record {typecode}:{instance}",
+                    domid=self._domid,
+                )
+            if size is None:
+                return int(part.bufsz)
+            return ctypes.string_at(data, int(part.bufsz))
+        finally:
+            for buf in bufs:
+                self._fn.xencall_free_buffer(handle, buf)
+            self._fn.xencall_close(handle)
+
+    def _alloc(self, handle: Any, size: int, bufs: list) -> int:
+        buf = self._fn.xencall_alloc_buffer(handle, size)
+        if not buf:
+            libs.raise_for("xencall_alloc_buffer")
+        bufs.append(buf)
+        return buf
+
+    def guest_tsc(self) -> int:
+        # What RDTSC in the guest returns now, as Xen computes it for the
+        # CPU record (the host TSC scaled and offset for the guest): read
+        # from outside, never from the guest.
+        record = self.hvm_record(HVM_SAVE_CPU, 0)
+        if record is None or len(record) < HVM_CPU_TSC_OFFSET + 8:
+            raise base.HostError(
+                f"domain {self._domid} has no CPU record for vCPU 0",
+                call="probe.guest_tsc",
+            )
+        return struct.unpack_from("<Q", record, HVM_CPU_TSC_OFFSET)[0]
+
+    # -- xenstored, as dom0 --
+
+    def xenstore(self) -> base.XenstoreReader:
+        return XenstoreReader(self._xsh, self._fn, self._libc)
+
+    def xenstore_connection(
+        self,
+    ) -> tuple[tuple[base.XenstoreWatch, ...], tuple[int, ...], int, int]:
+        if not self._fn.xs_is_domain_introduced(self._xsh, self._domid):
+            raise base.HostError(
+                f"dom{self._domid} is not introduced to xenstored",
+                call="probe.xenstore_connection",
+            )
+        if not self._patched_xenstored:
+            raise base.NotSupported(
+                f"domain {self._domid}: {STOCK_XENSTORED_LIMIT}",
+                call="probe.xenstore_connection",
+            )
+        raise base.NotSupported(
+            f"domain {self._domid}: the patched xenstored's connection "
+            "listing (domain-export) is the migration's own record; this "
+            "probe has no separate reader of it yet",
+            call="probe.xenstore_connection",
+        )
+
+    def guest_records(self) -> base.GuestRecords:
+        # A guest on real Xen keeps no records in a layout the host knows
+        # (the simulated guest's header is the simulator's): none.
+        self._domaininfo("probe.guest_records")
+        return base.GuestRecords({}, (), (), 0)
+
+
+class XenstoreReader(base.XenstoreReader):
+    """xs_read, xs_directory and xs_get_permissions as dom0."""
+
+    def __init__(self, xsh: Any, fn: Any, libc: Any) -> None:
+        self._xsh = xsh
+        self._fn = fn
+        self._libc = libc
+
+    def _fail(self, call: str, path: str) -> None:
+        err = ctypes.get_errno()
+        name = errnos.errorcode.get(err, str(err))
+        # The checker's walk tells a node removed meanwhile by ENOENT.
+        raise base.HostError(f"{path}: {name}", call=call, errno=err or None)
+
+    def read(self, path: str, tx: int = 0) -> bytes:
+        length = ctypes.c_uint()
+        ptr = self._fn.xs_read(
+            self._xsh, tx, path.encode(), ctypes.byref(length)
+        )
+        if not ptr:
+            self._fail("xs_read", path)
+        try:
+            return ctypes.string_at(ptr, length.value)
+        finally:
+            self._libc.free(ptr)
+
+    def directory(self, path: str, tx: int = 0) -> list[str]:
+        num = ctypes.c_uint()
+        ptr = self._fn.xs_directory(
+            self._xsh, tx, path.encode(), ctypes.byref(num)
+        )
+        if not ptr:
+            self._fail("xs_directory", path)
+        try:
+            names = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_char_p))
+            return sorted(names[i].decode() for i in range(num.value))
+        finally:
+            self._libc.free(ptr)
+
+    def get_perms(self, path: str, tx: int = 0) -> list[tuple[str, int]]:
+        num = ctypes.c_uint()
+        ptr = self._fn.xs_get_permissions(
+            self._xsh, tx, path.encode(), ctypes.byref(num)
+        )
+        if not ptr:
+            self._fail("xs_get_permissions", path)
+        try:
+            # struct xs_permissions { unsigned int id; int perms; }
+            raw = ctypes.string_at(ptr, 8 * num.value)
+            out = []
+            for i in range(num.value):
+                who, perms = struct.unpack_from("<Ii", raw, 8 * i)
+                out.append((XS_PERM_LETTERS.get(perms & 3, "n"), who))
+            return out
+        finally:
+            self._libc.free(ptr)
+
+
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.free.restype = None
+    return libc
