@@ -277,7 +277,9 @@ class XenGuestProbe(base.GuestProbe):
             ctypes.set_errno(0)
             if self._fn.xencall1(handle, HYPERVISOR_DOMCTL, ctl_addr) < 0:
                 err = ctypes.get_errno()
-                if err in (errnos.ENODATA, errnos.ENOENT):
+                # EINVAL: this Xen saves no such type by itself (the
+                # header); ENODATA, ENOENT: the domain has no such record.
+                if err in (errnos.EINVAL, errnos.ENODATA, errnos.ENOENT):
                     return None
                 libs.raise_for(
                     "XEN_DOMCTL_gethvmcontext_partial",
