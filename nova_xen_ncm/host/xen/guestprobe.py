@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import ctypes
 import errno as errnos
+import os
 import struct
+import tempfile
 from typing import Any
 
 from nova_xen_ncm.host import base
@@ -45,6 +47,15 @@ RECORD_LIMIT = 1 << 16
 # its shared info page: the M2P has no entry (INVALID_M2P_ENTRY, in the
 # widths Xen and libxc report it).
 SHARED_INFO_UNPLACED = frozenset((2**64 - 1, 2**32 - 1, 2**63 - 1))
+# hvm/params.h
+HVM_PARAM_STORE_PFN = 1
+# docs/designs/xenstore-migration.md record types; the largest dump the
+# probe reads (a domain's connection: its watches and queued data).
+XS_REC_END = 0
+XS_REC_CONN = 2
+XS_REC_WATCH = 3
+XS_REC_TRANSACTION = 4
+XS_DUMP_LIMIT = 16 << 20
 # xs_perm_type (xenstore_lib.h)
 XS_PERM_LETTERS = {0: "n", 1: "r", 2: "w", 3: "b"}
 
@@ -113,6 +124,7 @@ class XenGuestProbe(base.GuestProbe):
         fn: Any,
         patched_xenstored: bool,
         libc: Any = None,
+        xs_control: Any = None,
     ) -> None:
         self._domid = domid
         self._xch = xch
@@ -121,6 +133,7 @@ class XenGuestProbe(base.GuestProbe):
         self._fn = fn
         self._patched_xenstored = patched_xenstored
         self._libc = libc if libc is not None else _libc()
+        self._xs_control = xs_control
 
     # -- what Xen reports of the domain --
 
@@ -331,12 +344,35 @@ class XenGuestProbe(base.GuestProbe):
                 f"domain {self._domid}: {STOCK_XENSTORED_LIMIT}",
                 call="probe.xenstore_connection",
             )
-        raise base.NotSupported(
-            f"domain {self._domid}: the patched xenstored's connection "
-            "listing (domain-export) is the migration's own record; this "
-            "probe has no separate reader of it yet",
-            call="probe.xenstore_connection",
-        )
+        # The patched xenstored dumps the connection in
+        # xenstore-migration.md's records when asked (domain-export,
+        # without -f: nothing frozen); decoded here, by this module.
+        with tempfile.TemporaryDirectory(prefix="ncm-probe-") as d:
+            os.chmod(d, 0o700)
+            path = os.path.join(d, f"domain-{self._domid}")
+            self._control(b"domain-export", str(self._domid), path)
+            with open(path, "rb") as f:
+                data = f.read(XS_DUMP_LIMIT + 1)
+        evtchn, watches, txs = parse_connection(data, self._domid)
+        # The ring's GFN is not in the connection's record: the one the
+        # toolstack introduced the domain with, which the guest reads.
+        gfn = self.hvm_param(HVM_PARAM_STORE_PFN)
+        return watches, txs, evtchn, gfn
+
+    def _control(self, command: bytes, *args: str) -> None:
+        data = b"".join(a.encode() + b"\0" for a in args)
+        if self._xs_control is None:
+            self._xs_control = _xs_control_ptr()
+        ptr = self._xs_control(self._xsh, command, data, len(data))
+        if not ptr:
+            err = ctypes.get_errno()
+            raise base.HostError(
+                f"xenstored {command.decode()} {' '.join(args)}: "
+                f"{os.strerror(err) if err else 'failed'}",
+                call="xs_control_command",
+                errno=err or None,
+            )
+        self._libc.free(ptr)
 
     def guest_records(self) -> base.GuestRecords:
         # A guest on real Xen keeps no records in a layout the host knows
@@ -401,6 +437,85 @@ class XenstoreReader(base.XenstoreReader):
             return out
         finally:
             self._libc.free(ptr)
+
+
+def parse_connection(
+    data: bytes, domid: int
+) -> tuple[int, tuple[base.XenstoreWatch, ...], tuple[int, ...]]:
+    """The store port, watches and open transactions of ``domid`` in the
+    patched xenstored's ``domain-export`` file (xenstore-migration.md:
+    preamble, CONNECTION_DATA, WATCH_DATA and TRANSACTION_DATA records,
+    END; little-endian). Anything else is refused, naming it."""
+
+    def bad(what: str) -> base.HostError:
+        return base.HostError(
+            f"xenstored's dump of domain {domid}: {what}",
+            call="probe.xenstore_connection",
+        )
+
+    if len(data) > XS_DUMP_LIMIT:
+        raise bad(f"more than {XS_DUMP_LIMIT} octets")
+    if data[:8] != b"xenstore" or len(data) < 16:
+        raise bad("no xenstore-migration preamble")
+    version, flags = struct.unpack_from(">I", data, 8)[0], data[12:16]
+    if version != 1 or flags != bytes(4):
+        raise bad(f"version {version}, flags {flags.hex()}")
+    at = 16
+    evtchn = None
+    watches = []
+    txs = []
+    while True:
+        if at + 8 > len(data):
+            raise bad("no END record")
+        kind, length = struct.unpack_from("<II", data, at)
+        body = data[at + 8 : at + 8 + length]
+        if len(body) != length:
+            raise bad(f"record {kind} at octet {at} runs past the end")
+        at += 8 + length
+        if kind == XS_REC_END:
+            break
+        if kind == XS_REC_CONN and length >= 24:
+            conn_type, rec_domid, port = struct.unpack_from(
+                "<H2xH2xI", body, 4
+            )
+            if conn_type != 0 or rec_domid != domid or evtchn is not None:
+                raise bad(
+                    f"connection of type {conn_type} for domain {rec_domid}"
+                )
+            evtchn = port
+        elif kind == XS_REC_WATCH and length >= 8:
+            plen, tlen = struct.unpack_from("<HH", body, 4)
+            path = body[8 : 8 + plen]
+            token = body[8 + plen : 8 + plen + tlen]
+            if not path.endswith(b"\0") or not token.endswith(b"\0"):
+                raise bad("a watch's path or token is not terminated")
+            watches.append(
+                base.XenstoreWatch(
+                    path[:-1].decode(errors="replace"),
+                    token[:-1].decode(errors="replace"),
+                )
+            )
+        elif kind == XS_REC_TRANSACTION and length >= 8:
+            txs.append(struct.unpack_from("<I", body, 4)[0])
+        else:
+            raise bad(f"record type {kind} of {length} octets")
+    if evtchn is None:
+        raise bad("no connection record")
+    return evtchn, tuple(watches), tuple(sorted(txs))
+
+
+def _xs_control_ptr() -> Any:
+    # xs_control_command returning the reply's pointer, to free it (the
+    # shared prototype returns a copy as bytes).
+    fn = libs.library("xenstore")["xs_control_command"]
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_uint,
+    ]
+    return fn
 
 
 def _libc() -> Any:

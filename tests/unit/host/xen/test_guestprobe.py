@@ -316,15 +316,98 @@ def test_xenstore_is_read_as_dom0(xen) -> None:
         xs.read(f"{home}/gone")
 
 
+def _dump(*records: tuple[int, bytes]) -> bytes:
+    out = [b"xenstore" + struct.pack(">I", 1) + bytes(4)]
+    for kind, body in (*records, (0, b"")):
+        body += bytes(-len(body) % 8)
+        out.append(struct.pack("<II", kind, len(body)) + body)
+    return b"".join(out)
+
+
+CONNECTION = _dump(
+    (2, struct.pack("<IHHHHIHHI", 1, 0, 0, DOMID, 0x7FF4, 3, 0, 0, 0)),
+    (3, struct.pack("<IHH", 1, 13, 4) + b"device/vbd/1\0tok\0"),
+    (3, struct.pack("<IHH", 1, 6, 3) + b"@xsrc\0ab\0"),
+    (4, struct.pack("<II", 1, 9)),
+)
+
+
 def test_the_connection_is_refused_on_stock_xenstored(xen) -> None:
     with pytest.raises(base.NotSupported, match="watches or open trans"):
         xen.probe().xenstore_connection()
-    with pytest.raises(base.NotSupported, match="domain-export"):
-        xen.probe(patched_xenstored=True).xenstore_connection()
     xen.introduced = False
     with pytest.raises(base.HostError, match="not introduced") as exc:
         xen.probe().xenstore_connection()
     assert not isinstance(exc.value, base.NotSupported)
+
+
+def _control(xen: FakeXen, dump: bytes, seen: list):
+    def control(xsh, command, data, length) -> int:
+        args = data[:length].split(b"\0")[:-1]
+        seen.append((command, args))
+        if dump is None:  # NULL with the errno, as libxenstore answers
+            ctypes.set_errno(errnos.EINVAL)
+            return 0
+        with open(args[-1], "wb") as f:
+            f.write(dump)
+        buf = ctypes.create_string_buffer(b"OK")
+        xen.buffers[ctypes.addressof(buf)] = buf
+        return ctypes.addressof(buf)
+
+    return control
+
+
+def _patched_probe(xen: FakeXen, dump: bytes | None, seen: list):
+    return guestprobe.XenGuestProbe(
+        DOMID, xch=object(), fmem=object(), xsh=object(), fn=xen.fn,
+        patched_xenstored=True, libc=xen.libc,
+        xs_control=_control(xen, dump, seen),
+    )  # fmt: skip
+
+
+def test_the_patched_xenstored_lists_the_connection(xen) -> None:
+    seen: list = []
+    probe = _patched_probe(xen, CONNECTION, seen)
+    watches, txs, port, gfn = probe.xenstore_connection()
+    # Exported, never frozen (no -f): the guest's ring is left alone.
+    [(command, args)] = seen
+    assert command == b"domain-export" and args[0] == str(DOMID).encode()
+    assert len(args) == 2 and b"-f" not in args
+    assert watches == (
+        base.XenstoreWatch("device/vbd/1", "tok"),
+        base.XenstoreWatch("@xsrc", "ab"),
+    )
+    assert txs == (9,) and port == 3 and gfn == 0xFEFFE
+
+
+@pytest.mark.parametrize(
+    ("dump", "named"),
+    [
+        (b"garbage", "no xenstore-migration preamble"),
+        (CONNECTION[:-8], "no END record"),
+        (_dump((4, struct.pack("<II", 1, 9))), "no connection record"),
+        (_dump((5, bytes(8))), "record type 5"),
+        (
+            _dump((2, struct.pack("<IHHHHIHHI", 1, 0, 0, 9, 0, 3, 0, 0, 0))),
+            "for domain 9",
+        ),
+        (
+            _dump((3, struct.pack("<IHH", 1, 3, 2) + b"abcde")),
+            "not terminated",
+        ),
+    ],
+)
+def test_a_dump_that_is_not_one_connection_is_refused(xen, dump, named):
+    probe = _patched_probe(xen, dump, [])
+    with pytest.raises(base.HostError, match=named):
+        probe.xenstore_connection()
+
+
+def test_xenstored_refusing_the_export_is_an_error(xen) -> None:
+    probe = _patched_probe(xen, None, [])
+    with pytest.raises(base.HostError, match="domain-export") as exc:
+        probe.xenstore_connection()
+    assert exc.value.errno == errnos.EINVAL
 
 
 def test_a_guest_without_the_simulators_records_has_none(xen) -> None:
