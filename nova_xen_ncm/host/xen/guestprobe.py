@@ -20,11 +20,14 @@ judging a guess.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as errnos
 import os
 import struct
 import tempfile
+from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 from nova_xen_ncm.host import base
@@ -64,8 +67,19 @@ PHYSMAP_LIMIT = (
     "placement (VCPUOP_register_vcpu_info acts on the calling vCPU) nor "
     "of the event channel ABI it chose (EVTCHNOP_init_control is "
     "guest-only); the patched hypervisor's XEN_DOMCTL_ncm_vcpu and "
-    "XEN_DOMCTL_ncm_evtchn report them, which this probe does not issue"
+    "XEN_DOMCTL_ncm_evtchn, which report them, are absent here"
 )
+# The project's experimental domctls (doc/source/specs/xen-ncm-domctl);
+# an unknown domctl ends in ENOSYS or EOPNOTSUPP, another release's
+# interface_version in EACCES: all mean "absent".
+XEN_DOMCTL_NCM_EVTCHN = 20035
+XEN_DOMCTL_NCM_VCPU = 20036
+NCM_GET = 0
+NCM_VCPU_F_VCPU_INFO = 1
+ABSENT_DOMCTL = frozenset((errnos.ENOSYS, errnos.EOPNOTSUPP, errnos.EACCES))
+# grant_table.h
+GNTTABOP_SETUP_TABLE = 2
+GNTTABOP_QUERY_SIZE = 6
 STOCK_XENSTORED_LIMIT = (
     "xenstored lists no domain's watches or open transactions to dom0 "
     "(XS_CONTROL offers check, log, memreport, print, quota and "
@@ -84,9 +98,64 @@ class _HvmContextPartial(ctypes.Structure):
     ]
 
 
+class _NcmEvtchn(ctypes.Structure):
+    """XEN_DOMCTL_ncm_evtchn's member (doc/source/specs/xen-ncm-domctl)."""
+
+    _fields_ = [
+        ("op", ctypes.c_uint32),
+        ("nr", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("abi", ctypes.c_uint32),
+        ("recs", ctypes.c_uint64),
+    ]
+
+
+class _NcmVcpu(ctypes.Structure):
+    """XEN_DOMCTL_ncm_vcpu's member (doc/source/specs/xen-ncm-domctl)."""
+
+    _fields_ = [
+        ("op", ctypes.c_uint32),
+        ("vcpu", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("offset", ctypes.c_uint32),
+        ("vcpu_info_gfn", ctypes.c_uint64),
+        ("singleshot_deadline", ctypes.c_uint64),
+        ("periodic_period", ctypes.c_uint64),
+        ("runstate_va", ctypes.c_uint64),
+        ("time_va", ctypes.c_uint64),
+        ("upcall_vector", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
+        ("vm_assist", ctypes.c_uint64),
+    ]
+
+
+class _GnttabQuerySize(ctypes.Structure):
+    """struct gnttab_query_size (grant_table.h)."""
+
+    _fields_ = [
+        ("dom", ctypes.c_uint16),
+        ("nr_frames", ctypes.c_uint32),
+        ("max_nr_frames", ctypes.c_uint32),
+        ("status", ctypes.c_int16),
+    ]
+
+
+class _GnttabSetupTable(ctypes.Structure):
+    """struct gnttab_setup_table (grant_table.h)."""
+
+    _fields_ = [
+        ("dom", ctypes.c_uint16),
+        ("nr_frames", ctypes.c_uint32),
+        ("status", ctypes.c_int16),
+        ("frame_list", ctypes.c_uint64),
+    ]
+
+
 class _DomctlUnion(ctypes.Union):
     _fields_ = [
         ("hvmcontext_partial", _HvmContextPartial),
+        ("ncm_evtchn", _NcmEvtchn),
+        ("ncm_vcpu", _NcmVcpu),
         ("pad", ctypes.c_uint8 * 128),
         ("align", ctypes.c_uint64),
     ]
@@ -154,12 +223,93 @@ class XenGuestProbe(base.GuestProbe):
 
     def physmap(self) -> base.GuestPhysmap:
         # Xen reports the shared info GFN (getdomaininfo) and the grant
-        # table's version, but the vCPUs' placements and the ABI are
-        # guest-only on stock 4.17: refused whole, naming what lacks.
-        self._domaininfo("probe.physmap")
-        raise base.NotSupported(
-            f"domain {self._domid}: {PHYSMAP_LIMIT}",
-            call="probe.physmap",
+        # table's version and frames; the vCPUs' placements and the ABI
+        # only the patched hypervisor's domctls do: on stock 4.17 the
+        # physmap is refused whole, naming what lacks.
+        info = self._domaininfo("probe.physmap")
+        frame = int(info.shared_info_frame)
+        with self._hypercall(XEN_DOMCTL_NCM_EVTCHN) as (ctl, _, issue):
+            ctl.u.ncm_evtchn.op = NCM_GET  # nr 0, no buffer: counts only
+            err = issue()
+            abi = int(ctl.u.ncm_evtchn.abi)
+        if err in ABSENT_DOMCTL:
+            raise base.NotSupported(
+                f"domain {self._domid}: {PHYSMAP_LIMIT}",
+                call="probe.physmap",
+            )
+        if err:
+            raise self._domctl_error("XEN_DOMCTL_ncm_evtchn", err)
+        placements = []
+        for vcpu in range(int(info.max_vcpu_id) + 1):
+            with self._hypercall(XEN_DOMCTL_NCM_VCPU) as (ctl, _, issue):
+                op = ctl.u.ncm_vcpu
+                op.op, op.vcpu = NCM_GET, vcpu
+                err = issue()
+                flags, gfn, offset = op.flags, op.vcpu_info_gfn, op.offset
+            if err == errnos.ENOENT:
+                continue  # no such vCPU
+            if err:
+                raise self._domctl_error("XEN_DOMCTL_ncm_vcpu", err)
+            placements.append(
+                base.VcpuInfoPlacement(vcpu, int(gfn), int(offset))
+                if flags & NCM_VCPU_F_VCPU_INFO
+                else base.VcpuInfoPlacement(vcpu)
+            )
+        version = self._fn.xc_gnttab_get_version(self._xch, self._domid)
+        if version < 0:
+            libs.raise_for("xc_gnttab_get_version", domid=self._domid)
+        return base.GuestPhysmap(
+            shared_info_gfn=None if frame in SHARED_INFO_UNPLACED else frame,
+            grant_version=int(version),
+            grant_frame_gfns=self._grant_frame_gfns(version),
+            vcpu_info=tuple(placements),
+            evtchn_abi=base.EvtchnAbi.FIFO
+            if abi == 1
+            else base.EvtchnAbi.TWO_LEVEL,
+        )
+
+    def _grant_frame_gfns(self, version: int) -> tuple[int | None, ...]:
+        """Where the guest placed each grant frame (GNTTABOP_setup_table
+        lists the M2P's GFN of each for a translated guest); none for a
+        guest that never chose a version (setup_table would set v1)."""
+        if version == 0:
+            return ()
+        query = _GnttabQuerySize(dom=self._domid)
+        self._gnttab_op(GNTTABOP_QUERY_SIZE, query)
+        nr = int(query.nr_frames)
+        if not nr:
+            return ()
+        with self._hypercall(0) as (_, alloc, _issue):
+            buf = alloc(8 * nr)
+            # The table's own size: nothing grows.
+            setup = _GnttabSetupTable(
+                dom=self._domid, nr_frames=nr, frame_list=buf
+            )
+            self._gnttab_op(GNTTABOP_SETUP_TABLE, setup)
+            gfns = list((ctypes.c_uint64 * nr).from_address(buf))
+        return tuple(
+            None if g in SHARED_INFO_UNPLACED else int(g) for g in gfns
+        )
+
+    def _gnttab_op(self, cmd: int, op: ctypes.Structure) -> None:
+        rc = self._fn.xc_gnttab_op(
+            self._xch, cmd, ctypes.addressof(op), ctypes.sizeof(op), 1
+        )
+        if rc < 0:
+            libs.raise_for(
+                "xc_gnttab_op", f"GNTTABOP {cmd}", domid=self._domid
+            )
+        if op.status:
+            raise base.HostError(
+                f"domain {self._domid}: GNTTABOP {cmd} status {op.status}",
+                call="xc_gnttab_op",
+            )
+
+    def _domctl_error(self, name: str, err: int) -> base.HostError:
+        return base.HostError(
+            f"domain {self._domid}: {name}: {os.strerror(err)}",
+            call=name,
+            errno=err,
         )
 
     def frame(self, gfn: int) -> bytes:
@@ -268,32 +418,26 @@ class XenGuestProbe(base.GuestProbe):
         """XEN_DOMCTL_gethvmcontext_partial: with ``size`` None the
         record's length (a null buffer asks for it), else its bytes; None
         when the domain has no such record."""
-        handle = self._fn.xencall_open(None, 0)
-        if not handle:
-            libs.raise_for("xencall_open")
-        bufs = []
-        try:
-            ctl_addr = self._alloc(handle, ctypes.sizeof(_Domctl), bufs)
-            ctypes.memset(ctl_addr, 0, ctypes.sizeof(_Domctl))
-            ctl = _Domctl.from_address(ctl_addr)
-            ctl.cmd = XEN_DOMCTL_GETHVMCONTEXT_PARTIAL
-            ctl.interface_version = DOMCTL_INTERFACE_VERSION
-            ctl.domain = self._domid
+        with self._hypercall(XEN_DOMCTL_GETHVMCONTEXT_PARTIAL) as (
+            ctl,
+            alloc,
+            issue,
+        ):
             part = ctl.u.hvmcontext_partial
             part.type = typecode
             part.instance = instance
             data = 0
             if size is not None:
-                data = self._alloc(handle, max(size, 1), bufs)
+                data = alloc(max(size, 1))
                 part.bufsz = size
                 part.buffer = data
-            ctypes.set_errno(0)
-            if self._fn.xencall1(handle, HYPERVISOR_DOMCTL, ctl_addr) < 0:
-                err = ctypes.get_errno()
-                # EINVAL: this Xen saves no such type by itself (the
-                # header); ENODATA, ENOENT: the domain has no such record.
-                if err in (errnos.EINVAL, errnos.ENODATA, errnos.ENOENT):
-                    return None
+            err = issue()
+            # EINVAL: this Xen saves no such type by itself (the header);
+            # ENODATA, ENOENT: the domain has no such record.
+            if err in (errnos.EINVAL, errnos.ENODATA, errnos.ENOENT):
+                return None
+            if err:
+                ctypes.set_errno(err)
                 libs.raise_for(
                     "XEN_DOMCTL_gethvmcontext_partial",
                     f"record {typecode}:{instance}",
@@ -302,17 +446,44 @@ class XenGuestProbe(base.GuestProbe):
             if size is None:
                 return int(part.bufsz)
             return ctypes.string_at(data, int(part.bufsz))
+
+    @contextlib.contextmanager
+    def _hypercall(
+        self, cmd: int
+    ) -> Iterator[tuple[_Domctl, Callable[[int], int], Callable[[], int]]]:
+        """A zeroed struct xen_domctl for ``cmd`` in a hypercall buffer,
+        an allocator of more such buffers, and the call issuing it
+        (returning the errno, 0 on success); all freed on exit."""
+        handle = self._fn.xencall_open(None, 0)
+        if not handle:
+            libs.raise_for("xencall_open")
+        bufs: list[int] = []
+
+        def alloc(size: int) -> int:
+            buf = self._fn.xencall_alloc_buffer(handle, size)
+            if not buf:
+                libs.raise_for("xencall_alloc_buffer")
+            bufs.append(buf)
+            return buf
+
+        try:
+            ctl_addr = alloc(ctypes.sizeof(_Domctl))
+            ctypes.memset(ctl_addr, 0, ctypes.sizeof(_Domctl))
+            ctl = _Domctl.from_address(ctl_addr)
+            ctl.cmd = cmd
+            ctl.interface_version = DOMCTL_INTERFACE_VERSION
+            ctl.domain = self._domid
+
+            def issue() -> int:
+                ctypes.set_errno(0)
+                rc = self._fn.xencall1(handle, HYPERVISOR_DOMCTL, ctl_addr)
+                return ctypes.get_errno() or errnos.EIO if rc < 0 else 0
+
+            yield ctl, alloc, issue
         finally:
             for buf in bufs:
                 self._fn.xencall_free_buffer(handle, buf)
             self._fn.xencall_close(handle)
-
-    def _alloc(self, handle: Any, size: int, bufs: list) -> int:
-        buf = self._fn.xencall_alloc_buffer(handle, size)
-        if not buf:
-            libs.raise_for("xencall_alloc_buffer")
-        bufs.append(buf)
-        return buf
 
     def guest_tsc(self) -> int:
         # What RDTSC in the guest returns now, as Xen computes it for the

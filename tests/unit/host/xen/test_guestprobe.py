@@ -79,6 +79,15 @@ class FakeXen:
             xs_get_permissions=self.xs_get_permissions,
         )
         self.libc = types.SimpleNamespace(free=lambda ptr: None)
+        # The patched hypervisor's answers; None: stock Xen, whose
+        # unknown domctl ends in ``absent``.
+        self.patched: dict | None = None
+        self.absent = errnos.ENOSYS
+        self.gnttab_version = 1
+        self.grant_frames = [0xF0000, 2**64 - 1]
+        self.gnttab_calls: list[int] = []
+        self.fn.xc_gnttab_get_version = lambda xch, domid: self.gnttab_version
+        self.fn.xc_gnttab_op = self.gnttab_op
 
     def probe(
         self, patched_xenstored: bool = False
@@ -123,6 +132,22 @@ class FakeXen:
         ref._obj.value = self.params.get(index, 0)
         return 0
 
+    def gnttab_op(self, xch, cmd, addr, size, count) -> int:
+        self.gnttab_calls.append(cmd)
+        if cmd == guestprobe.GNTTABOP_QUERY_SIZE:
+            op = guestprobe._GnttabQuerySize.from_address(addr)
+            assert op.dom == DOMID
+            op.nr_frames, op.max_nr_frames = len(self.grant_frames), 64
+            return 0
+        assert cmd == guestprobe.GNTTABOP_SETUP_TABLE
+        op = guestprobe._GnttabSetupTable.from_address(addr)
+        # The table's own size: asking for more would grow it.
+        assert op.dom == DOMID and op.nr_frames == len(self.grant_frames)
+        assert op.frame_list in self.buffers  # a hypercall buffer
+        frames = (ctypes.c_uint64 * op.nr_frames).from_address(op.frame_list)
+        frames[:] = self.grant_frames
+        return 0
+
     # libxenforeignmemory
     def map(self, fmem, domid, prot, n, pfns, err) -> int:
         assert n == 1 and domid == DOMID
@@ -150,8 +175,25 @@ class FakeXen:
     def xencall1(self, handle, op, addr) -> int:
         assert op == guestprobe.HYPERVISOR_DOMCTL
         ctl = guestprobe._Domctl.from_address(addr)
-        assert ctl.cmd == 55 and ctl.interface_version == 0x15
-        assert ctl.domain == DOMID
+        assert ctl.interface_version == 0x15 and ctl.domain == DOMID
+        if ctl.cmd == guestprobe.XEN_DOMCTL_NCM_EVTCHN:
+            op = ctl.u.ncm_evtchn
+            assert (op.op, op.nr, op.recs) == (0, 0, 0)  # GET, count only
+            if self.patched is None:
+                return _fail(self.absent)
+            op.nr, op.abi = 2, self.patched["abi"]
+            return 0
+        if ctl.cmd == guestprobe.XEN_DOMCTL_NCM_VCPU:
+            op = ctl.u.ncm_vcpu
+            assert op.op == 0
+            placed = self.patched["vcpu_info"].get(op.vcpu, errnos.ENOENT)
+            if isinstance(placed, int):
+                return _fail(placed)
+            if placed:
+                op.flags = 1
+                op.vcpu_info_gfn, op.offset = placed
+            return 0
+        assert ctl.cmd == 55
         part = ctl.u.hvmcontext_partial
         self.calls.append(f"{part.type}:{part.instance}:{part.buffer != 0}")
         found = self.records.get(
@@ -246,11 +288,50 @@ def test_an_unplaced_shared_info_page_is_refused(xen, frame) -> None:
     assert not xen.mapped
 
 
-def test_the_physmap_is_refused_naming_what_stock_xen_lacks(xen) -> None:
+@pytest.mark.parametrize(
+    "absent", [errnos.ENOSYS, errnos.EOPNOTSUPP, errnos.EACCES]
+)
+def test_the_physmap_is_refused_naming_what_stock_xen_lacks(xen, absent):
+    xen.absent = absent
     with pytest.raises(base.NotSupported) as exc:
         xen.probe().physmap()
     assert "vcpu_info placement" in str(exc.value)
     assert "event channel ABI" in str(exc.value)
+    assert not xen.gnttab_calls and not xen.buffers
+
+
+def test_the_patched_hypervisor_gives_the_physmap(xen) -> None:
+    xen.patched = {"abi": 0, "vcpu_info": {0: None, 1: (0x120, 64)}}
+    pm = xen.probe().physmap()
+    assert pm == base.GuestPhysmap(
+        shared_info_gfn=SHINFO_GFN,
+        grant_version=1,
+        grant_frame_gfns=(0xF0000, None),
+        vcpu_info=(
+            base.VcpuInfoPlacement(0),
+            base.VcpuInfoPlacement(1, 0x120, 64),
+        ),
+        evtchn_abi=base.EvtchnAbi.TWO_LEVEL,
+    )
+    assert not xen.buffers
+    xen.patched["abi"] = 1
+    assert xen.probe().physmap().evtchn_abi is base.EvtchnAbi.FIFO
+
+
+def test_a_grant_table_the_guest_never_set_up_is_left_alone(xen) -> None:
+    xen.patched = {"abi": 0, "vcpu_info": {0: None, 1: None}}
+    xen.gnttab_version = 0
+    xen.shared_info_frame = 2**64 - 1
+    pm = xen.probe().physmap()
+    # GNTTABOP_setup_table would set version 1 for the guest: not called.
+    assert pm.grant_frame_gfns == () and xen.gnttab_calls == []
+    assert pm.shared_info_gfn is None
+
+
+def test_a_failing_vcpu_read_is_an_error(xen) -> None:
+    xen.patched = {"abi": 0, "vcpu_info": {0: errnos.EFAULT}}
+    with pytest.raises(base.HostError, match="ncm_vcpu: Bad address"):
+        xen.probe().physmap()
 
 
 def test_event_channels_are_evtchnop_status_port_by_port(xen) -> None:
@@ -433,6 +514,17 @@ class _Host:
 
     def domain_info(self, domid: int) -> types.SimpleNamespace:
         return types.SimpleNamespace(vcpus=2)
+
+
+def test_on_patched_xen_the_checker_reads_the_physmap_items(xen) -> None:
+    xen.patched = {"abi": 0, "vcpu_info": {0: None, 1: (0x100, 0)}}
+    xen.pages[0xF0000] = bytes(4096)  # the guest's grant frame 0
+    state = checker.observe(_Host(xen), DOMID)
+    assert set(state.unread) == {Item.XENSTORE}
+    assert state.items[Item.SHARED_INFO].content == b"\x11" * 4096
+    ports = state.items[Item.EVENT_CHANNELS].ports
+    assert [p.port for p in ports] == [1, 2, 4]
+    assert state.items[Item.GRANT_TABLE].frame_gfns == (0xF0000, -1)
 
 
 def test_the_checker_judges_what_stock_xen_lets_it_read(xen) -> None:
