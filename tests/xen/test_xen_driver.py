@@ -304,6 +304,12 @@ def test_live_migration_between_two_xen_hosts(
         destroy(destination, "ncm5")
 
 
+# A loaded machine's rig (TCG) may take minutes to create the
+# destination's domain in SETUP: both ends wait longer than the default
+# minute for each other.
+SLOW_RIG_CONF = "printf '[xen_ncm]\\nio_timeout = 900\\n' > /tmp/slow.conf\n"
+
+
 def test_checker_judges_two_xen_hosts_live_migration(
     xen_rig: XenRig, second_xen_rig: XenRig
 ) -> None:
@@ -327,7 +333,9 @@ def test_checker_judges_two_xen_hosts_live_migration(
     try:
         received = destination.run(
             SPIN_MBR.format(img="/tmp/ncm7.img")
-            + "(setsid nohup nova-xen-ncm receive --token-file /rig/token "
+            + SLOW_RIG_CONF
+            + "(setsid nohup nova-xen-ncm --config-file /tmp/slow.conf "
+            "receive --token-file /rig/token "
             "--listen 10.77.0.2 --advertise 10.77.0.2 --host-driver xen "
             "--check-snapshot /rig/resumed.json "
             "> /rig/receive.log 2>&1 &)\n"
@@ -340,7 +348,8 @@ def test_checker_judges_two_xen_hosts_live_migration(
         runs(source, "ncm7")
         (source.share / "token").write_bytes(token.read_bytes())
         migrated = source.run(
-            "nova-xen-ncm migrate ncm7 --token-file /rig/token "
+            SLOW_RIG_CONF + "nova-xen-ncm --config-file /tmp/slow.conf "
+            "migrate ncm7 --token-file /rig/token "
             "--host-driver xen --check-snapshot /rig/paused.json",
             timeout=1200,
         )
