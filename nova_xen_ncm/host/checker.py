@@ -471,6 +471,14 @@ class _Observer:
         self._bindings: tuple[EventChannel, ...] | None = None
         self._ports: tuple[EventChannel, ...] | None = None
         self._grant_frames: tuple[bytes, ...] | None = None
+        # Read first, as before any item: a host error other than a
+        # refusal fails the whole observation, not an item silently.
+        for name, read in (
+            ("physmap", probe.physmap),
+            ("shared_info", probe.shared_info),
+        ):
+            with contextlib.suppress(NotSupported):
+                self._once(name, read)
 
     def _once(self, name: str, read: Callable[[], object]) -> object:
         # Read once; a refusal (NotSupported) is kept and raised again to
