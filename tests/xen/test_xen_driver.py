@@ -304,10 +304,13 @@ def test_live_migration_between_two_xen_hosts(
         destroy(destination, "ncm5")
 
 
-# A loaded machine's rig (TCG) may take minutes to create the
-# destination's domain in SETUP: both ends wait longer than the default
-# minute for each other.
-SLOW_RIG_CONF = "printf '[xen_ncm]\\nio_timeout = 900\\n' > /tmp/slow.conf\n"
+# A loaded machine's rig (TCG) may take minutes to create the guest on
+# the source and the destination's domain in SETUP: both ends wait longer
+# than the defaults for each other.
+SLOW_RIG_CONF = (
+    "printf '[xen_ncm]\\nio_timeout = 900\\naccept_timeout = 900\\n' "
+    "> /tmp/slow.conf\n"
+)
 
 
 def test_checker_judges_two_xen_hosts_live_migration(
