@@ -82,7 +82,8 @@ def loads(data: bytes) -> base.GuestState:
         )
     try:
         doc = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: nested deeper than any snapshot is.
         raise SnapshotFileError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise SnapshotFileError("not a guest state snapshot")

@@ -154,3 +154,10 @@ def test_an_oversized_file_is_refused_unparsed(monkeypatch) -> None:
     monkeypatch.setattr(snapshotfile, "MAX_FILE", 10)
     with pytest.raises(snapshotfile.SnapshotFileError, match="octets"):
         snapshotfile.loads(b"x" * 11)
+
+
+def test_a_file_nested_too_deep_is_refused():
+    """JSON deeper than the parser recurses: refused, not a traceback."""
+    data = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(snapshotfile.SnapshotFileError, match="not JSON"):
+        snapshotfile.loads(data)
