@@ -40,6 +40,7 @@ from nova_xen_ncm.cmd import Interrupted
 SUBCOMMANDS = (
     "nova_xen_ncm.cmd.demo",
     "nova_xen_ncm.cmd.migrate",
+    "nova_xen_ncm.cmd.check",
     "nova_xen_ncm.cmd.save",
     "nova_xen_ncm.cmd.inspect",
     "nova_xen_ncm.cmd.watch",
@@ -54,6 +55,7 @@ COMMAND_MODULES = {
     "demo": "nova_xen_ncm.cmd.demo",
     "migrate": "nova_xen_ncm.cmd.migrate",
     "receive": "nova_xen_ncm.cmd.migrate",
+    "check": "nova_xen_ncm.cmd.check",
     "save": "nova_xen_ncm.cmd.save",
     "restore": "nova_xen_ncm.cmd.save",
     "inspect": "nova_xen_ncm.cmd.inspect",

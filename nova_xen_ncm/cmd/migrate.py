@@ -36,6 +36,7 @@ from nova_xen_ncm.cmd import CommandFailed
 from nova_xen_ncm.cmd import ConfigError
 from nova_xen_ncm.cmd import EnvironmentProblem
 from nova_xen_ncm.cmd import bus
+from nova_xen_ncm.cmd import check
 from nova_xen_ncm.cmd import demo
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host import factory
@@ -343,6 +344,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print the statistics as JSON"
     )
+    check.add_snapshot_option(
+        parser, "on this host while it is paused for the stop-and-copy"
+    )
     add_host_options(parser)
     add_bus_options(parser)
     add_create_options(parser)
@@ -384,6 +388,9 @@ def register(subparsers: Any) -> None:
         help="on a host driver whose guests live in this process: exit "
         "(destroying the guest) once the migration ended",
     )
+    check.add_snapshot_option(
+        parser, "on this host once restored, before it runs"
+    )
     add_host_options(parser)
     add_bus_options(parser)
     parser.set_defaults(func=run_receive)
@@ -414,6 +421,13 @@ def run_migrate(args: argparse.Namespace) -> int:
                     source_host=host.hostname,
                     destination_host=f"{endpoint[0]}:{endpoint[1]}",
                 )
+            # The checker's snapshot when the paused source enters
+            # restore, as the demo takes it.
+            snap = (
+                check.CheckSnapshot(host, lambda: info.domid, "restore")
+                if args.check_snapshot
+                else None
+            )
             try:
                 outgoing = OutgoingMigration(
                     host,
@@ -422,7 +436,7 @@ def run_migrate(args: argparse.Namespace) -> int:
                     migration_id,
                     token,
                     conf=CONF,
-                    sinks=sinks,
+                    sinks=[*sinks, snap] if snap else sinks,
                 )
             except Exception as exc:
                 raise EnvironmentProblem(f"cannot migrate: {exc}") from None
@@ -441,6 +455,8 @@ def run_migrate(args: argparse.Namespace) -> int:
                 f"migration of domain {info.domid} ended in "
                 f"{getattr(phase, 'value', phase)}: {outgoing.error}"
             )
+        if snap is not None:
+            snap.write(args.check_snapshot)
     return 0
 
 
@@ -535,13 +551,20 @@ def run_receive(args: argparse.Namespace) -> int:
     url = bus_url(args, CONF)
     with closing_host(open_host(args, CONF)) as host:
         sinks = progress_sinks(url, CONF, host.hostname)
+        # The checker's snapshot when the restored guest enters commit,
+        # not yet running, as the demo takes it.
+        snap = None
+        if args.check_snapshot:
+            snap = check.CheckSnapshot(
+                host, lambda: incoming.receiver.domid, "commit"
+            )
         try:
             try:
                 incoming = IncomingMigration(
                     host,
                     migration_id,
                     conf=CONF,
-                    sinks=sinks,
+                    sinks=[*sinks, snap] if snap else sinks,
                     advertise=args.advertise or _advertise(args),
                 )
             except (OSError, EngineError, base.HostError) as exc:
@@ -587,6 +610,8 @@ def run_receive(args: argparse.Namespace) -> int:
                 f"{getattr(phase, 'value', phase)}: "
                 f"{incoming.receiver.error}"
             )
+        if snap is not None:
+            snap.write(args.check_snapshot)
         domids = [d.domid for d in host.list_domains()]
         print(f"domain(s) {domids} now run on {host.hostname}", flush=True)
         if args.hold and factory.guests_live_in_process(name):

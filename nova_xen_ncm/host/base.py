@@ -736,6 +736,9 @@ class GuestState:
     # guest's TSC and the host's wall time when the record was read;
     # "tsc_incarnation", the TSC info's incarnation.
     kernel: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    # Items the host could not read, each with its reason (the
+    # checker's NotSupported answers): reported, never guessed.
+    unread: Mapping[Item, str] = dataclasses.field(default_factory=dict)
 
 
 class PageMapping(AbstractContextManager):

@@ -42,7 +42,13 @@ equality, and a difference is reported without detail):
     key ``"<TYPECODE name>:<instance>"``, value its bytes or digest) plus
     ``"tsc"`` (TSC mode, kHz and nsec; :func:`observe` asks for each
     record by itself, never for the whole-context save the migration
-    sends). Rule: equal key by key;
+    sends), and ``"read_ns"``, the checker's wall time before and after
+    its reads. Rule: equal key by key, except, when both sides carry
+    ``"read_ns"``, the fields Xen drives by time (the CPU records' TSC,
+    the PM timer, the RTC's time of day, the HPET's main counter, the
+    TSC info's elapsed ns, the PIT's and RTC's ISA wires), which go
+    forward by no more than the wall time between the reads
+    (:func:`_platform`, record layouts of Xen 4.17's hvm/save.h);
     the TSC incarnation never goes back; with ``later``, time as Xen
     rebases it: each vCPU's clock (wallclock + pvclock, read from the
     guest's pages) goes forward, agrees with the destination's wall
@@ -122,6 +128,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import struct
 import time
@@ -140,6 +147,7 @@ from nova_xen_ncm.host.base import EventChannelState
 from nova_xen_ncm.host.base import EvtchnAbi
 from nova_xen_ncm.host.base import EvtchnType
 from nova_xen_ncm.host.base import GrantTableState
+from nova_xen_ncm.host.base import GuestPhysmap
 from nova_xen_ncm.host.base import GuestProbe
 from nova_xen_ncm.host.base import GuestRecords
 from nova_xen_ncm.host.base import GuestState
@@ -264,8 +272,14 @@ def check(
     results: dict[Item, ItemResult] = {}
     for item in Item:
         if item not in paused.items or item not in resumed.items:
-            side = "source" if item not in paused.items else "destination"
-            results[item] = ItemResult(False, f"the {side} reported no value")
+            state = paused if item not in paused.items else resumed
+            side = "source" if state is paused else "destination"
+            why = state.unread.get(item)
+            results[item] = ItemResult(
+                False,
+                f"the {side} reported no value"
+                + (f" (not readable there: {why})" if why else ""),
+            )
             continue
         a, b = paused.items[item], resumed.items[item]
         if item is Item.MEMORY:
@@ -460,13 +474,43 @@ class _Observer:
         self.host = host
         self.domid = domid
         self.probe = probe
-        self.physmap = probe.physmap()
-        self.shinfo = probe.shared_info()
+        self._read: dict[str, object] = {}
+        self._bindings: tuple[EventChannel, ...] | None = None
         self._ports: tuple[EventChannel, ...] | None = None
         self._grant_frames: tuple[bytes, ...] | None = None
+        # Read first, as before any item: a host error other than a
+        # refusal fails the whole observation, not an item silently.
+        for name, read in (
+            ("physmap", probe.physmap),
+            ("shared_info", probe.shared_info),
+        ):
+            with contextlib.suppress(NotSupported):
+                self._once(name, read)
+
+    def _once(self, name: str, read: Callable[[], object]) -> object:
+        # Read once; a refusal (NotSupported) is kept and raised again to
+        # every item that needs the read, which is then reported unread.
+        if name not in self._read:
+            try:
+                self._read[name] = read()
+            except NotSupported as exc:
+                self._read[name] = exc
+        value = self._read[name]
+        if isinstance(value, NotSupported):
+            raise value
+        return value
+
+    @property
+    def physmap(self) -> GuestPhysmap:
+        return self._once("physmap", self.probe.physmap)  # type: ignore[return-value]
+
+    @property
+    def shinfo(self) -> bytes:
+        return self._once("shared_info", self.probe.shared_info)  # type: ignore[return-value]
 
     def state(self, wanted: set[Item]) -> GuestState:
         items: dict[Item, object] = {}
+        unread: dict[Item, str] = {}
         records = self.probe.guest_records()
         for item, read in (
             (Item.PLATFORM, self.platform),
@@ -481,6 +525,11 @@ class _Observer:
             if item in wanted:
                 try:
                     items[item] = read()
+                except NotSupported as exc:
+                    # The host cannot give what the item needs (stock
+                    # Xen: what only the guest or a patched hypervisor
+                    # knows): reported missing, saying why.
+                    unread[item] = str(exc)
                 except HostError:
                     # Not there to read (no xenstore connection for a
                     # guest without PV drivers): the item is then
@@ -490,19 +539,18 @@ class _Observer:
             items=items,
             frontends=dict(records.frontends),
             kernel=self.kernel(records),
+            unread=unread,
         )
 
     # -- event channels, from EVTCHNOP_status and the shared info page --
 
-    def ports(self) -> tuple[EventChannel, ...]:
+    def bindings(self) -> tuple[EventChannel, ...]:
         # The bindings are the hypervisor's alone (nothing in guest RAM
         # says which domain a port is bound to): asked port by port with
         # EVTCHNOP_status, the query a guest or lsevtchn makes, which is
         # independent of the toolstack's table export the migration
-        # sends; pending and mask bits come from the shared info page.
-        if self._ports is None:
-            pending = _u64s(self.shinfo, SHINFO_PENDING, 64)
-            mask = _u64s(self.shinfo, SHINFO_MASK, 64)
+        # sends.
+        if self._bindings is None:
             out = []
             port = 1
             while (st := self.probe.evtchn_status(port)) is not None:
@@ -517,15 +565,25 @@ class _Observer:
                         # guest's to see.
                         remote_port = 0
                     out.append(
-                        dataclasses.replace(
-                            st,
-                            remote_port=remote_port,
-                            pending=_bit(pending, port),
-                            masked=_bit(mask, port),
-                        )
+                        dataclasses.replace(st, remote_port=remote_port)
                     )
                 port += 1
-            self._ports = tuple(out)
+            self._bindings = tuple(out)
+        return self._bindings
+
+    def ports(self) -> tuple[EventChannel, ...]:
+        # Pending and mask bits come from the shared info page.
+        if self._ports is None:
+            pending = _u64s(self.shinfo, SHINFO_PENDING, 64)
+            mask = _u64s(self.shinfo, SHINFO_MASK, 64)
+            self._ports = tuple(
+                dataclasses.replace(
+                    st,
+                    pending=_bit(pending, st.port),
+                    masked=_bit(mask, st.port),
+                )
+                for st in self.bindings()
+            )
         return self._ports
 
     def event_channels(self) -> EventChannelState:
@@ -586,15 +644,24 @@ class _Observer:
         # a record that save leaves out is still found here. The TSC
         # info has one source, the hypervisor (XEN_DOMCTL_gettscinfo).
         out: dict[str, object] = {}
+        # The checker's own wall time around the reads: what bounds how
+        # far Xen's time-driven fields may move between two snapshots.
+        start_ns = time.time_ns()
+        try:
+            vcpus = len(self.physmap.vcpu_info)
+        except NotSupported:
+            # No placements to count: the vCPUs as the domain has them.
+            vcpus = self.host.domain_info(self.domid).vcpus
         for code in range(1, HVM_SAVE_CODE_MAX + 1):
             name = HVM_SAVE_NAMES.get(code, f"TYPE{code}")
-            for instance in range(max(1, len(self.physmap.vcpu_info))):
+            for instance in range(max(1, vcpus)):
                 record = self.probe.hvm_record(code, instance)
                 if record is not None:
                     out[f"{name}:{instance}"] = record
         tsc = self.host.get_tsc_info(self.domid)
         # Not the incarnation: every restore adds one (_incarnation).
         out["tsc"] = (tsc.mode, tsc.khz, tsc.nsec)
+        out[PLATFORM_READ_NS] = (start_ns, time.time_ns())
         return out
 
     def domid_item(self) -> tuple[int, tuple[int, ...]]:
@@ -603,7 +670,7 @@ class _Observer:
             ids |= {v.backend_domid for v in self.devices()}
         ids |= {
             p.remote_domid
-            for p in self.ports()
+            for p in self.bindings()
             if p.type in (EvtchnType.INTERDOMAIN, EvtchnType.UNBOUND)
             and p.remote_domid != self.domid
         }
@@ -643,7 +710,10 @@ class _Observer:
 
     def devices(self) -> tuple[DeviceView, ...]:
         xs = self.probe.xenstore()
-        self.probe.xenstore_connection()  # HostError when not introduced
+        # HostError when not introduced; a xenstored that does not list
+        # the connection's watches still serves the device nodes.
+        with contextlib.suppress(NotSupported):
+            self.probe.xenstore_connection()
         out = []
         base_path = f"{self.home()}/device"
         kinds = _xs_list(xs, base_path)
@@ -658,7 +728,7 @@ class _Observer:
         be = _xs_text(xs, f"{fe}/backend")
         backend_domid = _xs_int(xs, f"{fe}/backend-id")
         names = _xs_list(xs, fe)
-        bound = {p.port: p for p in self.ports()}
+        bound = {p.port: p for p in self.bindings()}
         ports = []
         for name in sorted(n for n in names if n.endswith("event-channel")):
             port = _xs_int(xs, f"{fe}/{name}")
@@ -950,10 +1020,296 @@ def _notified_vcpu_info_pfns(
 # -- platform, domid, HVM params ---------------------------------------------
 
 
+# The platform item's entry of the checker's wall time (ns) before and
+# after it read the records (:meth:`_Observer.platform`).
+PLATFORM_READ_NS = "read_ns"
+# Xen's emulated PM timer ticks at 3.579545 MHz (ACPI); its TMR_STS bit
+# is set by the counter's carry, as time passes.
+PMTIMER_HZ = 3_579_545
+PM1A_TMR_STS = 0x0001
+# struct hvm_hw_cpu (x86_64, Xen 4.17 hvm/save.h): size, offset of tsc.
+HVM_CPU_SIZE = 1032
+HVM_CPU_TSC = 1008
+# struct hvm_hw_rtc: cmos_data[14], cmos_index, pad0, int64 rtc_offset.
+HVM_RTC_SIZE = 24
+# CMOS registers that are the time of day, in the order seconds,
+# minutes, hours, day of month, month, year; the day of week.
+RTC_TIME_REGS = (0, 2, 4, 7, 8, 9)
+RTC_DOW = 6
+RTC_REG_A, RTC_REG_B, RTC_REG_C = 10, 11, 12
+RTC_A_UIP = 0x80
+RTC_B_24H, RTC_B_BINARY = 0x02, 0x04
+# struct hvm_hw_hpet: size, capability at 0 (the counter's period in
+# femtoseconds in its high half), mc64 the main counter.
+HVM_HPET_SIZE = 1048
+HVM_HPET_MC64 = 240
+# struct hvm_hw_pmtimer: tmr_val, pm1a_sts, pm1a_en.
+HVM_PMTIMER_SIZE = 8
+
+
 def _platform(a: object, b: object) -> list[str]:
+    """Every HVM record byte for byte, except the fields Xen drives by
+    time, which move while the guest is paused (Xen computes them when
+    asked): the vCPUs' TSC, the PM timer's counter (and its carry bit),
+    the RTC's time of day (and its update and flag bits), the HPET's
+    main counter, the TSC info's elapsed ns; the ISA wires of the PIT
+    and RTC follow their timers. Each must move forward by no more than
+    the wall time the checker measured from its first read on one host
+    to its last on the other (with the clock slack); every other byte of
+    the record is equal (the PIT's, naming the field that differs)."""
     if not isinstance(a, Mapping) or not isinstance(b, Mapping):
         return _opaque(a, b, "platform state")
-    return _mapping_diff(a, b, "platform record", str)
+    a, b = dict(a), dict(b)
+    ra, rb = a.pop(PLATFORM_READ_NS, None), b.pop(PLATFORM_READ_NS, None)
+    if ra is None or rb is None:
+        # Not read by observe() on both sides: nothing bounds time.
+        return _mapping_diff(a, b, "platform record", str)
+    elapsed = max(0, int(rb[1]) - int(ra[0])) + CLOCK_SLACK_NS
+    tsc = a.get("tsc")
+    khz = int(tsc[1]) if isinstance(tsc, tuple) and len(tsc) > 1 else 0
+    problems = []
+    if "tsc" in a and "tsc" in b and a["tsc"] != b["tsc"]:
+        moved = _tsc_info(a["tsc"], b["tsc"], elapsed)
+        if moved is not None:
+            problems += moved
+            b["tsc"] = a["tsc"]  # judged here
+    for key in sorted(set(a) & set(b), key=str):
+        ka, kb = a[key], b[key]
+        rule = _TIME_RULES.get(str(key).split(":")[0])
+        if rule is None or not isinstance(ka, bytes) or ka == kb:
+            continue
+        if not isinstance(kb, bytes):
+            continue
+        moved = rule(ka, kb, elapsed, khz)
+        if moved is None:
+            continue  # not the layout this rule knows: byte for byte
+        problems += [f"platform record {key}: {p}" for p in moved]
+        b[key] = ka  # judged here
+    return _mapping_diff(a, b, "platform record", str) + problems
+
+
+def _forward(name: str, a: int, b: int, most: int, modulo: int) -> list[str]:
+    step = (b - a) % modulo
+    if b != a and step > most:
+        if most < modulo // 2 and step > modulo // 2:
+            return [f"{name} went back from {a} to {b}"]
+        return [
+            f"{name} moved {step} from {a} to {b}, more than the {most} "
+            "of the wall time between the reads"
+        ]
+    return []
+
+
+def _cpu_time(a: bytes, b: bytes, elapsed: int, khz: int) -> list[str] | None:
+    if len(a) != HVM_CPU_SIZE or len(b) != HVM_CPU_SIZE:
+        return None
+    t = slice(HVM_CPU_TSC, HVM_CPU_TSC + 8)
+    problems = []
+    if a[: t.start] + a[t.stop :] != b[: t.start] + b[t.stop :]:
+        problems.append("changed outside its TSC")
+    (ta,), (tb,) = struct.unpack("<Q", a[t]), struct.unpack("<Q", b[t])
+    if tb < ta:
+        problems.append(f"TSC went back from {ta} to {tb}")
+    elif khz and tb - ta > elapsed * khz // 1_000_000:
+        problems.append(
+            f"TSC moved {tb - ta} ticks, more than the "
+            f"{elapsed / 1e9:.3f} s at {khz} kHz between the reads"
+        )
+    return problems
+
+
+def _pmtimer_time(
+    a: bytes, b: bytes, elapsed: int, khz: int
+) -> list[str] | None:
+    if len(a) != HVM_PMTIMER_SIZE or len(b) != HVM_PMTIMER_SIZE:
+        return None
+    va, sa, ea = struct.unpack("<IHH", a)
+    vb, sb, eb = struct.unpack("<IHH", b)
+    problems = _forward(
+        "the counter", va, vb, elapsed * PMTIMER_HZ // 1_000_000_000, 1 << 32
+    )
+    if ea != eb:
+        problems.append(f"PM1a_EN changed from {ea:#x} to {eb:#x}")
+    if (sa | PM1A_TMR_STS) != (sb | PM1A_TMR_STS) or (sa & ~sb & 1):
+        problems.append(f"PM1a_STS changed from {sa:#x} to {sb:#x}")
+    return problems
+
+
+def _rtc_seconds(cmos: bytes) -> int | None:
+    """The RTC's time of day in seconds (years 2000-2099), decoded by
+    register B's binary and 24-hour bits; None when not a valid time."""
+    reg_b = cmos[RTC_REG_B]
+
+    def val(v: int) -> int:
+        if reg_b & RTC_B_BINARY:
+            return v
+        if (v & 0xF) > 9 or (v >> 4) > 9:
+            raise ValueError(v)
+        return (v >> 4) * 10 + (v & 0xF)
+
+    try:
+        sec, mins, hour, day, month, year = (cmos[r] for r in RTC_TIME_REGS)
+        pm = not reg_b & RTC_B_24H and hour & 0x80
+        h = val(hour & 0x7F)
+        if not reg_b & RTC_B_24H:
+            h = h % 12 + (12 if pm else 0)
+        when = datetime.datetime(
+            2000 + val(year), val(month), val(day), h, val(mins), val(sec)
+        )
+    except ValueError:
+        return None
+    return int(when.replace(tzinfo=datetime.timezone.utc).timestamp())
+
+
+def _rtc_time(a: bytes, b: bytes, elapsed: int, khz: int) -> list[str] | None:
+    if len(a) != HVM_RTC_SIZE or len(b) != HVM_RTC_SIZE:
+        return None
+    fixed = [
+        i
+        for i in range(HVM_RTC_SIZE)
+        if i not in RTC_TIME_REGS + (RTC_DOW, RTC_REG_A, RTC_REG_C)
+    ]
+    problems = [
+        f"CMOS octet {i} changed from {a[i]:#04x} to {b[i]:#04x}"
+        for i in fixed
+        if a[i] != b[i]
+    ]
+    if (a[RTC_REG_A] ^ b[RTC_REG_A]) & ~RTC_A_UIP:
+        problems.append(
+            f"register A changed from {a[RTC_REG_A]:#04x} to "
+            f"{b[RTC_REG_A]:#04x}"
+        )
+    if a[RTC_REG_C] & ~b[RTC_REG_C]:
+        # Flags are set by time and cleared only by the guest's read.
+        problems.append(
+            f"register C lost bits: {a[RTC_REG_C]:#04x} to {b[RTC_REG_C]:#04x}"
+        )
+    sa, sb = _rtc_seconds(a), _rtc_seconds(b)
+    if sa is None or sb is None:
+        if any(a[r] != b[r] for r in RTC_TIME_REGS + (RTC_DOW,)):
+            problems.append("time of day changed and is not a valid time")
+        return problems
+    if sb < sa:
+        problems.append(f"time of day went back by {sa - sb} s")
+    elif sb - sa > elapsed // 1_000_000_000 + 1:
+        problems.append(
+            f"time of day moved {sb - sa} s, more than the "
+            f"{elapsed / 1e9:.3f} s between the reads"
+        )
+    elif sa == sb and a[RTC_DOW] != b[RTC_DOW]:
+        problems.append("day of week changed with the time of day")
+    return problems
+
+
+def _hpet_time(a: bytes, b: bytes, elapsed: int, khz: int) -> list[str] | None:
+    if len(a) != HVM_HPET_SIZE or len(b) != HVM_HPET_SIZE:
+        return None
+    m = slice(HVM_HPET_MC64, HVM_HPET_MC64 + 8)
+    problems = []
+    if a[: m.start] + a[m.stop :] != b[: m.start] + b[m.stop :]:
+        problems.append("changed outside its main counter")
+    (ma,), (mb,) = struct.unpack("<Q", a[m]), struct.unpack("<Q", b[m])
+    period_fs = struct.unpack_from("<Q", a, 0)[0] >> 32
+    if mb < ma:
+        problems.append(f"main counter went back from {ma} to {mb}")
+    elif period_fs and mb - ma > elapsed * 1_000_000 // period_fs:
+        problems.append(
+            f"main counter moved {mb - ma}, more than the "
+            f"{elapsed / 1e9:.3f} s between the reads"
+        )
+    return problems
+
+
+# struct hvm_hw_pit: three 16-octet channels, speaker_data_on, pad0.
+HVM_PIT_SIZE = 56
+PIT_CHANNEL_FIELDS = (
+    ("count", "I"),
+    ("latched_count", "H"),
+    ("count_latched", "B"),
+    ("status_latched", "B"),
+    ("status", "B"),
+    ("read_state", "B"),
+    ("write_state", "B"),
+    ("write_latch", "B"),
+    ("rw_mode", "B"),
+    ("mode", "B"),
+    ("bcd", "B"),
+    ("gate", "B"),
+)
+
+
+def _pit_fields(
+    a: bytes, b: bytes, elapsed: int, khz: int
+) -> list[str] | None:
+    """No field of the PIT's record is driven by time in Xen 4.17's save
+    (a channel's count is its reload value): byte for byte, naming the
+    fields that differ."""
+    if len(a) != HVM_PIT_SIZE or len(b) != HVM_PIT_SIZE:
+        return None
+    fmt = "<" + "".join(f for _, f in PIT_CHANNEL_FIELDS) * 3 + "II"
+    names = [
+        f"channel {c} {n}" for c in range(3) for n, _ in PIT_CHANNEL_FIELDS
+    ] + ["speaker_data_on", "pad0"]
+    va, vb = struct.unpack(fmt, a), struct.unpack(fmt, b)
+    return [
+        f"{n} changed from {x} to {y}"
+        for n, x, y in zip(names, va, vb, strict=True)
+        if x != y
+    ]
+
+
+# struct hvm_hw_isa_irqs: the ISA wires' levels, one bit per IRQ.
+HVM_ISA_IRQ_SIZE = 8
+# The wires the timers drive (PIT on IRQ 0, RTC on IRQ 8): their level
+# follows the timer's output as time passes.
+TIMER_IRQ_LINES = (1 << 0) | (1 << 8)
+
+
+def _isa_irq_lines(
+    a: bytes, b: bytes, elapsed: int, khz: int
+) -> list[str] | None:
+    if len(a) != HVM_ISA_IRQ_SIZE or len(b) != HVM_ISA_IRQ_SIZE:
+        return None
+    (la,), (lb,) = struct.unpack("<Q", a), struct.unpack("<Q", b)
+    moved = (la ^ lb) & ~TIMER_IRQ_LINES
+    return [
+        f"ISA IRQ {irq} line changed" for irq in range(64) if moved >> irq & 1
+    ]
+
+
+def _tsc_info(a: object, b: object, elapsed: int) -> list[str] | None:
+    """The TSC info (mode, kHz, elapsed ns): Xen's elapsed ns runs with
+    time (and a restore continues it), so it goes forward by no more
+    than the wall time between the reads; mode and kHz are equal."""
+    if not (
+        isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 3
+    ):
+        return None
+    problems = [
+        f"TSC {what} changed from {x} to {y}"
+        for what, x, y in (("mode", a[0], b[0]), ("kHz", a[1], b[1]))
+        if x != y
+    ]
+    step = int(b[2]) - int(a[2])
+    if step < 0:
+        problems.append(f"TSC elapsed ns went back from {a[2]} to {b[2]}")
+    elif step > elapsed:
+        problems.append(
+            f"TSC elapsed ns moved {step / 1e9:.3f} s, more than the "
+            f"{elapsed / 1e9:.3f} s between the reads"
+        )
+    return problems
+
+
+_TimeRule = Callable[[bytes, bytes, int, int], "list[str] | None"]
+_TIME_RULES: dict[str, _TimeRule] = {
+    "CPU": _cpu_time,
+    "PMTIMER": _pmtimer_time,
+    "RTC": _rtc_time,
+    "HPET": _hpet_time,
+    "PIT": _pit_fields,
+    "ISA_IRQ": _isa_irq_lines,
+}
 
 
 def _incarnation(paused: GuestState, resumed: GuestState) -> list[str]:

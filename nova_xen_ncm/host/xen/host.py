@@ -43,6 +43,7 @@ from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.xen import context
 from nova_xen_ncm.host.xen import devices
 from nova_xen_ncm.host.xen import dm
+from nova_xen_ncm.host.xen import guestprobe
 from nova_xen_ncm.host.xen import libs
 from nova_xen_ncm.host.xen import probe
 from nova_xen_ncm.host.xen import pvctx
@@ -1347,6 +1348,21 @@ class XenHost(base.HostDriver):
         return tuple(ports)
 
     # -- observation --
+
+    def probe(self, domid: int) -> base.GuestProbe:
+        """The transparency checker's reads of the guest as a dom0 tool
+        makes them (:mod:`.guestprobe`), apart from this driver's export
+        and save paths."""
+        self._raw_info(domid, "probe")
+        return guestprobe.XenGuestProbe(
+            domid,
+            xch=self._xch,
+            fmem=self._fmem,
+            xsh=self._xs(),
+            fn=FN,
+            patched_xenstored=self.xenstored_migrates(),
+            libc=self._libc,
+        )
 
     def _shared_with_dom0(self, domid: int) -> np.ndarray:
         """The special pages dom0's daemons write at any time: the

@@ -524,6 +524,11 @@ PROTOTYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ),
     ),
     "xs_resume_domain": ("xenstore", "bool", ("xs_handle *", "unsigned int")),
+    "xs_is_domain_introduced": (
+        "xenstore",
+        "bool",
+        ("xs_handle *", "unsigned int"),
+    ),
     "xs_directory": (
         "xenstore",
         "char **",

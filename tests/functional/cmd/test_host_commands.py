@@ -195,3 +195,50 @@ def test_restore_holds_the_guest_until_terminated(tmp_path):
     assert "as domain 1 (guest), running" in lines[0]
     assert "domain(s) [1] run in this process" in lines[1]
     assert status == 0
+
+
+def test_the_checkers_snapshots_cross_hosts_as_files(tmp_path):
+    """``--check-snapshot`` on both ends writes the checker's snapshot of
+    the paused source and of the restored destination; read back, the
+    checker judges the simulated guest transparent."""
+    from nova_xen_ncm.host import checker
+    from nova_xen_ncm.host import snapshotfile
+
+    token_file = tmp_path / "token.json"
+    paused, resumed = tmp_path / "paused.json", tmp_path / "resumed.json"
+    receiver = popen(
+        "receive",
+        "--token-file",
+        str(token_file),
+        "--listen",
+        "127.0.0.1",
+        "--no-hold",
+        "--check-snapshot",
+        str(resumed),
+    )
+    try:
+        wait_for_file(token_file, receiver)
+        source = run(
+            "migrate",
+            "guest",
+            "--create",
+            "--memory",
+            "32M",
+            "--token-file",
+            str(token_file),
+            "--check-snapshot",
+            str(paused),
+        )
+        out, err = receiver.communicate(timeout=HANG_LIMIT)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+    assert source.returncode == 0, source.stderr[-3000:]
+    assert receiver.returncode == 0, err[-3000:]
+    assert "checker snapshot at restore" in source.stdout
+    assert f"written to {resumed}" in out
+    a, b = snapshotfile.read(str(paused)), snapshotfile.read(str(resumed))
+    report = checker.check(a, b)
+    assert report.passed, report
+    assert not a.unread and not b.unread

@@ -68,9 +68,11 @@ def test_save_does_not_import_the_other_commands() -> None:
         check=True,
         timeout=120,
     ).stdout
-    # save's options come from migrate's (which needs demo's parsers).
+    # save's options come from migrate's (which needs demo's parsers and
+    # check's --check-snapshot option).
     assert out.strip() == str(
         [
+            "nova_xen_ncm.cmd.check",
             "nova_xen_ncm.cmd.demo",
             "nova_xen_ncm.cmd.migrate",
             "nova_xen_ncm.cmd.save",

@@ -1082,3 +1082,154 @@ def test_time_read_mid_update_is_reported():
         "odd)" in problems
     )
     assert any("never read the same twice" in p for p in problems), problems
+
+
+# -- real Xen's HVM records: fields driven by time -------------------------
+
+KHZ = 2_000_000  # a 2 GHz TSC
+
+
+def _cpu(tsc, rax=0):
+    raw = bytearray(checker.HVM_CPU_SIZE)
+    struct.pack_into("<Q", raw, 8, rax)
+    struct.pack_into("<Q", raw, checker.HVM_CPU_TSC, tsc)
+    return bytes(raw)
+
+
+def _rtc(sec, mins=0x30, hour=0x12, reg_a=0x26, reg_c=0, offset=0):
+    # BCD, 24-hour: 2026-12-06 12:30:<sec>, Sunday
+    cmos = bytes(
+        [sec, 0, mins, 0, hour, 0, 1, 0x06, 0x12, 0x26, reg_a, 0x02, reg_c]
+    ) + bytes([0x80])
+    return cmos + bytes(2) + struct.pack("<q", offset)
+
+
+def _records(read_ns, **records):
+    return GuestState(
+        items={
+            Item.PLATFORM: {
+                **records,
+                "tsc": (0, KHZ, 0),
+                checker.PLATFORM_READ_NS: read_ns,
+            }
+        }
+    )
+
+
+def _judge(a, b):
+    return checker.check(a, b).results[Item.PLATFORM]
+
+
+def test_platform_time_fields_moving_with_the_wall_time_pass():
+    """Real Xen computes the TSC, PM timer, RTC and HPET counter when
+    asked: between snapshots 2 s apart they move, by no more than 2 s."""
+    hpet = bytearray(checker.HVM_HPET_SIZE)
+    struct.pack_into("<Q", hpet, 0, 10_000_000 << 32)  # 10 ns a tick
+    hpet_b = bytearray(hpet)
+    struct.pack_into("<Q", hpet_b, checker.HVM_HPET_MC64, 150_000_000)
+    a = _records(
+        (10 * S, 10 * S + 1000),
+        **{
+            "CPU:0": _cpu(1_000),
+            "PMTIMER:0": struct.pack("<IHH", 0xFFFF_FF00, 0, 1),
+            "RTC:0": _rtc(0x58),
+            "HPET:0": bytes(hpet),
+        },
+    )
+    b = _records(
+        (12 * S, 12 * S + 1000),
+        **{
+            "CPU:0": _cpu(1_000 + 4 * 10**9),
+            # wrapped, with the carry's status bit set
+            "PMTIMER:0": struct.pack("<IHH", 5_000_000, 1, 1),
+            "RTC:0": _rtc(0x00, mins=0x31, reg_a=0xA6, reg_c=0x10),
+            "HPET:0": bytes(hpet_b),
+        },
+    )
+    result = _judge(a, b)
+    assert result.passed, result.reason
+
+
+@pytest.mark.parametrize(
+    ("record", "before", "after", "words"),
+    [
+        ("CPU:0", _cpu(10), _cpu(20, rax=1), "changed outside its TSC"),
+        ("CPU:0", _cpu(10**9), _cpu(10), "TSC went back"),
+        ("CPU:0", _cpu(0), _cpu(6 * 10**9), "more than the 2.250 s"),
+        (
+            "PMTIMER:0",
+            struct.pack("<IHH", 100, 0, 1),
+            struct.pack("<IHH", 200, 0, 0),
+            "PM1a_EN changed",
+        ),
+        (
+            "PMTIMER:0",
+            struct.pack("<IHH", 100, 1, 1),
+            struct.pack("<IHH", 200, 0, 1),
+            "PM1a_STS changed",
+        ),
+        (
+            "PMTIMER:0",
+            struct.pack("<IHH", 100_000_000, 0, 1),
+            struct.pack("<IHH", 100, 0, 1),
+            "counter went back",
+        ),
+        ("RTC:0", _rtc(0x10), _rtc(0x10, offset=3), "CMOS octet 16"),
+        ("RTC:0", _rtc(0x10), _rtc(0x10, hour=0x13), "moved 3600 s"),
+        ("RTC:0", _rtc(0x10), _rtc(0x05), "went back by 5 s"),
+        ("RTC:0", _rtc(0x10, reg_c=0x10), _rtc(0x11), "register C lost"),
+        (
+            "ISA_IRQ:0",
+            bytes(8),
+            struct.pack("<Q", 1 << 1),
+            "ISA IRQ 1 line changed",
+        ),
+        (
+            "PIT:0",
+            bytes(56),
+            bytes(9) + b"\x01" + bytes(46),
+            "channel 0 read_state changed from 0 to 1",
+        ),
+    ],
+)
+def test_platform_record_changed_beyond_time_fails(
+    record, before, after, words
+):
+    a = _records((10 * S, 10 * S), **{record: before})
+    b = _records((12 * S, 12 * S), **{record: after})
+    result = _judge(a, b)
+    assert not result.passed
+    assert words in result.reason, result.reason
+
+
+def test_platform_without_read_times_compares_records_byte_for_byte():
+    """A host whose platform item carries no read times (the simulated
+    host's): nothing bounds time, so a moved TSC is a difference."""
+    a = GuestState(items={Item.PLATFORM: {"CPU:0": _cpu(1)}})
+    b = GuestState(items={Item.PLATFORM: {"CPU:0": _cpu(2)}})
+    assert "platform record CPU:0 changed" in _judge(a, b).reason
+    c = GuestState(
+        items={
+            Item.PLATFORM: {
+                "CPU:0": _cpu(1),
+                checker.PLATFORM_READ_NS: (0, 0),
+            }
+        }
+    )
+    assert _judge(a, c).passed
+
+
+def test_platform_timer_lines_and_tsc_info_follow_time():
+    a = _records((10 * S, 10 * S), **{"ISA_IRQ:0": bytes(8)})
+    b = _records(
+        (12 * S, 12 * S), **{"ISA_IRQ:0": struct.pack("<Q", 1 | 1 << 8)}
+    )
+    a.items[Item.PLATFORM]["tsc"] = (0, KHZ, 5 * S)
+    b.items[Item.PLATFORM]["tsc"] = (0, KHZ, 7 * S)
+    assert _judge(a, b).passed
+    b.items[Item.PLATFORM]["tsc"] = (0, KHZ, 4 * S)
+    assert "TSC elapsed ns went back" in _judge(a, b).reason
+    b.items[Item.PLATFORM]["tsc"] = (1, KHZ, 6 * S)
+    assert "TSC mode changed from 0 to 1" in _judge(a, b).reason
+    b.items[Item.PLATFORM]["tsc"] = (0, KHZ, 9 * S)
+    assert "more than the 2.250 s" in _judge(a, b).reason
