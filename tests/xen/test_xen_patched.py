@@ -238,10 +238,13 @@ print(json.dumps(out))
 PROBE = (
     PRELUDE
     + """\
+from nova_xen_ncm.host.xen import probe
 caps = host.capabilities()
 print(json.dumps({"supported": ctx.supported(),
                   "vcpu_supported": ctx.vcpu_supported(),
                   "xenstored_migration": host.xenstored_migrates(),
+                  "inplace_devices": probe.inplace_devices_limit(
+                      host.hypervisor_facts()),
                   "missing_pv": {k.value: v
                                  for k, v in caps.missing(True).items()},
                   "missing_plain": {k.value: v
@@ -268,10 +271,13 @@ def test_probe_asks_the_patched_hypervisor(patched_xen_rig: XenRig) -> None:
     assert caps["vcpu_supported"] is True, caps
     # Carried now: event channels, shared info with the vCPUs' state,
     # the grant table, and with the rig's patched xenstored (which
-    # answered domain-export) the xenstore connection. Still refused,
-    # and why: the backends.
+    # answered domain-export) the xenstore connection. dom0's kernel
+    # backends (Linux 6.1 attaches to a ring in use) are carried by the
+    # restore in place; the engine's streams carry none, and say so.
     assert caps["xenstored_migration"] is True, caps
+    assert caps["inplace_devices"] is None, caps
     assert set(caps["missing_pv"]) == {"pv_devices"}, caps
+    assert "in place" in caps["missing_pv"]["pv_devices"], caps
     assert caps["missing_plain"] == {}, caps
 
 
@@ -362,9 +368,44 @@ def test_vcpu_state_placed_without_touching_the_page(
 # The rig's Linux guest (tools/xen-rig/guest): Debian's kernel as a PVH
 # guest with 2 vCPUs, its init a workload that judges Xen's PV interfaces
 # once a tick on its console. xenconsoled is restarted to log guests'
-# consoles (the rig's dom0 starts it without).
+# consoles (the rig's dom0 starts it without). Its PV devices are served
+# by dom0's kernel: a disk (blkback, phy: on a loop device of a file,
+# reached through a symbolic link the rollback case takes away) and a
+# network interface (netback, a vif on a bridge of dom0's) on which it
+# exchanges numbered datagrams with a responder in dom0, which counts
+# what it sees out of sequence.
 GUEST_BOOT = """\
 set -e
+modprobe loop
+modprobe xen-blkback
+modprobe xen-netback
+ip link add ncmbr0 type bridge
+ip addr add 10.99.0.1/24 dev ncmbr0
+ip link set ncmbr0 up
+mkdir -p /var/lib/ncm
+truncate -s 64M /var/lib/ncm/disk.img
+ln -s "$(losetup -f --show /var/lib/ncm/disk.img)" /var/lib/ncm/disk
+cat > /var/lib/ncm/responder.py <<'PY'
+import json, os, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.99.0.1", 7777))
+seen = {"received": 0, "last": 0, "resent": 0, "out_of_sequence": 0}
+while True:
+    data, peer = s.recvfrom(64)
+    n = int(data)
+    seen["received"] += 1
+    if n == seen["last"]:
+        seen["resent"] += 1  # the guest's own resend of an unanswered one
+    elif n != seen["last"] + 1:
+        seen["out_of_sequence"] += 1
+    seen["last"] = max(seen["last"], n)
+    s.sendto(data, peer)
+    with open("/var/lib/ncm/responder.new", "w") as f:
+        json.dump(seen, f)
+    os.replace("/var/lib/ncm/responder.new", "/var/lib/ncm/responder.json")
+PY
+setsid python3 /var/lib/ncm/responder.py </dev/null \\
+    >/var/lib/ncm/responder.log 2>&1 &
 mkdir -p /var/log/xen/console
 kill "$(cat /run/xenconsoled.pid)" 2>/dev/null || true
 sleep 1
@@ -387,6 +428,11 @@ cmdline = "console=hvc0 xen.fifo_events=0 loglevel=4 watchdog_thresh=60"
 memory = 256
 vcpus = 2
 on_crash = "preserve"
+# A guest that triple-faults (Xen's HVM shutdown "reboot") stays as it
+# died instead of booting again under a new domid.
+on_reboot = "preserve"
+disk = [ "format=raw,vdev=xvda,access=rw,target=/var/lib/ncm/disk" ]
+vif = [ "bridge=ncmbr0,mac=00:16:3e:4e:43:4d" ]
 CFG
 xl create /tmp/ncm-linux.cfg
 """
@@ -415,6 +461,7 @@ SAVE_RESTORE = (
     PRELUDE
     + """\
 import dataclasses, os, pathlib, sys, time
+import numpy as np
 from nova_xen_ncm.host.xen import inplace
 live = sys.argv[1] == "live"
 domid = host.find_domain("ncm-linux").domid
@@ -441,6 +488,41 @@ def map_pages_once(domid, pfns, writable=False):
     return real_map_pages(domid, pfns, writable=writable)
 if not live:
     host.map_pages = map_pages_once
+# dom0 sends the paused guest datagrams once its event channels are read
+# and before its memory is: netback puts them on the receive ring and
+# notifies a port whose pending bit the saved state does not have. The
+# restored frontend must look at its ring all the same.
+real_export = host.export_pv_state
+sent = []
+def export_then_send(domid):
+    state = real_export(domid)
+    if not live:
+        import socket
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for i in range(8):
+                s.sendto(b"paused %d" % i, ("10.99.0.2", 9))
+                sent.append(i)
+        time.sleep(2)
+    return state
+host.export_pv_state = export_then_send
+# Each device ring's indices in the saved memory, read through the
+# guest's own grant entry for its ring-ref (v1: flags, domid, frame):
+# requests the guest had produced and no backend answered yet.
+nodes = {n.path: n.value.decode() for n in snap.pv.xenstore.nodes}
+frames = b"".join(snap.pv.grant_table.frames)
+rings = {}
+for dev in snap.devices:
+    for ref_node in ("ring-ref", "tx-ring-ref", "rx-ring-ref"):
+        ref = nodes.get(f"{dev.frontend}/{ref_node}")
+        if ref is None:
+            continue
+        gfn = int.from_bytes(frames[int(ref) * 8 + 4:int(ref) * 8 + 8],
+                             "little")
+        at = int(np.searchsorted(snap.pfns, gfn)) * 4096
+        head = snap.memory[at:at + 16]
+        req_prod, _, rsp_prod, _ = (int.from_bytes(head[i:i + 4], "little")
+                                    for i in (0, 4, 8, 12))
+        rings[f"{dev.kind}/{ref_node}"] = [req_prod, rsp_prod]
 image_dir = "/var/lib/nova-xen-ncm/inplace"
 inplace.restore(host, snap, image_dir=pathlib.Path(image_dir))
 t2 = time.monotonic()
@@ -450,6 +532,7 @@ print(json.dumps({
     "after": host.find_domain("ncm-linux").domid,
     "fds": [fds, len(os.listdir("/proc/self/fd"))],
     "failed": failed,
+    "sent_while_paused": len(sent),
     "images_left": os.listdir(image_dir),
     "saved_ticks": saved_ticks,
     "ports": [{**dataclasses.asdict(c), "type": int(c.type)}
@@ -463,9 +546,57 @@ print(json.dumps({
     "shared_info_gfn": pv.shared_info.gfn,
     "pages": len(snap.pfns),
     "rounds": list(snap.rounds), "paused_pages": snap.paused_pages,
+    "devices": [d.kind for d in snap.devices], "rings": rings,
     "save_s": round(t1 - t0, 1), "restore_s": round(t2 - t1, 1)}))
 """
 )
+
+
+# Saves the guest (paused), then takes its disk's medium away before the
+# restore: the restore must refuse before it destroys anything, and the
+# guest go on where it ran, under its domid, its backends Connected.
+ROLLBACK = (
+    PRELUDE
+    + """\
+import os, pathlib
+from nova_xen_ncm.host.xen import inplace
+domid = host.find_domain("ncm-linux").domid
+snap = inplace.save(host, domid)
+with open("/var/log/xen/console/guest-ncm-linux.log") as f:
+    saved_ticks = sum(line.startswith("NCM tick=") for line in f)
+os.rename("/var/lib/ncm/disk", "/var/lib/ncm/disk.away")
+try:
+    inplace.restore(host, snap,
+                    image_dir=pathlib.Path("/var/lib/nova-xen-ncm/inplace"))
+except inplace.InPlaceError as exc:
+    refused = str(exc)
+else:
+    refused = None
+finally:
+    os.rename("/var/lib/ncm/disk.away", "/var/lib/ncm/disk")
+info = host.find_domain("ncm-linux")
+print(json.dumps({
+    "domid": domid, "after": info.domid, "state": info.state.value,
+    "refused": refused, "saved_ticks": saved_ticks,
+    "images_left": os.listdir("/var/lib/nova-xen-ncm/inplace"),
+    "backends": {d.kind: host._xs_read(d.backend + "/state").decode()
+                 for d in snap.devices}}))
+"""
+)
+
+
+# What dom0 knows of the guest's devices and event channels: printed when
+# a step of the Linux guest test fails.
+DEVICE_STATE = """\
+mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug
+xl list; xl vcpu-list ncm-linux
+xenstore-ls -f /local/domain/0/backend
+for f in /sys/kernel/debug/xen-netback/*/*; do echo "$f:"; cat "$f"; done
+ip -s link show; bridge link
+cat /var/lib/ncm/responder.json; echo
+xl debug-keys e; xl dmesg | tail -c 6000
+dmesg | tail -60
+"""
 
 
 def _ticks(log: str) -> list[dict[str, str]]:
@@ -488,7 +619,8 @@ def _cycle(rig: XenRig, mode: str) -> dict:
     print(f"{mode} save/restore ({time.monotonic() - started:.0f}s):", {
         k: moved[k] for k in (
             "domid", "after", "save_s", "restore_s", "pages", "rounds",
-            "paused_pages", "shared_info_gfn", "grant_frames", "vm_assist")
+            "paused_pages", "shared_info_gfn", "grant_frames", "vm_assist",
+            "devices", "rings")
     })  # fmt: skip
     waited = rig.run(
         WAIT_TICKS.format(ticks=moved["saved_ticks"] + 4, timeout=300),
@@ -549,7 +681,9 @@ def test_linux_guest_carries_on_after_restore_in_place(
 ) -> None:
     """Saved paused (with a failed creation retried from the image), then
     saved live while it runs and dirties memory: after each restore the
-    guest carries on, and its own verdicts pass."""
+    guest carries on, its disk and network included, and its own
+    verdicts pass. Then a restore whose disk backend could not attach
+    again leaves it running in place."""
     built = patched_xen_rig.rig("build-guest", timeout=600)
     assert built.returncode == 0, _out(built)
     shutil.copyfile(
@@ -557,6 +691,7 @@ def test_linux_guest_carries_on_after_restore_in_place(
     )
     log_path = "/var/log/xen/console/guest-ncm-linux.log"
     log = ""
+    responder: dict = {}
     try:
         started = time.monotonic()
         booted = patched_xen_rig.run(
@@ -570,19 +705,58 @@ def test_linux_guest_carries_on_after_restore_in_place(
         _watch_fires_once(patched_xen_rig, moved["domid"], 1)
         live = _cycle(patched_xen_rig, "live")
         _watch_fires_once(patched_xen_rig, live["domid"], 2)
+        started = time.monotonic()
+        back = last_json(patched_xen_rig.run(dom0_python(ROLLBACK)))
+        print(f"rollback ({time.monotonic() - started:.0f}s):", back)
+        waited = patched_xen_rig.run(
+            WAIT_TICKS.format(ticks=back["saved_ticks"] + 4, timeout=300),
+            timeout=360,
+        )
+        assert waited.returncode == 0, _out(waited)
+        # The connection the rolled-back save's export froze is served
+        # again: the watch still fires, once.
+        _watch_fires_once(patched_xen_rig, back["domid"], 3)
+    except BaseException:
+        # dom0's side of the guest's devices when a step failed.
+        print(patched_xen_rig.run(DEVICE_STATE).stdout)
+        raise
     finally:
+        # The guest stopped first, then its log, then the responder's
+        # count: every number the log shows answered was counted by then.
+        patched_xen_rig.run("xl pause ncm-linux 2>/dev/null; true")
         log = patched_xen_rig.run(f"cat {log_path}").stdout
+        got = patched_xen_rig.run("cat /var/lib/ncm/responder.json; echo")
+        if got.returncode == 0 and got.stdout.strip():
+            responder = last_json(got)
         patched_xen_rig.run("xl destroy ncm-linux 2>/dev/null; true")
-    print(log)
+        # Also when a step failed: the guest's own account of it.
+        print(log)
+        print("responder:", responder)
     ticks = _ticks(log)
+    # The restore that could not attach the disk's backend again refused
+    # before destroying anything: the guest ran on under its domid, its
+    # backends Connected, nothing left on disk.
+    assert back["refused"] and "left running in place" in back["refused"]
+    assert "medium" in back["refused"], back
+    assert back["after"] == back["domid"] == moved["domid"], back
+    assert back["state"] == "running", back
+    assert back["backends"] == {"vbd": "4", "vif": "4"}, back
+    assert back["images_left"] == [], back
     for cycle in (moved, live):
         assert cycle["after"] == cycle["domid"], cycle
         assert cycle["images_left"] == [], cycle
         # No descriptor left behind by the restore (libxl's logger).
         assert cycle["fds"][0] == cycle["fds"][1], cycle["fds"]
+    for cycle in (moved, live):
+        assert sorted(cycle["devices"]) == ["vbd", "vif"], cycle
+        # The rings as the guest's memory had them when it was saved: a
+        # backend never answers more than was asked.
+        for name, (req_prod, rsp_prod) in cycle["rings"].items():
+            assert 0 <= (req_prod - rsp_prod) % 2**32 <= 256, (name, cycle)
     # The injected failure after the destroy was retried from the image,
     # which is gone once the guest runs again.
     assert moved["failed"] == [moved["domid"]], moved
+    assert moved["sent_while_paused"] == 8, moved
     assert moved["rounds"] == [] and moved["paused_pages"] == moved["pages"]
     # Live: the whole memory copied while it ran, then rounds of what it
     # dirtied, and only the last dirty pages with it paused.
@@ -598,14 +772,33 @@ def test_linux_guest_carries_on_after_restore_in_place(
     first, second = moved["saved_ticks"], live["saved_ticks"]
     assert first >= 4 and second >= first + 4, (first, second)
     assert len(ticks) >= second + 4, (second, log)
+    third = back["saved_ticks"]
+    assert third >= second + 4 and len(ticks) >= third + 4, (third, log)
     for t in ticks:
         assert t["verdict"] == "PASS", t
         assert (t["cs"], t["ce"], t["ipi"]) == ("xen", "xen", "ok"), t
         assert t["domid"] == str(moved["domid"]), t
-    # The ticks spanning the two restores are the longest gaps; the
-    # guest's kernel said nothing of xenbus.
-    gaps = [int(t["gap"]) for t in ticks]
-    assert max(gaps) == int(ticks[-1]["maxgap"]), gaps
+        # The devices: no I/O error, every block read back as last
+        # written, the datagrams answered in sequence, and every frontend
+        # and backend Connected whenever the guest looked.
+        assert (t["blk"], t["net"], t["xbs"]) == ("ok", "ok", "ok"), t
+        assert t["disk"].split("/")[1:] == ["0", "0"], t
+    # The disk's requests and the network's sequence went on across each
+    # restore and the rollback.
+    for at in (first, second, third):
+        before, after = ticks[at - 1], ticks[-1]
+        assert int(after["disk"].split("/")[0]) > int(
+            before["disk"].split("/")[0]
+        ), (before, after)
+        assert int(after["netseq"]) > int(before["netseq"]), (before, after)
+    # dom0 got every number after the one before it (or the same one
+    # again when the guest resent an unanswered one).
+    assert responder["out_of_sequence"] == 0, responder
+    assert responder["last"] >= int(ticks[-1]["netseq"]), responder
+    # The ticks spanning the two restores are the longest gaps before the
+    # rollback's pause; the guest's kernel said nothing of xenbus.
+    gaps = [int(t["gap"]) for t in ticks[:third]]
+    assert max(gaps) == int(ticks[third - 1]["maxgap"]), gaps
     # Each restore's pause is the longest gap of its cycle: the paused
     # save stops the guest a tick or so after its count was read, the live
     # one only after its copy rounds, while the guest went on ticking.
@@ -631,7 +824,7 @@ def test_linux_guest_carries_on_after_restore_in_place(
         assert "control/shutdown" in paths, cycle["xs_watches"]
     # Its events, each once: the registration's, then one per write.
     events = _watch_events(log)
-    assert [e["n"] for e in events] == ["1", "2", "3"], events
+    assert [e["n"] for e in events] == ["1", "2", "3", "4"], events
     assert {(e["path"], e["token"]) for e in events} == {
         ("data/ncm-watch", "ncm-watch")
     }, events
