@@ -386,7 +386,13 @@ class _PvCheck:
         entries: np.ndarray,
     ) -> None:
         bound = ports.get(ring.frontend_port)
-        if bound != (int(ncm.EvtchnType.INTERDOMAIN), backend):
+        # Unbound for the backend's domain: a backend quiesced by being
+        # unbound from its driver closed its end, and the destination's
+        # binds it again.
+        if bound not in (
+            (int(ncm.EvtchnType.INTERDOMAIN), backend),
+            (int(ncm.EvtchnType.UNBOUND), backend),
+        ):
             raise ForgedContent(
                 f"{where}: port {ring.frontend_port} is not a channel to "
                 f"backend domain {backend}"

@@ -967,6 +967,14 @@ class HostDriver(abc.ABC):
 
     # -- PV state --
 
+    def guest_devices(self, domid: int) -> tuple[DeviceConfig, ...]:
+        """The guest's PV devices a migration's destination creates with
+        the domain (named in SETUP), whose backends then attach to the
+        rings the PV state carries. A host whose streams carry the
+        backends themselves (the simulated one) names none. Raises
+        NotSupported for a device that cannot be carried."""
+        return ()
+
     @abc.abstractmethod
     def quiesce_backends(self, domid: int) -> None:
         """Stop the guest's backends taking new requests (at pause);
