@@ -507,8 +507,9 @@ def _driver_file(dev: Device, what: str, root: str) -> str:
     return f"{root}/{_backend_type(dev)}/{what}"
 
 
-def bound(domid: int, dev: Device, root: str = XEN_BACKEND_DEVICES) -> bool:
+def bound(domid: int, dev: Device, root: str | None = None) -> bool:
     """Whether the backend device has a driver (``driver`` link)."""
+    root = root or XEN_BACKEND_DEVICES
     return os.path.lexists(f"{root}/{backend_name(domid, dev)}/driver")
 
 
@@ -521,12 +522,13 @@ def unbind(
     domid: int,
     devs: Iterable[Device],
     *,
-    drivers: str = XEN_BACKEND_DRIVERS,
-    devices_root: str = XEN_BACKEND_DEVICES,
+    drivers: str | None = None,
+    devices_root: str | None = None,
 ) -> list[Device]:
     """Unbind each backend device from its driver; the devices unbound,
     in order. One that cannot be is bound again with those before it and
     DeviceError names it."""
+    drivers = drivers or XEN_BACKEND_DRIVERS
     done: list[Device] = []
     for dev in devs:
         try:
@@ -551,12 +553,13 @@ def bind(
     domid: int,
     devs: Iterable[Device],
     *,
-    drivers: str = XEN_BACKEND_DRIVERS,
-    devices_root: str = XEN_BACKEND_DEVICES,
+    drivers: str | None = None,
+    devices_root: str | None = None,
 ) -> None:
     """Bind each backend device to its driver again (those already bound
     are left); DeviceError names the first that could not be, after
     trying them all."""
+    drivers = drivers or XEN_BACKEND_DRIVERS
     failed = []
     for dev in devs:
         if bound(domid, dev, devices_root):

@@ -1272,6 +1272,8 @@ class XenHost(base.HostDriver):
         PV_DEVICES reason) or a device cannot (another backend, another
         backend domain, a multi-queue frontend)."""
         devs = self._reattaching_devices(domid, "guest_devices")
+        if not devs:
+            return ()
         config = self.libxl_config(domid) or {}
         disks = {
             d.get("vdev"): d

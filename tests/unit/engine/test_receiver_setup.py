@@ -35,3 +35,47 @@ def test_a_host_that_cannot_keep_domids_says_why(reason, named) -> None:
     restore[base.Item.DOMID] = reason
     with pytest.raises(Refused, match=f"domid: {named}"):
         _check(restore, preserve_domid=False)
+
+
+def _devices(tmp_path, *devices, bridges=("xenbr0",)):
+    import json
+
+    from nova_xen_ncm.engine import messages
+
+    rx = object.__new__(receiver.Receiver)
+    rx.host = types.SimpleNamespace(hostname="dest")
+    rx.opts = types.SimpleNamespace(
+        migration_disk_dirs=[str(tmp_path / "shared")],
+        migration_bridges=list(bridges),
+    )
+    setup = types.SimpleNamespace(
+        device_fields=lambda: [json.loads(json.dumps(d)) for d in devices]
+    )
+    return rx._devices(setup), messages
+
+
+def vbd(target):
+    return {"kind": "vbd", "devid": 51712, "mac": None,
+            "extra": {"target": target, "format": "raw"}}  # fmt: skip
+
+
+def test_a_migrating_disk_is_taken_only_under_the_shared_dirs(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "disk").write_bytes(b"")
+    (shared / "link").symlink_to(tmp_path / "elsewhere")
+    vif = {"kind": "vif", "devid": 0, "mac": "00:16:3e:00:00:01",
+           "extra": {"bridge": "xenbr0"}}  # fmt: skip
+    (disk, net), _ = _devices(tmp_path, vbd(str(shared / "disk")), vif)
+    assert disk == base.DeviceConfig(
+        kind="vbd",
+        devid=51712,
+        extra={"target": str(shared / "disk"), "format": "raw"},
+    )
+    assert net.mac == "00:16:3e:00:00:01" and net.extra == {"bridge": "xenbr0"}
+    # Outside, through a link, relative: refused by name.
+    for target in ("/etc/shadow", str(shared / "link"), "shared/disk"):
+        with pytest.raises(Refused, match="migration_disk_dirs"):
+            _devices(tmp_path, vbd(target))
+    with pytest.raises(Refused, match="bridge 'xenbr0' .*migration_bridges"):
+        _devices(tmp_path, vif, bridges=("ncmbr0",))
