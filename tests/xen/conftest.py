@@ -207,9 +207,26 @@ def xen_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenRig]:
         _stop(rig)
 
 
+# The patched rigs' link (XEN_RIG_NET) and the disk they share
+# (XEN_RIG_SHARED_DISK): the first has both from the start, the second
+# boots only for the tests that migrate between them.
+_PATCHED_LINK = _free_udp_ports(2)
+SHARED_DISK_BYTES = 64 << 20
+
+
+@pytest.fixture(scope="session")
+def shared_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A raw image both patched rigs attach (dom0's disk of serial
+    ncm-shared): the storage a migrating guest's disk is on."""
+    path = tmp_path_factory.mktemp("shared-disk") / "shared.img"
+    with path.open("wb") as f:
+        f.truncate(SHARED_DISK_BYTES)
+    return path
+
+
 @pytest.fixture(scope="session")
 def patched_xen_rig(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, shared_disk: Path
 ) -> Iterator[XenRig]:
     """A rig running the hypervisor built with ``xen/patches``."""
     _prerequisites()
@@ -224,7 +241,8 @@ def patched_xen_rig(
     env = dict(os.environ)
     env["XEN_RIG_STATE"] = str(tmp_path_factory.mktemp("xen-rig-patched"))
     env["XEN_RIG_XEN"] = "patched"
-    env.pop("XEN_RIG_NET", None)
+    env["XEN_RIG_NET"] = f"{_PATCHED_LINK[0]}:{_PATCHED_LINK[1]}"
+    env["XEN_RIG_SHARED_DISK"] = str(shared_disk)
     rig = XenRig(env)
     started = time.monotonic()
     built = rig.rig("build-xen", timeout=BUILD_TIMEOUT)
@@ -233,6 +251,23 @@ def patched_xen_rig(
             f"xen-rig build-xen failed:\n{_tail(built)}", pytrace=False
         )
     print(f"xen-rig build-xen: {time.monotonic() - started:.0f}s")
+    try:
+        _boot(rig)
+        yield rig
+    finally:
+        _stop(rig)
+
+
+@pytest.fixture(scope="session")
+def second_patched_xen_rig(
+    patched_xen_rig: XenRig, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[XenRig]:
+    """Another patched Xen host, linked to ``patched_xen_rig`` (dom0 eth0
+    on both) and sharing its disk: the machine's two rigs."""
+    env = dict(patched_xen_rig.env)
+    env["XEN_RIG_STATE"] = str(tmp_path_factory.mktemp("xen-rig-patched-2"))
+    env["XEN_RIG_NET"] = f"{_PATCHED_LINK[1]}:{_PATCHED_LINK[0]}"
+    rig = XenRig(env)
     try:
         _boot(rig)
         yield rig

@@ -17,7 +17,9 @@ Subcommands:
   boot             boot Xen under QEMU (builds first when needed) and wait
                    until dom0 accepts commands; XEN_RIG_XEN=patched boots
                    the patched hypervisor and runs the patched xenstored
-                   instead of Debian's
+                   instead of Debian's; XEN_RIG_NET=LOCAL:REMOTE links
+                   it to another rig, XEN_RIG_SHARED_DISK=IMAGE gives
+                   dom0 a disk another rig shares (serial ncm-shared)
   run CMD...       run a shell command in dom0; its stdout, stderr and
                    exit status become this command's (125 means the rig
                    itself failed)
@@ -1233,6 +1235,32 @@ def network_args() -> list[str]:
     ]  # fmt: skip
 
 
+# The serial dom0 sees on the shared disk (/sys/block/vdX/serial).
+SHARED_DISK_SERIAL = "ncm-shared"
+
+
+def shared_disk_args() -> list[str]:
+    """A disk two rigs share, when XEN_RIG_SHARED_DISK names a raw image
+    file: both QEMUs open it with no host cache (cache=none: O_DIRECT, so
+    each rig reads what the other wrote) and no image locking, and dom0
+    sees it as a virtio disk of serial SHARED_DISK_SERIAL. dom0's blkback
+    submits a guest's requests to it directly, with no page cache of
+    dom0's: the two hosts see one disk, as on a SAN."""
+    path = os.environ.get("XEN_RIG_SHARED_DISK")
+    if not path:
+        return []
+    if not Path(path).is_file():
+        raise RigError(f"XEN_RIG_SHARED_DISK={path!r}: not a file")
+    return [
+        "-drive",
+        f"file={path},format=raw,if=none,id=shared,cache=none,"
+        "file.locking=off",
+        "-device",
+        f"virtio-blk-pci,drive=shared,share-rw=on,"
+        f"serial={SHARED_DISK_SERIAL}",
+    ]
+
+
 def boot() -> None:
     if qemu_pid() is not None:
         if (share_dir() / "ready").exists():
@@ -1280,6 +1308,7 @@ def boot() -> None:
         f"local,path={share_dir()},mount_tag=rig,security_model=none",
     ]  # fmt: skip
     cmd += network_args()
+    cmd += shared_disk_args()
     log(
         f"booting {xen_flavour()} Xen {hypervisor} with {qemu_what} "
         f"(log: {bootlog})"
