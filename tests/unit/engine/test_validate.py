@@ -479,10 +479,12 @@ def test_genuine_hvm_params_pass():
     )
 
 
-def _ring_check(port_binding):
+def _ring_check(port_binding, backend_port=0):
     """The device ring check alone: ring on port 5, grant ref 0 to dom0."""
     check = object.__new__(validate._PvCheck)
-    ring = types.SimpleNamespace(frontend_port=5, ring_refs=(0,))
+    ring = types.SimpleNamespace(
+        frontend_port=5, backend_port=backend_port, ring_refs=(0,)
+    )
     entries = np.zeros(
         1, dtype=[("flags", "<u2"), ("domid", "<u2"), ("frame", "<u4")]
     )
@@ -493,11 +495,15 @@ def _ring_check(port_binding):
 def test_a_quiesced_backends_port_is_unbound_for_its_domain():
     # A backend quiesced by being unbound from its driver closed its end:
     # the frontend's port waits, unbound for the backend's domain.
-    _ring_check((int(ncm.EvtchnType.INTERDOMAIN), 0))
+    _ring_check((int(ncm.EvtchnType.INTERDOMAIN), 0), backend_port=9)
     _ring_check((int(ncm.EvtchnType.UNBOUND), 0))
-    for other in (
-        (int(ncm.EvtchnType.UNBOUND), 3),
-        (int(ncm.EvtchnType.VIRQ), 0),
+    for other, backend_port in (
+        ((int(ncm.EvtchnType.UNBOUND), 3), 0),
+        ((int(ncm.EvtchnType.VIRQ), 0), 0),
+        # A backend port named, but the guest's port is not linked to it.
+        ((int(ncm.EvtchnType.UNBOUND), 0), 9),
+        # None named for a port the backend holds.
+        ((int(ncm.EvtchnType.INTERDOMAIN), 0), 0),
     ):
         with pytest.raises(validate.ForgedContent, match="not a channel to"):
-            _ring_check(other)
+            _ring_check(other, backend_port)

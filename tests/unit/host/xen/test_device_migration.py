@@ -7,6 +7,7 @@ sequence itself is judged on two patched rigs (tests/xen)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 import types
@@ -515,3 +516,33 @@ def test_a_backend_that_does_not_attach_fails_the_import(monkeypatch) -> None:
     host = types.SimpleNamespace(_xs_read=store.read)
     with pytest.raises(devices.DeviceError, match="state 2 .*not Connected"):
         devices.wait_connected(host, D, [VBD], call="import_pv_state")
+
+
+def test_the_stream_carries_the_quiesced_backends_as_they_are() -> None:
+    # Unbound from their drivers, the backends closed their ends: the
+    # guest's ports wait unbound for dom0, and the records say so (no
+    # backend port) and come back as exported.
+    from nova_xen_ncm.engine import pvstate
+    from nova_xen_ncm.stream import ncm
+
+    vif = dataclasses.replace(
+        backend_state(VIF),
+        ring_refs=(10, 11),
+        event_channels=(16, 17),
+        ring_indices={"tx": (5, 5), "rx": (6, 6)},
+    )
+    ports = base.EventChannelState(
+        base.EvtchnAbi.TWO_LEVEL,
+        tuple(
+            base.EventChannel(p, base.EvtchnType.UNBOUND, 0, remote_domid=0)
+            for p in (15, 16, 17)
+        ),
+    )
+    xs = base.XenstoreState((), (), (), store_port=1, store_gfn=2)
+    codec = ncm.PvDeviceCodec()
+    for backend in (backend_state(VBD), vif):
+        record = pvstate._pv_device(backend, D, ports, xs)
+        record.validate()
+        assert {r.backend_port for r in record.rings} == {0}
+        back = codec.decode(memoryview(b"".join(codec.encode(record))))
+        assert pvstate._host_backend(back) == backend
