@@ -1255,8 +1255,10 @@ def shared_disk_args() -> list[str]:
         "-drive",
         f"file={path},format=raw,if=none,id=shared,cache=none,"
         "file.locking=off",
+        # A slot after the root disk's (which QEMU puts in the first
+        # free one): dom0's root=/dev/vda stays the root.
         "-device",
-        f"virtio-blk-pci,drive=shared,share-rw=on,"
+        f"virtio-blk-pci,drive=shared,share-rw=on,addr=0x18,"
         f"serial={SHARED_DISK_SERIAL}",
     ]
 
