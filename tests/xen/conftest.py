@@ -162,21 +162,31 @@ def _stop(rig: XenRig) -> None:
         print(f"xen-rig stop failed:\n{_tail(stopped)}")
 
 
-@pytest.fixture(scope="session")
-def second_xen_rig(
-    xen_rig: XenRig, tmp_path_factory: pytest.TempPathFactory
+def _linked_rig(
+    first: XenRig, state: Path, link: list[int]
 ) -> Iterator[XenRig]:
-    """Another Xen host, linked to ``xen_rig`` by a loopback-only UDP
-    network (dom0 eth0 on both)."""
-    env = dict(xen_rig.env)
-    env["XEN_RIG_STATE"] = str(tmp_path_factory.mktemp("xen-rig-2"))
-    env["XEN_RIG_NET"] = f"{_LINK[1]}:{_LINK[0]}"
+    """A rig booted as ``first`` is (same hypervisor and shared disk)
+    in ``state``, at the other end of ``first``'s link; stopped after."""
+    env = dict(first.env)
+    env["XEN_RIG_STATE"] = str(state)
+    env["XEN_RIG_NET"] = f"{link[1]}:{link[0]}"
     rig = XenRig(env)
     try:
         _boot(rig)
         yield rig
     finally:
         _stop(rig)
+
+
+@pytest.fixture(scope="session")
+def second_xen_rig(
+    xen_rig: XenRig, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[XenRig]:
+    """Another Xen host, linked to ``xen_rig`` by a loopback-only UDP
+    network (dom0 eth0 on both)."""
+    yield from _linked_rig(
+        xen_rig, tmp_path_factory.mktemp("xen-rig-2"), _LINK
+    )
 
 
 def _prerequisites() -> None:
@@ -264,12 +274,8 @@ def second_patched_xen_rig(
 ) -> Iterator[XenRig]:
     """Another patched Xen host, linked to ``patched_xen_rig`` (dom0 eth0
     on both) and sharing its disk: the machine's two rigs."""
-    env = dict(patched_xen_rig.env)
-    env["XEN_RIG_STATE"] = str(tmp_path_factory.mktemp("xen-rig-patched-2"))
-    env["XEN_RIG_NET"] = f"{_PATCHED_LINK[1]}:{_PATCHED_LINK[0]}"
-    rig = XenRig(env)
-    try:
-        _boot(rig)
-        yield rig
-    finally:
-        _stop(rig)
+    yield from _linked_rig(
+        patched_xen_rig,
+        tmp_path_factory.mktemp("xen-rig-patched-2"),
+        _PATCHED_LINK,
+    )
