@@ -843,8 +843,14 @@ set -e
 modprobe xen-blkback
 modprobe xen-netback
 [ "$(cat /sys/block/vdb/serial)" = ncm-shared ]
-ip addr replace {address}/24 dev eth0
-ip link set eth0 up
+# The link's NIC by its MAC (xen-rig's 52:54:00:4e:..), whatever dom0
+# named it.
+nic=$(for d in /sys/class/net/*; do
+    case "$(cat "$d/address")" in 52:54:00:4e:*) basename "$d";; esac
+done)
+[ -n "$nic" ] || { echo "no link NIC:" >&2; ip -o link >&2; exit 1; }
+ip addr replace {address}/24 dev "$nic"
+ip link set "$nic" up
 mkdir -p /var/lib/ncm /etc/nova-xen-ncm
 cat > /etc/nova-xen-ncm/migration.conf <<CONF
 [xen_ncm]
