@@ -469,6 +469,20 @@ class Receiver:
                 " memory would compare unequal (both hosts must run"
                 " releases that digest alike)"
             )
+        version = (
+            self._channel.connection.version or 0
+            if setup.pv_drivers and caps.devices_named_at_setup
+            else messages.PROTOCOL_VERSION
+        )
+        if version < 3:
+            # What a previous release's destination refused the same
+            # guest for: its devices would come with no backend here.
+            missing[base.Item.PV_DEVICES] = (
+                f"the source speaks migration protocol version {version},"
+                " whose SETUP cannot name the guest's PV devices this"
+                f" host's backends are created for: upgrade it to this"
+                " release"
+            )
         if not caps.preserve_domid:
             # The host's own reason (the Xen driver names the setting).
             missing[base.Item.DOMID] = (

@@ -699,6 +699,11 @@ class Capabilities:
     #: alike, or equal memory compares unequal in the downtime ("": the
     #: host names none).
     memory_digest: str = ""
+    #: PV devices are restored only with the devices SETUP names
+    #: (protocol version 3), whose backends this host creates with the
+    #: domain: a source of an earlier version, which cannot name them,
+    #: is refused a guest with PV drivers at SETUP.
+    devices_named_at_setup: bool = False
 
     def missing(self, pv_drivers: bool) -> dict[Item, str]:
         """The items a guest would need that this host cannot restore."""

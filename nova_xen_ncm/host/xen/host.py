@@ -430,6 +430,9 @@ class XenHost(base.HostDriver):
                 max_vcpus=128,
                 pcpus=self._nr_cpus(),
                 memory_digest=MEMORY_DIGEST,
+                # The destination's backends are created from SETUP's
+                # device records, not from the stream.
+                devices_named_at_setup=restore[Item.PV_DEVICES] is None,
             )
         return base.Capabilities(
             **{

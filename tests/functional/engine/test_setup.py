@@ -13,6 +13,7 @@ from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 
+from .conftest import DEVICES
 from .conftest import guest_config
 
 
@@ -288,3 +289,76 @@ def test_a_destination_that_cannot_create_devices_is_refused(
     assert "cannot name the guest's PV devices" in m.sender.error.text
     assert running(source, domid)
     assert destination.list_domains() == []
+
+
+@pytest.mark.parametrize("side", ["destination", "source"])
+def test_a_version_2_peer_migrates_a_guest_no_device_record_names(
+    monkeypatch, source, destination, migration, side
+):
+    # Hosts are upgraded one by one: a guest whose devices SETUP need not
+    # name (here the simulated host's, carried in the stream; on Xen, one
+    # without blkfront and netfront) moves to and from a previous release
+    # speaking version 2, which is what is negotiated.
+    versions = []
+    if side == "destination":
+        monkeypatch.setattr(framing, "SUPPORTED_VERSIONS", (1, 2))
+    else:
+        hello = framing.Connection.send_hello
+
+        def offering_2(self, *args, **kwargs):
+            kwargs["versions"] = (1, 2)
+            return hello(self, *args, **kwargs)
+
+        monkeypatch.setattr(framing.Connection, "send_hello", offering_2)
+    challenge = framing.Connection.send_challenge
+
+    def recording(self, *args, **kwargs):
+        out = challenge(self, *args, **kwargs)
+        versions.append(self.version)
+        return out
+
+    monkeypatch.setattr(framing.Connection, "send_challenge", recording)
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    assert source.domain_info(domid).pv_drivers
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert m.receiver.state.phase is Phase.DONE, m.receiver.error
+    assert versions and set(versions) == {2}
+    assert running(destination, domid)
+
+
+def test_a_version_2_source_is_refused_a_guest_whose_devices_setup_names(
+    monkeypatch, source, destination, migration
+):
+    # A destination whose backends are created from SETUP's device
+    # records (patched Xen): a previous release's source names none, so
+    # its guest with PV drivers is refused at SETUP, nothing created,
+    # rather than failing in the downtime; from a version-3 source the
+    # same guest is taken.
+    caps = destination.capabilities()
+    monkeypatch.setattr(
+        destination,
+        "capabilities",
+        lambda: dataclasses.replace(caps, devices_named_at_setup=True),
+    )
+    hello = framing.Connection.send_hello
+
+    def offering_2(self, *args, **kwargs):
+        kwargs["versions"] = (1, 2)
+        return hello(self, *args, **kwargs)
+
+    monkeypatch.setattr(framing.Connection, "send_hello", offering_2)
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert m.sender.error.code == "missing-capability"
+    assert "protocol version 2" in m.sender.error.text
+    assert "cannot name the guest's PV devices" in m.sender.error.text
+    assert running(source, domid)
+    assert destination.list_domains() == []
+    assert m.sender.stats.to_dict()["pages_sent"] == 0
+
+    monkeypatch.setattr(framing.Connection, "send_hello", hello)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert running(destination, domid)

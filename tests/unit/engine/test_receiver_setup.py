@@ -79,3 +79,36 @@ def test_a_migrating_disk_is_taken_only_under_the_shared_dirs(tmp_path):
             _devices(tmp_path, vbd(target))
     with pytest.raises(Refused, match="bridge 'xenbr0' .*migration_bridges"):
         _devices(tmp_path, vif, bridges=("ncmbr0",))
+
+
+@pytest.mark.parametrize(
+    ("version", "pv_drivers", "named"),
+    [(2, True, True), (1, True, True), (3, True, False), (2, False, False)],
+)
+def test_a_source_that_cannot_name_devices_is_refused_a_pv_guest(
+    version, pv_drivers, named
+) -> None:
+    # A host whose backends are created from SETUP's device records: a
+    # source speaking an earlier version sends none, so a guest with PV
+    # drivers is refused there, as a previous release's destination did.
+    caps = base.Capabilities(
+        host="h",
+        hypervisor="Xen 4.17",
+        restore={item: None for item in base.Item},
+        devices_named_at_setup=True,
+    )
+    rx = object.__new__(receiver.Receiver)
+    rx.host = types.SimpleNamespace(capabilities=lambda: caps)
+    rx._channel = types.SimpleNamespace(
+        connection=types.SimpleNamespace(version=version)
+    )
+    setup = types.SimpleNamespace(pv_drivers=pv_drivers, required=())
+    if named:
+        with pytest.raises(
+            Refused, match=f"pv_devices: .* protocol version {version}, "
+        ):
+            rx._check(setup)
+    else:
+        with pytest.raises(AttributeError, match="domain_info"):
+            # Past the capability check, to the domid's (not faked here).
+            rx._check(setup)
