@@ -48,7 +48,7 @@ grants) again with the guest paused.
 A live migration to another host (the engine's stream) cannot let the
 old backends run on: the pages are sent in no order the rings' answers
 could follow. The source unbinds each backend device from its driver
-once the guest is paused (:func:`quiesce`): since Linux 5.6 blkback and
+once the guest is paused (:func:`unbind`): since Linux 5.6 blkback and
 netback allow it with the backend area left Connected, unmap the rings
 and every grant (Xen logs each page written through a mapping as dirty
 at its unmap, so the last harvest holds what they wrote), and close
@@ -58,7 +58,7 @@ again by the next backend from the ring's ``rsp_prod``. The destination
 creates the backends with the domain (the same disk, on storage both
 hosts reach, and a vif on the same bridge) and they attach as in place.
 A rollback binds the source's devices to their drivers again
-(:func:`resume`): they attach to the same rings the same way, and a vif,
+(:func:`bind`): they attach to the same rings the same way, and a vif,
 whose network device netback freed at the unbind, is put back on its
 bridge by its hotplug script as libxl did at its creation.
 
@@ -106,6 +106,10 @@ GTF_TYPE_MASK = 3
 GTF_PERMIT_ACCESS = 1
 GRANT_ENTRY_V1 = 8
 # v1 grant entry: flags, domid, frame (grant_table.h, grant_entry_v1).
+# Grant references below this are the toolstack's
+# (GNTTAB_NR_RESERVED_ENTRIES, public/grant_table.h): the console's and
+# xenstore's rings, which xenconsoled and xenstored keep mapped.
+GNTTAB_NR_RESERVED_ENTRIES = 8
 _GRANT_V1 = np.dtype([("flags", "<u2"), ("domid", "<u2"), ("frame", "<u4")])
 CONNECT_TIMEOUT = 120.0
 # Seconds dom0's kernel may take to remove a destroyed domain's backend
@@ -521,15 +525,17 @@ def _write_sysfs(path: str, value: str) -> None:
 def unbind(
     domid: int,
     devs: Iterable[Device],
+    done: list[Device],
     *,
     drivers: str | None = None,
     devices_root: str | None = None,
 ) -> list[Device]:
-    """Unbind each backend device from its driver; the devices unbound,
-    in order. One that cannot be is bound again with those before it and
-    DeviceError names it."""
+    """Unbind each backend device from its driver, appending each to
+    ``done`` (the caller's: what a rollback binds again, a vif's hotplug
+    script run, also when this fails half way); returns ``done``. One
+    that cannot be unbound is named by DeviceError, the others left
+    unbound for the caller's rollback."""
     drivers = drivers or XEN_BACKEND_DRIVERS
-    done: list[Device] = []
     for dev in devs:
         try:
             _write_sysfs(
@@ -537,9 +543,10 @@ def unbind(
             )
         except OSError as exc:
             if not bound(domid, dev, devices_root):
-                # Already without a driver: nothing of it runs.
+                # Already without a driver: nothing of it runs, and the
+                # destination's backend attaches to its rings as well.
+                done.append(dev)
                 continue
-            bind(domid, done, drivers=drivers, devices_root=devices_root)
             raise DeviceError(
                 f"domain {domid}: {dev.kind} {dev.devid}'s backend could "
                 f"not be unbound from its driver: {exc}",
@@ -580,8 +587,10 @@ def bind(
 
 def grants_in_use(gt: base.GrantTableState, domids: Iterable[int]) -> int:
     """How many of the guest's v1 grant entries to ``domids`` Xen marks
-    mapped (GTF_reading or GTF_writing)."""
-    entries = _grant_entries(gt)
+    mapped (GTF_reading or GTF_writing), but the toolstack's reserved
+    ones (the console's and xenstore's rings: their daemons are not
+    quiesced and keep them mapped)."""
+    entries = _grant_entries(gt)[GNTTAB_NR_RESERVED_ENTRIES:]
     if not len(entries):
         return 0
     used = (entries["flags"] & GTF_TYPE_MASK) == GTF_PERMIT_ACCESS

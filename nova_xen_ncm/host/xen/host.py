@@ -1354,9 +1354,10 @@ class XenHost(base.HostDriver):
         devs = self._reattaching_devices(domid, "quiesce_backends")
         if not devs:
             return
-        unbound = devices.unbind(domid, devs)
-        self._quiesced[domid] = tuple(unbound)
+        unbound: list[devices.Device] = []
         try:
+            devices.unbind(domid, devs, unbound)
+            self._quiesced[domid] = tuple(unbound)
             ctx = self.domain_context()
             devices.wait_unmapped(
                 lambda: pvctx._export_grant_table(self, ctx, domid),
@@ -1364,6 +1365,10 @@ class XenHost(base.HostDriver):
                 unbound,
             )
         except BaseException:
+            # What was unbound is bound again as a rollback does (a vif
+            # back on its bridge, every one Connected): the engine's
+            # rollback resumes only a quiesce that returned.
+            self._quiesced[domid] = tuple(unbound)
             with contextlib.suppress(base.HostError):
                 self.resume_backends(domid)
             raise

@@ -80,7 +80,7 @@ def test_quiesce_unbinds_each_backend_from_its_driver(
 ) -> None:
     fs = Sysfs(tmp_path)
     fs.install(monkeypatch)
-    assert devices.unbind(D, [VBD, VIF], **fs.kw()) == [VBD, VIF]
+    assert devices.unbind(D, [VBD, VIF], [], **fs.kw()) == [VBD, VIF]
     assert fs.written == [("unbind", "vbd-7-51712"), ("unbind", "vif-7-0")]
     assert not devices.bound(D, VBD, str(fs.devices))
     devices.bind(D, [VBD, VIF], **fs.kw())
@@ -90,16 +90,47 @@ def test_quiesce_unbinds_each_backend_from_its_driver(
     assert len(fs.written) == 4
 
 
-def test_a_backend_that_cannot_be_unbound_undoes_the_others(
+def test_a_backend_that_cannot_be_unbound_is_named_the_others_kept(
     tmp_path, monkeypatch
 ) -> None:
     fs = Sysfs(tmp_path)
     fs.install(monkeypatch)
     fs.refuse.add(("unbind", "vif-7-0"))
+    done: list[devices.Device] = []
     with pytest.raises(devices.DeviceError, match="vif 0's backend could"):
-        devices.unbind(D, [VBD, VIF], **fs.kw())
-    assert fs.written == [("unbind", "vbd-7-51712"), ("bind", "vbd-7-51712")]
-    assert devices.bound(D, VBD, str(fs.devices))
+        devices.unbind(D, [VBD, VIF], done, **fs.kw())
+    # Left for the caller's rollback, which binds them as it binds all.
+    assert fs.written == [("unbind", "vbd-7-51712")] and done == [VBD]
+    # One already without a driver is quiesced as well.
+    fs.refuse.clear()
+    assert devices.unbind(D, [VBD, VIF], [], **fs.kw()) == [VBD, VIF]
+
+
+def test_a_quiesce_failing_half_way_puts_an_unbound_vif_back(
+    tmp_path, monkeypatch
+) -> None:
+    # The vif unbound before the disk's unbind fails: netback freed its
+    # network device, so the rollback runs its hotplug script (back on
+    # its bridge) and waits until it is Connected, as resume_backends.
+    fs = Sysfs(tmp_path)
+    fs.install(monkeypatch)
+    fs.refuse.add(("unbind", "vbd-7-51712"))
+    store = Store({f"{VIF.backend}/script": "vif-bridge"})
+    xen = xen_host(monkeypatch, store, [VIF, VBD])
+    hotplug, connected = [], []
+    monkeypatch.setattr(
+        devices, "run_hotplug", lambda d, dev, s: hotplug.append((dev, s))
+    )
+    monkeypatch.setattr(
+        devices,
+        "wait_connected",
+        lambda h, d, devs, call: connected.append(tuple(devs)),
+    )
+    with pytest.raises(devices.DeviceError, match="vbd 51712's backend"):
+        xen.quiesce_backends(D)
+    assert fs.written == [("unbind", "vif-7-0"), ("bind", "vif-7-0")]
+    assert hotplug == [(VIF, "vif-bridge")] and connected == [(VIF,)]
+    assert xen._quiesced == {}
 
 
 def test_a_backend_not_bound_again_is_named_after_trying_all(
@@ -107,7 +138,7 @@ def test_a_backend_not_bound_again_is_named_after_trying_all(
 ) -> None:
     fs = Sysfs(tmp_path)
     fs.install(monkeypatch)
-    devices.unbind(D, [VBD, VIF], **fs.kw())
+    devices.unbind(D, [VBD, VIF], [], **fs.kw())
     fs.refuse.add(("bind", "vbd-7-51712"))
     with pytest.raises(devices.DeviceError, match="vbd 51712"):
         devices.bind(D, [VBD, VIF], **fs.kw())
@@ -129,16 +160,25 @@ def grant_table(*entries: tuple[int, int, int]) -> base.GrantTableState:
 
 
 PERMIT, READING, WRITING = 1, 1 << 3, 1 << 4
+# The toolstack's reserved entries, the console's and xenstore's rings
+# mapped by their daemons.
+TOOLSTACK = [(PERMIT | READING | WRITING, 0, 0xFEFFF)] * 2 + [(0, 0, 0)] * 6
 
 
 def test_the_quiesce_waits_until_no_grant_is_mapped(monkeypatch) -> None:
     tables = [
         grant_table(
-            (PERMIT | WRITING, 0, 0x100), (PERMIT | READING, 0, 0x101)
+            *TOOLSTACK,
+            (PERMIT | WRITING, 0, 0x100),
+            (PERMIT | READING, 0, 0x101),
         ),
-        grant_table((PERMIT | WRITING, 0, 0x100), (PERMIT, 0, 0x101)),
+        grant_table(
+            *TOOLSTACK, (PERMIT | WRITING, 0, 0x100), (PERMIT, 0, 0x101)
+        ),
         # Mapped by another domain's backend: not this guest's devices'.
-        grant_table((PERMIT, 0, 0x100), (PERMIT | READING, 5, 0x101)),
+        grant_table(
+            *TOOLSTACK, (PERMIT, 0, 0x100), (PERMIT | READING, 5, 0x101)
+        ),
     ]
     assert devices.grants_in_use(tables[0], {0}) == 2
     monkeypatch.setattr(devices.time, "sleep", lambda s: None)
@@ -146,11 +186,19 @@ def test_the_quiesce_waits_until_no_grant_is_mapped(monkeypatch) -> None:
     assert tables == []
 
 
+def test_the_toolstacks_reserved_grants_are_not_waited_for() -> None:
+    # Refs 0 and 1 (the console's and xenstore's rings) stay mapped by
+    # xenconsoled and xenstored, which are not quiesced.
+    assert devices.grants_in_use(grant_table(*TOOLSTACK), {0}) == 0
+    gt = grant_table(*TOOLSTACK, (PERMIT | WRITING, 0, 0x100))
+    assert devices.grants_in_use(gt, {0}) == 1
+
+
 def test_grants_still_mapped_are_counted_in_the_error(monkeypatch) -> None:
     clock = iter(range(100))
     monkeypatch.setattr(devices.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(devices.time, "sleep", lambda s: None)
-    gt = grant_table((PERMIT | WRITING, 0, 0x100))
+    gt = grant_table(*TOOLSTACK, (PERMIT | WRITING, 0, 0x100))
     with pytest.raises(devices.DeviceError, match="1 grants are still"):
         devices.wait_unmapped(lambda: gt, D, [VBD], timeout=3)
 
@@ -360,7 +408,7 @@ def test_after_a_restart_the_rollback_binds_what_has_no_driver(
 ) -> None:
     fs = Sysfs(tmp_path)
     fs.install(monkeypatch)
-    devices.unbind(D, [VIF], **fs.kw())
+    devices.unbind(D, [VIF], [], **fs.kw())
     xen = xen_host(monkeypatch, Store({}), [VBD, VIF])
     monkeypatch.setattr(devices, "run_hotplug", lambda *a: None)
     monkeypatch.setattr(devices, "wait_connected", lambda *a, **k: None)
