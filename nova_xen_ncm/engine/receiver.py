@@ -96,6 +96,10 @@ _RUNNING = frozenset({Phase.CLEANUP, Phase.DONE})
 ANSWER_POLL = 1.0
 
 
+#: What a migrating guest's device may name in SETUP, per kind.
+DEVICE_EXTRA = {"vbd": ("target", "format"), "vif": ("bridge",)}
+
+
 class Receiver:
     """Receives migration ``migration_id`` into ``host``.
 
@@ -541,6 +545,22 @@ class Receiver:
         for dev in setup.device_fields():
             extra = dict(dev["extra"])
             where = f"{dev['kind']} {dev['devid']}"
+            # Nothing else of the source's reaches this host's device
+            # configuration: a vif's own hotplug script, say, would run
+            # as root here, a disk format other than raw would have
+            # another backend open the file (and what it refers to).
+            allowed = DEVICE_EXTRA[dev["kind"]]
+            unknown = sorted(set(extra) - set(allowed))
+            if unknown or extra.get("format", "raw") != "raw":
+                raise Refused(
+                    messages.RefuseReason.BAD_REQUEST,
+                    f"{where}: {', '.join(unknown) or 'format'} "
+                    f"{'is' if len(unknown) < 2 else 'are'} not taken "
+                    f"from a source (a {dev['kind']} names only "
+                    f"{' and '.join(allowed)}"
+                    + (", format raw" if dev["kind"] == "vbd" else "")
+                    + ")",
+                )
             if dev["kind"] == "vbd":
                 target = extra.get("target", "")
                 real = os.path.realpath(target) if target else ""

@@ -112,3 +112,29 @@ def test_a_source_that_cannot_name_devices_is_refused_a_pv_guest(
         with pytest.raises(AttributeError, match="domain_info"):
             # Past the capability check, to the domid's (not faked here).
             rx._check(setup)
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "named"),
+    [
+        # A hotplug script of the source's would run as root here.
+        ("vif", {"bridge": "xenbr0", "script": "/tmp/x"}, "script is not"),
+        ("vif", {"bridge": "xenbr0", "backend": "1", "ip": "1"}, "are not"),
+        # Another format: another backend (QEMU) opens the file.
+        ("vbd", {"format": "qcow2"}, "format is not"),
+        ("vbd", {"backendtype": "qdisk"}, "backendtype is not"),
+    ],
+)
+def test_a_device_names_nothing_but_its_disk_or_bridge(
+    tmp_path, kind, extra, named
+):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "disk").write_bytes(b"")
+    if kind == "vbd":
+        dev = vbd(str(shared / "disk"))
+        dev["extra"].update(extra)
+    else:
+        dev = {"kind": "vif", "devid": 0, "mac": None, "extra": extra}
+    with pytest.raises(Refused, match=named):
+        _devices(tmp_path, dev)
