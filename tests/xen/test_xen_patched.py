@@ -843,11 +843,20 @@ set -e
 modprobe xen-blkback
 modprobe xen-netback
 [ "$(cat /sys/block/vdb/serial)" = ncm-shared ]
-# The link's NIC (dom0's init loads no network driver).
+# The link's NIC (dom0's init loads no network driver), by its MAC
+# (xen-rig's 52:54:00:4e:..), whatever dom0 named it.
 modprobe virtio_net
-for i in $(seq 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.2; done
-ip addr replace {address}/24 dev eth0
-ip link set eth0 up
+nic=
+for i in $(seq 50); do
+    nic=$(for d in /sys/class/net/*; do
+        case "$(cat "$d/address")" in 52:54:00:4e:*) basename "$d";; esac
+    done)
+    [ -n "$nic" ] && break
+    sleep 0.2
+done
+[ -n "$nic" ] || { echo "no link NIC:" >&2; ip -o link >&2; exit 1; }
+ip addr replace {address}/24 dev "$nic"
+ip link set "$nic" up
 mkdir -p /var/lib/ncm /etc/nova-xen-ncm
 cat > /etc/nova-xen-ncm/migration.conf <<CONF
 [xen_ncm]
