@@ -437,13 +437,23 @@ def wait_connected(
     call: str = "inplace.restore",
 ) -> None:
     """Every backend in state 4 (Connected), or DeviceError naming the
-    first that is not, with what its driver reported."""
+    first that is not, with what its driver reported; at once for one
+    whose hotplug script failed (it will not connect)."""
     devs = list(devs)
     deadline = time.monotonic() + timeout
     while True:
         waiting = [d for d in devs if _text(host, f"{d.backend}/state") != "4"]
         if not waiting:
             return
+        for dev in waiting:
+            if _text(host, f"{dev.backend}/hotplug-status") == "error":
+                err = _text(host, f"{dev.backend}/hotplug-error")
+                raise DeviceError(
+                    f"domain {domid}: {dev.kind} {dev.devid}'s hotplug "
+                    f"script failed, its backend is not Connected"
+                    + (f" ({err})" if err else ""),
+                    call=call,
+                )
         if time.monotonic() > deadline:
             dev = waiting[0]
             state = _text(host, f"{dev.backend}/state")

@@ -566,6 +566,26 @@ def test_a_backend_that_does_not_attach_fails_the_import(monkeypatch) -> None:
         devices.wait_connected(host, D, [VBD], call="import_pv_state")
 
 
+def test_a_backend_whose_hotplug_script_failed_fails_at_once(
+    monkeypatch,
+) -> None:
+    # Not after the whole wait: it would not connect, and the guest is
+    # paused at its source meanwhile.
+    clock = iter(np.arange(0, 1000, 50.0))
+    monkeypatch.setattr(devices.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(devices.time, "sleep", lambda s: None)
+    store = Store(
+        {
+            f"{VBD.backend}/state": "2",
+            f"{VBD.backend}/hotplug-status": "error",
+            f"{VBD.backend}/hotplug-error": "/dev/vdb does not exist",
+        }
+    )
+    host = types.SimpleNamespace(_xs_read=store.read)
+    with pytest.raises(devices.DeviceError, match="hotplug script failed"):
+        devices.wait_connected(host, D, [VBD], call="import_pv_state")
+
+
 def test_the_stream_carries_the_quiesced_backends_as_they_are() -> None:
     # Unbound from their drivers, the backends closed their ends: the
     # guest's ports wait unbound for dom0, and the records say so (no
