@@ -1046,6 +1046,12 @@ def test_linux_guest_with_devices_migrates_live_between_two_hosts(
             print(rig.run(DEVICE_STATE.replace("ncm-linux", "ncm-mig")).stdout)
             print(rig.run("tail -c 4000 /tmp/ncm-mig.log").stdout)
             print(rig.run("cat /rig/receive.log 2>/dev/null").stdout)
+            print(
+                rig.run(
+                    "tail -c 3000 /var/log/xen/qemu-dm-ncm-mig.log "
+                    "/var/log/xen/xl-ncm-mig.log 2>/dev/null"
+                ).stdout
+            )
         raise
     finally:
         for rig in (source, destination):
