@@ -842,6 +842,9 @@ MIG_HOST = (
 set -e
 modprobe xen-blkback
 modprobe xen-netback
+# The device model's emulated NIC of an HVM guest's vif (the driver's
+# configuration) is a tap: /dev/net/tun.
+modprobe tun
 [ "$(cat /sys/block/vdb/serial)" = ncm-shared ]
 # The link's NIC (dom0's init loads no network driver), by its MAC
 # (xen-rig's 52:54:00:4e:..), whatever dom0 named it.
