@@ -107,6 +107,8 @@ PATCHED_PV_DEVICES_LIMIT = (
     "uses; they would reconnect through a new xenbus handshake the "
     "frontend would see"
 )
+
+
 @dataclasses.dataclass(frozen=True)
 class HypervisorFacts:
     """What the probe reads from the running hypervisor."""

@@ -34,9 +34,10 @@ def test_old_xen_cannot_choose_domids() -> None:
     c = caps(probe.HypervisorFacts(4, 13, "", HVM_HAP))
     assert "before 4.14" in c.restore[Item.DOMID]
     # libxl_domain_create_info.domid arrived in 4.14.
-    assert caps(probe.HypervisorFacts(4, 14, "", HVM_HAP)).restore[
-        Item.DOMID
-    ] is None
+    assert (
+        caps(probe.HypervisorFacts(4, 14, "", HVM_HAP)).restore[Item.DOMID]
+        is None
+    )
 
 
 def test_stock_reasons_name_every_guest_only_interface() -> None:
@@ -125,9 +126,7 @@ def test_devices_carried_when_dom0s_backends_attach() -> None:
     assert reason is not None and "vbd: dom0's Linux 5.4" in reason
     assert caps(old).restore[Item.PV_DEVICES] == reason
     # Not asked of dom0: not carried.
-    assert probe.devices_limit(facts(None)) == (
-        probe.PATCHED_PV_DEVICES_LIMIT
-    )
+    assert probe.devices_limit(facts(None)) == (probe.PATCHED_PV_DEVICES_LIMIT)
     # The engine's streams carry them too: nothing a PV guest needs is
     # missing with the patched xenstored; without it, only xenstore.
     for xenstored in (False, True):
