@@ -373,6 +373,25 @@ SECURITY_OPTS = [
         "resolved) is refused at SETUP, as is one that does not exist. "
         "Empty: no directly booted guest is accepted.",
     ),
+    cfg.ListOpt(
+        "migration_disk_dirs",
+        default=["/var/lib/nova/instances"],
+        help="Directories of this host (on storage the hosts share) the "
+        "disk of a guest's PV block device may be in when the guest "
+        "arrives by migration with its devices: the source names the "
+        "file or block device and this host's backend opens it for the "
+        "guest, so one elsewhere (after symbolic links are resolved) is "
+        "refused at SETUP, as is one that does not exist. Empty: no "
+        "guest with a PV disk is accepted.",
+    ),
+    cfg.ListOpt(
+        "migration_bridges",
+        default=["xenbr0"],
+        help="Bridges of this host a migrating guest's PV network "
+        "interfaces may be put on (the source names each vif's); another "
+        "bridge, or one that does not exist, is refused at SETUP. Empty: "
+        "no guest with a PV network interface is accepted.",
+    ),
 ]
 
 OPTS = HOST_OPTS + TRANSPORT_OPTS + SECURITY_OPTS + RETRY_OPTS + POLICY_OPTS

@@ -22,12 +22,13 @@ from typing import ClassVar
 
 from nova_xen_ncm.engine.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
-#: 2: SETUP carries a directly booted kernel. A field added in a
-#: version (metadata ``since``) is neither sent nor expected when an
-#: older one was negotiated, so that hosts of two releases migrate
-#: guests between them during an upgrade.
-SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+PROTOCOL_VERSION = 3
+#: 2: SETUP carries a directly booted kernel. 3: SETUP carries the
+#: guest's PV devices whose backends the destination creates. A field
+#: added in a version (metadata ``since``) is neither sent nor expected
+#: when an older one was negotiated, so that hosts of two releases
+#: migrate guests between them during an upgrade.
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3)
 
 # Sizes of the handshake's fields (handshake.py).
 PROOF_SIZE = hashlib.sha256().digest_size
@@ -218,7 +219,56 @@ class Setup(Message):
         default=None, metadata={"since": 2}
     )
 
+    #: The guest's PV devices whose backends the destination creates
+    #: with the domain (a host whose streams carry its devices' backends
+    #: sends none), each a JSON object: ``kind`` ("vbd" or "vif"),
+    #: ``devid``, ``mac`` (a vif's, or null) and ``extra`` (strings: a
+    #: vbd's ``target`` and ``format``, a vif's ``bridge``). Protocol
+    #: version 3 and later.
+    devices: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"since": 3}
+    )
+
+    def device_fields(self) -> list[dict[str, Any]]:
+        """:attr:`devices`, decoded and checked (ValueError)."""
+        out = []
+        seen = set()
+        for text in self.devices:
+            dev = json.loads(text)
+            if not isinstance(dev, dict) or set(dev) != {
+                "kind",
+                "devid",
+                "mac",
+                "extra",
+            }:
+                raise ValueError(
+                    f"device {text!r}: an object of kind, devid, mac, extra"
+                )
+            if dev["kind"] not in ("vbd", "vif"):
+                raise ValueError(f"device kind {dev['kind']!r}")
+            devid = dev["devid"]
+            if (
+                not isinstance(devid, int)
+                or isinstance(devid, bool)
+                or not 0 <= devid < 2**32
+            ):
+                raise ValueError(f"device devid {devid!r}")
+            if (dev["kind"], devid) in seen:
+                raise ValueError(f"{dev['kind']} {devid} named twice")
+            seen.add((dev["kind"], devid))
+            if dev["mac"] is not None and not isinstance(dev["mac"], str):
+                raise ValueError(f"device mac {dev['mac']!r}")
+            extra = dev["extra"]
+            if not isinstance(extra, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v.isprintable()
+                for k, v in extra.items()
+            ):
+                raise ValueError(f"device extra {extra!r}: strings only")
+            out.append(dev)
+        return out
+
     def validate(self) -> None:
+        self.device_fields()
         # DOMID_FIRST_RESERVED (xen/include/public/xen.h) and above are
         # not guest domids.
         if not 0 < self.domid < 0x7FF0:

@@ -10,6 +10,7 @@ COMMIT any failure destroys the domain it created."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -100,6 +101,10 @@ _RUNNING = frozenset({Phase.CLEANUP, Phase.DONE})
 # Seconds between two looks, while answering in the background, at
 # whether an operator resolved the entry.
 ANSWER_POLL = 1.0
+
+
+#: What a migrating guest's device may name in SETUP, per kind.
+DEVICE_EXTRA = {"vbd": ("target", "format"), "vif": ("bridge",)}
 
 
 class Receiver:
@@ -362,6 +367,7 @@ class Receiver:
                 uuid=setup.uuid,
                 pv_drivers=setup.pv_drivers,
                 boot=self._boot(setup),
+                devices=self._devices(setup),
             )
             # Recorded before the domain exists: a restart destroys
             # what a dead engine left paused here.
@@ -378,6 +384,12 @@ class Receiver:
             except base.InsufficientMemory as exc:
                 raise Refused(
                     messages.RefuseReason.NOT_ENOUGH_MEMORY, str(exc)
+                ) from exc
+            except base.NotSupported as exc:
+                # A device whose backend could not be created here.
+                raise Refused(
+                    messages.RefuseReason.MISSING_CAPABILITY,
+                    f"{exc} on {self.host.hostname}",
                 ) from exc
         except Refused as exc:
             self._channel.send(
@@ -468,6 +480,20 @@ class Receiver:
                 " memory would compare unequal (both hosts must run"
                 " releases that digest alike)"
             )
+        version = (
+            self._channel.connection.version or 0
+            if setup.pv_drivers and caps.devices_named_at_setup
+            else messages.PROTOCOL_VERSION
+        )
+        if version < 3:
+            # What a previous release's destination refused the same
+            # guest for: its devices would come with no backend here.
+            missing[base.Item.PV_DEVICES] = (
+                f"the source speaks migration protocol version {version},"
+                " whose SETUP cannot name the guest's PV devices this"
+                f" host's backends are created for: upgrade it to this"
+                " release"
+            )
         if not caps.preserve_domid:
             # The host's own reason (the Xen driver names the setting).
             missing[base.Item.DOMID] = (
@@ -513,6 +539,68 @@ class Receiver:
                 f"{exc} on {self.host.hostname} ([xen_ncm] "
                 "direct_boot_dirs lists the directories allowed)",
             ) from None
+
+    def _devices(self, setup: messages.Setup) -> tuple[base.DeviceConfig, ...]:
+        """The PV devices SETUP names, whose backends this host creates
+        with the domain: a disk only under ``[xen_ncm]
+        migration_disk_dirs`` (by its real path: the source names it and
+        the backend opens it for the guest), a vif only on a bridge of
+        ``[xen_ncm] migration_bridges``. Whether each exists is the host
+        driver's check (create_empty_domain)."""
+        out = []
+        roots = [os.path.realpath(d) for d in self.opts.migration_disk_dirs]
+        for dev in setup.device_fields():
+            extra = dict(dev["extra"])
+            where = f"{dev['kind']} {dev['devid']}"
+            # Nothing else of the source's reaches this host's device
+            # configuration: a vif's own hotplug script, say, would run
+            # as root here, a disk format other than raw would have
+            # another backend open the file (and what it refers to).
+            allowed = DEVICE_EXTRA[dev["kind"]]
+            unknown = sorted(set(extra) - set(allowed))
+            if unknown or extra.get("format", "raw") != "raw":
+                raise Refused(
+                    messages.RefuseReason.BAD_REQUEST,
+                    f"{where}: {', '.join(unknown) or 'format'} "
+                    f"{'is' if len(unknown) < 2 else 'are'} not taken "
+                    f"from a source (a {dev['kind']} names only "
+                    f"{' and '.join(allowed)}"
+                    + (", format raw" if dev["kind"] == "vbd" else "")
+                    + ")",
+                )
+            if dev["kind"] == "vbd":
+                target = extra.get("target", "")
+                real = os.path.realpath(target) if target else ""
+                if not os.path.isabs(target) or not any(
+                    os.path.commonpath([real, r]) == r for r in roots
+                ):
+                    raise Refused(
+                        messages.RefuseReason.BAD_REQUEST,
+                        f"{where}: disk {target!r} is outside the "
+                        f"directories migrating disks may be in on "
+                        f"{self.host.hostname} ([xen_ncm] "
+                        f"migration_disk_dirs: {', '.join(roots) or 'none'})",
+                    )
+                extra["target"] = real
+            else:
+                bridge = extra.get("bridge")
+                if bridge not in self.opts.migration_bridges:
+                    raise Refused(
+                        messages.RefuseReason.BAD_REQUEST,
+                        f"{where}: bridge {bridge!r} is not one a migrating "
+                        f"guest may join on {self.host.hostname} "
+                        "([xen_ncm] migration_bridges: "
+                        f"{', '.join(self.opts.migration_bridges) or 'none'})",
+                    )
+            out.append(
+                base.DeviceConfig(
+                    kind=dev["kind"],
+                    devid=dev["devid"],
+                    mac=dev["mac"],
+                    extra=extra,
+                )
+            )
+        return tuple(out)
 
     def _report_arrived(self, restorer: Restorer, final: bool = False) -> None:
         """A PROGRESS event with how much of the guest's memory has

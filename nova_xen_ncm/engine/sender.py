@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -334,6 +335,15 @@ class Sender:
         info = self.info
         # The destination's device model needs the kernel again.
         boot = self.host.direct_boot(self.domid)
+        # And its backends the guest's devices, created with the domain.
+        try:
+            devs = (
+                self.host.guest_devices(self.domid) if info.pv_drivers else ()
+            )
+        except base.NotSupported as exc:
+            raise Refused(
+                messages.RefuseReason.MISSING_CAPABILITY.value, str(exc)
+            ) from exc
         budget = retry.RetryBudget.from_conf(self.conf, retry.Step.CONNECT)
         self.data.channels[0] = retry.call(
             self.data.connect,
@@ -357,6 +367,14 @@ class Sender:
                 f"guest's directly booted kernel {boot.kernel!r}: upgrade "
                 "it to this release",
             )
+        if devs and (control.connection.version or 0) < 3:
+            raise Refused(
+                messages.RefuseReason.MISSING_CAPABILITY.value,
+                f"the destination speaks migration protocol version "
+                f"{control.connection.version}, which cannot name the "
+                f"guest's PV devices ({len(devs)}): upgrade it to this "
+                "release",
+            )
         control.send(
             messages.Setup(
                 domid=self.domid,
@@ -371,6 +389,18 @@ class Sender:
                 kernel=boot.kernel if boot else None,
                 ramdisk=boot.ramdisk if boot else None,
                 cmdline=boot.cmdline if boot else None,
+                devices=tuple(
+                    json.dumps(
+                        {
+                            "kind": d.kind,
+                            "devid": d.devid,
+                            "mac": d.mac,
+                            "extra": dict(d.extra),
+                        },
+                        sort_keys=True,
+                    )
+                    for d in devs
+                ),
             )
         )
         reply = expect(control.receive(), messages.SetupReply)

@@ -386,7 +386,15 @@ class _PvCheck:
         entries: np.ndarray,
     ) -> None:
         bound = ports.get(ring.frontend_port)
-        if bound != (int(ncm.EvtchnType.INTERDOMAIN), backend):
+        # Unbound for the backend's domain, with no backend port: a
+        # backend quiesced by being unbound from its driver closed its
+        # end, and the destination's binds it again.
+        kind = (
+            ncm.EvtchnType.INTERDOMAIN
+            if ring.backend_port
+            else ncm.EvtchnType.UNBOUND
+        )
+        if bound != (int(kind), backend):
             raise ForgedContent(
                 f"{where}: port {ring.frontend_port} is not a channel to "
                 f"backend domain {backend}"

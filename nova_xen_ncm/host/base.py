@@ -699,6 +699,11 @@ class Capabilities:
     #: alike, or equal memory compares unequal in the downtime ("": the
     #: host names none).
     memory_digest: str = ""
+    #: PV devices are restored only with the devices SETUP names
+    #: (protocol version 3), whose backends this host creates with the
+    #: domain: a source of an earlier version, which cannot name them,
+    #: is refused a guest with PV drivers at SETUP.
+    devices_named_at_setup: bool = False
 
     def missing(self, pv_drivers: bool) -> dict[Item, str]:
         """The items a guest would need that this host cannot restore."""
@@ -969,6 +974,14 @@ class HostDriver(abc.ABC):
             ) from None
 
     # -- PV state --
+
+    def guest_devices(self, domid: int) -> tuple[DeviceConfig, ...]:
+        """The guest's PV devices a migration's destination creates with
+        the domain (named in SETUP), whose backends then attach to the
+        rings the PV state carries. A host whose streams carry the
+        backends themselves (the simulated one) names none. Raises
+        NotSupported for a device that cannot be carried."""
+        return ()
 
     @abc.abstractmethod
     def quiesce_backends(self, domid: int) -> None:

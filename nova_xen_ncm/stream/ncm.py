@@ -1637,7 +1637,10 @@ class PvRing:
         for i, ref in enumerate(self.ring_refs):
             _check_range(ref, 0, 1 << 32, f"{field}.ring_refs[{i}]")
         _check_port(self.frontend_port, f"{field}.frontend_port")
-        _check_port(self.backend_port, f"{field}.backend_port")
+        if self.backend_port:
+            # 0: the backend closed its end (quiesced by being unbound
+            # from its driver), the frontend's port waits unbound.
+            _check_port(self.backend_port, f"{field}.backend_port")
         _check_range(self.req_cons, 0, 1 << 32, f"{field}.req_cons")
         _check_range(self.rsp_prod_pvt, 0, 1 << 32, f"{field}.rsp_prod_pvt")
         if kind is RingKind.CONSOLE:

@@ -4,7 +4,11 @@
 Subcommands:
 
   build            build Xen, the dom0 kernel, initramfs and root image
-                   from Debian packages (cached outside the repository)
+                   from Debian packages (cached outside the repository),
+                   and fetch the QEMU the rig runs (build-qemu)
+  build-qemu       fetch QEMU from Debian's backports suite into a private
+                   prefix in the cache (the host's QEMU is left alone);
+                   XEN_RIG_QEMU chooses which QEMU boots the rig
   build-xen        build the hypervisor and xenstored from Debian's source
                    package of Xen with this repository's patch series
                    (xen/patches)
@@ -13,7 +17,9 @@ Subcommands:
   boot             boot Xen under QEMU (builds first when needed) and wait
                    until dom0 accepts commands; XEN_RIG_XEN=patched boots
                    the patched hypervisor and runs the patched xenstored
-                   instead of Debian's
+                   instead of Debian's; XEN_RIG_NET=LOCAL:REMOTE links
+                   it to another rig, XEN_RIG_SHARED_DISK=IMAGE gives
+                   dom0 a disk another rig shares (serial ncm-shared)
   run CMD...       run a shell command in dom0; its stdout, stderr and
                    exit status become this command's (125 means the rig
                    itself failed)
@@ -120,6 +126,26 @@ path-exclude=/usr/share/locale/*
 """
 
 QEMU = "qemu-system-x86_64"
+# The QEMU the rig runs by default: Debian's backport of a newer release,
+# unpacked into a private prefix. Bookworm's QEMU 7.2 emulates SVM with
+# bugs a nested HVM guest under load meets (VMRUN ignoring the interrupt
+# shadow, fixed in 9.1); the host's own QEMU stays as it is (benchmarks
+# compare against it). XEN_RIG_QEMU: "system" for the host's, or a path.
+QEMU_SUITE = f"{SUITE}-backports"
+QEMU_PACKAGES = (
+    "qemu-system-x86",
+    "qemu-system-common",
+    "qemu-system-data",
+    "seabios",
+)
+QEMU_MIN_VERSION = (9, 1)
+QEMU_FORMAT = 1
+# Where Debian's QEMU looks for firmware and data (its configured
+# firmware path, not relocatable): passed with -L so that the prefix's
+# own are found before the host's.
+QEMU_DATA_DIRS = ("usr/share/qemu", "usr/share/seabios", "usr/lib/ipxe/qemu")
+QEMU_LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu")
+QEMU_MODULES = "usr/lib/x86_64-linux-gnu/qemu"
 # qemu64 plus SVM with nested paging for HVM guests and the x86-64-v2
 # features the NumPy wheels in dom0 require.
 CPU = "qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+lahf-lm"
@@ -426,6 +452,8 @@ def build(force: bool = False) -> Path:
     sources = apt_sources()
     mirror = debian_mirror(sources)
     images = cache_dir() / "images" / build_key(mirror)
+    if os.environ.get("XEN_RIG_QEMU", "") == "":
+        build_qemu(force=force)
     if is_built(images) and not force:
         log(f"up to date: {images}")
         return images
@@ -602,15 +630,14 @@ def patched_xen_dir(mirror: str) -> Path:
     return cache_dir() / "xen-patched" / xen_key(mirror)
 
 
-def apt_source(mirror: str, dest: Path, logfile: Path) -> Path:
-    """``apt-get source`` of Xen from ``mirror``'s ``SUITE`` through a
-    private deb-src list, leaving the host's apt configuration alone;
-    returns the unpacked tree (Debian's own patches applied)."""
-    apt = cache_dir() / "apt-src"
+def private_apt(apt: Path, lines: list[str], logfile: Path) -> list[str]:
+    """apt-get options for a private sources list and apt state under
+    ``apt`` (the host's apt configuration is left alone), the lists
+    updated; ``lines`` are the sources list's lines."""
     for sub in ("parts", "lists/partial", "cache/archives/partial"):
         (apt / sub).mkdir(parents=True, exist_ok=True)
     sources = apt / "sources.list"
-    sources.write_text(f"deb-src {mirror} {SUITE} main\n")
+    sources.write_text("\n".join(lines) + "\n")
     opts = [
         "-o", f"Dir::Etc::SourceList={sources}",
         "-o", f"Dir::Etc::SourceParts={apt / 'parts'}",
@@ -619,6 +646,16 @@ def apt_source(mirror: str, dest: Path, logfile: Path) -> Path:
         "-o", "APT::Sandbox::User=root",
     ]  # fmt: skip
     sh(["apt-get", *opts, "update", "-q"], logfile=logfile)
+    return opts
+
+
+def apt_source(mirror: str, dest: Path, logfile: Path) -> Path:
+    """``apt-get source`` of Xen from ``mirror``'s ``SUITE`` through a
+    private deb-src list, leaving the host's apt configuration alone;
+    returns the unpacked tree (Debian's own patches applied)."""
+    opts = private_apt(
+        cache_dir() / "apt-src", [f"deb-src {mirror} {SUITE} main"], logfile
+    )
     dest.mkdir(parents=True, exist_ok=True)
     with contextlib.chdir(dest):
         sh(
@@ -762,6 +799,219 @@ def build_xen(force: bool = False) -> Path:
         f"{tools_built - built:.0f}s)"
     )
     return out
+
+
+# -- the rig's QEMU ----------------------------------------------------------
+
+
+def qemu_key(mirror: str) -> str:
+    """Hash of where the private QEMU comes from."""
+    inputs = {
+        "format": QEMU_FORMAT,
+        "suite": QEMU_SUITE,
+        "mirror": mirror,
+        "packages": QEMU_PACKAGES,
+        "min": QEMU_MIN_VERSION,
+    }
+    blob = json.dumps(inputs, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def private_qemu_dir() -> Path:
+    return cache_dir() / "qemu" / qemu_key(debian_mirror(apt_sources()))
+
+
+def deb_field(deb: Path, field: str) -> str:
+    return subprocess.run(
+        ["dpkg-deb", "-f", str(deb), field],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+
+
+def installed(package: str) -> bool:
+    """Whether the host has ``package`` installed (dpkg's database)."""
+    result = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${db:Status-Status}", package],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    return result.returncode == 0 and result.stdout.strip() == "installed"
+
+
+def deb_depends(debs: list[Path]) -> set[str]:
+    """The packages ``debs`` depend on (an alternative's first choice)."""
+    names = set()
+    for deb in debs:
+        for field in ("Pre-Depends", "Depends"):
+            for group in deb_field(deb, field).split(","):
+                first = group.split("|")[0].strip()
+                name = re.split(r"[\s(:]", first, maxsplit=1)[0]
+                if name:
+                    names.add(name)
+    return names
+
+
+def qemu_release(version: str) -> tuple[int, int]:
+    """QEMU's major and minor release from a Debian version
+    (``1:10.0.2+ds-2+deb13u1~bpo12+1`` is 10.0)."""
+    match = re.match(r"(?:\d+:)?(\d+)\.(\d+)", version)
+    if match is None:
+        raise RigError(f"cannot read QEMU's release from version {version!r}")
+    return int(match[1]), int(match[2])
+
+
+def qemu_env(root: Path, library_path: list[str]) -> dict[str, str]:
+    """What the private QEMU runs with: its own modules (the host's QEMU
+    modules are of another build and refused) and the libraries fetched
+    beside it, when the host lacked any."""
+    env = {"QEMU_MODULE_DIR": str(root / QEMU_MODULES)}
+    if library_path:
+        env["LD_LIBRARY_PATH"] = ":".join(str(root / d) for d in library_path)
+    return env
+
+
+def build_qemu(force: bool = False) -> Path:
+    """Fetch QEMU from ``QEMU_SUITE`` with ``apt-get download`` (through
+    a private sources list) and unpack it with ``dpkg -x`` into a prefix
+    in the cache, with whatever libraries it needs that the host lacks;
+    returns the directory holding ``root/`` and ``build.json``."""
+    for tool in ("apt-get", "dpkg-deb", "dpkg-query", "ldd"):
+        if shutil.which(tool) is None:
+            raise RigError(f"{tool} not found (apt-get install apt dpkg)")
+    sources = apt_sources()
+    mirror = debian_mirror(sources)
+    out = cache_dir() / "qemu" / qemu_key(mirror)
+    if (out / "build.json").is_file() and not force:
+        log(f"up to date: {out}")
+        return out
+    started = time.monotonic()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    tmp.chmod(0o755)
+    logfile = tmp / "build.log"
+    log(f"fetching QEMU from {mirror} {QEMU_SUITE} into {tmp}")
+    lines = [f"deb {uri} {suite} main" for uri, suite in sources]
+    if not any(suite == SUITE for _, suite in sources):
+        lines.insert(0, f"deb {mirror} {SUITE} main")
+    lines.append(f"deb {mirror} {QEMU_SUITE} main")
+    opts = private_apt(cache_dir() / "apt-qemu", lines, logfile)
+    debs_dir = tmp / "debs"
+    debs_dir.mkdir()
+    with contextlib.chdir(debs_dir):
+        sh(
+            ["apt-get", *opts, "download", "-q"]
+            + [f"{name}/{QEMU_SUITE}" for name in QEMU_PACKAGES],
+            logfile=logfile,
+        )
+    debs = sorted(debs_dir.glob("*.deb"))
+    versions = {deb_field(d, "Package"): deb_field(d, "Version") for d in debs}
+    version = versions.get("qemu-system-x86", "")
+    if qemu_release(version) < QEMU_MIN_VERSION:
+        raise RigError(
+            f"{QEMU_SUITE} has qemu-system-x86 {version}; the rig needs "
+            + ".".join(map(str, QEMU_MIN_VERSION))
+            + " or later"
+        )
+    # The libraries (and what they need) the host has not installed.
+    fetched: set[str] = set(versions)
+    extra: list[str] = []
+    wanted = deb_depends(debs)
+    while True:
+        missing = sorted(
+            n for n in wanted - fetched if n != "libc6" and not installed(n)
+        )
+        if not missing:
+            break
+        with contextlib.chdir(debs_dir):
+            sh(["apt-get", *opts, "download", "-q", *missing], logfile=logfile)
+        fetched.update(missing)
+        extra += missing
+        new = [
+            d for d in debs_dir.glob("*.deb")
+            if deb_field(d, "Package") in missing
+        ]  # fmt: skip
+        wanted = deb_depends(new)
+    root = tmp / "root"
+    for deb in sorted(debs_dir.glob("*.deb")):
+        sh(["dpkg", "-x", str(deb), str(root)], logfile=logfile)
+    shutil.rmtree(debs_dir)
+    library_path = [d for d in QEMU_LIB_DIRS if extra and (root / d).is_dir()]
+    binary = root / "usr/bin" / QEMU
+    env = os.environ | qemu_env(root, library_path)
+    ldd = subprocess.run(
+        ["ldd", str(binary)],
+        capture_output=True, text=True, env=env, check=False, timeout=60,
+    )  # fmt: skip
+    unresolved = [
+        ln.strip() for ln in ldd.stdout.splitlines() if "not found" in ln
+    ]
+    if ldd.returncode != 0 or unresolved:
+        raise RigError(
+            f"{binary}: libraries not resolved: "
+            + ("; ".join(unresolved) or ldd.stderr.strip())
+        )
+    smoke = subprocess.run(
+        [str(binary), "-version"],
+        capture_output=True, text=True, env=env, check=False, timeout=60,
+    )  # fmt: skip
+    if smoke.returncode != 0 or "QEMU emulator version" not in smoke.stdout:
+        raise RigError(
+            f"{binary} -version failed with status {smoke.returncode}: "
+            + (smoke.stdout + smoke.stderr).strip()[-2000:]
+        )
+    (tmp / "build.json").write_text(
+        json.dumps(
+            {
+                "mirror": mirror,
+                "suite": QEMU_SUITE,
+                "version": version,
+                "emulator": smoke.stdout.splitlines()[0],
+                "packages": versions,
+                "libraries_fetched": extra,
+                "library_path": library_path,
+                "seconds": round(time.monotonic() - started, 1),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    for old in out.parent.iterdir():
+        if old != out and (old / "build.json").is_file():
+            shutil.rmtree(old, ignore_errors=True)
+    log(f"QEMU {version} in {out} after {time.monotonic() - started:.0f}s")
+    return out
+
+
+def qemu_command() -> tuple[list[str], dict[str, str], str]:
+    """The QEMU that boots the rig (XEN_RIG_QEMU: unset for the private
+    one when fetched, else the host's; ``system``; or a path): its
+    command line's start, its environment and a description."""
+    choice = os.environ.get("XEN_RIG_QEMU", "")
+    if choice and choice != "system":
+        path = Path(choice)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise RigError(
+                f"XEN_RIG_QEMU={choice!r}: not an executable file "
+                f"(expected 'system' or the path of a {QEMU})"
+            )
+        return [str(path)], {}, str(path)
+    if not choice:
+        prefix = private_qemu_dir()
+        if (prefix / "build.json").is_file():
+            built = json.loads((prefix / "build.json").read_text())
+            root = prefix / "root"
+            cmd = [str(root / "usr/bin" / QEMU)]
+            for data in QEMU_DATA_DIRS:
+                if (root / data).is_dir():
+                    cmd += ["-L", str(root / data)]
+            env = qemu_env(root, built["library_path"])
+            return cmd, env, f"QEMU {built['version']} ({prefix})"
+        log(f"no private QEMU in {prefix} (run build-qemu); using the host's")
+    path = shutil.which(QEMU)
+    if path is None:
+        raise RigError(f"{QEMU} not found (apt-get install qemu-system-x86)")
+    return [path], {}, f"the host's {path}"
 
 
 # -- the Linux guest's initramfs --------------------------------------------
@@ -985,15 +1235,42 @@ def network_args() -> list[str]:
     ]  # fmt: skip
 
 
+# The serial dom0 sees on the shared disk (/sys/block/vdX/serial).
+SHARED_DISK_SERIAL = "ncm-shared"
+
+
+def shared_disk_args() -> list[str]:
+    """A disk two rigs share, when XEN_RIG_SHARED_DISK names a raw image
+    file: both QEMUs open it with no host cache (cache=none: O_DIRECT, so
+    each rig reads what the other wrote) and no image locking, and dom0
+    sees it as a virtio disk of serial SHARED_DISK_SERIAL. dom0's blkback
+    submits a guest's requests to it directly, with no page cache of
+    dom0's: the two hosts see one disk, as on a SAN."""
+    path = os.environ.get("XEN_RIG_SHARED_DISK")
+    if not path:
+        return []
+    if not Path(path).is_file():
+        raise RigError(f"XEN_RIG_SHARED_DISK={path!r}: not a file")
+    return [
+        "-drive",
+        f"file={path},format=raw,if=none,id=shared,cache=none,"
+        "file.locking=off",
+        # A slot after the root disk's (which QEMU puts in the first
+        # free one): dom0's root=/dev/vda stays the root.
+        "-device",
+        f"virtio-blk-pci,drive=shared,share-rw=on,addr=0x18,"
+        f"serial={SHARED_DISK_SERIAL}",
+    ]
+
+
 def boot() -> None:
     if qemu_pid() is not None:
         if (share_dir() / "ready").exists():
             log("already running")
             return
         raise RigError("QEMU is running but dom0 is not ready; run 'stop'")
-    if shutil.which(QEMU) is None:
-        raise RigError(f"{QEMU} not found (apt-get install qemu-system-x86)")
     images = build()
+    qemu, qemu_env_add, qemu_what = qemu_command()
     thread = tcg_thread()  # before anything starts
     hypervisor = hypervisor_image(images)
     state = state_dir()
@@ -1014,7 +1291,7 @@ def boot() -> None:
     pidfile.unlink(missing_ok=True)
     cmd = [
         "timeout", "--kill-after=10", str(LIFETIME),
-        QEMU, "-name", "xen-rig",
+        *qemu, "-name", "xen-rig",
         "-machine", "q35", "-accel", f"tcg,thread={thread}",
         "-smp", "2", "-m", "4096", "-cpu", CPU,
         "-nodefaults", "-display", "none", "-no-reboot",
@@ -1033,12 +1310,17 @@ def boot() -> None:
         f"local,path={share_dir()},mount_tag=rig,security_model=none",
     ]  # fmt: skip
     cmd += network_args()
-    log(f"booting {xen_flavour()} Xen {hypervisor} (log: {bootlog})")
+    cmd += shared_disk_args()
+    log(
+        f"booting {xen_flavour()} Xen {hypervisor} with {qemu_what} "
+        f"(log: {bootlog})"
+    )
     started = time.monotonic()
     with (state / "qemu.out").open("wb") as out:
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
+            env=os.environ | qemu_env_add,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -1151,6 +1433,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_build = sub.add_parser("build", help="build the images")
     p_build.add_argument("--force", action="store_true")
+    p_qemu = sub.add_parser("build-qemu", help="fetch the rig's QEMU")
+    p_qemu.add_argument("--force", action="store_true")
     p_xen = sub.add_parser("build-xen", help="build the patched hypervisor")
     p_xen.add_argument("--force", action="store_true")
     p_guest = sub.add_parser("build-guest", help="build the Linux guest")
@@ -1171,6 +1455,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build":
             print(build(force=args.force))
+        elif args.command == "build-qemu":
+            print(build_qemu(force=args.force) / "root/usr/bin" / QEMU)
         elif args.command == "build-xen":
             print(build_xen(force=args.force) / "xen.gz")
         elif args.command == "build-guest":

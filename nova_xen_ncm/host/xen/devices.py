@@ -45,6 +45,23 @@ makes through a grant mapping until its unmap: a live save copies the
 pages mapped writable (``GTF_writing``: the rings, blkback's persistent
 grants) again with the guest paused.
 
+A live migration to another host (the engine's stream) cannot let the
+old backends run on: the pages are sent in no order the rings' answers
+could follow. The source unbinds each backend device from its driver
+once the guest is paused (:func:`unbind`): since Linux 5.6 blkback and
+netback allow it with the backend area left Connected, unmap the rings
+and every grant (Xen logs each page written through a mapping as dirty
+at its unmap, so the last harvest holds what they wrote), and close
+their end of each port, which Xen leaves unbound for dom0 (a frontend
+notifying it is not told). A request taken and not answered is taken
+again by the next backend from the ring's ``rsp_prod``. The destination
+creates the backends with the domain (the same disk, on storage both
+hosts reach, and a vif on the same bridge) and they attach as in place.
+A rollback binds the source's devices to their drivers again
+(:func:`bind`): they attach to the same rings the same way, and a vif,
+whose network device netback freed at the unbind, is put back on its
+bridge by its hotplug script as libxl did at its creation.
+
 With stock xenstored the guest's watches are not carried (see
 :mod:`.pvctx`): its frontends do not see their backend's new InitWait
 and Connected. With the patched xenstored they are (:mod:`.xsmig`,
@@ -58,7 +75,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
+import subprocess
 import time
+from collections.abc import Callable
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -86,6 +106,10 @@ GTF_TYPE_MASK = 3
 GTF_PERMIT_ACCESS = 1
 GRANT_ENTRY_V1 = 8
 # v1 grant entry: flags, domid, frame (grant_table.h, grant_entry_v1).
+# Grant references below this are the toolstack's
+# (GNTTAB_NR_RESERVED_ENTRIES, public/grant_table.h): the console's and
+# xenstore's rings, which xenconsoled and xenstored keep mapped.
+GNTTAB_NR_RESERVED_ENTRIES = 8
 _GRANT_V1 = np.dtype([("flags", "<u2"), ("domid", "<u2"), ("frame", "<u4")])
 CONNECT_TIMEOUT = 120.0
 # Seconds dom0's kernel may take to remove a destroyed domain's backend
@@ -93,6 +117,14 @@ CONNECT_TIMEOUT = 120.0
 GONE_TIMEOUT = 60.0
 # dom0's xenbus backend devices: KIND-DOMID-DEVID (xenbus_probe_backend).
 XEN_BACKEND_DEVICES = "/sys/bus/xen-backend/devices"
+# Their drivers (blkback's is "vbd", netback's "vif"), with the bind and
+# unbind files of the driver core.
+XEN_BACKEND_DRIVERS = "/sys/bus/xen-backend/drivers"
+# Seconds a backend unbound from its driver may take to end its
+# requests in flight and unmap the guest's grants.
+UNMAP_TIMEOUT = 30.0
+# Seconds a vif's hotplug script may run (libxl's own limit).
+HOTPLUG_TIMEOUT = 10.0
 # x86_64 shared_info: 32 legacy vcpu_info slots of 64 bytes, then the
 # 2-level ABI's evtchn_pending bitmap; in a vcpu_info, the byte
 # evtchn_upcall_pending and the word evtchn_pending_sel.
@@ -245,6 +277,34 @@ def check_media(devs: Iterable[Device]) -> None:
                 )
 
 
+def check_configs(configs: Iterable[base.DeviceConfig]) -> None:
+    """Refuse (NotSupported, naming it) a device a domain created here
+    could not have: a vbd whose disk this host does not reach, a vif on
+    a bridge it does not have, a kind without a re-attaching backend."""
+    devs = []
+    for cfg in configs:
+        if cfg.kind not in REATTACHING:
+            raise base.NotSupported(
+                f"{cfg.kind} {cfg.devid}: no backend of this host attaches "
+                f"again (only {', '.join(sorted(REATTACHING))})",
+                call="create_empty_domain",
+            )
+        medium = (
+            cfg.extra.get("target")
+            if cfg.kind == "vbd"
+            else cfg.extra.get("bridge")
+        )
+        devs.append(Device(cfg.kind, cfg.devid, cfg.backend_domid, "", "",
+                           medium))  # fmt: skip
+    try:
+        check_media(devs)
+    except DeviceError as exc:
+        raise base.NotSupported(
+            f"{exc} (the disk must be on storage both hosts reach)",
+            call="create_empty_domain",
+        ) from exc
+
+
 def frontend_ports(
     nodes: Iterable[base.XenstoreNode], domid: int
 ) -> dict[int, int]:
@@ -374,15 +434,26 @@ def wait_connected(
     domid: int,
     devs: Iterable[Device],
     timeout: float = CONNECT_TIMEOUT,
+    call: str = "inplace.restore",
 ) -> None:
     """Every backend in state 4 (Connected), or DeviceError naming the
-    first that is not, with what its driver reported."""
+    first that is not, with what its driver reported; at once for one
+    whose hotplug script failed (it will not connect)."""
     devs = list(devs)
     deadline = time.monotonic() + timeout
     while True:
         waiting = [d for d in devs if _text(host, f"{d.backend}/state") != "4"]
         if not waiting:
             return
+        for dev in waiting:
+            if _text(host, f"{dev.backend}/hotplug-status") == "error":
+                err = _text(host, f"{dev.backend}/hotplug-error")
+                raise DeviceError(
+                    f"domain {domid}: {dev.kind} {dev.devid}'s hotplug "
+                    f"script failed, its backend is not Connected"
+                    + (f" ({err})" if err else ""),
+                    call=call,
+                )
         if time.monotonic() > deadline:
             dev = waiting[0]
             state = _text(host, f"{dev.backend}/state")
@@ -396,7 +467,7 @@ def wait_connected(
                 f"domain {domid}: {dev.kind} {dev.devid}'s backend is in "
                 f"state {state} after {timeout:.0f}s, not Connected"
                 + (f" ({err})" if err else ""),
-                call="inplace.restore",
+                call=call,
             )
         time.sleep(0.2)
 
@@ -439,3 +510,243 @@ def wait_backends_gone(
                 call="inplace.restore",
             )
         time.sleep(0.1)
+
+
+def backend_name(domid: int, dev: Device) -> str:
+    """The backend's device in dom0's xen-backend bus: KIND-DOMID-DEVID."""
+    return f"{_backend_type(dev)}-{domid}-{dev.devid}"
+
+
+def _driver_file(dev: Device, what: str, root: str) -> str:
+    return f"{root}/{_backend_type(dev)}/{what}"
+
+
+def bound(domid: int, dev: Device, root: str | None = None) -> bool:
+    """Whether the backend device has a driver (``driver`` link)."""
+    root = root or XEN_BACKEND_DEVICES
+    return os.path.lexists(f"{root}/{backend_name(domid, dev)}/driver")
+
+
+def _write_sysfs(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def unbind(
+    domid: int,
+    devs: Iterable[Device],
+    done: list[Device],
+    *,
+    drivers: str | None = None,
+    devices_root: str | None = None,
+) -> list[Device]:
+    """Unbind each backend device from its driver, appending each to
+    ``done`` (the caller's: what a rollback binds again, a vif's hotplug
+    script run, also when this fails half way); returns ``done``. One
+    that cannot be unbound is named by DeviceError, the others left
+    unbound for the caller's rollback."""
+    drivers = drivers or XEN_BACKEND_DRIVERS
+    for dev in devs:
+        try:
+            _write_sysfs(
+                _driver_file(dev, "unbind", drivers), backend_name(domid, dev)
+            )
+        except OSError as exc:
+            if not bound(domid, dev, devices_root):
+                # Already without a driver: nothing of it runs, and the
+                # destination's backend attaches to its rings as well.
+                done.append(dev)
+                continue
+            raise DeviceError(
+                f"domain {domid}: {dev.kind} {dev.devid}'s backend could "
+                f"not be unbound from its driver: {exc}",
+                call="quiesce_backends",
+            ) from exc
+        done.append(dev)
+    return done
+
+
+def bind(
+    domid: int,
+    devs: Iterable[Device],
+    *,
+    drivers: str | None = None,
+    devices_root: str | None = None,
+) -> None:
+    """Bind each backend device to its driver again (those already bound
+    are left); DeviceError names the first that could not be, after
+    trying them all."""
+    drivers = drivers or XEN_BACKEND_DRIVERS
+    failed = []
+    for dev in devs:
+        if bound(domid, dev, devices_root):
+            continue
+        try:
+            _write_sysfs(
+                _driver_file(dev, "bind", drivers), backend_name(domid, dev)
+            )
+        except OSError as exc:
+            failed.append(f"{dev.kind} {dev.devid} ({exc})")
+    if failed:
+        raise DeviceError(
+            f"domain {domid}: backends not bound to their driver again: "
+            + ", ".join(failed),
+            call="resume_backends",
+        )
+
+
+def grants_in_use(gt: base.GrantTableState, domids: Iterable[int]) -> int:
+    """How many of the guest's v1 grant entries to ``domids`` Xen marks
+    mapped (GTF_reading or GTF_writing), but the toolstack's reserved
+    ones (the console's and xenstore's rings: their daemons are not
+    quiesced and keep them mapped)."""
+    entries = _grant_entries(gt)[GNTTAB_NR_RESERVED_ENTRIES:]
+    if not len(entries):
+        return 0
+    used = (entries["flags"] & GTF_TYPE_MASK) == GTF_PERMIT_ACCESS
+    mapped = (entries["flags"] & GTF_IN_USE) != 0
+    to = np.isin(entries["domid"], np.array(sorted(set(domids)), np.uint16))
+    return int(np.count_nonzero(used & mapped & to))
+
+
+def wait_unmapped(
+    read_grants: Callable[[], base.GrantTableState],
+    domid: int,
+    devs: Iterable[Device],
+    timeout: float = UNMAP_TIMEOUT,
+) -> None:
+    """Return once no grant of the guest's to its devices' backend
+    domains is mapped: an unbound backend has ended its requests in
+    flight (blkback answers them before it unmaps its ring) and writes
+    the guest's memory no more. DeviceError after ``timeout``."""
+    backends = {d.backend_domid for d in devs}
+    if not backends:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        left = grants_in_use(read_grants(), backends)
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise DeviceError(
+                f"domain {domid}: {left} grants are still mapped by the "
+                f"unbound backends after {timeout:.0f}s",
+                call="quiesce_backends",
+            )
+        time.sleep(0.05)
+
+
+# struct {blkif,netif_tx,netif_rx}_sring (io/ring.h): req_prod,
+# req_event, rsp_prod, rsp_event (32 bits each) open the ring's page.
+_SRING_HEAD = struct.Struct("<IIII")
+
+
+def ring_rsp_prod(page: bytes | memoryview) -> int:
+    """The answers the ring's backend produced (``rsp_prod``): where a
+    backend attaching to the ring starts (BACK_RING_ATTACH)."""
+    return _SRING_HEAD.unpack_from(page)[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontendRings:
+    """A frontend's rings as its nodes give them: ring name ("ring" for
+    a vbd's one ring, "tx" and "rx" for a vif's) -> grant references,
+    and its ports in ring order (one shared by all rings, or one each)."""
+
+    rings: dict[str, tuple[int, ...]]
+    ports: tuple[int, ...]
+
+
+def frontend_rings(
+    nodes: Iterable[base.XenstoreNode], dev: Device
+) -> FrontendRings:
+    """What the device's frontend gave its backend, from its nodes; a
+    multi-queue frontend (``multi-queue-num-queues`` above 1) is refused
+    by name: the stream's device record carries one queue."""
+    area = {
+        n.path[len(dev.frontend) + 1 :]: n.value.decode(errors="replace")
+        for n in nodes
+        if n.path.startswith(dev.frontend + "/")
+    }
+    queues = area.get("multi-queue-num-queues", "1")
+    if queues != "1" or any(k.startswith("queue-") for k in area):
+        raise DeviceError(
+            f"{dev.kind} {dev.devid}: its frontend uses {queues} queues; "
+            "a migration stream carries one queue per device",
+            call="export_pv_state",
+        )
+
+    def number(name: str) -> int:
+        try:
+            return int(area[name])
+        except (KeyError, ValueError):
+            raise DeviceError(
+                f"{dev.kind} {dev.devid}: its frontend's {name} is "
+                f"{area.get(name)!r}, not a number",
+                call="export_pv_state",
+            ) from None
+
+    if dev.kind == "vbd":
+        if "ring-ref" in area:
+            refs: tuple[int, ...] = (number("ring-ref"),)
+        else:
+            # A multi-page ring: ring-ref0 .. ring-ref(2**order - 1).
+            order = number("ring-page-order")
+            refs = tuple(number(f"ring-ref{i}") for i in range(1 << order))
+        return FrontendRings({"ring": refs}, (number("event-channel"),))
+    if dev.kind == "vif":
+        rings = {
+            "tx": (number("tx-ring-ref"),),
+            "rx": (number("rx-ring-ref"),),
+        }
+        if "event-channel" in area:
+            return FrontendRings(rings, (number("event-channel"),))
+        return FrontendRings(
+            rings, (number("event-channel-tx"), number("event-channel-rx"))
+        )
+    raise DeviceError(
+        f"{dev.kind} {dev.devid}: no backend of that kind attaches again",
+        call="export_pv_state",
+    )
+
+
+def run_hotplug(domid: int, dev: Device, script: str | None) -> None:
+    """Put an unbound and bound again vif back on its bridge with its
+    hotplug script's ``online``, as libxl ran it at the vif's creation
+    (netback frees the network device at an unbind); the script writes
+    ``hotplug-status`` itself, which netback waits for."""
+    if dev.kind != "vif" or not script:
+        return
+    if not script.startswith("/"):
+        script = f"/etc/xen/scripts/{script}"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "script": script,
+        "XENBUS_TYPE": "vif",
+        "XENBUS_PATH": dev.backend,
+        "XENBUS_BASE_PATH": "backend",
+        "vif": f"vif{domid}.{dev.devid}",
+        "netdev": "",
+        "type_if": "vif",
+    }
+    try:
+        done = subprocess.run(
+            [script, "online"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=HOTPLUG_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DeviceError(
+            f"domain {domid}: vif {dev.devid}'s hotplug script {script}: "
+            f"{exc}",
+            call="resume_backends",
+        ) from exc
+    if done.returncode:
+        raise DeviceError(
+            f"domain {domid}: vif {dev.devid}'s hotplug script {script} "
+            f"failed ({done.returncode}): {done.stderr.strip()[-400:]}",
+            call="resume_backends",
+        )

@@ -248,6 +248,8 @@ class XenHost(base.HostDriver):
         self._dirty_bufs: dict[int, tuple[libs.HypercallBuffer, int]] = {}
         # domids whose device model this driver stopped.
         self._dm_stopped: set[int] = set()
+        # Guests whose backends quiesce_backends unbound, until resumed.
+        self._quiesced: dict[int, tuple[devices.Device, ...]] = {}
         # domid -> CLOCK_MONOTONIC time this driver destroyed it.
         self._destroyed_at: dict[int, float] = {}
         self._libc = ctypes.CDLL(None, use_errno=True)
@@ -429,6 +431,9 @@ class XenHost(base.HostDriver):
                 max_vcpus=128,
                 pcpus=self._nr_cpus(),
                 memory_digest=MEMORY_DIGEST,
+                # The destination's backends are created from SETUP's
+                # device records, not from the stream.
+                devices_named_at_setup=restore[Item.PV_DEVICES] is None,
             )
         return base.Capabilities(
             **{
@@ -509,6 +514,10 @@ class XenHost(base.HostDriver):
             raise base.InsufficientMemory(
                 f"{config.memory_bytes} bytes needed, {free} free", call=call
             )
+        # A migrating guest's backends are created with the domain, in
+        # InitWait until its frontends' nodes come (devices): what each
+        # opens must be here, checked before anything is created.
+        devices.check_configs(config.devices)
         text = self.libxl_json(config, domid)
         self._wait_out_destroy_second(domid)
         created = self._libxl_create(text, call)
@@ -1258,16 +1267,140 @@ class XenHost(base.HostDriver):
             call=call,
         )
 
+    def guest_devices(self, domid: int) -> tuple[base.DeviceConfig, ...]:
+        """The guest's devices whose backends a stream carries (dom0's
+        blkback and netback), as a destination creates them again: the
+        vbd's disk (``target``, which the destination must reach: shared
+        storage), the vif's MAC and bridge. Refused by name, at SETUP,
+        when this host's backends cannot be carried (the probe's
+        PV_DEVICES reason) or a device cannot (another backend, another
+        backend domain, a multi-queue frontend)."""
+        devs = self._reattaching_devices(domid, "guest_devices")
+        if not devs:
+            return ()
+        config = self.libxl_config(domid) or {}
+        disks = {
+            d.get("vdev"): d
+            for d in config.get("disks") or ()
+            if d.get("vdev")
+        }
+        nics = {int(n.get("devid", -1)): n for n in config.get("nics") or ()}
+        out = []
+        for dev in devs:
+            try:
+                devices.frontend_rings(pvctx.frontend_nodes(self, dev), dev)
+            except devices.DeviceError as exc:
+                raise base.NotSupported(
+                    f"domain {domid}: {exc}", call="guest_devices"
+                ) from exc
+            if dev.kind == "vbd":
+                vdev = self._xs_read(f"{dev.backend}/dev")
+                disk = disks.get(vdev.decode() if vdev else None, {})
+                fmt = disk.get("format") or "raw"
+                out.append(
+                    base.DeviceConfig(
+                        kind="vbd",
+                        devid=dev.devid,
+                        extra={
+                            "target": disk.get("pdev_path")
+                            or dev.medium
+                            or "",
+                            "format": fmt,
+                        },
+                    )
+                )
+            else:
+                nic = nics.get(dev.devid, {})
+                mac = self._xs_read(f"{dev.backend}/mac")
+                extra = {"bridge": dev.medium} if dev.medium else {}
+                out.append(
+                    base.DeviceConfig(
+                        kind="vif",
+                        devid=dev.devid,
+                        mac=(mac.decode() if mac else None) or nic.get("mac"),
+                        extra=extra,
+                    )
+                )
+        return tuple(out)
+
+    def _reattaching_devices(
+        self, domid: int, call: str
+    ) -> list[devices.Device]:
+        """The guest's devices but its console (xenconsoled's, which
+        libxl connects to a new domain again), refused unless dom0's
+        backends of each attach again to rings in use."""
+        devs = [
+            d for d in devices.list_devices(self, domid) if d.kind != "console"
+        ]
+        if not devs:
+            return []
+        reason = self.capabilities().restore.get(Item.PV_DEVICES)
+        if reason is not None:
+            names = ", ".join(d.backend for d in devs)
+            raise base.NotSupported(
+                f"domain {domid} has PV devices ({names}): {reason}",
+                call=call,
+            )
+        try:
+            devices.check_devices(self, domid, devs)
+        except devices.DeviceError as exc:
+            raise base.NotSupported(str(exc), call=call) from exc
+        return devs
+
     def quiesce_backends(self, domid: int) -> None:
-        if self._backends(domid):
-            raise self._refuse_pv("quiesce_backends")
+        """Unbind the paused guest's backends from their drivers and wait
+        until they mapped none of its grants (:func:`.devices.unbind`):
+        from then on nothing but Xen writes its memory, and the next
+        harvest holds what they wrote. Undone here if it fails half way."""
+        devs = self._reattaching_devices(domid, "quiesce_backends")
+        if not devs:
+            return
+        unbound: list[devices.Device] = []
+        try:
+            devices.unbind(domid, devs, unbound)
+            self._quiesced[domid] = tuple(unbound)
+            ctx = self.domain_context()
+            devices.wait_unmapped(
+                lambda: pvctx._export_grant_table(self, ctx, domid),
+                domid,
+                unbound,
+            )
+        except BaseException:
+            # What was unbound is bound again as a rollback does (a vif
+            # back on its bridge, every one Connected): the engine's
+            # rollback resumes only a quiesce that returned.
+            self._quiesced[domid] = tuple(unbound)
+            with contextlib.suppress(base.HostError):
+                self.resume_backends(domid)
+            raise
 
     def resume_backends(self, domid: int) -> None:
+        """Bind the guest's backends to their drivers again (a rollback
+        on the source): they attach to the rings in use as a
+        destination's do, a vif is put back on its bridge, and this
+        returns once every one is Connected. After a restart of the
+        service, the guest's devices left without a driver are bound."""
         # The xenstore connection the PV export froze is served again
         # first (a no-op if it was not frozen).
         self.thaw_xenstore(domid)
-        if self._backends(domid):
-            raise self._refuse_pv("resume_backends")
+        devs = self._quiesced.pop(domid, None)
+        if devs is None:
+            devs = tuple(
+                d
+                for d in devices.list_devices(self, domid)
+                if d.kind in devices.REATTACHING
+                and d.backend_domid == 0
+                and not devices.bound(domid, d)
+            )
+        if not devs:
+            return
+        devices.bind(domid, devs)
+        for dev in devs:
+            script = self._xs_read(f"{dev.backend}/script")
+            devices.run_hotplug(
+                domid, dev, script.decode() if script else None
+            )
+        devices.wait_connected(self, domid, devs, call="resume_backends")
 
     def thaw_xenstore(self, domid: int) -> None:
         """Undo the freeze of ``domid``'s xenstore connection that
@@ -1296,7 +1429,12 @@ class XenHost(base.HostDriver):
 
     def export_pv_state(self, domid: int) -> base.PvState:
         self.domain_info(domid)
-        return pvctx.export(self, self.domain_context(), domid)
+        return pvctx.export(
+            self,
+            self.domain_context(),
+            domid,
+            self._quiesced.get(domid, ()),
+        )
 
     def import_pv_state(self, domid: int, state: base.PvState) -> None:
         self.domain_info(domid)

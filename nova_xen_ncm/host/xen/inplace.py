@@ -165,9 +165,8 @@ def _devices(host: XenHost, domid: int) -> list[devices_mod.Device]:
         return []
     devs = [d for d in devices_mod.list_devices(host, domid)
             if d.kind != "console"]  # fmt: skip
-    # Not the capability report's PV_DEVICES, which answers for the
-    # engine's streams: they carry no device.
-    reason = probe.inplace_devices_limit(host.hypervisor_facts())
+    # Asked of the hypervisor and dom0 now, not of the cached report.
+    reason = probe.devices_limit(host.hypervisor_facts())
     if reason is not None:
         names = ", ".join(d.backend for d in devs)
         raise InPlaceError(

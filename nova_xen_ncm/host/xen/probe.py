@@ -17,15 +17,15 @@ the experimental ``XEN_DOMCTL_ncm_evtchn`` and ``XEN_DOMCTL_ncm_vcpu``.
 Whether the running Xen has them is asked of Xen itself (:mod:`.context`),
 never looked up by version. With both, event channels (2-level), shared
 info with each vCPU's registrations and timers, and the grant table (v1)
-are carried, and, by the restore in place only (:mod:`.inplace`), PV
-devices of dom0's kernel backends (blkback, netback) when dom0's kernel
-attaches them to rings in use (:mod:`.devices`, asked of dom0: its
-release and its backend modules). The series' xenstored
+are carried, and PV devices of dom0's kernel backends (blkback,
+netback) when dom0's kernel attaches them to rings in use
+(:mod:`.devices`, asked of dom0: its release and its backend modules),
+by the restore in place (:mod:`.inplace`) and by the engine's streams
+(a destination's backends are created with the domain, on the same
+disk: storage both hosts reach, checked at SETUP). The series' xenstored
 (``domain-export`` and ``domain-import``, :mod:`.xsmig`) carries a
 domain's watches, open transactions and pending data; whether this
-host's xenstored has them is asked of it by calling the command. A save
-or migration stream carries no device, so the engine still refuses a
-guest with PV drivers at SETUP, naming why.
+host's xenstored has them is asked of it by calling the command.
 """
 
 from __future__ import annotations
@@ -107,14 +107,6 @@ PATCHED_PV_DEVICES_LIMIT = (
     "uses; they would reconnect through a new xenbus handshake the "
     "frontend would see"
 )
-# With the backends that attach again: the engine's save and migration
-# streams still carry no device (the Xen driver's quiesce_backends and
-# resume_backends refuse one), so its SETUP must still refuse them.
-PATCHED_PV_DEVICES_STREAM_LIMIT = (
-    "dom0's backends attach again to the rings in use only in a restore "
-    "in place on this host (nova_xen_ncm.host.xen.inplace); a save or "
-    "migration stream does not carry a guest's devices"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,9 +164,10 @@ def restore_items(facts: HypervisorFacts) -> dict[Item, str | None]:
         out[Item.XENSTORE] = (
             None if facts.xenstored_migration else PATCHED_XENSTORE_LIMIT
         )
-        out[Item.PV_DEVICES] = (
-            inplace_devices_limit(facts) or PATCHED_PV_DEVICES_STREAM_LIMIT
-        )
+        # Carried in place (inplace) and in streams: the source's
+        # backends are unbound at the pause and bound again on rollback,
+        # the destination's created with the domain (devices).
+        out[Item.PV_DEVICES] = devices_limit(facts)
     elif facts.ncm_evtchn:
         out[Item.EVENT_CHANNELS] = PATCHED_EVTCHN_LIMIT
     elif facts.ncm_vcpu:
@@ -182,10 +175,11 @@ def restore_items(facts: HypervisorFacts) -> dict[Item, str | None]:
     return out
 
 
-def inplace_devices_limit(facts: HypervisorFacts) -> str | None:
-    """Why dom0's backends could not attach again to the rings a guest
-    restored in place on this host still uses, or None when they can
-    (:mod:`.inplace`; each device's kind is checked there too)."""
+def devices_limit(facts: HypervisorFacts) -> str | None:
+    """Why dom0's backends could not attach again to the rings a
+    restored guest still uses (in place, :mod:`.inplace`, or on a
+    destination of a stream), or None when they can (each device's kind
+    is checked by :func:`.devices.check_devices` too)."""
     if not (facts.ncm_evtchn and facts.ncm_vcpu):
         return STOCK_XEN_LIMITS[Item.PV_DEVICES]
     if facts.backends_missing == ():

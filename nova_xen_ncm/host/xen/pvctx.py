@@ -149,9 +149,15 @@ def check_exportable(
 
 
 def export(
-    host: XenHost, ctx: ctx_mod.DomainContext, domid: int
+    host: XenHost,
+    ctx: ctx_mod.DomainContext,
+    domid: int,
+    quiesced: tuple[devices.Device, ...] = (),
 ) -> base.PvState:
-    """The PV state of the paused guest ``domid``."""
+    """The PV state of the paused guest ``domid``, with the devices
+    whose backends were ``quiesced`` (:meth:`.XenHost.quiesce_backends`):
+    those a stream carries. The restore in place carries its devices
+    itself and quiesces none."""
     gfn, states = check_exportable(host, ctx, domid)
     with host.map_pages(domid, np.array([gfn], dtype=np.uint64)) as mapping:
         content = bytes(mapping.pages[0])
@@ -176,15 +182,18 @@ def export(
                 masked=_bit(content, EVTCHN_MASK, chan.port),
             )
         )
+    grant_table = _export_grant_table(host, ctx, domid)
+    xenstore = _export_xenstore(host, domid)
+    backends = _export_backends(host, domid, quiesced, grant_table, xenstore)
     return base.PvState(
         domid=domid,
-        # No PV device: no backend domain (the console is xenconsoled's,
-        # which libxl connects to the new domain again).
-        backend_domids=(),
+        # The console is xenconsoled's, which libxl connects to the new
+        # domain again: not a backend carried.
+        backend_domids=tuple(sorted({b.backend_domid for b in backends})),
         event_channels=base.EventChannelState(
             base.EvtchnAbi.TWO_LEVEL, tuple(ports)
         ),
-        grant_table=_export_grant_table(host, ctx, domid),
+        grant_table=grant_table,
         shared_info=base.SharedInfoState(
             gfn=gfn,
             content=content,
@@ -195,8 +204,8 @@ def export(
                 for s in states
             ),
         ),
-        xenstore=_export_xenstore(host, domid),
-        backends=(),
+        xenstore=xenstore,
+        backends=backends,
         vcpus=tuple(
             base.VcpuPvState(
                 vcpu=s.vcpu,
@@ -210,6 +219,62 @@ def export(
         ),
         vm_assist=states[0].vm_assist or 0,
     )
+
+
+def _export_backends(
+    host: XenHost,
+    domid: int,
+    devs: tuple[devices.Device, ...],
+    gt: base.GrantTableState,
+    xs: base.XenstoreState,
+) -> tuple[base.BackendState, ...]:
+    """The guest's devices of dom0's kernel backends as the stream
+    carries them: what the frontend gave its backend (ring references,
+    ports: also in its nodes) and where an attaching backend starts on
+    each ring (its ``rsp_prod``: a quiesced backend has answered what it
+    answers). The destination's own backends attach to them."""
+    if not devs:
+        return ()
+    entries = devices._grant_entries(gt)
+    out = []
+    for dev in devs:
+        try:
+            rings = devices.frontend_rings(xs.nodes, dev)
+        except devices.DeviceError as exc:
+            raise _unsupported(domid, str(exc), "export_pv_state") from exc
+        refs: list[int] = []
+        indices: dict[str, tuple[int, int]] = {}
+        for name, ring_refs in rings.rings.items():
+            for ref in ring_refs:
+                if not 0 <= ref < len(entries):
+                    raise _unsupported(
+                        domid,
+                        f"{dev.kind} {dev.devid}: ring grant reference "
+                        f"{ref} is beyond its grant table",
+                        "export_pv_state",
+                    )
+            first = np.array(
+                [int(entries["frame"][ring_refs[0]])], dtype=np.uint64
+            )
+            with host.map_pages(domid, first) as mapping:
+                produced = devices.ring_rsp_prod(mapping.pages[0])
+            indices[name] = (produced, produced)
+            refs += ring_refs
+        state = host._xs_read(f"{dev.backend}/state")
+        out.append(
+            base.BackendState(
+                kind=dev.kind,
+                devid=dev.devid,
+                backend_domid=dev.backend_domid,
+                frontend_path=dev.frontend,
+                backend_path=dev.backend,
+                state=int(state) if state and state.isdigit() else 0,
+                ring_refs=tuple(refs),
+                event_channels=rings.ports,
+                ring_indices=indices,
+            )
+        )
+    return tuple(out)
 
 
 def _gnttab_op(host: XenHost, cmd: int, op: ctypes.Structure) -> None:
@@ -304,6 +369,23 @@ def _xs_perms(host: XenHost, path: str) -> tuple[tuple[str, int], ...]:
         host._libc.free(ctypes.cast(ptr, ctypes.c_void_p))
 
 
+def frontend_nodes(
+    host: XenHost, dev: devices.Device
+) -> list[base.XenstoreNode]:
+    """The device's frontend area as nodes (values only), read without
+    touching the guest's connection."""
+    nodes = []
+    todo = [dev.frontend]
+    while todo:
+        path = todo.pop()
+        value = host._xs_read(path)
+        if value is None:
+            continue
+        nodes.append(base.XenstoreNode(path, value, ()))
+        todo += [f"{path}/{c}" for c in _xs_directory(host, path)]
+    return nodes
+
+
 def _export_xenstore(host: XenHost, domid: int) -> base.XenstoreState:
     nodes = []
     todo = [f"/local/domain/{domid}"]
@@ -370,8 +452,7 @@ def import_(
     writes fire none of the guest's watches); xenstored serves the
     guest's ring only after that."""
     call = "import_pv_state"
-    if state.backends:
-        raise _unsupported(domid, "PV devices cannot be imported yet", call)
+    devs = check_backends(host, domid, state.backends)
     if not state.vcpus:
         raise _unsupported(
             domid,
@@ -466,6 +547,42 @@ def import_(
     _import_xenstore_connection(host, domid, state.xenstore)
     if frozen:
         xsmig.thaw(host, domid)
+    # The guest runs again only once every backend attached: before, its
+    # notifications would go to an unbound port. One that cannot fails
+    # the import, before any COMMIT.
+    devices.wait_connected(host, domid, devs, call=call)
+
+
+def check_backends(
+    host: XenHost, domid: int, backends: tuple[base.BackendState, ...]
+) -> list[devices.Device]:
+    """The carried devices, each of a kind dom0's kernel attaches again
+    and whose backend area this host created with the domain (the
+    engine's SETUP names them); refused by name otherwise, before
+    anything is imported."""
+    devs = [
+        devices.Device(
+            kind=b.kind,
+            devid=b.devid,
+            backend_domid=b.backend_domid,
+            frontend=b.frontend_path,
+            backend=b.backend_path,
+        )
+        for b in backends
+    ]
+    try:
+        devices.check_devices(host, domid, devs)
+    except devices.DeviceError as exc:
+        raise _unsupported(domid, str(exc), "import_pv_state") from exc
+    for dev in devs:
+        if host._xs_read(dev.backend) is None:
+            raise _unsupported(
+                domid,
+                f"{dev.kind} {dev.devid} has no backend here ({dev.backend} "
+                "does not exist): the domain was not created with it",
+                "import_pv_state",
+            )
+    return devs
 
 
 def _import_grant_table(

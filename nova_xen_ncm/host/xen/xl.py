@@ -244,9 +244,13 @@ class Xl:
         if result.returncode not in ok_status:
             message = (result.stderr or result.stdout).strip()
             lines = message.splitlines()
+            # The cause first (libxl's cleanup of a failed create logs
+            # errors of its own after it), then how it ended.
+            if len(lines) > 7:
+                lines = [*lines[:3], "...", *lines[-3:]]
             raise base.HostError(
                 f"exit status {result.returncode}: "
-                + (" | ".join(lines[-4:]) if lines else "no output"),
+                + (" | ".join(lines) if lines else "no output"),
                 call=call,
             )
         return result.stdout

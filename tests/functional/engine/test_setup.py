@@ -13,6 +13,7 @@ from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 
+from .conftest import DEVICES
 from .conftest import guest_config
 
 
@@ -217,3 +218,147 @@ def test_a_peer_that_digests_memory_otherwise_is_refused_at_setup(
     assert running(source, domid)
     assert destination.list_domains() == []
     assert m.sender.stats.to_dict()["pages_sent"] == 0
+
+
+def with_devices(monkeypatch, source, domid, target):
+    """The source's host names a disk and a vif for the destination to
+    create (the Xen host's guest_devices)."""
+    devs = (
+        base.DeviceConfig(
+            "vbd", 51712, extra={"target": target, "format": "raw"}
+        ),
+        base.DeviceConfig(
+            "vif", 0, mac="00:16:3e:4e:43:4d", extra={"bridge": "xenbr0"}
+        ),
+    )
+    monkeypatch.setattr(
+        source, "guest_devices", lambda d: devs if d == domid else ()
+    )
+
+
+def test_the_guests_devices_are_created_with_the_domain_or_refused(
+    monkeypatch, tmp_path, conf, source, destination, migration
+):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "disk").write_bytes(b"")
+    conf.set_override("migration_disk_dirs", [str(shared)], group="xen_ncm")
+    domid = source.create_domain(guest_config())
+    # A disk outside the shared directories: refused before any domain.
+    with_devices(monkeypatch, source, domid, "/etc/shadow")
+    created = []
+    monkeypatch.setattr(
+        destination, "create_empty_domain", lambda *a: created.append(a)
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert m.sender.error.code == "bad-request"
+    assert "'/etc/shadow' is outside" in m.sender.error.text
+    assert "migration_disk_dirs" in m.sender.error.text
+    assert created == [] and running(source, domid)
+
+    # One inside: the destination's host gets both devices, and its
+    # refusal (no such disk on this host, say) is the SETUP's.
+    with_devices(monkeypatch, source, domid, f"{shared}/disk")
+
+    def no_disk(config, domid):
+        created.append(config.devices)
+        raise base.NotSupported("vbd 51712: its medium is not on this host")
+
+    monkeypatch.setattr(destination, "create_empty_domain", no_disk)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert m.sender.error.code == "missing-capability"
+    assert "its medium is not on this host" in m.sender.error.text
+    ((vbd, vif),) = created
+    assert vbd.extra == {"target": f"{shared}/disk", "format": "raw"}
+    assert (vif.mac, vif.extra) == ("00:16:3e:4e:43:4d", {"bridge": "xenbr0"})
+    assert running(source, domid)
+
+
+def test_a_destination_that_cannot_create_devices_is_refused(
+    monkeypatch, source, destination, migration
+):
+    # Protocol version 2 has no room for them in SETUP.
+    monkeypatch.setattr(framing, "SUPPORTED_VERSIONS", (1, 2))
+    domid = source.create_domain(guest_config())
+    with_devices(monkeypatch, source, domid, "/srv/disk")
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert m.sender.error.code == "missing-capability"
+    assert "cannot name the guest's PV devices" in m.sender.error.text
+    assert running(source, domid)
+    assert destination.list_domains() == []
+
+
+@pytest.mark.parametrize("side", ["destination", "source"])
+def test_a_version_2_peer_migrates_a_guest_no_device_record_names(
+    monkeypatch, source, destination, migration, side
+):
+    # Hosts are upgraded one by one: a guest whose devices SETUP need not
+    # name (here the simulated host's, carried in the stream; on Xen, one
+    # without blkfront and netfront) moves to and from a previous release
+    # speaking version 2, which is what is negotiated.
+    versions = []
+    if side == "destination":
+        monkeypatch.setattr(framing, "SUPPORTED_VERSIONS", (1, 2))
+    else:
+        hello = framing.Connection.send_hello
+
+        def offering_2(self, *args, **kwargs):
+            kwargs["versions"] = (1, 2)
+            return hello(self, *args, **kwargs)
+
+        monkeypatch.setattr(framing.Connection, "send_hello", offering_2)
+    challenge = framing.Connection.send_challenge
+
+    def recording(self, *args, **kwargs):
+        out = challenge(self, *args, **kwargs)
+        versions.append(self.version)
+        return out
+
+    monkeypatch.setattr(framing.Connection, "send_challenge", recording)
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    assert source.domain_info(domid).pv_drivers
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert m.receiver.state.phase is Phase.DONE, m.receiver.error
+    assert versions and set(versions) == {2}
+    assert running(destination, domid)
+
+
+def test_a_version_2_source_is_refused_a_guest_whose_devices_setup_names(
+    monkeypatch, source, destination, migration
+):
+    # A destination whose backends are created from SETUP's device
+    # records (patched Xen): a previous release's source names none, so
+    # its guest with PV drivers is refused at SETUP, nothing created,
+    # rather than failing in the downtime; from a version-3 source the
+    # same guest is taken.
+    caps = destination.capabilities()
+    monkeypatch.setattr(
+        destination,
+        "capabilities",
+        lambda: dataclasses.replace(caps, devices_named_at_setup=True),
+    )
+    hello = framing.Connection.send_hello
+
+    def offering_2(self, *args, **kwargs):
+        kwargs["versions"] = (1, 2)
+        return hello(self, *args, **kwargs)
+
+    monkeypatch.setattr(framing.Connection, "send_hello", offering_2)
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert m.sender.error.code == "missing-capability"
+    assert "protocol version 2" in m.sender.error.text
+    assert "cannot name the guest's PV devices" in m.sender.error.text
+    assert running(source, domid)
+    assert destination.list_domains() == []
+    assert m.sender.stats.to_dict()["pages_sent"] == 0
+
+    monkeypatch.setattr(framing.Connection, "send_hello", hello)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert running(destination, domid)

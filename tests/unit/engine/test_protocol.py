@@ -900,3 +900,55 @@ def test_a_frame_capability_added_on_the_path_fails_the_handshake(cap):
     with pytest.raises(AuthenticationError, match="wrong token proof"):
         server.next_event()
     assert not server.established
+
+
+VBD = json.dumps(
+    {
+        "kind": "vbd",
+        "devid": 51712,
+        "mac": None,
+        "extra": {"target": "/srv/shared/disk", "format": "raw"},
+    }
+)
+VIF = json.dumps(
+    {
+        "kind": "vif",
+        "devid": 0,
+        "mac": "00:16:3e:4e:43:4d",
+        "extra": {"bridge": "xenbr0"},
+    }
+)
+
+
+def test_setup_names_the_guests_devices_from_version_3():
+    msg = dataclasses.replace(SETUP, devices=(VBD, VIF))
+    client, server, *_ = handshake()
+    deliver(client.send(msg), server)
+    got = server.next_event()
+    assert got == msg
+    assert [(d["kind"], d["devid"]) for d in got.device_fields()] == [
+        ("vbd", 51712),
+        ("vif", 0),
+    ]
+    # Not in version 2, whose peers cannot create them.
+    with pytest.raises(ValueError, match="devices cannot be sent"):
+        messages.encode_message(msg, 2)
+    assert "devices" not in json.loads(messages.encode_message(SETUP, 2))
+
+
+@pytest.mark.parametrize(
+    "device, match",
+    [
+        ("[]", "an object of kind, devid, mac, extra"),
+        (VBD.replace('"vbd"', '"qdisk"'), "device kind 'qdisk'"),
+        (VBD.replace("51712", "-1"), "devid -1"),
+        (VBD.replace('"raw"', "5"), "strings only"),
+        (VIF.replace('"xenbr0"', '"br\\n0"'), "strings only"),
+        ("{", "Expecting"),
+    ],
+)
+def test_setup_refuses_devices_no_host_could_create(device, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(SETUP, devices=(device,)).validate()
+    with pytest.raises(ValueError, match="named twice"):
+        dataclasses.replace(SETUP, devices=(VBD, VBD)).validate()

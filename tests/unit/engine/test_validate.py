@@ -13,6 +13,7 @@ import dataclasses
 import io
 import os
 import time
+import types
 
 import numpy as np
 import pytest
@@ -476,3 +477,33 @@ def test_genuine_hvm_params_pass():
     validate.check_hvm_params(
         limits, {0: 1 << 56 | 0xF3, 1: 0xFEFFF, 2: 3, 32: 0xFEFF0, 33: 8}
     )
+
+
+def _ring_check(port_binding, backend_port=0):
+    """The device ring check alone: ring on port 5, grant ref 0 to dom0."""
+    check = object.__new__(validate._PvCheck)
+    ring = types.SimpleNamespace(
+        frontend_port=5, backend_port=backend_port, ring_refs=(0,)
+    )
+    entries = np.zeros(
+        1, dtype=[("flags", "<u2"), ("domid", "<u2"), ("frame", "<u4")]
+    )
+    entries[0] = (validate.GTF_PERMIT_ACCESS, 0, 0x100)
+    check._ring("NCM_PV_DEVICE vbd/51712", 0, ring, {5: port_binding}, entries)
+
+
+def test_a_quiesced_backends_port_is_unbound_for_its_domain():
+    # A backend quiesced by being unbound from its driver closed its end:
+    # the frontend's port waits, unbound for the backend's domain.
+    _ring_check((int(ncm.EvtchnType.INTERDOMAIN), 0), backend_port=9)
+    _ring_check((int(ncm.EvtchnType.UNBOUND), 0))
+    for other, backend_port in (
+        ((int(ncm.EvtchnType.UNBOUND), 3), 0),
+        ((int(ncm.EvtchnType.VIRQ), 0), 0),
+        # A backend port named, but the guest's port is not linked to it.
+        ((int(ncm.EvtchnType.UNBOUND), 0), 9),
+        # None named for a port the backend holds.
+        ((int(ncm.EvtchnType.INTERDOMAIN), 0), 0),
+    ):
+        with pytest.raises(validate.ForgedContent, match="not a channel to"):
+            _ring_check(other, backend_port)

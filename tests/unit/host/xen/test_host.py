@@ -224,6 +224,8 @@ def test_domid_reuse_is_a_start_up_requirement_never_set_by_the_driver(
     # The process environment is what the service was started with.
     assert dict(host.os.environ) == before
     caps = xen.capabilities()
+    # Stock Xen carries no device: no source is refused for naming none.
+    assert not caps.devices_named_at_setup
     if value == "0":
         assert caps.preserve_domid and caps.restore[base.Item.DOMID] is None
     else:
@@ -482,3 +484,35 @@ def test_a_guest_paused_meanwhile_is_paused_plainly(
     )
     xen.pause_for_save(7)
     assert calls == ["getinfo", "xc_domain_pause"]
+
+
+def test_a_host_whose_backends_attach_again_wants_devices_named_at_setup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its backends are created from SETUP's device records: a source of
+    # an earlier protocol version, which names none, is refused a guest
+    # with PV drivers (engine.receiver).
+    from nova_xen_ncm.conf import CONF
+    from nova_xen_ncm.host.xen import probe
+
+    monkeypatch.setenv(host.DOMID_REUSE_ENV, "0")
+    monkeypatch.setattr(host, "FN", _LoadFns())
+    for missing, named in (((), True), ((("vbd", "old"),), False)):
+        facts = probe.HypervisorFacts(
+            4,
+            17,
+            ".5",
+            probe.PHYSCAP_HVM | probe.PHYSCAP_HAP,
+            ncm_evtchn=True,
+            ncm_vcpu=True,
+            xenstored_migration=True,
+            backends_missing=missing,
+        )
+        monkeypatch.setattr(
+            host.XenHost, "hypervisor_facts", lambda self, f=facts: f
+        )
+        monkeypatch.setattr(host.XenHost, "_nr_cpus", lambda self: 2)
+        monkeypatch.setattr(host.XenHost, "free_memory", lambda self: 1 << 30)
+        caps = host.XenHost("h", CONF).capabilities()
+        assert caps.devices_named_at_setup is named
+        assert (caps.restore[base.Item.PV_DEVICES] is None) is named

@@ -34,9 +34,10 @@ def test_old_xen_cannot_choose_domids() -> None:
     c = caps(probe.HypervisorFacts(4, 13, "", HVM_HAP))
     assert "before 4.14" in c.restore[Item.DOMID]
     # libxl_domain_create_info.domid arrived in 4.14.
-    assert caps(probe.HypervisorFacts(4, 14, "", HVM_HAP)).restore[
-        Item.DOMID
-    ] is None
+    assert (
+        caps(probe.HypervisorFacts(4, 14, "", HVM_HAP)).restore[Item.DOMID]
+        is None
+    )
 
 
 def test_stock_reasons_name_every_guest_only_interface() -> None:
@@ -111,7 +112,7 @@ def test_describe() -> None:
     assert len(lines) == len(Item)
 
 
-def test_devices_carried_in_place_when_dom0s_backends_attach() -> None:
+def test_devices_carried_when_dom0s_backends_attach() -> None:
     def facts(missing, xenstored=False):
         return probe.HypervisorFacts(
             4, 17, "", HVM_HAP, ncm_evtchn=True, ncm_vcpu=True,
@@ -119,26 +120,21 @@ def test_devices_carried_in_place_when_dom0s_backends_attach() -> None:
         )  # fmt: skip
 
     # The restore in place carries them.
-    assert probe.inplace_devices_limit(facts(())) is None
+    assert probe.devices_limit(facts(())) is None
     old = facts((("vbd", "dom0's Linux 5.4 xen-blkback maps ..."),))
-    reason = probe.inplace_devices_limit(old)
+    reason = probe.devices_limit(old)
     assert reason is not None and "vbd: dom0's Linux 5.4" in reason
     assert caps(old).restore[Item.PV_DEVICES] == reason
     # Not asked of dom0: not carried.
-    assert probe.inplace_devices_limit(facts(None)) == (
-        probe.PATCHED_PV_DEVICES_LIMIT
-    )
-    # The engine's streams carry no device: its SETUP still refuses a PV
-    # guest, saying why, with the patched xenstored too.
+    assert probe.devices_limit(facts(None)) == (probe.PATCHED_PV_DEVICES_LIMIT)
+    # The engine's streams carry them too: nothing a PV guest needs is
+    # missing with the patched xenstored; without it, only xenstore.
     for xenstored in (False, True):
         missing = caps(facts((), xenstored)).missing(True)
-        assert missing[Item.PV_DEVICES] == (
-            probe.PATCHED_PV_DEVICES_STREAM_LIMIT
-        )
-        assert "in place" in missing[Item.PV_DEVICES]
+        assert Item.PV_DEVICES not in missing
         assert (Item.XENSTORE in missing) is not xenstored
     # Stock Xen keeps its own reason whatever dom0's kernel can do.
     stock = probe.HypervisorFacts(4, 17, "", HVM_HAP, backends_missing=())
     limit = probe.STOCK_XEN_LIMITS[Item.PV_DEVICES]
-    assert probe.inplace_devices_limit(stock) == limit
+    assert probe.devices_limit(stock) == limit
     assert caps(stock).restore[Item.PV_DEVICES] == limit

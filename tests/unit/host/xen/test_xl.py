@@ -188,3 +188,20 @@ def test_xl_missing_and_slow(tmp_path) -> None:
     with pytest.raises(base.HostError, match="no answer"):
         xl.Xl(str(slow), timeout=0.2).run("info")
     assert subprocess.run(["true"]).returncode == 0
+
+
+def test_xl_failure_names_its_cause_before_libxls_cleanup(tmp_path) -> None:
+    # A create that fails logs its cause, then the errors of destroying
+    # the half-made domain: both are kept.
+    fake = tmp_path / "xl"
+    fake.write_text(
+        "#!/bin/sh\n"
+        "echo 'libxl: error: hotplug script block failed' >&2\n"
+        + "".join(f"echo 'libxl: error: cleanup {i}' >&2\n" for i in range(8))
+        + "exit 3\n"
+    )
+    fake.chmod(0o755)
+    with pytest.raises(base.HostError) as info:
+        xl.Xl(str(fake)).run("create", "cfg")
+    assert "hotplug script block failed" in str(info.value)
+    assert "cleanup 7" in str(info.value)

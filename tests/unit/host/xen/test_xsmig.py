@@ -16,6 +16,7 @@ import pytest
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import Item
+from nova_xen_ncm.host.xen import devices
 from nova_xen_ncm.host.xen import probe
 from nova_xen_ncm.host.xen import pvctx
 from nova_xen_ncm.host.xen import xsmig
@@ -226,7 +227,8 @@ def test_a_rollback_serves_the_frozen_connection_again(
     assert x.fake.frozen == {7}
     xen = host_mod.XenHost.__new__(host_mod.XenHost)
     xen._xs_migrates = True
-    monkeypatch.setattr(xen, "_backends", lambda domid: [], raising=False)
+    xen._quiesced = {}
+    monkeypatch.setattr(devices, "list_devices", lambda host, domid: [])
     monkeypatch.setattr(xen, "_xs", x.host._xs, raising=False)
     monkeypatch.setattr(xen, "_libc", x.host._libc, raising=False)
     xen.resume_backends(7)
