@@ -70,6 +70,13 @@ class FeaturesChanged(EngineError):
     where it was."""
 
 
+class DevicesChanged(EngineError):
+    """A PV device of the guest can no longer be carried (its frontend
+    switched to several queues during pre-copy): found right before the
+    pause, so the migration is abandoned with the guest never paused and
+    running on where it was."""
+
+
 class TransportError(EngineError):
     """A connection could not be made, or broke, or timed out.
 

@@ -39,6 +39,7 @@ from nova_xen_ncm.engine.datapath import expect
 from nova_xen_ncm.engine.digest import guest_digests
 from nova_xen_ncm.engine.digest import needed_items
 from nova_xen_ncm.engine.errors import CancelRequested
+from nova_xen_ncm.engine.errors import DevicesChanged
 from nova_xen_ncm.engine.errors import DigestMismatch
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.errors import FeaturesChanged
@@ -330,6 +331,22 @@ class Sender:
                 "rolled back before its state was exported"
             )
 
+    def _check_devices(self) -> None:
+        """A guest's frontend may reconnect with several queues during
+        pre-copy (netfront and blkfront do so on their own), which the
+        export would refuse inside the downtime. Asked again right
+        before the pause, by the predicate SETUP applied: the migration
+        is abandoned with the guest still running here."""
+        if not self.info.pv_drivers:
+            return
+        try:
+            self.host.guest_devices(self.domid)
+        except base.NotSupported as exc:
+            raise DevicesChanged(
+                f"{exc}: the guest changed the device during pre-copy; "
+                "abandoned before the pause, the guest runs on here"
+            ) from exc
+
     def _setup(self) -> None:
         self._check_source()
         info = self.info
@@ -603,6 +620,10 @@ class Sender:
     def _stop_and_copy(
         self, decision: policies.Decision, pending: np.ndarray
     ) -> None:
+        if self._running:
+            # Outside the downtime still: no switch-over that the
+            # export would refuse.
+            self._check_devices()
         self.state.transition(
             Phase.PRECOPY, Phase.STOP_AND_COPY, reason=decision.reason
         )

@@ -537,6 +537,25 @@ class GuestFeature(str, enum.Enum):
     GNTTAB_FOREIGN_DOMAIN = "gnttab-foreign-domain"
 
 
+def multi_queue_refusal(
+    kind: str, devid: int, area: Mapping[str, str]
+) -> str | None:
+    """Why a device whose frontend area (node name relative to the area
+    -> value) is ``area`` cannot be carried, or None: a frontend that
+    switched to several queues (``multi-queue-num-queues`` above 1, or
+    ``queue-N`` subdirectories; netfront and blkfront may do it whenever
+    they reconnect) has rings a stream's device record has no room for.
+    One predicate for the check at SETUP, the one before the pause and
+    the export."""
+    queues = area.get("multi-queue-num-queues", "1")
+    if queues == "1" and not any(k.startswith("queue-") for k in area):
+        return None
+    return (
+        f"{kind} {devid}: its frontend uses {queues} queues; "
+        "a migration stream carries one queue per device"
+    )
+
+
 def feature_uses(
     domid: int,
     abi: EvtchnAbi,

@@ -252,6 +252,18 @@ class SimHost(base.HostDriver):
         with self.hv.locked():
             return frozenset(self.toolstack.feature_uses(dom))
 
+    def guest_devices(self, domid: int) -> tuple[base.DeviceConfig, ...]:
+        """None to name (this host's streams carry the backends), but a
+        device the stream cannot carry is refused by name."""
+        call = "guest_devices"
+        dom = self.hv.domain(domid, call)
+        refusal = self.toolstack.device_refusal(
+            dom, self.services.backend_states(dom)
+        )
+        if refusal is not None:
+            raise base.NotSupported(refusal, call=call)
+        return ()
+
     @_faulty
     def list_domains(self) -> list[base.DomainInfo]:
         with self.hv.locked():

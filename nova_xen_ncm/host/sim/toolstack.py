@@ -510,11 +510,37 @@ class Toolstack:
             base.grant_domains(self.hv.export_grants(dom)),
         )
 
+    def device_refusal(
+        self, dom: Domain, backends: tuple[base.BackendState, ...]
+    ) -> str | None:
+        """Why one of the guest's devices cannot be carried now, or
+        None: a backend's record holds one ring and one port, so a
+        frontend that switched to several queues is refused by name."""
+        xs = self.services.toolstack_xs
+        for bs in backends:
+            try:
+                names = xs.directory(bs.frontend_path)
+                area = {
+                    n: xs.read(f"{bs.frontend_path}/{n}").decode(
+                        errors="replace"
+                    )
+                    for n in names
+                }
+            except XenstoreError:
+                continue  # no frontend (yet): nothing of it to carry
+            refusal = base.multi_queue_refusal(bs.kind, bs.devid, area)
+            if refusal is not None:
+                return f"domain {dom.domid}: {refusal}"
+        return None
+
     def export_pv_state(self, domid: int) -> base.PvState:
         call = "export_pv_state"
         dom = self.hv.domain(domid, call)
         # Backends lock themselves and then the host: ask them first.
         backends = self.services.backend_states(dom)
+        refusal = self.device_refusal(dom, backends)
+        if refusal is not None:
+            raise base.NotSupported(refusal, call=call)
         with self.hv.locked():
             if dom.state == DomainState.RUNNING:
                 raise HostError(f"domain {domid} must be paused", call=call)

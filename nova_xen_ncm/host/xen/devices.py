@@ -668,13 +668,9 @@ def frontend_rings(
         for n in nodes
         if n.path.startswith(dev.frontend + "/")
     }
-    queues = area.get("multi-queue-num-queues", "1")
-    if queues != "1" or any(k.startswith("queue-") for k in area):
-        raise DeviceError(
-            f"{dev.kind} {dev.devid}: its frontend uses {queues} queues; "
-            "a migration stream carries one queue per device",
-            call="export_pv_state",
-        )
+    refusal = base.multi_queue_refusal(dev.kind, dev.devid, area)
+    if refusal is not None:
+        raise DeviceError(refusal, call="export_pv_state")
 
     def number(name: str) -> int:
         try:

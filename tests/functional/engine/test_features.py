@@ -8,12 +8,14 @@ import dataclasses
 
 import pytest
 
+from nova_xen_ncm.engine.errors import DevicesChanged
 from nova_xen_ncm.engine.errors import FeaturesChanged
 from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.sim.xenstore import LocalClient
 
+from .conftest import DEVICES
 from .conftest import guest_config
 
 
@@ -199,3 +201,58 @@ def test_a_domid_the_destination_released_recently_is_refused_at_setup(
     assert m.sender.error.code == "domid-taken"
     assert "recently used" in str(m.sender.error)
     assert _running(source, domid)
+
+
+def test_multi_queue_switch_during_precopy_abandons_before_the_pause(
+    source, destination, migration, monkeypatch
+):
+    """A frontend that reconnects with several queues while pre-copy
+    runs is found before the pause: the guest is never paused, runs on
+    the source, and the error names the device and why."""
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    harvest = source.harvest_dirty
+    switched = []
+
+    def harvest_then_switch(d):
+        if not switched:
+            # netfront reconnects with two queues (the guest's doing).
+            guest = LocalClient(source.xenstore, d)
+            guest.write(
+                f"/local/domain/{d}/device/vif/0/multi-queue-num-queues", b"2"
+            )
+            switched.append(True)
+        return harvest(d)
+
+    paused = []
+    pause = source.pause_for_save
+    monkeypatch.setattr(source, "harvest_dirty", harvest_then_switch)
+    monkeypatch.setattr(
+        source, "pause_for_save", lambda d: paused.append(d) or pause(d)
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert switched
+    assert isinstance(m.sender.error, DevicesChanged), m.sender.error
+    assert "vif 0" in str(m.sender.error)
+    assert "2 queues" in str(m.sender.error)
+    assert not paused
+    assert "stop_and_copy" not in m.source_events.phases()
+    assert _running(source, domid)
+    assert not destination.list_domains()
+
+
+def test_multi_queue_frontend_is_refused_at_setup(
+    source, destination, migration
+):
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    guest = LocalClient(source.xenstore, domid)
+    guest.write(
+        f"/local/domain/{domid}/device/vif/0/multi-queue-num-queues", b"4"
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert isinstance(m.sender.error, Refused), m.sender.error
+    assert m.sender.error.code == "missing-capability"
+    assert "vif 0: its frontend uses 4 queues" in str(m.sender.error)
+    assert _running(source, domid)
+    assert not destination.list_domains()
