@@ -137,7 +137,11 @@ RETRY_OPTS = [
         default=120.0,
         min=0.0,
         max=3600.0,
-        help="Seconds the attempts of one precopy round may take together.",
+        help="Seconds the attempts of one precopy round may take together. "
+        "A destination waits as long for the source to resume a dropped "
+        "connection. Once the source has announced stop-and-copy "
+        "(STOPPING), both ends use the smaller of this and "
+        "downtime_budget instead.",
     ),
     cfg.IntOpt(
         "commit_query_attempts",
@@ -223,7 +227,9 @@ POLICY_OPTS = [
         max=600.0,
         help="Longest pause, in seconds, stop-and-copy and restore may "
         "take including retries; past it the migration rolls back and "
-        "the guest resumes on the source.",
+        "the guest resumes on the source. It also bounds, from the "
+        "source's STOPPING notice on, how long the source retries a "
+        "dropped connection and the destination waits for it.",
     ),
     cfg.IntOpt(
         "max_rounds",

@@ -22,6 +22,7 @@ from oslo_log import log as logging
 from nova_xen_ncm.engine import digest
 from nova_xen_ncm.engine import journal
 from nova_xen_ncm.engine import messages
+from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine.acceptor import Acceptor
 from nova_xen_ncm.engine.digest import guest_digests
 from nova_xen_ncm.engine.digest import needed_items
@@ -777,10 +778,10 @@ class Receiver:
             self.state.phase,
             cause,
         )
-        wait = self.opts.transfer_retry_timeout
-        if self.state.phase is not Phase.PRECOPY:
-            # The source gives up when its downtime budget is spent.
-            wait = min(wait, self.opts.downtime_budget)
+        # As long as the source's retries may last (retry.resume_wait).
+        wait = retry.resume_wait(
+            self.opts, stopping=self.state.phase is not Phase.PRECOPY
+        )
         return self.acceptor.resumed(
             index,
             time.monotonic() + wait,

@@ -73,6 +73,18 @@ _BUDGET_OPTIONS = {
 }
 
 
+def resume_wait(opts: cfg.ConfigOpts.GroupAttr, stopping: bool) -> float:
+    """Seconds a dropped channel has to be resumed, the one figure both
+    ends use: the source's retries end within it and the destination
+    waits for the source as long. ``transfer_retry_timeout``, and from
+    the source's STOPPING on (capability ``stop-notice``; the guest is
+    about to pause or paused) no more than ``downtime_budget``."""
+    wait = float(opts.transfer_retry_timeout)
+    if stopping:
+        wait = min(wait, float(opts.downtime_budget))
+    return wait
+
+
 @dataclasses.dataclass(frozen=True)
 class RetryEvent:
     """A failed attempt about to be retried after ``delay`` seconds."""

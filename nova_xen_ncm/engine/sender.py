@@ -695,12 +695,16 @@ class Sender:
                 exc,
             )
             self.data.close(0)
+            # The destination may have the notice and then waits only
+            # the stop-and-copy's resume_wait: no retry beyond it.
+            budget = dataclasses.replace(
+                retry.RetryBudget.from_conf(self.conf, retry.Step.TRANSFER),
+                seconds=retry.resume_wait(self.opts, stopping=True),
+            )
             retry.call(
                 self.data.reconnect,
                 what="resume the control channel",
-                budget=retry.RetryBudget.from_conf(
-                    self.conf, retry.Step.TRANSFER
-                ),
+                budget=budget,
                 on_retry=self._on_retry,
             )
 

@@ -192,3 +192,22 @@ def test_budget_from_conf(step, attempts, seconds):
         initial_delay=0.25,
         max_delay=conf.xen_ncm.retry_max_delay,
     )
+
+
+@pytest.mark.parametrize(
+    "transfer,downtime,stopping,expected",
+    [
+        (120.0, 30.0, False, 120.0),
+        (120.0, 30.0, True, 30.0),
+        (10.0, 30.0, True, 10.0),
+    ],
+)
+def test_resume_wait_is_one_figure_for_both_ends(
+    transfer, downtime, stopping, expected
+):
+    conf = cfg.ConfigOpts()
+    xen_ncm.register_opts(conf)
+    conf([])
+    conf.set_override("transfer_retry_timeout", transfer, group="xen_ncm")
+    conf.set_override("downtime_budget", downtime, group="xen_ncm")
+    assert retry.resume_wait(conf.xen_ncm, stopping=stopping) == expected

@@ -4,6 +4,7 @@ domains (no guest process runs)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 
 import numpy as np
@@ -16,7 +17,10 @@ from nova_xen_ncm.engine import guest_stream
 from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import policy
+from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine.errors import EngineError
+from nova_xen_ncm.engine.errors import RetryExhausted
+from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.guest_stream import GuestStream
 from nova_xen_ncm.engine.sender import Sender
 from nova_xen_ncm.engine.state import Phase
@@ -404,3 +408,54 @@ def test_dirty_pages_are_looked_up_in_the_populated_ones():
     assert sending._members(dirty, populated).tolist() == [2, 9]
     assert sending._members(dirty, populated[:0]).tolist() == []
     assert sending._members(dirty[:0], populated).tolist() == []
+
+
+class _DroppedControl:
+    """A control channel that negotiated stop-notice and then drops."""
+
+    connection = types.SimpleNamespace(
+        capabilities=frozenset({messages.Capability.STOP_NOTICE.value})
+    )
+
+    def send(self, message):
+        raise TransportError("connection reset")
+
+
+def test_stopping_retries_end_when_the_destination_stops_waiting(
+    conf, host, monkeypatch
+):
+    """A STOPPING lost with its connection is retried no longer than the
+    destination, which may have it, waits for the source: one figure
+    (retry.resume_wait), not the precopy round's transfer budget."""
+    conf.set_override("downtime_budget", 2.0, group="xen_ncm")
+    conf.set_override("transfer_retry_timeout", 120.0, group="xen_ncm")
+    conf.set_override("transfer_retry_attempts", 100, group="xen_ncm")
+    conf.set_override("retry_initial_delay", 0.1, group="xen_ncm")
+    conf.set_override("retry_max_delay", 0.5, group="xen_ncm")
+    sender = make_sender(conf, host)
+    reconnects = []
+
+    def reconnect():
+        reconnects.append(fake.now)
+        raise TransportError("refused")
+
+    sender.data = types.SimpleNamespace(
+        control=_DroppedControl(),
+        close=lambda index=None: None,
+        reconnect=reconnect,
+    )
+    fake = FakeClock()
+
+    def sleep(seconds):
+        fake.now += seconds
+
+    monkeypatch.setattr(
+        retry, "call", functools.partial(retry.call, clock=fake, sleep=sleep)
+    )
+    start = fake.now
+    with pytest.raises(RetryExhausted):
+        sender._notify_stopping()
+    wait = retry.resume_wait(conf.xen_ncm, stopping=True)
+    assert wait == 2.0
+    assert len(reconnects) > 1
+    assert reconnects[-1] - start <= wait
