@@ -46,6 +46,7 @@ from oslo_config import cfg
 from nova_xen_ncm.cmd import CommandError
 from nova_xen_ncm.cmd import EnvironmentProblem
 from nova_xen_ncm.cmd import Interrupted
+from nova_xen_ncm.cmd.check import CheckSnapshot
 from nova_xen_ncm.engine import policy as policies
 from nova_xen_ncm.host import base
 from nova_xen_ncm.progress.model import EventKind
@@ -312,25 +313,18 @@ def make_conf(
     return conf
 
 
-class _Snapshot:
-    """A progress sink that takes the guest's visible state when the
-    migration enters ``phase`` (the source at restore: paused as it last
-    ran; the destination at commit: restored, not yet running)."""
-
-    def __init__(self, host: base.HostDriver, domid: int, phase: str) -> None:
-        self.host = host
-        self.domid = domid
-        self.phase = phase
-        self.state: base.GuestState | None = None
-        self.seconds = 0.0
-
-    def emit(self, event: ProgressEvent) -> None:
-        if event.kind is EventKind.STATE and event.phase == self.phase:
-            from nova_xen_ncm.host import checker
-
-            start = time.monotonic()
-            self.state = checker.snapshot(self.host, self.domid)
-            self.seconds = time.monotonic() - start
+def snapshot_result(snapshot: CheckSnapshot) -> dict[str, Any]:
+    """What a host process reports of its checker snapshot: the state
+    (None when not taken), the time it took in the downtime, and why it
+    was not taken."""
+    error = snapshot.error
+    if snapshot.state is None and error is None:
+        error = f"the migration never entered {snapshot.phase}"
+    return {
+        "state": snapshot.state,
+        "snapshot_seconds": snapshot.seconds,
+        "snapshot_error": error,
+    }
 
 
 class _Channel:
@@ -391,7 +385,7 @@ class _Agent:
         self.conf = make_conf(config_files, overrides)
         self.host = factory.load_host_driver(HOST_DRIVER, hostname, self.conf)
         self.incoming: Any = None
-        self.snapshot: _Snapshot | None = None
+        self.snapshot: CheckSnapshot | None = None
         self.sender: Any = None
         self.cancelled = False
         self._cancel_lock = threading.Lock()
@@ -452,7 +446,7 @@ class _Agent:
         progress events (the caller must then keep reading the pipe)."""
         from nova_xen_ncm.engine.migration import IncomingMigration
 
-        self.snapshot = _Snapshot(self.host, domid, "commit")
+        self.snapshot = CheckSnapshot(self.host, lambda: domid, "commit")
         sinks: list[Any] = [self.snapshot] if snapshot else []
         self.incoming = IncomingMigration(
             self.host,
@@ -469,7 +463,7 @@ class _Agent:
     ) -> dict:
         from nova_xen_ncm.engine.sender import Sender
 
-        snapshot = _Snapshot(self.host, domid, "restore")
+        snapshot = CheckSnapshot(self.host, lambda: domid, "restore")
         sender = Sender(
             self.host,
             domid,
@@ -492,8 +486,7 @@ class _Agent:
             "phase": phase.value,
             "error": _error_text(sender.error),
             "stats": sender.stats.to_dict(),
-            "state": snapshot.state,
-            "snapshot_seconds": snapshot.seconds,
+            **snapshot_result(snapshot),
             "domains": [d.domid for d in self.host.list_domains()],
             "domain_states": [
                 (d.domid, d.state.value) for d in self.host.list_domains()
@@ -506,8 +499,7 @@ class _Agent:
         return {
             "phase": phase.value if phase is not None else None,
             "error": _error_text(receiver.error),
-            "state": self.snapshot.state,
-            "snapshot_seconds": self.snapshot.seconds,
+            **snapshot_result(self.snapshot),
             "domains": [
                 (d.domid, d.state.value) for d in self.host.list_domains()
             ],
@@ -957,15 +949,30 @@ def compare(
     paused: base.GuestState | None,
     resumed: base.GuestState | None,
     items: tuple[base.Item, ...] = tuple(base.Item),
+    why: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, dict[str, Any]]:
-    """The checker's verdict on ``items``, as a dict."""
+    """The checker's verdict on ``items``, as a dict; ``why`` says why
+    the state at pause and at resume could not be captured."""
     from nova_xen_ncm.host import checker
 
     if paused is None or resumed is None:
-        side = "source at pause" if paused is None else "destination"
-        return not_checked(f"no state was captured on the {side}")
+        return not_checked(_not_captured(paused, resumed, why))
     result = checker.check(paused, resumed).to_dict()
     return {i.value: result[i.value] for i in items}
+
+
+def _not_captured(
+    paused: base.GuestState | None,
+    resumed: base.GuestState | None,
+    why: tuple[str | None, str | None],
+) -> str:
+    side, reason = (
+        ("source at pause", why[0])
+        if paused is None
+        else ("destination", why[1])
+    )
+    text = f"no state was captured on the {side}"
+    return f"{text}: {reason}" if reason else text
 
 
 def register(subparsers: Any) -> None:
@@ -1315,10 +1322,11 @@ def _migrate(
         == [(domid, "paused" if args.paused else "running")]
     )
     cancelled = sent["phase"] == "cancelled"
+    why = (sent["snapshot_error"], received["snapshot_error"])
     if cancelled:
         checks = not_checked(CANCELLED, passed=None)
     elif completed:
-        checks = compare(sent["state"], received["state"])
+        checks = compare(sent["state"], received["state"], why=why)
     else:
         checks = not_checked("the migration did not complete")
     if cancelled:
@@ -1329,7 +1337,7 @@ def _migrate(
         verdict = {"passed": None, "reason": STAYS_PAUSED}
     else:
         verdict = judge_after_resume(
-            destination, domid, sent["state"], received["state"]
+            destination, domid, sent["state"], received["state"], why
         )
     downtime = stats["actual_downtime"]
     # The checker's snapshots are taken while the guest is paused, so the
@@ -1371,13 +1379,17 @@ def judge_after_resume(
     domid: int,
     paused: base.GuestState | None,
     resumed: base.GuestState | None,
+    why: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, Any]:
     """Run the guest on the destination for a while and judge it from
     its own RAM (checker.after_resume)."""
     from nova_xen_ncm.host import checker
 
     if paused is None or resumed is None:
-        return {"passed": False, "reason": "no state captured at pause"}
+        return {
+            "passed": False,
+            "reason": _not_captured(paused, resumed, why),
+        }
     later = destination.call("after_resume", domid)
     return checker.after_resume(
         paused, resumed, later["state"], later["raised"]

@@ -147,3 +147,38 @@ def test_a_sink_that_took_nothing_says_why(monkeypatch, tmp_path) -> None:
     sink.emit(_Event(EventKind.STATE, "commit"))
     with pytest.raises(CommandFailed, match=r"no probe \(probe\)"):
         sink.write(str(tmp_path / "s"))
+
+
+def test_the_demo_reports_why_its_snapshot_was_not_taken(monkeypatch) -> None:
+    """The demo's hosts take their snapshots with the same sink: a
+    failed snapshot leaves the migration going and the report says why
+    (the host's error and call), item by item and in the verdict."""
+    from nova_xen_ncm.cmd import demo
+    from nova_xen_ncm.progress.model import EventKind
+
+    def refuse(host, domid):
+        raise base.HostError("vcpu 1 context unreadable", call="guest_state")
+
+    monkeypatch.setattr(checker, "snapshot", refuse)
+    sent = check.CheckSnapshot(object(), lambda: 7, "restore")
+    sent.emit(_Event(EventKind.STATE, "restore"))
+    received = check.CheckSnapshot(object(), lambda: 7, "commit")
+    sent_result = demo.snapshot_result(sent)
+    received_result = demo.snapshot_result(received)
+    assert sent_result["state"] is None
+    assert "vcpu 1 context unreadable" in sent_result["snapshot_error"]
+    assert received_result["snapshot_error"] == (
+        "the migration never entered commit"
+    )
+    why = (sent_result["snapshot_error"], received_result["snapshot_error"])
+    checks = demo.compare(None, _state(), why=why)
+    assert {c["reason"] for c in checks.values()} == {
+        "no state was captured on the source at pause: "
+        + sent_result["snapshot_error"]
+    }
+    verdict = demo.judge_after_resume(None, 7, _state(), None, why)
+    assert verdict == {
+        "passed": False,
+        "reason": "no state was captured on the destination: "
+        "the migration never entered commit",
+    }
