@@ -24,6 +24,35 @@ OPTS = [
         max=3600.0,
         help="Seconds an xl command or a device model request may take.",
     ),
+    cfg.FloatOpt(
+        "backend_connect_timeout",
+        default=120.0,
+        min=1.0,
+        max=3600.0,
+        help="Seconds dom0's backends of a guest may take to reach "
+        "Connected (state 4) after a restore, a device import or a "
+        "rollback bound them again; the guest stays paused meanwhile. "
+        "One whose hotplug script failed is reported at once.",
+    ),
+    cfg.FloatOpt(
+        "backend_unmap_timeout",
+        default=30.0,
+        min=1.0,
+        max=600.0,
+        help="Seconds a backend unbound from its driver at the pause may "
+        "take to end its requests in flight and unmap the guest's "
+        "grants; past it the migration rolls back. Counted in the "
+        "downtime.",
+    ),
+    cfg.FloatOpt(
+        "backend_gone_timeout",
+        default=60.0,
+        min=1.0,
+        max=600.0,
+        help="Seconds dom0's kernel may take to remove a destroyed "
+        "domain's backend devices before the domain is created again "
+        "under the same domid (an in-place restore).",
+    ),
     cfg.StrOpt(
         "state_dir",
         default="/var/lib/nova-xen-ncm/xen",

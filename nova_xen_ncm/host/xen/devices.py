@@ -111,18 +111,11 @@ GRANT_ENTRY_V1 = 8
 # xenstore's rings, which xenconsoled and xenstored keep mapped.
 GNTTAB_NR_RESERVED_ENTRIES = 8
 _GRANT_V1 = np.dtype([("flags", "<u2"), ("domid", "<u2"), ("frame", "<u4")])
-CONNECT_TIMEOUT = 120.0
-# Seconds dom0's kernel may take to remove a destroyed domain's backend
-# devices (its xenwatch thread, behind every other watch event).
-GONE_TIMEOUT = 60.0
 # dom0's xenbus backend devices: KIND-DOMID-DEVID (xenbus_probe_backend).
 XEN_BACKEND_DEVICES = "/sys/bus/xen-backend/devices"
 # Their drivers (blkback's is "vbd", netback's "vif"), with the bind and
 # unbind files of the driver core.
 XEN_BACKEND_DRIVERS = "/sys/bus/xen-backend/drivers"
-# Seconds a backend unbound from its driver may take to end its
-# requests in flight and unmap the guest's grants.
-UNMAP_TIMEOUT = 30.0
 # Seconds a vif's hotplug script may run (libxl's own limit).
 HOTPLUG_TIMEOUT = 10.0
 # x86_64 shared_info: 32 legacy vcpu_info slots of 64 bytes, then the
@@ -433,7 +426,8 @@ def wait_connected(
     host: XenHost,
     domid: int,
     devs: Iterable[Device],
-    timeout: float = CONNECT_TIMEOUT,
+    *,
+    timeout: float,
     call: str = "inplace.restore",
 ) -> None:
     """Every backend in state 4 (Connected), or DeviceError naming the
@@ -484,7 +478,8 @@ def _backend_type(dev: Device) -> str:
 def wait_backends_gone(
     domid: int,
     devs: Iterable[Device],
-    timeout: float = GONE_TIMEOUT,
+    *,
+    timeout: float,
     root: str = XEN_BACKEND_DEVICES,
 ) -> None:
     """Return once dom0's kernel has removed the backend devices of the
@@ -613,7 +608,8 @@ def wait_unmapped(
     read_grants: Callable[[], base.GrantTableState],
     domid: int,
     devs: Iterable[Device],
-    timeout: float = UNMAP_TIMEOUT,
+    *,
+    timeout: float,
 ) -> None:
     """Return once no grant of the guest's to its devices' backend
     domains is mapped: an unbound backend has ended its requests in

@@ -1364,6 +1364,7 @@ class XenHost(base.HostDriver):
                 lambda: pvctx._export_grant_table(self, ctx, domid),
                 domid,
                 unbound,
+                timeout=self.opts.backend_unmap_timeout,
             )
         except BaseException:
             # What was unbound is bound again as a rollback does (a vif
@@ -1400,7 +1401,13 @@ class XenHost(base.HostDriver):
             devices.run_hotplug(
                 domid, dev, script.decode() if script else None
             )
-        devices.wait_connected(self, domid, devs, call="resume_backends")
+        devices.wait_connected(
+            self,
+            domid,
+            devs,
+            timeout=self.opts.backend_connect_timeout,
+            call="resume_backends",
+        )
 
     def thaw_xenstore(self, domid: int) -> None:
         """Undo the freeze of ``domid``'s xenstore connection that

@@ -646,7 +646,9 @@ def _create_once(
     time.sleep(1.1)
     # The new backends must be the kernel's new devices, not the
     # destroyed domain's (of the save's destroy, or of a failed attempt).
-    devices_mod.wait_backends_gone(domid, snap.devices)
+    devices_mod.wait_backends_gone(
+        domid, snap.devices, timeout=host.opts.backend_gone_timeout
+    )
     created = host._libxl_create(json.dumps(config), "inplace.restore")
     try:
         if created != domid:
@@ -657,7 +659,12 @@ def _create_once(
         _put_back(host, snap)
         # The frontends' notifications would go to unbound ports until
         # their backends bound them.
-        devices_mod.wait_connected(host, domid, snap.devices)
+        devices_mod.wait_connected(
+            host,
+            domid,
+            snap.devices,
+            timeout=host.opts.backend_connect_timeout,
+        )
         if unpause:
             host.unpause(domid)
     except BaseException:

@@ -550,7 +550,13 @@ def import_(
     # The guest runs again only once every backend attached: before, its
     # notifications would go to an unbound port. One that cannot fails
     # the import, before any COMMIT.
-    devices.wait_connected(host, domid, devs, call=call)
+    devices.wait_connected(
+        host,
+        domid,
+        devs,
+        timeout=host.opts.backend_connect_timeout,
+        call=call,
+    )
 
 
 def check_backends(

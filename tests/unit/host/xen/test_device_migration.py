@@ -14,7 +14,9 @@ import types
 
 import numpy as np
 import pytest
+from oslo_config import cfg
 
+from nova_xen_ncm.conf import xen as xen_conf
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import Item
 from nova_xen_ncm.host.xen import devices
@@ -124,12 +126,15 @@ def test_a_quiesce_failing_half_way_puts_an_unbound_vif_back(
     monkeypatch.setattr(
         devices,
         "wait_connected",
-        lambda h, d, devs, call: connected.append(tuple(devs)),
+        lambda h, d, devs, timeout, call: connected.append(
+            (tuple(devs), timeout)
+        ),
     )
     with pytest.raises(devices.DeviceError, match="vbd 51712's backend"):
         xen.quiesce_backends(D)
     assert fs.written == [("unbind", "vif-7-0"), ("bind", "vif-7-0")]
-    assert hotplug == [(VIF, "vif-bridge")] and connected == [(VIF,)]
+    assert hotplug == [(VIF, "vif-bridge")]
+    assert connected == [((VIF,), CONNECT_TIMEOUT)]
     assert xen._quiesced == {}
 
 
@@ -182,7 +187,7 @@ def test_the_quiesce_waits_until_no_grant_is_mapped(monkeypatch) -> None:
     ]
     assert devices.grants_in_use(tables[0], {0}) == 2
     monkeypatch.setattr(devices.time, "sleep", lambda s: None)
-    devices.wait_unmapped(lambda: tables.pop(0), D, [VBD, VIF])
+    devices.wait_unmapped(lambda: tables.pop(0), D, [VBD, VIF], timeout=30)
     assert tables == []
 
 
@@ -339,8 +344,21 @@ class Store:
         return None if value is None else value.encode()
 
 
+# Set apart from the defaults: what the host passes on is the option's.
+CONNECT_TIMEOUT = 75.0
+UNMAP_TIMEOUT = 12.5
+
+
 def xen_host(monkeypatch, store: Store, devs, *, pv_devices=None):
     xen = object.__new__(host_mod.XenHost)
+    conf = cfg.ConfigOpts()
+    xen_conf.register_opts(conf)
+    conf([])
+    conf.set_override(
+        "backend_connect_timeout", CONNECT_TIMEOUT, "xen_ncm_xen"
+    )
+    conf.set_override("backend_unmap_timeout", UNMAP_TIMEOUT, "xen_ncm_xen")
+    xen.opts = conf.xen_ncm_xen
     xen._quiesced = {}
     xen._xs_migrates = False
     monkeypatch.setattr(xen, "_xs_read", store.read, raising=False)
@@ -362,7 +380,9 @@ def test_quiesce_unbinds_then_waits_and_the_rollback_binds_again(
     waited, hotplug, connected = [], [], []
     monkeypatch.setattr(xen, "domain_context", lambda: None, raising=False)
     monkeypatch.setattr(
-        devices, "wait_unmapped", lambda read, d, devs: waited.append(devs)
+        devices,
+        "wait_unmapped",
+        lambda read, d, devs, timeout: waited.append((devs, timeout)),
     )
     monkeypatch.setattr(
         devices, "run_hotplug", lambda d, dev, s: hotplug.append((dev, s))
@@ -370,16 +390,20 @@ def test_quiesce_unbinds_then_waits_and_the_rollback_binds_again(
     monkeypatch.setattr(
         devices,
         "wait_connected",
-        lambda h, d, devs, call: connected.append(tuple(devs)),
+        lambda h, d, devs, timeout, call: connected.append(
+            (tuple(devs), timeout)
+        ),
     )
     xen.quiesce_backends(D)
     # The console is xenconsoled's: never unbound.
     assert fs.written == [("unbind", "vbd-7-51712"), ("unbind", "vif-7-0")]
-    assert waited == [[VBD, VIF]] and xen._quiesced == {D: (VBD, VIF)}
+    assert waited == [([VBD, VIF], UNMAP_TIMEOUT)]
+    assert xen._quiesced == {D: (VBD, VIF)}
     xen.resume_backends(D)
     assert fs.written[2:] == [("bind", "vbd-7-51712"), ("bind", "vif-7-0")]
     assert hotplug == [(VBD, None), (VIF, "/etc/xen/scripts/vif-bridge")]
-    assert connected == [(VBD, VIF)] and xen._quiesced == {}
+    assert connected == [((VBD, VIF), CONNECT_TIMEOUT)]
+    assert xen._quiesced == {}
 
 
 def test_a_quiesce_that_cannot_finish_binds_the_backends_again(
@@ -390,7 +414,7 @@ def test_a_quiesce_that_cannot_finish_binds_the_backends_again(
     xen = xen_host(monkeypatch, Store({}), [VBD, VIF])
     monkeypatch.setattr(xen, "domain_context", lambda: None, raising=False)
 
-    def still_mapped(read, d, devs):
+    def still_mapped(read, d, devs, timeout):
         raise devices.DeviceError("2 grants are still mapped")
 
     monkeypatch.setattr(devices, "wait_unmapped", still_mapped)
@@ -563,7 +587,9 @@ def test_a_backend_that_does_not_attach_fails_the_import(monkeypatch) -> None:
     store = Store({f"{VBD.backend}/state": "2"})
     host = types.SimpleNamespace(_xs_read=store.read)
     with pytest.raises(devices.DeviceError, match="state 2 .*not Connected"):
-        devices.wait_connected(host, D, [VBD], call="import_pv_state")
+        devices.wait_connected(
+            host, D, [VBD], timeout=120.0, call="import_pv_state"
+        )
 
 
 def test_a_backend_whose_hotplug_script_failed_fails_at_once(
@@ -583,7 +609,9 @@ def test_a_backend_whose_hotplug_script_failed_fails_at_once(
     )
     host = types.SimpleNamespace(_xs_read=store.read)
     with pytest.raises(devices.DeviceError, match="hotplug script failed"):
-        devices.wait_connected(host, D, [VBD], call="import_pv_state")
+        devices.wait_connected(
+            host, D, [VBD], timeout=120.0, call="import_pv_state"
+        )
 
 
 def test_the_stream_carries_the_quiesced_backends_as_they_are() -> None:

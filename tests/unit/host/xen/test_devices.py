@@ -162,7 +162,7 @@ def test_a_restore_waits_for_the_old_backend_devices_to_go(
             (tmp_path / "vif-7-0").rmdir()
 
     monkeypatch.setattr(devices.time, "sleep", removed_by_xenwatch)
-    devices.wait_backends_gone(D, [vif, vbd], root=str(tmp_path))
+    devices.wait_backends_gone(D, [vif, vbd], timeout=60.0, root=str(tmp_path))
     assert len(sleeps) == 3
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,9 @@ class FakeXen:
         self.guest_writes: list[tuple[int, bytes]] = []
         self.log_dirty: set[int] | None = None
         self.paused_for_save: list[int] = []
+        self.opts = types.SimpleNamespace(
+            backend_connect_timeout=120.0, backend_gone_timeout=60.0
+        )
 
     def domain_info(self, domid: int) -> base.DomainInfo:
         if domid not in self.domains:

@@ -247,6 +247,8 @@ def test_timers_are_armed_after_their_ports_and_the_guests_bits(
             calls.append((f"{what} content",))
 
     class Host:
+        opts = types.SimpleNamespace(backend_connect_timeout=120.0)
+
         def _raw_info(self, domid, call):
             return types.SimpleNamespace(shared_info_frame=gfn)
 
