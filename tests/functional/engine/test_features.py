@@ -242,8 +242,10 @@ def test_multi_queue_switch_during_precopy_abandons_before_the_pause(
 
 
 def test_multi_queue_frontend_is_refused_at_setup(
-    source, destination, migration
+    conf, source, destination, migration
 ):
+    # Refused before it connects: the destination waits no longer.
+    conf.set_override("accept_timeout", 2.0, group="xen_ncm")
     domid = source.create_domain(guest_config(devices=DEVICES))
     guest = LocalClient(source.xenstore, domid)
     guest.write(
