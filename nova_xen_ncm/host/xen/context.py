@@ -516,9 +516,7 @@ class DomainContext:
             size = room * ctypes.sizeof(EvtchnRecord)
             buf = self._alloc(size)
             try:
-                err, count, _ = self._evtchn(
-                    domid, NCM_EVTCHN_GET, room, buf
-                )
+                err, count, _ = self._evtchn(domid, NCM_EVTCHN_GET, room, buf)
                 self._raise(err, domid, "export event channels")
                 if count > room:
                     raise libs.XenCallError(

@@ -94,9 +94,7 @@ def test_list_in_every_format(state):
     as_json = openstack("xen-ncm", *where, "-f", "json")
     assert as_json.returncode == 0, as_json.stderr[-3000:]
     rows = json.loads(as_json.stdout)
-    assert [
-        (r["ID"], r["Role"], r["Phase"], r["Peer"]) for r in rows
-    ] == [
+    assert [(r["ID"], r["Role"], r["Phase"], r["Peer"]) for r in rows] == [
         ("out-1", "source", "precopy", "192.0.2.7:4711"),
         ("in-1", "destination", "commit", "192.0.2.7:4800"),
     ]
@@ -108,9 +106,7 @@ def test_list_in_every_format(state):
         ["out-1", "3"],
         ["in-1", "8"],
     ]
-    as_value = openstack(
-        "xen-ncm", *where, "-f", "value", "-c", "Server UUID"
-    )
+    as_value = openstack("xen-ncm", *where, "-f", "value", "-c", "Server UUID")
     assert as_value.stdout == "u-out\nu-in\n"
     table = openstack("xen-ncm", *where, "-c", "ID", "-c", "Role")
     assert "| ID    | Role        |" in table.stdout, table.stdout

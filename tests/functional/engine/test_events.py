@@ -307,9 +307,11 @@ def test_every_driver_port_delivers_after_migration(
     # the store ring when the store port fires, and a frontend takes
     # responses (and issues more) when its port fires.
     def consumed():
-        return int(store[xs_wire.RSP_CONS // 4]) == int(
-            store[xs_wire.RSP_PROD // 4]
-        ) > prod
+        return (
+            int(store[xs_wire.RSP_CONS // 4])
+            == int(store[xs_wire.RSP_PROD // 4])
+            > prod
+        )
 
     assert _wait_for(consumed), "watch events left in the store ring"
 
@@ -350,7 +352,6 @@ def test_write_the_guest_marks_nowhere_is_carried(
     assert bytes(ram[pfn][1024 : 1024 + len(data)]) == data
 
 
-
 def test_dom0_ports_renumbered_on_the_destination(
     source, destination, migration
 ):
@@ -359,10 +360,10 @@ def test_dom0_ports_renumbered_on_the_destination(
     domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
     dom = source.hv.domains[domid]
     assert _wait_for(
-        lambda: sum(
-            ch.type == EvtchnType.INTERDOMAIN for ch in dom.ports.values()
+        lambda: (
+            sum(ch.type == EvtchnType.INTERDOMAIN for ch in dom.ports.values())
+            == 2 + len(DEVICES)
         )
-        == 2 + len(DEVICES)
     )
     dom0_ends = {
         ch.remote_port
@@ -387,9 +388,9 @@ def test_dom0_ports_renumbered_on_the_destination(
     ports = sorted(moved)
     counts = _counts(destination, domid)
     before = counts[ports].copy()
-    assert _wait_for(
-        lambda: (counts[ports] > before).sum() >= len(DEVICES)
-    ), f"ports {ports}: {counts[ports].tolist()}, {before.tolist()} before"
+    assert _wait_for(lambda: (counts[ports] > before).sum() >= len(DEVICES)), (
+        f"ports {ports}: {counts[ports].tolist()}, {before.tolist()} before"
+    )
 
 
 def test_a_port_left_masked_stalls_io(source, destination, migration):
@@ -398,11 +399,13 @@ def test_a_port_left_masked_stalls_io(source, destination, migration):
     unmasking lets the pending events through."""
     domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
     assert _wait_for(
-        lambda: all(
-            f["completed"] > 0
-            for f in source.guest_state(domid).frontends.values()
+        lambda: (
+            all(
+                f["completed"] > 0
+                for f in source.guest_state(domid).frontends.values()
+            )
+            and len(source.guest_state(domid).frontends) == len(DEVICES)
         )
-        and len(source.guest_state(domid).frontends) == len(DEVICES)
     )
     m = migration(source, domid, destination)
     assert m.run() is Phase.DONE, m.sender.error
@@ -441,10 +444,12 @@ def test_a_port_rebound_wrong_on_the_destination_stalls_io_and_is_caught(
     vbd and its silent port; the vif, bound right, goes on."""
     domid = source.create_domain(guest_config(devices=DEVICES, io_rate=200))
     assert _wait_for(
-        lambda: len(source.guest_state(domid).frontends) == len(DEVICES)
-        and all(
-            f["completed"] > 0
-            for f in source.guest_state(domid).frontends.values()
+        lambda: (
+            len(source.guest_state(domid).frontends) == len(DEVICES)
+            and all(
+                f["completed"] > 0
+                for f in source.guest_state(domid).frontends.values()
+            )
         )
     )
     at_pause = {}
@@ -527,8 +532,7 @@ def test_dom0_event_after_export_is_not_lost(
     assert "differs on the destination" in str(m.sender.error)
     counts = _counts(source, domid)
     assert _wait_for(lambda: int(counts[console]) == seen[0] + 1), (
-        f"console port: {int(counts[console])} events, expected "
-        f"{seen[0] + 1}"
+        f"console port: {int(counts[console])} events, expected {seen[0] + 1}"
     )
 
 
@@ -566,8 +570,7 @@ def test_events_while_quiesced_are_in_memory_and_reach_the_guest_on_rollback(
     assert "injected after export" in str(m.sender.error)
     counts = _counts(source, domid)
     assert _wait_for(lambda: int(counts[console]) == seen[0] + 1), (
-        f"console port: {int(counts[console])} events, expected "
-        f"{seen[0] + 1}"
+        f"console port: {int(counts[console])} events, expected {seen[0] + 1}"
     )
 
 

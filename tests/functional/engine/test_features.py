@@ -66,7 +66,6 @@ def test_feature_a_destination_can_restore_is_accepted(
     assert m.run() is Phase.DONE, m.sender.error
 
 
-
 def _guest_default_read(source, domid):
     guest = LocalClient(source.xenstore, domid)
     path = f"/local/domain/{domid}/data/public"

@@ -37,22 +37,26 @@ PAUSED = base.DomainState.PAUSED
 
 # Refusals happen in SETUP only (test_matrix.IMPOSSIBLE); the soak does
 # the domid refusal, which needs no change of the destination's memory.
-_CHOICES: list[Fault | None] = [None] + [
-    Fault(kind, phase)
-    for kind in Kind
-    for phase in PHASES
-    if kind is not Kind.REFUSE_MEMORY
-    and (kind is not Kind.REFUSE_DOMID or phase is Phase.SETUP)
-] + [
-    # Windows that need no step of the test's own to settle.
-    Fault(window, Phase.COMMIT)
-    for window in (
-        Window.COMMIT_LOST,
-        Window.COMMITTED_LOST,
-        Window.FINISHED_LOST,
-        Window.SOURCE_KILLED_CLEANUP,
-    )
-]
+_CHOICES: list[Fault | None] = (
+    [None]
+    + [
+        Fault(kind, phase)
+        for kind in Kind
+        for phase in PHASES
+        if kind is not Kind.REFUSE_MEMORY
+        and (kind is not Kind.REFUSE_DOMID or phase is Phase.SETUP)
+    ]
+    + [
+        # Windows that need no step of the test's own to settle.
+        Fault(window, Phase.COMMIT)
+        for window in (
+            Window.COMMIT_LOST,
+            Window.COMMITTED_LOST,
+            Window.FINISHED_LOST,
+            Window.SOURCE_KILLED_CLEANUP,
+        )
+    ]
+)
 
 
 @dataclasses.dataclass

@@ -18,9 +18,7 @@ from nova_xen_ncm.stream.encoder import join
 from nova_xen_ncm.stream.errors import BodyError
 from nova_xen_ncm.stream.records import RecordType
 
-FIXTURE = pathlib.Path(
-    "/work/shared/fixtures/xen-4.17/xl-save-hvm32m.img.zst"
-)
+FIXTURE = pathlib.Path("/work/shared/fixtures/xen-4.17/xl-save-hvm32m.img.zst")
 
 # The fixture's layout, from its README.
 EXPECTED_RECORDS = [

@@ -55,12 +55,8 @@ def test_set_operations_leave_no_trace_for_the_next() -> None:
         np.testing.assert_array_equal(
             base.pfn_intersection(big, small), [9, 12]
         )
-        np.testing.assert_array_equal(
-            base.pfn_difference(small, big), [5]
-        )
-        np.testing.assert_array_equal(
-            base.pfn_union(small, small[:1]), small
-        )
+        np.testing.assert_array_equal(base.pfn_difference(small, big), [5])
+        np.testing.assert_array_equal(base.pfn_union(small, small[:1]), small)
         assert len(base.pfn_union(big)) == len(big)
 
 
@@ -88,9 +84,7 @@ def test_nonzero_pages_reads_whole_pages_that_begin_with_zero() -> None:
     assert base.nonzero_pages(pages).tolist() == want
     assert base.nonzero_pages(memoryview(pages.tobytes())).tolist() == want
     rows = np.array([0, 3, 4, 5])
-    assert base.nonzero_pages(pages, rows).tolist() == [
-        want[r] for r in rows
-    ]
+    assert base.nonzero_pages(pages, rows).tolist() == [want[r] for r in rows]
 
 
 @pytest.mark.parametrize("layout", ["stretches", "scattered"])
@@ -107,9 +101,7 @@ def test_nonzero_pages_agrees_with_a_page_by_page_test(layout: str) -> None:
     want = pages.any(axis=1)
     np.testing.assert_array_equal(base.nonzero_pages(pages), want)
     rows = np.arange(5, 300, 3)
-    np.testing.assert_array_equal(
-        base.nonzero_pages(pages, rows), want[rows]
-    )
+    np.testing.assert_array_equal(base.nonzero_pages(pages, rows), want[rows])
 
 
 def test_union_of_one_set_is_a_copy_of_it() -> None:

@@ -14,12 +14,11 @@ def test_features_of_pv_state():
         base.XenstoreNode("/local/domain/5/a", b"", (("n", 5), ("r", 0))),
         base.XenstoreNode("/local/domain/5/b", b"", (("n", 0), ("r", 5))),
     )
-    assert base.features_of(
-        5, base.EvtchnAbi.TWO_LEVEL, 1, ports[:1], nodes, {0}
-    ) == frozenset()
-    assert base.features_of(
-        5, base.EvtchnAbi.FIFO, 2, ports, nodes, {0}
-    ) == {
+    assert (
+        base.features_of(5, base.EvtchnAbi.TWO_LEVEL, 1, ports[:1], nodes, {0})
+        == frozenset()
+    )
+    assert base.features_of(5, base.EvtchnAbi.FIFO, 2, ports, nodes, {0}) == {
         base.GuestFeature.EVTCHN_FIFO,
         base.GuestFeature.GNTTAB_V2,
         base.GuestFeature.EVTCHN_DOMU_PEER,

@@ -222,7 +222,8 @@ def test_the_destination_shows_what_arrived():
     assert "ETA" not in line and "/s" not in line
     display_out = io.StringIO()
     Display(display_out, tty=False).show("xen_ncm.migration.progress", data)
-    assert display_out.getvalue().rstrip().endswith(
+    shown = display_out.getvalue().rstrip()
+    assert shown.endswith(
         "(destination) progress precopy 40.0% arrived 40.0 MiB of 100.0 MiB"
     )
 

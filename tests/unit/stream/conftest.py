@@ -15,9 +15,7 @@ from nova_xen_ncm.stream import records
 from nova_xen_ncm.stream.encoder import Encoder
 from nova_xen_ncm.stream.encoder import join
 
-FIXTURE = pathlib.Path(
-    "/work/shared/fixtures/xen-4.17/xl-save-hvm32m.img.zst"
-)
+FIXTURE = pathlib.Path("/work/shared/fixtures/xen-4.17/xl-save-hvm32m.img.zst")
 FIXTURE_SIZE = 41_923_224
 
 

@@ -82,9 +82,7 @@ VALUES = {
     ("libxc", "SHARED_INFO"): st.integers(0, 255).map(
         lambda f: memoryview(bytes([f]) * 4096)
     ),
-    ("libxc", "X86_TSC_INFO"): st.builds(
-        libxc.X86TscInfo, u32, u32, u64, u32
-    ),
+    ("libxc", "X86_TSC_INFO"): st.builds(libxc.X86TscInfo, u32, u32, u64, u32),
     ("libxc", "HVM_CONTEXT"): st.lists(
         st.tuples(st.integers(1, 40), u16, blob), max_size=6
     ).map(_descriptors),

@@ -224,9 +224,7 @@ def test_a_bucket_stays_valid_after_its_ports_close(host):
     a bucket allocated once succeeds, whatever port_is_valid saw."""
     d = empty(host, 1)
     ops = host.evtchn
-    ports = [
-        ops.bind_ipi(d, 0) for _ in range(evtchn.EVTCHNS_PER_BUCKET + 1)
-    ]
+    ports = [ops.bind_ipi(d, 0) for _ in range(evtchn.EVTCHNS_PER_BUCKET + 1)]
     high = ports[-1]
     assert high >= evtchn.EVTCHNS_PER_BUCKET
     for port in ports:
