@@ -340,7 +340,7 @@ class Sender:
         if not self.info.pv_drivers:
             return
         try:
-            self.host.guest_devices(self.domid)
+            self.host.check_devices(self.domid)
         except base.NotSupported as exc:
             raise DevicesChanged(
                 f"{exc}: the guest changed the device during pre-copy; "

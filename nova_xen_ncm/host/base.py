@@ -1002,6 +1002,14 @@ class HostDriver(abc.ABC):
         NotSupported for a device that cannot be carried."""
         return ()
 
+    def check_devices(self, domid: int) -> None:
+        """Raise NotSupported, as :meth:`guest_devices` does, if a PV
+        device of the running guest can no longer be carried (a frontend
+        switched to several queues). Asked again right before the pause,
+        so a host answers from what it reads cheaply, without building
+        the devices' configuration."""
+        self.guest_devices(domid)
+
     @abc.abstractmethod
     def quiesce_backends(self, domid: int) -> None:
         """Stop the guest's backends taking new requests (at pause);

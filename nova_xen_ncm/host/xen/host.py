@@ -1275,7 +1275,7 @@ class XenHost(base.HostDriver):
         when this host's backends cannot be carried (the probe's
         PV_DEVICES reason) or a device cannot (another backend, another
         backend domain, a multi-queue frontend)."""
-        devs = self._reattaching_devices(domid, "guest_devices")
+        devs = self._carried_devices(domid, "guest_devices")
         if not devs:
             return ()
         config = self.libxl_config(domid) or {}
@@ -1287,12 +1287,6 @@ class XenHost(base.HostDriver):
         nics = {int(n.get("devid", -1)): n for n in config.get("nics") or ()}
         out = []
         for dev in devs:
-            try:
-                devices.frontend_rings(pvctx.frontend_nodes(self, dev), dev)
-            except devices.DeviceError as exc:
-                raise base.NotSupported(
-                    f"domain {domid}: {exc}", call="guest_devices"
-                ) from exc
             if dev.kind == "vbd":
                 vdev = self._xs_read(f"{dev.backend}/dev")
                 disk = disks.get(vdev.decode() if vdev else None, {})
@@ -1322,6 +1316,25 @@ class XenHost(base.HostDriver):
                     )
                 )
         return tuple(out)
+
+    def check_devices(self, domid: int) -> None:
+        """guest_devices' refusals from xenstore alone: no ``xl list -l``
+        between the last round and the pause (its pages dirtied meanwhile
+        go in the downtime), nor an xl failure there."""
+        self._carried_devices(domid, "check_devices")
+
+    def _carried_devices(self, domid: int, call: str) -> list[devices.Device]:
+        """The reattaching devices, refused by name if a frontend's rings
+        cannot be carried (several queues)."""
+        devs = self._reattaching_devices(domid, call)
+        for dev in devs:
+            try:
+                devices.frontend_rings(pvctx.frontend_nodes(self, dev), dev)
+            except devices.DeviceError as exc:
+                raise base.NotSupported(
+                    f"domain {domid}: {exc}", call=call
+                ) from exc
+        return devs
 
     def _reattaching_devices(
         self, domid: int, call: str

@@ -18,6 +18,7 @@ from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import policy
 from nova_xen_ncm.engine import retry
+from nova_xen_ncm.engine.errors import DevicesChanged
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.errors import RetryExhausted
 from nova_xen_ncm.engine.errors import TransportError
@@ -459,3 +460,24 @@ def test_stopping_retries_end_when_the_destination_stops_waiting(
     assert wait == 2.0
     assert len(reconnects) > 1
     assert reconnects[-1] - start <= wait
+
+
+def test_the_check_before_the_pause_asks_the_hosts_cheap_check(
+    conf, host, monkeypatch
+):
+    """Right before the pause the sender asks check_devices, not
+    guest_devices (on the Xen host an ``xl list -l`` whose time dirties
+    pages for the downtime); its refusal is DevicesChanged."""
+    sender = make_sender(conf, host)
+    sender.info = dataclasses.replace(sender.info, pv_drivers=True)
+
+    def full(domid):
+        raise AssertionError("guest_devices asked before the pause")
+
+    def refuse(domid):
+        raise base.NotSupported("vif 0: its frontend uses 2 queues")
+
+    monkeypatch.setattr(host, "guest_devices", full)
+    monkeypatch.setattr(host, "check_devices", refuse)
+    with pytest.raises(DevicesChanged, match="vif 0.*2 queues.*runs on"):
+        sender._check_devices()

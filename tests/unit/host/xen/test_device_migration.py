@@ -642,3 +642,35 @@ def test_the_stream_carries_the_quiesced_backends_as_they_are() -> None:
         assert {r.backend_port for r in record.rings} == {0}
         back = codec.decode(memoryview(b"".join(codec.encode(record))))
         assert pvstate._host_backend(back) == backend
+
+
+def test_the_check_before_the_pause_reads_xenstore_only(monkeypatch) -> None:
+    """The re-check right before the pause refuses what guest_devices
+    refuses, but runs no ``xl list -l``: its time would dirty pages that
+    go in the downtime, and an xl failure would end a sound migration."""
+    store = Store(
+        {
+            f"{VIF.frontend}/tx-ring-ref": "10",
+            f"{VIF.frontend}/rx-ring-ref": "11",
+            f"{VIF.frontend}/event-channel": "16",
+        }
+    )
+    xen = xen_host(monkeypatch, store, [VIF])
+
+    def no_xl(domid):
+        raise AssertionError("xl list -l run before the pause")
+
+    monkeypatch.setattr(xen, "libxl_config", no_xl, raising=False)
+
+    def front(host, dev):
+        return [
+            base.XenstoreNode(p, v.encode(), ())
+            for p, v in store.values.items()
+            if p.startswith(dev.frontend + "/")
+        ]
+
+    monkeypatch.setattr(pvctx, "frontend_nodes", front)
+    xen.check_devices(D)
+    store.values[f"{VIF.frontend}/multi-queue-num-queues"] = "2"
+    with pytest.raises(base.NotSupported, match="vif 0.*uses 2 queues"):
+        xen.check_devices(D)
