@@ -257,3 +257,30 @@ def test_multi_queue_frontend_is_refused_at_setup(
     assert "vif 0: its frontend uses 4 queues" in str(m.sender.error)
     assert _running(source, domid)
     assert not destination.list_domains()
+
+
+def test_a_switch_after_the_check_rolls_back_with_the_guest_running(
+    source, destination, migration, monkeypatch
+):
+    """A frontend that switches between the pre-pause check and the
+    pause is refused by the export in the downtime: the migration rolls
+    back, the guest runs on the source again and the destination keeps
+    nothing."""
+    domid = source.create_domain(guest_config(devices=DEVICES))
+    pause = source.pause_for_save
+
+    def switch_then_pause(d):
+        guest = LocalClient(source.xenstore, d)
+        guest.write(
+            f"/local/domain/{d}/device/vif/0/multi-queue-num-queues", b"2"
+        )
+        pause(d)
+
+    monkeypatch.setattr(source, "pause_for_save", switch_then_pause)
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.FAILED
+    assert isinstance(m.sender.error, base.NotSupported), m.sender.error
+    assert "vif 0: its frontend uses 2 queues" in str(m.sender.error)
+    assert "stop_and_copy" in m.source_events.phases()
+    assert _running(source, domid)
+    assert not destination.list_domains()
