@@ -31,7 +31,8 @@ OPTS = [
         max=3600.0,
         help="Seconds dom0's backends of a guest may take to reach "
         "Connected (state 4) after a restore, a device import or a "
-        "rollback bound them again; the guest stays paused meanwhile. "
+        "rollback bound them again; the guest stays paused meanwhile "
+        "and [xen_ncm] downtime_budget does not cut this wait short. "
         "One whose hotplug script failed is reported at once.",
     ),
     cfg.FloatOpt(
@@ -41,8 +42,10 @@ OPTS = [
         max=600.0,
         help="Seconds a backend unbound from its driver at the pause may "
         "take to end its requests in flight and unmap the guest's "
-        "grants; past it the migration rolls back. Counted in the "
-        "downtime.",
+        "grants; past it the migration rolls back. The guest is paused "
+        "meanwhile and [xen_ncm] downtime_budget is checked only once "
+        "this wait ended: a pause may last this long whatever that "
+        "budget.",
     ),
     cfg.FloatOpt(
         "backend_gone_timeout",

@@ -141,7 +141,8 @@ RETRY_OPTS = [
         "A destination waits as long for the source to resume a dropped "
         "connection. Once the source has announced stop-and-copy "
         "(STOPPING), both ends use the smaller of this and "
-        "downtime_budget instead.",
+        "downtime_budget instead. Each end reads its own configuration: "
+        "set it alike on every compute host.",
     ),
     cfg.IntOpt(
         "commit_query_attempts",
@@ -229,7 +230,9 @@ POLICY_OPTS = [
         "take including retries; past it the migration rolls back and "
         "the guest resumes on the source. It also bounds, from the "
         "source's STOPPING notice on, how long the source retries a "
-        "dropped connection and the destination waits for it.",
+        "dropped connection and the destination waits for it; each end "
+        "reads its own configuration: set it alike on every compute "
+        "host.",
     ),
     cfg.IntOpt(
         "max_rounds",
