@@ -966,13 +966,16 @@ def _not_captured(
     resumed: base.GuestState | None,
     why: tuple[str | None, str | None],
 ) -> str:
-    side, reason = (
-        ("source at pause", why[0])
-        if paused is None
-        else ("destination", why[1])
-    )
-    text = f"no state was captured on the {side}"
-    return f"{text}: {reason}" if reason else text
+    # Each side missing says its own reason: both when both failed.
+    texts = []
+    for state, side, reason in (
+        (paused, "source at pause", why[0]),
+        (resumed, "destination", why[1]),
+    ):
+        if state is None:
+            text = f"no state was captured on the {side}"
+            texts.append(f"{text}: {reason}" if reason else text)
+    return "; ".join(texts)
 
 
 def register(subparsers: Any) -> None:

@@ -182,3 +182,20 @@ def test_the_demo_reports_why_its_snapshot_was_not_taken(monkeypatch) -> None:
         "reason": "no state was captured on the destination: "
         "the migration never entered commit",
     }
+
+
+def test_the_demo_names_both_sides_when_neither_captured() -> None:
+    """Neither snapshot taken: the report gives each side's reason, not
+    the source's alone."""
+    from nova_xen_ncm.cmd import demo
+
+    why = ("vcpu 1 context unreadable (guest_state)", "no probe (probe)")
+    reason = (
+        "no state was captured on the source at pause: "
+        "vcpu 1 context unreadable (guest_state); "
+        "no state was captured on the destination: no probe (probe)"
+    )
+    checks = demo.compare(None, None, why=why)
+    assert {c["reason"] for c in checks.values()} == {reason}
+    verdict = demo.judge_after_resume(None, 7, None, None, why)
+    assert verdict == {"passed": False, "reason": reason}
