@@ -10,6 +10,7 @@ which shares no code with the patch's export.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from typing import TYPE_CHECKING
@@ -486,10 +487,48 @@ def _out(result) -> str:
     return (result.stdout + result.stderr)[-6000:]
 
 
+class _DiedOnTheRig(Exception):
+    """The running guest stopped during a live save's copy, which the
+    save refused, and Xen's log shows the rig's emulator at fault."""
+
+
+# What the rig's emulator (QEMU's TCG emulating SVM for the nested Xen)
+# has done to a guest running under log-dirty: written the host's own
+# state (Xen's RIP, stack and page tables) into a vCPU's VMCB, which
+# then triple-faults, or faulted the guest's exception entry. Seen about
+# once in four live copies of this guest; never on real hardware, where
+# the CPU alone writes a VMCB's save area at a VM exit.
+EMULATOR_DEATH = """\
+echo "== xl list"; xl list ncm-linux 2>&1
+echo "== xl dmesg"; xl dmesg | tail -n 40
+echo "== console"; tail -c 2500 /var/log/xen/console/guest-ncm-linux.log
+"""
+
+
+def _emulator_fault(refusal: str, evidence: str) -> bool:
+    """Whether a failed live save is the rig's emulator killing the
+    guest during the copy, not the product: the save refused a guest
+    that stopped, and Xen's dump shows host state in the guest's
+    registers (Xen's code segment, RIP in Xen's text) or the guest's
+    kernel died in its exception entry."""
+    if "during the save: a guest that stopped running" not in refusal:
+        return False
+    host_state = re.search(
+        r"d\d+v\d+ Triple fault.*?RIP:\s+e008:\[<ffff82d0", evidence, re.S
+    )
+    guest_panic = "Kernel panic - not syncing" in evidence
+    return bool(host_state or guest_panic)
+
+
 def _cycle(rig: XenRig, mode: str) -> dict:
     started = time.monotonic()
     # Under TCG on a loaded machine a cycle has taken over 10 minutes.
-    moved = last_json(rig.run(dom0_python(SAVE_RESTORE, mode), timeout=1800))
+    saved = rig.run(dom0_python(SAVE_RESTORE, mode), timeout=1800)
+    if saved.returncode != 0 and mode == "live":
+        evidence = rig.run(EMULATOR_DEATH).stdout
+        if _emulator_fault(saved.stdout + saved.stderr, evidence):
+            raise _DiedOnTheRig(evidence)
+    moved = last_json(saved)
     print(f"{mode} save/restore ({time.monotonic() - started:.0f}s):", {
         k: moved[k] for k in (
             "domid", "after", "save_s", "restore_s", "pages", "rounds",
@@ -549,6 +588,30 @@ def _watch_events(log: str) -> list[dict[str, str]]:
     ]
 
 
+def _boot_and_cycle(rig: XenRig) -> tuple[str, dict, dict]:
+    """Boots the guest, saves and restores it paused, then live; its
+    console log and both cycles' figures."""
+    log_path = "/var/log/xen/console/guest-ncm-linux.log"
+    try:
+        started = time.monotonic()
+        booted = rig.run(
+            GUEST_BOOT + WAIT_TICKS.format(ticks=4, timeout=420), timeout=480
+        )
+        assert booted.returncode == 0, _out(booted)
+        print(f"guest boot to 4 ticks: {time.monotonic() - started:.0f}s")
+        moved = _cycle(rig, "paused")
+        # The event a new watch fires came at boot; dom0's write after
+        # each restore gives one more, none came with the restore.
+        _watch_fires_once(rig, moved["domid"], 1)
+        live = _cycle(rig, "live")
+        _watch_fires_once(rig, live["domid"], 2)
+    finally:
+        log = rig.run(f"cat {log_path}").stdout
+        rig.run("xl destroy ncm-linux 2>/dev/null; true")
+    print(log)
+    return log, moved, live
+
+
 def test_linux_guest_carries_on_after_restore_in_place(
     patched_xen_rig: XenRig,
 ) -> None:
@@ -560,25 +623,18 @@ def test_linux_guest_carries_on_after_restore_in_place(
     shutil.copyfile(
         built.stdout.strip(), patched_xen_rig.share / "ncm-guest.gz"
     )
-    log_path = "/var/log/xen/console/guest-ncm-linux.log"
-    log = ""
-    try:
-        started = time.monotonic()
-        booted = patched_xen_rig.run(
-            GUEST_BOOT + WAIT_TICKS.format(ticks=4, timeout=420), timeout=480
-        )
-        assert booted.returncode == 0, _out(booted)
-        print(f"guest boot to 4 ticks: {time.monotonic() - started:.0f}s")
-        moved = _cycle(patched_xen_rig, "paused")
-        # The event a new watch fires came at boot; dom0's write after
-        # each restore gives one more, none came with the restore.
-        _watch_fires_once(patched_xen_rig, moved["domid"], 1)
-        live = _cycle(patched_xen_rig, "live")
-        _watch_fires_once(patched_xen_rig, live["domid"], 2)
-    finally:
-        log = patched_xen_rig.run(f"cat {log_path}").stdout
-        patched_xen_rig.run("xl destroy ncm-linux 2>/dev/null; true")
-    print(log)
+    # A guest the rig's emulator killed during the live copy (see
+    # EMULATOR_DEATH) is booted again and both cycles run again, twice
+    # at most; any other failure fails at once.
+    for attempt in range(1, 4):
+        try:
+            log, moved, live = _boot_and_cycle(patched_xen_rig)
+            break
+        except _DiedOnTheRig as died:
+            print(f"attempt {attempt}: the rig's emulator killed the "
+                  f"guest during the live copy:\n{died}")  # fmt: skip
+            if attempt == 3:
+                raise
     ticks = _ticks(log)
     for cycle in (moved, live):
         assert cycle["after"] == cycle["domid"], cycle

@@ -112,6 +112,7 @@ def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
             call="inplace.save",
         )
     info = host.domain_info(domid)
+    _refuse_stopped(domid, info.state, "before the save")
     devs = _devices(host, domid)
     config = host.libxl_config(domid)
     if config is None:
@@ -137,6 +138,13 @@ def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
             # pause can leave a port I/O to QEMU in flight, which the new
             # QEMU does not answer: a known limit of the in-place save.
             host.pause(domid)
+            # A guest that stopped on its own during the copy (crashed,
+            # rebooted, shut down) is left as Xen keeps it: its vCPUs'
+            # context is where it stopped, and a restore would start it
+            # there again.
+            _refuse_stopped(
+                domid, host.domain_info(domid).state, "during the save"
+            )
         snap = _read(host, domid, config, pre)
         snap.rounds = tuple(rounds)
         snap.devices = tuple(devs)
@@ -154,6 +162,22 @@ def save(host: XenHost, domid: int, *, live: bool = False) -> Snapshot:
         if logging_dirty:
             with contextlib.suppress(base.HostError):
                 host.disable_log_dirty(domid)
+
+
+_STOPPED = (
+    base.DomainState.SHUTDOWN,
+    base.DomainState.CRASHED,
+    base.DomainState.DYING,
+)
+
+
+def _refuse_stopped(domid: int, state: base.DomainState, when: str) -> None:
+    if state in _STOPPED:
+        raise InPlaceError(
+            f"domain {domid} is {state.value} {when}: a guest that "
+            "stopped running is not saved; it is left as it is",
+            call="inplace.save",
+        )
 
 
 def _devices(host: XenHost, domid: int) -> list[devices_mod.Device]:

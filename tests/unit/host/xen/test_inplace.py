@@ -128,7 +128,13 @@ class FakeXen:
 
     def unpause(self, domid: int) -> None:
         self.domain_info(domid)
-        self.domains[domid]["state"] = base.DomainState.RUNNING
+        # As Xen: a domain that shut down stays so, paused or not.
+        if self.domains[domid]["state"] not in (
+            base.DomainState.SHUTDOWN,
+            base.DomainState.CRASHED,
+            base.DomainState.DYING,
+        ):
+            self.domains[domid]["state"] = base.DomainState.RUNNING
 
     def check_pv_exportable(self, domid: int) -> None:
         self.domain_info(domid)
@@ -660,3 +666,52 @@ def test_live_save_copies_again_the_xenstore_ring_xenstored_writes(
     xen.harvest_dirty = harvest
     snap = inplace.save(xen, DOMID, live=True)
     assert _held(snap)[2] == _page(0xE2)
+
+
+@pytest.mark.parametrize(
+    "stopped",
+    [
+        base.DomainState.SHUTDOWN,
+        base.DomainState.CRASHED,
+        base.DomainState.DYING,
+    ],
+)
+def test_save_refuses_a_guest_that_stopped_before(
+    xen: FakeXen, stopped: base.DomainState
+) -> None:
+    xen.domains[DOMID]["state"] = stopped
+    xen.pause = xen.enable_log_dirty = None
+    with pytest.raises(inplace.InPlaceError, match=f"is {stopped.value} "):
+        inplace.save(xen, DOMID, live=True)
+    assert xen.destroyed == []
+
+
+def test_live_save_refuses_a_guest_that_stopped_during_the_copy(
+    xen: FakeXen,
+) -> None:
+    # The guest crashes (Xen's reboot answer to a triple fault) while
+    # its memory is copied: its context is where it stopped, and put
+    # back it would stop again at once.
+    dom = _running(xen)
+    real_harvest = xen.harvest_dirty
+
+    def harvest(domid: int) -> np.ndarray:
+        dom["state"] = base.DomainState.SHUTDOWN
+        return real_harvest(domid)
+
+    real_pause = xen.pause
+
+    def pause(domid: int) -> None:
+        stopped = dom["state"]
+        real_pause(domid)
+        if stopped is base.DomainState.SHUTDOWN:
+            # Xen reports shut down first, paused or not.
+            dom["state"] = stopped
+
+    xen.harvest_dirty = harvest
+    xen.pause = pause
+    with pytest.raises(inplace.InPlaceError, match="during the save"):
+        inplace.save(xen, DOMID, live=True)
+    assert xen.destroyed == []
+    assert dom["state"] is base.DomainState.SHUTDOWN
+    assert xen.log_dirty is None
