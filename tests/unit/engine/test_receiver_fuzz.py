@@ -22,6 +22,8 @@ pytestmark = pytest.mark.fuzz
 
 TARGET = pathlib.Path(__file__).parents[2] / "fuzz" / "fuzz_receiver.py"
 FUZZ_SECONDS = 25.0
+# Run whatever the machine's load: the time only adds cases beyond these.
+MIN_CASES = 50
 MAX_CASES = 2000
 ATHERIS_SECONDS = 3
 
@@ -59,7 +61,9 @@ def test_seeded_mutations_of_a_real_stream(target):
     outcomes = collections.Counter()
     deadline = time.monotonic() + FUZZ_SECONDS
     cases = 0
-    while cases < MAX_CASES and time.monotonic() < deadline:
+    while cases < MAX_CASES and (
+        cases < MIN_CASES or time.monotonic() < deadline
+    ):
         data = fuzz.random_input(rng)
         try:
             outcomes[target.check(target.mutate(data))] += 1
@@ -68,7 +72,6 @@ def test_seeded_mutations_of_a_real_stream(target):
         cases += 1
     # The run reached deep enough to be refused for content, not only
     # for framing.
-    assert cases >= 50, outcomes
     assert sum(outcomes.values()) == cases
     assert len(outcomes) >= 2, outcomes
 
