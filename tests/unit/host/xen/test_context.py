@@ -155,16 +155,18 @@ def test_probe_asks_the_vcpu_domctl_on_its_own(fake, monkeypatch) -> None:
     with context.DomainContext() as ctx:
         assert ctx.vcpu_supported() is False
     monkeypatch.setattr(fake, "domctl", lambda *a: errno.EFAULT)
-    with context.DomainContext() as ctx, pytest.raises(
-        libs.XenCallError, match="ncm_vcpu probe: EFAULT"
+    with (
+        context.DomainContext() as ctx,
+        pytest.raises(libs.XenCallError, match="ncm_vcpu probe: EFAULT"),
     ):
         ctx.vcpu_supported()
 
 
 def test_probe_fails_on_an_unexpected_error(fake, monkeypatch) -> None:
     monkeypatch.setattr(fake, "domctl", lambda *a: errno.EFAULT)
-    with context.DomainContext() as ctx, pytest.raises(
-        libs.XenCallError, match="EFAULT"
+    with (
+        context.DomainContext() as ctx,
+        pytest.raises(libs.XenCallError, match="EFAULT"),
     ):
         ctx.supported()
 
@@ -215,9 +217,7 @@ def test_import_error_names_the_port(fake: FakeXen) -> None:
     clash = EventChannel(port=5, status=context.EVTCHNSTAT_UNBOUND)
     with context.DomainContext() as ctx:
         with pytest.raises(libs.XenCallError, match="port 5 .unbound") as e:
-            ctx.set_event_channels(
-                7, [EventChannel(port=4, status=5), clash]
-            )
+            ctx.set_event_channels(7, [EventChannel(port=4, status=5), clash])
         assert e.value.errno == errno.EBUSY
         fake.paused.clear()
         with pytest.raises(libs.XenCallError, match="not paused"):
@@ -282,8 +282,10 @@ def test_bad_input_is_named() -> None:
         VcpuState(vcpu=0, vcpu_info=(1, 4090))
     with pytest.raises(ValueError, match="upcall vector 0x5"):
         VcpuState(vcpu=0, upcall_vector=5)
-    with pytest.raises(ValueError, match="32-bit"), pytest.MonkeyPatch(
-    ).context() as mp:
+    with (
+        pytest.raises(ValueError, match="32-bit"),
+        pytest.MonkeyPatch().context() as mp,
+    ):
         mp.setattr(context, "FN", FakeXen())
         with context.DomainContext() as ctx:
             ctx.set_vcpu_state(7, VcpuState(vcpu=0, compat=True))
@@ -324,6 +326,15 @@ def test_a_reserved_remote_domain_is_refused_before_the_import(
         ({"singleshot_deadline": 1 << 63}, "singleshot deadline"),
         ({"singleshot_deadline": -1}, "singleshot deadline"),
         ({"periodic_period": 999_999}, "periodic period 999999"),
+        # Xen's STIME_DELTA_MAX, which the domctl takes at most.
+        ({"periodic_period": (1 << 62) + 1}, "periodic period"),
+        (
+            {
+                "singleshot_deadline": (1 << 62) + 1,
+                "singleshot_relative": True,
+            },
+            "singleshot deadline",
+        ),
         ({"runstate_va": 0x0000800000000000}, "runstate_va .* canonical"),
         ({"time_va": 1 << 64}, "time_va"),
     ],
