@@ -82,6 +82,9 @@ DOMID_FIRST_RESERVED = 0x7FF0
 # s_time_t is signed: STIME_MAX; MILLISECS(1), the shortest period.
 STIME_MAX = (1 << 63) - 1
 MIN_PERIOD_NS = 1_000_000
+# STIME_DELTA_MAX (xen/time.h): the longest period and time left the
+# patched domctl takes (EINVAL beyond).
+STIME_DELTA_MAX = 1 << 62
 U32 = 1 << 32
 U64 = 1 << 64
 
@@ -293,14 +296,15 @@ class VcpuState:
             _in_range(
                 f"{where} singleshot deadline",
                 self.singleshot_deadline,
-                STIME_MAX + 1,
+                (STIME_DELTA_MAX if self.singleshot_relative else STIME_MAX)
+                + 1,
             )
         if self.periodic_period and not (
-            MIN_PERIOD_NS <= self.periodic_period <= STIME_MAX
+            MIN_PERIOD_NS <= self.periodic_period <= STIME_DELTA_MAX
         ):
             raise ValueError(
                 f"{where} periodic period {self.periodic_period} ns is not "
-                f"0 or {MIN_PERIOD_NS}..{STIME_MAX}"
+                f"0 or {MIN_PERIOD_NS}..{STIME_DELTA_MAX}"
             )
         if self.vm_assist is not None:
             _in_range(f"{where} vm_assist", self.vm_assist, U64)

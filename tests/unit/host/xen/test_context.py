@@ -326,6 +326,15 @@ def test_a_reserved_remote_domain_is_refused_before_the_import(
         ({"singleshot_deadline": 1 << 63}, "singleshot deadline"),
         ({"singleshot_deadline": -1}, "singleshot deadline"),
         ({"periodic_period": 999_999}, "periodic period 999999"),
+        # Xen's STIME_DELTA_MAX, which the domctl takes at most.
+        ({"periodic_period": (1 << 62) + 1}, "periodic period"),
+        (
+            {
+                "singleshot_deadline": (1 << 62) + 1,
+                "singleshot_relative": True,
+            },
+            "singleshot deadline",
+        ),
         ({"runstate_va": 0x0000800000000000}, "runstate_va .* canonical"),
         ({"time_va": 1 << 64}, "time_va"),
     ],
