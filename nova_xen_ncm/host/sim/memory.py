@@ -39,6 +39,7 @@ import struct
 import sys
 import threading
 from collections.abc import Iterator
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -115,6 +116,9 @@ PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGE_IS_WRITTEN = 1 << 1
 _PM_SCAN_ARG = struct.Struct("<12Q")
 _SCAN_REGIONS = 4096
+# Gaps between RAM pfns the write tracker walks over rather than split
+# its walk at: a page table's worth (a walk of it costs less than a call).
+_SCAN_GAP = 512
 
 _ioctl = _libc.ioctl
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -217,13 +221,51 @@ class WriteTracker:
         mem.header[_HDR_TRACKER] = TRACKER_ARMED
         return fd
 
-    def scan(self) -> np.ndarray:
+    def scan(
+        self, spans: Sequence[tuple[int, int]] | None = None
+    ) -> np.ndarray:
         """The pfns written since the previous scan (sorted), protected
-        again."""
-        vec = self._vec
-        start, end = self.addr, self.addr + self.size
+        again: in ``spans`` ([first, end) pfns, sorted), or all of the
+        mapping. A written page outside them stays written in its PTE
+        until a scan covers it: nothing is lost by leaving it out."""
+        if spans is None:
+            spans = [(0, self.size >> PAGE_SHIFT)]
         starts: list[np.ndarray] = []
         ends: list[np.ndarray] = []
+        for first, last in spans:
+            self._walk(
+                self.addr + (first << PAGE_SHIFT),
+                self.addr + (min(last << PAGE_SHIFT, self.size)),
+                starts,
+                ends,
+            )
+        if not starts:
+            return np.zeros(0, dtype=np.uint64)
+        first = (np.concatenate(starts) - np.uint64(self.addr)) >> np.uint64(
+            PAGE_SHIFT
+        )
+        last = (np.concatenate(ends) - np.uint64(self.addr)) >> np.uint64(
+            PAGE_SHIFT
+        )
+        lengths = (last - first).astype(np.int64)
+        total = int(lengths.sum())
+        if not total:
+            return np.zeros(0, dtype=np.uint64)
+        offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return np.repeat(first, lengths) + (
+            np.arange(total, dtype=np.int64) - offsets
+        ).astype(np.uint64)
+
+    def _walk(
+        self,
+        start: int,
+        end: int,
+        starts: list[np.ndarray],
+        ends: list[np.ndarray],
+    ) -> None:
+        """PAGEMAP_SCAN of [start, end): the written regions' bounds
+        appended to ``starts`` and ``ends``."""
+        vec = self._vec
         while start < end:
             arg = ctypes.create_string_buffer(
                 _PM_SCAN_ARG.pack(
@@ -250,24 +292,22 @@ class WriteTracker:
             if n < _SCAN_REGIONS or walk_end <= start:
                 break
             start = walk_end
-        first = (np.concatenate(starts) - np.uint64(self.addr)) >> np.uint64(
-            PAGE_SHIFT
-        )
-        last = (np.concatenate(ends) - np.uint64(self.addr)) >> np.uint64(
-            PAGE_SHIFT
-        )
-        lengths = (last - first).astype(np.int64)
-        total = int(lengths.sum())
-        if not total:
-            return np.zeros(0, dtype=np.uint64)
-        offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return np.repeat(first, lengths) + (
-            np.arange(total, dtype=np.int64) - offsets
-        ).astype(np.uint64)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+
+def pfn_spans(pfns: np.ndarray, gap: int = 0) -> list[tuple[int, int]]:
+    """The runs ([first, end)) of the sorted ``pfns``, those at most
+    ``gap`` pfns apart joined into one."""
+    if not len(pfns):
+        return []
+    p = np.asarray(pfns, dtype=np.int64)
+    cuts = np.flatnonzero(np.diff(p) > gap + 1) + 1
+    firsts = p[np.concatenate(([0], cuts))]
+    lasts = p[np.concatenate((cuts - 1, [len(p) - 1]))] + 1
+    return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
 
 
 def _check_mapping(pid: int, addr: int, size: int, ram_fd: int) -> None:
@@ -499,6 +539,7 @@ class GuestMemory:
         #: only: the guest cannot write it).
         self.p2m_version = 0
         self._populated: tuple[int, np.ndarray] | None = None
+        self._ram_spans: tuple[int, list[tuple[int, int]]] | None = None
         #: The blocks of P2M_BLOCK pfns whose p2m changed since the memory
         #: digest last took them (None until it asks: take_p2m_blocks),
         #: so that it never looks at the whole p2m again.
@@ -762,7 +803,7 @@ class GuestMemory:
         if self._tracker is None:
             return  # no guest process, or one that has not run yet
         try:
-            pfns = self._tracker.scan()
+            pfns = self._tracker.scan(self.ram_spans())
         except OSError as exc:
             if self._tracked_pid is None or _alive(self._tracked_pid):
                 raise base.HostError(
@@ -906,6 +947,21 @@ class GuestMemory:
             pfns = base.marked(self.p2m == P2M_RAM)
             pfns.flags.writeable = False
             cached = self._populated = (self.p2m_version, pfns)
+        return cached[1]
+
+    def ram_spans(self) -> list[tuple[int, int]]:
+        """The spans ([first, end) pfns) of the RAM pfns, gaps of up to
+        _SCAN_GAP pfns bridged (kept until the p2m changes): what the
+        write tracker walks. The mapping spans the whole physmap (about
+        4 GiB for any guest up to 3.75 GiB); the guest's writes outside
+        its RAM touch nothing the host reads, and stay in their PTEs
+        for the first scan after their pfn becomes RAM."""
+        cached = self._ram_spans
+        if cached is None or cached[0] != self.p2m_version:
+            cached = self._ram_spans = (
+                self.p2m_version,
+                pfn_spans(self.populated(), _SCAN_GAP),
+            )
         return cached[1]
 
     def check_ram(self, pfns: np.ndarray, call: str) -> np.ndarray:

@@ -97,6 +97,54 @@ def test_a_hole_punched_and_written_again_is_found(guest):
     assert mem.harvest().tolist() == [11]
 
 
+def test_a_write_outside_ram_is_found_once_its_pfn_is_ram(guest, monkeypatch):
+    mem, write = guest
+    # No gap bridged: the walk leaves pfn 40 out.
+    monkeypatch.setattr(memory, "_SCAN_GAP", 0)
+    with mem.lock():
+        mem.release(40)
+    # The release is a change of its own.
+    assert mem.take_changed().tolist() == [40]
+    assert mem.ram_spans() == [(0, 40), (41, 64)]
+    write(40)
+    write(41)
+    # Not RAM: nothing the host reads; the write stays in its PTE.
+    assert mem.take_changed().tolist() == [41]
+    with mem.lock():
+        mem.populate(np.array([40], dtype=np.uint64))
+    assert mem.take_changed().tolist() == [40]
+    assert mem.take_changed().tolist() == []
+
+
+def test_the_tracker_walks_the_ram_spans_only(guest, monkeypatch):
+    mem, write = guest
+    walked = []
+    real_walk = memory.WriteTracker._walk
+
+    def walk(self, start, end, starts, ends):
+        walked.append(((start - self.addr) >> 12, (end - self.addr) >> 12))
+        return real_walk(self, start, end, starts, ends)
+
+    monkeypatch.setattr(memory.WriteTracker, "_walk", walk)
+    write(3)
+    assert mem.take_changed().tolist() == [3]
+    assert walked == [(0, 64)]
+    with mem.lock():
+        for pfn in range(20, 64):
+            mem.release(pfn)
+    walked.clear()
+    mem.take_changed()
+    assert walked == [(0, 20)]
+
+
+def test_pfn_spans_bridge_small_gaps():
+    pfns = np.array([0, 1, 2, 5, 6, 700, 701, 2000], dtype=np.uint64)
+    assert memory.pfn_spans(pfns) == [(0, 3), (5, 7), (700, 702), (2000, 2001)]
+    assert memory.pfn_spans(pfns, 2) == [(0, 7), (700, 702), (2000, 2001)]
+    assert memory.pfn_spans(pfns, 1000) == [(0, 702), (2000, 2001)]
+    assert memory.pfn_spans(np.zeros(0, dtype=np.uint64), 512) == []
+
+
 def test_a_guest_that_could_not_arm_has_every_page_taken(guest):
     mem, _ = guest
     mem.set_log_dirty(True)
@@ -119,9 +167,9 @@ def test_a_held_tracker_is_not_scanned_and_loses_nothing(guest, monkeypatch):
     scans = []
     real_scan = memory.WriteTracker.scan
 
-    def scan(self):
+    def scan(self, *args):
         scans.append(1)
-        return real_scan(self)
+        return real_scan(self, *args)
 
     monkeypatch.setattr(memory.WriteTracker, "scan", scan)
     mem.set_log_dirty(True)
