@@ -113,6 +113,9 @@ class GuestProcesses:
         self.spare_ram: SpareRam | None = None
         self.stop_event = threading.Event()
         self.replenish_thread: threading.Thread | None = None
+        # Set by replenish: the thread started ahead (prepare_replenish)
+        # goes on.
+        self._replenish_go = threading.Event()
         self.reaping: list[threading.Thread] = []
         if self.opts.spare_guest_process:
             self.spare = self._start_spare()
@@ -148,7 +151,22 @@ class GuestProcesses:
 
     def replenish(self) -> None:
         """Prepare the next spare guest process and spare RAM, after
-        REPLENISH_DELAY and in the background."""
+        REPLENISH_DELAY and in the background (by the thread
+        :meth:`prepare_replenish` started, if one waits)."""
+        with self.hv.lock:
+            # Under the lock its thread ends under: the request is not
+            # cleared by a thread on its way out.
+            if self.replenish_thread is not None:
+                self._replenish_go.set()
+                return
+        self.prepare_replenish()
+        self._replenish_go.set()
+
+    def prepare_replenish(self) -> None:
+        """Start the thread that the next :meth:`replenish` lets go on:
+        a thread's start waits for a core and for the interpreter's lock
+        (up to 18 ms measured under load), which a restored domain's
+        unpause, the end of its downtime, should not."""
         wanted = self.opts.spare_guest_process or self.opts.prefault_memory_mb
         with self.hv.lock:
             if not wanted or self.closed or self.replenish_thread:
@@ -160,8 +178,16 @@ class GuestProcesses:
             )
         self.replenish_thread.start()
 
+    def begin_close(self) -> None:
+        """The host closes: no spare is prepared any more, and a thread
+        waiting to prepare them ends."""
+        self.closed = True
+        self.stop_event.set()
+        self._replenish_go.set()
+
     def _run_replenish(self) -> None:
         try:
+            self._replenish_go.wait()
             if self.stop_event.wait(REPLENISH_DELAY):
                 return
             if self.opts.spare_guest_process and self.spare is None:
@@ -189,6 +215,11 @@ class GuestProcesses:
         finally:
             with self.hv.lock:
                 self.replenish_thread = None
+                # A request made while this one worked is not carried
+                # over to a thread prepared later (it would go on before
+                # its domain runs); this one's work covered it.
+                if not self.closed:
+                    self._replenish_go.clear()
 
     def _start_spare(self) -> tuple[subprocess.Popen, socket.socket]:
         """Start the guest process of the next domain ahead of it

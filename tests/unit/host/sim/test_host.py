@@ -608,8 +608,11 @@ def test_spare_ram_is_bounded_by_free_memory_and_comes_back(
     try:
         assert h.guests.spare_ram.pages == (256 << 20) // base.PAGE_SIZE
         empty(h, 1, mb=200)
-        # A restoring domain leaves the host's CPU to its migration.
-        assert h.guests.spare_ram is None and h.guests.replenish_thread is None
+        # A restoring domain leaves the host's CPU to its migration: the
+        # thread that will replenish is started, and waits.
+        assert h.guests.spare_ram is None
+        assert h.guests.replenish_thread.is_alive()
+        assert not h.guests._replenish_go.is_set()
         h.destroy_domain(1)
         _replenished(h)
         spare = h.guests.spare_ram
@@ -617,6 +620,53 @@ def test_spare_ram_is_bounded_by_free_memory_and_comes_back(
         assert empty(h, 2, mb=16).mem.ram_fd == spare.fd
     finally:
         h.close()
+    assert h.guests.spare_ram is None
+
+
+def test_the_unpause_of_a_restored_domain_starts_no_thread(
+    conf, monkeypatch
+) -> None:
+    monkeypatch.setattr(sim_guestproc, "REPLENISH_DELAY", 0.0)
+    conf.set_override("prefault_memory_mb", 64, group="xen_ncm_sim")
+    h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
+    try:
+        empty(h, 1, mb=16)
+        waiting = h.guests.replenish_thread
+        assert waiting.is_alive() and h.guests.spare_ram is None
+        started = []
+        real_start = threading.Thread.start
+
+        def start(thread):
+            started.append(thread.name)
+            real_start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", start)
+        # What the domain's unpause asks for (Toolstack.unpause).
+        h.guests.replenish()
+        assert started == []
+        _replenished(h)
+        assert h.guests.spare_ram is not None
+        # With none waiting, the request starts one (as before).
+        h.guests.spare_ram.close()
+        h.guests.spare_ram = None
+        h.guests.replenish()
+        assert started == ["spare-ram-replenish"]
+        _replenished(h)
+        assert h.guests.spare_ram is not None
+    finally:
+        h.close()
+
+
+def test_closing_the_host_ends_a_thread_waiting_to_replenish(conf) -> None:
+    conf.set_override("prefault_memory_mb", 32, group="xen_ncm_sim")
+    h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
+    empty(h, 1, mb=16)
+    waiting = h.guests.replenish_thread
+    assert waiting.is_alive()
+    closer = threading.Thread(target=h.close, daemon=True)
+    closer.start()
+    closer.join(timeout=30)
+    assert not closer.is_alive() and not waiting.is_alive()
     assert h.guests.spare_ram is None
 
 
