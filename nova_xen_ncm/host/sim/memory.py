@@ -492,6 +492,64 @@ def _round_up(n: int) -> int:
     return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
+class _MarkLog:
+    """The pfns marked in one of ``ctl``'s maps since it was last read,
+    so that reading it costs what was marked, not the map's size (the
+    dirty and changed maps are read while the guest is paused). Every
+    writer of the maps is this process's, under the memory lock (the
+    guest cannot write them). Unknown (``parts`` None) before the first
+    read and once more than ``limit`` were marked: the map is then read
+    whole, as a bitmap read costs less than sorting that many."""
+
+    def __init__(self, limit: int, size: int) -> None:
+        self.limit = limit
+        self.size = size
+        self.parts: list[np.ndarray] | None = None
+        self.count = 0
+
+    def add(self, pfns: np.ndarray | int | slice) -> None:
+        """``pfns`` as the map was indexed with them."""
+        if self.parts is None:
+            return
+        if isinstance(pfns, slice):
+            span = range(*pfns.indices(self.size))
+            if self.count + len(span) > self.limit:
+                self.parts = None
+                return
+            marked = np.array(span, dtype=np.uint64)
+        else:
+            # A copy: a caller's array may be a batch buffer used again.
+            marked = np.array(pfns, ndmin=1)
+            if marked.dtype == bool:
+                marked = np.flatnonzero(marked)
+            marked = marked.astype(np.uint64)
+        self.count += len(marked)
+        if self.count > self.limit:
+            self.parts = None
+        else:
+            self.parts.append(marked)
+
+    def take(self, mask: np.ndarray) -> np.ndarray:
+        """The pfns set in ``mask`` (sorted), which the caller clears;
+        the log starts again, empty."""
+        if self.parts is None:
+            pfns = base.marked(mask)
+        elif self.parts:
+            pfns = base.pfn_union(*self.parts)
+            # A bit cleared since it was marked (the digest clears the
+            # ranges it reads) is not set any more.
+            pfns = pfns[mask[pfns.astype(np.int64)] != 0]
+        else:
+            pfns = np.zeros(0, dtype=np.uint64)
+        self.clear()
+        return pfns
+
+    def clear(self) -> None:
+        """The map was cleared whole, or read."""
+        self.parts = []
+        self.count = 0
+
+
 class MemoryClosed(base.HostError):
     """The memory of a domain was released (its domain destroyed) while
     a thread of this process still held a reference to it."""
@@ -554,6 +612,12 @@ class GuestMemory:
         self._marks = 0
         self._changed_read = -1
         self._dirty_read = -1
+        # What was marked in each map since it was read (_MarkLog): a
+        # few dozen pages of a paused guest are found without reading
+        # the map's octet per pfn of the physmap.
+        limit = max(256, max_pfn // 512)
+        self._changed_log = _MarkLog(limit, max_pfn)
+        self._dirty_log = _MarkLog(limit, max_pfn)
         #: RAM pages in the p2m (kept by the host process, as the p2m).
         self.nr_ram = int(np.count_nonzero(self.p2m == P2M_RAM))
         # The host's side of the guest process's write tracking.
@@ -613,6 +677,9 @@ class GuestMemory:
             os.close(ram_fd)
             os.close(ctl_fd)
             raise
+        # A new ctl is zero, and only this process marks it.
+        mem._changed_log.clear()
+        mem._dirty_log.clear()
         if spare is not None:
             mem._free_outside(ram_ranges, spare.pages)
         mem.header[0] = _CTL_MAGIC
@@ -826,6 +893,7 @@ class GuestMemory:
             # Writes before this are changes, not part of the log.
             self._flush_written()
             self.dirty[:] = 0
+            self._dirty_log.clear()
             self.header[2] = 1 if enabled else 0
 
     def mark_dirty(self, pfns: np.ndarray | int) -> None:
@@ -837,8 +905,10 @@ class GuestMemory:
             self._written_ever = np.zeros(self.max_pfn, dtype=np.uint8)
         self._written_ever[pfns] = 1
         self.changed[pfns] = 1
+        self._changed_log.add(pfns)
         if self.header[2]:
             self.dirty[pfns] = 1
+            self._dirty_log.add(pfns)
         self._marks = next(self._mark_seq)
 
     def take_changed(self) -> np.ndarray:
@@ -850,7 +920,7 @@ class GuestMemory:
             if marks == self._changed_read:
                 return np.zeros(0, dtype=np.uint64)
             self._changed_read = marks
-            pfns = base.marked(self.changed)
+            pfns = self._changed_log.take(self.changed)
             self.changed[pfns] = 0
         return pfns
 
@@ -932,7 +1002,7 @@ class GuestMemory:
                 pfns = np.zeros(0, dtype=np.uint64)
             else:
                 self._dirty_read = marks
-                pfns = base.marked(self.dirty)
+                pfns = self._dirty_log.take(self.dirty)
                 self.dirty[pfns] = 0
         if extra is not None and len(extra):
             pfns = base.pfn_union(pfns, extra)
@@ -1029,6 +1099,7 @@ class GuestMemory:
             self.nr_ram -= 1
         self.p2m[pfn] = P2M_NONE
         self.changed[pfn] = 1
+        self._changed_log.add(pfn)
         self._marks = next(self._mark_seq)
         self.p2m_version += 1
         self._p2m_changed(int(pfn))
@@ -1041,6 +1112,7 @@ class GuestMemory:
         if old != INVALID_GFN:
             self.p2m[old] = P2M_NONE
             self.changed[old] = 1
+            self._changed_log.add(old)
             self._marks = next(self._mark_seq)
             self._p2m_changed(old)
         if self.p2m[gfn] == P2M_RAM:
@@ -1050,6 +1122,7 @@ class GuestMemory:
             self.xen_gfns[other] = INVALID_GFN
         self.p2m[gfn] = P2M_XEN
         self.changed[gfn] = 1
+        self._changed_log.add(gfn)
         self._marks = next(self._mark_seq)
         self.p2m_version += 1
         self._p2m_changed(int(gfn))

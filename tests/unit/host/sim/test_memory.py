@@ -328,3 +328,72 @@ def test_a_page_written_only_through_the_raw_mapping_is_never_missed(guest):
     nonzero = np.flatnonzero(ram.any(axis=1))
     assert nonzero.tolist() == [5, 40]
     assert mem.written_mask(nonzero.astype(np.uint64)).all()
+
+
+@pytest.fixture
+def ctl_only():
+    mem = GuestMemory.create(8192, "test-marks")
+    with mem.lock():
+        mem.populate(np.arange(8192, dtype=np.uint64))
+    mem.set_log_dirty(True)
+    yield mem
+    mem.close()
+
+
+def test_a_few_marks_are_read_without_reading_the_maps(ctl_only, monkeypatch):
+    mem = ctl_only
+    reads = []
+    real_marked = base.marked
+
+    def marked(mask):
+        reads.append(len(mask))
+        return real_marked(mask)
+
+    monkeypatch.setattr(base, "marked", marked)
+    batch = np.array([700, 5, 9], dtype=np.uint64)
+    with mem.lock():
+        mem.mark_dirty(batch)
+        mem.mark_dirty(5)
+        mem.mark_dirty(slice(30, 33))
+        mem.mark_dirty(np.arange(8192) == 41)
+        # The caller's buffer used again: what was marked stays.
+        batch[:] = 1
+        mem.release(8000)
+    assert mem.harvest().tolist() == [5, 9, 30, 31, 32, 41, 700]
+    assert mem.harvest().tolist() == []
+    # The digest clears the changed ranges it reads itself.
+    mem.changed[0:8] = 0
+    assert mem.take_changed().tolist() == [9, 30, 31, 32, 41, 700, 8000]
+    assert reads == []
+    # Beyond the log's limit the map is read whole, and nothing is lost.
+    many = np.arange(0, 8192, 2, dtype=np.uint64)
+    with mem.lock():
+        mem.mark_dirty(many)
+    assert mem.harvest().tolist() == many.tolist()
+    assert reads == [8192]
+    with mem.lock():
+        mem.mark_dirty(3)
+    assert mem.harvest().tolist() == [3]
+    assert reads == [8192]
+
+
+def test_the_marks_logged_are_the_maps_bits(ctl_only):
+    mem = ctl_only
+    rng = np.random.default_rng(7)
+    dirty: set[int] = set()
+    changed: set[int] = set()
+    for _ in range(60):
+        n = int(rng.choice([1, 5, 40, 700]))
+        pfns = rng.integers(0, 8192, n).astype(np.uint64)
+        with mem.lock():
+            mem.mark_dirty(pfns)
+        dirty.update(pfns.tolist())
+        changed.update(pfns.tolist())
+        if rng.random() < 0.4:
+            assert mem.harvest().tolist() == sorted(dirty)
+            dirty.clear()
+        if rng.random() < 0.4:
+            assert mem.take_changed().tolist() == sorted(changed)
+            changed.clear()
+    assert mem.harvest().tolist() == sorted(dirty)
+    assert mem.take_changed().tolist() == sorted(changed)
