@@ -153,12 +153,13 @@ class GuestProcesses:
         """Prepare the next spare guest process and spare RAM, after
         REPLENISH_DELAY and in the background (by the thread
         :meth:`prepare_replenish` started, if one waits)."""
-        with self.hv.lock:
-            # Under the lock its thread ends under: the request is not
-            # cleared by a thread on its way out.
-            if self.replenish_thread is not None:
-                self._replenish_go.set()
-                return
+        # Not under the host lock: a domain's unpause asks this as its
+        # guest starts, whose hypercalls take that lock (3 ms waited for
+        # it once). A thread past its work drops the request, as one
+        # working always did; a thread prepared later clears it.
+        if self.replenish_thread is not None:
+            self._replenish_go.set()
+            return
         self.prepare_replenish()
         self._replenish_go.set()
 
@@ -171,6 +172,8 @@ class GuestProcesses:
         with self.hv.lock:
             if not wanted or self.closed or self.replenish_thread:
                 return
+            # What was asked of a thread gone since is not this one's.
+            self._replenish_go.clear()
             self.replenish_thread = threading.Thread(
                 target=self._run_replenish,
                 name=f"{self.hv.hostname}-replenish",
@@ -215,11 +218,6 @@ class GuestProcesses:
         finally:
             with self.hv.lock:
                 self.replenish_thread = None
-                # A request made while this one worked is not carried
-                # over to a thread prepared later (it would go on before
-                # its domain runs); this one's work covered it.
-                if not self.closed:
-                    self._replenish_go.clear()
 
     def _start_spare(self) -> tuple[subprocess.Popen, socket.socket]:
         """Start the guest process of the next domain ahead of it

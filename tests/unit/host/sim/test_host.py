@@ -641,8 +641,26 @@ def test_the_unpause_of_a_restored_domain_starts_no_thread(
             real_start(thread)
 
         monkeypatch.setattr(threading.Thread, "start", start)
-        # What the domain's unpause asks for (Toolstack.unpause).
-        h.guests.replenish()
+        # What the domain's unpause asks for (Toolstack.unpause), while
+        # its guest's hypercalls may hold the host lock.
+        held, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with h.hv.lock:
+                held.set()
+                done.wait(timeout=30)
+
+        holder = threading.Thread(target=hold, daemon=True)
+        real_start(holder)
+        assert held.wait(timeout=10)
+        asker = threading.Thread(target=h.guests.replenish, daemon=True)
+        real_start(asker)
+        try:
+            asker.join(timeout=10)
+            assert not asker.is_alive()
+        finally:
+            done.set()
+        holder.join(timeout=10)
         assert started == []
         _replenished(h)
         assert h.guests.spare_ram is not None
