@@ -1012,11 +1012,16 @@ class GuestMemory:
 
     def populated(self) -> np.ndarray:
         """The RAM pfns, sorted (read-only: kept until the p2m changes)."""
+        # The version read before the p2m: a change racing the read (a
+        # thread without the memory lock) leaves the array stale under
+        # the version before it, looked at again next time, never under
+        # the version after it (the write tracker walks its spans).
+        version = self.p2m_version
         cached = self._populated
-        if cached is None or cached[0] != self.p2m_version:
+        if cached is None or cached[0] != version:
             pfns = base.marked(self.p2m == P2M_RAM)
             pfns.flags.writeable = False
-            cached = self._populated = (self.p2m_version, pfns)
+            cached = self._populated = (version, pfns)
         return cached[1]
 
     def ram_spans(self) -> list[tuple[int, int]]:
@@ -1026,10 +1031,11 @@ class GuestMemory:
         4 GiB for any guest up to 3.75 GiB); the guest's writes outside
         its RAM touch nothing the host reads, and stay in their PTEs
         for the first scan after their pfn becomes RAM."""
+        version = self.p2m_version
         cached = self._ram_spans
-        if cached is None or cached[0] != self.p2m_version:
+        if cached is None or cached[0] != version:
             cached = self._ram_spans = (
-                self.p2m_version,
+                version,
                 pfn_spans(self.populated(), _SCAN_GAP),
             )
         return cached[1]

@@ -397,3 +397,32 @@ def test_the_marks_logged_are_the_maps_bits(ctl_only):
             changed.clear()
     assert mem.harvest().tolist() == sorted(dirty)
     assert mem.take_changed().tolist() == sorted(changed)
+
+
+def test_a_p2m_change_racing_the_populated_read_is_not_cached(monkeypatch):
+    # A thread without the memory lock (the sender's populated_pfns)
+    # reads the p2m while a populate changes it: the array it made
+    # must not stand for the p2m after the change, or the write
+    # tracker's spans leave the new RAM out and its writes are lost to
+    # the dirty and the changed maps alike.
+    mem = GuestMemory.create(2048, "test-p2m-race")
+    try:
+        with mem.lock():
+            mem.populate(np.arange(512, dtype=np.uint64))
+        real_marked = base.marked
+        raced = []
+
+        def marked(mask):
+            pfns = real_marked(mask)
+            if not raced:
+                raced.append(1)
+                mem.populate(np.array([1800], dtype=np.uint64))
+            return pfns
+
+        monkeypatch.setattr(base, "marked", marked)
+        first = mem.populated()
+        assert 1800 not in first.tolist()
+        assert mem.populated()[-1] == 1800
+        assert mem.ram_spans()[-1] == (1800, 1801)
+    finally:
+        mem.close()
