@@ -184,9 +184,13 @@ class GuestProcesses:
     def begin_close(self) -> None:
         """The host closes: no spare is prepared any more, and a thread
         waiting to prepare them ends."""
-        self.closed = True
-        self.stop_event.set()
-        self._replenish_go.set()
+        # Under the host lock, as prepare_replenish looks and clears
+        # the request: a thread it starts sees the close, or is let go
+        # by it; none waits for a request no one will make.
+        with self.hv.lock:
+            self.closed = True
+            self.stop_event.set()
+            self._replenish_go.set()
 
     def _run_replenish(self) -> None:
         try:

@@ -688,6 +688,38 @@ def test_closing_the_host_ends_a_thread_waiting_to_replenish(conf) -> None:
     assert h.guests.spare_ram is None
 
 
+def test_a_close_racing_the_start_of_a_waiting_thread_ends_it(conf) -> None:
+    # The host closes as a restoring domain's creation starts the thread
+    # that waits to replenish: the close's request must not be wiped by
+    # the start's (the thread would wait for ever, and the close with it
+    # once no domain is left to let it go).
+    conf.set_override("prefault_memory_mb", 32, group="xen_ncm_sim")
+    h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
+    guests = h.guests
+    closer = threading.Thread(target=guests.begin_close, daemon=True)
+
+    class Go(threading.Event):
+        def clear(self) -> None:
+            # The close comes between the start's look and its clear.
+            if not closer.is_alive() and not guests.closed:
+                closer.start()
+                closer.join(timeout=0.5)
+            super().clear()
+
+    guests._replenish_go = Go()
+    try:
+        guests.prepare_replenish()
+        closer.join(timeout=10)
+        waiting = guests.replenish_thread
+        if waiting is not None:
+            waiting.join(timeout=10)
+            assert not waiting.is_alive()
+        assert guests.closed
+    finally:
+        guests._replenish_go.set()
+        h.close()
+
+
 def test_a_guest_above_the_mmio_hole_gets_memory_of_its_own(conf) -> None:
     conf.set_override("host_memory_mb", 5120, group="xen_ncm_sim")
     conf.set_override("prefault_memory_mb", 16, group="xen_ncm_sim")
