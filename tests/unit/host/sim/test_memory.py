@@ -426,3 +426,41 @@ def test_a_p2m_change_racing_the_populated_read_is_not_cached(monkeypatch):
         assert mem.ram_spans()[-1] == (1800, 1801)
     finally:
         mem.close()
+
+
+def test_the_mark_log_falls_back_past_its_limit_exactly(ctl_only, monkeypatch):
+    mem = ctl_only
+    limit = mem._dirty_log.limit
+    reads = []
+    real_marked = base.marked
+
+    def marked(mask):
+        reads.append(len(mask))
+        return real_marked(mask)
+
+    monkeypatch.setattr(base, "marked", marked)
+    # As many marks as the limit (one pfn marked twice counts twice):
+    # still logged.
+    pfns = np.arange(limit - 1, dtype=np.uint64)
+    with mem.lock():
+        mem.mark_dirty(pfns)
+        mem.mark_dirty(0)
+    assert mem.harvest().tolist() == pfns.tolist()
+    assert reads == []
+    # One more, by a slice: the map is read whole, and the log starts
+    # again after it.
+    with mem.lock():
+        mem.mark_dirty(pfns)
+        mem.mark_dirty(slice(limit - 1, limit + 1))
+    assert mem.harvest().tolist() == list(range(limit + 1))
+    assert reads == [mem.max_pfn]
+    # The changed map overflowed alike; a pfn the digest cleared then
+    # marked again is read once.
+    assert mem.take_changed().tolist() == list(range(limit + 1))
+    with mem.lock():
+        mem.mark_dirty(7)
+        mem.changed[0:64] = 0
+        mem.mark_dirty(7)
+    assert mem.take_changed().tolist() == [7]
+    assert mem.harvest().tolist() == [7]
+    assert reads == [mem.max_pfn, mem.max_pfn]
