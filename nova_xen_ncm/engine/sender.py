@@ -203,6 +203,10 @@ class Sender:
         # rollback (the one undo list).
         self._undo: list[_Undo] = []
         self._sent_populated = np.zeros(0, dtype=np.uint64)
+        # The host's populated array last looked at, and its pfns not
+        # in round 0's (_added_since_round_0).
+        self._seen_populated: np.ndarray | None = None
+        self._added = np.zeros(0, dtype=np.uint64)
         # Numbered stream records on channel 0 not acknowledged yet.
         self._unacked: list[tuple[int, Buffers]] = []
         self._last_progress = clock()
@@ -479,6 +483,7 @@ class Sender:
             start = self._clock()
             pages, zero, nbytes = self._transfer_round(pfns)
             populated = self.host.populated_pfns(self.domid)
+            self._added_since_round_0(populated)
             dirty = base.pfn_intersection(
                 self.host.harvest_dirty(self.domid), populated
             )
@@ -657,13 +662,10 @@ class Sender:
         populated = self.host.populated_pfns(self.domid)
         # Nothing here in the guest's size while it is paused: the dirty
         # pages are looked up in the (sorted) populated ones, and the
-        # pfns populated since round 0 (never sent) are looked for only
-        # if the host's answer is not the very array of round 0.
+        # pfns populated since round 0 (never sent) were looked for by
+        # the rounds, unless the p2m changed since the last one.
         dirty = _members(self.host.harvest_dirty(self.domid), populated)
-        if populated is self._sent_populated:
-            added = np.zeros(0, dtype=np.uint64)
-        else:
-            added = base.pfn_difference(populated, self._sent_populated)
+        added = self._added_since_round_0(populated)
         final = base.pfn_union(pending, dirty, added)
         self._check_cancel()
         self._send_final(final, [platform, end])
@@ -671,6 +673,20 @@ class Sender:
         for index in range(1, self.data.count):
             self.data.close(index)
         self.state.transition(Phase.STOP_AND_COPY, Phase.RESTORE)
+
+    def _added_since_round_0(self, populated: np.ndarray) -> np.ndarray:
+        """The pfns of ``populated`` (the host's array) that round 0's
+        lacked, found once per array the host gives: each round looks
+        while the guest runs, so that the pause compares nothing in the
+        guest's size (at 2 GiB 9 to 25 ms under load) unless the p2m
+        changed since the last round. A host that keeps its array while
+        the p2m stands (the simulated one) is asked nothing more."""
+        if populated is self._sent_populated:
+            return np.zeros(0, dtype=np.uint64)
+        if populated is not self._seen_populated:
+            self._added = base.pfn_difference(populated, self._sent_populated)
+            self._seen_populated = populated
+        return self._added
 
     def _notify_stopping(self) -> None:
         """STOPPING, once this side's stop-and-copy is durable: the

@@ -113,6 +113,9 @@ class GuestProcesses:
         self.spare_ram: SpareRam | None = None
         self.stop_event = threading.Event()
         self.replenish_thread: threading.Thread | None = None
+        # Set by replenish: the thread started ahead (prepare_replenish)
+        # goes on.
+        self._replenish_go = threading.Event()
         self.reaping: list[threading.Thread] = []
         if self.opts.spare_guest_process:
             self.spare = self._start_spare()
@@ -148,11 +151,29 @@ class GuestProcesses:
 
     def replenish(self) -> None:
         """Prepare the next spare guest process and spare RAM, after
-        REPLENISH_DELAY and in the background."""
+        REPLENISH_DELAY and in the background (by the thread
+        :meth:`prepare_replenish` started, if one waits)."""
+        # Not under the host lock: a domain's unpause asks this as its
+        # guest starts, whose hypercalls take that lock (3 ms waited for
+        # it once). A thread past its work drops the request, as one
+        # working always did; a thread prepared later clears it.
+        if self.replenish_thread is not None:
+            self._replenish_go.set()
+            return
+        self.prepare_replenish()
+        self._replenish_go.set()
+
+    def prepare_replenish(self) -> None:
+        """Start the thread that the next :meth:`replenish` lets go on:
+        a thread's start waits for a core and for the interpreter's lock
+        (up to 18 ms measured under load), which a restored domain's
+        unpause, the end of its downtime, should not."""
         wanted = self.opts.spare_guest_process or self.opts.prefault_memory_mb
         with self.hv.lock:
             if not wanted or self.closed or self.replenish_thread:
                 return
+            # What was asked of a thread gone since is not this one's.
+            self._replenish_go.clear()
             self.replenish_thread = threading.Thread(
                 target=self._run_replenish,
                 name=f"{self.hv.hostname}-replenish",
@@ -160,8 +181,20 @@ class GuestProcesses:
             )
         self.replenish_thread.start()
 
+    def begin_close(self) -> None:
+        """The host closes: no spare is prepared any more, and a thread
+        waiting to prepare them ends."""
+        # Under the host lock, as prepare_replenish looks and clears
+        # the request: a thread it starts sees the close, or is let go
+        # by it; none waits for a request no one will make.
+        with self.hv.lock:
+            self.closed = True
+            self.stop_event.set()
+            self._replenish_go.set()
+
     def _run_replenish(self) -> None:
         try:
+            self._replenish_go.wait()
             if self.stop_event.wait(REPLENISH_DELAY):
                 return
             if self.opts.spare_guest_process and self.spare is None:

@@ -606,8 +606,7 @@ class SimHost(base.HostDriver):
         if self._closed:
             return
         self._closed = True
-        self.guests.closed = True
-        self.guests.stop_event.set()
+        self.guests.begin_close()
         for domid in list(self.hv.domains):
             with contextlib.suppress(HostError):
                 self.destroy_domain(domid)

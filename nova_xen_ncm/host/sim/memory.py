@@ -39,6 +39,7 @@ import struct
 import sys
 import threading
 from collections.abc import Iterator
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -115,6 +116,9 @@ PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGE_IS_WRITTEN = 1 << 1
 _PM_SCAN_ARG = struct.Struct("<12Q")
 _SCAN_REGIONS = 4096
+# Gaps between RAM pfns the write tracker walks over rather than split
+# its walk at: a page table's worth (a walk of it costs less than a call).
+_SCAN_GAP = 512
 
 _ioctl = _libc.ioctl
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -217,13 +221,51 @@ class WriteTracker:
         mem.header[_HDR_TRACKER] = TRACKER_ARMED
         return fd
 
-    def scan(self) -> np.ndarray:
+    def scan(
+        self, spans: Sequence[tuple[int, int]] | None = None
+    ) -> np.ndarray:
         """The pfns written since the previous scan (sorted), protected
-        again."""
-        vec = self._vec
-        start, end = self.addr, self.addr + self.size
+        again: in ``spans`` ([first, end) pfns, sorted), or all of the
+        mapping. A written page outside them stays written in its PTE
+        until a scan covers it: nothing is lost by leaving it out."""
+        if spans is None:
+            spans = [(0, self.size >> PAGE_SHIFT)]
         starts: list[np.ndarray] = []
         ends: list[np.ndarray] = []
+        for first, last in spans:
+            self._walk(
+                self.addr + (first << PAGE_SHIFT),
+                self.addr + (min(last << PAGE_SHIFT, self.size)),
+                starts,
+                ends,
+            )
+        if not starts:
+            return np.zeros(0, dtype=np.uint64)
+        first = (np.concatenate(starts) - np.uint64(self.addr)) >> np.uint64(
+            PAGE_SHIFT
+        )
+        last = (np.concatenate(ends) - np.uint64(self.addr)) >> np.uint64(
+            PAGE_SHIFT
+        )
+        lengths = (last - first).astype(np.int64)
+        total = int(lengths.sum())
+        if not total:
+            return np.zeros(0, dtype=np.uint64)
+        offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return np.repeat(first, lengths) + (
+            np.arange(total, dtype=np.int64) - offsets
+        ).astype(np.uint64)
+
+    def _walk(
+        self,
+        start: int,
+        end: int,
+        starts: list[np.ndarray],
+        ends: list[np.ndarray],
+    ) -> None:
+        """PAGEMAP_SCAN of [start, end): the written regions' bounds
+        appended to ``starts`` and ``ends``."""
+        vec = self._vec
         while start < end:
             arg = ctypes.create_string_buffer(
                 _PM_SCAN_ARG.pack(
@@ -250,24 +292,22 @@ class WriteTracker:
             if n < _SCAN_REGIONS or walk_end <= start:
                 break
             start = walk_end
-        first = (np.concatenate(starts) - np.uint64(self.addr)) >> np.uint64(
-            PAGE_SHIFT
-        )
-        last = (np.concatenate(ends) - np.uint64(self.addr)) >> np.uint64(
-            PAGE_SHIFT
-        )
-        lengths = (last - first).astype(np.int64)
-        total = int(lengths.sum())
-        if not total:
-            return np.zeros(0, dtype=np.uint64)
-        offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return np.repeat(first, lengths) + (
-            np.arange(total, dtype=np.int64) - offsets
-        ).astype(np.uint64)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+
+def pfn_spans(pfns: np.ndarray, gap: int = 0) -> list[tuple[int, int]]:
+    """The runs ([first, end)) of the sorted ``pfns``, those at most
+    ``gap`` pfns apart joined into one."""
+    if not len(pfns):
+        return []
+    p = np.asarray(pfns, dtype=np.int64)
+    cuts = np.flatnonzero(np.diff(p) > gap + 1) + 1
+    firsts = p[np.concatenate(([0], cuts))]
+    lasts = p[np.concatenate((cuts - 1, [len(p) - 1]))] + 1
+    return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
 
 
 def _check_mapping(pid: int, addr: int, size: int, ram_fd: int) -> None:
@@ -452,6 +492,64 @@ def _round_up(n: int) -> int:
     return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
+class _MarkLog:
+    """The pfns marked in one of ``ctl``'s maps since it was last read,
+    so that reading it costs what was marked, not the map's size (the
+    dirty and changed maps are read while the guest is paused). Every
+    writer of the maps is this process's, under the memory lock (the
+    guest cannot write them). Unknown (``parts`` None) before the first
+    read and once more than ``limit`` were marked: the map is then read
+    whole, as a bitmap read costs less than sorting that many."""
+
+    def __init__(self, limit: int, size: int) -> None:
+        self.limit = limit
+        self.size = size
+        self.parts: list[np.ndarray] | None = None
+        self.count = 0
+
+    def add(self, pfns: np.ndarray | int | slice) -> None:
+        """``pfns`` as the map was indexed with them."""
+        if self.parts is None:
+            return
+        if isinstance(pfns, slice):
+            span = range(*pfns.indices(self.size))
+            if self.count + len(span) > self.limit:
+                self.parts = None
+                return
+            marked = np.array(span, dtype=np.uint64)
+        else:
+            # A copy: a caller's array may be a batch buffer used again.
+            marked = np.array(pfns, ndmin=1)
+            if marked.dtype == bool:
+                marked = np.flatnonzero(marked)
+            marked = marked.astype(np.uint64)
+        self.count += len(marked)
+        if self.count > self.limit:
+            self.parts = None
+        else:
+            self.parts.append(marked)
+
+    def take(self, mask: np.ndarray) -> np.ndarray:
+        """The pfns set in ``mask`` (sorted), which the caller clears;
+        the log starts again, empty."""
+        if self.parts is None:
+            pfns = base.marked(mask)
+        elif self.parts:
+            pfns = base.pfn_union(*self.parts)
+            # A bit cleared since it was marked (the digest clears the
+            # ranges it reads) is not set any more.
+            pfns = pfns[mask[pfns.astype(np.int64)] != 0]
+        else:
+            pfns = np.zeros(0, dtype=np.uint64)
+        self.clear()
+        return pfns
+
+    def clear(self) -> None:
+        """The map was cleared whole, or read."""
+        self.parts = []
+        self.count = 0
+
+
 class MemoryClosed(base.HostError):
     """The memory of a domain was released (its domain destroyed) while
     a thread of this process still held a reference to it."""
@@ -499,6 +597,7 @@ class GuestMemory:
         #: only: the guest cannot write it).
         self.p2m_version = 0
         self._populated: tuple[int, np.ndarray] | None = None
+        self._ram_spans: tuple[int, list[tuple[int, int]]] | None = None
         #: The blocks of P2M_BLOCK pfns whose p2m changed since the memory
         #: digest last took them (None until it asks: take_p2m_blocks),
         #: so that it never looks at the whole p2m again.
@@ -513,6 +612,12 @@ class GuestMemory:
         self._marks = 0
         self._changed_read = -1
         self._dirty_read = -1
+        # What was marked in each map since it was read (_MarkLog): a
+        # few dozen pages of a paused guest are found without reading
+        # the map's octet per pfn of the physmap.
+        limit = max(256, max_pfn // 512)
+        self._changed_log = _MarkLog(limit, max_pfn)
+        self._dirty_log = _MarkLog(limit, max_pfn)
         #: RAM pages in the p2m (kept by the host process, as the p2m).
         self.nr_ram = int(np.count_nonzero(self.p2m == P2M_RAM))
         # The host's side of the guest process's write tracking.
@@ -572,6 +677,9 @@ class GuestMemory:
             os.close(ram_fd)
             os.close(ctl_fd)
             raise
+        # A new ctl is zero, and only this process marks it.
+        mem._changed_log.clear()
+        mem._dirty_log.clear()
         if spare is not None:
             mem._free_outside(ram_ranges, spare.pages)
         mem.header[0] = _CTL_MAGIC
@@ -762,7 +870,7 @@ class GuestMemory:
         if self._tracker is None:
             return  # no guest process, or one that has not run yet
         try:
-            pfns = self._tracker.scan()
+            pfns = self._tracker.scan(self.ram_spans())
         except OSError as exc:
             if self._tracked_pid is None or _alive(self._tracked_pid):
                 raise base.HostError(
@@ -785,6 +893,7 @@ class GuestMemory:
             # Writes before this are changes, not part of the log.
             self._flush_written()
             self.dirty[:] = 0
+            self._dirty_log.clear()
             self.header[2] = 1 if enabled else 0
 
     def mark_dirty(self, pfns: np.ndarray | int) -> None:
@@ -796,8 +905,10 @@ class GuestMemory:
             self._written_ever = np.zeros(self.max_pfn, dtype=np.uint8)
         self._written_ever[pfns] = 1
         self.changed[pfns] = 1
+        self._changed_log.add(pfns)
         if self.header[2]:
             self.dirty[pfns] = 1
+            self._dirty_log.add(pfns)
         self._marks = next(self._mark_seq)
 
     def take_changed(self) -> np.ndarray:
@@ -809,7 +920,7 @@ class GuestMemory:
             if marks == self._changed_read:
                 return np.zeros(0, dtype=np.uint64)
             self._changed_read = marks
-            pfns = base.marked(self.changed)
+            pfns = self._changed_log.take(self.changed)
             self.changed[pfns] = 0
         return pfns
 
@@ -891,7 +1002,7 @@ class GuestMemory:
                 pfns = np.zeros(0, dtype=np.uint64)
             else:
                 self._dirty_read = marks
-                pfns = base.marked(self.dirty)
+                pfns = self._dirty_log.take(self.dirty)
                 self.dirty[pfns] = 0
         if extra is not None and len(extra):
             pfns = base.pfn_union(pfns, extra)
@@ -901,11 +1012,32 @@ class GuestMemory:
 
     def populated(self) -> np.ndarray:
         """The RAM pfns, sorted (read-only: kept until the p2m changes)."""
+        # The version read before the p2m: a change racing the read (a
+        # thread without the memory lock) leaves the array stale under
+        # the version before it, looked at again next time, never under
+        # the version after it (the write tracker walks its spans).
+        version = self.p2m_version
         cached = self._populated
-        if cached is None or cached[0] != self.p2m_version:
+        if cached is None or cached[0] != version:
             pfns = base.marked(self.p2m == P2M_RAM)
             pfns.flags.writeable = False
-            cached = self._populated = (self.p2m_version, pfns)
+            cached = self._populated = (version, pfns)
+        return cached[1]
+
+    def ram_spans(self) -> list[tuple[int, int]]:
+        """The spans ([first, end) pfns) of the RAM pfns, gaps of up to
+        _SCAN_GAP pfns bridged (kept until the p2m changes): what the
+        write tracker walks. The mapping spans the whole physmap (about
+        4 GiB for any guest up to 3.75 GiB); the guest's writes outside
+        its RAM touch nothing the host reads, and stay in their PTEs
+        for the first scan after their pfn becomes RAM."""
+        version = self.p2m_version
+        cached = self._ram_spans
+        if cached is None or cached[0] != version:
+            cached = self._ram_spans = (
+                version,
+                pfn_spans(self.populated(), _SCAN_GAP),
+            )
         return cached[1]
 
     def check_ram(self, pfns: np.ndarray, call: str) -> np.ndarray:
@@ -973,6 +1105,7 @@ class GuestMemory:
             self.nr_ram -= 1
         self.p2m[pfn] = P2M_NONE
         self.changed[pfn] = 1
+        self._changed_log.add(pfn)
         self._marks = next(self._mark_seq)
         self.p2m_version += 1
         self._p2m_changed(int(pfn))
@@ -985,6 +1118,7 @@ class GuestMemory:
         if old != INVALID_GFN:
             self.p2m[old] = P2M_NONE
             self.changed[old] = 1
+            self._changed_log.add(old)
             self._marks = next(self._mark_seq)
             self._p2m_changed(old)
         if self.p2m[gfn] == P2M_RAM:
@@ -994,6 +1128,7 @@ class GuestMemory:
             self.xen_gfns[other] = INVALID_GFN
         self.p2m[gfn] = P2M_XEN
         self.changed[gfn] = 1
+        self._changed_log.add(gfn)
         self._marks = next(self._mark_seq)
         self.p2m_version += 1
         self._p2m_changed(int(gfn))

@@ -365,6 +365,8 @@ class Toolstack:
             except BaseException:
                 self.teardown(dom)
                 raise
+        # Its unpause (or teardown) only lets the thread go on.
+        self.guests.prepare_replenish()
         self.digest.warm(dom, lambda: dom.booted)
         return domid
 

@@ -481,3 +481,32 @@ def test_the_check_before_the_pause_asks_the_hosts_cheap_check(
     monkeypatch.setattr(host, "check_devices", refuse)
     with pytest.raises(DevicesChanged, match="vif 0.*2 queues.*runs on"):
         sender._check_devices()
+
+
+def test_the_pfns_populated_since_round_0_are_found_once_per_p2m(
+    conf, host, monkeypatch
+):
+    from nova_xen_ncm.engine import sender as sending
+
+    sender = make_sender(conf, host)
+    compared = []
+    real_difference = base.pfn_difference
+
+    def difference(a, b):
+        compared.append(len(a))
+        return real_difference(a, b)
+
+    monkeypatch.setattr(sending.base, "pfn_difference", difference)
+    round_0 = np.array([1, 2, 3], dtype=np.uint64)
+    sender._sent_populated = round_0
+    assert sender._added_since_round_0(round_0).tolist() == []
+    grown = np.array([1, 2, 3, 7], dtype=np.uint64)
+    assert sender._added_since_round_0(grown).tolist() == [7]
+    # The same array again (the pause, the p2m unchanged since the last
+    # round): nothing in the guest's size is compared.
+    assert sender._added_since_round_0(grown).tolist() == [7]
+    assert compared == [4]
+    # The p2m changed since: compared again, against round 0's.
+    shrunk = np.array([2, 3, 9], dtype=np.uint64)
+    assert sender._added_since_round_0(shrunk).tolist() == [9]
+    assert compared == [4, 3]

@@ -608,8 +608,11 @@ def test_spare_ram_is_bounded_by_free_memory_and_comes_back(
     try:
         assert h.guests.spare_ram.pages == (256 << 20) // base.PAGE_SIZE
         empty(h, 1, mb=200)
-        # A restoring domain leaves the host's CPU to its migration.
-        assert h.guests.spare_ram is None and h.guests.replenish_thread is None
+        # A restoring domain leaves the host's CPU to its migration: the
+        # thread that will replenish is started, and waits.
+        assert h.guests.spare_ram is None
+        assert h.guests.replenish_thread.is_alive()
+        assert not h.guests._replenish_go.is_set()
         h.destroy_domain(1)
         _replenished(h)
         spare = h.guests.spare_ram
@@ -618,6 +621,103 @@ def test_spare_ram_is_bounded_by_free_memory_and_comes_back(
     finally:
         h.close()
     assert h.guests.spare_ram is None
+
+
+def test_the_unpause_of_a_restored_domain_starts_no_thread(
+    conf, monkeypatch
+) -> None:
+    monkeypatch.setattr(sim_guestproc, "REPLENISH_DELAY", 0.0)
+    conf.set_override("prefault_memory_mb", 64, group="xen_ncm_sim")
+    h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
+    try:
+        empty(h, 1, mb=16)
+        waiting = h.guests.replenish_thread
+        assert waiting.is_alive() and h.guests.spare_ram is None
+        started = []
+        real_start = threading.Thread.start
+
+        def start(thread):
+            started.append(thread.name)
+            real_start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", start)
+        # What the domain's unpause asks for (Toolstack.unpause), while
+        # its guest's hypercalls may hold the host lock.
+        held, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with h.hv.lock:
+                held.set()
+                done.wait(timeout=30)
+
+        holder = threading.Thread(target=hold, daemon=True)
+        real_start(holder)
+        assert held.wait(timeout=10)
+        asker = threading.Thread(target=h.guests.replenish, daemon=True)
+        real_start(asker)
+        try:
+            asker.join(timeout=10)
+            assert not asker.is_alive()
+        finally:
+            done.set()
+        holder.join(timeout=10)
+        assert started == []
+        _replenished(h)
+        assert h.guests.spare_ram is not None
+        # With none waiting, the request starts one (as before).
+        h.guests.spare_ram.close()
+        h.guests.spare_ram = None
+        h.guests.replenish()
+        assert started == ["spare-ram-replenish"]
+        _replenished(h)
+        assert h.guests.spare_ram is not None
+    finally:
+        h.close()
+
+
+def test_closing_the_host_ends_a_thread_waiting_to_replenish(conf) -> None:
+    conf.set_override("prefault_memory_mb", 32, group="xen_ncm_sim")
+    h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
+    empty(h, 1, mb=16)
+    waiting = h.guests.replenish_thread
+    assert waiting.is_alive()
+    closer = threading.Thread(target=h.close, daemon=True)
+    closer.start()
+    closer.join(timeout=30)
+    assert not closer.is_alive() and not waiting.is_alive()
+    assert h.guests.spare_ram is None
+
+
+def test_a_close_racing_the_start_of_a_waiting_thread_ends_it(conf) -> None:
+    # The host closes as a restoring domain's creation starts the thread
+    # that waits to replenish: the close's request must not be wiped by
+    # the start's (the thread would wait for ever, and the close with it
+    # once no domain is left to let it go).
+    conf.set_override("prefault_memory_mb", 32, group="xen_ncm_sim")
+    h = sim_host.SimHost("spare-ram", conf, prelaunch=False)
+    guests = h.guests
+    closer = threading.Thread(target=guests.begin_close, daemon=True)
+
+    class Go(threading.Event):
+        def clear(self) -> None:
+            # The close comes between the start's look and its clear.
+            if not closer.is_alive() and not guests.closed:
+                closer.start()
+                closer.join(timeout=0.5)
+            super().clear()
+
+    guests._replenish_go = Go()
+    try:
+        guests.prepare_replenish()
+        closer.join(timeout=10)
+        waiting = guests.replenish_thread
+        if waiting is not None:
+            waiting.join(timeout=10)
+            assert not waiting.is_alive()
+        assert guests.closed
+    finally:
+        guests._replenish_go.set()
+        h.close()
 
 
 def test_a_guest_above_the_mmio_hole_gets_memory_of_its_own(conf) -> None:

@@ -97,6 +97,54 @@ def test_a_hole_punched_and_written_again_is_found(guest):
     assert mem.harvest().tolist() == [11]
 
 
+def test_a_write_outside_ram_is_found_once_its_pfn_is_ram(guest, monkeypatch):
+    mem, write = guest
+    # No gap bridged: the walk leaves pfn 40 out.
+    monkeypatch.setattr(memory, "_SCAN_GAP", 0)
+    with mem.lock():
+        mem.release(40)
+    # The release is a change of its own.
+    assert mem.take_changed().tolist() == [40]
+    assert mem.ram_spans() == [(0, 40), (41, 64)]
+    write(40)
+    write(41)
+    # Not RAM: nothing the host reads; the write stays in its PTE.
+    assert mem.take_changed().tolist() == [41]
+    with mem.lock():
+        mem.populate(np.array([40], dtype=np.uint64))
+    assert mem.take_changed().tolist() == [40]
+    assert mem.take_changed().tolist() == []
+
+
+def test_the_tracker_walks_the_ram_spans_only(guest, monkeypatch):
+    mem, write = guest
+    walked = []
+    real_walk = memory.WriteTracker._walk
+
+    def walk(self, start, end, starts, ends):
+        walked.append(((start - self.addr) >> 12, (end - self.addr) >> 12))
+        return real_walk(self, start, end, starts, ends)
+
+    monkeypatch.setattr(memory.WriteTracker, "_walk", walk)
+    write(3)
+    assert mem.take_changed().tolist() == [3]
+    assert walked == [(0, 64)]
+    with mem.lock():
+        for pfn in range(20, 64):
+            mem.release(pfn)
+    walked.clear()
+    mem.take_changed()
+    assert walked == [(0, 20)]
+
+
+def test_pfn_spans_bridge_small_gaps():
+    pfns = np.array([0, 1, 2, 5, 6, 700, 701, 2000], dtype=np.uint64)
+    assert memory.pfn_spans(pfns) == [(0, 3), (5, 7), (700, 702), (2000, 2001)]
+    assert memory.pfn_spans(pfns, 2) == [(0, 7), (700, 702), (2000, 2001)]
+    assert memory.pfn_spans(pfns, 1000) == [(0, 702), (2000, 2001)]
+    assert memory.pfn_spans(np.zeros(0, dtype=np.uint64), 512) == []
+
+
 def test_a_guest_that_could_not_arm_has_every_page_taken(guest):
     mem, _ = guest
     mem.set_log_dirty(True)
@@ -119,9 +167,9 @@ def test_a_held_tracker_is_not_scanned_and_loses_nothing(guest, monkeypatch):
     scans = []
     real_scan = memory.WriteTracker.scan
 
-    def scan(self):
+    def scan(self, *args):
         scans.append(1)
-        return real_scan(self)
+        return real_scan(self, *args)
 
     monkeypatch.setattr(memory.WriteTracker, "scan", scan)
     mem.set_log_dirty(True)
@@ -280,3 +328,139 @@ def test_a_page_written_only_through_the_raw_mapping_is_never_missed(guest):
     nonzero = np.flatnonzero(ram.any(axis=1))
     assert nonzero.tolist() == [5, 40]
     assert mem.written_mask(nonzero.astype(np.uint64)).all()
+
+
+@pytest.fixture
+def ctl_only():
+    mem = GuestMemory.create(8192, "test-marks")
+    with mem.lock():
+        mem.populate(np.arange(8192, dtype=np.uint64))
+    mem.set_log_dirty(True)
+    yield mem
+    mem.close()
+
+
+def test_a_few_marks_are_read_without_reading_the_maps(ctl_only, monkeypatch):
+    mem = ctl_only
+    reads = []
+    real_marked = base.marked
+
+    def marked(mask):
+        reads.append(len(mask))
+        return real_marked(mask)
+
+    monkeypatch.setattr(base, "marked", marked)
+    batch = np.array([700, 5, 9], dtype=np.uint64)
+    with mem.lock():
+        mem.mark_dirty(batch)
+        mem.mark_dirty(5)
+        mem.mark_dirty(slice(30, 33))
+        mem.mark_dirty(np.arange(8192) == 41)
+        # The caller's buffer used again: what was marked stays.
+        batch[:] = 1
+        mem.release(8000)
+    assert mem.harvest().tolist() == [5, 9, 30, 31, 32, 41, 700]
+    assert mem.harvest().tolist() == []
+    # The digest clears the changed ranges it reads itself.
+    mem.changed[0:8] = 0
+    assert mem.take_changed().tolist() == [9, 30, 31, 32, 41, 700, 8000]
+    assert reads == []
+    # Beyond the log's limit the map is read whole, and nothing is lost.
+    many = np.arange(0, 8192, 2, dtype=np.uint64)
+    with mem.lock():
+        mem.mark_dirty(many)
+    assert mem.harvest().tolist() == many.tolist()
+    assert reads == [8192]
+    with mem.lock():
+        mem.mark_dirty(3)
+    assert mem.harvest().tolist() == [3]
+    assert reads == [8192]
+
+
+def test_the_marks_logged_are_the_maps_bits(ctl_only):
+    mem = ctl_only
+    rng = np.random.default_rng(7)
+    dirty: set[int] = set()
+    changed: set[int] = set()
+    for _ in range(60):
+        n = int(rng.choice([1, 5, 40, 700]))
+        pfns = rng.integers(0, 8192, n).astype(np.uint64)
+        with mem.lock():
+            mem.mark_dirty(pfns)
+        dirty.update(pfns.tolist())
+        changed.update(pfns.tolist())
+        if rng.random() < 0.4:
+            assert mem.harvest().tolist() == sorted(dirty)
+            dirty.clear()
+        if rng.random() < 0.4:
+            assert mem.take_changed().tolist() == sorted(changed)
+            changed.clear()
+    assert mem.harvest().tolist() == sorted(dirty)
+    assert mem.take_changed().tolist() == sorted(changed)
+
+
+def test_a_p2m_change_racing_the_populated_read_is_not_cached(monkeypatch):
+    # A thread without the memory lock (the sender's populated_pfns)
+    # reads the p2m while a populate changes it: the array it made
+    # must not stand for the p2m after the change, or the write
+    # tracker's spans leave the new RAM out and its writes are lost to
+    # the dirty and the changed maps alike.
+    mem = GuestMemory.create(2048, "test-p2m-race")
+    try:
+        with mem.lock():
+            mem.populate(np.arange(512, dtype=np.uint64))
+        real_marked = base.marked
+        raced = []
+
+        def marked(mask):
+            pfns = real_marked(mask)
+            if not raced:
+                raced.append(1)
+                mem.populate(np.array([1800], dtype=np.uint64))
+            return pfns
+
+        monkeypatch.setattr(base, "marked", marked)
+        first = mem.populated()
+        assert 1800 not in first.tolist()
+        assert mem.populated()[-1] == 1800
+        assert mem.ram_spans()[-1] == (1800, 1801)
+    finally:
+        mem.close()
+
+
+def test_the_mark_log_falls_back_past_its_limit_exactly(ctl_only, monkeypatch):
+    mem = ctl_only
+    limit = mem._dirty_log.limit
+    reads = []
+    real_marked = base.marked
+
+    def marked(mask):
+        reads.append(len(mask))
+        return real_marked(mask)
+
+    monkeypatch.setattr(base, "marked", marked)
+    # As many marks as the limit (one pfn marked twice counts twice):
+    # still logged.
+    pfns = np.arange(limit - 1, dtype=np.uint64)
+    with mem.lock():
+        mem.mark_dirty(pfns)
+        mem.mark_dirty(0)
+    assert mem.harvest().tolist() == pfns.tolist()
+    assert reads == []
+    # One more, by a slice: the map is read whole, and the log starts
+    # again after it.
+    with mem.lock():
+        mem.mark_dirty(pfns)
+        mem.mark_dirty(slice(limit - 1, limit + 1))
+    assert mem.harvest().tolist() == list(range(limit + 1))
+    assert reads == [mem.max_pfn]
+    # The changed map overflowed alike; a pfn the digest cleared then
+    # marked again is read once.
+    assert mem.take_changed().tolist() == list(range(limit + 1))
+    with mem.lock():
+        mem.mark_dirty(7)
+        mem.changed[0:64] = 0
+        mem.mark_dirty(7)
+    assert mem.take_changed().tolist() == [7]
+    assert mem.harvest().tolist() == [7]
+    assert reads == [mem.max_pfn, mem.max_pfn]

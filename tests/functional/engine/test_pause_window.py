@@ -1,0 +1,91 @@
+"""What a running guest writes between the last precopy round and the
+pause is on the destination, the marks of the pause read from the maps'
+logs (memory._MarkLog) and the checker reading RAM itself."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nova_xen_ncm.engine import policy
+from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.host import checker
+
+from .conftest import guest_config
+
+
+def _rounds(count):
+    """Precopy ``count`` rounds, then stop and copy."""
+
+    def decide(stats):
+        if len(stats.rounds) < count:
+            return policy.Decision(policy.Action.CONTINUE)
+        return policy.Decision(policy.Action.STOP_AND_COPY, reason="test")
+
+    return decide
+
+
+def _migrate(source, destination, migration, domid, acts):
+    """Migrate ``domid``, running ``acts(phase)`` in the guest at the
+    first round's end and just before the pause; the snapshots and the
+    physmaps either side."""
+    seen = {}
+
+    def after_round(event):
+        if "round" not in seen:
+            seen["round"] = True
+            acts("round")
+
+    def before_pause(event):
+        acts("pause")
+
+    def at_source_restore(event):
+        seen["paused"] = checker.snapshot(source, domid)
+        seen["source_ram"] = source.populated_pfns(domid).copy()
+
+    def at_destination_commit(event):
+        seen["resumed"] = checker.snapshot(destination, domid)
+        seen["destination_ram"] = destination.populated_pfns(domid).copy()
+
+    m = migration(
+        source,
+        domid,
+        destination,
+        policy=_rounds(3),
+        source_hooks={
+            ("round", "precopy"): after_round,
+            ("state", "stop_and_copy"): before_pause,
+            ("state", "restore"): at_source_restore,
+        },
+        destination_hooks={("state", "commit"): at_destination_commit},
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    assert m.receiver.state.phase is Phase.DONE, m.receiver.error
+    return seen
+
+
+def test_a_write_just_before_the_pause_is_on_the_destination(
+    source, destination, migration
+):
+    domid = source.create_domain(guest_config(dirty_rate=0))
+    ram = source.populated_pfns(domid)
+    pfns = [int(ram[0x120]), int(ram[0x121]), int(ram[-1])]
+    early, late = bytes(range(1, 65)), bytes(range(101, 165))
+
+    def acts(phase):
+        # Written in round 1 (sent in round 2), then two of them again
+        # after the last round: those must not arrive as they were.
+        data, which = (early, pfns) if phase == "round" else (late, pfns[:2])
+        for pfn in which:
+            source.guest_command(
+                domid, "write", pfn=pfn, offset=64, data=data.hex()
+            )
+
+    seen = _migrate(source, destination, migration, domid, acts)
+    report = checker.check(seen["paused"], seen["resumed"])
+    assert report.passed, str(report)
+    assert seen["destination_ram"].tolist() == seen["source_ram"].tolist()
+    with destination.map_pages(
+        domid, np.array(pfns, dtype=np.uint64)
+    ) as mapping:
+        got = [bytes(page[64:128]) for page in mapping.pages]
+    assert got == [late, late, early]
