@@ -125,14 +125,18 @@ class Sender:
                     params.switchover_estimate,
                     switchover.estimate(endpoint[0]),
                 ),
+                pause_page_cost=switchover.page_cost(endpoint[0]),
             )
         #: The fixed part of the pause the policy was told.
         self.switchover_estimate = params.switchover_estimate
+        #: The cost of a page in the pause the policy was told (seconds).
+        self.pause_page_cost = params.pause_page_cost
         self.policy = policy or policies.load_policy(
             self.opts.precopy_policy, params
         )
-        # The decision that ended precopy.
-        self._stop: policies.Decision | None = None
+        #: The decision that ended precopy, and the pages it left.
+        self.stop_decision: policies.Decision | None = None
+        self._stop_pages = 0
         self._warned_unmet = False
         self.info = host.domain_info(domid)
         # What a restarted engine needs to settle this migration
@@ -249,7 +253,8 @@ class Sender:
                 self.journal.open()
                 self._setup()
                 decision, pending = self._precopy()
-                self._stop = decision
+                self.stop_decision = decision
+                self._stop_pages = len(pending)
                 self._stop_and_copy(decision, pending)
                 self._restore()
                 # Journalled as part of the transition: durable before
@@ -273,7 +278,7 @@ class Sender:
     def _learn_switchover(self) -> None:
         """Add this migration's fixed part of the pause to the history:
         the downtime less the transfer its policy expected."""
-        stop, downtime = self._stop, self.stats.actual_downtime
+        stop, downtime = self.stop_decision, self.stats.actual_downtime
         if (
             self._history is None
             or self.state.phase is not Phase.DONE
@@ -283,7 +288,9 @@ class Sender:
         ):
             return
         transfer = max(0.0, stop.expected_pause - self.switchover_estimate)
-        fixed = self._history.record(self.endpoint[0], downtime, transfer)
+        fixed = self._history.record(
+            self.endpoint[0], downtime, transfer, pages=self._stop_pages
+        )
         LOG.debug(
             "Migration %s: paused %.3fs, %s of it fixed",
             self.migration_id,

@@ -9,9 +9,19 @@ ended knows its downtime and the transfer its policy expected when it
 stopped; the difference is the fixed part between these two hosts, and
 the next migration to the same destination starts from it.
 
+The pages left cost more in the pause than in precopy: they are few and
+scattered, and each end reads and digests the blocks around each of
+them. So the history keeps a second number, the cost of a page in the
+pause: a pause whose pages took a large share of it (more than
+:data:`TRANSFER_SHARE` of the downtime by the policy's estimate) is not
+taken for a fixed part; the downtime less the fixed part known, over
+its pages, is a page's cost, which the policy then counts for each page
+left, when that is more than the precopy's pace says.
+
 A :class:`SwitchoverHistory` belongs to whoever starts the migrations (a
 compute host's live-migration operations, a benchmark): one migration's
-statistics stay its own (stats.py), the history only keeps this number.
+statistics stay its own (stats.py), the history only keeps these two
+numbers.
 """
 
 from __future__ import annotations
@@ -37,6 +47,14 @@ DESTINATIONS = 1024
 #: other two.
 SAMPLES = 3
 
+#: Share of a pause its expected transfer may take for the rest to be a
+#: fixed part: a pause mostly spent on pages is a page cost sample.
+TRANSFER_SHARE = 0.25
+
+#: Fewest pages a pause must have sent for its page cost to be measured:
+#: with fewer, the noise of the fixed part is most of the quotient.
+PAGE_SAMPLE_MIN = 256
+
 
 class SwitchoverHistory:
     """The fixed part of the pause per destination host, in seconds."""
@@ -54,40 +72,89 @@ class SwitchoverHistory:
         self._seen: collections.OrderedDict[str, collections.deque[float]] = (
             collections.OrderedDict()
         )
+        # Seconds per page in the pause, per destination (same window).
+        self._costs: dict[str, collections.deque[float]] = {}
 
     def record(
-        self, destination: str, downtime: float, transfer: float
+        self,
+        destination: str,
+        downtime: float,
+        transfer: float,
+        pages: int = 0,
     ) -> float | None:
         """A migration to ``destination`` paused the guest ``downtime``
-        seconds, of which its policy expected ``transfer`` for the pages
-        left: remember the rest; returns it. A transfer expected to take
-        the whole pause or more tells nothing of the fixed part (the
-        estimate was high, as it is meant to be when it errs): nothing
-        is remembered, and None returned."""
-        if downtime < 0 or transfer < 0:
+        seconds to send ``pages`` pages, for which its policy expected
+        ``transfer``. A pause whose expected transfer took at most
+        :data:`TRANSFER_SHARE` of it gives a fixed part (the rest),
+        returned. One mostly spent on pages gives, once a fixed part is
+        known and it sent :data:`PAGE_SAMPLE_MIN` pages or more, the
+        cost of a page in the pause (:meth:`page_cost`); None is
+        returned then, as for a transfer expected to take the whole
+        pause or more (the estimate was high, as it is meant to be when
+        it errs)."""
+        if downtime < 0 or transfer < 0 or pages < 0:
             raise ValueError(
-                f"downtime {downtime} and transfer {transfer} must not be "
-                "negative"
+                f"downtime {downtime}, transfer {transfer} and pages "
+                f"{pages} must not be negative"
             )
-        if transfer >= downtime:
-            return None
-        fixed = downtime - transfer
         with self._lock:
-            seen = self._seen.setdefault(
-                destination, collections.deque(maxlen=self._window)
-            )
-            seen.append(fixed)
-            self._seen.move_to_end(destination)
-            while len(self._seen) > self._destinations:
-                self._seen.popitem(last=False)
+            if pages and transfer > TRANSFER_SHARE * downtime:
+                self._record_cost(destination, downtime, pages)
+                return None
+            if transfer >= downtime:
+                return None
+            fixed = downtime - transfer
+            self._remember(self._seen, destination).append(fixed)
         return fixed
+
+    def _remember(
+        self, table: dict[str, collections.deque[float]], destination: str
+    ) -> collections.deque[float]:
+        """The window of ``destination`` in ``table``, made the most
+        recent; the least recent destination is forgotten past
+        ``destinations`` (both tables alike)."""
+        seen = self._seen.setdefault(
+            destination, collections.deque(maxlen=self._window)
+        )
+        self._seen.move_to_end(destination)
+        while len(self._seen) > self._destinations:
+            gone, _ = self._seen.popitem(last=False)
+            self._costs.pop(gone, None)
+        if table is self._seen:
+            return seen
+        return table.setdefault(
+            destination, collections.deque(maxlen=self._window)
+        )
+
+    def _record_cost(
+        self, destination: str, downtime: float, pages: int
+    ) -> None:
+        fixed = self._fixed(destination)
+        if fixed is None or pages < PAGE_SAMPLE_MIN or downtime <= fixed:
+            return
+        self._remember(self._costs, destination).append(
+            (downtime - fixed) / pages
+        )
+
+    def _fixed(self, destination: str) -> float | None:
+        seen = self._seen.get(destination)
+        if not seen or len(seen) < min(SAMPLES, self._window):
+            return None
+        return statistics.median(seen)
 
     def estimate(self, destination: str) -> float:
         """The fixed part of a pause to ``destination``: the median of
         the last ones measured, 0 while fewer than :data:`SAMPLES` (or
         the whole window, if smaller) were."""
         with self._lock:
-            seen = self._seen.get(destination)
-            if not seen or len(seen) < min(SAMPLES, self._window):
+            fixed = self._fixed(destination)
+        return 0.0 if fixed is None else fixed
+
+    def page_cost(self, destination: str) -> float:
+        """Seconds a page left costs in a pause to ``destination``: the
+        median of the last ones measured, 0 while none was."""
+        with self._lock:
+            costs = self._costs.get(destination)
+            if not costs:
                 return 0.0
-            return statistics.median(seen)
+            return statistics.median(costs)

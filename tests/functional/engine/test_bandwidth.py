@@ -38,6 +38,9 @@ def test_each_throttle_is_reported_with_its_reason(
         "throttle_trigger_rounds": 1,
         "throttle_step": 0.3,
         "max_rounds": 2,
+        # To the end, whatever the pause: the throttles are what is looked
+        # at here.
+        "downtime_unmet_action": "force_complete",
     }.items():
         conf.set_override(name, value, group="xen_ncm")
     domid = source.create_domain(
@@ -70,6 +73,7 @@ def test_a_target_that_cannot_be_met_is_reported_before_the_pause(
         "switchover_estimate": 0.01,
         "throttle_min": 0.5,
         "max_rounds": 2,
+        "downtime_unmet_action": "force_complete",
     }.items():
         conf.set_override(name, value, group="xen_ncm")
     domid = source.create_domain(
@@ -106,7 +110,42 @@ def test_a_target_that_cannot_be_met_is_reported_before_the_pause(
         if e.kind.value == "state" and e.phase == "stop_and_copy"
     ]
     assert "cannot be met" in stop[0].reason
+    assert "force_complete" in stop[0].reason
     assert_only_on(destination, source, domid)
+
+
+def test_a_target_out_of_reach_aborts_and_the_guest_runs_on(
+    conf, source, destination, migration
+):
+    # About 3 s. The default downtime_unmet_action: no pause longer than
+    # 120 % of the target; the migration rolls back, said in an event
+    # before and in the error, and the guest keeps running on the source.
+    for name, value in {
+        "precopy_policy": "downtime",
+        "downtime_target": 0.01,
+        "switchover_estimate": 0.01,
+        "throttle_min": 0.5,
+        "max_rounds": 2,
+    }.items():
+        conf.set_override(name, value, group="xen_ncm")
+    domid = source.create_domain(
+        guest_config(dirty_rate=64 * MiB, hot_fraction=1.0)
+    )
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.CANCELLED
+    assert "downtime_unmet_action is abort" in str(m.sender.error)
+    assert m.sender.stats.actual_downtime is None
+    events = m.source_events.events
+    assert any(
+        e.kind.value == "progress" and e.detail.get("downtime_target_unmet")
+        for e in events
+    )
+    assert not [
+        e
+        for e in events
+        if e.kind.value == "state" and e.phase == "stop_and_copy"
+    ]
+    assert_only_on(source, destination, domid)
 
 
 def test_the_fixed_part_of_a_pause_is_learned_for_the_next_migration(
@@ -114,6 +153,9 @@ def test_the_fixed_part_of_a_pause_is_learned_for_the_next_migration(
 ):
     # About 8 s: four migrations of an idle 8 MiB guest.
     conf.set_override("precopy_policy", "downtime", group="xen_ncm")
+    # Whatever the pauses of a loaded machine, the fourth migration is
+    # not to be refused for them: what it learned is looked at.
+    conf.set_override("downtime_target", 5.0, group="xen_ncm")
     history = SwitchoverHistory()
     downtimes = []
     for n in range(3):

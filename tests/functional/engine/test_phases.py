@@ -336,6 +336,7 @@ def test_downtime_policy_throttles_a_fast_dirtying_guest(
         "throttle_trigger_rounds": 1,
         "throttle_step": 0.3,
         "max_rounds": 6,
+        "downtime_unmet_action": "force_complete",
     }.items():
         conf.set_override(name, value, group="xen_ncm")
     domid = source.create_domain(
