@@ -12,11 +12,12 @@ the next migration to the same destination starts from it.
 The pages left cost more in the pause than in precopy: they are few and
 scattered, and each end reads and digests the blocks around each of
 them. So the history keeps a second number, the cost of a page in the
-pause: a pause whose pages took a large share of it (more than
-:data:`TRANSFER_SHARE` of the downtime by the policy's estimate) is not
-taken for a fixed part; the downtime less the fixed part known, over
-its pages, is a page's cost, which the policy then counts for each page
-left, when that is more than the precopy's pace says.
+pause: once a fixed part is known, a pause that sent
+:data:`PAGE_SAMPLE_MIN` pages or more is not taken for one (were its
+pages' cost underestimated, the fixed part would grow with it); the
+downtime less the fixed part known, over its pages, is a page's cost,
+which the policy then counts for each page left, when that is more than
+the precopy's pace says.
 
 A :class:`SwitchoverHistory` belongs to whoever starts the migrations (a
 compute host's live-migration operations, a benchmark): one migration's
@@ -47,13 +48,10 @@ DESTINATIONS = 1024
 #: other two.
 SAMPLES = 3
 
-#: Share of a pause its expected transfer may take for the rest to be a
-#: fixed part: a pause mostly spent on pages is a page cost sample.
-TRANSFER_SHARE = 0.25
-
-#: Fewest pages a pause must have sent for its page cost to be measured:
-#: with fewer, the noise of the fixed part is most of the quotient.
-PAGE_SAMPLE_MIN = 256
+#: Fewest pages a pause must have sent for its page cost to be measured
+#: (with fewer, the noise of the fixed part is most of the quotient);
+#: a pause with fewer measures the fixed part.
+PAGE_SAMPLE_MIN = 512
 
 
 class SwitchoverHistory:
@@ -84,28 +82,31 @@ class SwitchoverHistory:
     ) -> float | None:
         """A migration to ``destination`` paused the guest ``downtime``
         seconds to send ``pages`` pages, for which its policy expected
-        ``transfer``. A pause whose expected transfer took at most
-        :data:`TRANSFER_SHARE` of it gives a fixed part (the rest),
-        returned. One mostly spent on pages gives, once a fixed part is
-        known and it sent :data:`PAGE_SAMPLE_MIN` pages or more, the
-        cost of a page in the pause (:meth:`page_cost`); None is
-        returned then, as for a transfer expected to take the whole
-        pause or more (the estimate was high, as it is meant to be when
-        it errs)."""
+        ``transfer``. With :data:`PAGE_SAMPLE_MIN` pages or more and a
+        fixed part known, the pause gives the cost of a page in the
+        pause (:meth:`page_cost`), and None is returned. Else it gives a
+        fixed part, the downtime less the expected transfer, returned;
+        but a transfer expected to take the whole pause or more tells
+        nothing of it (the estimate was high, as it is meant to be when
+        it errs): None."""
         if downtime < 0 or transfer < 0 or pages < 0:
             raise ValueError(
                 f"downtime {downtime}, transfer {transfer} and pages "
                 f"{pages} must not be negative"
             )
         with self._lock:
-            if pages and transfer > TRANSFER_SHARE * downtime:
-                self._record_cost(destination, downtime, pages)
+            fixed = self._fixed(destination)
+            if pages >= PAGE_SAMPLE_MIN and fixed is not None:
+                if downtime > fixed:
+                    self._remember(self._costs, destination).append(
+                        (downtime - fixed) / pages
+                    )
                 return None
             if transfer >= downtime:
                 return None
-            fixed = downtime - transfer
-            self._remember(self._seen, destination).append(fixed)
-        return fixed
+            part = downtime - transfer
+            self._remember(self._seen, destination).append(part)
+        return part
 
     def _remember(
         self, table: dict[str, collections.deque[float]], destination: str
@@ -124,16 +125,6 @@ class SwitchoverHistory:
             return seen
         return table.setdefault(
             destination, collections.deque(maxlen=self._window)
-        )
-
-    def _record_cost(
-        self, destination: str, downtime: float, pages: int
-    ) -> None:
-        fixed = self._fixed(destination)
-        if fixed is None or pages < PAGE_SAMPLE_MIN or downtime <= fixed:
-            return
-        self._remember(self._costs, destination).append(
-            (downtime - fixed) / pages
         )
 
     def _fixed(self, destination: str) -> float | None:

@@ -55,33 +55,34 @@ def test_negative_times_are_refused(downtime, transfer, pages):
         SwitchoverHistory().record("192.0.2.1", downtime, transfer, pages)
 
 
-def test_a_pause_mostly_spent_on_pages_measures_their_cost():
+def test_a_pause_of_many_pages_measures_their_cost():
     history = SwitchoverHistory()
-    # No fixed part known yet: a pause of pages tells nothing.
-    assert history.record("192.0.2.1", 0.5, 0.2, pages=4000) is None
+    # No fixed part known yet: a fixed part, as before.
+    assert history.record("192.0.2.1", 0.5, 0.2, pages=4000) == pytest.approx(
+        0.3
+    )
     assert history.page_cost("192.0.2.1") == 0.0
     for _ in range(3):
         history.record("192.0.2.1", 0.05, 0.0)
-    # 4000 pages expected to take 0.2 s of a 0.45 s pause (over 25 %):
-    # not a fixed part of 0.25 s, but 0.4 s for 4000 pages after the
-    # 0.05 s known, 100 us a page.
-    assert history.record("192.0.2.1", 0.45, 0.2, pages=4000) is None
+    assert history.estimate("192.0.2.1") == pytest.approx(0.05)
+    # 4000 pages expected to take 0.02 s of a 0.45 s pause: not a fixed
+    # part of 0.43 s (it would grow with the pages' cost misjudged), but
+    # 0.4 s for 4000 pages after the 0.05 s known, 100 us a page.
+    assert history.record("192.0.2.1", 0.45, 0.02, pages=4000) is None
     assert history.estimate("192.0.2.1") == pytest.approx(0.05)
     assert history.page_cost("192.0.2.1") == pytest.approx(100e-6)
-    # A pause whose expected transfer is a small share of it is still a
-    # fixed part, pages or not.
-    assert history.record("192.0.2.1", 0.1, 0.02, pages=4000) == pytest.approx(
-        0.08
-    )
     # Too few pages for their cost to stand out of the fixed part's
-    # noise; a pause no longer than the fixed part: neither remembered.
-    history.record("192.0.2.1", 0.3, 0.2, pages=100)
-    history.record("192.0.2.1", 0.04, 0.02, pages=4000)
+    # noise: a fixed part.
+    assert history.record("192.0.2.1", 0.08, 0.02, pages=511) == pytest.approx(
+        0.06
+    )
+    # A pause no longer than the fixed part: nothing of pages.
+    assert history.record("192.0.2.1", 0.04, 0.02, pages=4000) is None
     assert history.page_cost("192.0.2.1") == pytest.approx(100e-6)
     # Per destination, and the median of the last ones.
     assert history.page_cost("192.0.2.9") == 0.0
     history.record("192.0.2.1", 0.85, 0.5, pages=4000)
-    history.record("192.0.2.1", 2.05, 0.6, pages=4000)
+    history.record("192.0.2.1", 2.05, 0.5, pages=4000)
     assert history.page_cost("192.0.2.1") == pytest.approx(200e-6)
 
 
@@ -103,7 +104,7 @@ def test_the_destinations_remembered_are_bounded():
     # The page costs of a destination forgotten go with it.
     history = SwitchoverHistory(window=1, destinations=1)
     history.record("192.0.2.1", 0.05, 0.0)
-    history.record("192.0.2.1", 0.45, 0.2, pages=4000)
+    history.record("192.0.2.1", 0.45, 0.02, pages=4000)
     assert history.page_cost("192.0.2.1") == pytest.approx(100e-6)
     history.record("192.0.2.2", 0.05, 0.0)
     assert history.page_cost("192.0.2.1") == 0.0
