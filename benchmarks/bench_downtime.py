@@ -13,12 +13,19 @@ shared by every migration of the run, as a compute host's are) starts
 from (``--no-history``: none, only ``[xen_ncm] switchover_estimate``).
 Then, for every dirty rate (a share of that bandwidth), dirty pattern and
 downtime target, a running guest is migrated between two simulated hosts
-over loopback TCP with the ``downtime`` policy and its defaults otherwise.
-Per case it prints the target, the downtime (no checker runs here, so
-nothing is to be subtracted from it), downtime over target, rounds, the
-throttle decisions and the events that said the target could not be met,
-and at the end the share of runs within 120 % of their target, overall
-and by target, and the share of the misses that were announced.
+over loopback TCP with the ``downtime`` policy and its defaults otherwise
+(``--set downtime_unmet_action=force_complete`` and the like: options for
+every migration). Per case it prints the target, the downtime (no checker
+runs here, so nothing is to be subtracted from it) or ``aborted`` (the
+policy's ``downtime_unmet_action = abort``: the guest must still run on
+the source), downtime over target, the pause the policy expected when it
+stopped, the pages it left, rounds, the throttle decisions, the throttle
+reached, the events that said the target could not be met, the fixed part
+and the cost of a page in the pause it was given (the switch-over
+history's), and at the end the share of runs whose pause kept within 120 %
+of their target (an aborted run paused nothing), overall and by target,
+rate, pattern and configuration, and how many misses and aborts were
+announced.
 
 The source host runs in this process, the destination in a child process
 (``nova-xen-ncm demo``'s host process), as in ``bench_migration.py``.

@@ -28,12 +28,13 @@ numbers.
 from __future__ import annotations
 
 import collections
-import statistics
+import collections.abc
 import threading
 
-#: Migrations per destination remembered: the estimate is the median
-#: of their fixed parts, so that neither one quick pause on an idle
-#: moment nor one stalled on a loaded one decides the next migration's.
+#: Migrations per destination remembered: the estimate is the second
+#: longest of their fixed parts (:func:`high`), so that neither one quick
+#: pause on an idle moment nor one stalled on a loaded one decides the
+#: next migration's.
 WINDOW = 5
 
 #: Destinations remembered, those recorded last: a compute host sends to
@@ -41,12 +42,22 @@ WINDOW = 5
 #: every address it ever sent to.
 DESTINATIONS = 1024
 
-#: Fixed parts measured before the median is used: with fewer, one
+#: Fixed parts measured before the estimate is used: with fewer, one
 #: pause stalled by a reconnection or a loaded moment would be the
-#: estimate (or half of it) and throttle the next migrations for
-#: nothing; with three, one such pause cannot move the median past the
-#: other two.
+#: estimate and throttle the next migrations for nothing; with three,
+#: one such pause is not the second longest.
 SAMPLES = 3
+
+
+def high(values: collections.abc.Iterable[float]) -> float:
+    """The second largest of ``values`` (the only one if alone): of five
+    the 80th percentile. A pause is longer than the estimate of its fixed
+    part about as often as the estimate is exceeded in the history, so a
+    median would be exceeded by half the pauses; the largest would let
+    one stalled pause decide."""
+    ordered = sorted(values)
+    return ordered[-2] if len(ordered) > 1 else ordered[0]
+
 
 #: Fewest pages a pause must have sent for its page cost to be measured
 #: (with fewer, the noise of the fixed part is most of the quotient);
@@ -131,21 +142,22 @@ class SwitchoverHistory:
         seen = self._seen.get(destination)
         if not seen or len(seen) < min(SAMPLES, self._window):
             return None
-        return statistics.median(seen)
+        return high(seen)
 
     def estimate(self, destination: str) -> float:
-        """The fixed part of a pause to ``destination``: the median of
-        the last ones measured, 0 while fewer than :data:`SAMPLES` (or
-        the whole window, if smaller) were."""
+        """The fixed part of a pause to ``destination``: the second
+        longest (:func:`high`) of the last ones measured, 0 while fewer
+        than :data:`SAMPLES` (or the whole window, if smaller) were."""
         with self._lock:
             fixed = self._fixed(destination)
         return 0.0 if fixed is None else fixed
 
     def page_cost(self, destination: str) -> float:
         """Seconds a page left costs in a pause to ``destination``: the
-        median of the last ones measured, 0 while none was."""
+        second highest (:func:`high`) of the last ones measured, 0 while
+        none was."""
         with self._lock:
             costs = self._costs.get(destination)
             if not costs:
                 return 0.0
-            return statistics.median(costs)
+            return high(costs)
