@@ -203,7 +203,9 @@ POLICY_OPTS = [
         "migration of an idle guest between the same hosts is a good "
         "value. A compute host also measures it on each migration it "
         "sends (the downtime less the transfer the policy expected) and "
-        "uses the median of the last five to the same destination, once "
+        "uses the second longest of the last five to the same destination "
+        "(and counts each page left at no less than the last pauses' cost "
+        "of a page), once "
         "three were measured, when that is more than this.",
     ),
     cfg.IntOpt(
