@@ -137,6 +137,8 @@ class Sender:
         #: The decision that ended precopy, and the pages it left.
         self.stop_decision: policies.Decision | None = None
         self._stop_pages = 0
+        #: The policy refused the pause it expected (an ABORT decision).
+        self._refused = False
         self._warned_unmet = False
         self.info = host.domain_info(domid)
         # What a restarted engine needs to settle this migration
@@ -279,6 +281,11 @@ class Sender:
         """Add this migration's fixed part of the pause to the history:
         the downtime less the transfer its policy expected."""
         stop, downtime = self.stop_decision, self.stats.actual_downtime
+        if self._history is not None and self._refused:
+            # Refused for what earlier pauses measured: no pause here
+            # to measure, so the history is told, lest it refuse for good.
+            self._history.refused(self.endpoint[0])
+            return
         if (
             self._history is None
             or self.state.phase is not Phase.DONE
@@ -492,6 +499,7 @@ class Sender:
             if decision.target_unmet:
                 self._report_unmet(rnd.round, decision)
             if decision.action is policies.Action.ABORT:
+                self._refused = decision.target_unmet
                 raise MigrationAborted(decision.reason)
             if decision.action is policies.Action.STOP_AND_COPY:
                 return decision, dirty

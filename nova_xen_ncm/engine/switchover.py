@@ -152,6 +152,20 @@ class SwitchoverHistory:
             fixed = self._fixed(destination)
         return 0.0 if fixed is None else fixed
 
+    def refused(self, destination: str) -> None:
+        """A migration to ``destination`` was refused for the pause this
+        history made it expect: its longest fixed part and its highest
+        page cost are forgotten. A refused migration measures nothing,
+        so without this the pauses of one loaded moment would refuse
+        every later migration there for good; after a few refusals
+        fewer than :data:`SAMPLES` fixed parts are left, and the next
+        migration measures the pause again."""
+        with self._lock:
+            for table in (self._seen, self._costs):
+                window = table.get(destination)
+                if window:
+                    window.remove(max(window))
+
     def page_cost(self, destination: str) -> float:
         """Seconds a page left costs in a pause to ``destination``: the
         second highest (:func:`high`) of the last ones measured, 0 while

@@ -122,3 +122,27 @@ def test_the_destinations_remembered_are_bounded():
     assert history.page_cost("192.0.2.1") == 0.0
     with pytest.raises(ValueError, match="destinations 0"):
         SwitchoverHistory(destinations=0)
+
+
+def test_a_refusal_forgets_the_longest_so_the_pause_is_measured_again():
+    # Three pauses of a loaded moment: 1 s of fixed part, and a page
+    # cost. A migration refused for them measures nothing; each refusal
+    # forgets the longest, and once fewer than three are left, nothing
+    # learned is used: the next migration measures again.
+    history = SwitchoverHistory()
+    for _ in range(3):
+        history.record("192.0.2.1", 1.0, 0.0)
+    history.record("192.0.2.1", 2.0, 0.0, pages=1000)
+    history.record("192.0.2.1", 1.5, 0.0, pages=1000)
+    assert history.estimate("192.0.2.1") == pytest.approx(1.0)
+    assert history.page_cost("192.0.2.1") == pytest.approx(500e-6)
+    history.refused("192.0.2.1")
+    assert history.estimate("192.0.2.1") == 0.0
+    assert history.page_cost("192.0.2.1") == pytest.approx(500e-6)
+    history.refused("192.0.2.1")
+    assert history.page_cost("192.0.2.1") == 0.0
+    # Nothing left, or nothing known of a destination: nothing to do.
+    history.refused("192.0.2.1")
+    history.refused("192.0.2.1")
+    history.refused("192.0.2.9")
+    assert history.estimate("192.0.2.1") == 0.0
