@@ -243,7 +243,7 @@ POLICY_OPTS = [
     ),
     cfg.StrOpt(
         "downtime_unmet_action",
-        default="abort",
+        default=None,
         choices=[
             (
                 "abort",
@@ -268,8 +268,11 @@ POLICY_OPTS = [
         "live_migration_timeout_action, the default keeps the promise "
         "(no pause longer than asked) and leaves the guest where it is; "
         "force_complete trades the target for completion, as Nova's "
-        "force-complete does. The completion timeout "
-        "(completion_timeout_per_gib) still applies first.",
+        "force-complete does. Unset, it is completion_timeout_action "
+        "(abort unless set): a migration the operator asked to complete "
+        "at the completion timeout is not cancelled before it for its "
+        "target. The completion timeout (completion_timeout_per_gib) "
+        "still applies first.",
     ),
     cfg.FloatOpt(
         "throttle_step",

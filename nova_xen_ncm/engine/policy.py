@@ -119,7 +119,11 @@ class PolicyParams:
             throttle_trigger_ratio=group.throttle_trigger_ratio,
             throttle_trigger_rounds=group.throttle_trigger_rounds,
             max_bandwidth=group.max_bandwidth * MIB,
-            unmet_action=TimeoutAction(group.downtime_unmet_action),
+            # Unset, what the operator chose for a migration that
+            # cannot end in time, as Nova's one timeout action decides.
+            unmet_action=TimeoutAction(
+                group.downtime_unmet_action or group.completion_timeout_action
+            ),
         )
 
 

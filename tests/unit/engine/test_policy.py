@@ -620,3 +620,26 @@ def test_params_take_the_unmet_action_from_conf():
     )
     with pytest.raises(ValueError):
         conf.set_override("downtime_unmet_action", "pause", group="xen_ncm")
+
+
+def test_an_unset_unmet_action_is_the_completion_timeout_action():
+    # An operator who asked for migrations to complete at the timeout
+    # (as Nova's live_migration_timeout_action = force_complete) does
+    # not have them cancelled before it for their target; set, the
+    # option decides.
+    from oslo_config import cfg
+
+    from nova_xen_ncm.conf import xen_ncm
+
+    conf = cfg.ConfigOpts()
+    xen_ncm.register_opts(conf)
+    conf([])
+    conf.set_override(
+        "completion_timeout_action", "force_complete", group="xen_ncm"
+    )
+    assert (
+        PolicyParams.from_conf(conf).unmet_action
+        is TimeoutAction.FORCE_COMPLETE
+    )
+    conf.set_override("downtime_unmet_action", "abort", group="xen_ncm")
+    assert PolicyParams.from_conf(conf).unmet_action is TimeoutAction.ABORT
