@@ -169,9 +169,12 @@ class SwitchoverHistory:
     def page_cost(self, destination: str) -> float:
         """Seconds a page left costs in a pause to ``destination``: the
         second highest (:func:`high`) of the last ones measured, 0 while
-        none was."""
+        fewer than :data:`SAMPLES` (or the whole window, if smaller)
+        were: as for the fixed part, one pause stalled by a reconnection
+        would otherwise price every page of the next migrations, and
+        have them refused."""
         with self._lock:
             costs = self._costs.get(destination)
-            if not costs:
+            if not costs or len(costs) < min(SAMPLES, self._window):
                 return 0.0
             return high(costs)
