@@ -296,7 +296,11 @@ class Sender:
             return
         transfer = max(0.0, stop.expected_pause - self.switchover_estimate)
         fixed = self._history.record(
-            self.endpoint[0], downtime, transfer, pages=self._stop_pages
+            self.endpoint[0],
+            downtime,
+            transfer,
+            pages=self._stop_pages,
+            fixed_floor=self.switchover_estimate,
         )
         LOG.debug(
             "Migration %s: paused %.3fs, %s of it fixed",

@@ -90,6 +90,7 @@ class SwitchoverHistory:
         downtime: float,
         transfer: float,
         pages: int = 0,
+        fixed_floor: float = 0.0,
     ) -> float | None:
         """A migration to ``destination`` paused the guest ``downtime``
         seconds to send ``pages`` pages, for which its policy expected
@@ -99,7 +100,11 @@ class SwitchoverHistory:
         fixed part, the downtime less the expected transfer, returned;
         but a transfer expected to take the whole pause or more tells
         nothing of it (the estimate was high, as it is meant to be when
-        it errs): None."""
+        it errs): None. ``fixed_floor`` is the fixed part the
+        migration's policy counted when more than this history's (an
+        operator's switchover_estimate): a page's cost is what the pause
+        took beyond it, not beyond a shorter fixed part, which would
+        count the difference twice in the next pauses expected."""
         if downtime < 0 or transfer < 0 or pages < 0:
             raise ValueError(
                 f"downtime {downtime}, transfer {transfer} and pages "
@@ -107,6 +112,8 @@ class SwitchoverHistory:
             )
         with self._lock:
             fixed = self._fixed(destination)
+            if fixed is not None:
+                fixed = max(fixed, fixed_floor)
             if pages >= PAGE_SAMPLE_MIN and fixed is not None:
                 if downtime > fixed:
                     self._remember(self._costs, destination).append(
