@@ -13,12 +13,19 @@ shared by every migration of the run, as a compute host's are) starts
 from (``--no-history``: none, only ``[xen_ncm] switchover_estimate``).
 Then, for every dirty rate (a share of that bandwidth), dirty pattern and
 downtime target, a running guest is migrated between two simulated hosts
-over loopback TCP with the ``downtime`` policy and its defaults otherwise.
-Per case it prints the target, the downtime (no checker runs here, so
-nothing is to be subtracted from it), downtime over target, rounds, the
-throttle decisions and the events that said the target could not be met,
-and at the end the share of runs within 120 % of their target, overall
-and by target, and the share of the misses that were announced.
+over loopback TCP with the ``downtime`` policy and its defaults otherwise
+(``--set downtime_unmet_action=force_complete`` and the like: options for
+every migration). Per case it prints the target, the downtime (no checker
+runs here, so nothing is to be subtracted from it) or ``aborted`` (the
+policy's ``downtime_unmet_action = abort``: the guest must still run on
+the source), downtime over target, the pause the policy expected when it
+stopped, the pages it left, rounds, the throttle decisions, the throttle
+reached, the events that said the target could not be met, the fixed part
+and the cost of a page in the pause it was given (the switch-over
+history's), and at the end the share of runs whose pause kept within 120 %
+of their target (an aborted run paused nothing), overall and by target,
+rate, pattern and configuration, and how many misses and aborts were
+announced.
 
 The source host runs in this process, the destination in a child process
 (``nova-xen-ncm demo``'s host process), as in ``bench_migration.py``.
@@ -120,17 +127,30 @@ def migrate(
         phase = sender.run()
         elapsed = time.perf_counter() - start
         incoming = destination.call("wait_incoming")
-        if phase is not Phase.DONE:
+        # The policy's own abort (downtime_unmet_action = abort) is an
+        # outcome to count: the guest must still run on the source.
+        aborted = phase is Phase.CANCELLED and sender.stop_decision is None
+        if aborted:
+            state = source.domain_info(domid).state
+            if state is not base.DomainState.RUNNING:
+                raise RuntimeError(f"aborted, yet the source guest is {state}")
+        elif phase is not Phase.DONE:
             raise RuntimeError(f"migration ended {phase}: {sender.error}")
-        if incoming["phase"] != Phase.DONE.value:
+        elif incoming["phase"] != Phase.DONE.value:
             raise RuntimeError(f"destination ended {incoming}")
         stats = sender.stats.to_dict()
+        stop = sender.stop_decision
         return {
             "seconds": elapsed,
+            "outcome": "aborted" if aborted else "done",
+            "error": str(sender.error) if aborted else None,
             "rounds": len(sender.stats.rounds),
             "switchover": sender.switchover_estimate,
+            "page_cost": sender.pause_page_cost,
             "downtime": stats["actual_downtime"],
             "expected": stats["expected_downtime"],
+            "policy_expected": stop.expected_pause if stop else None,
+            "pages_left": sender.stats.remaining_pages,
             "bandwidth": sender.stats.rounds[0].bandwidth,
             "throttle": stats["throttle"],
             "throttle_events": len(events.throttles),
@@ -163,7 +183,10 @@ def main() -> None:
     extra = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        extra[key] = float(value) if "." in value else int(value)
+        try:
+            extra[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            extra[key] = value
     targets = [int(t) for t in args.targets.split(",")]
     rates = [int(r) for r in args.rates.split(",")]
     patterns = args.patterns.split(",")
@@ -180,8 +203,9 @@ def main() -> None:
     }
     print(
         f"{'config':<7}{'pattern':<11}{'rate':>5}{'target':>7}"
-        f"{'downtime':>9}{'ratio':>7}{'rounds':>7}{'thr.ev':>7}"
-        f"{'floor':>6}{'unmet':>6}{'fixed':>7}"
+        f"{'downtime':>9}{'ratio':>7}{'est.':>7}{'pages':>7}{'rounds':>7}"
+        f"{'thr.ev':>7}{'floor':>6}{'unmet':>6}{'fixed':>7}{'us/pg':>6}",
+        flush=True,
     )
     for name in configs:
         settings = dict(CONFIGS[name], **extra)
@@ -204,7 +228,8 @@ def main() -> None:
         fixed = history.estimate("127.0.0.1") if history else 0.0
         print(
             f"# {name}: measured bandwidth {bandwidth / MIB:.0f} MiB/s, "
-            f"fixed part of the pause {fixed * 1000:.1f} ms"
+            f"fixed part of the pause {fixed * 1000:.1f} ms",
+            flush=True,
         )
         for pattern in patterns:
             for rate in rates:
@@ -224,7 +249,11 @@ def main() -> None:
                             ),
                             history=history,
                         )
-                        ratio = run["downtime"] * 1000 / target
+                        ratio = (
+                            run["downtime"] * 1000 / target
+                            if run["outcome"] == "done"
+                            else None
+                        )
                         case = dict(
                             run,
                             config=name,
@@ -234,33 +263,60 @@ def main() -> None:
                             ratio=ratio,
                         )
                         results["cases"].append(case)
+                        if ratio is None:
+                            shown = f"{'aborted':>9}{'-':>7}{'-':>7}"
+                        else:
+                            est = run["policy_expected"]
+                            shown = (
+                                f"{run['downtime'] * 1000:>7.1f}ms"
+                                f"{ratio:>7.2f}"
+                                + (
+                                    f"{est * 1000:>5.0f}ms"
+                                    if est is not None
+                                    else f"{'-':>7}"
+                                )
+                            )
                         print(
                             f"{name:<7}{pattern:<11}{rate:>4}%{target:>5}ms"
-                            f"{run['downtime'] * 1000:>7.1f}ms{ratio:>7.2f}"
+                            f"{shown}{run['pages_left']:>7}"
                             f"{run['rounds']:>7}{run['throttle_events']:>7}"
                             f"{run['throttle']:>6.2f}"
                             f"{run['unmet_events']:>6}"
-                            f"{run['switchover'] * 1000:>5.0f}ms",
+                            f"{run['switchover'] * 1000:>5.0f}ms"
+                            f"{run['page_cost'] * 1e6:>6.1f}",
                             flush=True,
                         )
     cases = results["cases"]
-    within = [c for c in cases if c["ratio"] <= TOLERANCE]
-    missed = [c for c in cases if c["ratio"] > TOLERANCE]
-    announced = [c for c in missed if c["unmet_events"]]
+
+    def kept(case: dict) -> bool:
+        # An aborted migration never paused the guest: it kept the target.
+        return case["ratio"] is None or case["ratio"] <= TOLERANCE
+
+    within = [c for c in cases if kept(c)]
+    missed = [c for c in cases if not kept(c)]
+    aborted = [c for c in cases if c["ratio"] is None]
+    announced = [c for c in missed + aborted if c["unmet_events"]]
     print(
-        f"within +{(TOLERANCE - 1) * 100:.0f}% of target: "
-        f"{len(within)}/{len(cases)} = {len(within) / len(cases):.0%}; "
-        f"misses announced as unmet: {len(announced)}/{len(missed)}"
+        f"pause within +{(TOLERANCE - 1) * 100:.0f}% of target (or none: "
+        f"aborted): {len(within)}/{len(cases)} = "
+        f"{len(within) / len(cases):.0%}; aborted {len(aborted)}; "
+        f"misses and aborts announced as unmet: {len(announced)}/"
+        f"{len(missed) + len(aborted)}"
     )
     by = collections.defaultdict(list)
     for c in cases:
-        by[("target", c["target"])].append(c["ratio"] <= TOLERANCE)
-        by[("rate", c["rate"])].append(c["ratio"] <= TOLERANCE)
-        by[("pattern", c["pattern"])].append(c["ratio"] <= TOLERANCE)
-        by[("config", c["config"])].append(c["ratio"] <= TOLERANCE)
-    for (kind, value), oks in by.items():
-        print(f"  {kind} {value}: {sum(oks)}/{len(oks)}")
+        for kind in ("target", "rate", "pattern", "config"):
+            by[(kind, c[kind])].append(c)
+    for (kind, value), group in by.items():
+        done = [c for c in group if c["ratio"] is not None]
+        print(
+            f"  {kind} {value}: {sum(kept(c) for c in group)}/{len(group)} "
+            f"kept, {len(group) - len(done)} aborted, "
+            f"{sum(c['ratio'] <= TOLERANCE for c in done)}/{len(done)} "
+            "completed within"
+        )
     results["within_share"] = len(within) / len(cases)
+    results["aborted"] = len(aborted)
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = RESULTS / f"downtime-{stamp}.json"

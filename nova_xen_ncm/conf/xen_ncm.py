@@ -208,7 +208,9 @@ POLICY_OPTS = [
         "migration of an idle guest between the same hosts is a good "
         "value. A compute host also measures it on each migration it "
         "sends (the downtime less the transfer the policy expected) and "
-        "uses the median of the last five to the same destination, once "
+        "uses the second longest of the last five to the same destination "
+        "(and counts each page left at no less than the last pauses' cost "
+        "of a page), once "
         "three were measured, when that is more than this.",
     ),
     cfg.IntOpt(
@@ -245,8 +247,41 @@ POLICY_OPTS = [
         "Throttled to throttle_min and still not fitting, the target "
         "cannot be met without stopping the guest's progress: a progress "
         "event says so (detail downtime_target_unmet), and rounds go on "
-        "while they leave fewer pages, at most twice this many, before "
-        "the longer pause.",
+        "while they leave fewer pages, at most twice this many; then "
+        "downtime_unmet_action is taken.",
+    ),
+    cfg.StrOpt(
+        "downtime_unmet_action",
+        default=None,
+        choices=[
+            (
+                "abort",
+                "Roll the migration back with an error that gives the "
+                "target and the pause expected; the guest keeps running on "
+                "the source.",
+            ),
+            (
+                "force_complete",
+                "Stop and copy anyway, with the longer pause expected "
+                "(the reason of the stop_and_copy phase gives it).",
+            ),
+        ],
+        help="What the 'downtime' policy does when downtime_target "
+        "cannot be met: the guest throttled to throttle_min for "
+        "max_rounds rounds or more and the pause expected still over "
+        "120 % of the target once rounds no longer leave fewer pages (or "
+        "after twice max_rounds), or the fixed part of the pause alone "
+        "(switchover_estimate, or what earlier migrations to the same "
+        "destination measured) over 120 % of the target. A pause within "
+        "120 % of the target is taken. Like Nova's [libvirt] "
+        "live_migration_timeout_action, the default keeps the promise "
+        "(no pause longer than asked) and leaves the guest where it is; "
+        "force_complete trades the target for completion, as Nova's "
+        "force-complete does. Unset, it is completion_timeout_action "
+        "(abort unless set): a migration the operator asked to complete "
+        "at the completion timeout is not cancelled before it for its "
+        "target. The completion timeout (completion_timeout_per_gib) "
+        "still applies first.",
     ),
     cfg.FloatOpt(
         "throttle_step",

@@ -70,6 +70,21 @@ class Decision:
 Policy = Callable[[PrecopyStats], Decision]
 
 
+class TimeoutAction(str, enum.Enum):
+    """What is done when a migration cannot end as asked: on an expired
+    completion timeout, or when the ``downtime`` policy's target is out
+    of reach."""
+
+    ABORT = "abort"
+    FORCE_COMPLETE = "force_complete"
+
+
+#: A pause within this share of its target keeps it: the ``downtime``
+#: policy never stops and copies with a longer pause expected, unless
+#: ``[xen_ncm] downtime_unmet_action`` is ``force_complete``.
+DOWNTIME_TOLERANCE = 1.2
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyParams:
     """The knobs of the policies, from [xen_ncm] options."""
@@ -77,6 +92,9 @@ class PolicyParams:
     downtime_target: float = 0.5
     #: The fixed part of the pause ([xen_ncm] switchover_estimate).
     switchover_estimate: float = 0.0
+    #: Seconds a page left costs in the pause, as measured on earlier
+    #: pauses to the same destination (engine/switchover.py); 0: unknown.
+    pause_page_cost: float = 0.0
     max_rounds: int = 30
     throttle_step: float = 0.2
     throttle_min: float = 0.1
@@ -85,6 +103,9 @@ class PolicyParams:
     #: The migration's bandwidth cap in bytes per second, 0 for none
     #: ([xen_ncm] max_bandwidth): the pause is estimated at no more.
     max_bandwidth: float = 0.0
+    #: What the ``downtime`` policy does once its target is out of reach
+    #: ([xen_ncm] downtime_unmet_action): roll back, or pause longer.
+    unmet_action: TimeoutAction = TimeoutAction.ABORT
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> PolicyParams:
@@ -98,6 +119,11 @@ class PolicyParams:
             throttle_trigger_ratio=group.throttle_trigger_ratio,
             throttle_trigger_rounds=group.throttle_trigger_rounds,
             max_bandwidth=group.max_bandwidth * MIB,
+            # Unset, what the operator chose for a migration that
+            # cannot end in time, as Nova's one timeout action decides.
+            unmet_action=TimeoutAction(
+                group.downtime_unmet_action or group.completion_timeout_action
+            ),
         )
 
 
@@ -134,7 +160,9 @@ def effective_bandwidth(stats: PrecopyStats, cap: float = 0.0) -> float:
     return stats.bandwidth
 
 
-def transfer_time(stats: PrecopyStats, cap: float = 0.0) -> float:
+def transfer_time(
+    stats: PrecopyStats, cap: float = 0.0, page_cost: float = 0.0
+) -> float:
     """Seconds to send the pages left, in the pause.
 
     At the pace of the last round, page for page, when it sent any: a
@@ -144,12 +172,15 @@ def transfer_time(stats: PrecopyStats, cap: float = 0.0) -> float:
     smoothed over the big first rounds does not tell; and pages, not
     octets, because compression shrinks what was sent but not what is
     left. Never faster than the smoothed bandwidth nor the migration's
-    ``cap`` allow."""
+    ``cap`` allow, nor than ``page_cost`` seconds a page (what a page
+    cost in earlier pauses, where each end also reads and digests the
+    blocks around it)."""
     if stats.remaining_bytes == 0:
         return 0.0
     bandwidth = effective_bandwidth(stats, cap)
-    by_bandwidth = (
-        stats.remaining_bytes / bandwidth if bandwidth > 0 else float("inf")
+    by_bandwidth = max(
+        stats.remaining_bytes / bandwidth if bandwidth > 0 else float("inf"),
+        max(stats.dirty_count, 0) * page_cost,
     )
     if not stats.rounds:
         return by_bandwidth
@@ -171,9 +202,11 @@ def transfer_time(stats: PrecopyStats, cap: float = 0.0) -> float:
 def expected_pause(stats: PrecopyStats, params: PolicyParams) -> float:
     """The pause a stop and copy now would take, in seconds: the fixed
     part of the switch-over and the transfer of the pages left."""
-    return params.switchover_estimate + transfer_time(
-        stats, params.max_bandwidth
-    )
+    return params.switchover_estimate + _transfer(stats, params)
+
+
+def _transfer(stats: PrecopyStats, params: PolicyParams) -> float:
+    return transfer_time(stats, params.max_bandwidth, params.pause_page_cost)
 
 
 def fits_downtime(
@@ -181,15 +214,16 @@ def fits_downtime(
     downtime_target: float,
     switchover: float = 0.0,
     cap: float = 0.0,
+    page_cost: float = 0.0,
 ) -> bool:
     """QEMU's switch-over rule, remaining <= bandwidth x downtime, with
     the fixed part of the pause (``switchover``) taken off the target,
-    the transfer timed as :func:`transfer_time` does and held to the
-    migration's ``cap``."""
+    the transfer timed as :func:`transfer_time` does, held to the
+    migration's ``cap`` and to ``page_cost`` a page."""
     budget = downtime_target - switchover
     if budget <= 0:
         return stats.remaining_bytes == 0
-    return transfer_time(stats, cap) <= budget
+    return transfer_time(stats, cap, page_cost) <= budget
 
 
 def rounds_at_pace(stats: PrecopyStats, ratio: float) -> int:
@@ -227,7 +261,7 @@ def throttle_to_fit(stats: PrecopyStats, params: PolicyParams) -> float | None:
     if step is None:
         return None
     budget = params.downtime_target - params.switchover_estimate
-    needed = transfer_time(stats, params.max_bandwidth)
+    needed = _transfer(stats, params)
     if budget > 0 and needed > 0 and needed != float("inf"):
         scaled = stats.throttle * THROTTLE_MARGIN * budget / needed
     else:
@@ -263,15 +297,19 @@ def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
     Throttled to ``throttle_min`` and still not fitting, the target
     cannot be met without stopping the guest's progress: the decision
     says so (``target_unmet``, the sender's progress event reports it),
-    and rounds go on at the floor while they still leave fewer pages;
-    only once they no longer do (or after twice ``max_rounds``) is the
-    guest stopped with a longer pause, the reason saying how long."""
+    and rounds go on at the floor while they still leave fewer pages.
+    Once they no longer do (or after twice ``max_rounds``) the pause
+    expected decides (:func:`_out_of_reach`): within
+    :data:`DOWNTIME_TOLERANCE` of the target it is taken; longer, the
+    migration is aborted, or with ``unmet_action`` ``force_complete``
+    the guest is stopped for it, the reason saying how long."""
     pause = expected_pause(stats, params)
     if fits_downtime(
         stats,
         params.downtime_target,
         params.switchover_estimate,
         params.max_bandwidth,
+        params.pause_page_cost,
     ):
         return Decision(
             Action.STOP_AND_COPY,
@@ -279,7 +317,7 @@ def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
                 f"{stats.remaining_bytes} bytes fit "
                 f"{params.downtime_target}s (expected pause {pause:.3f}s)"
                 + (
-                    f" after {params.switchover_estimate}s of switch-over"
+                    f" after {params.switchover_estimate:.3f}s of switch-over"
                     if params.switchover_estimate
                     else ""
                 )
@@ -313,18 +351,54 @@ def downtime(stats: PrecopyStats, params: PolicyParams) -> Decision:
                 target_unmet=True,
                 expected_pause=pause,
             )
+        return _out_of_reach(
+            params,
+            pause,
+            f"{unmet}; {stats.iteration} rounds done, no longer converging",
+        )
+    return _auto_converge(stats, params, pause) or Decision(
+        Action.CONTINUE, expected_pause=pause
+    )
+
+
+def _out_of_reach(params: PolicyParams, pause: float, why: str) -> Decision:
+    """The decision once rounds can no longer bring the pause down to
+    the target: a pause ``pause`` within :data:`DOWNTIME_TOLERANCE` of
+    the target is taken; a longer one only if the operator chose to
+    (``unmet_action`` ``force_complete``), else the migration aborts
+    and the guest keeps running on the source."""
+    limit = DOWNTIME_TOLERANCE * params.downtime_target
+    if pause <= limit:
         return Decision(
             Action.STOP_AND_COPY,
             reason=(
-                f"{unmet}; {stats.iteration} rounds done, no longer "
-                f"converging: expected pause {pause:.3f}s over the "
-                f"{params.downtime_target}s target"
+                f"{why}: the expected pause {pause:.3f}s is within "
+                f"{limit:.3f}s, {DOWNTIME_TOLERANCE:.0%} of the target"
             ),
             target_unmet=True,
             expected_pause=pause,
         )
-    return _auto_converge(stats, params, pause) or Decision(
-        Action.CONTINUE, expected_pause=pause
+    if params.unmet_action is TimeoutAction.FORCE_COMPLETE:
+        return Decision(
+            Action.STOP_AND_COPY,
+            reason=(
+                f"{why}: expected pause {pause:.3f}s over the "
+                f"{params.downtime_target}s target, taken as "
+                "downtime_unmet_action is force_complete"
+            ),
+            target_unmet=True,
+            expected_pause=pause,
+        )
+    return Decision(
+        Action.ABORT,
+        reason=(
+            f"{why}: expected pause {pause:.3f}s over {limit:.3f}s "
+            f"({DOWNTIME_TOLERANCE:.0%} of the {params.downtime_target}s "
+            "target); aborted as downtime_unmet_action is abort, the "
+            "guest keeps running on the source"
+        ),
+        target_unmet=True,
+        expected_pause=pause,
     )
 
 
@@ -354,36 +428,43 @@ def _fixed_part_too_long(
 ) -> Decision:
     """The fixed part of the pause alone takes the whole target: no
     throttle makes anything but an empty remainder fit, so the target is
-    said to be unmet from the first round, and the guest is throttled to
-    ``throttle_min`` at once for the shortest pause there is; rounds go
-    on while they still shrink what is left (at most twice
-    ``max_rounds``)."""
+    said to be unmet from the first round. Over
+    :data:`DOWNTIME_TOLERANCE` of the target nothing can help, and with
+    ``unmet_action`` ``abort`` the migration ends at once; else the
+    guest is throttled to ``throttle_min`` for the shortest pause there
+    is, and rounds go on while they still shrink what is left (at most
+    twice ``max_rounds``) before :func:`_out_of_reach` decides."""
     unmet = (
         f"downtime target {params.downtime_target}s cannot be met: the "
         f"fixed part of the pause alone takes "
-        f"{params.switchover_estimate:.3f}s (a pause now: {pause:.3f}s); "
+        f"{params.switchover_estimate:.3f}s (a pause now: {pause:.3f}s)"
     )
+    hopeless = (
+        params.switchover_estimate
+        > DOWNTIME_TOLERANCE * params.downtime_target
+    )
+    if hopeless and params.unmet_action is TimeoutAction.ABORT:
+        return _out_of_reach(params, pause, f"{unmet}; no throttle helps")
     if stats.iteration < 2 * params.max_rounds and _converging(stats):
         fraction = throttle_to_fit(stats, params)
         if fraction is not None:
             return Decision(
                 Action.THROTTLE,
                 throttle=fraction,
-                reason=f"{unmet}guest throttled to {fraction}",
+                reason=f"{unmet}; guest throttled to {fraction}",
                 target_unmet=True,
                 expected_pause=pause,
             )
         return Decision(
             Action.CONTINUE,
-            reason=f"{unmet}rounds go on while they converge",
+            reason=f"{unmet}; rounds go on while they converge",
             target_unmet=True,
             expected_pause=pause,
         )
-    return Decision(
-        Action.STOP_AND_COPY,
-        reason=f"{unmet}{stats.iteration} rounds done, no longer converging",
-        target_unmet=True,
-        expected_pause=pause,
+    return _out_of_reach(
+        params,
+        pause,
+        f"{unmet}; {stats.iteration} rounds done, no longer converging",
     )
 
 
@@ -395,11 +476,6 @@ def downtime_factory(params: PolicyParams) -> Policy:
 
 
 # -- completion timeout -----------------------------------------------
-
-
-class TimeoutAction(str, enum.Enum):
-    ABORT = "abort"
-    FORCE_COMPLETE = "force_complete"
 
 
 def completion_timeout(memory_bytes: int, per_gib: float) -> float:

@@ -126,14 +126,20 @@ class Sender:
                     params.switchover_estimate,
                     switchover.estimate(endpoint[0]),
                 ),
+                pause_page_cost=switchover.page_cost(endpoint[0]),
             )
         #: The fixed part of the pause the policy was told.
         self.switchover_estimate = params.switchover_estimate
+        #: The cost of a page in the pause the policy was told (seconds).
+        self.pause_page_cost = params.pause_page_cost
         self.policy = policy or policies.load_policy(
             self.opts.precopy_policy, params
         )
-        # The decision that ended precopy.
-        self._stop: policies.Decision | None = None
+        #: The decision that ended precopy, and the pages it left.
+        self.stop_decision: policies.Decision | None = None
+        self._stop_pages = 0
+        #: The policy refused the pause it expected (an ABORT decision).
+        self._refused = False
         self._warned_unmet = False
         self.info = host.domain_info(domid)
         # What a restarted engine needs to settle this migration
@@ -254,7 +260,8 @@ class Sender:
                 self.journal.open()
                 self._setup()
                 decision, pending = self._precopy()
-                self._stop = decision
+                self.stop_decision = decision
+                self._stop_pages = len(pending)
                 self._stop_and_copy(decision, pending)
                 self._restore()
                 # Journalled as part of the transition: durable before
@@ -278,7 +285,12 @@ class Sender:
     def _learn_switchover(self) -> None:
         """Add this migration's fixed part of the pause to the history:
         the downtime less the transfer its policy expected."""
-        stop, downtime = self._stop, self.stats.actual_downtime
+        stop, downtime = self.stop_decision, self.stats.actual_downtime
+        if self._history is not None and self._refused:
+            # Refused for what earlier pauses measured: no pause here
+            # to measure, so the history is told, lest it refuse for good.
+            self._history.refused(self.endpoint[0])
+            return
         if (
             self._history is None
             or self.state.phase is not Phase.DONE
@@ -288,7 +300,13 @@ class Sender:
         ):
             return
         transfer = max(0.0, stop.expected_pause - self.switchover_estimate)
-        fixed = self._history.record(self.endpoint[0], downtime, transfer)
+        fixed = self._history.record(
+            self.endpoint[0],
+            downtime,
+            transfer,
+            pages=self._stop_pages,
+            fixed_floor=self.switchover_estimate,
+        )
         LOG.debug(
             "Migration %s: paused %.3fs, %s of it fixed",
             self.migration_id,
@@ -507,6 +525,7 @@ class Sender:
             if decision.target_unmet:
                 self._report_unmet(rnd.round, decision)
             if decision.action is policies.Action.ABORT:
+                self._refused = decision.target_unmet
                 raise MigrationAborted(decision.reason)
             if decision.action is policies.Action.STOP_AND_COPY:
                 return decision, dirty

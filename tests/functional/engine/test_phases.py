@@ -336,6 +336,7 @@ def test_downtime_policy_throttles_a_fast_dirtying_guest(
         "throttle_trigger_rounds": 1,
         "throttle_step": 0.3,
         "max_rounds": 6,
+        "downtime_unmet_action": "force_complete",
     }.items():
         conf.set_override(name, value, group="xen_ncm")
     domid = source.create_domain(
@@ -420,6 +421,8 @@ def test_a_rollback_after_the_pause_lifts_the_throttle_before_unpausing(
         "throttle_trigger_ratio": 0.01,
         "throttle_trigger_rounds": 1,
         "max_rounds": 3,
+        # The pause this test needs, however long.
+        "downtime_unmet_action": "force_complete",
     }.items():
         conf.set_override(name, value, group="xen_ncm")
     domid = source.create_domain(guest_config(dirty_rate=1024 * MiB))

@@ -120,7 +120,9 @@ PARAMS = PolicyParams(
             Action.CONTINUE,
             None,
         ),
-        # ... and stop once they no longer do, or after 2 x max_rounds.
+        # ... and, the pause still 80 times the target, abort once they
+        # no longer do, or after 2 x max_rounds (downtime_unmet_action's
+        # default): never a longer pause than asked.
         (
             snap(
                 iteration=12,
@@ -128,12 +130,12 @@ PARAMS = PolicyParams(
                 throttle=0.2,
                 rounds=[rnd(i, 100 * MB, 10_000) for i in range(4)],
             ),
-            Action.STOP_AND_COPY,
+            Action.ABORT,
             None,
         ),
         (
             snap(iteration=20, dirty=10**6, throttle=0.2),
-            Action.STOP_AND_COPY,
+            Action.ABORT,
             None,
         ),
         (snap(iteration=9, dirty=10**6), Action.CONTINUE, None),
@@ -220,6 +222,9 @@ def test_downtime(stats, expected, fraction):
         # the guest is throttled for the shortest pause there is.
         (0.5, 1, Action.THROTTLE),
         (0.5, 0, Action.STOP_AND_COPY),
+        (0.6, 1, Action.THROTTLE),
+        # Over 120 % of the target nothing helps: aborted at once.
+        (0.61, 1, Action.ABORT),
         (0.7, 0, Action.STOP_AND_COPY),
     ],
 )
@@ -248,12 +253,21 @@ def test_past_max_rounds_the_reasons_say_the_target_is_not_met():
         going.reason
     )
     assert "throttle floor 0.2 a pause would take 40.960s" in going.reason
-    stopped = policy.downtime(
+    aborted = policy.downtime(
         snap(iteration=20, dirty=10**6, throttle=0.2), PARAMS
     )
-    assert stopped.action is Action.STOP_AND_COPY
-    assert stopped.target_unmet
-    assert "expected pause 40.960s over the 0.5s target" in stopped.reason
+    assert aborted.action is Action.ABORT
+    assert aborted.target_unmet
+    assert "expected pause 40.960s over 0.600s" in aborted.reason
+    assert "downtime_unmet_action is abort" in aborted.reason
+    forced = policy.downtime(
+        snap(iteration=20, dirty=10**6, throttle=0.2),
+        dataclasses.replace(PARAMS, unmet_action=TimeoutAction.FORCE_COMPLETE),
+    )
+    assert forced.action is Action.STOP_AND_COPY
+    assert forced.target_unmet
+    assert "expected pause 40.960s over the 0.5s target" in forced.reason
+    assert "force_complete" in forced.reason
 
 
 def test_a_pause_that_fits_is_not_reported_unmet():
@@ -474,7 +488,9 @@ def test_a_fixed_part_as_long_as_the_target_is_said_unmet_at_once():
     )
     assert going.action is Action.CONTINUE
     assert going.target_unmet
-    # ... and stop once they no longer do, or after twice max_rounds.
+    # ... and once they no longer do, or after twice max_rounds, the
+    # pause expected decides: rounds of 244 pages a second leave 1000
+    # pages for 4.1 s, over 120 % of the target (aborted) ...
     flat = policy.downtime(
         snap(
             iteration=4,
@@ -484,9 +500,146 @@ def test_a_fixed_part_as_long_as_the_target_is_said_unmet_at_once():
         ),
         params,
     )
-    assert flat.action is Action.STOP_AND_COPY
+    assert flat.action is Action.ABORT
     assert flat.target_unmet
     assert "no longer converging" in flat.reason
+    # ... at 100 MB/s, 0.541 s, within 0.6 s: taken.
     last = policy.downtime(snap(iteration=20, dirty=1000), params)
     assert last.action is Action.STOP_AND_COPY
     assert last.target_unmet
+    assert "within 0.600s" in last.reason
+    # 5000 pages: 0.705 s, over 120 %: aborted.
+    over = policy.downtime(snap(iteration=20, dirty=5000), params)
+    assert over.action is Action.ABORT
+    assert over.expected_pause == pytest.approx(0.5 + 5000 * 4096 / MB / 100)
+
+
+@pytest.mark.parametrize(
+    "fixed,action,expected",
+    [
+        # The fixed part alone is over 120 % of the target: nothing will
+        # make it fit. Aborted after the first round (the guest is not
+        # throttled for nothing) ...
+        (0.7, TimeoutAction.ABORT, Action.ABORT),
+        # ... or throttled to its floor for the shortest pause there is,
+        # if the operator chose a longer pause over none.
+        (0.7, TimeoutAction.FORCE_COMPLETE, Action.THROTTLE),
+        # Within 120 %: worth trying whatever the choice.
+        (0.55, TimeoutAction.ABORT, Action.THROTTLE),
+    ],
+)
+def test_a_fixed_part_out_of_reach_follows_the_operators_choice(
+    fixed, action, expected
+):
+    params = dataclasses.replace(
+        PARAMS, switchover_estimate=fixed, unmet_action=action
+    )
+    decision = policy.downtime(snap(iteration=1, dirty=1000), params)
+    assert decision.action is expected
+    assert decision.target_unmet
+    if expected is Action.ABORT:
+        assert "no throttle helps" in decision.reason
+        assert "guest keeps running on the source" in decision.reason
+
+
+@pytest.mark.parametrize(
+    "dirty,action,expected",
+    [
+        # Past 2 x max_rounds at the floor: 14648 pages at 100 MB/s are
+        # 0.600 s, 120 % of the target: taken whatever the choice.
+        (14648, TimeoutAction.ABORT, Action.STOP_AND_COPY),
+        (14649, TimeoutAction.ABORT, Action.ABORT),
+        (14649, TimeoutAction.FORCE_COMPLETE, Action.STOP_AND_COPY),
+    ],
+)
+def test_a_pause_is_never_longer_than_120_percent_unless_chosen(
+    dirty, action, expected
+):
+    params = dataclasses.replace(PARAMS, unmet_action=action)
+    stats = snap(iteration=20, dirty=dirty, throttle=0.2)
+    decision = policy.downtime(stats, params)
+    assert decision.action is expected
+    assert decision.target_unmet
+
+
+@pytest.mark.parametrize(
+    "page_cost,dirty,expected",
+    [
+        # Without a page cost, 12207 pages at 100 MB/s fit 0.5 s.
+        (0.0, 12207, Action.STOP_AND_COPY),
+        # Pages that cost 100 us each in earlier pauses: 5000 fit ...
+        (100e-6, 5000, Action.STOP_AND_COPY),
+        # ... 5001 do not, although the precopy's pace says they would.
+        (100e-6, 5001, Action.CONTINUE),
+        # A page cost below the pace measured changes nothing.
+        (1e-6, 12207, Action.STOP_AND_COPY),
+        (1e-6, 12208, Action.CONTINUE),
+    ],
+)
+def test_the_pause_counts_what_a_page_cost_in_earlier_pauses(
+    page_cost, dirty, expected
+):
+    params = dataclasses.replace(PARAMS, pause_page_cost=page_cost)
+    decision = policy.downtime(snap(dirty=dirty), params)
+    assert decision.action is expected
+    assert decision.expected_pause == pytest.approx(
+        max(dirty * 4096 / (100 * MB), dirty * page_cost)
+    )
+
+
+def test_the_throttle_to_fit_counts_the_page_cost():
+    # 24414 pages at 100 MB/s take 1 s: half the 0.5 s budget over it
+    # is 0.25; at 100 us a page they take 2.44 s: 0.102.
+    stats = snap(iteration=10, dirty=24414)
+    assert policy.throttle_to_fit(stats, PARAMS) == pytest.approx(
+        0.25, abs=1e-3
+    )
+    params = dataclasses.replace(
+        PARAMS, pause_page_cost=100e-6, throttle_min=0.01
+    )
+    assert policy.throttle_to_fit(stats, params) == pytest.approx(
+        0.5 * 0.5 / 2.4414, abs=1e-3
+    )
+
+
+def test_params_take_the_unmet_action_from_conf():
+    from oslo_config import cfg
+
+    from nova_xen_ncm.conf import xen_ncm
+
+    conf = cfg.ConfigOpts()
+    xen_ncm.register_opts(conf)
+    conf([])
+    assert PolicyParams.from_conf(conf).unmet_action is TimeoutAction.ABORT
+    conf.set_override(
+        "downtime_unmet_action", "force_complete", group="xen_ncm"
+    )
+    assert (
+        PolicyParams.from_conf(conf).unmet_action
+        is TimeoutAction.FORCE_COMPLETE
+    )
+    with pytest.raises(ValueError):
+        conf.set_override("downtime_unmet_action", "pause", group="xen_ncm")
+
+
+def test_an_unset_unmet_action_is_the_completion_timeout_action():
+    # An operator who asked for migrations to complete at the timeout
+    # (as Nova's live_migration_timeout_action = force_complete) does
+    # not have them cancelled before it for their target; set, the
+    # option decides.
+    from oslo_config import cfg
+
+    from nova_xen_ncm.conf import xen_ncm
+
+    conf = cfg.ConfigOpts()
+    xen_ncm.register_opts(conf)
+    conf([])
+    conf.set_override(
+        "completion_timeout_action", "force_complete", group="xen_ncm"
+    )
+    assert (
+        PolicyParams.from_conf(conf).unmet_action
+        is TimeoutAction.FORCE_COMPLETE
+    )
+    conf.set_override("downtime_unmet_action", "abort", group="xen_ncm")
+    assert PolicyParams.from_conf(conf).unmet_action is TimeoutAction.ABORT
