@@ -256,18 +256,33 @@ class WriteTracker:
         last = (np.concatenate(ends) - np.uint64(self.addr)) >> np.uint64(
             PAGE_SHIFT
         )
-        lengths = (last - first).astype(np.int64)
-        total = int(lengths.sum())
-        if not total:
-            return np.zeros(0, dtype=np.uint64)
-        offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return np.repeat(first, lengths) + (
-            np.arange(total, dtype=np.int64) - offsets
-        ).astype(np.uint64)
+        return expand_runs(first.view(np.int64), last.view(np.int64))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+
+def expand_runs(first: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """The pfns of the runs ``[first[i], end[i])`` (ascending, disjoint)
+    as one sorted uint64 array, built in that array alone: a scan of a
+    guest that wrote all of its RAM lists every page, and each temporary
+    the size of the result would be 8 octets a page more."""
+    lengths = end - first
+    keep = lengths > 0
+    if not keep.all():
+        first, end, lengths = first[keep], end[keep], lengths[keep]
+    total = int(lengths.sum())
+    out = np.ones(total, dtype=np.int64)
+    if not total:
+        return out.view(np.uint64)
+    # Each run's first slot holds the step from the previous run's last
+    # pfn (from -1 for the first); the running sum is then the pfns.
+    starts = np.cumsum(lengths) - lengths
+    out[starts[0]] = first[0]
+    out[starts[1:]] = first[1:] - end[:-1] + 1
+    np.cumsum(out, out=out)
+    return out.view(np.uint64)
 
 
 def _check_mapping(pid: int, addr: int, size: int, ram_fd: int) -> None:
@@ -446,6 +461,16 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
+
+
+def _index(pfns: np.ndarray | int) -> np.ndarray | int:
+    """uint64 ``pfns`` as an index of a per-pfn map without a copy
+    (numpy would make one in intp, 8 octets a pfn: with every page of
+    a guest marked, as its first scan or harvest may, that is 8 octets
+    a page at once)."""
+    if isinstance(pfns, np.ndarray) and pfns.dtype == np.uint64:
+        return pfns.view(np.int64)
+    return pfns
 
 
 def _round_up(n: int) -> int:
@@ -794,6 +819,7 @@ class GuestMemory:
         if self._written_ever is None:
             # calloc'd: a page of it is memory once a pfn in it is marked.
             self._written_ever = np.zeros(self.max_pfn, dtype=np.uint8)
+        pfns = _index(pfns)
         self._written_ever[pfns] = 1
         self.changed[pfns] = 1
         if self.header[2]:
@@ -810,7 +836,7 @@ class GuestMemory:
                 return np.zeros(0, dtype=np.uint64)
             self._changed_read = marks
             pfns = base.marked(self.changed)
-            self.changed[pfns] = 0
+            self.changed[_index(pfns)] = 0
         return pfns
 
     def written_since_creation(self, start: int, end: int) -> np.ndarray:
@@ -857,7 +883,8 @@ class GuestMemory:
         ever = self._written_ever
         if ever is None:
             return np.zeros(len(pfns), dtype=bool)
-        return ever[pfns.astype(np.int64)] != 0
+        # Indexed through a view: a copy would be 8 octets a pfn.
+        return ever.view(bool)[pfns.view(np.int64)]
 
     def seek_data_mask(self, start: int, end: int) -> np.ndarray:
         """Which pfns of ``[start, end)`` hold data (not holes), from the
@@ -892,7 +919,7 @@ class GuestMemory:
             else:
                 self._dirty_read = marks
                 pfns = base.marked(self.dirty)
-                self.dirty[pfns] = 0
+                self.dirty[_index(pfns)] = 0
         if extra is not None and len(extra):
             pfns = base.pfn_union(pfns, extra)
         return pfns
