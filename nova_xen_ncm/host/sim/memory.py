@@ -123,6 +123,9 @@ _syscall = _libc.syscall
 _madvise = _libc.madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _MADV_REMOVE = 9
+# A scan of at most this many runs is marked a slice a run
+# (GuestMemory._mark_runs); more, scattered writes, as a pfn list.
+_MARK_RUNS_MAX = 1024
 # Guest RAM freed per madvise call by GuestMemory.free.
 _RELEASE_CHUNK = 64 << 20
 _syscall.restype = ctypes.c_long
@@ -220,6 +223,11 @@ class WriteTracker:
     def scan(self) -> np.ndarray:
         """The pfns written since the previous scan (sorted), protected
         again."""
+        return expand_runs(*self.scan_runs())
+
+    def scan_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`scan` as runs: ``(first, end)``, int64, the pfns
+        ``[first[i], end[i])``, ascending."""
         vec = self._vec
         start, end = self.addr, self.addr + self.size
         starts: list[np.ndarray] = []
@@ -256,7 +264,7 @@ class WriteTracker:
         last = (np.concatenate(ends) - np.uint64(self.addr)) >> np.uint64(
             PAGE_SHIFT
         )
-        return expand_runs(first.view(np.int64), last.view(np.int64))
+        return first.view(np.int64), last.view(np.int64)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -787,7 +795,7 @@ class GuestMemory:
         if self._tracker is None:
             return  # no guest process, or one that has not run yet
         try:
-            pfns = self._tracker.scan()
+            first, end = self._tracker.scan_runs()
         except OSError as exc:
             if self._tracked_pid is None or _alive(self._tracked_pid):
                 raise base.HostError(
@@ -796,8 +804,25 @@ class GuestMemory:
                     call="log_dirty",
                 ) from None
             return  # the guest process has gone: it writes no more
-        if len(pfns):
-            self.mark_dirty(pfns)
+        if len(first) > _MARK_RUNS_MAX:
+            self.mark_dirty(expand_runs(first, end))
+        elif len(first):
+            self._mark_runs(first.tolist(), end.tolist())
+
+    def _mark_runs(self, first: list[int], end: list[int]) -> None:
+        """:meth:`mark_dirty` of the pfns ``[first[i], end[i])``, a slice
+        a run: a guest process's first scan lists all it wrote since it
+        was created, often all of its RAM in a few runs, which as a pfn
+        list would be 8 octets a page. The caller holds :meth:`lock`."""
+        if self._written_ever is None:
+            self._written_ever = np.zeros(self.max_pfn, dtype=np.uint8)
+        maps = [self._written_ever, self.changed]
+        if self.header[2]:
+            maps.append(self.dirty)
+        for lo, hi in zip(first, end, strict=True):
+            for per_pfn in maps:
+                per_pfn[lo:hi] = 1
+        self._marks = next(self._mark_seq)
 
     # -- log-dirty --
 

@@ -8,6 +8,7 @@ arrays to it), not on time.
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -130,3 +131,52 @@ def test_written_mask_of_every_page_is_an_octet_a_page(mem) -> None:
     assert out.dtype == bool
     assert out[::2].all() and not out[1::2].any()
     assert used <= PAGES + SLACK
+
+
+class _Runs:
+    """A write tracker whose scan finds ``runs`` once."""
+
+    def __init__(self, first: list[int], end: list[int]) -> None:
+        self.runs = (
+            np.array(first, dtype=np.int64),
+            np.array(end, dtype=np.int64),
+        )
+
+    def scan_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        runs, self.runs = self.runs, (np.zeros(0, np.int64),) * 2
+        return runs
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+def test_a_scan_of_every_page_is_marked_without_a_pfn_list(
+    mem, scattered
+) -> None:
+    if scattered:
+        # More runs than are marked a slice each: a pfn list, of the
+        # size of the pages written.
+        first = list(range(0, PAGES, 4))
+        end = [f + 1 for f in first]
+    else:
+        first, end = [0, PAGES // 2 + 1], [PAGES // 2, PAGES]
+    mem._tracker = _Runs(first, end)
+    mem._tracked_pid = os.getpid()
+    mem.set_log_dirty(True)  # its flush takes what was written before
+    mem._tracker = _Runs(first, end)
+    with mem.lock():
+        _, used = peak(mem._flush_written)
+    written = np.zeros(PAGES, dtype=bool)
+    for lo, hi in zip(first, end, strict=True):
+        written[lo:hi] = True
+    np.testing.assert_array_equal(mem.dirty.astype(bool), written)
+    np.testing.assert_array_equal(mem.changed.astype(bool), written)
+    count = int(written.sum())
+    if scattered:
+        # The pfns and the expansion's work, a few words a run: of the
+        # size of what was written, not of the guest.
+        assert used <= 8 * count + 32 * len(first) + SLACK
+    else:
+        # The map of pages written since creation (an octet a pfn).
+        assert used <= PAGES + SLACK

@@ -117,13 +117,13 @@ def test_what_the_guest_wrote_before_it_stopped_is_kept(guest):
 def test_a_held_tracker_is_not_scanned_and_loses_nothing(guest, monkeypatch):
     mem, write = guest
     scans = []
-    real_scan = memory.WriteTracker.scan
+    real_scan = memory.WriteTracker.scan_runs
 
     def scan(self):
         scans.append(1)
         return real_scan(self)
 
-    monkeypatch.setattr(memory.WriteTracker, "scan", scan)
+    monkeypatch.setattr(memory.WriteTracker, "scan_runs", scan)
     mem.set_log_dirty(True)
     write(21)
     with mem.lock():
