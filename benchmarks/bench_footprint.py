@@ -34,8 +34,8 @@ Cases: ``paused`` (a paused guest of random RAM) and ``dirty`` (a
 running guest of random RAM writing ``--dirty-rate`` uniformly), each
 over plain TCP and over mutual TLS (``[xen_ncm] tls_enabled``, the
 certificates of ``compare_qemu.py``), with the hosts' defaults
-otherwise (``--channels``, ``--compression`` to change them). Sizes
-alternate within each run.
+otherwise (``--channels``, ``--compression`` to change them). The
+sizes go in the order given, reversed every other run.
 
 Prints a table (median and range over the runs), a least-squares fit of
 peak and growth against guest GiB per case and side, its value at 8 GiB,
