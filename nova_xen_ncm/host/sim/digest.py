@@ -206,9 +206,13 @@ class MemoryDigest:
             # written as zero are taken again from the kernel's holes.
             c.started = False
         c.trusted = not dom.booted
-        pfns = np.concatenate(
-            (mem.take_changed(), self.hv.unlocked_writes(dom))
-        ).astype(np.int64)
+        # The first look takes every page the guest wrote: no copy of
+        # that array beyond the one taken (8 octets a page).
+        pfns = mem.take_changed()
+        unlocked = self.hv.unlocked_writes(dom)
+        if len(unlocked):
+            pfns = np.concatenate((pfns, unlocked))
+        pfns = pfns.view(np.int64)
         if c.mask is not None:
             # A page written since the first look holds data now.
             c.mask[pfns] = True
@@ -251,7 +255,8 @@ class MemoryDigest:
                 c, base.pfn_difference(every, held).tolist(), c.mask
             )
         if len(pfns):
-            blocks.update(base.pfn_union(pfns // _DIGEST_BLOCK).tolist())
+            pfns //= _DIGEST_BLOCK  # in place: pfns is not needed after
+            blocks.update(base.pfn_union(pfns.view(np.uint64)).tolist())
         if limit is None and c.hollow is not None and not c.trusted:
             blocks.update(self._filled_holes(c))
         c.pending.update(blocks)

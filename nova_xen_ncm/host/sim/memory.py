@@ -127,6 +127,9 @@ _syscall = _libc.syscall
 _madvise = _libc.madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _MADV_REMOVE = 9
+# A scan of at most this many runs is marked a slice a run
+# (GuestMemory._mark_runs); more, scattered writes, as a pfn list.
+_MARK_RUNS_MAX = 1024
 # Guest RAM freed per madvise call by GuestMemory.free.
 _RELEASE_CHUNK = 64 << 20
 _syscall.restype = ctypes.c_long
@@ -228,6 +231,13 @@ class WriteTracker:
         again: in ``spans`` ([first, end) pfns, sorted), or all of the
         mapping. A written page outside them stays written in its PTE
         until a scan covers it: nothing is lost by leaving it out."""
+        return expand_runs(*self.scan_runs(spans))
+
+    def scan_runs(
+        self, spans: Sequence[tuple[int, int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`scan` as runs: ``(first, end)``, int64, the pfns
+        ``[first[i], end[i])``, ascending."""
         if spans is None:
             spans = [(0, self.size >> PAGE_SHIFT)]
         starts: list[np.ndarray] = []
@@ -240,21 +250,15 @@ class WriteTracker:
                 ends,
             )
         if not starts:
-            return np.zeros(0, dtype=np.uint64)
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
         first = (np.concatenate(starts) - np.uint64(self.addr)) >> np.uint64(
             PAGE_SHIFT
         )
         last = (np.concatenate(ends) - np.uint64(self.addr)) >> np.uint64(
             PAGE_SHIFT
         )
-        lengths = (last - first).astype(np.int64)
-        total = int(lengths.sum())
-        if not total:
-            return np.zeros(0, dtype=np.uint64)
-        offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return np.repeat(first, lengths) + (
-            np.arange(total, dtype=np.int64) - offsets
-        ).astype(np.uint64)
+        return first.view(np.int64), last.view(np.int64)
 
     def _walk(
         self,
@@ -308,6 +312,28 @@ def pfn_spans(pfns: np.ndarray, gap: int = 0) -> list[tuple[int, int]]:
     firsts = p[np.concatenate(([0], cuts))]
     lasts = p[np.concatenate((cuts - 1, [len(p) - 1]))] + 1
     return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
+
+
+def expand_runs(first: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """The pfns of the runs ``[first[i], end[i])`` (ascending, disjoint)
+    as one sorted uint64 array, built in that array alone: a scan of a
+    guest that wrote all of its RAM lists every page, and each temporary
+    the size of the result would be 8 octets a page more."""
+    lengths = end - first
+    keep = lengths > 0
+    if not keep.all():
+        first, end, lengths = first[keep], end[keep], lengths[keep]
+    total = int(lengths.sum())
+    out = np.ones(total, dtype=np.int64)
+    if not total:
+        return out.view(np.uint64)
+    # Each run's first slot holds the step from the previous run's last
+    # pfn (from -1 for the first); the running sum is then the pfns.
+    starts = np.cumsum(lengths) - lengths
+    out[starts[0]] = first[0]
+    out[starts[1:]] = first[1:] - end[:-1] + 1
+    np.cumsum(out, out=out)
+    return out.view(np.uint64)
 
 
 def _check_mapping(pid: int, addr: int, size: int, ram_fd: int) -> None:
@@ -488,6 +514,16 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
+def _index(pfns: np.ndarray | int) -> np.ndarray | int:
+    """uint64 ``pfns`` as an index of a per-pfn map without a copy
+    (numpy would make one in intp, 8 octets a pfn: with every page of
+    a guest marked, as its first scan or harvest may, that is 8 octets
+    a page at once)."""
+    if isinstance(pfns, np.ndarray) and pfns.dtype == np.uint64:
+        return pfns.view(np.int64)
+    return pfns
+
+
 def _round_up(n: int) -> int:
     return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
@@ -518,16 +554,24 @@ class _MarkLog:
                 return
             marked = np.array(span, dtype=np.uint64)
         else:
+            given = np.asarray(pfns)
+            # Counted before any copy: past the limit nothing is copied
+            # (every page marked would be 8 octets a page).
+            n = (
+                int(np.count_nonzero(given))
+                if given.dtype == bool
+                else given.size
+            )
+            if self.count + n > self.limit:
+                self.parts = None
+                return
             # A copy: a caller's array may be a batch buffer used again.
-            marked = np.array(pfns, ndmin=1)
-            if marked.dtype == bool:
-                marked = np.flatnonzero(marked)
-            marked = marked.astype(np.uint64)
+            if given.dtype == bool:
+                marked = np.flatnonzero(given).astype(np.uint64)
+            else:
+                marked = np.array(given, dtype=np.uint64, ndmin=1)
         self.count += len(marked)
-        if self.count > self.limit:
-            self.parts = None
-        else:
-            self.parts.append(marked)
+        self.parts.append(marked)
 
     def take(self, mask: np.ndarray) -> np.ndarray:
         """The pfns set in ``mask`` (sorted), which the caller clears;
@@ -870,7 +914,7 @@ class GuestMemory:
         if self._tracker is None:
             return  # no guest process, or one that has not run yet
         try:
-            pfns = self._tracker.scan(self.ram_spans())
+            first, end = self._tracker.scan_runs(self.ram_spans())
         except OSError as exc:
             if self._tracked_pid is None or _alive(self._tracked_pid):
                 raise base.HostError(
@@ -879,8 +923,31 @@ class GuestMemory:
                     call="log_dirty",
                 ) from None
             return  # the guest process has gone: it writes no more
-        if len(pfns):
-            self.mark_dirty(pfns)
+        if len(first) > _MARK_RUNS_MAX:
+            self.mark_dirty(expand_runs(first, end))
+        elif len(first):
+            self._mark_runs(first.tolist(), end.tolist())
+
+    def _mark_runs(self, first: list[int], end: list[int]) -> None:
+        """:meth:`mark_dirty` of the pfns ``[first[i], end[i])``, a slice
+        a run: a guest process's first scan lists all it wrote since it
+        was created, often all of its RAM in a few runs, which as a pfn
+        list would be 8 octets a page. The caller holds :meth:`lock`."""
+        if self._written_ever is None:
+            self._written_ever = np.zeros(self.max_pfn, dtype=np.uint8)
+        maps = [self._written_ever, self.changed]
+        # The maps' logs learn of each run too: a harvest or digest
+        # that reads only the log would miss it otherwise.
+        logs = [self._changed_log]
+        if self.header[2]:
+            maps.append(self.dirty)
+            logs.append(self._dirty_log)
+        for lo, hi in zip(first, end, strict=True):
+            for per_pfn in maps:
+                per_pfn[lo:hi] = 1
+            for log in logs:
+                log.add(slice(lo, hi))
+        self._marks = next(self._mark_seq)
 
     # -- log-dirty --
 
@@ -903,6 +970,7 @@ class GuestMemory:
         if self._written_ever is None:
             # calloc'd: a page of it is memory once a pfn in it is marked.
             self._written_ever = np.zeros(self.max_pfn, dtype=np.uint8)
+        pfns = _index(pfns)
         self._written_ever[pfns] = 1
         self.changed[pfns] = 1
         self._changed_log.add(pfns)
@@ -921,7 +989,7 @@ class GuestMemory:
                 return np.zeros(0, dtype=np.uint64)
             self._changed_read = marks
             pfns = self._changed_log.take(self.changed)
-            self.changed[pfns] = 0
+            self.changed[_index(pfns)] = 0
         return pfns
 
     def written_since_creation(self, start: int, end: int) -> np.ndarray:
@@ -968,7 +1036,8 @@ class GuestMemory:
         ever = self._written_ever
         if ever is None:
             return np.zeros(len(pfns), dtype=bool)
-        return ever[pfns.astype(np.int64)] != 0
+        # Indexed through a view: a copy would be 8 octets a pfn.
+        return ever.view(bool)[pfns.view(np.int64)]
 
     def seek_data_mask(self, start: int, end: int) -> np.ndarray:
         """Which pfns of ``[start, end)`` hold data (not holes), from the
@@ -1003,7 +1072,7 @@ class GuestMemory:
             else:
                 self._dirty_read = marks
                 pfns = self._dirty_log.take(self.dirty)
-                self.dirty[pfns] = 0
+                self.dirty[_index(pfns)] = 0
         if extra is not None and len(extra):
             pfns = base.pfn_union(pfns, extra)
         return pfns

@@ -165,13 +165,13 @@ def test_what_the_guest_wrote_before_it_stopped_is_kept(guest):
 def test_a_held_tracker_is_not_scanned_and_loses_nothing(guest, monkeypatch):
     mem, write = guest
     scans = []
-    real_scan = memory.WriteTracker.scan
+    real_scan = memory.WriteTracker.scan_runs
 
     def scan(self, *args):
         scans.append(1)
         return real_scan(self, *args)
 
-    monkeypatch.setattr(memory.WriteTracker, "scan", scan)
+    monkeypatch.setattr(memory.WriteTracker, "scan_runs", scan)
     mem.set_log_dirty(True)
     write(21)
     with mem.lock():
@@ -464,3 +464,16 @@ def test_the_mark_log_falls_back_past_its_limit_exactly(ctl_only, monkeypatch):
     assert mem.take_changed().tolist() == [7]
     assert mem.harvest().tolist() == [7]
     assert reads == [mem.max_pfn, mem.max_pfn]
+
+
+def test_runs_a_scan_marks_reach_the_logged_reads(ctl_only):
+    # A guest process's scan marks its runs a slice a run; the dirty and
+    # changed maps are read from their logs once read before: the runs
+    # must be in them, or the harvest at the pause misses the writes.
+    mem = ctl_only
+    assert mem.harvest().tolist() == []
+    assert mem.take_changed().tolist() == []
+    with mem.lock():
+        mem._mark_runs([10, 4000], [13, 4001])
+    assert mem.harvest().tolist() == [10, 11, 12, 4000]
+    assert mem.take_changed().tolist() == [10, 11, 12, 4000]

@@ -1,0 +1,182 @@
+"""Memory the per-page paths of the data path allocate for a guest's
+every page at once: the result and bounded scratch, no copy of the pfns
+(a copy is 8 octets a page: 16 MiB for an 8 GiB guest).
+
+The bounds are on the peak traced by tracemalloc (numpy reports its
+arrays to it), not on time.
+"""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nova_xen_ncm.host import base
+from nova_xen_ncm.host.sim import memory
+from nova_xen_ncm.host.sim.memory import GuestMemory
+
+# 1 GiB of 4 KiB pages.
+PAGES = 1 << 18
+# Interpreter objects of a call (frames, small arrays' headers).
+SLACK = 64 << 10
+
+
+def peak(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``fn()`` and the most memory it held at once beyond what was
+    allocated before it (its result included)."""
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1] - before
+    finally:
+        if started:
+            tracemalloc.stop()
+
+
+def test_marked_holds_its_result_and_no_copy_of_it() -> None:
+    mask = np.ones(PAGES, dtype=np.uint8)
+    out, used = peak(lambda: base.marked(mask))
+    assert out.dtype == np.uint64
+    np.testing.assert_array_equal(out, np.arange(PAGES))
+    # The result, the non-zero words (at most one per 8 pfns) and slack.
+    assert used <= out.nbytes + PAGES + SLACK
+
+
+def test_a_union_of_one_array_does_not_copy_it() -> None:
+    # The block index of every page of a guest: many repeats.
+    blocks = np.repeat(np.arange(PAGES // 64, dtype=np.uint64), 64)
+    base.pfn_union(blocks[:1000])  # this thread's scratch bitmaps
+    out, used = peak(lambda: base.pfn_union(blocks))
+    np.testing.assert_array_equal(out, np.arange(PAGES // 64))
+    # The result and a bool per entry (whether they are sorted).
+    assert used <= out.nbytes + PAGES + SLACK
+
+
+@pytest.mark.parametrize(
+    "operation", [base.pfn_intersection, base.pfn_difference]
+)
+def test_set_operations_on_every_page_copy_no_operand(operation) -> None:
+    a = np.arange(PAGES, dtype=np.uint64)
+    b = np.arange(0, PAGES, 2, dtype=np.uint64)
+    operation(a[:1000], b[:1000])  # this thread's scratch bitmaps
+    out, used = peak(lambda: operation(a, b))
+    assert len(out) == PAGES // 2
+    # a's selection and the sorted result (each half of a), a bool per
+    # pfn of a and the result's words: no operand copied into intp.
+    assert used <= a.nbytes + 3 * PAGES + SLACK
+
+
+def test_expand_runs_builds_only_its_result() -> None:
+    first = np.arange(0, 4 * PAGES, 4096, dtype=np.int64)
+    end = first + 1024
+    out, used = peak(lambda: memory.expand_runs(first, end))
+    assert len(out) == PAGES
+    np.testing.assert_array_equal(out[:3], [0, 1, 2])
+    np.testing.assert_array_equal(out[1023:1026], [1023, 4096, 4097])
+    assert out[-1] == 4 * PAGES - 4096 + 1023
+    assert used <= out.nbytes + 4 * first.nbytes + SLACK
+
+
+def test_expand_runs_skips_empty_runs() -> None:
+    out = memory.expand_runs(
+        np.array([0, 5, 5, 9], dtype=np.int64),
+        np.array([2, 5, 8, 10], dtype=np.int64),
+    )
+    assert out.dtype == np.uint64
+    assert out.tolist() == [0, 1, 5, 6, 7, 9]
+    assert len(memory.expand_runs(*[np.zeros(0, dtype=np.int64)] * 2)) == 0
+
+
+@pytest.fixture
+def mem():
+    mem = GuestMemory.create(PAGES, "test-footprint")
+    yield mem
+    mem.close()
+
+
+def test_marking_every_page_copies_no_pfns(mem) -> None:
+    pfns = np.arange(PAGES, dtype=np.uint64)
+    with mem.lock():
+        _, used = peak(lambda: mem.mark_dirty(pfns))
+    # The map of pages written since creation: an octet a pfn.
+    assert used <= PAGES + SLACK
+    assert mem.written_mask(pfns).all()
+
+
+def test_taking_every_changed_page_holds_the_pfns_once(mem) -> None:
+    pfns = np.arange(PAGES, dtype=np.uint64)
+    with mem.lock():
+        mem.mark_dirty(pfns)
+    out, used = peak(mem.take_changed)
+    np.testing.assert_array_equal(out, pfns)
+    assert used <= out.nbytes + PAGES + SLACK
+    assert not mem.changed.any()
+
+
+def test_written_mask_of_every_page_is_an_octet_a_page(mem) -> None:
+    pfns = np.arange(PAGES, dtype=np.uint64)
+    with mem.lock():
+        mem.mark_dirty(pfns[::2])
+    mem.set_log_dirty(True)  # no scan for the mask
+    out, used = peak(lambda: mem.written_mask(pfns))
+    assert out.dtype == bool
+    assert out[::2].all() and not out[1::2].any()
+    assert used <= PAGES + SLACK
+
+
+class _Runs:
+    """A write tracker whose scan finds ``runs`` once."""
+
+    def __init__(self, first: list[int], end: list[int]) -> None:
+        self.runs = (
+            np.array(first, dtype=np.int64),
+            np.array(end, dtype=np.int64),
+        )
+
+    def scan_runs(self, spans=None) -> tuple[np.ndarray, np.ndarray]:
+        runs, self.runs = self.runs, (np.zeros(0, np.int64),) * 2
+        return runs
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+def test_a_scan_of_every_page_is_marked_without_a_pfn_list(
+    mem, scattered
+) -> None:
+    if scattered:
+        # More runs than are marked a slice each: a pfn list, of the
+        # size of the pages written.
+        first = list(range(0, PAGES, 4))
+        end = [f + 1 for f in first]
+    else:
+        first, end = [0, PAGES // 2 + 1], [PAGES // 2, PAGES]
+    mem._tracker = _Runs(first, end)
+    mem._tracked_pid = os.getpid()
+    mem.set_log_dirty(True)  # its flush takes what was written before
+    mem._tracker = _Runs(first, end)
+    with mem.lock():
+        _, used = peak(mem._flush_written)
+    written = np.zeros(PAGES, dtype=bool)
+    for lo, hi in zip(first, end, strict=True):
+        written[lo:hi] = True
+    np.testing.assert_array_equal(mem.dirty.astype(bool), written)
+    np.testing.assert_array_equal(mem.changed.astype(bool), written)
+    count = int(written.sum())
+    if scattered:
+        # The pfns and the expansion's work, a few words a run: of the
+        # size of what was written, not of the guest.
+        assert used <= 8 * count + 32 * len(first) + SLACK
+    else:
+        # The map of pages written since creation (an octet a pfn).
+        assert used <= PAGES + SLACK
