@@ -249,7 +249,9 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     parser.add_argument("--sizes", default="256M,512M,1G,2G")
     parser.add_argument("--runs", default=3, type=int)
     parser.add_argument("--cases", default=",".join(CASES))
@@ -344,8 +346,14 @@ def main() -> None:
     results["summary"] = summary
     fits: dict = {}
     print()
-    print("least squares over every run, MiB = a + b * guest GiB:")
-    for case in cases:
+    # A line through one guest size has no slope to extrapolate by.
+    fitted = cases if len(set(sizes)) > 1 else []
+    print(
+        "least squares over every run, MiB = a + b * guest GiB:"
+        if fitted
+        else "no least squares: it needs two guest sizes or more"
+    )
+    for case in fitted:
         for side in ("source", "destination"):
             for key in ("peak", "growth"):
                 points = [
