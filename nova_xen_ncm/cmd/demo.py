@@ -472,6 +472,9 @@ class _Agent:
         from nova_xen_ncm.engine.sender import Sender
 
         taken = CheckSnapshot(self.host, lambda: domid, "restore")
+        if not snapshot:
+            # Said as it is, not as a migration that never got that far.
+            taken.error = "not asked for"
         sender = Sender(
             self.host,
             domid,

@@ -256,3 +256,31 @@ def test_after_resume_text_shows_each_vcpus_clock_step():
         "each vCPU's clock (its pvclock in RAM) stepped across the "
         "migration by +212.5, +212.2 ms" in text
     ), text
+
+
+def test_a_send_without_the_snapshot_says_it_was_not_asked_for():
+    # A benchmark of the engine sends without the checker's snapshot:
+    # the report says so, not that the migration never reached it.
+    conf = {
+        "xen_ncm": {"listen_address": "127.0.0.1"},
+        "xen_ncm_sim": {"host_memory_mb": 128},
+    }
+    source = demo.HostProcess("source", [], conf)
+    destination = demo.HostProcess("destination", [], conf)
+    source.peers = [destination]
+    destination.peers = [source]
+    try:
+        domid = source.call(
+            "create",
+            base.DomainConfig(name="nosnap", memory_bytes=64 << 20, vcpus=1),
+        )
+        source.call("pause", domid)
+        token, endpoint = destination.call("listen", "m-nosnap", domid, False)
+        sent = source.call("send", domid, endpoint, "m-nosnap", token, False)
+        received = destination.call("wait_incoming")
+        assert (sent["phase"], received["phase"]) == ("done", "done")
+        assert sent["state"] is None
+        assert sent["snapshot_error"] == "not asked for"
+    finally:
+        source.close()
+        destination.close()
