@@ -684,6 +684,7 @@ class XenHost(base.HostDriver):
             and os.path.exists(self._qmp_path(domid))
         ):
             self.pause(domid)
+            self._refuse_shut_down(domid)
             return
         libs.check(
             "xc_domain_shutdown",
@@ -717,6 +718,25 @@ class XenHost(base.HostDriver):
             self.unpause(domid)
             raise
         self._dm_stopped.add(domid)
+
+    def _refuse_shut_down(self, domid: int) -> None:
+        """After a plain pause: a guest that shut down or crashed by
+        itself while its memory was copied is not saved or migrated (its
+        vCPUs would start again where it stopped), and is left as Xen
+        keeps it, without this pause."""
+        with self._lock:
+            flags = self._raw_info(domid, "pause_for_save").flags
+        if not flags & (libs.XEN_DOMINF_shutdown | libs.XEN_DOMINF_dying):
+            return
+        reason = (
+            flags >> libs.XEN_DOMINF_shutdownshift
+        ) & libs.XEN_DOMINF_shutdownmask
+        with contextlib.suppress(base.HostError):
+            self.unpause(domid)
+        raise _ShutDown(
+            f"domain {domid} shut down (reason {reason}) before its pause",
+            call="pause_for_save",
+        )
 
     def _dm_left_stopped(self, domid: int) -> bool:
         """Whether the guest's QEMU is stopped though this process did

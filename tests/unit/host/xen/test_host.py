@@ -384,7 +384,30 @@ def test_a_guest_without_a_device_model_is_paused_plainly(
 ) -> None:
     xen, calls = _suspending_host(monkeypatch, [RUNNING], hvm=False)
     xen.pause_for_save(7)
-    assert calls == ["getinfo", "xc_domain_pause"]
+    assert calls == ["getinfo", "xc_domain_pause", "getinfo"]
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        _shut(libs.SHUTDOWN_crash),
+        _shut(0),
+        RUNNING | libs.XEN_DOMINF_dying,
+    ],
+)
+@pytest.mark.parametrize("paused", [0, libs.XEN_DOMINF_paused])
+def test_a_guest_that_stopped_before_a_plain_pause_is_not_saved(
+    monkeypatch: pytest.MonkeyPatch, state: int, paused: int
+) -> None:
+    # Crashed or shut down during a live copy, with no suspend to see
+    # it: refused, not migrated dead, and this pause undone.
+    xen, calls = _suspending_host(
+        monkeypatch, [RUNNING | paused, state | paused], hvm=bool(paused)
+    )
+    with pytest.raises(base.HostError, match="before its pause"):
+        xen.pause_for_save(7)
+    assert calls[:3] == ["getinfo", "xc_domain_pause", "getinfo"]
+    assert calls[-1] == "xc_domain_unpause"
 
 
 def test_a_guest_shutdown_xen_took_first_is_not_undone(
@@ -483,7 +506,7 @@ def test_a_guest_paused_meanwhile_is_paused_plainly(
         monkeypatch, [RUNNING | libs.XEN_DOMINF_paused]
     )
     xen.pause_for_save(7)
-    assert calls == ["getinfo", "xc_domain_pause"]
+    assert calls == ["getinfo", "xc_domain_pause", "getinfo"]
 
 
 def test_a_host_whose_backends_attach_again_wants_devices_named_at_setup(
