@@ -63,8 +63,12 @@ def _evidence(dmesg: str, console: str = "") -> str:
     [
         (REFUSED, _evidence(HOST_STATE), True),
         (REFUSED, _evidence("", PANIC), True),
-        # Refused before the save, or failing otherwise: the product's.
-        (REFUSED.replace("during", "before"), _evidence(HOST_STATE), False),
+        # Stopped before the save (running after a restore): Xen's dump
+        # of host state counts, a panic does not; failing otherwise is
+        # the product's.
+        (REFUSED.replace("during", "before"), _evidence(HOST_STATE), True),
+        (REFUSED.replace("during", "before"), _evidence("", PANIC), False),
+        (REFUSED.replace("during", "before"), _evidence(GUEST_STATE), False),
         (
             "HostError: xc_map_foreign_bulk failed",
             _evidence(HOST_STATE),
