@@ -23,6 +23,22 @@
  * kmsg      kernel log lines printed since the workload started, each
  *           also echoed as "NCM kmsg: ..."
  *
+ * With PV devices (xen-blkfront's /dev/xvda, xen-netfront's eth0):
+ *
+ * blk       a thread writes checksummed 4 KiB blocks (O_DIRECT, a block
+ *           number and a sequence number in each) round a region of the
+ *           disk, reads each back and one written earlier: no I/O error,
+ *           every block holds the last sequence number written there (a
+ *           lost write or a replayed old one shows), and requests keep
+ *           completing (stalled for STALL_TICKS ticks fails)
+ * net       a thread sends numbered UDP datagrams to dom0's responder
+ *           (10.99.0.1:7777), one at a time, resending after a second
+ *           without an answer; each answer must carry the number sent
+ *           (late answers to a resent one are counted apart), and the
+ *           sequence must keep moving
+ * xbs       each device's xenbus state, the frontend's (sysfs) and its
+ *           backend's (xenstore), is Connected at every tick
+ *
  * A thread of its own registers a xenstore watch on data/ncm-watch (its
  * own area) over a second /dev/xen/xenbus file and prints each event it
  * receives, numbered, the first being the one a new watch fires:
@@ -33,8 +49,12 @@
  * never learns that it was saved or restored: nothing here cooperates.
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
@@ -42,6 +62,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -54,6 +75,8 @@
 #define XS_WATCH_EVENT 15
 #define XS_WRITE 11
 #define XS_ERROR 16
+#define DISK_BLOCKS 2048 /* 8 MiB of the disk */
+#define STALL_TICKS 6
 
 struct counter_page {
 	volatile uint64_t spins;
@@ -293,6 +316,26 @@ static uint64_t page_sum(const uint64_t *p)
 	return s;
 }
 
+static uint64_t page_sum_n(const uint64_t *p, int n)
+{
+	uint64_t s = 0xcbf29ce484222325ull;
+	int i;
+	for (i = 0; i < n; i++)
+		s = (s ^ p[i]) * 0x100000001b3ull;
+	return s;
+}
+
+/* The disk thread's own generator: the region's is the main thread's. */
+static uint64_t rng_dev = 0x2545F4914F6CDD1Dull;
+
+static uint64_t next_rand_dev(void)
+{
+	rng_dev ^= rng_dev << 13;
+	rng_dev ^= rng_dev >> 7;
+	rng_dev ^= rng_dev << 17;
+	return rng_dev;
+}
+
 static void fill_page(int pg)
 {
 	uint64_t *p = region + (size_t)pg * (PAGE / 8);
@@ -308,6 +351,172 @@ static int bad_pages(void)
 	for (pg = 0; pg < REGION_PAGES; pg++)
 		if (page_sum(region + (size_t)pg * (PAGE / 8)) != sums[pg])
 			bad++;
+	return bad;
+}
+
+/* -- PV devices -- */
+
+static volatile uint64_t disk_ops, disk_err, disk_bad, net_seq, net_retx,
+	net_late, net_bad;
+static int have_disk, have_net;
+static uint64_t disk_gen[DISK_BLOCKS];
+
+static void fill_block(uint64_t *b, uint64_t seq, uint64_t blk)
+{
+	uint64_t x = seq * 0x9E3779B97F4A7C15ull ^ blk;
+	int i;
+	b[0] = 0x4e434d424c4f434bull;
+	b[1] = seq;
+	b[2] = blk;
+	for (i = 3; i < PAGE / 8 - 1; i++) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		b[i] = x;
+	}
+	b[PAGE / 8 - 1] = page_sum_n(b, PAGE / 8 - 1);
+}
+
+/* 0: holds sequence number seq of block blk, intact. */
+static int check_block(const uint64_t *b, uint64_t seq, uint64_t blk)
+{
+	return b[0] != 0x4e434d424c4f434bull || b[1] != seq || b[2] != blk ||
+	       b[PAGE / 8 - 1] != page_sum_n(b, PAGE / 8 - 1);
+}
+
+static void *disk_thread(void *arg)
+{
+	int fd = (int)(intptr_t)arg;
+	uint64_t *w, *r, seq = 0;
+	if (posix_memalign((void **)&w, PAGE, PAGE) ||
+	    posix_memalign((void **)&r, PAGE, PAGE))
+		return NULL;
+	for (;;) {
+		uint64_t blk = seq % DISK_BLOCKS, other;
+		seq++;
+		fill_block(w, seq, blk);
+		if (pwrite(fd, w, PAGE, (off_t)blk * PAGE) != PAGE) {
+			disk_err++;
+			usleep(100000);
+			continue;
+		}
+		disk_gen[blk] = seq;
+		if (pread(fd, r, PAGE, (off_t)blk * PAGE) != PAGE)
+			disk_err++;
+		else if (check_block(r, seq, blk))
+			disk_bad++;
+		other = next_rand_dev() % DISK_BLOCKS;
+		if (disk_gen[other]) {
+			if (pread(fd, r, PAGE, (off_t)other * PAGE) != PAGE)
+				disk_err++;
+			else if (check_block(r, disk_gen[other], other))
+				disk_bad++;
+		}
+		disk_ops++;
+	}
+	return NULL;
+}
+
+static void *net_thread(void *arg)
+{
+	int s = (int)(intptr_t)arg;
+	uint64_t n = 1;
+	char buf[64];
+	for (;;) {
+		struct pollfd pfd = {.fd = s, .events = POLLIN};
+		int len = snprintf(buf, sizeof(buf), "%llu",
+				   (unsigned long long)n);
+		if (send(s, buf, len, 0) != len) {
+			net_retx++;
+			usleep(200000);
+			continue;
+		}
+		for (;;) {
+			ssize_t got;
+			uint64_t v;
+			if (poll(&pfd, 1, 1000) <= 0) {
+				net_retx++; /* resend the same number */
+				break;
+			}
+			got = recv(s, buf, sizeof(buf) - 1, 0);
+			if (got <= 0)
+				continue;
+			buf[got] = 0;
+			v = strtoull(buf, NULL, 10);
+			if (v == n) {
+				net_seq = n++;
+				usleep(20000);
+				break;
+			}
+			if (v < n)
+				net_late++; /* an answer to a resent one */
+			else
+				net_bad++;
+		}
+	}
+	return NULL;
+}
+
+static void start_devices(void)
+{
+	pthread_t t;
+	int fd = open("/dev/xvda", O_RDWR | O_DIRECT);
+	if (fd >= 0) {
+		have_disk = 1;
+		pthread_create(&t, NULL, disk_thread, (void *)(intptr_t)fd);
+	}
+	if (access("/sys/class/net/eth0", F_OK) == 0) {
+		struct sockaddr_in me = {.sin_family = AF_INET,
+					 .sin_port = htons(7777)};
+		struct sockaddr_in peer = {.sin_family = AF_INET,
+					   .sin_port = htons(7777)};
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		inet_pton(AF_INET, "10.99.0.2", &me.sin_addr);
+		inet_pton(AF_INET, "10.99.0.1", &peer.sin_addr);
+		if (s >= 0 && !bind(s, (struct sockaddr *)&me, sizeof(me)) &&
+		    !connect(s, (struct sockaddr *)&peer, sizeof(peer))) {
+			have_net = 1;
+			pthread_create(&t, NULL, net_thread, (void *)(intptr_t)s);
+		}
+	}
+}
+
+/* Every xenbus device's frontend state (sysfs) and its backend's state
+ * (xenstore): 0 when all are Connected. */
+static int xenbus_states(char *why, size_t len)
+{
+	DIR *d = opendir("/sys/bus/xen/devices");
+	struct dirent *e;
+	int bad = 0;
+	if (!d)
+		return 0;
+	while ((e = readdir(d))) {
+		char path[512], val[128], be[600];
+		if (e->d_name[0] == '.' || !strncmp(e->d_name, "console", 7))
+			continue;
+		snprintf(path, sizeof(path), "/sys/bus/xen/devices/%s/state",
+			 e->d_name);
+		read_line(path, val, sizeof(val));
+		if (strcmp(val, "Connected")) {
+			snprintf(why + strlen(why), len - strlen(why),
+				 " xbs:%s:%s", e->d_name, val);
+			bad++;
+		}
+		snprintf(path, sizeof(path), "/sys/bus/xen/devices/%s/nodename",
+			 e->d_name);
+		read_line(path, val, sizeof(val));
+		snprintf(be, sizeof(be), "%s/backend", val);
+		if (xs_call(XS_READ, be, NULL, path, sizeof(path)) == 0) {
+			snprintf(be, sizeof(be), "%s/state", path);
+			if (xs_call(XS_READ, be, NULL, val, sizeof(val)) ||
+			    strcmp(val, "4")) {
+				snprintf(why + strlen(why), len - strlen(why),
+					 " xbs:%s:backend-%s", e->d_name, val);
+				bad++;
+			}
+		}
+	}
+	closedir(d);
 	return bad;
 }
 
@@ -343,7 +552,8 @@ int main(void)
 	uint64_t start, last, tick = 0, spins_before, max_gap = 0;
 	char domid[64] = "?", cs[64], ce[64], val[64], want[64];
 	pthread_t t;
-	int i, kmsg_total = 0;
+	int i, kmsg_total = 0, disk_still = 0, net_still = 0;
+	uint64_t disk_last = 0, net_last = 0;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	ncpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -372,8 +582,9 @@ int main(void)
 	}
 	pin(0);
 	xs_call(XS_READ, "domid", NULL, domid, sizeof(domid));
-	printf("NCM start domid=%s vcpus=%d region=%dKiB\n", domid, ncpus,
-	       REGION_PAGES * 4);
+	start_devices();
+	printf("NCM start domid=%s vcpus=%d region=%dKiB disk=%d net=%d\n",
+	       domid, ncpus, REGION_PAGES * 4, have_disk, have_net);
 	start = last = now_ns();
 	irq_counts(timer0, ipi0);
 	for (;;) {
@@ -436,13 +647,39 @@ int main(void)
 		for (i = 0; i < DIRTY_PER_TICK; i++)
 			fill_page(next_rand() % REGION_PAGES);
 
+		/* Counted over ticks: the first one after a long pause may
+		 * end before the device's next completion. */
+		if (have_disk) {
+			uint64_t ops = disk_ops;
+			disk_still = ops == disk_last ? disk_still + 1 : 0;
+			disk_last = ops;
+			if (disk_err)
+				strcat(reasons, " blk:error");
+			if (disk_bad)
+				strcat(reasons, " blk:bad-block");
+			if (disk_still >= STALL_TICKS)
+				strcat(reasons, " blk:stalled");
+		}
+		if (have_net) {
+			uint64_t seq = net_seq;
+			net_still = seq == net_last ? net_still + 1 : 0;
+			net_last = seq;
+			if (net_bad)
+				strcat(reasons, " net:bad-answer");
+			if (net_still >= STALL_TICKS)
+				strcat(reasons, " net:stalled");
+		}
+		xenbus_states(reasons, sizeof(reasons));
+
 		kmsg = kmsg_fd >= 0 ? new_kmsg() : -1;
 		if (kmsg > 0)
 			kmsg_total += kmsg;
 
 		printf("NCM tick=%llu domid=%s up=%llu gap=%llu maxgap=%llu "
 		       "cs=%s ce=%s timer=%s ipi=%s xenbus=%s counter=%s "
-		       "mem=%s kmsg=%d verdict=%s%s%s\n",
+		       "mem=%s kmsg=%d blk=%s disk=%llu/%llu/%llu net=%s "
+		       "netseq=%llu retx=%llu late=%llu xbs=%s "
+		       "verdict=%s%s%s\n",
 		       (unsigned long long)tick, domid,
 		       (unsigned long long)((last - start) / 1000000),
 		       (unsigned long long)gap, (unsigned long long)max_gap,
@@ -453,6 +690,17 @@ int main(void)
 		       strstr(reasons, "xenbus") ? "bad" : "ok",
 		       strstr(reasons, "counter") ? "bad" : "ok",
 		       bad ? "bad" : "ok", kmsg_total,
+		       !have_disk ? "none" :
+		       strstr(reasons, "blk:") ? "bad" : "ok",
+		       (unsigned long long)disk_ops,
+		       (unsigned long long)disk_err,
+		       (unsigned long long)disk_bad,
+		       !have_net ? "none" :
+		       strstr(reasons, "net:") ? "bad" : "ok",
+		       (unsigned long long)net_seq,
+		       (unsigned long long)net_retx,
+		       (unsigned long long)net_late,
+		       strstr(reasons, "xbs:") ? "bad" : "ok",
 		       reasons[0] ? "FAIL" : "PASS",
 		       reasons[0] ? " reasons=" : "", reasons + !!reasons[0]);
 	}
