@@ -168,14 +168,18 @@ _NO_SHUTDOWN = libs.XEN_DOMINF_shutdownmask
 SUSPEND_TIMEOUT = 60.0
 
 
+def _shutdown_reason(flags: int) -> int:
+    """getdomaininfo's shutdown code (_NO_SHUTDOWN if none)."""
+    return (flags >> libs.XEN_DOMINF_shutdownshift) & (
+        libs.XEN_DOMINF_shutdownmask
+    )
+
+
 def _domain_state(flags: int) -> DomainState:
     if flags & libs.XEN_DOMINF_dying:
         return DomainState.DYING
     if flags & libs.XEN_DOMINF_shutdown:
-        reason = (
-            flags >> libs.XEN_DOMINF_shutdownshift
-        ) & libs.XEN_DOMINF_shutdownmask
-        if reason == libs.SHUTDOWN_crash:
+        if _shutdown_reason(flags) == libs.SHUTDOWN_crash:
             return DomainState.CRASHED
         return DomainState.SHUTDOWN
     if flags & libs.XEN_DOMINF_paused:
@@ -728,13 +732,11 @@ class XenHost(base.HostDriver):
             flags = self._raw_info(domid, "pause_for_save").flags
         if not flags & (libs.XEN_DOMINF_shutdown | libs.XEN_DOMINF_dying):
             return
-        reason = (
-            flags >> libs.XEN_DOMINF_shutdownshift
-        ) & libs.XEN_DOMINF_shutdownmask
         with contextlib.suppress(base.HostError):
             self.unpause(domid)
         raise _ShutDown(
-            f"domain {domid} shut down (reason {reason}) before its pause",
+            f"domain {domid} shut down (reason {_shutdown_reason(flags)}) "
+            "before its pause",
             call="pause_for_save",
         )
 
@@ -786,9 +788,7 @@ class XenHost(base.HostDriver):
         while True:
             with self._lock:
                 flags = self._raw_info(domid, "pause_for_save").flags
-            reason = (
-                flags >> libs.XEN_DOMINF_shutdownshift
-            ) & libs.XEN_DOMINF_shutdownmask
+            reason = _shutdown_reason(flags)
             if reason not in (libs.SHUTDOWN_suspend, _NO_SHUTDOWN):
                 # The guest's own shutdown, which Xen took before the
                 # suspend (it keeps the first reason): not to be undone,
