@@ -29,9 +29,14 @@ Only what a side effect needs is synced while the guest is paused
 written by a thread of the record's, in order, since on a busy host even
 an append may wait for the file system's journal). The source's
 STOP_AND_COPY is durable before the pause and covers its RESTORE
-(recovery treats the two alike); COMMIT records the decision durably
-before the COMMIT message goes, so that a restarted source without it
-knows COMMIT never went. The destination's STOP_AND_COPY,
+(recovery treats the two alike); COMMIT is appended before the COMMIT
+message goes and synced by the record's thread while COMMIT travels
+(``sync_behind``): a restarted engine of the same host reads it (the
+kernel keeps an append past the process that made it), so one that
+finds no COMMIT knows COMMIT never went; only the host's own crash can
+lose it before its sync, and that crash ends the source copy too, so
+nothing is resumed on its word (recovery asks the destination whether
+it runs the guest). The destination's STOP_AND_COPY,
 entered on the source's STOPPING (or on the stopped guest's first
 record), is synced in the background while the guest is paused and the
 last pages arrive, and is durable before READY goes: from it on a
@@ -255,6 +260,22 @@ class Journal:
         data = json.dumps(entry.to_dict(), sort_keys=True).encode()
         return b"%08x %s\n" % (zlib.crc32(data), data)
 
+    def sync(self, migration_id: str) -> None:
+        """Make what was appended to the entry durable (one
+        ``fdatasync``; a sync flushes the file, whichever descriptor
+        wrote it)."""
+        path = self._file(migration_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot sync journal entry {path}: {exc}"
+            ) from exc
+
     def append(
         self, migration_id: str, line: bytes, *, sync: bool = True
     ) -> None:
@@ -451,6 +472,9 @@ class Record:
     record is appended and synced without waiting; waited for (and a
     failure raised) at the next transition. Both are written by the
     record's thread, in order, before any later version.
+    ``sync_behind``: phases whose record is appended before the
+    transition goes on (a restarted engine of this host reads it) and
+    synced by the thread; the next transition waits for that sync.
     """
 
     def __init__(
@@ -461,21 +485,24 @@ class Record:
         keep_settled: bool = False,
         lazy: Mapping[Phase, Phase] | None = None,
         background: frozenset[Phase] = frozenset(),
+        sync_behind: frozenset[Phase] = frozenset(),
     ) -> None:
         self.journal = journal
         self.entry = entry
         self.keep_settled = keep_settled
         self.lazy = dict(lazy or {})
         self.background = background
+        self.sync_behind = sync_behind
         # The writes made in the background, in order: a thread started
         # before the first of them (a thread's start waits for it to
         # run: not in the pause), the versions queued (line, sync) and
-        # how many were asked for and done, and the last failure. Even
+        # how many were asked for and done (a line of None: a sync of
+        # what was appended already), and the last failure. Even
         # an append without a sync may wait for the file system's
         # journal on a busy host, so neither is made in the pause.
         self._syncer: threading.Thread | None = None
         self._sync_cond = threading.Condition()
-        self._queue: collections.deque[tuple[bytes, bool]] = (
+        self._queue: collections.deque[tuple[bytes | None, bool]] = (
             collections.deque()
         )
         self._sync_asked = 0
@@ -529,7 +556,9 @@ class Record:
         self._start_syncer()
 
     def _start_syncer(self) -> None:
-        if self._syncer is not None or not (self.background or self.lazy):
+        if self._syncer is not None or not (
+            self.background or self.lazy or self.sync_behind
+        ):
             return
         self._syncer = threading.Thread(
             target=self._sync_loop,
@@ -551,7 +580,11 @@ class Record:
             try:
                 with self._lock:
                     # Once forgotten, nothing writes the entry back.
-                    if not self.forgotten:
+                    if self.forgotten:
+                        pass
+                    elif line is None:
+                        self.journal.sync(self.entry.migration_id)
+                    else:
                         self.journal.append(
                             self.entry.migration_id, line, sync=sync
                         )
@@ -584,6 +617,18 @@ class Record:
             self._start_syncer()
         with self._sync_cond:
             self._queue.append((line, sync))
+            self._sync_asked += 1
+            self._sync_cond.notify_all()
+
+    def _write_sync_behind(self, phase: Phase) -> None:
+        """Append the entry's version in ``phase`` now, and have the
+        thread sync it."""
+        self.write(phase, sync=False)
+        with self._lock:
+            if self.forgotten:
+                return
+        with self._sync_cond:
+            self._queue.append((None, True))
             self._sync_asked += 1
             self._sync_cond.notify_all()
 
@@ -666,6 +711,8 @@ class Record:
             covered = self.lazy.get(new) is old and self.written is old
             if new in self.background or covered:
                 self._write_later(new, sync=not covered)
+            elif new in self.sync_behind:
+                self._write_sync_behind(new)
             else:
                 self.write(new)
         except JournalError as exc:

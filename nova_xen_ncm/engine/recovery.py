@@ -17,6 +17,13 @@ never leaving two running copies:
   and unpaused if it ran before. Outcome FAILED. Past the pause it
   resumes only once the destination confirmed its copy is gone, or its
   lease ran out (the live sender's fence).
+  After a reboot of this host STOP_AND_COPY and RESTORE say less: the
+  COMMIT record is appended before COMMIT goes and synced while it
+  travels, and only the host's crash loses such an append. The copy
+  here went with that crash, so nothing resumes; the destination is
+  asked (until its final answer or its lease) whether it runs the
+  guest: DONE if it does, FAILED (the guest runs nowhere) if it
+  destroyed its copy, IN_DOUBT without an answer.
 - stopped after it (COMMIT, IN_DOUBT): the destination is asked the
   commit query (commit.py, the sender's own). It runs the guest: the
   source copy is destroyed (DONE). It never unpaused it: the source copy
@@ -75,6 +82,10 @@ _ASK = frozenset({Phase.COMMIT, Phase.IN_DOUBT})
 # Past the pause the destination may hold the whole guest, backends
 # connected: the source copy resumes once that one is gone (fencing).
 _PAST_PAUSE = frozenset({Phase.STOP_AND_COPY, Phase.RESTORE, Phase.ROLLBACK})
+# The source's last synced records before its COMMIT, which is synced
+# only while COMMIT travels: after this host's crash COMMIT may have
+# gone on either.
+_COMMIT_MAY_FOLLOW = frozenset({Phase.STOP_AND_COPY, Phase.RESTORE})
 # Seconds between two looks at whether an answered entry was resolved.
 ANSWER_POLL = 1.0
 # Destination phases that are its final answer.
@@ -387,6 +398,13 @@ def _settle(
             return done(Phase.DONE, f"{what}; {gone}", DESTINATION)
         return done(Phase.DONE, _destroy(host, entry, what), DESTINATION)
 
+    if (
+        journalled in _COMMIT_MAY_FOLLOW
+        and info is None
+        and entry.boot_id
+        and entry.boot_id != boot_id
+    ):
+        return _after_reboot(entry, conf, query, gone, done, destroyed)
     if journalled in _BEFORE_COMMIT:
         what = f"stopped in {journalled} before the commit decision"
         if (
@@ -395,8 +413,8 @@ def _settle(
             and info.state == base.DomainState.PAUSED
             and entry.running
         ):
-            fenced = _fence(entry, conf, query)
-            if fenced is None:
+            runs_there, fenced = _fence(entry, conf, query)
+            if runs_there:
                 return done(
                     Phase.IN_DOUBT,
                     "the destination says it runs the guest, though no "
@@ -443,13 +461,60 @@ def _settle(
     return outcome
 
 
+def _after_reboot(
+    entry: Entry,
+    conf: cfg.ConfigOpts,
+    query: Query | None,
+    gone: str,
+    done: Callable[..., Outcome],
+    destroyed: Callable[[str], Outcome],
+) -> Outcome:
+    """A STOP_AND_COPY or RESTORE entry of a copy this host's reboot
+    took: COMMIT may have gone with its record not yet synced. Nothing
+    here can run again; the destination says where the guest is."""
+    runs_there, said = _fence(entry, conf, query)
+    if runs_there:
+        outcome = destroyed(
+            "the destination runs the guest (COMMIT went before this "
+            "host's crash)"
+        )
+        if query is None:
+            # Recorded here (the entry is gone): the destination may
+            # forget.
+            _coordinator(entry, conf).acknowledge()
+        return outcome
+    if runs_there is False:
+        LOG.error(
+            "Migration %s: guest %s runs nowhere: %s; %s. Start it again "
+            "from its disk.",
+            entry.migration_id,
+            _guest(entry),
+            said,
+            gone,
+        )
+        return done(
+            Phase.FAILED,
+            f"the guest runs nowhere: {said}; {gone}; start it again "
+            "from its disk",
+            NOWHERE,
+        )
+    return done(
+        Phase.IN_DOUBT,
+        f"{gone}; COMMIT may have gone before the crash and {said}: "
+        "the guest may run on the destination, check it before starting "
+        "it again",
+    )
+
+
 def _fence(
     entry: Entry, conf: cfg.ConfigOpts, query: Query | None
-) -> str | None:
+) -> tuple[bool | None, str]:
     """Before a copy paused for stop-and-copy resumes: until the
     destination says its copy is gone, or for its lease (counted from
     now, the engine's death being of unknown time), as the live sender
-    does; None if the destination says the guest runs there."""
+    does. Whether the guest runs there (True), never ran there and its
+    copy is gone (False), or no answer came within the lease (None),
+    and what was learnt."""
     if query is None:
         coordinator = _coordinator(entry, conf)
 
@@ -471,12 +536,12 @@ def _fence(
             if status.phase in commit.NEVER_RAN:
                 if query is None:
                     coordinator.acknowledge()
-                return "the destination confirmed its copy is gone"
+                return False, "the destination confirmed its copy is gone"
             if status.committed or status.phase in commit.RUNS_THERE:
-                return None
+                return True, "the destination runs the guest"
         left = deadline - time.monotonic()
         if left <= 0:
-            return (
+            return None, (
                 f"the destination's lease ({lease:g}s) ran out without its "
                 "confirmation"
             )

@@ -160,11 +160,16 @@ class Sender:
                 source_address=source_address or "",
             ),
             # Durable before the pause, STOP_AND_COPY covers RESTORE:
-            # recovery settles both alike. COMMIT is synced before the
-            # COMMIT message goes: without it a restarted source knows
-            # COMMIT never went, and resumes its copy once the
-            # destination's lease ran out, reachable or not.
+            # recovery settles both alike. COMMIT is appended before the
+            # COMMIT message goes: a restarted engine that finds no
+            # COMMIT knows COMMIT never went, and resumes its copy once
+            # the destination's lease ran out, reachable or not. Its
+            # sync runs while COMMIT travels (not in the pause): only a
+            # crash of this host loses an append, and it takes the copy
+            # here with it, so nothing resumes on that entry (recovery
+            # asks the destination, recovery._after_reboot).
             lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
+            sync_behind=frozenset({Phase.COMMIT}),
         )
         self.state = MigrationState(
             migration_id,
@@ -264,8 +269,9 @@ class Sender:
                 self._stop_pages = len(pending)
                 self._stop_and_copy(decision, pending)
                 self._restore()
-                # Journalled as part of the transition: durable before
-                # COMMIT goes out, or no COMMIT at all.
+                # Journalled as part of the transition: written before
+                # COMMIT goes out (synced while it travels), or no
+                # COMMIT at all.
                 self.state.transition(Phase.RESTORE, Phase.COMMIT)
             except CancelRequested:
                 # The state machine's conflict is how the cancel was

@@ -295,6 +295,57 @@ def test_a_background_sync_is_done_before_the_next_transition(
     assert j.read("m-1").phase == "restore"
 
 
+def test_a_sync_behind_phase_is_readable_at_once_and_synced_after(
+    tmp_path, monkeypatch
+):
+    # The source's COMMIT: written to the file before the transition
+    # returns (a restarted engine reads it, before COMMIT goes), made
+    # durable by the record's thread, and the next transition waits for
+    # that sync.
+    j = journal.Journal(str(tmp_path))
+    record = journal.Record(
+        j,
+        entry(),
+        lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
+        sync_behind=frozenset({Phase.COMMIT}),
+    )
+    for old, new in [
+        (Phase.SETUP, Phase.PRECOPY),
+        (Phase.PRECOPY, Phase.STOP_AND_COPY),
+        (Phase.STOP_AND_COPY, Phase.RESTORE),
+    ]:
+        record.on_transition(old, new, {})
+    release = threading.Event()
+    synced = []
+    sync = j.sync
+
+    def held(mid):
+        assert release.wait(5)
+        sync(mid)
+        synced.append(threading.current_thread().name)
+
+    monkeypatch.setattr(j, "sync", held)
+    record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    # Read as a restarted engine would: there, not yet synced.
+    assert journal.Journal(str(tmp_path)).read("m-1").phase == "commit"
+    assert synced == []
+    done = threading.Event()
+
+    def cleanup():
+        record.on_transition(Phase.COMMIT, Phase.CLEANUP, {})
+        done.set()
+
+    waiter = threading.Thread(target=cleanup)
+    waiter.start()
+    assert not done.wait(0.2), "CLEANUP went on before COMMIT's sync"
+    release.set()
+    waiter.join(5)
+    assert done.is_set()
+    assert synced and synced[0] != threading.current_thread().name
+    assert j.read("m-1").phase == "cleanup"
+    record.close()
+
+
 def test_a_failed_background_sync_stops_the_next_must_record_transition(
     tmp_path, monkeypatch
 ):

@@ -239,17 +239,53 @@ def test_a_reused_domid_is_another_guest_and_left_alone(
 def test_after_a_reboot_no_domain_is_touched(tmp_path, conf, journalled):
     host = FakeHost()
     j = journalled(tmp_path, Phase.STOP_AND_COPY, boot_id="boot-0")
-    (o,) = recovery.recover(host, j, conf)
+    (o,) = recovery.recover(host, j, conf, query=answer("failed", False))
     assert o.phase is Phase.FAILED
     assert "rebooted" in o.reason
     assert host.calls == []
 
 
+@pytest.mark.parametrize("phase", [Phase.STOP_AND_COPY, Phase.RESTORE])
+def test_after_a_reboot_past_the_pause_the_destination_is_asked(
+    tmp_path, conf, journalled, phase
+):
+    # The source's COMMIT is appended before COMMIT goes and synced while
+    # it travels: a crash of the source host may lose it, so a
+    # STOP_AND_COPY or RESTORE entry after a reboot does not mean that
+    # COMMIT never went. The guest runs on the destination: DONE there,
+    # not "runs nowhere, start it again" (which would make two copies).
+    host = FakeHost(state=None)
+    j = journalled(tmp_path, phase, boot_id="boot-0")
+    (o,) = recovery.recover(host, j, conf, query=answer("cleanup", True))
+    assert (o.phase, o.guest) == (Phase.DONE, recovery.DESTINATION), o
+    assert "rebooted" in o.reason
+    assert host.calls == []
+    assert j.entries() == []
+
+
+def test_after_a_reboot_past_the_pause_no_answer_is_in_doubt(
+    tmp_path, conf, journalled
+):
+    # Whether COMMIT went before the crash cannot be told: kept, and
+    # not said to run nowhere.
+    host = FakeHost(state=None)
+    j = journalled(tmp_path, Phase.RESTORE, boot_id="boot-0")
+
+    def unreachable(entry, conf):
+        raise TransportError("connection refused")
+
+    (o,) = recovery.recover(host, j, conf, query=unreachable)
+    assert o.phase is Phase.IN_DOUBT, o
+    assert o.guest != recovery.NOWHERE
+    assert host.calls == []
+    assert [e.phase for e in j.entries()] == ["in_doubt"]
+
+
 @pytest.mark.parametrize(
     "phase, query",
     [
-        (Phase.STOP_AND_COPY, None),
         # The destination says it never unpaused its copy.
+        (Phase.STOP_AND_COPY, answer("failed", False)),
         (Phase.COMMIT, answer("failed", False)),
     ],
 )
