@@ -474,7 +474,8 @@ class Record:
     record's thread, in order, before any later version.
     ``sync_behind``: phases whose record is appended before the
     transition goes on (a restarted engine of this host reads it) and
-    synced by the thread; the next transition waits for that sync.
+    synced by the thread (written again if that sync fails: its side
+    effect may have gone); the next transition waits for that sync.
     """
 
     def __init__(
@@ -495,14 +496,15 @@ class Record:
         self.sync_behind = sync_behind
         # The writes made in the background, in order: a thread started
         # before the first of them (a thread's start waits for it to
-        # run: not in the pause), the versions queued (line, sync) and
-        # how many were asked for and done (a line of None: a sync of
-        # what was appended already), and the last failure. Even
+        # run: not in the pause), the versions queued (line, sync,
+        # appended: the line is in the file already, only its sync is
+        # left) and how many were asked for and done, and the last
+        # failure. Even
         # an append without a sync may wait for the file system's
         # journal on a busy host, so neither is made in the pause.
         self._syncer: threading.Thread | None = None
         self._sync_cond = threading.Condition()
-        self._queue: collections.deque[tuple[bytes | None, bool]] = (
+        self._queue: collections.deque[tuple[bytes, bool, bool]] = (
             collections.deque()
         )
         self._sync_asked = 0
@@ -575,15 +577,15 @@ class Record:
                     if self._sync_stop:
                         return
                     cond.wait()
-                line, sync = self._queue[0]
+                line, sync, appended = self._queue[0]
             error = None
             try:
                 with self._lock:
                     # Once forgotten, nothing writes the entry back.
                     if self.forgotten:
                         pass
-                    elif line is None:
-                        self.journal.sync(self.entry.migration_id)
+                    elif appended:
+                        self._sync_appended(line)
                     else:
                         self.journal.append(
                             self.entry.migration_id, line, sync=sync
@@ -604,6 +606,39 @@ class Record:
                     self._sync_done += 1
                     cond.notify_all()
 
+    def _sync_appended(self, line: bytes) -> None:
+        """Make ``line``, appended already, durable. Its side effect
+        (COMMIT) may have gone already: a failure is not left at that."""
+        mid = self.entry.migration_id
+        try:
+            self.journal.sync(mid)
+            return
+        except JournalError as exc:
+            LOG.error(
+                "Migration %s: the %s record could not be synced (%s); "
+                "written again",
+                mid,
+                self.entry.phase,
+                exc,
+            )
+        # A failed writeback leaves the pages clean, not on disk: a
+        # second fdatasync alone may succeed with the line lost. Written
+        # again, its page is dirty again and its own sync says.
+        try:
+            self.journal.append(mid, line, sync=True)
+        except JournalError as exc:
+            LOG.error(
+                "Migration %s: the %s record is not durable: %s. A crash "
+                "of this host, or the page cache dropping it, may lose "
+                "it: if this migration is interrupted, check on the "
+                "destination whether the guest runs there before "
+                "resuming or starting it here.",
+                mid,
+                self.entry.phase,
+                exc,
+            )
+            raise
+
     def _write_later(self, phase: Phase, *, sync: bool) -> None:
         """Queue the entry's version in ``phase`` for the thread."""
         with self._lock:
@@ -616,19 +651,26 @@ class Record:
         if self._syncer is None:
             self._start_syncer()
         with self._sync_cond:
-            self._queue.append((line, sync))
+            self._queue.append((line, sync, False))
             self._sync_asked += 1
             self._sync_cond.notify_all()
 
     def _write_sync_behind(self, phase: Phase) -> None:
-        """Append the entry's version in ``phase`` now, and have the
-        thread sync it."""
-        self.write(phase, sync=False)
+        """Append the entry's version in ``phase`` now (in the file
+        when this returns), and have the thread sync it."""
+        # After the versions queued before it.
+        self._drain()
         with self._lock:
             if self.forgotten:
                 return
+            self.entry.phase = phase.value
+            self.started = True
+            line = self.journal.encode(self.entry)
+            self.journal.append(self.entry.migration_id, line, sync=False)
+            self.written = phase
+        self._start_syncer()
         with self._sync_cond:
-            self._queue.append((None, True))
+            self._queue.append((line, True, True))
             self._sync_asked += 1
             self._sync_cond.notify_all()
 
@@ -657,7 +699,7 @@ class Record:
             self._drain()
         else:
             with self._sync_cond:
-                while any(sync for _, sync in self._queue):
+                while any(sync for _, sync, _ in self._queue):
                     self._sync_cond.wait()
         with self._sync_cond:
             error, self._sync_error = self._sync_error, None
