@@ -115,6 +115,9 @@ Query = Callable[[Entry, cfg.ConfigOpts], messages.Status]
 SOURCE = "source"
 DESTINATION = "destination"
 NOWHERE = "nowhere"
+#: IN_DOUBT with the copy here gone (this host rebooted): the guest runs
+#: on the destination or on no host, which only the destination knows.
+ELSEWHERE = "destination or nowhere"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,14 +125,17 @@ class Outcome:
     """How one journalled migration was settled.
 
     ``phase`` is DONE (the guest runs on the destination, the source copy
-    is gone), FAILED (it runs here again) or IN_DOUBT (paused here; the
-    destination could not say). ``skipped``: a live engine holds the
-    entry and nothing was done (``phase`` is the journalled one).
+    is gone), FAILED (it runs here again) or IN_DOUBT (paused here, or
+    its copy here gone; the destination could not say). ``skipped``: a
+    live engine holds the entry and nothing was done (``phase`` is the
+    journalled one).
     ``guest`` says where the guest runs once settled: ``source``,
     ``destination``, ``nowhere`` (:attr:`lost`: the migration failed and
     the copy it would have run on again is gone, after a reboot or once
     its domid went to another guest; it must be started again from its
-    disk), or empty when that is not known.
+    disk), ``destination or nowhere`` (IN_DOUBT with the copy here gone:
+    it must not be started before the destination was checked), or empty
+    when that is not known.
     """
 
     migration_id: str
@@ -451,6 +457,14 @@ def _settle(
         outcome = destroyed(verdict.reason)
     elif verdict.runs_there is False:
         outcome = rolled_back(verdict.reason)
+    elif info is None:
+        # Nothing paused here to keep: the guest runs there or nowhere.
+        return done(
+            Phase.IN_DOUBT,
+            f"{verdict.reason}; {gone}: check the destination before "
+            "starting the guest again",
+            ELSEWHERE,
+        )
     else:
         return done(
             Phase.IN_DOUBT, f"{verdict.reason}; the guest stays paused here"
@@ -503,6 +517,7 @@ def _after_reboot(
         f"{gone}; COMMIT may have gone before the crash and {said}: "
         "the guest may run on the destination, check it before starting "
         "it again",
+        ELSEWHERE,
     )
 
 

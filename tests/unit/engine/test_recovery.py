@@ -276,9 +276,30 @@ def test_after_a_reboot_past_the_pause_no_answer_is_in_doubt(
 
     (o,) = recovery.recover(host, j, conf, query=unreachable)
     assert o.phase is Phase.IN_DOUBT, o
-    assert o.guest != recovery.NOWHERE
+    assert o.guest == recovery.ELSEWHERE
     assert host.calls == []
     assert [e.phase for e in j.entries()] == ["in_doubt"]
+
+
+def test_a_later_recovery_of_that_in_doubt_entry_asks_again(
+    tmp_path, conf, journalled
+):
+    # Kept IN_DOUBT after the reboot, it is asked the commit query on
+    # the next run: still no answer, it says the copy here is gone (not
+    # "paused here"); the destination's rollback, the guest runs nowhere.
+    host = FakeHost(state=None)
+    j = journalled(tmp_path, Phase.IN_DOUBT, boot_id="boot-0")
+
+    def unreachable(entry, conf):
+        raise TransportError("connection refused")
+
+    (o,) = recovery.recover(host, j, conf, query=unreachable)
+    assert (o.phase, o.guest) == (Phase.IN_DOUBT, recovery.ELSEWHERE), o
+    assert "paused here" not in o.reason and "rebooted" in o.reason
+    (o,) = recovery.recover(host, j, conf, query=answer("failed", False))
+    assert (o.phase, o.guest) == (Phase.FAILED, recovery.NOWHERE), o
+    assert j.entries() == []
+    assert host.calls == []
 
 
 @pytest.mark.parametrize(
