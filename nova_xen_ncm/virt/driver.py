@@ -683,11 +683,11 @@ def reconcile(
                 f"be asked ({outcome.reason}). Do not start the guest "
                 "before checking the destination: run 'nova-xen-ncm "
                 f"recover' on {hostname} again once the destination is "
-                "reachable (it settles this), or look there; if the guest "
-                "runs there, point the instance at that host, else start "
-                "it again from its disk (hard reboot); then 'nova-xen-ncm "
-                f"recover --resolve {outcome.migration_id}' and reset its "
-                "state."
+                "reachable (it settles this), or look there; then "
+                f"'nova-xen-ncm recover --resolve {outcome.migration_id}' "
+                "(power on is refused until then) and, if the guest runs "
+                "there, point the instance at that host, else start it "
+                "again from its disk (hard reboot); then reset its state."
             )
         else:
             why = (
