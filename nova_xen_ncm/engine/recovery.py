@@ -426,7 +426,12 @@ def _settle(
                     "the destination says it runs the guest, though no "
                     "COMMIT was journalled here: the guest stays paused",
                 )
-            what = f"{what}; {fenced}"
+            outcome = rolled_back(f"{what}; {fenced}")
+            if runs_there is False and query is None and not outcome.in_doubt:
+                # Recorded here (the entry is gone): the destination,
+                # which confirmed its teardown, may forget.
+                _coordinator(entry, conf).acknowledge()
+            return outcome
         return rolled_back(what)
     if journalled is Phase.CLEANUP:
         return destroyed("the destination had acknowledged")
@@ -506,12 +511,17 @@ def _after_reboot(
             said,
             gone,
         )
-        return done(
+        outcome = done(
             Phase.FAILED,
             f"the guest runs nowhere: {said}; {gone}; start it again "
             "from its disk",
             NOWHERE,
         )
+        if query is None:
+            # Recorded here (the entry is gone): the destination may
+            # forget.
+            _coordinator(entry, conf).acknowledge()
+        return outcome
     return done(
         Phase.IN_DOUBT,
         f"{gone}; COMMIT may have gone before the crash and {said}: "
@@ -549,8 +559,8 @@ def _fence(
             LOG.debug("Teardown query of %s: %s", entry.migration_id, exc)
         else:
             if status.phase in commit.NEVER_RAN:
-                if query is None:
-                    coordinator.acknowledge()
+                # Acknowledged by the caller once the outcome is
+                # recorded: a crash before that finds the answer kept.
                 return False, "the destination confirmed its copy is gone"
             if status.committed or status.phase in commit.RUNS_THERE:
                 return True, "the destination runs the guest"

@@ -483,3 +483,38 @@ def test_a_live_source_migration_shields_the_guest_from_incoming(
         (o,) = recovery.recover_incoming(host, incoming, others=[outgoing])
     assert o.skipped and "another migration" in o.reason
     assert host.calls == []
+
+
+@pytest.mark.parametrize(
+    "boot_id, state",
+    [
+        # After the reboot: the guest runs nowhere.
+        ("boot-0", None),
+        # The same boot, the copy paused past the pause: it resumes.
+        ("boot-1", base.DomainState.PAUSED),
+    ],
+)
+def test_a_confirmed_teardown_is_acknowledged_once_recorded(
+    tmp_path, conf, journalled, monkeypatch, boot_id, state
+):
+    # FINISHED lets the destination forget its answer: sent before the
+    # outcome is recorded here, a crash between the two would leave an
+    # entry that nobody can answer any more (IN_DOUBT for nothing).
+    host = FakeHost(state=state)
+    j = journalled(tmp_path, Phase.STOP_AND_COPY, boot_id=boot_id)
+    acknowledged = []
+
+    class Destination:
+        def once(self):
+            return messages.Status(phase="failed", committed=False)
+
+        def acknowledge(self):
+            acknowledged.append([e.migration_id for e in j.entries()])
+            return True
+
+    monkeypatch.setattr(
+        recovery, "_coordinator", lambda entry, conf: Destination()
+    )
+    (o,) = recovery.recover(host, j, conf)
+    assert o.phase is Phase.FAILED, o
+    assert acknowledged == [[]]
