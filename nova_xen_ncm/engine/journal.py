@@ -36,7 +36,10 @@ kernel keeps an append past the process that made it), so one that
 finds no COMMIT knows COMMIT never went; only the host's own crash can
 lose it before its sync, and that crash ends the source copy too, so
 nothing is resumed on its word (recovery asks the destination whether
-it runs the guest). The destination's STOP_AND_COPY,
+it runs the guest). A failed sync of it is not left at that (a failed
+writeback leaves the pages clean, not on disk, and the page cache may
+drop them): it is written again with its own sync. The destination's
+STOP_AND_COPY,
 entered on the source's STOPPING (or on the stopped guest's first
 record), is synced in the background while the guest is paused and the
 last pages arrive, and is durable before READY goes: from it on a
