@@ -110,7 +110,12 @@ def open_journals(
             raise CommandError(f"--state-path {path}: no such directory")
         raise ConfigError(f"[xen_ncm] state_path {path}: no such directory")
     try:
-        return path, Journal(path), Journal(path, INCOMING, IncomingEntry)
+        runtime = conf.xen_ncm.runtime_path
+        return (
+            path,
+            Journal(path, runtime_path=runtime),
+            Journal(path, INCOMING, IncomingEntry, runtime_path=runtime),
+        )
     except JournalError as exc:
         raise CommandError(str(exc)) from None
 

@@ -38,7 +38,13 @@ lose it before its sync, and that crash ends the source copy too, so
 nothing is resumed on its word (recovery asks the destination whether
 it runs the guest). A failed sync of it is not left at that (a failed
 writeback leaves the pages clean, not on disk, and the page cache may
-drop them): it is written again with its own sync. The destination's
+drop them): it is written again with its own sync. Should the page be
+dropped all the same, the mark says it: before the append the record
+writes ``<id>.sent`` (the boot id) under ``[xen_ncm] runtime_path``, a
+tmpfs, which has no writeback to fail, outlives the engine and goes with
+the boot (:meth:`Journal.mark`); a recovery of the same boot that finds
+it with a STOP_AND_COPY or RESTORE entry asks the destination and never
+resumes on the lease alone. It goes with the entry. The destination's
 STOP_AND_COPY,
 entered on the source's STOPPING (or on the stopped guest's first
 record), is synced in the background while the guest is paused and the
@@ -63,6 +69,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -85,6 +92,9 @@ SUBDIR = "migrations"
 INCOMING = "incoming"
 SUFFIX = ".json"
 LOCK_SUFFIX = ".lock"
+MARK_SUFFIX = ".sent"
+# [xen_ncm] runtime_path's default: a tmpfs, emptied by a reboot.
+RUNTIME_PATH = "/run/nova-xen-ncm"
 # Seconds an unheld entry's removal waits for a recovery that holds it
 # (a recovery settles an entry in well under a second).
 FORGET_WAIT = 5.0
@@ -217,9 +227,17 @@ class Journal:
         state_path: str,
         subdir: str = SUBDIR,
         entry_type: type[Entry] = Entry,
+        runtime_path: str | None = None,
     ) -> None:
         self.path = os.path.join(state_path, subdir)
         self.entry_type = entry_type
+        # The marks of this journal (one journal's per directory: two
+        # state paths on a host never read each other's), created with
+        # the first mark.
+        key = hashlib.sha256(os.path.realpath(self.path).encode()).hexdigest()
+        self.runtime = os.path.join(
+            runtime_path or RUNTIME_PATH, f"{subdir}-{key[:16]}"
+        )
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -230,19 +248,83 @@ class Journal:
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> Journal:
         """The source journal under ``[xen_ncm] state_path``."""
-        return cls(_state_path(conf))
+        return cls(_state_path(conf), runtime_path=_runtime_path(conf))
 
     @classmethod
     def incoming_from_conf(cls, conf: cfg.ConfigOpts) -> Journal:
         """The destination journal under ``[xen_ncm] state_path``."""
-        return cls(_state_path(conf), INCOMING, IncomingEntry)
+        return cls(
+            _state_path(conf),
+            INCOMING,
+            IncomingEntry,
+            runtime_path=_runtime_path(conf),
+        )
+
+    def mark(self, migration_id: str, boot_id: str) -> None:
+        """Say, until the entry goes, that a version of it was sent on
+        before it was durable (the source's COMMIT): a file under the
+        runtime directory (tmpfs: no writeback to fail, so it outlives
+        the engine but not the host's boot), written, not synced."""
+        path = os.path.join(
+            self.runtime, self._name(migration_id, MARK_SUFFIX)
+        )
+        try:
+            for directory in (os.path.dirname(self.runtime), self.runtime):
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(
+                path,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                0o600,
+            )
+            try:
+                data = boot_id.encode()
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise JournalError(f"cannot write mark {path}: {exc}") from exc
+
+    def marked(self, migration_id: str, boot_id: str) -> bool:
+        """Whether :meth:`mark` was called for the entry in this boot
+        (``boot_id``, the host's now). Unreadable counts as marked: the
+        mark only ever makes recovery more careful."""
+        path = os.path.join(
+            self.runtime, self._name(migration_id, MARK_SUFFIX)
+        )
+        try:
+            with open(path, "rb") as f:
+                written = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            LOG.error("Mark %s unreadable, taken as set: %s", path, exc)
+            return True
+        # Not a tmpfs after all: a mark of another boot says nothing.
+        return written in ("", boot_id)
+
+    def _unmark(self, migration_id: str) -> None:
+        path = os.path.join(
+            self.runtime, self._name(migration_id, MARK_SUFFIX)
+        )
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            # Harmless once the entry is gone: only an entry is settled.
+            LOG.warning("Mark %s not removed: %s", path, exc)
 
     def _file(self, migration_id: str, suffix: str = SUFFIX) -> str:
+        return os.path.join(self.path, self._name(migration_id, suffix))
+
+    @staticmethod
+    def _name(migration_id: str, suffix: str) -> str:
         if not _ID.match(migration_id):
             raise JournalError(
                 f"migration id {migration_id!r} cannot name a journal entry"
             )
-        return os.path.join(self.path, migration_id + suffix)
+        return migration_id + suffix
 
     def check_id(self, migration_id: str) -> None:
         """Raise unless ``migration_id`` can name an entry."""
@@ -327,6 +409,8 @@ class Journal:
             # Unlinked while held: a recovery that opened it before still
             # finds it locked, one that opens it after finds no entry.
             os.unlink(self._file(migration_id, LOCK_SUFFIX))
+        # After the entry: a mark without its entry says nothing.
+        self._unmark(migration_id)
         try:
             self._sync_dir()
         except OSError as exc:
@@ -457,6 +541,10 @@ def _state_path(conf: cfg.ConfigOpts) -> str:
             "[xen_ncm] state_path is empty: migrations need a journal"
         )
     return path
+
+
+def _runtime_path(conf: cfg.ConfigOpts) -> str:
+    return conf.xen_ncm.runtime_path or RUNTIME_PATH
 
 
 class Record:
@@ -669,6 +757,10 @@ class Record:
             self.entry.phase = phase.value
             self.started = True
             line = self.journal.encode(self.entry)
+            # Marked first: if the sync fails, a failed writeback may
+            # let the page cache drop the line, the mark on tmpfs stays
+            # (a restarted engine of this boot asks the destination).
+            self.journal.mark(self.entry.migration_id, self.entry.boot_id)
             self.journal.append(self.entry.migration_id, line, sync=False)
             self.written = phase
         self._start_syncer()

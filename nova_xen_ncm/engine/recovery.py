@@ -24,6 +24,12 @@ never leaving two running copies:
   asked (until its final answer or its lease) whether it runs the
   guest: DONE if it does, FAILED (the guest runs nowhere) if it
   destroyed its copy, IN_DOUBT without an answer.
+  On the same boot, one the journal marked (:meth:`Journal.mark`, on
+  tmpfs, written before COMMIT went) lost its COMMIT record: its sync
+  failed and the page cache dropped the line. It is settled the same
+  way, the copy here destroyed (DONE) or rolled back (FAILED) on the
+  destination's answer, and kept paused (IN_DOUBT) without one: the
+  lease alone never resumes it.
 - stopped after it (COMMIT, IN_DOUBT): the destination is asked the
   commit query (commit.py, the sender's own). It runs the guest: the
   source copy is destroyed (DONE). It never unpaused it: the source copy
@@ -411,6 +417,37 @@ def _settle(
         and entry.boot_id != boot_id
     ):
         return _after_reboot(entry, conf, query, gone, done, destroyed)
+    if journalled in _COMMIT_MAY_FOLLOW and journal.marked(
+        entry.migration_id, boot_id
+    ):
+        # Marked before COMMIT went, and its record not read back: its
+        # sync failed and the page cache dropped it. The destination
+        # alone says; no lease lets the copy here resume.
+        runs_there, said = _fence(entry, conf, query)
+        if runs_there:
+            outcome = destroyed(f"{said} (COMMIT went, its record lost)")
+        elif runs_there is False:
+            outcome = rolled_back(
+                f"COMMIT may have gone, its record lost; {said}"
+            )
+        else:
+            return done(
+                Phase.IN_DOUBT,
+                f"COMMIT may have gone (its record lost: its sync failed) "
+                f"and {said}: the guest may run on the destination, "
+                + (
+                    "the guest stays paused here"
+                    if info is not None
+                    else f"{gone}; check the destination before starting "
+                    "the guest again"
+                ),
+                "" if info is not None else ELSEWHERE,
+            )
+        if query is None and not outcome.in_doubt:
+            # Recorded here (the entry is gone): the destination may
+            # forget.
+            _coordinator(entry, conf).acknowledge()
+        return outcome
     if journalled in _BEFORE_COMMIT:
         what = f"stopped in {journalled} before the commit decision"
         if (

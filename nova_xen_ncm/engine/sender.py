@@ -167,7 +167,10 @@ class Sender:
             # sync runs while COMMIT travels (not in the pause): only a
             # crash of this host loses an append, and it takes the copy
             # here with it, so nothing resumes on that entry (recovery
-            # asks the destination, recovery._after_reboot).
+            # asks the destination, recovery._after_reboot). A failed
+            # sync may let the page cache drop it: the mark written on
+            # tmpfs before it (Journal.mark) makes a restart of this
+            # boot ask the destination too.
             lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
             sync_behind=frozenset({Phase.COMMIT}),
         )

@@ -575,3 +575,42 @@ def test_a_version_queued_before_the_entry_was_forgotten_is_not_written(
     record.close()
     assert j.entries() == []
     assert not os.path.exists(os.path.join(j.path, "m-1.json"))
+
+
+def test_a_sync_behind_record_is_marked_before_it_is_written(
+    tmp_path, monkeypatch
+):
+    # The mark (tmpfs: no writeback to fail) says COMMIT may have gone
+    # even once a failed sync let the page cache drop the record; it
+    # goes with the entry.
+    j = journal.Journal(str(tmp_path), runtime_path=str(tmp_path / "run"))
+    record = _committing(j)
+    record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+    assert not j.marked("m-1", "b-1")
+    append = j.append
+
+    def seen(mid, line, **kwargs):
+        assert j.marked("m-1", "b-1"), "appended before it was marked"
+        append(mid, line, **kwargs)
+
+    monkeypatch.setattr(j, "append", seen)
+    record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    mark = os.path.join(j.runtime, "m-1.sent")
+    assert os.stat(j.runtime).st_mode & 0o777 == 0o700
+    assert j.marked("m-1", "b-1") and not j.marked("m-1", "b-2")
+    record.on_transition(Phase.COMMIT, Phase.DONE, {})
+    record.close()
+    assert not os.path.exists(mark) and j.entries() == []
+
+
+def test_a_mark_that_cannot_be_written_stops_commit(tmp_path):
+    # Without the mark a lost record could let a restart resume the
+    # copy here: COMMIT does not go (the transition fails, rollback).
+    (tmp_path / "run").write_text("not a directory")
+    j = journal.Journal(str(tmp_path), runtime_path=str(tmp_path / "run"))
+    record = _committing(j)
+    record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+    with pytest.raises(journal.JournalError, match="cannot write mark"):
+        record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    record.close()
+    assert j.read("m-1").phase == "restore"

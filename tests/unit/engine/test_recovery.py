@@ -3,6 +3,7 @@ host and a fake destination."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -518,3 +519,93 @@ def test_a_confirmed_teardown_is_acknowledged_once_recorded(
     (o,) = recovery.recover(host, j, conf)
     assert o.phase is Phase.FAILED, o
     assert acknowledged == [[]]
+
+
+def _commit_record_lost(tmp_path, monkeypatch):
+    """A source engine that sent COMMIT, whose COMMIT record's sync (and
+    its rewrite's) failed with EIO and whose page the page cache then
+    dropped (the file reads as before COMMIT), and which died: the
+    journal a restarted engine of the same boot reads."""
+    import errno
+    import os
+
+    from nova_xen_ncm.engine.journal import Record
+
+    journal = Journal(
+        str(tmp_path / "state"), runtime_path=str(tmp_path / "run")
+    )
+    record = Record(
+        journal,
+        Entry(
+            migration_id="m-1",
+            domid=5,
+            host="127.0.0.1",
+            port=1,
+            token="00" * 16,
+            running=True,
+            uuid="u",
+            boot_id="boot-1",
+        ),
+        lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
+        sync_behind=frozenset({Phase.COMMIT}),
+    )
+    record.open()
+    record.on_transition(Phase.PRECOPY, Phase.STOP_AND_COPY, {})
+    record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+    record._drain()
+    path = journal._file("m-1")
+    before = os.path.getsize(path)
+
+    def eio(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    record.close()
+    monkeypatch.undo()
+    # The failed writeback left the pages clean; dropped, they read as
+    # what the disk had.
+    os.truncate(path, before)
+    assert journal.read("m-1").phase == Phase.RESTORE.value
+    return journal
+
+
+@pytest.mark.parametrize(
+    ("said", "phase", "guest", "calls"),
+    [
+        (
+            ("cleanup", True),
+            Phase.DONE,
+            recovery.DESTINATION,
+            ["destroy_domain"],
+        ),
+        (("failed", False), Phase.FAILED, recovery.SOURCE, ["unpause"]),
+        (None, Phase.IN_DOUBT, "", []),
+    ],
+)
+def test_a_commit_record_lost_to_a_failed_sync_asks_the_destination(
+    tmp_path, conf, monkeypatch, said, phase, guest, calls
+):
+    # Same boot, the copy here paused, the entry says RESTORE: without
+    # the mark it would resume once the lease ran out, while the
+    # destination, which got COMMIT, runs the guest (two copies).
+    journal = _commit_record_lost(tmp_path, monkeypatch)
+    host = FakeHost()
+
+    def query(entry, conf):
+        if said is None:
+            raise TransportError("unreachable")
+        return messages.Status(phase=said[0], committed=said[1])
+
+    (o,) = recovery.recover(host, journal, conf, query=query)
+    assert (o.phase, o.guest) == (phase, guest), o
+    assert [c for c in host.calls if c in ("unpause", "destroy_domain")] == (
+        calls
+    )
+    mark = tmp_path / "run" / os.path.basename(journal.runtime) / "m-1.sent"
+    if phase is Phase.IN_DOUBT:
+        assert "lease" in o.reason and "COMMIT may have gone" in o.reason
+        assert journal.read("m-1").phase == Phase.IN_DOUBT.value
+        assert mark.exists()
+    else:
+        assert journal.entries() == [] and not mark.exists()
