@@ -93,6 +93,8 @@ INCOMING = "incoming"
 SUFFIX = ".json"
 LOCK_SUFFIX = ".lock"
 MARK_SUFFIX = ".sent"
+# What the check before a migration writes and removes (never read).
+PROBE_SUFFIX = ".probe"
 # [xen_ncm] runtime_path's default: a tmpfs, emptied by a reboot.
 RUNTIME_PATH = "/run/nova-xen-ncm"
 # Seconds an unheld entry's removal waits for a recovery that holds it
@@ -269,21 +271,40 @@ class Journal:
             self.runtime, self._name(migration_id, MARK_SUFFIX)
         )
         try:
-            for directory in (os.path.dirname(self.runtime), self.runtime):
-                os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(
-                path,
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
-                0o600,
-            )
-            try:
-                data = boot_id.encode()
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.ENOSPC, "short write")
-            finally:
-                os.close(fd)
+            self._write_mark(path, boot_id.encode())
         except OSError as exc:
             raise JournalError(f"cannot write mark {path}: {exc}") from exc
+
+    def check_marks(self, migration_id: str) -> None:
+        """Create the runtime directory (0700) and write and remove a
+        mark's stand-in, so that a migration whose COMMIT could not be
+        marked is refused before it starts, not in its pause."""
+        path = os.path.join(
+            self.runtime, self._name(migration_id, PROBE_SUFFIX)
+        )
+        try:
+            self._write_mark(path, b"")
+            os.unlink(path)
+        except OSError as exc:
+            raise JournalError(
+                f"[xen_ncm] runtime_path {os.path.dirname(self.runtime)}: "
+                f"cannot write a COMMIT mark in {self.runtime}: {exc}; "
+                "create the directory for the service's user (0700)"
+            ) from exc
+
+    def _write_mark(self, path: str, data: bytes) -> None:
+        for directory in (os.path.dirname(self.runtime), self.runtime):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(
+            path,
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+            0o600,
+        )
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+        finally:
+            os.close(fd)
 
     def marked(self, migration_id: str, boot_id: str) -> bool:
         """Whether :meth:`mark` was called for the entry in this boot

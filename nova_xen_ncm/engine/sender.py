@@ -146,6 +146,8 @@ class Sender:
         # (recovery.py), written as part of every transition.
         store = journal.Journal.from_conf(conf)
         store.check_id(migration_id)
+        # COMMIT is not sent unmarked: refused here, not in the pause.
+        store.check_marks(migration_id)
         self.journal = journal.Record(
             store,
             journal.Entry(
