@@ -39,8 +39,10 @@ HOST_OPTS = [
         "may have gone before its journal record was durable; created "
         "0700. If that record's sync fails, a restarted engine of the "
         "same boot finds the mark and asks the destination where the "
-        "guest runs instead of resuming it on the lease alone. The "
-        "migration does not send COMMIT if the mark cannot be written.",
+        "guest runs instead of resuming it on the lease alone. A "
+        "migration whose mark cannot be written here does not start; "
+        "a service that does not run as root needs it created for its "
+        "user (a tmpfiles.d entry).",
     ),
 ]
 
