@@ -54,6 +54,10 @@ function configure_xen_ncm {
         iniset "$NOVA_CONF" xen_ncm_sim domid_policy \
             "$XEN_NCM_SIM_DOMID_POLICY"
     fi
+    # [xen_ncm] runtime_path, left at its default on tmpfs: nova-compute
+    # runs as $STACK_USER, who cannot create it under /run, and a
+    # migration that cannot write its COMMIT mark there does not start.
+    sudo install -d -o "$STACK_USER" -m 0700 /run/nova-xen-ncm
 }
 
 function start_xen_ncm {

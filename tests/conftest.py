@@ -57,6 +57,25 @@ def restored_signal_handlers():
             signal.signal(signum, handler)
 
 
+@pytest.fixture(autouse=True)
+def runtime_path(tmp_path_factory, monkeypatch) -> str:
+    """The marks' directory of this test (not the host's /run): the
+    option's default for every ConfigOpts, the global one's, and that of
+    a Journal made without it."""
+    from nova_xen_ncm.conf import CONF
+    from nova_xen_ncm.engine import journal
+
+    path = str(tmp_path_factory.mktemp("run"))
+    (opt,) = [o for o in xen_ncm_conf.HOST_OPTS if o.name == "runtime_path"]
+    monkeypatch.setattr(opt, "default", path)
+    monkeypatch.setattr(journal, "RUNTIME_PATH", path)
+    if "xen_ncm" in CONF:
+        CONF.set_default("runtime_path", path, group="xen_ncm")
+    yield path
+    if "xen_ncm" in CONF:
+        CONF.set_default("runtime_path", "/run/nova-xen-ncm", group="xen_ncm")
+
+
 @pytest.fixture
 def no_cloud(tmp_path, monkeypatch) -> None:
     """No OpenStack cloud configured, whatever the machine has: no OS_*

@@ -10,10 +10,11 @@ that never got COMMIT is destroyed, and the outcome is then answered to
 the source's commit query (``--answer`` seconds) until it acknowledges.
 ``--resolve ID`` forgets a migration an operator settled by hand. Exits
 0 when everything was settled, 1 when a migration stays IN_DOUBT (its
-guest paused here) or could not be settled, or when its guest runs on
-no host (``guest: nowhere`` in the JSON), and otherwise the shared
-statuses of :mod:`nova_xen_ncm.cmd` (2 usage, 3 configuration, 4
-environment).
+guest paused here, or, after a reboot here, on the destination or
+nowhere: ``guest: destination or nowhere``) or could not be
+settled, or when its guest runs on no host (``guest: nowhere`` in the
+JSON), and otherwise the shared statuses of :mod:`nova_xen_ncm.cmd`
+(2 usage, 3 configuration, 4 environment).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ DESCRIPTION = (
     "queries are answered (--answer). --resolve ID marks an entry "
     "settled once an operator has looked. Exits 0 when everything was "
     "settled (or nothing was in flight), 1 when a migration stays "
-    "IN_DOUBT (its guest paused here) or its guest runs on no host (start "
+    "IN_DOUBT (its guest paused here, or after a reboot here on the "
+    "destination or nowhere: check the destination before starting it) "
+    "or its guest runs on no host (start "
     "it again from its disk), 2 on a command-line mistake (such "
     "as a --state-path that does not exist), 3 on a configuration that "
     "cannot be used (such as a state_path that does not exist), 4 on an "
@@ -107,7 +110,12 @@ def open_journals(
             raise CommandError(f"--state-path {path}: no such directory")
         raise ConfigError(f"[xen_ncm] state_path {path}: no such directory")
     try:
-        return path, Journal(path), Journal(path, INCOMING, IncomingEntry)
+        runtime = conf.xen_ncm.runtime_path
+        return (
+            path,
+            Journal(path, runtime_path=runtime),
+            Journal(path, INCOMING, IncomingEntry, runtime_path=runtime),
+        )
     except JournalError as exc:
         raise CommandError(str(exc)) from None
 
@@ -281,6 +289,12 @@ def outcome_line(o: recovery.Outcome) -> str:
     what = "left alone" if o.skipped else str(o.phase)
     if o.lost:
         what = f"{what}, THE GUEST RUNS NOWHERE"
+    elif o.in_doubt and o.guest == recovery.ELSEWHERE:
+        what = (
+            f"{what}, THE COPY HERE IS GONE: the guest runs on the "
+            "destination or nowhere; check the destination before starting "
+            "it (run recover again, then --resolve)"
+        )
     return (
         f"{o.migration_id} ({o.role}, domain {o.domid}, journalled in "
         f"{o.journalled}): {what}: {o.reason}"

@@ -31,6 +31,19 @@ HOST_OPTS = [
         "written does not start. The Nova driver uses "
         "<Nova's state_path>/xen_ncm unless this is set.",
     ),
+    cfg.StrOpt(
+        "runtime_path",
+        default="/run/nova-xen-ncm",
+        help="Directory on a tmpfs (emptied by a reboot, never written "
+        "back to a disk) where the source marks a migration whose COMMIT "
+        "may have gone before its journal record was durable; created "
+        "0700. If that record's sync fails, a restarted engine of the "
+        "same boot finds the mark and asks the destination where the "
+        "guest runs instead of resuming it on the lease alone. A "
+        "migration whose mark cannot be written here does not start; "
+        "a service that does not run as root needs it created for its "
+        "user (a tmpfiles.d entry).",
+    ),
 ]
 
 TRANSPORT_OPTS = [

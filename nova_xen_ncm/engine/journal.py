@@ -29,9 +29,23 @@ Only what a side effect needs is synced while the guest is paused
 written by a thread of the record's, in order, since on a busy host even
 an append may wait for the file system's journal). The source's
 STOP_AND_COPY is durable before the pause and covers its RESTORE
-(recovery treats the two alike); COMMIT records the decision durably
-before the COMMIT message goes, so that a restarted source without it
-knows COMMIT never went. The destination's STOP_AND_COPY,
+(recovery treats the two alike); COMMIT is appended before the COMMIT
+message goes and synced by the record's thread while COMMIT travels
+(``sync_behind``): a restarted engine of the same host reads it (the
+kernel keeps an append past the process that made it), so one that
+finds no COMMIT knows COMMIT never went; only the host's own crash can
+lose it before its sync, and that crash ends the source copy too, so
+nothing is resumed on its word (recovery asks the destination whether
+it runs the guest). A failed sync of it is not left at that (a failed
+writeback leaves the pages clean, not on disk, and the page cache may
+drop them): it is written again with its own sync. Should the page be
+dropped all the same, the mark says it: before the append the record
+writes ``<id>.sent`` (the boot id) under ``[xen_ncm] runtime_path``, a
+tmpfs, which has no writeback to fail, outlives the engine and goes with
+the boot (:meth:`Journal.mark`); a recovery of the same boot that finds
+it with a STOP_AND_COPY or RESTORE entry asks the destination and never
+resumes on the lease alone. It goes with the entry. The destination's
+STOP_AND_COPY,
 entered on the source's STOPPING (or on the stopped guest's first
 record), is synced in the background while the guest is paused and the
 last pages arrive, and is durable before READY goes: from it on a
@@ -55,6 +69,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -77,6 +92,11 @@ SUBDIR = "migrations"
 INCOMING = "incoming"
 SUFFIX = ".json"
 LOCK_SUFFIX = ".lock"
+MARK_SUFFIX = ".sent"
+# What the check before a migration writes and removes (never read).
+PROBE_SUFFIX = ".probe"
+# [xen_ncm] runtime_path's default: a tmpfs, emptied by a reboot.
+RUNTIME_PATH = "/run/nova-xen-ncm"
 # Seconds an unheld entry's removal waits for a recovery that holds it
 # (a recovery settles an entry in well under a second).
 FORGET_WAIT = 5.0
@@ -209,9 +229,17 @@ class Journal:
         state_path: str,
         subdir: str = SUBDIR,
         entry_type: type[Entry] = Entry,
+        runtime_path: str | None = None,
     ) -> None:
         self.path = os.path.join(state_path, subdir)
         self.entry_type = entry_type
+        # The marks of this journal (one journal's per directory: two
+        # state paths on a host never read each other's), created with
+        # the first mark.
+        key = hashlib.sha256(os.path.realpath(self.path).encode()).hexdigest()
+        self.runtime = os.path.join(
+            runtime_path or RUNTIME_PATH, f"{subdir}-{key[:16]}"
+        )
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -222,19 +250,102 @@ class Journal:
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> Journal:
         """The source journal under ``[xen_ncm] state_path``."""
-        return cls(_state_path(conf))
+        return cls(_state_path(conf), runtime_path=_runtime_path(conf))
 
     @classmethod
     def incoming_from_conf(cls, conf: cfg.ConfigOpts) -> Journal:
         """The destination journal under ``[xen_ncm] state_path``."""
-        return cls(_state_path(conf), INCOMING, IncomingEntry)
+        return cls(
+            _state_path(conf),
+            INCOMING,
+            IncomingEntry,
+            runtime_path=_runtime_path(conf),
+        )
+
+    def mark(self, migration_id: str, boot_id: str) -> None:
+        """Say, until the entry goes, that a version of it was sent on
+        before it was durable (the source's COMMIT): a file under the
+        runtime directory (tmpfs: no writeback to fail, so it outlives
+        the engine but not the host's boot), written, not synced."""
+        path = os.path.join(
+            self.runtime, self._name(migration_id, MARK_SUFFIX)
+        )
+        try:
+            self._write_mark(path, boot_id.encode())
+        except OSError as exc:
+            raise JournalError(f"cannot write mark {path}: {exc}") from exc
+
+    def check_marks(self, migration_id: str) -> None:
+        """Create the runtime directory (0700) and write and remove a
+        mark's stand-in, so that a migration whose COMMIT could not be
+        marked is refused before it starts, not in its pause."""
+        path = os.path.join(
+            self.runtime, self._name(migration_id, PROBE_SUFFIX)
+        )
+        try:
+            self._write_mark(path, b"")
+            os.unlink(path)
+        except OSError as exc:
+            raise JournalError(
+                f"[xen_ncm] runtime_path {os.path.dirname(self.runtime)}: "
+                f"cannot write a COMMIT mark in {self.runtime}: {exc}; "
+                "create the directory for the service's user (0700)"
+            ) from exc
+
+    def _write_mark(self, path: str, data: bytes) -> None:
+        for directory in (os.path.dirname(self.runtime), self.runtime):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(
+            path,
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+            0o600,
+        )
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+        finally:
+            os.close(fd)
+
+    def marked(self, migration_id: str, boot_id: str) -> bool:
+        """Whether :meth:`mark` was called for the entry in this boot
+        (``boot_id``, the host's now). Unreadable counts as marked: the
+        mark only ever makes recovery more careful."""
+        path = os.path.join(
+            self.runtime, self._name(migration_id, MARK_SUFFIX)
+        )
+        try:
+            with open(path, "rb") as f:
+                written = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            LOG.error("Mark %s unreadable, taken as set: %s", path, exc)
+            return True
+        # Not a tmpfs after all: a mark of another boot says nothing.
+        return written in ("", boot_id)
+
+    def _unmark(self, migration_id: str) -> None:
+        path = os.path.join(
+            self.runtime, self._name(migration_id, MARK_SUFFIX)
+        )
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            # Harmless once the entry is gone: only an entry is settled.
+            LOG.warning("Mark %s not removed: %s", path, exc)
 
     def _file(self, migration_id: str, suffix: str = SUFFIX) -> str:
+        return os.path.join(self.path, self._name(migration_id, suffix))
+
+    @staticmethod
+    def _name(migration_id: str, suffix: str) -> str:
         if not _ID.match(migration_id):
             raise JournalError(
                 f"migration id {migration_id!r} cannot name a journal entry"
             )
-        return os.path.join(self.path, migration_id + suffix)
+        return migration_id + suffix
 
     def check_id(self, migration_id: str) -> None:
         """Raise unless ``migration_id`` can name an entry."""
@@ -254,6 +365,22 @@ class Journal:
         entry.updated = time.time()
         data = json.dumps(entry.to_dict(), sort_keys=True).encode()
         return b"%08x %s\n" % (zlib.crc32(data), data)
+
+    def sync(self, migration_id: str) -> None:
+        """Make what was appended to the entry durable (one
+        ``fdatasync``; a sync flushes the file, whichever descriptor
+        wrote it)."""
+        path = self._file(migration_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot sync journal entry {path}: {exc}"
+            ) from exc
 
     def append(
         self, migration_id: str, line: bytes, *, sync: bool = True
@@ -303,6 +430,8 @@ class Journal:
             # Unlinked while held: a recovery that opened it before still
             # finds it locked, one that opens it after finds no entry.
             os.unlink(self._file(migration_id, LOCK_SUFFIX))
+        # After the entry: a mark without its entry says nothing.
+        self._unmark(migration_id)
         try:
             self._sync_dir()
         except OSError as exc:
@@ -435,6 +564,10 @@ def _state_path(conf: cfg.ConfigOpts) -> str:
     return path
 
 
+def _runtime_path(conf: cfg.ConfigOpts) -> str:
+    return conf.xen_ncm.runtime_path or RUNTIME_PATH
+
+
 class Record:
     """The journal entry of one migration, kept as part of its state
     machine: :meth:`on_transition` is the state's ``journal`` hook.
@@ -451,6 +584,10 @@ class Record:
     record is appended and synced without waiting; waited for (and a
     failure raised) at the next transition. Both are written by the
     record's thread, in order, before any later version.
+    ``sync_behind``: phases whose record is appended before the
+    transition goes on (a restarted engine of this host reads it) and
+    synced by the thread (written again if that sync fails: its side
+    effect may have gone); the next transition waits for that sync.
     """
 
     def __init__(
@@ -461,21 +598,25 @@ class Record:
         keep_settled: bool = False,
         lazy: Mapping[Phase, Phase] | None = None,
         background: frozenset[Phase] = frozenset(),
+        sync_behind: frozenset[Phase] = frozenset(),
     ) -> None:
         self.journal = journal
         self.entry = entry
         self.keep_settled = keep_settled
         self.lazy = dict(lazy or {})
         self.background = background
+        self.sync_behind = sync_behind
         # The writes made in the background, in order: a thread started
         # before the first of them (a thread's start waits for it to
-        # run: not in the pause), the versions queued (line, sync) and
-        # how many were asked for and done, and the last failure. Even
+        # run: not in the pause), the versions queued (line, sync,
+        # appended: the line is in the file already, only its sync is
+        # left) and how many were asked for and done, and the last
+        # failure. Even
         # an append without a sync may wait for the file system's
         # journal on a busy host, so neither is made in the pause.
         self._syncer: threading.Thread | None = None
         self._sync_cond = threading.Condition()
-        self._queue: collections.deque[tuple[bytes, bool]] = (
+        self._queue: collections.deque[tuple[bytes, bool, bool]] = (
             collections.deque()
         )
         self._sync_asked = 0
@@ -529,7 +670,9 @@ class Record:
         self._start_syncer()
 
     def _start_syncer(self) -> None:
-        if self._syncer is not None or not (self.background or self.lazy):
+        if self._syncer is not None or not (
+            self.background or self.lazy or self.sync_behind
+        ):
             return
         self._syncer = threading.Thread(
             target=self._sync_loop,
@@ -546,12 +689,16 @@ class Record:
                     if self._sync_stop:
                         return
                     cond.wait()
-                line, sync = self._queue[0]
+                line, sync, appended = self._queue[0]
             error = None
             try:
                 with self._lock:
                     # Once forgotten, nothing writes the entry back.
-                    if not self.forgotten:
+                    if self.forgotten:
+                        pass
+                    elif appended:
+                        self._sync_appended(line)
+                    else:
                         self.journal.append(
                             self.entry.migration_id, line, sync=sync
                         )
@@ -571,6 +718,39 @@ class Record:
                     self._sync_done += 1
                     cond.notify_all()
 
+    def _sync_appended(self, line: bytes) -> None:
+        """Make ``line``, appended already, durable. Its side effect
+        (COMMIT) may have gone already: a failure is not left at that."""
+        mid = self.entry.migration_id
+        try:
+            self.journal.sync(mid)
+            return
+        except JournalError as exc:
+            LOG.error(
+                "Migration %s: the %s record could not be synced (%s); "
+                "written again",
+                mid,
+                self.entry.phase,
+                exc,
+            )
+        # A failed writeback leaves the pages clean, not on disk: a
+        # second fdatasync alone may succeed with the line lost. Written
+        # again, its page is dirty again and its own sync says.
+        try:
+            self.journal.append(mid, line, sync=True)
+        except JournalError as exc:
+            LOG.error(
+                "Migration %s: the %s record is not durable: %s. A crash "
+                "of this host, or the page cache dropping it, may lose "
+                "it: if this migration is interrupted, check on the "
+                "destination whether the guest runs there before "
+                "resuming or starting it here.",
+                mid,
+                self.entry.phase,
+                exc,
+            )
+            raise
+
     def _write_later(self, phase: Phase, *, sync: bool) -> None:
         """Queue the entry's version in ``phase`` for the thread."""
         with self._lock:
@@ -583,7 +763,30 @@ class Record:
         if self._syncer is None:
             self._start_syncer()
         with self._sync_cond:
-            self._queue.append((line, sync))
+            self._queue.append((line, sync, False))
+            self._sync_asked += 1
+            self._sync_cond.notify_all()
+
+    def _write_sync_behind(self, phase: Phase) -> None:
+        """Append the entry's version in ``phase`` now (in the file
+        when this returns), and have the thread sync it."""
+        # After the versions queued before it.
+        self._drain()
+        with self._lock:
+            if self.forgotten:
+                return
+            self.entry.phase = phase.value
+            self.started = True
+            line = self.journal.encode(self.entry)
+            # Marked first: if the sync fails, a failed writeback may
+            # let the page cache drop the line, the mark on tmpfs stays
+            # (a restarted engine of this boot asks the destination).
+            self.journal.mark(self.entry.migration_id, self.entry.boot_id)
+            self.journal.append(self.entry.migration_id, line, sync=False)
+            self.written = phase
+        self._start_syncer()
+        with self._sync_cond:
+            self._queue.append((line, True, True))
             self._sync_asked += 1
             self._sync_cond.notify_all()
 
@@ -612,7 +815,7 @@ class Record:
             self._drain()
         else:
             with self._sync_cond:
-                while any(sync for _, sync in self._queue):
+                while any(sync for _, sync, _ in self._queue):
                     self._sync_cond.wait()
         with self._sync_cond:
             error, self._sync_error = self._sync_error, None
@@ -666,6 +869,8 @@ class Record:
             covered = self.lazy.get(new) is old and self.written is old
             if new in self.background or covered:
                 self._write_later(new, sync=not covered)
+            elif new in self.sync_behind:
+                self._write_sync_behind(new)
             else:
                 self.write(new)
         except JournalError as exc:

@@ -17,6 +17,19 @@ never leaving two running copies:
   and unpaused if it ran before. Outcome FAILED. Past the pause it
   resumes only once the destination confirmed its copy is gone, or its
   lease ran out (the live sender's fence).
+  After a reboot of this host STOP_AND_COPY and RESTORE say less: the
+  COMMIT record is appended before COMMIT goes and synced while it
+  travels, and only the host's crash loses such an append. The copy
+  here went with that crash, so nothing resumes; the destination is
+  asked (until its final answer or its lease) whether it runs the
+  guest: DONE if it does, FAILED (the guest runs nowhere) if it
+  destroyed its copy, IN_DOUBT without an answer.
+  On the same boot, one the journal marked (:meth:`Journal.mark`, on
+  tmpfs, written before COMMIT went) lost its COMMIT record: its sync
+  failed and the page cache dropped the line. It is settled the same
+  way, the copy here destroyed (DONE) or rolled back (FAILED) on the
+  destination's answer, and kept paused (IN_DOUBT) without one: the
+  lease alone never resumes it.
 - stopped after it (COMMIT, IN_DOUBT): the destination is asked the
   commit query (commit.py, the sender's own). It runs the guest: the
   source copy is destroyed (DONE). It never unpaused it: the source copy
@@ -75,6 +88,10 @@ _ASK = frozenset({Phase.COMMIT, Phase.IN_DOUBT})
 # Past the pause the destination may hold the whole guest, backends
 # connected: the source copy resumes once that one is gone (fencing).
 _PAST_PAUSE = frozenset({Phase.STOP_AND_COPY, Phase.RESTORE, Phase.ROLLBACK})
+# The source's last synced records before its COMMIT, which is synced
+# only while COMMIT travels: after this host's crash COMMIT may have
+# gone on either.
+_COMMIT_MAY_FOLLOW = frozenset({Phase.STOP_AND_COPY, Phase.RESTORE})
 # Seconds between two looks at whether an answered entry was resolved.
 ANSWER_POLL = 1.0
 # Destination phases that are its final answer.
@@ -104,6 +121,9 @@ Query = Callable[[Entry, cfg.ConfigOpts], messages.Status]
 SOURCE = "source"
 DESTINATION = "destination"
 NOWHERE = "nowhere"
+#: IN_DOUBT with the copy here gone (this host rebooted): the guest runs
+#: on the destination or on no host, which only the destination knows.
+ELSEWHERE = "destination or nowhere"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,14 +131,17 @@ class Outcome:
     """How one journalled migration was settled.
 
     ``phase`` is DONE (the guest runs on the destination, the source copy
-    is gone), FAILED (it runs here again) or IN_DOUBT (paused here; the
-    destination could not say). ``skipped``: a live engine holds the
-    entry and nothing was done (``phase`` is the journalled one).
+    is gone), FAILED (it runs here again) or IN_DOUBT (paused here, or
+    its copy here gone; the destination could not say). ``skipped``: a
+    live engine holds the entry and nothing was done (``phase`` is the
+    journalled one).
     ``guest`` says where the guest runs once settled: ``source``,
     ``destination``, ``nowhere`` (:attr:`lost`: the migration failed and
     the copy it would have run on again is gone, after a reboot or once
     its domid went to another guest; it must be started again from its
-    disk), or empty when that is not known.
+    disk), ``destination or nowhere`` (IN_DOUBT with the copy here gone:
+    it must not be started before the destination was checked), or empty
+    when that is not known.
     """
 
     migration_id: str
@@ -387,6 +410,44 @@ def _settle(
             return done(Phase.DONE, f"{what}; {gone}", DESTINATION)
         return done(Phase.DONE, _destroy(host, entry, what), DESTINATION)
 
+    if (
+        journalled in _COMMIT_MAY_FOLLOW
+        and info is None
+        and entry.boot_id
+        and entry.boot_id != boot_id
+    ):
+        return _after_reboot(entry, conf, query, gone, done, destroyed)
+    if journalled in _COMMIT_MAY_FOLLOW and journal.marked(
+        entry.migration_id, boot_id
+    ):
+        # Marked before COMMIT went, and its record not read back: its
+        # sync failed and the page cache dropped it. The destination
+        # alone says; no lease lets the copy here resume.
+        runs_there, said = _fence(entry, conf, query)
+        if runs_there:
+            outcome = destroyed(f"{said} (COMMIT went, its record lost)")
+        elif runs_there is False:
+            outcome = rolled_back(
+                f"COMMIT may have gone, its record lost; {said}"
+            )
+        else:
+            return done(
+                Phase.IN_DOUBT,
+                f"COMMIT may have gone (its record lost: its sync failed) "
+                f"and {said}: the guest may run on the destination, "
+                + (
+                    "the guest stays paused here"
+                    if info is not None
+                    else f"{gone}; check the destination before starting "
+                    "the guest again"
+                ),
+                "" if info is not None else ELSEWHERE,
+            )
+        if query is None and not outcome.in_doubt:
+            # Recorded here (the entry is gone): the destination may
+            # forget.
+            _coordinator(entry, conf).acknowledge()
+        return outcome
     if journalled in _BEFORE_COMMIT:
         what = f"stopped in {journalled} before the commit decision"
         if (
@@ -395,14 +456,19 @@ def _settle(
             and info.state == base.DomainState.PAUSED
             and entry.running
         ):
-            fenced = _fence(entry, conf, query)
-            if fenced is None:
+            runs_there, fenced = _fence(entry, conf, query)
+            if runs_there:
                 return done(
                     Phase.IN_DOUBT,
                     "the destination says it runs the guest, though no "
                     "COMMIT was journalled here: the guest stays paused",
                 )
-            what = f"{what}; {fenced}"
+            outcome = rolled_back(f"{what}; {fenced}")
+            if runs_there is False and query is None and not outcome.in_doubt:
+                # Recorded here (the entry is gone): the destination,
+                # which confirmed its teardown, may forget.
+                _coordinator(entry, conf).acknowledge()
+            return outcome
         return rolled_back(what)
     if journalled is Phase.CLEANUP:
         return destroyed("the destination had acknowledged")
@@ -433,6 +499,14 @@ def _settle(
         outcome = destroyed(verdict.reason)
     elif verdict.runs_there is False:
         outcome = rolled_back(verdict.reason)
+    elif info is None:
+        # Nothing paused here to keep: the guest runs there or nowhere.
+        return done(
+            Phase.IN_DOUBT,
+            f"{verdict.reason}; {gone}: check the destination before "
+            "starting the guest again",
+            ELSEWHERE,
+        )
     else:
         return done(
             Phase.IN_DOUBT, f"{verdict.reason}; the guest stays paused here"
@@ -443,13 +517,66 @@ def _settle(
     return outcome
 
 
+def _after_reboot(
+    entry: Entry,
+    conf: cfg.ConfigOpts,
+    query: Query | None,
+    gone: str,
+    done: Callable[..., Outcome],
+    destroyed: Callable[[str], Outcome],
+) -> Outcome:
+    """A STOP_AND_COPY or RESTORE entry of a copy this host's reboot
+    took: COMMIT may have gone with its record not yet synced. Nothing
+    here can run again; the destination says where the guest is."""
+    runs_there, said = _fence(entry, conf, query)
+    if runs_there:
+        outcome = destroyed(
+            "the destination runs the guest (COMMIT went before this "
+            "host's crash)"
+        )
+        if query is None:
+            # Recorded here (the entry is gone): the destination may
+            # forget.
+            _coordinator(entry, conf).acknowledge()
+        return outcome
+    if runs_there is False:
+        LOG.error(
+            "Migration %s: guest %s runs nowhere: %s; %s. Start it again "
+            "from its disk.",
+            entry.migration_id,
+            _guest(entry),
+            said,
+            gone,
+        )
+        outcome = done(
+            Phase.FAILED,
+            f"the guest runs nowhere: {said}; {gone}; start it again "
+            "from its disk",
+            NOWHERE,
+        )
+        if query is None:
+            # Recorded here (the entry is gone): the destination may
+            # forget.
+            _coordinator(entry, conf).acknowledge()
+        return outcome
+    return done(
+        Phase.IN_DOUBT,
+        f"{gone}; COMMIT may have gone before the crash and {said}: "
+        "the guest may run on the destination, check it before starting "
+        "it again",
+        ELSEWHERE,
+    )
+
+
 def _fence(
     entry: Entry, conf: cfg.ConfigOpts, query: Query | None
-) -> str | None:
+) -> tuple[bool | None, str]:
     """Before a copy paused for stop-and-copy resumes: until the
     destination says its copy is gone, or for its lease (counted from
     now, the engine's death being of unknown time), as the live sender
-    does; None if the destination says the guest runs there."""
+    does. Whether the guest runs there (True), never ran there and its
+    copy is gone (False), or no answer came within the lease (None),
+    and what was learnt."""
     if query is None:
         coordinator = _coordinator(entry, conf)
 
@@ -469,14 +596,14 @@ def _fence(
             LOG.debug("Teardown query of %s: %s", entry.migration_id, exc)
         else:
             if status.phase in commit.NEVER_RAN:
-                if query is None:
-                    coordinator.acknowledge()
-                return "the destination confirmed its copy is gone"
+                # Acknowledged by the caller once the outcome is
+                # recorded: a crash before that finds the answer kept.
+                return False, "the destination confirmed its copy is gone"
             if status.committed or status.phase in commit.RUNS_THERE:
-                return None
+                return True, "the destination runs the guest"
         left = deadline - time.monotonic()
         if left <= 0:
-            return (
+            return None, (
                 f"the destination's lease ({lease:g}s) ran out without its "
                 "confirmation"
             )

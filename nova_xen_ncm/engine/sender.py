@@ -146,6 +146,8 @@ class Sender:
         # (recovery.py), written as part of every transition.
         store = journal.Journal.from_conf(conf)
         store.check_id(migration_id)
+        # COMMIT is not sent unmarked: refused here, not in the pause.
+        store.check_marks(migration_id)
         self.journal = journal.Record(
             store,
             journal.Entry(
@@ -160,11 +162,19 @@ class Sender:
                 source_address=source_address or "",
             ),
             # Durable before the pause, STOP_AND_COPY covers RESTORE:
-            # recovery settles both alike. COMMIT is synced before the
-            # COMMIT message goes: without it a restarted source knows
-            # COMMIT never went, and resumes its copy once the
-            # destination's lease ran out, reachable or not.
+            # recovery settles both alike. COMMIT is appended before the
+            # COMMIT message goes: a restarted engine that finds no
+            # COMMIT knows COMMIT never went, and resumes its copy once
+            # the destination's lease ran out, reachable or not. Its
+            # sync runs while COMMIT travels (not in the pause): only a
+            # crash of this host loses an append, and it takes the copy
+            # here with it, so nothing resumes on that entry (recovery
+            # asks the destination, recovery._after_reboot). A failed
+            # sync may let the page cache drop it: the mark written on
+            # tmpfs before it (Journal.mark) makes a restart of this
+            # boot ask the destination too.
             lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
+            sync_behind=frozenset({Phase.COMMIT}),
         )
         self.state = MigrationState(
             migration_id,
@@ -264,8 +274,9 @@ class Sender:
                 self._stop_pages = len(pending)
                 self._stop_and_copy(decision, pending)
                 self._restore()
-                # Journalled as part of the transition: durable before
-                # COMMIT goes out, or no COMMIT at all.
+                # Journalled as part of the transition: written before
+                # COMMIT goes out (synced while it travels), or no
+                # COMMIT at all.
                 self.state.transition(Phase.RESTORE, Phase.COMMIT)
             except CancelRequested:
                 # The state machine's conflict is how the cancel was

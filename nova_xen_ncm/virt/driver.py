@@ -675,6 +675,20 @@ def reconcile(
                 "this migration naming the destination. Point the instance "
                 "at the destination host, then reset its state."
             )
+        elif getattr(outcome, "guest", "") == recovery.ELSEWHERE:
+            why = (
+                f"live migration {outcome.migration_id} was interrupted "
+                f"by a crash of {hostname}, which took the copy here; "
+                "COMMIT may have reached the destination, which could not "
+                f"be asked ({outcome.reason}). Do not start the guest "
+                "before checking the destination: run 'nova-xen-ncm "
+                f"recover' on {hostname} again once the destination is "
+                "reachable (it settles this), or look there; then "
+                f"'nova-xen-ncm recover --resolve {outcome.migration_id}' "
+                "(power on is refused until then) and, if the guest runs "
+                "there, point the instance at that host, else start it "
+                "again from its disk (hard reboot); then reset its state."
+            )
         else:
             why = (
                 f"live migration {outcome.migration_id} was interrupted "

@@ -250,34 +250,60 @@ def test_the_destination_records_stop_and_copy_before_the_pause(
     assert journals_empty(conf)
 
 
-def test_the_source_commit_record_is_durable_before_commit_goes(
+def test_the_source_commit_record_is_written_before_commit_goes(
     source, destination, migration, conf, monkeypatch
 ):
     # A restarted source that finds no COMMIT record knows COMMIT never
     # went: it resumes its copy once the destination's lease ran out,
-    # reachable or not. That holds only if the record is synced first.
-    appended = []
+    # reachable or not. That holds only if the record is in the file
+    # (which a restarted engine of this host reads) before COMMIT goes;
+    # its sync runs while COMMIT travels, and is done before the source
+    # copy is destroyed (CLEANUP).
+    written = []
     append = Journal.append
+    sync = Journal.sync
 
     def logged(self, migration_id, line, *, sync=True):
         append(self, migration_id, line, sync=sync)
         if os.path.basename(self.path) == SUBDIR:
             phase = json.loads(line.split(b" ", 1)[1])["phase"]
-            appended.append((phase, sync))
+            written.append((phase, "synced" if sync else "appended"))
+
+    def synced(self, migration_id):
+        sync(self, migration_id)
+        if os.path.basename(self.path) == SUBDIR:
+            written.append(
+                (
+                    Journal(conf.xen_ncm.state_path).read(migration_id).phase,
+                    "synced",
+                )
+            )
 
     monkeypatch.setattr(Journal, "append", logged)
+    monkeypatch.setattr(Journal, "sync", synced)
     at_commit = []
+    at_destroy = []
     send = commit.Coordinator.commit
 
     def committing(self, *args, **kwargs):
-        at_commit.append(appended[-1])
+        at_commit.append(list(written))
         return send(self, *args, **kwargs)
 
     monkeypatch.setattr(commit.Coordinator, "commit", committing)
+    destroy = source.destroy_domain
+
+    def destroying(domid, *args, **kwargs):
+        at_destroy.append(list(written))
+        return destroy(domid, *args, **kwargs)
+
+    monkeypatch.setattr(source, "destroy_domain", destroying)
     domid = source.create_domain(guest_config())
     m = migration(source, domid, destination)
     assert m.run() is Phase.DONE
-    assert at_commit == [("commit", True)]
+    (before,) = at_commit
+    assert before[-1] == ("commit", "appended"), before
+    assert ("stop_and_copy", "synced") in before
+    assert ("commit", "synced") in at_destroy[0], at_destroy
 
 
 def test_a_destination_without_stop_notice_gets_no_stopping(

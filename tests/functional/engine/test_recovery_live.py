@@ -4,14 +4,19 @@ sender does."""
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 
 from nova_xen_ncm.engine import commit
 from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import recovery
+from nova_xen_ncm.engine.journal import SUBDIR
 from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.receiver import Receiver
 from nova_xen_ncm.engine.state import Phase
+from nova_xen_ncm.engine.transport import Channel
 from nova_xen_ncm.host import base
 
 from .conftest import guest_config
@@ -130,3 +135,77 @@ def test_a_stale_entry_whose_domid_was_reused_leaves_the_new_guest_alone(
     info = source.domain_info(domid)
     assert info.state == base.DomainState.RUNNING
     assert info.name == "newcomer"
+
+
+def test_a_source_host_crash_after_commit_went_loses_no_guest(
+    conf, source, destination, migration, monkeypatch
+):
+    # The source's COMMIT record is appended before COMMIT goes and
+    # synced while it travels. The source host crashes once COMMIT went,
+    # before that sync: the journal keeps what was synced (stop_and_copy;
+    # the unsynced tail is dropped), the paused copy is gone, the boot id
+    # changes. The destination ran the guest: recovery must say DONE,
+    # not "runs nowhere, start it again from its disk" (two copies).
+    conf.set_override("commit_query_timeout", 30.0, group="xen_ncm")
+    domid = source.create_domain(guest_config())
+    m = migration(
+        source, domid, destination, receiver_class=LosesCommittedAndGoesOn
+    )
+    # The engine dies with its host: nothing more is learnt or written.
+    monkeypatch.setattr(
+        m.sender.coordinator.query,
+        "ask",
+        lambda on_retry=None: commit.Verdict(None, "host crashed"),
+    )
+    path = os.path.join(conf.xen_ncm.state_path, SUBDIR)
+    entry_file = os.path.join(path, m.sender.migration_id + ".json")
+    durable = []
+    sent = threading.Event()
+    append, sync, send = Journal.append, Journal.sync, Channel.send
+
+    def appended(journal, mid, line, *, sync=True):
+        append(journal, mid, line, sync=sync)
+        if sync and journal.path == path:
+            durable.append(os.path.getsize(entry_file))
+
+    def synced(journal, mid):
+        if journal.path == path:
+            # The COMMIT record's sync: held until COMMIT went.
+            assert sent.wait(60)
+        sync(journal, mid)
+        if journal.path == path:
+            durable.append(os.path.getsize(entry_file))
+
+    crash = []
+
+    def sending(channel, message):
+        send(channel, message)
+        if isinstance(message, messages.Commit):
+            # What the disk holds when the host crashes now.
+            crash.append(durable[-1])
+            sent.set()
+
+    monkeypatch.setattr(Journal, "append", appended)
+    monkeypatch.setattr(Journal, "sync", synced)
+    monkeypatch.setattr(Channel, "send", sending)
+    m._thread.start()
+    try:
+        assert m.sender.run() is Phase.IN_DOUBT
+        # The crash: the unsynced tail, the paused copy and the boot go.
+        os.truncate(entry_file, crash[0])
+        source.destroy_domain(domid)
+        monkeypatch.setattr(source, "_boot_id", "after-the-crash")
+        journal = Journal.from_conf(conf)
+        assert journal.read(m.sender.migration_id).phase == "stop_and_copy"
+        (outcome,) = recovery.recover(source, journal, conf)
+    finally:
+        m._thread.join()
+    assert (outcome.phase, outcome.guest) == (
+        Phase.DONE,
+        recovery.DESTINATION,
+    ), outcome
+    assert source.list_domains() == []
+    assert destination.domain_info(domid).state == base.DomainState.RUNNING
+    assert journal.entries() == []
+    # Recovery acknowledged: the destination forgot.
+    assert m.receiver.journal.forgotten

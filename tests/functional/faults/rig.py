@@ -44,6 +44,7 @@ from nova_xen_ncm.conf import register_opts
 from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine import messages
 from nova_xen_ncm.engine import recovery
+from nova_xen_ncm.engine.journal import SUBDIR
 from nova_xen_ncm.engine.journal import Journal
 from nova_xen_ncm.engine.receiver import Receiver
 from nova_xen_ncm.engine.sender import Sender
@@ -168,6 +169,10 @@ class Fault:
     #: KILL_SOURCE in COMMIT only: die once COMMIT went out and COMMITTED
     #: arrived, before reading it (the destination runs the guest).
     after_commit_sent: bool = False
+    #: With ``after_commit_sent``: the source's COMMIT record, appended
+    #: before COMMIT goes, is never synced before the kill (its sync
+    #: runs while COMMIT travels): the restarted engine reads the append.
+    commit_unsynced: bool = False
 
 
 def make_conf(*layers: dict, state_path: str | None = None) -> cfg.ConfigOpts:
@@ -919,6 +924,17 @@ class _SourceFaults:
     def _install_kind(self, host: RemoteHost) -> list:
         fault = self.fault
         if fault.after_commit_sent:
+            if fault.commit_unsynced:
+                never = threading.Event()
+                sync = Journal.sync
+
+                def sync_never(journal: Journal, migration_id: str) -> None:
+                    if os.path.basename(journal.path) == SUBDIR:
+                        # Held until the kill: the append is all there is.
+                        never.wait()
+                    sync(journal, migration_id)
+
+                Journal.sync = sync_never
             send = Channel.send
 
             def send_then_die(conn: Channel, msg: Any) -> None:

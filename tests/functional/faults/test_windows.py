@@ -133,3 +133,31 @@ def test_source_killed_once_commit_went_out(rig):
     assert check_outcome(rig, domid, uuid, result) is DONE
     # Acknowledged by the restarted source: the destination forgot.
     assert rig.destination.client.incoming() == []
+
+
+def test_source_killed_with_its_commit_record_not_yet_synced(rig):
+    # The source's COMMIT is appended before COMMIT goes and synced while
+    # it travels; the engine dies before that sync: the restarted engine
+    # reads the append (the kernel kept it), asks, and destroys its copy
+    # (one running copy, on the destination). Without the append it
+    # would resume its copy after the destination's lease: two copies.
+    src = rig.source.client
+    domid = src.create_domain(guest_config("guest-killed-commit-unsynced"))
+    uuid = src.domain_info(domid).uuid
+    result = rig.migrate(
+        domid,
+        Fault(
+            Kind.KILL_SOURCE,
+            Phase.COMMIT,
+            after_commit_sent=True,
+            commit_unsynced=True,
+        ),
+    )
+    assert result.killed, result
+    (recovered,) = result.recovered
+    assert (recovered["journalled"], recovered["phase"]) == (
+        "commit",
+        "done",
+    ), recovered
+    assert check_outcome(rig, domid, uuid, result) is DONE
+    assert rig.destination.client.incoming() == []

@@ -98,3 +98,23 @@ def test_answer_takes_zero_and_seconds():
     parse = main.build_parser().parse_args
     assert parse(["recover", "--answer", "0"]).answer == 0.0
     assert parse(["recover", "--answer", "2.5"]).answer == 2.5
+
+
+@pytest.mark.parametrize(
+    "guest, says",
+    [
+        ("", "IN_DOUBT: no answer"),
+        ("destination or nowhere", "THE COPY HERE IS GONE"),
+    ],
+)
+def test_an_in_doubt_line_says_where_the_guest_may_be(guest, says):
+    from nova_xen_ncm.cmd import recover
+    from nova_xen_ncm.engine.recovery import Outcome
+    from nova_xen_ncm.engine.state import Phase
+
+    outcome = Outcome(
+        "m-1", 5, Phase.RESTORE, Phase.IN_DOUBT, "no answer", guest=guest
+    )
+    line = recover.outcome_line(outcome)
+    assert says in line, line
+    assert recover.exit_status([outcome]) == 1

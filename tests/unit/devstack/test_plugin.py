@@ -110,6 +110,7 @@ def run_stages(tmp_path, services, disable=(), **settings):
         TEMPEST_CONFIG=str(tempest_conf),
         ENABLED_SERVICES=",".join(services),
         DISABLE_SERVICES=",".join(disable),
+        STACK_USER="stack",
     )
     env.setdefault("SITE", str(site))
     env.update(settings)
@@ -177,6 +178,8 @@ def test_stages_configure_nova(tmp_path):
         "VIRT_DRIVER=xen_ncm",
         f"setup_develop {tmp_path / 'opt' / 'nova-xen-ncm'}",
         "python3 -m nova_xen_ncm.virt.novahook install",
+        # [xen_ncm] runtime_path's default, for the user Nova runs as.
+        "sudo install -d -o stack -m 0700 /run/nova-xen-ncm",
         "python3 -m nova_xen_ncm.virt.novahook remove",
     ]
     # The values are valid for the options they set.
@@ -209,7 +212,7 @@ def test_watch_service_runs_and_stops_when_enabled(tmp_path):
         ["xen-ncm", "xen-ncm-watch", "rabbit"],
         QUEUES="notifications.info nova-xen-ncm-watch-logger",
     )
-    assert calls[3:] == [
+    assert calls[4:] == [
         "run_process xen-ncm-watch "
         f"{tmp_path / 'bin'}/nova-xen-ncm "
         f"--config-file {nova_conf} watch --plain "
@@ -257,7 +260,7 @@ def test_the_watch_command_line_parses(tmp_path):
     from nova_xen_ncm.cmd import main
 
     _, calls, _ = run_stages(tmp_path, ["xen-ncm", "xen-ncm-watch"])
-    command = calls[3].split()[3:]
+    command = calls[4].split()[3:]
     args = main.build_parser().parse_args(command)
     assert args.command == "watch" and args.plain
 

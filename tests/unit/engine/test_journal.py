@@ -242,7 +242,7 @@ def test_covered_phases_wait_for_neither_a_sync_nor_the_writer(
     append = j.append
 
     def held(*args, **kwargs):
-        assert release.wait(5)
+        assert release.wait(60)
         append(*args, **kwargs)
 
     monkeypatch.setattr(j, "append", held)
@@ -293,6 +293,124 @@ def test_a_background_sync_is_done_before_the_next_transition(
     assert syncs[0] != threading.current_thread().name
     assert len(syncs) == 2
     assert j.read("m-1").phase == "restore"
+
+
+def test_a_sync_behind_phase_is_readable_at_once_and_synced_after(
+    tmp_path, monkeypatch
+):
+    # The source's COMMIT: written to the file before the transition
+    # returns (a restarted engine reads it, before COMMIT goes), made
+    # durable by the record's thread, and the next transition waits for
+    # that sync.
+    j = journal.Journal(str(tmp_path))
+    record = journal.Record(
+        j,
+        entry(),
+        lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
+        sync_behind=frozenset({Phase.COMMIT}),
+    )
+    for old, new in [
+        (Phase.SETUP, Phase.PRECOPY),
+        (Phase.PRECOPY, Phase.STOP_AND_COPY),
+        (Phase.STOP_AND_COPY, Phase.RESTORE),
+    ]:
+        record.on_transition(old, new, {})
+    release = threading.Event()
+    synced = []
+    sync = j.sync
+
+    def held(mid):
+        assert release.wait(60)
+        sync(mid)
+        synced.append(threading.current_thread().name)
+
+    monkeypatch.setattr(j, "sync", held)
+    record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    # Read as a restarted engine would: there, not yet synced.
+    assert journal.Journal(str(tmp_path)).read("m-1").phase == "commit"
+    assert synced == []
+    done = threading.Event()
+
+    def cleanup():
+        record.on_transition(Phase.COMMIT, Phase.CLEANUP, {})
+        done.set()
+
+    waiter = threading.Thread(target=cleanup)
+    waiter.start()
+    assert not done.wait(0.2), "CLEANUP went on before COMMIT's sync"
+    release.set()
+    waiter.join(5)
+    assert done.is_set()
+    assert synced and synced[0] != threading.current_thread().name
+    assert j.read("m-1").phase == "cleanup"
+    record.close()
+
+
+def _committing(j):
+    record = journal.Record(
+        j,
+        entry(),
+        lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
+        sync_behind=frozenset({Phase.COMMIT}),
+    )
+    record.on_transition(Phase.SETUP, Phase.PRECOPY, {})
+    record.on_transition(Phase.PRECOPY, Phase.STOP_AND_COPY, {})
+    return record
+
+
+def test_a_failed_sync_of_a_sync_behind_record_writes_it_again(
+    tmp_path, monkeypatch
+):
+    # COMMIT went before its sync failed: the record must not be left
+    # to a failed writeback, which marks its pages clean but not on
+    # disk (once dropped, a restarted engine would read STOP_AND_COPY,
+    # "COMMIT never went", and resume its copy after the lease). Here
+    # the failed sync drops the unsynced tail, as the disk has it.
+    j = journal.Journal(str(tmp_path))
+    record = _committing(j)
+    path = os.path.join(j.path, "m-1.json")
+    on_disk = os.path.getsize(path)
+    sync = j.sync
+    failed = []
+
+    def eio_once(mid):
+        if not failed:
+            failed.append(mid)
+            os.truncate(path, on_disk)
+            raise journal.JournalError("cannot sync: [Errno 5] EIO")
+        sync(mid)
+
+    monkeypatch.setattr(j, "sync", eio_once)
+    record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    record.on_transition(Phase.COMMIT, Phase.CLEANUP, {})
+    assert failed == ["m-1"]
+    # Written again, synced: the CLEANUP after it is on top of it.
+    phases = [
+        json.loads(line.split(b" ", 1)[1])["phase"]
+        for line in open(path, "rb").read().splitlines()
+    ]
+    assert phases[-2:] == ["commit", "cleanup"], phases
+    record.close()
+
+
+def test_a_sync_behind_record_not_durable_at_all_is_said_not_raised(
+    tmp_path, monkeypatch, caplog
+):
+    # Past COMMIT the migration goes on (the destination may run the
+    # guest): the failure is logged with what to check, not raised.
+    j = journal.Journal(str(tmp_path))
+    record = _committing(j)
+    record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+
+    def broken(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    record.on_transition(Phase.COMMIT, Phase.IN_DOUBT, {})
+    assert "the commit record is not durable" in caplog.text
+    assert "check on the destination" in caplog.text
+    record.close()
 
 
 def test_a_failed_background_sync_stops_the_next_must_record_transition(
@@ -457,3 +575,42 @@ def test_a_version_queued_before_the_entry_was_forgotten_is_not_written(
     record.close()
     assert j.entries() == []
     assert not os.path.exists(os.path.join(j.path, "m-1.json"))
+
+
+def test_a_sync_behind_record_is_marked_before_it_is_written(
+    tmp_path, monkeypatch
+):
+    # The mark (tmpfs: no writeback to fail) says COMMIT may have gone
+    # even once a failed sync let the page cache drop the record; it
+    # goes with the entry.
+    j = journal.Journal(str(tmp_path), runtime_path=str(tmp_path / "run"))
+    record = _committing(j)
+    record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+    assert not j.marked("m-1", "b-1")
+    append = j.append
+
+    def seen(mid, line, **kwargs):
+        assert j.marked("m-1", "b-1"), "appended before it was marked"
+        append(mid, line, **kwargs)
+
+    monkeypatch.setattr(j, "append", seen)
+    record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    mark = os.path.join(j.runtime, "m-1.sent")
+    assert os.stat(j.runtime).st_mode & 0o777 == 0o700
+    assert j.marked("m-1", "b-1") and not j.marked("m-1", "b-2")
+    record.on_transition(Phase.COMMIT, Phase.DONE, {})
+    record.close()
+    assert not os.path.exists(mark) and j.entries() == []
+
+
+def test_a_mark_that_cannot_be_written_stops_commit(tmp_path):
+    # Without the mark a lost record could let a restart resume the
+    # copy here: COMMIT does not go (the transition fails, rollback).
+    (tmp_path / "run").write_text("not a directory")
+    j = journal.Journal(str(tmp_path), runtime_path=str(tmp_path / "run"))
+    record = _committing(j)
+    record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+    with pytest.raises(journal.JournalError, match="cannot write mark"):
+        record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    record.close()
+    assert j.read("m-1").phase == "restore"

@@ -3,6 +3,7 @@ host and a fake destination."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -239,17 +240,74 @@ def test_a_reused_domid_is_another_guest_and_left_alone(
 def test_after_a_reboot_no_domain_is_touched(tmp_path, conf, journalled):
     host = FakeHost()
     j = journalled(tmp_path, Phase.STOP_AND_COPY, boot_id="boot-0")
-    (o,) = recovery.recover(host, j, conf)
+    (o,) = recovery.recover(host, j, conf, query=answer("failed", False))
     assert o.phase is Phase.FAILED
     assert "rebooted" in o.reason
+    assert host.calls == []
+
+
+@pytest.mark.parametrize("phase", [Phase.STOP_AND_COPY, Phase.RESTORE])
+def test_after_a_reboot_past_the_pause_the_destination_is_asked(
+    tmp_path, conf, journalled, phase
+):
+    # The source's COMMIT is appended before COMMIT goes and synced while
+    # it travels: a crash of the source host may lose it, so a
+    # STOP_AND_COPY or RESTORE entry after a reboot does not mean that
+    # COMMIT never went. The guest runs on the destination: DONE there,
+    # not "runs nowhere, start it again" (which would make two copies).
+    host = FakeHost(state=None)
+    j = journalled(tmp_path, phase, boot_id="boot-0")
+    (o,) = recovery.recover(host, j, conf, query=answer("cleanup", True))
+    assert (o.phase, o.guest) == (Phase.DONE, recovery.DESTINATION), o
+    assert "rebooted" in o.reason
+    assert host.calls == []
+    assert j.entries() == []
+
+
+def test_after_a_reboot_past_the_pause_no_answer_is_in_doubt(
+    tmp_path, conf, journalled
+):
+    # Whether COMMIT went before the crash cannot be told: kept, and
+    # not said to run nowhere.
+    host = FakeHost(state=None)
+    j = journalled(tmp_path, Phase.RESTORE, boot_id="boot-0")
+
+    def unreachable(entry, conf):
+        raise TransportError("connection refused")
+
+    (o,) = recovery.recover(host, j, conf, query=unreachable)
+    assert o.phase is Phase.IN_DOUBT, o
+    assert o.guest == recovery.ELSEWHERE
+    assert host.calls == []
+    assert [e.phase for e in j.entries()] == ["in_doubt"]
+
+
+def test_a_later_recovery_of_that_in_doubt_entry_asks_again(
+    tmp_path, conf, journalled
+):
+    # Kept IN_DOUBT after the reboot, it is asked the commit query on
+    # the next run: still no answer, it says the copy here is gone (not
+    # "paused here"); the destination's rollback, the guest runs nowhere.
+    host = FakeHost(state=None)
+    j = journalled(tmp_path, Phase.IN_DOUBT, boot_id="boot-0")
+
+    def unreachable(entry, conf):
+        raise TransportError("connection refused")
+
+    (o,) = recovery.recover(host, j, conf, query=unreachable)
+    assert (o.phase, o.guest) == (Phase.IN_DOUBT, recovery.ELSEWHERE), o
+    assert "paused here" not in o.reason and "rebooted" in o.reason
+    (o,) = recovery.recover(host, j, conf, query=answer("failed", False))
+    assert (o.phase, o.guest) == (Phase.FAILED, recovery.NOWHERE), o
+    assert j.entries() == []
     assert host.calls == []
 
 
 @pytest.mark.parametrize(
     "phase, query",
     [
-        (Phase.STOP_AND_COPY, None),
         # The destination says it never unpaused its copy.
+        (Phase.STOP_AND_COPY, answer("failed", False)),
         (Phase.COMMIT, answer("failed", False)),
     ],
 )
@@ -426,3 +484,128 @@ def test_a_live_source_migration_shields_the_guest_from_incoming(
         (o,) = recovery.recover_incoming(host, incoming, others=[outgoing])
     assert o.skipped and "another migration" in o.reason
     assert host.calls == []
+
+
+@pytest.mark.parametrize(
+    "boot_id, state",
+    [
+        # After the reboot: the guest runs nowhere.
+        ("boot-0", None),
+        # The same boot, the copy paused past the pause: it resumes.
+        ("boot-1", base.DomainState.PAUSED),
+    ],
+)
+def test_a_confirmed_teardown_is_acknowledged_once_recorded(
+    tmp_path, conf, journalled, monkeypatch, boot_id, state
+):
+    # FINISHED lets the destination forget its answer: sent before the
+    # outcome is recorded here, a crash between the two would leave an
+    # entry that nobody can answer any more (IN_DOUBT for nothing).
+    host = FakeHost(state=state)
+    j = journalled(tmp_path, Phase.STOP_AND_COPY, boot_id=boot_id)
+    acknowledged = []
+
+    class Destination:
+        def once(self):
+            return messages.Status(phase="failed", committed=False)
+
+        def acknowledge(self):
+            acknowledged.append([e.migration_id for e in j.entries()])
+            return True
+
+    monkeypatch.setattr(
+        recovery, "_coordinator", lambda entry, conf: Destination()
+    )
+    (o,) = recovery.recover(host, j, conf)
+    assert o.phase is Phase.FAILED, o
+    assert acknowledged == [[]]
+
+
+def _commit_record_lost(tmp_path, monkeypatch):
+    """A source engine that sent COMMIT, whose COMMIT record's sync (and
+    its rewrite's) failed with EIO and whose page the page cache then
+    dropped (the file reads as before COMMIT), and which died: the
+    journal a restarted engine of the same boot reads."""
+    import errno
+    import os
+
+    from nova_xen_ncm.engine.journal import Record
+
+    journal = Journal(
+        str(tmp_path / "state"), runtime_path=str(tmp_path / "run")
+    )
+    record = Record(
+        journal,
+        Entry(
+            migration_id="m-1",
+            domid=5,
+            host="127.0.0.1",
+            port=1,
+            token="00" * 16,
+            running=True,
+            uuid="u",
+            boot_id="boot-1",
+        ),
+        lazy={Phase.RESTORE: Phase.STOP_AND_COPY},
+        sync_behind=frozenset({Phase.COMMIT}),
+    )
+    record.open()
+    record.on_transition(Phase.PRECOPY, Phase.STOP_AND_COPY, {})
+    record.on_transition(Phase.STOP_AND_COPY, Phase.RESTORE, {})
+    record._drain()
+    path = journal._file("m-1")
+    before = os.path.getsize(path)
+
+    def eio(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    record.on_transition(Phase.RESTORE, Phase.COMMIT, {})
+    record.close()
+    monkeypatch.undo()
+    # The failed writeback left the pages clean; dropped, they read as
+    # what the disk had.
+    os.truncate(path, before)
+    assert journal.read("m-1").phase == Phase.RESTORE.value
+    return journal
+
+
+@pytest.mark.parametrize(
+    ("said", "phase", "guest", "calls"),
+    [
+        (
+            ("cleanup", True),
+            Phase.DONE,
+            recovery.DESTINATION,
+            ["destroy_domain"],
+        ),
+        (("failed", False), Phase.FAILED, recovery.SOURCE, ["unpause"]),
+        (None, Phase.IN_DOUBT, "", []),
+    ],
+)
+def test_a_commit_record_lost_to_a_failed_sync_asks_the_destination(
+    tmp_path, conf, monkeypatch, said, phase, guest, calls
+):
+    # Same boot, the copy here paused, the entry says RESTORE: without
+    # the mark it would resume once the lease ran out, while the
+    # destination, which got COMMIT, runs the guest (two copies).
+    journal = _commit_record_lost(tmp_path, monkeypatch)
+    host = FakeHost()
+
+    def query(entry, conf):
+        if said is None:
+            raise TransportError("unreachable")
+        return messages.Status(phase=said[0], committed=said[1])
+
+    (o,) = recovery.recover(host, journal, conf, query=query)
+    assert (o.phase, o.guest) == (phase, guest), o
+    assert [c for c in host.calls if c in ("unpause", "destroy_domain")] == (
+        calls
+    )
+    mark = tmp_path / "run" / os.path.basename(journal.runtime) / "m-1.sent"
+    if phase is Phase.IN_DOUBT:
+        assert "lease" in o.reason and "COMMIT may have gone" in o.reason
+        assert journal.read("m-1").phase == Phase.IN_DOUBT.value
+        assert mark.exists()
+    else:
+        assert journal.entries() == [] and not mark.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import types
 
 import numpy as np
@@ -23,6 +24,7 @@ from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.errors import RetryExhausted
 from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.guest_stream import GuestStream
+from nova_xen_ncm.engine.journal import JournalError
 from nova_xen_ncm.engine.sender import Sender
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.host import base
@@ -235,6 +237,32 @@ def test_paused_guest_is_not_unpaused_by_rollback(conf, host):
         Phase.FAILED,
     ]
     assert host.domain_info(DOMID).state == base.DomainState.PAUSED
+
+
+def test_an_unwritable_runtime_path_is_refused_before_the_migration(
+    conf, host, monkeypatch, tmp_path
+):
+    # Without a mark COMMIT would not go: refused before anything runs,
+    # not in the pause, with the guest running here.
+    (tmp_path / "file").write_text("not a directory")
+    conf.set_override(
+        "runtime_path", str(tmp_path / "file" / "run"), group="xen_ncm"
+    )
+    conf.set_override("state_path", str(tmp_path / "state"), group="xen_ncm")
+    # The empty simulated domain cannot run: it says it does.
+    running = dataclasses.replace(
+        host.domain_info(DOMID), state=base.DomainState.RUNNING
+    )
+    monkeypatch.setattr(host, "domain_info", lambda domid: running)
+    paused = []
+    for name in ("pause", "pause_for_save"):
+        monkeypatch.setattr(host, name, lambda *a, n=name: paused.append(n))
+    with pytest.raises(JournalError) as caught:
+        make_sender(conf, host)
+    assert "[xen_ncm] runtime_path" in str(caught.value)
+    assert "Not a directory" in str(caught.value)
+    assert paused == []
+    assert os.listdir(tmp_path / "state" / "migrations") == []
 
 
 def test_crashed_guest_is_refused_before_connecting(conf, host, monkeypatch):

@@ -226,6 +226,8 @@ def _outcome(phase, domid=7, reason="asked the destination", guest=""):
     [
         ("done", "runs on the destination", ""),
         ("in_doubt", "nova-xen-ncm recover", ""),
+        # The reboot took the copy here: check the destination first.
+        ("in_doubt", "Do not start the guest", "destination or nowhere"),
         # Failed, and its copy here is gone too.
         ("failed", "runs on no host", "nowhere"),
     ],

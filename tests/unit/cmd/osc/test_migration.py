@@ -144,7 +144,8 @@ def test_recover_with_nothing_in_flight(tmp_path, capsys):
 
 
 def test_recover_settles_says_each_outcome_and_lists_them(tmp_path, capsys):
-    Journal(str(tmp_path)).write(entry(Entry, "m-1", 42, "restore"))
+    # Before the pause: COMMIT cannot have followed, nothing to ask.
+    Journal(str(tmp_path)).write(entry(Entry, "m-1", 42, "precopy"))
     status, out = invoke(
         migration.RecoverMigrations,
         [
@@ -164,7 +165,7 @@ def test_recover_settles_says_each_outcome_and_lists_them(tmp_path, capsys):
     assert (row["ID"], row["Role"], row["Journalled"]) == (
         "m-1",
         "source",
-        "restore",
+        "precopy",
     )
     # Journalled by another boot of the host: its domain 42 is gone.
     assert row["Phase"] == "failed"
@@ -173,10 +174,47 @@ def test_recover_settles_says_each_outcome_and_lists_them(tmp_path, capsys):
     # Said on stderr as settled, before any wait for commit queries.
     (said,) = capsys.readouterr().err.splitlines()
     assert said.endswith(
-        "m-1 (source, domain 42, journalled in RESTORE): FAILED, THE GUEST "
+        "m-1 (source, domain 42, journalled in PRECOPY): FAILED, THE GUEST "
         "RUNS NOWHERE: " + row["Reason"]
     ), said
     assert Journal(str(tmp_path)).entries() == []
+
+
+def test_recover_after_a_reboot_past_the_pause_keeps_it_in_doubt(
+    tmp_path, capsys
+):
+    # COMMIT may have gone with its record unsynced when the host
+    # crashed: the destination (unreachable here) is asked for its
+    # lease, and the operator is told the copy here is gone and to
+    # check the destination, not to start the guest from its disk.
+    Journal(str(tmp_path)).write(entry(Entry, "m-1", 42, "restore", port=1))
+    conf = tmp_path / "nova-xen-ncm.conf"
+    conf.write_text(
+        "[xen_ncm]\nio_timeout = 0.2\ntransfer_retry_timeout = 0.2\n"
+        "connect_timeout = 0.2\nretry_max_delay = 0.05\n"
+    )
+    status, out = invoke(
+        migration.RecoverMigrations,
+        [
+            "--state-path",
+            str(tmp_path),
+            "--host-driver",
+            "sim",
+            "--answer",
+            "0",
+            "-f",
+            "json",
+        ],
+        app=App(config_files=[str(conf)]),
+    )
+    assert status == 1
+    (row,) = json.loads(out)
+    assert (row["Journalled"], row["Phase"]) == ("restore", "in_doubt")
+    assert "the guest may run on the destination" in row["Reason"]
+    (said,) = capsys.readouterr().err.splitlines()
+    assert "IN_DOUBT, THE COPY HERE IS GONE" in said, said
+    (kept,) = Journal(str(tmp_path)).entries()
+    assert kept.phase == "in_doubt"
 
 
 def test_a_state_path_that_is_not_there(tmp_path, capsys):
