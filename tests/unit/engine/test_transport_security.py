@@ -224,6 +224,11 @@ def serve(listener, wait=TIMEOUT):
 
 
 def connect(listener, context, token=TOKEN):
+    """A source's channel, offering what the data path offers with the
+    default settings (encrypted-frames inside TLS)."""
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    conf([])
     channel = Channel.connect(
         "127.0.0.1",
         listener.port,
@@ -231,7 +236,12 @@ def connect(listener, context, token=TOKEN):
         io_timeout=TIMEOUT,
         tls=context,
     )
-    channel.client_handshake("mig", token)
+    caps = transport.frame_capabilities(conf.xen_ncm, channel.sock)
+    try:
+        channel.client_handshake("mig", token, capabilities=caps)
+    except BaseException:
+        channel.close()
+        raise
     return channel
 
 
@@ -241,8 +251,13 @@ def test_mutual_tls_carries_the_authenticated_protocol(tls_files):
         served = run(serve, listener)
         client = connect(listener, client_ctx)
         server = served()
-        assert isinstance(client.sock, transport.TlsSocket)
-        assert client.sock.tls.version() in ("TLSv1.2", "TLSv1.3")
+        # TLS verified both ends, carried the handshake, and was left:
+        # the frames are encrypted from there on.
+        assert client.tls_version in ("TLSv1.2", "TLSv1.3")
+        assert not isinstance(client.sock, transport.TlsSocket)
+        assert not isinstance(server.sock, transport.TlsSocket)
+        assert client.connection.frames_encrypted
+        assert server.connection.frames_encrypted
         # Page-sized buffers and a large one, vectored as the data path
         # sends them.
         pages = [bytes([i]) * 4096 for i in range(40)] + [b"z" * 300_000]
@@ -255,7 +270,7 @@ def test_mutual_tls_carries_the_authenticated_protocol(tls_files):
         assert bytes(body) == b"".join(pages)
         server.send(messages.Ack(seq=1))
         assert client.receive() == messages.Ack(seq=1)
-        peer = server.sock.tls.getpeercert()
+        peer = server.tls_peer
         assert dict(x[0] for x in peer["subject"])["commonName"] == "host"
         client.close()
         server.close()
@@ -431,6 +446,7 @@ def _tls_handshake(listener, conf, client_ctx):
 
 def test_tls_connections_drop_the_frame_tag_and_carry_large_writes(tls_files):
     conf = tls_conf(tls_files)
+    conf.set_override("tls_encrypted_frames", False, group="xen_ncm")
     client_ctx = transport.tls_context(conf, server=False)
     with tls_listener(tls_files) as listener:
         client, server, caps, _ = _tls_handshake(listener, conf, client_ctx)
@@ -472,6 +488,7 @@ def test_tls_without_the_hostname_check_keeps_the_frame_tag(tls_files):
     # alter frames.
     conf = tls_conf(tls_files)
     conf.set_override("tls_check_hostname", False, group="xen_ncm")
+    conf.set_override("tls_encrypted_frames", False, group="xen_ncm")
     client_ctx = transport.tls_context(conf, server=False)
     with tls_listener(tls_files) as listener:
         client, server, caps, served_caps = _tls_handshake(
@@ -483,5 +500,96 @@ def test_tls_without_the_hostname_check_keeps_the_frame_tag(tls_files):
         assert server.connection.frames_tagged
         client.send_data(1, [b"p" * 4096])
         assert bytes(server.receive().payload) == b"p" * 4096
+        client.close()
+        server.close()
+
+
+def _mixed_handshake(tls_files, server_encrypts, client_encrypts):
+    """A destination and a source whose tls_encrypted_frames differ."""
+    server_conf = tls_conf(tls_files)
+    server_conf.set_override(
+        "tls_encrypted_frames", server_encrypts, group="xen_ncm"
+    )
+    client_conf = tls_conf(tls_files)
+    client_conf.set_override(
+        "tls_encrypted_frames", client_encrypts, group="xen_ncm"
+    )
+    client_ctx = transport.tls_context(client_conf, server=False)
+    with tls_listener(tls_files) as listener:
+
+        def serve_tls():
+            channel = Channel(
+                take(listener),
+                framing.Connection(messages.Role.SERVER),
+                io_timeout=TIMEOUT,
+            )
+            caps = transport.frame_capabilities(
+                server_conf.xen_ncm, channel.sock
+            )
+            try:
+                channel.server_handshake(token_for, capabilities=caps)
+            finally:
+                channel.close()
+
+        served = run(serve_tls)
+        client = Channel.connect(
+            "127.0.0.1",
+            listener.port,
+            connect_timeout=TIMEOUT,
+            io_timeout=TIMEOUT,
+            tls=client_ctx,
+        )
+        caps = transport.frame_capabilities(client_conf.xen_ncm, client.sock)
+        try:
+            with pytest.raises(Refused) as on_client:
+                client.client_handshake("mig", TOKEN, capabilities=caps)
+        finally:
+            client.close()
+        with pytest.raises((Refused, TransportError)) as on_server:
+            served()
+    return on_client.value, on_server.value
+
+
+def test_a_source_without_encrypted_frames_is_refused_at_the_handshake(
+    tls_files,
+):
+    client, server = _mixed_handshake(
+        tls_files, server_encrypts=True, client_encrypts=False
+    )
+    assert client.code == messages.RefuseReason.MISSING_CAPABILITY
+    assert "source does not offer encrypted-frames" in client.text
+    assert "tls_encrypted_frames" in client.text
+    assert isinstance(server, Refused)
+
+
+def test_a_destination_without_encrypted_frames_is_refused_at_the_handshake(
+    tls_files,
+):
+    client, _ = _mixed_handshake(
+        tls_files, server_encrypts=False, client_encrypts=True
+    )
+    assert client.code == messages.RefuseReason.MISSING_CAPABILITY
+    assert "destination does not support encrypted-frames" in client.text
+
+
+def test_encrypted_frames_need_no_hostname_check(tls_files):
+    # Their keys need the token as well as what crossed inside TLS: a
+    # relay holding a certificate of the CA sees the contributions but
+    # cannot derive the keys.
+    conf = tls_conf(tls_files)
+    conf.set_override("tls_check_hostname", False, group="xen_ncm")
+    client_ctx = transport.tls_context(conf, server=False)
+    with tls_listener(tls_files) as listener:
+        client, server, caps, served_caps = _tls_handshake(
+            listener, conf, client_ctx
+        )
+        assert caps == served_caps == ["encrypted-frames"]
+        assert client.connection.frames_encrypted
+        assert server.connection.frames_encrypted
+        pages = [os.urandom(4096) for _ in range(300)]
+        client.send_data(1, pages, pages=True)
+        assert bytes(server.receive().payload) == b"".join(pages)
+        server.send(messages.Ack(seq=1))
+        assert client.receive() == messages.Ack(seq=1)
         client.close()
         server.close()
