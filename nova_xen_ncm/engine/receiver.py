@@ -66,7 +66,11 @@ def _read_frame(
     connection whose records TLS authenticated before handing them over
     (``tls-frames``), or where both ends chose untagged frames for an
     isolated network, are the pages read straight into the guest's
-    (:meth:`Restorer.receive_pages`).
+    (:meth:`Restorer.receive_pages`). Encrypted frames
+    (``encrypted-frames``) are decrypted straight into the guest's pages
+    too, and their tag checked by the DataEnd below: a failure raises
+    before the next frame, the migration rolls back before COMMIT and
+    the restoring domain, never run, is destroyed with what it got.
     """
     direct = header.pages and not channel.connection.frames_tagged
     if direct:
