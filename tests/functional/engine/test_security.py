@@ -303,7 +303,14 @@ def test_replayed_stream_is_refused_by_a_new_migration(
 
 
 @pytest.mark.parametrize(
-    "mode", ["encrypted", "encrypted-lz4", "tls", "unauthenticated"]
+    "mode",
+    [
+        "encrypted",
+        "encrypted-lz4",
+        "encrypted-channels",
+        "tls",
+        "unauthenticated",
+    ],
 )
 def test_migration_without_frame_tags_is_transparent(
     conf, tls_files, source, destination, migration, mode
@@ -316,6 +323,9 @@ def test_migration_without_frame_tags_is_transparent(
         if mode == "encrypted-lz4":
             # Compressed frames are decrypted whole, not into place.
             conf.set_override("compression", "lz4", group="xen_ncm")
+        if mode == "encrypted-channels":
+            # Each data channel runs TLS and derives its own keys.
+            conf.set_override("channels", 3, group="xen_ncm")
     else:
         conf.set_override("frame_authentication", False, group="xen_ncm")
     domid = source.create_domain(guest_config())
@@ -332,7 +342,17 @@ def test_migration_without_frame_tags_is_transparent(
         source,
         domid,
         destination,
-        source_hooks={("state", "restore"): paused},
+        source_hooks={
+            ("state", "restore"): paused,
+            ("round", "precopy"): lambda e: seen.setdefault(
+                "encrypted",
+                [
+                    c.connection.frames_encrypted
+                    for c in holder["m"].sender.data.channels
+                    if c is not None
+                ],
+            ),
+        },
         destination_hooks={
             ("state", "commit"): lambda e: seen.setdefault(
                 "resumed", destination.guest_state(domid)
@@ -343,10 +363,13 @@ def test_migration_without_frame_tags_is_transparent(
     cap = {
         "encrypted": "encrypted-frames",
         "encrypted-lz4": "encrypted-frames",
+        "encrypted-channels": "encrypted-frames",
         "tls": "tls-frames",
         "unauthenticated": "unauthenticated-frames",
     }[mode]
     assert cap in seen["capabilities"] and seen["tagged"] is False
+    encrypted = mode.startswith("encrypted")
+    assert seen["encrypted"] == [encrypted] * conf.xen_ncm.channels
     report = checker.check(seen["paused"], seen["resumed"])
     assert report.passed, str(report)
     assert running(destination, domid)
