@@ -4,9 +4,11 @@ one-time token inside TLS."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 
@@ -593,3 +595,78 @@ def test_encrypted_frames_need_no_hostname_check(tls_files):
         assert client.receive() == messages.Ack(seq=1)
         client.close()
         server.close()
+
+
+def _pump(sock, peer, incoming, outgoing, step):
+    """Drive ``peer`` (an SSLObject over memory) with ``step`` until it
+    no longer wants to read, exchanging octets over ``sock``."""
+    while True:
+        try:
+            return step()
+        except ssl.SSLWantReadError:
+            if outgoing.pending:
+                sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            if not data:
+                raise
+            incoming.write(data)
+        finally:
+            if outgoing.pending:
+                sock.sendall(outgoing.read())
+
+
+@pytest.mark.parametrize(
+    "then, read",
+    [(b"", True), (b"ping", True), (b"ping", False)],
+    ids=["raw", "record-read+raw", "record-unread"],
+)
+def test_leaving_tls_keeps_what_the_peer_sent_right_after_close_notify(
+    tls_files, then, read
+):
+    # The peer's close_notify and the first octets it sends on plain
+    # TCP arrive in one segment, and with TLS 1.3 its session tickets
+    # before them: leave() must stop reading at the close_notify, the
+    # rest staying in the socket for the encrypted frames.
+    conf = tls_conf(tls_files)
+    server_ctx = transport.tls_context(conf, server=True)
+    client_ctx = transport.tls_context(conf, server=False)
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        ours = socket.create_connection(listening.getsockname())
+        theirs, _ = listening.accept()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    peer = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
+    with ours, theirs:
+        ours.settimeout(TIMEOUT)
+        theirs.settimeout(TIMEOUT)
+        handshake = run(
+            client_ctx.wrap_socket, ours, server_hostname="127.0.0.1"
+        )
+        _pump(theirs, peer, incoming, outgoing, peer.do_handshake)
+        tls = transport.TlsSocket(handshake())
+        raw = b"first encrypted frame" * 100
+        if then:
+            # Application data just before the close_notify: the
+            # socket's reader takes it before leaving.
+            peer.write(then)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            peer.unwrap()
+        theirs.sendall(outgoing.read() + raw)
+        if then and not read:
+            # Application data not yet taken from TLS: leaving fails
+            # loudly (the channel's handshake then fails), it is never
+            # dropped.
+            with pytest.raises(ssl.SSLError, match="APPLICATION_DATA"):
+                tls.leave()
+            return
+        if then:
+            assert tls.recv(len(then)) == then
+        left = run(tls.leave)
+        # The peer answers our close_notify.
+        _pump(theirs, peer, incoming, outgoing, peer.unwrap)
+        plain = left()
+        assert not isinstance(plain, ssl.SSLSocket)
+        got = b""
+        while len(got) < len(raw):
+            got += plain.recv(len(raw) - len(got))
+        assert got == raw
+        plain.close()
