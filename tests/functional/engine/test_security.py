@@ -3,6 +3,7 @@ the allowed source, stray and extra connections, a replayed session."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import uuid
@@ -203,26 +204,37 @@ class Recorder:
     """A TCP relay in front of ``target`` that keeps what the client
     sent: what an eavesdropper on the path captures. With ``flip``, the
     octet at that offset of what the client sent has its low bit
-    flipped on the way (an attacker on the path)."""
+    flipped on the way (an attacker on the path). With ``cut``, the
+    first connection is cut once that many octets of the client's went
+    through; later connections (a resume) are relayed as they are."""
 
-    def __init__(self, target, flip=None):
+    def __init__(self, target, flip=None, cut=None):
         self.target = target
         self.flip = flip
+        self.cut = cut
         self.sent = bytearray()
         self._server = socket.create_server(("127.0.0.1", 0))
         self.address = self._server.getsockname()
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
-        try:
-            client, _ = self._server.accept()
-        except OSError:
-            return
+        first = True
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(
+                target=self._relay, args=(client, first), daemon=True
+            ).start()
+            first = False
+
+    def _relay(self, client, first):
         upstream = socket.create_connection(self.target)
         pumps = [
             threading.Thread(target=self._pump, args=(a, b, keep))
             for a, b, keep in (
-                (client, upstream, True),
+                (client, upstream, first),
                 (upstream, client, False),
             )
         ]
@@ -254,6 +266,13 @@ class Recorder:
                 ):
                     data = bytearray(data)
                     data[self.flip - start] ^= 1
+                if self.cut is not None and len(self.sent) >= self.cut:
+                    with contextlib.suppress(OSError):
+                        dst.sendall(data[: self.cut - start])
+                    for sock in (dst, src):
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                    return
             try:
                 dst.sendall(data)
             except OSError:
@@ -434,6 +453,23 @@ def test_a_flipped_bit_of_an_encrypted_frame_fails_the_migration(
     assert "DATA frame" in str(m.receiver.error)
     # One running copy, the source's; the destination's, never run on
     # the unauthenticated pages, is gone.
+    assert running(source, domid)
+    assert destination.list_domains() == []
+
+
+def test_an_encrypted_frame_cut_before_its_tag_fails_the_migration(
+    conf, tls_files, source, destination, migration
+):
+    # Its plaintext was decrypted into the restoring guest before its
+    # tag: a resume would keep whatever an altered frame wrote.
+    tls_files.enable(conf)
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    relay = Recorder(m.receiver.address, cut=3 << 20)
+    m.sender.data.endpoint = relay.address
+    assert m.run() is Phase.FAILED
+    relay.close()
+    assert "cannot resume" in str(m.receiver.error)
     assert running(source, domid)
     assert destination.list_domains() == []
 
