@@ -391,6 +391,26 @@ SECURITY_OPTS = [
         "with tls_enabled.",
     ),
     cfg.BoolOpt(
+        "tls_encrypted_frames",
+        default=True,
+        help="With tls_enabled: mutual TLS authenticates both hosts "
+        "(certificates, verified peers) and carries the token handshake "
+        "and each end's fresh key contribution; then both ends leave TLS "
+        "on that connection and every frame is encrypted and "
+        "authenticated with AES-256-GCM under per-connection keys "
+        "derived from both contributions and the token, known only to "
+        "the two authenticated hosts (a reconnected channel derives new "
+        "ones). The protection of the bulk is that of TLS 1.3's "
+        "AES-256-GCM records, but frame headers (type, flags, length) "
+        "travel in the clear, authenticated, and keys are never "
+        "updated; the bulk is not TLS on the wire: a "
+        "middlebox that inspects or requires TLS sees a TLS handshake, "
+        "then an opaque TCP stream. Both hosts must agree: a peer "
+        "without it is refused when the migration connects. False keeps "
+        "every octet in TLS records (slower: a system call and a "
+        "user-space encryption per 16 KiB record).",
+    ),
+    cfg.BoolOpt(
         "frame_authentication",
         default=True,
         help="Authenticate every frame of a plain (non-TLS) migration "
@@ -405,18 +425,19 @@ SECURITY_OPTS = [
         "corruption only: it is no authenticator. "
         "Only for isolated migration networks. A connection is "
         "authenticated unless both ends set false. With tls_enabled, "
-        "TLS authenticates every octet and the per-frame tag is never "
-        "used, whatever this option says.",
+        "every frame is authenticated (TLS records, or encrypted "
+        "frames), whatever this option says.",
     ),
     cfg.BoolOpt(
         "tls_check_hostname",
         default=True,
         help="Whether the source checks that the destination's "
         "certificate names the address it connects to (DNS name or IP "
-        "address in subjectAltName). Without the check, frames inside "
-        "TLS keep their per-frame tag (keyed by the migration token), "
-        "as any holder of a certificate of the CA could otherwise "
-        "relay the connection and alter it.",
+        "address in subjectAltName). Without the check, frames keep "
+        "keys of the migration token, as any holder of a certificate of "
+        "the CA could otherwise relay the connection and alter it: "
+        "encrypted frames (tls_encrypted_frames) always do; with TLS "
+        "records, frames then keep their per-frame tag.",
     ),
     cfg.ListOpt(
         "direct_boot_dirs",

@@ -136,7 +136,15 @@ class CommitQuery:
             source_address=self.source_address,
         )
         try:
-            channel.client_handshake(self.migration_id, self.token)
+            # What the data path offers (encrypted-frames inside TLS,
+            # which a TLS destination requires of every connection).
+            channel.client_handshake(
+                self.migration_id,
+                self.token,
+                capabilities=transport.frame_capabilities(
+                    self.opts, channel.sock
+                ),
+            )
         except BaseException:
             channel.close()
             raise

@@ -24,7 +24,14 @@ No tag is sent or expected when the ends negotiated ``tls-frames`` (the
 connection is mutual TLS, whose AEAD authenticates every octet inside the
 copy it makes anyway: a second MAC pays twice for the same guarantee) or
 ``unauthenticated-frames`` (both ends allow plain DATA frames on an
-isolated network; control frames keep their tag there). The transport
+isolated network; control frames keep their tag there), nor under
+``encrypted-frames``: there every established frame's payload is
+encrypted with AES-256-GCM under the direction's key
+(:func:`handshake.encrypted_frame_keys`, from both ends' nonces, which
+crossed only inside mutual TLS, and the token), the counter as nonce and
+the header as associated data; the 16-octet tag that follows the
+ciphertext is GCM's, and authentication is fused into the one pass that
+encrypts (the transport leaves TLS after WELCOME). The transport
 offers and chooses them from the socket and the configuration;
 capabilities are part of the transcript both proofs cover, so neither
 can be added or stripped on the way.
@@ -53,6 +60,8 @@ from nova_xen_ncm.engine import handshake
 from nova_xen_ncm.engine.errors import AuthenticationError
 from nova_xen_ncm.engine.errors import ProtocolError
 from nova_xen_ncm.engine.handshake import TAG_SIZE
+from nova_xen_ncm.engine.handshake import FrameOpener
+from nova_xen_ncm.engine.handshake import FrameSealer
 from nova_xen_ncm.engine.handshake import FrameTag
 from nova_xen_ncm.engine.handshake import State
 from nova_xen_ncm.engine.handshake import frame_tag
@@ -100,13 +109,20 @@ C, S = Role.CLIENT, Role.SERVER
 _SMALL_READ = 64
 _BULK_BODY = 256 * 1024
 
-# Capabilities under which established frames carry no tag.
+# Capabilities under which established data frames carry no GMAC over
+# their plaintext (encrypted frames carry GCM's tag of their ciphertext).
 _UNTAGGED = frozenset(
     {
         Capability.TLS_FRAMES.value,
         Capability.UNAUTHENTICATED_FRAMES.value,
+        Capability.ENCRYPTED_FRAMES.value,
     }
 )
+
+# Encrypted payloads of at least this many octets are sealed into the
+# connection's reused buffer (a page frame, written before the next one
+# is built); smaller ones (control) into a buffer of their own.
+_SEAL_REUSE = 64 * 1024
 
 
 class _Recv(enum.Enum):
@@ -140,6 +156,7 @@ class Connection:
         self.version: int | None = None
         self.capabilities: frozenset[str] = frozenset()
         self.hello: Hello | None = None
+        self._challenge: Challenge | None = None
         self.resume: Resume | None = None
         self.resume_from: int | None = None
         #: Client: the last DATA sequence sent; server: the last received.
@@ -154,6 +171,9 @@ class Connection:
         self._client_proof = b""
         self._send_key: bytes | None = None
         self._recv_key: bytes | None = None
+        # encrypted-frames: payloads encrypted under the keys above.
+        self._encrypted = False
+        self._seal_buf = bytearray()
         self._send_counter = 0
         self._recv_counter = 0
         self._buf = bytearray()
@@ -163,6 +183,7 @@ class Connection:
         # Receiving a frame: where we are, and the frame being read.
         self._recv = _Recv.HEADER
         self._frame_mac: FrameTag | None = None
+        self._frame_opener: FrameOpener | None = None
         self._frame_seq = 0
         self._payload_left = 0
         # Octets the frame being read needs in the buffer (0: a header).
@@ -239,14 +260,46 @@ class Connection:
         state = next_state(self.state, self.role, mtype)
         length = sum(memoryview(p).nbytes for p in parts)
         header = FRAME_HEADER.pack(mtype, flags, 0, length, self._send_counter)
-        out: list[Buffer] = [header, *parts]
-        if self._send_key is not None and self._tagged(mtype):
-            out.append(
-                frame_tag(self._send_key, self._send_counter, header, *parts)
-            )
+        if self._encrypted:
+            out = self._seal(header, parts, length)
+        else:
+            out = [header, *parts]
+            if self._send_key is not None and self._tagged(mtype):
+                out.append(
+                    frame_tag(
+                        self._send_key, self._send_counter, header, *parts
+                    )
+                )
         self._send_counter += 1
         self._advance(state)
         return out
+
+    def _seal(
+        self, header: bytes, parts: list[Buffer], length: int
+    ) -> list[Buffer]:
+        """The frame with its payload encrypted and GCM's tag after it.
+        A large payload is sealed into the reused buffer, valid until the
+        next frame is built (the channel writes each frame at once)."""
+        assert self._send_key is not None
+        if length >= _SEAL_REUSE:
+            if len(self._seal_buf) < length:
+                self._seal_buf = bytearray(length)
+            target = self._seal_buf
+        else:
+            target = bytearray(length)
+        sealer = FrameSealer(self._send_key, self._send_counter, header)
+        with memoryview(target) as out:
+            offset = 0
+            for part in parts:
+                offset += sealer.update_into(part, out[offset:])
+            sealed = out[:length].toreadonly()
+        return [header, sealed, sealer.tag()]
+
+    @property
+    def frames_encrypted(self) -> bool:
+        """Whether established frames carry their payload encrypted
+        (``encrypted-frames``): read with :meth:`decrypt_payload`."""
+        return self._encrypted
 
     # Handshake helpers: they build the messages whose fields are proofs.
 
@@ -293,6 +346,7 @@ class Connection:
             capabilities=tuple(sorted(self.capabilities)),
             nonce=handshake.new_nonce(),
         )
+        self._challenge = challenge
         self._set_transcript(encode_message(challenge))
         return self.send(challenge)
 
@@ -341,8 +395,10 @@ class Connection:
 
     @property
     def frames_tagged(self) -> bool:
-        """Whether established DATA frames carry a GMAC tag (control
-        frames do unless the connection is TLS)."""
+        """Whether established DATA frames carry a GMAC tag over their
+        plaintext (control frames do unless the connection is TLS;
+        ``encrypted-frames`` encrypts and authenticates every frame in
+        one pass instead: :attr:`frames_encrypted`)."""
         return not self.capabilities & _UNTAGGED
 
     def _tagged(self, mtype: MessageType) -> bool:
@@ -355,6 +411,17 @@ class Connection:
         # COMMIT, COMMITTED, REFUSE) stay tagged: they are few, and one
         # forged would run the guest on both hosts or on neither.
         if Capability.TLS_FRAMES.value in self.capabilities:
+            return
+        if Capability.ENCRYPTED_FRAMES.value in self.capabilities:
+            assert self.hello is not None and self._challenge is not None
+            self._send_key, self._recv_key = handshake.encrypted_frame_keys(
+                self._token,
+                self._transcript,
+                bytes.fromhex(self.hello.nonce),
+                bytes.fromhex(self._challenge.nonce),
+                self.role,
+            )
+            self._encrypted = True
             return
         self._send_key, self._recv_key = handshake.frame_keys(
             self._token, self._transcript, self.role
@@ -418,7 +485,9 @@ class Connection:
         if self.buffered < FRAME_HEADER.size:
             return self._need(0)
         mtype, flags, length, counter = self._read_header()
-        authenticated = self._recv_key is not None and self._tagged(mtype)
+        authenticated = self._recv_key is not None and (
+            self._encrypted or self._tagged(mtype)
+        )
         tag = TAG_SIZE if authenticated else 0
         if (
             mtype is MessageType.DATA
@@ -436,7 +505,9 @@ class Connection:
         try:
             header = frame[: FRAME_HEADER.size]
             payload = frame[FRAME_HEADER.size : FRAME_HEADER.size + length]
-            if authenticated:
+            if self._encrypted:
+                payload = self._open(mtype, counter, header, payload, frame)
+            elif authenticated:
                 expected = frame_tag(
                     self._recv_key, self._recv_counter, header, payload
                 )
@@ -445,7 +516,8 @@ class Connection:
                         f"{mtype.name} frame {counter}: "
                         "authentication tag mismatch"
                     )
-            payload = bytes(payload)
+            if not isinstance(payload, bytes):
+                payload = bytes(payload)
         finally:
             frame.release()
         self._pos += total
@@ -456,6 +528,27 @@ class Connection:
         else:
             event = self._receive_message(mtype, payload)
         return event
+
+    def _open(
+        self,
+        mtype: MessageType,
+        counter: int,
+        header: memoryview,
+        payload: memoryview,
+        frame: memoryview,
+    ) -> bytes:
+        """The plaintext of a whole encrypted frame, once its tag holds."""
+        assert self._recv_key is not None
+        opener = FrameOpener(self._recv_key, counter, header)
+        plain = bytearray(payload.nbytes)
+        if payload.nbytes:
+            opener.update_into(payload, memoryview(plain))
+        if not opener.verify(frame[-TAG_SIZE:]):
+            raise AuthenticationError(
+                f"{mtype.name} frame {counter}: authentication tag "
+                "mismatch (encrypted frame altered, or keys differ)"
+            )
+        return bytes(plain)
 
     def _need(self, total: int) -> _NeedData | ConnectionClosed:
         self._wanted = total
@@ -565,6 +658,7 @@ class Connection:
             )
         self.version = msg.version
         self.capabilities = frozenset(msg.capabilities)
+        self._challenge = msg
         self._set_transcript(payload)
 
     def _verify_client(self, msg: Auth | Resume) -> None:
@@ -597,9 +691,27 @@ class Connection:
             self._pos : self._pos + FRAME_HEADER.size + DATA_HEADER.size
         ]
         try:
-            (seq,) = DATA_HEADER.unpack_from(header, FRAME_HEADER.size)
-            self._next_seq(seq)
             self._frame_mac = None
+            self._frame_opener = None
+            if self._encrypted:
+                assert self._recv_key is not None
+                self._frame_opener = FrameOpener(
+                    self._recv_key,
+                    self._recv_counter,
+                    header[: FRAME_HEADER.size],
+                )
+                clear = self._frame_opener.update(header[FRAME_HEADER.size :])
+                (seq,) = DATA_HEADER.unpack_from(clear)
+                if seq != self.last_seq + 1:
+                    # Not yet authenticated: altered, or out of order.
+                    raise ProtocolError(
+                        f"DATA frame {self._recv_counter}: sequence {seq} "
+                        f"does not follow {self.last_seq} (frame altered "
+                        "or out of order)"
+                    )
+            else:
+                (seq,) = DATA_HEADER.unpack_from(header, FRAME_HEADER.size)
+            self._next_seq(seq)
             if self._recv_key is not None and self.frames_tagged:
                 self._frame_mac = FrameTag(self._recv_key, self._recv_counter)
                 self._frame_mac.update(header)
@@ -630,15 +742,41 @@ class Connection:
         n = min(len(view), self._payload_left, self.buffered)
         if n:
             with memoryview(self._buf) as buf:
-                view[:n] = buf[self._pos : self._pos + n]
+                if self._frame_opener is not None:
+                    self._frame_opener.update_into(
+                        buf[self._pos : self._pos + n], view[:n]
+                    )
+                else:
+                    view[:n] = buf[self._pos : self._pos + n]
             self._consume(view[:n])
             self._pos += n
         return n
+
+    def decrypt_payload(self, ciphertext: Buffer, view: memoryview) -> None:
+        """Encrypted frames: the caller read ``ciphertext`` (body octets)
+        from the socket; its plaintext goes into ``view`` (as long). It is
+        not authenticated until the frame's :class:`DataEnd`: a caller
+        uses nothing of it before (a destination discards the restoring
+        guest, never run, when a frame fails)."""
+        if self._recv is not _Recv.PAYLOAD or self._frame_opener is None:
+            raise RuntimeError("no encrypted data frame body is being read")
+        n = memoryview(ciphertext).nbytes
+        if n != view.nbytes or n > self._payload_left:
+            raise ValueError(
+                f"{n} octets read into {view.nbytes}, "
+                f"{self._payload_left} left in the frame"
+            )
+        self._frame_opener.update_into(ciphertext, view)
+        self._consume(view)
 
     def payload_received(self, view: memoryview) -> None:
         """The caller read ``view`` (body bytes) from the socket itself."""
         if self._recv is not _Recv.PAYLOAD:
             raise RuntimeError("no data frame body is being read")
+        if self._frame_opener is not None:
+            raise RuntimeError(
+                "an encrypted frame's body is read with decrypt_payload"
+            )
         if len(view) > self._payload_left:
             raise ValueError(
                 f"{len(view)} bytes read, {self._payload_left} left in frame"
@@ -653,6 +791,25 @@ class Connection:
             self._recv = _Recv.TAG
 
     def _finish_direct(self) -> Event:
+        if self._frame_opener is not None:
+            if self.buffered < TAG_SIZE:
+                if self._eof:
+                    raise ProtocolError("connection closed before a frame tag")
+                return NEED_DATA
+            with memoryview(self._buf) as buf:
+                held = self._frame_opener.verify(
+                    buf[self._pos : self._pos + TAG_SIZE]
+                )
+            if not held:
+                raise AuthenticationError(
+                    f"DATA frame {self._recv_counter}: authentication tag "
+                    "mismatch (encrypted frame altered, or keys differ)"
+                )
+            self._pos += TAG_SIZE
+            self._frame_opener = None
+            self._recv = _Recv.HEADER
+            self._recv_counter += 1
+            return DataEnd(seq=self._frame_seq)
         if self._frame_mac is None:
             self._recv = _Recv.HEADER
             self._recv_counter += 1

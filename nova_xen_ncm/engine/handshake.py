@@ -16,6 +16,16 @@ migration fail their tag (GMAC, :class:`FrameTag`). A client reconnecting
 a channel that broke sends RESUME instead of AUTH, with the last ACK it
 got; WELCOME answers with the highest sequence the server applied, and the
 client sends on from there without repeating completed rounds.
+
+With ``encrypted-frames`` (a mutual TLS connection) the frame keys are
+instead :func:`encrypted_frame_keys`: HKDF-SHA256 over a secret of the
+token and the transcript, salted with both ends' fresh 32-octet nonces
+(the key contributions, which crossed the wire only inside TLS), so that
+neither the token (which travels over the message bus) nor a view of the
+TLS-protected handshake alone gives them; frames then carry their
+payload encrypted with AES-256-GCM (:class:`FrameSealer`,
+:class:`FrameOpener`), the counter as nonce, the header as associated
+data.
 """
 
 from __future__ import annotations
@@ -26,9 +36,12 @@ import hmac
 import secrets
 import struct
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.ciphers import modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from nova_xen_ncm.engine.errors import ProtocolError
 from nova_xen_ncm.engine.messages import NONCE_SIZE
@@ -189,3 +202,90 @@ def frame_keys(
     c2s = _mac(token, b"frame key c2s\0", transcript)
     s2c = _mac(token, b"frame key s2c\0", transcript)
     return (c2s, s2c) if role is Role.CLIENT else (s2c, c2s)
+
+
+#: The AES-256-GCM nonce of frame ``counter``: unique per key, as each
+#: key serves one direction of one connection and counters never repeat.
+def frame_nonce(counter: int) -> bytes:
+    return _NONCE_PREFIX + counter.to_bytes(8, "big")
+
+
+def encrypted_frame_keys(
+    token: bytes,
+    transcript: bytes,
+    client_share: bytes,
+    server_share: bytes,
+    role: Role,
+) -> tuple[bytes, bytes]:
+    """(send key, receive key) of ``role``'s end of an
+    ``encrypted-frames`` connection.
+
+    ``client_share`` and ``server_share`` are the HELLO's and the
+    CHALLENGE's nonces: fresh random octets of each end that crossed the
+    wire only inside the mutual TLS both ends verified. Changing either
+    changes both keys; the token alone (the message bus carries it)
+    does not give them, nor do the shares without the token.
+    """
+    if len(client_share) != NONCE_SIZE or len(server_share) != NONCE_SIZE:
+        raise ValueError(
+            f"key contributions are {NONCE_SIZE} octets each, got "
+            f"{len(client_share)} and {len(server_share)}"
+        )
+    secret = _mac(token, b"encrypted frames secret\0", transcript)
+    okm = HKDF(
+        algorithm=hashes.SHA256(),
+        length=64,
+        salt=client_share + server_share,
+        info=b"nova-xen-ncm encrypted frames c2s|s2c\0" + transcript,
+    ).derive(secret)
+    c2s, s2c = okm[:32], okm[32:]
+    return (c2s, s2c) if role is Role.CLIENT else (s2c, c2s)
+
+
+class FrameSealer:
+    """AES-256-GCM of one frame's payload, parts at a time, into the
+    caller's buffer: the encryption is the frame's one pass over its
+    octets (no snapshot copy, no separate MAC)."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, key: bytes, counter: int, header: Buffer) -> None:
+        self._ctx = Cipher(
+            algorithms.AES(key), modes.GCM(frame_nonce(counter))
+        ).encryptor()
+        self._ctx.authenticate_additional_data(header)
+
+    def update_into(self, data: Buffer, out: memoryview) -> int:
+        return self._ctx.update_into(data, out)
+
+    def tag(self) -> bytes:
+        self._ctx.finalize()
+        return self._ctx.tag
+
+
+class FrameOpener:
+    """The receiving side of :class:`FrameSealer`: decrypts a frame's
+    payload as it arrives; :meth:`verify` checks the tag at the end,
+    before anything the frame carried may be used."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, key: bytes, counter: int, header: Buffer) -> None:
+        self._ctx = Cipher(
+            algorithms.AES(key), modes.GCM(frame_nonce(counter))
+        ).decryptor()
+        self._ctx.authenticate_additional_data(header)
+
+    def update(self, data: Buffer) -> bytes:
+        return self._ctx.update(data)
+
+    def update_into(self, data: Buffer, out: memoryview) -> int:
+        return self._ctx.update_into(data, out)
+
+    def verify(self, tag: Buffer) -> bool:
+        """False if the frame was altered (its tag does not hold)."""
+        try:
+            self._ctx.finalize_with_tag(bytes(tag))
+        except InvalidTag:
+            return False
+        return True

@@ -57,6 +57,13 @@ class Capability(str, enum.Enum):
     #: No per-frame GMAC on a plain connection (isolated migration
     #: networks, as QEMU's plain TCP): both ends must allow it.
     UNAUTHENTICATED_FRAMES = "unauthenticated-frames"
+    #: Inside mutual TLS the handshake runs, then both ends leave TLS
+    #: (close_notify both ways) and every established frame's payload
+    #: travels encrypted with AES-256-GCM under per-connection keys
+    #: derived from both ends' nonces (which crossed only inside TLS)
+    #: and the token. Offered and required by ends whose connection is
+    #: TLS and whose [xen_ncm] tls_encrypted_frames is true.
+    ENCRYPTED_FRAMES = "encrypted-frames"
     #: The source says STOPPING before it pauses the guest for
     #: stop-and-copy, so that the destination's record of that phase is
     #: made durable while the last pages travel, not after them.

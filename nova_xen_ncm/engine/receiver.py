@@ -26,6 +26,7 @@ from nova_xen_ncm.engine import retry
 from nova_xen_ncm.engine.acceptor import Acceptor
 from nova_xen_ncm.engine.digest import guest_digests
 from nova_xen_ncm.engine.digest import needed_items
+from nova_xen_ncm.engine.errors import AuthenticationError
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.engine.errors import MigrationAborted
 from nova_xen_ncm.engine.errors import ProtocolError
@@ -66,9 +67,17 @@ def _read_frame(
     connection whose records TLS authenticated before handing them over
     (``tls-frames``), or where both ends chose untagged frames for an
     isolated network, are the pages read straight into the guest's
-    (:meth:`Restorer.receive_pages`).
+    (:meth:`Restorer.receive_pages`). Encrypted frames
+    (``encrypted-frames``) are decrypted straight into the guest's pages
+    too (:func:`_decrypt_frame`), their tag checked at the frame's end:
+    a failure, or a break before the tag, raises before the next frame,
+    the migration rolls back before COMMIT and the restoring domain,
+    never run, is destroyed with what it got.
     """
     direct = header.pages and not channel.connection.frames_tagged
+    if direct and channel.connection.frames_encrypted:
+        _decrypt_frame(channel, header, restorer)
+        return None
     if direct:
         restorer.receive_pages(header.length, channel.read_payload_into)
         body = None
@@ -95,6 +104,32 @@ def _read_frame(
         restorer.page_record(body)
         return None
     return messages.Data(seq=header.seq, payload=body)
+
+
+def _decrypt_frame(
+    channel: Channel, header: messages.DataHeader, restorer: Restorer
+) -> None:
+    """An encrypted page frame, decrypted into the guest's pages and then
+    authenticated. Its pfns and contents were used before its tag: a
+    frame altered on the path (GCM is malleable until then) wrote to
+    pfns of the attacker's choosing. A connection that breaks before the
+    tag holds may therefore not be resumed (a resume sends this frame's
+    pages again, not the pfns it was made to write): the migration ends
+    and the restoring domain, never run, is destroyed."""
+    try:
+        restorer.receive_pages(header.length, channel.read_payload_into)
+        end = channel.receive()
+    except TransportError as exc:
+        raise AuthenticationError(
+            f"DATA frame {header.seq}: the connection broke before its "
+            "tag was checked, after its unauthenticated plaintext was "
+            "decrypted into the restoring guest: an encrypted frame "
+            f"cannot resume ({exc})"
+        ) from exc
+    if not isinstance(end, messages.DataEnd):
+        raise ProtocolError(
+            f"{type(end).__name__} inside data frame {header.seq}"
+        )
 
 
 # Phases in which the destination runs the guest.

@@ -145,9 +145,11 @@ class Restorer:
         octets are copied once, by the socket read. The pfns are checked
         before any page is mapped. Only for frames that were
         authenticated before their octets are handed over (records of a
-        mutual TLS connection, ``tls-frames``) or that carry no tag by
-        both ends' choice (``unauthenticated-frames``): a frame with a
-        GMAC tag goes through :meth:`page_record` once its tag is
+        mutual TLS connection, ``tls-frames``), that carry no tag by
+        both ends' choice (``unauthenticated-frames``), or that are
+        decrypted into place (``encrypted-frames``: checked at the
+        frame's end, a failure destroys this never-run domain): a frame
+        with a GMAC tag goes through :meth:`page_record` once its tag is
         checked, so no unauthenticated octet reaches guest memory."""
         fixed = libxc.RHDR.size + libxc.PAGE_DATA_HDR.size
         if length < fixed:

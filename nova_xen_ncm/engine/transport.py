@@ -47,6 +47,9 @@ if IOV_MAX <= 0:
     IOV_MAX = 1024
 
 RECV_SIZE = 256 * 1024
+#: Ciphertext read per call before it is decrypted into place
+#: (encrypted-frames): small enough to stay in the cache.
+CIPHER_CHUNK = 256 * 1024
 
 Buffer = bytes | bytearray | memoryview
 
@@ -79,6 +82,23 @@ class TlsSocket:
     def tls(self) -> ssl.SSLSocket:
         return self._sock
 
+    def leave(self) -> socket.socket:
+        """End TLS on this connection (close_notify sent and received,
+        under the socket's timeout) and return the TCP socket to go on
+        with; this wrapper is done. Only after a handshake that leaves
+        nothing unread: OpenSSL reads record by record, so what the peer
+        sends after its close_notify stays in the socket."""
+        family, kind, proto = (
+            self._sock.family,
+            self._sock.type,
+            self._sock.proto,
+        )
+        timeout = self._sock.gettimeout()
+        raw = self._sock.unwrap()
+        plain = socket.socket(family, kind, proto, fileno=raw.detach())
+        plain.settimeout(timeout)
+        return plain
+
     def sendmsg(self, buffers: Sequence[Buffer]) -> int:
         if self._stage is None:
             self._stage = bytearray(self.CHUNK)
@@ -108,8 +128,15 @@ def frame_capabilities(
     opts: cfg.ConfigOpts.GroupAttr, sock: socket.socket | TlsSocket
 ) -> list[str]:
     """The capabilities about frame tags this end offers (a client) or
-    accepts (a server) on ``sock``: ``tls-frames`` on a TLS connection,
-    whose records already authenticate every octet;
+    accepts (a server) on ``sock``. On a TLS connection
+    ``encrypted-frames`` (``[xen_ncm] tls_encrypted_frames``, the
+    default), which both ends then require: TLS authenticates the peers
+    and carries the handshake, then both leave it and every frame is
+    encrypted and authenticated with AES-256-GCM under keys of the
+    nonces that crossed inside TLS and the token (a relay holding a
+    certificate of the CA sees the nonces but not the token, so no
+    hostname check is needed for it). Otherwise ``tls-frames`` on a TLS
+    connection, whose records already authenticate every octet;
     ``unauthenticated-frames`` on a plain one only where ``[xen_ncm]
     frame_authentication`` is false. A tag is dropped only when both
     ends offer the same one.
@@ -121,6 +148,8 @@ def frame_capabilities(
     only the frame tags, keyed by the token, then stop it altering
     frames."""
     if isinstance(sock, TlsSocket):
+        if opts.tls_encrypted_frames:
+            return [messages.Capability.ENCRYPTED_FRAMES.value]
         if not sock.server_side and not sock.context.check_hostname:
             return []
         return [messages.Capability.TLS_FRAMES.value]
@@ -569,6 +598,11 @@ class Channel:
         self.io_timeout = io_timeout
         self._recv_buf = bytearray(RECV_SIZE)
         self._frame_buf = bytearray()
+        self._cipher_buf: bytearray | None = None
+        #: The TLS version and the peer's verified certificate of an
+        #: ``encrypted-frames`` connection, from before it left TLS.
+        self.tls_version: str | None = None
+        self.tls_peer: dict | None = None
         #: Paces this channel's writes (the migration's bandwidth cap).
         self.pacer: Pacer | None = None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -743,9 +777,38 @@ class Channel:
             )
         n = self.connection.take_payload(view)
         rest = view[n:]
-        if rest.nbytes:
+        if not rest.nbytes:
+            return
+        if self.connection.frames_encrypted:
+            self._recv_decrypt(rest)
+        else:
             self.recv_into_exact(rest)
             self.connection.payload_received(rest)
+
+    def _recv_decrypt(self, view: memoryview) -> None:
+        """Read ciphertext into a small buffer of the channel (it stays
+        in the cache) and decrypt it into ``view``: the decryption is
+        the one copy into place. Authenticated at the frame's end."""
+        if self._cipher_buf is None:
+            self._cipher_buf = bytearray(CIPHER_CHUNK)
+        got = 0
+        size = view.nbytes
+        recv_into = self.sock.recv_into
+        with memoryview(self._cipher_buf) as chunk:
+            try:
+                while got < size:
+                    n = recv_into(chunk, min(size - got, CIPHER_CHUNK))
+                    if n == 0:
+                        raise TransportError(
+                            f"connection closed with {size - got} of "
+                            f"{size} bytes outstanding"
+                        )
+                    self.connection.decrypt_payload(
+                        chunk[:n], view[got : got + n]
+                    )
+                    got += n
+            except OSError as exc:
+                raise TransportError(f"receive failed: {exc}") from exc
 
     # -- handshake --
 
@@ -770,11 +833,25 @@ class Channel:
         reply = self.receive()
         if isinstance(reply, messages.Refuse):
             raise Refused(reply.code, reply.text)
+        encrypted = messages.Capability.ENCRYPTED_FRAMES.value
+        if encrypted in capabilities and (
+            encrypted not in self.connection.capabilities
+        ):
+            # Refused before AUTH: the guest's memory never goes other
+            # than this end was told to send it.
+            raise Refused(
+                messages.RefuseReason.MISSING_CAPABILITY.value,
+                "the destination does not support encrypted-frames, which "
+                "this host requires inside TLS ([xen_ncm] "
+                "tls_encrypted_frames): upgrade it to this release, or set "
+                "the option to the same value on both hosts",
+            )
         self.send_buffers(self.connection.send_auth(token, last_acked))
         reply = self.receive()
         if isinstance(reply, messages.Refuse):
             raise Refused(reply.code, reply.text)
         # The protocol's table lets only WELCOME or REFUSE through here.
+        self._after_handshake()
         self.sock.settimeout(self.io_timeout)
         return reply
 
@@ -842,6 +919,17 @@ class Channel:
         if not isinstance(hello, messages.Hello):
             raise ProtocolError(f"expected HELLO, got {hello!r}")
         try:
+            encrypted = messages.Capability.ENCRYPTED_FRAMES.value
+            if encrypted in capabilities and (
+                encrypted not in hello.capabilities
+            ):
+                raise Refused(
+                    messages.RefuseReason.MISSING_CAPABILITY,
+                    "the source does not offer encrypted-frames, which this "
+                    "host requires inside TLS ([xen_ncm] "
+                    "tls_encrypted_frames): upgrade it to this release, or "
+                    "set the option to the same value on both hosts",
+                )
             token = token_for(hello)
             try:
                 self.send_buffers(
@@ -883,8 +971,34 @@ class Channel:
                 LOG.debug("Could not send the refusal: %s", gone)
             raise
         self.send_buffers(self.connection.send_welcome(start))
+        self._after_handshake()
         self.sock.settimeout(self.io_timeout)
         return hello, proof
+
+    def _after_handshake(self) -> None:
+        """With ``encrypted-frames``, leave TLS: it authenticated the
+        peers and carried the key contributions; the frames encrypt and
+        authenticate every octet from here on."""
+        if not self.connection.frames_encrypted:
+            return
+        if not isinstance(self.sock, TlsSocket):
+            raise ProtocolError(
+                "encrypted-frames negotiated on a connection that is not TLS"
+            )
+        if self.connection.buffered:
+            raise ProtocolError(
+                f"{self.connection.buffered} octets after WELCOME inside TLS"
+            )
+        tls = self.sock.tls
+        # What TLS verified, kept for logs and checks once it is left.
+        self.tls_version = tls.version()
+        self.tls_peer = tls.getpeercert()
+        try:
+            self.sock = self.sock.leave()
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(
+                f"leaving TLS after the handshake failed: {exc}"
+            ) from exc
 
     def close(self) -> None:
         try:
@@ -896,6 +1010,7 @@ class Channel:
         # A closed channel is kept by its receiver until the source
         # acknowledges the outcome: not its frame buffer (MiBs).
         self._frame_buf = bytearray()
+        self._cipher_buf = None
 
     def __enter__(self) -> Channel:
         return self

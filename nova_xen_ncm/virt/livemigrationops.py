@@ -46,6 +46,37 @@ WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 RECEIVER_JOIN_TIMEOUT = 30.0
 
 
+def _tls_frames() -> str:
+    """How this host carries a migration's frames: ``off`` (no TLS),
+    ``encrypted-frames`` or ``tls-records`` inside TLS. The destination
+    reports it; the source refuses a difference before Nova prepares
+    the destination (the engine would refuse it only when connecting)."""
+    opts = xen_ncm_conf.CONF.xen_ncm
+    if not opts.tls_enabled:
+        return "off"
+    return "encrypted-frames" if opts.tls_encrypted_frames else "tls-records"
+
+
+def _check_tls_frames(theirs: str | None) -> None:
+    mine = _tls_frames()
+    if theirs is None:
+        # A destination of an earlier release: no encrypted-frames.
+        if mine == "encrypted-frames":
+            raise exception.MigrationPreCheckError(
+                reason="the destination runs an earlier release without "
+                "encrypted-frames, which this host requires inside TLS "
+                "([xen_ncm] tls_encrypted_frames; tls_enabled): upgrade "
+                "it, or set tls_encrypted_frames to false here"
+            )
+        return
+    if theirs != mine:
+        raise exception.MigrationPreCheckError(
+            reason=f"the destination carries migrations as {theirs}, this "
+            f"host as {mine}: [xen_ncm] tls_enabled and "
+            "tls_encrypted_frames must be the same on both hosts"
+        )
+
+
 def _own_address() -> str:
     """The address this host's engine connects from: its migration
     listen address when one is set, else Nova's my_ip."""
@@ -157,6 +188,7 @@ class LiveMigrationOps:
             "missing_pv": _missing_text(caps.missing(pv_drivers=True)),
             "missing_hvm": _missing_text(caps.missing(pv_drivers=False)),
             "preserve_domid": str(caps.preserve_domid),
+            "tls_frames": _tls_frames(),
         }
         return XenNCMLiveMigrateData(
             is_shared_instance_path=True, options=options
@@ -181,6 +213,7 @@ class LiveMigrationOps:
                 reason="the destination cannot restore what the guest "
                 f"can see: {missing}"
             )
+        _check_tls_frames(options.get("tls_frames"))
         dest_check_data.source_domid = info.domid
         dest_check_data.pv_drivers = info.pv_drivers
         dest_check_data.source_address = _own_address()

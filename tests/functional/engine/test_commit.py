@@ -201,13 +201,17 @@ def test_answers_end_once_an_operator_resolved_the_entry(
         query.once()
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_commit_lost_in_a_drop_lets_the_source_resume_at_once(
-    source, destination, migration, conf
+    source, destination, migration, conf, tls_files, tls
 ):
     # The destination waits for a resume of the control channel until
     # COMMIT; a source that lost COMMIT in the drop asks instead, and
     # that ends the wait: the destination rolls back and says so within
     # the source's query window (2 s here), not after its own waits.
+    # Over TLS the query offers what the data path does.
+    if tls:
+        tls_files.enable(conf)
     conf.set_override("downtime_budget", 30.0, group="xen_ncm")
     conf.set_override("transfer_retry_timeout", 30.0, group="xen_ncm")
     domid = source.create_domain(guest_config())

@@ -3,6 +3,7 @@ the allowed source, stray and extra connections, a replayed session."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import uuid
@@ -201,25 +202,39 @@ def test_connection_of_another_migration_does_not_spoil_this_one(
 
 class Recorder:
     """A TCP relay in front of ``target`` that keeps what the client
-    sent: what an eavesdropper on the path captures."""
+    sent: what an eavesdropper on the path captures. With ``flip``, the
+    octet at that offset of what the client sent has its low bit
+    flipped on the way (an attacker on the path). With ``cut``, the
+    first connection is cut once that many octets of the client's went
+    through; later connections (a resume) are relayed as they are."""
 
-    def __init__(self, target):
+    def __init__(self, target, flip=None, cut=None):
         self.target = target
+        self.flip = flip
+        self.cut = cut
         self.sent = bytearray()
         self._server = socket.create_server(("127.0.0.1", 0))
         self.address = self._server.getsockname()
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
-        try:
-            client, _ = self._server.accept()
-        except OSError:
-            return
+        first = True
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(
+                target=self._relay, args=(client, first), daemon=True
+            ).start()
+            first = False
+
+    def _relay(self, client, first):
         upstream = socket.create_connection(self.target)
         pumps = [
             threading.Thread(target=self._pump, args=(a, b, keep))
             for a, b, keep in (
-                (client, upstream, True),
+                (client, upstream, first),
                 (upstream, client, False),
             )
         ]
@@ -244,7 +259,20 @@ class Recorder:
                         pass
                 return
             if keep:
+                start = len(self.sent)
                 self.sent.extend(data)
+                if self.flip is not None and (
+                    start <= self.flip < start + len(data)
+                ):
+                    data = bytearray(data)
+                    data[self.flip - start] ^= 1
+                if self.cut is not None and len(self.sent) >= self.cut:
+                    with contextlib.suppress(OSError):
+                        dst.sendall(data[: self.cut - start])
+                    for sock in (dst, src):
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                    return
             try:
                 dst.sendall(data)
             except OSError:
@@ -293,12 +321,30 @@ def test_replayed_stream_is_refused_by_a_new_migration(
     other.raise_dom0_errors()
 
 
-@pytest.mark.parametrize("mode", ["tls", "unauthenticated"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "encrypted",
+        "encrypted-lz4",
+        "encrypted-channels",
+        "tls",
+        "unauthenticated",
+    ],
+)
 def test_migration_without_frame_tags_is_transparent(
     conf, tls_files, source, destination, migration, mode
 ):
-    if mode == "tls":
+    if mode != "unauthenticated":
         tls_files.enable(conf)
+        conf.set_override(
+            "tls_encrypted_frames", mode != "tls", group="xen_ncm"
+        )
+        if mode == "encrypted-lz4":
+            # Compressed frames are decrypted whole, not into place.
+            conf.set_override("compression", "lz4", group="xen_ncm")
+        if mode == "encrypted-channels":
+            # Each data channel runs TLS and derives its own keys.
+            conf.set_override("channels", 3, group="xen_ncm")
     else:
         conf.set_override("frame_authentication", False, group="xen_ncm")
     domid = source.create_domain(guest_config())
@@ -315,7 +361,17 @@ def test_migration_without_frame_tags_is_transparent(
         source,
         domid,
         destination,
-        source_hooks={("state", "restore"): paused},
+        source_hooks={
+            ("state", "restore"): paused,
+            ("round", "precopy"): lambda e: seen.setdefault(
+                "encrypted",
+                [
+                    c.connection.frames_encrypted
+                    for c in holder["m"].sender.data.channels
+                    if c is not None
+                ],
+            ),
+        },
         destination_hooks={
             ("state", "commit"): lambda e: seen.setdefault(
                 "resumed", destination.guest_state(domid)
@@ -323,9 +379,135 @@ def test_migration_without_frame_tags_is_transparent(
         },
     )
     assert m.run() is Phase.DONE, m.sender.error
-    cap = "tls-frames" if mode == "tls" else "unauthenticated-frames"
+    cap = {
+        "encrypted": "encrypted-frames",
+        "encrypted-lz4": "encrypted-frames",
+        "encrypted-channels": "encrypted-frames",
+        "tls": "tls-frames",
+        "unauthenticated": "unauthenticated-frames",
+    }[mode]
     assert cap in seen["capabilities"] and seen["tagged"] is False
+    encrypted = mode.startswith("encrypted")
+    assert seen["encrypted"] == [encrypted] * conf.xen_ncm.channels
     report = checker.check(seen["paused"], seen["resumed"])
     assert report.passed, str(report)
+    assert running(destination, domid)
+    assert not running(source, domid)
+
+
+def _guest_pages(host, domid, count=64):
+    """Up to ``count`` distinct non-zero pages of the guest's memory."""
+    pfns = host.populated_pfns(domid)
+    pages = []
+    with host.map_pages(domid, pfns) as mapping:
+        for page in mapping.pages:
+            data = bytes(page)
+            if any(data) and data not in pages:
+                pages.append(data)
+                if len(pages) == count:
+                    break
+    return pages
+
+
+@pytest.mark.parametrize("mode", ["plain", "encrypted"])
+def test_encrypted_frames_carry_no_guest_memory_in_the_clear(
+    conf, tls_files, source, destination, migration, mode
+):
+    if mode == "encrypted":
+        tls_files.enable(conf)
+    domid = source.create_domain(guest_config(dirty_rate=0))
+    m = migration(source, domid, destination)
+    relay = Recorder(m.receiver.address)
+    m.sender.data.endpoint = relay.address
+    assert m.run() is Phase.DONE, m.sender.error
+    relay.close()
+    captured = bytes(relay.sent)
+    pages = _guest_pages(destination, domid)
+    assert len(pages) == 64
+    found = [page for page in pages if page in captured]
+    if mode == "plain":
+        # The same search finds the pages of an authenticated but
+        # unencrypted plain TCP migration (all but those the guest wrote
+        # since it runs on the destination: its own counters).
+        assert len(found) >= len(pages) - 4
+        return
+    assert found == []
+    # TLS carried the handshake (a TLS handshake record first), and
+    # SETUP, the first frame after it, is not in the clear either.
+    assert captured[0] == 0x16
+    assert b'"memory_bytes"' not in captured
+
+
+def test_a_flipped_bit_of_an_encrypted_frame_fails_the_migration(
+    conf, tls_files, source, destination, migration
+):
+    tls_files.enable(conf)
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    # Well inside the page round (8 MiB guest), after TLS was left.
+    relay = Recorder(m.receiver.address, flip=3 << 20)
+    m.sender.data.endpoint = relay.address
+    assert m.run() is Phase.FAILED
+    relay.close()
+    assert "authentication tag mismatch" in str(m.receiver.error)
+    assert "DATA frame" in str(m.receiver.error)
+    # One running copy, the source's; the destination's, never run on
+    # the unauthenticated pages, is gone.
+    assert running(source, domid)
+    assert destination.list_domains() == []
+
+
+def test_an_encrypted_frame_cut_before_its_tag_fails_the_migration(
+    conf, tls_files, source, destination, migration
+):
+    # Its plaintext was decrypted into the restoring guest before its
+    # tag: a resume would keep whatever an altered frame wrote.
+    tls_files.enable(conf)
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    relay = Recorder(m.receiver.address, cut=3 << 20)
+    m.sender.data.endpoint = relay.address
+    assert m.run() is Phase.FAILED
+    relay.close()
+    assert "cannot resume" in str(m.receiver.error)
+    assert running(source, domid)
+    assert destination.list_domains() == []
+
+
+def test_a_dropped_encrypted_connection_resumes_under_new_keys(
+    conf, tls_files, source, destination, migration
+):
+    from nova_xen_ncm.engine import policy
+
+    tls_files.enable(conf)
+    domid = source.create_domain(guest_config())
+    holder = {"keys": []}
+
+    def two_rounds(stats):
+        if stats.iteration >= 2:
+            return policy.Decision(policy.Action.STOP_AND_COPY, reason="2")
+        return policy.Decision(policy.Action.CONTINUE)
+
+    def keys(event):
+        connection = holder["m"].sender.data.control.connection
+        holder["keys"].append(
+            (connection.frames_encrypted, connection._send_key)
+        )
+        if event.detail["round"] == 0:
+            holder["m"].sender.data.control.sock.shutdown(socket.SHUT_RDWR)
+
+    m = holder["m"] = migration(
+        source,
+        domid,
+        destination,
+        policy=two_rounds,
+        source_hooks={("round", "precopy"): keys},
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    assert m.sender.stats.retries == 1
+    (enc0, key0), (enc1, key1) = holder["keys"][:2]
+    # The reconnection ran TLS and the key exchange again.
+    assert enc0 and enc1
+    assert key0 != key1
     assert running(destination, domid)
     assert not running(source, domid)

@@ -207,3 +207,43 @@ def test_a_frame_buffer_over_the_frame_limit_is_refused():
         server.frame_buffer(limit + 1)
     server.close()
     assert len(server._frame_buf) == 0
+
+
+ENCRYPTED = (messages.Capability.ENCRYPTED_FRAMES.value,)
+
+
+def test_encrypted_page_frame_is_decrypted_straight_into_guest_pages(host):
+    client, server = established(caps=ENCRYPTED)
+    assert server.connection.frames_encrypted
+    wire, _, data = page_frame(client)
+    client.sock.sendall(wire)
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
+    assert apply_one(server, restorer) is None
+    assert guest_pages(host) == data
+
+
+def test_an_encrypted_frame_cut_before_its_tag_cannot_be_resumed(host):
+    # GCM is malleable until its tag is checked: an on-path attacker
+    # flips a bit of a pfn, so the first page's contents land on
+    # another pfn, then cuts the connection before the tag. A resume
+    # would resend this frame's pages, never that other pfn's: the
+    # guest would run with it altered. The break must end the
+    # migration (rolled back), not be retried as a transport failure.
+    client, server = established(caps=ENCRYPTED)
+    wire, first_page, _ = page_frame(client)
+    entries = (
+        framing.FRAME_HEADER.size
+        + framing.DATA_HEADER.size
+        + libxc.RHDR.size
+        + libxc.PAGE_DATA_HDR.size
+    )
+    wire[entries] ^= 0x80  # pfn 100 becomes pfn 228
+    client.sock.sendall(wire[: first_page + 3 * PAGE + 100])
+    client.sock.shutdown(socket.SHUT_WR)
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
+    with pytest.raises(AuthenticationError, match="cannot resume"):
+        apply_one(server, restorer)
+    # The unauthenticated plaintext did reach the never-run guest, at the
+    # attacker's pfn: why nothing of it may be kept.
+    with host.map_pages(DOMID, np.array([228], dtype=np.uint64)) as m:
+        assert bytes(m.pages[0]) == bytes([0x40]) * PAGE

@@ -4,9 +4,11 @@ one-time token inside TLS."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 
@@ -224,6 +226,11 @@ def serve(listener, wait=TIMEOUT):
 
 
 def connect(listener, context, token=TOKEN):
+    """A source's channel, offering what the data path offers with the
+    default settings (encrypted-frames inside TLS)."""
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    conf([])
     channel = Channel.connect(
         "127.0.0.1",
         listener.port,
@@ -231,7 +238,12 @@ def connect(listener, context, token=TOKEN):
         io_timeout=TIMEOUT,
         tls=context,
     )
-    channel.client_handshake("mig", token)
+    caps = transport.frame_capabilities(conf.xen_ncm, channel.sock)
+    try:
+        channel.client_handshake("mig", token, capabilities=caps)
+    except BaseException:
+        channel.close()
+        raise
     return channel
 
 
@@ -241,8 +253,13 @@ def test_mutual_tls_carries_the_authenticated_protocol(tls_files):
         served = run(serve, listener)
         client = connect(listener, client_ctx)
         server = served()
-        assert isinstance(client.sock, transport.TlsSocket)
-        assert client.sock.tls.version() in ("TLSv1.2", "TLSv1.3")
+        # TLS verified both ends, carried the handshake, and was left:
+        # the frames are encrypted from there on.
+        assert client.tls_version in ("TLSv1.2", "TLSv1.3")
+        assert not isinstance(client.sock, transport.TlsSocket)
+        assert not isinstance(server.sock, transport.TlsSocket)
+        assert client.connection.frames_encrypted
+        assert server.connection.frames_encrypted
         # Page-sized buffers and a large one, vectored as the data path
         # sends them.
         pages = [bytes([i]) * 4096 for i in range(40)] + [b"z" * 300_000]
@@ -255,7 +272,7 @@ def test_mutual_tls_carries_the_authenticated_protocol(tls_files):
         assert bytes(body) == b"".join(pages)
         server.send(messages.Ack(seq=1))
         assert client.receive() == messages.Ack(seq=1)
-        peer = server.sock.tls.getpeercert()
+        peer = server.tls_peer
         assert dict(x[0] for x in peer["subject"])["commonName"] == "host"
         client.close()
         server.close()
@@ -431,6 +448,7 @@ def _tls_handshake(listener, conf, client_ctx):
 
 def test_tls_connections_drop_the_frame_tag_and_carry_large_writes(tls_files):
     conf = tls_conf(tls_files)
+    conf.set_override("tls_encrypted_frames", False, group="xen_ncm")
     client_ctx = transport.tls_context(conf, server=False)
     with tls_listener(tls_files) as listener:
         client, server, caps, _ = _tls_handshake(listener, conf, client_ctx)
@@ -472,6 +490,7 @@ def test_tls_without_the_hostname_check_keeps_the_frame_tag(tls_files):
     # alter frames.
     conf = tls_conf(tls_files)
     conf.set_override("tls_check_hostname", False, group="xen_ncm")
+    conf.set_override("tls_encrypted_frames", False, group="xen_ncm")
     client_ctx = transport.tls_context(conf, server=False)
     with tls_listener(tls_files) as listener:
         client, server, caps, served_caps = _tls_handshake(
@@ -485,3 +504,169 @@ def test_tls_without_the_hostname_check_keeps_the_frame_tag(tls_files):
         assert bytes(server.receive().payload) == b"p" * 4096
         client.close()
         server.close()
+
+
+def _mixed_handshake(tls_files, server_encrypts, client_encrypts):
+    """A destination and a source whose tls_encrypted_frames differ."""
+    server_conf = tls_conf(tls_files)
+    server_conf.set_override(
+        "tls_encrypted_frames", server_encrypts, group="xen_ncm"
+    )
+    client_conf = tls_conf(tls_files)
+    client_conf.set_override(
+        "tls_encrypted_frames", client_encrypts, group="xen_ncm"
+    )
+    client_ctx = transport.tls_context(client_conf, server=False)
+    with tls_listener(tls_files) as listener:
+
+        def serve_tls():
+            channel = Channel(
+                take(listener),
+                framing.Connection(messages.Role.SERVER),
+                io_timeout=TIMEOUT,
+            )
+            caps = transport.frame_capabilities(
+                server_conf.xen_ncm, channel.sock
+            )
+            try:
+                channel.server_handshake(token_for, capabilities=caps)
+            finally:
+                channel.close()
+
+        served = run(serve_tls)
+        client = Channel.connect(
+            "127.0.0.1",
+            listener.port,
+            connect_timeout=TIMEOUT,
+            io_timeout=TIMEOUT,
+            tls=client_ctx,
+        )
+        caps = transport.frame_capabilities(client_conf.xen_ncm, client.sock)
+        try:
+            with pytest.raises(Refused) as on_client:
+                client.client_handshake("mig", TOKEN, capabilities=caps)
+        finally:
+            client.close()
+        with pytest.raises((Refused, TransportError)) as on_server:
+            served()
+    return on_client.value, on_server.value
+
+
+def test_a_source_without_encrypted_frames_is_refused_at_the_handshake(
+    tls_files,
+):
+    client, server = _mixed_handshake(
+        tls_files, server_encrypts=True, client_encrypts=False
+    )
+    assert client.code == messages.RefuseReason.MISSING_CAPABILITY
+    assert "source does not offer encrypted-frames" in client.text
+    assert "tls_encrypted_frames" in client.text
+    assert isinstance(server, Refused)
+
+
+def test_a_destination_without_encrypted_frames_is_refused_at_the_handshake(
+    tls_files,
+):
+    client, _ = _mixed_handshake(
+        tls_files, server_encrypts=False, client_encrypts=True
+    )
+    assert client.code == messages.RefuseReason.MISSING_CAPABILITY
+    assert "destination does not support encrypted-frames" in client.text
+
+
+def test_encrypted_frames_need_no_hostname_check(tls_files):
+    # Their keys need the token as well as what crossed inside TLS: a
+    # relay holding a certificate of the CA sees the contributions but
+    # cannot derive the keys.
+    conf = tls_conf(tls_files)
+    conf.set_override("tls_check_hostname", False, group="xen_ncm")
+    client_ctx = transport.tls_context(conf, server=False)
+    with tls_listener(tls_files) as listener:
+        client, server, caps, served_caps = _tls_handshake(
+            listener, conf, client_ctx
+        )
+        assert caps == served_caps == ["encrypted-frames"]
+        assert client.connection.frames_encrypted
+        assert server.connection.frames_encrypted
+        pages = [os.urandom(4096) for _ in range(300)]
+        client.send_data(1, pages, pages=True)
+        assert bytes(server.receive().payload) == b"".join(pages)
+        server.send(messages.Ack(seq=1))
+        assert client.receive() == messages.Ack(seq=1)
+        client.close()
+        server.close()
+
+
+def _pump(sock, peer, incoming, outgoing, step):
+    """Drive ``peer`` (an SSLObject over memory) with ``step`` until it
+    no longer wants to read, exchanging octets over ``sock``."""
+    while True:
+        try:
+            return step()
+        except ssl.SSLWantReadError:
+            if outgoing.pending:
+                sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            if not data:
+                raise
+            incoming.write(data)
+        finally:
+            if outgoing.pending:
+                sock.sendall(outgoing.read())
+
+
+@pytest.mark.parametrize(
+    "then, read",
+    [(b"", True), (b"ping", True), (b"ping", False)],
+    ids=["raw", "record-read+raw", "record-unread"],
+)
+def test_leaving_tls_keeps_what_the_peer_sent_right_after_close_notify(
+    tls_files, then, read
+):
+    # The peer's close_notify and the first octets it sends on plain
+    # TCP arrive in one segment, and with TLS 1.3 its session tickets
+    # before them: leave() must stop reading at the close_notify, the
+    # rest staying in the socket for the encrypted frames.
+    conf = tls_conf(tls_files)
+    server_ctx = transport.tls_context(conf, server=True)
+    client_ctx = transport.tls_context(conf, server=False)
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        ours = socket.create_connection(listening.getsockname())
+        theirs, _ = listening.accept()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    peer = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
+    with ours, theirs:
+        ours.settimeout(TIMEOUT)
+        theirs.settimeout(TIMEOUT)
+        handshake = run(
+            client_ctx.wrap_socket, ours, server_hostname="127.0.0.1"
+        )
+        _pump(theirs, peer, incoming, outgoing, peer.do_handshake)
+        tls = transport.TlsSocket(handshake())
+        raw = b"first encrypted frame" * 100
+        if then:
+            # Application data just before the close_notify: the
+            # socket's reader takes it before leaving.
+            peer.write(then)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            peer.unwrap()
+        theirs.sendall(outgoing.read() + raw)
+        if then and not read:
+            # Application data not yet taken from TLS: leaving fails
+            # loudly (the channel's handshake then fails), it is never
+            # dropped.
+            with pytest.raises(ssl.SSLError, match="APPLICATION_DATA"):
+                tls.leave()
+            return
+        if then:
+            assert tls.recv(len(then)) == then
+        left = run(tls.leave)
+        # The peer answers our close_notify.
+        _pump(theirs, peer, incoming, outgoing, peer.unwrap)
+        plain = left()
+        assert not isinstance(plain, ssl.SSLSocket)
+        got = b""
+        while len(got) < len(raw):
+            got += plain.recv(len(raw) - len(got))
+        assert got == raw
+        plain.close()

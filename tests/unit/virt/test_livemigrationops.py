@@ -364,3 +364,62 @@ def test_source_address_is_left_out_for_an_older_peer():
     assert data.obj_to_primitive()["nova_object.data"]["source_address"] == (
         "192.0.2.9"
     )
+
+
+@pytest.fixture
+def tls_settings():
+    """Set this test's [xen_ncm] tls_enabled, tls_encrypted_frames."""
+    conf = livemigrationops.xen_ncm_conf.CONF
+
+    def setting(enabled, encrypted=True):
+        conf.set_override("tls_enabled", enabled, group="xen_ncm")
+        conf.set_override("tls_encrypted_frames", encrypted, group="xen_ncm")
+
+    yield setting
+    conf.clear_override("tls_enabled", group="xen_ncm")
+    conf.clear_override("tls_encrypted_frames", group="xen_ncm")
+
+
+@pytest.mark.parametrize(
+    "dest, source",
+    [
+        ((True, True), (True, False)),
+        ((True, False), (True, True)),
+        ((False, True), (True, True)),
+    ],
+)
+def test_tls_frame_settings_that_differ_are_refused_before_migrating(
+    instance, tls_settings, dest, source
+):
+    # Refused when Nova checks the hosts, not when the migration
+    # connects (after the destination was prepared).
+    tls_settings(*dest)
+    data = make_ops(make_host()).check_can_live_migrate_destination(instance)
+    tls_settings(*source)
+    with pytest.raises(exception.MigrationPreCheckError) as err:
+        make_ops(make_host()).check_can_live_migrate_source(instance, data)
+    assert "tls_encrypted_frames" in str(err.value)
+    assert "tls_enabled" in str(err.value)
+
+
+def test_an_earlier_destination_is_refused_by_an_encrypting_source(
+    instance, tls_settings
+):
+    tls_settings(True, True)
+    data = make_ops(make_host()).check_can_live_migrate_destination(instance)
+    del data.options["tls_frames"]
+    with pytest.raises(exception.MigrationPreCheckError) as err:
+        make_ops(make_host()).check_can_live_migrate_source(instance, data)
+    assert "earlier release" in str(err.value)
+    # Without encrypted frames, such a destination is still accepted.
+    tls_settings(True, False)
+    make_ops(make_host()).check_can_live_migrate_source(instance, data)
+
+
+@pytest.mark.parametrize(
+    "setting", [(False, True), (True, True), (True, False)]
+)
+def test_tls_frame_settings_that_agree_pass(instance, tls_settings, setting):
+    tls_settings(*setting)
+    data = make_ops(make_host()).check_can_live_migrate_destination(instance)
+    make_ops(make_host()).check_can_live_migrate_source(instance, data)
