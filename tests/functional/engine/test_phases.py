@@ -485,29 +485,3 @@ def test_cancel_in_restore_names_the_cause(source, destination, migration):
     assert m.run() is Phase.CANCELLED
     assert str(m.sender.error) == "cancelled: interrupted by SIGINT"
     assert_only_on(source, destination, domid)
-
-
-def test_a_write_the_tracking_missed_fails_the_migration(
-    source, destination, migration
-):
-    """A page the source's write tracking says was never written goes as
-    zero without being read; the memory digest is not of that
-    bookkeeping but of the page, so the copy that differs is refused and
-    the guest stays where it was."""
-    domid = source.create_domain(guest_config(dirty_rate=0))
-    source.pause(domid)
-    mem = source.hv.domains[domid].mem
-    pfns = mem.populated()
-    never = pfns[
-        ~mem.written_mask(pfns)
-        & ~mem.seek_data_mask(0, mem.max_pfn)[pfns.astype(int)]
-    ]
-    assert len(never)
-    pfn = int(never[len(never) // 2])
-    mem.ram[pfn][:] = 0x5A
-    assert not source.written_pages(domid, [pfn])[0]
-    m = migration(source, domid, destination)
-    assert m.run() is not Phase.DONE
-    assert type(m.sender.error).__name__ == "DigestMismatch"
-    assert str(m.sender.error).endswith(": memory"), m.sender.error
-    assert_only_on(source, destination, domid, base.DomainState.PAUSED)
