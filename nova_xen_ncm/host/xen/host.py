@@ -973,10 +973,13 @@ class XenHost(base.HostDriver):
                 domid=domid,
             )
         self._dm_dirty_log(domid, True)
-        # Every write from now on is in the log: the digest is kept from
-        # here, each block read once unless a harvest marks it again.
-        key, counted = self._counted(domid)
-        self._digests.start(domid, counted, key)
+        # Every write from now on is in the log, or on a page
+        # _xen_written names: the digest is kept from here, each block
+        # read once unless a harvest marks it again. Where this Xen cannot
+        # name those pages the paused digest reads every page instead.
+        if self._xen_written(domid) is not None:
+            key, counted = self._counted(domid)
+            self._digests.start(domid, counted, key)
 
     def _dm_dirty_log(self, domid: int, enable: bool) -> None:
         """Have the device model report its DMA writes into guest memory
@@ -1006,12 +1009,36 @@ class XenHost(base.HostDriver):
         return buf
 
     def harvest_dirty(self, domid: int) -> np.ndarray:
+        written = self._xen_written(domid)
         dirty = base.pfn_union(
             self._dirty_log(domid, SHADOW_OP_CLEAN),
             self._reserved_pfns(domid),
+            np.zeros(0, np.uint64) if written is None else written,
         )
         self._digests.harvested(domid, dirty)
         return dirty
+
+    def _xen_written(self, domid: int) -> np.ndarray | None:
+        """The guest pages Xen writes through a global mapping of its own
+        without marking them in log-dirty (Xen 4.17): each vCPU's
+        registered vcpu_info (map_vcpu_info, vcpu_mark_events_pending,
+        __update_vcpu_system_time) and the shared_info frame. Every
+        harvest counts them dirty, so that the last round sends them and
+        the paused digest reads their blocks. None where this Xen cannot
+        tell the placements (no XEN_DOMCTL_ncm_vcpu)."""
+        facts = self.hypervisor_facts()
+        if not (facts.ncm_evtchn and facts.ncm_vcpu):
+            return None
+        ctx = self.domain_context()
+        gfns = []
+        for vcpu in range(self.domain_info(domid).vcpus):
+            placed = ctx.get_vcpu_state(domid, vcpu).vcpu_info
+            if placed is not None:
+                gfns.append(placed[0])
+        frame = int(self._raw_info(domid, "harvest_dirty").shared_info_frame)
+        if frame not in pvctx.UNPLACED:
+            gfns.append(frame)
+        return np.unique(np.array(gfns, dtype=np.uint64))
 
     def _dirty_log(self, domid: int, op: int) -> np.ndarray:
         """The pfns in Xen's log-dirty bitmap (sorted uint64), cleared
@@ -1620,11 +1647,19 @@ class XenHost(base.HostDriver):
         reader = functools.partial(self._read_pages, domid)
         if self._digests.keeps(domid):
             key = self._counted_key(domid)
+            # Xen may write those pages after the last harvest (an event
+            # delivered to the paused vCPU): read as they are now.
+            written = self._xen_written(domid)
+            if written is None:
+                self._digests.stop(domid)
+                return memdigest.full_digest(self._counted(domid)[1], reader)
             found = self._digests.digest(
                 domid,
                 key,
                 functools.partial(self._counted, domid),
-                self._dirty_log(domid, SHADOW_OP_PEEK),
+                base.pfn_union(
+                    self._dirty_log(domid, SHADOW_OP_PEEK), written
+                ),
                 reader,
             )
             if found is not None:

@@ -23,11 +23,19 @@ pause the blocks written since they were read, not the guest's size:
   written after the last harvest and not sent makes it differ.
 
 What it rests on: Xen's log-dirty reporting every write made after it
-was enabled, as the sending of pages does. A write Xen makes into a
-guest page without marking it (the firmware's reserved area, which
-every harvest counts dirty, XenHost._reserved_pfns) is read only if its
-block is pending. A domain whose log-dirty was never enabled here (a
-restored destination) is digested whole, every page read when asked.
+was enabled, as the sending of pages does, except on the pages the
+driver knows Xen writes through a mapping of its own without marking
+them: the firmware's reserved area (XenHost._reserved_pfns) and each
+vCPU's registered vcpu_info and the shared_info frame
+(XenHost._xen_written, read from XEN_DOMCTL_ncm_vcpu). Every harvest
+counts those dirty (the last round sends them) and the paused digest
+reads their blocks as they are then. So the digest proves the
+destination equal to the source on every page logged or so named; a
+write Xen or a dom0 tool makes elsewhere without logging it goes
+unnoticed, by the sending and by this digest alike. Where the driver
+cannot name those pages (a Xen without XEN_DOMCTL_ncm_vcpu) nothing is
+kept and the paused source reads every page, as does a domain whose
+log-dirty was never enabled here (a restored destination).
 """
 
 from __future__ import annotations

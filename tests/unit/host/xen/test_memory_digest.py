@@ -18,6 +18,7 @@ from nova_xen_ncm.host.xen import memdigest
 
 WORDS = base.PAGE_SIZE // 8
 SHARED = 40  # a page dom0's daemons write (xenstore ring)
+VCPU_INFO = 1500  # where the guest registered vCPU 0's vcpu_info
 
 
 class _FakeXen:
@@ -76,7 +77,7 @@ def _driver(ram: np.ndarray, pfns: np.ndarray, monkeypatch):
     key = (len(pfns), len(ram) - 1)
     xen._pfn_cache = {7: (key, pfns)}
     xen._raw_info = lambda domid, call: types.SimpleNamespace(
-        tot_pages=len(pfns)
+        tot_pages=len(pfns), shared_info_frame=2**64 - 1
     )
     xen.populated_pfns = lambda domid: pfns.copy()
     xen._shared_with_dom0 = lambda domid: np.array([SHARED], np.uint64)
@@ -84,6 +85,20 @@ def _driver(ram: np.ndarray, pfns: np.ndarray, monkeypatch):
     xen._max_gpfn = lambda domid: len(ram) - 1
     xen._dirty_buffer = lambda domid, bits: _Buffer(fake)
     xen._dm_dirty_log = lambda domid, enable: None
+    # A patched hypervisor that tells the vcpu_info placements: vCPU 0's
+    # at VCPU_INFO, vCPU 1's in its legacy shared_info slot.
+    fake.vcpu_info = {0: (VCPU_INFO, 0x40), 1: None}
+    xen.hypervisor_facts = lambda: types.SimpleNamespace(
+        ncm_evtchn=True, ncm_vcpu=True
+    )
+    xen.domain_info = lambda domid: types.SimpleNamespace(
+        vcpus=len(fake.vcpu_info)
+    )
+    xen.domain_context = lambda: types.SimpleNamespace(
+        get_vcpu_state=lambda domid, vcpu: types.SimpleNamespace(
+            vcpu_info=fake.vcpu_info[vcpu]
+        )
+    )
     return xen, fake
 
 
@@ -162,10 +177,11 @@ def test_the_paused_source_reads_only_the_blocks_written_since_the_round(
     for pfn in (300, 2000):
         ram[pfn, 0] += np.uint64(1)
         fake.dirty.append(pfn)
-    assert list(xen.harvest_dirty(7)) == [300, 2000]
+    # With the vcpu_info page Xen writes unlogged, counted every time.
+    assert list(xen.harvest_dirty(7)) == [300, VCPU_INFO, 2000]
     fake.mapped.clear()
     paused = xen.memory_digest(7)
-    assert set(fake.mapped) == _counted_in_blocks(pfns, 300, 2000)
+    assert set(fake.mapped) == _counted_in_blocks(pfns, 300, 2000, VCPU_INFO)
     assert paused == _definition(ram, pfns)
     # A page written after the last harvest, still in the log: read
     # (and the destination, which did not get it, differs).
@@ -174,7 +190,7 @@ def test_the_paused_source_reads_only_the_blocks_written_since_the_round(
     fake.dirty.append(900)
     fake.mapped.clear()
     assert xen.memory_digest(7) == _definition(ram, pfns)
-    assert set(fake.mapped) == _counted_in_blocks(pfns, 900)
+    assert set(fake.mapped) == _counted_in_blocks(pfns, 900, VCPU_INFO)
     assert _definition(sent, pfns) != _definition(ram, pfns)
     assert not fake.held
 
@@ -228,3 +244,45 @@ def test_without_log_dirty_every_page_is_read(monkeypatch) -> None:
     ram[3, 0] += np.uint64(1)
     assert xen.memory_digest(7) == _definition(ram, pfns)
     assert len(fake.mapped) == len(pfns) - 1
+
+
+def test_a_vcpu_info_xen_writes_unlogged_is_sent_and_read_at_the_pause(
+    monkeypatch,
+) -> None:
+    # Xen 4.17 writes a registered vcpu_info (time record, pending bits)
+    # through its own global mapping (map_vcpu_info,
+    # __update_vcpu_system_time, vcpu_mark_events_pending) and never
+    # marks it in log-dirty: the last round must send it and the paused
+    # digest read its block again.
+    ram, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
+    xen, fake = _driver(ram, pfns, monkeypatch)
+    xen.enable_log_dirty(7)
+    _precopy(xen, pfns)
+    xen.settle_digest(7)
+    ram[VCPU_INFO, 9] += np.uint64(1)  # nothing in the log
+    assert VCPU_INFO in xen.harvest_dirty(7)
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert set(fake.mapped) == _counted_in_blocks(pfns, VCPU_INFO)
+    # Written again after the last harvest (an event delivered to the
+    # paused vCPU): read again, so the destination, without it, differs.
+    ram[VCPU_INFO, 10] += np.uint64(1)
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+
+
+def test_a_xen_that_cannot_tell_the_vcpu_info_pages_is_digested_whole(
+    monkeypatch,
+) -> None:
+    ram, pfns = _guest(xen_host.MAP_BATCH)
+    xen, fake = _driver(ram, pfns, monkeypatch)
+    xen.hypervisor_facts = lambda: types.SimpleNamespace(
+        ncm_evtchn=False, ncm_vcpu=False
+    )
+    xen.enable_log_dirty(7)
+    _precopy(xen, pfns)
+    # A write the log missed, anywhere: the paused digest reads it.
+    ram[700, 3] += np.uint64(1)
+    xen.harvest_dirty(7)
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
