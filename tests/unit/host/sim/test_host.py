@@ -890,6 +890,34 @@ def test_a_guest_that_ran_is_digested_without_its_never_written_pages(
     assert sum(read) == 2  # the written pages of the block written
 
 
+def _unmarked_write(dom, pfn, value):
+    """A write no writer marks: a gap in the write tracking (a device
+    path, a missed fault), which the sender's choice of pages to send
+    (harvest_dirty, written_pages) misses too."""
+    with dom.mem.lock():
+        dom.mem.ram[pfn] = value
+        assert not dom.mem.changed[pfn]
+
+
+def test_a_write_the_tracking_missed_is_in_the_digest_where_it_is_read(host):
+    """What the digest still proves of a write the tracking missed: on a
+    page written since creation whose block is read again (another write
+    marked in it), it is in the digest, so a copy without it fails; on a
+    page never written since creation, or in a block no marked write
+    touches, it is not (the digest goes by the tracking, as the sender
+    does)."""
+    a = populated_and_left_alone(host)
+    write(a, slice(0x2010, 0x2013), 3)
+    host.memory_digest(1)
+    _unmarked_write(a, 0x2011, 7)
+    write(a, 0x2012, 4)
+    assert host.memory_digest(1) == _reference_digest(a)
+    _unmarked_write(a, 0x3456, 6)  # never written since creation
+    never = np.array([0x3456], dtype=np.uint64)
+    assert not a.mem.written_mask(never)[0]
+    assert host.memory_digest(1) != _reference_digest(a)
+
+
 def test_a_page_written_without_the_lock_is_read_as_written(host, monkeypatch):
     """Pages others write at any time without a mark (grant maps, the
     xenstore ring: Hypervisor.unlocked_writes) are read, never written
