@@ -245,6 +245,9 @@ class XenHost(base.HostDriver):
             raise
         self._xsh: int | None = None
         self._ctx: context.DomainContext | None = None
+        # Whether this Xen tells vcpu_info placements (XEN_DOMCTL_ncm_*):
+        # asked once, not at every harvest (None: not yet).
+        self._tells_placements: bool | None = None
         self._caps: base.Capabilities | None = None
         # Whether xenstored has domain-export (xsmig), asked once.
         self._xs_migrates: bool | None = None
@@ -1026,10 +1029,12 @@ class XenHost(base.HostDriver):
         harvest counts them dirty, so that the last round sends them and
         the paused digest reads their blocks. None where this Xen cannot
         tell the placements (no XEN_DOMCTL_ncm_vcpu)."""
-        facts = self.hypervisor_facts()
-        if not (facts.ncm_evtchn and facts.ncm_vcpu):
+        if self._tells_placements is None:
+            facts = self.hypervisor_facts()
+            self._tells_placements = facts.ncm_evtchn and facts.ncm_vcpu
+        if not self._tells_placements:
             return None
-        ctx = self.domain_context()
+        ctx = self._context()
         gfns = []
         for vcpu in range(self.domain_info(domid).vcpus):
             placed = ctx.get_vcpu_state(domid, vcpu).vcpu_info
@@ -1501,6 +1506,9 @@ class XenHost(base.HostDriver):
         facts = self.hypervisor_facts()
         if not (facts.ncm_evtchn and facts.ncm_vcpu):
             raise self._refuse_pv("domain_context")
+        return self._context()
+
+    def _context(self) -> context.DomainContext:
         with self._lock:
             if self._ctx is None:
                 self._ctx = context.DomainContext()

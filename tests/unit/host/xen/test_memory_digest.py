@@ -88,13 +88,14 @@ def _driver(ram: np.ndarray, pfns: np.ndarray, monkeypatch):
     # A patched hypervisor that tells the vcpu_info placements: vCPU 0's
     # at VCPU_INFO, vCPU 1's in its legacy shared_info slot.
     fake.vcpu_info = {0: (VCPU_INFO, 0x40), 1: None}
+    xen._tells_placements = None
     xen.hypervisor_facts = lambda: types.SimpleNamespace(
         ncm_evtchn=True, ncm_vcpu=True
     )
     xen.domain_info = lambda domid: types.SimpleNamespace(
         vcpus=len(fake.vcpu_info)
     )
-    xen.domain_context = lambda: types.SimpleNamespace(
+    xen._context = lambda: types.SimpleNamespace(
         get_vcpu_state=lambda domid, vcpu: types.SimpleNamespace(
             vcpu_info=fake.vcpu_info[vcpu]
         )
@@ -256,8 +257,12 @@ def test_a_vcpu_info_xen_writes_unlogged_is_sent_and_read_at_the_pause(
     # digest read its block again.
     ram, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
     xen, fake = _driver(ram, pfns, monkeypatch)
+    probes = []
+    facts = xen.hypervisor_facts
+    xen.hypervisor_facts = lambda: probes.append(1) or facts()
     xen.enable_log_dirty(7)
     _precopy(xen, pfns)
+    xen.harvest_dirty(7)
     xen.settle_digest(7)
     ram[VCPU_INFO, 9] += np.uint64(1)  # nothing in the log
     assert VCPU_INFO in xen.harvest_dirty(7)
@@ -268,6 +273,8 @@ def test_a_vcpu_info_xen_writes_unlogged_is_sent_and_read_at_the_pause(
     # paused vCPU): read again, so the destination, without it, differs.
     ram[VCPU_INFO, 10] += np.uint64(1)
     assert xen.memory_digest(7) == _definition(ram, pfns)
+    # The hypervisor is probed once, not at each harvest.
+    assert len(probes) == 1
 
 
 def test_a_xen_that_cannot_tell_the_vcpu_info_pages_is_digested_whole(
@@ -278,6 +285,8 @@ def test_a_xen_that_cannot_tell_the_vcpu_info_pages_is_digested_whole(
     xen.hypervisor_facts = lambda: types.SimpleNamespace(
         ncm_evtchn=False, ncm_vcpu=False
     )
+    asked = []
+    xen._context = lambda: asked.append(1)
     xen.enable_log_dirty(7)
     _precopy(xen, pfns)
     # A write the log missed, anywhere: the paused digest reads it.
@@ -286,3 +295,4 @@ def test_a_xen_that_cannot_tell_the_vcpu_info_pages_is_digested_whole(
     fake.mapped.clear()
     assert xen.memory_digest(7) == _definition(ram, pfns)
     assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
+    assert asked == []
