@@ -1028,13 +1028,17 @@ class XenHost(base.HostDriver):
         __update_vcpu_system_time) and the shared_info frame. Every
         harvest counts them dirty, so that the last round sends them and
         the paused digest reads their blocks. None where this Xen cannot
-        tell the placements (no XEN_DOMCTL_ncm_vcpu)."""
+        tell the placements (no XEN_DOMCTL_ncm_vcpu) or the guest uses
+        FIFO event channels (Xen writes their control blocks, whose GFNs
+        no domctl tells, through event_fifo.c's global mappings)."""
         if self._tells_placements is None:
             facts = self.hypervisor_facts()
             self._tells_placements = facts.ncm_evtchn and facts.ncm_vcpu
         if not self._tells_placements:
             return None
         ctx = self._context()
+        if ctx.event_channel_abi(domid) != "2-level":
+            return None
         gfns = []
         for vcpu in range(self.domain_info(domid).vcpus):
             placed = ctx.get_vcpu_state(domid, vcpu).vcpu_info

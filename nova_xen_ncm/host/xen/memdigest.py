@@ -33,8 +33,9 @@ reads their blocks as they are then. So the digest proves the
 destination equal to the source on every page logged or so named; a
 write Xen or a dom0 tool makes elsewhere without logging it goes
 unnoticed, by the sending and by this digest alike. Where the driver
-cannot name those pages (a Xen without XEN_DOMCTL_ncm_vcpu) nothing is
-kept and the paused source reads every page, as does a domain whose
+cannot name those pages (a Xen without XEN_DOMCTL_ncm_vcpu, a guest
+with FIFO event channels, whose control blocks Xen writes unlogged)
+nothing is kept and the paused source reads every page, as does a domain whose
 log-dirty was never enabled here (a restored destination).
 """
 

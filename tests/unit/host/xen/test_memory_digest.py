@@ -95,10 +95,12 @@ def _driver(ram: np.ndarray, pfns: np.ndarray, monkeypatch):
     xen.domain_info = lambda domid: types.SimpleNamespace(
         vcpus=len(fake.vcpu_info)
     )
+    fake.abi = "2-level"
     xen._context = lambda: types.SimpleNamespace(
         get_vcpu_state=lambda domid, vcpu: types.SimpleNamespace(
             vcpu_info=fake.vcpu_info[vcpu]
-        )
+        ),
+        event_channel_abi=lambda domid: fake.abi,
     )
     return xen, fake
 
@@ -296,3 +298,19 @@ def test_a_xen_that_cannot_tell_the_vcpu_info_pages_is_digested_whole(
     assert xen.memory_digest(7) == _definition(ram, pfns)
     assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
     assert asked == []
+
+
+def test_a_fifo_guest_is_digested_whole_at_the_pause(monkeypatch) -> None:
+    # FIFO event channels: Xen writes the control blocks, in guest pages
+    # the driver cannot name, without log-dirty (event_fifo.c
+    # map_guest_page): the paused source reads every page.
+    ram, pfns = _guest(xen_host.MAP_BATCH)
+    xen, fake = _driver(ram, pfns, monkeypatch)
+    xen.enable_log_dirty(7)
+    _precopy(xen, pfns)
+    fake.abi = "fifo"  # the guest switched while it ran
+    ram[700, 3] += np.uint64(1)  # a control block, not logged
+    xen.harvest_dirty(7)
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
