@@ -66,6 +66,7 @@ SHADOW_OP_OFF = 0
 SHADOW_OP_ENABLE_LOGDIRTY = 2
 SHADOW_OP_CLEAN = 11
 SHADOW_OP_PEEK = 12
+XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL = 1 << 0
 # xen/include/public/sysctl.h
 XEN_SCHEDULER_CREDIT = 5
 XEN_SCHEDULER_CREDIT2 = 6
@@ -1055,7 +1056,18 @@ class XenHost(base.HostDriver):
         bits = self._max_gpfn(domid) + 1
         buf = self._dirty_buffer(domid, bits)
         stats = libs.ShadowOpStats()
-        rc = FN.xc_logdirty_control(self._xch, domid, op, buf, bits, 0, stats)
+        # FINAL has Xen mark the pages it holds write-mapped for an HVM
+        # guest (hvm_map_guest_frame_rw, permanent) as libxc's last round
+        # does: asked each time, as this driver cannot tell the last one.
+        rc = FN.xc_logdirty_control(
+            self._xch,
+            domid,
+            op,
+            buf,
+            bits,
+            XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL,
+            stats,
+        )
         libs.check("xc_logdirty_control", rc, domid=domid)
         raw = ctypes.string_at(buf.hbuf, -(-bits // 8))
         bitmap = np.unpackbits(

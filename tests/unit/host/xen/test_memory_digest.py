@@ -52,6 +52,8 @@ class _FakeXen:
         return 0
 
     def xc_logdirty_control(self, xch, domid, op, buf, bits, flags, stats):
+        # Xen marks its write-mapped pages only when asked (FINAL).
+        assert flags & xen_host.XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL
         ctypes.memset(self.bitmap, 0, len(self.bitmap))
         for pfn in self.dirty:
             self.bitmap[pfn // 8] = bytes(
