@@ -34,9 +34,11 @@ ours with ``[xen_ncm] frame_authentication = false`` on both hosts (no
 per-frame tag: equal to QEMU's plain TCP, for isolated migration
 networks; the digest proof still on; a ``--baseline`` tree without the
 option runs its default there); ``zero`` is plain TCP with a guest whose
-RAM is all zero. Prints the median seconds of each side and
-the ratio QEMU/ours (above 1: ours is faster), and writes JSON to
-``benchmarks/results/``.
+RAM is all zero: on QEMU's side untouched anonymous memory (``-S``, no
+``prealloc``), on ours RAM the guest never wrote, faulted in ahead by
+the host (``prefault_memory_mb``) unless ``--source-holes``. Prints the
+median seconds of each side and the ratio QEMU/ours (above 1: ours is
+faster), and writes JSON to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -483,9 +485,9 @@ def main() -> None:
         action="store_true",
         help="the source host does not fault in its guest's RAM ahead "
         "(prefault_memory_mb 0 there): RAM a zero guest never wrote is "
-        "holes, which the memory digest takes as zero without reading; "
-        "by default both hosts fault in, and the source's digest reads "
-        "the faulted-in RAM to prove it zero",
+        "holes; by default both hosts fault in. Either way the source "
+        "neither sends nor digests the pages its guest never wrote "
+        "(zero since the domain was created)",
     )
     parser.add_argument("--ours-only", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -9,12 +9,22 @@ marks what it writes (memory.GuestMemory.mark_dirty) and every change of
 the p2m marks its block (GuestMemory.take_p2m_blocks), so a block that
 neither touched since the previous digest is not read again; a thread
 keeps the cache warm while the domain migrates. A page is taken as zero
-without being read where the kernel has a hole in the domain's memfd
-(checked again when the digest is taken), not where the write tracking
-says it was never written, which is what the sender goes by to send it
-as zero (DigestCache.trusted: only while a restore writes the domain).
-(The transparency checker does not use this: it reads all of RAM
-itself, checker.read_memory.)
+without being read where the host's map of the pages written since the
+domain was created (GuestMemory.written_since_creation) says it was
+never written, at the source as at the destination: its memory was zero
+when the domain was created (a new memfd; spare RAM is a new memfd
+faulted in, never a destroyed domain's), and every write since is in
+that map, the guest process's by the kernel (userfaultfd write
+protection armed before any vCPU runs, read by PAGEMAP_SCAN: a write
+cannot land unseen), the host's by its writers' marks (as Xen's
+paging_mark_dirty). A guest process that could not arm it makes the
+host take every populated page as written. This is the premise every
+page read before is under already: a block is read again only if a
+write was marked in it since (the changed map, fed by the same
+tracking). Where a page is written but a hole of the memfd, it is zero
+too and not read (reading it would allocate it). (The transparency
+checker does not use this: it reads all of RAM itself,
+checker.read_memory.)
 
 What it proves: a copy gone wrong by accident (a page lost, misplaced
 between or within blocks, duplicated, torn, zero where unpopulated or
@@ -23,7 +33,11 @@ stays put only with probability about 2**-128. It is no authenticator:
 whoever chooses pages can make the terms of several blocks cancel (a
 generalized birthday search, cheaper than against a chained hash), so
 it guards against faults, not against someone altering the stream,
-which the frames' tags or TLS do (doc/source/security.rst).
+which the frames' tags or TLS do (doc/source/security.rst). Nor does it
+catch a write the write tracking missed: such a page is taken as zero
+if it was never written before, or keeps the term it was last read
+with, and the sender, which goes by the same tracking, does not send it
+(a fault of the host's dirty logging, which any migration relies on).
 """
 
 from __future__ import annotations
@@ -132,21 +146,12 @@ class DigestCache:
     pending: set[int] = dataclasses.field(default_factory=set)
     mask: np.ndarray | None = None
     warming: bool = False
-    #: Whether pages never written since creation (the host's own
-    #: bookkeeping: GuestMemory.written_since_creation) may be taken as
-    #: zero unread: only while the domain is being restored, when the
-    #: host's mappings make every write and no sender decides by the
-    #: same bookkeeping what to send. Otherwise (a domain that ran, the
-    #: source) only the kernel's holes are, and they are checked again
-    #: when the digest is taken (:attr:`hollow`).
-    trusted: bool = False
-    #: Blocks whose term took RAM pages as zero unread because the
-    #: memfd has a hole there (untrusted): a write no writer marked
-    #: (a tracking gap) fills the hole, which the digest's full refresh
-    #: asks the kernel about (SEEK_DATA, one call for a hole-only run).
-    #: A bool per block (None: none yet), so that the check costs no
-    #: Python object per block of a large guest.
-    hollow: np.ndarray | None = None
+    #: Pages written at any time without the memory lock nor a mark
+    #: (Hypervisor.unlocked_writes: writable grant maps and mappings, the
+    #: xenstore ring), as of the last refresh: read as written pages are.
+    unlocked: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros(0, dtype=np.uint64)
+    )
 
 
 class MemoryDigest:
@@ -201,15 +206,11 @@ class MemoryDigest:
         the first look sees all of the p2m."""
         mem = dom.mem
         c = self.cache(dom)
-        if c.trusted and dom.booted:
-            # Restored, then run: the terms that took pages never
-            # written as zero are taken again from the kernel's holes.
-            c.started = False
-        c.trusted = not dom.booted
         # The first look takes every page the guest wrote: no copy of
         # that array beyond the one taken (8 octets a page).
         pfns = mem.take_changed()
         unlocked = self.hv.unlocked_writes(dom)
+        c.unlocked = unlocked
         if len(unlocked):
             pfns = np.concatenate((pfns, unlocked))
         pfns = pfns.view(np.int64)
@@ -225,26 +226,20 @@ class MemoryDigest:
                 c.terms.clear()
                 c.total = 0
                 c.pending.clear()
-                c.hollow = None
                 ram = mem.p2m == P2M_RAM
                 every = _blocks_of(ram)
-                if c.trusted:
-                    # Being restored: pages not written since creation
-                    # are zero and not read (_digest_span), prefaulted or
-                    # not; which are holes is asked only of the blocks of
-                    # the others.
-                    written = mem.written_since_creation(0, mem.max_pfn)
-                    held = _blocks_of(ram & written)
-                    c.mask = np.zeros(mem.max_pfn, dtype=bool)
-                    for lo, hi in _spans(held):
-                        start = lo * _DIGEST_BLOCK
-                        end = min(hi * _DIGEST_BLOCK, mem.max_pfn)
-                        c.mask[start:end] = mem.data_mask(start, end)
-                else:
-                    # The kernel's holes, not the write bookkeeping the
-                    # sender also goes by: a write it missed is read.
-                    c.mask = mem.seek_data_mask(0, mem.max_pfn)
-                    held = _blocks_of(ram & c.mask)
+                # Pages not written since the domain was created are
+                # zero and not read (_digest_span), faulted in ahead or
+                # not; which are holes is asked only of the blocks of
+                # the others.
+                written = self._written(c, 0, mem.max_pfn)
+                held = _blocks_of(ram & written)
+                del written
+                c.mask = np.zeros(mem.max_pfn, dtype=bool)
+                for lo, hi in _spans(held):
+                    start = lo * _DIGEST_BLOCK
+                    end = min(hi * _DIGEST_BLOCK, mem.max_pfn)
+                    c.mask[start:end] = mem.data_mask(start, end)
         if first:
             # Blocks with data are read as pending ones are; those of
             # populated pages never written get their terms now (nothing
@@ -257,8 +252,6 @@ class MemoryDigest:
         if len(pfns):
             pfns //= _DIGEST_BLOCK  # in place: pfns is not needed after
             blocks.update(base.pfn_union(pfns.view(np.uint64)).tolist())
-        if limit is None and c.hollow is not None and not c.trusted:
-            blocks.update(self._filled_holes(c))
         c.pending.update(blocks)
         todo = sorted(c.pending)
         busy: set[int] = set()
@@ -275,25 +268,6 @@ class MemoryDigest:
             # Holes found since are found by the blocks' own look-up.
             c.mask = None
         return bool(c.pending - busy)
-
-    @staticmethod
-    def _filled_holes(cache: DigestCache) -> list[int]:
-        """The :attr:`DigestCache.hollow` blocks that the kernel now says
-        hold data where their term took a hole (written by a path no
-        writer marked): read again, with the mask told. A run of blocks
-        still all holes costs one SEEK_DATA."""
-        mem = cache.mem
-        found: list[int] = []
-        for first, last in _spans(np.flatnonzero(cache.hollow)):
-            start = first * _DIGEST_BLOCK
-            end = min(last * _DIGEST_BLOCK, mem.max_pfn)
-            data = mem.seek_data_mask(start, end)
-            if not data.any():
-                continue
-            if cache.mask is not None:
-                cache.mask[start:end] |= data
-            found.extend((_blocks_of(data) + first).tolist())
-        return found
 
     @staticmethod
     def _blocks_being_written(dom: Domain) -> set[int]:
@@ -314,22 +288,17 @@ class MemoryDigest:
             MemoryDigest._digest_span(cache, first, last, mask)
 
     @staticmethod
-    def _note_hollow(
-        cache: DigestCache, first: int, last: int, holes: np.ndarray
-    ) -> None:
-        """Note which of blocks ``[first, last)`` took a hole as zero
-        (``holes``: a bool per pfn of the blocks)."""
-        per_block = holes.reshape(last - first, _DIGEST_BLOCK).any(axis=1)
-        if cache.hollow is None or len(cache.hollow) < last:
-            if not per_block.any():
-                return
-            grown = np.zeros(
-                -(-cache.mem.max_pfn // _DIGEST_BLOCK), dtype=bool
-            )
-            if cache.hollow is not None:
-                grown[: len(cache.hollow)] = cache.hollow
-            cache.hollow = grown
-        cache.hollow[first:last] = per_block
+    def _written(cache: DigestCache, start: int, end: int) -> np.ndarray:
+        """Which pfns of ``[start, end)`` may hold data: written since the
+        domain was created, or written without a mark by an unlocked
+        writer (DigestCache.unlocked). The others are zero (see the
+        module's docstring)."""
+        written = cache.mem.written_since_creation(start, end)
+        unlocked = cache.unlocked
+        if len(unlocked):
+            inside = unlocked[(unlocked >= start) & (unlocked < end)]
+            written[(inside - np.uint64(start)).view(np.int64)] = True
+        return written
 
     @staticmethod
     def _data_less_terms(
@@ -386,25 +355,16 @@ class MemoryDigest:
         populated = np.packbits(which, bitorder="little").tobytes()
         width = _DIGEST_BLOCK // 8
         rows = np.zeros(0, dtype=np.int64)
-        # Zero pages are not in the digest. Holes are zero and not read
-        # (reading one would allocate it); while the domain is restored,
-        # nor are pages never written since it was created
-        # (DigestCache.trusted).
-        wanted = ram
-        if cache.trusted:
-            wanted = ram & mem.written_since_creation(start, end)
+        # Zero pages are not in the digest: pages never written since the
+        # domain was created are zero and not read, nor are holes
+        # (reading one would allocate it).
+        wanted = ram & MemoryDigest._written(cache, start, end)
         if wanted.any():
             data = (
                 mem.data_mask(start, end) if mask is None else mask[start:end]
             )
             rows = np.flatnonzero(data & wanted)
             rows = rows[base.nonzero_pages(mem.ram[start:end], rows)]
-            if not cache.trusted:
-                holes = np.zeros(len(which), dtype=bool)
-                holes[: end - start] = ram & ~data
-                MemoryDigest._note_hollow(cache, first, last, holes)
-        elif not cache.trusted and cache.hollow is not None:
-            cache.hollow[first:last] = False
         pfns = rows + start
 
         if not len(pfns):
@@ -466,8 +426,7 @@ class MemoryDigest:
         warming thread or the digest would read them again later, and
         what is not read when the guest is paused is downtime."""
         c = self.cache(dom)
-        if (dom.booted and (not read or c.trusted)) or not c.started:
-            # (A restored domain's first refresh once it ran looks again.)
+        if (dom.booted and not read) or not c.started:
             return
         if len(pfns) < _DIGEST_INLINE_MIN:
             # A few pages (the last round of a quiet guest) are left to

@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno as errnos
+import functools
 import hashlib
 import json
 import os
 import threading
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -45,6 +47,7 @@ from nova_xen_ncm.host.xen import devices
 from nova_xen_ncm.host.xen import dm
 from nova_xen_ncm.host.xen import guestprobe
 from nova_xen_ncm.host.xen import libs
+from nova_xen_ncm.host.xen import memdigest
 from nova_xen_ncm.host.xen import probe
 from nova_xen_ncm.host.xen import pvctx
 from nova_xen_ncm.host.xen import qmp
@@ -53,7 +56,7 @@ from nova_xen_ncm.host.xen import xsmig
 
 LOG = logging.getLogger(__name__)
 # The name of memory_digest's definition (base.Capabilities.memory_digest).
-MEMORY_DIGEST = "xxh3-128-populated-pfns-then-nonzero-pages"
+MEMORY_DIGEST = memdigest.DEFINITION
 
 # xen/include/public/version.h
 XENVER_version = 0
@@ -62,6 +65,8 @@ XENVER_extraversion = 1
 SHADOW_OP_OFF = 0
 SHADOW_OP_ENABLE_LOGDIRTY = 2
 SHADOW_OP_CLEAN = 11
+SHADOW_OP_PEEK = 12
+XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL = 1 << 0
 # xen/include/public/sysctl.h
 XEN_SCHEDULER_CREDIT = 5
 XEN_SCHEDULER_CREDIT2 = 6
@@ -241,6 +246,9 @@ class XenHost(base.HostDriver):
             raise
         self._xsh: int | None = None
         self._ctx: context.DomainContext | None = None
+        # Whether this Xen tells vcpu_info placements (XEN_DOMCTL_ncm_*):
+        # asked once, not at every harvest (None: not yet).
+        self._tells_placements: bool | None = None
         self._caps: base.Capabilities | None = None
         # Whether xenstored has domain-export (xsmig), asked once.
         self._xs_migrates: bool | None = None
@@ -250,6 +258,8 @@ class XenHost(base.HostDriver):
         self._pfn_cache: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
         # domid -> hypercall buffer of the log-dirty bitmap.
         self._dirty_bufs: dict[int, tuple[libs.HypercallBuffer, int]] = {}
+        # The memory digests kept while log-dirty is on (memdigest).
+        self._digests = memdigest.MemoryDigests()
         # domids whose device model this driver stopped.
         self._dm_stopped: set[int] = set()
         # Guests whose backends quiesce_backends unbound, until resumed.
@@ -656,6 +666,7 @@ class XenHost(base.HostDriver):
             time.sleep(wait + 0.01)
 
     def _forget(self, domid: int) -> None:
+        self._digests.stop(domid)
         self._populated.pop(domid, None)
         self._pfn_cache.pop(domid, None)
         self._dm_stopped.discard(domid)
@@ -966,6 +977,13 @@ class XenHost(base.HostDriver):
                 domid=domid,
             )
         self._dm_dirty_log(domid, True)
+        # Every write from now on is in the log, or on a page
+        # _xen_written names: the digest is kept from here, each block
+        # read once unless a harvest marks it again. Where this Xen cannot
+        # name those pages the paused digest reads every page instead.
+        if self._xen_written(domid) is not None:
+            key, counted = self._counted(domid)
+            self._digests.start(domid, counted, key)
 
     def _dm_dirty_log(self, domid: int, enable: bool) -> None:
         """Have the device model report its DMA writes into guest memory
@@ -995,19 +1013,67 @@ class XenHost(base.HostDriver):
         return buf
 
     def harvest_dirty(self, domid: int) -> np.ndarray:
+        written = self._xen_written(domid)
+        dirty = base.pfn_union(
+            self._dirty_log(domid, SHADOW_OP_CLEAN),
+            self._reserved_pfns(domid),
+            np.zeros(0, np.uint64) if written is None else written,
+        )
+        self._digests.harvested(domid, dirty)
+        return dirty
+
+    def _xen_written(self, domid: int) -> np.ndarray | None:
+        """The guest pages Xen writes through a global mapping of its own
+        without marking them in log-dirty (Xen 4.17): each vCPU's
+        registered vcpu_info (map_vcpu_info, vcpu_mark_events_pending,
+        __update_vcpu_system_time) and the shared_info frame. Every
+        harvest counts them dirty, so that the last round sends them and
+        the paused digest reads their blocks. None where this Xen cannot
+        tell the placements (no XEN_DOMCTL_ncm_vcpu) or the guest uses
+        FIFO event channels (Xen writes their control blocks, whose GFNs
+        no domctl tells, through event_fifo.c's global mappings)."""
+        if self._tells_placements is None:
+            facts = self.hypervisor_facts()
+            self._tells_placements = facts.ncm_evtchn and facts.ncm_vcpu
+        if not self._tells_placements:
+            return None
+        ctx = self._context()
+        if ctx.event_channel_abi(domid) != "2-level":
+            return None
+        gfns = []
+        for vcpu in range(self.domain_info(domid).vcpus):
+            placed = ctx.get_vcpu_state(domid, vcpu).vcpu_info
+            if placed is not None:
+                gfns.append(placed[0])
+        frame = int(self._raw_info(domid, "harvest_dirty").shared_info_frame)
+        if frame not in pvctx.UNPLACED:
+            gfns.append(frame)
+        return np.unique(np.array(gfns, dtype=np.uint64))
+
+    def _dirty_log(self, domid: int, op: int) -> np.ndarray:
+        """The pfns in Xen's log-dirty bitmap (sorted uint64), cleared
+        (SHADOW_OP_CLEAN) or left as they are (SHADOW_OP_PEEK)."""
         bits = self._max_gpfn(domid) + 1
         buf = self._dirty_buffer(domid, bits)
         stats = libs.ShadowOpStats()
+        # FINAL has Xen mark the pages it holds write-mapped for an HVM
+        # guest (hvm_map_guest_frame_rw, permanent) as libxc's last round
+        # does: asked each time, as this driver cannot tell the last one.
         rc = FN.xc_logdirty_control(
-            self._xch, domid, SHADOW_OP_CLEAN, buf, bits, 0, stats
+            self._xch,
+            domid,
+            op,
+            buf,
+            bits,
+            XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL,
+            stats,
         )
         libs.check("xc_logdirty_control", rc, domid=domid)
         raw = ctypes.string_at(buf.hbuf, -(-bits // 8))
         bitmap = np.unpackbits(
             np.frombuffer(raw, dtype=np.uint8), bitorder="little"
         )[:bits]
-        dirty = np.flatnonzero(bitmap).astype(np.uint64)
-        return base.pfn_union(dirty, self._reserved_pfns(domid))
+        return np.flatnonzero(bitmap).astype(np.uint64)
 
     def _reserved_pfns(self, domid: int) -> np.ndarray:
         """The populated pfns of the firmware's reserved area below 4 GiB.
@@ -1021,6 +1087,7 @@ class XenHost(base.HostDriver):
         return populated[lo:hi]
 
     def disable_log_dirty(self, domid: int) -> None:
+        self._digests.stop(domid)
         libs.check(
             "xc_shadow_control",
             FN.xc_shadow_control(self._xch, domid, SHADOW_OP_OFF, None, 0),
@@ -1455,6 +1522,9 @@ class XenHost(base.HostDriver):
         facts = self.hypervisor_facts()
         if not (facts.ncm_evtchn and facts.ncm_vcpu):
             raise self._refuse_pv("domain_context")
+        return self._context()
+
+    def _context(self) -> context.DomainContext:
         with self._lock:
             if self._ctx is None:
                 self._ctx = context.DomainContext()
@@ -1559,31 +1629,66 @@ class XenHost(base.HostDriver):
             pfns.extend(range(first, first + count))
         return np.array(pfns, dtype=np.uint64)
 
-    def memory_digest(self, domid: int) -> str:
-        """base.memory_hasher over the populated pfns, then over the pfns
-        and the content of the non-zero ones (MEMORY_DIGEST), the pages
-        shared with dom0's daemons left out. Every page is read now, not
-        taken from what log-dirty says is unchanged: the digest is what
-        proves the destination's memory equal to this one, so it must
-        see a write log-dirty missed as well."""
-        pfns = base.pfn_difference(
-            self.populated_pfns(domid), self._shared_with_dom0(domid)
+    def _counted(self, domid: int) -> tuple[object, np.ndarray]:
+        """The pfns the memory digest counts (the populated ones less the
+        pages dom0's daemons write), with a key that changes when they
+        may have (the domain's page count, its top gpfn, those pages)."""
+        shared = self._shared_with_dom0(domid)
+        populated = self.populated_pfns(domid)
+        cached = self._pfn_cache.get(domid)
+        key = (None if cached is None else cached[0], shared.tobytes())
+        return key, base.pfn_difference(populated, shared)
+
+    def _counted_key(self, domid: int) -> object:
+        """:meth:`_counted`'s key without listing the pfns."""
+        raw = self._raw_info(domid, "memory_digest")
+        return (
+            (raw.tot_pages, self._max_gpfn(domid)),
+            self._shared_with_dom0(domid).tobytes(),
         )
-        h = base.memory_hasher(pfns.astype("<u8").tobytes())
-        which = base.memory_hasher()
-        data = base.memory_hasher()
-        for batch in base.iter_batches(pfns, MAP_BATCH):
-            with self.map_pages(domid, batch) as mapping:
-                pages = mapping.array()
-                nz = np.flatnonzero(base.nonzero_pages(pages))
-                which.update(batch[nz].astype("<u8").tobytes())
-                # Runs of adjacent non-zero pages hashed in place.
-                for run in np.split(nz, np.flatnonzero(np.diff(nz) != 1) + 1):
-                    if len(run):
-                        data.update(pages[run[0] : run[-1] + 1])
-        h.update(which.digest())
-        h.update(data.digest())
-        return h.hexdigest()
+
+    def _read_pages(
+        self,
+        domid: int,
+        pfns: np.ndarray,
+        use: Callable[[np.ndarray], None],
+    ) -> None:
+        """memdigest.Reader: ``pfns`` mapped read-only, apart from the
+        pre-copy's mappings (which feed the kept digest)."""
+        with _XenPageMapping(self, domid, pfns, False, kept=False) as m:
+            use(m.array())
+
+    def settle_digest(self, domid: int) -> None:
+        self._digests.settle(domid, functools.partial(self._read_pages, domid))
+
+    def memory_digest(self, domid: int) -> str:
+        """memdigest.DEFINITION over the populated pfns less the pages
+        shared with dom0's daemons. Under log-dirty (a migration's
+        source) the digest kept since log-dirty was enabled, the blocks
+        written since they were read (the harvests, and what the log
+        holds now) read again (memdigest); otherwise every page read
+        now."""
+        reader = functools.partial(self._read_pages, domid)
+        if self._digests.keeps(domid):
+            key = self._counted_key(domid)
+            # Xen may write those pages after the last harvest (an event
+            # delivered to the paused vCPU): read as they are now.
+            written = self._xen_written(domid)
+            if written is None:
+                self._digests.stop(domid)
+                return memdigest.full_digest(self._counted(domid)[1], reader)
+            found = self._digests.digest(
+                domid,
+                key,
+                functools.partial(self._counted, domid),
+                base.pfn_union(
+                    self._dirty_log(domid, SHADOW_OP_PEEK), written
+                ),
+                reader,
+            )
+            if found is not None:
+                return found
+        return memdigest.full_digest(self._counted(domid)[1], reader)
 
     def guest_state(
         self, domid: int, items: Collection[Item] | None = None
@@ -1631,14 +1736,26 @@ class _XenPageMapping(base.PageMapping):
     """Guest pages mapped with xenforeignmemory_map, one view each."""
 
     def __init__(
-        self, host: XenHost, domid: int, pfns: np.ndarray, writable: bool
+        self,
+        host: XenHost,
+        domid: int,
+        pfns: np.ndarray,
+        writable: bool,
+        *,
+        kept: bool = True,
     ) -> None:
         self._host = host
+        self._domid = domid
         self.pfns = np.asarray(pfns, dtype=np.uint64)
         n = len(self.pfns)
         self._n = n
         self._addr: int | None = None
         self._region: memoryview | None = None
+        # A read-only mapping of a domain whose digest is kept gives it
+        # the terms of the blocks it holds as it closes (memdigest).
+        self._opened = (
+            host._digests.opened(domid) if kept and not writable else None
+        )
         if not n:
             self.pages = []
             return
@@ -1684,6 +1801,11 @@ class _XenPageMapping(base.PageMapping):
         )
 
     def close(self) -> None:
+        if self._addr is not None and self._opened is not None:
+            opened, self._opened = self._opened, None
+            self._host._digests.read(
+                self._domid, self.pfns, self.array(), opened
+            )
         if self._addr is not None:
             self.pages = []
             self._region = None

@@ -194,6 +194,14 @@ def test_a_previous_release_source(
         ("destination", "xxh3-128-of-the-whole-physmap", "destination as"),
         # A source of a release that names no definition.
         ("source", "", "source digests memory as an earlier release"),
+        # A Xen source of the release before the block sum (every page
+        # read at the pause): named as such.
+        (
+            "source",
+            "xxh3-128-populated-pfns-then-nonzero-pages",
+            "source digests memory as "
+            "xxh3-128-populated-pfns-then-nonzero-pages does",
+        ),
     ],
 )
 def test_a_peer_that_digests_memory_otherwise_is_refused_at_setup(

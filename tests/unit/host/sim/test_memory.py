@@ -152,6 +152,10 @@ def test_a_guest_that_could_not_arm_has_every_page_taken(guest):
     mem.header[memory._HDR_TRACKER] = memory.TRACKER_FAILED
     mem.track(12345)
     assert len(mem.harvest()) == 64
+    # And as written since creation: the digest reads every page.
+    assert mem.written_since_creation(0, mem.max_pfn)[
+        mem.populated().astype(np.int64)
+    ].all()
 
 
 def test_what_the_guest_wrote_before_it_stopped_is_kept(guest):

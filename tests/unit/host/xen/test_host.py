@@ -12,6 +12,7 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import DomainState
 from nova_xen_ncm.host.xen import host
 from nova_xen_ncm.host.xen import libs
+from nova_xen_ncm.host.xen import memdigest
 
 
 def record(typecode: int, instance: int, body: bytes) -> bytes:
@@ -115,6 +116,7 @@ def test_a_destroyed_failed_create_leaves_no_page_map(xl_fails: bool) -> None:
     xen._pfn_cache = {4: ((0, 1), [0]), 5: ((0, 1), [0])}
     xen._dm_stopped = {4}
     xen._dirty_bufs = {}
+    xen._digests = memdigest.MemoryDigests()
     xen._destroyed_at = {}
     xen._xl = _Xl(xl_fails)
     xen._best_effort_destroy(4)
@@ -139,6 +141,7 @@ def test_a_domid_destroyed_this_second_is_asked_for_in_the_next(
     monkeypatch.setattr(host.time, "sleep", sleep)
     xen = object.__new__(host.XenHost)
     xen._populated, xen._pfn_cache, xen._dirty_bufs = {}, {}, {}
+    xen._digests = memdigest.MemoryDigests()
     xen._dm_stopped = set()
     xen._destroyed_at = {}
     xen._xl = _Xl(False)

@@ -1,21 +1,24 @@
-"""The real Xen host's memory digest reads the guest's RAM itself: it is
-the proof that the destination's memory equals the source's, so a write
-Xen's log-dirty never reported must change it (a digest kept from
-log-dirty would share that blind spot with the send path). Runs in well
-under a second: fake libxenctrl/libxenforeignmemory over a numpy RAM."""
+"""The real Xen host's memory digest (memdigest): the sum of 64-page
+blocks' terms, kept from the start of log-dirty so that the paused
+source reads only the blocks written since they were read, and read
+whole where log-dirty is off. Runs in well under a second: fake
+libxenctrl/libxenforeignmemory over a numpy RAM."""
 
 from __future__ import annotations
 
 import ctypes
+import types
 
 import numpy as np
 import xxhash
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.xen import host as xen_host
+from nova_xen_ncm.host.xen import memdigest
 
 WORDS = base.PAGE_SIZE // 8
 SHARED = 40  # a page dom0's daemons write (xenstore ring)
+VCPU_INFO = 1500  # where the guest registered vCPU 0's vcpu_info
 
 
 class _FakeXen:
@@ -28,9 +31,12 @@ class _FakeXen:
         self.dirty: list[int] = []
         self.held: dict[int, ctypes.Array] = {}
         self.bitmap = ctypes.create_string_buffer(len(ram) // 8 + 1)
+        #: The pfns of every mapping made, in order.
+        self.mapped: list[int] = []
 
     def xenforeignmemory_map(self, fmem, domid, prot, n, arr, err):
         pfns = np.ctypeslib.as_array(arr, shape=(n,)).astype(np.int64)
+        self.mapped.extend(pfns.tolist())
         buf = ctypes.create_string_buffer(
             self.ram[pfns].tobytes(), n * base.PAGE_SIZE
         )
@@ -46,12 +52,15 @@ class _FakeXen:
         return 0
 
     def xc_logdirty_control(self, xch, domid, op, buf, bits, flags, stats):
+        # Xen marks its write-mapped pages only when asked (FINAL).
+        assert flags & xen_host.XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL
         ctypes.memset(self.bitmap, 0, len(self.bitmap))
         for pfn in self.dirty:
             self.bitmap[pfn // 8] = bytes(
                 [self.bitmap[pfn // 8][0] | 1 << (pfn % 8)]
             )
-        self.dirty.clear()
+        if op != xen_host.SHADOW_OP_PEEK:
+            self.dirty.clear()
         return 0
 
 
@@ -65,26 +74,62 @@ def _driver(ram: np.ndarray, pfns: np.ndarray, monkeypatch):
     monkeypatch.setattr(xen_host, "FN", fake)
     xen = object.__new__(xen_host.XenHost)
     xen._fmem = xen._xch = object()
+    xen._digests = memdigest.MemoryDigests()
+    xen._dirty_bufs = {}
+    key = (len(pfns), len(ram) - 1)
+    xen._pfn_cache = {7: (key, pfns)}
+    xen._raw_info = lambda domid, call: types.SimpleNamespace(
+        tot_pages=len(pfns), shared_info_frame=2**64 - 1
+    )
     xen.populated_pfns = lambda domid: pfns.copy()
     xen._shared_with_dom0 = lambda domid: np.array([SHARED], np.uint64)
     xen._reserved_pfns = lambda domid: np.zeros(0, dtype=np.uint64)
     xen._max_gpfn = lambda domid: len(ram) - 1
     xen._dirty_buffer = lambda domid, bits: _Buffer(fake)
     xen._dm_dirty_log = lambda domid, enable: None
+    # A patched hypervisor that tells the vcpu_info placements: vCPU 0's
+    # at VCPU_INFO, vCPU 1's in its legacy shared_info slot.
+    fake.vcpu_info = {0: (VCPU_INFO, 0x40), 1: None}
+    xen._tells_placements = None
+    xen.hypervisor_facts = lambda: types.SimpleNamespace(
+        ncm_evtchn=True, ncm_vcpu=True
+    )
+    xen.domain_info = lambda domid: types.SimpleNamespace(
+        vcpus=len(fake.vcpu_info)
+    )
+    fake.abi = "2-level"
+    xen._context = lambda: types.SimpleNamespace(
+        get_vcpu_state=lambda domid, vcpu: types.SimpleNamespace(
+            vcpu_info=fake.vcpu_info[vcpu]
+        ),
+        event_channel_abi=lambda domid: fake.abi,
+    )
     return xen, fake
 
 
 def _definition(ram: np.ndarray, pfns: np.ndarray) -> str:
-    """MEMORY_DIGEST written out page by page, apart from the driver."""
-    pfns = pfns[pfns != SHARED]
-    nonzero = [int(p) for p in pfns if ram[int(p)].any()]
-    h = xxhash.xxh3_128(pfns.astype("<u8").tobytes())
-    h.update(xxhash.xxh3_128(np.array(nonzero, "<u8").tobytes()).digest())
-    data = xxhash.xxh3_128()
-    for pfn in nonzero:
-        data.update(ram[pfn].tobytes())
-    h.update(data.digest())
-    return h.hexdigest()
+    """memdigest.DEFINITION written out page by page, apart from the
+    driver: per block of 64 pfns with a counted pfn, the hash of its
+    index and counted pfns (a bit each), then of (pfn, content) of its
+    non-zero pages; the hash of the sum of those."""
+    pfns = [int(p) for p in pfns if p != SHARED]
+    total = 0
+    for block in sorted({p // 64 for p in pfns}):
+        mine = [p for p in pfns if p // 64 == block]
+        bits = sum(1 << (p - block * 64) for p in mine)
+        h = xxhash.xxh3_128(
+            block.to_bytes(8, "little") + bits.to_bytes(8, "little")
+        )
+        nonzero = [p for p in mine if ram[p].any()]
+        if nonzero:
+            d = xxhash.xxh3_128(np.array(nonzero, "<u8").tobytes())
+            for p in nonzero:
+                d.update(ram[p].tobytes())
+            h.update(d.digest())
+        total += int.from_bytes(h.digest(), "little")
+    return xxhash.xxh3_128(
+        (total % (1 << 128)).to_bytes(16, "little")
+    ).hexdigest()
 
 
 def _guest(pages: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,29 +155,164 @@ def test_the_digest_is_its_definition_over_several_mappings(
     assert xen.memory_digest(7) == _definition(ram, pfns)
 
 
-def test_a_write_log_dirty_never_reported_changes_the_digest(
+def _precopy(xen, pfns: np.ndarray) -> None:
+    """Round 0 as the sender makes it: every page mapped read-only, a
+    batch at a time."""
+    for batch in base.iter_batches(pfns, xen_host.MAP_BATCH):
+        with xen.map_pages(7, batch) as mapping:
+            assert mapping.array().shape == (len(batch), WORDS)
+
+
+def _counted_in_blocks(pfns: np.ndarray, *written: int) -> set[int]:
+    blocks = {p // 64 for p in written}
+    return {int(p) for p in pfns if p // 64 in blocks and p != SHARED}
+
+
+def test_the_paused_source_reads_only_the_blocks_written_since_the_round(
     monkeypatch,
 ) -> None:
-    """Pages Xen writes itself (a registered vcpu_info, grant frames)
-    need not be in the log-dirty bitmap: under log-dirty, with the
-    pre-copy's reads done and harvested, the paused source's digest
-    still sees such a write, and so differs from a destination that
-    never got it."""
-    ram, pfns = _guest(1024)
+    ram, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
     xen, fake = _driver(ram, pfns, monkeypatch)
     xen.enable_log_dirty(7)
-    before = xen.memory_digest(7)
-    with xen.map_pages(7, pfns) as mapping:  # the pre-copy's round 0
-        assert len(mapping.runs()) == 1
-        assert mapping.array().shape == (len(pfns), WORDS)
-    fake.dirty.append(300)
-    ram[300, 0] += np.uint64(1)
-    assert list(xen.harvest_dirty(7)) == [300]
-    sent = ram.copy()  # what the destination holds
-    ram[900, 2] += np.uint64(1)  # not in the bitmap
+    _precopy(xen, pfns)
+    # As the sender does before it pauses the guest: the blocks the
+    # round's batches split are read while it runs.
+    xen.settle_digest(7)
+    # The last round's pages: harvested (and sent) after the pause.
+    for pfn in (300, 2000):
+        ram[pfn, 0] += np.uint64(1)
+        fake.dirty.append(pfn)
+    # With the vcpu_info page Xen writes unlogged, counted every time.
+    assert list(xen.harvest_dirty(7)) == [300, VCPU_INFO, 2000]
+    fake.mapped.clear()
     paused = xen.memory_digest(7)
-    assert paused != before
-    # As RAM read whole digests (a destination holding this RAM), and
-    # not as the RAM that was sent does.
-    assert paused == _driver(ram, pfns, monkeypatch)[0].memory_digest(7)
-    assert paused != _driver(sent, pfns, monkeypatch)[0].memory_digest(7)
+    assert set(fake.mapped) == _counted_in_blocks(pfns, 300, 2000, VCPU_INFO)
+    assert paused == _definition(ram, pfns)
+    # A page written after the last harvest, still in the log: read
+    # (and the destination, which did not get it, differs).
+    sent = ram.copy()
+    ram[900, 1] += np.uint64(1)
+    fake.dirty.append(900)
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert set(fake.mapped) == _counted_in_blocks(pfns, 900, VCPU_INFO)
+    assert _definition(sent, pfns) != _definition(ram, pfns)
+    assert not fake.held
+
+
+def test_settle_digest_reads_what_the_round_left_while_the_guest_runs(
+    monkeypatch,
+) -> None:
+    ram, pfns = _guest(xen_host.MAP_BATCH)
+    xen, fake = _driver(ram, pfns, monkeypatch)
+    xen.enable_log_dirty(7)
+    # A round that mapped half a block only: that block is left.
+    _precopy(xen, pfns[pfns < 600])
+    with xen.map_pages(7, pfns[(pfns >= 600) & (pfns < 610)]):
+        pass
+    fake.mapped.clear()
+    xen.settle_digest(7)
+    left = {int(p) for p in pfns if p >= 576 and p != SHARED}
+    assert set(fake.mapped) == left
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert fake.mapped == []
+
+
+def test_a_block_harvested_while_its_mapping_was_open_is_read_again(
+    monkeypatch,
+) -> None:
+    ram, pfns = _guest(xen_host.MAP_BATCH)
+    xen, fake = _driver(ram, pfns, monkeypatch)
+    xen.enable_log_dirty(7)
+    batch = pfns[pfns < 512]
+    with xen.map_pages(7, batch):
+        # Written after the mapping copied the page, harvested before
+        # it closes: what it read of the block is stale.
+        ram[400, 0] += np.uint64(1)
+        fake.dirty.append(400)
+        xen.harvest_dirty(7)
+    _precopy(xen, pfns[pfns >= 512])
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert set(fake.mapped) == _counted_in_blocks(pfns, 400)
+
+
+def test_without_log_dirty_every_page_is_read(monkeypatch) -> None:
+    ram, pfns = _guest(xen_host.MAP_BATCH)
+    xen, fake = _driver(ram, pfns, monkeypatch)
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
+    xen.enable_log_dirty(7)
+    xen.disable_log_dirty(7)
+    fake.mapped.clear()
+    ram[3, 0] += np.uint64(1)
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert len(fake.mapped) == len(pfns) - 1
+
+
+def test_a_vcpu_info_xen_writes_unlogged_is_sent_and_read_at_the_pause(
+    monkeypatch,
+) -> None:
+    # Xen 4.17 writes a registered vcpu_info (time record, pending bits)
+    # through its own global mapping (map_vcpu_info,
+    # __update_vcpu_system_time, vcpu_mark_events_pending) and never
+    # marks it in log-dirty: the last round must send it and the paused
+    # digest read its block again.
+    ram, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
+    xen, fake = _driver(ram, pfns, monkeypatch)
+    probes = []
+    facts = xen.hypervisor_facts
+    xen.hypervisor_facts = lambda: probes.append(1) or facts()
+    xen.enable_log_dirty(7)
+    _precopy(xen, pfns)
+    xen.harvest_dirty(7)
+    xen.settle_digest(7)
+    ram[VCPU_INFO, 9] += np.uint64(1)  # nothing in the log
+    assert VCPU_INFO in xen.harvest_dirty(7)
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert set(fake.mapped) == _counted_in_blocks(pfns, VCPU_INFO)
+    # Written again after the last harvest (an event delivered to the
+    # paused vCPU): read again, so the destination, without it, differs.
+    ram[VCPU_INFO, 10] += np.uint64(1)
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    # The hypervisor is probed once, not at each harvest.
+    assert len(probes) == 1
+
+
+def test_a_xen_that_cannot_tell_the_vcpu_info_pages_is_digested_whole(
+    monkeypatch,
+) -> None:
+    ram, pfns = _guest(xen_host.MAP_BATCH)
+    xen, fake = _driver(ram, pfns, monkeypatch)
+    xen.hypervisor_facts = lambda: types.SimpleNamespace(
+        ncm_evtchn=False, ncm_vcpu=False
+    )
+    asked = []
+    xen._context = lambda: asked.append(1)
+    xen.enable_log_dirty(7)
+    _precopy(xen, pfns)
+    # A write the log missed, anywhere: the paused digest reads it.
+    ram[700, 3] += np.uint64(1)
+    xen.harvest_dirty(7)
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
+    assert asked == []
+
+
+def test_a_fifo_guest_is_digested_whole_at_the_pause(monkeypatch) -> None:
+    # FIFO event channels: Xen writes the control blocks, in guest pages
+    # the driver cannot name, without log-dirty (event_fifo.c
+    # map_guest_page): the paused source reads every page.
+    ram, pfns = _guest(xen_host.MAP_BATCH)
+    xen, fake = _driver(ram, pfns, monkeypatch)
+    xen.enable_log_dirty(7)
+    _precopy(xen, pfns)
+    fake.abi = "fifo"  # the guest switched while it ran
+    ram[700, 3] += np.uint64(1)  # a control block, not logged
+    xen.harvest_dirty(7)
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
