@@ -48,6 +48,7 @@ from nova_xen_ncm.host.sim.hypervisor import Domain
 from nova_xen_ncm.host.sim.hypervisor import Hypervisor
 from nova_xen_ncm.host.sim.memory import P2M_BLOCK
 from nova_xen_ncm.host.sim.memory import P2M_RAM
+from nova_xen_ncm.host.sim.memory import GuestMemory
 
 LOG = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ _TERM_MODULUS = 1 << 128
 #: digesting otherwise is refused at SETUP.
 DEFINITION = "xxh3-128-sum-mod-2^128-of-64-page-blocks"
 DIGEST_WARM_INTERVAL = 0.1
+# pfns of the p2m looked at a time by the first look (_ram_blocks): a
+# multiple of _DIGEST_BLOCK.
+_RAM_CHUNK = 1 << 18
 
 
 # The terms of wholly populated blocks without data, by block index: a
@@ -114,6 +118,28 @@ def _blocks_of(pages: np.ndarray) -> np.ndarray:
         pages = np.concatenate((pages, np.zeros(pad, dtype=bool)))
     rows = pages.reshape(-1, _DIGEST_BLOCK)
     return np.flatnonzero(rows.any(axis=1)).astype(np.uint64)
+
+
+def _ram_blocks(
+    mem: GuestMemory, pages: Callable[[int, int], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks (sorted uint64) with a RAM pfn, and those with a RAM
+    pfn that ``pages(start, end)`` (a bool per pfn of the range) marks:
+    the p2m looked at _RAM_CHUNK pfns at a time, so that no mask of the
+    whole physmap is made for it (an octet a pfn each)."""
+    every: list[np.ndarray] = []
+    held: list[np.ndarray] = []
+    for lo in range(0, mem.max_pfn, _RAM_CHUNK):
+        hi = min(lo + _RAM_CHUNK, mem.max_pfn)
+        ram = mem.p2m[lo:hi] == P2M_RAM
+        offset = np.uint64(lo // _DIGEST_BLOCK)
+        every.append(_blocks_of(ram) + offset)
+        ram &= pages(lo, hi)
+        held.append(_blocks_of(ram) + offset)
+    if not every:
+        empty = np.zeros(0, dtype=np.uint64)
+        return empty, empty
+    return np.concatenate(every), np.concatenate(held)
 
 
 @dataclasses.dataclass(eq=False)
@@ -206,16 +232,13 @@ class MemoryDigest:
             # written as zero are taken again from the kernel's holes.
             c.started = False
         c.trusted = not dom.booted
-        # The first look takes every page the guest wrote: no copy of
-        # that array beyond the one taken (8 octets a page).
-        pfns = mem.take_changed()
+        # By block: the first look takes every page the guest wrote,
+        # which as a list of pfns would be 8 octets a page. A page
+        # written since the first look holds data now (c.mask).
+        changed = mem.take_changed_blocks(_DIGEST_BLOCK, c.mask)
         unlocked = self.hv.unlocked_writes(dom)
-        if len(unlocked):
-            pfns = np.concatenate((pfns, unlocked))
-        pfns = pfns.view(np.int64)
         if c.mask is not None:
-            # A page written since the first look holds data now.
-            c.mask[pfns] = True
+            c.mask[unlocked.view(np.int64)] = True
         with mem.lock():
             blocks = mem.take_p2m_blocks()
             first = blocks is None or not c.started
@@ -226,15 +249,12 @@ class MemoryDigest:
                 c.total = 0
                 c.pending.clear()
                 c.hollow = None
-                ram = mem.p2m == P2M_RAM
-                every = _blocks_of(ram)
                 if c.trusted:
                     # Being restored: pages not written since creation
                     # are zero and not read (_digest_span), prefaulted or
                     # not; which are holes is asked only of the blocks of
                     # the others.
-                    written = mem.written_since_creation(0, mem.max_pfn)
-                    held = _blocks_of(ram & written)
+                    every, held = _ram_blocks(mem, mem.written_since_creation)
                     c.mask = np.zeros(mem.max_pfn, dtype=bool)
                     for lo, hi in _spans(held):
                         start = lo * _DIGEST_BLOCK
@@ -243,8 +263,8 @@ class MemoryDigest:
                 else:
                     # The kernel's holes, not the write bookkeeping the
                     # sender also goes by: a write it missed is read.
-                    c.mask = mem.seek_data_mask(0, mem.max_pfn)
-                    held = _blocks_of(ram & c.mask)
+                    mask = c.mask = mem.seek_data_mask(0, mem.max_pfn)
+                    every, held = _ram_blocks(mem, lambda lo, hi: mask[lo:hi])
         if first:
             # Blocks with data are read as pending ones are; those of
             # populated pages never written get their terms now (nothing
@@ -254,9 +274,10 @@ class MemoryDigest:
             self._digest_blocks(
                 c, base.pfn_difference(every, held).tolist(), c.mask
             )
-        if len(pfns):
-            pfns //= _DIGEST_BLOCK  # in place: pfns is not needed after
-            blocks.update(base.pfn_union(pfns.view(np.uint64)).tolist())
+        blocks.update(changed.tolist())
+        if len(unlocked):
+            unlocked //= np.uint64(_DIGEST_BLOCK)
+            blocks.update(base.pfn_union(unlocked).tolist())
         if limit is None and c.hollow is not None and not c.trusted:
             blocks.update(self._filled_holes(c))
         c.pending.update(blocks)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from nova_xen_ncm.host import base
+from nova_xen_ncm.host.sim import digest
 from nova_xen_ncm.host.sim import memory
 from nova_xen_ncm.host.sim.memory import GuestMemory
 
@@ -180,3 +181,64 @@ def test_a_scan_of_every_page_is_marked_without_a_pfn_list(
     else:
         # The map of pages written since creation (an octet a pfn).
         assert used <= PAGES + SLACK
+
+
+def test_a_scan_of_scattered_pages_is_marked_in_bounded_chunks(mem) -> None:
+    # Every other page: more runs than are marked a slice each, and as
+    # one pfn list (with the expansion's arrays) 40 octets a page written.
+    first = np.arange(0, PAGES, 2, dtype=np.int64)
+    end = first + 1
+    mem._tracker = _Runs([], [])
+    mem._tracked_pid = os.getpid()
+    mem._tracker = _Runs(first.tolist(), end.tolist())
+    with mem.lock():
+        _, used = peak(mem._flush_written)
+    np.testing.assert_array_equal(
+        np.flatnonzero(mem.changed), np.arange(0, PAGES, 2)
+    )
+    # The map of pages written since creation, and a group of runs and
+    # a chunk of pfns at a time: nothing in the pages written.
+    bound = PAGES + 40 * memory._MARK_GROUP + 16 * memory._MARK_CHUNK
+    assert used <= bound + SLACK
+
+
+@pytest.fixture
+def sim_host():
+    from oslo_config import cfg
+
+    from nova_xen_ncm.conf import sim as sim_conf
+    from nova_xen_ncm.host.sim.host import SimHost
+
+    conf = cfg.ConfigOpts()
+    sim_conf.register_opts(conf)
+    conf([])
+    conf.set_override("host_memory_mb", 512, group="xen_ncm_sim")
+    host = SimHost("footprint", conf, prelaunch=False)
+    yield host
+    host.close()
+    host.raise_dom0_errors()
+
+
+def test_the_digests_first_look_takes_no_list_of_the_pages(sim_host) -> None:
+    pages = PAGES // 4  # 256 MiB written: the test's RAM stays small
+    sim_host.create_empty_domain(
+        base.DomainConfig(name="d1", memory_bytes=pages << 12, vcpus=1), 1
+    )
+    dom = sim_host.hv.domains[1]
+    pfns = np.arange(pages, dtype=np.uint64)
+    sim_host.populate(1, pfns)
+    dom.booted = True  # a domain that ran: no restore's warming
+    with dom.mem.lock():
+        dom.mem.ram[:pages] = 7
+        dom.mem.mark_dirty(pfns)
+    del pfns
+    cache = sim_host.digest.cache(dom)
+    with cache.lock:
+        _, used = peak(lambda: sim_host.digest.refresh(dom, limit=0))
+    blocks = pages // 64
+    assert len(cache.pending) == blocks
+    assert not dom.mem.changed.any()
+    # The kernel's mask the first look keeps (an octet a pfn of the
+    # physmap), a chunk of the p2m's and a Python integer per block: no
+    # pfn list (8 octets a page) nor mask of the physmap beyond it.
+    assert used <= dom.mem.max_pfn + digest._RAM_CHUNK + 256 * blocks + SLACK

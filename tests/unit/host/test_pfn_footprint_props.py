@@ -1,8 +1,8 @@
 """The footprint paths (views and in-place work instead of copies of pfn
 arrays) against straightforward references: the run expansion, the
-bitmap set operations, and the memory's marks as harvest, take_changed
-and written_mask read them, whatever mix of marks, scans of runs,
-log-dirty toggles and buffers reused by their caller."""
+bitmap set operations, and the memory's marks as harvest, take_changed,
+take_changed_blocks and written_mask read them, whatever mix of marks,
+scans of runs, log-dirty toggles and buffers reused by their caller."""
 
 from __future__ import annotations
 
@@ -184,6 +184,9 @@ _ops = st.lists(
         st.tuples(st.just("log_dirty"), st.booleans()),
         st.tuples(st.just("harvest"), st.lists(_pfn, max_size=5)),
         st.just(("take_changed",)),
+        st.tuples(
+            st.just("take_blocks"), st.sampled_from([1, 4, 64]), st.booleans()
+        ),
         st.just(("maps",)),
     ),
     max_size=30,
@@ -194,9 +197,19 @@ _ops = st.lists(
 @given(_ops, st.integers(0, 2))
 def test_no_mark_is_lost_or_invented(ops, runs_max) -> None:
     mem = GuestMemory.create(_MAX_PFN, "test-marks-model")
-    saved = memory._MARK_RUNS_MAX
-    # Both ways of marking a scan: a slice a run, and a pfn list.
+    saved = (
+        memory._MARK_RUNS_MAX,
+        memory._MARK_CHUNK,
+        memory._MARK_GROUP,
+        memory._CHANGED_CHUNK,
+    )
+    # Both ways of marking a scan: a slice a run, and pfn lists, in
+    # groups of runs and chunks of pfns small enough to be several; the
+    # changed map read by blocks in several chunks.
     memory._MARK_RUNS_MAX = runs_max
+    memory._MARK_CHUNK = 16
+    memory._MARK_GROUP = 3
+    memory._CHANGED_CHUNK = 128
     try:
         with mem.lock():
             mem.populate(np.arange(_MAX_PFN, dtype=np.uint64))
@@ -258,6 +271,14 @@ def test_no_mark_is_lost_or_invented(ops, runs_max) -> None:
             elif kind == "take_changed":
                 assert mem.take_changed().tolist() == sorted(changed)
                 changed.clear()
+            elif kind == "take_blocks":
+                block, with_mask = op[1], op[2]
+                mask = np.zeros(_MAX_PFN, dtype=bool) if with_mask else None
+                got = mem.take_changed_blocks(block, mask).tolist()
+                assert got == sorted({p // block for p in changed})
+                if with_mask:
+                    assert np.flatnonzero(mask).tolist() == sorted(changed)
+                changed.clear()
             elif kind == "maps":
                 # Read both maps whole, as a reader that trusts no log.
                 assert sorted(dirty) == np.flatnonzero(mem.dirty).tolist()
@@ -269,6 +290,11 @@ def test_no_mark_is_lost_or_invented(ops, runs_max) -> None:
         every = np.arange(_MAX_PFN, dtype=np.uint64)
         assert np.flatnonzero(mem.written_mask(every)).tolist() == sorted(ever)
     finally:
-        memory._MARK_RUNS_MAX = saved
+        (
+            memory._MARK_RUNS_MAX,
+            memory._MARK_CHUNK,
+            memory._MARK_GROUP,
+            memory._CHANGED_CHUNK,
+        ) = saved
         mem.untrack()
         mem.close()
