@@ -29,7 +29,6 @@ which the frames' tags or TLS do (doc/source/security.rst).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import threading
 import time
 import weakref
@@ -72,6 +71,9 @@ DIGEST_WARM_INTERVAL = 0.1
 # pfns of the p2m looked at a time by the first look (_ram_blocks): a
 # multiple of _DIGEST_BLOCK.
 _RAM_CHUNK = 1 << 18
+# Blocks a stretch of consecutive blocks is digested in at most
+# (_digest_span), 256 Ki pfns.
+_SPAN_BLOCKS = 4096
 
 
 # The terms of wholly populated blocks without data, by block index: a
@@ -142,6 +144,46 @@ def _ram_blocks(
     return np.concatenate(every), np.concatenate(held)
 
 
+class _Terms:
+    """The blocks' terms by block index, 16 octets each (little-endian,
+    zero for a block without one) in one buffer of the physmap's blocks:
+    as a dict of Python integers they cost about 100 octets a block."""
+
+    def __init__(self, blocks: int) -> None:
+        self._blocks = blocks
+        self._buf: bytearray | None = None
+
+    def clear(self) -> None:
+        self._buf = None
+
+    def _buffer(self) -> bytearray:
+        if self._buf is None:
+            self._buf = bytearray(16 * self._blocks)
+        return self._buf
+
+    def swap(self, block: int, new: int) -> int:
+        """Set ``block``'s term to ``new``; returns the one it had."""
+        buf = self._buffer()
+        at = 16 * block
+        old = int.from_bytes(buf[at : at + 16], "little")
+        buf[at : at + 16] = new.to_bytes(16, "little")
+        return old
+
+    def replace(self, first: int, new: Sequence[int]) -> int:
+        """Set the terms of blocks ``first`` onwards to ``new``; returns
+        the sum of those they had."""
+        buf = self._buffer()
+        lo, hi = 16 * first, 16 * (first + len(new))
+        old = 0
+        if np.frombuffer(buf, np.uint64, (hi - lo) // 8, lo).any():
+            old = sum(
+                int.from_bytes(buf[at : at + 16], "little")
+                for at in range(lo, hi, 16)
+            )
+        buf[lo:hi] = b"".join(t.to_bytes(16, "little") for t in new)
+        return old
+
+
 @dataclasses.dataclass(eq=False)
 class DigestCache:
     """The memory digest's cache of one domain, kept by
@@ -150,9 +192,9 @@ class DigestCache:
     an integer), and their sum. Kept warm while the domain migrates;
     ``lock`` is locks.DIGEST."""
 
-    mem: object
+    mem: GuestMemory
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    terms: dict[int, int] = dataclasses.field(default_factory=dict)
+    terms: _Terms = dataclasses.field(init=False)
     total: int = 0
     started: bool = False
     pending: set[int] = dataclasses.field(default_factory=set)
@@ -173,6 +215,9 @@ class DigestCache:
     #: A bool per block (None: none yet), so that the check costs no
     #: Python object per block of a large guest.
     hollow: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.terms = _Terms(-(-self.mem.max_pfn // _DIGEST_BLOCK))
 
 
 class MemoryDigest:
@@ -332,7 +377,10 @@ class MemoryDigest:
         looked at in one go (the p2m, the holes, the zero pages); only
         the hashing goes block by block."""
         for first, last in _spans(blocks):
-            MemoryDigest._digest_span(cache, first, last, mask)
+            # A span's per-pfn arrays are a few octets a pfn: bounded.
+            for lo in range(first, last, _SPAN_BLOCKS):
+                hi = min(lo + _SPAN_BLOCKS, last)
+                MemoryDigest._digest_span(cache, lo, hi, mask)
 
     @staticmethod
     def _note_hollow(
@@ -384,12 +432,7 @@ class MemoryDigest:
                     new.append(int.from_bytes(h.digest(), "little"))
                 else:
                     new.append(0)
-        terms = cache.terms
-        old = sum(map(terms.pop, blocks, itertools.repeat(0))) if terms else 0
-        if whole.all():
-            terms.update(zip(blocks, new, strict=True))
-        else:
-            terms.update((b, t) for b, t in zip(blocks, new, strict=True) if t)
+        old = cache.terms.replace(first, new)
         cache.total = (cache.total - old + sum(new)) % _TERM_MODULUS
 
     @staticmethod
@@ -443,9 +486,7 @@ class MemoryDigest:
                 if d is not None:
                     h.update(d.digest())
                 new = int.from_bytes(h.digest(), "little")
-            old = cache.terms.pop(block, 0)
-            if new:
-                cache.terms[block] = new
+            old = cache.terms.swap(block, new)
             cache.total = (cache.total - old + new) % _TERM_MODULUS
 
         # Where each block's pfns begin and end in ``pfns``.

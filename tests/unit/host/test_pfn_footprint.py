@@ -212,7 +212,7 @@ def sim_host():
     conf = cfg.ConfigOpts()
     sim_conf.register_opts(conf)
     conf([])
-    conf.set_override("host_memory_mb", 512, group="xen_ncm_sim")
+    conf.set_override("host_memory_mb", 4096, group="xen_ncm_sim")
     host = SimHost("footprint", conf, prelaunch=False)
     yield host
     host.close()
@@ -242,3 +242,38 @@ def test_the_digests_first_look_takes_no_list_of_the_pages(sim_host) -> None:
     # physmap), a chunk of the p2m's and a Python integer per block: no
     # pfn list (8 octets a page) nor mask of the physmap beyond it.
     assert used <= dom.mem.max_pfn + digest._RAM_CHUNK + 256 * blocks + SLACK
+
+
+def test_a_digest_of_a_large_guest_holds_16_octets_a_block(sim_host) -> None:
+    # 3 GiB populated, never written: every block gets a term, and the
+    # whole guest is one stretch of consecutive blocks.
+    pages = 3 << 18
+    sim_host.create_empty_domain(
+        base.DomainConfig(name="d1", memory_bytes=pages << 12, vcpus=1), 1
+    )
+    dom = sim_host.hv.domains[1]
+    sim_host.populate(1, np.arange(pages, dtype=np.uint64))
+    dom.booted = True
+    expected = sim_host.memory_digest(1)
+    blocks = -(-dom.mem.max_pfn // 64)
+    cache = sim_host.digest.cache(dom)
+    with cache.lock:
+        # Looked at again from the start, all of its terms made anew.
+        cache.started = False
+        cache.terms.clear()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        assert sim_host.memory_digest(1) == expected
+        held, top = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The terms, 16 octets a block of the physmap (as Python integers in
+    # a dict about 100 a block), and a bool a block for the holes.
+    assert held - before <= 17 * blocks + SLACK
+    # Beyond them, the kernel's mask of the first look (an octet a pfn
+    # of the physmap) and a bounded stretch's arrays: not a few octets
+    # a pfn of the guest's one stretch.
+    span = 64 * getattr(digest, "_SPAN_BLOCKS", 4096)
+    assert top - before <= 17 * blocks + dom.mem.max_pfn + 9 * span + SLACK
