@@ -76,29 +76,37 @@ _RAM_CHUNK = 1 << 18
 _SPAN_BLOCKS = 4096
 
 
-# The terms of wholly populated blocks without data, by block index: a
-# function of the index alone, kept for the process's later domains.
-_whole_table: list[int] = []
+# The terms of wholly populated blocks without data, by block index (16
+# octets each, as _Terms keeps them): a function of the index alone,
+# kept for the process's later domains.
+_whole_table = bytearray()
 _whole_lock = threading.Lock()
 
 
-def _whole_terms(top: int) -> list[int]:
+def _whole_terms(top: int) -> bytearray:
     """The table of wholly populated data-less blocks' terms, at least
     up to block ``top`` (exclusive)."""
     with _whole_lock:
-        if len(_whole_table) < top:
+        if len(_whole_table) < 16 * top:
             bits = (1 << _DIGEST_BLOCK) - 1
             tail = bits.to_bytes(_DIGEST_BLOCK // 8, "little")
             _whole_table.extend(
-                int.from_bytes(
+                b"".join(
                     base.memory_hasher(
                         block.to_bytes(8, "little") + tail
-                    ).digest(),
-                    "little",
+                    ).digest()
+                    for block in range(len(_whole_table) // 16, top)
                 )
-                for block in range(len(_whole_table), top)
             )
         return _whole_table
+
+
+def _sum128(packed: bytes | bytearray | memoryview) -> int:
+    """The sum of the 128-bit little-endian integers of ``packed``, a
+    32-bit limb at a time (a limb's sum fits 64 bits below 2**32 terms)."""
+    limbs = np.frombuffer(packed, dtype="<u4").reshape(-1, 4)
+    sums = limbs.sum(axis=0, dtype=np.uint64).tolist()
+    return sum(s << (32 * k) for k, s in enumerate(sums))
 
 
 def _spans(blocks: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -169,18 +177,13 @@ class _Terms:
         buf[at : at + 16] = new.to_bytes(16, "little")
         return old
 
-    def replace(self, first: int, new: Sequence[int]) -> int:
-        """Set the terms of blocks ``first`` onwards to ``new``; returns
-        the sum of those they had."""
+    def replace(self, first: int, packed: bytes | bytearray) -> int:
+        """Set the terms of blocks ``first`` onwards to ``packed`` (16
+        octets each, as kept); returns the sum of those they had."""
         buf = self._buffer()
-        lo, hi = 16 * first, 16 * (first + len(new))
-        old = 0
-        if np.frombuffer(buf, np.uint64, (hi - lo) // 8, lo).any():
-            old = sum(
-                int.from_bytes(buf[at : at + 16], "little")
-                for at in range(lo, hi, 16)
-            )
-        buf[lo:hi] = b"".join(t.to_bytes(16, "little") for t in new)
+        lo, hi = 16 * first, 16 * first + len(packed)
+        old = _sum128(memoryview(buf)[lo:hi])
+        buf[lo:hi] = packed
         return old
 
 
@@ -418,22 +421,23 @@ class MemoryDigest:
         some = per_block.any(axis=1)
         blocks = range(first, last)
         if whole.all():
-            new = _whole_terms(last)[first:last]
+            packed = bytes(_whole_terms(last)[16 * first : 16 * last])
         else:
-            table = _whole_terms(last) if whole.any() else []
+            table = _whole_terms(last) if whole.any() else bytearray()
             width = _DIGEST_BLOCK // 8
-            new = []
+            parts = []
             for k, block in enumerate(blocks):
                 if whole[k]:
-                    new.append(table[block])
+                    parts.append(table[16 * block : 16 * block + 16])
                 elif some[k]:
                     bits = populated[k * width : (k + 1) * width]
                     h = base.memory_hasher(block.to_bytes(8, "little") + bits)
-                    new.append(int.from_bytes(h.digest(), "little"))
+                    parts.append(h.digest())
                 else:
-                    new.append(0)
-        old = cache.terms.replace(first, new)
-        cache.total = (cache.total - old + sum(new)) % _TERM_MODULUS
+                    parts.append(bytes(16))
+            packed = b"".join(parts)
+        old = cache.terms.replace(first, packed)
+        cache.total = (cache.total - old + _sum128(packed)) % _TERM_MODULUS
 
     @staticmethod
     def _digest_span(
