@@ -511,15 +511,28 @@ class SpareRam:
             os.close(self.fd)
 
 
+# task->flags of a task in do_exit(), set before it gives up its memory.
+_PF_EXITING = 0x4
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` still has its memory (not gone, not a
-    zombie)."""
+    zombie, not exiting)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return False
-    return stat[stat.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
+    return _stat_alive(stat)
+
+
+def _stat_alive(stat: bytes) -> bool:
+    """:func:`_alive` of a ``/proc/<pid>/stat`` line. An exiting
+    process's mappings are gone from its maps (exit_mm) well before it
+    is a zombie; under load that window is long enough for a tracker
+    set up then to find no mapping of the guest's RAM."""
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_EXITING
 
 
 def _index(pfns: np.ndarray | int) -> np.ndarray | int:
