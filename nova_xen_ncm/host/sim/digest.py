@@ -155,7 +155,7 @@ def _ram_blocks(
 class _Terms:
     """The blocks' terms by block index, 16 octets each (little-endian,
     zero for a block without one) in one buffer of the physmap's blocks:
-    as a dict of Python integers they cost about 100 octets a block."""
+    as a dict of Python integers they cost about 80 octets a block."""
 
     def __init__(self, blocks: int) -> None:
         self._blocks = blocks

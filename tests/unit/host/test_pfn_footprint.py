@@ -244,10 +244,13 @@ def test_the_digests_first_look_takes_no_list_of_the_pages(sim_host) -> None:
     assert used <= dom.mem.max_pfn + digest._RAM_CHUNK + 256 * blocks + SLACK
 
 
-def test_a_digest_of_a_large_guest_holds_16_octets_a_block(sim_host) -> None:
-    # 3 GiB populated, never written: every block gets a term, and the
-    # whole guest is one stretch of consecutive blocks.
-    pages = 3 << 18
+def test_a_digest_of_a_large_guest_holds_16_octets_a_block(
+    sim_host, monkeypatch
+) -> None:
+    # 2 GiB populated, never written: every block gets a term, and the
+    # whole guest is one stretch of consecutive blocks, 4 pieces long.
+    monkeypatch.setattr(digest, "_SPAN_BLOCKS", 2048)
+    pages = 2 << 18
     sim_host.create_empty_domain(
         base.DomainConfig(name="d1", memory_bytes=pages << 12, vcpus=1), 1
     )
@@ -270,10 +273,10 @@ def test_a_digest_of_a_large_guest_holds_16_octets_a_block(sim_host) -> None:
     finally:
         tracemalloc.stop()
     # The terms, 16 octets a block of the physmap (as Python integers in
-    # a dict about 100 a block), and a bool a block for the holes.
+    # a dict about 80 a block), and a bool a block for the holes.
     assert held - before <= 17 * blocks + SLACK
     # Beyond them, the kernel's mask of the first look (an octet a pfn
     # of the physmap) and a bounded stretch's arrays: not a few octets
     # a pfn of the guest's one stretch.
-    span = 64 * getattr(digest, "_SPAN_BLOCKS", 4096)
+    span = 64 * digest._SPAN_BLOCKS
     assert top - before <= 17 * blocks + dom.mem.max_pfn + 9 * span + SLACK
