@@ -164,14 +164,21 @@ class _Terms:
     def clear(self) -> None:
         self._buf = None
 
-    def _buffer(self) -> bytearray:
+    def _buffer(self, first: int, count: int) -> bytearray:
+        # A bytearray's slice past its end is not an error: assigned, it
+        # would put the terms at its end, not at their blocks'.
+        if not 0 <= first <= first + count <= self._blocks:
+            raise IndexError(
+                f"digest blocks [{first}, {first + count}) outside the "
+                f"physmap's {self._blocks}"
+            )
         if self._buf is None:
             self._buf = bytearray(16 * self._blocks)
         return self._buf
 
     def swap(self, block: int, new: int) -> int:
         """Set ``block``'s term to ``new``; returns the one it had."""
-        buf = self._buffer()
+        buf = self._buffer(block, 1)
         at = 16 * block
         old = int.from_bytes(buf[at : at + 16], "little")
         buf[at : at + 16] = new.to_bytes(16, "little")
@@ -180,7 +187,7 @@ class _Terms:
     def replace(self, first: int, packed: bytes | bytearray) -> int:
         """Set the terms of blocks ``first`` onwards to ``packed`` (16
         octets each, as kept); returns the sum of those they had."""
-        buf = self._buffer()
+        buf = self._buffer(first, len(packed) // 16)
         lo, hi = 16 * first, 16 * first + len(packed)
         old = _sum128(memoryview(buf)[lo:hi])
         buf[lo:hi] = packed

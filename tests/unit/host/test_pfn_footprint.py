@@ -280,3 +280,18 @@ def test_a_digest_of_a_large_guest_holds_16_octets_a_block(
     # a pfn of the guest's one stretch.
     span = 64 * digest._SPAN_BLOCKS
     assert top - before <= 17 * blocks + dom.mem.max_pfn + 9 * span + SLACK
+
+
+def test_the_digests_terms_are_kept_by_block_or_refused() -> None:
+    terms = digest._Terms(3)
+    assert terms.swap(2, 5) == 0
+    assert terms.swap(2, (1 << 128) - 1) == 5
+    packed = (7).to_bytes(16, "little") + (9).to_bytes(16, "little")
+    assert terms.replace(0, packed) == 0
+    assert terms.replace(1, packed) == 9 + (1 << 128) - 1
+    # Past the physmap's blocks: refused, not kept at the wrong block.
+    with pytest.raises(IndexError, match=r"\[3, 4\) outside"):
+        terms.swap(3, 1)
+    with pytest.raises(IndexError, match=r"\[2, 4\) outside"):
+        terms.replace(2, packed)
+    assert terms.swap(2, 0) == 9
