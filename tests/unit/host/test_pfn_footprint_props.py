@@ -298,3 +298,66 @@ def test_no_mark_is_lost_or_invented(ops, runs_max) -> None:
         ) = saved
         mem.untrack()
         mem.close()
+
+
+@_SETTINGS
+@given(
+    st.integers(1, 700),
+    st.data(),
+    st.sampled_from([1, 4, 64]),
+    st.integers(0, 4),
+)
+def test_a_physmap_of_any_size_is_taken_by_block(
+    max_pfn, data, block, cut
+) -> None:
+    # A physmap whose last block (and last chunk of the changed map) is
+    # partial, a scan marked in several groups and chunks, the map read
+    # whole (a log past its limit) or from its log.
+    pfn = st.integers(0, max_pfn - 1)
+    starts = sorted(set(data.draw(st.lists(pfn, max_size=12))))
+    first, end = [], []
+    for i, lo in enumerate(starts):
+        top = starts[i + 1] if i + 1 < len(starts) else max_pfn
+        first.append(lo)
+        end.append(data.draw(st.integers(lo, top)))
+    singles = data.draw(st.lists(pfn, max_size=20))
+    mem = GuestMemory.create(max_pfn, "test-marks-blocks")
+    saved = (
+        memory._MARK_RUNS_MAX,
+        memory._MARK_CHUNK,
+        memory._MARK_GROUP,
+        memory._CHANGED_CHUNK,
+    )
+    memory._MARK_RUNS_MAX = 0
+    memory._MARK_CHUNK = 8
+    memory._MARK_GROUP = 2
+    memory._CHANGED_CHUNK = 64 * (cut + 1)
+    try:
+        with mem.lock():
+            mem.populate(np.arange(max_pfn, dtype=np.uint64))
+        tracker = _Tracker()
+        mem._tracker = tracker
+        mem._tracked_pid = os.getpid()
+        if cut % 2:
+            # The log known empty: what follows is read from it.
+            mem.take_changed()
+        tracker.pending.append((first, end))
+        with mem.lock():
+            mem._flush_written()
+            mem.mark_dirty(np.array(singles, dtype=np.uint64))
+        want = set(_expand_reference(first, end)) | set(singles)
+        mask = np.zeros(max_pfn, dtype=bool)
+        got = mem.take_changed_blocks(block, mask).tolist()
+        assert got == sorted({p // block for p in want})
+        assert np.flatnonzero(mask).tolist() == sorted(want)
+        assert not mem.changed.any()
+        assert mem.take_changed_blocks(block).tolist() == []
+    finally:
+        (
+            memory._MARK_RUNS_MAX,
+            memory._MARK_CHUNK,
+            memory._MARK_GROUP,
+            memory._CHANGED_CHUNK,
+        ) = saved
+        mem.untrack()
+        mem.close()
