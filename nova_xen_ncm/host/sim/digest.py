@@ -43,7 +43,6 @@ with, and the sender, which goes by the same tracking, does not send it
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import threading
 import time
 import weakref
@@ -62,6 +61,7 @@ from nova_xen_ncm.host.sim.hypervisor import Domain
 from nova_xen_ncm.host.sim.hypervisor import Hypervisor
 from nova_xen_ncm.host.sim.memory import P2M_BLOCK
 from nova_xen_ncm.host.sim.memory import P2M_RAM
+from nova_xen_ncm.host.sim.memory import GuestMemory
 
 LOG = logging.getLogger(__name__)
 
@@ -82,31 +82,45 @@ _TERM_MODULUS = 1 << 128
 #: digesting otherwise is refused at SETUP.
 DEFINITION = "xxh3-128-sum-mod-2^128-of-64-page-blocks"
 DIGEST_WARM_INTERVAL = 0.1
+# pfns of the p2m looked at a time by the first look (_ram_blocks): a
+# multiple of _DIGEST_BLOCK.
+_RAM_CHUNK = 1 << 18
+# Blocks a stretch of consecutive blocks is digested in at most
+# (_digest_span), 256 Ki pfns.
+_SPAN_BLOCKS = 4096
 
 
-# The terms of wholly populated blocks without data, by block index: a
-# function of the index alone, kept for the process's later domains.
-_whole_table: list[int] = []
+# The terms of wholly populated blocks without data, by block index (16
+# octets each, as _Terms keeps them): a function of the index alone,
+# kept for the process's later domains.
+_whole_table = bytearray()
 _whole_lock = threading.Lock()
 
 
-def _whole_terms(top: int) -> list[int]:
+def _whole_terms(top: int) -> bytearray:
     """The table of wholly populated data-less blocks' terms, at least
     up to block ``top`` (exclusive)."""
     with _whole_lock:
-        if len(_whole_table) < top:
+        if len(_whole_table) < 16 * top:
             bits = (1 << _DIGEST_BLOCK) - 1
             tail = bits.to_bytes(_DIGEST_BLOCK // 8, "little")
             _whole_table.extend(
-                int.from_bytes(
+                b"".join(
                     base.memory_hasher(
                         block.to_bytes(8, "little") + tail
-                    ).digest(),
-                    "little",
+                    ).digest()
+                    for block in range(len(_whole_table) // 16, top)
                 )
-                for block in range(len(_whole_table), top)
             )
         return _whole_table
+
+
+def _sum128(packed: bytes | bytearray | memoryview) -> int:
+    """The sum of the 128-bit little-endian integers of ``packed``, a
+    32-bit limb at a time (a limb's sum fits 64 bits below 2**32 terms)."""
+    limbs = np.frombuffer(packed, dtype="<u4").reshape(-1, 4)
+    sums = limbs.sum(axis=0, dtype=np.uint64).tolist()
+    return sum(s << (32 * k) for k, s in enumerate(sums))
 
 
 def _spans(blocks: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -130,6 +144,70 @@ def _blocks_of(pages: np.ndarray) -> np.ndarray:
     return np.flatnonzero(rows.any(axis=1)).astype(np.uint64)
 
 
+def _ram_blocks(
+    mem: GuestMemory, pages: Callable[[int, int], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks (sorted uint64) with a RAM pfn, and those with a RAM
+    pfn that ``pages(start, end)`` (a bool per pfn of the range) marks:
+    the p2m looked at _RAM_CHUNK pfns at a time, so that no mask of the
+    whole physmap is made for it (an octet a pfn each)."""
+    every: list[np.ndarray] = []
+    held: list[np.ndarray] = []
+    for lo in range(0, mem.max_pfn, _RAM_CHUNK):
+        hi = min(lo + _RAM_CHUNK, mem.max_pfn)
+        ram = mem.p2m[lo:hi] == P2M_RAM
+        offset = np.uint64(lo // _DIGEST_BLOCK)
+        every.append(_blocks_of(ram) + offset)
+        ram &= pages(lo, hi)
+        held.append(_blocks_of(ram) + offset)
+    if not every:
+        empty = np.zeros(0, dtype=np.uint64)
+        return empty, empty
+    return np.concatenate(every), np.concatenate(held)
+
+
+class _Terms:
+    """The blocks' terms by block index, 16 octets each (little-endian,
+    zero for a block without one) in one buffer of the physmap's blocks:
+    as a dict of Python integers they cost about 80 octets a block."""
+
+    def __init__(self, blocks: int) -> None:
+        self._blocks = blocks
+        self._buf: bytearray | None = None
+
+    def clear(self) -> None:
+        self._buf = None
+
+    def _buffer(self, first: int, count: int) -> bytearray:
+        # A bytearray's slice past its end is not an error: assigned, it
+        # would put the terms at its end, not at their blocks'.
+        if not 0 <= first <= first + count <= self._blocks:
+            raise IndexError(
+                f"digest blocks [{first}, {first + count}) outside the "
+                f"physmap's {self._blocks}"
+            )
+        if self._buf is None:
+            self._buf = bytearray(16 * self._blocks)
+        return self._buf
+
+    def swap(self, block: int, new: int) -> int:
+        """Set ``block``'s term to ``new``; returns the one it had."""
+        buf = self._buffer(block, 1)
+        at = 16 * block
+        old = int.from_bytes(buf[at : at + 16], "little")
+        buf[at : at + 16] = new.to_bytes(16, "little")
+        return old
+
+    def replace(self, first: int, packed: bytes | bytearray) -> int:
+        """Set the terms of blocks ``first`` onwards to ``packed`` (16
+        octets each, as kept); returns the sum of those they had."""
+        buf = self._buffer(first, len(packed) // 16)
+        lo, hi = 16 * first, 16 * first + len(packed)
+        old = _sum128(memoryview(buf)[lo:hi])
+        buf[lo:hi] = packed
+        return old
+
+
 @dataclasses.dataclass(eq=False)
 class DigestCache:
     """The memory digest's cache of one domain, kept by
@@ -138,9 +216,9 @@ class DigestCache:
     an integer), and their sum. Kept warm while the domain migrates;
     ``lock`` is locks.DIGEST."""
 
-    mem: object
+    mem: GuestMemory
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    terms: dict[int, int] = dataclasses.field(default_factory=dict)
+    terms: _Terms = dataclasses.field(init=False)
     total: int = 0
     started: bool = False
     pending: set[int] = dataclasses.field(default_factory=set)
@@ -152,6 +230,9 @@ class DigestCache:
     unlocked: np.ndarray = dataclasses.field(
         default_factory=lambda: np.zeros(0, dtype=np.uint64)
     )
+
+    def __post_init__(self) -> None:
+        self.terms = _Terms(-(-self.mem.max_pfn // _DIGEST_BLOCK))
 
 
 class MemoryDigest:
@@ -206,17 +287,14 @@ class MemoryDigest:
         the first look sees all of the p2m."""
         mem = dom.mem
         c = self.cache(dom)
-        # The first look takes every page the guest wrote: no copy of
-        # that array beyond the one taken (8 octets a page).
-        pfns = mem.take_changed()
+        # By block: the first look takes every page the guest wrote,
+        # which as a list of pfns would be 8 octets a page. A page
+        # written since the first look holds data now (c.mask).
+        changed = mem.take_changed_blocks(_DIGEST_BLOCK, c.mask)
         unlocked = self.hv.unlocked_writes(dom)
         c.unlocked = unlocked
-        if len(unlocked):
-            pfns = np.concatenate((pfns, unlocked))
-        pfns = pfns.view(np.int64)
         if c.mask is not None:
-            # A page written since the first look holds data now.
-            c.mask[pfns] = True
+            c.mask[unlocked.view(np.int64)] = True
         with mem.lock():
             blocks = mem.take_p2m_blocks()
             first = blocks is None or not c.started
@@ -226,15 +304,13 @@ class MemoryDigest:
                 c.terms.clear()
                 c.total = 0
                 c.pending.clear()
-                ram = mem.p2m == P2M_RAM
-                every = _blocks_of(ram)
                 # Pages not written since the domain was created are
                 # zero and not read (_digest_span), faulted in ahead or
                 # not; which are holes is asked only of the blocks of
                 # the others.
-                written = self._written(c, 0, mem.max_pfn)
-                held = _blocks_of(ram & written)
-                del written
+                every, held = _ram_blocks(
+                    mem, lambda lo, hi: self._written(c, lo, hi)
+                )
                 c.mask = np.zeros(mem.max_pfn, dtype=bool)
                 for lo, hi in _spans(held):
                     start = lo * _DIGEST_BLOCK
@@ -249,9 +325,11 @@ class MemoryDigest:
             self._digest_blocks(
                 c, base.pfn_difference(every, held).tolist(), c.mask
             )
-        if len(pfns):
-            pfns //= _DIGEST_BLOCK  # in place: pfns is not needed after
-            blocks.update(base.pfn_union(pfns.view(np.uint64)).tolist())
+        blocks.update(changed.tolist())
+        if len(unlocked):
+            # Not in place: the cache keeps these pfns (_written).
+            unlocked_blocks = unlocked // np.uint64(_DIGEST_BLOCK)
+            blocks.update(base.pfn_union(unlocked_blocks).tolist())
         c.pending.update(blocks)
         todo = sorted(c.pending)
         busy: set[int] = set()
@@ -285,7 +363,10 @@ class MemoryDigest:
         looked at in one go (the p2m, the holes, the zero pages); only
         the hashing goes block by block."""
         for first, last in _spans(blocks):
-            MemoryDigest._digest_span(cache, first, last, mask)
+            # A span's per-pfn arrays are a few octets a pfn: bounded.
+            for lo in range(first, last, _SPAN_BLOCKS):
+                hi = min(lo + _SPAN_BLOCKS, last)
+                MemoryDigest._digest_span(cache, lo, hi, mask)
 
     @staticmethod
     def _written(cache: DigestCache, start: int, end: int) -> np.ndarray:
@@ -318,27 +399,23 @@ class MemoryDigest:
         some = per_block.any(axis=1)
         blocks = range(first, last)
         if whole.all():
-            new = _whole_terms(last)[first:last]
+            packed = bytes(_whole_terms(last)[16 * first : 16 * last])
         else:
-            table = _whole_terms(last) if whole.any() else []
+            table = _whole_terms(last) if whole.any() else bytearray()
             width = _DIGEST_BLOCK // 8
-            new = []
+            parts = []
             for k, block in enumerate(blocks):
                 if whole[k]:
-                    new.append(table[block])
+                    parts.append(table[16 * block : 16 * block + 16])
                 elif some[k]:
                     bits = populated[k * width : (k + 1) * width]
                     h = base.memory_hasher(block.to_bytes(8, "little") + bits)
-                    new.append(int.from_bytes(h.digest(), "little"))
+                    parts.append(h.digest())
                 else:
-                    new.append(0)
-        terms = cache.terms
-        old = sum(map(terms.pop, blocks, itertools.repeat(0))) if terms else 0
-        if whole.all():
-            terms.update(zip(blocks, new, strict=True))
-        else:
-            terms.update((b, t) for b, t in zip(blocks, new, strict=True) if t)
-        cache.total = (cache.total - old + sum(new)) % _TERM_MODULUS
+                    parts.append(bytes(16))
+            packed = b"".join(parts)
+        old = cache.terms.replace(first, packed)
+        cache.total = (cache.total - old + _sum128(packed)) % _TERM_MODULUS
 
     @staticmethod
     def _digest_span(
@@ -382,9 +459,7 @@ class MemoryDigest:
                 if d is not None:
                     h.update(d.digest())
                 new = int.from_bytes(h.digest(), "little")
-            old = cache.terms.pop(block, 0)
-            if new:
-                cache.terms[block] = new
+            old = cache.terms.swap(block, new)
             cache.total = (cache.total - old + new) % _TERM_MODULUS
 
         # Where each block's pfns begin and end in ``pfns``.

@@ -128,8 +128,16 @@ _madvise = _libc.madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _MADV_REMOVE = 9
 # A scan of at most this many runs is marked a slice a run
-# (GuestMemory._mark_runs); more, scattered writes, as a pfn list.
+# (GuestMemory._mark_runs); more, scattered writes, _MARK_GROUP runs at
+# a time as pfn lists of under twice _MARK_CHUNK pfns (a run that long
+# as a slice): a guest's first scan lists all it wrote since it was
+# created, which in one list would be 8 octets a page.
 _MARK_RUNS_MAX = 1024
+_MARK_CHUNK = 1 << 16
+_MARK_GROUP = 4096
+# pfns of the changed map read at a time by take_changed_blocks (an
+# octet each), a multiple of every block size it is asked for.
+_CHANGED_CHUNK = 1 << 20
 # Guest RAM freed per madvise call by GuestMemory.free.
 _RELEASE_CHUNK = 64 << 20
 _syscall.restype = ctypes.c_long
@@ -503,15 +511,28 @@ class SpareRam:
             os.close(self.fd)
 
 
+# task->flags of a task in do_exit(), set before it gives up its memory.
+_PF_EXITING = 0x4
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` still has its memory (not gone, not a
-    zombie)."""
+    zombie, not exiting)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return False
-    return stat[stat.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
+    return _stat_alive(stat)
+
+
+def _stat_alive(stat: bytes) -> bool:
+    """:func:`_alive` of a ``/proc/<pid>/stat`` line. An exiting
+    process's mappings are gone from its maps (exit_mm) well before it
+    is a zombie; under load that window is long enough for a tracker
+    set up then to find no mapping of the guest's RAM."""
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_EXITING
 
 
 def _index(pfns: np.ndarray | int) -> np.ndarray | int:
@@ -924,9 +945,48 @@ class GuestMemory:
                 ) from None
             return  # the guest process has gone: it writes no more
         if len(first) > _MARK_RUNS_MAX:
-            self.mark_dirty(expand_runs(first, end))
+            self._mark_many_runs(first, end)
         elif len(first):
             self._mark_runs(first.tolist(), end.tolist())
+
+    def _mark_many_runs(self, first: np.ndarray, end: np.ndarray) -> None:
+        """:meth:`mark_dirty` of many runs ``[first[i], end[i])`` (int64,
+        ascending), _MARK_GROUP runs at a time: those of at least
+        _MARK_CHUNK pfns a slice each, the others expanded into pfns
+        under twice _MARK_CHUNK at a time, so that what is held at once
+        is bounded, not 8 octets a page written. The caller holds
+        :meth:`lock`."""
+        for lo in range(0, len(first), _MARK_GROUP):
+            # Views: the scan's arrays are not copied.
+            starts = first[lo : lo + _MARK_GROUP]
+            ends = end[lo : lo + _MARK_GROUP]
+            lengths = ends - starts
+            long = lengths >= _MARK_CHUNK
+            if long.any():
+                self._mark_runs(starts[long].tolist(), ends[long].tolist())
+                short = ~long
+                starts, ends, lengths = (
+                    starts[short],
+                    ends[short],
+                    lengths[short],
+                )
+            if not len(starts):
+                continue
+            # Cut where the pfns before a run pass a multiple of
+            # _MARK_CHUNK.
+            before = np.cumsum(lengths)
+            cuts = np.searchsorted(
+                before,
+                np.arange(_MARK_CHUNK, int(before[-1]), _MARK_CHUNK),
+                side="right",
+            )
+            done = 0
+            for cut in [*cuts.tolist(), len(starts)]:
+                if cut > done:
+                    self.mark_dirty(
+                        expand_runs(starts[done:cut], ends[done:cut])
+                    )
+                done = cut
 
     def _mark_runs(self, first: list[int], end: list[int]) -> None:
         """:meth:`mark_dirty` of the pfns ``[first[i], end[i])``, a slice
@@ -991,6 +1051,53 @@ class GuestMemory:
             pfns = self._changed_log.take(self.changed)
             self.changed[_index(pfns)] = 0
         return pfns
+
+    def take_changed_blocks(
+        self, block: int, mask: np.ndarray | None = None
+    ) -> np.ndarray:
+        """:meth:`take_changed` as the blocks of ``block`` pfns (a
+        divisor of _CHANGED_CHUNK) holding a changed page (sorted
+        uint64), each changed page also set in ``mask`` (a bool per pfn)
+        if given. A map whose log is unknown (the first read, or a guest
+        that wrote more than the log holds) is read a chunk at a time:
+        a guest that wrote all its RAM costs no list of its pages (8
+        octets a page), an octet per block at most."""
+        with self.lock():
+            self._flush_written()
+            marks = self._marks
+            if marks == self._changed_read:
+                return np.zeros(0, dtype=np.uint64)
+            self._changed_read = marks
+            log = self._changed_log
+            if log.parts is not None:
+                pfns = log.take(self.changed)
+                index = _index(pfns)
+                self.changed[index] = 0
+                if mask is not None:
+                    mask[index] = True
+                return base.pfn_union(pfns // np.uint64(block))
+            found = []
+            for lo in range(0, self.max_pfn, _CHANGED_CHUNK):
+                part = self.changed[lo : lo + _CHANGED_CHUNK].view(bool)
+                if not part.any():
+                    continue
+                if mask is not None:
+                    mask[lo : lo + len(part)] |= part
+                pad = -len(part) % block
+                rows = (
+                    part
+                    if not pad
+                    else np.concatenate((part, np.zeros(pad, dtype=bool)))
+                )
+                held = np.flatnonzero(rows.reshape(-1, block).any(axis=1))
+                found.append(held.astype(np.uint64) + np.uint64(lo // block))
+                # Only the octets set are written: a page of the shared
+                # map nothing marked stays unallocated.
+                np.copyto(part, False, where=part)
+            log.clear()
+        if not found:
+            return np.zeros(0, dtype=np.uint64)
+        return np.concatenate(found)
 
     def written_since_creation(self, start: int, end: int) -> np.ndarray:
         """Which pfns of ``[start, end)`` were written since the domain

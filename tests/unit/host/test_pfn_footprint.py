@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from nova_xen_ncm.host import base
+from nova_xen_ncm.host.sim import digest
 from nova_xen_ncm.host.sim import memory
 from nova_xen_ncm.host.sim.memory import GuestMemory
 
@@ -180,3 +181,117 @@ def test_a_scan_of_every_page_is_marked_without_a_pfn_list(
     else:
         # The map of pages written since creation (an octet a pfn).
         assert used <= PAGES + SLACK
+
+
+def test_a_scan_of_scattered_pages_is_marked_in_bounded_chunks(mem) -> None:
+    # Every other page: more runs than are marked a slice each, and as
+    # one pfn list (with the expansion's arrays) 40 octets a page written.
+    first = np.arange(0, PAGES, 2, dtype=np.int64)
+    end = first + 1
+    mem._tracker = _Runs([], [])
+    mem._tracked_pid = os.getpid()
+    mem._tracker = _Runs(first.tolist(), end.tolist())
+    with mem.lock():
+        _, used = peak(mem._flush_written)
+    np.testing.assert_array_equal(
+        np.flatnonzero(mem.changed), np.arange(0, PAGES, 2)
+    )
+    # The map of pages written since creation, and a group of runs and
+    # a chunk of pfns at a time: nothing in the pages written.
+    bound = PAGES + 40 * memory._MARK_GROUP + 16 * memory._MARK_CHUNK
+    assert used <= bound + SLACK
+
+
+@pytest.fixture
+def sim_host():
+    from oslo_config import cfg
+
+    from nova_xen_ncm.conf import sim as sim_conf
+    from nova_xen_ncm.host.sim.host import SimHost
+
+    conf = cfg.ConfigOpts()
+    sim_conf.register_opts(conf)
+    conf([])
+    conf.set_override("host_memory_mb", 4096, group="xen_ncm_sim")
+    host = SimHost("footprint", conf, prelaunch=False)
+    yield host
+    host.close()
+    host.raise_dom0_errors()
+
+
+def test_the_digests_first_look_takes_no_list_of_the_pages(sim_host) -> None:
+    pages = PAGES // 4  # 256 MiB written: the test's RAM stays small
+    sim_host.create_empty_domain(
+        base.DomainConfig(name="d1", memory_bytes=pages << 12, vcpus=1), 1
+    )
+    dom = sim_host.hv.domains[1]
+    pfns = np.arange(pages, dtype=np.uint64)
+    sim_host.populate(1, pfns)
+    dom.booted = True  # a domain that ran: no restore's warming
+    with dom.mem.lock():
+        dom.mem.ram[:pages] = 7
+        dom.mem.mark_dirty(pfns)
+    del pfns
+    cache = sim_host.digest.cache(dom)
+    with cache.lock:
+        _, used = peak(lambda: sim_host.digest.refresh(dom, limit=0))
+    blocks = pages // 64
+    assert len(cache.pending) == blocks
+    assert not dom.mem.changed.any()
+    # The kernel's mask the first look keeps (an octet a pfn of the
+    # physmap), a chunk of the p2m's and a Python integer per block: no
+    # pfn list (8 octets a page) nor mask of the physmap beyond it.
+    assert used <= dom.mem.max_pfn + digest._RAM_CHUNK + 256 * blocks + SLACK
+
+
+def test_a_digest_of_a_large_guest_holds_16_octets_a_block(
+    sim_host, monkeypatch
+) -> None:
+    # 2 GiB populated, never written: every block gets a term, and the
+    # whole guest is one stretch of consecutive blocks, 4 pieces long.
+    monkeypatch.setattr(digest, "_SPAN_BLOCKS", 2048)
+    pages = 2 << 18
+    sim_host.create_empty_domain(
+        base.DomainConfig(name="d1", memory_bytes=pages << 12, vcpus=1), 1
+    )
+    dom = sim_host.hv.domains[1]
+    sim_host.populate(1, np.arange(pages, dtype=np.uint64))
+    dom.booted = True
+    expected = sim_host.memory_digest(1)
+    blocks = -(-dom.mem.max_pfn // 64)
+    cache = sim_host.digest.cache(dom)
+    with cache.lock:
+        # Looked at again from the start, all of its terms made anew.
+        cache.started = False
+        cache.terms.clear()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        assert sim_host.memory_digest(1) == expected
+        held, top = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The terms, 16 octets a block of the physmap (as Python integers in
+    # a dict about 80 a block), and a bool a block for the holes.
+    assert held - before <= 17 * blocks + SLACK
+    # Beyond them, the kernel's mask of the first look (an octet a pfn
+    # of the physmap) and a bounded stretch's arrays: not a few octets
+    # a pfn of the guest's one stretch.
+    span = 64 * digest._SPAN_BLOCKS
+    assert top - before <= 17 * blocks + dom.mem.max_pfn + 9 * span + SLACK
+
+
+def test_the_digests_terms_are_kept_by_block_or_refused() -> None:
+    terms = digest._Terms(3)
+    assert terms.swap(2, 5) == 0
+    assert terms.swap(2, (1 << 128) - 1) == 5
+    packed = (7).to_bytes(16, "little") + (9).to_bytes(16, "little")
+    assert terms.replace(0, packed) == 0
+    assert terms.replace(1, packed) == 9 + (1 << 128) - 1
+    # Past the physmap's blocks: refused, not kept at the wrong block.
+    with pytest.raises(IndexError, match=r"\[3, 4\) outside"):
+        terms.swap(3, 1)
+    with pytest.raises(IndexError, match=r"\[2, 4\) outside"):
+        terms.replace(2, packed)
+    assert terms.swap(2, 0) == 9

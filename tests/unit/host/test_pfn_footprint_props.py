@@ -1,8 +1,8 @@
 """The footprint paths (views and in-place work instead of copies of pfn
 arrays) against straightforward references: the run expansion, the
-bitmap set operations, and the memory's marks as harvest, take_changed
-and written_mask read them, whatever mix of marks, scans of runs,
-log-dirty toggles and buffers reused by their caller."""
+bitmap set operations, and the memory's marks as harvest, take_changed,
+take_changed_blocks and written_mask read them, whatever mix of marks,
+scans of runs, log-dirty toggles and buffers reused by their caller."""
 
 from __future__ import annotations
 
@@ -184,6 +184,9 @@ _ops = st.lists(
         st.tuples(st.just("log_dirty"), st.booleans()),
         st.tuples(st.just("harvest"), st.lists(_pfn, max_size=5)),
         st.just(("take_changed",)),
+        st.tuples(
+            st.just("take_blocks"), st.sampled_from([1, 4, 64]), st.booleans()
+        ),
         st.just(("maps",)),
     ),
     max_size=30,
@@ -194,9 +197,19 @@ _ops = st.lists(
 @given(_ops, st.integers(0, 2))
 def test_no_mark_is_lost_or_invented(ops, runs_max) -> None:
     mem = GuestMemory.create(_MAX_PFN, "test-marks-model")
-    saved = memory._MARK_RUNS_MAX
-    # Both ways of marking a scan: a slice a run, and a pfn list.
+    saved = (
+        memory._MARK_RUNS_MAX,
+        memory._MARK_CHUNK,
+        memory._MARK_GROUP,
+        memory._CHANGED_CHUNK,
+    )
+    # Both ways of marking a scan: a slice a run, and pfn lists, in
+    # groups of runs and chunks of pfns small enough to be several; the
+    # changed map read by blocks in several chunks.
     memory._MARK_RUNS_MAX = runs_max
+    memory._MARK_CHUNK = 16
+    memory._MARK_GROUP = 3
+    memory._CHANGED_CHUNK = 128
     try:
         with mem.lock():
             mem.populate(np.arange(_MAX_PFN, dtype=np.uint64))
@@ -258,6 +271,14 @@ def test_no_mark_is_lost_or_invented(ops, runs_max) -> None:
             elif kind == "take_changed":
                 assert mem.take_changed().tolist() == sorted(changed)
                 changed.clear()
+            elif kind == "take_blocks":
+                block, with_mask = op[1], op[2]
+                mask = np.zeros(_MAX_PFN, dtype=bool) if with_mask else None
+                got = mem.take_changed_blocks(block, mask).tolist()
+                assert got == sorted({p // block for p in changed})
+                if with_mask:
+                    assert np.flatnonzero(mask).tolist() == sorted(changed)
+                changed.clear()
             elif kind == "maps":
                 # Read both maps whole, as a reader that trusts no log.
                 assert sorted(dirty) == np.flatnonzero(mem.dirty).tolist()
@@ -269,6 +290,74 @@ def test_no_mark_is_lost_or_invented(ops, runs_max) -> None:
         every = np.arange(_MAX_PFN, dtype=np.uint64)
         assert np.flatnonzero(mem.written_mask(every)).tolist() == sorted(ever)
     finally:
-        memory._MARK_RUNS_MAX = saved
+        (
+            memory._MARK_RUNS_MAX,
+            memory._MARK_CHUNK,
+            memory._MARK_GROUP,
+            memory._CHANGED_CHUNK,
+        ) = saved
+        mem.untrack()
+        mem.close()
+
+
+@_SETTINGS
+@given(
+    st.integers(1, 700),
+    st.data(),
+    st.sampled_from([1, 4, 64]),
+    st.integers(0, 4),
+)
+def test_a_physmap_of_any_size_is_taken_by_block(
+    max_pfn, data, block, cut
+) -> None:
+    # A physmap whose last block (and last chunk of the changed map) is
+    # partial, a scan marked in several groups and chunks, the map read
+    # whole (a log past its limit) or from its log.
+    pfn = st.integers(0, max_pfn - 1)
+    starts = sorted(set(data.draw(st.lists(pfn, max_size=12))))
+    first, end = [], []
+    for i, lo in enumerate(starts):
+        top = starts[i + 1] if i + 1 < len(starts) else max_pfn
+        first.append(lo)
+        end.append(data.draw(st.integers(lo, top)))
+    singles = data.draw(st.lists(pfn, max_size=20))
+    mem = GuestMemory.create(max_pfn, "test-marks-blocks")
+    saved = (
+        memory._MARK_RUNS_MAX,
+        memory._MARK_CHUNK,
+        memory._MARK_GROUP,
+        memory._CHANGED_CHUNK,
+    )
+    memory._MARK_RUNS_MAX = 0
+    memory._MARK_CHUNK = 8
+    memory._MARK_GROUP = 2
+    memory._CHANGED_CHUNK = 64 * (cut + 1)
+    try:
+        with mem.lock():
+            mem.populate(np.arange(max_pfn, dtype=np.uint64))
+        tracker = _Tracker()
+        mem._tracker = tracker
+        mem._tracked_pid = os.getpid()
+        if cut % 2:
+            # The log known empty: what follows is read from it.
+            mem.take_changed()
+        tracker.pending.append((first, end))
+        with mem.lock():
+            mem._flush_written()
+            mem.mark_dirty(np.array(singles, dtype=np.uint64))
+        want = set(_expand_reference(first, end)) | set(singles)
+        mask = np.zeros(max_pfn, dtype=bool)
+        got = mem.take_changed_blocks(block, mask).tolist()
+        assert got == sorted({p // block for p in want})
+        assert np.flatnonzero(mask).tolist() == sorted(want)
+        assert not mem.changed.any()
+        assert mem.take_changed_blocks(block).tolist() == []
+    finally:
+        (
+            memory._MARK_RUNS_MAX,
+            memory._MARK_CHUNK,
+            memory._MARK_GROUP,
+            memory._CHANGED_CHUNK,
+        ) = saved
         mem.untrack()
         mem.close()

@@ -803,6 +803,54 @@ def test_memory_digest_matches_its_page_by_page_definition(host):
     assert host.memory_digest(1) == _reference_digest(a)
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("restored", [False, True])
+def test_the_digest_in_small_chunks_matches_its_definition(
+    host, monkeypatch, seed, restored
+):
+    # Chunks of the p2m (3 blocks), of a stretch (3 blocks) and of the
+    # changed map (5 blocks) small enough that runs of RAM, of writes
+    # and of Xen pages cross their boundaries; whatever the chunks, the
+    # digest is the page-by-page one.
+    monkeypatch.setattr(sim_digest, "_RAM_CHUNK", 3 * 64)
+    monkeypatch.setattr(sim_digest, "_SPAN_BLOCKS", 3)
+    monkeypatch.setattr(sim_memory, "_CHANGED_CHUNK", 5 * 64)
+    a = empty(host, 1, mb=16)
+    rng = np.random.default_rng(seed)
+    runs = [(0x2C0 - 7, 0x3C0 + 5), (0x500 + 1, 0x5FF)]
+    runs += [
+        (int(s), int(s) + int(n))
+        for s, n in zip(
+            rng.integers(0x100, 0xF00, 6), rng.integers(1, 200, 6), strict=True
+        )
+    ]
+    pfns = np.unique(
+        np.concatenate(
+            [np.arange(s, e) for s, e in runs]
+            + [rng.integers(0x100, 0x1000, 300)]
+        )
+    ).astype(np.uint64)
+    host.populate(1, pfns)
+    a.booted = True  # the warming thread stops: the test looks alone
+    while host.digest.cache(a).warming:
+        time.sleep(0.01)
+    a.booted = not restored
+    write(a, pfns[rng.random(len(pfns)) < 0.5], 0x5A)
+    write(a, pfns[rng.random(len(pfns)) < 0.1], 0)
+    with a.mem.lock():
+        # Xen pages over RAM, one at the edge of a chunk of the p2m.
+        a.mem.map_xen_page(0, 3 * 64 * 5 - 1)
+        a.mem.map_xen_page(1, int(pfns[len(pfns) // 2]))
+    cache = host.digest.cache(a)
+    with cache.lock:
+        cache.started = False  # a first look, in chunks
+    assert host.memory_digest(1) == _reference_digest(a)
+    # Then by what changed: writes across chunk and block boundaries.
+    write(a, pfns[(pfns >= 0x2C0 - 3) & (pfns < 0x300 + 2)], 0x77)
+    write(a, pfns[rng.random(len(pfns)) < 0.05], 0x11)
+    assert host.memory_digest(1) == _reference_digest(a)
+
+
 def test_a_large_populate_leaves_nothing_for_the_pause(host, monkeypatch):
     a = empty(host, 1, mb=80)
     while not host.digest.cache(a).started:

@@ -5,6 +5,7 @@ are found by the host, in the dirty map only while log-dirty is on."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -481,3 +482,38 @@ def test_runs_a_scan_marks_reach_the_logged_reads(ctl_only):
         mem._mark_runs([10, 4000], [13, 4001])
     assert mem.harvest().tolist() == [10, 11, 12, 4000]
     assert mem.take_changed().tolist() == [10, 11, 12, 4000]
+
+
+def test_a_process_without_its_mappings_is_not_alive_to_the_tracker():
+    # The write tracker asks _alive whether a process whose mapping it
+    # did not find still runs: one that is exiting has no mappings
+    # (exit_mm) well before it is a zombie, and writes no more.
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; held = b'x' * (256 << 20); "
+            "print(flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        child.stdout.readline()
+        assert memory._alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        while True:
+            try:
+                with open(f"/proc/{child.pid}/maps", encoding="utf-8") as f:
+                    maps = f.read()
+            except OSError:
+                break
+            alive = memory._alive(child.pid)
+            if not maps.strip():
+                # Its maps were empty before _alive looked.
+                assert not alive
+            if not alive:
+                break
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
