@@ -57,23 +57,27 @@ def restored_signal_handlers():
             signal.signal(signum, handler)
 
 
-@pytest.fixture(autouse=True)
-def runtime_path(tmp_path_factory, monkeypatch) -> str:
-    """The marks' directory of this test (not the host's /run): the
+@pytest.fixture(autouse=True, scope="session")
+def runtime_path(tmp_path_factory) -> str:
+    """The marks' directory of this run (not the host's /run): the
     option's default for every ConfigOpts, the global one's, and that of
-    a Journal made without it."""
+    a Journal made without it. Once for the session: a function-scoped
+    fixture here would take ``monkeypatch`` before every test's own
+    fixtures, which changes their order."""
     from nova_xen_ncm.conf import CONF
     from nova_xen_ncm.engine import journal
 
     path = str(tmp_path_factory.mktemp("run"))
     (opt,) = [o for o in xen_ncm_conf.HOST_OPTS if o.name == "runtime_path"]
-    monkeypatch.setattr(opt, "default", path)
-    monkeypatch.setattr(journal, "RUNTIME_PATH", path)
+    saved = opt.default, journal.RUNTIME_PATH
+    opt.default = path
+    journal.RUNTIME_PATH = path
     if "xen_ncm" in CONF:
         CONF.set_default("runtime_path", path, group="xen_ncm")
     yield path
+    opt.default, journal.RUNTIME_PATH = saved
     if "xen_ncm" in CONF:
-        CONF.set_default("runtime_path", "/run/nova-xen-ncm", group="xen_ncm")
+        CONF.set_default("runtime_path", saved[0], group="xen_ncm")
 
 
 @pytest.fixture
