@@ -269,7 +269,7 @@ class Acceptor:
             )
             try:
                 hello, proof = channel.server_handshake(
-                    self._token_for,
+                    functools.partial(self._token_for, until),
                     capabilities=[
                         *_CAPABILITIES,
                         *transport.frame_capabilities(self.opts, secured),
@@ -306,7 +306,7 @@ class Acceptor:
         cause = f": {exc}" if exc is not None else ""
         return TransportError(f"handshake not done within {deadline}s{cause}")
 
-    def _token_for(self, hello: messages.Hello) -> bytes:
+    def _token_for(self, until: float, hello: messages.Hello) -> bytes:
         if hello.migration_id != self.migration_id:
             raise Refused(
                 messages.RefuseReason.UNKNOWN_MIGRATION,
@@ -315,6 +315,17 @@ class Acceptor:
         index = hello.channel
         if index:
             with self._cond:
+                # A connected data channel may be the source resuming it
+                # before its thread here read the drop (the source saw
+                # it first): wait for that as _resume_from does, not a
+                # refusal, which the source does not retry.
+                while (
+                    index in self._data
+                    and index not in self._dropped
+                    and not self._closed
+                    and time.monotonic() < until
+                ):
+                    self._cond.wait(_POLL)
                 expected = index in self._dropped or (
                     index < self._data_count and index not in self._data
                 )

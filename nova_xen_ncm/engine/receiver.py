@@ -776,11 +776,15 @@ class Receiver:
             except Exception as exc:
                 # The control channel's thread raises it: waking it with
                 # a shut-down socket is the one way to reach it promptly.
+                # With its type and traceback: some exceptions have no
+                # message (a bare AssertionError, MemoryError).
                 LOG.error(
-                    "Migration %s: data channel %d failed: %s",
+                    "Migration %s: data channel %d failed: %s: %s",
                     self.migration_id,
                     index,
+                    type(exc).__name__,
                     exc,
+                    exc_info=True,
                 )
                 self._data_error = exc
                 channel.close()

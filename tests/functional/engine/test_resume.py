@@ -361,3 +361,51 @@ def test_stop_and_copy_memory_is_bounded_by_batches_not_the_guest(
     # A few batches in flight (1024 pages each, on both ends).
     assert extra < guest.memory_bytes // 4, (extra, final_bytes)
     assert running_on(destination, domid)
+
+
+def test_a_data_channel_resumed_before_the_destination_reads_its_drop(
+    conf, source, destination, migration
+):
+    # The source sees data channel 1 break and reconnects it at once; the
+    # destination's thread of that channel reads the break late (a busy
+    # host). The RESUME waits for it rather than being refused.
+    conf.set_override("channels", 2, group="xen_ncm")
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination, policy=stop_after(1))
+    m.sender.stream.batch_pages = 32
+    late = m.receiver._accept_resume
+    drop = {}
+
+    def accept_late(index, cause, over=None):
+        time.sleep(1.0)
+        return late(index, cause, over)
+
+    m.receiver._accept_resume = accept_late
+
+    def drop_here():
+        sender = m.sender
+        if drop or sender.data.channel_index() != 1:
+            return
+        channel = sender.data.channels[1]
+        if (
+            sender.state.phase is Phase.PRECOPY
+            and channel.connection.last_seq >= 4
+        ):
+            drop["sent"] = channel.connection.last_seq
+            channel.sock.shutdown(socket.SHUT_RDWR)
+
+    inner = m.sender.stream.batches
+
+    def dropping(share, **kwargs):
+        def each():
+            for batch in share:
+                drop_here()
+                yield batch
+
+        return inner(each(), **kwargs)
+
+    m.sender.stream.batches = dropping
+    assert m.run() is Phase.DONE, m.sender.error
+    assert drop, "the round ended before the drop"
+    assert m.receiver.listener.rejected == []
+    assert running_on(destination, domid)

@@ -224,6 +224,27 @@ def test_resume_waits_for_the_drop_and_goes_on_from_what_was_applied(
     server.close()
 
 
+def test_a_data_channel_resumed_before_its_drop_is_read_goes_on(
+    acceptor, destination
+):
+    # The source saw data channel 1 break and resumes it while the
+    # thread here still holds the old connection: not refused as a
+    # channel connected twice (the source does not retry a refusal).
+    control, _ = connect(acceptor)
+    acceptor.control(soon()).close()
+    acceptor.expect_data(2)
+    data, _ = connect(acceptor, channel=1)
+    old = acceptor.data_channels(soon())[1]
+    client = Background(connect, acceptor, channel=1, last_acked=2)
+    time.sleep(0.3)
+    server = acceptor.resumed(1, soon(), threading.Event())
+    _, welcome = client.result()
+    assert welcome.resume_from == destination.applied[1]
+    assert server.connection.resume.last_acked == 2
+    for ch in (control, data, old, server):
+        ch.close()
+
+
 def test_resume_after_the_outcome_is_refused(acceptor, destination):
     control, _ = connect(acceptor)
     acceptor.control(soon()).close()
