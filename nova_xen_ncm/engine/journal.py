@@ -267,9 +267,7 @@ class Journal:
         before it was durable (the source's COMMIT): a file under the
         runtime directory (tmpfs: no writeback to fail, so it outlives
         the engine but not the host's boot), written, not synced."""
-        path = os.path.join(
-            self.runtime, self._name(migration_id, MARK_SUFFIX)
-        )
+        path = self._mark_file(migration_id, MARK_SUFFIX)
         try:
             self._write_mark(path, boot_id.encode())
         except OSError as exc:
@@ -279,9 +277,7 @@ class Journal:
         """Create the runtime directory (0700) and write and remove a
         mark's stand-in, so that a migration whose COMMIT could not be
         marked is refused before it starts, not in its pause."""
-        path = os.path.join(
-            self.runtime, self._name(migration_id, PROBE_SUFFIX)
-        )
+        path = self._mark_file(migration_id, PROBE_SUFFIX)
         try:
             self._write_mark(path, b"")
             os.unlink(path)
@@ -310,9 +306,7 @@ class Journal:
         """Whether :meth:`mark` was called for the entry in this boot
         (``boot_id``, the host's now). Unreadable counts as marked: the
         mark only ever makes recovery more careful."""
-        path = os.path.join(
-            self.runtime, self._name(migration_id, MARK_SUFFIX)
-        )
+        path = self._mark_file(migration_id, MARK_SUFFIX)
         try:
             with open(path, "rb") as f:
                 written = f.read().decode(errors="replace")
@@ -325,9 +319,7 @@ class Journal:
         return written in ("", boot_id)
 
     def _unmark(self, migration_id: str) -> None:
-        path = os.path.join(
-            self.runtime, self._name(migration_id, MARK_SUFFIX)
-        )
+        path = self._mark_file(migration_id, MARK_SUFFIX)
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -335,6 +327,9 @@ class Journal:
         except OSError as exc:
             # Harmless once the entry is gone: only an entry is settled.
             LOG.warning("Mark %s not removed: %s", path, exc)
+
+    def _mark_file(self, migration_id: str, suffix: str) -> str:
+        return os.path.join(self.runtime, self._name(migration_id, suffix))
 
     def _file(self, migration_id: str, suffix: str = SUFFIX) -> str:
         return os.path.join(self.path, self._name(migration_id, suffix))
