@@ -1676,18 +1676,18 @@ class XenHost(base.HostDriver):
             written = self._xen_written(domid)
             if written is None:
                 self._digests.stop(domid)
-                return memdigest.full_digest(self._counted(domid)[1], reader)
-            found = self._digests.digest(
-                domid,
-                key,
-                functools.partial(self._counted, domid),
-                base.pfn_union(
-                    self._dirty_log(domid, SHADOW_OP_PEEK), written
-                ),
-                reader,
-            )
-            if found is not None:
-                return found
+            else:
+                found = self._digests.digest(
+                    domid,
+                    key,
+                    functools.partial(self._counted, domid),
+                    base.pfn_union(
+                        self._dirty_log(domid, SHADOW_OP_PEEK), written
+                    ),
+                    reader,
+                )
+                if found is not None:
+                    return found
         return memdigest.full_digest(self._counted(domid)[1], reader)
 
     def guest_state(
