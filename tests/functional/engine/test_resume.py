@@ -59,6 +59,22 @@ def watch_batches(sender, phase, rounds, seen):
     sender.stream.batches = watched
 
 
+def before_each_batch(sender, act):
+    """Call ``act()`` before each batch ``sender`` reads for sending:
+    where a test cuts a connection in the middle of a round."""
+    batches = sender.stream.batches
+
+    def acting(share, **kwargs):
+        def each():
+            for batch in share:
+                act()
+                yield batch
+
+        return batches(each(), **kwargs)
+
+    sender.stream.batches = acting
+
+
 def test_a_drop_mid_round_resends_only_the_frames_not_applied(
     conf, source, destination, migration
 ):
@@ -88,17 +104,7 @@ def test_a_drop_mid_round_resends_only_the_frames_not_applied(
     m.sender.stream.batch_pages = 32
     sent = []
     watch_batches(m.sender, Phase.PRECOPY, 0, sent)
-    inner = m.sender.stream.batches
-
-    def dropping(share, **kwargs):
-        def each():
-            for batch in share:
-                drop_mid_round()
-                yield batch
-
-        return inner(each(), **kwargs)
-
-    m.sender.stream.batches = dropping
+    before_each_batch(m.sender, drop_mid_round)
     assert m.run() is Phase.DONE, m.sender.error
     assert drop, "the round ended before the drop"
     retries = [e for e in m.source_events.events if e.kind.value == "retry"]
@@ -162,17 +168,7 @@ def test_a_drop_in_any_round_on_any_channel_resumes_from_what_was_applied(
 
     sent = []
     watch_batches(m.sender, Phase.PRECOPY, round_, sent)
-    inner = m.sender.stream.batches
-
-    def dropping(share, **kwargs):
-        def each():
-            for batch in share:
-                drop_here()
-                yield batch
-
-        return inner(each(), **kwargs)
-
-    m.sender.stream.batches = dropping
+    before_each_batch(m.sender, drop_here)
     assert m.run() is Phase.DONE, m.sender.error
     assert drop.get("sent"), f"round {round_} ended before the drop"
     retries = [e for e in m.source_events.events if e.kind.value == "retry"]
@@ -394,17 +390,7 @@ def test_a_data_channel_resumed_before_the_destination_reads_its_drop(
             drop["sent"] = channel.connection.last_seq
             channel.sock.shutdown(socket.SHUT_RDWR)
 
-    inner = m.sender.stream.batches
-
-    def dropping(share, **kwargs):
-        def each():
-            for batch in share:
-                drop_here()
-                yield batch
-
-        return inner(each(), **kwargs)
-
-    m.sender.stream.batches = dropping
+    before_each_batch(m.sender, drop_here)
     assert m.run() is Phase.DONE, m.sender.error
     assert drop, "the round ended before the drop"
     assert m.receiver.listener.rejected == []
