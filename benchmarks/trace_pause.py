@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import glob
 import inspect
 import os
@@ -44,6 +45,7 @@ from nova_xen_ncm.engine import restorer  # noqa: E402
 from nova_xen_ncm.engine import sender  # noqa: E402
 from nova_xen_ncm.engine import state  # noqa: E402
 from nova_xen_ncm.engine import transport  # noqa: E402
+from nova_xen_ncm.host.sim import digest as simdigest  # noqa: E402
 from nova_xen_ncm.host.sim import guestproc  # noqa: E402
 from nova_xen_ncm.host.sim import host as simhost  # noqa: E402
 from nova_xen_ncm.host.sim import hypervisor  # noqa: E402
@@ -72,13 +74,21 @@ TIMED = [
         simhost.SimHost,
         [
             "pause_for_save",
+            "quiesce_backends",
+            "guest_features",
+            "populated_pfns",
             "unpause",
             "harvest_dirty",
             "guest_state",
             "export_pv_state",
             "import_pv_state",
+            "_frontends",
+            "_kernel_record",
+            "_digest_grants",
+            "_digest_shared_info",
         ],
     ),
+    (simdigest.MemoryDigest, ["digest"]),
     (hypervisor.Domain, ["request"]),
     (memory.GuestMemory, ["hold_tracking"]),
     (toolstack.Toolstack, ["_spawn"]),
@@ -146,6 +156,21 @@ def install(directory: str) -> None:
                 wrapped = staticmethod(wrapped)
             setattr(owner, attr, wrapped)
     os.fdatasync = _timed(recorder, "os.fdatasync", os.fdatasync)
+    started: list[float] = []
+
+    def collected(phase: str, info: dict) -> None:
+        # The collector's passes, which stop every thread of the process.
+        if phase == "start":
+            started[:] = [time.monotonic()]
+        elif started:
+            recorder.record(
+                "gc.collect",
+                started[0],
+                time.monotonic(),
+                f"gen{info.get('generation')}",
+            )
+
+    gc.callbacks.append(collected)
 
 
 def timeline(directory: str, min_ms: float) -> list[str]:

@@ -482,7 +482,9 @@ class Receiver:
         # Memory as the source paused it: a reconnecting backend may then
         # answer in-flight requests into the ring pages.
         self._platform_digests = guest_digests(
-            self.host.guest_state(self.domid, digest.PLATFORM_ITEMS),
+            self.host.guest_state(
+                self.domid, digest.PLATFORM_ITEMS, records=False
+            ),
             digest.PLATFORM_ITEMS,
         )
 
@@ -871,7 +873,7 @@ class Receiver:
             if i.value not in self._platform_digests
         ]
         digests = guest_digests(
-            self.host.guest_state(self.domid, items), items
+            self.host.guest_state(self.domid, items, records=False), items
         )
         digests.update(self._platform_digests)
         return messages.Ready(digest=digest.format_digests(digests))

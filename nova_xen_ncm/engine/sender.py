@@ -803,7 +803,10 @@ class Sender:
                     # While the destination applies what it got.
                     items = needed_items(self.info.pv_drivers)
                     self._digests = guest_digests(
-                        self.host.guest_state(self.domid, items), items
+                        self.host.guest_state(
+                            self.domid, items, records=False
+                        ),
+                        items,
                     )
                 if self._flush_applied(final_flush[0]):
                     return

@@ -1045,10 +1045,17 @@ class HostDriver(abc.ABC):
 
     @abc.abstractmethod
     def guest_state(
-        self, domid: int, items: Collection[Item] | None = None
+        self,
+        domid: int,
+        items: Collection[Item] | None = None,
+        *,
+        records: bool = True,
     ) -> GuestState:
         """The guest-visible state for the transparency checker; only
-        ``items`` of it if given (memory is costly to digest)."""
+        ``items`` of it if given (memory is costly to digest). Without
+        ``records``, the items alone (no :attr:`GuestState.frontends` or
+        :attr:`GuestState.kernel`): the engine's digests, in the pause,
+        read nothing else."""
 
     @contextlib.contextmanager
     def observing(self) -> Iterator[None]:
