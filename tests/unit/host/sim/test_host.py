@@ -292,6 +292,32 @@ def write(dom, pfns, value):
         dom.mem.mark_dirty(pfns)
 
 
+def test_guest_state_reads_only_what_was_asked(host, monkeypatch):
+    """The engine's digests in the pause: the items asked, nothing of
+    the PV export, the xenstore or the guest's RAM records besides."""
+    empty(host, 1)
+    whole = host.guest_state(1)
+
+    def unasked(*args, **kwargs):
+        raise AssertionError("read though not asked for")
+
+    for owner, name in (
+        (host.services, "backend_states"),
+        (host.services.xenstore, "export_domain"),
+        (host, "_digest_grants"),
+        (host, "_frontends"),
+        (host, "_kernel_record"),
+    ):
+        monkeypatch.setattr(owner, name, unasked)
+    items = (Item.MEMORY, Item.PLATFORM, Item.HVM_PARAMS)
+    state = host.guest_state(1, items, records=False)
+    assert set(state.items) == set(items)
+    assert {i: state.items[i] for i in items} == {
+        i: whole.items[i] for i in items
+    }
+    assert state.frontends == {} and state.kernel == {}
+
+
 def test_memory_digest_sees_content_not_how_it_is_stored(host):
     a, b = empty(host, 1, mb=80), empty(host, 2, mb=80)
     pfns = np.arange(0x100, 0x4100, dtype=np.uint64)
