@@ -261,7 +261,12 @@ class RemoteHost:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        return lambda *args: self._request("call", name, *args)
+
+        # Keywords too: the engine passes some (guest_state's records).
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._request("call", name, args, kwargs)
+
+        return call
 
     def map_pages(self, domid: int, pfns: Any, writable: bool = False):
         if writable:
@@ -489,7 +494,8 @@ class _HostService:
         if op == "attr":
             return getattr(self.host, args[0])
         if op == "call":
-            return getattr(self.host, args[0])(*args[1:])
+            name, positional, keywords = args
+            return getattr(self.host, name)(*positional, **keywords)
         if op == "read_pages":
             domid, pfns = args
             with self.host.map_pages(domid, pfns) as mapping:
