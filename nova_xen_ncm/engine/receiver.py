@@ -483,7 +483,7 @@ class Receiver:
         # answer in-flight requests into the ring pages.
         self._platform_digests = guest_digests(
             self.host.guest_state(
-                self.domid, digest.PLATFORM_ITEMS, records=False
+                self.domid, digest.PLATFORM_ITEMS, guest_records=False
             ),
             digest.PLATFORM_ITEMS,
         )
@@ -873,7 +873,8 @@ class Receiver:
             if i.value not in self._platform_digests
         ]
         digests = guest_digests(
-            self.host.guest_state(self.domid, items, records=False), items
+            self.host.guest_state(self.domid, items, guest_records=False),
+            items,
         )
         digests.update(self._platform_digests)
         return messages.Ready(digest=digest.format_digests(digests))

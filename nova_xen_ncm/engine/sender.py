@@ -804,7 +804,7 @@ class Sender:
                     items = needed_items(self.info.pv_drivers)
                     self._digests = guest_digests(
                         self.host.guest_state(
-                            self.domid, items, records=False
+                            self.domid, items, guest_records=False
                         ),
                         items,
                     )

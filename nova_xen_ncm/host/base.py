@@ -1049,13 +1049,17 @@ class HostDriver(abc.ABC):
         domid: int,
         items: Collection[Item] | None = None,
         *,
-        records: bool = True,
+        guest_records: bool = True,
     ) -> GuestState:
-        """The guest-visible state for the transparency checker; only
-        ``items`` of it if given (memory is costly to digest). Without
-        ``records``, the items alone (no :attr:`GuestState.frontends` or
-        :attr:`GuestState.kernel`): the engine's digests, in the pause,
-        read nothing else."""
+        """The guest-visible state as this host reads it: the engine
+        digests its items on both sides before COMMIT. Only ``items`` of
+        it if given (memory is costly to digest). ``guest_records``
+        adds what the guest recorded in its RAM
+        (:attr:`GuestState.frontends` and :attr:`GuestState.kernel`)
+        where the host reads it; false leaves them out, as the engine's
+        digests, in the pause, read the items only. The transparency
+        checker reads none of this: it reads the guest itself
+        (:class:`GuestProbe`)."""
 
     @contextlib.contextmanager
     def observing(self) -> Iterator[None]:

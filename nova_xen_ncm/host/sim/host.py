@@ -472,7 +472,7 @@ class SimHost(base.HostDriver):
         domid: int,
         items: Collection[Item] | None = None,
         *,
-        records: bool = True,
+        guest_records: bool = True,
     ) -> base.GuestState:
         dom = self.hv.domain(domid, "guest_state")
         wanted = set(Item if items is None else items)
@@ -524,7 +524,7 @@ class SimHost(base.HostDriver):
         if Item.MEMORY in wanted:
             # Outside the host lock: hashing all RAM takes a while.
             state = {Item.MEMORY: self.digest.digest(domid), **state}
-        if not records:
+        if not guest_records:
             return base.GuestState(items=state)
         return base.GuestState(
             items=state,

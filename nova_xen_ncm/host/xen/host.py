@@ -1695,9 +1695,9 @@ class XenHost(base.HostDriver):
         domid: int,
         items: Collection[Item] | None = None,
         *,
-        records: bool = True,
+        guest_records: bool = True,
     ) -> base.GuestState:
-        # No frontends' or kernel's records here, asked for or not.
+        # The guest's records are not read here (guest_records or not).
         wanted = set(Item if items is None else items)
         out: dict[Item, object] = {}
         if Item.MEMORY in wanted:

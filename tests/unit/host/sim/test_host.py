@@ -305,12 +305,13 @@ def test_guest_state_reads_only_what_was_asked(host, monkeypatch):
         (host.services, "backend_states"),
         (host.services.xenstore, "export_domain"),
         (host, "_digest_grants"),
+        (host, "_digest_shared_info"),
         (host, "_frontends"),
         (host, "_kernel_record"),
     ):
         monkeypatch.setattr(owner, name, unasked)
     items = (Item.MEMORY, Item.PLATFORM, Item.HVM_PARAMS)
-    state = host.guest_state(1, items, records=False)
+    state = host.guest_state(1, items, guest_records=False)
     assert set(state.items) == set(items)
     assert {i: state.items[i] for i in items} == {
         i: whole.items[i] for i in items
