@@ -549,6 +549,42 @@ def test_the_checker_reads_nothing_of_what_it_checks(
     assert calls == []
 
 
+def test_the_engine_digests_no_guest_records(
+    disks, source, destination, migration, monkeypatch
+):
+    """The digests compared before COMMIT read the items only: the
+    engine's guest_state calls (the source's, the destination's before
+    the PV import and for READY) leave out the guest's records, which
+    the pause would wait for and no digest covers."""
+    asked = []
+    read = []
+    for host in (source, destination):
+        original = host.guest_state
+
+        def state(domid, items=None, *, _host=host, _original=original, **kw):
+            asked.append((_host.hostname, kw.get("guest_records", True)))
+            return _original(domid, items, **kw)
+
+        monkeypatch.setattr(host, "guest_state", state)
+        for name in ("_frontends", "_kernel_record"):
+            original_read = getattr(host, name)
+
+            def reading(*args, _name=name, _read=original_read):
+                read.append(_name)
+                return _read(*args)
+
+            monkeypatch.setattr(host, name, reading)
+    domid = source.create_domain(guest_config(devices=DEVICES, io_rate=400))
+    m = migration(source, domid, destination)
+    assert m.run() is Phase.DONE, m.sender.error
+    assert sorted(asked) == [
+        ("destination", False),
+        ("destination", False),
+        ("source", False),
+    ]
+    assert read == []
+
+
 def test_an_upcall_not_reasserted_leaves_ports_silent(
     disks, source, destination, migration, monkeypatch
 ):
