@@ -439,6 +439,43 @@ def test_dirty_pages_are_looked_up_in_the_populated_ones():
     assert sending._members(dirty[:0], populated).tolist() == []
 
 
+def test_a_round_looks_its_harvest_up_without_a_bitmap_of_the_guest():
+    import threading
+    import tracemalloc
+
+    from nova_xen_ncm.engine import sender as sending
+
+    # 1 GiB populated, with a hole, and harvests of a few and of most.
+    populated = np.concatenate(
+        (np.arange(1 << 17), np.arange((1 << 17) + 64, (1 << 18) + 64))
+    ).astype(np.uint64)
+    rng = np.random.default_rng(7)
+    for count in (3, 1000, 1 << 17):
+        harvest = np.unique(
+            rng.integers(0, (1 << 18) + 128, count, dtype=np.uint64)
+        )
+        expected = np.intersect1d(harvest, populated)
+        out = sending._dirty_of(harvest, populated)
+        np.testing.assert_array_equal(out, expected)
+    used = []
+
+    def measure() -> None:
+        # A thread of its own: no scratch bitmaps of an earlier call.
+        tracemalloc.start()
+        try:
+            sending._dirty_of(harvest[:4096], populated)
+            used.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+
+    thread = threading.Thread(target=measure)
+    thread.start()
+    thread.join()
+    # The harvest's pfns, their positions and slack: nothing an octet
+    # a pfn of the guest (256 KiB here).
+    assert used[0] <= 4096 * 8 * 3 + (64 << 10)
+
+
 class _DroppedControl:
     """A control channel that negotiated stop-notice and then drops."""
 
