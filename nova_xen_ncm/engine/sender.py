@@ -514,6 +514,9 @@ class Sender:
             populated = self.host.populated_pfns(self.domid)
             self._added_since_round_0(populated)
             dirty = _dirty_of(self.host.harvest_dirty(self.domid), populated)
+            # The round's arrays are freed: their pages go back before
+            # the next round allocates its own.
+            base.release_freed_memory()
             rnd = self.stats.record_round(
                 pages_sent=pages - zero,
                 bytes_sent=nbytes,
