@@ -514,9 +514,6 @@ class Sender:
             populated = self.host.populated_pfns(self.domid)
             self._added_since_round_0(populated)
             dirty = _dirty_of(self.host.harvest_dirty(self.domid), populated)
-            # The round's arrays are freed: their pages go back before
-            # the next round allocates its own.
-            base.release_freed_memory()
             rnd = self.stats.record_round(
                 pages_sent=pages - zero,
                 bytes_sent=nbytes,
@@ -524,6 +521,11 @@ class Sender:
                 dirty_pages=len(dirty),
                 duration=self._clock() - start,
             )
+            # The round's arrays are freed: their pages go back before
+            # the next round allocates its own. Not in the round's
+            # duration, which the policy reads as the link's rate (the
+            # first trim after much was freed takes tens of ms).
+            base.release_freed_memory()
             self._emit(EventKind.ROUND, rnd.to_dict())
             self._check_cancel()
             decision = self._decide()
@@ -1106,6 +1108,8 @@ def _dirty_of(harvest: np.ndarray, populated: np.ndarray) -> np.ndarray:
     it costs its own size, where a bitmap marks every populated pfn (an
     octet a pfn of the physmap, kept resident by the sender's thread
     from round to round: 2 MiB at 8 GiB)."""
+    # Of one dtype: numpy searches uint64 in int64 through float64.
+    populated = np.asarray(populated, dtype=np.uint64)
     if len(harvest) * _SEARCHED <= len(populated):
         return _members(harvest, populated)
     return base.pfn_intersection(harvest, populated)
