@@ -1156,10 +1156,12 @@ def _bitmap_size(arrays: Sequence[np.ndarray]) -> int | None:
 
 
 def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None (another C library)."""
+    """glibc's ``malloc_trim``, or None (another C library, musl's
+    has none; or no C library to open: ``CDLL(None)`` is a TypeError
+    where there is no dlopen)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
