@@ -30,7 +30,8 @@ holds (``--interval`` 5 ms by default).
 The guest processes (the simulated guest's vCPUs, which Xen runs in the
 hypervisor) are not counted.
 
-Cases: ``paused`` (a paused guest of random RAM) and ``dirty`` (a
+Cases: ``paused`` (a paused guest of random RAM, or zero RAM with
+``--fill zero``) and ``dirty`` (a
 running guest of random RAM writing ``--dirty-rate`` uniformly), each
 over plain TCP and over mutual TLS (``[xen_ncm] tls_enabled``, the
 certificates of ``compare_qemu.py``), with the hosts' defaults
@@ -183,12 +184,16 @@ def migrate(
     paused = case.startswith("paused")
     host_mb = memory // MIB + 64
     conf = bench_migration.overrides(host_mb, host_settings(args, tls))
+    if not args.prefault:
+        # A guest of zero RAM stays sparse on both hosts: nothing of
+        # its size is faulted in ahead.
+        conf["xen_ncm_sim"]["prefault_memory_mb"] = 0
     source = demo.HostProcess("source", [], conf)
     destination = demo.HostProcess("destination", [], conf)
     source.peers = [destination]
     destination.peers = [source]
     try:
-        workload = {"fill": "random", "dirty_rate": 0}
+        workload = {"fill": args.fill, "dirty_rate": 0}
         if not paused:
             workload.update(dirty_rate=args.dirty_rate, pattern="uniform")
         domid = source.call(
@@ -261,6 +266,14 @@ def main() -> None:
     parser.add_argument("--channels", default=None, type=int)
     parser.add_argument("--compression", default=None)
     parser.add_argument("--interval", default=0.005, type=float)
+    parser.add_argument("--fill", default="random", choices=("random", "zero"))
+    parser.add_argument(
+        "--no-prefault",
+        dest="prefault",
+        action="store_false",
+        help="no host faults its free memory in ahead (with --fill zero, "
+        "guests larger than the machine's free memory)",
+    )
     parser.add_argument("--smaps-interval", default=0.1, type=float)
     args = parser.parse_args()
     sizes = [bench_migration.parse_size(s) for s in args.sizes.split(",")]
@@ -283,6 +296,8 @@ def main() -> None:
         "dirty_rate": args.dirty_rate,
         "channels": args.channels,
         "compression": args.compression,
+        "fill": args.fill,
+        "prefault": args.prefault,
         "interval": args.interval,
         "loadavg_start": os.getloadavg(),
         "raw": [],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import ctypes
 import dataclasses
 import enum
 import os
@@ -1163,6 +1164,34 @@ def _index(pfns: np.ndarray) -> np.ndarray:
 def _bitmap_size(arrays: Sequence[np.ndarray]) -> int | None:
     top = max((int(a.max()) + 1 for a in arrays if len(a)), default=0)
     return top if top <= PFN_BITMAP_LIMIT else None
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None (another C library, musl's
+    has none; or no C library to open: ``CDLL(None)`` is a TypeError
+    where there is no dlopen)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the C allocator's free pages back to the system. glibc keeps
+    what arrays freed in a thread's arena (once a large array is freed,
+    arrays up to its size come from the arenas, not from mappings of
+    their own) until its top is free; a migration's rounds free arrays
+    in the guest's size (a harvest, a first scan) that would otherwise
+    stay resident. About a millisecond: called between rounds, never
+    per batch."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 _scratch = threading.local()

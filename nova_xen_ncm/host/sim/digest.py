@@ -559,8 +559,13 @@ class MemoryDigest:
                 while self.hv.domains.get(dom.domid) is dom and not until():
                     # A few blocks at a time: a digest asked for while the
                     # guest is paused does not wait for a whole pass.
+                    first = not c.started
                     with locks.ordered(locks.DIGEST, c.lock):
                         more = self.refresh(dom, _DIGEST_CHUNK)
+                    if first:
+                        # The first look's arrays of every block, freed
+                        # in this thread's arena, go back to the system.
+                        base.release_freed_memory()
                     time.sleep(0.001 if more else DIGEST_WARM_INTERVAL)
             except (
                 HostError,

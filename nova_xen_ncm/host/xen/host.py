@@ -906,10 +906,17 @@ class XenHost(base.HostDriver):
         key = (raw.tot_pages, self._max_gpfn(domid))
         cached = self._pfn_cache.get(domid)
         if cached is None or cached[0] != key:
-            pfns = np.flatnonzero(self._populated_mask(domid))
-            cached = (key, pfns.astype(np.uint64))
+            pfns = np.flatnonzero(self._populated_mask(domid)).astype(
+                np.uint64
+            )
+            # Given as is, read-only, not copied: a migration's rounds
+            # then know the p2m unchanged by the array's identity and
+            # compare nothing in the guest's size (8 octets a page for
+            # the copy, a bitmap of the physmap for the comparison).
+            pfns.flags.writeable = False
+            cached = (key, pfns)
             self._pfn_cache[domid] = cached
-        return cached[1].copy()
+        return cached[1]
 
     def populate(self, domid: int, pfns: np.ndarray) -> None:
         pfns = np.asarray(pfns, dtype=np.uint64)

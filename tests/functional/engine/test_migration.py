@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 
 import pytest
@@ -87,6 +88,38 @@ def test_completed_migration_is_transparent(
     stats = m.sender.stats.to_dict()
     assert stats["zero_pages"] > 0
     assert stats["actual_downtime"] is not None
+
+
+def test_the_allocator_is_trimmed_after_each_round_never_in_the_pause(
+    source, destination, migration, monkeypatch
+):
+    from nova_xen_ncm.engine import sender as sending
+
+    domid = source.create_domain(guest_config())
+    m = migration(source, domid, destination)
+    trims = []
+
+    def release() -> None:
+        caller = sys._getframe(1).f_code
+        if caller.co_filename == sending.__file__:
+            # The rounds recorded so far and the guest's state then.
+            trims.append(
+                (
+                    caller.co_name,
+                    len(m.sender.stats.rounds),
+                    source.domain_info(domid).state,
+                )
+            )
+
+    monkeypatch.setattr(base, "release_freed_memory", release)
+    assert m.run() is Phase.DONE, m.sender.error
+    rounds = len(m.sender.stats.rounds)
+    # One a round, once its duration is recorded (the policy reads the
+    # link's rate from it), the guest still running: none in the
+    # downtime.
+    assert trims == [
+        ("_precopy", n, base.DomainState.RUNNING) for n in range(1, rounds + 1)
+    ]
 
 
 def test_setup_refused_when_domid_taken(source, destination, migration):

@@ -1478,3 +1478,19 @@ def test_a_guest_without_pv_drivers_cannot_be_asked_to_shut_down(
         host.shutdown(domid)
     assert host.domain_info(domid).state == base.DomainState.RUNNING
     host.destroy_domain(domid)
+
+
+def test_the_arrays_a_build_freed_go_back_once_the_domain_runs(
+    host, monkeypatch
+) -> None:
+    released = []
+
+    def release() -> None:
+        released.append([d.domid for d in host.list_domains()])
+
+    monkeypatch.setattr(base, "release_freed_memory", release)
+    domid = host.create_domain(
+        base.DomainConfig(name="g", memory_bytes=16 << 20, vcpus=1)
+    )
+    # Once, with the domain built: its arrays of every pfn are freed.
+    assert released == [[domid]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import types
 
+import numpy as np
 import pytest
 
 from nova_xen_ncm.host import base
@@ -542,3 +543,32 @@ def test_a_host_whose_backends_attach_again_wants_devices_named_at_setup(
         caps = host.XenHost("h", CONF).capabilities()
         assert caps.devices_named_at_setup is named
         assert (caps.restore[base.Item.PV_DEVICES] is None) is named
+
+
+def test_the_populated_pfns_are_one_read_only_array_while_the_p2m_stands() -> (
+    None
+):
+    xen = object.__new__(host.XenHost)
+    xen._pfn_cache = {}
+    pages = [3]
+    probed = []
+
+    def populated_mask(domid: int) -> np.ndarray:
+        probed.append(domid)
+        return np.arange(8) < pages[0]
+
+    xen._raw_info = lambda domid, call: types.SimpleNamespace(
+        tot_pages=pages[0]
+    )
+    xen._max_gpfn = lambda domid: 7
+    xen._populated_mask = populated_mask
+    first = xen.populated_pfns(4)
+    assert first.dtype == np.uint64 and first.tolist() == [0, 1, 2]
+    # The same array (a migration's rounds compare nothing then), which
+    # no caller can change under the others.
+    assert xen.populated_pfns(4) is first and probed == [4]
+    with pytest.raises(ValueError):
+        first[0] = 9
+    pages[0] = 4
+    assert xen.populated_pfns(4).tolist() == [0, 1, 2, 3]
+    assert probed == [4, 4]
