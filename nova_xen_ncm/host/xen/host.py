@@ -180,6 +180,26 @@ def _shutdown_reason(flags: int) -> int:
     )
 
 
+# Xen's SHUTDOWN_* codes (public/sched.h) by name.
+SHUTDOWN_NAMES = {
+    0: "poweroff",
+    1: "reboot",
+    libs.SHUTDOWN_suspend: "suspend",
+    libs.SHUTDOWN_crash: "crash",
+    4: "watchdog",
+    5: "soft_reset",
+}
+
+
+def _shutdown_name(flags: int) -> str | None:
+    """The shutdown code of a domain shut down, by name; None if it is
+    not shut down."""
+    if not flags & libs.XEN_DOMINF_shutdown:
+        return None
+    code = _shutdown_reason(flags)
+    return SHUTDOWN_NAMES.get(code, f"code {code}")
+
+
 def _domain_state(flags: int) -> DomainState:
     if flags & libs.XEN_DOMINF_dying:
         return DomainState.DYING
@@ -354,6 +374,7 @@ class XenHost(base.HostDriver):
             populated_pages=raw.tot_pages,
             pv_drivers=pv,
             cpu_time_ns=raw.cpu_time,
+            shutdown_reason=_shutdown_name(raw.flags),
         )
 
     def _guest_bound_ports(self, domid: int) -> bool:

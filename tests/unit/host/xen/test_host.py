@@ -95,6 +95,26 @@ def test_domain_state(flags: int, state: DomainState) -> None:
     assert host._domain_state(flags) is state
 
 
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        # Not shut down: Xen's code is SHUTDOWN_CODE_INVALID.
+        (0xFFFF << libs.XEN_DOMINF_shutdownshift, None),
+        (libs.XEN_DOMINF_paused, None),
+        (libs.XEN_DOMINF_shutdown, "poweroff"),
+        # An HVM guest's triple fault (HVM_PARAM_TRIPLE_FAULT_REASON).
+        (libs.XEN_DOMINF_shutdown | 1 << 16, "reboot"),
+        (libs.XEN_DOMINF_shutdown | 2 << 16, "suspend"),
+        (libs.XEN_DOMINF_shutdown | 3 << 16, "crash"),
+        (libs.XEN_DOMINF_shutdown | 4 << 16, "watchdog"),
+        (libs.XEN_DOMINF_shutdown | 5 << 16, "soft_reset"),
+        (libs.XEN_DOMINF_shutdown | 9 << 16, "code 9"),
+    ],
+)
+def test_shutdown_reason_is_named(flags: int, reason: str | None) -> None:
+    assert host._shutdown_name(flags) == reason
+
+
 class _Xl:
     def __init__(self, fails: bool) -> None:
         self.fails = fails
