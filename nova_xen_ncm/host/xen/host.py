@@ -274,6 +274,10 @@ class XenHost(base.HostDriver):
         self._xs_migrates: bool | None = None
         # domid -> bool array of the pfns populated in a restoring domain.
         self._populated: dict[int, np.ndarray] = {}
+        # domid -> bool array of the pfns of a restoring domain that may
+        # hold data (written_pages): what libxl's build loaded, and the
+        # pages mapped writable since.
+        self._built: dict[int, np.ndarray] = {}
         # domid -> ((tot_pages, max gpfn), populated pfns).
         self._pfn_cache: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
         # domid -> hypercall buffer of the log-dirty bitmap.
@@ -562,9 +566,44 @@ class XenHost(base.HostDriver):
                 f"libxl created domain {created}, not {domid}", call=call
             )
         mask = np.zeros(self._max_gpfn(domid) + 1, dtype=bool)
-        mask[self.populated_pfns(domid).astype(np.int64)] = True
+        pfns = self.populated_pfns(domid)
+        mask[pfns.astype(np.int64)] = True
         self._populated[domid] = mask
+        self._built[domid] = self._nonzero_mask(domid, pfns, len(mask))
         return domid
+
+    def _nonzero_mask(
+        self, domid: int, pfns: np.ndarray, size: int
+    ) -> np.ndarray:
+        """Which of ``pfns`` hold a non-zero octet, as a bool array over
+        pfns up to ``size``. libxl's build of a domain loads hvmloader
+        and its firmware modules into its RAM: the guest's own content,
+        which a restore brings, may have zero there, sent as such
+        without data (XALLOC); the restorer clears these pages."""
+        out = np.zeros(size, dtype=bool)
+        for start in range(0, len(pfns), MAP_BATCH):
+            chunk = pfns[start : start + MAP_BATCH]
+            mapping = _XenPageMapping(self, domid, chunk, False, kept=False)
+            with mapping:
+                runs = mapping.runs()
+                if runs:
+                    nonzero = base.nonzero_pages(runs[0][1])
+                    out[chunk[nonzero].astype(np.int64)] = True
+        return out
+
+    def written_pages(self, domid: int, pfns: np.ndarray) -> np.ndarray:
+        """For a domain being restored: the pages libxl's build loaded
+        something into and those mapped writable since; the others are
+        zero as Xen populated them. For any other domain every page (a
+        guest's writes are not known without log-dirty)."""
+        built = self._built.get(domid)
+        if built is None:
+            return super().written_pages(domid, pfns)
+        idx = np.asarray(pfns, dtype=np.int64)
+        out = np.zeros(len(idx), dtype=bool)
+        inside = idx < len(built)
+        out[inside] = built[idx[inside]]
+        return out
 
     @contextlib.contextmanager
     def _libxl(self) -> Iterator[ctypes.c_void_p]:
@@ -689,6 +728,7 @@ class XenHost(base.HostDriver):
     def _forget(self, domid: int) -> None:
         self._digests.stop(domid)
         self._populated.pop(domid, None)
+        self._built.pop(domid, None)
         self._pfn_cache.pop(domid, None)
         self._dm_stopped.discard(domid)
         buf = self._dirty_bufs.pop(domid, None)
@@ -853,6 +893,8 @@ class XenHost(base.HostDriver):
             domid=domid,
         )
         self._populated.pop(domid, None)
+        # Running, it writes where it will.
+        self._built.pop(domid, None)
 
     def _nr_cpus(self) -> int:
         phys = libs.XenSysctlPhysinfo()
@@ -976,6 +1018,15 @@ class XenHost(base.HostDriver):
     def map_pages(
         self, domid: int, pfns: np.ndarray, writable: bool = False
     ) -> base.PageMapping:
+        built = self._built.get(domid)
+        if writable and built is not None and len(pfns):
+            idx = np.asarray(pfns, dtype=np.int64)
+            top = int(idx.max()) + 1
+            if top > len(built):
+                grown = np.zeros(top, dtype=bool)
+                grown[: len(built)] = built
+                built = self._built[domid] = grown
+            built[idx] = True
         return _XenPageMapping(self, domid, pfns, writable)
 
     def enable_log_dirty(self, domid: int) -> None:

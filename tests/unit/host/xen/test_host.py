@@ -133,6 +133,7 @@ def test_a_destroyed_failed_create_leaves_no_page_map(xl_fails: bool) -> None:
     # the old one, whose pages it does not have.
     xen = object.__new__(host.XenHost)
     xen._populated = {4: [True], 5: [True]}
+    xen._built = {4: [True], 5: [True]}
     xen._pfn_cache = {4: ((0, 1), [0]), 5: ((0, 1), [0])}
     xen._dm_stopped = {4}
     xen._dirty_bufs = {}
@@ -142,6 +143,7 @@ def test_a_destroyed_failed_create_leaves_no_page_map(xl_fails: bool) -> None:
     xen._best_effort_destroy(4)
     assert xen._xl.runs == [("destroy", "4")]
     assert list(xen._populated) == [5] and list(xen._pfn_cache) == [5]
+    assert list(xen._built) == [5]
     assert xen._dm_stopped == set()
 
 
@@ -161,6 +163,7 @@ def test_a_domid_destroyed_this_second_is_asked_for_in_the_next(
     monkeypatch.setattr(host.time, "sleep", sleep)
     xen = object.__new__(host.XenHost)
     xen._populated, xen._pfn_cache, xen._dirty_bufs = {}, {}, {}
+    xen._built = {}
     xen._digests = memdigest.MemoryDigests()
     xen._dm_stopped = set()
     xen._destroyed_at = {}
@@ -324,6 +327,7 @@ def _suspending_host(
     xen._xsh = 2
     xen._dm_stopped = set()
     xen._populated = {}
+    xen._built = {}
     xen.opts = types.SimpleNamespace(
         command_timeout=5, qmp_dir="/run/qmp", state_dir="/tmp"
     )

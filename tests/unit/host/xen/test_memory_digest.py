@@ -76,6 +76,7 @@ def _driver(ram: np.ndarray, pfns: np.ndarray, monkeypatch):
     xen._fmem = xen._xch = object()
     xen._digests = memdigest.MemoryDigests()
     xen._dirty_bufs = {}
+    xen._built = {}
     key = (len(pfns), len(ram) - 1)
     xen._pfn_cache = {7: (key, pfns)}
     xen._raw_info = lambda domid, call: types.SimpleNamespace(
