@@ -1620,6 +1620,10 @@ class XenHost(base.HostDriver):
 
     def import_pv_state(self, domid: int, state: base.PvState) -> None:
         self.domain_info(domid)
+        # From here the backends (in-flight requests answered) and Xen
+        # (vcpu_info, runstate areas) write into the guest's pages, not
+        # through map_pages: written_pages no longer knows them.
+        self._built.pop(domid, None)
         pvctx.import_(self, self.domain_context(), domid, state)
 
     def event_channels(self, domid: int) -> tuple[base.EventChannel, ...]:

@@ -90,3 +90,24 @@ def test_another_domains_pages_all_may_hold_data(monkeypatch) -> None:
     xen = _built_host(monkeypatch)
     pfns = np.array([0, 1, 2], dtype=np.uint64)
     assert xen.written_pages(DOMID + 1, pfns).all()
+
+
+def test_once_the_pv_state_is_imported_every_page_may_hold_data(
+    monkeypatch,
+) -> None:
+    # The backends answer in-flight requests into the guest's pages and
+    # Xen writes its vcpu_info and runstate areas: not through map_pages.
+    xen = _built_host(monkeypatch)
+    imported = []
+    monkeypatch.setattr(
+        xen_host.pvctx,
+        "import_",
+        lambda host, ctx, domid, state: imported.append(domid),
+    )
+    xen.domain_info = lambda domid: None
+    xen.domain_context = lambda: None
+    pfns = np.array([0, 300, 4000], dtype=np.uint64)
+    assert not xen.written_pages(DOMID, pfns).any()
+    xen.import_pv_state(DOMID, object())
+    assert imported == [DOMID]
+    assert xen.written_pages(DOMID, pfns).all()
