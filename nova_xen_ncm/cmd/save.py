@@ -51,7 +51,12 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "restore",
         help="Restore a guest from a save file.",
-        description="Restore the guest saved in FILE and unpause it.",
+        description=(
+            "Restore the guest saved in FILE and unpause it. Fails (status "
+            "1) when the guest is not running right after (not paused, "
+            "with --paused), naming its state and why it stopped; its "
+            "domain is left to be inspected."
+        ),
     )
     parser.add_argument("file", help="the save file")
     parser.add_argument(
@@ -137,11 +142,19 @@ def run_restore(args: argparse.Namespace) -> int:
         if info.state != expected:
             # Left as it is, to be inspected (its console, xl dmesg, the
             # device model's log) and destroyed by the operator: the
-            # save file is untouched.
+            # save file is untouched. A guest living in this process
+            # cannot outlive it.
+            if factory.guests_live_in_process(name):
+                left = (
+                    f"it ends with this command (the {name} host driver's "
+                    "guests live in its process)"
+                )
+            else:
+                left = "it is left as it is (destroy it once inspected)"
             raise CommandFailed(
                 f"restored {args.file} as domain {domid} ({info.name}), "
                 f"but it is {state}, not {expected.value}, right after the "
-                "restore; it is left as it is (destroy it once inspected)"
+                f"restore; {left}"
             )
         print(
             f"restored {args.file} as domain {domid} ({info.name}), {state}",

@@ -49,7 +49,7 @@ def restore(tmp_path, monkeypatch, capsys):
     path.write_bytes(b"saved")
     unpaused = []
 
-    def run(info: base.DomainInfo, *argv: str):
+    def run(info: base.DomainInfo, *argv: str, driver: str = "xen"):
         host = Host(info)
         monkeypatch.setattr(migrate, "open_host", lambda args, conf: host)
 
@@ -59,7 +59,7 @@ def restore(tmp_path, monkeypatch, capsys):
 
         monkeypatch.setattr(savefile, "restore_from_path", restore_from_path)
         status = main.main(
-            ["restore", str(path), "--host-driver", "xen", *argv]
+            ["restore", str(path), "--host-driver", driver, *argv]
         )
         out, err = capsys.readouterr()
         return status, out, err, host
@@ -109,5 +109,20 @@ def test_a_guest_not_in_the_state_asked_fails_naming_it(
     assert named in err
     # Left for the operator to inspect (its console, Xen's log).
     assert "left as it is" in err
+    assert host.destroyed == []
+    assert host.closed
+
+
+def test_a_guest_of_an_in_process_host_is_not_said_to_be_left(restore):
+    # The simulated host's guests end with the command: nothing is left
+    # to inspect, and the error does not say there is.
+    stopped = dataclasses.replace(
+        INFO, state=base.DomainState.CRASHED, shutdown_reason="crash"
+    )
+    status, _, err, host = restore(stopped, driver="sim")
+    assert status == EXIT_FAILED
+    assert "crashed (crash), not running" in err, err
+    assert "left as it is" not in err
+    assert "ends with this command" in err
     assert host.destroyed == []
     assert host.closed
