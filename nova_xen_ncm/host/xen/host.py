@@ -565,31 +565,25 @@ class XenHost(base.HostDriver):
             raise base.HostError(
                 f"libxl created domain {created}, not {domid}", call=call
             )
-        mask = np.zeros(self._max_gpfn(domid) + 1, dtype=bool)
-        pfns = self.populated_pfns(domid)
-        mask[pfns.astype(np.int64)] = True
+        # libxl's build loaded hvmloader and its firmware modules into
+        # the new domain's RAM (a restore's libxl skips the build; this
+        # one cannot): the guest's own content, which the stream brings,
+        # may have zero there, sent without data (XALLOC), and the
+        # restorer clears what written_pages says may hold data. Read in
+        # the same pass as the populated pfns are probed: mapping every
+        # pfn is most of its cost, proportional to the guest's RAM, in
+        # SETUP.
+        try:
+            key = self._pfn_key(domid, call)
+            mask, built = self._probe_pages(domid, read=True)
+        except BaseException:
+            # Not restorable without them: nor left behind.
+            self._best_effort_destroy(domid)
+            raise
+        self._pfn_cache[domid] = (key, np.flatnonzero(mask).astype(np.uint64))
         self._populated[domid] = mask
-        self._built[domid] = self._nonzero_mask(domid, pfns, len(mask))
+        self._built[domid] = built
         return domid
-
-    def _nonzero_mask(
-        self, domid: int, pfns: np.ndarray, size: int
-    ) -> np.ndarray:
-        """Which of ``pfns`` hold a non-zero octet, as a bool array over
-        pfns up to ``size``. libxl's build of a domain loads hvmloader
-        and its firmware modules into its RAM: the guest's own content,
-        which a restore brings, may have zero there, sent as such
-        without data (XALLOC); the restorer clears these pages."""
-        out = np.zeros(size, dtype=bool)
-        for start in range(0, len(pfns), MAP_BATCH):
-            chunk = pfns[start : start + MAP_BATCH]
-            mapping = _XenPageMapping(self, domid, chunk, False, kept=False)
-            with mapping:
-                runs = mapping.runs()
-                if runs:
-                    nonzero = base.nonzero_pages(runs[0][1])
-                    out[chunk[nonzero].astype(np.int64)] = True
-        return out
 
     def written_pages(self, domid: int, pfns: np.ndarray) -> np.ndarray:
         """For a domain being restored: the pages libxl's build loaded
@@ -945,8 +939,17 @@ class XenHost(base.HostDriver):
     def _populated_mask(self, domid: int) -> np.ndarray:
         """Which pfns up to the maximum gpfn are populated: Xen maps
         those and refuses the others."""
+        return self._probe_pages(domid, read=False)[0]
+
+    def _probe_pages(
+        self, domid: int, *, read: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Which pfns up to the maximum gpfn are populated and, with
+        ``read``, which of those hold a non-zero octet, read while they
+        are mapped (only those: a pfn Xen refused faults if touched)."""
         top = self._max_gpfn(domid) + 1
         mask = np.zeros(top, dtype=bool)
+        nonzero = np.zeros(top if read else 0, dtype=bool)
         for start in range(0, top, MAP_BATCH):
             n = min(MAP_BATCH, top - start)
             pfns = np.arange(start, start + n, dtype=np.uint64)
@@ -957,16 +960,29 @@ class XenHost(base.HostDriver):
             )
             if not addr:
                 libs.raise_for("xenforeignmemory_map", domid=domid)
-            FN.xenforeignmemory_unmap(self._fmem, addr, n)
-            mask[start : start + n] = np.frombuffer(err, dtype=np.int32) == 0
-        return mask
+            try:
+                ok = np.frombuffer(err, dtype=np.int32) == 0
+                rows = np.flatnonzero(ok)
+                if read and len(rows):
+                    region = (ctypes.c_char * (n * PAGE_SIZE)).from_address(
+                        addr
+                    )
+                    found = base.nonzero_pages(memoryview(region), rows)
+                    nonzero[start + rows[found]] = True
+            finally:
+                FN.xenforeignmemory_unmap(self._fmem, addr, n)
+            mask[start : start + n] = ok
+        return mask, nonzero
+
+    def _pfn_key(self, domid: int, call: str) -> tuple[int, int]:
+        raw = self._raw_info(domid, call)
+        return (raw.tot_pages, self._max_gpfn(domid))
 
     def populated_pfns(self, domid: int) -> np.ndarray:
         # Probing every pfn costs a hypercall each, so the answer is kept
         # while the domain's page count and top gpfn stay the same: an HVM
         # guest without a balloon driver never changes its physmap.
-        raw = self._raw_info(domid, "populated_pfns")
-        key = (raw.tot_pages, self._max_gpfn(domid))
+        key = self._pfn_key(domid, "populated_pfns")
         cached = self._pfn_cache.get(domid)
         if cached is None or cached[0] != key:
             pfns = np.flatnonzero(self._populated_mask(domid))
