@@ -272,6 +272,26 @@ class XenHost(base.HostDriver):
         self._caps: base.Capabilities | None = None
         # Whether xenstored has domain-export (xsmig), asked once.
         self._xs_migrates: bool | None = None
+        self._init_bookkeeping()
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.free.argtypes = [ctypes.c_void_p]
+        self._libc.free.restype = None
+        self._libc.fdopen.restype = ctypes.c_void_p
+        self._libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        self._libc.fclose.argtypes = [ctypes.c_void_p]
+        # Read once, never written: see DOMID_REUSE_ENV.
+        self.reuses_domids = os.environ.get(DOMID_REUSE_ENV) == "0"
+        if not self.reuses_domids:
+            LOG.error(
+                "%s is %r in this service's environment; this host will "
+                "refuse every migration: %s",
+                DOMID_REUSE_ENV,
+                os.environ.get(DOMID_REUSE_ENV),
+                DOMID_REUSE_REASON,
+            )
+
+    def _init_bookkeeping(self) -> None:
+        """What this driver keeps of each domain (no Xen call): empty."""
         # domid -> bool array of the pfns populated in a restoring domain.
         self._populated: dict[int, np.ndarray] = {}
         # domid -> bool array of the pfns of a restoring domain that may
@@ -290,22 +310,6 @@ class XenHost(base.HostDriver):
         self._quiesced: dict[int, tuple[devices.Device, ...]] = {}
         # domid -> CLOCK_MONOTONIC time this driver destroyed it.
         self._destroyed_at: dict[int, float] = {}
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._libc.free.argtypes = [ctypes.c_void_p]
-        self._libc.free.restype = None
-        self._libc.fdopen.restype = ctypes.c_void_p
-        self._libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
-        self._libc.fclose.argtypes = [ctypes.c_void_p]
-        # Read once, never written: see DOMID_REUSE_ENV.
-        self.reuses_domids = os.environ.get(DOMID_REUSE_ENV) == "0"
-        if not self.reuses_domids:
-            LOG.error(
-                "%s is %r in this service's environment; this host will "
-                "refuse every migration: %s",
-                DOMID_REUSE_ENV,
-                os.environ.get(DOMID_REUSE_ENV),
-                DOMID_REUSE_REASON,
-            )
 
     # -- helpers --
 

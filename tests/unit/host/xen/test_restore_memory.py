@@ -12,7 +12,6 @@ import pytest
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.xen import host as xen_host
-from nova_xen_ncm.host.xen import memdigest
 
 DOMID = 7
 WORDS = base.PAGE_SIZE // 8
@@ -62,13 +61,13 @@ def _built_host(monkeypatch) -> xen_host.XenHost:
     monkeypatch.setattr(xen_host, "FN", memory)
     xen = object.__new__(xen_host.XenHost)
     xen._fmem = object()
-    xen._digests = memdigest.MemoryDigests()
+    xen._init_bookkeeping()
     xen._max_gpfn = lambda domid: len(ram) - 1
     mask, built = xen._probe_pages(DOMID, read=True)
     # One mapping of each batch tells both.
     assert memory.maps == len(ram) // xen_host.MAP_BATCH
     assert mask.tolist() == populated.tolist()
-    xen._built = {DOMID: built}
+    xen._built[DOMID] = built
     return xen
 
 
