@@ -223,8 +223,8 @@ class Restorer:
             self.host.populate(self.domid, pfns[real])
             seen = self._mark(pfns)
             # A zero page arrived: cleared if it held data, from an
-            # earlier batch or from before the stream (a Xen domain's
-            # RAM holds what libxl's build loaded: hvmloader, firmware).
+            # earlier batch or from before the stream (what the host's
+            # build of the new domain loaded, firmware for one).
             clear = alloc & seen
             fresh = np.flatnonzero(alloc & ~seen)
             if len(fresh):
