@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from nova_xen_ncm.cmd import CommandError
+from nova_xen_ncm.cmd import CommandFailed
 from nova_xen_ncm.cmd import migrate
 from nova_xen_ncm.engine.errors import EngineError
 from nova_xen_ncm.host import base
@@ -50,7 +51,12 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "restore",
         help="Restore a guest from a save file.",
-        description="Restore the guest saved in FILE and unpause it.",
+        description=(
+            "Restore the guest saved in FILE and unpause it. Fails (status "
+            "1) when the guest is not running right after (not paused, "
+            "with --paused), naming its state and why it stopped; its "
+            "domain is left to be inspected."
+        ),
     )
     parser.add_argument("file", help="the save file")
     parser.add_argument(
@@ -129,14 +135,42 @@ def run_restore(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CommandError(f"cannot read {args.file}: {exc}") from None
         info = host.domain_info(domid)
+        state = describe_state(info)
+        expected = base.DomainState.RUNNING
+        if args.paused:
+            expected = base.DomainState.PAUSED
+        if info.state != expected:
+            # Left as it is, to be inspected (its console, xl dmesg, the
+            # device model's log) and destroyed by the operator: the
+            # save file is untouched. A guest living in this process
+            # cannot outlive it.
+            if factory.guests_live_in_process(name):
+                left = (
+                    f"it ends with this command (the {name} host driver's "
+                    "guests live in its process)"
+                )
+            else:
+                left = "it is left as it is (destroy it once inspected)"
+            raise CommandFailed(
+                f"restored {args.file} as domain {domid} ({info.name}), "
+                f"but it is {state}, not {expected.value}, right after the "
+                f"restore; {left}"
+            )
         print(
-            f"restored {args.file} as domain {domid} ({info.name}), "
-            f"{info.state.value}",
+            f"restored {args.file} as domain {domid} ({info.name}), {state}",
             flush=True,
         )
         if args.hold and factory.guests_live_in_process(name):
             migrate.hold([domid], name)
     return 0
+
+
+def describe_state(info: base.DomainInfo) -> str:
+    """The domain's state, with why it stopped if it did:
+    ``shutdown (reboot)``."""
+    if info.shutdown_reason is None:
+        return info.state.value
+    return f"{info.state.value} ({info.shutdown_reason})"
 
 
 def _remove(path: str) -> None:

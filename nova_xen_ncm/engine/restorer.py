@@ -70,7 +70,8 @@ class Restorer:
         # applied (forged memory, xenstore, ports, grants).
         self.limits = validate.GuestLimits.from_host(host, domid)
         # Pfns populated so far: a later XALLOC of one of them means the
-        # page became zero and must be cleared.
+        # page became zero and must be cleared (as must one the host
+        # says may hold data from before the stream).
         self._populated = np.zeros(0, dtype=bool)
 
     def apply(self, record: Record) -> None:
@@ -221,7 +222,17 @@ class Restorer:
             real = (types != libxc.XTAB) & (types != libxc.BROKEN)
             self.host.populate(self.domid, pfns[real])
             seen = self._mark(pfns)
-            cleared = pfns[alloc & seen]
+            # A zero page arrived: cleared if it held data, from an
+            # earlier batch or from before the stream (what the host's
+            # build of the new domain loaded, firmware for one).
+            clear = alloc & seen
+            fresh = np.flatnonzero(alloc & ~seen)
+            if len(fresh):
+                clear[fresh] = np.asarray(
+                    self.host.written_pages(self.domid, pfns[fresh]),
+                    dtype=bool,
+                )
+            cleared = pfns[clear]
             if len(cleared):
                 with self.host.map_pages(
                     self.domid, cleared, writable=True

@@ -191,6 +191,11 @@ class DomainInfo:
     populated_pages: int
     pv_drivers: bool
     cpu_time_ns: int = 0
+    # Why a SHUTDOWN or CRASHED domain stopped, by Xen's name of its
+    # shutdown code (poweroff, reboot, suspend, crash, watchdog,
+    # soft_reset): an HVM guest's triple fault is a reboot. None for a
+    # domain that did not stop, or where the host cannot tell.
+    shutdown_reason: str | None = None
 
 
 # -- platform state -------------------------------------------------------

@@ -141,6 +141,8 @@ class Domain:
         # sets it so that the TSC goes on from the saved CPU records.
         self.tsc_offset = -self._host_tsc()
         self.state = DomainState.PAUSED
+        # The reason a guest's SCHEDOP_shutdown gave, or "crash".
+        self.shutdown_reason: str | None = None
         self.throttle = 1.0
         # Where the vCPUs run (the guest process layer's, guestproc.py):
         # None while no process runs them.
@@ -460,6 +462,7 @@ class Hypervisor:
         if dom.state == DomainState.RUNNING:
             dom.cpu_time += time.monotonic() - dom.run_started
         dom.state = DomainState.SHUTDOWN
+        dom.shutdown_reason = reason
         LOG.info("dom%d: shut down by the guest (%s)", dom.domid, reason)
 
     def _hc_hvm_set_param(self, dom: Domain, index: int, value: int) -> None:
@@ -810,6 +813,7 @@ class Hypervisor:
             )
             dom.cpu_time += time.monotonic() - dom.run_started
             dom.state = DomainState.CRASHED
+            dom.shutdown_reason = "crash"
         cpu = dom.cpu_time
         if dom.state == DomainState.RUNNING:
             cpu += time.monotonic() - dom.run_started
@@ -823,6 +827,11 @@ class Hypervisor:
             populated_pages=dom.mem.nr_ram,
             pv_drivers=dom.config.pv_drivers,
             cpu_time_ns=int(cpu * 1e9 * dom.vcpus),
+            shutdown_reason=(
+                dom.shutdown_reason
+                if dom.state in (DomainState.SHUTDOWN, DomainState.CRASHED)
+                else None
+            ),
         )
 
     def raise_guest_events(self, domid: int) -> tuple[int, ...]:

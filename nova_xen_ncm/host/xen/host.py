@@ -180,6 +180,26 @@ def _shutdown_reason(flags: int) -> int:
     )
 
 
+# Xen's SHUTDOWN_* codes (public/sched.h) by name.
+SHUTDOWN_NAMES = {
+    0: "poweroff",
+    1: "reboot",
+    libs.SHUTDOWN_suspend: "suspend",
+    libs.SHUTDOWN_crash: "crash",
+    4: "watchdog",
+    5: "soft_reset",
+}
+
+
+def _shutdown_name(flags: int) -> str | None:
+    """The shutdown code of a domain shut down, by name; None if it is
+    not shut down."""
+    if not flags & libs.XEN_DOMINF_shutdown:
+        return None
+    code = _shutdown_reason(flags)
+    return SHUTDOWN_NAMES.get(code, f"code {code}")
+
+
 def _domain_state(flags: int) -> DomainState:
     if flags & libs.XEN_DOMINF_dying:
         return DomainState.DYING
@@ -252,20 +272,7 @@ class XenHost(base.HostDriver):
         self._caps: base.Capabilities | None = None
         # Whether xenstored has domain-export (xsmig), asked once.
         self._xs_migrates: bool | None = None
-        # domid -> bool array of the pfns populated in a restoring domain.
-        self._populated: dict[int, np.ndarray] = {}
-        # domid -> ((tot_pages, max gpfn), populated pfns).
-        self._pfn_cache: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
-        # domid -> hypercall buffer of the log-dirty bitmap.
-        self._dirty_bufs: dict[int, tuple[libs.HypercallBuffer, int]] = {}
-        # The memory digests kept while log-dirty is on (memdigest).
-        self._digests = memdigest.MemoryDigests()
-        # domids whose device model this driver stopped.
-        self._dm_stopped: set[int] = set()
-        # Guests whose backends quiesce_backends unbound, until resumed.
-        self._quiesced: dict[int, tuple[devices.Device, ...]] = {}
-        # domid -> CLOCK_MONOTONIC time this driver destroyed it.
-        self._destroyed_at: dict[int, float] = {}
+        self._init_bookkeeping()
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.free.argtypes = [ctypes.c_void_p]
         self._libc.free.restype = None
@@ -282,6 +289,27 @@ class XenHost(base.HostDriver):
                 os.environ.get(DOMID_REUSE_ENV),
                 DOMID_REUSE_REASON,
             )
+
+    def _init_bookkeeping(self) -> None:
+        """What this driver keeps of each domain (no Xen call): empty."""
+        # domid -> bool array of the pfns populated in a restoring domain.
+        self._populated: dict[int, np.ndarray] = {}
+        # domid -> bool array of the pfns of a restoring domain that may
+        # hold data (written_pages): what libxl's build loaded, and the
+        # pages mapped writable since.
+        self._built: dict[int, np.ndarray] = {}
+        # domid -> ((tot_pages, max gpfn), populated pfns).
+        self._pfn_cache: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
+        # domid -> hypercall buffer of the log-dirty bitmap.
+        self._dirty_bufs: dict[int, tuple[libs.HypercallBuffer, int]] = {}
+        # The memory digests kept while log-dirty is on (memdigest).
+        self._digests = memdigest.MemoryDigests()
+        # domids whose device model this driver stopped.
+        self._dm_stopped: set[int] = set()
+        # Guests whose backends quiesce_backends unbound, until resumed.
+        self._quiesced: dict[int, tuple[devices.Device, ...]] = {}
+        # domid -> CLOCK_MONOTONIC time this driver destroyed it.
+        self._destroyed_at: dict[int, float] = {}
 
     # -- helpers --
 
@@ -354,6 +382,7 @@ class XenHost(base.HostDriver):
             populated_pages=raw.tot_pages,
             pv_drivers=pv,
             cpu_time_ns=raw.cpu_time,
+            shutdown_reason=_shutdown_name(raw.flags),
         )
 
     def _guest_bound_ports(self, domid: int) -> bool:
@@ -540,10 +569,39 @@ class XenHost(base.HostDriver):
             raise base.HostError(
                 f"libxl created domain {created}, not {domid}", call=call
             )
-        mask = np.zeros(self._max_gpfn(domid) + 1, dtype=bool)
-        mask[self.populated_pfns(domid).astype(np.int64)] = True
+        # libxl's build loaded hvmloader and its firmware modules into
+        # the new domain's RAM (a restore's libxl skips the build; this
+        # one cannot): the guest's own content, which the stream brings,
+        # may have zero there, sent without data (XALLOC), and the
+        # restorer clears what written_pages says may hold data. Read in
+        # the same pass as the populated pfns are probed: mapping every
+        # pfn is most of its cost, proportional to the guest's RAM, in
+        # SETUP.
+        try:
+            key = self._pfn_key(domid, call)
+            mask, built = self._probe_pages(domid, read=True)
+        except BaseException:
+            # Not restorable without them: nor left behind.
+            self._best_effort_destroy(domid)
+            raise
+        self._pfn_cache[domid] = (key, np.flatnonzero(mask).astype(np.uint64))
         self._populated[domid] = mask
+        self._built[domid] = built
         return domid
+
+    def written_pages(self, domid: int, pfns: np.ndarray) -> np.ndarray:
+        """For a domain being restored: the pages libxl's build loaded
+        something into and those mapped writable since; the others are
+        zero as Xen populated them. For any other domain every page (a
+        guest's writes are not known without log-dirty)."""
+        built = self._built.get(domid)
+        if built is None:
+            return super().written_pages(domid, pfns)
+        idx = np.asarray(pfns, dtype=np.int64)
+        out = np.zeros(len(idx), dtype=bool)
+        inside = idx < len(built)
+        out[inside] = built[idx[inside]]
+        return out
 
     @contextlib.contextmanager
     def _libxl(self) -> Iterator[ctypes.c_void_p]:
@@ -668,6 +726,7 @@ class XenHost(base.HostDriver):
     def _forget(self, domid: int) -> None:
         self._digests.stop(domid)
         self._populated.pop(domid, None)
+        self._built.pop(domid, None)
         self._pfn_cache.pop(domid, None)
         self._dm_stopped.discard(domid)
         buf = self._dirty_bufs.pop(domid, None)
@@ -832,6 +891,8 @@ class XenHost(base.HostDriver):
             domid=domid,
         )
         self._populated.pop(domid, None)
+        # Running, it writes where it will.
+        self._built.pop(domid, None)
 
     def _nr_cpus(self) -> int:
         phys = libs.XenSysctlPhysinfo()
@@ -882,8 +943,17 @@ class XenHost(base.HostDriver):
     def _populated_mask(self, domid: int) -> np.ndarray:
         """Which pfns up to the maximum gpfn are populated: Xen maps
         those and refuses the others."""
+        return self._probe_pages(domid, read=False)[0]
+
+    def _probe_pages(
+        self, domid: int, *, read: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Which pfns up to the maximum gpfn are populated and, with
+        ``read``, which of those hold a non-zero octet, read while they
+        are mapped (only those: a pfn Xen refused faults if touched)."""
         top = self._max_gpfn(domid) + 1
         mask = np.zeros(top, dtype=bool)
+        nonzero = np.zeros(top if read else 0, dtype=bool)
         for start in range(0, top, MAP_BATCH):
             n = min(MAP_BATCH, top - start)
             pfns = np.arange(start, start + n, dtype=np.uint64)
@@ -894,16 +964,29 @@ class XenHost(base.HostDriver):
             )
             if not addr:
                 libs.raise_for("xenforeignmemory_map", domid=domid)
-            FN.xenforeignmemory_unmap(self._fmem, addr, n)
-            mask[start : start + n] = np.frombuffer(err, dtype=np.int32) == 0
-        return mask
+            try:
+                ok = np.frombuffer(err, dtype=np.int32) == 0
+                rows = np.flatnonzero(ok)
+                if read and len(rows):
+                    region = (ctypes.c_char * (n * PAGE_SIZE)).from_address(
+                        addr
+                    )
+                    found = base.nonzero_pages(memoryview(region), rows)
+                    nonzero[start + rows[found]] = True
+            finally:
+                FN.xenforeignmemory_unmap(self._fmem, addr, n)
+            mask[start : start + n] = ok
+        return mask, nonzero
+
+    def _pfn_key(self, domid: int, call: str) -> tuple[int, int]:
+        raw = self._raw_info(domid, call)
+        return (raw.tot_pages, self._max_gpfn(domid))
 
     def populated_pfns(self, domid: int) -> np.ndarray:
         # Probing every pfn costs a hypercall each, so the answer is kept
         # while the domain's page count and top gpfn stay the same: an HVM
         # guest without a balloon driver never changes its physmap.
-        raw = self._raw_info(domid, "populated_pfns")
-        key = (raw.tot_pages, self._max_gpfn(domid))
+        key = self._pfn_key(domid, "populated_pfns")
         cached = self._pfn_cache.get(domid)
         if cached is None or cached[0] != key:
             pfns = np.flatnonzero(self._populated_mask(domid)).astype(
@@ -962,6 +1045,15 @@ class XenHost(base.HostDriver):
     def map_pages(
         self, domid: int, pfns: np.ndarray, writable: bool = False
     ) -> base.PageMapping:
+        built = self._built.get(domid)
+        if writable and built is not None and len(pfns):
+            idx = np.asarray(pfns, dtype=np.int64)
+            top = int(idx.max()) + 1
+            if top > len(built):
+                grown = np.zeros(top, dtype=bool)
+                grown[: len(built)] = built
+                built = self._built[domid] = grown
+            built[idx] = True
         return _XenPageMapping(self, domid, pfns, writable)
 
     def enable_log_dirty(self, domid: int) -> None:
@@ -1555,6 +1647,10 @@ class XenHost(base.HostDriver):
 
     def import_pv_state(self, domid: int, state: base.PvState) -> None:
         self.domain_info(domid)
+        # From here the backends (in-flight requests answered) and Xen
+        # (vcpu_info, runstate areas) write into the guest's pages, not
+        # through map_pages: written_pages no longer knows them.
+        self._built.pop(domid, None)
         pvctx.import_(self, self.domain_context(), domid, state)
 
     def event_channels(self, domid: int) -> tuple[base.EventChannel, ...]:

@@ -108,6 +108,20 @@ def test_a_page_that_became_zero_is_cleared(host):
     assert not restorer.done
 
 
+def test_a_zero_page_clears_what_the_domain_held_before_the_stream(host):
+    # As libxl's build loads hvmloader into a Xen domain's RAM: the
+    # host says the page may hold data; the guest's page is zero.
+    host.populate(DOMID, np.array([5], dtype=np.uint64))
+    with host.map_pages(
+        DOMID, np.array([5], dtype=np.uint64), writable=True
+    ) as mapping:
+        mapping.pages[0][:] = b"\x5a" * PAGE
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
+    apply_all(restorer, stream(pages([5, 6], [libxc.XALLOC] * 2, [])))
+    assert read_page(host, 5) == bytes(PAGE)
+    assert read_page(host, 6) == bytes(PAGE)
+
+
 def test_platform_records_mark_the_stop(host):
     restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
     records = stream(pages([1], [libxc.NOTAB], b"\x01" * PAGE), platform(host))

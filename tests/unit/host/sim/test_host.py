@@ -1460,6 +1460,7 @@ def test_a_guest_asked_to_shut_down_through_xenstore_shuts_itself_down(
     ), host.domain_info(domid)
     # Acknowledged by the guest (Linux clears the node), not the host.
     assert xs.read(f"{control}/shutdown") == b""
+    assert host.domain_info(domid).shutdown_reason == "poweroff"
     # A shut-down domain does not run again; it is only destroyed.
     host.unpause(domid)
     assert host.domain_info(domid).state == base.DomainState.SHUTDOWN

@@ -13,7 +13,6 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.host.base import DomainState
 from nova_xen_ncm.host.xen import host
 from nova_xen_ncm.host.xen import libs
-from nova_xen_ncm.host.xen import memdigest
 
 
 def record(typecode: int, instance: int, body: bytes) -> bytes:
@@ -96,6 +95,26 @@ def test_domain_state(flags: int, state: DomainState) -> None:
     assert host._domain_state(flags) is state
 
 
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        # Not shut down: Xen's code is SHUTDOWN_CODE_INVALID.
+        (0xFFFF << libs.XEN_DOMINF_shutdownshift, None),
+        (libs.XEN_DOMINF_paused, None),
+        (libs.XEN_DOMINF_shutdown, "poweroff"),
+        # An HVM guest's triple fault (HVM_PARAM_TRIPLE_FAULT_REASON).
+        (libs.XEN_DOMINF_shutdown | 1 << 16, "reboot"),
+        (libs.XEN_DOMINF_shutdown | 2 << 16, "suspend"),
+        (libs.XEN_DOMINF_shutdown | 3 << 16, "crash"),
+        (libs.XEN_DOMINF_shutdown | 4 << 16, "watchdog"),
+        (libs.XEN_DOMINF_shutdown | 5 << 16, "soft_reset"),
+        (libs.XEN_DOMINF_shutdown | 9 << 16, "code 9"),
+    ],
+)
+def test_shutdown_reason_is_named(flags: int, reason: str | None) -> None:
+    assert host._shutdown_name(flags) == reason
+
+
 class _Xl:
     def __init__(self, fails: bool) -> None:
         self.fails = fails
@@ -113,16 +132,16 @@ def test_a_destroyed_failed_create_leaves_no_page_map(xl_fails: bool) -> None:
     # A domain created again under the same domid must not be taken for
     # the old one, whose pages it does not have.
     xen = object.__new__(host.XenHost)
-    xen._populated = {4: [True], 5: [True]}
-    xen._pfn_cache = {4: ((0, 1), [0]), 5: ((0, 1), [0])}
-    xen._dm_stopped = {4}
-    xen._dirty_bufs = {}
-    xen._digests = memdigest.MemoryDigests()
-    xen._destroyed_at = {}
+    xen._init_bookkeeping()
+    xen._populated.update({4: [True], 5: [True]})
+    xen._built.update({4: [True], 5: [True]})
+    xen._pfn_cache.update({4: ((0, 1), [0]), 5: ((0, 1), [0])})
+    xen._dm_stopped.add(4)
     xen._xl = _Xl(xl_fails)
     xen._best_effort_destroy(4)
     assert xen._xl.runs == [("destroy", "4")]
     assert list(xen._populated) == [5] and list(xen._pfn_cache) == [5]
+    assert list(xen._built) == [5]
     assert xen._dm_stopped == set()
 
 
@@ -141,10 +160,7 @@ def test_a_domid_destroyed_this_second_is_asked_for_in_the_next(
     monkeypatch.setattr(host.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(host.time, "sleep", sleep)
     xen = object.__new__(host.XenHost)
-    xen._populated, xen._pfn_cache, xen._dirty_bufs = {}, {}, {}
-    xen._digests = memdigest.MemoryDigests()
-    xen._dm_stopped = set()
-    xen._destroyed_at = {}
+    xen._init_bookkeeping()
     xen._xl = _Xl(False)
     xen._best_effort_destroy(4)
     clock[0] = 100.5
@@ -303,8 +319,7 @@ def _suspending_host(
     xen._lock = threading.RLock()
     xen._xch = 1
     xen._xsh = 2
-    xen._dm_stopped = set()
-    xen._populated = {}
+    xen._init_bookkeeping()
     xen.opts = types.SimpleNamespace(
         command_timeout=5, qmp_dir="/run/qmp", state_dir="/tmp"
     )

@@ -14,7 +14,6 @@ import xxhash
 
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.xen import host as xen_host
-from nova_xen_ncm.host.xen import memdigest
 
 WORDS = base.PAGE_SIZE // 8
 SHARED = 40  # a page dom0's daemons write (xenstore ring)
@@ -74,10 +73,9 @@ def _driver(ram: np.ndarray, pfns: np.ndarray, monkeypatch):
     monkeypatch.setattr(xen_host, "FN", fake)
     xen = object.__new__(xen_host.XenHost)
     xen._fmem = xen._xch = object()
-    xen._digests = memdigest.MemoryDigests()
-    xen._dirty_bufs = {}
+    xen._init_bookkeeping()
     key = (len(pfns), len(ram) - 1)
-    xen._pfn_cache = {7: (key, pfns)}
+    xen._pfn_cache[7] = (key, pfns)
     xen._raw_info = lambda domid, call: types.SimpleNamespace(
         tot_pages=len(pfns), shared_info_frame=2**64 - 1
     )
