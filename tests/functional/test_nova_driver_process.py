@@ -22,46 +22,90 @@ def _nova_installed() -> bool:
     return importlib.util.find_spec("nova") is not None
 
 
-@pytest.mark.parametrize(
-    "tree, threads",
-    [
-        ("tests/unit/virt", False),
-        ("tests/functional/virt", False),
-        # Nova 34's native threading mode (nova-compute and
-        # nova-conductor run so by default): no eventlet patching.
-        ("tests/functional/virt", True),
-    ],
-    ids=["unit", "functional-eventlet", "functional-threads"],
-)
-def test_nova_driver_tests_pass(tree, threads):
+# The child suites, by the id each test reports: the tree and whether
+# Nova runs in its native threading mode (nova-compute and
+# nova-conductor run so by default in Nova 34: no eventlet patching).
+SUITES = {
+    "unit": ("tests/unit/virt", False),
+    "functional-eventlet": ("tests/functional/virt", False),
+    "functional-threads": ("tests/functional/virt", True),
+}
+# Only bounds a hung child; nothing is asserted about time.
+HANG_LIMIT = 1800
+
+
+class _Child:
+    """One child pytest, its output kept in files (a pipe nobody reads
+    while the others run would fill and stall it)."""
+
+    def __init__(self, name: str, tree: str, threads: bool, tmp) -> None:
+        env = dict(os.environ, NOVA_XEN_NCM_NOVA_PROCESS="1")
+        env.pop("OS_NOVA_DISABLE_EVENTLET_PATCHING", None)
+        if threads:
+            env["OS_NOVA_DISABLE_EVENTLET_PATCHING"] = "true"
+        self.stdout = (tmp / f"{name}.out").open("w+")
+        self.stderr = (tmp / f"{name}.err").open("w+")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                # Each child its own temporary tree: they run at once.
+                f"--basetemp={tmp / name}",
+                tree,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.stdout,
+            stderr=self.stderr,
+            text=True,
+        )
+
+    def result(self) -> tuple[int, str, str]:
+        try:
+            returncode = self.process.wait(timeout=HANG_LIMIT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            returncode = self.process.wait()
+        outputs = []
+        for f in (self.stdout, self.stderr):
+            f.seek(0)
+            outputs.append(f.read())
+            f.close()
+        return returncode, outputs[0], outputs[1]
+
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory) -> dict[str, _Child]:
+    """The child suites, all started at once: they wait on Nova's
+    services far more than they compute (under half a core each), so
+    together they take about as long as the slowest alone."""
     if not _nova_installed():
         if os.environ.get("CI") == "true":
             pytest.fail("Nova is not installed (test-requirements.txt)")
         pytest.skip("Nova is not installed")
-    env = dict(os.environ, NOVA_XEN_NCM_NOVA_PROCESS="1")
-    env.pop("OS_NOVA_DISABLE_EVENTLET_PATCHING", None)
-    if threads:
-        env["OS_NOVA_DISABLE_EVENTLET_PATCHING"] = "true"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-rs",
-            "-p",
-            "no:cacheprovider",
-            tree,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    output = result.stdout[-20000:] + result.stderr[-5000:]
-    assert result.returncode == 0, output
-    summary = result.stdout.strip().splitlines()[-1]
+    tmp = tmp_path_factory.mktemp("nova-children")
+    started = {
+        name: _Child(name, tree, threads, tmp)
+        for name, (tree, threads) in SUITES.items()
+    }
+    yield started
+    for child in started.values():
+        if child.process.poll() is None:
+            child.process.kill()
+            child.process.wait()
+
+
+@pytest.mark.parametrize("name", list(SUITES))
+def test_nova_driver_tests_pass(children, name):
+    returncode, stdout, stderr = children[name].result()
+    output = stdout[-20000:] + stderr[-5000:]
+    assert returncode == 0, output
+    summary = stdout.strip().splitlines()[-1]
     assert " passed" in summary, output
     assert "skipped" not in summary, output
 
