@@ -566,6 +566,9 @@ class Sender:
                 "round": round_,
                 "downtime_target_unmet": True,
                 "expected_pause": decision.expected_pause,
+                "expected_pause_parts": (
+                    decision.parts.to_dict() if decision.parts else None
+                ),
                 "at_throttle": self.stats.throttle,
             },
             reason=decision.reason,
