@@ -124,7 +124,7 @@ class Sender:
                 params,
                 switchover_estimate=max(
                     params.switchover_estimate,
-                    switchover.estimate(endpoint[0]),
+                    switchover.estimate(endpoint[0], params.downtime_target),
                 ),
                 pause_page_cost=switchover.page_cost(endpoint[0]),
             )

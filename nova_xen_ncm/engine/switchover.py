@@ -83,6 +83,9 @@ class SwitchoverHistory:
         )
         # Seconds per page in the pause, per destination (same window).
         self._costs: dict[str, collections.deque[float]] = {}
+        # Refusals not yet applied to the fixed parts, per destination:
+        # each forgets the longest, for the targets the history refuses.
+        self._refusals: collections.Counter[str] = collections.Counter()
 
     def record(
         self,
@@ -123,7 +126,13 @@ class SwitchoverHistory:
             if transfer >= downtime:
                 return None
             part = downtime - transfer
-            self._remember(self._seen, destination).append(part)
+            window = self._remember(self._seen, destination)
+            # A pause measured: the refusals before it now apply to all.
+            for _ in range(
+                min(self._refusals.pop(destination, 0), len(window))
+            ):
+                window.remove(max(window))
+            window.append(part)
         return part
 
     def _remember(
@@ -139,39 +148,58 @@ class SwitchoverHistory:
         while len(self._seen) > self._destinations:
             gone, _ = self._seen.popitem(last=False)
             self._costs.pop(gone, None)
+            self._refusals.pop(gone, None)
         if table is self._seen:
             return seen
         return table.setdefault(
             destination, collections.deque(maxlen=self._window)
         )
 
-    def _fixed(self, destination: str) -> float | None:
+    def _fixed(
+        self, destination: str, target: float | None = None
+    ) -> float | None:
         seen = self._seen.get(destination)
         if not seen or len(seen) < min(SAMPLES, self._window):
             return None
-        return high(seen)
+        fixed = high(seen)
+        if target is not None and fixed < target:
+            return fixed
+        kept = sorted(seen)[: len(seen) - self._refusals[destination]]
+        if len(kept) < min(SAMPLES, self._window):
+            return None
+        return high(kept)
 
-    def estimate(self, destination: str) -> float:
+    def estimate(self, destination: str, target: float | None = None) -> float:
         """The fixed part of a pause to ``destination``: the second
         longest (:func:`high`) of the last ones measured, 0 while fewer
-        than :data:`SAMPLES` (or the whole window, if smaller) were."""
+        than :data:`SAMPLES` (or the whole window, if smaller) were.
+
+        Refusals (:meth:`refused`) forget the longest for a migration
+        whose downtime ``target`` (seconds; None: any) is not longer
+        than it, the migrations the history would refuse; not for one
+        with a longer target: refusals at a 10 ms target, for a fixed
+        part of 18 ms, left a 50 ms target counting none at all, and
+        pausing three times its target."""
         with self._lock:
-            fixed = self._fixed(destination)
+            fixed = self._fixed(destination, target)
         return 0.0 if fixed is None else fixed
 
     def refused(self, destination: str) -> None:
         """A migration to ``destination`` was refused for the pause this
-        history made it expect: its longest fixed part and its highest
-        page cost are forgotten. A refused migration measures nothing,
-        so without this the pauses of one loaded moment would refuse
-        every later migration there for good; after a few refusals
-        fewer than :data:`SAMPLES` fixed parts are left, and the next
-        migration measures the pause again."""
+        history made it expect: its longest fixed part (for the targets
+        it refuses, :meth:`estimate`) and its highest page cost are
+        forgotten. A refused migration measures nothing, so without this
+        the pauses of one loaded moment would refuse every later
+        migration there for good; after a few refusals fewer than
+        :data:`SAMPLES` fixed parts are left, and the next migration
+        measures the pause again."""
         with self._lock:
-            for table in (self._seen, self._costs):
-                window = table.get(destination)
-                if window:
-                    window.remove(max(window))
+            seen = self._seen.get(destination)
+            if seen and self._refusals[destination] < len(seen):
+                self._refusals[destination] += 1
+            costs = self._costs.get(destination)
+            if costs:
+                costs.remove(max(costs))
 
     def page_cost(self, destination: str) -> float:
         """Seconds a page left costs in a pause to ``destination``: the

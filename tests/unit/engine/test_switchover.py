@@ -183,3 +183,40 @@ def test_a_page_costs_what_the_pause_took_beyond_the_fixed_part_counted():
     for _ in range(3):
         history.record("192.0.2.1", 0.45, 0.02, pages=4000, fixed_floor=0.01)
     assert history.page_cost("192.0.2.1") == pytest.approx(100e-6)
+
+
+def test_refusals_at_a_short_target_leave_a_longer_one_its_fixed_part():
+    # Warm-ups measured 18 ms; two migrations at a 10 ms target were
+    # refused for it. At 10 ms the history forgets as before and the
+    # next migration measures the pause again; a 50 ms target, which it
+    # never refused, still counts the 18 ms.
+    history = SwitchoverHistory()
+    for downtime in (0.017, 0.018, 0.019):
+        history.record("192.0.2.1", downtime, 0.0)
+    history.refused("192.0.2.1")
+    assert history.estimate("192.0.2.1", 0.01) == 0.0
+    assert history.estimate("192.0.2.1") == 0.0
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.018)
+    # At the fixed part exactly, the target is one it refuses.
+    assert history.estimate("192.0.2.1", 0.018) == 0.0
+    history.refused("192.0.2.1")
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.018)
+    # A pause measured: the refusals apply to every target from then on
+    # (the two longest forgotten, the new one kept: two, too few) ...
+    history.record("192.0.2.1", 0.016, 0.0)
+    assert history.estimate("192.0.2.1", 0.05) == 0.0
+    # ... and are not applied twice.
+    history.record("192.0.2.1", 0.015, 0.0)
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.016)
+    assert history.estimate("192.0.2.1", 0.01) == pytest.approx(0.016)
+
+
+def test_refusals_count_no_more_than_the_fixed_parts_known():
+    history = SwitchoverHistory()
+    for _ in range(3):
+        history.record("192.0.2.1", 0.1, 0.0)
+    for _ in range(10):
+        history.refused("192.0.2.1")
+    for _ in range(3):
+        history.record("192.0.2.1", 0.2, 0.0)
+    assert history.estimate("192.0.2.1") == pytest.approx(0.2)
