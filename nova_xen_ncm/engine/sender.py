@@ -132,6 +132,9 @@ class Sender:
         self.switchover_estimate = params.switchover_estimate
         #: The cost of a page in the pause the policy was told (seconds).
         self.pause_page_cost = params.pause_page_cost
+        # The target a refusal is told to the history for (its own and
+        # shorter ones then forget the longest fixed part).
+        self._downtime_target = params.downtime_target
         self.policy = policy or policies.load_policy(
             self.opts.precopy_policy, params
         )
@@ -300,7 +303,7 @@ class Sender:
         if self._history is not None and self._refused:
             # Refused for what earlier pauses measured: no pause here
             # to measure, so the history is told, lest it refuse for good.
-            self._history.refused(self.endpoint[0])
+            self._history.refused(self.endpoint[0], self._downtime_target)
             return
         if (
             self._history is None

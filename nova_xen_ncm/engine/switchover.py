@@ -84,8 +84,9 @@ class SwitchoverHistory:
         # Seconds per page in the pause, per destination (same window).
         self._costs: dict[str, collections.deque[float]] = {}
         # Refusals not yet applied to the fixed parts, per destination:
-        # each forgets the longest, for the targets the history refuses.
-        self._refusals: collections.Counter[str] = collections.Counter()
+        # the downtime target of each (None: any), for which and for
+        # shorter ones it forgets the longest fixed part.
+        self._refusals: dict[str, list[float | None]] = {}
 
     def record(
         self,
@@ -129,7 +130,7 @@ class SwitchoverHistory:
             window = self._remember(self._seen, destination)
             # A pause measured: the refusals before it now apply to all.
             for _ in range(
-                min(self._refusals.pop(destination, 0), len(window))
+                min(len(self._refusals.pop(destination, ())), len(window))
             ):
                 window.remove(max(window))
             window.append(part)
@@ -161,10 +162,13 @@ class SwitchoverHistory:
         seen = self._seen.get(destination)
         if not seen or len(seen) < min(SAMPLES, self._window):
             return None
-        fixed = high(seen)
-        if target is not None and fixed < target:
-            return fixed
-        kept = sorted(seen)[: len(seen) - self._refusals[destination]]
+        refusals = self._refusals.get(destination, ())
+        forgotten = sum(
+            1
+            for refused in refusals
+            if target is None or refused is None or target <= refused
+        )
+        kept = sorted(seen)[: len(seen) - forgotten]
         if len(kept) < min(SAMPLES, self._window):
             return None
         return high(kept)
@@ -174,20 +178,23 @@ class SwitchoverHistory:
         longest (:func:`high`) of the last ones measured, 0 while fewer
         than :data:`SAMPLES` (or the whole window, if smaller) were.
 
-        Refusals (:meth:`refused`) forget the longest for a migration
-        whose downtime ``target`` (seconds; None: any) is not longer
-        than it, the migrations the history would refuse; not for one
-        with a longer target: refusals at a 10 ms target, for a fixed
+        Each refusal (:meth:`refused`) forgets the longest for a
+        migration whose downtime ``target`` (seconds; None: any) is not
+        longer than the refused one's: a target refused again and again
+        ends counting none and measures the pause again, whatever made
+        the pause too long; a longer target is not refused for it and
+        keeps what was measured (refusals at a 10 ms target, for a fixed
         part of 18 ms, left a 50 ms target counting none at all, and
-        pausing three times its target."""
+        pausing three times its target)."""
         with self._lock:
             fixed = self._fixed(destination, target)
         return 0.0 if fixed is None else fixed
 
-    def refused(self, destination: str) -> None:
-        """A migration to ``destination`` was refused for the pause this
-        history made it expect: its longest fixed part (for the targets
-        it refuses, :meth:`estimate`) and its highest page cost are
+    def refused(self, destination: str, target: float | None = None) -> None:
+        """A migration to ``destination`` with a downtime ``target``
+        (seconds; None: any) was refused for the pause this history made
+        it expect: its longest fixed part (for that target and shorter
+        ones, :meth:`estimate`) and its highest page cost are
         forgotten. A refused migration measures nothing, so without this
         the pauses of one loaded moment would refuse every later
         migration there for good; after a few refusals fewer than
@@ -195,8 +202,13 @@ class SwitchoverHistory:
         measures the pause again."""
         with self._lock:
             seen = self._seen.get(destination)
-            if seen and self._refusals[destination] < len(seen):
-                self._refusals[destination] += 1
+            if seen:
+                refusals = self._refusals.setdefault(destination, [])
+                refusals.append(target)
+                # No more than the fixed parts known: a target's longest
+                # kept, the others have forgotten all they could.
+                refusals.sort(key=lambda t: float("inf") if t is None else t)
+                del refusals[: max(0, len(refusals) - len(seen))]
             costs = self._costs.get(destination)
             if costs:
                 costs.remove(max(costs))

@@ -187,19 +187,19 @@ def test_a_page_costs_what_the_pause_took_beyond_the_fixed_part_counted():
 
 def test_refusals_at_a_short_target_leave_a_longer_one_its_fixed_part():
     # Warm-ups measured 18 ms; two migrations at a 10 ms target were
-    # refused for it. At 10 ms the history forgets as before and the
-    # next migration measures the pause again; a 50 ms target, which it
-    # never refused, still counts the 18 ms.
+    # refused for it. At 10 ms (and shorter) the history forgets as
+    # before and the next migration measures the pause again; a 50 ms
+    # target, which it never refused, still counts the 18 ms.
     history = SwitchoverHistory()
     for downtime in (0.017, 0.018, 0.019):
         history.record("192.0.2.1", downtime, 0.0)
-    history.refused("192.0.2.1")
+    history.refused("192.0.2.1", 0.01)
     assert history.estimate("192.0.2.1", 0.01) == 0.0
+    assert history.estimate("192.0.2.1", 0.005) == 0.0
     assert history.estimate("192.0.2.1") == 0.0
     assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.018)
-    # At the fixed part exactly, the target is one it refuses.
-    assert history.estimate("192.0.2.1", 0.018) == 0.0
-    history.refused("192.0.2.1")
+    assert history.estimate("192.0.2.1", 0.011) == pytest.approx(0.018)
+    history.refused("192.0.2.1", 0.01)
     assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.018)
     # A pause measured: the refusals apply to every target from then on
     # (the two longest forgotten, the new one kept: two, too few) ...
@@ -211,12 +211,36 @@ def test_refusals_at_a_short_target_leave_a_longer_one_its_fixed_part():
     assert history.estimate("192.0.2.1", 0.01) == pytest.approx(0.016)
 
 
+def test_a_target_longer_than_the_fixed_part_is_not_refused_for_good():
+    # 18 ms learned at a loaded moment; a 20 ms target is longer, but
+    # its pages do not fit the 2 ms left and it is refused: each refusal
+    # at 20 ms forgets the longest for it, until it counts none and
+    # measures the pause again.
+    history = SwitchoverHistory()
+    for downtime in (0.017, 0.018, 0.019):
+        history.record("192.0.2.1", downtime, 0.0)
+    history.refused("192.0.2.1", 0.02)
+    assert history.estimate("192.0.2.1", 0.02) == 0.0
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.018)
+    # A refusal at a longer target also forgets for a shorter one.
+    history = SwitchoverHistory()
+    for downtime in (0.01, 0.017, 0.018, 0.019, 0.02):
+        history.record("192.0.2.1", downtime, 0.0)
+    history.refused("192.0.2.1", 0.05)
+    history.refused("192.0.2.1", 0.01)
+    assert history.estimate("192.0.2.1", 0.01) == pytest.approx(0.017)
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.018)
+    assert history.estimate("192.0.2.1", 0.1) == pytest.approx(0.019)
+
+
 def test_refusals_count_no_more_than_the_fixed_parts_known():
     history = SwitchoverHistory()
     for _ in range(3):
         history.record("192.0.2.1", 0.1, 0.0)
     for _ in range(10):
         history.refused("192.0.2.1")
+    for target in (0.001, 0.002, 0.003, 0.5):
+        history.refused("192.0.2.1", target)
     for _ in range(3):
         history.record("192.0.2.1", 0.2, 0.0)
     assert history.estimate("192.0.2.1") == pytest.approx(0.2)
