@@ -313,7 +313,11 @@ class Sender:
             or downtime is None
         ):
             return
-        transfer = max(0.0, stop.expected_pause - self.switchover_estimate)
+        transfer = (
+            stop.parts.measured_transfer
+            if stop.parts is not None
+            else max(0.0, stop.expected_pause - self.switchover_estimate)
+        )
         fixed = self._history.record(
             self.endpoint[0],
             downtime,

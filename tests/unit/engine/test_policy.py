@@ -759,3 +759,20 @@ def test_an_unmet_target_carries_the_parts_of_the_pause():
     assert decision.target_unmet
     assert decision.parts.fixed == pytest.approx(0.01)
     assert decision.expected_pause == pytest.approx(decision.parts.total)
+
+
+def test_the_parts_keep_the_transfer_without_the_prior():
+    # What the history takes off the pause measured is the transfer at
+    # the pace measured: taking the prior's off would learn a fixed part
+    # short by the guess.
+    params = dataclasses.replace(PARAMS, prior_page_factor=4.0)
+    parts = policy.pause_parts(snap(dirty=1000, rounds=[ROUND_0]), params)
+    assert parts.transfer == pytest.approx(1000 * 4 * 40.96e-6, rel=1e-4)
+    assert parts.paced == pytest.approx(1000 * 40.96e-6, rel=1e-4)
+    assert parts.measured_transfer == parts.paced
+    assert parts.to_dict() == {"fixed": 0.0, "transfer": parts.transfer}
+    # Measured on earlier pauses, the page cost is no guess.
+    measured = dataclasses.replace(params, pause_page_cost=100e-6)
+    parts = policy.pause_parts(snap(dirty=1000, rounds=[ROUND_0]), measured)
+    assert parts.paced is None
+    assert parts.measured_transfer == parts.transfer
