@@ -128,10 +128,13 @@ class SwitchoverHistory:
                 return None
             part = downtime - transfer
             window = self._remember(self._seen, destination)
-            # A pause measured: the refusals before it now apply to all.
-            for _ in range(
-                min(len(self._refusals.pop(destination, ())), len(window))
-            ):
+            # A pause measured: the refusals before it now apply to all
+            # targets, but leave the estimate this pause and the shortest
+            # before it: forgetting all of them left the next migration,
+            # whatever its target, counting no fixed part at all.
+            keep = min(SAMPLES, self._window) - 1
+            refusals = len(self._refusals.pop(destination, ()))
+            for _ in range(min(refusals, max(0, len(window) - keep))):
                 window.remove(max(window))
             window.append(part)
         return part

@@ -201,14 +201,33 @@ def test_refusals_at_a_short_target_leave_a_longer_one_its_fixed_part():
     assert history.estimate("192.0.2.1", 0.011) == pytest.approx(0.018)
     history.refused("192.0.2.1", 0.01)
     assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.018)
-    # A pause measured: the refusals apply to every target from then on
-    # (the two longest forgotten, the new one kept: two, too few) ...
+    # A pause measured: the refusals apply to every target from then on,
+    # but leave an estimate: the longest forgotten down to two, with the
+    # new one three ...
     history.record("192.0.2.1", 0.016, 0.0)
-    assert history.estimate("192.0.2.1", 0.05) == 0.0
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.017)
+    assert history.estimate("192.0.2.1", 0.01) == pytest.approx(0.017)
     # ... and are not applied twice.
     history.record("192.0.2.1", 0.015, 0.0)
-    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.016)
-    assert history.estimate("192.0.2.1", 0.01) == pytest.approx(0.016)
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.017)
+
+
+def test_pauses_of_a_loaded_moment_drain_through_refusals():
+    # Three pauses of 1 s learned; a 50 ms target refused until it
+    # counts none, measures 20 ms; the loaded pauses go one by one.
+    history = SwitchoverHistory()
+    for _ in range(3):
+        history.record("192.0.2.1", 1.0, 0.0)
+    estimates = []
+    for _ in range(5):
+        refusals = 0
+        while history.estimate("192.0.2.1", 0.05) >= 0.05:
+            history.refused("192.0.2.1", 0.05)
+            refusals += 1
+            assert refusals <= 5, "refused for good"
+        history.record("192.0.2.1", 0.02, 0.0)
+        estimates.append(history.estimate("192.0.2.1", 0.05))
+    assert estimates[-1] == pytest.approx(0.02)
 
 
 def test_a_target_longer_than_the_fixed_part_is_not_refused_for_good():
