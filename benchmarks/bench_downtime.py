@@ -22,10 +22,10 @@ the source), downtime over target, the pause the policy expected when it
 stopped, the pages it left, rounds, the throttle decisions, the throttle
 reached, the events that said the target could not be met, the fixed part
 and the cost of a page in the pause it was given (the switch-over
-history's), and at the end the share of runs whose pause kept within 120 %
-of their target (an aborted run paused nothing), overall and by target,
-rate, pattern and configuration, and how many misses and aborts were
-announced.
+history's; 0: none, the policy counts its prior), and at the end the
+share of runs whose pause kept within 120 % of their target (an
+aborted run paused nothing), overall and by target, rate, pattern
+and configuration, and how many misses and aborts were announced.
 
 The source host runs in this process, the destination in a child process
 (``nova-xen-ncm demo``'s host process), as in ``bench_migration.py``.
@@ -150,6 +150,10 @@ def migrate(
             "downtime": stats["actual_downtime"],
             "expected": stats["expected_downtime"],
             "policy_expected": stop.expected_pause if stop else None,
+            # The pause expected by part: fixed, transfer.
+            "policy_parts": (
+                stop.parts.to_dict() if stop and stop.parts else None
+            ),
             "pages_left": sender.stats.remaining_pages,
             "bandwidth": sender.stats.rounds[0].bandwidth,
             "throttle": stats["throttle"],

@@ -124,7 +124,7 @@ class Sender:
                 params,
                 switchover_estimate=max(
                     params.switchover_estimate,
-                    switchover.estimate(endpoint[0]),
+                    switchover.estimate(endpoint[0], params.downtime_target),
                 ),
                 pause_page_cost=switchover.page_cost(endpoint[0]),
             )
@@ -132,6 +132,9 @@ class Sender:
         self.switchover_estimate = params.switchover_estimate
         #: The cost of a page in the pause the policy was told (seconds).
         self.pause_page_cost = params.pause_page_cost
+        # The target a refusal is told to the history for (its own and
+        # shorter ones then forget the longest fixed part).
+        self._downtime_target = params.downtime_target
         self.policy = policy or policies.load_policy(
             self.opts.precopy_policy, params
         )
@@ -300,7 +303,7 @@ class Sender:
         if self._history is not None and self._refused:
             # Refused for what earlier pauses measured: no pause here
             # to measure, so the history is told, lest it refuse for good.
-            self._history.refused(self.endpoint[0])
+            self._history.refused(self.endpoint[0], self._downtime_target)
             return
         if (
             self._history is None
@@ -310,7 +313,11 @@ class Sender:
             or downtime is None
         ):
             return
-        transfer = max(0.0, stop.expected_pause - self.switchover_estimate)
+        transfer = (
+            stop.parts.measured_transfer
+            if stop.parts is not None
+            else max(0.0, stop.expected_pause - self.switchover_estimate)
+        )
         fixed = self._history.record(
             self.endpoint[0],
             downtime,
@@ -569,6 +576,9 @@ class Sender:
                 "round": round_,
                 "downtime_target_unmet": True,
                 "expected_pause": decision.expected_pause,
+                "expected_pause_parts": (
+                    decision.parts.to_dict() if decision.parts else None
+                ),
                 "at_throttle": self.stats.throttle,
             },
             reason=decision.reason,

@@ -83,6 +83,10 @@ class SwitchoverHistory:
         )
         # Seconds per page in the pause, per destination (same window).
         self._costs: dict[str, collections.deque[float]] = {}
+        # Refusals not yet applied to the fixed parts, per destination:
+        # the downtime target of each (None: any), for which and for
+        # shorter ones it forgets the longest fixed part.
+        self._refusals: dict[str, list[float | None]] = {}
 
     def record(
         self,
@@ -123,7 +127,16 @@ class SwitchoverHistory:
             if transfer >= downtime:
                 return None
             part = downtime - transfer
-            self._remember(self._seen, destination).append(part)
+            window = self._remember(self._seen, destination)
+            # A pause measured: the refusals before it now apply to all
+            # targets, but leave the estimate this pause and the shortest
+            # before it: forgetting all of them left the next migration,
+            # whatever its target, counting no fixed part at all.
+            keep = min(SAMPLES, self._window) - 1
+            refusals = len(self._refusals.pop(destination, ()))
+            for _ in range(min(refusals, max(0, len(window) - keep))):
+                window.remove(max(window))
+            window.append(part)
         return part
 
     def _remember(
@@ -139,39 +152,69 @@ class SwitchoverHistory:
         while len(self._seen) > self._destinations:
             gone, _ = self._seen.popitem(last=False)
             self._costs.pop(gone, None)
+            self._refusals.pop(gone, None)
         if table is self._seen:
             return seen
         return table.setdefault(
             destination, collections.deque(maxlen=self._window)
         )
 
-    def _fixed(self, destination: str) -> float | None:
+    def _fixed(
+        self, destination: str, target: float | None = None
+    ) -> float | None:
         seen = self._seen.get(destination)
         if not seen or len(seen) < min(SAMPLES, self._window):
             return None
-        return high(seen)
+        refusals = self._refusals.get(destination, ())
+        forgotten = sum(
+            1
+            for refused in refusals
+            if target is None or refused is None or target <= refused
+        )
+        kept = sorted(seen)[: len(seen) - forgotten]
+        if len(kept) < min(SAMPLES, self._window):
+            return None
+        return high(kept)
 
-    def estimate(self, destination: str) -> float:
+    def estimate(self, destination: str, target: float | None = None) -> float:
         """The fixed part of a pause to ``destination``: the second
         longest (:func:`high`) of the last ones measured, 0 while fewer
-        than :data:`SAMPLES` (or the whole window, if smaller) were."""
+        than :data:`SAMPLES` (or the whole window, if smaller) were.
+
+        Each refusal (:meth:`refused`) forgets the longest for a
+        migration whose downtime ``target`` (seconds; None: any) is not
+        longer than the refused one's: a target refused again and again
+        ends counting none and measures the pause again, whatever made
+        the pause too long; a longer target is not refused for it and
+        keeps what was measured (refusals at a 10 ms target, for a fixed
+        part of 18 ms, left a 50 ms target counting none at all, and
+        pausing three times its target)."""
         with self._lock:
-            fixed = self._fixed(destination)
+            fixed = self._fixed(destination, target)
         return 0.0 if fixed is None else fixed
 
-    def refused(self, destination: str) -> None:
-        """A migration to ``destination`` was refused for the pause this
-        history made it expect: its longest fixed part and its highest
-        page cost are forgotten. A refused migration measures nothing,
-        so without this the pauses of one loaded moment would refuse
-        every later migration there for good; after a few refusals
-        fewer than :data:`SAMPLES` fixed parts are left, and the next
-        migration measures the pause again."""
+    def refused(self, destination: str, target: float | None = None) -> None:
+        """A migration to ``destination`` with a downtime ``target``
+        (seconds; None: any) was refused for the pause this history made
+        it expect: its longest fixed part (for that target and shorter
+        ones, :meth:`estimate`) and its highest page cost are
+        forgotten. A refused migration measures nothing, so without this
+        the pauses of one loaded moment would refuse every later
+        migration there for good; after a few refusals fewer than
+        :data:`SAMPLES` fixed parts are left, and the next migration
+        measures the pause again."""
         with self._lock:
-            for table in (self._seen, self._costs):
-                window = table.get(destination)
-                if window:
-                    window.remove(max(window))
+            seen = self._seen.get(destination)
+            if seen:
+                refusals = self._refusals.setdefault(destination, [])
+                refusals.append(target)
+                # No more than the fixed parts known: a target's longest
+                # kept, the others have forgotten all they could.
+                refusals.sort(key=lambda t: float("inf") if t is None else t)
+                del refusals[: max(0, len(refusals) - len(seen))]
+            costs = self._costs.get(destination)
+            if costs:
+                costs.remove(max(costs))
 
     def page_cost(self, destination: str) -> float:
         """Seconds a page left costs in a pause to ``destination``: the

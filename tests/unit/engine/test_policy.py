@@ -643,3 +643,136 @@ def test_an_unset_unmet_action_is_the_completion_timeout_action():
     )
     conf.set_override("downtime_unmet_action", "abort", group="xen_ncm")
     assert PolicyParams.from_conf(conf).unmet_action is TimeoutAction.ABORT
+
+
+# -- the pause's parts, and a prior page cost ------------------------------
+
+# Round 0 sent 1000 MB in 10 s: 100 MB/s, 40.96 us a page.
+ROUND_0 = rnd(0, 1000 * MB, 0, 10.0)
+
+
+@pytest.mark.parametrize(
+    "factor,measured,dirty,expected",
+    [
+        # No prior: 12207 pages at round 0's pace fit 0.5 s.
+        (0.0, 0.0, 12207, Action.STOP_AND_COPY),
+        # Nothing measured yet: each page counts four times round 0's
+        # 40.96 us, 163.84 us: 3051 pages fit 0.5 s, 3052 do not.
+        (4.0, 0.0, 3051, Action.STOP_AND_COPY),
+        (4.0, 0.0, 3052, Action.CONTINUE),
+        # A cost measured on earlier pauses replaces the prior, lower or
+        # higher: 100 us a page, 5000 fit.
+        (4.0, 100e-6, 5000, Action.STOP_AND_COPY),
+        (4.0, 100e-6, 5001, Action.CONTINUE),
+    ],
+)
+def test_before_any_pause_measured_a_page_costs_the_prior(
+    factor, measured, dirty, expected
+):
+    params = dataclasses.replace(
+        PARAMS, prior_page_factor=factor, pause_page_cost=measured
+    )
+    stats = snap(dirty=dirty, rounds=[ROUND_0])
+    decision = policy.downtime(stats, params)
+    assert decision.action is expected
+    cost = measured or factor * 4096 / (100 * MB)
+    assert decision.parts.transfer == pytest.approx(
+        max(dirty * 4096 / (100 * MB), dirty * cost), rel=1e-4
+    )
+
+
+def test_the_prior_needs_round_0():
+    assert policy.prior_page_cost(snap(), 4.0) == 0.0
+    assert policy.prior_page_cost(snap(rounds=[ROUND_0]), 0.0) == 0.0
+    assert policy.prior_page_cost(
+        snap(rounds=[ROUND_0]), 4.0
+    ) == pytest.approx(4 * 40.96e-6)
+
+
+def test_the_conf_counts_the_prior():
+    from oslo_config import cfg
+
+    from nova_xen_ncm.conf import xen_ncm
+
+    conf = cfg.ConfigOpts()
+    xen_ncm.register_opts(conf)
+    conf([])
+    params = PolicyParams.from_conf(conf)
+    assert params.prior_page_factor == policy.PRIOR_PAGE_FACTOR > 0
+
+
+def test_a_round_of_dirty_pages_replaces_the_prior():
+    # Round 1 sent 100 scattered pages in 1 ms, 10 us a page: that pace,
+    # not four times round 0's 40.96 us, now tells the pause.
+    round_1 = rnd(1, 100 * 4096, 3052, 0.001)
+    params = dataclasses.replace(PARAMS, prior_page_factor=4.0)
+    stats = snap(iteration=2, dirty=3052, rounds=[ROUND_0, round_1])
+    assert policy.measured_pace(stats)
+    assert policy.prior_page_cost(stats, 4.0) == 0.0
+    decision = policy.downtime(stats, params)
+    assert decision.action is Action.STOP_AND_COPY
+    # A round that sent nothing measured nothing: the prior stays.
+    empty = rnd(1, 0, 3052, 0.001)
+    stats = snap(iteration=2, dirty=3052, rounds=[ROUND_0, empty])
+    assert not policy.measured_pace(stats)
+    assert policy.downtime(stats, params).action is Action.CONTINUE
+
+
+def test_the_prior_never_makes_a_migration_abort():
+    # Rounds done, the guest at its throttle floor: the pages left at
+    # four times round 0's pace (0.82 s) are over 120 % of the 0.5 s
+    # target, at round 0's pace (0.2 s) within it. The guess does not
+    # cancel what would have gone on: the pause of the pace is taken.
+    params = dataclasses.replace(
+        PARAMS, prior_page_factor=4.0, max_rounds=1, throttle_min=1.0
+    )
+    stats = snap(iteration=2, dirty=5000, rounds=[ROUND_0])
+    decision = policy.downtime(stats, params)
+    assert decision.action is Action.STOP_AND_COPY
+    assert decision.parts.transfer == pytest.approx(5000 * 40.96e-6, rel=1e-4)
+    without = dataclasses.replace(params, prior_page_factor=0.0)
+    assert policy.downtime(stats, without).action is Action.STOP_AND_COPY
+    # Over the tolerance even at the pace: aborted, as without a prior.
+    stats = snap(iteration=2, dirty=20_000, rounds=[ROUND_0])
+    assert policy.downtime(stats, params).action is Action.ABORT
+
+
+def test_a_stop_says_the_parts_of_the_pause_it_expects():
+    params = dataclasses.replace(PARAMS, switchover_estimate=0.1)
+    decision = policy.downtime(snap(dirty=1000), params)
+    assert decision.action is Action.STOP_AND_COPY
+    assert "expected pause 0.141s: fixed 0.100s, transfer 0.041s" in (
+        decision.reason
+    )
+    assert decision.parts.to_dict() == {
+        "fixed": pytest.approx(0.1),
+        "transfer": pytest.approx(1000 * 4096 / (100 * MB)),
+    }
+
+
+def test_an_unmet_target_carries_the_parts_of_the_pause():
+    # Past max_rounds at the throttle floor: each decision that says the
+    # target is unmet gives the pause expected by part.
+    params = dataclasses.replace(PARAMS, switchover_estimate=0.01)
+    stats = snap(iteration=20, dirty=100_000, throttle=0.2)
+    decision = policy.downtime(stats, params)
+    assert decision.target_unmet
+    assert decision.parts.fixed == pytest.approx(0.01)
+    assert decision.expected_pause == pytest.approx(decision.parts.total)
+
+
+def test_the_parts_keep_the_transfer_without_the_prior():
+    # What the history takes off the pause measured is the transfer at
+    # the pace measured: taking the prior's off would learn a fixed part
+    # short by the guess.
+    params = dataclasses.replace(PARAMS, prior_page_factor=4.0)
+    parts = policy.pause_parts(snap(dirty=1000, rounds=[ROUND_0]), params)
+    assert parts.transfer == pytest.approx(1000 * 4 * 40.96e-6, rel=1e-4)
+    assert parts.paced == pytest.approx(1000 * 40.96e-6, rel=1e-4)
+    assert parts.measured_transfer == parts.paced
+    assert parts.to_dict() == {"fixed": 0.0, "transfer": parts.transfer}
+    # Measured on earlier pauses, the page cost is no guess.
+    measured = dataclasses.replace(params, pause_page_cost=100e-6)
+    parts = policy.pause_parts(snap(dirty=1000, rounds=[ROUND_0]), measured)
+    assert parts.paced is None
+    assert parts.measured_transfer == parts.transfer

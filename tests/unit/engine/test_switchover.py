@@ -183,3 +183,83 @@ def test_a_page_costs_what_the_pause_took_beyond_the_fixed_part_counted():
     for _ in range(3):
         history.record("192.0.2.1", 0.45, 0.02, pages=4000, fixed_floor=0.01)
     assert history.page_cost("192.0.2.1") == pytest.approx(100e-6)
+
+
+def test_refusals_at_a_short_target_leave_a_longer_one_its_fixed_part():
+    # Warm-ups measured 18 ms; two migrations at a 10 ms target were
+    # refused for it. At 10 ms (and shorter) the history forgets as
+    # before and the next migration measures the pause again; a 50 ms
+    # target, which it never refused, still counts the 18 ms.
+    history = SwitchoverHistory()
+    for downtime in (0.017, 0.018, 0.019):
+        history.record("192.0.2.1", downtime, 0.0)
+    history.refused("192.0.2.1", 0.01)
+    assert history.estimate("192.0.2.1", 0.01) == 0.0
+    assert history.estimate("192.0.2.1", 0.005) == 0.0
+    assert history.estimate("192.0.2.1") == 0.0
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.018)
+    assert history.estimate("192.0.2.1", 0.011) == pytest.approx(0.018)
+    history.refused("192.0.2.1", 0.01)
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.018)
+    # A pause measured: the refusals apply to every target from then on,
+    # but leave an estimate: the longest forgotten down to two, with the
+    # new one three ...
+    history.record("192.0.2.1", 0.016, 0.0)
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.017)
+    assert history.estimate("192.0.2.1", 0.01) == pytest.approx(0.017)
+    # ... and are not applied twice.
+    history.record("192.0.2.1", 0.015, 0.0)
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.017)
+
+
+def test_pauses_of_a_loaded_moment_drain_through_refusals():
+    # Three pauses of 1 s learned; a 50 ms target refused until it
+    # counts none, measures 20 ms; the loaded pauses go one by one.
+    history = SwitchoverHistory()
+    for _ in range(3):
+        history.record("192.0.2.1", 1.0, 0.0)
+    estimates = []
+    for _ in range(5):
+        refusals = 0
+        while history.estimate("192.0.2.1", 0.05) >= 0.05:
+            history.refused("192.0.2.1", 0.05)
+            refusals += 1
+            assert refusals <= 5, "refused for good"
+        history.record("192.0.2.1", 0.02, 0.0)
+        estimates.append(history.estimate("192.0.2.1", 0.05))
+    assert estimates[-1] == pytest.approx(0.02)
+
+
+def test_a_target_longer_than_the_fixed_part_is_not_refused_for_good():
+    # 18 ms learned at a loaded moment; a 20 ms target is longer, but
+    # its pages do not fit the 2 ms left and it is refused: each refusal
+    # at 20 ms forgets the longest for it, until it counts none and
+    # measures the pause again.
+    history = SwitchoverHistory()
+    for downtime in (0.017, 0.018, 0.019):
+        history.record("192.0.2.1", downtime, 0.0)
+    history.refused("192.0.2.1", 0.02)
+    assert history.estimate("192.0.2.1", 0.02) == 0.0
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.018)
+    # A refusal at a longer target also forgets for a shorter one.
+    history = SwitchoverHistory()
+    for downtime in (0.01, 0.017, 0.018, 0.019, 0.02):
+        history.record("192.0.2.1", downtime, 0.0)
+    history.refused("192.0.2.1", 0.05)
+    history.refused("192.0.2.1", 0.01)
+    assert history.estimate("192.0.2.1", 0.01) == pytest.approx(0.017)
+    assert history.estimate("192.0.2.1", 0.05) == pytest.approx(0.018)
+    assert history.estimate("192.0.2.1", 0.1) == pytest.approx(0.019)
+
+
+def test_refusals_count_no_more_than_the_fixed_parts_known():
+    history = SwitchoverHistory()
+    for _ in range(3):
+        history.record("192.0.2.1", 0.1, 0.0)
+    for _ in range(10):
+        history.refused("192.0.2.1")
+    for target in (0.001, 0.002, 0.003, 0.5):
+        history.refused("192.0.2.1", target)
+    for _ in range(3):
+        history.record("192.0.2.1", 0.2, 0.0)
+    assert history.estimate("192.0.2.1") == pytest.approx(0.2)
