@@ -163,19 +163,46 @@ class Target:
             },
         }
 
-    def mutate(self, data: bytes) -> bytes:
-        """The stream an input stands for: its first octet picks the
-        record to edit, then (offset, value) edits inside it."""
-        stream = bytearray(self.seed)
-        if not data:
-            return bytes(stream)
+    def _picked(self, data: bytes) -> tuple[str, int, int]:
+        """The record an input's first octet picks. The seed's records
+        are those of a guest that ran: how many xenstore nodes it has
+        depends on how far it got, so one input may pick another record
+        in another run (:meth:`describe` names it)."""
         ncm = [r for r in self.records if r[0].startswith("NCM_")]
         pick = data[0]
         if pick & 0x80 or not ncm:
             pool = self.records
         else:
             pool = ncm
-        name, offset, length = pool[(pick & 0x7F) % len(pool)]
+        return pool[(pick & 0x7F) % len(pool)]
+
+    def describe(self, data: bytes) -> str:
+        """Which record an input edits (its name and rank among the
+        records of that name), to replay it with :meth:`edit`."""
+        if not data:
+            return "the seed"
+        record = self._picked(data)
+        nth = [r for r in self.records if r[0] == record[0]].index(record)
+        return f"{record[0]} #{nth} of {len(self.records)} records"
+
+    def edit(self, name: str, nth: int, at: int, value: int) -> bytes:
+        """The seed with octet ``at`` of the body of the ``nth`` record
+        called ``name`` set to ``value``: a case that names what it
+        edits, whatever the seed's layout."""
+        _, offset, length = [r for r in self.records if r[0] == name][nth]
+        if not 0 <= at < length:
+            raise ValueError(f"{name} #{nth} has {length} octets, not {at}")
+        stream = bytearray(self.seed)
+        stream[offset + RHDR.size + at] = value
+        return bytes(stream)
+
+    def mutate(self, data: bytes) -> bytes:
+        """The stream an input stands for: its first octet picks the
+        record to edit, then (offset, value) edits inside it."""
+        stream = bytearray(self.seed)
+        if not data:
+            return bytes(stream)
+        name, offset, length = self._picked(data)
         for i in range(1, len(data) - _EDIT.size + 1, _EDIT.size):
             where, span, value = _EDIT.unpack_from(data, i)
             if span == 0xFFFF:

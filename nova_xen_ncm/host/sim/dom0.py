@@ -162,6 +162,8 @@ class Dom0Domain:
     disks_here: bool = False
     # A restored guest's store ring, attached to xenstored at unpause.
     detached_ring: memoryview | None = None
+    # dom0's directories above the backend areas an import wrote.
+    imported_parents: set[str] = dataclasses.field(default_factory=set)
 
 
 class Dom0Services:
@@ -502,10 +504,14 @@ class Dom0Services:
             f"/local/domain/{d.backend_domid}/backend/{d.kind}/{dom.domid}"
             for d in dom.config.devices
         }
-        return parents | {
-            b.backend_path.rsplit("/", 1)[0]
-            for b in self.record(dom).backends.values()
-        }
+        return (
+            parents
+            | self.record(dom).imported_parents
+            | {
+                b.backend_path.rsplit("/", 1)[0]
+                for b in self.record(dom).backends.values()
+            }
+        )
 
     def quiesce_backends(self, domid: int) -> None:
         dom = self.hv.domain(domid, "quiesce_backends")

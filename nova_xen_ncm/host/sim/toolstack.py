@@ -658,6 +658,13 @@ class Toolstack:
             if (kind, devid) in seen_devices:
                 raise refuse(f"{where}: listed twice")
             seen_devices.add((kind, devid))
+            # What the reconnect below requires of the state (its xenbus
+            # state, its backend area, its ring), refused now: once the
+            # xenstore is imported a refusal would come too late.
+            try:
+                devices.validate_backend_state(bs)
+            except devices.BackendError as exc:
+                raise refuse(str(exc)) from None
             for port in bs.event_channels:
                 p = ports_by_number.get(port)
                 if (
@@ -804,6 +811,12 @@ class Toolstack:
             # anything; ours is validated above and cannot fail below.
             # The toolstack's directories above the backend areas.
             made = []
+            # Validated as this guest's: its teardown removes them even
+            # if the import fails after writing them, before a backend
+            # that would have named them is recorded.
+            self.services.record(dom).imported_parents.update(
+                b.backend_path.rsplit("/", 1)[0] for b in state.backends
+            )
             for b in state.backends:
                 parent = b.backend_path.rsplit("/", 1)[0]
                 if parent not in made and not self.services.xs_exists(parent):

@@ -4,7 +4,13 @@ A seeded mutator edits the stream of a real guest, record by record, and
 each stream goes through the Restorer of a simulated destination under
 the target's oracle: only the engine's and the codec's errors, nothing
 outside the guest applied, the destination clean after rollback. The run
-stops after FUZZ_SECONDS; longer runs are by hand with atheris.
+covers MIN_CASES inputs on any machine and then as many more as
+FUZZ_SECONDS allow, so the cases past MIN_CASES depend on the machine's
+speed; and the seed is a running guest's stream, whose records (how many
+xenstore nodes) vary from run to run, so an input may edit another record
+in another run. What a run found is therefore kept as a test of its own
+that names the record and octet it edits (the tests after the loop);
+longer runs are by hand with atheris.
 """
 
 import collections
@@ -12,11 +18,14 @@ import importlib.util
 import pathlib
 import random
 import resource
+import struct
 import subprocess
 import sys
 import time
 
 import pytest
+
+from nova_xen_ncm.host.sim import devices
 
 pytestmark = pytest.mark.fuzz
 
@@ -68,12 +77,44 @@ def test_seeded_mutations_of_a_real_stream(target):
         try:
             outcomes[target.check(target.mutate(data))] += 1
         except AssertionError as exc:
-            raise AssertionError(f"input {data.hex()}: {exc}") from exc
+            raise AssertionError(
+                f"input {data.hex()} ({target.describe(data)}): {exc}"
+            ) from exc
         cases += 1
     # The run reached deep enough to be refused for content, not only
     # for framing.
     assert sum(outcomes.values()) == cases
     assert len(outcomes) >= 2, outcomes
+
+
+# The octet of an NCM_PV_DEVICE body holding the backend's xenbus state:
+# after version, devid, backend and frontend domids and the kind
+# (stream.ncm.PV_DEVICE_HEADER).
+BACKEND_STATE_OCTET = struct.calcsize("<IIHHB")
+
+
+@pytest.mark.parametrize("nth", [0, 1])
+def test_a_backend_state_no_backend_takes_is_refused_leaving_nothing(
+    target, nth
+):
+    # XenbusState Unknown (0) decodes, but no backend reconnects in it:
+    # refused before the import writes the guest's backend areas, which
+    # its rollback would not have removed.
+    stream = target.edit("NCM_PV_DEVICE", nth, BACKEND_STATE_OCTET, 0)
+    assert target.check(stream) == "RestoreError"
+
+
+def test_a_backend_failing_after_the_xenstore_import_leaves_nothing(
+    target, monkeypatch
+):
+    # A backend that cannot take over once the import wrote the backend
+    # areas (its disk or ring gone meanwhile): the rollback removes the
+    # areas of the backends that never reconnected too.
+    def refuse(cls, state, **kwargs):
+        raise devices.BackendError(f"{state.kind}/{state.devid}: refused")
+
+    monkeypatch.setattr(devices.Backend, "reconnect", classmethod(refuse))
+    assert target.check(target.seed) == "RestoreError"
 
 
 def _rss_limit_mb() -> int:

@@ -70,6 +70,7 @@ from nova_xen_ncm.host.sim.devices.backend import BackendError
 from nova_xen_ncm.host.sim.devices.backend import BlockStore
 from nova_xen_ncm.host.sim.devices.backend import XenstoreConnectionClient
 from nova_xen_ncm.host.sim.devices.backend import dispatch_watch_events
+from nova_xen_ncm.host.sim.devices.backend import validate_backend_state
 from nova_xen_ncm.host.sim.devices.frontend import FRONTEND_STATE_SIZE
 from nova_xen_ncm.host.sim.devices.frontend import Frontend
 from nova_xen_ncm.host.sim.devices.frontend import FrontendError
@@ -98,4 +99,5 @@ __all__ = [
     "disk_sectors",
     "dispatch_watch_events",
     "parse_frontend_area",
+    "validate_backend_state",
 ]
