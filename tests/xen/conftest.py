@@ -17,9 +17,11 @@ that the two cores are not shared with an idle one.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +66,77 @@ def pytest_collection_modifyitems(
     for item in items:
         if here in Path(str(item.path)).resolve().parents:
             item.add_marker(skip)
+
+
+# The rig's build (Debian's root file system and, for the patched tier,
+# Xen compiled from Debian's source) started as soon as the session
+# knows it will boot a rig, so that it runs beside the tiers before this
+# one (the deployment tier mostly waits on its services) instead of
+# after them. The fixtures wait for it, then build as before: a build
+# already cached returns at once, a failed one fails there with its own
+# output.
+_EARLY_BUILD: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+
+def _rig_items(items: list[pytest.Item]) -> list[pytest.Item]:
+    here = Path(__file__).resolve().parent
+    return [
+        item
+        for item in items
+        if here in Path(str(item.path)).resolve().parents
+        and not item.get_closest_marker("skip")
+    ]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if not _enabled() or session.config.option.collectonly:
+        return
+    rig_items = _rig_items(session.items)
+    if not rig_items or os.geteuid() != 0:
+        return
+    rig = shlex.quote(str(RIG))
+    steps = [f"{rig} build"]
+    if any(item.get_closest_marker("patched_xen") for item in rig_items):
+        steps.append(f"{rig} build-xen")
+    env = dict(os.environ)
+    env.pop("XEN_RIG_XEN", None)
+    fd, name = tempfile.mkstemp(prefix="xen-rig-build-", suffix=".log")
+    with os.fdopen(fd, "wb") as out:
+        build = subprocess.Popen(
+            ["sh", "-c", " && ".join(steps)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    _EARLY_BUILD.append((build, Path(name)))
+
+
+def _early_build_done() -> None:
+    """Waits for the build started at collection (if any)."""
+    while _EARLY_BUILD:
+        build, log = _EARLY_BUILD.pop()
+        try:
+            build.wait(timeout=BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(build.pid, 9)
+            build.wait()
+        if build.returncode != 0:
+            # The fixture's own build says why; this is what ran first.
+            print(f"early xen-rig build failed ({build.returncode}):")
+            print(log.read_text(errors="replace")[-OUTPUT_TAIL:])
+        log.unlink(missing_ok=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # A session ended early (a failure with -x, ^C) does not leave a
+    # build running behind it.
+    for build, log in _EARLY_BUILD:
+        log.unlink(missing_ok=True)
+        if build.poll() is None:
+            os.killpg(build.pid, 15)
+            build.wait()
 
 
 class XenRig:
@@ -138,6 +211,7 @@ _LINK = _free_udp_ports(2)
 
 def _boot(rig: XenRig) -> None:
     started = time.monotonic()
+    _early_build_done()
     built = rig.rig("build", timeout=BUILD_TIMEOUT)
     if built.returncode != 0:
         pytest.fail(f"xen-rig build failed:\n{_tail(built)}", pytrace=False)
@@ -227,6 +301,7 @@ def patched_xen_rig(
     env.pop("XEN_RIG_NET", None)
     rig = XenRig(env)
     started = time.monotonic()
+    _early_build_done()
     built = rig.rig("build-xen", timeout=BUILD_TIMEOUT)
     if built.returncode != 0:
         pytest.fail(
