@@ -12,6 +12,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -64,40 +66,71 @@ class _Child:
             stderr=self.stderr,
             text=True,
         )
+        self.started = time.monotonic()
 
     def result(self) -> tuple[int, str, str]:
+        # The bound counts from the start: all run at once.
+        left = self.started + HANG_LIMIT - time.monotonic()
         try:
-            returncode = self.process.wait(timeout=HANG_LIMIT)
+            returncode = self.process.wait(timeout=max(left, 0))
         except subprocess.TimeoutExpired:
             self.process.kill()
             returncode = self.process.wait()
+            self.stderr.write(f"\nkilled after {HANG_LIMIT} s\n")
         outputs = []
         for f in (self.stdout, self.stderr):
             f.seek(0)
             outputs.append(f.read())
-            f.close()
+        self.close()
         return returncode, outputs[0], outputs[1]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.stdout.close()
+        self.stderr.close()
+
+
+class _Children(dict):
+    """The children by suite, a suite not started yet starting when its
+    test asks for it."""
+
+    def __init__(self, tmp) -> None:
+        super().__init__()
+        self.tmp = tmp
+
+    def __missing__(self, name: str) -> _Child:
+        tree, threads = SUITES[name]
+        self[name] = child = _Child(name, tree, threads, self.tmp)
+        return child
 
 
 @pytest.fixture(scope="module")
-def children(tmp_path_factory) -> dict[str, _Child]:
-    """The child suites, all started at once: they wait on Nova's
-    services far more than they compute (under half a core each), so
-    together they take about as long as the slowest alone."""
+def children(request, tmp_path_factory) -> Iterator[_Children]:
+    """The child suites, those this session runs all started at once:
+    they wait on Nova's services far more than they compute (under half
+    a core each), so together they take about as long as the slowest
+    alone. A suite deselected (-k) is not started; under xdist each
+    starts with its test, as a worker knows not which tests it gets."""
     if not _nova_installed():
         if os.environ.get("CI") == "true":
             pytest.fail("Nova is not installed (test-requirements.txt)")
         pytest.skip("Nova is not installed")
-    tmp = tmp_path_factory.mktemp("nova-children")
-    started = {
-        name: _Child(name, tree, threads, tmp)
-        for name, (tree, threads) in SUITES.items()
-    }
+    started = _Children(tmp_path_factory.mktemp("nova-children"))
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        for item in request.session.items:
+            callspec = getattr(item, "callspec", None)
+            if (
+                getattr(item, "originalname", None)
+                == "test_nova_driver_tests_pass"
+                and item.module is request.module
+                and callspec is not None
+            ):
+                started[callspec.params["name"]]
     yield started
     for child in started.values():
-        if child.process.poll() is None:
-            child.process.kill()
-            child.process.wait()
+        child.close()
 
 
 @pytest.mark.parametrize("name", list(SUITES))
@@ -105,6 +138,7 @@ def test_nova_driver_tests_pass(children, name):
     returncode, stdout, stderr = children[name].result()
     output = stdout[-20000:] + stderr[-5000:]
     assert returncode == 0, output
+    assert stdout.strip(), output
     summary = stdout.strip().splitlines()[-1]
     assert " passed" in summary, output
     assert "skipped" not in summary, output
