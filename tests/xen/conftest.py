@@ -16,9 +16,11 @@ that the two cores are not shared with an idle one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -88,15 +90,30 @@ def _rig_items(items: list[pytest.Item]) -> list[pytest.Item]:
     ]
 
 
+# What the stock rig and the patched one need besides root; a session
+# missing one skips (or fails) in the fixtures, before any build.
+_RIG_TOOLS = ("qemu-system-x86_64", "debootstrap", "mke2fs")
+_XEN_BUILD_TOOLS = ("gcc", "make", "dpkg-source", "patch")
+
+
+def _have(tools: tuple[str, ...]) -> bool:
+    return all(shutil.which(tool) is not None for tool in tools)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     if not _enabled() or session.config.option.collectonly:
         return
+    # xdist workers would each start one in the same cache.
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
     rig_items = _rig_items(session.items)
-    if not rig_items or os.geteuid() != 0:
+    if not rig_items or os.geteuid() != 0 or not _have(_RIG_TOOLS):
         return
     rig = shlex.quote(str(RIG))
     steps = [f"{rig} build"]
-    if any(item.get_closest_marker("patched_xen") for item in rig_items):
+    if _have(_XEN_BUILD_TOOLS) and any(
+        item.get_closest_marker("patched_xen") for item in rig_items
+    ):
         steps.append(f"{rig} build-xen")
     env = dict(os.environ)
     env.pop("XEN_RIG_XEN", None)
@@ -113,30 +130,45 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     _EARLY_BUILD.append((build, Path(name)))
 
 
+def _end_build(build: subprocess.Popen[bytes]) -> None:
+    # Its own session: ^C does not reach it. xen-rig unwinds its mounts
+    # on SIGTERM.
+    for sig, grace in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
+        if build.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(build.pid, sig)
+        try:
+            build.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _early_build_done() -> None:
     """Waits for the build started at collection (if any)."""
     while _EARLY_BUILD:
-        build, log = _EARLY_BUILD.pop()
+        # Listed until it ended: a ^C while waiting leaves it to
+        # pytest_unconfigure.
+        build, log = _EARLY_BUILD[0]
         try:
             build.wait(timeout=BUILD_TIMEOUT)
         except subprocess.TimeoutExpired:
-            os.killpg(build.pid, 9)
-            build.wait()
+            _end_build(build)
         if build.returncode != 0:
             # The fixture's own build says why; this is what ran first.
             print(f"early xen-rig build failed ({build.returncode}):")
             print(log.read_text(errors="replace")[-OUTPUT_TAIL:])
         log.unlink(missing_ok=True)
+        _EARLY_BUILD.pop(0)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     # A session ended early (a failure with -x, ^C) does not leave a
     # build running behind it.
-    for build, log in _EARLY_BUILD:
+    while _EARLY_BUILD:
+        build, log = _EARLY_BUILD.pop()
+        _end_build(build)
         log.unlink(missing_ok=True)
-        if build.poll() is None:
-            os.killpg(build.pid, 15)
-            build.wait()
 
 
 class XenRig:
@@ -258,7 +290,7 @@ def _prerequisites() -> None:
         pytest.skip("Xen tier: set NOVA_XEN_NCM_XEN_TESTS=1 (or CI=true)")
     if os.geteuid() != 0:
         _problem("the Xen rig needs root (debootstrap, chroot, mount)")
-    for tool in ("qemu-system-x86_64", "debootstrap", "mke2fs"):
+    for tool in _RIG_TOOLS:
         if shutil.which(tool) is None:
             _problem(
                 f"{tool} not found; apt-get install qemu-system-x86 "
@@ -287,7 +319,7 @@ def patched_xen_rig(
 ) -> Iterator[XenRig]:
     """A rig running the hypervisor built with ``xen/patches``."""
     _prerequisites()
-    for tool in ("gcc", "make", "dpkg-source", "patch"):
+    for tool in _XEN_BUILD_TOOLS:
         if shutil.which(tool) is None:
             _problem(
                 f"{tool} not found; apt-get install build-essential "
