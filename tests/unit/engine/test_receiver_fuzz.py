@@ -95,13 +95,24 @@ BACKEND_STATE_OCTET = struct.calcsize("<IIHHB")
 
 @pytest.mark.parametrize("nth", [0, 1])
 def test_a_backend_state_no_backend_takes_is_refused_leaving_nothing(
-    target, nth
+    target, nth, monkeypatch
 ):
     # XenbusState Unknown (0) decodes, but no backend reconnects in it:
     # refused before the import writes the guest's backend areas, which
     # its rollback would not have removed.
     stream = target.edit("NCM_PV_DEVICE", nth, BACKEND_STATE_OCTET, 0)
+    reconnected = []
+    reconnect = devices.Backend.reconnect.__func__
+
+    def recorded(cls, state, **kwargs):
+        reconnected.append(f"{state.kind}/{state.devid}")
+        return reconnect(cls, state, **kwargs)
+
+    monkeypatch.setattr(devices.Backend, "reconnect", classmethod(recorded))
     assert target.check(stream) == "RestoreError"
+    # Refused with the stream, before the import: no backend (of the
+    # ones before it either) came to reconnect.
+    assert reconnected == []
 
 
 def test_a_backend_failing_after_the_xenstore_import_leaves_nothing(
