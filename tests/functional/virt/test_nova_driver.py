@@ -1189,25 +1189,31 @@ class TestLiveMigrationControl(LiveMigrationBase):
         }.items():
             self.flags(group="xen_ncm", **{name: value})
 
-    def hold_precopy(self, source: str) -> tuple[threading.Event, list]:
-        """Hold the next migration leaving ``source`` at its first harvest
-        of the dirty log until the driver's abort or force_complete
-        returned. The event is set once held; the list gets True if the
-        hold ran out before a request came."""
+    def hold_precopy(
+        self,
+        source: str,
+        at: str = "harvest_dirty",
+        released_by: tuple[str, ...] = ("abort", "force_complete"),
+    ) -> tuple[threading.Event, list]:
+        """Hold the next migration leaving ``source`` at its first call of
+        the host's ``at`` (by default its first harvest of the dirty log)
+        until one of the driver's ``released_by`` returned. The event is
+        set once held; the list gets True if the hold ran out before a
+        request came."""
         ops = self.computes[source].manager.driver._livemigrationops
         sim = self.sim_host(source)
-        harvest = sim.harvest_dirty
+        call_host = getattr(sim, at)
         held, release = threading.Event(), threading.Event()
         ran_out: list[bool] = []
 
-        def gated(domid):
+        def gated(*args, **kwargs):
             if not release.is_set():
                 held.set()
                 # Under the receiver's io_timeout: a hold that runs out
                 # lets the migration go on, and the test fails on it.
                 if not release.wait(CONTROL_HOLD_TIMEOUT):
                     ran_out.append(True)
-            return harvest(domid)
+            return call_host(*args, **kwargs)
 
         def releasing(call):
             def control(instance):
@@ -1218,8 +1224,8 @@ class TestLiveMigrationControl(LiveMigrationBase):
 
             return control
 
-        self.useFixture(fixtures.MockPatchObject(sim, "harvest_dirty", gated))
-        for name in ("abort", "force_complete"):
+        self.useFixture(fixtures.MockPatchObject(sim, at, gated))
+        for name in released_by:
             self.useFixture(
                 fixtures.MockPatchObject(
                     ops, name, releasing(getattr(ops, name))
@@ -1294,6 +1300,45 @@ class TestLiveMigrationControl(LiveMigrationBase):
             wait_until(lambda: self.sim_host(dest).list_domains() == []),
             self.sim_host(dest).list_domains(),
         )
+
+    def test_abort_after_the_commit_decision_is_refused(self):
+        # Held where the source destroys its copy, after COMMIT: as
+        # libvirt's abortJob past the switch-over, the abort fails, the
+        # migration completes, and the API user finds the abort's event
+        # failed in the instance's actions.
+        server = self.boot()
+        source = server["OS-EXT-SRV-ATTR:host"]
+        dest = [h for h in HOSTS if h != source][0]
+        held, ran_out = self.hold_precopy(
+            source, at="destroy_domain", released_by=("abort",)
+        )
+        self.api.post_server_action(
+            server["id"],
+            {"os-migrateLive": {"host": dest, "block_migration": "auto"}},
+        )
+        self._wait_for_migration_status(server, ["running"])
+        (migration,) = self.migrations(server)
+        self.api.force_complete_migration(server["id"], migration.id)
+        self.assertTrue(
+            held.wait(CONTROL_HOLD_TIMEOUT), "the migration did not commit"
+        )
+        ops = self.computes[source].manager.driver._livemigrationops
+        with ops._lock:
+            outgoing = ops._outgoing[server["id"]]
+        # Past the point of no return: COMMIT was entered.
+        self.assertEqual(Phase.CLEANUP, outgoing.phase)
+        self.api.delete_migration(server["id"], migration.id)
+        self._wait_for_migration_status(server, ["completed"])
+        self._wait_for_instance_action_event(
+            server,
+            "live_migration_cancel",
+            "compute_live_migration_abort",
+            "Error",
+        )
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual([], ran_out)
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual([], self.sim_host(source).list_domains())
 
 
 class TestDrain(LiveMigrationBase):
