@@ -49,6 +49,9 @@ HOSTS = ("host1", "host2")
 REAL_GET_ENDPOINT = openstack.proxy.Proxy.get_endpoint
 # Nova's live-migration notifications, by the side that sends them.
 LIVE_MIGRATION_EVENTS = "instance.live_migration_"
+# Seconds a control test holds its migration in precopy for the request
+# (under the [xen_ncm] io_timeout the destination waits for frames).
+CONTROL_HOLD_TIMEOUT = 20.0
 
 
 def guest_processes() -> list[tuple[int, str]]:
@@ -1165,8 +1168,13 @@ class TestRecoveryReconcilesNova(RecoveryBase):
 
 
 class TestLiveMigrationControl(LiveMigrationBase):
-    """A guest that dirties its memory faster than precopy converges:
-    the migration runs until force-complete or abort reach the engine."""
+    """Force-complete and abort reach a migration held in precopy: the
+    source's engine waits at its first harvest of the dirty log, before
+    its policy decides anything, until the request reached the driver.
+    A guest that dirties faster than precopy converges is not enough on
+    a loaded machine: starved of CPU it dirties next to nothing, the
+    rest fits the downtime target, and the engine commits before the
+    request arrives (an abort is then refused, rightly)."""
 
     def setUp(self):
         super().setUp()
@@ -1181,32 +1189,92 @@ class TestLiveMigrationControl(LiveMigrationBase):
         }.items():
             self.flags(group="xen_ncm", **{name: value})
 
-    def start_migration(self) -> tuple[dict, str, str, int]:
+    def hold_precopy(
+        self,
+        source: str,
+        at: str = "harvest_dirty",
+        released_by: tuple[str, ...] = ("abort", "force_complete"),
+    ) -> tuple[threading.Event, list]:
+        """Hold the next migration leaving ``source`` at its first call of
+        the host's ``at`` (by default its first harvest of the dirty log)
+        until one of the driver's ``released_by`` returned. The event is
+        set once held; the list gets True if the hold ran out before a
+        request came."""
+        ops = self.computes[source].manager.driver._livemigrationops
+        sim = self.sim_host(source)
+        call_host = getattr(sim, at)
+        held, release = threading.Event(), threading.Event()
+        ran_out: list[bool] = []
+
+        def gated(*args, **kwargs):
+            if not release.is_set():
+                held.set()
+                # Under the receiver's io_timeout: a hold that runs out
+                # lets the migration go on, and the test fails on it.
+                if not release.wait(CONTROL_HOLD_TIMEOUT):
+                    ran_out.append(True)
+            return call_host(*args, **kwargs)
+
+        def releasing(call):
+            def control(instance):
+                try:
+                    return call(instance)
+                finally:
+                    release.set()
+
+            return control
+
+        self.useFixture(fixtures.MockPatchObject(sim, at, gated))
+        for name in released_by:
+            self.useFixture(
+                fixtures.MockPatchObject(
+                    ops, name, releasing(getattr(ops, name))
+                )
+            )
+        # Before the hosts close (cleanups run last-in first-out): an
+        # engine still held must not wait out the hold.
+        self.addCleanup(release.set)
+        return held, ran_out
+
+    def start_migration(self) -> tuple[dict, str, str, int, object, list]:
+        """A migration in precopy, held there (:meth:`hold_precopy`):
+        the server, its source and destination, Nova's migration id,
+        the source's OutgoingMigration and the hold's ran-out list."""
         server = self.boot()
         source = server["OS-EXT-SRV-ATTR:host"]
         dest = [h for h in HOSTS if h != source][0]
+        held, ran_out = self.hold_precopy(source)
         self.api.post_server_action(
             server["id"],
             {"os-migrateLive": {"host": dest, "block_migration": "auto"}},
         )
         self._wait_for_migration_status(server, ["running"])
+        self.assertTrue(
+            held.wait(CONTROL_HOLD_TIMEOUT), "the migration did not start"
+        )
         ops = self.computes[source].manager.driver._livemigrationops
-        for _ in range(200):
-            with ops._lock:
-                sender = ops._outgoing.get(server["id"])
-            if sender is not None and sender.stats.rounds:
-                break
-            time.sleep(0.05)
-        else:
-            self.fail("the migration did not start precopy")
+        with ops._lock:
+            outgoing = ops._outgoing[server["id"]]
+        # Held after round 0, before the policy saw it: nothing decided.
+        self.assertEqual(Phase.PRECOPY, outgoing.phase)
+        self.assertIsNone(outgoing.sender.stop_decision)
         (migration,) = self.migrations(server)
-        return server, source, dest, migration.id
+        self.assertEqual("running", migration.status)
+        return server, source, dest, migration.id, outgoing, ran_out
 
     def test_force_complete(self):
-        server, source, dest, migration_id = self.start_migration()
+        server, source, dest, migration_id, outgoing, ran_out = (
+            self.start_migration()
+        )
         self.api.force_complete_migration(server["id"], migration_id)
         self._wait_for_migration_status(server, ["completed"])
         server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual([], ran_out)
+        # Stopped because it was asked to, not because it converged.
+        self.assertEqual(
+            "force-complete", outgoing.sender.stop_decision.reason
+        )
+        self.assertEqual(Phase.DONE, outgoing.phase)
         self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
         self.assertEqual(
             base.DomainState.RUNNING, self.domain_of(server).state
@@ -1214,10 +1282,15 @@ class TestLiveMigrationControl(LiveMigrationBase):
         self.assertEqual([], self.sim_host(source).list_domains())
 
     def test_abort(self):
-        server, source, dest, migration_id = self.start_migration()
+        server, source, dest, migration_id, outgoing, ran_out = (
+            self.start_migration()
+        )
         self.api.delete_migration(server["id"], migration_id)
         self._wait_for_migration_status(server, ["cancelled"])
         server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual([], ran_out)
+        self.assertEqual(Phase.CANCELLED, outgoing.phase)
+        self.assertIsNone(outgoing.sender.stop_decision)
         self.assertEqual(source, server["OS-EXT-SRV-ATTR:host"])
         self.assertEqual(
             base.DomainState.RUNNING, self.domain_of(server).state
@@ -1227,6 +1300,45 @@ class TestLiveMigrationControl(LiveMigrationBase):
             wait_until(lambda: self.sim_host(dest).list_domains() == []),
             self.sim_host(dest).list_domains(),
         )
+
+    def test_abort_after_the_commit_decision_is_refused(self):
+        # Held where the source destroys its copy, after COMMIT: as
+        # libvirt's abortJob past the switch-over, the abort fails, the
+        # migration completes, and the API user finds the abort's event
+        # failed in the instance's actions.
+        server = self.boot()
+        source = server["OS-EXT-SRV-ATTR:host"]
+        dest = [h for h in HOSTS if h != source][0]
+        held, ran_out = self.hold_precopy(
+            source, at="destroy_domain", released_by=("abort",)
+        )
+        self.api.post_server_action(
+            server["id"],
+            {"os-migrateLive": {"host": dest, "block_migration": "auto"}},
+        )
+        self._wait_for_migration_status(server, ["running"])
+        (migration,) = self.migrations(server)
+        self.api.force_complete_migration(server["id"], migration.id)
+        self.assertTrue(
+            held.wait(CONTROL_HOLD_TIMEOUT), "the migration did not commit"
+        )
+        ops = self.computes[source].manager.driver._livemigrationops
+        with ops._lock:
+            outgoing = ops._outgoing[server["id"]]
+        # Past the point of no return: COMMIT was entered.
+        self.assertEqual(Phase.CLEANUP, outgoing.phase)
+        self.api.delete_migration(server["id"], migration.id)
+        self._wait_for_migration_status(server, ["completed"])
+        self._wait_for_instance_action_event(
+            server,
+            "live_migration_cancel",
+            "compute_live_migration_abort",
+            "Error",
+        )
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual([], ran_out)
+        self.assertEqual(dest, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual([], self.sim_host(source).list_domains())
 
 
 class TestDrain(LiveMigrationBase):
