@@ -9,6 +9,7 @@ vCPU time, as Xen accounts it, advances.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -275,7 +276,8 @@ set -e
 xl destroy ncm-dirty 2>/dev/null || true
 # Xen's notes on the guest (a triple fault's among them) in xl dmesg.
 xl set-parameters guest_loglvl=all || true
-rm -f /tmp/ncm-dirty.log /tmp/ncm-dirty.first /tmp/ncm-dirty.init
+rm -f /tmp/ncm-dirty.log /tmp/ncm-dirty.first /tmp/ncm-dirty.init \\
+    /tmp/ncm-dirty.domids
 cat > /tmp/ncm-dirty.cfg <<CFG
 name = "ncm-dirty"
 type = "hvm"
@@ -294,6 +296,7 @@ on_reboot = "preserve"
 CFG
 date +%s > /tmp/ncm-dirty.created
 xl create /tmp/ncm-dirty.cfg
+xl domid ncm-dirty > /tmp/ncm-dirty.domids
 setsid nohup sh -c 'while :; do
     id=$(xl domid ncm-dirty 2>/dev/null) || { sleep 1; continue; }
     t=$(xenstore-read /local/domain/$id/serial/0/tty 2>/dev/null) || t=
@@ -357,7 +360,7 @@ def _dirty_ticks(log: str) -> list[dict[str, str]]:
 # to the first's).
 RESTORE_EVIDENCE = """\
 echo "== xl list"; xl list
-echo "== xl dmesg"; xl dmesg | tail -n 60
+echo "== xl dmesg"; xl dmesg | tail -n 200
 id=$(xl domid ncm-dirty 2>/dev/null) && {
     echo "== xen-hvmctx $id"
     /usr/lib/xen-4.17/bin/xen-hvmctx "$id" 2>&1 | head -n 120
@@ -381,6 +384,47 @@ def _restore_evidence(
     )
 
 
+class _KilledByTheEmulator(Exception):
+    """The guest stopped, and Xen's dump of its vCPU shows the host's
+    state in the guest's registers."""
+
+
+def _host_state_triple_fault(domid: int, dmesg: str) -> bool:
+    """Whether Xen's log holds a triple fault of one of ``domid``'s
+    vCPUs whose dump shows Xen's own code segment and RIP in Xen's text
+    as the guest's: what the rig's emulator (QEMU's TCG emulating SVM
+    for the nested Xen) has done to guests, before and after a restore
+    alike, and a real CPU does not (a VM exit saves the guest's state,
+    never the host's). Only the dump of that vCPU counts, up to its
+    CONTEXT line: a Xen warning's own "RIP: e008" does not."""
+    return any(
+        re.search(r"RIP:\s+e008:\[<ffff82d0", dump.group(2))
+        for dump in re.finditer(
+            rf"\b(d{domid}v\d+) Triple fault[^\n]*\n"
+            r"((?:(?![^\n]*Triple fault)[^\n]*\n)*?)"
+            r"[^\n]*CONTEXT: hvm guest \(\1\)",
+            dmesg,
+        )
+    )
+
+
+def _stopped(rig: XenRig, what: str, evidence: str) -> None:
+    """Fails on a guest that stopped, unless the emulator killed it."""
+    dmesg = rig.run("xl dmesg").stdout
+    killed = [
+        int(d)
+        for d in re.findall(r"\bd(\d+)v\d+ Triple fault", dmesg)
+        if _host_state_triple_fault(int(d), dmesg)
+    ]
+    domids = rig.run(
+        "cat /tmp/ncm-dirty.domids 2>/dev/null; "
+        "xl domid ncm-dirty 2>/dev/null; true"
+    ).stdout.split()
+    if any(str(d) in domids for d in killed):
+        raise _KilledByTheEmulator(f"{what}:\n{evidence}")
+    pytest.fail(f"{what}:\n{evidence}", pytrace=False)
+
+
 def test_linux_guest_dirtying_memory_saved_and_restored(
     xen_rig: XenRig,
 ) -> None:
@@ -389,11 +433,45 @@ def test_linux_guest_dirtying_memory_saved_and_restored(
     and restored by the project under its domid: its own checks of its
     memory and counter page pass after the restore, ticks carrying on
     from where they were. One boot serves every check: the guest is slow
-    to boot (SeaBIOS loads the kernel through fw_cfg)."""
+    to boot (SeaBIOS loads the kernel through fw_cfg).
+
+    A guest the rig's emulator killed (``_host_state_triple_fault``) is
+    booted again and the whole check runs again, twice at most; any
+    other stop fails at once, with Xen's log, the vCPUs' context, the
+    console and the device models' log."""
 
     built = xen_rig.rig("build-guest", timeout=600)
     assert built.returncode == 0, built.stdout + built.stderr
     shutil.copyfile(built.stdout.strip(), xen_rig.share / "ncm-guest.gz")
+    for attempt in range(1, 4):
+        try:
+            log, last = _dirty_cycle(xen_rig)
+            break
+        except _KilledByTheEmulator as killed:
+            print(f"attempt {attempt}: the rig's emulator killed the "
+                  f"guest: {killed}")  # fmt: skip
+            if attempt == 3:
+                raise
+    ticks = _dirty_ticks(log)
+    assert log.count("NCM start ") == 1, log[-3000:]
+    assert "vcpus=2 " in log.split("NCM start ")[1].splitlines()[0]
+    numbers = [int(t["tick"]) for t in ticks]
+    # The pty drops what nobody reads: ticks may be missing around the
+    # restore, never repeated or reset.
+    assert numbers == sorted(set(numbers)), numbers
+    assert numbers[0] <= last < last + 4 <= numbers[-1], (last, numbers)
+    ups = [int(t["up"]) for t in ticks]
+    assert ups == sorted(ups), ups
+    for t in ticks:
+        # Its own memory and counter checks, before and after.
+        assert (t["mem"], t["counter"]) == ("ok", "ok"), t
+    # The control: no Xen interface in use, so the Xen checks fail.
+    assert ticks[-1]["cs"] != "xen", ticks[-1]
+
+
+def _dirty_cycle(xen_rig: XenRig) -> tuple[str, int]:
+    """Boots, saves and restores the guest; its console's log and the
+    number of the last tick it printed before the save."""
     log = ""
     try:
         started = time.monotonic()
@@ -408,7 +486,8 @@ def test_linux_guest_dirtying_memory_saved_and_restored(
         )
         # From its creation: its console's first byte and its init's.
         print(f"HVM Linux boot (s): {timing.stdout.strip()}")
-        assert booted.returncode == 0, booted.stdout + booted.stderr
+        if booted.returncode != 0:
+            _stopped(xen_rig, "boot", booted.stdout + booted.stderr)
         print(f"HVM Linux boot to 3 ticks: {time.monotonic() - started:.0f}s")
         domid = domid_of(xen_rig, "ncm-dirty")
         started = time.monotonic()
@@ -450,11 +529,12 @@ def test_linux_guest_dirtying_memory_saved_and_restored(
             restored.returncode != 0
             or f"as domain {domid} (ncm-dirty), running" not in restored.stdout
         ):
-            pytest.fail(
+            _stopped(
+                xen_rig,
+                "restore",
                 _restore_evidence(
                     xen_rig, saved.stdout + saved.stderr, restored
                 ),
-                pytrace=False,
             )
         # The device model that loaded the saved state has the saved
         # one's machine: the kernel its fw_cfg device serves.
@@ -464,28 +544,21 @@ def test_linux_guest_dirtying_memory_saved_and_restored(
             DIRTY_TICKS.format(ticks=n + 4, timeout=300), timeout=360
         )
         log = xen_rig.run("cat /tmp/ncm-dirty.log").stdout
-        assert waited.returncode == 0, log[-3000:] + waited.stderr
+        if waited.returncode != 0:
+            _stopped(
+                xen_rig,
+                "after the restore",
+                _restore_evidence(
+                    xen_rig, saved.stdout + saved.stderr, waited
+                ),
+            )
     finally:
         xen_rig.run(
             "kill $(cat /tmp/ncm-dirty.reader) 2>/dev/null; "
             "xl destroy ncm-dirty 2>/dev/null; rm -f /tmp/ncm-dirty.save; true"
         )
     print(log[-4000:])
-    ticks = _dirty_ticks(log)
-    assert log.count("NCM start ") == 1, log[-3000:]
-    assert "vcpus=2 " in log.split("NCM start ")[1].splitlines()[0]
-    numbers = [int(t["tick"]) for t in ticks]
-    # The pty drops what nobody reads: ticks may be missing around the
-    # restore, never repeated or reset.
-    assert numbers == sorted(set(numbers)), numbers
-    assert numbers[0] <= last < last + 4 <= numbers[-1], (last, numbers)
-    ups = [int(t["up"]) for t in ticks]
-    assert ups == sorted(ups), ups
-    for t in ticks:
-        # Its own memory and counter checks, before and after.
-        assert (t["mem"], t["counter"]) == ("ok", "ok"), t
-    # The control: no Xen interface in use, so the Xen checks fail.
-    assert ticks[-1]["cs"] != "xen", ticks[-1]
+    return log, last
 
 
 # A loaded machine's rig (TCG) may take minutes to create the guest on
