@@ -136,31 +136,41 @@ def test_a_guest_paused_in_its_boot_probe_goes_on_with_it_there(
     # would notice it moved).
     handlers = Xenstore._HANDLERS
     do_watch = handlers[XsType.WATCH]
-    paused = threading.Event()
+    xs = source.services.xenstore
+    held = threading.Event()
 
-    def watch_then_pause(xs, conn, tx, msg):
-        reply = do_watch(xs, conn, tx, msg)
+    def watch_and_hold(xs_, conn, tx, msg):
+        reply = do_watch(xs_, conn, tx, msg)
         token = msg.payload.split(b"\0")[1]
         if (
-            xs is source.services.xenstore
+            xs_ is xs
             and conn.domid
             and token.startswith(b"fe:")
-            and not paused.is_set()
+            and not held.is_set()
         ):
-            paused.set()
-            pausing = threading.Thread(target=source.pause, args=(conn.domid,))
-            pausing.start()
-            pausing.join(30)
-            assert not pausing.is_alive(), "the pause never came"
+            # Its reply (and the guest's probe) wait in xenstored until
+            # the guest is paused. Not paused from here: xenstored serves
+            # a guest under the host's lock, which the guest's
+            # notification of this request may be waiting for when
+            # xenstored took it first, and the guest answers a pause
+            # only after that hypercall. Nor before create_domain
+            # returns: until then the host does not count the guest as
+            # running, and a pause is none.
+            xs.hold_output(conn.domid, True)
+            held.set()
         return reply
 
-    monkeypatch.setitem(handlers, XsType.WATCH, watch_then_pause)
+    monkeypatch.setitem(handlers, XsType.WATCH, watch_and_hold)
     domid = source.create_domain(guest_config(devices=DEVICES))
-    deadline = time.monotonic() + 30
-    while state_of(source, domid) != base.DomainState.PAUSED:
-        assert time.monotonic() < deadline, "never paused in its probe"
-        time.sleep(0.01)
+    assert held.wait(30), "the guest never watched its first frontend"
     monkeypatch.setitem(handlers, XsType.WATCH, do_watch)
+    source.pause(domid)
+    assert state_of(source, domid) == base.DomainState.PAUSED
+    # The guest never had its reply: xenstored writes it now into the
+    # paused guest's ring, as after a pause that came before it did.
+    assert xs.domain_connection(domid).outbox
+    xs.hold_output(domid, False)
+    xs.service_ring(domid)
     migrate_transparently(source, destination, domid, migration)
     assert_only_on(destination, source, domid, base.DomainState.PAUSED)
     destination.unpause(domid)
