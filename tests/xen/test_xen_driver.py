@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 from typing import TYPE_CHECKING
+from typing import NoReturn
 
 import pytest
 
@@ -407,7 +408,7 @@ def _host_state_triple_fault(domid: int, dmesg: str) -> bool:
     )
 
 
-def _stopped(rig: XenRig, what: str, evidence: str) -> None:
+def _stopped(rig: XenRig, what: str, evidence: str) -> NoReturn:
     """Fails on a guest that stopped, or raises _TripleFaulted when it
     died of a triple fault (with which kind, from Xen's dump)."""
     dmesg = rig.run("xl dmesg").stdout
