@@ -499,7 +499,13 @@ def _dirty_cycle(xen_rig: XenRig) -> tuple[str, int]:
         # From its creation: its console's first byte and its init's.
         print(f"HVM Linux boot (s): {timing.stdout.strip()}")
         if booted.returncode != 0:
-            _stopped(xen_rig, "boot", booted.stdout + booted.stderr)
+            # Xen's whole dump and the vCPUs' context, not its log's tail.
+            evidence = xen_rig.run(RESTORE_EVIDENCE)
+            _stopped(
+                xen_rig,
+                "boot",
+                booted.stdout + booted.stderr + evidence.stdout,
+            )
         print(f"HVM Linux boot to 3 ticks: {time.monotonic() - started:.0f}s")
         domid = domid_of(xen_rig, "ncm-dirty")
         started = time.monotonic()
