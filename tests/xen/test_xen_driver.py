@@ -571,8 +571,12 @@ def _dirty_cycle(xen_rig: XenRig) -> tuple[str, int]:
                 ),
             )
     finally:
+        # Each reader leads its own group (setsid): the cat it may be
+        # running on the console's pty goes too (it reads on for as
+        # long as a device model lives, one the destroy missed too).
         xen_rig.run(
-            "kill $(cat /tmp/ncm-dirty.reader) 2>/dev/null; "
+            "for p in $(cat /tmp/ncm-dirty.reader 2>/dev/null); do "
+            "kill -- -$p 2>/dev/null; done; "
             "xl destroy ncm-dirty 2>/dev/null; rm -f /tmp/ncm-dirty.save; true"
         )
     print(log[-4000:])
