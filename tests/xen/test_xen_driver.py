@@ -524,6 +524,18 @@ def _dirty_cycle(xen_rig: XenRig) -> tuple[str, int]:
             "grep -a -o '\"pv_drivers\": [a-z]*'",
             timeout=900,
         )
+        if (
+            saved.returncode != 0
+            and "before the save: a guest that stopped running"
+            in saved.stdout + saved.stderr
+        ):
+            # It stopped after its ticks, before the save touched it.
+            evidence = xen_rig.run(RESTORE_EVIDENCE)
+            _stopped(
+                xen_rig,
+                "before the save",
+                saved.stdout + saved.stderr + evidence.stdout,
+            )
         assert saved.returncode == 0, saved.stdout + saved.stderr
         print(f"save of 256 MiB: {time.monotonic() - started:.0f}s")
         assert f"saved domain {domid} (ncm-dirty)" in saved.stdout
