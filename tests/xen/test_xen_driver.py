@@ -375,11 +375,16 @@ true
 
 
 def _restore_evidence(
-    rig: XenRig, saved: str, restored: subprocess.CompletedProcess[str]
+    rig: XenRig,
+    saved: str,
+    restored: subprocess.CompletedProcess[str],
+    what: str = "restore",
 ) -> str:
+    """``what`` names the command ``restored`` ran: the restore, or the
+    wait for ticks after it."""
     evidence = rig.run(RESTORE_EVIDENCE)
     return (
-        f"restore (rc={restored.returncode}):\n{restored.stdout}"
+        f"{what} (rc={restored.returncode}):\n{restored.stdout}"
         f"{restored.stderr}\nsave:\n{saved}\n"
         f"{evidence.stdout}{evidence.stderr}"
     )
@@ -579,7 +584,10 @@ def _dirty_cycle(xen_rig: XenRig) -> tuple[str, int]:
                 xen_rig,
                 "after the restore",
                 _restore_evidence(
-                    xen_rig, saved.stdout + saved.stderr, waited
+                    xen_rig,
+                    saved.stdout + saved.stderr,
+                    waited,
+                    "the wait for ticks after the restore",
                 ),
             )
     finally:
