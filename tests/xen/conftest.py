@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -210,6 +211,26 @@ class XenRig:
         took = time.monotonic() - started
         print(f"dom0 ({took:.1f}s, rc={result.returncode}): {script.strip()}")
         return result
+
+    @staticmethod
+    def host_state_triple_fault(domid: int, dmesg: str) -> bool:
+        """Whether Xen's log ``dmesg`` holds a triple fault of one of
+        ``domid``'s vCPUs whose dump shows Xen's own code segment and
+        RIP in Xen's text as the guest's: the rig's emulator (QEMU's TCG
+        emulating SVM for the nested Xen) at fault, as a real CPU never
+        saves the host's state into a guest's (a VM exit saves the
+        guest's). Only the dump of that vCPU counts, up to its CONTEXT
+        line: a Xen warning's own "RIP: e008" does not, nor another
+        domain's fault."""
+        return any(
+            re.search(r"RIP:\s+e008:\[<ffff82d0", dump.group(2))
+            for dump in re.finditer(
+                rf"\b(d{domid}v\d+) Triple fault[^\n]*\n"
+                r"((?:(?![^\n]*Triple fault)[^\n]*\n)*?)"
+                r"[^\n]*CONTEXT: hvm guest \(\1\)",
+                dmesg,
+            )
+        )
 
 
 def _problem(message: str) -> None:

@@ -394,25 +394,6 @@ class _TripleFaulted(Exception):
     """The guest stopped at a triple fault of one of its vCPUs."""
 
 
-def _host_state_triple_fault(domid: int, dmesg: str) -> bool:
-    """Whether Xen's log holds a triple fault of one of ``domid``'s
-    vCPUs whose dump shows Xen's own code segment and RIP in Xen's text
-    as the guest's: the rig's emulator (QEMU's TCG emulating SVM for the
-    nested Xen) at fault, as a real CPU never saves the host's state
-    into a guest's (a VM exit saves the guest's). Only the dump of that
-    vCPU counts, up to its CONTEXT line: a Xen warning's own "RIP: e008"
-    does not."""
-    return any(
-        re.search(r"RIP:\s+e008:\[<ffff82d0", dump.group(2))
-        for dump in re.finditer(
-            rf"\b(d{domid}v\d+) Triple fault[^\n]*\n"
-            r"((?:(?![^\n]*Triple fault)[^\n]*\n)*?)"
-            r"[^\n]*CONTEXT: hvm guest \(\1\)",
-            dmesg,
-        )
-    )
-
-
 def _stopped(rig: XenRig, what: str, evidence: str) -> NoReturn:
     """Fails on a guest that stopped, or raises _TripleFaulted when it
     died of a triple fault (with which kind, from Xen's dump)."""
@@ -425,7 +406,7 @@ def _stopped(rig: XenRig, what: str, evidence: str) -> NoReturn:
         if re.search(rf"\bd{domid}v\d+ Triple fault", dmesg):
             kind = (
                 "the host's state in its registers (the emulator)"
-                if _host_state_triple_fault(int(domid), dmesg)
+                if rig.host_state_triple_fault(int(domid), dmesg)
                 else "the guest's own state in its registers"
             )
             raise _TripleFaulted(f"{what}, {kind}:\n{evidence}")

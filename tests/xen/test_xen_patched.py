@@ -508,7 +508,7 @@ echo "== console"; tail -c +{start} {log} | tail -c 6000
 """
 
 
-def _emulator_fault(refusal: str, evidence: str) -> bool:
+def _emulator_fault(rig: XenRig, refusal: str, evidence: str) -> bool:
     """Whether a failed save is the rig's emulator killing the guest,
     not the product: the save refused this guest for stopping, and
     either Xen's dump of one of its vCPUs at its triple fault shows host
@@ -524,20 +524,8 @@ def _emulator_fault(refusal: str, evidence: str) -> bool:
     )
     if refused is None:
         return False
-    vcpu = rf"d{refused.group(1)}v\d+"
     dmesg, _, console = evidence.partition("== console")
-    # The dump that follows the triple fault of this guest's vCPU, up to
-    # its CONTEXT line: a Xen WARN's own "RIP: e008" elsewhere does not
-    # count, nor another domain's fault.
-    host_state = any(
-        re.search(r"RIP:\s+e008:\[<ffff82d0", dump.group(2))
-        for dump in re.finditer(
-            rf"\b({vcpu}) Triple fault[^\n]*\n"
-            r"((?:(?![^\n]*Triple fault)[^\n]*\n)*?)"
-            r"[^\n]*CONTEXT: hvm guest \(\1\)",
-            dmesg,
-        )
-    )
+    host_state = rig.host_state_triple_fault(int(refused.group(1)), dmesg)
     guest_panic = "Kernel panic - not syncing" in console and bool(
         re.search(
             r"stack guard page|kernel stack overflow|error_entry", console
@@ -557,7 +545,7 @@ def _cycle(rig: XenRig, mode: str) -> dict:
         evidence = rig.run(
             EMULATOR_DEATH.format(start=offset + 1, log=CONSOLE_LOG)
         ).stdout
-        if _emulator_fault(saved.stdout + saved.stderr, evidence):
+        if _emulator_fault(rig, saved.stdout + saved.stderr, evidence):
             raise _DiedOnTheRig(evidence)
         # Whatever failed, Xen's and the guest's account of it.
         print(evidence)
