@@ -443,8 +443,12 @@ def test_linux_guest_dirtying_memory_saved_and_restored(
     so, at boot and after about one restore in two, with the host's
     state in its registers (the rig's emulator, which also kills the
     patched tier's guests) and with its own, entering an interrupt
-    handler, two ticks after its restore: the latter is not explained
-    yet (no Xen host but the rig's has run this guest)."""
+    handler, two ticks after its restore. Both are one death: their
+    general registers put the guest in read_hpet(&clocksource_hpet) on
+    its IRQ stack, reading the HPET counter, an access Xen emulates; the
+    rig's emulator kills it there at boot as after a restore, and a
+    restored domain's HVM context read before its unpause equals the
+    saved one in every record but the clocks."""
 
     built = xen_rig.rig("build-guest", timeout=600)
     assert built.returncode == 0, built.stdout + built.stderr
