@@ -10,13 +10,23 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[3] / "xen" / "test_xen_patched.py"
-_SPEC = importlib.util.spec_from_file_location("_rig_patched", _PATH)
-patched = importlib.util.module_from_spec(_SPEC)
-with warnings.catch_warnings():
-    # Its tier's marks are registered by that tier's conftest only.
-    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
-    _SPEC.loader.exec_module(patched)
+_TIER = Path(__file__).resolve().parents[3] / "xen"
+
+
+def _load(name: str, filename: str):
+    spec = importlib.util.spec_from_file_location(name, _TIER / filename)
+    module = importlib.util.module_from_spec(spec)
+    with warnings.catch_warnings():
+        # Its tier's marks are registered by that tier's conftest only.
+        warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+        spec.loader.exec_module(module)
+    return module
+
+
+patched = _load("_rig_patched", "test_xen_patched.py")
+# The rig fixture's class: its judgement of Xen's dump, which the
+# patched and the stock tiers share.
+XenRig = _load("_rig_conftest", "conftest.py").XenRig
 
 REFUSED = (
     "InPlaceError: domain 5 is crashed during the save: a guest that "
@@ -87,4 +97,4 @@ def _evidence(dmesg: str, console: str = "") -> str:
 def test_only_the_emulators_signature_boots_the_guest_again(
     refusal: str, evidence: str, emulator: bool
 ) -> None:
-    assert patched._emulator_fault(refusal, evidence) is emulator
+    assert patched._emulator_fault(XenRig, refusal, evidence) is emulator
