@@ -584,7 +584,7 @@ class XenHost(base.HostDriver):
             # Not restorable without them: nor left behind.
             self._best_effort_destroy(domid)
             raise
-        self._pfn_cache[domid] = (key, np.flatnonzero(mask).astype(np.uint64))
+        self._keep_pfns(domid, key, mask)
         self._populated[domid] = mask
         self._built[domid] = built
         return domid
@@ -989,17 +989,22 @@ class XenHost(base.HostDriver):
         key = self._pfn_key(domid, "populated_pfns")
         cached = self._pfn_cache.get(domid)
         if cached is None or cached[0] != key:
-            pfns = np.flatnonzero(self._populated_mask(domid)).astype(
-                np.uint64
-            )
-            # Given as is, read-only, not copied: a migration's rounds
-            # then know the p2m unchanged by the array's identity and
-            # compare nothing in the guest's size (8 octets a page for
-            # the copy, a bitmap of the physmap for the comparison).
-            pfns.flags.writeable = False
-            cached = (key, pfns)
-            self._pfn_cache[domid] = cached
+            return self._keep_pfns(domid, key, self._populated_mask(domid))
         return cached[1]
+
+    def _keep_pfns(
+        self, domid: int, key: tuple[int, int], mask: np.ndarray
+    ) -> np.ndarray:
+        """Keeps the populated pfns of ``mask`` under ``key`` (see
+        populated_pfns) and returns them."""
+        pfns = np.flatnonzero(mask).astype(np.uint64)
+        # Given as is, read-only, not copied: a migration's rounds then
+        # know the p2m unchanged by the array's identity and compare
+        # nothing in the guest's size (8 octets a page for the copy, a
+        # bitmap of the physmap for the comparison).
+        pfns.flags.writeable = False
+        self._pfn_cache[domid] = (key, pfns)
+        return pfns
 
     def populate(self, domid: int, pfns: np.ndarray) -> None:
         pfns = np.asarray(pfns, dtype=np.uint64)
