@@ -53,7 +53,9 @@ class _Child:
                 "-m",
                 "pytest",
                 "-q",
-                "-rs",
+                # The summary names each failure and skip with its
+                # message at the end, where the report below looks.
+                "-rfEs",
                 "-p",
                 "no:cacheprovider",
                 # Each child its own temporary tree: they run at once.
@@ -136,12 +138,25 @@ def children(request, tmp_path_factory) -> Iterator[_Children]:
 @pytest.mark.parametrize("name", list(SUITES))
 def test_nova_driver_tests_pass(children, name):
     returncode, stdout, stderr = children[name].result()
-    output = stdout[-20000:] + stderr[-5000:]
+    output = _report(stdout, stderr)
     assert returncode == 0, output
     assert stdout.strip(), output
     summary = stdout.strip().splitlines()[-1]
     assert " passed" in summary, output
     assert "skipped" not in summary, output
+
+
+def _report(stdout: str, stderr: str) -> str:
+    """What a failed child printed that says why: the start of its first
+    failure (the assertion, before the captured logs that can fill any
+    tail) and its tail (the short summary naming every failure)."""
+    head = ""
+    for banner in ("= FAILURES =", "= ERRORS ="):
+        at = stdout.find(banner)
+        if at >= 0:
+            head = stdout[at : at + 12000] + "\n[...]\n"
+            break
+    return head + stdout[-12000:] + stderr[-5000:]
 
 
 # -- the driver as installed: Nova's layouts ------------------------------
@@ -385,3 +400,21 @@ def test_nova_wheel_and_wheel_in_another_site(layouts_dir, this_wheel):
     python = _venv(layouts_dir / "wheels-venv", system_site=True)
     _pip(python, this_wheel)
     _assert_loaded(_check(python), pathlib.Path(nova.virt.__path__[0]))
+
+
+def test_a_failed_childs_report_keeps_its_assertion_past_long_logs():
+    # A failure's captured logs can be far longer than any tail kept:
+    # the report still shows the assertion and the summary's name.
+    stdout = (
+        "tests/functional/virt/test_x.py F\n"
+        "=================== FAILURES ===================\n"
+        "E   AssertionError: ('host2', 'active') != ('host2', 'error')\n"
+        + "INFO a captured log line\n"
+        * 5000
+        + "FAILED tests/functional/virt/test_x.py::T::test_y - Assert\n"
+        "1 failed in 1.00s\n"
+    )
+    report = _report(stdout, "")
+    assert "('host2', 'active') != ('host2', 'error')" in report
+    assert "FAILED tests/functional/virt/test_x.py::T::test_y" in report
+    assert len(report) < len(stdout) / 2

@@ -1487,8 +1487,12 @@ class TestRecoveryOfADestination(RecoveryBase):
             {"os-migrateLive": {"host": dest, "block_migration": "auto"}},
         )
         # No answer to the source's commit query: in doubt, its copy
-        # stays paused, and Nova errors the instance on the source.
+        # stays paused, and Nova errors the instance on the source (the
+        # migration's status first, then the instance's state).
         self._wait_for_migration_status(server, ["error"])
+        self._wait_for_state_change(
+            server, "ERROR", max_retries=240, wait_for_fault_key=False
+        )
         self.assertEqual(
             [base.DomainState.RUNNING],
             [d.state for d in hypervisors[dest].list_domains()],
