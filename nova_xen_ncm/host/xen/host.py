@@ -580,13 +580,26 @@ class XenHost(base.HostDriver):
         try:
             key = self._pfn_key(domid, call)
             mask, built = self._probe_pages(domid, read=True)
+            shared = self._shared_with_dom0(domid)
         except BaseException:
             # Not restorable without them: nor left behind.
             self._best_effort_destroy(domid)
             raise
-        self._keep_pfns(domid, key, mask)
+        pfns = self._keep_pfns(domid, key, mask)
         self._populated[domid] = mask
         self._built[domid] = built
+        # The memory digest is kept from this read on, as a source's is
+        # from log-dirty's start: the blocks of zero pages have their
+        # terms now, the others (what the build loaded) are read before
+        # the pause, and each writable mapping marks the blocks it wrote
+        # (_XenPageMapping.close): at READY only what was written since
+        # the last settle_digest is read.
+        self._digests.start_restoring(
+            domid,
+            base.pfn_difference(pfns, shared),
+            (key, shared.tobytes()),
+            np.flatnonzero(built).astype(np.uint64),
+        )
         return domid
 
     def written_pages(self, domid: int, pfns: np.ndarray) -> np.ndarray:
@@ -892,7 +905,13 @@ class XenHost(base.HostDriver):
         )
         self._populated.pop(domid, None)
         # Running, it writes where it will.
-        self._built.pop(domid, None)
+        self._stop_restoring(domid)
+
+    def _stop_restoring(self, domid: int) -> None:
+        """Nothing more is known of what writes the restored domain's
+        memory: neither which pages may hold data nor its digest."""
+        if self._built.pop(domid, None) is not None:
+            self._digests.stop(domid)
 
     def _nr_cpus(self) -> int:
         phys = libs.XenSysctlPhysinfo()
@@ -997,7 +1016,13 @@ class XenHost(base.HostDriver):
     ) -> np.ndarray:
         """Keeps the populated pfns of ``mask`` under ``key`` (see
         populated_pfns) and returns them."""
-        pfns = np.flatnonzero(mask).astype(np.uint64)
+        return self._keep_pfns_sorted(
+            domid, key, np.flatnonzero(mask).astype(np.uint64)
+        )
+
+    def _keep_pfns_sorted(
+        self, domid: int, key: tuple[int, int], pfns: np.ndarray
+    ) -> np.ndarray:
         # Given as is, read-only, not copied: a migration's rounds then
         # know the p2m unchanged by the array's identity and compare
         # nothing in the guest's size (8 octets a page for the copy, a
@@ -1020,6 +1045,10 @@ class XenHost(base.HostDriver):
             grown[: len(mask)] = mask
             mask = self._populated[domid] = grown
         new = np.unique(pfns[~mask[pfns.astype(np.int64)]])
+        if not len(new):
+            return
+        cached = self._pfn_cache.pop(domid, None)
+        added = []
         for start in range(0, len(new), MAP_BATCH):
             chunk = new[start : start + MAP_BATCH]
             arr = (ctypes.c_ulong * len(chunk))(*chunk.tolist())
@@ -1035,17 +1064,55 @@ class XenHost(base.HostDriver):
                     rc = FN.xc_domain_populate_physmap_exact(
                         self._xch, domid, 1, 0, 0, one
                     )
-                    if rc < 0 and ctypes.get_errno() != errnos.EBUSY:
+                    if rc >= 0:
+                        added.append(pfn)
+                    elif ctypes.get_errno() != errnos.EBUSY:
                         libs.raise_for(
                             "xc_domain_populate_physmap_exact",
                             f"pfn {pfn:#x}",
                             domid=domid,
                         )
                 rc = 0
-            libs.check("xc_domain_populate_physmap_exact", rc, domid=domid)
+            else:
+                libs.check("xc_domain_populate_physmap_exact", rc, domid=domid)
+                added.extend(chunk.tolist())
             mask[chunk.astype(np.int64)] = True
-        if len(new):
-            self._pfn_cache.pop(domid, None)
+        self._populated_more(domid, cached, np.array(added, np.uint64))
+
+    def _populated_more(
+        self,
+        domid: int,
+        cached: tuple[tuple[int, int], np.ndarray] | None,
+        added: np.ndarray,
+    ) -> None:
+        """``added`` (sorted) were populated in a restoring domain whose
+        populated pfns were ``cached``: kept as the answer of
+        populated_pfns, and the counted pfns of its digest, if the
+        domain's page count and top gpfn say nothing else changed;
+        otherwise populated_pfns probes them again."""
+        if cached is None or domid not in self._built:
+            return
+        (tot_pages, top), before = cached
+        key = self._pfn_key(domid, "populate")
+        expected = (
+            tot_pages + len(added),
+            max(top, int(added.max()) if len(added) else top),
+        )
+        if key != expected:
+            LOG.debug(
+                "dom%d: %s pages and top gpfn after populating, %s "
+                "expected: its populated pfns are probed again",
+                domid,
+                key,
+                expected,
+            )
+            return
+        pfns = np.union1d(before, added)
+        self._keep_pfns_sorted(domid, key, pfns)
+        shared = self._shared_with_dom0(domid)
+        self._digests.recount(
+            domid, (key, shared.tobytes()), base.pfn_difference(pfns, shared)
+        )
 
     def map_pages(
         self, domid: int, pfns: np.ndarray, writable: bool = False
@@ -1654,8 +1721,9 @@ class XenHost(base.HostDriver):
         self.domain_info(domid)
         # From here the backends (in-flight requests answered) and Xen
         # (vcpu_info, runstate areas) write into the guest's pages, not
-        # through map_pages: written_pages no longer knows them.
-        self._built.pop(domid, None)
+        # through map_pages: written_pages no longer knows them, nor can
+        # the memory digest be kept (the engine took it just before).
+        self._stop_restoring(domid)
         pvctx.import_(self, self.domain_context(), domid, state)
 
     def event_channels(self, domid: int) -> tuple[base.EventChannel, ...]:
@@ -1769,15 +1837,33 @@ class XenHost(base.HostDriver):
     def settle_digest(self, domid: int) -> None:
         self._digests.settle(domid, functools.partial(self._read_pages, domid))
 
+    def settle_digest_part(self, domid: int, pages: int) -> bool:
+        return self._digests.settle(
+            domid, functools.partial(self._read_pages, domid), pages
+        )
+
     def memory_digest(self, domid: int) -> str:
         """memdigest.DEFINITION over the populated pfns less the pages
         shared with dom0's daemons. Under log-dirty (a migration's
         source) the digest kept since log-dirty was enabled, the blocks
         written since they were read (the harvests, and what the log
-        holds now) read again (memdigest); otherwise every page read
-        now."""
+        holds now) read again (memdigest); of a domain being restored
+        (a destination before its PV import or unpause) the digest kept
+        since its build was read, the blocks its writable mappings wrote
+        since the last settle read again, with those of the pages Xen
+        may write unmapped; otherwise every page read now."""
         reader = functools.partial(self._read_pages, domid)
-        if self._digests.keeps(domid):
+        if domid in self._built and self._digests.keeps(domid):
+            found = self._digests.digest(
+                domid,
+                self._counted_key(domid),
+                functools.partial(self._counted, domid),
+                self._unmapped_writes(domid),
+                reader,
+            )
+            if found is not None:
+                return found
+        elif self._digests.keeps(domid):
             key = self._counted_key(domid)
             # Xen may write those pages after the last harvest (an event
             # delivered to the paused vCPU): read as they are now.
@@ -1797,6 +1883,19 @@ class XenHost(base.HostDriver):
                 if found is not None:
                     return found
         return memdigest.full_digest(self._counted(domid)[1], reader)
+
+    def _unmapped_writes(self, domid: int) -> np.ndarray:
+        """The pages of a domain being restored that Xen may write other
+        than through this driver's mappings, read whenever its digest
+        is: the firmware's reserved area (as a source harvests it every
+        round) and the shared_info frame if it is in the physmap. No
+        vcpu_info or runstate area is registered in a domain that never
+        ran until its PV state is imported, after the digest."""
+        pfns = [self._reserved_pfns(domid)]
+        frame = int(self._raw_info(domid, "memory_digest").shared_info_frame)
+        if frame not in pvctx.UNPLACED:
+            pfns.append(np.array([frame], dtype=np.uint64))
+        return base.pfn_union(*pfns)
 
     def guest_state(
         self,
@@ -1865,10 +1964,12 @@ class _XenPageMapping(base.PageMapping):
         self._addr: int | None = None
         self._region: memoryview | None = None
         # A read-only mapping of a domain whose digest is kept gives it
-        # the terms of the blocks it holds as it closes (memdigest).
+        # the terms of the blocks it holds as it closes (memdigest); a
+        # writable one marks them to be read again.
         self._opened = (
             host._digests.opened(domid) if kept and not writable else None
         )
+        self._writable = writable
         if not n:
             self.pages = []
             return
@@ -1919,6 +2020,11 @@ class _XenPageMapping(base.PageMapping):
             self._host._digests.read(
                 self._domid, self.pfns, self.array(), opened
             )
+        if self._addr is not None and self._writable:
+            # Its writes are done: a settle from now reads them, and
+            # one under way (or a mapping made before) gives no term of
+            # these blocks.
+            self._host._digests.written(self._domid, self.pfns)
         if self._addr is not None:
             self.pages = []
             self._region = None

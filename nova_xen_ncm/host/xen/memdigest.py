@@ -35,18 +35,43 @@ write Xen or a dom0 tool makes elsewhere without logging it goes
 unnoticed, by the sending and by this digest alike. Where the driver
 cannot name those pages (a Xen without XEN_DOMCTL_ncm_vcpu, a guest
 with FIFO event channels, whose control blocks Xen writes unlogged)
-nothing is kept and the paused source reads every page, as does a domain whose
-log-dirty was never enabled here (a restored destination).
+nothing is kept and the paused source reads every page.
+
+A domain being restored (a migration's destination) has its digest kept
+the same way, over the same pfns, from the moment its build was read
+(XenHost.create_empty_domain, which reads every page to learn what the
+build loaded): :meth:`MemoryDigests.start_restoring` gives the blocks of
+zero pages their terms without reading them again and leaves the others
+pending. Nothing logs the writes there: the driver's own writable
+mappings mark their blocks as they close, their writes done
+(:meth:`MemoryDigests.written`: a settle that read a block before gives
+way to the mark), a change of the populated pfns marks the blocks it
+changes (:meth:`MemoryDigests.recount`), the receiver settles the
+pending blocks a part at a time between pre-copy rounds, and the digest
+at READY reads what is still pending plus the pages Xen may write
+through a mapping of its own (the firmware's reserved area, the
+shared_info frame if placed). What it rests on: until the digest, no
+one else writes the domain's RAM. It never ran; no vcpu_info or
+runstate area is registered and no backend connected before its PV
+state is imported, which comes after the digest (and stops keeping it,
+as does the unpause); the device model loads its state without writing
+guest RAM (no emulated display: the xl configuration has vga none).
+The same premise already decides which pages a zero page in the stream
+must clear (XenHost.written_pages). A write elsewhere after the build
+was read goes unnoticed by this digest, as by that clearing, where a
+full read at READY would have found it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 from collections.abc import Callable
 from collections.abc import Iterator
 
 import numpy as np
+import xxhash
 
 from nova_xen_ncm.host import base
 
@@ -73,15 +98,10 @@ def block_terms(
     starts = np.concatenate(([0], cuts)).tolist()
     ends = np.concatenate((cuts, [len(pfns)])).tolist()
     nonzero = base.nonzero_pages(pages)
-    for lo, hi in zip(starts, ends, strict=True):
+    masks = _block_masks(pfns, blocks, starts)
+    for lo, hi, mask in zip(starts, ends, masks, strict=True):
         block = int(blocks[lo])
-        offsets = (pfns[lo:hi] - np.uint64(block * BLOCK)).astype(np.int64)
-        bits = np.zeros(BLOCK, dtype=bool)
-        bits[offsets] = True
-        h = base.memory_hasher(
-            block.to_bytes(8, "little")
-            + np.packbits(bits, bitorder="little").tobytes()
-        )
+        h = _head(block, mask)
         rows = np.flatnonzero(nonzero[lo:hi]) + lo
         if len(rows):
             d = base.memory_hasher(pfns[rows].astype("<u8").tobytes())
@@ -91,14 +111,51 @@ def block_terms(
         yield block, int.from_bytes(h.digest(), "little")
 
 
+def zero_terms(pfns: np.ndarray) -> Iterator[tuple[int, int]]:
+    """``(block, term)`` of each block that ``pfns`` (sorted uint64, every
+    counted pfn of those blocks) covers, those pages all zero: no page is
+    read (:func:`block_terms` of zero pages)."""
+    if not len(pfns):
+        return
+    blocks = pfns // np.uint64(BLOCK)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(blocks)) + 1))
+    masks = _block_masks(pfns, blocks, starts.tolist())
+    for lo, mask in zip(starts.tolist(), masks, strict=True):
+        block = int(blocks[lo])
+        yield block, int.from_bytes(_head(block, mask).digest(), "little")
+
+
+def _block_masks(
+    pfns: np.ndarray, blocks: np.ndarray, starts: list[int]
+) -> list[int]:
+    """Each block's counted pfns as a 64-bit mask (bit i: the block's
+    pfn i), the blocks starting at ``starts`` in ``pfns``."""
+    bits = np.left_shift(
+        np.uint64(1), pfns - blocks * np.uint64(BLOCK), dtype=np.uint64
+    )
+    return np.bitwise_or.reduceat(bits, starts).tolist()
+
+
+def _head(block: int, mask: int) -> xxhash.xxh3_128:
+    """A block's hash before its pages: its index and counted pfns."""
+    return base.memory_hasher(
+        block.to_bytes(8, "little") + mask.to_bytes(8, "little")
+    )
+
+
 def _blocks(pfns: np.ndarray) -> np.ndarray:
     return np.unique(np.asarray(pfns, dtype=np.uint64) // np.uint64(BLOCK))
 
 
 def _pfns_of(counted: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-    """The counted pfns (sorted) of ``blocks`` (sorted)."""
-    which = np.isin(counted // np.uint64(BLOCK), blocks)
-    return counted[which]
+    """The counted pfns (sorted) of ``blocks`` (sorted, distinct): found
+    by bisection, in the blocks' number rather than the guest's size."""
+    blocks = np.asarray(blocks, dtype=np.uint64)
+    lo = np.searchsorted(counted, blocks * np.uint64(BLOCK))
+    hi = np.searchsorted(counted, (blocks + np.uint64(1)) * np.uint64(BLOCK))
+    n = hi - lo
+    idx = np.arange(int(n.sum())) + np.repeat(lo - (np.cumsum(n) - n), n)
+    return counted[idx]
 
 
 def full_digest(counted: np.ndarray, reader: Reader) -> str:
@@ -174,6 +231,26 @@ class MemoryDigests:
         with self._lock:
             self._kept[domid] = kept
 
+    def start_restoring(
+        self,
+        domid: int,
+        counted: np.ndarray,
+        key: object,
+        nonzero: np.ndarray,
+    ) -> None:
+        """A domain to be restored was just built and read whole
+        (``nonzero``: its pages that held a non-zero octet): the terms of
+        its blocks of zero pages are known without reading them again,
+        the others are pending. From here every write to its memory is
+        to be marked (:meth:`written`)."""
+        kept = _Kept(counted=counted, key=key)
+        dirty = np.intersect1d(_blocks(nonzero), _blocks(counted))
+        zero = ~np.isin(counted // np.uint64(BLOCK), dirty)
+        kept.set_terms(zero_terms(counted[zero]))
+        kept.pending = dict.fromkeys(dirty.tolist(), 0)
+        with self._lock:
+            self._kept[domid] = kept
+
     def stop(self, domid: int) -> None:
         with self._lock:
             self._kept.pop(domid, None)
@@ -183,6 +260,13 @@ class MemoryDigests:
 
     def harvested(self, domid: int, pfns: np.ndarray) -> None:
         """The pages of a harvest: their blocks are read again."""
+        self.written(domid, pfns)
+
+    def written(self, domid: int, pfns: np.ndarray) -> None:
+        """``pfns`` were written (a harvest's pages, or a writable mapping
+        of a domain being restored as it closes, its writes done): their
+        blocks are read again, and a mapping made before now gives none
+        of their terms."""
         with self._lock:
             kept = self._kept.get(domid)
             if kept is None:
@@ -254,25 +338,46 @@ class MemoryDigests:
             if kept is None:
                 return None
             if key != kept.key:
-                kept_key, now = counted()
-                changed = np.setxor1d(kept.counted, now)
-                kept.counted, kept.key = now, kept_key
-                for block in _blocks(changed).tolist():
-                    kept.pending[block] = kept.harvests
+                self._recount(kept, *counted())
             for block in _blocks(logged).tolist():
                 kept.pending[block] = kept.harvests
             blocks = np.array(sorted(kept.pending), dtype=np.uint64)
             self._read_pending(kept, blocks, reader)
             return _hexdigest(kept.total)
 
-    def settle(self, domid: int, reader: Reader) -> None:
-        """Read the blocks pending now (the guest still runs)."""
+    def recount(self, domid: int, key: object, counted: np.ndarray) -> None:
+        """The counted pfns changed (pages populated): those of the blocks
+        that gained or lost one are read again."""
+        with self._lock:
+            kept = self._kept.get(domid)
+            if kept is not None:
+                kept.harvests += 1
+                self._recount(kept, key, counted)
+
+    @staticmethod
+    def _recount(kept: _Kept, key: object, counted: np.ndarray) -> None:
+        changed = np.setxor1d(kept.counted, counted)
+        kept.counted, kept.key = counted, key
+        for block in _blocks(changed).tolist():
+            kept.pending[block] = kept.harvests
+
+    def settle(
+        self, domid: int, reader: Reader, pages: int | None = None
+    ) -> bool:
+        """Read the blocks pending now (the guest still runs), or about
+        ``pages`` pages' worth of them; whether any is left."""
         with self._lock:
             kept = self._kept.get(domid)
             if kept is None:
-                return
-            blocks = np.array(sorted(kept.pending), dtype=np.uint64)
+                return False
+            which = (
+                kept.pending
+                if pages is None
+                else itertools.islice(kept.pending, max(1, pages // BLOCK))
+            )
+            blocks = np.array(sorted(which), dtype=np.uint64)
             self._read_pending(kept, blocks, reader)
+            return bool(kept.pending)
 
     def _read_pending(
         self, kept: _Kept, blocks: np.ndarray, reader: Reader

@@ -7,13 +7,16 @@ libxenctrl/libxenforeignmemory over a numpy RAM."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import types
 
 import numpy as np
 import xxhash
 
+from nova_xen_ncm.engine import restorer
 from nova_xen_ncm.host import base
 from nova_xen_ncm.host.xen import host as xen_host
+from nova_xen_ncm.stream import libxc
 
 WORDS = base.PAGE_SIZE // 8
 SHARED = 40  # a page dom0's daemons write (xenstore ring)
@@ -25,10 +28,19 @@ class _FakeXen:
     for, at an address of this process) and a log-dirty that reports
     only what ``dirty`` holds."""
 
-    def __init__(self, ram: np.ndarray) -> None:
+    def __init__(
+        self, ram: np.ndarray, populated: np.ndarray | None = None
+    ) -> None:
         self.ram = ram
+        #: Which pfns Xen maps (the others are refused, as Xen refuses a
+        #: pfn it never populated).
+        self.populated = (
+            np.ones(len(ram), dtype=bool) if populated is None else populated
+        )
         self.dirty: list[int] = []
         self.held: dict[int, ctypes.Array] = {}
+        # Writable mappings: their pages go back into ``ram`` at unmap.
+        self.writable: dict[int, np.ndarray] = {}
         self.bitmap = ctypes.create_string_buffer(len(ram) // 8 + 1)
         #: The pfns of every mapping made, in order.
         self.mapped: list[int] = []
@@ -36,15 +48,30 @@ class _FakeXen:
     def xenforeignmemory_map(self, fmem, domid, prot, n, arr, err):
         pfns = np.ctypeslib.as_array(arr, shape=(n,)).astype(np.int64)
         self.mapped.extend(pfns.tolist())
+        for i in np.flatnonzero(~self.populated[pfns]).tolist():
+            err[i] = -22
         buf = ctypes.create_string_buffer(
             self.ram[pfns].tobytes(), n * base.PAGE_SIZE
         )
         addr = ctypes.addressof(buf)
         self.held[addr] = buf
+        if prot & xen_host.PROT_WRITE:
+            self.writable[addr] = pfns
         return addr
 
     def xenforeignmemory_unmap(self, fmem, addr, n):
-        del self.held[addr]
+        buf = self.held.pop(addr)
+        pfns = self.writable.pop(addr, None)
+        if pfns is not None:
+            self.ram[pfns] = np.frombuffer(buf, np.uint64).reshape(-1, WORDS)
+        return 0
+
+    def xc_domain_populate_physmap_exact(self, xch, domid, n, order, fl, arr):
+        pfns = np.ctypeslib.as_array(arr, shape=(n,)).astype(np.int64)
+        self.populated[pfns] = True
+        return 0
+
+    def xc_domain_unpause(self, xch, domid):
         return 0
 
     def xc_shadow_control(self, xch, domid, op, buf, n):
@@ -313,4 +340,160 @@ def test_a_fifo_guest_is_digested_whole_at_the_pause(monkeypatch) -> None:
     xen.harvest_dirty(7)
     fake.mapped.clear()
     assert xen.memory_digest(7) == _definition(ram, pfns)
+    assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
+
+
+# The destination: a domain libxl built (firmware loaded, its physmap as
+# the source's but for pages the source's firmware populated at run
+# time), the stream written into it by the restorer.
+FIRMWARE = np.r_[300:310, 1100:1110]  # the source has data, then zero
+LATE = np.r_[2000:2004]  # populated by the stream
+
+
+def _destination(monkeypatch, pfns: np.ndarray, pages: int):
+    """The Xen host of a destination, its domain 7 built by
+    create_empty_domain as a migration's SETUP has it built; and the
+    restorer that applies the stream to it."""
+    ram = np.zeros((pages, WORDS), dtype=np.uint64)
+    ram[FIRMWARE, 3] = 0xF1F1
+    populated = np.zeros(pages, dtype=bool)
+    populated[np.setdiff1d(pfns, LATE).astype(np.int64)] = True
+    xen, fake = _driver(ram, pfns, monkeypatch)
+    fake.populated = populated
+    fake.shared_info_frame = 2**64 - 1
+    del xen.populated_pfns
+    xen._pfn_cache.clear()
+    xen._raw_info = lambda domid, call: types.SimpleNamespace(
+        tot_pages=int(fake.populated.sum()),
+        shared_info_frame=fake.shared_info_frame,
+    )
+    del xen._reserved_pfns
+
+    def absent(*args):
+        raise base.DomainNotFound("no", call="domain_info")
+
+    xen.domain_info = xen.find_domain = absent
+    xen.free_memory = lambda: 1 << 40
+    xen.libxl_json = lambda config, domid: "{}"
+    xen._wait_out_destroy_second = lambda domid: None
+    xen._libxl_create = lambda text, call: 7
+    config = base.DomainConfig(name="g", memory_bytes=pages * base.PAGE_SIZE)
+    assert xen.create_empty_domain(config, 7) == 7
+    xen.domain_info = lambda domid: types.SimpleNamespace(
+        memory_bytes=config.memory_bytes, vcpus=1
+    )
+    xen.list_domains = lambda: []
+    return xen, fake, restorer.Restorer(xen, 7, pv_drivers=False)
+
+
+def _send(dest: restorer.Restorer, src: np.ndarray, pfns: np.ndarray) -> None:
+    """A round's pages as the receiver applies them: page data, zero
+    pages as XALLOC, a batch at a time."""
+    for batch in base.iter_batches(pfns, 512):
+        pages = src[batch.astype(np.int64)]
+        data = base.nonzero_pages(pages)
+        kinds = np.where(data, libxc.NOTAB, libxc.XALLOC).astype(np.uint32)
+        mapping = dest.page_targets(
+            batch, kinds, int(data.sum()) * base.PAGE_SIZE
+        )
+        if mapping is None:
+            continue
+        with mapping:
+            for (_, view), page in zip(
+                mapping.runs(), [pages[data].tobytes()], strict=True
+            ):
+                view[:] = page
+
+
+def test_the_destination_reads_at_ready_only_the_blocks_written_since_a_settle(
+    monkeypatch,
+) -> None:
+    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
+    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
+    counted = {int(p) for p in pfns if p != SHARED}
+    assert len(counted) == 2252
+    # Round 0 while the source runs, then the settle its end starts.
+    _send(dest, src, pfns)
+    xen.settle_digest(7)
+    # Nothing of the round is left for the pause.
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(src, pfns)
+    assert fake.mapped == []
+    # The last round after the pause: three pages, one of them turned
+    # zero (XALLOC, cleared).
+    last = np.array([70, 1500, 2001], dtype=np.uint64)
+    src[70, 0] += np.uint64(1)
+    src[1500] = 0
+    src[2001, 7] += np.uint64(1)
+    _send(dest, src, last)
+    fake.mapped.clear()
+    ready = xen.memory_digest(7)
+    assert set(fake.mapped) == _counted_in_blocks(pfns, *last.tolist())
+    # Three blocks, one with a hole (pfn 77): 191 pages, of 2252.
+    assert len(fake.mapped) == 191
+    assert ready == _definition(src, pfns)
+    # The destination's RAM read whole agrees.
+    assert (
+        xen_host.memdigest.full_digest(
+            np.array(sorted(counted), np.uint64),
+            functools.partial(xen._read_pages, 7),
+        )
+        == ready
+    )
+    assert not fake.held
+
+
+def test_a_destination_page_written_unmapped_makes_the_digests_differ(
+    monkeypatch,
+) -> None:
+    # Xen writes the shared_info frame, once in the physmap, through its
+    # own mapping: read at READY whatever the restorer wrote, so that a
+    # page the stream did not make what the source had fails the
+    # migration.
+    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
+    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
+    _send(dest, src, pfns)
+    xen.settle_digest(7)
+    fake.shared_info_frame = 900
+    fake.ram[900, 2] += np.uint64(1)
+    fake.mapped.clear()
+    ready = xen.memory_digest(7)
+    assert set(fake.mapped) == _counted_in_blocks(pfns, 900)
+    assert ready == _definition(fake.ram, pfns)
+    assert ready != _definition(src, pfns)
+
+
+def test_a_settle_in_parts_leaves_the_rest_pending_and_a_write_rereads(
+    monkeypatch,
+) -> None:
+    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
+    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
+    _send(dest, src, pfns)
+    fake.mapped.clear()
+    assert xen.settle_digest_part(7, 256)
+    assert len(fake.mapped) <= 256
+    # A settle under way as a block is written: the write's close comes
+    # after the read, and the block is read again.
+    first = sorted(fake.mapped)[0]
+    src[first, 1] += np.uint64(1)
+    _send(dest, src, np.array([first], np.uint64))
+    while xen.settle_digest_part(7, 256):
+        pass
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(src, pfns)
+    assert fake.mapped == []
+
+
+def test_once_the_domain_runs_its_destination_digest_is_read_whole(
+    monkeypatch,
+) -> None:
+    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
+    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
+    _send(dest, src, pfns)
+    xen.settle_digest(7)
+    xen._dm_left_stopped = lambda domid: False
+    xen.unpause(7)
+    fake.ram[3, 0] += np.uint64(1)  # the guest ran
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(fake.ram, pfns)
     assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
