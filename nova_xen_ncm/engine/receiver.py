@@ -351,6 +351,7 @@ class Receiver:
             try:
                 self._receive(restorer)
             finally:
+                restorer.stop_settling()
                 self._end_transfer()
             message = self._await_commit(self._ready(restorer))
             if isinstance(message, messages.Abort):
@@ -688,6 +689,12 @@ class Receiver:
                     self._applied = event.seq
                     if restorer.done:
                         return
+                    if self._running and self.state.phase is Phase.PRECOPY:
+                        # A round ended and the guest still runs there:
+                        # what the round wrote is digested while the
+                        # source harvests and sends the next, not in the
+                        # pause.
+                        restorer.settle_digest()
                     continue
             except TransportError as exc:
                 if self._data_error is not None:
@@ -697,6 +704,8 @@ class Receiver:
             if isinstance(event, messages.Stopping):
                 # The source pauses now: this side's record of it is
                 # synced while the last pages come (the record's thread).
+                # Nothing settled from here: the last pages come.
+                restorer.stop_settling()
                 if self.state.phase is Phase.PRECOPY:
                     self.state.transition(Phase.PRECOPY, Phase.STOP_AND_COPY)
                 continue
@@ -722,6 +731,7 @@ class Receiver:
                     and restorer.stopped is False
                     and self._stops(record)
                 ):
+                    restorer.stop_settling()
                     self.state.transition(Phase.PRECOPY, Phase.STOP_AND_COPY)
                 restorer.apply(record)
             self._applied = event.seq

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from oslo_log import log as logging
 
 from nova_xen_ncm.engine import pvstate
 from nova_xen_ncm.engine import validate
@@ -26,6 +27,9 @@ from nova_xen_ncm.stream import libxl
 from nova_xen_ncm.stream.errors import BodyError
 from nova_xen_ncm.stream.records import Record
 
+LOG = logging.getLogger(__name__)
+# Pages of the memory digest settled at a time while pages arrive.
+SETTLE_PAGES = 1024
 # The libxc records a restore must have seen (an HVM guest is not whole
 # without them); the first of them marks the stopped guest.
 REQUIRED = ("X86_TSC_INFO", "HVM_CONTEXT", "HVM_PARAMS")
@@ -73,6 +77,11 @@ class Restorer:
         # page became zero and must be cleared (as must one the host
         # says may hold data from before the stream).
         self._populated = np.zeros(0, dtype=bool)
+        # The thread settling the host's memory digest (settle_digest).
+        self._settle_guard = threading.Lock()
+        self._settle_wake = threading.Event()
+        self._settle_stop = threading.Event()
+        self._settler: threading.Thread | None = None
 
     def apply(self, record: Record) -> None:
         if self.done:
@@ -245,6 +254,60 @@ class Restorer:
                 return None
             return self.host.map_pages(self.domid, data_pfns, writable=True)
 
+    def settle_digest(self) -> None:
+        """Have the host bring what it keeps of the memory digest up to
+        date with the pages written so far (a pre-copy round ended), so
+        that the digest taken in the pause reads only those written
+        since. Done in a thread of its own, a part at a time between
+        the batches still applied (pages filled meanwhile are read
+        again), until :meth:`stop_settling`; returns at once."""
+        with self._settle_guard:
+            if self._settle_stop.is_set():
+                return
+            if self._settler is None:
+                self._settler = threading.Thread(
+                    target=self._settle,
+                    name=f"restore-{self.domid}-digest",
+                    daemon=True,
+                )
+                self._settler.start()
+            self._settle_wake.set()
+
+    def stop_settling(self) -> None:
+        """No more settling (the source pauses the guest: the last pages
+        come), once the part under way is read."""
+        with self._settle_guard:
+            self._settle_stop.set()
+            self._settle_wake.set()
+            thread = self._settler
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _settle(self) -> None:
+        try:
+            while not self._settle_stop.is_set():
+                self._settle_wake.wait()
+                self._settle_wake.clear()
+                more = True
+                while more and not self._settle_stop.is_set():
+                    # One part at a time: the batches of the round go on
+                    # between them, and the pause waits for one part at
+                    # most.
+                    with self._lock:
+                        more = self.host.settle_digest_part(
+                            self.domid, SETTLE_PAGES
+                        )
+        except Exception as exc:
+            # What is left is read when the digest is taken, in the pause.
+            LOG.warning(
+                "Domain %d: the memory digest is no longer settled while "
+                "pages arrive: %s: %s",
+                self.domid,
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, base.HostError),
+            )
+
     def arrived(self) -> int:
         """Distinct pages that arrived so far (each counted once, however
         often precopy sent it again)."""
@@ -315,6 +378,7 @@ class Restorer:
             self.limits = validate.GuestLimits.from_host(self.host, self.domid)
             validate.check_pv_records(self.limits, records, self._populated)
             state = records.to_pv_state(self._params)
+            self.stop_settling()
             if self._before_pv_import is not None:
                 self._before_pv_import()
             self.host.import_pv_state(self.domid, state)

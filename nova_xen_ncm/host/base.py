@@ -927,6 +927,15 @@ class HostDriver(abc.ABC):
         pages written since. A host that keeps nothing does nothing."""
         return None
 
+    def settle_digest_part(self, domid: int, pages: int) -> bool:
+        """Part of :meth:`settle_digest`, about ``pages`` pages of it, on a
+        domain being restored while pages still arrive (a migration's
+        destination between rounds, called until it says nothing is
+        left or the last pages come): whether any is left. A host that
+        keeps nothing, or keeps a destination's digest by itself, does
+        nothing."""
+        return False
+
     @abc.abstractmethod
     def set_vcpu_throttle(self, domid: int, fraction: float) -> None:
         """Let the guest's vCPUs run only ``fraction`` (0 < f <= 1) of

@@ -4,6 +4,8 @@ logs (memory._MarkLog) and the checker reading RAM itself."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from nova_xen_ncm.engine import policy
@@ -89,3 +91,39 @@ def test_a_write_just_before_the_pause_is_on_the_destination(
     ) as mapping:
         got = [bytes(page[64:128]) for page in mapping.pages]
     assert got == [late, late, early]
+
+
+def test_the_destination_settles_its_digest_between_rounds_not_in_the_pause(
+    source, destination, migration, monkeypatch
+):
+    # What the rounds wrote is digested on the destination while the
+    # guest still runs on the source: the digest in the pause reads only
+    # the last pages.
+    domid = source.create_domain(guest_config(dirty_rate=0))
+    phases = []
+    running = {}
+    settled = threading.Event()
+    settle = destination.settle_digest_part
+
+    def part(dom, pages):
+        phases.append(running["m"].receiver.state.phase)
+        settled.set()
+        return settle(dom, pages)
+
+    def after_round(event):
+        # The source goes on once the destination settled (a thread of
+        # its own, which a short round may otherwise outrun).
+        assert settled.wait(10)
+
+    monkeypatch.setattr(destination, "settle_digest_part", part)
+    m = running["m"] = migration(
+        source,
+        domid,
+        destination,
+        policy=_rounds(3),
+        source_hooks={("round", "precopy"): after_round},
+    )
+    assert m.run() is Phase.DONE, m.sender.error
+    assert m.receiver.state.phase is Phase.DONE, m.receiver.error
+    assert phases
+    assert set(phases) == {Phase.PRECOPY}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import numpy as np
@@ -22,6 +23,7 @@ from nova_xen_ncm.stream import tables
 
 DOMID = 4
 PAGE = base.PAGE_SIZE
+TIMEOUT = 10.0
 
 
 @pytest.fixture
@@ -332,3 +334,54 @@ def test_page_frame_of_another_record_is_refused_before_mapping(host):
     with pytest.raises(restoring.ProtocolError, match="reserved bits"):
         restorer.receive_pages(len(bad), reader(bytes(bad)))
     assert restorer.pages == 0
+
+
+def test_the_digest_is_settled_in_parts_beside_the_stream(host, monkeypatch):
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
+    parts = []
+    left = [3]
+    done = threading.Event()
+
+    def part(domid, pages):
+        # One host call at a time: the batches wait between parts.
+        assert restorer._lock.locked()
+        parts.append((domid, pages))
+        left[0] -= 1
+        if not left[0]:
+            done.set()
+        return left[0] > 0
+
+    monkeypatch.setattr(host, "settle_digest_part", part)
+    restorer.settle_digest()
+    assert done.wait(TIMEOUT)
+    assert parts == [(DOMID, restoring.SETTLE_PAGES)] * 3
+    # The next round's end: settled again, by the same thread.
+    thread = restorer._settler
+    left[0] = 1
+    done.clear()
+    restorer.settle_digest()
+    assert done.wait(TIMEOUT)
+    assert restorer._settler is thread
+    restorer.stop_settling()
+    assert not thread.is_alive()
+    restorer.settle_digest()
+    assert len(parts) == 4
+    assert restorer._settler is thread
+
+
+def test_a_settle_that_fails_leaves_the_rest_to_the_digest(
+    host, monkeypatch, caplog
+):
+    restorer = restoring.Restorer(host, DOMID, pv_drivers=False)
+
+    def part(domid, pages):
+        raise base.HostError("mapping refused", call="map")
+
+    monkeypatch.setattr(host, "settle_digest_part", part)
+    restorer.settle_digest()
+    restorer._settler.join(TIMEOUT)
+    assert not restorer._settler.is_alive()
+    assert "no longer settled" in caplog.text
+    # The stream goes on.
+    restorer.apply(stream(pages([1], [libxc.NOTAB], b"\x07" * PAGE))[-1])
+    restorer.stop_settling()
