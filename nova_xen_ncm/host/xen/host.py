@@ -115,6 +115,7 @@ SAVED_HVM_PARAMS = (
 # MONITOR_RING_PFN, SHARING_RING_PFN.
 SHARED_PAGE_PARAMS = (1, 5, 6, 17, 27, 28, 29)
 HVM_PARAM_IOREQ_SERVER_PFN = 32
+HVM_PARAM_VIRIDIAN = 9
 HVM_PARAM_NR_IOREQ_SERVER_PAGES = 33
 # hvmloader's reserved area (RESERVED_MEMBASE 0xFC000000 up to 4 GiB):
 # ACPI tables, the special pages and shared_info sit there.
@@ -1853,6 +1854,11 @@ class XenHost(base.HostDriver):
         since the last settle read again, with those of the pages Xen
         may write unmapped; otherwise every page read now."""
         reader = functools.partial(self._read_pages, domid)
+        if domid in self._built and self._param(domid, HVM_PARAM_VIRIDIAN):
+            # Loading a Viridian guest's context has Xen map its VP
+            # assist, SynIC and reference TSC pages, which it writes
+            # through mappings of its own: read whole, as they are now.
+            self._digests.stop(domid)
         if domid in self._built and self._digests.keeps(domid):
             found = self._digests.digest(
                 domid,

@@ -383,6 +383,8 @@ def _destination(monkeypatch, pfns: np.ndarray, pages: int):
         memory_bytes=config.memory_bytes, vcpus=1
     )
     xen.list_domains = lambda: []
+    fake.params = {}
+    xen._param = lambda domid, index: fake.params.get(index, 0)
     return xen, fake, restorer.Restorer(xen, 7, pv_drivers=False)
 
 
@@ -494,6 +496,21 @@ def test_once_the_domain_runs_its_destination_digest_is_read_whole(
     xen._dm_left_stopped = lambda domid: False
     xen.unpause(7)
     fake.ram[3, 0] += np.uint64(1)  # the guest ran
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(fake.ram, pfns)
+    assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
+
+
+def test_a_viridian_destination_is_digested_whole(monkeypatch) -> None:
+    # Xen maps a Viridian guest's VP assist, SynIC and reference TSC
+    # pages as it loads their context and writes them through its own
+    # mappings: the destination reads every page at READY.
+    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
+    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
+    _send(dest, src, pfns)
+    xen.settle_digest(7)
+    fake.params[xen_host.HVM_PARAM_VIRIDIAN] = 1
+    fake.ram[900, 2] += np.uint64(1)  # a VP assist page
     fake.mapped.clear()
     assert xen.memory_digest(7) == _definition(fake.ram, pfns)
     assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
