@@ -56,6 +56,9 @@ runstate area is registered and no backend connected before its PV
 state is imported, which comes after the digest (and stops keeping it,
 as does the unpause); the device model loads its state without writing
 guest RAM (no emulated display: the xl configuration has vga none).
+A Viridian guest (HVM_PARAM_VIRIDIAN set) is read whole at READY: Xen
+maps its VP assist, SynIC and reference TSC pages as it loads their
+context and writes them through those mappings.
 The same premise already decides which pages a zero page in the stream
 must clear (XenHost.written_pages). A write elsewhere after the build
 was read goes unnoticed by this digest, as by that clearing, where a
