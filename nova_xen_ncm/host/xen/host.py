@@ -1854,12 +1854,15 @@ class XenHost(base.HostDriver):
         since the last settle read again, with those of the pages Xen
         may write unmapped; otherwise every page read now."""
         reader = functools.partial(self._read_pages, domid)
-        if domid in self._built and self._param(domid, HVM_PARAM_VIRIDIAN):
+        # Chosen by the digest kept, not by _built: a domain restored
+        # here and sent on (log-dirty enabled) is a source.
+        restoring = self._digests.restoring(domid)
+        if restoring and self._param(domid, HVM_PARAM_VIRIDIAN):
             # Loading a Viridian guest's context has Xen map its VP
             # assist, SynIC and reference TSC pages, which it writes
             # through mappings of its own: read whole, as they are now.
             self._digests.stop(domid)
-        if domid in self._built and self._digests.keeps(domid):
+        elif restoring:
             found = self._digests.digest(
                 domid,
                 self._counted_key(domid),

@@ -212,6 +212,9 @@ class _Kept:
     #: last (0: since the start).
     pending: dict[int, int] = dataclasses.field(default_factory=dict)
     harvests: int = 0
+    #: Kept by start_restoring (no log: the writes are marked), not by
+    #: log-dirty's start.
+    restoring: bool = False
 
     def set_terms(self, terms: Iterator[tuple[int, int]]) -> None:
         for block, term in terms:
@@ -246,7 +249,7 @@ class MemoryDigests:
         its blocks of zero pages are known without reading them again,
         the others are pending. From here every write to its memory is
         to be marked (:meth:`written`)."""
-        kept = _Kept(counted=counted, key=key)
+        kept = _Kept(counted=counted, key=key, restoring=True)
         dirty = np.intersect1d(_blocks(nonzero), _blocks(counted))
         zero = ~np.isin(counted // np.uint64(BLOCK), dirty)
         kept.set_terms(zero_terms(counted[zero]))
@@ -260,6 +263,12 @@ class MemoryDigests:
 
     def keeps(self, domid: int) -> bool:
         return domid in self._kept
+
+    def restoring(self, domid: int) -> bool:
+        """Whether the digest kept is a restoring domain's
+        (:meth:`start_restoring`), which no log-dirty replaced since."""
+        kept = self._kept.get(domid)
+        return kept is not None and kept.restoring
 
     def harvested(self, domid: int, pfns: np.ndarray) -> None:
         """The pages of a harvest: their blocks are read again."""

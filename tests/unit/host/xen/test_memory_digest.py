@@ -514,3 +514,23 @@ def test_a_viridian_destination_is_digested_whole(monkeypatch) -> None:
     fake.mapped.clear()
     assert xen.memory_digest(7) == _definition(fake.ram, pfns)
     assert set(fake.mapped) == {int(p) for p in pfns if p != SHARED}
+
+
+def test_a_restored_domain_sent_on_is_digested_as_a_source(
+    monkeypatch,
+) -> None:
+    # A paused guest restored here has neither its PV state imported nor
+    # an unpause by this driver: sent on from here under log-dirty, its
+    # digest is the source's, the vcpu_info page Xen writes unlogged
+    # after the last harvest read at the pause.
+    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
+    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
+    _send(dest, src, pfns)
+    xen.enable_log_dirty(7)
+    _precopy(xen, pfns)
+    xen.harvest_dirty(7)
+    xen.settle_digest(7)
+    fake.ram[VCPU_INFO, 9] += np.uint64(1)  # nothing in the log
+    fake.mapped.clear()
+    assert xen.memory_digest(7) == _definition(fake.ram, pfns)
+    assert VCPU_INFO in fake.mapped
