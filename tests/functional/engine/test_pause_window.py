@@ -5,6 +5,7 @@ logs (memory._MarkLog) and the checker reading RAM itself."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -127,3 +128,45 @@ def test_the_destination_settles_its_digest_between_rounds_not_in_the_pause(
     assert m.receiver.state.phase is Phase.DONE, m.receiver.error
     assert phases
     assert set(phases) == {Phase.PRECOPY}
+
+
+def _settlers():
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("restore-") and t.name.endswith("-digest")
+    ]
+
+
+def test_a_migration_cancelled_in_precopy_stops_the_settling(
+    source, destination, migration, monkeypatch
+):
+    # The settle thread ends with the transfer however it ends, here a
+    # cancel between rounds while a settle still has parts.
+    domid = source.create_domain(guest_config(dirty_rate=0))
+    started = threading.Event()
+    holder = {}
+
+    def part(dom, pages):
+        started.set()
+        time.sleep(0.005)
+        return True  # never all settled: only a stop ends it
+
+    def cancel_from_elsewhere():
+        if started.wait(10):
+            holder["accepted"] = holder["m"].sender.cancel()
+
+    monkeypatch.setattr(destination, "settle_digest_part", part)
+    m = holder["m"] = migration(
+        source, domid, destination, policy=_rounds(1000)
+    )
+    canceller = threading.Thread(target=cancel_from_elsewhere)
+    canceller.start()
+    try:
+        assert m.run() is Phase.CANCELLED
+    finally:
+        started.set()
+        canceller.join()
+    assert holder["accepted"] is True
+    assert m.receiver.state.phase is Phase.CANCELLED
+    assert _settlers() == []
