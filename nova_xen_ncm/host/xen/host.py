@@ -1482,6 +1482,10 @@ class XenHost(base.HostDriver):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(state)
+            # Started on the saved state, QEMU still realizes its devices
+            # and writes their option ROMs into the guest's pfns, not
+            # through map_pages, as the one libxl started at SETUP did.
+            self._digests.build_rewritten(domid)
         # libxl finds the device model to kill on destroy here.
         self._xs_write(pid_node, str(pid))
         # QEMU resumes the run state it was saved in: a device model

@@ -55,7 +55,11 @@ one else writes the domain's RAM. It never ran; no vcpu_info or
 runstate area is registered and no backend connected before its PV
 state is imported, which comes after the digest (and stops keeping it,
 as does the unpause); the device model loads its state without writing
-guest RAM (no emulated display: the xl configuration has vga none).
+guest RAM (no emulated display: the xl configuration has vga none), but
+QEMU, restarted on that state, writes its option ROMs into the guest's
+pfns again as it realizes its devices: the pages that held data at the
+build's read (where the first QEMU wrote them) are read again at READY
+(:meth:`MemoryDigests.build_rewritten`).
 A Viridian guest (HVM_PARAM_VIRIDIAN set) is read whole at READY: Xen
 maps its VP assist, SynIC and reference TSC pages as it loads their
 context and writes them through those mappings.
@@ -215,6 +219,10 @@ class _Kept:
     #: Kept by start_restoring (no log: the writes are marked), not by
     #: log-dirty's start.
     restoring: bool = False
+    #: A restoring domain's pages that held data at its build's read.
+    loaded: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros(0, dtype=np.uint64)
+    )
 
     def set_terms(self, terms: Iterator[tuple[int, int]]) -> None:
         for block, term in terms:
@@ -249,7 +257,12 @@ class MemoryDigests:
         its blocks of zero pages are known without reading them again,
         the others are pending. From here every write to its memory is
         to be marked (:meth:`written`)."""
-        kept = _Kept(counted=counted, key=key, restoring=True)
+        kept = _Kept(
+            counted=counted,
+            key=key,
+            restoring=True,
+            loaded=np.asarray(nonzero, dtype=np.uint64),
+        )
         dirty = np.intersect1d(_blocks(nonzero), _blocks(counted))
         zero = ~np.isin(counted // np.uint64(BLOCK), dirty)
         kept.set_terms(zero_terms(counted[zero]))
@@ -287,6 +300,14 @@ class MemoryDigests:
             mark = kept.harvests
             for block in _blocks(pfns).tolist():
                 kept.pending[block] = mark
+
+    def build_rewritten(self, domid: int) -> None:
+        """What wrote a restoring domain's build (the device model's
+        option ROMs) wrote it again: the blocks that held data at the
+        build's read are read again."""
+        kept = self._kept.get(domid)
+        if kept is not None and kept.restoring:
+            self.written(domid, kept.loaded)
 
     def opened(self, domid: int) -> int | None:
         """A read-only mapping is made: the harvest number to give

@@ -554,3 +554,38 @@ def test_the_destination_s_zero_blocks_are_counted_unread(monkeypatch) -> None:
         np.array([p for p in pfns if p != SHARED], np.uint64),
         functools.partial(xen._read_pages, 7),
     )
+
+
+def test_the_device_model_s_restart_has_its_build_pages_read_again(
+    monkeypatch, tmp_path
+) -> None:
+    # QEMU started on the saved device state writes its option ROMs into
+    # the guest's pfns as it realizes its devices, as the one libxl
+    # started at SETUP did (the build's non-zero pages): read at READY,
+    # so that a ROM unlike the source's fails the migration as reading
+    # every page would.
+    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
+    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
+    _send(dest, src, pfns)
+    xen.settle_digest(7)
+    assert xen.memory_digest(7) == _definition(src, pfns)
+
+    def start_incoming(argv, state, **kwargs):
+        fake.ram[FIRMWARE, 5] = 0x2B2B  # this host's ROM
+        return 4321
+
+    monkeypatch.setattr(xen_host.dm, "command_line", lambda pid: ["qemu"])
+    monkeypatch.setattr(xen_host.dm, "stop", lambda *args: None)
+    monkeypatch.setattr(xen_host.dm, "start_incoming", start_incoming)
+    xen.opts = types.SimpleNamespace(
+        state_dir=str(tmp_path), command_timeout=1.0
+    )
+    xen._qmp_path = lambda domid: str(tmp_path / "qmp")
+    xen._xs_read = lambda node: "999999999" if node.endswith("-pid") else None
+    xen._xs_write = lambda node, value: None
+    xen.set_emulator_context(7, xen_host.EMULATOR_QEMU_UPSTREAM, b"state")
+    fake.mapped.clear()
+    ready = xen.memory_digest(7)
+    assert ready == _definition(fake.ram, pfns)
+    assert ready != _definition(src, pfns)
+    assert set(fake.mapped) == _counted_in_blocks(pfns, *FIRMWARE.tolist())
