@@ -372,26 +372,7 @@ def bridge_runs(
     return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
 
 
-def expand_runs(first: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """The pfns of the runs ``[first[i], end[i])`` (ascending, disjoint)
-    as one sorted uint64 array, built in that array alone: a scan of a
-    guest that wrote all of its RAM lists every page, and each temporary
-    the size of the result would be 8 octets a page more."""
-    lengths = end - first
-    keep = lengths > 0
-    if not keep.all():
-        first, end, lengths = first[keep], end[keep], lengths[keep]
-    total = int(lengths.sum())
-    out = np.ones(total, dtype=np.int64)
-    if not total:
-        return out.view(np.uint64)
-    # Each run's first slot holds the step from the previous run's last
-    # pfn (from -1 for the first); the running sum is then the pfns.
-    starts = np.cumsum(lengths) - lengths
-    out[starts[0]] = first[0]
-    out[starts[1:]] = first[1:] - end[:-1] + 1
-    np.cumsum(out, out=out)
-    return out.view(np.uint64)
+expand_runs = base.expand_runs
 
 
 def _check_mapping(pid: int, addr: int, size: int, ram_fd: int) -> None:
@@ -712,7 +693,7 @@ class GuestMemory:
         #: only: the guest cannot write it).
         self.p2m_version = 0
         self._populated: tuple[int, np.ndarray] | None = None
-        self._ram_runs: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+        self._ram_runs: tuple[int, base.PfnRuns] | None = None
         self._ram_spans: tuple[int, list[tuple[int, int]]] | None = None
         #: The blocks of P2M_BLOCK pfns whose p2m changed since the memory
         #: digest last took them (None until it asks: take_p2m_blocks),
@@ -981,7 +962,8 @@ class GuestMemory:
                     return  # the guest process has gone: it writes no more
             elif state == TRACKER_FAILED:
                 # Every RAM page, a slice a run: no list of its pfns.
-                first, end = self.ram_runs()
+                runs = self.ram_runs()
+                first, end = runs.first, runs.end
                 if len(first) > _MARK_RUNS_MAX:
                     self._mark_many_runs(first, end)
                 elif len(first):
@@ -1241,9 +1223,9 @@ class GuestMemory:
 
     # -- physmap --
 
-    def ram_runs(self) -> tuple[np.ndarray, np.ndarray]:
-        """The RAM pfns as runs ``(first, end)``, int64, ascending
-        (read-only: kept until the p2m changes). Read from the p2m a
+    def ram_runs(self) -> base.PfnRuns:
+        """The RAM pfns as runs (kept until the p2m changes: the same
+        object while it stands). Read from the p2m a
         chunk at a time: a guest's RAM is a few runs, and its pfns as a
         list would be 8 octets a page (16 MiB at 8 GiB) each time the p2m
         changes or a guest is paused."""
@@ -1254,10 +1236,10 @@ class GuestMemory:
         version = self.p2m_version
         cached = self._ram_runs
         if cached is None or cached[0] != version:
-            first, end = equal_runs(self.p2m, P2M_RAM)
-            first.flags.writeable = False
-            end.flags.writeable = False
-            cached = self._ram_runs = (version, (first, end))
+            cached = self._ram_runs = (
+                version,
+                base.PfnRuns(*equal_runs(self.p2m, P2M_RAM)),
+            )
         return cached[1]
 
     def populated(self) -> np.ndarray:
@@ -1267,8 +1249,7 @@ class GuestMemory:
         version = self.p2m_version
         cached = self._populated
         if cached is None or cached[0] != version:
-            runs = self.ram_runs()
-            pfns = expand_runs(*runs)
+            pfns = self.ram_runs().pfns()
             pfns.flags.writeable = False
             cached = self._populated = (version, pfns)
         return cached[1]
@@ -1283,9 +1264,10 @@ class GuestMemory:
         version = self.p2m_version
         cached = self._ram_spans
         if cached is None or cached[0] != version:
+            runs = self.ram_runs()
             cached = self._ram_spans = (
                 version,
-                bridge_runs(*self.ram_runs(), _SCAN_GAP),
+                bridge_runs(runs.first, runs.end, _SCAN_GAP),
             )
         return cached[1]
 

@@ -209,7 +209,7 @@ def test_the_ram_runs_take_no_list_of_the_pfns(mem) -> None:
         mem.populate(np.arange(0, PAGES // 2, dtype=np.uint64))
         mem.populate(np.arange(PAGES // 2 + 4096, PAGES, dtype=np.uint64))
     runs, used = peak(mem.ram_runs)
-    assert [r.tolist() for r in runs] == [
+    assert [runs.first.tolist(), runs.end.tolist()] == [
         [0, PAGES // 2 + 4096],
         [PAGES // 2, PAGES],
     ]
