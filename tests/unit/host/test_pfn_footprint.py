@@ -290,9 +290,11 @@ def test_the_digests_first_look_takes_no_list_of_the_pages(sim_host) -> None:
     assert len(cache.pending) == blocks
     assert not dom.mem.changed.any()
     # The kernel's mask the first look keeps (an octet a pfn of the
-    # physmap), a chunk of the p2m's and a Python integer per block: no
-    # pfn list (8 octets a page) nor mask of the physmap beyond it.
-    assert used <= dom.mem.max_pfn + digest._RAM_CHUNK + 256 * blocks + SLACK
+    # physmap), a chunk of the p2m's and a few words a block (the blocks
+    # with RAM, those with data, their difference): no pfn list (8 octets
+    # a page) nor mask of the physmap beyond it, nor a Python integer a
+    # block pending (about 90 octets each in a set).
+    assert used <= dom.mem.max_pfn + digest._RAM_CHUNK + 32 * blocks + SLACK
 
 
 def test_a_digest_of_a_large_guest_holds_16_octets_a_block(
@@ -368,3 +370,29 @@ def test_pausing_a_large_sparse_guest_takes_no_list_of_its_pfns(
     _, used = peak(lambda: sim_host.pause(domid))
     # A chunk of the p2m and the pause's own objects.
     assert used <= 2 * memory._RUNS_CHUNK + 4 * SLACK
+
+
+def test_the_pending_blocks_are_an_octet_a_block_and_act_as_a_set() -> None:
+    blocks = 1 << 15  # an 8 GiB physmap's
+    pending, used = peak(lambda: digest._PendingBlocks(blocks))
+    assert used <= blocks + SLACK
+    model: set[int] = set()
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        add = rng.integers(0, blocks, int(rng.integers(0, 300)))
+        gone = rng.integers(0, blocks, int(rng.integers(0, 300)))
+        pending.add(add.astype(np.uint64))
+        model.update(add.tolist())
+        pending.discard(gone)
+        model.difference_update(gone.tolist())
+        assert len(pending) == len(model)
+        assert pending.sorted().tolist() == sorted(model)
+        busy = np.unique(rng.integers(0, blocks, 5))
+        assert pending.any_but(busy) == bool(model - set(busy.tolist()))
+    # Every block pending (a guest that wrote all of its RAM): nothing
+    # held beyond the octet a block.
+    _, used = peak(lambda: pending.add(np.arange(blocks)))
+    assert len(pending) == blocks
+    assert used <= 8 * blocks + SLACK  # the index array given, converted
+    pending.clear()
+    assert not pending and not pending.any_but(np.zeros(0, dtype=np.int64))
