@@ -1258,6 +1258,13 @@ class PfnRuns:
             return cls(empty, empty.copy())
         # Read through a view: a copy would be 8 octets a pfn.
         p = p.view(np.int64) if p.dtype == np.uint64 else p.astype(np.int64)
+        low, high = int(p[0]), int(p[-1])
+        if high - low + 1 == len(p):
+            # One run (a batch of round 0, mostly): nothing to look at.
+            return cls(
+                np.array([low], dtype=np.int64),
+                np.array([high + 1], dtype=np.int64),
+            )
         cuts = np.flatnonzero(p[1:] - p[:-1] != 1) + 1
         first = p[np.concatenate(([0], cuts))]
         end = p[np.concatenate((cuts - 1, [len(p) - 1]))] + 1
