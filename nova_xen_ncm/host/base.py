@@ -1370,6 +1370,17 @@ def marked(mask: np.ndarray) -> np.ndarray:
 
 # A handful is sorted faster than a bitmap over the pfn space is read.
 _FEW = 256
+# Up to a sixteenth of the pfn space, pfns are sorted rather than set
+# in a bitmap of it: faster (at 2.3 Mi pfns, best of 7: 4096 pfns 0.02
+# ms against 0.6, 64 Ki 0.7 against 5.0; even at a quarter), and what
+# is held is the sort's copy, 8 octets a pfn given, while it runs, not
+# a bitmap of the space (an octet a pfn, 2 MiB at 8 GiB) that the
+# thread keeps resident from call to call.
+_SORTED = 16
+
+
+def _sorted_is_smaller(count: int, size: int) -> bool:
+    return count <= max(_FEW, size // _SORTED)
 
 
 def _strictly_increasing(pfns: np.ndarray) -> bool:
@@ -1389,7 +1400,7 @@ def _distinct(pfns: np.ndarray) -> np.ndarray:
 def _collect(mask: np.ndarray, pfns: np.ndarray) -> np.ndarray:
     """Set ``pfns`` in the all-false ``mask``; the sorted distinct pfns;
     ``mask`` all false again."""
-    if len(pfns) <= _FEW:
+    if _sorted_is_smaller(len(pfns), len(mask)):
         return _distinct(pfns)
     mask[_index(pfns)] = True
     out = marked(mask)
@@ -1411,6 +1422,9 @@ def pfn_union(*arrays: np.ndarray) -> np.ndarray:
     # One array is not copied (a block index per page of a guest is
     # 8 octets a page): _collect only reads it.
     pfns = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if _sorted_is_smaller(len(pfns), size):
+        # No bitmap of the space made or touched.
+        return _distinct(pfns)
     with _bitmaps(size, 1) as (mask,):
         return _collect(mask, pfns)
 

@@ -396,3 +396,27 @@ def test_the_pending_blocks_are_an_octet_a_block_and_act_as_a_set() -> None:
     assert used <= 8 * blocks + SLACK  # the index array given, converted
     pending.clear()
     assert not pending and not pending.any_but(np.zeros(0, dtype=np.int64))
+
+
+def test_a_union_of_a_few_pfns_of_a_large_space_takes_no_bitmap() -> None:
+    # A round's harvest of a large guest: 4096 pfns of an 8 GiB space.
+    import threading
+
+    rng = np.random.default_rng(3)
+    parts = [rng.integers(0, 1 << 21, 2048, dtype=np.uint64) for _ in "ab"]
+    seen = {}
+
+    def run() -> None:
+        out, used = peak(lambda: base.pfn_union(*parts))
+        seen.update(
+            out=out, used=used, masks=getattr(base._scratch, "masks", None)
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    np.testing.assert_array_equal(seen["out"], np.union1d(*parts))
+    # The thread keeps no bitmap of the space (2 MiB each), and what the
+    # union held is a few copies of the pfns given.
+    assert seen["masks"] is None
+    assert seen["used"] <= 4 * 8 * 4096 + SLACK
