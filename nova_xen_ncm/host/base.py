@@ -19,6 +19,7 @@ import dataclasses
 import enum
 import os
 import threading
+import weakref
 from collections.abc import Collection
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -895,16 +896,24 @@ class HostDriver(abc.ABC):
         as pfns it is 8 octets a page, 16 MiB at 8 GiB). The same object
         while the physmap stands, so that a caller may tell a change by
         identity. By default made from populated_pfns and kept while it
-        gives the same array (the Xen host keeps its array while the
-        p2m stands)."""
+        gives the same read-only array (the Xen host keeps its array,
+        read-only, while the p2m stands): a writable one may have been
+        changed in place since, and is read again."""
         pfns = self.populated_pfns(domid)
-        kept: dict[int, tuple[np.ndarray, PfnRuns]] = vars(self).setdefault(
-            "_populated_runs", {}
-        )
+        kept: dict[int, tuple[weakref.ref[np.ndarray], PfnRuns]] = vars(
+            self
+        ).setdefault("_populated_runs", {})
         held = kept.get(domid)
-        if held is None or held[0] is not pfns:
-            held = kept[domid] = (pfns, PfnRuns.of(pfns))
-        return held[1]
+        if held is not None and held[0]() is pfns:
+            return held[1]
+        runs = PfnRuns.of(pfns)
+        if isinstance(pfns, np.ndarray) and not pfns.flags.writeable:
+            # By weak reference: the array the host dropped (a domain
+            # gone, a p2m changed) is not kept here, 8 octets a page.
+            kept[domid] = (weakref.ref(pfns), runs)
+        else:
+            kept.pop(domid, None)
+        return runs
 
     @abc.abstractmethod
     def populate(self, domid: int, pfns: np.ndarray) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 
@@ -151,7 +154,7 @@ def test_a_host_gives_the_same_runs_while_it_gives_the_same_pfns() -> None:
         populated_runs = base.HostDriver.populated_runs
 
         def __init__(self) -> None:
-            self.pfns = np.array([1, 2, 3, 9], dtype=np.uint64)
+            self.pfns = _read_only([1, 2, 3, 9])
 
         def populated_pfns(self, domid: int) -> np.ndarray:
             return self.pfns
@@ -160,6 +163,52 @@ def test_a_host_gives_the_same_runs_while_it_gives_the_same_pfns() -> None:
     runs = host.populated_runs(1)
     assert runs.first.tolist() == [1, 9] and runs.end.tolist() == [4, 10]
     assert host.populated_runs(1) is runs
-    host.pfns = np.array([1, 2], dtype=np.uint64)
+    host.pfns = _read_only([1, 2])
     changed = host.populated_runs(1)
     assert changed is not runs and changed.pfns().tolist() == [1, 2]
+    # An equal array, but another one: read again, the same pfns.
+    host.pfns = _read_only([1, 2])
+    assert host.populated_runs(1).pfns().tolist() == [1, 2]
+
+
+def _read_only(pfns: list[int]) -> np.ndarray:
+    out = np.array(pfns, dtype=np.uint64)
+    out.flags.writeable = False
+    return out
+
+
+def test_a_host_whose_pfns_change_in_place_gives_their_runs_now() -> None:
+    class Host:
+        populated_runs = base.HostDriver.populated_runs
+
+        def __init__(self) -> None:
+            self.pfns = np.array([1, 2, 3, 9], dtype=np.uint64)
+
+        def populated_pfns(self, domid: int) -> np.ndarray:
+            return self.pfns
+
+    host = Host()
+    assert host.populated_runs(1).pfns().tolist() == [1, 2, 3, 9]
+    # A pfn populated in place (the same, writable, array): the runs
+    # kept for it would leave pfn 4 unsent.
+    host.pfns[3] = 4
+    assert host.populated_runs(1).pfns().tolist() == [1, 2, 3, 4]
+
+
+def test_the_runs_kept_do_not_keep_the_hosts_pfns() -> None:
+    class Host:
+        populated_runs = base.HostDriver.populated_runs
+
+        def __init__(self) -> None:
+            self.pfns: np.ndarray | None = _read_only([5, 6, 7])
+
+        def populated_pfns(self, domid: int) -> np.ndarray:
+            assert self.pfns is not None
+            return self.pfns
+
+    host = Host()
+    host.populated_runs(1)
+    gone = weakref.ref(host.pfns)
+    host.pfns = None
+    gc.collect()
+    assert gone() is None
