@@ -1260,11 +1260,17 @@ class PfnRuns:
 
     @classmethod
     def of(cls, pfns: np.ndarray) -> PfnRuns:
-        """The runs of the sorted distinct ``pfns``."""
+        """The runs of ``pfns`` (sorted and distinct mostly: others are
+        made so first)."""
         p = np.asarray(pfns)
         if not len(p):
             empty = np.zeros(0, dtype=np.int64)
             return cls(empty, empty.copy())
+        if not _strictly_increasing(p):
+            # A duplicate would make the one-run test below take in a
+            # pfn not given, and a descent overlapping, unsorted runs
+            # in which members() misses pfns: pages left unsent.
+            p = pfn_union(p)
         # Read through a view: a copy would be 8 octets a pfn.
         p = p.view(np.int64) if p.dtype == np.uint64 else p.astype(np.int64)
         low, high = int(p[0]), int(p[-1])

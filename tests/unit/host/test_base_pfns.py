@@ -171,6 +171,17 @@ def test_a_host_gives_the_same_runs_while_it_gives_the_same_pfns() -> None:
     assert host.populated_runs(1).pfns().tolist() == [1, 2]
 
 
+@pytest.mark.parametrize(
+    "pfns", [[0, 2, 2, 3], [5, 6, 7, 0, 1, 2], [3, 3], [9, 1, 9, 2, 3]]
+)
+def test_pfn_runs_of_unsorted_or_repeated_pfns_are_their_set(pfns) -> None:
+    runs = base.PfnRuns.of(np.array(pfns, dtype=np.uint64))
+    expected = sorted(set(pfns))
+    assert runs.pfns().tolist() == expected
+    assert len(runs) == len(expected)
+    assert runs.members(np.array(pfns, dtype=np.uint64)).tolist() == expected
+
+
 def _read_only(pfns: list[int]) -> np.ndarray:
     out = np.array(pfns, dtype=np.uint64)
     out.flags.writeable = False
