@@ -526,9 +526,16 @@ class Sender:
         while True:
             start = self._clock()
             pages, zero, nbytes = self._transfer_round(pfns)
+            # The harvest before the physmap: a page populated (again)
+            # and written between the two is then in the physmap read,
+            # or written after the harvest and in the next one. Read
+            # the other way, its write was harvested and dropped as not
+            # populated, and it is not new since round 0 if it was
+            # there then: never sent again.
+            harvest = self.host.harvest_dirty(self.domid)
             populated = self.host.populated_runs(self.domid)
             self._added_since_round_0(populated)
-            dirty = populated.members(self.host.harvest_dirty(self.domid))
+            dirty = populated.members(harvest)
             rnd = self.stats.record_round(
                 pages_sent=pages - zero,
                 bytes_sent=nbytes,
@@ -712,12 +719,14 @@ class Sender:
         if self.info.pv_drivers:
             pv = self.stream.pv_records(self.info.uuid)
         end = self.stream.finish(pv)
+        # The harvest before the physmap, as in a round.
+        harvest = self.host.harvest_dirty(self.domid)
         populated = self.host.populated_runs(self.domid)
         # Nothing here in the guest's size while it is paused: the dirty
         # pages are looked up in the populated runs, and the pfns
         # populated since round 0 (never sent) were looked for by the
         # rounds, unless the p2m changed since the last one.
-        dirty = populated.members(self.host.harvest_dirty(self.domid))
+        dirty = populated.members(harvest)
         added = self._added_since_round_0(populated)
         final = base.pfn_union(pending, dirty, added)
         self._check_cancel()
