@@ -49,6 +49,7 @@ from nova_xen_ncm.engine.errors import Refused
 from nova_xen_ncm.engine.errors import RemoteError
 from nova_xen_ncm.engine.errors import TransportError
 from nova_xen_ncm.engine.guest_stream import GuestStream
+from nova_xen_ncm.engine.guest_stream import RunBatch
 from nova_xen_ncm.engine.state import MigrationState
 from nova_xen_ncm.engine.state import Phase
 from nova_xen_ncm.engine.state import Role
@@ -58,6 +59,9 @@ from nova_xen_ncm.host import base
 from nova_xen_ncm.progress.model import EventKind
 from nova_xen_ncm.progress.model import ProgressSink
 from nova_xen_ncm.stream.records import Buffers
+
+# A batch of a round: pfns, or runs of round 0's (GuestStream.cut).
+Batch = np.ndarray | RunBatch
 
 LOG = logging.getLogger(__name__)
 
@@ -221,10 +225,12 @@ class Sender:
         # What this side changed for the migration, undone in reverse on
         # rollback (the one undo list).
         self._undo: list[_Undo] = []
-        self._sent_populated = np.zeros(0, dtype=np.uint64)
-        # The host's populated array last looked at, and its pfns not
-        # in round 0's (_added_since_round_0).
-        self._seen_populated: np.ndarray | None = None
+        # Round 0's populated pfns as runs (a few words, where the pfns
+        # are 8 octets a page: 16 MiB at 8 GiB, held for the migration).
+        self._sent_populated = base.PfnRuns.of(np.zeros(0, dtype=np.uint64))
+        # The host's populated runs last looked at, and its pfns not in
+        # round 0's (_added_since_round_0).
+        self._seen_populated: base.PfnRuns | None = None
         self._added = np.zeros(0, dtype=np.uint64)
         # Numbered stream records on channel 0 not acknowledged yet.
         self._unacked: list[tuple[int, Buffers]] = []
@@ -513,14 +519,23 @@ class Sender:
             "stop log-dirty",
             functools.partial(self.host.disable_log_dirty, self.domid),
         )
-        pfns = self.host.populated_pfns(self.domid)
+        # Round 0 goes by runs, cut into batches a chunk at a time
+        # (GuestStream.cut): no list of every populated pfn.
+        pfns: np.ndarray | base.PfnRuns = self.host.populated_runs(self.domid)
         self._sent_populated = pfns
         while True:
             start = self._clock()
             pages, zero, nbytes = self._transfer_round(pfns)
-            populated = self.host.populated_pfns(self.domid)
+            # The harvest before the physmap: a page populated (again)
+            # and written between the two is then in the physmap read,
+            # or written after the harvest and in the next one. Read
+            # the other way, its write was harvested and dropped as not
+            # populated, and it is not new since round 0 if it was
+            # there then: never sent again.
+            harvest = self.host.harvest_dirty(self.domid)
+            populated = self.host.populated_runs(self.domid)
             self._added_since_round_0(populated)
-            dirty = _dirty_of(self.host.harvest_dirty(self.domid), populated)
+            dirty = populated.members(harvest)
             rnd = self.stats.record_round(
                 pages_sent=pages - zero,
                 bytes_sent=nbytes,
@@ -584,7 +599,9 @@ class Sender:
             reason=decision.reason,
         )
 
-    def _transfer_round(self, pfns: np.ndarray) -> tuple[int, int, int]:
+    def _transfer_round(
+        self, pfns: np.ndarray | base.PfnRuns
+    ) -> tuple[int, int, int]:
         """Send a precopy round and have it acknowledged. A dropped
         connection is resumed from the last frame the destination
         applied (its WELCOME): the frames of the round are numbered up
@@ -633,8 +650,8 @@ class Sender:
         )
 
     def _numbered_shares(
-        self, pfns: np.ndarray
-    ) -> list[tuple[int, list[np.ndarray]]]:
+        self, pfns: np.ndarray | base.PfnRuns
+    ) -> list[tuple[int, list[Batch]]]:
         """The batches of ``pfns`` shared out over the channels, each
         share with the sequence of its first frame."""
         batches = self.stream.cut(pfns)
@@ -648,8 +665,8 @@ class Sender:
         ]
 
     def _missing(
-        self, index: int, first: int, batches: list[np.ndarray]
-    ) -> list[np.ndarray]:
+        self, index: int, first: int, batches: list[Batch]
+    ) -> list[Batch]:
         """The batches of channel ``index``'s share (numbered from
         ``first``) that the destination has not applied: after a RESUME
         the connection goes on from what it applied."""
@@ -702,12 +719,14 @@ class Sender:
         if self.info.pv_drivers:
             pv = self.stream.pv_records(self.info.uuid)
         end = self.stream.finish(pv)
-        populated = self.host.populated_pfns(self.domid)
+        # The harvest before the physmap, as in a round.
+        harvest = self.host.harvest_dirty(self.domid)
+        populated = self.host.populated_runs(self.domid)
         # Nothing here in the guest's size while it is paused: the dirty
-        # pages are looked up in the (sorted) populated ones, and the
-        # pfns populated since round 0 (never sent) were looked for by
-        # the rounds, unless the p2m changed since the last one.
-        dirty = _members(self.host.harvest_dirty(self.domid), populated)
+        # pages are looked up in the populated runs, and the pfns
+        # populated since round 0 (never sent) were looked for by the
+        # rounds, unless the p2m changed since the last one.
+        dirty = populated.members(harvest)
         added = self._added_since_round_0(populated)
         final = base.pfn_union(pending, dirty, added)
         self._check_cancel()
@@ -717,17 +736,16 @@ class Sender:
             self.data.close(index)
         self.state.transition(Phase.STOP_AND_COPY, Phase.RESTORE)
 
-    def _added_since_round_0(self, populated: np.ndarray) -> np.ndarray:
-        """The pfns of ``populated`` (the host's array) that round 0's
-        lacked, found once per array the host gives: each round looks
-        while the guest runs, so that the pause compares nothing in the
-        guest's size (at 2 GiB 9 to 25 ms under load) unless the p2m
-        changed since the last round. A host that keeps its array while
-        the p2m stands (the simulated one) is asked nothing more."""
+    def _added_since_round_0(self, populated: base.PfnRuns) -> np.ndarray:
+        """The pfns of ``populated`` (the host's runs) that round 0's
+        lacked, found once per runs the host gives: each round looks
+        while the guest runs, so that the pause compares nothing unless
+        the p2m changed since the last round; the runs are compared, in
+        time of their count, not of the guest's size."""
         if populated is self._sent_populated:
             return np.zeros(0, dtype=np.uint64)
         if populated is not self._seen_populated:
-            self._added = base.pfn_difference(populated, self._sent_populated)
+            self._added = populated.difference(self._sent_populated).pfns()
             self._seen_populated = populated
         return self._added
 
@@ -1019,9 +1037,9 @@ class Sender:
 
     def _send_pages(
         self,
-        pfns: np.ndarray,
+        pfns: np.ndarray | base.PfnRuns,
         *,
-        share: list[np.ndarray] | None = None,
+        share: list[Batch] | None = None,
         done: list[int] | None = None,
         carried: dict[int, tuple[int, int, int]] | None = None,
     ) -> tuple[int, int, int]:
@@ -1108,33 +1126,3 @@ class Sender:
                 "memory_remaining": remaining,
             },
         )
-
-
-# A harvest at most this fraction of the populated pfns is looked up
-# in them by binary search rather than through a bitmap of the physmap.
-_SEARCHED = 16
-
-
-def _dirty_of(harvest: np.ndarray, populated: np.ndarray) -> np.ndarray:
-    """The harvested pfns that are populated (``populated`` sorted). A
-    round's harvest is mostly far smaller than the guest: searched for,
-    it costs its own size, where a bitmap marks every populated pfn (an
-    octet a pfn of the physmap, kept resident by the sender's thread
-    from round to round: 2 MiB at 8 GiB)."""
-    # Of one dtype: numpy searches uint64 in int64 through float64.
-    populated = np.asarray(populated, dtype=np.uint64)
-    if len(harvest) * _SEARCHED <= len(populated):
-        return _members(harvest, populated)
-    return base.pfn_intersection(harvest, populated)
-
-
-def _members(pfns: np.ndarray, sorted_pfns: np.ndarray) -> np.ndarray:
-    """The sorted distinct ``pfns`` that are in ``sorted_pfns`` (sorted),
-    in time of ``pfns``' count (a binary search each), not of the
-    other's."""
-    pfns = base.pfn_union(np.asarray(pfns, dtype=np.uint64))
-    if not len(pfns) or not len(sorted_pfns):
-        return np.zeros(0, dtype=np.uint64)
-    where = np.searchsorted(sorted_pfns, pfns)
-    where[where == len(sorted_pfns)] = 0
-    return pfns[sorted_pfns[where] == pfns]

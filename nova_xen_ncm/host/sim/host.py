@@ -73,7 +73,8 @@ MiB = 1 << 20
 FAULTY_CALLS = (
     "list_domains domain_info find_domain create_domain "
     "create_empty_domain destroy_domain pause unpause populated_pfns "
-    "populate map_pages enable_log_dirty harvest_dirty disable_log_dirty "
+    "populated_runs populate map_pages enable_log_dirty harvest_dirty "
+    "disable_log_dirty "
     "set_vcpu_throttle get_hvm_context set_hvm_context get_hvm_params "
     "set_hvm_params get_tsc_info set_tsc_info quiesce_backends "
     "resume_backends export_pv_state import_pv_state"
@@ -363,6 +364,10 @@ class SimHost(base.HostDriver):
     @_faulty
     def populated_pfns(self, domid: int) -> np.ndarray:
         return self.hv.domain(domid, "populated_pfns").mem.populated()
+
+    @_faulty
+    def populated_runs(self, domid: int) -> base.PfnRuns:
+        return self.hv.domain(domid, "populated_runs").mem.ram_runs()
 
     @_faulty
     def populate(self, domid: int, pfns: np.ndarray) -> None:

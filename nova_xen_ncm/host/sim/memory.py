@@ -140,6 +140,8 @@ _MARK_GROUP = 4096
 _CHANGED_CHUNK = 1 << 20
 # Guest RAM freed per madvise call by GuestMemory.free.
 _RELEASE_CHUNK = 64 << 20
+# p2m entries compared at a time by equal_runs (an octet each, twice).
+_RUNS_CHUNK = 1 << 18
 _syscall.restype = ctypes.c_long
 
 
@@ -322,26 +324,55 @@ def pfn_spans(pfns: np.ndarray, gap: int = 0) -> list[tuple[int, int]]:
     return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
 
 
-def expand_runs(first: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """The pfns of the runs ``[first[i], end[i])`` (ascending, disjoint)
-    as one sorted uint64 array, built in that array alone: a scan of a
-    guest that wrote all of its RAM lists every page, and each temporary
-    the size of the result would be 8 octets a page more."""
-    lengths = end - first
-    keep = lengths > 0
-    if not keep.all():
-        first, end, lengths = first[keep], end[keep], lengths[keep]
-    total = int(lengths.sum())
-    out = np.ones(total, dtype=np.int64)
-    if not total:
-        return out.view(np.uint64)
-    # Each run's first slot holds the step from the previous run's last
-    # pfn (from -1 for the first); the running sum is then the pfns.
-    starts = np.cumsum(lengths) - lengths
-    out[starts[0]] = first[0]
-    out[starts[1:]] = first[1:] - end[:-1] + 1
-    np.cumsum(out, out=out)
-    return out.view(np.uint64)
+def equal_runs(
+    values: np.ndarray, value: int, chunk: int = _RUNS_CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
+    """The runs ``[first[i], end[i])`` (int64, ascending) of the octets
+    of ``values`` equal to ``value``, read ``chunk`` octets at a time:
+    what is held at once is two octets a pfn of one chunk and eight
+    octets a run, never a list of the matching pfns (8 octets a page of
+    the guest's RAM, which is a few runs)."""
+    firsts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    inside = False
+    total = len(values)
+    for lo in range(0, total, chunk):
+        part = values[lo : lo + chunk] == value
+        # Where a pfn differs from the one before it (the chunk's first
+        # from the previous chunk's last).
+        changes = np.flatnonzero(part[1:] != part[:-1]) + 1
+        if len(part) and bool(part[0]) != inside:
+            changes = np.concatenate(([0], changes))
+        if len(changes):
+            opens = part[changes]
+            firsts.append(changes[opens] + lo)
+            ends.append(changes[~opens] + lo)
+            inside = bool(part[-1])
+    if inside:
+        ends.append(np.array([total], dtype=np.int64))
+    if not firsts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy()
+    first = np.concatenate(firsts).astype(np.int64, copy=False)
+    end = np.concatenate(ends).astype(np.int64, copy=False)
+    return first, end
+
+
+def bridge_runs(
+    first: np.ndarray, end: np.ndarray, gap: int
+) -> list[tuple[int, int]]:
+    """The runs ``[first[i], end[i])`` (ascending, disjoint) as spans,
+    those at most ``gap`` pfns apart joined into one (pfn_spans of the
+    runs' pfns)."""
+    if not len(first):
+        return []
+    cuts = np.flatnonzero(first[1:] - end[:-1] > gap) + 1
+    firsts = first[np.concatenate(([0], cuts))]
+    lasts = end[np.concatenate((cuts - 1, [len(end) - 1]))]
+    return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
+
+
+expand_runs = base.expand_runs
 
 
 def _check_mapping(pid: int, addr: int, size: int, ram_fd: int) -> None:
@@ -662,6 +693,7 @@ class GuestMemory:
         #: only: the guest cannot write it).
         self.p2m_version = 0
         self._populated: tuple[int, np.ndarray] | None = None
+        self._ram_runs: tuple[int, base.PfnRuns] | None = None
         self._ram_spans: tuple[int, list[tuple[int, int]]] | None = None
         #: The blocks of P2M_BLOCK pfns whose p2m changed since the memory
         #: digest last took them (None until it asks: take_p2m_blocks),
@@ -929,8 +961,13 @@ class GuestMemory:
                         raise
                     return  # the guest process has gone: it writes no more
             elif state == TRACKER_FAILED:
-                pfns = self.populated()
-                self.mark_dirty(pfns)
+                # Every RAM page, a slice a run: no list of its pfns.
+                runs = self.ram_runs()
+                first, end = runs.first, runs.end
+                if len(first) > _MARK_RUNS_MAX:
+                    self._mark_many_runs(first, end)
+                elif len(first):
+                    self._mark_runs(first.tolist(), end.tolist())
                 return
         if self._tracker is None:
             return  # no guest process, or one that has not run yet
@@ -1186,16 +1223,33 @@ class GuestMemory:
 
     # -- physmap --
 
-    def populated(self) -> np.ndarray:
-        """The RAM pfns, sorted (read-only: kept until the p2m changes)."""
+    def ram_runs(self) -> base.PfnRuns:
+        """The RAM pfns as runs (kept until the p2m changes: the same
+        object while it stands). Read from the p2m a
+        chunk at a time: a guest's RAM is a few runs, and its pfns as a
+        list would be 8 octets a page (16 MiB at 8 GiB) each time the p2m
+        changes or a guest is paused."""
         # The version read before the p2m: a change racing the read (a
-        # thread without the memory lock) leaves the array stale under
+        # thread without the memory lock) leaves the runs stale under
         # the version before it, looked at again next time, never under
-        # the version after it (the write tracker walks its spans).
+        # the version after it (the write tracker walks their spans).
+        version = self.p2m_version
+        cached = self._ram_runs
+        if cached is None or cached[0] != version:
+            cached = self._ram_runs = (
+                version,
+                base.PfnRuns(*equal_runs(self.p2m, P2M_RAM)),
+            )
+        return cached[1]
+
+    def populated(self) -> np.ndarray:
+        """The RAM pfns, sorted (read-only: kept until the p2m changes).
+        8 octets a page: the host's answer to populated_pfns, which the
+        write tracking does not need (:meth:`ram_runs`)."""
         version = self.p2m_version
         cached = self._populated
         if cached is None or cached[0] != version:
-            pfns = base.marked(self.p2m == P2M_RAM)
+            pfns = self.ram_runs().pfns()
             pfns.flags.writeable = False
             cached = self._populated = (version, pfns)
         return cached[1]
@@ -1210,9 +1264,10 @@ class GuestMemory:
         version = self.p2m_version
         cached = self._ram_spans
         if cached is None or cached[0] != version:
+            runs = self.ram_runs()
             cached = self._ram_spans = (
                 version,
-                pfn_spans(self.populated(), _SCAN_GAP),
+                bridge_runs(runs.first, runs.end, _SCAN_GAP),
             )
         return cached[1]
 

@@ -170,3 +170,35 @@ def test_a_migration_cancelled_in_precopy_stops_the_settling(
     assert holder["accepted"] is True
     assert m.receiver.state.phase is Phase.CANCELLED
     assert _settlers() == []
+
+
+def test_each_round_reads_the_physmap_after_its_harvest(
+    source, destination, migration, monkeypatch
+):
+    """A page populated again and written between the two reads is in
+    the physmap read after the harvest (or in the next harvest): read
+    before it, the write would be harvested and dropped as a page not
+    populated, and the page never sent again."""
+    domid = source.create_domain(guest_config(dirty_rate=0))
+    calls = []
+
+    def recorded(name):
+        real = getattr(source, name)
+
+        def record(domid):
+            calls.append(name)
+            return real(domid)
+
+        return record
+
+    for name in ("harvest_dirty", "populated_runs"):
+        monkeypatch.setattr(source, name, recorded(name))
+    m = migration(source, domid, destination, policy=_rounds(2))
+    assert m.run() is Phase.DONE, m.sender.error
+    # Round 0's runs, then a harvest and the physmap after each round
+    # and at the pause.
+    assert calls[0] == "populated_runs"
+    assert len(calls) >= 7
+    assert calls[1:] == ["harvest_dirty", "populated_runs"] * (
+        (len(calls) - 1) // 2
+    )

@@ -51,7 +51,10 @@ def watch_batches(sender, phase, rounds, seen):
                 if sender.state.phase is phase and (
                     rounds is None or len(sender.stats.rounds) == rounds
                 ):
-                    seen.append((int(batch[0]), len(batch)))
+                    # Round 0's batches are held as runs (RunBatch).
+                    pfns = getattr(batch, "runs", batch)
+                    first = pfns.first[0] if pfns is not batch else batch[0]
+                    seen.append((int(first), len(batch)))
                 yield batch
 
         return batches(each(), **kwargs)

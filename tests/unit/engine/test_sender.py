@@ -406,6 +406,64 @@ def test_long_stretches_never_written_go_in_large_batches(host, monkeypatch):
     assert max(len(b) for b in xen.cut(pfns)) == 4
 
 
+@pytest.mark.parametrize("chunk", [8, 16, 1 << 18])
+def test_a_guests_runs_are_cut_as_its_pfns_a_chunk_at_a_time(
+    host, monkeypatch, chunk
+):
+    # Chunks that are multiples of both batch sizes: the batches are
+    # those of the pfns, held as runs until they are sent.
+    monkeypatch.setattr(guest_stream, "ZERO_BATCH_PAGES", 8)
+    monkeypatch.setattr(guest_stream, "CUT_CHUNK_PAGES", chunk)
+    host.populate(DOMID, np.arange(10, 101, dtype=np.uint64))
+    write_page(host, 50, 7)
+    pfns = np.concatenate((PFNS, np.arange(10, 101, dtype=np.uint64)))
+    for xen_compatible in (False, True):
+        stream = GuestStream(
+            host, DOMID, batch_pages=4, xen_compatible=xen_compatible
+        )
+        cut = stream.cut(base.PfnRuns.of(pfns))
+        assert all(isinstance(b, guest_stream.RunBatch) for b in cut)
+        np.testing.assert_array_equal(
+            np.concatenate([b.pfns() for b in cut]), pfns
+        )
+        if chunk > len(pfns):
+            # One chunk: the very batches of the pfns.
+            expected = stream.cut(pfns)
+            assert [len(b) for b in cut] == [len(b) for b in expected]
+            assert [b.never_written for b in cut] == [
+                isinstance(b, guest_stream.NeverWritten) for b in expected
+            ]
+        sent = [decode_batch(stream, b) for b in stream.batches(cut)]
+        np.testing.assert_array_equal(
+            np.concatenate([d.pfns for d in sent]), pfns
+        )
+        types = np.concatenate([d.types for d in sent])
+        assert (types == libxc.NOTAB).sum() == 5
+
+
+def test_cutting_a_large_guests_runs_holds_no_list_of_its_pfns(host):
+    import tracemalloc
+
+    pages = 1 << 21  # 8 GiB, three runs
+    runs = base.PfnRuns(
+        np.array([0, 1 << 20, (1 << 20) + 4096], dtype=np.int64),
+        np.array([(1 << 20) - 256, (1 << 20) + 1024, pages], dtype=np.int64),
+    )
+    host.written_pages = lambda domid, pfns: np.zeros(len(pfns), dtype=bool)
+    stream = GuestStream(host, DOMID)
+    tracemalloc.start()
+    try:
+        cut = stream.cut(runs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(len(b) for b in cut) == len(runs)
+    # A chunk of pfns and its masks (12 octets a pfn of a chunk) and a
+    # few hundred octets a batch: the pfns would be 16 MiB.
+    chunk = guest_stream.CUT_CHUNK_PAGES
+    assert peak <= 12 * chunk + 400 * len(cut) + (64 << 10)
+
+
 def test_a_full_record_of_pages_never_written_is_no_larger_than_one_with_data(
     host,
 ):
@@ -433,13 +491,12 @@ def test_a_host_that_cannot_tell_says_every_page_may_hold_data(host):
 
 
 def test_dirty_pages_are_looked_up_in_the_populated_ones():
-    from nova_xen_ncm.engine import sender as sending
-
     populated = np.array([2, 5, 9, 40], dtype=np.uint64)
     dirty = np.array([41, 9, 2, 3, 9, 0], dtype=np.uint64)
-    assert sending._members(dirty, populated).tolist() == [2, 9]
-    assert sending._members(dirty, populated[:0]).tolist() == []
-    assert sending._members(dirty[:0], populated).tolist() == []
+    runs = base.PfnRuns.of(populated)
+    assert runs.members(dirty).tolist() == [2, 9]
+    assert base.PfnRuns.of(populated[:0]).members(dirty).tolist() == []
+    assert runs.members(dirty[:0]).tolist() == []
 
 
 def test_a_round_looks_its_harvest_up_without_a_bitmap_of_the_guest():
@@ -449,7 +506,7 @@ def test_a_round_looks_its_harvest_up_without_a_bitmap_of_the_guest():
         """
         import tracemalloc
         import numpy as np
-        from nova_xen_ncm.engine import sender
+        from nova_xen_ncm.host import base
         # 1 GiB populated, with a hole; a harvest of 4096 pages.
         populated = np.concatenate(
             (np.arange(1 << 17), np.arange((1 << 17) + 64, (1 << 18) + 64))
@@ -459,8 +516,9 @@ def test_a_round_looks_its_harvest_up_without_a_bitmap_of_the_guest():
             rng.integers(0, (1 << 18) + 128, 5000, dtype=np.uint64)
         )[:4096]
         expected = np.intersect1d(harvest, populated)
+        runs = base.PfnRuns.of(populated)
         tracemalloc.start()
-        out = sender._dirty_of(harvest, populated)
+        out = runs.members(harvest)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         np.testing.assert_array_equal(out, expected)
@@ -500,21 +558,19 @@ def _pfn_sets(seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
 
 @pytest.mark.parametrize("seed", range(12))
 def test_a_rounds_lookup_agrees_with_the_bitmap_on_either_side(seed):
-    from nova_xen_ncm.engine import sender as sending
-
     populated, harvests = _pfn_sets(seed)
+    runs = base.PfnRuns.of(populated)
+    signed = base.PfnRuns.of(populated.astype(np.int64))
     for harvest in harvests:
         expected = base.pfn_intersection(harvest, populated)
-        out = sending._dirty_of(harvest, populated)
+        out = runs.members(harvest)
         assert out.dtype == np.uint64
         np.testing.assert_array_equal(out, expected)
         np.testing.assert_array_equal(out, np.intersect1d(harvest, populated))
         # A host's populated pfns as another integer type: the same.
-        np.testing.assert_array_equal(
-            sending._dirty_of(harvest, populated.astype(np.int64)), expected
-        )
-    assert len(sending._dirty_of(harvests[-1], populated)) == 0
-    assert len(sending._dirty_of(harvests[2], populated[:0])) == 0
+        np.testing.assert_array_equal(signed.members(harvest), expected)
+    assert len(runs.members(harvests[-1])) == 0
+    assert len(base.PfnRuns.of(populated[:0]).members(harvests[2])) == 0
 
 
 class _DroppedControl:
@@ -596,23 +652,27 @@ def test_the_pfns_populated_since_round_0_are_found_once_per_p2m(
 
     sender = make_sender(conf, host)
     compared = []
-    real_difference = base.pfn_difference
+    real_difference = sending.base.PfnRuns.difference
 
-    def difference(a, b):
-        compared.append(len(a))
-        return real_difference(a, b)
+    def difference(self, other):
+        compared.append(len(self))
+        return real_difference(self, other)
 
-    monkeypatch.setattr(sending.base, "pfn_difference", difference)
-    round_0 = np.array([1, 2, 3], dtype=np.uint64)
+    monkeypatch.setattr(sending.base.PfnRuns, "difference", difference)
+
+    def runs(*pfns):
+        return base.PfnRuns.of(np.array(pfns, dtype=np.uint64))
+
+    round_0 = runs(1, 2, 3)
     sender._sent_populated = round_0
     assert sender._added_since_round_0(round_0).tolist() == []
-    grown = np.array([1, 2, 3, 7], dtype=np.uint64)
+    grown = runs(1, 2, 3, 7)
     assert sender._added_since_round_0(grown).tolist() == [7]
-    # The same array again (the pause, the p2m unchanged since the last
-    # round): nothing in the guest's size is compared.
+    # The same runs again (the pause, the p2m unchanged since the last
+    # round): nothing is compared.
     assert sender._added_since_round_0(grown).tolist() == [7]
     assert compared == [4]
     # The p2m changed since: compared again, against round 0's.
-    shrunk = np.array([2, 3, 9], dtype=np.uint64)
+    shrunk = runs(2, 3, 9)
     assert sender._added_since_round_0(shrunk).tolist() == [9]
     assert compared == [4, 3]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 
@@ -113,3 +116,110 @@ def test_union_of_one_set_is_a_copy_of_it() -> None:
     np.testing.assert_array_equal(
         base.pfn_union(np.array([9, 3, 9], dtype=np.uint64)), [3, 9]
     )
+
+
+def _sparse(rng: np.random.Generator, top: int) -> np.ndarray:
+    return np.flatnonzero(rng.random(top) < rng.random()).astype(np.uint64)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pfn_runs_hold_the_pfns_and_answer_as_the_pfn_sets(seed) -> None:
+    rng = np.random.default_rng(seed)
+    top = int(rng.integers(1, 3000))
+    a, b = _sparse(rng, top), _sparse(rng, top + 50)
+    if seed % 5 == 0:
+        b = b[:0]
+    runs_a, runs_b = base.PfnRuns.of(a), base.PfnRuns.of(b)
+    np.testing.assert_array_equal(runs_a.pfns(), a)
+    assert runs_a.pfns().dtype == np.uint64
+    assert len(runs_a) == len(a)
+    # Runs are maximal: none ends where the next begins.
+    assert not np.any(runs_a.first[1:] == runs_a.end[:-1])
+    diff = runs_a.difference(runs_b)
+    np.testing.assert_array_equal(diff.pfns(), np.setdiff1d(a, b))
+    assert not np.any(diff.first[1:] == diff.end[:-1])
+    np.testing.assert_array_equal(
+        runs_b.difference(runs_a).pfns(), np.setdiff1d(b, a)
+    )
+    probe = rng.integers(0, top + 100, 200, dtype=np.uint64)
+    np.testing.assert_array_equal(
+        runs_a.members(probe), np.intersect1d(probe, a)
+    )
+    with pytest.raises(ValueError):
+        runs_a.first[:1] = 0
+
+
+def test_a_host_gives_the_same_runs_while_it_gives_the_same_pfns() -> None:
+    class Host:
+        populated_runs = base.HostDriver.populated_runs
+
+        def __init__(self) -> None:
+            self.pfns = _read_only([1, 2, 3, 9])
+
+        def populated_pfns(self, domid: int) -> np.ndarray:
+            return self.pfns
+
+    host = Host()
+    runs = host.populated_runs(1)
+    assert runs.first.tolist() == [1, 9] and runs.end.tolist() == [4, 10]
+    assert host.populated_runs(1) is runs
+    host.pfns = _read_only([1, 2])
+    changed = host.populated_runs(1)
+    assert changed is not runs and changed.pfns().tolist() == [1, 2]
+    # An equal array, but another one: read again, the same pfns.
+    host.pfns = _read_only([1, 2])
+    assert host.populated_runs(1).pfns().tolist() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "pfns", [[0, 2, 2, 3], [5, 6, 7, 0, 1, 2], [3, 3], [9, 1, 9, 2, 3]]
+)
+def test_pfn_runs_of_unsorted_or_repeated_pfns_are_their_set(pfns) -> None:
+    runs = base.PfnRuns.of(np.array(pfns, dtype=np.uint64))
+    expected = sorted(set(pfns))
+    assert runs.pfns().tolist() == expected
+    assert len(runs) == len(expected)
+    assert runs.members(np.array(pfns, dtype=np.uint64)).tolist() == expected
+
+
+def _read_only(pfns: list[int]) -> np.ndarray:
+    out = np.array(pfns, dtype=np.uint64)
+    out.flags.writeable = False
+    return out
+
+
+def test_a_host_whose_pfns_change_in_place_gives_their_runs_now() -> None:
+    class Host:
+        populated_runs = base.HostDriver.populated_runs
+
+        def __init__(self) -> None:
+            self.pfns = np.array([1, 2, 3, 9], dtype=np.uint64)
+
+        def populated_pfns(self, domid: int) -> np.ndarray:
+            return self.pfns
+
+    host = Host()
+    assert host.populated_runs(1).pfns().tolist() == [1, 2, 3, 9]
+    # A pfn populated in place (the same, writable, array): the runs
+    # kept for it would leave pfn 4 unsent.
+    host.pfns[3] = 4
+    assert host.populated_runs(1).pfns().tolist() == [1, 2, 3, 4]
+
+
+def test_the_runs_kept_do_not_keep_the_hosts_pfns() -> None:
+    class Host:
+        populated_runs = base.HostDriver.populated_runs
+
+        def __init__(self) -> None:
+            self.pfns: np.ndarray | None = _read_only([5, 6, 7])
+
+        def populated_pfns(self, domid: int) -> np.ndarray:
+            assert self.pfns is not None
+            return self.pfns
+
+    host = Host()
+    host.populated_runs(1)
+    gone = weakref.ref(host.pfns)
+    host.pfns = None
+    gc.collect()
+    assert gone() is None

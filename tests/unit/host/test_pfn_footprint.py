@@ -202,6 +202,57 @@ def test_a_scan_of_scattered_pages_is_marked_in_bounded_chunks(mem) -> None:
     assert used <= bound + SLACK
 
 
+def test_the_ram_runs_take_no_list_of_the_pfns(mem) -> None:
+    # Two runs of RAM around a hole: the write tracker's spans and a
+    # failed tracker's marks come from them.
+    with mem.lock():
+        mem.populate(np.arange(0, PAGES // 2, dtype=np.uint64))
+        mem.populate(np.arange(PAGES // 2 + 4096, PAGES, dtype=np.uint64))
+    runs, used = peak(mem.ram_runs)
+    assert [runs.first.tolist(), runs.end.tolist()] == [
+        [0, PAGES // 2 + 4096],
+        [PAGES // 2, PAGES],
+    ]
+    # Two octets a pfn of one chunk of the p2m at a time: nothing of
+    # the guest's size (8 octets a page would be 2 MiB here).
+    assert used <= 2 * memory._RUNS_CHUNK + SLACK
+    spans, used = peak(mem.ram_spans)
+    assert spans == [(0, PAGES // 2), (PAGES // 2 + 4096, PAGES)]
+    assert used <= SLACK
+
+
+def test_a_failed_trackers_flush_marks_the_ram_without_a_pfn_list(
+    mem,
+) -> None:
+    mem.set_log_dirty(True)
+    with mem.lock():
+        mem.populate(np.arange(PAGES, dtype=np.uint64))
+    mem._tracked_pid = os.getpid()
+    mem.header[memory._HDR_TRACKER] = memory.TRACKER_FAILED
+    with mem.lock():
+        _, used = peak(mem._flush_written)
+    assert mem.dirty.all() and mem.changed.all()
+    # The map of pages written since creation and a chunk of the p2m:
+    # no list of every pfn (8 octets a page).
+    assert used <= PAGES + 2 * memory._RUNS_CHUNK + SLACK
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_equal_runs_are_the_runs_of_the_matching_octets(chunk) -> None:
+    rng = np.random.default_rng(chunk)
+    for density in (0.0, 0.1, 0.5, 0.9, 1.0):
+        values = (rng.random(500) < density).astype(np.uint8)
+        first, end = memory.equal_runs(values, 1, chunk=chunk)
+        assert first.dtype == end.dtype == np.int64
+        np.testing.assert_array_equal(
+            memory.expand_runs(first, end), np.flatnonzero(values)
+        )
+        for gap in (0, 2, 50):
+            assert memory.bridge_runs(first, end, gap) == memory.pfn_spans(
+                np.flatnonzero(values), gap
+            )
+
+
 @pytest.fixture
 def sim_host():
     from oslo_config import cfg
@@ -239,9 +290,11 @@ def test_the_digests_first_look_takes_no_list_of_the_pages(sim_host) -> None:
     assert len(cache.pending) == blocks
     assert not dom.mem.changed.any()
     # The kernel's mask the first look keeps (an octet a pfn of the
-    # physmap), a chunk of the p2m's and a Python integer per block: no
-    # pfn list (8 octets a page) nor mask of the physmap beyond it.
-    assert used <= dom.mem.max_pfn + digest._RAM_CHUNK + 256 * blocks + SLACK
+    # physmap), a chunk of the p2m's and a few words a block (the blocks
+    # with RAM, those with data, their difference): no pfn list (8 octets
+    # a page) nor mask of the physmap beyond it, nor a Python integer a
+    # block pending (about 90 octets each in a set).
+    assert used <= dom.mem.max_pfn + digest._RAM_CHUNK + 32 * blocks + SLACK
 
 
 def test_a_digest_of_a_large_guest_holds_16_octets_a_block(
@@ -295,3 +348,75 @@ def test_the_digests_terms_are_kept_by_block_or_refused() -> None:
     with pytest.raises(IndexError, match=r"\[2, 4\) outside"):
         terms.replace(2, packed)
     assert terms.swap(2, 0) == 9
+
+
+def test_pausing_a_large_sparse_guest_takes_no_list_of_its_pfns(
+    sim_host,
+) -> None:
+    # 2 GiB of RAM, never written: a pause flushes the guest process's
+    # last writes over the RAM's spans, which must not cost a list of
+    # the pfns (16 MiB at 2 GiB with its sorting and spans' arrays).
+    pages = 2 << 18
+    domid = sim_host.create_domain(
+        base.DomainConfig(
+            name="d1",
+            memory_bytes=pages << 12,
+            vcpus=1,
+            workload={"fill": "zero", "dirty_rate": 0},
+        )
+    )
+    dom = sim_host.hv.domains[domid]
+    assert dom.mem.nr_ram >= pages - 4096
+    _, used = peak(lambda: sim_host.pause(domid))
+    # A chunk of the p2m and the pause's own objects.
+    assert used <= 2 * memory._RUNS_CHUNK + 4 * SLACK
+
+
+def test_the_pending_blocks_are_an_octet_a_block_and_act_as_a_set() -> None:
+    blocks = 1 << 15  # an 8 GiB physmap's
+    pending, used = peak(lambda: digest._PendingBlocks(blocks))
+    assert used <= blocks + SLACK
+    model: set[int] = set()
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        add = rng.integers(0, blocks, int(rng.integers(0, 300)))
+        gone = rng.integers(0, blocks, int(rng.integers(0, 300)))
+        pending.add(add.astype(np.uint64))
+        model.update(add.tolist())
+        pending.discard(gone)
+        model.difference_update(gone.tolist())
+        assert len(pending) == len(model)
+        assert pending.sorted().tolist() == sorted(model)
+        busy = np.unique(rng.integers(0, blocks, 5))
+        assert pending.any_but(busy) == bool(model - set(busy.tolist()))
+    # Every block pending (a guest that wrote all of its RAM): nothing
+    # held beyond the octet a block.
+    _, used = peak(lambda: pending.add(np.arange(blocks)))
+    assert len(pending) == blocks
+    assert used <= 8 * blocks + SLACK  # the index array given, converted
+    pending.clear()
+    assert not pending and not pending.any_but(np.zeros(0, dtype=np.int64))
+
+
+def test_a_union_of_a_few_pfns_of_a_large_space_takes_no_bitmap() -> None:
+    # A round's harvest of a large guest: 4096 pfns of an 8 GiB space.
+    import threading
+
+    rng = np.random.default_rng(3)
+    parts = [rng.integers(0, 1 << 21, 2048, dtype=np.uint64) for _ in "ab"]
+    seen = {}
+
+    def run() -> None:
+        out, used = peak(lambda: base.pfn_union(*parts))
+        seen.update(
+            out=out, used=used, masks=getattr(base._scratch, "masks", None)
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    np.testing.assert_array_equal(seen["out"], np.union1d(*parts))
+    # The thread keeps no bitmap of the space (2 MiB each), and what the
+    # union held is a few copies of the pfns given.
+    assert seen["masks"] is None
+    assert seen["used"] <= 4 * 8 * 4096 + SLACK

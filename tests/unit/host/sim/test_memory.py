@@ -414,17 +414,17 @@ def test_a_p2m_change_racing_the_populated_read_is_not_cached(monkeypatch):
     try:
         with mem.lock():
             mem.populate(np.arange(512, dtype=np.uint64))
-        real_marked = base.marked
+        real_runs = memory.equal_runs
         raced = []
 
-        def marked(mask):
-            pfns = real_marked(mask)
+        def equal_runs(values, value):
+            runs = real_runs(values, value)
             if not raced:
                 raced.append(1)
                 mem.populate(np.array([1800], dtype=np.uint64))
-            return pfns
+            return runs
 
-        monkeypatch.setattr(base, "marked", marked)
+        monkeypatch.setattr(memory, "equal_runs", equal_runs)
         first = mem.populated()
         assert 1800 not in first.tolist()
         assert mem.populated()[-1] == 1800
