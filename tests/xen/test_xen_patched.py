@@ -393,6 +393,9 @@ cmdline = "console=hvc0 xen.fifo_events=0 loglevel=4 watchdog_thresh=60"
 memory = 256
 vcpus = 2
 on_crash = "preserve"
+# A triple fault is a reboot to Xen: kept, not restarted by xl under a
+# new domid, so that the save finds the guest that died (and its dump).
+on_reboot = "preserve"
 CFG
 xl create /tmp/ncm-linux.cfg
 """
