@@ -407,6 +407,14 @@ def _send(dest: restorer.Restorer, src: np.ndarray, pfns: np.ndarray) -> None:
                 view[:] = page
 
 
+def _received(monkeypatch):
+    """A destination that received the whole guest's first round."""
+    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
+    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
+    _send(dest, src, pfns)
+    return src, pfns, xen, fake, dest
+
+
 def test_the_destination_reads_at_ready_only_the_blocks_written_since_a_settle(
     monkeypatch,
 ) -> None:
@@ -452,9 +460,7 @@ def test_a_destination_page_written_unmapped_makes_the_digests_differ(
     # own mapping: read at READY whatever the restorer wrote, so that a
     # page the stream did not make what the source had fails the
     # migration.
-    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
-    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
-    _send(dest, src, pfns)
+    src, pfns, xen, fake, dest = _received(monkeypatch)
     xen.settle_digest(7)
     fake.shared_info_frame = 900
     fake.ram[900, 2] += np.uint64(1)
@@ -468,9 +474,7 @@ def test_a_destination_page_written_unmapped_makes_the_digests_differ(
 def test_a_settle_in_parts_leaves_the_rest_pending_and_a_write_rereads(
     monkeypatch,
 ) -> None:
-    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
-    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
-    _send(dest, src, pfns)
+    src, pfns, xen, fake, dest = _received(monkeypatch)
     fake.mapped.clear()
     assert xen.settle_digest_part(7, 256)
     assert len(fake.mapped) <= 256
@@ -489,9 +493,7 @@ def test_a_settle_in_parts_leaves_the_rest_pending_and_a_write_rereads(
 def test_once_the_domain_runs_its_destination_digest_is_read_whole(
     monkeypatch,
 ) -> None:
-    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
-    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
-    _send(dest, src, pfns)
+    src, pfns, xen, fake, dest = _received(monkeypatch)
     xen.settle_digest(7)
     xen._dm_left_stopped = lambda domid: False
     xen.unpause(7)
@@ -505,9 +507,7 @@ def test_a_viridian_destination_is_digested_whole(monkeypatch) -> None:
     # Xen maps a Viridian guest's VP assist, SynIC and reference TSC
     # pages as it loads their context and writes them through its own
     # mappings: the destination reads every page at READY.
-    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
-    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
-    _send(dest, src, pfns)
+    src, pfns, xen, fake, dest = _received(monkeypatch)
     xen.settle_digest(7)
     fake.params[xen_host.HVM_PARAM_VIRIDIAN] = 1
     fake.ram[900, 2] += np.uint64(1)  # a VP assist page
@@ -523,9 +523,7 @@ def test_a_restored_domain_sent_on_is_digested_as_a_source(
     # an unpause by this driver: sent on from here under log-dirty, its
     # digest is the source's, the vcpu_info page Xen writes unlogged
     # after the last harvest read at the pause.
-    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
-    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
-    _send(dest, src, pfns)
+    src, pfns, xen, fake, dest = _received(monkeypatch)
     xen.enable_log_dirty(7)
     _precopy(xen, pfns)
     xen.harvest_dirty(7)
@@ -564,9 +562,7 @@ def test_the_device_model_s_restart_has_its_build_pages_read_again(
     # started at SETUP did (the build's non-zero pages): read at READY,
     # so that a ROM unlike the source's fails the migration as reading
     # every page would.
-    src, pfns = _guest(2 * xen_host.MAP_BATCH + 300)
-    xen, fake, dest = _destination(monkeypatch, pfns, len(src))
-    _send(dest, src, pfns)
+    src, pfns, xen, fake, dest = _received(monkeypatch)
     xen.settle_digest(7)
     assert xen.memory_digest(7) == _definition(src, pfns)
 
