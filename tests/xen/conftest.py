@@ -213,6 +213,23 @@ class XenRig:
         return result
 
     @staticmethod
+    def whole_ticks(log: str) -> list[dict[str, str]]:
+        """The fields of the guest workload's whole verdict lines. A line
+        the pty cut short or ran into the next (it drops what nobody
+        reads, around a restore or a move) is no tick: a whole one ends
+        with its verdict."""
+        ticks = []
+        for line in log.replace("\r", "").splitlines():
+            words = line.split(" reasons=")[0].split()[1:]
+            if (
+                line.startswith("NCM tick=")
+                and all("=" in w for w in words)
+                and words[-1].startswith("verdict=")
+            ):
+                ticks.append(dict(w.split("=", 1) for w in words))
+        return ticks
+
+    @staticmethod
     def host_state_triple_fault(domid: int, dmesg: str) -> bool:
         """Whether Xen's log ``dmesg`` holds a triple fault of one of
         ``domid``'s vCPUs whose dump shows Xen's own code segment and

@@ -339,22 +339,6 @@ done
 """
 
 
-def _dirty_ticks(log: str) -> list[dict[str, str]]:
-    ticks = []
-    for line in log.replace("\r", "").splitlines():
-        words = line.split(" reasons=")[0].split()[1:]
-        # A line the pty cut short or ran into the next (it drops what
-        # nobody reads, around the restore) is no tick: a whole one ends
-        # with its verdict.
-        if (
-            line.startswith("NCM tick=")
-            and all("=" in w for w in words)
-            and words[-1].startswith("verdict=")
-        ):
-            ticks.append(dict(w.split("=", 1) for w in words))
-    return ticks
-
-
 # What a restore whose guest is not running leaves to read: Xen's log
 # (a triple fault dumps the vCPU there), the vCPUs' HVM context, the
 # guest's console and the device models' log (the restarted one appends
@@ -453,7 +437,7 @@ def test_linux_guest_dirtying_memory_saved_and_restored(
                   f"{died}")  # fmt: skip
             if attempt == 3:
                 raise
-    ticks = _dirty_ticks(log)
+    ticks = xen_rig.whole_ticks(log)
     assert log.count("NCM start ") == 1, log[-3000:]
     assert "vcpus=2 " in log.split("NCM start ")[1].splitlines()[0]
     numbers = [int(t["tick"]) for t in ticks]

@@ -98,3 +98,19 @@ def test_only_the_emulators_signature_boots_the_guest_again(
     refusal: str, evidence: str, emulator: bool
 ) -> None:
     assert patched._emulator_fault(XenRig, refusal, evidence) is emulator
+
+
+def test_only_whole_verdict_lines_are_ticks() -> None:
+    # The pty cuts lines around a restore: a line cut before its
+    # verdict is no tick; a whole one keeps its fields.
+    log = (
+        "NCM tick=1 domid=3 verdict=PASS\r\n"
+        "NCM tick=2 domid=3 ver\n"
+        "NCM tick=3 domid=3 mem=ok\n"
+        "NCM tick=5 domid=3 mem=ok verdict=FAIL reasons=mem bad\n"
+        "NCM start vcpus=2\n"
+    )
+    assert XenRig.whole_ticks(log) == [
+        {"tick": "1", "domid": "3", "verdict": "PASS"},
+        {"tick": "5", "domid": "3", "mem": "ok", "verdict": "FAIL"},
+    ]
