@@ -1453,20 +1453,6 @@ def pfn_union(*arrays: np.ndarray) -> np.ndarray:
         return _collect(mask, pfns)
 
 
-def pfn_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The sorted distinct pfns in both ``a`` and ``b``."""
-    a, b = _as_pfns((a, b))
-    size = _bitmap_size((a, b))
-    if size is None:
-        return np.intersect1d(a, b)
-    with _bitmaps(size, 2) as (out, other):
-        other[_index(b)] = True
-        try:
-            return _collect(out, a[other[_index(a)]])
-        finally:
-            other[_index(b)] = False
-
-
 def pfn_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The sorted distinct pfns of ``a`` not in ``b``."""
     a, b = _as_pfns((a, b))

@@ -557,16 +557,15 @@ def _pfn_sets(seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_a_rounds_lookup_agrees_with_the_bitmap_on_either_side(seed):
+def test_a_rounds_lookup_agrees_with_numpy_on_either_side(seed):
     populated, harvests = _pfn_sets(seed)
     runs = base.PfnRuns.of(populated)
     signed = base.PfnRuns.of(populated.astype(np.int64))
     for harvest in harvests:
-        expected = base.pfn_intersection(harvest, populated)
+        expected = np.intersect1d(harvest, populated)
         out = runs.members(harvest)
         assert out.dtype == np.uint64
         np.testing.assert_array_equal(out, expected)
-        np.testing.assert_array_equal(out, np.intersect1d(harvest, populated))
         # A host's populated pfns as another integer type: the same.
         np.testing.assert_array_equal(signed.members(harvest), expected)
     assert len(runs.members(harvests[-1])) == 0

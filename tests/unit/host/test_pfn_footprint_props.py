@@ -127,10 +127,9 @@ def test_pfn_union_matches_unique_and_keeps_its_inputs(parts, signed) -> None:
 
 @_SETTINGS
 @given(_pfn_lists, _pfn_lists)
-def test_intersection_and_difference_match_sets(a, b) -> None:
+def test_difference_and_union_match_sets(a, b) -> None:
     x = np.array(a, dtype=np.uint64)
     y = np.array(b, dtype=np.uint64)
-    assert base.pfn_intersection(x, y).tolist() == sorted(set(a) & set(b))
     assert base.pfn_difference(x, y).tolist() == sorted(set(a) - set(b))
     assert base.pfn_union(x).tolist() == sorted(set(a))
 
